@@ -1,0 +1,30 @@
+# Two entry points, both usable on a fresh machine (only the package registries are needed):
+#   make demo   set up .venv, then run the main job on the built-in mini QoQ-Med model
+#   make test   set up .venv, then run the test suite (pytest)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+
+.PHONY: setup demo test bench clean
+
+# torch is installed first and pinned: 2.13.0 is the CPU wheel; letting pip resolve a range
+# with no torch present would pull a multi-GB CUDA build. llama-cpp-python compiles from
+# source once (~3.5 min on 2 cores) and pip caches the wheel afterwards.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/qoqopt mini --out $(OUT)/mini --preset tiny --train --force
+	$(VENV)/bin/qoqopt info $(OUT)/mini
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,23 @@
+"""Where qoqopt keeps things that are expensive to rebuild (tokenizer, trained mini model, GGUFs).
+
+`QOQOPT_CACHE` overrides the location; otherwise it follows XDG (`~/.cache/qoqopt`). Nothing here
+is required for correctness: deleting the folder only costs rebuild time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    env = os.environ.get("QOQOPT_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qoqopt"
+
+
+def cache_dir(*parts: str) -> Path:
+    path = cache_root().joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

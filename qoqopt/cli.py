@@ -1,0 +1,70 @@
+"""The `qoqopt` command: one subcommand per stage of the pipeline.
+
+Each subcommand lives in its own module and registers itself through `register(subparsers)`;
+this file only wires them up and turns QoqoptError into a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import QoqoptError
+
+# Modules providing `register(subparsers)`, in the order `--help` lists them.
+COMMAND_MODULES = [
+    "qoqopt.commands.mini",
+    "qoqopt.commands.info",
+    "qoqopt.data.cli",
+]
+
+EPILOG = """\
+examples:
+  qoqopt mini --out out/mini --preset tiny --train    # build + train the mini QoQ-Med (cached)
+  qoqopt info out/mini                                 # architecture summary of a checkpoint
+  qoqopt info ddvd233/QoQ-Med-VL-7B                    # the same for a Hub id (metadata only)
+  qoqopt data list --split eval                        # the built-in clinical evaluation set
+
+Each subcommand has its own --help with examples. Errors print one line and exit with status 2.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qoqopt",
+        description="Compressed, verified builds of the QoQ-Med clinical vision-language models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"qoqopt {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except QoqoptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""`qoqopt data`: look at the clinical sets (what is in them, and one item's image and prompt)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qoqopt.data.augment import DEFAULT_MAX_SIDE
+from qoqopt.data.domains import BUILTIN_DOMAINS
+from qoqopt.data.items import SPLITS, ClinicalItem, clinical_set, domain_counts, find_item
+from qoqopt.data.jsonl import load_jsonl
+from qoqopt.errors import QoqoptError
+
+EPILOG = """\
+examples:
+  qoqopt data list --split eval
+  qoqopt data list --split calib --n-per-base 4 --domain ecg --domain xray
+  qoqopt data list --jsonl my_set/eval.jsonl
+  qoqopt data show ct-head-693.region_ct.eval-0 --out /tmp/ct.png
+  qoqopt data show ecg-12lead.rhythm.eval-0 --out /tmp/ecg.png
+  qoqopt data show eval:3 --jsonl my_set/eval.jsonl --out /tmp/item.png
+
+Item ids of the built-in set read <base image>.<question type>.<split>-<n>; the split and n
+pick the seeded augmentation, so an id always rebuilds the same pixels.
+"""
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `data` (with `list` and `show`) to the top-level CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "data",
+        help="list and inspect the clinical calibration / evaluation sets",
+        description="The built-in clinical sets (real DICOM files from pydicom and pydicom-data: "
+        f"{', '.join(BUILTIN_DOMAINS)}) and user JSONL sets.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="{list,show}")
+
+    ls = sub.add_parser(
+        "list",
+        help="table of items with per-domain counts",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(ls)
+    ls.add_argument("--n-per-base", type=int, default=1, help="augmented views per base image (default 1)")
+    ls.add_argument("--domain", action="append", choices=BUILTIN_DOMAINS, help="only this domain (repeatable)")
+    ls.set_defaults(func=cmd_list)
+
+    show = sub.add_parser(
+        "show",
+        help="write one item's image and print its prompt and reference answer",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("id", help="item id, as printed by `qoqopt data list`")
+    show.add_argument("--out", required=True, type=Path, help="where to write the image (PNG)")
+    _common(show)
+    show.set_defaults(func=cmd_show)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", choices=SPLITS, default="eval", help="built-in split (default eval)")
+    p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
+    p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="longer image side in pixels")
+    p.add_argument("--jsonl", type=Path, help="use this user JSONL set instead of the built-in one")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.jsonl:
+        items = load_jsonl(args.jsonl, max_side=args.max_side)
+    else:
+        items = clinical_set(args.split, n_per_base=args.n_per_base, seed=args.seed, max_side=args.max_side,
+                             domains=args.domain)
+    rows = [(it.id, it.domain, Path(it.source).name, it.meta.get("qtype", ""), it.answer) for it in items]
+    header = ("id", "domain", "source file", "question", "answer")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    counts = domain_counts(items)
+    print()
+    print(f"{len(items)} items: " + ", ".join(f"{d} {n}" for d, n in counts.items()))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    item = _find(args)
+    image = item.image
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    print(f"id:      {item.id}")
+    print(f"domain:  {item.domain}")
+    print(f"source:  {item.source}")
+    print(f"image:   {args.out} ({image.width}x{image.height})")
+    if item.ecg_signal is not None:
+        print(f"signal:  {item.ecg_signal.shape[0]} leads x {item.ecg_signal.shape[1]} samples (mV)")
+    print()
+    print("prompt:")
+    print(item.question)
+    print()
+    print(f"answer:  {item.answer}")
+    print("reference reply:")
+    print(item.target_text())
+    return 0
+
+
+def _find(args: argparse.Namespace) -> ClinicalItem:
+    if not args.jsonl:
+        return find_item(args.id, seed=args.seed, max_side=args.max_side)
+    for item in load_jsonl(args.jsonl, max_side=args.max_side):
+        if item.id == args.id:
+            return item
+    raise QoqoptError(f"{args.jsonl}: no item with id {args.id!r}")

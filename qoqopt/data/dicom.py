@@ -1,0 +1,211 @@
+"""DICOM pixels to 8-bit RGB, the way a viewer would display them.
+
+Order matters and follows DICOM PS3.3 C.11: stored values -> Modality LUT (rescale slope and
+intercept, giving e.g. Hounsfield units) -> VOI LUT or window centre/width -> presentation
+(MONOCHROME1 is inverted: its 0 is white). Colour data goes to RGB first: palette colour through
+its LUT, YBR through pydicom's colour conversion. Everything lands in [0, 255] uint8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    convert_color_space,
+    get_decoder,
+)
+from pydicom.uid import ExplicitVRLittleEndian
+
+from qoqopt.errors import QoqoptError
+
+# (centre, width) in Hounsfield units: the common radiology presets.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "Brain": (40.0, 80.0),
+    "Soft tissue": (40.0, 400.0),
+    "Lung": (-600.0, 1500.0),
+    "Bone": (300.0, 2000.0),
+}
+
+
+def read_dicom(src: str | Path | Dataset) -> Dataset:
+    """A parsed dataset; a path that is not DICOM becomes a QoqoptError naming the file."""
+    if isinstance(src, Dataset):
+        return src
+    try:
+        return pydicom.dcmread(str(src))
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise QoqoptError(f"{src}: not a readable DICOM file ({exc})") from exc
+
+
+def frame_count(ds: Dataset) -> int:
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def decode_frame(ds: Dataset, frame: int | None = None) -> tuple[np.ndarray, str]:
+    """Stored values of one frame and the photometric interpretation they are actually in.
+
+    ``raw=True`` keeps YBR data as YBR so the colour conversion below is explicit; the decoder's
+    metadata says what it returned (a JPEG decoder may already have produced RGB).
+    """
+    if "PixelData" not in ds:
+        raise QoqoptError(f"{_name(ds)}: DICOM has no pixel data (Modality {ds.get('Modality', '?')})")
+    n = frame_count(ds)
+    index = n // 2 if frame is None else frame  # the middle frame of a clip or stack is the most typical
+    if not 0 <= index < n:
+        raise QoqoptError(f"{_name(ds)}: frame {index} out of range (it has {n})")
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian) if file_meta else ExplicitVRLittleEndian
+    try:
+        arr, meta = get_decoder(syntax).as_array(ds, index=index, raw=True)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        raise QoqoptError(f"{_name(ds)}: cannot decode pixel data ({exc})") from exc
+    return arr, str(meta.get("photometric_interpretation", ds.PhotometricInterpretation))
+
+
+def dicom_to_array(
+    src: str | Path | Dataset,
+    frame: int | None = None,
+    window: tuple[float, float] | None = None,
+    reorient: bool = True,
+) -> np.ndarray:
+    """One frame as uint8 RGB (rows, columns, 3). `window` (centre, width) overrides the file's VOI;
+    `reorient` flips slices stored mirrored into the usual radiological display (see below)."""
+    ds = read_dicom(src)
+    arr, pi = decode_frame(ds, frame)
+    if pi in ("MONOCHROME1", "MONOCHROME2"):
+        rgb = np.repeat(_to_uint8(grey_to_unit(arr, ds, window))[..., None], 3, axis=-1)
+    elif window is not None:
+        raise QoqoptError(f"{_name(ds)}: a window applies to greyscale images only, this one is {pi}")
+    else:
+        rgb = colour_to_rgb8(arr, ds, pi)
+    return display_orientation(rgb, ds) if reorient else rgb
+
+
+def dicom_to_image(
+    src: str | Path | Dataset,
+    frame: int | None = None,
+    window: tuple[float, float] | None = None,
+    reorient: bool = True,
+) -> Image.Image:
+    """One frame (default: the middle one) as a PIL RGB image."""
+    return Image.fromarray(dicom_to_array(src, frame, window, reorient), "RGB")
+
+
+def display_orientation(rgb: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Flip a slice so it reads the way radiologists (and image-trained models) expect.
+
+    The convention: patient's left on the viewer's right (rows run toward +x in DICOM's LPS
+    patient axes), posterior or feet at the bottom (columns run toward +y, or -z in coronal and
+    sagittal slices). Some scanners store slices mirrored, e.g. columns toward anterior, which
+    shows an abdomen upside down. Only flips are done, and only for near axis-aligned planes:
+    anything else is left as stored.
+    """
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        return rgb
+    wanted = {0: 1.0, 1: 1.0, 2: -1.0}  # the sign each patient axis should have, by axis index
+    flips = []
+    for direction, image_axis in ((np.array(iop[:3], float), 1), (np.array(iop[3:], float), 0)):
+        axis = int(np.argmax(np.abs(direction)))
+        if abs(direction[axis]) < 0.8:  # too oblique (over ~37 degrees): no honest flip exists
+            return rgb
+        if np.sign(direction[axis]) != wanted[axis]:
+            flips.append(image_axis)
+    if not flips:
+        return rgb
+    rgb = np.flip(rgb, axis=tuple(flips))
+    return np.ascontiguousarray(rgb)
+
+
+def grey_to_unit(arr: np.ndarray, ds: Dataset, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Greyscale stored values -> display values in [0, 1] (0 black, 1 white)."""
+    values = apply_modality_lut(arr, ds)
+    voi_ds = _window_dataset(ds, *window) if window else _own_voi(ds)
+    if voi_ds is None and ds.get("Modality") == "CT":
+        # Hounsfield units are absolute, so a fixed soft-tissue window is what a reader would open;
+        # a percentile stretch would be dominated by air and the table.
+        voi_ds = _window_dataset(ds, *WINDOW_PRESETS["Soft tissue"])
+    if voi_ds is not None:
+        if "VOILUTSequence" in voi_ds and np.issubdtype(values.dtype, np.floating):
+            values = np.rint(values).astype(np.int64)  # a LUT is indexed by integers
+        shown = apply_voi_lut(values, voi_ds).astype(np.float64)
+        lo, hi = _voi_range(voi_ds)
+    elif _is_display_ready(ds):
+        shown, lo, hi = values.astype(np.float64), 0.0, 255.0
+    else:
+        # No VOI in the file (e.g. enhanced MR keeps it per frame): stretch robustly, as viewers do.
+        shown = values.astype(np.float64)
+        lo, hi = (float(v) for v in np.percentile(shown, [0.5, 99.5]))
+    unit = np.clip((shown - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    if ds.PhotometricInterpretation == "MONOCHROME1" or ds.get("PresentationLUTShape") == "INVERSE":
+        unit = 1.0 - unit  # MONOCHROME1: the minimum value is displayed white
+    return unit
+
+
+def colour_to_rgb8(arr: np.ndarray, ds: Dataset, pi: str) -> np.ndarray:
+    """Colour stored values in photometric interpretation `pi` -> uint8 RGB."""
+    if pi == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])  # 8 or 16 bits per LUT entry
+        return _to_uint8(rgb / (2.0**bits - 1))
+    if pi in ("YBR_FULL", "YBR_FULL_422"):
+        # _422 data comes out of the decoder already upsampled, so both convert the same way.
+        return convert_color_space(arr.astype(np.uint8), "YBR_FULL", "RGB")
+    if pi == "RGB":
+        if arr.dtype == np.uint8:
+            return arr
+        return _to_uint8(arr / (2.0 ** int(ds.BitsStored) - 1))
+    raise QoqoptError(f"{_name(ds)}: unsupported photometric interpretation {pi}")
+
+
+def _own_voi(ds: Dataset) -> Dataset | None:
+    """The dataset itself when it carries a VOI transform (LUT or window), else None."""
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    return ds if ("VOILUTSequence" in ds or has_window) else None
+
+
+def _window_dataset(ds: Dataset, center: float, width: float) -> Dataset:
+    """A minimal dataset holding `ds`'s modality output range plus the given window.
+
+    apply_voi_lut reads the window from a dataset; building a small one keeps the caller's
+    dataset untouched and drops any VOI LUT that would otherwise take precedence.
+    """
+    out = Dataset()
+    out.PhotometricInterpretation = "MONOCHROME2"  # inversion is done once, by the caller
+    for keyword in ("BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "ModalityLUTSequence"):
+        if keyword in ds:
+            setattr(out, keyword, ds[keyword].value)
+    out.WindowCenter = float(center)
+    out.WindowWidth = float(width)
+    return out
+
+
+def _voi_range(voi_ds: Dataset) -> tuple[float, float]:
+    """The output range of the VOI transform, so its result maps exactly onto [0, 1]."""
+    if "VOILUTSequence" in voi_ds:
+        bits = int(voi_ds.VOILUTSequence[0].LUTDescriptor[2])
+        return 0.0, 2.0**bits - 1
+    # Windowing saturates to its output range, so pushing -inf and +inf through gives the range.
+    lo, hi = apply_voi_lut(np.array([-1e30, 1e30]), voi_ds)
+    return float(lo), float(hi)
+
+
+def _is_display_ready(ds: Dataset) -> bool:
+    """8-bit unsigned data without rescale is already display grey levels (e.g. ultrasound)."""
+    no_rescale = float(ds.get("RescaleSlope", 1) or 1) == 1 and float(ds.get("RescaleIntercept", 0) or 0) == 0
+    return int(ds.BitsStored) <= 8 and int(ds.PixelRepresentation) == 0 and no_rescale
+
+
+def _to_uint8(unit: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+
+
+def _name(ds: Dataset) -> str:
+    return str(getattr(ds, "filename", None) or "<in-memory DICOM>")

@@ -1,0 +1,155 @@
+"""How far a compressed build strays from the original, measured the way the field does.
+
+Token-level statistics follow llama-perplexity's KL-divergence mode, computed over the same
+token positions of the same chats:
+- KLD per position = sum_v p_ref(v) * (log p_ref(v) - log p_cand(v)), full-vocabulary softmax
+- mean and 99th-percentile KLD over positions
+- same top token %: argmax agreement
+- RMS Δp: root mean square of p_cand(t) - p_ref(t) for the observed next token t
+
+Answer-level accuracy follows QoQ-Med's reward: the final answer is the last `\\boxed{...}`, and it
+is scored by set-F1 over comma-separated conditions against the reference answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class TokenDrift:
+    positions: int
+    mean_kld: float
+    p99_kld: float
+    same_top_pct: float
+    rms_dp_pct: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def position_stats(ref_logits, cand_logits, target_ids=None) -> dict[str, np.ndarray]:
+    """Per-position KLD, top-1 agreement and Δp. Inputs are [positions, vocab] logits.
+
+    `target_ids` are the observed next tokens; without them the reference's top token stands in.
+    """
+    ref = np.asarray(ref_logits)
+    cand = np.asarray(cand_logits)
+    assert ref.ndim == 2 and ref.shape == cand.shape, f"logit shapes differ: {ref.shape} vs {cand.shape}"
+    lp_ref, lp_cand = log_softmax(ref), log_softmax(cand)
+    p_ref = np.exp(lp_ref)
+    kld = np.maximum((p_ref * (lp_ref - lp_cand)).sum(axis=-1), 0.0)  # clamp float noise below 0
+    targets = np.asarray(target_ids) if target_ids is not None else ref.argmax(axis=-1)
+    assert targets.shape == (ref.shape[0],), "one target id per position"
+    rows = np.arange(ref.shape[0])
+    dp = np.exp(lp_cand[rows, targets]) - p_ref[rows, targets]
+    same = ref.argmax(axis=-1) == cand.argmax(axis=-1)
+    return {"kld": kld, "same_top": same, "dp": dp}
+
+
+def summarize_positions(stats: dict[str, np.ndarray]) -> TokenDrift:
+    kld, same, dp = stats["kld"], stats["same_top"], stats["dp"]
+    if kld.size == 0:
+        return TokenDrift(0, float("nan"), float("nan"), float("nan"), float("nan"))
+    return TokenDrift(
+        positions=int(kld.size),
+        mean_kld=float(kld.mean()),
+        p99_kld=float(np.percentile(kld, 99)),
+        same_top_pct=float(100.0 * same.mean()),
+        rms_dp_pct=float(100.0 * np.sqrt(np.mean(dp**2))),
+    )
+
+
+def token_drift(ref_logits, cand_logits, target_ids=None) -> TokenDrift:
+    return summarize_positions(position_stats(ref_logits, cand_logits, target_ids))
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, with nested braces balanced; None if absent."""
+    start = None
+    for m in re.finditer(r"\\boxed\s*\{", text):
+        start = m.end()
+    if start is None:
+        return None
+    depth = 1
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i].strip()
+    return None
+
+
+def _conditions(answer: str) -> set[str]:
+    return {c.strip().strip(".").lower() for c in answer.split(",") if c.strip().strip(".")}
+
+
+def set_f1(predicted: str | None, reference: str) -> float:
+    """F1 between comma-separated condition sets (case-insensitive); 0 when nothing was boxed."""
+    if predicted is None:
+        return 0.0
+    pred, ref = _conditions(predicted), _conditions(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    hit = len(pred & ref)
+    if hit == 0:
+        return 0.0
+    precision, recall = hit / len(pred), hit / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_score(generated: str, reference: str) -> float:
+    return set_f1(extract_boxed(generated), reference)
+
+
+# --------------------------------------------------------------------------- per-domain report
+
+
+@dataclass
+class DomainDrift:
+    domain: str
+    items: int
+    tokens: TokenDrift | None
+    accuracy: float | None  # mean set-F1 of the candidate's answers
+
+
+def drift_by_domain(records: list[dict]) -> dict[str, DomainDrift]:
+    """Aggregate per-item records into per-domain and overall ("all") drift.
+
+    Each record: {"domain", optional "ref_logits"/"cand_logits"/"target_ids", optional "score"}.
+    Positions are pooled within a domain (as llama-perplexity pools over chunks).
+    """
+    pooled: dict[str, list[dict]] = defaultdict(list)
+    scores: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        for key in (r["domain"], "all"):
+            if "ref_logits" in r:
+                pooled[key].append(position_stats(r["ref_logits"], r["cand_logits"], r.get("target_ids")))
+            if r.get("score") is not None:
+                scores[key].append(float(r["score"]))
+    out = {}
+    for key in sorted(set(pooled) | set(scores), key=lambda k: (k == "all", k)):
+        stats = pooled.get(key)
+        tokens = summarize_positions({f: np.concatenate([s[f] for s in stats]) for f in stats[0]}) if stats else None
+        acc = float(np.mean(scores[key])) if scores.get(key) else None
+        n = sum(1 for r in records if key in ("all", r["domain"]))
+        out[key] = DomainDrift(key, n, tokens, acc)
+    return out
+
+
+def worst_domain(report: dict[str, DomainDrift]) -> str | None:
+    """The domain with the highest mean KLD (the one a user of that modality should worry about)."""
+    scored = [(d.tokens.mean_kld, k) for k, d in report.items() if k != "all" and d.tokens and d.tokens.positions]
+    return max(scored)[1] if scored else None

@@ -1,0 +1,81 @@
+"""Atomic output: nothing partial ever sits under a final name.
+
+Files are written to a hidden temporary sibling and renamed into place; a directory is built
+under a temporary name and renamed as a whole. A crash (even SIGKILL) leaves only `.*.tmp*`
+debris, never a truncated file that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import QoqoptError
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `final`; rename it over `final` only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise QoqoptError(f"cannot write {final}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(final: Path, text: str) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_bytes(final: Path, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+
+
+def prepare_output_dir(out: Path, force: bool) -> None:
+    """Refuse to clobber an existing non-empty output unless --force was given."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QoqoptError(f"output {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise QoqoptError(f"output {out} already exists and is not empty (use --force to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary name and swap it in as a whole on success."""
+    final = Path(final)
+    prepare_output_dir(final, force)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

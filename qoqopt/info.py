@@ -1,0 +1,157 @@
+"""`qoqopt info`: what a checkpoint is, computed from its metadata and (if present) shard headers."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .loader import SAFETENSORS_DTYPE_BYTES, Checkpoint, part_of
+
+PARTS = ("text", "vision", "ecg")
+
+
+@dataclass
+class Summary:
+    source: str
+    architecture: str
+    layout: str
+    text: dict
+    vision: dict
+    params: dict[str, int | None]
+    tensors: dict[str, int]
+    dtype: str
+    total_bytes: int | None
+    shards: list[tuple[str, int | None]]
+    missing: list[str]
+    files: dict[str, bool]
+    ecg: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def _tensor_counts(ckpt: Checkpoint) -> dict[str, int]:
+    counts = Counter(part_of(n) for n in ckpt.names)
+    return {p: counts.get(p, 0) for p in PARTS}
+
+
+def _params_from_headers(ckpt: Checkpoint) -> tuple[dict[str, int], str]:
+    params: Counter = Counter()
+    dtypes: Counter = Counter()
+    for name in ckpt.names:
+        info = ckpt.tensor_info(name)
+        n = math.prod(info["shape"])
+        params[part_of(name)] += n
+        dtypes[info["dtype"]] += n
+    return {p: params.get(p, 0) for p in PARTS}, dtypes.most_common(1)[0][0]
+
+
+def _params_from_meta(ckpt: Checkpoint, notes: list[str]) -> dict[str, int | None]:
+    """Text and vision counts from meta-device shapes; the ECG encoder's from the index's byte total."""
+    params: Counter = Counter()
+    for name, shape in ckpt.expected_shapes().items():
+        params[part_of(name)] += math.prod(shape)
+    out: dict[str, int | None] = {"text": params["text"], "vision": params["vision"], "ecg": 0}
+    if any(part_of(n) == "ecg" for n in ckpt.names):
+        out["ecg"] = None  # the index has names but no shapes
+        width = SAFETENSORS_DTYPE_BYTES.get(_config_dtype(ckpt), 2)
+        if ckpt.index_total_size:
+            rest = ckpt.index_total_size - width * (params["text"] + params["vision"])
+            notes.append(
+                f"ECG encoder holds the remaining {_gb(rest)} of the index total (no shapes without the "
+                f"shards: {_count(rest // 4)} params if stored fp32, {_count(rest // 2)} if bf16)"
+            )
+    return out
+
+
+def _config_dtype(ckpt: Checkpoint) -> str:
+    name = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "bfloat16"
+    return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(str(name), str(name).upper())
+
+
+def summarize(ckpt: Checkpoint) -> Summary:
+    cfg = ckpt.hf_config()
+    t, v = cfg.text_config, cfg.vision_config
+    notes: list[str] = []
+    missing = ckpt.missing_shards()
+    if missing:
+        params = _params_from_meta(ckpt, notes)
+        dtype = _config_dtype(ckpt) + " (from config.json)"
+        shard_sizes = [(f, None) for f in ckpt.shard_files]
+    else:
+        params, dtype = _params_from_headers(ckpt)
+        shard_sizes = [(f, (ckpt.path / f).stat().st_size) for f in ckpt.shard_files]
+    total = ckpt.index_total_size or sum(s or 0 for _, s in shard_sizes) or None
+    files = {
+        "tokenizer": (ckpt.path / "tokenizer.json").exists() or (ckpt.path / "vocab.json").exists(),
+        "tokenizer_config": (ckpt.path / "tokenizer_config.json").exists(),
+        "processor": (ckpt.path / "preprocessor_config.json").exists(),
+        "chat_template": (ckpt.path / "chat_template.json").exists()
+        or (ckpt.path / "chat_template.jinja").exists(),
+        "generation_config": (ckpt.path / "generation_config.json").exists(),
+    }
+    text = dict(
+        hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
+        heads=t.num_attention_heads, kv_heads=t.num_key_value_heads, vocab=t.vocab_size,
+        head_dim=t.hidden_size // t.num_attention_heads, rope_theta=t.rope_parameters.get("rope_theta"),
+        mrope_section=t.rope_parameters.get("mrope_section"), rms_eps=t.rms_norm_eps,
+        tied_embeddings=cfg.tie_word_embeddings,
+    )  # fmt: skip
+    vision = dict(
+        depth=v.depth, hidden=v.hidden_size, intermediate=v.intermediate_size, heads=v.num_heads,
+        head_dim=v.hidden_size // v.num_heads, patch=v.patch_size, merge=v.spatial_merge_size,
+        temporal_patch=v.temporal_patch_size, window=v.window_size,
+        fullatt_blocks=list(v.fullatt_block_indexes), out_hidden=v.out_hidden_size,
+    )  # fmt: skip
+    return Summary(
+        ckpt.source, ckpt.architecture, ckpt.layout, text, vision, params, _tensor_counts(ckpt),
+        dtype, total, shard_sizes, missing, files, ckpt.has_ecg_encoder, notes,
+    )  # fmt: skip
+
+
+def _gb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def render(s: Summary) -> str:
+    t, v = s.text, s.vision
+    known = [p for p in s.params.values() if p is not None]
+    lines = [
+        f"checkpoint   {s.source}",
+        f"architecture {s.architecture}" + ("  (QoQ-Med variant with ECG encoder)" if s.ecg else ""),
+        f"key layout   {s.layout}",
+        f"text         hidden {t['hidden']}, intermediate {t['intermediate']}, {t['layers']} layers, "
+        f"{t['heads']} heads / {t['kv_heads']} KV (head_dim {t['head_dim']}), vocab {t['vocab']}",
+        f"             rope_theta {t['rope_theta']:g}, mrope_section {t['mrope_section']}, rms_eps {t['rms_eps']:g}, "
+        f"tied embeddings {t['tied_embeddings']}",
+        f"vision       depth {v['depth']}, hidden {v['hidden']}, intermediate {v['intermediate']}, "
+        f"{v['heads']} heads (head_dim {v['head_dim']}), patch {v['patch']}, merge {v['merge']}, "
+        f"temporal patch {v['temporal_patch']}",
+        f"             window {v['window']}, full-attention blocks {v['fullatt_blocks']}, "
+        f"merger -> {v['out_hidden']}",
+    ]
+    if s.ecg:
+        lines.append(
+            f"ECG encoder  time_series_embedding.*: {s.tensors['ecg']} tensors, {_count(s.params['ecg'])} params "
+            "(ECG-JEPA + Linear to hidden; ignored by the plain Qwen2.5-VL class)"
+        )
+    lines.append(
+        "parameters   "
+        + ", ".join(f"{p} {_count(s.params[p])} ({s.tensors[p]} tensors)" for p in ("text", "vision", "ecg") if s.tensors[p])
+        + (f"; total {_count(sum(known))}" if len(known) == len(s.params) else "")
+    )
+    lines.append(f"dtype        {s.dtype}")
+    lines.append(f"size         {_gb(s.total_bytes)} in {len(s.shards)} shard(s)")
+    for name, size in s.shards:
+        lines.append(f"  {name:40s} {'MISSING' if name in s.missing else _gb(size)}")
+    lines.append("files        " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in s.files.items()))
+    if s.missing:
+        lines.append(
+            f"weights      MISSING: {len(s.missing)} of {len(s.shards)} shard(s) not present "
+            f"({', '.join(s.missing)}); metadata only, shapes from the meta-device model"
+        )
+    lines += [f"note         {n}" for n in s.notes]
+    return "\n".join(lines)

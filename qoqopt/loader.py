@@ -1,0 +1,284 @@
+"""Checkpoint loader: resolve a Hub id or directory, validate it is Qwen2.5-VL, stream tensors lazily.
+
+Two key layouts occur in the wild and both are read:
+- legacy (transformers < 4.52, and what `save_pretrained` still writes): `visual.*`, `model.layers.*`
+- runtime (transformers >= 4.52 module names): `model.visual.*`, `model.language_model.*`
+
+Every consumer sees *canonical* names, which are the legacy ones (the names llama.cpp's converter
+and most published checkpoints use). QoQ-Med's own variant adds `time_series_embedding.*`, its
+ECG encoder, which the plain Qwen2.5-VL class ignores; it is recognised here and labelled `ecg`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from .errors import QoqoptError
+
+QWEN25VL_ARCHS = {"Qwen2_5_VLForConditionalGeneration"}
+QOQMED_ECG_ARCHS = {"TimeSeriesQwen2_5_VLForConditionalGeneration"}
+ECG_PREFIX = "time_series_embedding."
+
+# Runtime-layout prefix -> canonical (legacy) prefix. Order matters: most specific first.
+_RUNTIME_TO_CANONICAL = [
+    ("model.visual.", "visual."),
+    ("model.language_model.", "model."),
+]
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+METADATA_PATTERNS = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
+def canonical_name(raw: str) -> str:
+    for runtime, canonical in _RUNTIME_TO_CANONICAL:
+        if raw.startswith(runtime):
+            return canonical + raw[len(runtime) :]
+    return raw
+
+
+def part_of(name: str) -> str:
+    """Which part of the model a canonical tensor belongs to: text, vision or ecg."""
+    if name.startswith("visual."):
+        return "vision"
+    if name.startswith(ECG_PREFIX):
+        return "ecg"
+    if name.startswith(("model.", "lm_head.")):
+        return "text"
+    raise QoqoptError(f"tensor {name!r} belongs to no known part of a Qwen2.5-VL checkpoint")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def resolve(source: str, revision: str | None = None, weights: bool = True) -> tuple[Path, str | None]:
+    """A local directory for `source` (a path or Hub id) and the Hub commit it came from.
+
+    Hub downloads go through huggingface_hub, which honours HF_HUB_OFFLINE and the local cache.
+    `weights=False` fetches only metadata (config, index, tokenizer), which is all `info` needs.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise QoqoptError(f"{source} is a file; give the checkpoint's directory")
+        return path, None
+    if not HUB_ID.match(source):
+        raise QoqoptError(f"{source}: no such directory, and not a Hub id of the form owner/name")
+    return _snapshot(source, revision, None if weights else METADATA_PATTERNS)
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None) -> tuple[Path, str | None]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "the Hub is unreachable"
+        raise QoqoptError(f"cannot get {repo_id}: {why}") from exc
+    except HfHubHTTPError as exc:
+        raise QoqoptError(f"cannot get {repo_id} from the Hub: {str(exc).splitlines()[0]}") from exc
+    # The cache lays snapshots out as .../snapshots/<commit sha>/, which is the revision we report.
+    commit = local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else None
+    return local, commit
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Tensor entries (dtype, shape, data_offsets) of one shard, checking the file is complete.
+
+    Reading the header ourselves gives shapes without torch and lets a truncated download fail
+    with a clear message instead of a Rust panic deep inside a later read.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise QoqoptError(f"{path.name} is truncated: {size} bytes, not even a safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise QoqoptError(f"{path.name} is truncated inside its header ({size} bytes on disk)")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise QoqoptError(f"{path.name} is not a safetensors file (bad header: {exc})") from exc
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + header_len + end > size:
+        raise QoqoptError(
+            f"{path.name} is truncated: header promises {8 + header_len + end} bytes, file has {size}"
+        )
+    return header
+
+
+# --------------------------------------------------------------------------- the checkpoint
+
+
+@dataclass
+class Checkpoint:
+    """A Qwen2.5-VL / QoQ-Med checkpoint on disk, read lazily tensor by tensor."""
+
+    path: Path
+    source: str
+    revision: str | None = None
+    config: dict = field(default_factory=dict)
+    weight_map: dict[str, str] = field(default_factory=dict)  # raw name -> shard file
+    index_total_size: int | None = None
+    _handles: dict = field(default_factory=dict, repr=False)
+
+    # ---- identity
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or ["?"])[0]
+
+    @property
+    def has_ecg_encoder(self) -> bool:
+        return self.architecture in QOQMED_ECG_ARCHS or any(
+            canonical_name(n).startswith(ECG_PREFIX) for n in self.weight_map
+        )
+
+    @property
+    def layout(self) -> str:
+        runtime = any(n.startswith(("model.visual.", "model.language_model.")) for n in self.weight_map)
+        return "runtime (model.visual.*, model.language_model.*)" if runtime else "legacy (visual.*, model.layers.*)"
+
+    @cached_property
+    def names(self) -> dict[str, str]:
+        """Canonical name -> raw name as stored."""
+        out: dict[str, str] = {}
+        for raw in self.weight_map:
+            canon = canonical_name(raw)
+            if canon in out:
+                raise QoqoptError(f"tensor {canon} is stored twice, as {out[canon]} and {raw}")
+            out[canon] = raw
+        return out
+
+    # ---- files
+    @property
+    def shard_files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def missing_shards(self) -> list[str]:
+        return [f for f in self.shard_files if not (self.path / f).exists()]
+
+    def require_weights(self) -> None:
+        missing = self.missing_shards()
+        if missing:
+            raise QoqoptError(
+                f"{self.source} has no weights here: missing {len(missing)} shard(s) ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''})"
+            )
+
+    @cached_property
+    def headers(self) -> dict[str, dict]:
+        """Per shard: safetensors header entries (validated; shards must be present)."""
+        self.require_weights()
+        return {f: read_safetensors_header(self.path / f) for f in self.shard_files}
+
+    def tensor_info(self, name: str) -> dict:
+        raw = self.names[name]
+        return self.headers[self.weight_map[raw]][raw]
+
+    # ---- tensors
+    def tensor(self, name: str):
+        """One tensor by canonical name, read from its shard without touching the rest."""
+        from safetensors import safe_open
+
+        if name not in self.names:
+            raise QoqoptError(f"{self.source} has no tensor {name}")
+        raw = self.names[name]
+        shard = self.weight_map[raw]
+        if shard not in self._handles:
+            self.headers  # validate completeness before safetensors memory-maps it
+            self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
+        return self._handles[shard].get_tensor(raw)
+
+    def iter_tensors(self, part: str | None = None):
+        """(canonical name, tensor) in shard order, so each shard is read sequentially once."""
+        order = sorted(self.names, key=lambda n: (self.weight_map[self.names[n]], n))
+        for name in order:
+            if part is None or part_of(name) == part:
+                yield name, self.tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    # ---- model views
+    def hf_config(self):
+        """A transformers Qwen2_5_VLConfig from config.json, flat (4.x) or nested (5.x) layout."""
+        from transformers import Qwen2_5_VLConfig
+
+        fields = {k: v for k, v in self.config.items() if k not in ("architectures", "auto_map")}
+        return Qwen2_5_VLConfig(**fields)
+
+    def meta_model(self):
+        """The transformers model on the meta device: every text/vision shape, no memory."""
+        import torch
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        with torch.device("meta"):
+            return Qwen2_5_VLForConditionalGeneration(self.hf_config())
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Canonical name -> shape for every text and vision tensor, from the meta model."""
+        return {canonical_name(k): tuple(v.shape) for k, v in self.meta_model().state_dict().items()}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def validate_config(config: dict, where: str) -> None:
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    known = QWEN25VL_ARCHS | QOQMED_ECG_ARCHS
+    if model_type != "qwen2_5_vl" or (archs and not set(archs) & known):
+        raise QoqoptError(
+            f"{where} is not a Qwen2.5-VL checkpoint: found model_type={model_type!r}, "
+            f"architectures={archs} (expected qwen2_5_vl / Qwen2_5_VLForConditionalGeneration)"
+        )
+
+
+def _weight_map(path: Path) -> tuple[dict[str, str], int | None]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = _read_json(index)
+        return dict(data.get("weight_map", {})), data.get("metadata", {}).get("total_size")
+    single = path / "model.safetensors"
+    if single.exists():
+        return {name: single.name for name in read_safetensors_header(single)}, None
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise QoqoptError(f"{path} holds only pickle weights (.bin/.pt); qoqopt reads safetensors only")
+    raise QoqoptError(f"{path} has no model.safetensors or model.safetensors.index.json")
+
+
+def open_checkpoint(source: str, revision: str | None = None, weights: bool = True) -> Checkpoint:
+    """Resolve, validate and index a checkpoint. Tensor data is only read on demand."""
+    path, commit = resolve(source, revision, weights=weights)
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise QoqoptError(f"{source} has no config.json; is it a transformers checkpoint?")
+    config = _read_json(config_path)
+    validate_config(config, source)
+    weight_map, total = _weight_map(path)
+    ckpt = Checkpoint(path, source, commit, config, weight_map, total)
+    unknown = [n for n in ckpt.names if not n.startswith(("visual.", "model.", "lm_head.", ECG_PREFIX))]
+    if unknown:
+        raise QoqoptError(f"{source}: {len(unknown)} tensor(s) outside any known part, e.g. {unknown[0]}")
+    return ckpt

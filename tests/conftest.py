@@ -1,0 +1,53 @@
+"""Shared fixtures: the mini QoQ-Med checkpoints are built once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qoq-med-vl-7b"
+if not FIXTURES.exists():  # CI clones the repo with shared/ beside it; allow an override
+    FIXTURES = Path(os.environ.get("QOQOPT_FIXTURES", FIXTURES))
+
+# No test may reach the network: the Hub is unreachable here and must stay unused in CI.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def fixture_7b() -> Path:
+    if not (FIXTURES / "config.json").exists():
+        pytest.fail(f"real QoQ-Med-VL-7B metadata not found at {FIXTURES}")
+    return FIXTURES
+
+
+def _build_mini(out: Path, layout: str) -> Path:
+    from qoqopt.mini import build_model, save_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(build_model("tiny", seed=0), out, layout=layout)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """Random-weight tiny mini model, legacy key layout (visual.*, model.layers.*)."""
+    return _build_mini(tmp_path_factory.mktemp("tiny") / "ckpt", "legacy")
+
+
+@pytest.fixture(scope="session")
+def tiny_runtime_dir(tmp_path_factory) -> Path:
+    """The same model in the transformers>=4.52 runtime layout (model.visual.*, model.language_model.*)."""
+    return _build_mini(tmp_path_factory.mktemp("tiny_rt") / "ckpt", "runtime")
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m qoqopt ...` in a fresh process, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "qoqopt", *args], capture_output=True, text=True, env=full_env, timeout=600
+    )

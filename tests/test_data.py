@@ -1,0 +1,351 @@
+"""qoqopt.data: real clinical files -> images, ECG signals, QoQ-Med prompts, splits, JSONL sets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from qoqopt.data import (
+    BUILTIN_DOMAINS,
+    DOMAINS,
+    MAX_PIXELS,
+    MIN_PIXELS,
+    THINK_SUFFIX,
+    balanced_sample,
+    clinical_set,
+    dicom_to_array,
+    ecg_signal,
+    find_item,
+    load_jsonl,
+    read_ecg,
+    render_ecg,
+    report_texts,
+)
+from qoqopt.data import catalog
+from qoqopt.data.ecg import PAPER_MM, heart_rate, r_peaks
+from qoqopt.errors import QoqoptError
+
+
+@pytest.fixture(scope="module")
+def eval_items():
+    return clinical_set("eval", n_per_base=1)
+
+
+def _pixels(item) -> np.ndarray:
+    return np.asarray(item.image)
+
+
+# ---- coverage and prompt format -------------------------------------------------------------------
+def test_five_domains_with_several_question_types(eval_items):
+    assert {"ct", "mri", "ultrasound", "xray", "ecg"} <= set(BUILTIN_DOMAINS)
+    assert {it.domain for it in eval_items} == set(BUILTIN_DOMAINS)
+    for domain in BUILTIN_DOMAINS:
+        qtypes = {it.meta["qtype"] for it in eval_items if it.domain == domain}
+        assert len(qtypes) >= 2, domain  # the answer is not simply the domain
+        assert DOMAINS[domain].display
+    for it in eval_items:
+        assert 3 <= len(it.choices) <= 6
+        assert it.answer in it.choices
+
+
+def test_question_and_reference_reply_follow_qoq_med(eval_items):
+    ct = next(it for it in eval_items if it.meta["qtype"] == "region_ct")
+    assert ct.question.startswith("Above is a CT image of a patient. Which body region is shown?")
+    assert "Answer with one word from the following: Head, Chest, Abdomen, Pelvis, Spine." in ct.question
+    modality = next(it for it in eval_items if it.meta["qtype"] == "modality" and it.domain == "ecg")
+    assert "ECG" not in modality.question.split(" Answer")[0]  # the preamble must not give it away
+    for it in eval_items:
+        assert it.question.endswith(THINK_SUFFIX)
+        assert re.fullmatch(r"<think>[^<]{10,200}</think>\n\\boxed\{" + re.escape(it.answer) + r"\}", it.target_text())
+    msg = ct.messages()
+    assert msg[0]["role"] == "user"
+    assert [c["type"] for c in msg[0]["content"]] == ["image", "text"]
+    assert isinstance(msg[0]["content"][0]["image"], Image.Image)
+    assert msg[0]["content"][1]["text"] == ct.question
+
+
+def test_every_base_image_renders_inside_qoq_med_pixel_range():
+    items = {it.meta["view"]: it for it in clinical_set("calib", n_per_base=1)}
+    for key, it in items.items():
+        img = it.image
+        assert img.mode == "RGB"
+        assert MIN_PIXELS <= img.width * img.height <= MAX_PIXELS, key
+        assert img.width % 28 == 0 and img.height % 28 == 0, key
+        assert np.asarray(img).std() > 10, f"{key} looks blank"
+
+
+def test_sizes_are_what_the_qwen_processor_keeps():
+    pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    from qoqopt.data import fit_size
+
+    for wh in [(1080, 700), (640, 480), (256, 120), (1841, 1955), (64, 64), (5000, 200)]:
+        w, h = fit_size(*wh)
+        assert pil.smart_resize(h, w, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) == (h, w)
+
+
+def test_report_texts():
+    texts = report_texts()
+    assert 30 <= len(texts) <= 60
+    assert len(set(texts)) == len(texts)
+    assert all(t[0].isupper() and t.endswith(".") and len(t) < 160 for t in texts)
+
+
+# ---- ECG --------------------------------------------------------------------------------------
+def test_ecg_plot_is_a_twelve_lead_sheet():
+    img = render_ecg(px_per_mm=4)
+    assert img.mode == "RGB"
+    assert img.size == (round(PAPER_MM[0] * 4), round(PAPER_MM[1] * 4)) == (1080, 700)
+    x = np.asarray(img).astype(int)
+    ink = (x.max(axis=-1) < 100).mean()  # black traces and labels
+    pink = ((x[..., 0] - x[..., 1]) > 20).mean()  # the red millimetre grid
+    assert 0.005 < ink < 0.15
+    assert pink > 0.2
+    # The grid repeats every 5 mm = 20 px: columns on a major line are redder than between lines.
+    redness = (x[..., 0] - x[..., 1]).mean(axis=0)
+    assert redness[::20][1:-1].mean() > 2 * np.median(redness)
+
+
+def test_ecg_signal_matches_the_dicom_timing_and_units():
+    path = catalog.source_path("waveform_ecg.dcm")
+    ds = pydicom.dcmread(path)
+    group = ds.WaveformSequence[0]
+    fs, n = float(group.SamplingFrequency), int(group.NumberOfWaveformSamples)
+    rec = read_ecg(path)
+    assert rec.fs == fs == 1000.0 and rec.duration_s == n / fs == 10.0
+    # Lead II is channel 1 of the file, in microvolts there and millivolts here.
+    assert group.ChannelDefinitionSequence[1].ChannelSourceSequence[0].CodeMeaning == "Lead II"
+    assert group.ChannelDefinitionSequence[1].ChannelSensitivityUnitsSequence[0].CodeValue == "uV"
+    np.testing.assert_allclose(rec.lead("II"), ds.waveform_array(0)[:, 1] / 1000)
+
+    sig = ecg_signal(rec)
+    assert sig.shape == (8, 2500) and sig.dtype == np.float32
+    out_fs = sig.shape[1] / 10.0  # 10 s in 2500 samples: 250 per second
+    np.testing.assert_allclose(sig[1], rec.lead("II")[:: int(fs / out_fs)], atol=0.08)  # same instants
+    assert np.corrcoef(sig[2], rec.lead("V1")[::4])[0, 1] > 0.98  # rows are I, II, V1..V6
+    # R waves fall at the same times (within one output sample) at both rates.
+    t_src = r_peaks(rec.lead("II"), fs) / fs
+    t_out = r_peaks(sig[1].astype(float), out_fs) / out_fs
+    assert len(t_src) == len(t_out) >= 9
+    assert np.abs(t_src - t_out).max() <= 1 / out_fs
+    # Lead II of a normal adult: R wave ~0.5-2 mV, nothing beyond a few mV.
+    assert 0.5 < sig[1].max() < 2.5 and -1.0 < sig[1].min() < 0
+    # The label "Normal" rate rests on this: the device's RR interval and our R waves agree.
+    assert abs(heart_rate(rec) - 60000 / rec.measurements["RR Interval"]) < 2
+    assert any("SINUS" in s for s in rec.statements)
+
+
+def test_ecg_items_carry_the_signal(eval_items):
+    ecg = [it for it in eval_items if it.domain == "ecg"]
+    assert {it.meta["qtype"] for it in ecg} == {"modality", "rhythm", "rate"}
+    assert all(it.ecg_signal.shape == (8, 2500) for it in ecg)
+    assert all(it.ecg_signal is None for it in eval_items if it.domain != "ecg")
+
+
+# ---- DICOM conversion (hand-computable references) ---------------------------------------------
+def _dataset(pixels: np.ndarray, pi: str, bits: int, **tags) -> Dataset:
+    ds = Dataset()
+    ds.set_pixel_data(pixels, pi, bits)
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def _linear_window(x, center, width):
+    """DICOM PS3.3 C.11.2.1.2.1 (LINEAR) onto [0, 1], written out independently of the code."""
+    c, w = center - 0.5, width - 1
+    return np.clip((x - c) / w + 0.5, 0, 1)
+
+
+def test_monochrome1_rescale_and_window():
+    stored = np.array([[0, 100], [200, 300]], np.uint16)
+    ds = _dataset(stored, "MONOCHROME1", 16, RescaleSlope=2, RescaleIntercept=-100, WindowCenter=200, WindowWidth=400)
+    hu = stored.astype(float) * 2 - 100  # modality LUT: -100, 100, 300, 500
+    expected = np.rint((1 - _linear_window(hu, 200, 400)) * 255)  # MONOCHROME1: low values white
+    out = dicom_to_array(ds)
+    assert out.shape == (2, 2, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[..., 0], expected)
+    np.testing.assert_array_equal(out[..., 0], [[255, 191], [63, 0]])
+    assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_window_override_on_hounsfield_units():
+    stored = np.array([[0, 1024], [1064, 3000]], np.uint16)  # -1024 (air), 0 (water), 40, 1976 HU
+    ds = _dataset(stored, "MONOCHROME2", 12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=80)
+    brain = dicom_to_array(ds)[..., 0]
+    np.testing.assert_array_equal(brain, np.rint(_linear_window(stored - 1024.0, 40, 80) * 255))
+    bone = dicom_to_array(ds, window=(300, 2000))[..., 0]
+    np.testing.assert_array_equal(bone, np.rint(_linear_window(stored - 1024.0, 300, 2000) * 255))
+    assert bone[0, 0] == 0 and bone[1, 1] == 255 and 0 < bone[0, 1] < bone[1, 0] < 255
+
+
+def test_multiframe_takes_the_requested_or_middle_frame():
+    frames = np.stack([np.full((2, 3), v, np.uint8) for v in (10, 20, 30)])
+    ds = _dataset(frames, "MONOCHROME2", 8)
+    assert (dicom_to_array(ds) == 20).all()  # default: the middle frame
+    assert (dicom_to_array(ds, frame=0) == 10).all()
+    with pytest.raises(QoqoptError, match="frame 3 out of range"):
+        dicom_to_array(ds, frame=3)
+
+
+def test_colour_rgb_and_ybr():
+    rgb = np.array([[[255, 0, 0], [0, 128, 255]]], np.uint8)
+    np.testing.assert_array_equal(dicom_to_array(_dataset(rgb, "RGB", 8)), rgb)
+    # YBR_FULL of pure red is (76, 85, 255) and of mid grey (128, 128, 128) (ITU-R BT.601, full range).
+    ybr = np.array([[[76, 85, 255], [128, 128, 128]]], np.uint8)
+    out = dicom_to_array(_dataset(ybr, "YBR_FULL", 8)).astype(int)
+    np.testing.assert_allclose(out, [[[255, 0, 0], [128, 128, 128]]], atol=2)
+
+
+def test_slices_stored_mirrored_are_flipped_for_display():
+    px = np.arange(6, dtype=np.uint8).reshape(2, 3) * 40  # 8-bit, no window: shown as stored
+    standard = _dataset(px, "MONOCHROME2", 8, ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(dicom_to_array(standard)[..., 0], px)
+    upside_down = _dataset(px, "MONOCHROME2", 8, ImageOrientationPatient=[1, 0, 0, 0, -1, 0])  # columns to anterior
+    np.testing.assert_array_equal(dicom_to_array(upside_down)[..., 0], px[::-1])
+    np.testing.assert_array_equal(dicom_to_array(upside_down, reorient=False)[..., 0], px)
+
+
+def test_real_monochrome1_radiograph_is_inverted():
+    # MONOCHROME1 shows its minimum as white: display grey must fall as the stored value rises.
+    path = catalog.source_path("RG1_UNCR.dcm")
+    ds = pydicom.dcmread(path)
+    stored = ds.pixel_array[::40, ::40].astype(float)
+    shown = dicom_to_array(path)[::40, ::40, 0].astype(float)
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    assert np.corrcoef(stored.ravel(), shown.ravel())[0, 1] < -0.95
+
+
+# ---- splits, augmentation, sampling ----------------------------------------------------------
+def test_same_seed_same_pixels_other_seed_other_pixels():
+    a = clinical_set("train", n_per_base=2, seed=7, domains=["xray", "ecg"])
+    b = clinical_set("train", n_per_base=2, seed=7, domains=["xray", "ecg"])
+    c = clinical_set("train", n_per_base=2, seed=8, domains=["xray", "ecg"])
+    assert [it.id for it in a] == [it.id for it in b]
+    for x, y, z in zip(a[:4], b[:4], c[:4]):
+        np.testing.assert_array_equal(_pixels(x), _pixels(y))
+        assert not np.array_equal(_pixels(x), _pixels(z))
+    np.testing.assert_array_equal(_pixels(find_item(a[3].id, seed=7)), _pixels(a[3]))
+
+
+def test_eval_views_are_not_train_views():
+    kw = dict(n_per_base=3, domains=["mri", "ultrasound"])
+    train = clinical_set("train", **kw)
+    evals = clinical_set("eval", **kw)
+    train_params = {json.dumps(it.meta["augment"], sort_keys=True) for it in train}
+    assert not any(json.dumps(it.meta["augment"], sort_keys=True) in train_params for it in evals)
+    train_hashes = {_pixels(it).tobytes() for it in train[:12]}
+    assert not any(_pixels(it).tobytes() in train_hashes for it in evals[:12])
+
+
+def test_augmentations_stay_in_their_limits():
+    for it in clinical_set("train", n_per_base=4):
+        aug = it.meta["augment"]
+        src = catalog.view_by_key(it.meta["view"]).source
+        assert abs(aug["angle"]) <= (4 if it.domain == "ecg" else 10)
+        assert 0.85 <= aug["crop"] <= 1 and 0.9 <= aug["brightness"] <= 1.1
+        assert src.flip or not aug["flip"]  # mirroring only where it cannot change the answer
+
+
+def test_balanced_sample_balances_domains():
+    items = clinical_set("eval", n_per_base=2)  # ECG has 6 items, CT 48
+    assert Counter(it.domain for it in balanced_sample(items, 25, seed=1)) == {d: 5 for d in BUILTIN_DOMAINS}
+    counts = Counter(it.domain for it in balanced_sample(items, 27, seed=1))
+    assert max(counts.values()) - min(counts.values()) <= 1
+    big = balanced_sample(items, 40, seed=1)  # ECG runs out at 6; the rest share what is left
+    counts = Counter(it.domain for it in big)
+    assert len(big) == 40 and counts["ecg"] == 6 and min(counts[d] for d in counts if d != "ecg") >= 8
+    assert len({id(it) for it in big}) == 40
+    assert [it.id for it in balanced_sample(items, 25, seed=1)] == [it.id for it in balanced_sample(items, 25, seed=1)]
+
+
+# ---- user JSONL sets ----------------------------------------------------------------------------
+def _write_set(tmp_path, rows: list) -> str:
+    Image.new("RGB", (400, 300), (90, 90, 90)).save(tmp_path / "a.png")
+    path = tmp_path / "set.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+GOOD = {"image": "a.png", "question": "Which organ?", "answer": "Liver", "domain": "ultrasound"}
+
+
+def test_jsonl_loads_images_dicoms_and_ecgs(tmp_path):
+    ct = catalog.source_path("CT_small.dcm")
+    ecg = catalog.source_path("waveform_ecg.dcm")
+    rows = [
+        {**GOOD, "choices": ["Liver", "Kidney", "Spleen"]},
+        "",
+        {"dicom": ct, "question": "Which region?", "answer": "Spine", "domain": "ct", "id": "mine"},
+        {"dicom": ecg, "question": "Rhythm?", "answer": "Sinus rhythm", "domain": "ecg"},
+    ]
+    items = load_jsonl(_write_set(tmp_path, rows))
+    assert [it.id for it in items] == ["set:1", "mine", "set:4"]
+    assert items[0].question == f"Which organ? {THINK_SUFFIX}"
+    assert items[0].image.size == (392, 308)  # its own size, on the 28-pixel grid
+    assert items[1].image.mode == "RGB" and items[1].ecg_signal is None
+    assert items[2].ecg_signal.shape == (8, 2500)
+    assert items[2].image.size[0] > items[2].image.size[1]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ('{"image": "a.png", "question": ', r"set\.jsonl:2: invalid JSON"),
+        ({k: v for k, v in GOOD.items() if k != "answer"}, r"set\.jsonl:2: missing or empty field 'answer'"),
+        ({**GOOD, "domain": "radiology"}, r"set\.jsonl:2: unknown domain 'radiology'"),
+        ({**GOOD, "image": "missing.png"}, r"set\.jsonl:2: image file not found"),
+        ({**GOOD, "choices": ["Kidney", "Spleen"]}, r"set\.jsonl:2: answer 'Liver' is not among the choices"),
+        ({**GOOD, "dicom": "a.png"}, r"set\.jsonl:2: give exactly one of 'image' or 'dicom'"),
+        ([1, 2], r"set\.jsonl:2: expected a JSON object"),
+    ],
+)
+def test_jsonl_errors_name_file_and_line(tmp_path, bad, message):
+    path = _write_set(tmp_path, [GOOD, bad])
+    with pytest.raises(QoqoptError, match=message) as info:
+        load_jsonl(path)
+    assert "\n" not in str(info.value)
+
+
+def test_jsonl_bad_dicom_is_reported_with_its_line(tmp_path):
+    (tmp_path / "x.dcm").write_bytes(b"not dicom")
+    path = _write_set(tmp_path, [GOOD, {"dicom": "x.dcm", "question": "q", "answer": "a", "domain": "ct"}])
+    with pytest.raises(QoqoptError, match=r"set\.jsonl:2: .*not a readable DICOM"):
+        load_jsonl(path)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def _cli(*argv) -> int:
+    from qoqopt.data.cli import register
+
+    parser = argparse.ArgumentParser(prog="qoqopt")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_list_and_show(tmp_path, capsys):
+    assert _cli("data", "list", "--split", "eval", "--domain", "ecg") == 0
+    out = capsys.readouterr().out
+    assert "ecg-12lead.rhythm.eval-0" in out and "waveform_ecg.dcm" in out and "Sinus rhythm" in out
+    assert out.strip().endswith("3 items: ecg 3")
+    png = tmp_path / "ct.png"
+    assert _cli("data", "show", "ct-head-693.region_ct.eval-0", "--out", str(png)) == 0
+    out = capsys.readouterr().out
+    assert Image.open(png).size == (308, 308)
+    assert "Which body region is shown?" in out and "\\boxed{Head}" in out
+    with pytest.raises(QoqoptError, match="unknown built-in image"):
+        _cli("data", "show", "nope.modality.eval-0", "--out", str(png))
+
+
+def test_cli_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        _cli("data", "--help")
+    assert "qoqopt data list --split eval" in capsys.readouterr().out

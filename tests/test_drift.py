@@ -1,0 +1,82 @@
+"""Drift statistics against hand-computed values (llama-perplexity definitions)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from qoqopt.drift import answer_score, drift_by_domain, extract_boxed, set_f1, token_drift, worst_domain
+
+
+def test_identical_logits_give_zero_kld_and_full_agreement():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 1000))
+    d = token_drift(logits, logits.copy())
+    assert d.positions == 50
+    assert d.mean_kld == pytest.approx(0.0, abs=1e-12)
+    assert d.p99_kld == pytest.approx(0.0, abs=1e-12)
+    assert d.same_top_pct == 100.0
+    assert d.rms_dp_pct == pytest.approx(0.0, abs=1e-12)
+
+
+def test_constant_logit_shift_is_not_drift():
+    logits = np.random.default_rng(1).normal(size=(10, 32))
+    assert token_drift(logits, logits + 7.5).mean_kld == pytest.approx(0.0, abs=1e-12)
+
+
+def test_known_two_token_shift():
+    # p = (1/2, 1/2), q = (3/4, 1/4): KL(p||q) = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3)
+    ref = np.array([[0.0, 0.0]])
+    cand = np.array([[math.log(3.0), 0.0]])
+    d = token_drift(ref, cand, target_ids=[1])
+    assert d.mean_kld == pytest.approx(0.5 * math.log(4 / 3), rel=1e-12)
+    # Δp for the observed token 1: 1/4 - 1/2
+    assert d.rms_dp_pct == pytest.approx(25.0, rel=1e-12)
+    # argmax of (0,0) is token 0, candidate's is token 0 too
+    assert d.same_top_pct == 100.0
+
+
+def test_p99_and_top1_over_positions():
+    # 100 positions: 98 identical, 2 with a flipped top token of known KLD
+    ref = np.zeros((100, 2))
+    ref[:, 0] = math.log(9.0)  # p = (0.9, 0.1)
+    cand = ref.copy()
+    cand[:2] = [0.0, math.log(9.0)]  # q = (0.1, 0.9)
+    d = token_drift(ref, cand)
+    k = 0.9 * math.log(9) + 0.1 * math.log(1 / 9)  # KL((.9,.1)||(.1,.9))
+    assert d.mean_kld == pytest.approx(2 * k / 100, rel=1e-9)
+    assert d.same_top_pct == pytest.approx(98.0)
+    # numpy's linear-interpolated 99th percentile of 98 zeros and 2 values k: position 98.01
+    assert d.p99_kld == pytest.approx(k, rel=1e-9)
+
+
+def test_boxed_extraction():
+    assert extract_boxed(r"<think>x</think> \boxed{CT}") == "CT"
+    assert extract_boxed(r"\boxed{A} then \boxed{ Chest, Abdomen }") == "Chest, Abdomen"
+    assert extract_boxed(r"\boxed{\text{MRI}}") == r"\text{MRI}"
+    assert extract_boxed("no answer here") is None
+    assert extract_boxed(r"\boxed{unclosed") is None
+
+
+def test_set_f1_as_qoq_med_reward():
+    assert set_f1("Chest", "chest") == 1.0
+    assert set_f1("Chest, Abdomen", "Chest") == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert set_f1("Knee", "Chest") == 0.0
+    assert set_f1(None, "Chest") == 0.0
+    assert answer_score(r"<think>..</think>\boxed{CT, MRI}", "MRI, CT") == 1.0
+
+
+def test_per_domain_report_pools_positions_and_names_worst():
+    ref = np.zeros((4, 2))
+    far = np.array([[3.0, 0.0]] * 4)
+    recs = [
+        {"domain": "ct", "ref_logits": ref, "cand_logits": ref, "score": 1.0},
+        {"domain": "ecg", "ref_logits": ref, "cand_logits": far, "score": 0.0},
+    ]
+    rep = drift_by_domain(recs)
+    assert set(rep) == {"ct", "ecg", "all"}
+    assert rep["ct"].tokens.mean_kld == pytest.approx(0.0, abs=1e-12)
+    assert rep["all"].tokens.positions == 8
+    assert rep["all"].tokens.mean_kld == pytest.approx(rep["ecg"].tokens.mean_kld / 2)
+    assert rep["all"].accuracy == 0.5
+    assert worst_domain(rep) == "ecg"

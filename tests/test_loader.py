@@ -1,0 +1,133 @@
+"""The loader against the real QoQ-Med-VL-7B metadata and both key layouts of the mini model."""
+
+import json
+import shutil
+
+import pytest
+
+from qoqopt.errors import QoqoptError
+from qoqopt.loader import canonical_name, open_checkpoint, part_of
+from tests.conftest import run_cli
+
+
+def test_real_7b_index_is_understood(fixture_7b):
+    ckpt = open_checkpoint(str(fixture_7b), weights=False)
+    assert ckpt.architecture == "TimeSeriesQwen2_5_VLForConditionalGeneration"
+    assert ckpt.has_ecg_encoder
+    parts = [part_of(n) for n in ckpt.names]
+    assert len(parts) == 868
+    assert parts.count("ecg") == 139 and parts.count("vision") == 390 and parts.count("text") == 339
+    # Every text and vision tensor of the index has a full-size shape from the meta-device model,
+    # and the model has no tensor the index lacks.
+    shapes = ckpt.expected_shapes()
+    indexed = {n for n in ckpt.names if part_of(n) != "ecg"}
+    assert indexed == set(shapes)
+    assert shapes["model.embed_tokens.weight"] == (152064, 3584)
+    assert shapes["visual.patch_embed.proj.weight"] == (1280, 3, 2, 14, 14)
+    assert shapes["visual.merger.mlp.0.weight"] == (5120, 5120)
+    assert shapes["visual.merger.mlp.2.weight"] == (3584, 5120)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (512, 3584)
+    assert ckpt.missing_shards() == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    with pytest.raises(QoqoptError, match="missing 4 shard"):
+        ckpt.tensor("lm_head.weight")
+
+
+def test_info_on_real_metadata_prints_true_summary(fixture_7b):
+    res = run_cli("info", str(fixture_7b))
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for expected in [
+        "TimeSeriesQwen2_5_VLForConditionalGeneration",
+        "hidden 3584, intermediate 18944, 28 layers, 28 heads / 4 KV (head_dim 128), vocab 152064",
+        "mrope_section [16, 24, 24]",
+        "depth 32, hidden 1280, intermediate 3420, 16 heads (head_dim 80)",
+        "full-attention blocks [7, 15, 23, 31]",
+        "ECG encoder  time_series_embedding.*: 139 tensors",
+        "16.9 GB in 4 shard(s)",
+        "MISSING: 4 of 4 shard(s)",
+    ]:
+        assert expected in out, f"{expected!r} not in:\n{out}"
+    # 7.62 B text parameters: 2 x 152064 x 3584 embeddings + 28 decoder layers
+    assert "text 7.62 B" in out and "vision 676.6 M" in out
+
+
+@pytest.mark.parametrize("layout", ["legacy", "runtime"])
+def test_both_key_layouts_read_the_same_tensors(layout, tiny_dir, tiny_runtime_dir):
+    ref = open_checkpoint(str(tiny_dir))
+    ckpt = open_checkpoint(str(tiny_dir if layout == "legacy" else tiny_runtime_dir))
+    assert set(ckpt.names) == set(ref.names)
+    raw = set(ckpt.weight_map)
+    if layout == "runtime":
+        assert any(n.startswith("model.language_model.layers.") for n in raw)
+        assert any(n.startswith("model.visual.") for n in raw)
+    for name in ["visual.blocks.0.attn.qkv.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"]:
+        assert ckpt.tensor(name).equal(ref.tensor(name))
+    res = run_cli("info", str(ckpt.path))
+    assert res.returncode == 0, res.stderr
+    assert ("runtime" if layout == "runtime" else "legacy") in res.stdout
+    assert "text 79.4 M" in res.stdout
+
+
+def test_lazy_reads_match_transformers(tiny_dir):
+    """Tensors streamed by canonical name equal what transformers itself loads."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    ckpt = open_checkpoint(str(tiny_dir))
+    loaded = {canonical_name(k): v for k, v in model.state_dict().items()}
+    streamed = dict(ckpt.iter_tensors())
+    assert set(streamed) == set(loaded)
+    assert all(streamed[k].equal(loaded[k]) for k in loaded)
+
+
+def _one_line_error(res, pattern):
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def test_info_rejects_non_qwen25vl(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    _one_line_error(run_cli("info", str(tmp_path)), "found model_type='llama', architectures=['LlamaForCausalLM']")
+
+
+def test_info_rejects_missing_path(tmp_path):
+    _one_line_error(run_cli("info", str(tmp_path / "nope")), "no such directory")
+
+
+def test_info_rejects_truncated_safetensors(tiny_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    shard = bad / "model.safetensors"
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size // 2)
+    _one_line_error(run_cli("info", str(bad)), "model.safetensors is truncated")
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_dir, tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copy(tiny_dir / "config.json", d)
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not-read")
+    with pytest.raises(QoqoptError, match="pickle"):
+        open_checkpoint(str(d))
+
+
+def test_hub_id_resolves_from_offline_cache(fixture_7b, tmp_path):
+    """A Hub id is resolved by huggingface_hub from its cache layout, with HF_HUB_OFFLINE=1."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--ddvd233--QoQ-Med-VL-7B"
+    snap = repo / "snapshots" / sha
+    snap.mkdir(parents=True)
+    for f in fixture_7b.glob("*.json"):
+        shutil.copy(f, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    res = run_cli("info", "ddvd233/QoQ-Med-VL-7B", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["ecg"] and summary["tensors"] == {"text": 339, "vision": 390, "ecg": 139}
+    _one_line_error(run_cli("info", "someone/not-cached", env=env), "HF_HUB_OFFLINE is set")

@@ -1,0 +1,97 @@
+"""The mini QoQ-Med checkpoint loads in transformers offline and behaves like Qwen2.5-VL."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qoqopt.mini import PRESETS, TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS, build_config, build_model
+from qoqopt.processor import has_torchvision, load_processor
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    return model, load_processor(tiny_dir)
+
+
+def _ct_chat(image):
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Which body region?"}]}]
+
+
+def test_tokenizer_from_checkpoint(loaded):
+    _, proc = loaded
+    assert proc.tokenizer("Hello").input_ids == [9707]
+    assert proc.tokenizer.convert_tokens_to_ids("<|image_pad|>") == 151655
+    assert proc.tokenizer.eos_token == "<|im_end|>"
+
+
+def test_config_is_the_real_architecture(tiny_dir):
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2_5_vl"
+    v = cfg["vision_config"]
+    for key in ["depth", "hidden_size", "intermediate_size", "num_heads", "patch_size", "spatial_merge_size",
+                "temporal_patch_size", "tokens_per_second", "window_size", "out_hidden_size",
+                "fullatt_block_indexes", "in_channels"]:  # fmt: skip
+        assert key in v, f"vision field {key} must be explicit"
+    assert v["window_size"] == 112 and v["fullatt_block_indexes"] == [1, 3]
+    assert cfg["text_config"]["vocab_size"] == 152064
+    pre = json.loads((tiny_dir / "preprocessor_config.json").read_text())
+    assert (pre["min_pixels"], pre["max_pixels"]) == (TRAIN_MIN_PIXELS, TRAIN_MAX_PIXELS)
+    gen = json.loads((tiny_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [151645, 151643] and gen["repetition_penalty"] == 1.05
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_kquant_dims_are_multiples_of_256(preset):
+    t = build_config(preset).text_config
+    assert t.hidden_size % 256 == 0 and t.intermediate_size % 256 == 0
+    assert sum(t.rope_parameters["mrope_section"]) * 2 == t.hidden_size // t.num_attention_heads
+
+
+def test_same_seed_same_weights():
+    a, b, c = build_model("tiny", 3), build_model("tiny", 3), build_model("tiny", 4)
+    wa, wb, wc = (m.state_dict()["model.visual.blocks.0.attn.qkv.weight"] for m in (a, b, c))
+    assert wa.equal(wb) and not wa.equal(wc)
+
+
+def test_ct_chat_generates_text(loaded):
+    from qoqopt.data import clinical_set
+
+    model, proc = loaded
+    ct = next(i for i in clinical_set(split="eval") if i.domain == "ct")
+    inputs = proc.apply_chat_template(
+        ct.messages(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert "mm_token_type_ids" in inputs  # M-RoPE positions for image tokens depend on it
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1] :]
+    assert len(new) > 0
+    assert isinstance(proc.decode(new, skip_special_tokens=True), str)
+
+
+def test_test_images_span_several_attention_windows(loaded):
+    """Window attention only matters if an image spans more than one 112-pixel window."""
+    from PIL import Image
+
+    _, proc = loaded
+    img = Image.fromarray(np.zeros((256, 256, 3), np.uint8))
+    grid = proc.image_processor(images=[img], return_tensors="pt")["image_grid_thw"][0]
+    merged_h, merged_w = int(grid[1]) // 2, int(grid[2]) // 2
+    per_window = 112 // 14 // 2
+    assert -(-merged_h // per_window) * -(-merged_w // per_window) >= 2
+
+
+def test_auto_processor_where_transformers_can_build_it(tiny_dir):
+    """AutoProcessor needs torchvision for Qwen2.5-VL's video processor; where it exists, use it."""
+    from transformers import AutoProcessor
+
+    if has_torchvision():
+        proc = AutoProcessor.from_pretrained(tiny_dir)
+        assert proc.tokenizer("Hello").input_ids == [9707]
+    else:
+        with pytest.raises(ImportError, match="[Tt]orchvision"):
+            AutoProcessor.from_pretrained(tiny_dir)
