@@ -1,0 +1,55 @@
+"""`qoqopt publish DIR --repo user/name`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  qoqopt publish out/gguf --repo me/QoQ-Med-VL-7B-GGUF --dry-run      # show exactly what would be sent
+  qoqopt publish out/gguf --repo me/QoQ-Med-VL-7B-GGUF --results results/report.md
+  HF_TOKEN=... qoqopt publish out/gptq --repo my-lab/QoQ-Med-VL-7B-GPTQ --private
+
+Before anything is uploaded, qoqopt checks the repo name, that DIR has a manifest.json written by
+`qoqopt export`, that every listed file still matches its sha256, and that a token is available
+(HF_TOKEN or `hf auth login`). The token is never printed or written. The model card (README.md)
+is generated: YAML metadata (base_model, base_model_relation: quantized, licence, tags,
+pipeline_tag), the file list with sha256, the drift/speed tables from --results, and usage for
+llama.cpp, LM Studio, Ollama, vLLM and transformers.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "publish",
+        help="upload an export directory to the Hugging Face Hub with a generated model card",
+        description="Verify an export directory against its manifest and upload it with a model card.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("folder", type=Path, metavar="DIR", help="directory written by `qoqopt export`")
+    p.add_argument("--repo", required=True, help="target repo id, user/name")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--results", type=Path, help="Markdown tables from `qoqopt report` to put in the card")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the card; upload nothing")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import QoqoptError
+    from ..publish import plan_upload, resolve_token, upload
+
+    if args.results and not args.results.is_file():
+        raise QoqoptError(f"--results {args.results} does not exist")
+    plan = plan_upload(args.folder, args.repo, args.private, args.results)
+    if args.dry_run:
+        print(plan.describe())
+        print("\n--- README.md (model card) ---")
+        print(plan.card)
+        print("dry run: nothing was uploaded")
+        return 0
+    token = resolve_token()
+    url = upload(plan, token)
+    print(f"uploaded {len(plan.files) + 1} files to {args.repo}: {url}")
+    return 0

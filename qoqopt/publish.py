@@ -1,0 +1,203 @@
+"""Publish an export directory to the Hugging Face Hub with a model card that carries its evidence.
+
+Everything is checked before anything is sent: the repo id, the manifest, every file's sha256 and
+the presence of a token. The plan (files, sizes, card) is built first and is exactly what
+`--dry-run` prints and what the upload sends. The token is read from the environment or the
+stored HF login, handed to `HfApi`, and never printed or written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import QoqoptError
+from .fileio import sha256_file
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+LICENSE = "mit"  # QoQ-Med and Qwen2.5-VL are MIT / Apache; QoQ-Med's release is MIT
+DEFAULT_BASE = "ddvd233/QoQ-Med-VL-7B"
+
+
+@dataclass
+class PlannedFile:
+    path: str
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class UploadPlan:
+    folder: Path
+    repo_id: str
+    private: bool
+    files: list[PlannedFile]
+    card: str
+    fmt: str
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        total = sum(f.bytes for f in self.files)
+        lines = [
+            f"repo      {self.repo_id} ({'private' if self.private else 'public'}, model)",
+            f"format    {self.fmt}",
+            f"upload    {len(self.files) + 1} files, {total / 1e6:.1f} MB",
+        ]
+        lines += [f"  {f.path:50s} {f.bytes:>14,d}  sha256 {f.sha256[:16]}…" for f in self.files]
+        lines.append(f"  {'README.md':50s} {len(self.card.encode()):>14,d}  (model card, generated)")
+        lines += [f"note      {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_repo_id(repo_id: str) -> None:
+    if not REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith((".", "-")):
+        raise QoqoptError(f"invalid repo name {repo_id!r}: expected user/name (letters, digits, '-', '_', '.')")
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / "manifest.json"
+    if not folder.is_dir():
+        raise QoqoptError(f"{folder} is not a directory")
+    if not path.exists():
+        raise QoqoptError(f"{folder} has no manifest.json; publish a directory written by `qoqopt export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
+    if not manifest.get("files"):
+        raise QoqoptError(f"{path} lists no files")
+    return manifest
+
+
+def verified_files(folder: Path, manifest: dict) -> list[PlannedFile]:
+    """Every manifest entry exists with the recorded size and sha256 (no partial or edited file ships)."""
+    out = []
+    for entry in manifest["files"]:
+        rel = entry.get("path") or entry.get("file")
+        target = folder / rel
+        if not target.is_file():
+            raise QoqoptError(f"manifest lists {rel}, which is missing from {folder}")
+        size = target.stat().st_size
+        if "bytes" in entry and entry["bytes"] != size:
+            raise QoqoptError(f"{rel} is {size} bytes but the manifest records {entry['bytes']}: rebuild or re-export")
+        digest = sha256_file(target)
+        if digest != entry.get("sha256"):
+            raise QoqoptError(f"{rel} does not match its sha256 in manifest.json: the file changed after export")
+        out.append(PlannedFile(rel, size, digest))
+    return out
+
+
+def resolve_token() -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise QoqoptError("no Hugging Face token: set HF_TOKEN or run `hf auth login` first")
+    return token
+
+
+# --------------------------------------------------------------------------- the card
+
+
+def _tags(fmt: str) -> list[str]:
+    base = ["qoq-med", "medical", "clinical", "radiology", "qwen2.5-vl", "multimodal", "quantized", "qoqopt"]
+    return base + {"gguf": ["gguf", "llama.cpp"], "gptq": ["gptq", "4-bit"], "awq": ["awq", "4-bit"]}.get(fmt, [fmt])
+
+
+def card_metadata(manifest: dict):
+    from huggingface_hub import ModelCardData
+
+    fmt = manifest.get("format", "unknown")
+    base = manifest.get("source", {}).get("model") or DEFAULT_BASE
+    extra = {"library_name": "transformers"} if fmt in ("gptq", "awq") else {}
+    return ModelCardData(
+        base_model=base, base_model_relation="quantized", license=LICENSE,
+        pipeline_tag="image-text-to-text", tags=_tags(fmt), language=["en"], **extra,
+    )  # fmt: skip
+
+
+def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_md: str | None = None) -> str:
+    from huggingface_hub import ModelCard
+
+    fmt = manifest.get("format", "unknown")
+    src = manifest.get("source", {})
+    meta = card_metadata(manifest)
+    body = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"{fmt.upper()} build of [{meta.base_model}](https://huggingface.co/{meta.base_model}), a clinical "
+        "vision-language model (Qwen2.5-VL fine-tune), made and verified by qoqopt.",
+        "",
+        f"- source revision: `{src.get('revision') or 'local'}`; architecture `{src.get('architecture', '?')}`",
+    ]
+    if src.get("ecg_encoder"):
+        body.append("- the source carries QoQ-Med's ECG encoder (`time_series_embedding.*`); see notes below")
+    body += [f"- {n}" for n in manifest.get("notes", [])]
+    body += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---:|---|"]
+    body += [f"| `{f.path}` | {f.bytes:,} | `{f.sha256}` |" for f in files]
+    if results_md:
+        body += ["", "## Evidence: drift and speed", "", results_md.strip()]
+    body += ["", "## Usage", "", _usage(fmt, repo_id, files)]
+    return ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n", body="\n".join(body)).content
+
+
+def _usage(fmt: str, repo_id: str, files: list[PlannedFile]) -> str:
+    if fmt == "gguf":
+        text = next((f.path for f in files if f.path.endswith(".gguf") and not f.path.startswith("mmproj")), "MODEL.gguf")
+        mmproj = next((f.path for f in files if f.path.startswith("mmproj")), "mmproj.gguf")
+        return "\n".join([
+            "**llama.cpp**", "```bash",
+            f"llama-mtmd-cli -hf {repo_id} --image scan.png -p 'Above is a CT image of a patient. ...'",
+            f"# or with local files: llama-mtmd-cli -m {text} --mmproj {mmproj} --image scan.png -p '...'",
+            "```", "", "**LM Studio**: search for the repo name, download the quant and the mmproj together.", "",
+            "**Ollama**", "```bash", f"huggingface-cli download {repo_id} --local-dir qoq-med && cd qoq-med",
+            "ollama create qoq-med -f Modelfile && ollama run qoq-med", "```",
+        ])  # fmt: skip
+    return "\n".join([
+        "**vLLM**", "```bash", f"vllm serve {repo_id} --limit-mm-per-prompt '{{\"image\": 1}}'", "```", "",
+        "**transformers** (GPTQ/AWQ through the GPTQModel backend)", "```python",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        f"model = AutoModelForImageTextToText.from_pretrained('{repo_id}', device_map='auto')",
+        f"processor = AutoProcessor.from_pretrained('{repo_id}')", "```",
+    ])  # fmt: skip
+
+
+# --------------------------------------------------------------------------- plan and upload
+
+
+def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path | None = None) -> UploadPlan:
+    check_repo_id(repo_id)
+    manifest = read_manifest(folder)
+    files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
+    # The manifest itself ships too, so downloaders can check what they got.
+    files.append(PlannedFile("manifest.json", (folder / "manifest.json").stat().st_size, sha256_file(folder / "manifest.json")))
+    results_md = results.read_text() if results else None
+    card = render_card(manifest, files, repo_id, results_md)
+    notes = [] if results_md else ["no --results given: the card has no drift/speed tables"]
+    if (folder / "README.md").exists():
+        notes.append("the export's README.md is replaced by the generated model card (it carries the same usage)")
+    return UploadPlan(folder, repo_id, private, files, card, manifest.get("format", "unknown"), notes)
+
+
+def upload(plan: UploadPlan, token: str, api=None) -> str:
+    """Create the repo if needed and send exactly the planned files plus the card, in one commit."""
+    import tempfile
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = api or HfApi()
+    api.create_repo(plan.repo_id, token=token, private=plan.private, repo_type="model", exist_ok=True)
+    ops = [CommitOperationAdd(f.path, str(plan.folder / f.path)) for f in plan.files]
+    with tempfile.TemporaryDirectory() as tmp:
+        card_path = Path(tmp) / "README.md"
+        card_path.write_text(plan.card)
+        ops.append(CommitOperationAdd("README.md", str(card_path)))
+        info = api.create_commit(
+            plan.repo_id, ops, commit_message=f"qoqopt: upload {plan.fmt} build", token=token, repo_type="model"
+        )
+    return getattr(info, "commit_url", str(info))

@@ -1,0 +1,114 @@
+"""`qoqopt publish`: refusals, the plan, the card's metadata, and a token that never leaks."""
+
+import hashlib
+import json
+
+import pytest
+
+from qoqopt.errors import QoqoptError
+from qoqopt.publish import plan_upload, upload
+from tests.conftest import run_cli
+
+SECRET = "hf_SeCrEtTokenValue1234567890abcdef"
+
+
+@pytest.fixture()
+def export_dir(tmp_path):
+    """A minimal export directory: two files and a manifest, as `qoqopt export` writes it."""
+    d = tmp_path / "build"
+    d.mkdir()
+    files = {"QoQ-Med-mini.Q8_0.gguf": b"GGUF" + bytes(100), "mmproj-QoQ-Med-mini-f16.gguf": b"GGUF" + bytes(50)}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    (d / "README.md").write_text("usage notes")
+    entries = [{"path": n, "bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in files.items()]
+    manifest = {"format": "gguf", "source": {"model": "ddvd233/QoQ-Med-VL-7B", "revision": "abc123"}, "files": entries}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def _error_line(res):
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_card_metadata_parses_as_a_valid_model_card(export_dir):
+    from huggingface_hub import ModelCard
+
+    plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF")
+    card = ModelCard(plan.card)  # parses the YAML and builds ModelCardData; raises on invalid metadata
+    data = card.data.to_dict()
+    assert data["base_model"] == "ddvd233/QoQ-Med-VL-7B"
+    assert data["base_model_relation"] == "quantized"
+    assert data["license"] == "mit" and data["pipeline_tag"] == "image-text-to-text"
+    assert "gguf" in data["tags"] and "medical" in data["tags"]
+    for f in plan.files:
+        assert f.sha256 in plan.card or f.path == "manifest.json"
+    for runtime in ["llama-mtmd-cli", "LM Studio", "ollama create"]:
+        assert runtime in plan.card
+
+
+def test_dry_run_lists_exactly_the_files(export_dir):
+    res = run_cli("publish", str(export_dir), "--repo", "me/QoQ-Med-mini-GGUF", "--dry-run", env={"HF_TOKEN": SECRET})
+    assert res.returncode == 0, res.stderr
+    listed = [line.split()[0] for line in res.stdout.splitlines() if line.startswith("  ")]
+    assert listed == ["QoQ-Med-mini.Q8_0.gguf", "mmproj-QoQ-Med-mini-f16.gguf", "manifest.json", "README.md"]
+    assert "nothing was uploaded" in res.stdout
+    assert SECRET not in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("repo", ["no-slash", "a/b/c", "bad name/x", "user/--x", "user/x..y"])
+def test_invalid_repo_name(export_dir, repo):
+    assert "invalid repo name" in _error_line(run_cli("publish", str(export_dir), "--repo", repo, "--dry-run"))
+
+
+def test_directory_without_manifest(tmp_path):
+    assert "has no manifest.json" in _error_line(run_cli("publish", str(tmp_path), "--repo", "me/x", "--dry-run"))
+
+
+def test_hash_mismatch_is_refused(export_dir):
+    with open(export_dir / "QoQ-Med-mini.Q8_0.gguf", "r+b") as fh:
+        fh.seek(10)
+        fh.write(b"\x01")  # same size, different content
+    err = _error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
+    assert "does not match its sha256" in err
+
+
+def test_no_token_is_refused_before_any_upload(export_dir, tmp_path):
+    env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "empty-home"), "HF_TOKEN_PATH": str(tmp_path / "none")}
+    assert "no Hugging Face token" in _error_line(run_cli("publish", str(export_dir), "--repo", "me/x", env=env))
+
+
+class RecordingApi:
+    """Stands in for HfApi at the network boundary: records the operations it is asked to perform."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def create_commit(self, repo_id, operations, **kw):
+        self.calls.append(("create_commit", repo_id, [op.path_in_repo for op in operations], kw))
+        return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
+
+
+def test_upload_sends_the_plan_through_hfapi_and_never_writes_the_token(export_dir):
+    plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF", private=True)
+    api = RecordingApi()
+    upload(plan, SECRET, api=api)
+    (kind, repo, kw), (kind2, repo2, paths, kw2) = api.calls
+    assert (kind, repo, kw["private"], kw["token"]) == ("create_repo", "me/QoQ-Med-mini-GGUF", True, SECRET)
+    assert paths == [f.path for f in plan.files] + ["README.md"]
+    assert kw2["token"] == SECRET
+    for f in export_dir.rglob("*"):
+        assert SECRET.encode() not in f.read_bytes()
+    assert SECRET not in plan.card and SECRET not in plan.describe()
+
+
+def test_plan_refuses_missing_listed_file(export_dir):
+    (export_dir / "mmproj-QoQ-Med-mini-f16.gguf").unlink()
+    with pytest.raises(QoqoptError, match="missing"):
+        plan_upload(export_dir, "me/x")
