@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "qoqopt.commands.mini",
     "qoqopt.commands.info",
     "qoqopt.data.cli",
+    "qoqopt.commands.report",
     "qoqopt.commands.publish",
 ]
 

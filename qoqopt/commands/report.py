@@ -1,0 +1,38 @@
+"""`qoqopt report results/*.json`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  qoqopt report results/*.json --out results/report           # merge every machine's run
+  qoqopt report results/h100.json results/laptop.json --out r
+
+Writes report.md (drift table with Pareto-optimal builds marked, per-domain drift, speed per
+machine side by side, failed variants) and three PNG plots: drift against file size, decode
+speed per variant per machine, and a per-domain drift heat map. `qoqopt publish --results
+OUT/report.md` puts the tables into the model card.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="merge bench results from several machines into Markdown + plots",
+        description="Merge `qoqopt bench` result files into one comparable report.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("results", nargs="+", type=Path, help="result JSON files written by `qoqopt bench`")
+    p.add_argument("--out", type=Path, default=Path("results/report"), help="output folder (default results/report)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..report import write_report
+
+    path = write_report(args.results, args.out)
+    print(f"wrote {path} and plots in {args.out}")
+    return 0

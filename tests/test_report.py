@@ -1,0 +1,66 @@
+"""`qoqopt report`: merging runs from two machines, Pareto marking, plots."""
+
+import json
+
+import pytest
+
+from qoqopt.report import SCHEMA, pareto
+from tests.conftest import run_cli
+
+
+def _variant(name, size, kld, decode, domains):
+    drift = {"all": {"positions": 100, "mean_kld": kld, "p99_kld": 10 * kld, "same_top_pct": 99.0 - 100 * kld,
+                     "rms_dp_pct": 1.0, "accuracy": 0.9}}  # fmt: skip
+    drift.update({d: {"mean_kld": kld * f} for d, f in domains.items()})
+    return {"name": name, "format": name.split(":")[0], "status": "ok", "runtime": "llama.cpp", "size_bytes": size,
+            "drift": drift, "worst_domain": max(domains, key=domains.get),
+            "speed": {"decode_tok_s": decode, "prefill_tok_s": 10 * decode}}  # fmt: skip
+
+
+def _run(label, decode_scale):
+    dom = {"ct": 1.0, "ecg": 3.0, "xray": 0.5}
+    return {
+        "schema": SCHEMA,
+        "run": {"machine": {"label": label}},
+        "variants": [
+            _variant("gguf:Q8_0", 90_000_000, 0.001, 50 * decode_scale, dom),
+            _variant("gguf:Q4_K_M", 50_000_000, 0.02, 80 * decode_scale, dom),
+            _variant("gguf:Q5_K_M", 60_000_000, 0.03, 70 * decode_scale, dom),  # bigger AND worse than Q4_K_M
+            _variant("gptq:4", 55_000_000, 0.01, 60 * decode_scale, dom),
+            {"name": "awq:4", "status": "failed", "error": "loader refused"},
+        ],
+    }
+
+
+def test_pareto_front_by_hand():
+    pts = {"a": (1, 5), "b": (2, 3), "c": (3, 4), "d": (4, 1), "e": (2, 3)}
+    # c is beaten by b (smaller, less drift); b and e tie each other and are kept
+    assert pareto(pts) == {"a", "b", "d", "e"}
+
+
+def test_report_merges_two_machines_with_plots(tmp_path):
+    a, b = tmp_path / "cpu-2t.json", tmp_path / "cpu-1t.json"
+    a.write_text(json.dumps(_run("cpu 2 threads", 1.0)))
+    b.write_text(json.dumps(_run("cpu 1 thread", 0.5)))
+    res = run_cli("report", str(a), str(b), "--out", str(tmp_path / "rep"))
+    assert res.returncode == 0, res.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    drift_section = md.split("## Mean KLD per clinical domain")[0]
+    rows = {line.split("|")[1].strip(): line for line in drift_section.splitlines() if line.startswith(("| gguf", "| gptq"))}
+    assert rows["gguf:Q5_K_M"].rstrip().endswith("|  |")  # dominated: not marked
+    for starred in ["gguf:Q8_0", "gguf:Q4_K_M", "gptq:4"]:
+        assert "★" in rows[starred]
+    assert "| cpu 2 threads | gguf:Q4_K_M |" in md and "| cpu 1 thread | gguf:Q4_K_M |" in md
+    assert "awq:4`: loader refused" in md
+    assert "| ecg" in md or " ecg |" in md
+    for png in ["drift_vs_size.png", "speed.png", "domain_drift.png"]:
+        data = (tmp_path / "rep" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+@pytest.mark.parametrize("content,msg", [("{", "not valid JSON"), ('{"schema": "x"}', "not a qoqopt bench result")])
+def test_bad_result_files(tmp_path, content, msg):
+    f = tmp_path / "r.json"
+    f.write_text(content)
+    res = run_cli("report", str(f), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and msg in res.stderr
