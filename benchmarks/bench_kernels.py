@@ -1,0 +1,467 @@
+"""Benchmark qoqopt.kernels against their peers at QoQ-Med-7B dimensions.
+
+GPU (CUDA): times with ``triton.testing.do_bench`` (median, L2 flushed between reps)
+  * patch merger (1280 -> 5120 -> 5120 -> 3584): fused vs transformers' eager module;
+  * vision attention (16 heads x 80, up to 5120 patches, 64-patch windows and full attention):
+    the patched module vs transformers' sdpa path, and the core op (RoPE + attention) vs RoPE +
+    ``torch.nn.attention.varlen`` and RoPE + flash-attn varlen when those are importable;
+  * W4A16 (GPTQ v1 and AWQ, group 128) vs bf16 ``F.linear`` at M = 1, 16, 128, 2048 on the 7B LM shapes.
+Each row also gets a roofline floor, max(bytes / peak bandwidth, flops / peak bf16 FLOP/s), and
+time / floor. Results go to ``--out`` as hardware-tagged JSON; a summary table prints last.
+
+CPU (no GPU): the torch reference paths vs the eager peers at small sizes, so the harness itself is
+exercised; every GPU target is reported as open.
+
+    python benchmarks/bench_kernels.py --out results/bench_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Peak HBM bandwidth (B/s) and dense bf16 tensor FLOP/s, from the vendors' data sheets.
+PEAKS = (  # first match on the device name wins
+    ("H200", 4.8e12, 989e12),
+    ("H100 PCIe", 2.0e12, 756e12),
+    ("H100 NVL", 3.9e12, 835e12),
+    ("H100", 3.35e12, 989e12),  # SXM
+    ("A100-SXM4-80GB", 2.04e12, 312e12),
+    ("A100", 1.56e12, 312e12),
+)
+TARGETS = {  # op -> (description, minimum speedup over the named peer)
+    "merger": ("merger vs eager", 1.5),
+    "attention/sdpa": ("vision attention vs transformers sdpa path", 5.0),
+    "attention/varlen": ("vision attention core vs torch varlen (+RoPE)", 1.0),
+    "w4a16/decode": ("W4A16 vs bf16 matmul, M <= 16", 2.5),
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one run. "7b": QoQ-Med-7B dims (GPU). "tiny": the same code paths at small sizes."""
+
+    vision_hidden: int
+    merger_out: int
+    merger_patches: tuple[int, ...]
+    heads: int
+    head_dim: int
+    grids: tuple[tuple[int, int, int], ...]  # (t, h, w) in patches; 64 x 80 = 5120 = 1280*28*28 max pixels
+    lm_shapes: tuple[tuple[int, int, str], ...]
+    m_values: tuple[int, ...]
+    group_size: int
+
+
+PROFILES = {
+    "7b": Profile(1280, 3584, (5120, 1296, 256), 16, 80, ((1, 64, 80), (1, 36, 36)),
+                  ((3584, 18944, "gate/up"), (18944, 3584, "down"), (3584, 3584, "q/o"), (3584, 512, "k/v")),
+                  (1, 16, 128, 2048), 128),
+    "tiny": Profile(64, 96, (256,), 2, 32, ((1, 16, 20),), ((256, 512, "small"),), (1, 16, 40), 64),
+}
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    impl: str
+    ms: float
+    peer: str | None = None
+    speedup: float | None = None  # peer ms / this ms
+    floor_ms: float | None = None
+    over_floor: float | None = None
+    target: str | None = None  # TARGETS key this row is judged against
+    extra: dict = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, device: torch.device):
+        from qoqopt.kernels._triton import interpreter_enabled
+
+        self.device = device
+        self.rows: list[Row] = []
+        # Triton runs compiled on CUDA, or interpreted on the CPU when TRITON_INTERPRET=1 (a harness
+        # check only: interpreter timings mean nothing). Otherwise the torch references are timed.
+        self.triton = device.type == "cuda" or interpreter_enabled()
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        peak = next(((bw, fl) for key, bw, fl in PEAKS if key in name), None) if device.type == "cuda" else None
+        self.name, self.peak = name, peak
+
+    def time_ms(self, fn) -> float:
+        if self.device.type == "cuda":
+            import triton.testing
+
+            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        fn()
+        samples = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples)
+
+    def floor_ms(self, bytes_moved: float, flops: float) -> float | None:
+        if self.peak is None:
+            return None
+        bw, fl = self.peak
+        return max(bytes_moved / bw, flops / fl) * 1e3
+
+    def add(self, op, case, impl, fn, peer: Row | None = None, bytes_moved=0.0, flops=0.0, target=None) -> Row | None:
+        try:
+            with torch.inference_mode():
+                ms = self.time_ms(fn)
+        except Exception as err:  # a peer missing on this torch build is a result, not a crash
+            print(f"  {op} {case} {impl}: unavailable ({type(err).__name__}: {str(err)[:120]})")
+            return None
+        floor = self.floor_ms(bytes_moved, flops) if bytes_moved or flops else None
+        row = Row(op, case, impl, ms, peer=peer.impl if peer else None,
+                  speedup=(peer.ms / ms) if peer else None, floor_ms=floor,
+                  over_floor=(ms / floor) if floor else None, target=target)
+        self.rows.append(row)
+        print(f"  {op:9s} {case:28s} {impl:18s} {ms:9.4f} ms" + (f"  x{row.speedup:.2f} vs {row.peer}" if peer else ""))
+        return row
+
+
+# ----------------------------------------------------------------------------- merger
+
+
+def bench_merger(b: Bench, pr: Profile) -> None:
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger
+
+    from qoqopt.kernels.merger import FusedPatchMerger, patch_merger_reference
+
+    dtype, triton_ok = b.dtype, b.triton
+    ctx, out_dim, patch_counts = pr.vision_hidden, pr.merger_out, pr.merger_patches
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLPatchMerger(dim=out_dim, context_dim=ctx).eval().to(b.device, dtype)
+    fused = FusedPatchMerger.from_hf(hf)
+    hidden = 4 * ctx
+    for p in patch_counts:
+        x = torch.randn(p, ctx, device=b.device, dtype=dtype)
+        m = p // 4
+        size = dtype.itemsize
+        bytes_moved = size * (p * ctx + hidden * hidden + hidden * out_dim + m * out_dim)
+        flops = 2 * m * hidden * (hidden + out_dim)
+        case = f"{p} patches"
+        eager = b.add("merger", case, "hf-eager", lambda: hf(x), bytes_moved=bytes_moved, flops=flops)
+        if triton_ok:
+            b.add("merger", case, "qoqopt-triton", lambda: fused(x), eager, bytes_moved, flops, target="merger")
+        else:
+            args = (hf.ln_q.weight, 1e-6, hf.mlp[0].weight, hf.mlp[0].bias, hf.mlp[2].weight, hf.mlp[2].bias)
+            b.add("merger", case, "qoqopt-torch-ref", lambda: patch_merger_reference(x, *args), eager)
+
+
+# ----------------------------------------------------------------------------- vision attention
+
+
+def _vision_inputs(b: Bench, grid, heads, head_dim, dtype):
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
+
+    config = Qwen2_5_VLVisionConfig(
+        depth=1, hidden_size=heads * head_dim, hidden_act="silu", intermediate_size=3420, num_heads=heads,
+        in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2,
+        window_size=112, out_hidden_size=3584, fullatt_block_indexes=[0],
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    attn = Qwen2_5_VLVisionAttention(config).eval().to(b.device, dtype)
+    grid_thw = torch.tensor([grid])
+    cu = {
+        "windows": get_vision_window_index(grid_thw, spatial_merge_size=2, window_size=112, patch_size=14)[1],
+        "full": get_vision_cu_seqlens(grid_thw),
+    }
+    s = grid[0] * grid[1] * grid[2]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)))
+    pos = torch.stack(torch.meshgrid(torch.arange(grid[1]), torch.arange(grid[2]), indexing="ij"), -1).view(-1, 2)
+    freqs = (pos[..., None].float() * inv_freq).flatten(1)
+    angles = torch.cat([freqs, freqs], dim=-1).to(b.device)
+    x = torch.randn(s, heads * head_dim, device=b.device, dtype=dtype)
+    return attn, {k: v.to(b.device, torch.int32) for k, v in cu.items()}, x, (angles.cos(), angles.sin())
+
+
+def _rope_torch(qkv, cos, sin, heads):
+    from qoqopt.kernels.vision_attention import rotate_half
+
+    q, k, v = qkv.view(qkv.shape[0], 3, heads, -1).unbind(1)
+    c, s_ = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = (q.float() * c + rotate_half(q.float()) * s_).to(qkv.dtype)
+    k = (k.float() * c + rotate_half(k.float()) * s_).to(qkv.dtype)
+    return q, k, v
+
+
+def _varlen_peers():
+    peers = {}
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        peers["torch-varlen+rope"] = lambda q, k, v, cu, mx: varlen_attn(q, k, v, cu, cu, mx, mx)
+    except ImportError:
+        print("  torch.nn.attention.varlen: not in this torch")
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        peers["flash-attn+rope"] = lambda q, k, v, cu, mx: flash_attn_varlen_func(q, k, v, cu, cu, mx, mx)
+    except Exception:  # absent, or built for another torch
+        print("  flash_attn: not importable")
+    return peers
+
+
+def bench_attention(b: Bench, pr: Profile) -> None:
+    from qoqopt.kernels.vision_attention import (
+        FusedVisionAttention,
+        VarlenPlanCache,
+        vision_attention,
+        vision_attention_reference,
+    )
+
+    dtype, heads, head_dim = b.dtype, pr.heads, pr.head_dim
+    for grid in pr.grids:
+        attn, cus, x, rope = _vision_inputs(b, grid, heads, head_dim, dtype)
+        plans = VarlenPlanCache()
+        fused = FusedVisionAttention.from_hf(attn, plans)
+        s = x.shape[0]
+        for mode, cu in cus.items():
+            lens = (cu[1:] - cu[:-1]).tolist()
+            max_len = max(lens)
+            case = f"{s} patches, {mode}"
+            core_bytes = dtype.itemsize * (3 * s * heads * head_dim + s * heads * head_dim) + 2 * 4 * s * head_dim
+            core_flops = 4 * heads * head_dim * sum(n * n for n in lens)
+            lin_flops = 2 * s * (heads * head_dim) ** 2 * 4  # qkv (3x) + proj (1x)
+            hf_row = b.add("attention", case, "hf-sdpa-module", lambda: attn(x, cu, position_embeddings=rope),
+                           flops=core_flops + lin_flops)
+            if not b.triton:
+                b.add("attention", case, "qoqopt-torch-ref",
+                      lambda: attn.proj(vision_attention_reference(attn.qkv(x), *rope, cu, heads)), hf_row)
+                continue
+            b.add("attention", case, "qoqopt-module", lambda: fused(x, cu, position_embeddings=rope), hf_row,
+                  flops=core_flops + lin_flops, target="attention/sdpa")
+            qkv = attn.qkv(x)
+            fused(x, cu, position_embeddings=rope)  # builds the per-forward plan that every layer reuses
+            core = lambda: vision_attention(qkv, *rope, cu, heads, plans, shared_halves=True)  # noqa: E731
+            ours = b.add("attention", case, "qoqopt-core", core, bytes_moved=core_bytes, flops=core_flops)
+            q, k, v = _rope_torch(qkv, *rope, heads)
+            for name, peer in _varlen_peers().items():
+                def run(peer=peer):
+                    return peer(*_rope_torch(qkv, *rope, heads), cu, max_len)
+                # for reference: the peer alone, as if RoPE were free
+                b.add("attention", case, name.replace("+rope", " (no rope)"), lambda peer=peer: peer(q, k, v, cu, max_len),
+                      bytes_moved=core_bytes, flops=core_flops)
+                row = b.add("attention", case, name, run, bytes_moved=core_bytes, flops=core_flops)
+                if row and ours and name.startswith("torch-varlen"):
+                    b.rows.append(Row("attention", case, "qoqopt-core", ours.ms, peer=name, speedup=row.ms / ours.ms,
+                                      floor_ms=ours.floor_ms, over_floor=ours.over_floor, target="attention/varlen"))
+                    print(f"  {'':9s} {case:28s} {'qoqopt-core':18s} x{row.ms / ours.ms:.2f} vs {name}")
+
+
+# ----------------------------------------------------------------------------- W4A16
+
+
+def bench_w4a16(b: Bench, pr: Profile) -> None:
+    from qoqopt.kernels.w4a16 import QuantLinear, w4a16_reference
+    from qoqopt.packing import pack_awq, pack_gptq, quantize_rtn
+
+    dtype, gs = b.dtype, pr.group_size
+    dense_name = "bf16-matmul" if dtype == torch.bfloat16 else f"{str(dtype)[6:]}-matmul"
+    for k, n, label in pr.lm_shapes:
+        torch.manual_seed(0)
+        weight = (torch.randn(n, k, device=b.device) * 0.02).to(dtype)
+        intweight, zeros, scales = quantize_rtn(weight, 4, gs)
+        layers = {
+            "gptq": QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales),
+            "awq": QuantLinear.from_awq(*pack_awq(intweight, zeros), scales),
+        }
+        del intweight, zeros
+        q_bytes = k * n / 2 + (k // gs) * n * 2.5
+        for m in pr.m_values:
+            x = torch.randn(m, k, device=b.device, dtype=dtype)
+            case = f"{label} {k}->{n} M={m}"
+            io_bytes = dtype.itemsize * (m * k + m * n)
+            flops = 2 * m * k * n
+            dense = b.add("w4a16", case, dense_name, lambda: F.linear(x, weight),
+                          bytes_moved=dtype.itemsize * k * n + io_bytes, flops=flops)
+            target = "w4a16/decode" if m <= 16 else None
+            for layout, layer in layers.items():
+                if b.triton:
+                    b.add("w4a16", case, f"qoqopt-{layout}", lambda: layer(x), dense, q_bytes + io_bytes, flops, target)
+                else:
+                    b.add("w4a16", case, f"{layout}-torch-ref",
+                          lambda: w4a16_reference(x, layer.qweight, layer.qzeros, layer.scales, **layer._kwargs()), dense)
+
+
+# ----------------------------------------------------------------------------- config sweep
+
+
+SWEEP = {  # launcher overrides tried by --sweep; the defaults live in each op's _config function
+    "merger": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st)
+               for bm, bn, w, st in ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 4), (128, 256, 8, 3))],
+    "attention": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                  for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2))],
+    "w4a16": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+              for bn, bk, w, st in ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3))],
+    "w4a16-prefill": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+                      for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4),
+                                                (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))],
+}
+
+
+def _tag(cfg: dict) -> str:
+    short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s"}
+    return "".join(f"{short[k]}{v}" for k, v in cfg.items() if k in short)
+
+
+def sweep(b: Bench, pr: Profile) -> None:
+    """Time a few tile configs per op at the largest case, to guide the defaults (no targets)."""
+    from qoqopt.kernels.merger import merger_fc1
+    from qoqopt.kernels.vision_attention import VarlenPlanCache, vision_attention
+    from qoqopt.kernels.w4a16 import QuantLinear, w4a16_matmul
+    from qoqopt.packing import pack_gptq, quantize_rtn
+
+    dtype, dev = b.dtype, b.device
+    ctx, p = pr.vision_hidden, max(pr.merger_patches)
+    x = torch.randn(p, ctx, device=dev, dtype=dtype)
+    ln = torch.ones(ctx, device=dev, dtype=dtype)
+    w1 = torch.randn(4 * ctx, 4 * ctx, device=dev, dtype=dtype) * 0.02
+    b1 = torch.zeros(4 * ctx, device=dev, dtype=dtype)
+    for cfg in SWEEP["merger"]:
+        b.add("sweep", f"merger fc1 {p} patches", _tag(cfg), lambda: merger_fc1(x, ln, 1e-6, w1, b1, **cfg))
+
+    attn, cus, xa, rope = _vision_inputs(b, pr.grids[0], pr.heads, pr.head_dim, dtype)
+    qkv = attn.qkv(xa)
+    for mode, cu in cus.items():
+        for cfg in SWEEP["attention"]:
+            plans = VarlenPlanCache()
+            b.add("sweep", f"attention {mode}", _tag(cfg),
+                  lambda: vision_attention(qkv, *rope, cu, pr.heads, plans, shared_halves=True, **cfg))
+
+    for k, n, label in pr.lm_shapes[:2]:
+        weight = torch.randn(n, k, device=dev) * 0.02
+        intweight, zeros, scales = quantize_rtn(weight, 4, pr.group_size)
+        layer = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales)
+        for m in (1, 16, max(pr.m_values)):
+            xq = torch.randn(m, k, device=dev, dtype=dtype)
+            for cfg in SWEEP["w4a16" if m <= 16 else "w4a16-prefill"]:
+                b.add("sweep", f"w4a16 gptq {label} M={m}", _tag(cfg),
+                      lambda: w4a16_matmul(xq, layer.qweight, layer.qzeros, layer.scales, **layer._kwargs(), **cfg))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def hardware(b: Bench) -> dict:
+    info = {
+        "device": b.name, "device_type": b.device.type, "python": platform.python_version(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "platform": platform.platform(),
+    }  # fmt: skip
+    for mod in ("triton", "transformers", "flash_attn"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # absent, or a broken binary extension
+            info[mod] = None
+    if b.device.type == "cuda":
+        props = torch.cuda.get_device_properties(b.device)
+        info.update(memory_gib=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count,
+                    capability=f"{props.major}.{props.minor}")
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            info["driver"] = None
+    info["peak_bw_TBps"], info["peak_bf16_TFLOPs"] = (b.peak[0] / 1e12, b.peak[1] / 1e12) if b.peak else (None, None)
+    return info
+
+
+def verdicts(b: Bench) -> dict:
+    out = {}
+    for key, (what, minimum) in TARGETS.items():
+        rows = [r for r in b.rows if r.target == key and r.speedup is not None]
+        if b.device.type != "cuda" or not rows:
+            status = "open (no GPU run)" if b.device.type != "cuda" else "open (no data)"
+            out[key] = dict(what=what, target=minimum, status=status)
+            continue
+        worst = min(rows, key=lambda r: r.speedup)
+        out[key] = dict(what=what, target=minimum, worst=round(worst.speedup, 3), worst_case=f"{worst.case} vs {worst.peer}",
+                        status="met" if worst.speedup >= minimum else "NOT met")
+    return out
+
+
+def print_table(b: Bench, verdict: dict) -> None:
+    print(f"\n== qoqopt kernel benchmark on {b.name} ==")
+    print(f"{'op':9s} {'case':30s} {'impl':18s} {'ms':>9s} {'speedup':>14s} {'floor ms':>9s} {'t/floor':>7s}")
+    for r in b.rows:
+        sp = f"x{r.speedup:.2f}" if r.speedup is not None else ""
+        fl = f"{r.floor_ms:.4f}" if r.floor_ms else "-"
+        of = f"{r.over_floor:.1f}" if r.over_floor else "-"
+        print(f"{r.op:9s} {r.case:30s} {r.impl:18s} {r.ms:9.4f} {sp:>14s} {fl:>9s} {of:>7s}")
+    print("\ntargets:")
+    for key, v in verdict.items():
+        detail = f"worst x{v['worst']} ({v['worst_case']})" if "worst" in v else ""
+        print(f"  {v['what']:48s} >= x{v['target']}: {v['status']} {detail}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON results path")
+    parser.add_argument("--only", choices=("merger", "attention", "w4a16"), action="append", help="run only these ops")
+    parser.add_argument("--profile", choices=tuple(PROFILES), help="sizes (default: 7b on CUDA, tiny on CPU)")
+    parser.add_argument("--sweep", action="store_true", help="also time a few tile configs per op (Triton only)")
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    b = Bench(torch.device("cuda" if gpu else "cpu"))
+    profile = args.profile or ("7b" if gpu else "tiny")
+    if not gpu:
+        print(f"no CUDA device: {'interpreted Triton' if b.triton else 'torch reference paths'} at {profile} sizes; "
+              "GPU targets stay open")
+    hw, errors = hardware(b), {}
+
+    def save(complete: bool) -> dict:  # after every op, so a run cut short keeps what finished
+        verdict = verdicts(b)
+        result = {
+            "schema": "qoqopt.bench_kernels/1",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "complete": complete,
+            "errors": errors,
+            "hardware": hw,
+            "profile": asdict(PROFILES[profile]),
+            "rows": [asdict(r) for r in b.rows],
+            "targets": verdict,
+            "argv": sys.argv,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str))
+        return verdict
+
+    steps = [("merger", bench_merger), ("attention", bench_attention), ("w4a16", bench_w4a16)]
+    steps = [(name, fn) for name, fn in steps if not args.only or name in args.only]
+    if args.sweep and b.triton:
+        steps.append(("sweep", sweep))
+    for name, fn in steps:
+        print(f"[{name}]")
+        try:
+            fn(b, PROFILES[profile])
+        except Exception as err:  # one broken op must not cost the others' numbers
+            traceback.print_exc()
+            errors[name] = f"{type(err).__name__}: {err}"
+        save(complete=False)
+    verdict = save(complete=not errors)
+    print_table(b, verdict)
+    print(f"\nwrote {args.out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

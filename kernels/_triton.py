@@ -1,0 +1,190 @@
+"""Where a kernel runs: compiled on CUDA, interpreted on CPU, or not at all (torch reference).
+
+Triton decides between compiling and interpreting when ``@triton.jit`` runs, i.e. at import time
+(``TRITON_INTERPRET``). That makes the choice depend on which test imported what first, so every
+qoqopt kernel is wrapped in :class:`Kernel`, which builds the compiled or the interpreted variant
+lazily and picks one per launch from the device of the tensors. The interpreter is only used when
+``TRITON_INTERPRET=1`` is set when the op is called: it is a correctness tool (~0.05 GB/s), never a
+silent production path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+try:  # triton is an optional extra (qoqopt[kernels]); without it every op runs its torch reference
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    triton = None
+    HAS_TRITON = False
+
+    class _LanguageStub:
+        """Lets kernel signatures (``BLOCK: tl.constexpr``) evaluate when triton is absent."""
+
+        constexpr = object
+
+    tl = _LanguageStub()
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Kernel:
+    """A Triton kernel launched as ``kernel[device][grid](...)``."""
+
+    def __init__(self, fn, do_not_specialize: tuple[str, ...] = ()):
+        self.fn = fn
+        self.do_not_specialize = do_not_specialize
+        self._variants: dict[str, object] = {}
+
+    def __getitem__(self, device: torch.device):
+        kind = "interpret" if device.type == "cpu" else "compile"
+        if kind not in self._variants:
+            if kind == "interpret":
+                self._variants[kind] = _Interpreted(self.fn)
+            else:
+                self._variants[kind] = _compiled(self.fn, self.do_not_specialize)
+        return self._variants[kind]
+
+
+class _Interpreted:
+    """The interpreted variant, runnable whenever triton was imported.
+
+    triton.language's own helpers (``tl.zeros``, ``tl.sum``, ...) are ``@jit`` functions, built
+    compiled-only when triton was imported without TRITON_INTERPRET (transformers imports triton
+    early). While an interpreted kernel runs, calls to such helpers are routed through the
+    interpreter too; outside that window nothing is changed.
+    """
+
+    def __init__(self, fn):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.fn = InterpretedFunction(fn)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            with _helpers_interpretable():
+                return self.fn[grid](*args, **kwargs)
+
+        return launch
+
+
+_INTERPRETED_HELPERS: dict = {}
+
+
+@contextlib.contextmanager
+def _helpers_interpretable():
+    from triton.runtime.interpreter import InterpretedFunction, _patch_lang
+    from triton.runtime.jit import JITFunction
+
+    def call(self, *args, **kwargs):
+        if self.fn not in _INTERPRETED_HELPERS:
+            _INTERPRETED_HELPERS[self.fn] = InterpretedFunction(self.fn).rewrite()
+        # As InterpretedFunction.__call__, but undoing its patches of triton.language afterwards:
+        # left in place they break later compiled launches in the same process.
+        scope = _patch_lang(self.fn)
+        try:
+            return _INTERPRETED_HELPERS[self.fn](*args, **kwargs)
+        finally:
+            scope.restore()
+
+    original = JITFunction.__call__
+    JITFunction.__call__ = call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
+def kernel(fn=None, *, do_not_specialize: tuple[str, ...] = ()):
+    """Decorator: ``@kernel`` or ``@kernel(do_not_specialize=("M",))``.
+
+    Integer arguments used only in masks (the row count M) are worth not specialising: Triton would
+    otherwise compile a variant per class of value (1, multiple of 16, other).
+    """
+    if fn is None:
+        return lambda f: Kernel(f, do_not_specialize)
+    return Kernel(fn, do_not_specialize)
+
+
+def device_function(fn):
+    """A ``@triton.jit`` helper called from kernels (routed through the interpreter on the CPU)."""
+    return _compiled(fn) if HAS_TRITON else fn
+
+
+def _compiled(fn, do_not_specialize: tuple[str, ...] = ()):
+    # Not triton.jit: that returns an interpreted function whenever TRITON_INTERPRET is set at
+    # decoration time, which would then fail to compile for CUDA later in the same process.
+    from triton.runtime.jit import JITFunction
+
+    return JITFunction(fn, do_not_specialize=do_not_specialize or None)
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_unusable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton path cannot run for tensors on ``device`` in ``dtype``; None when it can.
+
+    Unsupported devices and dtypes are not in this list: :func:`check_supported` refuses those.
+    """
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if device.type == "cpu":
+        if not interpreter_enabled():
+            return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
+        if dtype == torch.bfloat16:
+            return "the Triton CPU interpreter has no bf16 (a bf16 tl.dot returns garbage)"
+    return None
+
+
+def check_supported(device: torch.device, dtype: torch.dtype, what: str) -> None:
+    """Refuse devices and dtypes for which neither the kernels nor their references are meant."""
+    from qoqopt.errors import QoqoptError
+
+    if device.type not in ("cuda", "cpu"):
+        raise QoqoptError(f"{what}: device {device} is not supported (qoqopt kernels run on cuda, or cpu for testing)")
+    if dtype not in SUPPORTED_DTYPES:
+        raise QoqoptError(f"{what}: dtype {dtype} is not supported (use float32, float16 or bfloat16)")
+
+
+def use_triton(x: torch.Tensor, strict: bool, what: str, *params: torch.Tensor) -> bool:
+    """Per-call backend choice of the patched modules: True for Triton, False for the reference.
+
+    The reference also serves autograd: the Triton paths are inference-only (no backward).
+    """
+    from qoqopt.errors import QoqoptError
+
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        if strict:
+            raise QoqoptError(f"{what}: the Triton kernels are inference-only; run under torch.inference_mode()")
+        return False
+    reason = triton_unusable_reason(x.device, x.dtype)
+    if reason is not None and strict:
+        raise QoqoptError(f"{what}: Triton path unavailable ({reason}) and strict=True")
+    return reason is None
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands must not silently drop to tf32 on the GPU: the fp32 path is the exactness check."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: any small number keeps split-K paths exercised

@@ -1,0 +1,125 @@
+"""One declarative table of module replacements, and ``apply(model)`` that walks it.
+
+Each :class:`Patch` says which modules it takes (by class name, so no transformers import is needed
+and the table survives transformers moving classes between files) and how to build the replacement
+from the original. Replacements keep the original's parameters and submodule names, so a patched
+model keeps its state_dict keys. Adding an op means adding a row, not a function per model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from qoqopt.errors import QoqoptError
+
+from ._triton import check_supported, triton_unusable_reason
+from .merger import FusedPatchMerger
+from .patch_embed import MatmulPatchEmbed
+from .vision_attention import FusedVisionAttention, VarlenPlanCache
+from .vision_mlp import FusedGateUpMLP
+from .w4a16 import QuantLinear
+
+
+@dataclass
+class PatchContext:
+    strict: bool
+    plans: VarlenPlanCache = field(default_factory=VarlenPlanCache)  # shared by all attention layers
+
+
+@dataclass(frozen=True)
+class Patch:
+    op: str
+    matches: Callable[[nn.Module], bool]
+    build: Callable[[nn.Module, PatchContext], nn.Module]
+
+
+def by_class(*names: str) -> Callable[[nn.Module], bool]:
+    return lambda module: type(module).__name__ in names
+
+
+def is_packed_linear(module: nn.Module) -> bool:
+    """A GPTQ/AWQ linear from any library (ours included): it carries the three packed tensors."""
+    return all(hasattr(module, name) for name in ("qweight", "qzeros", "scales"))
+
+
+REGISTRY: tuple[Patch, ...] = (
+    Patch("patch_embed", by_class("Qwen2_5_VisionPatchEmbed"), lambda m, ctx: MatmulPatchEmbed.from_hf(m)),
+    Patch("vision_mlp", by_class("Qwen2_5_VLMLP"), lambda m, ctx: FusedGateUpMLP.from_hf(m)),
+    Patch("vision_attention", by_class("Qwen2_5_VLVisionAttention"),
+          lambda m, ctx: FusedVisionAttention.from_hf(m, ctx.plans, ctx.strict)),
+    Patch("merger", by_class("Qwen2_5_VLPatchMerger"), lambda m, ctx: FusedPatchMerger.from_hf(m, ctx.strict)),
+    Patch("w4a16", is_packed_linear, lambda m, ctx: QuantLinear.from_module(m, ctx.strict)),
+)
+
+
+@dataclass
+class PatchReport:
+    counts: dict[str, int]
+    backend: str  # "triton" or "torch"
+    fallback_reason: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # module path -> why it was left alone
+
+    def __str__(self) -> str:
+        ops = ", ".join(f"{op} x{n}" for op, n in self.counts.items() if n) or "nothing"
+        line = f"qoqopt.kernels: patched {ops} (backend: {self.backend}"
+        line += f"; {self.fallback_reason})" if self.fallback_reason else ")"
+        for path, why in self.skipped.items():
+            line += f"\n  skipped {path}: {why}"
+        return line
+
+
+def apply(model: nn.Module, strict: bool = False) -> PatchReport:
+    """Patch a transformers ``Qwen2_5_VLForConditionalGeneration`` in place with qoqopt kernels.
+
+    Unsupported device or dtype: QoqoptError. No usable Triton (not installed, or CPU without
+    ``TRITON_INTERPRET=1``, or bf16 on the CPU interpreter): the torch references run instead, or
+    QoqoptError when ``strict``. Returns what was patched, per op.
+    """
+    tensors = (t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+    first = next(tensors, None)  # parameters first; a bare quantized layer only has float buffers
+    if first is None:
+        raise QoqoptError("apply: the model has no floating-point parameters or buffers")
+    check_supported(first.device, first.dtype, "apply")
+    reason = triton_unusable_reason(first.device, first.dtype)
+    if reason is not None and strict:
+        raise QoqoptError(f"apply(strict=True): Triton kernels unavailable: {reason}")
+
+    ctx = PatchContext(strict=strict)
+    report = PatchReport(counts={p.op: 0 for p in REGISTRY}, backend="torch" if reason else "triton",
+                         fallback_reason=f"torch reference: {reason}" if reason else None)
+    for path, module, patch in _find_targets(model):
+        try:
+            replacement = patch.build(module, ctx)
+        except QoqoptError as err:
+            if strict:
+                raise
+            report.skipped[path] = str(err)
+            continue
+        if replacement is not module:
+            _set_submodule(model, path, replacement)
+        report.counts[patch.op] += 1
+    if not any(report.counts.values()):
+        raise QoqoptError(f"apply: nothing to patch in {type(model).__name__} (expected a Qwen2.5-VL model)")
+    return report
+
+
+def _find_targets(model: nn.Module):
+    """(path, module, patch) for every match, outermost first; a matched module's children are not visited."""
+    found, taken = [], []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix + ".") for prefix in taken):
+            continue
+        patch = next((p for p in REGISTRY if p.matches(module)), None)
+        if patch is not None:
+            found.append((path, module, patch))
+            taken.append(path)
+    return found
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, new)

@@ -1,0 +1,335 @@
+"""Weight-only quantized GEMM (4-bit, or 8-bit GPTQ) reading GPTQ v1 and AWQ GEMM layouts directly.
+
+``y = x @ W + b`` with ``W[k, n] = (q[k, n] - zero[k // group_size, n]) * scale[k // group_size, n]``;
+see :mod:`qoqopt.packing` for the bit layouts. Weights are unpacked and dequantized in registers,
+one K tile at a time (BLOCK_K divides group_size, so each tile reads one row of scales and zeros),
+and fed to ``tl.dot`` in the activation dtype with fp32 accumulation.
+
+Two regimes, two configs:
+  * decode (M <= 16): the weight stream is everything. Few output tiles exist for narrow layers, so
+    K is split across programs (fp32 partials, summed after) to keep every SM streaming;
+  * prefill: classic tiles with M fastest in the grid, so programs sharing a weight tile run
+    together and the weight is read from HBM about once.
+
+Act-order GPTQ (``desc_act``: g_idx not ``k // group_size``) is handled once at load time: K is
+permuted so groups become contiguous, and the same permutation is applied to the activations.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qoqopt.errors import QoqoptError
+from qoqopt.packing import AWQ_ORDER, dequantize, pack_along_rows, unpack_along_cols, unpack_along_rows
+
+from ._triton import cdiv, check_supported, dot_precision, kernel, num_sms, tl, use_triton
+
+DECODE_MAX_M = 16
+
+
+@kernel(do_not_specialize=("M",))
+def _w4a16_kernel(
+    x_ptr,  # [M, K]
+    qweight_ptr,  # GPTQ: [K * BITS / 32, N]; AWQ: [K, N / 8]
+    qzeros_ptr,  # [G, N * BITS / 32]
+    scales_ptr,  # [G, N]
+    bias_ptr,  # [N] (read only when HAS_BIAS)
+    out_ptr,  # SPLIT_K == 1: [M, N] in x's dtype; else fp32 partials [SPLIT_K, M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qw,
+    stride_qz,
+    stride_s,
+    k_per_split,  # multiple of BLOCK_K
+    GROUP_SIZE: tl.constexpr,
+    BITS: tl.constexpr,
+    AWQ: tl.constexpr,
+    ZERO_OFFSET: tl.constexpr,  # 1 for GPTQ v1 (stored zero - 1), 0 otherwise
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS  # values per int32 word
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_m = tl.program_id(0)  # M fastest: neighbouring programs share the weight tile in L2
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    in_dtype = x_ptr.dtype.element_ty
+
+    # Each packed word is loaded once, then fanned out to its PACK values in registers:
+    # [rows, 1, cols] >> [1, PACK, 1] (GPTQ, along K) or [rows, cols, 1] >> [1, 1, PACK] (AWQ, along N),
+    # reshaped row-major to the [BLOCK_K, BLOCK_N] tile.
+    slot = tl.arange(0, PACK)
+    if AWQ:
+        # column j of 8 sits in nibble [0, 4, 1, 5, 2, 6, 3, 7][j] (inverse of the AWQ order)
+        shifts = ((slot // 2) + (slot % 2) * 4) * 4
+        offs_wn = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        wn_mask = offs_wn < N // 8
+    else:
+        shifts = slot * BITS
+    # Zeros pack along N in both layouts: where column n's zero sits in its word.
+    zero_word = offs_n // PACK
+    zero_shift = tl.reshape(tl.broadcast_to(shifts[None, :], (BLOCK_N // PACK, PACK)), (BLOCK_N,))
+
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        if AWQ:
+            words = tl.load(qweight_ptr + offs_k[:, None] * stride_qw + offs_wn[None, :],
+                            mask=(offs_k < K)[:, None] & wn_mask[None, :], other=0)
+            q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_K, BLOCK_N))
+        else:
+            offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+            words = tl.load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :],
+                            mask=(offs_wk < K // PACK)[:, None] & n_mask[None, :], other=0)
+            q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+        g = k0 // GROUP_SIZE
+        scale = tl.load(scales_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zero = (tl.load(qzeros_ptr + g * stride_qz + zero_word, mask=n_mask, other=0) >> zero_shift) & MASK
+        w = ((q - (zero + ZERO_OFFSET)[None, :]).to(tl.float32) * scale[None, :]).to(in_dtype)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+
+
+def _config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
+    """Decode and prefill tiles; BLOCK_K always divides group_size."""
+    cpu = device.type == "cpu"
+    if m <= DECODE_MAX_M:  # 64 x 128 tiles: 64 dequantized values per thread at 4 warps
+        cfg = dict(BLOCK_M=16, BLOCK_N=32 if cpu else 64, BLOCK_K=32 if cpu else 128, num_warps=4, num_stages=3)
+    elif m <= 64 or cpu:
+        cfg = dict(BLOCK_M=16 if cpu else 64, BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 64,
+                   num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    while group_size % cfg["BLOCK_K"]:
+        cfg["BLOCK_K"] //= 2
+    if cfg["BLOCK_K"] < 16:
+        raise QoqoptError(f"w4a16 kernel: group_size {group_size} must be a multiple of 16")
+    # Split K only when the output tiles cannot keep the SMs busy (decode on narrow layers).
+    tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"])
+    k_tiles = cdiv(k, cfg["BLOCK_K"])
+    split = 1
+    if m <= DECODE_MAX_M:
+        split = max(1, min(4 * num_sms(device) // tiles, k_tiles // 2 if not cpu else k_tiles))
+    cfg["SPLIT_K"] = split
+    return cfg
+
+
+def w4a16_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    layout: str,
+    bits: int = 4,
+    group_size: int,
+    zero_offset: int,
+    out: torch.Tensor | None = None,
+    **config,
+) -> torch.Tensor:
+    """``x [M, K] @ dequant(W) [K, N] (+ bias)`` in x's dtype."""
+    assert layout in ("gptq", "awq") and bits in (4, 8) and not (layout == "awq" and bits != 4), (layout, bits)
+    assert x.dim() == 2 and x.stride(1) == 1, f"x must be [M, K] with unit column stride, got {tuple(x.shape)}"
+    m, k = x.shape
+    n = scales.shape[1]
+    packed_k = k if layout == "awq" else k * bits // 32
+    assert qweight.shape[0] == packed_k and qweight.is_contiguous(), f"qweight {tuple(qweight.shape)} vs K={k}"
+    assert scales.shape[0] == cdiv(k, group_size) and qzeros.shape[0] == scales.shape[0], "groups disagree"
+    if out is None:
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    assert out.shape == (m, n) and out.is_contiguous(), f"out must be contiguous [{m}, {n}]"
+    if m == 0:
+        return out
+    cfg = _config(m, n, k, group_size, x.device) | config
+    split, block_k = cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
+    assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
+    k_per_split = cdiv(cdiv(k, split), block_k) * block_k
+    split = cdiv(k, k_per_split)  # rounding may leave fewer splits
+    target = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
+    _w4a16_kernel[x.device][grid](
+        x, qweight, qzeros, scales, bias if bias is not None else scales, target,
+        m, n, k, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), k_per_split,
+        GROUP_SIZE=group_size, BITS=bits, AWQ=layout == "awq", ZERO_OFFSET=zero_offset,
+        HAS_BIAS=bias is not None, SPLIT_K=split, DOT_PRECISION=dot_precision(x.dtype), **cfg,
+    )
+    if split > 1:
+        total = target.sum(dim=0)
+        if bias is not None:
+            total += bias.float()
+        out.copy_(total)
+    return out
+
+
+def dequantize_weight(qweight, qzeros, scales, *, layout, bits=4, group_size, zero_offset) -> torch.Tensor:
+    """``[K, N]`` fp32 weight of a packed layer (the reference path's first step)."""
+    if layout == "awq":
+        intweight = unpack_along_cols(qweight, 4, AWQ_ORDER)
+        zeros = unpack_along_cols(qzeros, 4, AWQ_ORDER)
+    else:
+        intweight = unpack_along_rows(qweight, bits)
+        zeros = unpack_along_cols(qzeros, bits) + zero_offset
+    g_idx = torch.arange(intweight.shape[0], device=qweight.device) // group_size
+    return dequantize(intweight, zeros[:, : scales.shape[1]], scales, g_idx)
+
+
+def w4a16_reference(x, qweight, qzeros, scales, bias=None, *, layout, bits=4, group_size, zero_offset) -> torch.Tensor:
+    """Torch reference: dequantize in fp32, round to x's dtype, ``F.linear``."""
+    w = dequantize_weight(qweight, qzeros, scales, layout=layout, bits=bits, group_size=group_size, zero_offset=zero_offset)
+    return F.linear(x, w.t().to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class QuantLinear(nn.Module):
+    """Inference ``nn.Linear`` replacement over GPTQ v1 / AWQ GEMM tensors, with no other kernel library.
+
+    Buffers keep the checkpoint layout (``qweight``, ``qzeros``, ``scales``), except that an act-order
+    GPTQ layer is stored K-permuted (``perm`` holds the permutation, applied to the input).
+    """
+
+    def __init__(self, qweight, qzeros, scales, bias, *, layout, bits, group_size, zero_offset, perm=None, strict=False):
+        super().__init__()
+        self.layout, self.bits, self.group_size, self.zero_offset = layout, bits, group_size, zero_offset
+        self.in_features = qweight.shape[0] if layout == "awq" else qweight.shape[0] * 32 // bits
+        self.out_features = scales.shape[1]
+        self.strict = strict
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("qzeros", qzeros.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.contiguous())
+        self.register_buffer("perm", perm)
+
+    @classmethod
+    def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, *, bits=4, checkpoint_format="gptq", strict=False):
+        """From GPTQ tensors; ``checkpoint_format`` "gptq" (v1, zero - 1 stored) or "gptq_v2"."""
+        if bits not in (4, 8) or checkpoint_format not in ("gptq", "gptq_v2"):
+            raise QoqoptError(f"GPTQ: unsupported bits={bits} / checkpoint_format={checkpoint_format!r}")
+        k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+        _check_shapes(qzeros.shape == (scales.shape[0], n * bits // 32) and scales.shape[1] == n, qweight, qzeros, scales)
+        if k % scales.shape[0]:
+            raise QoqoptError(f"GPTQ: K={k} is not a whole number of {scales.shape[0]} groups")
+        group_size = k // scales.shape[0]
+        perm = _act_order_perm(g_idx, k, group_size)
+        if perm is not None:  # make groups contiguous: permute K once, here
+            qweight = pack_along_rows(unpack_along_rows(qweight, bits)[perm], bits)
+        zero_offset = 1 if checkpoint_format == "gptq" else 0
+        return cls(qweight, qzeros, scales, bias, layout="gptq", bits=bits, group_size=group_size,
+                   zero_offset=zero_offset, perm=perm, strict=strict)
+
+    @classmethod
+    def from_awq(cls, qweight, qzeros, scales, bias=None, *, strict=False):
+        """From AWQ GEMM tensors (4-bit, zeros without offset)."""
+        k, n = qweight.shape[0], qweight.shape[1] * 8
+        _check_shapes(qzeros.shape == (scales.shape[0], n // 8) and scales.shape[1] == n, qweight, qzeros, scales)
+        if k % scales.shape[0]:
+            raise QoqoptError(f"AWQ: K={k} is not a whole number of {scales.shape[0]} groups")
+        return cls(qweight, qzeros, scales, bias, layout="awq", bits=4, group_size=k // scales.shape[0],
+                   zero_offset=0, strict=strict)
+
+    @classmethod
+    def from_module(cls, mod: nn.Module, strict: bool = False) -> "QuantLinear":
+        """From a foreign GPTQ/AWQ linear: ``g_idx`` + ``bits`` means GPTQ, ``w_bit`` means AWQ.
+
+        GPTQModel keeps v1 checkpoints in v2 form in memory and says so through ``qzero_format()``.
+        """
+        if isinstance(mod, cls):
+            mod.strict = strict
+            return mod
+        bias = getattr(mod, "bias", None)
+        if hasattr(mod, "g_idx") and hasattr(mod, "bits"):
+            fmt = getattr(mod, "qzero_format", None)
+            fmt = fmt() if callable(fmt) else fmt
+            checkpoint_format = "gptq_v2" if fmt == 2 else "gptq"
+            return cls.from_gptq(mod.qweight, mod.qzeros, mod.scales, mod.g_idx, bias,
+                                 bits=mod.bits, checkpoint_format=checkpoint_format, strict=strict)
+        if hasattr(mod, "w_bit") and mod.w_bit == 4:
+            return cls.from_awq(mod.qweight, mod.qzeros, mod.scales, bias, strict=strict)
+        raise QoqoptError(f"{type(mod).__name__}: not a recognised GPTQ (g_idx, bits) or AWQ (w_bit=4) linear")
+
+    def _kwargs(self) -> dict:
+        return dict(layout=self.layout, bits=self.bits, group_size=self.group_size, zero_offset=self.zero_offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_supported(x.device, x.dtype, "QuantLinear")
+        x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        if use_triton(x2, self.strict, "QuantLinear"):
+            y = w4a16_matmul(x2.contiguous(), self.qweight, self.qzeros, self.scales, self.bias, **self._kwargs())
+        else:
+            y = w4a16_reference(x2, self.qweight, self.qzeros, self.scales, self.bias, **self._kwargs())
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
+                f"bits={self.bits}, group_size={self.group_size}, act_order={self.perm is not None}")
+
+
+def _check_shapes(ok: bool, qweight, qzeros, scales) -> None:
+    if not ok:
+        raise QoqoptError(f"quantized tensors disagree: qweight {tuple(qweight.shape)}, "
+                          f"qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)}")
+
+
+def _act_order_perm(g_idx: torch.Tensor | None, k: int, group_size: int) -> torch.Tensor | None:
+    """None for trivial g_idx; else the K permutation that sorts rows by group."""
+    if g_idx is None:
+        return None
+    trivial = torch.arange(k, device=g_idx.device) // group_size
+    if torch.equal(g_idx.long(), trivial):
+        return None
+    perm = torch.argsort(g_idx.long(), stable=True)
+    if not torch.equal(g_idx.long()[perm], trivial):
+        raise QoqoptError(f"GPTQ g_idx: groups are not {group_size} rows each; cannot make them contiguous")
+    return perm
+
+
+def replace_linears(model: nn.Module, tensors, *, method: str, bits: int = 4, checkpoint_format: str = "gptq",
+                    strict: bool = False) -> int:
+    """Swap every ``nn.Linear`` whose ``{path}.qweight`` is in ``tensors`` for a :class:`QuantLinear`.
+
+    ``tensors`` maps module paths *of this model* to checkpoint tensors (``{path}.qweight``,
+    ``.qzeros``, ``.scales``, and ``.g_idx``/``.bias`` when present): normalising a checkpoint's key
+    layout is the loader's job. Returns how many layers were replaced; a shape mismatch is an error.
+    """
+    if method not in ("gptq", "awq"):
+        raise QoqoptError(f"unknown quantization method {method!r} (gptq or awq)")
+    count = 0
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or f"{path}.qweight" not in tensors:
+            continue
+        parts = [tensors[f"{path}.{name}"] for name in ("qweight", "qzeros", "scales")]
+        bias = tensors.get(f"{path}.bias")
+        if method == "gptq":
+            layer = QuantLinear.from_gptq(*parts, tensors.get(f"{path}.g_idx"), bias, bits=bits,
+                                          checkpoint_format=checkpoint_format, strict=strict)
+        else:
+            layer = QuantLinear.from_awq(*parts, bias, strict=strict)
+        if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
+            raise QoqoptError(f"{path}: checkpoint is {layer.in_features}->{layer.out_features}, "
+                              f"model expects {module.in_features}->{module.out_features}")
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, name, layer.to(module.weight.device))
+        count += 1
+    return count

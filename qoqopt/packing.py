@@ -1,0 +1,144 @@
+"""Bit packing of the GPTQ "v1" and AWQ GEMM checkpoint layouts, as pure functions.
+
+Conventions (shapes use the math orientation: ``K`` input features, ``N`` output features,
+``G`` groups along K):
+
+GPTQ v1 (``checkpoint_format: gptq``), bits in {4, 8}, ``f = 32 // bits`` values per int32:
+  * ``qweight`` int32 ``[K // f, N]``: value ``k`` of column ``n`` sits in word ``qweight[k // f, n]``
+    at bit offset ``bits * (k % f)`` (LSB first along the *input* dimension);
+  * ``qzeros`` int32 ``[G, N // f]``: packed the same way but along the *output* dimension, storing
+    ``zero - 1`` (the historic v1 offset: a kernel reads ``stored + 1``, so zeros span 1..2**bits);
+  * ``scales`` fp16 ``[G, N]``; ``g_idx`` int32 ``[K]`` gives each input row its group.
+
+AWQ GEMM (``version: gemm``), 4 bits only:
+  * ``qweight`` int32 ``[K, N // 8]``: nibble ``i`` of word ``qweight[k, c]`` holds column
+    ``8 * c + AWQ_ORDER[i]`` with ``AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]``;
+  * ``qzeros`` int32 ``[G, N // 8]`` packed the same way, with no offset; no ``g_idx``.
+
+The dequantized weight is ``W[k, n] = (q[k, n] - zero[g(k), n]) * scale[g(k), n]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column (within 8) held by nibble i
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble holding column j
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words in [0, 2**32) -> int32 with the same bits (checkpoints store signed int32)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _check_values(values: torch.Tensor, bits: int, name: str) -> None:
+    assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
+    assert not values.is_floating_point(), f"{name} must be an integer tensor"
+    assert values.numel() == 0 or (values.min() >= 0 and values.max() < 2**bits), f"{name} out of range for {bits} bits"
+
+
+def pack_along_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[R, C]`` ints -> int32 ``[R * bits / 32, C]``, LSB first along rows."""
+    assert values.dim() == 2, f"expected 2-D, got {tuple(values.shape)}"
+    per_word = 32 // bits
+    assert values.shape[0] % per_word == 0, f"rows {values.shape[0]} not a multiple of {per_word}"
+    v = values.to(torch.int64).reshape(-1, per_word, values.shape[1])
+    shifts = (torch.arange(per_word, device=values.device) * bits).view(1, -1, 1)
+    return _to_int32((v << shifts).sum(dim=1))
+
+
+def unpack_along_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_along_rows`: int32 ``[R', C]`` -> int32 ``[R' * 32 / bits, C]``."""
+    assert words.dim() == 2 and words.dtype == torch.int32, f"expected 2-D int32, got {words.dtype} {tuple(words.shape)}"
+    per_word = 32 // bits
+    shifts = (torch.arange(per_word, device=words.device) * bits).view(1, -1, 1)
+    v = (words.to(torch.int64).unsqueeze(1) >> shifts) & (2**bits - 1)
+    return v.reshape(-1, words.shape[1]).to(torch.int32)
+
+
+def pack_along_cols(values: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``[R, C]`` ints -> int32 ``[R, C * bits / 32]``; slot ``i`` of a word holds column ``order[i]``."""
+    assert values.dim() == 2, f"expected 2-D, got {tuple(values.shape)}"
+    per_word = 32 // bits
+    assert values.shape[1] % per_word == 0, f"columns {values.shape[1]} not a multiple of {per_word}"
+    order = order or tuple(range(per_word))
+    v = values.to(torch.int64).reshape(values.shape[0], -1, per_word)[:, :, list(order)]
+    shifts = torch.arange(per_word, device=values.device) * bits
+    return _to_int32((v << shifts).sum(dim=2))
+
+
+def unpack_along_cols(words: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_along_cols`."""
+    assert words.dim() == 2 and words.dtype == torch.int32, f"expected 2-D int32, got {words.dtype} {tuple(words.shape)}"
+    per_word = 32 // bits
+    order = order or tuple(range(per_word))
+    shifts = torch.arange(per_word, device=words.device) * bits
+    slots = (words.to(torch.int64).unsqueeze(2) >> shifts) & (2**bits - 1)  # [R, C', slot]
+    cols = torch.empty_like(slots)
+    cols[:, :, list(order)] = slots
+    return cols.reshape(words.shape[0], -1).to(torch.int32)
+
+
+def pack_gptq(intweight: torch.Tensor, zeros: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ v1: ``intweight`` ``[K, N]`` in [0, 2**bits), ``zeros`` ``[G, N]`` in [1, 2**bits]."""
+    assert intweight.dim() == 2 and zeros.dim() == 2 and zeros.shape[1] == intweight.shape[1], (
+        f"intweight {tuple(intweight.shape)} and zeros {tuple(zeros.shape)} must be [K, N] and [G, N]"
+    )
+    _check_values(intweight, bits, "intweight")
+    _check_values(zeros - 1, bits, "zeros - 1 (v1 stores zero - 1)")
+    return pack_along_rows(intweight, bits), pack_along_cols(zeros - 1, bits)
+
+
+def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ v1 -> (``intweight`` ``[K, N]``, ``zeros`` ``[G, N]``), undoing the zero - 1 offset."""
+    assert qweight.shape[1] == qzeros.shape[1] * (32 // bits), (
+        f"qweight {tuple(qweight.shape)} and qzeros {tuple(qzeros.shape)} disagree on N for {bits} bits"
+    )
+    return unpack_along_rows(qweight, bits), unpack_along_cols(qzeros, bits) + 1
+
+
+def pack_awq(intweight: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ GEMM (4-bit): ``intweight`` ``[K, N]``, ``zeros`` ``[G, N]``, both in [0, 16)."""
+    assert intweight.dim() == 2 and zeros.dim() == 2 and zeros.shape[1] == intweight.shape[1], (
+        f"intweight {tuple(intweight.shape)} and zeros {tuple(zeros.shape)} must be [K, N] and [G, N]"
+    )
+    _check_values(intweight, 4, "intweight")
+    _check_values(zeros, 4, "zeros")
+    return pack_along_cols(intweight, 4, AWQ_ORDER), pack_along_cols(zeros, 4, AWQ_ORDER)
+
+
+def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ GEMM -> (``intweight`` ``[K, N]``, ``zeros`` ``[G, N]``)."""
+    assert qweight.shape[1] == qzeros.shape[1], (
+        f"qweight {tuple(qweight.shape)} and qzeros {tuple(qzeros.shape)} disagree on N"
+    )
+    return unpack_along_cols(qweight, 4, AWQ_ORDER), unpack_along_cols(qzeros, 4, AWQ_ORDER)
+
+
+def dequantize(intweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """``[K, N]`` fp32 weight ``(q - zero[g_idx]) * scale[g_idx]`` (math orientation: y = x @ W)."""
+    assert intweight.shape[0] == g_idx.shape[0] and zeros.shape == scales.shape, (
+        f"intweight {tuple(intweight.shape)}, g_idx {tuple(g_idx.shape)}, "
+        f"zeros {tuple(zeros.shape)}, scales {tuple(scales.shape)}"
+    )
+    g = g_idx.long()
+    return (intweight.float() - zeros[g].float()) * scales[g].float()
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int = 4, group_size: int = 128):
+    """Round-to-nearest asymmetric quantization of an ``nn.Linear`` weight ``[N, K]``.
+
+    Not GPTQ: a quick way to get valid (intweight ``[K, N]``, zeros ``[G, N]`` in [1, 2**bits - 1],
+    scales fp16 ``[G, N]``) for tests and benchmarks. Zeros stay >= 1 so GPTQ v1 can store them.
+    """
+    assert weight.dim() == 2, f"weight must be [N, K], got {tuple(weight.shape)}"
+    n, k = weight.shape
+    group_size = k if group_size in (-1, None) else group_size
+    assert k % group_size == 0, f"K={k} not a multiple of group_size={group_size}"
+    w = weight.float().t().reshape(k // group_size, group_size, n)  # [G, gs, N]
+    lo, hi = w.amin(dim=1), w.amax(dim=1)
+    qmax = 2**bits - 1
+    scales = ((hi - lo).clamp(min=1e-8) / (qmax - 1)).half()  # one level spare keeps zero >= 1
+    zeros = (1 + torch.round(-lo / scales.float())).clamp(1, qmax).to(torch.int32)
+    q = torch.round(w / scales.float().unsqueeze(1)) + zeros.unsqueeze(1)
+    return q.clamp(0, qmax).to(torch.int32).reshape(k, n), zeros, scales

@@ -1,0 +1,277 @@
+"""Op-level checks of qoqopt.kernels against transformers' modules and the torch references.
+
+Device: CUDA when available (or QOQOPT_KERNEL_DEVICE=cuda), else the CPU through the Triton
+interpreter, which this module switches on for its own tests only. bf16 runs on CUDA only: the
+interpreter has no bf16 dot. Every output buffer is filled with NaN first, so an element the kernel
+forgets to write fails the comparison.
+
+Tolerances (atol, rtol) per dtype, against references that round at different points:
+  fp32 2e-5 / 1e-4 (GPU fp32 dots run as IEEE fp32, never tf32)
+  fp16 2e-3 / 2e-3 (about one ulp at 1.0, plus one intermediate rounding)
+  bf16 2e-2 / 2e-2 (same, at bf16's 8-bit mantissa)
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qoqopt.packing import dequantize, pack_awq, pack_gptq, quantize_rtn
+
+DEVICE = torch.device(os.environ.get("QOQOPT_KERNEL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+pytest.importorskip("triton")
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    pytest.skip("QOQOPT_KERNEL_DEVICE=cuda but no CUDA device", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def assert_close(out, ref, dtype, scale=1.0):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol * scale, rtol=rtol)
+
+
+def nan_like(shape, dtype):
+    return torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- patch merger
+
+
+def _hf_merger(context_dim, out_dim, dtype, seed=0):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger
+
+    torch.manual_seed(seed)
+    merger = Qwen2_5_VLPatchMerger(dim=out_dim, context_dim=context_dim).eval()
+    with torch.no_grad():  # a non-trivial norm weight and bias, so both are exercised
+        merger.ln_q.weight.normal_(1.0, 0.3)
+        for linear in (merger.mlp[0], merger.mlp[2]):
+            linear.bias.normal_(0.0, 0.1)
+    return merger.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_merged", [1, 7, 37])  # a single merged unit; several M tiles with a ragged tail
+def test_merger_fc1_matches_hf(dtype, num_merged):
+    from qoqopt.kernels.merger import merger_fc1
+
+    merger = _hf_merger(context_dim=64, out_dim=48, dtype=dtype)
+    x = torch.randn(4 * num_merged, 64, device=DEVICE, dtype=dtype) * 2
+    fc1, fc2 = merger.mlp[0], merger.mlp[2]
+    out = nan_like((num_merged, 256), dtype)
+    with torch.inference_mode():
+        h = merger_fc1(x, merger.ln_q.weight, merger.ln_q.variance_epsilon, fc1.weight, fc1.bias, out=out)
+        ref_h = merger.mlp[1](fc1(merger.ln_q(x).view(-1, 256)))
+        y, ref = F.linear(h, fc2.weight, fc2.bias), merger(x)
+    assert_close(h, ref_h, dtype)
+    assert_close(y, ref, dtype, scale=4)  # the 256-wide projection sums 256 rounding errors
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_merger_module_matches_hf(dtype):
+    from qoqopt.kernels.merger import FusedPatchMerger, patch_merger_reference
+
+    merger = _hf_merger(context_dim=32, out_dim=40, dtype=dtype, seed=1)
+    fused = FusedPatchMerger.from_hf(merger)
+    x = torch.randn(4 * 19, 32, device=DEVICE, dtype=dtype)
+    with torch.inference_mode():
+        ref = merger(x)
+        args = (merger.ln_q.weight, merger.ln_q.variance_epsilon, merger.mlp[0].weight, merger.mlp[0].bias,
+                merger.mlp[2].weight, merger.mlp[2].bias)
+        assert_close(patch_merger_reference(x, *args), ref, dtype)
+        assert_close(fused(x), ref, dtype, scale=4)
+
+
+# ----------------------------------------------------------------------------- vision attention
+
+
+def _hf_attention(num_heads, head_dim, dtype, seed=0):
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
+
+    config = Qwen2_5_VLVisionConfig(
+        depth=1, hidden_size=num_heads * head_dim, hidden_act="silu", intermediate_size=64,
+        num_heads=num_heads, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        tokens_per_second=2, window_size=112, out_hidden_size=64, fullatt_block_indexes=[0],
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return Qwen2_5_VLVisionAttention(config).eval().to(DEVICE, dtype)
+
+
+def _rope(positions_hw, head_dim):
+    """cos/sin as transformers' vision rotary builds them: [h freqs, w freqs] twice over."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)))
+    freqs = positions_hw[..., None].float() * inv_freq  # [S, 2, head_dim / 4]
+    angles = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+
+
+def _segments(grids, windows: bool):
+    """cu_seqlens (full attention) or cu_window_seqlens for images of the given (t, h, w) grids,
+    from transformers' own helpers; windows are 112 px = 4 x 4 merged units = 64 patches."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
+
+    grid_thw = torch.tensor(grids)
+    if windows:
+        return get_vision_window_index(grid_thw, spatial_merge_size=2, window_size=112, patch_size=14)[1].to(DEVICE)
+    return get_vision_cu_seqlens(grid_thw).to(DEVICE)
+
+
+# (t, h, w) in patches: a 12 x 20 image (windows cut at both edges), a single merged unit (2 x 2),
+# and a 6 x 8 image smaller than one window.
+GRIDS = [(1, 12, 20), (1, 2, 2), (1, 6, 8)]
+ATTENTION_CASES = {
+    "windows": lambda: _segments(GRIDS, windows=True),
+    "full": lambda: _segments(GRIDS, windows=False),
+    "ragged": lambda: torch.tensor([0, 4, 37, 38, 60], dtype=torch.int32, device=DEVICE),  # a length-1 segment
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+@pytest.mark.parametrize("head_dim", [16, 40, 80])  # 80: the real head, tiles 64 + 16; 40: 32 + 16 (8 masked)
+def test_vision_attention_matches_hf(dtype, case, head_dim):
+    from qoqopt.kernels.vision_attention import VarlenPlanCache, vision_attention
+
+    if head_dim != 16 and case != "ragged" and DEVICE.type == "cpu":
+        pytest.skip("head_dim 40/80 on the long layouts run on the GPU only (interpreter time)")
+    cu_seqlens = ATTENTION_CASES[case]()
+    seq = int(cu_seqlens[-1])
+    attn = _hf_attention(num_heads=2, head_dim=head_dim, dtype=dtype)
+    x = torch.randn(seq, 2 * head_dim, device=DEVICE, dtype=dtype)
+    positions = torch.randint(0, 40, (seq, 2))
+    cos, sin = _rope(positions, head_dim)
+    out = nan_like((seq, 2 * head_dim), dtype)
+    with torch.inference_mode():
+        ref = attn(x, cu_seqlens, position_embeddings=(cos, sin))
+        core = vision_attention(attn.qkv(x), cos, sin, cu_seqlens, 2, VarlenPlanCache(), out=out)
+        y = attn.proj(core)
+    assert not core.isnan().any()
+    assert_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_attention_module_matches_hf(dtype):
+    """The module path, which reads only the first half of Qwen2.5-VL's repeated rotary table."""
+    from qoqopt.kernels.vision_attention import FusedVisionAttention, VarlenPlanCache
+
+    cu_seqlens = _segments(GRIDS, windows=True)
+    seq = int(cu_seqlens[-1])
+    attn = _hf_attention(num_heads=2, head_dim=16, dtype=dtype, seed=3)
+    fused = FusedVisionAttention.from_hf(attn, VarlenPlanCache())
+    x = torch.randn(seq, 32, device=DEVICE, dtype=dtype)
+    rope = _rope(torch.randint(0, 40, (seq, 2)), 16)
+    with torch.inference_mode():
+        assert_close(fused(x, cu_seqlens, position_embeddings=rope), attn(x, cu_seqlens, position_embeddings=rope), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vision_attention_general_rotary_table(dtype):
+    """Without shared_halves the kernel reads both halves of cos/sin: check with unrelated halves."""
+    from qoqopt.kernels.vision_attention import vision_attention, vision_attention_reference
+
+    cu_seqlens = torch.tensor([0, 9, 30], dtype=torch.int32, device=DEVICE)
+    qkv = torch.randn(30, 3 * 2 * 16, device=DEVICE, dtype=dtype)
+    angles = torch.rand(30, 16, device=DEVICE) * 6
+    out = nan_like((30, 32), dtype)
+    with torch.inference_mode():
+        vision_attention(qkv, angles.cos(), angles.sin(), cu_seqlens, 2, out=out)
+        ref = vision_attention_reference(qkv, angles.cos(), angles.sin(), cu_seqlens, 2)
+    assert_close(out, ref, dtype)
+
+
+def test_vision_attention_reference_matches_hf():
+    from qoqopt.kernels.vision_attention import vision_attention_reference
+
+    cu_seqlens = _segments(GRIDS, windows=True)
+    seq = int(cu_seqlens[-1])
+    attn = _hf_attention(num_heads=2, head_dim=80, dtype=torch.float32)
+    x = torch.randn(seq, 160, device=DEVICE)
+    cos, sin = _rope(torch.randint(0, 40, (seq, 2)), 80)
+    with torch.inference_mode():
+        ref = attn(x, cu_seqlens, position_embeddings=(cos, sin))
+        y = attn.proj(vision_attention_reference(attn.qkv(x), cos, sin, cu_seqlens, 2))
+    assert_close(y, ref, torch.float32)
+
+
+def test_head_split():
+    from qoqopt.kernels.vision_attention import head_split
+
+    assert head_split(80) == (64, 16) and head_split(64) == (64, 0) and head_split(40) == (32, 16)
+    assert head_split(8) == (16, 0)  # below tl.dot's minimum: one masked 16-wide tile
+
+
+def test_plan_covers_every_row_once():
+    from qoqopt.kernels.vision_attention import build_plan
+
+    cu = torch.tensor([0, 4, 37, 38, 60], dtype=torch.int32)
+    plan = build_plan(cu, 60, block_m=16)
+    assert plan.shape == (4 + 4, 3)  # cdiv(60, 16) + 4 segments: an upper bound, idle rows are zero
+    rows = torch.cat([torch.arange(q, min(q + 16, end)) for q, _, end in plan.tolist() if q < end])
+    assert torch.equal(rows, torch.arange(60))
+
+
+# ----------------------------------------------------------------------------- W4A16
+
+
+def _gptq_case(k, n, bits, group_size, act_order, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=g) * 0.05
+    intweight, zeros, scales = quantize_rtn(weight, bits, group_size)
+    g_idx = torch.arange(k, dtype=torch.int32) // group_size
+    if act_order:  # desc_act: rows of one group are scattered over K
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    return intweight, zeros, scales, g_idx
+
+
+W4A16_CASES = {
+    # name: (layout, K, N, bits, group_size, act_order)
+    "gptq4-g32": ("gptq", 256, 88, 4, 32, False),  # N not a multiple of the N tile
+    "gptq4-channel": ("gptq", 208, 64, 4, 208, False),  # group_size = K, K not a multiple of 32
+    "gptq4-actorder": ("gptq", 128, 64, 4, 32, True),
+    "gptq8-g64": ("gptq", 128, 44, 8, 64, False),
+    "awq-g32": ("awq", 256, 88, 4, 32, False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 16, 33])  # decode (split-K), the decode boundary, prefill
+@pytest.mark.parametrize("case", list(W4A16_CASES))
+def test_quant_linear_matches_dequantized_matmul(dtype, m, case):
+    from qoqopt.kernels.w4a16 import QuantLinear, w4a16_matmul
+
+    layout, k, n, bits, group_size, act_order = W4A16_CASES[case]
+    intweight, zeros, scales, g_idx = _gptq_case(k, n, bits, group_size, act_order)
+    bias = torch.randn(n) * 0.1
+    if layout == "awq":
+        qweight, qzeros = pack_awq(intweight, zeros)
+        linear = QuantLinear.from_awq(qweight, qzeros, scales, bias)
+    else:
+        qweight, qzeros = pack_gptq(intweight, zeros, bits)
+        linear = QuantLinear.from_gptq(qweight, qzeros, scales, g_idx, bias, bits=bits)
+    linear = linear.to(DEVICE)
+    # The reference never touches the packed words: it dequantizes the original integers.
+    w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    ref = F.linear(x.float(), w.t().to(dtype).float(), bias.to(DEVICE, dtype).float())
+    with torch.inference_mode():
+        x_in = x.index_select(1, linear.perm) if linear.perm is not None else x
+        out = nan_like((m, n), dtype)
+        w4a16_matmul(x_in, linear.qweight, linear.qzeros, linear.scales, linear.bias.to(dtype),
+                     out=out, **linear._kwargs())
+        y = linear(x.view(1, m, k))  # the module path, with a leading batch dimension
+    assert y.shape == (1, m, n)
+    assert_close(out, ref, dtype, scale=4)
+    assert_close(y[0], ref, dtype, scale=4)

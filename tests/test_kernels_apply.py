@@ -1,0 +1,180 @@
+"""qoqopt.kernels.apply on a whole Qwen2.5-VL model: same logits, clear refusals, clean patching.
+
+Runs on CUDA when available (or QOQOPT_KERNEL_DEVICE=cuda), else on the CPU through the Triton
+interpreter (switched on per test). The end-to-end check is fp32: relative error < 1e-4 of the
+patched model's logits against the unpatched model on a batch of two images of different sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from qoqopt.errors import QoqoptError
+
+DEVICE = torch.device(os.environ.get("QOQOPT_KERNEL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+IMAGE_PAD, VISION_START, VISION_END, PAD = 151655, 151652, 151653, 151643
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def tiny_model():
+    """The project's mini QoQ-Med (vision: 4 blocks, full attention at 1 and 3, window 112)."""
+    from qoqopt.mini import build_model
+
+    return build_model("tiny", seed=0).to(DEVICE).eval()
+
+
+def two_image_batch(config, grids=((1, 12, 20), (1, 6, 8))):
+    """Inputs as the processor builds them: one image per sequence, right-padded, with
+    mm_token_type_ids marking the <|image_pad|> tokens (without it M-RoPE silently goes 1-D).
+    The 12 x 20 grid cuts windows at both image edges; 6 x 8 is smaller than one window."""
+    g = torch.Generator().manual_seed(0)
+    vision = config.vision_config
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    merge = vision.spatial_merge_size**2
+    rows = []
+    for t, h, w in grids:
+        prompt = torch.randint(1000, 5000, (5,), generator=g).tolist()
+        rows.append([151644] + prompt[:2] + [VISION_START] + [IMAGE_PAD] * (t * h * w // merge) + [VISION_END] + prompt[2:])
+    width = max(map(len, rows))
+    input_ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    n_patches = sum(t * h * w for t, h, w in grids)
+    return dict(
+        input_ids=input_ids.to(DEVICE),
+        attention_mask=attention_mask.to(DEVICE),
+        mm_token_type_ids=(input_ids == IMAGE_PAD).int().to(DEVICE),
+        pixel_values=torch.randn(n_patches, patch_dim, generator=g).to(DEVICE),
+        image_grid_thw=torch.tensor(grids).to(DEVICE),
+    )
+
+
+def logits_of(model, batch):
+    with torch.inference_mode():
+        logits = model(**batch).logits
+    return logits[batch["attention_mask"].bool()].float()
+
+
+def relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_apply_matches_unpatched_model(interpreter, monkeypatch):
+    from qoqopt.kernels import apply
+
+    # The unpatched Conv3d would otherwise run as TF32 in cuDNN (its default) and be the less exact side.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = tiny_model()
+    batch = two_image_batch(model.config)
+    ref = logits_of(model, batch)
+    report = apply(model)
+    assert report.backend == "triton", report
+    depth = model.config.vision_config.depth
+    assert report.counts == {"patch_embed": 1, "vision_mlp": depth, "vision_attention": depth, "merger": 1, "w4a16": 0}
+    out = logits_of(model, batch)
+    assert relative_error(out, ref) < 1e-4
+    # Plans are per forward, not per layer: one for the windows, one for the full-attention blocks.
+    assert model.model.visual.blocks[0].attn.plans.builds == 2
+
+
+def test_reference_fallback_without_interpreter(no_interpreter):
+    if DEVICE.type != "cpu":
+        pytest.skip("the fallback is for CPU tensors without TRITON_INTERPRET")
+    from qoqopt.kernels import apply
+
+    model = tiny_model()
+    batch = two_image_batch(model.config, grids=((1, 4, 4), (1, 2, 6)))
+    ref = logits_of(model, batch)
+    report = apply(model)
+    assert report.backend == "torch" and ("TRITON_INTERPRET" in report.fallback_reason or "triton" in report.fallback_reason)
+    assert relative_error(logits_of(model, batch), ref) < 1e-5
+    with pytest.raises(QoqoptError, match="strict"):
+        apply(tiny_model(), strict=True)
+
+
+def test_state_dict_keys_unchanged_and_reload(no_interpreter):
+    from qoqopt.kernels import apply
+
+    model = tiny_model()
+    before = model.state_dict()
+    apply(model)
+    after = model.state_dict()
+    assert sorted(after) == sorted(before)  # order differs (gate/up are split back after down_proj)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    model.load_state_dict(before)  # the fused gate/up accepts transformers' split keys
+
+
+def test_refuses_unsupported_dtype_and_non_qwen_models():
+    from qoqopt.kernels import apply
+
+    with pytest.raises(QoqoptError, match="dtype"):
+        apply(nn.Sequential(nn.Linear(4, 4)).double())
+    with pytest.raises(QoqoptError, match="nothing to patch"):
+        apply(nn.Sequential(nn.Linear(4, 4)))
+
+
+class ForeignGPTQLinear(nn.Module):
+    """Shaped like another library's GPTQ linear: packed buffers plus bits and g_idx attributes."""
+
+    def __init__(self, qweight, qzeros, scales, g_idx, bits):
+        super().__init__()
+        self.bits = bits
+        for name, t in dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx).items():
+            self.register_buffer(name, t)
+        self.bias = None
+
+
+def test_registry_replaces_foreign_quantized_linears(interpreter):
+    from qoqopt.kernels import QuantLinear, apply
+    from qoqopt.packing import dequantize, pack_gptq, quantize_rtn
+
+    weight = torch.randn(32, 64) * 0.1
+    q, z, s = quantize_rtn(weight, 4, 32)
+    g_idx = torch.arange(64, dtype=torch.int32) // 32
+    model = nn.Sequential(ForeignGPTQLinear(*pack_gptq(q, z), s, g_idx, bits=4)).to(DEVICE)
+    report = apply(model)
+    assert report.counts["w4a16"] == 1 and isinstance(model[0], QuantLinear)
+    x = torch.randn(3, 64, device=DEVICE)
+    with torch.inference_mode():
+        y = model(x)
+    ref = x @ dequantize(q, z, s, g_idx).to(DEVICE)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_replace_linears_from_checkpoint_tensors(no_interpreter):
+    """A GPTQ/AWQ checkpoint runs through QuantLinear with no other kernel library."""
+    from qoqopt.kernels.w4a16 import QuantLinear, replace_linears
+    from qoqopt.packing import dequantize, pack_awq, pack_gptq, quantize_rtn
+
+    model = nn.Sequential(nn.Linear(64, 32, bias=True), nn.ReLU(), nn.Linear(32, 16, bias=False))
+    tensors, dense = {}, {}
+    for path, layer, method in (("0", model[0], "gptq"), ("2", model[2], "awq")):
+        q, z, s = quantize_rtn(layer.weight.detach(), 4, 32)
+        qweight, qzeros = pack_gptq(q, z) if method == "gptq" else pack_awq(q, z)
+        tensors.update({f"{path}.qweight": qweight, f"{path}.qzeros": qzeros, f"{path}.scales": s})
+        dense[path] = dequantize(q, z, s, torch.arange(q.shape[0]) // 32)
+    tensors["0.bias"] = model[0].bias.detach()
+    assert replace_linears(model, {k: v for k, v in tensors.items() if k.startswith("0.")}, method="gptq") == 1
+    assert replace_linears(model, {k: v for k, v in tensors.items() if k.startswith("2.")}, method="awq") == 1
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        ref = torch.relu(x @ dense["0"] + tensors["0.bias"]) @ dense["2"]
+        torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(QoqoptError, match="expects"):
+        replace_linears(nn.Sequential(nn.Linear(48, 32)), {k: v for k, v in tensors.items() if k.startswith("0.")},
+                        method="gptq")

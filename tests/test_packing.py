@@ -1,0 +1,85 @@
+"""GPTQ v1 / AWQ GEMM bit packing: hand-worked words, then round trips on random data."""
+
+import pytest
+import torch
+
+from qoqopt.packing import (
+    dequantize,
+    pack_awq,
+    pack_gptq,
+    quantize_rtn,
+    unpack_awq,
+    unpack_gptq,
+)
+
+
+def test_gptq_4bit_hand_worked():
+    # One column, K = 8: values 1..8 LSB first along K -> nibbles 0x8,7,6,5,4,3,2,1 from the top.
+    intweight = torch.arange(1, 9, dtype=torch.int32).view(8, 1)
+    # Eight columns of zeros 1..8 -> stored zero - 1 = 0..7 LSB first along N -> 0x76543210.
+    zeros = torch.arange(1, 9, dtype=torch.int32).view(1, 8)
+    qweight, qzeros = pack_gptq(intweight.expand(8, 8).contiguous(), zeros)
+    assert qweight.shape == (1, 8) and qzeros.shape == (1, 1)
+    assert qweight.dtype == torch.int32 and qzeros.dtype == torch.int32
+    assert qweight[0, 0].item() == 0x87654321 - 2**32  # = -2023406815, the sign bit is set
+    assert qzeros[0, 0].item() == 0x76543210
+
+
+def test_gptq_8bit_hand_worked():
+    # K = 4 rows per word, N = 4 columns per zeros word; every column holds 0x11, 0x22, 0x33, 0xF4.
+    intweight = torch.tensor([[0x11], [0x22], [0x33], [0xF4]], dtype=torch.int32).expand(4, 4).contiguous()
+    zeros = torch.tensor([[0x81, 0x01, 0x02, 0x03]], dtype=torch.int32)  # stored 0x80, 0x00, 0x01, 0x02
+    qweight, qzeros = pack_gptq(intweight, zeros, bits=8)
+    assert qweight.tolist() == [[0xF4332211 - 2**32] * 4]
+    assert qzeros.tolist() == [[0x02010080]]
+
+
+def test_awq_hand_worked():
+    # One row, columns 0..7 hold their own index: nibble i holds column [0,2,4,6,1,3,5,7][i].
+    intweight = torch.arange(8, dtype=torch.int32).view(1, 8)
+    zeros = torch.tensor([[15, 0, 0, 0, 0, 0, 0, 1]], dtype=torch.int32)
+    qweight, qzeros = pack_awq(intweight, zeros)
+    assert qweight.tolist() == [[0x75316420]]
+    # column 0 -> nibble 0 (0xF), column 7 -> nibble 7 (0x1) -> 0x1000000F
+    assert qzeros.tolist() == [[0x1000000F]]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_round_trip(bits):
+    g = torch.Generator().manual_seed(0)
+    k, n, groups = 64, 24 if bits == 4 else 12, 4  # N is a multiple of 32 // bits, not of 32
+    intweight = torch.randint(0, 2**bits, (k, n), generator=g, dtype=torch.int32)
+    zeros = torch.randint(1, 2**bits + 1, (groups, n), generator=g, dtype=torch.int32)
+    qweight, qzeros = pack_gptq(intweight, zeros, bits)
+    assert qweight.shape == (k * bits // 32, n) and qzeros.shape == (groups, n * bits // 32)
+    w2, z2 = unpack_gptq(qweight, qzeros, bits)
+    assert torch.equal(w2, intweight) and torch.equal(z2, zeros)
+
+
+def test_awq_round_trip():
+    g = torch.Generator().manual_seed(1)
+    intweight = torch.randint(0, 16, (32, 40), generator=g, dtype=torch.int32)
+    zeros = torch.randint(0, 16, (2, 40), generator=g, dtype=torch.int32)
+    qweight, qzeros = pack_awq(intweight, zeros)
+    assert qweight.shape == (32, 5) and qzeros.shape == (2, 5)
+    w2, z2 = unpack_awq(qweight, qzeros)
+    assert torch.equal(w2, intweight) and torch.equal(z2, zeros)
+
+
+def test_shape_asserts():
+    with pytest.raises(AssertionError):
+        pack_gptq(torch.zeros(7, 8, dtype=torch.int32), torch.ones(1, 8, dtype=torch.int32))  # K % 8
+    with pytest.raises(AssertionError):
+        pack_awq(torch.zeros(8, 12, dtype=torch.int32), torch.zeros(1, 12, dtype=torch.int32))  # N % 8
+    with pytest.raises(AssertionError):
+        pack_gptq(torch.zeros(8, 8, dtype=torch.int32), torch.zeros(1, 8, dtype=torch.int32))  # zero 0 in v1
+
+
+def test_rtn_dequantize_close():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    q, z, s = quantize_rtn(w, bits=4, group_size=32)
+    g_idx = torch.arange(64, dtype=torch.int32) // 32
+    w_hat = dequantize(q, z, s, g_idx).t()
+    # RTN error is at most half a step per element
+    step = s.float()[g_idx.long()].t()
+    assert ((w_hat - w).abs() <= step * 0.5 + 1e-3).all()
