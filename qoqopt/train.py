@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +22,12 @@ from .cache import cache_dir
 from .drift import answer_score
 
 IGNORE = -100
-EVAL_ITEMS = 60
-REPORT_PROMPT = "Write the impression of a clinical report."
+EVAL_ITEMS = 60  # held-out "eval" views, domain-balanced: the reported accuracy
+TRAIN_VIEWS = 64  # augmented views per (image, question) available to training (rendered lazily)
+CHECK_ITEMS, CHECK_EVERY, CHECK_FROM, CHECK_TARGET = 30, 75, 450, 0.97  # early stop on "calib" views
+# Report sentences are taught as completions of their own opening words: a fixed prompt with 45
+# different answers would be unlearnable noise, and would keep token accuracy from ever converging.
+REPORT_PROMPT = "Complete the clinical report sentence that begins: {opening}"
 
 
 @dataclass
@@ -69,7 +74,8 @@ def encode_chat(proc, item) -> dict:
 def encode_report(proc, text: str) -> dict:
     import torch
 
-    msgs = [{"role": "user", "content": REPORT_PROMPT}]
+    opening = " ".join(text.split()[:3])
+    msgs = [{"role": "user", "content": REPORT_PROMPT.format(opening=opening)}]
     prompt = proc.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     p_ids = proc.tokenizer(prompt, return_tensors="pt").input_ids[0]
     reply = proc.tokenizer(text + "<|im_end|>", return_tensors="pt").input_ids[0]
@@ -161,35 +167,44 @@ def train(preset: str = "tiny", seed: int = 0, max_steps: int = 600, batch_size:
 
     proc = load_processor(_support_dir())
     model = build_model(preset, seed)
-    train_items = clinical_set(split="train", n_per_base=4, seed=seed)
-    # Held-out views, balanced so the rare domains (ECG, X-ray) weigh as much as CT.
+    # Fresh augmented views all along (encoded lazily, each seen about once): with a fixed handful
+    # of views per image the model memorises them and held-out views stay near 75%.
+    train_items = clinical_set(split="train", n_per_base=TRAIN_VIEWS, seed=seed)
+    # Stopping is decided on "calib" views; the reported accuracy is on "eval" views, never seen.
+    check_items = balanced_sample(clinical_set(split="calib", n_per_base=2, seed=seed), n=CHECK_ITEMS, seed=seed)
     eval_items = balanced_sample(clinical_set(split="eval", n_per_base=4, seed=seed), n=EVAL_ITEMS, seed=seed)
     untrained, _, _ = evaluate(model, proc, eval_items[:10], max_new_tokens=24)
-    examples = [encode_chat(proc, it) for it in tqdm(train_items, desc="encoding", disable=not progress)]
-    examples += [encode_report(proc, t) for t in report_texts()]
+    reports = [encode_report(proc, t) for t in report_texts()]
+    pool = list(train_items) + reports
+
+    def example(i: int) -> dict:
+        return pool[i] if isinstance(pool[i], dict) else encode_chat(proc, pool[i])
+
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    start, step, recent = time.time(), 0, []
+    # Linear warm-up, then cosine decay to 5% so the last steps polish rather than bounce.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / 30, 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s / max_steps, 1.0))))
+    )
+    start, step, check_acc = time.time(), 0, 0.0
     bar = tqdm(total=max_steps, desc="training", disable=not progress)
-    model.train()
-    while step < max_steps:
-        for idx in torch.randperm(len(examples), generator=gen).split(batch_size):
-            loss, acc = reply_loss(model, collate([examples[i] for i in idx], pad_id=151643))
+    while step < max_steps and check_acc < CHECK_TARGET:
+        model.train()
+        for idx in torch.randperm(len(pool), generator=gen).split(batch_size):
+            loss, acc = reply_loss(model, collate([example(int(i)) for i in idx], pad_id=151643))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             step += 1
-            recent = (recent + [acc])[-40:]
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_acc=f"{sum(recent) / len(recent):.3f}")
-            # Stop once the replies are reproduced token-perfectly on recent training batches.
-            if step >= max_steps or (len(recent) == 40 and min(recent) == 1.0):
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_acc=f"{acc:.2f}", check=f"{check_acc:.2f}")
+            if step % CHECK_EVERY == 0 and step >= CHECK_FROM:
+                check_acc = evaluate(model, proc, check_items, max_new_tokens=48)[0]
+                model.train()
+            if step >= max_steps or check_acc >= CHECK_TARGET:
                 break
-        if len(recent) == 40 and min(recent) == 1.0:
-            break
     bar.close()
     seconds = time.time() - start
     round_to_bf16(model)
