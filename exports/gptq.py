@@ -1,0 +1,52 @@
+"""The GPTQ "v1" checkpoint format (``checkpoint_format: gptq``), as GPTQModel, transformers/optimum
+and vLLM read it. Per quantized Linear ``M`` (K inputs, N outputs, G groups):
+
+* ``M.qweight`` int32 ``[K * bits / 32, N]``, values packed LSB-first along the input dimension;
+* ``M.qzeros`` int32 ``[G, N * bits / 32]``, packed along the output dimension, storing zero - 1;
+* ``M.scales`` fp16 ``[G, N]``; ``M.g_idx`` int32 ``[K]`` (the group of each input row; with
+  ``desc_act`` it follows the act-order visiting order); ``M.bias`` unchanged.
+
+Exclusions: transformers (through optimum) only converts the Linears under ``block_name_to_quantize``,
+and GPTQModel only those in its module tree (the language-model layers), so the vision tower and
+``lm_head`` stay plain. We write ``block_name_to_quantize`` explicitly with the transformers-5 name,
+(measured: the old name ``model.layers`` silently leaves the language model randomly initialised),
+and GPTQModel's ``dynamic`` negative rules for the same modules.
+"""
+
+from __future__ import annotations
+
+import re
+
+from qoqopt.packing import pack_gptq
+
+TEXT_BLOCKS = "model.language_model.layers"
+
+
+def pack(qw) -> dict:
+    """QuantizedWeight -> the four tensors of one GPTQ v1 Linear."""
+    qweight, qzeros = pack_gptq(qw.intweight, qw.zeros, qw.bits)
+    return {"qweight": qweight, "qzeros": qzeros, "scales": qw.scales.half().contiguous(), "g_idx": qw.g_idx.to(qw.intweight.dtype)}
+
+
+def quantization_config(*, bits, group_size, sym, act_order, static_groups, damp, vision_modules=(), vision_skipped=()) -> dict:
+    from qoqopt import __version__
+
+    # Measured (transformers 5.24, optimum 2.3.0, GPTQModel 7.7.0): a list of blocks raises in optimum,
+    # and GPTQModel leaves quantized vision Linears uninitialised, so GPTQ never quantizes the tower.
+    assert not vision_modules, "GPTQ exports keep the vision tower unquantized"
+    skip = ["lm_head", "model.visual"]
+    return {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": act_order,
+        "sym": sym,
+        "static_groups": static_groups,
+        "true_sequential": True,
+        "damp_percent": damp,
+        "lm_head": False,
+        "checkpoint_format": "gptq",
+        "block_name_to_quantize": TEXT_BLOCKS,
+        "dynamic": {f"-:^{re.escape(m)}(\\.|$)": {} for m in skip},
+        "meta": {"quantizer": [f"qoqopt:{__version__}"]},
+    }

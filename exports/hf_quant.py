@@ -1,0 +1,631 @@
+"""GPTQ / AWQ checkpoints of QoQ-Med for transformers, GPTQModel and vLLM: calibrate, quantize, write.
+
+    export_hf_quant("ddvd233/QoQ-Med-VL-7B", Path("out/q"), fmt="gptq", bits=4, group_size=128, ...)
+
+Steps, each owned elsewhere: the loader streams tensors (:mod:`qoqopt.loader`); domain-balanced
+clinical image+text chats come from :mod:`qoqopt.calibration`; :mod:`qoqopt.quantize.runner`
+captures decoder-layer-0 inputs once and quantizes one layer at a time; :mod:`qoqopt.packing` packs.
+This module only knows the two formats (:mod:`.gptq`, :mod:`.awq`) and how to write the directory:
+
+* tensor names are the transformers-5 module names (``model.language_model.layers.N...``,
+  ``model.visual.*``, ``lm_head``): GPTQModel's loader needs them (with the older names GPTQ raises
+  and AWQ silently loads zeros);
+* the vision tower and ``lm_head`` stay unquantized unless ``quantize_vision``; the config says so in
+  the form each loader reads (see :mod:`.gptq` / :mod:`.awq`);
+* QoQ-Med's ECG encoder (``time_series_embedding.*``) is carried through untouched, and config.json
+  keeps the source's ``architectures`` entry;
+* tokenizer, processor, chat template and generation config are copied, so the directory is a
+  drop-in replacement; ``manifest.json`` records every file's sha256 and the per-layer errors.
+
+Output is built in a temporary directory and renamed into place; the same source, options, seed
+and calibration set give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from qoqopt.errors import QoqoptError
+
+FORMATS = ("gptq", "awq")
+SHARD_BYTES = 2 << 30
+# Files copied from the source so the output is a drop-in replacement (weights and configs excluded).
+SUPPORT_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+    "chat_template.json", "chat_template.jinja", "generation_config.json",
+)  # fmt: skip
+GPTQ_GROUP_SIZES = (-1, 32, 64, 128)
+AWQ_GROUP_SIZES = (32, 64, 128)
+
+
+def runtime_name(canonical: str) -> str:
+    """Canonical (legacy) tensor name -> the transformers-5 module name written to the output."""
+    if canonical.startswith("visual."):
+        return "model." + canonical
+    if canonical.startswith("model."):
+        return "model.language_model." + canonical[len("model.") :]
+    return canonical  # lm_head.*, time_series_embedding.*
+
+
+def vision_linear_name(canonical_weight: str) -> str:
+    """``visual.blocks.0.attn.qkv.weight`` -> module path ``model.visual.blocks.0.attn.qkv``."""
+    return runtime_name(canonical_weight).removesuffix(".weight")
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    fmt: str
+    layers: list[dict] = field(default_factory=list)
+    vision: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def validate_options(fmt: str, bits: int, group_size: int, act_order: bool, sym: bool, quantize_vision: bool = False) -> None:
+    """One-line errors for option combinations no loader reads."""
+    if fmt not in FORMATS:
+        raise QoqoptError(f"unknown format {fmt!r}; choose gptq or awq")
+    if fmt == "gptq":
+        if quantize_vision:
+            raise QoqoptError(
+                "--quantize-vision works with --format awq only: GPTQ loaders convert only the language-model "
+                "layers (transformers/optimum rejects a second block list; GPTQModel leaves the vision tower "
+                "uninitialised)"
+            )
+        if bits not in (4, 8):
+            raise QoqoptError(f"--bits {bits} is not supported for GPTQ; use 4 or 8")
+        if group_size not in GPTQ_GROUP_SIZES:
+            raise QoqoptError(f"--group-size {group_size} is not supported for GPTQ; use 32, 64, 128 or -1 (per channel)")
+    else:
+        if bits != 4:
+            raise QoqoptError(f"--bits {bits} is not supported for AWQ (the GEMM format is 4-bit only); use 4")
+        if group_size not in AWQ_GROUP_SIZES:
+            raise QoqoptError(f"--group-size {group_size} is not supported for AWQ; use 32, 64 or 128")
+        if act_order:
+            raise QoqoptError("--act-order is a GPTQ option; AWQ has no g_idx")
+        if sym:
+            raise QoqoptError("AWQ GEMM stores zero-points (zero_point: true); drop --sym for --format awq")
+
+
+_ST_DTYPES = {  # torch dtype name -> safetensors dtype
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int64": "I64", "int8": "I8",
+    "uint8": "U8", "bool": "BOOL", "float64": "F64", "int16": "I16",
+}  # fmt: skip
+_ST_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+COPY_CHUNK = 16 << 20
+
+
+class ShardWriter:
+    """Safetensors shards of at most ``max_bytes``, named like transformers' own, plus the index.
+
+    Streaming: each tensor's bytes go to a spool file as they arrive (a tensor from torch, or a
+    byte range copied from a source shard without ever becoming a tensor), so memory holds at
+    most one tensor or one copy chunk, never a shard. On close each shard is laid out as the
+    safetensors library lays it out (tensors by alignment, then name) and its header written.
+    """
+
+    def __init__(self, out: Path, max_bytes: int = SHARD_BYTES):
+        self.out, self.max_bytes = Path(out), max_bytes
+        self.entries: list[dict] = []  # current shard: name, dtype, shape, spool offset, size
+        self.shards: list[tuple[str, list[str]]] = []
+        self.names: set[str] = set()
+        self.total = 0
+        self._spool = None
+        self._spool_size = 0
+
+    def _begin(self, size: int) -> None:
+        if self.entries and self._spool_size + size > self.max_bytes:
+            self.flush()
+        if self._spool is None:
+            self._spool = open(self.out / f".spool-{len(self.shards):05d}", "w+b")
+            self._spool_size = 0
+
+    def _record(self, name: str, dtype: str, shape, size: int) -> None:
+        if name in self.names:
+            raise QoqoptError(f"internal: tensor {name} written twice")
+        self.names.add(name)
+        self.entries.append({"name": name, "dtype": dtype, "shape": list(shape), "at": self._spool_size, "size": size})
+        self._spool_size += size
+        self.total += size
+
+    def add(self, name: str, tensor) -> None:
+        import torch
+
+        t = tensor.detach().cpu().contiguous()
+        dtype = _ST_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise QoqoptError(f"internal: cannot store {name} of dtype {t.dtype}")
+        size = t.numel() * t.element_size()
+        self._begin(size)
+        if size:
+            self._spool.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._record(name, dtype, t.shape, size)
+
+    def add_raw(self, name: str, src_path: Path, offset: int, size: int, dtype: str, shape) -> None:
+        """Copy a tensor's bytes straight from a source safetensors file."""
+        self._begin(size)
+        with open(src_path, "rb") as src:
+            src.seek(offset)
+            left = size
+            while left:
+                chunk = src.read(min(COPY_CHUNK, left))
+                if not chunk:
+                    raise QoqoptError(f"{src_path.name} ended inside tensor {name}")
+                self._spool.write(chunk)
+                left -= len(chunk)
+        self._record(name, dtype, shape, size)
+
+    def flush(self) -> None:
+        if self._spool is None:
+            return
+        order = sorted(self.entries, key=lambda e: (-_ST_ITEMSIZE[e["dtype"]], e["name"]))
+        header, pos = {}, 0
+        for e in order:
+            header[e["name"]] = {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": [pos, pos + e["size"]]}
+            pos += e["size"]
+        header = {"__metadata__": {"format": "pt"}, **header}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        tmp_name = f"part-{len(self.shards):05d}.safetensors"
+        self._spool.flush()
+        with open(self.out / tmp_name, "wb") as dst:
+            dst.write(struct.pack("<Q", len(blob)))
+            dst.write(blob)
+            for e in order:
+                self._spool.seek(e["at"])
+                left = e["size"]
+                while left:
+                    chunk = self._spool.read(min(COPY_CHUNK, left))
+                    dst.write(chunk)
+                    left -= len(chunk)
+        self._spool.close()
+        (self.out / f".spool-{len(self.shards):05d}").unlink()
+        self._spool = None
+        self.shards.append((tmp_name, sorted(e["name"] for e in self.entries)))
+        self.entries = []
+
+    def close(self) -> list[str]:
+        self.flush()
+        if len(self.shards) == 1:
+            (self.out / self.shards[0][0]).rename(self.out / "model.safetensors")
+            return ["model.safetensors"]
+        n = len(self.shards)
+        weight_map, files = {}, []
+        for i, (tmp_name, names) in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.out / tmp_name).rename(self.out / final)
+            files.append(final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return files + ["model.safetensors.index.json"]
+
+
+def copy_source_tensor(writer: ShardWriter, ckpt, canonical: str, out_name: str) -> None:
+    """A tensor passed through unchanged: its bytes copied from the source shard, never loaded."""
+    info = ckpt.tensor_info(canonical)
+    shard = ckpt.path / ckpt.weight_map[ckpt.names[canonical]]
+    with open(shard, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+    begin, end = info["data_offsets"]
+    writer.add_raw(out_name, shard, 8 + header_len + begin, end - begin, info["dtype"], info["shape"])
+
+
+def _pack(fmt: str, qw) -> dict:
+    from . import awq, gptq
+
+    return gptq.pack(qw) if fmt == "gptq" else awq.pack(qw)
+
+
+def export_hf_quant(
+    source: str,
+    out: Path,
+    fmt: str = "gptq",
+    bits: int = 4,
+    group_size: int = 128,
+    act_order: bool = False,
+    sym: bool | None = None,
+    calib: str = "clinical",
+    samples: int = 128,
+    quantize_vision: bool = False,
+    force: bool = False,
+    seed: int = 0,
+    *,
+    device: str | None = None,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    revision: str | None = None,
+    shard_bytes: int = SHARD_BYTES,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Quantize ``source`` (Hub id or directory) to a GPTQ v1 or AWQ GEMM directory at ``out``.
+
+    ``sym`` None picks the format's default: symmetric for GPTQ (what vLLM's Marlin kernels take),
+    zero-points for AWQ. Returns ``out``; the per-layer errors are in ``out/manifest.json``.
+    """
+    report = export_hf_quant_report(
+        source, out, fmt, bits, group_size, act_order, sym, calib, samples, quantize_vision, force, seed,
+        device=device, static_groups=static_groups, damp=damp, revision=revision, shard_bytes=shard_bytes,
+        log=log, progress=progress,
+    )  # fmt: skip
+    return report.out
+
+
+def export_hf_quant_report(
+    source, out, fmt="gptq", bits=4, group_size=128, act_order=False, sym=None, calib="clinical",
+    samples=128, quantize_vision=False, force=False, seed=0, *, device=None, static_groups=False,
+    damp=0.01, revision=None, shard_bytes=SHARD_BYTES, log=None, progress=True, method=None, on_layer=None,
+) -> ExportReport:  # fmt: skip
+    """:func:`export_hf_quant`, returning the full report. ``method`` "rtn" writes a round-to-nearest
+    baseline in the same format (for comparisons; not offered on the command line); ``on_layer`` is
+    called with each :class:`~qoqopt.quantize.runner.LayerResult` before it is written."""
+    import torch
+
+    from qoqopt.calibration import calibration_items
+    from qoqopt.fileio import atomic_dir, prepare_output_dir, sha256_file
+    from qoqopt.loader import open_checkpoint
+    from qoqopt.quantize.rtn import QuantSpec
+    from qoqopt.quantize.runner import (
+        QuantizeOptions,
+        capture_layer0_inputs,
+        check_layer_shapes,
+        encode_chats,
+        stream_quantize,
+    )
+
+    from . import awq as awq_fmt
+    from . import gptq as gptq_fmt
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.perf_counter()
+    sym = (fmt == "gptq") if sym is None else sym
+    validate_options(fmt, bits, group_size, act_order, sym, quantize_vision)
+    if samples < 1:
+        raise QoqoptError(f"--samples must be at least 1, got {samples}")
+    out = Path(out)
+    prepare_output_dir(out, force)  # fail before hours of work, not after
+    ckpt = open_checkpoint(source, revision=revision)
+    ckpt.require_weights()
+    config = ckpt.hf_config()
+    zero_min = 1 if (fmt == "gptq" and not sym) else 0
+    spec = QuantSpec(bits, group_size, sym, zero_min)
+    check_layer_shapes(config.text_config, spec, pack_cols=(32 // bits) if fmt == "gptq" else 8)
+    fmt_mod = gptq_fmt if fmt == "gptq" else awq_fmt
+    report = ExportReport(out, fmt)
+    if fmt == "gptq" and not sym:
+        report.notes.append(
+            "asymmetric GPTQ v1: zero-points kept >= 1 (GPTQModel's v1->v2 conversion adds 0x11111111 to "
+            "whole words, so a stored zero-1 of -1 would carry into its neighbour); transformers loads it, "
+            "but GPTQModel.load refuses asymmetric v1 that GPTQModel did not produce, and vLLM's Marlin "
+            "kernels need sym: prefer the default --sym"
+        )
+
+    items, label = calibration_items(calib, samples, seed)
+    if not items:
+        raise QoqoptError(f"calibration set {calib} gave no items")
+    processor = _processor(ckpt)
+    chats = encode_chats(processor, items)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    opts = QuantizeOptions(
+        method=method or fmt, spec=spec, act_order=act_order, static_groups=static_groups, damp=damp, seed=seed
+    )
+    vision_plan = _vision_plan(ckpt, spec, fmt) if quantize_vision else None
+    vision_stats = _VisionStats(vision_plan, opts.method) if vision_plan else None
+    log(f"calibrating on {len(chats)} chats from {label} ({device})")
+    captured = capture_layer0_inputs(
+        ckpt, chats, device=device, vision_hooks=vision_stats.hooks if vision_stats else None, progress=progress
+    )
+    report.calibration = {
+        "source": label, "chats": len(chats), "tokens": captured.tokens, "image_tokens": captured.image_tokens,
+        "domains": _domain_counts(items), "seed": seed,
+    }  # fmt: skip
+    log(f"captured layer-0 inputs: {captured.tokens} tokens ({captured.image_tokens} image) in {captured.seconds:.1f} s")
+
+    with atomic_dir(out, force=force) as tmp:
+        writer = ShardWriter(tmp, shard_bytes)
+        for result in stream_quantize(ckpt, captured, opts, device=device, log=log, text_config=None):
+            if on_layer:
+                on_layer(result)
+            prefix = f"model.language_model.layers.{result.index}."
+            written = set()
+            for name, qw in result.quantized.items():
+                for key, tensor in _pack(fmt, qw).items():
+                    writer.add(f"{prefix}{name}.{key}", tensor)
+                if f"{name}.bias" in result.tensors:  # the bias sits beside its packed weight
+                    writer.add(f"{prefix}{name}.bias", result.tensors[f"{name}.bias"])
+                    written.add(f"{name}.bias")
+            for key, tensor in result.tensors.items():
+                if key not in written:
+                    writer.add(prefix + key, tensor)
+            report.layers.append({"layer": result.index, "rel_error": round(result.rel_error, 6),
+                                  "seconds": round(result.seconds, 2), "notes": result.notes})  # fmt: skip
+        del captured
+        vision_done = _write_vision(ckpt, writer, vision_stats, opts, fmt, log) if vision_stats else {}
+        report.vision = [vision_done[k] for k in sorted(vision_done)]
+        skipped_vision = sorted(vision_plan.skipped) if vision_plan else []
+        for name in ckpt.names:
+            if name.startswith("model.layers."):
+                continue
+            if vision_done and name.removesuffix(".weight").removesuffix(".bias") in vision_done:
+                continue  # written packed above
+            copy_source_tensor(writer, ckpt, name, runtime_name(name))
+        files = writer.close()
+
+        quant_config = fmt_mod.quantization_config(
+            bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
+            damp=damp, vision_modules=sorted(v["module"] for v in vision_done.values()), vision_skipped=skipped_vision,
+        )  # fmt: skip
+        config_json = dict(ckpt.config)
+        config_json["quantization_config"] = quant_config
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=False) + "\n")
+        copied = _copy_support_files(ckpt.path, tmp)
+        if ckpt.has_ecg_encoder:
+            report.notes.append("ECG encoder (time_series_embedding.*) carried through unquantized")
+        if not quantize_vision:
+            report.notes.append("vision tower and lm_head left unquantized (default)")
+        else:
+            report.notes.append(
+                f"{len(vision_done)} vision-block Linear(s) quantized (AWQ clipping search, no scale folding); "
+                "transformers loads them, GPTQModel.load does not (it converts only the language-model layers)"
+            )
+            if skipped_vision:
+                report.notes.append(f"{len(skipped_vision)} vision Linear(s) left unquantized: shapes do not fit the format")
+        report.seconds = time.perf_counter() - t0
+        manifest = _manifest(ckpt, report, opts, files + ["config.json"] + copied, tmp, sha256_file, quant_config)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    mean_err = sum(lr["rel_error"] for lr in report.layers) / max(len(report.layers), 1)
+    log(f"wrote {out} ({fmt}, {bits}-bit, group {group_size}; mean layer error {mean_err:.4f}; "
+        f"{report.seconds:.0f} s)")  # fmt: skip
+    return report
+
+
+def _processor(ckpt):
+    from qoqopt.processor import load_processor
+
+    if not (ckpt.path / "tokenizer_config.json").exists() and not (ckpt.path / "tokenizer.json").exists():
+        raise QoqoptError(f"{ckpt.source} has no tokenizer files; calibration needs the model's processor")
+    try:
+        return load_processor(ckpt.path)
+    except (OSError, ValueError) as exc:
+        raise QoqoptError(f"cannot load the processor of {ckpt.source}: {str(exc).splitlines()[0]}") from exc
+
+
+def _domain_counts(items) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.domain] = counts.get(item.domain, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _copy_support_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in SUPPORT_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _manifest(ckpt, report: ExportReport, opts, files, tmp: Path, sha256_file, quant_config) -> dict:
+    from qoqopt import __version__
+
+    return {
+        "format": report.fmt,
+        "qoqopt_version": __version__,
+        "source": {
+            "model": ckpt.source, "revision": ckpt.revision, "architecture": ckpt.architecture,
+            "layout": ckpt.layout, "ecg_encoder": ckpt.has_ecg_encoder,
+        },  # fmt: skip
+        "quantization": {
+            "method": opts.method, "bits": opts.spec.bits, "group_size": opts.spec.group_size,
+            "sym": opts.spec.sym, "act_order": opts.act_order, "static_groups": opts.static_groups,
+            "damp": opts.damp, "config": quant_config,
+        },  # fmt: skip
+        "calibration": report.calibration,
+        "layers": [{k: v for k, v in lr.items() if k != "seconds"} for lr in report.layers],  # no timings: deterministic
+        "vision": report.vision,
+        "notes": report.notes,
+        "files": [
+            {"path": f, "bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in sorted(files)
+        ],
+    }
+
+
+# --------------------------------------------------------------------------- vision (opt-in)
+
+
+@dataclass
+class _VisionPlan:
+    linears: dict[str, tuple[int, int]]  # canonical weight name (without .weight) -> (out, in)
+    skipped: dict[str, str]  # runtime module name -> why
+
+
+def _vision_plan(ckpt, spec, fmt: str) -> _VisionPlan:
+    """Which vision-block Linears fit the format: whole groups along K, whole words along N."""
+    pack_cols = (32 // spec.bits) if fmt == "gptq" else 8
+    plan = _VisionPlan({}, {})
+    for name in sorted(ckpt.names):
+        if not (name.startswith("visual.blocks.") and name.endswith(".weight")):
+            continue
+        shape = tuple(ckpt.tensor_info(name)["shape"])
+        if len(shape) != 2:
+            continue  # norms
+        n, k = shape
+        module = name.removesuffix(".weight")
+        why = None
+        if spec.group_size != -1 and k % spec.group_size:
+            why = f"in-features {k} not a multiple of group size {spec.group_size}"
+        elif n % pack_cols or k % (32 // spec.bits):
+            why = f"shape {n}x{k} does not pack into int32 words"
+        if why:
+            plan.skipped[vision_linear_name(name)] = why
+        else:
+            plan.linears[module] = (n, k)
+    return plan
+
+
+class _VisionStats:
+    """Hooks on the vision tower during capture: a subsample of each planned Linear's inputs."""
+
+    def __init__(self, plan: _VisionPlan, method: str):
+        self.plan, self.method = plan, method
+        self.samples: dict[str, list] = {}
+
+    def hooks(self, visual) -> list:
+        handles = []
+        for module_name, mod in visual.named_modules():
+            canon = "visual." + module_name
+            if canon not in self.plan.linears:
+                continue
+
+            def hook(m, args, canon=canon):
+                rows = args[0].detach().reshape(-1, args[0].shape[-1])
+                step = max(1, rows.shape[0] // 64)
+                self.samples.setdefault(canon, []).append(rows[::step].float().cpu())
+
+            handles.append(mod.register_forward_pre_hook(hook))
+        return handles
+
+
+def _write_vision(ckpt, writer: ShardWriter, stats: _VisionStats, opts, fmt: str, log) -> dict[str, dict]:
+    """Quantize the planned vision Linears (AWQ format only) and write them packed. Not layer-streamed
+    (the tower is small) and clipping search only: no scale folding in the vision blocks."""
+    import torch
+
+    from qoqopt.quantize.awq import awq_quantize, search_clip
+    from qoqopt.quantize.rtn import rtn_quantize
+
+    done = {}
+    for canon in sorted(stats.plan.linears):
+        weight = ckpt.tensor(canon + ".weight").float()
+        if opts.method == "awq":
+            if canon not in stats.samples:
+                raise QoqoptError(f"no calibration inputs reached {canon}")
+            x = torch.cat(stats.samples[canon])[: opts.awq_clip_tokens]
+            qw = awq_quantize(weight, opts.spec, search_clip(weight, x, opts.spec, n_grid=opts.awq_grid))
+        else:
+            qw = rtn_quantize(weight, opts.spec)
+        rel = float((qw.dequantize() - weight).norm() / weight.norm().clamp(min=1e-12))
+        module = vision_linear_name(canon + ".weight")
+        for key, tensor in _pack(fmt, qw).items():
+            writer.add(f"{module}.{key}", tensor)
+        if canon + ".bias" in ckpt.names:
+            writer.add(f"{module}.bias", ckpt.tensor(canon + ".bias"))
+        done[canon] = {"module": module, "weight_rel_error": round(rel, 6)}
+    log(f"vision: quantized {len(done)} Linear(s), skipped {len(stats.plan.skipped)}")
+    return done
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def dequantized_state_dict(path: Path, dtype=None) -> dict:
+    """The exported directory as a plain (fake-quantized) state dict, runtime names, packed
+    tensors unpacked with :mod:`qoqopt.packing` and dequantized in fp32."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qoqopt.packing import dequantize, unpack_awq, unpack_gptq
+
+    path = Path(path)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    tensors = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    out = {}
+    for name in sorted(tensors):
+        if name.endswith(".qweight"):
+            mod = name.removesuffix(".qweight")
+            qweight, qzeros, scales = tensors[name], tensors[mod + ".qzeros"], tensors[mod + ".scales"]
+            if qc["quant_method"] == "gptq":
+                q, z = unpack_gptq(qweight, qzeros, qc["bits"])
+                g_idx = tensors[mod + ".g_idx"]
+            else:
+                q, z = unpack_awq(qweight, qzeros)
+                g_idx = torch.arange(q.shape[0]) // (q.shape[0] // scales.shape[0])
+            out[mod + ".weight"] = dequantize(q, z, scales, g_idx).t().contiguous()
+        elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+            out[name] = tensors[name].float()
+    if dtype is not None:
+        out = {k: v.to(dtype) for k, v in out.items()}
+    return out
+
+
+def load_fake_quantized(path: Path, dtype=None):
+    """A transformers Qwen2.5-VL model holding the dequantized weights of an exported directory."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    fields = {k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "quantization_config")}
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**fields))
+    state = dequantized_state_dict(path, dtype or torch.float32)
+    state = {k: v for k, v in state.items() if not k.startswith("time_series_embedding.")}
+    model.load_state_dict(state, strict=True, assign=True)
+    _fix_rotary(model)
+    return model.eval()
+
+
+def load_with_quant_linear(path: Path, dtype=None):
+    """The exported directory in a transformers model whose quantized Linears are qoqopt's own
+    :class:`qoqopt.kernels.w4a16.QuantLinear`, built straight from the packed tensors (the closest
+    real consumer of the format that runs here)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.kernels.w4a16 import QuantLinear
+
+    path = Path(path)
+    dtype = dtype or torch.float32
+    raw = json.loads((path / "config.json").read_text())
+    qc = raw["quantization_config"]
+    fields = {k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "quantization_config")}
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**fields))
+    tensors = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    plain = {}
+    for name in [n for n in tensors if n.endswith(".qweight")]:
+        mod_name = name.removesuffix(".qweight")
+        bias = tensors.pop(mod_name + ".bias", None)
+        bias = None if bias is None else bias.to(dtype)
+        qweight, qzeros, scales = tensors.pop(name), tensors.pop(mod_name + ".qzeros"), tensors.pop(mod_name + ".scales")
+        if qc["quant_method"] == "gptq":
+            ql = QuantLinear.from_gptq(qweight, qzeros, scales.to(dtype), tensors.pop(mod_name + ".g_idx"), bias,
+                                       bits=qc["bits"], checkpoint_format=qc.get("checkpoint_format", "gptq"))  # fmt: skip
+        else:
+            ql = QuantLinear.from_awq(qweight, qzeros, scales.to(dtype), bias)
+        parent_name, _, child = mod_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, ql)
+    for name, t in tensors.items():
+        if not name.startswith("time_series_embedding."):
+            plain[name] = t.to(dtype)
+    missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
+    missing = [m for m in missing if not m.endswith((".qweight", ".qzeros", ".scales", ".bias", ".perm"))]
+    if missing or unexpected:
+        raise QoqoptError(f"{path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    _fix_rotary(model)
+    return model.eval()
+
+
+def _fix_rotary(model) -> None:
+    """Rotary inverse frequencies are non-persistent buffers: rebuild them off the meta device."""
+    lm = model.model.language_model
+    lm.rotary_emb = type(lm.rotary_emb)(config=lm.config)
+    vis = model.model.visual
+    vis.rotary_pos_emb = type(vis.rotary_pos_emb)(vis.config)

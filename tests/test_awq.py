@@ -1,0 +1,130 @@
+"""AWQ math: scale search, exact folding (incl. grouped-query v_proj -> o_proj), clipping search."""
+
+import pytest
+import torch
+
+from qoqopt.quantize.awq import (
+    awq_quantize,
+    expand_kv_scale,
+    group_fake_quantize,
+    search_clip,
+    search_scale,
+    tie_kv_stat,
+)
+from qoqopt.quantize.rtn import QuantSpec, rtn_quantize
+
+SPEC = QuantSpec(4, 64, sym=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _outlier_inputs(t=1024, k=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g)
+    x[:, :8] *= 30  # a few channels carry most of the signal, as in real LLM activations
+    return x
+
+
+def test_scale_search_prefers_activation_aware_scales():
+    x = _outlier_inputs()
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(1)) * 0.05
+    r = search_scale(x.abs().mean(0), x, [w], SPEC)
+    assert r.alpha > 0 and r.loss < 0.9 * r.loss_unscaled
+    assert r.scale.shape == (256,) and r.scale[:8].min() > r.scale[8:].max()
+
+
+def test_clip_search_lowers_output_error():
+    x = _outlier_inputs(512, 128, seed=3)
+    w = torch.randn(64, 128) * 0.05
+    w[:, 5] *= 8  # an outlier weight per row stretches its group's range
+    ref = x @ w.t()
+    plain = awq_quantize(w, SPEC)
+    clipped = awq_quantize(w, SPEC, search_clip(w, x, SPEC))
+    e_plain = (x @ plain.dequantize().t() - ref).norm()
+    e_clip = (x @ clipped.dequantize().t() - ref).norm()
+    assert e_clip < e_plain
+
+
+def test_awq_quantize_layout():
+    w = torch.randn(24, 128)
+    qw = awq_quantize(w, SPEC)
+    assert qw.intweight.shape == (128, 24) and qw.zeros.shape == (2, 24) and qw.scales.dtype == torch.float16
+    assert 0 <= qw.zeros.min() and qw.zeros.max() <= 15
+    torch.testing.assert_close(qw.dequantize(), group_fake_quantize(w, SPEC), rtol=0, atol=1e-6)
+    # without a clip, AWQ's rounding is RTN with zero-points
+    torch.testing.assert_close(qw.dequantize(), rtn_quantize(w, SPEC).dequantize(), rtol=0, atol=0)
+
+
+def test_gqa_scale_tying():
+    s = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # 2 kv heads of head_dim 3
+    assert expand_kv_scale(s, 2, 3).tolist() == [1, 2, 3, 1, 2, 3, 4, 5, 6, 4, 5, 6]
+    stat = torch.arange(12.0)
+    assert tie_kv_stat(stat, 2, 3).tolist() == [1.5, 2.5, 3.5, 7.5, 8.5, 9.5]
+
+
+def _layer_and_inputs():
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLRotaryEmbedding
+
+    from qoqopt.mini import build_config
+
+    cfg = build_config("tiny").text_config
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    layer = Qwen2_5_VLDecoderLayer(cfg, 0).float().eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    x = torch.randn(1, 20, cfg.hidden_size)
+    pos = torch.arange(20).view(1, 1, -1).expand(3, 1, -1)
+    pe = Qwen2_5_VLRotaryEmbedding(cfg)(x, pos)
+    mask = torch.full((20, 20), float("-inf")).triu(1).view(1, 1, 20, 20)
+    return layer, cfg, lambda: layer(x, attention_mask=mask, position_embeddings=pe)
+
+
+def test_folds_are_exact_in_float():
+    """Every fold AWQ applies leaves the layer's float output unchanged (GQA v->o included)."""
+    layer, cfg, run = _layer_and_inputs()
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    with torch.no_grad():
+        ref = run()
+        g = torch.Generator().manual_seed(5)
+        rand = lambda n: torch.rand(n, generator=g) + 0.5  # noqa: E731
+        a = layer.self_attn
+        s = rand(cfg.hidden_size)  # input_layernorm -> q, k, v
+        layer.input_layernorm.weight /= s
+        for lin in (a.q_proj, a.k_proj, a.v_proj):
+            lin.weight *= s
+        s_v = rand(cfg.num_key_value_heads * head_dim)  # v_proj -> o_proj, tied per kv group
+        a.v_proj.weight /= s_v.unsqueeze(1)
+        a.v_proj.bias /= s_v
+        a.o_proj.weight *= expand_kv_scale(s_v, n_rep, head_dim)
+        s = rand(cfg.hidden_size)  # post_attention_layernorm -> gate, up
+        layer.post_attention_layernorm.weight /= s
+        layer.mlp.gate_proj.weight *= s
+        layer.mlp.up_proj.weight *= s
+        s = rand(cfg.intermediate_size)  # up -> down
+        layer.mlp.up_proj.weight /= s.unsqueeze(1)
+        layer.mlp.down_proj.weight *= s
+        out = run()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_untied_o_scale_would_be_wrong():
+    """Why the tie matters: a per-query-head o scale that differs within a kv group breaks the fold."""
+    layer, cfg, run = _layer_and_inputs()
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    with torch.no_grad():
+        ref = run()
+        s_o = torch.rand(cfg.num_attention_heads * head_dim) + 0.5
+        s_v = s_o.view(cfg.num_key_value_heads, -1, head_dim)[:, 0].reshape(-1)  # first head of each group
+        layer.self_attn.v_proj.weight /= s_v.unsqueeze(1)
+        layer.self_attn.v_proj.bias /= s_v
+        layer.self_attn.o_proj.weight *= s_o
+        assert not torch.allclose(run(), ref, rtol=1e-3, atol=1e-4)

@@ -1,0 +1,416 @@
+"""GPTQ v1 / AWQ GEMM checkpoints: read back with unpackers written here from the published layouts
+(not qoqopt.packing), hand-worked int32 words, config keys, names, carried tensors, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from qoqopt.errors import QoqoptError
+from qoqopt.quantize.rtn import QuantizedWeight
+
+AWQ_NIBBLE_TO_COLUMN = [0, 2, 4, 6, 1, 3, 5, 7]  # the AWQ GEMM layout: nibble i of a word holds column 8c + this
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- the spec, written out
+
+
+def _u32(t: torch.Tensor) -> np.ndarray:
+    return t.numpy().view(np.uint32).astype(np.uint64)
+
+
+def spec_unpack_gptq(qweight, qzeros, bits):
+    """GPTQ v1: value k of column n is bits [b*(k%f), b*(k%f)+b) of qweight[k//f, n]; zeros packed the
+    same way along N, stored as zero - 1."""
+    f, mask = 32 // bits, (1 << bits) - 1
+    qw, qz = _u32(qweight), _u32(qzeros)
+    k, n = qw.shape[0] * f, qw.shape[1]
+    ints = np.zeros((k, n), dtype=np.int64)
+    for row in range(k):
+        ints[row] = (qw[row // f] >> np.uint64(bits * (row % f))) & np.uint64(mask)
+    zeros = np.zeros((qz.shape[0], n), dtype=np.int64)
+    for col in range(n):
+        zeros[:, col] = ((qz[:, col // f] >> np.uint64(bits * (col % f))) & np.uint64(mask)) + 1
+    return ints, zeros
+
+
+def spec_unpack_awq(qweight, qzeros):
+    """AWQ GEMM: nibble i of word [r, c] holds column 8c + [0,2,4,6,1,3,5,7][i]; zeros likewise, no offset."""
+
+    def unpack(words):
+        w = _u32(words)
+        out = np.zeros((w.shape[0], w.shape[1] * 8), dtype=np.int64)
+        for i, col in enumerate(AWQ_NIBBLE_TO_COLUMN):
+            out[:, col::8] = (w >> np.uint64(4 * i)) & np.uint64(0xF)
+        return out
+
+    return unpack(qweight), unpack(qzeros)
+
+
+def spec_dequantize(ints, zeros, scales, g_idx) -> torch.Tensor:
+    """W[n, k] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n], as an nn.Linear weight [N, K]."""
+    g = np.asarray(g_idx, dtype=np.int64)
+    s = scales.float().numpy()
+    w = (ints - zeros[g]).astype(np.float32) * s[g]
+    return torch.from_numpy(np.ascontiguousarray(w.T))
+
+
+def read_dir(path: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def spec_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Module name -> dequantized weight, for every packed Linear of an exported directory."""
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    t = read_dir(path)
+    out = {}
+    for name in t:
+        if not name.endswith(".qweight"):
+            continue
+        mod = name.removesuffix(".qweight")
+        if qc["quant_method"] == "gptq":
+            ints, zeros = spec_unpack_gptq(t[name], t[mod + ".qzeros"], qc["bits"])
+            g_idx = t[mod + ".g_idx"].numpy()
+        else:
+            ints, zeros = spec_unpack_awq(t[name], t[mod + ".qzeros"])
+            g_idx = np.arange(ints.shape[0]) // qc["group_size"]
+        out[mod] = spec_dequantize(ints, zeros, t[mod + ".scales"], g_idx)
+    return out
+
+
+# --------------------------------------------------------------------------- hand-worked words
+
+
+def _qw(intweight, zeros, bits=4):
+    k, n = intweight.shape
+    g = zeros.shape[0]
+    return QuantizedWeight(
+        intweight=intweight.to(torch.int32), zeros=zeros.to(torch.int32),
+        scales=torch.full((g, n), 0.5, dtype=torch.float16), g_idx=(torch.arange(k) // (k // g)).to(torch.int32),
+        bits=bits,
+    )  # fmt: skip
+
+
+def test_gptq_words_hand_worked():
+    from qoqopt.exports import gptq
+
+    # q[k, n] = (k + n) % 16 over K = 8: column 0 holds 0..7 LSB first -> 0x76543210, column 1 holds 1..8
+    # -> 0x87654321, whose sign bit is set (stored as the int32 -2023406815).
+    intweight = (torch.arange(8).view(8, 1) + torch.arange(8).view(1, 8)) % 16
+    zeros = torch.arange(1, 9).view(1, 8)  # zero - 1 = 0..7 along N -> 0x76543210
+    packed = gptq.pack(_qw(intweight, zeros))
+    assert packed["qweight"].dtype == torch.int32 and packed["qweight"].shape == (1, 8)
+    assert packed["qweight"][0, :2].tolist() == [0x76543210, 0x87654321 - 2**32]
+    assert packed["qweight"][0, 7].item() == 0xEDCBA987 - 2**32  # 7..14
+    assert packed["qzeros"].tolist() == [[0x76543210]]
+    assert packed["g_idx"].dtype == torch.int32 and packed["scales"].dtype == torch.float16
+    ints, z = spec_unpack_gptq(packed["qweight"], packed["qzeros"], 4)
+    assert (ints == intweight.numpy()).all() and (z == zeros.numpy()).all()
+
+
+def test_gptq_8bit_words_hand_worked():
+    from qoqopt.exports import gptq
+
+    intweight = torch.tensor([[0x01], [0x80], [0xFF], [0x7F]]).expand(4, 4)  # 4 values per word, LSB first
+    zeros = torch.tensor([[0x80, 0x01, 0x02, 0x100]])  # stored 0x7F, 0x00, 0x01, 0xFF
+    packed = gptq.pack(_qw(intweight, zeros, bits=8))
+    assert packed["qweight"].tolist() == [[0x7FFF8001] * 4]
+    assert packed["qzeros"].tolist() == [[0xFF01007F - 2**32]]
+
+
+def test_awq_words_hand_worked():
+    from qoqopt.exports import awq
+
+    # row 0: column j holds j -> nibbles (columns 0,2,4,6,1,3,5,7) = 0,2,4,6,1,3,5,7 -> 0x75316420
+    # row 1: column j holds 15 - j -> nibbles F,D,B,9,E,C,A,8 -> 0x8ACE9BDF
+    intweight = torch.stack([torch.arange(8), 15 - torch.arange(8)])
+    zeros = torch.tensor([[8, 8, 8, 8, 8, 8, 8, 1]])  # column 7 sits in nibble 7 -> 0x18888888
+    packed = awq.pack(_qw(intweight, zeros))
+    assert set(packed) == {"qweight", "qzeros", "scales"}  # AWQ GEMM has no g_idx
+    assert packed["qweight"].tolist() == [[0x75316420], [0x8ACE9BDF - 2**32]]
+    assert packed["qzeros"].tolist() == [[0x18888888]]
+    ints, z = spec_unpack_awq(packed["qweight"], packed["qzeros"])
+    assert (ints == intweight.numpy()).all() and (z == zeros.numpy()).all()
+
+
+# --------------------------------------------------------------------------- exports of the mini model
+
+ECG_TENSORS = {
+    "time_series_embedding.encoder.patch.weight": torch.linspace(-1, 1, 96).view(12, 8).to(torch.bfloat16),
+    "time_series_embedding.proj.weight": torch.linspace(-2, 2, 256 * 12).view(256, 12).to(torch.bfloat16),
+}
+
+
+@pytest.fixture(scope="module")
+def ecg_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny mini model as QoQ-Med's training-repo variant: ECG-encoder tensors + its architecture."""
+    d = tmp_path_factory.mktemp("ecg") / "ckpt"
+    shutil.copytree(tiny_dir, d)
+    state = load_file(str(d / "model.safetensors"))
+    state.update(ECG_TENSORS)
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["TimeSeriesQwen2_5_VLForConditionalGeneration"]
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    return d
+
+
+def _export(src, out, fmt, **kw):
+    from qoqopt.exports.hf_quant import export_hf_quant_report
+
+    layers = {}
+    report = export_hf_quant_report(
+        str(src), out, fmt, samples=kw.pop("samples", 2), log=lambda m: None, progress=False,
+        on_layer=lambda r: layers.update({f"model.language_model.layers.{r.index}.{n}": q for n, q in r.quantized.items()}),
+        **kw,
+    )  # fmt: skip
+    return report, layers
+
+
+@pytest.fixture(scope="module")
+def gptq_export(ecg_dir, tmp_path_factory):
+    return _export(ecg_dir, tmp_path_factory.mktemp("gptq") / "out", "gptq")
+
+
+@pytest.fixture(scope="module")
+def awq_export(tiny_dir, tmp_path_factory):
+    return _export(tiny_dir, tmp_path_factory.mktemp("awq") / "out", "awq")
+
+
+@pytest.fixture(scope="module")
+def gptq_asym_export(tiny_runtime_dir, tmp_path_factory):
+    return _export(tiny_runtime_dir, tmp_path_factory.mktemp("gptqa") / "out", "gptq", sym=False, act_order=True)
+
+
+@pytest.fixture(scope="module")
+def gptq8_export(tiny_dir, tmp_path_factory):
+    return _export(tiny_dir, tmp_path_factory.mktemp("gptq8") / "out", "gptq", bits=8, group_size=64,
+                   act_order=True, static_groups=True, samples=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["gptq_export", "awq_export", "gptq_asym_export", "gptq8_export"])
+def test_spec_unpacker_reproduces_quantizer_weights_bit_exactly(which, request):
+    report, quantized = request.getfixturevalue(which)
+    weights = spec_weights(report.out)
+    assert sorted(weights) == sorted(quantized) and len(weights) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
+    for name, qw in quantized.items():
+        assert torch.equal(weights[name], qw.dequantize()), name
+
+
+def test_gptq8_static_groups(gptq8_export):
+    report, _ = gptq8_export
+    t = read_dir(report.out)
+    q = "model.language_model.layers.1.mlp.down_proj"
+    assert t[q + ".qweight"].shape == (768 // 4, 256) and t[q + ".scales"].shape == (768 // 64, 256)
+    assert torch.equal(t[q + ".g_idx"].long(), torch.arange(768) // 64)  # act-order + static groups: natural g_idx
+    qc = json.loads((report.out / "config.json").read_text())["quantization_config"]
+    assert qc["bits"] == 8 and qc["group_size"] == 64 and qc["desc_act"] is True and qc["static_groups"] is True
+
+
+def test_asym_gptq_v1_zero_points_never_carry(gptq_asym_export):
+    report, quantized = gptq_asym_export
+    t = read_dir(report.out)
+    qzeros = [v for k, v in t.items() if k.endswith(".qzeros")]
+    nibbles = np.concatenate([((_u32(z)[..., None] >> np.uint64(4) * np.arange(8, dtype=np.uint64)) & np.uint64(15)).ravel() for z in qzeros])
+    # a stored zero - 1 of 0xF (zero 0 stored as -1, or zero 16) would carry when GPTQModel adds 0x11111111
+    assert nibbles.max() < 15
+    qc = json.loads((report.out / "config.json").read_text())["quantization_config"]
+    assert qc["sym"] is False and qc["desc_act"] is True
+    assert any("zero-points kept >= 1" in n for n in report.notes)
+    g_idx = t["model.language_model.layers.0.mlp.down_proj.g_idx"]
+    assert not torch.equal(g_idx.long(), torch.arange(768) // 128)  # act-order: a real permutation
+
+
+def test_gptq_config_names_and_carried_tensors(gptq_export, ecg_dir):
+    report, _ = gptq_export
+    out = report.out
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format")} == {
+        "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True, "checkpoint_format": "gptq",
+    }  # fmt: skip
+    assert qc["block_name_to_quantize"] == "model.language_model.layers"
+    assert cfg["architectures"] == ["TimeSeriesQwen2_5_VLForConditionalGeneration"]
+    t = read_dir(out)
+    src = load_file(str(ecg_dir / "model.safetensors"))
+    assert not [n for n in t if n.startswith(("visual.", "model.layers.", "model.embed_tokens", "model.norm"))]
+    for name, tensor in ECG_TENSORS.items():  # carried through bit for bit, unquantized
+        assert torch.equal(t[name], tensor) and t[name].dtype == torch.bfloat16
+    assert torch.equal(t["lm_head.weight"], src["lm_head.weight"])
+    assert torch.equal(t["model.visual.blocks.0.attn.qkv.weight"], src["visual.blocks.0.attn.qkv.weight"])
+    assert torch.equal(t["model.language_model.embed_tokens.weight"], src["model.embed_tokens.weight"])
+    assert torch.equal(t["model.language_model.layers.1.self_attn.q_proj.bias"], src["model.layers.1.self_attn.q_proj.bias"])
+    assert not [n for n in t if n.startswith("model.visual.") and n.endswith(".qweight")]
+    q = "model.language_model.layers.0.self_attn.q_proj"
+    assert t[q + ".qweight"].shape == (256 // 8, 256) and t[q + ".qzeros"].shape == (2, 256 // 8)
+    assert t[q + ".scales"].shape == (2, 256) and t[q + ".g_idx"].shape == (256,)
+    assert q + ".weight" not in t
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json", "generation_config.json"):
+        assert (out / f).read_bytes() == (ecg_dir / f).read_bytes(), f
+    manifest = json.loads((out / "manifest.json").read_text())
+    from qoqopt.fileio import sha256_file
+
+    listed = {f["path"]: f["sha256"] for f in manifest["files"]}
+    assert "model.safetensors" in listed and "config.json" in listed
+    assert all(sha256_file(out / p) == h for p, h in listed.items())
+    assert manifest["source"]["ecg_encoder"] is True and len(manifest["layers"]) == 2
+    assert manifest["calibration"]["image_tokens"] > 0
+
+
+def test_awq_config(awq_export):
+    report, _ = awq_export
+    qc = json.loads((report.out / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 128, "zero_point": True,
+                  "modules_to_not_convert": ["lm_head", "model.visual"]}  # fmt: skip
+    t = read_dir(report.out)
+    q = "model.language_model.layers.0.mlp.down_proj"
+    assert t[q + ".qweight"].shape == (768, 256 // 8) and t[q + ".qzeros"].shape == (6, 256 // 8)
+    assert q + ".g_idx" not in t
+    # AWQ folds its scales into the norms: they change, and stay in the checkpoint's dtype
+    assert t["model.language_model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+
+
+def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, tiny_dir):
+    """qoqopt's own W4A16 QuantLinear, built from the packed tensors, against the dequantized fp32 model."""
+    from qoqopt.calibration import calibration_items, encode_chat
+    from qoqopt.exports.hf_quant import load_fake_quantized, load_with_quant_linear
+    from qoqopt.kernels.w4a16 import QuantLinear
+    from qoqopt.processor import load_processor
+
+    items, _ = calibration_items("clinical", 1, seed=7)
+    batch = encode_chat(load_processor(tiny_dir), items[0])
+    for report, _ in (gptq_export, awq_export):
+        fake = load_fake_quantized(report.out)
+        real = load_with_quant_linear(report.out)
+        assert isinstance(real.model.language_model.layers[0].mlp.down_proj, QuantLinear)
+        assert isinstance(real.model.visual.blocks[0].attn.qkv, torch.nn.Linear)
+        with torch.no_grad():
+            a, b = fake(**batch).logits, real(**batch).logits
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max(), report.fmt
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_deterministic(gptq_export, ecg_dir, tmp_path):
+    first, _ = gptq_export
+    again, _ = _export(ecg_dir, tmp_path / "again", "gptq")
+    a = json.loads((first.out / "manifest.json").read_text())["files"]
+    b = json.loads((again.out / "manifest.json").read_text())["files"]
+    assert a == b
+
+
+# --------------------------------------------------------------------------- one-line errors
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(fmt="gptq", bits=3), "--bits 3 is not supported for GPTQ"),
+        (dict(fmt="awq", bits=8), "GEMM format is 4-bit only"),
+        (dict(fmt="gptq", group_size=100), "--group-size 100 is not supported"),
+        (dict(fmt="awq", sym=True), "zero_point"),
+        (dict(fmt="awq", act_order=True), "--act-order is a GPTQ option"),
+        (dict(fmt="gguf"), "unknown format"),
+    ],
+)
+def test_option_errors(tiny_dir, tmp_path, kw, match):
+    from qoqopt.exports.hf_quant import export_hf_quant
+
+    with pytest.raises(QoqoptError, match=match) as exc:
+        export_hf_quant(str(tiny_dir), tmp_path / "o", log=lambda m: None, **kw)
+    assert "\n" not in str(exc.value) and not (tmp_path / "o").exists()
+
+
+def test_group_size_must_divide_in_features():
+    from types import SimpleNamespace
+
+    from qoqopt.quantize.rtn import QuantSpec
+    from qoqopt.quantize.runner import check_layer_shapes
+
+    cfg = SimpleNamespace(hidden_size=320, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(QoqoptError, match="--group-size 128 does not divide q_proj's 320 input features"):
+        check_layer_shapes(cfg, QuantSpec(4, 128), pack_cols=8)
+
+
+@pytest.mark.parametrize("content,match", [("", "contains no items"), ("{not json\n", "invalid JSON")])
+def test_bad_calibration_file(tiny_dir, tmp_path, content, match):
+    from qoqopt.exports.hf_quant import export_hf_quant
+
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text(content)
+    with pytest.raises(QoqoptError, match=match):
+        export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", calib=str(calib), log=lambda m: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_qwen25vl(tmp_path):
+    from qoqopt.exports.hf_quant import export_hf_quant
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(QoqoptError, match="is not a Qwen2.5-VL checkpoint"):
+        export_hf_quant(str(tmp_path / "m"), tmp_path / "o", "awq", log=lambda m: None)
+
+
+def test_existing_output_needs_force(tiny_dir, tmp_path):
+    from qoqopt.exports.hf_quant import export_hf_quant
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    with pytest.raises(QoqoptError, match="--force"):
+        export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", log=lambda m: None)
+    assert (tmp_path / "o" / "keep.txt").exists()
+
+
+def test_sharded_output_has_an_index(tiny_dir, tmp_path):
+    from qoqopt.exports.hf_quant import ShardWriter
+
+    w = ShardWriter(tmp_path, max_bytes=1000)
+    for i in range(3):
+        w.add(f"t{i}", torch.zeros(200))  # 800 bytes each -> one shard per tensor
+    files = w.close()
+    assert files[-1] == "model.safetensors.index.json" and len(files) == 4
+    index = json.loads((tmp_path / files[-1]).read_text())
+    assert index["weight_map"] == {"t0": files[0], "t1": files[1], "t2": files[2]} and index["metadata"]["total_size"] == 2400
+    with safe_open(str(tmp_path / files[1]), "pt") as f:
+        assert list(f.keys()) == ["t1"]
+
+
+def test_quantize_vision_is_awq_only(tiny_dir, tmp_path):
+    from qoqopt.exports.hf_quant import export_hf_quant
+
+    with pytest.raises(QoqoptError, match="--quantize-vision works with --format awq only"):
+        export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", quantize_vision=True, log=lambda m: None)
+
+
+def test_awq_quantize_vision(tiny_dir, tmp_path):
+    report, _ = _export(tiny_dir, tmp_path / "v", "awq", quantize_vision=True, samples=1)
+    qc = json.loads((report.out / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["lm_head", "model.visual.merger"]
+    weights = spec_weights(report.out)
+    src = load_file(str(tiny_dir / "model.safetensors"))
+    vision = [m for m in weights if m.startswith("model.visual.")]
+    assert len(vision) == 4 * 5  # 4 blocks x qkv, proj, gate, up, down (tiny dims fit group 128)
+    for m in vision:
+        w_src = src[m.removeprefix("model.") + ".weight"].float()
+        assert (weights[m] - w_src).norm() / w_src.norm() < 0.25, m
+    t = read_dir(report.out)
+    assert "model.visual.merger.mlp.0.weight" in t and "model.visual.blocks.0.attn.qkv.weight" not in t
+    assert torch.equal(t["model.visual.blocks.0.attn.qkv.bias"], src["visual.blocks.0.attn.qkv.bias"])
