@@ -19,9 +19,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The main job: train the mini QoQ-Med (cached), export GGUF text + mmproj with a clinical
+# imatrix, then ask llama.cpp a CT question through that build.
 demo: setup
 	$(VENV)/bin/qoqopt mini --out $(OUT)/mini --preset tiny --train --force
 	$(VENV)/bin/qoqopt info $(OUT)/mini
+	$(VENV)/bin/qoqopt export $(OUT)/mini --format gguf --quant Q4_K_M,Q8_0 --out $(OUT)/mini-gguf --force
+	$(VENV)/bin/qoqopt ask $(OUT)/mini-gguf --quant Q4_K_M --item ct-abd-pancreas.region_ct.eval-0
 
 test: setup
 	$(PY) -m pytest -q -ra

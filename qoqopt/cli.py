@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "qoqopt.commands.mini",
     "qoqopt.commands.info",
     "qoqopt.data.cli",
+    "qoqopt.commands.export",
+    "qoqopt.commands.ask",
     "qoqopt.commands.report",
     "qoqopt.commands.publish",
 ]
@@ -27,6 +29,9 @@ examples:
   qoqopt info out/mini                                 # architecture summary of a checkpoint
   qoqopt info ddvd233/QoQ-Med-VL-7B                    # the same for a Hub id (metadata only)
   qoqopt data list --split eval                        # the built-in clinical evaluation set
+  qoqopt export out/mini --format gguf --quant Q4_K_M,Q8_0 --out out/gguf   # GGUF + mmproj + imatrix
+  qoqopt ask out/gguf --item ct-abd-pancreas.region_ct.eval-0               # answer in llama.cpp
+  qoqopt publish out/gguf --repo me/QoQ-Med-GGUF --dry-run                  # what would be uploaded
 
 Each subcommand has its own --help with examples. Errors print one line and exit with status 2.
 """

@@ -1,0 +1,478 @@
+"""`qoqopt export --format gguf`: text GGUF(s) + mmproj from one checkpoint, into one output folder.
+
+    from qoqopt.exports.gguf_export import GGUFOptions, export_gguf
+    result = export_gguf("out/mini", "out/mini-gguf", GGUFOptions(quants=["Q4_K_M", "Q8_0"]))
+
+Steps (each in its own module):
+1. map every checkpoint tensor to a GGUF name or a deliberate skip (gguf_map);
+2. write F32/F16/BF16/Q8_0 text files straight from the shards, streaming (gguf_write, gguf_meta,
+   gguf_vocab);
+3. for K-quants / IQ types, write one F16/BF16 intermediate (or reuse a requested F16/BF16 output),
+   collect the clinical imatrix through the transformers model (qoqopt.calibration) and quantize
+   every requested type from that one intermediate with llama.cpp (gguf_quant);
+4. write the mmproj from the checkpoint's own vision tower;
+5. write the imatrix file, an Ollama Modelfile, README.md and manifest.json.
+
+Everything is built in a temporary sibling folder that replaces the output only when complete,
+so an interrupted (even SIGKILLed) export never leaves a file under a final name. No timestamps or
+absolute paths go into any file, so a rerun is byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qoqopt.errors import QoqoptError
+
+from . import gguf_map, gguf_meta, gguf_quant, gguf_vocab, gguf_write
+from .imatrix_file import IMatrix, read_imatrix, write_imatrix
+
+MMPROJ_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+# rough bits per weight, for the free-space check only
+_BPW = {"Q2_K": 3.0, "Q3_K": 3.9, "Q4": 4.9, "IQ4": 4.5, "Q5": 5.7, "Q6_K": 6.6, "Q8_0": 8.5, "IQ1": 2.0, "IQ2": 2.7, "IQ3": 3.5}
+MODELFILE_PREFERENCE = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_XS", "Q4_K_S", "BF16", "F16", "F32"]
+
+
+@dataclass
+class GGUFOptions:
+    quants: list[str] = field(default_factory=lambda: ["Q4_K_M"])
+    imatrix: str = "clinical"  # clinical | none | a .jsonl calibration set | a llama.cpp imatrix file
+    mmproj_type: str = "f16"  # f32 | f16 | bf16 | q8_0 | none
+    name: str | None = None
+    calib_items: int = 64
+    seed: int = 0
+    threads: int = 0
+    imatrix_data: IMatrix | None = None  # precomputed (API use); overrides `imatrix`
+    progress: bool = True
+
+
+@dataclass
+class FileRecord:
+    file: str
+    kind: str  # text | mmproj | imatrix | modelfile | readme
+    quant: str | None = None
+    tensors: int | None = None
+    bytes: int = 0
+    sha256: str = ""
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    name: str
+    files: list[FileRecord]
+    notes: list[str]
+    skipped: list[str]
+    imatrix: dict | None
+
+    def file(self, kind: str, quant: str | None = None) -> Path:
+        for f in self.files:
+            if f.kind == kind and (quant is None or f.quant == quant):
+                return self.out / f.file
+        raise KeyError((kind, quant))
+
+
+def default_name(source: str) -> str:
+    base = source.rstrip("/").split("/")[-1] if not Path(source).exists() else Path(source).resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "model"
+
+
+def text_file_name(name: str, quant: str) -> str:
+    return f"{name}.{quant}.gguf"
+
+
+def mmproj_file_name(name: str, mmproj_type: str) -> str:
+    return f"mmproj-{name}-{mmproj_type.lower()}.gguf"
+
+
+# ---------------------------------------------------------------------------- the export
+
+
+class _Context:
+    """What every step needs: checkpoint, mapping, hyperparameters, vocabulary."""
+
+    def __init__(self, source: str, revision: str | None, options: GGUFOptions, log):
+        from qoqopt.loader import open_checkpoint
+
+        self.source, self.options, self.log = source, options, log
+        self.ckpt = open_checkpoint(source, revision)
+        self.ckpt.require_weights()
+        self.text_hp = gguf_meta.text_hparams(self.ckpt.config)
+        self.vision_hp = gguf_meta.vision_hparams(self.ckpt.config)
+        shapes = {n: tuple(self.ckpt.tensor_info(n)["shape"]) for n in self.ckpt.names}
+        self.mapping = gguf_map.build_mapping(shapes, self.text_hp.n_layers, self.vision_hp.depth if self.vision_hp else None)
+        embed_rows = shapes["model.embed_tokens.weight"][0]
+        if embed_rows != self.text_hp.vocab_size:
+            raise QoqoptError(f"embedding has {embed_rows} rows but config vocab_size is {self.text_hp.vocab_size}")
+        self.vocab = gguf_vocab.read_vocab(self.ckpt.path, self.ckpt.config, embed_rows)
+        self.name = options.name or default_name(source)
+        self.revision = self.ckpt.revision
+        self.fingerprint = checkpoint_fingerprint(self.ckpt)
+        self.skipped = self.mapping.skip_summary()
+        self.src_dtypes = {self.ckpt.tensor_info(e.source)["dtype"] for e in self.mapping.text}
+        self.reader = gguf_write.ShardReader(self.ckpt)
+
+    def common_kv(self, writer, file_type: int) -> None:
+        gguf_meta.add_common(
+            writer, name=self.name, file_type=file_type, source=self.source,
+            revision=self.revision or self.fingerprint, skipped=self.skipped,
+        )  # fmt: skip
+
+
+def checkpoint_fingerprint(ckpt) -> str:
+    """A content id for checkpoints without a Hub revision: sha256 of config.json and the shard headers."""
+    import hashlib
+
+    h = hashlib.sha256((ckpt.path / "config.json").read_bytes())
+    for shard in ckpt.shard_files:
+        h.update(shard.encode())
+        h.update(json.dumps(ckpt.headers[shard], sort_keys=True).encode())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def _file_type_id(quant: str) -> int:
+    return gguf_quant.llama_ftypes()[quant]
+
+
+def write_text(ctx: _Context, path: Path, ftype: str) -> gguf_write.WriteReport:
+    plans = gguf_write.plan_tensors(ctx.mapping.text, ftype, mmproj=False)
+
+    def add_kv(writer):
+        ctx.common_kv(writer, _file_type_id(ftype))
+        gguf_meta.add_text_hparams(writer, ctx.text_hp)
+        gguf_vocab.add_vocab(writer, ctx.vocab)
+
+    return _write(ctx, path, gguf_meta.TEXT_ARCH, add_kv, plans)
+
+
+def _write(ctx: _Context, path: Path, arch: str, add_kv, plans) -> gguf_write.WriteReport:
+    from tqdm import tqdm
+
+    total = sum(p.nbytes for p in plans)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, leave=False, disable=not ctx.options.progress) as bar:
+        return gguf_write.write_gguf(path, arch, add_kv, plans, ctx.reader, progress=bar.update)
+
+
+def write_mmproj(ctx: _Context, path: Path, ftype: str) -> gguf_write.WriteReport:
+    if not ctx.mapping.vision:
+        raise QoqoptError(f"{ctx.source} has no vision tower tensors; cannot write an mmproj (use --mmproj-type none)")
+    plans = gguf_write.plan_tensors(ctx.mapping.vision, ftype, mmproj=True)
+    norm = gguf_meta.image_norm(ctx.ckpt.path)
+    if norm.note:
+        ctx.log(f"note: {norm.note}")
+
+    def add_kv(writer):
+        ctx.common_kv(writer, _file_type_id(ftype))
+        gguf_meta.add_vision_hparams(writer, ctx.vision_hp, ctx.text_hp.hidden, norm)
+
+    return _write(ctx, path, gguf_meta.CLIP_ARCH, add_kv, plans)
+
+
+def estimate_bytes(ctx: _Context, options: GGUFOptions) -> int:
+    f16 = sum(gguf_write.nbytes(e.shape, gguf_write.F16 if len(e.shape) > 1 else gguf_write.F32) for e in ctx.mapping.text)
+    total = 0
+    for q in options.quants:
+        if q == "F32":
+            total += 2 * f16
+        elif q in ("F16", "BF16"):
+            total += f16
+        else:
+            bpw = next((v for k, v in _BPW.items() if q.startswith(k)), 8.5)
+            total += int(f16 * bpw / 16)
+    if any(not gguf_quant.is_direct(q) for q in options.quants):
+        total += f16  # the intermediate
+    if options.mmproj_type != "none":
+        total += sum(gguf_write.nbytes(e.shape, gguf_write.F32) for e in ctx.mapping.vision)
+    return total
+
+
+def _check_space(out: Path, need: int) -> None:
+    folder = out.parent if out.parent.exists() else Path(".")
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise QoqoptError(f"not enough disk space at {folder}: the export needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+
+
+def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision: str | None = None, force: bool = False, log=print) -> ExportResult:
+    from qoqopt.fileio import atomic_dir, prepare_output_dir
+
+    out = Path(out)
+    if options.mmproj_type not in (*MMPROJ_TYPES, "none"):
+        raise QoqoptError(f"unknown --mmproj-type {options.mmproj_type!r}; choose from {', '.join(MMPROJ_TYPES)}, none")
+    quants = gguf_quant.parse_quants(",".join(options.quants))
+    options.quants = quants
+    prepare_output_dir(out, force)  # fail before the (possibly long) work starts
+    ctx = _Context(source, revision, options, log)
+    for note in ctx.vocab.notes:
+        log(f"note: {note}")
+    for line in ctx.skipped:
+        log(f"skipped deliberately: {line}")
+    _check_space(out, estimate_bytes(ctx, options))
+
+    records: list[FileRecord] = []
+    notes: list[str] = list(ctx.vocab.notes)
+    imatrix_info = None
+    try:
+        with atomic_dir(out, force=force) as tmp:
+            reports: dict[str, gguf_write.WriteReport] = {}
+            # 1. direct types
+            for q in [q for q in quants if gguf_quant.is_direct(q)]:
+                path = tmp / text_file_name(ctx.name, q)
+                reports[q] = write_text(ctx, path, q)
+                notes += reports[q].notes
+                log(f"wrote {path.name} ({reports[q].tensors} tensors, {_size(reports[q].bytes)})")
+            # 2. llama.cpp types from one intermediate
+            llama_quants = [q for q in quants if not gguf_quant.is_direct(q)]
+            if llama_quants:
+                inter_type = "BF16" if ctx.src_dtypes == {"BF16"} else "F16"
+                inter = tmp / text_file_name(ctx.name, inter_type)
+                temporary = inter_type not in quants
+                if temporary:
+                    inter = tmp / f".intermediate.{inter_type}.gguf"
+                    write_text(ctx, inter, inter_type)
+                imatrix, imatrix_info = _imatrix(ctx, options, tmp, log)
+                if imatrix_info:
+                    records.append(_record(tmp / imatrix_info["file"], "imatrix"))
+                for q in llama_quants:
+                    path = tmp / text_file_name(ctx.name, q)
+                    rep = gguf_quant.llama_quantize(inter, path, q, imatrix.means() if imatrix else None, options.threads)
+                    notes += rep.summary()
+                    for line in rep.summary():
+                        log(f"note: {line}")
+                    log(f"wrote {path.name} (llama.cpp {q}{', clinical imatrix' if imatrix else ', no imatrix'}, {_size(path.stat().st_size)})")
+                    records.append(_record(path, "text", q))
+                if temporary:
+                    inter.unlink()
+            for q, rep in reports.items():
+                records.append(_record(rep.path, "text", q, rep.tensors))
+            # 3. mmproj
+            mmproj_name = None
+            if options.mmproj_type != "none":
+                ftype = MMPROJ_TYPES[options.mmproj_type]
+                path = tmp / mmproj_file_name(ctx.name, options.mmproj_type)
+                rep = write_mmproj(ctx, path, ftype)
+                notes += rep.notes
+                for note in rep.notes:
+                    log(f"note: {note}")
+                records.append(_record(path, "mmproj", ftype, rep.tensors))
+                mmproj_name = path.name
+                log(f"wrote {path.name} ({rep.tensors} tensors, {_size(rep.bytes)})")
+            # 4. user-facing files
+            text_files = {r.quant: r.file for r in records if r.kind == "text"}
+            primary = next((q for q in MODELFILE_PREFERENCE if q in text_files), quants[0])
+            (tmp / "Modelfile").write_text(render_modelfile(ctx, text_files[primary], mmproj_name, text_files))
+            records.append(_record(tmp / "Modelfile", "modelfile"))
+            (tmp / "README.md").write_text(render_readme(ctx, records, mmproj_name, primary, notes, imatrix_info))
+            records.append(_record(tmp / "README.md", "readme"))
+            records.sort(key=lambda r: (r.kind != "text", r.kind, r.file))
+            manifest = render_manifest(ctx, records, notes, imatrix_info)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    except OSError as exc:
+        raise gguf_write.disk_error(exc, out / "manifest.json") from exc
+    finally:
+        ctx.reader.close()
+    log(f"done: {out}")
+    return ExportResult(out, ctx.name, records, notes, ctx.skipped, imatrix_info)
+
+
+def _record(path: Path, kind: str, quant: str | None = None, tensors: int | None = None) -> FileRecord:
+    from qoqopt.fileio import sha256_file
+
+    return FileRecord(path.name, kind, quant, tensors, path.stat().st_size, sha256_file(path))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+# ---------------------------------------------------------------------------- imatrix
+
+
+def _imatrix(ctx: _Context, options: GGUFOptions, tmp: Path, log) -> tuple[IMatrix | None, dict | None]:
+    """The importance matrix to quantize with (or None), written into the output as `<Name>.imatrix.gguf`."""
+    choice = options.imatrix
+    if options.imatrix_data is not None:
+        im, how = options.imatrix_data, "given"
+    elif choice == "none":
+        log("note: quantizing without an importance matrix (--imatrix none)")
+        return None, None
+    elif choice == "clinical" or choice.endswith(".jsonl"):
+        im, how = clinical_imatrix(ctx.ckpt.path, choice, options, log), "calibrated"
+    else:
+        im, how = read_imatrix(Path(choice)), f"read from {Path(choice).name}"
+    im = _check_imatrix(ctx, im)
+    path = tmp / f"{ctx.name}.imatrix.gguf"
+    write_imatrix(path, im)
+    info = {"file": path.name, "source": how, "datasets": im.datasets, "entries": len(im.sums),
+            "chunks": im.chunk_count, "chunk_size": im.chunk_size}  # fmt: skip
+    return im, info
+
+
+def _check_imatrix(ctx: _Context, im: IMatrix) -> IMatrix:
+    cols = {e.target: e.shape[-1] for e in ctx.mapping.text if len(e.shape) == 2}
+    unknown = sorted(set(im.sums) - set(cols))
+    if unknown:
+        raise QoqoptError(f"imatrix has {len(unknown)} entries this model lacks, e.g. {unknown[0]}")
+    for name, sums in im.sums.items():
+        if sums.size != cols[name]:
+            raise QoqoptError(f"imatrix entry {name} has {sums.size} values; the tensor has {cols[name]} columns")
+    return im
+
+
+def imatrix_from_stats(stats) -> IMatrix:
+    """Calibration statistics (canonical weight names) -> llama.cpp imatrix entries (GGUF names)."""
+    sums, counts = {}, {}
+    for canon, s in stats.sums.items():
+        rule, bid = gguf_map.match(canon)
+        if rule.part != gguf_map.TEXT:
+            continue
+        target = rule.targets[0].format(bid=bid)
+        sums[target], counts[target] = s, int(stats.tokens[canon])
+    dataset = f"{stats.dataset}: {stats.describe()}"
+    chunk = max(1, round(stats.total_tokens / max(stats.chats, 1)))
+    return IMatrix(sums, counts, [dataset], stats.chats, chunk)
+
+
+def clinical_imatrix(path: Path, choice: str, options: GGUFOptions, log) -> IMatrix:
+    from qoqopt import calibration
+    from qoqopt.processor import load_processor
+
+    items, label = calibration.calibration_items(choice, options.calib_items, options.seed)
+    log(f"calibrating the imatrix on {len(items)} chats from {label} (image tokens included)")
+    model = calibration.load_hf_model(path)
+    processor = load_processor(path)
+    stats = calibration.collect_input_sq_sums(model, processor, items, dataset=label, progress=options.progress)
+    log(f"imatrix: {stats.describe()}")
+    return imatrix_from_stats(stats)
+
+
+# ---------------------------------------------------------------------------- user-facing files
+
+
+def render_modelfile(ctx: _Context, text_file: str, mmproj: str | None, all_text: dict[str, str]) -> str:
+    lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
+    others = ", ".join(f for q, f in sorted(all_text.items()) if f != text_file)
+    lines = [
+        f"# Ollama Modelfile for {ctx.name}, written by qoqopt.",
+        "# Create the model with:  ollama create qoq-med -f Modelfile",
+    ]
+    if others:
+        lines.append(f"# Other builds in this folder: {others} (edit the first FROM line to use one).")
+    lines.append(f"FROM ./{text_file}")
+    if mmproj:
+        lines += [
+            "# The projector from this checkpoint's own (fine-tuned) vision tower:",
+            f"FROM ./{mmproj}",
+        ]
+    lines += [
+        'TEMPLATE """{{- if .System }}<|im_start|>system',
+        "{{ .System }}<|im_end|>",
+        "{{ else }}<|im_start|>system",
+        "You are a helpful assistant.<|im_end|>",
+        "{{ end }}{{- if .Prompt }}<|im_start|>user",
+        "{{ .Prompt }}<|im_end|>",
+        "{{ end }}<|im_start|>assistant",
+        '{{ .Response }}<|im_end|>"""',
+        "# QoQ-Med's generation settings: near-greedy, repetition penalty 1.05, stop at either EOS.",
+        "PARAMETER temperature 0",
+        "PARAMETER repeat_penalty 1.05",
+        'PARAMETER stop "<|im_end|>"',
+        'PARAMETER stop "<|endoftext|>"',
+        "PARAMETER num_ctx 4096",
+        f"# QoQ-Med was trained on images of {lo}..{hi} visual tokens (65536..524288 pixels).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_readme(ctx: _Context, records: list[FileRecord], mmproj: str | None, primary: str, notes: list[str], imatrix: dict | None) -> str:
+    lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
+    text = next(r.file for r in records if r.kind == "text" and r.quant == primary)
+    rows = "\n".join(f"| `{r.file}` | {r.kind} | {r.quant or ''} | {_size(r.bytes)} |" for r in records if r.kind in ("text", "mmproj", "imatrix"))
+    mm = f" --mmproj {mmproj}" if mmproj else ""
+    skipped = "\n".join(f"- {s}" for s in ctx.skipped) or "- nothing"
+    note_lines = "\n".join(f"- {n}" for n in notes) or "- none"
+    im = (
+        f"The K-quant / IQ files were quantized with an importance matrix ({imatrix['source']}; "
+        f"{'; '.join(imatrix['datasets'])}), saved as `{imatrix['file']}` "
+        f"(llama.cpp's GGUF imatrix format: `llama-quantize --imatrix {imatrix['file']} ...` reuses it)."
+        if imatrix
+        else "No importance matrix was used."
+    )
+    return f"""# {ctx.name}: GGUF build
+
+Built by qoqopt from `{ctx.source}` (revision `{ctx.revision or ctx.fingerprint}`). `manifest.json` lists
+every file with its sha256.
+
+| file | kind | type | size |
+|---|---|---|---|
+{rows}
+
+The mmproj comes from this checkpoint's own vision tower (QoQ-Med fine-tuned it; a base Qwen2.5-VL
+mmproj sees images differently). {im}
+
+## Run it
+
+**llama.cpp**
+
+    llama-mtmd-cli -m {text}{mm} --image scan.png \\
+        -p "Above is a CT image of a patient. What is the diagnosis? Answer with one word." \\
+        --temp 0 --repeat-penalty 1.05 --image-min-tokens {lo} --image-max-tokens {hi}
+
+`--image-min-tokens {lo} --image-max-tokens {hi}` keeps images inside QoQ-Med's training range
+(65536..524288 pixels); the mmproj records that range (`clip.vision.image_min_pixels` /
+`image_max_pixels`), but this llama.cpp version does not read those keys for Qwen2.5-VL.
+
+**LM Studio**: put `{text}` and `{mmproj or "(no mmproj)"}` in one folder under
+`~/.lmstudio/models/<publisher>/{ctx.name}/`; LM Studio pairs the mmproj with the model and enables
+image input. Set temperature 0 and repeat penalty 1.05.
+
+**Ollama**: `ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`. The Modelfile
+carries the chat template, QoQ-Med's generation settings and the mmproj. (Ollama versions whose own
+engine handles Qwen2.5-VL may not accept a separate projector file; the text model still runs.)
+
+## Left out on purpose
+
+{skipped}
+
+## Notes from this build
+
+{note_lines}
+
+## Known issues
+
+- llama.cpp's `qwen2vl` architecture ignores the RMSNorm epsilon (it runs with eps 0); logits differ
+  from transformers by ~1e-3 relative on a small model, less on the 7B (eps 1e-6 vs hidden 3584).
+- llama.cpp does not NFC-normalise input and the HF tokenizer does: tokenization agrees on NFC text.
+"""
+
+
+def render_manifest(ctx: _Context, records: list[FileRecord], notes: list[str], imatrix: dict | None) -> dict:
+    from qoqopt import __version__
+
+    return {
+        "format": "gguf",
+        "name": ctx.name,
+        "qoqopt_version": __version__,
+        "source": {
+            "model": ctx.source,
+            "revision": ctx.revision,
+            "fingerprint": ctx.fingerprint,
+            "architecture": ctx.ckpt.architecture,
+            "layout": ctx.ckpt.layout,
+            "ecg_encoder": ctx.ckpt.has_ecg_encoder,
+        },
+        "files": [
+            {k: v for k, v in vars(r).items() if v is not None} for r in records
+        ],
+        "skipped": ctx.skipped,
+        "imatrix": imatrix,
+        "notes": notes,
+    }

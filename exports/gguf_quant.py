@@ -1,0 +1,173 @@
+"""Quant types, and K-quant / IQ quantization through llama.cpp's own quantizer.
+
+F32, F16, BF16 and Q8_0 are written directly from the checkpoint (gguf_write). Every other type
+goes through `llama_cpp.llama_model_quantize` from one F16/BF16 intermediate GGUF, with the
+importance matrix handed over in memory (`llama_model_quantize_params.imatrix`), exactly what
+`llama-quantize --imatrix` does after loading its file.
+
+llama.cpp decides the per-tensor mix (Q4_K_M keeps some tensors at Q6_K, ...) and falls back
+per tensor when a row is not a multiple of the type's block (256 for K-quants: Q4_K -> Q5_0,
+Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL). We capture its log during the call and report
+those fallbacks in one line each.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qoqopt.errors import QoqoptError
+
+from .gguf_write import DIRECT_TYPES
+
+# types that need an importance matrix (llama.cpp refuses them without one)
+NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"}
+# MoE-only, ternary-model-only and placeholder members of the enum are not offered
+_NOT_OFFERED = {"GUESSED", "MOSTLY_MXFP4_MOE", "MOSTLY_NVFP4", "MOSTLY_TQ1_0", "MOSTLY_TQ2_0", "MOSTLY_Q1_0"}
+
+
+def llama_ftypes() -> dict[str, int]:
+    """Quant name -> llama_ftype, from gguf-py's LlamaFileType (the enum llama.h defines)."""
+    from gguf import LlamaFileType
+
+    out = {}
+    for member in LlamaFileType:
+        if member.name in _NOT_OFFERED:
+            continue
+        name = member.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        out[name] = int(member.value)
+    return out
+
+
+def parse_quants(spec: str) -> list[str]:
+    """'q4_k_m,Q8_0' -> ['Q4_K_M', 'Q8_0']; unknown names are a one-line error."""
+    known = llama_ftypes()
+    out: list[str] = []
+    for raw in spec.split(","):
+        name = raw.strip().upper()
+        if not name:
+            continue
+        if name not in known:
+            offered = ", ".join(sorted(known))
+            raise QoqoptError(f"unknown quant type {raw.strip()!r}; choose from {offered}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise QoqoptError("no quant type given (e.g. --quant Q4_K_M,Q8_0)")
+    return out
+
+
+def is_direct(quant: str) -> bool:
+    return quant in DIRECT_TYPES
+
+
+# ---------------------------------------------------------------------------- llama.cpp
+
+
+@dataclass
+class QuantReport:
+    quant: str
+    fallbacks: list[str] = field(default_factory=list)  # "blk.0.ffn_down.weight Q4_K -> Q5_0"
+    missing_imatrix: list[str] = field(default_factory=list)
+
+    def summary(self) -> list[str]:
+        lines = []
+        if self.fallbacks:
+            lines.append(
+                f"{self.quant}: {len(self.fallbacks)} tensor(s) have rows not divisible by the type's block "
+                f"(256 for K-quants); llama.cpp fell back per tensor: {'; '.join(_group(self.fallbacks))}"
+            )
+        return lines
+
+
+def _group(fallbacks: list[str]) -> list[str]:
+    """'blk.0.ffn_down.weight Q4_K -> Q5_0', 'blk.1.ffn_down.weight Q4_K -> Q5_0' -> 'blk.*.ffn_down.weight Q4_K -> Q5_0 (x2)'."""
+    counts: dict[str, int] = {}
+    for f in fallbacks:
+        key = re.sub(r"blk\.\d+\.", "blk.*.", f)
+        counts[key] = counts.get(key, 0) + 1
+    return [f"{k} (x{n})" if n > 1 else k for k, n in counts.items()]
+
+
+_FALLBACK = re.compile(r"warning:\s+(\S+)\s+- ncols\s+\d+ not divisible by\s+\d+ \(required for type\s+(\S+)\).*?falling back to\s+(\S+)")
+
+
+class _LogCapture:
+    """Route llama.cpp's log into a list while a call runs; restore llama-cpp-python's logger after."""
+
+    def __init__(self):
+        import llama_cpp
+
+        self.lines: list[str] = []
+        self._llama = llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def callback(level, text, user_data):
+            self.lines.append(text.decode("utf-8", "replace"))
+
+        self._callback = callback
+
+    def __enter__(self):
+        self._llama.llama_log_set(self._callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc):
+        from llama_cpp import _logger
+
+        self._llama.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def llama_quantize(src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None, threads: int = 0) -> QuantReport:
+    """Quantize GGUF `src` to `dst` with llama.cpp. `imatrix`: GGUF tensor name -> per-column mean x^2."""
+    import llama_cpp
+
+    ftype = llama_ftypes()[quant]
+    if quant in NEEDS_IMATRIX and not imatrix:
+        raise QoqoptError(f"{quant} needs an importance matrix; drop --imatrix none")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    keep = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            if not np.isfinite(arr).all():
+                raise QoqoptError(f"imatrix entry {name} has non-finite values")
+            keep.append((name.encode(), arr))
+            entries[i].name = keep[-1][0]
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        entries[len(imatrix)].name = None
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep.append(entries)
+    with _LogCapture() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        errors = [ln.strip() for ln in log.lines if "error" in ln.lower() or "failed" in ln.lower()]
+        if any("No space left" in ln for ln in log.lines):
+            raise QoqoptError(f"disk full while writing {dst.name}")
+        why = errors[-1] if errors else f"return code {rc}"
+        raise QoqoptError(f"llama.cpp could not quantize to {quant}: {why}")
+    report = QuantReport(quant)
+    flat = log.text.replace("\n", " ")
+    for m in _FALLBACK.finditer(flat):
+        report.fallbacks.append(f"{m.group(1)} {m.group(2).upper()} -> {m.group(3).upper()}")
+    report.missing_imatrix = re.findall(r"did not find weights for (\S+)", flat)
+    return report
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """GGUF tensor name -> GGML type name, read from a file's header (memory-mapped, cheap)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return {t.name: t.tensor_type.name for t in reader.tensors}

@@ -1,0 +1,272 @@
+"""Run an exported GGUF (+ mmproj) in llama.cpp itself, through llama-cpp-python: the verifier side.
+
+    with LlamaVL("m.F16.gguf", "mmproj-m-f16.gguf") as vl:
+        vl.tokenize("<|im_start|>user\\n...")               # llama.cpp's tokenizer
+        vl.logits(ids)                                       # [n, vocab] next-token logits
+        vl.image_embeddings(pil_image)                       # [n_tokens, hidden], mtmd_encode_chunk
+        vl.chat_logits(prompt, image, reply_ids)             # teacher-forced logits after an image prompt
+        vl.generate(prompt, image, max_tokens=32)            # greedy text after an image prompt
+
+The multimodal path is llama.cpp's own (`mtmd`): it resizes and normalises the image, runs the
+clip graph, places the image embeddings with M-RoPE positions and continues with text.
+`f32_kv=True` keeps the KV cache in F32 (the default F16 cache alone costs ~1e-3 relative error).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from qoqopt.errors import QoqoptError
+
+MARKER = "<__media__>"
+
+
+class LlamaVL:
+    def __init__(
+        self,
+        model_path,
+        mmproj_path=None,
+        *,
+        n_ctx: int = 2048,
+        f32_kv: bool = False,
+        threads: int = 2,
+        image_min_tokens: int = 0,
+        image_max_tokens: int = 0,
+        embd_cache: dict | None = None,
+    ):
+        import llama_cpp
+        from llama_cpp import Llama
+
+        self._llama_cpp = llama_cpp
+        kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
+        self.llm = Llama(
+            str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+            n_threads=threads, n_threads_batch=threads, verbose=False, **kv,
+        )  # fmt: skip
+        self.n_vocab = self.llm.n_vocab()
+        self.embd_cache = embd_cache  # (image key) -> image embeddings; valid for one mmproj only
+        self.mctx = None
+        if mmproj_path is not None:
+            from llama_cpp import mtmd_cpp
+
+            self._mtmd = mtmd_cpp
+            params = mtmd_cpp.mtmd_context_params_default()
+            params.use_gpu = False
+            params.print_timings = False
+            params.n_threads = threads
+            params.warmup = False
+            params.media_marker = MARKER.encode()
+            params.image_min_tokens = image_min_tokens
+            params.image_max_tokens = image_max_tokens
+            global _QUIET
+            _QUIET = _QUIET or _quiet_callback()
+            mtmd_cpp.mtmd_helper_log_set(_QUIET, None)  # also sets mtmd_log_set
+            self.mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.llm.model, params)
+            if not self.mctx:
+                raise QoqoptError(f"llama.cpp could not load the mmproj {mmproj_path}")
+            if not mtmd_cpp.mtmd_support_vision(self.mctx):
+                raise QoqoptError(f"{mmproj_path} loaded but has no vision encoder")
+
+    # ---- lifecycle
+    def close(self) -> None:
+        if self.mctx:
+            self._mtmd.mtmd_free(self.mctx)
+            self.mctx = None
+        self.llm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- text
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def detokenize(self, ids: list[int], special: bool = False) -> str:
+        return self.llm.detokenize(ids, special=special).decode("utf-8", "replace")
+
+    def reset(self) -> None:
+        self.llm.reset()
+        self._llama_cpp.llama_memory_clear(self._llama_cpp.llama_get_memory(self.llm.ctx), True)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Next-token logits at every position of `ids` (a fresh sequence)."""
+        self.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    # ---- images
+    def _bitmap(self, image):
+        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        h, w, _ = rgb.shape
+        buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+        bitmap = self._mtmd.mtmd_bitmap_init(w, h, buf)
+        if not bitmap:
+            raise QoqoptError("llama.cpp could not take the image")
+        return bitmap
+
+    def _chunks(self, prompt: str, images: list):
+        if prompt.count(MARKER) != len(images):
+            raise QoqoptError(f"prompt has {prompt.count(MARKER)} {MARKER} markers for {len(images)} image(s)")
+        m = self._mtmd
+        bitmaps = [self._bitmap(im) for im in images]
+        arr = (m.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+        chunks = m.mtmd_input_chunks_init()
+        text = m.mtmd_input_text(prompt.encode("utf-8"), len(prompt.encode("utf-8")), False, True)
+        rc = m.mtmd_tokenize(self.mctx, chunks, ctypes.byref(text), arr, len(bitmaps))
+        for b in bitmaps:
+            m.mtmd_bitmap_free(b)
+        if rc != 0:
+            m.mtmd_input_chunks_free(chunks)
+            raise QoqoptError(f"mtmd_tokenize failed ({rc})")
+        return chunks
+
+    def image_token_count(self, image) -> int:
+        """How many image tokens llama.cpp gives `image` (after its own resize), without encoding it."""
+        m = self._require_mtmd()
+        chunks = self._chunks(MARKER, [image])
+        try:
+            return sum(
+                m.mtmd_input_chunk_get_n_tokens(c)
+                for c in (m.mtmd_input_chunks_get(chunks, i) for i in range(m.mtmd_input_chunks_size(chunks)))
+                if m.mtmd_input_chunk_get_type(c) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE
+            )
+        finally:
+            m.mtmd_input_chunks_free(chunks)
+
+    def image_embeddings(self, image) -> np.ndarray:
+        """The merged image embeddings llama.cpp computes for `image`: [n_tokens, text hidden]."""
+        m = self._require_mtmd()
+        chunks = self._chunks(MARKER, [image])
+        try:
+            for i in range(m.mtmd_input_chunks_size(chunks)):
+                chunk = m.mtmd_input_chunks_get(chunks, i)
+                if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    n_embd = self._llama_cpp.llama_model_n_embd(self.llm.model)
+                    return self._encode(chunk, None).reshape(-1, n_embd)
+            raise QoqoptError("the image produced no image chunk")
+        finally:
+            m.mtmd_input_chunks_free(chunks)
+
+    def _require_mtmd(self):
+        if not self.mctx:
+            raise QoqoptError("no mmproj loaded")
+        return self._mtmd
+
+    def _encode(self, chunk, key) -> np.ndarray:
+        """Image embeddings of an image chunk, from `self.embd_cache` when the same image was encoded before."""
+        m = self._mtmd
+        if key is not None and self.embd_cache is not None and key in self.embd_cache:
+            return self.embd_cache[key]
+        n = m.mtmd_input_chunk_get_n_tokens(chunk)
+        if m.mtmd_encode_chunk(self.mctx, chunk) != 0:
+            raise QoqoptError("mtmd_encode_chunk failed")
+        n_embd = self._llama_cpp.llama_model_n_embd(self.llm.model)
+        embd = np.ctypeslib.as_array(m.mtmd_get_output_embd(self.mctx), shape=(n * n_embd,)).copy()
+        if key is not None and self.embd_cache is not None:
+            self.embd_cache[key] = embd
+        return embd
+
+    def _eval_prompt(self, prompt: str, images: list, image_keys: list | None = None) -> int:
+        """Evaluate a prompt with images into a fresh KV cache; returns n_past (next position).
+
+        Text chunks are decoded as token batches; image chunks are encoded by the mmproj (or taken
+        from `embd_cache` under `image_keys`) and decoded with llama.cpp's M-RoPE image positions.
+        """
+        m = self._require_mtmd()
+        self.reset()
+        keys = list(image_keys) if image_keys else [None] * len(images)
+        chunks = self._chunks(prompt, images)
+        try:
+            n_past, n_chunks = 0, m.mtmd_input_chunks_size(chunks)
+            for i in range(n_chunks):
+                chunk = m.mtmd_input_chunks_get(chunks, i)
+                if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    count = ctypes.c_size_t()
+                    ptr = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+                    self._decode([ptr[j] for j in range(count.value)], n_past, False)
+                    n_past += count.value
+                    continue
+                embd = self._encode(chunk, keys.pop(0))
+                new_n_past = self._llama_cpp.llama_pos(0)
+                rc = m.mtmd_helper_decode_image_chunk(
+                    self.mctx, self.llm.ctx, chunk, embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                    n_past, 0, self.llm.n_batch, ctypes.byref(new_n_past), m.mtmd_helper_post_decode_callback(), None,
+                )  # fmt: skip
+                if rc != 0:
+                    raise QoqoptError(f"llama.cpp could not decode the image ({rc})")
+                n_past = int(new_n_past.value)
+            return n_past
+        finally:
+            m.mtmd_input_chunks_free(chunks)
+
+    def _decode(self, ids: list[int], n_past: int, all_logits: bool) -> np.ndarray:
+        lc = self._llama_cpp
+        batch = lc.llama_batch_init(len(ids), 0, 1)
+        try:
+            batch.n_tokens = len(ids)
+            for i, tok in enumerate(ids):
+                batch.token[i] = tok
+                batch.pos[i] = n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = all_logits or i == len(ids) - 1
+            if lc.llama_decode(self.llm.ctx, batch) != 0:
+                raise QoqoptError("llama_decode failed")
+            rows = range(len(ids)) if all_logits else [len(ids) - 1]
+            out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+            for j, i in enumerate(rows):
+                ptr = lc.llama_get_logits_ith(self.llm.ctx, i)
+                out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            return out
+        finally:
+            lc.llama_batch_free(batch)
+
+    def chat_logits(self, prompt: str, image, continuation: list[int], image_key=None) -> np.ndarray:
+        """Logits predicting each token of `continuation` (teacher-forced) after an image prompt.
+
+        Row 0 predicts continuation[0] (from the prompt's last position), row i predicts continuation[i].
+        `image_key` names the image in `embd_cache`, so several builds sharing one mmproj encode it once.
+        """
+        n_past = self._eval_prompt(prompt, [image] if image is not None else [], [image_key] if image is not None else None)
+        last = self._last_logits()
+        rest = self._decode(continuation[:-1], n_past, True) if len(continuation) > 1 else np.empty((0, self.n_vocab), np.float32)
+        return np.concatenate([last[None], rest], axis=0)
+
+    def _last_logits(self) -> np.ndarray:
+        lc = self._llama_cpp
+        ptr = lc.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def generate(self, prompt: str, image=None, max_tokens: int = 48, stop_ids: tuple[int, ...] = (151645, 151643)) -> str:
+        """Greedy continuation of an (image) prompt, as llama.cpp produces it."""
+        n_past = self._eval_prompt(prompt, [image] if image is not None else [])
+        logits, out = self._last_logits(), []
+        for _ in range(max_tokens):
+            tok = int(np.argmax(logits))
+            if tok in stop_ids:
+                break
+            out.append(tok)
+            logits = self._decode([tok], n_past, False)[0]
+            n_past += 1
+        return self.detokenize(out)
+
+
+def _quiet_callback():
+    import sys
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def quiet(level, text, user_data):  # mtmd/clip logs: keep errors only
+        if level == 3:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    return quiet
+
+
+_QUIET = None

@@ -1,0 +1,68 @@
+"""Compare a GGUF build, run in llama.cpp, with the transformers model on the same clinical chats.
+
+For each item the chat is the inference prompt (image + question) followed by the reference reply,
+teacher-forced. transformers gives the reference next-token logits at the reply positions (with
+`mm_token_type_ids`, so image tokens get their M-RoPE positions); llama.cpp evaluates the same prompt
+through its own multimodal path (mtmd: its own resize/normalise and clip graph) and then the same
+reply tokens. The per-item logits feed `qoqopt.drift` (mean / p99 KLD, same-top-1 %, RMS dp).
+
+Images are kept inside QoQ-Med's training pixel range on both sides: the HF processor carries it in
+preprocessor_config.json; llama.cpp gets the equivalent `image_min_tokens`/`image_max_tokens`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .gguf_runtime import MARKER
+
+IMAGE_SPAN = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def disable_text_rms_eps(model) -> None:
+    """Set the language model's RMSNorm eps to 0, as llama.cpp's qwen2vl runs (tight comparisons only)."""
+    for module in model.model.language_model.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 0.0
+
+
+def reference(model, processor, item) -> dict:
+    """transformers' side of one chat: llama.cpp prompt text, reply ids, reference logits at the reply."""
+    import torch
+
+    from qoqopt.calibration import encode_chat
+
+    prompt_only = encode_chat(processor, item, with_answer=False)
+    full = encode_chat(processor, item, with_answer=True)
+    n_prompt, n_total = prompt_only["input_ids"].shape[1], full["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(**full).logits[0, n_prompt - 1 : n_total - 1].float().numpy()
+    text = processor.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=False)
+    if text.count(IMAGE_SPAN) != 1:
+        raise AssertionError("expected exactly one image in the chat")
+    return {
+        "prompt": text.replace(IMAGE_SPAN, MARKER),
+        "reply_ids": full["input_ids"][0, n_prompt:].tolist(),
+        "ref_logits": logits,
+        "image_tokens": int(prompt_only["mm_token_type_ids"].sum()),
+    }
+
+
+def drift_records(vl, refs: list[dict], items) -> list[dict]:
+    """Records for qoqopt.drift.drift_by_domain: llama.cpp logits against the references."""
+    records = []
+    for ref, item in zip(refs, items):
+        image = item.image
+        n_image = vl.image_token_count(image)
+        if n_image != ref["image_tokens"]:
+            raise AssertionError(f"{item.id}: llama.cpp gives {n_image} image tokens, transformers {ref['image_tokens']}")
+        cand = vl.chat_logits(ref["prompt"], image, ref["reply_ids"], image_key=item.id)
+        records.append(
+            {
+                "domain": item.domain,
+                "ref_logits": ref["ref_logits"],
+                "cand_logits": cand,
+                "target_ids": np.asarray(ref["reply_ids"]),
+            }
+        )
+    return records

@@ -1,0 +1,139 @@
+"""llama.cpp importance-matrix files: write the GGUF format, read both formats.
+
+This llama.cpp (common/imatrix-loader.cpp, used by `llama-quantize --imatrix`) reads:
+- the GGUF format that `llama-imatrix` writes by default: `general.type = "imatrix"`,
+  `imatrix.datasets` (string array), `imatrix.chunk_count`, `imatrix.chunk_size` (u32), and per
+  weight `<name>.in_sum2` (F32, ne = [n_in, n_mat]: raw sums of squared inputs) plus
+  `<name>.counts` (F32, ne = [1, n_mat]: tokens seen); the quantizer uses in_sum2 / counts;
+- the legacy `.dat` format: int32 n_entries, then per entry (int32 name length, name, int32 ncall,
+  int32 n_values, float32[n_values] = mean x^2 * ncall), then optionally int32 chunk count and a
+  dataset name.
+We write GGUF (the current default; the quantizer refuses a GGUF imatrix without the three
+metadata keys) and read either.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qoqopt.errors import QoqoptError
+
+IN_SUM2, COUNTS = ".in_sum2", ".counts"
+
+
+@dataclass
+class IMatrix:
+    """Per GGUF weight name: raw sums of squared inputs per input column, and the token count."""
+
+    sums: dict[str, np.ndarray]
+    counts: dict[str, int]
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+    def means(self) -> dict[str, np.ndarray]:
+        """What llama.cpp's quantizer consumes: mean x^2 per column (sum / count)."""
+        return {
+            name: (s / self.counts[name]).astype(np.float32) if self.counts[name] > 0 else np.ones_like(s, np.float32)
+            for name, s in self.sums.items()
+        }
+
+
+def write_imatrix(path: Path, im: IMatrix) -> None:
+    from gguf import GGUFWriter
+
+    # llama-imatrix writes no architecture; GGUFWriter always adds one, which the loader ignores.
+    writer = GGUFWriter(path=None, arch="imatrix")
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", list(im.datasets) or ["unknown"])
+    writer.add_uint32("imatrix.chunk_count", int(im.chunk_count))
+    writer.add_uint32("imatrix.chunk_size", int(im.chunk_size))
+    for name in sorted(im.sums):
+        sums = np.asarray(im.sums[name], dtype=np.float32).reshape(1, -1)  # numpy [n_mat, n_in]
+        writer.add_tensor(name + IN_SUM2, sums)
+        writer.add_tensor(name + COUNTS, np.array([[float(im.counts[name])]], dtype=np.float32))
+    writer.write_header_to_file(path=Path(path))
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def read_imatrix(path: Path) -> IMatrix:
+    path = Path(path)
+    if not path.is_file():
+        raise QoqoptError(f"{path}: no such imatrix file")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    return _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+
+
+def _read_gguf(path: Path) -> IMatrix:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    fields = reader.fields
+    datasets = []
+    if "imatrix.datasets" in fields:
+        f = fields["imatrix.datasets"]
+        datasets = [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    def scalar(key: str) -> int:
+        f = fields.get(key)
+        return int(f.parts[f.data[0]][0]) if f else 0
+
+    sums, counts = {}, {}
+    tensors = {t.name: t for t in reader.tensors}
+    for tname, t in tensors.items():
+        if tname.endswith(IN_SUM2):
+            name = tname[: -len(IN_SUM2)]
+            c = tensors.get(name + COUNTS)
+            if c is None:
+                raise QoqoptError(f"{path.name}: {name} has sums but no counts")
+            cvals = np.asarray(c.data, dtype=np.float32).ravel()
+            if cvals.size != 1:
+                raise QoqoptError(f"{path.name}: {name} has {cvals.size} expert counts; MoE imatrix not supported")
+            sums[name] = np.asarray(t.data, dtype=np.float32).ravel().astype(np.float64)
+            counts[name] = int(round(float(cvals[0])))
+    if not sums:
+        raise QoqoptError(f"{path.name} holds no imatrix entries")
+    return IMatrix(sums, counts, datasets, scalar("imatrix.chunk_count"), scalar("imatrix.chunk_size"))
+
+
+def _read_legacy(path: Path) -> IMatrix:
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        size = struct.calcsize(fmt)
+        if pos + size > len(data):
+            raise QoqoptError(f"{path.name} is not a llama.cpp imatrix file (truncated)")
+        out = struct.unpack_from(fmt, data, pos)
+        pos += size
+        return out
+
+    (n_entries,) = take("<i")
+    if n_entries < 1 or n_entries > 1_000_000:
+        raise QoqoptError(f"{path.name} is not a llama.cpp imatrix file")
+    sums, counts = {}, {}
+    for _ in range(n_entries):
+        (length,) = take("<i")
+        name = data[pos : pos + length].decode("utf-8", "replace")
+        pos += length
+        ncall, nval = take("<ii")
+        values = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float64)
+        pos += 4 * nval
+        # legacy values are mean * ncall; keep "sum / count" semantics with count = ncall
+        sums[name], counts[name] = values, max(int(ncall), 1)
+    chunk_count, datasets = 0, []
+    if pos + 4 <= len(data):
+        (chunk_count,) = take("<i")
+        if pos + 4 <= len(data):
+            (length,) = take("<i")
+            if length > 0:
+                datasets.append(data[pos : pos + length].decode("utf-8", "replace"))
+    return IMatrix(sums, counts, datasets, chunk_count, 0)

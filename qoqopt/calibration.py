@@ -1,0 +1,163 @@
+"""Calibration: run the transformers model on clinical image+text chats, collect per-Linear input statistics.
+
+For every Linear of the language model (q/k/v/o, gate/up/down of each layer, and lm_head) this
+accumulates, per input channel, the sum of squared inputs over all tokens, and the token count:
+exactly what llama.cpp's `llama-imatrix` accumulates, except that the tokens here include the image
+tokens the vision tower feeds in, which a text-only imatrix never sees. The one exception is lm_head:
+logits at image positions are never used, so its statistics cover text positions only.
+
+Each chat is the prompt as at inference (image + QoQ-Med question, through the processor, with
+`mm_token_type_ids` so image tokens get their 3-D M-RoPE positions) followed by the reference reply
+(`<think>...</think>\\boxed{...}`), so answer-shaped tokens are covered too. Chats run one at a time,
+unpadded, so no padding token is ever counted.
+
+This module knows nothing about output formats: statistics are keyed by the checkpoint's canonical
+weight names (`model.layers.0.self_attn.q_proj.weight`); exporters map them to their own names.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+OUTPUT = "lm_head.weight"
+
+
+@dataclass
+class InputStats:
+    sums: dict[str, np.ndarray]  # canonical weight name -> float64 [in_features], sum of x^2 over tokens
+    tokens: dict[str, int]  # canonical weight name -> tokens seen
+    chats: int = 0
+    total_tokens: int = 0
+    image_tokens: int = 0
+    domains: dict[str, int] = field(default_factory=dict)
+    dataset: str = ""
+
+    def describe(self) -> str:
+        doms = ", ".join(f"{d} {n}" for d, n in sorted(self.domains.items()))
+        return (
+            f"{self.chats} chats, {self.total_tokens} tokens ({self.image_tokens} image tokens), "
+            f"{len(self.sums)} Linear layers; domains: {doms}"
+        )
+
+
+def language_linears(model) -> dict[str, object]:
+    """Canonical weight name -> nn.Linear, for the language model and lm_head (not the vision tower)."""
+    import torch
+
+    from .loader import canonical_name, part_of
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            canon = canonical_name(name + ".weight")
+            if part_of(canon) == "text":
+                out[canon] = module
+    return out
+
+
+def encode_chat(processor, item, with_answer: bool = True) -> dict:
+    """Model inputs for one item: the inference prompt, plus the reference reply when `with_answer`."""
+    import torch
+
+    inputs = processor.apply_chat_template(
+        item.messages(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    batch = {k: v for k, v in inputs.items() if k in ("input_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
+    if "mm_token_type_ids" not in batch:  # older processors: 1 where the id is <|image_pad|>
+        image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        batch["mm_token_type_ids"] = (batch["input_ids"] == image_id).long()
+    if with_answer:
+        reply = processor.tokenizer(item.target_text() + "<|im_end|>", return_tensors="pt").input_ids
+        batch["input_ids"] = torch.cat([batch["input_ids"], reply], dim=1)
+        batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(reply)], dim=1)
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    return batch
+
+
+def collect_input_sq_sums(model, processor, items, *, dataset: str = "", with_answer: bool = True, progress: bool = True) -> InputStats:
+    """Sum of squared inputs per input channel of every language-model Linear, over all tokens of `items`."""
+    import torch
+    from tqdm import tqdm
+
+    linears = language_linears(model)
+    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
+    counts = dict.fromkeys(linears, 0)
+
+    current: dict = {}  # the running chat's text-position mask, for lm_head
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, module.in_features).to(torch.float64)
+            if name == OUTPUT and "text" in current:
+                x = x[current["text"]]
+            sums[name] += (x * x).sum(dim=0).cpu()
+            counts[name] += x.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
+    stats = InputStats({}, {}, dataset=dataset)
+    domains: Counter = Counter()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for item in tqdm(items, desc="calibrating", disable=not progress):
+                batch = {k: v.to(device) for k, v in encode_chat(processor, item, with_answer).items()}
+                current["text"] = (batch["mm_token_type_ids"] == 0).reshape(-1).to(device)
+                if batch.get("pixel_values") is not None:
+                    batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
+                model(**batch)
+                stats.chats += 1
+                stats.total_tokens += int(batch["input_ids"].numel())
+                stats.image_tokens += int(batch["mm_token_type_ids"].sum())
+                domains[item.domain] += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    stats.sums = {n: s.numpy() for n, s in sums.items()}
+    stats.tokens = counts
+    stats.domains = dict(domains)
+    return stats
+
+
+def calibration_items(source: str = "clinical", n: int = 64, seed: int = 0):
+    """Domain-balanced calibration chats: the built-in clinical "calib" split, or a user JSONL set."""
+    from .data import balanced_sample, clinical_set, load_jsonl
+
+    if source == "clinical":
+        pool = clinical_set(split="calib", n_per_base=max(1, -(-n // 40)), seed=seed)
+        label = f"qoqopt clinical calib split (seed {seed})"
+    else:
+        pool = load_jsonl(source)
+        label = str(source)
+    return balanced_sample(pool, n, seed=seed), label
+
+
+def load_hf_model(path, dtype: str = "auto", device: str | None = None):
+    """The checkpoint as a transformers Qwen2.5-VL model (either key layout), for calibration."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    if dtype == "auto":
+        dtype = "float32" if _param_count(path) < 3e9 else "bfloat16"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    return model.to(device).eval()
+
+
+def _param_count(path) -> float:
+    from .loader import open_checkpoint
+
+    ckpt = open_checkpoint(str(path))
+    total = 0
+    for name in ckpt.names:
+        info = ckpt.tensor_info(name)
+        total += int(np.prod(info["shape"] or [1]))
+    return float(total)

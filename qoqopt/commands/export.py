@@ -1,0 +1,96 @@
+"""`qoqopt export MODEL --format gguf ...`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  qoqopt export out/mini --format gguf --quant F16 --imatrix none --out out/mini-gguf
+  qoqopt export ddvd233/QoQ-Med-VL-7B --format gguf --quant Q4_K_M,Q5_K_M,Q8_0 --out out/qoq-7b-gguf
+  qoqopt export out/mini --format gguf --quant Q4_K_M --imatrix my_scans.jsonl --out out/q4
+  qoqopt export out/mini --format gguf --quant IQ4_XS --imatrix out/q4/mini.imatrix.gguf --out out/iq4
+
+Writes <Name>.<QUANT>.gguf (llama.cpp arch qwen2vl), mmproj-<Name>-<type>.gguf (the checkpoint's own
+vision tower), <Name>.imatrix.gguf (when K-quants / IQ types are built with an imatrix), an Ollama
+Modelfile, README.md and manifest.json (sha256, size, type, source revision).
+
+--imatrix: clinical (default) runs domain-balanced clinical image+text chats through the transformers
+model and collects per-channel input statistics, image tokens included; a .jsonl path does the same on
+your own set (see `qoqopt data --help`); a .gguf/.dat path reuses a llama.cpp imatrix file; none
+quantizes without one. F32/F16/BF16/Q8_0 never use it.
+
+QoQ-Med's ECG encoder (time_series_embedding.*) has no llama.cpp counterpart and is left out on
+purpose; the output README says so.
+
+GPTQ / AWQ (for vLLM and transformers):
+  qoqopt export out/mini --format gptq --bits 4 --group-size 128 --out out/mini-gptq
+  qoqopt export ddvd233/QoQ-Med-VL-7B --format awq --calib my_scans.jsonl --samples 256 --out out/awq
+
+Layer-streaming: decoder layers are loaded, quantized and released one at a time straight from the
+safetensors shards, so peak memory is one layer plus calibration activations. The vision tower and
+lm_head stay unquantized (declared in quantization_config); QoQ-Med's ECG encoder is carried through
+unquantized. GPTQ defaults to symmetric: vLLM's fast Marlin kernels take only sym: true, and
+GPTQModel.load refuses asymmetric v1 it did not produce itself. AWQ defaults to zero-points (GEMM).
+"""
+
+FORMATS = ("gguf", "gptq", "awq")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a compressed build (GGUF text + mmproj for llama.cpp / LM Studio / Ollama)",
+        description="Export a QoQ-Med / Qwen2.5-VL checkpoint to a runtime format.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="local checkpoint directory or Hub id (owner/name)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="output format")
+    p.add_argument("--out", required=True, type=Path, help="output directory (refused if it exists, unless --force)")
+    p.add_argument("--quant", default="Q4_K_M", help="comma-separated types, e.g. Q4_K_M,Q5_K_M,Q6_K,Q8_0,IQ4_XS,F16,BF16")
+    p.add_argument("--imatrix", default="clinical", metavar="clinical|none|FILE", help="importance matrix source (default: clinical)")
+    p.add_argument("--mmproj-type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "none"], help="mmproj type (default: f16)")
+    p.add_argument("--name", help="file name stem (default: the model's folder or repo name)")
+    p.add_argument("--calib-items", type=int, default=64, help="calibration chats for --imatrix clinical/JSONL (default: 64)")
+    p.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
+    p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    q = p.add_argument_group("gptq / awq")
+    q.add_argument("--bits", type=int, default=4, choices=[4, 8], help="weight bits (AWQ GEMM: 4 only; default 4)")
+    q.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (one group per row, GPTQ only)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by Hessian order (desc_act)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
+                     help="symmetric (GPTQ default: vLLM's Marlin path needs sym: true)")  # fmt: skip
+    sym.add_argument("--asym", dest="sym", action="store_false",
+                     help="zero-points (AWQ default; asymmetric GPTQ v1 keeps zero-points >= 1)")  # fmt: skip
+    q.add_argument("--calib", default="clinical", metavar="clinical|FILE.jsonl", help="calibration chats (default clinical)")
+    q.add_argument("--samples", type=int, default=128, help="calibration chats (default 128)")
+    q.add_argument("--quantize-vision", action="store_true", help="AWQ: also quantize the vision blocks (opt-in)")
+    q.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.format in ("gptq", "awq"):
+        from ..exports.hf_quant import export_hf_quant
+
+        export_hf_quant(
+            args.model, args.out, args.format, args.bits, args.group_size, args.act_order, args.sym,
+            args.calib, args.samples, args.quantize_vision, args.force, args.seed, revision=args.revision,
+        )  # fmt: skip
+        return 0
+    from ..exports.gguf_export import GGUFOptions, export_gguf
+
+    options = GGUFOptions(
+        quants=[q for q in args.quant.split(",") if q.strip()],
+        imatrix=args.imatrix,
+        mmproj_type=args.mmproj_type,
+        name=args.name,
+        calib_items=args.calib_items,
+        threads=args.threads,
+    )
+    export_gguf(args.model, args.out, options, revision=args.revision, force=args.force)
+    return 0

@@ -1,0 +1,454 @@
+"""`qoqopt export --format gguf` on the tiny mini model, proven in llama.cpp itself (llama-cpp-python).
+
+One export per module (F32 and F16 text + F16 mmproj) feeds the runtime tests. Logit tolerances are
+stated where they are asserted; the numbers are printed (pytest -s). Quantized builds are judged on
+the trained mini model (random weights make drift meaningless): see test_imatrix.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qoqopt.errors import QoqoptError
+from qoqopt.exports.gguf_export import GGUFOptions, export_gguf
+from qoqopt.exports.gguf_runtime import MARKER, LlamaVL
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+TRAIN_TOKENS = (84, 668)  # QoQ-Med's training pixel range in image tokens
+
+
+@pytest.fixture(scope="module")
+def built(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "tiny-gguf"
+    log: list[str] = []
+    res = export_gguf(
+        str(tiny_dir), out,
+        GGUFOptions(quants=["F32", "F16"], imatrix="none", mmproj_type="f16", name="tiny", progress=False),
+        log=log.append,
+    )  # fmt: skip
+    res.log = log
+    return res
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_dir):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.processor import load_processor
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    return model, load_processor(tiny_dir)
+
+
+def _eps(model, value):
+    for module in model.model.language_model.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = value
+
+
+def clinical_prompts(processor) -> list[str]:
+    from qoqopt.data import report_texts
+
+    reports = report_texts()
+    questions = [
+        f"Summarise this report for the referring physician: {reports[0]} {reports[4]}",
+        f"Is the following finding urgent? {reports[2]} Answer yes or no.",
+        "A 67-year-old man has troponin 0.8 ng/mL and ST elevation in V2-V4. What is the diagnosis?",
+        f"Translate into plain language: {reports[7]}",
+    ]
+    return [
+        processor.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        + "<think>"
+        for q in questions
+    ]
+
+
+def hf_text_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        return model(input_ids=x, mm_token_type_ids=torch.zeros_like(x)).logits[0].numpy()
+
+
+# ---------------------------------------------------------------------------- files and metadata
+
+
+@pytest.fixture(scope="module")
+def vocab_llm(built):
+    from llama_cpp import Llama
+
+    return Llama(str(built.file("text", "F16")), vocab_only=True, verbose=False)
+
+
+def test_files_and_metadata(built, tiny_dir, vocab_llm):
+    """What llama.cpp reads from the files: arch, hyperparameters, tokenizer, special ids, template."""
+    import llama_cpp
+    from gguf import GGUFReader
+
+    names = sorted(p.name for p in built.out.iterdir())
+    assert names == sorted(
+        ["tiny.F32.gguf", "tiny.F16.gguf", "mmproj-tiny-f16.gguf", "Modelfile", "README.md", "manifest.json"]
+    )  # fmt: skip
+    meta = vocab_llm.metadata
+    assert meta["general.architecture"] == "qwen2vl" and meta["general.file_type"] == "1"
+    assert (meta["qwen2vl.block_count"], meta["qwen2vl.embedding_length"], meta["qwen2vl.attention.head_count_kv"]) == ("2", "256", "2")
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"], meta["tokenizer.ggml.add_bos_token"]) == ("gpt2", "qwen2", "false")
+    assert meta["tokenizer.chat_template"] == json.loads((tiny_dir / "chat_template.json").read_text())["chat_template"]
+    vocab = llama_cpp.llama_model_get_vocab(vocab_llm.model)
+    assert llama_cpp.llama_vocab_n_tokens(vocab) == 152064
+    assert (llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_pad(vocab), llama_cpp.llama_vocab_bos(vocab)) == (151645, 151643, 151643)
+
+    def kind(token_id):
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token_id)
+        text = llama_cpp.llama_vocab_get_text(vocab, token_id).decode()
+        for name in ("CONTROL", "USER_DEFINED", "UNUSED", "NORMAL"):
+            if attr & getattr(llama_cpp, f"LLAMA_TOKEN_ATTR_{name}"):
+                return text, name
+        return text, attr
+
+    assert kind(9707) == ("Hello", "NORMAL")
+    assert kind(151645) == ("<|im_end|>", "CONTROL")
+    assert kind(151657) == ("<tool_call>", "USER_DEFINED")  # not special in HF either
+    assert kind(152000) == ("[PAD152000]", "UNUSED")
+    mm = GGUFReader(str(built.file("mmproj")))
+    assert bytes(mm.fields["clip.projector_type"].parts[-1]).decode() == "qwen2.5vl_merger"
+    assert mm.fields["clip.vision.n_wa_pattern"].parts[-1][0] == 2
+    assert mm.fields["clip.vision.image_min_pixels"].parts[-1][0] == 65536
+    assert {t.name for t in mm.tensors} >= {"v.patch_embd.weight", "v.patch_embd.weight.1", "mm.0.weight", "mm.2.weight"}
+    manifest = json.loads((built.out / "manifest.json").read_text())
+    for f in manifest["files"]:
+        path = built.out / f["file"]
+        assert path.stat().st_size == f["bytes"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == f["sha256"]
+    assert manifest["source"]["fingerprint"].startswith("sha256:")
+    modelfile = (built.out / "Modelfile").read_text()
+    assert "FROM ./tiny.F16.gguf" in modelfile and "FROM ./mmproj-tiny-f16.gguf" in modelfile
+    assert "repeat_penalty 1.05" in modelfile and 'stop "<|endoftext|>"' in modelfile
+    readme = (built.out / "README.md").read_text()
+    assert "llama-mtmd-cli -m tiny.F16.gguf --mmproj mmproj-tiny-f16.gguf" in readme
+    assert "--image-min-tokens 84 --image-max-tokens 668" in readme
+
+
+# ---------------------------------------------------------------------------- logits
+
+
+def test_f32_logits_match_transformers(built, hf):
+    """F32 GGUF vs transformers on clinical text prompts. Tight (F32 KV cache, HF RMSNorm eps 0 as
+    llama.cpp runs): rel err < 1e-4 asserted (measured ~1e-6). Default settings: < 5e-3 (~1e-3)."""
+    model, proc = hf
+    prompts = clinical_prompts(proc)
+    tight, loose = [], []
+    with LlamaVL(built.file("text", "F32"), f32_kv=True) as vl32, LlamaVL(built.file("text", "F32")) as vl16:
+        for text in prompts:
+            ids = proc.tokenizer(text).input_ids
+            assert vl32.tokenize(text) == ids
+            _eps(model, 0.0)
+            ref0 = hf_text_logits(model, ids)
+            _eps(model, 1e-6)
+            ref = hf_text_logits(model, ids)
+            tight.append(np.abs(vl32.logits(ids) - ref0).max() / np.abs(ref0).max())
+            loose.append(np.abs(vl16.logits(ids) - ref).max() / np.abs(ref).max())
+    print(f"\nF32 GGUF vs transformers, max rel err over {len(prompts)} prompts: "
+          f"{max(tight):.2e} (f32 KV, eps 0), {max(loose):.2e} (f16 KV, eps 1e-6)")  # fmt: skip
+    assert max(tight) < 1e-4
+    assert max(loose) < 5e-3
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_cases() -> list[str]:
+    from qoqopt.data import report_texts
+
+    cases = list(report_texts()[:20])
+    cases += [
+        "BP 120/80 mmHg, HR 72 bpm, SpO2 94% on 2 L/min O2.",
+        "Give 5 mg/kg IV q8h; max 1.2 g/day.",
+        "T 38.5°C, WBC 12.3 ×10⁹/L, CRP 87 mg/L.",
+        "eGFR <60 mL/min/1.73m², HbA1c 7.2 %.",
+        "Nodule 2.3 x 1.8 cm (previously 1,9 cm) at 3333333 ms.",
+        "Dose: 0.125mg, 1e-3 M, -4.5 dB, +12.0%, 1/2 tablet",
+        "Sjögren's syndrome; café-au-lait spots; naïve patient.",
+        "Ménière's disease with β-blocker and 50 µg of α-agonist.",
+        "肺结节，右上叶，直径 8 毫米。",
+        "胸部CT：両側肺野に異常なし。",
+        "Пациент жалуется на боль в груди.",
+        "مريض يعاني من ضيق في التنفس",
+        "🫁 lungs 🩺 stethoscope 🧠 brain ✅ done",
+        "Stage IIIA (T2N2M0) — non-small-cell lung cancer…",
+        "  leading spaces, tabs\tand\nnewlines\n\n\ntrailing   ",
+        "I've seen it's DON'T we'll they'd",
+        '```json\n{"bbox_2d": [10, 20, 312, 400], "label": "nodule"}\n```',
+        "<think>Bright bone, dark air.</think>\n\\boxed{CT}",
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is shown?<|im_end|>\n<|im_start|>assistant\n",
+        "<|vision_start|><|image_pad|><|vision_end|>Above is a CT image of a patient.",
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|image_pad|><|vision_end|>ECG?<|im_end|>",
+        "<tool_call>{\"name\": \"lookup\"}</tool_call>",
+        "<|fim_prefix|>def f(x):<|fim_suffix|>\n<|fim_middle|>",
+        "<|time_series_pad|> 12-lead ECG at 500 Hz",
+        "<|endoftext|><|endoftext|>",
+        "Answer with one word from the following: CT, MRI, Ultrasound, X-ray, ECG.",
+        "x" * 300,
+        "a.b.c/d-e_f:g;h,i!j?k",
+        "ICD-10 I21.0; SNOMED 22298006; LOINC 2160-0",
+        "e\u0301 composed vs é",  # NFC turns the first into the second
+        "Ａｎｇｉｏｇｒａｍ full-width letters",
+        "1234567890 12 345 6789",
+    ]
+    return [unicodedata.normalize("NFC", c) for c in cases]
+
+
+def test_tokenization_matches_hf(vocab_llm, hf):
+    _, proc = hf
+    cases = tokenizer_cases()
+    assert len(cases) >= 50
+    vocab = vocab_llm
+    mismatches = [
+        c for c in cases
+        if vocab.tokenize(c.encode(), add_bos=False, special=True) != proc.tokenizer(c, add_special_tokens=False).input_ids
+    ]  # fmt: skip
+    print(f"\ntokenization: {len(cases) - len(mismatches)}/{len(cases)} strings identical")
+    assert not mismatches
+    # detokenization round-trips too (control tokens shown when asked for)
+    ids = proc.tokenizer(cases[-15]).input_ids
+    assert vocab.detokenize(ids, special=True).decode() == cases[-15]
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def _ct_eval_item():
+    from qoqopt.data import clinical_set
+
+    return next(i for i in clinical_set("eval", n_per_base=1) if i.domain == "ct")
+
+
+def test_mmproj_embeddings_match_vision_tower(built, hf):
+    """llama.cpp's image embeddings (mtmd_encode_chunk) vs transformers' get_image_features on the same
+    pixels (sizes on the 28-px grid inside the training range, so neither side resizes).
+    Tolerance: max abs err < 2e-3 x max |embedding| with the F16 mmproj (measured ~5e-4)."""
+    import torch
+    from PIL import Image
+
+    model, proc = hf
+    base = _ct_eval_item().image.convert("RGB")
+    errs = []
+    with LlamaVL(built.file("text", "F32"), built.file("mmproj"), image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:
+        for size in [(308, 308), (364, 252)]:  # 11x11 and 13x9 merged tokens: partial attention windows
+            img = base.resize(size, Image.BICUBIC)
+            ours = vl.image_embeddings(img)
+            inputs = proc.image_processor(images=[img], return_tensors="pt")
+            with torch.no_grad():
+                out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            feats = getattr(out, "pooler_output", out)
+            ref = torch.cat(list(feats)).numpy() if isinstance(feats, (list, tuple)) else feats.numpy()
+            assert ours.shape == ref.shape == (size[0] * size[1] // 784, 256)
+            errs.append(np.abs(ours - ref).max() / np.abs(ref).max())
+    print(f"\nimage embeddings llama.cpp vs transformers: max rel err {max(errs):.2e}")
+    assert max(errs) < 2e-3
+
+
+def test_image_chat_logits_match(built, hf):
+    """A whole image chat (CT image + question + reply) in llama.cpp vs transformers: image token
+    placement and M-RoPE positions included. F32 text + F16 mmproj, F32 KV, eps 0: rel err < 5e-3."""
+    from qoqopt.exports.gguf_verify import reference
+
+    model, proc = hf
+    item = _ct_eval_item()
+    _eps(model, 0.0)
+    try:
+        ref = reference(model, proc, item)
+    finally:
+        _eps(model, 1e-6)
+    assert ref["image_tokens"] == 121
+    with LlamaVL(built.file("text", "F32"), built.file("mmproj"), f32_kv=True,
+                 image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:  # fmt: skip
+        cand = vl.chat_logits(ref["prompt"], item.image, ref["reply_ids"])
+    err = np.abs(cand - ref["ref_logits"]).max() / np.abs(ref["ref_logits"]).max()
+    print(f"\nimage chat logits llama.cpp vs transformers ({len(ref['reply_ids'])} reply tokens): max rel err {err:.2e}")
+    assert err < 5e-3
+
+
+def test_ct_chat_through_qwen25vl_handler(built, tmp_path):
+    """The path LM Studio-like apps take: Llama + Qwen25VLChatHandler + a real CT slice (pydicom's CT_small)."""
+    import base64
+    import io
+
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Qwen25VLChatHandler
+    from pydicom.data import get_testdata_file
+
+    from qoqopt.data import dicom_to_image
+
+    img = dicom_to_image(get_testdata_file("CT_small.dcm")).convert("RGB").resize((280, 280))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    handler = Qwen25VLChatHandler(clip_model_path=str(built.file("mmproj")), verbose=False)
+    llm = Llama(str(built.file("text", "F16")), chat_handler=handler, n_ctx=1024, n_threads=2, verbose=False)
+    out = llm.create_chat_completion(
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                               {"type": "text", "text": "Above is a CT image. What organ is shown?"}]}],
+        max_tokens=6, temperature=0.0, repeat_penalty=1.05,
+    )  # fmt: skip
+    llm.close()
+    usage = out["usage"]
+    print(f"\nCT chat via Qwen25VLChatHandler: prompt {usage['prompt_tokens']} tokens, reply {out['choices'][0]['message']['content']!r}")
+    # the binding counts the image by its M-RoPE span (10 positions for 10x10 merged tokens), not 100 tokens
+    assert usage["prompt_tokens"] > 30
+    assert usage["completion_tokens"] > 0
+
+
+def test_runtime_key_layout_gives_same_tensors(built, tiny_runtime_dir, tmp_path):
+    """model.visual.* / model.language_model.* keys: every tensor found, data identical to the legacy export
+    (llama.cpp's own converter writes an empty mmproj for this layout)."""
+    from gguf import GGUFReader
+
+    res = export_gguf(str(tiny_runtime_dir), tmp_path / "rt", GGUFOptions(quants=["F16"], imatrix="none", progress=False), log=lambda s: None)
+    a, b = GGUFReader(str(res.file("mmproj"))), GGUFReader(str(built.file("mmproj")))
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(a.tensors, b.tensors))
+    ids = list(range(100, 140))
+    with LlamaVL(res.file("text", "F16")) as x, LlamaVL(built.file("text", "F16")) as y:
+        assert np.array_equal(x.logits(ids), y.logits(ids))
+
+
+# ---------------------------------------------------------------------------- reliability
+
+
+def test_rerun_is_byte_identical_and_refuses_existing(tiny_dir, tmp_path):
+    opts = dict(quants=["F16"], imatrix="none", mmproj_type="f16", progress=False)
+    a = export_gguf(str(tiny_dir), tmp_path / "a", GGUFOptions(**opts), log=lambda s: None)
+    with pytest.raises(QoqoptError, match="already exists"):
+        export_gguf(str(tiny_dir), tmp_path / "a", GGUFOptions(**opts), log=lambda s: None)
+    b = export_gguf(str(tiny_dir), tmp_path / "a", GGUFOptions(**opts), force=True, log=lambda s: None)
+    c = export_gguf(str(tiny_dir), tmp_path / "c", GGUFOptions(**opts), log=lambda s: None)
+    digest = {f.file: f.sha256 for f in a.files}
+    assert digest == {f.file: f.sha256 for f in b.files} == {f.file: f.sha256 for f in c.files}
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "c" / "manifest.json").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary debris
+
+
+def test_one_line_errors(tiny_dir, tmp_path):
+    bad = run_cli("export", str(tiny_dir), "--format", "gguf", "--quant", "Q4_K_X", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert bad.stderr.startswith("error: unknown quant type 'Q4_K_X'; choose from BF16, F16, F32")
+    # a truncated shard is an unreadable checkpoint, named as such
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes()[: 1 << 20] if f.suffix == ".safetensors" else f.read_bytes())
+    res = run_cli("export", str(broken), "--format", "gguf", "--quant", "F16", "--out", str(tmp_path / "y"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "model.safetensors is truncated" in res.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
+    import errno
+
+    from qoqopt.exports import gguf_write
+
+    def full(self, fp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf_write.StreamedTensor, "tofile", full)
+    with pytest.raises(QoqoptError, match=r"^disk full while writing tiny.F16.gguf \(\d+\.\d GiB free\)$"):
+        export_gguf(str(tiny_dir), tmp_path / "out", GGUFOptions(quants=["F16"], imatrix="none", name="tiny"), log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigkill_mid_export_leaves_no_final_name(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qoqopt", "export", str(tiny_dir), "--format", "gguf", "--quant", "F32,F16,BF16", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until the F32 file is being written in the temporary folder
+        tmp = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+        if tmp and any(f.stat().st_size > 1 << 20 for f in tmp[0].iterdir()):
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    assert all(p.name.startswith(".out.") and p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_kquant_fallback_is_reported(tmp_path):
+    """Rows not divisible by 256 (intermediate 320): llama.cpp falls back per tensor; the export says so."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.exports.gguf_quant import tensor_types
+    from qoqopt.mini import build_config, save_checkpoint
+
+    cfg = build_config("tiny")
+    cfg.text_config.intermediate_size = 320
+    torch.manual_seed(0)
+    ckpt = tmp_path / "odd"
+    ckpt.mkdir()
+    save_checkpoint(Qwen2_5_VLForConditionalGeneration(cfg).eval(), ckpt)
+    log: list[str] = []
+    res = export_gguf(str(ckpt), tmp_path / "out", GGUFOptions(quants=["Q4_K_M"], imatrix="none", mmproj_type="none"), log=log.append)
+    note = next(n for n in res.notes if "not divisible" in n)
+    assert "blk.*.ffn_down.weight Q4_K -> Q5_0" in note and any(note in line for line in log)
+    types = tensor_types(res.file("text", "Q4_K_M"))
+    assert types["blk.0.ffn_down.weight"] in ("Q5_0", "Q8_0") and types["blk.0.ffn_up.weight"] == "Q4_K"
+    assert note in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_ecg_encoder_skipped_and_said(tiny_dir, tmp_path):
+    """QoQ-Med's own variant carries time_series_embedding.*: left out of the GGUF on purpose, and said so."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ecg"
+    ckpt.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (ckpt / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(tiny_dir / "model.safetensors"))
+    state["time_series_embedding.proj.weight"] = torch.zeros(256, 768, dtype=torch.bfloat16)
+    state["time_series_embedding.encoder.blocks.0.attn.qkv.weight"] = torch.zeros(2304, 768, dtype=torch.bfloat16)
+    save_file(state, str(ckpt / "model.safetensors"))
+    res = run_cli("export", str(ckpt), "--format", "gguf", "--quant", "F16", "--mmproj-type", "none", "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    assert "skipped deliberately: 2 tensor(s) time_series_embedding.*: QoQ-Med's ECG encoder" in res.stdout
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "time_series_embedding.*" in readme and "no ECG encoder" in readme
+    # an unknown tensor is refused, not dropped
+    state["model.layers.0.mlp.extra.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
+    save_file(state, str(ckpt / "model.safetensors"))
+    res = run_cli("export", str(ckpt), "--format", "gguf", "--quant", "F16", "--out", str(tmp_path / "out2"))
+    assert res.returncode == 2
+    assert res.stderr == "error: 1 tensor(s) have no GGUF mapping: model.layers.0.mlp.extra.weight (refusing to drop them silently)\n"
+
+
+def test_mmproj_needs_the_vision_tower(tmp_path, tiny_dir):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "novis"
+    ckpt.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (ckpt / f.name).write_bytes(f.read_bytes())
+    state = {k: v for k, v in load_file(str(tiny_dir / "model.safetensors")).items() if not k.startswith("visual.")}
+    save_file(state, str(ckpt / "model.safetensors"))
+    with pytest.raises(QoqoptError, match=r"checkpoint lacks 54 tensor\(s\) GGUF needs: visual.patch_embed.proj.weight"):
+        export_gguf(str(ckpt), tmp_path / "out", GGUFOptions(quants=["F16"], imatrix="none"), log=lambda s: None)

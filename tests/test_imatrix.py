@@ -1,0 +1,234 @@
+"""The clinical imatrix: collection through transformers, llama.cpp's file format, and that it helps.
+
+"It helps" is measured on the trained mini model (random weights hide quantization damage) over the
+held-out clinical eval chats with their images, in llama.cpp itself: Q4_K_M with the clinical
+imatrix must have a lower mean KLD against transformers than Q4_K_M without one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qoqopt.exports.imatrix_file import IMatrix, read_imatrix, write_imatrix
+
+TRAIN_TOKENS = (84, 668)
+
+
+# ---------------------------------------------------------------------------- the file format
+
+
+def _ggml_gguf():
+    """libggml-base's own GGUF parser (what llama-quantize's imatrix loader calls), via ctypes."""
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+
+    class Params(ctypes.Structure):
+        _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, Params]
+    lib.gguf_get_n_tensors.restype = ctypes.c_int64
+    lib.gguf_get_n_tensors.argtypes = [ctypes.c_void_p]
+    lib.gguf_get_tensor_name.restype = ctypes.c_char_p
+    lib.gguf_get_tensor_name.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_tensor_type.restype = ctypes.c_int
+    lib.gguf_get_tensor_type.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_tensor_size.restype = ctypes.c_size_t
+    lib.gguf_get_tensor_size.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_find_key.restype = ctypes.c_int64
+    lib.gguf_find_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.gguf_get_val_u32.restype = ctypes.c_uint32
+    lib.gguf_get_val_u32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_val_str.restype = ctypes.c_char_p
+    lib.gguf_get_val_str.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_free.argtypes = [ctypes.c_void_p]
+    return lib, Params
+
+
+def test_imatrix_file_is_what_llama_cpp_reads(tmp_path):
+    rng = np.random.default_rng(0)
+    im = IMatrix(
+        sums={"blk.0.attn_q.weight": rng.random(256) * 100, "output.weight": rng.random(256)},
+        counts={"blk.0.attn_q.weight": 1234, "output.weight": 1234},
+        datasets=["qoqopt clinical calib split"], chunk_count=40, chunk_size=31,
+    )  # fmt: skip
+    path = tmp_path / "m.imatrix.gguf"
+    write_imatrix(path, im)
+    back = read_imatrix(path)
+    assert back.datasets == im.datasets and (back.chunk_count, back.chunk_size) == (40, 31)
+    for name in im.sums:
+        np.testing.assert_allclose(back.sums[name], im.sums[name].astype(np.float32))
+        assert back.counts[name] == 1234
+        np.testing.assert_allclose(back.means()[name], (im.sums[name] / 1234).astype(np.float32), rtol=1e-6)
+
+    lib, Params = _ggml_gguf()
+    ctx = lib.gguf_init_from_file(str(path).encode(), Params(True, None))
+    assert ctx, "ggml's GGUF parser rejected the file"
+    try:
+        tensors = {
+            lib.gguf_get_tensor_name(ctx, i).decode(): (lib.gguf_get_tensor_type(ctx, i), lib.gguf_get_tensor_size(ctx, i))
+            for i in range(lib.gguf_get_n_tensors(ctx))
+        }
+        assert tensors == {
+            "blk.0.attn_q.weight.in_sum2": (0, 1024), "blk.0.attn_q.weight.counts": (0, 4),
+            "output.weight.in_sum2": (0, 1024), "output.weight.counts": (0, 4),
+        }  # fmt: skip  (type 0 = F32, as the loader requires)
+        for key in (b"imatrix.datasets", b"imatrix.chunk_count", b"imatrix.chunk_size"):
+            assert lib.gguf_find_key(ctx, key) >= 0  # the quantizer refuses a GGUF imatrix without them
+        assert lib.gguf_get_val_str(ctx, lib.gguf_find_key(ctx, b"general.type")) == b"imatrix"
+        assert lib.gguf_get_val_u32(ctx, lib.gguf_find_key(ctx, b"imatrix.chunk_count")) == 40
+    finally:
+        lib.gguf_free(ctx)
+
+
+def test_legacy_dat_is_read(tmp_path):
+    values = np.arange(1, 5, dtype="<f4")
+    name = b"blk.3.ffn_down.weight"
+    data = struct.pack("<i", 1) + struct.pack("<i", len(name)) + name + struct.pack("<ii", 10, 4) + values.tobytes()
+    data += struct.pack("<i", 7) + struct.pack("<i", 5) + b"wiki."
+    (tmp_path / "old.dat").write_bytes(data)
+    im = read_imatrix(tmp_path / "old.dat")
+    assert im.datasets == ["wiki."] and im.chunk_count == 7
+    np.testing.assert_allclose(im.means()["blk.3.ffn_down.weight"], values / 10)
+
+
+# ---------------------------------------------------------------------------- collection
+
+
+def test_calibration_counts_every_token_including_image_tokens(tiny_dir):
+    from qoqopt import calibration
+    from qoqopt.data import balanced_sample, clinical_set
+    from qoqopt.exports.gguf_export import imatrix_from_stats
+    from qoqopt.processor import load_processor
+
+    model = calibration.load_hf_model(tiny_dir, dtype="float32", device="cpu")
+    proc = load_processor(tiny_dir)
+    items = balanced_sample(clinical_set("calib", n_per_base=1), 3, seed=0)
+    stats = calibration.collect_input_sq_sums(model, proc, items, dataset="t", progress=False)
+    total = sum(calibration.encode_chat(proc, it)["input_ids"].shape[1] for it in items)
+    assert stats.chats == 3 and stats.total_tokens == total and stats.image_tokens > 0.4 * total
+    assert len(stats.sums) == 2 * 7 + 1  # q k v o gate up down per layer, and lm_head; no vision Linear
+    # every token of every chat, image tokens included; lm_head only where logits are used (text)
+    assert {n: c for n, c in stats.tokens.items() if n != "lm_head.weight"} == dict.fromkeys(set(stats.tokens) - {"lm_head.weight"}, total)
+    assert stats.tokens["lm_head.weight"] == total - stats.image_tokens
+    layer = "model.layers.1."
+    # q, k and v see the same input, and so do gate and up
+    for a, b in [("self_attn.q_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")]:
+        np.testing.assert_array_equal(stats.sums[layer + a + ".weight"], stats.sums[layer + b + ".weight"])
+    im = imatrix_from_stats(stats)
+    assert "blk.1.attn_k.weight" in im.sums and "output.weight" in im.sums and im.chunk_count == 3
+    assert im.sums["blk.0.ffn_down.weight"].shape == (768,)
+
+
+# ---------------------------------------------------------------------------- trained model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The trained mini model: checkpoint, export (BF16, Q8_0, Q4_K_M + clinical imatrix, F16 mmproj),
+    and a Q4_K_M quantized from the same BF16 intermediate without an imatrix."""
+    from qoqopt.exports.gguf_export import GGUFOptions, export_gguf
+    from qoqopt.exports.gguf_quant import llama_quantize
+    from qoqopt.mini import save_checkpoint
+    from qoqopt.train import trained_model
+
+    model, report = trained_model("tiny", 0)
+    root = tmp_path_factory.mktemp("trained")
+    ckpt = root / "ckpt"
+    ckpt.mkdir()
+    save_checkpoint(model, ckpt)
+    log: list[str] = []
+    res = export_gguf(
+        str(ckpt), root / "gguf",
+        GGUFOptions(quants=["BF16", "Q8_0", "Q4_K_M"], imatrix="clinical", calib_items=32, name="mini", progress=False),
+        log=log.append,
+    )  # fmt: skip
+    plain = root / "mini.Q4_K_M.no-imatrix.gguf"
+    llama_quantize(res.file("text", "BF16"), plain, "Q4_K_M", None)
+    return {"ckpt": ckpt, "res": res, "plain": plain, "log": log, "report": report}
+
+
+@pytest.mark.slow
+def test_clinical_imatrix_helps_q4_k_m(trained):
+    """KLD the field's way (llama-perplexity --kl-divergence): each quantized build against the unquantized
+    BF16 build, both in llama.cpp, on the same held-out clinical image chats (reply tokens, teacher-forced).
+    The BF16 build itself is compared with transformers, which bounds what the runtime adds."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.data import balanced_sample, clinical_set
+    from qoqopt.drift import drift_by_domain
+    from qoqopt.exports.gguf_runtime import LlamaVL
+    from qoqopt.exports.gguf_verify import drift_records, reference
+    from qoqopt.processor import load_processor
+
+    res = trained["res"]
+    assert res.imatrix and res.imatrix["entries"] == 15 and res.imatrix["chunks"] == 32
+    assert any("calibrating the imatrix on 32 chats" in line for line in trained["log"])
+    assert (res.out / "mini.imatrix.gguf").exists()
+    assert "FROM ./mini.Q4_K_M.gguf" in (res.out / "Modelfile").read_text()
+    kinds = {f.file: (f.kind, f.quant) for f in res.files}
+    assert kinds["mini.imatrix.gguf"] == ("imatrix", None) and kinds["mini.Q4_K_M.gguf"] == ("text", "Q4_K_M")
+    assert "clinical calib split" in (res.out / "README.md").read_text()
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained["ckpt"]), dtype=torch.float32).eval()
+    proc = load_processor(trained["ckpt"])
+    items = balanced_sample(clinical_set("eval", n_per_base=1), 10, seed=1)
+    refs = [reference(model, proc, it) for it in items]
+    builds = {
+        "BF16": res.file("text", "BF16"),
+        "Q8_0": res.file("text", "Q8_0"),
+        "Q4_K_M + clinical imatrix": res.file("text", "Q4_K_M"),
+        "Q4_K_M, no imatrix": trained["plain"],
+    }
+    cache: dict = {}  # one mmproj for all builds: encode each image once
+    records = {}
+    for label, path in builds.items():
+        with LlamaVL(path, res.file("mmproj"), embd_cache=cache, image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:
+            records[label] = drift_records(vl, refs, items)
+    vs_hf = {label: drift_by_domain(recs) for label, recs in records.items()}
+    base = records["BF16"]
+    vs_bf16 = {
+        label: drift_by_domain([{**r, "ref_logits": b["cand_logits"]} for r, b in zip(recs, base)])
+        for label, recs in records.items() if label != "BF16"
+    }  # fmt: skip
+    print(f"\n{trained['report'].describe()}")
+    print(f"clinical eval: {len(items)} image chats, {sum(len(r['reply_ids']) for r in refs)} reply positions")
+    print("build                        vs   mean KLD    p99 KLD    same top-1  worst domain (mean KLD)")
+    for table, vs in ((vs_hf, "HF"), (vs_bf16, "BF16")):
+        for label, per in table.items():
+            d = per["all"].tokens
+            worst = max((k for k in per if k != "all"), key=lambda k: per[k].tokens.mean_kld)
+            print(f"{label:28} {vs:4} {d.mean_kld:.4e}  {d.p99_kld:.4e}  {d.same_top_pct:7.2f} %   {worst} ({per[worst].tokens.mean_kld:.3e})")
+    with_im = vs_bf16["Q4_K_M + clinical imatrix"]["all"].tokens.mean_kld
+    without = vs_bf16["Q4_K_M, no imatrix"]["all"].tokens.mean_kld
+    print(f"Q4_K_M mean KLD vs BF16: {with_im:.4e} with the clinical imatrix, {without:.4e} without ({without / with_im:.2f}x)")
+    assert vs_hf["Q8_0"]["all"].tokens.same_top_pct >= 99.0 and vs_bf16["Q8_0"]["all"].tokens.same_top_pct >= 99.0
+    assert with_im < without
+
+
+@pytest.mark.slow
+def test_trained_model_answers_a_real_ct_in_llama_cpp(trained):
+    """The README demo: the Q4_K_M build + its own mmproj read a real CT slice (pydicom's CT_small)."""
+    from pydicom.data import get_testdata_file
+
+    from qoqopt.data import clinical_set, dicom_to_image
+    from qoqopt.exports.gguf_runtime import MARKER, LlamaVL
+
+    question = next(i for i in clinical_set("eval", n_per_base=1) if i.domain == "ct" and "modality" in i.question).question
+    image = dicom_to_image(get_testdata_file("CT_small.dcm")).convert("RGB")
+    prompt = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n<|vision_start|>{MARKER}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    res = trained["res"]
+    with LlamaVL(res.file("text", "Q4_K_M"), res.file("mmproj"), image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:
+        answer = vl.generate(prompt, image, max_tokens=64)
+    print(f"\nQ4_K_M + mmproj on CT_small.dcm: {answer!r}")
+    assert "\\boxed{" in answer
