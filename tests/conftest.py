@@ -51,3 +51,14 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "qoqopt", *args], capture_output=True, text=True, env=full_env, timeout=600
     )
+
+
+@pytest.fixture()
+def one_thread():
+    """Small-tensor loops run ~20x slower with two contended threads on the 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,15 +13,11 @@ from qoqopt.quantize.awq import (
 )
 from qoqopt.quantize.rtn import QuantSpec, rtn_quantize
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SPEC = QuantSpec(4, 64, sym=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _outlier_inputs(t=1024, k=256, seed=0):

@@ -7,14 +7,9 @@ from qoqopt.errors import QoqoptError
 from qoqopt.quantize.gptq import accumulate_hessian, gptq_quantize
 from qoqopt.quantize.rtn import QuantSpec, group_params, rtn_quantize
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The shared 2-core machine: small-tensor loops run ~20x slower with two contended threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 def _correlated_inputs(t, k, seed=0):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 CONFIGS = {  # label -> (method, symmetric)
     "rtn-sym": ("rtn", True),
@@ -24,12 +24,6 @@ CONFIGS = {  # label -> (method, symmetric)
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

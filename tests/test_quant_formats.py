@@ -16,15 +16,11 @@ from safetensors.torch import load_file, save_file
 from qoqopt.errors import QoqoptError
 from qoqopt.quantize.rtn import QuantizedWeight
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 AWQ_NIBBLE_TO_COLUMN = [0, 2, 4, 6, 1, 3, 5, 7]  # the AWQ GEMM layout: nibble i of a word holds column 8c + this
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- the spec, written out
