@@ -44,6 +44,9 @@ class GGUFOptions:
     mmproj_type: str = "f16"  # f32 | f16 | bf16 | q8_0 | none
     name: str | None = None
     calib_items: int = 64
+    # how much image positions' own activations count in the clinical imatrix, relative to text positions
+    # (which are image-conditioned either way); 1 = every token alike. 0 measured best: see calibration.py
+    imatrix_image_weight: float = 0.0
     seed: int = 0
     threads: int = 0
     imatrix_data: IMatrix | None = None  # precomputed (API use); overrides `imatrix`
@@ -327,16 +330,17 @@ def _check_imatrix(ctx: _Context, im: IMatrix) -> IMatrix:
     return im
 
 
-def imatrix_from_stats(stats) -> IMatrix:
+def imatrix_from_stats(stats, image_weight: float = 0.0) -> IMatrix:
     """Calibration statistics (canonical weight names) -> llama.cpp imatrix entries (GGUF names)."""
+    combined, combined_counts = stats.combined(image_weight)
     sums, counts = {}, {}
-    for canon, s in stats.sums.items():
+    for canon, s in combined.items():
         rule, bid = gguf_map.match(canon)
         if rule.part != gguf_map.TEXT:
             continue
         target = rule.targets[0].format(bid=bid)
-        sums[target], counts[target] = s, int(stats.tokens[canon])
-    dataset = f"{stats.dataset}: {stats.describe()}"
+        sums[target], counts[target] = s, combined_counts[canon]
+    dataset = f"{stats.dataset}: {stats.describe()}; image positions weighted {image_weight:g}"
     chunk = max(1, round(stats.total_tokens / max(stats.chats, 1)))
     return IMatrix(sums, counts, [dataset], stats.chats, chunk)
 
@@ -346,12 +350,12 @@ def clinical_imatrix(path: Path, choice: str, options: GGUFOptions, log) -> IMat
     from qoqopt.processor import load_processor
 
     items, label = calibration.calibration_items(choice, options.calib_items, options.seed)
-    log(f"calibrating the imatrix on {len(items)} chats from {label} (image tokens included)")
+    log(f"calibrating the imatrix on {len(items)} image chats from {label}")
     model = calibration.load_hf_model(path)
     processor = load_processor(path)
     stats = calibration.collect_input_sq_sums(model, processor, items, dataset=label, progress=options.progress)
-    log(f"imatrix: {stats.describe()}")
-    return imatrix_from_stats(stats)
+    log(f"imatrix: {stats.describe()}; image positions weighted {options.imatrix_image_weight:g}")
+    return imatrix_from_stats(stats, options.imatrix_image_weight)
 
 
 # ---------------------------------------------------------------------------- user-facing files
@@ -448,8 +452,9 @@ engine handles Qwen2.5-VL may not accept a separate projector file; the text mod
 
 ## Known issues
 
-- llama.cpp's `qwen2vl` architecture ignores the RMSNorm epsilon (it runs with eps 0); logits differ
-  from transformers by ~1e-3 relative on a small model, less on the 7B (eps 1e-6 vs hidden 3584).
+- llama.cpp's `qwen2vl` architecture ignores the RMSNorm epsilon (it runs with eps 0): an F32 build's
+  logits differ from transformers by ~1e-3 relative on qoqopt's mini model with the default F16 KV
+  cache (~1e-6 with an F32 cache and eps 0 on both sides).
 - llama.cpp does not NFC-normalise input and the HF tokenizer does: tokenization agrees on NFC text.
 """
 

@@ -125,8 +125,15 @@ class _LogCapture:
         return "".join(self.lines)
 
 
-def llama_quantize(src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None, threads: int = 0) -> QuantReport:
-    """Quantize GGUF `src` to `dst` with llama.cpp. `imatrix`: GGUF tensor name -> per-column mean x^2."""
+def llama_quantize(
+    src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None, threads: int = 0,
+    *, token_embedding_type: str | None = None, output_tensor_type: str | None = None,
+) -> QuantReport:
+    """Quantize GGUF `src` to `dst` with llama.cpp. `imatrix`: GGUF tensor name -> per-column mean x^2.
+
+    `token_embedding_type` / `output_tensor_type` (e.g. "F16", "Q8_0") override llama.cpp's choice for
+    token_embd / output, as `llama-quantize --token-embedding-type / --output-tensor-type` do.
+    """
     import llama_cpp
 
     ftype = llama_ftypes()[quant]
@@ -135,6 +142,12 @@ def llama_quantize(src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarr
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
+    from gguf import GGMLQuantizationType
+
+    if token_embedding_type:
+        params.token_embedding_type = int(GGMLQuantizationType[token_embedding_type])
+    if output_tensor_type:
+        params.output_tensor_type = int(GGMLQuantizationType[output_tensor_type])
     keep = []
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()

@@ -30,7 +30,7 @@ class IMatrix:
     """Per GGUF weight name: raw sums of squared inputs per input column, and the token count."""
 
     sums: dict[str, np.ndarray]
-    counts: dict[str, int]
+    counts: dict[str, float]  # tokens seen (fractional when positions are weighted)
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0

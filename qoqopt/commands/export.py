@@ -17,8 +17,9 @@ vision tower), <Name>.imatrix.gguf (when K-quants / IQ types are built with an i
 Modelfile, README.md and manifest.json (sha256, size, type, source revision).
 
 --imatrix: clinical (default) runs domain-balanced clinical image+text chats through the transformers
-model and collects per-channel input statistics, image tokens included; a .jsonl path does the same on
-your own set (see `qoqopt data --help`); a .gguf/.dat path reuses a llama.cpp imatrix file; none
+model and collects per-channel input statistics at the text positions, which attend to the image
+(--imatrix-image-weight 1 also counts the image tokens' own activations); a .jsonl path does the same
+on your own set (see `qoqopt data --help`); a .gguf/.dat path reuses a llama.cpp imatrix file; none
 quantizes without one. F32/F16/BF16/Q8_0 never use it.
 
 QoQ-Med's ECG encoder (time_series_embedding.*) has no llama.cpp counterpart and is left out on
@@ -54,6 +55,11 @@ def register(sub) -> None:
     p.add_argument("--mmproj-type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "none"], help="mmproj type (default: f16)")
     p.add_argument("--name", help="file name stem (default: the model's folder or repo name)")
     p.add_argument("--calib-items", type=int, default=64, help="calibration chats for --imatrix clinical/JSONL (default: 64)")
+    p.add_argument(
+        "--imatrix-image-weight", type=float, default=0.0, metavar="W",
+        help="weight of image positions' own activations in the clinical imatrix, relative to the (image-conditioned) "
+        "text positions; 1 counts every token alike (default: 0, measured best)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
     p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -90,6 +96,7 @@ def run(args) -> int:
         mmproj_type=args.mmproj_type,
         name=args.name,
         calib_items=args.calib_items,
+        imatrix_image_weight=args.imatrix_image_weight,
         threads=args.threads,
     )
     export_gguf(args.model, args.out, options, revision=args.revision, force=args.force)
