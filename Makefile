@@ -19,13 +19,25 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job: train the mini QoQ-Med (cached), export GGUF text + mmproj with a clinical
-# imatrix, then ask llama.cpp a CT question through that build.
+# The main job, on the built-in mini QoQ-Med: train it (cached), export GGUF (Q4_K_M + Q8_0 + mmproj,
+# clinical imatrix) and GPTQ 4-bit, ask llama.cpp a CT question, bench every build against the
+# original (drift per clinical domain + speed, each in its own runtime), render the report with its
+# plots (Markdown + PNGs in $(OUT)/report).
 demo: setup
 	$(VENV)/bin/qoqopt mini --out $(OUT)/mini --preset tiny --train --force
 	$(VENV)/bin/qoqopt info $(OUT)/mini
 	$(VENV)/bin/qoqopt export $(OUT)/mini --format gguf --quant Q4_K_M,Q8_0 --out $(OUT)/mini-gguf --force
+	$(VENV)/bin/qoqopt export $(OUT)/mini --format gptq --bits 4 --out $(OUT)/mini-gptq --force
 	$(VENV)/bin/qoqopt ask $(OUT)/mini-gguf --quant Q4_K_M --item ct-abd-pancreas.region_ct.eval-0
+	rm -rf $(OUT)/results  # one fresh run; copy result files from other machines in before `report`
+	$(VENV)/bin/qoqopt bench $(OUT)/mini --variants bf16,gguf:Q4_K_M,gguf:Q8_0,gptq:4 \
+		--from $(OUT)/mini-gguf --from $(OUT)/mini-gptq --out $(OUT)/results
+	$(VENV)/bin/qoqopt report $(OUT)/results/*.json --out $(OUT)/report
+
+# Timing suites (not tests): pytest-benchmark groups, each op beside its peer in the same run.
+bench: setup
+	mkdir -p $(OUT)
+	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-json=$(OUT)/benchmarks.json -q
 
 test: setup
 	$(PY) -m pytest -q -ra

@@ -23,6 +23,15 @@ from qoqopt.errors import QoqoptError
 MARKER = "<__media__>"
 
 
+def chat_prompt(question: str, system: str = "You are a helpful assistant.") -> str:
+    """The Qwen2.5-VL chat template's text for one image + question; mtmd wraps the image in
+    <|vision_start|>..<|vision_end|> itself."""
+    return (
+        f"<|im_start|>system\n{system}<|im_end|>\n"
+        f"<|im_start|>user\n{MARKER}{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
 class LlamaVL:
     def __init__(
         self,
@@ -35,6 +44,7 @@ class LlamaVL:
         image_min_tokens: int = 0,
         image_max_tokens: int = 0,
         embd_cache: dict | None = None,
+        gpu: bool = False,
     ):
         import llama_cpp
         from llama_cpp import Llama
@@ -43,17 +53,18 @@ class LlamaVL:
         kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
         self.llm = Llama(
             str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-            n_threads=threads, n_threads_batch=threads, verbose=False, **kv,
+            n_threads=threads, n_threads_batch=threads, verbose=False, n_gpu_layers=-1 if gpu else 0, **kv,
         )  # fmt: skip
         self.n_vocab = self.llm.n_vocab()
         self.embd_cache = embd_cache  # (image key) -> image embeddings; valid for one mmproj only
+        self.last_prompt_tokens = 0  # tokens (text + image) of the last prompt evaluated
         self.mctx = None
         if mmproj_path is not None:
             from llama_cpp import mtmd_cpp
 
             self._mtmd = mtmd_cpp
             params = mtmd_cpp.mtmd_context_params_default()
-            params.use_gpu = False
+            params.use_gpu = gpu
             params.print_timings = False
             params.n_threads = threads
             params.warmup = False
@@ -183,8 +194,11 @@ class LlamaVL:
         chunks = self._chunks(prompt, images)
         try:
             n_past, n_chunks = 0, m.mtmd_input_chunks_size(chunks)
+            # Under M-RoPE an image advances the position by its grid side, not its token count.
+            self.last_prompt_tokens = 0
             for i in range(n_chunks):
                 chunk = m.mtmd_input_chunks_get(chunks, i)
+                self.last_prompt_tokens += m.mtmd_input_chunk_get_n_tokens(chunk)
                 if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
                     count = ctypes.c_size_t()
                     ptr = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
@@ -254,6 +268,37 @@ class LlamaVL:
             logits = self._decode([tok], n_past, False)[0]
             n_past += 1
         return self.detokenize(out)
+
+
+    def profile(self, prompt: str, image, n_decode: int) -> dict:
+        """Wall-clock seconds of one request, as a user would see it: image encode alone, time to first
+        token (encode + prompt decode + first logits) and `n_decode` greedy tokens (stop tokens ignored,
+        so every run decodes the same length)."""
+        import time
+
+        t0 = time.perf_counter()
+        n_past = self._eval_prompt(prompt, [image] if image is not None else [])
+        logits = self._last_logits()
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        n_prompt = self.last_prompt_tokens
+        for _ in range(n_decode):
+            logits = self._decode([int(np.argmax(logits))], n_past, False)[0]
+            n_past += 1
+        decode = time.perf_counter() - t1
+        encode, n_image = 0.0, 0
+        if image is not None:
+            t2 = time.perf_counter()
+            n_image = len(self.image_embeddings(image))
+            encode = time.perf_counter() - t2
+        return {"encode_s": encode, "ttft_s": ttft, "decode_s": decode, "n_prompt": n_prompt, "n_image_tokens": n_image}
+
+
+def gpu_offload_available() -> bool:
+    """Whether this llama-cpp-python build can run layers on a GPU (CUDA/Metal/Vulkan builds)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 def _quiet_callback():

@@ -26,7 +26,7 @@ def disable_text_rms_eps(model) -> None:
             module.variance_epsilon = 0.0
 
 
-def reference(model, processor, item) -> dict:
+def reference(model, processor, item, device: str = "cpu") -> dict:
     """transformers' side of one chat: llama.cpp prompt text, reply ids, reference logits at the reply."""
     import torch
 
@@ -36,7 +36,8 @@ def reference(model, processor, item) -> dict:
     full = encode_chat(processor, item, with_answer=True)
     n_prompt, n_total = prompt_only["input_ids"].shape[1], full["input_ids"].shape[1]
     with torch.no_grad():
-        logits = model(**full).logits[0, n_prompt - 1 : n_total - 1].float().numpy()
+        out = model(**{k: v.to(device) for k, v in full.items()})
+    logits = out.logits[0, n_prompt - 1 : n_total - 1].float().cpu().numpy()
     text = processor.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=False)
     if text.count(IMAGE_SPAN) != 1:
         raise AssertionError("expected exactly one image in the chat")

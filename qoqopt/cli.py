@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "qoqopt.commands.info",
     "qoqopt.data.cli",
     "qoqopt.commands.export",
+    "qoqopt.commands.bench",
     "qoqopt.commands.ask",
     "qoqopt.commands.report",
     "qoqopt.commands.publish",

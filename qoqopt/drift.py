@@ -131,21 +131,43 @@ def drift_by_domain(records: list[dict]) -> dict[str, DomainDrift]:
     Each record: {"domain", optional "ref_logits"/"cand_logits"/"target_ids", optional "score"}.
     Positions are pooled within a domain (as llama-perplexity pools over chunks).
     """
+    return aggregate_items([ItemDrift.from_record(r) for r in records])
+
+
+@dataclass
+class ItemDrift:
+    """One chat's per-position statistics (logits already reduced) and its answer score."""
+
+    domain: str
+    stats: dict[str, np.ndarray] | None
+    score: float | None
+
+    @classmethod
+    def from_record(cls, r: dict) -> "ItemDrift":
+        stats = position_stats(r["ref_logits"], r["cand_logits"], r.get("target_ids")) if "ref_logits" in r else None
+        score = float(r["score"]) if r.get("score") is not None else None
+        return cls(r["domain"], stats, score)
+
+
+def aggregate_items(items: list[ItemDrift]) -> dict[str, DomainDrift]:
+    """Pool positions and scores per domain and overall; keeps memory flat for long runs, since
+    each chat's vocabulary-wide logits can be dropped once reduced to an ItemDrift."""
     pooled: dict[str, list[dict]] = defaultdict(list)
     scores: dict[str, list[float]] = defaultdict(list)
-    for r in records:
-        for key in (r["domain"], "all"):
-            if "ref_logits" in r:
-                pooled[key].append(position_stats(r["ref_logits"], r["cand_logits"], r.get("target_ids")))
-            if r.get("score") is not None:
-                scores[key].append(float(r["score"]))
+    counts: dict[str, int] = defaultdict(int)
+    for it in items:
+        for key in (it.domain, "all"):
+            counts[key] += 1
+            if it.stats is not None:
+                pooled[key].append(it.stats)
+            if it.score is not None:
+                scores[key].append(it.score)
     out = {}
     for key in sorted(set(pooled) | set(scores), key=lambda k: (k == "all", k)):
         stats = pooled.get(key)
         tokens = summarize_positions({f: np.concatenate([s[f] for s in stats]) for f in stats[0]}) if stats else None
         acc = float(np.mean(scores[key])) if scores.get(key) else None
-        n = sum(1 for r in records if key in ("all", r["domain"]))
-        out[key] = DomainDrift(key, n, tokens, acc)
+        out[key] = DomainDrift(key, counts[key], tokens, acc)
     return out
 
 

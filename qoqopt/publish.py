@@ -109,11 +109,27 @@ def _tags(fmt: str) -> list[str]:
     return base + {"gguf": ["gguf", "llama.cpp"], "gptq": ["gptq", "4-bit"], "awq": ["awq", "4-bit"]}.get(fmt, [fmt])
 
 
-def card_metadata(manifest: dict):
+def base_model_id(manifest: dict, override: str | None = None) -> str:
+    """The Hub repo the build comes from: the card's `base_model` must be a repo id, not a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    base = override or manifest.get("source", {}).get("model") or DEFAULT_BASE
+    try:
+        validate_repo_id(base)
+        ok = base.count("/") == 1 and not Path(base).exists()
+    except HFValidationError:
+        ok = False
+    if not ok:
+        how = "--base-model is not" if override else f"the build was exported from {base!r}, which is not"
+        raise QoqoptError(f"{how} a Hub repo id; pass --base-model owner/name (the repo the weights come from)")
+    return base
+
+
+def card_metadata(manifest: dict, base_model: str | None = None):
     from huggingface_hub import ModelCardData
 
     fmt = manifest.get("format", "unknown")
-    base = manifest.get("source", {}).get("model") or DEFAULT_BASE
+    base = base_model_id(manifest, base_model)
     extra = {"library_name": "transformers"} if fmt in ("gptq", "awq") else {}
     return ModelCardData(
         base_model=base, base_model_relation="quantized", license=LICENSE,
@@ -121,12 +137,13 @@ def card_metadata(manifest: dict):
     )  # fmt: skip
 
 
-def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_md: str | None = None) -> str:
+def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_md: str | None = None,
+                base_model: str | None = None) -> str:  # fmt: skip
     from huggingface_hub import ModelCard
 
     fmt = manifest.get("format", "unknown")
     src = manifest.get("source", {})
-    meta = card_metadata(manifest)
+    meta = card_metadata(manifest, base_model)
     body = [
         f"# {repo_id.split('/')[-1]}",
         "",
@@ -141,9 +158,25 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
     body += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---:|---|"]
     body += [f"| `{f.path}` | {f.bytes:,} | `{f.sha256}` |" for f in files]
     if results_md:
-        body += ["", "## Evidence: drift and speed", "", results_md.strip()]
+        body += ["", "## Evidence: drift and speed", "", tables_for_build(results_md, fmt)]
     body += ["", "## Usage", "", _usage(fmt, repo_id, files)]
     return ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n", body="\n".join(body)).content
+
+
+def tables_for_build(report_md: str, fmt: str) -> str:
+    """`qoqopt report` Markdown narrowed to this build: table rows of its format (plus the reference and
+    unquantized rows, for scale); plot links are dropped, since the PNGs are not part of the upload."""
+    keep_always = {"reference", "bf16", "fp16", "fp32"}
+    out = []
+    for line in report_md.strip().splitlines():
+        if line.startswith("![") or line.strip() == "## Plots":
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        is_row = cells and not set(line) <= set("|-: ") and cells[0] not in ("variant", "machine")
+        if is_row and not any(c.startswith(f"{fmt}:") or c in keep_always for c in cells[:2]):
+            continue
+        out.append(line)
+    return "\n".join(out).strip()
 
 
 def _usage(fmt: str, repo_id: str, files: list[PlannedFile]) -> str:
@@ -170,14 +203,15 @@ def _usage(fmt: str, repo_id: str, files: list[PlannedFile]) -> str:
 # --------------------------------------------------------------------------- plan and upload
 
 
-def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path | None = None) -> UploadPlan:
+def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path | None = None,
+                base_model: str | None = None) -> UploadPlan:  # fmt: skip
     check_repo_id(repo_id)
     manifest = read_manifest(folder)
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
     # The manifest itself ships too, so downloaders can check what they got.
     files.append(PlannedFile("manifest.json", (folder / "manifest.json").stat().st_size, sha256_file(folder / "manifest.json")))
     results_md = results.read_text() if results else None
-    card = render_card(manifest, files, repo_id, results_md)
+    card = render_card(manifest, files, repo_id, results_md, base_model)
     notes = [] if results_md else ["no --results given: the card has no drift/speed tables"]
     if (folder / "README.md").exists():
         notes.append("the export's README.md is replaced by the generated model card (it carries the same usage)")

@@ -17,6 +17,7 @@ from pathlib import Path
 from .errors import QoqoptError
 
 SCHEMA = "qoqopt.bench/1"
+KLD = ".2e"  # drift spans 1e-6 (Q8_0) to 1e-1 (2-bit): fixed-point would print zeros
 
 
 @dataclass
@@ -85,7 +86,7 @@ def render_markdown(runs: list[dict], plots: dict[str, str] | None = None) -> st
     for name, v in sorted(rows.items(), key=lambda kv: kv[1]["size_bytes"]):
         a = v["drift"]["all"]
         out.append(
-            f"| {name} | {v['size_bytes'] / 1e6:.1f} | {_fmt(a.get('mean_kld'))} | {_fmt(a.get('p99_kld'))} | "
+            f"| {name} | {v['size_bytes'] / 1e6:.1f} | {_fmt(a.get('mean_kld'), KLD)} | {_fmt(a.get('p99_kld'), KLD)} | "
             f"{_fmt(a.get('same_top_pct'), '.1f')} | {_fmt(a.get('rms_dp_pct'), '.2f')} | {_fmt(a.get('accuracy'), '.2f')} | "
             f"{v.get('worst_domain') or '–'} | {'★' if name in front else ''} |"
         )
@@ -103,7 +104,7 @@ def _domain_table(rows: dict[str, dict]) -> list[str]:
     out = ["## Mean KLD per clinical domain", "", "| variant | " + " | ".join(domains) + " |",
            "|---|" + "---:|" * len(domains)]  # fmt: skip
     for name, v in sorted(rows.items(), key=lambda kv: kv[1]["size_bytes"]):
-        out.append(f"| {name} | " + " | ".join(_fmt(v["drift"].get(d, {}).get("mean_kld")) for d in domains) + " |")
+        out.append(f"| {name} | " + " | ".join(_fmt(v["drift"].get(d, {}).get("mean_kld"), KLD) for d in domains) + " |")
     return out + [""]
 
 
@@ -114,8 +115,8 @@ def _speed_table(runs: list[dict]) -> list[str]:
     for run in runs:
         for v in run["variants"]:
             s = v.get("speed") or {}
-            if v.get("status") != "ok" or not s:
-                continue
+            if v.get("status") != "ok" or not (s.get("decode_tok_s") or s.get("ttft_ms")):
+                continue  # the reference (drift only) and --no-speed runs have no speed row
             out.append(
                 f"| {machine_label(run)} | {v['name']} | {v.get('runtime', '')} | {_fmt(s.get('prefill_tok_s'), '.0f')} | "
                 f"{_fmt(s.get('decode_tok_s'), '.1f')} | {_fmt(s.get('image_encode_ms'), '.0f')} | "
@@ -164,11 +165,11 @@ def _plot_drift_vs_size(plt, rows):
     front = pareto(sized)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, (size, kld) in sized.items():
-        ax.scatter(size, max(kld, 1e-6), s=60, marker="*" if name in front else "o",
+        ax.scatter(size, max(kld, 1e-9), s=60, marker="*" if name in front else "o",
                    color="tab:red" if name in front else "tab:blue", zorder=3)  # fmt: skip
-        ax.annotate(name, (size, max(kld, 1e-6)), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(name, (size, max(kld, 1e-9)), textcoords="offset points", xytext=(5, 4), fontsize=8)
     line = sorted(sized[n] for n in front)
-    ax.plot([p[0] for p in line], [max(p[1], 1e-6) for p in line], "--", color="tab:red", lw=1, label="Pareto front")
+    ax.plot([p[0] for p in line], [max(p[1], 1e-9) for p in line], "--", color="tab:red", lw=1, label="Pareto front")
     ax.set(xlabel="file size (MB)", ylabel="mean KLD vs reference (log)", yscale="log", title="Drift vs size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -182,7 +183,7 @@ def _plot_domain_heatmap(plt, rows):
     domains = sorted({d for v in rows.values() for d in v["drift"] if d != "all"})
     grid = np.array([[rows[n]["drift"].get(d, {}).get("mean_kld", np.nan) for d in domains] for n in names])
     fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 3, 0.45 * len(names) + 1.5))
-    logs = np.log10(np.maximum(grid, 1e-6))
+    logs = np.log10(np.maximum(grid, 1e-9))
     im = ax.imshow(logs, cmap="magma_r", aspect="auto")
     mid = np.nanmean(logs)
     ax.set_xticks(range(len(domains)), domains)

@@ -45,6 +45,19 @@ def tiny_runtime_dir(tmp_path_factory) -> Path:
     return _build_mini(tmp_path_factory.mktemp("tiny_rt") / "ckpt", "runtime")
 
 
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory) -> Path:
+    """The trained mini model (`qoqopt mini --train`, from the cache after the first run) as a checkpoint."""
+    from qoqopt.mini import save_checkpoint
+    from qoqopt.train import trained_model
+
+    model, _ = trained_model("tiny", 0)
+    d = tmp_path_factory.mktemp("trained") / "ckpt"
+    d.mkdir()
+    save_checkpoint(model, d)
+    return d
+
+
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m qoqopt ...` in a fresh process, as a user would."""
     full_env = {**os.environ, **(env or {})}

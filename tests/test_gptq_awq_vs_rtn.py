@@ -27,18 +27,6 @@ CONFIGS = {  # label -> (method, symmetric)
 
 
 @pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory):
-    from qoqopt.mini import save_checkpoint
-    from qoqopt.train import trained_model
-
-    model, _ = trained_model("tiny", 0)
-    d = tmp_path_factory.mktemp("trained") / "ckpt"
-    d.mkdir()
-    save_checkpoint(model, d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def runs(trained_dir):
     from qoqopt.calibration import calibration_items
     from qoqopt.loader import open_checkpoint

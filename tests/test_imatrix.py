@@ -138,21 +138,18 @@ def test_calibration_counts_every_token_including_image_tokens(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(trained_dir, tmp_path_factory):
     """The trained mini model: checkpoint, export (BF16, Q8_0, Q4_K_M + clinical imatrix, F16 mmproj), and
     from the same BF16 file two more Q4_K_M: without an imatrix, and with image positions weighted 1."""
     from qoqopt import calibration
     from qoqopt.exports.gguf_export import GGUFOptions, export_gguf, imatrix_from_stats
     from qoqopt.exports.gguf_quant import llama_quantize
     from qoqopt.processor import load_processor
-    from qoqopt.mini import save_checkpoint
     from qoqopt.train import trained_model
 
-    model, report = trained_model("tiny", 0)
-    root = tmp_path_factory.mktemp("trained")
-    ckpt = root / "ckpt"
-    ckpt.mkdir()
-    save_checkpoint(model, ckpt)
+    report = trained_model("tiny", 0)[1]
+    root = tmp_path_factory.mktemp("trained_gguf")
+    ckpt = trained_dir
     log: list[str] = []
     res = export_gguf(
         str(ckpt), root / "gguf",

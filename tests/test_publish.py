@@ -112,3 +112,29 @@ def test_plan_refuses_missing_listed_file(export_dir):
     (export_dir / "mmproj-QoQ-Med-mini-f16.gguf").unlink()
     with pytest.raises(QoqoptError, match="missing"):
         plan_upload(export_dir, "me/x")
+
+
+def test_card_carries_only_this_builds_rows():
+    from qoqopt.publish import tables_for_build
+
+    report = "\n".join([
+        "# qoqopt report", "", "| variant | size MB | mean KLD |", "|---|---:|---:|",
+        "| reference | 161.3 | – |", "| gguf:Q4_K_M | 63.1 | 0.0001 |", "| gptq:4 | 159.0 | 0.00003 |", "",
+        "| machine | variant | runtime |", "|---|---|---|", "| cpu | gguf:Q8_0 | llama.cpp |", "| cpu | awq:4 | t |",
+        "## Plots", "", "![Drift against file size](drift_vs_size.png)",
+    ])  # fmt: skip
+    card = tables_for_build(report, "gguf")
+    assert "| gguf:Q4_K_M |" in card and "| cpu | gguf:Q8_0 |" in card and "| reference |" in card
+    assert "gptq:4" not in card and "awq:4" not in card and "![" not in card and "## Plots" not in card
+    assert "| variant | size MB | mean KLD |" in card and "|---|---:|---:|" in card
+
+
+def test_local_source_needs_base_model(export_dir, tmp_path):
+    m = json.loads((export_dir / "manifest.json").read_text())
+    m["source"]["model"] = str(tmp_path / "mini")
+    (tmp_path / "mini").mkdir()
+    (export_dir / "manifest.json").write_text(json.dumps(m))
+    line = _error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
+    assert "--base-model" in line and "not a Hub repo id" in line
+    res = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run", "--base-model", "ddvd233/QoQ-Med-VL-7B")
+    assert res.returncode == 0 and "base_model: ddvd233/QoQ-Med-VL-7B" in res.stdout

@@ -78,15 +78,11 @@ def _item(args):
 
 
 def run(args) -> int:
-    from ..exports.gguf_runtime import MARKER, LlamaVL
+    from ..exports.gguf_runtime import LlamaVL, chat_prompt
 
     text_path, mmproj_path = _pick_files(args.build, args.quant)
     image, question, reference = _item(args)
-    # The Qwen2.5-VL chat template's text; mtmd wraps the image in <|vision_start|>..<|vision_end|> itself.
-    prompt = (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        f"<|im_start|>user\n{MARKER}{question}<|im_end|>\n<|im_start|>assistant\n"
-    )
+    prompt = chat_prompt(question)
     with LlamaVL(text_path, mmproj_path) as vl:
         reply = vl.generate(prompt, image, max_tokens=args.max_tokens)
     print(f"model     {text_path.name} + {mmproj_path.name} (llama.cpp)")

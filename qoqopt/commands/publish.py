@@ -32,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--repo", required=True, help="target repo id, user/name")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--results", type=Path, help="Markdown tables from `qoqopt report` to put in the card")
+    p.add_argument("--base-model", metavar="OWNER/NAME",
+                   help="the card's base_model when the build was exported from a local directory")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the plan and the card; upload nothing")
     p.set_defaults(func=run)
 
@@ -42,7 +44,7 @@ def run(args) -> int:
 
     if args.results and not args.results.is_file():
         raise QoqoptError(f"--results {args.results} does not exist")
-    plan = plan_upload(args.folder, args.repo, args.private, args.results)
+    plan = plan_upload(args.folder, args.repo, args.private, args.results, args.base_model)
     if args.dry_run:
         print(plan.describe())
         print("\n--- README.md (model card) ---")

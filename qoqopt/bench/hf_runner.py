@@ -1,0 +1,140 @@
+"""transformers runtime for bench variants: the reference, bf16/fp16/fp32, bitsandbytes, and GPTQ/AWQ
+builds through qoqopt's own W4A16 QuantLinear (Triton on CUDA, its torch reference on CPU)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import QoqoptError
+from .variants import HF_DTYPES, Variant
+
+class HFRunner:
+    def __init__(self, model, processor, runtime: str, device: str):
+        self.model, self.processor, self.runtime, self.device = model, processor, runtime, device
+
+    # ---- drift
+    def reply_logits(self, item, chat: dict) -> np.ndarray:
+        return self.reference_chat(item, chat["reply_ids"])[0]
+
+    def reference_chat(self, item, reply_ids: list[int] | None = None) -> tuple[np.ndarray, dict]:
+        """Teacher-forced next-token logits at the reference reply's positions, and the chat's
+        tokenization (prompt text with a media marker, reply ids, image token count)."""
+        from ..exports.gguf_verify import reference
+
+        chat = reference(self.model, self.processor, item, self.device)
+        if reply_ids is not None and chat["reply_ids"] != list(reply_ids):
+            raise QoqoptError(f"{item.id}: this variant's tokenizer splits the reply differently from the reference's")
+        return chat.pop("ref_logits"), chat
+
+    def answer(self, item, chat: dict, max_new_tokens: int) -> str:
+        return self._generate(item.messages(), max_new_tokens)[0]
+
+    def _generate(self, messages, new_tokens: int, exact: bool = False):
+        import torch
+
+        inputs = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        ).to(self.device)
+        fixed = {"min_new_tokens": new_tokens} if exact else {}
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0, **fixed)
+        text = self.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return text, inputs
+
+    # ---- speed
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def profile(self, image, question: str, n_decode: int) -> dict:
+        import torch
+
+        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+        inputs = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        ).to(self.device)
+        self._sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.model.model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+        self._sync()
+        encode = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self._generate(messages, 1, exact=True)
+        self._sync()
+        ttft = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        self._generate(messages, 1 + n_decode, exact=True)
+        self._sync()
+        total = time.perf_counter() - t2
+        n_image = int((inputs["input_ids"] == self.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
+        return {"encode_s": encode, "ttft_s": ttft, "decode_s": max(total - ttft, 1e-9),
+                "n_prompt": int(inputs["input_ids"].shape[1]), "n_image_tokens": n_image}  # fmt: skip
+
+    def peak_device_mb(self) -> float | None:
+        if self.device != "cuda":
+            return None
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+
+    def close(self) -> None:
+        self.model = None
+
+
+def load_hf(model_path: Path, variant: Variant, files: dict, device: str, reference_dtype: str = "float32") -> HFRunner:
+    """The variant as a transformers model on `device`. `variant` None means the reference."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from ..processor import load_processor
+
+    processor = load_processor(model_path)
+    if variant is None or variant.format == "hf":
+        dtype = reference_dtype if variant is None else HF_DTYPES[variant.option]
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_path), dtype=getattr(torch, dtype))
+        return HFRunner(model.to(device).eval(), processor, f"transformers {dtype}", device)
+    if variant.format in ("gptq", "awq"):
+        return _load_w4a16(files["dir"], processor, device)
+    if variant.format == "bnb":
+        return _load_bnb(model_path, variant.option, processor, device)
+    raise QoqoptError(f"{variant.name} does not run in transformers")
+
+
+def _load_w4a16(folder: Path, processor, device: str) -> HFRunner:
+    import torch
+
+    from ..exports.hf_quant import load_with_quant_linear
+
+    # The Triton kernel takes fp16/bf16 activations; on CPU the torch reference path runs in fp32.
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = load_with_quant_linear(folder, dtype).to(device)
+    backend = "torch reference"
+    if device == "cuda":  # the vision kernels too: this is the runtime qoqopt ships for these builds
+        from ..kernels import apply
+
+        backend = apply(model).backend
+    return HFRunner(model, processor, f"transformers + qoqopt W4A16 ({backend})", device)
+
+
+def _load_bnb(model_path: Path, kind: str, processor, device: str) -> HFRunner:
+    import torch
+    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise QoqoptError("bitsandbytes is not installed (pip install bitsandbytes)") from None
+    if kind == "int8":
+        qc = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(model_path), quantization_config=qc, dtype=torch.bfloat16, device_map=device
+    )
+    return HFRunner(model.eval(), processor, f"transformers + bitsandbytes {kind}", device)

@@ -1,0 +1,96 @@
+"""Hardware and software tags for a bench result: what a reader needs to trust or reproduce a number."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "triton", "transformers", "llama_cpp_python", "gguf", "bitsandbytes", "numpy")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_info() -> dict | None:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(0)
+        return {
+            "name": props.name,
+            "memory_gb": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "count": torch.cuda.device_count(),
+            "driver": _nvidia_driver(),
+            "cuda": torch.version.cuda,
+        }
+    except Exception:  # a broken CUDA install must not stop a CPU bench
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return None
+
+
+def machine_info(device: str, threads: int, label: str | None = None) -> dict:
+    import psutil
+
+    gpu = gpu_info() if device == "cuda" else None
+    cpu = cpu_model()
+    auto = f"{gpu['name']}" if gpu else f"{cpu} ({threads} thread{'s' if threads != 1 else ''})"
+    return {
+        "label": label or auto,
+        "device": device,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "gpu": gpu,
+    }
+
+
+def software_info() -> dict:
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    from qoqopt import __version__
+
+    return {"qoqopt": __version__, "qoqopt_commit": _git_commit(), "packages": versions}
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (and '+dirty' for uncommitted changes) when qoqopt runs from a git tree."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -1,0 +1,232 @@
+"""Orchestrate a bench run: locate or build each variant, run the reference and every variant in its own
+child process, and write one result JSON (schema qoqopt.bench/1) tagged with hardware and software."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import QoqoptError
+from ..fileio import atomic_write_text, sha256_file
+from ..report import SCHEMA
+from .machine import machine_info, software_info
+from .speed import SpeedSettings
+from .variants import Variant, build_commands, locate, run_build
+
+
+@dataclass
+class BenchOptions:
+    model: str
+    variants: list[Variant]
+    out: Path
+    device: str = "cpu"
+    eval_source: str = "clinical"
+    items: int = 20
+    seed: int = 0
+    search: list[Path] = field(default_factory=list)  # export directories to take builds from
+    builds: Path | None = None  # where missing builds are made (default OUT/builds)
+    label: str | None = None
+    threads: int = 0
+    speed: SpeedSettings | None = field(default_factory=SpeedSettings)
+    calib_items: int = 64
+    answer_tokens: int = 64
+    reference_dtype: str = "auto"
+    revision: str | None = None
+
+
+def run_bench(opts: BenchOptions, log=print) -> Path:
+    from ..data import domain_counts
+    from ..loader import open_checkpoint, resolve
+    from .eval_set import eval_items
+
+    model_path, revision = resolve(opts.model, opts.revision)
+    ckpt = open_checkpoint(str(model_path))  # validates: Qwen2.5-VL, weights present
+    ckpt.require_weights()
+    _check_device(opts.device)
+    items = eval_items(opts.eval_source, opts.items, opts.seed)  # bad --eval fails here, before any work
+    threads = opts.threads or _default_threads()
+    builds = opts.builds or opts.out / "builds"
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    located = _locate_or_build(opts, str(model_path), builds, log)
+    hashes = _Hashes()
+    source_files = [model_path / f for f in sorted(set(ckpt.weight_map.values()))]
+    opts.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".bench-", dir=opts.out))
+    try:
+        common = _common_job(opts, model_path, work, threads, ckpt)
+        log(f"reference: {opts.model} in transformers ({common['reference_dtype']}), {len(items)} chats")
+        ref = _run_worker({**common, "role": "reference", "speed": None}, work, "reference")
+        if ref["status"] != "ok":
+            raise QoqoptError(f"the reference failed, so nothing can be compared: {ref['error']}")
+        records = [_record("reference", "hf", ref, source_files, hashes)]
+        log(f"  {summary_line(records[0])}")
+        for i, v in enumerate(opts.variants, 1):
+            log(f"[{i}/{len(opts.variants)}] {v.name}")
+            records.append(_variant_record(v, located[v.name], common, work, source_files, hashes))
+            log(f"  {summary_line(records[-1])}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "schema": SCHEMA,
+        "run": {
+            "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_info(opts.device, threads, opts.label), "software": software_info(),
+            "model": {"source": opts.model, "revision": revision, "architecture": ckpt.architecture},
+            "eval": {"source": opts.eval_source, "items": len(items), "seed": opts.seed,
+                     "domains": domain_counts(items), "answer_tokens": opts.answer_tokens},
+            "reference_dtype": common["reference_dtype"],
+            "speed_settings": vars(opts.speed) if opts.speed else None,
+        },
+        "variants": records,
+    }  # fmt: skip
+    path = opts.out / _file_name(opts.model, result["run"]["machine"]["label"])
+    atomic_write_text(path, json.dumps(result, indent=1))
+    return path
+
+
+def summary_line(rec: dict) -> str:
+    if rec["status"] != "ok":
+        return f"{rec['name']}: FAILED: {rec['error']}"
+    a, s = rec["drift"]["all"], rec.get("speed") or {}
+    parts = [f"{rec['name']} ({rec['runtime']}, {rec['size_bytes'] / 1e6:.1f} MB)"]
+    if a.get("mean_kld") is not None:
+        parts.append(f"mean KLD {a['mean_kld']:.2e}, same top-1 {a['same_top_pct']:.1f}%, worst domain {rec['worst_domain']}")
+    if a.get("accuracy") is not None:
+        parts.append(f"answer accuracy {a['accuracy']:.2f}")
+    if s.get("decode_tok_s"):
+        parts.append(f"decode {s['decode_tok_s']:.1f} tok/s, TTFT {s['ttft_ms']:.0f} ms")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def _locate_or_build(opts: BenchOptions, model_path: str, builds: Path, log) -> dict[str, dict]:
+    """variant name -> {"files": {...}} or {"error": ...}; variants needing no files get {}."""
+    def search_dirs():
+        extra = sorted(p for p in builds.iterdir() if p.is_dir()) if builds.is_dir() else []
+        return list(opts.search) + extra
+
+    out: dict[str, dict] = {}
+    missing = []
+    for v in opts.variants:
+        if v.format in ("hf", "bnb"):
+            out[v.name] = {"files": {}}
+        elif (found := locate(v, search_dirs())) is not None:
+            out[v.name] = {"files": found}
+        else:
+            missing.append(v)
+    for variants, dest, cmd in build_commands(model_path, missing, builds, opts.calib_items, force=True):
+        log(f"building {', '.join(v.name for v in variants)} -> {dest} (qoqopt export)")
+        error = run_build(cmd)
+        for v in variants:
+            found = None if error else locate(v, [dest])
+            out[v.name] = {"files": found} if found else {"error": error or f"the export did not produce {v.name}"}
+    return out
+
+
+def _variant_record(v: Variant, where: dict, common: dict, work: Path, source_files, hashes) -> dict:
+    if "error" in where:
+        return {"name": v.name, "format": v.format, "status": "failed", "error": where["error"]}
+    files = {k: str(p) for k, p in where["files"].items()}
+    job = {**common, "role": "variant", "variant": vars(v), "files": files}
+    res = _run_worker(job, work, re.sub(r"\W+", "_", v.name))
+    if res["status"] != "ok":
+        return {"name": v.name, "format": v.format, "status": "failed", "error": res["error"]}
+    paths = _variant_files(where["files"]) or source_files
+    return _record(v.name, v.format, res, paths, hashes)
+
+
+def _variant_files(found: dict[str, Path]) -> list[Path]:
+    if "dir" in found:
+        d = found["dir"]
+        return sorted([*d.glob("*.safetensors"), d / "config.json"])
+    return [found[k] for k in ("text", "mmproj") if k in found]
+
+
+def _record(name: str, fmt: str, res: dict, paths: list[Path], hashes: "_Hashes") -> dict:
+    files = [{"path": str(p), "sha256": hashes(p), "size_bytes": p.stat().st_size} for p in paths]
+    size = sum(f["size_bytes"] for f in files)
+    basis = "files"
+    if fmt == "bnb" and res.get("loaded_bytes"):  # quantized at load time: what it occupies is the size
+        size, basis = res["loaded_bytes"], "loaded weights"
+    return {"name": name, "format": fmt, "status": "ok", "runtime": res["runtime"], "files": files,
+            "size_bytes": size, "size_basis": basis, "drift": res["drift"], "worst_domain": res["worst_domain"],
+            "speed": res["speed"], "seconds": res["seconds"]}  # fmt: skip
+
+
+class _Hashes:
+    """sha256 once per file: the source checkpoint's shards back several variants."""
+
+    def __init__(self):
+        self._seen: dict[Path, str] = {}
+
+    def __call__(self, path: Path) -> str:
+        if path not in self._seen:
+            self._seen[path] = sha256_file(path)
+        return self._seen[path]
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _common_job(opts: BenchOptions, model_path: Path, work: Path, threads: int, ckpt) -> dict:
+    ref_dtype = opts.reference_dtype
+    if ref_dtype == "auto":  # fp32 compute over the bf16 weights where it fits; bf16 beyond ~3 B params
+        params = sum(_numel(ckpt.tensor_info(n)["shape"]) for n in ckpt.names)
+        ref_dtype = "float32" if params < 3e9 else "bfloat16"
+    return {
+        "model": str(model_path), "device": opts.device, "threads": threads, "reference_dtype": ref_dtype,
+        "eval": {"source": opts.eval_source, "items": opts.items, "seed": opts.seed},
+        "ref_dir": str(work / "reference"), "answer_tokens": opts.answer_tokens,
+        "speed": vars(opts.speed) if opts.speed else None,
+    }  # fmt: skip
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape or []:
+        n *= int(s)
+    return n
+
+
+def _run_worker(job: dict, work: Path, tag: str) -> dict:
+    job_path, out_path = work / f"{tag}.job.json", work / f"{tag}.result.json"
+    job_path.write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, "-m", "qoqopt.bench.worker", str(job_path), str(out_path)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    if out_path.exists():
+        return json.loads(out_path.read_text())
+    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and "\r" not in ln]
+    why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    return {"status": "failed", "error": f"worker died ({why}){': ' + tail[-1] if tail else ''}"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QoqoptError("--device cuda: no CUDA GPU is visible to torch here (use --device cpu)")
+
+
+def _default_threads() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _file_name(model: str, label: str) -> str:
+    stem = Path(model.rstrip("/")).name or "model"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()[:60]
+    return f"bench-{stem}-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"

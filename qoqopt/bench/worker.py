@@ -1,0 +1,119 @@
+"""One bench variant in its own process: `python -m qoqopt.bench.worker JOB.json RESULT.json`.
+
+A child process per variant gives each one a clean peak-memory reading, and a runtime that aborts
+(a llama.cpp assert, a CUDA fault) fails only that variant. The reference job stores its logits for
+the variant jobs (see eval_set.py). Errors are written into RESULT.json as one line.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from ..drift import ItemDrift, aggregate_items, answer_score, position_stats, worst_domain
+from .eval_set import eval_items, load_reference, ref_logits, save_reference
+from .speed import SpeedSettings, measure
+from .variants import Variant
+
+
+def open_runner(job: dict):
+    variant = Variant(**job["variant"]) if job.get("variant") else None
+    files = {k: Path(v) for k, v in (job.get("files") or {}).items()}
+    if variant is not None and variant.format == "gguf":
+        from .gguf_runner import GGUFRunner
+
+        return GGUFRunner(files["text"], files.get("mmproj"), job["device"], job["threads"])
+    from .hf_runner import load_hf
+
+    return load_hf(Path(job["model"]), variant, files, job["device"], job.get("reference_dtype", "float32"))
+
+
+def _progress(items, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def reference_pass(runner, items, job: dict) -> list[ItemDrift]:
+    chats, out = [], []
+    for item in _progress(items, "reference"):
+        logits, chat = runner.reference_chat(item)
+        score = answer_score(runner.answer(item, chat, job["answer_tokens"]), item.answer)
+        chats.append({"id": item.id, "domain": item.domain, **chat, "score": score, "ref_logits": logits})
+        out.append(ItemDrift(item.domain, None, score))
+    save_reference(Path(job["ref_dir"]), chats)
+    return out
+
+
+def variant_pass(runner, items, job: dict) -> list[ItemDrift]:
+    chats = load_reference(Path(job["ref_dir"]))
+    if [c["id"] for c in chats] != [it.id for it in items]:
+        raise RuntimeError("the stored reference was made on different chats")
+    out = []
+    for item, chat in zip(_progress(items, job["variant"]["name"]), chats):
+        cand = runner.reply_logits(item, chat)
+        stats = position_stats(ref_logits(chat), cand, chat["reply_ids"])
+        score = answer_score(runner.answer(item, chat, job["answer_tokens"]), item.answer)
+        out.append(ItemDrift(item.domain, stats, score))
+    return out
+
+
+def drift_json(per_item: list[ItemDrift]) -> tuple[dict, str | None]:
+    report = aggregate_items(per_item)
+    drift = {key: {**(d.tokens.as_dict() if d.tokens else {}), "accuracy": d.accuracy, "items": d.items}
+             for key, d in report.items()}  # fmt: skip
+    return drift, worst_domain(report)
+
+
+def run_job(job: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    start = time.time()
+    items = eval_items(job["eval"]["source"], job["eval"]["items"], job["eval"]["seed"])
+    runner = open_runner(job)
+    try:
+        per_item = reference_pass(runner, items, job) if job["role"] == "reference" else variant_pass(runner, items, job)
+        drift, worst = drift_json(per_item)
+        speed = {}
+        if job.get("speed"):
+            speed = measure(runner.profile, items[0].image, items[0].question, SpeedSettings(**job["speed"]))
+        speed["peak_device_mb"] = runner.peak_device_mb()
+        footprint = getattr(getattr(runner, "model", None), "get_memory_footprint", None)
+        result = {"status": "ok", "runtime": runner.runtime, "drift": drift, "worst_domain": worst, "speed": speed,
+                  "loaded_bytes": int(footprint()) if footprint else None}  # fmt: skip
+    finally:
+        runner.close()
+    # ru_maxrss is in KiB on Linux: the whole child's peak, model load and eval included.
+    result["speed"]["peak_host_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["seconds"] = round(time.time() - start, 2)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    job_path, out_path = Path(argv[0]), Path(argv[1])
+    job = json.loads(job_path.read_text())
+    try:
+        result = run_job(job)
+    except Exception as exc:  # recorded as this variant's failure; the bench goes on with the rest
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {msg}"[:500]}
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=_json_default))
+    tmp.replace(out_path)
+    return 0
+
+
+def _json_default(x):
+    import numpy as np
+
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,88 @@
+"""`qoqopt bench MODEL --variants ...`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  qoqopt bench out/mini --variants bf16,gguf:Q4_K_M,gguf:Q8_0,gptq:4 --out results/
+  qoqopt bench out/mini --variants gguf:Q4_K_M,gptq:4 --from out/mini-gguf --from out/mini-gptq --out results/
+  qoqopt bench ddvd233/QoQ-Med-VL-7B --variants bf16,gguf:Q4_K_M,awq:4,bnb:nf4 --device cuda --items 60 --out results/
+  qoqopt bench out/mini --variants gguf:Q4_K_M --eval my_scans.jsonl --threads 1 --label "laptop, 1 thread"
+  qoqopt report results/*.json --out report/
+
+Variants: bf16 | fp16 | fp32 (transformers), gguf:<TYPE> (llama.cpp, text GGUF + mmproj through mtmd),
+gptq:4|8 and awq:4 (transformers with qoqopt's W4A16 QuantLinear: Triton on CUDA, torch on CPU),
+bnb:nf4|fp4|int8 (transformers + bitsandbytes, quantized at load). A build is taken from a --from
+directory (or an earlier run's OUT/builds) when its manifest lists it, otherwise built with
+`qoqopt export` into OUT/builds.
+
+Drift: each eval chat (image + question, then the reference reply, teacher-forced) runs through the
+reference (the source checkpoint in transformers; fp32 compute up to ~3 B parameters, bf16 above) and
+through each variant; at the reply positions: mean / p99 KLD, same top-1 %, RMS delta-p. Each variant
+also answers every chat greedily: \\boxed{} set-F1 accuracy. Overall and per clinical domain, worst
+domain named.
+
+Speed (medians after warm-up): image encode at both ends of QoQ-Med's pixel range (256x256 and
+728x700), time to first token, prefill tok/s (prompt tokens / (TTFT - image encode)), decode tok/s,
+peak device memory (torch's allocator) and peak host RSS of the variant's own process.
+
+One JSON per run (schema qoqopt.bench/1) tagged with the machine, package versions, qoqopt commit
+and every variant file's sha256. A failing variant is recorded with its error; the rest go on.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure each build's drift from the original and its speed, each in its own runtime",
+        description="Benchmark compressed builds against the original: clinical drift and speed.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="the source checkpoint: local directory or Hub id (owner/name)")
+    p.add_argument("--variants", default="bf16,gguf:Q4_K_M,gguf:Q8_0,gptq:4", help="comma-separated (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for the result JSON (default: results/)")
+    p.add_argument("--from", dest="search", type=Path, action="append", default=[], metavar="DIR",
+                   help="an export directory to take builds from (repeatable)")  # fmt: skip
+    p.add_argument("--builds", type=Path, help="where missing builds are made and reused (default: OUT/builds)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where transformers variants run (default cpu)")
+    p.add_argument("--eval", dest="eval_source", default="clinical", metavar="clinical|FILE.jsonl",
+                   help="eval chats: the built-in held-out clinical split, or your own JSONL set")  # fmt: skip
+    p.add_argument("--items", type=int, default=20, help="eval chats, domain-balanced (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="eval sampling seed (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and llama.cpp (default: all)")
+    p.add_argument("--label", help="machine label in reports (default: GPU name, or CPU model and threads)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (default 3)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (default 32)")
+    p.add_argument("--no-speed", action="store_true", help="drift and accuracy only")
+    p.add_argument("--calib-items", type=int, default=64, help="calibration chats for builds made on the fly (default 64)")
+    p.add_argument("--reference-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype of the reference (default auto: float32 up to ~3 B parameters)")  # fmt: skip
+    p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..bench.run import BenchOptions, run_bench
+    from ..bench.speed import SpeedSettings
+    from ..bench.variants import parse_variants
+    from ..errors import QoqoptError
+
+    if args.repeats < 1 or args.decode_tokens < 1:
+        raise QoqoptError("--repeats and --decode-tokens must be at least 1")
+    for d in args.search:
+        if not (d / "manifest.json").is_file():
+            raise QoqoptError(f"--from {d}: not an export directory (no manifest.json)")
+    opts = BenchOptions(
+        model=args.model, variants=parse_variants(args.variants), out=args.out, device=args.device,
+        eval_source=args.eval_source, items=args.items, seed=args.seed, search=args.search, builds=args.builds,
+        label=args.label, threads=args.threads,
+        speed=None if args.no_speed else SpeedSettings(repeats=args.repeats, decode_tokens=args.decode_tokens),
+        calib_items=args.calib_items, reference_dtype=args.reference_dtype, revision=args.revision,
+    )  # fmt: skip
+    path = run_bench(opts)
+    print(f"wrote {path}\nnext: qoqopt report {path.parent}/*.json --out {path.parent}/report")
+    return 0

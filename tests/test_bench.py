@@ -1,0 +1,200 @@
+"""`qoqopt bench` on the trained mini model (CPU): every variant in its own runtime, drift checked against
+an independent computation (transformers logits and llama.cpp logits, KLD by torch), and the report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+ITEMS = 5  # one chat per clinical domain
+VARIANTS = "bf16,gguf:Q4_K_M,gguf:Q8_0,gptq:4"
+
+
+def _bench(model: Path, out: Path, *extra: str):
+    res = run_cli("bench", str(model), "--items", str(ITEMS), "--repeats", "1", "--decode-tokens", "8",
+                  "--calib-items", "8", "--out", str(out), *extra)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    (result,) = sorted(out.glob("bench-*.json"))
+    return json.loads(result.read_text()), result, res
+
+
+@pytest.fixture(scope="module")
+def run_1t(trained_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench1")
+    return _bench(trained_dir, out, "--variants", VARIANTS, "--threads", "1")
+
+
+@pytest.fixture(scope="module")
+def run_2t(trained_dir, run_1t, tmp_path_factory):
+    """A second machine stand-in: 2 threads, builds reused, plus one build that cannot load."""
+    root = tmp_path_factory.mktemp("bench2")
+    builds = Path(run_1t[1]).parent / "builds"
+    (gguf_dir,) = builds.glob("gguf-*")
+    broken = root / "broken"
+    shutil.copytree(gguf_dir, broken)
+    q4 = next(broken.glob("*.Q4_K_M.gguf"))
+    q4.write_bytes(q4.read_bytes()[: q4.stat().st_size // 3])  # truncated download
+    return _bench(trained_dir, root / "out", "--variants", "gguf:Q4_K_M,gguf:Q8_0", "--threads", "2",
+                  "--from", str(broken), "--builds", str(builds), "--label", "cpu 2 threads")  # fmt: skip
+
+
+def _by_name(result):
+    return {v["name"]: v for v in result["variants"]}
+
+
+def test_bench_writes_every_variant_with_tags(run_1t, trained_dir):
+    result, path, res = run_1t
+    assert result["schema"] == "qoqopt.bench/1"
+    run = result["run"]
+    assert run["machine"]["threads"] == 1 and run["machine"]["cpu"] and run["machine"]["gpu"] is None
+    assert run["software"]["packages"]["torch"] and run["software"]["packages"]["llama_cpp_python"]
+    assert run["eval"]["domains"] == {"ct": 1, "ecg": 1, "mri": 1, "ultrasound": 1, "xray": 1}
+    v = _by_name(result)
+    assert list(v) == ["reference", "bf16", "gguf:Q4_K_M", "gguf:Q8_0", "gptq:4"]
+    assert all(x["status"] == "ok" for x in v.values()), [x.get("error") for x in v.values()]
+    assert v["gguf:Q4_K_M"]["runtime"].startswith("llama.cpp") and "W4A16" in v["gptq:4"]["runtime"]
+    for rec in v.values():  # the exact files, by sha256
+        for f in rec["files"]:
+            assert hashlib.sha256(Path(f["path"]).read_bytes()).hexdigest() == f["sha256"]
+        assert rec["size_bytes"] == sum(f["size_bytes"] for f in rec["files"])
+    names = {Path(f["path"]).name for f in v["gguf:Q4_K_M"]["files"]}
+    assert any(n.endswith(".Q4_K_M.gguf") for n in names) and any(n.startswith("mmproj-") for n in names)
+    assert v["gguf:Q4_K_M"]["size_bytes"] < v["gguf:Q8_0"]["size_bytes"] < v["bf16"]["size_bytes"]
+
+
+def test_drift_fields_and_worst_domain(run_1t):
+    v = _by_name(run_1t[0])
+    for name in ["bf16", "gguf:Q4_K_M", "gguf:Q8_0", "gptq:4"]:
+        drift = v[name]["drift"]
+        assert set(drift) == {"all", "ct", "ecg", "mri", "ultrasound", "xray"}
+        a = drift["all"]
+        assert a["positions"] == sum(drift[d]["positions"] for d in drift if d != "all")
+        assert 0 <= a["mean_kld"] <= a["p99_kld"] or a["positions"] < 100
+        assert 0 <= a["accuracy"] <= 1 and 0 <= a["same_top_pct"] <= 100
+        worst = max((drift[d]["mean_kld"], d) for d in drift if d != "all")[1]
+        assert v[name]["worst_domain"] == worst
+    # Q4_K_M must stray further than Q8_0, which is near the bf16 rounding floor
+    assert v["gguf:Q4_K_M"]["drift"]["all"]["mean_kld"] > 3 * v["gguf:Q8_0"]["drift"]["all"]["mean_kld"]
+
+
+def test_speed_fields(run_1t):
+    for rec in _by_name(run_1t[0]).values():
+        if rec["name"] == "reference":
+            continue
+        s = rec["speed"]
+        for key in ["prefill_tok_s", "decode_tok_s", "image_encode_ms", "ttft_ms", "peak_host_mb"]:
+            assert s[key] > 0, (rec["name"], key)
+        assert s["image_encode_ms_max"] > s["image_encode_ms_min"]  # 650 image tokens vs 100
+        # 728x700 -> 26x25 merged tokens; 256x256 rounds to 252 < the pixel minimum, so grows to 280: 10x10
+        assert s["image_tokens_max"] == 650 and s["image_tokens_min"] == 100
+        assert s["ttft_ms"] >= s["image_encode_ms"] * 0.5
+
+
+def _independent_kld(trained_dir, gguf_text, mmproj, items):
+    """KLD from scratch: transformers reply logits (fp32) vs llama.cpp reply logits, torch's kl_div."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.exports.gguf_runtime import MARKER, LlamaVL
+    from qoqopt.processor import load_processor
+
+    proc = load_processor(trained_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
+    klds, same = [], []
+    with LlamaVL(gguf_text, mmproj, threads=1, image_min_tokens=84, image_max_tokens=668) as vl:
+        for item in items:
+            prompt = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True,
+                                              return_dict=True, return_tensors="pt")  # fmt: skip
+            reply = proc.tokenizer(item.target_text() + "<|im_end|>", return_tensors="pt").input_ids
+            n = prompt["input_ids"].shape[1]
+            ids = torch.cat([prompt["input_ids"], reply], 1)
+            mm = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(reply)], 1)
+            with torch.no_grad():
+                ref = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                            pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"]).logits[0, n - 1 : -1]  # fmt: skip
+            text = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=False)
+            text = text.replace("<|vision_start|><|image_pad|><|vision_end|>", MARKER)
+            cand = torch.from_numpy(vl.chat_logits(text, item.image, reply[0].tolist()))
+            lp_ref, lp_cand = F.log_softmax(ref.double(), -1), F.log_softmax(cand.double(), -1)
+            klds.append(F.kl_div(lp_cand, lp_ref, log_target=True, reduction="none").sum(-1))
+            same.append(ref.argmax(-1) == cand.argmax(-1))
+    return torch.cat(klds).numpy(), torch.cat(same).numpy()
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
+def test_gguf_drift_matches_independent_computation(run_1t, trained_dir, quant):
+    from qoqopt.bench.eval_set import eval_items
+
+    rec = _by_name(run_1t[0])[f"gguf:{quant}"]
+    paths = {Path(f["path"]).name: Path(f["path"]) for f in rec["files"]}
+    text = next(p for n, p in paths.items() if n.endswith(f".{quant}.gguf"))
+    mmproj = next(p for n, p in paths.items() if n.startswith("mmproj-"))
+    kld, same = _independent_kld(trained_dir, text, mmproj, eval_items("clinical", ITEMS, 0))
+    a = rec["drift"]["all"]
+    assert a["positions"] == len(kld)
+    np.testing.assert_allclose(a["mean_kld"], kld.mean(), rtol=1e-5)
+    np.testing.assert_allclose(a["p99_kld"], np.percentile(kld, 99), rtol=1e-5)
+    assert a["same_top_pct"] == pytest.approx(100 * same.mean(), abs=1e-9)
+
+
+def test_failed_variant_is_recorded_and_the_rest_run(run_2t):
+    v = _by_name(run_2t[0])
+    assert v["gguf:Q4_K_M"]["status"] == "failed" and v["gguf:Q4_K_M"]["error"]
+    assert v["gguf:Q8_0"]["status"] == "ok"
+    assert run_2t[0]["run"]["machine"]["label"] == "cpu 2 threads" and run_2t[0]["run"]["machine"]["threads"] == 2
+
+
+def test_report_merges_the_two_runs(run_1t, run_2t, tmp_path):
+    res = run_cli("report", str(run_1t[1]), str(run_2t[1]), "--out", str(tmp_path / "rep"))
+    assert res.returncode == 0, res.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    label_1t = run_1t[0]["run"]["machine"]["label"]
+    assert f"| {label_1t} | gguf:Q8_0 |" in md and "| cpu 2 threads | gguf:Q8_0 |" in md
+    assert "cpu 2 threads: `gguf:Q4_K_M`" in md  # the failure, with its error
+    for png in ["drift_vs_size.png", "speed.png", "domain_drift.png"]:
+        assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--variants", "gguf:Q9_X"], "unknown quant type"),
+        (["--variants", "int3"], "unknown variant 'int3'"),
+        (["--variants", "bf16,bf16"], "more than once"),
+        (["--variants", "bf16", "--from", "{tmp}"], "not an export directory"),
+        (["--variants", "bf16", "--eval", "{tmp}/bad.jsonl"], "bad.jsonl:1"),
+        (["--variants", "bf16", "--items", "0"], "--items must be at least 1"),
+    ],
+)
+def test_bad_input_one_line_error(tiny_dir, tmp_path, args, message):
+    (tmp_path / "bad.jsonl").write_text('{"image": "nope.png"}\n')
+    out = tmp_path / "out"
+    res = run_cli("bench", str(tiny_dir), "--out", str(out), *[a.format(tmp=tmp_path) for a in args])
+    assert res.returncode != 0
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not list(out.glob("bench-*.json"))
+
+
+def test_missing_model(tmp_path):
+    res = run_cli("bench", str(tmp_path / "nothing"), "--variants", "bf16", "--out", str(tmp_path / "o"))
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_refused_without_gpu(tiny_dir, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    res = run_cli("bench", str(tiny_dir), "--variants", "bf16", "--device", "cuda", "--out", str(tmp_path / "o"))
+    assert res.returncode != 0 and "no CUDA GPU" in res.stderr and len(res.stderr.strip().splitlines()) == 1
