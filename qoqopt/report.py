@@ -83,7 +83,7 @@ def render_markdown(runs: list[dict], plots: dict[str, str] | None = None) -> st
     out += ["## Drift against the reference (same chats, same positions)", ""]
     out += ["| variant | size MB | mean KLD | p99 KLD | same top % | RMS Δp % | answer acc | worst domain | Pareto |",
             "|---|---:|---:|---:|---:|---:|---:|---|:-:|"]  # fmt: skip
-    for name, v in sorted(rows.items(), key=lambda kv: kv[1]["size_bytes"]):
+    for name, v in _by_size(rows):
         a = v["drift"]["all"]
         out.append(
             f"| {name} | {v['size_bytes'] / 1e6:.1f} | {_fmt(a.get('mean_kld'), KLD)} | {_fmt(a.get('p99_kld'), KLD)} | "
@@ -97,13 +97,18 @@ def render_markdown(runs: list[dict], plots: dict[str, str] | None = None) -> st
     return "\n".join(out)
 
 
+def _by_size(rows: dict[str, dict]) -> list[tuple[str, dict]]:
+    """The reference first (the yardstick), then builds from smallest to largest."""
+    return sorted(rows.items(), key=lambda kv: (kv[0] != "reference", kv[1]["size_bytes"]))
+
+
 def _domain_table(rows: dict[str, dict]) -> list[str]:
     domains = sorted({d for v in rows.values() for d in v["drift"] if d != "all"})
     if not domains:
         return []
     out = ["## Mean KLD per clinical domain", "", "| variant | " + " | ".join(domains) + " |",
            "|---|" + "---:|" * len(domains)]  # fmt: skip
-    for name, v in sorted(rows.items(), key=lambda kv: kv[1]["size_bytes"]):
+    for name, v in _by_size(rows):
         out.append(f"| {name} | " + " | ".join(_fmt(v["drift"].get(d, {}).get("mean_kld"), KLD) for d in domains) + " |")
     return out + [""]
 
