@@ -55,7 +55,7 @@ class GGUFOptions:
 
 @dataclass
 class FileRecord:
-    file: str
+    path: str  # relative to the build directory (the manifest key; the same in GPTQ/AWQ manifests)
     kind: str  # text | mmproj | imatrix | modelfile | readme
     quant: str | None = None
     tensors: int | None = None
@@ -75,7 +75,7 @@ class ExportResult:
     def file(self, kind: str, quant: str | None = None) -> Path:
         for f in self.files:
             if f.kind == kind and (quant is None or f.quant == quant):
-                return self.out / f.file
+                return self.out / f.path
         raise KeyError((kind, quant))
 
 
@@ -265,13 +265,13 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                 mmproj_name = path.name
                 log(f"wrote {path.name} ({rep.tensors} tensors, {_size(rep.bytes)})")
             # 4. user-facing files
-            text_files = {r.quant: r.file for r in records if r.kind == "text"}
+            text_files = {r.quant: r.path for r in records if r.kind == "text"}
             primary = next((q for q in MODELFILE_PREFERENCE if q in text_files), quants[0])
             (tmp / "Modelfile").write_text(render_modelfile(ctx, text_files[primary], mmproj_name, text_files))
             records.append(_record(tmp / "Modelfile", "modelfile"))
             (tmp / "README.md").write_text(render_readme(ctx, records, mmproj_name, primary, notes, imatrix_info))
             records.append(_record(tmp / "README.md", "readme"))
-            records.sort(key=lambda r: (r.kind != "text", r.kind, r.file))
+            records.sort(key=lambda r: (r.kind != "text", r.kind, r.path))
             manifest = render_manifest(ctx, records, notes, imatrix_info)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     except OSError as exc:
@@ -398,8 +398,8 @@ def render_modelfile(ctx: _Context, text_file: str, mmproj: str | None, all_text
 
 def render_readme(ctx: _Context, records: list[FileRecord], mmproj: str | None, primary: str, notes: list[str], imatrix: dict | None) -> str:
     lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
-    text = next(r.file for r in records if r.kind == "text" and r.quant == primary)
-    rows = "\n".join(f"| `{r.file}` | {r.kind} | {r.quant or ''} | {_size(r.bytes)} |" for r in records if r.kind in ("text", "mmproj", "imatrix"))
+    text = next(r.path for r in records if r.kind == "text" and r.quant == primary)
+    rows = "\n".join(f"| `{r.path}` | {r.kind} | {r.quant or ''} | {_size(r.bytes)} |" for r in records if r.kind in ("text", "mmproj", "imatrix"))
     mm = f" --mmproj {mmproj}" if mmproj else ""
     skipped = "\n".join(f"- {s}" for s in ctx.skipped) or "- nothing"
     note_lines = "\n".join(f"- {n}" for n in notes) or "- none"

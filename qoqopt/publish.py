@@ -8,13 +8,13 @@ stored HF login, handed to `HfApi`, and never printed or written.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QoqoptError
 from .fileio import sha256_file
+from .manifest import entry_path, read_manifest
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 LICENSE = "mit"  # QoQ-Med and Qwen2.5-VL are MIT / Apache; QoQ-Med's release is MIT
@@ -59,26 +59,11 @@ def check_repo_id(repo_id: str) -> None:
         raise QoqoptError(f"invalid repo name {repo_id!r}: expected user/name (letters, digits, '-', '_', '.')")
 
 
-def read_manifest(folder: Path) -> dict:
-    path = folder / "manifest.json"
-    if not folder.is_dir():
-        raise QoqoptError(f"{folder} is not a directory")
-    if not path.exists():
-        raise QoqoptError(f"{folder} has no manifest.json; publish a directory written by `qoqopt export`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
-    if not manifest.get("files"):
-        raise QoqoptError(f"{path} lists no files")
-    return manifest
-
-
 def verified_files(folder: Path, manifest: dict) -> list[PlannedFile]:
     """Every manifest entry exists with the recorded size and sha256 (no partial or edited file ships)."""
     out = []
     for entry in manifest["files"]:
-        rel = entry.get("path") or entry.get("file")
+        rel = entry_path(entry)
         target = folder / rel
         if not target.is_file():
             raise QoqoptError(f"manifest lists {rel}, which is missing from {folder}")
@@ -206,7 +191,7 @@ def _usage(fmt: str, repo_id: str, files: list[PlannedFile]) -> str:
 def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path | None = None,
                 base_model: str | None = None) -> UploadPlan:  # fmt: skip
     check_repo_id(repo_id)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, "a directory written by `qoqopt export` to publish")
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
     # The manifest itself ships too, so downloaders can check what they got.
     files.append(PlannedFile("manifest.json", (folder / "manifest.json").stat().st_size, sha256_file(folder / "manifest.json")))

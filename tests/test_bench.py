@@ -198,3 +198,15 @@ def test_cuda_refused_without_gpu(tiny_dir, tmp_path):
         pytest.skip("a GPU is present")
     res = run_cli("bench", str(tiny_dir), "--variants", "bf16", "--device", "cuda", "--out", str(tmp_path / "o"))
     assert res.returncode != 0 and "no CUDA GPU" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
+    """`qoqopt ask` finds the text GGUF and mmproj through manifest.json, and refuses clearly otherwise."""
+    (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
+    res = run_cli("ask", str(gguf_dir), "--quant", "Q8_0", "--item", "ct-abd-pancreas.region_ct.eval-0")
+    assert res.returncode == 0, res.stderr
+    assert ".Q8_0.gguf + mmproj-" in res.stdout and "(reference: Abdomen)" in res.stdout
+    res = run_cli("ask", str(gguf_dir), "--quant", "Q5_K_M", "--item", "ct-abd-pancreas.region_ct.eval-0")
+    assert res.returncode != 0 and "has no text GGUF of type Q5_K_M (it has: Q4_K_M, Q8_0)" in res.stderr
+    res = run_cli("ask", str(tmp_path), "--item", "ct-abd-pancreas.region_ct.eval-0")
+    assert res.returncode != 0 and "has no manifest.json" in res.stderr and len(res.stderr.strip().splitlines()) == 1

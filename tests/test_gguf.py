@@ -132,7 +132,7 @@ def test_files_and_metadata(built, tiny_dir, vocab_llm):
     assert {t.name for t in mm.tensors} >= {"v.patch_embd.weight", "v.patch_embd.weight.1", "mm.0.weight", "mm.2.weight"}
     manifest = json.loads((built.out / "manifest.json").read_text())
     for f in manifest["files"]:
-        path = built.out / f["file"]
+        path = built.out / f["path"]
         assert path.stat().st_size == f["bytes"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == f["sha256"]
     assert manifest["source"]["fingerprint"].startswith("sha256:")
@@ -338,8 +338,8 @@ def test_rerun_is_byte_identical_and_refuses_existing(tiny_dir, tmp_path):
         export_gguf(str(tiny_dir), tmp_path / "a", GGUFOptions(**opts), log=lambda s: None)
     b = export_gguf(str(tiny_dir), tmp_path / "a", GGUFOptions(**opts), force=True, log=lambda s: None)
     c = export_gguf(str(tiny_dir), tmp_path / "c", GGUFOptions(**opts), log=lambda s: None)
-    digest = {f.file: f.sha256 for f in a.files}
-    assert digest == {f.file: f.sha256 for f in b.files} == {f.file: f.sha256 for f in c.files}
+    digest = {f.path: f.sha256 for f in a.files}
+    assert digest == {f.path: f.sha256 for f in b.files} == {f.path: f.sha256 for f in c.files}
     assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "c" / "manifest.json").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary debris
 

@@ -186,7 +186,7 @@ def test_clinical_imatrix_helps_q4_k_m(trained):
     assert any("calibrating the imatrix on 32 image chats" in line for line in trained["log"])
     assert (res.out / "mini.imatrix.gguf").exists()
     assert "FROM ./mini.Q4_K_M.gguf" in (res.out / "Modelfile").read_text()
-    kinds = {f.file: (f.kind, f.quant) for f in res.files}
+    kinds = {f.path: (f.kind, f.quant) for f in res.files}
     assert kinds["mini.imatrix.gguf"] == ("imatrix", None) and kinds["mini.Q4_K_M.gguf"] == ("text", "Q4_K_M")
     assert "clinical calib split" in (res.out / "README.md").read_text()
 

@@ -138,3 +138,12 @@ def test_local_source_needs_base_model(export_dir, tmp_path):
     assert "--base-model" in line and "not a Hub repo id" in line
     res = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run", "--base-model", "ddvd233/QoQ-Med-VL-7B")
     assert res.returncode == 0 and "base_model: ddvd233/QoQ-Med-VL-7B" in res.stdout
+
+
+def test_legacy_gguf_manifest_key_is_read(export_dir):
+    """GGUF manifests from before 0.1.1 named files under "file"; they still verify and publish."""
+    m = json.loads((export_dir / "manifest.json").read_text())
+    m["files"] = [{"file" if k == "path" else k: v for k, v in e.items()} for e in m["files"]]
+    (export_dir / "manifest.json").write_text(json.dumps(m))
+    plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF")
+    assert [f.path for f in plan.files][:2] == ["QoQ-Med-mini.Q8_0.gguf", "mmproj-QoQ-Med-mini-f16.gguf"]

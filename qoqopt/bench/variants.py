@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -66,31 +65,21 @@ def _parse_one(raw: str) -> Variant:
 # --------------------------------------------------------------------------- export directories
 
 
-def read_manifest(folder: Path) -> dict | None:
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
 def find_in(folder: Path, v: Variant) -> dict[str, Path] | None:
     """The variant's files inside one `qoqopt export` directory, or None if it is not there."""
-    m = read_manifest(folder)
-    if not m or m.get("format") != v.format:
+    from ..manifest import gguf_entries, read_manifest
+
+    try:
+        m = read_manifest(folder)
+    except QoqoptError:
+        return None
+    if m.get("format") != v.format:
         return None
     if v.format == "gguf":
-        files = m.get("files", [])
-        text = [f for f in files if f.get("kind") == "text" and f.get("quant") == v.option]
-        mmproj = [f for f in files if f.get("kind") == "mmproj"]
+        text, mmproj = gguf_entries(m, "text", v.option), gguf_entries(m, "mmproj")
         if not text:
             return None
-        found = {"text": folder / text[0]["file"]}
-        if mmproj:
-            found["mmproj"] = folder / mmproj[0]["file"]
-        return found
+        return {"text": folder / text[0], **({"mmproj": folder / mmproj[0]} if mmproj else {})}
     if str(m.get("quantization", {}).get("bits")) == v.option:
         return {"dir": Path(folder)}
     return None

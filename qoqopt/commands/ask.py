@@ -37,22 +37,17 @@ def register(sub) -> None:
 
 
 def _pick_files(build: Path, quant: str | None) -> tuple[Path, Path]:
-    import json
-
     from ..errors import QoqoptError
+    from ..manifest import gguf_entries, gguf_quants, read_manifest
 
-    manifest_path = build / "manifest.json"
-    if not manifest_path.exists():
-        raise QoqoptError(f"{build} has no manifest.json; give a directory written by `qoqopt export --format gguf`")
-    files = json.loads(manifest_path.read_text())["files"]
-    texts = [f for f in files if f.get("kind") == "text" and (quant is None or f.get("quant") == quant)]
-    mmproj = [f for f in files if f.get("kind") == "mmproj"]
+    manifest = read_manifest(build, "a directory written by `qoqopt export --format gguf`")
+    texts, mmproj = gguf_entries(manifest, "text", quant), gguf_entries(manifest, "mmproj")
     if not texts:
-        have = ", ".join(f.get("quant") for f in files if f.get("kind") == "text")
+        have = ", ".join(q for q in gguf_quants(manifest) if q)
         raise QoqoptError(f"{build} has no text GGUF{' of type ' + quant if quant else ''} (it has: {have})")
     if not mmproj:
         raise QoqoptError(f"{build} has no mmproj; re-export without --mmproj-type none to ask about images")
-    return build / texts[0]["file"], build / mmproj[0]["file"]
+    return build / texts[0], build / mmproj[0]
 
 
 def _item(args):

@@ -1,0 +1,44 @@
+"""manifest.json, which every `qoqopt export` writes: what a build directory holds.
+
+Each entry of "files" names its file under "path" (relative to the directory) with its size and
+sha256; GGUF entries also carry "kind" (text | mmproj | imatrix | modelfile | readme) and "quant".
+GGUF manifests written before qoqopt 0.1.1 used "file" for the name; both are read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import QoqoptError
+
+
+def read_manifest(folder: Path, what: str = "a directory written by `qoqopt export`") -> dict:
+    """The parsed manifest, or a one-line error that says what was expected."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise QoqoptError(f"{folder} is not a directory")
+    path = folder / "manifest.json"
+    if not path.exists():
+        raise QoqoptError(f"{folder} has no manifest.json; give {what}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
+    if not manifest.get("files"):
+        raise QoqoptError(f"{path} lists no files")
+    return manifest
+
+
+def entry_path(entry: dict) -> str:
+    return entry.get("path") or entry["file"]
+
+
+def gguf_entries(manifest: dict, kind: str, quant: str | None = None) -> list[str]:
+    """Relative paths of a GGUF build's files of one kind (and quant type, for text files)."""
+    return [entry_path(f) for f in manifest.get("files", [])
+            if f.get("kind") == kind and (quant is None or f.get("quant") == quant)]  # fmt: skip
+
+
+def gguf_quants(manifest: dict) -> list[str]:
+    return [f.get("quant") for f in manifest.get("files", []) if f.get("kind") == "text"]
