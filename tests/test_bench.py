@@ -4,6 +4,7 @@ an independent computation (transformers logits and llama.cpp logits, KLD by tor
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.slow
 
 ITEMS = 5  # one chat per clinical domain
-VARIANTS = "bf16,gguf:Q4_K_M,gguf:Q8_0,gptq:4"
+VARIANTS = "bf16,gguf:Q4_K_M,gguf:Q8_0,gptq:4,awq:4"
 
 
 def _bench(model: Path, out: Path, *extra: str):
@@ -43,7 +44,7 @@ def run_2t(trained_dir, run_1t, tmp_path_factory):
     shutil.copytree(gguf_dir, broken)
     q4 = next(broken.glob("*.Q4_K_M.gguf"))
     q4.write_bytes(q4.read_bytes()[: q4.stat().st_size // 3])  # truncated download
-    return _bench(trained_dir, root / "out", "--variants", "gguf:Q4_K_M,gguf:Q8_0", "--threads", "2",
+    return _bench(trained_dir, root / "out", "--variants", "gguf:Q4_K_M,gguf:Q8_0,bnb:nf4", "--threads", "2",
                   "--from", str(broken), "--builds", str(builds), "--label", "cpu 2 threads")  # fmt: skip
 
 
@@ -59,9 +60,9 @@ def test_bench_writes_every_variant_with_tags(run_1t, trained_dir):
     assert run["software"]["packages"]["torch"] and run["software"]["packages"]["llama_cpp_python"]
     assert run["eval"]["domains"] == {"ct": 1, "ecg": 1, "mri": 1, "ultrasound": 1, "xray": 1}
     v = _by_name(result)
-    assert list(v) == ["reference", "bf16", "gguf:Q4_K_M", "gguf:Q8_0", "gptq:4"]
+    assert list(v) == ["reference", "bf16", "gguf:Q4_K_M", "gguf:Q8_0", "gptq:4", "awq:4"]
     assert all(x["status"] == "ok" for x in v.values()), [x.get("error") for x in v.values()]
-    assert v["gguf:Q4_K_M"]["runtime"].startswith("llama.cpp") and "W4A16" in v["gptq:4"]["runtime"]
+    assert v["gguf:Q4_K_M"]["runtime"].startswith("llama.cpp") and "W4A16" in v["gptq:4"]["runtime"] == v["awq:4"]["runtime"]
     for rec in v.values():  # the exact files, by sha256
         for f in rec["files"]:
             assert hashlib.sha256(Path(f["path"]).read_bytes()).hexdigest() == f["sha256"]
@@ -73,7 +74,7 @@ def test_bench_writes_every_variant_with_tags(run_1t, trained_dir):
 
 def test_drift_fields_and_worst_domain(run_1t):
     v = _by_name(run_1t[0])
-    for name in ["bf16", "gguf:Q4_K_M", "gguf:Q8_0", "gptq:4"]:
+    for name in ["bf16", "gguf:Q4_K_M", "gguf:Q8_0", "gptq:4", "awq:4"]:
         drift = v[name]["drift"]
         assert set(drift) == {"all", "ct", "ecg", "mri", "ultrasound", "xray"}
         a = drift["all"]
@@ -151,6 +152,9 @@ def test_failed_variant_is_recorded_and_the_rest_run(run_2t):
     v = _by_name(run_2t[0])
     assert v["gguf:Q4_K_M"]["status"] == "failed" and v["gguf:Q4_K_M"]["error"]
     assert v["gguf:Q8_0"]["status"] == "ok"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert v["bnb:nf4"] == {"name": "bnb:nf4", "format": "bnb", "status": "failed",
+                                "error": "QoqoptError: bitsandbytes is not installed (pip install bitsandbytes)"}  # fmt: skip
     assert run_2t[0]["run"]["machine"]["label"] == "cpu 2 threads" and run_2t[0]["run"]["machine"]["threads"] == 2
 
 
@@ -210,3 +214,20 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     assert res.returncode != 0 and "has no text GGUF of type Q5_K_M (it has: Q4_K_M, Q8_0)" in res.stderr
     res = run_cli("ask", str(tmp_path), "--item", "ct-abd-pancreas.region_ct.eval-0")
     assert res.returncode != 0 and "has no manifest.json" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_user_jsonl_eval_set(tiny_dir, tmp_path):
+    """--eval FILE.jsonl: the user's own DICOMs and questions, domains taken from the file."""
+    from pydicom.data import get_testdata_file
+
+    rows = [
+        {"dicom": get_testdata_file("CT_small.dcm"), "question": "Which body region is shown?", "answer": "Spine", "domain": "ct"},
+        {"dicom": get_testdata_file("MR_small.dcm"), "question": "Which modality is this?", "answer": "MRI", "domain": "mri"},
+    ]  # fmt: skip
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result, _, _ = _bench(tiny_dir, tmp_path / "out", "--variants", "bf16", "--eval", str(tmp_path / "mine.jsonl"),
+                          "--no-speed", "--threads", "1")  # fmt: skip
+    assert result["run"]["eval"]["domains"] == {"ct": 1, "mri": 1}
+    bf16 = _by_name(result)["bf16"]
+    assert bf16["status"] == "ok" and set(bf16["drift"]) == {"all", "ct", "mri"} and bf16["speed"]["peak_host_mb"] > 0
+    assert "prefill_tok_s" not in bf16["speed"]
