@@ -87,15 +87,18 @@ print(f"{'device':56s} {hw.get('device')} ({hw.get('memory_gib')} GiB, driver {h
       f"torch {hw.get('torch')}, triton {hw.get('triton')})")
 for key, v in result["targets"].items():
     worst = f"worst x{v['worst']} at {v['worst_case']}" if "worst" in v else ""
+    if "worst_graph" in v:
+        worst += f" | CUDA graph: {v['status_graph']}, worst x{v['worst_graph']} at {v['worst_graph_case']}"
     print(f"{v['what'] + ' >= x' + str(v['target']):56s} {v['status']:8s} {worst}")
 # judged rows, plus W4A16 prefill (GPTQ) for the record; everything else is in bench.log / the JSON
 rows = [r for r in result["rows"] if r["speedup"] is not None and r["op"] != "sweep"
         and (r["target"] or (r["op"] == "w4a16" and r["impl"] == "qoqopt-gptq"))]
-print(f"\n{'op':9s} {'case':30s} {'impl':18s} {'ms':>9s} {'speedup':>8s} {'vs':18s} {'t/floor':>7s}")
+print(f"\n{'op':9s} {'case':30s} {'impl':18s} {'ms':>9s} {'speedup':>8s} {'vs':18s} {'t/floor':>7s} {'graph x':>8s}")
 for r in rows:
     floor = f"{r['over_floor']:.1f}" if r["over_floor"] else "-"
+    graph = f"x{r['graph_speedup']:.2f}" if r.get("graph_speedup") else "-"
     print(f"{r['op']:9s} {r['case']:30s} {r['impl']:18s} {r['ms']:9.4f} {'x%.2f' % r['speedup']:>8s} "
-          f"{r['peer']:18s} {floor:>7s}")
+          f"{r['peer']:18s} {floor:>7s} {graph:>8s}")
 sweep = {}
 for r in result["rows"]:
     if r["op"] == "sweep" and (r["case"] not in sweep or r["ms"] < sweep[r["case"]]["ms"]):
