@@ -67,6 +67,8 @@ def test_bench_writes_every_variant_with_tags(run_1t, trained_dir):
         for f in rec["files"]:
             assert hashlib.sha256(Path(f["path"]).read_bytes()).hexdigest() == f["sha256"]
         assert rec["size_bytes"] == sum(f["size_bytes"] for f in rec["files"])
+    for name in ["gguf:Q4_K_M", "gptq:4", "awq:4"]:  # provenance from each build's manifest
+        assert v[name]["built_from"]["model"] == str(trained_dir)
     names = {Path(f["path"]).name for f in v["gguf:Q4_K_M"]["files"]}
     assert any(n.endswith(".Q4_K_M.gguf") for n in names) and any(n.startswith("mmproj-") for n in names)
     assert v["gguf:Q4_K_M"]["size_bytes"] < v["gguf:Q8_0"]["size_bytes"] < v["bf16"]["size_bytes"]

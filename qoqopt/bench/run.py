@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import QoqoptError
 from ..fileio import atomic_write_text, sha256_file
+from ..manifest import read_manifest
 from ..report import SCHEMA
 from .machine import machine_info, software_info
 from .speed import SpeedSettings
@@ -54,7 +55,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     threads = opts.threads or _default_threads()
     builds = opts.builds or opts.out / "builds"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    located = _locate_or_build(opts, str(model_path), builds, log)
+    located = _locate_or_build(opts, builds, log)
     hashes = _Hashes()
     source_files = [model_path / f for f in sorted(set(ckpt.weight_map.values()))]
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ def summary_line(rec: dict) -> str:
 # --------------------------------------------------------------------------- variants
 
 
-def _locate_or_build(opts: BenchOptions, model_path: str, builds: Path, log) -> dict[str, dict]:
+def _locate_or_build(opts: BenchOptions, builds: Path, log) -> dict[str, dict]:
     """variant name -> {"files": {...}} or {"error": ...}; variants needing no files get {}."""
     def search_dirs():
         extra = sorted(p for p in builds.iterdir() if p.is_dir()) if builds.is_dir() else []
@@ -123,7 +124,8 @@ def _locate_or_build(opts: BenchOptions, model_path: str, builds: Path, log) -> 
             out[v.name] = {"files": found}
         else:
             missing.append(v)
-    for variants, dest, cmd in build_commands(model_path, missing, builds, opts.calib_items, force=True):
+    # Builds are made from the model as the user named it (a Hub id stays a Hub id in their manifests).
+    for variants, dest, cmd in build_commands(opts.model, missing, builds, opts.calib_items, opts.revision):
         log(f"building {', '.join(v.name for v in variants)} -> {dest} (qoqopt export)")
         error = run_build(cmd)
         for v in variants:
@@ -141,7 +143,11 @@ def _variant_record(v: Variant, where: dict, common: dict, work: Path, source_fi
     if res["status"] != "ok":
         return {"name": v.name, "format": v.format, "status": "failed", "error": res["error"]}
     paths = _variant_files(where["files"]) or source_files
-    return _record(v.name, v.format, res, paths, hashes)
+    rec = _record(v.name, v.format, res, paths, hashes)
+    if where["files"]:  # provenance: what the build's manifest says it was made from
+        folder = where["files"].get("dir") or where["files"]["text"].parent
+        rec["built_from"] = (read_manifest(folder).get("source") or {}) if (folder / "manifest.json").exists() else {}
+    return rec
 
 
 def _variant_files(found: dict[str, Path]) -> list[Path]:

@@ -96,9 +96,10 @@ def locate(v: Variant, search: list[Path]) -> dict[str, Path] | None:
 # --------------------------------------------------------------------------- building
 
 
-def build_commands(model: str, missing: list[Variant], builds: Path, calib_items: int, force: bool) -> list[tuple[list[Variant], Path, list[str]]]:
+def build_commands(model: str, missing: list[Variant], builds: Path, calib_items: int, revision: str | None = None) -> list[tuple[list[Variant], Path, list[str]]]:
     """`qoqopt export` invocations that produce the missing variants: one per format (all GGUF
-    types share one export: one F16 intermediate, one mmproj, one imatrix), one per bit width."""
+    types share one export: one F16 intermediate, one mmproj, one imatrix), one per bit width.
+    --force: OUT/builds is the bench's own cache, and a folder there without the build is stale."""
     jobs = []
     gguf = [v for v in missing if v.format == "gguf"]
     if gguf:
@@ -109,7 +110,8 @@ def build_commands(model: str, missing: list[Variant], builds: Path, calib_items
         if v.format in QUANT_BITS:
             out = builds / f"{v.format}-{v.option}bit"
             jobs.append(([v], out, ["--format", v.format, "--bits", v.option, "--samples", str(calib_items)]))
-    return [(vs, out, [sys.executable, "-m", "qoqopt", "export", model, "--out", str(out), *args] + (["--force"] if force else []))
+    rev = ["--revision", revision] if revision else []
+    return [(vs, out, [sys.executable, "-m", "qoqopt", "export", model, "--out", str(out), *args, *rev, "--force"])
             for vs, out, args in jobs]  # fmt: skip
 
 
