@@ -111,8 +111,9 @@ def _load_w4a16(folder: Path, processor, device: str) -> HFRunner:
 
     from ..exports.hf_quant import load_with_quant_linear
 
-    # The Triton kernel takes fp16/bf16 activations; on CPU the torch reference path runs in fp32.
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    # On CUDA the Triton kernel runs in bf16, the dtype QoQ-Med was trained in (fp16 risks overflow in
+    # the vision tower); on CPU the torch reference path runs in fp32.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_with_quant_linear(folder, dtype).to(device)
     backend = "torch reference"
     if device == "cuda":  # the vision kernels too: this is the runtime qoqopt ships for these builds
