@@ -23,6 +23,14 @@ from qoqopt.errors import QoqoptError
 MARKER = "<__media__>"
 
 
+def train_image_tokens() -> tuple[int, int]:
+    """QoQ-Med's training pixel range in merged image tokens (28x28 pixels each): (84, 668). llama.cpp
+    ignores the mmproj's pixel keys for Qwen2.5-VL, so callers pass these as image_min/max_tokens."""
+    from qoqopt.data.augment import MAX_PIXELS, MIN_PIXELS
+
+    return -(-MIN_PIXELS // 784), MAX_PIXELS // 784
+
+
 def chat_prompt(question: str, system: str = "You are a helpful assistant.") -> str:
     """The Qwen2.5-VL chat template's text for one image + question; mtmd wraps the image in
     <|vision_start|>..<|vision_end|> itself."""

@@ -7,12 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.augment import MAX_PIXELS, MIN_PIXELS
 from ..errors import QoqoptError
-from ..exports.gguf_runtime import LlamaVL, chat_prompt, gpu_offload_available
-
-PIXELS_PER_TOKEN = 28 * 28  # one merged 2x2 group of 14-pixel patches
-TRAIN_TOKENS = (-(-MIN_PIXELS // PIXELS_PER_TOKEN), MAX_PIXELS // PIXELS_PER_TOKEN)  # (84, 668)
+from ..exports.gguf_runtime import LlamaVL, chat_prompt, gpu_offload_available, train_image_tokens
 
 
 class GGUFRunner:
@@ -21,8 +17,8 @@ class GGUFRunner:
             raise QoqoptError(f"{text.name} has no mmproj beside it: image chats cannot run")
         gpu = device == "cuda" and gpu_offload_available()
         self.runtime = "llama.cpp" + (" (GPU offload)" if gpu else " (CPU)")
-        self.vl = LlamaVL(text, mmproj, n_ctx=n_ctx, threads=threads, gpu=gpu,
-                          image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1])  # fmt: skip
+        lo, hi = train_image_tokens()
+        self.vl = LlamaVL(text, mmproj, n_ctx=n_ctx, threads=threads, gpu=gpu, image_min_tokens=lo, image_max_tokens=hi)
 
     def reply_logits(self, item, chat: dict) -> np.ndarray:
         image = item.image
