@@ -49,7 +49,6 @@ class GGUFOptions:
     imatrix_image_weight: float = 0.0
     seed: int = 0
     threads: int = 0
-    imatrix_data: IMatrix | None = None  # precomputed (API use); overrides `imatrix`
     progress: bool = True
 
 
@@ -302,9 +301,7 @@ def _size(n: int) -> str:
 def _imatrix(ctx: _Context, options: GGUFOptions, tmp: Path, log) -> tuple[IMatrix | None, dict | None]:
     """The importance matrix to quantize with (or None), written into the output as `<Name>.imatrix.gguf`."""
     choice = options.imatrix
-    if options.imatrix_data is not None:
-        im, how = options.imatrix_data, "given"
-    elif choice == "none":
+    if choice == "none":
         log("note: quantizing without an importance matrix (--imatrix none)")
         return None, None
     elif choice == "clinical" or choice.endswith(".jsonl"):

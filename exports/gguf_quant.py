@@ -72,7 +72,6 @@ def is_direct(quant: str) -> bool:
 class QuantReport:
     quant: str
     fallbacks: list[str] = field(default_factory=list)  # "blk.0.ffn_down.weight Q4_K -> Q5_0"
-    missing_imatrix: list[str] = field(default_factory=list)
 
     def summary(self) -> list[str]:
         lines = []
@@ -126,14 +125,9 @@ class _LogCapture:
 
 
 def llama_quantize(
-    src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None, threads: int = 0,
-    *, token_embedding_type: str | None = None, output_tensor_type: str | None = None,
+    src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None, threads: int = 0
 ) -> QuantReport:
-    """Quantize GGUF `src` to `dst` with llama.cpp. `imatrix`: GGUF tensor name -> per-column mean x^2.
-
-    `token_embedding_type` / `output_tensor_type` (e.g. "F16", "Q8_0") override llama.cpp's choice for
-    token_embd / output, as `llama-quantize --token-embedding-type / --output-tensor-type` do.
-    """
+    """Quantize GGUF `src` to `dst` with llama.cpp. `imatrix`: GGUF tensor name -> per-column mean x^2."""
     import llama_cpp
 
     ftype = llama_ftypes()[quant]
@@ -142,12 +136,6 @@ def llama_quantize(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
-    from gguf import GGMLQuantizationType
-
-    if token_embedding_type:
-        params.token_embedding_type = int(GGMLQuantizationType[token_embedding_type])
-    if output_tensor_type:
-        params.output_tensor_type = int(GGMLQuantizationType[output_tensor_type])
     keep = []
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
@@ -174,7 +162,6 @@ def llama_quantize(
     flat = log.text.replace("\n", " ")
     for m in _FALLBACK.finditer(flat):
         report.fallbacks.append(f"{m.group(1)} {m.group(2).upper()} -> {m.group(3).upper()}")
-    report.missing_imatrix = re.findall(r"did not find weights for (\S+)", flat)
     return report
 
 

@@ -23,14 +23,6 @@ from qoqopt.errors import QoqoptError
 MARKER = "<__media__>"
 
 
-def train_image_tokens() -> tuple[int, int]:
-    """QoQ-Med's training pixel range in merged image tokens (28x28 pixels each): (84, 668). llama.cpp
-    ignores the mmproj's pixel keys for Qwen2.5-VL, so callers pass these as image_min/max_tokens."""
-    from qoqopt.data.augment import MAX_PIXELS, MIN_PIXELS
-
-    return -(-MIN_PIXELS // 784), MAX_PIXELS // 784
-
-
 def chat_prompt(question: str, system: str = "You are a helpful assistant.") -> str:
     """The Qwen2.5-VL chat template's text for one image + question; mtmd wraps the image in
     <|vision_start|>..<|vision_end|> itself."""
@@ -264,9 +256,10 @@ class LlamaVL:
         ptr = lc.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def generate(self, prompt: str, image=None, max_tokens: int = 48, stop_ids: tuple[int, ...] = (151645, 151643)) -> str:
-        """Greedy continuation of an (image) prompt, as llama.cpp produces it."""
-        n_past = self._eval_prompt(prompt, [image] if image is not None else [])
+    def generate(self, prompt: str, image=None, max_tokens: int = 48, stop_ids: tuple[int, ...] = (151645, 151643),
+                 image_key=None) -> str:  # fmt: skip
+        """Greedy continuation of an (image) prompt, as llama.cpp produces it (`image_key`: see chat_logits)."""
+        n_past = self._eval_prompt(prompt, [image] if image is not None else [], [image_key] if image is not None else None)
         logits, out = self._last_logits(), []
         for _ in range(max_tokens):
             tok = int(np.argmax(logits))

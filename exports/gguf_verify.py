@@ -14,33 +14,28 @@ from __future__ import annotations
 
 import numpy as np
 
+from qoqopt.errors import QoqoptError
+
 from .gguf_runtime import MARKER
 
 IMAGE_SPAN = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def disable_text_rms_eps(model) -> None:
-    """Set the language model's RMSNorm eps to 0, as llama.cpp's qwen2vl runs (tight comparisons only)."""
-    for module in model.model.language_model.modules():
-        if hasattr(module, "variance_epsilon"):
-            module.variance_epsilon = 0.0
 
 
 def reference(model, processor, item, device: str = "cpu") -> dict:
     """transformers' side of one chat: llama.cpp prompt text, reply ids, reference logits at the reply."""
     import torch
 
-    from qoqopt.calibration import encode_chat
+    from qoqopt.calibration import encode_chat, with_reply
 
-    prompt_only = encode_chat(processor, item, with_answer=False)
-    full = encode_chat(processor, item, with_answer=True)
+    prompt_only = encode_chat(processor, item, with_answer=False)  # the image is processed once
+    full = with_reply(processor, prompt_only, item)
     n_prompt, n_total = prompt_only["input_ids"].shape[1], full["input_ids"].shape[1]
     with torch.no_grad():
         out = model(**{k: v.to(device) for k, v in full.items()})
     logits = out.logits[0, n_prompt - 1 : n_total - 1].float().cpu().numpy()
     text = processor.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=False)
     if text.count(IMAGE_SPAN) != 1:
-        raise AssertionError("expected exactly one image in the chat")
+        raise QoqoptError(f"{item.id}: expected exactly one image in the chat")
     return {
         "prompt": text.replace(IMAGE_SPAN, MARKER),
         "reply_ids": full["input_ids"][0, n_prompt:].tolist(),
@@ -49,21 +44,20 @@ def reference(model, processor, item, device: str = "cpu") -> dict:
     }
 
 
+def reply_logits(vl, ref: dict, item) -> np.ndarray:
+    """llama.cpp's teacher-forced logits for one reference chat, after checking that its own image
+    preprocessing gives as many image tokens as transformers' (else positions would not line up).
+    The image is encoded once per `item.id` when `vl` has an embd_cache."""
+    n_image = vl.image_token_count(item.image)
+    if n_image != ref["image_tokens"]:
+        raise QoqoptError(f"{item.id}: llama.cpp gives {n_image} image tokens, transformers {ref['image_tokens']}")
+    return vl.chat_logits(ref["prompt"], item.image, ref["reply_ids"], image_key=item.id)
+
+
 def drift_records(vl, refs: list[dict], items) -> list[dict]:
     """Records for qoqopt.drift.drift_by_domain: llama.cpp logits against the references."""
-    records = []
-    for ref, item in zip(refs, items):
-        image = item.image
-        n_image = vl.image_token_count(image)
-        if n_image != ref["image_tokens"]:
-            raise AssertionError(f"{item.id}: llama.cpp gives {n_image} image tokens, transformers {ref['image_tokens']}")
-        cand = vl.chat_logits(ref["prompt"], image, ref["reply_ids"], image_key=item.id)
-        records.append(
-            {
-                "domain": item.domain,
-                "ref_logits": ref["ref_logits"],
-                "cand_logits": cand,
-                "target_ids": np.asarray(ref["reply_ids"]),
-            }
-        )
-    return records
+    return [
+        {"domain": item.domain, "ref_logits": ref["ref_logits"], "cand_logits": reply_logits(vl, ref, item),
+         "target_ids": np.asarray(ref["reply_ids"])}
+        for ref, item in zip(refs, items)
+    ]  # fmt: skip

@@ -265,14 +265,14 @@ def export_hf_quant(
 def export_hf_quant_report(
     source, out, fmt="gptq", bits=4, group_size=128, act_order=False, sym=None, calib="clinical",
     samples=128, quantize_vision=False, force=False, seed=0, *, device=None, static_groups=False,
-    damp=0.01, revision=None, shard_bytes=SHARD_BYTES, log=None, progress=True, method=None, on_layer=None,
+    damp=0.01, revision=None, shard_bytes=SHARD_BYTES, log=None, progress=True, on_layer=None,
 ) -> ExportReport:  # fmt: skip
-    """:func:`export_hf_quant`, returning the full report. ``method`` "rtn" writes a round-to-nearest
-    baseline in the same format (for comparisons; not offered on the command line); ``on_layer`` is
+    """:func:`export_hf_quant`, returning the full report. ``on_layer`` is
     called with each :class:`~qoqopt.quantize.runner.LayerResult` before it is written."""
     import torch
 
     from qoqopt.calibration import calibration_items
+    from qoqopt.data import domain_counts
     from qoqopt.fileio import atomic_dir, prepare_output_dir, sha256_file
     from qoqopt.loader import open_checkpoint
     from qoqopt.quantize.rtn import QuantSpec
@@ -318,23 +318,23 @@ def export_hf_quant_report(
     chats = encode_chats(processor, items)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts = QuantizeOptions(
-        method=method or fmt, spec=spec, act_order=act_order, static_groups=static_groups, damp=damp, seed=seed
+        method=fmt, spec=spec, act_order=act_order, static_groups=static_groups, damp=damp, seed=seed
     )
     vision_plan = _vision_plan(ckpt, spec, fmt) if quantize_vision else None
-    vision_stats = _VisionStats(vision_plan, opts.method) if vision_plan else None
+    vision_stats = _VisionStats(vision_plan) if vision_plan else None
     log(f"calibrating on {len(chats)} chats from {label} ({device})")
     captured = capture_layer0_inputs(
         ckpt, chats, device=device, vision_hooks=vision_stats.hooks if vision_stats else None, progress=progress
     )
     report.calibration = {
         "source": label, "chats": len(chats), "tokens": captured.tokens, "image_tokens": captured.image_tokens,
-        "domains": _domain_counts(items), "seed": seed,
+        "domains": domain_counts(items), "seed": seed,
     }  # fmt: skip
     log(f"captured layer-0 inputs: {captured.tokens} tokens ({captured.image_tokens} image) in {captured.seconds:.1f} s")
 
     with atomic_dir(out, force=force) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
-        for result in stream_quantize(ckpt, captured, opts, device=device, log=log, text_config=None):
+        for result in stream_quantize(ckpt, captured, opts, device=device, log=log, text_config=config.text_config):
             if on_layer:
                 on_layer(result)
             prefix = f"model.language_model.layers.{result.index}."
@@ -399,13 +399,6 @@ def _processor(ckpt):
         return load_processor(ckpt.path)
     except (OSError, ValueError) as exc:
         raise QoqoptError(f"cannot load the processor of {ckpt.source}: {str(exc).splitlines()[0]}") from exc
-
-
-def _domain_counts(items) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item.domain] = counts.get(item.domain, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def _copy_support_files(src: Path, dst: Path) -> list[str]:
@@ -478,8 +471,8 @@ def _vision_plan(ckpt, spec, fmt: str) -> _VisionPlan:
 class _VisionStats:
     """Hooks on the vision tower during capture: a subsample of each planned Linear's inputs."""
 
-    def __init__(self, plan: _VisionPlan, method: str):
-        self.plan, self.method = plan, method
+    def __init__(self, plan: _VisionPlan):
+        self.plan = plan
         self.samples: dict[str, list] = {}
 
     def hooks(self, visual) -> list:

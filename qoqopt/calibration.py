@@ -86,12 +86,20 @@ def encode_chat(processor, item, with_answer: bool = True) -> dict:
     if "mm_token_type_ids" not in batch:  # older processors: 1 where the id is <|image_pad|>
         image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         batch["mm_token_type_ids"] = (batch["input_ids"] == image_id).long()
-    if with_answer:
-        reply = processor.tokenizer(item.target_text() + "<|im_end|>", return_tensors="pt").input_ids
-        batch["input_ids"] = torch.cat([batch["input_ids"], reply], dim=1)
-        batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(reply)], dim=1)
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    return batch
+    return with_reply(processor, batch, item) if with_answer else batch
+
+
+def with_reply(processor, prompt: dict, item) -> dict:
+    """A prompt batch from :func:`encode_chat` followed by the item's reference reply (text tokens)."""
+    import torch
+
+    reply = processor.tokenizer(item.target_text() + "<|im_end|>", return_tensors="pt").input_ids
+    full = dict(prompt)
+    full["input_ids"] = torch.cat([prompt["input_ids"], reply], dim=1)
+    full["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(reply)], dim=1)
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    return full
 
 
 def collect_input_sq_sums(model, processor, items, *, dataset: str = "", with_answer: bool = True, progress: bool = True) -> InputStats:
@@ -164,18 +172,19 @@ def load_hf_model(path, dtype: str = "auto", device: str | None = None):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     if dtype == "auto":
-        dtype = "float32" if _param_count(path) < 3e9 else "bfloat16"
+        dtype = auto_dtype(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=getattr(torch, dtype))
     return model.to(device).eval()
 
 
+def auto_dtype(path) -> str:
+    """fp32 compute over the (bf16) weights where it fits comfortably; bf16 beyond ~3 B parameters."""
+    return "float32" if _param_count(path) < 3e9 else "bfloat16"
+
+
 def _param_count(path) -> float:
+    from .info import params_from_headers
     from .loader import open_checkpoint
 
-    ckpt = open_checkpoint(str(path))
-    total = 0
-    for name in ckpt.names:
-        info = ckpt.tensor_info(name)
-        total += int(np.prod(info["shape"] or [1]))
-    return float(total)
+    return float(sum(params_from_headers(open_checkpoint(str(path)))[0].values()))

@@ -34,7 +34,7 @@ def _tensor_counts(ckpt: Checkpoint) -> dict[str, int]:
     return {p: counts.get(p, 0) for p in PARTS}
 
 
-def _params_from_headers(ckpt: Checkpoint) -> tuple[dict[str, int], str]:
+def params_from_headers(ckpt: Checkpoint) -> tuple[dict[str, int], str]:
     params: Counter = Counter()
     dtypes: Counter = Counter()
     for name in ckpt.names:
@@ -78,7 +78,7 @@ def summarize(ckpt: Checkpoint) -> Summary:
         dtype = _config_dtype(ckpt) + " (from config.json)"
         shard_sizes = [(f, None) for f in ckpt.shard_files]
     else:
-        params, dtype = _params_from_headers(ckpt)
+        params, dtype = params_from_headers(ckpt)
         shard_sizes = [(f, (ckpt.path / f).stat().st_size) for f in ckpt.shard_files]
     total = ckpt.index_total_size or sum(s or 0 for _, s in shard_sizes) or None
     files = {

@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QoqoptError
 
 SCHEMA = "qoqopt.bench/1"
 KLD = ".2e"  # drift spans 1e-6 (Q8_0) to 1e-1 (2-bit): fixed-point would print zeros
-
-
-@dataclass
-class Row:
-    machine: str
-    variant: dict
 
 
 def load_results(paths: list[Path]) -> list[dict]:

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QoqoptError
-from ..exports.gguf_runtime import LlamaVL, chat_prompt, gpu_offload_available, train_image_tokens
+from ..exports.gguf_meta import train_token_range
+from ..exports.gguf_runtime import LlamaVL, chat_prompt, gpu_offload_available
+from ..exports.gguf_verify import reply_logits
 
 
 class GGUFRunner:
@@ -17,18 +19,16 @@ class GGUFRunner:
             raise QoqoptError(f"{text.name} has no mmproj beside it: image chats cannot run")
         gpu = device == "cuda" and gpu_offload_available()
         self.runtime = "llama.cpp" + (" (GPU offload)" if gpu else " (CPU)")
-        lo, hi = train_image_tokens()
-        self.vl = LlamaVL(text, mmproj, n_ctx=n_ctx, threads=threads, gpu=gpu, image_min_tokens=lo, image_max_tokens=hi)
+        lo, hi = train_token_range()  # llama.cpp ignores the mmproj's pixel keys for Qwen2.5-VL
+        # embd_cache: drift and the greedy answer read the same image; the mmproj encodes it once.
+        self.vl = LlamaVL(text, mmproj, n_ctx=n_ctx, threads=threads, gpu=gpu, image_min_tokens=lo, image_max_tokens=hi,
+                          embd_cache={})  # fmt: skip
 
     def reply_logits(self, item, chat: dict) -> np.ndarray:
-        image = item.image
-        n_image = self.vl.image_token_count(image)
-        if n_image != chat["image_tokens"]:
-            raise QoqoptError(f"{item.id}: llama.cpp gives {n_image} image tokens, transformers {chat['image_tokens']}")
-        return self.vl.chat_logits(chat["prompt"], image, chat["reply_ids"])
+        return reply_logits(self.vl, chat, item)
 
     def answer(self, item, chat: dict, max_new_tokens: int) -> str:
-        return self.vl.generate(chat["prompt"], item.image, max_tokens=max_new_tokens)
+        return self.vl.generate(chat["prompt"], item.image, max_tokens=max_new_tokens, image_key=item.id)
 
     def profile(self, image, question: str, n_decode: int) -> dict:
         return self.vl.profile(chat_prompt(question), image, n_decode)

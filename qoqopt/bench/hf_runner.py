@@ -89,16 +89,13 @@ class HFRunner:
 
 def load_hf(model_path: Path, variant: Variant, files: dict, device: str, reference_dtype: str = "float32") -> HFRunner:
     """The variant as a transformers model on `device`. `variant` None means the reference."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    from ..calibration import load_hf_model
     from ..processor import load_processor
 
     processor = load_processor(model_path)
     if variant is None or variant.format == "hf":
         dtype = reference_dtype if variant is None else HF_DTYPES[variant.option]
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_path), dtype=getattr(torch, dtype))
-        return HFRunner(model.to(device).eval(), processor, f"transformers {dtype}", device)
+        return HFRunner(load_hf_model(model_path, dtype, device), processor, f"transformers {dtype}", device)
     if variant.format in ("gptq", "awq"):
         return _load_w4a16(files["dir"], processor, device)
     if variant.format == "bnb":

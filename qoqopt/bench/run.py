@@ -61,7 +61,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     opts.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".bench-", dir=opts.out))
     try:
-        common = _common_job(opts, model_path, work, threads, ckpt)
+        common = _common_job(opts, model_path, work, threads)
         log(f"reference: {opts.model} in transformers ({common['reference_dtype']}), {len(items)} chats")
         ref = _run_worker({**common, "role": "reference", "speed": None}, work, "reference")
         if ref["status"] != "ok":
@@ -183,24 +183,16 @@ class _Hashes:
 # --------------------------------------------------------------------------- workers
 
 
-def _common_job(opts: BenchOptions, model_path: Path, work: Path, threads: int, ckpt) -> dict:
-    ref_dtype = opts.reference_dtype
-    if ref_dtype == "auto":  # fp32 compute over the bf16 weights where it fits; bf16 beyond ~3 B params
-        params = sum(_numel(ckpt.tensor_info(n)["shape"]) for n in ckpt.names)
-        ref_dtype = "float32" if params < 3e9 else "bfloat16"
+def _common_job(opts: BenchOptions, model_path: Path, work: Path, threads: int) -> dict:
+    from ..calibration import auto_dtype
+
+    ref_dtype = auto_dtype(model_path) if opts.reference_dtype == "auto" else opts.reference_dtype
     return {
         "model": str(model_path), "device": opts.device, "threads": threads, "reference_dtype": ref_dtype,
         "eval": {"source": opts.eval_source, "items": opts.items, "seed": opts.seed},
         "ref_dir": str(work / "reference"), "answer_tokens": opts.answer_tokens,
         "speed": vars(opts.speed) if opts.speed else None,
     }  # fmt: skip
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape or []:
-        n *= int(s)
-    return n
 
 
 def _run_worker(job: dict, work: Path, tag: str) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import QoqoptError
@@ -20,15 +20,6 @@ class Variant:
     name: str  # as the user wrote it, e.g. "gguf:Q4_K_M"; the row label everywhere
     format: str  # hf | gguf | gptq | awq | bnb
     option: str  # the dtype, quant type, bit width or bitsandbytes type
-
-
-@dataclass
-class Located:
-    """A variant's files on disk (empty for variants that run straight from the source checkpoint)."""
-
-    variant: Variant
-    files: dict[str, Path] = field(default_factory=dict)  # role -> path: text, mmproj, dir
-    error: str | None = None
 
 
 def parse_variants(text: str) -> list[Variant]:

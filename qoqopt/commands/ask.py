@@ -73,12 +73,13 @@ def _item(args):
 
 
 def run(args) -> int:
-    from ..exports.gguf_runtime import LlamaVL, chat_prompt, train_image_tokens
+    from ..exports.gguf_meta import train_token_range
+    from ..exports.gguf_runtime import LlamaVL, chat_prompt
 
     text_path, mmproj_path = _pick_files(args.build, args.quant)
     image, question, reference = _item(args)
     prompt = chat_prompt(question)
-    lo, hi = train_image_tokens()  # what the build's README and Modelfile tell llama.cpp users to pass
+    lo, hi = train_token_range()  # what the build's README and Modelfile tell llama.cpp users to pass
     with LlamaVL(text_path, mmproj_path, image_min_tokens=lo, image_max_tokens=hi) as vl:
         reply = vl.generate(prompt, image, max_tokens=args.max_tokens)
     print(f"model     {text_path.name} + {mmproj_path.name} (llama.cpp)")

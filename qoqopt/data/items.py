@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable
 
@@ -46,6 +46,12 @@ class ClinicalItem:
         if self.image_fn is None:
             raise QoqoptError(f"item {self.id} has no image")
         return self.image_fn()
+
+    def materialized(self) -> "ClinicalItem":
+        """The same item with its image rendered once and kept: for short eval sets that read each
+        image several times (prompt encoding, generation, llama.cpp), not for training streams."""
+        image = self.image
+        return replace(self, image_fn=lambda: image)
 
     @property
     def answers(self) -> list[str]:
