@@ -58,6 +58,18 @@ def trained_dir(tmp_path_factory) -> Path:
     return d
 
 
+# QoQ-Med's training pixel range (65,536..524,288 px) in 28x28-pixel image tokens, as llama.cpp takes it.
+TRAIN_TOKENS = (84, 668)
+
+
+def error_line(res: subprocess.CompletedProcess) -> str:
+    """The one line a refused command prints: exit status 2, a single `error: ...` line on stderr."""
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]
+
+
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m qoqopt ...` in a fresh process, as a user would."""
     full_env = {**os.environ, **(env or {})}

@@ -1,5 +1,6 @@
 """AWQ math: scale search, exact folding (incl. grouped-query v_proj -> o_proj), clipping search."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +56,15 @@ def test_awq_quantize_layout():
     torch.testing.assert_close(qw.dequantize(), group_fake_quantize(w, SPEC), rtol=0, atol=1e-6)
     # without a clip, AWQ's rounding is RTN with zero-points
     torch.testing.assert_close(qw.dequantize(), rtn_quantize(w, SPEC).dequantize(), rtol=0, atol=0)
+    # AutoAWQ's pseudo_quantize_tensor written out in numpy: per group of 64 along K,
+    # s = fp16((max - min) / 15), z = clip(round(-min / s), 0, 15), w' = (clip(round(w / s) + z, 0, 15) - z) * s
+    g = w.numpy().reshape(24, 2, 64).astype(np.float32)
+    lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+    s = np.maximum(hi - lo, 1e-5).astype(np.float32) / 15
+    s = s.astype(np.float16).astype(np.float32)
+    z = np.clip(np.round(-lo / s), 0, 15)
+    hand = ((np.clip(np.round(g / s) + z, 0, 15) - z) * s).reshape(24, 128)
+    np.testing.assert_allclose(qw.dequantize().numpy(), hand, rtol=0, atol=1e-6)
 
 
 def test_gqa_scale_tying():
@@ -80,7 +90,9 @@ def _layer_and_inputs():
     pos = torch.arange(20).view(1, 1, -1).expand(3, 1, -1)
     pe = Qwen2_5_VLRotaryEmbedding(cfg)(x, pos)
     mask = torch.full((20, 20), float("-inf")).triu(1).view(1, 1, 20, 20)
-    return layer, cfg, lambda: layer(x, attention_mask=mask, position_embeddings=pe)
+    run = lambda: layer(x, attention_mask=mask, position_embeddings=pe)  # noqa: E731
+    run.inputs = (x, {"attention_mask": mask, "position_embeddings": pe})
+    return layer, cfg, run
 
 
 def test_folds_are_exact_in_float():
@@ -108,6 +120,26 @@ def test_folds_are_exact_in_float():
         s = rand(cfg.intermediate_size)  # up -> down
         layer.mlp.up_proj.weight /= s.unsqueeze(1)
         layer.mlp.down_proj.weight *= s
+        out = run()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_runner_folds_leave_the_float_layer_unchanged(monkeypatch):
+    """The folds qoqopt's AWQ runner actually applies (its searched scales, the v->o tie, bias and
+    norms), with rounding switched off: the float layer must still compute what it did before."""
+    from qoqopt.quantize import runner
+
+    layer, cfg, run = _layer_and_inputs()
+    x, kwargs = run.inputs
+    with torch.no_grad():
+        ref = run()
+        before = {n: m.weight.clone() for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    monkeypatch.setattr(runner, "_set_weight", lambda linear, qw: None)  # keep the folded float weights
+    opts = runner.QuantizeOptions(method="awq", spec=QuantSpec(4, 128, sym=False), awq_grid=4)
+    runner.quantize_layer_awq(layer, [runner.LayerInput(x, kwargs)], opts, torch.float32, [])
+    changed = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and not torch.equal(m.weight, before[n])]
+    assert changed, "the search folded no scale at all: nothing was tested"
+    with torch.no_grad():
         out = run()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 

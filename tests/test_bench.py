@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import TRAIN_TOKENS, error_line, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +113,7 @@ def _independent_kld(trained_dir, gguf_text, mmproj, items):
     proc = load_processor(trained_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
     klds, same = [], []
-    with LlamaVL(gguf_text, mmproj, threads=1, image_min_tokens=84, image_max_tokens=668) as vl:
+    with LlamaVL(gguf_text, mmproj, threads=1, image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:
         for item in items:
             prompt = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True,
                                               return_dict=True, return_tensors="pt")  # fmt: skip
@@ -156,6 +156,8 @@ def test_failed_variant_is_recorded_and_the_rest_run(run_2t):
     if importlib.util.find_spec("bitsandbytes") is None:
         assert v["bnb:nf4"] == {"name": "bnb:nf4", "format": "bnb", "status": "failed",
                                 "error": "QoqoptError: bitsandbytes is not installed (pip install bitsandbytes)"}  # fmt: skip
+    else:  # where it is installed, it either runs and measures drift or records why it could not
+        assert v["bnb:nf4"]["status"] == "failed" or v["bnb:nf4"]["drift"]["all"]["positions"] > 0
     assert run_2t[0]["run"]["machine"]["label"] == "cpu 2 threads" and run_2t[0]["run"]["machine"]["threads"] == 2
 
 
@@ -186,13 +188,13 @@ def test_bad_input_one_line_error(tiny_dir, tmp_path, args, message):
     out = tmp_path / "out"
     res = run_cli("bench", str(tiny_dir), "--out", str(out), *[a.format(tmp=tmp_path) for a in args])
     assert res.returncode != 0
-    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert message in error_line(res)
     assert not list(out.glob("bench-*.json"))
 
 
 def test_missing_model(tmp_path):
     res = run_cli("bench", str(tmp_path / "nothing"), "--variants", "bf16", "--out", str(tmp_path / "o"))
-    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert error_line(res)
     assert not (tmp_path / "o").exists()
 
 
@@ -202,7 +204,7 @@ def test_cuda_refused_without_gpu(tiny_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     res = run_cli("bench", str(tiny_dir), "--variants", "bf16", "--device", "cuda", "--out", str(tmp_path / "o"))
-    assert res.returncode != 0 and "no CUDA GPU" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "no CUDA GPU" in error_line(res)
 
 
 def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
@@ -214,7 +216,7 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     res = run_cli("ask", str(gguf_dir), "--quant", "Q5_K_M", "--item", "ct-abd-pancreas.region_ct.eval-0")
     assert res.returncode != 0 and "has no text GGUF of type Q5_K_M (it has: Q4_K_M, Q8_0)" in res.stderr
     res = run_cli("ask", str(tmp_path), "--item", "ct-abd-pancreas.region_ct.eval-0")
-    assert res.returncode != 0 and "has no manifest.json" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "has no manifest.json" in error_line(res)
 
 
 def test_user_jsonl_eval_set(tiny_dir, tmp_path):

@@ -190,6 +190,14 @@ def test_vision_attention_general_rotary_table(dtype):
         vision_attention(qkv, angles.cos(), angles.sin(), cu_seqlens, 2, out=out)
         ref = vision_attention_reference(qkv, angles.cos(), angles.sin(), cu_seqlens, 2)
     assert_close(out, ref, dtype)
+    # and against transformers' own module, which applies any full-width cos/sin table as given
+    attn = _hf_attention(num_heads=2, head_dim=16, dtype=dtype)
+    x = torch.randn(30, 32, device=DEVICE, dtype=dtype)
+    table = (angles.cos().to(dtype), angles.sin().to(dtype))
+    with torch.inference_mode():
+        ours = attn.proj(vision_attention(attn.qkv(x), *table, cu_seqlens, 2))
+        theirs = attn(x, cu_seqlens, position_embeddings=table)
+    assert_close(ours, theirs, dtype)
 
 
 def test_vision_attention_reference_matches_hf():

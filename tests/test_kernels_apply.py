@@ -116,6 +116,20 @@ def test_state_dict_keys_unchanged_and_reload(no_interpreter):
     assert sorted(after) == sorted(before)  # order differs (gate/up are split back after down_proj)
     assert all(torch.equal(after[k], before[k]) for k in before)
     model.load_state_dict(before)  # the fused gate/up accepts transformers' split keys
+    # ... and routes them to the right halves: other weights loaded into the patched model give the
+    # logits transformers gives with those weights (a swapped gate/up would not)
+    from qoqopt.mini import build_model
+
+    other = build_model("tiny", seed=1).to(DEVICE).eval()
+    model.load_state_dict(other.state_dict())
+    ids = torch.tensor([[9707, 11, 1879, 0, 151645]], device=DEVICE)
+    pixels = torch.randn(4 * 4, 3 * 2 * 14 * 14, device=DEVICE)
+    grid = torch.tensor([[1, 4, 4]], device=DEVICE)
+    with torch.no_grad():
+        ours = model.model.visual(pixels, grid_thw=grid).pooler_output
+        theirs = other.model.visual(pixels, grid_thw=grid).pooler_output
+        torch.testing.assert_close(model(input_ids=ids).logits, other(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_refuses_unsupported_dtype_and_non_qwen_models():

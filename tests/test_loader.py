@@ -7,7 +7,7 @@ import pytest
 
 from qoqopt.errors import QoqoptError
 from qoqopt.loader import canonical_name, open_checkpoint, part_of
-from tests.conftest import run_cli
+from tests.conftest import error_line, run_cli
 
 
 def test_real_7b_index_is_understood(fixture_7b):
@@ -82,10 +82,8 @@ def test_lazy_reads_match_transformers(tiny_dir):
 
 
 def _one_line_error(res, pattern):
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert pattern in lines[0], lines[0]
+    line = error_line(res)
+    assert pattern in line, line
 
 
 def test_info_rejects_non_qwen25vl(tmp_path):

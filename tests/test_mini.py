@@ -71,6 +71,8 @@ def test_ct_chat_generates_text(loaded):
     new = out[0, inputs["input_ids"].shape[1] :]
     assert len(new) > 0
     assert isinstance(proc.decode(new, skip_special_tokens=True), str)
+    with torch.no_grad():  # greedy: the first new token is the prompt's argmax in a plain forward pass
+        assert int(new[0]) == int(model(**inputs).logits[0, -1].argmax())
 
 
 def test_test_images_span_several_attention_windows(loaded):

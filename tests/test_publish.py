@@ -7,7 +7,7 @@ import pytest
 
 from qoqopt.errors import QoqoptError
 from qoqopt.publish import plan_upload, upload
-from tests.conftest import run_cli
+from tests.conftest import error_line, run_cli
 
 SECRET = "hf_SeCrEtTokenValue1234567890abcdef"
 
@@ -25,13 +25,6 @@ def export_dir(tmp_path):
     manifest = {"format": "gguf", "source": {"model": "ddvd233/QoQ-Med-VL-7B", "revision": "abc123"}, "files": entries}
     (d / "manifest.json").write_text(json.dumps(manifest))
     return d
-
-
-def _error_line(res):
-    assert res.returncode == 2, res.stdout + res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    return lines[0]
 
 
 def test_card_metadata_parses_as_a_valid_model_card(export_dir):
@@ -61,24 +54,24 @@ def test_dry_run_lists_exactly_the_files(export_dir):
 
 @pytest.mark.parametrize("repo", ["no-slash", "a/b/c", "bad name/x", "user/--x", "user/x..y"])
 def test_invalid_repo_name(export_dir, repo):
-    assert "invalid repo name" in _error_line(run_cli("publish", str(export_dir), "--repo", repo, "--dry-run"))
+    assert "invalid repo name" in error_line(run_cli("publish", str(export_dir), "--repo", repo, "--dry-run"))
 
 
 def test_directory_without_manifest(tmp_path):
-    assert "has no manifest.json" in _error_line(run_cli("publish", str(tmp_path), "--repo", "me/x", "--dry-run"))
+    assert "has no manifest.json" in error_line(run_cli("publish", str(tmp_path), "--repo", "me/x", "--dry-run"))
 
 
 def test_hash_mismatch_is_refused(export_dir):
     with open(export_dir / "QoQ-Med-mini.Q8_0.gguf", "r+b") as fh:
         fh.seek(10)
         fh.write(b"\x01")  # same size, different content
-    err = _error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
+    err = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
     assert "does not match its sha256" in err
 
 
 def test_no_token_is_refused_before_any_upload(export_dir, tmp_path):
     env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "empty-home"), "HF_TOKEN_PATH": str(tmp_path / "none")}
-    assert "no Hugging Face token" in _error_line(run_cli("publish", str(export_dir), "--repo", "me/x", env=env))
+    assert "no Hugging Face token" in error_line(run_cli("publish", str(export_dir), "--repo", "me/x", env=env))
 
 
 class RecordingApi:
@@ -134,7 +127,7 @@ def test_local_source_needs_base_model(export_dir, tmp_path):
     m["source"]["model"] = str(tmp_path / "mini")
     (tmp_path / "mini").mkdir()
     (export_dir / "manifest.json").write_text(json.dumps(m))
-    line = _error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
+    line = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
     assert "--base-model" in line and "not a Hub repo id" in line
     res = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run", "--base-model", "ddvd233/QoQ-Med-VL-7B")
     assert res.returncode == 0 and "base_model: ddvd233/QoQ-Med-VL-7B" in res.stdout

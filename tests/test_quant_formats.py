@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -271,7 +272,7 @@ def test_gptq_config_names_and_carried_tensors(gptq_export, ecg_dir):
     assert manifest["calibration"]["image_tokens"] > 0
 
 
-def test_awq_config(awq_export):
+def test_awq_config(awq_export, tiny_dir):
     report, _ = awq_export
     qc = json.loads((report.out / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 128, "zero_point": True,
@@ -281,11 +282,15 @@ def test_awq_config(awq_export):
     assert t[q + ".qweight"].shape == (768, 256 // 8) and t[q + ".qzeros"].shape == (6, 256 // 8)
     assert q + ".g_idx" not in t
     # AWQ folds its scales into the norms: they change, and stay in the checkpoint's dtype
-    assert t["model.language_model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+    norm = t["model.language_model.layers.0.input_layernorm.weight"]
+    assert norm.dtype == torch.bfloat16
+    assert not torch.equal(norm, load_file(str(tiny_dir / "model.safetensors"))["model.layers.0.input_layernorm.weight"])
 
 
-def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, tiny_dir):
-    """qoqopt's own W4A16 QuantLinear, built from the packed tensors, against the dequantized fp32 model."""
+def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, tiny_dir, monkeypatch):
+    """qoqopt's own W4A16 QuantLinear, built from the packed tensors, against the dequantized fp32 model
+    whose weights are checked against the published layout (the spec unpacker above); the Triton
+    kernel itself runs too (interpreted on CPU) on a short text prompt."""
     from qoqopt.calibration import calibration_items, encode_chat
     from qoqopt.exports.hf_quant import load_fake_quantized, load_with_quant_linear
     from qoqopt.kernels.w4a16 import QuantLinear
@@ -302,6 +307,15 @@ def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, t
             a, b = fake(**batch).logits, real(**batch).logits
         assert (a - b).abs().max() <= 1e-4 * a.abs().max(), report.fmt
         assert torch.equal(a.argmax(-1), b.argmax(-1))
+        fake_linears = dict(fake.named_modules())
+        for name, w in spec_weights(report.out).items():
+            torch.testing.assert_close(fake_linears[name].weight, w, rtol=0, atol=0)
+        if importlib.util.find_spec("triton") is not None:
+            ids = torch.tensor([[9707, 11, 1879, 0, 151645, 198, 151644, 77091]])
+            with monkeypatch.context() as m, torch.inference_mode():
+                m.setenv("TRITON_INTERPRET", "1")
+                kernel = real(input_ids=ids).logits
+            torch.testing.assert_close(kernel, fake(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_deterministic(gptq_export, ecg_dir, tmp_path):
