@@ -24,17 +24,23 @@ from dataclasses import dataclass
 
 import torch
 
-from .rtn import QuantizedWeight, QuantSpec, check_shape, fake_quantize, group_params
+from .rtn import QuantizedWeight, QuantSpec, check_shape, fake_quantize, group_params, rtn_quantize
+
+
+def clip_groups(weight: torch.Tensor, spec: QuantSpec, max_abs: torch.Tensor) -> torch.Tensor:
+    """``weight`` ``[N, K]`` with each group clipped to ``±max_abs`` ``[N, G]``."""
+    n, k = weight.shape
+    gs, groups = spec.size(k), spec.groups(k)
+    w = weight.float().reshape(n * groups, gs)
+    m = max_abs.reshape(n * groups, 1).to(w.device)
+    return torch.maximum(torch.minimum(w, m), -m).reshape(n, k)
 
 
 def group_fake_quantize(weight: torch.Tensor, spec: QuantSpec, max_abs: torch.Tensor | None = None) -> torch.Tensor:
     """``weight`` ``[N, K]`` through group-wise quantization (optionally clipped to ``±max_abs`` ``[N, G]``)."""
     n, k = weight.shape
-    gs, groups = spec.size(k), spec.groups(k)
-    w = weight.float().reshape(n * groups, gs)
-    if max_abs is not None:
-        m = max_abs.reshape(n * groups, 1)
-        w = torch.maximum(torch.minimum(w, m), -m)
+    w = clip_groups(weight, spec, max_abs) if max_abs is not None else weight.float()
+    w = w.reshape(n * spec.groups(k), spec.size(k))
     scale, zero, _ = group_params(w, spec)
     return fake_quantize(w, scale, zero, spec.maxq).reshape(n, k)
 
@@ -153,24 +159,10 @@ def search_clip(
 
 
 def awq_quantize(weight: torch.Tensor, spec: QuantSpec, max_abs: torch.Tensor | None = None) -> QuantizedWeight:
-    """Group-wise quantization of an (already scaled) weight, clipped to ``±max_abs`` ``[N, G]``."""
+    """Group-wise quantization of an (already scaled) weight, clipped to ``±max_abs`` ``[N, G]``:
+    AWQ's rounding is round-to-nearest with zero-points once the clip is applied."""
     check_shape(weight, spec)
-    n, k = weight.shape
-    gs, groups = spec.size(k), spec.groups(k)
-    w = weight.float().reshape(n * groups, gs)
-    if max_abs is not None:
-        m = max_abs.reshape(n * groups, 1).to(w.device)
-        w = torch.maximum(torch.minimum(w, m), -m)
-    scale, zero, clamped = group_params(w, spec)
-    q = torch.clamp(torch.round(w / scale.unsqueeze(1)) + zero.unsqueeze(1), 0, spec.maxq)
-    return QuantizedWeight(
-        intweight=q.reshape(n, k).t().to(torch.int32).contiguous(),
-        zeros=zero.view(n, groups).t().to(torch.int32).contiguous(),
-        scales=scale.view(n, groups).t().half().contiguous(),
-        g_idx=(torch.arange(k, device=weight.device) // gs).to(torch.int32),
-        bits=spec.bits,
-        clamped_zeros=int(clamped.sum()),
-    )
+    return rtn_quantize(clip_groups(weight, spec, max_abs) if max_abs is not None else weight, spec)
 
 
 # --------------------------------------------------------------------------- grouped-query attention
