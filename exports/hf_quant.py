@@ -555,16 +555,24 @@ def dequantized_state_dict(path: Path, dtype=None) -> dict:
     return out
 
 
-def load_fake_quantized(path: Path, dtype=None):
-    """A transformers Qwen2.5-VL model holding the dequantized weights of an exported directory."""
+def _meta_model(path: Path):
+    """An empty (meta-device) transformers Qwen2.5-VL model for an exported directory, and its
+    quantization_config."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = json.loads((Path(path) / "config.json").read_text())
     fields = {k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "quantization_config")}
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**fields))
+    return model, raw["quantization_config"]
+
+
+def load_fake_quantized(path: Path, dtype=None):
+    """A transformers Qwen2.5-VL model holding the dequantized weights of an exported directory."""
+    import torch
+
+    model, _ = _meta_model(path)
     state = dequantized_state_dict(path, dtype or torch.float32)
     state = {k: v for k, v in state.items() if not k.startswith("time_series_embedding.")}
     model.load_state_dict(state, strict=True, assign=True)
@@ -578,38 +586,24 @@ def load_with_quant_linear(path: Path, dtype=None):
     real consumer of the format that runs here)."""
     import torch
     from safetensors.torch import load_file
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from qoqopt.kernels.w4a16 import QuantLinear
+    from qoqopt.kernels.w4a16 import replace_linears
 
     path = Path(path)
     dtype = dtype or torch.float32
-    raw = json.loads((path / "config.json").read_text())
-    qc = raw["quantization_config"]
-    fields = {k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "quantization_config")}
-    with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**fields))
+    model, qc = _meta_model(path)
     tensors = {}
     for f in sorted(path.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
-    plain = {}
-    for name in [n for n in tensors if n.endswith(".qweight")]:
-        mod_name = name.removesuffix(".qweight")
-        bias = tensors.pop(mod_name + ".bias", None)
-        bias = None if bias is None else bias.to(dtype)
-        qweight, qzeros, scales = tensors.pop(name), tensors.pop(mod_name + ".qzeros"), tensors.pop(mod_name + ".scales")
-        if qc["quant_method"] == "gptq":
-            ql = QuantLinear.from_gptq(qweight, qzeros, scales.to(dtype), tensors.pop(mod_name + ".g_idx"), bias,
-                                       bits=qc["bits"], checkpoint_format=qc.get("checkpoint_format", "gptq"))  # fmt: skip
-        else:
-            ql = QuantLinear.from_awq(qweight, qzeros, scales.to(dtype), bias)
-        parent_name, _, child = mod_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, ql)
-    for name, t in tensors.items():
-        if not name.startswith("time_series_embedding."):
-            plain[name] = t.to(dtype)
+    # packed ints stay as stored; scales, biases and every plain weight take the compute dtype
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()
+               if not k.startswith("time_series_embedding.")}  # fmt: skip
+    replace_linears(model, tensors, method=qc["quant_method"], bits=qc["bits"],
+                    checkpoint_format=qc.get("checkpoint_format", "gptq"))  # fmt: skip
+    quantized = {k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")}
+    plain = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in quantized}
     missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
-    missing = [m for m in missing if not m.endswith((".qweight", ".qzeros", ".scales", ".bias", ".perm"))]
+    missing = [m for m in missing if m.rpartition(".")[0] not in quantized]
     if missing or unexpected:
         raise QoqoptError(f"{path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     _fix_rotary(model)

@@ -330,6 +330,7 @@ def replace_linears(model: nn.Module, tensors, *, method: str, bits: int = 4, ch
             raise QoqoptError(f"{path}: checkpoint is {layer.in_features}->{layer.out_features}, "
                               f"model expects {module.in_features}->{module.out_features}")
         parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, name, layer.to(module.weight.device))
+        device = module.weight.device  # a meta-device model (a loader building it) keeps the real tensors
+        setattr(model.get_submodule(parent_path) if parent_path else model, name, layer if device.type == "meta" else layer.to(device))
         count += 1
     return count
