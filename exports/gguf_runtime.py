@@ -58,6 +58,7 @@ class LlamaVL:
         self.n_vocab = self.llm.n_vocab()
         self.embd_cache = embd_cache  # (image key) -> image embeddings; valid for one mmproj only
         self.last_prompt_tokens = 0  # tokens (text + image) of the last prompt evaluated
+        self.last_image_tokens = 0  # ... and how many of them were image tokens
         self.mctx = None
         if mmproj_path is not None:
             from llama_cpp import mtmd_cpp
@@ -136,19 +137,6 @@ class LlamaVL:
             raise QoqoptError(f"mtmd_tokenize failed ({rc})")
         return chunks
 
-    def image_token_count(self, image) -> int:
-        """How many image tokens llama.cpp gives `image` (after its own resize), without encoding it."""
-        m = self._require_mtmd()
-        chunks = self._chunks(MARKER, [image])
-        try:
-            return sum(
-                m.mtmd_input_chunk_get_n_tokens(c)
-                for c in (m.mtmd_input_chunks_get(chunks, i) for i in range(m.mtmd_input_chunks_size(chunks)))
-                if m.mtmd_input_chunk_get_type(c) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE
-            )
-        finally:
-            m.mtmd_input_chunks_free(chunks)
-
     def image_embeddings(self, image) -> np.ndarray:
         """The merged image embeddings llama.cpp computes for `image`: [n_tokens, text hidden]."""
         m = self._require_mtmd()
@@ -195,16 +183,18 @@ class LlamaVL:
         try:
             n_past, n_chunks = 0, m.mtmd_input_chunks_size(chunks)
             # Under M-RoPE an image advances the position by its grid side, not its token count.
-            self.last_prompt_tokens = 0
+            self.last_prompt_tokens = self.last_image_tokens = 0
             for i in range(n_chunks):
                 chunk = m.mtmd_input_chunks_get(chunks, i)
-                self.last_prompt_tokens += m.mtmd_input_chunk_get_n_tokens(chunk)
+                n_tokens = m.mtmd_input_chunk_get_n_tokens(chunk)
+                self.last_prompt_tokens += n_tokens
                 if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
                     count = ctypes.c_size_t()
                     ptr = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
                     self._decode([ptr[j] for j in range(count.value)], n_past, False)
                     n_past += count.value
                     continue
+                self.last_image_tokens += n_tokens
                 embd = self._encode(chunk, keys.pop(0))
                 new_n_past = self._llama_cpp.llama_pos(0)
                 rc = m.mtmd_helper_decode_image_chunk(

@@ -45,13 +45,13 @@ def reference(model, processor, item, device: str = "cpu") -> dict:
 
 
 def reply_logits(vl, ref: dict, item) -> np.ndarray:
-    """llama.cpp's teacher-forced logits for one reference chat, after checking that its own image
-    preprocessing gives as many image tokens as transformers' (else positions would not line up).
+    """llama.cpp's teacher-forced logits for one reference chat, checked to have come from as many image
+    tokens as transformers' preprocessing gave (else positions would not line up).
     The image is encoded once per `item.id` when `vl` has an embd_cache."""
-    n_image = vl.image_token_count(item.image)
-    if n_image != ref["image_tokens"]:
-        raise QoqoptError(f"{item.id}: llama.cpp gives {n_image} image tokens, transformers {ref['image_tokens']}")
-    return vl.chat_logits(ref["prompt"], item.image, ref["reply_ids"], image_key=item.id)
+    logits = vl.chat_logits(ref["prompt"], item.image, ref["reply_ids"], image_key=item.id)
+    if vl.last_image_tokens != ref["image_tokens"]:
+        raise QoqoptError(f"{item.id}: llama.cpp gives {vl.last_image_tokens} image tokens, transformers {ref['image_tokens']}")
+    return logits
 
 
 def drift_records(vl, refs: list[dict], items) -> list[dict]:
