@@ -31,23 +31,21 @@ def _ggml_gguf():
     class Params(ctypes.Structure):
         _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
-    lib.gguf_init_from_file.restype = ctypes.c_void_p
-    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, Params]
-    lib.gguf_get_n_tensors.restype = ctypes.c_int64
-    lib.gguf_get_n_tensors.argtypes = [ctypes.c_void_p]
-    lib.gguf_get_tensor_name.restype = ctypes.c_char_p
-    lib.gguf_get_tensor_name.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    lib.gguf_get_tensor_type.restype = ctypes.c_int
-    lib.gguf_get_tensor_type.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    lib.gguf_get_tensor_size.restype = ctypes.c_size_t
-    lib.gguf_get_tensor_size.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    lib.gguf_find_key.restype = ctypes.c_int64
-    lib.gguf_find_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.gguf_get_val_u32.restype = ctypes.c_uint32
-    lib.gguf_get_val_u32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    lib.gguf_get_val_str.restype = ctypes.c_char_p
-    lib.gguf_get_val_str.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    lib.gguf_free.argtypes = [ctypes.c_void_p]
+    ctx, idx = ctypes.c_void_p, ctypes.c_int64
+    signatures = {  # ggml's gguf.h: name -> (restype, argtypes)
+        "gguf_init_from_file": (ctypes.c_void_p, [ctypes.c_char_p, Params]),
+        "gguf_get_n_tensors": (ctypes.c_int64, [ctx]),
+        "gguf_get_tensor_name": (ctypes.c_char_p, [ctx, idx]),
+        "gguf_get_tensor_type": (ctypes.c_int, [ctx, idx]),
+        "gguf_get_tensor_size": (ctypes.c_size_t, [ctx, idx]),
+        "gguf_find_key": (ctypes.c_int64, [ctx, ctypes.c_char_p]),
+        "gguf_get_val_u32": (ctypes.c_uint32, [ctx, idx]),
+        "gguf_get_val_str": (ctypes.c_char_p, [ctx, idx]),
+        "gguf_free": (None, [ctx]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
     return lib, Params
 
 

@@ -68,6 +68,21 @@ def test_both_key_layouts_read_the_same_tensors(layout, tiny_dir, tiny_runtime_d
     assert "text 79.4 M" in res.stdout
 
 
+def test_transformers_reads_both_layouts_as_the_same_model(tiny_dir, tiny_runtime_dir):
+    """The reference for what the two key layouts mean: transformers loads both into identical weights,
+    so the runtime-layout checks elsewhere (loader, GGUF) compare against a known-equal model."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    a = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_dir), dtype=torch.float32).state_dict()
+    b = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_runtime_dir), dtype=torch.float32).state_dict()
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ref = open_checkpoint(str(tiny_dir))  # and our loader's canonical names point at the same data
+    assert torch.equal(ref.tensor("model.layers.1.mlp.down_proj.weight").float(),
+                       a["model.language_model.layers.1.mlp.down_proj.weight"])  # fmt: skip
+
+
 def test_lazy_reads_match_transformers(tiny_dir):
     """Tensors streamed by canonical name equal what transformers itself loads."""
     import torch
