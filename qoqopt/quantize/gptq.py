@@ -17,7 +17,7 @@ rounding error is spread over the columns not yet quantized, weighted by the inv
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,8 +50,6 @@ class GptqInfo:
     damp: float  # dampening that was finally used (fraction of mean diag H)
     retries: int  # Cholesky failures before it succeeded
     dead_inputs: int  # inputs never active in calibration (diag H == 0): their weights are zeroed
-    loss: float  # sum over columns of err^2 / Hinv_ii (the GPTQ objective), per output row
-    notes: list[str] = field(default_factory=list)
 
 
 def inverse_hessian_factor(
@@ -119,9 +117,7 @@ def gptq_quantize(
     q = torch.zeros(n, k, device=w.device)  # integer levels, in visiting order
     scales = torch.zeros(groups, n, device=w.device)
     zeros = torch.zeros(groups, n, device=w.device)
-    group_of = torch.zeros(k, dtype=torch.long, device=w.device)  # visiting position -> group
     clamped = torch.zeros(groups, n, dtype=torch.bool, device=w.device)
-    losses = torch.zeros(n, device=w.device)
     scale = zero = None
 
     for i1 in range(0, k, block_size):
@@ -140,22 +136,25 @@ def gptq_quantize(
                 if col % gs == 0:  # a new group starts: its range from the current (updated) weights
                     span = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gs]
                     scale, zero, clamped[g] = group_params(span, spec)
-            scales[g], zeros[g] = scale, zero
-            group_of[col] = g
+                    scales[g], zeros[g] = scale, zero
             wc = w1[:, i]
             levels = quantize_values(wc, scale, zero, spec.maxq)
             dq = (levels - zero) * scale
             q[:, col] = levels
             d = hinv1[i, i]
             err = (wc - dq) / d
-            losses += (wc - dq) ** 2 / d**2 / 2
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
+    # g_idx: natural groups for static groups or no act-order; with act-order, a column's group is
+    # its visiting position // group size
+    group_of = torch.arange(k, device=w.device) // gs
     if perm is not None:
         inv = torch.argsort(perm)
-        q, group_of = q[:, inv], group_of[inv]
+        q = q[:, inv]
+        if static is None:
+            group_of = inv // gs
     if static is not None:
         scales = torch.stack([s for s, _, _ in static])
         zeros = torch.stack([z for _, z, _ in static])
@@ -168,5 +167,5 @@ def gptq_quantize(
         bits=spec.bits,
         clamped_zeros=int(clamped.sum()),
     )
-    info = GptqInfo(used_damp, retries, int(dead.sum()), float(losses.sum()))
+    info = GptqInfo(used_damp, retries, int(dead.sum()))
     return qw, info
