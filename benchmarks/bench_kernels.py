@@ -335,6 +335,9 @@ SWEEP = {  # launcher overrides tried by --sweep; the defaults live in each op's
                for bm, bn, w, st in ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 4), (128, 256, 8, 3))],
     "attention": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
                   for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2))],
+    "w4a16-gemv": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, SPLIT_K=sk)
+                   for bn, bk, w, st, sk in ((128, 128, 4, 3, 1), (128, 128, 4, 3, 4), (64, 128, 4, 3, 2),
+                                             (256, 128, 8, 3, 2), (128, 64, 4, 4, 3))],
     "w4a16": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
               for bn, bk, w, st in ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3))],
     "w4a16-prefill": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
@@ -344,7 +347,7 @@ SWEEP = {  # launcher overrides tried by --sweep; the defaults live in each op's
 
 
 def _tag(cfg: dict) -> str:
-    short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s"}
+    short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s", "SPLIT_K": "sk"}
     return "".join(f"{short[k]}{v}" for k, v in cfg.items() if k in short)
 
 
@@ -378,7 +381,7 @@ def sweep(b: Bench, pr: Profile) -> None:
         layer = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales)
         for m in (1, 16, max(pr.m_values)):
             xq = torch.randn(m, k, device=dev, dtype=dtype)
-            for cfg in SWEEP["w4a16" if m <= 16 else "w4a16-prefill"]:
+            for cfg in SWEEP["w4a16-gemv" if m == 1 else "w4a16" if m <= 16 else "w4a16-prefill"]:
                 b.add("sweep", f"w4a16 gptq {label} M={m}", _tag(cfg),
                       lambda: w4a16_matmul(xq, layer.qweight, layer.qzeros, layer.scales, **layer._kwargs(), **cfg))
 

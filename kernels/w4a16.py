@@ -15,6 +15,8 @@ Act-order GPTQ (``desc_act``: g_idx not ``k // group_size``) is handled once at 
 permuted so groups become contiguous, and the same permutation is applied to the activations.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,9 +24,45 @@ from torch import nn
 from qoqopt.errors import QoqoptError
 from qoqopt.packing import AWQ_ORDER, dequantize, pack_along_rows, unpack_along_cols, unpack_along_rows
 
-from ._triton import cdiv, check_supported, dot_precision, kernel, num_sms, tl, use_triton
+from ._triton import cdiv, check_supported, device_function, dot_precision, kernel, num_sms, tl, use_triton
 
 DECODE_MAX_M = 16
+
+# OR-ing an unsigned q < 2**mantissa_bits into the mantissa of the float MAGIC gives MAGIC + q
+# exactly: the weight becomes a float with no int->float conversion instruction (those issue at
+# 1/8 of the FMA rate on sm_80/sm_90, and two of them per weight bounded the first version).
+HALF_MAGIC = {torch.float16: (0x6400, 1024.0, 10), torch.bfloat16: (0x4300, 128.0, 7)}  # bits, value, mantissa
+FP32_MAGIC_BITS = tl.constexpr(0x4B000000)  # 2**23
+FP32_MAGIC = tl.constexpr(8388608.0)
+
+
+@device_function
+def _group_params(scales_ptr, qzeros_ptr, g, cols, col_mask, stride_s, stride_qz,
+                  BITS: tl.constexpr, AWQ: tl.constexpr, ZERO_OFFSET: tl.constexpr):
+    """Scale (fp32) and zero point (int32, checkpoint offset included) of columns ``cols`` in group ``g``.
+
+    Zeros pack along N in both layouts; AWQ puts column j of 8 in nibble [0, 4, 1, 5, 2, 6, 3, 7][j].
+    """
+    PACK: tl.constexpr = 32 // BITS
+    j = cols % PACK
+    if AWQ:
+        shift = ((j // 2) + (j % 2) * 4) * 4
+    else:
+        shift = j * BITS
+    scale = tl.load(scales_ptr + g * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+    word = tl.load(qzeros_ptr + g * stride_qz + cols // PACK, mask=col_mask, other=0)
+    return scale, ((word >> shift) & ((1 << BITS) - 1)) + ZERO_OFFSET
+
+
+@device_function
+def _load(ptrs, mask, UNMASKED: tl.constexpr):
+    """``tl.load`` with zeros where masked; ``UNMASKED`` (shapes divide the tiles) drops the mask
+    from the hot loop altogether."""
+    if UNMASKED:
+        values = tl.load(ptrs)
+    else:
+        values = tl.load(ptrs, mask=mask, other=0)
+    return values
 
 
 @kernel(do_not_specialize=("M",))
@@ -49,11 +87,18 @@ def _w4a16_kernel(
     ZERO_OFFSET: tl.constexpr,  # 1 for GPTQ v1 (stored zero - 1), 0 otherwise
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks in the loop
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no N masks on the weight loads
+    MAGIC_BITS: tl.constexpr,  # 16-bit pattern of MAGIC in x's dtype; 0: plain conversion (fp32, bf16 8-bit)
+    MAGIC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """Tensor-core path (M > 1). Each K tile lies in one group: in decode tiles (BLOCK_M <= 16) the
+    group's scale multiplies the tile's dot product, ``sum_k a_k (q_k - z) s = s * (a . (q - z))``,
+    so each weight costs a shift, a mask-or and half a packed subtract."""
     PACK: tl.constexpr = 32 // BITS  # values per int32 word
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)  # M fastest: neighbouring programs share the weight tile in L2
@@ -70,51 +115,154 @@ def _w4a16_kernel(
     # reshaped row-major to the [BLOCK_K, BLOCK_N] tile.
     slot = tl.arange(0, PACK)
     if AWQ:
-        # column j of 8 sits in nibble [0, 4, 1, 5, 2, 6, 3, 7][j] (inverse of the AWQ order)
-        shifts = ((slot // 2) + (slot % 2) * 4) * 4
+        shifts = ((slot // 2) + (slot % 2) * 4) * 4  # inverse of the AWQ order
         offs_wn = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
         wn_mask = offs_wn < N // 8
     else:
         shifts = slot * BITS
-    # Zeros pack along N in both layouts: where column n's zero sits in its word.
-    zero_word = offs_n // PACK
-    zero_shift = tl.reshape(tl.broadcast_to(shifts[None, :], (BLOCK_N // PACK, PACK)), (BLOCK_N,))
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        a = _load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], m_mask[:, None] & (offs_k < K)[None, :], False)
         if AWQ:
-            words = tl.load(qweight_ptr + offs_k[:, None] * stride_qw + offs_wn[None, :],
-                            mask=(offs_k < K)[:, None] & wn_mask[None, :], other=0)
+            w_mask = (offs_k < K)[:, None] & wn_mask[None, :]
+            words = _load(qweight_ptr + offs_k[:, None] * stride_qw + offs_wn[None, :], w_mask, EVEN_K and EVEN_N)
             q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_K, BLOCK_N))
         else:
             offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-            words = tl.load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :],
-                            mask=(offs_wk < K // PACK)[:, None] & n_mask[None, :], other=0)
+            w_mask = (offs_wk < K // PACK)[:, None] & n_mask[None, :]
+            words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :], w_mask, EVEN_K and EVEN_N)
             q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
-        g = k0 // GROUP_SIZE
-        scale = tl.load(scales_ptr + g * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        zero = (tl.load(qzeros_ptr + g * stride_qz + zero_word, mask=n_mask, other=0) >> zero_shift) & MASK
-        w = ((q - (zero + ZERO_OFFSET)[None, :]).to(tl.float32) * scale[None, :]).to(in_dtype)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
+                                    BITS, AWQ, ZERO_OFFSET)
+        if BLOCK_M > 16:  # prefill: MMA-bound; the scale goes into the tile so wgmma accumulates in place
+            w = ((q - zero[None, :]).to(tl.float32) * scale[None, :]).to(in_dtype)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        else:  # decode: dequant-bound; q - zero is exact in x's dtype, the scale is applied to the tile's dot
+            if MAGIC_BITS != 0:  # (MAGIC + q) - (MAGIC + zero): no conversion instruction
+                w = (q | MAGIC_BITS).to(tl.int16).to(in_dtype, bitcast=True) - (zero.to(tl.float32) + MAGIC).to(in_dtype)[None, :]
+            else:
+                w = (q - zero[None, :]).to(in_dtype)  # |q - zero| < 2**BITS <= 256: exact in every float dtype
+            acc += tl.dot(a, w, input_precision=DOT_PRECISION) * scale[None, :]
 
-    out_mask = m_mask[:, None] & n_mask[None, :]
+    _store_tile(acc, out_ptr, bias_ptr, pid_k, M, N, offs_m[:, None] * N + offs_n[None, :],
+                offs_n[None, :], m_mask[:, None] & n_mask[None, :], HAS_BIAS, SPLIT_K)
+
+
+@kernel
+def _w4a16_gemv_kernel(
+    x_ptr,  # [1, K]
+    qweight_ptr,
+    qzeros_ptr,
+    scales_ptr,
+    bias_ptr,
+    out_ptr,  # SPLIT_K == 1: [1, N] in x's dtype; else fp32 partials [SPLIT_K, 1, N]
+    N,
+    K,
+    stride_qw,
+    stride_qz,
+    stride_s,
+    k_per_split,
+    GROUP_SIZE: tl.constexpr,
+    BITS: tl.constexpr,
+    AWQ: tl.constexpr,
+    ZERO_OFFSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Decode path for one activation row: a tensor-core tile would be 15/16 padding, so this is
+    fp32 FMA on CUDA cores. Each weight costs a shift, a mask-or (into 2**23's mantissa) and a
+    subtract to become the exact float q - z; the K tile's sum is scaled once. The tile keeps
+    the packing's shape ([words, PACK, cols] for GPTQ, [rows, words, PACK] for AWQ): no reshape,
+    so no layout shuffle through shared memory."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    slot = tl.arange(0, PACK)
+    if AWQ:
+        shifts = ((slot // 2) + (slot % 2) * 4) * 4
+        offs_wn = pid_n * (BLOCK_N // PACK) + tl.arange(0, BLOCK_N // PACK)
+        cols = offs_wn[:, None] * PACK + slot[None, :]  # [BLOCK_N / 8, 8]
+        wn_mask = offs_wn < N // PACK
+    else:
+        shifts = slot * BITS
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, cols, col_mask, stride_s, stride_qz,
+                                    BITS, AWQ, ZERO_OFFSET)
+        if AWQ:
+            offset = zero.to(tl.float32) + FP32_MAGIC
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            w_mask = (offs_k < K)[:, None] & wn_mask[None, :]
+            words = _load(qweight_ptr + offs_k[:, None] * stride_qw + offs_wn[None, :], w_mask, EVEN_K and EVEN_N)
+            q = (words[:, :, None] >> shifts[None, None, :]) & MASK | FP32_MAGIC_BITS
+            a = _load(x_ptr + offs_k, offs_k < K, EVEN_K).to(tl.float32)
+            part = tl.sum(a[:, None, None] * (q.to(tl.float32, bitcast=True) - offset[None, :, :]), axis=0)
+        else:
+            offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+            w_mask = (offs_wk < K // PACK)[:, None] & col_mask[None, :]
+            words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + cols[None, :], w_mask, EVEN_K and EVEN_N)
+            # Each field is masked in place rather than shifted down: with at most 16 bits below it,
+            # (field | 2**23 bits) is exactly 2**23 + q * 2**(j*BITS), so one LOP3 turns a weight
+            # into a float; a is pre-divided by 2**(j*BITS) (exact). One shift per word reaches its
+            # upper half. Each word row keeps one FMA chain; rows are summed once per tile.
+            rows = tl.zeros([BLOCK_K // PACK, BLOCK_N], dtype=tl.float32)
+            for half in tl.static_range(2):
+                bits = (words >> 16) if half == 1 else words
+                for j in tl.static_range(PACK // 2):
+                    offs_k = offs_wk * PACK + half * (PACK // 2) + j
+                    a = _load(x_ptr + offs_k, offs_k < K, EVEN_K).to(tl.float32) * (1.0 / (1 << (j * BITS)))
+                    field = (bits & (MASK << (j * BITS)) | FP32_MAGIC_BITS).to(tl.float32, bitcast=True)
+                    rows += a[:, None] * (field - (zero.to(tl.float32) * (1 << (j * BITS)) + FP32_MAGIC)[None, :])
+            part = tl.sum(rows, axis=0)
+        acc += part * scale
+
+    _store_tile(acc, out_ptr, bias_ptr, pid_k, 1, N, cols, cols, col_mask, HAS_BIAS, SPLIT_K)
+
+
+@device_function
+def _store_tile(acc, out_ptr, bias_ptr, pid_k, M, N, offs, cols, mask, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Final values (bias added, x's dtype) or this split's fp32 partial sums."""
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+        tl.store(out_ptr + pid_k * M * N + offs, acc, mask=mask)
+
+
+@kernel
+def _splitk_reduce_kernel(partials_ptr, bias_ptr, out_ptr, MN, N, splits, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """``out = sum_s partials[s] (+ bias)`` in a fixed order (deterministic), cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, splits):
+        total += tl.load(partials_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
-    """Decode and prefill tiles; BLOCK_K always divides group_size."""
+    """Tiles per regime (GEMV for one row, tensor cores above); BLOCK_K always divides group_size."""
     cpu = device.type == "cpu"
-    if m <= DECODE_MAX_M:  # 64 x 128 tiles: 64 dequantized values per thread at 4 warps
+    if m == 1:  # 128 x 128 tiles: 128 weights per thread per step at 4 warps
+        cfg = dict(GEMV=True, BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 128, num_warps=4, num_stages=3)
+    elif m <= DECODE_MAX_M:  # 64 x 128 tiles: 64 dequantized values per thread at 4 warps
         cfg = dict(BLOCK_M=16, BLOCK_N=32 if cpu else 64, BLOCK_K=32 if cpu else 128, num_warps=4, num_stages=3)
     elif m <= 64 or cpu:
         cfg = dict(BLOCK_M=16 if cpu else 64, BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 64,
@@ -126,13 +274,43 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device) -> di
     if cfg["BLOCK_K"] < 16:
         raise QoqoptError(f"w4a16 kernel: group_size {group_size} must be a multiple of 16")
     # Split K only when the output tiles cannot keep the SMs busy (decode on narrow layers).
-    tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"])
+    tiles = cdiv(m, cfg.get("BLOCK_M", 1)) * cdiv(n, cfg["BLOCK_N"])
     k_tiles = cdiv(k, cfg["BLOCK_K"])
     split = 1
     if m <= DECODE_MAX_M:
         split = max(1, min(4 * num_sms(device) // tiles, k_tiles // 2 if not cpu else k_tiles))
     cfg["SPLIT_K"] = split
     return cfg
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    gemv: bool  # the one-row CUDA-core kernel, else the tensor-core one
+    split: int  # K splits (fp32 partials, then _splitk_reduce_kernel)
+    k_per_split: int
+    grid: tuple[int, int, int] | tuple[int, int]
+    constexprs: dict  # kernel constexprs plus num_warps / num_stages
+
+
+def launch_plan(m, n, k, *, layout, bits, group_size, zero_offset, has_bias, dtype, device, **config) -> LaunchPlan:
+    """Which kernel, grid and constexprs ``w4a16_matmul`` launches (also compiled offline by the tests)."""
+    cfg = _config(m, n, k, group_size, device) | config
+    gemv, split, block_k = cfg.pop("GEMV", False), cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
+    assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
+    assert not gemv or m == 1, "the GEMV kernel takes one row"
+    k_per_split = cdiv(cdiv(k, split), block_k) * block_k
+    split = cdiv(k, k_per_split)  # rounding may leave fewer splits
+    common = dict(GROUP_SIZE=group_size, BITS=bits, AWQ=layout == "awq", ZERO_OFFSET=zero_offset,
+                  HAS_BIAS=has_bias and split == 1, SPLIT_K=split, EVEN_K=k % block_k == 0,
+                  EVEN_N=n % cfg["BLOCK_N"] == 0)
+    if gemv:
+        return LaunchPlan(True, split, k_per_split, (cdiv(n, cfg["BLOCK_N"]), split), common | cfg)
+    magic_bits, magic, mantissa = HALF_MAGIC.get(dtype, (0, 0.0, 0))
+    if bits > mantissa:
+        magic_bits, magic = 0, 0.0
+    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
+    return LaunchPlan(False, split, k_per_split, grid, common | cfg | dict(
+        MAGIC_BITS=magic_bits, MAGIC=magic, DOT_PRECISION=dot_precision(dtype)))
 
 
 def w4a16_matmul(
@@ -162,24 +340,23 @@ def w4a16_matmul(
     assert out.shape == (m, n) and out.is_contiguous(), f"out must be contiguous [{m}, {n}]"
     if m == 0:
         return out
-    cfg = _config(m, n, k, group_size, x.device) | config
-    split, block_k = cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
-    assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
-    k_per_split = cdiv(cdiv(k, split), block_k) * block_k
-    split = cdiv(k, k_per_split)  # rounding may leave fewer splits
-    target = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
-    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
-    _w4a16_kernel[x.device][grid](
-        x, qweight, qzeros, scales, bias if bias is not None else scales, target,
-        m, n, k, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), k_per_split,
-        GROUP_SIZE=group_size, BITS=bits, AWQ=layout == "awq", ZERO_OFFSET=zero_offset,
-        HAS_BIAS=bias is not None, SPLIT_K=split, DOT_PRECISION=dot_precision(x.dtype), **cfg,
-    )
-    if split > 1:
-        total = target.sum(dim=0)
-        if bias is not None:
-            total += bias.float()
-        out.copy_(total)
+    plan = launch_plan(m, n, k, layout=layout, bits=bits, group_size=group_size, zero_offset=zero_offset,
+                       has_bias=bias is not None, dtype=x.dtype, device=x.device, **config)
+    target = out if plan.split == 1 else torch.empty(plan.split, m, n, device=x.device, dtype=torch.float32)
+    operands = (x, qweight, qzeros, scales, bias if bias is not None else scales, target)
+    if plan.gemv:
+        _w4a16_gemv_kernel[x.device][plan.grid](
+            *operands, n, k, qweight.stride(0), qzeros.stride(0), scales.stride(0), plan.k_per_split, **plan.constexprs)
+    else:
+        _w4a16_kernel[x.device][plan.grid](
+            *operands, m, n, k, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), plan.k_per_split,
+            **plan.constexprs,
+        )
+    if plan.split > 1:
+        block = 1024 if x.device.type == "cuda" else 64
+        _splitk_reduce_kernel[x.device][(cdiv(m * n, block),)](
+            target, bias if bias is not None else scales, out, m * n, n, plan.split, HAS_BIAS=bias is not None,
+            BLOCK=block)
     return out
 
 

@@ -251,11 +251,28 @@ W4A16_CASES = {
     "gptq4-actorder": ("gptq", 128, 64, 4, 32, True),
     "gptq8-g64": ("gptq", 128, 44, 8, 64, False),
     "awq-g32": ("awq", 256, 88, 4, 32, False),
+    "awq-g64-even": ("awq", 128, 64, 4, 64, False),  # every tile full: the unmasked loads
 }
 
 
+def test_dequant_bit_tricks_are_exact():
+    """The kernels turn packed fields into floats by OR-ing them into a float's mantissa. Checked
+    against torch's own reading of the IEEE bit patterns, for every field value and position."""
+    from qoqopt.kernels.w4a16 import FP32_MAGIC, FP32_MAGIC_BITS, HALF_MAGIC
+
+    for dtype, (bits, value, mantissa) in HALF_MAGIC.items():
+        q = torch.arange(2 ** min(mantissa, 8), dtype=torch.int32)
+        as_float = (q | bits).to(torch.int16).view(dtype).double()
+        assert torch.equal(as_float, value + q.double()), dtype
+    for width in (4, 8):  # GEMV: a field masked in place, anywhere in the low 16 bits of a word
+        for shift in range(0, 16, width):
+            q = torch.arange(2**width, dtype=torch.int32)
+            as_float = ((q << shift) | FP32_MAGIC_BITS.value).view(torch.float32).double()
+            assert torch.equal(as_float, FP32_MAGIC.value + q.double() * 2**shift), (width, shift)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 16, 33])  # decode (split-K), the decode boundary, prefill
+@pytest.mark.parametrize("m", [1, 16, 33])  # GEMV (split-K), tensor-core decode, prefill
 @pytest.mark.parametrize("case", list(W4A16_CASES))
 def test_quant_linear_matches_dequantized_matmul(dtype, m, case):
     from qoqopt.kernels.w4a16 import QuantLinear, w4a16_matmul

@@ -8,11 +8,6 @@ spills are reported, not asserted: they depend on the Triton version.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,39 +16,21 @@ if torch.cuda.is_available():
     pytest.skip("a GPU is present: tests/test_kernels.py compiles and runs these kernels for real",
                 allow_module_level=True)
 
-CUDA = torch.device("cuda")
+from benchmarks.offline_compile import CUDA, NoToolchain, compile_kernel, resource_usage  # noqa: E402
+
 BF16 = "*bf16"
 
 
-def _compile(kernel, signature: dict, constexprs: dict, options: dict, arch: int = 90):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = kernel[CUDA]
-    signature = {**signature, **{name: "constexpr" for name in constexprs}}
-    # Real launches specialise 16-byte-aligned pointers and ints divisible by 16; without that hint
-    # loads are scalar and nothing is pipelined, so say so here too (true of every launch at 7B dims).
-    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
-               for name, ty in signature.items() if ty.startswith("*") or name.startswith("stride")}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+def _compile(kernel, signature: dict, constexprs: dict, options: dict):
     try:
-        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    except (ImportError, RuntimeError) as err:
-        if "ptxas" in str(err) or "backend" in str(err).lower():
-            pytest.skip(f"no offline CUDA toolchain in this triton: {err}")
-        raise
+        return compile_kernel(kernel, signature, constexprs, options)
+    except NoToolchain as err:
+        pytest.skip(f"no offline CUDA toolchain in this triton: {err}")
 
 
 def _resource_usage(compiled) -> str:
-    """Registers and spill stack of the cubin, via the cuobjdump bundled with triton (if any)."""
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists() or "cubin" not in compiled.asm:
-        return "resource usage unavailable"
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"qoqopt_{compiled.metadata.name}.cubin"
-    path.write_bytes(compiled.asm["cubin"])
-    out = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True).stdout
-    match = re.search(r"REG:(\d+).*?STACK:(\d+)", out)
-    return f"{match.group(1)} registers, {match.group(2)} B stack" if match else "resource usage unavailable"
+    usage = resource_usage(compiled)
+    return f"{usage['registers']} registers, {usage['stack_bytes']} B stack" if usage else "resource usage unavailable"
 
 
 def test_merger_compiles():
@@ -87,27 +64,20 @@ def test_vision_attention_compiles(dtype):
 
 @pytest.mark.parametrize("layout", ["gptq", "awq"])
 def test_w4a16_compiles(layout):
-    from qoqopt.kernels.w4a16 import _w4a16_kernel
+    from benchmarks.offline_compile import w4a16_compile
 
-    for m, k, n in ((1, 18944, 3584), (2048, 3584, 18944)):  # decode (split-K), prefill
-        cfg = _config_no_gpu(m, n, k)
-        split = cfg.pop("SPLIT_K")
-        options = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
-        signature = {"x_ptr": BF16, "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
-                     "bias_ptr": "*fp16", "out_ptr": BF16 if split == 1 else "*fp32", "M": "i32", "N": "i32",
-                     "K": "i32", "stride_xm": "i32", "stride_qw": "i32", "stride_qz": "i32", "stride_s": "i32",
-                     "k_per_split": "i32"}
-        constexprs = dict(GROUP_SIZE=128, BITS=4, AWQ=layout == "awq", ZERO_OFFSET=int(layout == "gptq"),
-                          HAS_BIAS=split == 1, SPLIT_K=split, DOT_PRECISION="tf32", **cfg)
-        compiled = _compile(_w4a16_kernel, signature, constexprs, options)
-        print(f"w4a16 {layout} M={m} {cfg} split={split}: {_resource_usage(compiled)}")
+    # decode: one row (GEMV, split-K) and 16 rows (tensor cores); prefill
+    for m, k, n in ((1, 18944, 3584), (1, 3584, 18944), (16, 3584, 18944), (2048, 3584, 18944)):
+        try:
+            compiled, plan = w4a16_compile(layout, m, k, n)
+        except NoToolchain as err:
+            pytest.skip(f"no offline CUDA toolchain in this triton: {err}")
+        kind = "gemv" if plan.gemv else "mma"
+        print(f"w4a16 {layout} M={m} {kind} split={plan.split}: {_resource_usage(compiled)}")
 
 
-def _config_no_gpu(m, n, k):
-    """The launcher's CUDA config with the SM count of an H100 (no device to ask here)."""
-    from unittest import mock
+def test_splitk_reduce_compiles():
+    from qoqopt.kernels.w4a16 import _splitk_reduce_kernel
 
-    from qoqopt.kernels import w4a16
-
-    with mock.patch.object(w4a16, "num_sms", lambda device: 132):
-        return w4a16._config(m, n, k, 128, CUDA)
+    signature = {"partials_ptr": "*fp32", "bias_ptr": "*fp16", "out_ptr": BF16, "MN": "i32", "N": "i32", "splits": "i32"}
+    _compile(_splitk_reduce_kernel, signature, dict(HAS_BIAS=True, BLOCK=1024), dict(num_warps=4, num_stages=1))

@@ -1,0 +1,109 @@
+"""Compile qoqopt's Triton kernels for an NVIDIA target without a GPU, and read the machine code.
+
+Triton's NVIDIA backend compiles to a cubin offline (ptxas and cuobjdump ship inside the triton
+wheel), so register use, spills and the instruction mix of a kernel's main loop can be checked on
+any machine. The instruction count of the hot loop is a static proxy for speed when no GPU is at
+hand: it says what the SM must issue per weight or per tile, not how long that takes.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+CUDA = torch.device("cuda")
+_INSTR = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+_BACK_BRANCH = re.compile(r"BRA (0x[0-9a-f]+)")
+
+
+class NoToolchain(RuntimeError):
+    """This triton cannot compile for CUDA offline (no ptxas / backend)."""
+
+
+def compile_kernel(kernel, signature: dict, constexprs: dict, options: dict, arch: int = 90):
+    """``triton.compile`` of a qoqopt :class:`Kernel` for ``sm_{arch}``, with the launch's alignment hints."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel[CUDA]
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    # Real launches specialise 16-byte-aligned pointers and ints divisible by 16; without that hint
+    # loads are scalar and nothing is pipelined, so say so here too (true of every launch at 7B dims).
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+               for name, ty in signature.items() if ty.startswith("*") or name.startswith("stride")}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+    try:
+        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    except (ImportError, RuntimeError) as err:
+        if "ptxas" in str(err) or "backend" in str(err).lower():
+            raise NoToolchain(str(err)) from err
+        raise
+
+
+def _tool(name: str) -> Path | None:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return path if path.exists() else None
+
+
+def _cuobjdump(compiled, flag: str) -> str | None:
+    tool = _tool("cuobjdump")
+    if tool is None or "cubin" not in compiled.asm:
+        return None
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(compiled.asm["cubin"])
+        return subprocess.run([str(tool), flag, str(path)], capture_output=True, text=True).stdout
+
+
+def resource_usage(compiled) -> dict | None:
+    """``{"registers": n, "stack_bytes": n}`` of the cubin, or None without cuobjdump."""
+    out = _cuobjdump(compiled, "-res-usage") or ""
+    match = re.search(r"REG:(\d+).*?STACK:(\d+)", out)
+    return {"registers": int(match.group(1)), "stack_bytes": int(match.group(2))} if match else None
+
+
+def main_loop_mix(compiled) -> collections.Counter | None:
+    """Opcode counts of the largest backward-branch loop in the SASS (the kernel's K or key loop)."""
+    sass = _cuobjdump(compiled, "-sass")
+    if sass is None:
+        return None
+    instrs = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines() if (m := _INSTR.match(line))]
+    best: list = []
+    for addr, _, line in instrs:
+        branch = _BACK_BRANCH.search(line)
+        if branch and int(branch.group(1), 16) < addr:
+            body = [op for a, op, _ in instrs if int(branch.group(1), 16) <= a <= addr]
+            best = body if len(body) > len(best) else best
+    return collections.Counter(best)
+
+
+def w4a16_compile(layout: str, m: int, k: int, n: int, *, dtype: torch.dtype = torch.bfloat16, group_size: int = 128,
+                  sms: int = 132):
+    """Compile what ``w4a16_matmul`` would launch for ``[m, k] @ [k, n]`` on a GPU with ``sms`` SMs.
+
+    Returns ``(compiled, plan)``."""
+    from unittest import mock
+
+    from qoqopt.kernels import w4a16
+
+    with mock.patch.object(w4a16, "num_sms", lambda device: sms):
+        plan = w4a16.launch_plan(m, n, k, layout=layout, bits=4, group_size=group_size,
+                                 zero_offset=int(layout == "gptq"), has_bias=True, dtype=dtype, device=CUDA)
+    act = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    signature = {"x_ptr": act, "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
+                 "bias_ptr": "*fp16", "out_ptr": act if plan.split == 1 else "*fp32"}
+    ints = ("N", "K") if plan.gemv else ("M", "N", "K", "stride_xm")
+    signature |= {name: "i32" for name in (*ints, "stride_qw", "stride_qz", "stride_s", "k_per_split")}
+    constexprs = dict(plan.constexprs)
+    options = {key: constexprs.pop(key) for key in ("num_warps", "num_stages")}
+    kernel = w4a16._w4a16_gemv_kernel if plan.gemv else w4a16._w4a16_kernel
+    return compile_kernel(kernel, signature, constexprs, options), plan

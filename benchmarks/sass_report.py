@@ -1,0 +1,71 @@
+"""Static machine-code report of the W4A16 kernels, compiled for sm_90 on any machine (no GPU).
+
+For each launch ``w4a16_matmul`` would make at the 7B language-model shapes, prints registers,
+spill stack and the instructions the main K loop issues per dequantized weight per thread. Issue
+slots are what bound the first W4A16 version on the H200 (two int/float conversions at 1/8 of the
+FMA rate per weight); this is the proxy a CPU-only session can measure. It is not a timing: the
+GPU benchmark (bench_kernels.py) is the judge.
+
+    python benchmarks/sass_report.py --out benchmarks/results/sass_report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.offline_compile import NoToolchain, main_loop_mix, resource_usage, w4a16_compile  # noqa: E402
+
+SHAPES = ((3584, 18944, "gate/up"), (18944, 3584, "down"), (3584, 512, "k/v"))
+M_VALUES = (1, 16, 2048)
+
+
+def w4a16_rows() -> list[dict]:
+    rows = []
+    for layout in ("gptq", "awq"):
+        for k, n, label in SHAPES:
+            for m in M_VALUES:
+                compiled, plan = w4a16_compile(layout, m, k, n)
+                mix = main_loop_mix(compiled)
+                c = plan.constexprs
+                weights = c["BLOCK_K"] * c["BLOCK_N"] / (32 * c["num_warps"])  # per thread per K step
+                loop = sum(mix.values()) if mix else None
+                rows.append(dict(
+                    layout=layout, shape=f"{label} {k}->{n}", m=m, kernel="gemv" if plan.gemv else "mma",
+                    split=plan.split, tile=f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}",
+                    **(resource_usage(compiled) or {}), loop_instructions=loop,
+                    instructions_per_weight=round(loop / weights, 2) if loop else None,
+                    top_opcodes=dict(mix.most_common(6)) if mix else None,
+                ))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        rows = w4a16_rows()
+    except NoToolchain as err:
+        print(f"error: this triton cannot compile for CUDA offline: {err}", file=sys.stderr)
+        return 1
+    print(f"{'layout':6} {'shape':22} {'M':>5} {'kernel':6} {'split':>5} {'tile':>11} {'regs':>5} {'stack':>5} "
+          f"{'loop':>5} {'instr/weight':>12}")
+    for r in rows:
+        print(f"{r['layout']:6} {r['shape']:22} {r['m']:>5} {r['kernel']:6} {r['split']:>5} {r['tile']:>11} "
+              f"{r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>5} {r['loop_instructions']:>5} "
+              f"{r['instructions_per_weight']:>12}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"schema": "qoqopt.sass_report/1", "target": "sm_90", "rows": rows}, indent=1))
+        tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
