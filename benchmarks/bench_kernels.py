@@ -353,7 +353,7 @@ def _tag(cfg: dict) -> str:
 
 def sweep(b: Bench, pr: Profile) -> None:
     """Time a few tile configs per op at the largest case, to guide the defaults (no targets)."""
-    from qoqopt.kernels.merger import merger_fc1
+    from qoqopt.kernels.merger import fold_norm_weight, merger_fc1
     from qoqopt.kernels.vision_attention import VarlenPlanCache, vision_attention
     from qoqopt.kernels.w4a16 import QuantLinear, w4a16_matmul
     from qoqopt.packing import pack_gptq, quantize_rtn
@@ -364,8 +364,9 @@ def sweep(b: Bench, pr: Profile) -> None:
     ln = torch.ones(ctx, device=dev, dtype=dtype)
     w1 = torch.randn(4 * ctx, 4 * ctx, device=dev, dtype=dtype) * 0.02
     b1 = torch.zeros(4 * ctx, device=dev, dtype=dtype)
+    w1_folded = fold_norm_weight(w1, ln)
     for cfg in SWEEP["merger"]:
-        b.add("sweep", f"merger fc1 {p} patches", _tag(cfg), lambda: merger_fc1(x, ln, 1e-6, w1, b1, **cfg))
+        b.add("sweep", f"merger fc1 {p} patches", _tag(cfg), lambda: merger_fc1(x, 1e-6, w1_folded, b1, **cfg))
 
     attn, cus, xa, rope = _vision_inputs(b, pr.grids[0], pr.heads, pr.head_dim, dtype)
     qkv = attn.qkv(xa)

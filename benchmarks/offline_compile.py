@@ -71,19 +71,33 @@ def resource_usage(compiled) -> dict | None:
     return {"registers": int(match.group(1)), "stack_bytes": int(match.group(2))} if match else None
 
 
-def main_loop_mix(compiled) -> collections.Counter | None:
-    """Opcode counts of the largest backward-branch loop in the SASS (the kernel's K or key loop)."""
+def loop_mixes(compiled) -> list[collections.Counter] | None:
+    """Opcode counts of every backward-branch loop in the SASS (nested loops include their inner ones)."""
     sass = _cuobjdump(compiled, "-sass")
     if sass is None:
         return None
     instrs = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines() if (m := _INSTR.match(line))]
-    best: list = []
+    loops = []
     for addr, _, line in instrs:
         branch = _BACK_BRANCH.search(line)
         if branch and int(branch.group(1), 16) < addr:
-            body = [op for a, op, _ in instrs if int(branch.group(1), 16) <= a <= addr]
-            best = body if len(body) > len(best) else best
-    return collections.Counter(best)
+            loops.append(collections.Counter(op for a, op, _ in instrs if int(branch.group(1), 16) <= a <= addr))
+    return loops
+
+
+def main_loop_mix(compiled) -> collections.Counter | None:
+    """The largest loop: the K loop of the W4A16 kernels."""
+    loops = loop_mixes(compiled)
+    return max(loops, key=lambda c: sum(c.values()), default=collections.Counter()) if loops is not None else None
+
+
+def mma_loop_mix(compiled) -> collections.Counter | None:
+    """The smallest loop that issues tensor-core instructions: a GEMM's K loop inside outer loops."""
+    loops = loop_mixes(compiled)
+    if loops is None:
+        return None
+    mma = [c for c in loops if any(op.endswith("MMA") for op in c)]
+    return min(mma, key=lambda c: sum(c.values()), default=collections.Counter())
 
 
 def w4a16_compile(layout: str, m: int, k: int, n: int, *, dtype: torch.dtype = torch.bfloat16, group_size: int = 128,
@@ -107,3 +121,15 @@ def w4a16_compile(layout: str, m: int, k: int, n: int, *, dtype: torch.dtype = t
     options = {key: constexprs.pop(key) for key in ("num_warps", "num_stages")}
     kernel = w4a16._w4a16_gemv_kernel if plan.gemv else w4a16._w4a16_kernel
     return compile_kernel(kernel, signature, constexprs, options), plan
+
+
+def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120):
+    """Compile the fused merger fc1 kernel as ``merger_fc1`` launches it for ``m`` merged rows."""
+    from qoqopt.kernels.merger import _fc1_config, _merger_fc1_kernel
+
+    cfg = _fc1_config(m, c, CUDA)
+    options = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
+    signature = {"x_ptr": "*bf16", "rstd_ptr": "*fp32", "w1_ptr": "*bf16", "b1_ptr": "*bf16", "out_ptr": "*bf16",
+                 "M": "i32", "N": "i32"}
+    constexprs = dict(C=c, MERGE=merge, DOT_PRECISION="tf32", **cfg)
+    return compile_kernel(_merger_fc1_kernel, signature, constexprs, options), cfg | options

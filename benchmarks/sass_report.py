@@ -1,10 +1,11 @@
-"""Static machine-code report of the W4A16 kernels, compiled for sm_90 on any machine (no GPU).
+"""Static machine-code report of the W4A16 and merger kernels, compiled for sm_90 on any machine.
 
 For each launch ``w4a16_matmul`` would make at the 7B language-model shapes, prints registers,
-spill stack and the instructions the main K loop issues per dequantized weight per thread. Issue
-slots are what bound the first W4A16 version on the H200 (two int/float conversions at 1/8 of the
-FMA rate per weight); this is the proxy a CPU-only session can measure. It is not a timing: the
-GPU benchmark (bench_kernels.py) is the judge.
+spill stack and the instructions the main K loop issues per dequantized weight per thread; for the
+merger's fc1 at 7B dims, the instructions its GEMM K loop issues per K step per thread. Issue slots
+bound the first versions of both on the H200 (W4A16: two int/float conversions at 1/8 of the FMA
+rate per weight; merger: the norm applied to every A element); this is the proxy a CPU-only session
+can measure. It is not a timing: the GPU benchmark (bench_kernels.py) is the judge.
 
     python benchmarks/sass_report.py --out benchmarks/results/sass_report.json
 """
@@ -18,7 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.offline_compile import NoToolchain, main_loop_mix, resource_usage, w4a16_compile  # noqa: E402
+from benchmarks.offline_compile import (  # noqa: E402
+    NoToolchain,
+    main_loop_mix,
+    merger_fc1_compile,
+    mma_loop_mix,
+    resource_usage,
+    w4a16_compile,
+)
 
 SHAPES = ((3584, 18944, "gate/up"), (18944, 3584, "down"), (3584, 512, "k/v"))
 M_VALUES = (1, 16, 2048)
@@ -44,12 +52,24 @@ def w4a16_rows() -> list[dict]:
     return rows
 
 
+def merger_rows() -> list[dict]:
+    rows = []
+    for patches in (256, 5120):
+        compiled, cfg = merger_fc1_compile(patches // 4)
+        mix = mma_loop_mix(compiled)
+        rows.append(dict(op="merger fc1", patches=patches, tile=f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
+                         warps=cfg["num_warps"], **(resource_usage(compiled) or {}),
+                         k_loop_instructions=sum(mix.values()) if mix else None,
+                         top_opcodes=dict(mix.most_common(6)) if mix else None))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     try:
-        rows = w4a16_rows()
+        rows, merger = w4a16_rows(), merger_rows()
     except NoToolchain as err:
         print(f"error: this triton cannot compile for CUDA offline: {err}", file=sys.stderr)
         return 1
@@ -59,10 +79,14 @@ def main(argv=None) -> int:
         print(f"{r['layout']:6} {r['shape']:22} {r['m']:>5} {r['kernel']:6} {r['split']:>5} {r['tile']:>11} "
               f"{r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>5} {r['loop_instructions']:>5} "
               f"{r['instructions_per_weight']:>12}")
+    print(f"\n{'op':10} {'patches':>7} {'tile':>10} {'warps':>5} {'regs':>5} {'stack':>5} {'K-loop instr/thread':>20}")
+    for r in merger:
+        print(f"{r['op']:10} {r['patches']:>7} {r['tile']:>10} {r['warps']:>5} {r.get('registers', '?'):>5} "
+              f"{r.get('stack_bytes', '?'):>5} {r['k_loop_instructions']:>20}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"schema": "qoqopt.sass_report/1", "target": "sm_90", "rows": rows}, indent=1))
+        tmp.write_text(json.dumps({"schema": "qoqopt.sass_report/1", "target": "sm_90", "w4a16": rows, "merger": merger}, indent=1))
         tmp.replace(args.out)
     return 0
 

@@ -1,16 +1,20 @@
 """Qwen2.5-VL patch merger: RMSNorm(C) -> 2x2 spatial merge -> Linear(4C, 4C) -> GELU -> Linear(4C, out).
 
-The first GEMM carries the whole front of the pipeline:
-  * prologue: each program first sweeps its rows once for the RMS of every patch, then normalises
-    its A tiles in registers inside the GEMM loop, so the normalised (and merged) activations never
-    touch memory. The 2x2 merge is free: merged row ``m`` is patch rows ``4m..4m+3`` back to back,
-    i.e. the same memory viewed as ``[N/4, 4C]``; a K tile never straddles two patches because
-    BLOCK_K divides C;
+The first GEMM carries the whole front of the pipeline, with nothing elementwise left on its A tiles
+(per-element work on A made the first version issue-bound: ~330 instructions per K step per thread
+on sm_90 against a ~500-cycle MMA, and its in-kernel RMS sweep re-read every row once per N tile):
+  * the norm's weight is folded into fc1 once (``fold_norm_weight``, cached by the module): column
+    ``s * C + c`` of W1 times ``ln_w[c]``;
+  * the norm's 1/RMS is per patch, i.e. constant over each C-wide slot of a merged row, so it scales
+    that slot's partial dot product: ``sum_s rstd[4m + s] * (x_slot @ W1'_slot)``. One small
+    reduction launch computes it (4 floats per merged row); the normalised activations never exist;
+  * the 2x2 merge is free: merged row ``m`` is patch rows ``4m..4m+3`` back to back, the same memory
+    viewed as ``[N/4, 4C]``; A and W1' tiles go from memory to the tensor cores untouched;
   * epilogue: bias and exact (erf) GELU on the fp32 accumulator, one rounding to the model dtype.
 The second GEMM is a plain ``addmm``: nothing is left to fuse into it, and cuBLAS is the peer to beat.
 
-Rounding follows transformers' ``Qwen2_5_VLRMSNorm``: normalise in fp32, round to the input dtype,
-multiply by the weight, round again.
+Rounding differs from transformers' ``Qwen2_5_VLRMSNorm`` (which rounds the normalised input, then
+its product with the weight): here W1' is rounded once and the normalised input never is.
 """
 
 import torch
@@ -22,19 +26,31 @@ from qoqopt.errors import QoqoptError
 from ._triton import cdiv, check_supported, dot_precision, kernel, next_pow2, tl, use_triton
 
 
+@kernel
+def _patch_rstd_kernel(x_ptr, rstd_ptr, P, eps, C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``1 / sqrt(mean(x**2) + eps)`` of every patch row of ``x [P, C]``, in fp32 like transformers."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    row_mask = rows < P
+    sumsq = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        xs = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=row_mask[:, None] & (cols < C)[None, :],
+                     other=0.0).to(tl.float32)
+        sumsq += tl.sum(xs * xs, axis=1)
+    tl.store(rstd_ptr + rows, 1.0 / tl.sqrt(sumsq / C + eps), mask=row_mask)
+
+
 @kernel(do_not_specialize=("M",))
 def _merger_fc1_kernel(
     x_ptr,  # [M * MERGE, C] patch rows (contiguous), viewed as [M, MERGE * C]
-    ln_w_ptr,  # [C] RMSNorm weight
-    w1_ptr,  # [N, MERGE * C] first Linear weight (nn.Linear layout)
+    rstd_ptr,  # [M * MERGE] fp32: 1 / RMS of each patch row
+    w1_ptr,  # [N, MERGE * C] fc1 weight with the norm weight folded in (nn.Linear layout)
     b1_ptr,  # [N]
     out_ptr,  # [M, N] GELU(fc1(norm(x).view(M, -1)))
     M,
     N,
-    eps,
     C: tl.constexpr,
     MERGE: tl.constexpr,
-    SLOTS: tl.constexpr,  # MERGE rounded up to a power of two: one rstd column per patch
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -46,30 +62,20 @@ def _merger_fc1_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    slots = tl.arange(0, SLOTS)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    in_dtype = x_ptr.dtype.element_ty
     x_ptrs = x_ptr + offs_m[:, None] * K + offs_k[None, :]
     w1_ptrs = w1_ptr + offs_n[None, :] * K + offs_k[:, None]
 
-    # Prologue: sum of squares of each of the MERGE patches in every merged row, as [BLOCK_M, SLOTS].
-    sumsq = tl.zeros([BLOCK_M, SLOTS], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        xs = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0).to(tl.float32)
-        sumsq += tl.where(slots[None, :] == k0 // C, tl.sum(xs * xs, axis=1)[:, None], 0.0)
-    rstd_all = 1.0 / tl.sqrt(sumsq / C + eps)
-
-    # Main loop: one flat GEMM loop over K (the form Triton's pipeliner handles), normalising each
-    # A tile with its patch's rstd in registers.
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rstd = tl.sum(tl.where(slots[None, :] == k0 // C, rstd_all, 0.0), axis=1)
-        xs = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0).to(tl.float32)
-        g = tl.load(ln_w_ptr + (k0 % C) + offs_k).to(tl.float32)
-        a = ((xs * rstd[:, None]).to(in_dtype).to(tl.float32) * g[None, :]).to(in_dtype)
-        b = tl.load(w1_ptrs + k0, mask=n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    for slot in range(MERGE):  # one plain GEMM loop per patch of the 2x2 unit, scaled by its 1/RMS
+        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(slot * C, slot * C + C, BLOCK_K):
+            a = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
+            b = tl.load(w1_ptrs + k0, mask=n_mask[None, :], other=0.0)
+            part = tl.dot(a, b, part, input_precision=DOT_PRECISION)
+        rstd = tl.load(rstd_ptr + offs_m * MERGE + slot, mask=m_mask, other=0.0)
+        acc += part * rstd[:, None]
 
     # Epilogue: bias + exact GELU in fp32.
     h = acc + tl.load(b1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -93,14 +99,32 @@ def _fc1_config(m: int, c: int, device: torch.device) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
 
 
-def merger_fc1(x: torch.Tensor, ln_weight: torch.Tensor, eps: float, w1: torch.Tensor, b1: torch.Tensor, out=None, **config):
-    """``GELU(Linear(RMSNorm(x).view(-1, 4C)))`` in one kernel; ``x`` is ``[num_patches, C]``."""
+def fold_norm_weight(w1: torch.Tensor, ln_weight: torch.Tensor) -> torch.Tensor:
+    """fc1's weight with the RMSNorm weight folded in: ``W1[:, s * C + c] * ln_w[c]`` (rounded once)."""
+    merge = w1.shape[1] // ln_weight.shape[0]
+    return (w1.float() * ln_weight.float().repeat(merge)[None, :]).to(w1.dtype).contiguous()
+
+
+def patch_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``[P]`` fp32 1/RMS of every patch row of ``x [P, C]``."""
+    p, c = x.shape
+    rstd = torch.empty(p, device=x.device, dtype=torch.float32)
+    block_p = 16 if x.device.type == "cpu" else 32
+    block_c = min(next_pow2(c), 32 if x.device.type == "cpu" else 256)
+    _patch_rstd_kernel[x.device][(cdiv(p, block_p),)](x, rstd, p, eps, C=c, BLOCK_P=block_p, BLOCK_C=block_c,
+                                                      num_warps=4)
+    return rstd
+
+
+def merger_fc1(x: torch.Tensor, eps: float, w1_folded: torch.Tensor, b1: torch.Tensor, out=None, **config):
+    """``GELU(Linear(RMSNorm(x).view(-1, 4C)))``; ``x`` is ``[num_patches, C]``, ``w1_folded`` from
+    :func:`fold_norm_weight`."""
     assert x.dim() == 2 and x.is_contiguous(), f"x must be contiguous [patches, C], got {tuple(x.shape)}"
     c = x.shape[1]
-    n, k = w1.shape
+    n, k = w1_folded.shape
     assert k % c == 0 and x.shape[0] % (k // c) == 0, f"x {tuple(x.shape)} does not merge into rows of {k}"
-    assert ln_weight.shape == (c,) and b1.shape == (n,), f"ln {tuple(ln_weight.shape)}, b1 {tuple(b1.shape)}"
-    assert w1.is_contiguous() and w1.dtype == x.dtype, f"w1 must be contiguous {x.dtype}, got {w1.dtype}"
+    assert b1.shape == (n,), f"b1 {tuple(b1.shape)}"
+    assert w1_folded.is_contiguous() and w1_folded.dtype == x.dtype, f"w1 must be contiguous {x.dtype}"
     m = x.shape[0] // (k // c)
     if out is None:
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -111,15 +135,15 @@ def merger_fc1(x: torch.Tensor, ln_weight: torch.Tensor, eps: float, w1: torch.T
     assert c % cfg["BLOCK_K"] == 0, f"BLOCK_K={cfg['BLOCK_K']} must divide C={c} (one patch per K tile)"
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]))
     _merger_fc1_kernel[x.device][grid](
-        x, ln_weight, w1, b1, out, m, n, eps,
-        C=c, MERGE=k // c, SLOTS=max(2, next_pow2(k // c)), DOT_PRECISION=dot_precision(x.dtype), **cfg,
+        x, patch_rstd(x, eps), w1_folded, b1, out, m, n,
+        C=c, MERGE=k // c, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )
     return out
 
 
-def patch_merger(x, ln_weight, eps, w1, b1, w2, b2, out=None, **config) -> torch.Tensor:
-    """Triton path of the merger: fused prologue/GEMM/epilogue, then ``addmm`` for the projection."""
-    h = merger_fc1(x, ln_weight, eps, w1, b1, **config)
+def patch_merger(x, eps, w1_folded, b1, w2, b2, out=None, **config) -> torch.Tensor:
+    """Triton path of the merger: fused norm/merge/GEMM/GELU, then ``addmm`` for the projection."""
+    h = merger_fc1(x, eps, w1_folded, b1, **config)
     if out is None:
         return F.linear(h, w2, b2)
     return torch.addmm(b2, h, w2.t(), out=out)
@@ -154,9 +178,17 @@ class FusedPatchMerger(nn.Module):
         check_supported(mlp[0].weight.device, mlp[0].weight.dtype, "patch merger")
         return cls(merger.ln_q, mlp, strict)
 
+    def folded_w1(self) -> torch.Tensor:
+        """fc1's weight with ln_q's folded in, rebuilt only when either weight changes."""
+        fc1_w, ln_w = self.mlp[0].weight, self.ln_q.weight
+        key = tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device) for t in (fc1_w, ln_w))
+        if getattr(self, "_fold_key", None) != key:
+            self._folded, self._fold_key = fold_norm_weight(fc1_w.detach(), ln_w.detach()), key
+        return self._folded
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        args = (self.ln_q.weight, self.ln_q.variance_epsilon, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         if use_triton(x, self.strict, "patch merger", fc1.weight):
-            return patch_merger(x.contiguous(), *args)
-        return patch_merger_reference(x, *args)
+            return patch_merger(x.contiguous(), self.ln_q.variance_epsilon, self.folded_w1(), fc1.bias, fc2.weight, fc2.bias)
+        return patch_merger_reference(x, self.ln_q.weight, self.ln_q.variance_epsilon, fc1.weight, fc1.bias,
+                                      fc2.weight, fc2.bias)

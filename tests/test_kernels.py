@@ -63,14 +63,15 @@ def _hf_merger(context_dim, out_dim, dtype, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_merged", [1, 7, 37])  # a single merged unit; several M tiles with a ragged tail
 def test_merger_fc1_matches_hf(dtype, num_merged):
-    from qoqopt.kernels.merger import merger_fc1
+    from qoqopt.kernels.merger import fold_norm_weight, merger_fc1
 
     merger = _hf_merger(context_dim=64, out_dim=48, dtype=dtype)
     x = torch.randn(4 * num_merged, 64, device=DEVICE, dtype=dtype) * 2
     fc1, fc2 = merger.mlp[0], merger.mlp[2]
     out = nan_like((num_merged, 256), dtype)
     with torch.inference_mode():
-        h = merger_fc1(x, merger.ln_q.weight, merger.ln_q.variance_epsilon, fc1.weight, fc1.bias, out=out)
+        w1_folded = fold_norm_weight(fc1.weight, merger.ln_q.weight)
+        h = merger_fc1(x, merger.ln_q.variance_epsilon, w1_folded, fc1.bias, out=out)
         ref_h = merger.mlp[1](fc1(merger.ln_q(x).view(-1, 256)))
         y, ref = F.linear(h, fc2.weight, fc2.bias), merger(x)
     assert_close(h, ref_h, dtype)
@@ -90,6 +91,14 @@ def test_fused_merger_module_matches_hf(dtype):
                 merger.mlp[2].weight, merger.mlp[2].bias)
         assert_close(patch_merger_reference(x, *args), ref, dtype)
         assert_close(fused(x), ref, dtype, scale=4)
+        # the folded weight is cached, and rebuilt when a weight changes in place
+        folded = fused.folded_w1()
+        assert fused.folded_w1() is folded
+    with torch.no_grad():
+        merger.ln_q.weight.mul_(0.5)
+    with torch.inference_mode():
+        assert fused.folded_w1() is not folded
+        assert_close(fused(x), merger(x), dtype, scale=4)
 
 
 # ----------------------------------------------------------------------------- vision attention

@@ -34,16 +34,14 @@ def _resource_usage(compiled) -> str:
 
 
 def test_merger_compiles():
-    from qoqopt.kernels.merger import _fc1_config, _merger_fc1_kernel
+    from benchmarks.offline_compile import merger_fc1_compile
+    from qoqopt.kernels.merger import _patch_rstd_kernel
 
-    signature = {"x_ptr": BF16, "ln_w_ptr": BF16, "w1_ptr": BF16, "b1_ptr": BF16, "out_ptr": BF16,
-                 "M": "i32", "N": "i32", "eps": "fp32"}
     for m in (64, 1280):  # one small image; the 5120-patch maximum
-        cfg = _fc1_config(m, 1280, CUDA)
-        options = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-        constexprs = dict(C=1280, MERGE=4, SLOTS=4, DOT_PRECISION="tf32", **cfg)
-        compiled = _compile(_merger_fc1_kernel, signature, constexprs, options)
+        compiled, cfg = merger_fc1_compile(m)
         print(f"merger M={m} {cfg}: {_resource_usage(compiled)}")
+    _compile(_patch_rstd_kernel, {"x_ptr": BF16, "rstd_ptr": "*fp32", "P": "i32", "eps": "fp32"},
+             dict(C=1280, BLOCK_P=32, BLOCK_C=256), dict(num_warps=4, num_stages=1))
 
 
 @pytest.mark.parametrize("dtype", ["*bf16", "*fp32"])
