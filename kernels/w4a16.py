@@ -15,6 +15,7 @@ Act-order GPTQ (``desc_act``: g_idx not ``k // group_size``) is handled once at 
 permuted so groups become contiguous, and the same permutation is applied to the activations.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -257,7 +258,7 @@ def _splitk_reduce_kernel(partials_ptr, bias_ptr, out_ptr, MN, N, splits, HAS_BI
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
+def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: int) -> dict:
     """Tiles per regime (GEMV for one row, tensor cores above); BLOCK_K always divides group_size."""
     cpu = device.type == "cpu"
     if m == 1:  # 128 x 128 tiles: 128 weights per thread per step at 4 warps
@@ -278,7 +279,7 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device) -> di
     k_tiles = cdiv(k, cfg["BLOCK_K"])
     split = 1
     if m <= DECODE_MAX_M:
-        split = max(1, min(4 * num_sms(device) // tiles, k_tiles // 2 if not cpu else k_tiles))
+        split = max(1, min(4 * sms // tiles, k_tiles // 2 if not cpu else k_tiles))
     cfg["SPLIT_K"] = split
     return cfg
 
@@ -293,8 +294,16 @@ class LaunchPlan:
 
 
 def launch_plan(m, n, k, *, layout, bits, group_size, zero_offset, has_bias, dtype, device, **config) -> LaunchPlan:
-    """Which kernel, grid and constexprs ``w4a16_matmul`` launches (also compiled offline by the tests)."""
-    cfg = _config(m, n, k, group_size, device) | config
+    """Which kernel, grid and constexprs ``w4a16_matmul`` launches (also compiled offline by the tests).
+
+    Memoised: planning costs ~4 us of Python per call, paid by every linear of every decode step."""
+    return _launch_plan(m, n, k, layout, bits, group_size, zero_offset, has_bias, dtype, device, num_sms(device),
+                        tuple(sorted(config.items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_plan(m, n, k, layout, bits, group_size, zero_offset, has_bias, dtype, device, sms, config) -> LaunchPlan:
+    cfg = _config(m, n, k, group_size, device, sms) | dict(config)
     gemv, split, block_k = cfg.pop("GEMV", False), cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
     assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
     assert not gemv or m == 1, "the GEMV kernel takes one row"
