@@ -176,6 +176,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """In-place edit counter, for caches keyed on a tensor; inference-mode tensors have none."""
+    return None if t.is_inference() else t._version
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from qoqopt.errors import QoqoptError
 
-from ._triton import cdiv, check_supported, dot_precision, kernel, next_pow2, tl, use_triton
+from ._triton import cdiv, check_supported, dot_precision, kernel, next_pow2, tensor_version, tl, use_triton
 
 
 @kernel
@@ -181,7 +181,7 @@ class FusedPatchMerger(nn.Module):
     def folded_w1(self) -> torch.Tensor:
         """fc1's weight with ln_q's folded in, rebuilt only when either weight changes."""
         fc1_w, ln_w = self.mlp[0].weight, self.ln_q.weight
-        key = tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device) for t in (fc1_w, ln_w))
+        key = tuple((t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in (fc1_w, ln_w))
         if getattr(self, "_fold_key", None) != key:
             self._folded, self._fold_key = fold_norm_weight(fc1_w.detach(), ln_w.detach()), key
         return self._folded

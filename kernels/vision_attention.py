@@ -26,7 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._triton import cdiv, check_supported, device_function, dot_precision, kernel, next_pow2, tl, use_triton
+from ._triton import (
+    cdiv,
+    check_supported,
+    device_function,
+    dot_precision,
+    kernel,
+    next_pow2,
+    tensor_version,
+    tl,
+    use_triton,
+)
 
 
 @device_function
@@ -179,7 +189,7 @@ class VarlenPlanCache:
     def get(self, cu_seqlens: torch.Tensor, total_tokens: int, block_m: int) -> torch.Tensor:
         key = (id(cu_seqlens), total_tokens, block_m)
         hit = self._plans.get(key)
-        version = _version(cu_seqlens)
+        version = tensor_version(cu_seqlens)  # None under inference mode: transformers never edits it in place
         if hit is not None and hit[0]() is cu_seqlens and hit[1] == version:
             return hit[2]
         plan = build_plan(cu_seqlens, total_tokens, block_m)
@@ -188,11 +198,6 @@ class VarlenPlanCache:
         while len(self._plans) > self.capacity:
             self._plans.popitem(last=False)
         return plan
-
-
-def _version(t: torch.Tensor) -> int | None:
-    # Inference-mode tensors have no version counter; transformers never edits cu_seqlens in place.
-    return None if t.is_inference() else t._version
 
 
 def _attention_config(device: torch.device, avg_len: float) -> dict:

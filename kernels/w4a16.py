@@ -38,18 +38,23 @@ FP32_MAGIC = tl.constexpr(8388608.0)
 
 
 @device_function
-def _group_params(scales_ptr, qzeros_ptr, g, cols, col_mask, stride_s, stride_qz,
-                  BITS: tl.constexpr, AWQ: tl.constexpr, ZERO_OFFSET: tl.constexpr):
-    """Scale (fp32) and zero point (int32, checkpoint offset included) of columns ``cols`` in group ``g``.
-
-    Zeros pack along N in both layouts; AWQ puts column j of 8 in nibble [0, 4, 1, 5, 2, 6, 3, 7][j].
-    """
-    PACK: tl.constexpr = 32 // BITS
-    j = cols % PACK
+def _field_shift(j, BITS: tl.constexpr, AWQ: tl.constexpr):
+    """Bit offset of packed value ``j`` in its int32 word: LSB first (GPTQ), or AWQ's interleave,
+    which puts column j of 8 in nibble [0, 4, 1, 5, 2, 6, 3, 7][j]."""
     if AWQ:
         shift = ((j // 2) + (j % 2) * 4) * 4
     else:
         shift = j * BITS
+    return shift
+
+
+@device_function
+def _group_params(scales_ptr, qzeros_ptr, g, cols, col_mask, stride_s, stride_qz,
+                  BITS: tl.constexpr, AWQ: tl.constexpr, ZERO_OFFSET: tl.constexpr):
+    """Scale (fp32) and zero point (int32, checkpoint offset included) of columns ``cols`` in group
+    ``g``; zeros pack along N in both layouts."""
+    PACK: tl.constexpr = 32 // BITS
+    shift = _field_shift(cols % PACK, BITS, AWQ)
     scale = tl.load(scales_ptr + g * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
     word = tl.load(qzeros_ptr + g * stride_qz + cols // PACK, mask=col_mask, other=0)
     return scale, ((word >> shift) & ((1 << BITS) - 1)) + ZERO_OFFSET
@@ -114,20 +119,18 @@ def _w4a16_kernel(
     # Each packed word is loaded once, then fanned out to its PACK values in registers:
     # [rows, 1, cols] >> [1, PACK, 1] (GPTQ, along K) or [rows, cols, 1] >> [1, 1, PACK] (AWQ, along N),
     # reshaped row-major to the [BLOCK_K, BLOCK_N] tile.
-    slot = tl.arange(0, PACK)
+    shifts = _field_shift(tl.arange(0, PACK), BITS, AWQ)
     if AWQ:
-        shifts = ((slot // 2) + (slot % 2) * 4) * 4  # inverse of the AWQ order
         offs_wn = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
         wn_mask = offs_wn < N // 8
-    else:
-        shifts = slot * BITS
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = _load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], m_mask[:, None] & (offs_k < K)[None, :], False)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
+                    other=0.0)
         if AWQ:
             w_mask = (offs_k < K)[:, None] & wn_mask[None, :]
             words = _load(qweight_ptr + offs_k[:, None] * stride_qw + offs_wn[None, :], w_mask, EVEN_K and EVEN_N)
@@ -179,22 +182,22 @@ def _w4a16_gemv_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Decode path for one activation row: a tensor-core tile would be 15/16 padding, so this is
-    fp32 FMA on CUDA cores. Each weight costs a shift, a mask-or (into 2**23's mantissa) and a
-    subtract to become the exact float q - z; the K tile's sum is scaled once. The tile keeps
+    fp32 FMA on CUDA cores. Each weight becomes the exact float q - z by a mask-or into 2**23's
+    mantissa (after a shift for AWQ; in place for GPTQ) and a subtract; the K tile's sum is
+    scaled once. The tile keeps
     the packing's shape ([words, PACK, cols] for GPTQ, [rows, words, PACK] for AWQ): no reshape,
     so no layout shuffle through shared memory."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    slot = tl.arange(0, PACK)
     if AWQ:
-        shifts = ((slot // 2) + (slot % 2) * 4) * 4
+        slot = tl.arange(0, PACK)
+        shifts = _field_shift(slot, BITS, AWQ)
         offs_wn = pid_n * (BLOCK_N // PACK) + tl.arange(0, BLOCK_N // PACK)
         cols = offs_wn[:, None] * PACK + slot[None, :]  # [BLOCK_N / 8, 8]
         wn_mask = offs_wn < N // PACK
     else:
-        shifts = slot * BITS
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
 
