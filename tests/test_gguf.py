@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -415,16 +416,18 @@ def test_kquant_fallback_is_reported(tmp_path):
     assert note in (tmp_path / "out" / "README.md").read_text()
 
 
+def _copy_without_weights(src: Path, dst: Path) -> Path:
+    """A checkpoint folder with src's config/tokenizer files, for a test to write edited weights into."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    return dst
+
+
 def test_ecg_encoder_skipped_and_said(tiny_dir, tmp_path):
     """QoQ-Med's own variant carries time_series_embedding.*: left out of the GGUF on purpose, and said so."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    ckpt = tmp_path / "ecg"
-    ckpt.mkdir()
-    for f in tiny_dir.iterdir():
-        if f.suffix != ".safetensors":
-            (ckpt / f.name).write_bytes(f.read_bytes())
+    ckpt = _copy_without_weights(tiny_dir, tmp_path / "ecg")
     state = load_file(str(tiny_dir / "model.safetensors"))
     state["time_series_embedding.proj.weight"] = torch.zeros(256, 768, dtype=torch.bfloat16)
     state["time_series_embedding.encoder.blocks.0.attn.qkv.weight"] = torch.zeros(2304, 768, dtype=torch.bfloat16)
@@ -445,11 +448,7 @@ def test_ecg_encoder_skipped_and_said(tiny_dir, tmp_path):
 def test_mmproj_needs_the_vision_tower(tmp_path, tiny_dir):
     from safetensors.torch import load_file, save_file
 
-    ckpt = tmp_path / "novis"
-    ckpt.mkdir()
-    for f in tiny_dir.iterdir():
-        if f.suffix != ".safetensors":
-            (ckpt / f.name).write_bytes(f.read_bytes())
+    ckpt = _copy_without_weights(tiny_dir, tmp_path / "novis")
     state = {k: v for k, v in load_file(str(tiny_dir / "model.safetensors")).items() if not k.startswith("visual.")}
     save_file(state, str(ckpt / "model.safetensors"))
     with pytest.raises(QoqoptError, match=r"checkpoint lacks 54 tensor\(s\) GGUF needs: visual.patch_embed.proj.weight"):
