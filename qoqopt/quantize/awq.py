@@ -82,13 +82,12 @@ def search_scale(
     *,
     n_grid: int = 20,
     expand: callable = None,
-    duo: bool = True,
     w_mean: torch.Tensor | None = None,
 ) -> ScaleSearch:
     """Grid-search ``alpha`` for the consumers ``weights`` (each ``[N_i, K]``) of inputs ``x`` ``[T, K]``.
 
     ``expand`` maps a scale over ``x_mean_abs``'s channels to one over the weights' K (used for the
-    GQA-tied v_proj -> o_proj scale); identity otherwise. With ``duo`` the grid is searched twice,
+    GQA-tied v_proj -> o_proj scale); identity otherwise. The grid is searched twice,
     the second time dividing by the weights' per-channel magnitude ``** (1 - alpha)`` (``w_mean``,
     default :func:`weight_mean` of ``weights``); ``s = 1`` is
     always a candidate, so the search never does worse than plain rounding on ``x``.
@@ -106,12 +105,10 @@ def search_scale(
     ones = torch.ones_like(x_mean_abs, dtype=torch.float32)
     unscaled = loss_of(expand(ones))
     best = (unscaled, 0.0, False, ones)
-    if not duo:
-        w_mean = None
-    elif w_mean is None:  # over the weights' K; a tied search passes its own, over x's channels
+    if w_mean is None:  # over the weights' K; a tied search passes its own, over x's channels
         w_mean = weight_mean(weights, spec)
-    assert w_mean is None or w_mean.shape == x_mean_abs.shape, "w_mean must cover x_mean_abs's channels"
-    for use_w in ([False, True] if w_mean is not None else [False]):
+    assert w_mean.shape == x_mean_abs.shape, "w_mean must cover x_mean_abs's channels"
+    for use_w in (False, True):
         for i in range(n_grid):
             alpha = i / n_grid
             base = normalised_scale(x_mean_abs, alpha, w_mean if use_w else None)

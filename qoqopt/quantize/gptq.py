@@ -134,7 +134,7 @@ def gptq_quantize(
             else:
                 g = col // gs
                 if col % gs == 0:  # a new group starts: its range from the current (updated) weights
-                    span = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gs]
+                    span = torch.cat([w1[:, i : i + gs], w[:, i2 : i2 + gs]], dim=1)[:, :gs]
                     scale, zero, clamped[g] = group_params(span, spec)
                     scales[g], zeros[g] = scale, zero
             wc = w1[:, i]

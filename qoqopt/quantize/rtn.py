@@ -118,7 +118,7 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     w = weight.float().reshape(n, groups, gs)
     scales, zeros, clamped = group_params(w.reshape(n * groups, gs), spec)
     scales, zeros, clamped = scales.view(n, groups), zeros.view(n, groups), clamped.view(n, groups)
-    q = torch.clamp(torch.round(w / scales.unsqueeze(2)) + zeros.unsqueeze(2), 0, spec.maxq)
+    q = quantize_values(w.reshape(n * groups, gs), scales.reshape(-1), zeros.reshape(-1), spec.maxq)
     return QuantizedWeight(
         intweight=q.reshape(n, k).t().to(torch.int32).contiguous(),
         zeros=zeros.t().to(torch.int32).contiguous(),
