@@ -22,7 +22,8 @@ IMAGE_SPAN = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def reference(model, processor, item, device: str = "cpu") -> dict:
-    """transformers' side of one chat: llama.cpp prompt text, reply ids, reference logits at the reply."""
+    """transformers' side of one chat: llama.cpp prompt text, reply ids, reference logits at the reply,
+    and the processed prompt (``prompt_inputs``) for a caller that goes on to generate from it."""
     import torch
 
     from qoqopt.calibration import encode_chat, with_reply
@@ -30,9 +31,9 @@ def reference(model, processor, item, device: str = "cpu") -> dict:
     prompt_only = encode_chat(processor, item, with_answer=False)  # the image is processed once
     full = with_reply(processor, prompt_only, item)
     n_prompt, n_total = prompt_only["input_ids"].shape[1], full["input_ids"].shape[1]
-    with torch.no_grad():
-        out = model(**{k: v.to(device) for k, v in full.items()})
-    logits = out.logits[0, n_prompt - 1 : n_total - 1].float().cpu().numpy()
+    with torch.no_grad():  # the vocabulary projection only at the positions that predict the reply
+        out = model(**{k: v.to(device) for k, v in full.items()}, logits_to_keep=n_total - n_prompt + 1)
+    logits = out.logits[0, :-1].float().cpu().numpy()
     text = processor.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=False)
     if text.count(IMAGE_SPAN) != 1:
         raise QoqoptError(f"{item.id}: expected exactly one image in the chat")
@@ -41,6 +42,7 @@ def reference(model, processor, item, device: str = "cpu") -> dict:
         "reply_ids": full["input_ids"][0, n_prompt:].tolist(),
         "ref_logits": logits,
         "image_tokens": int(prompt_only["mm_token_type_ids"].sum()),
+        "prompt_inputs": prompt_only,
     }
 
 

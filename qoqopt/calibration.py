@@ -172,19 +172,17 @@ def load_hf_model(path, dtype: str = "auto", device: str | None = None):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     if dtype == "auto":
-        dtype = auto_dtype(path)
+        from .loader import open_checkpoint
+
+        dtype = auto_dtype(open_checkpoint(str(path)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=getattr(torch, dtype))
     return model.to(device).eval()
 
 
-def auto_dtype(path) -> str:
-    """fp32 compute over the (bf16) weights where it fits comfortably; bf16 beyond ~3 B parameters."""
-    return "float32" if _param_count(path) < 3e9 else "bfloat16"
-
-
-def _param_count(path) -> float:
+def auto_dtype(ckpt) -> str:
+    """fp32 compute over the (bf16) weights of an open checkpoint where it fits comfortably; bf16
+    beyond ~3 B parameters."""
     from .info import params_from_headers
-    from .loader import open_checkpoint
 
-    return float(sum(params_from_headers(open_checkpoint(str(path)))[0].values()))
+    return "float32" if sum(params_from_headers(ckpt)[0].values()) < 3e9 else "bfloat16"

@@ -15,16 +15,18 @@ import numpy as np
 from ..errors import QoqoptError
 
 
-def eval_items(source: str, n: int, seed: int = 0):
+def eval_items(source: str, n: int, seed: int = 0, render: bool = True):
     """Domain-balanced held-out chats: the built-in clinical "eval" split, or a user JSONL set. Each
-    image is rendered once here: every variant reads it for encoding, generation and speed probes."""
+    image is rendered once here (``render``): every variant reads it for encoding, generation and
+    speed probes. Without ``render`` the items are only chosen and validated."""
     from ..data import balanced_sample, clinical_set, load_jsonl
 
     if n < 1:
         raise QoqoptError("--items must be at least 1")
     # The same pool `qoqopt mini --train` reports its held-out accuracy on (never trained on).
     pool = clinical_set(split="eval", n_per_base=4, seed=seed) if source == "clinical" else load_jsonl(source)
-    return [item.materialized() for item in balanced_sample(pool, n, seed=seed)]
+    chosen = balanced_sample(pool, n, seed=seed)
+    return [item.materialized() for item in chosen] if render else chosen
 
 
 def save_reference(folder: Path, chats: list[dict]) -> None:

@@ -51,17 +51,17 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     ckpt = open_checkpoint(str(model_path))  # validates: Qwen2.5-VL, weights present
     ckpt.require_weights()
     _check_device(opts.device)
-    items = eval_items(opts.eval_source, opts.items, opts.seed)  # bad --eval fails here, before any work
+    items = eval_items(opts.eval_source, opts.items, opts.seed, render=False)  # bad --eval fails here
     threads = opts.threads or _default_threads()
     builds = opts.builds or opts.out / "builds"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     located = _locate_or_build(opts, builds, log)
     hashes = _Hashes()
-    source_files = [model_path / f for f in sorted(set(ckpt.weight_map.values()))]
+    source_files = [model_path / f for f in ckpt.shard_files]
     opts.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".bench-", dir=opts.out))
     try:
-        common = _common_job(opts, model_path, work, threads)
+        common = _common_job(opts, ckpt, work, threads)
         log(f"reference: {opts.model} in transformers ({common['reference_dtype']}), {len(items)} chats")
         ref = _run_worker({**common, "role": "reference", "speed": None}, work, "reference")
         if ref["status"] != "ok":
@@ -183,12 +183,12 @@ class _Hashes:
 # --------------------------------------------------------------------------- workers
 
 
-def _common_job(opts: BenchOptions, model_path: Path, work: Path, threads: int) -> dict:
+def _common_job(opts: BenchOptions, ckpt, work: Path, threads: int) -> dict:
     from ..calibration import auto_dtype
 
-    ref_dtype = auto_dtype(model_path) if opts.reference_dtype == "auto" else opts.reference_dtype
+    ref_dtype = auto_dtype(ckpt) if opts.reference_dtype == "auto" else opts.reference_dtype
     return {
-        "model": str(model_path), "device": opts.device, "threads": threads, "reference_dtype": ref_dtype,
+        "model": str(ckpt.path), "device": opts.device, "threads": threads, "reference_dtype": ref_dtype,
         "eval": {"source": opts.eval_source, "items": opts.items, "seed": opts.seed},
         "ref_dir": str(work / "reference"), "answer_tokens": opts.answer_tokens,
         "speed": vars(opts.speed) if opts.speed else None,
