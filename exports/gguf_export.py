@@ -237,11 +237,12 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                     inter = tmp / f".intermediate.{inter_type}.gguf"
                     write_text(ctx, inter, inter_type)
                 imatrix, imatrix_info = _imatrix(ctx, options, tmp, log)
+                means = imatrix.means() if imatrix else None  # the same for every quant type
                 if imatrix_info:
                     records.append(_record(tmp / imatrix_info["file"], "imatrix"))
                 for q in llama_quants:
                     path = tmp / text_file_name(ctx.name, q)
-                    rep = gguf_quant.llama_quantize(inter, path, q, imatrix.means() if imatrix else None, options.threads)
+                    rep = gguf_quant.llama_quantize(inter, path, q, means, options.threads)
                     notes += rep.summary()
                     for line in rep.summary():
                         log(f"note: {line}")
@@ -305,7 +306,7 @@ def _imatrix(ctx: _Context, options: GGUFOptions, tmp: Path, log) -> tuple[IMatr
         log("note: quantizing without an importance matrix (--imatrix none)")
         return None, None
     elif choice == "clinical" or choice.endswith(".jsonl"):
-        im, how = clinical_imatrix(ctx.ckpt.path, choice, options, log), "calibrated"
+        im, how = clinical_imatrix(ctx.ckpt, choice, options, log), "calibrated"
     else:
         im, how = read_imatrix(Path(choice)), f"read from {Path(choice).name}"
     im = _check_imatrix(ctx, im)
@@ -342,14 +343,14 @@ def imatrix_from_stats(stats, image_weight: float = 0.0) -> IMatrix:
     return IMatrix(sums, counts, [dataset], stats.chats, chunk)
 
 
-def clinical_imatrix(path: Path, choice: str, options: GGUFOptions, log) -> IMatrix:
+def clinical_imatrix(ckpt, choice: str, options: GGUFOptions, log) -> IMatrix:
     from qoqopt import calibration
     from qoqopt.processor import load_processor
 
     items, label = calibration.calibration_items(choice, options.calib_items, options.seed)
     log(f"calibrating the imatrix on {len(items)} image chats from {label}")
-    model = calibration.load_hf_model(path)
-    processor = load_processor(path)
+    model = calibration.load_hf_model(ckpt.path, calibration.auto_dtype(ckpt))
+    processor = load_processor(ckpt.path)
     stats = calibration.collect_input_sq_sums(model, processor, items, dataset=label, progress=options.progress)
     log(f"imatrix: {stats.describe()}; image positions weighted {options.imatrix_image_weight:g}")
     return imatrix_from_stats(stats, options.imatrix_image_weight)

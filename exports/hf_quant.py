@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from qoqopt.errors import QoqoptError
+from qoqopt.loader import SAFETENSORS_DTYPE_BYTES, meta_model, runtime_name
 
 FORMATS = ("gptq", "awq")
 SHARD_BYTES = 2 << 30
@@ -44,15 +45,6 @@ SUPPORT_FILES = (
 )  # fmt: skip
 GPTQ_GROUP_SIZES = (-1, 32, 64, 128)
 AWQ_GROUP_SIZES = (32, 64, 128)
-
-
-def runtime_name(canonical: str) -> str:
-    """Canonical (legacy) tensor name -> the transformers-5 module name written to the output."""
-    if canonical.startswith("visual."):
-        return "model." + canonical
-    if canonical.startswith("model."):
-        return "model.language_model." + canonical[len("model.") :]
-    return canonical  # lm_head.*, time_series_embedding.*
 
 
 def vision_linear_name(canonical_weight: str) -> str:
@@ -101,7 +93,6 @@ _ST_DTYPES = {  # torch dtype name -> safetensors dtype
     "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int64": "I64", "int8": "I8",
     "uint8": "U8", "bool": "BOOL", "float64": "F64", "int16": "I16",
 }  # fmt: skip
-_ST_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 COPY_CHUNK = 16 << 20
 
 
@@ -168,7 +159,7 @@ class ShardWriter:
     def flush(self) -> None:
         if self._spool is None:
             return
-        order = sorted(self.entries, key=lambda e: (-_ST_ITEMSIZE[e["dtype"]], e["name"]))
+        order = sorted(self.entries, key=lambda e: (-SAFETENSORS_DTYPE_BYTES[e["dtype"]], e["name"]))
         header, pos = {}, 0
         for e in order:
             header[e["name"]] = {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": [pos, pos + e["size"]]}
@@ -527,15 +518,12 @@ def dequantized_state_dict(path: Path, dtype=None) -> dict:
     """The exported directory as a plain (fake-quantized) state dict, runtime names, packed
     tensors unpacked with :mod:`qoqopt.packing` and dequantized in fp32."""
     import torch
-    from safetensors.torch import load_file
 
     from qoqopt.packing import dequantize, unpack_awq, unpack_gptq
 
     path = Path(path)
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
+    tensors = _all_tensors(path)
     out = {}
     for name in sorted(tensors):
         if name.endswith(".qweight"):
@@ -558,14 +546,17 @@ def dequantized_state_dict(path: Path, dtype=None) -> dict:
 def _meta_model(path: Path):
     """An empty (meta-device) transformers Qwen2.5-VL model for an exported directory, and its
     quantization_config."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     raw = json.loads((Path(path) / "config.json").read_text())
-    fields = {k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "quantization_config")}
-    with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**fields))
-    return model, raw["quantization_config"]
+    return meta_model(raw), raw["quantization_config"]
+
+
+def _all_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
 
 
 def load_fake_quantized(path: Path, dtype=None):
@@ -585,16 +576,13 @@ def load_with_quant_linear(path: Path, dtype=None):
     :class:`qoqopt.kernels.w4a16.QuantLinear`, built straight from the packed tensors (the closest
     real consumer of the format that runs here)."""
     import torch
-    from safetensors.torch import load_file
 
     from qoqopt.kernels.w4a16 import replace_linears
 
     path = Path(path)
     dtype = dtype or torch.float32
     model, qc = _meta_model(path)
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
+    tensors = _all_tensors(path)
     # packed ints stay as stored; scales, biases and every plain weight take the compute dtype
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()
                if not k.startswith("time_series_embedding.")}  # fmt: skip

@@ -40,6 +40,32 @@ SAFETENSORS_DTYPE_BYTES = {
 }  # fmt: skip
 
 
+def hf_config(config: dict):
+    """A transformers Qwen2_5_VLConfig from a config.json, flat (4.x) or nested (5.x) layout; the
+    architecture and quantization entries are not shape fields and are left out."""
+    from transformers import Qwen2_5_VLConfig
+
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "quantization_config")}
+    return Qwen2_5_VLConfig(**fields)
+
+
+def meta_model(config: dict):
+    """The transformers model of a config.json on the meta device: every text/vision shape, no memory."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        return Qwen2_5_VLForConditionalGeneration(hf_config(config))
+
+
+def runtime_name(canonical: str) -> str:
+    """Inverse of :func:`canonical_name`: the transformers >= 4.52 module name of a tensor."""
+    for runtime, canon in _RUNTIME_TO_CANONICAL:
+        if canonical.startswith(canon):
+            return runtime + canonical[len(canon) :]
+    return canonical  # lm_head.*, time_series_embedding.*
+
+
 def canonical_name(raw: str) -> str:
     for runtime, canonical in _RUNTIME_TO_CANONICAL:
         if raw.startswith(runtime):
@@ -218,19 +244,10 @@ class Checkpoint:
 
     # ---- model views
     def hf_config(self):
-        """A transformers Qwen2_5_VLConfig from config.json, flat (4.x) or nested (5.x) layout."""
-        from transformers import Qwen2_5_VLConfig
-
-        fields = {k: v for k, v in self.config.items() if k not in ("architectures", "auto_map")}
-        return Qwen2_5_VLConfig(**fields)
+        return hf_config(self.config)
 
     def meta_model(self):
-        """The transformers model on the meta device: every text/vision shape, no memory."""
-        import torch
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        with torch.device("meta"):
-            return Qwen2_5_VLForConditionalGeneration(self.hf_config())
+        return meta_model(self.config)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Canonical name -> shape for every text and vision tensor, from the meta model."""

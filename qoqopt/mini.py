@@ -136,14 +136,9 @@ def write_support_files(out: Path) -> None:
 
 def to_runtime_layout(state_dict: dict) -> dict:
     """Rename legacy keys to the transformers >= 4.52 module names (model.visual.*, model.language_model.*)."""
-    out = {}
-    for name, tensor in state_dict.items():
-        if name.startswith("visual."):
-            name = "model." + name
-        elif name.startswith("model."):
-            name = "model.language_model." + name[len("model.") :]
-        out[name] = tensor
-    return out
+    from .loader import runtime_name
+
+    return {runtime_name(name): tensor for name, tensor in state_dict.items()}
 
 
 def save_checkpoint(model, out: Path, layout: str = "legacy") -> None:

@@ -54,8 +54,12 @@ class UploadPlan:
 # --------------------------------------------------------------------------- checks
 
 
+def is_repo_id(s: str) -> bool:
+    return bool(REPO_ID.match(s)) and "--" not in s and ".." not in s and not s.endswith((".", "-"))
+
+
 def check_repo_id(repo_id: str) -> None:
-    if not REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith((".", "-")):
+    if not is_repo_id(repo_id):
         raise QoqoptError(f"invalid repo name {repo_id!r}: expected user/name (letters, digits, '-', '_', '.')")
 
 
@@ -96,15 +100,8 @@ def _tags(fmt: str) -> list[str]:
 
 def base_model_id(manifest: dict, override: str | None = None) -> str:
     """The Hub repo the build comes from: the card's `base_model` must be a repo id, not a local path."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     base = override or manifest.get("source", {}).get("model") or DEFAULT_BASE
-    try:
-        validate_repo_id(base)
-        ok = base.count("/") == 1 and not Path(base).exists()
-    except HFValidationError:
-        ok = False
-    if not ok:
+    if not is_repo_id(base) or Path(base).exists():
         how = "--base-model is not" if override else f"the build was exported from {base!r}, which is not"
         raise QoqoptError(f"{how} a Hub repo id; pass --base-model owner/name (the repo the weights come from)")
     return base
@@ -151,7 +148,9 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
 def tables_for_build(report_md: str, fmt: str) -> str:
     """`qoqopt report` Markdown narrowed to this build: table rows of its format (plus the reference and
     unquantized rows, for scale); plot links are dropped, since the PNGs are not part of the upload."""
-    keep_always = {"reference", "bf16", "fp16", "fp32"}
+    from .bench.variants import HF_DTYPES
+
+    keep_always = {"reference", *HF_DTYPES}
     out = []
     for line in report_md.strip().splitlines():
         if line.startswith("![") or line.strip() == "## Plots":
