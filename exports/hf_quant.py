@@ -23,6 +23,7 @@ and calibration set give the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
@@ -113,6 +114,7 @@ class ShardWriter:
         self.total = 0
         self._spool = None
         self._spool_size = 0
+        self.digests: dict[str, str] = {}  # file name -> sha256, taken while each shard is written
 
     def _begin(self, size: int) -> None:
         if self.entries and self._spool_size + size > self.max_bytes:
@@ -169,16 +171,23 @@ class ShardWriter:
         blob += b" " * (-len(blob) % 8)
         tmp_name = f"part-{len(self.shards):05d}.safetensors"
         self._spool.flush()
+        digest = hashlib.sha256()
         with open(self.out / tmp_name, "wb") as dst:
-            dst.write(struct.pack("<Q", len(blob)))
-            dst.write(blob)
+
+            def write(data: bytes) -> None:
+                dst.write(data)
+                digest.update(data)
+
+            write(struct.pack("<Q", len(blob)))
+            write(blob)
             for e in order:
                 self._spool.seek(e["at"])
                 left = e["size"]
                 while left:
                     chunk = self._spool.read(min(COPY_CHUNK, left))
-                    dst.write(chunk)
+                    write(chunk)
                     left -= len(chunk)
+        self.digests[tmp_name] = digest.hexdigest()
         self._spool.close()
         (self.out / f".spool-{len(self.shards):05d}").unlink()
         self._spool = None
@@ -189,12 +198,14 @@ class ShardWriter:
         self.flush()
         if len(self.shards) == 1:
             (self.out / self.shards[0][0]).rename(self.out / "model.safetensors")
+            self.digests["model.safetensors"] = self.digests.pop(self.shards[0][0])
             return ["model.safetensors"]
         n = len(self.shards)
         weight_map, files = {}, []
         for i, (tmp_name, names) in enumerate(self.shards):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             (self.out / tmp_name).rename(self.out / final)
+            self.digests[final] = self.digests.pop(tmp_name)
             files.append(final)
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -264,7 +275,7 @@ def export_hf_quant_report(
 
     from qoqopt.calibration import calibration_items
     from qoqopt.data import domain_counts
-    from qoqopt.fileio import atomic_dir, prepare_output_dir, sha256_file
+    from qoqopt.fileio import atomic_dir, prepare_output_dir
     from qoqopt.loader import open_checkpoint
     from qoqopt.quantize.rtn import QuantSpec
     from qoqopt.quantize.runner import (
@@ -373,7 +384,7 @@ def export_hf_quant_report(
             if skipped_vision:
                 report.notes.append(f"{len(skipped_vision)} vision Linear(s) left unquantized: shapes do not fit the format")
         report.seconds = time.perf_counter() - t0
-        manifest = _manifest(ckpt, report, opts, files + ["config.json"] + copied, tmp, sha256_file, quant_config)
+        manifest = _manifest(ckpt, report, opts, files + ["config.json"] + copied, tmp, writer.digests, quant_config)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     mean_err = sum(lr["rel_error"] for lr in report.layers) / max(len(report.layers), 1)
     log(f"wrote {out} ({fmt}, {bits}-bit, group {group_size}; mean layer error {mean_err:.4f}; "
@@ -401,8 +412,10 @@ def _copy_support_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def _manifest(ckpt, report: ExportReport, opts, files, tmp: Path, sha256_file, quant_config) -> dict:
+def _manifest(ckpt, report: ExportReport, opts, files, tmp: Path, digests: dict, quant_config) -> dict:
+    """``digests``: sha256 of the files already hashed while written (the shards); the rest are read."""
     from qoqopt import __version__
+    from qoqopt.fileio import sha256_file
 
     return {
         "format": report.fmt,
@@ -421,7 +434,8 @@ def _manifest(ckpt, report: ExportReport, opts, files, tmp: Path, sha256_file, q
         "vision": report.vision,
         "notes": report.notes,
         "files": [
-            {"path": f, "bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in sorted(files)
+            {"path": f, "bytes": (tmp / f).stat().st_size, "sha256": digests.get(f) or sha256_file(tmp / f)}
+            for f in sorted(files)
         ],
     }
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -401,6 +402,8 @@ def test_sharded_output_has_an_index(tiny_dir, tmp_path):
     assert index["weight_map"] == {"t0": files[0], "t1": files[1], "t2": files[2]} and index["metadata"]["total_size"] == 2400
     with safe_open(str(tmp_path / files[1]), "pt") as f:
         assert list(f.keys()) == ["t1"]
+    # the sha256 taken while writing is that of the bytes on disk (the manifest lists it unread)
+    assert w.digests == {f: hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() for f in files[:3]}
 
 
 def test_quantize_vision_is_awq_only(tiny_dir, tmp_path):
