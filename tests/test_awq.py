@@ -38,7 +38,7 @@ def test_scale_search_prefers_activation_aware_scales():
 
 def test_clip_search_lowers_output_error():
     x = _outlier_inputs(512, 128, seed=3)
-    w = torch.randn(64, 128) * 0.05
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(4)) * 0.05
     w[:, 5] *= 8  # an outlier weight per row stretches its group's range
     ref = x @ w.t()
     plain = awq_quantize(w, SPEC)

@@ -413,6 +413,8 @@ def test_kquant_fallback_is_reported(tmp_path):
     assert "blk.*.ffn_down.weight Q4_K -> Q5_0" in note and any(note in line for line in log)
     types = tensor_types(res.file("text", "Q4_K_M"))
     assert types["blk.0.ffn_down.weight"] in ("Q5_0", "Q8_0") and types["blk.0.ffn_up.weight"] == "Q4_K"
+    # llama.cpp's own rule, exactly: Q4_K_M gives layer 0's ffn_down Q4_K (-> Q5_0), layer 1's Q6_K (-> Q8_0)
+    assert types["blk.0.ffn_down.weight"] == "Q5_0" and types["blk.1.ffn_down.weight"] == "Q8_0"
     assert note in (tmp_path / "out" / "README.md").read_text()
 
 
