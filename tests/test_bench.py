@@ -101,32 +101,46 @@ def test_speed_fields(run_1t):
         assert s["image_tokens_max"] == 650 and s["image_tokens_min"] == 100
 
 
-def _independent_kld(trained_dir, gguf_text, mmproj, items):
-    """KLD from scratch: transformers reply logits (fp32) vs llama.cpp reply logits, torch's kl_div."""
+@pytest.fixture(scope="module")
+def independent_reference(trained_dir):
+    """transformers' reply logits (fp32) for the bench's eval chats, computed from scratch once:
+    (item, llama.cpp prompt text, reply ids, logits) per chat."""
     import torch
-    import torch.nn.functional as F
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from qoqopt.exports.gguf_runtime import MARKER, LlamaVL
+    from qoqopt.bench.eval_set import eval_items
+    from qoqopt.exports.gguf_runtime import MARKER
     from qoqopt.processor import load_processor
 
     proc = load_processor(trained_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
+    out = []
+    for item in eval_items("clinical", ITEMS, 0):
+        prompt = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True,
+                                          return_dict=True, return_tensors="pt")  # fmt: skip
+        reply = proc.tokenizer(item.target_text() + "<|im_end|>", return_tensors="pt").input_ids
+        n = prompt["input_ids"].shape[1]
+        ids = torch.cat([prompt["input_ids"], reply], 1)
+        mm = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(reply)], 1)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                        pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"]).logits[0, n - 1 : -1]  # fmt: skip
+        text = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=False)
+        out.append((item, text.replace("<|vision_start|><|image_pad|><|vision_end|>", MARKER), reply[0].tolist(), ref))
+    return out
+
+
+def _independent_kld(reference, gguf_text, mmproj):
+    """KLD from scratch: the reference's logits vs llama.cpp reply logits, torch's kl_div."""
+    import torch
+    import torch.nn.functional as F
+
+    from qoqopt.exports.gguf_runtime import LlamaVL
+
     klds, same = [], []
     with LlamaVL(gguf_text, mmproj, threads=1, image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:
-        for item in items:
-            prompt = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True,
-                                              return_dict=True, return_tensors="pt")  # fmt: skip
-            reply = proc.tokenizer(item.target_text() + "<|im_end|>", return_tensors="pt").input_ids
-            n = prompt["input_ids"].shape[1]
-            ids = torch.cat([prompt["input_ids"], reply], 1)
-            mm = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(reply)], 1)
-            with torch.no_grad():
-                ref = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
-                            pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"]).logits[0, n - 1 : -1]  # fmt: skip
-            text = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=False)
-            text = text.replace("<|vision_start|><|image_pad|><|vision_end|>", MARKER)
-            cand = torch.from_numpy(vl.chat_logits(text, item.image, reply[0].tolist()))
+        for item, text, reply_ids, ref in reference:
+            cand = torch.from_numpy(vl.chat_logits(text, item.image, reply_ids))
             lp_ref, lp_cand = F.log_softmax(ref.double(), -1), F.log_softmax(cand.double(), -1)
             klds.append(F.kl_div(lp_cand, lp_ref, log_target=True, reduction="none").sum(-1))
             same.append(ref.argmax(-1) == cand.argmax(-1))
@@ -134,14 +148,12 @@ def _independent_kld(trained_dir, gguf_text, mmproj, items):
 
 
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
-def test_gguf_drift_matches_independent_computation(run_1t, trained_dir, quant):
-    from qoqopt.bench.eval_set import eval_items
-
+def test_gguf_drift_matches_independent_computation(run_1t, independent_reference, quant):
     rec = _by_name(run_1t[0])[f"gguf:{quant}"]
     paths = {Path(f["path"]).name: Path(f["path"]) for f in rec["files"]}
     text = next(p for n, p in paths.items() if n.endswith(f".{quant}.gguf"))
     mmproj = next(p for n, p in paths.items() if n.startswith("mmproj-"))
-    kld, same = _independent_kld(trained_dir, text, mmproj, eval_items("clinical", ITEMS, 0))
+    kld, same = _independent_kld(independent_reference, text, mmproj)
     a = rec["drift"]["all"]
     assert a["positions"] == len(kld)
     np.testing.assert_allclose(a["mean_kld"], kld.mean(), rtol=1e-5)
