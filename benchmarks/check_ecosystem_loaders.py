@@ -102,41 +102,6 @@ def prepare(work: Path, samples: int, chats: int, random_weights: bool) -> dict:
 
 # =========================================================================== step 2 (loader venv)
 
-AWQ_NIBBLE_TO_COLUMN = [0, 2, 4, 6, 1, 3, 5, 7]
-
-
-def _u32(t):
-    return t.numpy().view("uint32").astype("uint64")
-
-
-def spec_dequantize(tensors: dict, module: str, qc: dict):
-    """Dequantized [N, K] weight of one packed Linear, from the published GPTQ v1 / AWQ GEMM layouts."""
-    import numpy as np
-    import torch
-
-    qw, qz = _u32(tensors[module + ".qweight"]), _u32(tensors[module + ".qzeros"])
-    scales = tensors[module + ".scales"].float().numpy()
-    if qc["quant_method"] == "gptq":
-        bits = qc["bits"]
-        f, mask = 32 // bits, np.uint64((1 << bits) - 1)
-        k, n = qw.shape[0] * f, qw.shape[1]
-        q = np.stack([(qw >> np.uint64(bits * s)) & mask for s in range(f)], axis=1).reshape(k, n)
-        z = np.stack([(qz >> np.uint64(bits * s)) & mask for s in range(f)], axis=2).reshape(qz.shape[0], n) + 1
-        g = tensors[module + ".g_idx"].numpy().astype(np.int64)
-    else:
-
-        def unpack(w):
-            out = np.zeros((w.shape[0], w.shape[1] * 8), dtype=np.uint64)
-            for i, col in enumerate(AWQ_NIBBLE_TO_COLUMN):
-                out[:, col::8] = (w >> np.uint64(4 * i)) & np.uint64(15)
-            return out
-
-        q, z = unpack(qw), unpack(qz)
-        g = np.arange(q.shape[0]) // qc["group_size"]
-    w = (q.astype(np.int64) - z.astype(np.int64)[g]).astype(np.float32) * scales[g]
-    return torch.from_numpy(np.ascontiguousarray(w.T))
-
-
 def _fit_rescaled_error(w_q, w_src) -> float:
     """Relative error after the best diag(r) @ w_src @ diag(c) fit (AWQ's folded scales), alternating LS."""
     import torch
@@ -149,15 +114,6 @@ def _fit_rescaled_error(w_q, w_src) -> float:
         base = r * w_src
         c = ((w_q * base).sum(0, keepdim=True) / (base * base).sum(0, keepdim=True).clamp(min=1e-20))
     return float((w_q - r * w_src * c).norm() / (r * w_src * c).norm())
-
-
-def _load_dir(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return tensors
 
 
 def _inputs(work: Path) -> list[dict]:
@@ -198,6 +154,7 @@ def _logits(model, chats: list[dict]) -> list:
 
 def check(work: Path, info: dict) -> dict:
     import torch
+    from spec_layout import read_dir, spec_module_weight  # run by path: benchmarks/ is on sys.path
     from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
@@ -213,12 +170,12 @@ def check(work: Path, info: dict) -> dict:
             versions[pkg] = f"missing ({exc})"
     chats = _inputs(work)
     src = Path(info["source"])
-    src_tensors = _load_dir(src)
+    src_tensors = read_dir(src)
     results = {"versions": versions, "exports": {}}
     for name, meta in info["exports"].items():
         path = Path(meta["path"])
         qc = json.loads((path / "config.json").read_text())["quantization_config"]
-        tensors = _load_dir(path)
+        tensors = read_dir(path)
         res: dict = {}
         # ---- weights, from the published layout
         errs = {}
@@ -226,7 +183,7 @@ def check(work: Path, info: dict) -> dict:
             mod = key.removesuffix(".qweight")
             canon = mod.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
             w_src = src_tensors[canon + ".weight"].float()
-            w_q = spec_dequantize(tensors, mod, qc)
+            w_q = spec_module_weight(tensors, mod, qc)
             if qc["quant_method"] == "awq":
                 errs[mod] = _fit_rescaled_error(w_q, w_src)
             else:
@@ -238,7 +195,7 @@ def check(work: Path, info: dict) -> dict:
         ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32).eval()
         state = {k: v.float() for k, v in tensors.items()
                  if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")) and not k.startswith("time_series_embedding.")}  # fmt: skip
-        state.update({k.removesuffix(".qweight") + ".weight": spec_dequantize(tensors, k.removesuffix(".qweight"), qc)
+        state.update({k.removesuffix(".qweight") + ".weight": spec_module_weight(tensors, k.removesuffix(".qweight"), qc)
                       for k in tensors if k.endswith(".qweight")})  # fmt: skip
         expected = set(ref.state_dict())
         missing = expected - set(state)

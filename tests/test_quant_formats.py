@@ -15,83 +15,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from benchmarks.spec_layout import (
+    read_dir,
+    spec_unpack_awq,
+    spec_unpack_gptq,
+    spec_weights,
+    u32,
+)
 from qoqopt.errors import QoqoptError
 from qoqopt.quantize.rtn import QuantizedWeight
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-AWQ_NIBBLE_TO_COLUMN = [0, 2, 4, 6, 1, 3, 5, 7]  # the AWQ GEMM layout: nibble i of a word holds column 8c + this
-
-
-
-
-# --------------------------------------------------------------------------- the spec, written out
-
-
-def _u32(t: torch.Tensor) -> np.ndarray:
-    return t.numpy().view(np.uint32).astype(np.uint64)
-
-
-def spec_unpack_gptq(qweight, qzeros, bits):
-    """GPTQ v1: value k of column n is bits [b*(k%f), b*(k%f)+b) of qweight[k//f, n]; zeros packed the
-    same way along N, stored as zero - 1."""
-    f, mask = 32 // bits, (1 << bits) - 1
-    qw, qz = _u32(qweight), _u32(qzeros)
-    k, n = qw.shape[0] * f, qw.shape[1]
-    ints = np.zeros((k, n), dtype=np.int64)
-    for row in range(k):
-        ints[row] = (qw[row // f] >> np.uint64(bits * (row % f))) & np.uint64(mask)
-    zeros = np.zeros((qz.shape[0], n), dtype=np.int64)
-    for col in range(n):
-        zeros[:, col] = ((qz[:, col // f] >> np.uint64(bits * (col % f))) & np.uint64(mask)) + 1
-    return ints, zeros
-
-
-def spec_unpack_awq(qweight, qzeros):
-    """AWQ GEMM: nibble i of word [r, c] holds column 8c + [0,2,4,6,1,3,5,7][i]; zeros likewise, no offset."""
-
-    def unpack(words):
-        w = _u32(words)
-        out = np.zeros((w.shape[0], w.shape[1] * 8), dtype=np.int64)
-        for i, col in enumerate(AWQ_NIBBLE_TO_COLUMN):
-            out[:, col::8] = (w >> np.uint64(4 * i)) & np.uint64(0xF)
-        return out
-
-    return unpack(qweight), unpack(qzeros)
-
-
-def spec_dequantize(ints, zeros, scales, g_idx) -> torch.Tensor:
-    """W[n, k] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n], as an nn.Linear weight [N, K]."""
-    g = np.asarray(g_idx, dtype=np.int64)
-    s = scales.float().numpy()
-    w = (ints - zeros[g]).astype(np.float32) * s[g]
-    return torch.from_numpy(np.ascontiguousarray(w.T))
-
-
-def read_dir(path: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
-def spec_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Module name -> dequantized weight, for every packed Linear of an exported directory."""
-    qc = json.loads((path / "config.json").read_text())["quantization_config"]
-    t = read_dir(path)
-    out = {}
-    for name in t:
-        if not name.endswith(".qweight"):
-            continue
-        mod = name.removesuffix(".qweight")
-        if qc["quant_method"] == "gptq":
-            ints, zeros = spec_unpack_gptq(t[name], t[mod + ".qzeros"], qc["bits"])
-            g_idx = t[mod + ".g_idx"].numpy()
-        else:
-            ints, zeros = spec_unpack_awq(t[name], t[mod + ".qzeros"])
-            g_idx = np.arange(ints.shape[0]) // qc["group_size"]
-        out[mod] = spec_dequantize(ints, zeros, t[mod + ".scales"], g_idx)
-    return out
+# The spec, written out (bit by bit, no qoqopt import), is benchmarks/spec_layout.py.
 
 
 # --------------------------------------------------------------------------- hand-worked words
@@ -227,7 +163,7 @@ def test_asym_gptq_v1_zero_points_never_carry(gptq_asym_export):
     report, quantized = gptq_asym_export
     t = read_dir(report.out)
     qzeros = [v for k, v in t.items() if k.endswith(".qzeros")]
-    nibbles = np.concatenate([((_u32(z)[..., None] >> np.uint64(4) * np.arange(8, dtype=np.uint64)) & np.uint64(15)).ravel() for z in qzeros])
+    nibbles = np.concatenate([((u32(z)[..., None] >> np.uint64(4) * np.arange(8, dtype=np.uint64)) & np.uint64(15)).ravel() for z in qzeros])
     # a stored zero - 1 of 0xF (zero 0 stored as -1, or zero 16) would carry when GPTQModel adds 0x11111111
     assert nibbles.max() < 15
     qc = json.loads((report.out / "config.json").read_text())["quantization_config"]

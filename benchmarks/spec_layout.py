@@ -1,0 +1,84 @@
+"""The GPTQ v1 and AWQ GEMM packed layouts, unpacked as their specs state them, bit by bit in numpy.
+
+An independent reading of exported checkpoints: it imports nothing from qoqopt, so the tests can
+hold qoqopt's packing against it, and check_ecosystem_loaders.py can use it inside a venv that has
+only the loader libraries.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+AWQ_NIBBLE_TO_COLUMN = [0, 2, 4, 6, 1, 3, 5, 7]  # the AWQ GEMM layout: nibble i of a word holds column 8c + this
+
+
+def u32(t: torch.Tensor) -> np.ndarray:
+    return t.numpy().view(np.uint32).astype(np.uint64)
+
+
+def spec_unpack_gptq(qweight, qzeros, bits):
+    """GPTQ v1: value k of column n is bits [b*(k%f), b*(k%f)+b) of qweight[k//f, n]; zeros packed the
+    same way along N, stored as zero - 1."""
+    f, mask = 32 // bits, (1 << bits) - 1
+    qw, qz = u32(qweight), u32(qzeros)
+    k, n = qw.shape[0] * f, qw.shape[1]
+    ints = np.zeros((k, n), dtype=np.int64)
+    for row in range(k):
+        ints[row] = (qw[row // f] >> np.uint64(bits * (row % f))) & np.uint64(mask)
+    zeros = np.zeros((qz.shape[0], n), dtype=np.int64)
+    for col in range(n):
+        zeros[:, col] = ((qz[:, col // f] >> np.uint64(bits * (col % f))) & np.uint64(mask)) + 1
+    return ints, zeros
+
+
+def spec_unpack_awq(qweight, qzeros):
+    """AWQ GEMM: nibble i of word [r, c] holds column 8c + [0,2,4,6,1,3,5,7][i]; zeros likewise, no offset."""
+
+    def unpack(words):
+        w = u32(words)
+        out = np.zeros((w.shape[0], w.shape[1] * 8), dtype=np.int64)
+        for i, col in enumerate(AWQ_NIBBLE_TO_COLUMN):
+            out[:, col::8] = (w >> np.uint64(4 * i)) & np.uint64(0xF)
+        return out
+
+    return unpack(qweight), unpack(qzeros)
+
+
+def spec_dequantize(ints, zeros, scales, g_idx) -> torch.Tensor:
+    """W[n, k] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n], as an nn.Linear weight [N, K]."""
+    g = np.asarray(g_idx, dtype=np.int64)
+    s = scales.float().numpy()
+    w = (ints - zeros[g]).astype(np.float32) * s[g]
+    return torch.from_numpy(np.ascontiguousarray(w.T))
+
+
+def read_dir(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def spec_module_weight(tensors: dict, module: str, qc: dict) -> torch.Tensor:
+    """Dequantized [N, K] weight of one packed Linear under its quantization_config ``qc``."""
+    if qc["quant_method"] == "gptq":
+        ints, zeros = spec_unpack_gptq(tensors[module + ".qweight"], tensors[module + ".qzeros"], qc["bits"])
+        g_idx = tensors[module + ".g_idx"].numpy()
+    else:
+        ints, zeros = spec_unpack_awq(tensors[module + ".qweight"], tensors[module + ".qzeros"])
+        g_idx = np.arange(ints.shape[0]) // qc["group_size"]
+    return spec_dequantize(ints, zeros, tensors[module + ".scales"], g_idx)
+
+
+def spec_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Module name -> dequantized weight, for every packed Linear of an exported directory."""
+    qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    t = read_dir(path)
+    return {name.removesuffix(".qweight"): spec_module_weight(t, name.removesuffix(".qweight"), qc)
+            for name in t if name.endswith(".qweight")}  # fmt: skip
