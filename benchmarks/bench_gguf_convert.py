@@ -27,24 +27,12 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from measure import run_measured  # run by path: benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REF = Path("/work/ref/llama_cpp_python-0.3.36/vendor/llama.cpp")
-
-
-def run_measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Run a command; wall seconds, peak RSS (MiB) of the child, exit code, last stderr line."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    out = proc.stdout.read()  # drain while it runs, so a chatty child never blocks on a full pipe
-    proc.stdout.close()
-    _, status, usage = os.wait4(proc.pid, 0)  # reap it ourselves to get its rusage
-    proc.returncode = rc = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    tail = out.decode(errors="replace").strip().splitlines()
-    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "rc": rc, "tail": tail[-1] if tail else ""}
 
 
 def gguf_tensor_count(path: Path) -> int | None:

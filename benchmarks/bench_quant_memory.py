@@ -26,30 +26,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from measure import run_measured  # run by path: benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_measured(code: str) -> dict:
-    """Run python code in a child; wall seconds, peak RSS (MiB), exit code, last line of output."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = proc.stdout.read()
-    proc.stdout.close()
-    _, status, usage = os.wait4(proc.pid, 0)
-    rc = os.waitstatus_to_exitcode(status)
-    lines = out.decode(errors="replace").strip().splitlines()
-    if rc:
-        print("\n".join(lines[-20:]), file=sys.stderr)
-    return {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-            "rc": rc, "tail": lines[-1] if lines else ""}  # fmt: skip
+def run_code(code: str) -> dict:
+    """Python ``code`` in a child, measured (rounded for the JSON)."""
+    r = run_measured([sys.executable, "-c", code], show_failure=True)
+    return {**r, "wall_s": round(r["wall_s"], 2), "peak_rss_mib": round(r["peak_rss_mib"], 1)}
 
 
 IMPORTS = "import torch, transformers, qoqopt.exports.hf_quant, qoqopt.quantize.runner\n"
@@ -71,7 +63,7 @@ def main(argv=None) -> int:
     ckpt = work / f"mini-{args.preset}"
     threads = f"torch.set_num_threads({args.threads})\n" if args.threads else ""
     if not (ckpt / "config.json").exists():
-        r = run_measured(
+        r = run_code(
             "from pathlib import Path\nfrom qoqopt.mini import build_model, save_checkpoint\n"
             f"p = Path({str(ckpt)!r}); p.mkdir(parents=True, exist_ok=True)\n"
             f"save_checkpoint(build_model({args.preset!r}, 0), p)\n"
@@ -83,18 +75,18 @@ def main(argv=None) -> int:
     params = 0
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         for k in f.keys():
-            params += _numel(f.get_slice(k).get_shape())
+            params += math.prod(f.get_slice(k).get_shape())
     fp32_mib = params * 4 / 2**20
     disk_mib = (ckpt / "model.safetensors").stat().st_size / 2**20
 
-    results = {"imports": run_measured(IMPORTS + threads + "print('ok')")}
-    results["calibration data"] = run_measured(
+    results = {"imports": run_code(IMPORTS + threads + "print('ok')")}
+    results["calibration data"] = run_code(
         IMPORTS + threads + "from qoqopt.calibration import calibration_items\n"
         "from qoqopt.processor import load_processor\nfrom qoqopt.quantize.runner import encode_chats\n"
         f"items, _ = calibration_items('clinical', {args.samples}, 0)\n"
         f"chats = encode_chats(load_processor({str(ckpt)!r}), items)\nprint('ok')\n"
     )
-    results["full fp32 model"] = run_measured(
+    results["full fp32 model"] = run_code(
         IMPORTS + threads + "from qoqopt.calibration import calibration_items, encode_chat\n"
         "from qoqopt.processor import load_processor\n"
         "from transformers import Qwen2_5_VLForConditionalGeneration\n"
@@ -106,7 +98,7 @@ def main(argv=None) -> int:
     manifests = {}
     for fmt in [f for f in args.formats.split(",") if f]:
         out = work / f"out-{fmt}"
-        results[f"export {fmt}"] = run_measured(
+        results[f"export {fmt}"] = run_code(
             IMPORTS + threads + "import json\nfrom pathlib import Path\nfrom qoqopt.exports.hf_quant import export_hf_quant_report\n"
             f"r = export_hf_quant_report({str(ckpt)!r}, Path({str(out)!r}), {fmt!r}, samples={args.samples}, force=True, progress=False)\n"
             "print(json.dumps({'layers': r.layers, 'calibration': r.calibration}))\n"
@@ -151,13 +143,6 @@ def main(argv=None) -> int:
     args.json.write_text(json.dumps(record, indent=2) + "\n")
     print(f"saved {args.json}")
     return 0 if all(r["rc"] == 0 for r in results.values()) else 1
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 if __name__ == "__main__":
