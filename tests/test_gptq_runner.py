@@ -90,11 +90,9 @@ def test_streams_one_layer_at_a_time(setup):
         read.append(name)
         return original(self, name)
 
-    type(ckpt).tensor = spy
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(ckpt), "tensor", spy)
         results = list(stream_quantize(ckpt, captured, QuantizeOptions("rtn", QuantSpec(4, 128)), log=lambda m: None))
-    finally:
-        type(ckpt).tensor = original
     assert [r.index for r in results] == [0, 1]
     assert all(n.startswith("model.layers.") for n in read)  # never lm_head, embeddings or the vision tower
     layer_of = [int(n.split(".")[2]) for n in read]

@@ -21,11 +21,16 @@ from benchmarks.offline_compile import CUDA, NoToolchain, compile_kernel, resour
 BF16 = "*bf16"
 
 
-def _compile(kernel, signature: dict, constexprs: dict, options: dict):
+def _offline(compile_fn, *args):
+    """``compile_fn(*args)``, or a skip when this triton has no offline CUDA toolchain."""
     try:
-        return compile_kernel(kernel, signature, constexprs, options)
+        return compile_fn(*args)
     except NoToolchain as err:
         pytest.skip(f"no offline CUDA toolchain in this triton: {err}")
+
+
+def _compile(kernel, signature: dict, constexprs: dict, options: dict):
+    return _offline(compile_kernel, kernel, signature, constexprs, options)
 
 
 def _resource_usage(compiled) -> str:
@@ -38,7 +43,7 @@ def test_merger_compiles():
     from qoqopt.kernels.merger import _patch_rstd_kernel
 
     for m in (64, 1280):  # one small image; the 5120-patch maximum
-        compiled, cfg = merger_fc1_compile(m)
+        compiled, cfg = _offline(merger_fc1_compile, m)
         print(f"merger M={m} {cfg}: {_resource_usage(compiled)}")
     _compile(_patch_rstd_kernel, {"x_ptr": BF16, "rstd_ptr": "*fp32", "P": "i32", "eps": "fp32"},
              dict(C=1280, BLOCK_P=32, BLOCK_C=256), dict(num_warps=4, num_stages=1))
@@ -66,10 +71,7 @@ def test_w4a16_compiles(layout):
 
     # decode: one row (GEMV, split-K) and 16 rows (tensor cores); prefill
     for m, k, n in ((1, 18944, 3584), (1, 3584, 18944), (16, 3584, 18944), (2048, 3584, 18944)):
-        try:
-            compiled, plan = w4a16_compile(layout, m, k, n)
-        except NoToolchain as err:
-            pytest.skip(f"no offline CUDA toolchain in this triton: {err}")
+        compiled, plan = _offline(w4a16_compile, layout, m, k, n)
         kind = "gemv" if plan.gemv else "mma"
         print(f"w4a16 {layout} M={m} {kind} split={plan.split}: {_resource_usage(compiled)}")
 
