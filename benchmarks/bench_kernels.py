@@ -263,7 +263,9 @@ def bench_attention(b: Bench, pr: Profile) -> None:
             lens = (cu[1:] - cu[:-1]).tolist()
             max_len = max(lens)
             case = f"{s} patches, {mode}"
-            core_bytes = dtype.itemsize * (3 * s * heads * head_dim + s * heads * head_dim) + 2 * 4 * s * head_dim
+            # qkv in, out, and the packed half rotary table (cos + sin, fp16 for 16-bit inputs)
+            table_bytes = (4 if dtype == torch.float32 else 2) * s * head_dim
+            core_bytes = dtype.itemsize * (3 * s * heads * head_dim + s * heads * head_dim) + table_bytes
             core_flops = 4 * heads * head_dim * sum(n * n for n in lens)
             lin_flops = 2 * s * (heads * head_dim) ** 2 * 4  # qkv (3x) + proj (1x)
             hf_row = b.add("attention", case, "hf-sdpa-module", lambda: attn(x, cu, position_embeddings=rope),
@@ -334,7 +336,8 @@ SWEEP = {  # launcher overrides tried by --sweep; the defaults live in each op's
     "merger": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st)
                for bm, bn, w, st in ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 4), (128, 256, 8, 3))],
     "attention": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-                  for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2))],
+                  for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2),
+                                        (128, 64, 8, 3), (128, 128, 8, 2))],
     "w4a16-gemv": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, SPLIT_K=sk)
                    for bn, bk, w, st, sk in ((128, 128, 4, 3, 1), (128, 128, 4, 3, 4), (64, 128, 4, 3, 2),
                                              (256, 128, 8, 3, 2), (128, 64, 4, 4, 3))],

@@ -32,7 +32,7 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, options: dict, arc
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = kernel[CUDA]
+    fn = kernel[CUDA].fn
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
     # Real launches specialise 16-byte-aligned pointers and ints divisible by 16; without that hint
     # loads are scalar and nothing is pipelined, so say so here too (true of every launch at 7B dims).
@@ -40,7 +40,7 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, options: dict, arc
                for name, ty in signature.items() if ty.startswith("*") or name.startswith("stride")}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
     try:
-        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": True, **options})
     except (ImportError, RuntimeError) as err:
         if "ptxas" in str(err) or "backend" in str(err).lower():
             raise NoToolchain(str(err)) from err
@@ -133,3 +133,20 @@ def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120):
                  "M": "i32", "N": "i32"}
     constexprs = dict(C=c, MERGE=merge, DOT_PRECISION="tf32", **cfg)
     return compile_kernel(_merger_fc1_kernel, signature, constexprs, options), cfg | options
+
+
+def attention_compile(avg_len: int, dtype: str = "*bf16", head_dim: int = 80, heads: int = 16):
+    """Compile the vision attention kernel as the patched module launches it for segments of ``avg_len``
+    (shared rotary halves: fp16 table for 16-bit activations, fp32 for fp32). Returns ``(compiled, cfg)``."""
+    from qoqopt.kernels.vision_attention import _attention_config, _vision_attention_kernel, head_split, pair_split
+
+    cfg = _attention_config(CUDA, avg_len)
+    options = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
+    table = "*fp32" if dtype == "*fp32" else "*fp16"
+    signature = {"qkv_ptr": dtype, "cos_ptr": table, "sin_ptr": table, "plan_ptr": "*i32", "out_ptr": dtype,
+                 "stride_qkv": "i32", "stride_rope": "i32", "stride_out": "i32", "qk_scale": "fp32"}
+    main, rest = head_split(head_dim)
+    pairs_a, pairs_b = pair_split(head_dim)
+    constexprs = dict(H=heads, HEAD_DIM=head_dim, PAIRS_A=pairs_a, PAIRS_B=pairs_b, MAIN=main, REST=rest,
+                      SHARED_HALVES=True, DOT_PRECISION="ieee" if dtype == "*fp32" else "tf32", **cfg)
+    return compile_kernel(_vision_attention_kernel, signature, constexprs, options), cfg | options

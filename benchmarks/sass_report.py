@@ -1,8 +1,10 @@
-"""Static machine-code report of the W4A16 and merger kernels, compiled for sm_90 on any machine.
+"""Static machine-code report of the W4A16, merger and attention kernels, compiled for sm_90 on any machine.
 
 For each launch ``w4a16_matmul`` would make at the 7B language-model shapes, prints registers,
 spill stack and the instructions the main K loop issues per dequantized weight per thread; for the
-merger's fc1 at 7B dims, the instructions its GEMM K loop issues per K step per thread. Issue slots
+merger's fc1 at 7B dims, the instructions its GEMM K loop issues per K step per thread; for vision
+attention (window and full layers), the key loop's instructions and global loads per key block per
+thread. Issue slots
 bound the first versions of both on the H200 (W4A16: two int/float conversions at 1/8 of the FMA
 rate per weight; merger: the norm applied to every A element); this is the proxy a CPU-only session
 can measure. It is not a timing: the GPU benchmark (bench_kernels.py) is the judge.
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.offline_compile import (  # noqa: E402
     NoToolchain,
+    attention_compile,
     main_loop_mix,
     merger_fc1_compile,
     mma_loop_mix,
@@ -64,12 +67,26 @@ def merger_rows() -> list[dict]:
     return rows
 
 
+def attention_rows() -> list[dict]:
+    rows = []
+    for mode, avg_len in (("windows", 64), ("full", 5120)):
+        compiled, cfg = attention_compile(avg_len)
+        mix = mma_loop_mix(compiled)
+        rows.append(dict(op="attention", mode=mode, tile=f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}", warps=cfg["num_warps"],
+                         **(resource_usage(compiled) or {}),
+                         key_loop_instructions=sum(mix.values()) if mix else None,
+                         global_loads=sum(n for op, n in mix.items() if op.startswith("LDG") and op != "LDGDEPBAR")
+                         if mix else None,
+                         top_opcodes=dict(mix.most_common(6)) if mix else None))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     try:
-        rows, merger = w4a16_rows(), merger_rows()
+        rows, merger, attention = w4a16_rows(), merger_rows(), attention_rows()
     except NoToolchain as err:
         print(f"error: this triton cannot compile for CUDA offline: {err}", file=sys.stderr)
         return 1
@@ -83,10 +100,16 @@ def main(argv=None) -> int:
     for r in merger:
         print(f"{r['op']:10} {r['patches']:>7} {r['tile']:>10} {r['warps']:>5} {r.get('registers', '?'):>5} "
               f"{r.get('stack_bytes', '?'):>5} {r['k_loop_instructions']:>20}")
+    print(f"\n{'op':10} {'mode':>7} {'tile':>10} {'warps':>5} {'regs':>5} {'stack':>5} {'key-loop instr/thread':>22} "
+          f"{'loads':>5}")
+    for r in attention:
+        print(f"{r['op']:10} {r['mode']:>7} {r['tile']:>10} {r['warps']:>5} {r.get('registers', '?'):>5} "
+              f"{r.get('stack_bytes', '?'):>5} {r['key_loop_instructions']:>22} {r['global_loads']:>5}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"schema": "qoqopt.sass_report/1", "target": "sm_90", "w4a16": rows, "merger": merger}, indent=1))
+        tmp.write_text(json.dumps({"schema": "qoqopt.sass_report/1", "target": "sm_90", "w4a16": rows, "merger": merger,
+                                   "attention": attention}, indent=1))
         tmp.replace(args.out)
     return 0
 

@@ -48,8 +48,24 @@ class Kernel:
             if kind == "interpret":
                 self._variants[kind] = _Interpreted(self.fn)
             else:
-                self._variants[kind] = _compiled(self.fn, self.do_not_specialize)
+                self._variants[kind] = _Compiled(_compiled(self.fn, self.do_not_specialize))
         return self._variants[kind]
+
+
+class _Compiled:
+    """The compiled variant, with FP fusion asked for explicitly: the kernels are written for FFMA
+    (dequant, RoPE, the folded softmax scale) and Triton 3.10 turns the default off."""
+
+    def __init__(self, jit_fn):
+        self.fn = jit_fn
+
+    def __getitem__(self, grid):
+        launcher = self.fn[grid]
+
+        def launch(*args, **kwargs):
+            return launcher(*args, enable_fp_fusion=True, **kwargs)
+
+        return launch
 
 
 class _Interpreted:

@@ -6,16 +6,22 @@ packed ``qkv`` Linear output ``[S, 3 * H * D]`` (transformers' ``reshape(S, 3, H
 rotates q and k in registers and writes ``[S, H * D]`` ready for ``proj``.
 
 Choices worth knowing:
-  * head_dim 80 is not a power of two: the head is split into column tiles of 64 and 16 (no
-    padding); q.k is the sum of the two tiles' dot products and P @ v is computed per tile. RoPE
-    works on any column subset: each column's ``rotate_half`` partner (d +- D/2) comes from a
-    second, permuted load of the same cached row.
-  * The rotary table is read per key block, not precomputed: that would be a separate RoPE pass.
-    Qwen2.5-VL's table repeats over the two halves, so the module reads only the first half.
+  * RoPE pairs head column j with j + D/2 (``rotate_half``). q and k are loaded as pairs: the
+    two halves of a column tile come in as two plain loads, are rotated in fp32 and interleaved
+    (j, j + D/2, j + 1, ...) into one dot operand. q.k is a sum over columns, so any column order
+    works as long as q and k share it; each k element is read once, with no partner gather.
+  * head_dim 80 is not a power of two: its 40 rotary pairs are split into tiles of 32 and 8
+    (operands 64 + 16 wide, no padding), and v / the output into columns 64 + 16.
+  * The rotary table is read per key block, not applied in a separate pass. Qwen2.5-VL's table
+    repeats over the two halves, so the kernel reads the first half only; for 16-bit inputs that
+    half is cached as one fp16 [S, 2, D/2] cos/sin table per forward (error <= 2^-12, below the
+    16-bit rounding transformers applies right after the rotation). Full attention re-reads keys
+    and table for every query block, so their bytes set its speed.
   * The launch grid comes from a block *plan* (q_start, seq_start, seq_end per q block) built on
     the device from ``cu_seqlens`` with an upper-bound grid known on the host, so no layer ever
-    syncs. :class:`VarlenPlanCache` builds it once per forward and every layer reuses it: each
-    vision layer receives the very same ``cu_seqlens``/``cu_window_seqlens`` tensor objects.
+    syncs. :class:`VarlenPlanCache` builds the plan and the rotary table once per forward and
+    every layer reuses them: each vision layer receives the very same ``cu_seqlens`` /
+    ``cu_window_seqlens`` and ``position_embeddings`` tensor objects.
 """
 
 import math
@@ -40,36 +46,34 @@ from ._triton import (
 
 
 @device_function
-def _load_rotated(
-    base_ptr, rows, stride, row_mask, cols, col_mask, cos_ptr, sin_ptr, stride_rope,
-    HALF: tl.constexpr, SHARED_HALVES: tl.constexpr,
+def _load_rotated_pairs(
+    base_ptr, rows, stride, row_mask, pairs, pair_mask, cos_ptr, sin_ptr, stride_rope,
+    HALF: tl.constexpr, SHARED_HALVES: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr,
 ):
-    """Columns ``cols`` of rows ``rows`` after ``x * cos + rotate_half(x) * sin``, in fp32.
-
-    ``rotate_half`` pairs column d with d + HALF (negated) and d - HALF, so the partner columns
-    come from a second, permuted load of the same (cached) row; any column subset can be rotated.
-    """
-    partner = tl.where(cols < HALF, cols + HALF, cols - HALF)
-    sign = tl.where(cols < HALF, -1.0, 1.0)
+    """Rotary pairs ``pairs`` of rows ``rows`` after ``x * cos + rotate_half(x) * sin``, in fp32:
+    ``[ROWS, 2 * PAIRS]`` with column j's result next to column j + HALF's."""
+    mask = row_mask[:, None] & pair_mask[None, :]
+    x_ptrs = base_ptr + rows[:, None] * stride + pairs[None, :]
+    x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    rope_offs = rows[:, None] * stride_rope + pairs[None, :]
+    cos1 = tl.load(cos_ptr + rope_offs, mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + rope_offs, mask=mask, other=0.0).to(tl.float32)
     if SHARED_HALVES:
-        rope_cols = cols % HALF
+        cos2 = cos1
+        sin2 = sin1
     else:
-        rope_cols = cols
-    mask = row_mask[:, None] & col_mask[None, :]
-    row_ptrs = base_ptr + rows[:, None] * stride
-    rope_offs = rows[:, None] * stride_rope + rope_cols[None, :]
-    x = tl.load(row_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x_partner = tl.load(row_ptrs + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + rope_offs, mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + rope_offs, mask=mask, other=0.0).to(tl.float32)
-    return x * cos + sign[None, :] * x_partner * sin
+        cos2 = tl.load(cos_ptr + rope_offs + HALF, mask=mask, other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_ptr + rope_offs + HALF, mask=mask, other=0.0).to(tl.float32)
+    # rotate_half(x)[j] = -x[j + HALF] and rotate_half(x)[j + HALF] = x[j]
+    return tl.reshape(tl.join(x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2), (ROWS, 2 * PAIRS))
 
 
 @kernel
 def _vision_attention_kernel(
     qkv_ptr,  # [S, 3 * H * D]
-    cos_ptr,  # [S, D] rotary cos (any float dtype; read as fp32)
-    sin_ptr,  # [S, D]
+    cos_ptr,  # rotary cos, row stride stride_rope (any float dtype; read as fp32)
+    sin_ptr,  # rotary sin, same rows and stride
     plan_ptr,  # [num_blocks, 3] int32: q_start, seq_start, seq_end (q_start >= seq_end: idle block)
     out_ptr,  # [S, H * D]
     stride_qkv,
@@ -78,7 +82,9 @@ def _vision_attention_kernel(
     qk_scale,  # softmax scale * log2(e): the softmax runs on exp2
     H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    MAIN: tl.constexpr,  # head columns [0, MAIN): largest power of two <= HEAD_DIM (at least 16)
+    PAIRS_A: tl.constexpr,  # rotary pairs [0, PAIRS_A): q/k operand of 2 * PAIRS_A columns
+    PAIRS_B: tl.constexpr,  # pairs [PAIRS_A, HEAD_DIM / 2) padded to a power of two; 0 if none
+    MAIN: tl.constexpr,  # v / output columns [0, MAIN): largest power of two <= HEAD_DIM (at least 16)
     REST: tl.constexpr,  # columns [MAIN, HEAD_DIM) padded to a power of two >= 16; 0 if none
     SHARED_HALVES: tl.constexpr,  # cos/sin repeat after HEAD_DIM // 2: read the first half only
     BLOCK_M: tl.constexpr,
@@ -98,17 +104,22 @@ def _vision_attention_kernel(
 
     offs_m = q_start + tl.arange(0, BLOCK_M)
     m_mask = offs_m < seq_end  # idle blocks mask every row and never enter the key loop
+    pairs_a = tl.arange(0, PAIRS_A)
+    pa_mask = pairs_a < HALF
+    # q, rotated in fp32 and rounded to the input dtype as transformers does before attention.
+    q_a = _load_rotated_pairs(q_base, offs_m, stride_qkv, m_mask, pairs_a, pa_mask, cos_ptr, sin_ptr, stride_rope,
+                              HALF, SHARED_HALVES, BLOCK_M, PAIRS_A).to(in_dtype)
+    if PAIRS_B > 0:
+        pairs_b = PAIRS_A + tl.arange(0, PAIRS_B)
+        pb_mask = pairs_b < HALF
+        q_b = _load_rotated_pairs(q_base, offs_m, stride_qkv, m_mask, pairs_b, pb_mask, cos_ptr, sin_ptr,
+                                  stride_rope, HALF, SHARED_HALVES, BLOCK_M, PAIRS_B).to(in_dtype)
     cols_a = tl.arange(0, MAIN)
     a_mask = cols_a < HEAD_DIM
-    # q, rotated in fp32 and rounded to the input dtype as transformers does before attention.
-    q_a = _load_rotated(q_base, offs_m, stride_qkv, m_mask, cols_a, a_mask, cos_ptr, sin_ptr, stride_rope,
-                        HALF, SHARED_HALVES).to(in_dtype)
     acc_a = tl.zeros([BLOCK_M, MAIN], dtype=tl.float32)
     if REST > 0:
         cols_b = MAIN + tl.arange(0, REST)
         b_mask = cols_b < HEAD_DIM
-        q_b = _load_rotated(q_base, offs_m, stride_qkv, m_mask, cols_b, b_mask, cos_ptr, sin_ptr, stride_rope,
-                            HALF, SHARED_HALVES).to(in_dtype)
         acc_b = tl.zeros([BLOCK_M, REST], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -116,16 +127,18 @@ def _vision_attention_kernel(
     for n0 in range(seq_start, seq_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < seq_end
-        k_a = _load_rotated(k_base, offs_n, stride_qkv, n_mask, cols_a, a_mask, cos_ptr, sin_ptr, stride_rope,
-                            HALF, SHARED_HALVES).to(in_dtype)
+        k_a = _load_rotated_pairs(k_base, offs_n, stride_qkv, n_mask, pairs_a, pa_mask, cos_ptr, sin_ptr,
+                                  stride_rope, HALF, SHARED_HALVES, BLOCK_N, PAIRS_A).to(in_dtype)
         qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
-        if REST > 0:
-            k_b = _load_rotated(k_base, offs_n, stride_qkv, n_mask, cols_b, b_mask, cos_ptr, sin_ptr, stride_rope,
-                                HALF, SHARED_HALVES).to(in_dtype)
+        if PAIRS_B > 0:
+            k_b = _load_rotated_pairs(k_base, offs_n, stride_qkv, n_mask, pairs_b, pb_mask, cos_ptr, sin_ptr,
+                                      stride_rope, HALF, SHARED_HALVES, BLOCK_N, PAIRS_B).to(in_dtype)
             qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PRECISION)
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - m_new[:, None])
+        if n0 + BLOCK_N > seq_end:  # only a segment's last key block has keys past its end
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        # running max in log2 units; the scale folds into exp2's argument (one FFMA per score)
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         p = p.to(in_dtype)
@@ -174,30 +187,69 @@ def build_plan(cu_seqlens: torch.Tensor, total_tokens: int, block_m: int) -> tor
     return torch.where(valid[:, None], plan, 0).to(torch.int32).contiguous()
 
 
-class VarlenPlanCache:
-    """Block plans shared by all attention layers of one vision tower.
+def pair_split(head_dim: int) -> tuple[int, int]:
+    """(PAIRS_A, PAIRS_B): the head's D/2 rotary pairs as power-of-two tiles whose q/k operands
+    (two columns per pair) are at least tl.dot's 16 wide: 80 -> 32 + 8 pairs (64 + 16 columns)."""
+    half = head_dim // 2
+    pairs_a = max(8, 1 << (half.bit_length() - 1))
+    rest = half - pairs_a
+    return pairs_a, (max(8, next_pow2(rest)) if rest > 0 else 0)
 
-    Keyed by the identity of the ``cu_seqlens`` tensor (checked through a weak reference and the
-    tensor's version counter, so a freed or modified tensor can never hit a stale plan).
+
+def rope_table(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype, shared_halves: bool):
+    """The (cos, sin) views the kernel reads, with one row stride.
+
+    With ``shared_halves`` that is the first half only, packed as one ``[S, 2, D/2]`` table (a row's
+    cos and sin side by side) in fp16 for 16-bit activations, fp32 otherwise. fp16 holds any value
+    in [-1, 1] to 2^-12, under the 16-bit rounding that follows the rotation in transformers.
+    """
+    if not shared_halves:
+        return cos.contiguous(), sin.contiguous()
+    half = cos.shape[1] // 2
+    table_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+    table = torch.stack((cos[:, :half], sin[:, :half]), dim=1).to(table_dtype)
+    return table[:, 0], table[:, 1]
+
+
+class VarlenPlanCache:
+    """Per-forward launch data shared by all attention layers of one vision tower: block plans
+    (from ``cu_seqlens``) and packed rotary tables (from ``position_embeddings``).
+
+    Keyed by the identity of the source tensors, checked through weak references and version
+    counters, so a freed or modified tensor can never hit a stale entry.
     """
 
-    def __init__(self, capacity: int = 4):
+    def __init__(self, capacity: int = 8):
         self.capacity = capacity
-        self._plans: OrderedDict = OrderedDict()
+        self._entries: OrderedDict = OrderedDict()
         self.builds = 0  # how many plans were built: tests assert one per distinct cu_seqlens
+        self.table_builds = 0
 
-    def get(self, cu_seqlens: torch.Tensor, total_tokens: int, block_m: int) -> torch.Tensor:
-        key = (id(cu_seqlens), total_tokens, block_m)
-        hit = self._plans.get(key)
-        version = tensor_version(cu_seqlens)  # None under inference mode: transformers never edits it in place
-        if hit is not None and hit[0]() is cu_seqlens and hit[1] == version:
-            return hit[2]
-        plan = build_plan(cu_seqlens, total_tokens, block_m)
-        self.builds += 1
-        self._plans[key] = (weakref.ref(cu_seqlens), version, plan)
-        while len(self._plans) > self.capacity:
-            self._plans.popitem(last=False)
+    def plan(self, cu_seqlens: torch.Tensor, total_tokens: int, block_m: int) -> torch.Tensor:
+        plan, built = self._cached((cu_seqlens,), ("plan", total_tokens, block_m),
+                                   lambda: build_plan(cu_seqlens, total_tokens, block_m))
+        self.builds += built
         return plan
+
+    def rope(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype, shared_halves: bool):
+        table, built = self._cached((cos, sin), ("rope", dtype, shared_halves),
+                                    lambda: rope_table(cos, sin, dtype, shared_halves))
+        self.table_builds += built
+        return table
+
+    def _cached(self, sources: tuple, params: tuple, build):
+        key = (*map(id, sources), *params)
+        # versions are None under inference mode: transformers never edits these tensors in place
+        versions = tuple(tensor_version(t) for t in sources)
+        hit = self._entries.get(key)
+        if hit is not None and hit[1] == versions and all(ref() is t for ref, t in zip(hit[0], sources)):
+            self._entries.move_to_end(key)
+            return hit[2], False
+        value = build()
+        self._entries[key] = (tuple(weakref.ref(t) for t in sources), versions, value)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return value, True
 
 
 def _attention_config(device: torch.device, avg_len: float) -> dict:
@@ -206,7 +258,8 @@ def _attention_config(device: torch.device, avg_len: float) -> dict:
     if avg_len <= 96:  # window layers: a 64-patch window is one block
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
     # Full attention: taller q blocks halve how often each key block is loaded and rotated.
-    # (8 warps: 4 spill registers on sm_90 at head_dim 80, see tests/test_kernels_compile.py.)
+    # (8 warps, two warpgroups of 64 rows: with 4 warps a thread needs 251 registers on sm_90, and
+    # 256-row blocks with 16 warps spill; see benchmarks/sass_report.py.)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
@@ -225,15 +278,14 @@ def vision_attention(
 
     ``shared_halves=True`` promises ``cos[:, :D/2] == cos[:, D/2:]`` (same for sin), which holds by
     construction for Qwen2.5-VL's vision rotary (``cat([freqs_hw, freqs_hw])``): the kernel then
-    reads half the rotary table, which matters for full attention where keys are re-rotated for
-    every query block.
+    reads half the rotary table (see :func:`rope_table`), which matters for full attention where
+    keys are re-rotated for every query block.
     """
     assert qkv.dim() == 2 and qkv.stride(1) == 1, f"qkv must be [S, 3*H*D] with unit column stride, got {tuple(qkv.shape)}"
     s, width = qkv.shape
     head_dim = width // (3 * num_heads)
     assert width == 3 * num_heads * head_dim and head_dim % 2 == 0, f"qkv width {width} vs {num_heads} heads"
     assert cos.shape == (s, head_dim) and sin.shape == (s, head_dim), f"cos/sin must be [{s}, {head_dim}]"
-    cos, sin = cos.contiguous(), sin.contiguous()
     if out is None:
         out = torch.empty(s, num_heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     assert out.shape == (s, num_heads * head_dim) and out.stride(1) == 1, "out must be [S, H*D]"
@@ -241,14 +293,18 @@ def vision_attention(
         return out
     num_seqs = cu_seqlens.numel() - 1  # shapes only: the average length needs no device sync
     cfg = _attention_config(qkv.device, s / max(num_seqs, 1)) | config
-    plan = (plans or VarlenPlanCache()).get(cu_seqlens, s, cfg["BLOCK_M"])
+    plans = plans or VarlenPlanCache()
+    plan = plans.plan(cu_seqlens, s, cfg["BLOCK_M"])
+    cos, sin = plans.rope(cos, sin, qkv.dtype, shared_halves)
     grid = (plan.shape[0], num_heads)
     main, rest = head_split(head_dim)
+    pairs_a, pairs_b = pair_split(head_dim)
     _vision_attention_kernel[qkv.device][grid](
         qkv, cos, sin, plan, out,
         qkv.stride(0), cos.stride(0), out.stride(0),
         head_dim**-0.5 * math.log2(math.e),
-        H=num_heads, HEAD_DIM=head_dim, MAIN=main, REST=rest, SHARED_HALVES=shared_halves,
+        H=num_heads, HEAD_DIM=head_dim, PAIRS_A=pairs_a, PAIRS_B=pairs_b, MAIN=main, REST=rest,
+        SHARED_HALVES=shared_halves,
         DOT_PRECISION=dot_precision(qkv.dtype), **cfg,
     )
     return out

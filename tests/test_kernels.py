@@ -152,6 +152,7 @@ ATTENTION_CASES = {
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
 @pytest.mark.parametrize("head_dim", [16, 40, 80])  # 80: the real head, tiles 64 + 16; 40: 32 + 16 (8 masked)
 def test_vision_attention_matches_hf(dtype, case, head_dim):
+    """The module's path: shared rotary halves, packed into one fp16 table for 16-bit inputs."""
     from qoqopt.kernels.vision_attention import VarlenPlanCache, vision_attention
 
     if head_dim != 16 and case != "ragged" and DEVICE.type == "cpu":
@@ -165,7 +166,7 @@ def test_vision_attention_matches_hf(dtype, case, head_dim):
     out = nan_like((seq, 2 * head_dim), dtype)
     with torch.inference_mode():
         ref = attn(x, cu_seqlens, position_embeddings=(cos, sin))
-        core = vision_attention(attn.qkv(x), cos, sin, cu_seqlens, 2, VarlenPlanCache(), out=out)
+        core = vision_attention(attn.qkv(x), cos, sin, cu_seqlens, 2, VarlenPlanCache(), out=out, shared_halves=True)
         y = attn.proj(core)
     assert not core.isnan().any()
     assert_close(y, ref, dtype)
@@ -187,21 +188,22 @@ def test_fused_attention_module_matches_hf(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_vision_attention_general_rotary_table(dtype):
+@pytest.mark.parametrize("head_dim", [16, 40])  # 40: rotary pairs in tiles of 16 and 8 (4 masked)
+def test_vision_attention_general_rotary_table(dtype, head_dim):
     """Without shared_halves the kernel reads both halves of cos/sin: check with unrelated halves."""
     from qoqopt.kernels.vision_attention import vision_attention, vision_attention_reference
 
     cu_seqlens = torch.tensor([0, 9, 30], dtype=torch.int32, device=DEVICE)
-    qkv = torch.randn(30, 3 * 2 * 16, device=DEVICE, dtype=dtype)
-    angles = torch.rand(30, 16, device=DEVICE) * 6
-    out = nan_like((30, 32), dtype)
+    qkv = torch.randn(30, 3 * 2 * head_dim, device=DEVICE, dtype=dtype)
+    angles = torch.rand(30, head_dim, device=DEVICE) * 6
+    out = nan_like((30, 2 * head_dim), dtype)
     with torch.inference_mode():
         vision_attention(qkv, angles.cos(), angles.sin(), cu_seqlens, 2, out=out)
         ref = vision_attention_reference(qkv, angles.cos(), angles.sin(), cu_seqlens, 2)
     assert_close(out, ref, dtype)
     # and against transformers' own module, which applies any full-width cos/sin table as given
-    attn = _hf_attention(num_heads=2, head_dim=16, dtype=dtype)
-    x = torch.randn(30, 32, device=DEVICE, dtype=dtype)
+    attn = _hf_attention(num_heads=2, head_dim=head_dim, dtype=dtype)
+    x = torch.randn(30, 2 * head_dim, device=DEVICE, dtype=dtype)
     table = (angles.cos().to(dtype), angles.sin().to(dtype))
     with torch.inference_mode():
         ours = attn.proj(vision_attention(attn.qkv(x), *table, cu_seqlens, 2))
@@ -228,6 +230,31 @@ def test_head_split():
 
     assert head_split(80) == (64, 16) and head_split(64) == (64, 0) and head_split(40) == (32, 16)
     assert head_split(8) == (16, 0)  # below tl.dot's minimum: one masked 16-wide tile
+
+
+def test_pair_split_covers_each_rotary_pair_once():
+    from qoqopt.kernels.vision_attention import pair_split
+
+    assert pair_split(80) == (32, 8) and pair_split(64) == (32, 0) and pair_split(40) == (16, 8)
+    for head_dim in range(8, 258, 2):
+        a, b = pair_split(head_dim)
+        assert a + b >= head_dim // 2  # every pair in a tile
+        assert a <= head_dim // 2 or head_dim < 16  # tile A is never padded unless the head is below 16
+        assert 2 * a >= 16 and (b == 0 or 2 * b >= 16) and a & (a - 1) == 0 and b & (b - 1) == 0
+
+
+def test_rope_table_is_the_first_half_within_fp16_rounding():
+    """The packed table the module's kernel reads: cos and sin of the first half, to fp16's 2^-12."""
+    from qoqopt.kernels.vision_attention import VarlenPlanCache
+
+    cos, sin = _rope(torch.randint(0, 200, (50, 2)), 80)
+    plans = VarlenPlanCache()
+    for dtype, bound in ((torch.bfloat16, 2.0**-12), (torch.float16, 2.0**-12), (torch.float32, 0.0)):
+        c, s = plans.rope(cos, sin, dtype, shared_halves=True)
+        assert c.shape == (50, 40) and c.stride() == s.stride() and c.stride(0) == 80
+        assert (c.float() - cos[:, :40]).abs().max() <= bound and (s.float() - sin[:, :40]).abs().max() <= bound
+    assert plans.rope(cos, sin, torch.float16, shared_halves=True)[0] is plans.rope(cos, sin, torch.float16, True)[0]
+    assert plans.table_builds == 3  # one per dtype, then cache hits
 
 
 def test_plan_covers_every_row_once():

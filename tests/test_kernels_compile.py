@@ -51,17 +51,10 @@ def test_merger_compiles():
 
 @pytest.mark.parametrize("dtype", ["*bf16", "*fp32"])
 def test_vision_attention_compiles(dtype):
-    from qoqopt.kernels.vision_attention import _attention_config, _vision_attention_kernel, head_split
+    from benchmarks.offline_compile import attention_compile
 
-    signature = {"qkv_ptr": dtype, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "plan_ptr": "*i32", "out_ptr": dtype,
-                 "stride_qkv": "i32", "stride_rope": "i32", "stride_out": "i32", "qk_scale": "fp32"}
-    main, rest = head_split(80)
     for avg_len in (64, 5120):  # window layers; full attention on one large image
-        cfg = _attention_config(CUDA, avg_len)
-        options = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-        constexprs = dict(H=16, HEAD_DIM=80, MAIN=main, REST=rest, SHARED_HALVES=True,
-                          DOT_PRECISION="tf32" if dtype == BF16 else "ieee", **cfg)
-        compiled = _compile(_vision_attention_kernel, signature, constexprs, options)
+        compiled, cfg = _offline(attention_compile, avg_len, dtype)
         print(f"attention {dtype} avg_len={avg_len} {cfg}: {_resource_usage(compiled)}")
 
 
