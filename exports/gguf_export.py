@@ -200,7 +200,7 @@ def _check_space(out: Path, need: int) -> None:
 
 
 def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision: str | None = None, force: bool = False, log=print) -> ExportResult:
-    from qoqopt.fileio import atomic_dir, prepare_output_dir
+    from qoqopt.fileio import atomic_dir, prepare_output_dir, write_error
 
     out = Path(out)
     if options.mmproj_type not in (*MMPROJ_TYPES, "none"):
@@ -275,7 +275,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
             manifest = render_manifest(ctx, records, notes, imatrix_info)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     except OSError as exc:
-        raise gguf_write.disk_error(exc, out / "manifest.json") from exc
+        raise write_error(exc, out / "manifest.json") from exc
     finally:
         ctx.reader.close()
     log(f"done: {out}")

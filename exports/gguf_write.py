@@ -14,7 +14,6 @@ back to F16 otherwise (reported).
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from qoqopt.errors import QoqoptError
+from qoqopt.fileio import write_error
 
 from .gguf_map import QKV_ROWS, TEMPORAL, WHOLE, Entry
 
@@ -239,24 +239,8 @@ def write_gguf(path: Path, arch: str, add_kv: Callable, plans: list[Planned], re
                 progress(p.nbytes)
         writer.flush()
     except OSError as exc:
-        raise disk_error(exc, path) from exc
+        raise write_error(exc, path) from exc
     finally:
         writer.close()
     report.bytes = Path(path).stat().st_size
     return report
-
-
-def disk_error(exc: OSError, path: Path) -> QoqoptError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = _free_bytes(Path(path).parent)
-        return QoqoptError(f"disk full while writing {Path(path).name} ({free / 2**30:.1f} GiB free)")
-    return QoqoptError(f"cannot write {Path(path).name}: {exc.strerror or exc}")
-
-
-def _free_bytes(folder: Path) -> int:
-    import shutil
-
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return 0

@@ -8,6 +8,7 @@ debris, never a truncated file that looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -33,6 +34,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
         os.replace(tmp_path, final)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
+        if exc.errno in DISK_FULL:
+            raise write_error(exc, final) from exc
         raise QoqoptError(f"cannot write {final}: {exc.strerror or exc}") from exc
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -77,9 +80,32 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in DISK_FULL:  # only writes fill a disk: any other OSError may be a source read
+            raise write_error(exc, final) from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_error(exc: OSError, path: Path) -> QoqoptError:
+    """The one-line error for a failed write of ``path``; disk full says how much is left."""
+    if exc.errno in DISK_FULL:
+        free = _free_bytes(Path(path).parent)
+        return QoqoptError(f"disk full while writing {Path(path).name} ({free / 2**30:.1f} GiB free)")
+    return QoqoptError(f"cannot write {Path(path).name}: {exc.strerror or exc}")
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

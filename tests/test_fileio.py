@@ -1,0 +1,63 @@
+"""Atomic output: a finished name only ever holds finished output, and failures are one line."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from qoqopt.errors import QoqoptError
+from qoqopt.fileio import atomic_dir, atomic_path
+
+
+def _debris(folder):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "build"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x" * 10)
+            assert not out.exists()  # nothing under the final name while it is being built
+            raise RuntimeError("interrupted")
+    assert not out.exists() and _debris(tmp_path) == []
+    with atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(os.listdir(out)) == ["config.json"] and _debris(tmp_path) == []
+
+
+def test_atomic_dir_keeps_existing_output_without_force(tmp_path):
+    out = tmp_path / "build"
+    out.mkdir()
+    (out / "old.gguf").write_text("old")
+    with pytest.raises(QoqoptError, match="already exists and is not empty .*--force"):
+        with atomic_dir(out):
+            pass
+    assert (out / "old.gguf").read_text() == "old"
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "new.gguf").write_text("new")
+    assert os.listdir(out) == ["new.gguf"]
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path):
+    """ENOSPC from any write inside the build (a safetensors shard, a GGUF) becomes one line."""
+    out = tmp_path / "build"
+    with pytest.raises(QoqoptError, match=r"^disk full while writing build \(\d+\.\d GiB free\)$"):
+        with atomic_dir(out) as tmp:
+            (tmp / "shard-1.safetensors").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert not out.exists() and _debris(tmp_path) == []
+    with pytest.raises(QoqoptError, match=r"^disk full while writing report\.json \(\d+\.\d GiB free\)$"):
+        with atomic_path(tmp_path / "report.json"):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    assert os.listdir(tmp_path) == []
+
+
+def test_other_os_errors_pass_through_atomic_dir(tmp_path):
+    """A read failure inside the build is not reported as a write failure."""
+    with pytest.raises(FileNotFoundError):
+        with atomic_dir(tmp_path / "build"):
+            open(tmp_path / "missing-source.safetensors", "rb")
+    assert os.listdir(tmp_path) == []
