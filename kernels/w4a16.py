@@ -16,6 +16,7 @@ permuted so groups become contiguous, and the same permutation is applied to the
 """
 
 import functools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -340,36 +341,53 @@ def w4a16_matmul(
     **config,
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W) [K, N] (+ bias)`` in x's dtype."""
-    assert layout in ("gptq", "awq") and bits in (4, 8) and not (layout == "awq" and bits != 4), (layout, bits)
     assert x.dim() == 2 and x.stride(1) == 1, f"x must be [M, K] with unit column stride, got {tuple(x.shape)}"
-    m, k = x.shape
+    m, n = x.shape[0], scales.shape[1]
+    assert out is None or (out.shape == (m, n) and out.is_contiguous()), f"out must be contiguous [{m}, {n}]"
+    if m == 0:
+        return out if out is not None else torch.empty(m, n, device=x.device, dtype=x.dtype)
+    launch = prepare_w4a16(m, x.shape[1], x.dtype, x.device, qweight, qzeros, scales, bias, layout=layout, bits=bits,
+                           group_size=group_size, zero_offset=zero_offset, **config)
+    return launch(x, out)
+
+
+def prepare_w4a16(m: int, k: int, dtype: torch.dtype, device: torch.device, qweight, qzeros, scales, bias=None, *,
+                  layout: str, bits: int = 4, group_size: int, zero_offset: int, **config):
+    """Check the layer once and bind everything but x: returns ``launch(x, out=None) -> out`` for
+    contiguous-column ``x [m, k]`` of this dtype on this device.
+
+    A decode step calls each linear with the same M again and again; binding once leaves only the
+    output allocation and the launches on the per-call path (``QuantLinear`` keeps these per M)."""
+    assert layout in ("gptq", "awq") and bits in (4, 8) and not (layout == "awq" and bits != 4), (layout, bits)
     n = scales.shape[1]
     packed_k = k if layout == "awq" else k * bits // 32
     assert qweight.shape[0] == packed_k and qweight.is_contiguous(), f"qweight {tuple(qweight.shape)} vs K={k}"
     assert scales.shape[0] == cdiv(k, group_size) and qzeros.shape[0] == scales.shape[0], "groups disagree"
-    if out is None:
-        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    assert out.shape == (m, n) and out.is_contiguous(), f"out must be contiguous [{m}, {n}]"
-    if m == 0:
-        return out
     plan = launch_plan(m, n, k, layout=layout, bits=bits, group_size=group_size, zero_offset=zero_offset,
-                       has_bias=bias is not None, dtype=x.dtype, device=x.device, **config)
-    target = out if plan.split == 1 else torch.empty(plan.split, m, n, device=x.device, dtype=torch.float32)
-    operands = (x, qweight, qzeros, scales, bias if bias is not None else scales, target)
-    if plan.gemv:
-        _w4a16_gemv_kernel[x.device][plan.grid](
-            *operands, n, k, qweight.stride(0), qzeros.stride(0), scales.stride(0), plan.k_per_split, **plan.constexprs)
-    else:
-        _w4a16_kernel[x.device][plan.grid](
-            *operands, m, n, k, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), plan.k_per_split,
-            **plan.constexprs,
-        )
+                       has_bias=bias is not None, dtype=dtype, device=device, **config)
+    bias_arg = bias if bias is not None else scales  # never read without HAS_BIAS
+    strides = (qweight.stride(0), qzeros.stride(0), scales.stride(0), plan.k_per_split)
+    matmul = (_w4a16_gemv_kernel if plan.gemv else _w4a16_kernel)[device][plan.grid]
     if plan.split > 1:
-        block = 1024 if x.device.type == "cuda" else 64
-        _splitk_reduce_kernel[x.device][(cdiv(m * n, block),)](
-            target, bias if bias is not None else scales, out, m * n, n, plan.split, HAS_BIAS=bias is not None,
-            BLOCK=block)
-    return out
+        block = 1024 if device.type == "cuda" else 64
+        reduce = _splitk_reduce_kernel[device][(cdiv(m * n, block),)]
+        # fp32 partials, reused by every call: launches on one stream run in order, so the reduce
+        # has read them before the next call's matmul writes them.
+        partials = torch.empty(plan.split, m, n, device=device, dtype=torch.float32)
+
+    def launch(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(m, n, device=device, dtype=dtype)
+        target = out if plan.split == 1 else partials
+        if plan.gemv:
+            matmul(x, qweight, qzeros, scales, bias_arg, target, n, k, *strides, **plan.constexprs)
+        else:
+            matmul(x, qweight, qzeros, scales, bias_arg, target, m, n, k, x.stride(0), *strides, **plan.constexprs)
+        if plan.split > 1:
+            reduce(target, bias_arg, out, m * n, n, plan.split, HAS_BIAS=bias is not None, BLOCK=block)
+        return out
+
+    return launch
 
 
 def dequantize_weight(qweight, qzeros, scales, *, layout, bits=4, group_size, zero_offset) -> torch.Tensor:
@@ -408,6 +426,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("bias", None if bias is None else bias.contiguous())
         self.register_buffer("perm", perm)
+        self._launchers: dict = {}  # (M, dtype, device) -> (the buffers bound, launch); decode sizes only
 
     @classmethod
     def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, *, bits=4, checkpoint_format="gptq", strict=False):
@@ -460,15 +479,30 @@ class QuantLinear(nn.Module):
         return dict(layout=self.layout, bits=self.bits, group_size=self.group_size, zero_offset=self.zero_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_supported(x.device, x.dtype, "QuantLinear")
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         if use_triton(x2, self.strict, "QuantLinear"):
-            y = w4a16_matmul(x2.contiguous(), self.qweight, self.qzeros, self.scales, self.bias, **self._kwargs())
+            y = self._launcher(x2)(x2.contiguous()) if x2.shape[0] else x2.new_empty(0, self.out_features)
         else:
+            check_supported(x.device, x.dtype, "QuantLinear")
             y = w4a16_reference(x2, self.qweight, self.qzeros, self.scales, self.bias, **self._kwargs())
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _launcher(self, x2: torch.Tensor):
+        """The bound launch for x2's M, dtype and device; decode sizes are kept (one per M <= 16),
+        checked against the buffers they were bound to, so ``.to()`` or a replaced buffer rebinds."""
+        key = (x2.shape[0], x2.dtype, x2.device)
+        buffers = self._buffers
+        sources = (buffers["qweight"], buffers["qzeros"], buffers["scales"], buffers["bias"])
+        hit = self._launchers.get(key)
+        if hit is not None and all(map(operator.is_, hit[0], sources)):
+            return hit[1]
+        check_supported(x2.device, x2.dtype, "QuantLinear")
+        launch = prepare_w4a16(x2.shape[0], self.in_features, x2.dtype, x2.device, *sources, **self._kwargs())
+        if x2.shape[0] <= DECODE_MAX_M:
+            self._launchers[key] = (sources, launch)
+        return launch
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "

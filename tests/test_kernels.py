@@ -336,3 +336,24 @@ def test_quant_linear_matches_dequantized_matmul(dtype, m, case):
     assert y.shape == (1, m, n)
     assert_close(out, ref, dtype, scale=4)
     assert_close(y[0], ref, dtype, scale=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quant_linear_rebinds_when_its_tensors_change(dtype):
+    """Decode launches are bound once per M; a replaced buffer or a new device must not reuse them,
+    and the split-K partials reused from call to call must not leak between calls."""
+    from qoqopt.kernels.w4a16 import QuantLinear
+
+    intweight, zeros, scales, g_idx = _gptq_case(256, 88, 4, 32, False)
+    linear = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales).to(DEVICE)
+    w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
+    xs = [torch.randn(1, 256, device=DEVICE, dtype=dtype) for _ in range(2)]
+    with torch.inference_mode():
+        first, second = linear(xs[0]), linear(xs[1])  # split-K GEMV, same bound launch
+        assert len(linear._launchers) == 1
+        for x, y in zip(xs, (first, second)):
+            assert_close(y, F.linear(x.float(), w.t().to(dtype).float()), dtype, scale=4)
+        linear.scales = linear.scales * 2  # a new tensor under the same buffer name
+        assert_close(linear(xs[0]), 2 * first.float(), dtype, scale=8)
+        linear(torch.randn(40, 256, device=DEVICE, dtype=dtype))  # prefill sizes are not kept
+        assert len(linear._launchers) == 1
