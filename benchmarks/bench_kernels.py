@@ -358,7 +358,7 @@ def sweep(b: Bench, pr: Profile) -> None:
     """Time a few tile configs per op at the largest case, to guide the defaults (no targets)."""
     from qoqopt.kernels.merger import fold_norm_weight, merger_fc1
     from qoqopt.kernels.vision_attention import VarlenPlanCache, vision_attention
-    from qoqopt.kernels.w4a16 import QuantLinear, w4a16_matmul
+    from qoqopt.kernels.w4a16 import QuantLinear
     from qoqopt.packing import pack_gptq, quantize_rtn
 
     dtype, dev = b.dtype, b.device
@@ -386,8 +386,24 @@ def sweep(b: Bench, pr: Profile) -> None:
         for m in (1, 16, max(pr.m_values)):
             xq = torch.randn(m, k, device=dev, dtype=dtype)
             for cfg in SWEEP["w4a16-gemv" if m == 1 else "w4a16" if m <= 16 else "w4a16-prefill"]:
-                b.add("sweep", f"w4a16 gptq {label} M={m}", _tag(cfg),
-                      lambda: w4a16_matmul(xq, layer.qweight, layer.qzeros, layer.scales, **layer._kwargs(), **cfg))
+                b.add("sweep", f"w4a16 gptq {label} M={m}", _tag(cfg), _bound_w4a16(layer, xq, cfg))
+
+
+def _bound_w4a16(layer, x, cfg):
+    """The layer's launch under ``cfg``, bound on first call as QuantLinear binds its own (a config
+    that does not fit the layer fails inside the timed call, where the sweep reports it)."""
+    from qoqopt.kernels.w4a16 import prepare_w4a16
+
+    launch = None
+
+    def run():
+        nonlocal launch
+        if launch is None:
+            launch = prepare_w4a16(x.shape[0], x.shape[1], x.dtype, x.device, layer.qweight, layer.qzeros,
+                                   layer.scales, **layer._kwargs(), **cfg)
+        return launch(x)
+
+    return run
 
 
 # ----------------------------------------------------------------------------- report

@@ -114,7 +114,7 @@ def w4a16_compile(layout: str, m: int, k: int, n: int, *, dtype: torch.dtype = t
                                  zero_offset=int(layout == "gptq"), has_bias=True, dtype=dtype, device=CUDA)
     act = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     signature = {"x_ptr": act, "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
-                 "bias_ptr": "*fp16", "out_ptr": act if plan.split == 1 else "*fp32"}
+                 "bias_ptr": "*fp16", "out_ptr": act, "partials_ptr": "*fp32", "counters_ptr": "*i32"}
     ints = ("N", "K") if plan.gemv else ("M", "N", "K", "stride_xm")
     signature |= {name: "i32" for name in (*ints, "stride_qw", "stride_qz", "stride_s", "k_per_split")}
     constexprs = dict(plan.constexprs)

@@ -7,7 +7,8 @@ and fed to ``tl.dot`` in the activation dtype with fp32 accumulation.
 
 Two regimes, two configs:
   * decode (M <= 16): the weight stream is everything. Few output tiles exist for narrow layers, so
-    K is split across programs (fp32 partials, summed after) to keep every SM streaming;
+    K is split across programs to keep every SM streaming (fp32 partials, summed by the split of
+    each output tile that finishes last: still one launch);
   * prefill: classic tiles with M fastest in the grid, so programs sharing a weight tile run
     together and the weight is read from HBM about once.
 
@@ -16,6 +17,7 @@ permuted so groups become contiguous, and the same permutation is applied to the
 """
 
 import functools
+import math
 import operator
 from dataclasses import dataclass
 
@@ -79,7 +81,9 @@ def _w4a16_kernel(
     qzeros_ptr,  # [G, N * BITS / 32]
     scales_ptr,  # [G, N]
     bias_ptr,  # [N] (read only when HAS_BIAS)
-    out_ptr,  # SPLIT_K == 1: [M, N] in x's dtype; else fp32 partials [SPLIT_K, M, N]
+    out_ptr,  # [M, N] in x's dtype
+    partials_ptr,  # SPLIT_K > 1: fp32 [SPLIT_K, M, N] scratch
+    counters_ptr,  # SPLIT_K > 1: int32 [output tiles], zero between launches
     M,
     N,
     K,
@@ -153,8 +157,10 @@ def _w4a16_kernel(
                 w = (q - zero[None, :]).to(in_dtype)  # |q - zero| < 2**BITS <= 256: exact in every float dtype
             acc += tl.dot(a, w, input_precision=DOT_PRECISION) * scale[None, :]
 
-    _store_tile(acc, out_ptr, bias_ptr, pid_k, M, N, offs_m[:, None] * N + offs_n[None, :],
-                offs_n[None, :], m_mask[:, None] & n_mask[None, :], HAS_BIAS, SPLIT_K)
+    tile = pid_m * tl.num_programs(1) + pid_n
+    _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, tile, pid_k, M, N,
+                offs_m[:, None] * N + offs_n[None, :], offs_n[None, :], m_mask[:, None] & n_mask[None, :],
+                HAS_BIAS, SPLIT_K)
 
 
 @kernel
@@ -164,7 +170,9 @@ def _w4a16_gemv_kernel(
     qzeros_ptr,
     scales_ptr,
     bias_ptr,
-    out_ptr,  # SPLIT_K == 1: [1, N] in x's dtype; else fp32 partials [SPLIT_K, 1, N]
+    out_ptr,  # [1, N] in x's dtype
+    partials_ptr,  # as in _w4a16_kernel
+    counters_ptr,
     N,
     K,
     stride_qw,
@@ -235,31 +243,41 @@ def _w4a16_gemv_kernel(
             part = tl.sum(rows, axis=0)
         acc += part * scale
 
-    _store_tile(acc, out_ptr, bias_ptr, pid_k, 1, N, cols, cols, col_mask, HAS_BIAS, SPLIT_K)
+    _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, pid_n, pid_k, 1, N, cols, cols, col_mask,
+                HAS_BIAS, SPLIT_K)
 
 
 @device_function
-def _store_tile(acc, out_ptr, bias_ptr, pid_k, M, N, offs, cols, mask, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Final values (bias added, x's dtype) or this split's fp32 partial sums."""
+def _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, tile, pid_k, M, N, offs, cols, mask,
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store the tile's final values (bias added, in out's dtype).
+
+    Split K: every split stores its fp32 partial sums and counts itself in on the tile's counter;
+    the split that arrives last adds all partials up in split order (the result does not depend on
+    which one that is), stores the tile and resets the counter for the next launch. One launch,
+    no separate reduction kernel.
+    """
     if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_final(acc, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS)
     else:
-        tl.store(out_ptr + pid_k * M * N + offs, acc, mask=mask)
+        tl.store(partials_ptr + pid_k * M * N + offs, acc, mask=mask)
+        # Every thread's partials are issued before the one signalling thread releases them (the
+        # barrier, then a release at GPU scope); the last arrival acquires them all.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for s in range(0, SPLIT_K):  # .cg: read from L2, where the other SMs' stores landed
+                total += tl.load(partials_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_final(total, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS)
+            tl.store(counters_ptr + tile, 0)
 
 
-@kernel
-def _splitk_reduce_kernel(partials_ptr, bias_ptr, out_ptr, MN, N, splits, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """``out = sum_s partials[s] (+ bias)`` in a fixed order (deterministic), cast to out's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, splits):
-        total += tl.load(partials_ptr + s * MN + offs, mask=mask, other=0.0)
+@device_function
+def _store_final(acc, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
-        total += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: int) -> dict:
@@ -291,7 +309,7 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
 @dataclass(frozen=True)
 class LaunchPlan:
     gemv: bool  # the one-row CUDA-core kernel, else the tensor-core one
-    split: int  # K splits (fp32 partials, then _splitk_reduce_kernel)
+    split: int  # K splits (fp32 partials, summed by each tile's last split)
     k_per_split: int
     grid: tuple[int, int, int] | tuple[int, int]
     constexprs: dict  # kernel constexprs plus num_warps / num_stages
@@ -314,7 +332,7 @@ def _launch_plan(m, n, k, layout, bits, group_size, zero_offset, has_bias, dtype
     k_per_split = cdiv(cdiv(k, split), block_k) * block_k
     split = cdiv(k, k_per_split)  # rounding may leave fewer splits
     common = dict(GROUP_SIZE=group_size, BITS=bits, AWQ=layout == "awq", ZERO_OFFSET=zero_offset,
-                  HAS_BIAS=has_bias and split == 1, SPLIT_K=split, EVEN_K=k % block_k == 0,
+                  HAS_BIAS=has_bias, SPLIT_K=split, EVEN_K=k % block_k == 0,
                   EVEN_N=n % cfg["BLOCK_N"] == 0)
     if gemv:
         return LaunchPlan(True, split, k_per_split, (cdiv(n, cfg["BLOCK_N"]), split), common | cfg)
@@ -369,22 +387,21 @@ def prepare_w4a16(m: int, k: int, dtype: torch.dtype, device: torch.device, qwei
     strides = (qweight.stride(0), qzeros.stride(0), scales.stride(0), plan.k_per_split)
     matmul = (_w4a16_gemv_kernel if plan.gemv else _w4a16_kernel)[device][plan.grid]
     if plan.split > 1:
-        block = 1024 if device.type == "cuda" else 64
-        reduce = _splitk_reduce_kernel[device][(cdiv(m * n, block),)]
-        # fp32 partials, reused by every call: launches on one stream run in order, so the reduce
-        # has read them before the next call's matmul writes them.
+        # Reused by every call: launches on one stream run in order, and each launch leaves the
+        # counters at zero again.
         partials = torch.empty(plan.split, m, n, device=device, dtype=torch.float32)
+        counters = torch.zeros(math.prod(plan.grid[:-1]), device=device, dtype=torch.int32)
+    else:
+        partials = counters = scales  # never touched with SPLIT_K == 1
 
     def launch(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
             out = torch.empty(m, n, device=device, dtype=dtype)
-        target = out if plan.split == 1 else partials
+        operands = (x, qweight, qzeros, scales, bias_arg, out, partials, counters)
         if plan.gemv:
-            matmul(x, qweight, qzeros, scales, bias_arg, target, n, k, *strides, **plan.constexprs)
+            matmul(*operands, n, k, *strides, **plan.constexprs)
         else:
-            matmul(x, qweight, qzeros, scales, bias_arg, target, m, n, k, x.stride(0), *strides, **plan.constexprs)
-        if plan.split > 1:
-            reduce(target, bias_arg, out, m * n, n, plan.split, HAS_BIAS=bias is not None, BLOCK=block)
+            matmul(*operands, m, n, k, x.stride(0), *strides, **plan.constexprs)
         return out
 
     return launch

@@ -62,15 +62,8 @@ def test_vision_attention_compiles(dtype):
 def test_w4a16_compiles(layout):
     from benchmarks.offline_compile import w4a16_compile
 
-    # decode: one row (GEMV, split-K) and 16 rows (tensor cores); prefill
-    for m, k, n in ((1, 18944, 3584), (1, 3584, 18944), (16, 3584, 18944), (2048, 3584, 18944)):
+    # decode: one row (GEMV, split-K) and 16 rows (tensor cores, with and without split-K); prefill
+    for m, k, n in ((1, 18944, 3584), (1, 3584, 18944), (16, 3584, 18944), (16, 18944, 3584), (2048, 3584, 18944)):
         compiled, plan = _offline(w4a16_compile, layout, m, k, n)
         kind = "gemv" if plan.gemv else "mma"
         print(f"w4a16 {layout} M={m} {kind} split={plan.split}: {_resource_usage(compiled)}")
-
-
-def test_splitk_reduce_compiles():
-    from qoqopt.kernels.w4a16 import _splitk_reduce_kernel
-
-    signature = {"partials_ptr": "*fp32", "bias_ptr": "*fp16", "out_ptr": BF16, "MN": "i32", "N": "i32", "splits": "i32"}
-    _compile(_splitk_reduce_kernel, signature, dict(HAS_BIAS=True, BLOCK=1024), dict(num_warps=4, num_stages=1))
