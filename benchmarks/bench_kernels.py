@@ -7,7 +7,9 @@ in vLLM's and torch.compile's decode; the eager number stays the one judged)
   * vision attention (16 heads x 80, up to 5120 patches, 64-patch windows and full attention):
     the patched module vs transformers' sdpa path, and the core op (RoPE + attention) vs RoPE +
     ``torch.nn.attention.varlen`` and RoPE + flash-attn varlen when those are importable;
-  * W4A16 (GPTQ v1 and AWQ, group 128) vs bf16 ``F.linear`` at M = 1, 16, 128, 2048 on the 7B LM shapes.
+  * W4A16 (GPTQ v1 and AWQ, group 128) vs bf16 ``F.linear`` at M = 1, 16, 128, 2048 on the 7B LM shapes;
+  * the whole 32-layer vision tower on a 5120-patch image, transformers' sdpa path vs ``apply``
+    (no target: what the ops add up to, with the outputs' max relative difference).
 Each row also gets a roofline floor, max(bytes / peak bandwidth, flops / peak bf16 FLOP/s), and
 time / floor. Results go to ``--out`` as hardware-tagged JSON; a summary table prints last.
 
@@ -64,13 +66,14 @@ class Profile:
     lm_shapes: tuple[tuple[int, int, str], ...]
     m_values: tuple[int, ...]
     group_size: int
+    tower: tuple[int, int, tuple[int, ...]]  # vision depth, MLP width, full-attention block indexes
 
 
 PROFILES = {
     "7b": Profile(1280, 3584, (5120, 1296, 256), 16, 80, ((1, 64, 80), (1, 36, 36)),
                   ((3584, 18944, "gate/up"), (18944, 3584, "down"), (3584, 3584, "q/o"), (3584, 512, "k/v")),
-                  (1, 16, 128, 2048), 128),
-    "tiny": Profile(64, 96, (256,), 2, 32, ((1, 16, 20),), ((256, 512, "small"),), (1, 16, 40), 64),
+                  (1, 16, 128, 2048), 128, (32, 3420, (7, 15, 23, 31))),
+    "tiny": Profile(64, 96, (256,), 2, 32, ((1, 16, 20),), ((256, 512, "small"),), (1, 16, 40), 64, (2, 64, (1,))),
 }
 
 
@@ -329,6 +332,52 @@ def bench_w4a16(b: Bench, pr: Profile) -> None:
                           lambda: w4a16_reference(x, layer.qweight, layer.qzeros, layer.scales, **layer._kwargs()), dense)
 
 
+# ----------------------------------------------------------------------------- whole vision tower
+
+
+def bench_tower(b: Bench, pr: Profile) -> None:
+    """The whole vision tower on the largest image, transformers' sdpa path vs the same model after
+    ``apply``: what a clinical request pays before the language model sees a token. No target; the
+    rows say what the per-op speedups add up to, and extra.max_rel_err how far the outputs drift."""
+    import copy
+
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from qoqopt.kernels import apply
+
+    depth, mlp_width, fullatt = pr.tower
+    config = Qwen2_5_VLVisionConfig(
+        depth=depth, hidden_size=pr.vision_hidden, hidden_act="silu", intermediate_size=mlp_width,
+        num_heads=pr.heads, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        tokens_per_second=2, window_size=112, out_hidden_size=pr.merger_out, fullatt_block_indexes=list(fullatt),
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(b.device):  # random init straight on the device (~1.3 GB of bf16 at 7B dims)
+        hf = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=b.dtype).eval()
+    ours = copy.deepcopy(hf)
+    report = apply(ours)
+    print(f"  {report}")
+    grid = max(pr.grids, key=lambda g: g[0] * g[1] * g[2])
+    s = grid[0] * grid[1] * grid[2]
+    pixels = torch.randn(s, 3 * 2 * 14 * 14, device=b.device, dtype=b.dtype)
+    grid_thw = torch.tensor([grid], device=b.device)
+
+    def run(model):
+        return lambda: model(pixels, grid_thw=grid_thw).pooler_output
+
+    case = f"{s} patches, {depth} layers"
+    hf_row = b.add("tower", case, "hf-sdpa", run(hf))
+    row = b.add("tower", case, f"qoqopt-{report.backend}", run(ours), hf_row)
+    if row is not None:
+        with torch.inference_mode():
+            ref, out = run(hf)().float(), run(ours)().float()
+        row.extra["max_rel_err"] = ((out - ref).abs().max() / ref.abs().max()).item()
+        print(f"  {'':9s} {case:28s} max relative difference {row.extra['max_rel_err']:.2e} ({str(b.dtype)[6:]})")
+    del hf, ours
+
+
 # ----------------------------------------------------------------------------- config sweep
 
 
@@ -473,7 +522,8 @@ def print_table(b: Bench, verdict: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON results path")
-    parser.add_argument("--only", choices=("merger", "attention", "w4a16"), action="append", help="run only these ops")
+    parser.add_argument("--only", choices=("merger", "attention", "w4a16", "tower"), action="append",
+                        help="run only these ops")
     parser.add_argument("--profile", choices=tuple(PROFILES), help="sizes (default: 7b on CUDA, tiny on CPU)")
     parser.add_argument("--sweep", action="store_true", help="also time a few tile configs per op (Triton only)")
     args = parser.parse_args(argv)
@@ -502,7 +552,7 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(result, indent=2, default=str))
         return verdict
 
-    steps = [("merger", bench_merger), ("attention", bench_attention), ("w4a16", bench_w4a16)]
+    steps = [("merger", bench_merger), ("attention", bench_attention), ("w4a16", bench_w4a16), ("tower", bench_tower)]
     steps = [(name, fn) for name, fn in steps if not args.only or name in args.only]
     if args.sweep and b.triton:
         steps.append(("sweep", sweep))

@@ -90,15 +90,16 @@ for key, v in result["targets"].items():
     if "worst_graph" in v:
         worst += f" | CUDA graph: {v['status_graph']}, worst x{v['worst_graph']} at {v['worst_graph_case']}"
     print(f"{v['what'] + ' >= x' + str(v['target']):56s} {v['status']:8s} {worst}")
-# judged rows, plus W4A16 prefill (GPTQ) for the record; everything else is in bench.log / the JSON
+# judged rows, plus W4A16 prefill (GPTQ) and the whole tower for the record; the rest is in bench.log / the JSON
 rows = [r for r in result["rows"] if r["speedup"] is not None and r["op"] != "sweep"
-        and (r["target"] or (r["op"] == "w4a16" and r["impl"] == "qoqopt-gptq"))]
+        and (r["target"] or r["op"] == "tower" or (r["op"] == "w4a16" and r["impl"] == "qoqopt-gptq"))]
 print(f"\n{'op':9s} {'case':30s} {'impl':18s} {'ms':>9s} {'speedup':>8s} {'vs':18s} {'t/floor':>7s} {'graph x':>8s}")
 for r in rows:
     floor = f"{r['over_floor']:.1f}" if r["over_floor"] else "-"
     graph = f"x{r['graph_speedup']:.2f}" if r.get("graph_speedup") else "-"
     print(f"{r['op']:9s} {r['case']:30s} {r['impl']:18s} {r['ms']:9.4f} {'x%.2f' % r['speedup']:>8s} "
-          f"{r['peer']:18s} {floor:>7s} {graph:>8s}")
+          f"{r['peer']:18s} {floor:>7s} {graph:>8s}"
+          + (f"  max rel diff {r['extra']['max_rel_err']:.1e}" if "max_rel_err" in r.get("extra", {}) else ""))
 sweep = {}
 for r in result["rows"]:
     if r["op"] == "sweep" and (r["case"] not in sweep or r["ms"] < sweep[r["case"]]["ms"]):
