@@ -448,9 +448,9 @@ def _bound_w4a16(layer, x, cfg):
     def run():
         nonlocal launch
         if launch is None:
-            launch = prepare_w4a16(x.shape[0], x.shape[1], x.dtype, x.device, layer.qweight, layer.qzeros,
-                                   layer.scales, **layer._kwargs(), **cfg)
-        return launch(x)
+            launch = prepare_w4a16(x.shape[0], layer.in_features, layer.out_features, x.dtype, x.device,
+                                   has_bias=False, **layer._kwargs(), **cfg)
+        return launch(x, layer.qweight, layer.qzeros, layer.scales)
 
     return run
 

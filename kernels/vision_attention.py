@@ -216,7 +216,10 @@ class VarlenPlanCache:
     (from ``cu_seqlens``) and packed rotary tables (from ``position_embeddings``).
 
     Keyed by the identity of the source tensors, checked through weak references and version
-    counters, so a freed or modified tensor can never hit a stale entry.
+    counters, so a freed tensor can never hit a stale entry, nor one modified in place outside
+    inference mode. Inference tensors have no version counter: a caller that refills the same
+    ``cu_seqlens`` or rotary buffer in place under ``torch.inference_mode`` (transformers makes new
+    ones every forward) must use a fresh cache.
     """
 
     def __init__(self, capacity: int = 8):

@@ -18,7 +18,6 @@ permuted so groups become contiguous, and the same permutation is applied to the
 
 import functools
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -359,45 +358,42 @@ def w4a16_matmul(
     **config,
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W) [K, N] (+ bias)`` in x's dtype."""
-    assert x.dim() == 2 and x.stride(1) == 1, f"x must be [M, K] with unit column stride, got {tuple(x.shape)}"
-    m, n = x.shape[0], scales.shape[1]
-    assert out is None or (out.shape == (m, n) and out.is_contiguous()), f"out must be contiguous [{m}, {n}]"
-    if m == 0:
-        return out if out is not None else torch.empty(m, n, device=x.device, dtype=x.dtype)
-    launch = prepare_w4a16(m, x.shape[1], x.dtype, x.device, qweight, qzeros, scales, bias, layout=layout, bits=bits,
-                           group_size=group_size, zero_offset=zero_offset, **config)
-    return launch(x, out)
-
-
-def prepare_w4a16(m: int, k: int, dtype: torch.dtype, device: torch.device, qweight, qzeros, scales, bias=None, *,
-                  layout: str, bits: int = 4, group_size: int, zero_offset: int, **config):
-    """Check the layer once and bind everything but x: returns ``launch(x, out=None) -> out`` for
-    contiguous-column ``x [m, k]`` of this dtype on this device.
-
-    A decode step calls each linear with the same M again and again; binding once leaves only the
-    output allocation and the launches on the per-call path (``QuantLinear`` keeps these per M)."""
     assert layout in ("gptq", "awq") and bits in (4, 8) and not (layout == "awq" and bits != 4), (layout, bits)
+    assert x.dim() == 2 and x.stride(1) == 1, f"x must be [M, K] with unit column stride, got {tuple(x.shape)}"
+    m, k = x.shape
     n = scales.shape[1]
     packed_k = k if layout == "awq" else k * bits // 32
     assert qweight.shape[0] == packed_k and qweight.is_contiguous(), f"qweight {tuple(qweight.shape)} vs K={k}"
     assert scales.shape[0] == cdiv(k, group_size) and qzeros.shape[0] == scales.shape[0], "groups disagree"
-    plan = launch_plan(m, n, k, layout=layout, bits=bits, group_size=group_size, zero_offset=zero_offset,
-                       has_bias=bias is not None, dtype=dtype, device=device, **config)
-    bias_arg = bias if bias is not None else scales  # never read without HAS_BIAS
-    strides = (qweight.stride(0), qzeros.stride(0), scales.stride(0), plan.k_per_split)
-    matmul = (_w4a16_gemv_kernel if plan.gemv else _w4a16_kernel)[device][plan.grid]
-    if plan.split > 1:
-        # Reused by every call: launches on one stream run in order, and each launch leaves the
-        # counters at zero again.
-        partials = torch.empty(plan.split, m, n, device=device, dtype=torch.float32)
-        counters = torch.zeros(math.prod(plan.grid[:-1]), device=device, dtype=torch.int32)
-    else:
-        partials = counters = scales  # never touched with SPLIT_K == 1
+    assert out is None or (out.shape == (m, n) and out.is_contiguous()), f"out must be contiguous [{m}, {n}]"
+    if m == 0:
+        return out if out is not None else torch.empty(m, n, device=x.device, dtype=x.dtype)
+    launch = prepare_w4a16(m, k, n, x.dtype, x.device, has_bias=bias is not None, layout=layout, bits=bits,
+                           group_size=group_size, zero_offset=zero_offset, **config)
+    return launch(x, qweight, qzeros, scales, bias, out)
 
-    def launch(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+
+def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, *, has_bias: bool,
+                  layout: str, bits: int = 4, group_size: int, zero_offset: int, **config):
+    """Plan ``[m, k] @ [k, n]`` once; returns ``launch(x, qweight, qzeros, scales, bias=None, out=None)``.
+
+    A decode step calls each linear with the same M again and again: ``QuantLinear`` keeps one launch
+    per M, leaving only the output allocation and the kernel launch on the per-call path. The launch
+    holds no tensors (the layer's are passed in, checked by the caller), so it never pins a weight.
+    """
+    plan = launch_plan(m, n, k, layout=layout, bits=bits, group_size=group_size, zero_offset=zero_offset,
+                       has_bias=has_bias, dtype=dtype, device=device, **config)
+    matmul = (_w4a16_gemv_kernel if plan.gemv else _w4a16_kernel)[device][plan.grid]
+    tiles = math.prod(plan.grid[:-1])
+
+    def launch(x, qweight, qzeros, scales, bias=None, out=None) -> torch.Tensor:
         if out is None:
             out = torch.empty(m, n, device=device, dtype=dtype)
-        operands = (x, qweight, qzeros, scales, bias_arg, out, partials, counters)
+        partials = counters = scales  # never touched with SPLIT_K == 1
+        if plan.split > 1:
+            partials, counters = splitk_workspace(device, plan.split * m * n, tiles)
+        operands = (x, qweight, qzeros, scales, bias if bias is not None else scales, out, partials, counters)
+        strides = (qweight.stride(0), qzeros.stride(0), scales.stride(0), plan.k_per_split)
         if plan.gemv:
             matmul(*operands, n, k, *strides, **plan.constexprs)
         else:
@@ -405,6 +401,31 @@ def prepare_w4a16(m: int, k: int, dtype: torch.dtype, device: torch.device, qwei
         return out
 
     return launch
+
+
+_WORKSPACES: dict = {}  # (device type, index, stream) -> (fp32 partials, int32 tile counters at zero)
+
+
+def splitk_workspace(device: torch.device, partial_numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K scratch shared by every launch on this device and stream: launches on one stream run
+    in order, and each leaves its counters at zero again. Grown on demand (the caching allocator
+    orders the old buffer's reuse after the launches already queued on it).
+
+    While a CUDA graph is being captured the scratch is the capture's own, never shared: its zeroing
+    is then a graph node that runs before each replay, not something eager calls could rely on.
+    """
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    held = None if capturing else _WORKSPACES.get(key)
+    if held is None or held[0].numel() < partial_numel or held[1].numel() < tiles:
+        partial_numel = max(partial_numel, held[0].numel() if held else 0)
+        tiles = max(tiles, held[1].numel() if held else 0)
+        held = (torch.empty(partial_numel, device=device, dtype=torch.float32),
+                torch.zeros(tiles, device=device, dtype=torch.int32))
+        if not capturing:
+            _WORKSPACES[key] = held
+    return held
 
 
 def dequantize_weight(qweight, qzeros, scales, *, layout, bits=4, group_size, zero_offset) -> torch.Tensor:
@@ -443,7 +464,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("bias", None if bias is None else bias.contiguous())
         self.register_buffer("perm", perm)
-        self._launchers: dict = {}  # (M, dtype, device) -> (the buffers bound, launch); decode sizes only
+        self._launchers: dict = {}  # (M, dtype, device, has bias) -> planned launch; decode sizes only
 
     @classmethod
     def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, *, bits=4, checkpoint_format="gptq", strict=False):
@@ -499,27 +520,32 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        if use_triton(x2, self.strict, "QuantLinear"):
-            y = self._launcher(x2)(x2.contiguous()) if x2.shape[0] else x2.new_empty(0, self.out_features)
-        else:
+        if not use_triton(x2, self.strict, "QuantLinear"):
             check_supported(x.device, x.dtype, "QuantLinear")
             y = w4a16_reference(x2, self.qweight, self.qzeros, self.scales, self.bias, **self._kwargs())
+        elif x2.shape[0] == 0:
+            y = x2.new_empty(0, self.out_features)
+        else:
+            b = self._buffers
+            y = self._launcher(x2)(x2.contiguous(), b["qweight"], b["qzeros"], b["scales"], b["bias"])
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _launcher(self, x2: torch.Tensor):
-        """The bound launch for x2's M, dtype and device; decode sizes are kept (one per M <= 16),
-        checked against the buffers they were bound to, so ``.to()`` or a replaced buffer rebinds."""
-        key = (x2.shape[0], x2.dtype, x2.device)
-        buffers = self._buffers
-        sources = (buffers["qweight"], buffers["qzeros"], buffers["scales"], buffers["bias"])
-        hit = self._launchers.get(key)
-        if hit is not None and all(map(operator.is_, hit[0], sources)):
-            return hit[1]
-        check_supported(x2.device, x2.dtype, "QuantLinear")
-        launch = prepare_w4a16(x2.shape[0], self.in_features, x2.dtype, x2.device, *sources, **self._kwargs())
-        if x2.shape[0] <= DECODE_MAX_M:
-            self._launchers[key] = (sources, launch)
+        """The planned launch for x2's M, dtype and device; decode sizes (M <= 16) are kept."""
+        key = (x2.shape[0], x2.dtype, x2.device, self._buffers["bias"] is not None)
+        launch = self._launchers.get(key)
+        if launch is None:
+            check_supported(x2.device, x2.dtype, "QuantLinear")
+            launch = prepare_w4a16(x2.shape[0], self.in_features, self.out_features, x2.dtype, x2.device,
+                                   has_bias=key[3], **self._kwargs())
+            if x2.shape[0] <= DECODE_MAX_M:
+                self._launchers[key] = launch
         return launch
+
+    def __getstate__(self):  # launches are closures (not picklable) and cheap to plan again
+        state = self.__dict__.copy()
+        state["_launchers"] = {}
+        return state
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "

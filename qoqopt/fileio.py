@@ -94,11 +94,13 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_error(exc: OSError, path: Path) -> QoqoptError:
-    """The one-line error for a failed write of ``path``; disk full says how much is left."""
+    """The one-line error for a failed write of ``path`` (or of the file the OSError names, which may
+    sit on another filesystem, a cache say); disk full says how much is left there."""
+    path = Path(exc.filename) if exc.filename else Path(path)
     if exc.errno in DISK_FULL:
-        free = _free_bytes(Path(path).parent)
-        return QoqoptError(f"disk full while writing {Path(path).name} ({free / 2**30:.1f} GiB free)")
-    return QoqoptError(f"cannot write {Path(path).name}: {exc.strerror or exc}")
+        free = _free_bytes(path.parent)
+        return QoqoptError(f"disk full while writing {path.name} ({free / 2**30:.1f} GiB free)")
+    return QoqoptError(f"cannot write {path.name}: {exc.strerror or exc}")
 
 
 def _free_bytes(folder: Path) -> int:

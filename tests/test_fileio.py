@@ -53,6 +53,10 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path):
         with atomic_path(tmp_path / "report.json"):
             raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
     assert os.listdir(tmp_path) == []
+    # an OSError that names its file (another filesystem, a download cache) is reported as that file
+    with pytest.raises(QoqoptError, match=r"^disk full while writing blob-17 \(\d+\.\d GiB free\)$"):
+        with atomic_dir(out):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "hub-cache" / "blob-17"))
 
 
 def test_other_os_errors_pass_through_atomic_dir(tmp_path):
