@@ -138,7 +138,7 @@ def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120):
 def attention_compile(avg_len: int, dtype: str = "*bf16", head_dim: int = 80, heads: int = 16):
     """Compile the vision attention kernel as the patched module launches it for segments of ``avg_len``
     (shared rotary halves: fp16 table for 16-bit activations, fp32 for fp32). Returns ``(compiled, cfg)``."""
-    from qoqopt.kernels.vision_attention import _attention_config, _vision_attention_kernel, head_split, pair_split
+    from qoqopt.kernels.vision_attention import _attention_config, _vision_attention_kernel, head_split
 
     cfg = _attention_config(CUDA, avg_len)
     options = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
@@ -146,7 +146,5 @@ def attention_compile(avg_len: int, dtype: str = "*bf16", head_dim: int = 80, he
     signature = {"qkv_ptr": dtype, "cos_ptr": table, "sin_ptr": table, "plan_ptr": "*i32", "out_ptr": dtype,
                  "stride_qkv": "i32", "stride_rope": "i32", "stride_out": "i32", "qk_scale": "fp32"}
     main, rest = head_split(head_dim)
-    pairs_a, pairs_b = pair_split(head_dim)
-    constexprs = dict(H=heads, HEAD_DIM=head_dim, PAIRS_A=pairs_a, PAIRS_B=pairs_b, MAIN=main, REST=rest,
-                      SHARED_HALVES=True, DOT_PRECISION="ieee" if dtype == "*fp32" else "tf32", **cfg)
+    constexprs = dict(H=heads, HEAD_DIM=head_dim, MAIN=main, REST=rest, SHARED_HALVES=True, DOT_PRECISION="ieee" if dtype == "*fp32" else "tf32", **cfg)
     return compile_kernel(_vision_attention_kernel, signature, constexprs, options), cfg | options

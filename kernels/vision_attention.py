@@ -82,8 +82,6 @@ def _vision_attention_kernel(
     qk_scale,  # softmax scale * log2(e): the softmax runs on exp2
     H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    PAIRS_A: tl.constexpr,  # rotary pairs [0, PAIRS_A): q/k operand of 2 * PAIRS_A columns
-    PAIRS_B: tl.constexpr,  # pairs [PAIRS_A, HEAD_DIM / 2) padded to a power of two; 0 if none
     MAIN: tl.constexpr,  # v / output columns [0, MAIN): largest power of two <= HEAD_DIM (at least 16)
     REST: tl.constexpr,  # columns [MAIN, HEAD_DIM) padded to a power of two >= 16; 0 if none
     SHARED_HALVES: tl.constexpr,  # cos/sin repeat after HEAD_DIM // 2: read the first half only
@@ -92,6 +90,9 @@ def _vision_attention_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
+    # q/k operands as wide as v's tiles, made of rotary pairs: 80 -> pairs 32 + 8 (64 + 16 columns)
+    PAIRS_A: tl.constexpr = MAIN // 2
+    PAIRS_B: tl.constexpr = REST // 2
     block = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(plan_ptr + block * 3)
@@ -160,7 +161,9 @@ def _vision_attention_kernel(
 
 
 def head_split(head_dim: int) -> tuple[int, int]:
-    """(MAIN, REST) tile widths covering the head with as little padding as tl.dot allows: 80 -> 64 + 16."""
+    """(MAIN, REST) tile widths covering the head with as little padding as tl.dot allows: 80 -> 64 + 16.
+
+    Halved, they tile the D/2 rotary pairs of q and k too (each pair gives two operand columns)."""
     main = max(16, 1 << (head_dim.bit_length() - 1))
     rest = head_dim - main
     return main, (max(16, next_pow2(rest)) if rest > 0 else 0)
@@ -185,15 +188,6 @@ def build_plan(cu_seqlens: torch.Tensor, total_tokens: int, block_m: int) -> tor
     q_start = seq_start + (b - (blocks_end[seq] - blocks_per_seq[seq])) * block_m
     plan = torch.stack([q_start, seq_start, seq_end], dim=1)
     return torch.where(valid[:, None], plan, 0).to(torch.int32).contiguous()
-
-
-def pair_split(head_dim: int) -> tuple[int, int]:
-    """(PAIRS_A, PAIRS_B): the head's D/2 rotary pairs as power-of-two tiles whose q/k operands
-    (two columns per pair) are at least tl.dot's 16 wide: 80 -> 32 + 8 pairs (64 + 16 columns)."""
-    half = head_dim // 2
-    pairs_a = max(8, 1 << (half.bit_length() - 1))
-    rest = half - pairs_a
-    return pairs_a, (max(8, next_pow2(rest)) if rest > 0 else 0)
 
 
 def rope_table(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype, shared_halves: bool):
@@ -301,12 +295,11 @@ def vision_attention(
     cos, sin = plans.rope(cos, sin, qkv.dtype, shared_halves)
     grid = (plan.shape[0], num_heads)
     main, rest = head_split(head_dim)
-    pairs_a, pairs_b = pair_split(head_dim)
     _vision_attention_kernel[qkv.device][grid](
         qkv, cos, sin, plan, out,
         qkv.stride(0), cos.stride(0), out.stride(0),
         head_dim**-0.5 * math.log2(math.e),
-        H=num_heads, HEAD_DIM=head_dim, PAIRS_A=pairs_a, PAIRS_B=pairs_b, MAIN=main, REST=rest,
+        H=num_heads, HEAD_DIM=head_dim, MAIN=main, REST=rest,
         SHARED_HALVES=shared_halves,
         DOT_PRECISION=dot_precision(qkv.dtype), **cfg,
     )

@@ -232,8 +232,12 @@ def test_head_split():
     assert head_split(8) == (16, 0)  # below tl.dot's minimum: one masked 16-wide tile
 
 
-def test_pair_split_covers_each_rotary_pair_once():
-    from qoqopt.kernels.vision_attention import pair_split
+def test_halved_head_split_covers_each_rotary_pair_once():
+    """The kernel's q/k tiles are head_split's halved, in rotary pairs (each pair two columns)."""
+    from qoqopt.kernels.vision_attention import head_split
+
+    def pair_split(head_dim):
+        return tuple(width // 2 for width in head_split(head_dim))
 
     assert pair_split(80) == (32, 8) and pair_split(64) == (32, 0) and pair_split(40) == (16, 8)
     for head_dim in range(8, 258, 2):
