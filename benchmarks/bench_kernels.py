@@ -194,19 +194,26 @@ def bench_merger(b: Bench, pr: Profile) -> None:
 # ----------------------------------------------------------------------------- vision attention
 
 
-def _vision_inputs(b: Bench, grid, heads, head_dim, dtype):
+def _vision_config(pr: Profile, depth: int = 1, fullatt: tuple[int, ...] = (0,)):
+    """The profile's vision tower as transformers configures it (112 px windows, 2x2 merge), sdpa path."""
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+
+    config = Qwen2_5_VLVisionConfig(
+        depth=depth, hidden_size=pr.vision_hidden, hidden_act="silu", intermediate_size=pr.tower[1],
+        num_heads=pr.heads, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        tokens_per_second=2, window_size=112, out_hidden_size=pr.merger_out, fullatt_block_indexes=list(fullatt),
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _vision_inputs(b: Bench, pr: Profile, grid):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
     from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
-    config = Qwen2_5_VLVisionConfig(
-        depth=1, hidden_size=heads * head_dim, hidden_act="silu", intermediate_size=3420, num_heads=heads,
-        in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2,
-        window_size=112, out_hidden_size=3584, fullatt_block_indexes=[0],
-    )  # fmt: skip
-    config._attn_implementation = "sdpa"
+    dtype, heads, head_dim = b.dtype, pr.heads, pr.head_dim
     torch.manual_seed(0)
-    attn = Qwen2_5_VLVisionAttention(config).eval().to(b.device, dtype)
+    attn = Qwen2_5_VLVisionAttention(_vision_config(pr)).eval().to(b.device, dtype)
     grid_thw = torch.tensor([grid])
     cu = {
         "windows": get_vision_window_index(grid_thw, spatial_merge_size=2, window_size=112, patch_size=14)[1],
@@ -258,7 +265,7 @@ def bench_attention(b: Bench, pr: Profile) -> None:
 
     dtype, heads, head_dim = b.dtype, pr.heads, pr.head_dim
     for grid in pr.grids:
-        attn, cus, x, rope = _vision_inputs(b, grid, heads, head_dim, dtype)
+        attn, cus, x, rope = _vision_inputs(b, pr, grid)
         plans = VarlenPlanCache()
         fused = FusedVisionAttention.from_hf(attn, plans)
         s = x.shape[0]
@@ -341,18 +348,12 @@ def bench_tower(b: Bench, pr: Profile) -> None:
     rows say what the per-op speedups add up to, and extra.max_rel_err how far the outputs drift."""
     import copy
 
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     from qoqopt.kernels import apply
 
-    depth, mlp_width, fullatt = pr.tower
-    config = Qwen2_5_VLVisionConfig(
-        depth=depth, hidden_size=pr.vision_hidden, hidden_act="silu", intermediate_size=mlp_width,
-        num_heads=pr.heads, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-        tokens_per_second=2, window_size=112, out_hidden_size=pr.merger_out, fullatt_block_indexes=list(fullatt),
-    )  # fmt: skip
-    config._attn_implementation = "sdpa"
+    depth, _, fullatt = pr.tower
+    config = _vision_config(pr, depth, fullatt)
     torch.manual_seed(0)
     with torch.device(b.device):  # random init straight on the device (~1.3 GB of bf16 at 7B dims)
         hf = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=b.dtype).eval()
@@ -420,7 +421,7 @@ def sweep(b: Bench, pr: Profile) -> None:
     for cfg in SWEEP["merger"]:
         b.add("sweep", f"merger fc1 {p} patches", _tag(cfg), lambda: merger_fc1(x, 1e-6, w1_folded, b1, **cfg))
 
-    attn, cus, xa, rope = _vision_inputs(b, pr.grids[0], pr.heads, pr.head_dim, dtype)
+    attn, cus, xa, rope = _vision_inputs(b, pr, pr.grids[0])
     qkv = attn.qkv(xa)
     for mode, cu in cus.items():
         for cfg in SWEEP["attention"]:
