@@ -229,8 +229,10 @@ class VarlenPlanCache:
         return plan
 
     def rope(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype, shared_halves: bool):
-        table, built = self._cached((cos, sin), ("rope", dtype, shared_halves),
-                                    lambda: rope_table(cos, sin, dtype, shared_halves))
+        if not shared_halves:  # the tables as given: nothing is built, so nothing is worth keeping
+            return rope_table(cos, sin, dtype, shared_halves)
+        table, built = self._cached((cos, sin), ("rope", dtype),
+                                    lambda: rope_table(cos, sin, dtype, shared_halves=True))
         self.table_builds += built
         return table
 
