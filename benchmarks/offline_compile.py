@@ -100,8 +100,8 @@ def mma_loop_mix(compiled) -> collections.Counter | None:
     return min(mma, key=lambda c: sum(c.values()), default=collections.Counter())
 
 
-def w4a16_compile(layout: str, m: int, k: int, n: int, *, dtype: torch.dtype = torch.bfloat16, group_size: int = 128,
-                  sms: int = 132):
+def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.dtype = torch.bfloat16,
+                  group_size: int = 128, sms: int = 132):
     """Compile what ``w4a16_matmul`` would launch for ``[m, k] @ [k, n]`` on a GPU with ``sms`` SMs.
 
     Returns ``(compiled, plan)``."""
@@ -110,13 +110,15 @@ def w4a16_compile(layout: str, m: int, k: int, n: int, *, dtype: torch.dtype = t
     from qoqopt.kernels import w4a16
 
     with mock.patch.object(w4a16, "num_sms", lambda device: sms):
-        plan = w4a16.launch_plan(m, n, k, layout=layout, bits=4, group_size=group_size,
-                                 zero_offset=int(layout == "gptq"), has_bias=True, dtype=dtype, device=CUDA)
+        plan = w4a16.launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=zero_offset, has_bias=True,
+                                 dtype=dtype, device=CUDA)
     act = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     signature = {"x_ptr": act, "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
                  "bias_ptr": "*fp16", "out_ptr": act, "partials_ptr": "*fp32", "counters_ptr": "*i32"}
     ints = ("N", "K") if plan.gemv else ("M", "N", "K", "stride_xm")
     signature |= {name: "i32" for name in (*ints, "stride_qw", "stride_qz", "stride_s", "k_per_split")}
+    if plan.gemv:
+        signature["magic_bits"] = "i32"
     constexprs = dict(plan.constexprs)
     options = {key: constexprs.pop(key) for key in ("num_warps", "num_stages")}
     kernel = w4a16._w4a16_gemv_kernel if plan.gemv else w4a16._w4a16_kernel

@@ -10,6 +10,12 @@ rate per weight; merger: the norm applied to every A element); this is the proxy
 can measure. It is not a timing: the GPU benchmark (bench_kernels.py) is the judge.
 
     python benchmarks/sass_report.py --out benchmarks/results/sass_report.json
+
+Code generation differs between Triton releases (3.6 spilled a former AWQ GEMV that 3.9 kept in
+registers), so also read it with the Triton a GPU image runs, installed beside the venv's:
+
+    pip download --no-deps -d /tmp/whl triton==3.6.0 && pip install --no-deps --target /tmp/t36 /tmp/whl/*.whl
+    PYTHONPATH=/tmp/t36 python benchmarks/sass_report.py --out benchmarks/results/sass_report_triton3.6.json
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,21 +45,21 @@ M_VALUES = (1, 16, 2048)
 
 def w4a16_rows() -> list[dict]:
     rows = []
-    for layout in ("gptq", "awq"):
-        for k, n, label in SHAPES:
-            for m in M_VALUES:
-                compiled, plan = w4a16_compile(layout, m, k, n)
-                mix = main_loop_mix(compiled)
-                c = plan.constexprs
-                weights = c["BLOCK_K"] * c["BLOCK_N"] / (32 * c["num_warps"])  # per thread per K step
-                loop = sum(mix.values()) if mix else None
-                rows.append(dict(
-                    layout=layout, shape=f"{label} {k}->{n}", m=m, kernel="gemv" if plan.gemv else "mma",
-                    split=plan.split, tile=f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}",
-                    **(resource_usage(compiled) or {}), loop_instructions=loop,
-                    instructions_per_weight=round(loop / weights, 2) if loop else None,
-                    top_opcodes=dict(mix.most_common(6)) if mix else None,
-                ))
+    # One layout: AWQ checkpoints are repacked to GPTQ's at load.
+    for k, n, label in SHAPES:
+        for m in M_VALUES:
+            compiled, plan = w4a16_compile(m, k, n)
+            mix = main_loop_mix(compiled)
+            c = plan.constexprs
+            weights = c["BLOCK_K"] * c["BLOCK_N"] / (32 * c["num_warps"])  # per thread per K step
+            loop = sum(mix.values()) if mix else None
+            rows.append(dict(
+                layout="gptq", shape=f"{label} {k}->{n}", m=m, kernel="gemv" if plan.gemv else "mma",
+                split=plan.split, tile=f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}",
+                **(resource_usage(compiled) or {}), loop_instructions=loop,
+                instructions_per_weight=round(loop / weights, 2) if loop else None,
+                top_opcodes=dict(mix.most_common(6)) if mix else None,
+            ))
     return rows
 
 
@@ -85,6 +93,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    print(f"sm_90 machine code from triton {triton.__version__}\n")
     try:
         rows, merger, attention = w4a16_rows(), merger_rows(), attention_rows()
     except NoToolchain as err:
@@ -108,8 +117,8 @@ def main(argv=None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"schema": "qoqopt.sass_report/1", "target": "sm_90", "w4a16": rows, "merger": merger,
-                                   "attention": attention}, indent=1))
+        tmp.write_text(json.dumps({"schema": "qoqopt.sass_report/1", "target": "sm_90", "triton": triton.__version__,
+                                   "w4a16": rows, "merger": merger, "attention": attention}, indent=1))
         tmp.replace(args.out)
     return 0
 

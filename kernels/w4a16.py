@@ -1,4 +1,5 @@
-"""Weight-only quantized GEMM (4-bit, or 8-bit GPTQ) reading GPTQ v1 and AWQ GEMM layouts directly.
+"""Weight-only quantized GEMM (4-bit, or 8-bit GPTQ) over the GPTQ layout; AWQ GEMM checkpoints are
+repacked to it once, at load.
 
 ``y = x @ W + b`` with ``W[k, n] = (q[k, n] - zero[k // group_size, n]) * scale[k // group_size, n]``;
 see :mod:`qoqopt.packing` for the bit layouts. Weights are unpacked and dequantized in registers,
@@ -14,6 +15,12 @@ Two regimes, two configs:
 
 Act-order GPTQ (``desc_act``: g_idx not ``k // group_size``) is handled once at load time: K is
 permuted so groups become contiguous, and the same permutation is applied to the activations.
+
+AWQ packs 8 output columns per word, in an interleaved order. Reading it directly needed a second
+code path in both kernels, a 3-D fan-out that Triton 3.6 (the H200 image's) compiled to 32 registers
+and 2 KB of local-memory spills per thread in the GEMV (18.5 instructions per weight, against 6.2 for
+the same bits packed along K). The integers are the same in both layouts, so ``QuantLinear.from_awq``
+repacks them as GPTQ v2 once and every launch runs the one path.
 """
 
 import functools
@@ -25,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qoqopt.errors import QoqoptError
-from qoqopt.packing import AWQ_ORDER, dequantize, pack_along_rows, unpack_along_cols, unpack_along_rows
+from qoqopt.packing import awq_to_gptq_v2, dequantize, pack_along_rows, unpack_along_cols, unpack_along_rows
 
 from ._triton import cdiv, check_supported, device_function, dot_precision, kernel, num_sms, tl, use_triton
 
@@ -40,23 +47,12 @@ FP32_MAGIC = tl.constexpr(8388608.0)
 
 
 @device_function
-def _field_shift(j, BITS: tl.constexpr, AWQ: tl.constexpr):
-    """Bit offset of packed value ``j`` in its int32 word: LSB first (GPTQ), or AWQ's interleave,
-    which puts column j of 8 in nibble [0, 4, 1, 5, 2, 6, 3, 7][j]."""
-    if AWQ:
-        shift = ((j // 2) + (j % 2) * 4) * 4
-    else:
-        shift = j * BITS
-    return shift
-
-
-@device_function
 def _group_params(scales_ptr, qzeros_ptr, g, cols, col_mask, stride_s, stride_qz,
-                  BITS: tl.constexpr, AWQ: tl.constexpr, ZERO_OFFSET: tl.constexpr):
+                  BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
     """Scale (fp32) and zero point (int32, checkpoint offset included) of columns ``cols`` in group
-    ``g``; zeros pack along N in both layouts."""
+    ``g``; zeros pack along N, LSB first."""
     PACK: tl.constexpr = 32 // BITS
-    shift = _field_shift(cols % PACK, BITS, AWQ)
+    shift = (cols % PACK) * BITS
     scale = tl.load(scales_ptr + g * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
     word = tl.load(qzeros_ptr + g * stride_qz + cols // PACK, mask=col_mask, other=0)
     return scale, ((word >> shift) & ((1 << BITS) - 1)) + ZERO_OFFSET
@@ -76,7 +72,7 @@ def _load(ptrs, mask, UNMASKED: tl.constexpr):
 @kernel(do_not_specialize=("M",))
 def _w4a16_kernel(
     x_ptr,  # [M, K]
-    qweight_ptr,  # GPTQ: [K * BITS / 32, N]; AWQ: [K, N / 8]
+    qweight_ptr,  # [K * BITS / 32, N]
     qzeros_ptr,  # [G, N * BITS / 32]
     scales_ptr,  # [G, N]
     bias_ptr,  # [N] (read only when HAS_BIAS)
@@ -93,7 +89,6 @@ def _w4a16_kernel(
     k_per_split,  # multiple of BLOCK_K
     GROUP_SIZE: tl.constexpr,
     BITS: tl.constexpr,
-    AWQ: tl.constexpr,
     ZERO_OFFSET: tl.constexpr,  # 1 for GPTQ v1 (stored zero - 1), 0 otherwise
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -121,12 +116,8 @@ def _w4a16_kernel(
     in_dtype = x_ptr.dtype.element_ty
 
     # Each packed word is loaded once, then fanned out to its PACK values in registers:
-    # [rows, 1, cols] >> [1, PACK, 1] (GPTQ, along K) or [rows, cols, 1] >> [1, 1, PACK] (AWQ, along N),
-    # reshaped row-major to the [BLOCK_K, BLOCK_N] tile.
-    shifts = _field_shift(tl.arange(0, PACK), BITS, AWQ)
-    if AWQ:
-        offs_wn = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-        wn_mask = offs_wn < N // 8
+    # [rows, 1, cols] >> [1, PACK, 1], reshaped row-major to the [BLOCK_K, BLOCK_N] tile.
+    shifts = tl.arange(0, PACK) * BITS
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -135,17 +126,12 @@ def _w4a16_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
                     other=0.0)
-        if AWQ:
-            w_mask = (offs_k < K)[:, None] & wn_mask[None, :]
-            words = _load(qweight_ptr + offs_k[:, None] * stride_qw + offs_wn[None, :], w_mask, EVEN_K and EVEN_N)
-            q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_K, BLOCK_N))
-        else:
-            offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-            w_mask = (offs_wk < K // PACK)[:, None] & n_mask[None, :]
-            words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :], w_mask, EVEN_K and EVEN_N)
-            q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+        offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+        w_mask = (offs_wk < K // PACK)[:, None] & n_mask[None, :]
+        words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :], w_mask, EVEN_K and EVEN_N)
+        q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
         scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
-                                    BITS, AWQ, ZERO_OFFSET)
+                                    BITS, ZERO_OFFSET)
         if BLOCK_M > 16:  # prefill: MMA-bound; the scale goes into the tile so wgmma accumulates in place
             w = ((q - zero[None, :]).to(tl.float32) * scale[None, :]).to(in_dtype)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
@@ -178,9 +164,9 @@ def _w4a16_gemv_kernel(
     stride_qz,
     stride_s,
     k_per_split,
+    magic_bits,  # FP32_MAGIC_BITS, as an argument: see below
     GROUP_SIZE: tl.constexpr,
     BITS: tl.constexpr,
-    AWQ: tl.constexpr,
     ZERO_OFFSET: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -191,22 +177,14 @@ def _w4a16_gemv_kernel(
 ):
     """Decode path for one activation row: a tensor-core tile would be 15/16 padding, so this is
     fp32 FMA on CUDA cores. Each weight becomes the exact float q - z by a mask-or into 2**23's
-    mantissa (after a shift for AWQ; in place for GPTQ) and a subtract; the K tile's sum is
-    scaled once. The tile keeps
-    the packing's shape ([words, PACK, cols] for GPTQ, [rows, words, PACK] for AWQ): no reshape,
-    so no layout shuffle through shared memory."""
+    mantissa, in place, and a subtract; the K tile's sum is scaled once. The tile keeps the
+    packing's shape ([words, cols], one field at a time): no reshape, so no layout shuffle through
+    shared memory."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    if AWQ:
-        slot = tl.arange(0, PACK)
-        shifts = _field_shift(slot, BITS, AWQ)
-        offs_wn = pid_n * (BLOCK_N // PACK) + tl.arange(0, BLOCK_N // PACK)
-        cols = offs_wn[:, None] * PACK + slot[None, :]  # [BLOCK_N / 8, 8]
-        wn_mask = offs_wn < N // PACK
-    else:
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
 
     k_start = pid_k * k_per_split
@@ -214,33 +192,27 @@ def _w4a16_gemv_kernel(
     acc = tl.zeros(cols.shape, dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, cols, col_mask, stride_s, stride_qz,
-                                    BITS, AWQ, ZERO_OFFSET)
-        if AWQ:
-            offset = zero.to(tl.float32) + FP32_MAGIC
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            w_mask = (offs_k < K)[:, None] & wn_mask[None, :]
-            words = _load(qweight_ptr + offs_k[:, None] * stride_qw + offs_wn[None, :], w_mask, EVEN_K and EVEN_N)
-            q = (words[:, :, None] >> shifts[None, None, :]) & MASK | FP32_MAGIC_BITS
-            a = _load(x_ptr + offs_k, offs_k < K, EVEN_K).to(tl.float32)
-            part = tl.sum(a[:, None, None] * (q.to(tl.float32, bitcast=True) - offset[None, :, :]), axis=0)
-        else:
-            offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-            w_mask = (offs_wk < K // PACK)[:, None] & col_mask[None, :]
-            words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + cols[None, :], w_mask, EVEN_K and EVEN_N)
-            # Each field is masked in place rather than shifted down: with at most 16 bits below it,
-            # (field | 2**23 bits) is exactly 2**23 + q * 2**(j*BITS), so one LOP3 turns a weight
-            # into a float; a is pre-divided by 2**(j*BITS) (exact). One shift per word reaches its
-            # upper half. Each word row keeps one FMA chain; rows are summed once per tile.
-            rows = tl.zeros([BLOCK_K // PACK, BLOCK_N], dtype=tl.float32)
-            for half in tl.static_range(2):
-                bits = (words >> 16) if half == 1 else words
-                for j in tl.static_range(PACK // 2):
-                    offs_k = offs_wk * PACK + half * (PACK // 2) + j
-                    a = _load(x_ptr + offs_k, offs_k < K, EVEN_K).to(tl.float32) * (1.0 / (1 << (j * BITS)))
-                    field = (bits & (MASK << (j * BITS)) | FP32_MAGIC_BITS).to(tl.float32, bitcast=True)
-                    rows += a[:, None] * (field - (zero.to(tl.float32) * (1 << (j * BITS)) + FP32_MAGIC)[None, :])
-            part = tl.sum(rows, axis=0)
-        acc += part * scale
+                                    BITS, ZERO_OFFSET)
+        offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+        w_mask = (offs_wk < K // PACK)[:, None] & col_mask[None, :]
+        words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + cols[None, :], w_mask, EVEN_K and EVEN_N)
+        # Each field is masked in place rather than shifted down: with at most 16 bits below it,
+        # (field | 2**23 bits) is exactly 2**23 + q * 2**(j*BITS), so one LOP3 turns a weight
+        # into a float; a is pre-divided by 2**(j*BITS) (exact). One shift per word reaches its
+        # upper half. Each word row keeps one FMA chain; rows are summed once per tile.
+        # The 2**23 pattern is a kernel argument, not a constexpr: with two immediates (the mask
+        # and the pattern) Triton 3.6 emits two LOP3s per weight and 3.9 an extra IMAD; with the
+        # pattern in a register, (word & mask | pattern) is one LOP3 (sm_90 SASS: 6.15 and 5.83
+        # instructions per weight before, 5.15 and 5.02 after).
+        rows = tl.zeros([BLOCK_K // PACK, BLOCK_N], dtype=tl.float32)
+        for half in tl.static_range(2):
+            bits = (words >> 16) if half == 1 else words
+            for j in tl.static_range(PACK // 2):
+                offs_k = offs_wk * PACK + half * (PACK // 2) + j
+                a = _load(x_ptr + offs_k, offs_k < K, EVEN_K).to(tl.float32) * (1.0 / (1 << (j * BITS)))
+                field = (bits & (MASK << (j * BITS)) | magic_bits).to(tl.float32, bitcast=True)
+                rows += a[:, None] * (field - (zero.to(tl.float32) * (1 << (j * BITS)) + FP32_MAGIC)[None, :])
+        acc += tl.sum(rows, axis=0) * scale
 
     _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, pid_n, pid_k, 1, N, cols, cols, col_mask,
                 HAS_BIAS, SPLIT_K)
@@ -314,23 +286,23 @@ class LaunchPlan:
     constexprs: dict  # kernel constexprs plus num_warps / num_stages
 
 
-def launch_plan(m, n, k, *, layout, bits, group_size, zero_offset, has_bias, dtype, device, **config) -> LaunchPlan:
+def launch_plan(m, n, k, *, bits, group_size, zero_offset, has_bias, dtype, device, **config) -> LaunchPlan:
     """Which kernel, grid and constexprs ``w4a16_matmul`` launches (also compiled offline by the tests).
 
     Memoised: planning costs ~4 us of Python per call, paid by every linear of every decode step."""
-    return _launch_plan(m, n, k, layout, bits, group_size, zero_offset, has_bias, dtype, device, num_sms(device),
+    return _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device, num_sms(device),
                         tuple(sorted(config.items())))
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_plan(m, n, k, layout, bits, group_size, zero_offset, has_bias, dtype, device, sms, config) -> LaunchPlan:
+def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device, sms, config) -> LaunchPlan:
     cfg = _config(m, n, k, group_size, device, sms) | dict(config)
     gemv, split, block_k = cfg.pop("GEMV", False), cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
     assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
     assert not gemv or m == 1, "the GEMV kernel takes one row"
     k_per_split = cdiv(cdiv(k, split), block_k) * block_k
     split = cdiv(k, k_per_split)  # rounding may leave fewer splits
-    common = dict(GROUP_SIZE=group_size, BITS=bits, AWQ=layout == "awq", ZERO_OFFSET=zero_offset,
+    common = dict(GROUP_SIZE=group_size, BITS=bits, ZERO_OFFSET=zero_offset,
                   HAS_BIAS=has_bias, SPLIT_K=split, EVEN_K=k % block_k == 0,
                   EVEN_N=n % cfg["BLOCK_N"] == 0)
     if gemv:
@@ -350,38 +322,37 @@ def w4a16_matmul(
     scales: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    layout: str,
     bits: int = 4,
     group_size: int,
     zero_offset: int,
     out: torch.Tensor | None = None,
     **config,
 ) -> torch.Tensor:
-    """``x [M, K] @ dequant(W) [K, N] (+ bias)`` in x's dtype."""
-    assert layout in ("gptq", "awq") and bits in (4, 8) and not (layout == "awq" and bits != 4), (layout, bits)
+    """``x [M, K] @ dequant(W) [K, N] (+ bias)`` in x's dtype, W in the GPTQ layout (``zero_offset`` 1
+    for v1 checkpoints, 0 for v2 and for repacked AWQ)."""
+    assert bits in (4, 8) and zero_offset in (0, 1), (bits, zero_offset)
     assert x.dim() == 2 and x.stride(1) == 1, f"x must be [M, K] with unit column stride, got {tuple(x.shape)}"
     m, k = x.shape
     n = scales.shape[1]
-    packed_k = k if layout == "awq" else k * bits // 32
-    assert qweight.shape[0] == packed_k and qweight.is_contiguous(), f"qweight {tuple(qweight.shape)} vs K={k}"
+    assert qweight.shape[0] == k * bits // 32 and qweight.is_contiguous(), f"qweight {tuple(qweight.shape)} vs K={k}"
     assert scales.shape[0] == cdiv(k, group_size) and qzeros.shape[0] == scales.shape[0], "groups disagree"
     assert out is None or (out.shape == (m, n) and out.is_contiguous()), f"out must be contiguous [{m}, {n}]"
     if m == 0:
         return out if out is not None else torch.empty(m, n, device=x.device, dtype=x.dtype)
-    launch = prepare_w4a16(m, k, n, x.dtype, x.device, has_bias=bias is not None, layout=layout, bits=bits,
+    launch = prepare_w4a16(m, k, n, x.dtype, x.device, has_bias=bias is not None, bits=bits,
                            group_size=group_size, zero_offset=zero_offset, **config)
     return launch(x, qweight, qzeros, scales, bias, out)
 
 
 def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, *, has_bias: bool,
-                  layout: str, bits: int = 4, group_size: int, zero_offset: int, **config):
+                  bits: int = 4, group_size: int, zero_offset: int, **config):
     """Plan ``[m, k] @ [k, n]`` once; returns ``launch(x, qweight, qzeros, scales, bias=None, out=None)``.
 
     A decode step calls each linear with the same M again and again: ``QuantLinear`` keeps one launch
     per M, leaving only the output allocation and the kernel launch on the per-call path. The launch
     holds no tensors (the layer's are passed in, checked by the caller), so it never pins a weight.
     """
-    plan = launch_plan(m, n, k, layout=layout, bits=bits, group_size=group_size, zero_offset=zero_offset,
+    plan = launch_plan(m, n, k, bits=bits, group_size=group_size, zero_offset=zero_offset,
                        has_bias=has_bias, dtype=dtype, device=device, **config)
     matmul = (_w4a16_gemv_kernel if plan.gemv else _w4a16_kernel)[device][plan.grid]
     tiles = math.prod(plan.grid[:-1])
@@ -395,7 +366,7 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
         operands = (x, qweight, qzeros, scales, bias if bias is not None else scales, out, partials, counters)
         strides = (qweight.stride(0), qzeros.stride(0), scales.stride(0), plan.k_per_split)
         if plan.gemv:
-            matmul(*operands, n, k, *strides, **plan.constexprs)
+            matmul(*operands, n, k, *strides, FP32_MAGIC_BITS.value, **plan.constexprs)
         else:
             matmul(*operands, m, n, k, x.stride(0), *strides, **plan.constexprs)
         return out
@@ -428,35 +399,33 @@ def splitk_workspace(device: torch.device, partial_numel: int, tiles: int) -> tu
     return held
 
 
-def dequantize_weight(qweight, qzeros, scales, *, layout, bits=4, group_size, zero_offset) -> torch.Tensor:
-    """``[K, N]`` fp32 weight of a packed layer (the reference path's first step)."""
-    if layout == "awq":
-        intweight = unpack_along_cols(qweight, 4, AWQ_ORDER)
-        zeros = unpack_along_cols(qzeros, 4, AWQ_ORDER)
-    else:
-        intweight = unpack_along_rows(qweight, bits)
-        zeros = unpack_along_cols(qzeros, bits) + zero_offset
+def dequantize_weight(qweight, qzeros, scales, *, bits=4, group_size, zero_offset) -> torch.Tensor:
+    """``[K, N]`` fp32 weight of a GPTQ-layout layer (the reference path's first step)."""
+    intweight = unpack_along_rows(qweight, bits)
+    zeros = unpack_along_cols(qzeros, bits) + zero_offset
     g_idx = torch.arange(intweight.shape[0], device=qweight.device) // group_size
     return dequantize(intweight, zeros[:, : scales.shape[1]], scales, g_idx)
 
 
-def w4a16_reference(x, qweight, qzeros, scales, bias=None, *, layout, bits=4, group_size, zero_offset) -> torch.Tensor:
+def w4a16_reference(x, qweight, qzeros, scales, bias=None, *, bits=4, group_size, zero_offset) -> torch.Tensor:
     """Torch reference: dequantize in fp32, round to x's dtype, ``F.linear``."""
-    w = dequantize_weight(qweight, qzeros, scales, layout=layout, bits=bits, group_size=group_size, zero_offset=zero_offset)
+    w = dequantize_weight(qweight, qzeros, scales, bits=bits, group_size=group_size, zero_offset=zero_offset)
     return F.linear(x, w.t().to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 class QuantLinear(nn.Module):
-    """Inference ``nn.Linear`` replacement over GPTQ v1 / AWQ GEMM tensors, with no other kernel library.
+    """Inference ``nn.Linear`` replacement over GPTQ (v1, v2) / AWQ GEMM tensors, with no other kernel library.
 
-    Buffers keep the checkpoint layout (``qweight``, ``qzeros``, ``scales``), except that an act-order
-    GPTQ layer is stored K-permuted (``perm`` holds the permutation, applied to the input).
+    Buffers (``qweight``, ``qzeros``, ``scales``) hold the GPTQ layout: a GPTQ layer's as stored,
+    except that an act-order layer is K-permuted (``perm`` holds the permutation, applied to the
+    input); an AWQ layer's repacked as GPTQ v2 (``source`` says which it came from).
     """
 
-    def __init__(self, qweight, qzeros, scales, bias, *, layout, bits, group_size, zero_offset, perm=None, strict=False):
+    def __init__(self, qweight, qzeros, scales, bias, *, bits, group_size, zero_offset, perm=None, source="gptq",
+                 strict=False):
         super().__init__()
-        self.layout, self.bits, self.group_size, self.zero_offset = layout, bits, group_size, zero_offset
-        self.in_features = qweight.shape[0] if layout == "awq" else qweight.shape[0] * 32 // bits
+        self.bits, self.group_size, self.zero_offset, self.source = bits, group_size, zero_offset, source
+        self.in_features = qweight.shape[0] * 32 // bits
         self.out_features = scales.shape[1]
         self.strict = strict
         self.register_buffer("qweight", qweight.contiguous())
@@ -480,18 +449,21 @@ class QuantLinear(nn.Module):
         if perm is not None:  # make groups contiguous: permute K once, here
             qweight = pack_along_rows(unpack_along_rows(qweight, bits)[perm], bits)
         zero_offset = 1 if checkpoint_format == "gptq" else 0
-        return cls(qweight, qzeros, scales, bias, layout="gptq", bits=bits, group_size=group_size,
-                   zero_offset=zero_offset, perm=perm, strict=strict)
+        return cls(qweight, qzeros, scales, bias, bits=bits, group_size=group_size, zero_offset=zero_offset,
+                   perm=perm, strict=strict)
 
     @classmethod
     def from_awq(cls, qweight, qzeros, scales, bias=None, *, strict=False):
-        """From AWQ GEMM tensors (4-bit, zeros without offset)."""
+        """From AWQ GEMM tensors (4-bit, zeros without offset), repacked as GPTQ v2."""
         k, n = qweight.shape[0], qweight.shape[1] * 8
         _check_shapes(qzeros.shape == (scales.shape[0], n // 8) and scales.shape[1] == n, qweight, qzeros, scales)
         if k % scales.shape[0]:
             raise QoqoptError(f"AWQ: K={k} is not a whole number of {scales.shape[0]} groups")
-        return cls(qweight, qzeros, scales, bias, layout="awq", bits=4, group_size=k // scales.shape[0],
-                   zero_offset=0, strict=strict)
+        if k % 8:
+            raise QoqoptError(f"AWQ: K={k} must be a multiple of 8 to run as packed along K")
+        qweight, qzeros = awq_to_gptq_v2(qweight, qzeros)
+        return cls(qweight, qzeros, scales, bias, bits=4, group_size=k // scales.shape[0], zero_offset=0,
+                   source="awq", strict=strict)
 
     @classmethod
     def from_module(cls, mod: nn.Module, strict: bool = False) -> "QuantLinear":
@@ -514,7 +486,7 @@ class QuantLinear(nn.Module):
         raise QoqoptError(f"{type(mod).__name__}: not a recognised GPTQ (g_idx, bits) or AWQ (w_bit=4) linear")
 
     def _kwargs(self) -> dict:
-        return dict(layout=self.layout, bits=self.bits, group_size=self.group_size, zero_offset=self.zero_offset)
+        return dict(bits=self.bits, group_size=self.group_size, zero_offset=self.zero_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -548,7 +520,7 @@ class QuantLinear(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, source={self.source}, "
                 f"bits={self.bits}, group_size={self.group_size}, act_order={self.perm is not None}")
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column (within 8) held by nibble i
-AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble holding column j
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -113,6 +112,22 @@ def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tenso
         f"qweight {tuple(qweight.shape)} and qzeros {tuple(qzeros.shape)} disagree on N"
     )
     return unpack_along_cols(qweight, 4, AWQ_ORDER), unpack_along_cols(qzeros, 4, AWQ_ORDER)
+
+
+def awq_to_gptq_v2(qweight: torch.Tensor, qzeros: torch.Tensor, rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ GEMM tensors repacked as GPTQ ``gptq_v2`` (LSB first along K, zeros stored as is): the
+    same integers, so a kernel for one layout serves both, as vLLM's Marlin repack does.
+
+    Repacked ``rows_per_step`` input rows at a time: unpacking holds 8 bytes per weight, which for a
+    whole 7B MLP projection would be half a gigabyte next to the model.
+    """
+    assert qweight.shape[0] % 8 == 0, f"AWQ K={qweight.shape[0]} must be a multiple of 8 to pack along K"
+    assert rows_per_step % 8 == 0
+    packed = torch.empty(qweight.shape[0] // 8, qweight.shape[1] * 8, dtype=torch.int32, device=qweight.device)
+    for r in range(0, qweight.shape[0], rows_per_step):
+        ints = unpack_along_cols(qweight[r : r + rows_per_step], 4, AWQ_ORDER)
+        packed[r // 8 : (r + ints.shape[0]) // 8] = pack_along_rows(ints, 4)
+    return packed, pack_along_cols(unpack_along_cols(qzeros, 4, AWQ_ORDER), 4)
 
 
 def dequantize(intweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:

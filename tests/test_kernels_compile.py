@@ -3,7 +3,8 @@
 The interpreter checks what the kernels compute, not whether Triton's compiler accepts them (static
 ifs, reshapes, helper calls, dot shapes) or whether they fit in registers and shared memory. Triton's
 NVIDIA backend compiles to a cubin offline, so that part is checked here on any machine. Register
-spills are reported, not asserted: they depend on the Triton version.
+use is reported; spills are asserted absent for the W4A16 kernels, whose decode path lives on its
+register budget (they depend on the Triton version: run this file against the GPU image's Triton too).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from benchmarks.offline_compile import CUDA, NoToolchain, compile_kernel, resour
 BF16 = "*bf16"
 
 
-def _offline(compile_fn, *args):
-    """``compile_fn(*args)``, or a skip when this triton has no offline CUDA toolchain."""
+def _offline(compile_fn, *args, **kwargs):
+    """``compile_fn(*args, **kwargs)``, or a skip when this triton has no offline CUDA toolchain."""
     try:
-        return compile_fn(*args)
+        return compile_fn(*args, **kwargs)
     except NoToolchain as err:
         pytest.skip(f"no offline CUDA toolchain in this triton: {err}")
 
@@ -58,12 +59,17 @@ def test_vision_attention_compiles(dtype):
         print(f"attention {dtype} avg_len={avg_len} {cfg}: {_resource_usage(compiled)}")
 
 
-@pytest.mark.parametrize("layout", ["gptq", "awq"])
-def test_w4a16_compiles(layout):
+@pytest.mark.parametrize("zero_offset", [1, 0], ids=["gptq-v1", "gptq-v2-or-awq"])
+def test_w4a16_compiles_without_spills(zero_offset):
+    """Every launch shape compiles, and keeps its values in registers: a local-memory spill in the
+    weight stream costs more than the dequant (an earlier AWQ GEMV spilled 2 KB per thread under
+    Triton 3.6, tripling its instructions per weight)."""
     from benchmarks.offline_compile import w4a16_compile
 
     # decode: one row (GEMV, split-K) and 16 rows (tensor cores, with and without split-K); prefill
     for m, k, n in ((1, 18944, 3584), (1, 3584, 18944), (16, 3584, 18944), (16, 18944, 3584), (2048, 3584, 18944)):
-        compiled, plan = _offline(w4a16_compile, layout, m, k, n)
+        compiled, plan = _offline(w4a16_compile, m, k, n, zero_offset=zero_offset)
         kind = "gemv" if plan.gemv else "mma"
-        print(f"w4a16 {layout} M={m} {kind} split={plan.split}: {_resource_usage(compiled)}")
+        print(f"w4a16 M={m} {kind} split={plan.split}: {_resource_usage(compiled)}")
+        usage = resource_usage(compiled)
+        assert usage is None or usage["stack_bytes"] == 0, (m, k, n, usage)

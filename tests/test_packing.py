@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from benchmarks.spec_layout import spec_unpack_gptq
 from qoqopt.packing import (
+    awq_to_gptq_v2,
     dequantize,
     pack_awq,
     pack_gptq,
@@ -64,6 +66,19 @@ def test_awq_round_trip():
     assert qweight.shape == (32, 5) and qzeros.shape == (2, 5)
     w2, z2 = unpack_awq(qweight, qzeros)
     assert torch.equal(w2, intweight) and torch.equal(z2, zeros)
+
+
+def test_awq_repacked_as_gptq_v2_reads_back_by_the_gptq_spec():
+    """QuantLinear runs AWQ checkpoints in the GPTQ layout: the repacked words, read bit by bit as
+    the GPTQ spec states (v1's zero - 1 undone for v2), hold the same integers. K = 40 in steps of
+    16 rows leaves a partial last step."""
+    g = torch.Generator().manual_seed(3)
+    intweight = torch.randint(0, 16, (40, 24), generator=g, dtype=torch.int32)
+    zeros = torch.randint(0, 16, (5, 24), generator=g, dtype=torch.int32)
+    qweight, qzeros = awq_to_gptq_v2(*pack_awq(intweight, zeros), rows_per_step=16)
+    assert qweight.shape == (5, 24) and qzeros.shape == (5, 3) and qweight.dtype == qzeros.dtype == torch.int32
+    ints, v1_zeros = spec_unpack_gptq(qweight, qzeros, 4)
+    assert (ints == intweight.numpy()).all() and (v1_zeros - 1 == zeros.numpy()).all()
 
 
 def test_shape_asserts():
