@@ -7,7 +7,8 @@ in vLLM's and torch.compile's decode; the eager number stays the one judged)
   * vision attention (16 heads x 80, up to 5120 patches, 64-patch windows and full attention):
     the patched module vs transformers' sdpa path, and the core op (RoPE + attention) vs RoPE +
     ``torch.nn.attention.varlen`` and RoPE + flash-attn varlen when those are importable;
-  * W4A16 (GPTQ v1 and AWQ, group 128) vs bf16 ``F.linear`` at M = 1, 16, 128, 2048 on the 7B LM shapes;
+  * W4A16 (GPTQ v1, and AWQ as QuantLinear loads it: repacked to the GPTQ layout; group 128) vs bf16
+    ``F.linear`` at M = 1, 16, 128, 2048 on the 7B LM shapes;
   * the whole 32-layer vision tower on a 5120-patch image, transformers' sdpa path vs ``apply``
     (no target: what the ops add up to, with the outputs' max relative difference).
 Each row also gets a roofline floor, max(bytes / peak bandwidth, flops / peak bf16 FLOP/s), and

@@ -142,7 +142,7 @@ def attention_compile(avg_len: int, dtype: str = "*bf16", head_dim: int = 80, he
     (shared rotary halves: fp16 table for 16-bit activations, fp32 for fp32). Returns ``(compiled, cfg)``."""
     from qoqopt.kernels.vision_attention import _attention_config, _vision_attention_kernel, head_split
 
-    cfg = _attention_config(CUDA, avg_len)
+    cfg = _attention_config(CUDA, avg_len, torch.float32 if dtype == "*fp32" else torch.bfloat16)
     options = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
     table = "*fp32" if dtype == "*fp32" else "*fp16"
     signature = {"qkv_ptr": dtype, "cos_ptr": table, "sin_ptr": table, "plan_ptr": "*i32", "out_ptr": dtype,
