@@ -26,8 +26,10 @@ class NoToolchain(RuntimeError):
     """This triton cannot compile for CUDA offline (no ptxas / backend)."""
 
 
-def compile_kernel(kernel, signature: dict, constexprs: dict, options: dict, arch: int = 90):
-    """``triton.compile`` of a qoqopt :class:`Kernel` for ``sm_{arch}``, with the launch's alignment hints."""
+def compile_kernel(kernel, signature: dict, constexprs: dict, options: dict, arch: int = 90,
+                   divisible: tuple[str, ...] = ()):
+    """``triton.compile`` of a qoqopt :class:`Kernel` for ``sm_{arch}``, with the launch's alignment hints
+    (``divisible``: the int arguments other than strides whose launch values are multiples of 16)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -37,7 +39,7 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, options: dict, arc
     # Real launches specialise 16-byte-aligned pointers and ints divisible by 16; without that hint
     # loads are scalar and nothing is pipelined, so say so here too (true of every launch at 7B dims).
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
-               for name, ty in signature.items() if ty.startswith("*") or name.startswith("stride")}
+               for name, ty in signature.items() if ty.startswith("*") or name.startswith("stride") or name in divisible}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
     try:
         return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": True, **options})
@@ -122,7 +124,9 @@ def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.
     constexprs = dict(plan.constexprs)
     options = {key: constexprs.pop(key) for key in ("num_warps", "num_stages")}
     kernel = w4a16._w4a16_gemv_kernel if plan.gemv else w4a16._w4a16_kernel
-    return compile_kernel(kernel, signature, constexprs, options), plan
+    values = dict(M=m, N=n, K=k, k_per_split=plan.k_per_split, magic_bits=w4a16.FP32_MAGIC_BITS.value)
+    divisible = tuple(name for name, v in values.items() if name in signature and v % 16 == 0)
+    return compile_kernel(kernel, signature, constexprs, options, divisible=divisible), plan
 
 
 def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120):
@@ -134,7 +138,8 @@ def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120):
     signature = {"x_ptr": "*bf16", "rstd_ptr": "*fp32", "w1_ptr": "*bf16", "b1_ptr": "*bf16", "out_ptr": "*bf16",
                  "M": "i32", "N": "i32"}
     constexprs = dict(C=c, MERGE=merge, DOT_PRECISION="tf32", **cfg)
-    return compile_kernel(_merger_fc1_kernel, signature, constexprs, options), cfg | options
+    return compile_kernel(_merger_fc1_kernel, signature, constexprs, options,
+                          divisible=("N",) if n % 16 == 0 else ()), cfg | options
 
 
 def attention_compile(avg_len: int, dtype: str = "*bf16", head_dim: int = 80, heads: int = 16):

@@ -18,8 +18,8 @@ permuted so groups become contiguous, and the same permutation is applied to the
 
 AWQ packs 8 output columns per word, in an interleaved order. Reading it directly needed a second
 code path in both kernels, a 3-D fan-out that Triton 3.6 (the H200 image's) compiled to 32 registers
-and 2 KB of local-memory spills per thread in the GEMV (18.5 instructions per weight, against 6.2 for
-the same bits packed along K). The integers are the same in both layouts, so ``QuantLinear.from_awq``
+and 2 KB of local-memory spills per thread in the GEMV (18.5 instructions per weight, against 6.2 then
+for the same bits packed along K). The integers are the same in both layouts, so ``QuantLinear.from_awq``
 repacks them as GPTQ v2 once and every launch runs the one path.
 """
 

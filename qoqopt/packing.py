@@ -10,6 +10,9 @@ GPTQ v1 (``checkpoint_format: gptq``), bits in {4, 8}, ``f = 32 // bits`` values
     ``zero - 1`` (the historic v1 offset: a kernel reads ``stored + 1``, so zeros span 1..2**bits);
   * ``scales`` fp16 ``[G, N]``; ``g_idx`` int32 ``[K]`` gives each input row its group.
 
+GPTQ v2 (``checkpoint_format: gptq_v2``): as v1, but ``qzeros`` stores the zero itself (no offset).
+AWQ GEMM tensors repacked this way (:func:`awq_to_gptq_v2`) are what qoqopt's W4A16 kernel runs.
+
 AWQ GEMM (``version: gemm``), 4 bits only:
   * ``qweight`` int32 ``[K, N // 8]``: nibble ``i`` of word ``qweight[k, c]`` holds column
     ``8 * c + AWQ_ORDER[i]`` with ``AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]``;
