@@ -1,6 +1,6 @@
 """Benchmark: peak memory of layer-streaming GPTQ/AWQ vs the size of the model, with per-layer time.
 
-    .venv/bin/python benchmarks/bench_quant_memory.py [--preset small] [--formats gptq,awq] [--samples 8] [--json PATH]
+    .venv/bin/python benchmarks/bench_quant_memory.py [--preset small] [--formats gptq,awq,imatrix] [--samples 8] [--json PATH]
 
 Builds the `small` mini QoQ-Med (8 decoder layers, 190 M parameters, most of them the real-size
 vocabulary: embedding + lm_head), then runs, each as its own process (peak RSS is the child's
@@ -12,7 +12,10 @@ ru_maxrss from os.wait4):
 * `full fp32 model`: the peer, `Qwen2_5_VLForConditionalGeneration.from_pretrained(dtype=float32)`
   and one calibration forward, which is what a quantizer that loads the whole model needs;
 * `export <fmt>`: `export_hf_quant`, the layer-streaming quantizer (reads the vision tower and the
-  embedding once, then one decoder layer at a time; lm_head is never loaded as a float matrix).
+  embedding once, then one decoder layer at a time; lm_head is never loaded as a float matrix);
+* `imatrix whole model` / `imatrix streamed`: the GGUF export's clinical imatrix statistics over the
+  same chats, with hooks on the whole fp32 transformers model (how it was computed before) and
+  streamed one decoder layer at a time (how `--imatrix clinical` computes it now).
 
 Reported: peak RSS of each, the increment over `imports`, the ratio export / full-model increment,
 the fp32 model size, and per-layer seconds (from the export's manifest). The small preset is far
@@ -50,7 +53,7 @@ IMPORTS = "import torch, transformers, qoqopt.exports.hf_quant, qoqopt.quantize.
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--formats", default="gptq,awq")
+    ap.add_argument("--formats", default="gptq,awq,imatrix", help="export formats to measure; imatrix: the GGUF imatrix pass")
     ap.add_argument("--samples", type=int, default=8, help="calibration chats (default 8)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the children (default: torch's)")
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
@@ -97,6 +100,9 @@ def main(argv=None) -> int:
     )
     manifests = {}
     for fmt in [f for f in args.formats.split(",") if f]:
+        if fmt == "imatrix":
+            results.update(imatrix_processes(ckpt, args.samples, threads))
+            continue
         out = work / f"out-{fmt}"
         results[f"export {fmt}"] = run_code(
             IMPORTS + threads + "import json\nfrom pathlib import Path\nfrom qoqopt.exports.hf_quant import export_hf_quant_report\n"
@@ -116,6 +122,12 @@ def main(argv=None) -> int:
         print(f"{name:<18}{r['peak_rss_mib']:>14.0f}{r['peak_rss_mib'] - floor:>14.0f}{r['wall_s']:>9.1f}"
               + ("" if r["rc"] == 0 else f"   FAILED rc={r['rc']}"))  # fmt: skip
     summary = {}
+    if "imatrix streamed" in results:
+        inc = {k: results[f"imatrix {k}"]["peak_rss_mib"] - data_floor for k in ("whole model", "streamed")}
+        summary["imatrix"] = {"peak_rss_over_calibration_data_mib": {k: round(v, 1) for k, v in inc.items()},
+                              "ratio_streamed_vs_whole_model": round(inc["streamed"] / inc["whole model"], 3)}
+        print(f"imatrix: over the calibration-data process, whole model {inc['whole model']:.0f} MiB, "
+              f"streamed {inc['streamed']:.0f} MiB (x{inc['streamed'] / inc['whole model']:.2f})")
     for fmt, m in manifests.items():
         inc = results[f"export {fmt}"]["peak_rss_mib"] - floor
         layer_s = [lr["seconds"] for lr in m["layers"]]
@@ -143,6 +155,19 @@ def main(argv=None) -> int:
     args.json.write_text(json.dumps(record, indent=2) + "\n")
     print(f"saved {args.json}")
     return 0 if all(r["rc"] == 0 for r in results.values()) else 1
+
+
+def imatrix_processes(ckpt: Path, samples: int, threads: str) -> dict:
+    """The GGUF imatrix statistics, whole-model hooks vs layer streaming, each in its own process."""
+    setup = (IMPORTS + threads + "from qoqopt import calibration\nfrom qoqopt.loader import open_checkpoint\n"
+             "from qoqopt.processor import load_processor\n"
+             f"items, _ = calibration.calibration_items('clinical', {samples}, 0)\nproc = load_processor({str(ckpt)!r})\n")
+    whole = (f"m = calibration.load_hf_model({str(ckpt)!r}, dtype='float32', device='cpu')\n"
+             "s = calibration.collect_input_sq_sums(m, proc, items, progress=False)\n")
+    streamed = (f"s = calibration.stream_input_sq_sums(open_checkpoint({str(ckpt)!r}), proc, items, device='cpu', "
+                "progress=False)\n")
+    return {f"imatrix {name}": run_code(setup + code + "print('ok')\n")
+            for name, code in (("whole model", whole), ("streamed", streamed))}
 
 
 if __name__ == "__main__":

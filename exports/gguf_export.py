@@ -349,9 +349,8 @@ def clinical_imatrix(ckpt, choice: str, options: GGUFOptions, log) -> IMatrix:
 
     items, label = calibration.calibration_items(choice, options.calib_items, options.seed)
     log(f"calibrating the imatrix on {len(items)} image chats from {label}")
-    model = calibration.load_hf_model(ckpt.path, calibration.auto_dtype(ckpt))
     processor = load_processor(ckpt.path)
-    stats = calibration.collect_input_sq_sums(model, processor, items, dataset=label, progress=options.progress)
+    stats = calibration.stream_input_sq_sums(ckpt, processor, items, dataset=label, progress=options.progress)
     log(f"imatrix: {stats.describe()}; image positions weighted {options.imatrix_image_weight:g}")
     return imatrix_from_stats(stats, options.imatrix_image_weight)
 

@@ -1,4 +1,5 @@
-"""Calibration: run the transformers model on clinical image+text chats, collect per-Linear input statistics.
+"""Calibration: run clinical image+text chats through the model (whole, or streamed one decoder layer at
+a time), collect per-Linear input statistics.
 
 For every Linear of the language model (q/k/v/o, gate/up/down of each layer, and lm_head) this
 accumulates, per input channel, the sum of squared inputs and the token count: what llama.cpp's
@@ -23,7 +24,6 @@ weight names (`model.layers.0.self_attn.q_proj.weight`); exporters map them to t
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,31 +102,60 @@ def with_reply(processor, prompt: dict, item) -> dict:
     return full
 
 
+class _SqSums:
+    """Running sums of squared inputs per input channel, text and image positions apart; ``text`` is
+    the running chat's text-position mask, set before each forward."""
+
+    def __init__(self):
+        self.sums: dict[str, dict] = {"text": {}, "image": {}}
+        self.counts: dict[str, dict] = {"text": {}, "image": {}}
+        self.text = None
+
+    def hook(self, name: str, in_features: int):
+        import torch
+
+        for kind in ("text", "image"):
+            self.sums[kind].setdefault(name, torch.zeros(in_features, dtype=torch.float64))
+            self.counts[kind].setdefault(name, 0)
+
+        def pre_hook(module, args):
+            self.add(name, args[0])
+
+        return pre_hook
+
+    def add(self, name: str, x) -> None:
+        import torch
+
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        for kind, rows in (("text", x[self.text]), ("image", x[~self.text])):
+            if kind == "image" and name == OUTPUT:
+                continue  # logits at image positions are never used
+            self.sums[kind][name] += (rows * rows).sum(dim=0).cpu()
+            self.counts[kind][name] += rows.shape[0]
+
+    def fill(self, stats: InputStats) -> InputStats:
+        stats.text_sums = {n: s.numpy() for n, s in self.sums["text"].items()}
+        stats.image_sums = {n: s.numpy() for n, s in self.sums["image"].items()}
+        stats.text_tokens, stats.image_tokens_seen = self.counts["text"], self.counts["image"]
+        return stats
+
+
+def _count_chat(stats: InputStats, chat: dict, domain: str) -> None:
+    stats.chats += 1
+    stats.total_tokens += int(chat["input_ids"].numel())
+    stats.image_tokens += int(chat["mm_token_type_ids"].sum())
+    stats.domains[domain] = stats.domains.get(domain, 0) + 1
+
+
 def collect_input_sq_sums(model, processor, items, *, dataset: str = "", with_answer: bool = True, progress: bool = True) -> InputStats:
-    """Sum of squared inputs per input channel of every language-model Linear, over all tokens of `items`."""
+    """Sum of squared inputs per input channel of every language-model Linear, over all tokens of `items`,
+    with hooks on a whole transformers model (the reference for :func:`stream_input_sq_sums`)."""
     import torch
     from tqdm import tqdm
 
-    linears = language_linears(model)
-    sums = {kind: {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()} for kind in ("text", "image")}
-    counts = {kind: dict.fromkeys(linears, 0) for kind in ("text", "image")}
-    current: dict = {}  # the running chat's text-position mask
-
-    def hook_for(name):
-        def hook(module, args):
-            x = args[0].detach().reshape(-1, module.in_features).to(torch.float64)
-            text = current["text"]
-            for kind, rows in (("text", x[text]), ("image", x[~text])):
-                if kind == "image" and name == OUTPUT:
-                    continue  # logits at image positions are never used
-                sums[kind][name] += (rows * rows).sum(dim=0).cpu()
-                counts[kind][name] += rows.shape[0]
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
+    acc = _SqSums()
+    handles = [m.register_forward_pre_hook(acc.hook(n, m.in_features)) for n, m in language_linears(model).items()]
     stats = InputStats({}, {}, {}, {}, dataset=dataset)
-    domains: Counter = Counter()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -134,23 +163,67 @@ def collect_input_sq_sums(model, processor, items, *, dataset: str = "", with_an
         with torch.no_grad():
             for item in tqdm(items, desc="calibrating", disable=not progress):
                 batch = {k: v.to(device) for k, v in encode_chat(processor, item, with_answer).items()}
-                current["text"] = (batch["mm_token_type_ids"] == 0).reshape(-1).to(device)
+                acc.text = (batch["mm_token_type_ids"] == 0).reshape(-1)
                 if batch.get("pixel_values") is not None:
                     batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
                 model(**batch)
-                stats.chats += 1
-                stats.total_tokens += int(batch["input_ids"].numel())
-                stats.image_tokens += int(batch["mm_token_type_ids"].sum())
-                domains[item.domain] += 1
+                _count_chat(stats, batch, item.domain)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    stats.text_sums = {n: s.numpy() for n, s in sums["text"].items()}
-    stats.image_sums = {n: s.numpy() for n, s in sums["image"].items()}
-    stats.text_tokens, stats.image_tokens_seen = counts["text"], counts["image"]
-    stats.domains = dict(domains)
-    return stats
+    return acc.fill(stats)
+
+
+def stream_input_sq_sums(ckpt, processor, items, *, dataset: str = "", with_answer: bool = True,
+                         device=None, progress: bool = True) -> InputStats:
+    """The statistics of :func:`collect_input_sq_sums`, with one decoder layer in memory at a time.
+
+    The chats go through the vision tower and embeddings once; then each decoder layer is loaded
+    from the checkpoint, run on every chat's hidden states (its Linears hooked) and dropped, as GPTQ
+    export streams the model. Peak memory is one fp32 layer plus the chats' hidden states, not the
+    whole model (about 15 GB in bf16 for the 7B).
+    """
+    import torch
+    from tqdm import tqdm
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+
+    from .quantize.runner import LAYER_LINEARS, LayerInput, capture_layer0_inputs, load_decoder_layer, run_layer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    chats = [encode_chat(processor, item, with_answer) for item in items]
+    captured = capture_layer0_inputs(ckpt, chats, device=device, progress=progress)
+    config = ckpt.hf_config().text_config
+    config._attn_implementation = captured.attn_implementation or "sdpa"  # what the captured mask was built for
+    masks = [(chat["mm_token_type_ids"] == 0).reshape(-1).to(device) for chat in chats]
+    acc = _SqSums()
+    inputs = captured.inputs
+    for i in tqdm(range(config.num_hidden_layers), desc="imatrix layers", disable=not progress, leave=False):
+        layer = load_decoder_layer(ckpt, config, i, device)
+        ckpt.close()  # each layer's mapped pages are released with it
+        mods = dict(layer.named_modules())
+        handles = [mods[n].register_forward_pre_hook(acc.hook(f"model.layers.{i}.{n}.weight", mods[n].in_features))
+                   for n in LAYER_LINEARS]  # fmt: skip
+        outs = []
+        for inp, text in zip(inputs, masks):
+            acc.text = text
+            outs += run_layer(layer, [inp])
+        for h in handles:
+            h.remove()
+        inputs = [LayerInput(o, inp.kwargs) for o, inp in zip(outs, inputs)]
+        del layer
+    norm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(device)
+    norm.weight.data = ckpt.tensor("model.norm.weight").to(device=device, dtype=torch.float32)
+    head = acc.hook(OUTPUT, config.hidden_size)
+    with torch.no_grad():
+        for inp, text in zip(inputs, masks):
+            acc.text = text
+            head(None, (norm(inp.hidden),))  # what lm_head receives
+    ckpt.close()
+    stats = InputStats({}, {}, {}, {}, dataset=dataset)
+    for chat, item in zip(chats, items):
+        _count_chat(stats, chat, item.domain)
+    return acc.fill(stats)
 
 
 def calibration_items(source: str = "clinical", n: int = 64, seed: int = 0):

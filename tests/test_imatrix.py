@@ -153,6 +153,29 @@ def test_calibration_counts_every_token_including_image_tokens(tiny_dir):
     np.testing.assert_allclose(im_all.sums["output.weight"], im.sums["output.weight"])
 
 
+def test_streamed_statistics_match_the_whole_transformers_model(tiny_dir):
+    """The export streams the model one decoder layer at a time; its statistics are those of hooks on
+    the whole transformers model's own Linears (lm_head included), chat by chat and channel by channel."""
+    from qoqopt import calibration
+    from qoqopt.data import balanced_sample, clinical_set
+    from qoqopt.loader import open_checkpoint
+    from qoqopt.processor import load_processor
+
+    proc = load_processor(tiny_dir)
+    items = balanced_sample(clinical_set("calib", n_per_base=1), 2, seed=3)
+    model = calibration.load_hf_model(tiny_dir, dtype="float32", device="cpu")
+    whole = calibration.collect_input_sq_sums(model, proc, items, dataset="t", progress=False)
+    streamed = calibration.stream_input_sq_sums(open_checkpoint(str(tiny_dir)), proc, items, dataset="t",
+                                                device="cpu", progress=False)  # fmt: skip
+    assert streamed.text_sums.keys() == whole.text_sums.keys() and len(whole.text_sums) == 15
+    assert streamed.text_tokens == whole.text_tokens and streamed.image_tokens_seen == whole.image_tokens_seen
+    assert (streamed.chats, streamed.total_tokens, streamed.image_tokens, streamed.domains) == (
+        whole.chats, whole.total_tokens, whole.image_tokens, whole.domains)
+    for name in whole.text_sums:
+        np.testing.assert_allclose(streamed.text_sums[name], whole.text_sums[name], rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(streamed.image_sums[name], whole.image_sums[name], rtol=1e-6, err_msg=name)
+
+
 # ---------------------------------------------------------------------------- trained model
 
 
@@ -170,9 +193,9 @@ def trained(trained_dir, tmp_path_factory):
     ckpt = trained_dir
     log: list[str] = []
     captured = []  # the export's own calibration statistics, kept for the all-tokens variant below
-    collect = calibration.collect_input_sq_sums
+    collect = calibration.stream_input_sq_sums
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(calibration, "collect_input_sq_sums", lambda *a, **kw: captured.append(collect(*a, **kw)) or captured[-1])
+        mp.setattr(calibration, "stream_input_sq_sums", lambda *a, **kw: captured.append(collect(*a, **kw)) or captured[-1])
         res = export_gguf(
             str(ckpt), root / "gguf",
             GGUFOptions(quants=["BF16", "Q8_0", "Q4_K_M"], imatrix="clinical", calib_items=32, name="mini", progress=False),
