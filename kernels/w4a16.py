@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qoqopt.errors import QoqoptError
-from qoqopt.packing import awq_to_gptq_v2, dequantize, pack_along_rows, unpack_along_cols, unpack_along_rows
+from qoqopt.packing import awq_to_gptq_v2, dequantize, permute_packed_rows, unpack_along_cols, unpack_along_rows
 
 from ._triton import cdiv, check_supported, device_function, dot_precision, kernel, num_sms, tl, use_triton
 
@@ -447,7 +447,7 @@ class QuantLinear(nn.Module):
         group_size = k // scales.shape[0]
         perm = _act_order_perm(g_idx, k, group_size)
         if perm is not None:  # make groups contiguous: permute K once, here
-            qweight = pack_along_rows(unpack_along_rows(qweight, bits)[perm], bits)
+            qweight = permute_packed_rows(qweight, perm, bits)
         zero_offset = 1 if checkpoint_format == "gptq" else 0
         return cls(qweight, qzeros, scales, bias, bits=bits, group_size=group_size, zero_offset=zero_offset,
                    perm=perm, strict=strict)

@@ -134,6 +134,16 @@ def awq_to_gptq_v2(qweight: torch.Tensor, qzeros: torch.Tensor, rows_per_step: i
     return packed, pack_along_cols(unpack_along_cols(qzeros, 4, AWQ_ORDER), 4)
 
 
+def permute_packed_rows(qweight: torch.Tensor, perm: torch.Tensor, bits: int, cols_per_step: int = 1024) -> torch.Tensor:
+    """GPTQ ``qweight`` ``[K * bits / 32, N]`` with its K rows (the values, not the words) reordered by
+    ``perm``: how act-order layers are made group-contiguous at load. ``cols_per_step`` output
+    columns at a time, for the same reason as :func:`awq_to_gptq_v2`."""
+    out = torch.empty_like(qweight)
+    for c in range(0, qweight.shape[1], cols_per_step):
+        out[:, c : c + cols_per_step] = pack_along_rows(unpack_along_rows(qweight[:, c : c + cols_per_step], bits)[perm], bits)
+    return out
+
+
 def dequantize(intweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """``[K, N]`` fp32 weight ``(q - zero[g_idx]) * scale[g_idx]`` (math orientation: y = x @ W)."""
     assert intweight.shape[0] == g_idx.shape[0] and zeros.shape == scales.shape, (

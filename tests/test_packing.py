@@ -8,6 +8,7 @@ from qoqopt.packing import (
     awq_to_gptq_v2,
     dequantize,
     pack_awq,
+    permute_packed_rows,
     pack_gptq,
     quantize_rtn,
     unpack_awq,
@@ -79,6 +80,19 @@ def test_awq_repacked_as_gptq_v2_reads_back_by_the_gptq_spec():
     assert qweight.shape == (5, 24) and qzeros.shape == (5, 3) and qweight.dtype == qzeros.dtype == torch.int32
     ints, v1_zeros = spec_unpack_gptq(qweight, qzeros, 4)
     assert (ints == intweight.numpy()).all() and (v1_zeros - 1 == zeros.numpy()).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_permuting_packed_rows_moves_values_not_words(bits):
+    """Act-order layers are made group-contiguous at load: value k of every column moves to row
+    perm^-1(k), read back by the GPTQ spec; 40 columns in steps of 16 leave a partial last step."""
+    g = torch.Generator().manual_seed(4)
+    intweight = torch.randint(0, 2**bits, (32, 40), generator=g, dtype=torch.int32)
+    zeros = torch.ones(1, 40, dtype=torch.int32)
+    perm = torch.randperm(32, generator=g)
+    qweight = permute_packed_rows(pack_gptq(intweight, zeros, bits)[0], perm, bits, cols_per_step=16)
+    ints, _ = spec_unpack_gptq(qweight, pack_gptq(intweight, zeros, bits)[1], bits)
+    assert (ints == intweight[perm].numpy()).all()
 
 
 def test_shape_asserts():
