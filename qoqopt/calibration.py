@@ -111,17 +111,17 @@ class _SqSums:
         self.counts: dict[str, dict] = {"text": {}, "image": {}}
         self.text = None
 
-    def hook(self, name: str, in_features: int):
+    def track(self, name: str, in_features: int) -> None:
         import torch
 
         for kind in ("text", "image"):
             self.sums[kind].setdefault(name, torch.zeros(in_features, dtype=torch.float64))
             self.counts[kind].setdefault(name, 0)
 
-        def pre_hook(module, args):
-            self.add(name, args[0])
-
-        return pre_hook
+    def hook(self, name: str, in_features: int):
+        """A forward pre-hook adding a Linear's inputs under ``name``."""
+        self.track(name, in_features)
+        return lambda module, args: self.add(name, args[0])
 
     def add(self, name: str, x) -> None:
         import torch
@@ -188,13 +188,20 @@ def stream_input_sq_sums(ckpt, processor, items, *, dataset: str = "", with_answ
     from tqdm import tqdm
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
-    from .quantize.runner import LAYER_LINEARS, LayerInput, capture_layer0_inputs, load_decoder_layer, run_layer
+    from .quantize.runner import (
+        LAYER_LINEARS,
+        LayerInput,
+        capture_layer0_inputs,
+        decoder_config,
+        encode_chats,
+        load_decoder_layer,
+        run_layer,
+    )
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    chats = [encode_chat(processor, item, with_answer) for item in items]
+    chats = encode_chats(processor, items, with_answer)
     captured = capture_layer0_inputs(ckpt, chats, device=device, progress=progress)
-    config = ckpt.hf_config().text_config
-    config._attn_implementation = captured.attn_implementation or "sdpa"  # what the captured mask was built for
+    config = decoder_config(ckpt, captured)
     masks = [(chat["mm_token_type_ids"] == 0).reshape(-1).to(device) for chat in chats]
     acc = _SqSums()
     inputs = captured.inputs
@@ -214,11 +221,11 @@ def stream_input_sq_sums(ckpt, processor, items, *, dataset: str = "", with_answ
         del layer
     norm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(device)
     norm.weight.data = ckpt.tensor("model.norm.weight").to(device=device, dtype=torch.float32)
-    head = acc.hook(OUTPUT, config.hidden_size)
+    acc.track(OUTPUT, config.hidden_size)
     with torch.no_grad():
         for inp, text in zip(inputs, masks):
             acc.text = text
-            head(None, (norm(inp.hidden),))  # what lm_head receives
+            acc.add(OUTPUT, norm(inp.hidden))  # what lm_head receives
     ckpt.close()
     stats = InputStats({}, {}, {}, {}, dataset=dataset)
     for chat, item in zip(chats, items):

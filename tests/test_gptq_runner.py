@@ -28,7 +28,7 @@ def setup(tiny_dir):
 def test_capture_matches_the_full_model(setup, tiny_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from qoqopt.quantize.runner import load_decoder_layer, run_layer
+    from qoqopt.quantize.runner import decoder_config, load_decoder_layer, run_layer
 
     ckpt, chats, captured = setup
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
@@ -67,15 +67,9 @@ def test_capture_matches_the_full_model(setup, tiny_dir):
     # each layer, loaded alone from safetensors, computes what it computes inside the model
     x = [got]
     for i in range(len(layers)):
-        out = run_layer(load_decoder_layer(ckpt, captured_text_config(ckpt, captured), i, "cpu"), x)[0]
+        out = run_layer(load_decoder_layer(ckpt, decoder_config(ckpt, captured), i, "cpu"), x)[0]
         torch.testing.assert_close(out, seen[f"out{i}"], rtol=1e-5, atol=1e-5)
         x = [type(got)(out, got.kwargs)]
-
-
-def captured_text_config(ckpt, captured):
-    config = ckpt.hf_config().text_config
-    config._attn_implementation = captured.attn_implementation
-    return config
 
 
 def test_streams_one_layer_at_a_time(setup):

@@ -219,6 +219,15 @@ def load_decoder_layer(ckpt, text_config, index: int, device, dtype=torch.float3
     return layer.eval()
 
 
+def decoder_config(ckpt, captured: Captured, text_config=None):
+    """The text config to build decoder layers with for ``captured``'s inputs. The captured attention
+    mask is what create_causal_mask built for the capture's implementation (for sdpa without
+    padding it is None, meaning "causal"): the layers must use the same one."""
+    config = text_config or ckpt.hf_config().text_config
+    config._attn_implementation = captured.attn_implementation or "sdpa"
+    return config
+
+
 def run_layer(layer, inputs: list[LayerInput]) -> list[torch.Tensor]:
     outs = []
     with torch.no_grad():
@@ -446,10 +455,7 @@ def stream_quantize(
     text_config=None,
 ) -> Iterator[LayerResult]:
     """Quantize the decoder layers one at a time, each fed the previous quantized layer's outputs."""
-    config = text_config or ckpt.hf_config().text_config
-    # The captured attention mask is what create_causal_mask built for the capture's implementation
-    # (for sdpa without padding it is None, meaning "causal"): the layers must use the same one.
-    config._attn_implementation = captured.attn_implementation or "sdpa"
+    config = decoder_config(ckpt, captured, text_config)
     inputs = captured.inputs
     n_layers = config.num_hidden_layers
     for i in range(n_layers):
