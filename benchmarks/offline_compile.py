@@ -27,9 +27,11 @@ class NoToolchain(RuntimeError):
 
 
 def compile_kernel(kernel, signature: dict, constexprs: dict, options: dict, arch: int = 90,
-                   divisible: tuple[str, ...] = ()):
-    """``triton.compile`` of a qoqopt :class:`Kernel` for ``sm_{arch}``, with the launch's alignment hints
-    (``divisible``: the int arguments other than strides whose launch values are multiples of 16)."""
+                   ints: dict | None = None):
+    """``triton.compile`` of a qoqopt :class:`Kernel` for ``sm_{arch}``, with the launch's alignment hints.
+
+    ``ints``: launch values of int arguments other than strides; as at run time, those that are
+    multiples of 16 are specialised as such unless the kernel says ``do_not_specialize``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -38,6 +40,7 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, options: dict, arc
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
     # Real launches specialise 16-byte-aligned pointers and ints divisible by 16; without that hint
     # loads are scalar and nothing is pipelined, so say so here too (true of every launch at 7B dims).
+    divisible = {name for name, v in (ints or {}).items() if v % 16 == 0 and name not in kernel.do_not_specialize}
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
                for name, ty in signature.items() if ty.startswith("*") or name.startswith("stride") or name in divisible}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
@@ -124,9 +127,8 @@ def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.
     constexprs = dict(plan.constexprs)
     options = {key: constexprs.pop(key) for key in ("num_warps", "num_stages")}
     kernel = w4a16._w4a16_gemv_kernel if plan.gemv else w4a16._w4a16_kernel
-    values = dict(M=m, N=n, K=k, k_per_split=plan.k_per_split, magic_bits=w4a16.FP32_MAGIC_BITS.value)
-    divisible = tuple(name for name, v in values.items() if name in signature and v % 16 == 0)
-    return compile_kernel(kernel, signature, constexprs, options, divisible=divisible), plan
+    ints = dict(M=m, N=n, K=k, k_per_split=plan.k_per_split, magic_bits=w4a16.FP32_MAGIC_BITS.value)
+    return compile_kernel(kernel, signature, constexprs, options, ints=ints), plan
 
 
 def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120):
@@ -138,8 +140,7 @@ def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120):
     signature = {"x_ptr": "*bf16", "rstd_ptr": "*fp32", "w1_ptr": "*bf16", "b1_ptr": "*bf16", "out_ptr": "*bf16",
                  "M": "i32", "N": "i32"}
     constexprs = dict(C=c, MERGE=merge, DOT_PRECISION="tf32", **cfg)
-    return compile_kernel(_merger_fc1_kernel, signature, constexprs, options,
-                          divisible=("N",) if n % 16 == 0 else ()), cfg | options
+    return compile_kernel(_merger_fc1_kernel, signature, constexprs, options, ints=dict(M=m, N=n)), cfg | options
 
 
 def attention_compile(avg_len: int, dtype: str = "*bf16", head_dim: int = 80, heads: int = 16):

@@ -54,7 +54,7 @@ def w4a16_rows() -> list[dict]:
             weights = c["BLOCK_K"] * c["BLOCK_N"] / (32 * c["num_warps"])  # per thread per K step
             loop = sum(mix.values()) if mix else None
             rows.append(dict(
-                layout="gptq", shape=f"{label} {k}->{n}", m=m, kernel="gemv" if plan.gemv else "mma",
+                shape=f"{label} {k}->{n}", m=m, kernel="gemv" if plan.gemv else "mma",
                 split=plan.split, tile=f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}",
                 **(resource_usage(compiled) or {}), loop_instructions=loop,
                 instructions_per_weight=round(loop / weights, 2) if loop else None,
@@ -99,10 +99,10 @@ def main(argv=None) -> int:
     except NoToolchain as err:
         print(f"error: this triton cannot compile for CUDA offline: {err}", file=sys.stderr)
         return 1
-    print(f"{'layout':6} {'shape':22} {'M':>5} {'kernel':6} {'split':>5} {'tile':>11} {'regs':>5} {'stack':>5} "
+    print(f"{'shape':22} {'M':>5} {'kernel':6} {'split':>5} {'tile':>11} {'regs':>5} {'stack':>5} "
           f"{'loop':>5} {'instr/weight':>12}")
     for r in rows:
-        print(f"{r['layout']:6} {r['shape']:22} {r['m']:>5} {r['kernel']:6} {r['split']:>5} {r['tile']:>11} "
+        print(f"{r['shape']:22} {r['m']:>5} {r['kernel']:6} {r['split']:>5} {r['tile']:>11} "
               f"{r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>5} {r['loop_instructions']:>5} "
               f"{r['instructions_per_weight']:>12}")
     print(f"\n{'op':10} {'patches':>7} {'tile':>10} {'warps':>5} {'regs':>5} {'stack':>5} {'K-loop instr/thread':>20}")
