@@ -303,8 +303,7 @@ def vision_attention(
         qkv, cos, sin, plan, out,
         qkv.stride(0), cos.stride(0), out.stride(0),
         head_dim**-0.5 * math.log2(math.e),
-        H=num_heads, HEAD_DIM=head_dim, MAIN=main, REST=rest,
-        SHARED_HALVES=shared_halves,
+        H=num_heads, HEAD_DIM=head_dim, MAIN=main, REST=rest, SHARED_HALVES=shared_halves,
         DOT_PRECISION=dot_precision(qkv.dtype), **cfg,
     )
     return out

@@ -84,14 +84,13 @@ def test_awq_repacked_as_gptq_v2_reads_back_by_the_gptq_spec():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_permuting_packed_rows_moves_values_not_words(bits):
-    """Act-order layers are made group-contiguous at load: value k of every column moves to row
-    perm^-1(k), read back by the GPTQ spec; 40 columns in steps of 16 leave a partial last step."""
+    """Act-order layers are made group-contiguous at load: row r of every column takes the value of
+    row perm[r], read back by the GPTQ spec; 40 columns in steps of 16 leave a partial last step."""
     g = torch.Generator().manual_seed(4)
     intweight = torch.randint(0, 2**bits, (32, 40), generator=g, dtype=torch.int32)
-    zeros = torch.ones(1, 40, dtype=torch.int32)
     perm = torch.randperm(32, generator=g)
-    qweight = permute_packed_rows(pack_gptq(intweight, zeros, bits)[0], perm, bits, cols_per_step=16)
-    ints, _ = spec_unpack_gptq(qweight, pack_gptq(intweight, zeros, bits)[1], bits)
+    qweight, qzeros = pack_gptq(intweight, torch.ones(1, 40, dtype=torch.int32), bits)
+    ints, _ = spec_unpack_gptq(permute_packed_rows(qweight, perm, bits, cols_per_step=16), qzeros, bits)
     assert (ints == intweight[perm].numpy()).all()
 
 
