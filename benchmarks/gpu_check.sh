@@ -19,21 +19,23 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$REPO"
 T0=$(date +%s)
 
-# --- qoqopt.kernels importable without installing ------------------------------------------------
+# --- qoqopt.kernels and benchmarks importable without installing ---------------------------------
 # pyproject maps the top-level kernels/ to qoqopt.kernels. Without an install, a throwaway package
 # dir of symlinks (qoqopt/* plus kernels -> qoqopt/kernels) on PYTHONPATH gives the same layout.
 # -P (Python >= 3.11) and pytest's importlib mode keep the repo root, whose qoqopt/ has no kernels,
-# off the front of sys.path.
+# off the front of sys.path; so the tests' other import from the repo, benchmarks (the format
+# specs they check against), is linked in the same dir, installed or not.
 PYFLAGS="$("$PY" -c 'import sys; print("-P" if sys.version_info >= (3, 11) else "")')"
+SHIM="$(mktemp -d)"
+trap 'rm -rf "$SHIM"' EXIT
+ln -s "$REPO/benchmarks" "$SHIM/benchmarks"
 if ! "$PY" $PYFLAGS -c "import sys, qoqopt.kernels as k; sys.exit(0 if k.__file__.startswith('$REPO/') else 1)" 2>/dev/null; then
-    SHIM="$(mktemp -d)"
-    trap 'rm -rf "$SHIM"' EXIT
     mkdir "$SHIM/qoqopt"
     for entry in "$REPO"/qoqopt/*; do ln -s "$entry" "$SHIM/qoqopt/"; done
     ln -s "$REPO/kernels" "$SHIM/qoqopt/kernels"
     [ -d "$REPO/exports" ] && ln -s "$REPO/exports" "$SHIM/qoqopt/exports"
-    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 fi
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 unset TRITON_INTERPRET
 # GPU_CHECK_ALLOW_CPU=1 runs the same steps on a CPU-only box (interpreter, tiny sizes): it checks
