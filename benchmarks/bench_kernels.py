@@ -9,6 +9,9 @@ in vLLM's and torch.compile's decode; the eager number stays the one judged)
     ``torch.nn.attention.varlen`` and RoPE + flash-attn varlen when those are importable;
   * W4A16 (GPTQ v1, and AWQ as QuantLinear loads it: repacked to the GPTQ layout; group 128) vs bf16
     ``F.linear`` at M = 1, 16, 128, 2048 on the 7B LM shapes;
+  * one decoder layer's 7 linears at M = 1 and 16 (a decode step's per-layer matmuls): bf16
+    ``F.linear`` each, QuantLinear each, and QuantLinear with q/k/v and gate/up fused as ``apply``
+    fuses them (4 launches; no target: the fusion's effect on launch-bound decode);
   * the whole 32-layer vision tower on a 5120-patch image, transformers' sdpa path vs ``apply``
     (no target: what the ops add up to, with the outputs' max relative difference).
 Each row also gets a roofline floor, max(bytes / peak bandwidth, flops / peak bf16 FLOP/s), and
@@ -23,6 +26,7 @@ exercised; every GPU target is reported as open.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # Peak HBM bandwidth (B/s) and dense bf16 tensor FLOP/s, from the vendors' data sheets.
 PEAKS = (  # first match on the device name wins
@@ -68,13 +73,15 @@ class Profile:
     m_values: tuple[int, ...]
     group_size: int
     tower: tuple[int, int, tuple[int, ...]]  # vision depth, MLP width, full-attention block indexes
+    decoder: tuple[int, int, int]  # LM hidden, k/v width, MLP width: one decoder layer's 7 linears
 
 
 PROFILES = {
     "7b": Profile(1280, 3584, (5120, 1296, 256), 16, 80, ((1, 64, 80), (1, 36, 36)),
                   ((3584, 18944, "gate/up"), (18944, 3584, "down"), (3584, 3584, "q/o"), (3584, 512, "k/v")),
-                  (1, 16, 128, 2048), 128, (32, 3420, (7, 15, 23, 31))),
-    "tiny": Profile(64, 96, (256,), 2, 32, ((1, 16, 20),), ((256, 512, "small"),), (1, 16, 40), 64, (2, 64, (1,))),
+                  (1, 16, 128, 2048), 128, (32, 3420, (7, 15, 23, 31)), (3584, 512, 18944)),
+    "tiny": Profile(64, 96, (256,), 2, 32, ((1, 16, 20),), ((256, 512, "small"),), (1, 16, 40), 64, (2, 64, (1,)),
+                    (256, 128, 512)),
 }
 
 
@@ -308,12 +315,16 @@ def bench_attention(b: Bench, pr: Profile) -> None:
 # ----------------------------------------------------------------------------- W4A16
 
 
+def _dense_name(dtype: torch.dtype) -> str:
+    return "bf16-matmul" if dtype == torch.bfloat16 else f"{str(dtype)[6:]}-matmul"
+
+
 def bench_w4a16(b: Bench, pr: Profile) -> None:
     from qoqopt.kernels.w4a16 import QuantLinear, w4a16_reference
     from qoqopt.packing import pack_awq, pack_gptq, quantize_rtn
 
     dtype, gs = b.dtype, pr.group_size
-    dense_name = "bf16-matmul" if dtype == torch.bfloat16 else f"{str(dtype)[6:]}-matmul"
+    dense_name = _dense_name(dtype)
     for k, n, label in pr.lm_shapes:
         torch.manual_seed(0)
         weight = (torch.randn(n, k, device=b.device) * 0.02).to(dtype)
@@ -338,6 +349,60 @@ def bench_w4a16(b: Bench, pr: Profile) -> None:
                 else:
                     b.add("w4a16", case, f"{layout}-torch-ref",
                           lambda: w4a16_reference(x, layer.qweight, layer.qzeros, layer.scales, **layer._kwargs()), dense)
+
+
+# ----------------------------------------------------------------------------- one decoder layer
+
+DECODER_LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def _decoder_layer(pr: Profile, dtype, device) -> dict[str, nn.Module]:
+    """Attention and MLP holders with one 7B decoder layer's projections as QuantLinear (RTN, GPTQ
+    layout), plus the dense weights they came from."""
+    from qoqopt.kernels.w4a16 import QuantLinear
+    from qoqopt.packing import pack_gptq, quantize_rtn
+
+    hidden, kv, inter = pr.decoder
+    shapes = dict(q_proj=(hidden, hidden), k_proj=(hidden, kv), v_proj=(hidden, kv), o_proj=(hidden, hidden),
+                  gate_proj=(hidden, inter), up_proj=(hidden, inter), down_proj=(inter, hidden))
+    parts, dense = {}, {}
+    torch.manual_seed(0)
+    for parent, names in DECODER_LINEARS.items():
+        parts[parent] = nn.Module()
+        for name in names:
+            k, n = shapes[name]
+            dense[name] = (torch.randn(n, k, device=device) * 0.02).to(dtype)
+            intweight, zeros, scales = quantize_rtn(dense[name], 4, pr.group_size)
+            setattr(parts[parent], name, QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales))
+    return dict(parts, dense=dense)
+
+
+def bench_decoder_layer(b: Bench, pr: Profile) -> None:
+    """A decode step's matmuls for one layer, called as transformers calls them (attention output
+    and MLP activation stood in by random tensors): q, k, v and gate, up each read the same input."""
+    from qoqopt.kernels.fused_projections import fuse_projections
+
+    dtype, dev = b.dtype, b.device
+    unfused = _decoder_layer(pr, dtype, dev)
+    fused = {name: copy.deepcopy(unfused[name]) for name in ("self_attn", "mlp")}
+    for holder in fused.values():
+        fuse_projections(holder)
+    dense = unfused["dense"]
+    hidden, _, inter = pr.decoder
+    q_bytes = sum(w.numel() / 2 + w.numel() / pr.group_size * 2.5 for w in dense.values())
+    for m in (1, 16):
+        x, a, h = (torch.randn(m, width, device=dev, dtype=dtype) for width in (hidden, hidden, inter))
+        inputs = dict(q_proj=x, k_proj=x, v_proj=x, o_proj=a, gate_proj=x, up_proj=x, down_proj=h)
+        case = f"7 linears M={m}"
+        flops = 2 * m * sum(w.numel() for w in dense.values())
+        peer = b.add("layer", case, f"{_dense_name(dtype)} x7", lambda: [F.linear(inputs[n], w) for n, w in dense.items()],
+                     bytes_moved=dtype.itemsize * sum(w.numel() for w in dense.values()), flops=flops)
+        impl = "qoqopt" if b.triton else "torch-ref"  # QuantLinear falls back by itself
+        for impl, holders in ((f"{impl} x7", unfused), (f"{impl} fused x4", fused)):
+            # by name, in transformers' call order: the fused holders answer q/k/v and gate/up from slices
+            calls = [(holders[parent].get_submodule(name), inputs[name])
+                     for parent in ("self_attn", "mlp") for name in DECODER_LINEARS[parent]]
+            b.add("layer", case, impl, lambda calls=calls: [layer(inp) for layer, inp in calls], peer, q_bytes, flops)
 
 
 # ----------------------------------------------------------------------------- whole vision tower
@@ -529,7 +594,7 @@ def print_table(b: Bench, verdict: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON results path")
-    parser.add_argument("--only", choices=("merger", "attention", "w4a16", "tower"), action="append",
+    parser.add_argument("--only", choices=("merger", "attention", "w4a16", "layer", "tower"), action="append",
                         help="run only these ops")
     parser.add_argument("--profile", choices=tuple(PROFILES), help="sizes (default: 7b on CUDA, tiny on CPU)")
     parser.add_argument("--sweep", action="store_true", help="also time a few tile configs per op (Triton only)")
@@ -559,7 +624,8 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(result, indent=2, default=str))
         return verdict
 
-    steps = [("merger", bench_merger), ("attention", bench_attention), ("w4a16", bench_w4a16), ("tower", bench_tower)]
+    steps = [("merger", bench_merger), ("attention", bench_attention), ("w4a16", bench_w4a16), ("layer", bench_decoder_layer),
+             ("tower", bench_tower)]
     steps = [(name, fn) for name, fn in steps if not args.only or name in args.only]
     if args.sweep and b.triton:
         steps.append(("sweep", sweep))

@@ -58,7 +58,7 @@ if [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ] && ! "$PY" -c "import torch, sys; sys.ex
 fi
 
 # --- 1. correctness on CUDA ----------------------------------------------------------------------
-TESTS=(tests/test_kernels.py tests/test_kernels_apply.py tests/test_packing.py)
+TESTS=(tests/test_kernels.py tests/test_kernels_apply.py tests/test_kernels_fusion.py tests/test_packing.py)
 echo "== tests (limit ${TEST_LIMIT_S}s) =="
 timeout "$TEST_LIMIT_S" "$PY" $PYFLAGS -m pytest -q -rs -p no:cacheprovider --import-mode=importlib "${TESTS[@]}" \
     --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
@@ -92,9 +92,10 @@ for key, v in result["targets"].items():
     if "worst_graph" in v:
         worst += f" | CUDA graph: {v['status_graph']}, worst x{v['worst_graph']} at {v['worst_graph_case']}"
     print(f"{v['what'] + ' >= x' + str(v['target']):56s} {v['status']:8s} {worst}")
-# judged rows, plus W4A16 prefill (GPTQ) and the whole tower for the record; the rest is in bench.log / the JSON
+# judged rows, plus W4A16 prefill (GPTQ), a decoder layer's linears and the whole tower for the
+# record; the rest is in bench.log / the JSON
 rows = [r for r in result["rows"] if r["speedup"] is not None and r["op"] != "sweep"
-        and (r["target"] or r["op"] == "tower" or (r["op"] == "w4a16" and r["impl"] == "qoqopt-gptq"))]
+        and (r["target"] or r["op"] in ("layer", "tower") or (r["op"] == "w4a16" and r["impl"] == "qoqopt-gptq"))]
 print(f"\n{'op':9s} {'case':30s} {'impl':18s} {'ms':>9s} {'speedup':>8s} {'vs':18s} {'t/floor':>7s} {'graph x':>8s}")
 for r in rows:
     floor = f"{r['over_floor']:.1f}" if r["over_floor"] else "-"

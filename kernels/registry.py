@@ -16,6 +16,7 @@ from torch import nn
 from qoqopt.errors import QoqoptError
 
 from ._triton import check_supported, triton_unusable_reason
+from .fused_projections import fuse_projections
 from .merger import FusedPatchMerger
 from .patch_embed import MatmulPatchEmbed
 from .vision_attention import FusedVisionAttention, VarlenPlanCache
@@ -71,12 +72,13 @@ class PatchReport:
         return line
 
 
-def apply(model: nn.Module, strict: bool = False) -> PatchReport:
+def apply(model: nn.Module, strict: bool = False, fuse: bool = True) -> PatchReport:
     """Patch a transformers ``Qwen2_5_VLForConditionalGeneration`` in place with qoqopt kernels.
 
     Unsupported device or dtype: QoqoptError. No usable Triton (not installed, or CPU without
     ``TRITON_INTERPRET=1``, or bf16 on the CPU interpreter): the torch references run instead, or
-    QoqoptError when ``strict``. Returns what was patched, per op.
+    QoqoptError when ``strict``. With ``fuse``, quantized q/k/v and gate/up projections then run as
+    one launch each (:mod:`.fused_projections`). Returns what was patched, per op.
     """
     tensors = (t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
     first = next(tensors, None)  # parameters first; a bare quantized layer only has float buffers
@@ -103,6 +105,8 @@ def apply(model: nn.Module, strict: bool = False) -> PatchReport:
         report.counts[patch.op] += 1
     if not any(report.counts.values()):
         raise QoqoptError(f"apply: nothing to patch in {type(model).__name__} (expected a Qwen2.5-VL model)")
+    if fuse:
+        report.counts |= fuse_projections(model, report.skipped)
     return report
 
 

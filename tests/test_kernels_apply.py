@@ -84,7 +84,8 @@ def test_apply_matches_unpatched_model(interpreter, monkeypatch):
     report = apply(model)
     assert report.backend == "triton", report
     depth = model.config.vision_config.depth
-    assert report.counts == {"patch_embed": 1, "vision_mlp": depth, "vision_attention": depth, "merger": 1, "w4a16": 0}
+    assert report.counts == {"patch_embed": 1, "vision_mlp": depth, "vision_attention": depth, "merger": 1, "w4a16": 0,
+                             "qkv_proj": 0, "gate_up_proj": 0}
     out = logits_of(model, batch)
     assert relative_error(out, ref) < 1e-4
     # Plans are per forward, not per layer: one for the windows, one for the full-attention blocks;

@@ -1,0 +1,205 @@
+"""Fused sibling projections (q/k/v, gate/up) over QuantLinear: same answers, fewer launches.
+
+References: the original integers dequantized by the GPTQ spec reading (``qoqopt.packing``) and,
+end to end, transformers' own Qwen2.5-VL with those dequantized weights in plain ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tests.test_kernels_apply import (  # noqa: F401 (interpreter, no_interpreter: fixtures)
+    DEVICE,
+    interpreter,
+    logits_of,
+    no_interpreter,
+    relative_error,
+    tiny_model,
+    two_image_batch,
+)
+
+
+def quantized(weight: torch.Tensor, group_size: int, perm: torch.Tensor | None = None):
+    """Checkpoint tensors of ``weight`` [N, K] quantized RTN, act-order when ``perm`` is given (groups
+    are contiguous in ``perm``'s order, as GPTQ with desc_act writes them), and its dequantized [K, N]."""
+    from qoqopt.packing import dequantize, pack_gptq, quantize_rtn
+
+    k = weight.shape[1]
+    perm = torch.arange(k) if perm is None else perm
+    intweight, zeros, scales = quantize_rtn(weight[:, perm].float(), 4, group_size)
+    intweight = intweight[torch.argsort(perm)]  # rows back in input order
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[perm] = (torch.arange(k) // group_size).int()
+    qweight, qzeros = pack_gptq(intweight, zeros)
+    tensors = dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx)
+    return tensors, dequantize(intweight, zeros, scales, g_idx)
+
+
+class Attention(nn.Module):
+    """Sibling projections as transformers' attention holds them (k_proj without bias, to check that
+    a part with no bias stays without one)."""
+
+    def __init__(self, widths=(64, 32, 32), k=64, group_size=32, perms=(None, None, None), seed=0):
+        super().__init__()
+        from qoqopt.kernels import QuantLinear
+
+        g = torch.Generator().manual_seed(seed)
+        self.dense = {}
+        for name, width, perm in zip(("q_proj", "k_proj", "v_proj"), widths, perms):
+            tensors, self.dense[name] = quantized(torch.randn(width, k, generator=g) * 0.1, group_size, perm)
+            bias = None if name == "k_proj" else torch.randn(width, generator=g) * 0.1
+            self.dense[f"{name}.bias"] = bias
+            setattr(self, name, QuantLinear.from_gptq(**tensors, bias=bias).to(DEVICE))
+
+    def forward(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def reference(self, x):
+        outs = []
+        for name in ("q_proj", "k_proj", "v_proj"):
+            y = x @ self.dense[name].to(DEVICE)
+            bias = self.dense[f"{name}.bias"]
+            outs.append(y if bias is None else y + bias.to(DEVICE))
+        return outs
+
+
+def launches(layer: nn.Module) -> list[int]:
+    calls = []
+    layer.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("rows", [1, 5, 20])  # GEMV, tensor-core decode, prefill (outputs made contiguous)
+def test_fused_siblings_match_the_dequantized_weights_with_one_launch(interpreter, rows):
+    from qoqopt.kernels.fused_projections import ProjectionSlice, fuse_projections
+
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    attn = Attention(perms=(perm, perm, perm))
+    assert fuse_projections(attn) == {"qkv_proj": 1, "gate_up_proj": 0}
+    assert isinstance(attn.k_proj, ProjectionSlice) and attn.qkv_proj.out_features == 128
+    calls = launches(attn.qkv_proj)
+    x = torch.randn(rows, 64, device=DEVICE)
+    with torch.no_grad():
+        outs = attn(x)
+        for out, ref in zip(outs, attn.reference(x)):
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1
+    # Prefill outputs own their memory (a KV cache holding v must not pin all of qkv); decode's are views.
+    owned = [out.untyped_storage().nbytes() == out.numel() * out.element_size() for out in outs]
+    assert owned == [rows > 16] * 3
+
+
+def test_other_orders_and_inputs_still_get_their_own_answer(interpreter):
+    from qoqopt.kernels.fused_projections import fuse_projections
+
+    attn = Attention()
+    fuse_projections(attn)
+    calls = launches(attn.qkv_proj)
+    x, y = torch.randn(2, 64, device=DEVICE), torch.randn(2, 64, device=DEVICE)
+    with torch.no_grad():
+        ref_x, ref_y = attn.reference(x), attn.reference(y)
+        torch.testing.assert_close(attn.v_proj(x), ref_x[2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn.k_proj(y), ref_y[1], atol=1e-5, rtol=1e-5)  # another input
+        torch.testing.assert_close(attn.q_proj(x), ref_x[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn.v_proj(x), ref_x[2], atol=1e-5, rtol=1e-5)  # again
+        q = attn.q_proj(x)
+        x.add_(1.0)  # changed in place between siblings: the cached output is stale
+        torch.testing.assert_close(attn.k_proj(x), attn.reference(x)[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q, ref_x[0], atol=1e-5, rtol=1e-5)
+    # Launches: v(x), k(y) (another input), q(x) (ditto), q(x) (q already taken) and k(x) after the
+    # in-place change; the second v(x) took its columns of the third launch's output.
+    assert len(calls) == 5
+
+
+def test_groups_that_cannot_be_fused_are_left_alone_with_the_reason():
+    from qoqopt.kernels import QuantLinear
+    from qoqopt.kernels.fused_projections import fuse_projections
+
+    perms = [torch.randperm(64, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    cases = {
+        "act-order permutations differ": Attention(perms=perms),
+        "bits differs": Attention(),
+        "not all are qoqopt QuantLinear": Attention(),
+    }
+    cases["not all are qoqopt QuantLinear"].v_proj = nn.Linear(64, 32)
+    cases["bits differs"].k_proj.bits = 8
+    for reason, attn in cases.items():
+        skipped = {}
+        assert fuse_projections(attn, skipped) == {"qkv_proj": 0, "gate_up_proj": 0}
+        assert reason in skipped[".qkv_proj"] and isinstance(attn.q_proj, QuantLinear)
+
+
+def test_state_dict_keeps_the_per_projection_keys_and_loads_them_back(interpreter):
+    from qoqopt.kernels.fused_projections import fuse_projections
+
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    attn, other = Attention(perms=(perm,) * 3), Attention(perms=(perm,) * 3, seed=1)
+    before = attn.state_dict()
+    fuse_projections(attn)
+    after = attn.state_dict()
+    assert sorted(after) == sorted(before) and "k_proj.bias" not in after
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    attn.load_state_dict(other.state_dict())  # another model's weights, split keys: joined on load
+    x = torch.randn(3, 64, device=DEVICE)
+    with torch.no_grad():
+        for out, ref in zip(attn(x), other.reference(x)):
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    broken = other.state_dict()
+    broken["v_proj.perm"] = torch.arange(64, device=broken["v_proj.perm"].device)
+    with pytest.raises(RuntimeError, match="different act-order permutations"):
+        attn.load_state_dict(broken)
+
+
+def quantize_language_model(model: nn.Module, group_size: int = 32):
+    """GPTQ tensors for every decoder linear (q/k/v share one act-order permutation, as GPTQ computes
+    it from their shared input; gate/up likewise), and a transformers copy with the dequantized weights."""
+    from qoqopt.kernels import replace_linears
+
+    dense = copy.deepcopy(model)
+    tensors = {}
+    g = torch.Generator().manual_seed(2)
+    for path, parent in model.named_modules():
+        if not path.endswith((".self_attn", ".mlp")) or ".language_model." not in f".{path}":
+            continue
+        k = next(m.in_features for n, m in parent.named_children() if n in ("q_proj", "gate_proj"))
+        shared = torch.randperm(k, generator=g)
+        for name, layer in parent.named_children():
+            if not isinstance(layer, nn.Linear):
+                continue
+            perm = shared if name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") else None
+            parts, weight = quantized(layer.weight.detach().cpu(), group_size, perm)
+            tensors.update({f"{path}.{name}.{key}": t for key, t in parts.items()})
+            if layer.bias is not None:
+                tensors[f"{path}.{name}.bias"] = layer.bias.detach().cpu()
+            dense.get_submodule(f"{path}.{name}").weight.data.copy_(weight.t())
+    assert replace_linears(model, tensors, method="gptq") == 7 * model.config.text_config.num_hidden_layers
+    return dense
+
+
+def test_apply_fuses_a_quantized_model_and_matches_transformers(no_interpreter):
+    """On the CPU this runs QuantLinear's torch reference (the interpreter would take minutes over a
+    whole model): what is checked here is the fusion inside transformers' layers and KV cache; the
+    kernels on fused widths are checked above."""
+    from qoqopt.kernels import apply
+
+    model = tiny_model()
+    dense = quantize_language_model(model)
+    batch = two_image_batch(model.config)
+    layers = model.config.text_config.num_hidden_layers
+    report = apply(model)
+    assert (report.counts["w4a16"], report.counts["qkv_proj"], report.counts["gate_up_proj"]) == (7 * layers, layers, layers)
+    calls = launches(model.model.language_model.layers[0].self_attn.qkv_proj)
+    assert relative_error(logits_of(model, batch), logits_of(dense, batch)) < 1e-4
+    assert len(calls) == 1
+    # Decode through the KV cache: one-row GEMV launches on views of the fused output.
+    settings = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.inference_mode():
+        ours = model.generate(**batch, **settings)
+        theirs = dense.generate(**batch, **settings)
+    assert len(calls) == 1 + len(ours.logits)
+    for step_ours, step_theirs in zip(ours.logits, theirs.logits, strict=True):
+        assert relative_error(step_ours.float(), step_theirs.float()) < 1e-4
