@@ -23,10 +23,10 @@ from tests.test_kernels_apply import (  # noqa: F401 (interpreter, no_interprete
 )
 
 
-def quantized(weight: torch.Tensor, group_size: int, perm: torch.Tensor | None = None):
+def quantized(weight: torch.Tensor, group_size: int, perm: torch.Tensor | None = None, layout: str = "gptq"):
     """Checkpoint tensors of ``weight`` [N, K] quantized RTN, act-order when ``perm`` is given (groups
     are contiguous in ``perm``'s order, as GPTQ with desc_act writes them), and its dequantized [K, N]."""
-    from qoqopt.packing import dequantize, pack_gptq, quantize_rtn
+    from qoqopt.packing import dequantize, pack_awq, pack_gptq, quantize_rtn
 
     k = weight.shape[1]
     perm = torch.arange(k) if perm is None else perm
@@ -34,8 +34,12 @@ def quantized(weight: torch.Tensor, group_size: int, perm: torch.Tensor | None =
     intweight = intweight[torch.argsort(perm)]  # rows back in input order
     g_idx = torch.empty(k, dtype=torch.int32)
     g_idx[perm] = (torch.arange(k) // group_size).int()
-    qweight, qzeros = pack_gptq(intweight, zeros)
-    tensors = dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx)
+    if layout == "awq":
+        qweight, qzeros = pack_awq(intweight, zeros)
+        tensors = dict(qweight=qweight, qzeros=qzeros, scales=scales)
+    else:
+        qweight, qzeros = pack_gptq(intweight, zeros)
+        tensors = dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx)
     return tensors, dequantize(intweight, zeros, scales, g_idx)
 
 
@@ -43,17 +47,18 @@ class Attention(nn.Module):
     """Sibling projections as transformers' attention holds them (k_proj without bias, to check that
     a part with no bias stays without one)."""
 
-    def __init__(self, widths=(64, 32, 32), k=64, group_size=32, perms=(None, None, None), seed=0):
+    def __init__(self, widths=(64, 32, 32), k=64, group_size=32, perms=(None, None, None), seed=0, layout="gptq"):
         super().__init__()
         from qoqopt.kernels import QuantLinear
 
         g = torch.Generator().manual_seed(seed)
         self.dense = {}
         for name, width, perm in zip(("q_proj", "k_proj", "v_proj"), widths, perms):
-            tensors, self.dense[name] = quantized(torch.randn(width, k, generator=g) * 0.1, group_size, perm)
+            tensors, self.dense[name] = quantized(torch.randn(width, k, generator=g) * 0.1, group_size, perm, layout)
             bias = None if name == "k_proj" else torch.randn(width, generator=g) * 0.1
             self.dense[f"{name}.bias"] = bias
-            setattr(self, name, QuantLinear.from_gptq(**tensors, bias=bias).to(DEVICE))
+            build = QuantLinear.from_awq if layout == "awq" else QuantLinear.from_gptq
+            setattr(self, name, build(**tensors, bias=bias).to(DEVICE))
 
     def forward(self, x):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -73,12 +78,16 @@ def launches(layer: nn.Module) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("layout", ["gptq-act-order", "awq"])
 @pytest.mark.parametrize("rows", [1, 5, 20])  # GEMV, tensor-core decode, prefill (outputs made contiguous)
-def test_fused_siblings_match_the_dequantized_weights_with_one_launch(interpreter, rows):
+def test_fused_siblings_match_the_dequantized_weights_with_one_launch(interpreter, rows, layout):
     from qoqopt.kernels.fused_projections import ProjectionSlice, fuse_projections
 
-    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
-    attn = Attention(perms=(perm, perm, perm))
+    if layout == "awq":
+        attn = Attention(layout="awq")
+    else:
+        perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+        attn = Attention(perms=(perm, perm, perm))
     assert fuse_projections(attn) == {"qkv_proj": 1, "gate_up_proj": 0}
     assert isinstance(attn.k_proj, ProjectionSlice) and attn.qkv_proj.out_features == 128
     calls = launches(attn.qkv_proj)
