@@ -8,6 +8,7 @@ from qoqopt.quantize.awq import (
     awq_quantize,
     expand_kv_scale,
     group_fake_quantize,
+    output_mse,
     search_clip,
     search_scale,
     tie_kv_stat,
@@ -46,6 +47,34 @@ def test_clip_search_lowers_output_error():
     e_plain = (x @ plain.dequantize().t() - ref).norm()
     e_clip = (x @ clipped.dequantize().t() - ref).norm()
     assert e_clip < e_plain
+
+
+@pytest.mark.parametrize("tokens", [300, 40])  # more tokens than channels: the Gram form; fewer: outputs
+def test_output_error_is_the_mean_squared_output_difference(tokens):
+    x = _outlier_inputs(tokens, 64, seed=5)
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(6)) * 0.05
+    wq = group_fake_quantize(w, SPEC)
+    definition = (x.double() @ wq.double().t() - x.double() @ w.double().t()).pow(2).mean().item()
+    assert output_mse(x, w)(wq) == pytest.approx(definition, rel=1e-4)
+
+
+def test_clip_search_picks_each_groups_least_output_error():
+    """Against the definition, in float64 and per candidate: sum over tokens of the group's
+    squared output error, least over the shrink grid (first wins a tie, as in the search)."""
+    x = _outlier_inputs(512, 128, seed=3)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(4)) * 0.05
+    w[:, 5] *= 8
+    n_grid, groups, gs = 20, 2, 64
+    org_max = w.abs().reshape(64, groups, gs).amax(dim=2)
+    errors, bounds = [], []
+    for i in range(n_grid // 2):
+        m = org_max * (1 - i / n_grid)
+        d = (group_fake_quantize(w, SPEC, m) - w).double().reshape(64, groups, gs)
+        errors.append(torch.einsum("tgc,rgc->trg", x.double().reshape(-1, groups, gs), d).pow(2).sum(0))
+        bounds.append(m)
+    best = torch.stack(errors).argmin(dim=0)
+    expected = torch.stack(bounds).gather(0, best[None]).squeeze(0)
+    torch.testing.assert_close(search_clip(w, x, SPEC, n_grid=n_grid), expected, rtol=0, atol=0)
 
 
 def test_awq_quantize_layout():

@@ -93,14 +93,12 @@ def search_scale(
     always a candidate, so the search never does worse than plain rounding on ``x``.
     """
     expand = expand or (lambda s: s)
-    x = x.float()
     w_cat = torch.cat([w.float() for w in weights], dim=0)
     check_shape(w_cat, spec)
-    ref = x @ w_cat.t()
+    error_of = output_mse(x.float(), w_cat)
 
     def loss_of(s):
-        wq = group_fake_quantize(w_cat * s, spec) / s
-        return (x @ wq.t() - ref).pow(2).mean().item()
+        return error_of(group_fake_quantize(w_cat * s, spec) / s)
 
     ones = torch.ones_like(x_mean_abs, dtype=torch.float32)
     unscaled = loss_of(expand(ones))
@@ -119,6 +117,31 @@ def search_scale(
     return ScaleSearch(expand(base), alpha, use_w, loss, unscaled, base)
 
 
+def output_mse(x: torch.Tensor, weight: torch.Tensor):
+    """``error(wq) = mean((x @ wq.T - x @ weight.T) ** 2)`` over ``x`` ``[T, K]``, for the many candidate
+    ``wq`` of one ``weight`` ``[N, K]`` that a grid search tries.
+
+    With more tokens than input channels it is read off the Gram matrix: ``sum_n d_n (x^T x) d_n^T
+    / (T N)`` with ``d = wq - weight`` costs N K^2 per candidate against T K N, and subtracts no two
+    large outputs from each other.
+    """
+    t, k = x.shape
+    n = weight.shape[0]
+    if t > k:
+        gram = x.t() @ x
+
+        def error(wq: torch.Tensor) -> float:
+            d = wq - weight
+            return ((d @ gram) * d).sum().item() / (t * n)
+    else:
+        ref = x @ weight.t()
+
+        def error(wq: torch.Tensor) -> float:
+            return (x @ wq.t() - ref).pow(2).mean().item()
+
+    return error
+
+
 def search_clip(
     weight: torch.Tensor,
     x: torch.Tensor,
@@ -131,23 +154,25 @@ def search_clip(
     """Per ``[N, G]`` clipping bound ``max_abs`` minimising each group's output error on ``x`` ``[T, K]``.
 
     The error of group ``g`` of row ``n`` is ``sum_t (x[t, g] . (w[n, g] - q(w[n, g])))^2``; bounds
-    ``max|w| * (1 - i / n_grid)`` for ``i / n_grid < max_shrink`` are tried.
+    ``max|w| * (1 - i / n_grid)`` for ``i / n_grid < max_shrink`` are tried. The error is read off
+    each group's Gram matrix ``x[:, g]^T x[:, g]`` (``[gs, gs]``, formed once): ``d^T G_g d`` costs gs^2
+    per group and candidate instead of T gs, and calibration has thousands of tokens per group of 128.
     """
     check_shape(weight, spec)
     n, k = weight.shape
     gs, groups = spec.size(k), spec.groups(k)
-    xg = x.float().reshape(-1, groups, gs)  # [T, G, gs]
+    xg = x.float().reshape(-1, groups, gs).transpose(0, 1)  # [G, T, gs]
+    gram = xg.transpose(1, 2) @ xg  # [G, gs, gs]
     out = torch.empty(n, groups, device=weight.device)
     for r0 in range(0, n, rows_per_chunk):
         w = weight[r0 : r0 + rows_per_chunk].float().reshape(-1, groups, gs)  # [R, G, gs]
         org_max = w.abs().amax(dim=2)  # [R, G]
-        ref = torch.einsum("tgc,rgc->trg", xg, w)
         best_err = torch.full_like(org_max, float("inf"))
         best = org_max.clone()
         for i in range(int(max_shrink * n_grid)):
             m = org_max * (1 - i / n_grid)
-            wq = group_fake_quantize(w.reshape(-1, k), spec, m).reshape_as(w)
-            err = (torch.einsum("tgc,rgc->trg", xg, wq) - ref).pow(2).sum(dim=0)
+            d = (group_fake_quantize(w.reshape(-1, k), spec, m).reshape_as(w) - w).transpose(0, 1)  # [G, R, gs]
+            err = ((d @ gram) * d).sum(dim=2).t()  # [R, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, m, best)
