@@ -1,15 +1,26 @@
-"""Host (Python) cost of one decoder layer's 7 W4A16 linears at M = 1, with the kernel launch stubbed.
+"""Host (CPU) cost of W4A16 decode launches, measurable on any machine: no GPU is used.
 
-Eager decode on a fast GPU is bound by the host: this is the part of it that is qoqopt's own code
-(QuantLinear's forward, the fused projections' slicing), measurable on any CPU. Triton's dispatch
-and the GPU time are not in it: those are bench_kernels.py's ``layer`` rows, on a GPU.
+Eager decode on a fast GPU is bound by the host: each of a layer's 7 quantized linears costs
+QuantLinear's Python plus a Triton launch. Two parts are timed here, at M = 1:
 
-    python benchmarks/bench_host_cost.py
+* **Triton's launch path, per launch**, on sm_90 kernels compiled for real, with a stub driver whose
+  launcher does nothing: Triton's JIT dispatch (argument binding, specialisation, cache key) against
+  the direct launch that a planned W4A16 launch makes after its first call (``BoundLaunch``);
+* **qoqopt's own Python per decoder layer**, with the launch itself stubbed: 7 QuantLinear calls,
+  and the fused projections (4 launches; q/k/v and gate/up taking their columns of a shared output).
+
+The CUDA driver's own launch cost and the GPU time are in neither: bench_kernels.py's ``layer``
+rows time the whole thing on a GPU. Results print and go to --json.
+
+    python benchmarks/bench_host_cost.py [--json benchmarks/results/host_cost.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
+import platform
 import statistics
 import sys
 import time
@@ -20,49 +31,109 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kernels import DECODER_LINEARS, PROFILES, _decoder_layer  # noqa: E402
+from offline_compile import NoToolchain, recording_driver  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def stub_launches() -> None:
-    """QuantLinear takes its Triton path, whose launch only allocates the output."""
-    import qoqopt.kernels.w4a16 as w4a16
-
-    def prepare(m, k, n, dtype, device, **_):
-        return lambda *args, **kwargs: torch.empty(m, n, dtype=dtype, device=device)
-
-    w4a16.use_triton = lambda *args, **kwargs: True
-    w4a16.prepare_w4a16 = prepare
-
-
-def per_layer_us(calls, rounds: int = 30, inner: int = 200) -> float:
+def median_us(fn, rounds: int = 30, inner: int = 200) -> float:
     with torch.inference_mode():
         for _ in range(inner):
-            [layer(x) for layer, x in calls]
+            fn()
         samples = []
         for _ in range(rounds):
             t0 = time.perf_counter()
             for _ in range(inner):
-                [layer(x) for layer, x in calls]
+                fn()
             samples.append((time.perf_counter() - t0) / inner * 1e6)
     return statistics.median(samples)
 
 
-def main() -> None:
+def launch_path_us() -> dict[str, float]:
+    """Per W4A16 launch (gate/up at 7B, M = 1 and 16): Triton's dispatch vs the bound direct launch."""
+    from qoqopt.kernels import _triton, w4a16
+
+    k, n, dtype, cuda = 3584, 18944, torch.bfloat16, torch.device("cuda")
+    tensors = (torch.empty(k // 8, n, dtype=torch.int32), torch.empty(k // 128, n // 8, dtype=torch.int32),
+               torch.empty(k // 128, n, dtype=torch.float16))
+    workspace = (torch.empty(1 << 20), torch.zeros(1 << 12, dtype=torch.int32))  # CPU stand-ins
+    w4a16.num_sms, w4a16.splitk_workspace = (lambda device: 132), (lambda device, numel, tiles: workspace)
+    out = {}
+    with recording_driver() as driver:
+        for m in (1, 16):
+            x, y = torch.empty(m, k, dtype=dtype), torch.empty(m, n, dtype=dtype)
+            launch = w4a16.prepare_w4a16(m, k, n, dtype, cuda, has_bias=False, group_size=128, zero_offset=1)
+            launch(x, *tensors, None, y)  # compiles
+            out[f"M={m} direct"] = median_us(lambda: launch(x, *tensors, None, y))
+            signature = _triton.launch_signature
+            _triton.launch_signature = lambda args: object()  # never equal: every call dispatches
+            try:
+                out[f"M={m} Triton dispatch"] = median_us(lambda: launch(x, *tensors, None, y))
+            finally:
+                _triton.launch_signature = signature
+            driver.launches.clear()
+    return out
+
+
+def layer_python_us() -> dict[str, float]:
+    """qoqopt's Python for one decoder layer's linears at M = 1, the launch stubbed."""
+    from qoqopt.kernels import w4a16
     from qoqopt.kernels.fused_projections import fuse_projections
 
-    stub_launches()
-    pr = PROFILES["tiny"]
-    unfused = _decoder_layer(pr, torch.float32, torch.device("cpu"))
-    fused = {parent: copy.deepcopy(unfused[parent]) for parent in DECODER_LINEARS}
-    for holder in fused.values():
-        fuse_projections(holder)
-    hidden, _, inter = pr.decoder
-    x, a, h = torch.randn(1, hidden), torch.randn(1, hidden), torch.randn(1, inter)
-    inputs = dict(q_proj=x, k_proj=x, v_proj=x, o_proj=a, gate_proj=x, up_proj=x, down_proj=h)
-    for label, holders in (("QuantLinear x7", unfused), ("fused, 4 launches", fused)):
-        calls = [(holders[parent].get_submodule(name), inputs[name])
-                 for parent in DECODER_LINEARS for name in DECODER_LINEARS[parent]]
-        print(f"{label:18s} {per_layer_us(calls):6.1f} us of Python per decoder layer (median, launches stubbed)")
+    saved = w4a16.use_triton, w4a16.prepare_w4a16
+    w4a16.use_triton = lambda *args, **kwargs: True
+    w4a16.prepare_w4a16 = lambda m, k, n, dtype, device, **_: lambda *args: torch.empty(m, n, dtype=dtype)
+    try:
+        pr = PROFILES["tiny"]
+        unfused = _decoder_layer(pr, torch.float32, torch.device("cpu"))
+        fused = {parent: copy.deepcopy(unfused[parent]) for parent in DECODER_LINEARS}
+        for holder in fused.values():
+            fuse_projections(holder)
+        hidden, _, inter = pr.decoder
+        x, a, h = torch.randn(1, hidden), torch.randn(1, hidden), torch.randn(1, inter)
+        inputs = dict(q_proj=x, k_proj=x, v_proj=x, o_proj=a, gate_proj=x, up_proj=x, down_proj=h)
+        out = {}
+        for label, holders in (("7 QuantLinear", unfused), ("fused, 4 launches", fused)):
+            calls = [(holders[parent].get_submodule(name), inputs[name])
+                     for parent in DECODER_LINEARS for name in DECODER_LINEARS[parent]]
+            out[label] = median_us(lambda calls=calls: [layer(inp) for layer, inp in calls])
+        return out
+    finally:
+        w4a16.use_triton, w4a16.prepare_w4a16 = saved
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "host_cost.json")
+    args = ap.parse_args(argv)
+    import triton
+
+    result = {"benchmark": "host_cost", "host": {"machine": platform.machine(), "python": platform.python_version(),
+                                                 "torch": torch.__version__, "triton": triton.__version__}}
+    try:
+        result["launch_us"] = launch_path_us()
+    except NoToolchain as err:
+        print(f"launch path: skipped, no offline CUDA toolchain in this triton ({err})")
+    result["layer_python_us"] = layer_python_us()
+    for section in ("launch_us", "layer_python_us"):
+        for label, us in result.get(section, {}).items():
+            print(f"{section:16s} {label:22s} {us:7.2f} us")
+    launch = result.get("launch_us")
+    if launch:  # per decoder layer at M = 1: qoqopt's Python + one launch path per launch
+        py = result["layer_python_us"]
+        estimate = {
+            "7 launches via Triton dispatch": py["7 QuantLinear"] + 7 * launch["M=1 Triton dispatch"],
+            "7 direct launches": py["7 QuantLinear"] + 7 * launch["M=1 direct"],
+            "fused: 4 direct launches": py["fused, 4 launches"] + 4 * launch["M=1 direct"],
+        }
+        result["layer_host_us_estimate"] = estimate
+        for label, us in estimate.items():
+            print(f"{'layer host est.':16s} {label:32s} {us:7.1f} us")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"saved {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,7 @@ hand: it says what the SM must issue per weight or per tile, not how long that t
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import subprocess
@@ -50,6 +51,51 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, options: dict, arc
         if "ptxas" in str(err) or "backend" in str(err).lower():
             raise NoToolchain(str(err)) from err
         raise
+
+
+class RecordingDriver:
+    """Triton's active driver with no GPU behind it: kernels compile for sm_90 as usual, and
+    "launching" one records the argument list its launcher receives (device 0, stream 0)."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", 90, 32)
+        self.launches: list[tuple] = []
+        self.utils = _StubUtils()
+        self.launcher_cls = lambda src, metadata: lambda *args: self.launches.append(args)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+class _StubUtils:
+    def get_device_properties(self, device):  # an H100/H200's limits
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+    def load_binary(self, name, kernel, shared, device):
+        # module, function (stand-ins: a loaded kernel has both), registers, spills, max threads per block
+        return object(), object(), 0, 0, 1024
+
+
+@contextlib.contextmanager
+def recording_driver():
+    """:class:`RecordingDriver` as Triton's active driver for the duration."""
+    from triton.runtime.driver import driver
+
+    saved = driver._active
+    stub = RecordingDriver()
+    driver.set_active(stub)
+    try:
+        yield stub
+    finally:
+        driver._active = saved
 
 
 def _tool(name: str) -> Path | None:

@@ -349,12 +349,14 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
     """Plan ``[m, k] @ [k, n]`` once; returns ``launch(x, qweight, qzeros, scales, bias=None, out=None)``.
 
     A decode step calls each linear with the same M again and again: ``QuantLinear`` keeps one launch
-    per M, leaving only the output allocation and the kernel launch on the per-call path. The launch
-    holds no tensors (the layer's are passed in, checked by the caller), so it never pins a weight.
+    per M, leaving only the output allocation and the kernel launch on the per-call path, and after
+    its first call the launch goes to the compiled kernel directly, past Triton's dispatch
+    (:class:`~qoqopt.kernels._triton.BoundLaunch`). The launch holds no tensors (the layer's are
+    passed in, checked by the caller), so it never pins a weight.
     """
     plan = launch_plan(m, n, k, bits=bits, group_size=group_size, zero_offset=zero_offset,
                        has_bias=has_bias, dtype=dtype, device=device, **config)
-    matmul = (_w4a16_gemv_kernel if plan.gemv else _w4a16_kernel)[device][plan.grid]
+    matmul = (_w4a16_gemv_kernel if plan.gemv else _w4a16_kernel)[device].bind(plan.grid, plan.constexprs)
     tiles = math.prod(plan.grid[:-1])
 
     def launch(x, qweight, qzeros, scales, bias=None, out=None) -> torch.Tensor:
@@ -366,9 +368,9 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
         operands = (x, qweight, qzeros, scales, bias if bias is not None else scales, out, partials, counters)
         strides = (qweight.stride(0), qzeros.stride(0), scales.stride(0), plan.k_per_split)
         if plan.gemv:
-            matmul(*operands, n, k, *strides, FP32_MAGIC_BITS.value, **plan.constexprs)
+            matmul(*operands, n, k, *strides, FP32_MAGIC_BITS.value)
         else:
-            matmul(*operands, m, n, k, x.stride(0), *strides, **plan.constexprs)
+            matmul(*operands, m, n, k, x.stride(0), *strides)
         return out
 
     return launch

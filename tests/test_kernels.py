@@ -345,8 +345,9 @@ def test_quant_linear_matches_dequantized_matmul(dtype, m, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_quant_linear_planned_launches_follow_its_tensors(dtype):
     """Decode launches are planned once per M but take the layer's tensors at each call: a replaced
-    buffer or a deep copy changed in place is what runs. Split-K scratch is shared and left with
-    its counters at zero after every launch."""
+    buffer (of the same or another dtype) or a deep copy changed in place is what runs. On a GPU the
+    repeated calls launch the compiled kernel directly, past Triton's dispatch. Split-K scratch is
+    shared and left with its counters at zero after every launch."""
     import copy
 
     from qoqopt.kernels.w4a16 import QuantLinear, splitk_workspace
@@ -367,6 +368,8 @@ def test_quant_linear_planned_launches_follow_its_tensors(dtype):
         twin = copy.deepcopy(linear)
         twin.scales.mul_(2)  # in place, in the copy only
         assert_close(twin(xs[0]), 4 * outs[0].float(), dtype, scale=16)
+        assert_close(linear(xs[0]), 2 * outs[0].float(), dtype, scale=8)
+        linear.scales = linear.scales.float()  # another dtype: Triton specialises anew, so no direct launch
         assert_close(linear(xs[0]), 2 * outs[0].float(), dtype, scale=8)
         linear(torch.randn(40, 256, device=DEVICE, dtype=dtype))  # prefill sizes are not kept
         assert len(linear._launchers) == 2

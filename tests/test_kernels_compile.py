@@ -74,3 +74,51 @@ def test_w4a16_compiles_without_spills(zero_offset):
         print(f"w4a16 M={m} {kind} split={plan.split}: {_resource_usage(compiled)}")
         usage = resource_usage(compiled)
         assert usage is None or usage["stack_bytes"] == 0, (m, k, n, usage)
+
+
+@pytest.fixture
+def recording_driver():
+    from benchmarks.offline_compile import recording_driver
+
+    with recording_driver() as driver:
+        yield driver
+
+
+@pytest.mark.parametrize("m", [1, 16])  # the one-row GEMV (a 2-D grid) and the tensor-core decode kernel
+def test_bound_launch_hands_the_kernel_what_tritons_dispatch_hands_it(recording_driver, monkeypatch, m):
+    """After its first launch a planned W4A16 launch skips Triton's dispatch and calls the compiled
+    kernel's runner itself. The reference is Triton's own dispatch: the launcher must receive the same
+    grid and arguments, and whatever Triton would specialise differently must go through it again."""
+    from qoqopt.kernels import w4a16
+
+    workspace = (torch.zeros(1 << 16), torch.zeros(64, dtype=torch.int32))  # CPU stand-ins for the CUDA scratch
+    monkeypatch.setattr(w4a16, "num_sms", lambda device: 132)
+    monkeypatch.setattr(w4a16, "splitk_workspace", lambda device, numel, tiles: workspace)
+    prepare_w4a16 = w4a16.prepare_w4a16
+    k, n = 256, 512
+    launch = prepare_w4a16(m, k, n, torch.float16, torch.device("cuda"), has_bias=False, group_size=128,
+                           zero_offset=1)
+    x = torch.randn(m, k + 8, dtype=torch.float16)
+    qweight = torch.zeros(k // 8, n, dtype=torch.int32)
+    qzeros = torch.zeros(2, n // 8, dtype=torch.int32)
+    scales = torch.ones(2, n, dtype=torch.float16)
+    out = torch.empty(m, n, dtype=torch.float16)
+
+    def call(x):
+        _offline(launch, x, qweight, qzeros, scales, None, out)
+
+    aligned = x[:, :k]
+    call(aligned)  # compiles, then goes through Triton's dispatch
+    call(aligned)  # bound: straight to the runner
+    dispatched, direct = recording_driver.launches
+    # (grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook, *kernel args);
+    # the launch metadata is a fresh object per launch (only the launch hooks read it)
+    assert len(direct) == len(dispatched) > 9
+    for i, (a, b) in enumerate(zip(dispatched, direct)):
+        if i != 6:
+            assert a is b if isinstance(a, torch.Tensor) else a == b, (i, a, b)
+    bound = launch.__closure__  # the BoundLaunch is the launch's only kernel handle
+    matmul = next(c.cell_contents for c in bound if type(c.cell_contents).__name__ == "BoundLaunch")
+    assert matmul.dispatches == 1
+    call(x[:, 1 : k + 1])  # 2 bytes off 16-byte alignment: Triton specialises on it, so back through dispatch
+    assert matmul.dispatches == 2 and len(recording_driver.launches) == 3
