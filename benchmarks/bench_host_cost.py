@@ -18,7 +18,6 @@ rows time the whole thing on a GPU. Results print and go to --json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import DECODER_LINEARS, PROFILES, _decoder_layer  # noqa: E402
+from bench_kernels import PROFILES, _decoder_layer, fused_copy, layer_calls, layer_inputs  # noqa: E402
 from offline_compile import NoToolchain, recording_driver  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +48,15 @@ def median_us(fn, rounds: int = 30, inner: int = 200) -> float:
     return statistics.median(samples)
 
 
+def dispatch_every_call(variant, grid, constexprs: dict):
+    """The launch as it was before BoundLaunch: through Triton's dispatch at every call."""
+    launch = variant[grid]
+    return lambda *args: launch(*args, **constexprs)
+
+
 def launch_path_us() -> dict[str, float]:
-    """Per W4A16 launch (gate/up at 7B, M = 1 and 16): Triton's dispatch vs the bound direct launch."""
+    """Per W4A16 launch (gate/up at 7B, M = 1 and 16): Triton's dispatch vs the bound direct launch,
+    each behind the same planned launch (operands, split-K scratch, strides)."""
     from qoqopt.kernels import _triton, w4a16
 
     k, n, dtype, cuda = 3584, 18944, torch.bfloat16, torch.device("cuda")
@@ -62,23 +68,21 @@ def launch_path_us() -> dict[str, float]:
     with recording_driver() as driver:
         for m in (1, 16):
             x, y = torch.empty(m, k, dtype=dtype), torch.empty(m, n, dtype=dtype)
-            launch = w4a16.prepare_w4a16(m, k, n, dtype, cuda, has_bias=False, group_size=128, zero_offset=1)
-            launch(x, *tensors, None, y)  # compiles
-            out[f"M={m} direct"] = median_us(lambda: launch(x, *tensors, None, y))
-            signature = _triton.launch_signature
-            _triton.launch_signature = lambda args: object()  # never equal: every call dispatches
-            try:
-                out[f"M={m} Triton dispatch"] = median_us(lambda: launch(x, *tensors, None, y))
-            finally:
-                _triton.launch_signature = signature
-            driver.launches.clear()
+            for label, bind in (("direct", _triton._Compiled.bind), ("Triton dispatch", dispatch_every_call)):
+                saved, _triton._Compiled.bind = _triton._Compiled.bind, bind
+                try:
+                    launch = w4a16.prepare_w4a16(m, k, n, dtype, cuda, has_bias=False, group_size=128, zero_offset=1)
+                finally:
+                    _triton._Compiled.bind = saved
+                launch(x, *tensors, None, y)  # compiles (once per M) and binds
+                out[f"M={m} {label}"] = median_us(lambda: launch(x, *tensors, None, y))
+                driver.launches.clear()
     return out
 
 
 def layer_python_us() -> dict[str, float]:
     """qoqopt's Python for one decoder layer's linears at M = 1, the launch stubbed."""
     from qoqopt.kernels import w4a16
-    from qoqopt.kernels.fused_projections import fuse_projections
 
     saved = w4a16.use_triton, w4a16.prepare_w4a16
     w4a16.use_triton = lambda *args, **kwargs: True
@@ -86,18 +90,9 @@ def layer_python_us() -> dict[str, float]:
     try:
         pr = PROFILES["tiny"]
         unfused = _decoder_layer(pr, torch.float32, torch.device("cpu"))
-        fused = {parent: copy.deepcopy(unfused[parent]) for parent in DECODER_LINEARS}
-        for holder in fused.values():
-            fuse_projections(holder)
-        hidden, _, inter = pr.decoder
-        x, a, h = torch.randn(1, hidden), torch.randn(1, hidden), torch.randn(1, inter)
-        inputs = dict(q_proj=x, k_proj=x, v_proj=x, o_proj=a, gate_proj=x, up_proj=x, down_proj=h)
-        out = {}
-        for label, holders in (("7 QuantLinear", unfused), ("fused, 4 launches", fused)):
-            calls = [(holders[parent].get_submodule(name), inputs[name])
-                     for parent in DECODER_LINEARS for name in DECODER_LINEARS[parent]]
-            out[label] = median_us(lambda calls=calls: [layer(inp) for layer, inp in calls])
-        return out
+        inputs = layer_inputs(pr, 1, torch.float32, torch.device("cpu"))
+        return {label: median_us(layer_calls(holders, inputs))
+                for label, holders in (("7 QuantLinear", unfused), ("fused, 4 launches", fused_copy(unfused)))}
     finally:
         w4a16.use_triton, w4a16.prepare_w4a16 = saved
 

@@ -377,32 +377,48 @@ def _decoder_layer(pr: Profile, dtype, device) -> dict[str, nn.Module]:
     return dict(parts, dense=dense)
 
 
-def bench_decoder_layer(b: Bench, pr: Profile) -> None:
-    """A decode step's matmuls for one layer, called as transformers calls them (attention output
-    and MLP activation stood in by random tensors): q, k, v and gate, up each read the same input."""
+def fused_copy(holders: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """A copy of :func:`_decoder_layer`'s holders with q/k/v and gate/up fused as ``apply`` fuses them."""
     from qoqopt.kernels.fused_projections import fuse_projections
 
-    dtype, dev = b.dtype, b.device
-    unfused = _decoder_layer(pr, dtype, dev)
-    fused = {name: copy.deepcopy(unfused[name]) for name in ("self_attn", "mlp")}
+    fused = {parent: copy.deepcopy(holders[parent]) for parent in DECODER_LINEARS}
     for holder in fused.values():
         fuse_projections(holder)
-    dense = unfused["dense"]
+    return fused
+
+
+def layer_inputs(pr: Profile, m: int, dtype, device) -> dict[str, torch.Tensor]:
+    """Each projection's input: q, k, v and gate, up read the same tensor, as in transformers."""
     hidden, _, inter = pr.decoder
+    x, a, h = (torch.randn(m, width, device=device, dtype=dtype) for width in (hidden, hidden, inter))
+    return dict(q_proj=x, k_proj=x, v_proj=x, o_proj=a, gate_proj=x, up_proj=x, down_proj=h)
+
+
+def layer_calls(holders: dict[str, nn.Module], inputs: dict[str, torch.Tensor]):
+    """``() -> outputs`` calling the 7 projections by name, in transformers' order (fused holders
+    answer q/k/v and gate/up from slices of the shared output)."""
+    calls = [(holders[parent].get_submodule(name), inputs[name])
+             for parent in DECODER_LINEARS for name in DECODER_LINEARS[parent]]
+    return lambda: [layer(inp) for layer, inp in calls]
+
+
+def bench_decoder_layer(b: Bench, pr: Profile) -> None:
+    """A decode step's matmuls for one layer, called as transformers calls them (attention output
+    and MLP activation stood in by random tensors)."""
+    dtype, dev = b.dtype, b.device
+    unfused = _decoder_layer(pr, dtype, dev)
+    fused = fused_copy(unfused)
+    dense = unfused["dense"]
     q_bytes = sum(w.numel() / 2 + w.numel() / pr.group_size * 2.5 for w in dense.values())
     for m in (1, 16):
-        x, a, h = (torch.randn(m, width, device=dev, dtype=dtype) for width in (hidden, hidden, inter))
-        inputs = dict(q_proj=x, k_proj=x, v_proj=x, o_proj=a, gate_proj=x, up_proj=x, down_proj=h)
+        inputs = layer_inputs(pr, m, dtype, dev)
         case = f"7 linears M={m}"
         flops = 2 * m * sum(w.numel() for w in dense.values())
         peer = b.add("layer", case, f"{_dense_name(dtype)} x7", lambda: [F.linear(inputs[n], w) for n, w in dense.items()],
                      bytes_moved=dtype.itemsize * sum(w.numel() for w in dense.values()), flops=flops)
         impl = "qoqopt" if b.triton else "torch-ref"  # QuantLinear falls back by itself
         for impl, holders in ((f"{impl} x7", unfused), (f"{impl} fused x4", fused)):
-            # by name, in transformers' call order: the fused holders answer q/k/v and gate/up from slices
-            calls = [(holders[parent].get_submodule(name), inputs[name])
-                     for parent in ("self_attn", "mlp") for name in DECODER_LINEARS[parent]]
-            b.add("layer", case, impl, lambda calls=calls: [layer(inp) for layer, inp in calls], peer, q_bytes, flops)
+            b.add("layer", case, impl, layer_calls(holders, inputs), peer, q_bytes, flops)
 
 
 # ----------------------------------------------------------------------------- whole vision tower

@@ -81,8 +81,11 @@ class BoundLaunch:
     (which compiles if need be), and later calls whose arguments Triton would specialise the same
     way go straight to the compiled kernel: the same runner, with the same argument list (runtime
     arguments, then the constexprs in signature order) that the dispatch passes it. Anything that
-    could change the specialisation (a tensor's dtype or 16-byte alignment, any integer's value)
-    sends the call through the dispatch again, which rebinds.
+    could change the specialisation (a tensor's dtype or 16-byte alignment, a scalar's type or value,
+    the current device) sends the call through the dispatch again, which rebinds. The runner reads
+    the current stream and Triton's launch hooks at each call, as the dispatch does; what a direct
+    launch does not see is a change of Triton's debug and instrumentation knobs, or its pre-run
+    hooks, after the first call.
     """
 
     def __init__(self, variant: _Compiled, grid, constexprs: dict):
@@ -92,23 +95,36 @@ class BoundLaunch:
         self.dispatches = 0  # calls that went through Triton's dispatch (tests count them)
 
     def __call__(self, *args) -> None:
-        if self.runner is not None and launch_signature(args) == self.signature:
+        signature = [_current_device(), *launch_signature(args)]
+        if self.runner is not None and signature == self.signature:
             self.runner(*args, *self.tail)
             return
         self.dispatches += 1
         kernel = self.variant[self.grid](*args, **self.constexprs)
         kernel = kernel.result() if hasattr(kernel, "result") else kernel  # an async compile's future
+        if kernel is None:  # a cache hook took the launch over: nothing to bind
+            self.runner = None
+            return
         params = self.variant.fn.signature.parameters
         names = list(params)[len(args):]
         self.tail = tuple(self.constexprs[n] if n in self.constexprs else params[n].default for n in names)
         grid = tuple(self.grid) + (1,) * (3 - len(self.grid))  # the runner reads three dimensions
-        self.runner, self.signature = kernel[grid], launch_signature(args)
+        self.runner, self.signature = kernel[grid], signature
+
+
+def _current_device() -> int:
+    """The device Triton's dispatch would launch on (its driver's notion, as the dispatch asks it)."""
+    from triton.runtime.driver import driver
+
+    return driver.active.get_current_device()
 
 
 def launch_signature(args) -> list:
     """What Triton specialises a launch on, per argument: a tensor's dtype and its address modulo
-    16, or a scalar's value (stricter than Triton, which only looks at ==1 and %16)."""
-    return [(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args]  # a list: faster
+    16, an int's value (stricter than Triton, which looks at ==1, %16 and the width), or another
+    scalar's type and value (True, 1 and 1.0 are equal but compile as i1, i32 and fp32)."""
+    return [(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a if type(a) is int else (type(a), a)
+            for a in args]  # a list comprehension: faster than a tuple of a generator
 
 
 class _Interpreted:

@@ -32,10 +32,14 @@ from .w4a16 import DECODE_MAX_M, QuantLinear
 class Fusion:
     fused: str  # name of the fused layer on the parent
     parts: tuple[str, ...]  # the sibling projections, in output-column order
+    # Parts whose prefill output may be kept as it comes (v goes into the KV cache unchanged): they
+    # get their own copy, or a cache entry would pin the whole fused output. The others are consumed
+    # at once (q and k by RoPE, gate and up by the gating), so views cost nothing.
+    kept: tuple[str, ...] = ()
 
 
 FUSIONS = (
-    Fusion("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    Fusion("qkv_proj", ("q_proj", "k_proj", "v_proj"), kept=("v_proj",)),
     Fusion("gate_up_proj", ("gate_proj", "up_proj")),
 )
 QUANT_NAMES = ("qweight", "qzeros", "scales", "bias")  # split along N; ``perm`` is shared
@@ -44,16 +48,22 @@ QUANT_NAMES = ("qweight", "qzeros", "scales", "bias")  # split along N; ``perm``
 class SharedProjection:
     """The fused layer and the last output it computed, handed out one slice per sibling.
 
-    A plain object, not a module: every slice refers to it, and the parent owns the layer.
+    A plain object, not a module: every slice refers to it, and the parent owns the layer. The
+    cache never outlives one forward of the parent (a hook clears it), so a sibling that was not
+    called, or an exception, leaves nothing pinned. Inference-mode tensors have no version counter:
+    an input changed in place between two siblings of one forward would go unnoticed there
+    (transformers' layers never do that).
     """
 
-    def __init__(self, layer: QuantLinear, widths: tuple[int, ...], has_bias: tuple[bool, ...]):
+    def __init__(self, layer: QuantLinear, widths: tuple[int, ...], has_bias: tuple[bool, ...],
+                 kept: tuple[int, ...] = ()):
         self.layer = layer
         self.widths = widths
         self.has_bias = has_bias  # a part without bias gets zeros in the fused one, and no key on save
-        self._clear()
+        self.kept = kept  # indexes of the parts copied out at prefill (see Fusion.kept)
+        self.clear()
 
-    def _clear(self) -> None:
+    def clear(self, *_) -> None:
         self._input = self._version = self._outputs = None
         self._pending: set[int] = set()
 
@@ -62,13 +72,12 @@ class SharedProjection:
             self._pending.discard(index)
             out = self._outputs[index]
             if not self._pending:
-                self._clear()  # drop the references: the input and output belong to the caller now
+                self.clear()  # drop the references: the input and output belong to the caller now
             return out
         y = self.layer(x)
         outputs = y.split(self.widths, dim=-1)
-        if y.numel() > DECODE_MAX_M * y.shape[-1]:
-            # Prefill: a KV cache may keep v as it comes; a view would keep all of qkv alive with it.
-            outputs = tuple(o.contiguous() for o in outputs)
+        if self.kept and y.numel() > DECODE_MAX_M * y.shape[-1]:  # prefill (at decode, views are small)
+            outputs = tuple(o.contiguous() if i in self.kept else o for i, o in enumerate(outputs))
         self._input, self._version, self._outputs = x, tensor_version(x), outputs
         self._pending = set(range(len(self.widths))) - {index}
         return outputs[index]
@@ -95,7 +104,6 @@ def fusion_blocker(layers: list[nn.Module]) -> str | None:
     """Why these sibling layers cannot run as one QuantLinear, or None."""
     if not all(isinstance(layer, QuantLinear) for layer in layers):
         return "not all are qoqopt QuantLinear"
-    first = layers[0]
     same = ("in_features", "bits", "group_size", "zero_offset")
     for name in same:
         if len({getattr(layer, name) for layer in layers}) > 1:
@@ -130,7 +138,11 @@ def fuse_projections(model: nn.Module, skipped: dict[str, str] | None = None) ->
     are, with the reason in ``skipped`` (keyed by the parent's path).
     """
     counts = {fusion.fused: 0 for fusion in FUSIONS}
-    for path, parent in list(model.named_modules()):
+    # Parents only: a list of every module would keep each replaced layer's weights alive (beside
+    # their fused copy) until the last group is fused.
+    parents = [(path, module) for path, module in model.named_modules()
+               if any(isinstance(getattr(module, name, None), QuantLinear) for f in FUSIONS for name in f.parts)]
+    for path, parent in parents:
         for fusion in FUSIONS:
             layers = [getattr(parent, name, None) for name in fusion.parts]
             if not any(isinstance(layer, QuantLinear) for layer in layers):
@@ -147,10 +159,12 @@ def fuse_projections(model: nn.Module, skipped: dict[str, str] | None = None) ->
 
 def _fuse(parent: nn.Module, fusion: Fusion, layers: list[QuantLinear]) -> None:
     shared = SharedProjection(concat_layers(layers), tuple(layer.out_features for layer in layers),
-                              tuple(layer.bias is not None for layer in layers))
+                              tuple(layer.bias is not None for layer in layers),
+                              tuple(i for i, name in enumerate(fusion.parts) if name in fusion.kept))
     parent.add_module(fusion.fused, shared.layer)
     for index, name in enumerate(fusion.parts):
         setattr(parent, name, ProjectionSlice(shared, index))
+    parent.register_forward_hook(shared.clear, always_call=True)
     parent.register_state_dict_post_hook(_SplitOnSave(fusion, shared))
     parent.register_load_state_dict_pre_hook(_JoinOnLoad(fusion, shared))
 
@@ -188,9 +202,9 @@ class _JoinOnLoad:
             parts = [state_dict.pop(f"{prefix}{part}.{name}", None) for part in self.fusion.parts]
             if all(p is None for p in parts):
                 continue
-            if name == "bias":  # zeros where a part has none, as at fusion time
-                parts = [p if p is not None else self.shared.layer.scales.new_zeros(width)
-                         for p, width in zip(parts, self.shared.widths)]
+            if name == "bias":  # zeros where a part has none, as at fusion time (beside the given ones)
+                given = next(p for p in parts if p is not None)
+                parts = [p if p is not None else given.new_zeros(width) for p, width in zip(parts, self.shared.widths)]
             elif any(p is None for p in parts):
                 errors.append(f"{prefix}: {name} is missing for some of {', '.join(self.fusion.parts)}")
                 continue

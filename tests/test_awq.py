@@ -60,7 +60,7 @@ def test_output_error_is_the_mean_squared_output_difference(tokens):
 
 def test_clip_search_picks_each_groups_least_output_error():
     """Against the definition, in float64 and per candidate: sum over tokens of the group's
-    squared output error, least over the shrink grid (first wins a tie, as in the search)."""
+    squared output error, least over the shrink grid."""
     x = _outlier_inputs(512, 128, seed=3)
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(4)) * 0.05
     w[:, 5] *= 8
@@ -72,9 +72,14 @@ def test_clip_search_picks_each_groups_least_output_error():
         d = (group_fake_quantize(w, SPEC, m) - w).double().reshape(64, groups, gs)
         errors.append(torch.einsum("tgc,rgc->trg", x.double().reshape(-1, groups, gs), d).pow(2).sum(0))
         bounds.append(m)
-    best = torch.stack(errors).argmin(dim=0)
-    expected = torch.stack(bounds).gather(0, best[None]).squeeze(0)
-    torch.testing.assert_close(search_clip(w, x, SPEC, n_grid=n_grid), expected, rtol=0, atol=0)
+    errors, bounds = torch.stack(errors), torch.stack(bounds)  # [candidates, R, G]
+    chosen = search_clip(w, x, SPEC, n_grid=n_grid)
+    picked = (bounds == chosen).double().argmax(dim=0)  # each choice is one of the candidates, exactly
+    assert (bounds == chosen).any(dim=0).all()
+    # its error is the least (an fp32 near-tie may go either way: equal to 1e-6 relative is a tie)
+    least = errors.min(dim=0).values
+    assert (errors.gather(0, picked[None])[0] <= least * (1 + 1e-6)).all()
+    assert (picked == errors.argmin(dim=0)).float().mean() > 0.95
 
 
 def test_awq_quantize_layout():

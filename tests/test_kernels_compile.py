@@ -104,21 +104,31 @@ def test_bound_launch_hands_the_kernel_what_tritons_dispatch_hands_it(recording_
     scales = torch.ones(2, n, dtype=torch.float16)
     out = torch.empty(m, n, dtype=torch.float16)
 
-    def call(x):
-        _offline(launch, x, qweight, qzeros, scales, None, out)
+    def call(x, qweight=qweight):
+        launch(x, qweight, qzeros, scales, None, out)
 
+    def same_arguments(dispatched, direct):
+        # (grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook,
+        # *kernel args); the launch metadata is a fresh object per launch (only launch hooks read it)
+        assert len(direct) == len(dispatched) > 9
+        for i, (a, b) in enumerate(zip(dispatched, direct)):
+            if i != 6:
+                assert a is b if isinstance(a, torch.Tensor) else a == b, (i, a, b)
+
+    launches = recording_driver.launches
     aligned = x[:, :k]
     call(aligned)  # compiles, then goes through Triton's dispatch
     call(aligned)  # bound: straight to the runner
-    dispatched, direct = recording_driver.launches
-    # (grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook, *kernel args);
-    # the launch metadata is a fresh object per launch (only the launch hooks read it)
-    assert len(direct) == len(dispatched) > 9
-    for i, (a, b) in enumerate(zip(dispatched, direct)):
-        if i != 6:
-            assert a is b if isinstance(a, torch.Tensor) else a == b, (i, a, b)
-    bound = launch.__closure__  # the BoundLaunch is the launch's only kernel handle
-    matmul = next(c.cell_contents for c in bound if type(c.cell_contents).__name__ == "BoundLaunch")
+    same_arguments(*launches)
+    matmul = next(c.cell_contents for c in launch.__closure__ if type(c.cell_contents).__name__ == "BoundLaunch")
     assert matmul.dispatches == 1
-    call(x[:, 1 : k + 1])  # 2 bytes off 16-byte alignment: Triton specialises on it, so back through dispatch
-    assert matmul.dispatches == 2 and len(recording_driver.launches) == 3
+    # One thing Triton specialises on changes at a time: a qweight row stride (an int argument) of
+    # n + 8; then x 2 bytes off 16-byte alignment. Each goes back through the dispatch, and is bound again.
+    wider = torch.zeros(k // 8, n + 8, dtype=torch.int32)[:, :n]
+    for changed in (dict(x=aligned, qweight=wider), dict(x=x[:, 1 : k + 1], qweight=wider)):
+        dispatches = matmul.dispatches
+        del launches[:]
+        call(**changed)
+        call(**changed)
+        assert matmul.dispatches == dispatches + 1
+        same_arguments(*launches)

@@ -97,9 +97,10 @@ def test_fused_siblings_match_the_dequantized_weights_with_one_launch(interprete
         for out, ref in zip(outs, attn.reference(x)):
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert len(calls) == 1
-    # Prefill outputs own their memory (a KV cache holding v must not pin all of qkv); decode's are views.
+    # At prefill v owns its memory (a KV cache holding it must not pin all of qkv); the rest are views.
     owned = [out.untyped_storage().nbytes() == out.numel() * out.element_size() for out in outs]
-    assert owned == [rows > 16] * 3
+    assert owned == [False, False, rows > 16]
+    assert attn.q_proj.shared._outputs is None  # nothing held once the siblings have taken their columns
 
 
 def test_other_orders_and_inputs_still_get_their_own_answer(interpreter):
@@ -122,6 +123,15 @@ def test_other_orders_and_inputs_still_get_their_own_answer(interpreter):
     # Launches: v(x), k(y) (another input), q(x) (ditto), q(x) (q already taken) and k(x) after the
     # in-place change; the second v(x) took its columns of the third launch's output.
     assert len(calls) == 5
+    assert attn.q_proj.shared._outputs is not None  # v(x) is still due...
+    with torch.no_grad():
+        attn(y)  # ... until the parent's forward ends: its hook drops whatever was not taken
+        attn.q_proj(y)
+        attn.v_proj(y)
+    assert attn.q_proj.shared._outputs is not None
+    with pytest.raises(RuntimeError), torch.no_grad():
+        attn(torch.randn(2, 63, device=DEVICE))  # an exception inside the forward clears it too
+    assert attn.q_proj.shared._outputs is None
 
 
 def test_groups_that_cannot_be_fused_are_left_alone_with_the_reason():

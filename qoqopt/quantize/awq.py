@@ -117,13 +117,18 @@ def search_scale(
     return ScaleSearch(expand(base), alpha, use_w, loss, unscaled, base)
 
 
+def gram_error(d: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``sum_t (x_t . d_r)^2`` for each row ``d_r`` of ``d`` ``[..., R, C]``, given ``gram = x^T x``
+    ``[..., C, C]`` (batched over leading dims): the squared output error of a weight error ``d``."""
+    return ((d @ gram) * d).sum(dim=-1)
+
+
 def output_mse(x: torch.Tensor, weight: torch.Tensor):
     """``error(wq) = mean((x @ wq.T - x @ weight.T) ** 2)`` over ``x`` ``[T, K]``, for the many candidate
     ``wq`` of one ``weight`` ``[N, K]`` that a grid search tries.
 
     With more tokens than input channels it is read off the Gram matrix: ``sum_n d_n (x^T x) d_n^T
-    / (T N)`` with ``d = wq - weight`` costs N K^2 per candidate against T K N, and subtracts no two
-    large outputs from each other.
+    / (T N)`` with ``d = wq - weight`` costs N K^2 per candidate against T K N.
     """
     t, k = x.shape
     n = weight.shape[0]
@@ -131,8 +136,7 @@ def output_mse(x: torch.Tensor, weight: torch.Tensor):
         gram = x.t() @ x
 
         def error(wq: torch.Tensor) -> float:
-            d = wq - weight
-            return ((d @ gram) * d).sum().item() / (t * n)
+            return gram_error(wq - weight, gram).sum().item() / (t * n)
     else:
         ref = x @ weight.t()
 
@@ -172,7 +176,7 @@ def search_clip(
         for i in range(int(max_shrink * n_grid)):
             m = org_max * (1 - i / n_grid)
             d = (group_fake_quantize(w.reshape(-1, k), spec, m).reshape_as(w) - w).transpose(0, 1)  # [G, R, gs]
-            err = ((d @ gram) * d).sum(dim=2).t()  # [R, G]
+            err = gram_error(d, gram).t()  # [R, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, m, best)
