@@ -18,6 +18,7 @@ import torch
 try:  # triton is an optional extra (qoqopt[kernels]); without it every op runs its torch reference
     import triton
     import triton.language as tl
+    from triton.runtime.driver import driver as _DRIVER  # the active backend's, as the dispatch asks it
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only on machines without triton
@@ -114,9 +115,7 @@ class BoundLaunch:
 
 def _current_device() -> int:
     """The device Triton's dispatch would launch on (its driver's notion, as the dispatch asks it)."""
-    from triton.runtime.driver import driver
-
-    return driver.active.get_current_device()
+    return _DRIVER.active.get_current_device()
 
 
 def launch_signature(args) -> list:
