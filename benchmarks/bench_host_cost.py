@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kernels import PROFILES, _decoder_layer, fused_copy, layer_calls, layer_inputs  # noqa: E402
-from offline_compile import NoToolchain, recording_driver  # noqa: E402
+from offline_compile import NoToolchain, offline_w4a16, w4a16_operands  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,22 +60,19 @@ def launch_path_us() -> dict[str, float]:
     from qoqopt.kernels import _triton, w4a16
 
     k, n, dtype, cuda = 3584, 18944, torch.bfloat16, torch.device("cuda")
-    tensors = (torch.empty(k // 8, n, dtype=torch.int32), torch.empty(k // 128, n // 8, dtype=torch.int32),
-               torch.empty(k // 128, n, dtype=torch.float16))
-    workspace = (torch.empty(1 << 20), torch.zeros(1 << 12, dtype=torch.int32))  # CPU stand-ins
-    w4a16.num_sms, w4a16.splitk_workspace = (lambda device: 132), (lambda device, numel, tiles: workspace)
     out = {}
-    with recording_driver() as driver:
+    with offline_w4a16() as driver:
         for m in (1, 16):
-            x, y = torch.empty(m, k, dtype=dtype), torch.empty(m, n, dtype=dtype)
+            x, qweight, qzeros, scales, _, y = w4a16_operands(m, k, n, dtype)
+            operands = (x, qweight, qzeros, scales, None, y)  # gate/up: no bias
             for label, bind in (("direct", _triton._Compiled.bind), ("Triton dispatch", dispatch_every_call)):
                 saved, _triton._Compiled.bind = _triton._Compiled.bind, bind
                 try:
                     launch = w4a16.prepare_w4a16(m, k, n, dtype, cuda, has_bias=False, group_size=128, zero_offset=1)
                 finally:
                     _triton._Compiled.bind = saved
-                launch(x, *tensors, None, y)  # compiles (once per M) and binds
-                out[f"M={m} {label}"] = median_us(lambda: launch(x, *tensors, None, y))
+                launch(*operands)  # compiles (once per M) and binds
+                out[f"M={m} {label}"] = median_us(lambda: launch(*operands))
                 driver.launches.clear()
     return out
 

@@ -151,30 +151,47 @@ def mma_loop_mix(compiled) -> collections.Counter | None:
     return min(mma, key=lambda c: sum(c.values()), default=collections.Counter())
 
 
-def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.dtype = torch.bfloat16,
-                  group_size: int = 128, sms: int = 132):
-    """Compile what ``w4a16_matmul`` would launch for ``[m, k] @ [k, n]`` on a GPU with ``sms`` SMs.
-
-    Returns ``(compiled, plan)``."""
+@contextlib.contextmanager
+def offline_w4a16(sms: int = 132):
+    """W4A16 launches planned for a CUDA GPU with ``sms`` SMs, made with CPU stand-in tensors under
+    :func:`recording_driver`: Triton's own dispatch specialises and compiles them exactly as at run
+    time (no hand-written signature or hints), and nothing runs."""
     from unittest import mock
 
     from qoqopt.kernels import w4a16
 
-    with mock.patch.object(w4a16, "num_sms", lambda device: sms):
+    workspace = (torch.empty(16), torch.zeros(16, dtype=torch.int32))  # split-K scratch: only pointers are passed
+    with mock.patch.object(w4a16, "num_sms", lambda device: sms), \
+            mock.patch.object(w4a16, "splitk_workspace", lambda device, numel, tiles: workspace), \
+            recording_driver() as driver:  # fmt: skip
+        yield driver
+
+
+def w4a16_operands(m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, group_size: int = 128) -> tuple:
+    """CPU stand-ins (uninitialised) for a launch's x, qweight, qzeros, scales, bias and out."""
+    return (torch.empty(m, k, dtype=dtype), torch.empty(k // 8, n, dtype=torch.int32),
+            torch.empty(k // group_size, n // 8, dtype=torch.int32), torch.empty(k // group_size, n, dtype=torch.float16),
+            torch.empty(n, dtype=torch.float16), torch.empty(m, n, dtype=dtype))
+
+
+def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.dtype = torch.bfloat16,
+                  group_size: int = 128, sms: int = 132):
+    """Compile what ``w4a16_matmul`` would launch for ``[m, k] @ [k, n]`` on a GPU with ``sms`` SMs,
+    through the launch itself (:func:`offline_w4a16`). Returns ``(compiled, plan)``."""
+    from qoqopt.kernels import w4a16
+
+    with offline_w4a16(sms):
         plan = w4a16.launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=zero_offset, has_bias=True,
                                  dtype=dtype, device=CUDA)
-    act = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    signature = {"x_ptr": act, "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
-                 "bias_ptr": "*fp16", "out_ptr": act, "partials_ptr": "*fp32", "counters_ptr": "*i32"}
-    ints = ("N", "K") if plan.gemv else ("M", "N", "K", "stride_xm")
-    signature |= {name: "i32" for name in (*ints, "stride_qw", "stride_qz", "stride_s", "k_per_split")}
-    if plan.gemv:
-        signature["magic_bits"] = "i32"
-    constexprs = dict(plan.constexprs)
-    options = {key: constexprs.pop(key) for key in ("num_warps", "num_stages")}
-    kernel = w4a16._w4a16_gemv_kernel if plan.gemv else w4a16._w4a16_kernel
-    ints = dict(M=m, N=n, K=k, k_per_split=plan.k_per_split, magic_bits=w4a16.FP32_MAGIC_BITS.value)
-    return compile_kernel(kernel, signature, constexprs, options, ints=ints), plan
+        launch = w4a16.prepare_w4a16(m, k, n, dtype, CUDA, has_bias=True, group_size=group_size,
+                                     zero_offset=zero_offset)
+        try:
+            launch(*w4a16_operands(m, k, n, dtype, group_size))
+        except RuntimeError as err:
+            if "ptxas" in str(err) or "backend" in str(err).lower():
+                raise NoToolchain(str(err)) from err
+            raise
+    return launch.matmul.kernel, plan
 
 
 def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120):

@@ -91,7 +91,7 @@ class BoundLaunch:
 
     def __init__(self, variant: _Compiled, grid, constexprs: dict):
         self.variant, self.grid, self.constexprs = variant, grid, constexprs
-        self.runner = self.signature = None
+        self.kernel = self.runner = self.signature = None  # kernel: the compiled kernel bound (for inspection)
         self.tail: tuple = ()
         self.dispatches = 0  # calls that went through Triton's dispatch (tests count them)
 
@@ -104,13 +104,13 @@ class BoundLaunch:
         kernel = self.variant[self.grid](*args, **self.constexprs)
         kernel = kernel.result() if hasattr(kernel, "result") else kernel  # an async compile's future
         if kernel is None:  # a cache hook took the launch over: nothing to bind
-            self.runner = None
+            self.kernel = self.runner = None
             return
         params = self.variant.fn.signature.parameters
         names = list(params)[len(args):]
         self.tail = tuple(self.constexprs[n] if n in self.constexprs else params[n].default for n in names)
         grid = tuple(self.grid) + (1,) * (3 - len(self.grid))  # the runner reads three dimensions
-        self.runner, self.signature = kernel[grid], signature
+        self.kernel, self.runner, self.signature = kernel, kernel[grid], signature
 
 
 def _current_device() -> int:

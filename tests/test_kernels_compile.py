@@ -77,27 +77,22 @@ def test_w4a16_compiles_without_spills(zero_offset):
 
 
 @pytest.fixture
-def recording_driver():
-    from benchmarks.offline_compile import recording_driver
+def offline_launches():
+    from benchmarks.offline_compile import offline_w4a16
 
-    with recording_driver() as driver:
+    with offline_w4a16() as driver:
         yield driver
 
 
 @pytest.mark.parametrize("m", [1, 16])  # the one-row GEMV (a 2-D grid) and the tensor-core decode kernel
-def test_bound_launch_hands_the_kernel_what_tritons_dispatch_hands_it(recording_driver, monkeypatch, m):
+def test_bound_launch_hands_the_kernel_what_tritons_dispatch_hands_it(offline_launches, m):
     """After its first launch a planned W4A16 launch skips Triton's dispatch and calls the compiled
     kernel's runner itself. The reference is Triton's own dispatch: the launcher must receive the same
     grid and arguments, and whatever Triton would specialise differently must go through it again."""
-    from qoqopt.kernels import w4a16
+    from qoqopt.kernels.w4a16 import prepare_w4a16
 
-    workspace = (torch.zeros(1 << 16), torch.zeros(64, dtype=torch.int32))  # CPU stand-ins for the CUDA scratch
-    monkeypatch.setattr(w4a16, "num_sms", lambda device: 132)
-    monkeypatch.setattr(w4a16, "splitk_workspace", lambda device, numel, tiles: workspace)
-    prepare_w4a16 = w4a16.prepare_w4a16
     k, n = 256, 512
-    launch = prepare_w4a16(m, k, n, torch.float16, torch.device("cuda"), has_bias=False, group_size=128,
-                           zero_offset=1)
+    launch = prepare_w4a16(m, k, n, torch.float16, CUDA, has_bias=False, group_size=128, zero_offset=1)
     x = torch.randn(m, k + 8, dtype=torch.float16)
     qweight = torch.zeros(k // 8, n, dtype=torch.int32)
     qzeros = torch.zeros(2, n // 8, dtype=torch.int32)
@@ -115,12 +110,12 @@ def test_bound_launch_hands_the_kernel_what_tritons_dispatch_hands_it(recording_
             if i != 6:
                 assert a is b if isinstance(a, torch.Tensor) else a == b, (i, a, b)
 
-    launches = recording_driver.launches
+    launches = offline_launches.launches
     aligned = x[:, :k]
     call(aligned)  # compiles, then goes through Triton's dispatch
     call(aligned)  # bound: straight to the runner
     same_arguments(*launches)
-    matmul = next(c.cell_contents for c in launch.__closure__ if type(c.cell_contents).__name__ == "BoundLaunch")
+    matmul = launch.matmul
     assert matmul.dispatches == 1
     # One thing Triton specialises on changes at a time: a qweight row stride (an int argument) of
     # n + 8; then x 2 bytes off 16-byte alignment. Each goes back through the dispatch, and is bound again.
