@@ -169,8 +169,9 @@ def offline_w4a16(sms: int = 132):
 
 def w4a16_operands(m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, group_size: int = 128) -> tuple:
     """CPU stand-ins (uninitialised) for a launch's x, qweight, qzeros, scales, bias and out."""
+    groups = k // group_size
     return (torch.empty(m, k, dtype=dtype), torch.empty(k // 8, n, dtype=torch.int32),
-            torch.empty(k // group_size, n // 8, dtype=torch.int32), torch.empty(k // group_size, n, dtype=torch.float16),
+            torch.empty(groups, n // 8, dtype=torch.int32), torch.empty(groups, n, dtype=torch.float16),
             torch.empty(n, dtype=torch.float16), torch.empty(m, n, dtype=dtype))
 
 
@@ -217,5 +218,6 @@ def attention_compile(avg_len: int, dtype: str = "*bf16", head_dim: int = 80, he
     signature = {"qkv_ptr": dtype, "cos_ptr": table, "sin_ptr": table, "plan_ptr": "*i32", "out_ptr": dtype,
                  "stride_qkv": "i32", "stride_rope": "i32", "stride_out": "i32", "qk_scale": "fp32"}
     main, rest = head_split(head_dim)
-    constexprs = dict(H=heads, HEAD_DIM=head_dim, MAIN=main, REST=rest, SHARED_HALVES=True, DOT_PRECISION="ieee" if dtype == "*fp32" else "tf32", **cfg)
+    constexprs = dict(H=heads, HEAD_DIM=head_dim, MAIN=main, REST=rest, SHARED_HALVES=True,
+                      DOT_PRECISION="ieee" if dtype == "*fp32" else "tf32", **cfg)
     return compile_kernel(_vision_attention_kernel, signature, constexprs, options), cfg | options

@@ -210,7 +210,8 @@ def test_apply_fuses_a_quantized_model_and_matches_transformers(no_interpreter):
     batch = two_image_batch(model.config)
     layers = model.config.text_config.num_hidden_layers
     report = apply(model)
-    assert (report.counts["w4a16"], report.counts["qkv_proj"], report.counts["gate_up_proj"]) == (7 * layers, layers, layers)
+    counts = report.counts
+    assert (counts["w4a16"], counts["qkv_proj"], counts["gate_up_proj"]) == (7 * layers, layers, layers)
     calls = launches(model.model.language_model.layers[0].self_attn.qkv_proj)
     assert relative_error(logits_of(model, batch), logits_of(dense, batch)) < 1e-4
     assert len(calls) == 1
