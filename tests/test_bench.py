@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 ITEMS = 5  # one chat per clinical domain
 VARIANTS = "bf16,gguf:Q4_K_M,gguf:Q8_0,gptq:4,awq:4"
+HAVE_BNB = all(importlib.util.find_spec(name) for name in ("bitsandbytes", "accelerate"))
 
 
 def _bench(model: Path, out: Path, *extra: str):
@@ -101,6 +102,22 @@ def test_speed_fields(run_1t):
         assert s["image_tokens_max"] == 650 and s["image_tokens_min"] == 100
 
 
+def _reply_logits(model, proc, item):
+    """Teacher-forced logits at the reply's positions, straight from a transformers model: (reply ids, logits)."""
+    import torch
+
+    prompt = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True,
+                                      return_dict=True, return_tensors="pt")  # fmt: skip
+    reply = proc.tokenizer(item.target_text() + "<|im_end|>", return_tensors="pt").input_ids
+    n = prompt["input_ids"].shape[1]
+    ids = torch.cat([prompt["input_ids"], reply], 1)
+    mm = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(reply)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                       pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"]).logits[0, n - 1 : -1]  # fmt: skip
+    return reply[0].tolist(), logits.float()
+
+
 @pytest.fixture(scope="module")
 def independent_reference(trained_dir):
     """transformers' reply logits (fp32) for the bench's eval chats, computed from scratch once:
@@ -116,34 +133,32 @@ def independent_reference(trained_dir):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
     out = []
     for item in eval_items("clinical", ITEMS, 0):
-        prompt = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True,
-                                          return_dict=True, return_tensors="pt")  # fmt: skip
-        reply = proc.tokenizer(item.target_text() + "<|im_end|>", return_tensors="pt").input_ids
-        n = prompt["input_ids"].shape[1]
-        ids = torch.cat([prompt["input_ids"], reply], 1)
-        mm = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(reply)], 1)
-        with torch.no_grad():
-            ref = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
-                        pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"]).logits[0, n - 1 : -1]  # fmt: skip
+        reply_ids, ref = _reply_logits(model, proc, item)
         text = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=False)
-        out.append((item, text.replace("<|vision_start|><|image_pad|><|vision_end|>", MARKER), reply[0].tolist(), ref))
+        out.append((item, text.replace("<|vision_start|><|image_pad|><|vision_end|>", MARKER), reply_ids, ref))
     return out
+
+
+def _kld(ref, cand):
+    """Per-position KL(ref || cand) by torch's kl_div in float64, and whether the top tokens agree."""
+    import torch.nn.functional as F
+
+    lp_ref, lp_cand = F.log_softmax(ref.double(), -1), F.log_softmax(cand.double(), -1)
+    return F.kl_div(lp_cand, lp_ref, log_target=True, reduction="none").sum(-1), ref.argmax(-1) == cand.argmax(-1)
 
 
 def _independent_kld(reference, gguf_text, mmproj):
     """KLD from scratch: the reference's logits vs llama.cpp reply logits, torch's kl_div."""
     import torch
-    import torch.nn.functional as F
 
     from qoqopt.exports.gguf_runtime import LlamaVL
 
     klds, same = [], []
     with LlamaVL(gguf_text, mmproj, threads=1, image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:
         for item, text, reply_ids, ref in reference:
-            cand = torch.from_numpy(vl.chat_logits(text, item.image, reply_ids))
-            lp_ref, lp_cand = F.log_softmax(ref.double(), -1), F.log_softmax(cand.double(), -1)
-            klds.append(F.kl_div(lp_cand, lp_ref, log_target=True, reduction="none").sum(-1))
-            same.append(ref.argmax(-1) == cand.argmax(-1))
+            kld, agree = _kld(ref, torch.from_numpy(vl.chat_logits(text, item.image, reply_ids)))
+            klds.append(kld)
+            same.append(agree)
     return torch.cat(klds).numpy(), torch.cat(same).numpy()
 
 
@@ -161,15 +176,61 @@ def test_gguf_drift_matches_independent_computation(run_1t, independent_referenc
     assert a["same_top_pct"] == pytest.approx(100 * same.mean(), abs=1e-9)
 
 
+@pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes + accelerate not installed (qoqopt[bnb])")
+def test_bnb_drift_matches_independent_computation(run_1t, run_2t, independent_reference, trained_dir):
+    """bnb:nf4 is bitsandbytes' own quantization at load: the bench's drift must be what transformers +
+    bitsandbytes give when called directly, and the language model's linears must really be 4-bit."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.processor import load_processor
+
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), quantization_config=qc,
+                                                               dtype=torch.bfloat16).eval()  # fmt: skip
+    layers = model.model.language_model.layers
+    linears = [m for layer in layers for m in (layer.mlp.gate_proj, layer.self_attn.q_proj)]
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
+    proc = load_processor(trained_dir)
+    klds, same = [], []
+    for item, _, reply_ids, ref in independent_reference:
+        ids, cand = _reply_logits(model, proc, item)
+        assert ids == reply_ids
+        kld, agree = _kld(ref, cand)
+        klds.append(kld)
+        same.append(agree)
+    kld, same = torch.cat(klds).numpy(), torch.cat(same).numpy()
+    a = _by_name(run_2t[0])["bnb:nf4"]["drift"]["all"]
+    assert a["positions"] == len(kld)
+    np.testing.assert_allclose(a["mean_kld"], kld.mean(), rtol=1e-3)
+    assert a["same_top_pct"] == pytest.approx(100 * same.mean(), abs=1e-9)
+    # 4-bit strays well past bf16 rounding (same chats in both runs)
+    assert a["mean_kld"] > 3 * _by_name(run_1t[0])["bf16"]["drift"]["all"]["mean_kld"]
+
+
+def test_bnb_without_accelerate_is_a_one_line_error(tiny_dir, monkeypatch):
+    """bitsandbytes alone is not enough: transformers loads bnb models through accelerate."""
+    import importlib.util as iu
+
+    from qoqopt.bench import hf_runner
+    from qoqopt.bench.variants import parse_variants
+    from qoqopt.errors import QoqoptError
+
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(QoqoptError, match=r"^bnb variants need accelerate \(pip install 'qoqopt\[bnb\]'\)$"):
+        hf_runner.load_hf(tiny_dir, parse_variants("bnb:nf4")[0], {}, "cpu")
+
+
 def test_failed_variant_is_recorded_and_the_rest_run(run_2t):
     v = _by_name(run_2t[0])
     assert v["gguf:Q4_K_M"]["status"] == "failed" and v["gguf:Q4_K_M"]["error"]
     assert v["gguf:Q8_0"]["status"] == "ok"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        assert v["bnb:nf4"] == {"name": "bnb:nf4", "format": "bnb", "status": "failed",
-                                "error": "QoqoptError: bitsandbytes is not installed (pip install bitsandbytes)"}  # fmt: skip
-    else:  # where it is installed, it either runs and measures drift or records why it could not
-        assert v["bnb:nf4"]["status"] == "failed" or v["bnb:nf4"]["drift"]["all"]["positions"] > 0
+    if not HAVE_BNB:  # `make test` installs it (qoqopt[bnb]); a bare `pip install -e .[test]` does not
+        assert v["bnb:nf4"]["status"] == "failed" and "pip install 'qoqopt[bnb]'" in v["bnb:nf4"]["error"]
+    else:
+        assert v["bnb:nf4"]["status"] == "ok", v["bnb:nf4"].get("error")
     assert run_2t[0]["run"]["machine"]["label"] == "cpu 2 threads" and run_2t[0]["run"]["machine"]["threads"] == 2
 
 

@@ -3,6 +3,7 @@ builds through qoqopt's own W4A16 QuantLinear (Triton on CUDA, its torch referen
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -128,10 +129,9 @@ def _load_bnb(model_path: Path, kind: str, processor, device: str) -> HFRunner:
     import torch
     from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
 
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise QoqoptError("bitsandbytes is not installed (pip install bitsandbytes)") from None
+    missing = [name for name in ("bitsandbytes", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:  # transformers' bitsandbytes loading goes through accelerate too
+        raise QoqoptError(f"bnb variants need {' and '.join(missing)} (pip install 'qoqopt[bnb]')")
     if kind == "int8":
         qc = BitsAndBytesConfig(load_in_8bit=True)
     else:
