@@ -92,7 +92,10 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True) -> PatchRep
     ctx = PatchContext(strict=strict)
     report = PatchReport(counts={p.op: 0 for p in REGISTRY}, backend="torch" if reason else "triton",
                          fallback_reason=f"torch reference: {reason}" if reason else None)
-    for path, module, patch in _find_targets(model):
+    for path, patch in _find_targets(model):
+        # fetched by path, one at a time: a replaced module (a foreign layer that was repacked) is
+        # freed as soon as it is swapped out, not kept alive by a list until every build is done
+        module = model.get_submodule(path)
         try:
             replacement = patch.build(module, ctx)
         except QoqoptError as err:
@@ -102,6 +105,7 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True) -> PatchRep
             continue
         if replacement is not module:
             _set_submodule(model, path, replacement)
+        del module, replacement
         report.counts[patch.op] += 1
     if not any(report.counts.values()):
         raise QoqoptError(f"apply: nothing to patch in {type(model).__name__} (expected a Qwen2.5-VL model)")
@@ -110,16 +114,15 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True) -> PatchRep
     return report
 
 
-def _find_targets(model: nn.Module):
-    """(path, module, patch) for every match, outermost first; a matched module's children are not visited."""
-    found, taken = [], []
+def _find_targets(model: nn.Module) -> list[tuple[str, Patch]]:
+    """(path, patch) for every match, outermost first; a matched module's children are not visited."""
+    found = []
     for path, module in model.named_modules():
-        if any(path.startswith(prefix + ".") for prefix in taken):
+        if any(path.startswith(prefix + ".") for prefix, _ in found):
             continue
         patch = next((p for p in REGISTRY if p.matches(module)), None)
         if patch is not None:
-            found.append((path, module, patch))
-            taken.append(path)
+            found.append((path, patch))
     return found
 
 

@@ -172,6 +172,33 @@ def test_registry_replaces_foreign_quantized_linears(interpreter):
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_apply_frees_each_replaced_layer_before_building_the_next(no_interpreter, monkeypatch):
+    """Repacking foreign layers must not hold two copies of the model's quantized weights at once."""
+    import gc
+    import weakref
+
+    from qoqopt.kernels import QuantLinear, apply
+    from qoqopt.packing import pack_gptq, quantize_rtn
+
+    def foreign():
+        q, z, s = quantize_rtn(torch.randn(32, 64), 4, 32)
+        return ForeignGPTQLinear(*pack_gptq(q, z), s, torch.arange(64, dtype=torch.int32) // 32, bits=4)
+
+    model = nn.Sequential(foreign(), foreign(), foreign())
+    replaced, alive_at_build = [], []
+    real = QuantLinear.from_module
+
+    def spy(module, strict=False):
+        gc.collect()
+        alive_at_build.append(sum(ref() is not None for ref in replaced))
+        replaced.append(weakref.ref(module))
+        return real(module, strict)
+
+    monkeypatch.setattr(QuantLinear, "from_module", staticmethod(spy))
+    assert apply(model).counts["w4a16"] == 3
+    assert alive_at_build == [0, 0, 0]
+
+
 def test_replace_linears_from_checkpoint_tensors(no_interpreter):
     """A GPTQ/AWQ checkpoint runs through QuantLinear with no other kernel library."""
     from qoqopt.kernels.w4a16 import QuantLinear, replace_linears
