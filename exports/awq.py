@@ -7,12 +7,16 @@ GPTQModel and vLLM read it. Per quantized Linear ``M`` (K inputs, N outputs, G g
 
 ``modules_to_not_convert`` is matched by transformers as a prefix or suffix of the transformers-5
 module names: a bare ``"visual"`` does not protect ``model.visual.blocks.*`` (measured: the vision
-tower is then quantized into garbage), so we write ``"model.visual"``; and ``"lm_head"``.
+tower is then quantized into garbage), so we write ``"model.visual"``; and ``"lm_head"``. vLLM
+matches the same list as substrings of its own names (``visual.blocks.*``), so each vision entry is
+also written in vLLM's spelling (:mod:`.runtime_names`).
 """
 
 from __future__ import annotations
 
 from qoqopt.packing import pack_awq
+
+from .runtime_names import for_every_runtime
 
 
 def pack(qw) -> dict:
@@ -32,5 +36,5 @@ def quantization_config(*, bits, group_size, sym, act_order, static_groups, damp
         "bits": bits,
         "group_size": group_size,
         "zero_point": not sym,
-        "modules_to_not_convert": skip,
+        "modules_to_not_convert": for_every_runtime(skip),
     }

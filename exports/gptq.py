@@ -10,7 +10,9 @@ Exclusions: transformers (through optimum) only converts the Linears under ``blo
 and GPTQModel only those in its module tree (the language-model layers), so the vision tower and
 ``lm_head`` stay plain. We write ``block_name_to_quantize`` explicitly with the transformers-5 name,
 (measured: the old name ``model.layers`` silently leaves the language model randomly initialised),
-and GPTQModel's ``dynamic`` negative rules for the same modules.
+and GPTQModel's ``dynamic`` negative rules for the same modules. vLLM matches ``dynamic`` rules
+against its own module names (``visual.blocks.*``), so the vision rule is written in both spellings
+(:mod:`.runtime_names`); without it vLLM relies on reading the tensor dtypes to find plain layers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import re
 
 from qoqopt.packing import pack_gptq
+
+from .runtime_names import for_every_runtime
 
 TEXT_BLOCKS = "model.language_model.layers"
 
@@ -47,6 +51,6 @@ def quantization_config(*, bits, group_size, sym, act_order, static_groups, damp
         "lm_head": False,
         "checkpoint_format": "gptq",
         "block_name_to_quantize": TEXT_BLOCKS,
-        "dynamic": {f"-:^{re.escape(m)}(\\.|$)": {} for m in skip},
+        "dynamic": {f"-:^{re.escape(m)}(\\.|$)": {} for m in for_every_runtime(skip)},
         "meta": {"quantizer": [f"qoqopt:{__version__}"]},
     }

@@ -13,7 +13,9 @@ This module only knows the two formats (:mod:`.gptq`, :mod:`.awq`) and how to wr
 * the vision tower and ``lm_head`` stay unquantized unless ``quantize_vision``; the config says so in
   the form each loader reads (see :mod:`.gptq` / :mod:`.awq`);
 * QoQ-Med's ECG encoder (``time_series_embedding.*``) is carried through untouched, and config.json
-  keeps the source's ``architectures`` entry;
+  keeps the source's ``architectures`` entry; with ``drop_ecg`` it is left out and the architecture
+  becomes the plain Qwen2.5-VL class, which is what vLLM can serve (it knows neither QoQ-Med's class
+  nor its ECG tensors, and refuses checkpoint tensors it has no parameter for);
 * tokenizer, processor, chat template and generation config are copied, so the directory is a
   drop-in replacement; ``manifest.json`` records every file's sha256 and the per-layer errors.
 
@@ -34,10 +36,11 @@ from pathlib import Path
 from typing import Callable
 
 from qoqopt.errors import QoqoptError
-from qoqopt.loader import SAFETENSORS_DTYPE_BYTES, meta_model, runtime_name
+from qoqopt.loader import ECG_PREFIX, SAFETENSORS_DTYPE_BYTES, meta_model, runtime_name
 
 FORMATS = ("gptq", "awq")
 SHARD_BYTES = 2 << 30
+PLAIN_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"  # what a --drop-ecg build declares
 # Files copied from the source so the output is a drop-in replacement (weights and configs excluded).
 SUPPORT_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -62,6 +65,7 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
+    ecg_encoder: str | None = None  # "carried" or "dropped" where the source has one
 
 
 def validate_options(fmt: str, bits: int, group_size: int, act_order: bool, sym: bool, quantize_vision: bool = False) -> None:
@@ -250,6 +254,7 @@ def export_hf_quant(
     shard_bytes: int = SHARD_BYTES,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    drop_ecg: bool = False,
 ) -> Path:
     """Quantize ``source`` (Hub id or directory) to a GPTQ v1 or AWQ GEMM directory at ``out``.
 
@@ -259,7 +264,7 @@ def export_hf_quant(
     report = export_hf_quant_report(
         source, out, fmt, bits, group_size, act_order, sym, calib, samples, quantize_vision, force, seed,
         device=device, static_groups=static_groups, damp=damp, revision=revision, shard_bytes=shard_bytes,
-        log=log, progress=progress,
+        log=log, progress=progress, drop_ecg=drop_ecg,
     )  # fmt: skip
     return report.out
 
@@ -267,7 +272,7 @@ def export_hf_quant(
 def export_hf_quant_report(
     source, out, fmt="gptq", bits=4, group_size=128, act_order=False, sym=None, calib="clinical",
     samples=128, quantize_vision=False, force=False, seed=0, *, device=None, static_groups=False,
-    damp=0.01, revision=None, shard_bytes=SHARD_BYTES, log=None, progress=True, on_layer=None,
+    damp=0.01, revision=None, shard_bytes=SHARD_BYTES, log=None, progress=True, on_layer=None, drop_ecg=False,
 ) -> ExportReport:  # fmt: skip
     """:func:`export_hf_quant`, returning the full report. ``on_layer`` is
     called with each :class:`~qoqopt.quantize.runner.LayerResult` before it is written."""
@@ -357,7 +362,7 @@ def export_hf_quant_report(
         report.vision = [vision_done[k] for k in sorted(vision_done)]
         skipped_vision = sorted(vision_plan.skipped) if vision_plan else []
         for name in ckpt.names:
-            if name.startswith("model.layers."):
+            if name.startswith("model.layers.") or (drop_ecg and name.startswith(ECG_PREFIX)):
                 continue
             if vision_done and name.removesuffix(".weight").removesuffix(".bias") in vision_done:
                 continue  # written packed above
@@ -369,11 +374,14 @@ def export_hf_quant_report(
             damp=damp, vision_modules=sorted(v["module"] for v in vision_done.values()), vision_skipped=skipped_vision,
         )  # fmt: skip
         config_json = dict(ckpt.config)
+        if drop_ecg and ckpt.has_ecg_encoder:
+            config_json["architectures"] = [PLAIN_ARCHITECTURE]
         config_json["quantization_config"] = quant_config
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=False) + "\n")
         copied = _copy_support_files(ckpt.path, tmp)
+        report.notes += _ecg_notes(ckpt, drop_ecg)
         if ckpt.has_ecg_encoder:
-            report.notes.append("ECG encoder (time_series_embedding.*) carried through unquantized")
+            report.ecg_encoder = "dropped" if drop_ecg else "carried"
         if not quantize_vision:
             report.notes.append("vision tower and lm_head left unquantized (default)")
         else:
@@ -390,6 +398,17 @@ def export_hf_quant_report(
     log(f"wrote {out} ({fmt}, {bits}-bit, group {group_size}; mean layer error {mean_err:.4f}; "
         f"{report.seconds:.0f} s)")  # fmt: skip
     return report
+
+
+def _ecg_notes(ckpt, drop_ecg: bool) -> list[str]:
+    if not ckpt.has_ecg_encoder:
+        return ["--drop-ecg: the source has no ECG encoder; nothing dropped"] if drop_ecg else []
+    if drop_ecg:
+        return [f"ECG encoder (time_series_embedding.*) left out (--drop-ecg); architectures set to "
+                f"{PLAIN_ARCHITECTURE}: vLLM and transformers serve images and text, not ECGs"]  # fmt: skip
+    return ["ECG encoder (time_series_embedding.*) carried through unquantized; vLLM cannot load this build "
+            "(it knows neither TimeSeriesQwen2_5_VLForConditionalGeneration nor those tensors): export with "
+            "--drop-ecg to serve it there"]  # fmt: skip
 
 
 def _processor(ckpt):
@@ -424,6 +443,7 @@ def _manifest(ckpt, report: ExportReport, opts, files, tmp: Path, digests: dict,
             "model": ckpt.source, "revision": ckpt.revision, "architecture": ckpt.architecture,
             "layout": ckpt.layout, "ecg_encoder": ckpt.has_ecg_encoder,
         },  # fmt: skip
+        "ecg_encoder": report.ecg_encoder,
         "quantization": {
             "method": opts.method, "bits": opts.spec.bits, "group_size": opts.spec.group_size,
             "sym": opts.spec.sym, "act_order": opts.act_order, "static_groups": opts.static_groups,

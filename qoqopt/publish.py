@@ -141,7 +141,7 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
     body += [f"| `{f.path}` | {f.bytes:,} | `{f.sha256}` |" for f in files]
     if results_md:
         body += ["", "## Evidence: drift and speed", "", tables_for_build(results_md, fmt)]
-    body += ["", "## Usage", "", _usage(fmt, repo_id, files)]
+    body += ["", "## Usage", "", _usage(fmt, repo_id, files, manifest.get("ecg_encoder") == "carried")]
     return ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n", body="\n".join(body)).content
 
 
@@ -163,7 +163,7 @@ def tables_for_build(report_md: str, fmt: str) -> str:
     return "\n".join(out).strip()
 
 
-def _usage(fmt: str, repo_id: str, files: list[PlannedFile]) -> str:
+def _usage(fmt: str, repo_id: str, files: list[PlannedFile], carries_ecg: bool = False) -> str:
     if fmt == "gguf":
         text = next((f.path for f in files if f.path.endswith(".gguf") and not f.path.startswith("mmproj")), "MODEL.gguf")
         mmproj = next((f.path for f in files if f.path.startswith("mmproj")), "mmproj.gguf")
@@ -175,8 +175,11 @@ def _usage(fmt: str, repo_id: str, files: list[PlannedFile]) -> str:
             "**Ollama**", "```bash", f"huggingface-cli download {repo_id} --local-dir qoq-med && cd qoq-med",
             "ollama create qoq-med -f Modelfile && ollama run qoq-med", "```",
         ])  # fmt: skip
+    vllm = (["**vLLM** does not load this build: it carries QoQ-Med's ECG encoder, whose class and tensors vLLM "
+             "does not know. `qoqopt export ... --drop-ecg` makes the build vLLM serves.", ""] if carries_ecg else
+            ["**vLLM**", "```bash", f"vllm serve {repo_id} --limit-mm-per-prompt '{{\"image\": 1}}'", "```", ""])
     return "\n".join([
-        "**vLLM**", "```bash", f"vllm serve {repo_id} --limit-mm-per-prompt '{{\"image\": 1}}'", "```", "",
+        *vllm,
         "**transformers** (GPTQ/AWQ through the GPTQModel backend)", "```python",
         "from transformers import AutoModelForImageTextToText, AutoProcessor",
         f"model = AutoModelForImageTextToText.from_pretrained('{repo_id}', device_map='auto')",

@@ -43,6 +43,15 @@ def test_card_metadata_parses_as_a_valid_model_card(export_dir):
         assert runtime in plan.card
 
 
+@pytest.mark.parametrize("ecg, serves", [("carried", False), ("dropped", True), (None, True)])
+def test_card_sends_vllm_users_to_a_build_it_loads(export_dir, ecg, serves):
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    (export_dir / "manifest.json").write_text(json.dumps(manifest | {"format": "awq", "ecg_encoder": ecg}))
+    card = plan_upload(export_dir, "me/QoQ-Med-mini-AWQ").card
+    assert ("vllm serve me/QoQ-Med-mini-AWQ" in card) == serves
+    assert ("--drop-ecg" in card) != serves
+
+
 def test_dry_run_lists_exactly_the_files(export_dir):
     res = run_cli("publish", str(export_dir), "--repo", "me/QoQ-Med-mini-GGUF", "--dry-run", env={"HF_TOKEN": SECRET})
     assert res.returncode == 0, res.stderr

@@ -209,11 +209,33 @@ def test_gptq_config_names_and_carried_tensors(gptq_export, ecg_dir):
     assert manifest["calibration"]["image_tokens"] > 0
 
 
+def assert_vllm_builds_plain_only_the_plain_linears(out: Path) -> None:
+    """Every Linear the export left plain must be excluded under vLLM's names, and no packed one."""
+    from benchmarks.vllm_exclusions import vllm_skips
+
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    t = read_dir(out)
+    packed = {n.removesuffix(".qweight") for n in t if n.endswith(".qweight")}
+    plain = {n.removesuffix(".weight") for n, v in t.items() if n.endswith(".weight") and v.dim() == 2
+             and n.startswith(("model.visual.", "model.language_model.layers."))}  # fmt: skip
+    assert packed and plain and not packed & plain
+    wrong = {m: "plain" if m in plain else "packed" for m in packed | plain if vllm_skips(qc, m) != (m in plain)}
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("which", ["gptq_export", "awq_export"])
+def test_vllm_leaves_the_vision_tower_plain(which, request):
+    """vLLM renames model.visual.* to visual.* and matches exclusions against its own names
+    (benchmarks/vllm_exclusions.py): "model.visual" alone had vLLM build the AWQ vision tower quantized."""
+    report, _ = request.getfixturevalue(which)
+    assert_vllm_builds_plain_only_the_plain_linears(report.out)
+
+
 def test_awq_config(awq_export, tiny_dir):
     report, _ = awq_export
     qc = json.loads((report.out / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 128, "zero_point": True,
-                  "modules_to_not_convert": ["lm_head", "model.visual"]}  # fmt: skip
+                  "modules_to_not_convert": ["lm_head", "model.visual", "visual"]}  # fmt: skip
     t = read_dir(report.out)
     q = "model.language_model.layers.0.mlp.down_proj"
     assert t[q + ".qweight"].shape == (768, 256 // 8) and t[q + ".qzeros"].shape == (6, 256 // 8)
@@ -222,6 +244,22 @@ def test_awq_config(awq_export, tiny_dir):
     norm = t["model.language_model.layers.0.input_layernorm.weight"]
     assert norm.dtype == torch.bfloat16
     assert not torch.equal(norm, load_file(str(tiny_dir / "model.safetensors"))["model.layers.0.input_layernorm.weight"])
+
+
+def test_drop_ecg_gives_the_plain_models_build(awq_export, ecg_dir, tmp_path):
+    """--drop-ecg on QoQ-Med's ECG variant writes, byte for byte, the build of the same model without
+    the encoder (awq_export is made from tiny_dir, which ecg_dir extends): what vLLM can load."""
+    carried, _ = _export(ecg_dir, tmp_path / "carried", "awq")
+    dropped, _ = _export(ecg_dir, tmp_path / "dropped", "awq", drop_ecg=True)
+    plain = awq_export[0].out
+    for f in ("model.safetensors", "config.json"):
+        assert (dropped.out / f).read_bytes() == (plain / f).read_bytes(), f
+    assert set(read_dir(carried.out)) == set(read_dir(plain)) | set(ECG_TENSORS)
+    assert json.loads((carried.out / "config.json").read_text())["architectures"] == ["TimeSeriesQwen2_5_VLForConditionalGeneration"]
+    manifests = {r.ecg_encoder: json.loads((r.out / "manifest.json").read_text()) for r in (carried, dropped)}
+    assert {k: m["ecg_encoder"] for k, m in manifests.items()} == {"carried": "carried", "dropped": "dropped"}
+    assert any("--drop-ecg" in n and "vLLM cannot load" in n for n in manifests["carried"]["notes"])
+    assert json.loads((plain / "manifest.json").read_text())["ecg_encoder"] is None
 
 
 def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, tiny_dir, monkeypatch):
@@ -352,7 +390,8 @@ def test_quantize_vision_is_awq_only(tiny_dir, tmp_path):
 def test_awq_quantize_vision(tiny_dir, tmp_path):
     report, _ = _export(tiny_dir, tmp_path / "v", "awq", quantize_vision=True, samples=1)
     qc = json.loads((report.out / "config.json").read_text())["quantization_config"]
-    assert qc["modules_to_not_convert"] == ["lm_head", "model.visual.merger"]
+    assert qc["modules_to_not_convert"] == ["lm_head", "model.visual.merger", "visual.merger"]
+    assert_vllm_builds_plain_only_the_plain_linears(report.out)
     weights = spec_weights(report.out)
     src = load_file(str(tiny_dir / "model.safetensors"))
     vision = [m for m in weights if m.startswith("model.visual.")]

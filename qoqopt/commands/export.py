@@ -32,7 +32,8 @@ GPTQ / AWQ (for vLLM and transformers):
 Layer-streaming: decoder layers are loaded, quantized and released one at a time straight from the
 safetensors shards, so peak memory is one layer plus calibration activations. The vision tower and
 lm_head stay unquantized (declared in quantization_config); QoQ-Med's ECG encoder is carried through
-unquantized. GPTQ defaults to symmetric: vLLM's fast Marlin kernels take only sym: true, and
+unquantized, or left out with --drop-ecg for vLLM, which loads neither QoQ-Med's own class nor the
+encoder's tensors. GPTQ defaults to symmetric: vLLM's fast Marlin kernels take only sym: true, and
 GPTQModel.load refuses asymmetric v1 it did not produce itself. AWQ defaults to zero-points (GEMM).
 """
 
@@ -75,6 +76,9 @@ def register(sub) -> None:
     q.add_argument("--calib", default="clinical", metavar="clinical|FILE.jsonl", help="calibration chats (default clinical)")
     q.add_argument("--samples", type=int, default=128, help="calibration chats (default 128)")
     q.add_argument("--quantize-vision", action="store_true", help="AWQ: also quantize the vision blocks (opt-in)")
+    q.add_argument("--drop-ecg", action="store_true",
+                   help="leave out QoQ-Med's ECG encoder and declare the plain Qwen2.5-VL class, so vLLM can serve the "
+                        "build (default: carry the encoder, which vLLM refuses)")  # fmt: skip
     q.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.set_defaults(func=run)
 
@@ -86,6 +90,7 @@ def run(args) -> int:
         export_hf_quant(
             args.model, args.out, args.format, args.bits, args.group_size, args.act_order, args.sym,
             args.calib, args.samples, args.quantize_vision, args.force, args.seed, revision=args.revision,
+            drop_ecg=args.drop_ecg,
         )  # fmt: skip
         return 0
     from ..exports.gguf_export import GGUFOptions, export_gguf
