@@ -14,6 +14,11 @@ excluded-by-us layer that vLLM builds quantized fails to load (it looks for ``qw
 * GPTQ (quantization/utils/gptq_utils.py): a ``dynamic`` key ``-:REGEX`` skips a layer whose name
   ``re.match``-es REGEX. (Newer vLLM also scans the safetensors dtypes when the config lists no
   quantized modules; older versions lack that, so the config must stand on its own.)
+
+Judged per checkpoint module: vLLM checks a fused layer (``qkv_proj``, the vision ``gate_up_proj``)
+through each of its parts' names and refuses a layer whose parts disagree, so per-part decisions are
+what it sees as long as parts share their fate (they do: vision layers are skipped by shape, and
+gate and up have the same shape).
 """
 
 from __future__ import annotations

@@ -375,10 +375,12 @@ def export_hf_quant_report(
         )  # fmt: skip
         config_json = dict(ckpt.config)
         if drop_ecg and ckpt.has_ecg_encoder:
-            config_json["architectures"] = [PLAIN_ARCHITECTURE]
+            _declare_plain_model(config_json)
         config_json["quantization_config"] = quant_config
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=False) + "\n")
         copied = _copy_support_files(ckpt.path, tmp)
+        if drop_ecg and ckpt.has_ecg_encoder:
+            _declare_plain_tokenizer(tmp / "tokenizer_config.json")
         report.notes += _ecg_notes(ckpt, drop_ecg)
         if ckpt.has_ecg_encoder:
             report.ecg_encoder = "dropped" if drop_ecg else "carried"
@@ -398,6 +400,26 @@ def export_hf_quant_report(
     log(f"wrote {out} ({fmt}, {bits}-bit, group {group_size}; mean layer error {mean_err:.4f}; "
         f"{report.seconds:.0f} s)")  # fmt: skip
     return report
+
+
+def _declare_plain_model(config_json: dict) -> None:
+    """Config of a --drop-ecg build: the plain Qwen2.5-VL class, and no pointer to QoQ-Med's own code
+    (``auto_map`` names .py files the build does not ship; with trust_remote_code they are required)."""
+    config_json["architectures"] = [PLAIN_ARCHITECTURE]
+    for key in ("auto_map", "time_series_token_id"):
+        config_json.pop(key, None)
+
+
+def _declare_plain_tokenizer(path: Path) -> None:
+    """QoQ-Med's tokenizer class only adds the time-series token to Qwen2's: name Qwen2's instead."""
+    if not path.is_file():
+        return
+    tokenizer_config = json.loads(path.read_text())
+    if "TimeSeries" not in str(tokenizer_config.get("tokenizer_class", "")) and "auto_map" not in tokenizer_config:
+        return
+    tokenizer_config["tokenizer_class"] = "Qwen2Tokenizer"
+    tokenizer_config.pop("auto_map", None)
+    path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def _ecg_notes(ckpt, drop_ecg: bool) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 VISION = "model.visual"
 
 
-def vllm_name(module: str) -> str:
+def vllm_spelling(module: str) -> str:
     """vLLM's name for a checkpoint module of the vision tower (other names are returned unchanged)."""
     if module == VISION or module.startswith(VISION + "."):
         return module.removeprefix("model.")
@@ -22,5 +22,5 @@ def vllm_name(module: str) -> str:
 
 def for_every_runtime(modules: list[str]) -> list[str]:
     """``modules`` followed by the vLLM spelling of each one that vLLM spells differently."""
-    extra = [vllm_name(m) for m in modules if vllm_name(m) != m]
+    extra = [vllm_spelling(m) for m in modules if vllm_spelling(m) != m]
     return list(modules) + [m for m in extra if m not in modules]

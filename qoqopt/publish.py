@@ -141,7 +141,9 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
     body += [f"| `{f.path}` | {f.bytes:,} | `{f.sha256}` |" for f in files]
     if results_md:
         body += ["", "## Evidence: drift and speed", "", tables_for_build(results_md, fmt)]
-    body += ["", "## Usage", "", _usage(fmt, repo_id, files, manifest.get("ecg_encoder") == "carried")]
+    # builds exported before the top-level key carried the encoder whenever their source had one
+    carries_ecg = manifest.get("ecg_encoder", "carried" if src.get("ecg_encoder") else None) == "carried"
+    body += ["", "## Usage", "", _usage(fmt, repo_id, files, carries_ecg)]
     return ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n", body="\n".join(body)).content
 
 

@@ -211,14 +211,12 @@ def test_bnb_drift_matches_independent_computation(run_1t, run_2t, independent_r
 
 def test_bnb_without_accelerate_is_a_one_line_error(tiny_dir, monkeypatch):
     """bitsandbytes alone is not enough: transformers loads bnb models through accelerate."""
-    import importlib.util as iu
-
     from qoqopt.bench import hf_runner
     from qoqopt.bench.variants import parse_variants
     from qoqopt.errors import QoqoptError
 
-    real = iu.find_spec
-    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    assert (hf_runner.missing_bnb_packages() == []) == HAVE_BNB
+    monkeypatch.setattr(hf_runner, "missing_bnb_packages", lambda: ["accelerate"])
     with pytest.raises(QoqoptError, match=r"^bnb variants need accelerate \(pip install 'qoqopt\[bnb\]'\)$"):
         hf_runner.load_hf(tiny_dir, parse_variants("bnb:nf4")[0], {}, "cpu")
 

@@ -355,7 +355,9 @@ def test_one_line_errors(tiny_dir, tmp_path):
         (broken / f.name).write_bytes(f.read_bytes()[: 1 << 20] if f.suffix == ".safetensors" else f.read_bytes())
     res = run_cli("export", str(broken), "--format", "gguf", "--quant", "F16", "--out", str(tmp_path / "y"))
     assert "model.safetensors is truncated" in error_line(res) and res.stderr.count("\n") == 1
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    ecg = run_cli("export", str(tiny_dir), "--format", "gguf", "--drop-ecg", "--out", str(tmp_path / "z"))
+    assert error_line(ecg) == "error: --drop-ecg is for --format gptq/awq; GGUF builds always leave the ECG encoder out"
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(tiny_dir, tmp_path, monkeypatch):

@@ -43,10 +43,14 @@ def test_card_metadata_parses_as_a_valid_model_card(export_dir):
         assert runtime in plan.card
 
 
-@pytest.mark.parametrize("ecg, serves", [("carried", False), ("dropped", True), (None, True)])
-def test_card_sends_vllm_users_to_a_build_it_loads(export_dir, ecg, serves):
-    manifest = json.loads((export_dir / "manifest.json").read_text())
-    (export_dir / "manifest.json").write_text(json.dumps(manifest | {"format": "awq", "ecg_encoder": ecg}))
+@pytest.mark.parametrize("fields, serves", [({"ecg_encoder": "carried"}, False), ({"ecg_encoder": "dropped"}, True),
+                                            ({"ecg_encoder": None}, True), ({}, True), ({"source_ecg": True}, False)])
+def test_card_sends_vllm_users_to_a_build_it_loads(export_dir, fields, serves):
+    """Older manifests have only source.ecg_encoder: their builds carried the encoder."""
+    manifest = json.loads((export_dir / "manifest.json").read_text()) | {"format": "awq"}
+    if fields.pop("source_ecg", False):
+        manifest["source"]["ecg_encoder"] = True
+    (export_dir / "manifest.json").write_text(json.dumps(manifest | fields))
     card = plan_upload(export_dir, "me/QoQ-Med-mini-AWQ").card
     assert ("vllm serve me/QoQ-Med-mini-AWQ" in card) == serves
     assert ("--drop-ecg" in card) != serves

@@ -24,6 +24,7 @@ from benchmarks.spec_layout import (
 )
 from qoqopt.errors import QoqoptError
 from qoqopt.quantize.rtn import QuantizedWeight
+from tests.conftest import FIXTURES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,15 +96,20 @@ ECG_TENSORS = {
 
 @pytest.fixture(scope="module")
 def ecg_dir(tiny_dir, tmp_path_factory) -> Path:
-    """The tiny mini model as QoQ-Med's training-repo variant: ECG-encoder tensors + its architecture."""
+    """The tiny mini model as QoQ-Med's training-repo variant: ECG-encoder tensors, and the real 7B's
+    architecture, auto_map (its own .py classes) and time-series tokenizer class."""
     d = tmp_path_factory.mktemp("ecg") / "ckpt"
     shutil.copytree(tiny_dir, d)
     state = load_file(str(d / "model.safetensors"))
     state.update(ECG_TENSORS)
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["architectures"] = ["TimeSeriesQwen2_5_VLForConditionalGeneration"]
+    real = {f: json.loads((FIXTURES / f).read_text()) for f in ("config.json", "tokenizer_config.json")}
+    cfg = json.loads((d / "config.json").read_text())  # the real model's fields that name its own code
+    cfg |= {k: real["config.json"][k] for k in ("architectures", "auto_map", "time_series_token_id")}
     (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok = json.loads((d / "tokenizer_config.json").read_text())
+    tok |= {k: real["tokenizer_config.json"][k] for k in ("tokenizer_class", "auto_map")}
+    (d / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
     return d
 
 
@@ -254,6 +260,8 @@ def test_drop_ecg_gives_the_plain_models_build(awq_export, ecg_dir, tmp_path):
     plain = awq_export[0].out
     for f in ("model.safetensors", "config.json"):
         assert (dropped.out / f).read_bytes() == (plain / f).read_bytes(), f
+    tokenizer_config = json.loads((dropped.out / "tokenizer_config.json").read_text())
+    assert tokenizer_config == json.loads((plain / "tokenizer_config.json").read_text())
     assert set(read_dir(carried.out)) == set(read_dir(plain)) | set(ECG_TENSORS)
     assert json.loads((carried.out / "config.json").read_text())["architectures"] == ["TimeSeriesQwen2_5_VLForConditionalGeneration"]
     manifests = {r.ecg_encoder: json.loads((r.out / "manifest.json").read_text()) for r in (carried, dropped)}

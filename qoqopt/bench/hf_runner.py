@@ -125,12 +125,17 @@ def _load_w4a16(folder: Path, processor, device: str) -> HFRunner:
     return HFRunner(model, processor, f"transformers + qoqopt W4A16 ({backend})", device)
 
 
+def missing_bnb_packages() -> list[str]:
+    """transformers quantizes bnb variants at load through bitsandbytes, and loads them through accelerate."""
+    return [name for name in ("bitsandbytes", "accelerate") if importlib.util.find_spec(name) is None]
+
+
 def _load_bnb(model_path: Path, kind: str, processor, device: str) -> HFRunner:
     import torch
     from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
 
-    missing = [name for name in ("bitsandbytes", "accelerate") if importlib.util.find_spec(name) is None]
-    if missing:  # transformers' bitsandbytes loading goes through accelerate too
+    missing = missing_bnb_packages()
+    if missing:
         raise QoqoptError(f"bnb variants need {' and '.join(missing)} (pip install 'qoqopt[bnb]')")
     if kind == "int8":
         qc = BitsAndBytesConfig(load_in_8bit=True)

@@ -93,6 +93,10 @@ def run(args) -> int:
             drop_ecg=args.drop_ecg,
         )  # fmt: skip
         return 0
+    from ..errors import QoqoptError
+
+    if args.drop_ecg:  # nothing to drop: llama.cpp has no ECG encoder, so GGUF builds never carry one
+        raise QoqoptError("--drop-ecg is for --format gptq/awq; GGUF builds always leave the ECG encoder out")
     from ..exports.gguf_export import GGUFOptions, export_gguf
 
     options = GGUFOptions(
