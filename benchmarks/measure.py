@@ -8,18 +8,36 @@ import sys
 import time
 
 
-def run_measured(cmd: list[str], env: dict | None = None, show_failure: bool = False) -> dict:
-    """Run a command; wall seconds, peak RSS (MiB) of the child, exit code, last output line.
+# Linux carries a process's peak RSS across exec (the kernel keeps the larger of the old and new
+# address spaces' high-water marks), and a child starts as a copy of its parent: a command started
+# straight from a benchmark that has grown to 1 GB reports at least 1 GB (measured: `python -c pass`
+# 11 MiB from a small parent, 1035 MiB from one holding 1 GiB). So a fresh interpreter, small when it
+# forks, starts the command, reaps it with wait4 and passes on its peak RSS (KiB) through a pipe.
+LAUNCHER = """import os, sys
+report = int(sys.argv[1])
+os.set_inheritable(report, False)  # the command itself must not hold the pipe open
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+os.write(report, str(usage.ru_maxrss).encode())
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
-    The child is reaped with ``os.wait4`` for its own rusage (its peak RSS, not ours)."""
+
+def run_measured(cmd: list[str], env: dict | None = None, show_failure: bool = False) -> dict:
+    """Run a command; wall seconds, peak RSS (MiB) of the command itself, exit code, last output line."""
+    read_fd, write_fd = os.pipe()
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(write_fd), *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, pass_fds=(write_fd,))  # fmt: skip
+    os.close(write_fd)
     out = proc.stdout.read()  # drain while it runs, so a chatty child never blocks on a full pipe
-    proc.stdout.close()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    rc = proc.wait()
+    wall = time.perf_counter() - start
+    with os.fdopen(read_fd, "rb") as f:
+        peak_kib = int(f.read() or 0)
     lines = out.decode(errors="replace").strip().splitlines()
     if rc and show_failure:
         print("\n".join(lines[-20:]), file=sys.stderr)
-    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024, "rc": rc,
-            "tail": lines[-1] if lines else ""}  # fmt: skip
+    return {"wall_s": wall, "peak_rss_mib": peak_kib / 1024, "rc": rc, "tail": lines[-1] if lines else ""}

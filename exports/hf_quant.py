@@ -255,6 +255,7 @@ def export_hf_quant(
     log: Callable[[str], None] | None = None,
     progress: bool = True,
     drop_ecg: bool = False,
+    group_aware: bool = True,
 ) -> Path:
     """Quantize ``source`` (Hub id or directory) to a GPTQ v1 or AWQ GEMM directory at ``out``.
 
@@ -264,7 +265,7 @@ def export_hf_quant(
     report = export_hf_quant_report(
         source, out, fmt, bits, group_size, act_order, sym, calib, samples, quantize_vision, force, seed,
         device=device, static_groups=static_groups, damp=damp, revision=revision, shard_bytes=shard_bytes,
-        log=log, progress=progress, drop_ecg=drop_ecg,
+        log=log, progress=progress, drop_ecg=drop_ecg, group_aware=group_aware,
     )  # fmt: skip
     return report.out
 
@@ -273,6 +274,7 @@ def export_hf_quant_report(
     source, out, fmt="gptq", bits=4, group_size=128, act_order=False, sym=None, calib="clinical",
     samples=128, quantize_vision=False, force=False, seed=0, *, device=None, static_groups=False,
     damp=0.01, revision=None, shard_bytes=SHARD_BYTES, log=None, progress=True, on_layer=None, drop_ecg=False,
+    group_aware=True,
 ) -> ExportReport:  # fmt: skip
     """:func:`export_hf_quant`, returning the full report. ``on_layer`` is
     called with each :class:`~qoqopt.quantize.runner.LayerResult` before it is written."""
@@ -325,7 +327,8 @@ def export_hf_quant_report(
     chats = encode_chats(processor, items)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts = QuantizeOptions(
-        method=fmt, spec=spec, act_order=act_order, static_groups=static_groups, damp=damp, seed=seed
+        method=fmt, spec=spec, act_order=act_order, static_groups=static_groups, damp=damp, seed=seed,
+        group_aware=group_aware and fmt == "gptq" and not act_order,
     )
     vision_plan = _vision_plan(ckpt, spec, fmt) if quantize_vision else None
     vision_stats = _VisionStats(vision_plan) if vision_plan else None
@@ -468,7 +471,8 @@ def _manifest(ckpt, report: ExportReport, opts, files, tmp: Path, digests: dict,
         "ecg_encoder": report.ecg_encoder,
         "quantization": {
             "method": opts.method, "bits": opts.spec.bits, "group_size": opts.spec.group_size,
-            "sym": opts.spec.sym, "act_order": opts.act_order, "static_groups": opts.static_groups,
+            "sym": opts.spec.sym, "act_order": opts.act_order, "group_aware": opts.group_aware,
+            "static_groups": opts.static_groups,
             "damp": opts.damp, "config": quant_config,
         },  # fmt: skip
         "calibration": report.calibration,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qoqopt.errors import QoqoptError
-from qoqopt.quantize.gptq import accumulate_hessian, gptq_quantize
+from qoqopt.quantize.gptq import accumulate_hessian, group_aware_order, gptq_quantize
 from qoqopt.quantize.rtn import QuantSpec, group_params, rtn_quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,6 +84,33 @@ def test_gptq_matches_the_textbook_algorithm():
     assert abs(ours - textbook) < 0.02 * textbook, (ours, textbook)
 
 
+def test_group_aware_order_by_its_definition():
+    diag = torch.tensor([1.0, 5.0, 2.0, 0.5, 9.0, 3.0, 4.0, 4.5, 0.1])
+    # groups of 3: maxima 5, 9, 4.5 -> visit group 1, then 0, then 2; inside each, largest first
+    assert group_aware_order(diag, 3).tolist() == [4, 5, 3, 1, 2, 0, 7, 6, 8]
+
+
+def test_group_aware_gptq_is_the_textbook_algorithm_in_that_order():
+    """GAR changes only the visiting order: the textbook algorithm run on the permuted columns, mapped
+    back, gives the same levels; each group is still one natural group, so the layout stays plain."""
+    k, n, gs = 256, 64, 64
+    x = _correlated_inputs(1024, k, seed=3).flip(1)  # the loud channels last, so the order matters
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(4)) * 0.05
+    h, _ = accumulate_hessian(None, 0, x)
+    perm = group_aware_order(h.diag(), gs)
+    assert perm[:gs].min() >= k - gs  # the loud group is visited first
+    qw, _ = gptq_quantize(w, h, QuantSpec(4, gs, sym=True), group_aware=True)
+    ref_levels, ref_deq = _textbook_gptq(w[:, perm], h[perm][:, perm], gs)
+    inv = torch.argsort(perm)
+    assert (qw.intweight == ref_levels[inv]).float().mean().item() > 0.99
+    assert torch.equal(qw.g_idx.long(), torch.arange(k) // gs)
+    ref = x @ w.t()
+    ours, textbook = ((x @ d.t() - ref).norm().item() / ref.norm().item() for d in (qw.dequantize(), ref_deq[:, inv]))
+    assert abs(ours - textbook) < 0.02 * textbook, (ours, textbook)
+    plain = gptq_quantize(w, h, QuantSpec(4, gs, sym=True))[0].dequantize()
+    assert ours < (x @ plain.t() - ref).norm().item() / ref.norm().item()
+
+
 def test_gptq_beats_rtn_on_output_error():
     k, n = 256, 96
     x = _correlated_inputs(2048, k)
@@ -97,13 +124,14 @@ def test_gptq_beats_rtn_on_output_error():
     assert err["gptq"] < 0.8 * err["rtn"], err
 
 
-@pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
-def test_layout_fields_are_consistent(act_order, static):
+@pytest.mark.parametrize("act_order,static,gar", [(False, False, False), (True, False, False), (True, True, False),
+                                                  (False, False, True)])
+def test_layout_fields_are_consistent(act_order, static, gar):
     k, n, gs = 128, 32, 32
     x = _correlated_inputs(512, k, seed=2)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(5)) * 0.1
     h, _ = accumulate_hessian(None, 0, x)
-    qw, info = gptq_quantize(w, h, QuantSpec(4, gs), act_order=act_order, static_groups=static)
+    qw, info = gptq_quantize(w, h, QuantSpec(4, gs), act_order=act_order, static_groups=static, group_aware=gar)
     assert qw.intweight.shape == (k, n) and qw.scales.shape == (k // gs, n) and qw.scales.dtype == torch.float16
     assert qw.intweight.min() >= 0 and qw.intweight.max() <= 15 and info.retries == 0
     counts = torch.bincount(qw.g_idx.long(), minlength=k // gs)

@@ -16,11 +16,12 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-CONFIGS = {  # label -> (method, symmetric)
-    "rtn-sym": ("rtn", True),
-    "gptq": ("gptq", True),
-    "rtn-asym": ("rtn", False),
-    "awq": ("awq", False),
+CONFIGS = {  # label -> (method, symmetric, other QuantizeOptions)
+    "rtn-sym": ("rtn", True, {}),
+    "gptq": ("gptq", True, {}),
+    "gptq-gar": ("gptq", True, {"group_aware": True}),  # the export's default visiting order
+    "rtn-asym": ("rtn", False, {}),
+    "awq": ("awq", False, {}),
 }
 
 
@@ -39,8 +40,8 @@ def runs(trained_dir):
     captured = capture_layer0_inputs(ckpt, encode_chats(load_processor(trained_dir), items), progress=False)
     assert captured.image_tokens > 0
     out = {}
-    for label, (method, sym) in CONFIGS.items():
-        opts = QuantizeOptions(method=method, spec=QuantSpec(4, 128, sym=sym))
+    for label, (method, sym, extra) in CONFIGS.items():
+        opts = QuantizeOptions(method=method, spec=QuantSpec(4, 128, sym=sym), **extra)
         out[label] = list(stream_quantize(ckpt, captured, opts, log=lambda m: None))
     return out
 
@@ -51,6 +52,10 @@ def test_layer_output_error_beats_rtn(runs):
     for i in range(len(errors["gptq"])):
         assert errors["gptq"][i] < errors["rtn-sym"][i], errors
         assert errors["awq"][i] < errors["rtn-asym"][i], errors
+        # GAR's visiting order, same layout: measured 0.0135 -> 0.0115 and 0.0098 -> 0.0072. The end-to-end
+        # KLD moves less on this 2-layer model (every position 3.61e-4 vs 3.60e-4; answer tokens 1.12e-5
+        # vs 1.16e-5); benchmarks/bench_vs_gptqmodel.py measures it on more calibration chats.
+        assert errors["gptq-gar"][i] < errors["gptq"][i], errors
 
 
 def _layer_state(results) -> dict[str, torch.Tensor]:

@@ -212,6 +212,9 @@ def test_gptq_config_names_and_carried_tensors(gptq_export, ecg_dir):
     assert "model.safetensors" in listed and "config.json" in listed
     assert all(sha256_file(out / p) == h for p, h in listed.items())
     assert manifest["source"]["ecg_encoder"] is True and len(manifest["layers"]) == 2
+    # the default group-aware visiting order keeps the plain layout: natural g_idx, desc_act false
+    assert manifest["quantization"]["group_aware"] is True and manifest["quantization"]["act_order"] is False
+    assert torch.equal(t[q + ".g_idx"].long(), torch.arange(256) // 128)
     assert manifest["calibration"]["image_tokens"] > 0
 
 

@@ -33,7 +33,10 @@ Layer-streaming: decoder layers are loaded, quantized and released one at a time
 safetensors shards, so peak memory is one layer plus calibration activations. The vision tower and
 lm_head stay unquantized (declared in quantization_config); QoQ-Med's ECG encoder is carried through
 unquantized, or left out with --drop-ecg for vLLM, which loads neither QoQ-Med's own class nor the
-encoder's tensors. GPTQ defaults to symmetric: vLLM's fast Marlin kernels take only sym: true, and
+encoder's tensors. GPTQ visits columns in group-aware order by default (GAR: most active inputs first
+within each group, and groups by their most active input), which keeps the plain layout (no g_idx
+permutation); --act-order goes further at a kernel cost, --natural-order reproduces plain GPTQ.
+GPTQ defaults to symmetric: vLLM's fast Marlin kernels take only sym: true, and
 GPTQModel.load refuses asymmetric v1 it did not produce itself. AWQ defaults to zero-points (GEMM).
 """
 
@@ -67,7 +70,12 @@ def register(sub) -> None:
     q = p.add_argument_group("gptq / awq")
     q.add_argument("--bits", type=int, default=4, choices=[4, 8], help="weight bits (AWQ GEMM: 4 only; default 4)")
     q.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (one group per row, GPTQ only)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by Hessian order (desc_act)")
+    order = q.add_mutually_exclusive_group()
+    order.add_argument("--act-order", action="store_true",
+                       help="GPTQ: visit columns by Hessian order across groups (desc_act: g_idx, slower kernels)")  # fmt: skip
+    order.add_argument("--natural-order", action="store_true",
+                       help="GPTQ: visit columns in their stored order instead of the default group-aware order "
+                            "(GAR: by Hessian order within and between groups, plain layout)")  # fmt: skip
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None,
                      help="symmetric (GPTQ default: vLLM's Marlin path needs sym: true)")  # fmt: skip
@@ -90,7 +98,7 @@ def run(args) -> int:
         export_hf_quant(
             args.model, args.out, args.format, args.bits, args.group_size, args.act_order, args.sym,
             args.calib, args.samples, args.quantize_vision, args.force, args.seed, revision=args.revision,
-            drop_ecg=args.drop_ecg,
+            drop_ecg=args.drop_ecg, group_aware=not args.natural_order,
         )  # fmt: skip
         return 0
     from ..errors import QoqoptError

@@ -11,6 +11,12 @@ rounding error is spread over the columns not yet quantized, weighted by the inv
   input's group then follows its visiting order, recorded in ``g_idx`` (``desc_act`` in the config);
 * ``static_groups``: with act-order, compute each group's scale/zero up front from the unmodified
   weights of the natural groups, so ``g_idx`` stays ``k // group_size`` (faster kernels);
+* ``group_aware`` (without act-order): group-aware reordering (GAR; Gafni et al., CVPR 2025
+  workshops, arXiv:2505.14638). Columns are visited by decreasing Hessian diagonal *within* each
+  natural group, and the groups by decreasing largest diagonal. Every group is still visited as
+  one contiguous run, so its grid is found where a natural group's would be, the scales are stored
+  per natural group and ``g_idx`` stays ``k // group_size``: act-order's visiting benefit in the
+  plain layout, which every kernel reads at full speed;
 * dampening: ``damp * mean(diag H)`` is added to the diagonal; a Cholesky that fails retries with
   ten times the dampening and reports it through ``warn``: it never silently falls back.
 """
@@ -79,6 +85,15 @@ def inverse_hessian_factor(
         damp *= 10
 
 
+def group_aware_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GAR's visiting order: groups by decreasing largest ``diag``, columns within each by decreasing ``diag``."""
+    groups = diag.reshape(-1, group_size)  # the caller's shape check guarantees whole groups
+    within = torch.argsort(groups, dim=1, descending=True, stable=True)
+    order = torch.argsort(groups.amax(dim=1), descending=True, stable=True)
+    base = torch.arange(groups.shape[0], device=diag.device).unsqueeze(1) * group_size
+    return (base + within)[order].reshape(-1)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -88,6 +103,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    group_aware: bool = False,
     warn: Callable[[str], None] | None = None,
     name: str = "weight",
 ) -> tuple[QuantizedWeight, GptqInfo]:
@@ -107,7 +123,11 @@ def gptq_quantize(
     if static_groups:  # natural groups, from the weights before any error propagation
         static = [group_params(w[:, g * gs : (g + 1) * gs], spec) for g in range(groups)]
 
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+    elif group_aware:
+        perm = group_aware_order(torch.diag(h), gs)
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     perm_list = perm.tolist() if perm is not None else None  # no device sync per column
@@ -153,8 +173,11 @@ def gptq_quantize(
     if perm is not None:
         inv = torch.argsort(perm)
         q = q[:, inv]
-        if static is None:
+        if act_order and static is None:
             group_of = inv // gs
+        elif not act_order:  # group-aware: group g was visited as run number inv[g * gs] // gs
+            visited = inv[::gs] // gs
+            scales, zeros, clamped = scales[visited], zeros[visited], clamped[visited]
     if static is not None:
         scales = torch.stack([s for s, _, _ in static])
         zeros = torch.stack([z for _, z, _ in static])

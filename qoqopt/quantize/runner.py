@@ -52,6 +52,7 @@ class QuantizeOptions:
     spec: QuantSpec = field(default_factory=QuantSpec)
     act_order: bool = False
     static_groups: bool = False
+    group_aware: bool = False  # GAR visiting order without act-order's g_idx (see quantize.gptq)
     damp: float = 0.01
     block_size: int = 128
     awq_grid: int = 20
@@ -285,7 +286,8 @@ def quantize_layer_gptq(layer, inputs, opts: QuantizeOptions, warn, prefix: str,
         for name in group:
             qw, info = gptq_quantize(
                 mods[name].weight.data, hess[name][0], opts.spec, block_size=opts.block_size, damp=opts.damp,
-                act_order=opts.act_order, static_groups=opts.static_groups, warn=warn, name=prefix + name,
+                act_order=opts.act_order, static_groups=opts.static_groups, group_aware=opts.group_aware,
+                warn=warn, name=prefix + name,
             )  # fmt: skip
             _set_weight(mods[name], qw)
             out[name] = qw
