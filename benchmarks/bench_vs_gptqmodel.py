@@ -5,10 +5,12 @@
 GPTQModel is the GPTQ quantizer transformers defers to; it pins a newer torch than this project's
 .venv, so it runs from a second virtualenv (`--python`; set up as in check_ecosystem_loaders.py).
 Both quantize the trained mini QoQ-Med (tiny, 2 decoder layers) to GPTQ 4-bit, group 128,
-symmetric, no act-order, damp 0.01, each tool's default visiting order (both GAR now), from the same
-domain-balanced clinical image chats (qoqopt's calib split: the image, the question and the
-reference reply), drawn with each of several seeds. Each run is its own process on the same
-threads; reported per tool and seed:
+symmetric, no act-order, damp 0.01, fp32 compute (GPTQModel would pick bf16 on the CPU), each
+tool's default visiting order (both GAR), from the same domain-balanced clinical image chats
+(qoqopt's calib split: the image, the question and the reference reply; GPTQModel's chat template
+adds a trailing generation prompt after the reply), drawn with each of several seeds. qoqopt also
+runs with ``--natural-order`` (plain GPTQ) as the in-run measure of the visiting order. Each run
+is its own process on the same threads; reported per tool and seed:
 
 * wall time and peak RSS of the whole process (imports, model load, calibration, quantization,
   save), from os.wait4;
@@ -42,11 +44,12 @@ GPTQ = dict(bits=4, group_size=128, sym=True, desc_act=False, damp_percent=0.01)
 
 
 def quantize_with_gptqmodel(work: Path, seed: int) -> None:
+    import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
     os.chdir(work)  # GPTQModel writes its per-module log files under ./logs
     chats = json.loads((work / f"calib-{seed}.json").read_text())
-    model = GPTQModel.load(str(work / "source"), QuantizeConfig(**GPTQ), device="cpu")
+    model = GPTQModel.load(str(work / "source"), QuantizeConfig(**GPTQ), device="cpu", dtype=torch.float32)
     model.quantize(chats, batch_size=1)
     model.save(str(work / f"gptqmodel-{seed}"))
     print("ok")
@@ -161,9 +164,11 @@ def run(python: str, work: Path, samples: int, seeds: list[int], eval_chats: int
               "model": "trained mini QoQ-Med (tiny)", "gptq": GPTQ, "calibration_chats": samples,
               "eval_chats": eval_chats, "runs": []}  # fmt: skip
     for seed in seeds:
+        export = [sys.executable, "-m", "qoqopt", "export", str(work / "source"), "--format", "gptq", "--samples",
+                  str(samples), "--seed", str(seed), "--force", "--out"]  # fmt: skip
         commands = {
-            "qoqopt": ([sys.executable, "-m", "qoqopt", "export", str(work / "source"), "--format", "gptq", "--samples",
-                        str(samples), "--seed", str(seed), "--out", str(work / f"qoqopt-{seed}"), "--force"], env),
+            "qoqopt": ([*export, str(work / f"qoqopt-{seed}")], env),
+            "qoqopt-natural": ([*export, str(work / f"qoqopt-natural-{seed}"), "--natural-order"], env),
             # GPTQModel sizes its CPU pool as half the cores, then asks 2 for its loader: on 2 cores it
             # refuses to start unless told the pool size
             "gptqmodel": ([python, __file__, "--gptqmodel", str(work), "--seed", str(seed)],
@@ -174,6 +179,9 @@ def run(python: str, work: Path, samples: int, seeds: list[int], eval_chats: int
             entry = {"tool": tool, "seed": seed} | {k: (round(v, 2) if isinstance(v, float) else v) for k, v in proc.items()}
             if proc["rc"] == 0:
                 entry |= drift(work, work / f"{tool}-{seed}", reference)
+                manifest = work / f"{tool}-{seed}" / "manifest.json"  # qoqopt's own per-layer output errors
+                if manifest.exists():
+                    entry["layer_rel_errors"] = [lr["rel_error"] for lr in json.loads(manifest.read_text())["layers"]]
             result["runs"].append(entry)
     result["summary"] = summarize(result["runs"])
     return result
@@ -196,17 +204,19 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def report(result: dict) -> None:
-    print(f"\n{'tool':10s} {'seed':>4s} {'wall s':>7s} {'peak MiB':>9s} {'linears':>8s} {'mean KLD':>10s} {'p99 KLD':>10s} {'same top1':>10s}")
+    print(f"\n{'tool':14s} {'seed':>4s} {'wall s':>7s} {'peak MiB':>9s} {'linears':>8s} {'mean KLD':>10s} {'p99 KLD':>10s} {'same top1':>10s}")
     for r in result["runs"]:
         if r["rc"]:
-            print(f"{r['tool']:10s} {r['seed']:4d} FAILED (rc {r['rc']}): {r['tail']}")
+            print(f"{r['tool']:14s} {r['seed']:4d} FAILED (rc {r['rc']}): {r['tail']}")
             continue
-        print(f"{r['tool']:10s} {r['seed']:4d} {r['wall_s']:7.1f} {r['peak_rss_mib']:9.0f} {r['quantized_linears']:8d} "
+        print(f"{r['tool']:14s} {r['seed']:4d} {r['wall_s']:7.1f} {r['peak_rss_mib']:9.0f} {r['quantized_linears']:8d} "
               f"{r['mean_kld']:10.3e} {r['p99_kld']:10.3e} {r['same_top1_pct']:9.1f}%")  # fmt: skip
-    q, g = result["summary"].get("qoqopt"), result["summary"].get("gptqmodel")
-    if q and g:
-        print(f"qoqopt / GPTQModel: median wall x{q['wall_s'] / g['wall_s']:.2f}, median peak RSS "
-              f"x{q['peak_rss_mib'] / g['peak_rss_mib']:.2f}, mean KLD over seeds x{q['mean_kld'] / g['mean_kld']:.2f}")  # fmt: skip
+    summary = result["summary"]
+    for mine, peer in (("qoqopt", "gptqmodel"), ("qoqopt", "qoqopt-natural")):
+        q, g = summary.get(mine), summary.get(peer)
+        if q and g:
+            print(f"{mine} / {peer}: median wall x{q['wall_s'] / g['wall_s']:.2f}, median peak RSS "
+                  f"x{q['peak_rss_mib'] / g['peak_rss_mib']:.2f}, mean KLD over seeds x{q['mean_kld'] / g['mean_kld']:.2f}")  # fmt: skip
 
 
 def main() -> int:

@@ -20,3 +20,11 @@ def test_peak_rss_is_the_commands_own_whatever_the_parents_size():
     failed = run_measured([sys.executable, "-c", "import sys; print('last words'); sys.exit(3)"])
     assert failed["rc"] == 3 and failed["tail"] == "last words"
     del ballast
+
+
+def test_signals_and_missing_commands_read_as_such():
+    """An OOM kill must read as -9, not as an exit code, and a command that never ran has no peak."""
+    killed = run_measured([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    assert killed["rc"] == -9 and killed["peak_rss_mib"] > 0
+    missing = run_measured(["/nonexistent/qoqopt-command"])
+    assert missing["rc"] == 127 and missing["peak_rss_mib"] is None and "No such file" in missing["tail"]

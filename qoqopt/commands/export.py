@@ -92,6 +92,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..errors import QoqoptError
+
+    if args.natural_order and args.format != "gptq":
+        raise QoqoptError("--natural-order is for --format gptq (GPTQ's column visiting order)")
     if args.format in ("gptq", "awq"):
         from ..exports.hf_quant import export_hf_quant
 
@@ -101,8 +105,6 @@ def run(args) -> int:
             drop_ecg=args.drop_ecg, group_aware=not args.natural_order,
         )  # fmt: skip
         return 0
-    from ..errors import QoqoptError
-
     if args.drop_ecg:  # nothing to drop: llama.cpp has no ECG encoder, so GGUF builds never carry one
         raise QoqoptError("--drop-ecg is for --format gptq/awq; GGUF builds always leave the ECG encoder out")
     from ..exports.gguf_export import GGUFOptions, export_gguf

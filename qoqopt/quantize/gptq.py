@@ -115,7 +115,8 @@ def gptq_quantize(
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone().to(w.device)
 
-    dead = torch.diag(h) == 0
+    activity = torch.diag(h).clone()  # visiting-order key: dead inputs (0) go last, not as the 1.0 below
+    dead = activity == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
@@ -125,9 +126,9 @@ def gptq_quantize(
 
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        perm = torch.argsort(activity, descending=True, stable=True)
     elif group_aware:
-        perm = group_aware_order(torch.diag(h), gs)
+        perm = group_aware_order(activity, gs)
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     perm_list = perm.tolist() if perm is not None else None  # no device sync per column
