@@ -15,7 +15,8 @@ examples:
 
 Variants: bf16 | fp16 | fp32 (transformers), gguf:<TYPE> (llama.cpp, text GGUF + mmproj through mtmd),
 gptq:4|8 and awq:4 (transformers with qoqopt's W4A16 QuantLinear: Triton on CUDA, torch on CPU),
-bnb:nf4|fp4|int8 (transformers + bitsandbytes, quantized at load). A build is taken from a --from
+bnb:nf4|fp4|int8 (transformers + bitsandbytes, quantized at load; needs pip install 'qoqopt[bnb]',
+which `make setup` includes). A build is taken from a --from
 directory (or an earlier run's OUT/builds) when its manifest lists it, otherwise built with
 `qoqopt export` into OUT/builds.
 
