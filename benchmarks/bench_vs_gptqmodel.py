@@ -34,7 +34,8 @@ import platform
 import sys
 from pathlib import Path
 
-from measure import run_measured  # run by path: benchmarks/ is on sys.path
+from check_ecosystem_loaders import load_batches, save_batches, write_source  # benchmarks/ is on sys.path
+from measure import run_measured
 
 REPO = Path(__file__).resolve().parents[1]
 GPTQ = dict(bits=4, group_size=128, sym=True, desc_act=False, damp_percent=0.01)
@@ -60,31 +61,22 @@ def quantize_with_gptqmodel(work: Path, seed: int) -> None:
 
 def prepare(work: Path, samples: int, seeds: list[int], eval_chats: int) -> None:
     """The trained mini model as a checkpoint, the calibration chats in GPTQModel's conversation form
-    (images as PNG files), and the held-out chats encoded once."""
+    (images as PNG files), and the held-out chats encoded once (with each reply's token count)."""
     import torch
-    from safetensors.torch import save_file
 
     from qoqopt.calibration import encode_chat
     from qoqopt.data import balanced_sample, clinical_set
-    from qoqopt.mini import save_checkpoint
     from qoqopt.processor import load_processor
-    from qoqopt.train import trained_model
 
-    src = work / "source"
-    if not (src / "config.json").exists():
-        model, _ = trained_model("tiny", 0)
-        src.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(model, src, layout="runtime")
+    write_source(work / "source", layout="runtime")
     for seed in seeds:
         _write_calibration(work, samples, seed)
-    proc = load_processor(src)
-    tensors = {}
-    for i, item in enumerate(balanced_sample(clinical_set("eval", n_per_base=1), eval_chats, seed=0)):
-        batch = encode_chat(proc, item, with_answer=True)
+    proc = load_processor(work / "source")
+    batches = []
+    for item in balanced_sample(clinical_set("eval", n_per_base=1), eval_chats, seed=0):
         reply = len(proc.tokenizer(item.target_text() + "<|im_end|>").input_ids)
-        tensors |= {f"{i}.{k}": v.contiguous() for k, v in batch.items()}
-        tensors[f"{i}.reply"] = torch.tensor([reply])
-    save_file(tensors, str(work / "eval.safetensors"))
+        batches.append(encode_chat(proc, item, with_answer=True) | {"reply": torch.tensor([reply])})
+    save_batches(work / "eval.safetensors", batches)
 
 
 def _write_calibration(work: Path, samples: int, seed: int) -> None:
@@ -105,17 +97,8 @@ def _write_calibration(work: Path, samples: int, seed: int) -> None:
     (work / f"calib-{seed}.json").write_text(json.dumps(chats))
 
 
-def _eval_chats(work: Path) -> list[dict]:
-    from safetensors.torch import load_file
-
-    chats: dict[int, dict] = {}
-    for key, v in load_file(str(work / "eval.safetensors")).items():
-        i, name = key.split(".", 1)
-        chats.setdefault(int(i), {})[name] = v
-    return [chats[i] for i in sorted(chats)]
-
-
-def _reply_logits(model, chats: list[dict]) -> list:
+def _reply_logits(model, chats: list[dict]) -> list[tuple]:
+    """(logits, next tokens) at each chat's reply positions."""
     import torch
 
     out = []
@@ -123,43 +106,51 @@ def _reply_logits(model, chats: list[dict]) -> list:
         for chat in chats:
             n = int(chat["reply"])
             inputs = {k: v for k, v in chat.items() if k != "reply"}
-            out.append(model(**inputs).logits[0, -n - 1 : -1].double())
+            out.append((model(**inputs).logits[0, -n - 1 : -1].numpy(), inputs["input_ids"][0, -n:].numpy()))
     return out
 
 
-def _fp32_model(work: Path):
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+class Judge:
+    """The fp32 model, loaded once: a checkpoint's dequantized weights go in, drift against the
+    model's own logits comes out, the original weights go back."""
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(work / "source"), dtype=torch.float32).eval()
+    def __init__(self, work: Path):
+        import torch
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(work / "source"), dtype=torch.float32).eval()
+        self.chats = load_batches(work / "eval.safetensors")
+        self.reference = _reply_logits(self.model, self.chats)
 
-def drift(work: Path, export: Path, reference: list) -> dict:
-    """The export dequantized by the spec reader into the fp32 model, against the fp32 model's logits."""
-    import torch
-    from spec_layout import spec_weights
+    def drift(self, export: Path) -> dict:
+        """The export dequantized by the spec reader (neither tool's code), measured as `qoqopt bench` does."""
+        import numpy as np
+        import torch
+        from spec_layout import spec_weights
 
-    chats = _eval_chats(work)
-    model = _fp32_model(work)
-    weights = spec_weights(export)
-    with torch.no_grad():
-        for name, w in weights.items():
-            model.get_submodule(name).weight.copy_(w)
-    kld, same = [], []
-    for p, q in zip(reference, _reply_logits(model, chats)):
-        lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
-        kld.append((lp.exp() * (lp - lq)).sum(-1))
-        same.append(p.argmax(-1) == q.argmax(-1))
-    kld, same = torch.cat(kld), torch.cat(same)
-    return {"quantized_linears": len(weights), "positions": len(kld), "mean_kld": float(kld.mean()),
-            "p99_kld": float(torch.quantile(kld, 0.99)), "same_top1_pct": 100 * float(same.double().mean()),
-            "disk_bytes": sum(f.stat().st_size for f in export.glob("*.safetensors"))}  # fmt: skip
+        from qoqopt.drift import position_stats, summarize_positions
+
+        weights = spec_weights(export)
+        originals = {name: self.model.get_submodule(name).weight.detach().clone() for name in weights}
+        with torch.no_grad():
+            for name, w in weights.items():
+                self.model.get_submodule(name).weight.copy_(w)
+            try:
+                stats = [position_stats(ref, cand, targets)
+                         for (ref, targets), (cand, _) in zip(self.reference, _reply_logits(self.model, self.chats))]  # fmt: skip
+            finally:
+                for name, w in originals.items():
+                    self.model.get_submodule(name).weight.copy_(w)
+        d = summarize_positions({k: np.concatenate([s[k] for s in stats]) for k in stats[0]})
+        return {"quantized_linears": len(weights), "positions": d.positions, "mean_kld": d.mean_kld,
+                "p99_kld": d.p99_kld, "same_top1_pct": d.same_top_pct,
+                "disk_bytes": sum(f.stat().st_size for f in export.glob("*.safetensors"))}  # fmt: skip
 
 
 def run(python: str, work: Path, samples: int, seeds: list[int], eval_chats: int) -> dict:
     prepare(work, samples, seeds, eval_chats)
     env = {"PYTHONPATH": str(REPO)}
-    reference = _reply_logits(_fp32_model(work), _eval_chats(work))
+    judge = Judge(work)
     result = {"benchmark": "vs_gptqmodel", "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
               "model": "trained mini QoQ-Med (tiny)", "gptq": GPTQ, "calibration_chats": samples,
               "eval_chats": eval_chats, "runs": []}  # fmt: skip
@@ -178,7 +169,7 @@ def run(python: str, work: Path, samples: int, seeds: list[int], eval_chats: int
             proc = run_measured(cmd, tool_env, True)
             entry = {"tool": tool, "seed": seed} | {k: (round(v, 2) if isinstance(v, float) else v) for k, v in proc.items()}
             if proc["rc"] == 0:
-                entry |= drift(work, work / f"{tool}-{seed}", reference)
+                entry |= judge.drift(work / f"{tool}-{seed}")
                 manifest = work / f"{tool}-{seed}" / "manifest.json"  # qoqopt's own per-layer output errors
                 if manifest.exists():
                     entry["layer_rel_errors"] = [lr["rel_error"] for lr in json.loads(manifest.read_text())["layers"]]

@@ -59,26 +59,31 @@ WEIGHT_TOL = {4: 0.25, 8: 0.02}  # relative Frobenius error of a dequantized wei
 # =========================================================================== step 1 (.venv)
 
 
-def prepare(work: Path, samples: int, chats: int, random_weights: bool) -> dict:
-    from safetensors.torch import save_file
+def write_source(src: Path, random_weights: bool = False, layout: str = "legacy") -> None:
+    """The mini QoQ-Med (tiny) as a checkpoint at ``src``: trained (cached) or random; kept if present."""
+    from qoqopt.mini import build_model, save_checkpoint
 
+    if (src / "config.json").exists():
+        return
+    if random_weights:
+        model = build_model("tiny", 0)
+    else:
+        from qoqopt.train import trained_model
+
+        model, report = trained_model("tiny", 0)
+        print(report.describe())
+    src.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, src, layout=layout)
+
+
+def prepare(work: Path, samples: int, chats: int, random_weights: bool) -> dict:
     from qoqopt.calibration import encode_chat
     from qoqopt.data import balanced_sample, clinical_set
     from qoqopt.exports.hf_quant import export_hf_quant
-    from qoqopt.mini import build_model, save_checkpoint
     from qoqopt.processor import load_processor
 
     src = work / ("source-random" if random_weights else "source")
-    if not (src / "config.json").exists():
-        if random_weights:
-            model = build_model("tiny", 0)
-        else:
-            from qoqopt.train import trained_model
-
-            model, report = trained_model("tiny", 0)
-            print(report.describe())
-        src.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(model, src)
+    write_source(src, random_weights)
     info = {"source": str(src), "weights": "random" if random_weights else "trained", "exports": {}}
     for name, opts in EXPORTS.items():
         out = work / name
@@ -87,12 +92,7 @@ def prepare(work: Path, samples: int, chats: int, random_weights: bool) -> dict:
         info["exports"][name] = {"path": str(out), "export_s": round(time.perf_counter() - t0, 1), **opts}
     proc = load_processor(src)
     items = balanced_sample(clinical_set("eval", n_per_base=1), chats, seed=0)
-    tensors = {}
-    for i, item in enumerate(items):
-        batch = encode_chat(proc, item, with_answer=True)
-        for k, v in batch.items():
-            tensors[f"{i}.{k}"] = v.contiguous()
-    save_file(tensors, str(work / "inputs.safetensors"))
+    save_batches(work / "inputs.safetensors", [encode_chat(proc, item, with_answer=True) for item in items])
     items[0].image.save(work / "image.png")
     (work / "chat.json").write_text(json.dumps({"question": items[0].question, "answer": items[0].answer,
                                                 "domains": [it.domain for it in items]}))  # fmt: skip
@@ -116,10 +116,17 @@ def _fit_rescaled_error(w_q, w_src) -> float:
     return float((w_q - r * w_src * c).norm() / (r * w_src * c).norm())
 
 
-def _inputs(work: Path) -> list[dict]:
+def save_batches(path: Path, batches: list[dict]) -> None:
+    """Model-input dicts as one safetensors file (``{i}.{name}``), readable in either venv."""
+    from safetensors.torch import save_file
+
+    save_file({f"{i}.{k}": v.contiguous() for i, b in enumerate(batches) for k, v in b.items()}, str(path))
+
+
+def load_batches(path: Path) -> list[dict]:
     from safetensors.torch import load_file
 
-    flat = load_file(str(work / "inputs.safetensors"))
+    flat = load_file(str(path))
     chats: dict[int, dict] = {}
     for key, v in flat.items():
         i, name = key.split(".", 1)
@@ -168,7 +175,7 @@ def check(work: Path, info: dict) -> dict:
             versions[pkg] = version(pkg)
         except Exception as exc:  # noqa: BLE001
             versions[pkg] = f"missing ({exc})"
-    chats = _inputs(work)
+    chats = load_batches(work / "inputs.safetensors")
     src = Path(info["source"])
     src_tensors = read_dir(src)
     results = {"versions": versions, "exports": {}}

@@ -312,6 +312,9 @@ def export_hf_quant_report(
     check_layer_shapes(config.text_config, spec, pack_cols=(32 // bits) if fmt == "gptq" else 8)
     fmt_mod = gptq_fmt if fmt == "gptq" else awq_fmt
     report = ExportReport(out, fmt)
+    drops_ecg = drop_ecg and ckpt.has_ecg_encoder
+    if ckpt.has_ecg_encoder:
+        report.ecg_encoder = "dropped" if drop_ecg else "carried"
     if fmt == "gptq" and not sym:
         report.notes.append(
             "asymmetric GPTQ v1: zero-points kept >= 1 (GPTQModel's v1->v2 conversion adds 0x11111111 to "
@@ -365,7 +368,7 @@ def export_hf_quant_report(
         report.vision = [vision_done[k] for k in sorted(vision_done)]
         skipped_vision = sorted(vision_plan.skipped) if vision_plan else []
         for name in ckpt.names:
-            if name.startswith("model.layers.") or (drop_ecg and name.startswith(ECG_PREFIX)):
+            if name.startswith("model.layers.") or (drops_ecg and name.startswith(ECG_PREFIX)):
                 continue
             if vision_done and name.removesuffix(".weight").removesuffix(".bias") in vision_done:
                 continue  # written packed above
@@ -377,16 +380,14 @@ def export_hf_quant_report(
             damp=damp, vision_modules=sorted(v["module"] for v in vision_done.values()), vision_skipped=skipped_vision,
         )  # fmt: skip
         config_json = dict(ckpt.config)
-        if drop_ecg and ckpt.has_ecg_encoder:
+        if drops_ecg:
             _declare_plain_model(config_json)
         config_json["quantization_config"] = quant_config
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=False) + "\n")
         copied = _copy_support_files(ckpt.path, tmp)
-        if drop_ecg and ckpt.has_ecg_encoder:
+        if drops_ecg:
             _declare_plain_tokenizer(tmp / "tokenizer_config.json")
         report.notes += _ecg_notes(ckpt, drop_ecg)
-        if ckpt.has_ecg_encoder:
-            report.ecg_encoder = "dropped" if drop_ecg else "carried"
         if not quantize_vision:
             report.notes.append("vision tower and lm_head left unquantized (default)")
         else:
@@ -432,8 +433,7 @@ def _ecg_notes(ckpt, drop_ecg: bool) -> list[str]:
         return [f"ECG encoder (time_series_embedding.*) left out (--drop-ecg); architectures set to "
                 f"{PLAIN_ARCHITECTURE}: vLLM and transformers serve images and text, not ECGs"]  # fmt: skip
     return ["ECG encoder (time_series_embedding.*) carried through unquantized; vLLM cannot load this build "
-            "(it knows neither TimeSeriesQwen2_5_VLForConditionalGeneration nor those tensors): export with "
-            "--drop-ecg to serve it there"]  # fmt: skip
+            "(it refuses those tensors, and QoQ-Med's own class): export with --drop-ecg to serve it there"]
 
 
 def _processor(ckpt):

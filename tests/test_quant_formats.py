@@ -271,6 +271,15 @@ def test_drop_ecg_gives_the_plain_models_build(awq_export, ecg_dir, tmp_path):
     assert {k: m["ecg_encoder"] for k, m in manifests.items()} == {"carried": "carried", "dropped": "dropped"}
     assert any("--drop-ecg" in n and "vLLM cannot load" in n for n in manifests["carried"]["notes"])
     assert json.loads((plain / "manifest.json").read_text())["ecg_encoder"] is None
+    # transformers, as vLLM does with trust_remote_code, follows auto_map to QoQ-Med's own .py files,
+    # which no build ships: the carried build cannot be configured that way, the dropped one can
+    import transformers
+    from transformers import AutoConfig
+
+    with pytest.raises(OSError, match="configuration_time_series_qwen2_5_vl"):
+        AutoConfig.from_pretrained(str(carried.out), trust_remote_code=True)
+    config = AutoConfig.from_pretrained(str(dropped.out), trust_remote_code=True)
+    assert type(config).__name__ == "Qwen2_5_VLConfig" and hasattr(transformers, config.architectures[0])
 
 
 def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, tiny_dir, monkeypatch):
