@@ -1,28 +1,44 @@
-"""Benchmark: qoqopt's GPTQ export against GPTQModel's quantizer, same model, same calibration chats.
+"""Benchmark: qoqopt's GPTQ or AWQ export against GPTQModel's and llm-compressor's, same model, same calibration chats.
 
-    .venv/bin/python benchmarks/bench_vs_gptqmodel.py --python /work/gptq-venv/bin/python [--samples 32] [--seeds 0,1,2] [--json PATH]
+    .venv/bin/python benchmarks/bench_vs_gptqmodel.py --python /work/gptq-venv/bin/python
+        [--llmc-python /work/llmc-venv/bin/python] [--method gptq|awq] [--samples 32] [--seeds 0,1,2] [--json PATH]
 
-GPTQModel is the GPTQ quantizer transformers defers to; it pins a newer torch than this project's
-.venv, so it runs from a second virtualenv (`--python`; set up as in check_ecosystem_loaders.py).
-Both quantize the trained mini QoQ-Med (tiny, 2 decoder layers) to GPTQ 4-bit, group 128,
-symmetric, no act-order, damp 0.01, fp32 compute (GPTQModel would pick bf16 on the CPU), each
-tool's default visiting order (both GAR), from the same domain-balanced clinical image chats
-(qoqopt's calib split: the image, the question and the reference reply; GPTQModel's chat template
-adds a trailing generation prompt after the reply), drawn with each of several seeds. qoqopt also
-runs with ``--natural-order`` (plain GPTQ) as the in-run measure of the visiting order. Each run
-is its own process on the same threads; reported per tool and seed:
+The peers pin other torch/transformers versions than this project's .venv, so each runs from its own
+virtualenv: GPTQModel (`--python`; set up as in check_ecosystem_loaders.py), the GPTQ quantizer
+transformers defers to, which quantizes AWQ too; and optionally llm-compressor (`--llmc-python`;
+`pip install torch==2.13.0 llmcompressor==0.14.0.1`), vLLM's quantizer, which writes
+compressed-tensors checkpoints. All quantize the trained mini QoQ-Med (tiny, 2 decoder layers) to
+the same scheme, in fp32 where the tool allows it:
+
+* GPTQ: 4-bit, group 128, symmetric, natural g_idx, damp 0.01, each tool's default visiting order
+  (qoqopt and llm-compressor: act-order with static groups; GPTQModel: group-aware, GAR);
+  llm-compressor's W4A16 scheme.
+* AWQ: 4-bit, group 128, zero point; GPTQModel in bf16 (its AWQ packer refuses fp32);
+  llm-compressor's AWQModifier + QuantizationModifier(W4A16_ASYM), its documented recipe. Each tool
+  folds its own scales into the norms and producing Linears, so the whole checkpoint is swapped in,
+  not only the packed Linears.
+
+Every tool calibrates on the same domain-balanced clinical image chats (qoqopt's calib split: the
+image, the question and the reference reply), drawn with each of several seeds: GPTQModel gets them
+as conversations (its chat template adds a trailing generation prompt after the reply),
+llm-compressor as the processor inputs qoqopt encodes. For GPTQ, qoqopt also runs with
+``--order group-aware`` (GPTQModel's order) and ``--order natural`` (plain GPTQ), the in-run measure
+of the visiting order. Each run is its own process
+on the same threads; reported per tool and seed:
 
 * wall time and peak RSS of the whole process (imports, model load, calibration, quantization,
   save), from os.wait4;
-* drift: the checkpoint dequantized by the GPTQ spec reader (benchmarks/spec_layout.py, neither
-  tool's code) into the fp32 transformers model, mean KLD and same-top-1 against the fp32 model on
-  held-out clinical chats (eval split, reference replies teacher-forced);
+* drift: the checkpoint as the spec reader (benchmarks/spec_layout.py, no tool's code) reads it,
+  packed Linears dequantized and every other tensor (norms, embeddings) as stored, loaded into the
+  fp32 transformers model; mean KLD and same-top-1 against the fp32 model on held-out clinical
+  chats (eval split, reference replies teacher-forced). The reader's compressed-tensors
+  dequantization is checked against transformers' own loader after each llm-compressor run;
 * which Linears were quantized, and the bytes on disk.
 
 The mini model is tiny (its vocabulary is 97% of its parameters), so time and memory here are mostly
 fixed costs. Its drift moves by up to 2x with the calibration draw alone (two quantized layers, 14
 matrices), which is why several seeds are run and compared as means. Results are printed and saved
-as JSON (default benchmarks/results/vs_gptqmodel.json).
+as JSON (default benchmarks/results/vs_gptqmodel.json, vs_gptqmodel_awq.json for AWQ).
 """
 
 from __future__ import annotations
@@ -31,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,22 +55,86 @@ from check_ecosystem_loaders import load_batches, save_batches, write_source  # 
 from measure import run_measured
 
 REPO = Path(__file__).resolve().parents[1]
-GPTQ = dict(bits=4, group_size=128, sym=True, desc_act=False, damp_percent=0.01)
+# the settings both tools are given, per method; each is also qoqopt's export default
+CONFIGS = {
+    "gptq": dict(bits=4, group_size=128, sym=True, desc_act=False, damp_percent=0.01),
+    "awq": dict(method="awq", format="gemm", bits=4, group_size=128, sym=False),
+}
+# qoqopt's runs: the default, then (GPTQ only) the other plain-layout visiting orders
+QOQOPT_VARIANTS = {"qoqopt": [], "qoqopt-gar": ["--order", "group-aware"], "qoqopt-natural": ["--order", "natural"]}
+# GPTQModel's AWQ packer refuses fp32 modules (AwqTorchLinear takes fp16/bf16 only), so its AWQ
+# calibrates in bf16, its own CPU default; qoqopt computes in fp32 either way
+GPTQMODEL_DTYPE = {"gptq": "float32", "awq": "bfloat16"}
 
 
 # =========================================================================== GPTQModel (its venv)
 
 
-def quantize_with_gptqmodel(work: Path, seed: int) -> None:
+def quantize_with_gptqmodel(work: Path, method: str, seed: int) -> None:
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
     os.chdir(work)  # GPTQModel writes its per-module log files under ./logs
     chats = json.loads((work / f"calib-{seed}.json").read_text())
-    model = GPTQModel.load(str(work / "source"), QuantizeConfig(**GPTQ), device="cpu", dtype=torch.float32)
+    model = GPTQModel.load(str(work / "source"), QuantizeConfig(**CONFIGS[method]), device="cpu", dtype=getattr(torch, GPTQMODEL_DTYPE[method]))
     model.quantize(chats, batch_size=1)
-    model.save(str(work / f"gptqmodel-{seed}"))
+    model.save(str(work / f"{method}-gptqmodel-{seed}"))
     print("ok")
+
+
+# =========================================================================== llm-compressor (its venv)
+
+# llm-compressor's own schemes for the same formats (compressed-tensors' names), and what it must not touch
+LLMC_SCHEMES = {"gptq": "W4A16", "awq": "W4A16_ASYM"}
+LLMC_IGNORE = ["lm_head", "re:.*visual.*"]
+
+
+def quantize_with_llmcompressor(work: Path, method: str, seed: int) -> None:
+    """oneshot on the calibration batches qoqopt itself encodes (llm-compressor takes a DataLoader), each
+    recipe as llm-compressor documents it for this format; saved compressed (pack-quantized)."""
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from torch.utils.data import DataLoader
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    if not torch.accelerator.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations unconditionally, which raises without an
+        # accelerator; pinning only speeds host-to-device copies, so skipping it changes no number
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+    os.chdir(work)
+    batches = load_batches(work / f"calib-{seed}.safetensors")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(work / "source"), dtype=torch.float32)
+    scheme = dict(targets="Linear", scheme=LLMC_SCHEMES[method], ignore=LLMC_IGNORE)
+    if method == "gptq":
+        recipe = [GPTQModifier(**scheme, dampening_frac=CONFIGS["gptq"]["damp_percent"])]
+    else:
+        recipe = [AWQModifier(), QuantizationModifier(**scheme)]
+    loader = DataLoader(batches, batch_size=None, collate_fn=lambda b: b)  # one chat per step, as both others
+    # the batches are already encoded; the tokenizer stands in for AutoProcessor, which wants torchvision
+    oneshot(model=model, processor=AutoTokenizer.from_pretrained(str(work / "source")), dataset=loader, recipe=recipe,
+            num_calibration_samples=len(batches), sequential_targets=["Qwen2_5_VLDecoderLayer"])  # fmt: skip
+    model.save_pretrained(str(work / f"{method}-llmcompressor-{seed}"), save_compressed=True)
+    print("ok")
+
+
+def check_spec_reader(out: Path) -> float:
+    """The spec reader's dequantization of this checkpoint against transformers' own compressed-tensors
+    loader (dequantize on load), Linear by Linear: the judge reads the checkpoint the way the runtime does."""
+    import torch
+    from spec_layout import spec_weights
+    from transformers import CompressedTensorsConfig, Qwen2_5_VLForConditionalGeneration
+
+    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(out), dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+    worst = max(float((loaded.get_submodule(name).weight.float() - w).abs().max()) for name, w in spec_weights(out).items())
+    if worst > 1e-6:
+        raise SystemExit(f"the spec reader disagrees with transformers on {out}: max |diff| {worst:.3g}")
+    return worst
 
 
 # =========================================================================== here (.venv)
@@ -69,9 +150,9 @@ def prepare(work: Path, samples: int, seeds: list[int], eval_chats: int) -> None
     from qoqopt.processor import load_processor
 
     write_source(work / "source", layout="runtime")
-    for seed in seeds:
-        _write_calibration(work, samples, seed)
     proc = load_processor(work / "source")
+    for seed in seeds:
+        _write_calibration(work, proc, samples, seed)
     batches = []
     for item in balanced_sample(clinical_set("eval", n_per_base=1), eval_chats, seed=0):
         reply = len(proc.tokenizer(item.target_text() + "<|im_end|>").input_ids)
@@ -79,11 +160,14 @@ def prepare(work: Path, samples: int, seeds: list[int], eval_chats: int) -> None
     save_batches(work / "eval.safetensors", batches)
 
 
-def _write_calibration(work: Path, samples: int, seed: int) -> None:
-    """The chats `qoqopt export --samples N --seed S` draws, as GPTQModel conversations."""
+def _write_calibration(work: Path, proc, samples: int, seed: int) -> None:
+    """The chats `qoqopt export --samples N --seed S` draws: as GPTQModel conversations, and as the
+    processor inputs qoqopt calibrates on (for llm-compressor, which takes model inputs)."""
     from qoqopt.calibration import calibration_items
+    from qoqopt.quantize.runner import encode_chats
 
     items, _ = calibration_items("clinical", samples, seed)
+    save_batches(work / f"calib-{seed}.safetensors", encode_chats(proc, items))
     images = work / f"images-{seed}"
     images.mkdir(exist_ok=True)
     chats = []
@@ -123,54 +207,87 @@ class Judge:
         self.reference = _reply_logits(self.model, self.chats)
 
     def drift(self, export: Path) -> dict:
-        """The export dequantized by the spec reader (neither tool's code), measured as `qoqopt bench` does."""
+        """The export as the spec reader (neither tool's code) reads it, measured as `qoqopt bench` does."""
         import numpy as np
         import torch
-        from spec_layout import spec_weights
 
         from qoqopt.drift import position_stats, summarize_positions
 
-        weights = spec_weights(export)
-        originals = {name: self.model.get_submodule(name).weight.detach().clone() for name in weights}
+        state, packed = self._export_state(export)
+        params = self.model.state_dict()
+        originals = {name: params[name].clone() for name in state}
         with torch.no_grad():
-            for name, w in weights.items():
-                self.model.get_submodule(name).weight.copy_(w)
+            for name, t in state.items():
+                params[name].copy_(t)
             try:
                 stats = [position_stats(ref, cand, targets)
                          for (ref, targets), (cand, _) in zip(self.reference, _reply_logits(self.model, self.chats))]  # fmt: skip
             finally:
-                for name, w in originals.items():
-                    self.model.get_submodule(name).weight.copy_(w)
+                for name, t in originals.items():
+                    params[name].copy_(t)
         d = summarize_positions({k: np.concatenate([s[k] for s in stats]) for k in stats[0]})
-        return {"quantized_linears": len(weights), "positions": d.positions, "mean_kld": d.mean_kld,
+        return {"quantized_linears": packed, "positions": d.positions, "mean_kld": d.mean_kld,
                 "p99_kld": d.p99_kld, "same_top1_pct": d.same_top_pct,
                 "disk_bytes": sum(f.stat().st_size for f in export.glob("*.safetensors"))}  # fmt: skip
 
+    def _export_state(self, export: Path) -> tuple[dict, int]:
+        """Model parameter name -> the export's value, and how many Linears were packed."""
+        from spec_layout import spec_state
 
-def run(python: str, work: Path, samples: int, seeds: list[int], eval_chats: int) -> dict:
+        stored, packed = spec_state(export)
+        params = self.model.state_dict()
+        state = {}
+        for key, t in stored.items():
+            name = _runtime_name(key)
+            if name not in params or params[name].shape != t.shape:
+                raise SystemExit(f"{export}: tensor {key} {tuple(t.shape)} has no counterpart in the model")
+            state[name] = t
+        return state, packed
+
+
+def _runtime_name(key: str) -> str:
+    """A checkpoint key in transformers >= 4.52's layout (model.visual.*, model.language_model.*)."""
+    for old, new in (("visual.", "model.visual."), ("model.layers.", "model.language_model.layers."),
+                     ("model.embed_tokens.", "model.language_model.embed_tokens."),
+                     ("model.norm.", "model.language_model.norm.")):  # fmt: skip
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def run(python: str, llmc_python: str | None, method: str, work: Path, samples: int, seeds: list[int],
+        eval_chats: int) -> dict:  # fmt: skip
     prepare(work, samples, seeds, eval_chats)
     env = {"PYTHONPATH": str(REPO)}
     judge = Judge(work)
     result = {"benchmark": "vs_gptqmodel", "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
-              "model": "trained mini QoQ-Med (tiny)", "gptq": GPTQ, "calibration_chats": samples,
-              "eval_chats": eval_chats, "runs": []}  # fmt: skip
+              "model": "trained mini QoQ-Med (tiny)", "method": method, method: CONFIGS[method],
+              "calibration_chats": samples, "eval_chats": eval_chats, "runs": []}  # fmt: skip
     for seed in seeds:
-        export = [sys.executable, "-m", "qoqopt", "export", str(work / "source"), "--format", "gptq", "--samples",
+        out = {tool: work / f"{method}-{tool}-{seed}" for tool in (*QOQOPT_VARIANTS, "gptqmodel", "llmcompressor")}
+        export = [sys.executable, "-m", "qoqopt", "export", str(work / "source"), "--format", method, "--samples",
                   str(samples), "--seed", str(seed), "--force", "--out"]  # fmt: skip
         commands = {
-            "qoqopt": ([*export, str(work / f"qoqopt-{seed}")], env),
-            "qoqopt-natural": ([*export, str(work / f"qoqopt-natural-{seed}"), "--natural-order"], env),
+            tool: ([*export, str(out[tool]), *flags], env)
+            for tool, flags in QOQOPT_VARIANTS.items() if method == "gptq" or not flags
+        } | {  # fmt: skip
             # GPTQModel sizes its CPU pool as half the cores, then asks 2 for its loader: on 2 cores it
             # refuses to start unless told the pool size
-            "gptqmodel": ([python, __file__, "--gptqmodel", str(work), "--seed", str(seed)],
-                          env | {"GPTQMODEL_CPU_WORKERS": str(os.cpu_count())}),
+            "gptqmodel": ([python, __file__, "--gptqmodel", str(work), "--method", method, "--seed", str(seed)],
+                          {"GPTQMODEL_CPU_WORKERS": str(os.cpu_count())}),
+            "llmcompressor": ([llmc_python, __file__, "--llmcompressor", str(work), "--method", method, "--seed", str(seed)], {}),
         }  # fmt: skip
+        if not llmc_python:
+            del commands["llmcompressor"]
         for tool, (cmd, tool_env) in commands.items():
             proc = run_measured(cmd, tool_env, True)
             entry = {"tool": tool, "seed": seed} | {k: (round(v, 2) if isinstance(v, float) else v) for k, v in proc.items()}
+            if proc["rc"] == 0 and tool == "llmcompressor":  # outside the measured run
+                check = [llmc_python, __file__, "--check-compressed", str(out[tool])]
+                entry["spec_reader_max_abs_diff"] = float(subprocess.run(check, capture_output=True, text=True, check=True).stdout.split()[-1])
             if proc["rc"] == 0:
-                entry |= judge.drift(work / f"{tool}-{seed}")
-                manifest = work / f"{tool}-{seed}" / "manifest.json"  # qoqopt's own per-layer output errors
+                entry |= judge.drift(out[tool])
+                manifest = out[tool] / "manifest.json"  # qoqopt's own per-layer output errors
                 if manifest.exists():
                     entry["layer_rel_errors"] = [lr["rel_error"] for lr in json.loads(manifest.read_text())["layers"]]
             result["runs"].append(entry)
@@ -203,7 +320,7 @@ def report(result: dict) -> None:
         print(f"{r['tool']:14s} {r['seed']:4d} {r['wall_s']:7.1f} {r['peak_rss_mib']:9.0f} {r['quantized_linears']:8d} "
               f"{r['mean_kld']:10.3e} {r['p99_kld']:10.3e} {r['same_top1_pct']:9.1f}%")  # fmt: skip
     summary = result["summary"]
-    for mine, peer in (("qoqopt", "gptqmodel"), ("qoqopt", "qoqopt-natural")):
+    for mine, peer in (("qoqopt", "gptqmodel"), ("qoqopt", "llmcompressor"), *(("qoqopt", v) for v in list(QOQOPT_VARIANTS)[1:])):
         q, g = summary.get(mine), summary.get(peer)
         if q and g:
             print(f"{mine} / {peer}: median wall x{q['wall_s'] / g['wall_s']:.2f}, median peak RSS "
@@ -213,22 +330,33 @@ def report(result: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--python", help="the python of the virtualenv that has gptqmodel")
+    ap.add_argument("--llmc-python", help="the python of a virtualenv with llmcompressor: adds llm-compressor as a third tool")
+    ap.add_argument("--method", choices=sorted(CONFIGS), default="gptq", help="what both tools quantize to (default gptq)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qoqopt-vs-gptqmodel"))
     ap.add_argument("--samples", type=int, default=32, help="calibration chats for both tools (default 32)")
     ap.add_argument("--seeds", default="0,1,2", help="calibration draws, one run of each tool per seed (default 0,1,2)")
     ap.add_argument("--eval-chats", type=int, default=15)
-    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "vs_gptqmodel.json")
-    ap.add_argument("--gptqmodel", type=Path, help=argparse.SUPPRESS)  # internal: the child in the other venv
+    ap.add_argument("--json", type=Path, help="where to save the results (default benchmarks/results/vs_gptqmodel[_awq].json)")
+    ap.add_argument("--gptqmodel", type=Path, help=argparse.SUPPRESS)  # internal: the children in the other venvs
+    ap.add_argument("--llmcompressor", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--check-compressed", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.gptqmodel:
-        quantize_with_gptqmodel(args.gptqmodel, args.seed)
+        quantize_with_gptqmodel(args.gptqmodel, args.method, args.seed)
+        return 0
+    if args.check_compressed:
+        print(check_spec_reader(args.check_compressed))
+        return 0
+    if args.llmcompressor:
+        quantize_with_llmcompressor(args.llmcompressor, args.method, args.seed)
         return 0
     if not args.python:
         ap.error("--python (the virtualenv with gptqmodel) is required")
     args.work.mkdir(parents=True, exist_ok=True)
-    result = run(args.python, args.work, args.samples, [int(s) for s in args.seeds.split(",")], args.eval_chats)
+    result = run(args.python, args.llmc_python, args.method, args.work, args.samples, [int(s) for s in args.seeds.split(",")], args.eval_chats)
     report(result)
+    args.json = args.json or REPO / "benchmarks" / "results" / ("vs_gptqmodel.json" if args.method == "gptq" else f"vs_gptqmodel_{args.method}.json")
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {args.json}")
     return 0

@@ -47,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 EXPORTS = {  # name -> export_hf_quant options
     "gptq": dict(fmt="gptq"),
-    "gptq-asym-actorder": dict(fmt="gptq", sym=False, act_order=True),
+    "gptq-asym-actorder": dict(fmt="gptq", sym=False, order="act"),
     "awq": dict(fmt="awq"),
 }
 LOGIT_TOL = 1e-3  # max |Δlogit| / max |logit|, fp32 kernels
@@ -161,7 +161,7 @@ def _logits(model, chats: list[dict]) -> list:
 
 def check(work: Path, info: dict) -> dict:
     import torch
-    from spec_layout import read_dir, spec_module_weight  # run by path: benchmarks/ is on sys.path
+    from spec_layout import read_dir, spec_module_weight, spec_state  # run by path: benchmarks/ is on sys.path
     from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
@@ -200,10 +200,8 @@ def check(work: Path, info: dict) -> dict:
                           "ok": errs[worst] <= WEIGHT_TOL[qc["bits"]]}  # fmt: skip
         # ---- the fake-quantized fp32 reference
         ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32).eval()
-        state = {k: v.float() for k, v in tensors.items()
-                 if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")) and not k.startswith("time_series_embedding.")}  # fmt: skip
-        state.update({k.removesuffix(".qweight") + ".weight": spec_module_weight(tensors, k.removesuffix(".qweight"), qc)
-                      for k in tensors if k.endswith(".qweight")})  # fmt: skip
+        state, _ = spec_state(path, tensors)
+        state = {k: v for k, v in state.items() if not k.startswith("time_series_embedding.")}
         expected = set(ref.state_dict())
         missing = expected - set(state)
         assert not (set(state) - expected), f"unknown tensors {sorted(set(state) - expected)[:3]}"

@@ -1,4 +1,5 @@
-"""The GPTQ v1 and AWQ GEMM packed layouts, unpacked as their specs state them, bit by bit in numpy.
+"""The GPTQ v1, AWQ GEMM and compressed-tensors pack-quantized layouts, unpacked as their specs
+state them, bit by bit in numpy.
 
 An independent reading of exported checkpoints: it imports nothing from qoqopt, so the tests can
 hold qoqopt's packing against it, and check_ecosystem_loaders.py can use it inside a venv that has
@@ -48,6 +49,31 @@ def spec_unpack_awq(qweight, qzeros):
     return unpack(qweight), unpack(qzeros)
 
 
+def unpack_dense(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """compressed-tensors' dense packing along the last axis: element i is the ``bits`` bits from global
+    bit i*bits on, least significant first, across little-endian int32 words (no padding between
+    elements); returned unsigned."""
+    raw = np.unpackbits(np.ascontiguousarray(words.astype("<i4")).view(np.uint8), axis=-1, bitorder="little")
+    fields = raw[..., : count * bits].reshape(*raw.shape[:-1], count, bits).astype(np.int64)
+    return fields @ (1 << np.arange(bits, dtype=np.int64))
+
+
+def spec_unpack_compressed(tensors: dict, module: str, bits: int):
+    """pack-quantized: weight_packed [N, ceil(K*b/32)] packed along K, zero points [ceil(N*b/32), G] packed
+    along N; both store the signed value + 2**(b-1). Returns (ints [K, N], zeros [G, N]) in GPTQ's
+    orientation, so that spec_dequantize applies; a symmetric scheme has no zero point (zero = 0)."""
+    n, k = (int(d) for d in tensors[module + ".weight_shape"])
+    offset = 1 << (bits - 1)
+    ints = unpack_dense(tensors[module + ".weight_packed"].numpy(), bits, k) - offset  # [N, K], signed
+    groups = tensors[module + ".weight_scale"].shape[1]
+    if module + ".weight_zero_point" in tensors:
+        zp = tensors[module + ".weight_zero_point"].numpy()  # [ceil(N*b/32), G]: pack along N
+        zeros = unpack_dense(zp.T, bits, n) - offset  # [G, N]
+    else:
+        zeros = np.zeros((groups, n), dtype=np.int64)
+    return ints.T, zeros
+
+
 def spec_dequantize(ints, zeros, scales, g_idx) -> torch.Tensor:
     """W[n, k] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n], as an nn.Linear weight [N, K]."""
     g = np.asarray(g_idx, dtype=np.int64)
@@ -67,6 +93,15 @@ def read_dir(path: Path) -> dict[str, torch.Tensor]:
 
 def spec_module_weight(tensors: dict, module: str, qc: dict) -> torch.Tensor:
     """Dequantized [N, K] weight of one packed Linear under its quantization_config ``qc``."""
+    if qc["quant_method"] == "compressed-tensors":
+        (group,) = qc["config_groups"].values()  # one scheme for every quantized Linear
+        ints, zeros = spec_unpack_compressed(tensors, module, group["weights"]["num_bits"])
+        scales = tensors[module + ".weight_scale"].T  # [N, G] -> [G, N]
+        if module + ".weight_g_idx" in tensors:
+            g_idx = tensors[module + ".weight_g_idx"].numpy()
+        else:
+            g_idx = np.arange(ints.shape[0]) // group["weights"]["group_size"]
+        return spec_dequantize(ints, zeros, scales, g_idx)
     if qc["quant_method"] == "gptq":
         ints, zeros = spec_unpack_gptq(tensors[module + ".qweight"], tensors[module + ".qzeros"], qc["bits"])
         g_idx = tensors[module + ".g_idx"].numpy()
@@ -76,9 +111,25 @@ def spec_module_weight(tensors: dict, module: str, qc: dict) -> torch.Tensor:
     return spec_dequantize(ints, zeros, tensors[module + ".scales"], g_idx)
 
 
-def spec_weights(path: Path) -> dict[str, torch.Tensor]:
+# the tensor a packed Linear is recognised by, and all the tensors it is stored as, per layout
+PACKED_MARK = {"gptq": ".qweight", "awq": ".qweight", "compressed-tensors": ".weight_packed"}
+PACKED_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx", ".weight_packed", ".weight_scale", ".weight_shape",
+                ".weight_zero_point", ".weight_g_idx")  # fmt: skip
+
+
+def spec_weights(path: Path, tensors: dict | None = None) -> dict[str, torch.Tensor]:
     """Module name -> dequantized weight, for every packed Linear of an exported directory."""
     qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
-    t = read_dir(path)
-    return {name.removesuffix(".qweight"): spec_module_weight(t, name.removesuffix(".qweight"), qc)
-            for name in t if name.endswith(".qweight")}  # fmt: skip
+    t = read_dir(path) if tensors is None else tensors
+    mark = PACKED_MARK[qc["quant_method"]]
+    return {name.removesuffix(mark): spec_module_weight(t, name.removesuffix(mark), qc) for name in t if name.endswith(mark)}
+
+
+def spec_state(path: Path, tensors: dict | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """The checkpoint as fp32 state-dict entries (packed Linears dequantized to ``.weight``; every other
+    tensor as stored, e.g. AWQ's rescaled norms) and how many Linears were packed."""
+    t = read_dir(path) if tensors is None else tensors
+    packed = spec_weights(path, t)
+    state = {k: v.float() for k, v in t.items() if not k.endswith(PACKED_PARTS)}
+    state.update({f"{name}.weight": w for name, w in packed.items()})
+    return state, len(packed)

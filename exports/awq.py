@@ -26,7 +26,7 @@ def pack(qw) -> dict:
     return {"qweight": qweight, "qzeros": qzeros, "scales": qw.scales.half().contiguous()}
 
 
-def quantization_config(*, bits, group_size, sym, act_order, static_groups, damp, vision_modules=(), vision_skipped=()) -> dict:
+def quantization_config(*, bits, group_size, sym, desc_act, static_groups, damp, vision_modules=(), vision_skipped=()) -> dict:
     skip = ["lm_head"] + ([] if vision_modules else ["model.visual"]) + sorted(vision_skipped)
     if vision_modules:  # the merger is never quantized
         skip.append("model.visual.merger")

@@ -32,7 +32,7 @@ def pack(qw) -> dict:
     return {"qweight": qweight, "qzeros": qzeros, "scales": qw.scales.half().contiguous(), "g_idx": qw.g_idx.to(qw.intweight.dtype)}
 
 
-def quantization_config(*, bits, group_size, sym, act_order, static_groups, damp, vision_modules=(), vision_skipped=()) -> dict:
+def quantization_config(*, bits, group_size, sym, desc_act, static_groups, damp, vision_modules=(), vision_skipped=()) -> dict:
     from qoqopt import __version__
 
     # Measured (transformers 5.24, optimum 2.3.0, GPTQModel 7.7.0): a list of blocks raises in optimum,
@@ -43,7 +43,7 @@ def quantization_config(*, bits, group_size, sym, act_order, static_groups, damp
         "quant_method": "gptq",
         "bits": bits,
         "group_size": group_size,
-        "desc_act": act_order,
+        "desc_act": desc_act,  # false unless g_idx is permuted: static groups keep it k // group_size
         "sym": sym,
         "static_groups": static_groups,
         "true_sequential": True,

@@ -66,12 +66,27 @@ class ExportReport:
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
     ecg_encoder: str | None = None  # "carried" or "dropped" where the source has one
+    order: str | None = None  # GPTQ's visiting order (GPTQ_ORDERS)
 
 
-def validate_options(fmt: str, bits: int, group_size: int, act_order: bool, sym: bool, quantize_vision: bool = False) -> None:
+# GPTQ's column visiting orders by name (--order), as gptq_quantize options (see quantize.gptq); all
+# but "act" keep the plain layout (g_idx = k // group_size, desc_act false). "static" is the default:
+# its per-layer output error was the lowest of the four on every draw measured (README)
+GPTQ_ORDERS = {
+    "static": dict(act_order=True, static_groups=True),
+    "group-aware": dict(group_aware=True),
+    "natural": {},
+    "act": dict(act_order=True),
+}
+DEFAULT_ORDER = "static"
+
+
+def validate_options(fmt: str, bits: int, group_size: int, order: str | None, sym: bool, quantize_vision: bool = False) -> None:
     """One-line errors for option combinations no loader reads."""
     if fmt not in FORMATS:
         raise QoqoptError(f"unknown format {fmt!r}; choose gptq or awq")
+    if order is not None and order not in GPTQ_ORDERS:
+        raise QoqoptError(f"unknown --order {order!r}; choose {', '.join(GPTQ_ORDERS)}")
     if fmt == "gptq":
         if quantize_vision:
             raise QoqoptError(
@@ -88,8 +103,8 @@ def validate_options(fmt: str, bits: int, group_size: int, act_order: bool, sym:
             raise QoqoptError(f"--bits {bits} is not supported for AWQ (the GEMM format is 4-bit only); use 4")
         if group_size not in AWQ_GROUP_SIZES:
             raise QoqoptError(f"--group-size {group_size} is not supported for AWQ; use 32, 64 or 128")
-        if act_order:
-            raise QoqoptError("--act-order is a GPTQ option; AWQ has no g_idx")
+        if order is not None:
+            raise QoqoptError("--order is a GPTQ option (the order GPTQ visits columns in); AWQ has none")
         if sym:
             raise QoqoptError("AWQ GEMM stores zero-points (zero_point: true); drop --sym for --format awq")
 
@@ -239,7 +254,7 @@ def export_hf_quant(
     fmt: str = "gptq",
     bits: int = 4,
     group_size: int = 128,
-    act_order: bool = False,
+    order: str | None = None,
     sym: bool | None = None,
     calib: str = "clinical",
     samples: int = 128,
@@ -248,33 +263,30 @@ def export_hf_quant(
     seed: int = 0,
     *,
     device: str | None = None,
-    static_groups: bool = False,
     damp: float = 0.01,
     revision: str | None = None,
     shard_bytes: int = SHARD_BYTES,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
     drop_ecg: bool = False,
-    group_aware: bool = True,
 ) -> Path:
     """Quantize ``source`` (Hub id or directory) to a GPTQ v1 or AWQ GEMM directory at ``out``.
 
     ``sym`` None picks the format's default: symmetric for GPTQ (what vLLM's Marlin kernels take),
-    zero-points for AWQ. Returns ``out``; the per-layer errors are in ``out/manifest.json``.
+    zero-points for AWQ. ``order`` is GPTQ's column visiting order (GPTQ_ORDERS; None: "static"). Returns ``out``; the per-layer errors are in ``out/manifest.json``.
     """
     report = export_hf_quant_report(
-        source, out, fmt, bits, group_size, act_order, sym, calib, samples, quantize_vision, force, seed,
-        device=device, static_groups=static_groups, damp=damp, revision=revision, shard_bytes=shard_bytes,
-        log=log, progress=progress, drop_ecg=drop_ecg, group_aware=group_aware,
+        source, out, fmt, bits, group_size, order, sym, calib, samples, quantize_vision, force, seed,
+        device=device, damp=damp, revision=revision, shard_bytes=shard_bytes, log=log, progress=progress,
+        drop_ecg=drop_ecg,
     )  # fmt: skip
     return report.out
 
 
 def export_hf_quant_report(
-    source, out, fmt="gptq", bits=4, group_size=128, act_order=False, sym=None, calib="clinical",
-    samples=128, quantize_vision=False, force=False, seed=0, *, device=None, static_groups=False,
-    damp=0.01, revision=None, shard_bytes=SHARD_BYTES, log=None, progress=True, on_layer=None, drop_ecg=False,
-    group_aware=True,
+    source, out, fmt="gptq", bits=4, group_size=128, order=None, sym=None, calib="clinical",
+    samples=128, quantize_vision=False, force=False, seed=0, *, device=None, damp=0.01, revision=None,
+    shard_bytes=SHARD_BYTES, log=None, progress=True, on_layer=None, drop_ecg=False,
 ) -> ExportReport:  # fmt: skip
     """:func:`export_hf_quant`, returning the full report. ``on_layer`` is
     called with each :class:`~qoqopt.quantize.runner.LayerResult` before it is written."""
@@ -299,7 +311,8 @@ def export_hf_quant_report(
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     sym = (fmt == "gptq") if sym is None else sym
-    validate_options(fmt, bits, group_size, act_order, sym, quantize_vision)
+    validate_options(fmt, bits, group_size, order, sym, quantize_vision)
+    order = (order or DEFAULT_ORDER) if fmt == "gptq" else None
     if samples < 1:
         raise QoqoptError(f"--samples must be at least 1, got {samples}")
     out = Path(out)
@@ -311,7 +324,7 @@ def export_hf_quant_report(
     spec = QuantSpec(bits, group_size, sym, zero_min)
     check_layer_shapes(config.text_config, spec, pack_cols=(32 // bits) if fmt == "gptq" else 8)
     fmt_mod = gptq_fmt if fmt == "gptq" else awq_fmt
-    report = ExportReport(out, fmt)
+    report = ExportReport(out, fmt, order=order)
     drops_ecg = drop_ecg and ckpt.has_ecg_encoder
     if ckpt.has_ecg_encoder:
         report.ecg_encoder = "dropped" if drop_ecg else "carried"
@@ -329,10 +342,7 @@ def export_hf_quant_report(
     processor = _processor(ckpt)
     chats = encode_chats(processor, items)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    opts = QuantizeOptions(
-        method=fmt, spec=spec, act_order=act_order, static_groups=static_groups, damp=damp, seed=seed,
-        group_aware=group_aware and fmt == "gptq" and not act_order,
-    )
+    opts = QuantizeOptions(method=fmt, spec=spec, damp=damp, seed=seed, **GPTQ_ORDERS.get(order, {}))
     vision_plan = _vision_plan(ckpt, spec, fmt) if quantize_vision else None
     vision_stats = _VisionStats(vision_plan) if vision_plan else None
     log(f"calibrating on {len(chats)} chats from {label} ({device})")
@@ -376,7 +386,7 @@ def export_hf_quant_report(
         files = writer.close()
 
         quant_config = fmt_mod.quantization_config(
-            bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
+            bits=bits, group_size=group_size, sym=sym, desc_act=order == "act", static_groups=opts.static_groups,
             damp=damp, vision_modules=sorted(v["module"] for v in vision_done.values()), vision_skipped=skipped_vision,
         )  # fmt: skip
         config_json = dict(ckpt.config)
@@ -471,9 +481,7 @@ def _manifest(ckpt, report: ExportReport, opts, files, tmp: Path, digests: dict,
         "ecg_encoder": report.ecg_encoder,
         "quantization": {
             "method": opts.method, "bits": opts.spec.bits, "group_size": opts.spec.group_size,
-            "sym": opts.spec.sym, "act_order": opts.act_order, "group_aware": opts.group_aware,
-            "static_groups": opts.static_groups,
-            "damp": opts.damp, "config": quant_config,
+            "sym": opts.spec.sym, "order": report.order, "damp": opts.damp, "config": quant_config,
         },  # fmt: skip
         "calibration": report.calibration,
         "layers": [{k: v for k, v in lr.items() if k != "seconds"} for lr in report.layers],  # no timings: deterministic

@@ -43,20 +43,27 @@ def test_group_params_symmetric_and_zero_floor():
     assert q.max().item() <= 15 and ((q - zero) * scale).max().item() == pytest.approx(0.4, rel=1e-3)
 
 
-def _textbook_gptq(w: torch.Tensor, h: torch.Tensor, gs: int, damp: float = 0.01):
+def _sym4_scale(span: torch.Tensor) -> torch.Tensor:
+    """The reference implementation's 4-bit symmetric grid: 2 max|w| / 15 per row, rounded to fp16."""
+    amax = torch.maximum(-span.amin(1).clamp(max=0), span.amax(1).clamp(min=0))
+    return (2 * amax / 15).half().double()
+
+
+def _textbook_gptq(w: torch.Tensor, h: torch.Tensor, gs: int, damp: float = 0.01, col_scales=None):
     """GPTQ as the paper states it (Frantar et al. 2022, Algorithm 1, without lazy batches), 4-bit
-    symmetric as the reference implementation's quantizer does it (scale = 2 max|w| / 15 per row,
-    zero-point 8), in float64. Scales are rounded to fp16, as a checkpoint stores them."""
+    symmetric as the reference implementation's quantizer does it (zero-point 8), in float64.
+    ``col_scales`` [K, N]: fixed grids per column (static groups) instead of each group's from its
+    columns as they are when it is reached."""
     w, h = w.double().clone(), h.double()
     k = w.shape[1]
     h = h + damp * h.diag().mean() * torch.eye(k, dtype=h.dtype)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q, deq = torch.zeros_like(w), torch.zeros_like(w)
     for i in range(k):
-        if i % gs == 0:  # a group's grid comes from its columns as they are when it is reached
-            span = w[:, i : i + gs]
-            amax = torch.maximum(-span.amin(1).clamp(max=0), span.amax(1).clamp(min=0))
-            scale = (2 * amax / 15).half().double()
+        if col_scales is not None:
+            scale = col_scales[i].double()
+        elif i % gs == 0:  # a group's grid comes from its columns as they are when it is reached
+            scale = _sym4_scale(w[:, i : i + gs])
         q[:, i] = torch.clamp(torch.round(w[:, i] / scale) + 8, 0, 15)
         deq[:, i] = (q[:, i] - 8) * scale
         err = (w[:, i] - deq[:, i]) / u[i, i]
@@ -109,6 +116,27 @@ def test_group_aware_gptq_is_the_textbook_algorithm_in_that_order():
     assert abs(ours - textbook) < 0.02 * textbook, (ours, textbook)
     plain = gptq_quantize(w, h, QuantSpec(4, gs, sym=True))[0].dequantize()
     assert ours < (x @ plain.t() - ref).norm().item() / ref.norm().item()
+
+
+def test_static_act_order_is_the_textbook_algorithm_on_fixed_grids():
+    """The export's default order: columns by decreasing Hessian diagonal across the whole matrix, each
+    on its natural group's grid taken from the original weights. That is the textbook algorithm run
+    in that order with those grids; g_idx stays natural, so the layout is the plain one."""
+    k, n, gs = 256, 64, 64
+    x = _correlated_inputs(1024, k, seed=3).flip(1)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(4)) * 0.05
+    h, _ = accumulate_hessian(None, 0, x)
+    perm = torch.argsort(h.diag(), descending=True, stable=True)
+    grids = torch.stack([_sym4_scale(w[:, g * gs : (g + 1) * gs].double()) for g in range(k // gs)])  # [G, N]
+    qw, _ = gptq_quantize(w, h, QuantSpec(4, gs, sym=True), act_order=True, static_groups=True)
+    ref_levels, ref_deq = _textbook_gptq(w[:, perm], h[perm][:, perm], gs, col_scales=grids[perm // gs])
+    inv = torch.argsort(perm)
+    assert (qw.intweight == ref_levels[inv]).float().mean().item() > 0.99
+    assert torch.equal(qw.g_idx.long(), torch.arange(k) // gs)
+    torch.testing.assert_close(qw.scales.double(), grids, rtol=0, atol=0)
+    ref = x @ w.t()
+    ours, textbook = ((x @ d.t() - ref).norm().item() / ref.norm().item() for d in (qw.dequantize(), ref_deq[:, inv]))
+    assert abs(ours - textbook) < 0.02 * textbook, (ours, textbook)
 
 
 def test_gptq_beats_rtn_on_output_error():

@@ -137,13 +137,13 @@ def awq_export(tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gptq_asym_export(tiny_runtime_dir, tmp_path_factory):
-    return _export(tiny_runtime_dir, tmp_path_factory.mktemp("gptqa") / "out", "gptq", sym=False, act_order=True)
+    return _export(tiny_runtime_dir, tmp_path_factory.mktemp("gptqa") / "out", "gptq", sym=False, order="act")
 
 
 @pytest.fixture(scope="module")
 def gptq8_export(tiny_dir, tmp_path_factory):
     return _export(tiny_dir, tmp_path_factory.mktemp("gptq8") / "out", "gptq", bits=8, group_size=64,
-                   act_order=True, static_groups=True, samples=1)  # fmt: skip
+                   order="group-aware", samples=1)  # fmt: skip
 
 
 @pytest.mark.parametrize("which", ["gptq_export", "awq_export", "gptq_asym_export", "gptq8_export"])
@@ -155,14 +155,14 @@ def test_spec_unpacker_reproduces_quantizer_weights_bit_exactly(which, request):
         assert torch.equal(weights[name], qw.dequantize()), name
 
 
-def test_gptq8_static_groups(gptq8_export):
+def test_gptq8_group_aware(gptq8_export):
     report, _ = gptq8_export
     t = read_dir(report.out)
     q = "model.language_model.layers.1.mlp.down_proj"
     assert t[q + ".qweight"].shape == (768 // 4, 256) and t[q + ".scales"].shape == (768 // 64, 256)
-    assert torch.equal(t[q + ".g_idx"].long(), torch.arange(768) // 64)  # act-order + static groups: natural g_idx
+    assert torch.equal(t[q + ".g_idx"].long(), torch.arange(768) // 64)  # GAR: each group one run, natural g_idx
     qc = json.loads((report.out / "config.json").read_text())["quantization_config"]
-    assert qc["bits"] == 8 and qc["group_size"] == 64 and qc["desc_act"] is True and qc["static_groups"] is True
+    assert qc["bits"] == 8 and qc["group_size"] == 64 and qc["desc_act"] is False and qc["static_groups"] is False
 
 
 def test_asym_gptq_v1_zero_points_never_carry(gptq_asym_export):
@@ -212,8 +212,10 @@ def test_gptq_config_names_and_carried_tensors(gptq_export, ecg_dir):
     assert "model.safetensors" in listed and "config.json" in listed
     assert all(sha256_file(out / p) == h for p, h in listed.items())
     assert manifest["source"]["ecg_encoder"] is True and len(manifest["layers"]) == 2
-    # the default group-aware visiting order keeps the plain layout: natural g_idx, desc_act false
-    assert manifest["quantization"]["group_aware"] is True and manifest["quantization"]["act_order"] is False
+    # the default order (act-order, static groups) keeps the plain layout: natural g_idx, desc_act false
+    assert manifest["quantization"]["order"] == "static"
+    qc = manifest["quantization"]["config"]
+    assert qc["desc_act"] is False and qc["static_groups"] is True
     assert torch.equal(t[q + ".g_idx"].long(), torch.arange(256) // 128)
     assert manifest["calibration"]["image_tokens"] > 0
 
@@ -331,7 +333,8 @@ def test_deterministic(gptq_export, ecg_dir, tmp_path):
         (dict(fmt="awq", bits=8), "GEMM format is 4-bit only"),
         (dict(fmt="gptq", group_size=100), "--group-size 100 is not supported"),
         (dict(fmt="awq", sym=True), "zero_point"),
-        (dict(fmt="awq", act_order=True), "--act-order is a GPTQ option"),
+        (dict(fmt="awq", order="act"), "--order is a GPTQ option"),
+        (dict(fmt="gptq", order="desc"), "unknown --order 'desc'; choose static, group-aware, natural, act"),
         (dict(fmt="gguf"), "unknown format"),
     ],
 )

@@ -33,9 +33,11 @@ Layer-streaming: decoder layers are loaded, quantized and released one at a time
 safetensors shards, so peak memory is one layer plus calibration activations. The vision tower and
 lm_head stay unquantized (declared in quantization_config); QoQ-Med's ECG encoder is carried through
 unquantized, or left out with --drop-ecg for vLLM, which loads neither QoQ-Med's own class nor the
-encoder's tensors. GPTQ visits columns in group-aware order by default (GAR: most active inputs first
-within each group, and groups by their most active input), which keeps the plain layout (no g_idx
-permutation); --act-order goes further at a kernel cost, --natural-order reproduces plain GPTQ.
+encoder's tensors. GPTQ's column order (--order): by default "static" act-order, most active inputs
+first across the whole matrix with each group's scale fixed from the original weights, which keeps
+the plain layout (g_idx = k // group size, desc_act false: full-speed kernels everywhere);
+"group-aware" (GAR, GPTQModel's default) and "natural" (plain GPTQ) keep it too; "act" (desc_act)
+permutes g_idx, which costs kernel speed.
 GPTQ defaults to symmetric: vLLM's fast Marlin kernels take only sym: true, and
 GPTQModel.load refuses asymmetric v1 it did not produce itself. AWQ defaults to zero-points (GEMM).
 """
@@ -44,6 +46,8 @@ FORMATS = ("gguf", "gptq", "awq")
 
 
 def register(sub) -> None:
+    from ..exports.hf_quant import GPTQ_ORDERS  # torch-free
+
     p = sub.add_parser(
         "export",
         help="write a compressed build (GGUF text + mmproj for llama.cpp / LM Studio / Ollama)",
@@ -71,11 +75,12 @@ def register(sub) -> None:
     q.add_argument("--bits", type=int, default=4, choices=[4, 8], help="weight bits (AWQ GEMM: 4 only; default 4)")
     q.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (one group per row, GPTQ only)")
     order = q.add_mutually_exclusive_group()
-    order.add_argument("--act-order", action="store_true",
-                       help="GPTQ: visit columns by Hessian order across groups (desc_act: g_idx, slower kernels)")  # fmt: skip
-    order.add_argument("--natural-order", action="store_true",
-                       help="GPTQ: visit columns in their stored order instead of the default group-aware order "
-                            "(GAR: by Hessian order within and between groups, plain layout)")  # fmt: skip
+    order.add_argument("--order", choices=list(GPTQ_ORDERS),
+                       help="GPTQ column visiting order (default static: act-order with static groups, plain layout; "
+                            "group-aware, natural; act = desc_act, permuted g_idx, slower kernels)")  # fmt: skip
+    # the flags of earlier releases, kept working
+    order.add_argument("--act-order", dest="order", action="store_const", const="act", help=argparse.SUPPRESS)
+    order.add_argument("--natural-order", dest="order", action="store_const", const="natural", help=argparse.SUPPRESS)
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None,
                      help="symmetric (GPTQ default: vLLM's Marlin path needs sym: true)")  # fmt: skip
@@ -94,17 +99,17 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..errors import QoqoptError
 
-    if args.natural_order and args.format != "gptq":
-        raise QoqoptError("--natural-order is for --format gptq (GPTQ's column visiting order)")
     if args.format in ("gptq", "awq"):
         from ..exports.hf_quant import export_hf_quant
 
         export_hf_quant(
-            args.model, args.out, args.format, args.bits, args.group_size, args.act_order, args.sym,
-            args.calib, args.samples, args.quantize_vision, args.force, args.seed, revision=args.revision,
-            drop_ecg=args.drop_ecg, group_aware=not args.natural_order,
+            args.model, args.out, args.format, args.bits, args.group_size, order=args.order, sym=args.sym,
+            calib=args.calib, samples=args.samples, quantize_vision=args.quantize_vision, force=args.force,
+            seed=args.seed, revision=args.revision, drop_ecg=args.drop_ecg,
         )  # fmt: skip
         return 0
+    if args.order:
+        raise QoqoptError("--order is a GPTQ option (the order GPTQ visits columns in); GGUF has none")
     if args.drop_ecg:  # nothing to drop: llama.cpp has no ECG encoder, so GGUF builds never carry one
         raise QoqoptError("--drop-ecg is for --format gptq/awq; GGUF builds always leave the ECG encoder out")
     from ..exports.gguf_export import GGUFOptions, export_gguf

@@ -10,13 +10,14 @@ rounding error is spread over the columns not yet quantized, weighted by the inv
 * ``act_order``: visit columns by decreasing Hessian diagonal (most active inputs first); each
   input's group then follows its visiting order, recorded in ``g_idx`` (``desc_act`` in the config);
 * ``static_groups``: with act-order, compute each group's scale/zero up front from the unmodified
-  weights of the natural groups, so ``g_idx`` stays ``k // group_size`` (faster kernels);
+  weights of the natural groups, so ``g_idx`` stays ``k // group_size`` and the layout is the plain
+  one (``desc_act`` false): act-order's visiting benefit at no kernel cost. This is the export's
+  default order, ``static`` (llm-compressor's default, ``actorder: static``);
 * ``group_aware`` (without act-order): group-aware reordering (GAR; Gafni et al., CVPR 2025
   workshops, arXiv:2505.14638). Columns are visited by decreasing Hessian diagonal *within* each
   natural group, and the groups by decreasing largest diagonal. Every group is still visited as
   one contiguous run, so its grid is found where a natural group's would be, the scales are stored
-  per natural group and ``g_idx`` stays ``k // group_size``: act-order's visiting benefit in the
-  plain layout, which every kernel reads at full speed;
+  per natural group and ``g_idx`` stays ``k // group_size`` (GPTQModel's default; ``group-aware``);
 * dampening: ``damp * mean(diag H)`` is added to the diagonal; a Cholesky that fails retries with
   ten times the dampening and reports it through ``warn``: it never silently falls back.
 """
