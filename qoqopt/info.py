@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 from .loader import SAFETENSORS_DTYPE_BYTES, Checkpoint, part_of
 
 PARTS = ("text", "vision", "ecg")
+# a packed Linear's tensors: the one holding its integer levels (counted as K x N parameters), and
+# the quantization metadata beside it (scales, zero points, g_idx, shape: not parameters)
+PACKED_LEVELS = (".qweight", ".weight_packed")  # GPTQ / AWQ, compressed-tensors pack-quantized
+PACKED_META = (".qzeros", ".scales", ".g_idx", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
 
 
 @dataclass
@@ -27,6 +32,7 @@ class Summary:
     files: dict[str, bool]
     ecg: bool
     notes: list[str] = field(default_factory=list)
+    quantization: dict | None = None  # from config.json's quantization_config, for a quantized build
 
 
 def _tensor_counts(ckpt: Checkpoint) -> dict[str, int]:
@@ -34,15 +40,44 @@ def _tensor_counts(ckpt: Checkpoint) -> dict[str, int]:
     return {p: counts.get(p, 0) for p in PARTS}
 
 
-def params_from_headers(ckpt: Checkpoint) -> tuple[dict[str, int], str]:
+def params_from_headers(ckpt: Checkpoint, bits: int | None = None) -> tuple[dict[str, int], str]:
+    """Parameters per part and the dtype most of the unpacked ones have. Packed Linears (``bits``)
+    count as the K x N weights they hold, not as the int32 words they are stored in."""
     params: Counter = Counter()
     dtypes: Counter = Counter()
     for name in ckpt.names:
+        if name.endswith(PACKED_META):
+            continue
         info = ckpt.tensor_info(name)
         n = math.prod(info["shape"])
+        if bits and name.endswith(PACKED_LEVELS):
+            params[part_of(name)] += n * 32 // bits
+            continue
         params[part_of(name)] += n
         dtypes[info["dtype"]] += n
     return {p: params.get(p, 0) for p in PARTS}, dtypes.most_common(1)[0][0]
+
+
+def quantization(config: dict, names: list[str]) -> dict | None:
+    """What a quantized build declares, in one shape for GPTQ, AWQ and compressed-tensors configs."""
+    qc = config.get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method", "?")
+    if method == "compressed-tensors":
+        weights = next(iter(qc.get("config_groups", {}).values()), {}).get("weights", {})
+        bits, group, sym, plain = weights.get("num_bits"), weights.get("group_size"), weights.get("symmetric"), qc.get("ignore", [])
+        order = weights.get("actorder") and f"actorder {weights['actorder']}"
+        method = f"compressed-tensors ({qc.get('format', '?')})"
+    else:
+        bits, group = qc.get("bits"), qc.get("group_size")
+        sym = qc.get("sym") if method == "gptq" else not qc.get("zero_point", True)
+        plain = qc.get("modules_to_not_convert") or [_module_of(k[2:]) for k in qc.get("dynamic", {}) if k.startswith("-:")]
+        order = ("desc_act" if qc.get("desc_act") else "static groups" if qc.get("static_groups") else None) if method == "gptq" else None
+    packed = sum(n.endswith(PACKED_LEVELS) for n in names)
+    quantizer = (qc.get("meta") or {}).get("quantizer") or qc.get("quantizer")
+    return {"method": method, "bits": bits, "group_size": group, "sym": sym, "order": order,
+            "packed_linears": packed, "left_plain": list(plain), "quantizer": quantizer}  # fmt: skip
 
 
 def _params_from_meta(ckpt: Checkpoint, notes: list[str]) -> dict[str, int | None]:
@@ -78,7 +113,8 @@ def summarize(ckpt: Checkpoint) -> Summary:
         dtype = _config_dtype(ckpt) + " (from config.json)"
         shard_sizes = [(f, None) for f in ckpt.shard_files]
     else:
-        params, dtype = params_from_headers(ckpt)
+        quant = quantization(ckpt.config, ckpt.names)
+        params, dtype = params_from_headers(ckpt, quant and quant["bits"])
         shard_sizes = [(f, (ckpt.path / f).stat().st_size) for f in ckpt.shard_files]
     total = ckpt.index_total_size or sum(s or 0 for _, s in shard_sizes) or None
     files = {
@@ -104,7 +140,7 @@ def summarize(ckpt: Checkpoint) -> Summary:
     )  # fmt: skip
     return Summary(
         ckpt.source, ckpt.architecture, ckpt.layout, text, vision, params, _tensor_counts(ckpt),
-        dtype, total, shard_sizes, missing, files, ckpt.has_ecg_encoder, notes,
+        dtype, total, shard_sizes, missing, files, ckpt.has_ecg_encoder, notes, quantization(ckpt.config, ckpt.names),
     )  # fmt: skip
 
 
@@ -114,6 +150,23 @@ def _gb(n: int | None) -> str:
 
 def _count(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def _module_of(rule: str) -> str:
+    """A GPTQ ``dynamic`` exclusion written as ``^name(\\.|$)`` (what qoqopt and GPTQModel write) as the
+    plain module name; any other regex as it is."""
+    m = re.fullmatch(r"\^((?:[A-Za-z0-9_]|\\\.)+)\(\\\.\|\$\)", rule)
+    return m.group(1).replace("\\.", ".") if m else rule
+
+
+def _render_quantization(q: dict) -> str:
+    sym = {True: "symmetric", False: "zero points"}.get(q["sym"], "?")
+    group = "per channel" if q["group_size"] in (-1, None) else f"group {q['group_size']}"
+    order = f", {q['order']}" if q["order"] else ""
+    by = f"; by {', '.join(q['quantizer'])}" if isinstance(q["quantizer"], list) else ""
+    plain = ", ".join(q["left_plain"][:4]) + (f" (+{len(q['left_plain']) - 4})" if len(q["left_plain"]) > 4 else "")
+    return (f"quantized    {q['method']} {q['bits']}-bit, {group}, {sym}{order}: {q['packed_linears']} Linears packed"
+            f"; left plain: {plain or 'none declared'}{by}")  # fmt: skip
 
 
 def render(s: Summary) -> str:
@@ -143,7 +196,9 @@ def render(s: Summary) -> str:
         + ", ".join(f"{p} {_count(s.params[p])} ({s.tensors[p]} tensors)" for p in ("text", "vision", "ecg") if s.tensors[p])
         + (f"; total {_count(sum(known))}" if len(known) == len(s.params) else "")
     )
-    lines.append(f"dtype        {s.dtype}")
+    lines.append(f"dtype        {s.dtype}" + (" (the unpacked tensors)" if s.quantization else ""))
+    if s.quantization:
+        lines.append(_render_quantization(s.quantization))
     lines.append(f"size         {_gb(s.total_bytes)} in {len(s.shards)} shard(s)")
     for name, size in s.shards:
         lines.append(f"  {name:40s} {'MISSING' if name in s.missing else _gb(size)}")

@@ -425,3 +425,30 @@ def test_awq_quantize_vision(tiny_dir, tmp_path):
     t = read_dir(report.out)
     assert "model.visual.merger.mlp.0.weight" in t and "model.visual.blocks.0.attn.qkv.weight" not in t
     assert torch.equal(t["model.visual.blocks.0.attn.qkv.bias"], src["visual.blocks.0.attn.qkv.bias"])
+
+
+@pytest.mark.parametrize("which", ["gptq_export", "awq_export"])
+def test_info_counts_a_quantized_builds_parameters_as_transformers_does(which, request):
+    """`qoqopt info` on a build: packed Linears count as their K x N weights (not int32 words, not
+    scales), so text + vision equal the parameters transformers builds from the same config."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    import qoqopt
+    from tests.conftest import run_cli
+
+    report, quantized = request.getfixturevalue(which)
+    res = run_cli("info", str(report.out), "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    config = AutoConfig.from_pretrained(report.out)
+    config.quantization_config = None  # only the architecture: the shapes transformers gives it
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    assert summary["params"]["text"] + summary["params"]["vision"] == sum(p.numel() for p in model.parameters())
+    q = summary["quantization"]
+    assert q["bits"] == 4 and q["group_size"] == 128 and q["packed_linears"] == len(quantized) == 14
+    assert q["sym"] is (which == "gptq_export")
+    assert q["quantizer"] == ([f"qoqopt:{qoqopt.__version__}"] if which == "gptq_export" else None)
+    assert {"lm_head", "model.visual", "visual"} <= set(q["left_plain"])
+    text = run_cli("info", str(report.out)).stdout
+    assert f"quantized    {q['method']} 4-bit, group 128" in text
