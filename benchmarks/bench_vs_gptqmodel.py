@@ -55,7 +55,7 @@ from check_ecosystem_loaders import load_batches, save_batches, write_source  # 
 from measure import run_measured
 
 REPO = Path(__file__).resolve().parents[1]
-# the settings both tools are given, per method; each is also qoqopt's export default
+# the settings every tool is given, per method; each is also qoqopt's export default
 CONFIGS = {
     "gptq": dict(bits=4, group_size=128, sym=True, desc_act=False, damp_percent=0.01),
     "awq": dict(method="awq", format="gemm", bits=4, group_size=128, sym=False),
@@ -114,7 +114,7 @@ def quantize_with_llmcompressor(work: Path, method: str, seed: int) -> None:
         recipe = [GPTQModifier(**scheme, dampening_frac=CONFIGS["gptq"]["damp_percent"])]
     else:
         recipe = [AWQModifier(), QuantizationModifier(**scheme)]
-    loader = DataLoader(batches, batch_size=None, collate_fn=lambda b: b)  # one chat per step, as both others
+    loader = DataLoader(batches, batch_size=None, collate_fn=lambda b: b)  # one chat per step, as the others
     # the batches are already encoded; the tokenizer stands in for AutoProcessor, which wants torchvision
     oneshot(model=model, processor=AutoTokenizer.from_pretrained(str(work / "source")), dataset=loader, recipe=recipe,
             num_calibration_samples=len(batches), sequential_targets=["Qwen2_5_VLDecoderLayer"])  # fmt: skip
@@ -234,25 +234,17 @@ class Judge:
         """Model parameter name -> the export's value, and how many Linears were packed."""
         from spec_layout import spec_state
 
+        from qoqopt.loader import canonical_name, runtime_name
+
         stored, packed = spec_state(export)
         params = self.model.state_dict()
         state = {}
         for key, t in stored.items():
-            name = _runtime_name(key)
+            name = runtime_name(canonical_name(key))  # either key layout
             if name not in params or params[name].shape != t.shape:
                 raise SystemExit(f"{export}: tensor {key} {tuple(t.shape)} has no counterpart in the model")
             state[name] = t
         return state, packed
-
-
-def _runtime_name(key: str) -> str:
-    """A checkpoint key in transformers >= 4.52's layout (model.visual.*, model.language_model.*)."""
-    for old, new in (("visual.", "model.visual."), ("model.layers.", "model.language_model.layers."),
-                     ("model.embed_tokens.", "model.language_model.embed_tokens."),
-                     ("model.norm.", "model.language_model.norm.")):  # fmt: skip
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key
 
 
 def run(python: str, llmc_python: str | None, method: str, work: Path, samples: int, seeds: list[int],
@@ -261,6 +253,7 @@ def run(python: str, llmc_python: str | None, method: str, work: Path, samples: 
     env = {"PYTHONPATH": str(REPO)}
     judge = Judge(work)
     result = {"benchmark": "vs_gptqmodel", "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+              "versions": _versions({"gptqmodel": python, "llmcompressor": llmc_python}),
               "model": "trained mini QoQ-Med (tiny)", "method": method, method: CONFIGS[method],
               "calibration_chats": samples, "eval_chats": eval_chats, "runs": []}  # fmt: skip
     for seed in seeds:
@@ -275,16 +268,15 @@ def run(python: str, llmc_python: str | None, method: str, work: Path, samples: 
             # refuses to start unless told the pool size
             "gptqmodel": ([python, __file__, "--gptqmodel", str(work), "--method", method, "--seed", str(seed)],
                           {"GPTQMODEL_CPU_WORKERS": str(os.cpu_count())}),
-            "llmcompressor": ([llmc_python, __file__, "--llmcompressor", str(work), "--method", method, "--seed", str(seed)], {}),
         }  # fmt: skip
-        if not llmc_python:
-            del commands["llmcompressor"]
+        if llmc_python:
+            commands["llmcompressor"] = ([llmc_python, __file__, "--llmcompressor", str(work), "--method", method,
+                                          "--seed", str(seed)], {})  # fmt: skip
         for tool, (cmd, tool_env) in commands.items():
             proc = run_measured(cmd, tool_env, True)
             entry = {"tool": tool, "seed": seed} | {k: (round(v, 2) if isinstance(v, float) else v) for k, v in proc.items()}
             if proc["rc"] == 0 and tool == "llmcompressor":  # outside the measured run
-                check = [llmc_python, __file__, "--check-compressed", str(out[tool])]
-                entry["spec_reader_max_abs_diff"] = float(subprocess.run(check, capture_output=True, text=True, check=True).stdout.split()[-1])
+                entry["spec_reader_max_abs_diff"] = _check_in(llmc_python, out[tool])
             if proc["rc"] == 0:
                 entry |= judge.drift(out[tool])
                 manifest = out[tool] / "manifest.json"  # qoqopt's own per-layer output errors
@@ -293,6 +285,32 @@ def run(python: str, llmc_python: str | None, method: str, work: Path, samples: 
             result["runs"].append(entry)
     result["summary"] = summarize(result["runs"])
     return result
+
+
+def _check_in(python: str, checkpoint: Path) -> float | str:
+    """check_spec_reader in the peer's venv: the largest difference, or the one-line reason it failed."""
+    proc = subprocess.run([python, __file__, "--check-compressed", str(checkpoint)], capture_output=True, text=True)
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines() or ["no output"]
+        print(f"spec reader check failed on {checkpoint}: {lines[-1]}", file=sys.stderr)
+        return f"failed: {lines[-1]}"
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _versions(pythons: dict[str, str | None]) -> dict[str, str]:
+    """Each peer's package version, as its own venv reports it; this venv's torch and transformers."""
+    import torch
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__}
+    ask = "import importlib.metadata as m, sys; print(*(m.version(p) for p in sys.argv[1:]))"
+    peers = {"gptqmodel": ("gptqmodel", "torch", "transformers"),
+             "llmcompressor": ("llmcompressor", "compressed-tensors", "torch", "transformers")}  # fmt: skip
+    for peer, python in pythons.items():
+        if python:
+            found = subprocess.run([python, "-c", ask, *peers[peer]], capture_output=True, text=True).stdout.split()
+            out[peer] = dict(zip(peers[peer], found))
+    return out
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -331,9 +349,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--python", help="the python of the virtualenv that has gptqmodel")
     ap.add_argument("--llmc-python", help="the python of a virtualenv with llmcompressor: adds llm-compressor as a third tool")
-    ap.add_argument("--method", choices=sorted(CONFIGS), default="gptq", help="what both tools quantize to (default gptq)")
+    ap.add_argument("--method", choices=sorted(CONFIGS), default="gptq", help="what every tool quantizes to (default gptq)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qoqopt-vs-gptqmodel"))
-    ap.add_argument("--samples", type=int, default=32, help="calibration chats for both tools (default 32)")
+    ap.add_argument("--samples", type=int, default=32, help="calibration chats for every tool (default 32)")
     ap.add_argument("--seeds", default="0,1,2", help="calibration draws, one run of each tool per seed (default 0,1,2)")
     ap.add_argument("--eval-chats", type=int, default=15)
     ap.add_argument("--json", type=Path, help="where to save the results (default benchmarks/results/vs_gptqmodel[_awq].json)")
@@ -346,7 +364,7 @@ def main() -> int:
         quantize_with_gptqmodel(args.gptqmodel, args.method, args.seed)
         return 0
     if args.check_compressed:
-        print(check_spec_reader(args.check_compressed))
+        print(check_spec_reader(args.check_compressed))  # the last line of output is the number
         return 0
     if args.llmcompressor:
         quantize_with_llmcompressor(args.llmcompressor, args.method, args.seed)

@@ -64,14 +64,24 @@ def spec_unpack_compressed(tensors: dict, module: str, bits: int):
     orientation, so that spec_dequantize applies; a symmetric scheme has no zero point (zero = 0)."""
     n, k = (int(d) for d in tensors[module + ".weight_shape"])
     offset = 1 << (bits - 1)
-    ints = unpack_dense(tensors[module + ".weight_packed"].numpy(), bits, k) - offset  # [N, K], signed
-    groups = tensors[module + ".weight_scale"].shape[1]
+    packed, scales = tensors[module + ".weight_packed"], tensors[module + ".weight_scale"]
+    groups = scales.shape[1]
+    _expect(module, "weight_packed", packed, (n, -(-k * bits // 32)))
+    _expect(module, "weight_scale", scales, (n, groups), dtype=None)
+    ints = unpack_dense(packed.numpy(), bits, k) - offset  # [N, K], signed
     if module + ".weight_zero_point" in tensors:
-        zp = tensors[module + ".weight_zero_point"].numpy()  # [ceil(N*b/32), G]: pack along N
-        zeros = unpack_dense(zp.T, bits, n) - offset  # [G, N]
+        zp = tensors[module + ".weight_zero_point"]
+        _expect(module, "weight_zero_point", zp, (-(-n * bits // 32), groups))  # packed along N
+        zeros = unpack_dense(zp.numpy().T, bits, n) - offset  # [G, N]
     else:
         zeros = np.zeros((groups, n), dtype=np.int64)
     return ints.T, zeros
+
+
+def _expect(module: str, name: str, t: torch.Tensor, shape: tuple, dtype=torch.int32) -> None:
+    if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+        raise ValueError(f"{module}.{name}: {t.dtype} {tuple(t.shape)}, the pack-quantized layout has "
+                         f"{dtype or 'float'} {shape}")  # fmt: skip
 
 
 def spec_dequantize(ints, zeros, scales, g_idx) -> torch.Tensor:
@@ -94,14 +104,14 @@ def read_dir(path: Path) -> dict[str, torch.Tensor]:
 def spec_module_weight(tensors: dict, module: str, qc: dict) -> torch.Tensor:
     """Dequantized [N, K] weight of one packed Linear under its quantization_config ``qc``."""
     if qc["quant_method"] == "compressed-tensors":
-        (group,) = qc["config_groups"].values()  # one scheme for every quantized Linear
-        ints, zeros = spec_unpack_compressed(tensors, module, group["weights"]["num_bits"])
+        weights = _compressed_scheme(qc)
+        ints, zeros = spec_unpack_compressed(tensors, module, weights["num_bits"])
         scales = tensors[module + ".weight_scale"].T  # [N, G] -> [G, N]
-        if module + ".weight_g_idx" in tensors:
-            g_idx = tensors[module + ".weight_g_idx"].numpy()
-        else:
-            g_idx = np.arange(ints.shape[0]) // group["weights"]["group_size"]
-        return spec_dequantize(ints, zeros, scales, g_idx)
+        k, gs = ints.shape[0], -(-ints.shape[0] // scales.shape[0])  # one column of scales per group (or channel)
+        g_idx = tensors.get(module + ".weight_g_idx")
+        if g_idx is None or bool((g_idx < 0).any()):  # -1 marks "not set": column order
+            g_idx = np.arange(k) // gs
+        return spec_dequantize(ints, zeros, scales, np.asarray(g_idx))
     if qc["quant_method"] == "gptq":
         ints, zeros = spec_unpack_gptq(tensors[module + ".qweight"], tensors[module + ".qzeros"], qc["bits"])
         g_idx = tensors[module + ".g_idx"].numpy()
@@ -111,7 +121,20 @@ def spec_module_weight(tensors: dict, module: str, qc: dict) -> torch.Tensor:
     return spec_dequantize(ints, zeros, tensors[module + ".scales"], g_idx)
 
 
-# the tensor a packed Linear is recognised by, and all the tensors it is stored as, per layout
+def _compressed_scheme(qc: dict) -> dict:
+    """The one weight scheme of a compressed-tensors config; anything but pack-quantized ints is refused."""
+    groups = list(qc.get("config_groups", {}).values())
+    if len(groups) != 1:
+        raise ValueError(f"compressed-tensors: {len(groups)} config groups; this reader takes one scheme")
+    weights = groups[0].get("weights") or {}
+    fmt = groups[0].get("format") or qc.get("format")
+    if fmt != "pack-quantized" or weights.get("type") != "int":
+        raise ValueError(f"compressed-tensors: format {fmt!r}, type {weights.get('type')!r}; this reader takes pack-quantized int")
+    return weights
+
+
+# the tensor a packed Linear is recognised by, and all the tensors it is stored as, per layout (qoqopt.info
+# keeps its own list on purpose: this file imports nothing from qoqopt, so it stays an independent reader)
 PACKED_MARK = {"gptq": ".qweight", "awq": ".qweight", "compressed-tensors": ".weight_packed"}
 PACKED_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx", ".weight_packed", ".weight_scale", ".weight_shape",
                 ".weight_zero_point", ".weight_g_idx")  # fmt: skip
@@ -121,6 +144,8 @@ def spec_weights(path: Path, tensors: dict | None = None) -> dict[str, torch.Ten
     """Module name -> dequantized weight, for every packed Linear of an exported directory."""
     qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
     t = read_dir(path) if tensors is None else tensors
+    if qc["quant_method"] == "compressed-tensors":
+        _compressed_scheme(qc)  # an unpacked format has no weight_packed: refuse it rather than read nothing
     mark = PACKED_MARK[qc["quant_method"]]
     return {name.removesuffix(mark): spec_module_weight(t, name.removesuffix(mark), qc) for name in t if name.endswith(mark)}
 

@@ -71,7 +71,8 @@ class ExportReport:
 
 # GPTQ's column visiting orders by name (--order), as gptq_quantize options (see quantize.gptq); all
 # but "act" keep the plain layout (g_idx = k // group_size, desc_act false). "static" is the default:
-# its per-layer output error was the lowest of the four on every draw measured (README)
+# its per-layer output error was the lowest of the three plain-layout orders on every draw measured
+# (README; "act" was not measured)
 GPTQ_ORDERS = {
     "static": dict(act_order=True, static_groups=True),
     "group-aware": dict(group_aware=True),
@@ -104,7 +105,7 @@ def validate_options(fmt: str, bits: int, group_size: int, order: str | None, sy
         if group_size not in AWQ_GROUP_SIZES:
             raise QoqoptError(f"--group-size {group_size} is not supported for AWQ; use 32, 64 or 128")
         if order is not None:
-            raise QoqoptError("--order is a GPTQ option (the order GPTQ visits columns in); AWQ has none")
+            raise QoqoptError("the column order (--order) is a GPTQ option; AWQ has none")
         if sym:
             raise QoqoptError("AWQ GEMM stores zero-points (zero_point: true); drop --sym for --format awq")
 
@@ -273,7 +274,8 @@ def export_hf_quant(
     """Quantize ``source`` (Hub id or directory) to a GPTQ v1 or AWQ GEMM directory at ``out``.
 
     ``sym`` None picks the format's default: symmetric for GPTQ (what vLLM's Marlin kernels take),
-    zero-points for AWQ. ``order`` is GPTQ's column visiting order (GPTQ_ORDERS; None: "static"). Returns ``out``; the per-layer errors are in ``out/manifest.json``.
+    zero-points for AWQ. ``order`` is GPTQ's column visiting order (GPTQ_ORDERS; None: "static").
+    Returns ``out``; the per-layer errors are in ``out/manifest.json``.
     """
     report = export_hf_quant_report(
         source, out, fmt, bits, group_size, order, sym, calib, samples, quantize_vision, force, seed,
@@ -386,7 +388,8 @@ def export_hf_quant_report(
         files = writer.close()
 
         quant_config = fmt_mod.quantization_config(
-            bits=bits, group_size=group_size, sym=sym, desc_act=order == "act", static_groups=opts.static_groups,
+            bits=bits, group_size=group_size, sym=sym, desc_act=opts.act_order and not opts.static_groups,
+            static_groups=opts.static_groups,
             damp=damp, vision_modules=sorted(v["module"] for v in vision_done.values()), vision_skipped=skipped_vision,
         )  # fmt: skip
         config_json = dict(ckpt.config)

@@ -73,11 +73,21 @@ def quantization(config: dict, names: list[str]) -> dict | None:
         bits, group = qc.get("bits"), qc.get("group_size")
         sym = qc.get("sym") if method == "gptq" else not qc.get("zero_point", True)
         plain = qc.get("modules_to_not_convert") or [_module_of(k[2:]) for k in qc.get("dynamic", {}) if k.startswith("-:")]
-        order = ("desc_act" if qc.get("desc_act") else "static groups" if qc.get("static_groups") else None) if method == "gptq" else None
+        order = _gptq_order(qc) if method == "gptq" else None
     packed = sum(n.endswith(PACKED_LEVELS) for n in names)
     quantizer = (qc.get("meta") or {}).get("quantizer") or qc.get("quantizer")
     return {"method": method, "bits": bits, "group_size": group, "sym": sym, "order": order,
             "packed_linears": packed, "left_plain": list(plain), "quantizer": quantizer}  # fmt: skip
+
+
+def _gptq_order(qc: dict) -> str | None:
+    """The visiting order a GPTQ config records: at its top level (qoqopt) or under meta (GPTQModel)."""
+    meta = qc.get("meta") or {}
+    if qc.get("desc_act"):
+        return "desc_act"
+    if qc.get("static_groups") or meta.get("static_groups"):
+        return "static groups"
+    return "group-aware" if meta.get("act_group_aware") else None
 
 
 def _params_from_meta(ckpt: Checkpoint, notes: list[str]) -> dict[str, int | None]:
@@ -108,12 +118,12 @@ def summarize(ckpt: Checkpoint) -> Summary:
     t, v = cfg.text_config, cfg.vision_config
     notes: list[str] = []
     missing = ckpt.missing_shards()
+    quant = quantization(ckpt.config, ckpt.names)
     if missing:
         params = _params_from_meta(ckpt, notes)
         dtype = _config_dtype(ckpt) + " (from config.json)"
         shard_sizes = [(f, None) for f in ckpt.shard_files]
     else:
-        quant = quantization(ckpt.config, ckpt.names)
         params, dtype = params_from_headers(ckpt, quant and quant["bits"])
         shard_sizes = [(f, (ckpt.path / f).stat().st_size) for f in ckpt.shard_files]
     total = ckpt.index_total_size or sum(s or 0 for _, s in shard_sizes) or None
@@ -140,7 +150,7 @@ def summarize(ckpt: Checkpoint) -> Summary:
     )  # fmt: skip
     return Summary(
         ckpt.source, ckpt.architecture, ckpt.layout, text, vision, params, _tensor_counts(ckpt),
-        dtype, total, shard_sizes, missing, files, ckpt.has_ecg_encoder, notes, quantization(ckpt.config, ckpt.names),
+        dtype, total, shard_sizes, missing, files, ckpt.has_ecg_encoder, notes, quant,
     )  # fmt: skip
 
 

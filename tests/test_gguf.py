@@ -358,9 +358,9 @@ def test_one_line_errors(tiny_dir, tmp_path):
     ecg = run_cli("export", str(tiny_dir), "--format", "gguf", "--drop-ecg", "--out", str(tmp_path / "z"))
     assert error_line(ecg) == "error: --drop-ecg is for --format gptq/awq; GGUF builds always leave the ECG encoder out"
     natural = run_cli("export", str(tiny_dir), "--format", "awq", "--natural-order", "--out", str(tmp_path / "z"))
-    assert error_line(natural) == "error: --order is a GPTQ option (the order GPTQ visits columns in); AWQ has none"
+    assert error_line(natural) == "error: the column order (--order) is a GPTQ option; AWQ has none"
     gguf = run_cli("export", str(tiny_dir), "--format", "gguf", "--order", "act", "--out", str(tmp_path / "z"))
-    assert error_line(gguf) == "error: --order is a GPTQ option (the order GPTQ visits columns in); GGUF has none"
+    assert error_line(gguf) == "error: the column order (--order) is a GPTQ option; GGUF has none"
     both = run_cli("export", str(tiny_dir), "--format", "gptq", "--natural-order", "--act-order", "--out", str(tmp_path / "z"))
     assert both.returncode == 2 and "not allowed with argument" in both.stderr  # argparse's mutual exclusion
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()

@@ -142,11 +142,15 @@ def gptq_asym_export(tiny_runtime_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gptq8_export(tiny_dir, tmp_path_factory):
-    return _export(tiny_dir, tmp_path_factory.mktemp("gptq8") / "out", "gptq", bits=8, group_size=64,
-                   order="group-aware", samples=1)  # fmt: skip
+    return _export(tiny_dir, tmp_path_factory.mktemp("gptq8") / "out", "gptq", bits=8, group_size=64, samples=1)
 
 
-@pytest.mark.parametrize("which", ["gptq_export", "awq_export", "gptq_asym_export", "gptq8_export"])
+@pytest.fixture(scope="module")
+def gptq_gar_export(tiny_dir, tmp_path_factory):
+    return _export(tiny_dir, tmp_path_factory.mktemp("gptqg") / "out", "gptq", order="group-aware", samples=1)
+
+
+@pytest.mark.parametrize("which", ["gptq_export", "awq_export", "gptq_asym_export", "gptq8_export", "gptq_gar_export"])
 def test_spec_unpacker_reproduces_quantizer_weights_bit_exactly(which, request):
     report, quantized = request.getfixturevalue(which)
     weights = spec_weights(report.out)
@@ -155,14 +159,35 @@ def test_spec_unpacker_reproduces_quantizer_weights_bit_exactly(which, request):
         assert torch.equal(weights[name], qw.dequantize()), name
 
 
-def test_gptq8_group_aware(gptq8_export):
+def test_gptq8_static_groups(gptq8_export):
     report, _ = gptq8_export
     t = read_dir(report.out)
     q = "model.language_model.layers.1.mlp.down_proj"
     assert t[q + ".qweight"].shape == (768 // 4, 256) and t[q + ".scales"].shape == (768 // 64, 256)
-    assert torch.equal(t[q + ".g_idx"].long(), torch.arange(768) // 64)  # GAR: each group one run, natural g_idx
+    assert torch.equal(t[q + ".g_idx"].long(), torch.arange(768) // 64)  # act-order + static groups: natural g_idx
     qc = json.loads((report.out / "config.json").read_text())["quantization_config"]
-    assert qc["bits"] == 8 and qc["group_size"] == 64 and qc["desc_act"] is False and qc["static_groups"] is False
+    assert qc["bits"] == 8 and qc["group_size"] == 64 and qc["desc_act"] is False and qc["static_groups"] is True
+
+
+@pytest.mark.parametrize("which,desc_act,static", [("gptq_gar_export", False, False), ("gptq_asym_export", True, False)])
+def test_gptq_order_in_the_layout(which, desc_act, static, request):
+    """Group-aware keeps the plain layout; only act (desc_act) permutes g_idx and says so."""
+    report, _ = request.getfixturevalue(which)
+    t = read_dir(report.out)
+    g_idx = t["model.language_model.layers.1.mlp.down_proj.g_idx"].long()
+    assert torch.equal(g_idx, torch.arange(768) // 128) is not desc_act
+    qc = json.loads((report.out / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is desc_act and qc["static_groups"] is static
+
+
+@pytest.mark.parametrize("flags,order", [([], None), (["--act-order"], "act"), (["--natural-order"], "natural"),
+                                         (["--order", "group-aware"], "group-aware")])  # fmt: skip
+def test_order_flags(flags, order):
+    """The flags of earlier releases still select their orders."""
+    from qoqopt.cli import build_parser
+
+    args = build_parser().parse_args(["export", "m", "--format", "gptq", "--out", "o", *flags])
+    assert args.order == order
 
 
 def test_asym_gptq_v1_zero_points_never_carry(gptq_asym_export):
@@ -333,7 +358,7 @@ def test_deterministic(gptq_export, ecg_dir, tmp_path):
         (dict(fmt="awq", bits=8), "GEMM format is 4-bit only"),
         (dict(fmt="gptq", group_size=100), "--group-size 100 is not supported"),
         (dict(fmt="awq", sym=True), "zero_point"),
-        (dict(fmt="awq", order="act"), "--order is a GPTQ option"),
+        (dict(fmt="awq", order="act"), r"the column order \(--order\) is a GPTQ option"),
         (dict(fmt="gptq", order="desc"), "unknown --order 'desc'; choose static, group-aware, natural, act"),
         (dict(fmt="gguf"), "unknown format"),
     ],

@@ -109,7 +109,7 @@ def run(args) -> int:
         )  # fmt: skip
         return 0
     if args.order:
-        raise QoqoptError("--order is a GPTQ option (the order GPTQ visits columns in); GGUF has none")
+        raise QoqoptError("the column order (--order) is a GPTQ option; GGUF has none")
     if args.drop_ecg:  # nothing to drop: llama.cpp has no ECG encoder, so GGUF builds never carry one
         raise QoqoptError("--drop-ecg is for --format gptq/awq; GGUF builds always leave the ECG encoder out")
     from ..exports.gguf_export import GGUFOptions, export_gguf
