@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-peers clean
 
 # torch is installed first and pinned: 2.13.0 is the CPU wheel; letting pip resolve a range
 # with no torch present would pull a multi-GB CUDA build. llama-cpp-python compiles from
@@ -38,6 +38,34 @@ demo: setup
 bench: setup
 	mkdir -p $(OUT)
 	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-json=$(OUT)/benchmarks.json -q
+
+# The quantizer head-to-heads (GPTQ and AWQ against GPTQModel and llm-compressor, then GPTQModel's
+# and transformers' loaders on qoqopt's builds). Each peer pins its own torch/transformers, so each
+# gets its own venv (GPTQMODEL_VENV, LLMC_VENV; point them at existing ones to reuse them). GPTQModel
+# needs torch >= 2.14.1, which PyPI serves as a CUDA build (several GB); its CPU kernel compiles on
+# first use (~4 min on 2 cores). Results: benchmarks/results/vs_gptqmodel*.json, ecosystem_loaders.json.
+GPTQMODEL_VENV ?= .peers/gptqmodel
+LLMC_VENV ?= .peers/llmcompressor
+PEER_ARGS ?=
+
+$(GPTQMODEL_VENV)/.installed:
+	test -x $(GPTQMODEL_VENV)/bin/python || python3 -m venv $(GPTQMODEL_VENV)
+	$(GPTQMODEL_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	BUILD_CUDA_EXT=0 $(GPTQMODEL_VENV)/bin/pip install -q gptqmodel==7.7.0 optimum==2.3.0 'transformers>=5.23,<6' safetensors numpy pillow
+	touch $@
+
+$(LLMC_VENV)/.installed:
+	test -x $(LLMC_VENV)/bin/python || python3 -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install -q torch==2.13.0
+	$(LLMC_VENV)/bin/pip install -q llmcompressor==0.14.0.1
+	touch $@
+
+bench-peers: setup $(GPTQMODEL_VENV)/.installed $(LLMC_VENV)/.installed
+	for method in gptq awq; do \
+		$(PY) benchmarks/bench_vs_gptqmodel.py --python $(GPTQMODEL_VENV)/bin/python \
+			--llmc-python $(LLMC_VENV)/bin/python --method $$method $(PEER_ARGS) || exit 1; \
+	done
+	$(PY) benchmarks/check_ecosystem_loaders.py --python $(GPTQMODEL_VENV)/bin/python
 
 test: setup
 	$(PY) -m pytest -q -ra
