@@ -203,6 +203,8 @@ class Judge:
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(work / "source"), dtype=torch.float32).eval()
+        self.params = self.model.state_dict()  # live references: copying into them changes the model
+        self.originals = {name: t.clone() for name, t in self.params.items()}  # restored after each checkpoint
         self.chats = load_batches(work / "eval.safetensors")
         self.reference = _reply_logits(self.model, self.chats)
 
@@ -214,34 +216,31 @@ class Judge:
         from qoqopt.drift import position_stats, summarize_positions
 
         state, packed = self._export_state(export)
-        params = self.model.state_dict()
-        originals = {name: params[name].clone() for name in state}
         with torch.no_grad():
             for name, t in state.items():
-                params[name].copy_(t)
+                self.params[name].copy_(t)
             try:
                 stats = [position_stats(ref, cand, targets)
                          for (ref, targets), (cand, _) in zip(self.reference, _reply_logits(self.model, self.chats))]  # fmt: skip
             finally:
-                for name, t in originals.items():
-                    params[name].copy_(t)
+                for name in state:
+                    self.params[name].copy_(self.originals[name])
         d = summarize_positions({k: np.concatenate([s[k] for s in stats]) for k in stats[0]})
-        return {"quantized_linears": packed, "positions": d.positions, "mean_kld": d.mean_kld,
+        return {"quantized_linears": len(packed), "positions": d.positions, "mean_kld": d.mean_kld,
                 "p99_kld": d.p99_kld, "same_top1_pct": d.same_top_pct,
                 "disk_bytes": sum(f.stat().st_size for f in export.glob("*.safetensors"))}  # fmt: skip
 
-    def _export_state(self, export: Path) -> tuple[dict, int]:
-        """Model parameter name -> the export's value, and how many Linears were packed."""
+    def _export_state(self, export: Path) -> tuple[dict, list[str]]:
+        """Model parameter name -> the export's value, and the packed Linears' names."""
         from spec_layout import spec_state
 
         from qoqopt.loader import canonical_name, runtime_name
 
         stored, packed = spec_state(export)
-        params = self.model.state_dict()
         state = {}
         for key, t in stored.items():
             name = runtime_name(canonical_name(key))  # either key layout
-            if name not in params or params[name].shape != t.shape:
+            if name not in self.params or self.params[name].shape != t.shape:
                 raise SystemExit(f"{export}: tensor {key} {tuple(t.shape)} has no counterpart in the model")
             state[name] = t
         return state, packed

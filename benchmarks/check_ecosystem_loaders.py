@@ -161,7 +161,7 @@ def _logits(model, chats: list[dict]) -> list:
 
 def check(work: Path, info: dict) -> dict:
     import torch
-    from spec_layout import read_dir, spec_module_weight, spec_state  # run by path: benchmarks/ is on sys.path
+    from spec_layout import read_dir, spec_state  # run by path: benchmarks/ is on sys.path
     from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
@@ -182,15 +182,15 @@ def check(work: Path, info: dict) -> dict:
     for name, meta in info["exports"].items():
         path = Path(meta["path"])
         qc = json.loads((path / "config.json").read_text())["quantization_config"]
-        tensors = read_dir(path)
+        # the export as the spec reads it, dequantized once: for the weight errors and the reference model
+        state, packed = spec_state(path)
         res: dict = {}
         # ---- weights, from the published layout
         errs = {}
-        for key in sorted(k for k in tensors if k.endswith(".qweight")):
-            mod = key.removesuffix(".qweight")
+        for mod in packed:
             canon = mod.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
             w_src = src_tensors[canon + ".weight"].float()
-            w_q = spec_module_weight(tensors, mod, qc)
+            w_q = state[mod + ".weight"]
             if qc["quant_method"] == "awq":
                 errs[mod] = _fit_rescaled_error(w_q, w_src)
             else:
@@ -200,7 +200,6 @@ def check(work: Path, info: dict) -> dict:
                           "ok": errs[worst] <= WEIGHT_TOL[qc["bits"]]}  # fmt: skip
         # ---- the fake-quantized fp32 reference
         ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32).eval()
-        state, _ = spec_state(path, tensors)
         state = {k: v for k, v in state.items() if not k.startswith("time_series_embedding.")}
         expected = set(ref.state_dict())
         missing = expected - set(state)

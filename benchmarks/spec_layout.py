@@ -150,11 +150,11 @@ def spec_weights(path: Path, tensors: dict | None = None) -> dict[str, torch.Ten
     return {name.removesuffix(mark): spec_module_weight(t, name.removesuffix(mark), qc) for name in t if name.endswith(mark)}
 
 
-def spec_state(path: Path, tensors: dict | None = None) -> tuple[dict[str, torch.Tensor], int]:
+def spec_state(path: Path, tensors: dict | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The checkpoint as fp32 state-dict entries (packed Linears dequantized to ``.weight``; every other
-    tensor as stored, e.g. AWQ's rescaled norms) and how many Linears were packed."""
+    tensor as stored, e.g. AWQ's rescaled norms) and the names of the packed Linears."""
     t = read_dir(path) if tensors is None else tensors
     packed = spec_weights(path, t)
     state = {k: v.float() for k, v in t.items() if not k.endswith(PACKED_PARTS)}
     state.update({f"{name}.weight": w for name, w in packed.items()})
-    return state, len(packed)
+    return state, sorted(packed)

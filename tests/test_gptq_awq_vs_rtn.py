@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from qoqopt.exports.hf_quant import DEFAULT_ORDER, GPTQ_ORDERS
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 CONFIGS = {  # label -> (method, symmetric, other QuantizeOptions)
     "rtn-sym": ("rtn", True, {}),
     "gptq": ("gptq", True, {}),
-    "gptq-gar": ("gptq", True, {"group_aware": True}),  # GPTQModel's default visiting order
-    "gptq-static": ("gptq", True, {"act_order": True, "static_groups": True}),  # the export's default
+    "gptq-gar": ("gptq", True, GPTQ_ORDERS["group-aware"]),  # GPTQModel's default visiting order
+    "gptq-default": ("gptq", True, GPTQ_ORDERS[DEFAULT_ORDER]),  # the export's default, as it passes it
     "rtn-asym": ("rtn", False, {}),
     "awq": ("awq", False, {}),
 }
@@ -56,7 +58,7 @@ def test_layer_output_error_beats_rtn(runs):
         # vs 1.16e-5); benchmarks/bench_vs_gptqmodel.py measures it on more calibration chats.
         assert errors["gptq-gar"][i] < errors["gptq"][i], errors
         # act-order across the whole matrix with static groups: lower again, in the same plain layout
-        assert errors["gptq-static"][i] < errors["gptq-gar"][i], errors
+        assert errors["gptq-default"][i] < errors["gptq-gar"][i], errors
 
 
 def _layer_state(results) -> dict[str, torch.Tensor]:
