@@ -1,14 +1,15 @@
 """Benchmark: qoqopt's GPTQ or AWQ export against GPTQModel's and llm-compressor's, same model, same calibration chats.
 
     .venv/bin/python benchmarks/bench_vs_gptqmodel.py --python /work/gptq-venv/bin/python
-        [--llmc-python /work/llmc-venv/bin/python] [--method gptq|awq] [--samples 32] [--seeds 0,1,2] [--json PATH]
+        [--llmc-python /work/llmc-venv/bin/python] [--method gptq|awq] [--preset tiny|small]
+        [--samples 32] [--seeds 0,1,2] [--json PATH]
 
 The peers pin other torch/transformers versions than this project's .venv, so each runs from its own
 virtualenv: GPTQModel (`--python`; set up as in check_ecosystem_loaders.py), the GPTQ quantizer
 transformers defers to, which quantizes AWQ too; and optionally llm-compressor (`--llmc-python`;
 `pip install torch==2.13.0 llmcompressor==0.14.0.1`), vLLM's quantizer, which writes
-compressed-tensors checkpoints. All quantize the trained mini QoQ-Med (tiny, 2 decoder layers) to
-the same scheme, in fp32 where the tool allows it:
+compressed-tensors checkpoints. All quantize the trained mini QoQ-Med (``--preset``: tiny, 2 decoder
+layers, or small, 8; each trained once and cached) to the same scheme, in fp32 where the tool allows it:
 
 * GPTQ: 4-bit, group 128, symmetric, natural g_idx, damp 0.01, each tool's default visiting order
   (qoqopt and llm-compressor: act-order with static groups; GPTQModel: group-aware, GAR);
@@ -35,10 +36,11 @@ on the same threads; reported per tool and seed:
   dequantization is checked against transformers' own loader after each llm-compressor run;
 * which Linears were quantized, and the bytes on disk.
 
-The mini model is tiny (its vocabulary is 97% of its parameters), so time and memory here are mostly
-fixed costs. Its drift moves by up to 2x with the calibration draw alone (two quantized layers, 14
-matrices), which is why several seeds are run and compared as means. Results are printed and saved
-as JSON (default benchmarks/results/vs_gptqmodel.json, vs_gptqmodel_awq.json for AWQ).
+The tiny model's vocabulary is 97% of its parameters, so time and memory there are mostly fixed
+costs. Drift moves by up to 2x (tiny) and 3.5x (small) with the calibration draw alone, which is why
+several seeds are run and compared as means. Results are printed and saved
+as JSON (default benchmarks/results/vs_gptqmodel.json, vs_gptqmodel_awq.json for AWQ; ``_small``
+before ``.json`` for the small preset).
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def check_spec_reader(out: Path) -> float:
 # =========================================================================== here (.venv)
 
 
-def prepare(work: Path, samples: int, seeds: list[int], eval_chats: int) -> None:
+def prepare(work: Path, preset: str, samples: int, seeds: list[int], eval_chats: int) -> None:
     """The trained mini model as a checkpoint, the calibration chats in GPTQModel's conversation form
     (images as PNG files), and the held-out chats encoded once (with each reply's token count)."""
     import torch
@@ -149,7 +151,7 @@ def prepare(work: Path, samples: int, seeds: list[int], eval_chats: int) -> None
     from qoqopt.data import balanced_sample, clinical_set
     from qoqopt.processor import load_processor
 
-    write_source(work / "source", layout="runtime")
+    write_source(work / "source", layout="runtime", preset=preset)
     proc = load_processor(work / "source")
     for seed in seeds:
         _write_calibration(work, proc, samples, seed)
@@ -246,14 +248,14 @@ class Judge:
         return state, packed
 
 
-def run(python: str, llmc_python: str | None, method: str, work: Path, samples: int, seeds: list[int],
-        eval_chats: int) -> dict:  # fmt: skip
-    prepare(work, samples, seeds, eval_chats)
+def run(python: str, llmc_python: str | None, method: str, preset: str, work: Path, samples: int,
+        seeds: list[int], eval_chats: int) -> dict:  # fmt: skip
+    prepare(work, preset, samples, seeds, eval_chats)
     env = {"PYTHONPATH": str(REPO)}
     judge = Judge(work)
     result = {"benchmark": "vs_gptqmodel", "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
               "versions": _versions({"gptqmodel": python, "llmcompressor": llmc_python}),
-              "model": "trained mini QoQ-Med (tiny)", "method": method, method: CONFIGS[method],
+              "model": f"trained mini QoQ-Med ({preset})", "method": method, method: CONFIGS[method],
               "calibration_chats": samples, "eval_chats": eval_chats, "runs": []}  # fmt: skip
     for seed in seeds:
         out = {tool: work / f"{method}-{tool}-{seed}" for tool in (*QOQOPT_VARIANTS, "gptqmodel", "llmcompressor")}
@@ -349,7 +351,9 @@ def main() -> int:
     ap.add_argument("--python", help="the python of the virtualenv that has gptqmodel")
     ap.add_argument("--llmc-python", help="the python of a virtualenv with llmcompressor: adds llm-compressor as a third tool")
     ap.add_argument("--method", choices=sorted(CONFIGS), default="gptq", help="what every tool quantizes to (default gptq)")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/qoqopt-vs-gptqmodel"))
+    ap.add_argument("--preset", choices=("tiny", "small"), default="tiny",
+                    help="the trained mini model: tiny (2 decoder layers, default) or small (8; trained once, ~45 min on 2 cores)")
+    ap.add_argument("--work", type=Path, help="working directory (default /tmp/qoqopt-vs-gptqmodel[-small])")
     ap.add_argument("--samples", type=int, default=32, help="calibration chats for every tool (default 32)")
     ap.add_argument("--seeds", default="0,1,2", help="calibration draws, one run of each tool per seed (default 0,1,2)")
     ap.add_argument("--eval-chats", type=int, default=15)
@@ -370,10 +374,14 @@ def main() -> int:
         return 0
     if not args.python:
         ap.error("--python (the virtualenv with gptqmodel) is required")
+    suffix = "" if args.preset == "tiny" else f"-{args.preset}"
+    args.work = args.work or Path(f"/tmp/qoqopt-vs-gptqmodel{suffix}")
     args.work.mkdir(parents=True, exist_ok=True)
-    result = run(args.python, args.llmc_python, args.method, args.work, args.samples, [int(s) for s in args.seeds.split(",")], args.eval_chats)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    result = run(args.python, args.llmc_python, args.method, args.preset, args.work, args.samples, seeds, args.eval_chats)
     report(result)
-    args.json = args.json or REPO / "benchmarks" / "results" / ("vs_gptqmodel.json" if args.method == "gptq" else f"vs_gptqmodel_{args.method}.json")
+    name = "vs_gptqmodel" + ("" if args.method == "gptq" else f"_{args.method}") + suffix.replace("-", "_")
+    args.json = args.json or REPO / "benchmarks" / "results" / f"{name}.json"
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {args.json}")
     return 0

@@ -59,18 +59,22 @@ WEIGHT_TOL = {4: 0.25, 8: 0.02}  # relative Frobenius error of a dequantized wei
 # =========================================================================== step 1 (.venv)
 
 
-def write_source(src: Path, random_weights: bool = False, layout: str = "legacy") -> None:
-    """The mini QoQ-Med (tiny) as a checkpoint at ``src``: trained (cached) or random; kept if present."""
-    from qoqopt.mini import build_model, save_checkpoint
+def write_source(src: Path, random_weights: bool = False, layout: str = "legacy", preset: str = "tiny") -> None:
+    """The mini QoQ-Med ``preset`` as a checkpoint at ``src``: trained (cached) or random; kept if present."""
+    from qoqopt.mini import PRESETS, build_model, save_checkpoint
 
     if (src / "config.json").exists():
+        config = json.loads((src / "config.json").read_text())
+        hidden = config.get("text_config", config).get("hidden_size")
+        if hidden not in (None, PRESETS[preset].hidden):
+            raise SystemExit(f"{src} holds another mini model (hidden {hidden}), not {preset!r}; use another --work")
         return
     if random_weights:
-        model = build_model("tiny", 0)
+        model = build_model(preset, 0)
     else:
         from qoqopt.train import trained_model
 
-        model, report = trained_model("tiny", 0)
+        model, report = trained_model(preset, 0)
         print(report.describe())
     src.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, src, layout=layout)
