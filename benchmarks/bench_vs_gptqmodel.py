@@ -374,13 +374,14 @@ def main() -> int:
         return 0
     if not args.python:
         ap.error("--python (the virtualenv with gptqmodel) is required")
-    suffix = "" if args.preset == "tiny" else f"-{args.preset}"
-    args.work = args.work or Path(f"/tmp/qoqopt-vs-gptqmodel{suffix}")
+    # both methods share a preset's work dir (prepare is method-free); defaults name only what differs
+    # from gptq/tiny: vs_gptqmodel[_awq][_small].json
+    args.work = args.work or Path("/tmp/qoqopt-vs-gptqmodel" + ("" if args.preset == "tiny" else f"-{args.preset}"))
     args.work.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     result = run(args.python, args.llmc_python, args.method, args.preset, args.work, args.samples, seeds, args.eval_chats)
     report(result)
-    name = "vs_gptqmodel" + ("" if args.method == "gptq" else f"_{args.method}") + suffix.replace("-", "_")
+    name = "vs_gptqmodel" + "".join(f"_{tag}" for tag in (args.method, args.preset) if tag not in ("gptq", "tiny"))
     args.json = args.json or REPO / "benchmarks" / "results" / f"{name}.json"
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {args.json}")
