@@ -1,6 +1,10 @@
 """Load qoqopt's GPTQ and AWQ exports with the real ecosystem loaders and check what they compute.
 
     .venv/bin/python benchmarks/check_ecosystem_loaders.py --python /work/gptq-venv/bin/python [--work DIR] [--json PATH]
+        [--preset tiny|small|7b-shape]
+
+(``--preset 7b-shape``: QoQ-Med-7B's exact tensor shapes with random weights, 2 decoder layers; the three
+exports take ~40 min on 2 cores and the check step peaks at 22 GB of memory.)
 
 GPTQModel pins torch >= 2.14.1, which this project's .venv (torch 2.13 CPU) cannot take, so the
 loaders live in a second virtualenv (`--python`), set up once with:
@@ -80,15 +84,15 @@ def write_source(src: Path, random_weights: bool = False, layout: str = "legacy"
     save_checkpoint(model, src, layout=layout)
 
 
-def prepare(work: Path, samples: int, chats: int, random_weights: bool) -> dict:
+def prepare(work: Path, samples: int, chats: int, random_weights: bool, preset: str = "tiny") -> dict:
     from qoqopt.calibration import encode_chat
     from qoqopt.data import balanced_sample, clinical_set
     from qoqopt.exports.hf_quant import export_hf_quant
     from qoqopt.processor import load_processor
 
     src = work / ("source-random" if random_weights else "source")
-    write_source(src, random_weights)
-    info = {"source": str(src), "weights": "random" if random_weights else "trained", "exports": {}}
+    write_source(src, random_weights, preset=preset)
+    info = {"source": str(src), "preset": preset, "weights": "random" if random_weights else "trained", "exports": {}}
     for name, opts in EXPORTS.items():
         out = work / name
         t0 = time.perf_counter()
@@ -181,7 +185,6 @@ def check(work: Path, info: dict) -> dict:
             versions[pkg] = f"missing ({exc})"
     chats = load_batches(work / "inputs.safetensors")
     src = Path(info["source"])
-    src_tensors = read_dir(src)
     results = {"versions": versions, "exports": {}}
     for name, meta in info["exports"].items():
         path = Path(meta["path"])
@@ -190,7 +193,7 @@ def check(work: Path, info: dict) -> dict:
         state, packed = spec_state(path)
         res: dict = {}
         # ---- weights, from the published layout
-        errs = {}
+        src_tensors, errs = read_dir(src), {}
         for mod in packed:
             canon = mod.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
             w_src = src_tensors[canon + ".weight"].float()
@@ -202,6 +205,7 @@ def check(work: Path, info: dict) -> dict:
         worst = max(errs, key=errs.get)
         res["weights"] = {"linears": len(errs), "max_rel_error": round(errs[worst], 4), "worst": worst,
                           "ok": errs[worst] <= WEIGHT_TOL[qc["bits"]]}  # fmt: skip
+        del src_tensors  # at the 7B shapes every full copy is several GB; keep one model's worth at a time
         # ---- the fake-quantized fp32 reference
         ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32).eval()
         state = {k: v for k, v in state.items() if not k.startswith("time_series_embedding.")}
@@ -210,6 +214,7 @@ def check(work: Path, info: dict) -> dict:
         assert not (set(state) - expected), f"unknown tensors {sorted(set(state) - expected)[:3]}"
         ref.load_state_dict(state, strict=False)
         res["reference"] = {"tensors_from_export": len(state), "kept_from_source": sorted(missing)}
+        del state
         ref_logits = _logits(ref, chats)
         # ---- transformers
         try:
@@ -285,15 +290,22 @@ def check(work: Path, info: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--python", default="/work/gptq-venv/bin/python", help="interpreter of the loader venv")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/qoqopt-ecosystem"))
+    ap.add_argument("--work", type=Path, help="work dir (default /tmp/qoqopt-ecosystem, -PRESET after it unless tiny)")
+    ap.add_argument("--preset", choices=("tiny", "small", "7b-shape"), default="tiny",
+                    help="mini model (default tiny); 7b-shape is QoQ-Med-7B's exact shapes with random weights "
+                    "(2 decoder layers; the check step peaks at 22 GB of memory)")  # fmt: skip
     ap.add_argument("--samples", type=int, default=16, help="calibration chats per export (default 16)")
     ap.add_argument("--chats", type=int, default=3, help="held-out chats compared (default 3)")
     ap.add_argument("--random", action="store_true", help="random-weight mini model instead of the trained one "
                     "(the trained one is built on first use: ~1 h on 2 cores)")  # fmt: skip
-    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "ecosystem_loaders.json")
+    ap.add_argument("--json", type=Path, help="results (default benchmarks/results/ecosystem_loaders[_PRESET].json)")
     ap.add_argument("--reuse", action="store_true", help="reuse the exports of an earlier run in --work")
     ap.add_argument("--check", type=Path, help=argparse.SUPPRESS)  # step 2, inside the loader venv
     args = ap.parse_args(argv)
+    suffix = "" if args.preset == "tiny" else f"_{args.preset.replace('-', '_')}"
+    args.work = args.work or Path("/tmp/qoqopt-ecosystem" + suffix.replace("_", "-"))
+    args.json = args.json or REPO / "benchmarks" / "results" / f"ecosystem_loaders{suffix}.json"
+    args.random |= args.preset == "7b-shape"  # too large to train on a CPU
 
     if args.check:
         info = json.loads((args.check / "prepared.json").read_text())
@@ -308,7 +320,7 @@ def main(argv=None) -> int:
     if args.reuse and prepared.exists():
         info = json.loads(prepared.read_text())
     else:
-        info = prepare(args.work, args.samples, args.chats, args.random)
+        info = prepare(args.work, args.samples, args.chats, args.random, args.preset)
         prepared.write_text(json.dumps(info, indent=2))
     env = {**os.environ, "PYTHONPATH": ""}
     proc = subprocess.run([args.python, __file__, "--check", str(args.work)], capture_output=True, text=True, env=env)

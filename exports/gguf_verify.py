@@ -21,6 +21,25 @@ from .gguf_runtime import MARKER
 IMAGE_SPAN = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
+def clinical_text_prompts(tokenizer) -> list[str]:
+    """Text-only clinical chats (report summaries, triage, a diagnosis), each opened up to the
+    assistant's ``<think>``: the prompts whose logits the text-model comparisons check."""
+    from qoqopt.data import report_texts
+
+    reports = report_texts()
+    questions = [
+        f"Summarise this report for the referring physician: {reports[0]} {reports[4]}",
+        f"Is the following finding urgent? {reports[2]} Answer yes or no.",
+        "A 67-year-old man has troponin 0.8 ng/mL and ST elevation in V2-V4. What is the diagnosis?",
+        f"Translate into plain language: {reports[7]}",
+    ]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        + "<think>"
+        for q in questions
+    ]
+
+
 def reference(model, processor, item, device: str = "cpu") -> dict:
     """transformers' side of one chat: llama.cpp prompt text, reply ids, reference logits at the reply,
     and the processed prompt (``prompt_inputs``) for a caller that goes on to generate from it."""

@@ -47,7 +47,13 @@ PRESETS = {
     "tiny": Preset(256, 768, 2, 4, 2, 128, 256, 4, 2, (1, 3)),
     # benchmarks: ~190 M parameters, most of them the real-size vocabulary
     "small": Preset(512, 1536, 8, 8, 2, 256, 512, 8, 4, (3, 7)),
+    # QoQ-Med-7B's exact tensor shapes (text head_dim 128 with 7 query heads per KV head, vision
+    # head_dim 80, intermediate 3420, window period 8), cut to 2 of 28 decoder layers and 8 of 32
+    # vision blocks: 1.76 B parameters, 3.5 GB as bf16. Random weights only, for shape checks.
+    "7b-shape": Preset(3584, 18944, 2, 28, 4, 1280, 3420, 8, 16, (7,)),
 }
+# Presets too large to train on a CPU; `trained_model` refuses them.
+SHAPE_ONLY = frozenset({"7b-shape"})
 
 
 def build_config(preset: str = "tiny"):
@@ -146,6 +152,7 @@ def save_checkpoint(model, out: Path, layout: str = "legacy") -> None:
     import torch
     from safetensors.torch import save_file
 
+    from .fileio import atomic_path
     from .loader import canonical_name
 
     if layout not in ("legacy", "runtime"):
@@ -156,5 +163,6 @@ def save_checkpoint(model, out: Path, layout: str = "legacy") -> None:
     model.config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     model.config.dtype = "bfloat16"
     model.config.save_pretrained(out)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(out / "model.safetensors") as tmp:  # safetensors itself writes mode 0600
+        save_file(state, str(tmp), metadata={"format": "pt"})
     write_support_files(out)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .cache import cache_dir
 from .drift import answer_score
+from .errors import QoqoptError
 
 IGNORE = -100
 EVAL_ITEMS = 60  # held-out "eval" views, domain-balanced: the reported accuracy
@@ -240,8 +241,10 @@ def trained_model(preset: str = "tiny", seed: int = 0):
     from safetensors.torch import load_file, save_file
 
     from .fileio import atomic_path, atomic_write_text
-    from .mini import build_model
+    from .mini import SHAPE_ONLY, build_model
 
+    if preset in SHAPE_ONLY:
+        raise QoqoptError(f"preset {preset!r} is for shape checks with random weights; it cannot be trained here")
     d = cache_dir("mini", _cache_key(preset, seed))
     weights, meta = d / "model.safetensors", d / "report.json"
     # One trainer per cache entry: a concurrent caller (another test process, a benchmark) waits

@@ -24,6 +24,7 @@ import pytest
 from qoqopt.errors import QoqoptError
 from qoqopt.exports.gguf_export import GGUFOptions, export_gguf
 from qoqopt.exports.gguf_runtime import MARKER, LlamaVL
+from qoqopt.exports.gguf_verify import clinical_text_prompts
 from tests.conftest import TRAIN_TOKENS, error_line, run_cli
 
 pytestmark = pytest.mark.slow
@@ -57,23 +58,6 @@ def _eps(model, value):
     for module in model.model.language_model.modules():
         if hasattr(module, "variance_epsilon"):
             module.variance_epsilon = value
-
-
-def clinical_prompts(processor) -> list[str]:
-    from qoqopt.data import report_texts
-
-    reports = report_texts()
-    questions = [
-        f"Summarise this report for the referring physician: {reports[0]} {reports[4]}",
-        f"Is the following finding urgent? {reports[2]} Answer yes or no.",
-        "A 67-year-old man has troponin 0.8 ng/mL and ST elevation in V2-V4. What is the diagnosis?",
-        f"Translate into plain language: {reports[7]}",
-    ]
-    return [
-        processor.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-        + "<think>"
-        for q in questions
-    ]
 
 
 def hf_text_logits(model, ids: list[int]) -> np.ndarray:
@@ -150,7 +134,7 @@ def test_f32_logits_match_transformers(built, hf):
     """F32 GGUF vs transformers on clinical text prompts. Tight (F32 KV cache, HF RMSNorm eps 0 as
     llama.cpp runs): rel err < 1e-4 asserted (measured ~1e-6). Default settings: < 5e-3 (~1e-3)."""
     model, proc = hf
-    prompts = clinical_prompts(proc)
+    prompts = clinical_text_prompts(proc.tokenizer)
     tight, loose = [], []
     with LlamaVL(built.file("text", "F32"), f32_kv=True) as vl32, LlamaVL(built.file("text", "F32")) as vl16:
         for text in prompts:

@@ -52,6 +52,42 @@ def test_kquant_dims_are_multiples_of_256(preset):
     assert sum(t.rope_parameters["mrope_section"]) * 2 == t.hidden_size // t.num_attention_heads
 
 
+def test_7b_shape_preset_has_the_real_models_tensors(fixture_7b):
+    """`--preset 7b-shape` is QoQ-Med-7B cut to 2 decoder layers and 8 vision blocks: every tensor it has
+    is named in the real release's index and has the shape transformers builds from the real config."""
+    from qoqopt.loader import canonical_name, meta_model
+
+    real_config = json.loads((fixture_7b / "config.json").read_text())
+    real = {canonical_name(k): tuple(v.shape) for k, v in meta_model(real_config).state_dict().items()}
+    index = {canonical_name(k) for k in json.loads((fixture_7b / "model.safetensors.index.json").read_text())["weight_map"]}
+    with torch.device("meta"):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        shell = {canonical_name(k): tuple(v.shape) for k, v in
+                 Qwen2_5_VLForConditionalGeneration(build_config("7b-shape")).state_dict().items()}  # fmt: skip
+    assert set(shell) <= index
+    assert {k: real[k] for k in shell} == shell
+    assert len(shell) == len(real) - 26 * 12 - 24 * 12  # the 26 decoder layers and 24 vision blocks cut
+
+
+def test_shape_only_preset_is_not_trained(tmp_path):
+    from tests.conftest import error_line, run_cli
+
+    res = run_cli("mini", "--out", str(tmp_path / "m"), "--preset", "7b-shape", "--train")
+    assert "cannot be trained" in error_line(res)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.iterdir())
+
+
+def test_checkpoint_files_get_the_umask_mode(tiny_dir):
+    """safetensors writes 0600 on its own; a shared checkpoint must be readable like the files beside it."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in tiny_dir.iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
 def test_same_seed_same_weights():
     a, b, c = build_model("tiny", 3), build_model("tiny", 3), build_model("tiny", 4)
     wa, wb, wc = (m.state_dict()["model.visual.blocks.0.attn.qkv.weight"] for m in (a, b, c))

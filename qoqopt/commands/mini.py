@@ -11,6 +11,8 @@ examples:
   qoqopt mini --out out/mini --preset tiny --train     # trained to answer the clinical set (cached)
   qoqopt mini --out out/mini-small --preset small      # ~190 M parameters, for benchmarks
   qoqopt mini --out out/mini-v5 --layout runtime       # model.visual.* / model.language_model.* keys
+  qoqopt mini --out out/shape-7b --preset 7b-shape     # QoQ-Med-7B's exact tensor shapes, 2 decoder
+                                                       # layers + 8 vision blocks (3.5 GB, random weights)
 
 The checkpoint loads with Qwen2_5_VLForConditionalGeneration.from_pretrained and carries the real
 Qwen2 tokenizer (vocab 152064), the Qwen2.5-VL chat template, QoQ-Med's training pixel range and
@@ -30,7 +32,8 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="size (default: tiny)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="size (default: tiny); 7b-shape checks a toolchain at the real 7B shapes")
     p.add_argument("--seed", type=int, default=0, help="weight and training seed (default: 0)")
     p.add_argument(
         "--train", action="store_true", help="fine-tune on the clinical set (up to 1000 steps; tiny reaches 95%% held-out "
