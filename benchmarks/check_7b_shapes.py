@@ -71,13 +71,6 @@ def build(work: Path) -> tuple[Path, Path, dict]:
     return src, gguf, seconds
 
 
-def set_rms_eps(model, value: float) -> None:
-    """llama.cpp ignores qwen2vl's RMSNorm epsilon (runs 0); the tight comparisons do the same."""
-    for module in model.model.language_model.modules():
-        if hasattr(module, "variance_epsilon"):
-            module.variance_epsilon = value
-
-
 def ct_item():
     from qoqopt.data import clinical_set
 
@@ -90,21 +83,22 @@ def transformers_side(src: Path) -> dict:
     from PIL import Image
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from qoqopt.exports.gguf_verify import clinical_text_prompts, reference
+    from qoqopt.exports.gguf_verify import clinical_text_prompts, reference, set_text_rms_eps
     from qoqopt.processor import load_processor
 
     t0 = time.perf_counter()
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32).eval()
     proc = load_processor(src)
-    set_rms_eps(model, 0.0)
-    out: dict = {"prompts": [], "images": [], "chat": None}
+    set_text_rms_eps(model, 0.0)
+    item = ct_item()
+    out: dict = {"prompts": [], "images": [], "item": item}
     with torch.no_grad():
         for text in clinical_text_prompts(proc.tokenizer):
             ids = proc.tokenizer(text).input_ids
             x = torch.tensor([ids])
             logits = model(input_ids=x, mm_token_type_ids=torch.zeros_like(x)).logits[0].numpy()
             out["prompts"].append({"text": text, "ids": ids, "logits": logits})
-        base = ct_item().image.convert("RGB")
+        base = item.image.convert("RGB")
         for size in IMAGE_SIZES:
             img = base.resize(size, Image.BICUBIC)
             inputs = proc.image_processor(images=[img], return_tensors="pt")
@@ -112,25 +106,24 @@ def transformers_side(src: Path) -> dict:
             feats = getattr(feats, "pooler_output", feats)
             ref = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
             out["images"].append({"size": size, "image": img, "embeddings": ref.numpy()})
-        out["chat"] = reference(model, proc, ct_item())
+        out["chat"] = reference(model, proc, item)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     # eps 0 turns a right-padded row's zero hidden state into NaN, which the next layer's attention
     # spreads through the whole padded batch (0 x NaN): the kernel check runs at the real epsilon.
-    set_rms_eps(model, model.config.text_config.rms_norm_eps)
-    out["kernels_apply"] = kernels_vs_unpatched(model, proc)  # last: it patches the model in place
+    set_text_rms_eps(model, model.config.text_config.rms_norm_eps)
+    out["kernels_apply"] = kernels_vs_unpatched(model, proc, base)  # last: it patches the model in place
     del model
     gc.collect()
     return out
 
 
-def kernels_vs_unpatched(model, proc) -> dict:
+def kernels_vs_unpatched(model, proc, base) -> dict:
     """Logits of a two-image batch (different sizes, right-padded) before and after ``kernels.apply``."""
     import torch
     from PIL import Image
 
     from qoqopt.kernels import apply
 
-    base = ct_item().image.convert("RGB")
     texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
                                       add_generation_prompt=True, tokenize=False)
              for q in ("Which body region is shown?", "Any acute finding?")]  # fmt: skip
@@ -154,17 +147,10 @@ def rel_err(cand: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(cand - ref).max() / np.abs(ref).max())
 
 
-def mean_kld(ref: np.ndarray, cand: np.ndarray) -> float:
-    def log_softmax(z):
-        z = z.astype(np.float64) - z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-    lp, lq = log_softmax(ref), log_softmax(cand)
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
-
-
 def llama_side(gguf: Path, ref: dict, threads: int) -> dict:
+    from qoqopt.drift import token_drift
     from qoqopt.exports.gguf_runtime import LlamaVL
+    from qoqopt.exports.gguf_verify import reply_logits
 
     manifest = json.loads((gguf / "manifest.json").read_text())
     files = {f"{f['kind']}:{f.get('quant')}": gguf / f["path"] for f in manifest["files"] if f["kind"] in ("text", "mmproj")}
@@ -183,17 +169,15 @@ def llama_side(gguf: Path, ref: dict, threads: int) -> dict:
             shapes.append(list(ours.shape))
             errs.append(rel_err(ours, im["embeddings"]) if ours.shape == im["embeddings"].shape else float("inf"))
         res["mmproj_f16"] = {"shapes": shapes, "max_rel_err": max(errs), "tol": EMBED_TOL, "ok": max(errs) < EMBED_TOL}
-        chat = ref["chat"]
-        cand = vl.chat_logits(chat["prompt"], ct_item().image, chat["reply_ids"])
-        err = rel_err(cand, chat["ref_logits"])
-        res["chat_f32"] = {"image_tokens": vl.last_image_tokens, "reference_image_tokens": chat["image_tokens"],
-                           "reply_tokens": len(chat["reply_ids"]), "max_rel_err": err, "tol": CHAT_TOL,
-                           "ok": err < CHAT_TOL and vl.last_image_tokens == chat["image_tokens"]}  # fmt: skip
+        chat, item = ref["chat"], ref["item"]
+        err = rel_err(reply_logits(vl, chat, item), chat["ref_logits"])  # raises if the image token counts differ
+        res["chat_f32"] = {"image_tokens": vl.last_image_tokens, "reply_tokens": len(chat["reply_ids"]),
+                           "max_rel_err": err, "tol": CHAT_TOL, "ok": err < CHAT_TOL}  # fmt: skip
     with LlamaVL(files["text:Q4_K_M"], files["mmproj:F16"], **mm) as vl:
-        cand = vl.chat_logits(chat["prompt"], ct_item().image, chat["reply_ids"])
-        res["chat_q4_k_m"] = {"max_rel_err": rel_err(cand, chat["ref_logits"]), "mean_kld": mean_kld(chat["ref_logits"], cand),
-                              "same_top1_pct": float(100 * (cand.argmax(-1) == chat["ref_logits"].argmax(-1)).mean()),
-                              "note": "random weights: reported, not judged"}  # fmt: skip
+        cand = reply_logits(vl, chat, item)
+        drift = token_drift(chat["ref_logits"], cand, chat["reply_ids"])
+        res["chat_q4_k_m"] = {"max_rel_err": rel_err(cand, chat["ref_logits"]), "mean_kld": drift.mean_kld,
+                              "same_top1_pct": drift.same_top_pct, "note": "random weights: reported, not judged"}  # fmt: skip
     res["files"] = {k: f"{v.name} ({v.stat().st_size / 2**20:.0f} MiB)" for k, v in files.items()}
     return res
 

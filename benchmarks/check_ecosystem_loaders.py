@@ -185,6 +185,9 @@ def check(work: Path, info: dict) -> dict:
             versions[pkg] = f"missing ({exc})"
     chats = load_batches(work / "inputs.safetensors")
     src = Path(info["source"])
+    # Only decoder layers are packed: keeping just their source weights spares the embeddings, which
+    # are most of a 7B-shaped checkpoint, across all the exports.
+    src_tensors = {k: v for k, v in read_dir(src).items() if k.startswith("model.layers.")}
     results = {"versions": versions, "exports": {}}
     for name, meta in info["exports"].items():
         path = Path(meta["path"])
@@ -193,7 +196,7 @@ def check(work: Path, info: dict) -> dict:
         state, packed = spec_state(path)
         res: dict = {}
         # ---- weights, from the published layout
-        src_tensors, errs = read_dir(src), {}
+        errs = {}
         for mod in packed:
             canon = mod.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
             w_src = src_tensors[canon + ".weight"].float()
@@ -205,7 +208,6 @@ def check(work: Path, info: dict) -> dict:
         worst = max(errs, key=errs.get)
         res["weights"] = {"linears": len(errs), "max_rel_error": round(errs[worst], 4), "worst": worst,
                           "ok": errs[worst] <= WEIGHT_TOL[qc["bits"]]}  # fmt: skip
-        del src_tensors  # at the 7B shapes every full copy is several GB; keep one model's worth at a time
         # ---- the fake-quantized fp32 reference
         ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32).eval()
         state = {k: v for k, v in state.items() if not k.startswith("time_series_embedding.")}
@@ -214,7 +216,7 @@ def check(work: Path, info: dict) -> dict:
         assert not (set(state) - expected), f"unknown tensors {sorted(set(state) - expected)[:3]}"
         ref.load_state_dict(state, strict=False)
         res["reference"] = {"tensors_from_export": len(state), "kept_from_source": sorted(missing)}
-        del state
+        del state  # a full fp32 copy: at the 7B shapes, several GB beside the reference model
         ref_logits = _logits(ref, chats)
         # ---- transformers
         try:
@@ -302,9 +304,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse the exports of an earlier run in --work")
     ap.add_argument("--check", type=Path, help=argparse.SUPPRESS)  # step 2, inside the loader venv
     args = ap.parse_args(argv)
-    suffix = "" if args.preset == "tiny" else f"_{args.preset.replace('-', '_')}"
-    args.work = args.work or Path("/tmp/qoqopt-ecosystem" + suffix.replace("_", "-"))
-    args.json = args.json or REPO / "benchmarks" / "results" / f"ecosystem_loaders{suffix}.json"
+    tiny = args.preset == "tiny"
+    args.work = args.work or Path("/tmp/qoqopt-ecosystem" + ("" if tiny else f"-{args.preset}"))
+    args.json = args.json or REPO / "benchmarks" / "results" / ("ecosystem_loaders" + ("" if tiny else
+                                                                "_" + args.preset.replace("-", "_")) + ".json")
     args.random |= args.preset == "7b-shape"  # too large to train on a CPU
 
     if args.check:

@@ -21,6 +21,14 @@ from .gguf_runtime import MARKER
 IMAGE_SPAN = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
+def set_text_rms_eps(model, value: float) -> None:
+    """Set the language model's RMSNorm epsilon: llama.cpp ignores qwen2vl's and runs 0, so the tight
+    comparisons set 0 here too (and the config's value back afterwards)."""
+    for module in model.model.language_model.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = value
+
+
 def clinical_text_prompts(tokenizer) -> list[str]:
     """Text-only clinical chats (report summaries, triage, a diagnosis), each opened up to the
     assistant's ``<think>``: the prompts whose logits the text-model comparisons check."""

@@ -24,7 +24,7 @@ import pytest
 from qoqopt.errors import QoqoptError
 from qoqopt.exports.gguf_export import GGUFOptions, export_gguf
 from qoqopt.exports.gguf_runtime import MARKER, LlamaVL
-from qoqopt.exports.gguf_verify import clinical_text_prompts
+from qoqopt.exports.gguf_verify import clinical_text_prompts, set_text_rms_eps
 from tests.conftest import TRAIN_TOKENS, error_line, run_cli
 
 pytestmark = pytest.mark.slow
@@ -52,12 +52,6 @@ def hf(tiny_dir):
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
     return model, load_processor(tiny_dir)
-
-
-def _eps(model, value):
-    for module in model.model.language_model.modules():
-        if hasattr(module, "variance_epsilon"):
-            module.variance_epsilon = value
 
 
 def hf_text_logits(model, ids: list[int]) -> np.ndarray:
@@ -140,9 +134,9 @@ def test_f32_logits_match_transformers(built, hf):
         for text in prompts:
             ids = proc.tokenizer(text).input_ids
             assert vl32.tokenize(text) == ids
-            _eps(model, 0.0)
+            set_text_rms_eps(model, 0.0)
             ref0 = hf_text_logits(model, ids)
-            _eps(model, 1e-6)
+            set_text_rms_eps(model, 1e-6)
             ref = hf_text_logits(model, ids)
             tight.append(np.abs(vl32.logits(ids) - ref0).max() / np.abs(ref0).max())
             loose.append(np.abs(vl16.logits(ids) - ref).max() / np.abs(ref).max())
@@ -253,11 +247,11 @@ def test_image_chat_logits_match(built, hf):
 
     model, proc = hf
     item = _ct_eval_item()
-    _eps(model, 0.0)
+    set_text_rms_eps(model, 0.0)
     try:
         ref = reference(model, proc, item)
     finally:
-        _eps(model, 1e-6)
+        set_text_rms_eps(model, 1e-6)
     assert ref["image_tokens"] == 121
     with LlamaVL(built.file("text", "F32"), built.file("mmproj"), f32_kv=True,
                  image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:  # fmt: skip
