@@ -206,8 +206,9 @@ def main(argv=None) -> int:
                                                        "transformers": transformers.__version__},
            **seconds, "transformers_reference_s": ref["seconds"], "total_s": round(time.perf_counter() - t0, 1),
            "ok": ok, **res}  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2) + "\n")
+    from qoqopt.fileio import atomic_write_text
+
+    atomic_write_text(args.json, json.dumps(out, indent=2) + "\n")
     print(f"{'all checks pass' if ok else 'A CHECK FAILED'}; saved {args.json}")
     return 0 if ok else 1
 

@@ -345,8 +345,9 @@ def main(argv=None) -> int:
             status = "ok  " if r.get("ok") else ("KNOWN" if r.get("known") else "FAIL")
             ok &= bool(r.get("ok") or r.get("known"))
             print(f"  {part:<15} {status} {json.dumps({k: v for k, v in r.items() if k != 'ok'})}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    from qoqopt.fileio import atomic_write_text
+
+    atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     print(f"\nsaved {args.json}")
     return 0 if ok else 1
 

