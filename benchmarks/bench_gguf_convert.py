@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from measure import run_measured  # run by path: benchmarks/ is on sys.path
+from qoqopt.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REF = Path("/work/ref/llama_cpp_python-0.3.36/vendor/llama.cpp")
@@ -147,8 +148,7 @@ def main(argv=None) -> int:
         print(f"  {layout:8} layout: converter text {c['text']['tensors']} tensors (rc {c['text']['rc']}), "
               f"mmproj {c['mmproj']['tensors']} tensors (rc {c['mmproj']['rc']}); "
               f"qoqopt text {r['qoqopt']['text_tensors']}, mmproj {r['qoqopt']['mmproj_tensors']} (rc {r['qoqopt']['rc']})")  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     print(f"saved {args.json}")
     return 0
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kernels import PROFILES, _decoder_layer, fused_copy, layer_calls, layer_inputs  # noqa: E402
 from offline_compile import NoToolchain, offline_w4a16, w4a16_operands  # noqa: E402
+from qoqopt.fileio import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,8 +122,7 @@ def main(argv=None) -> int:
         result["layer_host_us_estimate"] = estimate
         for label, us in estimate.items():
             print(f"{'layer host est.':16s} {label:32s} {us:7.1f} us")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     print(f"saved {args.json}")
     return 0
 

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qoqopt.fileio import atomic_write_text
+
 # Peak HBM bandwidth (B/s) and dense bf16 tensor FLOP/s, from the vendors' data sheets.
 PEAKS = (  # first match on the device name wins
     ("H200", 4.8e12, 989e12),
@@ -636,8 +638,8 @@ def main(argv=None) -> int:
             "targets": verdict,
             "argv": sys.argv,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str))
+        # Rewritten after every op: a timeout mid-write must leave the previous complete file.
+        atomic_write_text(args.out, json.dumps(result, indent=2, default=str))
         return verdict
 
     steps = [("merger", bench_merger), ("attention", bench_attention), ("w4a16", bench_w4a16), ("layer", bench_decoder_layer),

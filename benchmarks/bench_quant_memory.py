@@ -37,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 from measure import run_measured  # run by path: benchmarks/ is on sys.path
+from qoqopt.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,8 +152,7 @@ def main(argv=None) -> int:
         "preset": args.preset, "params": params, "fp32_mib": round(fp32_mib, 1), "disk_mib": round(disk_mib, 1),
         "samples": args.samples, "processes": results, "summary": summary,
     }  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
     print(f"saved {args.json}")
     return 0 if all(r["rc"] == 0 for r in results.values()) else 1
 

@@ -55,6 +55,7 @@ from pathlib import Path
 
 from check_ecosystem_loaders import load_batches, save_batches, write_source  # benchmarks/ is on sys.path
 from measure import run_measured
+from qoqopt.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 # the settings every tool is given, per method; each is also qoqopt's export default
@@ -383,7 +384,7 @@ def main() -> int:
     report(result)
     name = "vs_gptqmodel" + "".join(f"_{tag}" for tag in (args.method, args.preset) if tag not in ("gptq", "tiny"))
     args.json = args.json or REPO / "benchmarks" / "results" / f"{name}.json"
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     print(f"saved {args.json}")
     return 0
 
