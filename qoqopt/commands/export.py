@@ -50,8 +50,9 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "export",
-        help="write a compressed build (GGUF text + mmproj for llama.cpp / LM Studio / Ollama)",
-        description="Export a QoQ-Med / Qwen2.5-VL checkpoint to a runtime format.",
+        help="write a compressed build: GGUF + mmproj (llama.cpp, LM Studio, Ollama) or GPTQ / AWQ (vLLM, transformers)",
+        description="Export a QoQ-Med / Qwen2.5-VL checkpoint to a runtime format: GGUF text + its own mmproj "
+        "(calibrated with a clinical imatrix), or GPTQ / AWQ safetensors calibrated on clinical chats.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
