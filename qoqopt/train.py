@@ -226,13 +226,21 @@ def round_to_bf16(model) -> None:
 
 
 def _cache_key(preset: str, seed: int) -> str:
-    from . import data
+    """A digest of every source file that decides what training sees and builds.
+
+    The data package (catalog, augmentation, prompts), the model builder, the tokenizer and the
+    processor are hashed with this file: editing any of them retrains instead of silently reusing
+    a model trained on something else. (The key used to read a DATA_VERSION that was never defined.)
+    """
     from .mini import PRESETS
 
+    package = Path(__file__).parent
+    sources = [package / name for name in ("train.py", "mini.py", "tokenizer.py", "processor.py")]
+    sources += sorted((package / "data").glob("*.py"))
     h = hashlib.sha256()
-    h.update(Path(__file__).read_bytes())
+    for path in sources:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     h.update(repr(PRESETS[preset]).encode())
-    h.update(str(getattr(data, "DATA_VERSION", "0")).encode())
     return f"{preset}-s{seed}-{h.hexdigest()[:12]}"
 
 

@@ -36,8 +36,8 @@ def register(sub) -> None:
                    help="size (default: tiny); 7b-shape checks a toolchain at the real 7B shapes")
     p.add_argument("--seed", type=int, default=0, help="weight and training seed (default: 0)")
     p.add_argument(
-        "--train", action="store_true", help="fine-tune on the clinical set (up to 1000 steps; tiny reaches 95%% held-out "
-        "accuracy in ~12 min on 2 cores, small 58%% in ~45 min) and print the held-out accuracy"
+        "--train", action="store_true", help="fine-tune on the clinical set (up to 1000 steps; tiny reaches 87-95%% held-out "
+        "accuracy, depending on the CPU, in 12-20 min on 2 cores; small 58%% in ~45 min) and print the held-out accuracy"
     )
     p.add_argument(
         "--layout", default="legacy", choices=["legacy", "runtime"],
