@@ -55,7 +55,6 @@ from pathlib import Path
 
 from check_ecosystem_loaders import load_batches, save_batches, write_source  # benchmarks/ is on sys.path
 from measure import run_measured
-from qoqopt.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 # the settings every tool is given, per method; each is also qoqopt's export default
@@ -384,6 +383,9 @@ def main() -> int:
     report(result)
     name = "vs_gptqmodel" + "".join(f"_{tag}" for tag in (args.method, args.preset) if tag not in ("gptq", "tiny"))
     args.json = args.json or REPO / "benchmarks" / "results" / f"{name}.json"
+    # Imported here, not at the top: this file also runs as the child in the peers' venvs, which lack qoqopt.
+    from qoqopt.fileio import atomic_write_text
+
     atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     print(f"saved {args.json}")
     return 0
