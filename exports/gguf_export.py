@@ -205,6 +205,8 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
     out = Path(out)
     if options.mmproj_type not in (*MMPROJ_TYPES, "none"):
         raise QoqoptError(f"unknown --mmproj-type {options.mmproj_type!r}; choose from {', '.join(MMPROJ_TYPES)}, none")
+    if options.calib_items < 1:  # an imatrix of no chats would quietly equal none
+        raise QoqoptError(f"--samples must be at least 1, got {options.calib_items}")
     quants = gguf_quant.parse_quants(",".join(options.quants))
     options.quants = quants
     prepare_output_dir(out, force)  # fail before the (possibly long) work starts

@@ -334,7 +334,11 @@ def test_one_line_errors(tiny_dir, tmp_path):
     res = run_cli("export", str(broken), "--format", "gguf", "--quant", "F16", "--out", str(tmp_path / "y"))
     assert "model.safetensors is truncated" in error_line(res) and res.stderr.count("\n") == 1
     ecg = run_cli("export", str(tiny_dir), "--format", "gguf", "--drop-ecg", "--out", str(tmp_path / "z"))
-    assert error_line(ecg) == "error: --drop-ecg is for --format gptq/awq; GGUF builds always leave the ECG encoder out"
+    assert error_line(ecg) == "error: --drop-ecg is a GPTQ/AWQ option, not for --format gguf; GGUF builds always leave the ECG encoder out"
+    quant = run_cli("export", str(tiny_dir), "--format", "gptq", "--quant", "Q8_0", "--out", str(tmp_path / "z"))
+    assert error_line(quant) == "error: --quant is a GGUF option, not for --format gptq; GPTQ/AWQ take --bits and --group-size"
+    none = run_cli("export", str(tiny_dir), "--format", "gguf", "--quant", "Q4_K_M", "--samples", "0", "--out", str(tmp_path / "z"))
+    assert error_line(none) == "error: --samples must be at least 1, got 0"
     natural = run_cli("export", str(tiny_dir), "--format", "awq", "--natural-order", "--out", str(tmp_path / "z"))
     assert error_line(natural) == "error: the column order (--order) is a GPTQ option; AWQ has none"
     gguf = run_cli("export", str(tiny_dir), "--format", "gguf", "--order", "act", "--out", str(tmp_path / "z"))

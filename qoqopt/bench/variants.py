@@ -95,7 +95,7 @@ def build_commands(model: str, missing: list[Variant], builds: Path, calib_items
     gguf = [v for v in missing if v.format == "gguf"]
     if gguf:
         out = builds / ("gguf-" + "-".join(v.option for v in gguf))
-        args = ["--format", "gguf", "--quant", ",".join(v.option for v in gguf), "--calib-items", str(calib_items)]
+        args = ["--format", "gguf", "--quant", ",".join(v.option for v in gguf), "--samples", str(calib_items)]
         jobs.append((gguf, out, args))
     for v in missing:
         if v.format in QUANT_BITS:

@@ -59,22 +59,25 @@ def register(sub) -> None:
     p.add_argument("model", help="local checkpoint directory or Hub id (owner/name)")
     p.add_argument("--format", required=True, choices=FORMATS, help="output format")
     p.add_argument("--out", required=True, type=Path, help="output directory (refused if it exists, unless --force)")
-    p.add_argument("--quant", default="Q4_K_M", help="comma-separated types, e.g. Q4_K_M,Q5_K_M,Q6_K,Q8_0,IQ4_XS,F16,BF16")
-    p.add_argument("--imatrix", default="clinical", metavar="clinical|none|FILE", help="importance matrix source (default: clinical)")
-    p.add_argument("--mmproj-type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "none"], help="mmproj type (default: f16)")
-    p.add_argument("--name", help="file name stem (default: the model's folder or repo name)")
-    p.add_argument("--calib-items", type=int, default=64, help="calibration chats for --imatrix clinical/JSONL (default: 64)")
-    p.add_argument(
-        "--imatrix-image-weight", type=float, default=0.0, metavar="W",
+    p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--samples", "--calib-items", dest="samples", type=int,
+                   help="calibration chats: for the GGUF imatrix (default 64) or GPTQ/AWQ (default 128)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    g = p.add_argument_group("gguf")
+    g.add_argument("--quant", help="comma-separated types, e.g. Q4_K_M,Q5_K_M,Q6_K,Q8_0,IQ4_XS,F16,BF16 (default Q4_K_M)")
+    g.add_argument("--imatrix", metavar="clinical|none|FILE", help="importance matrix source (default: clinical)")
+    g.add_argument("--mmproj-type", choices=["f32", "f16", "bf16", "q8_0", "none"], help="mmproj type (default: f16)")
+    g.add_argument("--name", help="file name stem (default: the model's folder or repo name)")
+    g.add_argument(
+        "--imatrix-image-weight", type=float, metavar="W",
         help="weight of image positions' own activations in the clinical imatrix, relative to the (image-conditioned) "
         "text positions; 1 counts every token alike (default: 0, measured best)",
     )  # fmt: skip
-    p.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
-    p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    g.add_argument("--threads", type=int, help="quantizer threads (default: all cores)")
     q = p.add_argument_group("gptq / awq")
-    q.add_argument("--bits", type=int, default=4, choices=[4, 8], help="weight bits (AWQ GEMM: 4 only; default 4)")
-    q.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (one group per row, GPTQ only)")
+    q.add_argument("--bits", type=int, choices=[4, 8], help="weight bits (AWQ GEMM: 4 only; default 4)")
+    q.add_argument("--group-size", type=int, help="32, 64, 128 or -1 (one group per row, GPTQ only; default 128)")
     order = q.add_mutually_exclusive_group()
     order.add_argument("--order", choices=list(GPTQ_ORDERS),
                        help="GPTQ column visiting order (default static: act-order with static groups, plain layout; "
@@ -87,19 +90,57 @@ def register(sub) -> None:
                      help="symmetric (GPTQ default: vLLM's Marlin path needs sym: true)")  # fmt: skip
     sym.add_argument("--asym", dest="sym", action="store_false",
                      help="zero-points (AWQ default; asymmetric GPTQ v1 keeps zero-points >= 1)")  # fmt: skip
-    q.add_argument("--calib", default="clinical", metavar="clinical|FILE.jsonl", help="calibration chats (default clinical)")
-    q.add_argument("--samples", type=int, default=128, help="calibration chats (default 128)")
-    q.add_argument("--quantize-vision", action="store_true", help="AWQ: also quantize the vision blocks (opt-in)")
-    q.add_argument("--drop-ecg", action="store_true",
+    q.add_argument("--calib", metavar="clinical|FILE.jsonl", help="calibration chats (default clinical)")
+    q.add_argument("--quantize-vision", action="store_true", default=None, help="AWQ: also quantize the vision blocks (opt-in)")
+    q.add_argument("--drop-ecg", action="store_true", default=None,
                    help="leave out QoQ-Med's ECG encoder and declare the plain Qwen2.5-VL class, so vLLM can serve the "
                         "build (default: carry the encoder, which vLLM refuses)")  # fmt: skip
-    q.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+# Options only one family of formats reads, each with where its counterpart lives. Set with the
+# other family they are refused: silently ignoring `--format gptq --quant Q8_0` would hand back a
+# 4-bit build the user did not ask for.
+GGUF_ONLY = {
+    "quant": ("--quant", "GPTQ/AWQ take --bits and --group-size"),
+    "imatrix": ("--imatrix", "GPTQ/AWQ calibrate with --calib"),
+    "mmproj_type": ("--mmproj-type", "GPTQ/AWQ keep the vision tower inside the checkpoint"),
+    "name": ("--name", "GPTQ/AWQ write a Hugging Face folder named by --out"),
+    "imatrix_image_weight": ("--imatrix-image-weight", "GPTQ/AWQ have no imatrix"),
+    "threads": ("--threads", "GPTQ/AWQ calibration runs in torch"),
+}
+HF_ONLY = {
+    "bits": ("--bits", "GGUF picks its bits with --quant (e.g. Q4_K_M)"),
+    "group_size": ("--group-size", "each GGUF type fixes its own block size"),
+    "sym": ("--sym/--asym", "each GGUF type fixes its own scheme"),
+    "calib": ("--calib", "GGUF calibrates with --imatrix clinical|FILE"),
+    "quantize_vision": ("--quantize-vision", "GGUF's vision tower is the mmproj: see --mmproj-type"),
+    "drop_ecg": ("--drop-ecg", "GGUF builds always leave the ECG encoder out"),
+}
+GGUF_DEFAULTS = {"quant": "Q4_K_M", "imatrix": "clinical", "mmproj_type": "f16", "samples": 64,
+                 "imatrix_image_weight": 0.0, "threads": 0}  # fmt: skip
+HF_DEFAULTS = {"bits": 4, "group_size": 128, "calib": "clinical", "samples": 128, "quantize_vision": False,
+               "drop_ecg": False}  # fmt: skip
+
+
+def check_format_options(args) -> None:
+    """Refuse options of the other format family, then fill in this family's defaults."""
     from ..errors import QoqoptError
 
+    gguf = args.format == "gguf"
+    if args.order and gguf:
+        raise QoqoptError("the column order (--order) is a GPTQ option; GGUF has none")
+    family, foreign = ("GPTQ/AWQ", HF_ONLY) if gguf else ("GGUF", GGUF_ONLY)
+    for dest, (flag, hint) in foreign.items():
+        if getattr(args, dest) is not None:
+            raise QoqoptError(f"{flag} is a {family} option, not for --format {args.format}; {hint}")
+    for dest, value in (GGUF_DEFAULTS if gguf else HF_DEFAULTS).items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+
+
+def run(args) -> int:
+    check_format_options(args)
     if args.format in ("gptq", "awq"):
         from ..exports.hf_quant import export_hf_quant
 
@@ -109,10 +150,6 @@ def run(args) -> int:
             seed=args.seed, revision=args.revision, drop_ecg=args.drop_ecg,
         )  # fmt: skip
         return 0
-    if args.order:
-        raise QoqoptError("the column order (--order) is a GPTQ option; GGUF has none")
-    if args.drop_ecg:  # nothing to drop: llama.cpp has no ECG encoder, so GGUF builds never carry one
-        raise QoqoptError("--drop-ecg is for --format gptq/awq; GGUF builds always leave the ECG encoder out")
     from ..exports.gguf_export import GGUFOptions, export_gguf
 
     options = GGUFOptions(
@@ -120,8 +157,9 @@ def run(args) -> int:
         imatrix=args.imatrix,
         mmproj_type=args.mmproj_type,
         name=args.name,
-        calib_items=args.calib_items,
+        calib_items=args.samples,
         imatrix_image_weight=args.imatrix_image_weight,
+        seed=args.seed,
         threads=args.threads,
     )
     export_gguf(args.model, args.out, options, revision=args.revision, force=args.force)
