@@ -309,10 +309,16 @@ def test_drop_ecg_gives_the_plain_models_build(awq_export, ecg_dir, tmp_path):
     assert type(config).__name__ == "Qwen2_5_VLConfig" and hasattr(transformers, config.architectures[0])
 
 
+# One linear of each shape in a decoder layer: q/o, k/v, gate/up and down differ in N and K.
+KERNEL_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj")
+
+
 def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, tiny_dir, monkeypatch):
     """qoqopt's own W4A16 QuantLinear, built from the packed tensors, against the dequantized fp32 model
-    whose weights are checked against the published layout (the spec unpacker above); the Triton
-    kernel itself runs too (interpreted on CPU) on a short text prompt."""
+    whose weights are checked against the published layout (the spec unpacker above). The Triton
+    kernel itself runs too (interpreted on CPU) on each linear shape of layer 0, fed the activations
+    it sees in a short text prompt, against the same module's torch path that gave the logits above.
+    (A whole interpreted forward took ~55 s per format under pytest: 14 launches for 4 shapes.)"""
     from qoqopt.calibration import calibration_items, encode_chat
     from qoqopt.exports.hf_quant import load_fake_quantized, load_with_quant_linear
     from qoqopt.kernels.w4a16 import QuantLinear
@@ -334,10 +340,23 @@ def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, t
             torch.testing.assert_close(fake_linears[name].weight, w, rtol=0, atol=0)
         if importlib.util.find_spec("triton") is not None:
             ids = torch.tensor([[9707, 11, 1879, 0, 151645, 198, 151644, 77091]])
-            with monkeypatch.context() as m, torch.inference_mode():
-                m.setenv("TRITON_INTERPRET", "1")
-                kernel = real(input_ids=ids).logits
-            torch.testing.assert_close(kernel, fake(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+            layer = real.model.language_model.layers[0]
+            seen = {}
+            hooks = [layer.get_submodule(n).register_forward_hook(lambda mod, args, out, n=n: seen.update({n: (args[0], out)}))
+                     for n in KERNEL_LINEARS]  # fmt: skip
+            with torch.inference_mode():
+                real(input_ids=ids)
+            for h in hooks:
+                h.remove()
+            for name, (x, torch_out) in seen.items():
+                linear = layer.get_submodule(name)
+                assert not linear._launchers  # the torch path plans no kernel launch ...
+                with monkeypatch.context() as m, torch.inference_mode():
+                    m.setenv("TRITON_INTERPRET", "1")
+                    kernel = linear(x)
+                assert linear._launchers  # ... the kernel path keeps the one it made
+                torch.testing.assert_close(kernel, torch_out, rtol=1e-4, atol=1e-5 * torch_out.abs().max().item())
+            assert len(seen) == len(KERNEL_LINEARS)
 
 
 def test_deterministic(gptq_export, ecg_dir, tmp_path):
