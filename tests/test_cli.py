@@ -25,27 +25,47 @@ def test_subcommand_help_has_examples(name):
     assert "examples:" in text and f"qoqopt {name} " in text, text[-400:]
 
 
-def _export_args(*flags):
-    from qoqopt.commands.export import check_format_options
+def _export_call(monkeypatch, *flags) -> dict:
+    """What `qoqopt export` hands its exporter, defaults applied: GGUFOptions' fields for GGUF,
+    export_hf_quant's bound arguments for GPTQ/AWQ (the exporters own the defaults)."""
+    import dataclasses
+    import functools
+    import inspect
 
+    from qoqopt.exports import gguf_export, hf_quant
+
+    seen = {}
+    monkeypatch.setattr(gguf_export, "export_gguf", lambda src, out, options, **kw: seen.update(dataclasses.asdict(options)))
+    real = inspect.signature(hf_quant.export_hf_quant)  # follows __wrapped__ past an earlier call's stand-in
+
+    @functools.wraps(hf_quant.export_hf_quant)
+    def fake_hf(*a, **kw):
+        bound = real.bind(*a, **kw)
+        bound.apply_defaults()
+        seen.update(bound.arguments)
+
+    monkeypatch.setattr(hf_quant, "export_hf_quant", fake_hf)
     args = build_parser().parse_args(["export", "m", "--out", "o", *flags])
-    check_format_options(args)
-    return args
+    assert args.func(args) == 0
+    return seen
 
 
 @pytest.mark.parametrize("fmt,samples", [("gguf", 64), ("gptq", 128), ("awq", 128)])
-def test_export_calibration_count_defaults_per_format(fmt, samples):
-    args = _export_args("--format", fmt)
-    assert args.samples == samples
-    assert _export_args("--format", fmt, "--calib-items", "9").samples == 9  # the GGUF flag of earlier releases
-    assert _export_args("--format", fmt, "--samples", "9").samples == 9
+def test_export_calibration_count_defaults_per_format(fmt, samples, monkeypatch):
+    key = "calib_items" if fmt == "gguf" else "samples"
+    assert _export_call(monkeypatch, "--format", fmt)[key] == samples
+    assert _export_call(monkeypatch, "--format", fmt, "--calib-items", "9")[key] == 9  # the GGUF flag of earlier releases
+    assert _export_call(monkeypatch, "--format", fmt, "--samples", "9")[key] == 9
+    assert _export_call(monkeypatch, "--format", fmt, "--seed", "3")["seed"] == 3
 
 
-def test_export_fills_only_its_own_family():
-    gguf = _export_args("--format", "gguf")
-    assert (gguf.quant, gguf.imatrix, gguf.mmproj_type, gguf.bits, gguf.calib) == ("Q4_K_M", "clinical", "f16", None, None)
-    gptq = _export_args("--format", "gptq")
-    assert (gptq.bits, gptq.group_size, gptq.calib, gptq.quant, gptq.imatrix) == (4, 128, "clinical", None, None)
+def test_export_fills_only_its_own_family(monkeypatch):
+    gguf = _export_call(monkeypatch, "--format", "gguf")
+    assert (gguf["quants"], gguf["imatrix"], gguf["mmproj_type"]) == (["Q4_K_M"], "clinical", "f16")
+    assert "bits" not in gguf and "calib" not in gguf
+    gptq = _export_call(monkeypatch, "--format", "gptq")
+    assert (gptq["bits"], gptq["group_size"], gptq["calib"]) == (4, 128, "clinical")
+    assert "quant" not in gptq and "imatrix" not in gptq  # export_hf_quant's signature bound them all
 
 
 @pytest.mark.parametrize("fmt,flags", [
@@ -56,7 +76,9 @@ def test_export_fills_only_its_own_family():
 def test_export_refuses_the_other_formats_options(fmt, flags):
     from qoqopt.errors import QoqoptError
 
+    from qoqopt.commands.export import refuse_foreign_options
+
     with pytest.raises(QoqoptError) as err:
-        _export_args("--format", fmt, *flags)
+        refuse_foreign_options(build_parser().parse_args(["export", "m", "--out", "o", "--format", fmt, *flags]))
     named, rest = str(err.value).split(" is a ", 1)
     assert flags[0] in named.split("/") and f" option, not for --format {fmt}; " in rest

@@ -117,14 +117,10 @@ HF_ONLY = {
     "quantize_vision": ("--quantize-vision", "GGUF's vision tower is the mmproj: see --mmproj-type"),
     "drop_ecg": ("--drop-ecg", "GGUF builds always leave the ECG encoder out"),
 }
-GGUF_DEFAULTS = {"quant": "Q4_K_M", "imatrix": "clinical", "mmproj_type": "f16", "samples": 64,
-                 "imatrix_image_weight": 0.0, "threads": 0}  # fmt: skip
-HF_DEFAULTS = {"bits": 4, "group_size": 128, "calib": "clinical", "samples": 128, "quantize_vision": False,
-               "drop_ecg": False}  # fmt: skip
 
 
-def check_format_options(args) -> None:
-    """Refuse options of the other format family, then fill in this family's defaults."""
+def refuse_foreign_options(args) -> None:
+    """Refuse options of the other format family (their defaults live in the exporters themselves)."""
     from ..errors import QoqoptError
 
     gguf = args.format == "gguf"
@@ -134,33 +130,27 @@ def check_format_options(args) -> None:
     for dest, (flag, hint) in foreign.items():
         if getattr(args, dest) is not None:
             raise QoqoptError(f"{flag} is a {family} option, not for --format {args.format}; {hint}")
-    for dest, value in (GGUF_DEFAULTS if gguf else HF_DEFAULTS).items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, value)
+
+
+def _given(args, dests) -> dict:
+    """The options the user set: the rest take the exporter's own defaults."""
+    return {d: getattr(args, d) for d in dests if getattr(args, d) is not None}
 
 
 def run(args) -> int:
-    check_format_options(args)
+    refuse_foreign_options(args)
     if args.format in ("gptq", "awq"):
         from ..exports.hf_quant import export_hf_quant
 
-        export_hf_quant(
-            args.model, args.out, args.format, args.bits, args.group_size, order=args.order, sym=args.sym,
-            calib=args.calib, samples=args.samples, quantize_vision=args.quantize_vision, force=args.force,
-            seed=args.seed, revision=args.revision, drop_ecg=args.drop_ecg,
-        )  # fmt: skip
+        export_hf_quant(args.model, args.out, args.format, order=args.order, force=args.force, seed=args.seed,
+                        revision=args.revision, **_given(args, [*HF_ONLY, "samples"]))  # fmt: skip
         return 0
     from ..exports.gguf_export import GGUFOptions, export_gguf
 
-    options = GGUFOptions(
-        quants=[q for q in args.quant.split(",") if q.strip()],
-        imatrix=args.imatrix,
-        mmproj_type=args.mmproj_type,
-        name=args.name,
-        calib_items=args.samples,
-        imatrix_image_weight=args.imatrix_image_weight,
-        seed=args.seed,
-        threads=args.threads,
-    )
-    export_gguf(args.model, args.out, options, revision=args.revision, force=args.force)
+    options = _given(args, GGUF_ONLY)
+    if "quant" in options:
+        options["quants"] = [q for q in options.pop("quant").split(",") if q.strip()]
+    if args.samples is not None:
+        options["calib_items"] = args.samples
+    export_gguf(args.model, args.out, GGUFOptions(**options, seed=args.seed), revision=args.revision, force=args.force)
     return 0
