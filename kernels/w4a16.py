@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qoqopt.errors import QoqoptError
-from qoqopt.packing import awq_to_gptq_v2, dequantize, permute_packed_rows, unpack_along_cols, unpack_along_rows
+from qoqopt.packing import awq_to_gptq_v2, permute_packed_rows
 
 from ._triton import cdiv, check_supported, device_function, dot_precision, kernel, num_sms, tl, use_triton
 
@@ -402,18 +402,40 @@ def splitk_workspace(device: torch.device, partial_numel: int, tiles: int) -> tu
     return held
 
 
-def dequantize_weight(qweight, qzeros, scales, *, bits=4, group_size, zero_offset) -> torch.Tensor:
-    """``[K, N]`` fp32 weight of a GPTQ-layout layer (the reference path's first step)."""
-    intweight = unpack_along_rows(qweight, bits)
-    zeros = unpack_along_cols(qzeros, bits) + zero_offset
-    g_idx = torch.arange(intweight.shape[0], device=qweight.device) // group_size
-    return dequantize(intweight, zeros[:, : scales.shape[1]], scales, g_idx)
+# Elements of int32 scratch per step of the reference dequantization: a few MB, which stay in cache
+# and in the heap between steps (a whole-layer temporary is a fresh mmap, page-faulted on every call).
+_DEQUANT_STEP = 1 << 20
+
+
+def dequantize_weight(qweight, qzeros, scales, *, bits=4, group_size, zero_offset, dtype=torch.float32) -> torch.Tensor:
+    """``[K, N]`` weight of a GPTQ-layout layer, computed in fp32 and rounded once to ``dtype``.
+
+    The same numbers as :func:`qoqopt.packing.dequantize` over the unpacked integers, bit for bit
+    (``q - zero`` is exact in int32, then one fp32 product with the scale), but a few whole groups of
+    rows at a time into one output buffer: this runs over the whole layer on every call wherever
+    Triton is not used (CPU runs, ``qoqopt bench`` on CPU).
+    """
+    per_word, mask, n = 32 // bits, 2**bits - 1, scales.shape[1]
+    # int32 >> is arithmetic: the top field of a negative word drags sign bits, which the mask drops
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device).view(1, per_word, 1)
+    zeros = (qzeros.unsqueeze(2) >> shifts.view(-1)).bitwise_and_(mask).view(qzeros.shape[0], -1)[:, :n]
+    zeros = (zeros + zero_offset).unsqueeze(1)  # [G, 1, N]
+    scales = scales.float().unsqueeze(1)
+    out = torch.empty(qweight.shape[0] * per_word, n, dtype=dtype, device=qweight.device)
+    groups = max(1, _DEQUANT_STEP // (group_size * n))
+    for g in range(0, scales.shape[0], groups):
+        words = qweight[g * group_size // per_word : (g + groups) * group_size // per_word]
+        q = (words.unsqueeze(1) >> shifts).bitwise_and_(mask).view(-1, group_size, n)
+        q.sub_(zeros[g : g + groups])
+        # int32 * fp32 is computed in fp32 (exact conversion, one rounding), then cast to out's dtype
+        torch.mul(q, scales[g : g + groups], out=out[g * group_size : g * group_size + q.numel() // n].view(q.shape))
+    return out
 
 
 def w4a16_reference(x, qweight, qzeros, scales, bias=None, *, bits=4, group_size, zero_offset) -> torch.Tensor:
     """Torch reference: dequantize in fp32, round to x's dtype, ``F.linear``."""
-    w = dequantize_weight(qweight, qzeros, scales, bits=bits, group_size=group_size, zero_offset=zero_offset)
-    return F.linear(x, w.t().to(x.dtype), None if bias is None else bias.to(x.dtype))
+    w = dequantize_weight(qweight, qzeros, scales, bits=bits, group_size=group_size, zero_offset=zero_offset, dtype=x.dtype)
+    return F.linear(x, w.t(), None if bias is None else bias.to(x.dtype))
 
 
 class QuantLinear(nn.Module):

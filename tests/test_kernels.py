@@ -373,3 +373,32 @@ def test_quant_linear_planned_launches_follow_its_tensors(dtype):
         assert_close(linear(xs[0]), 2 * outs[0].float(), dtype, scale=8)
         linear(torch.randn(40, 256, device=DEVICE, dtype=dtype))  # prefill sizes are not kept
         assert len(linear._launchers) == 2
+
+
+@pytest.mark.parametrize("groups_per_step", [1, 3])  # one group at a time; steps of 3 with a shorter last
+@pytest.mark.parametrize("case", list(W4A16_CASES))
+def test_reference_path_is_the_spec_bit_for_bit(case, groups_per_step, monkeypatch):
+    """QuantLinear's torch path (every call that does not run Triton: CPU, autograd) unpacks with
+    int32 shifts a few groups at a time. Its weight must be exactly the spec's dequantization of
+    the original integers (rounded once to the activation dtype), and its output exactly
+    ``F.linear`` over that weight."""
+    import qoqopt.kernels.w4a16 as w4a16
+    from qoqopt.kernels.w4a16 import QuantLinear, dequantize_weight, w4a16_reference
+
+    layout, k, n, bits, group_size, act_order = W4A16_CASES[case]
+    monkeypatch.setattr(w4a16, "_DEQUANT_STEP", groups_per_step * group_size * n)
+    intweight, zeros, scales, g_idx = _gptq_case(k, n, bits, group_size, act_order)
+    if layout == "awq":
+        linear = QuantLinear.from_awq(*pack_awq(intweight, zeros), scales)
+    else:
+        linear = QuantLinear.from_gptq(*pack_gptq(intweight, zeros, bits), scales, g_idx, bits=bits)
+    spec = dequantize(intweight, zeros, scales, g_idx).contiguous()  # F.linear's rounding follows the layout
+    if linear.perm is not None:  # the layer holds K permuted: its row r is the checkpoint's row perm[r]
+        spec = spec[linear.perm]
+    bias = torch.randn(n)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        w = dequantize_weight(linear.qweight, linear.qzeros, linear.scales, dtype=dtype, **linear._kwargs())
+        assert w.dtype == dtype and torch.equal(w, spec.to(dtype)), dtype
+        x = torch.randn(5, k, dtype=dtype)
+        y = w4a16_reference(x, linear.qweight, linear.qzeros, linear.scales, bias, **linear._kwargs())
+        assert torch.equal(y, F.linear(x, spec.to(dtype).t(), bias.to(dtype))), dtype
