@@ -75,11 +75,12 @@ class LlamaVL:
             params.image_min_tokens = image_min_tokens
             params.image_max_tokens = image_max_tokens
             global _QUIET
-            _QUIET = _QUIET or _quiet_callback()
+            _QUIET = _QUIET or _log_callback()
             mtmd_cpp.mtmd_helper_log_set(_QUIET, None)  # also sets mtmd_log_set
+            _ERRORS.clear()  # errors logged before this load are not its own
             self.mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.llm.model, params)
             if not self.mctx:
-                raise QoqoptError(f"llama.cpp could not load the mmproj {mmproj_path}")
+                raise _ERRORS.error(f"llama.cpp could not load the mmproj {mmproj_path}")
             if not mtmd_cpp.mtmd_support_vision(self.mctx):
                 raise QoqoptError(f"{mmproj_path} loaded but has no vision encoder")
 
@@ -120,7 +121,7 @@ class LlamaVL:
         buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
         bitmap = self._mtmd.mtmd_bitmap_init(w, h, buf)
         if not bitmap:
-            raise QoqoptError("llama.cpp could not take the image")
+            raise _ERRORS.error("llama.cpp could not take the image")
         return bitmap
 
     def _chunks(self, prompt: str, images: list):
@@ -136,7 +137,7 @@ class LlamaVL:
             m.mtmd_bitmap_free(b)
         if rc != 0:
             m.mtmd_input_chunks_free(chunks)
-            raise QoqoptError(f"mtmd_tokenize failed ({rc})")
+            raise _ERRORS.error(f"mtmd_tokenize failed ({rc})")
         return chunks
 
     def image_embeddings(self, image) -> np.ndarray:
@@ -165,7 +166,7 @@ class LlamaVL:
             return self.embd_cache[key]
         n = m.mtmd_input_chunk_get_n_tokens(chunk)
         if m.mtmd_encode_chunk(self.mctx, chunk) != 0:
-            raise QoqoptError("mtmd_encode_chunk failed")
+            raise _ERRORS.error("mtmd_encode_chunk failed")
         n_embd = self._llama_cpp.llama_model_n_embd(self.llm.model)
         embd = np.ctypeslib.as_array(m.mtmd_get_output_embd(self.mctx), shape=(n * n_embd,)).copy()
         if key is not None and self.embd_cache is not None:
@@ -208,7 +209,7 @@ class LlamaVL:
                     n_past, 0, self.llm.n_batch, ctypes.byref(new_n_past), m.mtmd_helper_post_decode_callback(), None,
                 )  # fmt: skip
                 if rc != 0:
-                    raise QoqoptError(f"llama.cpp could not decode the image ({rc})")
+                    raise _ERRORS.error(f"llama.cpp could not decode the image ({rc})")
                 n_past = int(new_n_past.value)
             return n_past
         finally:
@@ -226,7 +227,7 @@ class LlamaVL:
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = all_logits or i == len(ids) - 1
             if lc.llama_decode(self.llm.ctx, batch) != 0:
-                raise QoqoptError("llama_decode failed")
+                raise _ERRORS.error("llama_decode failed")
             rows = range(len(ids)) if all_logits else [len(ids) - 1]
             out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
             for j, i in enumerate(rows):
@@ -291,17 +292,51 @@ def gpu_offload_available() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def _quiet_callback():
-    import sys
+# ggml_log_level, as the compiled-in ggml.h numbers it (llama-cpp-python's _logger.py comment still
+# lists an older numbering, in which 3 was ERROR): 3 is WARN, 4 ERROR; 5 continues the last message.
+GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5
 
+
+class _ErrorLog:
+    """Where mtmd/clip and llama.cpp log once an mmproj is loaded: errors, with their continuations,
+    are kept for the next QoqoptError (one line, saying what llama.cpp said); the rest is dropped.
+
+    The rest is noise here: tensor listings, and a warning that Qwen-VL grounding wants at least 1024
+    image tokens, while QoQ-Med is run at its training range (84-668 tokens) on purpose.
+    """
+
+    KEEP = 8  # lines: the last error and its continuations
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self._keeping = False
+
+    def write(self, level: int, text: str) -> None:
+        if level != GGML_LOG_LEVEL_CONT:
+            self._keeping = level == GGML_LOG_LEVEL_ERROR
+        if self._keeping:  # one message may hold several lines ("...mismatch...\nhint: ...")
+            self.lines = [*self.lines, *(ln.strip() for ln in text.splitlines() if ln.strip())][-self.KEEP :]
+
+    def clear(self) -> None:
+        self.lines = []
+
+    def error(self, message: str) -> QoqoptError:
+        """``message``, plus what llama.cpp logged as errors since the last one; clears the log."""
+        said, self.lines = " ".join(self.lines), []
+        return QoqoptError(f"{message} (llama.cpp: {said})" if said else message)
+
+
+_ERRORS = _ErrorLog()
+
+
+def _log_callback():
     import llama_cpp
 
     @llama_cpp.llama_log_callback
-    def quiet(level, text, user_data):  # mtmd/clip logs: keep errors only
-        if level == 3:
-            sys.stderr.write(text.decode("utf-8", "replace"))
+    def to_error_log(level, text, user_data):
+        _ERRORS.write(level, text.decode("utf-8", "replace"))
 
-    return quiet
+    return to_error_log
 
 
 _QUIET = None

@@ -446,3 +446,56 @@ def test_mmproj_needs_the_vision_tower(tmp_path, tiny_dir):
     save_file(state, str(ckpt / "model.safetensors"))
     with pytest.raises(QoqoptError, match=r"checkpoint lacks 54 tensor\(s\) GGUF needs: visual.patch_embed.proj.weight"):
         export_gguf(str(ckpt), tmp_path / "out", GGUFOptions(quants=["F16"], imatrix="none"), log=lambda s: None)
+
+
+def _narrowed_mmproj(src: Path, dst: Path, width: int) -> Path:
+    """A copy of an mmproj whose projector ends at `width` outputs: the mmproj of another model size."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    for t in reader.tensors:
+        data = np.array(t.data)
+        writer.add_tensor(t.name, data[:width] if t.name.startswith("mm.2.") else data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_llama_cpp_reasons_reach_the_error_and_its_chatter_does_not(built, tmp_path, capfd):
+    """A wrong mmproj fails with llama.cpp's own reason in the one-line QoqoptError; a right one loads
+    with nothing on stderr (no tensor listings, no Qwen-VL 1024-image-token grounding warning)."""
+    text = built.file("text", "F16")
+    with LlamaVL(text, built.file("mmproj"), image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:
+        assert vl.image_embeddings(_ct_eval_item().image.convert("RGB")).shape[1] == 256
+    assert capfd.readouterr().err == ""
+    narrow = _narrowed_mmproj(built.file("mmproj"), tmp_path / "mmproj-narrow.gguf", 128)
+    wrong = {narrow: "mismatch between text model (n_embd = 256) and mmproj (n_embd = 128) hint: you may be using wrong mmproj",
+             text: f"Failed to load CLIP model from {text}"}  # fmt: skip
+    for mmproj, reason in wrong.items():
+        with pytest.raises(QoqoptError) as failed:
+            LlamaVL(text, mmproj)
+        assert str(failed.value).startswith(f"llama.cpp could not load the mmproj {mmproj} (llama.cpp: ")
+        assert reason in str(failed.value) and "\n" not in str(failed.value)
+    assert capfd.readouterr().err == ""
+
+
+def test_log_levels_are_the_compiled_ggml_headers():
+    """The log filter's level numbers, read from the ggml.h llama-cpp-python was built with (its own
+    _logger.py comment lists an older numbering, in which 3 was ERROR)."""
+    import re
+
+    import llama_cpp
+
+    from qoqopt.exports.gguf_runtime import GGML_LOG_LEVEL_CONT, GGML_LOG_LEVEL_ERROR
+
+    header = Path(llama_cpp.__file__).parents[1] / "include" / "ggml.h"
+    levels = {name: int(v) for name, v in re.findall(r"GGML_LOG_LEVEL_(\w+)\s*=\s*(\d+)", header.read_text())}
+    assert (levels["ERROR"], levels["CONT"]) == (GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT)
+    assert levels["WARN"] < levels["ERROR"]
