@@ -33,6 +33,7 @@ examples:
   qoqopt export out/mini --format gguf --quant Q4_K_M,Q8_0 --out out/gguf   # GGUF + mmproj + imatrix
   qoqopt export out/mini --format gptq --bits 4 --out out/gptq             # GPTQ for vLLM / transformers
   qoqopt ask out/gguf --item ct-abd-pancreas.region_ct.eval-0               # answer in llama.cpp
+  qoqopt ask out/gptq --item ct-abd-pancreas.region_ct.eval-0               # ... in transformers
   qoqopt bench out/mini --variants bf16,gguf:Q4_K_M,gptq:4 --from out/gguf --from out/gptq --out results/
   qoqopt report results/*.json --out report/                                # Markdown + plots, merged
   qoqopt publish out/gguf --repo me/QoQ-Med-GGUF --dry-run                  # what would be uploaded

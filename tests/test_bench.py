@@ -291,6 +291,54 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     assert "has no manifest.json" in error_line(res)
 
 
+def _asked(res) -> str:
+    """The reply `qoqopt ask` printed (it may span lines: <think> ... </think>, then \\boxed{})."""
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.split("\nreply     ", 1)[1].split("\nanswer    ", 1)[0]
+
+
+def _greedy_reply(model, item) -> str:
+    import torch
+
+    from qoqopt.processor import load_processor
+
+    proc = load_processor(Path(model.name_or_path))
+    inputs = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=64, do_sample=False, repetition_penalty=1.0)
+    return proc.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_dir):
+    """`qoqopt ask` on a checkpoint replies as transformers' own greedy generate does; on a GPTQ build,
+    as transformers does over the build's dequantized weights (checked against the format spec in
+    test_quant_formats). GGUF-only and GPU-only options are refused in one line."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.data import find_item
+    from qoqopt.exports.hf_quant import load_fake_quantized
+
+    item_id = "ct-abd-pancreas.region_ct.eval-0"
+    item = find_item(item_id)
+    (gptq_dir,) = (Path(run_1t[1]).parent / "builds").glob("gptq-*")
+    res = run_cli("ask", str(trained_dir), "--item", item_id)
+    assert "(transformers float32, cpu)" in res.stdout
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
+    assert _asked(res) == _greedy_reply(model, item)
+    res = run_cli("ask", str(gptq_dir), "--item", item_id)
+    assert "(transformers + qoqopt W4A16 (torch reference), cpu)" in res.stdout
+    fake = load_fake_quantized(gptq_dir)
+    fake.name_or_path = str(gptq_dir)
+    assert _asked(res) == _greedy_reply(fake, item)
+    res = run_cli("ask", str(gptq_dir), "--quant", "Q8_0", "--item", item_id)
+    assert "--quant picks a text GGUF" in error_line(res)
+    if not torch.cuda.is_available():
+        res = run_cli("ask", str(trained_dir), "--device", "cuda", "--item", item_id)
+        assert "no CUDA GPU is visible" in error_line(res)
+
+
 def test_user_jsonl_eval_set(tiny_dir, tmp_path):
     """--eval FILE.jsonl: the user's own DICOMs and questions, domains taken from the file."""
     from pydicom.data import get_testdata_file

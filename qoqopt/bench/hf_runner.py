@@ -36,6 +36,11 @@ class HFRunner:
         inputs = self._prompts.pop(item.id, None)  # the image was already processed for this chat's drift
         return self._generate(inputs if inputs is not None else self._inputs(item.messages()), max_new_tokens)
 
+    def reply(self, image, question: str, max_new_tokens: int) -> str:
+        """Greedy reply to one image question, through the processor's chat template."""
+        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+        return self._generate(self._inputs(messages), max_new_tokens)
+
     def _inputs(self, messages):
         return self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
@@ -106,6 +111,19 @@ def load_hf(model_path: Path, variant: Variant, files: dict, device: str, refere
     if variant.format == "bnb":
         return _load_bnb(model_path, variant.option, processor, device)
     raise QoqoptError(f"{variant.name} does not run in transformers")
+
+
+def load_folder(folder: Path, quantized: bool, device: str) -> HFRunner:
+    """A qoqopt GPTQ/AWQ export directory (``quantized``, through qoqopt's W4A16 layers) or a plain
+    checkpoint (fp32 compute up to ~3 B parameters, bf16 beyond), as `qoqopt ask` runs them."""
+    from ..calibration import load_hf_model
+    from ..processor import load_processor
+
+    processor = load_processor(folder)
+    if quantized:
+        return _load_w4a16(folder, processor, device)
+    model = load_hf_model(folder, "auto", device)
+    return HFRunner(model, processor, f"transformers {str(model.dtype)[6:]}", device)
 
 
 def _load_w4a16(folder: Path, processor, device: str) -> HFRunner:

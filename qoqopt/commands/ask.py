@@ -1,4 +1,5 @@
-"""`qoqopt ask BUILD`: answer a clinical question with an exported GGUF build, in llama.cpp itself."""
+"""`qoqopt ask BUILD`: answer a clinical image question with a build in its own runtime: a GGUF
+build in llama.cpp, a GPTQ/AWQ build or the original checkpoint in transformers."""
 
 from __future__ import annotations
 
@@ -10,9 +11,16 @@ examples:
   qoqopt ask out/mini-gguf --item ct-abd-pancreas.region_ct.eval-0        # a built-in item
   qoqopt ask out/mini-gguf --image scan.dcm --question "Which body region is shown? ..."
   qoqopt ask out/mini-gguf --quant Q8_0 --item ecg-12lead.rhythm.eval-0
+  qoqopt ask out/mini-gptq --item ct-abd-pancreas.region_ct.eval-0        # GPTQ/AWQ in transformers
+  qoqopt ask out/mini --item ct-abd-pancreas.region_ct.eval-0             # the original, to compare
 
-Runs the build's text GGUF and its mmproj through llama.cpp's multimodal path (llama-cpp-python's
-mtmd): llama.cpp resizes and normalises the image, so this is what LM Studio and Ollama users get.
+What runs depends on BUILD (a directory, or a Hub id, which is downloaded whole):
+  GGUF export    its text GGUF and mmproj through llama.cpp's multimodal path (llama-cpp-python's
+                 mtmd): llama.cpp resizes and normalises the image, so this is what LM Studio and
+                 Ollama users get; at QoQ-Med's training image range (84-668 image tokens)
+  GPTQ/AWQ export  transformers with qoqopt's W4A16 layers (Triton kernels on CUDA, their torch
+                 reference on a CPU)
+  checkpoint     transformers (fp32 compute up to ~3 B parameters, bf16 beyond)
 Prints the model's reply and, for built-in items, the reference answer. A DICOM is converted with
 its own window (see `qoqopt data --help`). Decoding is greedy.
 """
@@ -21,19 +29,40 @@ its own window (see `qoqopt data --help`). Decoding is greedy.
 def register(sub) -> None:
     p = sub.add_parser(
         "ask",
-        help="answer an image question with a GGUF build in llama.cpp (mmproj included)",
-        description="Run one clinical image+question through an exported GGUF build in llama.cpp.",
+        help="answer an image question with a build in its runtime (GGUF: llama.cpp; GPTQ/AWQ: transformers)",
+        description="Run one clinical image+question through a build (or the original) in its own runtime.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("build", type=Path, help="directory written by `qoqopt export --format gguf`")
+    p.add_argument("build", help="a directory written by `qoqopt export`, or a checkpoint (directory or Hub id)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--item", help="a built-in clinical item id (see `qoqopt data list`)")
     src.add_argument("--image", type=Path, help="an image (PNG/JPEG) or DICOM file")
     p.add_argument("--question", help="the question for --image (QoQ-Med's think/\\boxed{} instruction is added)")
-    p.add_argument("--quant", help="which text GGUF of the build (default: the first in its manifest)")
+    p.add_argument("--quant", help="GGUF builds: which text GGUF (default: the first in its manifest)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto (default): CUDA when torch sees a GPU (GGUF: when llama.cpp was built with "
+                        "GPU offload), else the CPU")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=64, help="reply length limit (default 64)")
     p.set_defaults(func=run)
+
+
+def build_kind(folder: Path) -> str:
+    """"gguf", "gptq" or "awq" for a qoqopt export directory (its manifest says), "checkpoint" for a
+    directory with a config.json and no manifest."""
+    from ..errors import QoqoptError
+    from ..manifest import gguf_entries, read_manifest
+
+    if (folder / "manifest.json").exists():
+        manifest = read_manifest(folder)
+        kind = manifest.get("format") or ("gguf" if gguf_entries(manifest, "text") else None)
+        if kind not in ("gguf", "gptq", "awq"):
+            raise QoqoptError(f"{folder / 'manifest.json'}: unknown build format {kind!r} (gguf, gptq or awq)")
+        return kind
+    if (folder / "config.json").exists():
+        return "checkpoint"
+    raise QoqoptError(f"{folder} has no manifest.json nor config.json; give a directory written by "
+                      "`qoqopt export`, or a checkpoint")  # fmt: skip
 
 
 def _pick_files(build: Path, quant: str | None) -> tuple[Path, Path]:
@@ -66,23 +95,29 @@ def _item(args):
     if args.image.suffix.lower() in (".dcm", ".dicom"):
         image = dicom_to_image(args.image)
     else:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        image = Image.open(args.image).convert("RGB")
+        try:
+            image = Image.open(args.image).convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise QoqoptError(f"{args.image}: not an image Pillow can read ({exc.__class__.__name__})") from exc
     return image, with_suffix(args.question), None
 
 
 def run(args) -> int:
-    from ..exports.gguf_meta import train_token_range
-    from ..exports.gguf_runtime import LlamaVL, chat_prompt
+    from ..errors import QoqoptError
+    from ..loader import resolve
 
-    text_path, mmproj_path = _pick_files(args.build, args.quant)
+    folder, _ = resolve(args.build)
+    kind = build_kind(folder)
+    if args.quant and kind != "gguf":
+        raise QoqoptError(f"--quant picks a text GGUF; {args.build} is a {kind} build, not GGUF")
+    if args.max_tokens < 1:
+        raise QoqoptError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     image, question, reference = _item(args)
-    prompt = chat_prompt(question)
-    lo, hi = train_token_range()  # what the build's README and Modelfile tell llama.cpp users to pass
-    with LlamaVL(text_path, mmproj_path, image_min_tokens=lo, image_max_tokens=hi) as vl:
-        reply = vl.generate(prompt, image, max_tokens=args.max_tokens)
-    print(f"model     {text_path.name} + {mmproj_path.name} (llama.cpp)")
+    ask = _ask_llama_cpp if kind == "gguf" else _ask_transformers
+    model, reply = ask(folder, kind, args, image, question)
+    print(f"model     {model}")
     print(f"question  {question}")
     print(f"reply     {reply.strip()}")
     if reference is not None:
@@ -90,3 +125,34 @@ def run(args) -> int:
 
         print(f"answer    {extract_boxed(reply)!s}   (reference: {reference})")
     return 0
+
+
+def _ask_llama_cpp(folder: Path, kind: str, args, image, question: str) -> tuple[str, str]:
+    from ..errors import QoqoptError
+    from ..exports.gguf_meta import train_token_range
+    from ..exports.gguf_runtime import LlamaVL, chat_prompt, gpu_offload_available
+
+    text_path, mmproj_path = _pick_files(folder, args.quant)
+    gpu = args.device != "cpu" and gpu_offload_available()
+    if args.device == "cuda" and not gpu:
+        raise QoqoptError("--device cuda: this llama-cpp-python was built without GPU offload")
+    lo, hi = train_token_range()  # what the build's README and Modelfile tell llama.cpp users to pass
+    with LlamaVL(text_path, mmproj_path, image_min_tokens=lo, image_max_tokens=hi, gpu=gpu) as vl:
+        reply = vl.generate(chat_prompt(question), image, max_tokens=args.max_tokens)
+    return f"{text_path.name} + {mmproj_path.name} (llama.cpp{', GPU' if gpu else ''})", reply
+
+
+def _ask_transformers(folder: Path, kind: str, args, image, question: str) -> tuple[str, str]:
+    import torch
+
+    from ..bench.hf_runner import load_folder
+    from ..errors import QoqoptError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise QoqoptError("--device cuda: no CUDA GPU is visible to torch here (use --device cpu)")
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    runner = load_folder(folder, kind != "checkpoint", device)
+    try:
+        return f"{args.build} ({runner.runtime}, {device})", runner.reply(image, question, args.max_tokens)
+    finally:
+        runner.close()
