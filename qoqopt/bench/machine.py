@@ -11,6 +11,11 @@ from pathlib import Path
 PACKAGES = ("torch", "triton", "transformers", "llama_cpp_python", "gguf", "bitsandbytes", "numpy")
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or taskset's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

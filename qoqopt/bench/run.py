@@ -17,7 +17,7 @@ from ..errors import QoqoptError
 from ..fileio import atomic_write_text, sha256_file
 from ..manifest import read_manifest
 from ..report import SCHEMA
-from .machine import machine_info, software_info
+from .machine import machine_info, software_info, usable_cores
 from .speed import SpeedSettings
 from .variants import Variant, build_commands, locate, run_build
 
@@ -52,7 +52,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     ckpt.require_weights()
     _check_device(opts.device)
     items = eval_items(opts.eval_source, opts.items, opts.seed, render=False)  # bad --eval fails here
-    threads = opts.threads or _default_threads()
+    threads = opts.threads or usable_cores()
     builds = opts.builds or opts.out / "builds"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     located = _locate_or_build(opts, builds, log)
@@ -216,12 +216,6 @@ def _check_device(device: str) -> None:
 
         if not torch.cuda.is_available():
             raise QoqoptError("--device cuda: no CUDA GPU is visible to torch here (use --device cpu)")
-
-
-def _default_threads() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _file_name(model: str, label: str) -> str:

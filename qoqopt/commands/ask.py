@@ -15,12 +15,12 @@ examples:
   qoqopt ask out/mini --item ct-abd-pancreas.region_ct.eval-0             # the original, to compare
 
 What runs depends on BUILD (a directory, or a Hub id, which is downloaded whole):
-  GGUF export    its text GGUF and mmproj through llama.cpp's multimodal path (llama-cpp-python's
-                 mtmd): llama.cpp resizes and normalises the image, so this is what LM Studio and
-                 Ollama users get; at QoQ-Med's training image range (84-668 image tokens)
+  GGUF export      its text GGUF and mmproj through llama.cpp's multimodal path (llama-cpp-python's
+                   mtmd): llama.cpp resizes and normalises the image, so this is what LM Studio and
+                   Ollama users get; at QoQ-Med's training image range (84-668 image tokens)
   GPTQ/AWQ export  transformers with qoqopt's W4A16 layers (Triton kernels on CUDA, their torch
-                 reference on a CPU)
-  checkpoint     transformers (fp32 compute up to ~3 B parameters, bf16 beyond)
+                   reference on a CPU)
+  checkpoint       transformers (fp32 compute up to ~3 B parameters, bf16 beyond)
 Prints the model's reply and, for built-in items, the reference answer. A DICOM is converted with
 its own window (see `qoqopt data --help`). Decoding is greedy.
 """
@@ -43,6 +43,7 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default): CUDA when torch sees a GPU (GGUF: when llama.cpp was built with "
                         "GPU offload), else the CPU")  # fmt: skip
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for llama.cpp and torch (default: all)")
     p.add_argument("--max-tokens", type=int, default=64, help="reply length limit (default 64)")
     p.set_defaults(func=run)
 
@@ -114,6 +115,8 @@ def run(args) -> int:
         raise QoqoptError(f"--quant picks a text GGUF; {args.build} is a {kind} build, not GGUF")
     if args.max_tokens < 1:
         raise QoqoptError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.threads < 0:
+        raise QoqoptError(f"--threads must be positive (0: all), got {args.threads}")
     image, question, reference = _item(args)
     ask = _ask_llama_cpp if kind == "gguf" else _ask_transformers
     model, reply = ask(folder, kind, args, image, question)
@@ -128,6 +131,7 @@ def run(args) -> int:
 
 
 def _ask_llama_cpp(folder: Path, kind: str, args, image, question: str) -> tuple[str, str]:
+    from ..bench.machine import usable_cores
     from ..errors import QoqoptError
     from ..exports.gguf_meta import train_token_range
     from ..exports.gguf_runtime import LlamaVL, chat_prompt, gpu_offload_available
@@ -137,7 +141,8 @@ def _ask_llama_cpp(folder: Path, kind: str, args, image, question: str) -> tuple
     if args.device == "cuda" and not gpu:
         raise QoqoptError("--device cuda: this llama-cpp-python was built without GPU offload")
     lo, hi = train_token_range()  # what the build's README and Modelfile tell llama.cpp users to pass
-    with LlamaVL(text_path, mmproj_path, image_min_tokens=lo, image_max_tokens=hi, gpu=gpu) as vl:
+    threads = args.threads or usable_cores()
+    with LlamaVL(text_path, mmproj_path, image_min_tokens=lo, image_max_tokens=hi, gpu=gpu, threads=threads) as vl:
         reply = vl.generate(chat_prompt(question), image, max_tokens=args.max_tokens)
     return f"{text_path.name} + {mmproj_path.name} (llama.cpp{', GPU' if gpu else ''})", reply
 
@@ -146,11 +151,13 @@ def _ask_transformers(folder: Path, kind: str, args, image, question: str) -> tu
     import torch
 
     from ..bench.hf_runner import load_folder
+    from ..bench.machine import usable_cores
     from ..errors import QoqoptError
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise QoqoptError("--device cuda: no CUDA GPU is visible to torch here (use --device cpu)")
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(args.threads or usable_cores())
     runner = load_folder(folder, kind != "checkpoint", device)
     try:
         return f"{args.build} ({runner.runtime}, {device})", runner.reply(image, question, args.max_tokens)
