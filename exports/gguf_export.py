@@ -209,7 +209,8 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
         raise QoqoptError(f"--samples must be at least 1, got {options.calib_items}")
     quants = gguf_quant.parse_quants(",".join(options.quants))
     options.quants = quants
-    prepare_output_dir(out, force)  # fail before the (possibly long) work starts
+    inputs = [source] + ([options.imatrix] if options.imatrix not in ("clinical", "none") else [])
+    prepare_output_dir(out, force, inputs)  # fail before the (possibly long) work starts
     ctx = _Context(source, revision, options, log)
     for note in ctx.vocab.notes:
         log(f"note: {note}")
@@ -221,7 +222,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
     notes: list[str] = list(ctx.vocab.notes)
     imatrix_info = None
     try:
-        with atomic_dir(out, force=force) as tmp:
+        with atomic_dir(out, force=force, inputs=inputs) as tmp:
             reports: dict[str, gguf_write.WriteReport] = {}
             # 1. direct types
             for q in [q for q in quants if gguf_quant.is_direct(q)]:

@@ -318,7 +318,8 @@ def export_hf_quant_report(
     if samples < 1:
         raise QoqoptError(f"--samples must be at least 1, got {samples}")
     out = Path(out)
-    prepare_output_dir(out, force)  # fail before hours of work, not after
+    inputs = [source] + ([calib] if calib != "clinical" else [])
+    prepare_output_dir(out, force, inputs)  # fail before hours of work, not after
     ckpt = open_checkpoint(source, revision=revision)
     ckpt.require_weights()
     config = ckpt.hf_config()
@@ -357,7 +358,7 @@ def export_hf_quant_report(
     }  # fmt: skip
     log(f"captured layer-0 inputs: {captured.tokens} tokens ({captured.image_tokens} image) in {captured.seconds:.1f} s")
 
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=inputs) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
         for result in stream_quantize(ckpt, captured, opts, device=device, log=log, text_config=config.text_config):
             if on_layer:

@@ -58,9 +58,14 @@ def atomic_write_bytes(final: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def prepare_output_dir(out: Path, force: bool) -> None:
-    """Refuse to clobber an existing non-empty output unless --force was given."""
+def prepare_output_dir(out: Path, force: bool, inputs=()) -> None:
+    """Refuse to clobber an existing non-empty output unless --force was given, and always refuse an
+    output that is, or holds, one of the command's ``inputs`` (the source checkpoint, say): replacing
+    it would delete what the build is made from."""
     out = Path(out)
+    for source in map(Path, inputs):
+        if source.exists() and (source.resolve() == out.resolve() or out.resolve() in source.resolve().parents):
+            raise QoqoptError(f"output {out} would replace {source}, which this command reads; choose another --out")
     if out.exists() and not out.is_dir():
         raise QoqoptError(f"output {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
@@ -68,10 +73,10 @@ def prepare_output_dir(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
+def atomic_dir(final: Path, force: bool = False, inputs=()) -> Iterator[Path]:
     """Build a directory under a temporary name and swap it in as a whole on success."""
     final = Path(final)
-    prepare_output_dir(final, force)
+    prepare_output_dir(final, force, inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
