@@ -8,7 +8,7 @@ GGUF manifests written before qoqopt 0.1.1 used "file" for the name; both are re
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import QoqoptError
 
@@ -25,13 +25,26 @@ def read_manifest(folder: Path, what: str = "a directory written by `qoqopt expo
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise QoqoptError(f"{path} is not a qoqopt manifest (a JSON object with a \"files\" list)")
     if not manifest.get("files"):
         raise QoqoptError(f"{path} lists no files")
+    if not isinstance(manifest["files"], list) or not all(isinstance(f, dict) for f in manifest["files"]):
+        raise QoqoptError(f"{path}: \"files\" must be a list of objects")
+    for entry in manifest["files"]:
+        _check_inside(entry_path(entry), path)
     return manifest
 
 
 def entry_path(entry: dict) -> str:
-    return entry.get("path") or entry["file"]
+    return entry.get("path") or entry.get("file") or ""
+
+
+def _check_inside(rel: str, manifest_path: Path) -> None:
+    """A listed file must lie inside the build: `publish` uploads what the manifest names."""
+    path = PurePosixPath(rel) if isinstance(rel, str) and rel else None
+    if path is None or path.is_absolute() or ".." in path.parts or "\\" in rel:
+        raise QoqoptError(f"{manifest_path} lists {rel!r}: every file must be a relative path inside the build")
 
 
 def gguf_entries(manifest: dict, kind: str, quant: str | None = None) -> list[str]:

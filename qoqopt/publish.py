@@ -74,8 +74,10 @@ def verified_files(folder: Path, manifest: dict) -> list[PlannedFile]:
         size = target.stat().st_size
         if "bytes" in entry and entry["bytes"] != size:
             raise QoqoptError(f"{rel} is {size} bytes but the manifest records {entry['bytes']}: rebuild or re-export")
+        if not entry.get("sha256"):
+            raise QoqoptError(f"manifest.json records no sha256 for {rel}: re-export to publish it")
         digest = sha256_file(target)
-        if digest != entry.get("sha256"):
+        if digest != entry["sha256"]:
             raise QoqoptError(f"{rel} does not match its sha256 in manifest.json: the file changed after export")
         out.append(PlannedFile(rel, size, digest))
     return out

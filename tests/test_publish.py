@@ -120,6 +120,36 @@ def test_plan_refuses_missing_listed_file(export_dir):
         plan_upload(export_dir, "me/x")
 
 
+@pytest.mark.parametrize("listed", ["/etc/hostname", "../outside.txt", "sub/../../outside.txt", ""])
+def test_manifest_cannot_name_files_outside_the_build(export_dir, listed):
+    """A manifest is data from wherever the build came from: it must not make publish upload (and list
+    in the card) a file outside the build, even one whose sha256 it records correctly."""
+    outside = export_dir.parent / "outside.txt"
+    outside.write_text("not part of the build")
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    digest = hashlib.sha256((outside if listed else export_dir / "README.md").read_bytes()).hexdigest()
+    manifest["files"].append({"path": listed, "bytes": 21, "sha256": digest})
+    (export_dir / "manifest.json").write_text(json.dumps(manifest))
+    err = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
+    assert err.endswith(f"lists {listed!r}: every file must be a relative path inside the build")
+
+
+@pytest.mark.parametrize("body", ["[]", '{"files": {"a": 1}}', '{"files": ["a.gguf"]}'])
+def test_manifest_of_the_wrong_shape_is_one_line(export_dir, body):
+    (export_dir / "manifest.json").write_text(body)
+    for args in (("publish", str(export_dir), "--repo", "me/x", "--dry-run"),
+                 ("ask", str(export_dir), "--item", "ct-abd-pancreas.region_ct.eval-0")):  # fmt: skip
+        assert "manifest.json" in error_line(run_cli(*args))
+
+
+def test_entry_without_sha256_says_so(export_dir):
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    del manifest["files"][0]["sha256"]
+    (export_dir / "manifest.json").write_text(json.dumps(manifest))
+    err = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
+    assert err == "error: manifest.json records no sha256 for QoQ-Med-mini.Q8_0.gguf: re-export to publish it"
+
+
 def test_card_carries_only_this_builds_rows():
     from qoqopt.publish import tables_for_build
 
