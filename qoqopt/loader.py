@@ -46,7 +46,23 @@ def hf_config(config: dict):
     from transformers import Qwen2_5_VLConfig
 
     fields = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "quantization_config")}
-    return Qwen2_5_VLConfig(**fields)
+    try:  # config.json is user data: transformers' own field validation speaks for it
+        hf = Qwen2_5_VLConfig(**fields)
+    except Exception as exc:  # noqa: BLE001 (ValueError, TypeError, huggingface_hub's StrictDataclassError)
+        raise QoqoptError(f"config.json is not a valid Qwen2.5-VL config: {' '.join(str(exc).split())}") from exc
+    for part, cfg, names in (("text", hf.text_config, DIM_FIELDS["text"]), ("vision", hf.vision_config, DIM_FIELDS["vision"])):
+        for name in names:
+            value = getattr(cfg, name, None)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise QoqoptError(f"config.json: {part} {name} must be a positive integer, got {value!r}")
+    return hf
+
+
+# The sizes every shape is derived from: a zero or a string here would fail deep inside transformers.
+DIM_FIELDS = {
+    "text": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"),
+    "vision": ("hidden_size", "intermediate_size", "depth", "num_heads", "out_hidden_size", "patch_size", "spatial_merge_size"),
+}
 
 
 def meta_model(config: dict):
@@ -262,6 +278,8 @@ def _read_json(path: Path) -> dict:
 
 
 def validate_config(config: dict, where: str) -> None:
+    if not isinstance(config, dict):
+        raise QoqoptError(f"{where}: config.json is not a JSON object")
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
     known = QWEN25VL_ARCHS | QOQMED_ECG_ARCHS
@@ -293,6 +311,7 @@ def open_checkpoint(source: str, revision: str | None = None, weights: bool = Tr
         raise QoqoptError(f"{source} has no config.json; is it a transformers checkpoint?")
     config = _read_json(config_path)
     validate_config(config, source)
+    hf_config(config)  # every shape comes from it: refuse a broken one here, not deep in a child process
     weight_map, total = _weight_map(path)
     ckpt = Checkpoint(path, source, commit, config, weight_map, total)
     unknown = [n for n in ckpt.names if not n.startswith(("visual.", "model.", "lm_head.", ECG_PREFIX))]

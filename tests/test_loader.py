@@ -106,6 +106,37 @@ def test_info_rejects_non_qwen25vl(tmp_path):
     _one_line_error(run_cli("info", str(tmp_path)), "found model_type='llama', architectures=['LlamaForCausalLM']")
 
 
+def _text(config: dict, **fields) -> dict:
+    """The config with text fields set where this layout keeps them (nested in 5.x, flat in 4.x)."""
+    if "text_config" in config:
+        return {**config, "text_config": {**config["text_config"], **fields}}
+    return {**config, **fields}
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: [1, 2], "config.json is not a JSON object"),
+        (lambda c: _text(c, num_attention_heads=0), "config.json: text num_attention_heads must be a positive integer, got 0"),
+        (lambda c: {**c, "vision_config": {**c["vision_config"], "depth": -2}},
+         "config.json: vision depth must be a positive integer, got -2"),
+        (lambda c: _text(c, hidden_size="abc"),
+         "config.json is not a valid Qwen2.5-VL config: Validation error for field 'hidden_size'"),
+    ],
+)  # fmt: skip
+def test_a_broken_config_is_one_line(fixture_7b, tiny_dir, tmp_path, edit, message):
+    """A config.json that parses but cannot describe a model (every shape comes from it) is one line,
+    where it used to be an AttributeError, ZeroDivisionError or a transformers validation traceback:
+    `info` on the real 7B metadata (flat text fields) and `bench` on the mini model (nested)."""
+    for command, source in (("info", fixture_7b), ("bench", tiny_dir)):
+        d = tmp_path / command
+        shutil.copytree(source, d)
+        (d / "config.json").write_text(json.dumps(edit(json.loads((source / "config.json").read_text()))))
+        res = run_cli(command, str(d), *(("--variants", "bf16", "--out", str(tmp_path / "o")) if command == "bench" else ()))
+        assert message in error_line(res), command
+    assert not (tmp_path / "o").exists()
+
+
 def test_info_rejects_missing_path(tmp_path):
     _one_line_error(run_cli("info", str(tmp_path / "nope")), "no such directory")
 
