@@ -32,7 +32,7 @@ demo: setup
 	rm -rf $(OUT)/results  # one fresh run; copy result files from other machines in before `report`
 	$(VENV)/bin/qoqopt bench $(OUT)/mini --variants bf16,gguf:Q4_K_M,gguf:Q8_0,gptq:4 \
 		--from $(OUT)/mini-gguf --from $(OUT)/mini-gptq --out $(OUT)/results
-	$(VENV)/bin/qoqopt report $(OUT)/results/*.json --out $(OUT)/report
+	$(VENV)/bin/qoqopt report $(OUT)/results/*.json --out $(OUT)/report --force
 
 # Timing suites (not tests): pytest-benchmark groups, each op beside its peer in the same run.
 bench: setup

@@ -20,20 +20,42 @@ KLD = ".2e"  # drift spans 1e-6 (Q8_0) to 1e-1 (2-bit): fixed-point would print 
 
 
 def load_results(paths: list[Path]) -> list[dict]:
-    runs = []
-    for path in paths:
+    """Each result file once (the same file named twice is one run), checked as a bench result."""
+    runs, seen = [], set()
+    for path in map(Path, paths):
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        if path.is_dir():
+            raise QoqoptError(f"{path} is a directory; give the bench-*.json files in it")
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             raise QoqoptError(f"{path}: no such result file") from None
         except json.JSONDecodeError as exc:
             raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
-        if data.get("schema") != SCHEMA:
-            raise QoqoptError(f"{path} is not a qoqopt bench result (schema {data.get('schema')!r}, want {SCHEMA})")
+        _check_result(data, path)
         runs.append(data)
     if not runs:
         raise QoqoptError("no result files given")
     return runs
+
+
+def _check_result(data, path: Path) -> None:
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema != SCHEMA:
+        raise QoqoptError(f"{path} is not a qoqopt bench result (schema {schema!r}, want {SCHEMA})")
+    run, variants = data.get("run"), data.get("variants")
+    if not isinstance(run, dict) or not isinstance(run.get("machine"), dict):
+        raise QoqoptError(f"{path}: a {SCHEMA} result needs a \"run\" object with its \"machine\"")
+    if not isinstance(variants, list) or not all(isinstance(v, dict) and "name" in v for v in variants):
+        raise QoqoptError(f"{path}: a {SCHEMA} result needs a \"variants\" list of named objects")
+    for v in variants:  # what the drift table and plots read of each measured variant
+        if v.get("status") == "ok" and v.get("drift"):
+            try:
+                float(v["size_bytes"]), float(v["drift"]["all"]["mean_kld"])
+            except (KeyError, TypeError, ValueError):
+                raise QoqoptError(f"{path}: variant {v['name']!r} has drift but no size_bytes or drift.all.mean_kld") from None
 
 
 def machine_label(run: dict) -> str:
@@ -213,12 +235,13 @@ def _plot_speed(plt, runs):
     return fig
 
 
-def write_report(paths: list[Path], out_dir: Path) -> Path:
-    from .fileio import atomic_write_text
+def write_report(paths: list[Path], out_dir: Path, force: bool = False) -> Path:
+    """report.md and its plots, built in a temporary directory and swapped in whole: a failure
+    leaves no half-written report, and an existing one is replaced only with ``force``."""
+    from .fileio import atomic_dir
 
     runs = load_results(paths)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plots = write_plots(runs, out_dir)
-    report = out_dir / "report.md"
-    atomic_write_text(report, render_markdown(runs, plots))
-    return report
+    with atomic_dir(out_dir, force=force, inputs=paths) as tmp:
+        plots = write_plots(runs, tmp)
+        (tmp / "report.md").write_text(render_markdown(runs, plots))
+    return out_dir / "report.md"

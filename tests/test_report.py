@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qoqopt.report import SCHEMA, pareto
-from tests.conftest import run_cli
+from tests.conftest import error_line, run_cli
 
 
 def _variant(name, size, kld, decode, domains):
@@ -58,9 +58,40 @@ def test_report_merges_two_machines_with_plots(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-@pytest.mark.parametrize("content,msg", [("{", "not valid JSON"), ('{"schema": "x"}', "not a qoqopt bench result")])
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        ("{", "not valid JSON"),
+        ('{"schema": "x"}', "not a qoqopt bench result"),
+        ("[]", "not a qoqopt bench result (schema None"),
+        (json.dumps({"schema": SCHEMA}), 'needs a "run" object with its "machine"'),
+        (json.dumps({"schema": SCHEMA, "run": {"machine": {}}}), 'needs a "variants" list of named objects'),
+        (json.dumps({**_run("m", 1.0), "variants": [{"name": "gguf:Q8_0", "status": "ok", "drift": {"all": {}}}]}),
+         "variant 'gguf:Q8_0' has drift but no size_bytes or drift.all.mean_kld"),
+    ],
+)  # fmt: skip
 def test_bad_result_files(tmp_path, content, msg):
     f = tmp_path / "r.json"
     f.write_text(content)
     res = run_cli("report", str(f), "--out", str(tmp_path / "o"))
-    assert res.returncode == 2 and msg in res.stderr
+    assert msg in error_line(res)
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_output_is_whole_new_and_never_replaces_its_inputs(tmp_path):
+    """The report folder appears whole or not at all; an existing one is replaced only with --force;
+    an --out that holds the result files is refused even then; the same file twice is one run."""
+    a = tmp_path / "results" / "a.json"
+    a.parent.mkdir()
+    a.write_text(json.dumps(_run("cpu", 1.0)))
+    out = tmp_path / "rep"
+    assert run_cli("report", str(a), str(a), "--out", str(out)).returncode == 0
+    assert (out / "report.md").read_text().count("| cpu | gguf:Q4_K_M |") == 1
+    assert "already exists and is not empty (use --force" in error_line(run_cli("report", str(a), "--out", str(out)))
+    assert run_cli("report", str(a), "--out", str(out), "--force").returncode == 0
+    err = error_line(run_cli("report", str(a), "--out", str(a.parent), "--force"))
+    assert err.endswith("which this command reads; choose another --out") and a.exists()
+    assert "is a directory; give the bench-*.json files in it" in error_line(run_cli("report", str(a.parent), "--out", str(tmp_path / "o")))
+    (tmp_path / "file").write_text("x")
+    assert "exists and is not a directory" in error_line(run_cli("report", str(a), "--out", str(tmp_path / "file")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "rep", "results"]

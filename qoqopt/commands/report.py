@@ -27,12 +27,13 @@ def register(sub) -> None:
     )
     p.add_argument("results", nargs="+", type=Path, help="result JSON files written by `qoqopt bench`")
     p.add_argument("--out", type=Path, default=Path("results/report"), help="output folder (default results/report)")
+    p.add_argument("--force", action="store_true", help="replace an existing report folder")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..report import write_report
 
-    path = write_report(args.results, args.out)
+    path = write_report(args.results, args.out, force=args.force)
     print(f"wrote {path} and plots in {args.out}")
     return 0
