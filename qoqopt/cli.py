@@ -42,8 +42,16 @@ Each subcommand has its own --help with examples. Errors print one line and exit
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors in the house style: one `error:` line that names the command's --help,
+    exit status 2 (argparse prints the whole usage block first). Subcommand parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="qoqopt",
         description="Compressed, verified builds of the QoQ-Med clinical vision-language models.",
         epilog=EPILOG,

@@ -66,10 +66,34 @@ def prepare_output_dir(out: Path, force: bool, inputs=()) -> None:
     for source in map(Path, inputs):
         if source.exists() and (source.resolve() == out.resolve() or out.resolve() in source.resolve().parents):
             raise QoqoptError(f"output {out} would replace {source}, which this command reads; choose another --out")
-    if out.exists() and not out.is_dir():
-        raise QoqoptError(f"output {out} exists and is not a directory")
+    check_can_make_dir(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise QoqoptError(f"output {out} already exists and is not empty (use --force to replace it)")
+
+
+def check_can_make_dir(out: Path) -> None:
+    """``out`` is, or can become, a directory: neither it nor its nearest existing parent is a file.
+    Checked before any work, so such an --out fails in one line rather than after the work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QoqoptError(f"output {out} exists and is not a directory")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QoqoptError(f"cannot create {out}: {parent} is a file")
+
+
+def check_image_path(out: Path) -> None:
+    """An image file name Pillow can write, whose folder can be made."""
+    from PIL import Image
+
+    Image.init()
+    if Path(out).suffix.lower() not in Image.EXTENSION:
+        raise QoqoptError(f"{out}: give an image file name ending in .png (or .jpg, .webp, ...)")
+    if Path(out).is_dir():
+        raise QoqoptError(f"{out} is a directory; give an image file name")
+    check_can_make_dir(Path(out).parent)
 
 
 @contextlib.contextmanager

@@ -82,3 +82,67 @@ def test_export_refuses_the_other_formats_options(fmt, flags):
         refuse_foreign_options(build_parser().parse_args(["export", "m", "--out", "o", "--format", fmt, *flags]))
     named, rest = str(err.value).split(" is a ", 1)
     assert flags[0] in named.split("/") and f" option, not for --format {fmt}; " in rest
+
+
+def _one_line(argv: list[str], capsys) -> str:
+    """Run `qoqopt ARGV` in this process: it must refuse with exit status 2 and a single `error:` line."""
+    from qoqopt.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse's refusals exit from inside parse_args
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+ITEM = "ct-abd-pancreas.region_ct.eval-0"
+
+
+def test_bad_numbers_and_usage_are_one_line(capsys):
+    """argparse's own refusals (bad numbers, unknown command, missing or clashing options) come as one
+    `error:` line naming the command's --help, not argparse's usage block plus a line."""
+    cases = {
+        ("ask", "b", "--item", ITEM, "--threads", "-3"): "argument --threads: expected an integer >= 0 (0: all), got -3",
+        ("ask", "b", "--item", ITEM, "--max-tokens", "abc"): "argument --max-tokens: expected an integer >= 1, got 'abc'",
+        ("bench", "m", "--variants", "bf16", "--calib-items", "0"): "argument --calib-items: expected an integer >= 1, got 0",
+        ("export", "m", "--format", "gguf", "--imatrix-image-weight", "-1", "--out", "o"):
+            "argument --imatrix-image-weight: expected a number >= 0, got -1",
+        ("export", "m", "--format", "gguf", "--threads", "-2", "--out", "o"): "argument --threads: expected an integer >= 0",
+        ("data", "list", "--max-side", "0"): "argument --max-side: expected an integer >= 1, got 0",
+        ("frobnicate",): "argument COMMAND: invalid choice: 'frobnicate'",
+        ("ask", "b"): "one of the arguments --item --image is required",
+    }  # fmt: skip
+    for argv, message in cases.items():
+        err = _one_line(list(argv), capsys)
+        assert message in err and err.endswith("--help`)"), err
+
+
+def test_unusable_paths_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
+    """An output that cannot be made, an image name Pillow cannot write, an existing image, a build
+    whose listed file is missing or cut short, and --question beside --item: each one line."""
+    import json
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "seen.png").write_bytes(b"")
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "m.Q8_0.gguf").write_bytes(bytes(50))
+    files = [{"path": "m.Q8_0.gguf", "kind": "text", "quant": "Q8_0", "bytes": 100},
+             {"path": "mmproj-m-f16.gguf", "kind": "mmproj", "bytes": 10}]  # fmt: skip
+    (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
+    cases = {
+        ("mini", "--out", f"{afile}/sub"): f"cannot create {afile}/sub: {afile} is a file",
+        ("bench", str(tiny_dir), "--variants", "bf16", "--out", str(afile)): f"output {afile} exists and is not a directory",
+        ("data", "show", ITEM, "--out", str(tmp_path / "z.xyz")): "give an image file name ending in .png",
+        ("data", "show", ITEM, "--out", str(tmp_path / "seen.png")): "seen.png already exists (use --force to replace it)",
+        ("ask", str(build), "--item", ITEM, "--question", "Which?"): "--question goes with --image",
+        ("ask", str(build), "--item", ITEM): "m.Q8_0.gguf is 50 bytes but manifest.json records 100: an incomplete download",
+    }  # fmt: skip
+    for argv, message in cases.items():
+        assert message in _one_line(list(argv), capsys)
+    (build / "m.Q8_0.gguf").write_bytes(bytes(100))
+    assert "lists mmproj-m-f16.gguf, which is missing" in _one_line(["ask", str(build), "--item", ITEM], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "build", "seen.png"]

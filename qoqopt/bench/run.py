@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import QoqoptError
-from ..fileio import atomic_write_text, sha256_file
+from ..fileio import atomic_write_text, check_can_make_dir, sha256_file
 from ..manifest import read_manifest
 from ..report import SCHEMA
 from .machine import machine_info, software_info, usable_cores
@@ -47,6 +47,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     from ..loader import open_checkpoint, resolve
     from .eval_set import eval_items
 
+    check_can_make_dir(opts.out)
     model_path, revision = resolve(opts.model, opts.revision)
     ckpt = open_checkpoint(str(model_path))  # validates: Qwen2.5-VL, weights present
     ckpt.require_weights()

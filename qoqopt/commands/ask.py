@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .argtypes import count_or_all, positive_int
+
 EXAMPLES = """\
 examples:
   qoqopt ask out/mini-gguf --item ct-abd-pancreas.region_ct.eval-0        # a built-in item
@@ -43,8 +45,8 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default): CUDA when torch sees a GPU (GGUF: when llama.cpp was built with "
                         "GPU offload), else the CPU")  # fmt: skip
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for llama.cpp and torch (default: all)")
-    p.add_argument("--max-tokens", type=int, default=64, help="reply length limit (default 64)")
+    p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for llama.cpp and torch (default: all)")
+    p.add_argument("--max-tokens", type=positive_int, default=64, help="reply length limit (default 64)")
     p.set_defaults(func=run)
 
 
@@ -77,7 +79,24 @@ def _pick_files(build: Path, quant: str | None) -> tuple[Path, Path]:
         raise QoqoptError(f"{build} has no text GGUF{' of type ' + quant if quant else ''} (it has: {have})")
     if not mmproj:
         raise QoqoptError(f"{build} has no mmproj; re-export without --mmproj-type none to ask about images")
+    for rel in (texts[0], mmproj[0]):
+        _check_listed_file(build, rel, manifest)
     return build / texts[0], build / mmproj[0]
+
+
+def _check_listed_file(build: Path, rel: str, manifest: dict) -> None:
+    """Present and of the size the manifest records: llama.cpp's own refusal of a cut-off GGUF says
+    only that it failed to load."""
+    from ..errors import QoqoptError
+    from ..manifest import entry_path
+
+    path = build / rel
+    if not path.is_file():
+        raise QoqoptError(f"{build} lists {rel}, which is missing: copy or download the whole build")
+    recorded = next((f.get("bytes") for f in manifest["files"] if entry_path(f) == rel), None)
+    if recorded is not None and path.stat().st_size != recorded:
+        raise QoqoptError(f"{path} is {path.stat().st_size:,} bytes but manifest.json records {recorded:,}: "
+                          "an incomplete download or copy")  # fmt: skip
 
 
 def _item(args):
@@ -87,6 +106,8 @@ def _item(args):
     from ..errors import QoqoptError
 
     if args.item:
+        if args.question:
+            raise QoqoptError("--question goes with --image; a built-in --item asks its own question")
         item = find_item(args.item)
         return item.image, item.question, item.answer
     if not args.question:
@@ -113,10 +134,6 @@ def run(args) -> int:
     kind = build_kind(folder)
     if args.quant and kind != "gguf":
         raise QoqoptError(f"--quant picks a text GGUF; {args.build} is a {kind} build, not GGUF")
-    if args.max_tokens < 1:
-        raise QoqoptError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if args.threads < 0:
-        raise QoqoptError(f"--threads must be positive (0: all), got {args.threads}")
     image, question, reference = _item(args)
     ask = _ask_llama_cpp if kind == "gguf" else _ask_transformers
     model, reply = ask(folder, kind, args, image, question)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .argtypes import count_or_all, positive_int
+
 EXAMPLES = """\
 examples:
   qoqopt bench out/mini --variants bf16,gguf:Q4_K_M,gguf:Q8_0,gptq:4 --out results/
@@ -54,12 +56,12 @@ def register(sub) -> None:
                    help="eval chats: the built-in held-out clinical split, or your own JSONL set")  # fmt: skip
     p.add_argument("--items", type=int, default=20, help="eval chats, domain-balanced (default 20)")
     p.add_argument("--seed", type=int, default=0, help="eval sampling seed (default 0)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and llama.cpp (default: all)")
+    p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for torch and llama.cpp (default: all)")
     p.add_argument("--label", help="machine label in reports (default: GPU name, or CPU model and threads)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (default 3)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (default 32)")
     p.add_argument("--no-speed", action="store_true", help="drift and accuracy only")
-    p.add_argument("--calib-items", type=int, default=64, help="calibration chats for builds made on the fly (default 64)")
+    p.add_argument("--calib-items", type=positive_int, default=64, help="calibration chats for builds made on the fly (default 64)")
     p.add_argument("--reference-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype of the reference (default auto: float32 up to ~3 B parameters)")  # fmt: skip
     p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .argtypes import count_or_all, non_negative_float
+
 EXAMPLES = """\
 examples:
   qoqopt export out/mini --format gguf --quant F16 --imatrix none --out out/mini-gguf
@@ -70,11 +72,11 @@ def register(sub) -> None:
     g.add_argument("--mmproj-type", choices=["f32", "f16", "bf16", "q8_0", "none"], help="mmproj type (default: f16)")
     g.add_argument("--name", help="file name stem (default: the model's folder or repo name)")
     g.add_argument(
-        "--imatrix-image-weight", type=float, metavar="W",
+        "--imatrix-image-weight", type=non_negative_float, metavar="W",
         help="weight of image positions' own activations in the clinical imatrix, relative to the (image-conditioned) "
         "text positions; 1 counts every token alike (default: 0, measured best)",
     )  # fmt: skip
-    g.add_argument("--threads", type=int, help="quantizer threads (default: all cores)")
+    g.add_argument("--threads", type=count_or_all, help="quantizer threads (default: all cores)")
     q = p.add_argument_group("gptq / awq")
     q.add_argument("--bits", type=int, choices=[4, 8], help="weight bits (AWQ GEMM: 4 only; default 4)")
     q.add_argument("--group-size", type=int, help="32, 64, 128 or -1 (one group per row, GPTQ only; default 128)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qoqopt.commands.argtypes import positive_int
 from qoqopt.data.augment import DEFAULT_MAX_SIDE
 from qoqopt.data.domains import BUILTIN_DOMAINS
 from qoqopt.data.items import SPLITS, ClinicalItem, clinical_set, domain_counts, find_item
@@ -56,6 +57,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     show.add_argument("id", help="item id, as printed by `qoqopt data list`")
     show.add_argument("--out", required=True, type=Path, help="where to write the image (PNG)")
+    show.add_argument("--force", action="store_true", help="replace an existing image file")
     _common(show)
     show.set_defaults(func=cmd_show)
     return parser
@@ -64,7 +66,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=SPLITS, default="eval", help="built-in split (default eval)")
     p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
-    p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="longer image side in pixels")
+    p.add_argument("--max-side", type=positive_int, default=DEFAULT_MAX_SIDE, help="longer image side in pixels")
     p.add_argument("--jsonl", type=Path, help="use this user JSONL set instead of the built-in one")
 
 
@@ -86,10 +88,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from qoqopt.fileio import atomic_path, check_image_path
+
+    check_image_path(args.out)
     item = _find(args)
+    if args.out.exists() and not args.force:
+        raise QoqoptError(f"{args.out} already exists (use --force to replace it)")
     image = item.image
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
+    with atomic_path(args.out) as tmp:
+        image.save(tmp, format=Image.registered_extensions()[args.out.suffix.lower()])
     print(f"id:      {item.id}")
     print(f"domain:  {item.domain}")
     print(f"source:  {item.source}")
