@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from .errors import QoqoptError
@@ -70,12 +71,23 @@ def _version() -> str:
     return __version__
 
 
+class Terminated(BaseException):
+    """SIGTERM (timeout, a scheduler, `kill`) as an exception, so temporary outputs are removed on the
+    way out as they are for Ctrl-C; Python's default is to die where it stands. SIGKILL cannot be
+    caught: it leaves only `.*.tmp` debris, never a final name."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)
     except QoqoptError as exc:
@@ -84,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

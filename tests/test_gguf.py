@@ -376,11 +376,11 @@ def test_disk_full_is_one_line_and_leaves_nothing(tiny_dir, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sigkill_mid_export_leaves_no_final_name(tiny_dir, tmp_path):
+def _export_stopped_mid_write(tiny_dir, tmp_path, signum) -> subprocess.Popen:
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "qoqopt", "export", str(tiny_dir), "--format", "gguf", "--quant", "F32,F16,BF16", "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until the F32 file is being written in the temporary folder
@@ -391,11 +391,23 @@ def test_sigkill_mid_export_leaves_no_final_name(tiny_dir, tmp_path):
     else:
         proc.kill()
         pytest.fail("the export never started writing its temporary folder")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, signum)
+    proc.wait(timeout=120)
     assert not out.exists()
+    return proc
+
+
+def test_sigkill_mid_export_leaves_no_final_name(tiny_dir, tmp_path):
+    _export_stopped_mid_write(tiny_dir, tmp_path, signal.SIGKILL)
     assert all(p.name.startswith(".out.") and p.name.endswith(".tmp") for p in tmp_path.iterdir())
     assert any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # the kill really landed mid-export
+
+
+def test_sigterm_mid_export_cleans_up_and_says_so(tiny_dir, tmp_path):
+    """SIGTERM (what `timeout` and schedulers send) removes the temporary folder, as Ctrl-C does."""
+    proc = _export_stopped_mid_write(tiny_dir, tmp_path, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM and proc.stderr.read().splitlines()[-1] == "error: terminated"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_kquant_fallback_is_reported(tmp_path):
