@@ -112,6 +112,14 @@ class _Context:
             raise QoqoptError(f"embedding has {embed_rows} rows but config vocab_size is {self.text_hp.vocab_size}")
         self.vocab = gguf_vocab.read_vocab(self.ckpt.path, self.ckpt.config, embed_rows)
         self.name = options.name or default_name(source)
+        if options.name is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._+-]*", options.name):
+            raise QoqoptError(f"--name {options.name!r}: give a plain file-name stem (letters, digits, . _ + -)")
+        # a llama.cpp imatrix file is read and checked now, before the long work, not after it
+        self.given_imatrix = None
+        if options.imatrix not in ("clinical", "none") and not options.imatrix.endswith(".jsonl"):
+            self.given_imatrix = _check_imatrix(self, read_imatrix(Path(options.imatrix)))
+        elif options.imatrix.endswith(".jsonl") and not Path(options.imatrix).is_file():
+            raise QoqoptError(f"--imatrix {options.imatrix}: no such calibration file")
         self.revision = self.ckpt.revision
         self.fingerprint = checkpoint_fingerprint(self.ckpt)
         self.skipped = self.mapping.skip_summary()
@@ -311,7 +319,7 @@ def _imatrix(ctx: _Context, options: GGUFOptions, tmp: Path, log) -> tuple[IMatr
     elif choice == "clinical" or choice.endswith(".jsonl"):
         im, how = clinical_imatrix(ctx.ckpt, choice, options, log), "calibrated"
     else:
-        im, how = read_imatrix(Path(choice)), f"read from {Path(choice).name}"
+        im, how = ctx.given_imatrix, f"read from {Path(choice).name}"
     im = _check_imatrix(ctx, im)
     path = tmp / f"{ctx.name}.imatrix.gguf"
     write_imatrix(path, im)

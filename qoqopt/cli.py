@@ -17,7 +17,7 @@ from .errors import QoqoptError
 COMMAND_MODULES = [
     "qoqopt.commands.mini",
     "qoqopt.commands.info",
-    "qoqopt.data.cli",
+    "qoqopt.commands.data",
     "qoqopt.commands.export",
     "qoqopt.commands.bench",
     "qoqopt.commands.ask",

@@ -121,7 +121,9 @@ def test_bad_numbers_and_usage_are_one_line(capsys):
 
 def test_unusable_paths_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
     """An output that cannot be made, an image name Pillow cannot write, an existing image, a build
-    whose listed file is missing or cut short, and --question beside --item: each one line."""
+    whose listed file is missing or cut short, --question beside --item, a GGUF --name that is a path,
+    an --imatrix that is not one: each one line, before any long work (export used to refuse the
+    last two only after converting and calibrating)."""
     import json
 
     afile = tmp_path / "afile"
@@ -140,6 +142,12 @@ def test_unusable_paths_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
         ("data", "show", ITEM, "--out", str(tmp_path / "seen.png")): "seen.png already exists (use --force to replace it)",
         ("ask", str(build), "--item", ITEM, "--question", "Which?"): "--question goes with --image",
         ("ask", str(build), "--item", ITEM): "m.Q8_0.gguf is 50 bytes but manifest.json records 100: an incomplete download",
+        ("export", str(tiny_dir), "--format", "gguf", "--name", "a/b", "--out", str(tmp_path / "o")):
+            "--name 'a/b': give a plain file-name stem",
+        ("export", str(tiny_dir), "--format", "gguf", "--imatrix", str(afile), "--out", str(tmp_path / "o")):
+            "afile is not a llama.cpp imatrix file",
+        ("export", str(tiny_dir), "--format", "gguf", "--imatrix", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")):
+            "none.jsonl: no such calibration file",
     }  # fmt: skip
     for argv, message in cases.items():
         assert message in _one_line(list(argv), capsys)

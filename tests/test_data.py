@@ -323,7 +323,7 @@ def test_jsonl_bad_dicom_is_reported_with_its_line(tmp_path):
 
 # ---- CLI ----------------------------------------------------------------------------------------
 def _cli(*argv) -> int:
-    from qoqopt.data.cli import register
+    from qoqopt.commands.data import register
 
     parser = argparse.ArgumentParser(prog="qoqopt")
     register(parser.add_subparsers(dest="command", required=True))
