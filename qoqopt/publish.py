@@ -194,10 +194,16 @@ def _usage(fmt: str, repo_id: str, files: list[PlannedFile], carries_ecg: bool =
 # --------------------------------------------------------------------------- plan and upload
 
 
+BUILD_FORMATS = ("gguf", "gptq", "awq")  # what `qoqopt export` writes, and what a card can describe
+
+
 def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path | None = None,
                 base_model: str | None = None) -> UploadPlan:  # fmt: skip
     check_repo_id(repo_id)
     manifest = read_manifest(folder, "a directory written by `qoqopt export` to publish")
+    if manifest.get("format") not in BUILD_FORMATS:
+        raise QoqoptError(f"{folder}/manifest.json: format {manifest.get('format')!r} is not a qoqopt build "
+                          f"({', '.join(BUILD_FORMATS)})")  # fmt: skip
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
     # The manifest itself ships too, so downloaders can check what they got.
     files.append(PlannedFile("manifest.json", (folder / "manifest.json").stat().st_size, sha256_file(folder / "manifest.json")))

@@ -150,6 +150,21 @@ def test_entry_without_sha256_says_so(export_dir):
     assert err == "error: manifest.json records no sha256 for QoQ-Med-mini.Q8_0.gguf: re-export to publish it"
 
 
+def test_format_and_results_are_checked(export_dir, tmp_path):
+    """A manifest that declares no qoqopt build format, and --results that is not the report's Markdown
+    (its folder, or a bench JSON, which used to be pasted raw into the card), are one line each."""
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text("{}")
+    for results, message in ((tmp_path, "is a directory; give the report.md"),
+                             (bench_json, "give the report.md of `qoqopt report`, not its inputs")):  # fmt: skip
+        err = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--results", str(results), "--dry-run"))
+        assert message in err
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    (export_dir / "manifest.json").write_text(json.dumps({**manifest, "format": "onnx"}))
+    err = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
+    assert err.endswith("format 'onnx' is not a qoqopt build (gguf, gptq, awq)")
+
+
 def test_card_carries_only_this_builds_rows():
     from qoqopt.publish import tables_for_build
 

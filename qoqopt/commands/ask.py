@@ -112,6 +112,8 @@ def _item(args):
         return item.image, item.question, item.answer
     if not args.question:
         raise QoqoptError("--image needs --question")
+    if args.image.is_dir():
+        raise QoqoptError(f"{args.image} is a directory; give one image or DICOM file")
     if not args.image.is_file():
         raise QoqoptError(f"{args.image}: no such file")
     if args.image.suffix.lower() in (".dcm", ".dicom"):

@@ -11,7 +11,8 @@ examples:
   HF_HUB_OFFLINE=1 qoqopt info ddvd233/QoQ-Med-VL-7B   # from the local HF cache only
 
 Reads config.json, the safetensors index and shard headers; never the weights themselves.
-A directory with metadata but no shards still works: shapes come from a meta-device model.
+A directory with the metadata but no shards (config.json and model.safetensors.index.json, as a
+metadata-only Hub fetch leaves it) still works: shapes come from a meta-device model.
 """
 
 

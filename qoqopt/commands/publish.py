@@ -42,8 +42,12 @@ def run(args) -> int:
     from ..errors import QoqoptError
     from ..publish import plan_upload, resolve_token, upload
 
+    if args.results and args.results.is_dir():
+        raise QoqoptError(f"--results {args.results} is a directory; give the report.md `qoqopt report` wrote in it")
     if args.results and not args.results.is_file():
         raise QoqoptError(f"--results {args.results} does not exist")
+    if args.results and args.results.suffix.lower() != ".md":
+        raise QoqoptError(f"--results {args.results}: give the report.md of `qoqopt report`, not its inputs")
     plan = plan_upload(args.folder, args.repo, args.private, args.results, args.base_model)
     if args.dry_run:
         print(plan.describe())
