@@ -70,6 +70,20 @@ def error_line(res: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def refused(argv: list[str], capsys) -> str:
+    """Run `qoqopt ARGV` in this process (no interpreter start-up: refusals come before any work) and
+    return its one `error:` line; it must exit with status 2 and print nothing else on stderr."""
+    from qoqopt.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's refusals exit from inside parse_args
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m qoqopt ...` in a fresh process, as a user would."""
     full_env = {**os.environ, **(env or {})}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TRAIN_TOKENS, error_line, run_cli
+from tests.conftest import TRAIN_TOKENS, error_line, refused, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -310,7 +310,7 @@ def _greedy_reply(model, item) -> str:
     return proc.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_dir):
+def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_dir, capsys):
     """`qoqopt ask` on a checkpoint replies as transformers' own greedy generate does; on a GPTQ build,
     as transformers does over the build's dequantized weights (checked against the format spec in
     test_quant_formats). GGUF-only and GPU-only options are refused in one line."""
@@ -332,11 +332,9 @@ def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_di
     fake = load_fake_quantized(gptq_dir)
     fake.name_or_path = str(gptq_dir)
     assert _asked(res) == _greedy_reply(fake, item)
-    res = run_cli("ask", str(gptq_dir), "--quant", "Q8_0", "--item", item_id)
-    assert "--quant picks a text GGUF" in error_line(res)
+    assert "--quant picks a text GGUF" in refused(["ask", gptq_dir, "--quant", "Q8_0", "--item", item_id], capsys)
     if not torch.cuda.is_available():
-        res = run_cli("ask", str(trained_dir), "--device", "cuda", "--item", item_id)
-        assert "no CUDA GPU is visible" in error_line(res)
+        assert "no CUDA GPU is visible" in refused(["ask", trained_dir, "--device", "cuda", "--item", item_id], capsys)
 
 
 def test_user_jsonl_eval_set(tiny_dir, tmp_path):

@@ -4,6 +4,7 @@ fills each format family's own defaults and refuses the other family's options."
 import pytest
 
 from qoqopt.cli import build_parser
+from tests.conftest import refused
 
 
 def _subcommands():
@@ -84,23 +85,10 @@ def test_export_refuses_the_other_formats_options(fmt, flags):
     assert flags[0] in named.split("/") and f" option, not for --format {fmt}; " in rest
 
 
-def _one_line(argv: list[str], capsys) -> str:
-    """Run `qoqopt ARGV` in this process: it must refuse with exit status 2 and a single `error:` line."""
-    from qoqopt.cli import main
-
-    try:
-        rc = main(argv)
-    except SystemExit as exc:  # argparse's refusals exit from inside parse_args
-        rc = exc.code
-    err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: "), err
-    return err.strip()
-
-
 ITEM = "ct-abd-pancreas.region_ct.eval-0"
 
 
-def test_bad_numbers_and_usage_are_one_line(capsys):
+def test_bad_numbers_and_usage_arerefused(capsys):
     """argparse's own refusals (bad numbers, unknown command, missing or clashing options) come as one
     `error:` line naming the command's --help, not argparse's usage block plus a line."""
     cases = {
@@ -115,7 +103,7 @@ def test_bad_numbers_and_usage_are_one_line(capsys):
         ("ask", "b"): "one of the arguments --item --image is required",
     }  # fmt: skip
     for argv, message in cases.items():
-        err = _one_line(list(argv), capsys)
+        err = refused(list(argv), capsys)
         assert message in err and err.endswith("--help`)"), err
 
 
@@ -150,7 +138,7 @@ def test_unusable_paths_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
             "none.jsonl: no such calibration file",
     }  # fmt: skip
     for argv, message in cases.items():
-        assert message in _one_line(list(argv), capsys)
+        assert message in refused(list(argv), capsys)
     (build / "m.Q8_0.gguf").write_bytes(bytes(100))
-    assert "lists mmproj-m-f16.gguf, which is missing" in _one_line(["ask", str(build), "--item", ITEM], capsys)
+    assert "lists mmproj-m-f16.gguf, which is missing" in refused(["ask", str(build), "--item", ITEM], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "build", "seen.png"]

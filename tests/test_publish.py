@@ -7,7 +7,7 @@ import pytest
 
 from qoqopt.errors import QoqoptError
 from qoqopt.publish import plan_upload, upload
-from tests.conftest import error_line, run_cli
+from tests.conftest import error_line, refused, run_cli
 
 SECRET = "hf_SeCrEtTokenValue1234567890abcdef"
 
@@ -121,7 +121,7 @@ def test_plan_refuses_missing_listed_file(export_dir):
 
 
 @pytest.mark.parametrize("listed", ["/etc/hostname", "../outside.txt", "sub/../../outside.txt", ""])
-def test_manifest_cannot_name_files_outside_the_build(export_dir, listed):
+def test_manifest_cannot_name_files_outside_the_build(export_dir, listed, capsys):
     """A manifest is data from wherever the build came from: it must not make publish upload (and list
     in the card) a file outside the build, even one whose sha256 it records correctly."""
     outside = export_dir.parent / "outside.txt"
@@ -130,38 +130,37 @@ def test_manifest_cannot_name_files_outside_the_build(export_dir, listed):
     digest = hashlib.sha256((outside if listed else export_dir / "README.md").read_bytes()).hexdigest()
     manifest["files"].append({"path": listed, "bytes": 21, "sha256": digest})
     (export_dir / "manifest.json").write_text(json.dumps(manifest))
-    err = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
+    err = refused(["publish", export_dir, "--repo", "me/x", "--dry-run"], capsys)
     assert err.endswith(f"lists {listed!r}: every file must be a relative path inside the build")
 
 
 @pytest.mark.parametrize("body", ["[]", '{"files": {"a": 1}}', '{"files": ["a.gguf"]}'])
-def test_manifest_of_the_wrong_shape_is_one_line(export_dir, body):
+def test_manifest_of_the_wrong_shape_is_one_line(export_dir, body, capsys):
     (export_dir / "manifest.json").write_text(body)
-    for args in (("publish", str(export_dir), "--repo", "me/x", "--dry-run"),
-                 ("ask", str(export_dir), "--item", "ct-abd-pancreas.region_ct.eval-0")):  # fmt: skip
-        assert "manifest.json" in error_line(run_cli(*args))
+    for argv in (["publish", export_dir, "--repo", "me/x", "--dry-run"],
+                 ["ask", export_dir, "--item", "ct-abd-pancreas.region_ct.eval-0"]):  # fmt: skip
+        assert "manifest.json" in refused(argv, capsys)
 
 
-def test_entry_without_sha256_says_so(export_dir):
+def test_entry_without_sha256_says_so(export_dir, capsys):
     manifest = json.loads((export_dir / "manifest.json").read_text())
     del manifest["files"][0]["sha256"]
     (export_dir / "manifest.json").write_text(json.dumps(manifest))
-    err = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
+    err = refused(["publish", export_dir, "--repo", "me/x", "--dry-run"], capsys)
     assert err == "error: manifest.json records no sha256 for QoQ-Med-mini.Q8_0.gguf: re-export to publish it"
 
 
-def test_format_and_results_are_checked(export_dir, tmp_path):
+def test_format_and_results_are_checked(export_dir, tmp_path, capsys):
     """A manifest that declares no qoqopt build format, and --results that is not the report's Markdown
     (its folder, or a bench JSON, which used to be pasted raw into the card), are one line each."""
     bench_json = tmp_path / "bench.json"
     bench_json.write_text("{}")
     for results, message in ((tmp_path, "is a directory; give the report.md"),
                              (bench_json, "give the report.md of `qoqopt report`, not its inputs")):  # fmt: skip
-        err = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--results", str(results), "--dry-run"))
-        assert message in err
+        assert message in refused(["publish", export_dir, "--repo", "me/x", "--results", results, "--dry-run"], capsys)
     manifest = json.loads((export_dir / "manifest.json").read_text())
     (export_dir / "manifest.json").write_text(json.dumps({**manifest, "format": "onnx"}))
-    err = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
+    err = refused(["publish", export_dir, "--repo", "me/x", "--dry-run"], capsys)
     assert err.endswith("format 'onnx' is not a qoqopt build (gguf, gptq, awq)")
 
 

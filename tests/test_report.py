@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qoqopt.report import SCHEMA, pareto
-from tests.conftest import error_line, run_cli
+from tests.conftest import refused, run_cli
 
 
 def _variant(name, size, kld, decode, domains):
@@ -73,15 +73,14 @@ def test_report_merges_two_machines_with_plots(tmp_path):
          "variant 'gguf:Q8_0' has drift but no size_bytes or drift.all.mean_kld"),
     ],
 )  # fmt: skip
-def test_bad_result_files(tmp_path, content, msg):
+def test_bad_result_files(tmp_path, content, msg, capsys):
     f = tmp_path / "r.json"
     f.write_text(content)
-    res = run_cli("report", str(f), "--out", str(tmp_path / "o"))
-    assert msg in error_line(res)
+    assert msg in refused(["report", f, "--out", tmp_path / "o"], capsys)
     assert not (tmp_path / "o").exists()
 
 
-def test_report_output_is_whole_new_and_never_replaces_its_inputs(tmp_path):
+def test_report_output_is_whole_new_and_never_replaces_its_inputs(tmp_path, capsys):
     """The report folder appears whole or not at all; an existing one is replaced only with --force;
     an --out that holds the result files is refused even then; the same file twice is one run."""
     a = tmp_path / "results" / "a.json"
@@ -90,11 +89,11 @@ def test_report_output_is_whole_new_and_never_replaces_its_inputs(tmp_path):
     out = tmp_path / "rep"
     assert run_cli("report", str(a), str(a), "--out", str(out)).returncode == 0
     assert (out / "report.md").read_text().count("| cpu | gguf:Q4_K_M |") == 1
-    assert "already exists and is not empty (use --force" in error_line(run_cli("report", str(a), "--out", str(out)))
+    assert "already exists and is not empty (use --force" in refused(["report", a, "--out", out], capsys)
     assert run_cli("report", str(a), "--out", str(out), "--force").returncode == 0
-    err = error_line(run_cli("report", str(a), "--out", str(a.parent), "--force"))
+    err = refused(["report", a, "--out", a.parent, "--force"], capsys)
     assert err.endswith("which this command reads; choose another --out") and a.exists()
-    assert "is a directory; give the bench-*.json files in it" in error_line(run_cli("report", str(a.parent), "--out", str(tmp_path / "o")))
+    assert "is a directory; give the bench-*.json files in it" in refused(["report", a.parent, "--out", tmp_path / "o"], capsys)
     (tmp_path / "file").write_text("x")
-    assert "exists and is not a directory" in error_line(run_cli("report", str(a), "--out", str(tmp_path / "file")))
+    assert "exists and is not a directory" in refused(["report", a, "--out", tmp_path / "file"], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "rep", "results"]
