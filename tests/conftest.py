@@ -75,6 +75,7 @@ def refused(argv: list[str], capsys) -> str:
     return its one `error:` line; it must exit with status 2 and print nothing else on stderr."""
     from qoqopt.cli import main
 
+    capsys.readouterr()  # what the test printed before (progress bars, warnings) is not this command's
     try:
         rc = main([str(a) for a in argv])
     except SystemExit as exc:  # argparse's refusals exit from inside parse_args
