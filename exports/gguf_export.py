@@ -115,10 +115,9 @@ class _Context:
         if options.name is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._+-]*", options.name):
             raise QoqoptError(f"--name {options.name!r}: give a plain file-name stem (letters, digits, . _ + -)")
         # a llama.cpp imatrix file is read and checked now, before the long work, not after it
-        self.given_imatrix = None
-        if options.imatrix not in ("clinical", "none") and not options.imatrix.endswith(".jsonl"):
-            self.given_imatrix = _check_imatrix(self, read_imatrix(Path(options.imatrix)))
-        elif options.imatrix.endswith(".jsonl") and not Path(options.imatrix).is_file():
+        kind = imatrix_kind(options.imatrix)
+        self.given_imatrix = _check_imatrix(self, read_imatrix(Path(options.imatrix))) if kind == "file" else None
+        if kind == "jsonl" and not Path(options.imatrix).is_file():
             raise QoqoptError(f"--imatrix {options.imatrix}: no such calibration file")
         self.revision = self.ckpt.revision
         self.fingerprint = checkpoint_fingerprint(self.ckpt)
@@ -217,7 +216,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
         raise QoqoptError(f"--samples must be at least 1, got {options.calib_items}")
     quants = gguf_quant.parse_quants(",".join(options.quants))
     options.quants = quants
-    inputs = [source] + ([options.imatrix] if options.imatrix not in ("clinical", "none") else [])
+    inputs = [source] + ([options.imatrix] if imatrix_kind(options.imatrix) in ("jsonl", "file") else [])
     prepare_output_dir(out, force, inputs)  # fail before the (possibly long) work starts
     ctx = _Context(source, revision, options, log)
     for note in ctx.vocab.notes:
@@ -310,17 +309,24 @@ def _size(n: int) -> str:
 # ---------------------------------------------------------------------------- imatrix
 
 
+def imatrix_kind(choice: str) -> str:
+    """What --imatrix names: "none"; "clinical" or a "jsonl" calibration set, computed here; or a
+    llama.cpp imatrix "file"."""
+    if choice in ("none", "clinical"):
+        return choice
+    return "jsonl" if choice.endswith(".jsonl") else "file"
+
+
 def _imatrix(ctx: _Context, options: GGUFOptions, tmp: Path, log) -> tuple[IMatrix | None, dict | None]:
     """The importance matrix to quantize with (or None), written into the output as `<Name>.imatrix.gguf`."""
-    choice = options.imatrix
-    if choice == "none":
+    choice, kind = options.imatrix, imatrix_kind(options.imatrix)
+    if kind == "none":
         log("note: quantizing without an importance matrix (--imatrix none)")
         return None, None
-    elif choice == "clinical" or choice.endswith(".jsonl"):
-        im, how = clinical_imatrix(ctx.ckpt, choice, options, log), "calibrated"
-    else:
+    if kind == "file":  # read and checked when the export started
         im, how = ctx.given_imatrix, f"read from {Path(choice).name}"
-    im = _check_imatrix(ctx, im)
+    else:
+        im, how = _check_imatrix(ctx, clinical_imatrix(ctx.ckpt, choice, options, log)), "calibrated"
     path = tmp / f"{ctx.name}.imatrix.gguf"
     write_imatrix(path, im)
     info = {"file": path.name, "source": how, "datasets": im.datasets, "entries": len(im.sums),

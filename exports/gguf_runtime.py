@@ -74,9 +74,9 @@ class LlamaVL:
             params.media_marker = MARKER.encode()
             params.image_min_tokens = image_min_tokens
             params.image_max_tokens = image_max_tokens
-            global _QUIET
-            _QUIET = _QUIET or _log_callback()
-            mtmd_cpp.mtmd_helper_log_set(_QUIET, None)  # also sets mtmd_log_set
+            global _LOG_CALLBACK
+            _LOG_CALLBACK = _LOG_CALLBACK or _log_callback()  # kept alive: llama.cpp holds a raw pointer
+            mtmd_cpp.mtmd_helper_log_set(_LOG_CALLBACK, None)  # also sets mtmd_log_set
             _ERRORS.clear()  # errors logged before this load are not its own
             self.mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.llm.model, params)
             if not self.mctx:
@@ -339,4 +339,4 @@ def _log_callback():
     return to_error_log
 
 
-_QUIET = None
+_LOG_CALLBACK = None

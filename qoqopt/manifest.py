@@ -13,6 +13,9 @@ from pathlib import Path, PurePosixPath
 from .errors import QoqoptError
 
 
+BUILD_FORMATS = ("gguf", "gptq", "awq")  # what `qoqopt export` writes
+
+
 def read_manifest(folder: Path, what: str = "a directory written by `qoqopt export`") -> dict:
     """The parsed manifest, or a one-line error that says what was expected."""
     folder = Path(folder)
@@ -38,6 +41,20 @@ def read_manifest(folder: Path, what: str = "a directory written by `qoqopt expo
 
 def entry_path(entry: dict) -> str:
     return entry.get("path") or entry.get("file") or ""
+
+
+def listed_file(folder: Path, entry: dict) -> Path:
+    """The file a manifest entry names, present and of the size the manifest records: a cut-off
+    download or copy stops here in one line (llama.cpp would only say that it failed to load)."""
+    rel = entry_path(entry)
+    path = Path(folder) / rel
+    if not path.is_file():
+        raise QoqoptError(f"{folder} lists {rel}, which is missing: copy or download the whole build")
+    size = path.stat().st_size
+    if "bytes" in entry and entry["bytes"] != size:
+        raise QoqoptError(f"{rel} is {size:,} bytes but manifest.json records {entry['bytes']:,}: "
+                          "an incomplete download or copy")  # fmt: skip
+    return path
 
 
 def _check_inside(rel: str, manifest_path: Path) -> None:

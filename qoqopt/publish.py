@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import QoqoptError
 from .fileio import sha256_file
-from .manifest import entry_path, read_manifest
+from .manifest import BUILD_FORMATS, entry_path, listed_file, read_manifest
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 LICENSE = "mit"  # QoQ-Med and Qwen2.5-VL are MIT / Apache; QoQ-Med's release is MIT
@@ -67,19 +67,13 @@ def verified_files(folder: Path, manifest: dict) -> list[PlannedFile]:
     """Every manifest entry exists with the recorded size and sha256 (no partial or edited file ships)."""
     out = []
     for entry in manifest["files"]:
-        rel = entry_path(entry)
-        target = folder / rel
-        if not target.is_file():
-            raise QoqoptError(f"manifest lists {rel}, which is missing from {folder}")
-        size = target.stat().st_size
-        if "bytes" in entry and entry["bytes"] != size:
-            raise QoqoptError(f"{rel} is {size} bytes but the manifest records {entry['bytes']}: rebuild or re-export")
+        rel, target = entry_path(entry), listed_file(folder, entry)
         if not entry.get("sha256"):
             raise QoqoptError(f"manifest.json records no sha256 for {rel}: re-export to publish it")
         digest = sha256_file(target)
         if digest != entry["sha256"]:
             raise QoqoptError(f"{rel} does not match its sha256 in manifest.json: the file changed after export")
-        out.append(PlannedFile(rel, size, digest))
+        out.append(PlannedFile(rel, target.stat().st_size, digest))
     return out
 
 
@@ -192,9 +186,6 @@ def _usage(fmt: str, repo_id: str, files: list[PlannedFile], carries_ecg: bool =
 
 
 # --------------------------------------------------------------------------- plan and upload
-
-
-BUILD_FORMATS = ("gguf", "gptq", "awq")  # what `qoqopt export` writes, and what a card can describe
 
 
 def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path | None = None,

@@ -297,12 +297,13 @@ def _asked(res) -> str:
     return res.stdout.split("\nreply     ", 1)[1].split("\nanswer    ", 1)[0]
 
 
-def _greedy_reply(model, item) -> str:
+def _greedy_reply(model, folder: Path, item) -> str:
+    """transformers' own greedy generate, with the processor of `folder`."""
     import torch
 
     from qoqopt.processor import load_processor
 
-    proc = load_processor(Path(model.name_or_path))
+    proc = load_processor(folder)
     inputs = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True, return_dict=True,
                                       return_tensors="pt")  # fmt: skip
     with torch.no_grad():
@@ -326,12 +327,10 @@ def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_di
     res = run_cli("ask", str(trained_dir), "--item", item_id)
     assert "(transformers float32, cpu)" in res.stdout
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
-    assert _asked(res) == _greedy_reply(model, item)
+    assert _asked(res) == _greedy_reply(model, trained_dir, item)
     res = run_cli("ask", str(gptq_dir), "--item", item_id)
     assert "(transformers + qoqopt W4A16 (torch reference), cpu)" in res.stdout
-    fake = load_fake_quantized(gptq_dir)
-    fake.name_or_path = str(gptq_dir)
-    assert _asked(res) == _greedy_reply(fake, item)
+    assert _asked(res) == _greedy_reply(load_fake_quantized(gptq_dir), gptq_dir, item)
     assert "--quant picks a text GGUF" in refused(["ask", gptq_dir, "--quant", "Q8_0", "--item", item_id], capsys)
     if not torch.cuda.is_available():
         assert "no CUDA GPU is visible" in refused(["ask", trained_dir, "--device", "cuda", "--item", item_id], capsys)

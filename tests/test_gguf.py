@@ -25,7 +25,7 @@ from qoqopt.errors import QoqoptError
 from qoqopt.exports.gguf_export import GGUFOptions, export_gguf
 from qoqopt.exports.gguf_runtime import MARKER, LlamaVL
 from qoqopt.exports.gguf_verify import clinical_text_prompts, set_text_rms_eps
-from tests.conftest import TRAIN_TOKENS, error_line, run_cli
+from tests.conftest import TRAIN_TOKENS, error_line, refused, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -348,7 +348,7 @@ def test_one_line_errors(tiny_dir, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
-def test_force_never_replaces_what_the_export_reads(tiny_dir, tmp_path):
+def test_force_never_replaces_what_the_export_reads(tiny_dir, tmp_path, capsys):
     """--out naming the source checkpoint, or a folder holding it, is refused even with --force (which
     would delete the source when the finished build is swapped in), for both export families."""
     src = tmp_path / "models" / "src"
@@ -356,8 +356,8 @@ def test_force_never_replaces_what_the_export_reads(tiny_dir, tmp_path):
     before = {f.name: f.stat().st_size for f in src.iterdir()}
     for fmt, out in (("gguf", src), ("gptq", src), ("gguf", src.parent), ("awq", src.parent)):
         extra = ("--quant", "Q8_0", "--imatrix", "none") if fmt == "gguf" else ()
-        res = run_cli("export", str(src), "--format", fmt, *extra, "--out", str(out), "--force")
-        assert error_line(res) == f"error: output {out} would replace {src}, which this command reads; choose another --out"
+        err = refused(["export", src, "--format", fmt, *extra, "--out", out, "--force"], capsys)
+        assert err == f"error: output {out} would replace {src}, which this command reads; choose another --out"
     assert {f.name: f.stat().st_size for f in src.iterdir()} == before
     assert sorted(p.name for p in src.parent.iterdir()) == ["src"]
 

@@ -12,6 +12,11 @@ import numpy as np
 from ..errors import QoqoptError
 from .variants import HF_DTYPES, Variant
 
+def image_question(image, question: str) -> list[dict]:
+    """One user turn, the image then the question, as the processor's chat template takes it."""
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+
+
 class HFRunner:
     def __init__(self, model, processor, runtime: str, device: str):
         self.model, self.processor, self.runtime, self.device = model, processor, runtime, device
@@ -38,8 +43,7 @@ class HFRunner:
 
     def reply(self, image, question: str, max_new_tokens: int) -> str:
         """Greedy reply to one image question, through the processor's chat template."""
-        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
-        return self._generate(self._inputs(messages), max_new_tokens)
+        return self._generate(self._inputs(image_question(image, question)), max_new_tokens)
 
     def _inputs(self, messages):
         return self.processor.apply_chat_template(
@@ -66,7 +70,7 @@ class HFRunner:
         """Each timed span starts from the raw image, preprocessing included, as llama.cpp's does."""
         import torch
 
-        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+        messages = image_question(image, question)
         self._sync()
         t0 = time.perf_counter()
         inputs = self._inputs(messages).to(self.device)

@@ -50,53 +50,37 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def build_kind(folder: Path) -> str:
-    """"gguf", "gptq" or "awq" for a qoqopt export directory (its manifest says), "checkpoint" for a
-    directory with a config.json and no manifest."""
+def build_kind(folder: Path) -> tuple[str, dict | None]:
+    """("gguf" | "gptq" | "awq", its manifest) for a qoqopt export directory, ("checkpoint", None)
+    for a directory with a config.json and no manifest."""
     from ..errors import QoqoptError
-    from ..manifest import gguf_entries, read_manifest
+    from ..manifest import BUILD_FORMATS, gguf_entries, read_manifest
 
     if (folder / "manifest.json").exists():
         manifest = read_manifest(folder)
         kind = manifest.get("format") or ("gguf" if gguf_entries(manifest, "text") else None)
-        if kind not in ("gguf", "gptq", "awq"):
-            raise QoqoptError(f"{folder / 'manifest.json'}: unknown build format {kind!r} (gguf, gptq or awq)")
-        return kind
+        if kind not in BUILD_FORMATS:
+            raise QoqoptError(f"{folder / 'manifest.json'}: unknown build format {kind!r} ({', '.join(BUILD_FORMATS)})")
+        return kind, manifest
     if (folder / "config.json").exists():
-        return "checkpoint"
+        return "checkpoint", None
     raise QoqoptError(f"{folder} has no manifest.json nor config.json; give a directory written by "
                       "`qoqopt export`, or a checkpoint")  # fmt: skip
 
 
-def _pick_files(build: Path, quant: str | None) -> tuple[Path, Path]:
+def _pick_files(build: Path, manifest: dict, quant: str | None) -> tuple[Path, Path]:
+    """The build's text GGUF (of type ``quant``) and its mmproj, both present and whole."""
     from ..errors import QoqoptError
-    from ..manifest import gguf_entries, gguf_quants, read_manifest
+    from ..manifest import entry_path, gguf_entries, gguf_quants, listed_file
 
-    manifest = read_manifest(build, "a directory written by `qoqopt export --format gguf`")
     texts, mmproj = gguf_entries(manifest, "text", quant), gguf_entries(manifest, "mmproj")
     if not texts:
         have = ", ".join(q for q in gguf_quants(manifest) if q)
         raise QoqoptError(f"{build} has no text GGUF{' of type ' + quant if quant else ''} (it has: {have})")
     if not mmproj:
         raise QoqoptError(f"{build} has no mmproj; re-export without --mmproj-type none to ask about images")
-    for rel in (texts[0], mmproj[0]):
-        _check_listed_file(build, rel, manifest)
-    return build / texts[0], build / mmproj[0]
-
-
-def _check_listed_file(build: Path, rel: str, manifest: dict) -> None:
-    """Present and of the size the manifest records: llama.cpp's own refusal of a cut-off GGUF says
-    only that it failed to load."""
-    from ..errors import QoqoptError
-    from ..manifest import entry_path
-
-    path = build / rel
-    if not path.is_file():
-        raise QoqoptError(f"{build} lists {rel}, which is missing: copy or download the whole build")
-    recorded = next((f.get("bytes") for f in manifest["files"] if entry_path(f) == rel), None)
-    if recorded is not None and path.stat().st_size != recorded:
-        raise QoqoptError(f"{path} is {path.stat().st_size:,} bytes but manifest.json records {recorded:,}: "
-                          "an incomplete download or copy")  # fmt: skip
+    entries = {entry_path(f): f for f in manifest["files"]}
+    return listed_file(build, entries[texts[0]]), listed_file(build, entries[mmproj[0]])
 
 
 def _item(args):
@@ -133,12 +117,14 @@ def run(args) -> int:
     from ..loader import resolve
 
     folder, _ = resolve(args.build)
-    kind = build_kind(folder)
+    kind, manifest = build_kind(folder)
     if args.quant and kind != "gguf":
         raise QoqoptError(f"--quant picks a text GGUF; {args.build} is a {kind} build, not GGUF")
     image, question, reference = _item(args)
-    ask = _ask_llama_cpp if kind == "gguf" else _ask_transformers
-    model, reply = ask(folder, kind, args, image, question)
+    if kind == "gguf":
+        model, reply = _ask_llama_cpp(folder, manifest, args, image, question)
+    else:
+        model, reply = _ask_transformers(folder, kind != "checkpoint", args, image, question)
     print(f"model     {model}")
     print(f"question  {question}")
     print(f"reply     {reply.strip()}")
@@ -149,13 +135,13 @@ def run(args) -> int:
     return 0
 
 
-def _ask_llama_cpp(folder: Path, kind: str, args, image, question: str) -> tuple[str, str]:
+def _ask_llama_cpp(folder: Path, manifest: dict, args, image, question: str) -> tuple[str, str]:
     from ..bench.machine import usable_cores
     from ..errors import QoqoptError
     from ..exports.gguf_meta import train_token_range
     from ..exports.gguf_runtime import LlamaVL, chat_prompt, gpu_offload_available
 
-    text_path, mmproj_path = _pick_files(folder, args.quant)
+    text_path, mmproj_path = _pick_files(folder, manifest, args.quant)
     gpu = args.device != "cpu" and gpu_offload_available()
     if args.device == "cuda" and not gpu:
         raise QoqoptError("--device cuda: this llama-cpp-python was built without GPU offload")
@@ -166,7 +152,7 @@ def _ask_llama_cpp(folder: Path, kind: str, args, image, question: str) -> tuple
     return f"{text_path.name} + {mmproj_path.name} (llama.cpp{', GPU' if gpu else ''})", reply
 
 
-def _ask_transformers(folder: Path, kind: str, args, image, question: str) -> tuple[str, str]:
+def _ask_transformers(folder: Path, quantized: bool, args, image, question: str) -> tuple[str, str]:
     import torch
 
     from ..bench.hf_runner import load_folder
@@ -177,7 +163,7 @@ def _ask_transformers(folder: Path, kind: str, args, image, question: str) -> tu
         raise QoqoptError("--device cuda: no CUDA GPU is visible to torch here (use --device cpu)")
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads or usable_cores())
-    runner = load_folder(folder, kind != "checkpoint", device)
+    runner = load_folder(folder, quantized, device)
     try:
         return f"{args.build} ({runner.runtime}, {device})", runner.reply(image, question, args.max_tokens)
     finally:
