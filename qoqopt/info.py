@@ -142,6 +142,9 @@ def summarize(ckpt: Checkpoint) -> Summary:
         mrope_section=t.rope_parameters.get("mrope_section"), rms_eps=t.rms_norm_eps,
         tied_embeddings=cfg.tie_word_embeddings,
     )  # fmt: skip
+    if "vision_config" not in ckpt.config:
+        notes.append("config.json has no vision_config: the vision dims above are transformers' defaults, "
+                     "not read from this checkpoint")
     vision = dict(
         depth=v.depth, hidden=v.hidden_size, intermediate=v.intermediate_size, heads=v.num_heads,
         head_dim=v.hidden_size // v.num_heads, patch=v.patch_size, merge=v.spatial_merge_size,

@@ -345,6 +345,21 @@ def test_cli_list_and_show(tmp_path, capsys):
         _cli("data", "show", "nope.modality.eval-0", "--out", str(png))
 
 
+def test_cli_jsonl_takes_domain_and_refuses_built_in_choices(tmp_path, capsys):
+    """--domain filters a user set too; --split/--n-per-base pick from the built-in set, so beside
+    --jsonl they are refused rather than ignored, and `show` has no --split (the id names it)."""
+    path = _write_set(tmp_path, [GOOD, {**GOOD, "domain": "ct", "answer": "Kidney"}])
+    assert _cli("data", "list", "--jsonl", path, "--domain", "ct") == 0
+    out = capsys.readouterr().out
+    assert "set:2" in out and "set:1" not in out and out.strip().endswith("1 items: ct 1")
+    for flag in (("--split", "eval"), ("--n-per-base", "2")):
+        with pytest.raises(QoqoptError, match="pick from the built-in set; a --jsonl set is listed whole"):
+            _cli("data", "list", "--jsonl", path, *flag)
+    with pytest.raises(SystemExit):
+        _cli("data", "show", "ct-head-693.region_ct.eval-0", "--split", "calib", "--out", str(tmp_path / "x.png"))
+    assert "unrecognized arguments: --split calib" in capsys.readouterr().err
+
+
 def test_cli_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         _cli("data", "--help")

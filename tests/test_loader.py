@@ -49,6 +49,7 @@ def test_info_on_real_metadata_prints_true_summary(fixture_7b):
         assert expected in out, f"{expected!r} not in:\n{out}"
     # 7.62 B text parameters: 2 x 152064 x 3584 embeddings + 28 decoder layers
     assert "text 7.62 B" in out and "vision 676.6 M" in out
+    assert "no vision_config" not in out
 
 
 @pytest.mark.parametrize("layout", ["legacy", "runtime"])
@@ -135,6 +136,23 @@ def test_a_broken_config_is_one_line(fixture_7b, tiny_dir, tmp_path, edit, messa
         argv = [command, d, *(("--variants", "bf16", "--out", tmp_path / "o") if command == "bench" else ())]
         assert message in refused(argv, capsys), command
     assert not (tmp_path / "o").exists()
+
+
+def test_info_says_when_the_vision_dims_are_transformers_defaults(fixture_7b, tmp_path):
+    """A config.json without vision_config still loads in transformers (with its default vision
+    config); info says the dims it prints came from those defaults, not from the checkpoint."""
+    from transformers import Qwen2_5_VLConfig
+
+    d = tmp_path / "no-vision"
+    shutil.copytree(fixture_7b, d)
+    config = json.loads((d / "config.json").read_text())
+    del config["vision_config"]
+    (d / "config.json").write_text(json.dumps(config))
+    res = run_cli("info", str(d))
+    assert res.returncode == 0, res.stderr
+    v = Qwen2_5_VLConfig().vision_config
+    assert f"depth {v.depth}, hidden {v.hidden_size}, intermediate {v.intermediate_size}" in res.stdout
+    assert "config.json has no vision_config: the vision dims above are transformers' defaults" in res.stdout
 
 
 def test_info_rejects_missing_path(tmp_path):

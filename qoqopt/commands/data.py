@@ -44,8 +44,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    ls.add_argument("--split", choices=SPLITS, help="built-in split (default eval)")
     _common(ls)
-    ls.add_argument("--n-per-base", type=int, default=1, help="augmented views per base image (default 1)")
+    ls.add_argument("--n-per-base", type=positive_int, help="augmented views per base image (default 1)")
     ls.add_argument("--domain", action="append", choices=BUILTIN_DOMAINS, help="only this domain (repeatable)")
     ls.set_defaults(func=cmd_list)
 
@@ -64,7 +65,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", choices=SPLITS, default="eval", help="built-in split (default eval)")
     p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
     p.add_argument("--max-side", type=positive_int, default=DEFAULT_MAX_SIDE, help="longer image side in pixels")
     p.add_argument("--jsonl", type=Path, help="use this user JSONL set instead of the built-in one")
@@ -72,10 +72,13 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.jsonl:
+        if args.split or args.n_per_base:
+            raise QoqoptError("--split and --n-per-base pick from the built-in set; a --jsonl set is listed whole")
         items = load_jsonl(args.jsonl, max_side=args.max_side)
+        items = [it for it in items if not args.domain or it.domain in args.domain]
     else:
-        items = clinical_set(args.split, n_per_base=args.n_per_base, seed=args.seed, max_side=args.max_side,
-                             domains=args.domain)
+        items = clinical_set(args.split or "eval", n_per_base=args.n_per_base or 1, seed=args.seed,
+                             max_side=args.max_side, domains=args.domain)
     rows = [(it.id, it.domain, Path(it.source).name, it.meta.get("qtype", ""), it.answer) for it in items]
     header = ("id", "domain", "source file", "question", "answer")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
