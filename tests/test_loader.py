@@ -138,21 +138,23 @@ def test_a_broken_config_is_one_line(fixture_7b, tiny_dir, tmp_path, edit, messa
     assert not (tmp_path / "o").exists()
 
 
-def test_info_says_when_the_vision_dims_are_transformers_defaults(fixture_7b, tmp_path):
+def test_info_says_when_the_vision_dims_are_transformers_defaults(fixture_7b, tmp_path, capsys):
     """A config.json without vision_config still loads in transformers (with its default vision
     config); info says the dims it prints came from those defaults, not from the checkpoint."""
     from transformers import Qwen2_5_VLConfig
+
+    from qoqopt.cli import main
 
     d = tmp_path / "no-vision"
     shutil.copytree(fixture_7b, d)
     config = json.loads((d / "config.json").read_text())
     del config["vision_config"]
     (d / "config.json").write_text(json.dumps(config))
-    res = run_cli("info", str(d))
-    assert res.returncode == 0, res.stderr
+    assert main(["info", str(d)]) == 0  # in-process: no second interpreter start-up
+    out = capsys.readouterr().out
     v = Qwen2_5_VLConfig().vision_config
-    assert f"depth {v.depth}, hidden {v.hidden_size}, intermediate {v.intermediate_size}" in res.stdout
-    assert "config.json has no vision_config: the vision dims above are transformers' defaults" in res.stdout
+    assert f"depth {v.depth}, hidden {v.hidden_size}, intermediate {v.intermediate_size}" in out
+    assert "config.json has no vision_config: the vision dims above are transformers' defaults" in out
 
 
 def test_info_rejects_missing_path(tmp_path):
