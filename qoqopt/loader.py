@@ -103,11 +103,13 @@ def part_of(name: str) -> str:
 # --------------------------------------------------------------------------- sources
 
 
-def resolve(source: str, revision: str | None = None, weights: bool = True) -> tuple[Path, str | None]:
+def resolve(source: str, revision: str | None = None, weights: bool = True,
+            only: list[str] | None = None) -> tuple[Path, str | None]:  # fmt: skip
     """A local directory for `source` (a path or Hub id) and the Hub commit it came from.
 
     Hub downloads go through huggingface_hub, which honours HF_HUB_OFFLINE and the local cache.
-    `weights=False` fetches only metadata (config, index, tokenizer), which is all `info` needs.
+    `weights=False` fetches only metadata (config, index, tokenizer, manifest), which is all `info`
+    needs; `only` (file names or glob patterns) fetches just those files.
     """
     path = Path(source).expanduser()
     if path.exists():
@@ -116,7 +118,7 @@ def resolve(source: str, revision: str | None = None, weights: bool = True) -> t
         return path, None
     if not HUB_ID.match(source):
         raise QoqoptError(f"{source}: no such directory, and not a Hub id of the form owner/name")
-    return _snapshot(source, revision, None if weights else METADATA_PATTERNS)
+    return _snapshot(source, revision, only or (None if weights else METADATA_PATTERNS))
 
 
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None) -> tuple[Path, str | None]:
@@ -127,8 +129,11 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None) ->
         local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "the Hub is unreachable"
-        raise QoqoptError(f"cannot get {repo_id}: {why}") from exc
+        where = "HF_HUB_OFFLINE is set" if offline else "the Hub is unreachable"
+        # huggingface_hub >= 2.4 knows, from a cached file listing, when a cached snapshot lacks files
+        missing = re.search(r"\d+ file\(s\) are missing \([^)]*\)", str(exc))
+        cached = f"in the local cache {missing[0]}" if missing else "it is not in the local cache"
+        raise QoqoptError(f"cannot get {repo_id}: {where} and {cached}") from exc
     except HfHubHTTPError as exc:
         raise QoqoptError(f"cannot get {repo_id} from the Hub: {str(exc).splitlines()[0]}") from exc
     # The cache lays snapshots out as .../snapshots/<commit sha>/, which is the revision we report.

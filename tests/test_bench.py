@@ -291,6 +291,42 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     assert "has no manifest.json" in error_line(res)
 
 
+def test_ask_fetches_one_quant_of_a_hub_gguf_repo(run_1t, tmp_path, monkeypatch, capsys):
+    """`qoqopt ask OWNER/NAME` on a GGUF repo asks huggingface_hub for the manifest and configs, then
+    for the one text GGUF and the mmproj only, not every quant. huggingface_hub does the work, from
+    a cache laid out as it lays one out (offline: tests never reach the Hub); the Q4_K_M file is not
+    in it, so a whole-repo download could not have been needed for Q8_0."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from qoqopt.cli import main
+
+    (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--me--qoq-gguf"
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    for f in gguf_dir.iterdir():
+        if not f.name.endswith(".Q4_K_M.gguf"):
+            (repo / "snapshots" / sha / f.name).symlink_to(f)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    asked, real = [], huggingface_hub.snapshot_download
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append(kwargs.get("allow_patterns"))
+        return real(repo_id, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    item = ["--item", "ct-abd-pancreas.region_ct.eval-0"]
+    assert main(["ask", "me/qoq-gguf", "--quant", "Q8_0", *item]) == 0
+    assert "(reference: Abdomen)" in capsys.readouterr().out
+    text, mmproj = (next(gguf_dir.glob(p)).name for p in ("*.Q8_0.gguf", "mmproj-*"))
+    assert "*.json" in asked[0] and asked[1:] == [[text, mmproj]]
+    q4 = next(gguf_dir.glob("*.Q4_K_M.gguf")).name
+    assert f"lists {q4}, which is missing" in refused(["ask", "me/qoq-gguf", "--quant", "Q4_K_M", *item], capsys)
+
+
 def _asked(res) -> str:
     """The reply `qoqopt ask` printed (it may span lines: <think> ... </think>, then \\boxed{})."""
     assert res.returncode == 0, res.stderr[-2000:]

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -179,8 +180,8 @@ def test_pickle_only_checkpoint_is_refused(tiny_dir, tmp_path):
         open_checkpoint(str(d))
 
 
-def test_hub_id_resolves_from_offline_cache(fixture_7b, tmp_path):
-    """A Hub id is resolved by huggingface_hub from its cache layout, with HF_HUB_OFFLINE=1."""
+def _hub_cache(fixture_7b, tmp_path) -> tuple[Path, str]:
+    """The real 7B metadata (no shards) in huggingface_hub's cache layout: (the repo folder, commit)."""
     sha = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--ddvd233--QoQ-Med-VL-7B"
     snap = repo / "snapshots" / sha
@@ -189,9 +190,36 @@ def test_hub_id_resolves_from_offline_cache(fixture_7b, tmp_path):
         shutil.copy(f, snap)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(sha)
+    return repo, sha
+
+
+def test_hub_id_resolves_from_offline_cache(fixture_7b, tmp_path):
+    """A Hub id is resolved by huggingface_hub from its cache layout, with HF_HUB_OFFLINE=1."""
+    _hub_cache(fixture_7b, tmp_path)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     res = run_cli("info", "ddvd233/QoQ-Med-VL-7B", "--json", env=env)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["ecg"] and summary["tensors"] == {"text": 339, "vision": 390, "ecg": 139}
     _one_line_error(run_cli("info", "someone/not-cached", env=env), "HF_HUB_OFFLINE is set")
+
+
+def test_a_partly_cached_hub_checkpoint_names_what_is_missing(fixture_7b, tmp_path, monkeypatch, capsys):
+    """huggingface_hub (>= 2.4) keeps each downloaded commit's file listing beside the snapshot (the
+    format its _tree_cache documents). Offline, a snapshot holding only the metadata still serves
+    `info`, and `bench`, which needs the weights, says in one line which files the cache lacks."""
+    from huggingface_hub import constants
+
+    repo, sha = _hub_cache(fixture_7b, tmp_path)
+    index = json.loads((fixture_7b / "model.safetensors.index.json").read_text())
+    names = [f.name for f in fixture_7b.glob("*.json")] + sorted(set(index["weight_map"].values()))
+    (repo / "trees").mkdir()
+    listing = {"format_version": 1, "files": {n: {"size": 1, "blob_id": f"{i:040x}"} for i, n in enumerate(names)}}
+    (repo / "trees" / f"{sha}.json").write_text(json.dumps(listing))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    from qoqopt.cli import main
+
+    assert main(["info", "ddvd233/QoQ-Med-VL-7B", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tensors"]["ecg"] == 139
+    err = refused(["bench", "ddvd233/QoQ-Med-VL-7B", "--variants", "bf16", "--out", tmp_path / "o"], capsys)
+    assert "HF_HUB_OFFLINE is set and in the local cache 4 file(s) are missing (model-00001-of-00004" in err, err

@@ -16,7 +16,8 @@ examples:
   qoqopt ask out/mini-gptq --item ct-abd-pancreas.region_ct.eval-0        # GPTQ/AWQ in transformers
   qoqopt ask out/mini --item ct-abd-pancreas.region_ct.eval-0             # the original, to compare
 
-What runs depends on BUILD (a directory, or a Hub id, which is downloaded whole):
+What runs depends on BUILD (a directory or a Hub id; from a GGUF repo only the chosen text GGUF
+and the mmproj are downloaded, from any other the whole repo):
   GGUF export      its text GGUF and mmproj through llama.cpp's multimodal path (llama-cpp-python's
                    mtmd): llama.cpp resizes and normalises the image, so this is what LM Studio and
                    Ollama users get; at QoQ-Med's training image range (84-668 image tokens)
@@ -68,10 +69,10 @@ def build_kind(folder: Path) -> tuple[str, dict | None]:
                       "`qoqopt export`, or a checkpoint")  # fmt: skip
 
 
-def _pick_files(build: Path, manifest: dict, quant: str | None) -> tuple[Path, Path]:
-    """The build's text GGUF (of type ``quant``) and its mmproj, both present and whole."""
+def _pick_entries(build: str, manifest: dict, quant: str | None) -> tuple[dict, dict]:
+    """The manifest entries of the build's text GGUF (of type ``quant``) and of its mmproj."""
     from ..errors import QoqoptError
-    from ..manifest import entry_path, gguf_entries, gguf_quants, listed_file
+    from ..manifest import entry_path, gguf_entries, gguf_quants
 
     texts, mmproj = gguf_entries(manifest, "text", quant), gguf_entries(manifest, "mmproj")
     if not texts:
@@ -80,7 +81,7 @@ def _pick_files(build: Path, manifest: dict, quant: str | None) -> tuple[Path, P
     if not mmproj:
         raise QoqoptError(f"{build} has no mmproj; re-export without --mmproj-type none to ask about images")
     entries = {entry_path(f): f for f in manifest["files"]}
-    return listed_file(build, entries[texts[0]]), listed_file(build, entries[mmproj[0]])
+    return entries[texts[0]], entries[mmproj[0]]
 
 
 def _item(args):
@@ -115,15 +116,20 @@ def _item(args):
 def run(args) -> int:
     from ..errors import QoqoptError
     from ..loader import resolve
+    from ..manifest import entry_path, listed_file
 
-    folder, _ = resolve(args.build)
+    folder, commit = resolve(args.build, weights=False)  # a Hub id: its manifest and configs first
     kind, manifest = build_kind(folder)
     if args.quant and kind != "gguf":
         raise QoqoptError(f"--quant picks a text GGUF; {args.build} is a {kind} build, not GGUF")
     image, question, reference = _item(args)
     if kind == "gguf":
-        model, reply = _ask_llama_cpp(folder, manifest, args, image, question)
+        # a GGUF repo holds every quant type (tens of GB at 7B): fetch the one text file and the mmproj
+        entries = _pick_entries(args.build, manifest, args.quant)
+        folder, _ = resolve(args.build, commit, only=[entry_path(e) for e in entries])
+        model, reply = _ask_llama_cpp(*(listed_file(folder, e) for e in entries), args, image, question)
     else:
+        folder, _ = resolve(args.build, commit)
         model, reply = _ask_transformers(folder, kind != "checkpoint", args, image, question)
     print(f"model     {model}")
     print(f"question  {question}")
@@ -135,13 +141,12 @@ def run(args) -> int:
     return 0
 
 
-def _ask_llama_cpp(folder: Path, manifest: dict, args, image, question: str) -> tuple[str, str]:
+def _ask_llama_cpp(text_path: Path, mmproj_path: Path, args, image, question: str) -> tuple[str, str]:
     from ..bench.machine import usable_cores
     from ..errors import QoqoptError
     from ..exports.gguf_meta import train_token_range
     from ..exports.gguf_runtime import LlamaVL, chat_prompt, gpu_offload_available
 
-    text_path, mmproj_path = _pick_files(folder, manifest, args.quant)
     gpu = args.device != "cpu" and gpu_offload_available()
     if args.device == "cuda" and not gpu:
         raise QoqoptError("--device cuda: this llama-cpp-python was built without GPU offload")
