@@ -33,6 +33,8 @@ _RUNTIME_TO_CANONICAL = [
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 METADATA_PATTERNS = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+# what a Hub checkpoint is fetched as: no pickle weights (.bin, .pt; never loaded), GGUFs or README media
+WEIGHT_PATTERNS = [*METADATA_PATTERNS, "*.safetensors"]
 
 SAFETENSORS_DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -108,8 +110,9 @@ def resolve(source: str, revision: str | None = None, weights: bool = True,
     """A local directory for `source` (a path or Hub id) and the Hub commit it came from.
 
     Hub downloads go through huggingface_hub, which honours HF_HUB_OFFLINE and the local cache.
-    `weights=False` fetches only metadata (config, index, tokenizer, manifest), which is all `info`
-    needs; `only` (file names or glob patterns) fetches just those files.
+    Only what qoqopt reads is fetched: metadata and safetensors; with `weights=False` the metadata
+    alone (config, index, tokenizer, manifest), which is all `info` needs; with `only` (file names
+    or glob patterns), just those files.
     """
     path = Path(source).expanduser()
     if path.exists():
@@ -118,7 +121,7 @@ def resolve(source: str, revision: str | None = None, weights: bool = True,
         return path, None
     if not HUB_ID.match(source):
         raise QoqoptError(f"{source}: no such directory, and not a Hub id of the form owner/name")
-    return _snapshot(source, revision, only or (None if weights else METADATA_PATTERNS))
+    return _snapshot(source, revision, only or (WEIGHT_PATTERNS if weights else METADATA_PATTERNS))
 
 
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None) -> tuple[Path, str | None]:
@@ -305,7 +308,8 @@ def _weight_map(path: Path) -> tuple[dict[str, str], int | None]:
         return {name: single.name for name in read_safetensors_header(single)}, None
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
         raise QoqoptError(f"{path} holds only pickle weights (.bin/.pt); qoqopt reads safetensors only")
-    raise QoqoptError(f"{path} has no model.safetensors or model.safetensors.index.json")
+    raise QoqoptError(f"{path} has no model.safetensors or model.safetensors.index.json (qoqopt reads "
+                      "safetensors only)")  # fmt: skip
 
 
 def open_checkpoint(source: str, revision: str | None = None, weights: bool = True) -> Checkpoint:

@@ -223,3 +223,28 @@ def test_a_partly_cached_hub_checkpoint_names_what_is_missing(fixture_7b, tmp_pa
     assert json.loads(capsys.readouterr().out)["tensors"]["ecg"] == 139
     err = refused(["bench", "ddvd233/QoQ-Med-VL-7B", "--variants", "bf16", "--out", tmp_path / "o"], capsys)
     assert "HF_HUB_OFFLINE is set and in the local cache 4 file(s) are missing (model-00001-of-00004" in err, err
+
+
+def test_a_hub_checkpoint_is_fetched_without_pickles_or_extras(tiny_dir, tmp_path, monkeypatch):
+    """From a Hub id qoqopt fetches the metadata and safetensors it reads, not the repo's pickle
+    weights (never loaded) or other extras: with a cached listing that names a pytorch_model.bin
+    and a GGUF the cache lacks, huggingface_hub serves the checkpoint offline, and its tensors are
+    the local directory's."""
+    from huggingface_hub import constants
+
+    sha = "fedcba9876543210fedcba9876543210fedcba98"
+    repo = tmp_path / "hub" / "models--me--tiny"
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    for f in tiny_dir.iterdir():
+        (repo / "snapshots" / sha / f.name).symlink_to(f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    names = [f.name for f in tiny_dir.iterdir()] + ["pytorch_model.bin", "tiny.Q8_0.gguf"]
+    (repo / "trees").mkdir()
+    listing = {"format_version": 1, "files": {n: {"size": 1, "blob_id": f"{i:040x}"} for i, n in enumerate(names)}}
+    (repo / "trees" / f"{sha}.json").write_text(json.dumps(listing))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    ckpt = open_checkpoint("me/tiny")
+    assert ckpt.revision == sha
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert ckpt.tensor(name).equal(open_checkpoint(str(tiny_dir)).tensor(name))
