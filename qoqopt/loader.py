@@ -133,10 +133,13 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None) ->
     except LocalEntryNotFoundError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         where = "HF_HUB_OFFLINE is set" if offline else "the Hub is unreachable"
+        named = patterns and not any(c in p for p in patterns for c in "*?[")  # plain file names
         # huggingface_hub >= 2.4 knows, from a cached file listing, when a cached snapshot lacks files
         missing = re.search(r"\d+ file\(s\) are missing \([^)]*\)", str(exc))
-        cached = f"in the local cache {missing[0]}" if missing else "it is not in the local cache"
-        raise QoqoptError(f"cannot get {repo_id}: {where} and {cached}") from exc
+        cached = (f"in the local cache {missing[0]}" if missing
+                  else "they are not all in the local cache" if named else "it is not in the local cache")  # fmt: skip
+        what = f"{', '.join(patterns)} from {repo_id}" if named else repo_id
+        raise QoqoptError(f"cannot get {what}: {where} and {cached}") from exc
     except HfHubHTTPError as exc:
         raise QoqoptError(f"cannot get {repo_id} from the Hub: {str(exc).splitlines()[0]}") from exc
     # The cache lays snapshots out as .../snapshots/<commit sha>/, which is the revision we report.

@@ -291,40 +291,61 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     assert "has no manifest.json" in error_line(res)
 
 
-def test_ask_fetches_one_quant_of_a_hub_gguf_repo(run_1t, tmp_path, monkeypatch, capsys):
-    """`qoqopt ask OWNER/NAME` on a GGUF repo asks huggingface_hub for the manifest and configs, then
-    for the one text GGUF and the mmproj only, not every quant. huggingface_hub does the work, from
-    a cache laid out as it lays one out (offline: tests never reach the Hub); the Q4_K_M file is not
-    in it, so a whole-repo download could not have been needed for Q8_0."""
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    from qoqopt.cli import main
-
-    (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
+def _hub_gguf_repo(gguf_dir: Path, hub: Path, repo_id: str = "me/qoq-gguf") -> None:
+    """`gguf_dir` as huggingface_hub caches a downloaded repo, less its Q4_K_M file: the snapshot, its
+    ref, and the file listing (huggingface_hub >= 2.4) that names every file of the repo, so that
+    the library refuses, offline, a fetch that would need the absent file."""
     sha = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = tmp_path / "hub" / "models--me--qoq-gguf"
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
     (repo / "snapshots" / sha).mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(sha)
     for f in gguf_dir.iterdir():
         if not f.name.endswith(".Q4_K_M.gguf"):
             (repo / "snapshots" / sha / f.name).symlink_to(f)
+    files = {f.name: {"size": f.stat().st_size, "blob_id": f"{i:040x}"} for i, f in enumerate(gguf_dir.iterdir())}
+    (repo / "trees").mkdir()
+    (repo / "trees" / f"{sha}.json").write_text(json.dumps({"format_version": 1, "files": files}))
+
+
+def test_ask_fetches_one_quant_of_a_hub_gguf_repo(run_1t, tmp_path, monkeypatch, capsys):
+    """`qoqopt ask OWNER/NAME` on a GGUF repo fetches the manifest and configs, then the one text GGUF
+    and the mmproj, not every quant: huggingface_hub, offline (tests never reach the Hub), serves
+    Q8_0 from a cache that lacks the repo's Q4_K_M file, and says so when Q4_K_M is asked for."""
+    from huggingface_hub import constants
+
+    from qoqopt.cli import main
+
+    (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
+    _hub_gguf_repo(gguf_dir, tmp_path / "hub")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    asked, real = [], huggingface_hub.snapshot_download
-
-    def snapshot_download(repo_id, **kwargs):
-        asked.append(kwargs.get("allow_patterns"))
-        return real(repo_id, **kwargs)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     item = ["--item", "ct-abd-pancreas.region_ct.eval-0"]
     assert main(["ask", "me/qoq-gguf", "--quant", "Q8_0", *item]) == 0
-    assert "(reference: Abdomen)" in capsys.readouterr().out
-    text, mmproj = (next(gguf_dir.glob(p)).name for p in ("*.Q8_0.gguf", "mmproj-*"))
-    assert "*.json" in asked[0] and asked[1:] == [[text, mmproj]]
-    q4 = next(gguf_dir.glob("*.Q4_K_M.gguf")).name
-    assert f"lists {q4}, which is missing" in refused(["ask", "me/qoq-gguf", "--quant", "Q4_K_M", *item], capsys)
+    assert ".Q8_0.gguf + mmproj-" in (out := capsys.readouterr().out) and "(reference: Abdomen)" in out
+    q4, mmproj = (next(gguf_dir.glob(p)).name for p in ("*.Q4_K_M.gguf", "mmproj-*"))
+    assert main(["ask", "me/qoq-gguf", "--quant", "Q4_K_M", *item]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after huggingface_hub's download bar
+    assert err == (f"error: cannot get {q4}, {mmproj} from me/qoq-gguf: HF_HUB_OFFLINE is set and they are "
+                   "not all in the local cache"), err  # fmt: skip
+
+
+def test_bench_takes_builds_from_a_hub_repo(run_1t, trained_dir, tmp_path):
+    """`bench --from OWNER/NAME` (a repo `qoqopt publish` uploaded) benches the build its manifest
+    lists, fetching only the quant type benched; the result records the published file's sha256."""
+    (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
+    _hub_gguf_repo(gguf_dir, tmp_path / "hub")
+    res = run_cli("bench", str(trained_dir), "--variants", "gguf:Q8_0", "--from", "me/qoq-gguf", "--items", "2",
+                  "--no-speed", "--threads", "1", "--out", str(tmp_path / "out"), env={"HF_HUB_CACHE": str(tmp_path / "hub")})  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "fetching " in res.stdout and ".Q8_0.gguf" in res.stdout and "from me/qoq-gguf" in res.stdout
+    (result,) = (tmp_path / "out").glob("*.json")
+    variant = _by_name(json.loads(result.read_text()))["gguf:Q8_0"]
+    assert variant["status"] == "ok", variant
+    listed = {f["path"]: f["sha256"] for f in json.loads((gguf_dir / "manifest.json").read_text())["files"]}
+    benched = {Path(f["path"]).name: f["sha256"] for f in variant["files"]}
+    assert len(benched) == 2 and all(listed[name] == sha for name, sha in benched.items())
+    assert any(name.endswith(".Q8_0.gguf") for name in benched)
+    assert not (tmp_path / "out" / "builds").exists()  # nothing was exported
 
 
 def _asked(res) -> str:

@@ -31,7 +31,7 @@ class BenchOptions:
     eval_source: str = "clinical"
     items: int = 20
     seed: int = 0
-    search: list[Path] = field(default_factory=list)  # export directories to take builds from
+    search: list[Path | str] = field(default_factory=list)  # export directories or Hub ids to take builds from
     builds: Path | None = None  # where missing builds are made (default OUT/builds)
     label: str | None = None
     threads: int = 0
@@ -112,9 +112,12 @@ def summary_line(rec: dict) -> str:
 
 def _locate_or_build(opts: BenchOptions, builds: Path, log) -> dict[str, dict]:
     """variant name -> {"files": {...}} or {"error": ...}; variants needing no files get {}."""
+    hub = _hub_manifests([s for s in opts.search if isinstance(s, str)])
+    searched = [hub[s][0] if isinstance(s, str) else s for s in opts.search]
+
     def search_dirs():
         extra = sorted(p for p in builds.iterdir() if p.is_dir()) if builds.is_dir() else []
-        return list(opts.search) + extra
+        return searched + extra
 
     out: dict[str, dict] = {}
     missing = []
@@ -122,7 +125,10 @@ def _locate_or_build(opts: BenchOptions, builds: Path, log) -> dict[str, dict]:
         if v.format in ("hf", "bnb"):
             out[v.name] = {"files": {}}
         elif (found := locate(v, search_dirs())) is not None:
-            out[v.name] = {"files": found}
+            try:
+                out[v.name] = {"files": _fetch_from_hub(found, hub.values(), log)}
+            except QoqoptError as err:
+                out[v.name] = {"error": str(err)}
         else:
             missing.append(v)
     # Builds are made from the model as the user named it (a Hub id stays a Hub id in their manifests).
@@ -133,6 +139,34 @@ def _locate_or_build(opts: BenchOptions, builds: Path, log) -> dict[str, dict]:
             found = None if error else locate(v, [dest])
             out[v.name] = {"files": found} if found else {"error": error or f"the export did not produce {v.name}"}
     return out
+
+
+def _hub_manifests(repos: list[str]) -> dict[str, tuple[Path, str, str | None]]:
+    """Hub id -> (its local snapshot folder, the id, its commit), holding only the repo's manifest and
+    configs so far: a build's files are fetched once a variant picks it."""
+    from ..loader import resolve
+
+    manifests = {}
+    for repo in repos:
+        folder, commit = resolve(repo, weights=False)
+        manifests[repo] = (folder, repo, commit)
+    return manifests
+
+
+def _fetch_from_hub(found: dict[str, Path], hub, log) -> dict[str, Path]:
+    """Download the files of a build found in a Hub repo's manifest: a GGUF build's text file and
+    mmproj only (a GGUF repo holds every quant type), a GPTQ/AWQ checkpoint whole. Local builds pass."""
+    from ..loader import resolve
+
+    for folder, repo, commit in hub:
+        if all(p.is_relative_to(folder) for p in found.values()):
+            if "dir" in found:
+                log(f"fetching the {repo} checkpoint")
+                resolve(repo, commit)
+            else:
+                log(f"fetching {', '.join(p.name for p in found.values())} from {repo}")
+                resolve(repo, commit, only=[p.relative_to(folder).as_posix() for p in found.values()])
+    return found
 
 
 def _variant_record(v: Variant, where: dict, common: dict, work: Path, source_files, hashes) -> dict:

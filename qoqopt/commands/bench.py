@@ -12,15 +12,15 @@ examples:
   qoqopt bench out/mini --variants bf16,gguf:Q4_K_M,gguf:Q8_0,gptq:4 --out results/
   qoqopt bench out/mini --variants gguf:Q4_K_M,gptq:4 --from out/mini-gguf --from out/mini-gptq --out results/
   qoqopt bench ddvd233/QoQ-Med-VL-7B --variants bf16,gguf:Q4_K_M,awq:4,bnb:nf4 --device cuda --items 60 --out results/
+  qoqopt bench ddvd233/QoQ-Med-VL-7B --variants bf16,gguf:Q4_K_M --from me/QoQ-Med-VL-7B-GGUF --device cuda
   qoqopt bench out/mini --variants gguf:Q4_K_M --eval my_scans.jsonl --threads 1 --label "laptop, 1 thread"
   qoqopt report results/*.json --out report/
 
 Variants: bf16 | fp16 | fp32 (transformers), gguf:<TYPE> (llama.cpp, text GGUF + mmproj through mtmd),
 gptq:4|8 and awq:4 (transformers with qoqopt's W4A16 QuantLinear: Triton on CUDA, torch on CPU),
 bnb:nf4|fp4|int8 (transformers + bitsandbytes, quantized at load; needs pip install 'qoqopt[bnb]',
-which `make setup` includes). A build is taken from a --from
-directory (or an earlier run's OUT/builds) when its manifest lists it, otherwise built with
-`qoqopt export` into OUT/builds.
+which `make setup` includes). A build is taken from a --from directory or Hub repo (or an earlier
+run's OUT/builds) when its manifest lists it, otherwise built with `qoqopt export` into OUT/builds.
 
 Drift: each eval chat (image + question, then the reference reply, teacher-forced) runs through the
 reference (the source checkpoint in transformers; fp32 compute up to ~3 B parameters, bf16 above) and
@@ -48,8 +48,9 @@ def register(sub) -> None:
     p.add_argument("model", help="the source checkpoint: local directory or Hub id (owner/name)")
     p.add_argument("--variants", default="bf16,gguf:Q4_K_M,gguf:Q8_0,gptq:4", help="comma-separated (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for the result JSON (default: results/)")
-    p.add_argument("--from", dest="search", type=Path, action="append", default=[], metavar="DIR",
-                   help="an export directory to take builds from (repeatable)")  # fmt: skip
+    p.add_argument("--from", dest="search", action="append", default=[], metavar="DIR|OWNER/NAME",
+                   help="an export directory, or a Hub repo published by `qoqopt publish`, to take builds "
+                        "from (repeatable; from a Hub GGUF repo only the benched quant types are fetched)")  # fmt: skip
     p.add_argument("--builds", type=Path, help="where missing builds are made and reused (default: OUT/builds)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where transformers variants run (default cpu)")
     p.add_argument("--eval", dest="eval_source", default="clinical", metavar="clinical|FILE.jsonl",
@@ -76,12 +77,10 @@ def run(args) -> int:
 
     if args.repeats < 1 or args.decode_tokens < 1:
         raise QoqoptError("--repeats and --decode-tokens must be at least 1")
-    for d in args.search:
-        if not (d / "manifest.json").is_file():
-            raise QoqoptError(f"--from {d}: not an export directory (no manifest.json)")
+    search = [_build_source(s) for s in args.search]
     opts = BenchOptions(
         model=args.model, variants=parse_variants(args.variants), out=args.out, device=args.device,
-        eval_source=args.eval_source, items=args.items, seed=args.seed, search=args.search, builds=args.builds,
+        eval_source=args.eval_source, items=args.items, seed=args.seed, search=search, builds=args.builds,
         label=args.label, threads=args.threads,
         speed=None if args.no_speed else SpeedSettings(repeats=args.repeats, decode_tokens=args.decode_tokens),
         calib_items=args.calib_items, reference_dtype=args.reference_dtype, revision=args.revision,
@@ -89,3 +88,16 @@ def run(args) -> int:
     path = run_bench(opts)
     print(f"wrote {path}\nnext: qoqopt report {path.parent}/*.json --out {path.parent}/report")
     return 0
+
+
+def _build_source(source: str) -> Path | str:
+    """A --from directory (it must hold a manifest), or a Hub id, kept as given for the bench to fetch."""
+    from ..errors import QoqoptError
+    from ..loader import HUB_ID
+
+    path = Path(source).expanduser()
+    if path.exists() or not HUB_ID.match(source):
+        if not (path / "manifest.json").is_file():
+            raise QoqoptError(f"--from {source}: not an export directory (no manifest.json) nor a Hub id")
+        return path
+    return source
