@@ -291,19 +291,18 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     assert "has no manifest.json" in error_line(res)
 
 
-def _hub_gguf_repo(gguf_dir: Path, hub: Path, repo_id: str = "me/qoq-gguf") -> None:
-    """`gguf_dir` as huggingface_hub caches a downloaded repo, less its Q4_K_M file: the snapshot, its
+def _hub_repo(build: Path, hub: Path, repo_id: str, sha: str = "89abcdef0123456789abcdef0123456789abcdef") -> None:
+    """`build` as huggingface_hub caches a downloaded repo, less any Q4_K_M file: the snapshot, its
     ref, and the file listing (huggingface_hub >= 2.4) that names every file of the repo, so that
     the library refuses, offline, a fetch that would need the absent file."""
-    sha = "89abcdef0123456789abcdef0123456789abcdef"
     repo = hub / f"models--{repo_id.replace('/', '--')}"
     (repo / "snapshots" / sha).mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(sha)
-    for f in gguf_dir.iterdir():
+    for f in build.iterdir():
         if not f.name.endswith(".Q4_K_M.gguf"):
             (repo / "snapshots" / sha / f.name).symlink_to(f)
-    files = {f.name: {"size": f.stat().st_size, "blob_id": f"{i:040x}"} for i, f in enumerate(gguf_dir.iterdir())}
+    files = {f.name: {"size": f.stat().st_size, "blob_id": f"{i:040x}"} for i, f in enumerate(build.iterdir())}
     (repo / "trees").mkdir()
     (repo / "trees" / f"{sha}.json").write_text(json.dumps({"format_version": 1, "files": files}))
 
@@ -317,7 +316,7 @@ def test_ask_fetches_one_quant_of_a_hub_gguf_repo(run_1t, tmp_path, monkeypatch,
     from qoqopt.cli import main
 
     (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
-    _hub_gguf_repo(gguf_dir, tmp_path / "hub")
+    _hub_repo(gguf_dir, tmp_path / "hub", "me/qoq-gguf")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     item = ["--item", "ct-abd-pancreas.region_ct.eval-0"]
     assert main(["ask", "me/qoq-gguf", "--quant", "Q8_0", *item]) == 0
@@ -329,22 +328,25 @@ def test_ask_fetches_one_quant_of_a_hub_gguf_repo(run_1t, tmp_path, monkeypatch,
                    "not all in the local cache"), err  # fmt: skip
 
 
-def test_bench_takes_builds_from_a_hub_repo(run_1t, trained_dir, tmp_path):
-    """`bench --from OWNER/NAME` (a repo `qoqopt publish` uploaded) benches the build its manifest
-    lists, fetching only the quant type benched; the result records the published file's sha256."""
-    (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
-    _hub_gguf_repo(gguf_dir, tmp_path / "hub")
-    res = run_cli("bench", str(trained_dir), "--variants", "gguf:Q8_0", "--from", "me/qoq-gguf", "--items", "2",
-                  "--no-speed", "--threads", "1", "--out", str(tmp_path / "out"), env={"HF_HUB_CACHE": str(tmp_path / "hub")})  # fmt: skip
+def test_bench_takes_builds_from_hub_repos(run_1t, trained_dir, tmp_path):
+    """`bench --from OWNER/NAME` (repos `qoqopt publish` uploaded) benches the builds their manifests
+    list, fetching only the GGUF quant type benched; the result records the published files' sha256."""
+    builds = Path(run_1t[1]).parent / "builds"
+    (gguf_dir,), gptq_dir = builds.glob("gguf-*"), builds / "gptq-4bit"
+    _hub_repo(gguf_dir, tmp_path / "hub", "me/qoq-gguf")
+    _hub_repo(gptq_dir, tmp_path / "hub", "me/qoq-gptq")
+    res = run_cli("bench", str(trained_dir), "--variants", "gguf:Q8_0,gptq:4", "--from", "me/qoq-gguf", "--from",
+                  "me/qoq-gptq", "--items", "2", "--no-speed", "--threads", "1", "--out", str(tmp_path / "out"),
+                  env={"HF_HUB_CACHE": str(tmp_path / "hub")})  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "fetching " in res.stdout and ".Q8_0.gguf" in res.stdout and "from me/qoq-gguf" in res.stdout
+    assert ".Q8_0.gguf" in res.stdout and "from me/qoq-gguf" in res.stdout and "the me/qoq-gptq checkpoint" in res.stdout
     (result,) = (tmp_path / "out").glob("*.json")
-    variant = _by_name(json.loads(result.read_text()))["gguf:Q8_0"]
-    assert variant["status"] == "ok", variant
-    listed = {f["path"]: f["sha256"] for f in json.loads((gguf_dir / "manifest.json").read_text())["files"]}
-    benched = {Path(f["path"]).name: f["sha256"] for f in variant["files"]}
-    assert len(benched) == 2 and all(listed[name] == sha for name, sha in benched.items())
-    assert any(name.endswith(".Q8_0.gguf") for name in benched)
+    for name, build, count in (("gguf:Q8_0", gguf_dir, 2), ("gptq:4", gptq_dir, 2)):
+        variant = _by_name(json.loads(result.read_text()))[name]
+        assert variant["status"] == "ok", variant
+        benched = {Path(f["path"]).name: f["sha256"] for f in variant["files"]}
+        assert len(benched) == count and all(hashlib.sha256((build / n).read_bytes()).hexdigest() == sha
+                                             for n, sha in benched.items()), benched  # fmt: skip
     assert not (tmp_path / "out" / "builds").exists()  # nothing was exported
 
 
