@@ -315,15 +315,27 @@ def _weight_map(path: Path) -> tuple[dict[str, str], int | None]:
                       "safetensors only)")  # fmt: skip
 
 
-def open_checkpoint(source: str, revision: str | None = None, weights: bool = True) -> Checkpoint:
-    """Resolve, validate and index a checkpoint. Tensor data is only read on demand."""
-    path, commit = resolve(source, revision, weights=weights)
+def _checked_config(path: Path, source: str) -> dict:
+    """config.json of the checkpoint at `path`: a Qwen2.5-VL config that transformers accepts."""
     config_path = path / "config.json"
     if not config_path.exists():
         raise QoqoptError(f"{source} has no config.json; is it a transformers checkpoint?")
     config = _read_json(config_path)
     validate_config(config, source)
     hf_config(config)  # every shape comes from it: refuse a broken one here, not deep in a child process
+    return config
+
+
+def read_config(source: str, revision: str | None = None):
+    """The transformers config of a checkpoint (directory or Hub id); from the Hub, metadata only."""
+    path, _ = resolve(source, revision, weights=False)
+    return hf_config(_checked_config(path, source))
+
+
+def open_checkpoint(source: str, revision: str | None = None, weights: bool = True) -> Checkpoint:
+    """Resolve, validate and index a checkpoint. Tensor data is only read on demand."""
+    path, commit = resolve(source, revision, weights=weights)
+    config = _checked_config(path, source)
     weight_map, total = _weight_map(path)
     ckpt = Checkpoint(path, source, commit, config, weight_map, total)
     unknown = [n for n in ckpt.names if not n.startswith(("visual.", "model.", "lm_head.", ECG_PREFIX))]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import QoqoptError
 from .fileio import sha256_file
-from .manifest import BUILD_FORMATS, entry_path, listed_file, read_manifest
+from .manifest import BUILD_FORMATS, entry_path, gguf_entries, listed_file, read_manifest
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 LICENSE = "mit"  # QoQ-Med and Qwen2.5-VL are MIT / Apache; QoQ-Med's release is MIT
@@ -101,6 +101,43 @@ def base_model_id(manifest: dict, override: str | None = None) -> str:
         how = "--base-model is not" if override else f"the build was exported from {base!r}, which is not"
         raise QoqoptError(f"{how} a Hub repo id; pass --base-model owner/name (the repo the weights come from)")
     return base
+
+
+def check_base_model(folder: Path, manifest: dict, base: str) -> str | None:
+    """Refuse a --base-model whose language model is not the build's shape (the Hub's model tree
+    would list the build as a quantization of a model it did not come from). Returns a note when
+    the base's config cannot be read here (offline, not cached), None when it matches."""
+    from .loader import read_config
+
+    try:
+        t = read_config(base).text_config
+    except QoqoptError as err:
+        return f"--base-model {base} not checked against the build ({err})"
+    theirs, ours = (t.hidden_size, t.num_hidden_layers), _text_shape(folder, manifest)
+    if ours and theirs != ours:
+        raise QoqoptError(f"--base-model {base} has a language model of hidden size {theirs[0]} with {theirs[1]} "
+                          f"layers; this build's has {ours[0]} with {ours[1]}: it was not quantized from {base}")  # fmt: skip
+    return None
+
+
+def _text_shape(folder: Path, manifest: dict) -> tuple[int, int] | None:
+    """(hidden size, layers) of the build's language model (files already verified): from a GGUF
+    build's text-file header, from a GPTQ/AWQ build's config.json; None for a GGUF build without one."""
+    if manifest.get("format") == "gguf":
+        from gguf import GGUFReader
+
+        texts = gguf_entries(manifest, "text")
+        if not texts:
+            return None
+        fields = GGUFReader(str(folder / texts[0])).fields
+        arch = fields["general.architecture"].contents()
+        return fields[f"{arch}.embedding_length"].contents(), fields[f"{arch}.block_count"].contents()
+    import json
+
+    from .loader import hf_config
+
+    t = hf_config(json.loads((folder / "config.json").read_text())).text_config
+    return t.hidden_size, t.num_hidden_layers
 
 
 def card_metadata(manifest: dict, base_model: str | None = None):
@@ -201,6 +238,8 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     results_md = results.read_text() if results else None
     card = render_card(manifest, files, repo_id, results_md, base_model)
     notes = [] if results_md else ["no --results given: the card has no drift/speed tables"]
+    if base_model:  # a build exported from a Hub id names its base itself
+        notes += [n for n in [check_base_model(folder, manifest, base_model)] if n]
     if (folder / "README.md").exists():
         notes.append("the export's README.md is replaced by the generated model card (it carries the same usage)")
     return UploadPlan(folder, repo_id, private, files, card, manifest.get("format", "unknown"), notes)

@@ -197,3 +197,65 @@ def test_legacy_gguf_manifest_key_is_read(export_dir):
     (export_dir / "manifest.json").write_text(json.dumps(m))
     plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF")
     assert [f.path for f in plan.files][:2] == ["QoQ-Med-mini.Q8_0.gguf", "mmproj-QoQ-Med-mini-f16.gguf"]
+
+
+def _cache_as_hub_repo(src, hub, repo_id: str) -> None:
+    """The metadata (*.json) of checkpoint `src` in huggingface_hub's cache layout, as `repo_id`."""
+    import shutil
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    for f in src.glob("*.json"):
+        shutil.copy(f, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+
+
+def _gguf_build(d, hidden: int, layers: int) -> None:
+    """A GGUF build whose text file's header (written by gguf-py) says `hidden` and `layers`."""
+    import gguf
+
+    d.mkdir()
+    w = gguf.GGUFWriter(str(d / "m.Q8_0.gguf"), "qwen2vl")
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = (d / "m.Q8_0.gguf").read_bytes()
+    entry = {"path": "m.Q8_0.gguf", "kind": "text", "quant": "Q8_0", "bytes": len(data),
+             "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+    (d / "manifest.json").write_text(json.dumps({"format": "gguf", "source": {"model": "/local/dir"}, "files": [entry]}))
+
+
+def test_base_model_must_be_the_builds_shape(fixture_7b, tiny_dir, tmp_path, monkeypatch, capsys):
+    """--base-model is checked against the build when the base's config can be read (here from an
+    offline Hub cache): the real 7B's language model (3584 wide, 28 layers) is not the mini GGUF
+    build's (gguf-py header) nor the mini GPTQ-shaped build's (config.json); the mini base is; a
+    base that is not cached is a note, not a refusal."""
+    from huggingface_hub import constants
+
+    hub = tmp_path / "hub"
+    _cache_as_hub_repo(fixture_7b, hub, "ddvd233/QoQ-Med-VL-7B")
+    _cache_as_hub_repo(tiny_dir, hub, "me/tiny")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    tiny = json.loads((tiny_dir / "config.json").read_text())
+    text = tiny.get("text_config", tiny)
+    _gguf_build(tmp_path / "gguf", text["hidden_size"], text["num_hidden_layers"])
+    gptq = tmp_path / "gptq"
+    gptq.mkdir()
+    (gptq / "config.json").write_text(json.dumps(tiny))
+    cfg = (gptq / "config.json").read_bytes()
+    entry = {"path": "config.json", "bytes": len(cfg), "sha256": hashlib.sha256(cfg).hexdigest()}
+    (gptq / "manifest.json").write_text(json.dumps({"format": "gptq", "source": {"model": "/local"}, "files": [entry]}))
+    for build in (tmp_path / "gguf", gptq):
+        argv = ["publish", build, "--repo", "me/x", "--dry-run", "--base-model"]
+        err = refused([*argv, "ddvd233/QoQ-Med-VL-7B"], capsys)
+        assert (f"has a language model of hidden size 3584 with 28 layers; this build's has {text['hidden_size']} "
+                f"with {text['num_hidden_layers']}: it was not quantized from ddvd233/QoQ-Med-VL-7B") in err, err  # fmt: skip
+        plan = plan_upload(build, "me/x", base_model="me/tiny")
+        assert "base_model: me/tiny" in plan.card and not any("not checked" in n for n in plan.notes)
+        plan = plan_upload(build, "me/x", base_model="someone/uncached")
+        assert any(n.startswith("--base-model someone/uncached not checked against the build") for n in plan.notes)
