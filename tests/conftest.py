@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_as_hub_repo(hub: Path, repo_id: str, files: list[Path], listed: list[str] | None = None) -> str:
+    """`files` as huggingface_hub caches a downloaded `repo_id` under `hub` (symlinks in
+    snapshots/<commit>/, refs/main); with `listed`, also the whole repo's file listing that
+    huggingface_hub >= 2.4 keeps (trees/<commit>.json, the format its _tree_cache documents), so an
+    offline fetch that needs a listed file the snapshot lacks is refused. Returns the commit."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / HUB_COMMIT
+    snapshot.mkdir(parents=True)
+    for f in files:
+        (snapshot / f.name).symlink_to(f.resolve())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    if listed is not None:
+        entries = {name: {"size": 1, "blob_id": f"{i:040x}"} for i, name in enumerate(listed)}
+        (repo / "trees").mkdir()
+        (repo / "trees" / f"{HUB_COMMIT}.json").write_text(json.dumps({"format_version": 1, "files": entries}))
+    return HUB_COMMIT

@@ -2,13 +2,12 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from qoqopt.errors import QoqoptError
 from qoqopt.loader import canonical_name, open_checkpoint, part_of
-from tests.conftest import error_line, refused, run_cli
+from tests.conftest import cache_as_hub_repo, error_line, refused, run_cli
 
 
 def test_real_7b_index_is_understood(fixture_7b):
@@ -180,22 +179,9 @@ def test_pickle_only_checkpoint_is_refused(tiny_dir, tmp_path):
         open_checkpoint(str(d))
 
 
-def _hub_cache(fixture_7b, tmp_path) -> tuple[Path, str]:
-    """The real 7B metadata (no shards) in huggingface_hub's cache layout: (the repo folder, commit)."""
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--ddvd233--QoQ-Med-VL-7B"
-    snap = repo / "snapshots" / sha
-    snap.mkdir(parents=True)
-    for f in fixture_7b.glob("*.json"):
-        shutil.copy(f, snap)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
-    return repo, sha
-
-
 def test_hub_id_resolves_from_offline_cache(fixture_7b, tmp_path):
     """A Hub id is resolved by huggingface_hub from its cache layout, with HF_HUB_OFFLINE=1."""
-    _hub_cache(fixture_7b, tmp_path)
+    cache_as_hub_repo(tmp_path / "hub", "ddvd233/QoQ-Med-VL-7B", list(fixture_7b.glob("*.json")))
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     res = run_cli("info", "ddvd233/QoQ-Med-VL-7B", "--json", env=env)
     assert res.returncode == 0, res.stderr
@@ -210,12 +196,10 @@ def test_a_partly_cached_hub_checkpoint_names_what_is_missing(fixture_7b, tmp_pa
     `info`, and `bench`, which needs the weights, says in one line which files the cache lacks."""
     from huggingface_hub import constants
 
-    repo, sha = _hub_cache(fixture_7b, tmp_path)
+    metadata = list(fixture_7b.glob("*.json"))
     index = json.loads((fixture_7b / "model.safetensors.index.json").read_text())
-    names = [f.name for f in fixture_7b.glob("*.json")] + sorted(set(index["weight_map"].values()))
-    (repo / "trees").mkdir()
-    listing = {"format_version": 1, "files": {n: {"size": 1, "blob_id": f"{i:040x}"} for i, n in enumerate(names)}}
-    (repo / "trees" / f"{sha}.json").write_text(json.dumps(listing))
+    listed = [f.name for f in metadata] + sorted(set(index["weight_map"].values()))
+    cache_as_hub_repo(tmp_path / "hub", "ddvd233/QoQ-Med-VL-7B", metadata, listed)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     from qoqopt.cli import main
 
@@ -232,17 +216,9 @@ def test_a_hub_checkpoint_is_fetched_without_pickles_or_extras(tiny_dir, tmp_pat
     the local directory's."""
     from huggingface_hub import constants
 
-    sha = "fedcba9876543210fedcba9876543210fedcba98"
-    repo = tmp_path / "hub" / "models--me--tiny"
-    (repo / "snapshots" / sha).mkdir(parents=True)
-    for f in tiny_dir.iterdir():
-        (repo / "snapshots" / sha / f.name).symlink_to(f)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
-    names = [f.name for f in tiny_dir.iterdir()] + ["pytorch_model.bin", "tiny.Q8_0.gguf"]
-    (repo / "trees").mkdir()
-    listing = {"format_version": 1, "files": {n: {"size": 1, "blob_id": f"{i:040x}"} for i, n in enumerate(names)}}
-    (repo / "trees" / f"{sha}.json").write_text(json.dumps(listing))
+    files = list(tiny_dir.iterdir())
+    listed = [f.name for f in files] + ["pytorch_model.bin", "t.gguf"]
+    sha = cache_as_hub_repo(tmp_path / "hub", "me/tiny", files, listed)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     ckpt = open_checkpoint("me/tiny")
     assert ckpt.revision == sha

@@ -7,7 +7,7 @@ import pytest
 
 from qoqopt.errors import QoqoptError
 from qoqopt.publish import plan_upload, upload
-from tests.conftest import error_line, refused, run_cli
+from tests.conftest import cache_as_hub_repo, error_line, refused, run_cli
 
 SECRET = "hf_SeCrEtTokenValue1234567890abcdef"
 
@@ -199,19 +199,6 @@ def test_legacy_gguf_manifest_key_is_read(export_dir):
     assert [f.path for f in plan.files][:2] == ["QoQ-Med-mini.Q8_0.gguf", "mmproj-QoQ-Med-mini-f16.gguf"]
 
 
-def _cache_as_hub_repo(src, hub, repo_id: str) -> None:
-    """The metadata (*.json) of checkpoint `src` in huggingface_hub's cache layout, as `repo_id`."""
-    import shutil
-
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    repo = hub / f"models--{repo_id.replace('/', '--')}"
-    (repo / "snapshots" / sha).mkdir(parents=True)
-    for f in src.glob("*.json"):
-        shutil.copy(f, repo / "snapshots" / sha)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
-
-
 def _gguf_build(d, hidden: int, layers: int) -> None:
     """A GGUF build whose text file's header (written by gguf-py) says `hidden` and `layers`."""
     import gguf
@@ -238,8 +225,8 @@ def test_base_model_must_be_the_builds_shape(fixture_7b, tiny_dir, tmp_path, mon
     from huggingface_hub import constants
 
     hub = tmp_path / "hub"
-    _cache_as_hub_repo(fixture_7b, hub, "ddvd233/QoQ-Med-VL-7B")
-    _cache_as_hub_repo(tiny_dir, hub, "me/tiny")
+    cache_as_hub_repo(hub, "ddvd233/QoQ-Med-VL-7B", list(fixture_7b.glob("*.json")))
+    cache_as_hub_repo(hub, "me/tiny", list(tiny_dir.glob("*.json")))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
     tiny = json.loads((tiny_dir / "config.json").read_text())
     text = tiny.get("text_config", tiny)
