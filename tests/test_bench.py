@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TRAIN_TOKENS, cache_as_hub_repo, error_line, refused, run_cli
+from tests.conftest import HUB_COMMIT, TRAIN_TOKENS, cache_as_hub_repo, error_line, refused, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -309,8 +309,10 @@ def test_ask_fetches_one_quant_of_a_hub_gguf_repo(run_1t, tmp_path, monkeypatch,
     _hub_repo(gguf_dir, tmp_path / "hub", "me/qoq-gguf")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     item = ["--item", "ct-abd-pancreas.region_ct.eval-0"]
-    assert main(["ask", "me/qoq-gguf", "--quant", "Q8_0", *item]) == 0
+    assert main(["ask", "me/qoq-gguf", "--quant", "Q8_0", "--revision", HUB_COMMIT, *item]) == 0
     assert ".Q8_0.gguf + mmproj-" in (out := capsys.readouterr().out) and "(reference: Abdomen)" in out
+    err = refused(["ask", "me/qoq-gguf", "--revision", "v2", *item], capsys)
+    assert err == "error: cannot get me/qoq-gguf: HF_HUB_OFFLINE is set and it is not in the local cache", err
     q4, mmproj = (next(gguf_dir.glob(p)).name for p in ("*.Q4_K_M.gguf", "mmproj-*"))
     assert main(["ask", "me/qoq-gguf", "--quant", "Q4_K_M", *item]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after huggingface_hub's download bar

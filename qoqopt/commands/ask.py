@@ -48,6 +48,7 @@ def register(sub) -> None:
                         "GPU offload), else the CPU")  # fmt: skip
     p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for llama.cpp and torch (default: all)")
     p.add_argument("--max-tokens", type=positive_int, default=64, help="reply length limit (default 64)")
+    p.add_argument("--revision", help="Hub branch, tag or commit of BUILD (default: main)")
     p.set_defaults(func=run)
 
 
@@ -118,7 +119,7 @@ def run(args) -> int:
     from ..loader import resolve
     from ..manifest import entry_path, listed_file
 
-    folder, commit = resolve(args.build, weights=False)  # a Hub id: its manifest and configs first
+    folder, commit = resolve(args.build, args.revision, weights=False)  # a Hub id: its manifest and configs first
     kind, manifest = build_kind(folder)
     if args.quant and kind != "gguf":
         raise QoqoptError(f"--quant picks a text GGUF; {args.build} is a {kind} build, not GGUF")
