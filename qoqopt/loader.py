@@ -315,6 +315,20 @@ def _weight_map(path: Path) -> tuple[dict[str, str], int | None]:
                       "safetensors only)")  # fmt: skip
 
 
+def _hub_weight_map(source: str, commit: str, path: Path) -> dict[str, str]:
+    """Tensor name -> file of a Hub checkpoint without an index (one model.safetensors): from the
+    file's header, which huggingface_hub reads with a range request, not the whole download."""
+    from huggingface_hub import get_safetensors_metadata
+
+    if (path / "model.safetensors").exists():  # downloaded before
+        return _weight_map(path)[0]
+    try:
+        return dict(get_safetensors_metadata(source, revision=commit).weight_map)
+    except Exception as exc:  # noqa: BLE001 (offline, HTTP errors, a repo without safetensors)
+        raise QoqoptError(f"cannot read the safetensors header of {source} from the Hub: "
+                          f"{str(exc).splitlines()[0]}") from exc  # fmt: skip
+
+
 def _checked_config(path: Path, source: str) -> dict:
     """config.json of the checkpoint at `path`: a Qwen2.5-VL config that transformers accepts."""
     config_path = path / "config.json"
@@ -336,7 +350,10 @@ def open_checkpoint(source: str, revision: str | None = None, weights: bool = Tr
     """Resolve, validate and index a checkpoint. Tensor data is only read on demand."""
     path, commit = resolve(source, revision, weights=weights)
     config = _checked_config(path, source)
-    weight_map, total = _weight_map(path)
+    if not weights and commit and not (path / "model.safetensors.index.json").exists():
+        weight_map, total = _hub_weight_map(source, commit, path), None  # one safetensors file, not fetched
+    else:
+        weight_map, total = _weight_map(path)
     ckpt = Checkpoint(path, source, commit, config, weight_map, total)
     unknown = [n for n in ckpt.names if not n.startswith(("visual.", "model.", "lm_head.", ECG_PREFIX))]
     if unknown:

@@ -224,3 +224,20 @@ def test_a_hub_checkpoint_is_fetched_without_pickles_or_extras(tiny_dir, tmp_pat
     assert ckpt.revision == sha
     name = "model.layers.1.mlp.down_proj.weight"
     assert ckpt.tensor(name).equal(open_checkpoint(str(tiny_dir)).tensor(name))
+
+
+def test_info_on_a_single_file_hub_checkpoint(tiny_dir, tmp_path, monkeypatch, capsys):
+    """A Hub checkpoint without an index (one model.safetensors) has its tensor names in that file's
+    header, which `info` reads through huggingface_hub (a range request) rather than downloading the
+    weights: offline that is one line naming why; once the file is cached, the header is read."""
+    from huggingface_hub import constants
+
+    from qoqopt.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cache_as_hub_repo(tmp_path / "hub", "me/tiny-meta", list(tiny_dir.glob("*.json")))
+    err = refused(["info", "me/tiny-meta"], capsys)
+    assert err.startswith("error: cannot read the safetensors header of me/tiny-meta from the Hub: ") and "offline" in err
+    cache_as_hub_repo(tmp_path / "hub", "me/tiny", list(tiny_dir.iterdir()))
+    assert main(["info", "me/tiny"]) == 0
+    assert "text 79.4 M" in capsys.readouterr().out

@@ -126,7 +126,7 @@ def _locate_or_build(opts: BenchOptions, builds: Path, log) -> dict[str, dict]:
             out[v.name] = {"files": {}}
         elif (found := locate(v, search_dirs())) is not None:
             try:
-                out[v.name] = {"files": _fetch_from_hub(found, hub.values(), log)}
+                out[v.name] = {"files": _fetch_from_hub(found, hub, log)}
             except QoqoptError as err:
                 out[v.name] = {"error": str(err)}
         else:
@@ -141,24 +141,20 @@ def _locate_or_build(opts: BenchOptions, builds: Path, log) -> dict[str, dict]:
     return out
 
 
-def _hub_manifests(repos: list[str]) -> dict[str, tuple[Path, str, str | None]]:
-    """Hub id -> (its local snapshot folder, the id, its commit), holding only the repo's manifest and
+def _hub_manifests(repos: list[str]) -> dict[str, tuple[Path, str | None]]:
+    """Hub id -> (its local snapshot folder, its commit), holding only the repo's manifest and
     configs so far: a build's files are fetched once a variant picks it."""
     from ..loader import resolve
 
-    manifests = {}
-    for repo in repos:
-        folder, commit = resolve(repo, weights=False)
-        manifests[repo] = (folder, repo, commit)
-    return manifests
+    return {repo: resolve(repo, weights=False) for repo in repos}
 
 
-def _fetch_from_hub(found: dict[str, Path], hub, log) -> dict[str, Path]:
+def _fetch_from_hub(found: dict[str, Path], hub: dict[str, tuple[Path, str | None]], log) -> dict[str, Path]:
     """Download the files of a build found in a Hub repo's manifest: a GGUF build's text file and
     mmproj only (a GGUF repo holds every quant type), a GPTQ/AWQ checkpoint whole. Local builds pass."""
     from ..loader import resolve
 
-    for folder, repo, commit in hub:
+    for repo, (folder, commit) in hub.items():
         if all(p.is_relative_to(folder) for p in found.values()):
             if "dir" in found:
                 log(f"fetching the {repo} checkpoint")

@@ -17,7 +17,7 @@ examples:
   qoqopt ask out/mini --item ct-abd-pancreas.region_ct.eval-0             # the original, to compare
 
 What runs depends on BUILD (a directory or a Hub id; from a GGUF repo only the chosen text GGUF
-and the mmproj are downloaded, from any other the whole repo):
+and the mmproj are downloaded, from any other its metadata and safetensors):
   GGUF export      its text GGUF and mmproj through llama.cpp's multimodal path (llama-cpp-python's
                    mtmd): llama.cpp resizes and normalises the image, so this is what LM Studio and
                    Ollama users get; at QoQ-Med's training image range (84-668 image tokens)
