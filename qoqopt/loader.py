@@ -11,6 +11,7 @@ ECG encoder, which the plain Qwen2.5-VL class ignores; it is recognised here and
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -33,8 +34,6 @@ _RUNTIME_TO_CANONICAL = [
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 METADATA_PATTERNS = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-# what a Hub checkpoint is fetched as: no pickle weights (.bin, .pt; never loaded), GGUFs or README media
-WEIGHT_PATTERNS = [*METADATA_PATTERNS, "*.safetensors"]
 
 SAFETENSORS_DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -110,9 +109,9 @@ def resolve(source: str, revision: str | None = None, weights: bool = True,
     """A local directory for `source` (a path or Hub id) and the Hub commit it came from.
 
     Hub downloads go through huggingface_hub, which honours HF_HUB_OFFLINE and the local cache.
-    Only what qoqopt reads is fetched: metadata and safetensors; with `weights=False` the metadata
-    alone (config, index, tokenizer, manifest), which is all `info` needs; with `only` (file names
-    or glob patterns), just those files.
+    Only what qoqopt reads is fetched: the metadata (config, index, tokenizer, manifest: all `info`
+    needs), then, with `weights`, the safetensors files the index names (never pickle weights or
+    other folders' files); with `only`, just those files.
     """
     path = Path(source).expanduser()
     if path.exists():
@@ -121,30 +120,54 @@ def resolve(source: str, revision: str | None = None, weights: bool = True,
         return path, None
     if not HUB_ID.match(source):
         raise QoqoptError(f"{source}: no such directory, and not a Hub id of the form owner/name")
-    return _snapshot(source, revision, only or (WEIGHT_PATTERNS if weights else METADATA_PATTERNS))
+    if only is not None:
+        return _snapshot(source, revision, files=only)
+    path, commit = _snapshot(source, revision, patterns=METADATA_PATTERNS)
+    if not weights:
+        return path, commit
+    return _snapshot(source, commit or revision, files=_shard_files(path))
 
 
-def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None) -> tuple[Path, str | None]:
+def _shard_files(path: Path) -> list[str]:
+    """The safetensors files a checkpoint's index names; without an index, its one model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(set(_read_json(index).get("weight_map", {}).values()))
+    return ["model.safetensors"]
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None = None,
+              files: list[str] | None = None) -> tuple[Path, str | None]:  # fmt: skip
+    """huggingface_hub's snapshot of `repo_id` holding the files matching `patterns`, or exactly `files`."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
+    if files is not None:
+        patterns = [glob.escape(f) for f in files]  # names, matched literally even with [ ] * ?
     try:
         local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        where = "HF_HUB_OFFLINE is set" if offline else "the Hub is unreachable"
-        named = patterns and not any(c in p for p in patterns for c in "*?[")  # plain file names
-        # huggingface_hub >= 2.4 knows, from a cached file listing, when a cached snapshot lacks files
-        missing = re.search(r"\d+ file\(s\) are missing \([^)]*\)", str(exc))
-        cached = (f"in the local cache {missing[0]}" if missing
-                  else "they are not all in the local cache" if named else "it is not in the local cache")  # fmt: skip
-        what = f"{', '.join(patterns)} from {repo_id}" if named else repo_id
-        raise QoqoptError(f"cannot get {what}: {where} and {cached}") from exc
+        raise QoqoptError(_not_cached(repo_id, files, exc)) from exc
+    except HFValidationError as exc:
+        raise QoqoptError(f"{repo_id}: no such directory, and not a valid Hub id ({str(exc).splitlines()[0]})") from exc
     except HfHubHTTPError as exc:
         raise QoqoptError(f"cannot get {repo_id} from the Hub: {str(exc).splitlines()[0]}") from exc
     # The cache lays snapshots out as .../snapshots/<commit sha>/, which is the revision we report.
     commit = local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else None
     return local, commit
+
+
+def _not_cached(repo_id: str, files: list[str] | None, exc: Exception) -> str:
+    """Why a fetch failed offline or with the Hub unreachable, in one line."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    where = "HF_HUB_OFFLINE is set" if offline else "the Hub is unreachable"
+    # huggingface_hub >= 2.4 knows, from its cached file listing, which files a cached snapshot lacks
+    missing = re.search(r"(\d+) file\(s\) are missing \((.*?)\)\. ", str(exc))
+    if missing:
+        return f"cannot get {repo_id}: {where} and the local cache lacks {missing[1]} of its files: {missing[2]}"
+    if files:
+        return f"cannot get {', '.join(files)} from {repo_id}: {where} and they are not all in the local cache"
+    return f"cannot get {repo_id}: {where} and it is not in the local cache"
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -329,7 +352,7 @@ def _hub_weight_map(source: str, commit: str, path: Path) -> dict[str, str]:
                           f"{str(exc).splitlines()[0]}") from exc  # fmt: skip
 
 
-def _checked_config(path: Path, source: str) -> dict:
+def checked_config(path: Path, source: str) -> dict:
     """config.json of the checkpoint at `path`: a Qwen2.5-VL config that transformers accepts."""
     config_path = path / "config.json"
     if not config_path.exists():
@@ -340,16 +363,10 @@ def _checked_config(path: Path, source: str) -> dict:
     return config
 
 
-def read_config(source: str, revision: str | None = None):
-    """The transformers config of a checkpoint (directory or Hub id); from the Hub, metadata only."""
-    path, _ = resolve(source, revision, weights=False)
-    return hf_config(_checked_config(path, source))
-
-
 def open_checkpoint(source: str, revision: str | None = None, weights: bool = True) -> Checkpoint:
     """Resolve, validate and index a checkpoint. Tensor data is only read on demand."""
     path, commit = resolve(source, revision, weights=weights)
-    config = _checked_config(path, source)
+    config = checked_config(path, source)
     if not weights and commit and not (path / "model.safetensors.index.json").exists():
         weight_map, total = _hub_weight_map(source, commit, path), None  # one safetensors file, not fetched
     else:

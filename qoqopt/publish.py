@@ -107,12 +107,13 @@ def check_base_model(folder: Path, manifest: dict, base: str) -> str | None:
     """Refuse a --base-model whose language model is not the build's shape (the Hub's model tree
     would list the build as a quantization of a model it did not come from). Returns a note when
     the base's config cannot be read here (offline, not cached), None when it matches."""
-    from .loader import read_config
+    from .loader import checked_config, hf_config, resolve
 
     try:
-        t = read_config(base).text_config
+        path, _ = resolve(base, weights=False)
     except QoqoptError as err:
         return f"--base-model {base} not checked against the build ({err})"
+    t = hf_config(checked_config(path, f"--base-model {base}")).text_config  # read, but not Qwen2.5-VL: refused
     theirs, ours = (t.hidden_size, t.num_hidden_layers), _text_shape(folder, manifest)
     if ours and theirs != ours:
         raise QoqoptError(f"--base-model {base} has a language model of hidden size {theirs[0]} with {theirs[1]} "

@@ -250,6 +250,8 @@ def test_report_merges_the_two_runs(run_1t, run_2t, tmp_path):
         (["--variants", "int3"], "unknown variant 'int3'"),
         (["--variants", "bf16,bf16"], "more than once"),
         (["--variants", "bf16", "--from", "{tmp}"], "not an export directory"),
+        (["--variants", "bf16", "--from", "me/not-cached"],
+         "--from me/not-cached: no such directory; as a Hub id: cannot get me/not-cached: HF_HUB_OFFLINE is set"),
         (["--variants", "bf16", "--eval", "{tmp}/bad.jsonl"], "bad.jsonl:1"),
         (["--variants", "bf16", "--items", "0"], "--items must be at least 1"),
     ],
@@ -314,13 +316,12 @@ def test_ask_fetches_one_quant_of_a_hub_gguf_repo(run_1t, tmp_path, monkeypatch,
     err = refused(["ask", "me/qoq-gguf", "--revision", "v2", *item], capsys)
     assert err == "error: cannot get me/qoq-gguf: HF_HUB_OFFLINE is set and it is not in the local cache", err
     q4, mmproj = (next(gguf_dir.glob(p)).name for p in ("*.Q4_K_M.gguf", "mmproj-*"))
-    assert main(["ask", "me/qoq-gguf", "--quant", "Q4_K_M", *item]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after huggingface_hub's download bar
+    err = refused(["ask", "me/qoq-gguf", "--quant", "Q4_K_M", *item], capsys, downloads=True)
     assert err == (f"error: cannot get {q4}, {mmproj} from me/qoq-gguf: HF_HUB_OFFLINE is set and they are "
                    "not all in the local cache"), err  # fmt: skip
 
 
-def test_bench_takes_builds_from_hub_repos(run_1t, trained_dir, tmp_path):
+def test_bench_takes_builds_from_hub_repos(run_1t, trained_dir, tmp_path, monkeypatch, capsys):
     """`bench --from OWNER/NAME` (repos `qoqopt publish` uploaded) benches the builds their manifests
     list, fetching only the GGUF quant type benched; the result records the published files' sha256."""
     builds = Path(run_1t[1]).parent / "builds"
@@ -341,6 +342,12 @@ def test_bench_takes_builds_from_hub_repos(run_1t, trained_dir, tmp_path):
         assert len(benched) == count and all(hashlib.sha256((build / n).read_bytes()).hexdigest() == sha
                                              for n, sha in benched.items()), benched  # fmt: skip
     assert not (tmp_path / "out" / "builds").exists()  # nothing was exported
+    from huggingface_hub import constants
+
+    cache_as_hub_repo(tmp_path / "hub", "me/plain", [trained_dir / "config.json"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    argv = ["bench", trained_dir, "--variants", "gguf:Q8_0", "--from", "me/plain", "--out", tmp_path / "o2"]
+    assert "--from me/plain: the Hub repo has no manifest.json" in refused(argv, capsys)  # before any work
 
 
 def _asked(res) -> str:

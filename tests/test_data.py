@@ -352,6 +352,8 @@ def test_cli_jsonl_takes_domain_and_refuses_built_in_choices(tmp_path, capsys):
     assert _cli("data", "list", "--jsonl", path, "--domain", "ct") == 0
     out = capsys.readouterr().out
     assert "set:2" in out and "set:1" not in out and out.strip().endswith("1 items: ct 1")
+    with pytest.raises(QoqoptError, match="--domain pathology: the built-in set has ct, "):
+        _cli("data", "list", "--domain", "pathology")  # a domain only a user set can have
     for flag in (("--split", "eval"), ("--n-per-base", "2")):
         with pytest.raises(QoqoptError, match="pick from the built-in set; a --jsonl set is listed whole"):
             _cli("data", "list", "--jsonl", path, *flag)

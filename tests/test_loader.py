@@ -193,31 +193,38 @@ def test_hub_id_resolves_from_offline_cache(fixture_7b, tmp_path):
 def test_a_partly_cached_hub_checkpoint_names_what_is_missing(fixture_7b, tmp_path, monkeypatch, capsys):
     """huggingface_hub (>= 2.4) keeps each downloaded commit's file listing beside the snapshot (the
     format its _tree_cache documents). Offline, a snapshot holding only the metadata still serves
-    `info`, and `bench`, which needs the weights, says in one line which files the cache lacks."""
+    `info`; `bench`, which needs the weights, names the shards it cannot get; a snapshot lacking a
+    listed metadata file says which, in one line."""
     from huggingface_hub import constants
+
+    from qoqopt.cli import main
 
     metadata = list(fixture_7b.glob("*.json"))
     index = json.loads((fixture_7b / "model.safetensors.index.json").read_text())
-    listed = [f.name for f in metadata] + sorted(set(index["weight_map"].values()))
-    cache_as_hub_repo(tmp_path / "hub", "ddvd233/QoQ-Med-VL-7B", metadata, listed)
+    shards = sorted(set(index["weight_map"].values()))
+    cache_as_hub_repo(tmp_path / "hub", "ddvd233/QoQ-Med-VL-7B", metadata, [f.name for f in metadata] + shards)
+    cache_as_hub_repo(tmp_path / "hub", "me/partial", metadata, [f.name for f in metadata] + ["chat_template.jinja"])
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    from qoqopt.cli import main
-
     assert main(["info", "ddvd233/QoQ-Med-VL-7B", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tensors"]["ecg"] == 139
-    err = refused(["bench", "ddvd233/QoQ-Med-VL-7B", "--variants", "bf16", "--out", tmp_path / "o"], capsys)
-    assert "HF_HUB_OFFLINE is set and in the local cache 4 file(s) are missing (model-00001-of-00004" in err, err
+    argv = ["bench", "ddvd233/QoQ-Med-VL-7B", "--variants", "bf16", "--out", tmp_path / "o"]
+    err = refused(argv, capsys, downloads=True)
+    assert err == (f"error: cannot get {', '.join(shards)} from ddvd233/QoQ-Med-VL-7B: HF_HUB_OFFLINE is set and "
+                   "they are not all in the local cache"), err  # fmt: skip
+    err = refused(["info", "me/partial"], capsys)
+    assert err == ("error: cannot get me/partial: HF_HUB_OFFLINE is set and the local cache lacks 1 of its files: "
+                   "chat_template.jinja"), err  # fmt: skip
 
 
 def test_a_hub_checkpoint_is_fetched_without_pickles_or_extras(tiny_dir, tmp_path, monkeypatch):
-    """From a Hub id qoqopt fetches the metadata and safetensors it reads, not the repo's pickle
-    weights (never loaded) or other extras: with a cached listing that names a pytorch_model.bin
-    and a GGUF the cache lacks, huggingface_hub serves the checkpoint offline, and its tensors are
-    the local directory's."""
+    """From a Hub id qoqopt fetches the metadata and the safetensors it reads, not the repo's pickle
+    weights (never loaded) or other extras: with a cached listing that names a pytorch_model.bin,
+    a GGUF and another folder's safetensors, all absent, huggingface_hub serves the checkpoint
+    offline, and its tensors are the local directory's."""
     from huggingface_hub import constants
 
     files = list(tiny_dir.iterdir())
-    listed = [f.name for f in files] + ["pytorch_model.bin", "t.gguf"]
+    listed = [f.name for f in files] + ["pytorch_model.bin", "t.gguf", "int4/model.safetensors"]
     sha = cache_as_hub_repo(tmp_path / "hub", "me/tiny", files, listed)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     ckpt = open_checkpoint("me/tiny")
@@ -237,7 +244,39 @@ def test_info_on_a_single_file_hub_checkpoint(tiny_dir, tmp_path, monkeypatch, c
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     cache_as_hub_repo(tmp_path / "hub", "me/tiny-meta", list(tiny_dir.glob("*.json")))
     err = refused(["info", "me/tiny-meta"], capsys)
-    assert err.startswith("error: cannot read the safetensors header of me/tiny-meta from the Hub: ") and "offline" in err
+    assert err.startswith("error: cannot read the safetensors header of me/tiny-meta from the Hub: ")
+    assert "offline" in err
     cache_as_hub_repo(tmp_path / "hub", "me/tiny", list(tiny_dir.iterdir()))
     assert main(["info", "me/tiny"]) == 0
     assert "text 79.4 M" in capsys.readouterr().out
+
+
+def test_info_reads_a_single_file_hub_checkpoints_header_by_range_request(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Online, the tensor names come from huggingface_hub.get_safetensors_metadata (one range request
+    for the header) at the commit the metadata came from; here it is stood in for by the real
+    header of the mini model's file, as that function returns it, since tests never reach the Hub."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
+
+    from qoqopt.cli import main
+    from qoqopt.loader import read_safetensors_header
+
+    header = read_safetensors_header(tiny_dir / "model.safetensors")
+    tensors = {n: TensorInfo(dtype=h["dtype"], shape=h["shape"], data_offsets=tuple(h["data_offsets"]))
+               for n, h in header.items()}  # fmt: skip
+    asked = []
+
+    def get_safetensors_metadata(repo_id, revision=None, **kw):
+        asked.append((repo_id, revision))
+        files = {"model.safetensors": SafetensorsFileMetadata({}, tensors)}
+        weight_map = dict.fromkeys(tensors, "model.safetensors")
+        return SafetensorsRepoMetadata(metadata=None, sharded=False, weight_map=weight_map, files_metadata=files)
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    commit = cache_as_hub_repo(tmp_path / "hub", "me/tiny-meta", list(tiny_dir.glob("*.json")))
+    assert main(["info", "me/tiny-meta"]) == 0
+    out = capsys.readouterr().out
+    assert asked == [("me/tiny-meta", commit)]
+    assert "text 79.4 M" in out and "MISSING: 1 of 1 shard(s) not present (model.safetensors)" in out

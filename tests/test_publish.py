@@ -227,6 +227,9 @@ def test_base_model_must_be_the_builds_shape(fixture_7b, tiny_dir, tmp_path, mon
     hub = tmp_path / "hub"
     cache_as_hub_repo(hub, "ddvd233/QoQ-Med-VL-7B", list(fixture_7b.glob("*.json")))
     cache_as_hub_repo(hub, "me/tiny", list(tiny_dir.glob("*.json")))
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    cache_as_hub_repo(hub, "someone/llama", [tmp_path / "llama" / "config.json"])
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
     tiny = json.loads((tiny_dir / "config.json").read_text())
     text = tiny.get("text_config", tiny)
@@ -242,6 +245,7 @@ def test_base_model_must_be_the_builds_shape(fixture_7b, tiny_dir, tmp_path, mon
         err = refused([*argv, "ddvd233/QoQ-Med-VL-7B"], capsys)
         assert (f"has a language model of hidden size 3584 with 28 layers; this build's has {text['hidden_size']} "
                 f"with {text['num_hidden_layers']}: it was not quantized from ddvd233/QoQ-Med-VL-7B") in err, err  # fmt: skip
+        assert "--base-model someone/llama is not a Qwen2.5-VL checkpoint" in refused([*argv, "someone/llama"], capsys)
         plan = plan_upload(build, "me/x", base_model="me/tiny")
         assert "base_model: me/tiny" in plan.card and not any("not checked" in n for n in plan.notes)
         plan = plan_upload(build, "me/x", base_model="someone/uncached")

@@ -48,6 +48,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     from .eval_set import eval_items
 
     check_can_make_dir(opts.out)
+    hub = _hub_manifests(opts.search)  # before the source checkpoint, which may be a 16 GB download
     model_path, revision = resolve(opts.model, opts.revision)
     ckpt = open_checkpoint(str(model_path))  # validates: Qwen2.5-VL, weights present
     ckpt.require_weights()
@@ -56,7 +57,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     threads = opts.threads or usable_cores()
     builds = opts.builds or opts.out / "builds"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    located = _locate_or_build(opts, builds, log)
+    located = _locate_or_build(opts, builds, hub, log)
     hashes = _Hashes()
     source_files = [model_path / f for f in ckpt.shard_files]
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -110,9 +111,9 @@ def summary_line(rec: dict) -> str:
 # --------------------------------------------------------------------------- variants
 
 
-def _locate_or_build(opts: BenchOptions, builds: Path, log) -> dict[str, dict]:
-    """variant name -> {"files": {...}} or {"error": ...}; variants needing no files get {}."""
-    hub = _hub_manifests([s for s in opts.search if isinstance(s, str)])
+def _locate_or_build(opts: BenchOptions, builds: Path, hub: dict, log) -> dict[str, dict]:
+    """variant name -> {"files": {...}} or {"error": ...}; variants needing no files get {}. `hub`:
+    the --from Hub repos, as _hub_manifests gives them."""
     searched = [hub[s][0] if isinstance(s, str) else s for s in opts.search]
 
     def search_dirs():
@@ -141,12 +142,21 @@ def _locate_or_build(opts: BenchOptions, builds: Path, log) -> dict[str, dict]:
     return out
 
 
-def _hub_manifests(repos: list[str]) -> dict[str, tuple[Path, str | None]]:
-    """Hub id -> (its local snapshot folder, its commit), holding only the repo's manifest and
-    configs so far: a build's files are fetched once a variant picks it."""
+def _hub_manifests(search: list[Path | str]) -> dict[str, tuple[Path, str | None]]:
+    """Hub id -> (its local snapshot folder, its commit) for each --from that is one, holding only
+    the repo's manifest and configs so far: a build's files are fetched once a variant picks it."""
     from ..loader import resolve
 
-    return {repo: resolve(repo, weights=False) for repo in repos}
+    manifests = {}
+    for repo in (s for s in search if isinstance(s, str)):
+        try:
+            folder, commit = resolve(repo, weights=False)
+        except QoqoptError as err:
+            raise QoqoptError(f"--from {repo}: no such directory; as a Hub id: {err}") from err
+        if not (folder / "manifest.json").is_file():
+            raise QoqoptError(f"--from {repo}: the Hub repo has no manifest.json (not uploaded by `qoqopt publish`)")
+        manifests[repo] = (folder, commit)
+    return manifests
 
 
 def _fetch_from_hub(found: dict[str, Path], hub: dict[str, tuple[Path, str | None]], log) -> dict[str, Path]:

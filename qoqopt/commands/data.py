@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qoqopt.commands.argtypes import positive_int
 from qoqopt.data.augment import DEFAULT_MAX_SIDE
-from qoqopt.data.domains import BUILTIN_DOMAINS
+from qoqopt.data.domains import BUILTIN_DOMAINS, DOMAINS
 from qoqopt.data.items import SPLITS, ClinicalItem, clinical_set, domain_counts, find_item
 from qoqopt.data.jsonl import load_jsonl
 from qoqopt.errors import QoqoptError
@@ -47,7 +47,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     ls.add_argument("--split", choices=SPLITS, help="built-in split (default eval)")
     _common(ls)
     ls.add_argument("--n-per-base", type=positive_int, help="augmented views per base image (default 1)")
-    ls.add_argument("--domain", action="append", choices=BUILTIN_DOMAINS, help="only this domain (repeatable)")
+    ls.add_argument("--domain", action="append", choices=list(DOMAINS), help="only this domain (repeatable)")
     ls.set_defaults(func=cmd_list)
 
     show = sub.add_parser(
@@ -77,6 +77,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         items = load_jsonl(args.jsonl, max_side=args.max_side)
         items = [it for it in items if not args.domain or it.domain in args.domain]
     else:
+        extra = sorted(set(args.domain or []) - set(BUILTIN_DOMAINS))
+        if extra:
+            raise QoqoptError(f"--domain {extra[0]}: the built-in set has {', '.join(BUILTIN_DOMAINS)} (others come "
+                              "with a --jsonl set)")  # fmt: skip
         items = clinical_set(args.split or "eval", n_per_base=args.n_per_base or 1, seed=args.seed,
                              max_side=args.max_side, domains=args.domain)
     rows = [(it.id, it.domain, Path(it.source).name, it.meta.get("qtype", ""), it.answer) for it in items]
