@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -67,28 +69,45 @@ class HFRunner:
             torch.cuda.synchronize()
 
     def profile(self, image, question: str, n_decode: int) -> dict:
-        """Each timed span starts from the raw image, preprocessing included, as llama.cpp's does."""
-        import torch
-
+        """Each timed span starts from the raw image, preprocessing included, as llama.cpp's does. The
+        image's share (preprocessing + vision tower) is timed inside the first-token request itself,
+        so TTFT minus it is that request's prompt time, never a difference of two separate runs."""
         messages = image_question(image, question)
         self._sync()
         t0 = time.perf_counter()
-        inputs = self._inputs(messages).to(self.device)
-        with torch.no_grad():
-            self.model.model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+        inputs = self._inputs(messages)
+        preprocess = time.perf_counter() - t0
+        with self._timed(self.model.model.visual) as vision:
+            self._generate(inputs, 1, exact=True)
         self._sync()
-        encode = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        self._generate(self._inputs(messages), 1, exact=True)
-        self._sync()
-        ttft = time.perf_counter() - t1
+        ttft = time.perf_counter() - t0
         t2 = time.perf_counter()
         self._generate(self._inputs(messages), 1 + n_decode, exact=True)
         self._sync()
         total = time.perf_counter() - t2
         n_image = int((inputs["input_ids"] == self.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
-        return {"encode_s": encode, "ttft_s": ttft, "decode_s": max(total - ttft, 1e-9),
+        return {"encode_s": preprocess + vision.seconds, "ttft_s": ttft, "decode_s": max(total - ttft, 1e-9),
                 "n_prompt": int(inputs["input_ids"].shape[1]), "n_image_tokens": n_image}  # fmt: skip
+
+    @contextmanager
+    def _timed(self, module):
+        """Seconds spent in `module`'s forward calls (device-synchronised) while the block runs."""
+        span = SimpleNamespace(seconds=0.0, start=0.0)
+
+        def before(*_):
+            self._sync()
+            span.start = time.perf_counter()
+
+        def after(*_):
+            self._sync()
+            span.seconds += time.perf_counter() - span.start
+
+        hooks = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        try:
+            yield span
+        finally:
+            for h in hooks:
+                h.remove()
 
     def peak_device_mb(self) -> float | None:
         if self.device != "cuda":
