@@ -117,6 +117,8 @@ def resolve(source: str, revision: str | None = None, weights: bool = True,
     if path.exists():
         if not path.is_dir():
             raise QoqoptError(f"{source} is a file; give the checkpoint's directory")
+        if revision:
+            raise QoqoptError(f"--revision picks a Hub revision; {source} is a local directory")
         return path, None
     if not HUB_ID.match(source):
         raise QoqoptError(f"{source}: no such directory, and not a Hub id of the form owner/name")
@@ -338,13 +340,11 @@ def _weight_map(path: Path) -> tuple[dict[str, str], int | None]:
                       "safetensors only)")  # fmt: skip
 
 
-def _hub_weight_map(source: str, commit: str, path: Path) -> dict[str, str]:
-    """Tensor name -> file of a Hub checkpoint without an index (one model.safetensors): from the
-    file's header, which huggingface_hub reads with a range request, not the whole download."""
+def _hub_weight_map(source: str, commit: str) -> dict[str, str]:
+    """Tensor name -> file of a Hub checkpoint without an index (one model.safetensors, not fetched):
+    from the file's header, which huggingface_hub reads with a range request, not the whole download."""
     from huggingface_hub import get_safetensors_metadata
 
-    if (path / "model.safetensors").exists():  # downloaded before
-        return _weight_map(path)[0]
     try:
         return dict(get_safetensors_metadata(source, revision=commit).weight_map)
     except Exception as exc:  # noqa: BLE001 (offline, HTTP errors, a repo without safetensors)
@@ -367,8 +367,8 @@ def open_checkpoint(source: str, revision: str | None = None, weights: bool = Tr
     """Resolve, validate and index a checkpoint. Tensor data is only read on demand."""
     path, commit = resolve(source, revision, weights=weights)
     config = checked_config(path, source)
-    if not weights and commit and not (path / "model.safetensors.index.json").exists():
-        weight_map, total = _hub_weight_map(source, commit, path), None  # one safetensors file, not fetched
+    if commit and not any((path / f).exists() for f in ("model.safetensors.index.json", "model.safetensors")):
+        weight_map, total = _hub_weight_map(source, commit), None  # a metadata-only fetch of one-file weights
     else:
         weight_map, total = _weight_map(path)
     ckpt = Checkpoint(path, source, commit, config, weight_map, total)

@@ -119,8 +119,6 @@ def run(args) -> int:
     from ..loader import resolve
     from ..manifest import entry_path, listed_file
 
-    if args.revision and Path(args.build).expanduser().exists():
-        raise QoqoptError(f"--revision picks a Hub revision; {args.build} is a local directory")
     folder, commit = resolve(args.build, args.revision, weights=False)  # a Hub id: its manifest and configs first
     kind, manifest = build_kind(folder)
     if args.quant and kind != "gguf":
