@@ -10,6 +10,9 @@
 # summary.txt. The end-to-end step also needs qoqopt's pure-Python dependencies; those the image
 # lacks are unpacked from .gpu-wheels/ (`make gpu-wheels` here, carried with the run) into a
 # throwaway dir, or the step is skipped and says which are missing.
+# A recheck after changing one op can narrow the run: GPU_CHECK_K (a pytest -k expression),
+# GPU_CHECK_BENCH_ARGS (bench_kernels.py arguments instead of --sweep, e.g. "--only attention"),
+# GPU_CHECK_E2E=0 (skip step 3).
 # Each step has its own time limit; the end-to-end step gets what is left of TOTAL_LIMIT_S, so the
 # whole script stays under 9 minutes however long the first two steps take.
 set -uo pipefail
@@ -69,6 +72,7 @@ fi
 # --- 1. correctness on CUDA ----------------------------------------------------------------------
 TESTS=(tests/test_kernels.py tests/test_kernels_apply.py tests/test_kernels_fusion.py tests/test_packing.py)
 echo "== tests (limit ${TEST_LIMIT_S}s) =="
+[ -n "${GPU_CHECK_K:-}" ] && TESTS+=(-k "$GPU_CHECK_K")
 timeout "$TEST_LIMIT_S" "$PY" $PYFLAGS -m pytest -q -rs -p no:cacheprovider --import-mode=importlib "${TESTS[@]}" \
     --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
 TEST_RC=${PIPESTATUS[0]}
@@ -76,7 +80,7 @@ TEST_RC=${PIPESTATUS[0]}
 # --- 2. benchmark --------------------------------------------------------------------------------
 echo "== benchmark (limit ${BENCH_LIMIT_S}s) =="
 rm -f "$OUT/bench_kernels.json"  # the JSON is rewritten after every op: a timeout keeps what finished
-timeout "$BENCH_LIMIT_S" env -u TRITON_INTERPRET "$PY" benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" --sweep 2>&1 | tee "$OUT/bench.log"
+timeout "$BENCH_LIMIT_S" env -u TRITON_INTERPRET "$PY" benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" ${GPU_CHECK_BENCH_ARGS:---sweep} 2>&1 | tee "$OUT/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 
 # --- 3. qoqopt bench end to end ------------------------------------------------------------------
@@ -115,7 +119,10 @@ for wheel in sorted(wheels.glob("*.whl")) if wheels.is_dir() else []:
 print(" ".join(d for d in needed if not present(d)))
 PYEOF
 )"
-if [ -n "$MISSING" ]; then
+if [ "${GPU_CHECK_E2E:-1}" = 0 ]; then
+    E2E_RC=skipped
+    echo "skipped: GPU_CHECK_E2E=0" | tee "$OUT/e2e.log"
+elif [ -n "$MISSING" ]; then
     E2E_RC=skipped
     echo "skipped: this python lacks $MISSING (run 'make gpu-wheels' and carry .gpu-wheels)" | tee "$OUT/e2e.log"
 else

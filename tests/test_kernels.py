@@ -13,6 +13,7 @@ Tolerances (atol, rtol) per dtype, against references that round at different po
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -340,6 +341,38 @@ def test_quant_linear_matches_dequantized_matmul(dtype, m, case):
     assert y.shape == (1, m, n)
     assert_close(out, ref, dtype, scale=4)
     assert_close(y[0], ref, dtype, scale=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_w4a16_prefill_split_k_over_several_row_tiles(dtype):
+    """Prefill tiles split over K when they would leave SMs idle (narrow layers, short prompts): each
+    output tile, of every row block, sums its own splits' partials, edge tiles included."""
+    from qoqopt.kernels.w4a16 import splitk_workspace, w4a16_matmul
+
+    m, k, n, group_size = 70, 256, 88, 32  # 3 row blocks and 3 column blocks, the last of each cut off
+    intweight, zeros, scales, g_idx = _gptq_case(k, n, 4, group_size, False)
+    qweight, qzeros = pack_gptq(intweight, zeros)
+    w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    tiles = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=3)
+    out = nan_like((m, n), dtype)
+    with torch.inference_mode():
+        w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE, dtype), group_size=group_size,
+                     zero_offset=1, out=out, **tiles)
+    assert_close(out, F.linear(x.float(), w.t().to(dtype).float()), dtype, scale=4)
+    assert splitk_workspace(DEVICE, 1, 1)[1].eq(0).all()
+
+
+def test_w4a16_plans_split_prefill_only_when_tiles_underfill_the_gpu():
+    """7B shapes on a 132-SM GPU (planned without one: the plan needs only the device type)."""
+    from qoqopt.kernels.w4a16 import _launch_plan
+
+    def plan(m, n, k):
+        return _launch_plan(m, n, k, 4, 128, 1, False, torch.bfloat16, torch.device("cuda"), 132, ())
+
+    narrow = plan(128, 512, 3584)  # k/v at a 128-token prompt: 4 output tiles unsplit
+    assert narrow.split > 1 and math.prod(narrow.grid) >= 32 and narrow.k_per_split >= 4 * 64
+    assert plan(2048, 18944, 3584).split == 1  # gate/up at 2048 tokens: 2368 tiles already
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

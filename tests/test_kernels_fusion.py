@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_kernels_apply import (  # noqa: F401 (interpreter, no_interpreter: fixtures)
+from tests.test_kernels_apply import (  # noqa: F401 (interpreter, no_interpreter, exact_fp32_reference: fixtures)
     DEVICE,
+    exact_fp32_reference,
     interpreter,
     logits_of,
     no_interpreter,
