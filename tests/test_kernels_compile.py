@@ -67,8 +67,10 @@ def test_w4a16_compiles_without_spills(zero_offset):
     Triton 3.6, tripling its instructions per weight)."""
     from benchmarks.offline_compile import w4a16_compile
 
-    # decode: one row (GEMV, split-K) and 16 rows (tensor cores, with and without split-K); prefill
-    for m, k, n in ((1, 18944, 3584), (1, 3584, 18944), (16, 3584, 18944), (16, 18944, 3584), (2048, 3584, 18944)):
+    # decode: one row (GEMV, split-K) and 16 rows (tensor cores, with and without split-K); prefill,
+    # with and without split-K (a narrow layer at a short prompt)
+    for m, k, n in ((1, 18944, 3584), (1, 3584, 18944), (16, 3584, 18944), (16, 18944, 3584), (2048, 3584, 18944),
+                    (128, 3584, 512)):
         compiled, plan = _offline(w4a16_compile, m, k, n, zero_offset=zero_offset)
         kind = "gemv" if plan.gemv else "mma"
         print(f"w4a16 M={m} {kind} split={plan.split}: {_resource_usage(compiled)}")
