@@ -192,7 +192,9 @@ for r in rows:
     graph = f"x{r['graph_speedup']:.2f}" if r.get("graph_speedup") else "-"
     print(f"{r['op']:9s} {r['case']:30s} {r['impl']:18s} {r['ms']:9.4f} {'x%.2f' % r['speedup']:>8s} "
           f"{r['peer']:18s} {floor:>7s} {graph:>8s}"
-          + (f"  max rel diff {r['extra']['max_rel_err']:.1e}" if "max_rel_err" in r.get("extra", {}) else ""))
+          + (f"  max rel diff {r['extra']['max_rel_err']:.1e}" if "max_rel_err" in r.get("extra", {}) else "")
+          + (" (vs fp32: ours {ours:.1e}, transformers {transformers:.1e})".format(**r["extra"]["vs_fp32"])
+             if "vs_fp32" in r.get("extra", {}) else ""))
 sweep = {}
 for r in result["rows"]:
     if r["op"] == "sweep" and (r["case"] not in sweep or r["ms"] < sweep[r["case"]]["ms"]):
