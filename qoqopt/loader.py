@@ -149,7 +149,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None = N
     try:
         local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError as exc:
-        raise QoqoptError(_not_cached(repo_id, files, exc)) from exc
+        raise QoqoptError(_not_cached(repo_id, revision, files, exc)) from exc
     except HFValidationError as exc:
         raise QoqoptError(f"{repo_id}: no such directory, and not a valid Hub id ({str(exc).splitlines()[0]})") from exc
     except HfHubHTTPError as exc:
@@ -159,7 +159,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None = N
     return local, commit
 
 
-def _not_cached(repo_id: str, files: list[str] | None, exc: Exception) -> str:
+def _not_cached(repo_id: str, revision: str | None, files: list[str] | None, exc: Exception) -> str:
     """Why a fetch failed offline or with the Hub unreachable, in one line."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     where = "HF_HUB_OFFLINE is set" if offline else "the Hub is unreachable"
@@ -167,9 +167,19 @@ def _not_cached(repo_id: str, files: list[str] | None, exc: Exception) -> str:
     missing = re.search(r"(\d+) file\(s\) are missing \((.*?)\)\. ", str(exc))
     if missing:
         return f"cannot get {repo_id}: {where} and the local cache lacks {missing[1]} of its files: {missing[2]}"
-    if files:
-        return f"cannot get {', '.join(files)} from {repo_id}: {where} and they are not all in the local cache"
+    lacking = _uncached(repo_id, revision, files or [])
+    if lacking:
+        return f"cannot get {', '.join(lacking)} from {repo_id}: {where} and the local cache lacks " + (
+            "it" if len(lacking) == 1 else "them")
     return f"cannot get {repo_id}: {where} and it is not in the local cache"
+
+
+def _uncached(repo_id: str, revision: str | None, files: list[str]) -> list[str]:
+    """Which of `files` the local cache cannot serve at `revision` (all of them when the revision itself
+    is unknown there): huggingface_hub's per-file error names none of them."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return [f for f in files if not isinstance(try_to_load_from_cache(repo_id, f, revision=revision), str)]
 
 
 # --------------------------------------------------------------------------- safetensors

@@ -210,7 +210,7 @@ def test_a_partly_cached_hub_checkpoint_names_what_is_missing(fixture_7b, tmp_pa
     argv = ["bench", "ddvd233/QoQ-Med-VL-7B", "--variants", "bf16", "--out", tmp_path / "o"]
     err = refused(argv, capsys, downloads=True)
     assert err == (f"error: cannot get {', '.join(shards)} from ddvd233/QoQ-Med-VL-7B: HF_HUB_OFFLINE is set and "
-                   "they are not all in the local cache"), err  # fmt: skip
+                   "the local cache lacks them"), err  # fmt: skip
     err = refused(["info", "me/partial"], capsys)
     assert err == ("error: cannot get me/partial: HF_HUB_OFFLINE is set and the local cache lacks 1 of its files: "
                    "chat_template.jinja"), err  # fmt: skip
