@@ -141,7 +141,7 @@ class Bench:
 
         try:
             with warnings.catch_warnings():  # torch warns of an empty graph before the capture fails
-                warnings.simplefilter("ignore")
+                warnings.filterwarnings("ignore", message="The CUDA Graph is empty")
                 return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
         except Exception:  # not capturable (a host sync inside): the eager time stands alone
             torch.cuda.synchronize()
@@ -433,7 +433,6 @@ def bench_tower(b: Bench, pr: Profile) -> None:
     """The whole vision tower on the largest image, transformers' sdpa path vs the same model after
     ``apply``: what a clinical request pays before the language model sees a token. No target; the
     rows say what the per-op speedups add up to, and extra.max_rel_err how far the outputs drift."""
-    import copy
 
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
@@ -463,6 +462,19 @@ def bench_tower(b: Bench, pr: Profile) -> None:
     del hf, ours
 
 
+def _fp32_output(hf, pixels, grid_thw) -> torch.Tensor:
+    """transformers' tower in exact fp32: a copy (the bf16 model's fp32 buffers stay as they are), and
+    cuDNN kept off TF32 for its Conv3d patch embedding (torch's default would let it round)."""
+    exact = copy.deepcopy(hf).float()
+    allow = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        return exact(pixels.float(), grid_thw=grid_thw).pooler_output
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow
+        del exact
+
+
 def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.dtype) -> None:
     """How far the patched tower's output is from transformers' in the same dtype, and how far each is
     from transformers in fp32: bf16 alone drifts over 32 layers, so the second pair says whether the
@@ -475,9 +487,8 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
         out = ours(pixels, grid_thw=grid_thw).pooler_output.float()
         row.extra["max_rel_err"] = rel(out, theirs)
         if dtype != torch.float32:
-            exact = hf.float()(pixels.float(), grid_thw=grid_thw).pooler_output
-            hf.to(dtype)
-            row.extra["vs_fp32"] = {"ours": rel(out, exact), "transformers": rel(theirs, exact)}
+            row.extra["vs_fp32"] = {"ours": rel(out, exact := _fp32_output(hf, pixels, grid_thw)),
+                                    "transformers": rel(theirs, exact)}
     line = f"  {'':9s} {case:28s} max relative difference {row.extra['max_rel_err']:.2e} ({str(dtype)[6:]})"
     if "vs_fp32" in row.extra:
         line += " | each vs transformers fp32: ours {ours:.2e}, transformers {transformers:.2e}".format(**row.extra["vs_fp32"])

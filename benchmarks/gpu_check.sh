@@ -80,18 +80,21 @@ TEST_RC=${PIPESTATUS[0]}
 # --- 2. benchmark --------------------------------------------------------------------------------
 echo "== benchmark (limit ${BENCH_LIMIT_S}s) =="
 rm -f "$OUT/bench_kernels.json"  # the JSON is rewritten after every op: a timeout keeps what finished
-timeout "$BENCH_LIMIT_S" env -u TRITON_INTERPRET "$PY" benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" ${GPU_CHECK_BENCH_ARGS:---sweep} 2>&1 | tee "$OUT/bench.log"
+read -ra BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:---sweep}"
+timeout "$BENCH_LIMIT_S" env -u TRITON_INTERPRET "$PY" benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 
 # --- 3. qoqopt bench end to end ------------------------------------------------------------------
+stamp() {  # seconds since the step began, per line: which export or variant ate the step's time
+    local start line
+    start=$(date +%s)
+    while IFS= read -r line || [ -n "$line" ]; do printf '[%4ds] %s\n' "$(( $(date +%s) - start ))" "$line"; done
+}
 # Plumbing, not quality (random weights): GPTQ and AWQ exported on the GPU, then bf16, gptq:4 and
 # awq:4 through transformers with kernels.apply and the W4A16 QuantLinear, each in its own child
 # process, as `qoqopt bench --device cuda` runs for users. The children inherit PYTHONPATH; running
 # from $E2E_DIR keeps the repo root, whose qoqopt/ has no kernels, off their sys.path.
-# what is left of the total, less ~10 s for the summary; at least a minute
-E2E_LIMIT_S="${E2E_LIMIT_S:-$(( TOTAL_LIMIT_S - ($(date +%s) - T0) - 10 ))}"
-[ "$E2E_LIMIT_S" -lt 60 ] && E2E_LIMIT_S=60
-echo "== qoqopt bench end to end (limit ${E2E_LIMIT_S}s) =="
+echo "== qoqopt bench end to end =="
 rm -f "$OUT/e2e_bench.json"
 E2E_SITE="$E2E_DIR/site"
 mkdir -p "$E2E_SITE"
@@ -128,12 +131,19 @@ elif [ -n "$MISSING" ]; then
 else
     if [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ]; then E2E_ARGS=(--device cpu --variants bf16,gptq:4 --no-speed --items 2 --calib-items 4)
     else E2E_ARGS=(--device cuda --variants bf16,gptq:4,awq:4 --items 4 --calib-items 8 --repeats 2 --decode-tokens 16); fi
-    # timeout signals its whole process group: the bench's child processes stop with it
-    E2E_DIR="$E2E_DIR" E2E_SITE="$E2E_SITE" PY="$PY" timeout "$E2E_LIMIT_S" bash -c '
-        cd "$E2E_DIR" && export PYTHONPATH="$E2E_SITE:$PYTHONPATH" QOQOPT_CACHE="$E2E_DIR/cache" &&
+    if [ -z "${E2E_LIMIT_S:-}" ]; then  # what is left of the total, less ~10 s for the summary; at least a minute
+        E2E_LIMIT_S=$(( TOTAL_LIMIT_S - ($(date +%s) - T0) - 10 ))
+        [ "$E2E_LIMIT_S" -lt 60 ] && E2E_LIMIT_S=60
+    fi
+    echo "limit ${E2E_LIMIT_S}s"
+    # timeout signals its whole process group: the bench's child processes stop with it (and are
+    # killed 10 s later if they ignore it, which would otherwise hold stamp's pipe open). Unbuffered,
+    # so each line is stamped when it is printed, not when Python flushes.
+    E2E_DIR="$E2E_DIR" E2E_SITE="$E2E_SITE" PY="$PY" timeout -k 10 "$E2E_LIMIT_S" bash -c '
+        cd "$E2E_DIR" && export PYTHONPATH="$E2E_SITE:$PYTHONPATH" QOQOPT_CACHE="$E2E_DIR/cache" PYTHONUNBUFFERED=1 &&
         "$PY" -m qoqopt mini --out mini --preset tiny && "$PY" -m qoqopt bench mini "$@" --out results
-    ' e2e "${E2E_ARGS[@]}" > "$OUT/e2e.log" 2>&1
-    E2E_RC=$?
+    ' e2e "${E2E_ARGS[@]}" 2>&1 | stamp > "$OUT/e2e.log"
+    E2E_RC=${PIPESTATUS[0]}
     tail -n 25 "$OUT/e2e.log"
     cp "$E2E_DIR"/results/bench-*.json "$OUT/e2e_bench.json" 2>/dev/null
 fi
@@ -196,13 +206,14 @@ for r in rows:
           + (" (vs fp32: ours {ours:.1e}, transformers {transformers:.1e})".format(**r["extra"]["vs_fp32"])
              if "vs_fp32" in r.get("extra", {}) else ""))
 sweep = {}
-for r in result["rows"]:
-    if r["op"] == "sweep" and (r["case"] not in sweep or r["ms"] < sweep[r["case"]]["ms"]):
+for r in result["rows"]:  # judged by GPU time (graph replay) where captured: eager times at us sizes are the host's
+    r["best_ms"] = r.get("graph_ms") or r["ms"]
+    if r["op"] == "sweep" and (r["case"] not in sweep or r["best_ms"] < sweep[r["case"]]["best_ms"]):
         sweep[r["case"]] = r
 if sweep:
-    print("\nfastest tile config per sweep case:")
+    print("\nfastest tile config per sweep case (CUDA-graph replay where captured):")
     for case, r in sweep.items():
-        print(f"  {case:36s} {r['impl']:20s} {r['ms']:.4f} ms")
+        print(f"  {case:36s} {r['impl']:20s} {r['best_ms']:.4f} ms{'' if r.get('graph_ms') else ' (eager)'}")
 status = "complete" if result.get("complete") else "INCOMPLETE (timed out or failed)"
 print(f"\nbenchmark {status}, rc {bench_rc}; total {seconds}s; logs and JSON in {Path(path).parent}")
 PYEOF

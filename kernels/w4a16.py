@@ -275,8 +275,9 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
         split = max(1, min(4 * sms // tiles, k_tiles)) if m <= DECODE_MAX_M else 1
     elif m <= DECODE_MAX_M:
         split = max(1, min(4 * sms // tiles, k_tiles // 2))
-    else:  # MMA-bound tiles, one per SM: fill the SMs once, each split at least 4 K tiles deep
-        split = max(1, min(cdiv(sms, tiles) if tiles < sms else 1, k_tiles // 4))
+    else:  # MMA-bound tiles, one per SM (~200 registers x 256 threads): as many splits as fit in one wave
+        # (a 2nd wave of a few blocks costs a whole tile time), each split at least 4 K tiles deep
+        split = max(1, min(sms // tiles, k_tiles // 4))
     cfg["SPLIT_K"] = split
     return cfg
 

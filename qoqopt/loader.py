@@ -179,7 +179,14 @@ def _uncached(repo_id: str, revision: str | None, files: list[str]) -> list[str]
     is unknown there): huggingface_hub's per-file error names none of them."""
     from huggingface_hub import try_to_load_from_cache
 
-    return [f for f in files if not isinstance(try_to_load_from_cache(repo_id, f, revision=revision), str)]
+    lacking = []
+    for name in files:
+        found = try_to_load_from_cache(repo_id, name, revision=revision)
+        if found is None:
+            lacking.append(name)
+        elif not isinstance(found, str):  # its sentinel: an earlier online fetch found no such file
+            lacking.append(f"{name} (absent from the repo at that revision)")
+    return lacking
 
 
 # --------------------------------------------------------------------------- safetensors

@@ -371,7 +371,10 @@ def test_w4a16_plans_split_prefill_only_when_tiles_underfill_the_gpu():
         return _launch_plan(m, n, k, 4, 128, 1, False, torch.bfloat16, torch.device("cuda"), 132, ())
 
     narrow = plan(128, 512, 3584)  # k/v at a 128-token prompt: 4 output tiles unsplit
-    assert narrow.split > 1 and math.prod(narrow.grid) >= 32 and narrow.k_per_split >= 4 * 64
+    assert narrow.split > 1 and 32 <= math.prod(narrow.grid) <= 132 and narrow.k_per_split >= 4 * 64
+    q_o = plan(128, 3584, 3584)  # 28 tiles: split, in one wave (140 blocks would leave 8 for a second)
+    assert q_o.split > 1 and math.prod(q_o.grid) <= 132
+    assert plan(512, 3584, 3584).split == 1  # 112 tiles: split 2 would be two full waves, no gain
     assert plan(2048, 18944, 3584).split == 1  # gate/up at 2048 tokens: 2368 tiles already
 
 

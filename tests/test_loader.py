@@ -216,6 +216,26 @@ def test_a_partly_cached_hub_checkpoint_names_what_is_missing(fixture_7b, tmp_pa
                    "chat_template.jinja"), err  # fmt: skip
 
 
+def test_offline_refusal_tells_uncached_files_from_files_the_repo_lacks(fixture_7b, tmp_path, monkeypatch):
+    """Which named files an offline cache cannot serve is read from huggingface_hub's own cache
+    layout: a file never fetched, and one an earlier online fetch found absent (its .no_exist marker)."""
+    from huggingface_hub import constants
+
+    from qoqopt import loader
+
+    config = fixture_7b / "config.json"
+    commit = cache_as_hub_repo(tmp_path / "hub", "me/shards", [config])
+    marker = tmp_path / "hub" / "models--me--shards" / ".no_exist" / commit / "model-00002-of-00002.safetensors"
+    marker.parent.mkdir(parents=True)
+    marker.touch()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    names = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert loader._uncached("me/shards", commit, names) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors (absent from the repo at that revision)"]
+    assert loader._uncached("me/shards", None, names[:1]) == []  # main, through refs/main
+    assert loader._uncached("me/shards", "v2", names[:1]) == names[:1]  # a revision the cache does not know
+
+
 def test_a_hub_checkpoint_is_fetched_without_pickles_or_extras(tiny_dir, tmp_path, monkeypatch):
     """From a Hub id qoqopt fetches the metadata and the safetensors it reads, not the repo's pickle
     weights (never loaded) or other extras: with a cached listing that names a pytorch_model.bin,
