@@ -271,10 +271,10 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     # short prompts: on an H200, k/v 3584->512 at M=128 ran 4 tiles on 132 SMs, 57 us against bf16's 7).
     tiles = cdiv(m, cfg.get("BLOCK_M", 1)) * cdiv(n, cfg["BLOCK_N"])
     k_tiles = cdiv(k, cfg["BLOCK_K"])
-    if cpu:
-        split = max(1, min(4 * sms // tiles, k_tiles)) if m <= DECODE_MAX_M else 1
-    elif m <= DECODE_MAX_M:
-        split = max(1, min(4 * sms // tiles, k_tiles // 2))
+    if m <= DECODE_MAX_M:
+        split = max(1, min(4 * sms // tiles, k_tiles if cpu else k_tiles // 2))
+    elif cpu:
+        split = 1
     else:  # MMA-bound tiles, one per SM (~200 registers x 256 threads): as many splits as fit in one wave
         # (a 2nd wave of a few blocks costs a whole tile time), each split at least 4 K tiles deep
         split = max(1, min(sms // tiles, k_tiles // 4))

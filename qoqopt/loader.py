@@ -369,21 +369,21 @@ def _hub_weight_map(source: str, commit: str) -> dict[str, str]:
                           f"{str(exc).splitlines()[0]}") from exc  # fmt: skip
 
 
-def checked_config(path: Path, source: str) -> dict:
-    """config.json of the checkpoint at `path`: a Qwen2.5-VL config that transformers accepts."""
+def checked_config(path: Path, source: str):
+    """config.json of the checkpoint at `path` as read, and as the transformers Qwen2.5-VL config it
+    must make (every shape comes from that: a broken one is refused here, not deep in a child process)."""
     config_path = path / "config.json"
     if not config_path.exists():
         raise QoqoptError(f"{source} has no config.json; is it a transformers checkpoint?")
     config = _read_json(config_path)
     validate_config(config, source)
-    hf_config(config)  # every shape comes from it: refuse a broken one here, not deep in a child process
-    return config
+    return config, hf_config(config)
 
 
 def open_checkpoint(source: str, revision: str | None = None, weights: bool = True) -> Checkpoint:
     """Resolve, validate and index a checkpoint. Tensor data is only read on demand."""
     path, commit = resolve(source, revision, weights=weights)
-    config = checked_config(path, source)
+    config, _ = checked_config(path, source)
     if commit and not any((path / f).exists() for f in ("model.safetensors.index.json", "model.safetensors")):
         weight_map, total = _hub_weight_map(source, commit), None  # a metadata-only fetch of one-file weights
     else:

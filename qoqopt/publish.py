@@ -107,13 +107,13 @@ def check_base_model(folder: Path, manifest: dict, base: str) -> str | None:
     """Refuse a --base-model whose language model is not the build's shape (the Hub's model tree
     would list the build as a quantization of a model it did not come from). Returns a note when
     the base's config cannot be read here (offline, not cached), None when it matches."""
-    from .loader import checked_config, hf_config, resolve
+    from .loader import checked_config, resolve
 
     try:
         path, _ = resolve(base, weights=False)
     except QoqoptError as err:
         return f"--base-model {base} not checked against the build ({err})"
-    t = hf_config(checked_config(path, f"--base-model {base}")).text_config  # read, but not Qwen2.5-VL: refused
+    t = checked_config(path, f"--base-model {base}")[1].text_config  # read, but not Qwen2.5-VL: refused
     theirs, ours = (t.hidden_size, t.num_hidden_layers), _text_shape(folder, manifest)
     if ours and theirs != ours:
         raise QoqoptError(f"--base-model {base} has a language model of hidden size {theirs[0]} with {theirs[1]} "
@@ -133,11 +133,9 @@ def _text_shape(folder: Path, manifest: dict) -> tuple[int, int] | None:
         fields = GGUFReader(str(folder / texts[0])).fields
         arch = fields["general.architecture"].contents()
         return fields[f"{arch}.embedding_length"].contents(), fields[f"{arch}.block_count"].contents()
-    import json
+    from .loader import checked_config
 
-    from .loader import hf_config
-
-    t = hf_config(json.loads((folder / "config.json").read_text())).text_config
+    t = checked_config(folder, str(folder))[1].text_config
     return t.hidden_size, t.num_hidden_layers
 
 
