@@ -498,6 +498,10 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
 # ----------------------------------------------------------------------------- config sweep
 
 
+# The swapped decode kernel (weight as the MMA's A operand; sm_90 SASS 5.1 instructions per weight at 256
+# x 128 tiles, against 6.4 for the 16-row tiles and 5.0 for the GEMV) is not a default until a GPU times it.
+SWAPPED = [dict(KERNEL="swap", BLOCK_N=bn, BLOCK_K=128, num_warps=w, num_stages=st)
+           for bn, w, st in ((256, 8, 3), (128, 4, 3), (128, 8, 3))]
 SWEEP = {  # launcher overrides tried by --sweep; the defaults live in each op's _config function
     "merger": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st)
                for bm, bn, w, st in ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 4), (128, 256, 8, 3),
@@ -510,18 +514,19 @@ SWEEP = {  # launcher overrides tried by --sweep; the defaults live in each op's
                                              (256, 128, 8, 3, 2), (128, 64, 4, 4, 3))]
                   # Triton 3.6 gives the default GEMV 128 registers (4 CTAs per SM; 3.9: 95). Capped at 96 it
                   # keeps 5 CTAs for 3% more instructions and no spill (sm_90 SASS): which wins is the GPU's call.
-                  + [dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, maxnreg=96)],
+                  + [dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, maxnreg=96)] + SWAPPED,
     "w4a16": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-              for bn, bk, w, st in ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3))],
+              for bn, bk, w, st in ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3))]
+             + SWAPPED,
     "w4a16-prefill": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-                      for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4),
-                                                (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))],
+                      for bm, bn, bk, w, st in ((256, 128, 64, 8, 3), (256, 128, 64, 8, 2), (128, 128, 64, 8, 3),
+                                                (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))],
 }
 
 
 def _tag(cfg: dict) -> str:
-    short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s", "SPLIT_K": "sk",
-             "maxnreg": "r"}
+    short = {"KERNEL": "", "BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s",
+             "SPLIT_K": "sk", "maxnreg": "r"}
     return "".join(f"{short[k]}{v}" for k, v in cfg.items() if k in short)
 
 

@@ -176,16 +176,17 @@ def w4a16_operands(m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, 
 
 
 def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.dtype = torch.bfloat16,
-                  group_size: int = 128, sms: int = 132):
+                  group_size: int = 128, sms: int = 132, **config):
     """Compile what ``w4a16_matmul`` would launch for ``[m, k] @ [k, n]`` on a GPU with ``sms`` SMs,
-    through the launch itself (:func:`offline_w4a16`). Returns ``(compiled, plan)``."""
+    through the launch itself (:func:`offline_w4a16`); ``config`` overrides the plan's choices
+    (kernel, tiles) as ``w4a16_matmul``'s does. Returns ``(compiled, plan)``."""
     from qoqopt.kernels import w4a16
 
     with offline_w4a16(sms):
         plan = w4a16.launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=zero_offset, has_bias=True,
-                                 dtype=dtype, device=CUDA)
+                                 dtype=dtype, device=CUDA, **config)
         launch = w4a16.prepare_w4a16(m, k, n, dtype, CUDA, has_bias=True, group_size=group_size,
-                                     zero_offset=zero_offset)
+                                     zero_offset=zero_offset, **config)
         try:
             launch(*w4a16_operands(m, k, n, dtype, group_size))
         except RuntimeError as err:

@@ -41,25 +41,31 @@ from benchmarks.offline_compile import (  # noqa: E402
 
 SHAPES = ((3584, 18944, "gate/up"), (18944, 3584, "down"), (3584, 512, "k/v"))
 M_VALUES = (1, 16, 2048)
+SWAPPED = dict(KERNEL="swap", BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3)
 
 
 def w4a16_rows() -> list[dict]:
+    from qoqopt.kernels import w4a16
+
     rows = []
-    # One layout: AWQ checkpoints are repacked to GPTQ's at load.
-    for k, n, label in SHAPES:
-        for m in M_VALUES:
-            compiled, plan = w4a16_compile(m, k, n)
-            mix = main_loop_mix(compiled)
-            c = plan.constexprs
-            weights = c["BLOCK_K"] * c["BLOCK_N"] / (32 * c["num_warps"])  # per thread per K step
-            loop = sum(mix.values()) if mix else None
-            rows.append(dict(
-                shape=f"{label} {k}->{n}", m=m, kernel="gemv" if plan.gemv else "mma",
-                split=plan.split, tile=f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}",
-                **(resource_usage(compiled) or {}), loop_instructions=loop,
-                instructions_per_weight=round(loop / weights, 2) if loop else None,
-                top_opcodes=dict(mix.most_common(6)) if mix else None,
-            ))
+    # One layout: AWQ checkpoints are repacked to GPTQ's at load. The planned launches, then the
+    # swapped decode kernel (not a default: bench_kernels.py --sweep times it) at its widest tile.
+    launches = [(k, n, label, m, {}) for k, n, label in SHAPES for m in M_VALUES]
+    launches += [(k, n, label, m, SWAPPED) for k, n, label in SHAPES for m in M_VALUES if m <= 16]
+    for k, n, label, m, config in launches:
+        compiled, plan = w4a16_compile(m, k, n, **config)
+        mix = main_loop_mix(compiled)
+        c = plan.constexprs
+        weights = c["BLOCK_K"] * c["BLOCK_N"] / (32 * c["num_warps"])  # per thread per K step
+        loop = sum(mix.values()) if mix else None
+        tile_rows = c.get("BLOCK_M", w4a16.DECODE_MAX_M if plan.kernel == "swap" else 1)
+        rows.append(dict(
+            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel,
+            split=plan.split, tile=f"{tile_rows}x{c['BLOCK_N']}x{c['BLOCK_K']}",
+            **(resource_usage(compiled) or {}), loop_instructions=loop,
+            instructions_per_weight=round(loop / weights, 2) if loop else None,
+            top_opcodes=dict(mix.most_common(6)) if mix else None,
+        ))
     return rows
 
 

@@ -6,12 +6,14 @@ see :mod:`qoqopt.packing` for the bit layouts. Weights are unpacked and dequanti
 one K tile at a time (BLOCK_K divides group_size, so each tile reads one row of scales and zeros),
 and fed to ``tl.dot`` in the activation dtype with fp32 accumulation.
 
-Two regimes, two configs:
-  * decode (M <= 16): the weight stream is everything. Few output tiles exist for narrow layers, so
-    K is split across programs to keep every SM streaming (fp32 partials, summed by the split of
-    each output tile that finishes last: still one launch);
+Two regimes, three kernels:
+  * decode (M <= 16): the weight stream is everything. One row runs a CUDA-core GEMV, up to 16 rows
+    16-row tensor-core tiles (or, opted into by config, the swapped kernel: weights as the MMA's A
+    operand). Few output tiles exist for narrow layers, so K is split across programs to keep every
+    SM streaming (fp32 partials, summed by the split of each output tile that finishes last: still
+    one launch);
   * prefill: classic tiles with M fastest in the grid, so programs sharing a weight tile run
-    together and the weight is read from HBM about once.
+    together and the weight is read from HBM about once; 256-row tiles where they fill the GPU.
 
 Act-order GPTQ (``desc_act``: g_idx not ``k // group_size``) is handled once at load time: K is
 permuted so groups become contiguous, and the same permutation is applied to the activations.
@@ -69,6 +71,45 @@ def _load(ptrs, mask, UNMASKED: tl.constexpr):
     return values
 
 
+@device_function
+def _field(words, magic_bits, IDX: tl.constexpr, BITS: tl.constexpr, zero=0.0):
+    """Field ``IDX`` of every packed word, as the exact fp32 ``q - zero`` (``zero``: integers, broadcast).
+
+    The word's upper half is reached by one shift (shared by its fields); the field is masked in
+    place and OR-ed into 2**23's mantissa, ``2**23 + q * 2**POS`` exactly, in one LOP3 (the pattern
+    comes in a register). Times ``2**-POS`` that is ``2**(23 - POS) + q``, still exact, so one FMA
+    with ``-(2**(23 - POS) + zero)`` (an integer below 2**24: exact too) leaves ``q - zero`` with no
+    rounding. The int->float conversion this replaces issues at 1/8 of the FMA rate on sm_80/sm_90.
+    """
+    HALF: tl.constexpr = 16 // BITS
+    POS: tl.constexpr = (IDX % HALF) * BITS
+    bits = (words >> 16) if IDX >= HALF else words
+    field = (bits & (((1 << BITS) - 1) << POS)) | magic_bits
+    return tl.fma(field.to(tl.float32, bitcast=True), 1.0 / (1 << POS), -(zero + FP32_MAGIC / (1 << POS)))
+
+
+@device_function
+def _q_tile(words, magic_bits, BITS: tl.constexpr):
+    """``[words, cols]`` packed int32 -> ``[32 // BITS * words, cols]`` fp32 ``q`` (row ``PACK * word + field``).
+
+    Fields are joined one level at a time, so each thread keeps the columns of the words it loaded
+    and the dequantized tile goes to the MMA operand's shared memory in wide stores; a broadcast
+    [words, fields, cols] tile put one column per thread (one 16-bit store per weight, sm_90 SASS).
+    A join adds a last axis whose index is the highest bit of the field number so far.
+    """
+    if BITS == 4:
+        t = tl.join(tl.join(tl.join(_field(words, magic_bits, 0, BITS), _field(words, magic_bits, 1, BITS)),
+                            tl.join(_field(words, magic_bits, 2, BITS), _field(words, magic_bits, 3, BITS))),
+                    tl.join(tl.join(_field(words, magic_bits, 4, BITS), _field(words, magic_bits, 5, BITS)),
+                            tl.join(_field(words, magic_bits, 6, BITS), _field(words, magic_bits, 7, BITS))))
+        t = tl.permute(t, (0, 4, 3, 2, 1))
+    else:
+        t = tl.join(tl.join(_field(words, magic_bits, 0, BITS), _field(words, magic_bits, 1, BITS)),
+                    tl.join(_field(words, magic_bits, 2, BITS), _field(words, magic_bits, 3, BITS)))
+        t = tl.permute(t, (0, 3, 2, 1))
+    return tl.reshape(t, (words.shape[0] * (32 // BITS), words.shape[1]))
+
+
 @kernel(do_not_specialize=("M",))
 def _w4a16_kernel(
     x_ptr,  # [M, K]
@@ -87,6 +128,7 @@ def _w4a16_kernel(
     stride_qz,
     stride_s,
     k_per_split,  # multiple of BLOCK_K
+    magic_bits,  # FP32_MAGIC_BITS, an argument for the reason given in the GEMV
     GROUP_SIZE: tl.constexpr,
     BITS: tl.constexpr,
     ZERO_OFFSET: tl.constexpr,  # 1 for GPTQ v1 (stored zero - 1), 0 otherwise
@@ -101,11 +143,11 @@ def _w4a16_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Tensor-core path (M > 1). Each K tile lies in one group: in decode tiles (BLOCK_M <= 16) the
-    group's scale multiplies the tile's dot product, ``sum_k a_k (q_k - z) s = s * (a . (q - z))``,
-    so each weight costs a shift, a mask-or and half a packed subtract."""
-    PACK: tl.constexpr = 32 // BITS  # values per int32 word
-    MASK: tl.constexpr = (1 << BITS) - 1
+    """Tensor-core path (M > 1). Each K tile lies in one group. Decode tiles (BLOCK_M <= 16) are
+    dequant-bound: the group's scale multiplies the tile's dot product, ``sum_k a_k (q_k - z) s =
+    s * (a . (q - z))``, so each weight costs a shift, a mask-or and half a packed subtract. Prefill
+    tiles are MMA-bound: the scale goes into the weights (``_q_tile``, then one FMA), so wgmma
+    accumulates in place."""
     pid_m = tl.program_id(0)  # M fastest: neighbouring programs share the weight tile in L2
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -114,8 +156,9 @@ def _w4a16_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     in_dtype = x_ptr.dtype.element_ty
-
-    # Each packed word is loaded once, then fanned out to its PACK values in registers:
+    PACK: tl.constexpr = 32 // BITS  # values per int32 word
+    MASK: tl.constexpr = (1 << BITS) - 1
+    # Decode: each packed word is loaded once, then fanned out to its PACK values in registers:
     # [rows, 1, cols] >> [1, PACK, 1], reshaped row-major to the [BLOCK_K, BLOCK_N] tile.
     shifts = tl.arange(0, PACK) * BITS
 
@@ -129,13 +172,14 @@ def _w4a16_kernel(
         offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
         w_mask = (offs_wk < K // PACK)[:, None] & n_mask[None, :]
         words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :], w_mask, EVEN_K and EVEN_N)
-        q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
         scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
                                     BITS, ZERO_OFFSET)
-        if BLOCK_M > 16:  # prefill: MMA-bound; the scale goes into the tile so wgmma accumulates in place
-            w = ((q - zero[None, :]).to(tl.float32) * scale[None, :]).to(in_dtype)
+        if BLOCK_M > 16:  # prefill: fma(q, s, -z*s) is (q - z) * s exactly (both products fit fp32), rounded once
+            q = _q_tile(words, magic_bits, BITS)
+            w = tl.fma(q, scale[None, :], -(zero.to(tl.float32) * scale)[None, :]).to(in_dtype)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        else:  # decode: dequant-bound; q - zero is exact in x's dtype, the scale is applied to the tile's dot
+        else:  # decode: q - zero is exact in x's dtype, the scale is applied to the tile's dot
+            q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
             if MAGIC_BITS != 0:  # (MAGIC + q) - (MAGIC + zero): no conversion instruction
                 w = (q | MAGIC_BITS).to(tl.int16).to(in_dtype, bitcast=True) - (zero.to(tl.float32) + MAGIC).to(in_dtype)[None, :]
             else:
@@ -145,6 +189,78 @@ def _w4a16_kernel(
     tile = pid_m * tl.num_programs(1) + pid_n
     _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, tile, pid_k, M, N,
                 offs_m[:, None] * N + offs_n[None, :], offs_n[None, :], m_mask[:, None] & n_mask[None, :],
+                HAS_BIAS, SPLIT_K)
+
+
+@kernel(do_not_specialize=("M",))
+def _w4a16_swap_kernel(
+    x_ptr,  # [M, K], M <= 16
+    qweight_ptr,
+    qzeros_ptr,
+    scales_ptr,
+    bias_ptr,
+    out_ptr,  # [M, N] in x's dtype
+    partials_ptr,  # as in _w4a16_kernel
+    counters_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qw,
+    stride_qz,
+    stride_s,
+    k_per_split,
+    magic_bits,
+    GROUP_SIZE: tl.constexpr,
+    BITS: tl.constexpr,
+    ZERO_OFFSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Decode (M <= 16) with the operands swapped: ``out^T = W^T x^T``, the weight as the tensor-core
+    A operand (the 16 activation rows fill the MMA's narrow side instead of padding its wide one).
+    K is walked field by field: field j of a word tile ``[cols, words]`` holds rows ``PACK * word + j``,
+    so it is a whole ``[cols, words]`` A tile by itself, multiplied by the activations of those rows;
+    the weights are never reshaped. Each weight costs a mask-or, an FMA (q - z, exact) and half a
+    packed conversion; Triton 3.9 still passes the A tile through shared memory, in 16-byte stores
+    and transposed ldmatrix (sm_90 SASS: 5.1 instructions per weight at 256 x 128 tiles, against 6.4
+    for the 16-row tiles of ``_w4a16_kernel``). Not a default until a GPU has timed it."""
+    PACK: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PACK
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, 16)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    in_dtype = x_ptr.dtype.element_ty
+
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)  # out^T
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_w = k0 // PACK + tl.arange(0, WORDS)
+        w_mask = n_mask[:, None] & (offs_w < K // PACK)[None, :]
+        words = _load(qweight_ptr + offs_n[:, None] + offs_w[None, :] * stride_qw, w_mask, EVEN_K and EVEN_N)
+        scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
+                                    BITS, ZERO_OFFSET)
+        zero = zero.to(tl.float32)
+        part = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            w = _field(words, magic_bits, j, BITS, zero[:, None])  # q - z
+            offs_k = offs_w * PACK + j
+            a_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                          mask=m_mask[None, :] & (offs_k < K)[:, None], other=0.0)
+            part = tl.dot(w.to(in_dtype), a_t, part, input_precision=DOT_PRECISION)
+        acc += part * scale[:, None]
+
+    _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, pid_n, pid_k, M, N,
+                offs_m[None, :] * N + offs_n[:, None], offs_n[:, None], m_mask[None, :] & n_mask[:, None],
                 HAS_BIAS, SPLIT_K)
 
 
@@ -251,22 +367,35 @@ def _store_final(acc, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS: tl.constexp
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: int) -> dict:
-    """Tiles per regime (GEMV for one row, tensor cores above); BLOCK_K always divides group_size."""
+def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: int, overrides: dict) -> dict:
+    """Tiles per regime (GEMV for one row, tensor cores above; BLOCK_K of the defaults divides
+    group_size), then ``overrides``; the K split follows the resulting tiles unless overridden."""
     cpu = device.type == "cpu"
     if m == 1:  # 128 x 128 tiles: 128 weights per thread per step at 4 warps
-        cfg = dict(GEMV=True, BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 128, num_warps=4, num_stages=3)
+        cfg = dict(KERNEL="gemv", BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 128, num_warps=4, num_stages=3)
     elif m <= DECODE_MAX_M:  # 64 x 128 tiles: 64 dequantized values per thread at 4 warps
-        cfg = dict(BLOCK_M=16, BLOCK_N=32 if cpu else 64, BLOCK_K=32 if cpu else 128, num_warps=4, num_stages=3)
-    elif m <= 64 or cpu:
-        cfg = dict(BLOCK_M=16 if cpu else 64, BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 64,
+        cfg = dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=32 if cpu else 64, BLOCK_K=32 if cpu else 128, num_warps=4,
+                   num_stages=3)
+    elif m <= 64 or cpu:  # (32 rows on the CPU: the interpreter runs the prefill code at small sizes)
+        cfg = dict(KERNEL="mma", BLOCK_M=32 if cpu else 64, BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 64,
                    num_warps=4, num_stages=4)
-    else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    elif cdiv(m, 256) * cdiv(n, 128) < sms:
+        cfg = dict(KERNEL="mma", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    else:  # 256 rows share each dequantized weight: per K step 8 wgmma against 311 instructions per thread
+        # (128 rows: 4 against 283, i.e. issue-bound; sm_90 SASS, 237 registers, no spill). Only where
+        # the tiles fill the GPU unsplit: split-K's epilogue spills at 256 rows. Not yet timed.
+        cfg = dict(KERNEL="mma", BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     while group_size % cfg["BLOCK_K"]:
         cfg["BLOCK_K"] //= 2
     if cfg["BLOCK_K"] < 16:
         raise QoqoptError(f"w4a16 kernel: group_size {group_size} must be a multiple of 16")
+    cfg |= overrides
+    if "SPLIT_K" not in cfg:
+        cfg["SPLIT_K"] = _split_k(m, n, k, cfg, device.type == "cpu", sms)
+    return cfg
+
+
+def _split_k(m: int, n: int, k: int, cfg: dict, cpu: bool, sms: int) -> int:
     # Split K only when the output tiles cannot keep the SMs busy (decode; prefill on narrow layers or
     # short prompts: on an H200, k/v 3584->512 at M=128 ran 4 tiles on 132 SMs, 57 us against bf16's 7).
     tiles = cdiv(m, cfg.get("BLOCK_M", 1)) * cdiv(n, cfg["BLOCK_N"])
@@ -278,13 +407,15 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     else:  # MMA-bound tiles, one per SM (~200 registers x 256 threads): as many splits as fit in one wave
         # (a 2nd wave of a few blocks costs a whole tile time), each split at least 4 K tiles deep
         split = max(1, min(sms // tiles, k_tiles // 4))
-    cfg["SPLIT_K"] = split
-    return cfg
+    return split
+
+
+KERNELS = ("gemv", "mma", "swap")  # one-row CUDA-core GEMV; tensor-core tiles; swapped tensor-core decode
 
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    gemv: bool  # the one-row CUDA-core kernel, else the tensor-core one
+    kernel: str  # one of KERNELS
     split: int  # K splits (fp32 partials, summed by each tile's last split)
     k_per_split: int
     grid: tuple[int, int, int] | tuple[int, int]
@@ -301,23 +432,29 @@ def launch_plan(m, n, k, *, bits, group_size, zero_offset, has_bias, dtype, devi
 
 @functools.lru_cache(maxsize=1024)
 def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device, sms, config) -> LaunchPlan:
-    cfg = _config(m, n, k, group_size, device, sms) | dict(config)
-    gemv, split, block_k = cfg.pop("GEMV", False), cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
+    cfg = _config(m, n, k, group_size, device, sms, dict(config))
+    kind, split, block_k = cfg.pop("KERNEL"), cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
+    assert kind in KERNELS, f"KERNEL={kind!r} is not one of {KERNELS}"
     assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
-    assert not gemv or m == 1, "the GEMV kernel takes one row"
+    assert kind != "gemv" or m == 1, "the GEMV kernel takes one row"
+    assert kind != "swap" or (m <= DECODE_MAX_M and block_k // (32 // bits) >= 16), \
+        "the swapped kernel takes up to 16 rows and at least 16 packed words per K tile"
     k_per_split = cdiv(cdiv(k, split), block_k) * block_k
     split = cdiv(k, k_per_split)  # rounding may leave fewer splits
     common = dict(GROUP_SIZE=group_size, BITS=bits, ZERO_OFFSET=zero_offset,
                   HAS_BIAS=has_bias, SPLIT_K=split, EVEN_K=k % block_k == 0,
                   EVEN_N=n % cfg["BLOCK_N"] == 0)
-    if gemv:
-        return LaunchPlan(True, split, k_per_split, (cdiv(n, cfg["BLOCK_N"]), split), common | cfg)
+    if kind == "gemv":
+        return LaunchPlan(kind, split, k_per_split, (cdiv(n, cfg["BLOCK_N"]), split), common | cfg)
+    cfg["DOT_PRECISION"] = dot_precision(dtype)
+    if kind == "swap":
+        cfg.pop("BLOCK_M", None)
+        return LaunchPlan(kind, split, k_per_split, (cdiv(n, cfg["BLOCK_N"]), split), common | cfg)
     magic_bits, magic, mantissa = HALF_MAGIC.get(dtype, (0, 0.0, 0))
     if bits > mantissa:
         magic_bits, magic = 0, 0.0
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
-    return LaunchPlan(False, split, k_per_split, grid, common | cfg | dict(
-        MAGIC_BITS=magic_bits, MAGIC=magic, DOT_PRECISION=dot_precision(dtype)))
+    return LaunchPlan(kind, split, k_per_split, grid, common | cfg | dict(MAGIC_BITS=magic_bits, MAGIC=magic))
 
 
 def w4a16_matmul(
@@ -361,7 +498,7 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
     """
     plan = launch_plan(m, n, k, bits=bits, group_size=group_size, zero_offset=zero_offset,
                        has_bias=has_bias, dtype=dtype, device=device, **config)
-    matmul = (_w4a16_gemv_kernel if plan.gemv else _w4a16_kernel)[device].bind(plan.grid, plan.constexprs)
+    matmul = _KERNEL_FNS[plan.kernel][device].bind(plan.grid, plan.constexprs)
     tiles = math.prod(plan.grid[:-1])
 
     def launch(x, qweight, qzeros, scales, bias=None, out=None) -> torch.Tensor:
@@ -372,16 +509,17 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
             partials, counters = splitk_workspace(device, plan.split * m * n, tiles)
         operands = (x, qweight, qzeros, scales, bias if bias is not None else scales, out, partials, counters)
         strides = (qweight.stride(0), qzeros.stride(0), scales.stride(0), plan.k_per_split)
-        if plan.gemv:
+        if plan.kernel == "gemv":
             matmul(*operands, n, k, *strides, FP32_MAGIC_BITS.value)
         else:
-            matmul(*operands, m, n, k, x.stride(0), *strides)
+            matmul(*operands, m, n, k, x.stride(0), *strides, FP32_MAGIC_BITS.value)
         return out
 
     launch.matmul = matmul  # the kernel launch it makes (tests and offline compiles read it)
     return launch
 
 
+_KERNEL_FNS = {"gemv": _w4a16_gemv_kernel, "mma": _w4a16_kernel, "swap": _w4a16_swap_kernel}
 _WORKSPACES: dict = {}  # (device type, index, stream) -> (fp32 partials, int32 tile counters at zero)
 
 

@@ -308,12 +308,17 @@ def test_dequant_bit_tricks_are_exact():
     for width in (4, 8):  # GEMV: a field masked in place, anywhere in the low 16 bits of a word
         for shift in range(0, 16, width):
             q = torch.arange(2**width, dtype=torch.int32)
-            as_float = ((q << shift) | FP32_MAGIC_BITS.value).view(torch.float32).double()
-            assert torch.equal(as_float, FP32_MAGIC.value + q.double() * 2**shift), (width, shift)
+            field = ((q << shift) | FP32_MAGIC_BITS.value).view(torch.float32)
+            assert torch.equal(field.double(), FP32_MAGIC.value + q.double() * 2**shift), (width, shift)
+            # Tensor-core paths: field * 2**-shift - (2**23 * 2**-shift + zero) is q - zero with no rounding,
+            # in fp32 arithmetic (an FMA there, rounding once, can only match) for every zero a checkpoint holds.
+            zero = torch.arange(2**width + 1, dtype=torch.float32)[:, None]
+            q_minus_zero = field[None, :] * 2.0**-shift - (FP32_MAGIC.value * 2.0**-shift + zero)
+            assert torch.equal(q_minus_zero, q[None, :].float() - zero), (width, shift)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 16, 33])  # GEMV (split-K), tensor-core decode, prefill
+@pytest.mark.parametrize("m", [1, 16, 33])  # GEMV (split-K), tensor-core decode, prefill (32-row tiles)
 @pytest.mark.parametrize("case", list(W4A16_CASES))
 def test_quant_linear_matches_dequantized_matmul(dtype, m, case):
     from qoqopt.kernels.w4a16 import QuantLinear, w4a16_matmul
@@ -363,6 +368,30 @@ def test_w4a16_prefill_split_k_over_several_row_tiles(dtype):
     assert splitk_workspace(DEVICE, 1, 1)[1].eq(0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_w4a16_swapped_decode_kernel_matches_dequantized_matmul(dtype, bits):
+    """The swapped decode kernel (``out^T = W^T x^T``, K walked one packed field at a time): 1, 5 and
+    16 rows, whole and split over K, with a cut-off column tile; every output element written."""
+    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
+
+    k, n, group_size = 384, 72, 64 * 8 // bits  # a K tile of 16 packed words is one group
+    intweight, zeros, scales, g_idx = _gptq_case(k, n, bits, group_size, False)
+    qweight, qzeros = pack_gptq(intweight, zeros, bits)
+    w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
+    tiles = dict(KERNEL="swap", BLOCK_N=32, BLOCK_K=group_size, num_warps=4, num_stages=2)
+    for m, split in ((1, 1), (5, 3), (16, 2)):
+        plan = launch_plan(m, n, k, bits=bits, group_size=group_size, zero_offset=1, has_bias=False, dtype=dtype,
+                           device=torch.device(DEVICE), SPLIT_K=split, **tiles)
+        assert plan.kernel == "swap" and plan.split == split
+        x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+        out = nan_like((m, n), dtype)
+        with torch.inference_mode():
+            w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE, dtype), bits=bits,
+                         group_size=group_size, zero_offset=1, out=out, SPLIT_K=split, **tiles)
+        assert_close(out, F.linear(x.float(), w.t().to(dtype).float()), dtype, scale=4)
+
+
 def test_w4a16_plans_split_prefill_only_when_tiles_underfill_the_gpu():
     """7B shapes on a 132-SM GPU (planned without one: the plan needs only the device type)."""
     from qoqopt.kernels.w4a16 import _launch_plan
@@ -375,6 +404,10 @@ def test_w4a16_plans_split_prefill_only_when_tiles_underfill_the_gpu():
     q_o = plan(128, 3584, 3584)  # 28 tiles: split, in one wave (140 blocks would leave 8 for a second)
     assert q_o.split > 1 and math.prod(q_o.grid) <= 132
     assert plan(512, 3584, 3584).split == 1  # 112 tiles: split 2 would be two full waves, no gain
+    # 256-row tiles only where they fill the GPU unsplit (split-K's epilogue spills at 256 rows)
+    assert plan(512, 3584, 3584).constexprs["BLOCK_M"] == 128
+    assert plan(2048, 512, 3584).constexprs["BLOCK_M"] == 128  # k/v: 32 tiles of 256 rows
+    assert plan(2048, 18944, 3584).constexprs["BLOCK_M"] == 256
     assert plan(2048, 18944, 3584).split == 1  # gate/up at 2048 tokens: 2368 tiles already
 
 
