@@ -72,20 +72,19 @@ def _load(ptrs, mask, UNMASKED: tl.constexpr):
 
 
 @device_function
-def _field(words, magic_bits, IDX: tl.constexpr, BITS: tl.constexpr, zero=0.0):
-    """Field ``IDX`` of every packed word, as the exact fp32 ``q - zero`` (``zero``: integers, broadcast).
+def _field(words, magic_bits, IDX: tl.constexpr, BITS: tl.constexpr):
+    """Field ``IDX`` of every packed word, as the exact fp32 ``q``.
 
     The word's upper half is reached by one shift (shared by its fields); the field is masked in
     place and OR-ed into 2**23's mantissa, ``2**23 + q * 2**POS`` exactly, in one LOP3 (the pattern
     comes in a register). Times ``2**-POS`` that is ``2**(23 - POS) + q``, still exact, so one FMA
-    with ``-(2**(23 - POS) + zero)`` (an integer below 2**24: exact too) leaves ``q - zero`` with no
-    rounding. The int->float conversion this replaces issues at 1/8 of the FMA rate on sm_80/sm_90.
+    with ``-2**(23 - POS)`` leaves ``q`` with no rounding. The int->float conversion this replaces issues at 1/8 of the FMA rate on sm_80/sm_90.
     """
     HALF: tl.constexpr = 16 // BITS
     POS: tl.constexpr = (IDX % HALF) * BITS
     bits = (words >> 16) if IDX >= HALF else words
     field = (bits & (((1 << BITS) - 1) << POS)) | magic_bits
-    return tl.fma(field.to(tl.float32, bitcast=True), 1.0 / (1 << POS), -(zero + FP32_MAGIC / (1 << POS)))
+    return tl.fma(field.to(tl.float32, bitcast=True), 1.0 / (1 << POS), -FP32_MAGIC / (1 << POS))
 
 
 @device_function
@@ -210,7 +209,7 @@ def _w4a16_swap_kernel(
     stride_qz,
     stride_s,
     k_per_split,
-    magic_bits,
+    magic_bits,  # unused: the launch passes the tensor-core kernels one argument list
     GROUP_SIZE: tl.constexpr,
     BITS: tl.constexpr,
     ZERO_OFFSET: tl.constexpr,
@@ -218,19 +217,28 @@ def _w4a16_swap_kernel(
     SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
+    MAGIC_BITS: tl.constexpr,  # as in _w4a16_kernel
+    MAGIC: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Decode (M <= 16) with the operands swapped: ``out^T = W^T x^T``, the weight as the tensor-core
     A operand (the 16 activation rows fill the MMA's narrow side instead of padding its wide one).
-    K is walked field by field: field j of a word tile ``[cols, words]`` holds rows ``PACK * word + j``,
-    so it is a whole ``[cols, words]`` A tile by itself, multiplied by the activations of those rows;
-    the weights are never reshaped. Each weight costs a mask-or, an FMA (q - z, exact) and half a
-    packed conversion; Triton 3.9 still passes the A tile through shared memory, in 16-byte stores
-    and transposed ldmatrix (sm_90 SASS: 5.1 instructions per weight at 256 x 128 tiles, against 6.4
-    for the 16-row tiles of ``_w4a16_kernel``). Not a default until a GPU has timed it."""
+
+    wgmma takes A from registers, and Triton moves A's layout conversion up to the load when every
+    step from the load is an elementwise op on tensors of no narrower type. So the words are read as
+    16-bit halves and K is walked one field at a time: field j of a ``[cols, halves]`` tile holds K
+    rows ``PACK * word + HALF * h + j``, a whole A tile by itself, and ``MAGIC + q`` comes from one
+    shift and one mask-or with no conversion. The zero is not subtracted per weight (a broadcast
+    would stop the hoist): ``sum_k (MAGIC + q_k) a_k - (MAGIC + z) sum_k a_k``, with the activation
+    sums taken once per K tile. Only the packed halves pass through shared memory (a quarter of the
+    bytes of a dequantized tile). sm_90 SASS at 256 x 128 tiles: 5.1 instructions per weight, 100
+    registers (Triton 3.6: 5.1, 130), against 6.4 / 7.6 for ``_w4a16_kernel``'s 16-row tiles.
+    Not a default until a GPU has timed it (``bench_kernels.py --sweep``)."""
     PACK: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PACK // 2  # fields per 16-bit half word
+    MASK: tl.constexpr = (1 << BITS) - 1
     WORDS: tl.constexpr = BLOCK_K // PACK
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -239,6 +247,7 @@ def _w4a16_swap_kernel(
     n_mask = offs_n < N
     m_mask = offs_m < M
     in_dtype = x_ptr.dtype.element_ty
+    halves_ptr = qweight_ptr.to(tl.pointer_type(tl.int16))  # little endian: half h of word w is 2 * w + h
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -246,18 +255,27 @@ def _w4a16_swap_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_w = k0 // PACK + tl.arange(0, WORDS)
         w_mask = n_mask[:, None] & (offs_w < K // PACK)[None, :]
-        words = _load(qweight_ptr + offs_n[:, None] + offs_w[None, :] * stride_qw, w_mask, EVEN_K and EVEN_N)
         scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
                                     BITS, ZERO_OFFSET)
-        zero = zero.to(tl.float32)
         part = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        for j in tl.static_range(PACK):
-            w = _field(words, magic_bits, j, BITS, zero[:, None])  # q - z
-            offs_k = offs_w * PACK + j
-            a_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                          mask=m_mask[None, :] & (offs_k < K)[:, None], other=0.0)
-            part = tl.dot(w.to(in_dtype), a_t, part, input_precision=DOT_PRECISION)
-        acc += part * scale[:, None]
+        offs_kk = k0 + tl.arange(0, BLOCK_K)
+        a_sum = tl.sum(tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_kk[:, None],
+                               mask=m_mask[None, :] & (offs_kk < K)[:, None], other=0.0).to(tl.float32), axis=0)
+        for h in tl.static_range(2):
+            halves = _load(halves_ptr + 2 * offs_n[:, None] + offs_w[None, :] * (2 * stride_qw) + h, w_mask,
+                           EVEN_K and EVEN_N)
+            for j in tl.static_range(HALF):
+                field = (halves >> (j * BITS)) & MASK
+                if MAGIC_BITS != 0:  # MAGIC + q, exact, with no conversion instruction
+                    w = (field | MAGIC_BITS).to(in_dtype, bitcast=True)
+                else:
+                    w = field.to(in_dtype)
+                offs_k = offs_w * PACK + h * HALF + j
+                a_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                              mask=m_mask[None, :] & (offs_k < K)[:, None], other=0.0)
+                part = tl.dot(w, a_t, part, input_precision=DOT_PRECISION)
+        # sum_k (MAGIC + q_k) a_k - (MAGIC + z) sum_k a_k = sum_k (q_k - z) a_k
+        acc += (part - (zero.to(tl.float32) + MAGIC)[:, None] * a_sum[None, :]) * scale[:, None]
 
     _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, pid_n, pid_k, M, N,
                 offs_m[None, :] * N + offs_n[:, None], offs_n[:, None], m_mask[None, :] & n_mask[:, None],
@@ -446,15 +464,15 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
                   EVEN_N=n % cfg["BLOCK_N"] == 0)
     if kind == "gemv":
         return LaunchPlan(kind, split, k_per_split, (cdiv(n, cfg["BLOCK_N"]), split), common | cfg)
-    cfg["DOT_PRECISION"] = dot_precision(dtype)
-    if kind == "swap":
-        cfg.pop("BLOCK_M", None)
-        return LaunchPlan(kind, split, k_per_split, (cdiv(n, cfg["BLOCK_N"]), split), common | cfg)
     magic_bits, magic, mantissa = HALF_MAGIC.get(dtype, (0, 0.0, 0))
     if bits > mantissa:
         magic_bits, magic = 0, 0.0
+    cfg |= dict(DOT_PRECISION=dot_precision(dtype), MAGIC_BITS=magic_bits, MAGIC=magic)
+    if kind == "swap":
+        cfg.pop("BLOCK_M", None)
+        return LaunchPlan(kind, split, k_per_split, (cdiv(n, cfg["BLOCK_N"]), split), common | cfg)
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
-    return LaunchPlan(kind, split, k_per_split, grid, common | cfg | dict(MAGIC_BITS=magic_bits, MAGIC=magic))
+    return LaunchPlan(kind, split, k_per_split, grid, common | cfg)
 
 
 def w4a16_matmul(
