@@ -173,10 +173,13 @@ def _w4a16_kernel(
         words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :], w_mask, EVEN_K and EVEN_N)
         scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
                                     BITS, ZERO_OFFSET)
-        if BLOCK_M > 16:  # prefill: fma(q, s, -z*s) is (q - z) * s exactly (both products fit fp32), rounded once
+        if BLOCK_M > 16:  # prefill: (q - z) * s in fp32, rounded once to x's dtype, as the reference
             q = _q_tile(words, magic_bits, BITS)
-            w = tl.fma(q, scale[None, :], -(zero.to(tl.float32) * scale)[None, :]).to(in_dtype)
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            if scales_ptr.dtype.element_ty == tl.float32:  # z * s could round: subtract first
+                w = (q - zero.to(tl.float32)[None, :]) * scale[None, :]
+            else:  # q * s and z * s fit fp32's 24 bits (9-bit integers, 11-bit scales): one FMA, exact
+                w = tl.fma(q, scale[None, :], -(zero.to(tl.float32) * scale)[None, :])
+            acc = tl.dot(a, w.to(in_dtype), acc, input_precision=DOT_PRECISION)
         else:  # decode: q - zero is exact in x's dtype, the scale is applied to the tile's dot
             q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
             if MAGIC_BITS != 0:  # (MAGIC + q) - (MAGIC + zero): no conversion instruction
@@ -235,7 +238,9 @@ def _w4a16_swap_kernel(
     sums taken once per K tile. Only the packed halves pass through shared memory (a quarter of the
     bytes of a dequantized tile). sm_90 SASS at 256 x 128 tiles: 5.1 instructions per weight, 100
     registers (Triton 3.6: 5.1, 130), against 6.4 / 7.6 for ``_w4a16_kernel``'s 16-row tiles.
-    Not a default until a GPU has timed it (``bench_kernels.py --sweep``)."""
+    Not a default until a GPU has timed it (``bench_kernels.py --sweep``) and checked its accuracy at
+    the 7B's K: taking the zero off the accumulator cancels, so fp32 accumulation error grows with
+    ``MAGIC * sum |a|`` (MAGIC 1024 for fp16, 128 for bf16) rather than with the result."""
     PACK: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PACK // 2  # fields per 16-bit half word
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -397,11 +402,12 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     elif m <= 64 or cpu:  # (32 rows on the CPU: the interpreter runs the prefill code at small sizes)
         cfg = dict(KERNEL="mma", BLOCK_M=32 if cpu else 64, BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 64,
                    num_warps=4, num_stages=4)
-    elif cdiv(m, 256) * cdiv(n, 128) < sms:
+    elif m < 512 or cdiv(m, 256) * cdiv(n, 128) < sms:
         cfg = dict(KERNEL="mma", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     else:  # 256 rows share each dequantized weight: per K step 8 wgmma against 311 instructions per thread
-        # (128 rows: 4 against 283, i.e. issue-bound; sm_90 SASS, 237 registers, no spill). Only where
-        # the tiles fill the GPU unsplit: split-K's epilogue spills at 256 rows. Not yet timed.
+        # (128 rows: 4 against 283, i.e. issue-bound; sm_90 SASS, 237 registers, no spill). Only from
+        # 512 rows (below, most of a 256-row tile can be padding) and where the tiles fill the GPU
+        # unsplit (split-K's epilogue spills at 256 rows). Not yet timed.
         cfg = dict(KERNEL="mma", BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     while group_size % cfg["BLOCK_K"]:
         cfg["BLOCK_K"] //= 2

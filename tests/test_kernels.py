@@ -310,11 +310,41 @@ def test_dequant_bit_tricks_are_exact():
             q = torch.arange(2**width, dtype=torch.int32)
             field = ((q << shift) | FP32_MAGIC_BITS.value).view(torch.float32)
             assert torch.equal(field.double(), FP32_MAGIC.value + q.double() * 2**shift), (width, shift)
-            # Tensor-core paths: field * 2**-shift - (2**23 * 2**-shift + zero) is q - zero with no rounding,
-            # in fp32 arithmetic (an FMA there, rounding once, can only match) for every zero a checkpoint holds.
-            zero = torch.arange(2**width + 1, dtype=torch.float32)[:, None]
-            q_minus_zero = field[None, :] * 2.0**-shift - (FP32_MAGIC.value * 2.0**-shift + zero)
-            assert torch.equal(q_minus_zero, q[None, :].float() - zero), (width, shift)
+
+
+def _fp32_fma(a, b, c):
+    """IEEE fp32 fma of fp32 tensors: the exact a * b + c (float64 holds it: every operand here has
+    at most 24 significant bits and the product at most 48), rounded once to fp32."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prefill_dequant_fma_is_the_reference_rounding(bits):
+    """Prefill tiles compute q from the magic field (``fma(field, 2**-pos, -2**(23 - pos))``) and then
+    ``fma(q, s, -(z * s))`` for fp16/bf16 scales. Both must equal the reference's one rounding of
+    ``(q - z) * s`` in fp32, for every field value, every zero a checkpoint holds (GPTQ v1's offset
+    included) and every positive fp16 and bf16 scale below 2**100, subnormals included (a sample of
+    them at 8 bits)."""
+    from qoqopt.kernels.w4a16 import FP32_MAGIC, FP32_MAGIC_BITS
+
+    q = torch.arange(2**bits, dtype=torch.int32)
+    for pos in range(0, 16, bits):
+        field = ((q << pos) | FP32_MAGIC_BITS.value).view(torch.float32)
+        exact_q = _fp32_fma(field, torch.tensor(2.0**-pos), torch.tensor(-FP32_MAGIC.value * 2.0**-pos))
+        assert torch.equal(exact_q, q.float()), pos
+    for dtype in (torch.float16, torch.bfloat16):
+        every = torch.arange(2**15, dtype=torch.int16).view(dtype).float()  # every non-negative bit pattern
+        # (bf16 reaches 3.4e38, where z * s would overflow fp32 before (q - z) * s does: scales stay below 2**100)
+        scales = every[torch.isfinite(every) & (every > 0) & (every < 2.0**100)]
+        if bits == 8:
+            scales = scales[torch.randperm(len(scales), generator=torch.Generator().manual_seed(0))[:512]]
+        qf, zf, s = q.float()[:, None, None], torch.arange(2**bits + 1).float()[None, :, None], scales[None, None, :]
+        kernel = _fp32_fma(qf, s, -(zf * s))  # z * s rounded to fp32 first, as the kernel does
+        reference = ((qf.double() - zf.double()) * s.double()).float()
+        assert torch.equal(kernel, reference), dtype
+    # Why fp32 scales take the subtract-first branch: with 24 significant bits, z * s can round.
+    s, q1, z3 = torch.tensor(1 + 2.0**-23), torch.tensor(1.0), torch.tensor(3.0)
+    assert _fp32_fma(q1, s, -(z3 * s)) != ((q1 - z3) * s)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -385,11 +415,12 @@ def test_w4a16_swapped_decode_kernel_matches_dequantized_matmul(dtype, bits):
                            device=torch.device(DEVICE), SPLIT_K=split, **tiles)
         assert plan.kernel == "swap" and plan.split == split
         x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+        bias = torch.randn(n, device=DEVICE, dtype=dtype)
         out = nan_like((m, n), dtype)
         with torch.inference_mode():
-            w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE, dtype), bits=bits,
+            w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE, dtype), bias, bits=bits,
                          group_size=group_size, zero_offset=1, out=out, SPLIT_K=split, **tiles)
-        assert_close(out, F.linear(x.float(), w.t().to(dtype).float()), dtype, scale=4)
+        assert_close(out, F.linear(x.float(), w.t().to(dtype).float(), bias.float()), dtype, scale=4)
 
 
 def test_w4a16_plans_split_prefill_only_when_tiles_underfill_the_gpu():
@@ -404,11 +435,12 @@ def test_w4a16_plans_split_prefill_only_when_tiles_underfill_the_gpu():
     q_o = plan(128, 3584, 3584)  # 28 tiles: split, in one wave (140 blocks would leave 8 for a second)
     assert q_o.split > 1 and math.prod(q_o.grid) <= 132
     assert plan(512, 3584, 3584).split == 1  # 112 tiles: split 2 would be two full waves, no gain
-    # 256-row tiles only where they fill the GPU unsplit (split-K's epilogue spills at 256 rows)
+    # 256-row tiles only from 512 rows, where they fill the GPU unsplit (split-K's epilogue spills at 256 rows)
     assert plan(512, 3584, 3584).constexprs["BLOCK_M"] == 128
+    assert plan(128, 18944, 3584).constexprs["BLOCK_M"] == 128  # one 256-row tile would be half padding
     assert plan(2048, 512, 3584).constexprs["BLOCK_M"] == 128  # k/v: 32 tiles of 256 rows
     assert plan(2048, 18944, 3584).constexprs["BLOCK_M"] == 256
-    assert plan(2048, 18944, 3584).split == 1  # gate/up at 2048 tokens: 2368 tiles already
+    assert plan(2048, 18944, 3584).split == 1  # gate/up at 2048 tokens: 1184 tiles of 256 rows already
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
