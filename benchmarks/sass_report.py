@@ -29,6 +29,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_kernels import SWAPPED  # noqa: E402  (the sweep's swapped configs, widest first)
 from benchmarks.offline_compile import (  # noqa: E402
     NoToolchain,
     attention_compile,
@@ -41,7 +42,6 @@ from benchmarks.offline_compile import (  # noqa: E402
 
 SHAPES = ((3584, 18944, "gate/up"), (18944, 3584, "down"), (3584, 512, "k/v"))
 M_VALUES = (1, 16, 2048)
-SWAPPED = dict(KERNEL="swap", BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3)
 
 
 def w4a16_rows() -> list[dict]:
@@ -51,7 +51,7 @@ def w4a16_rows() -> list[dict]:
     # One layout: AWQ checkpoints are repacked to GPTQ's at load. The planned launches, then the
     # swapped decode kernel (not a default: bench_kernels.py --sweep times it) at its widest tile.
     launches = [(k, n, label, m, {}) for k, n, label in SHAPES for m in M_VALUES]
-    launches += [(k, n, label, m, SWAPPED) for k, n, label in SHAPES for m in M_VALUES if m <= 16]
+    launches += [(k, n, label, m, SWAPPED[0]) for k, n, label in SHAPES for m in M_VALUES if m <= 16]
     for k, n, label, m, config in launches:
         compiled, plan = w4a16_compile(m, k, n, **config)
         mix = main_loop_mix(compiled)

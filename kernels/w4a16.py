@@ -72,19 +72,23 @@ def _load(ptrs, mask, UNMASKED: tl.constexpr):
 
 
 @device_function
-def _field(words, magic_bits, IDX: tl.constexpr, BITS: tl.constexpr):
-    """Field ``IDX`` of every packed word, as the exact fp32 ``q``.
-
-    The word's upper half is reached by one shift (shared by its fields); the field is masked in
-    place and OR-ed into 2**23's mantissa, ``2**23 + q * 2**POS`` exactly, in one LOP3 (the pattern
-    comes in a register). Times ``2**-POS`` that is ``2**(23 - POS) + q``, still exact, so one FMA
-    with ``-2**(23 - POS)`` leaves ``q`` with no rounding. The int->float conversion this replaces issues at 1/8 of the FMA rate on sm_80/sm_90.
-    """
+def _magic_field(words, magic_bits, IDX: tl.constexpr, BITS: tl.constexpr):
+    """Field ``IDX`` of every packed word as the fp32 ``2**23 + q * 2**POS``, exactly: masked in place
+    (within the word's half, reached by one shift shared by its fields) and OR-ed into 2**23's
+    mantissa in one LOP3 (the pattern comes in a register). No int->float conversion, which issues
+    at 1/8 of the FMA rate on sm_80/sm_90."""
     HALF: tl.constexpr = 16 // BITS
     POS: tl.constexpr = (IDX % HALF) * BITS
     bits = (words >> 16) if IDX >= HALF else words
-    field = (bits & (((1 << BITS) - 1) << POS)) | magic_bits
-    return tl.fma(field.to(tl.float32, bitcast=True), 1.0 / (1 << POS), -FP32_MAGIC / (1 << POS))
+    return ((bits & (((1 << BITS) - 1) << POS)) | magic_bits).to(tl.float32, bitcast=True)
+
+
+@device_function
+def _field(words, magic_bits, IDX: tl.constexpr, BITS: tl.constexpr):
+    """Field ``IDX`` of every packed word, as the exact fp32 ``q``: ``_magic_field`` times ``2**-POS``
+    is ``2**(23 - POS) + q``, still exact, so one FMA with ``-2**(23 - POS)`` leaves ``q`` unrounded."""
+    POS: tl.constexpr = (IDX % (16 // BITS)) * BITS
+    return tl.fma(_magic_field(words, magic_bits, IDX, BITS), 1.0 / (1 << POS), -FP32_MAGIC / (1 << POS))
 
 
 @device_function
@@ -320,7 +324,6 @@ def _w4a16_gemv_kernel(
     packing's shape ([words, cols], one field at a time): no reshape, so no layout shuffle through
     shared memory."""
     PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -335,21 +338,19 @@ def _w4a16_gemv_kernel(
         offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
         w_mask = (offs_wk < K // PACK)[:, None] & col_mask[None, :]
         words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + cols[None, :], w_mask, EVEN_K and EVEN_N)
-        # Each field is masked in place rather than shifted down: with at most 16 bits below it,
-        # (field | 2**23 bits) is exactly 2**23 + q * 2**(j*BITS), so one LOP3 turns a weight
-        # into a float; a is pre-divided by 2**(j*BITS) (exact). One shift per word reaches its
-        # upper half. Each word row keeps one FMA chain; rows are summed once per tile.
+        # Each field is masked in place rather than shifted down (``_magic_field``: 2**23 + q * 2**(j*BITS),
+        # one LOP3); a is pre-divided by 2**(j*BITS) (exact). Each word row keeps one FMA chain; rows
+        # are summed once per tile.
         # The 2**23 pattern is a kernel argument, not a constexpr: with two immediates (the mask
         # and the pattern) Triton 3.6 emits two LOP3s per weight and 3.9 an extra IMAD; with the
         # pattern in a register, (word & mask | pattern) is one LOP3 (sm_90 SASS: 6.15 and 5.83
         # instructions per weight before, 5.15 and 5.02 after).
         rows = tl.zeros([BLOCK_K // PACK, BLOCK_N], dtype=tl.float32)
         for half in tl.static_range(2):
-            bits = (words >> 16) if half == 1 else words
             for j in tl.static_range(PACK // 2):
                 offs_k = offs_wk * PACK + half * (PACK // 2) + j
                 a = _load(x_ptr + offs_k, offs_k < K, EVEN_K).to(tl.float32) * (1.0 / (1 << (j * BITS)))
-                field = (bits & (MASK << (j * BITS)) | magic_bits).to(tl.float32, bitcast=True)
+                field = _magic_field(words, magic_bits, half * (PACK // 2) + j, BITS)
                 rows += a[:, None] * (field - (zero.to(tl.float32) * (1 << (j * BITS)) + FP32_MAGIC)[None, :])
         acc += tl.sum(rows, axis=0) * scale
 
@@ -388,6 +389,10 @@ def _store_final(acc, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS: tl.constexp
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# KERNEL names: the one-row CUDA-core GEMV, tensor-core tiles, the swapped tensor-core decode kernel
+KERNELS = {"gemv": _w4a16_gemv_kernel, "mma": _w4a16_kernel, "swap": _w4a16_swap_kernel}
 
 
 def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: int, overrides: dict) -> dict:
@@ -434,12 +439,9 @@ def _split_k(m: int, n: int, k: int, cfg: dict, cpu: bool, sms: int) -> int:
     return split
 
 
-KERNELS = ("gemv", "mma", "swap")  # one-row CUDA-core GEMV; tensor-core tiles; swapped tensor-core decode
-
-
 @dataclass(frozen=True)
 class LaunchPlan:
-    kernel: str  # one of KERNELS
+    kernel: str  # a key of KERNELS
     split: int  # K splits (fp32 partials, summed by each tile's last split)
     k_per_split: int
     grid: tuple[int, int, int] | tuple[int, int]
@@ -458,7 +460,7 @@ def launch_plan(m, n, k, *, bits, group_size, zero_offset, has_bias, dtype, devi
 def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device, sms, config) -> LaunchPlan:
     cfg = _config(m, n, k, group_size, device, sms, dict(config))
     kind, split, block_k = cfg.pop("KERNEL"), cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
-    assert kind in KERNELS, f"KERNEL={kind!r} is not one of {KERNELS}"
+    assert kind in KERNELS, f"KERNEL={kind!r} is not one of {tuple(KERNELS)}"
     assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
     assert kind != "gemv" or m == 1, "the GEMV kernel takes one row"
     assert kind != "swap" or (m <= DECODE_MAX_M and block_k // (32 // bits) >= 16), \
@@ -522,7 +524,7 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
     """
     plan = launch_plan(m, n, k, bits=bits, group_size=group_size, zero_offset=zero_offset,
                        has_bias=has_bias, dtype=dtype, device=device, **config)
-    matmul = _KERNEL_FNS[plan.kernel][device].bind(plan.grid, plan.constexprs)
+    matmul = KERNELS[plan.kernel][device].bind(plan.grid, plan.constexprs)
     tiles = math.prod(plan.grid[:-1])
 
     def launch(x, qweight, qzeros, scales, bias=None, out=None) -> torch.Tensor:
@@ -543,7 +545,6 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
     return launch
 
 
-_KERNEL_FNS = {"gemv": _w4a16_gemv_kernel, "mma": _w4a16_kernel, "swap": _w4a16_swap_kernel}
 _WORKSPACES: dict = {}  # (device type, index, stream) -> (fp32 partials, int32 tile counters at zero)
 
 

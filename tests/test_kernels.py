@@ -423,6 +423,36 @@ def test_w4a16_swapped_decode_kernel_matches_dequantized_matmul(dtype, bits):
         assert_close(out, F.linear(x.float(), w.t().to(dtype).float(), bias.float()), dtype, scale=4)
 
 
+@pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])
+@pytest.mark.parametrize("kernel, m", [("gemv", 1), ("mma", 16), ("swap", 16), ("mma", 64)],
+                         ids=["gemv", "mma-decode", "swap", "mma-prefill"])
+def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, scales_dtype):
+    """With one-hot fp32 activations each output element is one weight, so every kernel must return
+    the spec's dequantization of the original integers, ``(q - z) * s`` rounded once to fp32, bit for
+    bit (:func:`qoqopt.packing.dequantize`). Scales with full 24-bit significands catch a zero folded
+    into the scale's product (``z * s`` rounds), which fp16 scales cannot show."""
+    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
+
+    k, n, group_size = 256, 40, 128
+    g = torch.Generator().manual_seed(1)
+    intweight = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
+    zeros = torch.randint(1, 16, (k // group_size, n), generator=g, dtype=torch.int32)  # v1 stores zero - 1
+    scales = (torch.rand(k // group_size, n, generator=g) * 0.02 + 1e-3).to(scales_dtype)
+    qweight, qzeros = pack_gptq(intweight, zeros)
+    w = dequantize(intweight, zeros, scales, torch.arange(k) // group_size)
+    rows = torch.randperm(k, generator=g)[:m]  # output row i reads weight row rows[i]
+    x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE)
+    config = dict(KERNEL=kernel, BLOCK_N=32, BLOCK_K=128) if kernel == "swap" else {}
+    plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=torch.float32,
+                       device=DEVICE, **config)
+    assert plan.kernel == kernel and (m <= 16 or plan.constexprs["BLOCK_M"] > 16)  # the regime named
+    out = nan_like((m, n), torch.float32)
+    with torch.inference_mode():
+        w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size,
+                     zero_offset=1, out=out, **config)
+    assert torch.equal(out.cpu(), w[rows])
+
+
 def test_w4a16_plans_split_prefill_only_when_tiles_underfill_the_gpu():
     """7B shapes on a 132-SM GPU (planned without one: the plan needs only the device type)."""
     from qoqopt.kernels.w4a16 import _launch_plan
