@@ -499,13 +499,18 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
 
 
 # The swapped decode kernel (weight as the MMA's A operand; sm_90 SASS 5.1 instructions per weight at 256
-# x 128 tiles, against 6.4 for the 16-row tiles and 5.0 for the GEMV) is not a default until a GPU times it.
+# x 128 tiles, against 6.4 for the 16-row tiles and 5.0 for the GEMV) is not a default until a GPU times it
+# (its accuracy at the 7B's K, modeled in swap_accuracy.py, is measured beside each W4A16 sweep row).
 SWAPPED = [dict(KERNEL="swap", BLOCK_N=bn, BLOCK_K=128, num_warps=w, num_stages=st)
            for bn, w, st in ((256, 8, 3), (128, 4, 3), (128, 8, 3))]
 SWEEP = {  # launcher overrides tried by --sweep; the defaults live in each op's _config function
     "merger": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st)
                for bm, bn, w, st in ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 4), (128, 256, 8, 3),
                                      (64, 256, 8, 3))],
+    # One small image (256 patches: 64 merged rows) ran 66 us against eager's 54 (graph replay; floor 19):
+    # its 64 x 64 default tiles leave 80 programs on 132 SMs. Narrower or deeper tiles, by the GPU's call.
+    "merger-small": [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
+                     for bn, bk, st in ((32, 64, 4), (32, 128, 4), (16, 128, 4), (64, 128, 3), (32, 256, 3))],
     "attention": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
                   for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2),
                                         (128, 64, 8, 3), (128, 128, 8, 2))],
@@ -534,7 +539,7 @@ def sweep(b: Bench, pr: Profile) -> None:
     """Time a few tile configs per op at the largest case, to guide the defaults (no targets)."""
     from qoqopt.kernels.merger import fold_norm_weight, merger_fc1
     from qoqopt.kernels.vision_attention import VarlenPlanCache, vision_attention
-    from qoqopt.kernels.w4a16 import QuantLinear
+    from qoqopt.kernels.w4a16 import QuantLinear, dequantize_weight
     from qoqopt.packing import pack_gptq, quantize_rtn
 
     dtype, dev = b.dtype, b.device
@@ -546,6 +551,10 @@ def sweep(b: Bench, pr: Profile) -> None:
     w1_folded = fold_norm_weight(w1, ln)
     for cfg in SWEEP["merger"]:
         b.add("sweep", f"merger fc1 {p} patches", _tag(cfg), lambda: merger_fc1(x, 1e-6, w1_folded, b1, **cfg))
+    small = x[: min(pr.merger_patches)]
+    for cfg in [{}] + SWEEP["merger-small"]:
+        b.add("sweep", f"merger fc1 {small.shape[0]} patches", _tag(cfg) or "default",
+              lambda: merger_fc1(small, 1e-6, w1_folded, b1, **cfg))
 
     attn, cus, xa, rope = _vision_inputs(b, pr, pr.grids[0])
     qkv = attn.qkv(xa)
@@ -555,14 +564,28 @@ def sweep(b: Bench, pr: Profile) -> None:
             b.add("sweep", f"attention {mode}", _tag(cfg),
                   lambda: vision_attention(qkv, *rope, cu, pr.heads, plans, shared_halves=True, **cfg))
 
-    for k, n, label in pr.lm_shapes[:2]:
+    for k, n, label in pr.lm_shapes[:2]:  # gate/up and down: the 7B's widest N and deepest K
         weight = torch.randn(n, k, device=dev) * 0.02
         intweight, zeros, scales = quantize_rtn(weight, 4, pr.group_size)
         layer = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales)
+        w_exact = dequantize_weight(layer.qweight, layer.qzeros, layer.scales, **layer._kwargs()).double()
         for m in (1, 16, max(pr.m_values)):
             xq = torch.randn(m, k, device=dev, dtype=dtype)
-            for cfg in SWEEP["w4a16-gemv" if m == 1 else "w4a16" if m <= 16 else "w4a16-prefill"]:
-                b.add("sweep", f"w4a16 gptq {label} M={m}", _tag(cfg), _bound_w4a16(layer, xq, cfg))
+            exact = xq.double() @ w_exact
+            case = f"w4a16 gptq {label} M={m}"
+            # the default first: the configs' times and errors read against it in the same run
+            dense_err = _rel_err(F.linear(xq, w_exact.t().to(dtype)), exact)
+            for cfg in [{}] + SWEEP["w4a16-gemv" if m == 1 else "w4a16" if m <= 16 else "w4a16-prefill"]:
+                run = _bound_w4a16(layer, xq, cfg)
+                if row := b.add("sweep", case, _tag(cfg) or "default", run):
+                    row.extra |= {"max_rel_err": _rel_err(run(), exact), "dense_max_rel_err": dense_err}
+                    print(f"  {'':9s} {case:28s} {row.impl:18s} max relative error {row.extra['max_rel_err']:.2e}"
+                          f" (dense {str(dtype)[6:]} matmul of the dequantized weight: {dense_err:.2e})")
+
+
+def _rel_err(out: torch.Tensor, exact: torch.Tensor) -> float:
+    """max |out - exact| / max |exact|: one number per output, comparable across configs and kernels."""
+    return ((out.double() - exact).abs().max() / exact.abs().max()).item()
 
 
 def _bound_w4a16(layer, x, cfg):

@@ -210,10 +210,27 @@ for r in result["rows"]:  # judged by GPU time (graph replay) where captured: ea
     r["best_ms"] = r.get("graph_ms") or r["ms"]
     if r["op"] == "sweep" and (r["case"] not in sweep or r["best_ms"] < sweep[r["case"]]["best_ms"]):
         sweep[r["case"]] = r
+defaults = {r["case"]: r for r in result["rows"] if r["op"] == "sweep" and r["impl"] == "default"}
 if sweep:
-    print("\nfastest tile config per sweep case (CUDA-graph replay where captured):")
+    print("\nfastest tile config per sweep case (CUDA-graph replay where captured), beside the default;"
+          "\nW4A16 errors are max |out - exact| / max |exact| (dense: bf16 matmul of the dequantized weight):")
     for case, r in sweep.items():
-        print(f"  {case:36s} {r['impl']:20s} {r['best_ms']:.4f} ms{'' if r.get('graph_ms') else ' (eager)'}")
+        line = f"  {case:36s} {r['impl']:20s} {r['best_ms']:.4f} ms{'' if r.get('graph_ms') else ' (eager)'}"
+        if "max_rel_err" in r["extra"]:
+            line += f" err {r['extra']['max_rel_err']:.1e}"
+        if (d := defaults.get(case)) and d is not r:
+            line += f" | default {d['best_ms']:.4f} ms (x{d['best_ms'] / r['best_ms']:.2f} the fastest's time)"
+            line += f", err {d['extra']['max_rel_err']:.1e}" if "max_rel_err" in d["extra"] else ""
+        if "dense_max_rel_err" in r["extra"]:
+            line += f" | dense err {r['extra']['dense_max_rel_err']:.1e}"
+        print(line)
+    swaps = [r for r in result["rows"] if r["op"] == "sweep" and r["impl"].startswith("swap")]
+    for case in dict.fromkeys(r["case"] for r in swaps):  # the swapped kernel's best, to decide its default
+        r = min((r for r in swaps if r["case"] == case), key=lambda r: r["best_ms"])
+        err = lambda row: f"err {row['extra'].get('max_rel_err', float('nan')):.1e}"  # noqa: E731
+        d = defaults.get(case)
+        print(f"  swapped kernel, {case:28s} {r['impl']:20s} {r['best_ms']:.4f} ms {err(r)}"
+              + (f" | default {d['best_ms']:.4f} ms {err(d)}" if d else ""))
 status = "complete" if result.get("complete") else "INCOMPLETE (timed out or failed)"
 print(f"\nbenchmark {status}, rc {bench_rc}; total {seconds}s; logs and JSON in {Path(path).parent}")
 PYEOF

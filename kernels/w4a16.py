@@ -242,9 +242,12 @@ def _w4a16_swap_kernel(
     sums taken once per K tile. Only the packed halves pass through shared memory (a quarter of the
     bytes of a dequantized tile). sm_90 SASS at 256 x 128 tiles: 5.1 instructions per weight, 100
     registers (Triton 3.6: 5.1, 130), against 6.4 / 7.6 for ``_w4a16_kernel``'s 16-row tiles.
-    Not a default until a GPU has timed it (``bench_kernels.py --sweep``) and checked its accuracy at
-    the 7B's K: taking the zero off the accumulator cancels, so fp32 accumulation error grows with
-    ``MAGIC * sum |a|`` (MAGIC 1024 for fp16, 128 for bf16) rather than with the result."""
+    Taking the zero off the accumulator cancels, so fp32 accumulation error grows with ``MAGIC *
+    sum |a|`` (MAGIC 1024 for fp16, 128 for bf16) rather than with the result. At the 7B's deepest K
+    (18944) ``benchmarks/swap_accuracy.py`` models it at 4e-6 of the largest output in bf16 (its
+    rounding: 2e-3) and 2e-5 to 7e-5 in fp16 (rounding: 2.5e-4; the stored error's max grows 10% in
+    the pessimistic model). Not a default until a GPU has timed it (``bench_kernels.py --sweep``,
+    which also measures each config's error)."""
     PACK: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PACK // 2  # fields per 16-bit half word
     MASK: tl.constexpr = (1 << BITS) - 1
