@@ -122,8 +122,10 @@ def resource_usage(compiled) -> dict | None:
     return {"registers": int(match.group(1)), "stack_bytes": int(match.group(2))} if match else None
 
 
-def loop_mixes(compiled) -> list[collections.Counter] | None:
-    """Opcode counts of every backward-branch loop in the SASS (nested loops include their inner ones)."""
+def loop_mixes(compiled, skip_branches: bool = False) -> list[collections.Counter] | None:
+    """Opcode counts of every backward-branch loop in the SASS (nested loops include their inner ones).
+    ``skip_branches``: leave out what a predicated forward branch inside the loop jumps over (a block
+    run on some iterations only, such as the merger's per-slot 1/RMS step): the steady-state step."""
     sass = _cuobjdump(compiled, "-sass")
     if sass is None:
         return None
@@ -132,7 +134,11 @@ def loop_mixes(compiled) -> list[collections.Counter] | None:
     for addr, _, line in instrs:
         branch = _BACK_BRANCH.search(line)
         if branch and int(branch.group(1), 16) < addr:
-            loops.append(collections.Counter(op for a, op, _ in instrs if int(branch.group(1), 16) <= a <= addr))
+            start = int(branch.group(1), 16)
+            body = [(a, op, text) for a, op, text in instrs if start <= a <= addr]
+            skipped = [(a, int(m.group(1), 16)) for a, _, text in body if skip_branches and "@" in text
+                       and (m := _BACK_BRANCH.search(text)) and a < int(m.group(1), 16) <= addr]
+            loops.append(collections.Counter(op for a, op, _ in body if not any(b < a < t for b, t in skipped)))
     return loops
 
 
@@ -142,9 +148,9 @@ def main_loop_mix(compiled) -> collections.Counter | None:
     return max(loops, key=lambda c: sum(c.values()), default=collections.Counter()) if loops is not None else None
 
 
-def mma_loop_mix(compiled) -> collections.Counter | None:
+def mma_loop_mix(compiled, skip_branches: bool = False) -> collections.Counter | None:
     """The smallest loop that issues tensor-core instructions: a GEMM's K loop inside outer loops."""
-    loops = loop_mixes(compiled)
+    loops = loop_mixes(compiled, skip_branches)
     if loops is None:
         return None
     mma = [c for c in loops if any(op.endswith("MMA") for op in c)]
@@ -196,11 +202,12 @@ def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.
     return launch.matmul.kernel, plan
 
 
-def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120):
-    """Compile the fused merger fc1 kernel as ``merger_fc1`` launches it for ``m`` merged rows."""
+def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120, **config):
+    """Compile the fused merger fc1 kernel as ``merger_fc1`` launches it for ``m`` merged rows
+    (``config``: tile overrides, as ``merger_fc1`` takes them)."""
     from qoqopt.kernels.merger import _fc1_config, _merger_fc1_kernel
 
-    cfg = _fc1_config(m, c, CUDA)
+    cfg = _fc1_config(m, c, CUDA) | config
     options = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
     signature = {"x_ptr": "*bf16", "rstd_ptr": "*fp32", "w1_ptr": "*bf16", "b1_ptr": "*bf16", "out_ptr": "*bf16",
                  "M": "i32", "N": "i32"}

@@ -63,7 +63,8 @@ def _hf_merger(context_dim, out_dim, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_merged", [1, 7, 37])  # a single merged unit; several M tiles with a ragged tail
-def test_merger_fc1_matches_hf(dtype, num_merged):
+@pytest.mark.parametrize("flat", [False, True], ids=["slot-loops", "flat-loop"])  # one K loop per patch, or one
+def test_merger_fc1_matches_hf(dtype, num_merged, flat):
     from qoqopt.kernels.merger import fold_norm_weight, merger_fc1
 
     merger = _hf_merger(context_dim=64, out_dim=48, dtype=dtype)
@@ -72,7 +73,7 @@ def test_merger_fc1_matches_hf(dtype, num_merged):
     out = nan_like((num_merged, 256), dtype)
     with torch.inference_mode():
         w1_folded = fold_norm_weight(fc1.weight, merger.ln_q.weight)
-        h = merger_fc1(x, merger.ln_q.variance_epsilon, w1_folded, fc1.bias, out=out)
+        h = merger_fc1(x, merger.ln_q.variance_epsilon, w1_folded, fc1.bias, out=out, FLAT=flat)
         ref_h = merger.mlp[1](fc1(merger.ln_q(x).view(-1, 256)))
         y, ref = F.linear(h, fc2.weight, fc2.bias), merger(x)
     assert_close(h, ref_h, dtype)

@@ -45,8 +45,10 @@ def test_merger_compiles():
     from qoqopt.kernels.merger import _patch_rstd_kernel
 
     for m in (64, 1280):  # one small image; the 5120-patch maximum
-        compiled, cfg = _offline(merger_fc1_compile, m)
-        print(f"merger M={m} {cfg}: {_resource_usage(compiled)}")
+        for flat in (False, True):  # per-slot K loops (default); one K loop (swept on the GPU)
+            compiled, cfg = _offline(merger_fc1_compile, m, FLAT=flat)
+            print(f"merger M={m} {cfg}: {_resource_usage(compiled)}")
+            assert (resource_usage(compiled) or {}).get("stack_bytes", 0) == 0, f"merger fc1 {cfg} spills"
     _compile(_patch_rstd_kernel, {"x_ptr": BF16, "rstd_ptr": "*fp32", "P": "i32", "eps": "fp32"},
              dict(C=1280, BLOCK_P=32, BLOCK_C=256), dict(num_warps=4, num_stages=1))
 
