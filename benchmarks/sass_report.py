@@ -49,9 +49,11 @@ def w4a16_rows() -> list[dict]:
 
     rows = []
     # One layout: AWQ checkpoints are repacked to GPTQ's at load. The planned launches, then the
-    # swapped decode kernel (not a default: bench_kernels.py --sweep times it) at its widest tile.
+    # swapped decode kernel (not a default: bench_kernels.py --sweep times it) at its widest tile,
+    # then the GEMV with its loads pipelined (K_STAGES=3; also swept).
     launches = [(k, n, label, m, {}) for k, n, label in SHAPES for m in M_VALUES]
     launches += [(k, n, label, m, SWAPPED[0]) for k, n, label in SHAPES for m in M_VALUES if m <= 16]
+    launches += [(k, n, label, 1, dict(K_STAGES=3)) for k, n, label in SHAPES]  # the GEMV pipelined (swept)
     for k, n, label, m, config in launches:
         compiled, plan = w4a16_compile(m, k, n, **config)
         mix = main_loop_mix(compiled)
@@ -60,7 +62,7 @@ def w4a16_rows() -> list[dict]:
         loop = sum(mix.values()) if mix else None
         tile_rows = c.get("BLOCK_M", w4a16.DECODE_MAX_M if plan.kernel == "swap" else 1)
         rows.append(dict(
-            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel,
+            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel + "".join(f"-ks{v}" for kk, v in config.items() if kk == "K_STAGES"),
             split=plan.split, tile=f"{tile_rows}x{c['BLOCK_N']}x{c['BLOCK_K']}",
             **(resource_usage(compiled) or {}), loop_instructions=loop,
             instructions_per_weight=round(loop / weights, 2) if loop else None,
@@ -108,10 +110,10 @@ def main(argv=None) -> int:
     except NoToolchain as err:
         print(f"error: this triton cannot compile for CUDA offline: {err}", file=sys.stderr)
         return 1
-    print(f"{'shape':22} {'M':>5} {'kernel':6} {'split':>5} {'tile':>11} {'regs':>5} {'stack':>5} "
+    print(f"{'shape':22} {'M':>5} {'kernel':8} {'split':>5} {'tile':>11} {'regs':>5} {'stack':>5} "
           f"{'loop':>5} {'instr/weight':>12}")
     for r in rows:
-        print(f"{r['shape']:22} {r['m']:>5} {r['kernel']:6} {r['split']:>5} {r['tile']:>11} "
+        print(f"{r['shape']:22} {r['m']:>5} {r['kernel']:8} {r['split']:>5} {r['tile']:>11} "
               f"{r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>5} {r['loop_instructions']:>5} "
               f"{r['instructions_per_weight']:>12}")
     print(f"\n{'op':15} {'patches':>7} {'tile':>10} {'warps':>5} {'regs':>5} {'stack':>5} {'K-step instr/thread':>20}")

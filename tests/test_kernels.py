@@ -425,9 +425,11 @@ def test_w4a16_swapped_decode_kernel_matches_dequantized_matmul(dtype, bits):
 
 
 @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])
-@pytest.mark.parametrize("kernel, m", [("gemv", 1), ("mma", 16), ("swap", 16), ("mma", 64)],
-                         ids=["gemv", "mma-decode", "swap", "mma-prefill"])
-def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, scales_dtype):
+@pytest.mark.parametrize("kernel, m, config", [
+    ("gemv", 1, {}), ("gemv", 1, dict(K_STAGES=3)), ("mma", 16, {}),
+    ("swap", 16, dict(KERNEL="swap", BLOCK_N=32, BLOCK_K=128)), ("mma", 64, {}),
+], ids=["gemv", "gemv-pipelined", "mma-decode", "swap", "mma-prefill"])
+def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, config, scales_dtype):
     """With one-hot fp32 activations each output element is one weight, so every kernel must return
     the spec's dequantization of the original integers, ``(q - z) * s`` rounded once to fp32, bit for
     bit (:func:`qoqopt.packing.dequantize`). Scales with full 24-bit significands catch a zero folded
@@ -443,7 +445,6 @@ def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, scales_dty
     w = dequantize(intweight, zeros, scales, torch.arange(k) // group_size)
     rows = torch.randperm(k, generator=g)[:m]  # output row i reads weight row rows[i]
     x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE)
-    config = dict(KERNEL=kernel, BLOCK_N=32, BLOCK_K=128) if kernel == "swap" else {}
     plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=torch.float32,
                        device=DEVICE, **config)
     assert plan.kernel == kernel and (m <= 16 or plan.constexprs["BLOCK_M"] > 16)  # the regime named

@@ -71,11 +71,11 @@ def test_w4a16_compiles_without_spills(zero_offset):
 
     # decode: one row (GEMV, split-K) and 16 rows (tensor cores, with and without split-K); prefill
     # (256-row tiles at 2048), with and without split-K (a narrow layer at a short prompt); the
-    # swapped decode kernel the GPU sweep tries, at its widest tile
+    # swapped decode kernel the GPU sweep tries, at its widest tile; the GEMV with pipelined loads
     swapped = dict(KERNEL="swap", BLOCK_N=256, BLOCK_K=128, num_warps=8)
     for m, k, n, config in ((1, 18944, 3584, {}), (1, 3584, 18944, {}), (16, 3584, 18944, {}), (16, 18944, 3584, {}),
                             (2048, 3584, 18944, {}), (128, 3584, 512, {}), (2048, 3584, 512, {}),
-                            (1, 3584, 18944, swapped), (16, 18944, 3584, swapped)):
+                            (1, 3584, 18944, swapped), (16, 18944, 3584, swapped), (1, 18944, 3584, dict(K_STAGES=3))):
         compiled, plan = _offline(w4a16_compile, m, k, n, zero_offset=zero_offset, **config)
         kind = plan.kernel
         print(f"w4a16 M={m} {kind} split={plan.split}: {_resource_usage(compiled)}")
