@@ -213,7 +213,7 @@ for r in result["rows"]:  # judged by GPU time (graph replay) where captured: ea
 defaults = {r["case"]: r for r in result["rows"] if r["op"] == "sweep" and r["impl"] == "default"}
 if sweep:
     print("\nfastest tile config per sweep case (CUDA-graph replay where captured), beside the default;"
-          "\nW4A16 errors are max |out - exact| / max |exact| (dense: bf16 matmul of the dequantized weight):")
+          "\nW4A16 errors are max |out - exact| / max |exact| (dense: matmul of the dequantized weight, same dtype):")
     for case, r in sweep.items():
         line = f"  {case:36s} {r['impl']:20s} {r['best_ms']:.4f} ms{'' if r.get('graph_ms') else ' (eager)'}"
         if "max_rel_err" in r["extra"]:
