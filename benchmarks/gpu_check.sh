@@ -211,26 +211,32 @@ for r in result["rows"]:  # judged by GPU time (graph replay) where captured: ea
     if r["op"] == "sweep" and (r["case"] not in sweep or r["best_ms"] < sweep[r["case"]]["best_ms"]):
         sweep[r["case"]] = r
 defaults = {r["case"]: r for r in result["rows"] if r["op"] == "sweep" and r["impl"] == "default"}
+
+
+def accuracy(e):  # a sweep row's checks: W4A16 against the exact product, merger against the default
+    if "max_rel_err" in e:
+        text = f"err {e['max_rel_err']:.1e} rms {e.get('rms_rel_err', float('nan')):.1e}"
+        text += f" fp16 {e['fp16_max_rel_err']:.1e}" if "fp16_max_rel_err" in e else ""
+        return text + (f", {100 * e['differs_from_default']:.0f}% != default" if "differs_from_default" in e else "")
+    return f"diff vs default {e['max_rel_diff_vs_default']:.1e}" if "max_rel_diff_vs_default" in e else ""
+
+
 if sweep:
-    print("\nfastest tile config per sweep case (CUDA-graph replay where captured), beside the default;"
-          "\nW4A16 errors are max |out - exact| / max |exact| (dense: matmul of the dequantized weight, same dtype):")
+    print("\nfastest tile config per sweep case (CUDA-graph replay where captured), beside the default. W4A16:"
+          "\nmax / rms |out - exact| / max |exact| in the run's dtype, fp16 max (decode), share of outputs != the"
+          "\ndefault's; floors: the store's rounding alone, and a dense matmul of the dequantized weight:")
     for case, r in sweep.items():
-        line = f"  {case:36s} {r['impl']:20s} {r['best_ms']:.4f} ms{'' if r.get('graph_ms') else ' (eager)'}"
-        if "max_rel_err" in r["extra"]:
-            line += f" err {r['extra']['max_rel_err']:.1e}"
+        line = f"  {case:36s} {r['impl']:20s} {r['best_ms']:.4f} ms{'' if r.get('graph_ms') else ' (eager)'} {accuracy(r['extra'])}"
         if (d := defaults.get(case)) and d is not r:
             line += f" | default {d['best_ms']:.4f} ms (x{d['best_ms'] / r['best_ms']:.2f} the fastest's time)"
-            line += f", err {d['extra']['max_rel_err']:.1e}" if "max_rel_err" in d["extra"] else ""
-        if "dense_max_rel_err" in r["extra"]:
-            line += f" | dense err {r['extra']['dense_max_rel_err']:.1e}"
-        print(line)
+        floors = {k: v for k, v in r["extra"].items() if k.endswith("_store") or k == "dense"}
+        print(line + "".join(f" | {k} {v:.1e}" for k, v in floors.items()))
     swaps = [r for r in result["rows"] if r["op"] == "sweep" and r["impl"].startswith("swap")]
     for case in dict.fromkeys(r["case"] for r in swaps):  # the swapped kernel's best, to decide its default
         r = min((r for r in swaps if r["case"] == case), key=lambda r: r["best_ms"])
-        err = lambda row: f"err {row['extra'].get('max_rel_err', float('nan')):.1e}"  # noqa: E731
         d = defaults.get(case)
-        print(f"  swapped kernel, {case:28s} {r['impl']:20s} {r['best_ms']:.4f} ms {err(r)}"
-              + (f" | default {d['best_ms']:.4f} ms {err(d)}" if d else ""))
+        print(f"  swapped kernel, {case:28s} {r['impl']:20s} {r['best_ms']:.4f} ms {accuracy(r['extra'])}"
+              + (f" | default {d['best_ms']:.4f} ms {accuracy(d['extra'])}" if d else ""))
 status = "complete" if result.get("complete") else "INCOMPLETE (timed out or failed)"
 print(f"\nbenchmark {status}, rc {bench_rc}; total {seconds}s; logs and JSON in {Path(path).parent}")
 PYEOF

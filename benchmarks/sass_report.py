@@ -74,14 +74,16 @@ def w4a16_rows() -> list[dict]:
 def merger_rows() -> list[dict]:
     rows = []
     # the default per-slot K loops, then one flat K loop (bench_kernels.py --sweep times it); a
-    # flat loop's per-slot 1/RMS block runs once per C / BLOCK_K steps and is left out of its count
+    # flat loop's per-slot 1/RMS block runs once per C / BLOCK_K steps: both are counted without
+    # what a branch in the loop jumps over, and that count is reported beside
     for patches, flat in ((256, False), (5120, False), (256, True), (5120, True)):
         compiled, cfg = merger_fc1_compile(patches // 4, FLAT=flat)
-        mix = mma_loop_mix(compiled, skip_branches=flat)
+        mix, whole = mma_loop_mix(compiled, skip_branches=True), mma_loop_mix(compiled)
         rows.append(dict(op="merger fc1" + " flat" * flat, patches=patches,
                          tile=f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
                          warps=cfg["num_warps"], **(resource_usage(compiled) or {}),
                          k_loop_instructions=sum(mix.values()) if mix else None,
+                         branched_over=sum(whole.values()) - sum(mix.values()) if mix else None,
                          top_opcodes=dict(mix.most_common(6)) if mix else None))
     return rows
 
@@ -116,10 +118,11 @@ def main(argv=None) -> int:
         print(f"{r['shape']:22} {r['m']:>5} {r['kernel']:8} {r['split']:>5} {r['tile']:>11} "
               f"{r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>5} {r['loop_instructions']:>5} "
               f"{r['instructions_per_weight']:>12}")
-    print(f"\n{'op':15} {'patches':>7} {'tile':>10} {'warps':>5} {'regs':>5} {'stack':>5} {'K-step instr/thread':>20}")
+    print(f"\n{'op':15} {'patches':>7} {'tile':>10} {'warps':>5} {'regs':>5} {'stack':>5} {'K-step instr/thread':>20} "
+          f"{'branched over':>13}")
     for r in merger:
         print(f"{r['op']:15} {r['patches']:>7} {r['tile']:>10} {r['warps']:>5} {r.get('registers', '?'):>5} "
-              f"{r.get('stack_bytes', '?'):>5} {r['k_loop_instructions']:>20}")
+              f"{r.get('stack_bytes', '?'):>5} {r['k_loop_instructions']:>20} {r['branched_over']:>13}")
     print(f"\n{'op':10} {'mode':>7} {'tile':>10} {'warps':>5} {'regs':>5} {'stack':>5} {'key-loop instr/thread':>22} "
           f"{'loads':>5}")
     for r in attention:

@@ -15,8 +15,10 @@ Two accumulation models, since the tensor cores' rounding is not IEEE:
   fp32's last place (truncation, no guard bits), and truncates the sum to 24 bits: the pessimistic
   end of what Fasi et al. (2021, "Numerical behavior of NVIDIA tensor cores") measured on V100/A100.
 The fp32 CUDA-core steps around the MMA (activation sums, zero correction, group scale) round to
-nearest as the hardware does. Then the real kernels run under the Triton interpreter (fp16: the
-interpreter has no bf16 dot) on a slice of the same problem, as a check of the ``rn`` model.
+nearest as the hardware does (the activation sum is rounded once, not in tl.sum's tree order).
+Then the real kernels run under the Triton interpreter (fp16: the interpreter has no bf16 dot) on
+the same weights' first columns with new activations: a rough check of the ``rn`` model (numpy's
+fp32 matmul per step, then one add).
 
     python benchmarks/swap_accuracy.py --out benchmarks/results/swap_accuracy.json
 
@@ -96,25 +98,31 @@ def swapped(a, q, z, s, magic: float, mode: str) -> torch.Tensor:
     acc = torch.zeros(a.shape[0], q.shape[1], dtype=torch.float64)
     for t, k0 in enumerate(range(0, a.shape[1], TILE)):
         a_t, w = a[:, k0 : k0 + TILE], q[k0 : k0 + TILE] + magic
-        a_sum = f32(a_t.sum(1, keepdim=True))  # tl.sum's tree order rounds a little more: ignored
+        a_sum = f32(a_t.sum(1, keepdim=True))  # tl.sum's tree order rounds a little more (fp16 max ~1.2x)
         part = torch.zeros_like(acc)
         for field in range(8):  # half h, field j: K rows 8 * word + 4 * h + j
             rows = torch.arange(16) * 8 + field
             part = mma_step(part, a_t[:, None, rows] * w.t()[None, :, rows], mode)
-        correction = f32((z[t] + magic) * a_sum)
-        acc = f32(acc + f32(part - correction) * s[t])
+        # part - (z + MAGIC) * a_sum is one FFMA (one rounding), then one more with the scale
+        acc = f32(acc + f32(part - (z[t] + magic) * a_sum) * s[t])
     return acc
 
 
+def heavy_tailed(m: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """fp32 ``[m, k]`` activations with per-channel log-normal spread and 8 channels 40x larger, as
+    SwiGLU outputs (the down projection's input) have: the case where the zero correction's
+    ``MAGIC * sum(a)`` is largest against the result."""
+    a = torch.randn(m, k, generator=generator) * torch.exp(0.7 * torch.randn(k, generator=generator))
+    a[:, torch.randperm(k, generator=generator)[:8]] *= 40.0
+    return a
+
+
 def problem(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
-    """A down projection's shapes: RTN 4-bit weights (group 128), heavy-tailed activations with a few
-    large channels, as SwiGLU outputs have."""
+    """A down projection's shapes: RTN 4-bit weights (group 128), :func:`heavy_tailed` activations."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(n, k, generator=g) * 0.02
     q, zeros, scales = quantize_rtn(weight, 4, TILE)
-    a = torch.randn(m, k, generator=g) * torch.exp(0.7 * torch.randn(k, generator=g))
-    a[:, torch.randperm(k, generator=g)[:8]] *= 40.0
-    a = a.to(dtype).double()
+    a = heavy_tailed(m, k, g).to(dtype).double()
     return a, q.double(), zeros.double(), scales.to(dtype).double()
 
 

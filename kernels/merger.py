@@ -13,8 +13,8 @@ on sm_90 against a ~500-cycle MMA, and its in-kernel RMS sweep re-read every row
   * epilogue: bias and exact (erf) GELU on the fp32 accumulator, one rounding to the model dtype.
 By default each patch slot runs its own K loop, so the load pipeline drains and refills at every
 slot boundary; ``FLAT=True`` runs one K loop with the 1/RMS step behind a branch (sm_90 SASS: 115
-instructions per K step against 128, 185 registers against 213). Not a default until the GPU
-sweep (``bench_kernels.py --sweep``) has timed it.
+instructions per K step against 128, plus 200 once per slot; 185 registers against 213). Not a
+default until the GPU sweep (``bench_kernels.py --sweep``) has timed it.
 The second GEMM is a plain ``addmm``: nothing is left to fuse into it, and cuBLAS is the peer to beat.
 
 Rounding differs from transformers' ``Qwen2_5_VLRMSNorm`` (which rounds the normalised input, then

@@ -332,7 +332,7 @@ def _w4a16_gemv_kernel(
     are loaded, then waited for (sm_90 SASS: plain LDG, none in flight across steps; on the H200 the
     GEMV ran at 3.7x its HBM floor). ``K_STAGES > 1`` asks for the loop's loads to be pipelined
     (cp.async into shared memory, ``K_STAGES - 1`` steps ahead): 5.23 instructions per weight
-    against 5.02, the same registers (Triton 3.6: 5.49 against 5.15). Opt-in until the GPU sweep
+    against 5.02, 96 registers against 95 (Triton 3.6: 5.49 against 5.15). Opt-in until the GPU sweep
     has timed it."""
     PACK: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)

@@ -63,8 +63,9 @@ def _hf_merger(context_dim, out_dim, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_merged", [1, 7, 37])  # a single merged unit; several M tiles with a ragged tail
-@pytest.mark.parametrize("flat", [False, True], ids=["slot-loops", "flat-loop"])  # one K loop per patch, or one
-def test_merger_fc1_matches_hf(dtype, num_merged, flat):
+# one K loop per patch slot (default), or one K loop with 4 steps per slot (16-deep K tiles, on the GPU too)
+@pytest.mark.parametrize("config", [{}, dict(FLAT=True, BLOCK_K=16)], ids=["slot-loops", "flat-loop"])
+def test_merger_fc1_matches_hf(dtype, num_merged, config):
     from qoqopt.kernels.merger import fold_norm_weight, merger_fc1
 
     merger = _hf_merger(context_dim=64, out_dim=48, dtype=dtype)
@@ -73,7 +74,7 @@ def test_merger_fc1_matches_hf(dtype, num_merged, flat):
     out = nan_like((num_merged, 256), dtype)
     with torch.inference_mode():
         w1_folded = fold_norm_weight(fc1.weight, merger.ln_q.weight)
-        h = merger_fc1(x, merger.ln_q.variance_epsilon, w1_folded, fc1.bias, out=out, FLAT=flat)
+        h = merger_fc1(x, merger.ln_q.variance_epsilon, w1_folded, fc1.bias, out=out, **config)
         ref_h = merger.mlp[1](fc1(merger.ln_q(x).view(-1, 256)))
         y, ref = F.linear(h, fc2.weight, fc2.bias), merger(x)
     assert_close(h, ref_h, dtype)
@@ -425,18 +426,19 @@ def test_w4a16_swapped_decode_kernel_matches_dequantized_matmul(dtype, bits):
 
 
 @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])
-@pytest.mark.parametrize("kernel, m, config", [
-    ("gemv", 1, {}), ("gemv", 1, dict(K_STAGES=3)), ("mma", 16, {}),
-    ("swap", 16, dict(KERNEL="swap", BLOCK_N=32, BLOCK_K=128)), ("mma", 64, {}),
-], ids=["gemv", "gemv-pipelined", "mma-decode", "swap", "mma-prefill"])
-def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, config, scales_dtype):
+@pytest.mark.parametrize("kernel, m, k, config", [
+    ("gemv", 1, 256, {}), ("mma", 16, 256, {}), ("swap", 16, 256, dict(KERNEL="swap", BLOCK_N=32, BLOCK_K=128)),
+    ("mma", 64, 256, {}),
+    ("gemv", 1, 1024, dict(K_STAGES=3, SPLIT_K=1)),  # 8+ K steps: the pipeline reaches its steady state
+], ids=["gemv", "mma-decode", "swap", "mma-prefill", "gemv-pipelined"])
+def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, k, config, scales_dtype):
     """With one-hot fp32 activations each output element is one weight, so every kernel must return
     the spec's dequantization of the original integers, ``(q - z) * s`` rounded once to fp32, bit for
     bit (:func:`qoqopt.packing.dequantize`). Scales with full 24-bit significands catch a zero folded
     into the scale's product (``z * s`` rounds), which fp16 scales cannot show."""
     from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
 
-    k, n, group_size = 256, 40, 128
+    n, group_size = 40, 128
     g = torch.Generator().manual_seed(1)
     intweight = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
     zeros = torch.randint(1, 16, (k // group_size, n), generator=g, dtype=torch.int32)  # v1 stores zero - 1
