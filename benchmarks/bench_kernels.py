@@ -323,8 +323,18 @@ def bench_attention(b: Bench, pr: Profile) -> None:
 # ----------------------------------------------------------------------------- W4A16
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor, rms: bool = False) -> float:
+    """max (or rms) |out - ref| / max |ref|, in float64: comparable across configs, kernels and dtypes."""
+    diff = (out.double() - ref.double()).abs()
+    return ((diff.pow(2).mean().sqrt() if rms else diff.max()) / ref.double().abs().max()).item()
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype)[6:]
+
+
 def _dense_name(dtype: torch.dtype) -> str:
-    return "bf16-matmul" if dtype == torch.bfloat16 else f"{str(dtype)[6:]}-matmul"
+    return "bf16-matmul" if dtype == torch.bfloat16 else f"{_short(dtype)}-matmul"
 
 
 def bench_w4a16(b: Bench, pr: Profile) -> None:
@@ -482,17 +492,14 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
     """How far the patched tower's output is from transformers' in the same dtype, and how far each is
     from transformers in fp32: bf16 alone drifts over 32 layers, so the second pair says whether the
     kernels add to that or not."""
-    def rel(a, b):
-        return ((a - b).abs().max() / b.abs().max()).item()
-
     with torch.inference_mode():
         theirs = hf(pixels, grid_thw=grid_thw).pooler_output.float()
         out = ours(pixels, grid_thw=grid_thw).pooler_output.float()
-        row.extra["max_rel_err"] = rel(out, theirs)
+        row.extra["max_rel_err"] = rel_err(out, theirs)
         if dtype != torch.float32:
-            row.extra["vs_fp32"] = {"ours": rel(out, exact := _fp32_output(hf, pixels, grid_thw)),
-                                    "transformers": rel(theirs, exact)}
-    line = f"  {'':9s} {case:28s} max relative difference {row.extra['max_rel_err']:.2e} ({str(dtype)[6:]})"
+            row.extra["vs_fp32"] = {"ours": rel_err(out, exact := _fp32_output(hf, pixels, grid_thw)),
+                                    "transformers": rel_err(theirs, exact)}
+    line = f"  {'':9s} {case:28s} max relative difference {row.extra['max_rel_err']:.2e} ({_short(dtype)})"
     if "vs_fp32" in row.extra:
         line += " | each vs transformers fp32: ours {ours:.2e}, transformers {transformers:.2e}".format(**row.extra["vs_fp32"])
     print(line)
@@ -569,8 +576,8 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
             xs = {dt: heavy_tailed(m, k, g).to(dev, dt) for dt in ((dtype, torch.float16) if m <= 16 else (dtype,))}
             exact = {dt: x.double() @ w_exact for dt, x in xs.items()}
             case = f"w4a16 gptq {label} M={m}"
-            floor = {f"{_short(dt)}_store": _rel_err(e.to(dt), e) for dt, e in exact.items()}  # rounding alone
-            floor["dense"] = _rel_err(F.linear(xs[dtype], w_exact.t().to(dtype)), exact[dtype])
+            floor = {f"{_short(dt)}_store": rel_err(e.to(dt), e) for dt, e in exact.items()}  # rounding alone
+            floor["dense"] = rel_err(F.linear(xs[dtype], w_exact.t().to(dtype)), exact[dtype])
             default_out = None
             # the default first: the configs' times and errors read against it in the same run
             for cfg in [{}] + SWEEP["w4a16-gemv" if m == 1 else "w4a16" if m <= 16 else "w4a16-prefill"]:
@@ -579,17 +586,13 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
                     continue
                 out = run()
                 default_out = out if default_out is None else default_out
-                row.extra |= {"max_rel_err": _rel_err(out, exact[dtype]), "rms_rel_err": _rel_err(out, exact[dtype], rms=True),
+                row.extra |= {"max_rel_err": rel_err(out, exact[dtype]), "rms_rel_err": rel_err(out, exact[dtype], rms=True),
                               "differs_from_default": (out != default_out).float().mean().item(), **floor}
                 if torch.float16 in xs and (not cfg or cfg.get("KERNEL") == "swap"):
                     # the default and the swapped kernel, not timed: the accumulation error bf16 would hide
                     out16 = _bound_w4a16(layer, xs[torch.float16], cfg)()
-                    row.extra["fp16_max_rel_err"] = _rel_err(out16, exact[torch.float16])
+                    row.extra["fp16_max_rel_err"] = rel_err(out16, exact[torch.float16])
                 print(f"  {'':9s} {case:28s} {row.impl:18s} " + _accuracy_line(row.extra, _short(dtype)))
-
-
-def _short(dtype: torch.dtype) -> str:
-    return str(dtype)[6:]
 
 
 def _accuracy_line(e: dict, name: str) -> str:
@@ -616,9 +619,9 @@ def sweep_merger(b: Bench, pr: Profile) -> None:
         for cfg in [{}] + configs:  # the default first; every config's output is checked against it
             run = functools.partial(merger_fc1, xs, 1e-6, w1_folded, b1, **cfg)
             if row := b.add("sweep", case, _tag(cfg) or "default", run):
-                out = run().float()
+                out = run()
                 default_out = out if default_out is None else default_out
-                row.extra["max_rel_diff_vs_default"] = ((out - default_out).abs().max() / default_out.abs().max()).item()
+                row.extra["max_rel_diff_vs_default"] = rel_err(out, default_out)
                 print(f"  {'':9s} {case:28s} {row.impl:18s} max rel diff vs default {row.extra['max_rel_diff_vs_default']:.2e}")
 
 
@@ -633,12 +636,6 @@ def sweep_attention(b: Bench, pr: Profile) -> None:
             plans = VarlenPlanCache()
             b.add("sweep", f"attention {mode}", _tag(cfg),
                   lambda: vision_attention(qkv, *rope, cu, pr.heads, plans, shared_halves=True, **cfg))
-
-
-def _rel_err(out: torch.Tensor, exact: torch.Tensor, rms: bool = False) -> float:
-    """max (or rms) |out - exact| / max |exact|: comparable across configs, kernels and dtypes."""
-    diff = (out.double() - exact).abs()
-    return ((diff.pow(2).mean().sqrt() if rms else diff.max()) / exact.abs().max()).item()
 
 
 def _bound_w4a16(layer, x, cfg):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -106,13 +107,18 @@ def _tool(name: str) -> Path | None:
 
 
 def _cuobjdump(compiled, flag: str) -> str | None:
-    tool = _tool("cuobjdump")
-    if tool is None or "cubin" not in compiled.asm:
+    if _tool("cuobjdump") is None or "cubin" not in compiled.asm:
         return None
+    return _disassemble(compiled.asm["cubin"], flag)
+
+
+@functools.lru_cache(maxsize=64)
+def _disassemble(cubin: bytes, flag: str) -> str:
+    """cuobjdump ``flag`` of one cubin, once (a report reads a kernel's loops more than one way)."""
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         path = Path(tmp) / "kernel.cubin"
-        path.write_bytes(compiled.asm["cubin"])
-        return subprocess.run([str(tool), flag, str(path)], capture_output=True, text=True).stdout
+        path.write_bytes(cubin)
+        return subprocess.run([str(_tool("cuobjdump")), flag, str(path)], capture_output=True, text=True).stdout
 
 
 def resource_usage(compiled) -> dict | None:

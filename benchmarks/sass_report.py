@@ -62,7 +62,7 @@ def w4a16_rows() -> list[dict]:
         loop = sum(mix.values()) if mix else None
         tile_rows = c.get("BLOCK_M", w4a16.DECODE_MAX_M if plan.kernel == "swap" else 1)
         rows.append(dict(
-            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel + "".join(f"-ks{v}" for kk, v in config.items() if kk == "K_STAGES"),
+            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel + (f"-ks{config['K_STAGES']}" if "K_STAGES" in config else ""),
             split=plan.split, tile=f"{tile_rows}x{c['BLOCK_N']}x{c['BLOCK_K']}",
             **(resource_usage(compiled) or {}), loop_instructions=loop,
             instructions_per_weight=round(loop / weights, 2) if loop else None,

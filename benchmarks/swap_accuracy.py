@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_kernels import rel_err  # noqa: E402
 from qoqopt.kernels.w4a16 import HALF_MAGIC  # noqa: E402
 from qoqopt.packing import quantize_rtn  # noqa: E402
 
@@ -128,11 +129,9 @@ def problem(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
 
 def errors(out: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype) -> dict:
     """Error of ``out`` rounded to ``dtype`` (as the kernels store it), relative to max |truth|."""
-    top = truth.abs().max().item()
-    stored = out.to(dtype).double()
-    return {"max_rel": (stored - truth).abs().max().item() / top,
-            "rms_rel": (stored - truth).pow(2).mean().sqrt().item() / top,
-            "fp32_acc_max_rel": (out - truth).abs().max().item() / top}
+    stored = out.to(dtype)
+    return {"max_rel": rel_err(stored, truth), "rms_rel": rel_err(stored, truth, rms=True),
+            "fp32_acc_max_rel": rel_err(out, truth)}
 
 
 def emulate(m: int, n: int, k: int) -> list[dict]:

@@ -77,8 +77,7 @@ def test_w4a16_compiles_without_spills(zero_offset):
                             (2048, 3584, 18944, {}), (128, 3584, 512, {}), (2048, 3584, 512, {}),
                             (1, 3584, 18944, swapped), (16, 18944, 3584, swapped), (1, 18944, 3584, dict(K_STAGES=3))):
         compiled, plan = _offline(w4a16_compile, m, k, n, zero_offset=zero_offset, **config)
-        kind = plan.kernel
-        print(f"w4a16 M={m} {kind} split={plan.split}: {_resource_usage(compiled)}")
+        print(f"w4a16 M={m} {plan.kernel} split={plan.split}: {_resource_usage(compiled)}")
         usage = resource_usage(compiled)
         assert usage is None or usage["stack_bytes"] == 0, (m, k, n, usage)
 
