@@ -508,60 +508,60 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
 # ----------------------------------------------------------------------------- config sweep
 
 
-# The swapped decode kernel (weight as the MMA's A operand; sm_90 SASS 5.1 instructions per weight at 256
-# x 128 tiles, against 6.4 for the 16-row tiles and 5.0 for the GEMV) is not a default until a GPU times it
-# (its accuracy at the 7B's K, modeled in swap_accuracy.py, is measured beside each W4A16 sweep row).
-SWAPPED = [dict(KERNEL="swap", BLOCK_N=bn, BLOCK_K=128, num_warps=w, num_stages=st)
-           for bn, w, st in ((256, 8, 3), (128, 4, 3), (128, 8, 3))]
 # Launcher overrides tried by --sweep, each case's default first (the defaults live in each op's _config
-# function). Configs that lost clearly in the H200 sweep of 2026-11-29 (h200_kernels.json) are gone, to
-# keep gpu_check's benchmark step inside its time limit.
+# function and follow the H200 sweeps of 2026-11-29 and -30, h200_kernels.json; configs that lost
+# clearly there are gone, to keep gpu_check's benchmark step inside its time limit).
 SWEEP = {
-    "merger": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st)
-               for bm, bn, w, st in ((128, 64, 4, 3), (64, 128, 4, 4), (128, 256, 8, 3))]
-              # one K loop instead of one per patch slot (no pipeline drain at the 3 slot boundaries;
-              # sm_90 SASS 115 instructions per K step + 200 per slot against 128, 185 registers against 213)
-              + [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=w, num_stages=st, FLAT=True)
-                 for bm, w, st in ((128, 8, 3), (64, 4, 4))],
-    # One small image (256 patches: 64 merged rows) ran 66 us against eager's 54 (graph replay; floor 19):
-    # its 64 x 64 default tiles leave 80 programs on 132 SMs. Narrower or deeper tiles, by the GPU's call.
-    "merger-small": [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
-                     for bn, bk, st in ((32, 64, 4), (32, 128, 4), (16, 128, 4), (64, 128, 3), (32, 256, 3))]
-                    + [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=4, FLAT=True) for bn in (64, 32)],
+    # 5120 patches; the default is FLAT at 64 x 128 x 64: the per-slot loops at their best tile for the
+    # record, then wider and deeper flat tiles
+    "merger": [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, FLAT=False)]
+              + [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st, FLAT=True)
+                 for bm, bn, w, st in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 256, 8, 3),
+                                       (64, 128, 4, 5))],
+    # 1296 patches (324 merged rows): FLAT there follows the 5120-patch result, checked here
+    "merger-mid": [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, FLAT=False)]
+                  + [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st, FLAT=True)
+                     for bm, bn, w, st in ((128, 128, 8, 3), (64, 64, 4, 4))],
+    # 256 patches (64 merged rows): the default is 64 x 32 x 128; the former 64 x 64 x 64 beside it
+    "merger-small": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, FLAT=flat)
+                     for bm, bn, bk, st, flat in ((64, 64, 64, 4, False), (64, 32, 128, 4, True),
+                                                  (64, 32, 128, 3, False), (64, 32, 128, 5, False),
+                                                  (32, 32, 128, 4, False))],
     "attention": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
                   for bm, bn, w, st in ((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 3),
                                         (128, 128, 8, 2))],
-    "w4a16-gemv": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, SPLIT_K=sk)
-                   for bn, bk, w, st, sk in ((128, 128, 4, 3, 4), (64, 128, 4, 3, 2))]
-                  # Triton 3.6 gives the default GEMV 128 registers (4 CTAs per SM; 3.9: 95). Capped at 96 it
-                  # keeps 5 CTAs for 3% more instructions and no spill (sm_90 SASS): which wins is the GPU's call.
-                  + [dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, maxnreg=96)] + SWAPPED
-                  # the GEMV's loads pipelined 2-3 steps ahead (cp.async; unpipelined by default, where
-                  # the H200 ran it at 3.7x its HBM floor): 5.23 instructions per weight against 5.02 at 3 stages
-                  + [dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, K_STAGES=ks) for ks in (3, 4)]
-                  + [dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, SPLIT_K=2, K_STAGES=3)],
+    "w4a16-gemv": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3, SPLIT_K=sk)
+                   for bn, bk, w, sk in ((128, 128, 4, 4), (64, 128, 4, 2))]
+                  + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3) for bn, bk, w in ((256, 128, 8), (128, 64, 4))],
+    # 16 rows: 64- and 128-wide tiles both (the default picks by layer width), then deeper or wider
     "w4a16": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-              for bn, bk, w, st in ((128, 128, 4, 3), (64, 64, 4, 4), (32, 128, 4, 3))]
-             + SWAPPED,
-    "w4a16-prefill": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-                      for bm, bn, bk, w, st in ((256, 128, 64, 8, 3), (256, 128, 64, 8, 2), (128, 128, 64, 8, 3),
-                                                (64, 128, 64, 4, 4))],
+              for bn, bk, w, st in ((64, 128, 4, 3), (128, 128, 4, 3), (64, 64, 4, 4), (128, 64, 4, 4),
+                                    (256, 128, 8, 3))],
+    "w4a16-prefill": [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=st)
+                      for bm, st in ((128, 3), (256, 4))],
 }
 
 
 def _tag(cfg: dict) -> str:
-    short = {"KERNEL": "", "BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s",
-             "SPLIT_K": "sk", "maxnreg": "r", "FLAT": "flat", "K_STAGES": "ks"}
-    return "".join(short[k] if v is True else f"{short[k]}{v}" for k, v in cfg.items() if k in short)
+    short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s", "SPLIT_K": "sk",
+             "FLAT": "flat"}
+    return "".join(short[k] * (v is True) if isinstance(v, bool) else f"{short[k]}{v}"
+                   for k, v in cfg.items() if k in short)
+
+
+def heavy_tailed(m: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """fp32 ``[m, k]`` activations with per-channel log-normal spread and 8 channels 40x larger, as
+    SwiGLU outputs (the down projection's input) have: where fp32 accumulation loses most."""
+    a = torch.randn(m, k, generator=generator) * torch.exp(0.7 * torch.randn(k, generator=generator))
+    a[:, torch.randperm(k, generator=generator)[:8]] *= 40.0
+    return a
 
 
 def sweep_w4a16(b: Bench, pr: Profile) -> None:
-    """Tile configs (and the swapped kernel) beside the default at M = 1, 16 and the largest M, each
-    with its error against the exact product: the W4A16 defaults are decided from these rows.
-    Activations are heavy-tailed (swap_accuracy.heavy_tailed), where the swapped kernel's zero
-    correction is hardest; at bf16 the store's rounding hides accumulation error, so decode configs
-    are also checked in fp16 and counted by how many outputs differ from the default's."""
-    from benchmarks.swap_accuracy import heavy_tailed
+    """Tile configs beside the default at M = 1, 16 and the largest M, each with its error against the
+    exact product on :func:`heavy_tailed` activations: the W4A16 defaults are decided from these rows.
+    At bf16 the store's rounding hides accumulation error, so the decode defaults are also checked in
+    fp16, and every config is counted by how many outputs differ from the default's."""
     from qoqopt.kernels.w4a16 import QuantLinear, dequantize_weight
     from qoqopt.packing import pack_gptq, quantize_rtn
 
@@ -588,8 +588,7 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
                 default_out = out if default_out is None else default_out
                 row.extra |= {"max_rel_err": rel_err(out, exact[dtype]), "rms_rel_err": rel_err(out, exact[dtype], rms=True),
                               "differs_from_default": (out != default_out).float().mean().item(), **floor}
-                if torch.float16 in xs and (not cfg or cfg.get("KERNEL") == "swap"):
-                    # the default and the swapped kernel, not timed: the accumulation error bf16 would hide
+                if torch.float16 in xs and not cfg:  # not timed: the accumulation error bf16 would hide
                     out16 = _bound_w4a16(layer, xs[torch.float16], cfg)()
                     row.extra["fp16_max_rel_err"] = rel_err(out16, exact[torch.float16])
                 print(f"  {'':9s} {case:28s} {row.impl:18s} " + _accuracy_line(row.extra, _short(dtype)))
@@ -604,7 +603,7 @@ def _accuracy_line(e: dict, name: str) -> str:
 
 
 def sweep_merger(b: Bench, pr: Profile) -> None:
-    """fc1 tile configs at the largest image, and beside the default at one small image."""
+    """fc1 tile configs beside the default at each image size (largest, middle, smallest)."""
     from qoqopt.kernels.merger import fold_norm_weight, merger_fc1
 
     dtype, dev = b.dtype, b.device
@@ -614,8 +613,11 @@ def sweep_merger(b: Bench, pr: Profile) -> None:
     w1 = torch.randn(4 * ctx, 4 * ctx, device=dev, dtype=dtype) * 0.02
     b1 = torch.zeros(4 * ctx, device=dev, dtype=dtype)
     w1_folded = fold_norm_weight(w1, ln)
-    for xs, configs in ((x, SWEEP["merger"]), (x[: min(pr.merger_patches)], SWEEP["merger-small"])):
-        case, default_out = f"merger fc1 {xs.shape[0]} patches", None
+    sizes = sorted(set(pr.merger_patches), reverse=True)
+    for patches in sizes:
+        xs = x[:patches]
+        configs = SWEEP["merger" if patches == sizes[0] else "merger-small" if patches == sizes[-1] else "merger-mid"]
+        case, default_out = f"merger fc1 {patches} patches", None
         for cfg in [{}] + configs:  # the default first; every config's output is checked against it
             run = functools.partial(merger_fc1, xs, 1e-6, w1_folded, b1, **cfg)
             if row := b.add("sweep", case, _tag(cfg) or "default", run):
@@ -755,9 +757,10 @@ def main(argv=None) -> int:
     b.after_row = lambda: save(complete=False)
     steps = [("merger", bench_merger), ("attention", bench_attention), ("w4a16", bench_w4a16), ("layer", bench_decoder_layer),
              ("tower", bench_tower)]
-    steps = [(name, fn) for name, fn in steps if not args.only or name in args.only]
     if args.sweep and b.triton:  # after the judged ops; W4A16 first: its defaults wait on these rows
         steps += [("sweep-w4a16", sweep_w4a16), ("sweep-merger", sweep_merger), ("sweep-attention", sweep_attention)]
+    # --only merger keeps the merger's sweep too
+    steps = [(name, fn) for name, fn in steps if not args.only or name.removeprefix("sweep-") in args.only]
     for name, fn in steps:
         print(f"[{name}]")
         try:

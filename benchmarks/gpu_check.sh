@@ -227,7 +227,7 @@ def accuracy(e):  # a sweep row's checks: W4A16 against the exact product, merge
 
 if sweep:
     print("\nfastest tile config per sweep case (CUDA-graph replay where captured), beside the default. W4A16:"
-          "\nmax / rms |out - exact| / max |exact| in the run's dtype, fp16 max (decode), share of outputs != the"
+          "\nmax / rms |out - exact| / max |exact| in the run's dtype, fp16 max (decode default), share of outputs != the"
           "\ndefault's; floors: the store's rounding alone, and a dense matmul of the dequantized weight:")
     for case, r in sweep.items():
         line = f"  {case:36s} {r['impl']:20s} {r['best_ms']:.4f} ms{'' if r.get('graph_ms') else ' (eager)'} {accuracy(r['extra'])}"
@@ -235,12 +235,6 @@ if sweep:
             line += f" | default {d['best_ms']:.4f} ms (x{d['best_ms'] / r['best_ms']:.2f} the fastest's time)"
         floors = {k: v for k, v in r["extra"].items() if k.endswith("_store") or k == "dense"}
         print(line + "".join(f" | {k} {v:.1e}" for k, v in floors.items()))
-    swaps = [r for r in result["rows"] if r["op"] == "sweep" and r["impl"].startswith("swap")]
-    for case in dict.fromkeys(r["case"] for r in swaps):  # the swapped kernel's best, to decide its default
-        r = min((r for r in swaps if r["case"] == case), key=lambda r: r["best_ms"])
-        d = defaults.get(case)
-        print(f"  swapped kernel, {case:28s} {r['impl']:20s} {r['best_ms']:.4f} ms {accuracy(r['extra'])}"
-              + (f" | default {d['best_ms']:.4f} ms {accuracy(d['extra'])}" if d else ""))
 status = "complete" if result.get("complete") else "INCOMPLETE (timed out or failed)"
 print(f"\nbenchmark {status}, rc {bench_rc}; total {seconds}s; logs and JSON in {Path(path).parent}")
 PYEOF

@@ -29,7 +29,6 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_kernels import SWAPPED  # noqa: E402  (the sweep's swapped configs, widest first)
 from benchmarks.offline_compile import (  # noqa: E402
     NoToolchain,
     attention_compile,
@@ -45,25 +44,17 @@ M_VALUES = (1, 16, 2048)
 
 
 def w4a16_rows() -> list[dict]:
-    from qoqopt.kernels import w4a16
-
     rows = []
-    # One layout: AWQ checkpoints are repacked to GPTQ's at load. The planned launches, then the
-    # swapped decode kernel (not a default: bench_kernels.py --sweep times it) at its widest tile,
-    # then the GEMV with its loads pipelined (K_STAGES=3; also swept).
-    launches = [(k, n, label, m, {}) for k, n, label in SHAPES for m in M_VALUES]
-    launches += [(k, n, label, m, SWAPPED[0]) for k, n, label in SHAPES for m in M_VALUES if m <= 16]
-    launches += [(k, n, label, 1, dict(K_STAGES=3)) for k, n, label in SHAPES]  # the GEMV pipelined (swept)
-    for k, n, label, m, config in launches:
-        compiled, plan = w4a16_compile(m, k, n, **config)
+    # One layout: AWQ checkpoints are repacked to GPTQ's at load; the launches w4a16_matmul plans
+    for (k, n, label), m in ((shape, m) for shape in SHAPES for m in M_VALUES):
+        compiled, plan = w4a16_compile(m, k, n)
         mix = main_loop_mix(compiled)
         c = plan.constexprs
         weights = c["BLOCK_K"] * c["BLOCK_N"] / (32 * c["num_warps"])  # per thread per K step
         loop = sum(mix.values()) if mix else None
-        tile_rows = c.get("BLOCK_M", w4a16.DECODE_MAX_M if plan.kernel == "swap" else 1)
         rows.append(dict(
-            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel + (f"-ks{config['K_STAGES']}" if "K_STAGES" in config else ""),
-            split=plan.split, tile=f"{tile_rows}x{c['BLOCK_N']}x{c['BLOCK_K']}",
+            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel,
+            split=plan.split, tile=f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}",
             **(resource_usage(compiled) or {}), loop_instructions=loop,
             instructions_per_weight=round(loop / weights, 2) if loop else None,
             top_opcodes=dict(mix.most_common(6)) if mix else None,
@@ -73,9 +64,9 @@ def w4a16_rows() -> list[dict]:
 
 def merger_rows() -> list[dict]:
     rows = []
-    # the default per-slot K loops, then one flat K loop (bench_kernels.py --sweep times it); a
-    # flat loop's per-slot 1/RMS block runs once per C / BLOCK_K steps: both are counted without
-    # what a branch in the loop jumps over, and that count is reported beside
+    # per-slot K loops, then one flat K loop (the GPU default), at each size's default tiles; a flat
+    # loop's per-slot 1/RMS block runs once per C / BLOCK_K steps: both are counted without what a
+    # branch in the loop jumps over, and that count is reported beside
     for patches, flat in ((256, False), (5120, False), (256, True), (5120, True)):
         compiled, cfg = merger_fc1_compile(patches // 4, FLAT=flat)
         mix, whole = mma_loop_mix(compiled, skip_branches=True), mma_loop_mix(compiled)

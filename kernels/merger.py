@@ -11,10 +11,11 @@ on sm_90 against a ~500-cycle MMA, and its in-kernel RMS sweep re-read every row
   * the 2x2 merge is free: merged row ``m`` is patch rows ``4m..4m+3`` back to back, the same memory
     viewed as ``[N/4, 4C]``; A and W1' tiles go from memory to the tensor cores untouched;
   * epilogue: bias and exact (erf) GELU on the fp32 accumulator, one rounding to the model dtype.
-By default each patch slot runs its own K loop, so the load pipeline drains and refills at every
-slot boundary; ``FLAT=True`` runs one K loop with the 1/RMS step behind a branch (sm_90 SASS: 115
-instructions per K step against 128, plus 200 once per slot; 185 registers against 213). Not a
-default until the GPU sweep (``bench_kernels.py --sweep``) has timed it.
+``FLAT=True`` (the GPU default from 65 merged rows) runs one K loop with the 1/RMS step behind a
+branch; ``FLAT=False`` runs one K loop per patch slot, so the load pipeline drains and refills at
+every slot boundary (sm_90 SASS: 115 instructions per K step against 128, plus 200 once per slot;
+185 registers against 213; on an H200 at 5120 patches, 186 us against 210 at the per-slot loops'
+best tile).
 The second GEMM is a plain ``addmm``: nothing is left to fuse into it, and cuBLAS is the peer to beat.
 
 Rounding differs from transformers' ``Qwen2_5_VLRMSNorm`` (which rounds the normalised input, then
@@ -102,18 +103,21 @@ def _merger_fc1_kernel(
 
 
 def _fc1_config(m: int, c: int, device: torch.device) -> dict:
-    """Tile sizes: BLOCK_K must divide C (one patch per K tile); small tiles for the interpreter."""
+    """Tile sizes: BLOCK_K must divide C (one patch per K tile); small tiles for the interpreter.
+    From the H200 sweep of 2026-11-30 (fc1 alone, graph replay; h200_kernels.json)."""
     block_k = next((b for b in (64, 32, 16) if c % b == 0), None)
     if block_k is None:
         raise QoqoptError(f"patch merger kernel: context dim {c} is not a multiple of 16")
     if device.type == "cpu":
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(block_k, 32), num_warps=4, num_stages=1)
-    if m <= 64:  # one small image: weight streaming dominates, spread N over many programs
+    if m <= 64:  # one small image: weight streaming dominates, so narrow deep tiles spread N over many
+        # programs (256 patches: 46 us at 64 x 32 x 128 against 51 at 64 x 64 x 64)
         block_m = max(16, min(64, next_pow2(m)))
-        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=4)
-    if m <= 512:  # keeps >= 1.5 waves of programs on 132 SMs for mid-size images
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        deep_k = 128 if c % 128 == 0 else block_k
+        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=deep_k, num_warps=4, num_stages=4)
+    # One K loop across the four patch slots (FLAT): 5120 patches ran 186 us against 218 for the
+    # per-slot loops at 128 x 128 and 210 at their best tile
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=4, num_stages=4, FLAT=True)
 
 
 def fold_norm_weight(w1: torch.Tensor, ln_weight: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,13 @@ see :mod:`qoqopt.packing` for the bit layouts. Weights are unpacked and dequanti
 one K tile at a time (BLOCK_K divides group_size, so each tile reads one row of scales and zeros),
 and fed to ``tl.dot`` in the activation dtype with fp32 accumulation.
 
-Two regimes, three kernels:
+Two regimes, two kernels:
   * decode (M <= 16): the weight stream is everything. One row runs a CUDA-core GEMV, up to 16 rows
-    16-row tensor-core tiles (or, opted into by config, the swapped kernel: weights as the MMA's A
-    operand). Few output tiles exist for narrow layers, so K is split across programs to keep every
-    SM streaming (fp32 partials, summed by the split of each output tile that finishes last: still
-    one launch);
+    16-row tensor-core tiles. Few output tiles exist for narrow layers, so K is split across
+    programs to keep every SM streaming (fp32 partials, summed by the split of each output tile
+    that finishes last: still one launch). A swapped decode kernel (``out^T = W^T x^T``, the weight
+    as the MMA's A operand; 5.1 sm_90 instructions per weight against the 16-row tiles' 6.4) ran
+    1.1x to 1.9x slower than these on the H200 at every 7B decode shape (2026-11-30) and was removed;
   * prefill: classic tiles with M fastest in the grid, so programs sharing a weight tile run
     together and the weight is read from HBM about once; 256-row tiles where they fill the GPU.
 
@@ -198,104 +199,6 @@ def _w4a16_kernel(
                 HAS_BIAS, SPLIT_K)
 
 
-@kernel(do_not_specialize=("M",))
-def _w4a16_swap_kernel(
-    x_ptr,  # [M, K], M <= 16
-    qweight_ptr,
-    qzeros_ptr,
-    scales_ptr,
-    bias_ptr,
-    out_ptr,  # [M, N] in x's dtype
-    partials_ptr,  # as in _w4a16_kernel
-    counters_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_qw,
-    stride_qz,
-    stride_s,
-    k_per_split,
-    magic_bits,  # unused: the launch passes the tensor-core kernels one argument list
-    GROUP_SIZE: tl.constexpr,
-    BITS: tl.constexpr,
-    ZERO_OFFSET: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    MAGIC_BITS: tl.constexpr,  # as in _w4a16_kernel
-    MAGIC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Decode (M <= 16) with the operands swapped: ``out^T = W^T x^T``, the weight as the tensor-core
-    A operand (the 16 activation rows fill the MMA's narrow side instead of padding its wide one).
-
-    wgmma takes A from registers, and Triton moves A's layout conversion up to the load when every
-    step from the load is an elementwise op on tensors of no narrower type. So the words are read as
-    16-bit halves and K is walked one field at a time: field j of a ``[cols, halves]`` tile holds K
-    rows ``PACK * word + HALF * h + j``, a whole A tile by itself, and ``MAGIC + q`` comes from one
-    shift and one mask-or with no conversion. The zero is not subtracted per weight (a broadcast
-    would stop the hoist): ``sum_k (MAGIC + q_k) a_k - (MAGIC + z) sum_k a_k``, with the activation
-    sums taken once per K tile. Only the packed halves pass through shared memory (a quarter of the
-    bytes of a dequantized tile). sm_90 SASS at 256 x 128 tiles: 5.1 instructions per weight, 100
-    registers (Triton 3.6: 5.1, 130), against 6.4 / 7.6 for ``_w4a16_kernel``'s 16-row tiles.
-    Taking the zero off the accumulator cancels, so fp32 accumulation error grows with ``MAGIC *
-    sum |a|`` (MAGIC 1024 for fp16, 128 for bf16) rather than with the result. At the 7B's deepest K
-    (18944) ``benchmarks/swap_accuracy.py`` models it at 4e-6 of the largest output in bf16 (its
-    rounding: 2e-3) and 2e-5 to 7e-5 in fp16 (rounding: 2.5e-4; the stored error's max grows 10% in
-    the pessimistic model). Not a default until a GPU has timed it (``bench_kernels.py --sweep``,
-    which also measures each config's error)."""
-    PACK: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = PACK // 2  # fields per 16-bit half word
-    MASK: tl.constexpr = (1 << BITS) - 1
-    WORDS: tl.constexpr = BLOCK_K // PACK
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, 16)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    in_dtype = x_ptr.dtype.element_ty
-    halves_ptr = qweight_ptr.to(tl.pointer_type(tl.int16))  # little endian: half h of word w is 2 * w + h
-
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)  # out^T
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_w = k0 // PACK + tl.arange(0, WORDS)
-        w_mask = n_mask[:, None] & (offs_w < K // PACK)[None, :]
-        scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
-                                    BITS, ZERO_OFFSET)
-        part = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        # x is read twice per K tile (for the sum, then per field): its tile is 4 KB of cached lines,
-        # while summing the per-field operand tiles instead cost shuffles (5.98 instructions per weight)
-        offs_kk = k0 + tl.arange(0, BLOCK_K)
-        a_sum = tl.sum(tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_kk[:, None],
-                               mask=m_mask[None, :] & (offs_kk < K)[:, None], other=0.0).to(tl.float32), axis=0)
-        for h in tl.static_range(2):
-            halves = _load(halves_ptr + 2 * offs_n[:, None] + offs_w[None, :] * (2 * stride_qw) + h, w_mask,
-                           EVEN_K and EVEN_N)
-            for j in tl.static_range(HALF):
-                field = (halves >> (j * BITS)) & MASK
-                if MAGIC_BITS != 0:  # MAGIC + q, exact, with no conversion instruction
-                    w = (field | MAGIC_BITS).to(in_dtype, bitcast=True)
-                else:
-                    w = field.to(in_dtype)
-                offs_k = offs_w * PACK + h * HALF + j
-                a_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                              mask=m_mask[None, :] & (offs_k < K)[:, None], other=0.0)
-                part = tl.dot(w, a_t, part, input_precision=DOT_PRECISION)
-        # sum_k (MAGIC + q_k) a_k - (MAGIC + z) sum_k a_k = sum_k (q_k - z) a_k
-        acc += (part - (zero.to(tl.float32) + MAGIC)[:, None] * a_sum[None, :]) * scale[:, None]
-
-    _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, pid_n, pid_k, M, N,
-                offs_m[None, :] * N + offs_n[:, None], offs_n[:, None], m_mask[None, :] & n_mask[:, None],
-                HAS_BIAS, SPLIT_K)
-
-
 @kernel
 def _w4a16_gemv_kernel(
     x_ptr,  # [1, K]
@@ -322,7 +225,6 @@ def _w4a16_gemv_kernel(
     EVEN_N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    K_STAGES: tl.constexpr = 1,
 ):
     """Decode path for one activation row: a tensor-core tile would be 15/16 padding, so this is
     fp32 FMA on CUDA cores. Each weight becomes the exact float q - z by a mask-or into 2**23's
@@ -330,12 +232,10 @@ def _w4a16_gemv_kernel(
     packing's shape ([words, cols], one field at a time): no reshape, so no layout shuffle through
     shared memory.
 
-    With no dot in the loop, the launch's ``num_stages`` does not pipeline it: each K step's weights
-    are loaded, then waited for (sm_90 SASS: plain LDG, none in flight across steps; on the H200 the
-    GEMV ran at 3.7x its HBM floor). ``K_STAGES > 1`` asks for the loop's loads to be pipelined
-    (cp.async into shared memory, ``K_STAGES - 1`` steps ahead): 5.23 instructions per weight
-    against 5.02, 96 registers against 95 (Triton 3.6: 5.49 against 5.15). Opt-in until the GPU sweep
-    has timed it."""
+    With no dot in the loop, the launch's ``num_stages`` does not pipeline it (sm_90 SASS: plain LDG,
+    none in flight across steps). Pipelining it with ``tl.range(..., num_stages=3 or 4)`` (cp.async,
+    5.23 instructions per weight against 5.02) ran no faster on the H200: 27.9 us against 27.6 at
+    gate/up, 27.5 against 27.2 at down (graph replay, 2026-11-30), so the loop stays plain."""
     PACK: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -345,7 +245,7 @@ def _w4a16_gemv_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros(cols.shape, dtype=tl.float32)
-    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=K_STAGES):
+    for k0 in range(k_start, k_end, BLOCK_K):
         scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, cols, col_mask, stride_s, stride_qz,
                                     BITS, ZERO_OFFSET)
         offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
@@ -404,8 +304,8 @@ def _store_final(acc, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS: tl.constexp
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# KERNEL names: the one-row CUDA-core GEMV, tensor-core tiles, the swapped tensor-core decode kernel
-KERNELS = {"gemv": _w4a16_gemv_kernel, "mma": _w4a16_kernel, "swap": _w4a16_swap_kernel}
+# KERNEL names: the one-row CUDA-core GEMV, tensor-core tiles
+KERNELS = {"gemv": _w4a16_gemv_kernel, "mma": _w4a16_kernel}
 
 
 def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: int, overrides: dict) -> dict:
@@ -417,6 +317,9 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     elif m <= DECODE_MAX_M:  # 64 x 128 tiles: 64 dequantized values per thread at 4 warps
         cfg = dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=32 if cpu else 64, BLOCK_K=32 if cpu else 128, num_warps=4,
                    num_stages=3)
+        if not cpu and cdiv(n, 64) > 2 * sms:  # over two waves of 64-wide tiles leave split-K nothing to
+            # balance; 128-wide tiles split 3 ways do (H200, gate/up 3584->18944 at M=16: 42 us against 48)
+            cfg["BLOCK_N"] = 128
     elif m <= 64 or cpu:  # (32 rows on the CPU: the interpreter runs the prefill code at small sizes)
         cfg = dict(KERNEL="mma", BLOCK_M=32 if cpu else 64, BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 64,
                    num_warps=4, num_stages=4)
@@ -476,8 +379,6 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     assert kind in KERNELS, f"KERNEL={kind!r} is not one of {tuple(KERNELS)}"
     assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
     assert kind != "gemv" or m == 1, "the GEMV kernel takes one row"
-    assert kind != "swap" or (m <= DECODE_MAX_M and block_k // (32 // bits) >= 16), \
-        "the swapped kernel takes up to 16 rows and at least 16 packed words per K tile"
     k_per_split = cdiv(cdiv(k, split), block_k) * block_k
     split = cdiv(k, k_per_split)  # rounding may leave fewer splits
     common = dict(GROUP_SIZE=group_size, BITS=bits, ZERO_OFFSET=zero_offset,
@@ -489,9 +390,6 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     if bits > mantissa:
         magic_bits, magic = 0, 0.0
     cfg |= dict(DOT_PRECISION=dot_precision(dtype), MAGIC_BITS=magic_bits, MAGIC=magic)
-    if kind == "swap":
-        cfg.pop("BLOCK_M", None)
-        return LaunchPlan(kind, split, k_per_split, (cdiv(n, cfg["BLOCK_N"]), split), common | cfg)
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
     return LaunchPlan(kind, split, k_per_split, grid, common | cfg)
 

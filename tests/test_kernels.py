@@ -400,37 +400,10 @@ def test_w4a16_prefill_split_k_over_several_row_tiles(dtype):
     assert splitk_workspace(DEVICE, 1, 1)[1].eq(0).all()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bits", [4, 8])
-def test_w4a16_swapped_decode_kernel_matches_dequantized_matmul(dtype, bits):
-    """The swapped decode kernel (``out^T = W^T x^T``, K walked one packed field at a time): 1, 5 and
-    16 rows, whole and split over K, with a cut-off column tile; every output element written."""
-    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
-
-    k, n, group_size = 384, 72, 64 * 8 // bits  # a K tile of 16 packed words is one group
-    intweight, zeros, scales, g_idx = _gptq_case(k, n, bits, group_size, False)
-    qweight, qzeros = pack_gptq(intweight, zeros, bits)
-    w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
-    tiles = dict(KERNEL="swap", BLOCK_N=32, BLOCK_K=group_size, num_warps=4, num_stages=2)
-    for m, split in ((1, 1), (5, 3), (16, 2)):
-        plan = launch_plan(m, n, k, bits=bits, group_size=group_size, zero_offset=1, has_bias=False, dtype=dtype,
-                           device=torch.device(DEVICE), SPLIT_K=split, **tiles)
-        assert plan.kernel == "swap" and plan.split == split
-        x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-        bias = torch.randn(n, device=DEVICE, dtype=dtype)
-        out = nan_like((m, n), dtype)
-        with torch.inference_mode():
-            w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE, dtype), bias, bits=bits,
-                         group_size=group_size, zero_offset=1, out=out, SPLIT_K=split, **tiles)
-        assert_close(out, F.linear(x.float(), w.t().to(dtype).float(), bias.float()), dtype, scale=4)
-
-
 @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])
 @pytest.mark.parametrize("kernel, m, k, config", [
-    ("gemv", 1, 256, {}), ("mma", 16, 256, {}), ("swap", 16, 256, dict(KERNEL="swap", BLOCK_N=32, BLOCK_K=128)),
-    ("mma", 64, 256, {}),
-    ("gemv", 1, 1024, dict(K_STAGES=3, SPLIT_K=1)),  # 8+ K steps: the pipeline reaches its steady state
-], ids=["gemv", "mma-decode", "swap", "mma-prefill", "gemv-pipelined"])
+    ("gemv", 1, 256, {}), ("mma", 16, 256, {}), ("mma", 64, 256, {}),
+], ids=["gemv", "mma-decode", "mma-prefill"])
 def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, k, config, scales_dtype):
     """With one-hot fp32 activations each output element is one weight, so every kernel must return
     the spec's dequantization of the original integers, ``(q - z) * s`` rounded once to fp32, bit for
