@@ -512,41 +512,36 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
 # function and follow the H200 sweeps of 2026-11-29 and -30, h200_kernels.json; configs that lost
 # clearly there are gone, to keep gpu_check's benchmark step inside its time limit).
 SWEEP = {
-    # 5120 patches; the default is FLAT at 64 x 128 x 64: the per-slot loops at their best tile for the
-    # record, then wider and deeper flat tiles
-    "merger": [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, FLAT=False)]
-              + [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st, FLAT=True)
-                 for bm, bn, w, st in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 256, 8, 3),
-                                       (64, 128, 4, 5))],
-    # 1296 patches (324 merged rows): FLAT there follows the 5120-patch result, checked here
-    "merger-mid": [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, FLAT=False)]
-                  + [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st, FLAT=True)
-                     for bm, bn, w, st in ((128, 128, 8, 3), (64, 64, 4, 4))],
-    # 256 patches (64 merged rows): the default is 64 x 32 x 128; the former 64 x 64 x 64 beside it
-    "merger-small": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, FLAT=flat)
-                     for bm, bn, bk, st, flat in ((64, 64, 64, 4, False), (64, 32, 128, 4, True),
-                                                  (64, 32, 128, 3, False), (64, 32, 128, 5, False),
-                                                  (32, 32, 128, 4, False))],
+    # 5120 patches (default: 128 x 128 x 64 at 8 warps, 4 stages): the runner-up tiles and a deeper pipeline
+    "merger": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st)
+               for bm, bn, w, st in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 5))],
+    # 1296 patches, 324 merged rows (default: 64 x 128 x 64, 4 warps, 4 stages)
+    "merger-mid": [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=w, num_stages=st)
+                   for bm, w, st in ((128, 8, 4), (64, 4, 3))],
+    # 256 patches, 64 merged rows (default: 64 x 32 x 128, 4 stages)
+    "merger-small": [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4)
+                     for bn, bk in ((64, 64), (16, 128), (32, 64))],
     "attention": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
                   for bm, bn, w, st in ((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 3),
                                         (128, 128, 8, 2))],
-    "w4a16-gemv": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3, SPLIT_K=sk)
-                   for bn, bk, w, sk in ((128, 128, 4, 4), (64, 128, 4, 2))]
-                  + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3) for bn, bk, w in ((256, 128, 8), (128, 64, 4))],
-    # 16 rows: 64- and 128-wide tiles both (the default picks by layer width), then deeper or wider
-    "w4a16": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-              for bn, bk, w, st in ((64, 128, 4, 3), (128, 128, 4, 3), (64, 64, 4, 4), (128, 64, 4, 4),
-                                    (256, 128, 8, 3))],
-    "w4a16-prefill": [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=st)
-                      for bm, st in ((128, 3), (256, 4))],
+    "w4a16-gemv": [dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, SPLIT_K=2),
+                   dict(BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3)],
+    # 16 rows: 64- and 128-wide tiles both (the default picks by layer width), and shallower K tiles
+    "w4a16": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
+              for bn, bk, st in ((64, 128, 3), (128, 128, 3), (64, 64, 4), (128, 64, 4))],
+    # 128 rows: gate/up ran 113 us on the H200 of 2026-11-30 against 95 on 2026-11-29. Its 148 tiles of
+    # 128 x 128 now take 130 registers a thread (Triton 3.6; 128 before), one program per SM, so two
+    # waves: capped at 128 (no spill, 8.81 instructions per weight against 8.31), split in two, or
+    # 64-row tiles
+    "w4a16-mid": [dict(maxnreg=128), dict(SPLIT_K=2), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)],
+    "w4a16-prefill": [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3) for bm in (256, 128)],
 }
 
 
 def _tag(cfg: dict) -> str:
     short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s", "SPLIT_K": "sk",
-             "FLAT": "flat"}
-    return "".join(short[k] * (v is True) if isinstance(v, bool) else f"{short[k]}{v}"
-                   for k, v in cfg.items() if k in short)
+             "maxnreg": "r"}
+    return "".join(f"{short[k]}{v}" for k, v in cfg.items() if k in short)
 
 
 def heavy_tailed(m: int, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -558,7 +553,7 @@ def heavy_tailed(m: int, k: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def sweep_w4a16(b: Bench, pr: Profile) -> None:
-    """Tile configs beside the default at M = 1, 16 and the largest M, each with its error against the
+    """Tile configs beside the default at each benchmarked M, each with its error against the
     exact product on :func:`heavy_tailed` activations: the W4A16 defaults are decided from these rows.
     At bf16 the store's rounding hides accumulation error, so the decode defaults are also checked in
     fp16, and every config is counted by how many outputs differ from the default's."""
@@ -572,7 +567,7 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
         intweight, zeros, scales = quantize_rtn(weight, 4, pr.group_size)
         layer = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales)
         w_exact = dequantize_weight(layer.qweight, layer.qzeros, layer.scales, **layer._kwargs()).double()
-        for m in (1, 16, max(pr.m_values)):
+        for m in pr.m_values:
             xs = {dt: heavy_tailed(m, k, g).to(dev, dt) for dt in ((dtype, torch.float16) if m <= 16 else (dtype,))}
             exact = {dt: x.double() @ w_exact for dt, x in xs.items()}
             case = f"w4a16 gptq {label} M={m}"
@@ -580,7 +575,8 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
             floor["dense"] = rel_err(F.linear(xs[dtype], w_exact.t().to(dtype)), exact[dtype])
             default_out = None
             # the default first: the configs' times and errors read against it in the same run
-            for cfg in [{}] + SWEEP["w4a16-gemv" if m == 1 else "w4a16" if m <= 16 else "w4a16-prefill"]:
+            configs = "w4a16-gemv" if m == 1 else "w4a16" if m <= 16 else "w4a16-mid" if m < 512 else "w4a16-prefill"
+            for cfg in [{}] + SWEEP[configs]:
                 run = _bound_w4a16(layer, xs[dtype], cfg)
                 if not (row := b.add("sweep", case, _tag(cfg) or "default", run)):
                     continue

@@ -20,12 +20,24 @@ from pathlib import Path
 import torch
 
 CUDA = torch.device("cuda")
+HOPPER_SHARED_MEM = 232448  # bytes per block, opted in: H100 and H200
 _INSTR = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 _BACK_BRANCH = re.compile(r"BRA (0x[0-9a-f]+)")
 
 
 class NoToolchain(RuntimeError):
     """This triton cannot compile for CUDA offline (no ptxas / backend)."""
+
+
+@contextlib.contextmanager
+def toolchain_needed():
+    """Turn a compile's failure to find ptxas or the CUDA backend into :class:`NoToolchain`."""
+    try:
+        yield
+    except (ImportError, RuntimeError) as err:
+        if "ptxas" in str(err) or "backend" in str(err).lower():
+            raise NoToolchain(str(err)) from err
+        raise
 
 
 def compile_kernel(kernel, signature: dict, constexprs: dict, options: dict, arch: int = 90,
@@ -46,28 +58,27 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, options: dict, arc
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
                for name, ty in signature.items() if ty.startswith("*") or name.startswith("stride") or name in divisible}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
-    try:
+    with toolchain_needed():
         return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": True, **options})
-    except (ImportError, RuntimeError) as err:
-        if "ptxas" in str(err) or "backend" in str(err).lower():
-            raise NoToolchain(str(err)) from err
-        raise
 
 
 class RecordingDriver:
-    """Triton's active driver with no GPU behind it: kernels compile for sm_90 as usual, and
-    "launching" one records the argument list its launcher receives (device 0, stream 0)."""
+    """Triton's active driver with no GPU behind it: kernels compile for sm_90 as usual, Triton checks
+    each against the device's shared memory (``max_shared_mem``: an H100/H200's by default), and
+    "launching" one records the argument list its launcher receives (stream 0). Triton keeps the
+    kernels it has checked and loaded per device index: a GPU of other limits needs its own ``device``."""
 
-    def __init__(self):
+    def __init__(self, max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0):
         from triton.backends.compiler import GPUTarget
 
+        self.device = device
         self.target = GPUTarget("cuda", 90, 32)
         self.launches: list[tuple] = []
-        self.utils = _StubUtils()
+        self.utils = _StubUtils(max_shared_mem)
         self.launcher_cls = lambda src, metadata: lambda *args: self.launches.append(args)
 
     def get_current_device(self):
-        return 0
+        return self.device
 
     def get_current_stream(self, device=None):
         return 0
@@ -77,8 +88,12 @@ class RecordingDriver:
 
 
 class _StubUtils:
-    def get_device_properties(self, device):  # an H100/H200's limits
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+    def __init__(self, max_shared_mem: int):
+        self.max_shared_mem = max_shared_mem
+
+    def get_device_properties(self, device):  # an H100/H200's other limits
+        return {"max_shared_mem": self.max_shared_mem, "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32}
 
     def load_binary(self, name, kernel, shared, device):
         # module, function (stand-ins: a loaded kernel has both), registers, spills, max threads per block
@@ -86,12 +101,12 @@ class _StubUtils:
 
 
 @contextlib.contextmanager
-def recording_driver():
+def recording_driver(max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0):
     """:class:`RecordingDriver` as Triton's active driver for the duration."""
     from triton.runtime.driver import driver
 
     saved = driver._active
-    stub = RecordingDriver()
+    stub = RecordingDriver(max_shared_mem, device)
     driver.set_active(stub)
     try:
         yield stub
@@ -164,7 +179,7 @@ def mma_loop_mix(compiled, skip_branches: bool = False) -> collections.Counter |
 
 
 @contextlib.contextmanager
-def offline_w4a16(sms: int = 132):
+def offline_w4a16(sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0):
     """W4A16 launches planned for a CUDA GPU with ``sms`` SMs, made with CPU stand-in tensors under
     :func:`recording_driver`: Triton's own dispatch specialises and compiles them exactly as at run
     time (no hand-written signature or hints), and nothing runs."""
@@ -175,7 +190,7 @@ def offline_w4a16(sms: int = 132):
     workspace = (torch.empty(16), torch.zeros(16, dtype=torch.int32))  # split-K scratch: only pointers are passed
     with mock.patch.object(w4a16, "num_sms", lambda device: sms), \
             mock.patch.object(w4a16, "splitk_workspace", lambda device, numel, tiles: workspace), \
-            recording_driver() as driver:  # fmt: skip
+            recording_driver(max_shared_mem, device) as driver:  # fmt: skip
         yield driver
 
 
@@ -188,23 +203,20 @@ def w4a16_operands(m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, 
 
 
 def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.dtype = torch.bfloat16,
-                  group_size: int = 128, sms: int = 132, **config):
+                  group_size: int = 128, sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0,
+                  **config):
     """Compile what ``w4a16_matmul`` would launch for ``[m, k] @ [k, n]`` on a GPU with ``sms`` SMs,
     through the launch itself (:func:`offline_w4a16`); ``config`` overrides the plan's choices
-    (kernel, tiles) as ``w4a16_matmul``'s does. Returns ``(compiled, plan)``."""
+    (kernel, tiles) as ``w4a16_matmul``'s does. Returns ``(compiled, plan)``: the kernel launched."""
     from qoqopt.kernels import w4a16
 
-    with offline_w4a16(sms):
+    with offline_w4a16(sms, max_shared_mem, device):
         plan = w4a16.launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=zero_offset, has_bias=True,
                                  dtype=dtype, device=CUDA, **config)
         launch = w4a16.prepare_w4a16(m, k, n, dtype, CUDA, has_bias=True, group_size=group_size,
                                      zero_offset=zero_offset, **config)
-        try:
+        with toolchain_needed():
             launch(*w4a16_operands(m, k, n, dtype, group_size))
-        except RuntimeError as err:
-            if "ptxas" in str(err) or "backend" in str(err).lower():
-                raise NoToolchain(str(err)) from err
-            raise
     return launch.matmul.kernel, plan
 
 

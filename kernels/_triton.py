@@ -20,6 +20,8 @@ try:  # triton is an optional extra (qoqopt[kernels]); without it every op runs 
     import triton.language as tl
     from triton.runtime.driver import driver as _DRIVER  # the active backend's, as the dispatch asks it
 
+    from triton.runtime.errors import OutOfResources
+
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only on machines without triton
     triton = None
@@ -33,6 +35,7 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     tl = _LanguageStub()
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DEFAULT_STAGES = 3  # Triton's num_stages on CUDA when a launch names none
 
 
 class Kernel:
@@ -55,16 +58,34 @@ class Kernel:
 
 class _Compiled:
     """The compiled variant, with FP fusion asked for explicitly: the kernels are written for FFMA
-    (dequant, RoPE, the folded softmax scale) and Triton 3.10 turns the default off."""
+    (dequant, RoPE, the folded softmax scale) and Triton 3.10 turns the default off.
+
+    The default tiles are tuned on Hopper (228 KB of shared memory per SM); a GPU with less (an
+    A100's 164 KB, a consumer card's ~100 KB) gets the same tiles with fewer pipeline stages: a
+    launch that Triton refuses for shared memory is retried one stage shallower, down to one, and
+    the depth that fitted is remembered per config.
+    """
 
     def __init__(self, jit_fn):
         self.fn = jit_fn
+        self.fitted_stages: dict[tuple, int] = {}  # config (constexprs, warps, stages asked) -> stages run
 
     def __getitem__(self, grid):
         launcher = self.fn[grid]
 
-        def launch(*args, **kwargs):
-            return launcher(*args, enable_fp_fusion=True, **kwargs)
+        def launch(*args, **asked):
+            kwargs = asked
+            while True:
+                if self.fitted_stages:  # empty unless a config has not fitted (keyed only then: ~2 us)
+                    stages = self.fitted_stages.get(_config_key(asked), asked.get("num_stages", _DEFAULT_STAGES))
+                    kwargs = asked | {"num_stages": stages}
+                try:
+                    return launcher(*args, enable_fp_fusion=True, **kwargs)
+                except OutOfResources as err:  # raised before anything runs on the device
+                    stages = kwargs.get("num_stages", _DEFAULT_STAGES)
+                    if stages <= 1 or err.name != "shared memory":
+                        raise
+                    self.fitted_stages[_config_key(asked)] = stages - 1
 
         return launch
 
@@ -111,6 +132,10 @@ class BoundLaunch:
         self.tail = tuple(self.constexprs[n] if n in self.constexprs else params[n].default for n in names)
         grid = tuple(self.grid) + (1,) * (3 - len(self.grid))  # the runner reads three dimensions
         self.kernel, self.runner, self.signature = kernel, kernel[grid], signature
+
+
+def _config_key(kwargs: dict) -> tuple:
+    return (_current_device(), *sorted(kwargs.items()))
 
 
 def _current_device() -> int:

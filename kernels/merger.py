@@ -11,11 +11,10 @@ on sm_90 against a ~500-cycle MMA, and its in-kernel RMS sweep re-read every row
   * the 2x2 merge is free: merged row ``m`` is patch rows ``4m..4m+3`` back to back, the same memory
     viewed as ``[N/4, 4C]``; A and W1' tiles go from memory to the tensor cores untouched;
   * epilogue: bias and exact (erf) GELU on the fp32 accumulator, one rounding to the model dtype.
-``FLAT=True`` (the GPU default from 65 merged rows) runs one K loop with the 1/RMS step behind a
-branch; ``FLAT=False`` runs one K loop per patch slot, so the load pipeline drains and refills at
-every slot boundary (sm_90 SASS: 115 instructions per K step against 128, plus 200 once per slot;
-185 registers against 213; on an H200 at 5120 patches, 186 us against 210 at the per-slot loops'
-best tile).
+One K loop runs over all four slots, the 1/RMS step behind a branch at each slot's end, so loads
+stay in flight across the slot boundaries. A K loop per slot drained and refilled the load pipeline
+at each (sm_90 SASS 128 instructions per K step against 115, 213 registers against 185) and lost at
+every image size on an H200 (5120 patches: 210 us at its best tile, against 169).
 The second GEMM is a plain ``addmm``: nothing is left to fuse into it, and cuBLAS is the peer to beat.
 
 Rounding differs from transformers' ``Qwen2_5_VLRMSNorm`` (which rounds the normalised input, then
@@ -60,7 +59,6 @@ def _merger_fc1_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FLAT: tl.constexpr = False,
 ):
     K: tl.constexpr = MERGE * C
     pid_m = tl.program_id(0)
@@ -73,27 +71,17 @@ def _merger_fc1_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * K + offs_k[None, :]
     w1_ptrs = w1_ptr + offs_n[None, :] * K + offs_k[:, None]
 
+    SLOT_STEPS: tl.constexpr = C // BLOCK_K
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if FLAT:  # one K loop: loads stay in flight across the slot boundaries, where a branch applies 1/RMS
-        SLOT_STEPS: tl.constexpr = C // BLOCK_K
-        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for step in range(0, K // BLOCK_K):
-            a = tl.load(x_ptrs + step * BLOCK_K, mask=m_mask[:, None], other=0.0)
-            b = tl.load(w1_ptrs + step * BLOCK_K, mask=n_mask[None, :], other=0.0)
-            part = tl.dot(a, b, part, input_precision=DOT_PRECISION)
-            if step % SLOT_STEPS == SLOT_STEPS - 1:
-                rstd = tl.load(rstd_ptr + offs_m * MERGE + step // SLOT_STEPS, mask=m_mask, other=0.0)
-                acc += part * rstd[:, None]
-                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    else:
-        for slot in range(MERGE):  # one plain GEMM loop per patch of the 2x2 unit, scaled by its 1/RMS
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(slot * C, slot * C + C, BLOCK_K):
-                a = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
-                b = tl.load(w1_ptrs + k0, mask=n_mask[None, :], other=0.0)
-                part = tl.dot(a, b, part, input_precision=DOT_PRECISION)
-            rstd = tl.load(rstd_ptr + offs_m * MERGE + slot, mask=m_mask, other=0.0)
+    part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # the current patch slot's dot product
+    for step in range(0, K // BLOCK_K):
+        a = tl.load(x_ptrs + step * BLOCK_K, mask=m_mask[:, None], other=0.0)
+        b = tl.load(w1_ptrs + step * BLOCK_K, mask=n_mask[None, :], other=0.0)
+        part = tl.dot(a, b, part, input_precision=DOT_PRECISION)
+        if step % SLOT_STEPS == SLOT_STEPS - 1:  # the slot's last K tile: scale by its patch's 1/RMS
+            rstd = tl.load(rstd_ptr + offs_m * MERGE + step // SLOT_STEPS, mask=m_mask, other=0.0)
             acc += part * rstd[:, None]
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
     # Epilogue: bias + exact GELU in fp32.
     h = acc + tl.load(b1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -104,20 +92,23 @@ def _merger_fc1_kernel(
 
 def _fc1_config(m: int, c: int, device: torch.device) -> dict:
     """Tile sizes: BLOCK_K must divide C (one patch per K tile); small tiles for the interpreter.
-    From the H200 sweep of 2026-11-30 (fc1 alone, graph replay; h200_kernels.json)."""
+    On the GPU, from the H200 sweeps of 2026-11-30 (fc1 alone, graph replay; h200_kernels.json and
+    h200_recheck_kernels.json)."""
     block_k = next((b for b in (64, 32, 16) if c % b == 0), None)
     if block_k is None:
         raise QoqoptError(f"patch merger kernel: context dim {c} is not a multiple of 16")
     if device.type == "cpu":
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(block_k, 32), num_warps=4, num_stages=1)
     if m <= 64:  # one small image: weight streaming dominates, so narrow deep tiles spread N over many
-        # programs (256 patches: 46 us at 64 x 32 x 128 against 51 at 64 x 64 x 64)
+        # programs (256 patches: 41 us at 64 x 32 x 128 against 51 at the former 64 x 64 x 64)
         block_m = max(16, min(64, next_pow2(m)))
         deep_k = 128 if c % 128 == 0 else block_k
         return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=deep_k, num_warps=4, num_stages=4)
-    # One K loop across the four patch slots (FLAT): 5120 patches ran 186 us against 218 for the
-    # per-slot loops at 128 x 128 and 210 at their best tile
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=4, num_stages=4, FLAT=True)
+    if m <= 512:  # keeps >= 1.5 waves of programs on 132 SMs for mid-size images (1296 patches: 66 us
+        # against 69 at 128 x 128)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=4, num_stages=4)
+    # 5120 patches: 169 us against 189 at 64 x 128 and 188 at 3 stages
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=4)
 
 
 def fold_norm_weight(w1: torch.Tensor, ln_weight: torch.Tensor) -> torch.Tensor:

@@ -44,11 +44,10 @@ def test_merger_compiles():
     from benchmarks.offline_compile import merger_fc1_compile
     from qoqopt.kernels.merger import _patch_rstd_kernel
 
-    for m in (64, 1280):  # one small image; the 5120-patch maximum
-        for flat in (False, True):  # per-slot K loops; one K loop (the GPU default)
-            compiled, cfg = _offline(merger_fc1_compile, m, FLAT=flat)
-            print(f"merger M={m} {cfg}: {_resource_usage(compiled)}")
-            assert (resource_usage(compiled) or {}).get("stack_bytes", 0) == 0, f"merger fc1 {cfg} spills"
+    for m in (64, 324, 1280):  # one small image, a mid-size one, the 5120-patch maximum
+        compiled, cfg = _offline(merger_fc1_compile, m)
+        print(f"merger M={m} {cfg}: {_resource_usage(compiled)}")
+        assert (resource_usage(compiled) or {}).get("stack_bytes", 0) == 0, f"merger fc1 {cfg} spills"
     _compile(_patch_rstd_kernel, {"x_ptr": BF16, "rstd_ptr": "*fp32", "P": "i32", "eps": "fp32"},
              dict(C=1280, BLOCK_P=32, BLOCK_C=256), dict(num_warps=4, num_stages=1))
 
@@ -131,3 +130,52 @@ def test_bound_launch_hands_the_kernel_what_tritons_dispatch_hands_it(offline_la
         call(**changed)
         assert matmul.dispatches == dispatches + 1
         same_arguments(*launches)
+
+
+RTX_4090_SHARED_MEM = 101376  # bytes per block, opted in (sm_89); an A100 has 166912
+
+
+@pytest.mark.parametrize("op", ["w4a16-prefill", "merger-fc1"])
+def test_hopper_tiles_run_shallower_where_shared_memory_is_smaller(op, monkeypatch):
+    """The default tiles are sized for Hopper's shared memory. Triton's own launch check (against the
+    device's limit) refuses them on a GPU with less; the launch must then run the same tiles with
+    fewer pipeline stages, and on Hopper with all the stages asked for."""
+    from benchmarks.offline_compile import HOPPER_SHARED_MEM
+
+    # two GPUs in one machine, at device indexes no other test launches on: Triton checks a kernel's
+    # resources once per device, when it first loads it there
+    for device, limit in enumerate((HOPPER_SHARED_MEM, RTX_4090_SHARED_MEM), start=1):
+        variant, asked, compiled = _offline(_launch_default, op, limit, device, monkeypatch)
+        print(f"{op} under {limit} B: {compiled.metadata.num_stages} of {asked} stages, {compiled.metadata.shared} B")
+        assert compiled.metadata.shared <= limit
+        if limit == HOPPER_SHARED_MEM:
+            assert compiled.metadata.num_stages == asked and not variant.fitted_stages
+        else:
+            assert 1 <= compiled.metadata.num_stages < asked
+            assert list(variant.fitted_stages.values()) == [compiled.metadata.num_stages]
+
+
+def _launch_default(op: str, limit: int, device: int, monkeypatch):
+    """Launch ``op`` at 7B dims with its default GPU config on a stub GPU with ``limit`` bytes of
+    shared memory (CPU stand-ins, a fresh stage memo); returns (the kernel's compiled variant, stages
+    asked, the compiled kernel launched)."""
+    from benchmarks.offline_compile import recording_driver, toolchain_needed, w4a16_compile
+    from qoqopt.kernels import w4a16
+    from qoqopt.kernels.merger import _fc1_config, _merger_fc1_kernel
+
+    if op == "w4a16-prefill":
+        m, k, n = 2048, 3584, 18944
+        variant = w4a16.KERNELS["mma"][CUDA]
+        monkeypatch.setattr(variant, "fitted_stages", {})
+        compiled, plan = w4a16_compile(m, k, n, max_shared_mem=limit, device=device)
+        return variant, plan.constexprs["num_stages"], compiled
+    m, c, n = 1280, 1280, 5120  # 5120 patches
+    cfg = _fc1_config(m, c, CUDA)
+    variant = _merger_fc1_kernel[CUDA]
+    monkeypatch.setattr(variant, "fitted_stages", {})
+    bf16 = dict(dtype=torch.bfloat16)
+    with recording_driver(limit, device), toolchain_needed():
+        compiled = variant[(m // cfg["BLOCK_M"], n // cfg["BLOCK_N"])](
+            torch.empty(4 * m, c, **bf16), torch.empty(4 * m), torch.empty(n, 4 * c, **bf16), torch.empty(n, **bf16),
+            torch.empty(m, n, **bf16), m, n, C=c, MERGE=4, DOT_PRECISION="tf32", **cfg)
+    return variant, cfg["num_stages"], compiled
