@@ -220,17 +220,22 @@ def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.
     return launch.matmul.kernel, plan
 
 
-def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120, **config):
-    """Compile the fused merger fc1 kernel as ``merger_fc1`` launches it for ``m`` merged rows
-    (``config``: tile overrides, as ``merger_fc1`` takes them)."""
+def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120, *,
+                       max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0, **config):
+    """Compile the merger fc1 kernel as ``merger_fc1`` launches it for ``m`` merged rows, through
+    Triton's dispatch under :func:`recording_driver` (CPU stand-ins; Triton checks its shared memory
+    against ``max_shared_mem``). ``config``: tile overrides, as ``merger_fc1`` takes them. Returns
+    ``(compiled, cfg)``: the kernel launched and the config asked for."""
     from qoqopt.kernels.merger import _fc1_config, _merger_fc1_kernel
 
     cfg = _fc1_config(m, c, CUDA) | config
-    options = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
-    signature = {"x_ptr": "*bf16", "rstd_ptr": "*fp32", "w1_ptr": "*bf16", "b1_ptr": "*bf16", "out_ptr": "*bf16",
-                 "M": "i32", "N": "i32"}
-    constexprs = dict(C=c, MERGE=merge, DOT_PRECISION="tf32", **cfg)
-    return compile_kernel(_merger_fc1_kernel, signature, constexprs, options, ints=dict(M=m, N=n)), cfg | options
+    bf16 = dict(dtype=torch.bfloat16)
+    operands = (torch.empty(merge * m, c, **bf16), torch.empty(merge * m), torch.empty(n, merge * c, **bf16),
+                torch.empty(n, **bf16), torch.empty(m, n, **bf16))
+    grid = (-(-m // cfg["BLOCK_M"]), -(-n // cfg["BLOCK_N"]))
+    with recording_driver(max_shared_mem, device), toolchain_needed():
+        compiled = _merger_fc1_kernel[CUDA][grid](*operands, m, n, C=c, MERGE=merge, DOT_PRECISION="tf32", **cfg)
+    return compiled, cfg
 
 
 def attention_compile(avg_len: int, dtype: str = "*bf16", head_dim: int = 80, heads: int = 16):

@@ -40,20 +40,26 @@ from benchmarks.offline_compile import (  # noqa: E402
 )
 
 SHAPES = ((3584, 18944, "gate/up"), (18944, 3584, "down"), (3584, 512, "k/v"))
-M_VALUES = (1, 16, 2048)
+M_VALUES = (1, 16, 128, 2048)
+# Not defaults: 128-row tiles capped at 128 registers, for two programs per SM. Session 17's prefill
+# dequant took them from 128 to 130 (Triton 3.6) and the H200 ran them 19-26% slower; the GPU sweep
+# (bench_kernels.py --sweep: w4a16-mid, w4a16-prefill) times these.
+CAPPED = ((3584, 18944, "gate/up", 128, dict(maxnreg=128)),
+          (3584, 18944, "gate/up", 2048, dict(BLOCK_M=128, num_stages=3, maxnreg=128)))
 
 
 def w4a16_rows() -> list[dict]:
     rows = []
     # One layout: AWQ checkpoints are repacked to GPTQ's at load; the launches w4a16_matmul plans
-    for (k, n, label), m in ((shape, m) for shape in SHAPES for m in M_VALUES):
-        compiled, plan = w4a16_compile(m, k, n)
+    launches = [(k, n, label, m, {}) for k, n, label in SHAPES for m in M_VALUES] + list(CAPPED)
+    for k, n, label, m, config in launches:
+        compiled, plan = w4a16_compile(m, k, n, **config)
         mix = main_loop_mix(compiled)
         c = plan.constexprs
         weights = c["BLOCK_K"] * c["BLOCK_N"] / (32 * c["num_warps"])  # per thread per K step
         loop = sum(mix.values()) if mix else None
         rows.append(dict(
-            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel,
+            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel + (f"-r{config['maxnreg']}" if "maxnreg" in config else ""),
             split=plan.split, tile=f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}",
             **(resource_usage(compiled) or {}), loop_instructions=loop,
             instructions_per_weight=round(loop / weights, 2) if loop else None,

@@ -60,15 +60,15 @@ class _Compiled:
     """The compiled variant, with FP fusion asked for explicitly: the kernels are written for FFMA
     (dequant, RoPE, the folded softmax scale) and Triton 3.10 turns the default off.
 
-    The default tiles are tuned on Hopper (228 KB of shared memory per SM); a GPU with less (an
-    A100's 164 KB, a consumer card's ~100 KB) gets the same tiles with fewer pipeline stages: a
-    launch that Triton refuses for shared memory is retried one stage shallower, down to one, and
-    the depth that fitted is remembered per config.
+    The default tiles are tuned on Hopper (227 KB of shared memory per block); a GPU with less (an
+    RTX 4090 or L4: 99 KB) gets the same tiles with fewer pipeline stages: a launch that Triton
+    refuses for shared memory is retried one stage shallower, down to one, and the depth that fitted
+    is remembered per device, argument dtypes and config.
     """
 
     def __init__(self, jit_fn):
         self.fn = jit_fn
-        self.fitted_stages: dict[tuple, int] = {}  # config (constexprs, warps, stages asked) -> stages run
+        self.fitted_stages: dict[tuple, int] = {}  # (device, dtypes, constexprs and options) -> stages run
 
     def __getitem__(self, grid):
         launcher = self.fn[grid]
@@ -76,8 +76,8 @@ class _Compiled:
         def launch(*args, **asked):
             kwargs = asked
             while True:
-                if self.fitted_stages:  # empty unless a config has not fitted (keyed only then: ~2 us)
-                    stages = self.fitted_stages.get(_config_key(asked), asked.get("num_stages", _DEFAULT_STAGES))
+                # empty unless a launch did not fit: only then is each launch keyed (~3 us)
+                if self.fitted_stages and (stages := self.fitted_stages.get(_config_key(args, asked))):
                     kwargs = asked | {"num_stages": stages}
                 try:
                     return launcher(*args, enable_fp_fusion=True, **kwargs)
@@ -85,7 +85,7 @@ class _Compiled:
                     stages = kwargs.get("num_stages", _DEFAULT_STAGES)
                     if stages <= 1 or err.name != "shared memory":
                         raise
-                    self.fitted_stages[_config_key(asked)] = stages - 1
+                    self.fitted_stages[_config_key(args, asked)] = stages - 1
 
         return launch
 
@@ -134,8 +134,10 @@ class BoundLaunch:
         self.kernel, self.runner, self.signature = kernel, kernel[grid], signature
 
 
-def _config_key(kwargs: dict) -> tuple:
-    return (_current_device(), *sorted(kwargs.items()))
+def _config_key(args: tuple, kwargs: dict) -> tuple:
+    """What a launch's shared memory depends on: the device, the tensors' dtypes, the constexprs and options."""
+    dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+    return (_current_device(), dtypes, *sorted(kwargs.items()))
 
 
 def _current_device() -> int:

@@ -331,7 +331,9 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
         # (128 rows: 4 against 283, i.e. issue-bound; sm_90 SASS, 237 registers, no spill). Only from
         # 512 rows (below, most of a 256-row tile can be padding) and where the tiles fill the GPU
         # unsplit (split-K's epilogue spills at 256 rows). H200 at M=2048: gate/up 0.78 ms against
-        # 1.00 at 128 rows, down 0.91 against 1.18; 4 stages gave down 3.5% over 3.
+        # 1.00 at 128 rows, down 0.91 against 1.19, 4 stages 3.6% over 3 at down. (128-row tiles ran
+        # 0.80 / 0.94 on 2026-11-29 at 128 registers, two programs per SM; now 130 under Triton 3.6:
+        # one. bench_kernels.py --sweep times them capped at 128.)
         cfg = dict(KERNEL="mma", BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
     while group_size % cfg["BLOCK_K"]:
         cfg["BLOCK_K"] //= 2

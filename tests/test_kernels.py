@@ -402,17 +402,15 @@ def test_w4a16_prefill_split_k_over_several_row_tiles(dtype):
 
 
 @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])
-@pytest.mark.parametrize("kernel, m, k, config", [
-    ("gemv", 1, 256, {}), ("mma", 16, 256, {}), ("mma", 64, 256, {}),
-], ids=["gemv", "mma-decode", "mma-prefill"])
-def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, k, config, scales_dtype):
+@pytest.mark.parametrize("kernel, m", [("gemv", 1), ("mma", 16), ("mma", 64)], ids=["gemv", "mma-decode", "mma-prefill"])
+def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, scales_dtype):
     """With one-hot fp32 activations each output element is one weight, so every kernel must return
     the spec's dequantization of the original integers, ``(q - z) * s`` rounded once to fp32, bit for
     bit (:func:`qoqopt.packing.dequantize`). Scales with full 24-bit significands catch a zero folded
     into the scale's product (``z * s`` rounds), which fp16 scales cannot show."""
     from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
 
-    n, group_size = 40, 128
+    k, n, group_size = 256, 40, 128
     g = torch.Generator().manual_seed(1)
     intweight = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
     zeros = torch.randint(1, 16, (k // group_size, n), generator=g, dtype=torch.int32)  # v1 stores zero - 1
@@ -422,13 +420,29 @@ def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, k, config,
     rows = torch.randperm(k, generator=g)[:m]  # output row i reads weight row rows[i]
     x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE)
     plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=torch.float32,
-                       device=DEVICE, **config)
+                       device=DEVICE)
     assert plan.kernel == kernel and (m <= 16 or plan.constexprs["BLOCK_M"] > 16)  # the regime named
     out = nan_like((m, n), torch.float32)
     with torch.inference_mode():
         w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size,
-                     zero_offset=1, out=out, **config)
+                     zero_offset=1, out=out)
     assert torch.equal(out.cpu(), w[rows])
+
+
+def test_w4a16_decode_tiles_widen_only_where_that_lets_k_split():
+    """7B shapes on a 132-SM GPU, M = 16: 128-wide tiles where 64-wide ones are 2-4 waves, unsplit
+    (gate/up: H200 42 against 48 us); wider layers stay unsplit either way and 64 wide (the fused
+    gate/up ran slower at 128), narrower ones split 64-wide tiles."""
+    from qoqopt.kernels.w4a16 import _launch_plan
+
+    def plan(n, k):
+        p = _launch_plan(16, n, k, 4, 128, 1, False, torch.bfloat16, torch.device("cuda"), 132, ())
+        return p.constexprs["BLOCK_N"], p.split
+
+    assert plan(18944, 3584) == (128, 3)  # gate/up: 296 tiles of 64, 148 of 128
+    assert plan(2 * 18944, 3584) == (64, 1)  # gate/up fused
+    assert plan(3584, 18944)[0] == 64 and plan(3584, 18944)[1] > 1  # down
+    assert plan(512, 3584)[0] == 64  # k/v
 
 
 def test_w4a16_plans_split_prefill_only_when_tiles_underfill_the_gpu():

@@ -139,43 +139,33 @@ RTX_4090_SHARED_MEM = 101376  # bytes per block, opted in (sm_89); an A100 has 1
 def test_hopper_tiles_run_shallower_where_shared_memory_is_smaller(op, monkeypatch):
     """The default tiles are sized for Hopper's shared memory. Triton's own launch check (against the
     device's limit) refuses them on a GPU with less; the launch must then run the same tiles with
-    fewer pipeline stages, and on Hopper with all the stages asked for."""
-    from benchmarks.offline_compile import HOPPER_SHARED_MEM
+    fewer pipeline stages, remember that depth for the next launch, and on Hopper run all the stages
+    asked for."""
+    from benchmarks.offline_compile import HOPPER_SHARED_MEM, merger_fc1_compile, w4a16_compile
+    from qoqopt.kernels import w4a16
+    from qoqopt.kernels.merger import _merger_fc1_kernel
+
+    variant = (w4a16.KERNELS["mma"] if op == "w4a16-prefill" else _merger_fc1_kernel)[CUDA]
+    monkeypatch.setattr(variant, "fitted_stages", {})
+
+    def launch(limit: int, device: int):  # 7B dims: M = 2048 prefill of gate/up; 5120 patches
+        if op == "w4a16-prefill":
+            compiled, plan = _offline(w4a16_compile, 2048, 3584, 18944, max_shared_mem=limit, device=device)
+            return compiled, plan.constexprs["num_stages"]
+        compiled, cfg = _offline(merger_fc1_compile, 1280, max_shared_mem=limit, device=device)
+        return compiled, cfg["num_stages"]
 
     # two GPUs in one machine, at device indexes no other test launches on: Triton checks a kernel's
     # resources once per device, when it first loads it there
     for device, limit in enumerate((HOPPER_SHARED_MEM, RTX_4090_SHARED_MEM), start=1):
-        variant, asked, compiled = _offline(_launch_default, op, limit, device, monkeypatch)
+        compiled, asked = launch(limit, device)
         print(f"{op} under {limit} B: {compiled.metadata.num_stages} of {asked} stages, {compiled.metadata.shared} B")
         assert compiled.metadata.shared <= limit
         if limit == HOPPER_SHARED_MEM:
             assert compiled.metadata.num_stages == asked and not variant.fitted_stages
         else:
             assert 1 <= compiled.metadata.num_stages < asked
-            assert list(variant.fitted_stages.values()) == [compiled.metadata.num_stages]
-
-
-def _launch_default(op: str, limit: int, device: int, monkeypatch):
-    """Launch ``op`` at 7B dims with its default GPU config on a stub GPU with ``limit`` bytes of
-    shared memory (CPU stand-ins, a fresh stage memo); returns (the kernel's compiled variant, stages
-    asked, the compiled kernel launched)."""
-    from benchmarks.offline_compile import recording_driver, toolchain_needed, w4a16_compile
-    from qoqopt.kernels import w4a16
-    from qoqopt.kernels.merger import _fc1_config, _merger_fc1_kernel
-
-    if op == "w4a16-prefill":
-        m, k, n = 2048, 3584, 18944
-        variant = w4a16.KERNELS["mma"][CUDA]
-        monkeypatch.setattr(variant, "fitted_stages", {})
-        compiled, plan = w4a16_compile(m, k, n, max_shared_mem=limit, device=device)
-        return variant, plan.constexprs["num_stages"], compiled
-    m, c, n = 1280, 1280, 5120  # 5120 patches
-    cfg = _fc1_config(m, c, CUDA)
-    variant = _merger_fc1_kernel[CUDA]
-    monkeypatch.setattr(variant, "fitted_stages", {})
-    bf16 = dict(dtype=torch.bfloat16)
-    with recording_driver(limit, device), toolchain_needed():
-        compiled = variant[(m // cfg["BLOCK_M"], n // cfg["BLOCK_N"])](
-            torch.empty(4 * m, c, **bf16), torch.empty(4 * m), torch.empty(n, 4 * c, **bf16), torch.empty(n, **bf16),
-            torch.empty(m, n, **bf16), m, n, C=c, MERGE=4, DOT_PRECISION="tf32", **cfg)
-    return variant, cfg["num_stages"], compiled
+            memo = dict(variant.fitted_stages)
+            assert list(memo.values()) == [compiled.metadata.num_stages]
+            again, _ = launch(limit, device)  # from the memo: the same kernel, nothing refused again
+            assert again is compiled and variant.fitted_stages == memo
