@@ -226,13 +226,14 @@ def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120, *,
     Triton's dispatch under :func:`recording_driver` (CPU stand-ins; Triton checks its shared memory
     against ``max_shared_mem``). ``config``: tile overrides, as ``merger_fc1`` takes them. Returns
     ``(compiled, cfg)``: the kernel launched and the config asked for."""
+    from qoqopt.kernels._triton import cdiv
     from qoqopt.kernels.merger import _fc1_config, _merger_fc1_kernel
 
     cfg = _fc1_config(m, c, CUDA) | config
     bf16 = dict(dtype=torch.bfloat16)
     operands = (torch.empty(merge * m, c, **bf16), torch.empty(merge * m), torch.empty(n, merge * c, **bf16),
                 torch.empty(n, **bf16), torch.empty(m, n, **bf16))
-    grid = (-(-m // cfg["BLOCK_M"]), -(-n // cfg["BLOCK_N"]))
+    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]))
     with recording_driver(max_shared_mem, device), toolchain_needed():
         compiled = _merger_fc1_kernel[CUDA][grid](*operands, m, n, C=c, MERGE=merge, DOT_PRECISION="tf32", **cfg)
     return compiled, cfg

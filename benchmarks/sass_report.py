@@ -29,6 +29,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_kernels import SWEEP  # noqa: E402
 from benchmarks.offline_compile import (  # noqa: E402
     NoToolchain,
     attention_compile,
@@ -41,17 +42,16 @@ from benchmarks.offline_compile import (  # noqa: E402
 
 SHAPES = ((3584, 18944, "gate/up"), (18944, 3584, "down"), (3584, 512, "k/v"))
 M_VALUES = (1, 16, 128, 2048)
-# Not defaults: 128-row tiles capped at 128 registers, for two programs per SM. Session 17's prefill
-# dequant took them from 128 to 130 (Triton 3.6) and the H200 ran them 19-26% slower; the GPU sweep
-# (bench_kernels.py --sweep: w4a16-mid, w4a16-prefill) times these.
-CAPPED = ((3584, 18944, "gate/up", 128, dict(maxnreg=128)),
-          (3584, 18944, "gate/up", 2048, dict(BLOCK_M=128, num_stages=3, maxnreg=128)))
+# Not defaults: the GPU sweep's 128-row tiles capped at 128 registers, for two programs per SM (session
+# 17's prefill dequant took them from 128 to 130 under Triton 3.6, and the H200 ran them 19-26% slower)
+CAPPED = [(3584, 18944, "gate/up", m, cfg) for m, case in ((128, "w4a16-mid"), (2048, "w4a16-prefill"))
+          for cfg in SWEEP[case] if "maxnreg" in cfg]
 
 
 def w4a16_rows() -> list[dict]:
     rows = []
     # One layout: AWQ checkpoints are repacked to GPTQ's at load; the launches w4a16_matmul plans
-    launches = [(k, n, label, m, {}) for k, n, label in SHAPES for m in M_VALUES] + list(CAPPED)
+    launches = [(k, n, label, m, {}) for k, n, label in SHAPES for m in M_VALUES] + CAPPED
     for k, n, label, m, config in launches:
         compiled, plan = w4a16_compile(m, k, n, **config)
         mix = main_loop_mix(compiled)

@@ -74,18 +74,21 @@ class _Compiled:
         launcher = self.fn[grid]
 
         def launch(*args, **asked):
-            kwargs = asked
+            kwargs, key = asked, None
+            if self.fitted_stages:  # empty unless a launch did not fit: only then is each launch keyed (~3 us)
+                key = _config_key(args, asked)
+                if key in self.fitted_stages:
+                    kwargs = asked | {"num_stages": self.fitted_stages[key]}
             while True:
-                # empty unless a launch did not fit: only then is each launch keyed (~3 us)
-                if self.fitted_stages and (stages := self.fitted_stages.get(_config_key(args, asked))):
-                    kwargs = asked | {"num_stages": stages}
                 try:
                     return launcher(*args, enable_fp_fusion=True, **kwargs)
                 except OutOfResources as err:  # raised before anything runs on the device
                     stages = kwargs.get("num_stages", _DEFAULT_STAGES)
                     if stages <= 1 or err.name != "shared memory":
                         raise
-                    self.fitted_stages[_config_key(args, asked)] = stages - 1
+                    key = key or _config_key(args, asked)
+                    self.fitted_stages[key] = stages - 1
+                    kwargs = asked | {"num_stages": stages - 1}
 
         return launch
 
