@@ -1,11 +1,12 @@
-"""Host (CPU) cost of W4A16 decode launches, measurable on any machine: no GPU is used.
+"""Host (CPU) cost of W4A16 launches, measurable on any machine: no GPU is used.
 
 Eager decode on a fast GPU is bound by the host: each of a layer's 7 quantized linears costs
-QuantLinear's Python plus a Triton launch. Two parts are timed here, at M = 1:
+QuantLinear's Python plus a Triton launch. Two parts are timed here, at M = 1 (and 16, 128):
 
 * **Triton's launch path, per launch**, on sm_90 kernels compiled for real, with a stub driver whose
   launcher does nothing: Triton's JIT dispatch (argument binding, specialisation, cache key) against
-  the direct launch that a planned W4A16 launch makes after its first call (``BoundLaunch``);
+  the direct launch that a planned W4A16 launch makes after its first call (``BoundLaunch``); at a
+  prefill size, a launch planned at each call against the one shared by every layer of the shape;
 * **qoqopt's own Python per decoder layer**, with the launch itself stubbed: 7 QuantLinear calls,
   and the fused projections (4 launches; q/k/v and gate/up taking their columns of a shared output).
 
@@ -75,6 +76,25 @@ def launch_path_us() -> dict[str, float]:
                 launch(*operands)  # compiles (once per M) and binds
                 out[f"M={m} {label}"] = median_us(lambda: launch(*operands))
                 driver.launches.clear()
+        out |= prefill_path_us(driver, k, n, dtype, cuda)
+    return out
+
+
+def prefill_path_us(driver, k: int, n: int, dtype, cuda, m: int = 128) -> dict[str, float]:
+    """Per prefill call (M = 128): QuantLinear planned its launch at every call for M > 16 (plan, bind,
+    Triton's dispatch), where it now looks up the launch shared by every layer of the shape."""
+    from qoqopt.kernels import w4a16
+
+    x, qweight, qzeros, scales, _, y = w4a16_operands(m, k, n, dtype)
+    operands = (x, qweight, qzeros, scales, None, y)
+    plan = (m, k, n, dtype, cuda, False, 4, 128, 1)  # shared_launch's arguments: gate/up, no bias, GPTQ v1
+
+    def planned_per_call():
+        w4a16.prepare_w4a16(*plan[:5], has_bias=False, bits=4, group_size=128, zero_offset=1)(*operands)
+
+    out = {f"M={m} planned per call": median_us(planned_per_call),
+           f"M={m} shared launch": median_us(lambda: w4a16.shared_launch(*plan)(*operands))}
+    driver.launches.clear()
     return out
 
 
@@ -82,9 +102,9 @@ def layer_python_us() -> dict[str, float]:
     """qoqopt's Python for one decoder layer's linears at M = 1, the launch stubbed."""
     from qoqopt.kernels import w4a16
 
-    saved = w4a16.use_triton, w4a16.prepare_w4a16
+    saved = w4a16.use_triton, w4a16.shared_launch
     w4a16.use_triton = lambda *args, **kwargs: True
-    w4a16.prepare_w4a16 = lambda m, k, n, dtype, device, **_: lambda *args: torch.empty(m, n, dtype=dtype)
+    w4a16.shared_launch = lambda m, k, n, dtype, *_: lambda *args: torch.empty(m, n, dtype=dtype)
     try:
         pr = PROFILES["tiny"]
         unfused = _decoder_layer(pr, torch.float32, torch.device("cpu"))
@@ -92,7 +112,7 @@ def layer_python_us() -> dict[str, float]:
         return {label: median_us(layer_calls(holders, inputs))
                 for label, holders in (("7 QuantLinear", unfused), ("fused, 4 launches", fused_copy(unfused)))}
     finally:
-        w4a16.use_triton, w4a16.prepare_w4a16 = saved
+        w4a16.use_triton, w4a16.shared_launch = saved
 
 
 def main(argv=None) -> int:

@@ -524,8 +524,17 @@ SWEEP = {
     "attention": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
                   for bm, bn, w, st in ((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 3),
                                         (128, 128, 8, 2))],
-    "w4a16-gemv": [dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, SPLIT_K=2),
-                   dict(BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3)],
+    # One row. The default 128 x 128 tile puts its 4 warps on different word rows, so the per-column
+    # scale and zero (loaded one column per thread) reach the tile's layout through shared memory, and
+    # each K step's row sum crosses warps: 14 barriers per K step (sm_90 SASS, Triton 3.9), and 64-deep
+    # K steps (twice the barriers per weight) ran 40 us against 27.7 at gate/up (H200, 2026-11-30).
+    # Tiles as wide as the warps' columns (512 at 4 warps, 256 at 2) give each warp its own columns and
+    # each thread all the tile's rows: no barrier, no shared memory in the loop, 4.7 instructions per
+    # weight against 5.02, 128 registers at 64-deep K steps (195 at 128). With 7 such tiles at down the
+    # split is 74 ways: partials summed 8 at a time (the defaults' 3-18 splits are unrolled already).
+    # Untimed (no GPU that session)
+    "w4a16-gemv": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3, REDUCE_UNROLL=8)
+                   for bn, bk, w in ((512, 64, 4), (256, 64, 2), (512, 128, 4))],
     # 16 rows: 64- and 128-wide tiles both (the default picks by layer width), and shallower K tiles
     "w4a16": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
               for bn, bk, st in ((64, 128, 3), (128, 128, 3), (64, 64, 4), (128, 64, 4))],
@@ -534,6 +543,12 @@ SWEEP = {
     # (Triton 3.6; 128 before), so one program per SM instead of two. Capped at 128 (sass_report: no
     # spill under 3.6, 8.81 instructions per weight against 8.31), split in two, or 64-row tiles
     "w4a16-mid": [dict(maxnreg=128), dict(SPLIT_K=2), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)],
+    # q/o and k/v at M = 128 (2026-11-30, H200 graph replay: 28 and 23 us against bf16's 8.5 and 7):
+    # 128 x 128 tiles leave 28 and 4 output tiles, split 4 and 14 ways, and the last split of each
+    # tile sums all partials alone (64 KB each), one at a time. Smaller tiles split less; fewer splits;
+    # or two partials loaded at once
+    "w4a16-narrow": [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=4) for bn in (128, 64)]
+                    + [dict(SPLIT_K=4), dict(SPLIT_K=2), dict(REDUCE_UNROLL=2)],
     "w4a16-prefill": [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3) for bm in (256, 128)]
                      + [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, maxnreg=128)],
 }
@@ -541,7 +556,7 @@ SWEEP = {
 
 def _tag(cfg: dict) -> str:
     short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s", "SPLIT_K": "sk",
-             "maxnreg": "r"}
+             "maxnreg": "r", "REDUCE_UNROLL": "u"}
     return "".join(f"{short[k]}{v}" for k, v in cfg.items())  # a key not listed here fails loudly
 
 
@@ -563,12 +578,15 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
 
     dtype, dev = b.dtype, b.device
     g = torch.Generator().manual_seed(0)
-    for k, n, label in pr.lm_shapes[:2]:  # gate/up and down: the 7B's widest N and deepest K
+    for i, (k, n, label) in enumerate(pr.lm_shapes):
+        # gate/up and down (the 7B's widest N and deepest K) at every M; the narrow q/o and k/v only
+        # between decode and 512 rows, where few output tiles leave the default splitting K deepest
+        narrow = i >= 2
         weight = torch.randn(n, k, device=dev) * 0.02
         intweight, zeros, scales = quantize_rtn(weight, 4, pr.group_size)
         layer = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales)
         w_exact = dequantize_weight(layer.qweight, layer.qzeros, layer.scales, **layer._kwargs()).double()
-        for m in pr.m_values:
+        for m in [m for m in pr.m_values if 16 < m < 512] if narrow else pr.m_values:
             xs = {dt: heavy_tailed(m, k, g).to(dev, dt) for dt in ((dtype, torch.float16) if m <= 16 else (dtype,))}
             exact = {dt: x.double() @ w_exact for dt, x in xs.items()}
             case = f"w4a16 gptq {label} M={m}"
@@ -576,7 +594,8 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
             floor["dense"] = rel_err(F.linear(xs[dtype], w_exact.t().to(dtype)), exact[dtype])
             default_out, planned = None, []
             # the default first: the configs' times and errors read against it in the same run
-            configs = "w4a16-gemv" if m == 1 else "w4a16" if m <= 16 else "w4a16-mid" if m < 512 else "w4a16-prefill"
+            configs = ("w4a16-gemv" if m == 1 else "w4a16" if m <= 16 else "w4a16-narrow" if narrow
+                       else "w4a16-mid" if m < 512 else "w4a16-prefill")
             for cfg in [{}] + SWEEP[configs]:
                 if (plan := _plan(layer, m, xs[dtype], cfg)) is not None and plan in planned:
                     continue  # the default's own launch under its name: timed once

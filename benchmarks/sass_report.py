@@ -29,7 +29,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_kernels import SWEEP  # noqa: E402
+from benchmarks.bench_kernels import SWEEP, _tag  # noqa: E402
 from benchmarks.offline_compile import (  # noqa: E402
     NoToolchain,
     attention_compile,
@@ -42,16 +42,18 @@ from benchmarks.offline_compile import (  # noqa: E402
 
 SHAPES = ((3584, 18944, "gate/up"), (18944, 3584, "down"), (3584, 512, "k/v"))
 M_VALUES = (1, 16, 128, 2048)
-# Not defaults: the GPU sweep's 128-row tiles capped at 128 registers, for two programs per SM (session
-# 17's prefill dequant took them from 128 to 130 under Triton 3.6, and the H200 ran them 19-26% slower)
-CAPPED = [(3584, 18944, "gate/up", m, cfg) for m, case in ((128, "w4a16-mid"), (2048, "w4a16-prefill"))
+# Not defaults, from the GPU sweep: 128-row tiles capped at 128 registers, for two programs per SM
+# (session 17's prefill dequant took them from 128 to 130 under Triton 3.6, and the H200 ran them
+# 19-26% slower); one-row tiles as wide as their warps' columns (no barrier in the K loop)
+SWEPT = ([(3584, 18944, "gate/up", m, cfg) for m, case in ((128, "w4a16-mid"), (2048, "w4a16-prefill"))
           for cfg in SWEEP[case] if "maxnreg" in cfg]
+         + [(k, n, label, 1, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16-gemv"]])
 
 
 def w4a16_rows() -> list[dict]:
     rows = []
     # One layout: AWQ checkpoints are repacked to GPTQ's at load; the launches w4a16_matmul plans
-    launches = [(k, n, label, m, {}) for k, n, label in SHAPES for m in M_VALUES] + CAPPED
+    launches = [(k, n, label, m, {}) for k, n, label in SHAPES for m in M_VALUES] + SWEPT
     for k, n, label, m, config in launches:
         compiled, plan = w4a16_compile(m, k, n, **config)
         mix = main_loop_mix(compiled)
@@ -59,10 +61,11 @@ def w4a16_rows() -> list[dict]:
         weights = c["BLOCK_K"] * c["BLOCK_N"] / (32 * c["num_warps"])  # per thread per K step
         loop = sum(mix.values()) if mix else None
         rows.append(dict(
-            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel + (f"-r{config['maxnreg']}" if "maxnreg" in config else ""),
+            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel + (f"-{_tag(config)}" if config else ""),
             split=plan.split, tile=f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}",
             **(resource_usage(compiled) or {}), loop_instructions=loop,
             instructions_per_weight=round(loop / weights, 2) if loop else None,
+            barriers=mix.get("BAR", 0) if mix else None,  # per K step: each waits for every warp of the program
             top_opcodes=dict(mix.most_common(6)) if mix else None,
         ))
     return rows
@@ -107,12 +110,12 @@ def main(argv=None) -> int:
     except NoToolchain as err:
         print(f"error: this triton cannot compile for CUDA offline: {err}", file=sys.stderr)
         return 1
-    print(f"{'shape':22} {'M':>5} {'kernel':8} {'split':>5} {'tile':>11} {'regs':>5} {'stack':>5} "
-          f"{'loop':>5} {'instr/weight':>12}")
+    print(f"{'shape':22} {'M':>5} {'kernel':26} {'split':>5} {'tile':>11} {'regs':>5} {'stack':>5} "
+          f"{'loop':>5} {'instr/weight':>12} {'barriers':>8}")
     for r in rows:
-        print(f"{r['shape']:22} {r['m']:>5} {r['kernel']:8} {r['split']:>5} {r['tile']:>11} "
+        print(f"{r['shape']:22} {r['m']:>5} {r['kernel']:26} {r['split']:>5} {r['tile']:>11} "
               f"{r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>5} {r['loop_instructions']:>5} "
-              f"{r['instructions_per_weight']:>12}")
+              f"{r['instructions_per_weight']:>12} {r['barriers']:>8}")
     print(f"\n{'op':15} {'patches':>7} {'tile':>10} {'warps':>5} {'regs':>5} {'stack':>5} {'K-step instr/thread':>20} "
           f"{'branched over':>13}")
     for r in merger:

@@ -146,6 +146,7 @@ def _w4a16_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    REDUCE_UNROLL: tl.constexpr = 1,  # split-K: partials loaded together by each tile's last split
 ):
     """Tensor-core path (M > 1). Each K tile lies in one group. Decode tiles (BLOCK_M <= 16) are
     dequant-bound: the group's scale multiplies the tile's dot product, ``sum_k a_k (q_k - z) s =
@@ -196,7 +197,7 @@ def _w4a16_kernel(
     tile = pid_m * tl.num_programs(1) + pid_n
     _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, tile, pid_k, M, N,
                 offs_m[:, None] * N + offs_n[None, :], offs_n[None, :], m_mask[:, None] & n_mask[None, :],
-                HAS_BIAS, SPLIT_K)
+                HAS_BIAS, SPLIT_K, REDUCE_UNROLL)
 
 
 @kernel
@@ -225,6 +226,7 @@ def _w4a16_gemv_kernel(
     EVEN_N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    REDUCE_UNROLL: tl.constexpr = 1,
 ):
     """Decode path for one activation row: a tensor-core tile would be 15/16 padding, so this is
     fp32 FMA on CUDA cores. Each weight becomes the exact float q - z by a mask-or into 2**23's
@@ -268,18 +270,23 @@ def _w4a16_gemv_kernel(
         acc += tl.sum(rows, axis=0) * scale
 
     _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, pid_n, pid_k, 1, N, cols, cols, col_mask,
-                HAS_BIAS, SPLIT_K)
+                HAS_BIAS, SPLIT_K, REDUCE_UNROLL)
 
 
 @device_function
 def _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, tile, pid_k, M, N, offs, cols, mask,
-                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE_UNROLL: tl.constexpr):
     """Store the tile's final values (bias added, in out's dtype).
 
     Split K: every split stores its fp32 partial sums and counts itself in on the tile's counter;
     the split that arrives last adds all partials up in split order (the result does not depend on
     which one that is), stores the tile and resets the counter for the next launch. One launch,
     no separate reduction kernel.
+
+    Where the compiler keeps that sum a loop (128-row tiles' 64 floats a thread per partial; 74
+    splits), each partial's load waits out an L2 round trip before the next is issued (sm_90 SASS;
+    the decode tiles' 3-18 splits are unrolled). ``REDUCE_UNROLL`` > 1 issues that many partials'
+    loads together and adds them in the same order: the same result.
     """
     if SPLIT_K == 1:
         _store_final(acc, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS)
@@ -291,8 +298,14 @@ def _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, tile, pid_k,
         arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             total = tl.zeros_like(acc)
-            for s in range(0, SPLIT_K):  # .cg: read from L2, where the other SMs' stores landed
-                total += tl.load(partials_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            if REDUCE_UNROLL == 1:
+                for s in range(0, SPLIT_K):  # .cg: read from L2, where the other SMs' stores landed
+                    total += tl.load(partials_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            else:
+                for s0 in range(0, SPLIT_K, REDUCE_UNROLL):
+                    for u in tl.static_range(REDUCE_UNROLL):
+                        total += tl.load(partials_ptr + (s0 + u) * M * N + offs, mask=mask & (s0 + u < SPLIT_K),
+                                         other=0.0, cache_modifier=".cg")
             _store_final(total, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS)
             tl.store(counters_ptr + tile, 0)
 
@@ -423,8 +436,11 @@ def w4a16_matmul(
     assert out is None or (out.shape == (m, n) and out.is_contiguous()), f"out must be contiguous [{m}, {n}]"
     if m == 0:
         return out if out is not None else torch.empty(m, n, device=x.device, dtype=x.dtype)
-    launch = prepare_w4a16(m, k, n, x.dtype, x.device, has_bias=bias is not None, bits=bits,
-                           group_size=group_size, zero_offset=zero_offset, **config)
+    if config:
+        launch = prepare_w4a16(m, k, n, x.dtype, x.device, has_bias=bias is not None, bits=bits,
+                               group_size=group_size, zero_offset=zero_offset, **config)
+    else:
+        launch = shared_launch(m, k, n, x.dtype, x.device, bias is not None, bits, group_size, zero_offset)
     return launch(x, qweight, qzeros, scales, bias, out)
 
 
@@ -459,6 +475,24 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
 
     launch.matmul = matmul  # the kernel launch it makes (tests and offline compiles read it)
     return launch
+
+
+def shared_launch(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, has_bias: bool, bits: int,
+                  group_size: int, zero_offset: int):
+    """:func:`prepare_w4a16` with the default tiles, one per shape for the whole process.
+
+    A prefill calls every layer once with the prompt's M: planned per layer, each of a 7B's 196
+    linears paid the plan, the bind and Triton's dispatch (28-35 us a call on the CI machine's CPU,
+    against 8-10 for the shared launch; ``benchmarks/bench_host_cost.py``). Shared, the 28 layers of one
+    shape make one launch between them, bound after its first call. A launch holds no tensors, so
+    the cache pins no weight."""
+    return _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, num_sms(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, sms):  # sms: the plan's input
+    return prepare_w4a16(m, k, n, dtype, device, has_bias=has_bias, bits=bits, group_size=group_size,
+                         zero_offset=zero_offset)
 
 
 _WORKSPACES: dict = {}  # (device type, index, stream) -> (fp32 partials, int32 tile counters at zero)
@@ -612,13 +646,14 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _launcher(self, x2: torch.Tensor):
-        """The planned launch for x2's M, dtype and device; decode sizes (M <= 16) are kept."""
+        """The planned launch for x2's M, dtype and device (shared by every layer of this shape); decode
+        sizes (M <= 16) are also kept here, a dict lookup cheaper than the shared cache's."""
         key = (x2.shape[0], x2.dtype, x2.device, self._buffers["bias"] is not None)
         launch = self._launchers.get(key)
         if launch is None:
             check_supported(x2.device, x2.dtype, "QuantLinear")
-            launch = prepare_w4a16(x2.shape[0], self.in_features, self.out_features, x2.dtype, x2.device,
-                                   has_bias=key[3], **self._kwargs())
+            launch = shared_launch(x2.shape[0], self.in_features, self.out_features, x2.dtype, x2.device, key[3],
+                                   self.bits, self.group_size, self.zero_offset)
             if x2.shape[0] <= DECODE_MAX_M:
                 self._launchers[key] = launch
         return launch

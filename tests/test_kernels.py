@@ -381,8 +381,9 @@ def test_quant_linear_matches_dequantized_matmul(dtype, m, case):
     assert_close(y[0], ref, dtype, scale=4)
 
 
+@pytest.mark.parametrize("unroll", [1, 2], ids=["partials-one-by-one", "partials-two-at-a-time"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_w4a16_prefill_split_k_over_several_row_tiles(dtype):
+def test_w4a16_prefill_split_k_over_several_row_tiles(dtype, unroll):
     """Prefill tiles split over K when they would leave SMs idle (narrow layers, short prompts): each
     output tile, of every row block, sums its own splits' partials, edge tiles included."""
     from qoqopt.kernels.w4a16 import splitk_workspace, w4a16_matmul
@@ -392,13 +393,38 @@ def test_w4a16_prefill_split_k_over_several_row_tiles(dtype):
     qweight, qzeros = pack_gptq(intweight, zeros)
     w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    tiles = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=3)
+    tiles = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=3, REDUCE_UNROLL=unroll)
     out = nan_like((m, n), dtype)
     with torch.inference_mode():
         w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE, dtype), group_size=group_size,
                      zero_offset=1, out=out, **tiles)
     assert_close(out, F.linear(x.float(), w.t().to(dtype).float()), dtype, scale=4)
     assert splitk_workspace(DEVICE, 1, 1)[1].eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tiles", [dict(BLOCK_N=512, BLOCK_K=64, num_warps=4), dict(BLOCK_N=256, BLOCK_K=64, num_warps=2),
+                                   dict(BLOCK_N=512, BLOCK_K=64, num_warps=4, REDUCE_UNROLL=3)],
+                         ids=["n512-w4", "n256-w2", "n512-w4-unroll3"])
+def test_w4a16_gemv_wide_tiles(tiles, dtype):
+    """The GEMV's tiles as wide as their warps' columns (the sweep's barrier-free candidates): the
+    last tile cut off in N, K split over programs (4 ways: unrolled by 3, the second batch is cut
+    off), every output written."""
+    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
+
+    k, n, group_size = 256, 600, 64
+    intweight, zeros, scales, g_idx = _gptq_case(k, n, 4, group_size, False)
+    qweight, qzeros = pack_gptq(intweight, zeros)
+    w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
+    x = torch.randn(1, k, device=DEVICE, dtype=dtype)
+    plan = launch_plan(1, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=dtype,
+                       device=DEVICE, **tiles)
+    assert plan.kernel == "gemv" and plan.split > 1 and not plan.constexprs["EVEN_N"]
+    out = nan_like((1, n), dtype)
+    with torch.inference_mode():
+        w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE, dtype), group_size=group_size,
+                     zero_offset=1, out=out, **tiles)
+    assert_close(out, F.linear(x.float(), w.t().to(dtype).float()), dtype, scale=4)
 
 
 @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])
