@@ -515,12 +515,20 @@ SWEEP = {
     # 5120 patches (default: 128 x 128 x 64 at 8 warps, 4 stages): the runner-up tiles and a deeper pipeline
     "merger": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st)
                for bm, bn, w, st in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 5))],
-    # 1296 patches, 324 merged rows (default: 64 x 128 x 64, 4 warps, 4 stages)
+    # 1296 patches, 324 merged rows (default: 64 x 128 x 64, 4 warps, 4 stages). Split over K by patch
+    # slots (2026-11-30, untimed): 128-row tiles read each weight tile from L2 3 times instead of 6,
+    # and two slots a split keep the default's 240 programs
     "merger-mid": [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=w, num_stages=st)
-                   for bm, w, st in ((128, 8, 4), (64, 4, 3))],
-    # 256 patches, 64 merged rows (default: 64 x 32 x 128, 4 stages)
+                   for bm, w, st in ((128, 8, 4), (64, 4, 3))]
+                  + [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=w, num_stages=4, SPLIT_K=2)
+                     for bm, w in ((128, 8), (64, 4))],
+    # 256 patches, 64 merged rows (default: 64 x 32 x 128, 4 stages: 160 programs of 40 K steps, each
+    # reading all of A, 16 KB of A for 8 KB of weight per step; every tile shape ran 41-50 us). Split
+    # over K by patch slots (untimed): wider tiles read A a quarter as often for the same programs
     "merger-small": [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4)
-                     for bn, bk in ((64, 64), (16, 128), (32, 64))],
+                     for bn, bk in ((64, 64), (16, 128), (32, 64))]
+                    + [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4, SPLIT_K=sk)
+                       for bn, bk, sk in ((128, 64, 4), (64, 128, 4), (32, 128, 2))],
     "attention": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
                   for bm, bn, w, st in ((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 3),
                                         (128, 128, 8, 2))],

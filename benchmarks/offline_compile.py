@@ -232,8 +232,8 @@ def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120, *,
     cfg = _fc1_config(m, c, CUDA) | config
     bf16 = dict(dtype=torch.bfloat16)
     operands = (torch.empty(merge * m, c, **bf16), torch.empty(merge * m), torch.empty(n, merge * c, **bf16),
-                torch.empty(n, **bf16), torch.empty(m, n, **bf16))
-    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]))
+                torch.empty(n, **bf16), torch.empty(m, n, **bf16), torch.empty(16), torch.zeros(16, dtype=torch.int32))
+    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), cfg.get("SPLIT_K", 1))
     with recording_driver(max_shared_mem, device), toolchain_needed():
         compiled = _merger_fc1_kernel[CUDA][grid](*operands, m, n, C=c, MERGE=merge, DOT_PRECISION="tf32", **cfg)
     return compiled, cfg

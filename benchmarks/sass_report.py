@@ -75,10 +75,14 @@ def merger_rows() -> list[dict]:
     rows = []
     # each size's default tiles; the per-slot 1/RMS block runs once per C / BLOCK_K steps, so a step
     # is counted without what the branch in the loop jumps over, and that count is reported beside
-    for patches in (256, 1296, 5120):
-        compiled, cfg = merger_fc1_compile(patches // 4)
+    # and the sweep's configs split over K by patch slots (not defaults)
+    swept = [(patches, cfg) for patches, case in ((256, "merger-small"), (1296, "merger-mid"))
+             for cfg in SWEEP[case] if "SPLIT_K" in cfg]
+    for patches, config in [(256, {}), (1296, {}), (5120, {})] + swept:
+        compiled, cfg = merger_fc1_compile(patches // 4, **config)
         mix, whole = mma_loop_mix(compiled, skip_branches=True), mma_loop_mix(compiled)
-        rows.append(dict(op="merger fc1", patches=patches, tile=f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
+        rows.append(dict(op="merger fc1" + (f" split {cfg['SPLIT_K']}" if "SPLIT_K" in cfg else ""), patches=patches,
+                         tile=f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
                          warps=cfg["num_warps"], **(resource_usage(compiled) or {}),
                          k_loop_instructions=sum(mix.values()) if mix else None,
                          branched_over=sum(whole.values()) - sum(mix.values()) if mix else None,

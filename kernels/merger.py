@@ -15,6 +15,10 @@ One K loop runs over all four slots, the 1/RMS step behind a branch at each slot
 stay in flight across the slot boundaries. A K loop per slot drained and refilled the load pipeline
 at each (sm_90 SASS 128 instructions per K step against 115, 213 registers against 185) and lost at
 every image size on an H200 (5120 patches: 210 us at its best tile, against 169).
+fc1 can also be split over K by patch slots (``SPLIT_K`` 2 or 4, a sweep option, not a default yet):
+each split sums whole slots, and the split of each tile that finishes last adds the parts and applies
+bias and GELU (``_splitk.py``). For small images it trades programs that each read all of A for wider
+tiles that read it a quarter as often.
 The second GEMM is a plain ``addmm``: nothing is left to fuse into it, and cuBLAS is the peer to beat.
 
 Rounding differs from transformers' ``Qwen2_5_VLRMSNorm`` (which rounds the normalised input, then
@@ -27,7 +31,8 @@ from torch import nn
 
 from qoqopt.errors import QoqoptError
 
-from ._triton import cdiv, check_supported, dot_precision, kernel, next_pow2, tensor_version, tl, use_triton
+from ._splitk import splitk_total, splitk_workspace
+from ._triton import cdiv, check_supported, device_function, dot_precision, kernel, next_pow2, tensor_version, tl, use_triton
 
 
 @kernel
@@ -51,6 +56,8 @@ def _merger_fc1_kernel(
     w1_ptr,  # [N, MERGE * C] fc1 weight with the norm weight folded in (nn.Linear layout)
     b1_ptr,  # [N]
     out_ptr,  # [M, N] GELU(fc1(norm(x).view(M, -1)))
+    partials_ptr,  # SPLIT_K > 1: fp32 [SPLIT_K, M, N] scratch (kernels/_splitk.py)
+    counters_ptr,  # SPLIT_K > 1: int32 [output tiles], zero between launches
     M,
     N,
     C: tl.constexpr,
@@ -59,10 +66,12 @@ def _merger_fc1_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,  # divides MERGE: each split sums whole patch slots
 ):
     K: tl.constexpr = MERGE * C
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -72,9 +81,11 @@ def _merger_fc1_kernel(
     w1_ptrs = w1_ptr + offs_n[None, :] * K + offs_k[:, None]
 
     SLOT_STEPS: tl.constexpr = C // BLOCK_K
+    SPLIT_STEPS: tl.constexpr = K // BLOCK_K // SPLIT_K
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # the current patch slot's dot product
-    for step in range(0, K // BLOCK_K):
+    first = pid_k * (SPLIT_STEPS if SPLIT_K > 1 else 0)  # unsplit: the loop's bounds stay constants
+    for step in range(first, first + SPLIT_STEPS):
         a = tl.load(x_ptrs + step * BLOCK_K, mask=m_mask[:, None], other=0.0)
         b = tl.load(w1_ptrs + step * BLOCK_K, mask=n_mask[None, :], other=0.0)
         part = tl.dot(a, b, part, input_precision=DOT_PRECISION)
@@ -83,11 +94,23 @@ def _merger_fc1_kernel(
             acc += part * rstd[:, None]
             part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
-    # Epilogue: bias + exact GELU in fp32.
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        _fc1_epilogue(acc, b1_ptr, out_ptr, offs, offs_n, n_mask, mask)
+    else:  # GELU needs the whole sum: the split that finishes last applies it
+        total, last = splitk_total(acc, partials_ptr, counters_ptr, pid_m * tl.num_programs(1) + pid_n, pid_k,
+                                   M * N, offs, mask, SPLIT_K, 1)
+        if last:
+            _fc1_epilogue(total, b1_ptr, out_ptr, offs, offs_n, n_mask, mask)
+
+
+@device_function
+def _fc1_epilogue(acc, b1_ptr, out_ptr, offs, offs_n, n_mask, mask):
+    """Bias and exact GELU in fp32, one rounding to out's dtype."""
     h = acc + tl.load(b1_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-    out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _fc1_config(m: int, c: int, device: torch.device) -> dict:
@@ -145,9 +168,14 @@ def merger_fc1(x: torch.Tensor, eps: float, w1_folded: torch.Tensor, b1: torch.T
         return out
     cfg = _fc1_config(m, c, x.device) | config
     assert c % cfg["BLOCK_K"] == 0, f"BLOCK_K={cfg['BLOCK_K']} must divide C={c} (one patch per K tile)"
-    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]))
+    split = cfg.get("SPLIT_K", 1)
+    assert (k // c) % split == 0, f"SPLIT_K={split} must divide the {k // c} patch slots of a merged row"
+    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
+    partials = counters = b1  # never touched unsplit
+    if split > 1:
+        partials, counters = splitk_workspace(x.device, split * m * n, grid[0] * grid[1])
     _merger_fc1_kernel[x.device][grid](
-        x, patch_rstd(x, eps), w1_folded, b1, out, m, n,
+        x, patch_rstd(x, eps), w1_folded, b1, out, partials, counters, m, n,
         C=c, MERGE=k // c, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )
     return out

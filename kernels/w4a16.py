@@ -37,6 +37,7 @@ from torch import nn
 from qoqopt.errors import QoqoptError
 from qoqopt.packing import awq_to_gptq_v2, permute_packed_rows
 
+from ._splitk import splitk_total, splitk_workspace
 from ._triton import cdiv, check_supported, device_function, dot_precision, kernel, num_sms, tl, use_triton
 
 DECODE_MAX_M = 16
@@ -276,38 +277,15 @@ def _w4a16_gemv_kernel(
 @device_function
 def _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, tile, pid_k, M, N, offs, cols, mask,
                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE_UNROLL: tl.constexpr):
-    """Store the tile's final values (bias added, in out's dtype).
-
-    Split K: every split stores its fp32 partial sums and counts itself in on the tile's counter;
-    the split that arrives last adds all partials up in split order (the result does not depend on
-    which one that is), stores the tile and resets the counter for the next launch. One launch,
-    no separate reduction kernel.
-
-    Where the compiler keeps that sum a loop (128-row tiles' 64 floats a thread per partial; 74
-    splits), each partial's load waits out an L2 round trip before the next is issued (sm_90 SASS;
-    the decode tiles' 3-18 splits are unrolled). ``REDUCE_UNROLL`` > 1 issues that many partials'
-    loads together and adds them in the same order: the same result.
-    """
+    """Store the tile's final values (bias added, in out's dtype); split K: once every split has
+    added its part (:func:`~qoqopt.kernels._splitk.splitk_total`), from the split that came last."""
     if SPLIT_K == 1:
         _store_final(acc, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS)
     else:
-        tl.store(partials_ptr + pid_k * M * N + offs, acc, mask=mask)
-        # Every thread's partials are issued before the one signalling thread releases them (the
-        # barrier, then a release at GPU scope); the last arrival acquires them all.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros_like(acc)
-            if REDUCE_UNROLL == 1:
-                for s in range(0, SPLIT_K):  # .cg: read from L2, where the other SMs' stores landed
-                    total += tl.load(partials_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            else:
-                for s0 in range(0, SPLIT_K, REDUCE_UNROLL):
-                    for u in tl.static_range(REDUCE_UNROLL):
-                        total += tl.load(partials_ptr + (s0 + u) * M * N + offs, mask=mask & (s0 + u < SPLIT_K),
-                                         other=0.0, cache_modifier=".cg")
+        total, last = splitk_total(acc, partials_ptr, counters_ptr, tile, pid_k, M * N, offs, mask, SPLIT_K,
+                                   REDUCE_UNROLL)
+        if last:
             _store_final(total, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS)
-            tl.store(counters_ptr + tile, 0)
 
 
 @device_function
@@ -493,31 +471,6 @@ def shared_launch(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
 def _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, sms):  # sms: the plan's input
     return prepare_w4a16(m, k, n, dtype, device, has_bias=has_bias, bits=bits, group_size=group_size,
                          zero_offset=zero_offset)
-
-
-_WORKSPACES: dict = {}  # (device type, index, stream) -> (fp32 partials, int32 tile counters at zero)
-
-
-def splitk_workspace(device: torch.device, partial_numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K scratch shared by every launch on this device and stream: launches on one stream run
-    in order, and each leaves its counters at zero again. Grown on demand (the caching allocator
-    orders the old buffer's reuse after the launches already queued on it).
-
-    While a CUDA graph is being captured the scratch is the capture's own, never shared: its zeroing
-    is then a graph node that runs before each replay, not something eager calls could rely on.
-    """
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    held = None if capturing else _WORKSPACES.get(key)
-    if held is None or held[0].numel() < partial_numel or held[1].numel() < tiles:
-        partial_numel = max(partial_numel, held[0].numel() if held else 0)
-        tiles = max(tiles, held[1].numel() if held else 0)
-        held = (torch.empty(partial_numel, device=device, dtype=torch.float32),
-                torch.zeros(tiles, device=device, dtype=torch.int32))
-        if not capturing:
-            _WORKSPACES[key] = held
-    return held
 
 
 # Elements of int32 scratch per step of the reference dequantization: a few MB, which stay in cache

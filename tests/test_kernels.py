@@ -65,7 +65,10 @@ def _hf_merger(context_dim, out_dim, dtype, seed=0):
 @pytest.mark.parametrize("num_merged", [1, 7, 37])  # a single merged unit; several M tiles with a ragged tail
 # the default tiles (on the GPU one K step per patch slot here), and 16-deep K tiles: 4 steps per slot, so a
 # slot's 1/RMS applied a step early or late shows
-@pytest.mark.parametrize("config", [{}, dict(BLOCK_K=16)], ids=["default-tiles", "4-steps-per-slot"])
+# Split over K by patch slots: two slots per split, and one per split with 4 steps each, the last split
+# of each tile adding the parts and applying bias and GELU
+@pytest.mark.parametrize("config", [{}, dict(BLOCK_K=16), dict(SPLIT_K=2), dict(SPLIT_K=4, BLOCK_K=16)],
+                         ids=["default-tiles", "4-steps-per-slot", "split-2-slots-each", "split-1-slot-each"])
 def test_merger_fc1_matches_hf(dtype, num_merged, config):
     from qoqopt.kernels.merger import fold_norm_weight, merger_fc1
 
@@ -80,6 +83,10 @@ def test_merger_fc1_matches_hf(dtype, num_merged, config):
         y, ref = F.linear(h, fc2.weight, fc2.bias), merger(x)
     assert_close(h, ref_h, dtype)
     assert_close(y, ref, dtype, scale=4)  # the 256-wide projection sums 256 rounding errors
+    if config.get("SPLIT_K", 1) > 1:
+        from qoqopt.kernels._splitk import splitk_workspace
+
+        assert splitk_workspace(DEVICE, 1, 1)[1].eq(0).all()  # counters left at zero for the next launch
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -44,8 +44,9 @@ def test_merger_compiles():
     from benchmarks.offline_compile import merger_fc1_compile
     from qoqopt.kernels.merger import _patch_rstd_kernel
 
-    for m in (64, 324, 1280):  # one small image, a mid-size one, the 5120-patch maximum
-        compiled, cfg = _offline(merger_fc1_compile, m)
+    # one small image, a mid-size one, the 5120-patch maximum; a small one split over K by patch slots
+    for m, config in ((64, {}), (324, {}), (1280, {}), (64, dict(BLOCK_N=128, BLOCK_K=64, SPLIT_K=4))):
+        compiled, cfg = _offline(merger_fc1_compile, m, **config)
         print(f"merger M={m} {cfg}: {_resource_usage(compiled)}")
         assert (resource_usage(compiled) or {}).get("stack_bytes", 0) == 0, f"merger fc1 {cfg} spills"
     _compile(_patch_rstd_kernel, {"x_ptr": BF16, "rstd_ptr": "*fp32", "P": "i32", "eps": "fp32"},
