@@ -562,7 +562,7 @@ SWEEP = {
 }
 
 
-def _tag(cfg: dict) -> str:
+def config_tag(cfg: dict) -> str:
     short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s", "SPLIT_K": "sk",
              "maxnreg": "r", "REDUCE_UNROLL": "u"}
     return "".join(f"{short[k]}{v}" for k, v in cfg.items())  # a key not listed here fails loudly
@@ -609,7 +609,7 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
                     continue  # the default's own launch under its name: timed once
                 planned.append(plan)
                 run = _bound_w4a16(layer, xs[dtype], cfg)
-                if not (row := b.add("sweep", case, _tag(cfg) or "default", run)):
+                if not (row := b.add("sweep", case, config_tag(cfg) or "default", run)):
                     continue
                 out = run()
                 default_out = out if default_out is None else default_out
@@ -647,7 +647,7 @@ def sweep_merger(b: Bench, pr: Profile) -> None:
         case, default_out = f"merger fc1 {patches} patches", None
         for cfg in [{}] + configs:  # the default first; every config's output is checked against it
             run = functools.partial(merger_fc1, xs, 1e-6, w1_folded, b1, **cfg)
-            if row := b.add("sweep", case, _tag(cfg) or "default", run):
+            if row := b.add("sweep", case, config_tag(cfg) or "default", run):
                 out = run()
                 default_out = out if default_out is None else default_out
                 row.extra["max_rel_diff_vs_default"] = rel_err(out, default_out)
@@ -663,7 +663,7 @@ def sweep_attention(b: Bench, pr: Profile) -> None:
     for mode, cu in cus.items():
         for cfg in SWEEP["attention"]:
             plans = VarlenPlanCache()
-            b.add("sweep", f"attention {mode}", _tag(cfg),
+            b.add("sweep", f"attention {mode}", config_tag(cfg),
                   lambda: vision_attention(qkv, *rope, cu, pr.heads, plans, shared_halves=True, **cfg))
 
 

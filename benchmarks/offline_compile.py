@@ -188,10 +188,16 @@ def offline_w4a16(sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, devic
     from qoqopt.kernels import w4a16
 
     workspace = (torch.empty(16), torch.zeros(16, dtype=torch.int32))  # split-K scratch: only pointers are passed
-    with mock.patch.object(w4a16, "num_sms", lambda device: sms), \
-            mock.patch.object(w4a16, "splitk_workspace", lambda device, numel, tiles: workspace), \
-            recording_driver(max_shared_mem, device) as driver:  # fmt: skip
-        yield driver
+    # Shared launches bind to the driver of their first call: none made before reaches the stub, and
+    # none made under it outlives it
+    w4a16._shared_launch.cache_clear()
+    try:
+        with mock.patch.object(w4a16, "num_sms", lambda device: sms), \
+                mock.patch.object(w4a16, "splitk_workspace", lambda device, numel, tiles: workspace), \
+                recording_driver(max_shared_mem, device) as driver:  # fmt: skip
+            yield driver
+    finally:
+        w4a16._shared_launch.cache_clear()
 
 
 def w4a16_operands(m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, group_size: int = 128) -> tuple:

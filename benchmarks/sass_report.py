@@ -29,7 +29,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_kernels import SWEEP, _tag  # noqa: E402
+from benchmarks.bench_kernels import SWEEP, config_tag  # noqa: E402
 from benchmarks.offline_compile import (  # noqa: E402
     NoToolchain,
     attention_compile,
@@ -61,7 +61,7 @@ def w4a16_rows() -> list[dict]:
         weights = c["BLOCK_K"] * c["BLOCK_N"] / (32 * c["num_warps"])  # per thread per K step
         loop = sum(mix.values()) if mix else None
         rows.append(dict(
-            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel + (f"-{_tag(config)}" if config else ""),
+            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel + (f"-{config_tag(config)}" if config else ""),
             split=plan.split, tile=f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}",
             **(resource_usage(compiled) or {}), loop_instructions=loop,
             instructions_per_weight=round(loop / weights, 2) if loop else None,

@@ -115,26 +115,29 @@ class BoundLaunch:
 
     def __init__(self, variant: _Compiled, grid, constexprs: dict):
         self.variant, self.grid, self.constexprs = variant, grid, constexprs
-        self.kernel = self.runner = self.signature = None  # kernel: the compiled kernel bound (for inspection)
-        self.tail: tuple = ()
+        self.kernel = None  # the compiled kernel bound (for inspection)
+        # (signature, runner, trailing constexprs), replaced whole: every layer of a shape shares this
+        # launch, so a call on another thread never pairs one binding's runner with another's signature
+        self.bound: tuple | None = None
         self.dispatches = 0  # calls that went through Triton's dispatch (tests count them)
 
     def __call__(self, *args) -> None:
         signature = [_current_device(), *launch_signature(args)]
-        if self.runner is not None and signature == self.signature:
-            self.runner(*args, *self.tail)
+        bound = self.bound
+        if bound is not None and signature == bound[0]:
+            bound[1](*args, *bound[2])
             return
         self.dispatches += 1
         kernel = self.variant[self.grid](*args, **self.constexprs)
         kernel = kernel.result() if hasattr(kernel, "result") else kernel  # an async compile's future
         if kernel is None:  # a cache hook took the launch over: nothing to bind
-            self.kernel = self.runner = None
+            self.kernel = self.bound = None
             return
         params = self.variant.fn.signature.parameters
         names = list(params)[len(args):]
-        self.tail = tuple(self.constexprs[n] if n in self.constexprs else params[n].default for n in names)
+        tail = tuple(self.constexprs[n] if n in self.constexprs else params[n].default for n in names)
         grid = tuple(self.grid) + (1,) * (3 - len(self.grid))  # the runner reads three dimensions
-        self.kernel, self.runner, self.signature = kernel, kernel[grid], signature
+        self.kernel, self.bound = kernel, (signature, kernel[grid], tail)
 
 
 def _config_key(args: tuple, kwargs: dict) -> tuple:

@@ -80,11 +80,12 @@ def _merger_fc1_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * K + offs_k[None, :]
     w1_ptrs = w1_ptr + offs_n[None, :] * K + offs_k[:, None]
 
+    tl.static_assert(MERGE % SPLIT_K == 0, "each split sums whole patch slots")
     SLOT_STEPS: tl.constexpr = C // BLOCK_K
     SPLIT_STEPS: tl.constexpr = K // BLOCK_K // SPLIT_K
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # the current patch slot's dot product
-    first = pid_k * (SPLIT_STEPS if SPLIT_K > 1 else 0)  # unsplit: the loop's bounds stay constants
+    first = 0 if SPLIT_K == 1 else pid_k * SPLIT_STEPS  # unsplit, the loop's bounds stay constants
     for step in range(first, first + SPLIT_STEPS):
         a = tl.load(x_ptrs + step * BLOCK_K, mask=m_mask[:, None], other=0.0)
         b = tl.load(w1_ptrs + step * BLOCK_K, mask=n_mask[None, :], other=0.0)

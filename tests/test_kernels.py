@@ -411,13 +411,13 @@ def test_w4a16_prefill_split_k_over_several_row_tiles(dtype, unroll):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tiles", [dict(BLOCK_N=512, BLOCK_K=64, num_warps=4), dict(BLOCK_N=256, BLOCK_K=64, num_warps=2),
-                                   dict(BLOCK_N=512, BLOCK_K=64, num_warps=4, REDUCE_UNROLL=3)],
+                                   dict(BLOCK_N=512, BLOCK_K=64, num_warps=4, SPLIT_K=4, REDUCE_UNROLL=3)],
                          ids=["n512-w4", "n256-w2", "n512-w4-unroll3"])
 def test_w4a16_gemv_wide_tiles(tiles, dtype):
     """The GEMV's tiles as wide as their warps' columns (the sweep's barrier-free candidates): the
-    last tile cut off in N, K split over programs (4 ways: unrolled by 3, the second batch is cut
-    off), every output written."""
-    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
+    last tile cut off in N, K split over programs (4 ways with partials summed 3 at a time: the
+    second batch is cut off), every output written, split-K counters left at zero."""
+    from qoqopt.kernels.w4a16 import launch_plan, splitk_workspace, w4a16_matmul
 
     k, n, group_size = 256, 600, 64
     intweight, zeros, scales, g_idx = _gptq_case(k, n, 4, group_size, False)
@@ -432,6 +432,7 @@ def test_w4a16_gemv_wide_tiles(tiles, dtype):
         w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE, dtype), group_size=group_size,
                      zero_offset=1, out=out, **tiles)
     assert_close(out, F.linear(x.float(), w.t().to(dtype).float()), dtype, scale=4)
+    assert splitk_workspace(DEVICE, 1, 1)[1].eq(0).all()
 
 
 @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])
@@ -529,6 +530,24 @@ def test_quant_linear_planned_launches_follow_its_tensors(dtype):
         assert_close(linear(xs[0]), 2 * outs[0].float(), dtype, scale=8)
         linear(torch.randn(40, 256, device=DEVICE, dtype=dtype))  # prefill sizes are not kept
         assert len(linear._launchers) == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quant_linears_of_one_shape_share_their_prefill_launch(dtype):
+    """Layers of one shape (a model's 28 q_proj) share the launch planned for a prompt's M, and each
+    still computes with its own weights."""
+    from qoqopt.kernels.w4a16 import QuantLinear
+
+    layers, weights = [], []
+    for seed in (0, 1):
+        intweight, zeros, scales, g_idx = _gptq_case(256, 88, 4, 32, False, seed=seed)
+        layers.append(QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales).to(DEVICE))
+        weights.append(dequantize(intweight, zeros, scales, g_idx).to(DEVICE))
+    x = torch.randn(40, 256, device=DEVICE, dtype=dtype)
+    with torch.inference_mode():
+        for layer, w in zip(layers, weights):
+            assert_close(layer(x), F.linear(x.float(), w.t().to(dtype).float()), dtype, scale=4)
+        assert layers[0]._launcher(x) is layers[1]._launcher(x)
 
 
 @pytest.mark.parametrize("groups_per_step", [1, 3])  # one group at a time; steps of 3 with a shorter last
