@@ -185,7 +185,7 @@ def offline_w4a16(sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, devic
     time (no hand-written signature or hints), and nothing runs."""
     from unittest import mock
 
-    from qoqopt.kernels import w4a16
+    from qoqopt.kernels import _splitk, w4a16
 
     workspace = (torch.empty(16), torch.zeros(16, dtype=torch.int32))  # split-K scratch: only pointers are passed
     # Shared launches bind to the driver of their first call: none made before reaches the stub, and
@@ -193,7 +193,7 @@ def offline_w4a16(sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, devic
     w4a16._shared_launch.cache_clear()
     try:
         with mock.patch.object(w4a16, "num_sms", lambda device: sms), \
-                mock.patch.object(w4a16, "splitk_workspace", lambda device, numel, tiles: workspace), \
+                mock.patch.object(_splitk, "splitk_workspace", lambda device, numel, tiles: workspace), \
                 recording_driver(max_shared_mem, device) as driver:  # fmt: skip
             yield driver
     finally:

@@ -38,6 +38,14 @@ def splitk_workspace(device: torch.device, partial_numel: int, tiles: int) -> tu
     return held
 
 
+def splitk_operands(device: torch.device, split: int, tile_numel: int, tiles: int, unused: torch.Tensor):
+    """``(partials, counters)`` for a launch over ``tiles`` output tiles of ``tile_numel`` elements in
+    all, split ``split`` ways; unsplit, ``unused`` (any tensor of the launch) stands in for both."""
+    if split == 1:
+        return unused, unused
+    return splitk_workspace(device, split * tile_numel, tiles)
+
+
 @device_function
 def splitk_total(acc, partials_ptr, counters_ptr, tile, pid_k, partial_stride, offs, mask,
                  SPLIT_K: tl.constexpr, REDUCE_UNROLL: tl.constexpr):
@@ -58,13 +66,9 @@ def splitk_total(acc, partials_ptr, counters_ptr, tile, pid_k, partial_stride, o
     last = arrived == SPLIT_K - 1
     total = tl.zeros_like(acc)
     if last:
-        if REDUCE_UNROLL == 1:
-            for s in range(0, SPLIT_K):  # .cg: read from L2, where the other SMs' stores landed
-                total += tl.load(partials_ptr + s * partial_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        else:
-            for s0 in range(0, SPLIT_K, REDUCE_UNROLL):
-                for u in tl.static_range(REDUCE_UNROLL):
-                    total += tl.load(partials_ptr + (s0 + u) * partial_stride + offs, mask=mask & (s0 + u < SPLIT_K),
-                                     other=0.0, cache_modifier=".cg")
+        for s0 in range(0, SPLIT_K, REDUCE_UNROLL):
+            for u in tl.static_range(REDUCE_UNROLL):  # .cg: read from L2, where the other SMs' stores landed
+                total += tl.load(partials_ptr + (s0 + u) * partial_stride + offs, mask=mask & (s0 + u < SPLIT_K),
+                                 other=0.0, cache_modifier=".cg")
         tl.store(counters_ptr + tile, 0)
     return total, last

@@ -31,7 +31,7 @@ from torch import nn
 
 from qoqopt.errors import QoqoptError
 
-from ._splitk import splitk_total, splitk_workspace
+from ._splitk import splitk_operands, splitk_total
 from ._triton import cdiv, check_supported, device_function, dot_precision, kernel, next_pow2, tensor_version, tl, use_triton
 
 
@@ -172,9 +172,7 @@ def merger_fc1(x: torch.Tensor, eps: float, w1_folded: torch.Tensor, b1: torch.T
     split = cfg.get("SPLIT_K", 1)
     assert (k // c) % split == 0, f"SPLIT_K={split} must divide the {k // c} patch slots of a merged row"
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
-    partials = counters = b1  # never touched unsplit
-    if split > 1:
-        partials, counters = splitk_workspace(x.device, split * m * n, grid[0] * grid[1])
+    partials, counters = splitk_operands(x.device, split, m * n, grid[0] * grid[1], b1)
     _merger_fc1_kernel[x.device][grid](
         x, patch_rstd(x, eps), w1_folded, b1, out, partials, counters, m, n,
         C=c, MERGE=k // c, DOT_PRECISION=dot_precision(x.dtype), **cfg,

@@ -37,7 +37,7 @@ from torch import nn
 from qoqopt.errors import QoqoptError
 from qoqopt.packing import awq_to_gptq_v2, permute_packed_rows
 
-from ._splitk import splitk_total, splitk_workspace
+from ._splitk import splitk_operands, splitk_total
 from ._triton import cdiv, check_supported, device_function, dot_precision, kernel, num_sms, tl, use_triton
 
 DECODE_MAX_M = 16
@@ -363,12 +363,11 @@ class LaunchPlan:
 def launch_plan(m, n, k, *, bits, group_size, zero_offset, has_bias, dtype, device, **config) -> LaunchPlan:
     """Which kernel, grid and constexprs ``w4a16_matmul`` launches (also compiled offline by the tests).
 
-    Memoised: planning costs ~4 us of Python per call, paid by every linear of every decode step."""
+    Not memoised here: a plan is made once per shape, by the launch that :func:`shared_launch` keeps."""
     return _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device, num_sms(device),
                         tuple(sorted(config.items())))
 
 
-@functools.lru_cache(maxsize=1024)
 def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device, sms, config) -> LaunchPlan:
     cfg = _config(m, n, k, group_size, device, sms, dict(config))
     kind, split, block_k = cfg.pop("KERNEL"), cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
@@ -440,9 +439,7 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
     def launch(x, qweight, qzeros, scales, bias=None, out=None) -> torch.Tensor:
         if out is None:
             out = torch.empty(m, n, device=device, dtype=dtype)
-        partials = counters = scales  # never touched with SPLIT_K == 1
-        if plan.split > 1:
-            partials, counters = splitk_workspace(device, plan.split * m * n, tiles)
+        partials, counters = splitk_operands(device, plan.split, m * n, tiles, scales)
         operands = (x, qweight, qzeros, scales, bias if bias is not None else scales, out, partials, counters)
         strides = (qweight.stride(0), qzeros.stride(0), scales.stride(0), plan.k_per_split)
         if plan.kernel == "gemv":

@@ -393,7 +393,8 @@ def test_quant_linear_matches_dequantized_matmul(dtype, m, case):
 def test_w4a16_prefill_split_k_over_several_row_tiles(dtype, unroll):
     """Prefill tiles split over K when they would leave SMs idle (narrow layers, short prompts): each
     output tile, of every row block, sums its own splits' partials, edge tiles included."""
-    from qoqopt.kernels.w4a16 import splitk_workspace, w4a16_matmul
+    from qoqopt.kernels._splitk import splitk_workspace
+    from qoqopt.kernels.w4a16 import w4a16_matmul
 
     m, k, n, group_size = 70, 256, 88, 32  # 3 row blocks and 3 column blocks, the last of each cut off
     intweight, zeros, scales, g_idx = _gptq_case(k, n, 4, group_size, False)
@@ -417,7 +418,8 @@ def test_w4a16_gemv_wide_tiles(tiles, dtype):
     """The GEMV's tiles as wide as their warps' columns (the sweep's barrier-free candidates): the
     last tile cut off in N, K split over programs (4 ways with partials summed 3 at a time: the
     second batch is cut off), every output written, split-K counters left at zero."""
-    from qoqopt.kernels.w4a16 import launch_plan, splitk_workspace, w4a16_matmul
+    from qoqopt.kernels._splitk import splitk_workspace
+    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
 
     k, n, group_size = 256, 600, 64
     intweight, zeros, scales, g_idx = _gptq_case(k, n, 4, group_size, False)
@@ -507,7 +509,8 @@ def test_quant_linear_planned_launches_follow_its_tensors(dtype):
     shared and left with its counters at zero after every launch."""
     import copy
 
-    from qoqopt.kernels.w4a16 import QuantLinear, splitk_workspace
+    from qoqopt.kernels._splitk import splitk_workspace
+    from qoqopt.kernels.w4a16 import QuantLinear
 
     intweight, zeros, scales, g_idx = _gptq_case(256, 88, 4, 32, False)
     linear = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales).to(DEVICE)
