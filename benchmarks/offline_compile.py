@@ -228,21 +228,20 @@ def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.
 
 def merger_fc1_compile(m: int, c: int = 1280, merge: int = 4, n: int = 5120, *,
                        max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0, **config):
-    """Compile the merger fc1 kernel as ``merger_fc1`` launches it for ``m`` merged rows, through
-    Triton's dispatch under :func:`recording_driver` (CPU stand-ins; Triton checks its shared memory
-    against ``max_shared_mem``). ``config``: tile overrides, as ``merger_fc1`` takes them. Returns
-    ``(compiled, cfg)``: the kernel launched and the config asked for."""
-    from qoqopt.kernels._triton import cdiv
-    from qoqopt.kernels.merger import _fc1_config, _merger_fc1_kernel
+    """Compile the merger fc1 kernel as ``merger_fc1`` launches it for ``m`` merged rows (its own
+    launch plan, on CPU stand-ins), through Triton's dispatch under :func:`recording_driver`
+    (Triton checks its shared memory against ``max_shared_mem``). ``config``: tile overrides, as
+    ``merger_fc1`` takes them. Returns ``(compiled, constexprs)``: the kernel and its launch's
+    constexprs (tiles, warps and stages as asked)."""
+    from qoqopt.kernels.merger import _merger_fc1_kernel, fc1_launch
 
-    cfg = _fc1_config(m, c, CUDA) | config
     bf16 = dict(dtype=torch.bfloat16)
-    operands = (torch.empty(merge * m, c, **bf16), torch.empty(merge * m), torch.empty(n, merge * c, **bf16),
-                torch.empty(n, **bf16), torch.empty(m, n, **bf16), torch.empty(16), torch.zeros(16, dtype=torch.int32))
-    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), cfg.get("SPLIT_K", 1))
+    x, w1, b1 = torch.empty(merge * m, c, **bf16), torch.empty(n, merge * c, **bf16), torch.empty(n, **bf16)
+    launch = fc1_launch(x, w1, b1, device=CUDA, **config)
+    rstd = torch.empty(x.shape[0])
     with recording_driver(max_shared_mem, device), toolchain_needed():
-        compiled = _merger_fc1_kernel[CUDA][grid](*operands, m, n, C=c, MERGE=merge, DOT_PRECISION="tf32", **cfg)
-    return compiled, cfg
+        compiled = _merger_fc1_kernel[CUDA][launch.grid](x, rstd, *launch.args, **launch.constexprs)
+    return compiled, launch.constexprs
 
 
 def attention_compile(avg_len: int, dtype: str = "*bf16", head_dim: int = 80, heads: int = 16):

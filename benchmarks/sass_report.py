@@ -44,10 +44,12 @@ SHAPES = ((3584, 18944, "gate/up"), (18944, 3584, "down"), (3584, 512, "k/v"))
 M_VALUES = (1, 16, 128, 2048)
 # Not defaults, from the GPU sweep: 128-row tiles capped at 128 registers, for two programs per SM
 # (session 17's prefill dequant took them from 128 to 130 under Triton 3.6, and the H200 ran them
-# 19-26% slower); one-row tiles as wide as their warps' columns (no barrier in the K loop)
+# 19-26% slower); one-row tiles as wide as their warps' columns (no barrier in the K loop); 16-row
+# tiles built by joins (JOIN_FIELDS, wide shared-memory stores), at the default tiles
 SWEPT = ([(3584, 18944, "gate/up", m, cfg) for m, case in ((128, "w4a16-mid"), (2048, "w4a16-prefill"))
           for cfg in SWEEP[case] if "maxnreg" in cfg]
-         + [(k, n, label, 1, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16-gemv"]])
+         + [(k, n, label, 1, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16-gemv"]]
+         + [(k, n, label, 16, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16"] if cfg == dict(JOIN_FIELDS=True)])
 
 
 def w4a16_rows() -> list[dict]:

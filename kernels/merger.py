@@ -25,6 +25,8 @@ Rounding differs from transformers' ``Qwen2_5_VLRMSNorm`` (which rounds the norm
 its product with the weight): here W1' is rounded once and the normalised input never is.
 """
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -155,6 +157,25 @@ def patch_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
 def merger_fc1(x: torch.Tensor, eps: float, w1_folded: torch.Tensor, b1: torch.Tensor, out=None, **config):
     """``GELU(Linear(RMSNorm(x).view(-1, 4C)))``; ``x`` is ``[num_patches, C]``, ``w1_folded`` from
     :func:`fold_norm_weight`."""
+    launch = fc1_launch(x, w1_folded, b1, out, **config)
+    if launch.grid is not None:
+        _merger_fc1_kernel[x.device][launch.grid](x, patch_rstd(x, eps), *launch.args, **launch.constexprs)
+    return launch.out
+
+
+@dataclass(frozen=True)
+class Fc1Launch:
+    out: torch.Tensor
+    grid: tuple[int, int, int] | None  # None: nothing to launch (no merged rows)
+    args: tuple = ()  # the kernel's operands after x and its per-patch rstd
+    constexprs: dict = field(default_factory=dict)
+
+
+def fc1_launch(x: torch.Tensor, w1_folded: torch.Tensor, b1: torch.Tensor, out=None,
+               device: torch.device | None = None, **config) -> Fc1Launch:
+    """Check the operands and plan :func:`merger_fc1`'s kernel launch for ``device`` (default x's).
+    benchmarks/offline_compile.py plans for CUDA with CPU stand-ins, so it compiles for sm_90
+    exactly the launch that runs."""
     assert x.dim() == 2 and x.is_contiguous(), f"x must be contiguous [patches, C], got {tuple(x.shape)}"
     c = x.shape[1]
     n, k = w1_folded.shape
@@ -166,18 +187,15 @@ def merger_fc1(x: torch.Tensor, eps: float, w1_folded: torch.Tensor, b1: torch.T
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     assert out.shape == (m, n) and out.is_contiguous(), f"out must be contiguous [{m}, {n}]"
     if m == 0:
-        return out
-    cfg = _fc1_config(m, c, x.device) | config
+        return Fc1Launch(out, None)
+    cfg = _fc1_config(m, c, device or x.device) | config
     assert c % cfg["BLOCK_K"] == 0, f"BLOCK_K={cfg['BLOCK_K']} must divide C={c} (one patch per K tile)"
     split = cfg.get("SPLIT_K", 1)
     assert (k // c) % split == 0, f"SPLIT_K={split} must divide the {k // c} patch slots of a merged row"
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
     partials, counters = splitk_operands(x.device, split, m * n, grid[0] * grid[1], b1)
-    _merger_fc1_kernel[x.device][grid](
-        x, patch_rstd(x, eps), w1_folded, b1, out, partials, counters, m, n,
-        C=c, MERGE=k // c, DOT_PRECISION=dot_precision(x.dtype), **cfg,
-    )
-    return out
+    args = (w1_folded, b1, out, partials, counters, m, n)
+    return Fc1Launch(out, grid, args, dict(C=c, MERGE=k // c, DOT_PRECISION=dot_precision(x.dtype), **cfg))
 
 
 def patch_merger(x, eps, w1_folded, b1, w2, b2, out=None, **config) -> torch.Tensor:

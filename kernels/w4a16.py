@@ -74,45 +74,86 @@ def _load(ptrs, mask, UNMASKED: tl.constexpr):
 
 
 @device_function
-def _magic_field(words, magic_bits, IDX: tl.constexpr, BITS: tl.constexpr):
-    """Field ``IDX`` of every packed word as the fp32 ``2**23 + q * 2**POS``, exactly: masked in place
-    (within the word's half, reached by one shift shared by its fields) and OR-ed into 2**23's
-    mantissa in one LOP3 (the pattern comes in a register). No int->float conversion, which issues
-    at 1/8 of the FMA rate on sm_80/sm_90."""
+def _field_minus(words, magic_bits, offset, IDX: tl.constexpr, BITS: tl.constexpr):
+    """Field ``IDX`` of every packed word as the fp32 ``q - offset``, exactly (``offset``: a small
+    integer, such as a zero point). The field is masked in place and OR-ed into 2**23's mantissa in
+    one LOP3 (the pattern comes in a register), giving ``2**23 + q * 2**POS``; one FMA by
+    ``2**-POS`` with ``-(2**(23 - POS) + offset)`` then leaves ``q - offset`` unrounded. No
+    int->float conversion, which issues at 1/8 of the FMA rate on sm_80/sm_90.
+
+    The upper half of a word is reached by one shift shared by its fields. 4-bit fields shift by 12,
+    not 16: the lowest upper field then sits at bit 4, a plain mask, where at bit 0 the compiler made
+    a bit-field extract of it with a shift of its own (sm_90 SASS: 2 more instructions per word).
+    8-bit fields shift by 16, as one at bit 16 would reach the exponent."""
     HALF: tl.constexpr = 16 // BITS
-    POS: tl.constexpr = (IDX % HALF) * BITS
-    bits = (words >> 16) if IDX >= HALF else words
-    return ((bits & (((1 << BITS) - 1) << POS)) | magic_bits).to(tl.float32, bitcast=True)
+    UP: tl.constexpr = 12 if BITS == 4 else 16
+    POS: tl.constexpr = (IDX % HALF) * BITS + (16 - UP if IDX >= HALF else 0)
+    bits = (words >> UP) if IDX >= HALF else words
+    field = ((bits & (((1 << BITS) - 1) << POS)) | magic_bits).to(tl.float32, bitcast=True)
+    return tl.fma(field, 1.0 / (1 << POS), -(offset + FP32_MAGIC / (1 << POS)))
 
 
 @device_function
 def _field(words, magic_bits, IDX: tl.constexpr, BITS: tl.constexpr):
-    """Field ``IDX`` of every packed word, as the exact fp32 ``q``: ``_magic_field`` times ``2**-POS``
-    is ``2**(23 - POS) + q``, still exact, so one FMA with ``-2**(23 - POS)`` leaves ``q`` unrounded."""
-    POS: tl.constexpr = (IDX % (16 // BITS)) * BITS
-    return tl.fma(_magic_field(words, magic_bits, IDX, BITS), 1.0 / (1 << POS), -FP32_MAGIC / (1 << POS))
+    """Field ``IDX`` of every packed word, as the exact fp32 ``q``."""
+    return _field_minus(words, magic_bits, 0.0, IDX, BITS)
 
 
 @device_function
 def _q_tile(words, magic_bits, BITS: tl.constexpr):
-    """``[words, cols]`` packed int32 -> ``[32 // BITS * words, cols]`` fp32 ``q`` (row ``PACK * word + field``).
+    """``[words, cols]`` packed int32 -> ``[32 // BITS * words, cols]`` fp32 ``q`` (row ``PACK * word + field``)."""
+    # one return: Triton types a device function's returns before it drops the untaken branch
+    if BITS == 4:
+        t = _join_fields8(_field(words, magic_bits, 0, BITS), _field(words, magic_bits, 1, BITS),
+                          _field(words, magic_bits, 2, BITS), _field(words, magic_bits, 3, BITS),
+                          _field(words, magic_bits, 4, BITS), _field(words, magic_bits, 5, BITS),
+                          _field(words, magic_bits, 6, BITS), _field(words, magic_bits, 7, BITS))
+    else:
+        t = _join_fields4(_field(words, magic_bits, 0, BITS), _field(words, magic_bits, 1, BITS),
+                          _field(words, magic_bits, 2, BITS), _field(words, magic_bits, 3, BITS))
+    return t
+
+
+@device_function
+def _half_pair(words, pair_bits, J: tl.constexpr, dtype: tl.constexpr):
+    """Fields ``J`` and ``J + 4`` of every packed word (4-bit) as ``MAGIC + q`` in the 16-bit float
+    ``dtype``: masked into the two halves of one word and OR-ed into MAGIC's 16-bit pattern in both
+    halves (``pair_bits``, in a register: with the mask, two immediates would take two LOP3s), one
+    shift and one LOP3 for two weights, then read as the word's low and high halves."""
+    pair = ((words >> (J * 4)) & 0x000F000F) | pair_bits
+    return pair.to(tl.int16).to(dtype, bitcast=True), (pair >> 16).to(tl.int16).to(dtype, bitcast=True)
+
+
+@device_function
+def _half_q_tile(words, pair_bits, dtype: tl.constexpr):
+    """``[words, cols]`` packed int32 (4-bit) -> ``[8 * words, cols]`` ``MAGIC + q`` in ``dtype`` (row
+    ``8 * word + field``), two fields per masked word."""
+    f0, f4 = _half_pair(words, pair_bits, 0, dtype)
+    f1, f5 = _half_pair(words, pair_bits, 1, dtype)
+    f2, f6 = _half_pair(words, pair_bits, 2, dtype)
+    f3, f7 = _half_pair(words, pair_bits, 3, dtype)
+    return _join_fields8(f0, f1, f2, f3, f4, f5, f6, f7)
+
+
+@device_function
+def _join_fields8(f0, f1, f2, f3, f4, f5, f6, f7):
+    """Eight ``[words, cols]`` tiles -> ``[8 * words, cols]`` (row ``8 * word + i`` from the i-th).
 
     Fields are joined one level at a time, so each thread keeps the columns of the words it loaded
     and the dequantized tile goes to the MMA operand's shared memory in wide stores; a broadcast
     [words, fields, cols] tile put one column per thread (one 16-bit store per weight, sm_90 SASS).
     A join adds a last axis whose index is the highest bit of the field number so far.
     """
-    if BITS == 4:
-        t = tl.join(tl.join(tl.join(_field(words, magic_bits, 0, BITS), _field(words, magic_bits, 1, BITS)),
-                            tl.join(_field(words, magic_bits, 2, BITS), _field(words, magic_bits, 3, BITS))),
-                    tl.join(tl.join(_field(words, magic_bits, 4, BITS), _field(words, magic_bits, 5, BITS)),
-                            tl.join(_field(words, magic_bits, 6, BITS), _field(words, magic_bits, 7, BITS))))
-        t = tl.permute(t, (0, 4, 3, 2, 1))
-    else:
-        t = tl.join(tl.join(_field(words, magic_bits, 0, BITS), _field(words, magic_bits, 1, BITS)),
-                    tl.join(_field(words, magic_bits, 2, BITS), _field(words, magic_bits, 3, BITS)))
-        t = tl.permute(t, (0, 3, 2, 1))
-    return tl.reshape(t, (words.shape[0] * (32 // BITS), words.shape[1]))
+    t = tl.join(tl.join(tl.join(f0, f1), tl.join(f2, f3)), tl.join(tl.join(f4, f5), tl.join(f6, f7)))
+    t = tl.permute(t, (0, 4, 3, 2, 1))
+    return tl.reshape(t, (f0.shape[0] * 8, f0.shape[1]))
+
+
+@device_function
+def _join_fields4(f0, f1, f2, f3):
+    """Four ``[words, cols]`` field tiles -> ``[4 * words, cols]``, as :func:`_join_fields8`."""
+    t = tl.permute(tl.join(tl.join(f0, f1), tl.join(f2, f3)), (0, 3, 2, 1))
+    return tl.reshape(t, (f0.shape[0] * 4, f0.shape[1]))
 
 
 @kernel(do_not_specialize=("M",))
@@ -134,6 +175,7 @@ def _w4a16_kernel(
     stride_s,
     k_per_split,  # multiple of BLOCK_K
     magic_bits,  # FP32_MAGIC_BITS, an argument for the reason given in the GEMV
+    pair_bits,  # MAGIC_BITS in both 16-bit halves (JOIN_FIELDS)
     GROUP_SIZE: tl.constexpr,
     BITS: tl.constexpr,
     ZERO_OFFSET: tl.constexpr,  # 1 for GPTQ v1 (stored zero - 1), 0 otherwise
@@ -148,6 +190,7 @@ def _w4a16_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     REDUCE_UNROLL: tl.constexpr = 1,  # split-K: partials loaded together by each tile's last split
+    JOIN_FIELDS: tl.constexpr = False,  # decode, 4-bit, 16-bit x: build the tile by joins (see below)
 ):
     """Tensor-core path (M > 1). Each K tile lies in one group. Decode tiles (BLOCK_M <= 16) are
     dequant-bound: the group's scale multiplies the tile's dot product, ``sum_k a_k (q_k - z) s =
@@ -167,6 +210,7 @@ def _w4a16_kernel(
     # Decode: each packed word is loaded once, then fanned out to its PACK values in registers:
     # [rows, 1, cols] >> [1, PACK, 1], reshaped row-major to the [BLOCK_K, BLOCK_N] tile.
     shifts = tl.arange(0, PACK) * BITS
+    JOINED: tl.constexpr = JOIN_FIELDS and BLOCK_M <= 16 and MAGIC_BITS != 0 and BITS == 4
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -188,11 +232,20 @@ def _w4a16_kernel(
                 w = tl.fma(q, scale[None, :], -(zero.to(tl.float32) * scale)[None, :])
             acc = tl.dot(a, w.to(in_dtype), acc, input_precision=DOT_PRECISION)
         else:  # decode: q - zero is exact in x's dtype, the scale is applied to the tile's dot
-            q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
-            if MAGIC_BITS != 0:  # (MAGIC + q) - (MAGIC + zero): no conversion instruction
-                w = (q | MAGIC_BITS).to(tl.int16).to(in_dtype, bitcast=True) - (zero.to(tl.float32) + MAGIC).to(in_dtype)[None, :]
+            # (MAGIC + q) - (MAGIC + zero): no conversion instruction
+            magic_zero = (zero.to(tl.float32) + MAGIC).to(in_dtype)[None, :]
+            if JOINED:
+                # Fields joined as in the prefill tiles: wide shared-memory stores instead of one
+                # 16-bit store per weight (sm_90 SASS, gate/up M=16 at Triton 3.6: 17 STS against 129
+                # per K step, 5.41 instructions per weight against 6.49, 128 registers against 168).
+                # In the sweep, not a default: fewer instructions have not meant faster decode
+                w = _half_q_tile(words, pair_bits, in_dtype) - magic_zero
             else:
-                w = (q - zero[None, :]).to(in_dtype)  # |q - zero| < 2**BITS <= 256: exact in every float dtype
+                q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+                if MAGIC_BITS != 0:
+                    w = (q | MAGIC_BITS).to(tl.int16).to(in_dtype, bitcast=True) - magic_zero
+                else:
+                    w = (q - zero[None, :]).to(in_dtype)  # |q - zero| < 2**BITS <= 256: exact in every float dtype
             acc += tl.dot(a, w, input_precision=DOT_PRECISION) * scale[None, :]
 
     tile = pid_m * tl.num_programs(1) + pid_n
@@ -254,20 +307,23 @@ def _w4a16_gemv_kernel(
         offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
         w_mask = (offs_wk < K // PACK)[:, None] & col_mask[None, :]
         words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + cols[None, :], w_mask, EVEN_K and EVEN_N)
-        # Each field is masked in place rather than shifted down (``_magic_field``: 2**23 + q * 2**(j*BITS),
-        # one LOP3); a is pre-divided by 2**(j*BITS) (exact). Each word row keeps one FMA chain; rows
-        # are summed once per tile.
+        # Each field becomes q - zero in one LOP3 and one FMA (``_field_minus``), then one FMA into
+        # its word row's chain; rows are summed once per tile. (Pre-dividing a by the field's 2**POS
+        # instead, with a plain subtract, cost an FMUL per loaded a: 48 of 1202 instructions per K
+        # step at 512 x 64, sm_90 SASS, Triton 3.9.)
         # The 2**23 pattern is a kernel argument, not a constexpr: with two immediates (the mask
         # and the pattern) Triton 3.6 emits two LOP3s per weight and 3.9 an extra IMAD; with the
         # pattern in a register, (word & mask | pattern) is one LOP3 (sm_90 SASS: 6.15 and 5.83
         # instructions per weight before, 5.15 and 5.02 after).
         rows = tl.zeros([BLOCK_K // PACK, BLOCK_N], dtype=tl.float32)
+        # z through 2**23's mantissa, as the fields: an int->float conversion of each (z + 2**(23 - POS))
+        # is what the compiler made of zero.to(float32) (27 I2FP per K step at 512 x 64)
+        zero_f = (zero | magic_bits).to(tl.float32, bitcast=True) - FP32_MAGIC
         for half in tl.static_range(2):
             for j in tl.static_range(PACK // 2):
                 offs_k = offs_wk * PACK + half * (PACK // 2) + j
-                a = _load(x_ptr + offs_k, offs_k < K, EVEN_K).to(tl.float32) * (1.0 / (1 << (j * BITS)))
-                field = _magic_field(words, magic_bits, half * (PACK // 2) + j, BITS)
-                rows += a[:, None] * (field - (zero.to(tl.float32) * (1 << (j * BITS)) + FP32_MAGIC)[None, :])
+                a = _load(x_ptr + offs_k, offs_k < K, EVEN_K).to(tl.float32)
+                rows += a[:, None] * _field_minus(words, magic_bits, zero_f[None, :], half * (PACK // 2) + j, BITS)
         acc += tl.sum(rows, axis=0) * scale
 
     _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, pid_n, pid_k, 1, N, cols, cols, col_mask,
@@ -435,6 +491,7 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
                        has_bias=has_bias, dtype=dtype, device=device, **config)
     matmul = KERNELS[plan.kernel][device].bind(plan.grid, plan.constexprs)
     tiles = math.prod(plan.grid[:-1])
+    pair_bits = plan.constexprs.get("MAGIC_BITS", 0) * 0x10001
 
     def launch(x, qweight, qzeros, scales, bias=None, out=None) -> torch.Tensor:
         if out is None:
@@ -445,7 +502,7 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
         if plan.kernel == "gemv":
             matmul(*operands, n, k, *strides, FP32_MAGIC_BITS.value)
         else:
-            matmul(*operands, m, n, k, x.stride(0), *strides, FP32_MAGIC_BITS.value)
+            matmul(*operands, m, n, k, x.stride(0), *strides, FP32_MAGIC_BITS.value, pair_bits)
         return out
 
     launch.matmul = matmul  # the kernel launch it makes (tests and offline compiles read it)

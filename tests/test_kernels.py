@@ -437,6 +437,57 @@ def test_w4a16_gemv_wide_tiles(tiles, dtype):
     assert splitk_workspace(DEVICE, 1, 1)[1].eq(0).all()
 
 
+HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])  # the interpreter has no bf16
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("split", [1, 3])
+def test_w4a16_decode_joined_fields_place_every_weight(dtype, split):
+    """Decode tiles built by joins (``JOIN_FIELDS``, the sweep's candidate: two fields per masked
+    word) must put each weight where the spec does. One-hot activations make each output one weight,
+    ``(q - z) * s`` in fp32 rounded once to x's dtype: compared bit for bit, so a swapped pair of
+    fields fails. N is cut off by the tile and K split over programs."""
+    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
+
+    k, n, group_size, m = 256, 40, 64, 16
+    g = torch.Generator().manual_seed(2)
+    intweight = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
+    zeros = torch.randint(1, 16, (k // group_size, n), generator=g, dtype=torch.int32)
+    scales = (torch.rand(k // group_size, n, generator=g) * 0.02 + 1e-3).half()
+    qweight, qzeros = pack_gptq(intweight, zeros)
+    w = dequantize(intweight, zeros, scales, torch.arange(k) // group_size)
+    rows = torch.randperm(k, generator=g)[:m]
+    x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE, dtype)
+    tiles = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=split, JOIN_FIELDS=True)
+    plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=dtype,
+                       device=DEVICE, **tiles)
+    assert plan.kernel == "mma" and plan.split == split and plan.constexprs["MAGIC_BITS"]  # the joined path
+    out = nan_like((m, n), dtype)
+    with torch.inference_mode():
+        w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size,
+                     zero_offset=1, out=out, **tiles)
+    assert torch.equal(out.cpu(), w[rows].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_w4a16_decode_joined_fields_match_dequantized_matmul(dtype):
+    """The same tiles on random activations and a bias, 13 rows (the 16-row tile cut off)."""
+    from qoqopt.kernels.w4a16 import w4a16_matmul
+
+    k, n, group_size, m = 384, 72, 128, 13
+    intweight, zeros, scales, g_idx = _gptq_case(k, n, 4, group_size, False, seed=3)
+    qweight, qzeros = pack_gptq(intweight, zeros)
+    w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    bias = (torch.randn(n) * 0.1).to(DEVICE, dtype)
+    out = nan_like((m, n), dtype)
+    with torch.inference_mode():
+        w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE, dtype), bias, group_size=group_size,
+                     zero_offset=1, out=out, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2,
+                     JOIN_FIELDS=True)
+    assert_close(out, F.linear(x.float(), w.t().to(dtype).float(), bias.float()), dtype, scale=4)
+
+
 @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])
 @pytest.mark.parametrize("kernel, m", [("gemv", 1), ("mma", 16), ("mma", 64)], ids=["gemv", "mma-decode", "mma-prefill"])
 def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, scales_dtype):
