@@ -77,15 +77,16 @@ def merger_rows() -> list[dict]:
     rows = []
     # each size's default tiles; the per-slot 1/RMS block runs once per C / BLOCK_K steps, so a step
     # is counted without what the branch in the loop jumps over, and that count is reported beside
-    # and the sweep's configs split over K by patch slots (not defaults)
-    swept = [(patches, cfg) for patches, case in ((256, "merger-small"), (1296, "merger-mid"))
-             for cfg in SWEEP[case] if "SPLIT_K" in cfg]
+    # and the sweep's configs split over K by patch slots or loading by TMA (not defaults)
+    swept = [(patches, cfg) for patches, case in ((256, "merger-small"), (1296, "merger-mid"), (5120, "merger"))
+             for cfg in SWEEP[case] if "SPLIT_K" in cfg or "TMA" in cfg]
     for patches, config in [(256, {}), (1296, {}), (5120, {})] + swept:
         compiled, cfg = merger_fc1_compile(patches // 4, **config)
         mix, whole = mma_loop_mix(compiled, skip_branches=True), mma_loop_mix(compiled)
-        rows.append(dict(op="merger fc1" + (f" split {cfg['SPLIT_K']}" if "SPLIT_K" in cfg else ""), patches=patches,
+        rows.append(dict(op="merger fc1" + (f" split {cfg['SPLIT_K']}" if "SPLIT_K" in cfg else "")
+                         + (" tma" if cfg.get("TMA") else ""), patches=patches,
                          tile=f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
-                         warps=cfg["num_warps"], **(resource_usage(compiled) or {}),
+                         warps=cfg["num_warps"], stages=cfg["num_stages"], **(resource_usage(compiled) or {}),
                          k_loop_instructions=sum(mix.values()) if mix else None,
                          branched_over=sum(whole.values()) - sum(mix.values()) if mix else None,
                          top_opcodes=dict(mix.most_common(6)) if mix else None))
@@ -122,10 +123,10 @@ def main(argv=None) -> int:
         print(f"{r['shape']:22} {r['m']:>5} {r['kernel']:26} {r['split']:>5} {r['tile']:>11} "
               f"{r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>5} {r['loop_instructions']:>5} "
               f"{r['instructions_per_weight']:>12} {r['barriers']:>8}")
-    print(f"\n{'op':15} {'patches':>7} {'tile':>10} {'warps':>5} {'regs':>5} {'stack':>5} {'K-step instr/thread':>20} "
-          f"{'branched over':>13}")
+    print(f"\n{'op':22} {'patches':>7} {'tile':>10} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>5} "
+          f"{'K-step instr/thread':>20} {'branched over':>13}")
     for r in merger:
-        print(f"{r['op']:15} {r['patches']:>7} {r['tile']:>10} {r['warps']:>5} {r.get('registers', '?'):>5} "
+        print(f"{r['op']:22} {r['patches']:>7} {r['tile']:>10} {r['warps']:>5} {r['stages']:>6} {r.get('registers', '?'):>5} "
               f"{r.get('stack_bytes', '?'):>5} {r['k_loop_instructions']:>20} {r['branched_over']:>13}")
     print(f"\n{'op':10} {'mode':>7} {'tile':>10} {'warps':>5} {'regs':>5} {'stack':>5} {'key-loop instr/thread':>22} "
           f"{'loads':>5}")

@@ -62,6 +62,8 @@ def _merger_fc1_kernel(
     counters_ptr,  # SPLIT_K > 1: int32 [output tiles], zero between launches
     M,
     N,
+    x_desc,  # TMA: x as [M, MERGE * C] in [BLOCK_M, BLOCK_K] blocks (host descriptor), else None
+    w1_desc,  # TMA: w1 in [BLOCK_N, BLOCK_K] blocks, else None
     C: tl.constexpr,
     MERGE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -69,6 +71,7 @@ def _merger_fc1_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr = 1,  # divides MERGE: each split sums whole patch slots
+    TMA: tl.constexpr = False,  # A and W tiles by the tensor memory accelerator (sm_90), cut-off rows zero-filled
 ):
     K: tl.constexpr = MERGE * C
     pid_m = tl.program_id(0)
@@ -89,8 +92,12 @@ def _merger_fc1_kernel(
     part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # the current patch slot's dot product
     first = 0 if SPLIT_K == 1 else pid_k * SPLIT_STEPS  # unsplit, the loop's bounds stay constants
     for step in range(first, first + SPLIT_STEPS):
-        a = tl.load(x_ptrs + step * BLOCK_K, mask=m_mask[:, None], other=0.0)
-        b = tl.load(w1_ptrs + step * BLOCK_K, mask=n_mask[None, :], other=0.0)
+        if TMA:
+            a = x_desc.load([pid_m * BLOCK_M, step * BLOCK_K])
+            b = tl.trans(w1_desc.load([pid_n * BLOCK_N, step * BLOCK_K]))
+        else:
+            a = tl.load(x_ptrs + step * BLOCK_K, mask=m_mask[:, None], other=0.0)
+            b = tl.load(w1_ptrs + step * BLOCK_K, mask=n_mask[None, :], other=0.0)
         part = tl.dot(a, b, part, input_precision=DOT_PRECISION)
         if step % SLOT_STEPS == SLOT_STEPS - 1:  # the slot's last K tile: scale by its patch's 1/RMS
             rstd = tl.load(rstd_ptr + offs_m * MERGE + step // SLOT_STEPS, mask=m_mask, other=0.0)
@@ -194,7 +201,13 @@ def fc1_launch(x: torch.Tensor, w1_folded: torch.Tensor, b1: torch.Tensor, out=N
     assert (k // c) % split == 0, f"SPLIT_K={split} must divide the {k // c} patch slots of a merged row"
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
     partials, counters = splitk_operands(x.device, split, m * n, grid[0] * grid[1], b1)
-    args = (w1_folded, b1, out, partials, counters, m, n)
+    descs = (None, None)
+    if cfg.get("TMA"):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        descs = (TensorDescriptor.from_tensor(x.view(m, k), [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
+                 TensorDescriptor.from_tensor(w1_folded, [cfg["BLOCK_N"], cfg["BLOCK_K"]]))
+    args = (w1_folded, b1, out, partials, counters, m, n, *descs)
     return Fc1Launch(out, grid, args, dict(C=c, MERGE=k // c, DOT_PRECISION=dot_precision(x.dtype), **cfg))
 
 

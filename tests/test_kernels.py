@@ -66,9 +66,12 @@ def _hf_merger(context_dim, out_dim, dtype, seed=0):
 # the default tiles (on the GPU one K step per patch slot here), and 16-deep K tiles: 4 steps per slot, so a
 # slot's 1/RMS applied a step early or late shows
 # Split over K by patch slots: two slots per split, and one per split with 4 steps each, the last split
-# of each tile adding the parts and applying bias and GELU
-@pytest.mark.parametrize("config", [{}, dict(BLOCK_K=16), dict(SPLIT_K=2), dict(SPLIT_K=4, BLOCK_K=16)],
-                         ids=["default-tiles", "4-steps-per-slot", "split-2-slots-each", "split-1-slot-each"])
+# of each tile adding the parts and applying bias and GELU. Tiles by TMA descriptors (cut-off rows
+# zero-filled by the copy, not masked), alone and split
+@pytest.mark.parametrize("config", [{}, dict(BLOCK_K=16), dict(SPLIT_K=2), dict(SPLIT_K=4, BLOCK_K=16),
+                                    dict(TMA=True, BLOCK_K=16), dict(TMA=True, SPLIT_K=2)],
+                         ids=["default-tiles", "4-steps-per-slot", "split-2-slots-each", "split-1-slot-each",
+                              "tma-4-steps-per-slot", "tma-split-2"])
 def test_merger_fc1_matches_hf(dtype, num_merged, config):
     from qoqopt.kernels.merger import fold_norm_weight, merger_fc1
 

@@ -18,7 +18,7 @@ if torch.cuda.is_available():
     pytest.skip("a GPU is present: tests/test_kernels.py compiles and runs these kernels for real",
                 allow_module_level=True)
 
-from benchmarks.offline_compile import CUDA, NoToolchain, compile_kernel, resource_usage  # noqa: E402
+from benchmarks.offline_compile import CUDA, NoToolchain, compile_kernel, mma_loop_mix, resource_usage  # noqa: E402
 
 BF16 = "*bf16"
 
@@ -45,10 +45,14 @@ def test_merger_compiles():
     from qoqopt.kernels.merger import _patch_rstd_kernel
 
     # one small image, a mid-size one, the 5120-patch maximum; a small one split over K by patch slots
-    for m, config in ((64, {}), (324, {}), (1280, {}), (64, dict(BLOCK_N=128, BLOCK_K=64, SPLIT_K=4))):
+    # and the sweep's TMA loads (host tensor descriptors) at the largest image
+    for m, config in ((64, {}), (324, {}), (1280, {}), (64, dict(BLOCK_N=128, BLOCK_K=64, SPLIT_K=4)),
+                      (1280, dict(TMA=True))):
         compiled, cfg = _offline(merger_fc1_compile, m, **config)
         print(f"merger M={m} {cfg}: {_resource_usage(compiled)}")
         assert (resource_usage(compiled) or {}).get("stack_bytes", 0) == 0, f"merger fc1 {cfg} spills"
+        if config.get("TMA") and (mix := mma_loop_mix(compiled)) is not None:
+            assert mix["UTMALDG"] and not mix["LDGSTS"], f"merger fc1 {cfg} does not load by TMA: {dict(mix)}"
     _compile(_patch_rstd_kernel, {"x_ptr": BF16, "rstd_ptr": "*fp32", "P": "i32", "eps": "fp32"},
              dict(C=1280, BLOCK_P=32, BLOCK_C=256), dict(num_warps=4, num_stages=1))
 
