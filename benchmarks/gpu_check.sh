@@ -195,12 +195,12 @@ for key, v in result["targets"].items():
     worst = f"worst x{v['worst']} at {v['worst_case']}" if "worst" in v else ""
     if "worst_graph" in v:
         worst += f" | CUDA graph: {v['status_graph']}, worst x{v['worst_graph']} at {v['worst_graph_case']}"
-    print(f"{v['what'] + ' >= x' + str(v['target']):56s} {v['status']:8s} {worst}")
-# judged rows, plus the attention module per layer, W4A16 prefill (GPTQ), a decoder layer's linears
-# and the whole tower for the record; the rest is in bench.log / the JSON
+    bar = f" >= x{v['target']}" if v["target"] is not None else ""
+    print(f"{v['what'] + bar:56s} {v['status']:8s} {worst}")
+# rows with a target (judged or recorded), plus W4A16 prefill (GPTQ), a decoder layer's linears and
+# the whole tower for the record; the rest is in bench.log / the JSON
 rows = [r for r in result["rows"] if r["speedup"] is not None and r["op"] != "sweep"
-        and (r["target"] or r["op"] in ("layer", "tower") or (r["op"], r["impl"]) in
-             (("w4a16", "qoqopt-gptq"), ("attention", "qoqopt-module")))]
+        and (r["target"] or r["op"] in ("layer", "tower") or (r["op"] == "w4a16" and r["impl"] == "qoqopt-gptq"))]
 print(f"\n{'op':9s} {'case':30s} {'impl':18s} {'ms':>9s} {'speedup':>8s} {'vs':18s} {'t/floor':>7s} {'graph x':>8s}")
 for r in rows:
     floor = f"{r['over_floor']:.1f}" if r["over_floor"] else "-"

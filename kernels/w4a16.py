@@ -73,6 +73,12 @@ def _load(ptrs, mask, UNMASKED: tl.constexpr):
     return values
 
 
+def field_position(idx: int, bits: int) -> int:
+    """Where ``_field_minus`` masks field ``idx`` in place: its bit in the word's lower half, or in the
+    upper half shifted down by 12 (tests check the magic constant at every such position)."""
+    return (idx % (16 // bits)) * bits + (4 if idx >= 16 // bits else 0)
+
+
 @device_function
 def _field_minus(words, magic_bits, offset, IDX: tl.constexpr, BITS: tl.constexpr):
     """Field ``IDX`` of every packed word as the fp32 ``q - offset``, exactly (``offset``: a small
@@ -81,14 +87,13 @@ def _field_minus(words, magic_bits, offset, IDX: tl.constexpr, BITS: tl.constexp
     ``2**-POS`` with ``-(2**(23 - POS) + offset)`` then leaves ``q - offset`` unrounded. No
     int->float conversion, which issues at 1/8 of the FMA rate on sm_80/sm_90.
 
-    The upper half of a word is reached by one shift shared by its fields. 4-bit fields shift by 12,
-    not 16: the lowest upper field then sits at bit 4, a plain mask, where at bit 0 the compiler made
-    a bit-field extract of it with a shift of its own (sm_90 SASS: 2 more instructions per word).
-    8-bit fields shift by 16, as one at bit 16 would reach the exponent."""
+    The upper half of a word is reached by one shift shared by its fields, of 12 bits, not 16: the
+    lowest upper field then sits at bit 4, a plain mask, where at bit 0 the compiler made a bit-field
+    extract of it with a shift of its own (sm_90 SASS: 2 more instructions per word). Upper fields
+    sit at bits 4 to 19 (``field_position``), below the exponent at bit 23."""
     HALF: tl.constexpr = 16 // BITS
-    UP: tl.constexpr = 12 if BITS == 4 else 16
-    POS: tl.constexpr = (IDX % HALF) * BITS + (16 - UP if IDX >= HALF else 0)
-    bits = (words >> UP) if IDX >= HALF else words
+    POS: tl.constexpr = (IDX % HALF) * BITS + (4 if IDX >= HALF else 0)
+    bits = (words >> 12) if IDX >= HALF else words
     field = ((bits & (((1 << BITS) - 1) << POS)) | magic_bits).to(tl.float32, bitcast=True)
     return tl.fma(field, 1.0 / (1 << POS), -(offset + FP32_MAGIC / (1 << POS)))
 
@@ -284,7 +289,7 @@ def _w4a16_gemv_kernel(
 ):
     """Decode path for one activation row: a tensor-core tile would be 15/16 padding, so this is
     fp32 FMA on CUDA cores. Each weight becomes the exact float q - z by a mask-or into 2**23's
-    mantissa, in place, and a subtract; the K tile's sum is scaled once. The tile keeps the
+    mantissa, in place, and one FMA; the K tile's sum is scaled once. The tile keeps the
     packing's shape ([words, cols], one field at a time): no reshape, so no layout shuffle through
     shared memory.
 
@@ -441,6 +446,9 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     if bits > mantissa:
         magic_bits, magic = 0, 0.0
     cfg |= dict(DOT_PRECISION=dot_precision(dtype), MAGIC_BITS=magic_bits, MAGIC=magic)
+    # the kernel would quietly run its plain tile otherwise, and a sweep row would time the wrong code
+    assert not cfg.get("JOIN_FIELDS") or (cfg["BLOCK_M"] <= 16 and magic_bits and bits == 4), \
+        "JOIN_FIELDS builds 16-row decode tiles of 4-bit weights for fp16/bf16 activations only"
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
     return LaunchPlan(kind, split, k_per_split, grid, common | cfg)
 

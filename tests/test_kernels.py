@@ -312,17 +312,22 @@ W4A16_CASES = {
 def test_dequant_bit_tricks_are_exact():
     """The kernels turn packed fields into floats by OR-ing them into a float's mantissa. Checked
     against torch's own reading of the IEEE bit patterns, for every field value and position."""
-    from qoqopt.kernels.w4a16 import FP32_MAGIC, FP32_MAGIC_BITS, HALF_MAGIC
+    from qoqopt.kernels.w4a16 import FP32_MAGIC, FP32_MAGIC_BITS, HALF_MAGIC, field_position
 
     for dtype, (bits, value, mantissa) in HALF_MAGIC.items():
         q = torch.arange(2 ** min(mantissa, 8), dtype=torch.int32)
         as_float = (q | bits).to(torch.int16).view(dtype).double()
         assert torch.equal(as_float, value + q.double()), dtype
-    for width in (4, 8):  # GEMV: a field masked in place, anywhere in the low 16 bits of a word
-        for shift in range(0, 16, width):
+    for width in (4, 8):  # GEMV and prefill: every field masked in place where the kernels put it
+        for idx in range(32 // width):
+            shift = field_position(idx, width)
             q = torch.arange(2**width, dtype=torch.int32)
             field = ((q << shift) | FP32_MAGIC_BITS.value).view(torch.float32)
             assert torch.equal(field.double(), FP32_MAGIC.value + q.double() * 2**shift), (width, shift)
+            # then one FMA leaves q - z, for every zero a checkpoint holds (GPTQ v1's offset included)
+            z = torch.arange(2**width + 1, dtype=torch.float32)[:, None]
+            q_minus_z = _fp32_fma(field[None, :], torch.tensor(2.0**-shift), -(z + FP32_MAGIC.value * 2.0**-shift))
+            assert torch.equal(q_minus_z, q.float()[None, :] - z), (width, shift)
 
 
 def _fp32_fma(a, b, c):
@@ -338,10 +343,10 @@ def test_prefill_dequant_fma_is_the_reference_rounding(bits):
     ``(q - z) * s`` in fp32, for every field value, every zero a checkpoint holds (GPTQ v1's offset
     included) and every positive fp16 and bf16 scale below 2**100, subnormals included (a sample of
     them at 8 bits)."""
-    from qoqopt.kernels.w4a16 import FP32_MAGIC, FP32_MAGIC_BITS
+    from qoqopt.kernels.w4a16 import FP32_MAGIC, FP32_MAGIC_BITS, field_position
 
     q = torch.arange(2**bits, dtype=torch.int32)
-    for pos in range(0, 16, bits):
+    for pos in {field_position(idx, bits) for idx in range(32 // bits)}:
         field = ((q << pos) | FP32_MAGIC_BITS.value).view(torch.float32)
         exact_q = _fp32_fma(field, torch.tensor(2.0**-pos), torch.tensor(-FP32_MAGIC.value * 2.0**-pos))
         assert torch.equal(exact_q, q.float()), pos
@@ -507,16 +512,18 @@ def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, scales_dty
     scales = (torch.rand(k // group_size, n, generator=g) * 0.02 + 1e-3).to(scales_dtype)
     qweight, qzeros = pack_gptq(intweight, zeros)
     w = dequantize(intweight, zeros, scales, torch.arange(k) // group_size)
-    rows = torch.randperm(k, generator=g)[:m]  # output row i reads weight row rows[i]
-    x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE)
     plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=torch.float32,
                        device=DEVICE)
     assert plan.kernel == kernel and (m <= 16 or plan.constexprs["BLOCK_M"] > 16)  # the regime named
-    out = nan_like((m, n), torch.float32)
-    with torch.inference_mode():
-        w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size,
-                     zero_offset=1, out=out)
-    assert torch.equal(out.cpu(), w[rows])
+    # output row i reads weight row rows[i]; the GEMV's one row reads each field of one word in turn
+    picks = [torch.randperm(k, generator=g)[:m]] if m > 1 else [torch.tensor([8 * 21 + f]) for f in range(8)]
+    for rows in picks:
+        x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE)
+        out = nan_like((m, n), torch.float32)
+        with torch.inference_mode():
+            w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size,
+                         zero_offset=1, out=out)
+        assert torch.equal(out.cpu(), w[rows]), rows.tolist()
 
 
 def test_w4a16_decode_tiles_widen_only_where_that_lets_k_split():
