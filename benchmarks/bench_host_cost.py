@@ -81,10 +81,8 @@ def launch_path_us() -> dict[str, float]:
 
 
 def prefill_path_us(driver, k: int, n: int, dtype, cuda, m: int = 128) -> dict[str, float]:
-    """Per prefill call (M = 128): QuantLinear prepared its launch at every call for M > 16 (bind and
-    Triton's dispatch, the plan then memoised on its own), where it now looks up the launch shared by
-    every layer of the shape. Plans are no longer memoised apart from the launch, so the first row
-    now also pays the planning (~4 us): results/host_cost.json was measured before that change."""
+    """Per prefill call (M = 128): QuantLinear had planned, bound and dispatched its launch at every
+    call for M > 16, where it now looks up the launch shared by every layer of the shape."""
     from qoqopt.kernels import w4a16
 
     x, qweight, qzeros, scales, _, y = w4a16_operands(m, k, n, dtype)

@@ -297,8 +297,7 @@ def bench_attention(b: Bench, pr: Profile) -> None:
             # qkv in, out, and the packed half rotary table (cos + sin, fp16 for 16-bit inputs)
             table_bytes = (4 if dtype == torch.float32 else 2) * s * head_dim
             core_bytes = dtype.itemsize * (3 * s * heads * head_dim + s * heads * head_dim) + table_bytes
-            core_flops = 4 * heads * head_dim * sum(n * n for n in lens)
-            lin_flops = 2 * s * (heads * head_dim) ** 2 * 4  # qkv (3x) + proj (1x)
+            core_flops, lin_flops = _attention_flops(pr, cu, s)
             hf_row = b.add("attention", case, "hf-sdpa-module", lambda: attn(x, cu, position_embeddings=rope),
                            flops=core_flops + lin_flops)
             if not b.triton:
@@ -326,14 +325,21 @@ def bench_attention(b: Bench, pr: Profile) -> None:
         _bench_attention_per_image(b, pr, attn, fused, cus, x, rope)
 
 
+def _attention_flops(pr: Profile, cu: torch.Tensor, s: int) -> tuple[int, int]:
+    """(attention core, qkv + proj linears) FLOPs of one layer over ``s`` patches in segments ``cu``."""
+    width = pr.heads * pr.head_dim
+    core = 4 * width * int((cu[1:] - cu[:-1]).pow(2).sum())
+    return core, 2 * s * width**2 * 4  # qkv (3x) + proj (1x)
+
+
 def _bench_attention_per_image(b: Bench, pr: Profile, attn, fused, cus, x, rope) -> None:
     """One image through the tower's attention layers (the 7B: 28 windowed, 4 full), each module
     called as the tower calls it: the judged row of the sdpa target."""
     depth, full = pr.tower[0], len(pr.tower[2])
     layers = [cus["windows"]] * (depth - full) + [cus["full"]] * full
     case = f"{x.shape[0]} patches, per image"
-    width = pr.heads * pr.head_dim
-    flops = sum(4 * width * (cu[1:] - cu[:-1]).pow(2).sum().item() + 8 * x.shape[0] * width**2 for cu in layers)
+    per_layer = {mode: sum(_attention_flops(pr, cu, x.shape[0])) for mode, cu in cus.items()}
+    flops = (depth - full) * per_layer["windows"] + full * per_layer["full"]
 
     def through(module):
         def run():
@@ -574,8 +580,9 @@ SWEEP = {
     # each K step's row sum crosses warps: 14 barriers per K step (sm_90 SASS, Triton 3.9), and 64-deep
     # K steps (twice the barriers per weight) ran 40 us against 27.7 at gate/up (H200, 2026-11-30).
     # Tiles as wide as the warps' columns (512 at 4 warps, 256 at 2) give each warp its own columns and
-    # each thread all the tile's rows: no barrier, no shared memory in the loop, 4.7 instructions per
-    # weight against 5.02, 128 registers at 64-deep K steps (195 at 128). With 7 such tiles at down the
+    # each thread all the tile's rows: no barrier, no shared memory in the loop, 4.38 instructions per
+    # weight against the default's 4.88 (Triton 3.6; 3.9: 4.27 against 4.64), 128 registers at 64-deep
+    # K steps. With 7 such tiles at down the
     # split is 74 ways: partials summed 8 at a time (the defaults' 3-18 splits are unrolled already).
     # The last config fixes the split at 19 (down: 133 programs, one wave of 16-step splits, against
     # its automatic 74; gate/up: 19 splits of 3 steps, against 14). 128-deep wide tiles are out: 254 registers and a 24-byte spill under
@@ -584,13 +591,12 @@ SWEEP = {
                    for bn, w in ((512, 4), (256, 2))]
                   + [dict(BLOCK_N=512, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=19, REDUCE_UNROLL=8)],
     # 16 rows: 64- and 128-wide tiles both (the default picks by layer width), and shallower K tiles.
-    # JOIN_FIELDS (2026-11-30, untimed): the tile built by joins, two fields per masked word, as the
-    # prefill tiles do; the default stores one 16-bit weight at a time to shared memory (sm_90 SASS
+    # JOIN_FIELDS (2026-11-30, untimed), at both widths (each layer's default is one of them): the tile
+    # built by joins, two fields per masked word, as the prefill tiles do; the default stores one 16-bit weight at a time to shared memory (sm_90 SASS
     # per K step at gate/up, Triton 3.6: 17 stores against 129, 5.41 instructions per weight against
     # 6.49, 128 registers against 168; Triton 3.9: 3.91 against 5.41)
     "w4a16": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
               for bn, bk, st in ((64, 128, 3), (128, 128, 3), (64, 64, 4), (128, 64, 4))]
-             + [dict(JOIN_FIELDS=True)]
              + [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=3, JOIN_FIELDS=True) for bn in (64, 128)],
     # 128-row tiles ran 19-26% slower on the H200 of 2026-11-30 than on 2026-11-29 (gate/up at M = 128:
     # 113 against 95 us; at M = 2048: 1.00 against 0.80 ms). They now take 130 registers a thread

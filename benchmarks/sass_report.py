@@ -45,11 +45,11 @@ M_VALUES = (1, 16, 128, 2048)
 # Not defaults, from the GPU sweep: 128-row tiles capped at 128 registers, for two programs per SM
 # (session 17's prefill dequant took them from 128 to 130 under Triton 3.6, and the H200 ran them
 # 19-26% slower); one-row tiles as wide as their warps' columns (no barrier in the K loop); 16-row
-# tiles built by joins (JOIN_FIELDS, wide shared-memory stores), at the default tiles
+# tiles built by joins (JOIN_FIELDS, wide shared-memory stores)
 SWEPT = ([(3584, 18944, "gate/up", m, cfg) for m, case in ((128, "w4a16-mid"), (2048, "w4a16-prefill"))
           for cfg in SWEEP[case] if "maxnreg" in cfg]
          + [(k, n, label, 1, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16-gemv"]]
-         + [(k, n, label, 16, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16"] if cfg == dict(JOIN_FIELDS=True)])
+         + [(k, n, label, 16, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16"] if cfg.get("JOIN_FIELDS")])
 
 
 def w4a16_rows() -> list[dict]:
@@ -83,8 +83,7 @@ def merger_rows() -> list[dict]:
     for patches, config in [(256, {}), (1296, {}), (5120, {})] + swept:
         compiled, cfg = merger_fc1_compile(patches // 4, **config)
         mix, whole = mma_loop_mix(compiled, skip_branches=True), mma_loop_mix(compiled)
-        rows.append(dict(op="merger fc1" + (f" split {cfg['SPLIT_K']}" if "SPLIT_K" in cfg else "")
-                         + (" tma" if cfg.get("TMA") else ""), patches=patches,
+        rows.append(dict(op="merger fc1" + (f" {config_tag(config)}" if config else ""), patches=patches,
                          tile=f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
                          warps=cfg["num_warps"], stages=cfg["num_stages"], **(resource_usage(compiled) or {}),
                          k_loop_instructions=sum(mix.values()) if mix else None,
@@ -123,10 +122,10 @@ def main(argv=None) -> int:
         print(f"{r['shape']:22} {r['m']:>5} {r['kernel']:26} {r['split']:>5} {r['tile']:>11} "
               f"{r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>5} {r['loop_instructions']:>5} "
               f"{r['instructions_per_weight']:>12} {r['barriers']:>8}")
-    print(f"\n{'op':22} {'patches':>7} {'tile':>10} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>5} "
+    print(f"\n{'op':36} {'patches':>7} {'tile':>10} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>5} "
           f"{'K-step instr/thread':>20} {'branched over':>13}")
     for r in merger:
-        print(f"{r['op']:22} {r['patches']:>7} {r['tile']:>10} {r['warps']:>5} {r['stages']:>6} {r.get('registers', '?'):>5} "
+        print(f"{r['op']:36} {r['patches']:>7} {r['tile']:>10} {r['warps']:>5} {r['stages']:>6} {r.get('registers', '?'):>5} "
               f"{r.get('stack_bytes', '?'):>5} {r['k_loop_instructions']:>20} {r['branched_over']:>13}")
     print(f"\n{'op':10} {'mode':>7} {'tile':>10} {'warps':>5} {'regs':>5} {'stack':>5} {'key-loop instr/thread':>22} "
           f"{'loads':>5}")
