@@ -411,7 +411,7 @@ def _decoder_layer(pr: Profile, dtype, device) -> dict[str, nn.Module]:
     """Attention and MLP holders with one 7B decoder layer's projections as QuantLinear (RTN, GPTQ
     layout), plus the dense weights they came from."""
     from qoqopt.kernels.w4a16 import QuantLinear
-    from qoqopt.packing import pack_gptq, quantize_rtn
+    from qoqopt.packing import gptq_to_fragments, pack_gptq, quantize_rtn
 
     hidden, kv, inter = pr.decoder
     shapes = dict(q_proj=(hidden, hidden), k_proj=(hidden, kv), v_proj=(hidden, kv), o_proj=(hidden, hidden),
@@ -541,6 +541,14 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
 # ----------------------------------------------------------------------------- config sweep
 
 
+# Decode over fragment words (KERNEL="frag", session 22, untimed): weights repacked at load so that each
+# thread's words hold its MMA B fragments; every word becomes four registers of two q - z by one asm
+# block, and the dot takes them as they are (no shared-memory pass of dequantized weights). sm_90 SASS
+# per weight at gate/up, Triton 3.6: 2.74 at 128 wide and 4 warps, 2.84 at 64 wide and 2 (3.9: 2.54,
+# 2.63), against 6.49 for the default 16-row tile, 5.41 for JOIN_FIELDS and 4.88 for the one-row GEMV;
+# tried at M = 1 as well
+FRAGMENT_DECODE = [dict(KERNEL="frag", BLOCK_N=bn, num_warps=w, num_stages=3) for bn, w in ((128, 4), (64, 2))]
+
 # Launcher overrides tried by --sweep, each case's default first (the defaults live in each op's _config
 # function and follow the H200 sweeps of 2026-11-29 and -30, h200_kernels.json; configs that lost
 # clearly there are gone, to keep gpu_check's benchmark step inside its time limit).
@@ -589,7 +597,8 @@ SWEEP = {
     # Triton 3.6 since session 21's field extraction. Untimed (no GPU in sessions 20 and 21)
     "w4a16-gemv": [dict(BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=3, REDUCE_UNROLL=8)
                    for bn, w in ((512, 4), (256, 2))]
-                  + [dict(BLOCK_N=512, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=19, REDUCE_UNROLL=8)],
+                  + [dict(BLOCK_N=512, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=19, REDUCE_UNROLL=8)]
+                  + FRAGMENT_DECODE,
     # 16 rows: 64- and 128-wide tiles both (the default picks by layer width), and shallower K tiles.
     # JOIN_FIELDS (2026-11-30, untimed), at both widths (each layer's default is one of them): the tile
     # built by joins, two fields per masked word, as the prefill tiles do; the default stores one 16-bit weight at a time to shared memory (sm_90 SASS
@@ -597,7 +606,8 @@ SWEEP = {
     # 6.49, 128 registers against 168; Triton 3.9: 3.91 against 5.41)
     "w4a16": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
               for bn, bk, st in ((64, 128, 3), (128, 128, 3), (64, 64, 4), (128, 64, 4))]
-             + [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=3, JOIN_FIELDS=True) for bn in (64, 128)],
+             + [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=3, JOIN_FIELDS=True) for bn in (64, 128)]
+             + FRAGMENT_DECODE,
     # 128-row tiles ran 19-26% slower on the H200 of 2026-11-30 than on 2026-11-29 (gate/up at M = 128:
     # 113 against 95 us; at M = 2048: 1.00 against 0.80 ms). They now take 130 registers a thread
     # (Triton 3.6; 128 before), so one program per SM instead of two. Capped at 128 (sass_report: no
@@ -616,7 +626,7 @@ SWEEP = {
 
 def config_tag(cfg: dict) -> str:
     short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s", "SPLIT_K": "sk",
-             "maxnreg": "r", "REDUCE_UNROLL": "u", "JOIN_FIELDS": "j", "TMA": "tma"}
+             "maxnreg": "r", "REDUCE_UNROLL": "u", "JOIN_FIELDS": "j", "TMA": "tma", "KERNEL": ""}
     # a key not listed here fails loudly; a flag set is its letter alone
     return "".join(short[k] + ("" if v is True else str(v)) for k, v in cfg.items())
 
@@ -635,7 +645,7 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
     At bf16 the store's rounding hides accumulation error, so the decode defaults are also checked in
     fp16, and every config is counted by how many outputs differ from the default's."""
     from qoqopt.kernels.w4a16 import QuantLinear, dequantize_weight
-    from qoqopt.packing import pack_gptq, quantize_rtn
+    from qoqopt.packing import gptq_to_fragments, pack_gptq, quantize_rtn
 
     dtype, dev = b.dtype, b.device
     g = torch.Generator().manual_seed(0)
@@ -647,6 +657,16 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
         intweight, zeros, scales = quantize_rtn(weight, 4, pr.group_size)
         layer = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales)
         w_exact = dequantize_weight(layer.qweight, layer.qzeros, layer.scales, **layer._kwargs()).double()
+        fragments = None
+
+        def words(cfg):  # the layer's qweight in the layout the config's kernel reads, repacked once
+            nonlocal fragments
+            if cfg.get("KERNEL") != "frag":
+                return layer.qweight
+            if fragments is None:
+                fragments = gptq_to_fragments(layer.qweight)
+            return fragments
+
         for m in [m for m in pr.m_values if 16 < m < 512] if narrow else pr.m_values:
             xs = {dt: heavy_tailed(m, k, g).to(dev, dt) for dt in ((dtype, torch.float16) if m <= 16 else (dtype,))}
             exact = {dt: x.double() @ w_exact for dt, x in xs.items()}
@@ -661,7 +681,7 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
                 if (plan := _plan(layer, m, xs[dtype], cfg)) is not None and plan in planned:
                     continue  # the default's own launch under its name: timed once
                 planned.append(plan)
-                run = _bound_w4a16(layer, xs[dtype], cfg)
+                run = _bound_w4a16(layer, xs[dtype], cfg, functools.partial(words, cfg))
                 if not (row := b.add("sweep", case, config_tag(cfg) or "default", run)):
                     continue
                 out = run()
@@ -669,7 +689,7 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
                 row.extra |= {"max_rel_err": rel_err(out, exact[dtype]), "rms_rel_err": rel_err(out, exact[dtype], rms=True),
                               "differs_from_default": (out != default_out).float().mean().item(), **floor}
                 if torch.float16 in xs and not cfg:  # not timed: the accumulation error bf16 would hide
-                    out16 = _bound_w4a16(layer, xs[torch.float16], cfg)()
+                    out16 = _bound_w4a16(layer, xs[torch.float16], cfg, functools.partial(words, cfg))()
                     row.extra["fp16_max_rel_err"] = rel_err(out16, exact[torch.float16])
                 print(f"  {'':9s} {case:28s} {row.impl:18s} " + _accuracy_line(row.extra, _short(dtype)))
 
@@ -733,19 +753,21 @@ def _plan(layer, m: int, x, cfg: dict):
         return None
 
 
-def _bound_w4a16(layer, x, cfg):
-    """The layer's launch under ``cfg``, bound on first call as QuantLinear binds its own (a config
-    that does not fit the layer fails inside the timed call, where the sweep reports it)."""
+def _bound_w4a16(layer, x, cfg, words):
+    """The layer's launch under ``cfg`` over ``words()`` (the layer's qweight, or its fragment words),
+    bound on first call as QuantLinear binds its own (a config that does not fit the layer fails
+    inside the timed call, where the sweep reports it)."""
     from qoqopt.kernels.w4a16 import prepare_w4a16
 
-    launch = None
+    launch = qweight = None
 
     def run():
-        nonlocal launch
+        nonlocal launch, qweight
         if launch is None:
+            qweight = words()
             launch = prepare_w4a16(x.shape[0], layer.in_features, layer.out_features, x.dtype, x.device,
                                    has_bias=False, **layer._kwargs(), **cfg)
-        return launch(x, layer.qweight, layer.qzeros, layer.scales)
+        return launch(x, qweight, layer.qzeros, layer.scales)
 
     return run
 

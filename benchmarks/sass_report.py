@@ -45,11 +45,13 @@ M_VALUES = (1, 16, 128, 2048)
 # Not defaults, from the GPU sweep: 128-row tiles capped at 128 registers, for two programs per SM
 # (session 17's prefill dequant took them from 128 to 130 under Triton 3.6, and the H200 ran them
 # 19-26% slower); one-row tiles as wide as their warps' columns (no barrier in the K loop); 16-row
-# tiles built by joins (JOIN_FIELDS, wide shared-memory stores)
+# tiles built by joins (JOIN_FIELDS, wide shared-memory stores); decode over fragment words
+# (KERNEL="frag", at one row and at 16: MMA operands straight from the dequant's registers)
 SWEPT = ([(3584, 18944, "gate/up", m, cfg) for m, case in ((128, "w4a16-mid"), (2048, "w4a16-prefill"))
           for cfg in SWEEP[case] if "maxnreg" in cfg]
          + [(k, n, label, 1, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16-gemv"]]
-         + [(k, n, label, 16, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16"] if cfg.get("JOIN_FIELDS")])
+         + [(k, n, label, 16, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16"]
+            if cfg.get("JOIN_FIELDS") or cfg.get("KERNEL") == "frag"])
 
 
 def w4a16_rows() -> list[dict]:
@@ -63,7 +65,8 @@ def w4a16_rows() -> list[dict]:
         weights = c["BLOCK_K"] * c["BLOCK_N"] / (32 * c["num_warps"])  # per thread per K step
         loop = sum(mix.values()) if mix else None
         rows.append(dict(
-            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel + (f"-{config_tag(config)}" if config else ""),
+            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel + (f"-{config_tag(config)}" if config else "")
+            if "KERNEL" not in config else config_tag(config),
             split=plan.split, tile=f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}",
             **(resource_usage(compiled) or {}), loop_instructions=loop,
             instructions_per_weight=round(loop / weights, 2) if loop else None,

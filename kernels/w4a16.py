@@ -15,6 +15,9 @@ Two regimes, two kernels:
     1.1x to 1.9x slower than these on the H200 at every 7B decode shape (2026-11-30) and was removed;
   * prefill: classic tiles with M fastest in the grid, so programs sharing a weight tile run
     together and the weight is read from HBM about once; 256-row tiles where they fill the GPU.
+A third decode kernel, a sweep candidate (``KERNEL="frag"``), reads the weights repacked at load into
+fragment words (``qoqopt.packing.pack_fragments``), whose layout turns the dequantized registers
+into the MMA's B operand with no shared-memory pass (``_w4a16_fragment_kernel``).
 
 Act-order GPTQ (``desc_act``: g_idx not ``k // group_size``) is handled once at load time: K is
 permuted so groups become contiguous, and the same permutation is applied to the activations.
@@ -35,10 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from qoqopt.errors import QoqoptError
-from qoqopt.packing import awq_to_gptq_v2, permute_packed_rows
+from qoqopt.packing import FRAGMENT_K, awq_to_gptq_v2, permute_packed_rows
 
 from ._splitk import splitk_operands, splitk_total
-from ._triton import cdiv, check_supported, device_function, dot_precision, kernel, num_sms, tl, use_triton
+from ._triton import (cdiv, check_supported, device_function, dot_precision, interpreter_enabled, kernel, num_sms, tl,
+                      use_triton)
 
 DECODE_MAX_M = 16
 
@@ -117,6 +121,14 @@ def _q_tile(words, magic_bits, BITS: tl.constexpr):
         t = _join_fields4(_field(words, magic_bits, 0, BITS), _field(words, magic_bits, 1, BITS),
                           _field(words, magic_bits, 2, BITS), _field(words, magic_bits, 3, BITS))
     return t
+
+
+@device_function
+def _output_tile(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows and columns of output tile (pid_m, pid_n), and which of them exist."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
 
 
 @device_function
@@ -205,10 +217,7 @@ def _w4a16_kernel(
     pid_m = tl.program_id(0)  # M fastest: neighbouring programs share the weight tile in L2
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = _output_tile(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     in_dtype = x_ptr.dtype.element_ty
     PACK: tl.constexpr = 32 // BITS  # values per int32 word
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -252,6 +261,140 @@ def _w4a16_kernel(
                 else:
                     w = (q - zero[None, :]).to(in_dtype)  # |q - zero| < 2**BITS <= 256: exact in every float dtype
             acc += tl.dot(a, w, input_precision=DOT_PRECISION) * scale[None, :]
+
+    tile = pid_m * tl.num_programs(1) + pid_n
+    _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, tile, pid_k, M, N,
+                offs_m[:, None] * N + offs_n[None, :], offs_n[None, :], m_mask[:, None] & n_mask[None, :],
+                HAS_BIAS, SPLIT_K, REDUCE_UNROLL)
+
+
+# Two 16-bit floats MAGIC + q from nibbles j and j + 4 of a fragment word, plus -(MAGIC + z) in both
+# halves at once (an FMA by 1.0: packed bf16 subtract needs sm_90, packed FMA sm_80): rows k and k + 1
+# of one column, a whole MMA B register. One asm block per word (the pack of 8: four output
+# registers), so Triton never sees the halves apart (a join of 16-bit halves became one PRMT per
+# weight, sm_90 SASS).
+_FRAGMENT_ASM = """{
+    .reg .b32 t1, t2, t3, one;
+    mov.b32 one, ONE;
+    lop3.b32 $0, $4, 0x000F000F, $20, 0xea;
+    fma.rn.TYPE $0, $0, one, $12;
+    shr.u32 t1, $4, 4;
+    lop3.b32 $1, t1, 0x000F000F, $20, 0xea;
+    fma.rn.TYPE $1, $1, one, $12;
+    shr.u32 t2, $4, 8;
+    lop3.b32 $2, t2, 0x000F000F, $20, 0xea;
+    fma.rn.TYPE $2, $2, one, $12;
+    shr.u32 t3, $4, 12;
+    lop3.b32 $3, t3, 0x000F000F, $20, 0xea;
+    fma.rn.TYPE $3, $3, one, $12;
+}"""
+FRAGMENT_ASM = {torch.bfloat16: _FRAGMENT_ASM.replace("TYPE", "bf16x2").replace("ONE", "0x3F803F80"),
+                torch.float16: _FRAGMENT_ASM.replace("TYPE", "f16x2").replace("ONE", "0x3C003C00")}
+FRAGMENT_ASM_OPERANDS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 24))  # 4 registers out; 8 copies of 3 in
+
+
+@device_function
+def _by_eight(t):
+    """``[...]`` -> ``[..., 2, 2, 2]``, every element ``t``'s (the operands of a pack-of-8 asm)."""
+    t2 = tl.join(t, t)
+    t4 = tl.join(t2, t2)
+    return tl.join(t4, t4)
+
+
+@device_function
+def _fragment_tile(words, neg_magic_zero, neg_magic_zero_pair, pair_bits, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ASM: tl.constexpr):
+    """``[16, BLOCK_N]`` fragment words (one 128-row block, ``qoqopt.packing.pack_fragments``) ->
+    ``[128, BLOCK_N]`` ``q - z`` in ``dtype``, exact.
+
+    The words' 16 rows are contiguous in memory, so Triton gives each thread 4 of them (one 16-byte
+    load) and spreads the other 4 over lanes; with the nibble order of the layout, every weight then
+    lands in the thread and register where the 16-row MMA reads it (kWidth 2: rows k, k + 1 paired),
+    and the conversion to the dot operand is a renaming, with no shared memory. ``ASM`` (compiled
+    code: the asm text for x's dtype) makes each pair with one lop3 and one packed FMA; as inline
+    asm that is not pure, it also ends the chain Triton searches for the operand's original bit
+    width, where a join would halve it (kWidth 4, and register moves to rebuild every A fragment).
+    The interpreter runs the same arithmetic as Triton ops."""
+    if ASM != "":
+        t = tl.inline_asm_elementwise(ASM.value, FRAGMENT_ASM_OPERANDS.value,
+                                      [_by_eight(words), _by_eight(neg_magic_zero_pair), _by_eight(pair_bits)],
+                                      dtype=neg_magic_zero.dtype, is_pure=False, pack=8)
+    else:
+        lo0, hi0 = _half_pair(words, pair_bits, 0, dtype)
+        lo1, hi1 = _half_pair(words, pair_bits, 1, dtype)
+        lo2, hi2 = _half_pair(words, pair_bits, 2, dtype)
+        lo3, hi3 = _half_pair(words, pair_bits, 3, dtype)
+        t = tl.join(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)), tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)))
+        t = t + neg_magic_zero[None, :, None, None, None]
+    # [r, n, e6, e1, e0] -> [rhi, rlo, n, e6, e1, e0] -> [e6, rlo, e1, rhi, e0, n]: k's bits, highest first
+    t = tl.permute(tl.reshape(t, (4, 4, BLOCK_N, 2, 2, 2)), (3, 1, 4, 0, 5, 2))
+    return tl.reshape(t, (128, BLOCK_N))
+
+
+@kernel(do_not_specialize=("M",))
+def _w4a16_fragment_kernel(
+    x_ptr,  # [M, K]
+    qweight_ptr,  # [K / 128, 16 * N] fragment words (qoqopt.packing.pack_fragments)
+    qzeros_ptr,  # as in _w4a16_kernel, from here on
+    scales_ptr,
+    bias_ptr,
+    out_ptr,
+    partials_ptr,
+    counters_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qw,
+    stride_qz,
+    stride_s,
+    k_per_split,  # multiple of 128
+    magic_bits,  # unused: the launch passes _w4a16_kernel's arguments
+    pair_bits,  # MAGIC_BITS in both 16-bit halves
+    GROUP_SIZE: tl.constexpr,
+    BITS: tl.constexpr,
+    ZERO_OFFSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # always true (K is whole blocks): the launch's common constexprs
+    EVEN_N: tl.constexpr,
+    MAGIC_BITS: tl.constexpr,
+    MAGIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # 128: one block of fragment words per K step
+    DOT_PRECISION: tl.constexpr,
+    ASM: tl.constexpr,  # FRAGMENT_ASM of x's dtype; "" under the interpreter (no inline asm there)
+    REDUCE_UNROLL: tl.constexpr = 1,
+):
+    """Decode (M <= 16) over fragment-ordered 4-bit words: each K step loads one 128-row block of
+    words, turns each word into four registers of two ``q - z`` each, and feeds them to the MMA as
+    they are (``_fragment_tile``); the group's scale multiplies the step's dot product, as in the
+    decode tiles of ``_w4a16_kernel``. sm_90 SASS at gate/up M = 16, 128 x 128 tiles: 2.74
+    instructions per weight (Triton 3.6; 3.9: 2.54), against 6.49 for the default decode tile and
+    5.41 for JOIN_FIELDS, and 1 shared-memory store per K step against 129."""
+    tl.static_assert(BLOCK_K == 128 and BITS == 4 and GROUP_SIZE % 128 == 0)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m, offs_n, m_mask, n_mask = _output_tile(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    in_dtype = x_ptr.dtype.element_ty
+    word_ptrs = qweight_ptr + offs_n[None, :] * 16 + tl.arange(0, 16)[:, None]
+
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+        words = _load(word_ptrs + (k0 // BLOCK_K) * stride_qw, n_mask[None, :], EVEN_N)
+        scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
+                                    BITS, ZERO_OFFSET)
+        neg_magic_zero = (-(zero.to(tl.float32) + MAGIC)).to(in_dtype)
+        neg = neg_magic_zero.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        w = _fragment_tile(words, neg_magic_zero, (neg | (neg << 16))[None, :] + tl.zeros_like(words),
+                           tl.zeros_like(words) + pair_bits, in_dtype, BLOCK_N, ASM)
+        acc += tl.dot(a, w, input_precision=DOT_PRECISION) * scale[None, :]
 
     tile = pid_m * tl.num_programs(1) + pid_n
     _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, tile, pid_k, M, N,
@@ -357,14 +500,15 @@ def _store_final(acc, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS: tl.constexp
 
 
 # KERNEL names: the one-row CUDA-core GEMV, tensor-core tiles
-KERNELS = {"gemv": _w4a16_gemv_kernel, "mma": _w4a16_kernel}
+KERNELS = {"gemv": _w4a16_gemv_kernel, "mma": _w4a16_kernel, "frag": _w4a16_fragment_kernel}
 
 
 def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: int, overrides: dict) -> dict:
     """Tiles per regime (GEMV for one row, tensor cores above; BLOCK_K of the defaults divides
     group_size), then ``overrides``; the K split follows the resulting tiles unless overridden."""
     cpu = device.type == "cpu"
-    if m == 1:  # 128 x 128 tiles: 128 weights per thread per step at 4 warps
+    fragments = overrides.get("KERNEL") == "frag"  # decode tiles at any M <= 16, one row included
+    if m == 1 and not fragments:  # 128 x 128 tiles: 128 weights per thread per step at 4 warps
         cfg = dict(KERNEL="gemv", BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 128, num_warps=4, num_stages=3)
     elif m <= DECODE_MAX_M:  # 64 x 128 tiles: 64 dequantized values per thread at 4 warps
         cfg = dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=32 if cpu else 64, BLOCK_K=32 if cpu else 128, num_warps=4,
@@ -391,6 +535,8 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
         cfg["BLOCK_K"] //= 2
     if cfg["BLOCK_K"] < 16:
         raise QoqoptError(f"w4a16 kernel: group_size {group_size} must be a multiple of 16")
+    if fragments:  # one block of fragment words per K step
+        cfg["BLOCK_K"] = FRAGMENT_K
     cfg |= overrides
     if "SPLIT_K" not in cfg:
         cfg["SPLIT_K"] = _split_k(m, n, k, cfg, device.type == "cpu", sms)
@@ -446,6 +592,10 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     if bits > mantissa:
         magic_bits, magic = 0, 0.0
     cfg |= dict(DOT_PRECISION=dot_precision(dtype), MAGIC_BITS=magic_bits, MAGIC=magic)
+    if kind == "frag":
+        assert bits == 4 and magic_bits and block_k == FRAGMENT_K and k % FRAGMENT_K == 0 and group_size % FRAGMENT_K == 0, \
+            f"KERNEL='frag' runs 4-bit weights, fp16/bf16 x, K and group_size multiples of {FRAGMENT_K} (BLOCK_K={block_k})"
+        cfg["ASM"] = FRAGMENT_ASM[dtype] if device.type == "cuda" and not interpreter_enabled() else ""
     # the kernel would quietly run its plain tile otherwise, and a sweep row would time the wrong code
     assert not cfg.get("JOIN_FIELDS") or (cfg["BLOCK_M"] <= 16 and magic_bits and bits == 4), \
         "JOIN_FIELDS builds 16-row decode tiles of 4-bit weights for fp16/bf16 activations only"
@@ -467,12 +617,14 @@ def w4a16_matmul(
     **config,
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W) [K, N] (+ bias)`` in x's dtype, W in the GPTQ layout (``zero_offset`` 1
-    for v1 checkpoints, 0 for v2 and for repacked AWQ)."""
+    for v1 checkpoints, 0 for v2 and for repacked AWQ); with ``KERNEL="frag"`` (decode, a sweep
+    candidate) ``qweight`` holds fragment words instead (``qoqopt.packing.gptq_to_fragments``)."""
     assert bits in (4, 8) and zero_offset in (0, 1), (bits, zero_offset)
     assert x.dim() == 2 and x.stride(1) == 1, f"x must be [M, K] with unit column stride, got {tuple(x.shape)}"
     m, k = x.shape
     n = scales.shape[1]
-    assert qweight.shape[0] == k * bits // 32 and qweight.is_contiguous(), f"qweight {tuple(qweight.shape)} vs K={k}"
+    words = (k // FRAGMENT_K, 16 * n) if config.get("KERNEL") == "frag" else (k * bits // 32, n)
+    assert qweight.shape == words and qweight.is_contiguous(), f"qweight {tuple(qweight.shape)} vs K={k}, N={n}"
     assert scales.shape[0] == cdiv(k, group_size) and qzeros.shape[0] == scales.shape[0], "groups disagree"
     assert out is None or (out.shape == (m, n) and out.is_contiguous()), f"out must be contiguous [{m}, {n}]"
     if m == 0:

@@ -19,6 +19,10 @@ AWQ GEMM (``version: gemm``), 4 bits only:
   * ``qzeros`` int32 ``[G, N // 8]`` packed the same way, with no offset; no ``g_idx``.
 
 The dequantized weight is ``W[k, n] = (q[k, n] - zero[g(k), n]) * scale[g(k), n]``.
+
+Fragment words (qoqopt's own, made from GPTQ's at load for a decode kernel, never written to a
+checkpoint): 4-bit, 128 input rows a block, each column's 16 words of a block contiguous, in the
+order a 16-row tensor-core tile reads them (:func:`pack_fragments`).
 """
 
 from __future__ import annotations
@@ -141,6 +145,52 @@ def permute_packed_rows(qweight: torch.Tensor, perm: torch.Tensor, bits: int, co
     out = torch.empty_like(qweight)
     for c in range(0, qweight.shape[1], cols_per_step):
         out[:, c : c + cols_per_step] = pack_along_rows(unpack_along_rows(qweight[:, c : c + cols_per_step], bits)[perm], bits)
+    return out
+
+
+# Fragment-ordered words (4-bit, 128 input rows a block; see :func:`pack_fragments`). Value ``k`` of a
+# block sits at k = e0 + 2 * rhi + 8 * e1 + 16 * rlo + 64 * e6 (each e* one bit, rhi and rlo 0..3), in
+# word r = rlo + 4 * rhi of its column, nibble e1 + 2 * e6 + 4 * e0.
+FRAGMENT_K = 128
+_FRAGMENT_SPLIT = (2, 4, 2, 4, 2)  # e6, rlo, e1, rhi, e0: the bits of k within a block, highest first
+
+
+def pack_fragments(values: torch.Tensor) -> torch.Tensor:
+    """``[K, N]`` 4-bit ints -> int32 ``[K / 128, 16 * N]``, the words of each column's 128-row block
+    contiguous (column ``16 * n + r``) and ordered so that a tensor-core kernel reads its MMA B
+    fragments straight from them (``kernels/w4a16.py``: no shared-memory reshuffle of dequantized
+    weights). Each word holds two halves of pairs: nibbles ``j`` and ``j + 4`` are rows ``k`` and
+    ``k + 1``, one ``lop3`` away from two 16-bit floats side by side in a register.
+    The layout is qoqopt's own, made at load from GPTQ's (:func:`gptq_to_fragments`), never stored."""
+    assert values.dim() == 2, f"expected 2-D, got {tuple(values.shape)}"
+    k, n = values.shape
+    assert k % FRAGMENT_K == 0, f"rows {k} not a multiple of {FRAGMENT_K}"
+    v = values.to(torch.int64).reshape(k // FRAGMENT_K, *_FRAGMENT_SPLIT, n)
+    # -> [block, n, rhi, rlo, e0, e6, e1]: word r = 4 * rhi + rlo, nibble 4 * e0 + 2 * e6 + e1
+    v = v.permute(0, 6, 4, 2, 5, 1, 3).reshape(k // FRAGMENT_K, n * 16, 8)
+    shifts = torch.arange(8, device=values.device) * 4
+    return _to_int32((v << shifts).sum(dim=2))
+
+
+def unpack_fragments(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_fragments`: int32 ``[K / 128, 16 * N]`` -> int32 ``[K, N]``."""
+    assert words.dim() == 2 and words.dtype == torch.int32 and words.shape[1] % 16 == 0, (
+        f"expected 2-D int32 [K / {FRAGMENT_K}, 16 * N], got {words.dtype} {tuple(words.shape)}")
+    blocks, n = words.shape[0], words.shape[1] // 16
+    shifts = torch.arange(8, device=words.device) * 4
+    v = (words.to(torch.int64).unsqueeze(2) >> shifts) & 15  # [block, 16 n, nibble]
+    v = v.reshape(blocks, n, 4, 4, 2, 2, 2)  # block, n, rhi, rlo, e0, e6, e1
+    return v.permute(0, 5, 3, 6, 2, 4, 1).reshape(blocks * FRAGMENT_K, n).to(torch.int32)
+
+
+def gptq_to_fragments(qweight: torch.Tensor, blocks_per_step: int = 8) -> torch.Tensor:
+    """GPTQ 4-bit ``qweight`` ``[K / 8, N]`` -> :func:`pack_fragments` words, ``blocks_per_step`` 128-row
+    blocks at a time (for the memory reason of :func:`awq_to_gptq_v2`)."""
+    rows = FRAGMENT_K // 8
+    assert qweight.shape[0] % rows == 0, f"K={qweight.shape[0] * 8} is not a multiple of {FRAGMENT_K}"
+    out = torch.empty(qweight.shape[0] // rows, qweight.shape[1] * 16, dtype=torch.int32, device=qweight.device)
+    for b in range(0, out.shape[0], blocks_per_step):
+        out[b : b + blocks_per_step] = pack_fragments(unpack_along_rows(qweight[b * rows : (b + blocks_per_step) * rows], 4))
     return out
 
 

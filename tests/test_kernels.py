@@ -298,6 +298,17 @@ def _gptq_case(k, n, bits, group_size, act_order, seed=0):
     return intweight, zeros, scales, g_idx
 
 
+def _spec_case(k, n, group_size, seed, scales_dtype=torch.float16):
+    """Random 4-bit integers, GPTQ v1 zeros (1..15) and small positive scales, packed; with the spec's
+    fp32 weight ``(q - z) * s`` and the generator, for tests that read single weights back."""
+    g = torch.Generator().manual_seed(seed)
+    intweight = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
+    zeros = torch.randint(1, 16, (k // group_size, n), generator=g, dtype=torch.int32)  # v1 stores zero - 1
+    scales = (torch.rand(k // group_size, n, generator=g) * 0.02 + 1e-3).to(scales_dtype)
+    qweight, qzeros = pack_gptq(intweight, zeros)
+    return qweight, qzeros, scales, dequantize(intweight, zeros, scales, torch.arange(k) // group_size), g
+
+
 W4A16_CASES = {
     # name: (layout, K, N, bits, group_size, act_order)
     "gptq4-g32": ("gptq", 256, 88, 4, 32, False),  # N not a multiple of the N tile
@@ -458,12 +469,7 @@ def test_w4a16_decode_joined_fields_place_every_weight(dtype, split):
     from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
 
     k, n, group_size, m = 256, 40, 64, 16
-    g = torch.Generator().manual_seed(2)
-    intweight = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
-    zeros = torch.randint(1, 16, (k // group_size, n), generator=g, dtype=torch.int32)
-    scales = (torch.rand(k // group_size, n, generator=g) * 0.02 + 1e-3).half()
-    qweight, qzeros = pack_gptq(intweight, zeros)
-    w = dequantize(intweight, zeros, scales, torch.arange(k) // group_size)
+    qweight, qzeros, scales, w, g = _spec_case(k, n, group_size, seed=2)
     rows = torch.randperm(k, generator=g)[:m]
     x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE, dtype)
     tiles = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, SPLIT_K=split, JOIN_FIELDS=True)
@@ -496,6 +502,69 @@ def test_w4a16_decode_joined_fields_match_dequantized_matmul(dtype):
     assert_close(out, F.linear(x.float(), w.t().to(dtype).float(), bias.float()), dtype, scale=4)
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("split", [1, 3])
+def test_w4a16_fragment_decode_places_every_weight(dtype, split):
+    """The fragment-word decode kernel (``KERNEL="frag"``, a sweep candidate) over weights repacked
+    from GPTQ at load (``gptq_to_fragments``): with one-hot activations each output is one weight,
+    ``(q - z) * s`` rounded once to x's dtype, compared bit for bit, for 16 rows of each 128-row
+    block, so a pair or a register placed wrong fails. N is cut off by the tile, K split over
+    programs. On a GPU this runs the inline-asm pairs; the interpreter runs the same steps as Triton
+    ops."""
+    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
+    from qoqopt.packing import gptq_to_fragments
+
+    k, n, group_size, m = 384, 40, 128, 16
+    qweight, qzeros, scales, w, g = _spec_case(k, n, group_size, seed=6)
+    tiles = dict(KERNEL="frag", BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=split)
+    plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=dtype,
+                       device=DEVICE, **tiles)
+    assert plan.kernel == "frag" and plan.split == split and plan.constexprs["BLOCK_K"] == 128
+    assert bool(plan.constexprs["ASM"]) == (DEVICE.type == "cuda")  # the compiled pairs wherever they can run
+    words = gptq_to_fragments(qweight).to(DEVICE)
+    for block in range(k // 128):
+        rows = 128 * block + torch.randperm(128, generator=g)[:m]
+        x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE, dtype)
+        out = nan_like((m, n), dtype)
+        with torch.inference_mode():
+            w4a16_matmul(x, words, qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size, zero_offset=1,
+                         out=out, **tiles)
+        assert torch.equal(out.cpu(), w[rows].to(dtype)), block
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 13])
+def test_w4a16_fragment_decode_matches_dequantized_matmul(dtype, m):
+    """The same kernel on random activations with a bias, one row (where it would stand in for the
+    GEMV) and 13 (the 16-row tile cut off); GPTQ v2 zeros, two groups of 256 rows."""
+    from qoqopt.kernels.w4a16 import w4a16_matmul
+    from qoqopt.packing import gptq_to_fragments
+
+    k, n, group_size = 512, 72, 256
+    intweight, zeros, scales, g_idx = _gptq_case(k, n, 4, group_size, False, seed=7)
+    qweight, _ = pack_gptq(intweight, zeros)
+    _, qzeros_v2 = pack_gptq(intweight, zeros + 1)  # v1 stores zero - 1: this stores the zero itself, as v2
+    w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    bias = (torch.randn(n) * 0.1).to(DEVICE, dtype)
+    out = nan_like((m, n), dtype)
+    with torch.inference_mode():
+        w4a16_matmul(x, gptq_to_fragments(qweight).to(DEVICE), qzeros_v2.to(DEVICE), scales.to(DEVICE, dtype), bias,
+                     group_size=group_size, zero_offset=0, out=out, KERNEL="frag", BLOCK_N=64, num_warps=2,
+                     num_stages=2)
+    assert_close(out, F.linear(x.float(), w.t().to(dtype).float(), bias.float()), dtype, scale=4)
+
+
+def test_w4a16_fragment_decode_refuses_what_it_cannot_run():
+    from qoqopt.kernels.w4a16 import launch_plan
+
+    frag = dict(KERNEL="frag", bits=4, group_size=128, zero_offset=1, has_bias=False, device=DEVICE)
+    for m, k, dtype, changes in ((16, 256, torch.float32, {}), (16, 256, torch.float16, dict(bits=8)),
+                                 (16, 256, torch.float16, dict(group_size=64)), (16, 320, torch.float16, {})):
+        with pytest.raises(AssertionError, match="frag|BLOCK_K=128 must divide"):
+            launch_plan(m, 64, k, dtype=dtype, **(frag | changes))
+
+
 @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])
 @pytest.mark.parametrize("kernel, m", [("gemv", 1), ("mma", 16), ("mma", 64)], ids=["gemv", "mma-decode", "mma-prefill"])
 def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, scales_dtype):
@@ -506,12 +575,7 @@ def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, scales_dty
     from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
 
     k, n, group_size = 256, 40, 128
-    g = torch.Generator().manual_seed(1)
-    intweight = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
-    zeros = torch.randint(1, 16, (k // group_size, n), generator=g, dtype=torch.int32)  # v1 stores zero - 1
-    scales = (torch.rand(k // group_size, n, generator=g) * 0.02 + 1e-3).to(scales_dtype)
-    qweight, qzeros = pack_gptq(intweight, zeros)
-    w = dequantize(intweight, zeros, scales, torch.arange(k) // group_size)
+    qweight, qzeros, scales, w, g = _spec_case(k, n, group_size, seed=1, scales_dtype=scales_dtype)
     plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=torch.float32,
                        device=DEVICE)
     assert plan.kernel == kernel and (m <= 16 or plan.constexprs["BLOCK_M"] > 16)  # the regime named

@@ -7,11 +7,14 @@ from benchmarks.spec_layout import spec_unpack_gptq
 from qoqopt.packing import (
     awq_to_gptq_v2,
     dequantize,
+    gptq_to_fragments,
     pack_awq,
+    pack_fragments,
     permute_packed_rows,
     pack_gptq,
     quantize_rtn,
     unpack_awq,
+    unpack_fragments,
     unpack_gptq,
 )
 
@@ -94,6 +97,30 @@ def test_permuting_packed_rows_moves_values_not_words(bits):
     assert (ints == intweight[perm].numpy()).all()
 
 
+def test_fragment_words_hold_the_rows_their_layout_states():
+    """The decode kernel's fragment words, read nibble by nibble as ``qoqopt.packing`` states the
+    layout (word r = rlo + 4 rhi of column n in block b sits at [b, 16 n + r]; nibble e1 + 2 e6 + 4 e0
+    holds row 128 b + e0 + 2 rhi + 8 e1 + 16 rlo + 64 e6), spelled out here loop by loop; made
+    from GPTQ words two blocks at a time (the last step partial), and unpacked back."""
+    g = torch.Generator().manual_seed(5)
+    intweight = torch.randint(0, 16, (384, 24), generator=g, dtype=torch.int32)
+    qweight, _ = pack_gptq(intweight, torch.ones(1, 24, dtype=torch.int32))
+    words = gptq_to_fragments(qweight, blocks_per_step=2)
+    assert words.shape == (3, 16 * 24) and words.dtype == torch.int32
+    assert torch.equal(words, pack_fragments(intweight)) and torch.equal(unpack_fragments(words), intweight)
+    u = words.numpy().view("uint32")
+    for b in range(3):
+        for n in range(24):
+            for rlo in range(4):
+                for rhi in range(4):
+                    word = int(u[b, 16 * n + rlo + 4 * rhi])
+                    for e0 in range(2):
+                        for e1 in range(2):
+                            for e6 in range(2):
+                                k = 128 * b + e0 + 2 * rhi + 8 * e1 + 16 * rlo + 64 * e6
+                                assert (word >> (4 * (e1 + 2 * e6 + 4 * e0))) & 15 == intweight[k, n], (b, n, k)
+
+
 def test_shape_asserts():
     with pytest.raises(AssertionError):
         pack_gptq(torch.zeros(7, 8, dtype=torch.int32), torch.ones(1, 8, dtype=torch.int32))  # K % 8
@@ -101,6 +128,8 @@ def test_shape_asserts():
         pack_awq(torch.zeros(8, 12, dtype=torch.int32), torch.zeros(1, 12, dtype=torch.int32))  # N % 8
     with pytest.raises(AssertionError):
         pack_gptq(torch.zeros(8, 8, dtype=torch.int32), torch.zeros(1, 8, dtype=torch.int32))  # zero 0 in v1
+    with pytest.raises(AssertionError):
+        pack_fragments(torch.zeros(64, 8, dtype=torch.int32))  # K % 128
 
 
 def test_rtn_dequantize_close():
