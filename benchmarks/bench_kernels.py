@@ -411,7 +411,7 @@ def _decoder_layer(pr: Profile, dtype, device) -> dict[str, nn.Module]:
     """Attention and MLP holders with one 7B decoder layer's projections as QuantLinear (RTN, GPTQ
     layout), plus the dense weights they came from."""
     from qoqopt.kernels.w4a16 import QuantLinear
-    from qoqopt.packing import gptq_to_fragments, pack_gptq, quantize_rtn
+    from qoqopt.packing import pack_gptq, quantize_rtn
 
     hidden, kv, inter = pr.decoder
     shapes = dict(q_proj=(hidden, hidden), k_proj=(hidden, kv), v_proj=(hidden, kv), o_proj=(hidden, hidden),
@@ -650,24 +650,17 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
     dtype, dev = b.dtype, b.device
     g = torch.Generator().manual_seed(0)
     for i, (k, n, label) in enumerate(pr.lm_shapes):
-        # gate/up and down (the 7B's widest N and deepest K) at every M; the narrow q/o and k/v only
-        # between decode and 512 rows, where few output tiles leave the default splitting K deepest
-        narrow = i >= 2
+        narrow = i >= 2  # q/o and k/v, after gate/up and down
         weight = torch.randn(n, k, device=dev) * 0.02
         intweight, zeros, scales = quantize_rtn(weight, 4, pr.group_size)
         layer = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales)
         w_exact = dequantize_weight(layer.qweight, layer.qzeros, layer.scales, **layer._kwargs()).double()
-        fragments = None
+        fragments = functools.cache(lambda layer=layer: gptq_to_fragments(layer.qweight))  # once a shape
 
-        def words(cfg):  # the layer's qweight in the layout the config's kernel reads, repacked once
-            nonlocal fragments
-            if cfg.get("KERNEL") != "frag":
-                return layer.qweight
-            if fragments is None:
-                fragments = gptq_to_fragments(layer.qweight)
-            return fragments
+        def words(cfg, layer=layer, fragments=fragments):  # the qweight layout the config's kernel reads
+            return fragments() if cfg.get("KERNEL") == "frag" else layer.qweight
 
-        for m in [m for m in pr.m_values if 16 < m < 512] if narrow else pr.m_values:
+        for m in w4a16_swept_ms(pr, narrow):
             xs = {dt: heavy_tailed(m, k, g).to(dev, dt) for dt in ((dtype, torch.float16) if m <= 16 else (dtype,))}
             exact = {dt: x.double() @ w_exact for dt, x in xs.items()}
             case = f"w4a16 gptq {label} M={m}"
@@ -675,9 +668,7 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
             floor["dense"] = rel_err(F.linear(xs[dtype], w_exact.t().to(dtype)), exact[dtype])
             default_out, planned = None, []
             # the default first: the configs' times and errors read against it in the same run
-            configs = ("w4a16-gemv" if m == 1 else "w4a16" if m <= 16 else "w4a16-narrow" if narrow
-                       else "w4a16-mid" if m < 512 else "w4a16-prefill")
-            for cfg in [{}] + SWEEP[configs]:
+            for cfg in [{}] + w4a16_sweep_configs(m, narrow):
                 if (plan := _plan(layer, m, xs[dtype], cfg)) is not None and plan in planned:
                     continue  # the default's own launch under its name: timed once
                 planned.append(plan)
@@ -692,6 +683,18 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
                     out16 = _bound_w4a16(layer, xs[torch.float16], cfg, functools.partial(words, cfg))()
                     row.extra["fp16_max_rel_err"] = rel_err(out16, exact[torch.float16])
                 print(f"  {'':9s} {case:28s} {row.impl:18s} " + _accuracy_line(row.extra, _short(dtype)))
+
+
+def w4a16_swept_ms(pr: Profile, narrow: bool) -> list[int]:
+    """Gate/up and down (the 7B's widest N and deepest K) at every M; the narrow q/o and k/v only
+    between decode and 512 rows, where few output tiles leave the default splitting K deepest."""
+    return [m for m in pr.m_values if 16 < m < 512] if narrow else list(pr.m_values)
+
+
+def w4a16_sweep_configs(m: int, narrow: bool) -> list[dict]:
+    """The configs timed beside the default at ``m`` rows."""
+    return SWEEP["w4a16-gemv" if m == 1 else "w4a16" if m <= 16 else "w4a16-narrow" if narrow
+                 else "w4a16-mid" if m < 512 else "w4a16-prefill"]
 
 
 def _accuracy_line(e: dict, name: str) -> str:

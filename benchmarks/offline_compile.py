@@ -200,10 +200,13 @@ def offline_w4a16(sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, devic
         w4a16._shared_launch.cache_clear()
 
 
-def w4a16_operands(m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, group_size: int = 128) -> tuple:
-    """CPU stand-ins (uninitialised) for a launch's x, qweight, qzeros, scales, bias and out."""
+def w4a16_operands(m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, group_size: int = 128,
+                   fragments: bool = False) -> tuple:
+    """CPU stand-ins (uninitialised) for a launch's x, qweight (GPTQ words, or ``fragments``: the
+    fragment words ``KERNEL="frag"`` reads), qzeros, scales, bias and out."""
     groups = k // group_size
-    return (torch.empty(m, k, dtype=dtype), torch.empty(k // 8, n, dtype=torch.int32),
+    qweight = torch.empty(k // 128, 16 * n, dtype=torch.int32) if fragments else torch.empty(k // 8, n, dtype=torch.int32)
+    return (torch.empty(m, k, dtype=dtype), qweight,
             torch.empty(groups, n // 8, dtype=torch.int32), torch.empty(groups, n, dtype=torch.float16),
             torch.empty(n, dtype=torch.float16), torch.empty(m, n, dtype=dtype))
 
@@ -222,7 +225,7 @@ def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.
         launch = w4a16.prepare_w4a16(m, k, n, dtype, CUDA, has_bias=True, group_size=group_size,
                                      zero_offset=zero_offset, **config)
         with toolchain_needed():
-            launch(*w4a16_operands(m, k, n, dtype, group_size))
+            launch(*w4a16_operands(m, k, n, dtype, group_size, plan.kernel == "frag"))
     return launch.matmul.kernel, plan
 
 

@@ -65,8 +65,8 @@ def w4a16_rows() -> list[dict]:
         weights = c["BLOCK_K"] * c["BLOCK_N"] / (32 * c["num_warps"])  # per thread per K step
         loop = sum(mix.values()) if mix else None
         rows.append(dict(
-            shape=f"{label} {k}->{n}", m=m, kernel=plan.kernel + (f"-{config_tag(config)}" if config else "")
-            if "KERNEL" not in config else config_tag(config),
+            shape=f"{label} {k}->{n}", m=m,
+            kernel=config_tag(config) if "KERNEL" in config else plan.kernel + (f"-{config_tag(config)}" if config else ""),
             split=plan.split, tile=f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}",
             **(resource_usage(compiled) or {}), loop_instructions=loop,
             instructions_per_weight=round(loop / weights, 2) if loop else None,

@@ -290,7 +290,8 @@ _FRAGMENT_ASM = """{
 }"""
 FRAGMENT_ASM = {torch.bfloat16: _FRAGMENT_ASM.replace("TYPE", "bf16x2").replace("ONE", "0x3F803F80"),
                 torch.float16: _FRAGMENT_ASM.replace("TYPE", "f16x2").replace("ONE", "0x3C003C00")}
-FRAGMENT_ASM_OPERANDS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 24))  # 4 registers out; 8 copies of 3 in
+# 4 registers out, early-clobber (written before the inputs are last read); 8 copies of 3 inputs
+FRAGMENT_ASM_OPERANDS = tl.constexpr(",".join(["=&r"] * 4 + ["r"] * 24))
 
 
 @device_function
@@ -304,8 +305,9 @@ def _by_eight(t):
 @device_function
 def _fragment_tile(words, neg_magic_zero, neg_magic_zero_pair, pair_bits, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
                    ASM: tl.constexpr):
-    """``[16, BLOCK_N]`` fragment words (one 128-row block, ``qoqopt.packing.pack_fragments``) ->
-    ``[128, BLOCK_N]`` ``q - z`` in ``dtype``, exact.
+    """``[16, BLOCK_N]`` fragment words (one 128-row block, ``qoqopt.packing.pack_fragments``, whose
+    row order the permute below undoes), ``[BLOCK_N]`` -(MAGIC + z) as a value and as a 16-bit pair,
+    and MAGIC's pattern pair -> ``[128, BLOCK_N]`` ``q - z`` in ``dtype``, exact.
 
     The words' 16 rows are contiguous in memory, so Triton gives each thread 4 of them (one 16-byte
     load) and spreads the other 4 over lanes; with the nibble order of the layout, every weight then
@@ -316,9 +318,11 @@ def _fragment_tile(words, neg_magic_zero, neg_magic_zero_pair, pair_bits, dtype:
     width, where a join would halve it (kWidth 4, and register moves to rebuild every A fragment).
     The interpreter runs the same arithmetic as Triton ops."""
     if ASM != "":
-        t = tl.inline_asm_elementwise(ASM.value, FRAGMENT_ASM_OPERANDS.value,
-                                      [_by_eight(words), _by_eight(neg_magic_zero_pair), _by_eight(pair_bits)],
-                                      dtype=neg_magic_zero.dtype, is_pure=False, pack=8)
+        zeros = tl.zeros_like(words)  # the pair operands as words-shaped tiles: asm operands share one shape
+        operands = [_by_eight(words), _by_eight(neg_magic_zero_pair[None, :] + zeros), _by_eight(pair_bits + zeros)]
+        # dtype from a tensor: the asm call does not take a constexpr-wrapped dtype
+        t = tl.inline_asm_elementwise(ASM.value, FRAGMENT_ASM_OPERANDS.value, operands, dtype=neg_magic_zero.dtype,
+                                      is_pure=False, pack=8)
     else:
         lo0, hi0 = _half_pair(words, pair_bits, 0, dtype)
         lo1, hi1 = _half_pair(words, pair_bits, 1, dtype)
@@ -349,7 +353,7 @@ def _w4a16_fragment_kernel(
     stride_qz,
     stride_s,
     k_per_split,  # multiple of 128
-    magic_bits,  # unused: the launch passes _w4a16_kernel's arguments
+    magic_bits,  # unused: the launch passes _w4a16_kernel's arguments (so EVEN_K and MAGIC_BITS too)
     pair_bits,  # MAGIC_BITS in both 16-bit halves
     GROUP_SIZE: tl.constexpr,
     BITS: tl.constexpr,
@@ -358,7 +362,7 @@ def _w4a16_fragment_kernel(
     SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # always true (K is whole blocks): the launch's common constexprs
     EVEN_N: tl.constexpr,
-    MAGIC_BITS: tl.constexpr,
+    MAGIC_BITS: tl.constexpr,  # unused (in pair_bits)
     MAGIC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -370,9 +374,10 @@ def _w4a16_fragment_kernel(
     """Decode (M <= 16) over fragment-ordered 4-bit words: each K step loads one 128-row block of
     words, turns each word into four registers of two ``q - z`` each, and feeds them to the MMA as
     they are (``_fragment_tile``); the group's scale multiplies the step's dot product, as in the
-    decode tiles of ``_w4a16_kernel``. sm_90 SASS at gate/up M = 16, 128 x 128 tiles: 2.74
-    instructions per weight (Triton 3.6; 3.9: 2.54), against 6.49 for the default decode tile and
-    5.41 for JOIN_FIELDS, and 1 shared-memory store per K step against 129."""
+    decode tiles of ``_w4a16_kernel``. sm_90 SASS at gate/up M = 16, 128 x 128 tiles, Triton 3.6
+    (the H200 image's): 2.74 instructions per weight against 6.49 for the default decode tile and
+    5.41 for JOIN_FIELDS, and 1 shared-memory store per K step against 129 (Triton 3.9: 2.54, 2
+    stores). The stores left carry each column's -(MAGIC + z) pair over to the words' layout."""
     tl.static_assert(BLOCK_K == 128 and BITS == 4 and GROUP_SIZE % 128 == 0)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -392,8 +397,7 @@ def _w4a16_fragment_kernel(
                                     BITS, ZERO_OFFSET)
         neg_magic_zero = (-(zero.to(tl.float32) + MAGIC)).to(in_dtype)
         neg = neg_magic_zero.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        w = _fragment_tile(words, neg_magic_zero, (neg | (neg << 16))[None, :] + tl.zeros_like(words),
-                           tl.zeros_like(words) + pair_bits, in_dtype, BLOCK_N, ASM)
+        w = _fragment_tile(words, neg_magic_zero, neg | (neg << 16), pair_bits, in_dtype, BLOCK_N, ASM)
         acc += tl.dot(a, w, input_precision=DOT_PRECISION) * scale[None, :]
 
     tile = pid_m * tl.num_programs(1) + pid_n
@@ -579,6 +583,8 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     cfg = _config(m, n, k, group_size, device, sms, dict(config))
     kind, split, block_k = cfg.pop("KERNEL"), cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
     assert kind in KERNELS, f"KERNEL={kind!r} is not one of {tuple(KERNELS)}"
+    if kind == "frag":
+        _check_fragment_launch(m, k, bits, group_size, dtype, block_k)
     assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
     assert kind != "gemv" or m == 1, "the GEMV kernel takes one row"
     k_per_split = cdiv(cdiv(k, split), block_k) * block_k
@@ -593,14 +599,23 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
         magic_bits, magic = 0, 0.0
     cfg |= dict(DOT_PRECISION=dot_precision(dtype), MAGIC_BITS=magic_bits, MAGIC=magic)
     if kind == "frag":
-        assert bits == 4 and magic_bits and block_k == FRAGMENT_K and k % FRAGMENT_K == 0 and group_size % FRAGMENT_K == 0, \
-            f"KERNEL='frag' runs 4-bit weights, fp16/bf16 x, K and group_size multiples of {FRAGMENT_K} (BLOCK_K={block_k})"
         cfg["ASM"] = FRAGMENT_ASM[dtype] if device.type == "cuda" and not interpreter_enabled() else ""
     # the kernel would quietly run its plain tile otherwise, and a sweep row would time the wrong code
     assert not cfg.get("JOIN_FIELDS") or (cfg["BLOCK_M"] <= 16 and magic_bits and bits == 4), \
         "JOIN_FIELDS builds 16-row decode tiles of 4-bit weights for fp16/bf16 activations only"
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
     return LaunchPlan(kind, split, k_per_split, grid, common | cfg)
+
+
+def _check_fragment_launch(m, k, bits, group_size, dtype, block_k) -> None:
+    """Refuse a fragment-word launch the kernel cannot run (a config error that ``w4a16_matmul``'s
+    keyword arguments can reach, so not an assert)."""
+    ok = (m <= DECODE_MAX_M and bits == 4 and dtype in FRAGMENT_ASM and block_k == FRAGMENT_K
+          and k % FRAGMENT_K == 0 and group_size % FRAGMENT_K == 0 and torch.version.hip is None)
+    if not ok:
+        raise QoqoptError(f"KERNEL='frag' decodes (M <= {DECODE_MAX_M}) 4-bit weights for fp16/bf16 x on NVIDIA GPUs, "
+                          f"K and group_size multiples of {FRAGMENT_K}; got M={m}, K={k}, bits={bits}, "
+                          f"group_size={group_size}, {dtype}, BLOCK_K={block_k}")
 
 
 def w4a16_matmul(
@@ -623,8 +638,8 @@ def w4a16_matmul(
     assert x.dim() == 2 and x.stride(1) == 1, f"x must be [M, K] with unit column stride, got {tuple(x.shape)}"
     m, k = x.shape
     n = scales.shape[1]
-    words = (k // FRAGMENT_K, 16 * n) if config.get("KERNEL") == "frag" else (k * bits // 32, n)
-    assert qweight.shape == words and qweight.is_contiguous(), f"qweight {tuple(qweight.shape)} vs K={k}, N={n}"
+    expected = (k // FRAGMENT_K, 16 * n) if config.get("KERNEL") == "frag" else (k * bits // 32, n)
+    assert qweight.shape == expected and qweight.is_contiguous(), f"qweight {tuple(qweight.shape)} vs K={k}, N={n}"
     assert scales.shape[0] == cdiv(k, group_size) and qzeros.shape[0] == scales.shape[0], "groups disagree"
     assert out is None or (out.shape == (m, n) and out.is_contiguous()), f"out must be contiguous [{m}, {n}]"
     if m == 0:

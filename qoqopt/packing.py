@@ -163,6 +163,7 @@ def pack_fragments(values: torch.Tensor) -> torch.Tensor:
     ``k + 1``, one ``lop3`` away from two 16-bit floats side by side in a register.
     The layout is qoqopt's own, made at load from GPTQ's (:func:`gptq_to_fragments`), never stored."""
     assert values.dim() == 2, f"expected 2-D, got {tuple(values.shape)}"
+    _check_values(values, 4, "values")
     k, n = values.shape
     assert k % FRAGMENT_K == 0, f"rows {k} not a multiple of {FRAGMENT_K}"
     v = values.to(torch.int64).reshape(k // FRAGMENT_K, *_FRAGMENT_SPLIT, n)

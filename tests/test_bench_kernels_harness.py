@@ -132,3 +132,18 @@ def test_gpu_check_summary_reads_a_recorded_h200_run(tmp_path):
         assert any(what in line for line in lines), what
     module_rows = [line for line in lines if line.startswith("attention") and " qoqopt-module " in line]
     assert len(module_rows) == 5 and any("per image" in line for line in module_rows)  # 4 per layer + 1
+
+
+def test_every_w4a16_sweep_config_plans_at_the_7b_shapes_it_is_swept_at():
+    """A config the plan refuses shows up on the GPU as an "unavailable" row, a row of the one run
+    lost: every W4A16 config must plan for a 132-SM GPU at each 7B shape and M the sweep gives it
+    (bf16, 4-bit, group 128, as the sweep quantizes)."""
+    from qoqopt.kernels.w4a16 import _launch_plan
+
+    pr = bench_kernels.PROFILES["7b"]
+    for i, (k, n, label) in enumerate(pr.lm_shapes):
+        for m in bench_kernels.w4a16_swept_ms(pr, i >= 2):
+            for cfg in bench_kernels.w4a16_sweep_configs(m, i >= 2):
+                plan = _launch_plan(m, n, k, 4, pr.group_size, 1, False, torch.bfloat16, torch.device("cuda"), 132,
+                                    tuple(sorted(cfg.items())))
+                assert plan.kernel == cfg.get("KERNEL", plan.kernel), (label, m, cfg)

@@ -298,12 +298,15 @@ def _gptq_case(k, n, bits, group_size, act_order, seed=0):
     return intweight, zeros, scales, g_idx
 
 
-def _spec_case(k, n, group_size, seed, scales_dtype=torch.float16):
-    """Random 4-bit integers, GPTQ v1 zeros (1..15) and small positive scales, packed; with the spec's
-    fp32 weight ``(q - z) * s`` and the generator, for tests that read single weights back."""
+def _spec_case(k, n, group_size, seed, scales_dtype=torch.float16, zeros_at_ends=False):
+    """Random 4-bit integers, GPTQ v1 zeros (1..15; ``zeros_at_ends``: some 1 and 16, v1's range) and
+    small positive scales, packed; with the spec's fp32 weight ``(q - z) * s`` and the generator, for
+    tests that read single weights back."""
     g = torch.Generator().manual_seed(seed)
     intweight = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
     zeros = torch.randint(1, 16, (k // group_size, n), generator=g, dtype=torch.int32)  # v1 stores zero - 1
+    if zeros_at_ends:
+        zeros[:, :2], zeros[:, 2:4] = 16, 1
     scales = (torch.rand(k // group_size, n, generator=g) * 0.02 + 1e-3).to(scales_dtype)
     qweight, qzeros = pack_gptq(intweight, zeros)
     return qweight, qzeros, scales, dequantize(intweight, zeros, scales, torch.arange(k) // group_size), g
@@ -504,46 +507,46 @@ def test_w4a16_decode_joined_fields_match_dequantized_matmul(dtype):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("split", [1, 3])
-def test_w4a16_fragment_decode_places_every_weight(dtype, split):
-    """The fragment-word decode kernel (``KERNEL="frag"``, a sweep candidate) over weights repacked
+@pytest.mark.parametrize("tiles", [dict(BLOCK_N=128, num_warps=4), dict(BLOCK_N=64, num_warps=2)], ids=["n128-w4", "n64-w2"])
+def test_w4a16_fragment_decode_places_every_weight(dtype, split, tiles):
+    """The fragment-word decode kernel (``KERNEL="frag"``, the sweep's configs) over weights repacked
     from GPTQ at load (``gptq_to_fragments``): with one-hot activations each output is one weight,
-    ``(q - z) * s`` rounded once to x's dtype, compared bit for bit, for 16 rows of each 128-row
-    block, so a pair or a register placed wrong fails. N is cut off by the tile, K split over
-    programs. On a GPU this runs the inline-asm pairs; the interpreter runs the same steps as Triton
-    ops."""
+    ``(q - z) * s`` rounded once to x's dtype, compared bit for bit for every row of every 128-row
+    block, 16 at a time, so a pair or a register placed wrong fails; zeros include v1's largest, 16.
+    N is cut off by the tile, K split over programs. On a GPU this runs the inline-asm pairs; the
+    interpreter (fp16 only: it has no bf16) runs the same steps as Triton ops."""
     from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
     from qoqopt.packing import gptq_to_fragments
 
     k, n, group_size, m = 384, 40, 128, 16
-    qweight, qzeros, scales, w, g = _spec_case(k, n, group_size, seed=6)
-    tiles = dict(KERNEL="frag", BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=split)
+    qweight, qzeros, scales, w, g = _spec_case(k, n, group_size, seed=6, zeros_at_ends=True)
+    tiles = dict(KERNEL="frag", num_stages=2, SPLIT_K=split, **tiles)
     plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=dtype,
                        device=DEVICE, **tiles)
     assert plan.kernel == "frag" and plan.split == split and plan.constexprs["BLOCK_K"] == 128
     assert bool(plan.constexprs["ASM"]) == (DEVICE.type == "cuda")  # the compiled pairs wherever they can run
     words = gptq_to_fragments(qweight).to(DEVICE)
-    for block in range(k // 128):
-        rows = 128 * block + torch.randperm(128, generator=g)[:m]
+    for rows in torch.randperm(k, generator=g).view(-1, m):
         x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE, dtype)
         out = nan_like((m, n), dtype)
         with torch.inference_mode():
             w4a16_matmul(x, words, qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size, zero_offset=1,
                          out=out, **tiles)
-        assert torch.equal(out.cpu(), w[rows].to(dtype)), block
+        assert torch.equal(out.cpu(), w[rows].to(dtype)), rows.tolist()
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 13])
 def test_w4a16_fragment_decode_matches_dequantized_matmul(dtype, m):
     """The same kernel on random activations with a bias, one row (where it would stand in for the
-    GEMV) and 13 (the 16-row tile cut off); GPTQ v2 zeros, two groups of 256 rows."""
+    GEMV) and 13 (the 16-row tile cut off); GPTQ v2 zeros, 0 among them, two groups of 256 rows."""
     from qoqopt.kernels.w4a16 import w4a16_matmul
-    from qoqopt.packing import gptq_to_fragments
+    from qoqopt.packing import gptq_to_fragments, pack_along_cols, pack_along_rows
 
     k, n, group_size = 512, 72, 256
     intweight, zeros, scales, g_idx = _gptq_case(k, n, 4, group_size, False, seed=7)
-    qweight, _ = pack_gptq(intweight, zeros)
-    _, qzeros_v2 = pack_gptq(intweight, zeros + 1)  # v1 stores zero - 1: this stores the zero itself, as v2
+    zeros[:, :3] = 0  # v2 (and AWQ) may store a zero of 0; v1 cannot
+    qweight, qzeros_v2 = pack_along_rows(intweight, 4), pack_along_cols(zeros, 4)  # v2 stores the zero itself
     w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     bias = (torch.randn(n) * 0.1).to(DEVICE, dtype)
@@ -556,12 +559,15 @@ def test_w4a16_fragment_decode_matches_dequantized_matmul(dtype, m):
 
 
 def test_w4a16_fragment_decode_refuses_what_it_cannot_run():
+    """Prefill rows, fp32 x, 8-bit weights, groups or K not whole 128-row blocks: a clear error."""
+    from qoqopt.errors import QoqoptError
     from qoqopt.kernels.w4a16 import launch_plan
 
     frag = dict(KERNEL="frag", bits=4, group_size=128, zero_offset=1, has_bias=False, device=DEVICE)
-    for m, k, dtype, changes in ((16, 256, torch.float32, {}), (16, 256, torch.float16, dict(bits=8)),
-                                 (16, 256, torch.float16, dict(group_size=64)), (16, 320, torch.float16, {})):
-        with pytest.raises(AssertionError, match="frag|BLOCK_K=128 must divide"):
+    for m, k, dtype, changes in ((17, 256, torch.float16, {}), (16, 256, torch.float32, {}),
+                                 (16, 256, torch.float16, dict(bits=8)), (16, 256, torch.float16, dict(group_size=64)),
+                                 (16, 320, torch.float16, {})):
+        with pytest.raises(QoqoptError, match="KERNEL='frag' decodes"):
             launch_plan(m, 64, k, dtype=dtype, **(frag | changes))
 
 
