@@ -560,7 +560,11 @@ SWEEP = {
     # eager needs cuBLAS-class fc1
     "merger": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st)
                for bm, bn, w, st in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 5))]
-              + [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=st, TMA=True) for st in (4, 3)],
+              + [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=st, TMA=True) for st in (4, 3)]
+              # one accumulator rescaled between slots (session 22, untimed): 185 -> 127 registers
+              # (Triton 3.6), so 3-stage programs fit two to an SM
+              + [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=st, RESCALE=True, **tma)
+                 for st, tma in ((4, {}), (3, {}), (4, dict(TMA=True)))],
     # 1296 patches, 324 merged rows (default: 64 x 128 x 64, 4 warps, 4 stages). Split over K by patch
     # slots (2026-11-30, untimed): 128-row tiles read each weight tile from L2 3 times instead of 6,
     # and two slots a split keep the default's 240 programs
@@ -568,7 +572,9 @@ SWEEP = {
                    for bm, w, st in ((128, 8, 4), (64, 4, 3))]
                   + [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=w, num_stages=4, SPLIT_K=2)
                      for bm, w in ((128, 8), (64, 4))]
-                  + [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, TMA=True)],
+                  + [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, TMA=True)]
+                  + [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=w, num_stages=4, RESCALE=True)
+                     for bm, w in ((64, 4), (128, 8))],
     # 256 patches, 64 merged rows (default: 64 x 32 x 128, 4 stages: 160 programs of 40 K steps, each
     # reading all of A, 16 KB of A for 8 KB of weight per step; every tile shape ran 41-50 us). Split
     # over K by patch slots (untimed): wider tiles read A a quarter as often for the same programs
@@ -626,7 +632,7 @@ SWEEP = {
 
 def config_tag(cfg: dict) -> str:
     short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s", "SPLIT_K": "sk",
-             "maxnreg": "r", "REDUCE_UNROLL": "u", "JOIN_FIELDS": "j", "TMA": "tma", "KERNEL": ""}
+             "maxnreg": "r", "REDUCE_UNROLL": "u", "JOIN_FIELDS": "j", "TMA": "tma", "KERNEL": "", "RESCALE": "rs"}
     # a key not listed here fails loudly; a flag set is its letter alone
     return "".join(short[k] + ("" if v is True else str(v)) for k, v in cfg.items())
 

@@ -82,7 +82,7 @@ def merger_rows() -> list[dict]:
     # is counted without what the branch in the loop jumps over, and that count is reported beside
     # and the sweep's configs split over K by patch slots or loading by TMA (not defaults)
     swept = [(patches, cfg) for patches, case in ((256, "merger-small"), (1296, "merger-mid"), (5120, "merger"))
-             for cfg in SWEEP[case] if "SPLIT_K" in cfg or "TMA" in cfg]
+             for cfg in SWEEP[case] if {"SPLIT_K", "TMA", "RESCALE"} & cfg.keys()]
     for patches, config in [(256, {}), (1296, {}), (5120, {})] + swept:
         compiled, cfg = merger_fc1_compile(patches // 4, **config)
         mix, whole = mma_loop_mix(compiled, skip_branches=True), mma_loop_mix(compiled)

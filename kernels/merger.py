@@ -15,6 +15,11 @@ One K loop runs over all four slots, the 1/RMS step behind a branch at each slot
 stay in flight across the slot boundaries. A K loop per slot drained and refilled the load pipeline
 at each (sm_90 SASS 128 instructions per K step against 115, 213 registers against 185) and lost at
 every image size on an H200 (5120 patches: 210 us at its best tile, against 169).
+``RESCALE`` (a sweep option): one accumulator instead of two. Before each slot after the first, the
+accumulator is multiplied by the previous slot's 1/RMS over this one's, and after the last slot by
+its 1/RMS, which leaves ``sum_s rstd_s * (x_slot @ W1'_slot)`` with the MMA accumulating in place:
+sm_90 registers at 5120 patches 185 -> 127 (Triton 3.6; with TMA 149 -> 116), the same instructions
+per K step; at 127 registers two programs of 3 stages fit an SM.
 fc1 can also be split over K by patch slots (``SPLIT_K`` 2 or 4, a sweep option, not a default yet):
 each split sums whole slots, and the split of each tile that finishes last adds the parts and applies
 bias and GELU (``_splitk.py``). For small images it trades programs that each read all of A for wider
@@ -71,6 +76,7 @@ def _merger_fc1_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr = 1,  # divides MERGE: each split sums whole patch slots
+    RESCALE: tl.constexpr = False,  # one accumulator, rescaled between patch slots (see below)
     TMA: tl.constexpr = False,  # A and W tiles by the tensor memory accelerator (sm_90), cut-off rows zero-filled
 ):
     K: tl.constexpr = MERGE * C
@@ -98,11 +104,22 @@ def _merger_fc1_kernel(
         else:
             a = tl.load(x_ptrs + step * BLOCK_K, mask=m_mask[:, None], other=0.0)
             b = tl.load(w1_ptrs + step * BLOCK_K, mask=n_mask[None, :], other=0.0)
-        part = tl.dot(a, b, part, input_precision=DOT_PRECISION)
-        if step % SLOT_STEPS == SLOT_STEPS - 1:  # the slot's last K tile: scale by its patch's 1/RMS
-            rstd = tl.load(rstd_ptr + offs_m * MERGE + step // SLOT_STEPS, mask=m_mask, other=0.0)
-            acc += part * rstd[:, None]
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if RESCALE:
+            if step % SLOT_STEPS == 0 and step != first:  # a new slot: acc into its patch's 1/RMS units
+                slot = step // SLOT_STEPS
+                ratio = (tl.load(rstd_ptr + offs_m * MERGE + slot - 1, mask=m_mask, other=1.0)
+                         / tl.load(rstd_ptr + offs_m * MERGE + slot, mask=m_mask, other=1.0))
+                acc = acc * ratio[:, None]
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        else:
+            part = tl.dot(a, b, part, input_precision=DOT_PRECISION)
+            if step % SLOT_STEPS == SLOT_STEPS - 1:  # the slot's last K tile: scale by its patch's 1/RMS
+                rstd = tl.load(rstd_ptr + offs_m * MERGE + step // SLOT_STEPS, mask=m_mask, other=0.0)
+                acc += part * rstd[:, None]
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if RESCALE:  # the last slot's 1/RMS
+        last = (first + SPLIT_STEPS - 1) // SLOT_STEPS
+        acc = acc * tl.load(rstd_ptr + offs_m * MERGE + last, mask=m_mask, other=0.0)[:, None]
 
     offs = offs_m[:, None] * N + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]

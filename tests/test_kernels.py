@@ -67,16 +67,22 @@ def _hf_merger(context_dim, out_dim, dtype, seed=0):
 # slot's 1/RMS applied a step early or late shows
 # Split over K by patch slots: two slots per split, and one per split with 4 steps each, the last split
 # of each tile adding the parts and applying bias and GELU. Tiles by TMA descriptors (cut-off rows
-# zero-filled by the copy, not masked), alone and split
+# zero-filled by the copy, not masked), alone and split. One accumulator rescaled between slots
+# (RESCALE), with 4 steps a slot, split, and by TMA
 @pytest.mark.parametrize("config", [{}, dict(BLOCK_K=16), dict(SPLIT_K=2), dict(SPLIT_K=4, BLOCK_K=16),
-                                    dict(TMA=True, BLOCK_K=16), dict(TMA=True, SPLIT_K=2)],
+                                    dict(TMA=True, BLOCK_K=16), dict(TMA=True, SPLIT_K=2),
+                                    dict(RESCALE=True, BLOCK_K=16), dict(RESCALE=True, SPLIT_K=2),
+                                    dict(RESCALE=True, TMA=True, BLOCK_K=16)],
                          ids=["default-tiles", "4-steps-per-slot", "split-2-slots-each", "split-1-slot-each",
-                              "tma-4-steps-per-slot", "tma-split-2"])
+                              "tma-4-steps-per-slot", "tma-split-2", "rescale-4-steps-per-slot", "rescale-split-2",
+                              "rescale-tma"])
 def test_merger_fc1_matches_hf(dtype, num_merged, config):
     from qoqopt.kernels.merger import fold_norm_weight, merger_fc1
 
     merger = _hf_merger(context_dim=64, out_dim=48, dtype=dtype)
-    x = torch.randn(4 * num_merged, 64, device=DEVICE, dtype=dtype) * 2
+    # patches 1/8 to 8 times as large as each other: their 1/RMS differ, the output (normalised) does not
+    scale = 2.0 ** torch.randint(-3, 4, (4 * num_merged, 1), generator=torch.Generator().manual_seed(num_merged))
+    x = (torch.randn(4 * num_merged, 64) * 2 * scale).to(DEVICE, dtype)
     fc1, fc2 = merger.mlp[0], merger.mlp[2]
     out = nan_like((num_merged, 256), dtype)
     with torch.inference_mode():

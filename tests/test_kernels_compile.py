@@ -46,13 +46,18 @@ def test_merger_compiles():
 
     # one small image, a mid-size one, the 5120-patch maximum; a small one split over K by patch slots
     # and the sweep's TMA loads (host tensor descriptors) at the largest image
+    # and one accumulator rescaled between slots, which exists to free registers
+    registers = {}
     for m, config in ((64, {}), (324, {}), (1280, {}), (64, dict(BLOCK_N=128, BLOCK_K=64, SPLIT_K=4)),
-                      (1280, dict(TMA=True))):
+                      (1280, dict(TMA=True)), (1280, dict(RESCALE=True)), (1280, dict(RESCALE=True, TMA=True))):
         compiled, cfg = _offline(merger_fc1_compile, m, **config)
         print(f"merger M={m} {cfg}: {_resource_usage(compiled)}")
         assert (resource_usage(compiled) or {}).get("stack_bytes", 0) == 0, f"merger fc1 {cfg} spills"
+        registers[m, tuple(config.items())] = (resource_usage(compiled) or {}).get("registers")
         if config.get("TMA") and (mix := mma_loop_mix(compiled)) is not None:
             assert mix["UTMALDG"] and not mix["LDGSTS"], f"merger fc1 {cfg} does not load by TMA: {dict(mix)}"
+    if None not in registers.values():  # a 128 x 128 fp32 accumulator is 64 registers a thread at 8 warps
+        assert registers[1280, (("RESCALE", True),)] <= registers[1280, ()] - 32, registers
     _compile(_patch_rstd_kernel, {"x_ptr": BF16, "rstd_ptr": "*fp32", "P": "i32", "eps": "fp32"},
              dict(C=1280, BLOCK_P=32, BLOCK_C=256), dict(num_warps=4, num_stages=1))
 
