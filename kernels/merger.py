@@ -18,8 +18,9 @@ every image size on an H200 (5120 patches: 210 us at its best tile, against 169)
 ``RESCALE`` (a sweep option): one accumulator instead of two. Before each slot after the first, the
 accumulator is multiplied by the previous slot's 1/RMS over this one's, and after the last slot by
 its 1/RMS, which leaves ``sum_s rstd_s * (x_slot @ W1'_slot)`` with the MMA accumulating in place:
-sm_90 registers at 5120 patches 185 -> 127 (Triton 3.6; with TMA 149 -> 116), the same instructions
-per K step; at 127 registers two programs of 3 stages fit an SM.
+sm_90 registers at 5120 patches 185 -> 127 (Triton 3.6; with TMA 149 -> 116), about the same
+instructions a slot (114 a K step against 109, 90 at the slot's boundary against 200); at 127
+registers two programs of 3 stages fit an SM.
 fc1 can also be split over K by patch slots (``SPLIT_K`` 2 or 4, a sweep option, not a default yet):
 each split sums whole slots, and the split of each tile that finishes last adds the parts and applies
 bias and GELU (``_splitk.py``). For small images it trades programs that each read all of A for wider
