@@ -503,7 +503,7 @@ def _store_final(acc, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS: tl.constexp
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# KERNEL names: the one-row CUDA-core GEMV, tensor-core tiles
+# KERNEL names: the one-row CUDA-core GEMV, tensor-core tiles, decode tiles over fragment words (sweep only)
 KERNELS = {"gemv": _w4a16_gemv_kernel, "mma": _w4a16_kernel, "frag": _w4a16_fragment_kernel}
 
 
