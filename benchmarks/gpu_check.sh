@@ -216,6 +216,10 @@ for r in result["rows"]:  # judged by GPU time (graph replay) where captured: ea
     if r["op"] == "sweep" and (r["case"] not in sweep or r["best_ms"] < sweep[r["case"]]["best_ms"]):
         sweep[r["case"]] = r
 defaults = {r["case"]: r for r in result["rows"] if r["op"] == "sweep" and r["impl"] == "default"}
+# bf16 matmul's time per layer and M ("gate/up 3584->18944 M=1" -> ("gate/up", "M=1")): a W4A16 sweep
+# case ("w4a16 gptq gate/up M=1") is read against it, the target being x2.5 at M <= 16
+bf16_ms = {(r["case"].split()[0], r["case"].split()[-1]): r.get("graph_ms") or r["ms"]
+           for r in result["rows"] if r["op"] == "w4a16" and r["impl"] == "bf16-matmul"}
 
 
 def accuracy(e):  # a sweep row's checks: W4A16 against the exact product, merger against the default
@@ -234,6 +238,8 @@ if sweep:
         line = f"  {case:36s} {r['impl']:20s} {r['best_ms']:.4f} ms{'' if r.get('graph_ms') else ' (eager)'} {accuracy(r['extra'])}"
         if (d := defaults.get(case)) and d is not r:
             line += f" | default {d['best_ms']:.4f} ms (x{d['best_ms'] / r['best_ms']:.2f} the fastest's time)"
+        if case.startswith("w4a16 ") and (peer := bf16_ms.get((case.split()[2], case.split()[-1]))):
+            line += f" | fastest x{peer / r['best_ms']:.2f} bf16"
         floors = {k: v for k, v in r["extra"].items() if k.endswith("_store") or k == "dense"}
         print(line + "".join(f" | {k} {v:.1e}" for k, v in floors.items()))
 status = "complete" if result.get("complete") else "INCOMPLETE (timed out or failed)"

@@ -132,6 +132,11 @@ def test_gpu_check_summary_reads_a_recorded_h200_run(tmp_path):
         assert any(what in line for line in lines), what
     module_rows = [line for line in lines if line.startswith("attention") and " qoqopt-module " in line]
     assert len(module_rows) == 5 and any("per image" in line for line in module_rows)  # 4 per layer + 1
+    # each W4A16 sweep case read against bf16's graph time of its layer and M (the run's own rows)
+    gate_up = next(line for line in lines if line.strip().startswith("w4a16 gptq gate/up M=1 "))
+    bf16 = next(r for r in result["rows"] if r["case"] == "gate/up 3584->18944 M=1" and r["impl"] == "bf16-matmul")
+    best = min(r.get("graph_ms") or r["ms"] for r in result["rows"] if r["case"] == "w4a16 gptq gate/up M=1")
+    assert f"fastest x{bf16['graph_ms'] / best:.2f} bf16" in gate_up, gate_up
 
 
 def test_every_w4a16_sweep_config_plans_at_the_7b_shapes_it_is_swept_at():
