@@ -548,6 +548,12 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
 # 2.63), against 6.49 for the default 16-row tile, 5.41 for JOIN_FIELDS and 4.88 for the one-row GEMV;
 # tried at M = 1 as well
 FRAGMENT_DECODE = [dict(KERNEL="frag", BLOCK_N=bn, num_warps=w, num_stages=3) for bn, w in ((128, 4), (64, 2))]
+# Prefill over the same words (FRAGMENTS=True, 128-deep K steps: one block), beside GPTQ words at the same
+# tiles: if fragments win decode, one layout must serve both. sm_90 SASS per weight, Triton 3.6, gate/up:
+# 6.59 at 128 x 128 x 128 against 6.55 for GPTQ words (8.09 at the default's 64-deep steps), 7.62 at
+# 256 x 128 x 128 against 7.72 (9.12); no spill under 3.6 (3.9 spills 72 and 8 B at 256 rows)
+FRAGMENT_PREFILL_128 = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, **f)
+                        for f in ({}, dict(FRAGMENTS=True))]
 
 # Launcher overrides tried by --sweep, each case's default first (the defaults live in each op's _config
 # function and follow the H200 sweeps of 2026-11-29 and -30, h200_kernels.json; configs that lost
@@ -618,7 +624,8 @@ SWEEP = {
     # 113 against 95 us; at M = 2048: 1.00 against 0.80 ms). They now take 130 registers a thread
     # (Triton 3.6; 128 before), so one program per SM instead of two. Capped at 128 (sass_report: no
     # spill under 3.6, 8.81 instructions per weight against 8.31), split in two, or 64-row tiles
-    "w4a16-mid": [dict(maxnreg=128), dict(SPLIT_K=2), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)],
+    "w4a16-mid": [dict(maxnreg=128), dict(SPLIT_K=2), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)]
+                 + FRAGMENT_PREFILL_128,
     # q/o and k/v at M = 128 (2026-11-30, H200 graph replay: 28 and 23 us against bf16's 8.5 and 7):
     # 128 x 128 tiles leave 28 and 4 output tiles, split 4 and 14 ways, and the last split of each
     # tile sums all partials alone (64 KB each), one at a time. Smaller tiles split less; fewer splits;
@@ -626,13 +633,15 @@ SWEEP = {
     "w4a16-narrow": [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=4) for bn in (128, 64)]
                     + [dict(SPLIT_K=4), dict(SPLIT_K=2), dict(REDUCE_UNROLL=2)],
     "w4a16-prefill": [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3) for bm in (256, 128)]
-                     + [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, maxnreg=128)],
+                     + [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, maxnreg=128)]
+                     + FRAGMENT_PREFILL_128 + [dict(BLOCK_K=128), dict(FRAGMENTS=True)],
 }
 
 
 def config_tag(cfg: dict) -> str:
     short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s", "SPLIT_K": "sk",
-             "maxnreg": "r", "REDUCE_UNROLL": "u", "JOIN_FIELDS": "j", "TMA": "tma", "KERNEL": "", "RESCALE": "rs"}
+             "maxnreg": "r", "REDUCE_UNROLL": "u", "JOIN_FIELDS": "j", "TMA": "tma", "KERNEL": "", "RESCALE": "rs",
+             "FRAGMENTS": "frag"}
     # a key not listed here fails loudly; a flag set is its letter alone
     return "".join(short[k] + ("" if v is True else str(v)) for k, v in cfg.items())
 
@@ -664,7 +673,7 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
         fragments = functools.cache(lambda layer=layer: gptq_to_fragments(layer.qweight))  # once a shape
 
         def words(cfg, layer=layer, fragments=fragments):  # the qweight layout the config's kernel reads
-            return fragments() if cfg.get("KERNEL") == "frag" else layer.qweight
+            return fragments() if cfg.get("KERNEL") == "frag" or cfg.get("FRAGMENTS") else layer.qweight
 
         for m in w4a16_swept_ms(pr, narrow):
             xs = {dt: heavy_tailed(m, k, g).to(dev, dt) for dt in ((dtype, torch.float16) if m <= 16 else (dtype,))}

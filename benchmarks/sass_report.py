@@ -46,9 +46,10 @@ M_VALUES = (1, 16, 128, 2048)
 # (session 17's prefill dequant took them from 128 to 130 under Triton 3.6, and the H200 ran them
 # 19-26% slower); one-row tiles as wide as their warps' columns (no barrier in the K loop); 16-row
 # tiles built by joins (JOIN_FIELDS, wide shared-memory stores); decode over fragment words
-# (KERNEL="frag", at one row and at 16: MMA operands straight from the dequant's registers)
+# (KERNEL="frag", at one row and at 16: MMA operands straight from the dequant's registers); prefill
+# over fragment words and GPTQ words with 128-deep K steps
 SWEPT = ([(3584, 18944, "gate/up", m, cfg) for m, case in ((128, "w4a16-mid"), (2048, "w4a16-prefill"))
-          for cfg in SWEEP[case] if "maxnreg" in cfg]
+          for cfg in SWEEP[case] if "maxnreg" in cfg or cfg.get("BLOCK_K") == 128 or cfg.get("FRAGMENTS")]
          + [(k, n, label, 1, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16-gemv"]]
          + [(k, n, label, 16, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16"]
             if cfg.get("JOIN_FIELDS") or cfg.get("KERNEL") == "frag"])

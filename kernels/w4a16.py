@@ -17,7 +17,8 @@ Two regimes, two kernels:
     together and the weight is read from HBM about once; 256-row tiles where they fill the GPU.
 A third decode kernel, a sweep candidate (``KERNEL="frag"``), reads the weights repacked at load into
 fragment words (``qoqopt.packing.pack_fragments``), whose layout turns the dequantized registers
-into the MMA's B operand with no shared-memory pass (``_w4a16_fragment_kernel``).
+into the MMA's B operand with no shared-memory pass (``_w4a16_fragment_kernel``); the prefill tiles
+read the same words with ``FRAGMENTS=True``, so that one layout could serve both.
 
 Act-order GPTQ (``desc_act``: g_idx not ``k // group_size``) is handled once at load time: K is
 permuted so groups become contiguous, and the same permutation is applied to the activations.
@@ -208,6 +209,7 @@ def _w4a16_kernel(
     DOT_PRECISION: tl.constexpr,
     REDUCE_UNROLL: tl.constexpr = 1,  # split-K: partials loaded together by each tile's last split
     JOIN_FIELDS: tl.constexpr = False,  # decode, 4-bit, 16-bit x: build the tile by joins (see below)
+    FRAGMENTS: tl.constexpr = False,  # prefill over fragment words (BLOCK_K 128; see _fragment_q_tile)
 ):
     """Tensor-core path (M > 1). Each K tile lies in one group. Decode tiles (BLOCK_M <= 16) are
     dequant-bound: the group's scale multiplies the tile's dot product, ``sum_k a_k (q_k - z) s =
@@ -233,13 +235,20 @@ def _w4a16_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
                     other=0.0)
-        offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-        w_mask = (offs_wk < K // PACK)[:, None] & n_mask[None, :]
-        words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :], w_mask, EVEN_K and EVEN_N)
+        if FRAGMENTS:  # one 128-row block of fragment words (K is whole blocks)
+            words = _load(qweight_ptr + (k0 // 128) * stride_qw + offs_n[None, :] * 16 + tl.arange(0, 16)[:, None],
+                          n_mask[None, :], EVEN_N)
+        else:
+            offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+            w_mask = (offs_wk < K // PACK)[:, None] & n_mask[None, :]
+            words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :], w_mask, EVEN_K and EVEN_N)
         scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
                                     BITS, ZERO_OFFSET)
         if BLOCK_M > 16:  # prefill: (q - z) * s in fp32, rounded once to x's dtype, as the reference
-            q = _q_tile(words, magic_bits, BITS)
+            if FRAGMENTS:
+                q = _fragment_q_tile(words, magic_bits, BLOCK_N)
+            else:
+                q = _q_tile(words, magic_bits, BITS)
             if scales_ptr.dtype.element_ty == tl.float32:  # z * s could round: subtract first
                 w = (q - zero.to(tl.float32)[None, :]) * scale[None, :]
             else:  # q * s and z * s fit fp32's 24 bits (9-bit integers, 11-bit scales): one FMA, exact
@@ -330,9 +339,29 @@ def _fragment_tile(words, neg_magic_zero, neg_magic_zero_pair, pair_bits, dtype:
         lo3, hi3 = _half_pair(words, pair_bits, 3, dtype)
         t = tl.join(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)), tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)))
         t = t + neg_magic_zero[None, :, None, None, None]
+    return _fragment_rows(t, BLOCK_N)
+
+
+@device_function
+def _fragment_rows(t, BLOCK_N: tl.constexpr):
+    """A fragment block's values ``[r, n, e6, e1, e0]`` (word, column, nibble bits) -> ``[128, n]``."""
     # [r, n, e6, e1, e0] -> [rhi, rlo, n, e6, e1, e0] -> [e6, rlo, e1, rhi, e0, n]: k's bits, highest first
     t = tl.permute(tl.reshape(t, (4, 4, BLOCK_N, 2, 2, 2)), (3, 1, 4, 0, 5, 2))
     return tl.reshape(t, (128, BLOCK_N))
+
+
+@device_function
+def _fragment_q_tile(words, magic_bits, BLOCK_N: tl.constexpr):
+    """``[16, BLOCK_N]`` fragment words -> ``[128, BLOCK_N]`` fp32 ``q`` (``_field`` of each nibble,
+    as the prefill tiles read GPTQ words): prefill tiles go through shared memory to the MMA anyway,
+    so over fragment words they only read the rows in another order."""
+    f0, f1 = _field(words, magic_bits, 0, 4), _field(words, magic_bits, 1, 4)
+    f2, f3 = _field(words, magic_bits, 2, 4), _field(words, magic_bits, 3, 4)
+    f4, f5 = _field(words, magic_bits, 4, 4), _field(words, magic_bits, 5, 4)
+    f6, f7 = _field(words, magic_bits, 6, 4), _field(words, magic_bits, 7, 4)
+    # nibble e1 + 2 e6 + 4 e0: [r, n, e6, e1, e0]
+    t = tl.join(tl.join(tl.join(f0, f2), tl.join(f1, f3)), tl.join(tl.join(f4, f6), tl.join(f5, f7)))
+    return _fragment_rows(t, BLOCK_N)
 
 
 @kernel(do_not_specialize=("M",))
@@ -512,6 +541,7 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     group_size), then ``overrides``; the K split follows the resulting tiles unless overridden."""
     cpu = device.type == "cpu"
     fragments = overrides.get("KERNEL") == "frag"  # decode tiles at any M <= 16, one row included
+    words_in_blocks = fragments or overrides.get("FRAGMENTS", False)
     if m == 1 and not fragments:  # 128 x 128 tiles: 128 weights per thread per step at 4 warps
         cfg = dict(KERNEL="gemv", BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 128, num_warps=4, num_stages=3)
     elif m <= DECODE_MAX_M:  # 64 x 128 tiles: 64 dequantized values per thread at 4 warps
@@ -539,7 +569,7 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
         cfg["BLOCK_K"] //= 2
     if cfg["BLOCK_K"] < 16:
         raise QoqoptError(f"w4a16 kernel: group_size {group_size} must be a multiple of 16")
-    if fragments:  # one block of fragment words per K step
+    if words_in_blocks:  # one block of fragment words per K step
         cfg["BLOCK_K"] = FRAGMENT_K
     cfg |= overrides
     if "SPLIT_K" not in cfg:
@@ -583,8 +613,8 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     cfg = _config(m, n, k, group_size, device, sms, dict(config))
     kind, split, block_k = cfg.pop("KERNEL"), cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
     assert kind in KERNELS, f"KERNEL={kind!r} is not one of {tuple(KERNELS)}"
-    if kind == "frag":
-        _check_fragment_launch(m, k, bits, group_size, dtype, block_k)
+    if kind == "frag" or cfg.get("FRAGMENTS"):
+        _check_fragment_launch(m, k, bits, group_size, dtype, block_k, prefill=kind == "mma")
     assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
     assert kind != "gemv" or m == 1, "the GEMV kernel takes one row"
     k_per_split = cdiv(cdiv(k, split), block_k) * block_k
@@ -607,12 +637,15 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     return LaunchPlan(kind, split, k_per_split, grid, common | cfg)
 
 
-def _check_fragment_launch(m, k, bits, group_size, dtype, block_k) -> None:
-    """Refuse a fragment-word launch the kernel cannot run (a config error that ``w4a16_matmul``'s
-    keyword arguments can reach, so not an assert)."""
-    ok = (m <= DECODE_MAX_M and bits == 4 and dtype in FRAGMENT_ASM and block_k == FRAGMENT_K
-          and k % FRAGMENT_K == 0 and group_size % FRAGMENT_K == 0 and torch.version.hip is None)
-    if not ok:
+def _check_fragment_launch(m, k, bits, group_size, dtype, block_k, prefill: bool) -> None:
+    """Refuse a fragment-word launch the kernels cannot run (a config error that ``w4a16_matmul``'s
+    keyword arguments can reach, so not an assert): ``KERNEL="frag"`` decodes, ``FRAGMENTS=True``
+    (the tensor-core tiles) prefills."""
+    words_ok = bits == 4 and block_k == FRAGMENT_K and k % FRAGMENT_K == 0 and group_size % FRAGMENT_K == 0
+    if prefill and not (m > DECODE_MAX_M and words_ok):
+        raise QoqoptError(f"FRAGMENTS=True prefills (M > {DECODE_MAX_M}) 4-bit weights, K and group_size multiples "
+                          f"of {FRAGMENT_K}; got M={m}, K={k}, bits={bits}, group_size={group_size}, BLOCK_K={block_k}")
+    if not prefill and not (m <= DECODE_MAX_M and words_ok and dtype in FRAGMENT_ASM and torch.version.hip is None):
         raise QoqoptError(f"KERNEL='frag' decodes (M <= {DECODE_MAX_M}) 4-bit weights for fp16/bf16 x on NVIDIA GPUs, "
                           f"K and group_size multiples of {FRAGMENT_K}; got M={m}, K={k}, bits={bits}, "
                           f"group_size={group_size}, {dtype}, BLOCK_K={block_k}")
@@ -632,13 +665,15 @@ def w4a16_matmul(
     **config,
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W) [K, N] (+ bias)`` in x's dtype, W in the GPTQ layout (``zero_offset`` 1
-    for v1 checkpoints, 0 for v2 and for repacked AWQ); with ``KERNEL="frag"`` (decode, a sweep
-    candidate) ``qweight`` holds fragment words instead (``qoqopt.packing.gptq_to_fragments``)."""
+    for v1 checkpoints, 0 for v2 and for repacked AWQ); with ``KERNEL="frag"`` (decode) or
+    ``FRAGMENTS=True`` (prefill), sweep candidates, ``qweight`` holds fragment words instead
+    (``qoqopt.packing.gptq_to_fragments``)."""
     assert bits in (4, 8) and zero_offset in (0, 1), (bits, zero_offset)
     assert x.dim() == 2 and x.stride(1) == 1, f"x must be [M, K] with unit column stride, got {tuple(x.shape)}"
     m, k = x.shape
     n = scales.shape[1]
-    expected = (k // FRAGMENT_K, 16 * n) if config.get("KERNEL") == "frag" else (k * bits // 32, n)
+    fragments = config.get("KERNEL") == "frag" or config.get("FRAGMENTS", False)
+    expected = (k // FRAGMENT_K, 16 * n) if fragments else (k * bits // 32, n)
     assert qweight.shape == expected and qweight.is_contiguous(), f"qweight {tuple(qweight.shape)} vs K={k}, N={n}"
     assert scales.shape[0] == cdiv(k, group_size) and qzeros.shape[0] == scales.shape[0], "groups disagree"
     assert out is None or (out.shape == (m, n) and out.is_contiguous()), f"out must be contiguous [{m}, {n}]"

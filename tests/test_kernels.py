@@ -492,23 +492,29 @@ def test_w4a16_decode_joined_fields_place_every_weight(dtype, split):
     assert torch.equal(out.cpu(), w[rows].to(dtype))
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_w4a16_decode_joined_fields_match_dequantized_matmul(dtype):
-    """The same tiles on random activations and a bias, 13 rows (the 16-row tile cut off)."""
+def _matches_dequantized_matmul(k, n, group_size, m, dtype, seed, fragments=False, **config):
+    """Random 4-bit GPTQ v1 weights, activations and a bias through ``w4a16_matmul(**config)``
+    (``fragments``: the weights repacked as fragment words), against the dequantized weight's matmul."""
     from qoqopt.kernels.w4a16 import w4a16_matmul
+    from qoqopt.packing import gptq_to_fragments
 
-    k, n, group_size, m = 384, 72, 128, 13
-    intweight, zeros, scales, g_idx = _gptq_case(k, n, 4, group_size, False, seed=3)
+    intweight, zeros, scales, g_idx = _gptq_case(k, n, 4, group_size, False, seed=seed)
     qweight, qzeros = pack_gptq(intweight, zeros)
     w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     bias = (torch.randn(n) * 0.1).to(DEVICE, dtype)
     out = nan_like((m, n), dtype)
     with torch.inference_mode():
-        w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE, dtype), bias, group_size=group_size,
-                     zero_offset=1, out=out, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2,
-                     JOIN_FIELDS=True)
+        w4a16_matmul(x, (gptq_to_fragments(qweight) if fragments else qweight).to(DEVICE), qzeros.to(DEVICE),
+                     scales.to(DEVICE, dtype), bias, group_size=group_size, zero_offset=1, out=out, **config)
     assert_close(out, F.linear(x.float(), w.t().to(dtype).float(), bias.float()), dtype, scale=4)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_w4a16_decode_joined_fields_match_dequantized_matmul(dtype):
+    """The same tiles on random activations and a bias, 13 rows (the 16-row tile cut off)."""
+    _matches_dequantized_matmul(384, 72, 128, 13, dtype, seed=3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4,
+                                num_stages=2, JOIN_FIELDS=True)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -564,8 +570,38 @@ def test_w4a16_fragment_decode_matches_dequantized_matmul(dtype, m):
     assert_close(out, F.linear(x.float(), w.t().to(dtype).float(), bias.float()), dtype, scale=4)
 
 
+@pytest.mark.parametrize("split", [1, 3])
+def test_w4a16_fragment_prefill_returns_the_spec_weights_bit_for_bit(split):
+    """Prefill tiles over fragment words (``FRAGMENTS=True``, a sweep candidate), fp32 one-hot rows:
+    every row of every block read back as the spec's ``(q - z) * s``, bit for bit, 64 rows at a time
+    (two row tiles), zeros 1 and 16 among them, N cut off, K split 1 and 3 ways."""
+    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
+    from qoqopt.packing import gptq_to_fragments
+
+    k, n, group_size, m = 384, 40, 128, 64
+    qweight, qzeros, scales, w, g = _spec_case(k, n, group_size, seed=8, scales_dtype=torch.float32, zeros_at_ends=True)
+    plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=torch.float32,
+                       device=DEVICE, FRAGMENTS=True, SPLIT_K=split)
+    assert plan.kernel == "mma" and plan.constexprs["BLOCK_M"] > 16 and plan.constexprs["BLOCK_K"] == 128
+    words = gptq_to_fragments(qweight).to(DEVICE)
+    for rows in torch.randperm(k, generator=g).view(-1, m):
+        x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE)
+        out = nan_like((m, n), torch.float32)
+        with torch.inference_mode():
+            w4a16_matmul(x, words, qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size, zero_offset=1,
+                         out=out, FRAGMENTS=True, SPLIT_K=split)
+        assert torch.equal(out.cpu(), w[rows]), rows.tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_w4a16_fragment_prefill_matches_dequantized_matmul(dtype):
+    """The same tiles on random activations with a bias, 70 rows (the last row tile cut off)."""
+    _matches_dequantized_matmul(256, 72, 128, 70, dtype, seed=9, fragments=True, FRAGMENTS=True)
+
+
 def test_w4a16_fragment_decode_refuses_what_it_cannot_run():
-    """Prefill rows, fp32 x, 8-bit weights, groups or K not whole 128-row blocks: a clear error."""
+    """Prefill rows, fp32 x, 8-bit weights, groups or K not whole 128-row blocks: a clear error; and
+    the prefill tiles over fragment words refuse decode rows, 8 bits and partial blocks."""
     from qoqopt.errors import QoqoptError
     from qoqopt.kernels.w4a16 import launch_plan
 
@@ -575,6 +611,10 @@ def test_w4a16_fragment_decode_refuses_what_it_cannot_run():
                                  (16, 320, torch.float16, {})):
         with pytest.raises(QoqoptError, match="KERNEL='frag' decodes"):
             launch_plan(m, 64, k, dtype=dtype, **(frag | changes))
+    prefill = dict(FRAGMENTS=True, bits=4, group_size=128, zero_offset=1, has_bias=False, device=DEVICE)
+    for m, k, changes in ((16, 256, {}), (64, 256, dict(bits=8)), (64, 320, {})):
+        with pytest.raises(QoqoptError, match="FRAGMENTS=True prefills"):
+            launch_plan(m, 64, k, dtype=torch.float16, **(prefill | changes))
 
 
 @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])

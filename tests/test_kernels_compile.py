@@ -140,6 +140,27 @@ def test_w4a16_fragment_decode_feeds_the_mma_from_registers(dtype, tiles):
     assert layout.group(1).endswith("2, 2, 2") and layout.group(2).startswith("4, 3, 2"), layout.group(0)
 
 
+@pytest.mark.parametrize("m, tiles", [(128, dict(BLOCK_M=128, num_stages=3)), (2048, {})], ids=["m128", "m2048"])
+def test_w4a16_fragment_prefill_costs_what_gptq_words_cost(m, tiles):
+    """Prefill tiles over fragment words (``FRAGMENTS=True``) read the rows in another order and
+    nothing else: compiled for sm_90 at gate/up with 128-deep K steps (one block), within 3% of GPTQ
+    words' K-loop instructions at the same tiles, and no spill at 128-row tiles. (256-row tiles with
+    128-deep steps sit at the register ceiling: Triton 3.9 spills 8 B for GPTQ words and 72 B for
+    fragments there, 3.6 neither; the sweep times them under the GPU image's 3.6.) If fragment
+    decode wins on the GPU, this is what lets one layout serve prefill too."""
+    from benchmarks.offline_compile import w4a16_compile
+
+    (gptq, _), (frag, plan) = (_offline(w4a16_compile, m, 3584, 18944, BLOCK_K=128, **tiles, **f)
+                               for f in ({}, dict(FRAGMENTS=True)))
+    assert plan.kernel == "mma" and plan.constexprs["FRAGMENTS"] and plan.constexprs["BLOCK_K"] == 128
+    mixes, usage = [main_loop_mix(c) for c in (gptq, frag)], resource_usage(frag)
+    if usage is None or None in mixes:
+        pytest.skip("this triton ships no cuobjdump: machine code unreadable")
+    loops = [sum(mix.values()) for mix in mixes]
+    print(f"M={m} K-loop instructions: GPTQ words {loops[0]}, fragment words {loops[1]}; {_resource_usage(frag)}")
+    assert loops[1] <= 1.03 * loops[0] and (usage["stack_bytes"] == 0 or plan.constexprs["BLOCK_M"] > 128), (loops, usage)
+
+
 @pytest.fixture
 def offline_launches():
     from benchmarks.offline_compile import offline_w4a16
