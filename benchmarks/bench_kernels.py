@@ -550,8 +550,8 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
 FRAGMENT_DECODE = [dict(KERNEL="frag", BLOCK_N=bn, num_warps=w, num_stages=3) for bn, w in ((128, 4), (64, 2))]
 # Prefill over the same words (FRAGMENTS=True, 128-deep K steps: one block), beside GPTQ words at the same
 # tiles: if fragments win decode, one layout must serve both. sm_90 SASS per weight, Triton 3.6, gate/up:
-# 6.59 at 128 x 128 x 128 against 6.55 for GPTQ words (8.09 at the default's 64-deep steps), 7.62 at
-# 256 x 128 x 128 against 7.72 (9.12); no spill under 3.6 (3.9 spills 72 and 8 B at 256 rows)
+# 6.45 at 128 x 128 x 128 against 6.55 for GPTQ words (8.09 at the default's 64-deep steps), 7.53 at
+# 256 x 128 x 128 against 7.72 (9.12); no spill under 3.6 (3.9 spills 80 and 8 B at 256 rows)
 FRAGMENT_PREFILL_128 = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, **f)
                         for f in ({}, dict(FRAGMENTS=True))]
 
@@ -659,8 +659,8 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
     exact product on :func:`heavy_tailed` activations: the W4A16 defaults are decided from these rows.
     At bf16 the store's rounding hides accumulation error, so the decode defaults are also checked in
     fp16, and every config is counted by how many outputs differ from the default's."""
-    from qoqopt.kernels.w4a16 import QuantLinear, dequantize_weight
-    from qoqopt.packing import gptq_to_fragments, pack_gptq, quantize_rtn
+    from qoqopt.kernels.w4a16 import QuantLinear, dequantize_weight, reads_fragment_words
+    from qoqopt.packing import FRAGMENT_K, gptq_to_fragments, pack_gptq, quantize_rtn
 
     dtype, dev = b.dtype, b.device
     g = torch.Generator().manual_seed(0)
@@ -670,11 +670,9 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
         intweight, zeros, scales = quantize_rtn(weight, 4, pr.group_size)
         layer = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales)
         w_exact = dequantize_weight(layer.qweight, layer.qzeros, layer.scales, **layer._kwargs()).double()
-        fragments = functools.cache(lambda layer=layer: gptq_to_fragments(layer.qweight))  # once a shape
-
-        def words(cfg, layer=layer, fragments=fragments):  # the qweight layout the config's kernel reads
-            return fragments() if cfg.get("KERNEL") == "frag" or cfg.get("FRAGMENTS") else layer.qweight
-
+        # the words each config's kernel reads: GPTQ's, or repacked once a shape (K is whole 128-row blocks
+        # at every 7B shape; elsewhere the plan refuses fragment configs, inside the timed call)
+        words = {False: layer.qweight, True: gptq_to_fragments(layer.qweight) if k % FRAGMENT_K == 0 else None}
         for m in w4a16_swept_ms(pr, narrow):
             xs = {dt: heavy_tailed(m, k, g).to(dev, dt) for dt in ((dtype, torch.float16) if m <= 16 else (dtype,))}
             exact = {dt: x.double() @ w_exact for dt, x in xs.items()}
@@ -687,7 +685,7 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
                 if (plan := _plan(layer, m, xs[dtype], cfg)) is not None and plan in planned:
                     continue  # the default's own launch under its name: timed once
                 planned.append(plan)
-                run = _bound_w4a16(layer, xs[dtype], cfg, functools.partial(words, cfg))
+                run = _bound_w4a16(layer, xs[dtype], cfg, words[reads_fragment_words(cfg)])
                 if not (row := b.add("sweep", case, config_tag(cfg) or "default", run)):
                     continue
                 out = run()
@@ -695,7 +693,7 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
                 row.extra |= {"max_rel_err": rel_err(out, exact[dtype]), "rms_rel_err": rel_err(out, exact[dtype], rms=True),
                               "differs_from_default": (out != default_out).float().mean().item(), **floor}
                 if torch.float16 in xs and not cfg:  # not timed: the accumulation error bf16 would hide
-                    out16 = _bound_w4a16(layer, xs[torch.float16], cfg, functools.partial(words, cfg))()
+                    out16 = _bound_w4a16(layer, xs[torch.float16], cfg, layer.qweight)()
                     row.extra["fp16_max_rel_err"] = rel_err(out16, exact[torch.float16])
                 print(f"  {'':9s} {case:28s} {row.impl:18s} " + _accuracy_line(row.extra, _short(dtype)))
 
@@ -771,18 +769,17 @@ def _plan(layer, m: int, x, cfg: dict):
         return None
 
 
-def _bound_w4a16(layer, x, cfg, words):
-    """The layer's launch under ``cfg`` over ``words()`` (the layer's qweight, or its fragment words),
-    bound on first call as QuantLinear binds its own (a config that does not fit the layer fails
-    inside the timed call, where the sweep reports it)."""
+def _bound_w4a16(layer, x, cfg, qweight):
+    """The layer's launch under ``cfg`` over ``qweight`` (the layer's, or its fragment words), bound on
+    first call as QuantLinear binds its own (a config that does not fit the layer fails inside the
+    timed call, where the sweep reports it)."""
     from qoqopt.kernels.w4a16 import prepare_w4a16
 
-    launch = qweight = None
+    launch = None
 
     def run():
-        nonlocal launch, qweight
+        nonlocal launch
         if launch is None:
-            qweight = words()
             launch = prepare_w4a16(x.shape[0], layer.in_features, layer.out_features, x.dtype, x.device,
                                    has_bias=False, **layer._kwargs(), **cfg)
         return launch(x, qweight, layer.qzeros, layer.scales)

@@ -225,7 +225,7 @@ def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.
         launch = w4a16.prepare_w4a16(m, k, n, dtype, CUDA, has_bias=True, group_size=group_size,
                                      zero_offset=zero_offset, **config)
         with toolchain_needed():
-            launch(*w4a16_operands(m, k, n, dtype, group_size, plan.kernel == "frag" or plan.constexprs.get("FRAGMENTS")))
+            launch(*w4a16_operands(m, k, n, dtype, group_size, w4a16.reads_fragment_words(config)))
     return launch.matmul.kernel, plan
 
 

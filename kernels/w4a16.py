@@ -226,7 +226,6 @@ def _w4a16_kernel(
     # Decode: each packed word is loaded once, then fanned out to its PACK values in registers:
     # [rows, 1, cols] >> [1, PACK, 1], reshaped row-major to the [BLOCK_K, BLOCK_N] tile.
     shifts = tl.arange(0, PACK) * BITS
-    JOINED: tl.constexpr = JOIN_FIELDS and BLOCK_M <= 16 and MAGIC_BITS != 0 and BITS == 4
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -235,9 +234,8 @@ def _w4a16_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
                     other=0.0)
-        if FRAGMENTS:  # one 128-row block of fragment words (K is whole blocks)
-            words = _load(qweight_ptr + (k0 // 128) * stride_qw + offs_n[None, :] * 16 + tl.arange(0, 16)[:, None],
-                          n_mask[None, :], EVEN_N)
+        if FRAGMENTS:  # K is whole 128-row blocks
+            words = _load(_fragment_word_ptrs(qweight_ptr, offs_n) + (k0 // 128) * stride_qw, n_mask[None, :], EVEN_N)
         else:
             offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
             w_mask = (offs_wk < K // PACK)[:, None] & n_mask[None, :]
@@ -257,7 +255,7 @@ def _w4a16_kernel(
         else:  # decode: q - zero is exact in x's dtype, the scale is applied to the tile's dot
             # (MAGIC + q) - (MAGIC + zero): no conversion instruction
             magic_zero = (zero.to(tl.float32) + MAGIC).to(in_dtype)[None, :]
-            if JOINED:
+            if JOIN_FIELDS:  # the plan allows it for 4-bit weights and 16-bit x only
                 # Fields joined as in the prefill tiles: wide shared-memory stores instead of one
                 # 16-bit store per weight (sm_90 SASS, gate/up M=16 at Triton 3.6: 17 STS against 129
                 # per K step, 5.41 instructions per weight against 6.49, 128 registers against 168).
@@ -332,14 +330,21 @@ def _fragment_tile(words, neg_magic_zero, neg_magic_zero_pair, pair_bits, dtype:
         # dtype from a tensor: the asm call does not take a constexpr-wrapped dtype
         t = tl.inline_asm_elementwise(ASM.value, FRAGMENT_ASM_OPERANDS.value, operands, dtype=neg_magic_zero.dtype,
                                       is_pure=False, pack=8)
-    else:
+        w = _fragment_rows(t, BLOCK_N)
+    else:  # nibbles J and J + 4 of each word from one masked pair, as the asm makes them
         lo0, hi0 = _half_pair(words, pair_bits, 0, dtype)
         lo1, hi1 = _half_pair(words, pair_bits, 1, dtype)
         lo2, hi2 = _half_pair(words, pair_bits, 2, dtype)
         lo3, hi3 = _half_pair(words, pair_bits, 3, dtype)
-        t = tl.join(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)), tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)))
-        t = t + neg_magic_zero[None, :, None, None, None]
-    return _fragment_rows(t, BLOCK_N)
+        w = _fragment_nibble_rows(lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, BLOCK_N) + neg_magic_zero[None, :]
+    return w
+
+
+@device_function
+def _fragment_word_ptrs(qweight_ptr, offs_n):
+    """``[16, cols]`` pointers to columns ``offs_n``'s fragment words in the first 128-row block (the
+    block of row ``k0`` is ``k0 // 128`` rows of ``stride_qw`` on)."""
+    return qweight_ptr + offs_n[None, :] * 16 + tl.arange(0, 16)[:, None]
 
 
 @device_function
@@ -351,17 +356,22 @@ def _fragment_rows(t, BLOCK_N: tl.constexpr):
 
 
 @device_function
+def _fragment_nibble_rows(n0, n1, n2, n3, n4, n5, n6, n7, BLOCK_N: tl.constexpr):
+    """Eight ``[16, BLOCK_N]`` tiles, nibble ``p`` of each fragment word (``p = e1 + 2 e6 + 4 e0``) ->
+    ``[128, BLOCK_N]`` in row order."""
+    t = tl.join(tl.join(tl.join(n0, n2), tl.join(n1, n3)), tl.join(tl.join(n4, n6), tl.join(n5, n7)))
+    return _fragment_rows(t, BLOCK_N)
+
+
+@device_function
 def _fragment_q_tile(words, magic_bits, BLOCK_N: tl.constexpr):
     """``[16, BLOCK_N]`` fragment words -> ``[128, BLOCK_N]`` fp32 ``q`` (``_field`` of each nibble,
     as the prefill tiles read GPTQ words): prefill tiles go through shared memory to the MMA anyway,
     so over fragment words they only read the rows in another order."""
-    f0, f1 = _field(words, magic_bits, 0, 4), _field(words, magic_bits, 1, 4)
-    f2, f3 = _field(words, magic_bits, 2, 4), _field(words, magic_bits, 3, 4)
-    f4, f5 = _field(words, magic_bits, 4, 4), _field(words, magic_bits, 5, 4)
-    f6, f7 = _field(words, magic_bits, 6, 4), _field(words, magic_bits, 7, 4)
-    # nibble e1 + 2 e6 + 4 e0: [r, n, e6, e1, e0]
-    t = tl.join(tl.join(tl.join(f0, f2), tl.join(f1, f3)), tl.join(tl.join(f4, f6), tl.join(f5, f7)))
-    return _fragment_rows(t, BLOCK_N)
+    return _fragment_nibble_rows(_field(words, magic_bits, 0, 4), _field(words, magic_bits, 1, 4),
+                                 _field(words, magic_bits, 2, 4), _field(words, magic_bits, 3, 4),
+                                 _field(words, magic_bits, 4, 4), _field(words, magic_bits, 5, 4),
+                                 _field(words, magic_bits, 6, 4), _field(words, magic_bits, 7, 4), BLOCK_N)
 
 
 @kernel(do_not_specialize=("M",))
@@ -413,7 +423,7 @@ def _w4a16_fragment_kernel(
     pid_k = tl.program_id(2)
     offs_m, offs_n, m_mask, n_mask = _output_tile(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     in_dtype = x_ptr.dtype.element_ty
-    word_ptrs = qweight_ptr + offs_n[None, :] * 16 + tl.arange(0, 16)[:, None]
+    word_ptrs = _fragment_word_ptrs(qweight_ptr, offs_n)
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -541,7 +551,6 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     group_size), then ``overrides``; the K split follows the resulting tiles unless overridden."""
     cpu = device.type == "cpu"
     fragments = overrides.get("KERNEL") == "frag"  # decode tiles at any M <= 16, one row included
-    words_in_blocks = fragments or overrides.get("FRAGMENTS", False)
     if m == 1 and not fragments:  # 128 x 128 tiles: 128 weights per thread per step at 4 warps
         cfg = dict(KERNEL="gemv", BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 128, num_warps=4, num_stages=3)
     elif m <= DECODE_MAX_M:  # 64 x 128 tiles: 64 dequantized values per thread at 4 warps
@@ -569,7 +578,7 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
         cfg["BLOCK_K"] //= 2
     if cfg["BLOCK_K"] < 16:
         raise QoqoptError(f"w4a16 kernel: group_size {group_size} must be a multiple of 16")
-    if words_in_blocks:  # one block of fragment words per K step
+    if reads_fragment_words(overrides):  # one block of fragment words per K step
         cfg["BLOCK_K"] = FRAGMENT_K
     cfg |= overrides
     if "SPLIT_K" not in cfg:
@@ -613,7 +622,7 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     cfg = _config(m, n, k, group_size, device, sms, dict(config))
     kind, split, block_k = cfg.pop("KERNEL"), cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
     assert kind in KERNELS, f"KERNEL={kind!r} is not one of {tuple(KERNELS)}"
-    if kind == "frag" or cfg.get("FRAGMENTS"):
+    if reads_fragment_words(dict(config)):
         _check_fragment_launch(m, k, bits, group_size, dtype, block_k, prefill=kind == "mma")
     assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
     assert kind != "gemv" or m == 1, "the GEMV kernel takes one row"
@@ -635,6 +644,12 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
         "JOIN_FIELDS builds 16-row decode tiles of 4-bit weights for fp16/bf16 activations only"
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
     return LaunchPlan(kind, split, k_per_split, grid, common | cfg)
+
+
+def reads_fragment_words(config: dict) -> bool:
+    """Whether a launch ``config`` reads fragment words (``qoqopt.packing.gptq_to_fragments``) instead
+    of GPTQ's: the decode kernel over them, or the tensor-core tiles with ``FRAGMENTS``."""
+    return config.get("KERNEL") == "frag" or bool(config.get("FRAGMENTS"))
 
 
 def _check_fragment_launch(m, k, bits, group_size, dtype, block_k, prefill: bool) -> None:
@@ -672,8 +687,7 @@ def w4a16_matmul(
     assert x.dim() == 2 and x.stride(1) == 1, f"x must be [M, K] with unit column stride, got {tuple(x.shape)}"
     m, k = x.shape
     n = scales.shape[1]
-    fragments = config.get("KERNEL") == "frag" or config.get("FRAGMENTS", False)
-    expected = (k // FRAGMENT_K, 16 * n) if fragments else (k * bits // 32, n)
+    expected = (k // FRAGMENT_K, 16 * n) if reads_fragment_words(config) else (k * bits // 32, n)
     assert qweight.shape == expected and qweight.is_contiguous(), f"qweight {tuple(qweight.shape)} vs K={k}, N={n}"
     assert scales.shape[0] == cdiv(k, group_size) and qzeros.shape[0] == scales.shape[0], "groups disagree"
     assert out is None or (out.shape == (m, n) and out.is_contiguous()), f"out must be contiguous [{m}, {n}]"

@@ -492,21 +492,27 @@ def test_w4a16_decode_joined_fields_place_every_weight(dtype, split):
     assert torch.equal(out.cpu(), w[rows].to(dtype))
 
 
-def _matches_dequantized_matmul(k, n, group_size, m, dtype, seed, fragments=False, **config):
-    """Random 4-bit GPTQ v1 weights, activations and a bias through ``w4a16_matmul(**config)``
-    (``fragments``: the weights repacked as fragment words), against the dequantized weight's matmul."""
-    from qoqopt.kernels.w4a16 import w4a16_matmul
-    from qoqopt.packing import gptq_to_fragments
+def _matches_dequantized_matmul(k, n, group_size, m, dtype, seed, v2_zeros=False, **config):
+    """Random 4-bit GPTQ weights, activations and a bias through ``w4a16_matmul(**config)`` (the words
+    repacked as fragment words where the config reads those), against the dequantized weight's
+    matmul. ``v2_zeros``: GPTQ v2's zeros, stored as they are, 0 among them (v1 cannot store it)."""
+    from qoqopt.kernels.w4a16 import reads_fragment_words, w4a16_matmul
+    from qoqopt.packing import gptq_to_fragments, pack_along_cols, pack_along_rows
 
     intweight, zeros, scales, g_idx = _gptq_case(k, n, 4, group_size, False, seed=seed)
-    qweight, qzeros = pack_gptq(intweight, zeros)
+    if v2_zeros:
+        zeros[:, :3] = 0
+        qweight, qzeros = pack_along_rows(intweight, 4), pack_along_cols(zeros, 4)
+    else:
+        qweight, qzeros = pack_gptq(intweight, zeros)
     w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     bias = (torch.randn(n) * 0.1).to(DEVICE, dtype)
     out = nan_like((m, n), dtype)
     with torch.inference_mode():
-        w4a16_matmul(x, (gptq_to_fragments(qweight) if fragments else qweight).to(DEVICE), qzeros.to(DEVICE),
-                     scales.to(DEVICE, dtype), bias, group_size=group_size, zero_offset=1, out=out, **config)
+        w4a16_matmul(x, (gptq_to_fragments(qweight) if reads_fragment_words(config) else qweight).to(DEVICE),
+                     qzeros.to(DEVICE), scales.to(DEVICE, dtype), bias, group_size=group_size,
+                     zero_offset=0 if v2_zeros else 1, out=out, **config)
     assert_close(out, F.linear(x.float(), w.t().to(dtype).float(), bias.float()), dtype, scale=4)
 
 
@@ -552,22 +558,8 @@ def test_w4a16_fragment_decode_places_every_weight(dtype, split, tiles):
 def test_w4a16_fragment_decode_matches_dequantized_matmul(dtype, m):
     """The same kernel on random activations with a bias, one row (where it would stand in for the
     GEMV) and 13 (the 16-row tile cut off); GPTQ v2 zeros, 0 among them, two groups of 256 rows."""
-    from qoqopt.kernels.w4a16 import w4a16_matmul
-    from qoqopt.packing import gptq_to_fragments, pack_along_cols, pack_along_rows
-
-    k, n, group_size = 512, 72, 256
-    intweight, zeros, scales, g_idx = _gptq_case(k, n, 4, group_size, False, seed=7)
-    zeros[:, :3] = 0  # v2 (and AWQ) may store a zero of 0; v1 cannot
-    qweight, qzeros_v2 = pack_along_rows(intweight, 4), pack_along_cols(zeros, 4)  # v2 stores the zero itself
-    w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
-    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    bias = (torch.randn(n) * 0.1).to(DEVICE, dtype)
-    out = nan_like((m, n), dtype)
-    with torch.inference_mode():
-        w4a16_matmul(x, gptq_to_fragments(qweight).to(DEVICE), qzeros_v2.to(DEVICE), scales.to(DEVICE, dtype), bias,
-                     group_size=group_size, zero_offset=0, out=out, KERNEL="frag", BLOCK_N=64, num_warps=2,
-                     num_stages=2)
-    assert_close(out, F.linear(x.float(), w.t().to(dtype).float(), bias.float()), dtype, scale=4)
+    _matches_dequantized_matmul(512, 72, 256, m, dtype, seed=7, v2_zeros=True, KERNEL="frag", BLOCK_N=64,
+                                num_warps=2, num_stages=2)
 
 
 @pytest.mark.parametrize("split", [1, 3])
@@ -596,7 +588,7 @@ def test_w4a16_fragment_prefill_returns_the_spec_weights_bit_for_bit(split):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_w4a16_fragment_prefill_matches_dequantized_matmul(dtype):
     """The same tiles on random activations with a bias, 70 rows (the last row tile cut off)."""
-    _matches_dequantized_matmul(256, 72, 128, 70, dtype, seed=9, fragments=True, FRAGMENTS=True)
+    _matches_dequantized_matmul(256, 72, 128, 70, dtype, seed=9, FRAGMENTS=True)
 
 
 def test_w4a16_fragment_decode_refuses_what_it_cannot_run():
