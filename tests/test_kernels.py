@@ -42,8 +42,30 @@ def assert_close(out, ref, dtype, scale=1.0):
     torch.testing.assert_close(out.float(), ref.float(), atol=atol * scale, rtol=rtol)
 
 
+# Every output buffer is followed by guard elements holding a sentinel, checked after each test: the
+# interpreter does not bounds-check, so a store that drops a row or column mask (a tile's EVEN_N
+# wrongly set, say) writes past the output, here into the guard, instead of failing.
+_GUARD, _SENTINEL = 256, 7776.0  # exact in fp16, bf16 and fp32
+_guards: list[torch.Tensor] = []
+
+
 def nan_like(shape, dtype):
-    return torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)
+    """A NaN-filled contiguous output of ``shape``, so an element the kernel forgets to write fails the
+    comparison, followed in memory by a guard that :func:`_outputs_stay_in_bounds` checks."""
+    numel = math.prod(shape)
+    buffer = torch.full((numel + _GUARD,), float("nan"), device=DEVICE, dtype=dtype)
+    buffer[numel:] = _SENTINEL
+    _guards.append(buffer[numel:])
+    return buffer[:numel].view(shape)
+
+
+@pytest.fixture(autouse=True)
+def _outputs_stay_in_bounds():
+    _guards.clear()
+    yield
+    for guard in _guards:
+        assert guard.eq(_SENTINEL).all(), "a kernel wrote past the end of its output buffer"
+    _guards.clear()
 
 
 # ----------------------------------------------------------------------------- patch merger
