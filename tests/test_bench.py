@@ -176,6 +176,42 @@ def test_gguf_drift_matches_independent_computation(run_1t, independent_referenc
     assert a["same_top_pct"] == pytest.approx(100 * same.mean(), abs=1e-9)
 
 
+@pytest.mark.parametrize("variant", ["bf16", "gptq:4", "awq:4"])
+def test_transformers_variants_drift_matches_independent_computation(run_1t, independent_reference, trained_dir,
+                                                                     variant):
+    """bf16: transformers loading the checkpoint in bf16. gptq:4 / awq:4: their builds as the format
+    spec dequantizes them (benchmarks/spec_layout.py imports nothing from qoqopt), in transformers'
+    fp32 model, as the bench runs them on a CPU: the bench's drift must be these models' KLD."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from benchmarks.spec_layout import spec_state
+    from qoqopt.loader import canonical_name, runtime_name
+    from qoqopt.processor import load_processor
+
+    rec = _by_name(run_1t[0])[variant]
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=dtype).eval()
+    if variant != "bf16":
+        build = Path(next(f["path"] for f in rec["files"] if f["path"].endswith("config.json"))).parent
+        stored, packed = spec_state(build)
+        params = model.state_dict()
+        with torch.no_grad():
+            for key, t in stored.items():
+                params[runtime_name(canonical_name(key))].copy_(t)
+        assert len(packed) == 14  # every decoder linear of the 2-layer model
+    proc = load_processor(trained_dir)
+    klds = []
+    for item, _, reply_ids, ref in independent_reference:
+        ids, cand = _reply_logits(model, proc, item)
+        assert ids == reply_ids
+        klds.append(_kld(ref, cand)[0])
+    kld = torch.cat(klds).numpy()
+    a = rec["drift"]["all"]
+    assert a["positions"] == len(kld) and kld.mean() > 0
+    np.testing.assert_allclose(a["mean_kld"], kld.mean(), rtol=1e-3)
+
+
 @pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes + accelerate not installed (qoqopt[bnb])")
 def test_bnb_drift_matches_independent_computation(run_1t, run_2t, independent_reference, trained_dir):
     """bnb:nf4 is bitsandbytes' own quantization at load: the bench's drift must be what transformers +

@@ -36,11 +36,15 @@ def _export_call(monkeypatch, *flags) -> dict:
     from qoqopt.exports import gguf_export, hf_quant
 
     seen = {}
-    monkeypatch.setattr(gguf_export, "export_gguf", lambda src, out, options, **kw: seen.update(dataclasses.asdict(options)))
+    def fake_gguf(src, out, options, **kw):
+        seen.update(dataclasses.asdict(options), passed=set(kw))
+
+    monkeypatch.setattr(gguf_export, "export_gguf", fake_gguf)
     real = inspect.signature(hf_quant.export_hf_quant)  # follows __wrapped__ past an earlier call's stand-in
 
     @functools.wraps(hf_quant.export_hf_quant)
     def fake_hf(*a, **kw):
+        seen["passed"] = set(kw)  # the keywords as the command passes them, before defaults
         bound = real.bind(*a, **kw)
         bound.apply_defaults()
         seen.update(bound.arguments)
@@ -63,10 +67,10 @@ def test_export_calibration_count_defaults_per_format(fmt, samples, monkeypatch)
 def test_export_fills_only_its_own_family(monkeypatch):
     gguf = _export_call(monkeypatch, "--format", "gguf")
     assert (gguf["quants"], gguf["imatrix"], gguf["mmproj_type"]) == (["Q4_K_M"], "clinical", "f16")
-    assert "bits" not in gguf and "calib" not in gguf
-    gptq = _export_call(monkeypatch, "--format", "gptq")
-    assert (gptq["bits"], gptq["group_size"], gptq["calib"]) == (4, 128, "clinical")
-    assert "quant" not in gptq and "imatrix" not in gptq  # export_hf_quant's signature bound them all
+    assert gguf["passed"] == {"revision", "force"}  # every other choice travels inside GGUFOptions
+    gptq = _export_call(monkeypatch, "--format", "gptq", "--bits", "8")
+    assert (gptq["bits"], gptq["group_size"], gptq["calib"]) == (8, 128, "clinical")
+    assert gptq["passed"] == {"order", "force", "seed", "revision", "bits"}  # given options only, none of GGUF's
 
 
 @pytest.mark.parametrize("fmt,flags", [

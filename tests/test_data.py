@@ -7,6 +7,7 @@ import json
 import re
 from collections import Counter
 
+import jinja2
 import numpy as np
 import pydicom
 import pytest
@@ -56,14 +57,19 @@ def test_five_domains_with_several_question_types(eval_items):
         assert it.answer in it.choices
 
 
-def test_question_and_reference_reply_follow_qoq_med(eval_items):
+def test_question_and_reference_reply_follow_qoq_med(eval_items, fixture_7b):
     ct = next(it for it in eval_items if it.meta["qtype"] == "region_ct")
     assert ct.question.startswith("Above is a CT image of a patient. Which body region is shown?")
     assert "Answer with one word from the following: Head, Chest, Abdomen, Pelvis, Spine." in ct.question
     modality = next(it for it in eval_items if it.meta["qtype"] == "modality" and it.domain == "ecg")
     assert "ECG" not in modality.question.split(" Answer")[0]  # the preamble must not give it away
+    # QoQ-Med's own format template, rendered around each question, less the bounding-box sentence
+    # that prompts.py documents dropping (no box annotations to teach)
+    template = jinja2.Template((fixture_7b / "medical_format.jinja").read_text())
     for it in eval_items:
-        assert it.question.endswith(THINK_SUFFIX)
+        rendered = template.render(content=it.question.split(" You FIRST")[0])
+        expected, dropped = re.subn(r"\nBefore analyzing medical images.*?wrapped in ```json \.\.\. ``` tags\. ", " ", rendered)
+        assert dropped == 1 and it.question == expected
         assert re.fullmatch(r"<think>[^<]{10,200}</think>\n\\boxed\{" + re.escape(it.answer) + r"\}", it.target_text())
     msg = ct.messages()
     assert msg[0]["role"] == "user"

@@ -71,6 +71,9 @@ def test_p99_and_top1_over_positions():
     assert d.same_top_pct == pytest.approx(98.0)
     # numpy's linear-interpolated 99th percentile of 98 zeros and 2 values k: position 98.01
     assert d.p99_kld == pytest.approx(k, rel=1e-9)
+    # Δp of the reference's top token: 0.1 - 0.9 at the 2 flipped positions, 0 at the other 98 (a
+    # mean |Δp| would give 1.6%)
+    assert d.rms_dp_pct == pytest.approx(100 * math.sqrt(2 * 0.8**2 / 100), rel=1e-9)
 
 
 def test_boxed_extraction():

@@ -62,6 +62,26 @@ def test_real_7b_hparams_and_plan(real_7b):
     assert {p.qtype for p in q8 if p.entry.target.startswith("v.patch_embd")} == {gguf_write.F32}
 
 
+def test_every_tensor_gets_gguf_pys_name_for_it(real_7b):
+    """Each source tensor's target is the name gguf-py's own tensor map gives that tensor (the table
+    llama.cpp's converter maps by), so a swapped pair of rules (gate and up, say) fails here. Two
+    places differ by design, as in llama.cpp's converter: the fused vision qkv is split into q, k and
+    v in order, and the Conv3d patch embedding into two Conv2d kernels, the second named ``.weight.1``."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    ckpt, shapes = real_7b
+    m = build_mapping(shapes, 28, 32)
+    for entries, arch, blocks in ((m.text, MODEL_ARCH.QWEN2VL, 28), (m.vision, MODEL_ARCH.MMPROJ, 32)):
+        names = get_tensor_name_map(arch, blocks)
+        for e in entries:
+            want = names.get_name(e.source, try_suffixes=(".weight", ".bias"))
+            if ".attn_qkv." in want:
+                want = want.replace("attn_qkv", "attn_" + "qkv"[e.index])
+            elif want == "v.patch_embd.weight" and e.index:
+                want += f".{e.index}"
+            assert e.target == want, e.source
+
+
 def test_gguf_names_are_llama_cpp_names():
     from gguf import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES
 

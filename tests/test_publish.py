@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +89,15 @@ def test_no_token_is_refused_before_any_upload(export_dir, tmp_path):
     assert "no Hugging Face token" in error_line(run_cli("publish", str(export_dir), "--repo", "me/x", env=env))
 
 
+def _content(source) -> bytes:
+    """What an upload operation carries: a path, bytes or a binary file object."""
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).read_bytes()
+    return source.read()
+
+
 class RecordingApi:
     """Stands in for HfApi at the network boundary: records the operations it is asked to perform."""
 
@@ -98,6 +109,7 @@ class RecordingApi:
 
     def create_commit(self, repo_id, operations, **kw):
         self.calls.append(("create_commit", repo_id, [op.path_in_repo for op in operations], kw))
+        self.sent = {op.path_in_repo: _content(op.path_or_fileobj) for op in operations}  # the bytes, as the Hub gets them
         return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
 
 
@@ -109,6 +121,12 @@ def test_upload_sends_the_plan_through_hfapi_and_never_writes_the_token(export_d
     assert (kind, repo, kw["private"], kw["token"]) == ("create_repo", "me/QoQ-Med-mini-GGUF", True, SECRET)
     assert paths == [f.path for f in plan.files] + ["README.md"]
     assert kw2["token"] == SECRET
+    # the generated card, not the export's own README; every listed file as the manifest hashed it
+    assert api.sent["README.md"] == plan.card.encode()
+    listed = {f["path"]: f["sha256"] for f in json.loads((export_dir / "manifest.json").read_text())["files"]}
+    for path in paths[:-1]:
+        want = listed.get(path) or hashlib.sha256((export_dir / path).read_bytes()).hexdigest()  # the manifest itself
+        assert hashlib.sha256(api.sent[path]).hexdigest() == want, path
     for f in export_dir.rglob("*"):
         assert SECRET.encode() not in f.read_bytes()
     assert SECRET not in plan.card and SECRET not in plan.describe()

@@ -55,10 +55,25 @@ def test_report_merges_two_machines_with_plots(tmp_path):
         assert "★" in rows[starred]
     assert "| cpu 2 threads | gguf:Q4_K_M |" in md and "| cpu 1 thread | gguf:Q4_K_M |" in md
     assert "awq:4`: loader refused" in md
-    assert "| ecg" in md or " ecg |" in md
+    # cells carry the input runs' numbers, each under its own column
+    domains = _table(md, "## Mean KLD per clinical domain")
+    assert {r["variant"]: (float(r["ct"]), float(r["ecg"]), float(r["xray"])) for r in domains if r["ct"] != "–"} == {
+        "gguf:Q8_0": (1e-3, 3e-3, 5e-4), "gguf:Q4_K_M": (2e-2, 6e-2, 1e-2),
+        "gguf:Q5_K_M": (3e-2, 9e-2, 1.5e-2), "gptq:4": (1e-2, 3e-2, 5e-3)}  # fmt: skip
+    speed = {(r["machine"], r["variant"]): (float(r["prefill tok/s"]), float(r["decode tok/s"]))
+             for r in _table(md, "## Speed per machine")}
+    assert speed[("cpu 2 threads", "gguf:Q4_K_M")] == (800, 80) and speed[("cpu 1 thread", "gguf:Q4_K_M")] == (400, 40)
+    assert len(speed) == 8
     for png in ["drift_vs_size.png", "speed.png", "domain_drift.png"]:
         data = (tmp_path / "rep" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def _table(md: str, heading: str) -> list[dict[str, str]]:
+    """The rows of the markdown table under ``heading``, as dicts keyed by its header cells."""
+    lines = [ln for ln in md.split(heading, 1)[1].split("\n## ")[0].splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
 
 
 @pytest.mark.parametrize(

@@ -37,11 +37,29 @@ def tiktoken_enc():
     return tiktoken.Encoding("qwen2", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
 
 
-def test_hello_and_special_ids(hf_tok):
+# the real model's config names the ids its processor and generation use
+CONFIG_TOKEN_IDS = {"<|endoftext|>": "bos_token_id", "<|im_end|>": "eos_token_id", "<|vision_start|>": "vision_start_token_id",
+                    "<|vision_end|>": "vision_end_token_id", "<|vision_pad|>": "vision_token_id",
+                    "<|image_pad|>": "image_token_id", "<|video_pad|>": "video_token_id",
+                    "<|time_series_pad|>": "time_series_token_id"}
+
+
+def test_split_pattern_is_transformers_qwen2s():
+    """tiktoken below runs the same pattern, so the pattern itself is checked here, against the one
+    transformers' Qwen2 tokenizer builds its pre-tokenizer from."""
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    assert QWEN2_PATTERN == PRETOKENIZE_REGEX
+
+
+def test_hello_and_special_ids(hf_tok, fixture_7b):
     assert hf_tok.encode("Hello").ids == [9707]
-    for token_id, content, _ in ADDED_TOKENS:
+    config = json.loads((fixture_7b / "config.json").read_text())
+    for content, key in CONFIG_TOKEN_IDS.items():
+        assert hf_tok.token_to_id(content) == config[key], content
+    for token_id, content, _ in ADDED_TOKENS:  # the rest of the table sits between them, in order
         assert hf_tok.token_to_id(content) == token_id
-    assert hf_tok.token_to_id("<|image_pad|>") == 151655
+    assert [i for i, _, _ in ADDED_TOKENS] == list(range(151643, 151666))
     merges = json.loads(tokenizer_json())["model"]["merges"]
     assert len(merges) == 151643 - 256  # one merge per multi-byte token, as Qwen2's merges.txt
 
