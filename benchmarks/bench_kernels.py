@@ -428,13 +428,17 @@ def _decoder_layer(pr: Profile, dtype, device) -> dict[str, nn.Module]:
     return dict(parts, dense=dense)
 
 
-def fused_copy(holders: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """A copy of :func:`_decoder_layer`'s holders with q/k/v and gate/up fused as ``apply`` fuses them."""
+def fused_copy(holders: dict[str, nn.Module], fragment_words: bool = False) -> dict[str, nn.Module]:
+    """A copy of :func:`_decoder_layer`'s holders with q/k/v and gate/up fused as ``apply`` fuses them,
+    and with ``fragment_words`` every layer repacked as ``apply(w4a16_words="fragments")`` does."""
     from qoqopt.kernels.fused_projections import fuse_projections
+    from qoqopt.kernels.w4a16 import QuantLinear
 
     fused = {parent: copy.deepcopy(holders[parent]) for parent in DECODER_LINEARS}
     for holder in fused.values():
         fuse_projections(holder)
+        layers = [m for m in holder.modules() if isinstance(m, QuantLinear)] if fragment_words else []
+        assert all(layer.use_fragment_words() for layer in layers), "a 7B layer that does not fit fragment words"
     return fused
 
 
@@ -459,6 +463,7 @@ def bench_decoder_layer(b: Bench, pr: Profile) -> None:
     dtype, dev = b.dtype, b.device
     unfused = _decoder_layer(pr, dtype, dev)
     fused = fused_copy(unfused)
+    fragments = fused_copy(unfused, fragment_words=True) if b.triton else None
     dense = unfused["dense"]
     q_bytes = sum(w.numel() / 2 + w.numel() / pr.group_size * 2.5 for w in dense.values())
     for m in (1, 16):
@@ -468,7 +473,10 @@ def bench_decoder_layer(b: Bench, pr: Profile) -> None:
         peer = b.add("layer", case, f"{_dense_name(dtype)} x7", lambda: [F.linear(inputs[n], w) for n, w in dense.items()],
                      bytes_moved=dtype.itemsize * sum(w.numel() for w in dense.values()), flops=flops)
         impl = "qoqopt" if b.triton else "torch-ref"  # QuantLinear falls back by itself
-        for impl, holders in ((f"{impl} x7", unfused), (f"{impl} fused x4", fused)):
+        variants = [(f"{impl} x7", unfused), (f"{impl} fused x4", fused)]
+        if b.triton:  # staged, untimed so far: apply(w4a16_words="fragments"), all 7B layers fit
+            variants.append((f"{impl} fused x4 fragment words", fragments))
+        for impl, holders in variants:
             b.add("layer", case, impl, layer_calls(holders, inputs), peer, q_bytes, flops)
 
 

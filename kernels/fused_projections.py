@@ -104,6 +104,8 @@ def fusion_blocker(layers: list[nn.Module]) -> str | None:
     """Why these sibling layers cannot run as one QuantLinear, or None."""
     if not all(isinstance(layer, QuantLinear) for layer in layers):
         return "not all are qoqopt QuantLinear"
+    if any(layer.words != "gptq" for layer in layers):
+        return "fragment words already (fuse first: a fused layer is repacked whole)"
     same = ("in_features", "bits", "group_size", "zero_offset")
     for name in same:
         if len({getattr(layer, name) for layer in layers}) > 1:

@@ -72,14 +72,21 @@ class PatchReport:
         return line
 
 
-def apply(model: nn.Module, strict: bool = False, fuse: bool = True) -> PatchReport:
+W4A16_WORDS = ("gptq", "fragments")
+
+
+def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words: str = "gptq") -> PatchReport:
     """Patch a transformers ``Qwen2_5_VLForConditionalGeneration`` in place with qoqopt kernels.
 
     Unsupported device or dtype: QoqoptError. No usable Triton (not installed, or CPU without
     ``TRITON_INTERPRET=1``, or bf16 on the CPU interpreter): the torch references run instead, or
     QoqoptError when ``strict``. With ``fuse``, quantized q/k/v and gate/up projections then run as
-    one launch each (:mod:`.fused_projections`). Returns what was patched, per op.
+    one launch each (:mod:`.fused_projections`). ``w4a16_words="fragments"`` then repacks the
+    quantized layers' words in memory for the fragment-word kernels (``QuantLinear.use_fragment_words``;
+    untimed on a GPU so far, hence not the default). Returns what was patched, per op.
     """
+    if w4a16_words not in W4A16_WORDS:
+        raise QoqoptError(f"apply: w4a16_words={w4a16_words!r}; choose from {', '.join(W4A16_WORDS)}")
     tensors = (t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
     first = next(tensors, None)  # parameters first; a bare quantized layer only has float buffers
     if first is None:
@@ -111,7 +118,27 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True) -> PatchRep
         raise QoqoptError(f"apply: nothing to patch in {type(model).__name__} (expected a Qwen2.5-VL model)")
     if fuse:
         report.counts |= fuse_projections(model, report.skipped)
+    if w4a16_words == "fragments":
+        report.counts["w4a16 fragment words"] = _use_fragment_words(model, report, reason)
     return report
+
+
+def _use_fragment_words(model: nn.Module, report: PatchReport, no_triton: str | None) -> int:
+    """Repack every QuantLinear that fits fragment words (after fusion: a fused layer is repacked
+    whole); the others keep GPTQ's, each named in the report."""
+    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if no_triton:  # the torch reference reads GPTQ's words: repacking would only add a conversion per call
+        if layers:
+            report.skipped["w4a16 fragment words"] = f"{len(layers)} layer(s) kept GPTQ words: the torch reference runs"
+        return 0
+    count = 0
+    for path, layer in layers:
+        if layer.use_fragment_words():
+            count += 1
+        else:
+            report.skipped[path] = (f"kept GPTQ words: fragment words need 4 bits and K and group_size multiples "
+                                    f"of 128 (bits {layer.bits}, K {layer.in_features}, group_size {layer.group_size})")
+    return count
 
 
 def _find_targets(model: nn.Module) -> list[tuple[str, Patch]]:

@@ -15,10 +15,12 @@ Two regimes, two kernels:
     1.1x to 1.9x slower than these on the H200 at every 7B decode shape (2026-11-30) and was removed;
   * prefill: classic tiles with M fastest in the grid, so programs sharing a weight tile run
     together and the weight is read from HBM about once; 256-row tiles where they fill the GPU.
-A third decode kernel, a sweep candidate (``KERNEL="frag"``), reads the weights repacked at load into
-fragment words (``qoqopt.packing.pack_fragments``), whose layout turns the dequantized registers
-into the MMA's B operand with no shared-memory pass (``_w4a16_fragment_kernel``); the prefill tiles
-read the same words with ``FRAGMENTS=True``, so that one layout could serve both.
+A third decode kernel (``KERNEL="frag"``) reads the weights repacked at load into fragment words
+(``qoqopt.packing.pack_fragments``), whose layout turns the dequantized registers into the MMA's B
+operand with no shared-memory pass (``_w4a16_fragment_kernel``); the tensor-core tiles read the
+same words with ``FRAGMENTS=True``, so one layout serves every M. ``QuantLinear.use_fragment_words``
+(``apply(model, w4a16_words="fragments")``) switches a layer to them; not the default until an H200
+run times them.
 
 Act-order GPTQ (``desc_act``: g_idx not ``k // group_size``) is handled once at load time: K is
 permuted so groups become contiguous, and the same permutation is applied to the activations.
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qoqopt.errors import QoqoptError
-from qoqopt.packing import FRAGMENT_K, awq_to_gptq_v2, permute_packed_rows
+from qoqopt.packing import FRAGMENT_K, awq_to_gptq_v2, fragments_to_gptq, gptq_to_fragments, permute_packed_rows
 
 from ._splitk import splitk_operands, splitk_total
 from ._triton import (cdiv, check_supported, device_function, dot_precision, interpreter_enabled, kernel, num_sms, tl,
@@ -209,7 +211,7 @@ def _w4a16_kernel(
     DOT_PRECISION: tl.constexpr,
     REDUCE_UNROLL: tl.constexpr = 1,  # split-K: partials loaded together by each tile's last split
     JOIN_FIELDS: tl.constexpr = False,  # decode, 4-bit, 16-bit x: build the tile by joins (see below)
-    FRAGMENTS: tl.constexpr = False,  # prefill over fragment words (BLOCK_K 128; see _fragment_q_tile)
+    FRAGMENTS: tl.constexpr = False,  # over fragment words (BLOCK_K 128; see _fragment_q_tile)
 ):
     """Tensor-core path (M > 1). Each K tile lies in one group. Decode tiles (BLOCK_M <= 16) are
     dequant-bound: the group's scale multiplies the tile's dot product, ``sum_k a_k (q_k - z) s =
@@ -255,7 +257,9 @@ def _w4a16_kernel(
         else:  # decode: q - zero is exact in x's dtype, the scale is applied to the tile's dot
             # (MAGIC + q) - (MAGIC + zero): no conversion instruction
             magic_zero = (zero.to(tl.float32) + MAGIC).to(in_dtype)[None, :]
-            if JOIN_FIELDS:  # the plan allows it for 4-bit weights and 16-bit x only
+            if FRAGMENTS:  # where the fragment decode kernel cannot run (fp32 x, ROCm): fp32 fields
+                w = (_fragment_q_tile(words, magic_bits, BLOCK_N) - zero.to(tl.float32)[None, :]).to(in_dtype)
+            elif JOIN_FIELDS:  # the plan allows it for 4-bit weights and 16-bit x only
                 # Fields joined as in the prefill tiles: wide shared-memory stores instead of one
                 # 16-bit store per weight (sm_90 SASS, gate/up M=16 at Triton 3.6: 17 STS against 129
                 # per K step, 5.41 instructions per weight against 6.49, 128 registers against 168).
@@ -542,7 +546,7 @@ def _store_final(acc, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS: tl.constexp
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# KERNEL names: the one-row CUDA-core GEMV, tensor-core tiles, decode tiles over fragment words (sweep only)
+# KERNEL names: the one-row CUDA-core GEMV, tensor-core tiles, decode tiles over fragment words
 KERNELS = {"gemv": _w4a16_gemv_kernel, "mma": _w4a16_kernel, "frag": _w4a16_fragment_kernel}
 
 
@@ -550,7 +554,7 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     """Tiles per regime (GEMV for one row, tensor cores above; BLOCK_K of the defaults divides
     group_size), then ``overrides``; the K split follows the resulting tiles unless overridden."""
     cpu = device.type == "cpu"
-    fragments = overrides.get("KERNEL") == "frag"  # decode tiles at any M <= 16, one row included
+    fragments = reads_fragment_words(overrides)  # decode tiles at any M <= 16, one row included
     if m == 1 and not fragments:  # 128 x 128 tiles: 128 weights per thread per step at 4 warps
         cfg = dict(KERNEL="gemv", BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 128, num_warps=4, num_stages=3)
     elif m <= DECODE_MAX_M:  # 64 x 128 tiles: 64 dequantized values per thread at 4 warps
@@ -580,6 +584,8 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
         raise QoqoptError(f"w4a16 kernel: group_size {group_size} must be a multiple of 16")
     if reads_fragment_words(overrides):  # one block of fragment words per K step
         cfg["BLOCK_K"] = FRAGMENT_K
+        if overrides.get("KERNEL") == "frag" and cfg["BLOCK_N"] == 64 and not cpu:  # the sweep's 64-wide
+            cfg["num_warps"] = 2  # candidate (fragn64w2s3; 128 wide: fragn128w4s3), offline-compiled by the tests
     cfg |= overrides
     if "SPLIT_K" not in cfg:
         cfg["SPLIT_K"] = _split_k(m, n, k, cfg, device.type == "cpu", sms)
@@ -623,7 +629,7 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     kind, split, block_k = cfg.pop("KERNEL"), cfg.pop("SPLIT_K"), cfg["BLOCK_K"]
     assert kind in KERNELS, f"KERNEL={kind!r} is not one of {tuple(KERNELS)}"
     if reads_fragment_words(dict(config)):
-        _check_fragment_launch(m, k, bits, group_size, dtype, block_k, prefill=kind == "mma")
+        _check_fragment_launch(m, k, bits, group_size, dtype, block_k, kind)
     assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
     assert kind != "gemv" or m == 1, "the GEMV kernel takes one row"
     k_per_split = cdiv(cdiv(k, split), block_k) * block_k
@@ -652,15 +658,34 @@ def reads_fragment_words(config: dict) -> bool:
     return config.get("KERNEL") == "frag" or bool(config.get("FRAGMENTS"))
 
 
-def _check_fragment_launch(m, k, bits, group_size, dtype, block_k, prefill: bool) -> None:
+def fragment_words_fit(bits: int, k: int, group_size: int) -> bool:
+    """Whether a layer's weights can be held as fragment words: 4-bit, K and the groups whole
+    128-row blocks (the 7B's every linear; one group per K step)."""
+    return bits == 4 and k % FRAGMENT_K == 0 and group_size % FRAGMENT_K == 0
+
+
+def fragment_launch(m: int, dtype: torch.dtype) -> dict:
+    """The launch config over fragment words at ``m`` rows: the decode kernel where it runs (16-bit x,
+    up to 16 rows, NVIDIA), else the tensor-core tiles (prefill rows; fp32 or ROCm decode)."""
+    return dict(KERNEL="frag") if _fragment_decodes(m, dtype) else dict(FRAGMENTS=True)
+
+
+def _fragment_decodes(m: int, dtype: torch.dtype) -> bool:
+    return m <= DECODE_MAX_M and dtype in FRAGMENT_ASM and torch.version.hip is None
+
+
+def _check_fragment_launch(m, k, bits, group_size, dtype, block_k, kind: str) -> None:
     """Refuse a fragment-word launch the kernels cannot run (a config error that ``w4a16_matmul``'s
     keyword arguments can reach, so not an assert): ``KERNEL="frag"`` decodes, ``FRAGMENTS=True``
-    (the tensor-core tiles) prefills."""
-    words_ok = bits == 4 and block_k == FRAGMENT_K and k % FRAGMENT_K == 0 and group_size % FRAGMENT_K == 0
-    if prefill and not (m > DECODE_MAX_M and words_ok):
-        raise QoqoptError(f"FRAGMENTS=True prefills (M > {DECODE_MAX_M}) 4-bit weights, K and group_size multiples "
-                          f"of {FRAGMENT_K}; got M={m}, K={k}, bits={bits}, group_size={group_size}, BLOCK_K={block_k}")
-    if not prefill and not (m <= DECODE_MAX_M and words_ok and dtype in FRAGMENT_ASM and torch.version.hip is None):
+    runs the tensor-core tiles (at decode rows, the 16-row ones)."""
+    if kind == "gemv":
+        raise QoqoptError("the GEMV (KERNEL='gemv') reads GPTQ words only, not fragment words")
+    tiles = kind == "mma"
+    words_ok = fragment_words_fit(bits, k, group_size) and block_k == FRAGMENT_K
+    if tiles and not words_ok:
+        raise QoqoptError(f"FRAGMENTS=True reads 4-bit weights, K and group_size multiples of {FRAGMENT_K}; "
+                          f"got M={m}, K={k}, bits={bits}, group_size={group_size}, BLOCK_K={block_k}")
+    if not tiles and not (words_ok and _fragment_decodes(m, dtype)):
         raise QoqoptError(f"KERNEL='frag' decodes (M <= {DECODE_MAX_M}) 4-bit weights for fp16/bf16 x on NVIDIA GPUs, "
                           f"K and group_size multiples of {FRAGMENT_K}; got M={m}, K={k}, bits={bits}, "
                           f"group_size={group_size}, {dtype}, BLOCK_K={block_k}")
@@ -681,8 +706,8 @@ def w4a16_matmul(
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W) [K, N] (+ bias)`` in x's dtype, W in the GPTQ layout (``zero_offset`` 1
     for v1 checkpoints, 0 for v2 and for repacked AWQ); with ``KERNEL="frag"`` (decode) or
-    ``FRAGMENTS=True`` (prefill), sweep candidates, ``qweight`` holds fragment words instead
-    (``qoqopt.packing.gptq_to_fragments``)."""
+    ``FRAGMENTS=True`` (the tensor-core tiles), ``qweight`` holds fragment words instead
+    (``qoqopt.packing.gptq_to_fragments``; :func:`fragment_launch` picks between them)."""
     assert bits in (4, 8) and zero_offset in (0, 1), (bits, zero_offset)
     assert x.dim() == 2 and x.stride(1) == 1, f"x must be [M, K] with unit column stride, got {tuple(x.shape)}"
     m, k = x.shape
@@ -734,21 +759,22 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
 
 
 def shared_launch(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, has_bias: bool, bits: int,
-                  group_size: int, zero_offset: int):
-    """:func:`prepare_w4a16` with the default tiles, one per shape for the whole process.
+                  group_size: int, zero_offset: int, fragments: bool = False):
+    """:func:`prepare_w4a16` with the default tiles (over fragment words: :func:`fragment_launch`'s),
+    one per shape for the whole process.
 
     A prefill calls every layer once with the prompt's M: planned per layer, each of a 7B's 196
     linears paid the plan, the bind and Triton's dispatch (28-35 us a call on the CI machine's CPU,
     against 8-10 for the shared launch; ``benchmarks/bench_host_cost.py``). Shared, the 28 layers of one
     shape make one launch between them, bound after its first call. A launch holds no tensors, so
     the cache pins no weight."""
-    return _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, num_sms(device))
+    return _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, fragments, num_sms(device))
 
 
 @functools.lru_cache(maxsize=256)
-def _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, sms):  # sms: the plan's input
+def _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, fragments, sms):  # sms: the plan's input
     return prepare_w4a16(m, k, n, dtype, device, has_bias=has_bias, bits=bits, group_size=group_size,
-                         zero_offset=zero_offset)
+                         zero_offset=zero_offset, **(fragment_launch(m, dtype) if fragments else {}))
 
 
 # Elements of int32 scratch per step of the reference dequantization: a few MB, which stay in cache
@@ -793,6 +819,8 @@ class QuantLinear(nn.Module):
     Buffers (``qweight``, ``qzeros``, ``scales``) hold the GPTQ layout: a GPTQ layer's as stored,
     except that an act-order layer is K-permuted (``perm`` holds the permutation, applied to the
     input); an AWQ layer's repacked as GPTQ v2 (``source`` says which it came from).
+    :meth:`use_fragment_words` repacks ``qweight`` in memory for the fragment-word kernels
+    (``words`` says which layout it holds); ``state_dict`` and loading keep GPTQ's words either way.
     """
 
     def __init__(self, qweight, qzeros, scales, bias, *, bits, group_size, zero_offset, perm=None, source="gptq",
@@ -807,6 +835,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("bias", None if bias is None else bias.contiguous())
         self.register_buffer("perm", perm)
+        self.words = "gptq"  # or "fragments": what qweight holds (use_fragment_words)
         self._launchers: dict = {}  # (M, dtype, device, has bias) -> planned launch; decode sizes only
 
     @classmethod
@@ -862,13 +891,42 @@ class QuantLinear(nn.Module):
     def _kwargs(self) -> dict:
         return dict(bits=self.bits, group_size=self.group_size, zero_offset=self.zero_offset)
 
+    def use_fragment_words(self) -> bool:
+        """Repack ``qweight`` as fragment words (``qoqopt.packing.gptq_to_fragments``: same bytes, rows
+        ordered as the tensor cores read them) where the layer fits them (4-bit, K and groups whole
+        128-row blocks); returns whether it holds them now."""
+        if self.words == "gptq" and fragment_words_fit(self.bits, self.in_features, self.group_size):
+            self.qweight = gptq_to_fragments(self.qweight)
+            self.words, self._launchers = "fragments", {}
+        return self.words == "fragments"
+
+    def gptq_qweight(self) -> torch.Tensor:
+        """``qweight`` in GPTQ's layout, whichever the layer holds."""
+        return fragments_to_gptq(self.qweight) if self.words == "fragments" else self.qweight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # checkpoints keep GPTQ's words
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.words == "fragments":
+            destination[prefix + "qweight"] = self.gptq_qweight()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        key = prefix + "qweight"
+        if self.words == "fragments" and key in state_dict:  # GPTQ's words in, fragment words held
+            gptq = state_dict[key]
+            if gptq.shape != (self.in_features * self.bits // 32, self.out_features):
+                errors.append(f"{key}: GPTQ qweight of shape {tuple(gptq.shape)} does not fit this "
+                              f"{self.in_features}->{self.out_features} layer")
+                return
+            state_dict = {**state_dict, key: gptq_to_fragments(gptq.to(self.qweight.device))}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         if not use_triton(x2, self.strict, "QuantLinear"):
             check_supported(x.device, x.dtype, "QuantLinear")
-            y = w4a16_reference(x2, self.qweight, self.qzeros, self.scales, self.bias, **self._kwargs())
+            y = w4a16_reference(x2, self.gptq_qweight(), self.qzeros, self.scales, self.bias, **self._kwargs())
         elif x2.shape[0] == 0:
             y = x2.new_empty(0, self.out_features)
         else:
@@ -884,7 +942,7 @@ class QuantLinear(nn.Module):
         if launch is None:
             check_supported(x2.device, x2.dtype, "QuantLinear")
             launch = shared_launch(x2.shape[0], self.in_features, self.out_features, x2.dtype, x2.device, key[3],
-                                   self.bits, self.group_size, self.zero_offset)
+                                   self.bits, self.group_size, self.zero_offset, self.words == "fragments")
             if x2.shape[0] <= DECODE_MAX_M:
                 self._launchers[key] = launch
         return launch
@@ -896,7 +954,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, source={self.source}, "
-                f"bits={self.bits}, group_size={self.group_size}, act_order={self.perm is not None}")
+                f"bits={self.bits}, group_size={self.group_size}, act_order={self.perm is not None}, words={self.words}")
 
 
 def _check_shapes(ok: bool, qweight, qzeros, scales) -> None:

@@ -195,6 +195,15 @@ def gptq_to_fragments(qweight: torch.Tensor, blocks_per_step: int = 8) -> torch.
     return out
 
 
+def fragments_to_gptq(words: torch.Tensor, blocks_per_step: int = 8) -> torch.Tensor:
+    """Inverse of :func:`gptq_to_fragments`: fragment words -> GPTQ 4-bit ``qweight`` ``[K / 8, N]``."""
+    rows = FRAGMENT_K // 8
+    out = torch.empty(words.shape[0] * rows, words.shape[1] // 16, dtype=torch.int32, device=words.device)
+    for b in range(0, words.shape[0], blocks_per_step):
+        out[b * rows : (b + blocks_per_step) * rows] = pack_along_rows(unpack_fragments(words[b : b + blocks_per_step]), 4)
+    return out
+
+
 def dequantize(intweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """``[K, N]`` fp32 weight ``(q - zero[g_idx]) * scale[g_idx]`` (math orientation: y = x @ W)."""
     assert intweight.shape[0] == g_idx.shape[0] and zeros.shape == scales.shape, (

@@ -152,3 +152,25 @@ def test_every_w4a16_sweep_config_plans_at_the_7b_shapes_it_is_swept_at():
                 plan = _launch_plan(m, n, k, 4, pr.group_size, 1, False, torch.bfloat16, torch.device("cuda"), 132,
                                     tuple(sorted(cfg.items())))
                 assert plan.kernel == cfg.get("KERNEL", plan.kernel), (label, m, cfg)
+
+
+def test_the_fragment_word_layer_row_plans_at_every_7b_projection():
+    """The GPU run's "fused x4 fragment words" layer row repacks every projection of a 7B decoder
+    layer (fused q/k/v and gate/up included) and plans each at decode rows: each must fit fragment
+    words and take the fragment decode kernel in bf16 (a refusal would lose the row on the GPU)."""
+    from qoqopt.kernels.w4a16 import _launch_plan, fragment_launch, fragment_words_fit
+
+    pr = bench_kernels.PROFILES["7b"]
+    hidden, kv, inter = pr.decoder
+    fused = dict(qkv_proj=(hidden, hidden + 2 * kv), o_proj=(hidden, hidden), gate_up_proj=(hidden, 2 * inter),
+                 down_proj=(inter, hidden))
+    for name, (k, n) in fused.items():
+        assert fragment_words_fit(4, k, pr.group_size), name
+        for m in (1, 16):
+            cfg = fragment_launch(m, torch.bfloat16)
+            plan = _launch_plan(m, n, k, 4, pr.group_size, 1, name == "qkv_proj", torch.bfloat16, torch.device("cuda"),
+                                132, tuple(sorted(cfg.items())))
+            assert plan.kernel == "frag", (name, m)
+            # the tiles the sweep times as candidates (fragn128w4s3, fragn64w2s3)
+            tile = (plan.constexprs["BLOCK_N"], plan.constexprs["num_warps"], plan.constexprs["num_stages"])
+            assert tile in {(128, 4, 3), (64, 2, 3)}, (name, m, tile)

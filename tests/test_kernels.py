@@ -411,22 +411,10 @@ def test_prefill_dequant_fma_is_the_reference_rounding(bits):
 @pytest.mark.parametrize("m", [1, 16, 33])  # GEMV (split-K), tensor-core decode, prefill (32-row tiles)
 @pytest.mark.parametrize("case", list(W4A16_CASES))
 def test_quant_linear_matches_dequantized_matmul(dtype, m, case):
-    from qoqopt.kernels.w4a16 import QuantLinear, w4a16_matmul
+    from qoqopt.kernels.w4a16 import w4a16_matmul
 
-    layout, k, n, bits, group_size, act_order = W4A16_CASES[case]
-    intweight, zeros, scales, g_idx = _gptq_case(k, n, bits, group_size, act_order)
-    bias = torch.randn(n) * 0.1
-    if layout == "awq":
-        qweight, qzeros = pack_awq(intweight, zeros)
-        linear = QuantLinear.from_awq(qweight, qzeros, scales, bias)
-    else:
-        qweight, qzeros = pack_gptq(intweight, zeros, bits)
-        linear = QuantLinear.from_gptq(qweight, qzeros, scales, g_idx, bias, bits=bits)
-    linear = linear.to(DEVICE)
-    # The reference never touches the packed words: it dequantizes the original integers.
-    w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
-    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    ref = F.linear(x.float(), w.t().to(dtype).float(), bias.to(DEVICE, dtype).float())
+    linear, x, ref = _quant_linear_case(W4A16_CASES[case], m, dtype)
+    n, k = linear.out_features, linear.in_features
     with torch.inference_mode():
         x_in = x.index_select(1, linear.perm) if linear.perm is not None else x
         out = nan_like((m, n), dtype)
@@ -436,6 +424,71 @@ def test_quant_linear_matches_dequantized_matmul(dtype, m, case):
     assert y.shape == (1, m, n)
     assert_close(out, ref, dtype, scale=4)
     assert_close(y[0], ref, dtype, scale=4)
+
+
+def _quant_linear_case(case: tuple, m: int, dtype: torch.dtype, seed: int = 0):
+    """A QuantLinear of one W4A16 case on DEVICE, random ``[m, K]`` activations, and the reference
+    output: the original integers dequantized (never the packed words), F.linear in fp32."""
+    from qoqopt.kernels.w4a16 import QuantLinear
+
+    layout, k, n, bits, group_size, act_order = case
+    intweight, zeros, scales, g_idx = _gptq_case(k, n, bits, group_size, act_order, seed=seed)
+    bias = torch.randn(n) * 0.1
+    if layout == "awq":
+        linear = QuantLinear.from_awq(*pack_awq(intweight, zeros), scales, bias)
+    else:
+        linear = QuantLinear.from_gptq(*pack_gptq(intweight, zeros, bits), scales, g_idx, bias, bits=bits)
+    w = dequantize(intweight, zeros, scales, g_idx).to(DEVICE)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    return linear.to(DEVICE), x, F.linear(x.float(), w.t().to(dtype).float(), bias.to(DEVICE, dtype).float())
+
+
+FRAGMENT_CASES = {  # layers that fit fragment words: K and groups whole 128-row blocks
+    "gptq4-g128-actorder": ("gptq", 256, 88, 4, 128, True),
+    "awq-g128": ("awq", 384, 72, 4, 128, False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 16, 33])
+@pytest.mark.parametrize("case", list(FRAGMENT_CASES))
+def test_quant_linear_over_fragment_words_matches_dequantized_matmul(dtype, m, case):
+    """``use_fragment_words``: the layer's own launch over fragment words at each M and dtype (the
+    fragment decode kernel for 16-bit x up to 16 rows, the tensor-core tiles over fragment words
+    otherwise) gives the dequantized weight's answer."""
+    from qoqopt.kernels.w4a16 import fragment_launch, launch_plan
+
+    linear, x, ref = _quant_linear_case(FRAGMENT_CASES[case], m, dtype)
+    assert linear.use_fragment_words() and linear.words == "fragments"
+    plan = launch_plan(m, linear.out_features, linear.in_features, has_bias=True, dtype=dtype, device=DEVICE,
+                       **linear._kwargs(), **fragment_launch(m, dtype))
+    assert plan.kernel == ("frag" if m <= 16 and dtype != torch.float32 else "mma")
+    with torch.inference_mode():
+        y = linear(x.view(1, m, -1))
+    assert_close(y[0], ref, dtype, scale=4)
+
+
+def test_quant_linear_keeps_gptq_words_outside_while_holding_fragment_words():
+    """Over fragment words, ``state_dict`` still gives GPTQ's ``qweight`` bit for bit, the torch path
+    (autograd) reads the words right, another layer's GPTQ state loads (repacked on the way in) and
+    answers as that layer does, and a qweight of the wrong shape is refused; a layer that does not
+    fit keeps GPTQ's words."""
+    case = ("gptq", 256, 88, 4, 128, False)
+    linear, x, ref = _quant_linear_case(case, 3, torch.float32)
+    other, _, _ = _quant_linear_case(case, 3, torch.float32, seed=1)
+    before = {name: t.clone() for name, t in linear.state_dict().items()}
+    assert linear.use_fragment_words() and linear.qweight.shape == (2, 16 * 88)
+    after = linear.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[name], before[name]) for name in before)
+    torch.testing.assert_close(linear(x.clone().requires_grad_()), ref, atol=2e-5, rtol=1e-4)  # the torch path
+    linear.load_state_dict(other.state_dict())
+    assert linear.words == "fragments"
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x), other(x), atol=2e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="does not fit this 256->88 layer"):
+        linear.load_state_dict({**other.state_dict(), "qweight": other.qweight[:16]})
+    narrow, _, _ = _quant_linear_case(W4A16_CASES["gptq4-g32"], 1, torch.float32)
+    assert not narrow.use_fragment_words() and narrow.words == "gptq"
 
 
 @pytest.mark.parametrize("unroll", [1, 2], ids=["partials-one-by-one", "partials-two-at-a-time"])
@@ -584,19 +637,21 @@ def test_w4a16_fragment_decode_matches_dequantized_matmul(dtype, m):
                                 num_warps=2, num_stages=2)
 
 
+@pytest.mark.parametrize("m", [64, 16, 1], ids=["prefill", "decode16", "decode1"])
 @pytest.mark.parametrize("split", [1, 3])
-def test_w4a16_fragment_prefill_returns_the_spec_weights_bit_for_bit(split):
-    """Prefill tiles over fragment words (``FRAGMENTS=True``, a sweep candidate), fp32 one-hot rows:
-    every row of every block read back as the spec's ``(q - z) * s``, bit for bit, 64 rows at a time
-    (two row tiles), zeros 1 and 16 among them, N cut off, K split 1 and 3 ways."""
+def test_w4a16_fragment_tiles_return_the_spec_weights_bit_for_bit(split, m):
+    """Tensor-core tiles over fragment words (``FRAGMENTS=True``: prefill, and the 16-row decode tile
+    where the fragment decode kernel cannot run, as for fp32 x), fp32 one-hot rows: every row of
+    every block read back as the spec's ``(q - z) * s``, bit for bit, ``m`` rows at a time (64: two
+    row tiles), zeros 1 and 16 among them, N cut off, K split 1 and 3 ways."""
     from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
     from qoqopt.packing import gptq_to_fragments
 
-    k, n, group_size, m = 384, 40, 128, 64
+    k, n, group_size = 384, 40, 128
     qweight, qzeros, scales, w, g = _spec_case(k, n, group_size, seed=8, scales_dtype=torch.float32, zeros_at_ends=True)
     plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=torch.float32,
                        device=DEVICE, FRAGMENTS=True, SPLIT_K=split)
-    assert plan.kernel == "mma" and plan.constexprs["BLOCK_M"] > 16 and plan.constexprs["BLOCK_K"] == 128
+    assert plan.kernel == "mma" and (plan.constexprs["BLOCK_M"] > 16) == (m > 16) and plan.constexprs["BLOCK_K"] == 128
     words = gptq_to_fragments(qweight).to(DEVICE)
     for rows in torch.randperm(k, generator=g).view(-1, m):
         x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE)
@@ -614,8 +669,8 @@ def test_w4a16_fragment_prefill_matches_dequantized_matmul(dtype):
 
 
 def test_w4a16_fragment_decode_refuses_what_it_cannot_run():
-    """Prefill rows, fp32 x, 8-bit weights, groups or K not whole 128-row blocks: a clear error; and
-    the prefill tiles over fragment words refuse decode rows, 8 bits and partial blocks."""
+    """Prefill rows, fp32 x, 8-bit weights, groups or K not whole 128-row blocks: a clear error; the
+    tiles over fragment words refuse 8 bits and partial blocks, and the GEMV fragment words."""
     from qoqopt.errors import QoqoptError
     from qoqopt.kernels.w4a16 import launch_plan
 
@@ -626,9 +681,11 @@ def test_w4a16_fragment_decode_refuses_what_it_cannot_run():
         with pytest.raises(QoqoptError, match="KERNEL='frag' decodes"):
             launch_plan(m, 64, k, dtype=dtype, **(frag | changes))
     prefill = dict(FRAGMENTS=True, bits=4, group_size=128, zero_offset=1, has_bias=False, device=DEVICE)
-    for m, k, changes in ((16, 256, {}), (64, 256, dict(bits=8)), (64, 320, {})):
-        with pytest.raises(QoqoptError, match="FRAGMENTS=True prefills"):
+    for m, k, changes in ((64, 256, dict(bits=8)), (16, 256, dict(group_size=64)), (64, 320, {})):
+        with pytest.raises(QoqoptError, match="FRAGMENTS=True reads 4-bit weights"):
             launch_plan(m, 64, k, dtype=torch.float16, **(prefill | changes))
+    with pytest.raises(QoqoptError, match="GEMV .* reads GPTQ words only"):
+        launch_plan(1, 64, 256, dtype=torch.float16, **(prefill | dict(KERNEL="gemv")))
 
 
 @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])

@@ -224,3 +224,50 @@ def test_apply_fuses_a_quantized_model_and_matches_transformers(no_interpreter):
     assert len(calls) == 1 + len(ours.logits)
     for step_ours, step_theirs in zip(ours.logits, theirs.logits, strict=True):
         assert relative_error(step_ours.float(), step_theirs.float()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_apply_repacks_fused_layers_as_fragment_words(interpreter, dtype):
+    """``apply(w4a16_words="fragments")`` repacks each quantized layer after fusion (the fused q/k/v
+    whole): the dequantized weights' answers at decode and prefill rows (16-bit x: the fragment
+    decode kernel; fp32: the 16-row tensor-core tiles over fragment words), the same state_dict as
+    before, GPTQ's words and all, and another model's state loaded back through the fused layer."""
+    from qoqopt.kernels import apply
+
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(3))
+    attn, other = (Attention(k=256, group_size=128, perms=(perm,) * 3, seed=s) for s in (0, 1))
+    before = attn.state_dict()
+    report = apply(attn, w4a16_words="fragments")
+    assert (report.backend, report.counts["qkv_proj"], report.counts["w4a16 fragment words"]) == ("triton", 1, 1)
+    assert attn.qkv_proj.words == "fragments" and attn.qkv_proj.qweight.shape == (2, 16 * 128)
+    after = attn.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    attn.load_state_dict(other.state_dict())
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=8e-3, rtol=8e-3)
+    for rows in (1, 5, 20):
+        x = torch.randn(rows, 256, device=DEVICE)
+        with torch.no_grad():
+            for out, ref in zip(attn(x.to(dtype)), other.reference(x.to(dtype).float())):
+                torch.testing.assert_close(out.float(), ref, **tol)
+
+
+def test_apply_keeps_gptq_words_where_fragment_words_cannot_serve(interpreter):
+    """Layers that do not fit fragment words keep GPTQ's, each named; an unknown layout is refused."""
+    from qoqopt.errors import QoqoptError
+    from qoqopt.kernels import apply
+
+    attn = Attention()  # K 64, groups of 32
+    report = apply(attn, w4a16_words="fragments")
+    assert report.counts["w4a16 fragment words"] == 0 and attn.qkv_proj.words == "gptq"
+    assert "kept GPTQ words: fragment words need 4 bits" in report.skipped["qkv_proj"]
+    with pytest.raises(QoqoptError, match="w4a16_words='packed'; choose from gptq, fragments"):
+        apply(Attention(), w4a16_words="packed")
+
+
+def test_apply_keeps_gptq_words_for_the_torch_reference(no_interpreter):
+    from qoqopt.kernels import apply
+
+    attn = Attention(k=256, group_size=128)
+    report = apply(attn, w4a16_words="fragments")
+    assert report.counts["w4a16 fragment words"] == 0 and attn.qkv_proj.words == "gptq"
+    assert report.skipped["w4a16 fragment words"] == "1 layer(s) kept GPTQ words: the torch reference runs"

@@ -7,6 +7,7 @@ from benchmarks.spec_layout import spec_unpack_gptq
 from qoqopt.packing import (
     awq_to_gptq_v2,
     dequantize,
+    fragments_to_gptq,
     gptq_to_fragments,
     pack_awq,
     pack_fragments,
@@ -108,6 +109,9 @@ def test_fragment_words_hold_the_rows_their_layout_states():
     words = gptq_to_fragments(qweight, blocks_per_step=2)
     assert words.shape == (3, 16 * 24) and words.dtype == torch.int32
     assert torch.equal(words, pack_fragments(intweight)) and torch.equal(unpack_fragments(words), intweight)
+    # and back to GPTQ's words as the spec reads them (QuantLinear's state_dict and torch path)
+    ints, _ = spec_unpack_gptq(fragments_to_gptq(words, blocks_per_step=2), torch.zeros(1, 3, dtype=torch.int32), 4)
+    assert (ints == intweight.numpy()).all()
     u = words.numpy().view("uint32")
     for b in range(3):
         for n in range(24):
