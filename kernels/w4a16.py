@@ -646,8 +646,8 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     if kind == "frag":
         cfg["ASM"] = FRAGMENT_ASM[dtype] if device.type == "cuda" and not interpreter_enabled() else ""
     # the kernel would quietly run its plain tile otherwise, and a sweep row would time the wrong code
-    assert not cfg.get("JOIN_FIELDS") or (cfg["BLOCK_M"] <= 16 and magic_bits and bits == 4), \
-        "JOIN_FIELDS builds 16-row decode tiles of 4-bit weights for fp16/bf16 activations only"
+    assert not cfg.get("JOIN_FIELDS") or (cfg["BLOCK_M"] <= 16 and magic_bits and bits == 4 and not cfg.get("FRAGMENTS")), \
+        "JOIN_FIELDS builds 16-row decode tiles of 4-bit GPTQ words for fp16/bf16 activations only"
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), split)
     return LaunchPlan(kind, split, k_per_split, grid, common | cfg)
 
@@ -917,7 +917,13 @@ class QuantLinear(nn.Module):
                 errors.append(f"{key}: GPTQ qweight of shape {tuple(gptq.shape)} does not fit this "
                               f"{self.in_features}->{self.out_features} layer")
                 return
-            state_dict = {**state_dict, key: gptq_to_fragments(gptq.to(self.qweight.device))}
+            # assign=True keeps the state's tensors where they are; meta tensors have no values to repack
+            device = gptq.device if local_metadata.get("assign_to_params_buffers") else self.qweight.device
+            if "meta" in (gptq.device.type, device.type):
+                words = torch.empty(self._qweight_shape, dtype=torch.int32, device="meta")
+            else:
+                words = gptq_to_fragments(gptq.to(device))
+            state_dict = {**state_dict, key: words}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -931,8 +937,18 @@ class QuantLinear(nn.Module):
             y = x2.new_empty(0, self.out_features)
         else:
             b = self._buffers
+            if b["qweight"].shape != self._qweight_shape:  # the launch reads raw pointers: a swapped-in
+                # tensor of the other layout (same size) would run and give garbage
+                raise QoqoptError(f"QuantLinear holds {self.words} words of shape {self._qweight_shape}, "
+                                  f"got qweight {tuple(b['qweight'].shape)}")
             y = self._launcher(x2)(x2.contiguous(), b["qweight"], b["qzeros"], b["scales"], b["bias"])
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def _qweight_shape(self) -> tuple[int, int]:
+        if self.words == "fragments":
+            return (self.in_features // FRAGMENT_K, 16 * self.out_features)
+        return (self.in_features * self.bits // 32, self.out_features)
 
     def _launcher(self, x2: torch.Tensor):
         """The planned launch for x2's M, dtype and device (shared by every layer of this shape); decode

@@ -13,6 +13,7 @@ Tolerances (atol, rtol) per dtype, against references that round at different po
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -452,20 +453,24 @@ FRAGMENT_CASES = {  # layers that fit fragment words: K and groups whole 128-row
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 16, 33])
 @pytest.mark.parametrize("case", list(FRAGMENT_CASES))
-def test_quant_linear_over_fragment_words_matches_dequantized_matmul(dtype, m, case):
+def test_quant_linear_over_fragment_words_matches_dequantized_matmul(dtype, m, case, monkeypatch):
     """``use_fragment_words``: the layer's own launch over fragment words at each M and dtype (the
     fragment decode kernel for 16-bit x up to 16 rows, the tensor-core tiles over fragment words
-    otherwise) gives the dequantized weight's answer."""
-    from qoqopt.kernels.w4a16 import fragment_launch, launch_plan
+    otherwise) gives the dequantized weight's answer; the torch path is kept out, and the launch the
+    layer plans is recorded, so a launch over the wrong kernel or words cannot pass unseen."""
+    from qoqopt.kernels import w4a16
 
     linear, x, ref = _quant_linear_case(FRAGMENT_CASES[case], m, dtype)
     assert linear.use_fragment_words() and linear.words == "fragments"
-    plan = launch_plan(m, linear.out_features, linear.in_features, has_bias=True, dtype=dtype, device=DEVICE,
-                       **linear._kwargs(), **fragment_launch(m, dtype))
-    assert plan.kernel == ("frag" if m <= 16 and dtype != torch.float32 else "mma")
+    planned, prepare = [], w4a16.prepare_w4a16
+    w4a16._shared_launch.cache_clear()  # so that this layer's launch is planned here
+    monkeypatch.setattr(w4a16, "prepare_w4a16", lambda *a, **config: planned.append(config) or prepare(*a, **config))
+    monkeypatch.setattr(w4a16, "w4a16_reference", lambda *a, **kw: pytest.fail("the torch path ran"))
     with torch.inference_mode():
         y = linear(x.view(1, m, -1))
     assert_close(y[0], ref, dtype, scale=4)
+    (config,) = planned
+    assert config.get("KERNEL") == "frag" if m <= 16 and dtype != torch.float32 else config.get("FRAGMENTS")
 
 
 def test_quant_linear_keeps_gptq_words_outside_while_holding_fragment_words():
@@ -487,6 +492,15 @@ def test_quant_linear_keeps_gptq_words_outside_while_holding_fragment_words():
         torch.testing.assert_close(linear(x), other(x), atol=2e-5, rtol=1e-4)
     with pytest.raises(RuntimeError, match="does not fit this 256->88 layer"):
         linear.load_state_dict({**other.state_dict(), "qweight": other.qweight[:16]})
+    # a swapped-in qweight of the other layout (same size) is refused, not run (torch.func.functional_call)
+    from qoqopt.errors import QoqoptError
+
+    with torch.inference_mode(), pytest.raises(QoqoptError, match=r"holds fragments words of shape \(2, 1408\)"):
+        torch.func.functional_call(linear, other.state_dict(), (x,))
+    # assign=True keeps the state's tensors (a meta layer, as loaders build them, takes real ones)
+    meta = copy.deepcopy(linear).to("meta")
+    meta.load_state_dict(other.state_dict(), assign=True)
+    assert meta.qweight.device == x.device and torch.equal(meta.gptq_qweight(), other.qweight)
     narrow, _, _ = _quant_linear_case(W4A16_CASES["gptq4-g32"], 1, torch.float32)
     assert not narrow.use_fragment_words() and narrow.words == "gptq"
 

@@ -227,7 +227,7 @@ def test_apply_fuses_a_quantized_model_and_matches_transformers(no_interpreter):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_apply_repacks_fused_layers_as_fragment_words(interpreter, dtype):
+def test_apply_repacks_fused_layers_as_fragment_words(interpreter, dtype, monkeypatch):
     """``apply(w4a16_words="fragments")`` repacks each quantized layer after fusion (the fused q/k/v
     whole): the dequantized weights' answers at decode and prefill rows (16-bit x: the fragment
     decode kernel; fp32: the 16-row tensor-core tiles over fragment words), the same state_dict as
@@ -243,6 +243,9 @@ def test_apply_repacks_fused_layers_as_fragment_words(interpreter, dtype):
     after = attn.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
     attn.load_state_dict(other.state_dict())
+    from qoqopt.kernels import w4a16
+
+    monkeypatch.setattr(w4a16, "w4a16_reference", lambda *a, **kw: pytest.fail("the torch path ran"))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=8e-3, rtol=8e-3)
     for rows in (1, 5, 20):
         x = torch.randn(rows, 256, device=DEVICE)
