@@ -172,7 +172,9 @@ def test_runner_folds_leave_the_float_layer_unchanged(monkeypatch):
     opts = runner.QuantizeOptions(method="awq", spec=QuantSpec(4, 128, sym=False), awq_grid=4)
     runner.quantize_layer_awq(layer, [runner.LayerInput(x, kwargs)], opts, torch.float32, [])
     changed = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and not torch.equal(m.weight, before[n])]
-    assert changed, "the search folded no scale at all: nothing was tested"
+    # every fold took a scale other than 1 (norm -> q/k/v, v -> o, norm -> gate/up, up -> down), so each
+    # is tested here: a fold skipped or applied to one side only would change the layer's output
+    assert set(changed) == {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in ("gate", "up", "down")}
     with torch.no_grad():
         out = run()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -108,6 +108,7 @@ def test_files_and_metadata(built, tiny_dir, vocab_llm):
     assert mm.fields["clip.vision.image_min_pixels"].parts[-1][0] == 65536
     assert {t.name for t in mm.tensors} >= {"v.patch_embd.weight", "v.patch_embd.weight.1", "mm.0.weight", "mm.2.weight"}
     manifest = json.loads((built.out / "manifest.json").read_text())
+    assert sorted(f["path"] for f in manifest["files"]) == [n for n in names if n != "manifest.json"]  # every file
     for f in manifest["files"]:
         path = built.out / f["path"]
         assert path.stat().st_size == f["bytes"]

@@ -86,11 +86,15 @@ def test_streams_one_layer_at_a_time(setup):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(type(ckpt), "tensor", spy)
-        results = list(stream_quantize(ckpt, captured, QuantizeOptions("rtn", QuantSpec(4, 128)), log=lambda m: None))
+        stream = stream_quantize(ckpt, captured, QuantizeOptions("rtn", QuantSpec(4, 128)), log=lambda m: None)
+        results = [next(stream)]
+        read_by_layer_0 = list(read)  # what was read when layer 0's result came out
+        results += list(stream)
     assert [r.index for r in results] == [0, 1]
     assert all(n.startswith("model.layers.") for n in read)  # never lm_head, embeddings or the vision tower
+    assert read_by_layer_0 and {int(n.split(".")[2]) for n in read_by_layer_0} == {0}  # layer 1 not read yet
     layer_of = [int(n.split(".")[2]) for n in read]
-    assert layer_of == sorted(layer_of)  # layer 1 is read only after layer 0 is done
+    assert layer_of == sorted(layer_of)
     assert results[0].rel_error > 0 and set(results[0].quantized) == {
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",

@@ -151,6 +151,9 @@ def test_calibration_counts_every_token_including_image_tokens(tiny_dir):
     assert im.sums["blk.0.ffn_down.weight"].shape == (768,)
     assert im.counts["blk.0.attn_q.weight"] == text and im_all.counts["blk.0.attn_q.weight"] == total
     np.testing.assert_allclose(im_all.sums["output.weight"], im.sums["output.weight"])
+    # the sums behind those counts: text positions alone by default, image positions added at weight 1
+    np.testing.assert_allclose(im.sums["blk.0.attn_q.weight"], stats.text_sums[q0], rtol=1e-6)
+    np.testing.assert_allclose(im_all.sums["blk.0.attn_q.weight"], stats.text_sums[q0] + stats.image_sums[q0], rtol=1e-6)
 
 
 def test_streamed_statistics_match_the_whole_transformers_model(tiny_dir):
@@ -281,21 +284,30 @@ def test_clinical_imatrix_helps_q4_k_m(trained):
 
 
 @pytest.mark.slow
-def test_trained_model_answers_a_real_ct_in_llama_cpp(trained):
-    """The README demo: the Q4_K_M build + its own mmproj read a real CT slice (pydicom's CT_small)."""
+def test_trained_model_answers_a_real_ct_in_llama_cpp(trained, trained_dir):
+    """The README demo: the Q4_K_M build + its own mmproj, asked the modality of a real CT slice
+    (pydicom's CT_small), answer as the original checkpoint does in transformers on the same image.
+    (Whether llama.cpp reads the image as transformers does is measured on logits: the mmproj's
+    embeddings in test_gguf.py, the image chats' KLD in test_bench.py.)"""
+    import dataclasses
+
     from pydicom.data import get_testdata_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from qoqopt.data import clinical_set, dicom_to_image
+    from qoqopt.drift import extract_boxed
     from qoqopt.exports.gguf_runtime import MARKER, LlamaVL
+    from qoqopt.processor import load_processor
+    from qoqopt.train import generate_answer
 
-    question = next(i for i in clinical_set("eval", n_per_base=1) if i.domain == "ct" and "modality" in i.question).question
+    item = next(i for i in clinical_set("eval", n_per_base=1) if i.domain == "ct" and i.meta.get("qtype") == "modality")
     image = dicom_to_image(get_testdata_file("CT_small.dcm")).convert("RGB")
-    prompt = (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        f"<|im_start|>user\n<|vision_start|>{MARKER}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
-    )
+    prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+              f"<|vision_start|>{MARKER}<|vision_end|>{item.question}<|im_end|>\n<|im_start|>assistant\n")
     res = trained["res"]
     with LlamaVL(res.file("text", "Q4_K_M"), res.file("mmproj"), image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:
         answer = vl.generate(prompt, image, max_tokens=64)
-    print(f"\nQ4_K_M + mmproj on CT_small.dcm: {answer!r}")
-    assert "\\boxed{" in answer
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir)).eval()
+    original = generate_answer(model, load_processor(trained_dir), dataclasses.replace(item, image_fn=lambda: image))
+    print(f"\nQ4_K_M + mmproj on CT_small.dcm: {answer!r}; transformers: {original!r}")
+    assert extract_boxed(answer) is not None and extract_boxed(answer) == extract_boxed(original)

@@ -162,20 +162,24 @@ class ForeignGPTQLinear(nn.Module):
 
 
 def test_registry_replaces_foreign_quantized_linears(interpreter):
+    from benchmarks.spec_layout import spec_unpack_gptq
     from qoqopt.kernels import QuantLinear, apply
-    from qoqopt.packing import dequantize, pack_gptq, quantize_rtn
+    from qoqopt.packing import pack_gptq, quantize_rtn
 
     weight = torch.randn(32, 64) * 0.1
     q, z, s = quantize_rtn(weight, 4, 32)
     g_idx = torch.arange(64, dtype=torch.int32) // 32
-    model = nn.Sequential(ForeignGPTQLinear(*pack_gptq(q, z), s, g_idx, bits=4)).to(DEVICE)
+    packed = pack_gptq(q, z)
+    model = nn.Sequential(ForeignGPTQLinear(*packed, s, g_idx, bits=4)).to(DEVICE)
     report = apply(model)
-    assert report.counts["w4a16"] == 1 and isinstance(model[0], QuantLinear)
+    assert report.counts["w4a16"] == 1 and isinstance(model[0], QuantLinear) and report.backend == "triton"
     x = torch.randn(3, 64, device=DEVICE)
     with torch.inference_mode():
         y = model(x)
-    ref = x @ dequantize(q, z, s, g_idx).to(DEVICE)
-    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    # the foreign layer's packed tensors, read as the GPTQ v1 spec states (benchmarks/spec_layout.py)
+    ints, zeros = (torch.from_numpy(a).float() for a in spec_unpack_gptq(*packed, 4))
+    w = (ints - zeros.repeat_interleave(32, 0)) * s.float().repeat_interleave(32, 0)
+    torch.testing.assert_close(y, x @ w.to(DEVICE), atol=1e-4, rtol=1e-4)
 
 
 def test_apply_frees_each_replaced_layer_before_building_the_next(no_interpreter, monkeypatch):

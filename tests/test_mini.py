@@ -91,6 +91,9 @@ def test_same_seed_same_weights():
 
 
 def test_ct_chat_generates_text(loaded):
+    """The saved checkpoint, loaded by transformers, is the model built in memory: the same logits on
+    a CT chat (a tensor transformers had to initialise itself, such as a vision weight saved under a
+    name it does not read, would change them), and greedy generation continues from them."""
     from qoqopt.data import clinical_set
 
     model, proc = loaded
@@ -99,12 +102,16 @@ def test_ct_chat_generates_text(loaded):
         ct.messages(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
     assert "mm_token_type_ids" in inputs  # M-RoPE positions for image tokens depend on it
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+        built = build_model("tiny", seed=0)  # conftest saves seed 0, its weights in bf16
+        for param in built.parameters():
+            param.copy_(param.to(torch.bfloat16))
+        assert torch.equal(logits, built(**inputs).logits[0])
     out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     new = out[0, inputs["input_ids"].shape[1] :]
-    assert len(new) > 0
-    assert isinstance(proc.decode(new, skip_special_tokens=True), str)
-    with torch.no_grad():  # greedy: the first new token is the prompt's argmax in a plain forward pass
-        assert int(new[0]) == int(model(**inputs).logits[0, -1].argmax())
+    assert len(new) == 8 and proc.decode(new, skip_special_tokens=True).strip()
+    assert int(new[0]) == int(logits[-1].argmax())  # greedy: the first new token is the prompt's argmax
 
 
 def test_test_images_span_several_attention_windows(loaded):
