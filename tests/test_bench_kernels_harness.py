@@ -174,3 +174,24 @@ def test_the_fragment_word_layer_row_plans_at_every_7b_projection():
             # the tiles the sweep times as candidates (fragn128w4s3, fragn64w2s3)
             tile = (plan.constexprs["BLOCK_N"], plan.constexprs["num_warps"], plan.constexprs["num_stages"])
             assert tile in {(128, 4, 3), (64, 2, 3)}, (name, m, tile)
+
+
+def test_the_fragment_word_layer_row_answers_as_the_fused_row(monkeypatch):
+    """The GPU run's fragment-word layer row, run here by the interpreter on a small decoder layer
+    (the tiny profile's dims, groups of 128 as the 7B's): the same 7 outputs, in fp16, as the
+    fused GPTQ-word row it is timed beside, decode rows 1 and 16."""
+    import dataclasses
+
+    from qoqopt.kernels import w4a16
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(w4a16, "w4a16_reference", lambda *a, **kw: pytest.fail("the torch path ran"))
+    pr = dataclasses.replace(bench_kernels.PROFILES["tiny"], group_size=128)
+    unfused = bench_kernels._decoder_layer(pr, torch.float16, torch.device("cpu"))
+    fused, fragments = bench_kernels.fused_copy(unfused), bench_kernels.fused_copy(unfused, fragment_words=True)
+    assert {m.words for h in fragments.values() for m in h.modules() if hasattr(m, "words")} == {"fragments"}
+    for m in (1, 16):
+        inputs = bench_kernels.layer_inputs(pr, m, torch.float16, torch.device("cpu"))
+        with torch.inference_mode():
+            for ours, theirs in zip(bench_kernels.layer_calls(fragments, inputs)(), bench_kernels.layer_calls(fused, inputs)()):
+                torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=2e-3)
