@@ -204,9 +204,10 @@ def w4a16_operands(m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, 
                    fragments: bool = False) -> tuple:
     """CPU stand-ins (uninitialised) for a launch's x, qweight (GPTQ words, or ``fragments``: the
     fragment words ``KERNEL="frag"`` reads), qzeros, scales, bias and out."""
+    from qoqopt.kernels.w4a16 import qweight_shape
+
     groups = k // group_size
-    qweight = torch.empty(k // 128, 16 * n, dtype=torch.int32) if fragments else torch.empty(k // 8, n, dtype=torch.int32)
-    return (torch.empty(m, k, dtype=dtype), qweight,
+    return (torch.empty(m, k, dtype=dtype), torch.empty(qweight_shape(k, n, 4, fragments), dtype=torch.int32),
             torch.empty(groups, n // 8, dtype=torch.int32), torch.empty(groups, n, dtype=torch.float16),
             torch.empty(n, dtype=torch.float16), torch.empty(m, n, dtype=dtype))
 

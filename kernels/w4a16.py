@@ -582,7 +582,7 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
         cfg["BLOCK_K"] //= 2
     if cfg["BLOCK_K"] < 16:
         raise QoqoptError(f"w4a16 kernel: group_size {group_size} must be a multiple of 16")
-    if reads_fragment_words(overrides):  # one block of fragment words per K step
+    if fragments:  # one block of fragment words per K step
         cfg["BLOCK_K"] = FRAGMENT_K
         if overrides.get("KERNEL") == "frag" and cfg["BLOCK_N"] == 64 and not cpu:  # the sweep's 64-wide
             cfg["num_warps"] = 2  # candidate (fragn64w2s3; 128 wide: fragn128w4s3), offline-compiled by the tests
@@ -658,6 +658,11 @@ def reads_fragment_words(config: dict) -> bool:
     return config.get("KERNEL") == "frag" or bool(config.get("FRAGMENTS"))
 
 
+def qweight_shape(k: int, n: int, bits: int, fragments: bool) -> tuple[int, int]:
+    """``qweight``'s shape for a ``K x N`` layer: GPTQ's ``[K * bits / 32, N]``, or fragment words'."""
+    return (k // FRAGMENT_K, 16 * n) if fragments else (k * bits // 32, n)
+
+
 def fragment_words_fit(bits: int, k: int, group_size: int) -> bool:
     """Whether a layer's weights can be held as fragment words: 4-bit, K and the groups whole
     128-row blocks (the 7B's every linear; one group per K step)."""
@@ -712,8 +717,8 @@ def w4a16_matmul(
     assert x.dim() == 2 and x.stride(1) == 1, f"x must be [M, K] with unit column stride, got {tuple(x.shape)}"
     m, k = x.shape
     n = scales.shape[1]
-    expected = (k // FRAGMENT_K, 16 * n) if reads_fragment_words(config) else (k * bits // 32, n)
-    assert qweight.shape == expected and qweight.is_contiguous(), f"qweight {tuple(qweight.shape)} vs K={k}, N={n}"
+    assert qweight.shape == qweight_shape(k, n, bits, reads_fragment_words(config)) and qweight.is_contiguous(), \
+        f"qweight {tuple(qweight.shape)} vs K={k}, N={n}"
     assert scales.shape[0] == cdiv(k, group_size) and qzeros.shape[0] == scales.shape[0], "groups disagree"
     assert out is None or (out.shape == (m, n) and out.is_contiguous()), f"out must be contiguous [{m}, {n}]"
     if m == 0:
@@ -836,6 +841,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.contiguous())
         self.register_buffer("perm", perm)
         self.words = "gptq"  # or "fragments": what qweight holds (use_fragment_words)
+        # checked at every launch (a tuple compare on the decode path), so kept, not derived per call
+        self._qweight_shape = qweight_shape(self.in_features, self.out_features, bits, fragments=False)
         self._launchers: dict = {}  # (M, dtype, device, has bias) -> planned launch; decode sizes only
 
     @classmethod
@@ -898,6 +905,7 @@ class QuantLinear(nn.Module):
         if self.words == "gptq" and fragment_words_fit(self.bits, self.in_features, self.group_size):
             self.qweight = gptq_to_fragments(self.qweight)
             self.words, self._launchers = "fragments", {}
+            self._qweight_shape = qweight_shape(self.in_features, self.out_features, self.bits, fragments=True)
         return self.words == "fragments"
 
     def gptq_qweight(self) -> torch.Tensor:
@@ -913,7 +921,7 @@ class QuantLinear(nn.Module):
         key = prefix + "qweight"
         if self.words == "fragments" and key in state_dict:  # GPTQ's words in, fragment words held
             gptq = state_dict[key]
-            if gptq.shape != (self.in_features * self.bits // 32, self.out_features):
+            if gptq.shape != qweight_shape(self.in_features, self.out_features, self.bits, fragments=False):
                 errors.append(f"{key}: GPTQ qweight of shape {tuple(gptq.shape)} does not fit this "
                               f"{self.in_features}->{self.out_features} layer")
                 return
@@ -943,12 +951,6 @@ class QuantLinear(nn.Module):
                                   f"got qweight {tuple(b['qweight'].shape)}")
             y = self._launcher(x2)(x2.contiguous(), b["qweight"], b["qzeros"], b["scales"], b["bias"])
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    @property
-    def _qweight_shape(self) -> tuple[int, int]:
-        if self.words == "fragments":
-            return (self.in_features // FRAGMENT_K, 16 * self.out_features)
-        return (self.in_features * self.bits // 32, self.out_features)
 
     def _launcher(self, x2: torch.Tensor):
         """The planned launch for x2's M, dtype and device (shared by every layer of this shape); decode

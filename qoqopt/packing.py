@@ -184,23 +184,30 @@ def unpack_fragments(words: torch.Tensor) -> torch.Tensor:
     return v.permute(0, 5, 3, 6, 2, 4, 1).reshape(blocks * FRAGMENT_K, n).to(torch.int32)
 
 
+_GPTQ_BLOCK_ROWS = FRAGMENT_K // 8  # GPTQ 4-bit words (rows of qweight) per 128-row block
+
+
 def gptq_to_fragments(qweight: torch.Tensor, blocks_per_step: int = 8) -> torch.Tensor:
     """GPTQ 4-bit ``qweight`` ``[K / 8, N]`` -> :func:`pack_fragments` words, ``blocks_per_step`` 128-row
     blocks at a time (for the memory reason of :func:`awq_to_gptq_v2`)."""
-    rows = FRAGMENT_K // 8
-    assert qweight.shape[0] % rows == 0, f"K={qweight.shape[0] * 8} is not a multiple of {FRAGMENT_K}"
-    out = torch.empty(qweight.shape[0] // rows, qweight.shape[1] * 16, dtype=torch.int32, device=qweight.device)
-    for b in range(0, out.shape[0], blocks_per_step):
-        out[b : b + blocks_per_step] = pack_fragments(unpack_along_rows(qweight[b * rows : (b + blocks_per_step) * rows], 4))
-    return out
+    assert qweight.shape[0] % _GPTQ_BLOCK_ROWS == 0, f"K={qweight.shape[0] * 8} is not a multiple of {FRAGMENT_K}"
+    return _by_blocks(qweight, _GPTQ_BLOCK_ROWS, 1, qweight.shape[1] * 16, blocks_per_step,
+                      lambda words: pack_fragments(unpack_along_rows(words, 4)))
 
 
 def fragments_to_gptq(words: torch.Tensor, blocks_per_step: int = 8) -> torch.Tensor:
     """Inverse of :func:`gptq_to_fragments`: fragment words -> GPTQ 4-bit ``qweight`` ``[K / 8, N]``."""
-    rows = FRAGMENT_K // 8
-    out = torch.empty(words.shape[0] * rows, words.shape[1] // 16, dtype=torch.int32, device=words.device)
-    for b in range(0, words.shape[0], blocks_per_step):
-        out[b * rows : (b + blocks_per_step) * rows] = pack_along_rows(unpack_fragments(words[b : b + blocks_per_step]), 4)
+    return _by_blocks(words, 1, _GPTQ_BLOCK_ROWS, words.shape[1] // 16, blocks_per_step,
+                      lambda block: pack_along_rows(unpack_fragments(block), 4))
+
+
+def _by_blocks(src: torch.Tensor, src_rows: int, out_rows: int, out_cols: int, blocks_per_step: int, convert):
+    """``convert`` applied ``blocks_per_step`` 128-row blocks at a time (``src_rows`` rows of ``src``
+    a block in, ``out_rows`` rows of ``out_cols`` out), into one int32 output."""
+    blocks = src.shape[0] // src_rows
+    out = torch.empty(blocks * out_rows, out_cols, dtype=torch.int32, device=src.device)
+    for b in range(0, blocks, blocks_per_step):
+        out[b * out_rows : (b + blocks_per_step) * out_rows] = convert(src[b * src_rows : (b + blocks_per_step) * src_rows])
     return out
 
 

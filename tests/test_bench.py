@@ -147,6 +147,21 @@ def _kld(ref, cand):
     return F.kl_div(lp_cand, lp_ref, log_target=True, reduction="none").sum(-1), ref.argmax(-1) == cand.argmax(-1)
 
 
+def _transformers_kld(model, proc, reference):
+    """Per-position KLD from scratch and top-1 agreement: the reference's logits vs ``model``'s
+    (a transformers model) over the same reply tokens, torch's kl_div."""
+    import torch
+
+    klds, same = [], []
+    for item, _, reply_ids, ref in reference:
+        ids, cand = _reply_logits(model, proc, item)
+        assert ids == reply_ids
+        kld, agree = _kld(ref, cand)
+        klds.append(kld)
+        same.append(agree)
+    return torch.cat(klds).numpy(), torch.cat(same).numpy()
+
+
 def _independent_kld(reference, gguf_text, mmproj):
     """KLD from scratch: the reference's logits vs llama.cpp reply logits, torch's kl_div."""
     import torch
@@ -200,13 +215,7 @@ def test_transformers_variants_drift_matches_independent_computation(run_1t, ind
             for key, t in stored.items():
                 params[runtime_name(canonical_name(key))].copy_(t)
         assert len(packed) == 14  # every decoder linear of the 2-layer model
-    proc = load_processor(trained_dir)
-    klds = []
-    for item, _, reply_ids, ref in independent_reference:
-        ids, cand = _reply_logits(model, proc, item)
-        assert ids == reply_ids
-        klds.append(_kld(ref, cand)[0])
-    kld = torch.cat(klds).numpy()
+    kld, _ = _transformers_kld(model, load_processor(trained_dir), independent_reference)
     a = rec["drift"]["all"]
     assert a["positions"] == len(kld) and kld.mean() > 0
     np.testing.assert_allclose(a["mean_kld"], kld.mean(), rtol=1e-3)
@@ -228,15 +237,7 @@ def test_bnb_drift_matches_independent_computation(run_1t, run_2t, independent_r
     layers = model.model.language_model.layers
     linears = [m for layer in layers for m in (layer.mlp.gate_proj, layer.self_attn.q_proj)]
     assert all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
-    proc = load_processor(trained_dir)
-    klds, same = [], []
-    for item, _, reply_ids, ref in independent_reference:
-        ids, cand = _reply_logits(model, proc, item)
-        assert ids == reply_ids
-        kld, agree = _kld(ref, cand)
-        klds.append(kld)
-        same.append(agree)
-    kld, same = torch.cat(klds).numpy(), torch.cat(same).numpy()
+    kld, same = _transformers_kld(model, load_processor(trained_dir), independent_reference)
     a = _by_name(run_2t[0])["bnb:nf4"]["drift"]["all"]
     assert a["positions"] == len(kld)
     np.testing.assert_allclose(a["mean_kld"], kld.mean(), rtol=1e-3)

@@ -173,15 +173,20 @@ def test_the_fragment_word_layer_row_plans_at_every_7b_projection():
             assert plan.kernel == "frag", (name, m)
             # the tiles the sweep times as candidates (fragn128w4s3, fragn64w2s3)
             tile = (plan.constexprs["BLOCK_N"], plan.constexprs["num_warps"], plan.constexprs["num_stages"])
-            assert tile in {(128, 4, 3), (64, 2, 3)}, (name, m, tile)
+            swept = {(c["BLOCK_N"], c["num_warps"], c["num_stages"]) for c in bench_kernels.FRAGMENT_DECODE}
+            assert swept == {(128, 4, 3), (64, 2, 3)} and tile in swept, (name, m, tile)
 
 
 def test_the_fragment_word_layer_row_answers_as_the_fused_row(monkeypatch):
     """The GPU run's fragment-word layer row, run here by the interpreter on a small decoder layer
-    (the tiny profile's dims, groups of 128 as the 7B's): the same 7 outputs, in fp16, as the
-    fused GPTQ-word row it is timed beside, decode rows 1 and 16."""
+    (the tiny profile's dims, groups of 128 as the 7B's), decode rows 1 and 16: each of its 7
+    outputs, in fp16, is the projection of the GPTQ words as the spec reads them
+    (benchmarks/spec_layout.py), and the fused GPTQ-word row it is timed beside gives the same."""
     import dataclasses
 
+    import torch.nn.functional as F
+
+    from benchmarks.spec_layout import spec_dequantize, spec_unpack_gptq
     from qoqopt.kernels import w4a16
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -190,8 +195,17 @@ def test_the_fragment_word_layer_row_answers_as_the_fused_row(monkeypatch):
     unfused = bench_kernels._decoder_layer(pr, torch.float16, torch.device("cpu"))
     fused, fragments = bench_kernels.fused_copy(unfused), bench_kernels.fused_copy(unfused, fragment_words=True)
     assert {m.words for h in fragments.values() for m in h.modules() if hasattr(m, "words")} == {"fragments"}
+    spec = {}  # projection -> its weight [N, K] from the GPTQ v1 words it was built with
+    for parent, names in bench_kernels.DECODER_LINEARS.items():
+        for name in names:
+            layer = unfused[parent].get_submodule(name)
+            g_idx = torch.arange(layer.in_features) // pr.group_size
+            spec[name] = spec_dequantize(*spec_unpack_gptq(layer.qweight, layer.qzeros, 4), layer.scales, g_idx)
+    names = [name for names in bench_kernels.DECODER_LINEARS.values() for name in names]  # layer_calls' order
     for m in (1, 16):
         inputs = bench_kernels.layer_inputs(pr, m, torch.float16, torch.device("cpu"))
         with torch.inference_mode():
-            for ours, theirs in zip(bench_kernels.layer_calls(fragments, inputs)(), bench_kernels.layer_calls(fused, inputs)()):
-                torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=2e-3)
+            ours, theirs = bench_kernels.layer_calls(fragments, inputs)(), bench_kernels.layer_calls(fused, inputs)()
+        for name, out, fused_out in zip(names, ours, theirs, strict=True):
+            torch.testing.assert_close(out.float(), F.linear(inputs[name].float(), spec[name]), atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(out, fused_out, atol=2e-3, rtol=2e-3)
