@@ -410,6 +410,38 @@ def render_modelfile(ctx: _Context, text_file: str, mmproj: str | None, all_text
     return "\n".join(lines) + "\n"
 
 
+def _llama_cpp_python_usage(text: str, mmproj: str | None) -> str:
+    """The card's llama-cpp-python recipe, with the chat handler's lost newline put back.
+
+    llama-cpp-python's Qwen25VLChatHandler (0.3.36) renders its template with Jinja's defaults,
+    which drop the template's last newline: the prompt ends `<|im_start|>assistant` without the
+    newline Qwen2.5-VL was trained on, and the reply starts mid-thought. test_imatrix.py runs this
+    recipe's handler against transformers.
+    """
+    if not mmproj:
+        return ""
+    return f"""
+**llama-cpp-python** (images through its `Qwen25VLChatHandler`): the handler renders its chat
+template with Jinja's defaults, which drop the template's last newline, the one after
+`<|im_start|>assistant`, and the model then starts its reply mid-thought. Put the newline back:
+
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Qwen25VLChatHandler
+
+    class QoQMedChatHandler(Qwen25VLChatHandler):
+        CHAT_FORMAT = Qwen25VLChatHandler.CHAT_FORMAT + "\\n"  # Jinja drops a template's last newline
+
+    llm = Llama("{text}", chat_handler=QoQMedChatHandler(clip_model_path="{mmproj}"), n_ctx=4096)
+    image = {{"type": "image_url", "image_url": {{"url": "file:///path/to/scan.png"}}}}
+    question = {{"type": "text", "text": "Above is a CT image of a patient. What is the diagnosis? Answer with one word."}}
+    out = llm.create_chat_completion(messages=[{{"role": "user", "content": [image, question]}}],
+                                     temperature=0, repeat_penalty=1.05)
+    print(out["choices"][0]["message"]["content"])
+
+The handler has no image-size option: give it images inside 65536..524288 pixels.
+"""
+
+
 def render_readme(ctx: _Context, records: list[FileRecord], mmproj: str | None, primary: str, notes: list[str], imatrix: dict | None) -> str:
     lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
     text = next(r.path for r in records if r.kind == "text" and r.quant == primary)
@@ -455,7 +487,7 @@ image input. Set temperature 0 and repeat penalty 1.05.
 **Ollama**: `ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`. The Modelfile
 carries the chat template, QoQ-Med's generation settings and the mmproj. (Ollama versions whose own
 engine handles Qwen2.5-VL may not accept a separate projector file; the text model still runs.)
-
+{_llama_cpp_python_usage(text, mmproj)}
 ## Left out on purpose
 
 {skipped}

@@ -156,11 +156,22 @@ def build_tokenizer_json(ranks: dict[bytes, int]) -> str:
     return tok.to_str()
 
 
+def _build_digest(src: Path) -> str:
+    """What decides the built file: the rank file, this module (its pattern, added tokens and builder)
+    and the tokenizers release that serialises it. Keyed on the ranks alone, an edited pattern or
+    token table would keep reading the old build."""
+    import tokenizers
+
+    h = hashlib.sha256(src.read_bytes())
+    h.update(Path(__file__).read_bytes())
+    h.update(tokenizers.__version__.encode())
+    return h.hexdigest()[:16]
+
+
 def tokenizer_json() -> str:
-    """The tokenizer.json text, built once per qwen.tiktoken and cached (the build takes seconds)."""
+    """The tokenizer.json text, built once per rank file and builder, and cached (the build takes seconds)."""
     src = tiktoken_path()
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    cached = cache_dir("tokenizer") / f"qwen2-{digest}.json"
+    cached = cache_dir("tokenizer") / f"qwen2-{_build_digest(src)}.json"
     if not cached.exists():
         from .fileio import atomic_write_text
 

@@ -311,3 +311,63 @@ def test_trained_model_answers_a_real_ct_in_llama_cpp(trained, trained_dir):
     original = generate_answer(model, load_processor(trained_dir), dataclasses.replace(item, image_fn=lambda: image))
     print(f"\nQ4_K_M + mmproj on CT_small.dcm: {answer!r}; transformers: {original!r}")
     assert extract_boxed(answer) is not None and extract_boxed(answer) == extract_boxed(original)
+
+
+def _card_chat_handler(card: str):
+    """The handler class from the build card's llama-cpp-python recipe, run as the card prints it."""
+    import textwrap
+
+    block = card.split("\n\n    from llama_cpp import Llama", 1)[1].split("\n    llm = ", 1)[0]
+    namespace: dict = {}
+    exec(textwrap.dedent("    from llama_cpp import Llama" + block), namespace)  # noqa: S102 - our own card
+    return namespace["QoQMedChatHandler"]
+
+
+@pytest.mark.slow
+def test_trained_model_answers_alike_through_the_chat_handler(trained, trained_dir, tmp_path):
+    """The path LM Studio-like Python apps take: llama-cpp-python's Qwen25VLChatHandler, its own chat
+    template, the image by URL, on the BF16 build + mmproj. With the handler from the build card's
+    recipe, the greedy reply is transformers' on the same image and question, word for word. The
+    stock handler's prompt lacks the newline after `<|im_start|>assistant` (Jinja drops a template's
+    last newline), which is why the card carries the recipe; on this model its reply then differs.
+    (test_gguf.py checks the handler's image token count on a random model.)"""
+    import dataclasses
+
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Qwen25VLChatHandler
+    from pydicom.data import get_testdata_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.data import clinical_set, dicom_to_image
+    from qoqopt.processor import load_processor
+    from qoqopt.train import generate_answer
+
+    res = trained["res"]
+    card_handler = _card_chat_handler((res.out / "README.md").read_text())
+    item = next(i for i in clinical_set("eval", n_per_base=1) if i.domain == "ct" and i.meta.get("qtype") == "modality")
+    # 280 px: 10 x 10 merged tokens, inside the processor's pixel range, so both runtimes keep the size
+    image = dicom_to_image(get_testdata_file("CT_small.dcm")).convert("RGB").resize((280, 280))
+    image.save(tmp_path / "scan.png")
+    content = [{"type": "image_url", "image_url": {"url": (tmp_path / "scan.png").as_uri()}},
+               {"type": "text", "text": item.question}]
+    replies, prompt_ends = {}, {}
+    for name, handler_class in (("card", card_handler), ("stock", Qwen25VLChatHandler)):
+        handler = handler_class(clip_model_path=str(res.file("mmproj")), verbose=False)
+        llm = Llama(str(res.file("text", "BF16")), chat_handler=handler, n_ctx=1024, n_threads=2, verbose=False)
+        try:
+            out = llm.create_chat_completion(messages=[{"role": "user", "content": content}], max_tokens=64,
+                                             temperature=0.0, repeat_penalty=1.0)
+            replies[name] = out["choices"][0]["message"]["content"]
+            prompt_ends[name] = llm.input_ids[out["usage"]["prompt_tokens"] - 2:out["usage"]["prompt_tokens"]].tolist()
+            im_start_assistant, assistant_newline = (llm.tokenize(t, add_bos=False, special=True)[-2:]
+                                                     for t in (b"<|im_start|>assistant", b"<|im_start|>assistant\n"))
+        finally:
+            llm.close()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir)).eval()
+    original = generate_answer(model, load_processor(trained_dir), dataclasses.replace(item, image_fn=lambda: image))
+    print(f"\nBF16 via the card's handler: {replies['card']!r}; stock handler: {replies['stock']!r}; "
+          f"transformers: {original!r}")
+    # Qwen2.5-VL's template ends its prompt "<|im_start|>assistant\n"
+    assert prompt_ends == {"card": assistant_newline, "stock": im_start_assistant}
+    assert replies["card"] == original
+    assert replies["stock"] != original

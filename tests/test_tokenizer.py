@@ -76,3 +76,26 @@ def test_special_tokens_are_atomic_in_chat_text(hf_tok, tiktoken_enc):
     ids = hf_tok.encode(chat).ids
     assert ids[:1] == [151644] and 151655 in ids and ids[-2:] == [151645, 198]
     assert ids == tiktoken_enc.encode(chat, allowed_special="all")
+
+
+def test_an_edited_builder_is_rebuilt_not_read_from_the_cache(tmp_path, monkeypatch):
+    """The cached tokenizer.json follows the builder, not only the rank file: after an edit of the
+    pattern, the next call builds with the new pattern instead of returning the old file."""
+    from pathlib import Path
+
+    import qoqopt.tokenizer as tokenizer
+
+    def split_pattern(text: str) -> str:
+        return json.loads(text)["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+
+    monkeypatch.setenv("QOQOPT_CACHE", str(tmp_path / "cache"))
+    assert split_pattern(tokenizer.tokenizer_json()) == QWEN2_PATTERN
+    edited_pattern = r"\p{N}+|" + QWEN2_PATTERN  # numbers as one piece: a plausible edit
+    edited_source = tmp_path / "tokenizer.py"
+    edited_source.write_text(Path(tokenizer.__file__).read_text().replace(
+        'r"(?i:\'s|', 'r"\\p{N}+|(?i:\'s|', 1))
+    assert edited_source.read_text() != Path(tokenizer.__file__).read_text()
+    monkeypatch.setattr(tokenizer, "__file__", str(edited_source))
+    monkeypatch.setattr(tokenizer, "QWEN2_PATTERN", edited_pattern)
+    assert split_pattern(tokenizer.tokenizer_json()) == edited_pattern
+    assert len(list((tmp_path / "cache" / "tokenizer").glob("*.json"))) == 2
