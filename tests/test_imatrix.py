@@ -371,3 +371,35 @@ def test_trained_model_answers_alike_through_the_chat_handler(trained, trained_d
     assert prompt_ends == {"card": assistant_newline, "stock": im_start_assistant}
     assert replies["card"] == original
     assert replies["stock"] != original
+
+
+@pytest.mark.slow
+def test_gguf_chat_template_gives_transformers_reply(trained, trained_dir):
+    """Text chats through the template the GGUF carries (`tokenizer.chat_template`, rendered by
+    llama-cpp-python's own Jinja formatter when no handler is given): transformers' greedy reply,
+    word for word. Unlike the image handler's, this template keeps the newline after
+    `<|im_start|>assistant`, as the README's known issue says."""
+    import torch
+    from llama_cpp import Llama
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.data import clinical_set
+    from qoqopt.processor import load_processor
+
+    question = next(i for i in clinical_set("eval", n_per_base=1) if i.domain == "ct").question
+    chats = [[{"role": "user", "content": question}],
+             [{"role": "user", "content": [{"type": "text", "text": "Which imaging modality shows a pulmonary embolism?"}]}]]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir)).eval()
+    proc = load_processor(trained_dir)
+    llm = Llama(str(trained["res"].file("text", "BF16")), n_ctx=1024, n_threads=2, verbose=False)
+    try:
+        for messages in chats:
+            reply = llm.create_chat_completion(messages=messages, max_tokens=48, temperature=0.0,
+                                               repeat_penalty=1.0)["choices"][0]["message"]["content"]
+            inputs = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=48, do_sample=False, repetition_penalty=1.0)
+            assert reply == proc.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        llm.close()
