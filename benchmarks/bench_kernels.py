@@ -3,7 +3,9 @@
 GPU (CUDA): times with ``triton.testing.do_bench`` (median, L2 flushed between reps), and again with
 ``do_bench_cudagraph`` (the call replayed from a CUDA graph: GPU time without host launch cost, as
 in vLLM's and torch.compile's decode; the eager number stays the one judged)
-  * patch merger (1280 -> 5120 -> 5120 -> 3584): fused vs transformers' eager module;
+  * patch merger (1280 -> 5120 -> 5120 -> 3584): fused vs transformers' eager module, and the staged
+    "cublas" plan (one Triton norm pass, cuBLAS GEMMs), judged apart, with both plans' max relative
+    difference from the eager module;
   * vision attention (16 heads x 80, up to 5120 patches, 64-patch windows and full attention):
     the patched module vs transformers' sdpa path per layer and per image (the tower's 28 windowed
     and 4 full-attention layers in turn: the judged row), and the core op (RoPE + attention) vs
@@ -58,6 +60,9 @@ PEAKS = (  # first match on the device name wins
 )
 TARGETS = {  # op -> (description, minimum speedup over the named peer; None: worst row recorded, not judged)
     "merger": ("merger vs eager", 1.5),
+    # The staged "cublas" plan (the norm in one Triton pass, cuBLAS GEMMs), judged apart so the next GPU
+    # run says whether it meets the target where the fused fc1 does not; not the default until it does.
+    "merger/cublas": ("merger, cublas plan (staged), vs eager", 1.5),
     # Per image, as the tower runs it: transformers' sdpa path loops over windows in the windowed
     # layers and makes one flash call in the full ones. Judged per image because at a full layer alone
     # 5x would be under that layer's own FLOP floor; the per-layer rows stay in the table.
@@ -196,6 +201,7 @@ def bench_merger(b: Bench, pr: Profile) -> None:
     torch.manual_seed(0)
     hf = Qwen2_5_VLPatchMerger(dim=out_dim, context_dim=ctx).eval().to(b.device, dtype)
     fused = FusedPatchMerger.from_hf(hf)
+    cublas = FusedPatchMerger.from_hf(hf, plan="cublas")
     hidden = 4 * ctx
     for p in patch_counts:
         x = torch.randn(p, ctx, device=b.device, dtype=dtype)
@@ -207,6 +213,15 @@ def bench_merger(b: Bench, pr: Profile) -> None:
         eager = b.add("merger", case, "hf-eager", lambda: hf(x), bytes_moved=bytes_moved, flops=flops)
         if triton_ok:
             b.add("merger", case, "qoqopt-triton", lambda: fused(x), eager, bytes_moved, flops, target="merger")
+            row = b.add("merger", case, "qoqopt norm+cuBLAS", lambda: cublas(x), eager, bytes_moved, flops,
+                        target="merger/cublas")
+            if row is not None:  # both plans against transformers' module, in the run's dtype
+                with torch.inference_mode():
+                    theirs = hf(x)
+                    row.extra["max_rel_err"] = rel_err(cublas(x), theirs)
+                    row.extra["fused_max_rel_err"] = rel_err(fused(x), theirs)
+                print(f"  {'':9s} {case:28s} max relative difference vs eager: cublas plan "
+                      f"{row.extra['max_rel_err']:.2e}, fused {row.extra['fused_max_rel_err']:.2e} ({_short(dtype)})")
         else:
             args = (hf.ln_q.weight, 1e-6, hf.mlp[0].weight, hf.mlp[0].bias, hf.mlp[2].weight, hf.mlp[2].bias)
             b.add("merger", case, "qoqopt-torch-ref", lambda: patch_merger_reference(x, *args), eager)

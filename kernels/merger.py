@@ -27,6 +27,14 @@ bias and GELU (``_splitk.py``). For small images it trades programs that each re
 tiles that read it a quarter as often.
 The second GEMM is a plain ``addmm``: nothing is left to fuse into it, and cuBLAS is the peer to beat.
 
+A second plan, ``"cublas"`` (``apply(model, merger="cublas")``; untimed on a GPU so far, hence not the
+default), leaves both GEMMs to cuBLAS and fuses only what cuBLAS cannot take: transformers' RMSNorm,
+about eight launches over fp32 copies of the patches in eager mode, becomes one Triton pass
+that reads each patch once and writes the normalised, weighted row (``patch_rmsnorm``); the 2x2
+merge is a view, then fc1, exact GELU and fc2 run as transformers runs them. The H200 runs put the
+fused fc1 at 169 us at 5120 patches (400 TFLOP/s) where cuBLAS ran the LM's bf16 GEMMs at 630-680
+TFLOP/s, i.e. about 100 us for fc1: this plan trades the epilogue's GELU pass (a few us) for that.
+
 Rounding differs from transformers' ``Qwen2_5_VLRMSNorm`` (which rounds the normalised input, then
 its product with the weight): here W1' is rounded once and the normalised input never is.
 """
@@ -55,6 +63,24 @@ def _patch_rstd_kernel(x_ptr, rstd_ptr, P, eps, C: tl.constexpr, BLOCK_P: tl.con
                      other=0.0).to(tl.float32)
         sumsq += tl.sum(xs * xs, axis=1)
     tl.store(rstd_ptr + rows, 1.0 / tl.sqrt(sumsq / C + eps), mask=row_mask)
+
+
+@kernel
+def _patch_rmsnorm_kernel(x_ptr, w_ptr, out_ptr, P, eps, C: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """transformers' ``Qwen2_5_VLRMSNorm`` of every patch row of ``x [P, C]`` in one read and one write: the
+    mean square and its 1/sqrt in fp32, the normalised row rounded to the model dtype, then times the
+    weight and rounded again, as transformers rounds."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < P)[:, None] & col_mask[None, :]
+    offs = rows[:, None] * C + cols[None, :]
+    xs = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xs * xs, axis=1) / C + eps)
+    normed = (xs * rstd[:, None]).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (w[None, :] * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @kernel(do_not_specialize=("M",))
@@ -179,6 +205,27 @@ def patch_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     return rstd
 
 
+def patch_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out=None) -> torch.Tensor:
+    """``[P, C]`` transformers' RMSNorm of every patch row of ``x [P, C]`` (weight ``[C]``, x's dtype)."""
+    assert x.dim() == 2 and x.is_contiguous(), f"x must be contiguous [patches, C], got {tuple(x.shape)}"
+    p, c = x.shape
+    assert weight.shape == (c,) and weight.dtype == x.dtype, f"weight must be [{c}] {x.dtype}"
+    if out is None:
+        out = torch.empty_like(x)
+    assert out.shape == x.shape and out.is_contiguous(), f"out must be contiguous {tuple(x.shape)}"
+    blocks = rmsnorm_blocks(c)
+    if p:
+        _patch_rmsnorm_kernel[x.device][(cdiv(p, blocks["BLOCK_P"]),)](x, weight, out, p, eps, C=c, **blocks,
+                                                                       num_warps=4)
+    return out
+
+
+def rmsnorm_blocks(c: int) -> dict:
+    """A whole row in registers: C = 1280 pads to 2048, 4 rows a program, 64 floats a thread at 4 warps."""
+    block_c = next_pow2(c)
+    return dict(BLOCK_P=max(1, min(64, 8192 // block_c)), BLOCK_C=block_c)
+
+
 def merger_fc1(x: torch.Tensor, eps: float, w1_folded: torch.Tensor, b1: torch.Tensor, out=None, **config):
     """``GELU(Linear(RMSNorm(x).view(-1, 4C)))``; ``x`` is ``[num_patches, C]``, ``w1_folded`` from
     :func:`fold_norm_weight`."""
@@ -237,26 +284,41 @@ def patch_merger(x, eps, w1_folded, b1, w2, b2, out=None, **config) -> torch.Ten
     return torch.addmm(b2, h, w2.t(), out=out)
 
 
+def patch_merger_cublas(x, ln_weight, eps, w1, b1, w2, b2) -> torch.Tensor:
+    """The ``"cublas"`` plan: the norm in one Triton pass, then the reference's GEMMs and GELU."""
+    return _merged_mlp(patch_rmsnorm(x, ln_weight, eps), w1, b1, w2, b2)
+
+
 def patch_merger_reference(x, ln_weight, eps, w1, b1, w2, b2) -> torch.Tensor:
     """Torch reference, op for op as transformers' ``Qwen2_5_VLPatchMerger``."""
     xf = x.float()
     normed = ln_weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    h = F.gelu(F.linear(normed.view(-1, w1.shape[1]), w1, b1))
-    return F.linear(h, w2, b2)
+    return _merged_mlp(normed, w1, b1, w2, b2)
+
+
+def _merged_mlp(normed, w1, b1, w2, b2) -> torch.Tensor:
+    """The 2x2 merge (a view: merged row m is patch rows 4m..4m+3), fc1, exact GELU, fc2."""
+    return F.linear(F.gelu(F.linear(normed.view(-1, w1.shape[1]), w1, b1)), w2, b2)
+
+
+MERGER_PLANS = ("fused", "cublas")
 
 
 class FusedPatchMerger(nn.Module):
     """Drop-in for ``Qwen2_5_VLPatchMerger``; keeps its submodules so state_dict keys are unchanged."""
 
-    def __init__(self, ln_q: nn.Module, mlp: nn.Sequential, strict: bool = False):
+    def __init__(self, ln_q: nn.Module, mlp: nn.Sequential, strict: bool = False, plan: str = "fused"):
         super().__init__()
+        if plan not in MERGER_PLANS:
+            raise QoqoptError(f"patch merger: plan {plan!r}; choose from {', '.join(MERGER_PLANS)}")
         self.ln_q = ln_q
         self.mlp = mlp
         self.hidden_size = mlp[0].in_features
         self.strict = strict
+        self.plan = plan
 
     @classmethod
-    def from_hf(cls, merger: nn.Module, strict: bool = False) -> "FusedPatchMerger":
+    def from_hf(cls, merger: nn.Module, strict: bool = False, plan: str = "fused") -> "FusedPatchMerger":
         mlp = merger.mlp
         shape_ok = len(mlp) == 3 and isinstance(mlp[0], nn.Linear) and isinstance(mlp[2], nn.Linear)
         if not (shape_ok and isinstance(mlp[1], nn.GELU) and mlp[1].approximate == "none"):
@@ -264,7 +326,7 @@ class FusedPatchMerger(nn.Module):
         if mlp[0].bias is None or mlp[2].bias is None:
             raise QoqoptError("patch merger: expected biased Linears")
         check_supported(mlp[0].weight.device, mlp[0].weight.dtype, "patch merger")
-        return cls(merger.ln_q, mlp, strict)
+        return cls(merger.ln_q, mlp, strict, plan)
 
     def folded_w1(self) -> torch.Tensor:
         """fc1's weight with ln_q's folded in, rebuilt only when either weight changes."""
@@ -277,6 +339,9 @@ class FusedPatchMerger(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.mlp[0], self.mlp[2]
         if use_triton(x, self.strict, "patch merger", fc1.weight):
+            if self.plan == "cublas":
+                return patch_merger_cublas(x.contiguous(), self.ln_q.weight, self.ln_q.variance_epsilon, fc1.weight,
+                                           fc1.bias, fc2.weight, fc2.bias)
             return patch_merger(x.contiguous(), self.ln_q.variance_epsilon, self.folded_w1(), fc1.bias, fc2.weight, fc2.bias)
         return patch_merger_reference(x, self.ln_q.weight, self.ln_q.variance_epsilon, fc1.weight, fc1.bias,
                                       fc2.weight, fc2.bias)

@@ -17,7 +17,7 @@ from qoqopt.errors import QoqoptError
 
 from ._triton import check_supported, triton_unusable_reason
 from .fused_projections import fuse_projections
-from .merger import FusedPatchMerger
+from .merger import MERGER_PLANS, FusedPatchMerger
 from .patch_embed import MatmulPatchEmbed
 from .vision_attention import FusedVisionAttention, VarlenPlanCache
 from .vision_mlp import FusedGateUpMLP
@@ -27,6 +27,7 @@ from .w4a16 import QuantLinear
 @dataclass
 class PatchContext:
     strict: bool
+    merger_plan: str = "fused"
     plans: VarlenPlanCache = field(default_factory=VarlenPlanCache)  # shared by all attention layers
 
 
@@ -51,7 +52,7 @@ REGISTRY: tuple[Patch, ...] = (
     Patch("vision_mlp", by_class("Qwen2_5_VLMLP"), lambda m, ctx: FusedGateUpMLP.from_hf(m)),
     Patch("vision_attention", by_class("Qwen2_5_VLVisionAttention"),
           lambda m, ctx: FusedVisionAttention.from_hf(m, ctx.plans, ctx.strict)),
-    Patch("merger", by_class("Qwen2_5_VLPatchMerger"), lambda m, ctx: FusedPatchMerger.from_hf(m, ctx.strict)),
+    Patch("merger", by_class("Qwen2_5_VLPatchMerger"), lambda m, ctx: FusedPatchMerger.from_hf(m, ctx.strict, ctx.merger_plan)),
     Patch("w4a16", is_packed_linear, lambda m, ctx: QuantLinear.from_module(m, ctx.strict)),
 )
 
@@ -75,7 +76,8 @@ class PatchReport:
 W4A16_WORDS = ("gptq", "fragments")
 
 
-def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words: str = "gptq") -> PatchReport:
+def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words: str = "gptq",
+          merger: str = "fused") -> PatchReport:
     """Patch a transformers ``Qwen2_5_VLForConditionalGeneration`` in place with qoqopt kernels.
 
     Unsupported device or dtype: QoqoptError. No usable Triton (not installed, or CPU without
@@ -83,10 +85,14 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     QoqoptError when ``strict``. With ``fuse``, quantized q/k/v and gate/up projections then run as
     one launch each (:mod:`.fused_projections`). ``w4a16_words="fragments"`` then repacks the
     quantized layers' words in memory for the fragment-word kernels (``QuantLinear.use_fragment_words``;
-    untimed on a GPU so far, hence not the default). Returns what was patched, per op.
+    untimed on a GPU so far, hence not the default). ``merger="cublas"`` runs the patch merger's
+    GEMMs in cuBLAS after a one-pass Triton RMSNorm instead of the fused Triton fc1 (also untimed:
+    :mod:`.merger`). Returns what was patched, per op.
     """
     if w4a16_words not in W4A16_WORDS:
         raise QoqoptError(f"apply: w4a16_words={w4a16_words!r}; choose from {', '.join(W4A16_WORDS)}")
+    if merger not in MERGER_PLANS:
+        raise QoqoptError(f"apply: merger={merger!r}; choose from {', '.join(MERGER_PLANS)}")
     tensors = (t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
     first = next(tensors, None)  # parameters first; a bare quantized layer only has float buffers
     if first is None:
@@ -96,7 +102,7 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     if reason is not None and strict:
         raise QoqoptError(f"apply(strict=True): Triton kernels unavailable: {reason}")
 
-    ctx = PatchContext(strict=strict)
+    ctx = PatchContext(strict=strict, merger_plan=merger)
     report = PatchReport(counts={p.op: 0 for p in REGISTRY}, backend="torch" if reason else "triton",
                          fallback_reason=f"torch reference: {reason}" if reason else None)
     for path, patch in _find_targets(model):

@@ -209,3 +209,22 @@ def test_the_fragment_word_layer_row_answers_as_the_fused_row(monkeypatch):
         for name, out, fused_out in zip(names, ours, theirs, strict=True):
             torch.testing.assert_close(out.float(), F.linear(inputs[name].float(), spec[name]), atol=2e-3, rtol=2e-3)
             torch.testing.assert_close(out, fused_out, atol=2e-3, rtol=2e-3)
+
+
+def test_the_merger_rows_time_both_plans_beside_transformers(monkeypatch):
+    """The GPU run's merger rows, run here by the interpreter at the tiny profile: the fused plan is
+    judged against the target and the staged cublas plan apart, both against transformers' eager
+    module, whose output each plan gives (the rows record how closely)."""
+    from qoqopt.kernels import merger
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(merger, "patch_merger_reference", lambda *a, **kw: pytest.fail("the torch path ran"))
+    b = bench_kernels.Bench(torch.device("cpu"))
+    b.triton = True  # as on a GPU: the qoqopt rows are made
+    bench_kernels.bench_merger(b, bench_kernels.PROFILES["tiny"])
+    rows = {r.impl: r for r in b.rows}
+    assert set(rows) == {"hf-eager", "qoqopt-triton", "qoqopt norm+cuBLAS"}
+    assert (rows["qoqopt-triton"].target, rows["qoqopt norm+cuBLAS"].target) == ("merger", "merger/cublas")
+    assert rows["qoqopt norm+cuBLAS"].peer == "hf-eager"
+    extra = rows["qoqopt norm+cuBLAS"].extra
+    assert extra["max_rel_err"] < 1e-5 and extra["fused_max_rel_err"] < 1e-5, extra  # fp32 on the CPU

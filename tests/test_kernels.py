@@ -144,6 +144,38 @@ def test_fused_merger_module_matches_hf(dtype):
         assert_close(fused(x), merger(x), dtype, scale=4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# one patch; a ragged last program; C not a power of two (the 7B's 1280 is not either), so the row's
+# masked tail is read as zeros and never written
+@pytest.mark.parametrize("patches,context_dim", [(1, 32), (37, 64), (130, 48)])
+def test_patch_rmsnorm_matches_hf(dtype, patches, context_dim):
+    from qoqopt.kernels.merger import patch_rmsnorm
+
+    merger = _hf_merger(context_dim=context_dim, out_dim=16, dtype=dtype, seed=patches)
+    scale = 2.0 ** torch.randint(-3, 4, (patches, 1), generator=torch.Generator().manual_seed(patches))
+    x = (torch.randn(patches, context_dim) * scale).to(DEVICE, dtype)
+    out = nan_like((patches, context_dim), dtype)
+    with torch.inference_mode():
+        patch_rmsnorm(x, merger.ln_q.weight, merger.ln_q.variance_epsilon, out=out)
+        ref = merger.ln_q(x)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cublas_merger_plan_matches_hf(dtype):
+    """The "cublas" plan: the Triton norm pass, then cuBLAS GEMMs and exact GELU, as apply() runs it."""
+    from qoqopt.errors import QoqoptError
+    from qoqopt.kernels.merger import FusedPatchMerger
+
+    merger = _hf_merger(context_dim=48, out_dim=40, dtype=dtype, seed=2)
+    patched = FusedPatchMerger.from_hf(merger, strict=True, plan="cublas")
+    x = (torch.randn(4 * 23, 48) * 3).to(DEVICE, dtype)
+    with torch.inference_mode():
+        assert_close(patched(x), merger(x), dtype, scale=4)
+    with pytest.raises(QoqoptError, match="choose from fused, cublas"):
+        FusedPatchMerger.from_hf(merger, plan="cuBLAS")
+
+
 # ----------------------------------------------------------------------------- vision attention
 
 

@@ -81,13 +81,17 @@ def relative_error(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_apply_matches_unpatched_model(interpreter):
+# "cublas": the merger's norm in one Triton pass, its GEMMs in torch (a staged plan, untimed on a GPU)
+@pytest.mark.parametrize("merger", ["fused", "cublas"])
+def test_apply_matches_unpatched_model(interpreter, merger):
     from qoqopt.kernels import apply
+    from qoqopt.kernels.merger import FusedPatchMerger
 
     model = tiny_model()
     batch = two_image_batch(model.config)
     ref = logits_of(model, batch)
-    report = apply(model)
+    report = apply(model, merger=merger)
+    assert isinstance(model.model.visual.merger, FusedPatchMerger) and model.model.visual.merger.plan == merger
     assert report.backend == "triton", report
     depth = model.config.vision_config.depth
     assert report.counts == {"patch_embed": 1, "vision_mlp": depth, "vision_attention": depth, "merger": 1, "w4a16": 0,
@@ -148,6 +152,9 @@ def test_refuses_unsupported_dtype_and_non_qwen_models():
         apply(nn.Sequential(nn.Linear(4, 4)).double())
     with pytest.raises(QoqoptError, match="nothing to patch"):
         apply(nn.Sequential(nn.Linear(4, 4)))
+    # an unknown plan is refused up front, not left to each layer's build (which would skip it)
+    with pytest.raises(QoqoptError, match="merger='cuBLAS'; choose from fused, cublas"):
+        apply(tiny_model(), merger="cuBLAS")
 
 
 class ForeignGPTQLinear(nn.Module):

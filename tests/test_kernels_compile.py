@@ -51,7 +51,7 @@ def _resource_usage(compiled) -> str:
 
 def test_merger_compiles():
     from benchmarks.offline_compile import merger_fc1_compile
-    from qoqopt.kernels.merger import _patch_rstd_kernel
+    from qoqopt.kernels.merger import _patch_rmsnorm_kernel, _patch_rstd_kernel, rmsnorm_blocks
 
     # one small image, a mid-size one, the 5120-patch maximum; a small one split over K by patch slots
     # and the sweep's TMA loads (host tensor descriptors) at the largest image
@@ -69,6 +69,11 @@ def test_merger_compiles():
         assert registers[1280, (("RESCALE", True),)] <= registers[1280, ()] - 32, registers
     _compile(_patch_rstd_kernel, {"x_ptr": BF16, "rstd_ptr": "*fp32", "P": "i32", "eps": "fp32"},
              dict(C=1280, BLOCK_P=32, BLOCK_C=256), dict(num_warps=4, num_stages=1))
+    # the cublas plan's norm pass, as patch_rmsnorm launches it at the 7B's 1280 channels
+    norm = _compile(_patch_rmsnorm_kernel, {"x_ptr": BF16, "w_ptr": BF16, "out_ptr": BF16, "P": "i32", "eps": "fp32"},
+                    dict(C=1280, **rmsnorm_blocks(1280)), dict(num_warps=4, num_stages=1))
+    print(f"merger norm pass {rmsnorm_blocks(1280)}: {_resource_usage(norm)}")
+    assert (resource_usage(norm) or {}).get("stack_bytes", 0) == 0, "the merger's norm pass spills"
 
 
 @pytest.mark.parametrize("dtype", ["*bf16", "*fp32"])
