@@ -411,25 +411,28 @@ def render_modelfile(ctx: _Context, text_file: str, mmproj: str | None, all_text
 
 
 def _llama_cpp_python_usage(text: str, mmproj: str | None) -> str:
-    """The card's llama-cpp-python recipe, with the chat handler's lost newline put back.
+    """The card's llama-cpp-python recipe, with the chat handler's lost newline kept.
 
-    llama-cpp-python's Qwen25VLChatHandler (0.3.36) renders its template with Jinja's defaults,
-    which drop the template's last newline: the prompt ends `<|im_start|>assistant` without the
-    newline Qwen2.5-VL was trained on, and the reply starts mid-thought. test_imatrix.py runs this
-    recipe's handler against transformers.
+    llama-cpp-python's Qwen25VLChatHandler (0.3.36) renders its template with Jinja's
+    ``keep_trailing_newline=False``, which drops the template's last character, the newline after
+    ``<|im_start|>assistant`` that Qwen2.5-VL was trained on: the reply starts mid-thought. Ending
+    the template on an empty expression keeps that newline whether or not a later release keeps
+    trailing newlines. test_imatrix.py runs this recipe's handler against transformers.
     """
     if not mmproj:
         return ""
     return f"""
-**llama-cpp-python** (images through its `Qwen25VLChatHandler`): the handler renders its chat
-template with Jinja's defaults, which drop the template's last newline, the one after
-`<|im_start|>assistant`, and the model then starts its reply mid-thought. Put the newline back:
+**llama-cpp-python** (images through its `Qwen25VLChatHandler`; seen in 0.3.36): the handler renders
+its chat template with Jinja's `keep_trailing_newline=False`, which drops the template's last
+newline, the one after `<|im_start|>assistant`, and the model then starts its reply mid-thought.
+Keep it:
 
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Qwen25VLChatHandler
 
     class QoQMedChatHandler(Qwen25VLChatHandler):
-        CHAT_FORMAT = Qwen25VLChatHandler.CHAT_FORMAT + "\\n"  # Jinja drops a template's last newline
+        # ends the template on an empty expression, so Jinja keeps the newline before it
+        CHAT_FORMAT = Qwen25VLChatHandler.CHAT_FORMAT + '{{{{ "" }}}}'
 
     llm = Llama("{text}", chat_handler=QoQMedChatHandler(clip_model_path="{mmproj}"), n_ctx=4096)
     image = {{"type": "image_url", "image_url": {{"url": "file:///path/to/scan.png"}}}}

@@ -35,8 +35,9 @@ merge is a view, then fc1, exact GELU and fc2 run as transformers runs them. The
 fused fc1 at 169 us at 5120 patches (400 TFLOP/s) where cuBLAS ran the LM's bf16 GEMMs at 630-680
 TFLOP/s, i.e. about 100 us for fc1: this plan trades the epilogue's GELU pass (a few us) for that.
 
-Rounding differs from transformers' ``Qwen2_5_VLRMSNorm`` (which rounds the normalised input, then
-its product with the weight): here W1' is rounded once and the normalised input never is.
+The fused plan's rounding differs from transformers' ``Qwen2_5_VLRMSNorm`` (which rounds the
+normalised input, then its product with the weight): there W1' is rounded once and the normalised
+input never is. The cublas plan's norm rounds where transformers rounds.
 """
 
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ def _patch_rmsnorm_kernel(x_ptr, w_ptr, out_ptr, P, eps, C: tl.constexpr, BLOCK_
                           BLOCK_C: tl.constexpr):
     """transformers' ``Qwen2_5_VLRMSNorm`` of every patch row of ``x [P, C]`` in one read and one write: the
     mean square and its 1/sqrt in fp32, the normalised row rounded to the model dtype, then times the
-    weight and rounded again, as transformers rounds."""
+    weight and rounded again: rounded where transformers rounds (its 1/RMS may differ in the last bit)."""
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < C
@@ -205,6 +206,13 @@ def patch_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     return rstd
 
 
+def rmsnorm_blocks(c: int) -> dict:
+    """A whole row in registers: C = 1280 pads to 2048, 4 rows a program, 64 floats a thread at 4 warps."""
+    block_c = next_pow2(c)
+    assert block_c <= 8192, f"patch RMSNorm keeps a row in registers: C={c} is too wide"
+    return dict(BLOCK_P=max(1, min(64, 8192 // block_c)), BLOCK_C=block_c)
+
+
 def patch_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out=None) -> torch.Tensor:
     """``[P, C]`` transformers' RMSNorm of every patch row of ``x [P, C]`` (weight ``[C]``, x's dtype)."""
     assert x.dim() == 2 and x.is_contiguous(), f"x must be contiguous [patches, C], got {tuple(x.shape)}"
@@ -212,18 +220,14 @@ def patch_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out=None) -
     assert weight.shape == (c,) and weight.dtype == x.dtype, f"weight must be [{c}] {x.dtype}"
     if out is None:
         out = torch.empty_like(x)
-    assert out.shape == x.shape and out.is_contiguous(), f"out must be contiguous {tuple(x.shape)}"
+    # the kernel rounds to out's dtype: another dtype would round elsewhere than transformers
+    assert out.shape == x.shape and out.is_contiguous() and out.dtype == x.dtype, (
+        f"out must be contiguous {tuple(x.shape)} {x.dtype}")
     blocks = rmsnorm_blocks(c)
     if p:
         _patch_rmsnorm_kernel[x.device][(cdiv(p, blocks["BLOCK_P"]),)](x, weight, out, p, eps, C=c, **blocks,
                                                                        num_warps=4)
     return out
-
-
-def rmsnorm_blocks(c: int) -> dict:
-    """A whole row in registers: C = 1280 pads to 2048, 4 rows a program, 64 floats a thread at 4 warps."""
-    block_c = next_pow2(c)
-    return dict(BLOCK_P=max(1, min(64, 8192 // block_c)), BLOCK_C=block_c)
 
 
 def merger_fc1(x: torch.Tensor, eps: float, w1_folded: torch.Tensor, b1: torch.Tensor, out=None, **config):
@@ -338,7 +342,7 @@ class FusedPatchMerger(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        if use_triton(x, self.strict, "patch merger", fc1.weight):
+        if use_triton(x, self.strict, "patch merger", self.ln_q.weight, fc1.weight, fc2.weight):
             if self.plan == "cublas":
                 return patch_merger_cublas(x.contiguous(), self.ln_q.weight, self.ln_q.variance_epsilon, fc1.weight,
                                            fc1.bias, fc2.weight, fc2.bias)

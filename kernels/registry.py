@@ -63,9 +63,11 @@ class PatchReport:
     backend: str  # "triton" or "torch"
     fallback_reason: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # module path -> why it was left alone
+    merger_plan: str = "fused"
 
     def __str__(self) -> str:
-        ops = ", ".join(f"{op} x{n}" for op, n in self.counts.items() if n) or "nothing"
+        plan = {"merger": f" ({self.merger_plan} plan)"} if self.merger_plan != "fused" else {}
+        ops = ", ".join(f"{op} x{n}{plan.get(op, '')}" for op, n in self.counts.items() if n) or "nothing"
         line = f"qoqopt.kernels: patched {ops} (backend: {self.backend}"
         line += f"; {self.fallback_reason})" if self.fallback_reason else ")"
         for path, why in self.skipped.items():
@@ -104,7 +106,7 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
 
     ctx = PatchContext(strict=strict, merger_plan=merger)
     report = PatchReport(counts={p.op: 0 for p in REGISTRY}, backend="torch" if reason else "triton",
-                         fallback_reason=f"torch reference: {reason}" if reason else None)
+                         fallback_reason=f"torch reference: {reason}" if reason else None, merger_plan=merger)
     for path, patch in _find_targets(model):
         # fetched by path, one at a time: a replaced module (a foreign layer that was repacked) is
         # freed as soon as it is swapped out, not kept alive by a list until every build is done

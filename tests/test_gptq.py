@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from benchmarks.spec_layout import spec_dequantize, spec_unpack_gptq
 from qoqopt.errors import QoqoptError
+from qoqopt.packing import pack_gptq
 from qoqopt.quantize.gptq import accumulate_hessian, group_aware_order, gptq_quantize
 from qoqopt.quantize.rtn import QuantSpec, group_params, rtn_quantize
 
@@ -162,10 +164,11 @@ def test_layout_fields_are_consistent(act_order, static, gar):
     qw, info = gptq_quantize(w, h, QuantSpec(4, gs), act_order=act_order, static_groups=static, group_aware=gar)
     assert qw.intweight.shape == (k, n) and qw.scales.shape == (k // gs, n) and qw.scales.dtype == torch.float16
     assert info.retries == 0
-    # the fields alone give the weight, as GPTQ runtimes read them: (q - zero[g_idx]) * scale[g_idx]
-    g = qw.g_idx.long()
-    by_fields = ((qw.intweight - qw.zeros[g]).double() * qw.scales[g].double()).t()
-    torch.testing.assert_close(qw.dequantize().double(), by_fields, rtol=1e-7, atol=0)
+    # packed as GPTQ v1 (which refuses codes outside 0..15 and zero-points outside 1..16) and read back
+    # by the format's spec, the words give the weight the quantizer reports
+    qweight, qzeros = pack_gptq(qw.intweight, qw.zeros, bits=4)
+    by_spec = spec_dequantize(*spec_unpack_gptq(qweight, qzeros, 4), qw.scales, qw.g_idx)
+    torch.testing.assert_close(qw.dequantize(), by_spec, rtol=0, atol=0)
     counts = torch.bincount(qw.g_idx.long(), minlength=k // gs)
     assert counts.tolist() == [gs] * (k // gs)  # every group has exactly group_size rows
     natural = torch.arange(k) // gs

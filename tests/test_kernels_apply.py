@@ -92,6 +92,7 @@ def test_apply_matches_unpatched_model(interpreter, merger):
     ref = logits_of(model, batch)
     report = apply(model, merger=merger)
     assert isinstance(model.model.visual.merger, FusedPatchMerger) and model.model.visual.merger.plan == merger
+    assert ("merger x1 (cublas plan)" in str(report)) == (merger == "cublas")
     assert report.backend == "triton", report
     depth = model.config.vision_config.depth
     assert report.counts == {"patch_embed": 1, "vision_mlp": depth, "vision_attention": depth, "merger": 1, "w4a16": 0,

@@ -73,7 +73,9 @@ def test_merger_compiles():
     norm = _compile(_patch_rmsnorm_kernel, {"x_ptr": BF16, "w_ptr": BF16, "out_ptr": BF16, "P": "i32", "eps": "fp32"},
                     dict(C=1280, **rmsnorm_blocks(1280)), dict(num_warps=4, num_stages=1))
     print(f"merger norm pass {rmsnorm_blocks(1280)}: {_resource_usage(norm)}")
-    assert (resource_usage(norm) or {}).get("stack_bytes", 0) == 0, "the merger's norm pass spills"
+    if resource_usage(norm) is None:
+        pytest.skip("this triton ships no cuobjdump: the norm pass's spills unreadable")
+    assert resource_usage(norm)["stack_bytes"] == 0, "the merger's norm pass spills"
 
 
 @pytest.mark.parametrize("dtype", ["*bf16", "*fp32"])
