@@ -152,7 +152,9 @@ def card_metadata(manifest: dict, base_model: str | None = None):
 
 
 def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_md: str | None = None,
-                base_model: str | None = None) -> str:  # fmt: skip
+                base_model: str | None = None, export_readme: str | None = None) -> str:  # fmt: skip
+    """The Hub card; ``export_readme`` (the build's own README.md, checked against its manifest)
+    supplies its run instructions and known issues, which name this build's files and settings."""
     from huggingface_hub import ModelCard
 
     fmt = manifest.get("format", "unknown")
@@ -175,7 +177,13 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
         body += ["", "## Evidence: drift and speed", "", tables_for_build(results_md, fmt)]
     # builds exported before the top-level key carried the encoder whenever their source had one
     carries_ecg = manifest.get("ecg_encoder", "carried" if src.get("ecg_encoder") else None) == "carried"
-    body += ["", "## Usage", "", _usage(fmt, repo_id, files, carries_ecg)]
+    exported = readme_sections(export_readme or "")
+    if "Run it" in exported:
+        body += ["", "## Usage", "", _hub_download(repo_id), "", exported["Run it"]]
+    else:
+        body += ["", "## Usage", "", _usage(fmt, repo_id, files, carries_ecg)]
+    if "Known issues" in exported:
+        body += ["", "## Known issues", "", exported["Known issues"]]
     return ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n", body="\n".join(body)).content
 
 
@@ -195,6 +203,25 @@ def tables_for_build(report_md: str, fmt: str) -> str:
             continue
         out.append(line)
     return "\n".join(out).strip()
+
+
+def readme_sections(readme: str) -> dict[str, str]:
+    """The ``## `` sections of a README, by heading, without the heading line."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in readme.splitlines():
+        if line.startswith("## "):
+            current = line[3:].strip()
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    return {heading: "\n".join(lines).strip() for heading, lines in sections.items()}
+
+
+def _hub_download(repo_id: str) -> str:
+    return (f"`huggingface-cli download {repo_id} --local-dir qoq-med` fetches the build; the commands below "
+            f"run from that folder. (`llama-mtmd-cli -hf {repo_id}` also fetches a quant and its mmproj by itself; "
+            "give it the same flags.)")
 
 
 def _usage(fmt: str, repo_id: str, files: list[PlannedFile], carries_ecg: bool = False) -> str:
@@ -235,12 +262,16 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     # The manifest itself ships too, so downloaders can check what they got.
     files.append(PlannedFile("manifest.json", (folder / "manifest.json").stat().st_size, sha256_file(folder / "manifest.json")))
     results_md = results.read_text() if results else None
-    card = render_card(manifest, files, repo_id, results_md, base_model)
+    readme = folder / "README.md"
+    # verified_files has checked it against the manifest when the manifest lists it (exports do)
+    export_readme = readme.read_text(errors="replace") if readme.is_file() else None
+    card = render_card(manifest, files, repo_id, results_md, base_model, export_readme)
     notes = [] if results_md else ["no --results given: the card has no drift/speed tables"]
     if base_model:  # a build exported from a Hub id names its base itself
         notes += [n for n in [check_base_model(folder, manifest, base_model)] if n]
-    if (folder / "README.md").exists():
-        notes.append("the export's README.md is replaced by the generated model card (it carries the same usage)")
+    if export_readme is not None:
+        carried = "carries its run instructions" if "Run it" in readme_sections(export_readme) else "has qoqopt's generic usage"
+        notes.append(f"the export's README.md is replaced by the generated model card (which {carried})")
     return UploadPlan(folder, repo_id, private, files, card, manifest.get("format", "unknown"), notes)
 
 

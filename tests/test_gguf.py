@@ -526,3 +526,17 @@ def test_log_levels_are_the_compiled_ggml_headers():
     levels = {name: int(v) for name, v in re.findall(r"GGML_LOG_LEVEL_(\w+)\s*=\s*(\d+)", header.read_text())}
     assert (levels["ERROR"], levels["CONT"]) == (GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT)
     assert levels["WARN"] < levels["ERROR"]
+
+
+def test_published_card_carries_the_builds_own_run_instructions(built):
+    """The Hub card replaces the export's README: it must carry what that README told users, word for
+    word (the image-token range, QoQ-Med's sampling settings, the llama-cpp-python recipe, the
+    Modelfile) and its known issues, not a generic usage that drops them."""
+    from qoqopt.publish import plan_upload, readme_sections
+
+    plan = plan_upload(built.out, "me/tiny-gguf", base_model="ddvd233/QoQ-Med-VL-7B")
+    exported = readme_sections((built.out / "README.md").read_text())
+    card = readme_sections(plan.card)
+    assert exported["Run it"] in card["Usage"] and exported["Known issues"] == card["Known issues"]
+    assert "--image-min-tokens" in card["Usage"] and "QoQMedChatHandler" in card["Usage"]
+    assert any("carries its run instructions" in note for note in plan.notes)
