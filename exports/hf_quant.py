@@ -67,6 +67,7 @@ class ExportReport:
     seconds: float = 0.0
     ecg_encoder: str | None = None  # "carried" or "dropped" where the source has one
     order: str | None = None  # GPTQ's visiting order (GPTQ_ORDERS)
+    compute: dict = field(default_factory=dict)  # where it ran: the bytes depend on it (README known issues)
 
 
 # GPTQ's column visiting orders by name (--order), as gptq_quantize options (see quantize.gptq); all
@@ -309,6 +310,7 @@ def export_hf_quant_report(
 
     from . import awq as awq_fmt
     from . import gptq as gptq_fmt
+    from .hf_readme import render_readme
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
@@ -349,6 +351,7 @@ def export_hf_quant_report(
     vision_plan = _vision_plan(ckpt, spec, fmt) if quantize_vision else None
     vision_stats = _VisionStats(vision_plan) if vision_plan else None
     log(f"calibrating on {len(chats)} chats from {label} ({device})")
+    report.compute = {"device": str(device), "torch_threads": torch.get_num_threads()}
     captured = capture_layer0_inputs(
         ckpt, chats, device=device, vision_hooks=vision_stats.hooks if vision_stats else None, progress=progress
     )
@@ -412,7 +415,10 @@ def export_hf_quant_report(
             if skipped_vision:
                 report.notes.append(f"{len(skipped_vision)} vision Linear(s) left unquantized: shapes do not fit the format")
         report.seconds = time.perf_counter() - t0
-        manifest = _manifest(ckpt, report, opts, files + ["config.json"] + copied, tmp, writer.digests, quant_config)
+        # the README says what the manifest records (less the file list, which it joins)
+        (tmp / "README.md").write_text(render_readme(_manifest(ckpt, report, opts, [], tmp, {}, quant_config)))
+        files += ["config.json", "README.md"] + copied
+        manifest = _manifest(ckpt, report, opts, files, tmp, writer.digests, quant_config)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     mean_err = sum(lr["rel_error"] for lr in report.layers) / max(len(report.layers), 1)
     log(f"wrote {out} ({fmt}, {bits}-bit, group {group_size}; mean layer error {mean_err:.4f}; "
@@ -488,6 +494,7 @@ def _manifest(ckpt, report: ExportReport, opts, files, tmp: Path, digests: dict,
             "sym": opts.spec.sym, "order": report.order, "damp": opts.damp, "config": quant_config,
         },  # fmt: skip
         "calibration": report.calibration,
+        "compute": report.compute,
         "layers": [{k: v for k, v in lr.items() if k != "seconds"} for lr in report.layers],  # no timings: deterministic
         "vision": report.vision,
         "notes": report.notes,
@@ -643,15 +650,16 @@ def load_fake_quantized(path: Path, dtype=None):
     return model.eval()
 
 
-def load_with_quant_linear(path: Path, dtype=None):
-    """The exported directory in a transformers model whose quantized Linears are qoqopt's own
-    :class:`qoqopt.kernels.w4a16.QuantLinear`, built straight from the packed tensors (the closest
-    real consumer of the format that runs here)."""
+def load_with_quant_linear(path: Path | str, dtype=None):
+    """The exported directory (or its Hub repo id) in a transformers model whose quantized Linears are
+    qoqopt's own :class:`qoqopt.kernels.w4a16.QuantLinear`, built straight from the packed tensors
+    (the closest real consumer of the format that runs here)."""
     import torch
 
     from qoqopt.kernels.w4a16 import replace_linears
+    from qoqopt.loader import resolve
 
-    path = Path(path)
+    path = resolve(str(path))[0]
     dtype = dtype or torch.float32
     model, qc = _meta_model(path)
     tensors = _all_tensors(path)

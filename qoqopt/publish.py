@@ -178,10 +178,7 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
     # builds exported before the top-level key carried the encoder whenever their source had one
     carries_ecg = manifest.get("ecg_encoder", "carried" if src.get("ecg_encoder") else None) == "carried"
     exported = readme_sections(export_readme or "")
-    if "Run it" in exported:
-        body += ["", "## Usage", "", _hub_download(repo_id), "", exported["Run it"]]
-    else:
-        body += ["", "## Usage", "", _usage(fmt, repo_id, files, carries_ecg)]
+    body += ["", "## Usage", "", _usage(fmt, repo_id, files, carries_ecg, exported.get("Run it"))]
     if "Known issues" in exported:
         body += ["", "## Known issues", "", exported["Known issues"]]
     return ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n", body="\n".join(body)).content
@@ -218,33 +215,31 @@ def readme_sections(readme: str) -> dict[str, str]:
     return {heading: "\n".join(lines).strip() for heading, lines in sections.items()}
 
 
-def _hub_download(repo_id: str) -> str:
+def _usage(fmt: str, repo_id: str, files: list[PlannedFile], carries_ecg: bool, exported_run: str | None) -> str:
+    """GPTQ/AWQ: the run instructions their exports write, for the repo id. GGUF: the export's own run
+    section (it names this build's files and QoQ-Med's image range), below the download."""
+    if fmt in ("gptq", "awq"):
+        from .exports.hf_readme import run_instructions
+
+        return run_instructions(repo_id, carries_ecg)
+    if exported_run is None:
+        return _gguf_usage(repo_id, files)
     return (f"`huggingface-cli download {repo_id} --local-dir qoq-med` fetches the build; the commands below "
-            f"run from that folder. (`llama-mtmd-cli -hf {repo_id}` also fetches a quant and its mmproj by itself; "
-            "give it the same flags.)")
+            f"run from that folder. (`llama-mtmd-cli -hf {repo_id}` also fetches a quant and its mmproj by "
+            f"itself; give it the same flags.)\n\n{exported_run}")
 
 
-def _usage(fmt: str, repo_id: str, files: list[PlannedFile], carries_ecg: bool = False) -> str:
-    if fmt == "gguf":
-        text = next((f.path for f in files if f.path.endswith(".gguf") and not f.path.startswith("mmproj")), "MODEL.gguf")
-        mmproj = next((f.path for f in files if f.path.startswith("mmproj")), "mmproj.gguf")
-        return "\n".join([
-            "**llama.cpp**", "```bash",
-            f"llama-mtmd-cli -hf {repo_id} --image scan.png -p 'Above is a CT image of a patient. ...'",
-            f"# or with local files: llama-mtmd-cli -m {text} --mmproj {mmproj} --image scan.png -p '...'",
-            "```", "", "**LM Studio**: search for the repo name, download the quant and the mmproj together.", "",
-            "**Ollama**", "```bash", f"huggingface-cli download {repo_id} --local-dir qoq-med && cd qoq-med",
-            "ollama create qoq-med -f Modelfile && ollama run qoq-med", "```",
-        ])  # fmt: skip
-    vllm = (["**vLLM** does not load this build: it carries QoQ-Med's ECG encoder, whose class and tensors vLLM "
-             "does not know. `qoqopt export ... --drop-ecg` makes the build vLLM serves.", ""] if carries_ecg else
-            ["**vLLM**", "```bash", f"vllm serve {repo_id} --limit-mm-per-prompt '{{\"image\": 1}}'", "```", ""])
+def _gguf_usage(repo_id: str, files: list[PlannedFile]) -> str:
+    """For GGUF builds whose README has no run section (not written by a current qoqopt export)."""
+    text = next((f.path for f in files if f.path.endswith(".gguf") and not f.path.startswith("mmproj")), "MODEL.gguf")
+    mmproj = next((f.path for f in files if f.path.startswith("mmproj")), "mmproj.gguf")
     return "\n".join([
-        *vllm,
-        "**transformers** (GPTQ/AWQ through the GPTQModel backend)", "```python",
-        "from transformers import AutoModelForImageTextToText, AutoProcessor",
-        f"model = AutoModelForImageTextToText.from_pretrained('{repo_id}', device_map='auto')",
-        f"processor = AutoProcessor.from_pretrained('{repo_id}')", "```",
+        "**llama.cpp**", "```bash",
+        f"llama-mtmd-cli -hf {repo_id} --image scan.png -p 'Above is a CT image of a patient. ...'",
+        f"# or with local files: llama-mtmd-cli -m {text} --mmproj {mmproj} --image scan.png -p '...'",
+        "```", "", "**LM Studio**: search for the repo name, download the quant and the mmproj together.", "",
+        "**Ollama**", "```bash", f"huggingface-cli download {repo_id} --local-dir qoq-med && cd qoq-med",
+        "ollama create qoq-med -f Modelfile && ollama run qoq-med", "```",
     ])  # fmt: skip
 
 
@@ -266,13 +261,15 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     # verified_files has checked it against the manifest when the manifest lists it (exports do)
     export_readme = readme.read_text(errors="replace") if readme.is_file() else None
     card = render_card(manifest, files, repo_id, results_md, base_model, export_readme)
+    fmt = manifest.get("format", "unknown")
     notes = [] if results_md else ["no --results given: the card has no drift/speed tables"]
     if base_model:  # a build exported from a Hub id names its base itself
         notes += [n for n in [check_base_model(folder, manifest, base_model)] if n]
     if export_readme is not None:
-        carried = "carries its run instructions" if "Run it" in readme_sections(export_readme) else "has qoqopt's generic usage"
-        notes.append(f"the export's README.md is replaced by the generated model card (which {carried})")
-    return UploadPlan(folder, repo_id, private, files, card, manifest.get("format", "unknown"), notes)
+        own = fmt != "gguf" or "Run it" in readme_sections(export_readme)
+        notes.append("the export's README.md is replaced by the generated model card (which "
+                     + ("carries its run instructions)" if own else "has qoqopt's generic usage)"))
+    return UploadPlan(folder, repo_id, private, files, card, fmt, notes)
 
 
 def upload(plan: UploadPlan, token: str, api=None) -> str:

@@ -117,11 +117,18 @@ def _export(src, out, fmt, **kw):
     from qoqopt.exports.hf_quant import export_hf_quant_report
 
     layers = {}
-    report = export_hf_quant_report(
-        str(src), out, fmt, samples=kw.pop("samples", 2), log=lambda m: None, progress=False,
-        on_layer=lambda r: layers.update({f"model.language_model.layers.{r.index}.{n}": q for n, q in r.quantized.items()}),
-        **kw,
-    )  # fmt: skip
+    # One thread wherever it is called: the module's tests run under one_thread, its module-scoped export
+    # fixtures before it, and GPTQ's rounding follows the thread count (the Hessian's float sums)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = export_hf_quant_report(
+            str(src), out, fmt, samples=kw.pop("samples", 2), log=lambda m: None, progress=False,
+            on_layer=lambda r: layers.update({f"model.language_model.layers.{r.index}.{n}": q for n, q in r.quantized.items()}),
+            **kw,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
     return report, layers
 
 
@@ -365,6 +372,7 @@ def test_deterministic(gptq_export, ecg_dir, tmp_path):
     a = json.loads((first.out / "manifest.json").read_text())["files"]
     b = json.loads((again.out / "manifest.json").read_text())["files"]
     assert a == b
+    assert json.loads((again.out / "manifest.json").read_text())["compute"] == {"device": "cpu", "torch_threads": 1}
 
 
 # --------------------------------------------------------------------------- one-line errors
@@ -496,3 +504,34 @@ def test_info_counts_a_quantized_builds_parameters_as_transformers_does(which, r
     assert {"lm_head", "model.visual", "visual"} <= set(q["left_plain"])
     text = run_cli("info", str(report.out)).stdout
     assert f"quantized    {q['method']} 4-bit, group 128" in text
+
+
+@pytest.mark.parametrize("build", ["gptq_export", "awq_export"])
+def test_readme_says_what_the_manifest_records_and_its_recipe_runs(build, request, monkeypatch, capsys):
+    """The README a GPTQ/AWQ build carries: listed and hashed in its manifest, its table read from the
+    manifest, vLLM named only for a build vLLM loads, and qoqopt's own-kernel recipe run as printed,
+    from the build's folder (on the CPU here, where the recipe says cuda)."""
+    import ast
+    import textwrap
+
+    from qoqopt.kernels.w4a16 import QuantLinear
+
+    report, _ = request.getfixturevalue(build)
+    readme = (report.out / "README.md").read_text()
+    manifest = json.loads((report.out / "manifest.json").read_text())
+    assert "README.md" in {f["path"] for f in manifest["files"]}
+    q = manifest["quantization"]
+    assert f"| bits / group size | {q['bits']} / {q['group_size']} |" in readme
+    carried = manifest["ecg_encoder"] == "carried"
+    assert carried == (build == "gptq_export")  # one build of each kind
+    assert ("vllm serve ." in readme) != carried and ("--drop-ecg" in readme) == carried
+    blocks = [textwrap.dedent("\n".join(line for line in chunk.splitlines()))
+              for chunk in readme.split("\n\n") if chunk.startswith("    ")]
+    for code in blocks:
+        ast.parse(code)
+    recipe = next(code for code in blocks if "load_with_quant_linear" in code)
+    monkeypatch.chdir(report.out)
+    namespace: dict = {}
+    exec(recipe.replace('"cuda"', '"cpu"'), namespace)  # noqa: S102 - the build's own README
+    assert any(isinstance(m, QuantLinear) for m in namespace["model"].modules())
+    assert "qoqopt.kernels: patched" in capsys.readouterr().out

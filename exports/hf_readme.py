@@ -1,0 +1,76 @@
+"""The README.md a GPTQ/AWQ build carries: what it is, how to run it, and what its export noticed.
+
+Rendered from the build's manifest (less its file list, which the README joins), so it says only
+what the manifest records. It names no output path, so exporting the same model twice writes the
+same bytes; the commands run from the build's folder. `qoqopt publish` puts its run section on
+the Hub card, and falls back to :func:`run_instructions` with the repo id for older builds.
+"""
+
+from __future__ import annotations
+
+import json
+
+ASK_ITEM = "ct-abd-pancreas.region_ct.eval-0"  # a built-in clinical item (`qoqopt data list`)
+
+
+def render_readme(manifest: dict) -> str:
+    q, src = manifest["quantization"], manifest["source"]
+    notes = "\n".join(f"- {n}" for n in manifest.get("notes", [])) or "- none"
+    return f"""# {manifest['format'].upper()} {q['bits']}-bit build of {src['model']}
+
+Built by qoqopt {manifest.get('qoqopt_version', '')} from `{src['model']}` (revision `{src.get('revision') or 'local'}`).
+`manifest.json` lists every file with its sha256, the calibration set and each layer's relative
+output error.
+
+{_summary_table(manifest)}
+
+## Run it
+
+From this folder:
+
+{run_instructions(".", manifest.get("ecg_encoder") == "carried")}
+
+## Notes from this build
+
+{notes}
+"""
+
+
+def _summary_table(manifest: dict) -> str:
+    q, calib = manifest["quantization"], manifest.get("calibration") or {}
+    rows = [
+        ("bits / group size", f"{q['bits']} / {q['group_size']}"),
+        ("symmetric", "yes" if q["sym"] else "no"),
+        *([("GPTQ order", q["order"])] if q.get("order") else []),
+        ("calibration", f"{calib.get('chats', '?')} chats from {calib.get('source', '?')} "
+                        f"({calib.get('tokens', '?')} tokens, {calib.get('image_tokens', '?')} of them image tokens)"),
+        ("vision tower", f"{len(manifest.get('vision') or [])} Linear(s) quantized" if manifest.get("vision")
+                         else "unquantized"),
+        ("ECG encoder", manifest.get("ecg_encoder") or "none in the source"),
+    ]  # fmt: skip
+    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def run_instructions(where: str, carries_ecg: bool) -> str:
+    """How to run the build at ``where`` (a folder, or a Hub repo id) in each runtime that loads it."""
+    path = json.dumps(where)
+    vllm = ("**vLLM** does not load this build: it carries QoQ-Med's ECG encoder, whose class and tensors "
+            "vLLM does not know. `qoqopt export ... --drop-ecg` makes the build vLLM serves." if carries_ecg else
+            f"**vLLM**: `vllm serve {where} --limit-mm-per-prompt '{{\"image\": 1}}'`")
+    return f"""**transformers** (GPTQ/AWQ through the GPTQModel backend)
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained({path}, device_map="auto")
+    processor = AutoProcessor.from_pretrained({path})
+
+{vllm}
+
+**qoqopt's own W4A16 kernels** (Triton, no other kernel library; the torch reference on a CPU)
+
+    import torch
+    from qoqopt.exports.hf_quant import load_with_quant_linear
+    from qoqopt.kernels import apply
+    model = load_with_quant_linear({path}, dtype=torch.bfloat16).to("cuda")
+    print(apply(model))  # also the vision tower's kernels; q/k/v and gate/up fused
+
+**Check an answer**: `qoqopt ask {where} --item {ASK_ITEM}` (or `--image scan.png --question "..."`)."""
