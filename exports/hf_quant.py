@@ -351,7 +351,7 @@ def export_hf_quant_report(
     vision_plan = _vision_plan(ckpt, spec, fmt) if quantize_vision else None
     vision_stats = _VisionStats(vision_plan) if vision_plan else None
     log(f"calibrating on {len(chats)} chats from {label} ({device})")
-    report.compute = {"device": str(device), "torch_threads": torch.get_num_threads()}
+    report.compute = {"device": str(device), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     captured = capture_layer0_inputs(
         ckpt, chats, device=device, vision_hooks=vision_stats.hooks if vision_stats else None, progress=progress
     )

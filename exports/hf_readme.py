@@ -2,8 +2,8 @@
 
 Rendered from the build's manifest (less its file list, which the README joins), so it says only
 what the manifest records. It names no output path, so exporting the same model twice writes the
-same bytes; the commands run from the build's folder. `qoqopt publish` puts its run section on
-the Hub card, and falls back to :func:`run_instructions` with the repo id for older builds.
+same bytes; the commands run from the build's folder. `qoqopt publish` replaces it on the Hub with
+a card that shows the same :func:`summary_table` and :func:`run_instructions` for the repo id.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ Built by qoqopt {manifest.get('qoqopt_version', '')} from `{src['model']}` (revi
 `manifest.json` lists every file with its sha256, the calibration set and each layer's relative
 output error.
 
-{_summary_table(manifest)}
+{summary_table(manifest)}
 
 ## Run it
 
@@ -36,7 +36,7 @@ From this folder:
 """
 
 
-def _summary_table(manifest: dict) -> str:
+def summary_table(manifest: dict) -> str:
     q, calib = manifest["quantization"], manifest.get("calibration") or {}
     rows = [
         ("bits / group size", f"{q['bits']} / {q['group_size']}"),
@@ -53,10 +53,10 @@ def _summary_table(manifest: dict) -> str:
 
 def run_instructions(where: str, carries_ecg: bool) -> str:
     """How to run the build at ``where`` (a folder, or a Hub repo id) in each runtime that loads it."""
-    path = json.dumps(where)
+    path = json.dumps(where)  # a JSON string is a valid Python string literal
     vllm = ("**vLLM** does not load this build: it carries QoQ-Med's ECG encoder, whose class and tensors "
             "vLLM does not know. `qoqopt export ... --drop-ecg` makes the build vLLM serves." if carries_ecg else
-            f"**vLLM**: `vllm serve {where} --limit-mm-per-prompt '{{\"image\": 1}}'`")
+            f"**vLLM**: `vllm serve {where} --served-model-name qoq-med --limit-mm-per-prompt '{{\"image\": 1}}'`")
     return f"""**transformers** (GPTQ/AWQ through the GPTQModel backend)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor

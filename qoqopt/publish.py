@@ -152,9 +152,10 @@ def card_metadata(manifest: dict, base_model: str | None = None):
 
 
 def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_md: str | None = None,
-                base_model: str | None = None, export_readme: str | None = None) -> str:  # fmt: skip
-    """The Hub card; ``export_readme`` (the build's own README.md, checked against its manifest)
-    supplies its run instructions and known issues, which name this build's files and settings."""
+                base_model: str | None = None, exported: dict[str, str] | None = None) -> str:  # fmt: skip
+    """The Hub card. ``exported``: the sections of the build's own README.md (checked against its
+    manifest), which the card replaces on the Hub: a GGUF build's run instructions (they name its
+    files and QoQ-Med's image range), what it left out, and its known issues."""
     from huggingface_hub import ModelCard
 
     fmt = manifest.get("format", "unknown")
@@ -171,16 +172,23 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
     if src.get("ecg_encoder"):
         body.append("- the source carries QoQ-Med's ECG encoder (`time_series_embedding.*`); see notes below")
     body += [f"- {n}" for n in manifest.get("notes", [])]
+    if fmt in ("gptq", "awq") and "quantization" in manifest:
+        from .exports.hf_readme import summary_table
+
+        body += ["", summary_table(manifest)]
     body += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---:|---|"]
     body += [f"| `{f.path}` | {f.bytes:,} | `{f.sha256}` |" for f in files]
+    if any(entry_path(e) == "README.md" for e in manifest.get("files", [])):
+        body += ["", "`manifest.json` also lists the export's own README.md: this card takes its place here."]
     if results_md:
         body += ["", "## Evidence: drift and speed", "", tables_for_build(results_md, fmt)]
     # builds exported before the top-level key carried the encoder whenever their source had one
     carries_ecg = manifest.get("ecg_encoder", "carried" if src.get("ecg_encoder") else None) == "carried"
-    exported = readme_sections(export_readme or "")
+    exported = exported or {}
     body += ["", "## Usage", "", _usage(fmt, repo_id, files, carries_ecg, exported.get("Run it"))]
-    if "Known issues" in exported:
-        body += ["", "## Known issues", "", exported["Known issues"]]
+    for heading in ("Left out on purpose", "Known issues"):
+        if heading in exported:
+            body += ["", f"## {heading}", "", exported[heading]]
     return ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n", body="\n".join(body)).content
 
 
@@ -203,16 +211,18 @@ def tables_for_build(report_md: str, fmt: str) -> str:
 
 
 def readme_sections(readme: str) -> dict[str, str]:
-    """The ``## `` sections of a README, by heading, without the heading line."""
+    """The ``## `` sections of a README, by heading, without the heading line (a ``## `` line inside a
+    fenced block is text; a section that opens with an indented code block keeps its indent)."""
     sections: dict[str, list[str]] = {}
-    current = None
+    current, fenced = None, False
     for line in readme.splitlines():
-        if line.startswith("## "):
+        fenced ^= line.startswith("```")
+        if line.startswith("## ") and not fenced:
             current = line[3:].strip()
             sections[current] = []
         elif current is not None:
             sections[current].append(line)
-    return {heading: "\n".join(lines).strip() for heading, lines in sections.items()}
+    return {heading: "\n".join(lines).strip("\n") for heading, lines in sections.items()}
 
 
 def _usage(fmt: str, repo_id: str, files: list[PlannedFile], carries_ecg: bool, exported_run: str | None) -> str:
@@ -224,9 +234,10 @@ def _usage(fmt: str, repo_id: str, files: list[PlannedFile], carries_ecg: bool, 
         return run_instructions(repo_id, carries_ecg)
     if exported_run is None:
         return _gguf_usage(repo_id, files)
-    return (f"`huggingface-cli download {repo_id} --local-dir qoq-med` fetches the build; the commands below "
-            f"run from that folder. (`llama-mtmd-cli -hf {repo_id}` also fetches a quant and its mmproj by "
-            f"itself; give it the same flags.)\n\n{exported_run}")
+    return (f"`hf download {repo_id} --local-dir qoq-med && cd qoq-med` fetches the build (add "
+            "`--include` with the files below to skip the other quants); the commands below run from there. "
+            f"(`llama-mtmd-cli -hf {repo_id}` also fetches a quant and its mmproj by itself; give it the same "
+            f"flags.)\n\n{exported_run}")
 
 
 def _gguf_usage(repo_id: str, files: list[PlannedFile]) -> str:
@@ -238,7 +249,7 @@ def _gguf_usage(repo_id: str, files: list[PlannedFile]) -> str:
         f"llama-mtmd-cli -hf {repo_id} --image scan.png -p 'Above is a CT image of a patient. ...'",
         f"# or with local files: llama-mtmd-cli -m {text} --mmproj {mmproj} --image scan.png -p '...'",
         "```", "", "**LM Studio**: search for the repo name, download the quant and the mmproj together.", "",
-        "**Ollama**", "```bash", f"huggingface-cli download {repo_id} --local-dir qoq-med && cd qoq-med",
+        "**Ollama**", "```bash", f"hf download {repo_id} --local-dir qoq-med && cd qoq-med",
         "ollama create qoq-med -f Modelfile && ollama run qoq-med", "```",
     ])  # fmt: skip
 
@@ -257,18 +268,20 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     # The manifest itself ships too, so downloaders can check what they got.
     files.append(PlannedFile("manifest.json", (folder / "manifest.json").stat().st_size, sha256_file(folder / "manifest.json")))
     results_md = results.read_text() if results else None
-    readme = folder / "README.md"
-    # verified_files has checked it against the manifest when the manifest lists it (exports do)
-    export_readme = readme.read_text(errors="replace") if readme.is_file() else None
-    card = render_card(manifest, files, repo_id, results_md, base_model, export_readme)
+    # only a README the manifest lists (verified_files has checked its sha256) speaks on the card
+    listed = any(entry_path(e) == "README.md" for e in manifest["files"])
+    exported = readme_sections((folder / "README.md").read_text(errors="replace")) if listed else None
+    card = render_card(manifest, files, repo_id, results_md, base_model, exported)
     fmt = manifest.get("format", "unknown")
     notes = [] if results_md else ["no --results given: the card has no drift/speed tables"]
     if base_model:  # a build exported from a Hub id names its base itself
         notes += [n for n in [check_base_model(folder, manifest, base_model)] if n]
-    if export_readme is not None:
-        own = fmt != "gguf" or "Run it" in readme_sections(export_readme)
+    if exported is not None:
+        own = fmt != "gguf" or "Run it" in exported
         notes.append("the export's README.md is replaced by the generated model card (which "
                      + ("carries its run instructions)" if own else "has qoqopt's generic usage)"))
+    elif (folder / "README.md").exists():
+        notes.append("README.md is not in manifest.json: left out, and not read for the card")
     return UploadPlan(folder, repo_id, private, files, card, fmt, notes)
 
 

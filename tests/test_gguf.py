@@ -534,9 +534,11 @@ def test_published_card_carries_the_builds_own_run_instructions(built):
     Modelfile) and its known issues, not a generic usage that drops them."""
     from qoqopt.publish import plan_upload, readme_sections
 
-    plan = plan_upload(built.out, "me/tiny-gguf", base_model="ddvd233/QoQ-Med-VL-7B")
+    # a base that no cache holds: check_base_model only notes it (the real 7B's config would refuse the tiny build)
+    plan = plan_upload(built.out, "me/tiny-gguf", base_model="someone/uncached-base")
     exported = readme_sections((built.out / "README.md").read_text())
     card = readme_sections(plan.card)
     assert exported["Run it"] in card["Usage"] and exported["Known issues"] == card["Known issues"]
     assert "--image-min-tokens" in card["Usage"] and "QoQMedChatHandler" in card["Usage"]
+    assert "RMSNorm epsilon" in card["Known issues"] and card["Left out on purpose"] == "- nothing"
     assert any("carries its run instructions" in note for note in plan.notes)

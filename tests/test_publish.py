@@ -268,3 +268,19 @@ def test_base_model_must_be_the_builds_shape(fixture_7b, tiny_dir, tmp_path, mon
         assert "base_model: me/tiny" in plan.card and not any("not checked" in n for n in plan.notes)
         plan = plan_upload(build, "me/x", base_model="someone/uncached")
         assert any(n.startswith("--base-model someone/uncached not checked against the build") for n in plan.notes)
+
+
+def test_only_a_readme_the_manifest_lists_speaks_on_the_card(export_dir):
+    """The export's README supplies the card's run instructions only when the manifest lists (and so
+    hashes) it: an unlisted README, hand-written or edited, is neither uploaded nor read."""
+    readme = export_dir / "README.md"
+    readme.write_text("## Run it\n\n    llama-mtmd-cli --run-me-like-this\n")
+    plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF")
+    assert "--run-me-like-this" not in plan.card and any("not in manifest.json" in n for n in plan.notes)
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    manifest["files"].append({"path": "README.md", "bytes": readme.stat().st_size,
+                              "sha256": hashlib.sha256(readme.read_bytes()).hexdigest()})
+    (export_dir / "manifest.json").write_text(json.dumps(manifest))
+    plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF")
+    assert "\n\n    llama-mtmd-cli --run-me-like-this" in plan.card  # its indented code block intact
+    assert "this card takes its place here" in plan.card
