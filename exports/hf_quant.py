@@ -25,6 +25,7 @@ and calibration set give the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -271,19 +272,36 @@ def export_hf_quant(
     log: Callable[[str], None] | None = None,
     progress: bool = True,
     drop_ecg: bool = False,
+    threads: int = 0,
 ) -> Path:
     """Quantize ``source`` (Hub id or directory) to a GPTQ v1 or AWQ GEMM directory at ``out``.
 
     ``sym`` None picks the format's default: symmetric for GPTQ (what vLLM's Marlin kernels take),
     zero-points for AWQ. ``order`` is GPTQ's column visiting order (GPTQ_ORDERS; None: "static").
+    ``threads``: torch's for the export (0: leave torch's setting); a CPU build's bytes follow it.
     Returns ``out``; the per-layer errors are in ``out/manifest.json``.
     """
-    report = export_hf_quant_report(
-        source, out, fmt, bits, group_size, order, sym, calib, samples, quantize_vision, force, seed,
-        device=device, damp=damp, revision=revision, shard_bytes=shard_bytes, log=log, progress=progress,
-        drop_ecg=drop_ecg,
-    )  # fmt: skip
+    with torch_threads(threads):
+        report = export_hf_quant_report(
+            source, out, fmt, bits, group_size, order, sym, calib, samples, quantize_vision, force, seed,
+            device=device, damp=damp, revision=revision, shard_bytes=shard_bytes, log=log, progress=progress,
+            drop_ecg=drop_ecg,
+        )  # fmt: skip
     return report.out
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count set to ``threads`` (0: unchanged) while the block runs."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def export_hf_quant_report(

@@ -71,12 +71,15 @@ def test_export_fills_only_its_own_family(monkeypatch):
     gptq = _export_call(monkeypatch, "--format", "gptq", "--bits", "8")
     assert (gptq["bits"], gptq["group_size"], gptq["calib"]) == (8, 128, "clinical")
     assert gptq["passed"] == {"order", "force", "seed", "revision", "bits"}  # given options only, none of GGUF's
+    # --threads serves both families: llama.cpp's quantizer, torch's calibration
+    assert _export_call(monkeypatch, "--format", "gguf", "--threads", "3")["threads"] == 3
+    assert _export_call(monkeypatch, "--format", "awq", "--threads", "3")["threads"] == 3
 
 
 @pytest.mark.parametrize("fmt,flags", [
     ("gguf", ["--bits", "8"]), ("gguf", ["--group-size", "64"]), ("gguf", ["--asym"]), ("gguf", ["--calib", "x.jsonl"]),
     ("gguf", ["--quantize-vision"]), ("gptq", ["--imatrix", "none"]), ("awq", ["--mmproj-type", "q8_0"]),
-    ("gptq", ["--name", "n"]), ("awq", ["--threads", "2"]), ("gptq", ["--imatrix-image-weight", "1"]),
+    ("gptq", ["--name", "n"]), ("awq", ["--quant", "Q8_0"]), ("gptq", ["--imatrix-image-weight", "1"]),
 ])  # fmt: skip
 def test_export_refuses_the_other_formats_options(fmt, flags):
     from qoqopt.errors import QoqoptError

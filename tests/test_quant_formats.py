@@ -114,21 +114,17 @@ def ecg_dir(tiny_dir, tmp_path_factory) -> Path:
 
 
 def _export(src, out, fmt, **kw):
-    from qoqopt.exports.hf_quant import export_hf_quant_report
+    from qoqopt.exports.hf_quant import export_hf_quant_report, torch_threads
 
     layers = {}
     # One thread wherever it is called: the module's tests run under one_thread, its module-scoped export
     # fixtures before it, and GPTQ's rounding follows the thread count (the Hessian's float sums)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         report = export_hf_quant_report(
             str(src), out, fmt, samples=kw.pop("samples", 2), log=lambda m: None, progress=False,
             on_layer=lambda r: layers.update({f"model.language_model.layers.{r.index}.{n}": q for n, q in r.quantized.items()}),
             **kw,
         )  # fmt: skip
-    finally:
-        torch.set_num_threads(before)
     return report, layers
 
 

@@ -66,6 +66,9 @@ def register(sub) -> None:
     p.add_argument("--samples", "--calib-items", dest="samples", type=int,
                    help="calibration chats: for the GGUF imatrix (default 64) or GPTQ/AWQ (default 128)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument("--threads", type=count_or_all,
+                   help="quantizer threads: llama.cpp's for GGUF, torch's for GPTQ/AWQ (default: all cores). A CPU "
+                        "GPTQ/AWQ build's bytes follow the count, which its manifest records")  # fmt: skip
     g = p.add_argument_group("gguf")
     g.add_argument("--quant", help="comma-separated types, e.g. Q4_K_M,Q5_K_M,Q6_K,Q8_0,IQ4_XS,F16,BF16 (default Q4_K_M)")
     g.add_argument("--imatrix", metavar="clinical|none|FILE", help="importance matrix source (default: clinical)")
@@ -76,7 +79,6 @@ def register(sub) -> None:
         help="weight of image positions' own activations in the clinical imatrix, relative to the (image-conditioned) "
         "text positions; 1 counts every token alike (default: 0, measured best)",
     )  # fmt: skip
-    g.add_argument("--threads", type=count_or_all, help="quantizer threads (default: all cores)")
     q = p.add_argument_group("gptq / awq")
     q.add_argument("--bits", type=int, choices=[4, 8], help="weight bits (AWQ GEMM: 4 only; default 4)")
     q.add_argument("--group-size", type=int, help="32, 64, 128 or -1 (one group per row, GPTQ only; default 128)")
@@ -109,7 +111,6 @@ GGUF_ONLY = {
     "mmproj_type": ("--mmproj-type", "GPTQ/AWQ keep the vision tower inside the checkpoint"),
     "name": ("--name", "GPTQ/AWQ write a Hugging Face folder named by --out"),
     "imatrix_image_weight": ("--imatrix-image-weight", "GPTQ/AWQ have no imatrix"),
-    "threads": ("--threads", "GPTQ/AWQ calibration runs in torch"),
 }
 HF_ONLY = {
     "bits": ("--bits", "GGUF picks its bits with --quant (e.g. Q4_K_M)"),
@@ -145,11 +146,11 @@ def run(args) -> int:
         from ..exports.hf_quant import export_hf_quant
 
         export_hf_quant(args.model, args.out, args.format, order=args.order, force=args.force, seed=args.seed,
-                        revision=args.revision, **_given(args, [*HF_ONLY, "samples"]))  # fmt: skip
+                        revision=args.revision, **_given(args, [*HF_ONLY, "samples", "threads"]))  # fmt: skip
         return 0
     from ..exports.gguf_export import GGUFOptions, export_gguf
 
-    options = _given(args, GGUF_ONLY)
+    options = _given(args, [*GGUF_ONLY, "threads"])
     if "quant" in options:
         options["quants"] = [q for q in options.pop("quant").split(",") if q.strip()]
     if args.samples is not None:
