@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qoqopt.errors import QoqoptError
+from qoqopt.mini import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
 from . import gguf_map, gguf_meta, gguf_quant, gguf_vocab, gguf_write
 from .imatrix_file import IMatrix, read_imatrix, write_imatrix
 
+TRAIN_PIXELS = f"{TRAIN_MIN_PIXELS}..{TRAIN_MAX_PIXELS}"  # QoQ-Med's training image range, as the cards say it
 MMPROJ_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 # rough bits per weight, for the free-space check only
 _BPW = {"Q2_K": 3.0, "Q3_K": 3.9, "Q4": 4.9, "IQ4": 4.5, "Q5": 5.7, "Q6_K": 6.6, "Q8_0": 8.5, "IQ1": 2.0, "IQ2": 2.7, "IQ3": 3.5}
@@ -405,7 +407,7 @@ def render_modelfile(ctx: _Context, text_file: str, mmproj: str | None, all_text
         'PARAMETER stop "<|im_end|>"',
         'PARAMETER stop "<|endoftext|>"',
         "PARAMETER num_ctx 4096",
-        f"# QoQ-Med was trained on images of {lo}..{hi} visual tokens (65536..524288 pixels).",
+        f"# QoQ-Med was trained on images of {lo}..{hi} visual tokens ({TRAIN_PIXELS} pixels).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -441,7 +443,7 @@ Keep it:
                                      temperature=0, repeat_penalty=1.05)
     print(out["choices"][0]["message"]["content"])
 
-The handler has no image-size option: give it images inside 65536..524288 pixels.
+The handler has no image-size option: give it images inside {TRAIN_PIXELS} pixels.
 """
 
 
@@ -480,7 +482,7 @@ mmproj sees images differently). {im}
         --temp 0 --repeat-penalty 1.05 --image-min-tokens {lo} --image-max-tokens {hi}
 
 `--image-min-tokens {lo} --image-max-tokens {hi}` keeps images inside QoQ-Med's training range
-(65536..524288 pixels); the mmproj records that range (`clip.vision.image_min_pixels` /
+({TRAIN_PIXELS} pixels); the mmproj records that range (`clip.vision.image_min_pixels` /
 `image_max_pixels`), but this llama.cpp version does not read those keys for Qwen2.5-VL.
 
 **LM Studio**: put `{text}` and `{mmproj or "(no mmproj)"}` in one folder under

@@ -433,10 +433,10 @@ def export_hf_quant_report(
             if skipped_vision:
                 report.notes.append(f"{len(skipped_vision)} vision Linear(s) left unquantized: shapes do not fit the format")
         report.seconds = time.perf_counter() - t0
-        # the README says what the manifest records (less the file list, which it joins)
-        (tmp / "README.md").write_text(render_readme(_manifest(ckpt, report, opts, [], tmp, {}, quant_config)))
-        files += ["config.json", "README.md"] + copied
-        manifest = _manifest(ckpt, report, opts, files, tmp, writer.digests, quant_config)
+        manifest = _manifest(ckpt, report, opts, quant_config)
+        # the README says what the manifest records, and joins the file list it then closes
+        (tmp / "README.md").write_text(render_readme(manifest))
+        manifest["files"] = _file_entries(files + ["config.json", "README.md"] + copied, tmp, writer.digests)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     mean_err = sum(lr["rel_error"] for lr in report.layers) / max(len(report.layers), 1)
     log(f"wrote {out} ({fmt}, {bits}-bit, group {group_size}; mean layer error {mean_err:.4f}; "
@@ -494,10 +494,9 @@ def _copy_support_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def _manifest(ckpt, report: ExportReport, opts, files, tmp: Path, digests: dict, quant_config) -> dict:
-    """``digests``: sha256 of the files already hashed while written (the shards); the rest are read."""
+def _manifest(ckpt, report: ExportReport, opts, quant_config) -> dict:
+    """Everything the manifest records but its file list (:func:`_file_entries`)."""
     from qoqopt import __version__
-    from qoqopt.fileio import sha256_file
 
     return {
         "format": report.fmt,
@@ -516,11 +515,16 @@ def _manifest(ckpt, report: ExportReport, opts, files, tmp: Path, digests: dict,
         "layers": [{k: v for k, v in lr.items() if k != "seconds"} for lr in report.layers],  # no timings: deterministic
         "vision": report.vision,
         "notes": report.notes,
-        "files": [
-            {"path": f, "bytes": (tmp / f).stat().st_size, "sha256": digests.get(f) or sha256_file(tmp / f)}
-            for f in sorted(files)
-        ],
+        "files": [],
     }
+
+
+def _file_entries(files: list[str], tmp: Path, digests: dict) -> list[dict]:
+    """``digests``: sha256 of the files already hashed while written (the shards); the rest are read."""
+    from qoqopt.fileio import sha256_file
+
+    return [{"path": f, "bytes": (tmp / f).stat().st_size, "sha256": digests.get(f) or sha256_file(tmp / f)}
+            for f in sorted(files)]
 
 
 # --------------------------------------------------------------------------- vision (opt-in)

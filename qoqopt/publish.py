@@ -178,17 +178,17 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
         body += ["", summary_table(manifest)]
     body += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---:|---|"]
     body += [f"| `{f.path}` | {f.bytes:,} | `{f.sha256}` |" for f in files]
-    if any(entry_path(e) == "README.md" for e in manifest.get("files", [])):
+    if exported is not None:  # only a README the manifest lists is read
         body += ["", "`manifest.json` also lists the export's own README.md: this card takes its place here."]
     if results_md:
         body += ["", "## Evidence: drift and speed", "", tables_for_build(results_md, fmt)]
     # builds exported before the top-level key carried the encoder whenever their source had one
     carries_ecg = manifest.get("ecg_encoder", "carried" if src.get("ecg_encoder") else None) == "carried"
-    exported = exported or {}
-    body += ["", "## Usage", "", _usage(fmt, repo_id, files, carries_ecg, exported.get("Run it"))]
+    sections = exported or {}
+    body += ["", "## Usage", "", _usage(fmt, repo_id, files, carries_ecg, sections.get("Run it"))]
     for heading in ("Left out on purpose", "Known issues"):
-        if heading in exported:
-            body += ["", f"## {heading}", "", exported[heading]]
+        if heading in sections:
+            body += ["", f"## {heading}", "", sections[heading]]
     return ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n", body="\n".join(body)).content
 
 

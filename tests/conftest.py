@@ -100,12 +100,10 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture()
 def one_thread():
     """Small-tensor loops run ~20x slower with two contended threads on the 2-core machine."""
-    import torch
+    from qoqopt.exports.hf_quant import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"

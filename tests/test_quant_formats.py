@@ -517,8 +517,11 @@ def test_readme_says_what_the_manifest_records_and_its_recipe_runs(build, reques
     readme = (report.out / "README.md").read_text()
     manifest = json.loads((report.out / "manifest.json").read_text())
     assert "README.md" in {f["path"] for f in manifest["files"]}
-    q = manifest["quantization"]
-    assert f"| bits / group size | {q['bits']} / {q['group_size']} |" in readme
+    # the table says what loaders will read: config.json's quantization_config
+    qc = json.loads((report.out / "config.json").read_text())["quantization_config"]
+    assert f"| bits / group size | {qc['bits']} / {qc['group_size']} |" in readme
+    sym = qc["sym"] if qc["quant_method"] == "gptq" else not qc["zero_point"]  # AWQ's config names zero-points
+    assert f"| symmetric | {'yes' if sym else 'no'} |" in readme
     carried = manifest["ecg_encoder"] == "carried"
     assert carried == (build == "gptq_export")  # one build of each kind
     assert ("vllm serve ." in readme) != carried and ("--drop-ecg" in readme) == carried
