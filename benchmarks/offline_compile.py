@@ -163,6 +163,46 @@ def loop_mixes(compiled, skip_branches: bool = False) -> list[collections.Counte
     return loops
 
 
+def _operands(text: str) -> tuple[str, list[str]]:
+    """One SASS line -> (opcode, operands), predicate and encoding comment left out."""
+    body = text.split("*/", 1)[1].split(";", 1)[0].strip()
+    body = re.sub(r"^@!?U?P\w+\s+", "", body)
+    opcode, _, rest = body.partition(" ")
+    return opcode, [op.strip() for op in rest.split(",")] if rest else []
+
+
+def loads_read_in_their_step(compiled) -> list[str] | None:
+    """The main loop's plain global loads (``LDG``: not copied ahead by cp.async) whose value the same
+    pass through the loop reads: each such load's whole latency sits inside every step, where a load
+    read only after the back branch (issued a step ahead) overlaps a step's work. None without
+    cuobjdump."""
+    sass = _cuobjdump(compiled, "-sass")
+    if sass is None:
+        return None
+    lines = [line for line in sass.splitlines() if _INSTR.match(line)]
+    addr = [int(_INSTR.match(line).group(1), 16) for line in lines]
+    loops = [(int(b.group(1), 16), a) for a, line in zip(addr, lines)
+             if (b := _BACK_BRANCH.search(line)) and int(b.group(1), 16) < a]
+    start, end = max(loops, key=lambda se: se[1] - se[0])
+    body = [_operands(line) for a, line in zip(addr, lines) if start <= a <= end]
+    read = []
+    for i, (opcode, ops) in enumerate(body):
+        if not opcode.startswith("LDG.") or not ops:
+            continue
+        first = int(ops[0][1:])
+        width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1
+        regs = {f"R{first + j}" for j in range(width)}
+        for later, later_ops in body[i + 1:]:
+            stores = later.startswith(("ST", "RED", "ATOM"))
+            sources = later_ops if stores else later_ops[1:]
+            if any(re.search(rf"\b{r}\b", src) for src in sources for r in regs):
+                read.append(f"{opcode} {ops[0]}")
+                break
+            if not stores and later_ops and later_ops[0] in regs:  # overwritten unread
+                break
+    return read
+
+
 def main_loop_mix(compiled) -> collections.Counter | None:
     """The largest loop: the K loop of the W4A16 kernels."""
     loops = loop_mixes(compiled)

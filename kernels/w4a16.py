@@ -62,11 +62,16 @@ def _group_params(scales_ptr, qzeros_ptr, g, cols, col_mask, stride_s, stride_qz
                   BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
     """Scale (fp32) and zero point (int32, checkpoint offset included) of columns ``cols`` in group
     ``g``; zeros pack along N, LSB first."""
-    PACK: tl.constexpr = 32 // BITS
-    shift = (cols % PACK) * BITS
     scale = tl.load(scales_ptr + g * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+    return scale, _group_zeros(qzeros_ptr, g, cols, col_mask, stride_qz, BITS, ZERO_OFFSET)
+
+
+@device_function
+def _group_zeros(qzeros_ptr, g, cols, col_mask, stride_qz, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
+    """Zero points (int32, checkpoint offset included) of columns ``cols`` in group ``g``."""
+    PACK: tl.constexpr = 32 // BITS
     word = tl.load(qzeros_ptr + g * stride_qz + cols // PACK, mask=col_mask, other=0)
-    return scale, ((word >> shift) & ((1 << BITS) - 1)) + ZERO_OFFSET
+    return ((word >> ((cols % PACK) * BITS)) & ((1 << BITS) - 1)) + ZERO_OFFSET
 
 
 @device_function
@@ -432,16 +437,25 @@ def _w4a16_fragment_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Each step's scales are loaded a step ahead, after the last use of the previous ones (so into the
+    # same registers). A 2-byte load a thread is too small for cp.async, so Triton's pipeliner leaves it
+    # a plain load in the loop, and loaded where it is used it was stored to shared memory 10
+    # instructions later, before a barrier: every warp waited out its latency every K step (sm_90 SASS,
+    # Triton 3.6; every other load of the loop is copied stages ahead).
+    g_last = (k_end - 1) // GROUP_SIZE
+    scale_ptrs = scales_ptr + offs_n
+    raw_scale = tl.load(scale_ptrs + (k_start // GROUP_SIZE) * stride_s, mask=n_mask, other=0.0)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         words = _load(word_ptrs + (k0 // BLOCK_K) * stride_qw, n_mask[None, :], EVEN_N)
-        scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
-                                    BITS, ZERO_OFFSET)
+        zero = _group_zeros(qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_qz, BITS, ZERO_OFFSET)
         neg_magic_zero = (-(zero.to(tl.float32) + MAGIC)).to(in_dtype)
         neg = neg_magic_zero.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         w = _fragment_tile(words, neg_magic_zero, neg | (neg << 16), pair_bits, in_dtype, BLOCK_N, ASM)
-        acc += tl.dot(a, w, input_precision=DOT_PRECISION) * scale[None, :]
+        acc += tl.dot(a, w, input_precision=DOT_PRECISION) * raw_scale.to(tl.float32)[None, :]
+        g_next = tl.minimum((k0 + BLOCK_K) // GROUP_SIZE, g_last)
+        raw_scale = tl.load(scale_ptrs + g_next * stride_s, mask=n_mask, other=0.0)
 
     tile = pid_m * tl.num_programs(1) + pid_n
     _store_tile(acc, out_ptr, partials_ptr, counters_ptr, bias_ptr, tile, pid_k, M, N,

@@ -18,7 +18,15 @@ if torch.cuda.is_available():
     pytest.skip("a GPU is present: tests/test_kernels.py compiles and runs these kernels for real",
                 allow_module_level=True)
 
-from benchmarks.offline_compile import CUDA, NoToolchain, compile_kernel, main_loop_mix, mma_loop_mix, resource_usage  # noqa: E402
+from benchmarks.offline_compile import (  # noqa: E402
+    CUDA,
+    NoToolchain,
+    compile_kernel,
+    loads_read_in_their_step,
+    main_loop_mix,
+    mma_loop_mix,
+    resource_usage,
+)
 
 BF16 = "*bf16"
 
@@ -131,7 +139,10 @@ def test_w4a16_fragment_decode_feeds_the_mma_from_registers(dtype, tiles):
     the default's one per weight; under half the default's K-loop instructions per weight; MMA
     operands paired by rows (kWidth 2: a join in the operand's chain would make it 4, and rebuild
     every A fragment with register moves); and each pack of eight the asm sees is one word's eight
-    nibbles, innermost in each thread's registers, as its text assumes."""
+    nibbles, innermost in each thread's registers, as its text assumes. And no plain global load of
+    the K loop is read in the step that makes it: the scales (2 bytes a thread, too small for the
+    pipeliner's cp.async) are loaded a step ahead, where loaded in their own step they were stored to
+    shared memory 10 instructions later, before a barrier that every warp then waited at."""
     import re
 
     from benchmarks.offline_compile import w4a16_compile
@@ -145,6 +156,7 @@ def test_w4a16_fragment_decode_feeds_the_mma_from_registers(dtype, tiles):
     stores, per_weight = [mix.get("STS", 0) for mix in mixes], [sum(mix.values()) / w for mix, w in zip(mixes, weights)]
     print(f"K loop per weight: default {per_weight[0]:.2f}, {stores[0]} STS; fragments {per_weight[1]:.2f}, {stores[1]}")
     assert stores[1] <= 2 and stores[1] * 16 <= stores[0] and per_weight[1] * 2 < per_weight[0], (stores, per_weight)
+    assert loads_read_in_their_step(frag) == []
     ttgir = frag.asm["ttgir"]
     assert set(re.findall(r"kWidth = (\d+)", ttgir)) == {"2"}
     encoding = re.search(r"tt\.elementwise_inline_asm .*-> tensor<[0-9x]+x(?:bf16|f16), (#\w+)>", ttgir).group(1)
