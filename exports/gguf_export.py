@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qoqopt.errors import QoqoptError
+from qoqopt.manifest import source_id
 from qoqopt.mini import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
 from . import gguf_map, gguf_meta, gguf_quant, gguf_vocab, gguf_write
@@ -122,7 +123,7 @@ class _Context:
         if kind == "jsonl" and not Path(options.imatrix).is_file():
             raise QoqoptError(f"--imatrix {options.imatrix}: no such calibration file")
         self.revision = self.ckpt.revision
-        self.fingerprint = checkpoint_fingerprint(self.ckpt)
+        self.fingerprint = self.ckpt.fingerprint
         self.skipped = self.mapping.skip_summary()
         self.src_dtypes = {self.ckpt.tensor_info(e.source)["dtype"] for e in self.mapping.text}
         self.reader = gguf_write.ShardReader(self.ckpt)
@@ -132,17 +133,6 @@ class _Context:
             writer, name=self.name, file_type=file_type, source=self.source,
             revision=self.revision or self.fingerprint, skipped=self.skipped,
         )  # fmt: skip
-
-
-def checkpoint_fingerprint(ckpt) -> str:
-    """A content id for checkpoints without a Hub revision: sha256 of config.json and the shard headers."""
-    import hashlib
-
-    h = hashlib.sha256((ckpt.path / "config.json").read_bytes())
-    for shard in ckpt.shard_files:
-        h.update(shard.encode())
-        h.update(json.dumps(ckpt.headers[shard], sort_keys=True).encode())
-    return "sha256:" + h.hexdigest()[:16]
 
 
 def _file_type_id(quant: str) -> int:
@@ -447,12 +437,54 @@ The handler has no image-size option: give it images inside {TRAIN_PIXELS} pixel
 """
 
 
-def render_readme(ctx: _Context, records: list[FileRecord], mmproj: str | None, primary: str, notes: list[str], imatrix: dict | None) -> str:
+def _mmproj_line(mmproj: str | None) -> str:
+    if not mmproj:
+        return ("This build is text only (exported with `--mmproj-type none`): no runtime can give it an image. "
+                "Export again without that option for image input. ")
+    return ("The mmproj comes from this checkpoint's own vision tower (QoQ-Med fine-tuned it; a base Qwen2.5-VL\n"
+            "mmproj sees images differently). ")
+
+
+def _run_it(ctx: _Context, text: str, mmproj: str | None) -> str:
+    """The card's "Run it" for llama.cpp, LM Studio and Ollama; text chat only without an mmproj."""
+    settings = "--temp 0 --repeat-penalty 1.05"
+    if not mmproj:
+        return f"""**llama.cpp** (text chat, with the chat template the GGUF carries)
+
+    llama-cli -m {text} {settings}
+
+**LM Studio**: put `{text}` in a folder under `~/.lmstudio/models/<publisher>/{ctx.name}/`. Set
+temperature 0 and repeat penalty 1.05.
+
+**Ollama**: `ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`. The Modelfile
+carries the chat template and QoQ-Med's generation settings.
+"""
     lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
+    return f"""**llama.cpp**
+
+    llama-mtmd-cli -m {text} --mmproj {mmproj} --image scan.png \\
+        -p "Above is a CT image of a patient. What is the diagnosis? Answer with one word." \\
+        {settings} --image-min-tokens {lo} --image-max-tokens {hi}
+
+`--image-min-tokens {lo} --image-max-tokens {hi}` keeps images inside QoQ-Med's training range
+({TRAIN_PIXELS} pixels); the mmproj records that range (`clip.vision.image_min_pixels` /
+`image_max_pixels`), but this llama.cpp version does not read those keys for Qwen2.5-VL.
+
+**LM Studio**: put `{text}` and `{mmproj}` in one folder under
+`~/.lmstudio/models/<publisher>/{ctx.name}/`; LM Studio pairs the mmproj with the model and enables
+image input. Set temperature 0 and repeat penalty 1.05.
+
+**Ollama**: `ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`. The Modelfile
+carries the chat template, QoQ-Med's generation settings and the mmproj. (Ollama versions whose own
+engine handles Qwen2.5-VL may not accept a separate projector file; the text model still runs.)
+"""
+
+
+def render_readme(ctx: _Context, records: list[FileRecord], mmproj: str | None, primary: str, notes: list[str], imatrix: dict | None) -> str:
     text = next(r.path for r in records if r.kind == "text" and r.quant == primary)
     rows = "\n".join(f"| `{r.path}` | {r.kind} | {r.quant or ''} | {_size(r.bytes)} |" for r in records if r.kind in ("text", "mmproj", "imatrix"))
-    mm = f" --mmproj {mmproj}" if mmproj else ""
-    skipped = "\n".join(f"- {s}" for s in ctx.skipped) or "- nothing"
+    left_out = ctx.skipped + ([] if mmproj else ["the mmproj (`--mmproj-type none`): this build reads text only"])
+    skipped = "\n".join(f"- {s}" for s in left_out) or "- nothing"
     note_lines = "\n".join(f"- {n}" for n in notes) or "- none"
     im = (
         f"The K-quant / IQ files were quantized with an importance matrix ({imatrix['source']}; "
@@ -463,36 +495,18 @@ def render_readme(ctx: _Context, records: list[FileRecord], mmproj: str | None, 
     )
     return f"""# {ctx.name}: GGUF build
 
-Built by qoqopt from `{ctx.source}` (revision `{ctx.revision or ctx.fingerprint}`). `manifest.json` lists
+Built by qoqopt from `{ctx.source}` ({source_id(ctx.revision, ctx.fingerprint)}). `manifest.json` lists
 every file with its sha256.
 
 | file | kind | type | size |
 |---|---|---|---|
 {rows}
 
-The mmproj comes from this checkpoint's own vision tower (QoQ-Med fine-tuned it; a base Qwen2.5-VL
-mmproj sees images differently). {im}
+{_mmproj_line(mmproj)}{im}
 
 ## Run it
 
-**llama.cpp**
-
-    llama-mtmd-cli -m {text}{mm} --image scan.png \\
-        -p "Above is a CT image of a patient. What is the diagnosis? Answer with one word." \\
-        --temp 0 --repeat-penalty 1.05 --image-min-tokens {lo} --image-max-tokens {hi}
-
-`--image-min-tokens {lo} --image-max-tokens {hi}` keeps images inside QoQ-Med's training range
-({TRAIN_PIXELS} pixels); the mmproj records that range (`clip.vision.image_min_pixels` /
-`image_max_pixels`), but this llama.cpp version does not read those keys for Qwen2.5-VL.
-
-**LM Studio**: put `{text}` and `{mmproj or "(no mmproj)"}` in one folder under
-`~/.lmstudio/models/<publisher>/{ctx.name}/`; LM Studio pairs the mmproj with the model and enables
-image input. Set temperature 0 and repeat penalty 1.05.
-
-**Ollama**: `ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`. The Modelfile
-carries the chat template, QoQ-Med's generation settings and the mmproj. (Ollama versions whose own
-engine handles Qwen2.5-VL may not accept a separate projector file; the text model still runs.)
-{_llama_cpp_python_usage(text, mmproj)}
+{_run_it(ctx, text, mmproj)}{_llama_cpp_python_usage(text, mmproj)}
 ## Left out on purpose
 
 {skipped}

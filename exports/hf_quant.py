@@ -502,8 +502,8 @@ def _manifest(ckpt, report: ExportReport, opts, quant_config) -> dict:
         "format": report.fmt,
         "qoqopt_version": __version__,
         "source": {
-            "model": ckpt.source, "revision": ckpt.revision, "architecture": ckpt.architecture,
-            "layout": ckpt.layout, "ecg_encoder": ckpt.has_ecg_encoder,
+            "model": ckpt.source, "revision": ckpt.revision, "fingerprint": ckpt.fingerprint,
+            "architecture": ckpt.architecture, "layout": ckpt.layout, "ecg_encoder": ckpt.has_ecg_encoder,
         },  # fmt: skip
         "ecg_encoder": report.ecg_encoder,
         "quantization": {

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from qoqopt.manifest import source_id
+
 ASK_ITEM = "ct-abd-pancreas.region_ct.eval-0"  # a built-in clinical item (`qoqopt data list`)
 
 
@@ -18,7 +20,7 @@ def render_readme(manifest: dict) -> str:
     notes = "\n".join(f"- {n}" for n in manifest.get("notes", [])) or "- none"
     return f"""# {manifest['format'].upper()} {q['bits']}-bit build of {src['model']}
 
-Built by qoqopt {manifest.get('qoqopt_version', '')} from `{src['model']}` (revision `{src.get('revision') or 'local'}`).
+Built by qoqopt {manifest.get('qoqopt_version', '')} from `{src['model']}` ({source_id(src.get('revision'), src.get('fingerprint'))}).
 `manifest.json` lists every file with its sha256, the calibration set and each layer's relative
 output error.
 

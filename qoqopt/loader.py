@@ -261,6 +261,29 @@ class Checkpoint:
             out[canon] = raw
         return out
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """A content id that needs no Hub revision, so a local copy of a Hub snapshot has the
+        snapshot's: sha256 of config.json, the shard headers (names, dtypes, shapes, offsets) and the
+        first and last 32 bytes of every tensor. Headers alone are the same for a base model and its
+        fine-tune; a fine-tune changes nearly every weight, and 64 bytes a tensor (55 KB for the 7B)
+        reads in no time. Builds record it (manifest ``source.fingerprint``), ``qoqopt bench`` checks it."""
+        import hashlib
+
+        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        for shard in self.shard_files:
+            header = self.headers[shard]
+            h.update(shard.encode())
+            h.update(json.dumps(header, sort_keys=True).encode())
+            with open(self.path / shard, "rb") as fh:
+                base = 8 + struct.unpack("<Q", fh.read(8))[0]
+                for name in sorted(header):
+                    start, end = header[name]["data_offsets"]
+                    for offset in sorted({start, max(start, end - 32)}):
+                        fh.seek(base + offset)
+                        h.update(fh.read(min(32, end - offset)))
+        return "sha256:" + h.hexdigest()[:16]
+
     # ---- files
     @property
     def shard_files(self) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import QoqoptError
 from .fileio import sha256_file
-from .manifest import BUILD_FORMATS, entry_path, gguf_entries, listed_file, read_manifest
+from .manifest import BUILD_FORMATS, entry_path, gguf_entries, listed_file, read_manifest, source_id
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 LICENSE = "mit"  # QoQ-Med and Qwen2.5-VL are MIT / Apache; QoQ-Med's release is MIT
@@ -167,7 +167,7 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
         f"{fmt.upper()} build of [{meta.base_model}](https://huggingface.co/{meta.base_model}), a clinical "
         "vision-language model (Qwen2.5-VL fine-tune), made and verified by qoqopt.",
         "",
-        f"- source revision: `{src.get('revision') or 'local'}`; architecture `{src.get('architecture', '?')}`",
+        f"- source: {source_id(src.get('revision'), src.get('fingerprint'))}; architecture `{src.get('architecture', '?')}`",
     ]
     if src.get("ecg_encoder"):
         body.append("- the source carries QoQ-Med's ECG encoder (`time_series_embedding.*`); see notes below")

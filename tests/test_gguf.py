@@ -457,6 +457,12 @@ def test_ecg_encoder_skipped_and_said(tiny_dir, tmp_path):
     assert "skipped deliberately: 2 tensor(s) time_series_embedding.*: QoQ-Med's ECG encoder" in res.stdout
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "time_series_embedding.*" in readme and "no ECG encoder" in readme
+    # built without an mmproj (--mmproj-type none): the card says text only and gives no image command
+    run_it, left_out = readme.split("## Run it", 1)[1].split("## Left out on purpose", 1)
+    assert not any(word in run_it for word in ("--mmproj", "--image", "mtmd", "mmproj with", "llama_cpp"))
+    assert "This build is text only" in readme and "The mmproj comes from" not in readme
+    assert "- the mmproj (`--mmproj-type none`): this build reads text only" in left_out
+    assert "mmproj" not in (tmp_path / "out" / "Modelfile").read_text()
     # an unknown tensor is refused, not dropped
     state["model.layers.0.mlp.extra.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
     save_file(state, str(ckpt / "model.safetensors"))

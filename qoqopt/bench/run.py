@@ -58,6 +58,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     builds = opts.builds or opts.out / "builds"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     located = _locate_or_build(opts, builds, hub, log)
+    _check_sources(opts.model, ckpt.fingerprint, located, log)
     hashes = _Hashes()
     source_files = [model_path / f for f in ckpt.shard_files]
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -142,6 +143,29 @@ def _locate_or_build(opts: BenchOptions, builds: Path, hub: dict, log) -> dict[s
     return out
 
 
+def _build_folder(files: dict[str, Path]) -> Path:
+    return files.get("dir") or files["text"].parent
+
+
+def _check_sources(model: str, fingerprint: str, located: dict[str, dict], log) -> None:
+    """Refuse builds made from another checkpoint: their drift against MODEL would be measured
+    against the wrong reference (a build's manifest records its source's fingerprint: config.json
+    and the shard headers, the same for a Hub snapshot and a local copy of it)."""
+    for name, where in located.items():
+        if not where.get("files"):
+            continue
+        folder = _build_folder(where["files"])
+        source = read_manifest(folder).get("source") or {}
+        if source.get("fingerprint") is None:
+            log(f"note: {folder}'s manifest records no source fingerprint (an older build): "
+                f"cannot check that {name} was built from {model}")
+        elif source["fingerprint"] != fingerprint:
+            raise QoqoptError(
+                f"{name}: {folder} was built from {source.get('model')} ({source['fingerprint']}), not from {model} "
+                f"({fingerprint}); bench a build against the checkpoint it was made from"
+            )
+
+
 def _hub_manifests(search: list[Path | str]) -> dict[str, tuple[Path, str | None]]:
     """Hub id -> (its local snapshot folder, its commit) for each --from that is one, holding only
     the repo's manifest and configs so far: a build's files are fetched once a variant picks it."""
@@ -186,7 +210,7 @@ def _variant_record(v: Variant, where: dict, common: dict, work: Path, source_fi
     paths = _variant_files(where["files"]) or source_files
     rec = _record(v.name, v.format, res, paths, hashes)
     if where["files"]:  # provenance: what the build's manifest says it was made from
-        folder = where["files"].get("dir") or where["files"]["text"].parent
+        folder = _build_folder(where["files"])
         rec["built_from"] = (read_manifest(folder).get("source") or {}) if (folder / "manifest.json").exists() else {}
     return rec
 
