@@ -7,7 +7,9 @@ this file only wires them up and turns QoqoptError into a one-line message and e
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import signal
 import sys
 
@@ -71,6 +73,11 @@ def _version() -> str:
     return __version__
 
 
+# OSErrors a user fixes (permissions, a read-only or full disk): one line, as for QoqoptError. The
+# write paths turn these into messages of their own; this catches any that a new path lets through.
+USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
 class Terminated(BaseException):
     """SIGTERM (timeout, a scheduler, `kill`) as an exception, so temporary outputs are removed on the
     way out as they are for Ctrl-C; Python's default is to die where it stands. SIGKILL cannot be
@@ -92,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except QoqoptError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `qoqopt data list | head`: the reader has gone, so has anything left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes
+        return 128 + signal.SIGPIPE
+    except OSError as exc:
+        if exc.errno not in USER_FIXABLE:  # anything else is a bug to see in full
+            raise
+        print(f"error: {exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

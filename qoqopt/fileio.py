@@ -23,8 +23,9 @@ from .errors import QoqoptError
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to `final`; rename it over `final` only on success."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -40,6 +41,24 @@ def atomic_path(final: Path) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def writing(final: Path) -> Iterator[None]:
+    """Where an output is about to be made (its folder, its temporary name): an OSError there, such as
+    a read-only or unwritable folder, is about ``final``, the path the user gave."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise write_error(exc, final) from exc
+        raise QoqoptError(f"cannot write {final}: {exc.strerror or exc}") from exc
+
+
+def make_dir(folder: Path) -> None:
+    """``mkdir -p`` with a one-line error naming ``folder``."""
+    with writing(Path(folder)):
+        Path(folder).mkdir(parents=True, exist_ok=True)
 
 
 def _umask() -> int:
@@ -101,8 +120,9 @@ def atomic_dir(final: Path, force: bool = False, inputs=()) -> Iterator[Path]:
     """Build a directory under a temporary name and swap it in as a whole on success."""
     final = Path(final)
     prepare_output_dir(final, force, inputs)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
@@ -111,6 +131,8 @@ def atomic_dir(final: Path, force: bool = False, inputs=()) -> Iterator[Path]:
         os.replace(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if exc.filename and Path(exc.filename).is_relative_to(tmp):  # name what the user asked for
+            exc.filename = str(final / Path(exc.filename).relative_to(tmp))
         if exc.errno in DISK_FULL:  # only writes fill a disk: any other OSError may be a source read
             raise write_error(exc, final) from exc
         raise
@@ -129,10 +151,12 @@ def write_error(exc: OSError, path: Path) -> QoqoptError:
     if exc.errno in DISK_FULL:
         free = _free_bytes(path.parent)
         return QoqoptError(f"disk full while writing {path.name} ({free / 2**30:.1f} GiB free)")
-    return QoqoptError(f"cannot write {path.name}: {exc.strerror or exc}")
+    return QoqoptError(f"cannot write {path}: {exc.strerror or exc}")
 
 
 def _free_bytes(folder: Path) -> int:
+    while not folder.exists() and folder != folder.parent:  # a temporary name's final one, not made yet
+        folder = folder.parent
     try:
         return shutil.disk_usage(folder).free
     except OSError:

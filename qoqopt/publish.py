@@ -200,7 +200,7 @@ def tables_for_build(report_md: str, fmt: str) -> str:
     keep_always = {"reference", *HF_DTYPES}
     out = []
     for line in report_md.strip().splitlines():
-        if line.startswith("![") or line.strip() == "## Plots":
+        if line.startswith(("![", "# ")) or line.strip() == "## Plots":  # the report's title: the card has its own
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
         is_row = cells and not set(line) <= set("|-: ") and cells[0] not in ("variant", "machine")
@@ -290,15 +290,25 @@ def upload(plan: UploadPlan, token: str, api=None) -> str:
     import tempfile
 
     from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError, OfflineModeIsEnabled
 
     api = api or HfApi()
-    api.create_repo(plan.repo_id, token=token, private=plan.private, repo_type="model", exist_ok=True)
     ops = [CommitOperationAdd(f.path, str(plan.folder / f.path)) for f in plan.files]
-    with tempfile.TemporaryDirectory() as tmp:
-        card_path = Path(tmp) / "README.md"
-        card_path.write_text(plan.card)
-        ops.append(CommitOperationAdd("README.md", str(card_path)))
-        info = api.create_commit(
-            plan.repo_id, ops, commit_message=f"qoqopt: upload {plan.fmt} build", token=token, repo_type="model"
-        )
+    try:
+        api.create_repo(plan.repo_id, token=token, private=plan.private, repo_type="model", exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            card_path = Path(tmp) / "README.md"
+            card_path.write_text(plan.card)
+            ops.append(CommitOperationAdd("README.md", str(card_path)))
+            info = api.create_commit(
+                plan.repo_id, ops, commit_message=f"qoqopt: upload {plan.fmt} build", token=token, repo_type="model"
+            )
+    except HfHubHTTPError as err:  # the Hub answered: a refused token, no write access, a bad name
+        status = getattr(err.response, "status_code", None)
+        raise QoqoptError(f"the Hub refused the upload to {plan.repo_id} (HTTP {status}): "
+                          f"{str(err).splitlines()[0]}") from err  # fmt: skip
+    except OfflineModeIsEnabled as err:
+        raise QoqoptError(f"HF_HUB_OFFLINE is set: unset it to upload to {plan.repo_id}; nothing was uploaded") from err
+    except HTTPError as err:  # no answer: offline, DNS, a proxy, a timeout
+        raise QoqoptError(f"cannot reach the Hub to upload to {plan.repo_id}: {err}; nothing was uploaded") from err
     return getattr(info, "commit_url", str(info))

@@ -103,7 +103,7 @@ def render_markdown(runs: list[dict], plots: dict[str, str] | None = None) -> st
     front = pareto(sized)
     machines = [machine_label(r) for r in runs]
     out = ["# qoqopt report", "", f"Runs merged: {len(runs)} ({', '.join(machines)}).", ""]
-    out += ["## Drift against the reference (same chats, same positions)", ""]
+    out += ["## Drift against the reference (same chats, same positions)", "", *_eval_lines(runs)]
     out += ["| variant | size MB | mean KLD | p99 KLD | same top % | RMS Δp % | answer acc | worst domain | Pareto |",
             "|---|---:|---:|---:|---:|---:|---:|---|:-:|"]  # fmt: skip
     for name, v in _by_size(rows):
@@ -118,6 +118,23 @@ def render_markdown(runs: list[dict], plots: dict[str, str] | None = None) -> st
     if plots:
         out += ["## Plots", ""] + [f"![{title}]({path})" for title, path in plots.items()] + [""]
     return "\n".join(out)
+
+
+def _eval_lines(runs: list[dict]) -> list[str]:
+    """How many chats the drift and accuracy columns rest on: with a handful, one answer moves the
+    accuracy a lot, and a reader of clinical evidence must see that beside the numbers."""
+    sets = {}
+    for run in runs:
+        ev = run["run"].get("eval") or {}
+        if ev.get("items"):
+            domains = ", ".join(f"{d} {n}" for d, n in sorted((ev.get("domains") or {}).items()))
+            sets.setdefault((ev["items"], domains, ev.get("source"), ev.get("seed")), []).append(machine_label(run))
+    lines = []
+    for (items, domains, source, seed), machines in sets.items():
+        where = f" ({', '.join(machines)})" if len(sets) > 1 else ""
+        lines.append(f"Evaluated on {items} chats{where}: {domains}; eval set `{source}`, seed {seed}. "
+                     f"One answer moves accuracy by {1 / items:.2f}.")  # fmt: skip
+    return [*lines, ""] if lines else []
 
 
 def _by_size(rows: dict[str, dict]) -> list[tuple[str, dict]]:

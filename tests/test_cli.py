@@ -151,3 +151,55 @@ def test_unusable_paths_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
     (build / "m.Q8_0.gguf").write_bytes(bytes(100))
     assert "lists mmproj-m-f16.gguf, which is missing" in refused(["ask", str(build), "--item", ITEM], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "build", "seen.png"]
+
+
+def test_unwritable_output_folder_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    """An output folder that cannot be written gives one `error:` line naming the path given, from
+    every command that writes (a read-only mount had given four tracebacks and, from export, the name
+    of a temporary folder). Root ignores file modes, so the folder fails as a read-only mount does:
+    making anything new under it raises EROFS."""
+    import errno
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from tests.test_report import _run
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+
+    def guard(path):
+        path = Path(path)
+        if not path.exists() and path.resolve().is_relative_to(ro.resolve()):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    mkdir, mkstemp, mkdtemp = Path.mkdir, tempfile.mkstemp, tempfile.mkdtemp
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (guard(self), mkdir(self, *a, **k))[1])
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, dir, **k: (guard(Path(dir) / ".new"), mkstemp(*a, dir=dir, **k))[1])
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, dir, **k: (guard(Path(dir) / ".new"), mkdtemp(*a, dir=dir, **k))[1])
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(_run("cpu", 1.0)))
+    cases = {
+        ("data", "show", ITEM, "--out", ro / "ct.png"): ro / "ct.png",
+        ("report", run, "--out", ro / "rep"): ro / "rep",
+        ("mini", "--out", ro / "m"): ro / "m",
+        ("bench", tiny_dir, "--variants", "bf16", "--items", "1", "--no-speed", "--out", ro / "res"): ro / "res",
+        ("export", tiny_dir, "--format", "gguf", "--quant", "F16", "--imatrix", "none", "--out", ro / "g"): ro / "g",
+    }  # fmt: skip
+    for argv, given in cases.items():
+        assert refused(list(argv), capsys) == f"error: cannot write {given}: Read-only file system", argv
+    assert list(ro.iterdir()) == []
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`qoqopt data list | head` : the reader goes away, and qoqopt stops with SIGPIPE's status and
+    no traceback (Python raises BrokenPipeError where a C tool would die of the signal)."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "qoqopt", "data", "list", "--split", "eval"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()  # before it writes a line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE and err == "", err

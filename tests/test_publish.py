@@ -87,6 +87,8 @@ def test_hash_mismatch_is_refused(export_dir):
 def test_no_token_is_refused_before_any_upload(export_dir, tmp_path):
     env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "empty-home"), "HF_TOKEN_PATH": str(tmp_path / "none")}
     assert "no Hugging Face token" in error_line(run_cli("publish", str(export_dir), "--repo", "me/x", env=env))
+    dry = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run", env=env)  # says so beforehand
+    assert dry.returncode == 0 and "note: the upload would stop here: no Hugging Face token" in dry.stdout
 
 
 def _content(source) -> bytes:
@@ -195,6 +197,7 @@ def test_card_carries_only_this_builds_rows():
     assert "| gguf:Q4_K_M |" in card and "| cpu | gguf:Q8_0 |" in card and "| reference |" in card
     assert "gptq:4" not in card and "awq:4" not in card and "![" not in card and "## Plots" not in card
     assert "| variant | size MB | mean KLD |" in card and "|---|---:|---:|" in card
+    assert "# qoqopt report" not in card  # the card has its own title; the report's sits under "Evidence"
 
 
 def test_local_source_needs_base_model(export_dir, tmp_path):
@@ -284,3 +287,12 @@ def test_only_a_readme_the_manifest_lists_speaks_on_the_card(export_dir):
     plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF")
     assert "\n\n    llama-mtmd-cli --run-me-like-this" in plan.card  # its indented code block intact
     assert "this card takes its place here" in plan.card
+
+
+@pytest.mark.parametrize("offline", ["1", "0"], ids=["HF_HUB_OFFLINE", "unreachable"])
+def test_no_hub_is_one_line_and_never_shows_the_token(export_dir, offline):
+    """Without the Hub (offline mode; or an endpoint that refuses the connection) the upload stops in
+    one line that names the repo, not a traceback from the HTTP client, and without the token."""
+    env = {"HF_TOKEN": SECRET, "HF_HUB_OFFLINE": offline, "HF_ENDPOINT": "http://127.0.0.1:9"}
+    res = run_cli("publish", str(export_dir), "--repo", "me/x", env=env)
+    assert "me/x" in error_line(res) and SECRET not in res.stdout + res.stderr

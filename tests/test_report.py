@@ -69,6 +69,23 @@ def test_report_merges_two_machines_with_plots(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_report_says_how_many_chats_the_numbers_rest_on():
+    """Beside drift and accuracy, the chats they come from, per eval set (the run JSON's `eval`)."""
+    from qoqopt.report import render_markdown
+
+    five = {"source": "clinical", "items": 5, "seed": 0, "domains": {"ct": 1, "ecg": 1, "mri": 1, "ultrasound": 1, "xray": 1}}
+    a, b = _run("cpu", 1.0), _run("gpu", 2.0)
+    a["run"]["eval"] = b["run"]["eval"] = five
+    line = ("Evaluated on 5 chats: ct 1, ecg 1, mri 1, ultrasound 1, xray 1; eval set `clinical`, seed 0. "
+            "One answer moves accuracy by 0.20.")  # fmt: skip
+    assert render_markdown([a, b]).split("## Drift against the reference")[1].splitlines()[2] == line
+    b["run"]["eval"] = {**five, "items": 20, "domains": {"ct": 20}}
+    lines = [ln for ln in render_markdown([a, b]).splitlines() if ln.startswith("Evaluated on")]
+    assert lines == ["Evaluated on 5 chats (cpu): ct 1, ecg 1, mri 1, ultrasound 1, xray 1; eval set `clinical`, seed 0. "
+                     "One answer moves accuracy by 0.20.",
+                     "Evaluated on 20 chats (gpu): ct 20; eval set `clinical`, seed 0. One answer moves accuracy by 0.05."]
+
+
 def _table(md: str, heading: str) -> list[dict[str, str]]:
     """The rows of the markdown table under ``heading``, as dicts keyed by its header cells."""
     lines = [ln for ln in md.split(heading, 1)[1].split("\n## ")[0].splitlines() if ln.startswith("|")]

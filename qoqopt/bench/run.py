@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import QoqoptError
-from ..fileio import atomic_write_text, check_can_make_dir, sha256_file
+from ..fileio import atomic_write_text, check_can_make_dir, make_dir, sha256_file, writing
 from ..manifest import read_manifest
 from ..report import SCHEMA
 from .machine import machine_info, software_info, usable_cores
@@ -61,8 +61,9 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     _check_sources(opts.model, ckpt.fingerprint, located, log)
     hashes = _Hashes()
     source_files = [model_path / f for f in ckpt.shard_files]
-    opts.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".bench-", dir=opts.out))
+    make_dir(opts.out)
+    with writing(opts.out):
+        work = Path(tempfile.mkdtemp(prefix=".bench-", dir=opts.out))
     try:
         common = _common_job(opts, ckpt, work, threads)
         log(f"reference: {opts.model} in transformers ({common['reference_dtype']}), {len(items)} chats")

@@ -55,6 +55,10 @@ def run(args) -> int:
         print("\n--- README.md (model card) ---")
         print(plan.card)
         print("dry run: nothing was uploaded")
+        try:
+            resolve_token()
+        except QoqoptError as err:  # said now, not after the user has set the upload going
+            print(f"note: the upload would stop here: {err}")
         return 0
     token = resolve_token()
     url = upload(plan, token)
