@@ -8,7 +8,7 @@ from pathlib import Path
 EXAMPLES = """\
 examples:
   qoqopt publish out/gguf --repo me/QoQ-Med-VL-7B-GGUF --dry-run      # show exactly what would be sent
-  qoqopt publish out/gguf --repo me/QoQ-Med-VL-7B-GGUF --results results/report.md
+  qoqopt publish out/gguf --repo me/QoQ-Med-VL-7B-GGUF --results results/report/report.md
   HF_TOKEN=... qoqopt publish out/gptq --repo my-lab/QoQ-Med-VL-7B-GPTQ --private
 
 Before anything is uploaded, qoqopt checks the repo name, that DIR has a manifest.json written by
