@@ -249,7 +249,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                     for line in rep.summary():
                         log(f"note: {line}")
                     log(f"wrote {path.name} (llama.cpp {q}{', clinical imatrix' if imatrix else ', no imatrix'}, {_size(path.stat().st_size)})")
-                    records.append(_record(path, "text", q))
+                    records.append(_record(path, "text", q, len(gguf_quant.tensor_types(path))))
                 if temporary:
                     inter.unlink()
             for q, rep in reports.items():

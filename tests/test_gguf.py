@@ -434,6 +434,8 @@ def test_kquant_fallback_is_reported(tmp_path):
     # llama.cpp's own rule, exactly: Q4_K_M gives layer 0's ffn_down Q4_K (-> Q5_0), layer 1's Q6_K (-> Q8_0)
     assert types["blk.0.ffn_down.weight"] == "Q5_0" and types["blk.1.ffn_down.weight"] == "Q8_0"
     assert note in (tmp_path / "out" / "README.md").read_text()
+    (entry,) = json.loads((tmp_path / "out" / "manifest.json").read_text())["files"][:1]  # llama.cpp wrote it
+    assert entry["quant"] == "Q4_K_M" and entry["tensors"] == len(types)
 
 
 def _copy_without_weights(src: Path, dst: Path) -> Path:
