@@ -163,42 +163,74 @@ def loop_mixes(compiled, skip_branches: bool = False) -> list[collections.Counte
     return loops
 
 
-def _operands(text: str) -> tuple[str, list[str]]:
-    """One SASS line -> (opcode, operands), predicate and encoding comment left out."""
-    body = text.split("*/", 1)[1].split(";", 1)[0].strip()
-    body = re.sub(r"^@!?U?P\w+\s+", "", body)
-    opcode, _, rest = body.partition(" ")
-    return opcode, [op.strip() for op in rest.split(",")] if rest else []
-
-
 def loads_read_in_their_step(compiled) -> list[str] | None:
-    """The main loop's plain global loads (``LDG``: not copied ahead by cp.async) whose value the same
-    pass through the loop reads: each such load's whole latency sits inside every step, where a load
-    read only after the back branch (issued a step ahead) overlaps a step's work. None without
-    cuobjdump."""
+    """The main loop's plain global loads read in the step that makes them
+    (:func:`loads_read_in_step`), for a compiled kernel; None without cuobjdump."""
     sass = _cuobjdump(compiled, "-sass")
-    if sass is None:
-        return None
+    return None if sass is None else loads_read_in_step(sass)
+
+
+_PREDICATE = re.compile(r"^@!?U?P\w+\s+")
+_REG = re.compile(r"\bR(\d+)(\.64|\.128)?")
+_NO_DEST = ("ST", "RED", "LDGSTS", "BAR", "BRA", "DEPBAR", "LDGDEPBAR", "EXIT", "RET", "CALL", "WARPSYNC", "NOP")
+
+
+def _parse(line: str) -> tuple[bool, str, list[str]]:
+    """One SASS line -> (predicated, opcode, operands)."""
+    body = line.split("*/", 1)[1].split(";", 1)[0].strip()
+    predicated = bool(_PREDICATE.match(body))
+    opcode, _, rest = _PREDICATE.sub("", body).partition(" ")
+    return predicated, opcode, [op.strip() for op in rest.split(",")] if rest.strip() else []
+
+
+def _registers(operand: str) -> set[str]:
+    """General registers an operand names; ``R2.64`` (a 64-bit address) is R2 and R3."""
+    regs = set()
+    for m in _REG.finditer(operand):
+        n, width = int(m.group(1)), {".64": 2, ".128": 4}.get(m.group(2) or "", 1)
+        regs |= {f"R{n + i}" for i in range(width)}
+    return regs
+
+
+def _dests_and_sources(opcode: str, ops: list[str]) -> tuple[set[str], set[str]]:
+    """Registers an instruction writes and reads. The leading operand is written, unless the opcode
+    writes none (stores, barriers, branches) or it is an address; after a predicate written first
+    (``SHFL PT, R4, ...``) the next register is written too."""
+    n_dest = 0 if opcode.startswith(_NO_DEST) or not ops or ops[0].startswith("[") else 1
+    if n_dest and re.fullmatch(r"U?P(\d|T)", ops[0]) and len(ops) > 1 and re.fullmatch(r"R\d+", ops[1]):
+        n_dest = 2
+    dests = set().union(*(_registers(op) for op in ops[:n_dest] if not op.startswith("[")))
+    return dests, set().union(set(), *(_registers(op) for op in ops[n_dest:]))
+
+
+def loads_read_in_step(sass: str) -> list[str]:
+    """The largest loop's plain global loads (``LDG``: not copied ahead by cp.async) whose value the
+    same pass through the loop reads: such a load's whole latency sits inside every step, where one
+    read only after the back branch (issued a step ahead) overlaps a step's work. A register stops
+    being followed once an unpredicated instruction overwrites it."""
     lines = [line for line in sass.splitlines() if _INSTR.match(line)]
     addr = [int(_INSTR.match(line).group(1), 16) for line in lines]
     loops = [(int(b.group(1), 16), a) for a, line in zip(addr, lines)
-             if (b := _BACK_BRANCH.search(line)) and int(b.group(1), 16) < a]
+             if (b := _BACK_BRANCH.search(line)) and int(b.group(1), 16) < a]  # fmt: skip
+    if not loops:
+        return []
     start, end = max(loops, key=lambda se: se[1] - se[0])
-    body = [_operands(line) for a, line in zip(addr, lines) if start <= a <= end]
+    body = [_parse(line) for a, line in zip(addr, lines) if start <= a <= end]
     read = []
-    for i, (opcode, ops) in enumerate(body):
-        if not opcode.startswith("LDG.") or not ops:
+    for i, (_, opcode, ops) in enumerate(body):
+        if not opcode.startswith("LDG.") or not ops or not re.fullmatch(r"R\d+", ops[0]):
             continue
         first = int(ops[0][1:])
-        width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1
-        regs = {f"R{first + j}" for j in range(width)}
-        for later, later_ops in body[i + 1:]:
-            stores = later.startswith(("ST", "RED", "ATOM"))
-            sources = later_ops if stores else later_ops[1:]
-            if any(re.search(rf"\b{r}\b", src) for src in sources for r in regs):
+        width = next((w for suffix, w in ((".256", 8), (".128", 4), (".64", 2)) if suffix in opcode), 1)
+        live = {f"R{first + j}" for j in range(width)}
+        for predicated, later, later_ops in body[i + 1 :]:
+            dests, sources = _dests_and_sources(later, later_ops)
+            if sources & live:
                 read.append(f"{opcode} {ops[0]}")
                 break
-            if not stores and later_ops and later_ops[0] in regs:  # overwritten unread
+            if not predicated:
+                live -= dests
+            if not live:
                 break
     return read
 

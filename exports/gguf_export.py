@@ -131,7 +131,7 @@ class _Context:
     def common_kv(self, writer, file_type: int) -> None:
         gguf_meta.add_common(
             writer, name=self.name, file_type=file_type, source=self.source,
-            revision=self.revision or self.fingerprint, skipped=self.skipped,
+            revision=self.revision, fingerprint=self.fingerprint, skipped=self.skipped,
         )  # fmt: skip
 
 
@@ -448,19 +448,9 @@ def _mmproj_line(mmproj: str | None) -> str:
 def _run_it(ctx: _Context, text: str, mmproj: str | None) -> str:
     """The card's "Run it" for llama.cpp, LM Studio and Ollama; text chat only without an mmproj."""
     settings = "--temp 0 --repeat-penalty 1.05"
-    if not mmproj:
-        return f"""**llama.cpp** (text chat, with the chat template the GGUF carries)
-
-    llama-cli -m {text} {settings}
-
-**LM Studio**: put `{text}` in a folder under `~/.lmstudio/models/<publisher>/{ctx.name}/`. Set
-temperature 0 and repeat penalty 1.05.
-
-**Ollama**: `ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`. The Modelfile
-carries the chat template and QoQ-Med's generation settings.
-"""
-    lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
-    return f"""**llama.cpp**
+    if mmproj:
+        lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
+        llama_cpp = f"""**llama.cpp**
 
     llama-mtmd-cli -m {text} --mmproj {mmproj} --image scan.png \\
         -p "Above is a CT image of a patient. What is the diagnosis? Answer with one word." \\
@@ -468,15 +458,21 @@ carries the chat template and QoQ-Med's generation settings.
 
 `--image-min-tokens {lo} --image-max-tokens {hi}` keeps images inside QoQ-Med's training range
 ({TRAIN_PIXELS} pixels); the mmproj records that range (`clip.vision.image_min_pixels` /
-`image_max_pixels`), but this llama.cpp version does not read those keys for Qwen2.5-VL.
+`image_max_pixels`), but this llama.cpp version does not read those keys for Qwen2.5-VL."""
+        lm_studio = (f"put `{text}` and `{mmproj}` in one folder under\n`~/.lmstudio/models/<publisher>/{ctx.name}/`; "
+                     "LM Studio pairs the mmproj with the model and enables\nimage input.")
+        modelfile = ("the chat template, QoQ-Med's generation settings and the mmproj. (Ollama versions whose own\n"
+                     "engine handles Qwen2.5-VL may not accept a separate projector file; the text model still runs.)")
+    else:
+        llama_cpp = f"**llama.cpp** (text chat, with the chat template the GGUF carries)\n\n    llama-cli -m {text} {settings}"
+        lm_studio = f"put `{text}` in a folder under `~/.lmstudio/models/<publisher>/{ctx.name}/`."
+        modelfile = "the chat template and QoQ-Med's generation settings."
+    return f"""{llama_cpp}
 
-**LM Studio**: put `{text}` and `{mmproj}` in one folder under
-`~/.lmstudio/models/<publisher>/{ctx.name}/`; LM Studio pairs the mmproj with the model and enables
-image input. Set temperature 0 and repeat penalty 1.05.
+**LM Studio**: {lm_studio} Set temperature 0 and repeat penalty 1.05.
 
 **Ollama**: `ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`. The Modelfile
-carries the chat template, QoQ-Med's generation settings and the mmproj. (Ollama versions whose own
-engine handles Qwen2.5-VL may not accept a separate projector file; the text model still runs.)
+carries {modelfile}
 """
 
 

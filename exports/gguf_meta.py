@@ -151,13 +151,15 @@ def image_norm(path: Path) -> ImageNorm:
 # ---------------------------------------------------------------------------- writing KV
 
 
-def add_common(writer, *, name: str, file_type: int, source: str, revision: str | None, skipped: list[str]) -> None:
+def add_common(writer, *, name: str, file_type: int, source: str, revision: str | None, fingerprint: str,
+               skipped: list[str]) -> None:
     writer.add_name(name)
     writer.add_file_type(file_type)
     writer.add_quantization_version(2)  # GGML_QNT_VERSION
     writer.add_string(f"{QOQOPT_KEY}.source", source)
     if revision:
         writer.add_string(f"{QOQOPT_KEY}.source_revision", revision)
+    writer.add_string(f"{QOQOPT_KEY}.source_fingerprint", fingerprint)
     if skipped:
         writer.add_array(f"{QOQOPT_KEY}.skipped_tensors", skipped)
 

@@ -50,9 +50,8 @@ def writing(final: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno in DISK_FULL:
-            raise write_error(exc, final) from exc
-        raise QoqoptError(f"cannot write {final}: {exc.strerror or exc}") from exc
+        exc.filename = str(final)  # not the temporary name it may carry
+        raise write_error(exc, final) from exc
 
 
 def make_dir(folder: Path) -> None:

@@ -222,6 +222,9 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
 # --------------------------------------------------------------------------- the checkpoint
 
 
+FINGERPRINT_PREFIX = "sha256-v2:"  # Checkpoint.fingerprint's scheme (config, headers, tensor ends)
+
+
 @dataclass
 class Checkpoint:
     """A Qwen2.5-VL / QoQ-Med checkpoint on disk, read lazily tensor by tensor."""
@@ -267,7 +270,8 @@ class Checkpoint:
         snapshot's: sha256 of config.json, the shard headers (names, dtypes, shapes, offsets) and the
         first and last 32 bytes of every tensor. Headers alone are the same for a base model and its
         fine-tune; a fine-tune changes nearly every weight, and 64 bytes a tensor (55 KB for the 7B)
-        reads in no time. Builds record it (manifest ``source.fingerprint``), ``qoqopt bench`` checks it."""
+        reads in no time. Builds record it (manifest ``source.fingerprint``), ``qoqopt bench`` checks it.
+        The ``sha256-v2:`` prefix tells it from builds' earlier ``sha256:`` ids, of config and headers only."""
         import hashlib
 
         h = hashlib.sha256((self.path / "config.json").read_bytes())
@@ -282,7 +286,7 @@ class Checkpoint:
                     for offset in sorted({start, max(start, end - 32)}):
                         fh.seek(base + offset)
                         h.update(fh.read(min(32, end - offset)))
-        return "sha256:" + h.hexdigest()[:16]
+        return FINGERPRINT_PREFIX + h.hexdigest()[:16]
 
     # ---- files
     @property

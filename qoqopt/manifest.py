@@ -16,13 +16,13 @@ from .errors import QoqoptError
 BUILD_FORMATS = ("gguf", "gptq", "awq")  # what `qoqopt export` writes
 
 
-
 def source_id(revision: str | None, fingerprint: str | None) -> str:
     """How a build names the checkpoint it came from: its Hub commit, else its content fingerprint
     (``Checkpoint.fingerprint``), else that it recorded neither."""
     if revision:
         return f"revision `{revision}`"
     return f"fingerprint `{fingerprint}`" if fingerprint else "no revision or fingerprint recorded"
+
 
 def read_manifest(folder: Path, what: str = "a directory written by `qoqopt export`") -> dict:
     """The parsed manifest, or a one-line error that says what was expected."""

@@ -285,6 +285,11 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     return UploadPlan(folder, repo_id, private, files, card, fmt, notes)
 
 
+# The files go up in one commit: a failure leaves none of them on the Hub (the repo itself may have
+# been created by then, empty).
+NOT_COMMITTED = "no file was committed"
+
+
 def upload(plan: UploadPlan, token: str, api=None) -> str:
     """Create the repo if needed and send exactly the planned files plus the card, in one commit."""
     import tempfile
@@ -306,9 +311,9 @@ def upload(plan: UploadPlan, token: str, api=None) -> str:
     except HfHubHTTPError as err:  # the Hub answered: a refused token, no write access, a bad name
         status = getattr(err.response, "status_code", None)
         raise QoqoptError(f"the Hub refused the upload to {plan.repo_id} (HTTP {status}): "
-                          f"{str(err).splitlines()[0]}") from err  # fmt: skip
+                          f"{str(err).splitlines()[0]}; {NOT_COMMITTED}") from err  # fmt: skip
     except OfflineModeIsEnabled as err:
-        raise QoqoptError(f"HF_HUB_OFFLINE is set: unset it to upload to {plan.repo_id}; nothing was uploaded") from err
+        raise QoqoptError(f"HF_HUB_OFFLINE is set: unset it to upload to {plan.repo_id}; {NOT_COMMITTED}") from err
     except HTTPError as err:  # no answer: offline, DNS, a proxy, a timeout
-        raise QoqoptError(f"cannot reach the Hub to upload to {plan.repo_id}: {err}; nothing was uploaded") from err
+        raise QoqoptError(f"cannot reach the Hub to upload to {plan.repo_id}: {err}; {NOT_COMMITTED}") from err
     return getattr(info, "commit_url", str(info))

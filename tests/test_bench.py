@@ -304,8 +304,9 @@ def test_bad_input_one_line_error(tiny_dir, tmp_path, args, message):
 
 def test_bench_refuses_builds_of_another_checkpoint(run_1t, trained_dir, tiny_dir, tmp_path, capsys):
     """A build is benched against the checkpoint it was made from, or not at all: the trained mini's
-    builds against the untrained one gave KLD 9.2 and "accuracy 1.00" beside a reference at 0.00. The
-    check is by content (config.json and the shard headers), so a copy of the source passes."""
+    builds against the untrained one (same config, same tensor names and shapes) gave KLD 9.2 and
+    "accuracy 1.00" beside a reference at 0.00. The check is by content, so a copy of the source
+    passes; builds whose manifest predates content fingerprints get a note."""
     from qoqopt.bench.run import _check_sources
     from qoqopt.loader import open_checkpoint
 
@@ -314,24 +315,25 @@ def test_bench_refuses_builds_of_another_checkpoint(run_1t, trained_dir, tiny_di
     for variant, build in (("gguf:Q8_0", gguf_dir), ("gptq:4", gptq_dir)):
         argv = ["bench", tiny_dir, "--variants", variant, "--from", build, "--out", tmp_path / "o"]
         err = refused(argv, capsys)
-        assert f"{variant}: {build} was built from {trained_dir} (sha256:" in err and f"not from {tiny_dir} (" in err
+        assert f"{variant}: {build} was built from {trained_dir} (sha256-v2:" in err and f"not from {tiny_dir} (" in err
     assert not (tmp_path / "o").exists()
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in trained_dir.iterdir():
         (copy / f.name).symlink_to(f)
-    located = {"gguf:Q8_0": {"files": {"text": next(gguf_dir.glob("*.Q8_0.gguf"))}}, "gptq:4": {"files": {"dir": gptq_dir}}}
+    found = {"gguf:Q8_0": {"text": next(gguf_dir.glob("*.Q8_0.gguf"))}, "gptq:4": {"dir": gptq_dir}}
     notes = []
-    _check_sources(str(copy), open_checkpoint(str(copy)).fingerprint, located, notes.append)
+    _check_sources(str(copy), open_checkpoint(str(copy)).fingerprint, found, notes.append)
     assert notes == []
-    manifest = json.loads((gptq_dir / "manifest.json").read_text())
-    del manifest["source"]["fingerprint"]  # an older build's
-    old = tmp_path / "old-gptq"
-    shutil.copytree(gptq_dir, old)
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    _check_sources(str(tiny_dir), "sha256:0", {"gptq:4": {"files": {"dir": old}}}, notes.append)
-    assert notes == [f"note: {old}'s manifest records no source fingerprint (an older build): "
-                     f"cannot check that gptq:4 was built from {tiny_dir}"]
+    for name, recorded in (("none", None), ("headers-only", "sha256:042d5c2b4f1e9a7d")):  # earlier manifests
+        manifest = json.loads((gptq_dir / "manifest.json").read_text())
+        manifest["source"]["fingerprint"] = recorded
+        old = tmp_path / name
+        shutil.copytree(gptq_dir, old)
+        (old / "manifest.json").write_text(json.dumps(manifest))
+        _check_sources(str(tiny_dir), "sha256-v2:0", {"gptq:4": {"dir": old}}, notes.append)
+        assert notes.pop() == (f"note: {old} is an older build whose manifest records no content fingerprint: "
+                               f"cannot check that gptq:4 was built from {tiny_dir}")  # fmt: skip
 
 
 def test_missing_model(tmp_path):

@@ -194,12 +194,14 @@ def test_unwritable_output_folder_is_one_line(tiny_dir, tmp_path, capsys, monkey
 def test_a_closed_pipe_ends_quietly():
     """`qoqopt data list | head` : the reader goes away, and qoqopt stops with SIGPIPE's status and
     no traceback (Python raises BrokenPipeError where a C tool would die of the signal)."""
+    import os
     import signal
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a shell's default: stdout buffered
     proc = subprocess.Popen([sys.executable, "-m", "qoqopt", "data", "list", "--split", "eval"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
     proc.stdout.close()  # before it writes a line
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE and err == "", err

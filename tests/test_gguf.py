@@ -113,7 +113,8 @@ def test_files_and_metadata(built, tiny_dir, vocab_llm):
         path = built.out / f["path"]
         assert path.stat().st_size == f["bytes"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == f["sha256"]
-    assert manifest["source"]["fingerprint"].startswith("sha256:")
+    assert manifest["source"]["fingerprint"].startswith("sha256-v2:")  # in llama.cpp's reading of the file too
+    assert meta["qoqopt.source_fingerprint"] == manifest["source"]["fingerprint"] and "qoqopt.source_revision" not in meta
     modelfile = (built.out / "Modelfile").read_text()
     assert "FROM ./tiny.F16.gguf" in modelfile and "FROM ./mmproj-tiny-f16.gguf" in modelfile
     assert "repeat_penalty 1.05" in modelfile and 'stop "<|endoftext|>"' in modelfile
@@ -426,7 +427,7 @@ def test_kquant_fallback_is_reported(tmp_path):
     ckpt.mkdir()
     save_checkpoint(Qwen2_5_VLForConditionalGeneration(cfg).eval(), ckpt)
     log: list[str] = []
-    res = export_gguf(str(ckpt), tmp_path / "out", GGUFOptions(quants=["Q4_K_M"], imatrix="none", mmproj_type="none"), log=log.append)
+    res = export_gguf(str(ckpt), tmp_path / "out", GGUFOptions(quants=["Q4_K_M", "BF16"], imatrix="none", mmproj_type="none"), log=log.append)
     note = next(n for n in res.notes if "not divisible" in n)
     assert "blk.*.ffn_down.weight Q4_K -> Q5_0" in note and any(note in line for line in log)
     types = tensor_types(res.file("text", "Q4_K_M"))
@@ -434,8 +435,9 @@ def test_kquant_fallback_is_reported(tmp_path):
     # llama.cpp's own rule, exactly: Q4_K_M gives layer 0's ffn_down Q4_K (-> Q5_0), layer 1's Q6_K (-> Q8_0)
     assert types["blk.0.ffn_down.weight"] == "Q5_0" and types["blk.1.ffn_down.weight"] == "Q8_0"
     assert note in (tmp_path / "out" / "README.md").read_text()
-    (entry,) = json.loads((tmp_path / "out" / "manifest.json").read_text())["files"][:1]  # llama.cpp wrote it
-    assert entry["quant"] == "Q4_K_M" and entry["tensors"] == len(types)
+    # the manifest counts the tensors of a file llama.cpp wrote as qoqopt's writer counts those it writes
+    entries = {f.get("quant"): f for f in json.loads((tmp_path / "out" / "manifest.json").read_text())["files"]}
+    assert entries["Q4_K_M"]["tensors"] == entries["BF16"]["tensors"] == len(types)
 
 
 def _copy_without_weights(src: Path, dst: Path) -> Path:

@@ -694,11 +694,14 @@ def test_w4a16_fragment_decode_places_every_weight(dtype, split, tiles):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 13])
-def test_w4a16_fragment_decode_matches_dequantized_matmul(dtype, m):
+@pytest.mark.parametrize("split", [1, 4])
+def test_w4a16_fragment_decode_matches_dequantized_matmul(dtype, m, split):
     """The same kernel on random activations with a bias, one row (where it would stand in for the
-    GEMV) and 13 (the 16-row tile cut off); GPTQ v2 zeros, 0 among them, two groups of 256 rows."""
+    GEMV) and 13 (the 16-row tile cut off); GPTQ v2 zeros, 0 among them, two groups of 256 rows. Split
+    4 ways, each split is one 128-row block, so half of them start inside a group: the scales each
+    step loads a step ahead must still be its own group's."""
     _matches_dequantized_matmul(512, 72, 256, m, dtype, seed=7, v2_zeros=True, KERNEL="frag", BLOCK_N=64,
-                                num_warps=2, num_stages=2)
+                                num_warps=2, num_stages=2, SPLIT_K=split)
 
 
 @pytest.mark.parametrize("m", [64, 16, 1], ids=["prefill", "decode16", "decode1"])

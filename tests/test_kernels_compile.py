@@ -22,6 +22,7 @@ from benchmarks.offline_compile import (  # noqa: E402
     CUDA,
     NoToolchain,
     compile_kernel,
+    loads_read_in_step,
     loads_read_in_their_step,
     main_loop_mix,
     mma_loop_mix,
@@ -156,12 +157,36 @@ def test_w4a16_fragment_decode_feeds_the_mma_from_registers(dtype, tiles):
     stores, per_weight = [mix.get("STS", 0) for mix in mixes], [sum(mix.values()) / w for mix, w in zip(mixes, weights)]
     print(f"K loop per weight: default {per_weight[0]:.2f}, {stores[0]} STS; fragments {per_weight[1]:.2f}, {stores[1]}")
     assert stores[1] <= 2 and stores[1] * 16 <= stores[0] and per_weight[1] * 2 < per_weight[0], (stores, per_weight)
-    assert loads_read_in_their_step(frag) == []
+    assert loads_read_in_their_step(frag) == [] and loads_read_in_their_step(plain)  # the default tile's scale: read
     ttgir = frag.asm["ttgir"]
     assert set(re.findall(r"kWidth = (\d+)", ttgir)) == {"2"}
     encoding = re.search(r"tt\.elementwise_inline_asm .*-> tensor<[0-9x]+x(?:bf16|f16), (#\w+)>", ttgir).group(1)
     layout = re.search(rf"^{encoding} = .*sizePerThread = \[([\d, ]+)\].*order = \[([\d, ]+)\]", ttgir, re.M)
     assert layout.group(1).endswith("2, 2, 2") and layout.group(2).startswith("4, 3, 2"), layout.group(0)
+
+
+def _sass(*body: str) -> str:
+    """A loop of SASS lines, as cuobjdump prints them, closed by a branch back to its first."""
+    lines = [f"        /*{16 * i:04x}*/                   {text} ;" for i, text in enumerate(body)]
+    return "\n".join(lines + [f"        /*{16 * len(body):04x}*/                   BRA 0x0000 ;"])
+
+
+@pytest.mark.parametrize("body, read", [
+    (["LDG.E.U16 R4, desc[UR8][R2.64]", "IADD3 R5, R6, R7, RZ", "STS.U16 [R9+0x10], R4"], ["LDG.E.U16 R4"]),
+    (["STS.U16 [R9+0x10], R4", "IADD3 R5, R6, R7, RZ", "LDG.E.U16 R4, desc[UR8][R2.64]"], []),  # read next step
+    (["LDG.E.128 R4, desc[UR8][R2.64]", "MOV R5, RZ", "FADD R9, R7, R8"], ["LDG.E.128 R4"]),  # R7 still live
+    (["LDG.E R4, desc[UR8][R2.64]", "@P0 MOV R4, RZ", "FADD R9, R4, R8"], ["LDG.E R4"]),  # a predicated write
+    (["LDG.E R5, desc[UR8][R2.64]", "LDG.E R8, desc[UR8][R4.64]"], ["LDG.E R5"]),  # R4.64 is R4 and R5
+    (["LDG.E R4, desc[UR8][R2.64]", "LDGSTS.E [R4+0x100], desc[UR8][R6.64]"], ["LDG.E R4"]),  # an address
+    (["LDG.E R4, desc[UR8][R2.64]", "SHFL.IDX PT, R4, R9, R10, R11", "FADD R9, R4, R8"], []),  # R4 rewritten
+    (["LDG.E RZ, desc[UR8][R2.64]", "LDG.E.64 R4, desc[UR8][R2.64]", "MOV R4, RZ", "MOV R5, RZ"], []),
+], ids=["read", "next-step", "128-bit", "predicated", "pair-address", "smem-address", "shfl", "rz"])  # fmt: skip
+def test_loads_read_in_step_follows_registers(body, read):
+    """The SASS reading behind the fragment kernel's prefetch check, on hand-written loops: a load's
+    registers are followed until each is overwritten without a predicate; addresses (``[R4.64]``:
+    R4 and R5; shared-memory destinations) are reads."""
+    assert loads_read_in_step(_sass(*body)) == read
+    assert loads_read_in_step(_sass(*body).rsplit("\n", 1)[0]) == []  # no loop, nothing to report
 
 
 @pytest.mark.parametrize("m, tiles", [(128, dict(BLOCK_M=128, num_stages=3)), (2048, {})], ids=["m128", "m2048"])

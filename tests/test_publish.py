@@ -296,3 +296,21 @@ def test_no_hub_is_one_line_and_never_shows_the_token(export_dir, offline):
     env = {"HF_TOKEN": SECRET, "HF_HUB_OFFLINE": offline, "HF_ENDPOINT": "http://127.0.0.1:9"}
     res = run_cli("publish", str(export_dir), "--repo", "me/x", env=env)
     assert "me/x" in error_line(res) and SECRET not in res.stdout + res.stderr
+
+
+def test_a_refusing_hub_is_one_line(export_dir):
+    """The Hub answering no (a read-only token: HTTP 403) is said in one line with the status, from
+    huggingface_hub's own error type, and the token stays out of it."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    class RefusingApi(RecordingApi):
+        def create_commit(self, repo_id, operations, **kw):
+            response = httpx2.Response(403, request=httpx2.Request("POST", f"https://huggingface.co/api/models/{repo_id}/commit/main"))
+            raise HfHubHTTPError("403 Forbidden: you don't have the rights to create a model under this namespace",
+                                 response=response)  # fmt: skip
+
+    with pytest.raises(QoqoptError) as err:
+        upload(plan_upload(export_dir, "me/x"), SECRET, api=RefusingApi())
+    assert str(err.value) == ("the Hub refused the upload to me/x (HTTP 403): 403 Forbidden: you don't have the rights "
+                              "to create a model under this namespace; no file was committed")  # fmt: skip

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import QoqoptError
 from ..fileio import atomic_write_text, check_can_make_dir, make_dir, sha256_file, writing
+from ..loader import FINGERPRINT_PREFIX
 from ..manifest import read_manifest
 from ..report import SCHEMA
 from .machine import machine_info, software_info, usable_cores
@@ -57,8 +58,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     threads = opts.threads or usable_cores()
     builds = opts.builds or opts.out / "builds"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    located = _locate_or_build(opts, builds, hub, log)
-    _check_sources(opts.model, ckpt.fingerprint, located, log)
+    located = _locate_or_build(opts, builds, hub, ckpt.fingerprint, log)
     hashes = _Hashes()
     source_files = [model_path / f for f in ckpt.shard_files]
     make_dir(opts.out)
@@ -113,23 +113,22 @@ def summary_line(rec: dict) -> str:
 # --------------------------------------------------------------------------- variants
 
 
-def _locate_or_build(opts: BenchOptions, builds: Path, hub: dict, log) -> dict[str, dict]:
+def _locate_or_build(opts: BenchOptions, builds: Path, hub: dict, fingerprint: str, log) -> dict[str, dict]:
     """variant name -> {"files": {...}} or {"error": ...}; variants needing no files get {}. `hub`:
-    the --from Hub repos, as _hub_manifests gives them."""
+    the --from Hub repos, as _hub_manifests gives them. Builds found are checked against the model
+    (``fingerprint``) from their manifests alone, before any is downloaded or any missing one built."""
     searched = [hub[s][0] if isinstance(s, str) else s for s in opts.search]
-
-    def search_dirs():
-        extra = sorted(p for p in builds.iterdir() if p.is_dir()) if builds.is_dir() else []
-        return searched + extra
-
+    extra = sorted(p for p in builds.iterdir() if p.is_dir()) if builds.is_dir() else []
+    found = {v.name: locate(v, searched + extra) for v in opts.variants if v.format not in ("hf", "bnb")}
+    _check_sources(opts.model, fingerprint, {name: files for name, files in found.items() if files}, log)
     out: dict[str, dict] = {}
     missing = []
     for v in opts.variants:
         if v.format in ("hf", "bnb"):
             out[v.name] = {"files": {}}
-        elif (found := locate(v, search_dirs())) is not None:
+        elif found[v.name] is not None:
             try:
-                out[v.name] = {"files": _fetch_from_hub(found, hub, log)}
+                out[v.name] = {"files": _fetch_from_hub(found[v.name], hub, log)}
             except QoqoptError as err:
                 out[v.name] = {"error": str(err)}
         else:
@@ -148,21 +147,21 @@ def _build_folder(files: dict[str, Path]) -> Path:
     return files.get("dir") or files["text"].parent
 
 
-def _check_sources(model: str, fingerprint: str, located: dict[str, dict], log) -> None:
+def _check_sources(model: str, fingerprint: str, found: dict[str, dict[str, Path]], log) -> None:
     """Refuse builds made from another checkpoint: their drift against MODEL would be measured
-    against the wrong reference (a build's manifest records its source's fingerprint: config.json
-    and the shard headers, the same for a Hub snapshot and a local copy of it)."""
-    for name, where in located.items():
-        if not where.get("files"):
-            continue
-        folder = _build_folder(where["files"])
+    against the wrong reference. A build's manifest records its source's ``Checkpoint.fingerprint``
+    (content, so the same for a Hub snapshot and a local copy of it); older builds recorded none, or
+    one of config and headers only, which a fine-tune shares with its base: those get a note."""
+    for name, files in found.items():
+        folder = _build_folder(files)
         source = read_manifest(folder).get("source") or {}
-        if source.get("fingerprint") is None:
-            log(f"note: {folder}'s manifest records no source fingerprint (an older build): "
+        recorded = source.get("fingerprint") or ""
+        if not recorded.startswith(FINGERPRINT_PREFIX):
+            log(f"note: {folder} is an older build whose manifest records no content fingerprint: "
                 f"cannot check that {name} was built from {model}")
-        elif source["fingerprint"] != fingerprint:
+        elif recorded != fingerprint:
             raise QoqoptError(
-                f"{name}: {folder} was built from {source.get('model')} ({source['fingerprint']}), not from {model} "
+                f"{name}: {folder} was built from {source.get('model')} ({recorded}), not from {model} "
                 f"({fingerprint}); bench a build against the checkpoint it was made from"
             )
 
