@@ -331,6 +331,12 @@ def _round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).to(t.dtype)
 
 
+def _alpha_note(group: str, r) -> str:
+    """A layer note on the AWQ scale search's pick: the activation exponent, and whether the scale was
+    also divided by the weights' mean magnitude (AutoAWQ's duo scaling)."""
+    return f"{group} alpha {r.alpha:.2f}{', over weight mean' if r.duo else ''}"
+
+
 def quantize_layer_awq(layer, inputs, opts: QuantizeOptions, storage_dtype, notes: list[str]) -> dict[str, QuantizedWeight]:
     """AWQ on one layer: four scale searches folded into the preceding ops, then clipping + rounding."""
     mods = dict(layer.named_modules())
@@ -366,7 +372,7 @@ def quantize_layer_awq(layer, inputs, opts: QuantizeOptions, storage_dtype, note
     for n in LAYER_GROUPS[0]:
         W[n].mul_(s)
     xc["self_attn.q_proj"] = xc["self_attn.q_proj"] / s
-    notes.append(f"qkv alpha {r.alpha:.2f}{'w' if r.duo else ''}")
+    notes.append(_alpha_note("qkv", r))
 
     # 2. v_proj -> o_proj, the o scale tied across each kv head's query heads
     st = stats["self_attn.o_proj"]
@@ -383,7 +389,7 @@ def quantize_layer_awq(layer, inputs, opts: QuantizeOptions, storage_dtype, note
         v.bias.data = _round_to(v.bias.data / s_v, storage_dtype)
     W["self_attn.o_proj"].mul_(s_o)
     xc["self_attn.o_proj"] = xc["self_attn.o_proj"] / s_o
-    notes.append(f"v->o alpha {r.alpha:.2f}{'w' if r.duo else ''}")
+    notes.append(_alpha_note("v->o", r))
 
     # 3. post_attention_layernorm -> gate, up
     st = stats["mlp.gate_proj"]
@@ -392,7 +398,7 @@ def quantize_layer_awq(layer, inputs, opts: QuantizeOptions, storage_dtype, note
     for n in LAYER_GROUPS[2]:
         W[n].mul_(r.scale)
     xc["mlp.gate_proj"] = xc["mlp.gate_proj"] / r.scale
-    notes.append(f"gate/up alpha {r.alpha:.2f}{'w' if r.duo else ''}")
+    notes.append(_alpha_note("gate/up", r))
 
     # 4. up_proj -> down_proj
     st = stats["mlp.down_proj"]
@@ -400,7 +406,7 @@ def quantize_layer_awq(layer, inputs, opts: QuantizeOptions, storage_dtype, note
     W["mlp.up_proj"].div_(r.scale.unsqueeze(1))
     W["mlp.down_proj"].mul_(r.scale)
     xc["mlp.down_proj"] = xc["mlp.down_proj"] / r.scale
-    notes.append(f"up->down alpha {r.alpha:.2f}{'w' if r.duo else ''}")
+    notes.append(_alpha_note("up->down", r))
 
     # Clip (not q/k: their error passes through the attention softmax, which the per-group output
     # error does not model) and round.
