@@ -204,7 +204,7 @@ def _dests_and_sources(opcode: str, ops: list[str]) -> tuple[set[str], set[str]]
 
 
 def loads_read_in_step(sass: str) -> list[str]:
-    """The largest loop's plain global loads (``LDG``: not copied ahead by cp.async) whose value the
+    """The K loop's plain global loads (``LDG``: not copied ahead by cp.async) whose value the
     same pass through the loop reads: such a load's whole latency sits inside every step, where one
     read only after the back branch (issued a step ahead) overlaps a step's work. A register stops
     being followed once an unpredicated instruction overwrites it."""
@@ -212,10 +212,12 @@ def loads_read_in_step(sass: str) -> list[str]:
     addr = [int(_INSTR.match(line).group(1), 16) for line in lines]
     loops = [(int(b.group(1), 16), a) for a, line in zip(addr, lines)
              if (b := _BACK_BRANCH.search(line)) and int(b.group(1), 16) < a]  # fmt: skip
-    if not loops:
+    bodies = [[_parse(line) for a, line in zip(addr, lines) if start <= a <= end] for start, end in loops]
+    if not bodies:
         return []
-    start, end = max(loops, key=lambda se: se[1] - se[0])
-    body = [_parse(line) for a, line in zip(addr, lines) if start <= a <= end]
+    # a GEMM's K loop: the smallest loop issuing MMAs (TMA kernels wrap more in outer loops); else the largest
+    mma = [b for b in bodies if any(opcode.split(".")[0].endswith("MMA") for _, opcode, _ in b)]
+    body = min(mma, key=len) if mma else max(bodies, key=len)
     read = []
     for i, (_, opcode, ops) in enumerate(body):
         if not opcode.startswith("LDG.") or not ops or not re.fullmatch(r"R\d+", ops[0]):

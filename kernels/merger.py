@@ -125,6 +125,9 @@ def _merger_fc1_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # the current patch slot's dot product
     first = 0 if SPLIT_K == 1 else pid_k * SPLIT_STEPS  # unsplit, the loop's bounds stay constants
+    # Each slot's 1/RMS is loaded a slot ahead, once the previous one is used: loaded where it is used,
+    # every warp waited out a memory latency at each slot's end (sm_90 SASS: the loop's only plain loads).
+    rstd = tl.load(rstd_ptr + offs_m * MERGE + first // SLOT_STEPS, mask=m_mask, other=0.0)
     for step in range(first, first + SPLIT_STEPS):
         if TMA:
             a = x_desc.load([pid_m * BLOCK_M, step * BLOCK_K])
@@ -142,9 +145,10 @@ def _merger_fc1_kernel(
         else:
             part = tl.dot(a, b, part, input_precision=DOT_PRECISION)
             if step % SLOT_STEPS == SLOT_STEPS - 1:  # the slot's last K tile: scale by its patch's 1/RMS
-                rstd = tl.load(rstd_ptr + offs_m * MERGE + step // SLOT_STEPS, mask=m_mask, other=0.0)
                 acc += part * rstd[:, None]
                 part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                next_slot = tl.minimum(step // SLOT_STEPS + 1, MERGE - 1)
+                rstd = tl.load(rstd_ptr + offs_m * MERGE + next_slot, mask=m_mask, other=0.0)
     if RESCALE:  # the last slot's 1/RMS
         last = (first + SPLIT_STEPS - 1) // SLOT_STEPS
         acc = acc * tl.load(rstd_ptr + offs_m * MERGE + last, mask=m_mask, other=0.0)[:, None]
