@@ -9,8 +9,8 @@ imatrix never sees; image positions are the vision tower's tokens themselves. Ex
 weigh the two (`InputStats.combined`). lm_head never counts image positions: their logits are unused.
 
 Measured on the trained mini model (README, test_imatrix.py): counting image positions like text
-positions makes Q4_K_M answers drift 25-40% more than no imatrix at all, because image tokens carry
-activations ~250x larger in a few channels while their own outputs hardly reach the answer; so
+positions makes Q4_K_M answers drift ~20% more than no imatrix at all, because image tokens carry
+activations far larger in a few channels while their own outputs hardly reach the answer; so
 exporters default to weight 0 for image positions.
 
 Each chat is the prompt as at inference (image + QoQ-Med question, through the processor, with
