@@ -146,6 +146,7 @@ else
     # killed 10 s later if they ignore it, which would otherwise hold stamp's pipe open). Unbuffered,
     # so each line is stamped when it is printed, not when Python flushes.
     E2E_DIR="$E2E_DIR" E2E_SITE="$E2E_SITE" PY="$PY" timeout -k 10 "$E2E_LIMIT_S" bash -c '
+        unset TRITON_INTERPRET  # (CPU mode) the bench runs its CPU paths, not every W4A16 call in the interpreter
         cd "$E2E_DIR" && export PYTHONPATH="$E2E_SITE:$PYTHONPATH" QOQOPT_CACHE="$E2E_DIR/cache" PYTHONUNBUFFERED=1 &&
         "$PY" -m qoqopt mini --out mini --preset tiny && "$PY" -m qoqopt bench mini "$@" --out results
     ' e2e "${E2E_ARGS[@]}" 2>&1 | stamp > "$OUT/e2e.log"
