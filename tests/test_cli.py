@@ -205,3 +205,24 @@ def test_a_closed_pipe_ends_quietly():
     proc.stdout.close()  # before it writes a line
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE and err == "", err
+
+
+def test_an_os_error_a_user_can_fix_is_one_line(monkeypatch, capsys):
+    """Permission and disk errors that no write path has turned into a message of its own still end
+    in one line (the file and the reason), exit status 2; any other OSError is a bug, shown in full."""
+    import errno
+
+    import qoqopt.commands.info as info
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/qoq/config.json")
+
+    monkeypatch.setattr(info, "run", denied)
+    assert refused(["info", "x"], capsys) == "error: /data/qoq/config.json: Permission denied"
+
+    def bug(args):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(info, "run", bug)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        refused(["info", "x"], capsys)
