@@ -222,6 +222,11 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
 # --------------------------------------------------------------------------- the checkpoint
 
 
+def _config_identity(config: dict) -> dict:
+    """The config as it describes the model: without who saved it, with which transformers."""
+    return {k: v for k, v in config.items() if k not in ("transformers_version", "_name_or_path")}
+
+
 FINGERPRINT_PREFIX = "sha256-v2:"  # Checkpoint.fingerprint's scheme (config, headers, tensor ends)
 
 
@@ -266,27 +271,33 @@ class Checkpoint:
 
     @cached_property
     def fingerprint(self) -> str:
-        """A content id that needs no Hub revision, so a local copy of a Hub snapshot has the
-        snapshot's: sha256 of config.json, the shard headers (names, dtypes, shapes, offsets) and the
-        first and last 32 bytes of every tensor. Headers alone are the same for a base model and its
-        fine-tune; a fine-tune changes nearly every weight, and 64 bytes a tensor (55 KB for the 7B)
-        reads in no time. Builds record it (manifest ``source.fingerprint``), ``qoqopt bench`` checks it.
-        The ``sha256-v2:`` prefix tells it from builds' earlier ``sha256:`` ids, of config and headers only."""
+        """A content id that needs no Hub revision, so a local copy of a Hub snapshot, or the same
+        weights sharded otherwise, has the same: sha256 of the config (less the fields that record
+        who saved it) and, tensor by tensor in name order, its name, dtype, shape and first and last
+        32 bytes. Config and shapes alone are the same for a base model and its fine-tune; a
+        fine-tune changes nearly every weight, and 64 bytes a tensor (55 KB for the 7B) read in no
+        time. Builds record it (manifest ``source.fingerprint``), ``qoqopt bench`` checks it. The
+        ``sha256-v2:`` prefix tells it from builds' earlier ``sha256:`` ids, of config and headers."""
         import hashlib
 
-        h = hashlib.sha256((self.path / "config.json").read_bytes())
-        for shard in self.shard_files:
-            header = self.headers[shard]
-            h.update(shard.encode())
-            h.update(json.dumps(header, sort_keys=True).encode())
-            with open(self.path / shard, "rb") as fh:
-                base = 8 + struct.unpack("<Q", fh.read(8))[0]
-                for name in sorted(header):
-                    start, end = header[name]["data_offsets"]
-                    for offset in sorted({start, max(start, end - 32)}):
-                        fh.seek(base + offset)
-                        h.update(fh.read(min(32, end - offset)))
+        h = hashlib.sha256(json.dumps(_config_identity(self.config), sort_keys=True).encode())
+        for name in sorted(self.weight_map):
+            info = self.headers[self.weight_map[name]][name]
+            h.update(json.dumps([name, info["dtype"], info["shape"]]).encode())
+            h.update(self._tensor_ends(name, 32))
         return FINGERPRINT_PREFIX + h.hexdigest()[:16]
+
+    def _tensor_ends(self, name: str, n: int) -> bytes:
+        """The first and last ``n`` bytes of a tensor's data, read from its shard."""
+        shard = self.path / self.weight_map[name]
+        start, end = self.headers[self.weight_map[name]][name]["data_offsets"]
+        with open(shard, "rb") as fh:
+            base = 8 + struct.unpack("<Q", fh.read(8))[0]
+            out = b""
+            for offset in sorted({start, max(start, end - n)}):
+                fh.seek(base + offset)
+                out += fh.read(min(n, end - offset))
+        return out
 
     # ---- files
     @property

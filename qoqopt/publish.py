@@ -285,22 +285,32 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     return UploadPlan(folder, repo_id, private, files, card, fmt, notes)
 
 
-# The files go up in one commit: a failure leaves none of them on the Hub (the repo itself may have
-# been created by then, empty).
-NOT_COMMITTED = "no file was committed"
+def _upload_failure(err: Exception, repo_id: str) -> str:
+    """What went wrong with an upload, in words: the Hub refused it, offline mode, or no answer."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(err, HfHubHTTPError):  # a refused token, no write access, a bad name
+        status = getattr(err.response, "status_code", None)
+        return f"the Hub refused the upload to {repo_id} (HTTP {status}): {str(err).splitlines()[0]}"
+    if isinstance(err, OfflineModeIsEnabled):
+        return f"HF_HUB_OFFLINE is set: unset it to upload to {repo_id}"
+    return f"cannot reach the Hub to upload to {repo_id}: {err}"  # offline, DNS, a proxy, a timeout
 
 
 def upload(plan: UploadPlan, token: str, api=None) -> str:
-    """Create the repo if needed and send exactly the planned files plus the card, in one commit."""
+    """Create the repo if needed and send exactly the planned files plus the card, in one commit: a
+    failure leaves none of them on the Hub, and the message says whether the repo exists by then."""
     import tempfile
 
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError, HTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HTTPError, OfflineModeIsEnabled
 
     api = api or HfApi()
     ops = [CommitOperationAdd(f.path, str(plan.folder / f.path)) for f in plan.files]
+    repo_made = False
     try:
         api.create_repo(plan.repo_id, token=token, private=plan.private, repo_type="model", exist_ok=True)
+        repo_made = True
         with tempfile.TemporaryDirectory() as tmp:
             card_path = Path(tmp) / "README.md"
             card_path.write_text(plan.card)
@@ -308,12 +318,7 @@ def upload(plan: UploadPlan, token: str, api=None) -> str:
             info = api.create_commit(
                 plan.repo_id, ops, commit_message=f"qoqopt: upload {plan.fmt} build", token=token, repo_type="model"
             )
-    except HfHubHTTPError as err:  # the Hub answered: a refused token, no write access, a bad name
-        status = getattr(err.response, "status_code", None)
-        raise QoqoptError(f"the Hub refused the upload to {plan.repo_id} (HTTP {status}): "
-                          f"{str(err).splitlines()[0]}; {NOT_COMMITTED}") from err  # fmt: skip
-    except OfflineModeIsEnabled as err:
-        raise QoqoptError(f"HF_HUB_OFFLINE is set: unset it to upload to {plan.repo_id}; {NOT_COMMITTED}") from err
-    except HTTPError as err:  # no answer: offline, DNS, a proxy, a timeout
-        raise QoqoptError(f"cannot reach the Hub to upload to {plan.repo_id}: {err}; {NOT_COMMITTED}") from err
+    except (HTTPError, OfflineModeIsEnabled) as err:  # HTTPError covers the Hub's own refusals too
+        raise QoqoptError(f"{_upload_failure(err, plan.repo_id)}; no file was committed"
+                          + (f" ({plan.repo_id} exists, without this build)" if repo_made else "")) from err  # fmt: skip
     return getattr(info, "commit_url", str(info))

@@ -302,3 +302,37 @@ def test_info_reads_a_single_file_hub_checkpoints_header_by_range_request(tiny_d
     out = capsys.readouterr().out
     assert asked == [("me/tiny-meta", commit)]
     assert "text 79.4 M" in out and "MISSING: 1 of 1 shard(s) not present (model.safetensors)" in out
+
+
+def test_fingerprint_follows_the_weights_not_the_files(tiny_dir, tmp_path):
+    """`Checkpoint.fingerprint`, which bench checks builds against: the same weights split into other
+    shards, with a config saved by another transformers, keep it; one weight changed (a fine-tune
+    changes them all) changes it, though config, names and shapes stay the same."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_dir / "model.safetensors"))
+    names = sorted(state)
+
+    def copy(folder, edit_state=None, version=None):
+        shutil.copytree(tiny_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        tensors = edit_state(dict(state)) if edit_state else state
+        shards = {"part-1.safetensors": names[::2], "part-2.safetensors": names[1::2]}
+        for shard, keys in shards.items():
+            save_file({k: tensors[k].contiguous() for k in keys}, str(folder / shard))
+        weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "transformers_version": version or "9.9.9"}, indent=4))
+        return open_checkpoint(str(folder)).fingerprint
+
+    original = open_checkpoint(str(tiny_dir)).fingerprint
+    assert copy(tmp_path / "resharded") == original
+    big = max(names, key=lambda k: state[k].numel())
+
+    def nudge(tensors):
+        w = tensors[big].clone()
+        w.view(-1)[0] = torch.nextafter(w.view(-1)[0], torch.tensor(float("inf"), dtype=w.dtype))
+        return {**tensors, big: w}
+
+    assert copy(tmp_path / "tuned", nudge) != original

@@ -313,4 +313,5 @@ def test_a_refusing_hub_is_one_line(export_dir):
     with pytest.raises(QoqoptError) as err:
         upload(plan_upload(export_dir, "me/x"), SECRET, api=RefusingApi())
     assert str(err.value) == ("the Hub refused the upload to me/x (HTTP 403): 403 Forbidden: you don't have the rights "
-                              "to create a model under this namespace; no file was committed")  # fmt: skip
+                              "to create a model under this namespace; no file was committed (me/x exists, without "
+                              "this build)")  # fmt: skip
