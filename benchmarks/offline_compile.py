@@ -143,13 +143,10 @@ def resource_usage(compiled) -> dict | None:
     return {"registers": int(match.group(1)), "stack_bytes": int(match.group(2))} if match else None
 
 
-def loop_mixes(compiled, skip_branches: bool = False) -> list[collections.Counter] | None:
-    """Opcode counts of every backward-branch loop in the SASS (nested loops include their inner ones).
-    ``skip_branches``: leave out what a predicated forward branch inside the loop jumps over (a block
-    run on some iterations only, such as the merger's per-slot 1/RMS step): the steady-state step."""
-    sass = _cuobjdump(compiled, "-sass")
-    if sass is None:
-        return None
+def _loop_bodies(sass: str, skip_branches: bool = False) -> list[list[tuple[str, str]]]:
+    """Every backward-branch loop in the SASS as (opcode, line) pairs (nested loops include their
+    inner ones). ``skip_branches``: leave out what a predicated forward branch inside the loop jumps
+    over (a block run on some iterations only, such as the merger's per-slot 1/RMS step)."""
     instrs = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines() if (m := _INSTR.match(line))]
     loops = []
     for addr, _, line in instrs:
@@ -159,8 +156,16 @@ def loop_mixes(compiled, skip_branches: bool = False) -> list[collections.Counte
             body = [(a, op, text) for a, op, text in instrs if start <= a <= addr]
             skipped = [(a, int(m.group(1), 16)) for a, _, text in body if skip_branches and "@" in text
                        and (m := _BACK_BRANCH.search(text)) and a < int(m.group(1), 16) <= addr]
-            loops.append(collections.Counter(op for a, op, _ in body if not any(b < a < t for b, t in skipped)))
+            loops.append([(op, text) for a, op, text in body if not any(b < a < t for b, t in skipped)])
     return loops
+
+
+def loop_mixes(compiled, skip_branches: bool = False) -> list[collections.Counter] | None:
+    """Opcode counts of every loop (:func:`_loop_bodies`); ``skip_branches``: the steady-state step."""
+    sass = _cuobjdump(compiled, "-sass")
+    if sass is None:
+        return None
+    return [collections.Counter(op for op, _ in body) for body in _loop_bodies(sass, skip_branches)]
 
 
 def loads_read_in_their_step(compiled) -> list[str] | None:
@@ -208,16 +213,13 @@ def loads_read_in_step(sass: str) -> list[str]:
     same pass through the loop reads: such a load's whole latency sits inside every step, where one
     read only after the back branch (issued a step ahead) overlaps a step's work. A register stops
     being followed once an unpredicated instruction overwrites it."""
-    lines = [line for line in sass.splitlines() if _INSTR.match(line)]
-    addr = [int(_INSTR.match(line).group(1), 16) for line in lines]
-    loops = [(int(b.group(1), 16), a) for a, line in zip(addr, lines)
-             if (b := _BACK_BRANCH.search(line)) and int(b.group(1), 16) < a]  # fmt: skip
-    bodies = [[_parse(line) for a, line in zip(addr, lines) if start <= a <= end] for start, end in loops]
+    bodies = _loop_bodies(sass)
     if not bodies:
         return []
-    # a GEMM's K loop: the smallest loop issuing MMAs (TMA kernels wrap more in outer loops); else the largest
-    mma = [b for b in bodies if any(opcode.split(".")[0].endswith("MMA") for _, opcode, _ in b)]
-    body = min(mma, key=len) if mma else max(bodies, key=len)
+    # a GEMM's K loop: the smallest loop issuing MMAs (as mma_loop_mix; TMA kernels wrap more in outer
+    # loops), else the largest (as main_loop_mix)
+    mma = [b for b in bodies if any(op.endswith("MMA") for op, _ in b)]
+    body = [_parse(line) for _, line in (min(mma, key=len) if mma else max(bodies, key=len))]
     read = []
     for i, (_, opcode, ops) in enumerate(body):
         if not opcode.startswith("LDG.") or not ops or not re.fullmatch(r"R\d+", ops[0]):

@@ -237,7 +237,8 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                 temporary = inter_type not in quants
                 if temporary:
                     inter = tmp / f".intermediate.{inter_type}.gguf"
-                    write_text(ctx, inter, inter_type)
+                # llama-quantize keeps every tensor of its input: the intermediate's count is each output's
+                tensors = (write_text(ctx, inter, inter_type) if temporary else reports[inter_type]).tensors
                 imatrix, imatrix_info = _imatrix(ctx, options, tmp, log)
                 means = imatrix.means() if imatrix else None  # the same for every quant type
                 if imatrix_info:
@@ -249,7 +250,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                     for line in rep.summary():
                         log(f"note: {line}")
                     log(f"wrote {path.name} (llama.cpp {q}{', clinical imatrix' if imatrix else ', no imatrix'}, {_size(path.stat().st_size)})")
-                    records.append(_record(path, "text", q, len(gguf_quant.tensor_types(path))))
+                    records.append(_record(path, "text", q, tensors))
                 if temporary:
                     inter.unlink()
             for q, rep in reports.items():

@@ -54,12 +54,6 @@ def writing(final: Path) -> Iterator[None]:
         raise write_error(exc, final) from exc
 
 
-def make_dir(folder: Path) -> None:
-    """``mkdir -p`` with a one-line error naming ``folder``."""
-    with writing(Path(folder)):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

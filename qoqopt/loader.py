@@ -281,23 +281,26 @@ class Checkpoint:
         import hashlib
 
         h = hashlib.sha256(json.dumps(_config_identity(self.config), sort_keys=True).encode())
+        ends = self._tensor_ends(32)
         for name in sorted(self.weight_map):
             info = self.headers[self.weight_map[name]][name]
             h.update(json.dumps([name, info["dtype"], info["shape"]]).encode())
-            h.update(self._tensor_ends(name, 32))
+            h.update(ends[name])
         return FINGERPRINT_PREFIX + h.hexdigest()[:16]
 
-    def _tensor_ends(self, name: str, n: int) -> bytes:
-        """The first and last ``n`` bytes of a tensor's data, read from its shard."""
-        shard = self.path / self.weight_map[name]
-        start, end = self.headers[self.weight_map[name]][name]["data_offsets"]
-        with open(shard, "rb") as fh:
-            base = 8 + struct.unpack("<Q", fh.read(8))[0]
-            out = b""
-            for offset in sorted({start, max(start, end - n)}):
-                fh.seek(base + offset)
-                out += fh.read(min(n, end - offset))
-        return out
+    def _tensor_ends(self, n: int) -> dict[str, bytes]:
+        """Each tensor's first and last ``n`` bytes, each shard opened once."""
+        ends = {}
+        for shard, header in self.headers.items():
+            with open(self.path / shard, "rb") as fh:
+                base = 8 + struct.unpack("<Q", fh.read(8))[0]
+                for name, info in header.items():
+                    start, end = info["data_offsets"]
+                    ends[name] = b""
+                    for offset in sorted({start, max(start, end - n)}):
+                        fh.seek(base + offset)
+                        ends[name] += fh.read(min(n, end - offset))
+        return ends
 
     # ---- files
     @property

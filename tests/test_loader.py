@@ -314,7 +314,7 @@ def test_fingerprint_follows_the_weights_not_the_files(tiny_dir, tmp_path):
     state = load_file(str(tiny_dir / "model.safetensors"))
     names = sorted(state)
 
-    def copy(folder, edit_state=None, version=None):
+    def copy(folder, edit_state=None):
         shutil.copytree(tiny_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
         tensors = edit_state(dict(state)) if edit_state else state
         shards = {"part-1.safetensors": names[::2], "part-2.safetensors": names[1::2]}
@@ -323,7 +323,7 @@ def test_fingerprint_follows_the_weights_not_the_files(tiny_dir, tmp_path):
         weight_map = {k: shard for shard, keys in shards.items() for k in keys}
         (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
         config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, "transformers_version": version or "9.9.9"}, indent=4))
+        (folder / "config.json").write_text(json.dumps({**config, "transformers_version": "9.9.9"}, indent=4))
         return open_checkpoint(str(folder)).fingerprint
 
     original = open_checkpoint(str(tiny_dir)).fingerprint

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import QoqoptError
-from ..fileio import atomic_write_text, check_can_make_dir, make_dir, sha256_file, writing
+from ..fileio import atomic_write_text, check_can_make_dir, sha256_file, writing
 from ..loader import FINGERPRINT_PREFIX
 from ..manifest import read_manifest
 from ..report import SCHEMA
@@ -61,8 +61,8 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     located = _locate_or_build(opts, builds, hub, ckpt.fingerprint, log)
     hashes = _Hashes()
     source_files = [model_path / f for f in ckpt.shard_files]
-    make_dir(opts.out)
     with writing(opts.out):
+        opts.out.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".bench-", dir=opts.out))
     try:
         common = _common_job(opts, ckpt, work, threads)
