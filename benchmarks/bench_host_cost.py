@@ -1,7 +1,7 @@
 """Host (CPU) cost of W4A16 launches, measurable on any machine: no GPU is used.
 
 Eager decode on a fast GPU is bound by the host: each of a layer's 7 quantized linears costs
-QuantLinear's Python plus a Triton launch. Two parts are timed here, at M = 1 (and 16, 128):
+QuantLinear's Python plus a Triton launch. Two parts are timed here, at M = 1 (and 16, 64):
 
 * **Triton's launch path, per launch**, on sm_90 kernels compiled for real, with a stub driver whose
   launcher does nothing: Triton's JIT dispatch (argument binding, specialisation, cache key) against
@@ -80,8 +80,9 @@ def launch_path_us() -> dict[str, float]:
     return out
 
 
-def prefill_path_us(driver, k: int, n: int, dtype, cuda, m: int = 128) -> dict[str, float]:
-    """Per prefill call (M = 128): QuantLinear had planned, bound and dispatched its launch at every
+def prefill_path_us(driver, k: int, n: int, dtype, cuda, m: int = 64) -> dict[str, float]:
+    """Per prefill call (M = 64, the tiles: from 128 rows the dense plan runs a GEMM, which on CPU
+    stand-ins would be real work): QuantLinear had planned, bound and dispatched its launch at every
     call for M > 16, where it now looks up the launch shared by every layer of the shape."""
     from qoqopt.kernels import w4a16
 

@@ -3,15 +3,17 @@
 GPU (CUDA): times with ``triton.testing.do_bench`` (median, L2 flushed between reps), and again with
 ``do_bench_cudagraph`` (the call replayed from a CUDA graph: GPU time without host launch cost, as
 in vLLM's and torch.compile's decode; the eager number stays the one judged)
-  * patch merger (1280 -> 5120 -> 5120 -> 3584): fused vs transformers' eager module, and the staged
-    "cublas" plan (one Triton norm pass, cuBLAS GEMMs), judged apart, with both plans' max relative
-    difference from the eager module;
+  * patch merger (1280 -> 5120 -> 5120 -> 3584): the default "cublas" plan (one Triton norm pass,
+    cuBLAS GEMMs; judged) and the "fused" one (one Triton fc1) vs transformers' eager module, with
+    their max relative difference from it, and the two cuBLAS GEMMs alone (no norm, no GELU: what
+    the default plan would take were they free);
   * vision attention (16 heads x 80, up to 5120 patches, 64-patch windows and full attention):
     the patched module vs transformers' sdpa path per layer and per image (the tower's 28 windowed
     and 4 full-attention layers in turn: the judged row), and the core op (RoPE + attention) vs
     RoPE + ``torch.nn.attention.varlen`` and RoPE + flash-attn varlen when those are importable;
-  * W4A16 (GPTQ v1, and AWQ as QuantLinear loads it: repacked to the GPTQ layout; group 128) vs bf16
-    ``F.linear`` at M = 1, 16, 128, 2048 on the 7B LM shapes;
+  * W4A16 (GPTQ v1, and AWQ as QuantLinear loads it: repacked to the GPTQ layout; group 128; held
+    as ``apply`` leaves it: fragment words where they pay) vs bf16 ``F.linear`` at M = 1, 16, 128,
+    2048 on the 7B LM shapes;
   * one decoder layer's 7 linears at M = 1 and 16 (a decode step's per-layer matmuls): bf16
     ``F.linear`` each, QuantLinear each, and QuantLinear with q/k/v and gate/up fused as ``apply``
     fuses them (4 launches; no target: the fusion's effect on launch-bound decode);
@@ -59,10 +61,12 @@ PEAKS = (  # first match on the device name wins
     ("A100", 1.56e12, 312e12),
 )
 TARGETS = {  # op -> (description, minimum speedup over the named peer; None: worst row recorded, not judged)
-    "merger": ("merger vs eager", 1.5),
-    # The staged "cublas" plan (the norm in one Triton pass, cuBLAS GEMMs), judged apart so the next GPU
-    # run says whether it meets the target where the fused fc1 does not; not the default until it does.
-    "merger/cublas": ("merger, cublas plan (staged), vs eager", 1.5),
+    # the default plan since the H200 run of 2026-11-30: the norm in one Triton pass, cuBLAS GEMMs
+    "merger": ("merger (cublas plan) vs eager", 1.5),
+    # the single Triton fc1 (norm and GELU inside), apply(merger="fused"); and the plan's two GEMMs
+    # alone, on input normalised beforehand: what the plan would take were its norm and GELU free
+    "merger/fused": ("merger, fused plan, vs eager (not judged)", None),
+    "merger/gemms": ("merger's cuBLAS GEMMs alone vs eager (not judged)", None),
     # Per image, as the tower runs it: transformers' sdpa path loops over windows in the windowed
     # layers and makes one flash call in the full ones. Judged per image because at a full layer alone
     # 5x would be under that layer's own FLOP floor; the per-layer rows stay in the table.
@@ -200,8 +204,8 @@ def bench_merger(b: Bench, pr: Profile) -> None:
     ctx, out_dim, patch_counts = pr.vision_hidden, pr.merger_out, pr.merger_patches
     torch.manual_seed(0)
     hf = Qwen2_5_VLPatchMerger(dim=out_dim, context_dim=ctx).eval().to(b.device, dtype)
-    fused = FusedPatchMerger.from_hf(hf)
-    cublas = FusedPatchMerger.from_hf(hf, plan="cublas")
+    fused = FusedPatchMerger.from_hf(hf, plan="fused")
+    cublas = FusedPatchMerger.from_hf(hf)
     hidden = 4 * ctx
     for p in patch_counts:
         x = torch.randn(p, ctx, device=b.device, dtype=dtype)
@@ -214,13 +218,18 @@ def bench_merger(b: Bench, pr: Profile) -> None:
         if triton_ok:
             with torch.inference_mode():
                 theirs = hf(x)
-            for impl, plan, target in (("qoqopt-triton", fused, "merger"), ("qoqopt norm+cuBLAS", cublas, "merger/cublas")):
+            for impl, plan, target in (("qoqopt norm+cuBLAS", cublas, "merger"), ("qoqopt-triton", fused, "merger/fused")):
                 row = b.add("merger", case, impl, lambda plan=plan: plan(x), eager, bytes_moved, flops, target=target)
                 if row is not None:  # each plan against transformers' module, in the run's dtype
                     with torch.inference_mode():
                         row.extra["max_rel_err"] = rel_err(plan(x), theirs)
                     print(f"  {'':9s} {case:28s} {impl:18s} max relative difference vs eager "
                           f"{row.extra['max_rel_err']:.2e} ({_short(dtype)})")
+            with torch.inference_mode():
+                normed = hf.ln_q(x).view(m, hidden)
+            fc1, fc2 = hf.mlp[0], hf.mlp[2]
+            b.add("merger", case, "cuBLAS fc1+fc2 only", lambda: F.linear(F.linear(normed, fc1.weight, fc1.bias),
+                  fc2.weight, fc2.bias), eager, bytes_moved, flops, target="merger/gemms")
         else:
             args = (hf.ln_q.weight, 1e-6, hf.mlp[0].weight, hf.mlp[0].bias, hf.mlp[2].weight, hf.mlp[2].bias)
             b.add("merger", case, "qoqopt-torch-ref", lambda: patch_merger_reference(x, *args), eager)
@@ -399,6 +408,9 @@ def bench_w4a16(b: Bench, pr: Profile) -> None:
             "awq": QuantLinear.from_awq(*pack_awq(intweight, zeros), scales),
         }
         del intweight, zeros
+        if b.triton:  # as apply() leaves them by default: fragment words where they fit and pay
+            for layer in layers.values():
+                layer.use_fragment_words(only_where_faster=True)
         q_bytes = k * n / 2 + (k // gs) * n * 2.5
         for m in pr.m_values:
             x = torch.randn(m, k, device=b.device, dtype=dtype)
@@ -410,7 +422,9 @@ def bench_w4a16(b: Bench, pr: Profile) -> None:
             target = "w4a16/decode" if m <= 16 else None
             for layout, layer in layers.items():
                 if b.triton:
-                    b.add("w4a16", case, f"qoqopt-{layout}", lambda: layer(x), dense, q_bytes + io_bytes, flops, target)
+                    row = b.add("w4a16", case, f"qoqopt-{layout}", lambda: layer(x), dense, q_bytes + io_bytes, flops, target)
+                    if row is not None:
+                        row.extra["words"] = layer.words
                 else:
                     b.add("w4a16", case, f"{layout}-torch-ref",
                           lambda: w4a16_reference(x, layer.qweight, layer.qzeros, layer.scales, **layer._kwargs()), dense)
@@ -488,8 +502,8 @@ def bench_decoder_layer(b: Bench, pr: Profile) -> None:
         peer = b.add("layer", case, f"{_dense_name(dtype)} x7", lambda: [F.linear(inputs[n], w) for n, w in dense.items()],
                      bytes_moved=dtype.itemsize * sum(w.numel() for w in dense.values()), flops=flops)
         impl = "qoqopt" if b.triton else "torch-ref"  # QuantLinear falls back by itself
-        variants = [(f"{impl} x7", unfused), (f"{impl} fused x4", fused)]
-        if fragments is not None:  # staged, untimed so far: apply(w4a16_words="fragments"), all 7B layers fit
+        variants = [(f"{impl} x7 gptq words", unfused), (f"{impl} fused x4 gptq words", fused)]
+        if fragments is not None:  # apply()'s default: every 7B layer fits fragment words
             variants.append((f"{impl} fused x4 fragment words", fragments))
         for impl, holders in variants:
             b.add("layer", case, impl, layer_calls(holders, inputs), peer, q_bytes, flops)
@@ -564,7 +578,7 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
 # ----------------------------------------------------------------------------- config sweep
 
 
-# Decode over fragment words (KERNEL="frag", session 22, untimed): weights repacked at load so that each
+# Decode over fragment words (KERNEL="frag", session 22; apply()'s default since session 26): weights repacked at load so that each
 # thread's words hold its MMA B fragments; every word becomes four registers of two q - z by one asm
 # block, and the dot takes them as they are (no shared-memory pass of dequantized weights). sm_90 SASS
 # per weight at gate/up, Triton 3.6: 2.74 at 128 wide and 4 warps, 2.84 at 64 wide and 2 (3.9: 2.54,
@@ -647,17 +661,22 @@ SWEEP = {
     # 113 against 95 us; at M = 2048: 1.00 against 0.80 ms). They now take 130 registers a thread
     # (Triton 3.6; 128 before), so one program per SM instead of two. Capped at 128 (sass_report: no
     # spill under 3.6, 8.81 instructions per weight against 8.31), split in two, or 64-row tiles
-    "w4a16-mid": [dict(maxnreg=128), dict(SPLIT_K=2), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)]
+    # The default from 128 rows on a GPU is the dense plan (dequantize, then cuBLAS; untimed when
+    # written): "mma" is the tile default it replaced, "densefrag" the same plan over fragment words
+    "w4a16-mid": [dict(KERNEL="mma"), dict(KERNEL="dense", FRAGMENTS=True), dict(maxnreg=128), dict(SPLIT_K=2),
+                  dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)]
                  + FRAGMENT_PREFILL_128,
     # q/o and k/v at M = 128 (2026-11-30, H200 graph replay: 28 and 23 us against bf16's 8.5 and 7):
     # 128 x 128 tiles leave 28 and 4 output tiles, split 4 and 14 ways, and the last split of each
     # tile sums all partials alone (64 KB each), one at a time. Smaller tiles split less; fewer splits;
     # or two partials loaded at once
-    "w4a16-narrow": [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=4) for bn in (128, 64)]
+    "w4a16-narrow": [dict(KERNEL="mma")]
+                    + [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=4) for bn in (128, 64)]
                     + [dict(SPLIT_K=4), dict(SPLIT_K=2), dict(REDUCE_UNROLL=2)],
-    "w4a16-prefill": [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3) for bm in (256, 128)]
+    "w4a16-prefill": [dict(KERNEL="mma"), dict(KERNEL="dense", FRAGMENTS=True)]
+                     + [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3) for bm in (256, 128)]
                      + [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, maxnreg=128)]
-                     + FRAGMENT_PREFILL_128 + [dict(BLOCK_K=128), dict(FRAGMENTS=True)],
+                     + FRAGMENT_PREFILL_128 + [dict(BLOCK_K=128), dict(KERNEL="mma", FRAGMENTS=True)],
 }
 
 

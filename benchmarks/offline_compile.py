@@ -301,8 +301,12 @@ def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.
                                  dtype=dtype, device=CUDA, **config)
         launch = w4a16.prepare_w4a16(m, k, n, dtype, CUDA, has_bias=True, group_size=group_size,
                                      zero_offset=zero_offset, **config)
+        operands = w4a16_operands(m, k, n, dtype, group_size, w4a16.reads_fragment_words(config))
         with toolchain_needed():
-            launch(*w4a16_operands(m, k, n, dtype, group_size, w4a16.reads_fragment_words(config)))
+            if plan.kernel == "dense":  # its GEMM is cuBLAS's: only the dequantization compiles
+                launch.dense_weight(*operands[1:4])
+            else:
+                launch(*operands)
     return launch.matmul.kernel, plan
 
 

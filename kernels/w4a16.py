@@ -15,12 +15,15 @@ Two regimes, two kernels:
     1.1x to 1.9x slower than these on the H200 at every 7B decode shape (2026-11-30) and was removed;
   * prefill: classic tiles with M fastest in the grid, so programs sharing a weight tile run
     together and the weight is read from HBM about once; 256-row tiles where they fill the GPU.
+    From ``DENSE_MIN_M`` rows on a GPU, the default is the dense plan instead (``KERNEL="dense"``):
+    one launch dequantizes the whole weight into a temporary, cuBLAS multiplies (``_dense_launch``).
 A third decode kernel (``KERNEL="frag"``) reads the weights repacked at load into fragment words
 (``qoqopt.packing.pack_fragments``), whose layout turns the dequantized registers into the MMA's B
-operand with no shared-memory pass (``_w4a16_fragment_kernel``); the tensor-core tiles read the
-same words with ``FRAGMENTS=True``, so one layout serves every M. ``QuantLinear.use_fragment_words``
-(``apply(model, w4a16_words="fragments")``) switches a layer to them; not the default until an H200
-run times them.
+operand with no shared-memory pass (``_w4a16_fragment_kernel``); the tensor-core tiles and the dense
+plan read the same words with ``FRAGMENTS=True``, so one layout serves every M.
+``QuantLinear.use_fragment_words`` switches a layer to them, as ``apply(model)`` does by default
+since the H200 run of 2026-11-30 (gate/up at M = 1: 17 us against the GEMV's 27; M = 16: 18 against
+41).
 
 Act-order GPTQ (``desc_act``: g_idx not ``k // group_size``) is handled once at load time: K is
 permuted so groups become contiguous, and the same permutation is applied to the activations.
@@ -48,6 +51,9 @@ from ._triton import (cdiv, check_supported, device_function, dot_precision, int
                       use_triton)
 
 DECODE_MAX_M = 16
+# From this many rows on a GPU the default plan dequantizes the weight and leaves the GEMM to cuBLAS
+# (``KERNEL="dense"``); between the two, the dequantizing tensor-core tiles
+DENSE_MIN_M = 128
 
 # OR-ing an unsigned q < 2**mantissa_bits into the mantissa of the float MAGIC gives MAGIC + q
 # exactly: the weight becomes a float with no int->float conversion instruction (those issue at
@@ -129,6 +135,16 @@ def _q_tile(words, magic_bits, BITS: tl.constexpr):
         t = _join_fields4(_field(words, magic_bits, 0, BITS), _field(words, magic_bits, 1, BITS),
                           _field(words, magic_bits, 2, BITS), _field(words, magic_bits, 3, BITS))
     return t
+
+
+@device_function
+def _dequant_tile(q, scale, zero, scales_ptr):
+    """``(q - z) * s`` of a ``[rows, cols]`` fp32 ``q`` tile, in fp32 with the reference's one rounding."""
+    if scales_ptr.dtype.element_ty == tl.float32:  # z * s could round: subtract first
+        w = (q - zero.to(tl.float32)[None, :]) * scale[None, :]
+    else:  # q * s and z * s fit fp32's 24 bits (9-bit integers, 11-bit scales): one FMA, exact
+        w = tl.fma(q, scale[None, :], -(zero.to(tl.float32) * scale)[None, :])
+    return w
 
 
 @device_function
@@ -254,11 +270,7 @@ def _w4a16_kernel(
                 q = _fragment_q_tile(words, magic_bits, BLOCK_N)
             else:
                 q = _q_tile(words, magic_bits, BITS)
-            if scales_ptr.dtype.element_ty == tl.float32:  # z * s could round: subtract first
-                w = (q - zero.to(tl.float32)[None, :]) * scale[None, :]
-            else:  # q * s and z * s fit fp32's 24 bits (9-bit integers, 11-bit scales): one FMA, exact
-                w = tl.fma(q, scale[None, :], -(zero.to(tl.float32) * scale)[None, :])
-            acc = tl.dot(a, w.to(in_dtype), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a, _dequant_tile(q, scale, zero, scales_ptr).to(in_dtype), acc, input_precision=DOT_PRECISION)
         else:  # decode: q - zero is exact in x's dtype, the scale is applied to the tile's dot
             # (MAGIC + q) - (MAGIC + zero): no conversion instruction
             magic_zero = (zero.to(tl.float32) + MAGIC).to(in_dtype)[None, :]
@@ -560,8 +572,52 @@ def _store_final(acc, out_ptr, bias_ptr, offs, cols, mask, HAS_BIAS: tl.constexp
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# KERNEL names: the one-row CUDA-core GEMV, tensor-core tiles, decode tiles over fragment words
-KERNELS = {"gemv": _w4a16_gemv_kernel, "mma": _w4a16_kernel, "frag": _w4a16_fragment_kernel}
+@kernel
+def _w4a16_dequant_kernel(
+    qweight_ptr,  # GPTQ words [K * BITS / 32, N], or fragment words [K / 128, 16 * N] (FRAGMENTS)
+    qzeros_ptr,  # as in _w4a16_kernel
+    scales_ptr,
+    w_ptr,  # [K, N] out: the dense weight, in x's dtype
+    N,
+    K,
+    stride_qw,
+    stride_qz,
+    stride_s,
+    magic_bits,  # FP32_MAGIC_BITS
+    GROUP_SIZE: tl.constexpr,
+    BITS: tl.constexpr,
+    ZERO_OFFSET: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides GROUP_SIZE: one group per tile
+    FRAGMENTS: tl.constexpr = False,
+):
+    """The dense prefill plan's first launch (``KERNEL="dense"``): one ``[BLOCK_K, BLOCK_N]`` tile of
+    the layer's weight, dequantized as the prefill tiles dequantize it, written out for cuBLAS."""
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if FRAGMENTS:  # K is whole 128-row blocks
+        words = _load(_fragment_word_ptrs(qweight_ptr, offs_n) + (k0 // 128) * stride_qw, n_mask[None, :], EVEN_N)
+        q = _fragment_q_tile(words, magic_bits, BLOCK_N)
+    else:
+        offs_wk = k0 // (32 // BITS) + tl.arange(0, BLOCK_K // (32 // BITS))
+        w_mask = (offs_wk < K // (32 // BITS))[:, None] & n_mask[None, :]
+        q = _q_tile(_load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :], w_mask, EVEN_K and EVEN_N),
+                    magic_bits, BITS)
+    scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
+                                BITS, ZERO_OFFSET)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :],
+             _dequant_tile(q, scale, zero, scales_ptr).to(w_ptr.dtype.element_ty),
+             mask=(offs_k < K)[:, None] & n_mask[None, :])
+
+
+# KERNEL names: the one-row CUDA-core GEMV, tensor-core tiles, decode tiles over fragment words, and
+# the dense prefill plan's dequantization (its GEMM is cuBLAS's)
+KERNELS = {"gemv": _w4a16_gemv_kernel, "mma": _w4a16_kernel, "frag": _w4a16_fragment_kernel,
+           "dense": _w4a16_dequant_kernel}
 
 
 def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: int, overrides: dict) -> dict:
@@ -569,6 +625,8 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     group_size), then ``overrides``; the K split follows the resulting tiles unless overridden."""
     cpu = device.type == "cpu"
     fragments = reads_fragment_words(overrides)  # decode tiles at any M <= 16, one row included
+    if overrides.get("KERNEL") == "dense" or (m >= DENSE_MIN_M and not cpu and overrides.keys() <= {"FRAGMENTS"}):
+        return _dense_config(group_size, cpu, fragments) | overrides
     if m == 1 and not fragments:  # 128 x 128 tiles: 128 weights per thread per step at 4 warps
         cfg = dict(KERNEL="gemv", BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 128, num_warps=4, num_stages=3)
     elif m <= DECODE_MAX_M:  # 64 x 128 tiles: 64 dequantized values per thread at 4 warps
@@ -604,6 +662,16 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     if "SPLIT_K" not in cfg:
         cfg["SPLIT_K"] = _split_k(m, n, k, cfg, device.type == "cpu", sms)
     return cfg
+
+
+def _dense_config(group_size: int, cpu: bool, fragments: bool) -> dict:
+    """The dense prefill plan's dequantization tiles: 128 x 128 (32 x 32 on the CPU), one group deep."""
+    block_k = FRAGMENT_K if fragments else 32 if cpu else 128
+    while not fragments and group_size % block_k and block_k >= 32:
+        block_k //= 2
+    if group_size % block_k:  # as the tiles: a K tile must lie in one group
+        raise QoqoptError(f"w4a16 kernel: group_size {group_size} must be a multiple of 16")
+    return dict(KERNEL="dense", BLOCK_N=32 if cpu else 128, BLOCK_K=block_k, num_warps=8, num_stages=1, SPLIT_K=1)
 
 
 def _split_k(m: int, n: int, k: int, cfg: dict, cpu: bool, sms: int) -> int:
@@ -646,6 +714,11 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
         _check_fragment_launch(m, k, bits, group_size, dtype, block_k, kind)
     assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
     assert kind != "gemv" or m == 1, "the GEMV kernel takes one row"
+    if kind == "dense":  # one program per weight tile; the GEMM is cuBLAS's
+        assert split == 1 and block_k % (32 // bits) == 0, (split, block_k)
+        grid = (cdiv(k, block_k), cdiv(n, cfg["BLOCK_N"]))
+        return LaunchPlan(kind, 1, k, grid, dict(GROUP_SIZE=group_size, BITS=bits, ZERO_OFFSET=zero_offset,
+                                                 EVEN_K=k % block_k == 0, EVEN_N=n % cfg["BLOCK_N"] == 0) | cfg)
     k_per_split = cdiv(cdiv(k, split), block_k) * block_k
     split = cdiv(k, k_per_split)  # rounding may leave fewer splits
     common = dict(GROUP_SIZE=group_size, BITS=bits, ZERO_OFFSET=zero_offset,
@@ -683,6 +756,18 @@ def fragment_words_fit(bits: int, k: int, group_size: int) -> bool:
     return bits == 4 and k % FRAGMENT_K == 0 and group_size % FRAGMENT_K == 0
 
 
+# apply()'s default repacks a layer as fragment words only from this width: on an H200 (2026-11-30,
+# CUDA graphs, bf16) k/v (3584 -> 512) decoded in 7.1 / 8.2 us over fragment words at M = 1 / 16
+# against 5.9 / 5.7 over GPTQ words, while q/o (3584 wide) went from 7.9 / 11.8 to 6.9 / 7.6 and
+# the wider layers from 27 / 41 to 17-18 / 18-19. Widths between 512 and 3584 are untimed.
+FRAGMENT_MIN_N = 1024
+
+
+def fragment_words_pay(n: int) -> bool:
+    """Whether fragment words decode an ``n``-wide layer faster than GPTQ words (as measured)."""
+    return n >= FRAGMENT_MIN_N
+
+
 def fragment_launch(m: int, dtype: torch.dtype) -> dict:
     """The launch config over fragment words at ``m`` rows: the decode kernel where it runs (16-bit x,
     up to 16 rows, NVIDIA), else the tensor-core tiles (prefill rows; fp32 or ROCm decode)."""
@@ -699,7 +784,7 @@ def _check_fragment_launch(m, k, bits, group_size, dtype, block_k, kind: str) ->
     runs the tensor-core tiles (at decode rows, the 16-row ones)."""
     if kind == "gemv":
         raise QoqoptError("the GEMV (KERNEL='gemv') reads GPTQ words only, not fragment words")
-    tiles = kind == "mma"
+    tiles = kind in ("mma", "dense")
     words_ok = fragment_words_fit(bits, k, group_size) and block_k == FRAGMENT_K
     if tiles and not words_ok:
         raise QoqoptError(f"FRAGMENTS=True reads 4-bit weights, K and group_size multiples of {FRAGMENT_K}; "
@@ -758,6 +843,8 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
     plan = launch_plan(m, n, k, bits=bits, group_size=group_size, zero_offset=zero_offset,
                        has_bias=has_bias, dtype=dtype, device=device, **config)
     matmul = KERNELS[plan.kernel][device].bind(plan.grid, plan.constexprs)
+    if plan.kernel == "dense":
+        return _dense_launch(k, n, dtype, matmul)
     tiles = math.prod(plan.grid[:-1])
     pair_bits = plan.constexprs.get("MAGIC_BITS", 0) * 0x10001
 
@@ -777,6 +864,35 @@ def prepare_w4a16(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
     return launch
 
 
+def _dense_launch(k, n, dtype, dequantize):
+    """The dense prefill plan: the whole weight dequantized into a ``[K, N]`` temporary of x's dtype,
+    then cuBLAS. Prompts are compute-bound, and cuBLAS runs them at about twice the rate of the
+    dequantizing tiles (H200, 7B gate/up at M = 2048, 2026-11-30: bf16 matmul 0.37-0.41 ms against
+    0.76), while writing the weight out costs about what reading it as bf16 costs once. The temporary
+    is one layer's weight at a time (272 MB for a 7B's fused gate/up), freed to the caching
+    allocator after the call. Like the Triton launches, it records no autograd history: under
+    autograd, ``mm`` would keep every layer's temporary alive for a backward pass that never comes.
+    fp32 follows torch's own matmul precision switch (``torch.backends.cuda.matmul.allow_tf32``,
+    off by default), as the model's other fp32 matmuls do."""
+
+    def dense_weight(qweight, qzeros, scales) -> torch.Tensor:
+        w = torch.empty(k, n, device=qweight.device, dtype=dtype)  # (offline compiles: CPU stand-ins)
+        dequantize(qweight, qzeros, scales, w, n, k, qweight.stride(0), qzeros.stride(0), scales.stride(0),
+                   FP32_MAGIC_BITS.value)
+        return w
+
+    @torch.no_grad()
+    def launch(x, qweight, qzeros, scales, bias=None, out=None) -> torch.Tensor:
+        w = dense_weight(qweight, qzeros, scales)
+        if bias is None:
+            return torch.mm(x, w, out=out)
+        return torch.addmm(bias.to(dtype), x, w, out=out)
+
+    launch.matmul = dequantize  # the kernel launch it makes (tests and offline compiles read it)
+    launch.dense_weight = dense_weight  # offline compiles launch only this (no GEMM on CPU stand-ins)
+    return launch
+
+
 def shared_launch(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, has_bias: bool, bits: int,
                   group_size: int, zero_offset: int, fragments: bool = False):
     """:func:`prepare_w4a16` with the default tiles (over fragment words: :func:`fragment_launch`'s),
@@ -787,6 +903,8 @@ def shared_launch(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
     against 8-10 for the shared launch; ``benchmarks/bench_host_cost.py``). Shared, the 28 layers of one
     shape make one launch between them, bound after its first call. A launch holds no tensors, so
     the cache pins no weight."""
+    if m >= DENSE_MIN_M and device.type != "cpu":  # the dense plan does not depend on M: one launch for
+        m = DENSE_MIN_M  # every prompt length, not a new plan, bind and dispatch for each
     return _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, fragments, num_sms(device))
 
 
@@ -912,10 +1030,13 @@ class QuantLinear(nn.Module):
     def _kwargs(self) -> dict:
         return dict(bits=self.bits, group_size=self.group_size, zero_offset=self.zero_offset)
 
-    def use_fragment_words(self) -> bool:
+    def use_fragment_words(self, only_where_faster: bool = False) -> bool:
         """Repack ``qweight`` as fragment words (``qoqopt.packing.gptq_to_fragments``: same bytes, rows
         ordered as the tensor cores read them) where the layer fits them (4-bit, K and groups whole
-        128-row blocks); returns whether it holds them now."""
+        128-row blocks) and, ``only_where_faster``, is wide enough for them to pay
+        (:func:`fragment_words_pay`); returns whether it holds them now."""
+        if only_where_faster and not fragment_words_pay(self.out_features):
+            return self.words == "fragments"
         if self.words == "gptq" and fragment_words_fit(self.bits, self.in_features, self.group_size):
             self.qweight = gptq_to_fragments(self.qweight)
             self.words, self._launchers = "fragments", {}

@@ -212,9 +212,9 @@ def test_the_fragment_word_layer_row_answers_as_the_fused_row(monkeypatch):
 
 
 def test_the_merger_rows_time_both_plans_beside_transformers(monkeypatch):
-    """The GPU run's merger rows, run here by the interpreter at the tiny profile: the fused plan is
-    judged against the target and the staged cublas plan apart, both against transformers' eager
-    module, whose output each plan gives (the rows record how closely)."""
+    """The GPU run's merger rows, run here by the interpreter at the tiny profile: the default (cublas)
+    plan is judged against the target, the fused plan and the GEMMs alone recorded beside it, all
+    against transformers' eager module, whose output each plan gives (the rows record how closely)."""
     from qoqopt.kernels import merger
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -223,8 +223,9 @@ def test_the_merger_rows_time_both_plans_beside_transformers(monkeypatch):
     b.triton = True  # as on a GPU: the qoqopt rows are made
     bench_kernels.bench_merger(b, bench_kernels.PROFILES["tiny"])
     rows = {r.impl: r for r in b.rows}
-    assert set(rows) == {"hf-eager", "qoqopt-triton", "qoqopt norm+cuBLAS"}
-    assert (rows["qoqopt-triton"].target, rows["qoqopt norm+cuBLAS"].target) == ("merger", "merger/cublas")
+    assert set(rows) == {"hf-eager", "qoqopt-triton", "qoqopt norm+cuBLAS", "cuBLAS fc1+fc2 only"}
+    assert [rows[impl].target for impl in ("qoqopt norm+cuBLAS", "qoqopt-triton", "cuBLAS fc1+fc2 only")] == [
+        "merger", "merger/fused", "merger/gemms"]
     assert rows["qoqopt norm+cuBLAS"].peer == "hf-eager"
     errors = {impl: rows[impl].extra["max_rel_err"] for impl in ("qoqopt-triton", "qoqopt norm+cuBLAS")}
     assert all(err < 1e-5 for err in errors.values()), errors  # fp32 on the CPU

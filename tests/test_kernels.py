@@ -126,7 +126,7 @@ def test_fused_merger_module_matches_hf(dtype):
     from qoqopt.kernels.merger import FusedPatchMerger, patch_merger_reference
 
     merger = _hf_merger(context_dim=32, out_dim=40, dtype=dtype, seed=1)
-    fused = FusedPatchMerger.from_hf(merger)
+    fused = FusedPatchMerger.from_hf(merger, plan="fused")
     x = torch.randn(4 * 19, 32, device=DEVICE, dtype=dtype)
     with torch.inference_mode():
         ref = merger(x)
@@ -181,7 +181,7 @@ def _low_bits_differ(out, ref, dtype) -> tuple[float, float]:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cublas_merger_plan_matches_hf(dtype):
-    """The "cublas" plan: the Triton norm pass, then cuBLAS GEMMs and exact GELU, as apply() runs it."""
+    """The "cublas" plan (the default): the Triton norm pass, then cuBLAS GEMMs and exact GELU, as apply() runs it."""
     from qoqopt.errors import QoqoptError
     from qoqopt.kernels.merger import FusedPatchMerger
 
@@ -190,7 +190,7 @@ def test_cublas_merger_plan_matches_hf(dtype):
     x = (torch.randn(4 * 23, 48) * 3).to(DEVICE, dtype)
     with torch.inference_mode():
         assert_close(patched(x), merger(x), dtype, scale=4)
-    with pytest.raises(QoqoptError, match="choose from fused, cublas"):
+    with pytest.raises(QoqoptError, match="choose from cublas, fused"):
         FusedPatchMerger.from_hf(merger, plan="cuBLAS")
 
 
@@ -459,7 +459,8 @@ def test_prefill_dequant_fma_is_the_reference_rounding(bits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 16, 33])  # GEMV (split-K), tensor-core decode, prefill (32-row tiles)
+# GEMV (split-K), tensor-core decode, prefill (32-row tiles); on a GPU also the dense plan (from 128 rows)
+@pytest.mark.parametrize("m", [1, 16, 33] + ([130] if DEVICE.type == "cuda" else []))
 @pytest.mark.parametrize("case", list(W4A16_CASES))
 def test_quant_linear_matches_dequantized_matmul(dtype, m, case):
     from qoqopt.kernels.w4a16 import w4a16_matmul
@@ -780,6 +781,73 @@ def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, scales_dty
         assert torch.equal(out.cpu(), w[rows]), rows.tolist()
 
 
+@pytest.mark.parametrize("words", ["gptq", "fragments"])
+@pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])
+def test_w4a16_dense_plan_returns_the_spec_weights_bit_for_bit(words, scales_dtype):
+    """The dense prefill plan (``KERNEL="dense"``, the GPU default from ``DENSE_MIN_M`` rows: the
+    weight dequantized whole, then torch's matmul) over GPTQ and fragment words, fp32 one-hot rows:
+    every weight read back as the spec's ``(q - z) * s``, bit for bit, 128 rows at a time, zeros 1 and
+    16 among them, N cut off, the output poisoned."""
+    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
+    from qoqopt.packing import gptq_to_fragments
+
+    k, n, group_size, m = 384, 40, 128, 128
+    qweight, qzeros, scales, w, g = _spec_case(k, n, group_size, seed=12, scales_dtype=scales_dtype, zeros_at_ends=True)
+    config = dict(KERNEL="dense", FRAGMENTS=words == "fragments")
+    plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=torch.float32,
+                       device=DEVICE, **config)
+    assert plan.kernel == "dense" and plan.grid[0] * plan.constexprs["BLOCK_K"] >= k
+    words = gptq_to_fragments(qweight) if config["FRAGMENTS"] else qweight
+    for rows in torch.randperm(k, generator=g).view(-1, m):
+        x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE)
+        out = nan_like((m, n), torch.float32)
+        with torch.inference_mode():
+            w4a16_matmul(x, words.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size,
+                         zero_offset=1, out=out, **config)
+        assert torch.equal(out.cpu(), w[rows]), rows.tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["gptq4-g32", "gptq4-channel", "gptq8-g64", "fragments"])
+def test_w4a16_dense_plan_matches_dequantized_matmul(dtype, case):
+    """The same plan on random activations with a bias (added by ``addmm``), 130 rows: groups of 32,
+    one group over a K that is no multiple of 32, 8-bit words, and fragment words with GPTQ v2 zeros."""
+    from qoqopt.kernels.w4a16 import w4a16_matmul
+
+    if case == "fragments":
+        _matches_dequantized_matmul(256, 72, 128, 130, dtype, seed=13, v2_zeros=True, KERNEL="dense", FRAGMENTS=True)
+        return
+    layer, x, ref = _quant_linear_case(W4A16_CASES[case], 130, dtype)
+    out = nan_like(ref.shape, dtype)
+    operands = (layer.qweight, layer.qzeros, layer.scales.to(dtype), layer.bias)
+    with torch.inference_mode():
+        w4a16_matmul(x, *operands, out=out, KERNEL="dense", **layer._kwargs())
+    assert_close(out, ref, dtype, scale=4)
+    # outside inference mode, on an x that asks for gradients: as the Triton launches, no autograd
+    # history (which would keep the dense temporary alive) and no refusal of out=
+    x.requires_grad_(dtype == torch.float32)
+    again = w4a16_matmul(x, *operands, out=nan_like(ref.shape, dtype), KERNEL="dense", **layer._kwargs())
+    assert again.grad_fn is None and torch.equal(again, out)
+
+
+def test_w4a16_prefill_defaults_to_the_dense_plan_from_128_rows_on_a_gpu():
+    """7B shapes on a 132-SM GPU (planned without one): from ``DENSE_MIN_M`` rows the default plan is
+    dense, over either layout; below it, or with any tile asked for, the tensor-core tiles; on the
+    CPU (the interpreter) the tiles at every M."""
+    from qoqopt.errors import QoqoptError
+    from qoqopt.kernels.w4a16 import DENSE_MIN_M, _launch_plan
+
+    def kind(m, device="cuda", config=()):
+        return _launch_plan(m, 18944, 3584, 4, 128, 1, False, torch.bfloat16, torch.device(device), 132, config).kernel
+
+    assert DENSE_MIN_M == 128 and kind(128) == kind(2048) == "dense" and kind(127) == "mma"
+    assert kind(2048, config=(("FRAGMENTS", True),)) == "dense"
+    assert kind(2048, config=(("BLOCK_K", 128),)) == kind(2048, config=(("KERNEL", "mma"),)) == "mma"
+    assert kind(2048, device="cpu") == "mma"
+    with pytest.raises(QoqoptError, match="group_size 24 must be a multiple of 16"):
+        _launch_plan(2048, 512, 384, 4, 24, 1, False, torch.bfloat16, torch.device("cuda"), 132, ())
+
+
 def test_w4a16_decode_tiles_widen_only_where_that_lets_k_split():
     """7B shapes on a 132-SM GPU, M = 16: 128-wide tiles where 64-wide ones are 2-4 waves, unsplit
     (gate/up: H200 42 against 48 us); wider layers stay unsplit either way and 64 wide (the fused
@@ -800,8 +868,8 @@ def test_w4a16_plans_split_prefill_only_when_tiles_underfill_the_gpu():
     """7B shapes on a 132-SM GPU (planned without one: the plan needs only the device type)."""
     from qoqopt.kernels.w4a16 import _launch_plan
 
-    def plan(m, n, k):
-        return _launch_plan(m, n, k, 4, 128, 1, False, torch.bfloat16, torch.device("cuda"), 132, ())
+    def plan(m, n, k):  # the tiles: by default the dense plan takes M >= 128 on a GPU
+        return _launch_plan(m, n, k, 4, 128, 1, False, torch.bfloat16, torch.device("cuda"), 132, (("KERNEL", "mma"),))
 
     narrow = plan(128, 512, 3584)  # k/v at a 128-token prompt: 4 output tiles unsplit
     assert narrow.split > 1 and 32 <= math.prod(narrow.grid) <= 132 and narrow.k_per_split >= 4 * 64

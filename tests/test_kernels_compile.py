@@ -108,10 +108,14 @@ def test_w4a16_compiles_without_spills(zero_offset):
     from benchmarks.offline_compile import w4a16_compile
 
     # decode: one row (GEMV, split-K) and 16 rows (tensor cores, with and without split-K); prefill
-    # (256-row tiles at 2048), with and without split-K (a narrow layer at a short prompt)
-    for m, k, n in ((1, 18944, 3584), (1, 3584, 18944), (16, 3584, 18944), (16, 18944, 3584),
-                    (2048, 3584, 18944), (128, 3584, 512), (2048, 3584, 512)):
-        compiled, plan = _offline(w4a16_compile, m, k, n, zero_offset=zero_offset)
+    # tiles (256-row at 2048), with and without split-K (a narrow layer at a short prompt); the dense
+    # plan's dequantization, the prefill default from 128 rows, over GPTQ and fragment words
+    mma = dict(KERNEL="mma")
+    for m, k, n, config in ((1, 18944, 3584, {}), (1, 3584, 18944, {}), (16, 3584, 18944, {}), (16, 18944, 3584, {}),
+                            (2048, 3584, 18944, mma), (128, 3584, 512, mma), (2048, 3584, 512, mma),
+                            (2048, 3584, 18944, {}), (2048, 18944, 3584, dict(FRAGMENTS=True))):
+        compiled, plan = _offline(w4a16_compile, m, k, n, zero_offset=zero_offset, **config)
+        assert (plan.kernel == "dense") == (m >= 128 and not config.get("KERNEL")), (m, plan.kernel)
         print(f"w4a16 M={m} {plan.kernel} split={plan.split}: {_resource_usage(compiled)}")
         usage = resource_usage(compiled)
         assert usage is None or usage["stack_bytes"] == 0, (m, k, n, usage)
@@ -281,6 +285,9 @@ def test_layers_of_one_shape_share_a_prefill_launch(offline_launches):
         launches[id(launch)] = launch
         launch(x, qweight, qzeros, scales, None, out)
     assert sum(launch.matmul.dispatches for launch in launches.values()) == 1
+    # from DENSE_MIN_M rows the plan (dequantize, then cuBLAS) is the same for every M: one launch
+    # for every prompt length
+    assert shared_launch(128, *plan[1:]) is shared_launch(4096, *plan[1:]) is not shared_launch(127, *plan[1:])
     assert len(offline_launches.launches) == len(layers)
     for (x, qweight, qzeros, scales, _, out), args in zip(layers, offline_launches.launches):
         kernel_args = args[9:]  # after grid, stream, function, metadata and hooks
@@ -305,7 +312,8 @@ def test_hopper_tiles_run_shallower_where_shared_memory_is_smaller(op, monkeypat
 
     def launch(limit: int, device: int):  # 7B dims: M = 2048 prefill of gate/up; 5120 patches
         if op == "w4a16-prefill":
-            compiled, plan = _offline(w4a16_compile, 2048, 3584, 18944, max_shared_mem=limit, device=device)
+            compiled, plan = _offline(w4a16_compile, 2048, 3584, 18944, max_shared_mem=limit, device=device,
+                                      KERNEL="mma")
             return compiled, plan.constexprs["num_stages"]
         compiled, cfg = _offline(merger_fc1_compile, 1280, max_shared_mem=limit, device=device)
         return compiled, cfg["num_stages"]

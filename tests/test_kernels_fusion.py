@@ -226,25 +226,27 @@ def test_apply_fuses_a_quantized_model_and_matches_transformers(no_interpreter):
         assert relative_error(step_ours.float(), step_theirs.float()) < 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_apply_repacks_fused_layers_as_fragment_words(interpreter, dtype, monkeypatch):
-    """``apply(w4a16_words="fragments")`` repacks each quantized layer after fusion (the fused q/k/v
+@pytest.mark.parametrize(("dtype", "words"), [(torch.float32, "fragments"), (torch.float16, "auto")], ids=str)
+def test_apply_repacks_fused_layers_as_fragment_words(interpreter, dtype, words, monkeypatch):
+    """``apply`` (by default, or asked for ``w4a16_words="fragments"``) repacks each quantized layer after fusion (the fused q/k/v
     whole): the dequantized weights' answers at decode and prefill rows (16-bit x: the fragment
     decode kernel; fp32: the 16-row tensor-core tiles over fragment words), the same state_dict as
     before, GPTQ's words and all, and another model's state loaded back through the fused layer."""
     from qoqopt.kernels import apply
 
+    from qoqopt.kernels import w4a16
+
+    # by default only layers of FRAGMENT_MIN_N outputs and up are repacked: this fused q/k/v is 128 wide
+    monkeypatch.setattr(w4a16, "FRAGMENT_MIN_N", 128)
     perm = torch.randperm(256, generator=torch.Generator().manual_seed(3))
     attn, other = (Attention(k=256, group_size=128, perms=(perm,) * 3, seed=s) for s in (0, 1))
     before = attn.state_dict()
-    report = apply(attn, w4a16_words="fragments")
+    report = apply(attn, w4a16_words=words) if words != "auto" else apply(attn)
     assert (report.backend, report.counts["qkv_proj"], report.counts["w4a16 fragment words"]) == ("triton", 1, 1)
     assert attn.qkv_proj.words == "fragments" and attn.qkv_proj.qweight.shape == (2, 16 * 128)
     after = attn.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
     attn.load_state_dict(other.state_dict())
-    from qoqopt.kernels import w4a16
-
     monkeypatch.setattr(w4a16, "w4a16_reference", lambda *a, **kw: pytest.fail("the torch path ran"))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=8e-3, rtol=8e-3)
     for rows in (1, 5, 20):
@@ -255,7 +257,8 @@ def test_apply_repacks_fused_layers_as_fragment_words(interpreter, dtype, monkey
 
 
 def test_apply_keeps_gptq_words_where_fragment_words_cannot_serve(interpreter):
-    """Layers that do not fit fragment words keep GPTQ's, each named; an unknown layout is refused."""
+    """Layers that do not fit fragment words keep GPTQ's, each named when fragments were asked for
+    (by default, quietly); an unknown layout is refused."""
     from qoqopt.errors import QoqoptError
     from qoqopt.kernels import apply
 
@@ -263,14 +266,24 @@ def test_apply_keeps_gptq_words_where_fragment_words_cannot_serve(interpreter):
     report = apply(attn, w4a16_words="fragments")
     assert report.counts["w4a16 fragment words"] == 0 and attn.qkv_proj.words == "gptq"
     assert "kept GPTQ words: fragment words need 4 bits" in report.skipped["qkv_proj"]
-    with pytest.raises(QoqoptError, match="w4a16_words='packed'; choose from gptq, fragments"):
+    attn = Attention()
+    report = apply(attn)
+    assert (report.counts["w4a16 fragment words"], report.skipped, attn.qkv_proj.words) == (0, {}, "gptq")
+    # fits, but narrower than FRAGMENT_MIN_N (GPTQ words decode the 7B's 512-wide k/v faster): kept
+    # by default, repacked when fragments are asked for
+    narrow, asked = Attention(k=256, group_size=128), Attention(k=256, group_size=128)
+    assert apply(narrow).counts["w4a16 fragment words"] == 0 and narrow.qkv_proj.words == "gptq"
+    assert apply(asked, w4a16_words="fragments").counts["w4a16 fragment words"] == 1
+    with pytest.raises(QoqoptError, match="w4a16_words='packed'; choose from auto, fragments, gptq"):
         apply(Attention(), w4a16_words="packed")
 
 
 def test_apply_keeps_gptq_words_for_the_torch_reference(no_interpreter):
     from qoqopt.kernels import apply
 
-    attn = Attention(k=256, group_size=128)
+    # on the CPU without the interpreter the torch reference runs, whatever device the suite targets
+    # (on CUDA the layer would run Triton and be repacked: the H200 run of 2026-11-30 failed here)
+    attn = Attention(k=256, group_size=128).cpu()
     report = apply(attn, w4a16_words="fragments")
     assert report.counts["w4a16 fragment words"] == 0 and attn.qkv_proj.words == "gptq"
     assert report.skipped["w4a16 fragment words"] == "1 layer(s) kept GPTQ words: the torch reference runs"
