@@ -126,10 +126,11 @@ def main(argv=None) -> int:
         return 1
     print(f"{'shape':22} {'M':>5} {'kernel':26} {'split':>5} {'tile':>11} {'regs':>5} {'stack':>5} "
           f"{'loop':>5} {'instr/weight':>12} {'barriers':>8}")
-    for r in rows:
+    for r in rows:  # "-": no K loop (the dense plan's dequantization: one tile a program)
+        loop = {key: "-" if r[key] is None else r[key] for key in ("loop_instructions", "instructions_per_weight", "barriers")}
         print(f"{r['shape']:22} {r['m']:>5} {r['kernel']:26} {r['split']:>5} {r['tile']:>11} "
-              f"{r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>5} {r['loop_instructions']:>5} "
-              f"{r['instructions_per_weight']:>12} {r['barriers']:>8}")
+              f"{r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>5} {loop['loop_instructions']:>5} "
+              f"{loop['instructions_per_weight']:>12} {loop['barriers']:>8}")
     print(f"\n{'op':36} {'patches':>7} {'tile':>10} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>5} "
           f"{'K-step instr/thread':>20} {'branched over':>13}")
     for r in merger:

@@ -229,3 +229,19 @@ def test_the_merger_rows_time_both_plans_beside_transformers(monkeypatch):
     assert rows["qoqopt norm+cuBLAS"].peer == "hf-eager"
     errors = {impl: rows[impl].extra["max_rel_err"] for impl in ("qoqopt-triton", "qoqopt norm+cuBLAS")}
     assert all(err < 1e-5 for err in errors.values()), errors  # fp32 on the CPU
+
+
+def test_w4a16_rows_cycle_enough_weight_copies_to_miss_l2():
+    """CUDA-graph replay does not flush L2 between calls: the W4A16 rows cycle through copies of each
+    weight that together exceed twice L2 (50 MB on an H200), fewest such, at most 64; where L2 is
+    unknown (the CPU), one. The calls run in turn, each once a cycle."""
+    l2 = 50 * 2**20
+    for nbytes in (3584 * 18944 * 2, 3584 * 18944 / 2, 3584 * 3584 / 2, 3584 * 512 * 2):
+        n = bench_kernels.weight_copies(nbytes, l2)
+        assert n * nbytes >= 2 * l2 and (n == 1 or (n - 1) * nbytes < 2 * l2), (nbytes, n)
+    assert bench_kernels.weight_copies(3584 * 512 / 2, l2) == 64 and bench_kernels.weight_copies(1e6, 0) == 1
+    seen = []
+    run = bench_kernels.cycling([lambda i=i: seen.append(i) for i in range(3)])
+    for _ in range(7):
+        run()
+    assert seen == [0, 1, 2, 0, 1, 2, 0]
