@@ -94,10 +94,9 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     ``w4a16.FRAGMENT_MIN_N`` outputs, where GPTQ words decode faster. On an H200 that took decode from
     27 to 17 us at gate/up (M = 1) and from 41 to 18 at M = 16. ``w4a16_words="fragments"`` repacks
     every layer that fits, whatever its width, and names each one that cannot be; ``"gptq"`` repacks
-    nothing. The patch merger runs its norm in
-    one Triton pass and its GEMMs in cuBLAS (``merger="cublas"``, 1.44x eager at 5120 patches on the
-    H200 against 1.15x for ``"fused"``, the single Triton fc1 with norm and GELU inside:
-    :mod:`.merger`). Returns what was patched, per op.
+    nothing. The patch merger runs its norm in one Triton pass and its GEMMs in cuBLAS
+    (``merger="cublas"``: 1.44x eager at 5120 patches on the H200, against 1.15x for ``"fused"``, the
+    single Triton fc1 with norm and GELU inside; :mod:`.merger`). Returns what was patched, per op.
     """
     if w4a16_words not in W4A16_WORDS:
         raise QoqoptError(f"apply: w4a16_words={w4a16_words!r}; choose from {', '.join(W4A16_WORDS)}")

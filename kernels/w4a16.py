@@ -625,6 +625,8 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     group_size), then ``overrides``; the K split follows the resulting tiles unless overridden."""
     cpu = device.type == "cpu"
     fragments = reads_fragment_words(overrides)  # decode tiles at any M <= 16, one row included
+    # the dense plan by default from DENSE_MIN_M rows on a GPU; a config naming a kernel or a tile
+    # (the sweep, the tests) keeps its own choice
     if overrides.get("KERNEL") == "dense" or (m >= DENSE_MIN_M and not cpu and overrides.keys() <= {"FRAGMENTS"}):
         return _dense_config(group_size, cpu, fragments) | overrides
     if m == 1 and not fragments:  # 128 x 128 tiles: 128 weights per thread per step at 4 warps
