@@ -310,13 +310,14 @@ def _merged_mlp(normed, w1, b1, w2, b2) -> torch.Tensor:
     return F.linear(F.gelu(F.linear(normed.view(-1, w1.shape[1]), w1, b1)), w2, b2)
 
 
-MERGER_PLANS = ("cublas", "fused")  # the first is the default
+MERGER_PLANS = ("cublas", "fused")
+DEFAULT_PLAN = MERGER_PLANS[0]  # apply()'s, since the H200 run of 2026-11-30
 
 
 class FusedPatchMerger(nn.Module):
     """Drop-in for ``Qwen2_5_VLPatchMerger``; keeps its submodules so state_dict keys are unchanged."""
 
-    def __init__(self, ln_q: nn.Module, mlp: nn.Sequential, strict: bool = False, plan: str = "cublas"):
+    def __init__(self, ln_q: nn.Module, mlp: nn.Sequential, strict: bool = False, plan: str = DEFAULT_PLAN):
         super().__init__()
         if plan not in MERGER_PLANS:
             raise QoqoptError(f"patch merger: plan {plan!r}; choose from {', '.join(MERGER_PLANS)}")
@@ -327,7 +328,7 @@ class FusedPatchMerger(nn.Module):
         self.plan = plan
 
     @classmethod
-    def from_hf(cls, merger: nn.Module, strict: bool = False, plan: str = "cublas") -> "FusedPatchMerger":
+    def from_hf(cls, merger: nn.Module, strict: bool = False, plan: str = DEFAULT_PLAN) -> "FusedPatchMerger":
         mlp = merger.mlp
         shape_ok = len(mlp) == 3 and isinstance(mlp[0], nn.Linear) and isinstance(mlp[2], nn.Linear)
         if not (shape_ok and isinstance(mlp[1], nn.GELU) and mlp[1].approximate == "none"):

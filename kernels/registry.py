@@ -17,7 +17,7 @@ from qoqopt.errors import QoqoptError
 
 from ._triton import check_supported, triton_unusable_reason
 from .fused_projections import fuse_projections
-from .merger import MERGER_PLANS, FusedPatchMerger
+from .merger import DEFAULT_PLAN as DEFAULT_MERGER_PLAN, MERGER_PLANS, FusedPatchMerger
 from .patch_embed import MatmulPatchEmbed
 from .vision_attention import FusedVisionAttention, VarlenPlanCache
 from .vision_mlp import FusedGateUpMLP
@@ -27,7 +27,7 @@ from .w4a16 import QuantLinear
 @dataclass
 class PatchContext:
     strict: bool
-    merger_plan: str = "cublas"
+    merger_plan: str = DEFAULT_MERGER_PLAN
     plans: VarlenPlanCache = field(default_factory=VarlenPlanCache)  # shared by all attention layers
 
 
@@ -63,7 +63,7 @@ class PatchReport:
     backend: str  # "triton" or "torch"
     fallback_reason: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # module path -> why it was left alone
-    merger_plan: str = "cublas"
+    merger_plan: str = DEFAULT_MERGER_PLAN
 
     def __str__(self) -> str:
         plan = {"merger": f" ({self.merger_plan} plan)"}
@@ -82,7 +82,7 @@ W4A16_WORDS = ("auto", "fragments", "gptq")
 
 
 def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words: str = "auto",
-          merger: str = "cublas") -> PatchReport:
+          merger: str = DEFAULT_MERGER_PLAN) -> PatchReport:
     """Patch a transformers ``Qwen2_5_VLForConditionalGeneration`` in place with qoqopt kernels.
 
     Unsupported device or dtype: QoqoptError. No usable Triton (not installed, or CPU without

@@ -138,6 +138,30 @@ def _q_tile(words, magic_bits, BITS: tl.constexpr):
 
 
 @device_function
+def _step_words(qweight_ptr, k0, offs_n, n_mask, K, stride_qw, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, FRAGMENTS: tl.constexpr):
+    """A K step's packed words for columns ``offs_n``: the 128-row block of fragment words holding
+    row ``k0`` (K is whole blocks), or the GPTQ words of rows ``k0 .. k0 + BLOCK_K`` (zeros past K)."""
+    if FRAGMENTS:
+        words = _load(_fragment_word_ptrs(qweight_ptr, offs_n) + (k0 // 128) * stride_qw, n_mask[None, :], EVEN_N)
+    else:
+        offs_wk = k0 // (32 // BITS) + tl.arange(0, BLOCK_K // (32 // BITS))
+        w_mask = (offs_wk < K // (32 // BITS))[:, None] & n_mask[None, :]
+        words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :], w_mask, EVEN_K and EVEN_N)
+    return words
+
+
+@device_function
+def _step_q_tile(words, magic_bits, BITS: tl.constexpr, BLOCK_N: tl.constexpr, FRAGMENTS: tl.constexpr):
+    """:func:`_step_words` -> the step's ``[BLOCK_K, BLOCK_N]`` fp32 ``q``, in row order."""
+    if FRAGMENTS:
+        q = _fragment_q_tile(words, magic_bits, BLOCK_N)
+    else:
+        q = _q_tile(words, magic_bits, BITS)
+    return q
+
+
+@device_function
 def _dequant_tile(q, scale, zero, scales_ptr):
     """``(q - z) * s`` of a ``[rows, cols]`` fp32 ``q`` tile, in fp32 with the reference's one rounding."""
     if scales_ptr.dtype.element_ty == tl.float32:  # z * s could round: subtract first
@@ -257,19 +281,11 @@ def _w4a16_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
                     other=0.0)
-        if FRAGMENTS:  # K is whole 128-row blocks
-            words = _load(_fragment_word_ptrs(qweight_ptr, offs_n) + (k0 // 128) * stride_qw, n_mask[None, :], EVEN_N)
-        else:
-            offs_wk = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-            w_mask = (offs_wk < K // PACK)[:, None] & n_mask[None, :]
-            words = _load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :], w_mask, EVEN_K and EVEN_N)
+        words = _step_words(qweight_ptr, k0, offs_n, n_mask, K, stride_qw, BITS, BLOCK_K, EVEN_K, EVEN_N, FRAGMENTS)
         scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
                                     BITS, ZERO_OFFSET)
         if BLOCK_M > 16:  # prefill: (q - z) * s in fp32, rounded once to x's dtype, as the reference
-            if FRAGMENTS:
-                q = _fragment_q_tile(words, magic_bits, BLOCK_N)
-            else:
-                q = _q_tile(words, magic_bits, BITS)
+            q = _step_q_tile(words, magic_bits, BITS, BLOCK_N, FRAGMENTS)
             acc = tl.dot(a, _dequant_tile(q, scale, zero, scales_ptr).to(in_dtype), acc, input_precision=DOT_PRECISION)
         else:  # decode: q - zero is exact in x's dtype, the scale is applied to the tile's dot
             # (MAGIC + q) - (MAGIC + zero): no conversion instruction
@@ -598,14 +614,8 @@ def _w4a16_dequant_kernel(
     k0 = tl.program_id(0) * BLOCK_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    if FRAGMENTS:  # K is whole 128-row blocks
-        words = _load(_fragment_word_ptrs(qweight_ptr, offs_n) + (k0 // 128) * stride_qw, n_mask[None, :], EVEN_N)
-        q = _fragment_q_tile(words, magic_bits, BLOCK_N)
-    else:
-        offs_wk = k0 // (32 // BITS) + tl.arange(0, BLOCK_K // (32 // BITS))
-        w_mask = (offs_wk < K // (32 // BITS))[:, None] & n_mask[None, :]
-        q = _q_tile(_load(qweight_ptr + offs_wk[:, None] * stride_qw + offs_n[None, :], w_mask, EVEN_K and EVEN_N),
-                    magic_bits, BITS)
+    words = _step_words(qweight_ptr, k0, offs_n, n_mask, K, stride_qw, BITS, BLOCK_K, EVEN_K, EVEN_N, FRAGMENTS)
+    q = _step_q_tile(words, magic_bits, BITS, BLOCK_N, FRAGMENTS)
     scale, zero = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_s, stride_qz,
                                 BITS, ZERO_OFFSET)
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -627,7 +637,7 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     fragments = reads_fragment_words(overrides)  # decode tiles at any M <= 16, one row included
     # the dense plan by default from DENSE_MIN_M rows on a GPU; a config naming a kernel or a tile
     # (the sweep, the tests) keeps its own choice
-    if overrides.get("KERNEL") == "dense" or (m >= DENSE_MIN_M and not cpu and overrides.keys() <= {"FRAGMENTS"}):
+    if overrides.get("KERNEL") == "dense" or (_dense_by_default(m, device) and overrides.keys() <= {"FRAGMENTS"}):
         return _dense_config(group_size, cpu, fragments) | overrides
     if m == 1 and not fragments:  # 128 x 128 tiles: 128 weights per thread per step at 4 warps
         cfg = dict(KERNEL="gemv", BLOCK_N=32 if cpu else 128, BLOCK_K=32 if cpu else 128, num_warps=4, num_stages=3)
@@ -652,10 +662,7 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
         # 0.80 / 0.94 on 2026-11-29 at 128 registers, two programs per SM; now 130 under Triton 3.6:
         # one. bench_kernels.py --sweep times them capped at 128.)
         cfg = dict(KERNEL="mma", BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
-    while group_size % cfg["BLOCK_K"]:
-        cfg["BLOCK_K"] //= 2
-    if cfg["BLOCK_K"] < 16:
-        raise QoqoptError(f"w4a16 kernel: group_size {group_size} must be a multiple of 16")
+    cfg["BLOCK_K"] = _in_one_group(cfg["BLOCK_K"], group_size)
     if fragments:  # one block of fragment words per K step
         cfg["BLOCK_K"] = FRAGMENT_K
         if overrides.get("KERNEL") == "frag" and cfg["BLOCK_N"] == 64 and not cpu:  # the sweep's 64-wide
@@ -666,13 +673,24 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     return cfg
 
 
+def _in_one_group(block_k: int, group_size: int) -> int:
+    """The largest K tile of at most ``block_k`` rows (halving) that lies in one group: each tile reads
+    one row of scales and zeros."""
+    while group_size % block_k:
+        block_k //= 2
+    if block_k < 16:
+        raise QoqoptError(f"w4a16 kernel: group_size {group_size} must be a multiple of 16")
+    return block_k
+
+
+def _dense_by_default(m: int, device: torch.device) -> bool:
+    """Whether the default plan for ``m`` rows on ``device`` is the dense one."""
+    return m >= DENSE_MIN_M and device.type != "cpu"
+
+
 def _dense_config(group_size: int, cpu: bool, fragments: bool) -> dict:
     """The dense prefill plan's dequantization tiles: 128 x 128 (32 x 32 on the CPU), one group deep."""
-    block_k = FRAGMENT_K if fragments else 32 if cpu else 128
-    while not fragments and group_size % block_k and block_k >= 32:
-        block_k //= 2
-    if group_size % block_k:  # as the tiles: a K tile must lie in one group
-        raise QoqoptError(f"w4a16 kernel: group_size {group_size} must be a multiple of 16")
+    block_k = FRAGMENT_K if fragments else _in_one_group(32 if cpu else 128, group_size)
     return dict(KERNEL="dense", BLOCK_N=32 if cpu else 128, BLOCK_K=block_k, num_warps=8, num_stages=1, SPLIT_K=1)
 
 
@@ -905,8 +923,8 @@ def shared_launch(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
     against 8-10 for the shared launch; ``benchmarks/bench_host_cost.py``). Shared, the 28 layers of one
     shape make one launch between them, bound after its first call. A launch holds no tensors, so
     the cache pins no weight."""
-    if m >= DENSE_MIN_M and device.type != "cpu":  # the dense plan does not depend on M: one launch for
-        m = DENSE_MIN_M  # every prompt length, not a new plan, bind and dispatch for each
+    if _dense_by_default(m, device):  # the dense plan does not depend on M: one launch for every
+        m = DENSE_MIN_M  # prompt length, not a new plan, bind and dispatch for each
     return _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, fragments, num_sms(device))
 
 

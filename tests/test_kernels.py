@@ -391,6 +391,23 @@ def _spec_case(k, n, group_size, seed, scales_dtype=torch.float16, zeros_at_ends
     return qweight, qzeros, scales, dequantize(intweight, zeros, scales, torch.arange(k) // group_size), g
 
 
+def _one_hot_rows_read_back(words, qzeros, scales, w, picks, group_size, dtype=torch.float32, **config):
+    """``w4a16_matmul(**config)`` on one-hot rows in ``dtype``: output row ``i`` of each pick is weight
+    row ``rows[i]``, which must be the spec's (``w``, from :func:`_spec_case`) bit for bit, with every
+    element of the poisoned output written."""
+    from qoqopt.kernels.w4a16 import w4a16_matmul
+
+    k, n = w.shape
+    for rows in picks:
+        m = len(rows)
+        x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE, dtype)
+        out = nan_like((m, n), dtype)
+        with torch.inference_mode():
+            w4a16_matmul(x, words.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size,
+                         zero_offset=1, out=out, **config)
+        assert torch.equal(out.cpu(), w[rows].to(dtype)), rows.tolist()
+
+
 W4A16_CASES = {
     # name: (layout, K, N, bits, group_size, act_order)
     "gptq4-g32": ("gptq", 256, 88, 4, 32, False),  # N not a multiple of the N tile
@@ -667,13 +684,13 @@ def test_w4a16_decode_joined_fields_match_dequantized_matmul(dtype):
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("tiles", [dict(BLOCK_N=128, num_warps=4), dict(BLOCK_N=64, num_warps=2)], ids=["n128-w4", "n64-w2"])
 def test_w4a16_fragment_decode_places_every_weight(dtype, split, tiles):
-    """The fragment-word decode kernel (``KERNEL="frag"``, the sweep's configs) over weights repacked
-    from GPTQ at load (``gptq_to_fragments``): with one-hot activations each output is one weight,
+    """The fragment-word decode kernel (``KERNEL="frag"``, apply()'s decode path; its two tiles) over
+    weights repacked from GPTQ at load (``gptq_to_fragments``): with one-hot activations each output is one weight,
     ``(q - z) * s`` rounded once to x's dtype, compared bit for bit for every row of every 128-row
     block, 16 at a time, so a pair or a register placed wrong fails; zeros include v1's largest, 16.
     N is cut off by the tile, K split over programs. On a GPU this runs the inline-asm pairs; the
     interpreter (fp16 only: it has no bf16) runs the same steps as Triton ops."""
-    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
+    from qoqopt.kernels.w4a16 import launch_plan
     from qoqopt.packing import gptq_to_fragments
 
     k, n, group_size, m = 384, 40, 128, 16
@@ -683,14 +700,8 @@ def test_w4a16_fragment_decode_places_every_weight(dtype, split, tiles):
                        device=DEVICE, **tiles)
     assert plan.kernel == "frag" and plan.split == split and plan.constexprs["BLOCK_K"] == 128
     assert bool(plan.constexprs["ASM"]) == (DEVICE.type == "cuda")  # the compiled pairs wherever they can run
-    words = gptq_to_fragments(qweight).to(DEVICE)
-    for rows in torch.randperm(k, generator=g).view(-1, m):
-        x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE, dtype)
-        out = nan_like((m, n), dtype)
-        with torch.inference_mode():
-            w4a16_matmul(x, words, qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size, zero_offset=1,
-                         out=out, **tiles)
-        assert torch.equal(out.cpu(), w[rows].to(dtype)), rows.tolist()
+    _one_hot_rows_read_back(gptq_to_fragments(qweight), qzeros, scales, w, torch.randperm(k, generator=g).view(-1, m),
+                            group_size, dtype, **tiles)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -712,7 +723,7 @@ def test_w4a16_fragment_tiles_return_the_spec_weights_bit_for_bit(split, m):
     where the fragment decode kernel cannot run, as for fp32 x), fp32 one-hot rows: every row of
     every block read back as the spec's ``(q - z) * s``, bit for bit, ``m`` rows at a time (64: two
     row tiles), zeros 1 and 16 among them, N cut off, K split 1 and 3 ways."""
-    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
+    from qoqopt.kernels.w4a16 import launch_plan
     from qoqopt.packing import gptq_to_fragments
 
     k, n, group_size = 384, 40, 128
@@ -720,14 +731,8 @@ def test_w4a16_fragment_tiles_return_the_spec_weights_bit_for_bit(split, m):
     plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=torch.float32,
                        device=DEVICE, FRAGMENTS=True, SPLIT_K=split)
     assert plan.kernel == "mma" and (plan.constexprs["BLOCK_M"] > 16) == (m > 16) and plan.constexprs["BLOCK_K"] == 128
-    words = gptq_to_fragments(qweight).to(DEVICE)
-    for rows in torch.randperm(k, generator=g).view(-1, m):
-        x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE)
-        out = nan_like((m, n), torch.float32)
-        with torch.inference_mode():
-            w4a16_matmul(x, words, qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size, zero_offset=1,
-                         out=out, FRAGMENTS=True, SPLIT_K=split)
-        assert torch.equal(out.cpu(), w[rows]), rows.tolist()
+    _one_hot_rows_read_back(gptq_to_fragments(qweight), qzeros, scales, w, torch.randperm(k, generator=g).view(-1, m),
+                            group_size, FRAGMENTS=True, SPLIT_K=split)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -763,7 +768,7 @@ def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, scales_dty
     the spec's dequantization of the original integers, ``(q - z) * s`` rounded once to fp32, bit for
     bit (:func:`qoqopt.packing.dequantize`). Scales with full 24-bit significands catch a zero folded
     into the scale's product (``z * s`` rounds), which fp16 scales cannot show."""
-    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
+    from qoqopt.kernels.w4a16 import launch_plan
 
     k, n, group_size = 256, 40, 128
     qweight, qzeros, scales, w, g = _spec_case(k, n, group_size, seed=1, scales_dtype=scales_dtype)
@@ -772,13 +777,7 @@ def test_w4a16_kernels_return_the_spec_weights_bit_for_bit(kernel, m, scales_dty
     assert plan.kernel == kernel and (m <= 16 or plan.constexprs["BLOCK_M"] > 16)  # the regime named
     # output row i reads weight row rows[i]; the GEMV's one row reads each field of one word in turn
     picks = [torch.randperm(k, generator=g)[:m]] if m > 1 else [torch.tensor([8 * 21 + f]) for f in range(8)]
-    for rows in picks:
-        x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE)
-        out = nan_like((m, n), torch.float32)
-        with torch.inference_mode():
-            w4a16_matmul(x, qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size,
-                         zero_offset=1, out=out)
-        assert torch.equal(out.cpu(), w[rows]), rows.tolist()
+    _one_hot_rows_read_back(qweight, qzeros, scales, w, picks, group_size)
 
 
 @pytest.mark.parametrize("words", ["gptq", "fragments"])
@@ -788,7 +787,7 @@ def test_w4a16_dense_plan_returns_the_spec_weights_bit_for_bit(words, scales_dty
     weight dequantized whole, then torch's matmul) over GPTQ and fragment words, fp32 one-hot rows:
     every weight read back as the spec's ``(q - z) * s``, bit for bit, 128 rows at a time, zeros 1 and
     16 among them, N cut off, the output poisoned."""
-    from qoqopt.kernels.w4a16 import launch_plan, w4a16_matmul
+    from qoqopt.kernels.w4a16 import launch_plan
     from qoqopt.packing import gptq_to_fragments
 
     k, n, group_size, m = 384, 40, 128, 128
@@ -798,13 +797,7 @@ def test_w4a16_dense_plan_returns_the_spec_weights_bit_for_bit(words, scales_dty
                        device=DEVICE, **config)
     assert plan.kernel == "dense" and plan.grid[0] * plan.constexprs["BLOCK_K"] >= k
     words = gptq_to_fragments(qweight) if config["FRAGMENTS"] else qweight
-    for rows in torch.randperm(k, generator=g).view(-1, m):
-        x = torch.zeros(m, k).index_put_((torch.arange(m), rows), torch.tensor(1.0)).to(DEVICE)
-        out = nan_like((m, n), torch.float32)
-        with torch.inference_mode():
-            w4a16_matmul(x, words.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), group_size=group_size,
-                         zero_offset=1, out=out, **config)
-        assert torch.equal(out.cpu(), w[rows]), rows.tolist()
+    _one_hot_rows_read_back(words, qzeros, scales, w, torch.randperm(k, generator=g).view(-1, m), group_size, **config)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
