@@ -609,9 +609,9 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
 # Decode over fragment words (KERNEL="frag", session 22; apply()'s default since session 26): weights repacked at load so that each
 # thread's words hold its MMA B fragments; every word becomes four registers of two q - z by one asm
 # block, and the dot takes them as they are (no shared-memory pass of dequantized weights). sm_90 SASS
-# per weight at gate/up, Triton 3.6: 2.74 at 128 wide and 4 warps, 2.84 at 64 wide and 2 (3.9: 2.54,
-# 2.63), against 6.49 for the default 16-row tile, 5.41 for JOIN_FIELDS and 4.88 for the one-row GEMV;
-# tried at M = 1 as well
+# per weight at gate/up, Triton 3.6: 2.62 at 128 wide and 4 warps, 2.73 at 64 wide and 2 (3.9: 2.58,
+# 2.70), against 6.49 for the default 16-row tile, 5.41 for JOIN_FIELDS and 4.88 for the one-row GEMV;
+# tried at M = 1 as well. benchmarks/tune_w4a16.py searches their tiles, stages and splits per GPU
 FRAGMENT_DECODE = [dict(KERNEL="frag", BLOCK_N=bn, num_warps=w, num_stages=3) for bn, w in ((128, 4), (64, 2))]
 # Prefill over the same words (FRAGMENTS=True, 128-deep K steps: one block), beside GPTQ words at the same
 # tiles: if fragments win decode, one layout must serve both. sm_90 SASS per weight, Triton 3.6, gate/up:
@@ -882,6 +882,9 @@ def hardware(b: Bench) -> dict:
         except (OSError, IndexError, subprocess.SubprocessError):
             info["driver"] = None
     info["peak_bw_TBps"], info["peak_bf16_TFLOPs"] = (b.peak[0] / 1e12, b.peak[1] / 1e12) if b.peak else (None, None)
+    from qoqopt.kernels.tuning import tables_for
+
+    info["w4a16_tuning"] = [str(path) for path in tables_for(b.device)]  # the decode launches' tables, if any
     return info
 
 

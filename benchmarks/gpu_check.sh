@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# One-shot GPU check of qoqopt.kernels: the kernel tests on CUDA (fp32, fp16 and bf16), then the
-# benchmark at QoQ-Med-7B dims with a small tile sweep, then `qoqopt bench --device cuda` end to end
-# on a random tiny mini model. Run once, from the repo root:
+# One-shot GPU check of qoqopt.kernels: the kernel tests on CUDA (fp32, fp16 and bf16), then this
+# GPU's W4A16 decode tuning table, then the benchmark at QoQ-Med-7B dims (with that table) and a small
+# tile sweep, then `qoqopt bench --device cuda` end to end on a random tiny mini model. Run once, from the repo root:
 #
 #     OUT=/path/for/results bash benchmarks/gpu_check.sh
 #
 # Needs only python with torch, triton, transformers and pytest (all in the GPU image). Installs nothing; writes only under $OUT
-# (default ./out/gpu_check): env.txt, tests.log, bench.log, bench_kernels.json, e2e.log, e2e_bench.json,
-# summary.txt. The end-to-end step also needs qoqopt's pure-Python dependencies; those the image
+# (default ./out/gpu_check): env.txt, tests.log, tune.log, tuned/<GPU>.json, bench.log, bench_kernels.json,
+# e2e.log, e2e_bench.json, summary.txt. The end-to-end step also needs qoqopt's pure-Python dependencies; those the image
 # lacks are unpacked from .gpu-wheels/ (`make gpu-wheels` here, carried with the run) into a
 # throwaway dir, or the step is skipped and says which are missing.
 # A recheck after changing one op can narrow the run: GPU_CHECK_K (a pytest -k expression),
 # GPU_CHECK_BENCH_ARGS (bench_kernels.py arguments instead of --sweep, e.g. "--only attention"),
-# GPU_CHECK_E2E=0 (skip step 3), GPU_CHECK_WORKERS (test processes, default 8; 1 runs them in one).
+# GPU_CHECK_E2E=0 (skip step 3), GPU_CHECK_TUNE=0 (no tuning: the benchmark runs the rules),
+# GPU_CHECK_TUNE_ARGS (tune_w4a16.py arguments instead of --quick), GPU_CHECK_WORKERS (test processes, default 8; 1 runs them in one).
 # Each step has its own time limit; the end-to-end step gets what is left of TOTAL_LIMIT_S, so the
 # whole script stays under about 9.5 minutes however long the first two steps take.
 set -uo pipefail
@@ -26,6 +27,8 @@ TEST_LIMIT_S="${TEST_LIMIT_S:-180}"
 # The 2026-11-30 run spent 53 s on tests, ~190 s on the benchmark and 154 s end to end; sessions 20-22
 # staged ~45 sweep rows since (each a Triton compile), hence 320 s for the benchmark, still under 10 min
 BENCH_LIMIT_S="${BENCH_LIMIT_S:-320}"
+# 7B quick grid: 41 compiles and 123 timings (untimed on a GPU so far)
+TUNE_LIMIT_S="${TUNE_LIMIT_S:-150}"
 TOTAL_LIMIT_S="${TOTAL_LIMIT_S:-575}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -72,7 +75,7 @@ if [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ] && ! "$PY" -c "import torch, sys; sys.ex
 fi
 
 # --- 1. correctness on CUDA ----------------------------------------------------------------------
-TESTS=(tests/test_kernels.py tests/test_kernels_apply.py tests/test_kernels_fusion.py tests/test_packing.py)
+TESTS=(tests/test_kernels.py tests/test_kernels_apply.py tests/test_kernels_fusion.py tests/test_kernels_tuning.py tests/test_packing.py)
 echo "== tests (limit ${TEST_LIMIT_S}s) =="
 [ -n "${GPU_CHECK_K:-}" ] && TESTS+=(-k "$GPU_CHECK_K")
 # The step is mostly Triton compiling each test's kernels on the host, one core per process: pytest-xdist
@@ -83,11 +86,32 @@ timeout "$TEST_LIMIT_S" "$PY" $PYFLAGS -m pytest -q -rs -p no:cacheprovider --im
     --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
 TEST_RC=${PIPESTATUS[0]}
 
-# --- 2. benchmark --------------------------------------------------------------------------------
+# --- 2. this GPU's W4A16 decode table, then the benchmark with it --------------------------------
+# The tuner (benchmarks/tune_w4a16.py, quick grid) writes $OUT/tuned/<GPU>.json, rewritten after every
+# shape; the benchmark then reads it (QOQOPT_KERNEL_TUNING), so its judged W4A16 and decoder-layer rows
+# time what a user with that table gets. Copy the table to kernels/tuned/ to ship it.
+mkdir -p "$OUT/tuned"
+if [ "${GPU_CHECK_TUNE:-1}" = 0 ]; then
+    TUNE_RC=skipped
+    echo "skipped: GPU_CHECK_TUNE=0" | tee "$OUT/tune.log"
+else
+    echo "== W4A16 decode tuning (limit ${TUNE_LIMIT_S}s) =="
+    rm -f "$OUT"/tuned/*.json
+    if [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ]; then  # (CPU mode) the tuner's plumbing, interpreted, tiny shapes
+        TUNE_ARGS=(--allow-cpu --model tiny --shapes gate_up,k --m 1 --dtype float16 --quick)
+    else
+        read -ra TUNE_ARGS <<< "${GPU_CHECK_TUNE_ARGS:---quick}"  # "" for the full grid (raise TUNE_LIMIT_S)
+    fi
+    # no new shape after limit - 40 s: the last one's compiles and timings fit in what is left
+    timeout "$TUNE_LIMIT_S" "$PY" benchmarks/tune_w4a16.py "${TUNE_ARGS[@]}" --force \
+        --limit-s $(( TUNE_LIMIT_S - 40 )) --out "$OUT/tuned/" 2>&1 | tee "$OUT/tune.log"
+    TUNE_RC=${PIPESTATUS[0]}
+fi
 echo "== benchmark (limit ${BENCH_LIMIT_S}s) =="
 rm -f "$OUT/bench_kernels.json"  # the JSON is rewritten after every op: a timeout keeps what finished
 read -ra BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:---sweep}"
-timeout "$BENCH_LIMIT_S" env -u TRITON_INTERPRET "$PY" benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/bench.log"
+timeout "$BENCH_LIMIT_S" env -u TRITON_INTERPRET QOQOPT_KERNEL_TUNING="$OUT/tuned" "$PY" benchmarks/bench_kernels.py \
+    --out "$OUT/bench_kernels.json" "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 
 # --- 3. qoqopt bench end to end ------------------------------------------------------------------
@@ -159,13 +183,19 @@ fi
 TEST_LINE="$(grep -E '([0-9]+ (passed|failed))' "$OUT/tests.log" | tail -n 1)"
 [ "$TEST_RC" = 124 ] && TEST_LINE="TIMED OUT after ${TEST_LIMIT_S}s; last: ${TEST_LINE}"
 "$PY" - "$OUT/bench_kernels.json" "$TEST_RC" "$TEST_LINE" "$BENCH_RC" "$(( $(date +%s) - T0 ))" \
-    "$OUT/e2e_bench.json" "$E2E_RC" <<'PYEOF' | tee "$OUT/summary.txt"
+    "$OUT/e2e_bench.json" "$E2E_RC" "$OUT/tuned" "$TUNE_RC" <<'PYEOF' | tee "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
 
-path, test_rc, test_line, bench_rc, seconds, e2e_path, e2e_rc = sys.argv[1:]
+path, test_rc, test_line, bench_rc, seconds, e2e_path, e2e_rc, tuned_dir, tune_rc = sys.argv[1:]
 print("\n================ qoqopt gpu_check summary ================")
 print(f"{'tests (cuda, fp32/fp16/bf16)':56s} {'PASS' if test_rc == '0' else 'FAIL (rc ' + test_rc + ')'}  {test_line}")
+for table in sorted(Path(tuned_dir).glob("*.json")):  # the benchmark below ran with these launches
+    entries = json.loads(table.read_text())["entries"]
+    print(f"{'W4A16 decode tuning (rc ' + tune_rc + ')':56s} {table.name}: {len(entries)} launches beat the rules")
+    for e in entries:
+        tag = " ".join(f"{k}={v}" for k, v in e["config"].items())
+        print(f"  {e['words']:9s} {e['k']:>5d}->{e['n']:<5d} M={e['m']:<2d} {e['default_us']:8.2f} -> {e['us']:8.2f} us  {tag}")
 
 
 def end_to_end():

@@ -254,6 +254,10 @@ def mma_loop_mix(compiled, skip_branches: bool = False) -> collections.Counter |
     return min(mma, key=lambda c: sum(c.values()), default=collections.Counter())
 
 
+# The device name tuning tables are looked up under for offline launches: none ships for it
+OFFLINE_DEVICE = "offline sm_90 stand-in"
+
+
 @contextlib.contextmanager
 def offline_w4a16(sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0):
     """W4A16 launches planned for a CUDA GPU with ``sms`` SMs, made with CPU stand-in tensors under
@@ -261,7 +265,7 @@ def offline_w4a16(sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, devic
     time (no hand-written signature or hints), and nothing runs."""
     from unittest import mock
 
-    from qoqopt.kernels import _splitk, w4a16
+    from qoqopt.kernels import _splitk, tuning, w4a16
 
     workspace = (torch.empty(16), torch.zeros(16, dtype=torch.int32))  # split-K scratch: only pointers are passed
     # Shared launches bind to the driver of their first call: none made before reaches the stub, and
@@ -270,6 +274,7 @@ def offline_w4a16(sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, devic
     try:
         with mock.patch.object(w4a16, "num_sms", lambda device: sms), \
                 mock.patch.object(_splitk, "splitk_workspace", lambda device, numel, tiles: workspace), \
+                mock.patch.object(tuning, "device_name", lambda device: OFFLINE_DEVICE), \
                 recording_driver(max_shared_mem, device) as driver:  # fmt: skip
             yield driver
     finally:

@@ -15,6 +15,7 @@ from torch import nn
 
 from qoqopt.errors import QoqoptError
 
+from . import tuning
 from ._triton import check_supported, triton_unusable_reason
 from .fused_projections import fuse_projections
 from .merger import DEFAULT_PLAN as DEFAULT_MERGER_PLAN, MERGER_PLANS, FusedPatchMerger
@@ -64,6 +65,7 @@ class PatchReport:
     fallback_reason: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # module path -> why it was left alone
     merger_plan: str = DEFAULT_MERGER_PLAN
+    w4a16_tuning: list[str] = field(default_factory=list)  # this GPU's decode tuning tables (kernels.tuning)
 
     def __str__(self) -> str:
         plan = {"merger": f" ({self.merger_plan} plan)"}
@@ -72,6 +74,8 @@ class PatchReport:
         line += f"; {self.fallback_reason})" if self.fallback_reason else ")"
         for path, why in self.skipped.items():
             line += f"\n  skipped {path}: {why}"
+        for table in self.w4a16_tuning:
+            line += f"\n  W4A16 decode launches tuned for this GPU by {table}"
         return line
 
 
@@ -135,6 +139,8 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
         report.counts |= fuse_projections(model, report.skipped)
     if w4a16_words != "gptq":
         report.counts["w4a16 fragment words"] = _use_fragment_words(model, report, reason, w4a16_words == "fragments")
+    if report.counts["w4a16"] and not reason:  # a broken table fails here, not at the first forward
+        report.w4a16_tuning = [str(path) for path in tuning.tables_for(first.device)]
     return report
 
 

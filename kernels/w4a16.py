@@ -46,6 +46,7 @@ from torch import nn
 from qoqopt.errors import QoqoptError
 from qoqopt.packing import FRAGMENT_K, awq_to_gptq_v2, fragments_to_gptq, gptq_to_fragments, permute_packed_rows
 
+from . import tuning
 from ._splitk import splitk_operands, splitk_total
 from ._triton import (cdiv, check_supported, device_function, dot_precision, interpreter_enabled, kernel, num_sms, tl,
                       use_triton)
@@ -438,8 +439,8 @@ def _w4a16_fragment_kernel(
     SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # always true (K is whole blocks): the launch's common constexprs
     EVEN_N: tl.constexpr,
-    MAGIC_BITS: tl.constexpr,  # unused (in pair_bits)
-    MAGIC: tl.constexpr,
+    MAGIC_BITS: tl.constexpr,  # MAGIC's 16-bit pattern (also in pair_bits, both halves)
+    MAGIC: tl.constexpr,  # unused (its bits are)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # 128: one block of fragment words per K step
@@ -451,9 +452,10 @@ def _w4a16_fragment_kernel(
     words, turns each word into four registers of two ``q - z`` each, and feeds them to the MMA as
     they are (``_fragment_tile``); the group's scale multiplies the step's dot product, as in the
     decode tiles of ``_w4a16_kernel``. sm_90 SASS at gate/up M = 16, 128 x 128 tiles, Triton 3.6
-    (the H200 image's): 2.74 instructions per weight against 6.49 for the default decode tile and
-    5.41 for JOIN_FIELDS, and 1 shared-memory store per K step against 129 (Triton 3.9: 2.54, 2
-    stores). The stores left carry each column's -(MAGIC + z) pair over to the words' layout."""
+    (the H200 image's): 2.62 instructions per weight against 6.49 for the default decode tile and
+    5.41 for JOIN_FIELDS (2.73 before -(MAGIC + z) was built from its bits), and 1 shared-memory
+    store per K step against 129 (Triton 3.9: 2.58, 2 stores). The store left carries the group's
+    scales over to the MMA accumulator's layout, behind the K step's second barrier."""
     tl.static_assert(BLOCK_K == 128 and BITS == 4 and GROUP_SIZE % 128 == 0)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -478,8 +480,11 @@ def _w4a16_fragment_kernel(
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         words = _load(word_ptrs + (k0 // BLOCK_K) * stride_qw, n_mask[None, :], EVEN_N)
         zero = _group_zeros(qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_qz, BITS, ZERO_OFFSET)
-        neg_magic_zero = (-(zero.to(tl.float32) + MAGIC)).to(in_dtype)
-        neg = neg_magic_zero.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        # -(MAGIC + z) from its bits: z (at most 16) is the mantissa of MAGIC + z, and the sign bit
+        # negates it. Integer ops only: through fp32, each column took an int->float conversion, a
+        # negation and a float->16-bit conversion (quarter rate), 3 of 8 instructions (sm_90 SASS)
+        neg = zero + (MAGIC_BITS | 0x8000)
+        neg_magic_zero = neg.to(tl.int16).to(in_dtype, bitcast=True)
         w = _fragment_tile(words, neg_magic_zero, neg | (neg << 16), pair_bits, in_dtype, BLOCK_N, ASM)
         acc += tl.dot(a, w, input_precision=DOT_PRECISION) * raw_scale.to(tl.float32)[None, :]
         g_next = tl.minimum((k0 + BLOCK_K) // GROUP_SIZE, g_last)
@@ -916,6 +921,7 @@ def _dense_launch(k, n, dtype, dequantize):
 def shared_launch(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, has_bias: bool, bits: int,
                   group_size: int, zero_offset: int, fragments: bool = False):
     """:func:`prepare_w4a16` with the default tiles (over fragment words: :func:`fragment_launch`'s),
+    or at decode sizes those of this GPU's tuning table where it has the shape (:mod:`.tuning`),
     one per shape for the whole process.
 
     A prefill calls every layer once with the prompt's M: planned per layer, each of a 7B's 196
@@ -925,13 +931,31 @@ def shared_launch(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
     the cache pins no weight."""
     if _dense_by_default(m, device):  # the dense plan does not depend on M: one launch for every
         m = DENSE_MIN_M  # prompt length, not a new plan, bind and dispatch for each
-    return _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, fragments, num_sms(device))
+    tuned = _tuned(m, k, n, dtype, device, bits, group_size, fragments)
+    return _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, fragments, num_sms(device),
+                          tuned)
+
+
+def _tuned(m, k, n, dtype, device, bits, group_size, fragments) -> tuning.Tuned | None:
+    """This GPU's tuned decode config for the launch, if its table has one."""
+    if m > DECODE_MAX_M or device.type != "cuda" or interpreter_enabled():
+        return None
+    return tuning.lookup(tuning.device_name(device), words="fragments" if fragments else "gptq", bits=bits,
+                         group_size=group_size, k=k, n=n, m=m, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=256)
-def _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, fragments, sms):  # sms: the plan's input
-    return prepare_w4a16(m, k, n, dtype, device, has_bias=has_bias, bits=bits, group_size=group_size,
-                         zero_offset=zero_offset, **(fragment_launch(m, dtype) if fragments else {}))
+def _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, fragments, sms, tuned):
+    # sms: the plan's input
+    config = tuned.config if tuned else fragment_launch(m, dtype) if fragments else {}
+    try:
+        return prepare_w4a16(m, k, n, dtype, device, has_bias=has_bias, bits=bits, group_size=group_size,
+                             zero_offset=zero_offset, **config)
+    except (AssertionError, QoqoptError) as err:
+        if tuned is None:
+            raise
+        raise QoqoptError(f"W4A16 tuning table {tuned.source}: {config} does not fit the {k}->{n} layer at M={m} "
+                          f"({err}); QOQOPT_KERNEL_TUNING=off runs the default tiles") from err
 
 
 # Elements of int32 scratch per step of the reference dequantization: a few MB, which stay in cache

@@ -104,8 +104,16 @@ def _run_summary(tmp_path, result: dict) -> str:
     summary = script.split("<<'PYEOF' | tee \"$OUT/summary.txt\"\n", 1)[1].split("\nPYEOF", 1)[0]
     (tmp_path / "summary.py").write_text(summary)
     (tmp_path / "bench.json").write_text(json.dumps(result))
+    # the tuning table the run wrote (and the benchmark read), written as the tuner writes it
+    from qoqopt.kernels import tuning
+
+    key = tuning.Key("fragments", 4, 128, 3584, 37888, "bfloat16", 1)
+    config = dict(KERNEL="frag", BLOCK_N=128, num_warps=4, num_stages=4, SPLIT_K=2)
+    tuning.write_table(tmp_path / "tuned" / "NVIDIA_H200.json", "NVIDIA H200",
+                       [tuning.entry(key, config, us=30.5, default_us=34.0)], {})
     done = subprocess.run([sys.executable, str(tmp_path / "summary.py"), str(tmp_path / "bench.json"), "0", "181 passed",
-                           "0", "412", str(tmp_path / "absent.json"), "skipped"], capture_output=True, text=True, timeout=60)
+                           "0", "412", str(tmp_path / "absent.json"), "skipped", str(tmp_path / "tuned"), "0"],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -128,7 +136,9 @@ def test_gpu_check_summary_reads_a_recorded_h200_run(tmp_path):
                                                       status="recorded")}
     lines = _run_summary(tmp_path, result).splitlines()
     for what in ("vision attention per image vs hf sdpa path >= x5.0", "per layer vs hf sdpa (not judged)",
-                 "fastest tile config per sweep case", "NVIDIA H200"):
+                 "fastest tile config per sweep case", "NVIDIA H200",
+                 "NVIDIA_H200.json: 1 launches beat the rules",
+                 "fragments  3584->37888 M=1     34.00 ->    30.50 us  KERNEL=frag BLOCK_N=128 num_warps=4"):
         assert any(what in line for line in lines), what
     module_rows = [line for line in lines if line.startswith("attention") and " qoqopt-module " in line]
     assert len(module_rows) == 5 and any("per image" in line for line in module_rows)  # 4 per layer + 1

@@ -428,6 +428,11 @@ def test_dequant_bit_tricks_are_exact():
         q = torch.arange(2 ** min(mantissa, 8), dtype=torch.int32)
         as_float = (q | bits).to(torch.int16).view(dtype).double()
         assert torch.equal(as_float, value + q.double()), dtype
+        # the fragment kernel's -(MAGIC + z), built as z + (MAGIC's bits | sign), wrapped to 16 bits
+        # as Triton's int32 -> int16 cast wraps, for every zero 4-bit GPTQ v1 / v2 holds (0 to 16)
+        z = torch.arange(17, dtype=torch.int32)
+        neg = (z + (bits | 0x8000)).to(torch.int16).view(dtype).double()
+        assert torch.equal(neg, -(value + z.double())), dtype
     for width in (4, 8):  # GEMV and prefill: every field masked in place where the kernels put it
         for idx in range(32 // width):
             shift = field_position(idx, width)

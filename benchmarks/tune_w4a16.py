@@ -1,0 +1,270 @@
+"""Tune the W4A16 decode launches for this GPU and write its table (``qoqopt.kernels.tuning``).
+
+For every quantized linear shape of a QoQ-Med model (as ``apply(model)`` runs them: q/k/v and
+gate/up fused, and each projection alone) and each decode row count, times the default launch and a
+grid of candidates (tile width and warps, pipeline stages, K split), and keeps the fastest where it
+beats the default by at least ``--min-gain``. Layers are held as ``apply`` holds them: fragment
+words where they fit and pay, GPTQ words elsewhere; random RTN weights, group 128.
+
+Times are CUDA-graph replays (GPU time, no host launch cost) of calls that cycle through copies of
+the layer's weights together at least twice L2: a decode step never finds a layer's weight in L2,
+and a replay does not flush it. A candidate whose output differs from the default's by more than a
+16-bit rounding is reported and never kept.
+
+    python benchmarks/tune_w4a16.py                       # <qoqopt cache>/kernels/w4a16/<GPU>.json
+    python benchmarks/tune_w4a16.py --out kernels/tuned/  # a table to ship with qoqopt (review it)
+    python benchmarks/tune_w4a16.py --model 32b --quick --limit-s 120
+
+The table is rewritten after every shape, so a run cut short keeps what it finished. On a machine
+without a GPU it refuses: timings there mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# the repo root for `benchmarks`, last: qoqopt must come from its install (or gpu_check's package
+# dir), not from the repo's qoqopt/, which holds no kernels
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_kernels import config_tag, cycling, rel_err, weight_copies  # noqa: E402
+from qoqopt.errors import QoqoptError  # noqa: E402
+
+# Text-model dims (hidden, intermediate, attention heads, KV heads): the 7B's from its config, the
+# 32B's from Qwen2.5-VL-32B's (DESIGN.md); "tiny" exercises the tuner itself (interpreter, CPU)
+MODELS = {"7b": (3584, 18944, 28, 4), "32b": (5120, 27648, 40, 8), "tiny": (256, 512, 4, 2)}
+GROUP_SIZE = 128
+# 16-bit outputs: one rounding is 2^-8 (bf16) of the largest; a K split reorders fp32 sums, which
+# can move an output across one rounding boundary, never more
+MAX_REL_DIFF = {torch.bfloat16: 2**-6, torch.float16: 2**-9, torch.float32: 1e-5}
+
+
+def layer_shapes(model: str) -> dict[str, tuple[int, int]]:
+    """``name -> (K, N)`` of each W4A16 launch a decoder layer makes, fused first (what ``apply``
+    runs), widest first."""
+    hidden, inter, heads, kv_heads = MODELS[model]
+    kv = hidden // heads * kv_heads
+    return {"gate_up": (hidden, 2 * inter), "down": (inter, hidden), "qkv": (hidden, hidden + 2 * kv),
+            "o": (hidden, hidden), "gate": (hidden, inter), "k": (hidden, kv)}
+
+
+def _splits(tiles: int, k_steps: int, sms: int, warps: int, per_sm: tuple[int, ...]) -> list[int]:
+    """K splits that put about ``per_sm`` 4-warp programs on each SM (fewer warps, more programs),
+    each split at least one K step."""
+    return sorted({max(1, min(k_steps, round(p * sms * 4 / warps / tiles))) for p in per_sm})
+
+
+# Fragment-word tiles: (BLOCK_N, warps, programs an SM to aim the K split at). Half a program an SM
+# (few splits of long programs) is for the latency-bound narrow layers, where 14 splits of 2 K steps
+# each pay a reduction; the defaults sit at about 3.
+FRAGMENT_TILES = {True: ((128, 4, (0.5, 2, 3, 4)), (64, 2, (2, 4))),
+                  False: ((128, 4, (0.5, 1, 2, 3, 4)), (64, 2, (0.5, 1, 2, 3, 4)), (128, 8, (1, 2, 3)),
+                          (256, 8, (1, 2, 3)))}
+
+
+def candidates(k: int, n: int, m: int, words: str, sms: int, quick: bool) -> list[dict]:
+    """The launch configs tried beside the default for ``m`` rows of a ``k -> n`` layer."""
+    stages = (3, 4) if quick else (3, 4, 5)
+    found = []
+    if words == "fragments":  # one 128-row block of words per K step
+        for bn, warps, per_sm in FRAGMENT_TILES[quick]:
+            for st in stages:
+                found += [dict(KERNEL="frag", BLOCK_N=bn, num_warps=warps, num_stages=st, SPLIT_K=s)
+                          for s in _splits(-(-n // bn), k // 128, sms, warps, per_sm)]
+        return found
+    per_sm = (2, 3, 4) if quick else (0.5, 1, 2, 3, 4)
+    block_k = min(128, GROUP_SIZE)
+    for bn in (64, 128):  # 16-row tensor-core tiles (any M up to 16)
+        for st in stages:
+            found += [dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=block_k, num_warps=4, num_stages=st, SPLIT_K=s)
+                      for s in _splits(-(-n // bn), k // block_k, sms, 4, per_sm)]
+    if m == 1:  # the one-row GEMV: the default's 128-wide tiles, and tiles as wide as its warps' columns
+        for bn, bk, warps in ((128, 128, 4), (512, 64, 4), (256, 64, 2)):
+            found += [dict(KERNEL="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3, SPLIT_K=s)
+                      for s in _splits(-(-n // bn), k // bk, sms, warps, per_sm)]
+    return found
+
+
+class Layer:
+    """One RTN-quantized ``k -> n`` layer held as ``apply`` holds it, with copies of its weights."""
+
+    def __init__(self, k: int, n: int, dtype: torch.dtype, device: torch.device, l2_bytes: int):
+        from qoqopt.kernels.w4a16 import QuantLinear
+        from qoqopt.packing import pack_gptq, quantize_rtn
+
+        g = torch.Generator(device="cpu").manual_seed(k * 7 + n)
+        weight = (torch.randn(n, k, generator=g) * 0.02).to(device, dtype)
+        intweight, zeros, scales = quantize_rtn(weight, 4, GROUP_SIZE)
+        layer = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales)
+        layer.use_fragment_words(only_where_faster=True)
+        self.k, self.n, self.dtype, self.words, self.kwargs = k, n, dtype, layer.words, layer._kwargs()
+        tensors = (layer.qweight, layer.qzeros, layer.scales)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.copies = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(weight_copies(nbytes, l2_bytes) - 1)]
+
+    def run(self, x: torch.Tensor, config: dict):
+        """``() -> out`` of the next weight copy under ``config`` (planned here: a config that does
+        not fit raises now)."""
+        from qoqopt.kernels.w4a16 import prepare_w4a16
+
+        launch = prepare_w4a16(x.shape[0], self.k, self.n, self.dtype, x.device, has_bias=False, **self.kwargs,
+                               **config)
+        return cycling([functools.partial(launch, x, *weights) for weights in self.copies])
+
+
+def default_config(m: int, dtype: torch.dtype, words: str) -> dict:
+    """What the rules launch (``w4a16.shared_launch`` with no table)."""
+    from qoqopt.kernels.w4a16 import fragment_launch
+
+    return fragment_launch(m, dtype) if words == "fragments" else {}
+
+
+def time_us(fn) -> float:
+    """GPU time of one call, CUDA-graph replay (median); on the CPU, wall time (the tuner's own
+    tests: those numbers mean nothing)."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    fn()
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(samples)
+
+
+def tune_one(layer: Layer, m: int, sms: int, quick: bool, min_gain: float, log=print) -> dict | None:
+    """Time the default and the candidates at ``m`` rows; the table entry of the winner, or None
+    where no candidate beat the default by ``min_gain``."""
+    from qoqopt.kernels import tuning
+
+    x = torch.randn(m, layer.k, device=layer.copies[0][0].device, dtype=layer.dtype)
+    default = default_config(m, layer.dtype, layer.words)
+    reference = layer.run(x, default)()
+    default_us = time_us(layer.run(x, default))
+    best, best_us = None, default_us
+    log(f"  {'default':24s} {default_us:9.2f} us")
+    for config in candidates(layer.k, layer.n, m, layer.words, sms, quick):
+        tag = config_tag(config)
+        try:
+            run = layer.run(x, config)
+            diff = rel_err(run(), reference)
+            if diff > MAX_REL_DIFF[layer.dtype]:
+                log(f"  {tag:24s} rejected: output differs from the default's by {diff:.2e}")
+                continue
+            us = time_us(run)
+        except Exception as err:  # a config this GPU cannot compile or launch (shared memory, say)
+            log(f"  {tag:24s} unavailable ({type(err).__name__}: {str(err).splitlines()[0][:100]})")
+            continue
+        log(f"  {tag:24s} {us:9.2f} us  x{default_us / us:.3f}")
+        if us < best_us:
+            best, best_us = config, us
+    if best is None or best_us > default_us * (1 - min_gain):
+        return None
+    key = tuning.Key(layer.words, 4, GROUP_SIZE, layer.k, layer.n, tuning.dtype_name(layer.dtype), m)
+    return tuning.entry(key, best, us=round(best_us, 2), default_us=round(default_us, 2),
+                        default=config_tag(default) or "rules")
+
+
+def output_path(out: str | None, device_name: str) -> Path:
+    """``--out`` as the table's path: a folder (existing, or written with a trailing slash) holds
+    ``<GPU>.json``; by default the qoqopt cache's."""
+    from qoqopt.kernels import tuning
+
+    if out is None:
+        return tuning.user_dir() / tuning.file_name(device_name)
+    folder = out.endswith(("/", os.sep)) or Path(out).is_dir()
+    return Path(out) / tuning.file_name(device_name) if folder else Path(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=tuple(MODELS), default="7b", help="whose layer shapes (default 7b)")
+    parser.add_argument("--shapes", help="comma-separated subset of " + ",".join(layer_shapes("7b")))
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 16], help="decode rows to tune (default 1 16)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--out", help="table file, or a folder to hold <GPU>.json "
+                        "(default: the qoqopt cache, where qoqopt looks first after $QOQOPT_KERNEL_TUNING)")
+    parser.add_argument("--force", action="store_true", help="replace an existing table")
+    parser.add_argument("--quick", action="store_true", help="a smaller grid (about 10 candidates a shape)")
+    parser.add_argument("--min-gain", type=float, default=0.03, help="keep a config only if this much faster (0.03)")
+    parser.add_argument("--limit-s", type=float, help="start no new shape after this many seconds")
+    parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # the tuner's own tests
+    args = parser.parse_args(argv)
+    try:
+        return tune(args)
+    except QoqoptError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def tune(args) -> int:
+    from qoqopt.kernels import tuning
+    from qoqopt.kernels._triton import num_sms
+
+    shapes = layer_shapes(args.model)
+    names = args.shapes.split(",") if args.shapes else list(shapes)
+    if unknown := [name for name in names if name not in shapes]:
+        raise QoqoptError(f"unknown shape {unknown[0]!r}: choose from {', '.join(shapes)}")
+    if bad := [m for m in args.m if not 1 <= m <= 16]:
+        raise QoqoptError(f"--m {bad[0]}: decode rows are 1 to 16 (from 128 rows cuBLAS runs after a dequantization)")
+    gpu = torch.cuda.is_available()
+    if not gpu and not args.allow_cpu:
+        raise QoqoptError("tune_w4a16 needs a CUDA GPU: timings on a CPU mean nothing")
+    device = torch.device("cuda" if gpu else "cpu")
+    name = torch.cuda.get_device_name(device) if gpu else "cpu"
+    path = output_path(args.out, name)
+    if path.exists() and not args.force:
+        raise QoqoptError(f"{path} exists (--force replaces it)")
+    dtype, sms = getattr(torch, args.dtype), num_sms(device)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if gpu else 0
+    import triton
+
+    meta = dict(created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, sm_count=sms,
+                l2_bytes=l2, model=args.model, min_gain=args.min_gain, argv=sys.argv[1:])
+    entries, t0, summary = [], time.monotonic(), []
+    for shape in names:
+        if args.limit_s is not None and time.monotonic() - t0 > args.limit_s:
+            print(f"time limit: {shape} and the shapes after it not tuned")
+            break
+        k, n = shapes[shape]
+        layer = Layer(k, n, dtype, device, l2)
+        for m in args.m:
+            print(f"[{shape} {k}->{n} M={m}, {layer.words} words, {len(layer.copies)} weight copies]")
+            found = tune_one(layer, m, sms, args.quick, args.min_gain)
+            summary.append((shape, k, n, m, found))
+            if found:
+                entries.append(found)
+        del layer
+        tuning.write_table(path, name, entries, meta, force=True)  # after every shape
+    print_summary(summary)
+    print(f"wrote {path} ({len(entries)} tuned launches)")
+    return 0
+
+
+def print_summary(summary: list) -> None:
+    print(f"\n{'shape':8s} {'K->N':>12s} {'M':>3s} {'default us':>10s} {'tuned us':>9s} {'gain':>6s}  config")
+    for shape, k, n, m, found in summary:
+        if found is None:
+            print(f"{shape:8s} {f'{k}->{n}':>12s} {m:3d} {'':>10s} {'':>9s} {'':>6s}  default kept")
+        else:
+            gain = found["default_us"] / found["us"]
+            print(f"{shape:8s} {f'{k}->{n}':>12s} {m:3d} {found['default_us']:10.2f} {found['us']:9.2f} "
+                  f"x{gain:5.3f}  {config_tag(found['config'])}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
