@@ -75,7 +75,7 @@ class PatchReport:
         for path, why in self.skipped.items():
             line += f"\n  skipped {path}: {why}"
         for table in self.w4a16_tuning:
-            line += f"\n  W4A16 decode launches tuned for this GPU by {table}"
+            line += f"\n  W4A16 decode tuning table for this GPU: {table}"
         return line
 
 
@@ -139,7 +139,8 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
         report.counts |= fuse_projections(model, report.skipped)
     if w4a16_words != "gptq":
         report.counts["w4a16 fragment words"] = _use_fragment_words(model, report, reason, w4a16_words == "fragments")
-    if report.counts["w4a16"] and not reason:  # a broken table fails here, not at the first forward
+    if report.counts["w4a16"] and not reason:  # read afresh (one may have been written since), and a
+        tuning.forget()  # broken table fails here, not at the first forward
         report.w4a16_tuning = [str(path) for path in tuning.tables_for(first.device)]
     return report
 

@@ -5,16 +5,19 @@ depth and K split stream 4-bit weights fastest depends on the GPU: its SM count,
 and clock. So, as vLLM ships per-device configs for its fused-MoE Triton kernel, a table per GPU
 model can replace the rules where it was measured. A table is a JSON file named after the device
 (:func:`file_name`: "NVIDIA H200" -> ``NVIDIA_H200.json``); each entry names one layer shape,
-words layout, dtype and row count, and the launch config that was fastest there, with its time and
-the default's.
+words layout, dtype and row count, and either the launch config that was fastest there (with its
+time and the rules') or ``null``: the rules won.
 
-Tables are looked up, first match wins, in:
+Tables are looked up in:
   1. ``$QOQOPT_KERNEL_TUNING``: a folder of tables, or ``off`` to use the rules alone;
   2. ``<qoqopt cache>/kernels/w4a16/`` (what the tuner writes by default);
   3. ``kernels/tuned/``, shipped with qoqopt.
-Only decode sizes (M <= 16) are tuned: from 128 rows a GPU runs cuBLAS after a dequantization.
-An entry tuned at M rows serves every row count up to M (the tiles are 16 rows), down to the next
-tuned M; one tuned at one row serves one row only (it may name the one-row GEMV).
+The first table that has a layer (its words, bits, group size, K, N and dtype) decides it at every
+decode row count; tables are not mixed within a layer. Only decode sizes (M <= 16) are tuned: from
+128 rows a GPU runs cuBLAS after a dequantization. One row is served by an entry tuned at one row
+only (the rules run one-row launches on their own GEMV); 2 to 16 rows by the entry tuned at the
+fewest rows, above one, that covers them (the tiles are 16 rows). Where the deciding table has no
+such entry, the rules decide.
 """
 
 from __future__ import annotations
@@ -89,12 +92,10 @@ def search_dirs() -> list[Path]:
     env = os.environ.get("QOQOPT_KERNEL_TUNING", "")
     if env.lower() == "off":
         return []
-    if env and not Path(env).is_dir():  # a typo must not quietly fall back to the rules
-        raise QoqoptError(f"QOQOPT_KERNEL_TUNING={env}: not a folder (a folder of tuning tables, or off)")
     return ([Path(env)] if env else []) + [user_dir(), SHIPPED]
 
 
-def read_table(path: Path) -> dict[Key, dict]:
+def read_table(path: Path) -> dict[Key, dict | None]:
     """A table's entries, checked: every problem is a one-line error that names the file."""
     path = Path(path)
     try:
@@ -112,7 +113,7 @@ def read_table(path: Path) -> dict[Key, dict]:
     return table
 
 
-def _checked(path: Path, i: int, entry) -> tuple[Key, dict]:
+def _checked(path: Path, i: int, entry) -> tuple[Key, dict | None]:
     """Entry ``i`` of the table at ``path`` as ``(key, config)``, or a one-line error naming both."""
     try:
         return _entry(entry)
@@ -120,13 +121,23 @@ def _checked(path: Path, i: int, entry) -> tuple[Key, dict]:
         raise QoqoptError(f"W4A16 tuning table {path}: entry {i}: {err}") from err
 
 
-def _entry(entry) -> tuple[Key, dict]:
-    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
-        raise ValueError("an entry is an object with a config object")
-    missing = [name for name in Key.__dataclass_fields__ if name not in entry]
+def _entry(entry) -> tuple[Key, dict | None]:
+    """``(key, config)`` of a table entry, checked; config None: the rules won there."""
+    if not isinstance(entry, dict):
+        raise ValueError("an entry is an object")
+    missing = [name for name in (*Key.__dataclass_fields__, "config") if name not in entry]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
-    fields = {name: entry[name] for name in Key.__dataclass_fields__}
+    key = _key({name: entry[name] for name in Key.__dataclass_fields__})
+    config = entry["config"]
+    if config is not None and not isinstance(config, dict):
+        raise ValueError("config is an object, or null (the rules)")
+    return key, None if config is None else _config(key, config)
+
+
+def _key(fields: dict) -> Key:
+    from .w4a16 import DECODE_MAX_M  # (w4a16 imports this module)
+
     for name, value in fields.items():
         if name in ("words", "dtype"):
             if not isinstance(value, str):
@@ -134,16 +145,28 @@ def _entry(entry) -> tuple[Key, dict]:
         elif type(value) is not int or value < 1:
             raise ValueError(f"{name} {value!r} is not a positive integer")
     key = Key(**fields)
-    from .w4a16 import DECODE_MAX_M  # (w4a16 imports this module)
-
     if key.words not in WORDS or key.dtype not in DTYPES or key.m > DECODE_MAX_M:
         raise ValueError(f"words must be one of {WORDS}, dtype one of {DTYPES}, m at most {DECODE_MAX_M}")
-    config = entry["config"]
+    return key
+
+
+# what the launch plan takes from a config unchecked (a K tile over two groups would compute wrong
+# results, silently): powers of two in range; the decode tiles are 16 rows
+TILE_RANGES = {"BLOCK_M": (16, 16), "BLOCK_N": (16, 1024), "BLOCK_K": (16, 1024), "num_warps": (1, 16)}
+
+
+def _config(key: Key, config: dict) -> dict:
     for name, value in config.items():
         wanted = CONFIG_KEYS.get(name)
-        if wanted is None or type(value) is not wanted or (wanted is int and value < 1):
-            raise ValueError(f"config {name}={value!r}: the keys are {', '.join(CONFIG_KEYS)} (positive integers, "
-                             "KERNEL a name, FRAGMENTS true or false)")
+        if wanted is None:
+            raise ValueError(f"config {name}: not one of {', '.join(CONFIG_KEYS)}")
+        if type(value) is not wanted or (wanted is int and value < 1):
+            raise ValueError(f"config {name}={value!r}: not a {'positive integer' if wanted is int else wanted.__name__}")
+        low, high = TILE_RANGES.get(name, (1, value))
+        if wanted is int and (not low <= value <= high or (name in TILE_RANGES and value & (value - 1))):
+            raise ValueError(f"config {name}={value}: a power of two from {low} to {high}")
+    if key.group_size % config.get("BLOCK_K", 16):  # one row of scales and zeros a K step
+        raise ValueError(f"config BLOCK_K={config['BLOCK_K']} does not divide group_size {key.group_size}")
     kernel = config.get("KERNEL")
     if kernel not in DECODE_KERNELS:
         raise ValueError(f"config KERNEL={kernel!r} is not a decode kernel {DECODE_KERNELS}")
@@ -151,7 +174,7 @@ def _entry(entry) -> tuple[Key, dict]:
         raise ValueError(f"config {config} does not read the {key.words} words it is tuned for")
     if kernel == "gemv" and key.m != 1:
         raise ValueError("the one-row GEMV is tuned at m 1 only")
-    return key, dict(config)
+    return dict(config)
 
 
 def _describe(key: Key) -> str:
@@ -159,27 +182,40 @@ def _describe(key: Key) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def tables(device_name: str, dirs: tuple[Path, ...]) -> tuple[tuple[Path, dict[Key, dict]], ...]:
+def tables(device_name: str, dirs: tuple[Path, ...]) -> tuple[tuple[Path, dict[Key, dict | None]], ...]:
     """``(path, entries)`` of each table for ``device_name`` in ``dirs``, first first (read once a
     process; :func:`forget` after writing one)."""
+    env = os.environ.get("QOQOPT_KERNEL_TUNING", "")
+    if env and dirs and dirs[0] == Path(env) and not dirs[0].is_dir():  # a typo must not quietly mean the rules
+        raise QoqoptError(f"QOQOPT_KERNEL_TUNING={env}: not a folder (a folder of tuning tables, or off)")
     found = [d / file_name(device_name) for d in dirs]
     return tuple((path, read_table(path)) for path in found if path.is_file())
 
 
 def forget() -> None:
-    """Drop the tables read so far (the tuner, after writing one; tests)."""
+    """Drop the tables read so far (the tuner after writing one, ``apply``, tests)."""
     tables.cache_clear()
+    _lookup.cache_clear()
 
 
 def lookup(device_name: str, *, words: str, bits: int, group_size: int, k: int, n: int, m: int,
            dtype: torch.dtype) -> Tuned | None:
     """The tuned config for ``m`` rows of this layer on ``device_name``, or None (the rules decide)."""
-    layer = (words, bits, group_size, k, n, dtype_name(dtype))
-    for path, table in tables(device_name, tuple(search_dirs())):
-        # the smallest tuned M that covers m; one tuned at one row serves one row only
-        tuned = [key for key in table if key.layer() == layer and key.m >= m and (key.m > 1 or m == 1)]
-        if tuned:
-            return Tuned(tuple(sorted(table[min(tuned, key=lambda key: key.m)].items())), path)
+    return _lookup(device_name, tuple(search_dirs()), (words, bits, group_size, k, n, dtype_name(dtype)), m)
+
+
+@functools.lru_cache(maxsize=1024)
+def _lookup(device_name: str, dirs: tuple[Path, ...], layer: tuple, m: int) -> Tuned | None:
+    # (memoised: w4a16_matmul without a config looks up at every call)
+    for path, table in tables(device_name, dirs):
+        tuned = [key for key in table if key.layer() == layer]
+        if not tuned:
+            continue  # the next table may have the layer; this one decides it if it has any entry
+        covering = [key for key in tuned if key.m == m] if m == 1 else [key for key in tuned if key.m >= m > 1]
+        if not covering:
+            return None
+        config = table[min(covering, key=lambda key: key.m)]
+        return Tuned(tuple(sorted(config.items())), path) if config is not None else None
     return None
 
 
@@ -206,12 +242,15 @@ def write_table(path: Path, device: str, entries: list[dict], meta: dict, force:
     if path.exists() and not force:
         raise QoqoptError(f"{path} exists (--force replaces it)")
     text = json.dumps({"schema": SCHEMA, "device": device, **meta, "entries": entries}, indent=2) + "\n"
-    for i, entry in enumerate(entries):
-        _checked(path, i, entry)
+    keys = [_checked(path, i, entry)[0] for i, entry in enumerate(entries)]
+    if len(set(keys)) < len(keys):
+        twice = next(key for key in keys if keys.count(key) > 1)
+        raise QoqoptError(f"W4A16 tuning table {path}: {_describe(twice)} given twice")
     atomic_write_text(path, text)
     forget()
 
 
-def entry(key: Key, config: dict, **measured) -> dict:
-    """A table entry: the key's fields, the config, and what was measured (times in us, say)."""
-    return {**asdict(key), "config": dict(config), **measured}
+def entry(key: Key, config: dict | None, **measured) -> dict:
+    """A table entry: the key's fields, the config (None: the rules), and what was measured (times in
+    us, say)."""
+    return {**asdict(key), "config": dict(config) if config is not None else None, **measured}

@@ -737,7 +737,9 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     assert kind in KERNELS, f"KERNEL={kind!r} is not one of {tuple(KERNELS)}"
     if reads_fragment_words(dict(config)):
         _check_fragment_launch(m, k, bits, group_size, dtype, block_k, kind)
-    assert group_size % block_k == 0, f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)"
+    if group_size % block_k:  # a K tile over two groups would read one group's scales for both: wrong
+        # results, silently, so not an assert (python -O drops those; configs come from tables too)
+        raise QoqoptError(f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)")
     assert kind != "gemv" or m == 1, "the GEMV kernel takes one row"
     if kind == "dense":  # one program per weight tile; the GEMM is cuBLAS's
         assert split == 1 and block_k % (32 // bits) == 0, (split, block_k)

@@ -137,7 +137,7 @@ def test_gpu_check_summary_reads_a_recorded_h200_run(tmp_path):
     lines = _run_summary(tmp_path, result).splitlines()
     for what in ("vision attention per image vs hf sdpa path >= x5.0", "per layer vs hf sdpa (not judged)",
                  "fastest tile config per sweep case", "NVIDIA H200",
-                 "NVIDIA_H200.json: 1 launches beat the rules",
+                 "NVIDIA_H200.json: 1 launches tuned, 1 beat the rules",
                  "fragments  3584->37888 M=1     34.00 ->    30.50 us  KERNEL=frag BLOCK_N=128 num_warps=4"):
         assert any(what in line for line in lines), what
     module_rows = [line for line in lines if line.startswith("attention") and " qoqopt-module " in line]

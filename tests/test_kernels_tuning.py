@@ -48,33 +48,39 @@ def test_table_file_is_named_after_the_device():
     assert tuning.file_name("NVIDIA GeForce RTX 4090") == "NVIDIA_GeForce_RTX_4090.json"
 
 
-def test_a_table_serves_each_row_count_from_the_smallest_tuned_m_that_covers_it(tables_in):
+def test_a_table_serves_one_row_from_its_one_row_entry_and_more_rows_from_the_fewest_that_cover(tables_in):
     path = _write(tables_in, H200, [_entry(1, FRAG_1), _entry(16, FRAG_16), _entry(4, FRAG_1, dtype="float16")])
     assert _lookup(1).config == FRAG_1 and _lookup(1).source == path
     assert all(_lookup(m).config == FRAG_16 for m in range(2, 17))
     assert _lookup(17) is None  # prefill sizes are never tuned
-    # fp16: tuned at 4 rows, which serves 1 to 4
-    assert [_lookup(m, dtype=torch.float16) is not None for m in (1, 4, 5)] == [True, True, False]
+    # fp16: tuned at 4 rows, which serves 2 to 4; one row was not tuned, so the rules run it
+    assert [_lookup(m, dtype=torch.float16) is not None for m in (1, 2, 4, 5)] == [False, True, True, False]
     # another layer, layout, group size or GPU: the rules decide
     assert _lookup(1, n=512) is None and _lookup(1, words="gptq") is None and _lookup(1, group_size=64) is None
     assert _lookup(1, device="NVIDIA H100 80GB HBM3") is None
 
 
-def test_one_row_entries_serve_one_row_only(tables_in):
+def test_where_the_rules_won_a_table_says_so_and_the_rules_run(tables_in):
     gemv = dict(KERNEL="gemv", BLOCK_N=512, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=7)
-    _write(tables_in, H200, [_entry(1, gemv, words="gptq", n=512)])
+    _write(tables_in, H200, [_entry(1, None), _entry(16, FRAG_16), _entry(1, gemv, words="gptq", n=512)])
+    assert _lookup(1) is None and _lookup(16).config == FRAG_16
     assert _lookup(1, words="gptq", n=512).config == gemv
     assert _lookup(2, words="gptq", n=512) is None  # the GEMV takes one row
 
 
 def test_tables_are_looked_up_in_the_env_folder_then_the_cache_then_the_shipped_folder(tables_in, monkeypatch):
     root = tables_in.parent
-    _write(tuning.SHIPPED, H200, [_entry(1, FRAG_16)])
+    _write(tuning.SHIPPED, H200, [_entry(1, FRAG_16), _entry(16, FRAG_16), _entry(1, FRAG_16, n=512)])
     assert _lookup(1).config == FRAG_16
     _write(tuning.user_dir(), H200, [_entry(1, FRAG_1)])
+    tuning.forget()
     assert _lookup(1).config == FRAG_1 and _lookup(1).source.is_relative_to(root / "cache")
+    # the first table holding a layer decides all its row counts: no 16-row entry there, the rules
+    assert _lookup(16) is None
     _write(tables_in, H200, [_entry(1, dict(FRAG_1, num_stages=5))])
+    tuning.forget()
     assert _lookup(1).config["num_stages"] == 5
+    assert _lookup(1, n=512).config == FRAG_16  # a layer the earlier tables lack: the shipped one's
     monkeypatch.setenv("QOQOPT_KERNEL_TUNING", "off")
     assert tuning.search_dirs() == [] and _lookup(1) is None
     monkeypatch.setenv("QOQOPT_KERNEL_TUNING", str(root / "no such folder"))
@@ -87,7 +93,12 @@ BAD_TABLES = {
     "another schema": ({"schema": "qoqopt.other/1", "entries": []}, "not a qoqopt.w4a16_tuning/1 table"),
     "prefill kernel": ([_entry(1, dict(KERNEL="dense"))], "is not a decode kernel"),
     "string for an int": ([_entry(1, dict(FRAG_1, BLOCK_N="64"))], "BLOCK_N='64'"),
-    "unknown key": ([_entry(1, dict(FRAG_1, maxnreg=128))], "maxnreg=128"),
+    "unknown key": ([_entry(1, dict(FRAG_1, maxnreg=128))], "config maxnreg: not one of KERNEL"),
+    "not a power of two": ([_entry(1, dict(FRAG_1, BLOCK_N=96))], "BLOCK_N=96: a power of two from 16 to 1024"),
+    # a K tile over two groups would read one group's scales for both: wrong results, silently
+    "K tile over two groups": ([_entry(16, dict(KERNEL="mma", BLOCK_K=256), words="gptq")],
+                               "BLOCK_K=256 does not divide group_size 128"),
+    "config neither object nor null": ([dict(_entry(1, FRAG_1), config=[1])], "config is an object, or null"),
     "words it does not read": ([_entry(1, FRAG_1, words="gptq")], "does not read the gptq words"),
     "GEMV at 16 rows": ([_entry(16, dict(KERNEL="gemv"), words="gptq")], "tuned at m 1 only"),
     "zero rows": ([_entry(0, FRAG_1)], "m 0 is not a positive integer"),
@@ -117,6 +128,8 @@ def test_write_table_checks_entries_and_keeps_an_existing_table(tables_in):
         tuning.write_table(path, H200, [_entry(1, FRAG_16)], {})
     with pytest.raises(QoqoptError, match="entry 0: .*not a decode kernel"):
         tuning.write_table(path, H200, [_entry(1, dict(KERNEL="dense"))], {}, force=True)
+    with pytest.raises(QoqoptError, match="fragments words 3584->18944 .* M=1 given twice"):
+        tuning.write_table(path, H200, [_entry(1, FRAG_1), _entry(1, None)], {}, force=True)
     assert tuning.read_table(path)[tuning.Key(**{**GATE_UP, "m": 1})] == FRAG_1
     assert sorted(p.name for p in tables_in.iterdir()) == [path.name]  # no temporary left behind
 
@@ -129,7 +142,7 @@ def test_tables_for_a_device_are_read_on_cuda_only(tables_in, monkeypatch):
     from qoqopt.kernels.registry import PatchReport
 
     report = PatchReport(counts={"w4a16": 7}, backend="triton", w4a16_tuning=[str(path)])
-    assert f"W4A16 decode launches tuned for this GPU by {path}" in str(report)
+    assert f"W4A16 decode tuning table for this GPU: {path}" in str(report)
 
 
 # ----------------------------------------------------------------------------- launches
@@ -165,9 +178,10 @@ def test_a_gpus_table_sets_its_decode_launches_and_the_rules_set_the_rest(tables
 def test_a_tuned_config_that_does_not_fit_its_layer_names_the_table(tables_in, offline):
     from qoqopt.kernels import w4a16
 
-    path = _write(tables_in, offline.OFFLINE_DEVICE, [_entry(16, dict(KERNEL="mma", BLOCK_K=256), words="gptq")])
+    # fragment words decode 16-bit activations only: the plan refuses fp32 (checked when it plans)
+    path = _write(tables_in, offline.OFFLINE_DEVICE, [_entry(16, FRAG_16, dtype="float32")])
     with offline.offline_w4a16(), pytest.raises(QoqoptError) as err:
-        w4a16.shared_launch(16, 3584, 18944, torch.bfloat16, offline.CUDA, False, 4, 128, 1)
+        w4a16.shared_launch(16, 3584, 18944, torch.float32, offline.CUDA, False, 4, 128, 1, fragments=True)
     assert str(path) in str(err.value) and "QOQOPT_KERNEL_TUNING=off" in str(err.value)
 
 
@@ -210,14 +224,15 @@ def test_the_tuner_keeps_the_fastest_candidate_and_its_table_computes_the_produc
              dict(KERNEL="frag", BLOCK_N=128, num_warps=4, num_stages=4, SPLIT_K=2),
              dict(KERNEL="frag", BLOCK_N=128, num_warps=4, num_stages=3, SPLIT_K=1)]
     monkeypatch.setattr(tuner, "candidates", lambda *args: picks)
-    _fake_times(monkeypatch, tuner, [10.0, 9.9, 4.0, 6.0])  # the default first
+    # the rules, each candidate, then the best against the rules in turn, twice
+    _fake_times(monkeypatch, tuner, [10.0, 9.9, 4.0, 6.0, 10.1, 4.2, 9.9, 4.1])
     out = tables_in.parent / "tuned.json"
     assert tuner.main(["--allow-cpu", "--model", "tiny", "--shapes", "gate_up", "--m", "1", "--dtype", "float16",
                        "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["device"] == "cpu" and doc["model"] == "tiny"
     [entry] = doc["entries"]
-    assert (entry["config"], entry["us"], entry["default_us"], entry["m"]) == (picks[1], 4.0, 10.0, 1)
+    assert (entry["config"], entry["us"], entry["default_us"], entry["m"]) == (picks[1], 4.1, 9.9, 1)
     # what the table says to launch computes the layer's product, as the torch reference does
     layer = tuner.Layer(entry["k"], entry["n"], torch.float16, torch.device("cpu"), 0)
     x = torch.randn(1, entry["k"], dtype=torch.float16)
@@ -229,14 +244,39 @@ def test_the_tuner_keeps_the_fastest_candidate_and_its_table_computes_the_produc
     torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
 
 
-def test_the_tuner_keeps_the_default_unless_a_candidate_beats_it_by_min_gain(tuner, tables_in, monkeypatch):
+@pytest.mark.parametrize("times", [[10.0, 9.8, 10.0, 9.8, 10.0, 9.8], [10.0, 5.0, 10.0, 9.9, 10.2, 9.95]],
+                         ids=["2% faster", "lucky once"])
+def test_the_tuner_keeps_the_rules_unless_a_candidate_beats_them_by_min_gain_again(tuner, tables_in, monkeypatch,
+                                                                                  times):
     monkeypatch.setattr(tuner, "candidates", lambda *args: [dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
                                                                  num_warps=4, num_stages=3, SPLIT_K=1)])
-    _fake_times(monkeypatch, tuner, [10.0, 9.8])  # 2% faster
+    _fake_times(monkeypatch, tuner, times)
     out = tables_in.parent / "tuned.json"
     assert tuner.main(["--allow-cpu", "--model", "tiny", "--shapes", "k", "--m", "16", "--dtype", "float16",
                        "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["entries"] == []
+    [entry] = json.loads(out.read_text())["entries"]
+    assert entry["config"] is None and entry["m"] == 16  # the rules, recorded: this table decides the layer
+    assert tuning.read_table(out)[tuning.Key("gptq", 4, 128, 256, 128, "float16", 16)] is None
+
+
+def test_the_tuner_never_times_the_rules_own_launch_under_another_name(tuner, tables_in, monkeypatch):
+    from qoqopt.kernels.w4a16 import fragment_launch
+
+    monkeypatch.setattr(tuner, "candidates", lambda *args: [fragment_launch(1, torch.float16)])
+    _fake_times(monkeypatch, tuner, [10.0])  # the rules' time only: timing the candidate would fail
+    out = tables_in.parent / "tuned.json"
+    assert tuner.main(["--allow-cpu", "--model", "tiny", "--shapes", "gate_up", "--m", "1", "1", "--dtype",
+                       "float16", "--out", str(out)]) == 0
+    [entry] = json.loads(out.read_text())["entries"]  # M = 1 asked twice: tuned once
+    assert entry["config"] is None and entry["candidates"] == 0
+
+
+def test_each_shape_is_tuned_once_and_the_fused_qkv_with_its_bias(tuner):
+    import argparse
+
+    # the tiny model's qkv and gate are both 256 -> 512: one table key
+    args = argparse.Namespace(model="tiny", shapes="qkv,gate,k", m=[1])
+    assert tuner._layers(args) == [("qkv", 256, 512, True), ("k", 256, 128, False)]
 
 
 def test_every_candidate_of_the_grid_computes_what_the_default_computes(tuner, monkeypatch):
@@ -272,3 +312,13 @@ def test_a_quant_linear_on_a_gpu_runs_its_tables_launch(tables_in):
         dict(BLOCK_N=64, num_stages=4, SPLIT_K=2)
     want = w4a16_reference(x.float(), layer.gptq_qweight(), layer.qzeros, layer.scales, **layer._kwargs())
     torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_a_k_tile_over_two_groups_is_refused_even_without_asserts():
+    """The one config error that would compute wrong results silently is a QoqoptError, not an
+    assert (``python -O`` drops those), wherever a config comes from."""
+    from qoqopt.kernels.w4a16 import launch_plan
+
+    with pytest.raises(QoqoptError, match="BLOCK_K=256 must divide group_size=128"):
+        launch_plan(16, 512, 1024, bits=4, group_size=128, zero_offset=1, has_bias=False, dtype=torch.float16,
+                    device=torch.device("cpu"), KERNEL="mma", BLOCK_K=256)
