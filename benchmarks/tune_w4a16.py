@@ -133,13 +133,6 @@ class Layer:
         return cycling([functools.partial(launch, x, *weights, self.bias) for weights in self.copies])
 
 
-def default_config(m: int, dtype: torch.dtype, words: str) -> dict:
-    """What the rules launch (``w4a16.shared_launch`` with no table)."""
-    from qoqopt.kernels.w4a16 import fragment_launch
-
-    return fragment_launch(m, dtype) if words == "fragments" else {}
-
-
 def time_us(fn) -> float:
     """GPU time of one call, CUDA-graph replay (median); on the CPU, wall time (the tuner's own
     tests: those numbers mean nothing)."""
@@ -161,9 +154,10 @@ def tune_one(layer: Layer, m: int, sms: int, quick: bool, min_gain: float, log=p
     ``config`` None where none beat the rules by ``min_gain``. The best is timed against the rules
     again, in turn, before it is kept: one lucky timing of many candidates must not make a win."""
     from qoqopt.kernels import tuning
+    from qoqopt.kernels.w4a16 import rules_launch
 
     x = torch.randn(m, layer.k, device=layer.copies[0][0].device, dtype=layer.dtype)
-    default = default_config(m, layer.dtype, layer.words)
+    default = rules_launch(m, layer.dtype, layer.words == "fragments")
     default_plan, reference = layer.plan(m, x.device, default), layer.run(x, default)()
     default_us = time_us(layer.run(x, default))
     best, best_us, tried = None, default_us, 0

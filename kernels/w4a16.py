@@ -801,6 +801,12 @@ def fragment_launch(m: int, dtype: torch.dtype) -> dict:
     return dict(KERNEL="frag") if _fragment_decodes(m, dtype) else dict(FRAGMENTS=True)
 
 
+def rules_launch(m: int, dtype: torch.dtype, fragments: bool) -> dict:
+    """The config the rules launch at ``m`` rows over a layer's words (no tuning table): the plan's
+    defaults, over fragment words :func:`fragment_launch`'s."""
+    return fragment_launch(m, dtype) if fragments else {}
+
+
 def _fragment_decodes(m: int, dtype: torch.dtype) -> bool:
     return m <= DECODE_MAX_M and dtype in FRAGMENT_ASM and torch.version.hip is None
 
@@ -949,7 +955,7 @@ def _tuned(m, k, n, dtype, device, bits, group_size, fragments) -> tuning.Tuned 
 @functools.lru_cache(maxsize=256)
 def _shared_launch(m, k, n, dtype, device, has_bias, bits, group_size, zero_offset, fragments, sms, tuned):
     # sms: the plan's input
-    config = tuned.config if tuned else fragment_launch(m, dtype) if fragments else {}
+    config = tuned.config if tuned else rules_launch(m, dtype, fragments)
     try:
         return prepare_w4a16(m, k, n, dtype, device, has_bias=has_bias, bits=bits, group_size=group_size,
                              zero_offset=zero_offset, **config)
