@@ -125,6 +125,26 @@ class Row:
     graph_speedup: float | None = None
 
 
+def wall_ms(fn, reps: int = 5) -> float:
+    """Median wall time of ``fn`` after one warm-up call: the CPU's timing (no GPU to ask)."""
+    fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def rtn_gptq_layer(weight: torch.Tensor, group_size: int):
+    """A dense ``[N, K]`` weight quantized round-to-nearest, 4-bit, as a QuantLinear over GPTQ v1 words."""
+    from qoqopt.kernels.w4a16 import QuantLinear
+    from qoqopt.packing import pack_gptq, quantize_rtn
+
+    intweight, zeros, scales = quantize_rtn(weight, 4, group_size)
+    return QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales)
+
+
 class Bench:
     def __init__(self, device: torch.device):
         from qoqopt.kernels._triton import interpreter_enabled
@@ -150,13 +170,7 @@ class Bench:
             import triton.testing
 
             return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        fn()
-        samples = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
+        return wall_ms(fn)
 
     def time_graph_ms(self, fn) -> float | None:
         if self.device.type != "cuda":
@@ -466,9 +480,6 @@ DECODER_LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp":
 def _decoder_layer(pr: Profile, dtype, device) -> dict[str, nn.Module]:
     """Attention and MLP holders with one 7B decoder layer's projections as QuantLinear (RTN, GPTQ
     layout), plus the dense weights they came from."""
-    from qoqopt.kernels.w4a16 import QuantLinear
-    from qoqopt.packing import pack_gptq, quantize_rtn
-
     hidden, kv, inter = pr.decoder
     shapes = dict(q_proj=(hidden, hidden), k_proj=(hidden, kv), v_proj=(hidden, kv), o_proj=(hidden, hidden),
                   gate_proj=(hidden, inter), up_proj=(hidden, inter), down_proj=(inter, hidden))
@@ -479,8 +490,7 @@ def _decoder_layer(pr: Profile, dtype, device) -> dict[str, nn.Module]:
         for name in names:
             k, n = shapes[name]
             dense[name] = (torch.randn(n, k, device=device) * 0.02).to(dtype)
-            intweight, zeros, scales = quantize_rtn(dense[name], 4, pr.group_size)
-            setattr(parts[parent], name, QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales))
+            setattr(parts[parent], name, rtn_gptq_layer(dense[name], pr.group_size))
     return dict(parts, dense=dense)
 
 
@@ -731,16 +741,14 @@ def sweep_w4a16(b: Bench, pr: Profile) -> None:
     compare configs with each other; the judged rows (cold weights) compare with bf16.
     At bf16 the store's rounding hides accumulation error, so the decode defaults are also checked in
     fp16, and every config is counted by how many outputs differ from the default's."""
-    from qoqopt.kernels.w4a16 import QuantLinear, dequantize_weight, reads_fragment_words
-    from qoqopt.packing import FRAGMENT_K, gptq_to_fragments, pack_gptq, quantize_rtn
+    from qoqopt.kernels.w4a16 import dequantize_weight, reads_fragment_words
+    from qoqopt.packing import FRAGMENT_K, gptq_to_fragments
 
     dtype, dev = b.dtype, b.device
     g = torch.Generator().manual_seed(0)
     for i, (k, n, label) in enumerate(pr.lm_shapes):
         narrow = i >= 2  # q/o and k/v, after gate/up and down
-        weight = torch.randn(n, k, device=dev) * 0.02
-        intweight, zeros, scales = quantize_rtn(weight, 4, pr.group_size)
-        layer = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales)
+        layer = rtn_gptq_layer(torch.randn(n, k, device=dev) * 0.02, pr.group_size)
         w_exact = dequantize_weight(layer.qweight, layer.qzeros, layer.scales, **layer._kwargs()).double()
         # the words each config's kernel reads: GPTQ's, or repacked once a shape (K is whole 128-row blocks
         # at every 7B shape; elsewhere the plan refuses fragment configs, inside the timed call)

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import functools
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,8 @@ import torch
 # dir), not from the repo's qoqopt/, which holds no kernels
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_kernels import config_tag, cycling, rel_err, weight_copies  # noqa: E402
+from benchmarks.bench_kernels import (config_tag, cycling, rel_err, rtn_gptq_layer, wall_ms,  # noqa: E402
+                                      weight_copies)
 from qoqopt.errors import QoqoptError  # noqa: E402
 
 # Text-model dims (hidden, intermediate, attention heads, KV heads): the 7B's from its config, the
@@ -85,7 +85,7 @@ def candidates(k: int, n: int, m: int, words: str, sms: int, quick: bool) -> lis
                           for s in _splits(-(-n // bn), k // 128, sms, warps, per_sm)]
         return found
     per_sm = (2, 3, 4) if quick else (0.5, 1, 2, 3, 4)
-    block_k = min(128, GROUP_SIZE)
+    block_k = GROUP_SIZE  # one group a K step
     for bn in (64, 128):  # 16-row tensor-core tiles (any M up to 16)
         for st in stages:
             found += [dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=block_k, num_warps=4, num_stages=st, SPLIT_K=s)
@@ -102,13 +102,8 @@ class Layer:
 
     def __init__(self, k: int, n: int, dtype: torch.dtype, device: torch.device, l2_bytes: int,
                  has_bias: bool = False):
-        from qoqopt.kernels.w4a16 import QuantLinear
-        from qoqopt.packing import pack_gptq, quantize_rtn
-
         g = torch.Generator(device="cpu").manual_seed(k * 7 + n)
-        weight = (torch.randn(n, k, generator=g) * 0.02).to(device, dtype)
-        intweight, zeros, scales = quantize_rtn(weight, 4, GROUP_SIZE)
-        layer = QuantLinear.from_gptq(*pack_gptq(intweight, zeros), scales)
+        layer = rtn_gptq_layer((torch.randn(n, k, generator=g) * 0.02).to(device, dtype), GROUP_SIZE)
         layer.use_fragment_words(only_where_faster=True)
         self.k, self.n, self.dtype, self.words, self.kwargs = k, n, dtype, layer.words, layer._kwargs()
         self.bias = (torch.randn(n, generator=g) * 0.1).to(device, dtype) if has_bias else None
@@ -140,13 +135,7 @@ def time_us(fn) -> float:
         import triton.testing
 
         return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-    fn()
-    samples = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(samples)
+    return 1e3 * wall_ms(fn, reps=3)
 
 
 def tune_one(layer: Layer, m: int, sms: int, quick: bool, min_gain: float, log=print) -> dict:
