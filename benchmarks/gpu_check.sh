@@ -28,7 +28,7 @@ TEST_LIMIT_S="${TEST_LIMIT_S:-180}"
 # The 2026-11-30 run spent 53 s on tests, ~190 s on the benchmark and 154 s end to end; sessions 20-22
 # staged ~45 sweep rows since (each a Triton compile), hence 320 s for the benchmark, still under 10 min
 BENCH_LIMIT_S="${BENCH_LIMIT_S:-320}"
-# 7B quick grid: 41 compiles and 123 timings (untimed on a GPU so far)
+# 7B quick grid: about 59 compiles and 163 timings (session 28; untimed on a GPU so far)
 TUNE_LIMIT_S="${TUNE_LIMIT_S:-150}"
 TOTAL_LIMIT_S="${TOTAL_LIMIT_S:-575}"
 for limit in TEST_LIMIT_S BENCH_LIMIT_S TUNE_LIMIT_S TOTAL_LIMIT_S ${E2E_LIMIT_S:+E2E_LIMIT_S}; do

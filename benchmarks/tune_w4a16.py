@@ -66,12 +66,13 @@ def _splits(tiles: int, k_steps: int, sms: int, warps: int, per_sm: tuple[int, .
     return sorted({max(1, min(k_steps, round(p * sms * 4 / warps / tiles))) for p in per_sm})
 
 
-# Fragment-word tiles: (BLOCK_N, warps, programs an SM to aim the K split at). Half a program an SM
-# (few splits of long programs) is for the latency-bound narrow layers, where 14 splits of 2 K steps
-# each pay a reduction; the defaults sit at about 3.
-FRAGMENT_TILES = {True: ((128, 4, (0.5, 2, 3, 4)), (64, 2, (2, 4))),
-                  False: ((128, 4, (0.5, 1, 2, 3, 4)), (64, 2, (0.5, 1, 2, 3, 4)), (128, 8, (1, 2, 3)),
-                          (256, 8, (1, 2, 3)))}
+# Fragment-word tiles: (BLOCK_N, warps, dot depth, programs an SM to aim the K split at). Half a
+# program an SM (few splits of long programs) is for the latency-bound narrow layers, where 14 splits
+# of 2 K steps each pay a reduction; the defaults sit at about 3. Two 64-row dots a K step (DOT_K 64)
+# take the 128-wide tile from 126-128 registers to 96 (sm_90), room for a fifth program an SM.
+FRAGMENT_TILES = {True: ((128, 4, 128, (0.5, 2, 3, 4)), (64, 2, 128, (2, 4)), (128, 4, 64, (3, 5))),
+                  False: ((128, 4, 128, (0.5, 1, 2, 3, 4)), (64, 2, 128, (0.5, 1, 2, 3, 4)), (128, 8, 128, (1, 2, 3)),
+                          (256, 8, 128, (1, 2, 3)), (128, 4, 64, (0.5, 2, 3, 4, 5)), (128, 8, 64, (2, 3, 4)))}
 
 
 def candidates(k: int, n: int, m: int, words: str, sms: int, quick: bool) -> list[dict]:
@@ -79,9 +80,10 @@ def candidates(k: int, n: int, m: int, words: str, sms: int, quick: bool) -> lis
     stages = (3, 4) if quick else (3, 4, 5)
     found = []
     if words == "fragments":  # one 128-row block of words per K step
-        for bn, warps, per_sm in FRAGMENT_TILES[quick]:
+        for bn, warps, dot_k, per_sm in FRAGMENT_TILES[quick]:
+            depth = {} if dot_k == 128 else dict(DOT_K=dot_k)
             for st in stages:
-                found += [dict(KERNEL="frag", BLOCK_N=bn, num_warps=warps, num_stages=st, SPLIT_K=s)
+                found += [dict(KERNEL="frag", BLOCK_N=bn, num_warps=warps, num_stages=st, SPLIT_K=s, **depth)
                           for s in _splits(-(-n // bn), k // 128, sms, warps, per_sm)]
         return found
     per_sm = (2, 3, 4) if quick else (0.5, 1, 2, 3, 4)
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="table file, or a folder to hold <GPU>.json "
                         "(default: the qoqopt cache, where qoqopt looks first after $QOQOPT_KERNEL_TUNING)")
     parser.add_argument("--force", action="store_true", help="replace an existing table")
-    parser.add_argument("--quick", action="store_true", help="a smaller grid (7 to 12 candidates a shape and M)")
+    parser.add_argument("--quick", action="store_true", help="a smaller grid (4 to 16 candidates a shape and M)")
     parser.add_argument("--min-gain", type=float, default=0.03, help="keep a config only if this much faster (0.03)")
     parser.add_argument("--limit-s", type=float, help="start no new shape after this many seconds")
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # the tuner's own tests

@@ -39,7 +39,7 @@ SCHEMA = "qoqopt.w4a16_tuning/1"
 SHIPPED = Path(__file__).resolve().parent / "tuned"
 # what a tuned config may set, and the type of each value
 CONFIG_KEYS = {"KERNEL": str, "BLOCK_M": int, "BLOCK_N": int, "BLOCK_K": int, "num_warps": int, "num_stages": int,
-               "SPLIT_K": int, "REDUCE_UNROLL": int, "FRAGMENTS": bool}
+               "SPLIT_K": int, "REDUCE_UNROLL": int, "FRAGMENTS": bool, "DOT_K": int}
 DECODE_KERNELS = ("gemv", "mma", "frag")
 WORDS = ("gptq", "fragments")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -152,7 +152,8 @@ def _key(fields: dict) -> Key:
 
 # what the launch plan takes from a config unchecked (a K tile over two groups would compute wrong
 # results, silently): powers of two in range; the decode tiles are 16 rows
-TILE_RANGES = {"BLOCK_M": (16, 16), "BLOCK_N": (16, 1024), "BLOCK_K": (16, 1024), "num_warps": (1, 16)}
+TILE_RANGES = {"BLOCK_M": (16, 16), "BLOCK_N": (16, 1024), "BLOCK_K": (16, 1024), "num_warps": (1, 16),
+               "DOT_K": (64, 128)}
 
 
 def _config(key: Key, config: dict) -> dict:
@@ -172,6 +173,8 @@ def _config(key: Key, config: dict) -> dict:
         raise ValueError(f"config KERNEL={kernel!r} is not a decode kernel {DECODE_KERNELS}")
     if (kernel == "frag" or config.get("FRAGMENTS", False)) != (key.words == "fragments"):
         raise ValueError(f"config {config} does not read the {key.words} words it is tuned for")
+    if "DOT_K" in config and kernel != "frag":
+        raise ValueError(f"config DOT_K: the fragment decode kernel's (KERNEL 'frag'), not {kernel!r}'s")
     if kernel == "gemv" and key.m != 1:
         raise ValueError("the one-row GEMV is tuned at m 1 only")
     return dict(config)

@@ -317,26 +317,30 @@ def _w4a16_kernel(
 # halves at once (an FMA by 1.0: packed bf16 subtract needs sm_90, packed FMA sm_80): rows k and k + 1
 # of one column, a whole MMA B register. One asm block per word (the pack of 8: four output
 # registers), so Triton never sees the halves apart (a join of 16-bit halves became one PRMT per
-# weight, sm_90 SASS).
-_FRAGMENT_ASM = """{
-    .reg .b32 t1, t2, t3, one;
-    mov.b32 one, ONE;
-    lop3.b32 $0, $4, 0x000F000F, $20, 0xea;
-    fma.rn.TYPE $0, $0, one, $12;
-    shr.u32 t1, $4, 4;
-    lop3.b32 $1, t1, 0x000F000F, $20, 0xea;
-    fma.rn.TYPE $1, $1, one, $12;
-    shr.u32 t2, $4, 8;
-    lop3.b32 $2, t2, 0x000F000F, $20, 0xea;
-    fma.rn.TYPE $2, $2, one, $12;
-    shr.u32 t3, $4, 12;
-    lop3.b32 $3, t3, 0x000F000F, $20, 0xea;
-    fma.rn.TYPE $3, $3, one, $12;
-}"""
-FRAGMENT_ASM = {torch.bfloat16: _FRAGMENT_ASM.replace("TYPE", "bf16x2").replace("ONE", "0x3F803F80"),
-                torch.float16: _FRAGMENT_ASM.replace("TYPE", "f16x2").replace("ONE", "0x3C003C00")}
-# 4 registers out, early-clobber (written before the inputs are last read); 8 copies of 3 inputs
+# weight, sm_90 SASS). Half a block (``DOT_K`` 64) takes pairs 2H and 2H + 1 of each word: a pack of 4,
+# two registers out.
+def _fragment_asm(pairs: tuple[int, ...], ptx_type: str, one: str) -> str:
+    """The asm text that makes pairs ``pairs`` of a fragment word (operands: ``len(pairs)`` output
+    registers, then the pack's copies of the word, of -(MAGIC + z) and of MAGIC's pattern pair)."""
+    outs = len(pairs)
+    word, neg, pattern = outs, 3 * outs, 5 * outs  # a pack of 2 * outs 16-bit elements: one copy each
+    lines = ["{", "    .reg .b32 t, one;", f"    mov.b32 one, {one};"]
+    for out, j in enumerate(pairs):
+        src = f"${word}"
+        if j:
+            lines.append(f"    shr.u32 t, ${word}, {4 * j};")
+            src = "t"
+        lines += [f"    lop3.b32 ${out}, {src}, 0x000F000F, ${pattern}, 0xea;",
+                  f"    fma.rn.{ptx_type} ${out}, ${out}, one, ${neg};"]
+    return "\n".join(lines + ["}"])
+
+
+_PTX_HALVES = {torch.bfloat16: ("bf16x2", "0x3F803F80"), torch.float16: ("f16x2", "0x3C003C00")}
+FRAGMENT_ASM = {dtype: _fragment_asm((0, 1, 2, 3), *ptx) for dtype, ptx in _PTX_HALVES.items()}
+FRAGMENT_HALF_ASM = {dtype: (_fragment_asm((0, 1), *ptx), _fragment_asm((2, 3), *ptx)) for dtype, ptx in _PTX_HALVES.items()}
+# Output registers, early-clobber (written before the inputs are last read); then a pack's copies of 3 inputs
 FRAGMENT_ASM_OPERANDS = tl.constexpr(",".join(["=&r"] * 4 + ["r"] * 24))
+FRAGMENT_HALF_ASM_OPERANDS = tl.constexpr(",".join(["=&r"] * 2 + ["r"] * 12))
 
 
 @device_function
@@ -376,6 +380,41 @@ def _fragment_tile(words, neg_magic_zero, neg_magic_zero_pair, pair_bits, dtype:
         lo3, hi3 = _half_pair(words, pair_bits, 3, dtype)
         w = _fragment_nibble_rows(lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, BLOCK_N) + neg_magic_zero[None, :]
     return w
+
+
+@device_function
+def _fragment_half_tile(words, neg_magic_zero, neg_magic_zero_pair, pair_bits, dtype: tl.constexpr,
+                        BLOCK_N: tl.constexpr, ASM: tl.constexpr, H: tl.constexpr):
+    """Rows ``64 H`` to ``64 H + 63`` of :func:`_fragment_tile`'s ``[128, BLOCK_N]`` (``ASM``: the
+    half's text of ``FRAGMENT_HALF_ASM``), made from the same words: pairs ``2 H`` and ``2 H + 1`` of
+    each. A K step as two dots of 64 rows holds half the dequantized registers at a time."""
+    if ASM != "":
+        zeros = tl.zeros_like(words)
+        operands = [_by_four(words), _by_four(neg_magic_zero_pair[None, :] + zeros), _by_four(pair_bits + zeros)]
+        t = tl.inline_asm_elementwise(ASM.value, FRAGMENT_HALF_ASM_OPERANDS.value, operands, dtype=neg_magic_zero.dtype,
+                                      is_pure=False, pack=4)
+        w = _fragment_half_rows(t, BLOCK_N)
+    else:
+        lo0, hi0 = _half_pair(words, pair_bits, 2 * H, dtype)
+        lo1, hi1 = _half_pair(words, pair_bits, 2 * H + 1, dtype)
+        w = _fragment_half_rows(tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1)), BLOCK_N) + neg_magic_zero[None, :]
+    return w
+
+
+@device_function
+def _by_four(t):
+    """``[...]`` -> ``[..., 2, 2]``, every element ``t``'s (the operands of a pack-of-4 asm)."""
+    t2 = tl.join(t, t)
+    return tl.join(t2, t2)
+
+
+@device_function
+def _fragment_half_rows(t, BLOCK_N: tl.constexpr):
+    """Half a fragment block's values ``[r, n, e1, e0]`` -> ``[64, n]``, as :func:`_fragment_rows`
+    with ``e6`` (the half) fixed."""
+    # [r, n, e1, e0] -> [rhi, rlo, n, e1, e0] -> [rlo, e1, rhi, e0, n]
+    t = tl.permute(tl.reshape(t, (4, 4, BLOCK_N, 2, 2)), (1, 3, 0, 4, 2))
+    return tl.reshape(t, (64, BLOCK_N))
 
 
 @device_function
@@ -447,16 +486,20 @@ def _w4a16_fragment_kernel(
     DOT_PRECISION: tl.constexpr,
     ASM: tl.constexpr,  # FRAGMENT_ASM of x's dtype; "" under the interpreter (no inline asm there)
     REDUCE_UNROLL: tl.constexpr = 1,
+    DOT_K: tl.constexpr = 128,  # 64: each K step as two dots, one per half block (ASM_LO, ASM_HI)
+    ASM_LO: tl.constexpr = "",  # FRAGMENT_HALF_ASM of x's dtype where DOT_K is 64
+    ASM_HI: tl.constexpr = "",
 ):
     """Decode (M <= 16) over fragment-ordered 4-bit words: each K step loads one 128-row block of
     words, turns each word into four registers of two ``q - z`` each, and feeds them to the MMA as
     they are (``_fragment_tile``); the group's scale multiplies the step's dot product, as in the
     decode tiles of ``_w4a16_kernel``. sm_90 SASS at gate/up M = 16, 128 x 128 tiles, Triton 3.6
-    (the H200 image's): 2.62 instructions per weight against 6.49 for the default decode tile and
+    (the H200 image's): 2.60 instructions per weight against 6.49 for the default decode tile and
     5.41 for JOIN_FIELDS (2.73 before -(MAGIC + z) was built from its bits), and 1 shared-memory
-    store per K step against 129 (Triton 3.9: 2.58, 2 stores). The store left carries the group's
+    store per K step against 129 (Triton 3.9: 2.57, 2 stores). ``DOT_K`` 64 keeps that count and
+    takes the 128-wide tile from 128 registers a thread to 96. The store left carries the group's
     scales over to the MMA accumulator's layout, behind the K step's second barrier."""
-    tl.static_assert(BLOCK_K == 128 and BITS == 4 and GROUP_SIZE % 128 == 0)
+    tl.static_assert(BLOCK_K == 128 and BITS == 4 and GROUP_SIZE % 128 == 0 and (DOT_K == 128 or DOT_K == 64))
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -476,8 +519,6 @@ def _w4a16_fragment_kernel(
     scale_ptrs = scales_ptr + offs_n
     raw_scale = tl.load(scale_ptrs + (k_start // GROUP_SIZE) * stride_s, mask=n_mask, other=0.0)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         words = _load(word_ptrs + (k0 // BLOCK_K) * stride_qw, n_mask[None, :], EVEN_N)
         zero = _group_zeros(qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, stride_qz, BITS, ZERO_OFFSET)
         # -(MAGIC + z) from its bits: z (at most 16) is the mantissa of MAGIC + z, and the sign bit
@@ -485,8 +526,18 @@ def _w4a16_fragment_kernel(
         # negation and a float->16-bit conversion (quarter rate), 3 of 8 instructions (sm_90 SASS)
         neg = zero + (MAGIC_BITS | 0x8000)
         neg_magic_zero = neg.to(tl.int16).to(in_dtype, bitcast=True)
-        w = _fragment_tile(words, neg_magic_zero, neg | (neg << 16), pair_bits, in_dtype, BLOCK_N, ASM)
-        acc += tl.dot(a, w, input_precision=DOT_PRECISION) * raw_scale.to(tl.float32)[None, :]
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k0 + tl.arange(0, DOT_K)[None, :]
+        a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        if DOT_K == BLOCK_K:
+            w = _fragment_tile(words, neg_magic_zero, neg | (neg << 16), pair_bits, in_dtype, BLOCK_N, ASM)
+            dot = tl.dot(a, w, input_precision=DOT_PRECISION)
+        else:  # the second half's weights are made after the first half's dot has read its own
+            w = _fragment_half_tile(words, neg_magic_zero, neg | (neg << 16), pair_bits, in_dtype, BLOCK_N, ASM_LO, 0)
+            dot = tl.dot(a, w, input_precision=DOT_PRECISION)
+            a = tl.load(x_ptrs + DOT_K, mask=m_mask[:, None], other=0.0)
+            w = _fragment_half_tile(words, neg_magic_zero, neg | (neg << 16), pair_bits, in_dtype, BLOCK_N, ASM_HI, 1)
+            dot = tl.dot(a, w, dot, input_precision=DOT_PRECISION)
+        acc += dot * raw_scale.to(tl.float32)[None, :]
         g_next = tl.minimum((k0 + BLOCK_K) // GROUP_SIZE, g_last)
         raw_scale = tl.load(scale_ptrs + g_next * stride_s, mask=n_mask, other=0.0)
 
@@ -737,6 +788,9 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     assert kind in KERNELS, f"KERNEL={kind!r} is not one of {tuple(KERNELS)}"
     if reads_fragment_words(dict(config)):
         _check_fragment_launch(m, k, bits, group_size, dtype, block_k, kind)
+    if "DOT_K" in cfg and (kind != "frag" or cfg["DOT_K"] not in (FRAGMENT_K // 2, FRAGMENT_K)):
+        raise QoqoptError(f"DOT_K={cfg['DOT_K']}: the fragment decode kernel's (KERNEL='frag') dot depth, "
+                          f"{FRAGMENT_K // 2} or {FRAGMENT_K}; got KERNEL={kind!r}")
     if group_size % block_k:  # a K tile over two groups would read one group's scales for both: wrong
         # results, silently, so not an assert (python -O drops those; configs come from tables too)
         raise QoqoptError(f"BLOCK_K={block_k} must divide group_size={group_size} (one group per K tile)")
@@ -758,7 +812,10 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
         magic_bits, magic = 0, 0.0
     cfg |= dict(DOT_PRECISION=dot_precision(dtype), MAGIC_BITS=magic_bits, MAGIC=magic)
     if kind == "frag":
-        cfg["ASM"] = FRAGMENT_ASM[dtype] if device.type == "cuda" and not interpreter_enabled() else ""
+        asm = device.type == "cuda" and not interpreter_enabled()
+        cfg["ASM"] = FRAGMENT_ASM[dtype] if asm else ""
+        if cfg.get("DOT_K", FRAGMENT_K) != FRAGMENT_K:
+            cfg["ASM_LO"], cfg["ASM_HI"] = FRAGMENT_HALF_ASM[dtype] if asm else ("", "")
     # the kernel would quietly run its plain tile otherwise, and a sweep row would time the wrong code
     assert not cfg.get("JOIN_FIELDS") or (cfg["BLOCK_M"] <= 16 and magic_bits and bits == 4 and not cfg.get("FRAGMENTS")), \
         "JOIN_FIELDS builds 16-row decode tiles of 4-bit GPTQ words for fp16/bf16 activations only"

@@ -687,9 +687,11 @@ def test_w4a16_decode_joined_fields_match_dequantized_matmul(dtype):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("tiles", [dict(BLOCK_N=128, num_warps=4), dict(BLOCK_N=64, num_warps=2)], ids=["n128-w4", "n64-w2"])
+@pytest.mark.parametrize("tiles", [dict(BLOCK_N=128, num_warps=4), dict(BLOCK_N=64, num_warps=2),
+                                   dict(BLOCK_N=128, num_warps=4, DOT_K=64)], ids=["n128-w4", "n64-w2", "n128-w4-dot64"])
 def test_w4a16_fragment_decode_places_every_weight(dtype, split, tiles):
-    """The fragment-word decode kernel (``KERNEL="frag"``, apply()'s decode path; its two tiles) over
+    """The fragment-word decode kernel (``KERNEL="frag"``, apply()'s decode path; its two tiles, and
+    the 128-wide one as two 64-row dots a K step, a tuning candidate) over
     weights repacked from GPTQ at load (``gptq_to_fragments``): with one-hot activations each output is one weight,
     ``(q - z) * s`` rounded once to x's dtype, compared bit for bit for every row of every 128-row
     block, 16 at a time, so a pair or a register placed wrong fails; zeros include v1's largest, 16.
@@ -704,7 +706,8 @@ def test_w4a16_fragment_decode_places_every_weight(dtype, split, tiles):
     plan = launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=1, has_bias=False, dtype=dtype,
                        device=DEVICE, **tiles)
     assert plan.kernel == "frag" and plan.split == split and plan.constexprs["BLOCK_K"] == 128
-    assert bool(plan.constexprs["ASM"]) == (DEVICE.type == "cuda")  # the compiled pairs wherever they can run
+    asm = plan.constexprs["ASM_LO"] and plan.constexprs["ASM_HI"] if "DOT_K" in tiles else plan.constexprs["ASM"]
+    assert bool(asm) == (DEVICE.type == "cuda")  # the compiled pairs wherever they can run
     _one_hot_rows_read_back(gptq_to_fragments(qweight), qzeros, scales, w, torch.randperm(k, generator=g).view(-1, m),
                             group_size, dtype, **tiles)
 
@@ -712,13 +715,15 @@ def test_w4a16_fragment_decode_places_every_weight(dtype, split, tiles):
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 13])
 @pytest.mark.parametrize("split", [1, 4])
-def test_w4a16_fragment_decode_matches_dequantized_matmul(dtype, m, split):
+@pytest.mark.parametrize("dot_k", [128, 64])
+def test_w4a16_fragment_decode_matches_dequantized_matmul(dtype, m, split, dot_k):
     """The same kernel on random activations with a bias, one row (where it would stand in for the
     GEMV) and 13 (the 16-row tile cut off); GPTQ v2 zeros, 0 among them, two groups of 256 rows. Split
     4 ways, each split is one 128-row block, so half of them start inside a group: the scales each
-    step loads a step ahead must still be its own group's."""
+    step loads a step ahead must still be its own group's. ``dot_k`` 64: each step's two half-block
+    dots must add up to the whole block's."""
     _matches_dequantized_matmul(512, 72, 256, m, dtype, seed=7, v2_zeros=True, KERNEL="frag", BLOCK_N=64,
-                                num_warps=2, num_stages=2, SPLIT_K=split)
+                                num_warps=2, num_stages=2, SPLIT_K=split, DOT_K=dot_k)
 
 
 @pytest.mark.parametrize("m", [64, 16, 1], ids=["prefill", "decode16", "decode1"])
@@ -748,7 +753,8 @@ def test_w4a16_fragment_prefill_matches_dequantized_matmul(dtype):
 
 def test_w4a16_fragment_decode_refuses_what_it_cannot_run():
     """Prefill rows, fp32 x, 8-bit weights, groups or K not whole 128-row blocks: a clear error; the
-    tiles over fragment words refuse 8 bits and partial blocks, and the GEMV fragment words."""
+    tiles over fragment words refuse 8 bits and partial blocks, and the GEMV fragment words; a dot
+    depth (``DOT_K``) other than half or all of a block, or outside the decode kernel."""
     from qoqopt.errors import QoqoptError
     from qoqopt.kernels.w4a16 import launch_plan
 
@@ -764,6 +770,9 @@ def test_w4a16_fragment_decode_refuses_what_it_cannot_run():
             launch_plan(m, 64, k, dtype=torch.float16, **(prefill | changes))
     with pytest.raises(QoqoptError, match="GEMV .* reads GPTQ words only"):
         launch_plan(1, 64, 256, dtype=torch.float16, **(prefill | dict(KERNEL="gemv")))
+    for changes in (dict(DOT_K=32), dict(DOT_K=256), dict(KERNEL="mma", FRAGMENTS=True, DOT_K=64)):  # two 64-row dots
+        with pytest.raises(QoqoptError, match="DOT_K=.*dot depth, 64 or 128"):  # or one 128-row dot, in 'frag' only
+            launch_plan(16, 64, 256, dtype=torch.float16, **(frag | changes))
 
 
 @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.float32], ids=["fp16-scales", "fp32-scales"])

@@ -173,6 +173,35 @@ def test_w4a16_fragment_decode_feeds_the_mma_from_registers(dtype, tiles):
     assert layout.group(1).endswith("2, 2, 2") and layout.group(2).startswith("4, 3, 2"), layout.group(0)
 
 
+@pytest.mark.parametrize("m, k, n", [(1, 3584, 18944), (16, 18944, 3584)], ids=["gate-up-m1", "down-m16"])
+def test_w4a16_fragment_decode_in_two_dots_holds_fewer_registers(m, k, n):
+    """``DOT_K=64`` (a tuning candidate) makes each K step two 64-row dots from the same words, so
+    half the dequantized B registers are live at a time. That is all it is for, and only the compiled
+    code shows it (sm_90, bf16, 128 x 128 tiles at 4 warps): at least 24 registers a thread fewer than
+    the one 128-row dot, below 104 (65536 / 104 / 128 threads: 5 programs an SM where 128 fit 4), no
+    spill, K-loop instructions within 2%, and still no shared-memory pass of the weights (at most 2
+    stores a step) with MMA operands paired by rows (kWidth 2). Each pack of four the half's asm sees
+    is one word's pairs 2H and 2H + 1, innermost in the thread's registers, as its text assumes."""
+    import re
+
+    from benchmarks.offline_compile import w4a16_compile
+
+    tiles = dict(KERNEL="frag", BLOCK_N=128, num_warps=4, num_stages=3)
+    (one, _), (two, plan) = (_offline(w4a16_compile, m, k, n, **tiles, **depth) for depth in ({}, dict(DOT_K=64)))
+    assert plan.constexprs["DOT_K"] == 64 and plan.constexprs["ASM_LO"] and plan.constexprs["ASM_HI"]
+    (usage_one, usage_two), mixes = (resource_usage(one), resource_usage(two)), _loop_mixes(one, two)
+    loops = [sum(mix.values()) for mix in mixes]
+    print(f"M={m} {k}->{n}: one dot {usage_one}, {loops[0]} K-loop instructions; two dots {usage_two}, {loops[1]}")
+    assert usage_two["stack_bytes"] == 0 and usage_two["registers"] < 104
+    assert usage_two["registers"] + 24 <= usage_one["registers"] and loops[1] <= 1.02 * loops[0], (usage_two, loops)
+    assert mixes[1].get("STS", 0) <= 2
+    ttgir = two.asm["ttgir"]
+    assert set(re.findall(r"kWidth = (\d+)", ttgir)) == {"2"}
+    encoding = re.search(r"tt\.elementwise_inline_asm .*-> tensor<[0-9x]+x(?:bf16|f16), (#\w+)>", ttgir).group(1)
+    layout = re.search(rf"^{encoding} = .*sizePerThread = \[([\d, ]+)\].*order = \[([\d, ]+)\]", ttgir, re.M)
+    assert layout.group(1).endswith(" 2, 2") and layout.group(2).startswith("3, 2,"), layout.group(0)
+
+
 def _sass(*body: str) -> str:
     """A loop of SASS lines, as cuobjdump prints them, closed by a branch back to its first."""
     lines = [f"        /*{16 * i:04x}*/                   {text} ;" for i, text in enumerate(body)]
