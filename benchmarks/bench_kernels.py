@@ -625,7 +625,8 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
 FRAGMENT_DECODE = [dict(KERNEL="frag", BLOCK_N=bn, num_warps=w, num_stages=3) for bn, w in ((128, 4), (64, 2))]
 # Session 28: the 128-wide tile with each K step as two 64-row dots (DOT_K=64) holds half the
 # dequantized B registers at a time: 96 registers a thread instead of 126-128, so 5 programs an SM
-# instead of 4, at the same K-loop instructions (sm_90, Triton 3.6 and 3.9, every 7B decode shape)
+# instead of 4, at the same K-loop instructions (sm_90, Triton 3.6: every 7B decode launch; 3.9: the
+# split ones, 104 unsplit)
 FRAGMENT_DECODE += [dict(KERNEL="frag", BLOCK_N=128, num_warps=4, num_stages=3, DOT_K=64)]
 # Prefill over the same words (FRAGMENTS=True, 128-deep K steps: one block), beside GPTQ words at the same
 # tiles: if fragments win decode, one layout must serve both. sm_90 SASS per weight, Triton 3.6, gate/up:

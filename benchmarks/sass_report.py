@@ -29,7 +29,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_kernels import SWEEP, config_tag  # noqa: E402
+from benchmarks.bench_kernels import FRAGMENT_DECODE, SWEEP, config_tag  # noqa: E402
 from benchmarks.offline_compile import (  # noqa: E402
     NoToolchain,
     attention_compile,
@@ -52,7 +52,11 @@ SWEPT = ([(3584, 18944, "gate/up", m, cfg) for m, case in ((128, "w4a16-mid"), (
           for cfg in SWEEP[case] if "maxnreg" in cfg or cfg.get("BLOCK_K") == 128 or cfg.get("FRAGMENTS")]
          + [(k, n, label, 1, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16-gemv"]]
          + [(k, n, label, 16, cfg) for k, n, label in SHAPES[:2] for cfg in SWEEP["w4a16"]
-            if cfg.get("JOIN_FIELDS") or cfg.get("KERNEL") == "frag"])
+            if cfg.get("JOIN_FIELDS") or cfg.get("KERNEL") == "frag"]
+         # decode over fragment words at the other launches apply() makes: q/o, and the fused gate/up
+         # (296 tiles: unsplit by the rules), one dot and two a K step
+         + [(k, n, label, m, cfg) for k, n, label in ((3584, 3584, "q/o"), (3584, 37888, "fused gate/up"))
+            for m in (1, 16) for cfg in FRAGMENT_DECODE if cfg["BLOCK_N"] == 128])
 
 
 def w4a16_rows() -> list[dict]:

@@ -151,13 +151,15 @@ def tune_one(layer: Layer, m: int, sms: int, quick: bool, min_gain: float, log=p
     default = rules_launch(m, layer.dtype, layer.words == "fragments")
     default_plan, reference = layer.plan(m, x.device, default), layer.run(x, default)()
     default_us = time_us(layer.run(x, default))
-    best, best_us, tried = None, default_us, 0
+    best, best_us, tried, planned = None, default_us, 0, [default_plan]
     log(f"  {'rules':24s} {default_us:9.2f} us  ({config_tag(default) or 'no overrides'})")
     for config in candidates(layer.k, layer.n, m, layer.words, sms, quick):
         tag = config_tag(config)
         try:
-            if layer.plan(m, x.device, config) == default_plan:
-                continue  # the rules' own launch under another name
+            plan = layer.plan(m, x.device, config)
+            if plan in planned:
+                continue  # a launch already timed under another name (the rules', or two splits one rounds to)
+            planned.append(plan)
             run = layer.run(x, config)
             diff = rel_err(run(), reference)
             if diff > MAX_REL_DIFF[layer.dtype]:

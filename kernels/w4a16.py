@@ -813,8 +813,9 @@ def _launch_plan(m, n, k, bits, group_size, zero_offset, has_bias, dtype, device
     cfg |= dict(DOT_PRECISION=dot_precision(dtype), MAGIC_BITS=magic_bits, MAGIC=magic)
     if kind == "frag":
         asm = device.type == "cuda" and not interpreter_enabled()
-        cfg["ASM"] = FRAGMENT_ASM[dtype] if asm else ""
-        if cfg.get("DOT_K", FRAGMENT_K) != FRAGMENT_K:
+        halves = cfg.get("DOT_K", FRAGMENT_K) != FRAGMENT_K  # each K step as two dots: the half blocks' texts
+        cfg["ASM"] = FRAGMENT_ASM[dtype] if asm and not halves else ""
+        if halves:
             cfg["ASM_LO"], cfg["ASM_HI"] = FRAGMENT_HALF_ASM[dtype] if asm else ("", "")
     # the kernel would quietly run its plain tile otherwise, and a sweep row would time the wrong code
     assert not cfg.get("JOIN_FIELDS") or (cfg["BLOCK_M"] <= 16 and magic_bits and bits == 4 and not cfg.get("FRAGMENTS")), \

@@ -445,6 +445,74 @@ def test_dequant_bit_tricks_are_exact():
             assert torch.equal(q_minus_z, q.float()[None, :] - z), (width, shift)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)  # plain Python: bf16 too
+def test_fragment_asm_texts_make_each_pair_of_the_word(dtype):
+    """The inline asm of the fragment decode kernel (GPU only), run here by the PTX ISA's definitions
+    of the instructions it uses: the whole block's text (four registers a word) and each half's (two,
+    ``DOT_K`` 64) must give register ``i`` of a text made for pairs ``P`` the weights of nibbles
+    ``P[i]`` (low half) and ``P[i] + 4`` (high half) minus the zero, for every zero a checkpoint holds
+    and random words. The GPU tests check where those registers go; this checks the text that fills
+    them, which no CPU run executes otherwise (a half made from the other pair order passes every
+    interpreter test)."""
+    from qoqopt.kernels.w4a16 import FRAGMENT_ASM, FRAGMENT_HALF_ASM, HALF_MAGIC
+
+    magic = HALF_MAGIC[dtype][0]
+    words = torch.randint(-2**31, 2**31, (64,), generator=torch.Generator().manual_seed(5)).tolist()
+    for pairs, text in (((0, 1, 2, 3), FRAGMENT_ASM[dtype]), ((0, 1), FRAGMENT_HALF_ASM[dtype][0]),
+                        ((2, 3), FRAGMENT_HALF_ASM[dtype][1])):
+        for z in range(17):
+            neg = z + (magic | 0x8000)  # the kernel's -(MAGIC + z) pattern, in both halves
+            for word in words:
+                word &= 0xFFFFFFFF
+                copies = 2 * len(pairs)  # a pack of 16-bit elements: one copy of each input per element
+                out = _run_ptx(text, len(pairs), [word] * copies + [neg | neg << 16] * copies
+                               + [magic | magic << 16] * copies, dtype)
+                for i, j in enumerate(pairs):
+                    q_lo, q_hi = (word >> 4 * j) & 0xF, (word >> (16 + 4 * j)) & 0xF
+                    assert _halves(out[i], dtype) == (q_lo - z, q_hi - z), (pairs, i, z, hex(word))
+
+
+def _halves(reg: int, dtype: torch.dtype) -> tuple[float, float]:
+    """A 32-bit register's low and high 16-bit halves read as ``dtype``."""
+    pair = torch.tensor([reg & 0xFFFF, reg >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
+    return tuple(pair.double().tolist())
+
+
+def _run_ptx(text: str, outs: int, inputs: list[int], dtype: torch.dtype) -> list[int]:
+    """The output registers of an inline-asm block (``$0`` .. ``$outs-1``; inputs from ``$outs``) over
+    32-bit ints, for the instructions the W4A16 asm uses, as the PTX ISA defines them: ``mov.b32``,
+    ``shr.u32``, ``lop3.b32`` (result bit from the LUT at index ``a << 2 | b << 1 | c``) and
+    ``fma.rn`` on packed 16-bit pairs (``a * b + c`` exactly, rounded once to nearest even). Any
+    other instruction fails."""
+    regs = {f"${i + outs}": v for i, v in enumerate(inputs)}
+
+    def value(operand: str) -> int:
+        return int(operand, 0) & 0xFFFFFFFF if operand[0].isdigit() else regs[operand]
+
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        a = [value(x) for x in src]
+        if op == "mov.b32":
+            regs[dst] = a[0]
+        elif op == "shr.u32":
+            regs[dst] = a[0] >> a[1]
+        elif op == "lop3.b32":
+            regs[dst] = sum(((a[3] >> ((a[0] >> bit & 1) << 2 | (a[1] >> bit & 1) << 1 | (a[2] >> bit & 1))) & 1) << bit
+                            for bit in range(32))
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            assert (op == "fma.rn.bf16x2") == (dtype == torch.bfloat16), op
+            x, y, c = (torch.tensor(_halves(v, dtype), dtype=torch.float64) for v in a)
+            bits = (x * y + c).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+            regs[dst] = int(bits[0]) | int(bits[1]) << 16
+        else:
+            raise AssertionError(f"an instruction this test does not model: {line}")
+    return [regs[f"${i}"] for i in range(outs)]
+
+
 def _fp32_fma(a, b, c):
     """IEEE fp32 fma of fp32 tensors: the exact a * b + c (float64 holds it: every operand here has
     at most 24 significant bits and the product at most 48), rounded once to fp32."""
@@ -723,7 +791,7 @@ def test_w4a16_fragment_decode_matches_dequantized_matmul(dtype, m, split, dot_k
     step loads a step ahead must still be its own group's. ``dot_k`` 64: each step's two half-block
     dots must add up to the whole block's."""
     _matches_dequantized_matmul(512, 72, 256, m, dtype, seed=7, v2_zeros=True, KERNEL="frag", BLOCK_N=64,
-                                num_warps=2, num_stages=2, SPLIT_K=split, DOT_K=dot_k)
+                                num_warps=2, num_stages=2, SPLIT_K=split, **({} if dot_k == 128 else dict(DOT_K=dot_k)))
 
 
 @pytest.mark.parametrize("m", [64, 16, 1], ids=["prefill", "decode16", "decode1"])

@@ -173,15 +173,18 @@ def test_w4a16_fragment_decode_feeds_the_mma_from_registers(dtype, tiles):
     assert layout.group(1).endswith("2, 2, 2") and layout.group(2).startswith("4, 3, 2"), layout.group(0)
 
 
-@pytest.mark.parametrize("m, k, n", [(1, 3584, 18944), (16, 18944, 3584)], ids=["gate-up-m1", "down-m16"])
+@pytest.mark.parametrize("m, k, n", [(1, 3584, 18944), (16, 18944, 3584), (16, 3584, 3584), (1, 3584, 37888)],
+                         ids=["gate-up-m1", "down-m16", "q-o-m16", "fused-gate-up-m1"])
 def test_w4a16_fragment_decode_in_two_dots_holds_fewer_registers(m, k, n):
     """``DOT_K=64`` (a tuning candidate) makes each K step two 64-row dots from the same words, so
     half the dequantized B registers are live at a time. That is all it is for, and only the compiled
-    code shows it (sm_90, bf16, 128 x 128 tiles at 4 warps): at least 24 registers a thread fewer than
-    the one 128-row dot, below 104 (65536 / 104 / 128 threads: 5 programs an SM where 128 fit 4), no
-    spill, K-loop instructions within 2%, and still no shared-memory pass of the weights (at most 2
-    stores a step) with MMA operands paired by rows (kWidth 2). Each pack of four the half's asm sees
-    is one word's pairs 2H and 2H + 1, innermost in the thread's registers, as its text assumes."""
+    code shows it (sm_90, bf16, 128 x 128 tiles at 4 warps, the rules' K split): at least 24 registers
+    a thread fewer than the one 128-row dot, no spill, K-loop instructions within 2%, and still no
+    shared-memory pass of the weights (at most 2 stores a step) with MMA operands paired by rows
+    (kWidth 2). Split over K, at most 96 (5 programs of 128 threads an SM where 128 fit 4); unsplit
+    (the fused gate/up's 296 tiles), Triton 3.9 takes 104 (4 programs; 3.6, the GPU image's, 96).
+    Each pack of four the half's asm sees is one word's pairs 2H and 2H + 1, innermost in the
+    thread's registers, as its text (``test_fragment_asm_texts_make_each_pair_of_the_word``) assumes."""
     import re
 
     from benchmarks.offline_compile import w4a16_compile
@@ -192,7 +195,7 @@ def test_w4a16_fragment_decode_in_two_dots_holds_fewer_registers(m, k, n):
     (usage_one, usage_two), mixes = (resource_usage(one), resource_usage(two)), _loop_mixes(one, two)
     loops = [sum(mix.values()) for mix in mixes]
     print(f"M={m} {k}->{n}: one dot {usage_one}, {loops[0]} K-loop instructions; two dots {usage_two}, {loops[1]}")
-    assert usage_two["stack_bytes"] == 0 and usage_two["registers"] < 104
+    assert usage_two["stack_bytes"] == 0 and usage_two["registers"] <= (96 if plan.split > 1 else 104)
     assert usage_two["registers"] + 24 <= usage_one["registers"] and loops[1] <= 1.02 * loops[0], (usage_two, loops)
     assert mixes[1].get("STS", 0) <= 2
     ttgir = two.asm["ttgir"]

@@ -166,15 +166,17 @@ def offline(monkeypatch):
 def test_a_gpus_table_sets_its_decode_launches_and_the_rules_set_the_rest(tables_in, offline):
     from qoqopt.kernels import w4a16
 
-    _write(tables_in, offline.OFFLINE_DEVICE, [_entry(1, FRAG_1)])
+    config = dict(FRAG_1, DOT_K=64)  # two 64-row dots a K step: the compiled half-block pairs too
+    _write(tables_in, offline.OFFLINE_DEVICE, [_entry(1, config)])
     layer = (3584, 18944, torch.bfloat16, offline.CUDA, False, 4, 128, 1)  # K, N, dtype, device, bias, bits, group, v1
     with offline.offline_w4a16():
         tuned, ruled = (w4a16.shared_launch(m, *layer, fragments=True).matmul for m in (1, 16))
         rules = w4a16.launch_plan(16, 18944, 3584, bits=4, group_size=128, zero_offset=1, has_bias=False,
                                   dtype=torch.bfloat16, device=offline.CUDA, KERNEL="frag")
     assert tuned.grid == (1, 18944 // 64, 2)
-    assert {k: tuned.constexprs[k] for k in ("BLOCK_N", "num_warps", "num_stages", "SPLIT_K")} == \
-        {k: v for k, v in FRAG_1.items() if k != "KERNEL"}
+    assert {k: tuned.constexprs[k] for k in ("BLOCK_N", "num_warps", "num_stages", "SPLIT_K", "DOT_K")} == \
+        {k: v for k, v in config.items() if k != "KERNEL"}
+    assert (tuned.constexprs["ASM_LO"], tuned.constexprs["ASM_HI"]) == w4a16.FRAGMENT_HALF_ASM[torch.bfloat16]
     assert (ruled.grid, ruled.constexprs) == (rules.grid, rules.constexprs)
 
 
@@ -262,16 +264,20 @@ def test_the_tuner_keeps_the_rules_unless_a_candidate_beats_them_by_min_gain_aga
     assert tuning.read_table(out)[tuning.Key("gptq", 4, 128, 256, 128, "float16", 16)] is None
 
 
-def test_the_tuner_never_times_the_rules_own_launch_under_another_name(tuner, tables_in, monkeypatch):
+def test_the_tuner_never_times_one_launch_twice_under_two_names(tuner, tables_in, monkeypatch):
+    """The rules' own launch is not a candidate, and two candidates that plan one launch (two K
+    splits that round to the same K per split, say) are timed once."""
     from qoqopt.kernels.w4a16 import fragment_launch
 
-    monkeypatch.setattr(tuner, "candidates", lambda *args: [fragment_launch(1, torch.float16)])
-    _fake_times(monkeypatch, tuner, [10.0])  # the rules' time only: timing the candidate would fail
+    other = dict(KERNEL="frag", BLOCK_N=64, num_warps=2, num_stages=4, SPLIT_K=2)  # gate/up's K: 2 blocks
+    monkeypatch.setattr(tuner, "candidates", lambda *args: [fragment_launch(1, torch.float16), other,
+                                                           dict(other, SPLIT_K=3)])  # 3 splits of 1 block: 2
+    _fake_times(monkeypatch, tuner, [10.0, 20.0])  # the rules' time and one candidate's: a third would fail
     out = tables_in.parent / "tuned.json"
     assert tuner.main(["--allow-cpu", "--model", "tiny", "--shapes", "gate_up", "--m", "1", "1", "--dtype",
                        "float16", "--out", str(out)]) == 0
     [entry] = json.loads(out.read_text())["entries"]  # M = 1 asked twice: tuned once
-    assert entry["config"] is None and entry["candidates"] == 0
+    assert entry["config"] is None and entry["candidates"] == 1
 
 
 def test_each_shape_is_tuned_once_and_the_fused_qkv_with_its_bias(tuner):
