@@ -622,12 +622,12 @@ def _tower_drift(row: Row, hf, ours, pixels, grid_thw, case: str, dtype: torch.d
 # per weight at gate/up, Triton 3.6: 2.60 at 128 wide and 4 warps, 2.72 at 64 wide and 2 (3.9: 2.57,
 # 2.69), against 6.49 for the default 16-row tile, 5.41 for JOIN_FIELDS and 4.88 for the one-row GEMV;
 # tried at M = 1 as well. benchmarks/tune_w4a16.py searches their tiles, stages and splits per GPU
-FRAGMENT_DECODE = [dict(KERNEL="frag", BLOCK_N=bn, num_warps=w, num_stages=3) for bn, w in ((128, 4), (64, 2))]
 # Session 28: the 128-wide tile with each K step as two 64-row dots (DOT_K=64) holds half the
 # dequantized B registers at a time: 96 registers a thread instead of 126-128, so 5 programs an SM
 # instead of 4, at the same K-loop instructions (sm_90, Triton 3.6: every 7B decode launch; 3.9: the
 # split ones, 104 unsplit)
-FRAGMENT_DECODE += [dict(KERNEL="frag", BLOCK_N=128, num_warps=4, num_stages=3, DOT_K=64)]
+FRAGMENT_DECODE = [dict(KERNEL="frag", BLOCK_N=bn, num_warps=w, num_stages=3, **depth)
+                   for bn, w, depth in ((128, 4, {}), (64, 2, {}), (128, 4, dict(DOT_K=64)))]
 # Prefill over the same words (FRAGMENTS=True, 128-deep K steps: one block), beside GPTQ words at the same
 # tiles: if fragments win decode, one layout must serve both. sm_90 SASS per weight, Triton 3.6, gate/up:
 # 6.45 at 128 x 128 x 128 against 6.55 for GPTQ words (8.09 at the default's 64-deep steps), 7.53 at

@@ -338,16 +338,20 @@ def _fragment_asm(pairs: tuple[int, ...], ptx_type: str, one: str) -> str:
 _PTX_HALVES = {torch.bfloat16: ("bf16x2", "0x3F803F80"), torch.float16: ("f16x2", "0x3C003C00")}
 FRAGMENT_ASM = {dtype: _fragment_asm((0, 1, 2, 3), *ptx) for dtype, ptx in _PTX_HALVES.items()}
 FRAGMENT_HALF_ASM = {dtype: (_fragment_asm((0, 1), *ptx), _fragment_asm((2, 3), *ptx)) for dtype, ptx in _PTX_HALVES.items()}
-# Output registers, early-clobber (written before the inputs are last read); then a pack's copies of 3 inputs
-FRAGMENT_ASM_OPERANDS = tl.constexpr(",".join(["=&r"] * 4 + ["r"] * 24))
-FRAGMENT_HALF_ASM_OPERANDS = tl.constexpr(",".join(["=&r"] * 2 + ["r"] * 12))
+def _asm_operands(outs: int) -> tl.constexpr:
+    """``outs`` output registers, early-clobber (written before the inputs are last read); then the
+    pack's copies (two 16-bit elements an output) of 3 inputs, as :func:`_fragment_asm` numbers them."""
+    return tl.constexpr(",".join(["=&r"] * outs + ["r"] * 6 * outs))
+
+
+FRAGMENT_ASM_OPERANDS = _asm_operands(4)
+FRAGMENT_HALF_ASM_OPERANDS = _asm_operands(2)
 
 
 @device_function
 def _by_eight(t):
     """``[...]`` -> ``[..., 2, 2, 2]``, every element ``t``'s (the operands of a pack-of-8 asm)."""
-    t2 = tl.join(t, t)
-    t4 = tl.join(t2, t2)
+    t4 = _by_four(t)
     return tl.join(t4, t4)
 
 
@@ -525,17 +529,17 @@ def _w4a16_fragment_kernel(
         # negates it. Integer ops only: through fp32, each column took an int->float conversion, a
         # negation and a float->16-bit conversion (quarter rate), 3 of 8 instructions (sm_90 SASS)
         neg = zero + (MAGIC_BITS | 0x8000)
-        neg_magic_zero = neg.to(tl.int16).to(in_dtype, bitcast=True)
+        neg_magic_zero, neg_pair = neg.to(tl.int16).to(in_dtype, bitcast=True), neg | (neg << 16)
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k0 + tl.arange(0, DOT_K)[None, :]
         a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         if DOT_K == BLOCK_K:
-            w = _fragment_tile(words, neg_magic_zero, neg | (neg << 16), pair_bits, in_dtype, BLOCK_N, ASM)
+            w = _fragment_tile(words, neg_magic_zero, neg_pair, pair_bits, in_dtype, BLOCK_N, ASM)
             dot = tl.dot(a, w, input_precision=DOT_PRECISION)
         else:  # the second half's weights are made after the first half's dot has read its own
-            w = _fragment_half_tile(words, neg_magic_zero, neg | (neg << 16), pair_bits, in_dtype, BLOCK_N, ASM_LO, 0)
+            w = _fragment_half_tile(words, neg_magic_zero, neg_pair, pair_bits, in_dtype, BLOCK_N, ASM_LO, 0)
             dot = tl.dot(a, w, input_precision=DOT_PRECISION)
             a = tl.load(x_ptrs + DOT_K, mask=m_mask[:, None], other=0.0)
-            w = _fragment_half_tile(words, neg_magic_zero, neg | (neg << 16), pair_bits, in_dtype, BLOCK_N, ASM_HI, 1)
+            w = _fragment_half_tile(words, neg_magic_zero, neg_pair, pair_bits, in_dtype, BLOCK_N, ASM_HI, 1)
             dot = tl.dot(a, w, dot, input_precision=DOT_PRECISION)
         acc += dot * raw_scale.to(tl.float32)[None, :]
         g_next = tl.minimum((k0 + BLOCK_K) // GROUP_SIZE, g_last)
