@@ -223,7 +223,7 @@ def test_the_fragment_word_layer_row_answers_as_the_fused_row(monkeypatch):
 
 def test_the_merger_rows_time_both_plans_beside_transformers(monkeypatch):
     """The GPU run's merger rows, run here by the interpreter at the tiny profile: the default (cublas)
-    plan is judged against the target, the fused plan and the GEMMs alone recorded beside it, all
+    plan is judged against the target, the fused and overlap plans and the GEMMs alone recorded beside it, all
     against transformers' eager module, whose output each plan gives (the rows record how closely)."""
     from qoqopt.kernels import merger
 
@@ -233,11 +233,13 @@ def test_the_merger_rows_time_both_plans_beside_transformers(monkeypatch):
     b.triton = True  # as on a GPU: the qoqopt rows are made
     bench_kernels.bench_merger(b, bench_kernels.PROFILES["tiny"])
     rows = {r.impl: r for r in b.rows}
-    assert set(rows) == {"hf-eager", "qoqopt-triton", "qoqopt norm+cuBLAS", "cuBLAS fc1+fc2 only"}
-    assert [rows[impl].target for impl in ("qoqopt norm+cuBLAS", "qoqopt-triton", "cuBLAS fc1+fc2 only")] == [
-        "merger", "merger/fused", "merger/gemms"]
+    plans = ("qoqopt norm+cuBLAS", "qoqopt-triton", "qoqopt overlap x2", "qoqopt overlap x4")
+    assert set(rows) == {"hf-eager", "cuBLAS fc1+fc2 only", "cuBLAS fc1 only", "cuBLAS fc2 only", *plans}
+    assert rows["cuBLAS fc1 only"].peer is rows["cuBLAS fc2 only"].peer is None  # times / floor only
+    assert [rows[impl].target for impl in (*plans, "cuBLAS fc1+fc2 only")] == [
+        "merger", "merger/fused", "merger/overlap", "merger/overlap", "merger/gemms"]
     assert rows["qoqopt norm+cuBLAS"].peer == "hf-eager"
-    errors = {impl: rows[impl].extra["max_rel_err"] for impl in ("qoqopt-triton", "qoqopt norm+cuBLAS")}
+    errors = {impl: rows[impl].extra["max_rel_err"] for impl in plans}
     assert all(err < 1e-5 for err in errors.values()), errors  # fp32 on the CPU
 
 

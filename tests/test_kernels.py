@@ -179,19 +179,67 @@ def _low_bits_differ(out, ref, dtype) -> tuple[float, float]:
     return (diff > 0).float().mean().item(), (diff / ulp).max().item()
 
 
+# "cublas" (the default): the Triton norm pass, then cuBLAS GEMMs and exact GELU, as apply() runs it;
+# "overlap": the same over row chunks, each chunk's fc2 on a second stream (300 merged rows: 3 chunks)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cublas_merger_plan_matches_hf(dtype):
-    """The "cublas" plan (the default): the Triton norm pass, then cuBLAS GEMMs and exact GELU, as apply() runs it."""
+@pytest.mark.parametrize("plan,merged_rows", [("cublas", 23), ("overlap", 300)])
+def test_cublas_merger_plans_match_hf(dtype, plan, merged_rows):
     from qoqopt.errors import QoqoptError
     from qoqopt.kernels.merger import FusedPatchMerger
 
     merger = _hf_merger(context_dim=48, out_dim=40, dtype=dtype, seed=2)
-    patched = FusedPatchMerger.from_hf(merger, strict=True, plan="cublas")
-    x = (torch.randn(4 * 23, 48) * 3).to(DEVICE, dtype)
+    patched = FusedPatchMerger.from_hf(merger, strict=True, plan=plan)
+    x = (torch.randn(4 * merged_rows, 48) * 3).to(DEVICE, dtype)
     with torch.inference_mode():
         assert_close(patched(x), merger(x), dtype, scale=4)
-    with pytest.raises(QoqoptError, match="choose from cublas, fused"):
+    with pytest.raises(QoqoptError, match="choose from cublas, fused, overlap"):
         FusedPatchMerger.from_hf(merger, plan="cuBLAS")
+
+
+def test_overlap_chunks_cover_the_rows_in_whole_tiles():
+    """Every merged row in exactly one chunk, in order; boundaries on 128-row tiles; no chunk more than
+    one tile larger than another; as many chunks as asked where there are tiles enough."""
+    from qoqopt.errors import QoqoptError
+    from qoqopt.kernels.merger import OVERLAP_ROWS, overlap_chunks
+
+    for rows in (0, 1, 127, 128, 129, 324, 1280, 1281, 5000):
+        for chunks in (1, 2, 3, 4, 16):
+            bounds = overlap_chunks(rows, chunks)
+            assert [r for lo, hi in bounds for r in range(lo, hi)] == list(range(rows)), (rows, chunks)
+            assert all(lo % OVERLAP_ROWS == 0 and hi > lo for lo, hi in bounds), bounds
+            sizes = [-(-(hi - lo) // OVERLAP_ROWS) for lo, hi in bounds]
+            assert sizes == sorted(sizes, reverse=True) and (not sizes or sizes[0] - sizes[-1] <= 1), bounds
+            assert len(bounds) == min(chunks, -(-rows // OVERLAP_ROWS)), bounds
+    with pytest.raises(QoqoptError, match="at least 1"):
+        overlap_chunks(1280, 0)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="streams and CUDA graphs")
+def test_overlap_merger_plan_replays_from_a_cuda_graph():
+    """The overlap plan's fork and join captured in a CUDA graph: a replay on new input gives the eager
+    plan's output bit for bit, and the cublas plan's within bf16 tolerance. An unjoined side stream
+    fails the capture; a missing wait lets fc2 read a chunk before its GELU is written."""
+    from qoqopt.kernels.merger import FusedPatchMerger
+
+    merger = _hf_merger(context_dim=1280, out_dim=3584, dtype=torch.bfloat16, seed=3)
+    overlap = FusedPatchMerger.from_hf(merger, strict=True, plan="overlap")
+    cublas = FusedPatchMerger.from_hf(merger, strict=True, plan="cublas")
+    static_x = torch.randn(4 * 1000, 1280, device=DEVICE, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            overlap(static_x)  # warm-up off the default stream, as torch.cuda.graph asks
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = overlap(static_x)
+        for seed in (4, 5):
+            static_x.copy_(torch.randn(static_x.shape, generator=torch.Generator().manual_seed(seed)))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(static_out, overlap(static_x))
+            assert_close(static_out, cublas(static_x), torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- vision attention

@@ -154,7 +154,7 @@ def test_refuses_unsupported_dtype_and_non_qwen_models():
     with pytest.raises(QoqoptError, match="nothing to patch"):
         apply(nn.Sequential(nn.Linear(4, 4)))
     # an unknown plan is refused up front, not left to each layer's build (which would skip it)
-    with pytest.raises(QoqoptError, match="merger='cuBLAS'; choose from cublas, fused"):
+    with pytest.raises(QoqoptError, match="merger=.cuBLAS.; choose from cublas, fused, overlap"):
         apply(tiny_model(), merger="cuBLAS")
 
 
