@@ -236,8 +236,19 @@ def _usage(fmt: str, repo_id: str, files: list[PlannedFile], carries_ecg: bool, 
         return _gguf_usage(repo_id, files)
     return (f"`hf download {repo_id} --local-dir qoq-med && cd qoq-med` fetches the build (add "
             "`--include` with the files below to skip the other quants); the commands below run from there. "
-            f"(`llama-mtmd-cli -hf {repo_id}` also fetches a quant and its mmproj by itself; give it the same "
-            f"flags.)\n\n{exported_run}")
+            f"(`llama-mtmd-cli -hf {_hf_repo_tag(repo_id, files)}` also fetches that quant and its mmproj by "
+            f"itself; give it the same flags.)\n\n{exported_run}")
+
+
+def _hf_repo_tag(repo_id: str, files: list[PlannedFile]) -> str:
+    """``repo:QUANT`` for llama.cpp's ``-hf``, naming Q4_K_M where the build has it, else its first text quant.
+    Named, not left to llama.cpp: without a tag it takes Q4_K_M, or where there is none the repo's first file."""
+    quants = [f.path.rsplit(".", 2)[-2] for f in files
+              if f.path.endswith(".gguf") and not f.path.startswith("mmproj") and f.path.count(".") >= 2]
+    quants = [q for q in quants if q != "imatrix"]  # exports write <name>.<QUANT>.gguf and <name>.imatrix.gguf
+    if not quants:
+        return repo_id
+    return f"{repo_id}:{'Q4_K_M' if 'Q4_K_M' in quants else quants[0]}"
 
 
 def _gguf_usage(repo_id: str, files: list[PlannedFile]) -> str:
@@ -246,7 +257,7 @@ def _gguf_usage(repo_id: str, files: list[PlannedFile]) -> str:
     mmproj = next((f.path for f in files if f.path.startswith("mmproj")), "mmproj.gguf")
     return "\n".join([
         "**llama.cpp**", "```bash",
-        f"llama-mtmd-cli -hf {repo_id} --image scan.png -p 'Above is a CT image of a patient. ...'",
+        f"llama-mtmd-cli -hf {_hf_repo_tag(repo_id, files)} --image scan.png -p 'Above is a CT image of a patient. ...'",
         f"# or with local files: llama-mtmd-cli -m {text} --mmproj {mmproj} --image scan.png -p '...'",
         "```", "", "**LM Studio**: search for the repo name, download the quant and the mmproj together.", "",
         "**Ollama**", "```bash", f"hf download {repo_id} --local-dir qoq-med && cd qoq-med",

@@ -45,6 +45,24 @@ def test_card_metadata_parses_as_a_valid_model_card(export_dir):
         assert runtime in plan.card
 
 
+def _add_listed_files(build, names):
+    manifest = json.loads((build / "manifest.json").read_text())
+    for name in names:
+        data = b"GGUF" + name.encode()
+        (build / name).write_bytes(data)
+        manifest["files"].append({"path": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    (build / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_card_names_the_quant_llama_cpp_fetches(export_dir):
+    """llama.cpp's ``-hf <user>/<model>[:quant]`` takes Q4_K_M, or the repo's first file, when no quant is
+    named: the card names one the build has (Q4_K_M where built, never the imatrix, which is a GGUF too)."""
+    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q8_0 " in plan_upload(export_dir, "me/QoQ-Med-mini-GGUF").card
+    _add_listed_files(export_dir, ["QoQ-Med-mini.imatrix.gguf", "QoQ-Med-mini.Q4_K_M.gguf"])
+    card = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF").card
+    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q4_K_M " in card and ":imatrix" not in card
+
+
 @pytest.mark.parametrize("fields, serves", [({"ecg_encoder": "carried"}, False), ({"ecg_encoder": "dropped"}, True),
                                             ({"ecg_encoder": None}, True), ({}, True), ({"source_ecg": True}, False)])
 def test_card_sends_vllm_users_to_a_build_it_loads(export_dir, fields, serves):
@@ -286,6 +304,7 @@ def test_only_a_readme_the_manifest_lists_speaks_on_the_card(export_dir):
     (export_dir / "manifest.json").write_text(json.dumps(manifest))
     plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF")
     assert "\n\n    llama-mtmd-cli --run-me-like-this" in plan.card  # its indented code block intact
+    assert "`llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q8_0` also fetches that quant and its mmproj" in plan.card
     assert "this card takes its place here" in plan.card
 
 
