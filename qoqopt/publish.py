@@ -240,20 +240,37 @@ def _usage(fmt: str, repo_id: str, files: list[PlannedFile], carries_ecg: bool, 
             f"itself; give it the same flags.)\n\n{exported_run}")
 
 
+_QUANT_NAME = re.compile(r"(?i)(?:I?Q|TQ)\d\w*|B?F16|F32")  # GGUF file types as llama.cpp names them
+
+
+def _quant_of(path: str) -> str | None:
+    parts = path.rsplit(".", 2)
+    return parts[1] if len(parts) == 3 and _QUANT_NAME.fullmatch(parts[1]) else None
+
+
+def _card_model_gguf(files: list[PlannedFile]) -> tuple[str | None, str]:
+    """``(quant, path)`` of the text GGUF the card runs: Q4_K_M where the build has it (llama.cpp's own
+    ``-hf`` default), else the smallest; quant None where the name carries none (exports write
+    ``<name>.<QUANT>.gguf``). Never the imatrix or the mmproj, which are GGUFs too."""
+    texts = [f for f in files if f.path.endswith(".gguf") and not f.path.startswith("mmproj")
+             and not f.path.endswith(".imatrix.gguf")]
+    tagged = {_quant_of(f.path): f for f in texts if _quant_of(f.path)}
+    if tagged:
+        quant = "Q4_K_M" if "Q4_K_M" in tagged else min(tagged, key=lambda q: tagged[q].bytes)
+        return quant, tagged[quant].path
+    return None, texts[0].path if texts else "MODEL.gguf"
+
+
 def _hf_repo_tag(repo_id: str, files: list[PlannedFile]) -> str:
-    """``repo:QUANT`` for llama.cpp's ``-hf``, naming Q4_K_M where the build has it, else its first text quant.
-    Named, not left to llama.cpp: without a tag it takes Q4_K_M, or where there is none the repo's first file."""
-    quants = [f.path.rsplit(".", 2)[-2] for f in files
-              if f.path.endswith(".gguf") and not f.path.startswith("mmproj") and f.path.count(".") >= 2]
-    quants = [q for q in quants if q != "imatrix"]  # exports write <name>.<QUANT>.gguf and <name>.imatrix.gguf
-    if not quants:
-        return repo_id
-    return f"{repo_id}:{'Q4_K_M' if 'Q4_K_M' in quants else quants[0]}"
+    """``repo:QUANT`` for llama.cpp's ``-hf``, naming the quant :func:`_card_model_gguf` picks. Named, not
+    left to llama.cpp: without a tag it takes Q4_K_M, or where there is none the repo's first file."""
+    quant = _card_model_gguf(files)[0]
+    return f"{repo_id}:{quant}" if quant else repo_id
 
 
 def _gguf_usage(repo_id: str, files: list[PlannedFile]) -> str:
     """For GGUF builds whose README has no run section (not written by a current qoqopt export)."""
-    text = next((f.path for f in files if f.path.endswith(".gguf") and not f.path.startswith("mmproj")), "MODEL.gguf")
+    text = _card_model_gguf(files)[1]
     mmproj = next((f.path for f in files if f.path.startswith("mmproj")), "mmproj.gguf")
     return "\n".join([
         "**llama.cpp**", "```bash",

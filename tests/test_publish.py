@@ -48,7 +48,7 @@ def test_card_metadata_parses_as_a_valid_model_card(export_dir):
 def _add_listed_files(build, names):
     manifest = json.loads((build / "manifest.json").read_text())
     for name in names:
-        data = b"GGUF" + name.encode()
+        data = b"GGUF" + bytes(200 if ".F16." in name else 10)
         (build / name).write_bytes(data)
         manifest["files"].append({"path": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     (build / "manifest.json").write_text(json.dumps(manifest))
@@ -56,11 +56,19 @@ def _add_listed_files(build, names):
 
 def test_card_names_the_quant_llama_cpp_fetches(export_dir):
     """llama.cpp's ``-hf <user>/<model>[:quant]`` takes Q4_K_M, or the repo's first file, when no quant is
-    named: the card names one the build has (Q4_K_M where built, never the imatrix, which is a GGUF too)."""
-    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q8_0 " in plan_upload(export_dir, "me/QoQ-Med-mini-GGUF").card
-    _add_listed_files(export_dir, ["QoQ-Med-mini.imatrix.gguf", "QoQ-Med-mini.Q4_K_M.gguf"])
+    named: the card names one the build has, Q4_K_M where built, else the smallest, and runs the same
+    file locally; never the imatrix (a GGUF too, listed first, and the smallest)."""
+    (export_dir / "README.md").unlink()  # no exported run section: the card writes its own commands
+    _add_listed_files(export_dir, ["QoQ-Med-mini.imatrix.gguf", "QoQ-Med-mini.F16.gguf"])
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    manifest["files"] = manifest["files"][-2:] + manifest["files"][:-2]  # imatrix and F16 first, as exports list
+    (export_dir / "manifest.json").write_text(json.dumps(manifest))
     card = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF").card
-    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q4_K_M " in card and ":imatrix" not in card
+    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q8_0 " in card, card  # F16's file is larger here
+    assert "llama-mtmd-cli -m QoQ-Med-mini.Q8_0.gguf --mmproj mmproj-QoQ-Med-mini-f16.gguf" in card
+    _add_listed_files(export_dir, ["QoQ-Med-mini.Q4_K_M.gguf"])
+    card = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF").card
+    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q4_K_M " in card and "imatrix" not in card.split("## Usage")[1]
 
 
 @pytest.mark.parametrize("fields, serves", [({"ecg_encoder": "carried"}, False), ({"ecg_encoder": "dropped"}, True),
