@@ -6,8 +6,8 @@ in vLLM's and torch.compile's decode; the eager number stays the one judged)
   * patch merger (1280 -> 5120 -> 5120 -> 3584): the default "cublas" plan (one Triton norm pass,
     cuBLAS GEMMs; judged) and the "fused" one (one Triton fc1) vs transformers' eager module, with
     their max relative difference from it, the two cuBLAS GEMMs alone (no norm, no GELU: what
-    the default plan would take were they free), and the "overlap" plan at 2 and 4 row chunks
-    (each chunk's fc2 on a second stream beside the next one's fc1; not judged);
+    the default plan would take were they free), each GEMM alone, and the "overlap" plan at 2 and 4
+    row chunks (side by side, each on its own CUDA stream; not judged);
   * vision attention (16 heads x 80, up to 5120 patches, 64-patch windows and full attention):
     the patched module vs transformers' sdpa path per layer and per image (the tower's 28 windowed
     and 4 full-attention layers in turn: the judged row), and the core op (RoPE + attention) vs
@@ -71,8 +71,8 @@ TARGETS = {  # op -> (description, minimum speedup over the named peer; None: wo
     # alone, on input normalised beforehand: what the plan would take were its norm and GELU free
     "merger/fused": ("merger, fused plan, vs eager (not judged)", None),
     "merger/gemms": ("merger's cuBLAS GEMMs alone vs eager (not judged)", None),
-    # the cublas plan over row chunks, each chunk's fc2 on a second stream beside the next one's fc1
-    "merger/overlap": ("merger, overlap plan (2 and 4 chunks), vs eager (not judged)", None),
+    # the cublas plan over 2 and 4 row chunks side by side, each on its own CUDA stream
+    "merger/overlap": ("merger, overlap plan, vs eager (not judged)", None),
     # Per image, as the tower runs it: transformers' sdpa path loops over windows in the windowed
     # layers and makes one flash call in the full ones. Judged per image because at a full layer alone
     # 5x would be under that layer's own FLOP floor; the per-layer rows stay in the table.

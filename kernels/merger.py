@@ -37,15 +37,17 @@ cuBLAS runs bf16 GEMMs of this size at 630-680: on an H200 (2026-11-30, eager) t
 119 at 1296 patches; 72 against 99 and 120 at 256.
 
 ``"overlap"`` (not a default; untimed): the cublas plan over 128-row-aligned chunks of merged rows,
-each chunk's fc2 queued on a second CUDA stream behind its fc1, so the next chunk's fc1 runs beside it
-on the SMs the last, partly filled wave of either GEMM leaves idle. The cuBLAS GEMMs alone took 187 us
-at 5120 patches, against eager's 279 (1.49x), so only overlapping them could bring the plan to 1.5x.
+each chunk's fc1, GELU and fc2 on its own CUDA stream, so one chunk's GEMMs run on the SMs that
+another's last, partly filled wave leaves idle. The cuBLAS GEMMs alone took 187 us at 5120 patches,
+against eager's 279 (1.49x): the plan reaches 1.5x only if its GEMMs get faster, and filling their
+last waves is one way.
 
 The fused plan's rounding differs from transformers' ``Qwen2_5_VLRMSNorm`` (which rounds the
 normalised input, then its product with the weight): there W1' is rounded once and the normalised
 input never is. The cublas plan's norm rounds where transformers rounds.
 """
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -55,7 +57,7 @@ from torch import nn
 from qoqopt.errors import QoqoptError
 
 from ._splitk import splitk_operands, splitk_total
-from ._streams import SideStream
+from ._streams import Lanes
 from ._triton import cdiv, check_supported, device_function, dot_precision, kernel, next_pow2, tensor_version, tl, use_triton
 
 
@@ -322,17 +324,24 @@ def overlap_chunks(rows: int, chunks: int = OVERLAP_CHUNKS) -> list[tuple[int, i
 
 
 def patch_merger_overlap(x, ln_weight, eps, w1, b1, w2, b2, chunks: int = OVERLAP_CHUNKS) -> torch.Tensor:
-    """The ``"overlap"`` plan: the cublas plan over row chunks, each chunk's fc2 on a second CUDA stream
-    while the next chunk's fc1 runs (:mod:`._streams`). At 5120 patches, in 128 x 256 tiles, fc1's
-    1280 x 5120 output is 200 tiles and fc2's 1280 x 3584 is 140: on an H200's 132 SMs, two waves each
-    with the second partly empty; chunked, one GEMM's idle SMs can run the other's tiles. The same
-    operations and roundings as the cublas plan, over fewer rows a GEMM."""
+    """The ``"overlap"`` plan: the cublas plan over row chunks, each chunk's fc1, GELU and fc2 in order
+    on its own CUDA stream (:mod:`._streams`; chunk 0 on the caller's), the chunks side by side. At 5120
+    patches, in 128 x 256 tiles, fc1's 1280 x 5120 output is 200 tiles and fc2's 1280 x 3584 is 140: on
+    an H200's 132 SMs, two waves each with the second partly empty; chunked, one chunk's GEMMs can run
+    on the SMs another's leave idle. The same operations and roundings as the cublas plan, over fewer
+    rows a GEMM."""
     a = patch_rmsnorm(x, ln_weight, eps).view(-1, w1.shape[1])
     out = a.new_empty(a.shape[0], w2.shape[0])
-    with SideStream(a.device) as side:
-        for lo, hi in overlap_chunks(a.shape[0], chunks):
-            h = F.gelu(F.linear(a[lo:hi], w1, b1))
-            side.run(lambda h=h, o=out[lo:hi]: torch.addmm(b2, h, w2.t(), out=o), h)
+
+    def chunk(lo: int, hi: int) -> None:
+        torch.addmm(b2, F.gelu(F.linear(a[lo:hi], w1, b1)), w2.t(), out=out[lo:hi])
+
+    bounds = overlap_chunks(a.shape[0], chunks)
+    with Lanes(a.device) as lanes:
+        for lane, (lo, hi) in enumerate(bounds[1:]):  # forked first: a lane waits for all queued before it
+            lanes.run(lane, functools.partial(chunk, lo, hi), a, out)
+        if bounds:
+            chunk(*bounds[0])
     return out
 
 

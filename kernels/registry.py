@@ -101,7 +101,7 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     nothing. The patch merger runs its norm in one Triton pass and its GEMMs in cuBLAS
     (``merger="cublas"``: 1.44x eager at 5120 patches on the H200, against 1.15x for ``"fused"``, the
     single Triton fc1 with norm and GELU inside; ``"overlap"``, untimed, runs the cublas plan over row
-    chunks on two CUDA streams; :mod:`.merger`). Returns what was patched, per op.
+    chunks side by side, each on its own CUDA stream; :mod:`.merger`). Returns what was patched, per op.
     """
     if w4a16_words not in W4A16_WORDS:
         raise QoqoptError(f"apply: w4a16_words={w4a16_words!r}; choose from {', '.join(W4A16_WORDS)}")
