@@ -74,11 +74,19 @@ class RecordingDriver:
         self.device = device
         self.target = GPUTarget("cuda", 90, 32)
         self.launches: list[tuple] = []
+        self.launch_devices: list[int] = []  # the current device at each launch
         self.utils = _StubUtils(max_shared_mem)
-        self.launcher_cls = lambda src, metadata: lambda *args: self.launches.append(args)
+        self.launcher_cls = lambda src, metadata: self._record
+
+    def _record(self, *args):
+        self.launches.append(args)
+        self.launch_devices.append(self.device)
 
     def get_current_device(self):
         return self.device
+
+    def set_current_device(self, device):
+        self.device = device
 
     def get_current_stream(self, device=None):
         return 0

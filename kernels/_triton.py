@@ -39,21 +39,29 @@ _DEFAULT_STAGES = 3  # Triton's num_stages on CUDA when a launch names none
 
 
 class Kernel:
-    """A Triton kernel launched as ``kernel[device][grid](...)``."""
+    """A Triton kernel launched as ``kernel[device][grid](...)``.
+
+    Triton launches on its driver's current device, not on the tensors' one: a model split over GPUs
+    (``device_map``) would have a layer on cuda:1 launched on cuda:0 with cuda:1 addresses. So a CUDA
+    variant is per GPU index and launches there, setting the current device around the launch only
+    where it differs.
+    """
 
     def __init__(self, fn, do_not_specialize: tuple[str, ...] = ()):
         self.fn = fn
         self.do_not_specialize = do_not_specialize
-        self._variants: dict[str, object] = {}
+        self._variants: dict[str | int | None, object] = {}  # "interpret", or a GPU index (None: the current)
 
     def __getitem__(self, device: torch.device):
-        kind = "interpret" if device.type == "cpu" else "compile"
-        if kind not in self._variants:
-            if kind == "interpret":
-                self._variants[kind] = _Interpreted(self.fn)
-            else:
-                self._variants[kind] = _Compiled(_compiled(self.fn, self.do_not_specialize))
-        return self._variants[kind]
+        if device.type == "cpu":
+            if "interpret" not in self._variants:
+                self._variants["interpret"] = _Interpreted(self.fn)
+            return self._variants["interpret"]
+        if None not in self._variants:
+            self._variants[None] = _Compiled(_compiled(self.fn, self.do_not_specialize))
+        if device.index not in self._variants:  # one JIT function (and compile cache) for every GPU
+            self._variants[device.index] = self._variants[None].on(device.index)
+        return self._variants[device.index]
 
 
 class _Compiled:
@@ -66,14 +74,23 @@ class _Compiled:
     is remembered per device, argument dtypes and config.
     """
 
-    def __init__(self, jit_fn):
+    def __init__(self, jit_fn, device: int | None = None, fitted_stages: dict | None = None):
         self.fn = jit_fn
-        self.fitted_stages: dict[tuple, int] = {}  # (device, dtypes, constexprs and options) -> stages run
+        self.device = device  # the GPU index launches go to; None: whichever is current
+        # (device, dtypes, constexprs and options) -> stages run; one dict shared by every GPU's variant
+        self.fitted_stages: dict[tuple, int] = {} if fitted_stages is None else fitted_stages
+
+    def on(self, device: int | None) -> "_Compiled":
+        """This kernel launched on GPU ``device`` whatever the current device is."""
+        return _Compiled(self.fn, device, self.fitted_stages)
 
     def __getitem__(self, grid):
         launcher = self.fn[grid]
 
         def launch(*args, **asked):
+            if self.device is not None and _current_device() != self.device:
+                with _current_device_set(self.device):
+                    return launch(*args, **asked)
             kwargs, key = asked, None
             if self.fitted_stages:  # empty unless a launch did not fit: only then is each launch keyed (~3 us)
                 key = _config_key(args, asked)
@@ -115,6 +132,7 @@ class BoundLaunch:
 
     def __init__(self, variant: _Compiled, grid, constexprs: dict):
         self.variant, self.grid, self.constexprs = variant, grid, constexprs
+        self.device = variant.device
         self.kernel = None  # the compiled kernel bound (for inspection)
         # (signature, runner, trailing constexprs), replaced whole: every layer of a shape shares this
         # launch, so a call on another thread never pairs one binding's runner with another's signature
@@ -123,6 +141,9 @@ class BoundLaunch:
 
     def __call__(self, *args) -> None:
         signature = [_current_device(), *launch_signature(args)]
+        if self.device is not None and signature[0] != self.device:
+            with _current_device_set(self.device):
+                return self(*args)
         bound = self.bound
         if bound is not None and signature == bound[0]:
             bound[1](*args, *bound[2])
@@ -149,6 +170,18 @@ def _config_key(args: tuple, kwargs: dict) -> tuple:
 def _current_device() -> int:
     """The device Triton's dispatch would launch on (its driver's notion, as the dispatch asks it)."""
     return _DRIVER.active.get_current_device()
+
+
+@contextlib.contextmanager
+def _current_device_set(device: int):
+    """The driver's current device set to ``device`` for the duration, then set back."""
+    driver = _DRIVER.active
+    previous = driver.get_current_device()
+    driver.set_current_device(device)
+    try:
+        yield
+    finally:
+        driver.set_current_device(previous)
 
 
 def launch_signature(args) -> list:

@@ -326,6 +326,39 @@ def test_layers_of_one_shape_share_a_prefill_launch(offline_launches):
         assert all(a is b for a, b in zip(kernel_args[:4], (x, qweight, qzeros, scales))) and kernel_args[5] is out
 
 
+def test_launches_go_to_the_gpu_their_layer_is_on(offline_launches):
+    """Triton launches on its driver's current device, whatever the tensors' device. A layer on cuda:1
+    of a model split over GPUs, called while cuda:0 is current, must launch on cuda:1 (through Triton's
+    dispatch, and bound after it), leave cuda:0 current, and not be dispatched again each call; a
+    layer on the current GPU changes nothing."""
+    from benchmarks.offline_compile import w4a16_operands
+    from qoqopt.kernels.w4a16 import prepare_w4a16
+
+    m, k, n = 16, 256, 512
+    x, qweight, qzeros, scales, _, out = w4a16_operands(m, k, n, torch.float16)
+    for device in (6, 0):  # 6: an index no other test loads kernels on (Triton checks them once a device)
+        launch = prepare_w4a16(m, k, n, torch.float16, torch.device("cuda", device), has_bias=False,
+                               group_size=128, zero_offset=1)
+        del offline_launches.launch_devices[:]
+        for _ in range(2):
+            launch(x, qweight, qzeros, scales, None, out)
+            assert offline_launches.get_current_device() == 0
+        assert offline_launches.launch_devices == [device, device] and launch.matmul.dispatches == 1
+
+
+def test_unbound_launches_go_to_the_gpu_asked():
+    """The merger's and the attention's launches (``kernel[x.device][grid](...)``, no binding) too."""
+    from benchmarks.offline_compile import recording_driver
+    from qoqopt.kernels.merger import _patch_rstd_kernel
+
+    x, rstd = torch.empty(64, 1280, dtype=torch.float16), torch.empty(64)
+    with recording_driver() as driver:
+        for device in (7, 0):
+            _offline(_patch_rstd_kernel[torch.device("cuda", device)][(2,)], x, rstd, 64, 1e-6, C=1280,
+                     BLOCK_P=32, BLOCK_C=256, num_warps=4)
+            assert driver.launch_devices[-1] == device and driver.get_current_device() == 0
+
+
 RTX_4090_SHARED_MEM = 101376  # bytes per block, opted in (sm_89); an A100 has 166912
 
 
