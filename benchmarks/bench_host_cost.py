@@ -61,7 +61,7 @@ def launch_path_us() -> dict[str, float]:
     each behind the same planned launch (operands, split-K scratch, strides)."""
     from qoqopt.kernels import _triton, w4a16
 
-    k, n, dtype, cuda = 3584, 18944, torch.bfloat16, torch.device("cuda")
+    k, n, dtype, cuda = 3584, 18944, torch.bfloat16, torch.device("cuda", 0)  # a layer's device: indexed
     out = {}
     with offline_w4a16() as driver:
         for m in (1, 16):
@@ -76,6 +76,15 @@ def launch_path_us() -> dict[str, float]:
                 launch(*operands)  # compiles (once per M) and binds
                 out[f"M={m} {label}"] = median_us(lambda: launch(*operands))
                 driver.launches.clear()
+        # a layer on another GPU than the current one (a model split over GPUs): the launch switches the
+        # current device and back; torch's own switch (a C call) is stubbed out here
+        other = w4a16.prepare_w4a16(1, k, n, dtype, torch.device("cuda", 1), has_bias=False, group_size=128,
+                                    zero_offset=1)
+        x, qweight, qzeros, scales, _, y = w4a16_operands(1, k, n, dtype)
+        operands = (x, qweight, qzeros, scales, None, y)
+        other(*operands)
+        out["M=1 direct, other GPU"] = median_us(lambda: other(*operands))
+        driver.launches.clear()
         out |= prefill_path_us(driver, k, n, dtype, cuda)
     return out
 

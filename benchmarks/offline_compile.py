@@ -85,8 +85,10 @@ class RecordingDriver:
     def get_current_device(self):
         return self.device
 
-    def set_current_device(self, device):
-        self.device = device
+    def exchange_device(self, device: int) -> int:
+        """What qoqopt's launches switch GPUs with (torch's exchange; no CUDA here to switch)."""
+        previous, self.device = self.device, device
+        return previous
 
     def get_current_stream(self, device=None):
         return 0
@@ -104,8 +106,9 @@ class _StubUtils:
                 "warpSize": 32}
 
     def load_binary(self, name, kernel, shared, device):
-        # module, function (stand-ins: a loaded kernel has both), registers, spills, max threads per block
-        return object(), object(), 0, 0, 1024
+        # module, function (stand-ins, the function naming the GPU it was loaded on), registers, spills,
+        # max threads per block
+        return object(), ("function loaded on", device), 0, 0, 1024
 
 
 @contextlib.contextmanager
@@ -113,11 +116,17 @@ def recording_driver(max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0):
     """:class:`RecordingDriver` as Triton's active driver for the duration."""
     from triton.runtime.driver import driver
 
+    from unittest import mock
+
+    from qoqopt.kernels import _triton
+
     saved = driver._active
     stub = RecordingDriver(max_shared_mem, device)
     driver.set_active(stub)
     try:
-        yield stub
+        with mock.patch.object(_triton, "_exchange_device", stub.exchange_device), \
+                mock.patch.object(_triton, "_restore_device", stub.exchange_device):  # fmt: skip
+            yield stub
     finally:
         driver._active = saved
 

@@ -89,8 +89,11 @@ class _Compiled:
 
         def launch(*args, **asked):
             if self.device is not None and _current_device() != self.device:
-                with _current_device_set(self.device):
+                previous = _exchange_device(self.device)
+                try:
                     return launch(*args, **asked)
+                finally:
+                    _restore_device(previous)
             kwargs, key = asked, None
             if self.fitted_stages:  # empty unless a launch did not fit: only then is each launch keyed (~3 us)
                 key = _config_key(args, asked)
@@ -141,9 +144,16 @@ class BoundLaunch:
 
     def __call__(self, *args) -> None:
         signature = [_current_device(), *launch_signature(args)]
-        if self.device is not None and signature[0] != self.device:
-            with _current_device_set(self.device):
-                return self(*args)
+        if self.device is None or signature[0] == self.device:
+            return self._launch(signature, args)
+        previous = _exchange_device(self.device)
+        try:
+            signature[0] = self.device
+            return self._launch(signature, args)
+        finally:
+            _restore_device(previous)
+
+    def _launch(self, signature: list, args: tuple) -> None:
         bound = self.bound
         if bound is not None and signature == bound[0]:
             bound[1](*args, *bound[2])
@@ -172,16 +182,17 @@ def _current_device() -> int:
     return _DRIVER.active.get_current_device()
 
 
-@contextlib.contextmanager
-def _current_device_set(device: int):
-    """The driver's current device set to ``device`` for the duration, then set back."""
-    driver = _DRIVER.active
-    previous = driver.get_current_device()
-    driver.set_current_device(device)
-    try:
-        yield
-    finally:
-        driver.set_current_device(previous)
+def _exchange_device(device: int) -> int:
+    """Make GPU ``device`` current (Triton's dispatch reads torch's current device); returns the one
+    that was. ``torch.cuda.device`` switches this way too."""
+    return torch.cuda._exchange_device(device)
+
+
+def _restore_device(device: int) -> None:
+    """Make GPU ``device`` current again, as ``torch.cuda.device`` does on exit: only where it already
+    has a CUDA context. A plain ``set_device`` back would create one (several hundred MB) on a GPU
+    the model never uses, e.g. cuda:0 under a model placed wholly on cuda:1."""
+    torch.cuda._maybe_exchange_device(device)
 
 
 def launch_signature(args) -> list:

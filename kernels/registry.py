@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from qoqopt.errors import QoqoptError
@@ -107,10 +108,11 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
         raise QoqoptError(f"apply: w4a16_words={w4a16_words!r}; choose from {', '.join(W4A16_WORDS)}")
     if merger not in MERGER_PLANS:
         raise QoqoptError(f"apply: merger={merger!r}; choose from {', '.join(MERGER_PLANS)}")
-    tensors = (t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
-    first = next(tensors, None)  # parameters first; a bare quantized layer only has float buffers
-    if first is None:
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if not tensors:
         raise QoqoptError("apply: the model has no floating-point parameters or buffers")
+    first = tensors[0]  # parameters first; a bare quantized layer only has float buffers
+    _check_devices({t.device for t in tensors})
     check_supported(first.device, first.dtype, "apply")
     reason = triton_unusable_reason(first.device, first.dtype)
     if reason is not None and strict:
@@ -176,7 +178,28 @@ def _find_targets(model: nn.Module) -> list[tuple[str, Patch]]:
     return found
 
 
+def _check_devices(devices: set[torch.device]) -> None:
+    """One kind of device for the whole model: GPUs (any number: each launch goes to its layer's), or
+    the CPU for testing. Offloaded layers (``device_map`` with "cpu" or "disk": weights on the CPU or
+    the meta device until accelerate loads them for a forward) would be patched with no weights."""
+    kinds = sorted({d.type for d in devices})
+    if "meta" in kinds or len(kinds) > 1:
+        raise QoqoptError(f"apply: the model's weights are on {' and '.join(kinds)}; qoqopt's kernels need every "
+                          "layer's weights on a GPU (load it without CPU or disk offload, or with device_map='cuda')")
+
+
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
+    _keep_accelerate_hook(getattr(parent, name), new)
     setattr(parent, name, new)
+
+
+def _keep_accelerate_hook(old: nn.Module, new: nn.Module) -> None:
+    """A model loaded with ``device_map`` carries accelerate hooks on the modules it placed; the one
+    on a module given its own GPU moves that module's inputs there. Its replacement keeps the hook."""
+    hook = getattr(old, "_hf_hook", None)
+    if hook is not None and getattr(new, "_hf_hook", None) is None:
+        from accelerate.hooks import add_hook_to_module  # present: it attached the hook
+
+        add_hook_to_module(new, hook)

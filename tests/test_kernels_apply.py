@@ -158,6 +158,49 @@ def test_refuses_unsupported_dtype_and_non_qwen_models():
         apply(tiny_model(), merger="cuBLAS")
 
 
+def test_refuses_offloaded_layers():
+    """``device_map`` with CPU or disk offload leaves layers on the meta device until a forward loads
+    them; apply refuses before patching anything."""
+    from qoqopt.kernels import apply
+
+    model = tiny_model()
+    model.lm_head.to("meta")
+    with pytest.raises(QoqoptError, match="^apply: the model's weights are on .*meta.*offload") as err:
+        apply(model)
+    assert "\n" not in str(err.value)
+    assert type(model.model.visual.merger).__name__ == "Qwen2_5_VLPatchMerger"  # nothing was patched
+
+
+def test_device_map_hooks_survive_patching(no_interpreter):
+    """A model loaded with ``device_map`` over several GPUs carries accelerate hooks, and the one on a
+    module placed on its own GPU moves its inputs there. A patched module must keep running it: here a
+    hook (accelerate's own hook API) that records each call and scales the input, so the logits show
+    whether it ran."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    from qoqopt.kernels import apply
+    from qoqopt.kernels.merger import FusedPatchMerger
+
+    class Scale(hooks.ModelHook):
+        def __init__(self):
+            self.calls = 0
+
+        def pre_forward(self, module, hidden_states, *args, **kwargs):
+            self.calls += 1
+            return (hidden_states * 2, *args), kwargs
+
+    model = tiny_model()
+    batch = two_image_batch(model.config, grids=((1, 4, 4), (1, 2, 6)))
+    hook = Scale()
+    hooks.add_hook_to_module(model.model.visual.merger, hook)
+    ref = logits_of(model, batch)
+    apply(model)
+    merger = model.model.visual.merger
+    assert isinstance(merger, FusedPatchMerger) and merger._hf_hook is hook
+    calls = hook.calls
+    torch.testing.assert_close(logits_of(model, batch), ref, rtol=1e-5, atol=1e-5)
+    assert hook.calls == calls + 1
+
+
 class ForeignGPTQLinear(nn.Module):
     """Shaped like another library's GPTQ linear: packed buffers plus bits and g_idx attributes."""
 

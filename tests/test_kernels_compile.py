@@ -344,26 +344,34 @@ def test_launches_go_to_the_gpu_their_layer_is_on(offline_launches):
             launch(x, qweight, qzeros, scales, None, out)
             assert offline_launches.get_current_device() == 0
         assert offline_launches.launch_devices == [device, device] and launch.matmul.dispatches == 1
+        functions = [args[4] for args in offline_launches.launches[-2:]]  # (grid x, y, z, stream, function, ...)
+        assert functions == [("function loaded on", device)] * 2
 
 
 def test_unbound_launches_go_to_the_gpu_asked():
     """The merger's and the attention's launches (``kernel[x.device][grid](...)``, no binding) too."""
-    from benchmarks.offline_compile import recording_driver
+    from benchmarks.offline_compile import recording_driver, toolchain_needed
     from qoqopt.kernels.merger import _patch_rstd_kernel
 
     x, rstd = torch.empty(64, 1280, dtype=torch.float16), torch.empty(64)
+
+    def launch(device: int) -> None:
+        with toolchain_needed():
+            _patch_rstd_kernel[torch.device("cuda", device)][(2,)](x, rstd, 64, 1e-6, C=1280, BLOCK_P=32,
+                                                                   BLOCK_C=256, num_warps=4)
+
     with recording_driver() as driver:
         for device in (7, 0):
-            _offline(_patch_rstd_kernel[torch.device("cuda", device)][(2,)], x, rstd, 64, 1e-6, C=1280,
-                     BLOCK_P=32, BLOCK_C=256, num_warps=4)
+            _offline(launch, device)
             assert driver.launch_devices[-1] == device and driver.get_current_device() == 0
+            assert driver.launches[-1][4] == ("function loaded on", device)
 
 
 RTX_4090_SHARED_MEM = 101376  # bytes per block, opted in (sm_89); an A100 has 166912
 
 
 @pytest.mark.parametrize("op", ["w4a16-prefill", "merger-fc1"])
-def test_hopper_tiles_run_shallower_where_shared_memory_is_smaller(op, monkeypatch):
+def test_hopper_tiles_run_shallower_where_shared_memory_is_smaller(op, request):
     """The default tiles are sized for Hopper's shared memory. Triton's own launch check (against the
     device's limit) refuses them on a GPU with less; the launch must then run the same tiles with
     fewer pipeline stages, remember that depth for the next launch, and on Hopper run all the stages
@@ -373,7 +381,10 @@ def test_hopper_tiles_run_shallower_where_shared_memory_is_smaller(op, monkeypat
     from qoqopt.kernels.merger import _merger_fc1_kernel
 
     variant = (w4a16.KERNELS["mma"] if op == "w4a16-prefill" else _merger_fc1_kernel)[CUDA]
-    monkeypatch.setattr(variant, "fitted_stages", {})
+    # one dict shared by the kernel's per-GPU variants: emptied in place, refilled afterwards
+    saved = dict(variant.fitted_stages)
+    variant.fitted_stages.clear()
+    request.addfinalizer(lambda: (variant.fitted_stages.clear(), variant.fitted_stages.update(saved)))
 
     def launch(limit: int, device: int):  # 7B dims: M = 2048 prefill of gate/up; 5120 patches
         if op == "w4a16-prefill":
