@@ -19,6 +19,7 @@ from .manifest import BUILD_FORMATS, entry_path, gguf_entries, listed_file, read
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 LICENSE = "mit"  # QoQ-Med and Qwen2.5-VL are MIT / Apache; QoQ-Med's release is MIT
 DEFAULT_BASE = "ddvd233/QoQ-Med-VL-7B"
+HUB_MAX_FILE_BYTES = 50 * 10**9  # the Hub's limit a file ("50GB max, 20GB recommended", its storage docs)
 
 
 @dataclass
@@ -75,6 +76,17 @@ def verified_files(folder: Path, manifest: dict) -> list[PlannedFile]:
             raise QoqoptError(f"{rel} does not match its sha256 in manifest.json: the file changed after export")
         out.append(PlannedFile(rel, target.stat().st_size, digest))
     return out
+
+
+def check_hub_file_sizes(folder: Path, manifest: dict) -> None:
+    """Refuse a file the Hub would refuse (over 50 GB: a 32B F16 GGUF is about 65), before hashing
+    anything: hashing that file alone takes minutes, and the upload would fail only at its end."""
+    for entry in manifest["files"]:
+        size = listed_file(folder, entry).stat().st_size
+        if size > HUB_MAX_FILE_BYTES:
+            hint = "; leave F16 out of --quant (Q8_0 is about half its size)" if manifest.get("format") == "gguf" else ""
+            raise QoqoptError(f"{entry_path(entry)} is {size / 1e9:.1f} GB and the Hub takes files of at most "
+                              f"{HUB_MAX_FILE_BYTES // 10**9} GB; qoqopt does not split builds{hint}")
 
 
 def resolve_token() -> str:
@@ -292,6 +304,7 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     if manifest.get("format") not in BUILD_FORMATS:
         raise QoqoptError(f"{folder}/manifest.json: format {manifest.get('format')!r} is not a qoqopt build "
                           f"({', '.join(BUILD_FORMATS)})")  # fmt: skip
+    check_hub_file_sizes(folder, manifest)
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
     # The manifest itself ships too, so downloaders can check what they got.
     files.append(PlannedFile("manifest.json", (folder / "manifest.json").stat().st_size, sha256_file(folder / "manifest.json")))

@@ -110,6 +110,21 @@ def test_hash_mismatch_is_refused(export_dir):
     assert "does not match its sha256" in err
 
 
+def test_a_file_over_the_hubs_limit_is_refused_before_hashing(export_dir):
+    """The Hub takes files of at most 50 GB (its storage docs); a 32B F16 GGUF is about 65. A sparse
+    file of that size (no disk used) stands in: the plan must stop on its size, in one line, without
+    reading it (its recorded sha256 is of other bytes, so hashing first would fail differently)."""
+    f16 = export_dir / "QoQ-Med-32B.F16.gguf"
+    with open(f16, "wb") as fh:
+        fh.truncate(65_500_000_000)
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    manifest["files"].append({"path": f16.name, "bytes": 65_500_000_000, "sha256": "0" * 64})
+    (export_dir / "manifest.json").write_text(json.dumps(manifest))
+    err = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
+    assert "QoQ-Med-32B.F16.gguf is 65.5 GB and the Hub takes files of at most 50 GB" in err
+    assert "leave F16 out of --quant" in err
+
+
 def test_no_token_is_refused_before_any_upload(export_dir, tmp_path):
     env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "empty-home"), "HF_TOKEN_PATH": str(tmp_path / "none")}
     assert "no Hugging Face token" in error_line(run_cli("publish", str(export_dir), "--repo", "me/x", env=env))
