@@ -12,9 +12,10 @@ examples:
   HF_TOKEN=... qoqopt publish out/gptq --repo my-lab/QoQ-Med-VL-7B-GPTQ --private
 
 Before anything is uploaded, qoqopt checks the repo name, that DIR has a manifest.json written by
-`qoqopt export`, that every listed file still matches its sha256, that a --base-model has the
-build's language-model shape (hidden size, layers; when its config can be fetched), and that a
-token is available (HF_TOKEN or `hf auth login`). The token is never printed or written. The
+`qoqopt export`, that no file is over the Hub's 50 GB a file (a 32B F16 GGUF is), that every
+listed file still matches its sha256, that a --base-model has the build's language-model shape
+(hidden size, layers; when its config can be fetched), and that a token is available (HF_TOKEN or
+`hf auth login`). The token is never printed or written. The
 model card (README.md) is generated: YAML metadata (base_model, base_model_relation: quantized,
 licence, tags, pipeline_tag), the file list with sha256, the drift/speed tables from --results,
 and usage for llama.cpp, LM Studio, Ollama, vLLM and transformers.
