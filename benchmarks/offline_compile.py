@@ -114,9 +114,9 @@ class _StubUtils:
 @contextlib.contextmanager
 def recording_driver(max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0):
     """:class:`RecordingDriver` as Triton's active driver for the duration."""
-    from triton.runtime.driver import driver
-
     from unittest import mock
+
+    from triton.runtime.driver import driver
 
     from qoqopt.kernels import _triton
 

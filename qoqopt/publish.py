@@ -84,7 +84,8 @@ def check_hub_file_sizes(folder: Path, manifest: dict) -> None:
     for entry in manifest["files"]:
         size = listed_file(folder, entry).stat().st_size
         if size > HUB_MAX_FILE_BYTES:
-            hint = "; leave F16 out of --quant (Q8_0 is about half its size)" if manifest.get("format") == "gguf" else ""
+            quant = _quant_of(entry_path(entry)) if manifest.get("format") == "gguf" else None
+            hint = f"; leave {quant} out of --quant (Q8_0 is about half of F16's size)" if quant else ""
             raise QoqoptError(f"{entry_path(entry)} is {size / 1e9:.1f} GB and the Hub takes files of at most "
                               f"{HUB_MAX_FILE_BYTES // 10**9} GB; qoqopt does not split builds{hint}")
 
