@@ -89,11 +89,7 @@ class _Compiled:
 
         def launch(*args, **asked):
             if self.device is not None and _current_device() != self.device:
-                previous = _exchange_device(self.device)
-                try:
-                    return launch(*args, **asked)
-                finally:
-                    _restore_device(previous)
+                return _on_device(self.device, launch, *args, **asked)
             kwargs, key = asked, None
             if self.fitted_stages:  # empty unless a launch did not fit: only then is each launch keyed (~3 us)
                 key = _config_key(args, asked)
@@ -135,7 +131,6 @@ class BoundLaunch:
 
     def __init__(self, variant: _Compiled, grid, constexprs: dict):
         self.variant, self.grid, self.constexprs = variant, grid, constexprs
-        self.device = variant.device
         self.kernel = None  # the compiled kernel bound (for inspection)
         # (signature, runner, trailing constexprs), replaced whole: every layer of a shape shares this
         # launch, so a call on another thread never pairs one binding's runner with another's signature
@@ -143,15 +138,11 @@ class BoundLaunch:
         self.dispatches = 0  # calls that went through Triton's dispatch (tests count them)
 
     def __call__(self, *args) -> None:
-        signature = [_current_device(), *launch_signature(args)]
-        if self.device is None or signature[0] == self.device:
+        signature, device = [_current_device(), *launch_signature(args)], self.variant.device
+        if device is None or signature[0] == device:
             return self._launch(signature, args)
-        previous = _exchange_device(self.device)
-        try:
-            signature[0] = self.device
-            return self._launch(signature, args)
-        finally:
-            _restore_device(previous)
+        signature[0] = device
+        return _on_device(device, self._launch, signature, args)
 
     def _launch(self, signature: list, args: tuple) -> None:
         bound = self.bound
@@ -180,6 +171,15 @@ def _config_key(args: tuple, kwargs: dict) -> tuple:
 def _current_device() -> int:
     """The device Triton's dispatch would launch on (its driver's notion, as the dispatch asks it)."""
     return _DRIVER.active.get_current_device()
+
+
+def _on_device(device: int, launch, *args, **kwargs):
+    """``launch(*args, **kwargs)`` with GPU ``device`` current, then the previous one again."""
+    previous = _exchange_device(device)
+    try:
+        return launch(*args, **kwargs)
+    finally:
+        _restore_device(previous)
 
 
 def _exchange_device(device: int) -> int:

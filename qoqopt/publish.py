@@ -84,7 +84,7 @@ def check_hub_file_sizes(folder: Path, manifest: dict) -> None:
     for entry in manifest["files"]:
         size = listed_file(folder, entry).stat().st_size
         if size > HUB_MAX_FILE_BYTES:
-            quant = _quant_of(entry_path(entry)) if manifest.get("format") == "gguf" else None
+            quant = entry.get("quant") if entry.get("kind") == "text" else None
             hint = f"; leave {quant} out of --quant (Q8_0 is about half of F16's size)" if quant else ""
             raise QoqoptError(f"{entry_path(entry)} is {size / 1e9:.1f} GB and the Hub takes files of at most "
                               f"{HUB_MAX_FILE_BYTES // 10**9} GB; qoqopt does not split builds{hint}")
@@ -198,7 +198,7 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
     # builds exported before the top-level key carried the encoder whenever their source had one
     carries_ecg = manifest.get("ecg_encoder", "carried" if src.get("ecg_encoder") else None) == "carried"
     sections = exported or {}
-    body += ["", "## Usage", "", _usage(fmt, repo_id, files, carries_ecg, sections.get("Run it"))]
+    body += ["", "## Usage", "", _usage(fmt, repo_id, manifest, carries_ecg, sections.get("Run it"))]
     for heading in ("Left out on purpose", "Known issues"):
         if heading in sections:
             body += ["", f"## {heading}", "", sections[heading]]
@@ -238,7 +238,7 @@ def readme_sections(readme: str) -> dict[str, str]:
     return {heading: "\n".join(lines).strip("\n") for heading, lines in sections.items()}
 
 
-def _usage(fmt: str, repo_id: str, files: list[PlannedFile], carries_ecg: bool, exported_run: str | None) -> str:
+def _usage(fmt: str, repo_id: str, manifest: dict, carries_ecg: bool, exported_run: str | None) -> str:
     """GPTQ/AWQ: the run instructions their exports write, for the repo id. GGUF: the export's own run
     section (it names this build's files and QoQ-Med's image range), below the download."""
     if fmt in ("gptq", "awq"):
@@ -246,48 +246,38 @@ def _usage(fmt: str, repo_id: str, files: list[PlannedFile], carries_ecg: bool, 
 
         return run_instructions(repo_id, carries_ecg)
     if exported_run is None:
-        return _gguf_usage(repo_id, files)
+        return _gguf_usage(repo_id, manifest)
     return (f"`hf download {repo_id} --local-dir qoq-med && cd qoq-med` fetches the build (add "
             "`--include` with the files below to skip the other quants); the commands below run from there. "
-            f"(`llama-mtmd-cli -hf {_hf_repo_tag(repo_id, files)}` also fetches that quant and its mmproj by "
+            f"(`llama-mtmd-cli -hf {_hf_repo_tag(repo_id, manifest)}` also fetches that quant and its mmproj by "
             f"itself; give it the same flags.)\n\n{exported_run}")
 
 
-_QUANT_NAME = re.compile(r"(?i)(?:I?Q|TQ)\d\w*|B?F16|F32")  # GGUF file types as llama.cpp names them
+def _card_model_gguf(manifest: dict) -> tuple[str | None, str]:
+    """``(quant, path)`` of the text GGUF the card runs, from the manifest's text entries: Q4_K_M where
+    the build has it (llama.cpp's own ``-hf`` default), else the smallest. Never the imatrix or the
+    mmproj, which are GGUFs of other kinds."""
+    texts = [f for f in manifest.get("files", []) if f.get("kind") == "text"]
+    if not texts:
+        return None, "MODEL.gguf"
+    pick = next((f for f in texts if f.get("quant") == "Q4_K_M"), None) or min(texts, key=lambda f: f.get("bytes", 0))
+    return pick.get("quant"), entry_path(pick)
 
 
-def _quant_of(path: str) -> str | None:
-    parts = path.rsplit(".", 2)
-    return parts[1] if len(parts) == 3 and _QUANT_NAME.fullmatch(parts[1]) else None
-
-
-def _card_model_gguf(files: list[PlannedFile]) -> tuple[str | None, str]:
-    """``(quant, path)`` of the text GGUF the card runs: Q4_K_M where the build has it (llama.cpp's own
-    ``-hf`` default), else the smallest; quant None where the name carries none (exports write
-    ``<name>.<QUANT>.gguf``). Never the imatrix or the mmproj, which are GGUFs too."""
-    texts = [f for f in files if f.path.endswith(".gguf") and not f.path.startswith("mmproj")
-             and not f.path.endswith(".imatrix.gguf")]
-    tagged = {_quant_of(f.path): f for f in texts if _quant_of(f.path)}
-    if tagged:
-        quant = "Q4_K_M" if "Q4_K_M" in tagged else min(tagged, key=lambda q: tagged[q].bytes)
-        return quant, tagged[quant].path
-    return None, texts[0].path if texts else "MODEL.gguf"
-
-
-def _hf_repo_tag(repo_id: str, files: list[PlannedFile]) -> str:
+def _hf_repo_tag(repo_id: str, manifest: dict) -> str:
     """``repo:QUANT`` for llama.cpp's ``-hf``, naming the quant :func:`_card_model_gguf` picks. Named, not
     left to llama.cpp: without a tag it takes Q4_K_M, or where there is none the repo's first file."""
-    quant = _card_model_gguf(files)[0]
+    quant = _card_model_gguf(manifest)[0]
     return f"{repo_id}:{quant}" if quant else repo_id
 
 
-def _gguf_usage(repo_id: str, files: list[PlannedFile]) -> str:
+def _gguf_usage(repo_id: str, manifest: dict) -> str:
     """For GGUF builds whose README has no run section (not written by a current qoqopt export)."""
-    text = _card_model_gguf(files)[1]
-    mmproj = next((f.path for f in files if f.path.startswith("mmproj")), "mmproj.gguf")
+    text = _card_model_gguf(manifest)[1]
+    mmproj = next(iter(gguf_entries(manifest, "mmproj")), "mmproj.gguf")
     return "\n".join([
         "**llama.cpp**", "```bash",
-        f"llama-mtmd-cli -hf {_hf_repo_tag(repo_id, files)} --image scan.png -p 'Above is a CT image of a patient. ...'",
+        f"llama-mtmd-cli -hf {_hf_repo_tag(repo_id, manifest)} --image scan.png -p 'Above is a CT image of a patient. ...'",
         f"# or with local files: llama-mtmd-cli -m {text} --mmproj {mmproj} --image scan.png -p '...'",
         "```", "", "**LM Studio**: search for the repo name, download the quant and the mmproj together.", "",
         "**Ollama**", "```bash", f"hf download {repo_id} --local-dir qoq-med && cd qoq-med",

@@ -14,6 +14,15 @@ from tests.conftest import cache_as_hub_repo, error_line, refused, run_cli
 SECRET = "hf_SeCrEtTokenValue1234567890abcdef"
 
 
+def _kind(name: str) -> dict:
+    """The kind (and quant) a GGUF export records for a file it names ``<name>.<QUANT>.gguf``."""
+    if name.startswith("mmproj"):
+        return {"kind": "mmproj"}
+    if name.endswith(".imatrix.gguf"):
+        return {"kind": "imatrix"}
+    return {"kind": "text", "quant": name.rsplit(".", 2)[1]}
+
+
 @pytest.fixture()
 def export_dir(tmp_path):
     """A minimal export directory: two files and a manifest, as `qoqopt export` writes it."""
@@ -23,7 +32,7 @@ def export_dir(tmp_path):
     for name, data in files.items():
         (d / name).write_bytes(data)
     (d / "README.md").write_text("usage notes")
-    entries = [{"path": n, "bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in files.items()]
+    entries = [{"path": n, "bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} | _kind(n) for n, b in files.items()]
     manifest = {"format": "gguf", "source": {"model": "ddvd233/QoQ-Med-VL-7B", "revision": "abc123"}, "files": entries}
     (d / "manifest.json").write_text(json.dumps(manifest))
     return d
@@ -50,7 +59,8 @@ def _add_listed_files(build, names):
     for name in names:
         data = b"GGUF" + bytes(200 if ".F16." in name else 10)
         (build / name).write_bytes(data)
-        manifest["files"].append({"path": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        manifest["files"].append({"path": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                                 | _kind(name))
     (build / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -118,7 +128,7 @@ def test_a_file_over_the_hubs_limit_is_refused_before_hashing(export_dir):
     with open(f16, "wb") as fh:
         fh.truncate(65_500_000_000)
     manifest = json.loads((export_dir / "manifest.json").read_text())
-    manifest["files"].append({"path": f16.name, "bytes": 65_500_000_000, "sha256": "0" * 64})
+    manifest["files"].append({"path": f16.name, "bytes": 65_500_000_000, "sha256": "0" * 64} | _kind(f16.name))
     (export_dir / "manifest.json").write_text(json.dumps(manifest))
     err = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
     assert "QoQ-Med-32B.F16.gguf is 65.5 GB and the Hub takes files of at most 50 GB" in err
