@@ -10,8 +10,9 @@ Steps (each in its own module):
 3. for K-quants / IQ types, write one F16/BF16 intermediate (or reuse a requested F16/BF16 output),
    collect the clinical imatrix through the transformers model (qoqopt.calibration) and quantize
    every requested type from that one intermediate with llama.cpp (gguf_quant);
-4. write the mmproj from the checkpoint's own vision tower;
-5. write the imatrix file, an Ollama Modelfile, README.md and manifest.json.
+4. split text files over --split-max-size into parts llama.cpp loads as one (gguf_split);
+5. write the mmproj from the checkpoint's own vision tower;
+6. write the imatrix file, an Ollama Modelfile, README.md and manifest.json.
 
 Everything is built in a temporary sibling folder that replaces the output only when complete,
 so an interrupted (even SIGKILLed) export never leaves a file under a final name. No timestamps or
@@ -30,7 +31,7 @@ from qoqopt.errors import QoqoptError
 from qoqopt.manifest import source_id
 from qoqopt.mini import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
-from . import gguf_map, gguf_meta, gguf_quant, gguf_vocab, gguf_write
+from . import gguf_map, gguf_meta, gguf_quant, gguf_split, gguf_vocab, gguf_write
 from .imatrix_file import IMatrix, read_imatrix, write_imatrix
 
 TRAIN_PIXELS = f"{TRAIN_MIN_PIXELS}..{TRAIN_MAX_PIXELS}"  # QoQ-Med's training image range, as the cards say it
@@ -53,6 +54,9 @@ class GGUFOptions:
     seed: int = 0
     threads: int = 0
     progress: bool = True
+    # 0: every text file whole; else larger ones are written in parts of at most this many bytes
+    # (the Hub takes files of at most 50 GB; a 32B F16 is ~65)
+    split_max_bytes: int = 0
 
 
 @dataclass
@@ -63,6 +67,8 @@ class FileRecord:
     tensors: int | None = None
     bytes: int = 0
     sha256: str = ""
+    part: int | None = None  # a text file written in parts: this one's number (from 1) and their count
+    parts: int | None = None
 
 
 @dataclass
@@ -188,7 +194,7 @@ def estimate_bytes(ctx: _Context, options: GGUFOptions) -> int:
         total += f16  # the intermediate
     if options.mmproj_type != "none":
         total += sum(gguf_write.nbytes(e.shape, gguf_write.F32) for e in ctx.mapping.vision)
-    return total
+    return total + min(options.split_max_bytes, f16)  # a part is written before its bytes leave the file
 
 
 def _check_space(out: Path, need: int) -> None:
@@ -206,6 +212,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
         raise QoqoptError(f"unknown --mmproj-type {options.mmproj_type!r}; choose from {', '.join(MMPROJ_TYPES)}, none")
     if options.calib_items < 1:  # an imatrix of no chats would quietly equal none
         raise QoqoptError(f"--samples must be at least 1, got {options.calib_items}")
+    _check_split_size(options.split_max_bytes)
     quants = gguf_quant.parse_quants(",".join(options.quants))
     options.quants = quants
     inputs = [source] + ([options.imatrix] if imatrix_kind(options.imatrix) in ("jsonl", "file") else [])
@@ -223,6 +230,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
     try:
         with atomic_dir(out, force=force, inputs=inputs) as tmp:
             reports: dict[str, gguf_write.WriteReport] = {}
+            texts: list[tuple[Path, str, int]] = []  # (file, quant type, tensors), split at the end
             # 1. direct types
             for q in [q for q in quants if gguf_quant.is_direct(q)]:
                 path = tmp / text_file_name(ctx.name, q)
@@ -250,11 +258,11 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                     for line in rep.summary():
                         log(f"note: {line}")
                     log(f"wrote {path.name} (llama.cpp {q}{', clinical imatrix' if imatrix else ', no imatrix'}, {_size(path.stat().st_size)})")
-                    records.append(_record(path, "text", q, tensors))
+                    texts.append((path, q, tensors))
                 if temporary:
                     inter.unlink()
-            for q, rep in reports.items():
-                records.append(_record(rep.path, "text", q, rep.tensors))
+            texts += [(rep.path, q, rep.tensors) for q, rep in reports.items()]
+            records += _text_records(ctx, texts)  # split only now: the intermediate may be one of them
             # 3. mmproj
             mmproj_name = None
             if options.mmproj_type != "none":
@@ -268,13 +276,16 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                 mmproj_name = path.name
                 log(f"wrote {path.name} ({rep.tensors} tensors, {_size(rep.bytes)})")
             # 4. user-facing files
-            text_files = {r.quant: r.path for r in records if r.kind == "text"}
-            primary = next((q for q in MODELFILE_PREFERENCE if q in text_files), quants[0])
-            (tmp / "Modelfile").write_text(render_modelfile(ctx, text_files[primary], mmproj_name, text_files))
-            records.append(_record(tmp / "Modelfile", "modelfile"))
-            (tmp / "README.md").write_text(render_readme(ctx, records, mmproj_name, primary, notes, imatrix_info))
-            records.append(_record(tmp / "README.md", "readme"))
             records.sort(key=lambda r: (r.kind != "text", r.kind, r.path))
+            runnable = {r.quant: r.path for r in records if r.kind == "text" and (r.part or 1) == 1}
+            primary = _preferred(runnable) or quants[0]
+            whole = {r.quant: r.path for r in records if r.kind == "text" and r.part is None}  # what Ollama imports
+            ollama = _preferred(whole)
+            if ollama:
+                (tmp / "Modelfile").write_text(render_modelfile(ctx, whole[ollama], mmproj_name, whole))
+                records.append(_record(tmp / "Modelfile", "modelfile"))
+            (tmp / "README.md").write_text(render_readme(ctx, records, mmproj_name, primary, notes, imatrix_info, ollama))
+            records.append(_record(tmp / "README.md", "readme"))
             manifest = render_manifest(ctx, records, notes, imatrix_info)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     except OSError as exc:
@@ -285,10 +296,42 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
     return ExportResult(out, ctx.name, records, notes, ctx.skipped, imatrix_info)
 
 
-def _record(path: Path, kind: str, quant: str | None = None, tensors: int | None = None) -> FileRecord:
+def _record(path: Path, kind: str, quant: str | None = None, tensors: int | None = None, part: tuple[int, int] | None = None) -> FileRecord:
     from qoqopt.fileio import sha256_file
 
-    return FileRecord(path.name, kind, quant, tensors, path.stat().st_size, sha256_file(path))
+    return FileRecord(path.name, kind, quant, tensors, path.stat().st_size, sha256_file(path), *(part or (None, None)))
+
+
+def _preferred(files: dict[str, str]) -> str | None:
+    return next((q for q in MODELFILE_PREFERENCE if q in files), next(iter(files), None))
+
+
+def _check_split_size(max_bytes: int) -> None:
+    if max_bytes < 0 or 0 < max_bytes < gguf_split.MIN_SPLIT_BYTES:
+        raise QoqoptError(f"--split-max-size {max_bytes} bytes: give at least 1M (sizes take K, M, G: 48G keeps every "
+                          "file under the Hub's 50 GB limit)")  # fmt: skip
+
+
+def _text_records(ctx: _Context, texts: list[tuple[Path, str, int]]) -> list[FileRecord]:
+    """Each text GGUF's manifest records: the file itself, or its parts where it is over --split-max-size."""
+    from tqdm import tqdm
+
+    records = []
+    for path, quant, tensors in texts:
+        max_bytes = ctx.options.split_max_bytes
+        if not max_bytes or path.stat().st_size <= max_bytes:
+            records.append(_record(path, "text", quant, tensors))
+            continue
+        with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"splitting {path.name}", leave=False,
+                  disable=not ctx.options.progress) as bar:  # fmt: skip
+            parts = gguf_split.split_gguf(path, max_bytes, progress=bar.update)
+        if len(parts) == 1:  # one tensor: nothing to split at
+            records.append(_record(path, "text", quant, tensors))
+            continue
+        ctx.log(f"split {path.name} into {len(parts)} parts of at most {max_bytes:,} bytes"
+                + (" (one tensor alone is larger)" if any(p.stat().st_size > max_bytes for p, _ in parts) else ""))
+        records += [_record(p, "text", quant, n, (no, len(parts))) for no, (p, n) in enumerate(parts, 1)]
+    return records
 
 
 def _size(n: int) -> str:
@@ -438,6 +481,14 @@ The handler has no image-size option: give it images inside {TRAIN_PIXELS} pixel
 """
 
 
+def _split_line(records: list[FileRecord]) -> str:
+    split = sorted({r.quant for r in records if r.part})
+    if not split:
+        return ""
+    return (f"{', '.join(split)} {'is' if len(split) == 1 else 'are'} written in parts (`-00001-of-0000N.gguf`): download "
+            "every part into one\nfolder and give llama.cpp or LM Studio the first; they load the rest (Ollama cannot).\n\n")
+
+
 def _mmproj_line(mmproj: str | None) -> str:
     if not mmproj:
         return ("This build is text only (exported with `--mmproj-type none`): no runtime can give it an image. "
@@ -446,8 +497,17 @@ def _mmproj_line(mmproj: str | None) -> str:
             "mmproj sees images differently). ")
 
 
-def _run_it(ctx: _Context, text: str, mmproj: str | None) -> str:
-    """The card's "Run it" for llama.cpp, LM Studio and Ollama; text chat only without an mmproj."""
+def _ollama(ollama: str | None, text: str, modelfile: str) -> str:
+    if ollama:
+        return f"`ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`. The Modelfile\ncarries {modelfile}"
+    return ("cannot import a GGUF in parts (ollama/ollama#5245), and this build has its text files in parts only,\n"
+            f"so it has no Modelfile. Merge one first (`llama-gguf-split --merge {text} merged.gguf`) and\n"
+            "write a Modelfile naming it.")
+
+
+def _run_it(ctx: _Context, text: str, mmproj: str | None, ollama: str | None) -> str:
+    """The card's "Run it" for llama.cpp, LM Studio and Ollama; text chat only without an mmproj.
+    `text` is what llama.cpp is given (the first part of a split file), `ollama` the Modelfile's type."""
     settings = "--temp 0 --repeat-penalty 1.05"
     if mmproj:
         lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
@@ -472,13 +532,13 @@ def _run_it(ctx: _Context, text: str, mmproj: str | None) -> str:
 
 **LM Studio**: {lm_studio} Set temperature 0 and repeat penalty 1.05.
 
-**Ollama**: `ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`. The Modelfile
-carries {modelfile}
+**Ollama**: {_ollama(ollama, text, modelfile)}
 """
 
 
-def render_readme(ctx: _Context, records: list[FileRecord], mmproj: str | None, primary: str, notes: list[str], imatrix: dict | None) -> str:
-    text = next(r.path for r in records if r.kind == "text" and r.quant == primary)
+def render_readme(ctx: _Context, records: list[FileRecord], mmproj: str | None, primary: str, notes: list[str],
+                  imatrix: dict | None, ollama: str | None) -> str:  # fmt: skip
+    text = next(r.path for r in records if r.kind == "text" and r.quant == primary)  # records in path order
     rows = "\n".join(f"| `{r.path}` | {r.kind} | {r.quant or ''} | {_size(r.bytes)} |" for r in records if r.kind in ("text", "mmproj", "imatrix"))
     left_out = ctx.skipped + ([] if mmproj else ["the mmproj (`--mmproj-type none`): this build reads text only"])
     skipped = "\n".join(f"- {s}" for s in left_out) or "- nothing"
@@ -503,7 +563,7 @@ every file with its sha256.
 
 ## Run it
 
-{_run_it(ctx, text, mmproj)}{_llama_cpp_python_usage(text, mmproj)}
+{_split_line(records)}{_run_it(ctx, text, mmproj, ollama)}{_llama_cpp_python_usage(text, mmproj)}
 ## Left out on purpose
 
 {skipped}

@@ -1,7 +1,8 @@
 """manifest.json, which every `qoqopt export` writes: what a build directory holds.
 
 Each entry of "files" names its file under "path" (relative to the directory) with its size and
-sha256; GGUF entries also carry "kind" (text | mmproj | imatrix | modelfile | readme) and "quant".
+sha256; GGUF entries also carry "kind" (text | mmproj | imatrix | modelfile | readme) and "quant", and
+the parts of a text file written in parts (`--split-max-size`) "part" (from 1) and "parts".
 GGUF manifests written before qoqopt 0.1.1 used "file" for the name; both are read.
 """
 
@@ -73,10 +74,21 @@ def _check_inside(rel: str, manifest_path: Path) -> None:
 
 
 def gguf_entries(manifest: dict, kind: str, quant: str | None = None) -> list[str]:
-    """Relative paths of a GGUF build's files of one kind (and quant type, for text files)."""
-    return [entry_path(f) for f in manifest.get("files", [])
-            if f.get("kind") == kind and (quant is None or f.get("quant") == quant)]  # fmt: skip
+    """Relative paths of a GGUF build's files of one kind (and quant type, for text files), first
+    parts first: a runtime is given a split file's first part."""
+    found = [f for f in manifest.get("files", []) if f.get("kind") == kind and (quant is None or f.get("quant") == quant)]
+    return [entry_path(f) for f in sorted(found, key=lambda f: f.get("part") or 1)]
+
+
+def gguf_text_files(manifest: dict, quant: str | None = None) -> list[str]:
+    """The text GGUF of type `quant` (without one, the first listed): [the file], or all its parts,
+    the one llama.cpp is given first. Empty if the build has none."""
+    texts = gguf_entries(manifest, "text", quant)
+    if not texts:
+        return []
+    first = next(f for f in manifest["files"] if entry_path(f) == texts[0])
+    return gguf_entries(manifest, "text", first.get("quant")) if first.get("parts") else texts[:1]
 
 
 def gguf_quants(manifest: dict) -> list[str]:
-    return [f.get("quant") for f in manifest.get("files", []) if f.get("kind") == "text"]
+    return list(dict.fromkeys(f.get("quant") for f in manifest.get("files", []) if f.get("kind") == "text"))

@@ -85,9 +85,10 @@ def check_hub_file_sizes(folder: Path, manifest: dict) -> None:
         size = listed_file(folder, entry).stat().st_size
         if size > HUB_MAX_FILE_BYTES:
             quant = entry.get("quant") if entry.get("kind") == "text" else None
-            hint = f"; leave {quant} out of --quant (Q8_0 is about half of F16's size)" if quant else ""
+            hint = (f": export again with --split-max-size 48G (parts llama.cpp and LM Studio load as one), or leave "
+                    f"{quant} out of --quant (Q8_0 is about half of F16's size)") if quant else ""  # fmt: skip
             raise QoqoptError(f"{entry_path(entry)} is {size / 1e9:.1f} GB and the Hub takes files of at most "
-                              f"{HUB_MAX_FILE_BYTES // 10**9} GB; qoqopt does not split builds{hint}")
+                              f"{HUB_MAX_FILE_BYTES // 10**9} GB{hint}")
 
 
 def resolve_token() -> str:
@@ -260,8 +261,11 @@ def _card_model_gguf(manifest: dict) -> tuple[str | None, str]:
     texts = [f for f in manifest.get("files", []) if f.get("kind") == "text"]
     if not texts:
         return None, "MODEL.gguf"
-    pick = next((f for f in texts if f.get("quant") == "Q4_K_M"), None) or min(texts, key=lambda f: f.get("bytes", 0))
-    return pick.get("quant"), entry_path(pick)
+    size: dict[str | None, int] = {}  # a file in parts counts whole
+    for f in texts:
+        size[f.get("quant")] = size.get(f.get("quant"), 0) + f.get("bytes", 0)
+    quant = "Q4_K_M" if "Q4_K_M" in size else min(size, key=size.__getitem__)
+    return quant, next(entry_path(f) for f in texts if f.get("quant") == quant and (f.get("part") or 1) == 1)
 
 
 def _hf_repo_tag(repo_id: str, manifest: dict) -> str:

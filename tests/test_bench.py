@@ -392,6 +392,33 @@ def test_ask_fetches_one_quant_of_a_hub_gguf_repo(run_1t, tmp_path, monkeypatch,
     assert err == f"error: cannot get {q4} from me/qoq-gguf: HF_HUB_OFFLINE is set and the local cache lacks it", err
 
 
+def test_a_build_in_parts_answers_as_the_whole_file(run_1t, trained_dir, tmp_path, monkeypatch, capsys):
+    """A Q8_0 written in parts (--split-max-size) replies as the bench's whole Q8_0 of the same model
+    does (llama.cpp loads the parts as one). From a Hub repo, ask fetches every part and names one the
+    cache lacks; bench finds every part too (it fetches what it finds)."""
+    from huggingface_hub import constants
+
+    from qoqopt.bench.variants import find_in, parse_variants
+    from qoqopt.cli import main
+
+    (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
+    split = tmp_path / "split"
+    res = run_cli("export", str(trained_dir), "--format", "gguf", "--quant", "Q8_0", "--imatrix", "none",
+                  "--split-max-size", "40M", "--name", "mini", "--out", str(split))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    parts = sorted(split.glob("mini.Q8_0-*-of-*.gguf"))
+    assert len(parts) >= 2 and not (split / "mini.Q8_0.gguf").exists()
+    item = ["--item", "ct-abd-pancreas.region_ct.eval-0"]
+    assert _asked(run_cli("ask", str(split), *item)) == _asked(run_cli("ask", str(gguf_dir), "--quant", "Q8_0", *item))
+    (found,) = [find_in(split, v) for v in parse_variants("gguf:Q8_0")]
+    assert [p.name for k, p in found.items() if k.startswith("text")] == [p.name for p in parts]
+    cache_as_hub_repo(tmp_path / "hub", "me/split", [f for f in split.iterdir() if f != parts[1]],
+                      [f.name for f in split.iterdir()])  # fmt: skip
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    err = refused(["ask", "me/split", "--revision", HUB_COMMIT, *item], capsys, downloads=True)
+    assert err == f"error: cannot get {parts[1].name} from me/split: HF_HUB_OFFLINE is set and the local cache lacks it", err
+
+
 def test_bench_takes_builds_from_hub_repos(run_1t, trained_dir, tmp_path, monkeypatch, capsys):
     """`bench --from OWNER/NAME` (repos `qoqopt publish` uploaded) benches the builds their manifests
     list, fetching only the GGUF quant type benched; the result records the published files' sha256."""

@@ -74,12 +74,17 @@ def test_export_fills_only_its_own_family(monkeypatch):
     # --threads serves both families: llama.cpp's quantizer, torch's calibration
     assert _export_call(monkeypatch, "--format", "gguf", "--threads", "3")["threads"] == 3
     assert _export_call(monkeypatch, "--format", "awq", "--threads", "3")["threads"] == 3
+    # sizes are decimal, as llama.cpp's converter and the Hub's 50 GB limit count them
+    assert gguf["split_max_bytes"] == 0
+    for size, n in (("48G", 48 * 10**9), ("1.5g", 15 * 10**8), ("500MB", 5 * 10**8), ("2000000", 2 * 10**6)):
+        assert _export_call(monkeypatch, "--format", "gguf", "--split-max-size", size)["split_max_bytes"] == n
 
 
 @pytest.mark.parametrize("fmt,flags", [
     ("gguf", ["--bits", "8"]), ("gguf", ["--group-size", "64"]), ("gguf", ["--asym"]), ("gguf", ["--calib", "x.jsonl"]),
     ("gguf", ["--quantize-vision"]), ("gptq", ["--imatrix", "none"]), ("awq", ["--mmproj-type", "q8_0"]),
     ("gptq", ["--name", "n"]), ("awq", ["--quant", "Q8_0"]), ("gptq", ["--imatrix-image-weight", "1"]),
+    ("awq", ["--split-max-size", "48G"]),
 ])  # fmt: skip
 def test_export_refuses_the_other_formats_options(fmt, flags):
     from qoqopt.errors import QoqoptError
@@ -105,6 +110,8 @@ def test_bad_numbers_and_usage_arerefused(capsys):
         ("export", "m", "--format", "gguf", "--imatrix-image-weight", "-1", "--out", "o"):
             "argument --imatrix-image-weight: expected a number >= 0, got -1",
         ("export", "m", "--format", "gguf", "--threads", "-2", "--out", "o"): "argument --threads: expected an integer >= 0",
+        ("export", "m", "--format", "gguf", "--split-max-size", "48GiB", "--out", "o"):
+            "argument --split-max-size: expected a size such as 48G or 500M, got '48GiB'",
         ("data", "list", "--max-side", "0"): "argument --max-side: expected an integer >= 1, got 0",
         ("frobnicate",): "argument COMMAND: invalid choice: 'frobnicate'",
         ("ask", "b"): "one of the arguments --item --image is required",

@@ -308,6 +308,32 @@ def test_runtime_key_layout_gives_same_tensors(built, tiny_runtime_dir, tmp_path
         assert np.array_equal(x.logits(ids), y.logits(ids))
 
 
+
+def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_path):
+    """--split-max-size: llama.cpp, given the first part, finds the others by name, checks their split
+    keys and runs the model; its logits equal the whole F32 file's bit for bit, and without a part it
+    does not load. Ollama cannot import parts: a build with no whole text file gets no Modelfile."""
+    out = tmp_path / "split"
+    opts = GGUFOptions(quants=["F32"], imatrix="none", mmproj_type="none", name="tiny", split_max_bytes=100_000_000, progress=False)
+    log: list[str] = []
+    res = export_gguf(str(tiny_dir), out, opts, log=log.append)
+    texts = [r for r in res.files if r.kind == "text"]
+    assert [(r.path, r.part, r.parts) for r in texts] == [(f"tiny.F32-0000{i}-of-00003.gguf", i, 3) for i in (1, 2, 3)]
+    whole = next(f for f in built.files if f.quant == "F32")
+    assert sum(r.tensors for r in texts) == whole.tensors and sorted(p.name for p in out.iterdir()) == sorted(
+        [r.path for r in texts] + ["README.md", "manifest.json"])  # fmt: skip
+    assert "split tiny.F32.gguf into 3 parts of at most 100,000,000 bytes (one tensor alone is larger)" in log
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(f["path"], f["part"], f["parts"], f["bytes"]) for f in manifest["files"] if f["kind"] == "text"] == [
+        (r.path, r.part, r.parts, (out / r.path).stat().st_size) for r in texts]  # fmt: skip
+    assert "cannot import a GGUF in parts" in (out / "README.md").read_text()
+    ids = list(range(100, 140))
+    with LlamaVL(built.file("text", "F32")) as a, LlamaVL(out / texts[0].path) as b:
+        assert np.array_equal(a.logits(ids), b.logits(ids))
+    (out / texts[2].path).unlink()
+    with pytest.raises(ValueError, match="Failed to load model"):
+        LlamaVL(out / texts[0].path)
+
 # ---------------------------------------------------------------------------- reliability
 
 
@@ -341,6 +367,8 @@ def test_one_line_errors(tiny_dir, tmp_path):
     assert error_line(quant) == "error: --quant is a GGUF option, not for --format gptq; GPTQ/AWQ take --bits and --group-size"
     none = run_cli("export", str(tiny_dir), "--format", "gguf", "--quant", "Q4_K_M", "--samples", "0", "--out", str(tmp_path / "z"))
     assert error_line(none) == "error: --samples must be at least 1, got 0"
+    typo = run_cli("export", str(tiny_dir), "--format", "gguf", "--split-max-size", "48", "--out", str(tmp_path / "z"))
+    assert error_line(typo).startswith("error: --split-max-size 48 bytes: give at least 1M (sizes take K, M, G: 48G keeps")
     natural = run_cli("export", str(tiny_dir), "--format", "awq", "--natural-order", "--out", str(tmp_path / "z"))
     assert error_line(natural) == "error: the column order (--order) is a GPTQ option; AWQ has none"
     gguf = run_cli("export", str(tiny_dir), "--format", "gguf", "--order", "act", "--out", str(tmp_path / "z"))

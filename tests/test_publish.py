@@ -132,7 +132,7 @@ def test_a_file_over_the_hubs_limit_is_refused_before_hashing(export_dir):
     (export_dir / "manifest.json").write_text(json.dumps(manifest))
     err = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
     assert "QoQ-Med-32B.F16.gguf is 65.5 GB and the Hub takes files of at most 50 GB" in err
-    assert "leave F16 out of --quant" in err
+    assert "export again with --split-max-size 48G" in err and "or leave F16 out of --quant" in err
 
 
 def test_no_token_is_refused_before_any_upload(export_dir, tmp_path):

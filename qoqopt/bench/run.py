@@ -219,7 +219,7 @@ def _variant_files(found: dict[str, Path]) -> list[Path]:
     if "dir" in found:
         d = found["dir"]
         return sorted([*d.glob("*.safetensors"), d / "config.json"])
-    return [found[k] for k in ("text", "mmproj") if k in found]
+    return list(found.values())  # the text file (each part of it) and the mmproj
 
 
 def _record(name: str, fmt: str, res: dict, paths: list[Path], hashes: "_Hashes") -> dict:

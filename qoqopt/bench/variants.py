@@ -58,7 +58,7 @@ def _parse_one(raw: str) -> Variant:
 
 def find_in(folder: Path, v: Variant) -> dict[str, Path] | None:
     """The variant's files inside one `qoqopt export` directory, or None if it is not there."""
-    from ..manifest import gguf_entries, read_manifest
+    from ..manifest import gguf_entries, gguf_text_files, read_manifest
 
     try:
         m = read_manifest(folder)
@@ -67,10 +67,11 @@ def find_in(folder: Path, v: Variant) -> dict[str, Path] | None:
     if m.get("format") != v.format:
         return None
     if v.format == "gguf":
-        text, mmproj = gguf_entries(m, "text", v.option), gguf_entries(m, "mmproj")
+        text, mmproj = gguf_text_files(m, v.option), gguf_entries(m, "mmproj")
         if not text:
             return None
-        return {"text": folder / text[0], **({"mmproj": folder / mmproj[0]} if mmproj else {})}
+        parts = {f"text part {no}": folder / p for no, p in enumerate(text[1:], 2)}  # llama.cpp finds them by name
+        return {"text": folder / text[0], **parts, **({"mmproj": folder / mmproj[0]} if mmproj else {})}
     if str(m.get("quantization", {}).get("bits")) == v.option:
         return {"dir": Path(folder)}
     return None

@@ -4,6 +4,7 @@ before any model is loaded (a negative --threads or --max-side used to run on si
 from __future__ import annotations
 
 import argparse
+import re
 
 
 def _number(kind, low: float, what: str):
@@ -23,3 +24,17 @@ def _number(kind, low: float, what: str):
 positive_int = _number(int, 1, "an integer >= 1")
 count_or_all = _number(int, 0, "an integer >= 0 (0: all)")  # --threads
 non_negative_float = _number(float, 0.0, "a number >= 0")
+
+# decimal, as llama.cpp's converter and gguf-split read sizes, and as the Hub states its 50 GB limit
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def byte_size(text: str) -> int:
+    """A size like 48G, 500M or 1.5G (decimal units; a plain number is bytes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size such as 48G or 500M, got {text!r}")
+    return int(float(m[1]) * _UNITS[m[2].upper()])
+
+
+byte_size.__name__ = "a size such as 48G"

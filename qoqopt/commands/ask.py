@@ -70,19 +70,20 @@ def build_kind(folder: Path) -> tuple[str, dict | None]:
                       "`qoqopt export`, or a checkpoint")  # fmt: skip
 
 
-def _pick_entries(build: str, manifest: dict, quant: str | None) -> tuple[dict, dict]:
-    """The manifest entries of the build's text GGUF (of type ``quant``) and of its mmproj."""
+def _pick_entries(build: str, manifest: dict, quant: str | None) -> list[dict]:
+    """The manifest entries of the build's text GGUF of type ``quant`` (every part, the first first),
+    then of its mmproj."""
     from ..errors import QoqoptError
-    from ..manifest import entry_path, gguf_entries, gguf_quants
+    from ..manifest import entry_path, gguf_entries, gguf_quants, gguf_text_files
 
-    texts, mmproj = gguf_entries(manifest, "text", quant), gguf_entries(manifest, "mmproj")
+    texts, mmproj = gguf_text_files(manifest, quant), gguf_entries(manifest, "mmproj")
     if not texts:
         have = ", ".join(q for q in gguf_quants(manifest) if q)
         raise QoqoptError(f"{build} has no text GGUF{' of type ' + quant if quant else ''} (it has: {have})")
     if not mmproj:
         raise QoqoptError(f"{build} has no mmproj; re-export without --mmproj-type none to ask about images")
     entries = {entry_path(f): f for f in manifest["files"]}
-    return entries[texts[0]], entries[mmproj[0]]
+    return [entries[t] for t in texts] + [entries[mmproj[0]]]
 
 
 def _item(args):
@@ -125,10 +126,11 @@ def run(args) -> int:
         raise QoqoptError(f"--quant picks a text GGUF; {args.build} is a {kind} build, not GGUF")
     image, question, reference = _item(args)
     if kind == "gguf":
-        # a GGUF repo holds every quant type (tens of GB at 7B): fetch the one text file and the mmproj
+        # a GGUF repo holds every quant type (tens of GB at 7B): fetch the one text file (all its parts) and the mmproj
         entries = _pick_entries(args.build, manifest, args.quant)
         folder, _ = resolve(args.build, commit, only=[entry_path(e) for e in entries])
-        model, reply = _ask_llama_cpp(*(listed_file(folder, e) for e in entries), args, image, question)
+        files = [listed_file(folder, e) for e in entries]  # every part present, at its recorded size
+        model, reply = _ask_llama_cpp(files[0], files[-1], args, image, question)
     else:
         folder, _ = resolve(args.build, commit)
         model, reply = _ask_transformers(folder, kind != "checkpoint", args, image, question)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .argtypes import count_or_all, non_negative_float
+from .argtypes import byte_size, count_or_all, non_negative_float
 
 EXAMPLES = """\
 examples:
@@ -23,6 +23,11 @@ model and collects per-channel input statistics at the text positions, which att
 (--imatrix-image-weight 1 also counts the image tokens' own activations); a .jsonl path does the same
 on your own set (see `qoqopt data --help`); a .gguf/.dat path reuses a llama.cpp imatrix file; none
 quantizes without one. F32/F16/BF16/Q8_0 never use it.
+
+--split-max-size 48G writes each text GGUF larger than that in parts, <Name>.<QUANT>-00001-of-0000N.gguf
+(as llama-gguf-split does), every part at most that size: the Hugging Face Hub takes files of at most
+50 GB, and a 32B F16/BF16 GGUF is about 65. llama.cpp and LM Studio are given the first part and load
+the rest; Ollama cannot import parts, so the Modelfile names a whole file where the build has one.
 
 QoQ-Med's ECG encoder (time_series_embedding.*) has no llama.cpp counterpart and is left out on
 purpose; the output README says so.
@@ -74,6 +79,9 @@ def register(sub) -> None:
     g.add_argument("--imatrix", metavar="clinical|none|FILE", help="importance matrix source (default: clinical)")
     g.add_argument("--mmproj-type", choices=["f32", "f16", "bf16", "q8_0", "none"], help="mmproj type (default: f16)")
     g.add_argument("--name", help="file name stem (default: the model's folder or repo name)")
+    g.add_argument("--split-max-size", dest="split_max_bytes", type=byte_size, metavar="SIZE",
+                   help="write text GGUFs larger than SIZE (e.g. 48G; K, M, G are decimal) in parts llama.cpp loads "
+                        "as one (default: whole files)")  # fmt: skip
     g.add_argument(
         "--imatrix-image-weight", type=non_negative_float, metavar="W",
         help="weight of image positions' own activations in the clinical imatrix, relative to the (image-conditioned) "
@@ -111,6 +119,7 @@ GGUF_ONLY = {
     "mmproj_type": ("--mmproj-type", "GPTQ/AWQ keep the vision tower inside the checkpoint"),
     "name": ("--name", "GPTQ/AWQ write a Hugging Face folder named by --out"),
     "imatrix_image_weight": ("--imatrix-image-weight", "GPTQ/AWQ have no imatrix"),
+    "split_max_bytes": ("--split-max-size", "GPTQ/AWQ write safetensors shards of at most 2 GiB"),
 }
 HF_ONLY = {
     "bits": ("--bits", "GGUF picks its bits with --quant (e.g. Q4_K_M)"),

@@ -12,7 +12,8 @@ examples:
   HF_TOKEN=... qoqopt publish out/gptq --repo my-lab/QoQ-Med-VL-7B-GPTQ --private
 
 Before anything is uploaded, qoqopt checks the repo name, that DIR has a manifest.json written by
-`qoqopt export`, that no file is over the Hub's 50 GB a file (a 32B F16 GGUF is), that every
+`qoqopt export`, that no file is over the Hub's 50 GB a file (a 32B F16 GGUF is: export it with
+--split-max-size 48G, which writes it in parts llama.cpp and LM Studio load as one), that every
 listed file still matches its sha256, that a --base-model has the build's language-model shape
 (hidden size, layers; when its config can be fetched), and that a token is available (HF_TOKEN or
 `hf auth login`). The token is never printed or written. The

@@ -1,0 +1,216 @@
+"""Split a finished GGUF into the parts llama.cpp loads as one model, as `llama-gguf-split --split` does.
+
+Why: the Hugging Face Hub takes files of at most 50 GB, and a 32B F16/BF16 text GGUF is about 65.
+
+Part i of n is named `<stem>-0000i-of-0000n.gguf` (llama.cpp's `llama_split_path`): llama.cpp and
+LM Studio are given the first part and find the others by that name. The first part carries every
+metadata key of the original, the others none; every part carries `split.no` (0-based),
+`split.count` and `split.tensors.count`, which llama.cpp checks before it loads. Tensors keep their
+order and their bytes. Unlike llama-gguf-split, which bounds only a part's tensor data, SIZE bounds
+the whole part file (header and metadata included), unless one tensor alone is larger.
+
+Parts are written last first and the original is cut short behind each one, so splitting needs
+room for one more part, not a second copy of the file (65 GB at 32B F16).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qoqopt.errors import QoqoptError
+
+SPLIT_NAME = "{stem}-{no:05d}-of-{count:05d}.gguf"
+MIN_SPLIT_BYTES = 10**6  # below this a size is a typo (48 for 48G), not a plan: every tensor its own file
+HEADER_BYTES = 24  # magic, version, tensor count, KV count
+COPY_BYTES = 16 << 20
+_DEFAULT_ALIGNMENT = 32
+# GGUF value types (gguf.GGUFValueType) and the byte sizes of the fixed-size ones
+_UINT16, _UINT32, _INT32, _STRING, _ARRAY = 2, 4, 5, 8, 9
+_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+@dataclass
+class Layout:
+    """What the original holds, read before any of it is cut."""
+
+    version: int
+    n_kv: int
+    kv: bytes  # the metadata block, raw
+    infos: list[bytes]  # each tensor's info record, without its trailing 8-byte data offset
+    spans: list[tuple[int, int]]  # each tensor's (absolute data offset, byte count)
+    alignment: int
+
+
+def read_layout(path: Path) -> Layout:
+    """The original's blocks, parsed per the GGUF spec (gguf-py's reader takes seconds: it builds an
+    object for each of the vocabulary's 151k strings, where this only steps over them)."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+        if len(head) < HEADER_BYTES or head[:4] != b"GGUF":
+            raise QoqoptError(f"{path.name} is not a GGUF file")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
+        buf = _Buffer(f)
+        alignment = _DEFAULT_ALIGNMENT
+        for _ in range(n_kv):
+            key = buf.string()
+            vtype = buf.unpack("<I")
+            if key == "split.count":
+                raise QoqoptError(f"{path.name} is already a part of a split GGUF")
+            if key == "general.alignment" and vtype == _UINT32:
+                alignment = buf.unpack("<I")
+            else:
+                buf.skip_value(vtype)
+        kv = buf.since(HEADER_BYTES)
+        infos, rel = [], []
+        for _ in range(n_tensors):
+            start = buf.pos
+            buf.string()
+            n_dims = buf.unpack("<I")
+            dims = [buf.unpack("<Q") for _ in range(n_dims)]
+            qtype = buf.unpack("<I")
+            infos.append(buf.since(start))
+            rel.append((buf.unpack("<Q"), _tensor_bytes(dims, qtype)))
+        data = _pad(buf.pos, alignment)
+    return Layout(version, n_kv, kv, infos, [(data + off, size) for off, size in rel], alignment)
+
+
+class _Buffer:
+    """Sequential reads of a file's metadata blocks, remembering the bytes read."""
+
+    def __init__(self, f):
+        self.f, self.pos, self.raw = f, HEADER_BYTES, bytearray()
+
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise QoqoptError("a GGUF file ended inside its metadata")
+        self.raw += b
+        self.pos += n
+        return b
+
+    def unpack(self, fmt: str):
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.read(self.unpack("<Q")).decode("utf-8", "replace")
+
+    def skip_value(self, vtype: int) -> None:
+        if vtype == _STRING:
+            self.string()
+        elif vtype == _ARRAY:
+            itype, count = self.unpack("<I"), self.unpack("<Q")
+            if itype in _FIXED:
+                self.read(_FIXED[itype] * count)
+            else:
+                for _ in range(count):
+                    self.skip_value(itype)
+        elif vtype in _FIXED:
+            self.read(_FIXED[vtype])
+        else:
+            raise QoqoptError(f"unknown GGUF value type {vtype}")
+
+    def since(self, start: int) -> bytes:
+        return bytes(self.raw[start - HEADER_BYTES : self.pos - HEADER_BYTES])
+
+
+def _tensor_bytes(dims: list[int], qtype: int) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    n = 1
+    for d in dims:
+        n *= d
+    return n // block * size
+
+
+def _pad(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def _kv(key: str, vtype: int, fmt: str, value: int) -> bytes:
+    name = key.encode()
+    return struct.pack("<Q", len(name)) + name + struct.pack("<I", vtype) + struct.pack("<" + fmt, value)
+
+
+def _split_kv(no: int, count: int, n_tensors: int, alignment: int) -> list[bytes]:
+    kv = [_kv("split.no", _UINT16, "H", no), _kv("split.count", _UINT16, "H", count),
+          _kv("split.tensors.count", _INT32, "i", n_tensors)]  # fmt: skip
+    if no and alignment != _DEFAULT_ALIGNMENT:  # the first part keeps the original's own key
+        kv.append(_kv("general.alignment", _UINT32, "I", alignment))
+    return kv
+
+
+def _part_bytes(layout: Layout, first: bool, tensors: range) -> int:
+    """A part's file size (its split keys at their largest: with the alignment key)."""
+    meta = HEADER_BYTES + (len(layout.kv) if first else 0) + sum(map(len, _split_kv(1, 1, 0, 1)))
+    meta += sum(len(layout.infos[i]) + 8 for i in tensors)
+    return _pad(meta, layout.alignment) + sum(_pad(layout.spans[i][1], layout.alignment) for i in tensors)
+
+
+def plan_parts(layout: Layout, max_bytes: int) -> list[range]:
+    """Consecutive tensor ranges, each part as large as fits in `max_bytes` (at least one tensor)."""
+    parts: list[range] = []
+    start = 0
+    for i in range(1, len(layout.spans) + 1):
+        if i == len(layout.spans) or _part_bytes(layout, not parts, range(start, i + 1)) > max_bytes:
+            parts.append(range(start, i))
+            start = i
+    return parts
+
+
+def part_names(path: Path, count: int) -> list[Path]:
+    stem = path.name.removesuffix(".gguf")
+    return [path.with_name(SPLIT_NAME.format(stem=stem, no=i + 1, count=count)) for i in range(count)]
+
+
+def split_gguf(path: Path, max_bytes: int, progress: Callable[[int], None] | None = None) -> list[tuple[Path, int]]:
+    """Replace `path` by its parts of at most `max_bytes` each: [(part path, its tensor count)].
+    A file that fits stays whole, under its own name."""
+    layout = read_layout(path)
+    parts = plan_parts(layout, max_bytes) if path.stat().st_size > max_bytes else []
+    if len(parts) <= 1:
+        return [(path, len(layout.spans))]
+    if len(parts) > 0xFFFF:  # split.no and split.count are 16-bit
+        raise QoqoptError(f"{path.name} would need {len(parts)} parts; give a larger --split-max-size")
+    names = part_names(path, len(parts))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for no in reversed(range(len(parts))):
+            _write_part(names[no], layout, no, parts, fd, progress)
+            os.ftruncate(fd, layout.spans[parts[no][0]][0])  # what the part holds leaves the original
+    finally:
+        os.close(fd)
+    path.unlink()
+    return [(name, len(r)) for name, r in zip(names, parts)]
+
+
+def _write_part(dest: Path, layout: Layout, no: int, parts: list[range], src: int, progress) -> None:
+    tensors, align = parts[no], layout.alignment
+    split = _split_kv(no, len(parts), len(layout.spans), align)
+    kv, n_kv = (layout.kv, layout.n_kv + len(split)) if no == 0 else (b"", len(split))
+    offset, infos = 0, []
+    for i in tensors:
+        infos.append(layout.infos[i] + struct.pack("<Q", offset))
+        offset += _pad(layout.spans[i][1], align)
+    head = b"GGUF" + struct.pack("<IQQ", layout.version, len(tensors), n_kv) + kv + b"".join(split) + b"".join(infos)
+    with open(dest, "wb") as out:
+        out.write(head + bytes(_pad(len(head), align) - len(head)))
+        for i in tensors:
+            start, size = layout.spans[i]
+            _copy(src, out, start, size, dest.name)
+            out.write(bytes(_pad(size, align) - size))
+            if progress:
+                progress(size)
+
+
+def _copy(src: int, out, offset: int, size: int, name: str) -> None:
+    while size:
+        chunk = os.pread(src, min(size, COPY_BYTES), offset)
+        if not chunk:
+            raise QoqoptError(f"the GGUF being split into {name} ended early")
+        out.write(chunk)
+        offset, size = offset + len(chunk), size - len(chunk)
