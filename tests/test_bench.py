@@ -394,8 +394,9 @@ def test_ask_fetches_one_quant_of_a_hub_gguf_repo(run_1t, tmp_path, monkeypatch,
 
 def test_a_build_in_parts_answers_as_the_whole_file(run_1t, trained_dir, tmp_path, monkeypatch, capsys):
     """A Q8_0 written in parts (--split-max-size) replies as the bench's whole Q8_0 of the same model
-    does (llama.cpp loads the parts as one). From a Hub repo, ask fetches every part and names one the
-    cache lacks; bench finds every part too (it fetches what it finds)."""
+    does (llama.cpp loads the parts as one); with no whole text file for Ollama, the build has no
+    Modelfile. From a Hub repo, ask fetches every part and names one the cache lacks; bench finds every
+    part too (it fetches what it finds)."""
     from huggingface_hub import constants
 
     from qoqopt.bench.variants import find_in, parse_variants
@@ -408,6 +409,7 @@ def test_a_build_in_parts_answers_as_the_whole_file(run_1t, trained_dir, tmp_pat
     assert res.returncode == 0, res.stderr[-2000:]
     parts = sorted(split.glob("mini.Q8_0-*-of-*.gguf"))
     assert len(parts) >= 2 and not (split / "mini.Q8_0.gguf").exists()
+    assert not (split / "Modelfile").exists() and "cannot import a GGUF in parts" in (split / "README.md").read_text()
     item = ["--item", "ct-abd-pancreas.region_ct.eval-0"]
     assert _asked(run_cli("ask", str(split), *item)) == _asked(run_cli("ask", str(gguf_dir), "--quant", "Q8_0", *item))
     (found,) = [find_in(split, v) for v in parse_variants("gguf:Q8_0")]

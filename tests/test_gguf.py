@@ -311,28 +311,33 @@ def test_runtime_key_layout_gives_same_tensors(built, tiny_runtime_dir, tmp_path
 
 def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_path):
     """--split-max-size: llama.cpp, given the first part, finds the others by name, checks their split
-    keys and runs the model; its logits equal the whole F32 file's bit for bit, and without a part it
-    does not load. Ollama cannot import parts: a build with no whole text file gets no Modelfile."""
+    keys and runs the model; its logits equal the whole F16 file's bit for bit, and without a part it
+    does not load. The F16 is split only after Q4_K_M was quantized from it; Q4_K_M fits and stays
+    whole, and the Modelfile names it (Ollama cannot import parts)."""
     out = tmp_path / "split"
-    opts = GGUFOptions(quants=["F32"], imatrix="none", mmproj_type="none", name="tiny", split_max_bytes=100_000_000, progress=False)
+    opts = GGUFOptions(quants=["F16", "Q4_K_M"], imatrix="none", mmproj_type="none", name="tiny",
+                       split_max_bytes=100_000_000, progress=False)  # fmt: skip
     log: list[str] = []
     res = export_gguf(str(tiny_dir), out, opts, log=log.append)
-    texts = [r for r in res.files if r.kind == "text"]
-    assert [(r.path, r.part, r.parts) for r in texts] == [(f"tiny.F32-0000{i}-of-00003.gguf", i, 3) for i in (1, 2, 3)]
-    whole = next(f for f in built.files if f.quant == "F32")
+    texts = [r for r in res.files if r.kind == "text" and r.quant == "F16"]
+    assert [(r.path, r.part, r.parts) for r in texts] == [(f"tiny.F16-0000{i}-of-00002.gguf", i, 2) for i in (1, 2)]
+    whole = next(f for f in built.files if f.quant == "F16")
     assert sum(r.tensors for r in texts) == whole.tensors and sorted(p.name for p in out.iterdir()) == sorted(
-        [r.path for r in texts] + ["README.md", "manifest.json"])  # fmt: skip
-    assert "split tiny.F32.gguf into 3 parts of at most 100,000,000 bytes (one tensor alone is larger)" in log
+        [r.path for r in texts] + ["tiny.Q4_K_M.gguf", "Modelfile", "README.md", "manifest.json"])  # fmt: skip
+    assert "split tiny.F16.gguf into 2 parts of at most 100,000,000 bytes" in log
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [(f["path"], f["part"], f["parts"], f["bytes"]) for f in manifest["files"] if f["kind"] == "text"] == [
-        (r.path, r.part, r.parts, (out / r.path).stat().st_size) for r in texts]  # fmt: skip
-    assert "cannot import a GGUF in parts" in (out / "README.md").read_text()
+    assert [(f["path"], f.get("part"), f.get("parts"), f["bytes"]) for f in manifest["files"] if f["kind"] == "text"] == [
+        (r.path, r.part, r.parts, (out / r.path).stat().st_size) for r in texts] + [
+        ("tiny.Q4_K_M.gguf", None, None, (out / "tiny.Q4_K_M.gguf").stat().st_size)]  # fmt: skip
+    assert "FROM ./tiny.Q4_K_M.gguf" in (out / "Modelfile").read_text()
+    assert "F16 is written in parts" in (out / "README.md").read_text()
     ids = list(range(100, 140))
-    with LlamaVL(built.file("text", "F32")) as a, LlamaVL(out / texts[0].path) as b:
+    with LlamaVL(built.file("text", "F16")) as a, LlamaVL(out / texts[0].path) as b:
         assert np.array_equal(a.logits(ids), b.logits(ids))
-    (out / texts[2].path).unlink()
+    (out / texts[1].path).unlink()
     with pytest.raises(ValueError, match="Failed to load model"):
         LlamaVL(out / texts[0].path)
+
 
 # ---------------------------------------------------------------------------- reliability
 
