@@ -328,8 +328,9 @@ def _text_records(ctx: _Context, texts: list[tuple[Path, str, int]]) -> list[Fil
         if len(parts) == 1:  # one tensor: nothing to split at
             records.append(_record(path, "text", quant, tensors))
             continue
+        over = {"the metadata" if n == 0 else "one tensor" for p, n in parts if p.stat().st_size > max_bytes}
         ctx.log(f"split {path.name} into {len(parts)} parts of at most {max_bytes:,} bytes"
-                + (" (one tensor alone is larger)" if any(p.stat().st_size > max_bytes for p, _ in parts) else ""))
+                + "".join(f" ({what} alone is larger)" for what in sorted(over)))
         records += [_record(p, "text", quant, n, (no, len(parts))) for no, (p, n) in enumerate(parts, 1)]
     return records
 

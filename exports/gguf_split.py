@@ -7,7 +7,9 @@ LM Studio are given the first part and find the others by that name. The first p
 metadata key of the original, the others none; every part carries `split.no` (0-based),
 `split.count` and `split.tensors.count`, which llama.cpp checks before it loads. Tensors keep their
 order and their bytes. Unlike llama-gguf-split, which bounds only a part's tensor data, SIZE bounds
-the whole part file (header and metadata included), unless one tensor alone is larger.
+the whole part file (header and metadata included), unless one tensor alone is larger; where the
+metadata and the first tensor do not fit together, the first part holds the metadata only (as
+llama-gguf-split's --no-tensor-first-split writes it; llama.cpp needs no tensor in it).
 
 Parts are written last first and the original is cut short behind each one, so splitting needs
 room for one more part, not a second copy of the file (65 GB at 32B F16).
@@ -53,6 +55,8 @@ def read_layout(path: Path) -> Layout:
         if len(head) < HEADER_BYTES or head[:4] != b"GGUF":
             raise QoqoptError(f"{path.name} is not a GGUF file")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
+        if version not in (2, 3):  # version 1 counted in 32 bits: this layout would misread it
+            raise QoqoptError(f"{path.name} is GGUF version {version}; qoqopt splits versions 2 and 3")
         buf = _Buffer(f)
         alignment = _DEFAULT_ALIGNMENT
         for _ in range(n_kv):
@@ -75,7 +79,11 @@ def read_layout(path: Path) -> Layout:
             infos.append(buf.since(start))
             rel.append((buf.unpack("<Q"), _tensor_bytes(dims, qtype)))
         data = _pad(buf.pos, alignment)
-    return Layout(version, n_kv, kv, infos, [(data + off, size) for off, size in rel], alignment)
+    spans = [(data + off, size) for off, size in rel]
+    # the parts are cut from the end of the file: tensors out of file order would lose data
+    if any(b[0] < a[0] + a[1] for a, b in zip(spans, spans[1:])):
+        raise QoqoptError(f"{path.name} lists its tensors out of their order in the file; cannot split it")
+    return Layout(version, n_kv, kv, infos, spans, alignment)
 
 
 class _Buffer:
@@ -152,14 +160,16 @@ def _part_bytes(layout: Layout, first: bool, tensors: range) -> int:
 
 
 def plan_parts(layout: Layout, max_bytes: int) -> list[range]:
-    """Consecutive tensor ranges, each part as large as fits in `max_bytes` (at least one tensor)."""
+    """Consecutive tensor ranges, each part as large as fits in `max_bytes`: a tensor too large for
+    any part gets one of its own, and the first part may hold the metadata alone."""
     parts: list[range] = []
     start = 0
-    for i in range(1, len(layout.spans) + 1):
-        if i == len(layout.spans) or _part_bytes(layout, not parts, range(start, i + 1)) > max_bytes:
+    for i in range(len(layout.spans)):
+        first = not parts
+        if (i > start or first) and _part_bytes(layout, first, range(start, i + 1)) > max_bytes:
             parts.append(range(start, i))
             start = i
-    return parts
+    return parts + [range(start, len(layout.spans))]
 
 
 def part_names(path: Path, count: int) -> list[Path]:
@@ -181,7 +191,8 @@ def split_gguf(path: Path, max_bytes: int, progress: Callable[[int], None] | Non
     try:
         for no in reversed(range(len(parts))):
             _write_part(names[no], layout, no, parts, fd, progress)
-            os.ftruncate(fd, layout.spans[parts[no][0]][0])  # what the part holds leaves the original
+            if parts[no]:  # what the part holds leaves the original
+                os.ftruncate(fd, layout.spans[parts[no][0]][0])
     finally:
         os.close(fd)
     path.unlink()

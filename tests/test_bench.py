@@ -396,11 +396,12 @@ def test_a_build_in_parts_answers_as_the_whole_file(run_1t, trained_dir, tmp_pat
     """A Q8_0 written in parts (--split-max-size) replies as the bench's whole Q8_0 of the same model
     does (llama.cpp loads the parts as one); with no whole text file for Ollama, the build has no
     Modelfile. From a Hub repo, ask fetches every part and names one the cache lacks; bench finds every
-    part too (it fetches what it finds)."""
+    part too (it fetches what it finds), and refuses a local build that lacks one."""
     from huggingface_hub import constants
 
+    from qoqopt.bench.run import _fetch_from_hub
     from qoqopt.bench.variants import find_in, parse_variants
-    from qoqopt.cli import main
+    from qoqopt.errors import QoqoptError
 
     (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
     split = tmp_path / "split"
@@ -414,6 +415,10 @@ def test_a_build_in_parts_answers_as_the_whole_file(run_1t, trained_dir, tmp_pat
     assert _asked(run_cli("ask", str(split), *item)) == _asked(run_cli("ask", str(gguf_dir), "--quant", "Q8_0", *item))
     (found,) = [find_in(split, v) for v in parse_variants("gguf:Q8_0")]
     assert [p.name for k, p in found.items() if k.startswith("text")] == [p.name for p in parts]
+    moved = shutil.move(parts[1], tmp_path / parts[1].name)
+    with pytest.raises(QoqoptError, match=f"lists {parts[1].name}, missing there: copy or download the whole build"):
+        _fetch_from_hub(find_in(split, parse_variants("gguf:Q8_0")[0]), {}, print)  # a local build: nothing to fetch
+    shutil.move(moved, parts[1])
     cache_as_hub_repo(tmp_path / "hub", "me/split", [f for f in split.iterdir() if f != parts[1]],
                       [f.name for f in split.iterdir()])  # fmt: skip
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

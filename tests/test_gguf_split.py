@@ -11,7 +11,7 @@ from qoqopt.errors import QoqoptError
 from qoqopt.exports.gguf_split import part_names, read_layout, split_gguf
 
 
-def _write(path, alignment: int | None = None, sizes=(300, 5, 200, 200, 7, 300, 100)):
+def _write(path, alignment: int | None = None, sizes=(300, 5, 200, 200, 7, 300, 100), vocab: int = 5000):
     """A GGUF with a string-array vocabulary and Q8_0, F16 and F32 tensors of `sizes` rows of 992 values."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
@@ -19,7 +19,7 @@ def _write(path, alignment: int | None = None, sizes=(300, 5, 200, 200, 7, 300, 
     if alignment:
         writer.add_custom_alignment(alignment)
     writer.add_string("general.name", "split test")
-    writer.add_token_list([f"tok{i}" for i in range(5000)])
+    writer.add_token_list([f"tok{i}" for i in range(vocab)])
     writer.add_array("test.floats", [0.5, 1.5])
     writer.add_uint32("test.count", 7)
     rng = np.random.default_rng(0)
@@ -47,23 +47,18 @@ def _kv(reader) -> dict:
     return {k: (f.types, f.contents()) for k, f in reader.fields.items() if not k.startswith(("GGUF.", "split."))}
 
 
-@pytest.mark.parametrize("alignment", [None, 64])
-def test_parts_carry_the_whole_file(tmp_path, alignment):
+def _split_and_check(path, max_bytes: int, alignment: int | None) -> list:
+    """Split `path` and check every part against the original as gguf-py reads both: returns the parts."""
     from gguf import GGUFValueType
 
-    path = tmp_path / "m.F32.gguf"
-    _write(path, alignment)
     ref = _read(path)
     ref_kv, ref_tensors = _kv(ref), [(t.name, t.tensor_type, list(t.shape), bytes(t.data)) for t in ref.tensors]
     layout = read_layout(path)
     assert layout.spans == [(int(t.data_offset), int(t.n_bytes)) for t in ref.tensors]  # gguf-py's own offsets
     assert layout.alignment == (alignment or 32)
     del ref
-    max_bytes = 1_000_000
     parts = split_gguf(path, max_bytes)
-    assert [p for p, _ in parts] == part_names(path, len(parts)) and len(parts) >= 3
-    assert parts[0][0].name == f"m.F32-00001-of-{len(parts):05d}.gguf"
-    assert not path.exists()
+    assert [p for p, _ in parts] == part_names(path, len(parts)) and not path.exists()
     tensors = []
     for no, (part, count) in enumerate(parts):
         reader = _read(part)
@@ -76,9 +71,30 @@ def test_parts_carry_the_whole_file(tmp_path, alignment):
         else:  # only what reading the part needs
             assert kv == ({"general.alignment": ([GGUFValueType.UINT32], alignment)} if alignment else {})
         assert reader.alignment == (alignment or 32) and len(reader.tensors) == count
-        assert part.stat().st_size <= max_bytes or count == 1  # a tensor over the size gets a part of its own
+        own = [len(t[3]) for t in ref_tensors[len(tensors) : len(tensors) + count]]
+        # within the size, unless it is one tensor (with its header) that alone is not
+        assert part.stat().st_size <= max_bytes or (count == 1 and own[0] + 4096 > max_bytes), (no, count, own)
         tensors += [(t.name, t.tensor_type, list(t.shape), bytes(t.data)) for t in reader.tensors]
     assert tensors == ref_tensors
+    return parts
+
+
+@pytest.mark.parametrize("alignment", [None, 64])
+def test_parts_carry_the_whole_file(tmp_path, alignment):
+    path = tmp_path / "m.F32.gguf"
+    _write(path, alignment)
+    parts = _split_and_check(path, 1_000_000, alignment)
+    assert len(parts) >= 3 and parts[0][0].name == f"m.F32-00001-of-{len(parts):05d}.gguf"
+    assert max(p.stat().st_size for p, _ in parts) > 1_000_000  # a 1.2 MB tensor got a part of its own
+
+
+def test_the_first_part_may_hold_the_metadata_alone(tmp_path):
+    """Metadata (a 60k-token vocabulary, 0.95 MB) and the first tensor (0.3 MB) do not fit in 1 MB
+    together: the first part holds the metadata only, within the size, and the tensor goes on."""
+    path = tmp_path / "m.gguf"
+    _write(path, vocab=60_000)
+    parts = _split_and_check(path, 1_000_000, None)
+    assert parts[0][1] == 0 and parts[1][1] >= 1 and parts[0][0].stat().st_size <= 1_000_000
 
 
 def test_a_file_that_fits_stays_whole(tmp_path):
@@ -89,15 +105,31 @@ def test_a_file_that_fits_stays_whole(tmp_path):
     assert path.stat().st_size == size
 
 
-def test_refuses_a_part_and_a_non_gguf(tmp_path):
+def test_refuses_what_it_cannot_split_safely(tmp_path):
+    """A part, a non-GGUF, GGUF version 1 (32-bit counts), and tensors listed out of their file order
+    (cutting the file from its end would then lose data): each refused before anything is written."""
+    import struct
+
     path = tmp_path / "m.gguf"
     _write(path)
+    swapped = tmp_path / "swapped.gguf"
+    data = bytearray(path.read_bytes())
+    a, b = _read(path).tensors[:2]
+    at = [t.field.offset + sum(int(x.nbytes) for x in t.field.parts[:-1]) for t in (a, b)]  # each data offset
+    data[at[0] : at[0] + 8], data[at[1] : at[1] + 8] = data[at[1] : at[1] + 8], data[at[0] : at[0] + 8]
+    swapped.write_bytes(data)
+    with pytest.raises(QoqoptError, match="swapped.gguf lists its tensors out of their order in the file"):
+        split_gguf(swapped, 1_000_000)
+    assert swapped.read_bytes() == data and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "swapped.gguf"]
     first = split_gguf(path, 1_000_000)[0][0]
     with pytest.raises(QoqoptError, match="already a part of a split GGUF"):
         split_gguf(first, 1_000_000)
     (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04" + bytes(40))
     with pytest.raises(QoqoptError, match="x.gguf is not a GGUF file"):
         read_layout(tmp_path / "x.gguf")
+    (tmp_path / "v1.gguf").write_bytes(b"GGUF" + struct.pack("<III", 1, 0, 0) + bytes(16))
+    with pytest.raises(QoqoptError, match="v1.gguf is GGUF version 1; qoqopt splits versions 2 and 3"):
+        read_layout(tmp_path / "v1.gguf")
 
 
 def test_splitting_takes_room_for_one_part_not_a_copy(tmp_path, monkeypatch):

@@ -81,6 +81,31 @@ def test_card_names_the_quant_llama_cpp_fetches(export_dir):
     assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q4_K_M " in card and "imatrix" not in card.split("## Usage")[1]
 
 
+def _add_parts(build, quant: str, sizes: list[int]) -> None:
+    """A text GGUF of type `quant` in parts of `sizes` bytes, listed as `--split-max-size` exports list them."""
+    manifest = json.loads((build / "manifest.json").read_text())
+    for no, size in enumerate(sizes, 1):
+        name, data = f"QoQ-Med-mini.{quant}-{no:05d}-of-{len(sizes):05d}.gguf", b"GGUF" + bytes(size - 4)
+        (build / name).write_bytes(data)
+        manifest["files"].append({"path": name, "kind": "text", "quant": quant, "part": no, "parts": len(sizes),
+                                  "bytes": size, "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+    (build / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_card_counts_a_file_in_parts_whole_and_runs_its_first_part(export_dir):
+    """Q2_K in two parts, each smaller than the 104-byte Q8_0 but larger together: the card takes
+    Q8_0 as the smallest; Q3_K in two smaller parts is then the smallest, run from its first part,
+    and every part passes the Hub's size check and is uploaded."""
+    (export_dir / "README.md").unlink()
+    _add_parts(export_dir, "Q2_K", [60, 60])
+    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q8_0 " in plan_upload(export_dir, "me/QoQ-Med-mini-GGUF").card
+    _add_parts(export_dir, "Q3_K", [40, 40])
+    plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF")
+    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q3_K " in plan.card
+    assert "llama-mtmd-cli -m QoQ-Med-mini.Q3_K-00001-of-00002.gguf --mmproj" in plan.card
+    assert {f"QoQ-Med-mini.Q{k}_K-0000{n}-of-00002.gguf" for k in (2, 3) for n in (1, 2)} <= {f.path for f in plan.files}
+
+
 @pytest.mark.parametrize("fields, serves", [({"ecg_encoder": "carried"}, False), ({"ecg_encoder": "dropped"}, True),
                                             ({"ecg_encoder": None}, True), ({}, True), ({"source_ecg": True}, False)])
 def test_card_sends_vllm_users_to_a_build_it_loads(export_dir, fields, serves):

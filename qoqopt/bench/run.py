@@ -184,9 +184,15 @@ def _hub_manifests(search: list[Path | str]) -> dict[str, tuple[Path, str | None
 
 
 def _fetch_from_hub(found: dict[str, Path], hub: dict[str, tuple[Path, str | None]], log) -> dict[str, Path]:
-    """Download the files of a build found in a Hub repo's manifest: a GGUF build's text file and
-    mmproj only (a GGUF repo holds every quant type), a GPTQ/AWQ checkpoint whole. Local builds pass."""
+    """Download the files of a build found in a Hub repo's manifest: a GGUF build's text file (each
+    part of it) and mmproj only (a GGUF repo holds every quant type), a GPTQ/AWQ checkpoint whole.
+    Local builds pass, if every GGUF file their manifest names is there (llama.cpp would only say
+    that the model failed to load)."""
     from ..loader import resolve
+
+    absent = [p.name for k, p in found.items() if k != "dir" and not p.is_file()]
+    if absent and not any(all(p.is_relative_to(folder) for p in found.values()) for folder, _ in hub.values()):
+        raise QoqoptError(f"{_build_folder(found)} lists {', '.join(absent)}, missing there: copy or download the whole build")
 
     for repo, (folder, commit) in hub.items():
         if all(p.is_relative_to(folder) for p in found.values()):
