@@ -98,15 +98,26 @@ def hardware() -> dict:
             "llama_cpp_python": llama_cpp.__version__, "platform": platform.platform()}  # fmt: skip
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def peer_parser(doc: str, result: str, repeat_help: str) -> argparse.ArgumentParser:
+    """The options of a benchmark against llama.cpp's converter (this one and bench_gguf_split.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per tool on the legacy layout (median reported)")
+    ap.add_argument("--repeat", type=int, default=1, help=repeat_help)
     ap.add_argument("--ref", type=Path, default=DEFAULT_REF, help="vendor/llama.cpp of the llama-cpp-python sdist")
-    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "gguf_convert.json")
-    args = ap.parse_args(argv)
-    if not (args.ref / "convert_hf_to_gguf.py").exists():
-        print(f"error: no convert_hf_to_gguf.py under {args.ref}", file=sys.stderr)
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / result)
+    return ap
+
+
+def converter_missing(ref: Path) -> bool:
+    if (ref / "convert_hf_to_gguf.py").exists():
+        return False
+    print(f"error: no convert_hf_to_gguf.py under {ref}", file=sys.stderr)
+    return True
+
+
+def main(argv=None) -> int:
+    args = peer_parser(__doc__, "gguf_convert.json", "runs per tool on the legacy layout (median reported)").parse_args(argv)
+    if converter_missing(args.ref):
         return 2
 
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:

@@ -112,6 +112,8 @@ class _Context:
         self.source, self.options, self.log = source, options, log
         self.ckpt = open_checkpoint(source, revision)
         self.ckpt.require_weights()
+        if any(not gguf_quant.is_direct(q) for q in options.quants) and imatrix_kind(options.imatrix) in ("clinical", "jsonl"):
+            self.ckpt.hf_config()  # the imatrix runs the transformers model: check its config before the long work
         self.text_hp = gguf_meta.text_hparams(self.ckpt.config)
         self.vision_hp = gguf_meta.vision_hparams(self.ckpt.config)
         shapes = {n: tuple(self.ckpt.tensor_info(n)["shape"]) for n in self.ckpt.names}

@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from .errors import QoqoptError
 
@@ -241,6 +242,7 @@ class Checkpoint:
     weight_map: dict[str, str] = field(default_factory=dict)  # raw name -> shard file
     index_total_size: int | None = None
     _handles: dict = field(default_factory=dict, repr=False)
+    _hf: Any = field(default=None, repr=False)
 
     # ---- identity
     @property
@@ -354,7 +356,10 @@ class Checkpoint:
 
     # ---- model views
     def hf_config(self):
-        return hf_config(self.config)
+        """The transformers Qwen2_5_VLConfig (built once: it imports torch), or a one-line error."""
+        if self._hf is None:
+            self._hf = hf_config(self.config)
+        return self._hf
 
     def meta_model(self):
         return meta_model(self.config)
@@ -413,18 +418,27 @@ def _hub_weight_map(source: str, commit: str) -> dict[str, str]:
 def checked_config(path: Path, source: str):
     """config.json of the checkpoint at `path` as read, and as the transformers Qwen2.5-VL config it
     must make (every shape comes from that: a broken one is refused here, not deep in a child process)."""
+    config = _config_json(path, source)
+    return config, hf_config(config)
+
+
+def _config_json(path: Path, source: str) -> dict:
     config_path = path / "config.json"
     if not config_path.exists():
         raise QoqoptError(f"{source} has no config.json; is it a transformers checkpoint?")
     config = _read_json(config_path)
     validate_config(config, source)
-    return config, hf_config(config)
+    return config
 
 
 def open_checkpoint(source: str, revision: str | None = None, weights: bool = True) -> Checkpoint:
-    """Resolve, validate and index a checkpoint. Tensor data is only read on demand."""
+    """Resolve, validate and index a checkpoint. Tensor data is only read on demand.
+
+    The transformers config, and with it transformers' own field checks, comes on first use
+    (``ckpt.hf_config()``): building it imports torch (2 s and 200 MB here), which a GGUF export
+    of F16/BF16/Q8_0 never needs. Commands that run transformers build it first, before any long work."""
     path, commit = resolve(source, revision, weights=weights)
-    config, _ = checked_config(path, source)
+    config = _config_json(path, source)
     if commit and not any((path / f).exists() for f in ("model.safetensors.index.json", "model.safetensors")):
         weight_map, total = _hub_weight_map(source, commit), None  # a metadata-only fetch of one-file weights
     else:

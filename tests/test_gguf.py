@@ -344,6 +344,27 @@ def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_p
 # ---------------------------------------------------------------------------- reliability
 
 
+def test_a_direct_export_leaves_torch_unloaded(tiny_dir, tmp_path):
+    """F16/BF16/Q8_0 without an imatrix are read and written by qoqopt alone: importing torch (through
+    transformers' config classes) doubled the export's memory and time on small models (154 -> 354 MiB,
+    benchmarks/bench_gguf_convert.py). A K-quant with the clinical imatrix runs transformers, so its
+    config is checked by transformers up front, before the long work."""
+    script = ("import sys; from qoqopt.cli import main; rc = main(sys.argv[1:]); "
+              "print('torch loaded' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)")  # fmt: skip
+    argv = ["export", str(tiny_dir), "--format", "gguf", "--quant", "F16,Q8_0", "--imatrix", "none",
+            "--mmproj-type", "f16", "--out", str(tmp_path / "o")]  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("no torch"), res.stdout[-500:] + res.stderr[-500:]
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "text_config": {**config["text_config"], "hidden_size": "abc"}}))
+    res = run_cli("export", str(bad), "--format", "gguf", "--quant", "Q4_K_M", "--out", str(tmp_path / "k"))
+    assert error_line(res).startswith("error: config.json is not a valid Qwen2.5-VL config") and not (tmp_path / "k").exists()
+    assert "wrote" not in res.stdout  # refused before the intermediate was written
+
+
+
 def test_rerun_is_byte_identical_and_refuses_existing(tiny_dir, tmp_path):
     opts = dict(quants=["F16"], imatrix="none", mmproj_type="f16", progress=False)
     a = export_gguf(str(tiny_dir), tmp_path / "a", GGUFOptions(**opts), log=lambda s: None)

@@ -53,6 +53,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     model_path, revision = resolve(opts.model, opts.revision)
     ckpt = open_checkpoint(str(model_path))  # validates: Qwen2.5-VL, weights present
     ckpt.require_weights()
+    ckpt.hf_config()  # the reference runs in transformers: a config it refuses stops here
     _check_device(opts.device)
     items = eval_items(opts.eval_source, opts.items, opts.seed, render=False)  # bad --eval fails here
     threads = opts.threads or usable_cores()
