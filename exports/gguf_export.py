@@ -319,15 +319,14 @@ def _text_records(ctx: _Context, texts: list[tuple[Path, str, int]]) -> list[Fil
     from tqdm import tqdm
 
     records = []
+    max_bytes = ctx.options.split_max_bytes
     for path, quant, tensors in texts:
-        max_bytes = ctx.options.split_max_bytes
-        if not max_bytes or path.stat().st_size <= max_bytes:
-            records.append(_record(path, "text", quant, tensors))
-            continue
-        with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"splitting {path.name}", leave=False,
-                  disable=not ctx.options.progress) as bar:  # fmt: skip
-            parts = gguf_split.split_gguf(path, max_bytes, progress=bar.update)
-        if len(parts) == 1:  # one tensor: nothing to split at
+        parts = [(path, tensors)]
+        if max_bytes and path.stat().st_size > max_bytes:
+            with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"splitting {path.name}", leave=False,
+                      disable=not ctx.options.progress) as bar:  # fmt: skip
+                parts = gguf_split.split_gguf(path, max_bytes, progress=bar.update)
+        if len(parts) == 1:  # fits, or (no tensors) nothing to split at: the file stays whole
             records.append(_record(path, "text", quant, tensors))
             continue
         over = {"the metadata" if n == 0 else "one tensor" for p, n in parts if p.stat().st_size > max_bytes}

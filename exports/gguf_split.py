@@ -128,7 +128,10 @@ class _Buffer:
 def _tensor_bytes(dims: list[int], qtype: int) -> int:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    except (ValueError, KeyError):  # a type newer than this gguf-py: its byte count is unknown
+        raise QoqoptError(f"a tensor of GGML type {qtype}, which this gguf-py does not know; cannot split it") from None
     n = 1
     for d in dims:
         n *= d

@@ -106,8 +106,9 @@ def test_a_file_that_fits_stays_whole(tmp_path):
 
 
 def test_refuses_what_it_cannot_split_safely(tmp_path):
-    """A part, a non-GGUF, GGUF version 1 (32-bit counts), and tensors listed out of their file order
-    (cutting the file from its end would then lose data): each refused before anything is written."""
+    """A part, a non-GGUF, GGUF version 1 (32-bit counts), a tensor type gguf-py does not know (its
+    size is unknown), and tensors listed out of their file order (cutting the file from its end would
+    then lose data): each refused before anything is written."""
     import struct
 
     path = tmp_path / "m.gguf"
@@ -130,6 +131,10 @@ def test_refuses_what_it_cannot_split_safely(tmp_path):
     (tmp_path / "v1.gguf").write_bytes(b"GGUF" + struct.pack("<III", 1, 0, 0) + bytes(16))
     with pytest.raises(QoqoptError, match="v1.gguf is GGUF version 1; qoqopt splits versions 2 and 3"):
         read_layout(tmp_path / "v1.gguf")
+    info = struct.pack("<Q", 1) + b"t" + struct.pack("<IQIQ", 1, 32, 999, 0)  # 1-D, 32 values, GGML type 999
+    (tmp_path / "new.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + info + bytes(64))
+    with pytest.raises(QoqoptError, match="a tensor of GGML type 999, which this gguf-py does not know"):
+        read_layout(tmp_path / "new.gguf")
 
 
 def test_splitting_takes_room_for_one_part_not_a_copy(tmp_path, monkeypatch):
