@@ -2,10 +2,9 @@
 
     .venv/bin/python benchmarks/bench_gguf_split.py [--preset small] [--size 200M] [--repeat 3] [--ref DIR] [--json PATH]
 
-Both tools write the F16 text GGUF of one mini QoQ-Med checkpoint in parts of at most SIZE. The
-converter writes its parts directly (gguf-py's writer); qoqopt writes the whole file and then splits
-it (exports/gguf_split.py), which costs a second pass over the bytes but lets llama.cpp's own
-quantizer run on one whole intermediate. Each tool runs as its own process (wall time and the
+Both tools write the F16 text GGUF of one mini QoQ-Med checkpoint in parts of at most SIZE, each
+straight into its parts (qoqopt: exports/gguf_write.py with gguf_split's layout; the converter:
+gguf-py's writer). Each tool runs as its own process (wall time and the
 child's peak RSS, as benchmarks/measure.py takes them). Then llama.cpp (llama-cpp-python) loads each
 tool's first part and evaluates the same tokens: the logits of the two are compared, and each
 part's size against SIZE (the converter bounds only a part's tensor data, qoqopt the whole file).
@@ -81,7 +80,7 @@ def main(argv=None) -> int:
             result["llama_cpp_max_abs_logit_diff"] = float(abs(ours_logits - conv_logits).max())
 
     result.update(benchmark="gguf_split", preset=args.preset, split_max_bytes=limit, hardware=hardware(), repeat=args.repeat,
-                  what="F16 text GGUF in parts; qoqopt = whole file then split, converter = parts written directly")  # fmt: skip
+                  what="F16 text GGUF in parts; each tool writes its parts directly")  # fmt: skip
     print(f"mini-{args.preset}, F16 text in parts of at most {args.size}, median of {args.repeat}, "
           f"on {result['hardware']['cpu']} x{result['hardware']['cores']}")
     for name in ("qoqopt", "converter"):

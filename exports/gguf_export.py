@@ -6,13 +6,13 @@
 Steps (each in its own module):
 1. map every checkpoint tensor to a GGUF name or a deliberate skip (gguf_map);
 2. write F32/F16/BF16/Q8_0 text files straight from the shards, streaming (gguf_write, gguf_meta,
-   gguf_vocab);
+   gguf_vocab), each over --split-max-size straight into parts llama.cpp loads as one (gguf_split);
 3. for K-quants / IQ types, write one F16/BF16 intermediate (or reuse a requested F16/BF16 output),
    collect the clinical imatrix through the transformers model (qoqopt.calibration) and quantize
-   every requested type from that one intermediate with llama.cpp (gguf_quant);
-4. split text files over --split-max-size into parts llama.cpp loads as one (gguf_split);
-5. write the mmproj from the checkpoint's own vision tower;
-6. write the imatrix file, an Ollama Modelfile, README.md and manifest.json.
+   every requested type from that one intermediate with llama.cpp (gguf_quant), splitting each
+   output over --split-max-size once it is written;
+4. write the mmproj from the checkpoint's own vision tower;
+5. write the imatrix file, an Ollama Modelfile, README.md and manifest.json.
 
 Everything is built in a temporary sibling folder that replaces the output only when complete,
 so an interrupted (even SIGKILLed) export never leaves a file under a final name. No timestamps or
@@ -155,15 +155,15 @@ def write_text(ctx: _Context, path: Path, ftype: str) -> gguf_write.WriteReport:
         gguf_meta.add_text_hparams(writer, ctx.text_hp)
         gguf_vocab.add_vocab(writer, ctx.vocab)
 
-    return _write(ctx, path, gguf_meta.TEXT_ARCH, add_kv, plans)
+    return _write(ctx, path, gguf_meta.TEXT_ARCH, add_kv, plans, ctx.options.split_max_bytes)
 
 
-def _write(ctx: _Context, path: Path, arch: str, add_kv, plans) -> gguf_write.WriteReport:
+def _write(ctx: _Context, path: Path, arch: str, add_kv, plans, max_bytes: int = 0) -> gguf_write.WriteReport:
     from tqdm import tqdm
 
     total = sum(p.nbytes for p in plans)
     with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, leave=False, disable=not ctx.options.progress) as bar:
-        return gguf_write.write_gguf(path, arch, add_kv, plans, ctx.reader, progress=bar.update)
+        return gguf_write.write_gguf(path, arch, add_kv, plans, ctx.reader, progress=bar.update, max_bytes=max_bytes)
 
 
 def write_mmproj(ctx: _Context, path: Path, ftype: str) -> gguf_write.WriteReport:
@@ -183,7 +183,7 @@ def write_mmproj(ctx: _Context, path: Path, ftype: str) -> gguf_write.WriteRepor
 
 def estimate_bytes(ctx: _Context, options: GGUFOptions) -> int:
     f16 = sum(gguf_write.nbytes(e.shape, gguf_write.F16 if len(e.shape) > 1 else gguf_write.F32) for e in ctx.mapping.text)
-    total = 0
+    total, quantized = 0, [0]
     for q in options.quants:
         if q == "F32":
             total += 2 * f16
@@ -192,11 +192,15 @@ def estimate_bytes(ctx: _Context, options: GGUFOptions) -> int:
         else:
             bpw = next((v for k, v in _BPW.items() if q.startswith(k)), 8.5)
             total += int(f16 * bpw / 16)
+            if not gguf_quant.is_direct(q):
+                quantized.append(int(f16 * bpw / 16))
     if any(not gguf_quant.is_direct(q) for q in options.quants):
         total += f16  # the intermediate
     if options.mmproj_type != "none":
         total += sum(gguf_write.nbytes(e.shape, gguf_write.F32) for e in ctx.mapping.vision)
-    return total + min(options.split_max_bytes, f16)  # a part is written before its bytes leave the file
+    # llama.cpp writes a quant type whole: splitting it writes a part before its bytes leave the file
+    split = options.split_max_bytes
+    return total + (split if split and max(quantized) > split else 0)
 
 
 def _check_space(out: Path, need: int) -> None:
@@ -232,23 +236,24 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
     try:
         with atomic_dir(out, force=force, inputs=inputs) as tmp:
             reports: dict[str, gguf_write.WriteReport] = {}
-            texts: list[tuple[Path, str, int]] = []  # (file, quant type, tensors), split at the end
-            # 1. direct types
+            texts: list[tuple[str, list[tuple[Path, int]]]] = []  # (quant type, [(file or part, tensors)])
+            # 1. direct types, written in parts where over --split-max-size
             for q in [q for q in quants if gguf_quant.is_direct(q)]:
                 path = tmp / text_file_name(ctx.name, q)
-                reports[q] = write_text(ctx, path, q)
-                notes += reports[q].notes
-                log(f"wrote {path.name} ({reports[q].tensors} tensors, {_size(reports[q].bytes)})")
+                reports[q] = rep = write_text(ctx, path, q)
+                notes += rep.notes
+                log(f"wrote {path.name}{_in_parts(ctx, rep.parts)} ({rep.tensors} tensors, {_size(rep.bytes)})")
+                texts.append((q, rep.parts or [(rep.path, rep.tensors)]))
             # 2. llama.cpp types from one intermediate
             llama_quants = [q for q in quants if not gguf_quant.is_direct(q)]
             if llama_quants:
                 inter_type = "BF16" if ctx.src_dtypes == {"BF16"} else "F16"
-                inter = tmp / text_file_name(ctx.name, inter_type)
                 temporary = inter_type not in quants
-                if temporary:
-                    inter = tmp / f".intermediate.{inter_type}.gguf"
+                # llama.cpp reads an intermediate in parts as one file (given its first part)
+                inter_rep = write_text(ctx, tmp / f".intermediate.{inter_type}.gguf", inter_type) if temporary else reports[inter_type]
+                inter = inter_rep.path
                 # llama-quantize keeps every tensor of its input: the intermediate's count is each output's
-                tensors = (write_text(ctx, inter, inter_type) if temporary else reports[inter_type]).tensors
+                tensors = inter_rep.tensors
                 imatrix, imatrix_info = _imatrix(ctx, options, tmp, log)
                 means = imatrix.means() if imatrix else None  # the same for every quant type
                 if imatrix_info:
@@ -260,11 +265,11 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                     for line in rep.summary():
                         log(f"note: {line}")
                     log(f"wrote {path.name} (llama.cpp {q}{', clinical imatrix' if imatrix else ', no imatrix'}, {_size(path.stat().st_size)})")
-                    texts.append((path, q, tensors))
+                    texts.append((q, _split_over(ctx, path, tensors)))
                 if temporary:
-                    inter.unlink()
-            texts += [(rep.path, q, rep.tensors) for q, rep in reports.items()]
-            records += _text_records(ctx, texts)  # split only now: the intermediate may be one of them
+                    for part, _ in inter_rep.parts or [(inter, tensors)]:
+                        part.unlink()
+            records += [r for q, parts in texts for r in _text_records(q, parts)]
             # 3. mmproj
             mmproj_name = None
             if options.mmproj_type != "none":
@@ -314,26 +319,36 @@ def _check_split_size(max_bytes: int) -> None:
                           "file under the Hub's 50 GB limit)")  # fmt: skip
 
 
-def _text_records(ctx: _Context, texts: list[tuple[Path, str, int]]) -> list[FileRecord]:
-    """Each text GGUF's manifest records: the file itself, or its parts where it is over --split-max-size."""
+def _split_over(ctx: _Context, path: Path, tensors: int) -> list[tuple[Path, int]]:
+    """A file llama.cpp quantized: [(it, tensors)], or its parts where it is over --split-max-size."""
     from tqdm import tqdm
 
-    records = []
     max_bytes = ctx.options.split_max_bytes
-    for path, quant, tensors in texts:
-        parts = [(path, tensors)]
-        if max_bytes and path.stat().st_size > max_bytes:
-            with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"splitting {path.name}", leave=False,
-                      disable=not ctx.options.progress) as bar:  # fmt: skip
-                parts = gguf_split.split_gguf(path, max_bytes, progress=bar.update)
-        if len(parts) == 1:  # fits, or (no tensors) nothing to split at: the file stays whole
-            records.append(_record(path, "text", quant, tensors))
-            continue
-        over = {"the metadata" if n == 0 else "one tensor" for p, n in parts if p.stat().st_size > max_bytes}
-        ctx.log(f"split {path.name} into {len(parts)} parts of at most {max_bytes:,} bytes"
-                + "".join(f" ({what} alone is larger)" for what in sorted(over)))
-        records += [_record(p, "text", quant, n, (no, len(parts))) for no, (p, n) in enumerate(parts, 1)]
-    return records
+    if not max_bytes or path.stat().st_size <= max_bytes:
+        return [(path, tensors)]
+    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"splitting {path.name}", leave=False,
+              disable=not ctx.options.progress) as bar:  # fmt: skip
+        parts = gguf_split.split_gguf(path, max_bytes, progress=bar.update)
+    if len(parts) > 1:
+        ctx.log(f"split {path.name}{_in_parts(ctx, parts, 'into')}")
+    return parts
+
+
+def _in_parts(ctx: _Context, parts: list[tuple[Path, int]], word: str = "in") -> str:
+    """' in N parts of at most SIZE bytes', and why a part is larger, for a log line; '' if whole."""
+    if len(parts) < 2:
+        return ""
+    max_bytes = ctx.options.split_max_bytes
+    over = {"the metadata" if n == 0 else "one tensor" for p, n in parts if p.stat().st_size > max_bytes}
+    return (f" {word} {len(parts)} parts of at most {max_bytes:,} bytes"
+            + "".join(f" ({what} alone is larger)" for what in sorted(over)))  # fmt: skip
+
+
+def _text_records(quant: str, parts: list[tuple[Path, int]]) -> list[FileRecord]:
+    """A text GGUF's manifest records: the file itself, or each of its parts."""
+    if len(parts) == 1:
+        return [_record(parts[0][0], "text", quant, parts[0][1])]
+    return [_record(p, "text", quant, n, (no, len(parts))) for no, (p, n) in enumerate(parts, 1)]
 
 
 def _size(n: int) -> str:
@@ -511,6 +526,7 @@ def _run_it(ctx: _Context, text: str, mmproj: str | None, ollama: str | None) ->
     """The card's "Run it" for llama.cpp, LM Studio and Ollama; text chat only without an mmproj.
     `text` is what llama.cpp is given (the first part of a split file), `ollama` the Modelfile's type."""
     settings = "--temp 0 --repeat-penalty 1.05"
+    files = f"`{text}`" + (" with its other parts" if re.search(r"-00001-of-\d{5}\.gguf$", text) else "")
     if mmproj:
         lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
         llama_cpp = f"""**llama.cpp**
@@ -522,13 +538,13 @@ def _run_it(ctx: _Context, text: str, mmproj: str | None, ollama: str | None) ->
 `--image-min-tokens {lo} --image-max-tokens {hi}` keeps images inside QoQ-Med's training range
 ({TRAIN_PIXELS} pixels); the mmproj records that range (`clip.vision.image_min_pixels` /
 `image_max_pixels`), but this llama.cpp version does not read those keys for Qwen2.5-VL."""
-        lm_studio = (f"put `{text}` and `{mmproj}` in one folder under\n`~/.lmstudio/models/<publisher>/{ctx.name}/`; "
+        lm_studio = (f"put {files} and `{mmproj}` in one folder under\n`~/.lmstudio/models/<publisher>/{ctx.name}/`; "
                      "LM Studio pairs the mmproj with the model and enables\nimage input.")
         modelfile = ("the chat template, QoQ-Med's generation settings and the mmproj. (Ollama versions whose own\n"
                      "engine handles Qwen2.5-VL may not accept a separate projector file; the text model still runs.)")
     else:
         llama_cpp = f"**llama.cpp** (text chat, with the chat template the GGUF carries)\n\n    llama-cli -m {text} {settings}"
-        lm_studio = f"put `{text}` in a folder under `~/.lmstudio/models/<publisher>/{ctx.name}/`."
+        lm_studio = f"put {files} in a folder under `~/.lmstudio/models/<publisher>/{ctx.name}/`."
         modelfile = "the chat template and QoQ-Med's generation settings."
     return f"""{llama_cpp}
 

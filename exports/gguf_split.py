@@ -12,7 +12,9 @@ metadata and the first tensor do not fit together, the first part holds the meta
 llama-gguf-split's --no-tensor-first-split writes it; llama.cpp needs no tensor in it).
 
 Parts are written last first and the original is cut short behind each one, so splitting needs
-room for one more part, not a second copy of the file (65 GB at 32B F16).
+room for one more part, not a second copy of the file (65 GB at 32B F16). A file qoqopt writes
+itself (F32/F16/BF16/Q8_0) goes straight into its parts (`write_parts`), with the layout read from
+its header alone: the same parts, and the whole file never on disk.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qoqopt.errors import QoqoptError
+from qoqopt.fileio import write_error
 
 SPLIT_NAME = "{stem}-{no:05d}-of-{count:05d}.gguf"
 MIN_SPLIT_BYTES = 10**6  # below this a size is a typo (48 for 48G), not a plan: every tensor its own file
@@ -162,6 +165,12 @@ def _part_bytes(layout: Layout, first: bool, tensors: range) -> int:
     return _pad(meta, layout.alignment) + sum(_pad(layout.spans[i][1], layout.alignment) for i in tensors)
 
 
+def whole_bytes(layout: Layout, header_bytes: int) -> int:
+    """The unsplit file's size, from its header's size (a file without tensors is a little smaller:
+    gguf-py pads only before tensor data)."""
+    return _pad(header_bytes, layout.alignment) + sum(_pad(size, layout.alignment) for _, size in layout.spans)
+
+
 def plan_parts(layout: Layout, max_bytes: int) -> list[range]:
     """Consecutive tensor ranges, each part as large as fits in `max_bytes`: a tensor too large for
     any part gets one of its own, and the first part may hold the metadata alone."""
@@ -187,13 +196,17 @@ def split_gguf(path: Path, max_bytes: int, progress: Callable[[int], None] | Non
     parts = plan_parts(layout, max_bytes) if path.stat().st_size > max_bytes else []
     if len(parts) <= 1:
         return [(path, len(layout.spans))]
-    if len(parts) > 0xFFFF:  # split.no and split.count are 16-bit
-        raise QoqoptError(f"{path.name} would need {len(parts)} parts; give a larger --split-max-size")
-    names = part_names(path, len(parts))
+    names = part_names(path, _count(path, parts))
     fd = os.open(path, os.O_RDWR)
+
+    def copy(i: int, out) -> None:
+        _copy(fd, out, *layout.spans[i], Path(out.name).name)
+        if progress:
+            progress(layout.spans[i][1])
+
     try:
         for no in reversed(range(len(parts))):
-            _write_part(names[no], layout, no, parts, fd, progress)
+            _write_part(names[no], layout, no, parts, copy)
             if parts[no]:  # what the part holds leaves the original
                 os.ftruncate(fd, layout.spans[parts[no][0]][0])
     finally:
@@ -202,7 +215,31 @@ def split_gguf(path: Path, max_bytes: int, progress: Callable[[int], None] | Non
     return [(name, len(r)) for name, r in zip(names, parts)]
 
 
-def _write_part(dest: Path, layout: Layout, no: int, parts: list[range], src: int, progress) -> None:
+def _count(path: Path, parts: list[range]) -> int:
+    if len(parts) > 0xFFFF:  # split.no and split.count are 16-bit
+        raise QoqoptError(f"{path.name} would need {len(parts)} parts; give a larger --split-max-size")
+    return len(parts)
+
+
+def write_parts(path: Path, layout: Layout, parts: list[range], write_tensor: Callable[[int, object], None]) -> list[tuple[Path, int]]:
+    """Write a file laid out as `layout` straight into its `parts`, first to last, without the whole
+    file ever on disk: `write_tensor(i, out)` writes tensor i's bytes (unpadded) to `out`."""
+    names = part_names(path, _count(path, parts))
+    done: list[Path] = []
+    try:
+        for no, name in enumerate(names):
+            done.append(name)
+            _write_part(name, layout, no, parts, write_tensor)
+    except BaseException as exc:
+        for part in done:  # no part without the others
+            part.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(exc, done[-1]) from exc
+        raise
+    return [(name, len(r)) for name, r in zip(names, parts)]
+
+
+def _write_part(dest: Path, layout: Layout, no: int, parts: list[range], write_tensor: Callable[[int, object], None]) -> None:
     tensors, align = parts[no], layout.alignment
     split = _split_kv(no, len(parts), len(layout.spans), align)
     kv, n_kv = (layout.kv, layout.n_kv + len(split)) if no == 0 else (b"", len(split))
@@ -214,11 +251,9 @@ def _write_part(dest: Path, layout: Layout, no: int, parts: list[range], src: in
     with open(dest, "wb") as out:
         out.write(head + bytes(_pad(len(head), align) - len(head)))
         for i in tensors:
-            start, size = layout.spans[i]
-            _copy(src, out, start, size, dest.name)
+            write_tensor(i, out)
+            size = layout.spans[i][1]
             out.write(bytes(_pad(size, align) - size))
-            if progress:
-                progress(size)
 
 
 def _copy(src: int, out, offset: int, size: int, name: str) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 from qoqopt.errors import QoqoptError
 from qoqopt.fileio import write_error
 
+from . import gguf_split
 from .gguf_map import QKV_ROWS, TEMPORAL, WHOLE, Entry
 
 CHUNK_BYTES = 8 << 20  # f32 bytes per converted chunk (peak ~3x this: raw, f32, output)
@@ -209,38 +210,101 @@ class StreamedTensor:
 
 @dataclass
 class WriteReport:
-    path: Path
+    path: Path  # what llama.cpp is given: the file, or its first part
     tensors: int
     bytes: int
     types: dict[str, int] = field(default_factory=dict)  # GGML type name -> tensor count
     notes: list[str] = field(default_factory=list)
+    parts: list[tuple[Path, int]] = field(default_factory=list)  # (part, its tensor count), if written in parts
+
+    def count(self, plans: list[Planned]) -> None:
+        for p in plans:
+            name = _type_name(p.qtype)
+            self.types[name] = self.types.get(name, 0) + 1
+            if p.note:
+                self.notes.append(p.note)
 
 
-def write_gguf(path: Path, arch: str, add_kv: Callable, plans: list[Planned], reader: ShardReader, progress=None) -> WriteReport:
-    """Write one GGUF file: `add_kv(writer)` adds the metadata, `plans` the tensors in file order."""
+def _type_name(qtype: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(qtype).name
+
+
+def write_gguf(path: Path, arch: str, add_kv: Callable, plans: list[Planned], reader: ShardReader, progress=None,
+               max_bytes: int = 0) -> WriteReport:  # fmt: skip
+    """Write one GGUF file: `add_kv(writer)` adds the metadata, `plans` the tensors in file order.
+    With `max_bytes`, a file larger than that is written straight into parts of at most that many
+    bytes (gguf_split's layout and names; the whole file never exists): report.parts lists them."""
+    report = WriteReport(Path(path), len(plans), 0)
+    try:
+        split = _plan_parts(Path(path), arch, add_kv, plans, max_bytes) if max_bytes else None
+        if split:
+            report.parts = gguf_split.write_parts(Path(path), *split, lambda i, out: _write_tensor(out, plans[i], reader, progress))
+            report.path = report.parts[0][0]
+            report.bytes = sum(p.stat().st_size for p, _ in report.parts)
+        else:
+            _write_whole(path, arch, add_kv, plans, reader, progress)
+            report.bytes = Path(path).stat().st_size
+    except OSError as exc:
+        raise write_error(exc, path) from exc
+    report.count(plans)
+    return report
+
+
+def _writer(arch: str, add_kv: Callable, plans: list[Planned]):
     from gguf import GGMLQuantizationType, GGUFWriter
 
     writer = GGUFWriter(path=None, arch=arch)
     add_kv(writer)
     for p in plans:
         writer.add_tensor_info(p.entry.target, p.entry.shape, np.dtype(np.float32), p.nbytes, raw_dtype=GGMLQuantizationType(p.qtype))
-    report = WriteReport(path, len(plans), 0)
+    return writer
+
+
+def _write_whole(path: Path, arch: str, add_kv: Callable, plans: list[Planned], reader: ShardReader, progress) -> None:
+    writer = _writer(arch, add_kv, plans)
     try:
         writer.write_header_to_file(path=Path(path))
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for p in plans:
             writer.write_tensor_data(StreamedTensor(p, reader))
-            name = GGMLQuantizationType(p.qtype).name
-            report.types[name] = report.types.get(name, 0) + 1
-            if p.note:
-                report.notes.append(p.note)
             if progress:
                 progress(p.nbytes)
         writer.flush()
-    except OSError as exc:
-        raise write_error(exc, path) from exc
-    finally:
+    except BaseException:
         writer.close()
-    report.bytes = Path(path).stat().st_size
-    return report
+        Path(path).unlink(missing_ok=True)  # nothing partial under the name
+        raise
+    writer.close()
+
+
+def _plan_parts(path: Path, arch: str, add_kv: Callable, plans: list[Planned], max_bytes: int):
+    """(layout, tensor ranges) of the parts, or None if the whole file fits in `max_bytes`. The
+    layout is read back from the file's header alone, written by gguf-py as the whole file's would
+    be, so the parts are those gguf_split would cut from the whole file."""
+    writer = _writer(arch, add_kv, plans)
+    try:
+        try:
+            writer.write_header_to_file(path=path)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        finally:
+            writer.close()
+        layout = gguf_split.read_layout(path)
+        head = path.stat().st_size
+    finally:
+        path.unlink(missing_ok=True)
+    if [size for _, size in layout.spans] != [p.nbytes for p in plans]:
+        raise AssertionError("gguf-py's header disagrees with the planned tensor sizes")
+    if gguf_split.whole_bytes(layout, head) <= max_bytes:
+        return None
+    parts = gguf_split.plan_parts(layout, max_bytes)
+    return (layout, parts) if len(parts) > 1 else None
+
+
+def _write_tensor(out, plan: Planned, reader: ShardReader, progress) -> None:
+    StreamedTensor(plan, reader).tofile(out)
+    if progress:
+        progress(plan.nbytes)

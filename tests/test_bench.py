@@ -410,13 +410,15 @@ def test_a_build_in_parts_answers_as_the_whole_file(run_1t, trained_dir, tmp_pat
     assert res.returncode == 0, res.stderr[-2000:]
     parts = sorted(split.glob("mini.Q8_0-*-of-*.gguf"))
     assert len(parts) >= 2 and not (split / "mini.Q8_0.gguf").exists()
-    assert not (split / "Modelfile").exists() and "cannot import a GGUF in parts" in (split / "README.md").read_text()
+    card = (split / "README.md").read_text()
+    assert not (split / "Modelfile").exists() and "cannot import a GGUF in parts" in card
+    assert f"put `{parts[0].name}` with its other parts and" in card  # LM Studio needs every part
     item = ["--item", "ct-abd-pancreas.region_ct.eval-0"]
     assert _asked(run_cli("ask", str(split), *item)) == _asked(run_cli("ask", str(gguf_dir), "--quant", "Q8_0", *item))
     (found,) = [find_in(split, v) for v in parse_variants("gguf:Q8_0")]
     assert [p.name for k, p in found.items() if k.startswith("text")] == [p.name for p in parts]
     moved = shutil.move(parts[1], tmp_path / parts[1].name)
-    with pytest.raises(QoqoptError, match=f"lists {parts[1].name}, missing there: copy or download the whole build"):
+    with pytest.raises(QoqoptError, match=f"lists {parts[1].name}, which is missing: copy or download the whole build"):
         _fetch_from_hub(find_in(split, parse_variants("gguf:Q8_0")[0]), {}, print)  # a local build: nothing to fetch
     shutil.move(moved, parts[1])
     cache_as_hub_repo(tmp_path / "hub", "me/split", [f for f in split.iterdir() if f != parts[1]],

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from qoqopt.errors import QoqoptError
+from qoqopt.exports import gguf_split
 from qoqopt.exports.gguf_export import GGUFOptions, export_gguf
 from qoqopt.exports.gguf_runtime import MARKER, LlamaVL
 from qoqopt.exports.gguf_verify import clinical_text_prompts, set_text_rms_eps
@@ -313,8 +314,10 @@ def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_p
     """--split-max-size: llama.cpp, given the first part, finds the others by name, checks their split
     keys and runs the model; its logits equal the whole F16 file's bit for bit, and without a part it
     does not load. The metadata (6 MB) and the 78 MB token embedding do not fit in 80 MB together, so
-    the first part holds the metadata only. The F16 is split only after Q4_K_M was quantized from it;
-    Q4_K_M fits and stays whole, and the Modelfile names it (Ollama cannot import parts)."""
+    the first part holds the metadata only. The F16 is written straight into its parts (no whole file
+    on disk), byte for byte the parts gguf_split cuts from the whole file. The BF16 intermediate is
+    written in parts too, and llama.cpp quantizes from them as from the whole file: Q4_K_M comes out
+    byte-identical. It fits and stays whole, and the Modelfile names it (Ollama cannot import parts)."""
     out = tmp_path / "split"
     opts = GGUFOptions(quants=["F16", "Q4_K_M"], imatrix="none", mmproj_type="none", name="tiny",
                        split_max_bytes=80_000_000, progress=False)  # fmt: skip
@@ -326,7 +329,13 @@ def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_p
     whole = next(f for f in built.files if f.quant == "F16")
     assert sum(r.tensors for r in texts) == whole.tensors and sorted(p.name for p in out.iterdir()) == sorted(
         [r.path for r in texts] + ["tiny.Q4_K_M.gguf", "Modelfile", "README.md", "manifest.json"])  # fmt: skip
-    assert "split tiny.F16.gguf into 3 parts of at most 80,000,000 bytes" in log
+    assert any(line.startswith("wrote tiny.F16.gguf in 3 parts of at most 80,000,000 bytes (") for line in log), log
+    cut = tmp_path / "tiny.F16.gguf"
+    shutil.copy(built.file("text", "F16"), cut)
+    assert [p.read_bytes() for p, _ in gguf_split.split_gguf(cut, 80_000_000)] == [(out / r.path).read_bytes() for r in texts]
+    plain = export_gguf(str(tiny_dir), tmp_path / "whole", GGUFOptions(quants=["Q4_K_M"], imatrix="none", mmproj_type="none",
+                        name="tiny", progress=False), log=log.append)  # fmt: skip
+    assert (out / "tiny.Q4_K_M.gguf").read_bytes() == plain.file("text", "Q4_K_M").read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(f["path"], f.get("part"), f.get("parts"), f["bytes"]) for f in manifest["files"] if f["kind"] == "text"] == [
         (r.path, r.part, r.parts, (out / r.path).stat().st_size) for r in texts] + [

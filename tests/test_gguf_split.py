@@ -156,3 +156,33 @@ def test_splitting_takes_room_for_one_part_not_a_copy(tmp_path, monkeypatch):
     parts = split_gguf(path, 1_000_000)
     largest = max(p.stat().st_size for p, _ in parts)
     assert len(on_disk) == len(parts) >= 3 and max(on_disk) <= size + largest + 1024 * len(parts)
+
+
+def test_parts_written_directly_leave_nothing_behind_on_failure(tmp_path):
+    """write_parts (a file qoqopt writes straight into parts): a disk error in a later part removes
+    the parts already written and names the failing part in one line; no part stands without the
+    others."""
+    import errno
+
+    from qoqopt.exports.gguf_split import plan_parts, write_parts
+
+    path = tmp_path / "m.gguf"
+    _write(path)
+    layout = read_layout(path)
+    parts = plan_parts(layout, 1_000_000)
+    with open(path, "rb") as f:
+        data = [(f.seek(start), f.read(size))[1] for start, size in layout.spans]
+
+    def full_disk(i, out):
+        if i >= parts[2][0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        out.write(data[i])
+
+    out = tmp_path / "out"
+    out.mkdir()
+    names = part_names(out / "m.gguf", len(parts))
+    with pytest.raises(QoqoptError, match=f"^disk full while writing {names[2].name}"):
+        write_parts(out / "m.gguf", layout, parts, full_disk)
+    assert list(out.iterdir()) == []
+    written = write_parts(out / "m.gguf", layout, parts, lambda i, f: f.write(data[i]))
+    assert [p.read_bytes() for p, _ in written] == [p.read_bytes() for p, _ in split_gguf(path, 1_000_000)]

@@ -11,12 +11,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..errors import QoqoptError
 from ..fileio import atomic_write_text, check_can_make_dir, sha256_file, writing
 from ..loader import FINGERPRINT_PREFIX
-from ..manifest import read_manifest
+from ..manifest import entry_path, listed_file, read_manifest
 from ..report import SCHEMA
 from .machine import machine_info, software_info, usable_cores
 from .speed import SpeedSettings
@@ -187,13 +187,9 @@ def _hub_manifests(search: list[Path | str]) -> dict[str, tuple[Path, str | None
 def _fetch_from_hub(found: dict[str, Path], hub: dict[str, tuple[Path, str | None]], log) -> dict[str, Path]:
     """Download the files of a build found in a Hub repo's manifest: a GGUF build's text file (each
     part of it) and mmproj only (a GGUF repo holds every quant type), a GPTQ/AWQ checkpoint whole.
-    Local builds pass, if every GGUF file their manifest names is there (llama.cpp would only say
-    that the model failed to load)."""
+    Then every GGUF file must be there at the size its manifest records, fetched or local: llama.cpp
+    would only say that the model failed to load."""
     from ..loader import resolve
-
-    absent = [p.name for k, p in found.items() if k != "dir" and not p.is_file()]
-    if absent and not any(all(p.is_relative_to(folder) for p in found.values()) for folder, _ in hub.values()):
-        raise QoqoptError(f"{_build_folder(found)} lists {', '.join(absent)}, missing there: copy or download the whole build")
 
     for repo, (folder, commit) in hub.items():
         if all(p.is_relative_to(folder) for p in found.values()):
@@ -203,7 +199,20 @@ def _fetch_from_hub(found: dict[str, Path], hub: dict[str, tuple[Path, str | Non
             else:
                 log(f"fetching {', '.join(p.name for p in found.values())} from {repo}")
                 resolve(repo, commit, only=[p.relative_to(folder).as_posix() for p in found.values()])
+    if "dir" not in found:
+        _check_listed(found)
     return found
+
+
+def _check_listed(found: dict[str, Path]) -> None:
+    """Every GGUF file of the build present, at the size its manifest records."""
+    folder = _build_folder(found)
+    entries = {PurePosixPath(entry_path(e)).as_posix(): e for e in read_manifest(folder).get("files", [])}
+    for path in found.values():
+        rel = path.relative_to(folder).as_posix()
+        if rel not in entries:
+            raise QoqoptError(f"{folder}/manifest.json does not list {rel}")
+        listed_file(folder, entries[rel])
 
 
 def _variant_record(v: Variant, where: dict, common: dict, work: Path, source_files, hashes) -> dict:
