@@ -334,14 +334,18 @@ def _split_over(ctx: _Context, path: Path, tensors: int) -> list[tuple[Path, int
     return parts
 
 
-def _in_parts(ctx: _Context, parts: list[tuple[Path, int]], word: str = "in") -> str:
-    """' in N parts of at most SIZE bytes', and why a part is larger, for a log line; '' if whole."""
+def _in_parts(ctx: _Context, parts: list[tuple[Path, int]], word: str = "as") -> str:
+    """' as N parts (first part, ...) of at most SIZE bytes', and which are larger and why, for a
+    log line; '' if the file is whole."""
     if len(parts) < 2:
         return ""
     max_bytes = ctx.options.split_max_bytes
-    over = {"the metadata" if n == 0 else "one tensor" for p, n in parts if p.stat().st_size > max_bytes}
-    return (f" {word} {len(parts)} parts of at most {max_bytes:,} bytes"
-            + "".join(f" ({what} alone is larger)" for what in sorted(over)))  # fmt: skip
+    over = [n for p, n in parts if p.stat().st_size > max_bytes]
+    tensors = len(over) - (0 in over)  # parts over SIZE by one tensor; a part with none holds the metadata
+    why = (["the metadata alone is larger"] if 0 in over else []) + (
+        [f"{tensors} {'holds' if tensors == 1 else 'hold'} one tensor that alone is larger"] if tensors else [])
+    return (f" {word} {len(parts)} parts ({parts[0][0].name}, ...) of at most {max_bytes:,} bytes"
+            + "".join(f"; {w}" for w in why))  # fmt: skip
 
 
 def _text_records(quant: str, parts: list[tuple[Path, int]]) -> list[FileRecord]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from qoqopt.errors import QoqoptError
+from qoqopt.interrupts import deferred_signals
 
 from .gguf_write import DIRECT_TYPES
 
@@ -150,7 +151,7 @@ def llama_quantize(
         entries[len(imatrix)].name = None
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         keep.append(entries)
-    with _LogCapture() as log:
+    with deferred_signals(), _LogCapture() as log:  # a Ctrl-C lands in the log callback: hold it
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         errors = [ln.strip() for ln in log.lines if "error" in ln.lower() or "failed" in ln.lower()]

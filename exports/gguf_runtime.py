@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from qoqopt.errors import QoqoptError
+from qoqopt.interrupts import deferred_signals
 
 MARKER = "<__media__>"
 
@@ -52,10 +53,11 @@ class LlamaVL:
 
         self._llama_cpp = llama_cpp
         kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
-        self.llm = Llama(
-            str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-            n_threads=threads, n_threads_batch=threads, verbose=False, n_gpu_layers=-1 if gpu else 0, **kv,
-        )  # fmt: skip
+        with deferred_signals():  # a Ctrl-C would land in llama.cpp's log callback and be lost
+            self.llm = Llama(
+                str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                n_threads=threads, n_threads_batch=threads, verbose=False, n_gpu_layers=-1 if gpu else 0, **kv,
+            )  # fmt: skip
         self.n_vocab = self.llm.n_vocab()
         self.embd_cache = embd_cache  # (image key) -> image embeddings; valid for one mmproj only
         self.last_prompt_tokens = 0  # tokens (text + image) of the last prompt evaluated
@@ -78,7 +80,8 @@ class LlamaVL:
             _LOG_CALLBACK = _LOG_CALLBACK or _log_callback()  # kept alive: llama.cpp holds a raw pointer
             mtmd_cpp.mtmd_helper_log_set(_LOG_CALLBACK, None)  # also sets mtmd_log_set
             _ERRORS.clear()  # errors logged before this load are not its own
-            self.mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.llm.model, params)
+            with deferred_signals():
+                self.mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.llm.model, params)
             if not self.mctx:
                 raise _ERRORS.error(f"llama.cpp could not load the mmproj {mmproj_path}")
             if not mtmd_cpp.mtmd_support_vision(self.mctx):

@@ -197,6 +197,8 @@ def split_gguf(path: Path, max_bytes: int, progress: Callable[[int], None] | Non
     if len(parts) <= 1:
         return [(path, len(layout.spans))]
     names = part_names(path, _count(path, parts))
+    if progress:  # the header and padding, so that the tensors' bytes bring the count to the file's size
+        progress(path.stat().st_size - sum(size for _, size in layout.spans))
     fd = os.open(path, os.O_RDWR)
 
     def copy(i: int, out) -> None:

@@ -78,6 +78,8 @@ def prepare_output_dir(out: Path, force: bool, inputs=()) -> None:
     for source in map(Path, inputs):
         if source.exists() and (source.resolve() == out.resolve() or out.resolve() in source.resolve().parents):
             raise QoqoptError(f"output {out} would replace {source}, which this command reads; choose another --out")
+    if out.is_symlink():  # replacing the build would replace the link, not fill the folder it names
+        raise QoqoptError(f"output {out} is a symbolic link; give the folder it points to ({out.resolve()})")
     check_can_make_dir(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise QoqoptError(f"output {out} already exists and is not empty (use --force to replace it)")
@@ -119,9 +121,7 @@ def atomic_dir(final: Path, force: bool = False, inputs=()) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _swap_in(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.filename and Path(exc.filename).is_relative_to(tmp):  # name what the user asked for
@@ -132,6 +132,23 @@ def atomic_dir(final: Path, force: bool = False, inputs=()) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Put the finished ``tmp`` in ``final``'s place. An old output is renamed aside first and
+    deleted last: deleting it first left, when interrupted, a half-deleted build under the final
+    name. Interrupted between the renames, the old output is put back."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    os.replace(final, old)  # over the empty folder just made
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -45,7 +45,33 @@ def read_manifest(folder: Path, what: str = "a directory written by `qoqopt expo
         raise QoqoptError(f"{path}: \"files\" must be a list of objects")
     for entry in manifest["files"]:
         _check_inside(entry_path(entry), path)
+        _check_counts(entry, path)
+    _check_parts(manifest["files"], path)
     return manifest
+
+
+def _check_counts(entry: dict, manifest_path: Path) -> None:
+    for key in ("bytes", "part", "parts"):
+        value = entry.get(key)
+        if key in entry and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise QoqoptError(f"{manifest_path} gives {entry_path(entry)} \"{key}\": {value!r}, not a count")
+
+
+def _check_parts(files: list[dict], manifest_path: Path) -> None:
+    """A file in parts is listed as parts 1..N, each named as llama.cpp finds it from the first
+    (`<stem>-0000i-of-0000N.gguf`): a runtime is given part 1, and `publish` uploads what is listed."""
+    groups: dict[tuple, list[dict]] = {}
+    for f in files:
+        if "part" in f or "parts" in f:
+            groups.setdefault((f.get("kind"), f.get("quant")), []).append(f)
+    for (kind, quant), parts in groups.items():
+        n = parts[0].get("parts")
+        names = sorted((f.get("part"), entry_path(f)) for f in parts if f.get("parts") == n and "part" in f)
+        stems = {rel.removesuffix(f"-{no:05d}-of-{n:05d}.gguf") for no, rel in names if isinstance(no, int) and n}
+        if len(names) != len(parts) or [no for no, _ in names] != list(range(1, (n or 0) + 1)) or len(stems) != 1 \
+                or any(rel in stems for _, rel in names):  # fmt: skip
+            raise QoqoptError(f"{manifest_path} lists the {quant or kind} parts inconsistently (not parts 1..N of "
+                              "one file, each named -0000i-of-0000N.gguf): copy or download the build again")  # fmt: skip
 
 
 def entry_path(entry: dict) -> str:

@@ -41,6 +41,40 @@ def test_atomic_dir_keeps_existing_output_without_force(tmp_path):
     assert os.listdir(out) == ["new.gguf"]
 
 
+def test_an_interrupted_replace_keeps_the_old_output_whole(tmp_path, monkeypatch):
+    """--force over an existing build, interrupted while the new one is swapped in: the old build
+    stays whole under its name (it was deleted first, and a Ctrl-C there left half of it). A symlinked
+    --out is refused before any work: replacing it would replace the link."""
+    from qoqopt import fileio
+
+    out = tmp_path / "build"
+    out.mkdir()
+    for name in ("a.gguf", "b.gguf", "manifest.json"):
+        (out / name).write_text("old")
+    replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new build into place
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(out, force=True) as tmp:
+            (tmp / "new.gguf").write_text("new")
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    assert sorted(os.listdir(out)) == ["a.gguf", "b.gguf", "manifest.json"] and _debris(tmp_path) == []
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "new.gguf").write_text("new")
+    assert os.listdir(out) == ["new.gguf"] and _debris(tmp_path) == []
+    (tmp_path / "link").symlink_to(out)
+    with pytest.raises(QoqoptError, match="^output .*link is a symbolic link; give the folder it points to"):
+        with atomic_dir(tmp_path / "link", force=True):
+            pass
+    assert os.listdir(out) == ["new.gguf"]
+
+
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path):
     """ENOSPC from any write inside the build (a safetensors shard, a GGUF) becomes one line."""
     out = tmp_path / "build"

@@ -329,7 +329,8 @@ def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_p
     whole = next(f for f in built.files if f.quant == "F16")
     assert sum(r.tensors for r in texts) == whole.tensors and sorted(p.name for p in out.iterdir()) == sorted(
         [r.path for r in texts] + ["tiny.Q4_K_M.gguf", "Modelfile", "README.md", "manifest.json"])  # fmt: skip
-    assert any(line.startswith("wrote tiny.F16.gguf in 3 parts of at most 80,000,000 bytes (") for line in log), log
+    assert any(line.startswith("wrote tiny.F16.gguf as 3 parts (tiny.F16-00001-of-00003.gguf, ...) of at most 80,000,000 bytes (")
+               for line in log), log  # fmt: skip
     cut = tmp_path / "tiny.F16.gguf"
     shutil.copy(built.file("text", "F16"), cut)
     assert [p.read_bytes() for p, _ in gguf_split.split_gguf(cut, 80_000_000)] == [(out / r.path).read_bytes() for r in texts]
@@ -351,6 +352,34 @@ def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_p
 
 
 # ---------------------------------------------------------------------------- reliability
+
+
+def test_ctrl_c_during_a_quantize_is_not_lost(built, tmp_path):
+    """llama.cpp logs each tensor it quantizes through a Python callback, where Python runs a signal's
+    handler; ctypes swallowed the KeyboardInterrupt raised there, so a Ctrl-C during a quantize was
+    lost and the export finished (exit 0, replacing the old build under --force). It is held until
+    llama.cpp returns, then delivered to the handler it was meant for."""
+    import threading
+
+    from qoqopt.exports.gguf_quant import llama_quantize
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    previous = signal.signal(signal.SIGINT, stop)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # the quantize takes seconds
+    try:
+        with pytest.raises(Stop):
+            timer.start()
+            llama_quantize(built.file("text", "F16"), tmp_path / "q.gguf", "Q4_K_M", None)
+    finally:
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_a_direct_export_leaves_torch_unloaded(tiny_dir, tmp_path):

@@ -57,7 +57,9 @@ def _split_and_check(path, max_bytes: int, alignment: int | None) -> list:
     assert layout.spans == [(int(t.data_offset), int(t.n_bytes)) for t in ref.tensors]  # gguf-py's own offsets
     assert layout.alignment == (alignment or 32)
     del ref
-    parts = split_gguf(path, max_bytes)
+    size, progress = path.stat().st_size, []
+    parts = split_gguf(path, max_bytes, progress=progress.append)
+    assert sum(progress) == size  # a progress bar of the file's size ends full
     assert [p for p, _ in parts] == part_names(path, len(parts)) and not path.exists()
     tensors = []
     for no, (part, count) in enumerate(parts):

@@ -106,6 +106,31 @@ def test_card_counts_a_file_in_parts_whole_and_runs_its_first_part(export_dir):
     assert {f"QoQ-Med-mini.Q{k}_K-0000{n}-of-00002.gguf" for k in (2, 3) for n in (1, 2)} <= {f.path for f in plan.files}
 
 
+def _drop_part(files):
+    files.remove(next(f for f in files if f.get("part") == 2))
+
+
+def _swap_parts(files):
+    one, two = [f for f in files if f.get("part") in (1, 2)]
+    one["part"], two["part"] = two["part"], one["part"]
+
+
+@pytest.mark.parametrize("edit", [_drop_part, _swap_parts, lambda files: [f.update(parts=4) for f in files if "parts" in f],
+                                  lambda files: files[0].update(bytes="abc"), lambda files: files[0].update(bytes=-1)])
+def test_a_hand_edited_manifest_is_refused_in_one_line(export_dir, edit, capsys):
+    """A file in parts must be listed as parts 1..N named as llama.cpp finds them from the first,
+    and sizes must be counts: otherwise publish would upload a repo llama.cpp cannot load (a part
+    left out), ask would hand llama.cpp a later part first, or a size would end in a traceback."""
+    _add_parts(export_dir, "Q3_K", [40, 40, 40])
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    edit(manifest["files"])
+    (export_dir / "manifest.json").write_text(json.dumps(manifest))
+    for argv in (["publish", export_dir, "--repo", "me/x", "--dry-run"],
+                 ["ask", export_dir, "--quant", "Q3_K", "--item", "ct-abd-pancreas.region_ct.eval-0"]):  # fmt: skip
+        err = refused(argv, capsys)
+        assert "manifest.json" in err and ("parts inconsistently" in err or "not a count" in err), err
+
+
 @pytest.mark.parametrize("fields, serves", [({"ecg_encoder": "carried"}, False), ({"ecg_encoder": "dropped"}, True),
                                             ({"ecg_encoder": None}, True), ({}, True), ({"source_ecg": True}, False)])
 def test_card_sends_vllm_users_to_a_build_it_loads(export_dir, fields, serves):

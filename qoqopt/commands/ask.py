@@ -76,6 +76,7 @@ def _pick_entries(build: str, manifest: dict, quant: str | None) -> list[dict]:
     from ..errors import QoqoptError
     from ..manifest import entry_path, gguf_entries, gguf_quants, gguf_text_files
 
+    quant = quant.upper() if quant else None  # as `export --quant` takes them: q8_0 is Q8_0
     texts, mmproj = gguf_text_files(manifest, quant), gguf_entries(manifest, "mmproj")
     if not texts:
         have = ", ".join(q for q in gguf_quants(manifest) if q)

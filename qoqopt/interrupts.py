@@ -1,0 +1,31 @@
+"""Ctrl-C and SIGTERM during a call into llama.cpp: held until the call returns, then delivered.
+
+Why: llama.cpp logs through a Python callback, and Python runs a signal's handler in whatever Python
+code runs next, which during a quantize or a model load is that callback. ctypes swallows an
+exception raised there ("Exception ignored on calling ctypes callback function"), so a Ctrl-C
+was lost and the command went on to finish with exit status 0 (and, with --force, to replace the
+old build).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(pending):  # each once, to the handler it was meant for
+            signal.raise_signal(s)
