@@ -64,14 +64,20 @@ def _check_parts(files: list[dict], manifest_path: Path) -> None:
     for f in files:
         if "part" in f or "parts" in f:
             groups.setdefault((f.get("kind"), f.get("quant")), []).append(f)
-    for (kind, quant), parts in groups.items():
-        n = parts[0].get("parts")
-        names = sorted((f.get("part"), entry_path(f)) for f in parts if f.get("parts") == n and "part" in f)
-        stems = {rel.removesuffix(f"-{no:05d}-of-{n:05d}.gguf") for no, rel in names if isinstance(no, int) and n}
-        if len(names) != len(parts) or [no for no, _ in names] != list(range(1, (n or 0) + 1)) or len(stems) != 1 \
-                or any(rel in stems for _, rel in names):  # fmt: skip
+    for (kind, quant), group in groups.items():
+        count = group[0].get("parts") or 0
+        numbered = sorted((f["part"], entry_path(f)) for f in group if "part" in f and f.get("parts") == count)
+        stems = {_split_stem(rel, no, count) for no, rel in numbered}
+        if len(numbered) != len(group) or [no for no, _ in numbered] != list(range(1, count + 1)) or len(stems) != 1 \
+                or None in stems:  # fmt: skip
             raise QoqoptError(f"{manifest_path} lists the {quant or kind} parts inconsistently (not parts 1..N of "
                               "one file, each named -0000i-of-0000N.gguf): copy or download the build again")  # fmt: skip
+
+
+def _split_stem(rel: str, no: int, count: int) -> str | None:
+    """The file name part `no` of `count` shares with its other parts, or None if it is misnamed."""
+    suffix = f"-{no:05d}-of-{count:05d}.gguf"
+    return rel.removesuffix(suffix) if rel.endswith(suffix) else None
 
 
 def entry_path(entry: dict) -> str:

@@ -111,7 +111,7 @@ def test_bad_numbers_and_usage_arerefused(capsys):
             "argument --imatrix-image-weight: expected a number >= 0, got -1",
         ("export", "m", "--format", "gguf", "--threads", "-2", "--out", "o"): "argument --threads: expected an integer >= 0",
         ("export", "m", "--format", "gguf", "--split-max-size", "48GiB", "--out", "o"):
-            "argument --split-max-size: expected a size such as 48G or 500M, got '48GiB'",
+            "argument --split-max-size: expected a size such as 48G or 500M (decimal units: no Mi/Gi), got '48GiB'",
         ("data", "list", "--max-side", "0"): "argument --max-side: expected an integer >= 1, got 0",
         ("frobnicate",): "argument COMMAND: invalid choice: 'frobnicate'",
         ("ask", "b"): "one of the arguments --item --image is required",

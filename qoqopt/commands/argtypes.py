@@ -33,7 +33,7 @@ def byte_size(text: str) -> int:
     """A size like 48G, 500M or 1.5G (decimal units; a plain number is bytes)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
     if not m:
-        raise argparse.ArgumentTypeError(f"expected a size such as 48G or 500M, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a size such as 48G or 500M (decimal units: no Mi/Gi), got {text!r}")
     return int(float(m[1]) * _UNITS[m[2].upper()])
 
 

@@ -25,7 +25,8 @@ on your own set (see `qoqopt data --help`); a .gguf/.dat path reuses a llama.cpp
 quantizes without one. F32/F16/BF16/Q8_0 never use it.
 
 --split-max-size 48G writes each text GGUF larger than that in parts, <Name>.<QUANT>-00001-of-0000N.gguf
-(as llama-gguf-split does), every part at most that size: the Hugging Face Hub takes files of at most
+(as llama-gguf-split does), every part at most that size unless one tensor alone is larger (sizes are
+decimal, 48G = 48e9 bytes; at least 1M): the Hugging Face Hub takes files of at most
 50 GB, and a 32B F16/BF16 GGUF is about 65. llama.cpp and LM Studio are given the first part and load
 the rest; Ollama cannot import parts, so the Modelfile names a whole file where the build has one.
 
@@ -80,8 +81,8 @@ def register(sub) -> None:
     g.add_argument("--mmproj-type", choices=["f32", "f16", "bf16", "q8_0", "none"], help="mmproj type (default: f16)")
     g.add_argument("--name", help="file name stem (default: the model's folder or repo name)")
     g.add_argument("--split-max-size", dest="split_max_bytes", type=byte_size, metavar="SIZE",
-                   help="write text GGUFs larger than SIZE (e.g. 48G; K, M, G are decimal) in parts llama.cpp loads "
-                        "as one (default: whole files)")  # fmt: skip
+                   help="write text GGUFs larger than SIZE (e.g. 48G; K, M, G, T are decimal; at least 1M) in parts "
+                        "llama.cpp loads as one (default: whole files)")  # fmt: skip
     g.add_argument(
         "--imatrix-image-weight", type=non_negative_float, metavar="W",
         help="weight of image positions' own activations in the clinical imatrix, relative to the (image-conditioned) "
