@@ -526,11 +526,11 @@ def _ollama(ollama: str | None, text: str, modelfile: str) -> str:
             "write a Modelfile naming it.")
 
 
-def _run_it(ctx: _Context, text: str, mmproj: str | None, ollama: str | None) -> str:
+def _run_it(ctx: _Context, text: str, mmproj: str | None, ollama: str | None, in_parts: bool) -> str:
     """The card's "Run it" for llama.cpp, LM Studio and Ollama; text chat only without an mmproj.
     `text` is what llama.cpp is given (the first part of a split file), `ollama` the Modelfile's type."""
     settings = "--temp 0 --repeat-penalty 1.05"
-    files = f"`{text}`" + (" with its other parts" if re.search(r"-00001-of-\d{5}\.gguf$", text) else "")
+    files = f"`{text}`" + (" with its other parts" if in_parts else "")
     if mmproj:
         lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
         llama_cpp = f"""**llama.cpp**
@@ -560,7 +560,8 @@ def _run_it(ctx: _Context, text: str, mmproj: str | None, ollama: str | None) ->
 
 def render_readme(ctx: _Context, records: list[FileRecord], mmproj: str | None, primary: str, notes: list[str],
                   imatrix: dict | None, ollama: str | None) -> str:  # fmt: skip
-    text = next(r.path for r in records if r.kind == "text" and r.quant == primary)  # records in path order
+    first = next(r for r in records if r.kind == "text" and r.quant == primary)  # records in path order
+    text = first.path
     rows = "\n".join(f"| `{r.path}` | {r.kind} | {r.quant or ''} | {_size(r.bytes)} |" for r in records if r.kind in ("text", "mmproj", "imatrix"))
     left_out = ctx.skipped + ([] if mmproj else ["the mmproj (`--mmproj-type none`): this build reads text only"])
     skipped = "\n".join(f"- {s}" for s in left_out) or "- nothing"
@@ -585,7 +586,7 @@ every file with its sha256.
 
 ## Run it
 
-{_split_line(records)}{_run_it(ctx, text, mmproj, ollama)}{_llama_cpp_python_usage(text, mmproj)}
+{_split_line(records)}{_run_it(ctx, text, mmproj, ollama, bool(first.part))}{_llama_cpp_python_usage(text, mmproj)}
 ## Left out on purpose
 
 {skipped}

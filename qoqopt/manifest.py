@@ -76,7 +76,9 @@ def _check_parts(files: list[dict], manifest_path: Path) -> None:
 
 def _split_stem(rel: str, no: int, count: int) -> str | None:
     """The file name part `no` of `count` shares with its other parts, or None if it is misnamed."""
-    suffix = f"-{no:05d}-of-{count:05d}.gguf"
+    from .exports.gguf_split import SPLIT_NAME
+
+    suffix = SPLIT_NAME.format(stem="", no=no, count=count)
     return rel.removesuffix(suffix) if rel.endswith(suffix) else None
 
 
