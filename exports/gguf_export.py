@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qoqopt.errors import QoqoptError
-from qoqopt.manifest import source_id
+from qoqopt.manifest import preferred_quant, source_id
 from qoqopt.mini import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
 from . import gguf_map, gguf_meta, gguf_quant, gguf_split, gguf_vocab, gguf_write
@@ -38,7 +38,6 @@ TRAIN_PIXELS = f"{TRAIN_MIN_PIXELS}..{TRAIN_MAX_PIXELS}"  # QoQ-Med's training i
 MMPROJ_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 # rough bits per weight, for the free-space check only
 _BPW = {"Q2_K": 3.0, "Q3_K": 3.9, "Q4": 4.9, "IQ4": 4.5, "Q5": 5.7, "Q6_K": 6.6, "Q8_0": 8.5, "IQ1": 2.0, "IQ2": 2.7, "IQ3": 3.5}
-MODELFILE_PREFERENCE = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_XS", "Q4_K_S", "BF16", "F16", "F32"]
 
 
 @dataclass
@@ -159,10 +158,10 @@ def write_text(ctx: _Context, path: Path, ftype: str) -> gguf_write.WriteReport:
 
 
 def _write(ctx: _Context, path: Path, arch: str, add_kv, plans, max_bytes: int = 0) -> gguf_write.WriteReport:
-    from tqdm import tqdm
+    from qoqopt.progress import bar
 
     total = sum(p.nbytes for p in plans)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, leave=False, disable=not ctx.options.progress) as bar:
+    with bar(total=total, unit="B", unit_scale=True, desc=path.name, leave=False, show=ctx.options.progress) as bar:
         return gguf_write.write_gguf(path, arch, add_kv, plans, ctx.reader, progress=bar.update, max_bytes=max_bytes)
 
 
@@ -285,9 +284,9 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
             # 4. user-facing files
             records.sort(key=lambda r: (r.kind != "text", r.kind, r.path))
             runnable = {r.quant: r.path for r in records if r.kind == "text" and (r.part or 1) == 1}
-            primary = _preferred(runnable) or quants[0]
+            primary = preferred_quant(runnable) or quants[0]
             whole = {r.quant: r.path for r in records if r.kind == "text" and r.part is None}  # what Ollama imports
-            ollama = _preferred(whole)
+            ollama = preferred_quant(whole)
             if ollama:
                 (tmp / "Modelfile").write_text(render_modelfile(ctx, whole[ollama], mmproj_name, whole))
                 records.append(_record(tmp / "Modelfile", "modelfile"))
@@ -309,10 +308,6 @@ def _record(path: Path, kind: str, quant: str | None = None, tensors: int | None
     return FileRecord(path.name, kind, quant, tensors, path.stat().st_size, sha256_file(path), *(part or (None, None)))
 
 
-def _preferred(files: dict[str, str]) -> str | None:
-    return next((q for q in MODELFILE_PREFERENCE if q in files), next(iter(files), None))
-
-
 def _check_split_size(max_bytes: int) -> None:
     if max_bytes < 0 or 0 < max_bytes < gguf_split.MIN_SPLIT_BYTES:
         raise QoqoptError(f"--split-max-size {max_bytes} bytes: give at least 1M (sizes take K, M, G: 48G keeps every "
@@ -321,13 +316,13 @@ def _check_split_size(max_bytes: int) -> None:
 
 def _split_over(ctx: _Context, path: Path, tensors: int) -> list[tuple[Path, int]]:
     """A file llama.cpp quantized: [(it, tensors)], or its parts where it is over --split-max-size."""
-    from tqdm import tqdm
+    from qoqopt.progress import bar
 
     max_bytes = ctx.options.split_max_bytes
     if not max_bytes or path.stat().st_size <= max_bytes:
         return [(path, tensors)]
-    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"splitting {path.name}", leave=False,
-              disable=not ctx.options.progress) as bar:  # fmt: skip
+    with bar(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"splitting {path.name}", leave=False,
+             show=ctx.options.progress) as bar:  # fmt: skip
         parts = gguf_split.split_gguf(path, max_bytes, progress=bar.update)
     if len(parts) > 1:
         ctx.log(f"split {path.name}{_in_parts(ctx, parts, 'into')}")

@@ -151,7 +151,7 @@ def collect_input_sq_sums(model, processor, items, *, dataset: str = "", with_an
     """Sum of squared inputs per input channel of every language-model Linear, over all tokens of `items`,
     with hooks on a whole transformers model (the reference for :func:`stream_input_sq_sums`)."""
     import torch
-    from tqdm import tqdm
+    from .progress import bar
 
     acc = _SqSums()
     handles = [m.register_forward_pre_hook(acc.hook(n, m.in_features)) for n, m in language_linears(model).items()]
@@ -161,7 +161,7 @@ def collect_input_sq_sums(model, processor, items, *, dataset: str = "", with_an
     model.eval()
     try:
         with torch.no_grad():
-            for item in tqdm(items, desc="calibrating", disable=not progress):
+            for item in bar(items, desc="calibrating", show=progress):
                 batch = {k: v.to(device) for k, v in encode_chat(processor, item, with_answer).items()}
                 acc.text = (batch["mm_token_type_ids"] == 0).reshape(-1)
                 if batch.get("pixel_values") is not None:
@@ -185,7 +185,7 @@ def stream_input_sq_sums(ckpt, processor, items, *, dataset: str = "", with_answ
     whole model (about 15 GB in bf16 for the 7B).
     """
     import torch
-    from tqdm import tqdm
+    from .progress import bar
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
     from .quantize.runner import (
@@ -205,7 +205,7 @@ def stream_input_sq_sums(ckpt, processor, items, *, dataset: str = "", with_answ
     masks = [(chat["mm_token_type_ids"] == 0).reshape(-1).to(device) for chat in chats]
     acc = _SqSums()
     inputs = captured.inputs
-    for i in tqdm(range(config.num_hidden_layers), desc="imatrix layers", disable=not progress, leave=False):
+    for i in bar(range(config.num_hidden_layers), desc="imatrix layers", show=progress, leave=False):
         layer = load_decoder_layer(ckpt, config, i, device)
         ckpt.close()  # each layer's mapped pages are released with it
         mods = dict(layer.named_modules())

@@ -35,6 +35,7 @@ examples:
   qoqopt data list --split eval                        # the built-in clinical evaluation set
   qoqopt export out/mini --format gguf --quant Q4_K_M,Q8_0 --out out/gguf   # GGUF + mmproj + imatrix
   qoqopt export out/mini --format gptq --bits 4 --out out/gptq             # GPTQ for vLLM / transformers
+  qoqopt info out/gguf                                                      # its files: params, BPW per quant
   qoqopt ask out/gguf --item ct-abd-pancreas.region_ct.eval-0               # answer in llama.cpp
   qoqopt ask out/gptq --item ct-abd-pancreas.region_ct.eval-0               # ... in transformers
   qoqopt bench out/mini --variants bf16,gguf:Q4_K_M,gptq:4 --from out/gguf --from out/gptq --out results/
@@ -89,16 +90,9 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        rc = int(args.func(args) or 0)
-        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit (stdout to a pipe is buffered)
-        return rc
+        return _run(argv)
     except QoqoptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -118,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
+    parser = build_parser()  # imports every command module: a Ctrl-C here is caught in main too
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    rc = int(args.func(args) or 0)
+    sys.stdout.flush()  # here, where a closed pipe is caught, not at exit (stdout to a pipe is buffered)
+    return rc
 
 
 if __name__ == "__main__":

@@ -173,9 +173,12 @@ def _free_bytes(folder: Path) -> int:
         return 0
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22, progress=None) -> str:
+    """The file's sha256; ``progress(nbytes)`` is called after each block read."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
+            if progress:
+                progress(len(block))
     return digest.hexdigest()

@@ -15,6 +15,9 @@ from .errors import QoqoptError
 
 
 BUILD_FORMATS = ("gguf", "gptq", "awq")  # what `qoqopt export` writes
+# The text GGUF a build's card, its Modelfile, `ask` and `bench` use when none is named: the usual
+# quality/size trade first, the largest files last (an F16 7B is 15 GB to load for one answer).
+PREFERRED_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_XS", "Q4_K_S", "BF16", "F16", "F32")
 
 
 def source_id(revision: str | None, fingerprint: str | None) -> str:
@@ -48,6 +51,25 @@ def read_manifest(folder: Path, what: str = "a directory written by `qoqopt expo
         _check_counts(entry, path)
     _check_parts(manifest["files"], path)
     return manifest
+
+
+def build_kind(folder: Path) -> tuple[str, dict | None]:
+    """("gguf" | "gptq" | "awq", its manifest) for a qoqopt export directory, ("checkpoint", None)
+    for a directory with a config.json and no manifest."""
+    if (folder / "manifest.json").exists():
+        manifest = read_manifest(folder)
+        has_gguf = bool(gguf_entries(manifest, "text"))
+        kind = manifest.get("format") or ("gguf" if has_gguf else None)
+        if kind not in BUILD_FORMATS:
+            raise QoqoptError(f"{folder / 'manifest.json'}: unknown build format {kind!r} ({', '.join(BUILD_FORMATS)})")
+        if kind != "gguf" and (has_gguf or not (folder / "config.json").exists()):  # an edited "format"
+            raise QoqoptError(f"{folder / 'manifest.json'} says format {kind!r}, but the build "
+                              f"{'lists text GGUFs' if has_gguf else 'has no config.json'}")  # fmt: skip
+        return kind, manifest
+    if (folder / "config.json").exists():
+        return "checkpoint", None
+    raise QoqoptError(f"{folder} has no manifest.json nor config.json; give a directory written by "
+                      "`qoqopt export`, or a checkpoint")  # fmt: skip
 
 
 def _check_counts(entry: dict, manifest_path: Path) -> None:
@@ -115,13 +137,18 @@ def gguf_entries(manifest: dict, kind: str, quant: str | None = None) -> list[st
 
 
 def gguf_text_files(manifest: dict, quant: str | None = None) -> list[str]:
-    """The text GGUF of type `quant` (without one, the first listed): [the file], or all its parts,
-    the one llama.cpp is given first. Empty if the build has none."""
-    texts = gguf_entries(manifest, "text", quant)
+    """The text GGUF of type `quant` (without one, `preferred_quant` of the build's): [the file], or
+    all its parts, the one llama.cpp is given first. Empty if the build has none."""
+    texts = gguf_entries(manifest, "text", quant or preferred_quant(gguf_quants(manifest)))
     if not texts:
         return []
     first = next(f for f in manifest["files"] if entry_path(f) == texts[0])
     return gguf_entries(manifest, "text", first.get("quant")) if first.get("parts") else texts[:1]
+
+
+def preferred_quant(quants) -> str | None:
+    """The first of PREFERRED_QUANTS among `quants`, else the first of them (None if there are none)."""
+    return next((q for q in PREFERRED_QUANTS if q in quants), next(iter(quants), None))
 
 
 def gguf_quants(manifest: dict) -> list[str]:

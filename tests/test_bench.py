@@ -364,6 +364,51 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     assert "has no manifest.json" in error_line(res)
 
 
+def _llama_cpp_print_info(path: Path) -> dict[str, str]:
+    """What llama.cpp's loader prints about a text GGUF (`print_info: n_layer = 2`, ...), by name."""
+    import re
+    import subprocess
+    import sys
+
+    code = "import sys; from llama_cpp import Llama; Llama(sys.argv[1], n_ctx=64, verbose=True)"
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return {k.strip(): v.strip() for k, v in re.findall(r"print_info: ([^=\n]+?)\s*= ([^\n]*)", res.stderr)}
+
+
+def test_info_of_a_gguf_build_says_what_llama_cpp_loads(run_1t, trained_dir, tmp_path):
+    """`qoqopt info` on a GGUF build reads manifest.json and the GGUF headers: per text GGUF, the
+    parameter count, bits per weight and dims that llama.cpp's own loader reports for that file; the
+    file `ask` uses by default is the one the Modelfile names; a listed file that is gone is MISSING."""
+    (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
+    res = run_cli("info", str(gguf_dir), "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    texts = {f["quant"]: f for f in summary["files"] if f["kind"] == "text"}
+    assert sorted(texts) == ["Q4_K_M", "Q8_0"]
+    for quant, f in texts.items():
+        seen = _llama_cpp_print_info(gguf_dir / f["path"])
+        assert seen["model params"] == f"{f['params'] / 1e6:.2f} M", quant
+        assert seen["file size"].endswith(f"({f['bpw']:.2f} BPW)"), (quant, seen["file size"])
+    t = summary["text"]
+    assert [seen[k] for k in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "n_ctx_train", "n_vocab")] == \
+        [str(t[k]) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "context", "vocab")]  # fmt: skip
+    assert seen["mrope sections"] == str(t["mrope_sections"])
+    vision = json.loads((trained_dir / "config.json").read_text())["vision_config"]  # transformers' config
+    assert summary["made_from"]["model"] == str(trained_dir)
+    assert [summary["vision"][k] for k in ("depth", "hidden", "heads", "patch")] == \
+        [vision[k] for k in ("depth", "hidden_size", "num_heads", "patch_size")]  # fmt: skip
+    from_line = next(ln for ln in (gguf_dir / "Modelfile").read_text().splitlines() if ln.startswith("FROM "))
+    assert from_line == f"FROM ./{texts[summary['default_quant']]['path']}"
+    one = json.loads(run_cli("info", str(gguf_dir / texts["Q8_0"]["path"]), "--json").stdout)
+    assert one["files"] == [texts["Q8_0"]] and one["text"] == t  # a file alone: the same, from its header
+    partial = tmp_path / "partial"
+    shutil.copytree(gguf_dir, partial)
+    (partial / texts["Q8_0"]["path"]).unlink()
+    out = run_cli("info", str(partial)).stdout
+    assert next(ln for ln in out.splitlines() if texts["Q8_0"]["path"] in ln).endswith("MISSING")
+
+
 def _hub_repo(build: Path, hub: Path, repo_id: str) -> None:
     """`build` cached as a downloaded Hub repo less its Q4_K_M file, which the repo's listing names."""
     files = list(build.iterdir())
@@ -387,6 +432,10 @@ def test_ask_fetches_one_quant_of_a_hub_gguf_repo(run_1t, tmp_path, monkeypatch,
     err = refused(["ask", "me/qoq-gguf", "--revision", "v2", *item], capsys)
     assert err == "error: cannot get me/qoq-gguf: HF_HUB_OFFLINE is set and it is not in the local cache", err
     q4 = next(gguf_dir.glob("*.Q4_K_M.gguf")).name
+    assert main(["info", "me/qoq-gguf", "--revision", HUB_COMMIT]) == 0  # from the manifest: nothing more fetched
+    out = capsys.readouterr().out
+    assert out.startswith("GGUF build   me/qoq-gguf") and "text         qwen2vl: " in out  # the cached Q8_0's header
+    assert next(ln for ln in out.splitlines() if q4 in ln).endswith("not downloaded")
     err = refused(["ask", "me/qoq-gguf", "--quant", "Q4_K_M", *item], capsys, downloads=True)
     # the mmproj is in the cache: only the text GGUF is named
     assert err == f"error: cannot get {q4} from me/qoq-gguf: HF_HUB_OFFLINE is set and the local cache lacks it", err

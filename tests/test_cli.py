@@ -233,3 +233,16 @@ def test_an_os_error_a_user_can_fix_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(info, "run", bug)
     with pytest.raises(OSError, match="Bad file descriptor"):
         refused(["info", "x"], capsys)
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in the first moments, while the command modules are imported, ends as any other
+    Ctrl-C does (it printed a traceback from inside the imports)."""
+    import qoqopt.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["info", "x"]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"

@@ -131,6 +131,25 @@ def test_a_hand_edited_manifest_is_refused_in_one_line(export_dir, edit, capsys)
         assert "manifest.json" in err and ("parts inconsistently" in err or "not a count" in err), err
 
 
+def test_a_gguf_build_edited_to_another_format_is_refused(export_dir, capsys):
+    """A GGUF build whose manifest was edited to say GPTQ stops in one line (it reached transformers)."""
+    manifest = json.loads((export_dir / "manifest.json").read_text()) | {"format": "gptq"}
+    (export_dir / "manifest.json").write_text(json.dumps(manifest))
+    for argv in (["ask", export_dir, "--item", "ct-abd-pancreas.region_ct.eval-0"], ["info", export_dir]):
+        assert "says format 'gptq', but the build lists text GGUFs" in refused(argv, capsys)
+
+
+def test_without_quant_a_build_answers_with_the_file_its_card_recommends():
+    """`ask` with no --quant, like the card and the Modelfile, takes Q4_K_M over a larger file listed
+    first (it took the first listed: the F16, several times the size, at 7B 15 GB to load)."""
+    from qoqopt.manifest import gguf_text_files
+
+    files = [{"path": f"m.{q}.gguf", "kind": "text", "quant": q} for q in ("F16", "Q8_0", "Q4_K_M")]
+    assert gguf_text_files({"files": files}) == ["m.Q4_K_M.gguf"]
+    assert gguf_text_files({"files": files[:2]}) == ["m.Q8_0.gguf"]
+    assert gguf_text_files({"files": [{"path": "m.Q2_K.gguf", "kind": "text", "quant": "Q2_K"}]}) == ["m.Q2_K.gguf"]
+
+
 @pytest.mark.parametrize("fields, serves", [({"ecg_encoder": "carried"}, False), ({"ecg_encoder": "dropped"}, True),
                                             ({"ecg_encoder": None}, True), ({}, True), ({"source_ecg": True}, False)])
 def test_card_sends_vllm_users_to_a_build_it_loads(export_dir, fields, serves):

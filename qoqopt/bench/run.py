@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import QoqoptError
-from ..fileio import atomic_write_text, check_can_make_dir, sha256_file, writing
+from ..fileio import atomic_write_text, check_can_make_dir, writing
+from ..integrity import checked_files, sha256_of
 from ..loader import FINGERPRINT_PREFIX
-from ..manifest import entry_path, listed_file, read_manifest
+from ..manifest import entry_path, read_manifest
 from ..report import SCHEMA
 from .machine import machine_info, software_info, usable_cores
 from .speed import SpeedSettings
@@ -205,14 +206,17 @@ def _fetch_from_hub(found: dict[str, Path], hub: dict[str, tuple[Path, str | Non
 
 
 def _check_listed(found: dict[str, Path]) -> None:
-    """Every GGUF file of the build present, at the size its manifest records."""
+    """Every GGUF file of the build present, at the size and sha256 its manifest records: a corrupt
+    file would be measured as quantization drift."""
     folder = _build_folder(found)
     entries = {PurePosixPath(entry_path(e)).as_posix(): e for e in read_manifest(folder).get("files", [])}
+    listed = []
     for path in found.values():
         rel = path.relative_to(folder).as_posix()
         if rel not in entries:
             raise QoqoptError(f"{folder}/manifest.json does not list {rel}")
-        listed_file(folder, entries[rel])
+        listed.append(entries[rel])
+    checked_files(folder, listed)
 
 
 def _variant_record(v: Variant, where: dict, common: dict, work: Path, source_files, hashes) -> dict:
@@ -250,14 +254,15 @@ def _record(name: str, fmt: str, res: dict, paths: list[Path], hashes: "_Hashes"
 
 
 class _Hashes:
-    """sha256 once per file: the source checkpoint's shards back several variants."""
+    """sha256 once per file: the source checkpoint's shards back several variants (and `sha256_of`
+    remembers them across runs)."""
 
     def __init__(self):
         self._seen: dict[Path, str] = {}
 
     def __call__(self, path: Path) -> str:
         if path not in self._seen:
-            self._seen[path] = sha256_file(path)
+            self._seen[path] = sha256_of(path)
         return self._seen[path]
 
 

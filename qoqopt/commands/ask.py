@@ -42,7 +42,8 @@ def register(sub) -> None:
     src.add_argument("--item", help="a built-in clinical item id (see `qoqopt data list`)")
     src.add_argument("--image", type=Path, help="an image (PNG/JPEG) or DICOM file")
     p.add_argument("--question", help="the question for --image (QoQ-Med's think/\\boxed{} instruction is added)")
-    p.add_argument("--quant", help="GGUF builds: which text GGUF (default: the first in its manifest)")
+    p.add_argument("--quant", help="GGUF builds: which text GGUF (default: the one the build's card and Modelfile "
+                                   "use: Q4_K_M, else Q5_K_M, Q6_K, Q8_0, ..., F16/F32 last)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default): CUDA when torch sees a GPU (GGUF: when llama.cpp was built with "
                         "GPU offload), else the CPU")  # fmt: skip
@@ -50,24 +51,6 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=64, help="reply length limit (default 64)")
     p.add_argument("--revision", help="Hub branch, tag or commit of BUILD (default: main)")
     p.set_defaults(func=run)
-
-
-def build_kind(folder: Path) -> tuple[str, dict | None]:
-    """("gguf" | "gptq" | "awq", its manifest) for a qoqopt export directory, ("checkpoint", None)
-    for a directory with a config.json and no manifest."""
-    from ..errors import QoqoptError
-    from ..manifest import BUILD_FORMATS, gguf_entries, read_manifest
-
-    if (folder / "manifest.json").exists():
-        manifest = read_manifest(folder)
-        kind = manifest.get("format") or ("gguf" if gguf_entries(manifest, "text") else None)
-        if kind not in BUILD_FORMATS:
-            raise QoqoptError(f"{folder / 'manifest.json'}: unknown build format {kind!r} ({', '.join(BUILD_FORMATS)})")
-        return kind, manifest
-    if (folder / "config.json").exists():
-        return "checkpoint", None
-    raise QoqoptError(f"{folder} has no manifest.json nor config.json; give a directory written by "
-                      "`qoqopt export`, or a checkpoint")  # fmt: skip
 
 
 def _pick_entries(build: str, manifest: dict, quant: str | None) -> list[dict]:
@@ -118,8 +101,9 @@ def _item(args):
 
 def run(args) -> int:
     from ..errors import QoqoptError
+    from ..integrity import checked_files
     from ..loader import resolve
-    from ..manifest import entry_path, listed_file
+    from ..manifest import build_kind, entry_path
 
     folder, commit = resolve(args.build, args.revision, weights=False)  # a Hub id: its manifest and configs first
     kind, manifest = build_kind(folder)
@@ -130,7 +114,7 @@ def run(args) -> int:
         # a GGUF repo holds every quant type (tens of GB at 7B): fetch the one text file (all its parts) and the mmproj
         entries = _pick_entries(args.build, manifest, args.quant)
         folder, _ = resolve(args.build, commit, only=[entry_path(e) for e in entries])
-        files = [listed_file(folder, e) for e in entries]  # every part present, at its recorded size
+        files = checked_files(folder, entries)  # every part present, at its recorded size and sha256
         model, reply = _ask_llama_cpp(files[0], files[-1], args, image, question)
     else:
         folder, _ = resolve(args.build, commit)

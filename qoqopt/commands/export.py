@@ -82,7 +82,7 @@ def register(sub) -> None:
     g.add_argument("--name", help="file name stem (default: the model's folder or repo name)")
     g.add_argument("--split-max-size", dest="split_max_bytes", type=byte_size, metavar="SIZE",
                    help="write text GGUFs larger than SIZE (e.g. 48G; K, M, G, T are decimal; at least 1M) in parts "
-                        "llama.cpp loads as one (default: whole files)")  # fmt: skip
+                        "llama.cpp loads as one (default, or 0: whole files)")  # fmt: skip
     g.add_argument(
         "--imatrix-image-weight", type=non_negative_float, metavar="W",
         help="weight of image positions' own activations in the clinical imatrix, relative to the (image-conditioned) "

@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 EXAMPLES = """\
 examples:
   qoqopt info out/mini                      # a local checkpoint directory
+  qoqopt info out/mini-gguf                 # a GGUF build: its files, dims, params and BPW per quant
+  qoqopt info out/mini-gguf/mini.Q4_K_M.gguf   # one GGUF file (a split file: its first part)
   qoqopt info ddvd233/QoQ-Med-VL-7B         # a Hub id: only config, index and tokenizer are fetched
   HF_HUB_OFFLINE=1 qoqopt info ddvd233/QoQ-Med-VL-7B   # from the local HF cache only
 
 Reads config.json, the safetensors index and shard headers; never the weights themselves.
 A directory with the metadata but no shards (config.json and model.safetensors.index.json, as a
 metadata-only Hub fetch leaves it) still works: shapes come from a meta-device model.
+A GGUF build is read from its manifest.json and the GGUF headers (a Hub GGUF repo: from its manifest,
+nothing else is downloaded); a GPTQ/AWQ build is a checkpoint with a quantization_config.
 """
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "info",
-        help="summarise a QoQ-Med / Qwen2.5-VL checkpoint",
+        help="summarise a QoQ-Med / Qwen2.5-VL checkpoint, a qoqopt build or a GGUF file",
         description="Architecture summary: text and vision dims, parameters by part, dtype, shards, "
         "tokenizer/processor presence, and QoQ-Med's ECG encoder if present.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="local checkpoint directory or Hub id (owner/name)")
+    p.add_argument("model", help="checkpoint or build directory, Hub id (owner/name), or a .gguf file")
     p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
@@ -35,10 +40,36 @@ def run(args) -> int:
     import dataclasses
     import json
 
+    summary, render = _gguf_summary(args) or _checkpoint_summary(args)
+    print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else render(summary))
+    return 0
+
+
+def _gguf_summary(args):
+    """(summary, its renderer) for a .gguf file or a GGUF build (local or a Hub id); else None."""
+    from .. import build_info
+    from ..errors import QoqoptError
+    from ..loader import resolve
+    from ..manifest import build_kind
+
+    path = Path(args.model).expanduser()
+    if path.suffix == ".gguf" and path.exists():
+        if args.revision:
+            raise QoqoptError(f"--revision picks a Hub revision; {args.model} is a local file")
+        if not path.is_file():
+            raise QoqoptError(f"{args.model} is not a file")
+        return build_info.summarize_file(path), build_info.render
+    folder, commit = resolve(args.model, args.revision, weights=False)  # a Hub id: its manifest and configs only
+    if not (folder / "manifest.json").exists():
+        return None
+    kind, manifest = build_kind(folder)
+    if kind != "gguf":
+        return None
+    return build_info.summarize_build(folder, manifest, args.model if commit else None), build_info.render
+
+
+def _checkpoint_summary(args):
     from ..info import render, summarize
     from ..loader import open_checkpoint
 
-    ckpt = open_checkpoint(args.model, args.revision, weights=False)
-    summary = summarize(ckpt)
-    print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else render(summary))
-    return 0
+    return summarize(open_checkpoint(args.model, args.revision, weights=False)), render

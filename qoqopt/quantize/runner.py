@@ -151,8 +151,9 @@ def capture_layer0_inputs(
     ``vision_hooks(visual)`` may register hooks on the (real) vision tower and return their handles,
     for statistics of the vision Linears; they are removed afterwards.
     """
-    from tqdm import tqdm
     from transformers import Qwen2_5_VLModel
+
+    from ..progress import bar
 
     if not chats:
         raise QoqoptError("no calibration chats")
@@ -182,7 +183,7 @@ def capture_layer0_inputs(
     tokens = image_tokens = 0
     try:
         with torch.no_grad():
-            for chat in tqdm(chats, desc="vision + embeddings", disable=not progress, leave=False):
+            for chat in bar(chats, desc="vision + embeddings", show=progress, leave=False):
                 batch = {k: v.to(device) for k, v in chat.items() if v is not None}
                 if "pixel_values" in batch:
                     batch["pixel_values"] = batch["pixel_values"].to(dtype)

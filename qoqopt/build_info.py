@@ -1,0 +1,230 @@
+"""`qoqopt info` for GGUF: what a GGUF build directory, or one GGUF file, holds.
+
+Read from manifest.json and the GGUF headers (gguf-py maps the file; no tensor data is read). Sizes
+and bits per weight are counted as llama.cpp's loader reports them: tensor data only, so a text
+file's BPW here is the one `llama-cli` prints on load, and the parts of a split file count as one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import QoqoptError
+from .manifest import entry_path, gguf_quants, preferred_quant, source_id
+
+TEXT_KEYS = {  # summary field: the key under the text GGUF's `general.architecture`
+    "layers": "block_count", "hidden": "embedding_length", "intermediate": "feed_forward_length",
+    "heads": "attention.head_count", "kv_heads": "attention.head_count_kv", "context": "context_length",
+    "rope_theta": "rope.freq_base", "mrope_sections": "rope.dimension_sections",
+}  # fmt: skip
+VISION_KEYS = {
+    "projector": "clip.projector_type", "depth": "clip.vision.block_count", "hidden": "clip.vision.embedding_length",
+    "intermediate": "clip.vision.feed_forward_length", "heads": "clip.vision.attention.head_count",
+    "patch": "clip.vision.patch_size", "window": "clip.vision.window_size", "out_hidden": "clip.vision.projection_dim",
+    "min_pixels": "clip.vision.image_min_pixels", "max_pixels": "clip.vision.image_max_pixels",
+}  # fmt: skip
+
+
+@dataclass
+class GGUFFile:
+    path: str  # the first part's, for a file in parts
+    kind: str  # text | mmproj | imatrix | modelfile | readme | ? (a file no manifest describes)
+    quant: str | None
+    bytes: int  # on disk, all parts
+    parts: int = 1
+    present: bool = True  # False: listed, but not here (a Hub repo's file not downloaded, or missing)
+    tensors: int | None = None
+    params: int | None = None  # elements of every tensor, as llama.cpp's "model params"
+    bpw: float | None = None  # tensor bytes x 8 / params, as llama.cpp's "BPW"
+    types: dict[str, int] = field(default_factory=dict)  # ggml type: tensor count
+
+
+@dataclass
+class GGUFSummary:
+    source: str
+    files: list[GGUFFile]
+    made_from: dict | None = None
+    qoqopt_version: str | None = None
+    text: dict | None = None
+    vision: dict | None = None
+    imatrix: dict | None = None
+    default_quant: str | None = None  # what `ask` and the card use when no quant is named
+    modelfile_from: str | None = None
+    hub: bool = False  # a Hub repo's snapshot: a file not here is one not downloaded
+
+
+def summarize_build(folder: Path, manifest: dict, source: str | None = None) -> GGUFSummary:
+    """A GGUF build: every file its manifest lists, with the headers of those present. ``source``:
+    the Hub id ``folder`` is a snapshot of."""
+    files = [_listed(folder, manifest, rel) for rel in _first_parts(manifest)]
+    summary = GGUFSummary(source or str(folder), files, manifest.get("source"), manifest.get("qoqopt_version"),
+                          imatrix=manifest.get("imatrix"), default_quant=preferred_quant(gguf_quants(manifest)),
+                          hub=source is not None)  # fmt: skip
+    _add_headers(summary, folder)
+    modelfile = folder / "Modelfile"
+    if modelfile.is_file():
+        summary.modelfile_from = next((ln.split(None, 1)[1].strip() for ln in modelfile.read_text().splitlines()
+                                       if ln.startswith("FROM ")), None)  # fmt: skip
+    return summary
+
+
+def summarize_file(path: Path) -> GGUFSummary:
+    """One GGUF file (for a file in parts, its first part and the parts beside it)."""
+    meta = _fields(_reader(path))
+    kind = {"mmproj": "mmproj", "imatrix": "imatrix"}.get(meta.get("general.type"), "text")
+    entry = GGUFFile(path.name, kind, _file_type(meta.get("general.file_type")), 0)
+    summary = GGUFSummary(str(path), [entry], default_quant=None)
+    _add_headers(summary, path.parent)
+    return summary
+
+
+def _file_type(value) -> str | None:
+    """general.file_type as the quant name `export --quant` takes (15: Q4_K_M)."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(value).name.removeprefix("MOSTLY_").replace("ALL_F32", "F32")
+    except ValueError:
+        return None if value is None else str(value)
+
+
+def _first_parts(manifest: dict) -> list[str]:
+    """Each file once, by the name a runtime is given (a split file's first part)."""
+    return [entry_path(f) for f in manifest["files"] if (f.get("part") or 1) == 1]
+
+
+def _listed(folder: Path, manifest: dict, rel: str) -> GGUFFile:
+    entry = next(f for f in manifest["files"] if entry_path(f) == rel)
+    same = [f for f in manifest["files"] if f.get("parts") and f.get("kind") == entry.get("kind")
+            and f.get("quant") == entry.get("quant")] if entry.get("parts") else [entry]  # fmt: skip
+    return GGUFFile(rel, entry.get("kind", "?"), entry.get("quant"), sum(f.get("bytes", 0) for f in same),
+                    len(same), all((folder / entry_path(f)).is_file() for f in same))  # fmt: skip
+
+
+def _add_headers(summary: GGUFSummary, folder: Path) -> None:
+    """Tensor counts and BPW of every GGUF present; text and vision dims from the first of each."""
+    for f in summary.files:
+        if not (f.present and f.path.endswith(".gguf")):
+            continue
+        meta = _tensor_stats(f, folder / f.path)
+        if f.kind == "text" and summary.text is None:
+            arch = meta.get("general.architecture")
+            summary.text = {"architecture": arch, **_dims(meta, {k: f"{arch}.{v}" for k, v in TEXT_KEYS.items()}),
+                            "vocab": meta.get("tokenizer.ggml.tokens")}  # fmt: skip
+        elif f.kind == "mmproj" and summary.vision is None:
+            summary.vision = _dims(meta, VISION_KEYS)
+        if summary.made_from is None and meta.get("qoqopt.source"):
+            summary.made_from = {"model": meta["qoqopt.source"], "fingerprint": meta.get("qoqopt.source_fingerprint")}
+
+
+def _dims(meta: dict, keys: dict[str, str]) -> dict:
+    return {name: meta.get(key) for name, key in keys.items()}
+
+
+def _tensor_stats(f: GGUFFile, first: Path) -> dict:
+    """Fill ``f``'s sizes and tensor counts from every part of the file; return the first part's
+    metadata (arrays longer than a few items as their length)."""
+    from collections import Counter
+
+    reader = _reader(first)
+    meta = _fields(reader)
+    paths = [first, *_other_parts(first, meta.get("split.count") or 1)]
+    readers = [reader] + [_reader(p) for p in paths[1:]]
+    types: Counter = Counter(t.tensor_type.name for r in readers for t in r.tensors)
+    params = sum(int(t.n_elements) for r in readers for t in r.tensors)
+    nbytes = sum(int(t.n_bytes) for r in readers for t in r.tensors)
+    f.parts, f.bytes = len(paths), sum(p.stat().st_size for p in paths)
+    f.tensors, f.params, f.types = sum(len(r.tensors) for r in readers), params, dict(types.most_common())
+    f.bpw = nbytes * 8 / params if params else None
+    return meta
+
+
+def _other_parts(first: Path, count: int) -> list[Path]:
+    """Parts 2..count of a split file, named from its first part as llama.cpp finds them."""
+    from .exports.gguf_split import SPLIT_NAME
+
+    if count == 1:
+        return []
+    cut = first.name.rfind(SPLIT_NAME.format(stem="", no=1, count=count))
+    if cut < 0:
+        raise QoqoptError(f"{first.name} is part of a split GGUF but not its first part (-00001-of-{count:05d}.gguf)")
+    parts = [first.with_name(SPLIT_NAME.format(stem=first.name[:cut], no=i, count=count)) for i in range(2, count + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise QoqoptError(f"{first.name} is part 1 of {count}; {', '.join(missing)} missing beside it")
+    return parts
+
+
+def _reader(path: Path):
+    from gguf import GGUFReader
+
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise QoqoptError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+    try:
+        return GGUFReader(path)
+    except (ValueError, OSError) as exc:  # gguf-py reports a bad magic or a cut-off header as ValueError
+        raise QoqoptError(f"{path}: not a readable GGUF file ({exc})") from exc
+
+
+def _fields(reader) -> dict:
+    """Scalars and short arrays as values; long arrays (the vocabulary) as their length."""
+    from gguf import GGUFValueType
+
+    out = {}
+    for key, fld in reader.fields.items():
+        if fld.types and fld.types[0] == GGUFValueType.ARRAY and len(fld.data) > 16:
+            out[key] = len(fld.data)
+        else:
+            out[key] = fld.contents()
+    return out
+
+
+def render(s: GGUFSummary) -> str:
+    what = "GGUF file " if s.source.endswith(".gguf") else "GGUF build"
+    lines = [f"{what}   {s.source}" + (f" (qoqopt {s.qoqopt_version})" if s.qoqopt_version else "")]
+    if s.made_from:
+        lines.append(f"made from    {s.made_from.get('model')}, "
+                     f"{source_id(s.made_from.get('revision'), s.made_from.get('fingerprint'))}")  # fmt: skip
+    if s.text:
+        t = s.text
+        lines += [f"text         {t['architecture']}: {t['layers']} layers, hidden {t['hidden']}, intermediate "
+                  f"{t['intermediate']}, {t['heads']} heads / {t['kv_heads']} KV, vocab {t['vocab']}, context {t['context']}",
+                  f"             rope_theta {t['rope_theta']:g}, mrope sections {t['mrope_sections']}"]  # fmt: skip
+    if s.vision:
+        v = s.vision
+        lines += [f"vision       {v['projector']} projector: depth {v['depth']}, hidden {v['hidden']}, intermediate "
+                  f"{v['intermediate']}, {v['heads']} heads, patch {v['patch']}, window {v['window']}, "
+                  f"merger -> {v['out_hidden']}",
+                  f"             images of {v['min_pixels']}..{v['max_pixels']} pixels (QoQ-Med's training range)"]  # fmt: skip
+    if s.imatrix:
+        m = s.imatrix
+        lines.append(f"imatrix      {m.get('source')}: {'; '.join(m.get('datasets') or [])}")
+    lines.append("files        (params and BPW as llama.cpp reports them on load: tensor data only)")
+    lines += [_file_line(f, s.modelfile_from, s.hub) for f in s.files]
+    if s.default_quant:
+        lines.append(f"default      {s.default_quant}: the text GGUF `qoqopt ask` and the build card use when none is named")
+    return "\n".join(lines)
+
+
+def _file_line(f: GGUFFile, modelfile_from: str | None, hub: bool) -> str:
+    name = f.path + (f" (+{f.parts - 1} parts)" if f.parts > 1 else "")
+    line = f"  {name:40s} {f.kind:9s} {f.quant or '':8s} {_size(f.bytes):>9s}"
+    if not f.present:
+        return line + ("  not downloaded" if hub else "  MISSING")
+    if f.params and f.kind in ("text", "mmproj"):
+        types = ", ".join(f"{t} {n}" for t, n in f.types.items())
+        line += f"  {f.params / 1e6:9.2f} M params  {f.bpw:5.2f} BPW  {f.tensors} tensors: {types}"
+    elif f.kind == "imatrix" and f.tensors:
+        line += f"  {f.tensors} tensors (activation statistics)"
+    elif f.kind == "modelfile" and modelfile_from:
+        line += f"  FROM {modelfile_from}"
+    return line
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

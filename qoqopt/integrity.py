@@ -1,0 +1,64 @@
+"""A build's files checked against the sha256 its manifest records before a runtime is given them.
+
+A copy or download of the right size can still be corrupt (a failing disk, an `rsync --inplace`
+cut short, a hand edit), and llama.cpp then answers with garbage and exits 0. Hashing a 7B text
+GGUF takes seconds to a minute, so a file that matched is remembered in qoqopt's cache under its
+identity (real path, size, inode, mtime and ctime): asking again of the unchanged file costs one
+stat. Writing to a file in any way changes its ctime, so a rewritten file is hashed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .cache import cache_root
+from .errors import QoqoptError
+from .fileio import atomic_write_text, sha256_file
+from .manifest import entry_path, listed_file
+
+BAR_FROM_BYTES = 256 << 20  # smaller files hash in well under a second: no bar
+
+
+def checked_files(folder: Path, entries: list[dict]) -> list[Path]:
+    """The files of manifest ``entries``, each present at its recorded size and sha256."""
+    paths = [listed_file(folder, e) for e in entries]  # a missing or cut-off file is found without hashing
+    for path, entry in zip(paths, entries):
+        want = entry.get("sha256")
+        if want and sha256_of(path) != want:
+            raise QoqoptError(f"{entry_path(entry)} does not match the sha256 in manifest.json: the file is corrupt "
+                              "or was changed after export; copy or download it again")  # fmt: skip
+    return paths
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256, from the cache when this very file, unchanged, was hashed before."""
+    stamp = _stamp(Path(path))
+    try:
+        known = stamp.read_text()
+        if len(known) == 64:
+            return known
+    except OSError:
+        pass
+    digest = _hash(Path(path))
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stamp, digest)
+    except OSError:  # a read-only cache costs hashing again next time, nothing more
+        pass
+    return digest
+
+
+def _stamp(path: Path) -> Path:
+    st = path.stat()
+    identity = f"{path.resolve()}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    return cache_root() / "sha256" / hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def _hash(path: Path) -> str:
+    from .progress import bar
+
+    size = path.stat().st_size
+    with bar(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", leave=False,
+             show=size >= BAR_FROM_BYTES) as progress:  # fmt: skip
+        return sha256_file(path, progress=progress.update)

@@ -1,0 +1,75 @@
+"""A build's files are checked against their manifest sha256 before a runtime is given them, and a
+file that matched is not hashed again until it changes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from qoqopt import integrity
+from qoqopt.errors import QoqoptError
+
+
+@pytest.fixture()
+def counted_hashes(tmp_path, monkeypatch):
+    """qoqopt's cache in tmp_path, and a list that grows by the path of every file actually hashed."""
+    monkeypatch.setenv("QOQOPT_CACHE", str(tmp_path / "cache"))
+    hashed, real = [], integrity.sha256_file
+
+    def counting(path, **kw):
+        hashed.append(path.name)
+        return real(path, **kw)
+
+    monkeypatch.setattr(integrity, "sha256_file", counting)
+    return hashed
+
+
+def test_a_hashed_file_is_not_hashed_again_until_it_changes(tmp_path, counted_hashes):
+    f = tmp_path / "m.Q8_0.gguf"
+    f.write_bytes(b"GGUF" + bytes(range(256)) * 50)
+    want = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert integrity.sha256_of(f) == want and integrity.sha256_of(f) == want
+    assert counted_hashes == ["m.Q8_0.gguf"]  # the second answer came from the cache
+    st = f.stat()
+    with open(f, "r+b") as fh:  # a same-size edit in place, its mtime then put back: ctime still moves
+        fh.seek(100)
+        fh.write(b"\xff")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert integrity.sha256_of(f) == hashlib.sha256(f.read_bytes()).hexdigest() != want
+    assert counted_hashes == ["m.Q8_0.gguf"] * 2
+
+
+def test_a_corrupt_file_of_the_right_size_is_refused(tmp_path, counted_hashes):
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "m.Q8_0.gguf").write_bytes(b"a" * 64)
+    entry = {"path": "m.Q8_0.gguf", "kind": "text", "bytes": 64, "sha256": hashlib.sha256(b"b" * 64).hexdigest()}
+    with pytest.raises(QoqoptError, match=r"^m.Q8_0.gguf does not match the sha256 in manifest.json: the file is corrupt"):
+        integrity.checked_files(build, [entry])
+    entry["sha256"] = hashlib.sha256(b"a" * 64).hexdigest()
+    assert integrity.checked_files(build, [entry]) == [build / "m.Q8_0.gguf"]
+    (build / "cut.gguf").write_bytes(b"a" * 10)
+    with pytest.raises(QoqoptError, match="cut.gguf is 10 bytes but manifest.json records 64"):
+        integrity.checked_files(build, [entry, {**entry, "path": "cut.gguf"}])
+    # hashed once: the recheck used the digest remembered, and the cut-off file was found by its size
+    assert counted_hashes == ["m.Q8_0.gguf"]
+
+
+def test_ask_refuses_a_corrupt_build_in_one_line(tmp_path, counted_hashes, capsys):
+    """The corrupt text GGUF stops `ask` before llama.cpp is given it (llama.cpp would load these
+    bytes and answer with garbage)."""
+    from tests.conftest import refused
+
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "m.Q8_0.gguf").write_bytes(bytes(100))
+    (build / "mmproj-m-f16.gguf").write_bytes(bytes(10))
+    files = [{"path": "m.Q8_0.gguf", "kind": "text", "quant": "Q8_0", "bytes": 100,
+              "sha256": hashlib.sha256(bytes(99) + b"\1").hexdigest()},
+             {"path": "mmproj-m-f16.gguf", "kind": "mmproj", "bytes": 10, "sha256": hashlib.sha256(bytes(10)).hexdigest()}]  # fmt: skip
+    (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
+    err = refused(["ask", str(build), "--item", "ct-abd-pancreas.region_ct.eval-0"], capsys)
+    assert err.startswith("error: m.Q8_0.gguf does not match the sha256 in manifest.json"), err
