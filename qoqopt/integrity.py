@@ -31,6 +31,12 @@ def checked_files(folder: Path, entries: list[dict]) -> list[Path]:
     return paths
 
 
+def checked_weights(folder: Path, manifest: dict) -> list[Path]:
+    """A GPTQ/AWQ build's safetensors files at their recorded size and sha256. Its JSON files are
+    left as they are: a config edited on purpose (a generation setting, say) is the user's call."""
+    return checked_files(folder, [e for e in manifest["files"] if entry_path(e).endswith(".safetensors")])
+
+
 def sha256_of(path: Path) -> str:
     """The file's sha256, from the cache when this very file, unchanged, was hashed before."""
     stamp = _stamp(Path(path))

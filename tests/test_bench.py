@@ -526,10 +526,11 @@ def _greedy_reply(model, folder: Path, item) -> str:
     return proc.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_dir, capsys):
+def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_dir, tmp_path, capsys):
     """`qoqopt ask` on a checkpoint replies as transformers' own greedy generate does; on a GPTQ build,
     as transformers does over the build's dequantized weights (checked against the format spec in
-    test_quant_formats). GGUF-only and GPU-only options are refused in one line."""
+    test_quant_formats). GGUF-only and GPU-only options are refused in one line, and so is a build whose
+    weights are not the bytes its manifest records."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -549,6 +550,16 @@ def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_di
     assert "--quant picks a text GGUF" in refused(["ask", gptq_dir, "--quant", "Q8_0", "--item", item_id], capsys)
     if not torch.cuda.is_available():
         assert "no CUDA GPU is visible" in refused(["ask", trained_dir, "--device", "cuda", "--item", item_id], capsys)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(gptq_dir, corrupt)
+    (shard,) = corrupt.glob("*.safetensors")
+    with open(shard, "r+b") as fh:  # one weight byte flipped: same size, loads, answers differently
+        fh.seek(shard.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0x40]))
+    err = refused(["ask", corrupt, "--item", item_id], capsys)
+    assert err.startswith(f"error: {shard.name} does not match the sha256 in manifest.json"), err
 
 
 def test_user_jsonl_eval_set(tiny_dir, tmp_path):

@@ -24,7 +24,7 @@ import pytest
 from qoqopt.errors import QoqoptError
 from qoqopt.exports import gguf_split
 from qoqopt.exports.gguf_export import GGUFOptions, export_gguf
-from qoqopt.exports.gguf_runtime import MARKER, LlamaVL
+from qoqopt.exports.gguf_runtime import LlamaVL
 from qoqopt.exports.gguf_verify import clinical_text_prompts, set_text_rms_eps
 from tests.conftest import TRAIN_TOKENS, error_line, refused, run_cli
 

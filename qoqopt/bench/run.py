@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import QoqoptError
 from ..fileio import atomic_write_text, check_can_make_dir, writing
-from ..integrity import checked_files, sha256_of
+from ..integrity import checked_files, checked_weights, sha256_of
 from ..loader import FINGERPRINT_PREFIX
 from ..manifest import entry_path, read_manifest
 from ..report import SCHEMA
@@ -188,8 +188,9 @@ def _hub_manifests(search: list[Path | str]) -> dict[str, tuple[Path, str | None
 def _fetch_from_hub(found: dict[str, Path], hub: dict[str, tuple[Path, str | None]], log) -> dict[str, Path]:
     """Download the files of a build found in a Hub repo's manifest: a GGUF build's text file (each
     part of it) and mmproj only (a GGUF repo holds every quant type), a GPTQ/AWQ checkpoint whole.
-    Then every GGUF file must be there at the size its manifest records, fetched or local: llama.cpp
-    would only say that the model failed to load."""
+    Then every GGUF file, or a GPTQ/AWQ build's every safetensors file, must be there at the size and
+    sha256 its manifest records, fetched or local: llama.cpp would only say that the model failed to
+    load, and a corrupt file that loads would be measured as quantization drift."""
     from ..loader import resolve
 
     for repo, (folder, commit) in hub.items():
@@ -202,6 +203,8 @@ def _fetch_from_hub(found: dict[str, Path], hub: dict[str, tuple[Path, str | Non
                 resolve(repo, commit, only=[p.relative_to(folder).as_posix() for p in found.values()])
     if "dir" not in found:
         _check_listed(found)
+    elif (found["dir"] / "manifest.json").exists():  # a qoqopt GPTQ/AWQ build, not a plain checkpoint
+        checked_weights(found["dir"], read_manifest(found["dir"]))
     return found
 
 

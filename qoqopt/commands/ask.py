@@ -101,7 +101,7 @@ def _item(args):
 
 def run(args) -> int:
     from ..errors import QoqoptError
-    from ..integrity import checked_files
+    from ..integrity import checked_files, checked_weights
     from ..loader import resolve
     from ..manifest import build_kind, entry_path
 
@@ -118,6 +118,8 @@ def run(args) -> int:
         model, reply = _ask_llama_cpp(files[0], files[-1], args, image, question)
     else:
         folder, _ = resolve(args.build, commit)
+        if manifest:
+            checked_weights(folder, manifest)
         model, reply = _ask_transformers(folder, kind != "checkpoint", args, image, question)
     print(f"model     {model}")
     print(f"question  {question}")
