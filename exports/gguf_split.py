@@ -28,14 +28,11 @@ from pathlib import Path
 from qoqopt.errors import QoqoptError
 from qoqopt.fileio import write_error
 
+from .gguf_header import DEFAULT_ALIGNMENT, HEADER_BYTES, INT32, UINT16, UINT32, pad, read_header, tensor_bytes
+
 SPLIT_NAME = "{stem}-{no:05d}-of-{count:05d}.gguf"
 MIN_SPLIT_BYTES = 10**6  # below this a size is a typo (48 for 48G), not a plan: every tensor its own file
-HEADER_BYTES = 24  # magic, version, tensor count, KV count
 COPY_BYTES = 16 << 20
-_DEFAULT_ALIGNMENT = 32
-# GGUF value types (gguf.GGUFValueType) and the byte sizes of the fixed-size ones
-_UINT16, _UINT32, _INT32, _STRING, _ARRAY = 2, 4, 5, 8, 9
-_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 
 @dataclass
@@ -51,98 +48,22 @@ class Layout:
 
 
 def read_layout(path: Path) -> Layout:
-    """The original's blocks, parsed per the GGUF spec (gguf-py's reader takes seconds: it builds an
-    object for each of the vocabulary's 151k strings, where this only steps over them)."""
-    with open(path, "rb") as f:
-        head = f.read(HEADER_BYTES)
-        if len(head) < HEADER_BYTES or head[:4] != b"GGUF":
-            raise QoqoptError(f"{path.name} is not a GGUF file")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
-        if version not in (2, 3):  # version 1 counted in 32 bits: this layout would misread it
-            raise QoqoptError(f"{path.name} is GGUF version {version}; qoqopt splits versions 2 and 3")
-        buf = _Buffer(f)
-        alignment = _DEFAULT_ALIGNMENT
-        for _ in range(n_kv):
-            key = buf.string()
-            vtype = buf.unpack("<I")
-            if key == "split.count":
-                raise QoqoptError(f"{path.name} is already a part of a split GGUF")
-            if key == "general.alignment" and vtype == _UINT32:
-                alignment = buf.unpack("<I")
-            else:
-                buf.skip_value(vtype)
-        kv = buf.since(HEADER_BYTES)
-        infos, rel = [], []
-        for _ in range(n_tensors):
-            start = buf.pos
-            buf.string()
-            n_dims = buf.unpack("<I")
-            dims = [buf.unpack("<Q") for _ in range(n_dims)]
-            qtype = buf.unpack("<I")
-            infos.append(buf.since(start))
-            rel.append((buf.unpack("<Q"), _tensor_bytes(dims, qtype)))
-        data = _pad(buf.pos, alignment)
-    spans = [(data + off, size) for off, size in rel]
+    """The original's blocks, from its header (`gguf_header`: gguf-py's reader takes seconds)."""
+    header = read_header(path)
+    if "split.count" in header.kv:
+        raise QoqoptError(f"{path.name} is already a part of a split GGUF")
+    spans = [(header.data_start + t.offset, _tensor_bytes(t)) for t in header.tensors]
     # the parts are cut from the end of the file: tensors out of file order would lose data
     if any(b[0] < a[0] + a[1] for a, b in zip(spans, spans[1:])):
         raise QoqoptError(f"{path.name} lists its tensors out of their order in the file; cannot split it")
-    return Layout(version, n_kv, kv, infos, spans, alignment)
+    return Layout(header.version, header.n_kv, header.kv_raw, [t.raw for t in header.tensors], spans, header.alignment)
 
 
-class _Buffer:
-    """Sequential reads of a file's metadata blocks, remembering the bytes read."""
-
-    def __init__(self, f):
-        self.f, self.pos, self.raw = f, HEADER_BYTES, bytearray()
-
-    def read(self, n: int) -> bytes:
-        b = self.f.read(n)
-        if len(b) != n:
-            raise QoqoptError("a GGUF file ended inside its metadata")
-        self.raw += b
-        self.pos += n
-        return b
-
-    def unpack(self, fmt: str):
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        return self.read(self.unpack("<Q")).decode("utf-8", "replace")
-
-    def skip_value(self, vtype: int) -> None:
-        if vtype == _STRING:
-            self.string()
-        elif vtype == _ARRAY:
-            itype, count = self.unpack("<I"), self.unpack("<Q")
-            if itype in _FIXED:
-                self.read(_FIXED[itype] * count)
-            else:
-                for _ in range(count):
-                    self.skip_value(itype)
-        elif vtype in _FIXED:
-            self.read(_FIXED[vtype])
-        else:
-            raise QoqoptError(f"unknown GGUF value type {vtype}")
-
-    def since(self, start: int) -> bytes:
-        return bytes(self.raw[start - HEADER_BYTES : self.pos - HEADER_BYTES])
-
-
-def _tensor_bytes(dims: list[int], qtype: int) -> int:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
+def _tensor_bytes(t) -> int:
     try:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
-    except (ValueError, KeyError):  # a type newer than this gguf-py: its byte count is unknown
-        raise QoqoptError(f"a tensor of GGML type {qtype}, which this gguf-py does not know; cannot split it") from None
-    n = 1
-    for d in dims:
-        n *= d
-    return n // block * size
-
-
-def _pad(n: int, alignment: int) -> int:
-    return (n + alignment - 1) // alignment * alignment
+        return tensor_bytes(t)
+    except QoqoptError as exc:
+        raise QoqoptError(f"{exc}; cannot split it") from None
 
 
 def _kv(key: str, vtype: int, fmt: str, value: int) -> bytes:
@@ -151,10 +72,10 @@ def _kv(key: str, vtype: int, fmt: str, value: int) -> bytes:
 
 
 def _split_kv(no: int, count: int, n_tensors: int, alignment: int) -> list[bytes]:
-    kv = [_kv("split.no", _UINT16, "H", no), _kv("split.count", _UINT16, "H", count),
-          _kv("split.tensors.count", _INT32, "i", n_tensors)]  # fmt: skip
-    if no and alignment != _DEFAULT_ALIGNMENT:  # the first part keeps the original's own key
-        kv.append(_kv("general.alignment", _UINT32, "I", alignment))
+    kv = [_kv("split.no", UINT16, "H", no), _kv("split.count", UINT16, "H", count),
+          _kv("split.tensors.count", INT32, "i", n_tensors)]  # fmt: skip
+    if no and alignment != DEFAULT_ALIGNMENT:  # the first part keeps the original's own key
+        kv.append(_kv("general.alignment", UINT32, "I", alignment))
     return kv
 
 
@@ -162,13 +83,13 @@ def _part_bytes(layout: Layout, first: bool, tensors: range) -> int:
     """A part's file size (its split keys at their largest: with the alignment key)."""
     meta = HEADER_BYTES + (len(layout.kv) if first else 0) + sum(map(len, _split_kv(1, 1, 0, 1)))
     meta += sum(len(layout.infos[i]) + 8 for i in tensors)
-    return _pad(meta, layout.alignment) + sum(_pad(layout.spans[i][1], layout.alignment) for i in tensors)
+    return pad(meta, layout.alignment) + sum(pad(layout.spans[i][1], layout.alignment) for i in tensors)
 
 
 def whole_bytes(layout: Layout, header_bytes: int) -> int:
     """The unsplit file's size, from its header's size (a file without tensors is a little smaller:
     gguf-py pads only before tensor data)."""
-    return _pad(header_bytes, layout.alignment) + sum(_pad(size, layout.alignment) for _, size in layout.spans)
+    return pad(header_bytes, layout.alignment) + sum(pad(size, layout.alignment) for _, size in layout.spans)
 
 
 def plan_parts(layout: Layout, max_bytes: int) -> list[range]:
@@ -248,14 +169,14 @@ def _write_part(dest: Path, layout: Layout, no: int, parts: list[range], write_t
     offset, infos = 0, []
     for i in tensors:
         infos.append(layout.infos[i] + struct.pack("<Q", offset))
-        offset += _pad(layout.spans[i][1], align)
+        offset += pad(layout.spans[i][1], align)
     head = b"GGUF" + struct.pack("<IQQ", layout.version, len(tensors), n_kv) + kv + b"".join(split) + b"".join(infos)
     with open(dest, "wb") as out:
-        out.write(head + bytes(_pad(len(head), align) - len(head)))
+        out.write(head + bytes(pad(len(head), align) - len(head)))
         for i in tensors:
             write_tensor(i, out)
             size = layout.spans[i][1]
-            out.write(bytes(_pad(size, align) - size))
+            out.write(bytes(pad(size, align) - size))
 
 
 def _copy(src: int, out, offset: int, size: int, name: str) -> None:

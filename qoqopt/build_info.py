@@ -38,6 +38,7 @@ class GGUFFile:
     params: int | None = None  # elements of every tensor, as llama.cpp's "model params"
     bpw: float | None = None  # tensor bytes x 8 / params, as llama.cpp's "BPW"
     types: dict[str, int] = field(default_factory=dict)  # ggml type: tensor count
+    cut_off: list[str] = field(default_factory=list)  # parts shorter than their header's tensor data
 
 
 @dataclass
@@ -71,7 +72,7 @@ def summarize_build(folder: Path, manifest: dict, source: str | None = None) -> 
 
 def summarize_file(path: Path) -> GGUFSummary:
     """One GGUF file (for a file in parts, its first part and the parts beside it)."""
-    meta = _fields(_reader(path))
+    meta = _header(path).kv
     kind = {"mmproj": "mmproj", "imatrix": "imatrix"}.get(meta.get("general.type"), "text")
     entry = GGUFFile(path.name, kind, _file_type(meta.get("general.file_type")), 0)
     summary = GGUFSummary(str(path), [entry], default_quant=None)
@@ -124,20 +125,42 @@ def _dims(meta: dict, keys: dict[str, str]) -> dict:
 
 def _tensor_stats(f: GGUFFile, first: Path) -> dict:
     """Fill ``f``'s sizes and tensor counts from every part of the file; return the first part's
-    metadata (arrays longer than a few items as their length)."""
+    metadata (arrays longer than a few dozen items as their length)."""
     from collections import Counter
 
-    reader = _reader(first)
-    meta = _fields(reader)
-    paths = [first, *_other_parts(first, meta.get("split.count") or 1)]
-    readers = [reader] + [_reader(p) for p in paths[1:]]
-    types: Counter = Counter(t.tensor_type.name for r in readers for t in r.tensors)
-    params = sum(int(t.n_elements) for r in readers for t in r.tensors)
-    nbytes = sum(int(t.n_bytes) for r in readers for t in r.tensors)
-    f.parts, f.bytes = len(paths), sum(p.stat().st_size for p in paths)
-    f.tensors, f.params, f.types = sum(len(r.tensors) for r in readers), params, dict(types.most_common())
-    f.bpw = nbytes * 8 / params if params else None
-    return meta
+    from .exports.gguf_header import elements, type_name
+
+    header = _header(first)
+    paths = [first, *_other_parts(first, header.kv.get("split.count") or 1)]
+    headers = [header] + [_header(p) for p in paths[1:]]
+    tensors = [t for h in headers for t in h.tensors]
+    f.cut_off = [p.name for p, h in zip(paths, headers) if p.stat().st_size < _data_end(h)]
+    f.parts, f.bytes, f.tensors = len(paths), sum(p.stat().st_size for p in paths), len(tensors)
+    f.types = dict(Counter(type_name(t.qtype) for t in tensors).most_common())
+    f.params = sum(elements(t) for t in tensors)
+    nbytes = _data_bytes(tensors)
+    f.bpw = nbytes * 8 / f.params if f.params and nbytes is not None else None
+    return header.kv
+
+
+def _data_end(header) -> int:
+    """Where a file's last tensor ends (0 where a type's size is unknown: nothing to hold it to)."""
+    from .exports.gguf_header import tensor_bytes
+
+    try:
+        return max((header.data_start + t.offset + tensor_bytes(t) for t in header.tensors), default=0)
+    except QoqoptError:
+        return 0
+
+
+def _data_bytes(tensors) -> int | None:
+    """Tensor data bytes; None where a type is newer than this gguf-py (its block size unknown)."""
+    from .exports.gguf_header import tensor_bytes
+
+    try:
+        return sum(tensor_bytes(t) for t in tensors)
+    except QoqoptError:
+        return None
 
 
 def _other_parts(first: Path, count: int) -> list[Path]:
@@ -156,29 +179,10 @@ def _other_parts(first: Path, count: int) -> list[Path]:
     return parts
 
 
-def _reader(path: Path):
-    from gguf import GGUFReader
+def _header(path: Path):
+    from .exports.gguf_header import read_header
 
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise QoqoptError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
-    try:
-        return GGUFReader(path)
-    except (ValueError, OSError) as exc:  # gguf-py reports a bad magic or a cut-off header as ValueError
-        raise QoqoptError(f"{path}: not a readable GGUF file ({exc})") from exc
-
-
-def _fields(reader) -> dict:
-    """Scalars and short arrays as values; long arrays (the vocabulary) as their length."""
-    from gguf import GGUFValueType
-
-    out = {}
-    for key, fld in reader.fields.items():
-        if fld.types and fld.types[0] == GGUFValueType.ARRAY and len(fld.data) > 16:
-            out[key] = len(fld.data)
-        else:
-            out[key] = fld.contents()
-    return out
+    return read_header(path)
 
 
 def render(s: GGUFSummary) -> str:
@@ -213,6 +217,8 @@ def _file_line(f: GGUFFile, modelfile_from: str | None, hub: bool) -> str:
     line = f"  {name:40s} {f.kind:9s} {f.quant or '':8s} {_size(f.bytes):>9s}"
     if not f.present:
         return line + ("  not downloaded" if hub else "  MISSING")
+    if f.cut_off:
+        return line + f"  CUT OFF: {', '.join(f.cut_off)} ends before its tensor data (an incomplete copy or download)"
     if f.params and f.kind in ("text", "mmproj"):
         types = ", ".join(f"{t} {n}" for t, n in f.types.items())
         line += f"  {f.params / 1e6:9.2f} M params  {f.bpw:5.2f} BPW  {f.tensors} tensors: {types}"

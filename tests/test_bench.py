@@ -379,7 +379,8 @@ def _llama_cpp_print_info(path: Path) -> dict[str, str]:
 def test_info_of_a_gguf_build_says_what_llama_cpp_loads(run_1t, trained_dir, tmp_path):
     """`qoqopt info` on a GGUF build reads manifest.json and the GGUF headers: per text GGUF, the
     parameter count, bits per weight and dims that llama.cpp's own loader reports for that file; the
-    file `ask` uses by default is the one the Modelfile names; a listed file that is gone is MISSING."""
+    file `ask` uses by default is the one the Modelfile names; a listed file that is gone is MISSING,
+    one shorter than its header says is CUT OFF."""
     (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
     res = run_cli("info", str(gguf_dir), "--json")
     assert res.returncode == 0, res.stderr
@@ -405,8 +406,11 @@ def test_info_of_a_gguf_build_says_what_llama_cpp_loads(run_1t, trained_dir, tmp
     partial = tmp_path / "partial"
     shutil.copytree(gguf_dir, partial)
     (partial / texts["Q8_0"]["path"]).unlink()
+    q4 = partial / texts["Q4_K_M"]["path"]
+    q4.write_bytes(q4.read_bytes()[: q4.stat().st_size - 1000])  # a download cut off in the tensor data
     out = run_cli("info", str(partial)).stdout
     assert next(ln for ln in out.splitlines() if texts["Q8_0"]["path"] in ln).endswith("MISSING")
+    assert f"CUT OFF: {q4.name} ends before its tensor data" in out
 
 
 def _hub_repo(build: Path, hub: Path, repo_id: str) -> None:

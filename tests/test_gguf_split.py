@@ -131,11 +131,11 @@ def test_refuses_what_it_cannot_split_safely(tmp_path):
     with pytest.raises(QoqoptError, match="x.gguf is not a GGUF file"):
         read_layout(tmp_path / "x.gguf")
     (tmp_path / "v1.gguf").write_bytes(b"GGUF" + struct.pack("<III", 1, 0, 0) + bytes(16))
-    with pytest.raises(QoqoptError, match="v1.gguf is GGUF version 1; qoqopt splits versions 2 and 3"):
+    with pytest.raises(QoqoptError, match="v1.gguf is GGUF version 1; qoqopt reads versions 2 and 3"):
         read_layout(tmp_path / "v1.gguf")
     info = struct.pack("<Q", 1) + b"t" + struct.pack("<IQIQ", 1, 32, 999, 0)  # 1-D, 32 values, GGML type 999
     (tmp_path / "new.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + info + bytes(64))
-    with pytest.raises(QoqoptError, match="a tensor of GGML type 999, which this gguf-py does not know"):
+    with pytest.raises(QoqoptError, match="is of GGML type 999, which this gguf-py does not know; cannot split it"):
         read_layout(tmp_path / "new.gguf")
 
 
@@ -188,3 +188,23 @@ def test_parts_written_directly_leave_nothing_behind_on_failure(tmp_path):
     assert list(out.iterdir()) == []
     written = write_parts(out / "m.gguf", layout, parts, lambda i, f: f.write(data[i]))
     assert [p.read_bytes() for p, _ in written] == [p.read_bytes() for p, _ in split_gguf(path, 1_000_000)]
+
+
+@pytest.mark.parametrize("alignment", [None, 64])
+def test_the_header_reader_reads_what_gguf_py_reads(tmp_path, alignment):
+    """exports/gguf_header.py (which `split` and `qoqopt info` read GGUFs with) against gguf-py's
+    reader: every metadata value (an array past LONG_ARRAY items as its length), and each tensor's
+    name, shape, type, data offset, element and byte count."""
+    from gguf import GGUFValueType
+
+    from qoqopt.exports.gguf_header import LONG_ARRAY, elements, read_header, tensor_bytes, type_name
+
+    path = tmp_path / "m.gguf"
+    _write(path, alignment)
+    ref, header = _read(path), read_header(path)
+    want = {k: len(f.data) if f.types[0] == GGUFValueType.ARRAY and len(f.data) > LONG_ARRAY else f.contents()
+            for k, f in ref.fields.items() if not k.startswith("GGUF.")}  # fmt: skip
+    assert header.kv == want and header.kv["tokenizer.ggml.tokens"] == 5000 and header.n_kv == len(want)
+    assert [(t.name, t.dims, type_name(t.qtype), header.data_start + t.offset, elements(t), tensor_bytes(t))
+            for t in header.tensors] == [(t.name, [int(d) for d in t.shape], t.tensor_type.name, int(t.data_offset),
+                                          int(t.n_elements), int(t.n_bytes)) for t in ref.tensors]  # fmt: skip
