@@ -63,6 +63,8 @@ def _parse(buf: _Buffer, version: int, n_tensors: int, n_kv: int) -> Header:
         kv[key] = buf.value(vtype)
         if key == "general.alignment" and vtype == UINT32:
             alignment = kv[key]
+            if alignment <= 0 or alignment & (alignment - 1):  # llama.cpp refuses these too
+                raise QoqoptError(f"{buf.name}: general.alignment {alignment} is not a power of 2")
     kv_raw = buf.since(HEADER_BYTES)
     tensors = []
     for _ in range(n_tensors):

@@ -53,11 +53,17 @@ class LlamaVL:
 
         self._llama_cpp = llama_cpp
         kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
-        with deferred_signals():  # a Ctrl-C would land in llama.cpp's log callback and be lost
-            self.llm = Llama(
-                str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                n_threads=threads, n_threads_batch=threads, verbose=False, n_gpu_layers=-1 if gpu else 0, **kv,
-            )  # fmt: skip
+        try:
+            with deferred_signals():  # a Ctrl-C would land in llama.cpp's log callback and be lost
+                self.llm = Llama(
+                    str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                    n_threads=threads, n_threads_batch=threads, verbose=False, n_gpu_layers=-1 if gpu else 0, **kv,
+                )  # fmt: skip
+        except ValueError as exc:  # llama-cpp-python's only word on it: "Failed to load model from file"
+            if "Failed to load model" not in str(exc):
+                raise
+            raise QoqoptError(f"llama.cpp could not load {model_path}: a part missing, a GGUF from a newer llama.cpp, "
+                              "or not enough memory") from exc  # fmt: skip
         self.n_vocab = self.llm.n_vocab()
         self.embd_cache = embd_cache  # (image key) -> image embeddings; valid for one mmproj only
         self.last_prompt_tokens = 0  # tokens (text + image) of the last prompt evaluated

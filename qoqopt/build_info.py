@@ -39,6 +39,7 @@ class GGUFFile:
     bpw: float | None = None  # tensor bytes x 8 / params, as llama.cpp's "BPW"
     types: dict[str, int] = field(default_factory=dict)  # ggml type: tensor count
     cut_off: list[str] = field(default_factory=list)  # parts shorter than their header's tensor data
+    unreadable: str | None = None  # why its header could not be read
 
 
 @dataclass
@@ -77,6 +78,8 @@ def summarize_file(path: Path) -> GGUFSummary:
     entry = GGUFFile(path.name, kind, _file_type(meta.get("general.file_type")), 0)
     summary = GGUFSummary(str(path), [entry], default_quant=None)
     _add_headers(summary, path.parent)
+    if entry.unreadable:
+        raise QoqoptError(entry.unreadable)
     return summary
 
 
@@ -106,13 +109,18 @@ def _listed(folder: Path, manifest: dict, rel: str) -> GGUFFile:
 def _add_headers(summary: GGUFSummary, folder: Path) -> None:
     """Tensor counts and BPW of every GGUF present; text and vision dims from the first of each."""
     for f in summary.files:
-        if not (f.present and f.path.endswith(".gguf")):
+        if not (f.present and f.path.lower().endswith(".gguf")):
             continue
-        meta = _tensor_stats(f, folder / f.path)
+        try:
+            meta = _tensor_stats(f, folder / f.path)
+        except QoqoptError as exc:  # one damaged file: the rest of the build is still described
+            f.unreadable = str(exc)
+            continue
         if f.kind == "text" and summary.text is None:
             arch = meta.get("general.architecture")
+            vocab = meta.get("tokenizer.ggml.tokens")
             summary.text = {"architecture": arch, **_dims(meta, {k: f"{arch}.{v}" for k, v in TEXT_KEYS.items()}),
-                            "vocab": meta.get("tokenizer.ggml.tokens")}  # fmt: skip
+                            "vocab": len(vocab) if isinstance(vocab, list) else vocab}  # fmt: skip
         elif f.kind == "mmproj" and summary.vision is None:
             summary.vision = _dims(meta, VISION_KEYS)
         if summary.made_from is None and meta.get("qoqopt.source"):
@@ -131,7 +139,7 @@ def _tensor_stats(f: GGUFFile, first: Path) -> dict:
     from .exports.gguf_header import elements, type_name
 
     header = _header(first)
-    paths = [first, *_other_parts(first, header.kv.get("split.count") or 1)]
+    paths = [first, *_other_parts(first, header.kv.get("split.count") or 1, header.kv.get("split.no") or 0)]
     headers = [header] + [_header(p) for p in paths[1:]]
     tensors = [t for h in headers for t in h.tensors]
     f.cut_off = [p.name for p, h in zip(paths, headers) if p.stat().st_size < _data_end(h)]
@@ -163,15 +171,18 @@ def _data_bytes(tensors) -> int | None:
         return None
 
 
-def _other_parts(first: Path, count: int) -> list[Path]:
+def _other_parts(first: Path, count: int, no: int) -> list[Path]:
     """Parts 2..count of a split file, named from its first part as llama.cpp finds them."""
     from .exports.gguf_split import SPLIT_NAME
 
     if count == 1:
         return []
+    if no != 0:  # split.no counts from 0
+        raise QoqoptError(f"{first.name} is part {no + 1} of {count} of a split GGUF; give its first part")
     cut = first.name.rfind(SPLIT_NAME.format(stem="", no=1, count=count))
     if cut < 0:
-        raise QoqoptError(f"{first.name} is part of a split GGUF but not its first part (-00001-of-{count:05d}.gguf)")
+        raise QoqoptError(f"{first.name} is part 1 of {count} of a split GGUF, but not named -00001-of-{count:05d}.gguf: "
+                          "llama.cpp finds the other parts by that name")  # fmt: skip
     parts = [first.with_name(SPLIT_NAME.format(stem=first.name[:cut], no=i, count=count)) for i in range(2, count + 1)]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
@@ -186,22 +197,23 @@ def _header(path: Path):
 
 
 def render(s: GGUFSummary) -> str:
-    what = "GGUF file " if s.source.endswith(".gguf") else "GGUF build"
+    what = "GGUF file " if s.source.lower().endswith(".gguf") else "GGUF build"
     lines = [f"{what}   {s.source}" + (f" (qoqopt {s.qoqopt_version})" if s.qoqopt_version else "")]
     if s.made_from:
-        lines.append(f"made from    {s.made_from.get('model')}, "
-                     f"{source_id(s.made_from.get('revision'), s.made_from.get('fingerprint'))}")  # fmt: skip
+        made = source_id(s.made_from.get("revision"), s.made_from.get("fingerprint")).replace("`", "")
+        lines.append(f"made from    {s.made_from.get('model')}, {made}")
     if s.text:
-        t = s.text
+        t = {k: "?" if v is None else v for k, v in s.text.items()}  # a key this file lacks
         lines += [f"text         {t['architecture']}: {t['layers']} layers, hidden {t['hidden']}, intermediate "
                   f"{t['intermediate']}, {t['heads']} heads / {t['kv_heads']} KV, vocab {t['vocab']}, context {t['context']}",
-                  f"             rope_theta {t['rope_theta']:g}, mrope sections {t['mrope_sections']}"]  # fmt: skip
+                  f"             rope_theta {t['rope_theta']}, mrope sections {t['mrope_sections']}"]  # fmt: skip
     if s.vision:
-        v = s.vision
-        lines += [f"vision       {v['projector']} projector: depth {v['depth']}, hidden {v['hidden']}, intermediate "
-                  f"{v['intermediate']}, {v['heads']} heads, patch {v['patch']}, window {v['window']}, "
-                  f"merger -> {v['out_hidden']}",
-                  f"             images of {v['min_pixels']}..{v['max_pixels']} pixels (QoQ-Med's training range)"]  # fmt: skip
+        v = {k: "?" if x is None else x for k, x in s.vision.items()}
+        lines.append(f"vision       {v['projector']} projector: depth {v['depth']}, hidden {v['hidden']}, intermediate "
+                     f"{v['intermediate']}, {v['heads']} heads, patch {v['patch']}, window {v['window']}, "
+                     f"merger -> {v['out_hidden']}")  # fmt: skip
+        if s.vision["min_pixels"] is not None:
+            lines.append(f"             images of {v['min_pixels']}..{v['max_pixels']} pixels")
     if s.imatrix:
         m = s.imatrix
         lines.append(f"imatrix      {m.get('source')}: {'; '.join(m.get('datasets') or [])}")
@@ -217,11 +229,14 @@ def _file_line(f: GGUFFile, modelfile_from: str | None, hub: bool) -> str:
     line = f"  {name:40s} {f.kind:9s} {f.quant or '':8s} {_size(f.bytes):>9s}"
     if not f.present:
         return line + ("  not downloaded" if hub else "  MISSING")
+    if f.unreadable:
+        return line + f"  UNREADABLE: {f.unreadable}"
     if f.cut_off:
         return line + f"  CUT OFF: {', '.join(f.cut_off)} ends before its tensor data (an incomplete copy or download)"
     if f.params and f.kind in ("text", "mmproj"):
         types = ", ".join(f"{t} {n}" for t, n in f.types.items())
-        line += f"  {f.params / 1e6:9.2f} M params  {f.bpw:5.2f} BPW  {f.tensors} tensors: {types}"
+        bpw = "  ?" if f.bpw is None else f"{f.bpw:5.2f}"
+        line += f"  {f.params / 1e6:9.2f} M params  {bpw} BPW  {f.tensors} tensors: {types}"
     elif f.kind == "imatrix" and f.tensors:
         line += f"  {f.tensors} tensors (activation statistics)"
     elif f.kind == "modelfile" and modelfile_from:

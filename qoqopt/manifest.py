@@ -15,9 +15,10 @@ from .errors import QoqoptError
 
 
 BUILD_FORMATS = ("gguf", "gptq", "awq")  # what `qoqopt export` writes
-# The text GGUF a build's card, its Modelfile, `ask` and `bench` use when none is named: the usual
-# quality/size trade first, the largest files last (an F16 7B is 15 GB to load for one answer).
-PREFERRED_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_XS", "Q4_K_S", "BF16", "F16", "F32")
+# The text GGUF a build's card, its Modelfile and `ask` use when none is named: the usual quality/size
+# trade first, then any other quantized type, the unquantized last (an F16 7B is 15 GB to load).
+PREFERRED_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_XS", "Q4_K_S", "Q5_K_S", "IQ4_NL", "Q3_K_L", "Q3_K_M")
+UNQUANTIZED = ("BF16", "F16", "F32")
 
 
 def source_id(revision: str | None, fingerprint: str | None) -> str:
@@ -65,6 +66,8 @@ def build_kind(folder: Path) -> tuple[str, dict | None]:
         if kind != "gguf" and (has_gguf or not (folder / "config.json").exists()):  # an edited "format"
             raise QoqoptError(f"{folder / 'manifest.json'} says format {kind!r}, but the build "
                               f"{'lists text GGUFs' if has_gguf else 'has no config.json'}")  # fmt: skip
+        if kind == "gguf" and not has_gguf:
+            raise QoqoptError(f"{folder / 'manifest.json'} says format 'gguf', but the build lists no text GGUF")
         return kind, manifest
     if (folder / "config.json").exists():
         return "checkpoint", None
@@ -147,8 +150,12 @@ def gguf_text_files(manifest: dict, quant: str | None = None) -> list[str]:
 
 
 def preferred_quant(quants) -> str | None:
-    """The first of PREFERRED_QUANTS among `quants`, else the first of them (None if there are none)."""
-    return next((q for q in PREFERRED_QUANTS if q in quants), next(iter(quants), None))
+    """The first of PREFERRED_QUANTS among `quants`, else the first other quantized one, else the
+    first of UNQUANTIZED (None if there are none)."""
+    quants = list(quants)
+    ranked = [q for q in PREFERRED_QUANTS if q in quants] + [q for q in quants if q not in UNQUANTIZED]
+    ranked += [q for q in UNQUANTIZED if q in quants]
+    return ranked[0] if ranked else None
 
 
 def gguf_quants(manifest: dict) -> list[str]:

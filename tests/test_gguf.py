@@ -347,7 +347,7 @@ def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_p
     with LlamaVL(built.file("text", "F16")) as a, LlamaVL(out / texts[0].path) as b:
         assert np.array_equal(a.logits(ids), b.logits(ids))
     (out / texts[1].path).unlink()
-    with pytest.raises(ValueError, match="Failed to load model"):
+    with pytest.raises(QoqoptError, match=f"llama.cpp could not load {out / texts[0].path}: a part missing"):
         LlamaVL(out / texts[0].path)
 
 

@@ -73,3 +73,10 @@ def test_ask_refuses_a_corrupt_build_in_one_line(tmp_path, counted_hashes, capsy
     (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
     err = refused(["ask", str(build), "--item", "ct-abd-pancreas.region_ct.eval-0"], capsys)
     assert err.startswith("error: m.Q8_0.gguf does not match the sha256 in manifest.json"), err
+
+
+def test_a_file_without_a_recorded_sha256_is_said_to_be_unchecked(tmp_path, counted_hashes, capsys):
+    (tmp_path / "m.gguf").write_bytes(b"x" * 8)
+    assert integrity.checked_files(tmp_path, [{"path": "m.gguf", "bytes": 8}]) == [tmp_path / "m.gguf"]
+    assert capsys.readouterr().err == "warning: manifest.json records no sha256 for m.gguf: its bytes are not checked\n"
+    assert counted_hashes == []

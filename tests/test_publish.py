@@ -131,12 +131,21 @@ def test_a_hand_edited_manifest_is_refused_in_one_line(export_dir, edit, capsys)
         assert "manifest.json" in err and ("parts inconsistently" in err or "not a count" in err), err
 
 
-def test_a_gguf_build_edited_to_another_format_is_refused(export_dir, capsys):
-    """A GGUF build whose manifest was edited to say GPTQ stops in one line (it reached transformers)."""
+def test_a_build_edited_to_another_format_is_refused(export_dir, tmp_path, capsys):
+    """A GGUF build whose manifest was edited to say GPTQ stops in one line (it reached transformers),
+    and so does a GPTQ build edited to say GGUF (it was described as a GGUF build of unknown files)."""
     manifest = json.loads((export_dir / "manifest.json").read_text()) | {"format": "gptq"}
     (export_dir / "manifest.json").write_text(json.dumps(manifest))
-    for argv in (["ask", export_dir, "--item", "ct-abd-pancreas.region_ct.eval-0"], ["info", export_dir]):
+    item = ["--item", "ct-abd-pancreas.region_ct.eval-0"]
+    for argv in (["ask", export_dir, *item], ["info", export_dir]):
         assert "says format 'gptq', but the build lists text GGUFs" in refused(argv, capsys)
+    gptq = tmp_path / "gptq"
+    gptq.mkdir()
+    (gptq / "config.json").write_text("{}")
+    files = [{"path": "config.json", "bytes": 2}, {"path": "model.safetensors", "bytes": 8}]
+    (gptq / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
+    for argv in (["ask", gptq, *item], ["info", gptq]):
+        assert "says format 'gguf', but the build lists no text GGUF" in refused(argv, capsys)
 
 
 def test_without_quant_a_build_answers_with_the_file_its_card_recommends():
@@ -148,6 +157,8 @@ def test_without_quant_a_build_answers_with_the_file_its_card_recommends():
     assert gguf_text_files({"files": files}) == ["m.Q4_K_M.gguf"]
     assert gguf_text_files({"files": files[:2]}) == ["m.Q8_0.gguf"]
     assert gguf_text_files({"files": [{"path": "m.Q2_K.gguf", "kind": "text", "quant": "Q2_K"}]}) == ["m.Q2_K.gguf"]
+    other = [{"path": f"m.{q}.gguf", "kind": "text", "quant": q} for q in ("F16", "Q3_K_S", "BF16")]
+    assert gguf_text_files({"files": other}) == ["m.Q3_K_S.gguf"]  # any quantized type before the unquantized
 
 
 @pytest.mark.parametrize("fields, serves", [({"ecg_encoder": "carried"}, False), ({"ecg_encoder": "dropped"}, True),

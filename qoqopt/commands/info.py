@@ -53,11 +53,11 @@ def _gguf_summary(args):
     from ..manifest import build_kind
 
     path = Path(args.model).expanduser()
-    if path.suffix == ".gguf" and path.exists():
+    if path.suffix.lower() == ".gguf":  # a file, never a Hub id: a mistyped name must not be looked up online
         if args.revision:
             raise QoqoptError(f"--revision picks a Hub revision; {args.model} is a local file")
         if not path.is_file():
-            raise QoqoptError(f"{args.model} is not a file")
+            raise QoqoptError(f"{args.model}: {'not a file' if path.exists() else 'no such file'}")
         return build_info.summarize_file(path), build_info.render
     folder, commit = resolve(args.model, args.revision, weights=False)  # a Hub id: its manifest and configs only
     if not (folder / "manifest.json").exists():

@@ -1,0 +1,98 @@
+"""`qoqopt info` on GGUF files that qoqopt did not write: written here with gguf-py's writer (llama.cpp's
+own package), missing keys, a tensor type newer than gguf-py, a bad alignment. Each is described,
+with what it lacks as "?", or refused in one line. (Builds qoqopt wrote are checked against
+llama.cpp's loader in test_bench.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import refused
+
+
+def _gguf(path, arch: str | None = "llama", keys: dict | None = None):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, arch or "llama")
+    if arch is None:  # gguf-py always writes general.architecture: drop it again
+        writer.kv_data[0].pop("general.architecture")
+    for key, value in (keys or {}).items():
+        writer.add_uint32(key, value)
+    writer.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_up.weight", np.ones((8, 32), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _info(path, capsys) -> str:
+    from qoqopt.cli import main
+
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    return capsys.readouterr().out
+
+
+def test_a_foreign_gguf_is_described_with_what_it_lacks_as_unknown(tmp_path, capsys):
+    out = _info(_gguf(tmp_path / "l.gguf", keys={"llama.block_count": 2, "llama.embedding_length": 32}), capsys)
+    assert "text         llama: 2 layers, hidden 32, intermediate ?, ? heads / ? KV, vocab ?, context ?" in out
+    assert "rope_theta ?, mrope sections ?" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("  l.gguf"))
+    assert "2 tensors: F32 1, F16 1" in line and f"{(4 * 32 * 4 + 8 * 32 * 2) * 8 / (4 * 32 + 8 * 32):5.2f} BPW" in line
+    assert "text         ?: " in _info(_gguf(tmp_path / "n.gguf", arch=None), capsys)
+
+
+def test_a_tensor_type_newer_than_gguf_py_leaves_only_the_bpw_unknown(tmp_path, capsys):
+    from qoqopt.exports.gguf_header import read_header
+
+    path = _gguf(tmp_path / "new.gguf")
+    t = read_header(path).tensors[1]
+    data = bytearray(path.read_bytes())
+    at = data.index(t.raw) + len(t.raw) - 4  # the info record ends with its GGML type
+    data[at : at + 4] = (200).to_bytes(4, "little")
+    path.write_bytes(data)
+    line = next(ln for ln in _info(path, capsys).splitlines() if ln.startswith("  new.gguf"))
+    assert "? BPW" in line and "type 200 1" in line
+
+
+@pytest.mark.parametrize("alignment", [0, 48])
+def test_an_alignment_llama_cpp_refuses_is_one_line(tmp_path, capsys, alignment):
+    path = _gguf(tmp_path / "a.gguf", keys={"general.alignment": alignment})  # gguf-py's own setter refuses these
+    assert refused(["info", path], capsys) == f"error: a.gguf: general.alignment {alignment} is not a power of 2"
+
+
+def test_a_gguf_path_is_never_looked_up_on_the_hub(tmp_path, capsys, monkeypatch):
+    """`gguf/m.Q5_K_M.gguf` also reads as a Hub id (owner/name): a mistyped file name must not leave the machine."""
+    import qoqopt.loader
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(qoqopt.loader, "_snapshot", lambda *a, **k: pytest.fail("looked up on the Hub"))
+    (tmp_path / "gguf").mkdir()
+    assert refused(["info", "gguf/m.Q5_K_M.gguf"], capsys) == "error: gguf/m.Q5_K_M.gguf: no such file"
+    assert refused(["info", "gguf"], capsys).startswith("error: gguf has no config.json")
+
+
+def test_a_split_part_is_named_for_what_it_is(tmp_path, capsys):
+    """A later part is told to give the first; a first part renamed cannot lead llama.cpp to the others."""
+    from qoqopt.exports.gguf_split import split_gguf
+
+    path = _gguf(tmp_path / "m.gguf", keys={f"llama.pad{i}": i for i in range(3)})
+    first, second = (p for p, _ in split_gguf(path, path.stat().st_size - 1))  # one tensor in each part
+    assert refused(["info", second], capsys) == f"error: {second.name} is part 2 of 2 of a split GGUF; give its first part"
+    renamed = first.rename(tmp_path / "first.gguf")
+    assert "but not named -00001-of-00002.gguf" in refused(["info", renamed], capsys)
+    summary = json.loads(_json(renamed.rename(first), capsys))  # named back: both parts, one file
+    assert summary["files"][0]["parts"] == 2 and summary["files"][0]["tensors"] == 2
+
+
+def _json(path, capsys) -> str:
+    from qoqopt.cli import main
+
+    capsys.readouterr()
+    assert main(["info", str(path), "--json"]) == 0
+    return capsys.readouterr().out
