@@ -27,6 +27,7 @@ demo: setup
 	$(VENV)/bin/qoqopt mini --out $(OUT)/mini --preset tiny --train --force
 	$(VENV)/bin/qoqopt info $(OUT)/mini
 	$(VENV)/bin/qoqopt export $(OUT)/mini --format gguf --quant Q4_K_M,Q8_0 --out $(OUT)/mini-gguf --force
+	$(VENV)/bin/qoqopt info $(OUT)/mini-gguf
 	$(VENV)/bin/qoqopt export $(OUT)/mini --format gptq --bits 4 --out $(OUT)/mini-gptq --force
 	$(VENV)/bin/qoqopt ask $(OUT)/mini-gguf --quant Q4_K_M --item ct-abd-pancreas.region_ct.eval-0
 	rm -rf $(OUT)/results  # one fresh run; copy result files from other machines in before `report`
