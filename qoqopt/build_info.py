@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QoqoptError
-from .manifest import entry_path, gguf_quants, preferred_quant, source_id
+from .manifest import entry_path, gguf_entries, gguf_quants, preferred_quant, source_id
 
 TEXT_KEYS = {  # summary field: the key under the text GGUF's `general.architecture`
     "layers": "block_count", "hidden": "embedding_length", "intermediate": "feed_forward_length",
@@ -54,6 +54,8 @@ class GGUFSummary:
     default_quant: str | None = None  # what `ask` and the card use when no quant is named
     modelfile_from: str | None = None
     hub: bool = False  # a Hub repo's snapshot: a file not here is one not downloaded
+    left_out: list[str] = field(default_factory=list)  # what the export left out on purpose (the ECG encoder)
+    notes: list[str] = field(default_factory=list)
 
 
 def summarize_build(folder: Path, manifest: dict, source: str | None = None) -> GGUFSummary:
@@ -62,7 +64,7 @@ def summarize_build(folder: Path, manifest: dict, source: str | None = None) -> 
     files = [_listed(folder, manifest, rel) for rel in _first_parts(manifest)]
     summary = GGUFSummary(source or str(folder), files, manifest.get("source"), manifest.get("qoqopt_version"),
                           imatrix=manifest.get("imatrix"), default_quant=preferred_quant(gguf_quants(manifest)),
-                          hub=source is not None)  # fmt: skip
+                          hub=source is not None, left_out=_left_out(manifest), notes=list(manifest.get("notes") or []))  # fmt: skip
     _add_headers(summary, folder)
     modelfile = folder / "Modelfile"
     if modelfile.is_file():
@@ -81,6 +83,14 @@ def summarize_file(path: Path) -> GGUFSummary:
     if entry.unreadable:
         raise QoqoptError(entry.unreadable)
     return summary
+
+
+def _left_out(manifest: dict) -> list[str]:
+    """What the export left out on purpose, as its card's "Left out on purpose" says it."""
+    left = list(manifest.get("skipped") or [])
+    if not gguf_entries(manifest, "mmproj"):
+        left.append("the mmproj (`--mmproj-type none`): this build reads text only")
+    return left
 
 
 def _file_type(value) -> str | None:
@@ -221,6 +231,7 @@ def render(s: GGUFSummary) -> str:
     lines += [_file_line(f, s.modelfile_from, s.hub) for f in s.files]
     if s.default_quant:
         lines.append(f"default      {s.default_quant}: the text GGUF `qoqopt ask` and the build card use when none is named")
+    lines += [f"left out     {x}" for x in s.left_out] + [f"note         {n}" for n in s.notes]
     return "\n".join(lines)
 
 

@@ -561,6 +561,11 @@ def test_ecg_encoder_skipped_and_said(tiny_dir, tmp_path):
     assert "This build is text only" in readme and "The mmproj comes from" not in readme
     assert "- the mmproj (`--mmproj-type none`): this build reads text only" in left_out
     assert "mmproj" not in (tmp_path / "out" / "Modelfile").read_text()
+    said = next(ln for ln in res.stdout.splitlines() if ln.startswith("skipped deliberately: "))
+    info = run_cli("info", str(tmp_path / "out")).stdout.splitlines()  # and so does `qoqopt info` of the build
+    assert [ln for ln in info if ln.startswith("left out")] == [
+        "left out     " + said.removeprefix("skipped deliberately: "),
+        "left out     the mmproj (`--mmproj-type none`): this build reads text only"]  # fmt: skip
     # an unknown tensor is refused, not dropped
     state["model.layers.0.mlp.extra.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
     save_file(state, str(ckpt / "model.safetensors"))
