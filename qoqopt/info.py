@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .loader import SAFETENSORS_DTYPE_BYTES, Checkpoint, part_of
+from .manifest import source_id
 
 PARTS = ("text", "vision", "ecg")
 # a packed Linear's tensors: the one holding its integer levels (counted as K x N parameters), and
@@ -33,6 +34,7 @@ class Summary:
     ecg: bool
     notes: list[str] = field(default_factory=list)
     quantization: dict | None = None  # from config.json's quantization_config, for a quantized build
+    build: dict | None = None  # from a qoqopt GPTQ/AWQ build's manifest.json: source, calibration, layer errors
 
 
 def _tensor_counts(ckpt: Checkpoint) -> dict[str, int]:
@@ -151,10 +153,29 @@ def summarize(ckpt: Checkpoint) -> Summary:
         temporal_patch=v.temporal_patch_size, window=v.window_size,
         fullatt_blocks=list(v.fullatt_block_indexes), out_hidden=v.out_hidden_size,
     )  # fmt: skip
+    build = _build_record(ckpt.path)
+    notes += (build or {}).get("notes", [])
     return Summary(
         ckpt.source, ckpt.architecture, ckpt.layout, text, vision, params, _tensor_counts(ckpt),
-        dtype, total, shard_sizes, missing, files, ckpt.has_ecg_encoder, notes, quant,
+        dtype, total, shard_sizes, missing, files, ckpt.has_ecg_encoder, notes, quant, build,
     )  # fmt: skip
+
+
+def _build_record(folder) -> dict | None:
+    """What a qoqopt GPTQ/AWQ build's manifest says of how it was made (None for any other folder)."""
+    import json
+
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") not in ("gptq", "awq"):
+        return None
+    errors = [(r["rel_error"], r["layer"]) for r in manifest.get("layers") or [] if r.get("rel_error") is not None]
+    return {"made_from": manifest.get("source"), "calibration": manifest.get("calibration"),
+            "mean_layer_error": sum(e for e, _ in errors) / len(errors) if errors else None,
+            "worst_layer": max(errors) if errors else None, "layers": len(errors),
+            "notes": list(manifest.get("notes") or [])}  # fmt: skip
 
 
 def _gb(n: int | None) -> str:
@@ -180,6 +201,22 @@ def _render_quantization(q: dict) -> str:
     plain = ", ".join(q["left_plain"][:4]) + (f" (+{len(q['left_plain']) - 4})" if len(q["left_plain"]) > 4 else "")
     return (f"quantized    {q['method']} {q['bits']}-bit, {group}, {sym}{order}: {q['packed_linears']} Linears packed"
             f"; left plain: {plain or 'none declared'}{by}")  # fmt: skip
+
+
+def _render_build(b: dict) -> list[str]:
+    lines = []
+    if b["made_from"]:
+        made = source_id(b["made_from"].get("revision"), b["made_from"].get("fingerprint")).replace("`", "")
+        lines.append(f"made from    {b['made_from'].get('model')}, {made}")
+    if c := b["calibration"]:
+        domains = ", ".join(f"{d} {n}" for d, n in (c.get("domains") or {}).items())
+        lines.append(f"calibrated   {c.get('chats')} chats, {c.get('tokens', 0):,} tokens ({c.get('image_tokens', 0):,} image) "
+                     f"from {c.get('source')}" + (f": {domains}" if domains else ""))  # fmt: skip
+    if b["worst_layer"]:
+        worst, layer = b["worst_layer"]
+        lines.append(f"layer error  relative output error per decoder layer: mean {b['mean_layer_error']:.4f}, "
+                     f"worst {worst:.4f} (layer {layer + 1} of {b['layers']}, as the export log counts)")  # fmt: skip
+    return lines
 
 
 def render(s: Summary) -> str:
@@ -212,6 +249,8 @@ def render(s: Summary) -> str:
     lines.append(f"dtype        {s.dtype}" + (" (the unpacked tensors)" if s.quantization else ""))
     if s.quantization:
         lines.append(_render_quantization(s.quantization))
+    if s.build:
+        lines += _render_build(s.build)
     lines.append(f"size         {_gb(s.total_bytes)} in {len(s.shards)} shard(s)")
     for name, size in s.shards:
         lines.append(f"  {name:40s} {'MISSING' if name in s.missing else _gb(size)}")

@@ -501,6 +501,9 @@ def test_info_counts_a_quantized_builds_parameters_as_transformers_does(which, r
     assert {"lm_head", "model.visual", "visual"} <= set(q["left_plain"])
     text = run_cli("info", str(report.out)).stdout
     assert f"quantized    {q['method']} 4-bit, group 128" in text
+    worst = max(report.layers, key=lambda r: r["rel_error"])  # how the build was made, from its manifest
+    assert f"worst {worst['rel_error']:.4f} (layer {worst['layer'] + 1} of {len(report.layers)}" in text
+    assert summary["build"]["calibration"]["chats"] == report.calibration["chats"]
 
 
 @pytest.mark.parametrize("build", ["gptq_export", "awq_export"])
