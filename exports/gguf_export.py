@@ -161,8 +161,8 @@ def _write(ctx: _Context, path: Path, arch: str, add_kv, plans, max_bytes: int =
     from qoqopt.progress import bar
 
     total = sum(p.nbytes for p in plans)
-    with bar(total=total, unit="B", unit_scale=True, desc=path.name, leave=False, show=ctx.options.progress) as bar:
-        return gguf_write.write_gguf(path, arch, add_kv, plans, ctx.reader, progress=bar.update, max_bytes=max_bytes)
+    with bar(total=total, unit="B", unit_scale=True, desc=path.name, leave=False, show=ctx.options.progress) as shown:
+        return gguf_write.write_gguf(path, arch, add_kv, plans, ctx.reader, progress=shown.update, max_bytes=max_bytes)
 
 
 def write_mmproj(ctx: _Context, path: Path, ftype: str) -> gguf_write.WriteReport:
@@ -322,8 +322,8 @@ def _split_over(ctx: _Context, path: Path, tensors: int) -> list[tuple[Path, int
     if not max_bytes or path.stat().st_size <= max_bytes:
         return [(path, tensors)]
     with bar(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"splitting {path.name}", leave=False,
-             show=ctx.options.progress) as bar:  # fmt: skip
-        parts = gguf_split.split_gguf(path, max_bytes, progress=bar.update)
+             show=ctx.options.progress) as shown:  # fmt: skip
+        parts = gguf_split.split_gguf(path, max_bytes, progress=shown.update)
     if len(parts) > 1:
         ctx.log(f"split {path.name}{_in_parts(ctx, parts, 'into')}")
     return parts

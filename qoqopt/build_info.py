@@ -1,8 +1,8 @@
 """`qoqopt info` for GGUF: what a GGUF build directory, or one GGUF file, holds.
 
-Read from manifest.json and the GGUF headers (gguf-py maps the file; no tensor data is read). Sizes
-and bits per weight are counted as llama.cpp's loader reports them: tensor data only, so a text
-file's BPW here is the one `llama-cli` prints on load, and the parts of a split file count as one.
+Read from manifest.json and the GGUF headers (`exports/gguf_header.py`; no tensor data is read).
+Sizes and bits per weight are counted as llama.cpp's loader reports them: tensor data only, so a
+text file's BPW here is the one `llama-cli` prints on load, and the parts of a split file count as one.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class GGUFSummary:
 def summarize_build(folder: Path, manifest: dict, source: str | None = None) -> GGUFSummary:
     """A GGUF build: every file its manifest lists, with the headers of those present. ``source``:
     the Hub id ``folder`` is a snapshot of."""
-    files = [_listed(folder, manifest, rel) for rel in _first_parts(manifest)]
+    files = [_listed(folder, manifest, entry) for entry in manifest["files"] if (entry.get("part") or 1) == 1]
     summary = GGUFSummary(source or str(folder), files, manifest.get("source"), manifest.get("qoqopt_version"),
                           imatrix=manifest.get("imatrix"), default_quant=preferred_quant(gguf_quants(manifest)),
                           hub=source is not None, left_out=_left_out(manifest), notes=list(manifest.get("notes") or []))  # fmt: skip
@@ -103,16 +103,11 @@ def _file_type(value) -> str | None:
         return None if value is None else str(value)
 
 
-def _first_parts(manifest: dict) -> list[str]:
-    """Each file once, by the name a runtime is given (a split file's first part)."""
-    return [entry_path(f) for f in manifest["files"] if (f.get("part") or 1) == 1]
-
-
-def _listed(folder: Path, manifest: dict, rel: str) -> GGUFFile:
-    entry = next(f for f in manifest["files"] if entry_path(f) == rel)
+def _listed(folder: Path, manifest: dict, entry: dict) -> GGUFFile:
+    """A file as the manifest lists it (a file in parts: its first part, with the others' sizes)."""
     same = [f for f in manifest["files"] if f.get("parts") and f.get("kind") == entry.get("kind")
             and f.get("quant") == entry.get("quant")] if entry.get("parts") else [entry]  # fmt: skip
-    return GGUFFile(rel, entry.get("kind", "?"), entry.get("quant"), sum(f.get("bytes", 0) for f in same),
+    return GGUFFile(entry_path(entry), entry.get("kind", "?"), entry.get("quant"), sum(f.get("bytes", 0) for f in same),
                     len(same), all((folder / entry_path(f)).is_file() for f in same))  # fmt: skip
 
 
