@@ -26,6 +26,7 @@ from qoqopt.errors import QoqoptError
 from qoqopt.fileio import write_error
 
 from . import gguf_split
+from .gguf_header import type_name
 from .gguf_map import QKV_ROWS, TEMPORAL, WHOLE, Entry
 
 CHUNK_BYTES = 8 << 20  # f32 bytes per converted chunk (peak ~3x this: raw, f32, output)
@@ -219,16 +220,10 @@ class WriteReport:
 
     def count(self, plans: list[Planned]) -> None:
         for p in plans:
-            name = _type_name(p.qtype)
+            name = type_name(p.qtype)
             self.types[name] = self.types.get(name, 0) + 1
             if p.note:
                 self.notes.append(p.note)
-
-
-def _type_name(qtype: int) -> str:
-    from gguf import GGMLQuantizationType
-
-    return GGMLQuantizationType(qtype).name
 
 
 def write_gguf(path: Path, arch: str, add_kv: Callable, plans: list[Planned], reader: ShardReader, progress=None,

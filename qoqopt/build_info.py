@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QoqoptError
-from .manifest import entry_path, gguf_entries, gguf_quants, preferred_quant, source_id
+from .manifest import entry_path, gguf_entries, gguf_quants, made_from, preferred_quant
 
 TEXT_KEYS = {  # summary field: the key under the text GGUF's `general.architecture`
     "layers": "block_count", "hidden": "embedding_length", "intermediate": "feed_forward_length",
@@ -147,38 +147,34 @@ def _tensor_stats(f: GGUFFile, first: Path) -> dict:
     paths = [first, *_other_parts(first, header.kv.get("split.count") or 1, header.kv.get("split.no") or 0)]
     headers = [header] + [_header(p) for p in paths[1:]]
     tensors = [t for h in headers for t in h.tensors]
-    f.cut_off = [p.name for p, h in zip(paths, headers) if p.stat().st_size < _data_end(h)]
+    sizes = [_sizes(h) for h in headers]  # None where a type is newer than this gguf-py
+    f.cut_off = [p.name for p, h, n in zip(paths, headers, sizes) if n is not None and p.stat().st_size < _data_end(h, n)]
     f.parts, f.bytes, f.tensors = len(paths), sum(p.stat().st_size for p in paths), len(tensors)
     f.types = dict(Counter(type_name(t.qtype) for t in tensors).most_common())
     f.params = sum(elements(t) for t in tensors)
-    nbytes = _data_bytes(tensors)
-    f.bpw = nbytes * 8 / f.params if f.params and nbytes is not None else None
+    known = None not in sizes and f.params
+    f.bpw = sum(map(sum, sizes)) * 8 / f.params if known else None
     return header.kv
 
 
-def _data_end(header) -> int:
-    """Where a file's last tensor ends (0 where a type's size is unknown: nothing to hold it to)."""
+def _data_end(header, sizes: list[int]) -> int:
+    """Where a file's last tensor ends: a file shorter than that was cut off."""
+    return max((header.data_start + t.offset + n for t, n in zip(header.tensors, sizes)), default=0)
+
+
+def _sizes(header) -> list[int] | None:
+    """Each tensor's data bytes; None where a type's block size is unknown to this gguf-py."""
     from .exports.gguf_header import tensor_bytes
 
     try:
-        return max((header.data_start + t.offset + tensor_bytes(t) for t in header.tensors), default=0)
-    except QoqoptError:
-        return 0
-
-
-def _data_bytes(tensors) -> int | None:
-    """Tensor data bytes; None where a type is newer than this gguf-py (its block size unknown)."""
-    from .exports.gguf_header import tensor_bytes
-
-    try:
-        return sum(tensor_bytes(t) for t in tensors)
+        return [tensor_bytes(t) for t in header.tensors]
     except QoqoptError:
         return None
 
 
 def _other_parts(first: Path, count: int, no: int) -> list[Path]:
     """Parts 2..count of a split file, named from its first part as llama.cpp finds them."""
-    from .exports.gguf_split import SPLIT_NAME
+    from .exports.gguf_split import SPLIT_NAME, part_names
 
     if count == 1:
         return []
@@ -188,7 +184,7 @@ def _other_parts(first: Path, count: int, no: int) -> list[Path]:
     if cut < 0:
         raise QoqoptError(f"{first.name} is part 1 of {count} of a split GGUF, but not named -00001-of-{count:05d}.gguf: "
                           "llama.cpp finds the other parts by that name")  # fmt: skip
-    parts = [first.with_name(SPLIT_NAME.format(stem=first.name[:cut], no=i, count=count)) for i in range(2, count + 1)]
+    parts = part_names(first.with_name(first.name[:cut] + ".gguf"), count)[1:]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
         raise QoqoptError(f"{first.name} is part 1 of {count}; {', '.join(missing)} missing beside it")
@@ -205,8 +201,7 @@ def render(s: GGUFSummary) -> str:
     what = "GGUF file " if s.source.lower().endswith(".gguf") else "GGUF build"
     lines = [f"{what}   {s.source}" + (f" (qoqopt {s.qoqopt_version})" if s.qoqopt_version else "")]
     if s.made_from:
-        made = source_id(s.made_from.get("revision"), s.made_from.get("fingerprint")).replace("`", "")
-        lines.append(f"made from    {s.made_from.get('model')}, {made}")
+        lines.append(f"made from    {made_from(s.made_from)}")
     if s.text:
         t = {k: "?" if v is None else v for k, v in s.text.items()}  # a key this file lacks
         lines += [f"text         {t['architecture']}: {t['layers']} layers, hidden {t['hidden']}, intermediate "

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .loader import SAFETENSORS_DTYPE_BYTES, Checkpoint, part_of
-from .manifest import source_id
+from .manifest import made_from
 
 PARTS = ("text", "vision", "ecg")
 # a packed Linear's tensors: the one holding its integer levels (counted as K x N parameters), and
@@ -206,8 +206,7 @@ def _render_quantization(q: dict) -> str:
 def _render_build(b: dict) -> list[str]:
     lines = []
     if b["made_from"]:
-        made = source_id(b["made_from"].get("revision"), b["made_from"].get("fingerprint")).replace("`", "")
-        lines.append(f"made from    {b['made_from'].get('model')}, {made}")
+        lines.append(f"made from    {made_from(b['made_from'])}")
     if c := b["calibration"]:
         domains = ", ".join(f"{d} {n}" for d, n in (c.get("domains") or {}).items())
         lines.append(f"calibrated   {c.get('chats')} chats, {c.get('tokens', 0):,} tokens ({c.get('image_tokens', 0):,} image) "

@@ -29,6 +29,12 @@ def source_id(revision: str | None, fingerprint: str | None) -> str:
     return f"fingerprint `{fingerprint}`" if fingerprint else "no revision or fingerprint recorded"
 
 
+def made_from(source: dict) -> str:
+    """A build's source on one plain line, as `info` prints it: its path or Hub id, then its commit
+    or fingerprint (``source_id`` without the Markdown quotes the cards use)."""
+    return f"{source.get('model')}, {source_id(source.get('revision'), source.get('fingerprint')).replace('`', '')}"
+
+
 def read_manifest(folder: Path, what: str = "a directory written by `qoqopt export`") -> dict:
     """The parsed manifest, or a one-line error that says what was expected."""
     folder = Path(folder)

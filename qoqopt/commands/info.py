@@ -40,36 +40,44 @@ def run(args) -> int:
     import dataclasses
     import json
 
-    summary, render = _gguf_summary(args) or _checkpoint_summary(args)
+    from ..loader import resolve
+
+    path = Path(args.model).expanduser()
+    if path.suffix.lower() == ".gguf":  # a file, never a Hub id: a mistyped name must not be looked up online
+        summary, render = _gguf_file(path, args)
+    else:
+        folder, commit = resolve(args.model, args.revision, weights=False)  # a Hub id: its manifest and configs only
+        hub_id = args.model if commit else None
+        # a checkpoint is then read at the commit just fetched, not looked up on the Hub again
+        summary, render = _gguf_build(folder, hub_id) or _checkpoint(args.model, commit or args.revision)
     print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else render(summary))
     return 0
 
 
-def _gguf_summary(args):
-    """(summary, its renderer) for a .gguf file or a GGUF build (local or a Hub id); else None."""
+def _gguf_file(path: Path, args):
     from .. import build_info
     from ..errors import QoqoptError
-    from ..loader import resolve
+
+    if args.revision:
+        raise QoqoptError(f"--revision picks a Hub revision; {args.model} is a local file")
+    if not path.is_file():
+        raise QoqoptError(f"{args.model}: {'not a file' if path.exists() else 'no such file'}")
+    return build_info.summarize_file(path), build_info.render
+
+
+def _gguf_build(folder: Path, hub_id: str | None):
+    """(summary, its renderer) for a GGUF build (a Hub repo's snapshot: ``hub_id``); else None."""
+    from .. import build_info
     from ..manifest import build_kind
 
-    path = Path(args.model).expanduser()
-    if path.suffix.lower() == ".gguf":  # a file, never a Hub id: a mistyped name must not be looked up online
-        if args.revision:
-            raise QoqoptError(f"--revision picks a Hub revision; {args.model} is a local file")
-        if not path.is_file():
-            raise QoqoptError(f"{args.model}: {'not a file' if path.exists() else 'no such file'}")
-        return build_info.summarize_file(path), build_info.render
-    folder, commit = resolve(args.model, args.revision, weights=False)  # a Hub id: its manifest and configs only
     if not (folder / "manifest.json").exists():
         return None
     kind, manifest = build_kind(folder)
-    if kind != "gguf":
-        return None
-    return build_info.summarize_build(folder, manifest, args.model if commit else None), build_info.render
+    return (build_info.summarize_build(folder, manifest, hub_id), build_info.render) if kind == "gguf" else None
 
 
-def _checkpoint_summary(args):
+def _checkpoint(source: str, revision: str | None):
     from ..info import render, summarize
     from ..loader import open_checkpoint
 
-    return summarize(open_checkpoint(args.model, args.revision, weights=False)), render
+    return summarize(open_checkpoint(source, revision, weights=False)), render
