@@ -368,6 +368,42 @@ def test_cli_jsonl_takes_domain_and_refuses_built_in_choices(tmp_path, capsys):
     assert "unrecognized arguments: --split calib" in capsys.readouterr().err
 
 
+def test_cli_show_of_a_user_item_is_the_size_the_model_gets(tmp_path, capsys):
+    """export and bench give a user image to the processor at its own size; `data show` must show
+    that image, not one capped at the built-in set's 320 pixels. The size is the Qwen processor's own
+    smart_resize of the source (transformers), which leaves it unchanged."""
+    pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    path = _write_set(tmp_path, [GOOD])
+    Image.new("RGB", (1000, 700), (90, 90, 90)).save(tmp_path / "a.png")
+    png = tmp_path / "shown.png"
+    assert _cli("data", "show", "set:1", "--jsonl", path, "--out", str(png)) == 0
+    capsys.readouterr()
+    h, w = pil.smart_resize(700, 1000, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    assert Image.open(png).size == (w, h) and max(w, h) > 320
+    assert pil.smart_resize(h, w, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) == (h, w)
+    assert _cli("data", "show", "set:1", "--jsonl", path, "--out", str(png), "--max-side", "300", "--force") == 0
+    assert abs(max(Image.open(png).size) - 300) <= 14  # the nearest multiple of 28
+
+
+def test_cli_help_documents_the_jsonl_format_it_loads(tmp_path, capsys):
+    """The example lines in `qoqopt data --help` are a set the loader takes as they are printed."""
+    with pytest.raises(SystemExit):
+        _cli("data", "--help")
+    lines = [ln.strip() for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith('{"')]
+    assert len(lines) == 3
+    Image.new("RGB", (400, 300), (90, 90, 90)).save((tmp_path / "scans").mkdir() or tmp_path / "scans" / "a.png")
+    for folder, name in (("mr", "MR_small.dcm"), ("ecg", "waveform_ecg.dcm")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{name[:1].lower()}.dcm").write_bytes(open(catalog.source_path(name), "rb").read())
+    (tmp_path / "mr" / "b.dcm").write_bytes((tmp_path / "mr" / "m.dcm").read_bytes())
+    (tmp_path / "ecg" / "c.dcm").write_bytes((tmp_path / "ecg" / "w.dcm").read_bytes())
+    (tmp_path / "set.jsonl").write_text("\n".join(lines) + "\n")
+    items = load_jsonl(tmp_path / "set.jsonl")
+    assert [it.domain for it in items] == ["ct", "mri", "ecg"] and items[1].id == "mr-b"
+    assert items[2].choices == ["AF", "Sinus"] and items[2].ecg_signal is not None
+    assert items[0].target_text() == "<think>The image shows Head.</think>\n\\boxed{Head}"
+
+
 def test_cli_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         _cli("data", "--help")

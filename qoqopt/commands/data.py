@@ -23,6 +23,30 @@ examples:
 
 Item ids of the built-in set read <base image>.<question type>.<split>-<n>; the split and n
 pick the seeded augmentation, so an id always rebuilds the same pixels.
+
+Your own set (--jsonl here; `export --imatrix F.jsonl`, `export --calib F.jsonl`,
+`bench --eval F.jsonl`) is a JSONL file, one item per line:
+
+  {"image": "scans/a.png", "question": "Which body region is shown?", "answer": "Head", "domain": "ct"}
+  {"dicom": "mr/b.dcm", "question": "Which plane?", "answer": "Axial", "domain": "mri", "id": "mr-b"}
+  {"dicom": "ecg/c.dcm", "question": "Rhythm?", "answer": "AF", "domain": "ecg", "choices": ["AF", "Sinus"]}
+
+  required   question, answer, domain (ct, mri, ultrasound, xray, ecg, mammography, dermoscopy,
+             fundus, pathology) and exactly one of image (a file Pillow reads) or dicom
+  optional   choices (2 or more; every comma-separated label of the answer must be one),
+             id (default FILE-STEM:LINE), meta (free-form; meta.reason is the <think> sentence
+             of the reference reply, default "The image shows ANSWER.")
+  paths      relative to the JSONL file's folder
+  dicom      shown as a viewer would: rescale, then the file's own window or VOI LUT (CT without
+             one: soft tissue 40/400 HU; else a 0.5-99.5 percentile stretch), MONOCHROME1
+             inverted; with domain ecg, a 10 s waveform DICOM drawn as a 12-lead paper sheet
+  sizes      each image at its own size on Qwen's 28-pixel grid, clamped into QoQ-Med's
+             training range (65,536-524,288 pixels); --max-side N here: longer side about N
+
+QoQ-Med's think/\\boxed{} instruction is added to each question that does not ask for \\boxed{}
+itself. Answers are scored as in the built-in set: set F1 over the comma-separated labels inside
+the reply's last \\boxed{}, case-insensitive. Every line is checked when the set is loaded
+(FILE:LINE: what is wrong), before any long work starts.
 """
 
 
@@ -66,7 +90,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
-    p.add_argument("--max-side", type=positive_int, default=DEFAULT_MAX_SIDE, help="longer image side in pixels")
+    p.add_argument("--max-side", type=positive_int,
+                   help=f"longer image side in pixels (default: {DEFAULT_MAX_SIDE} for the built-in set; a --jsonl "
+                   "set's images keep their own size, as export and bench give them to the model)")  # fmt: skip
     p.add_argument("--jsonl", type=Path, help="use this user JSONL set instead of the built-in one")
 
 
@@ -82,7 +108,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             raise QoqoptError(f"--domain {extra[0]}: the built-in set has {', '.join(BUILTIN_DOMAINS)} (others come "
                               "with a --jsonl set)")  # fmt: skip
         items = clinical_set(args.split or "eval", n_per_base=args.n_per_base or 1, seed=args.seed,
-                             max_side=args.max_side, domains=args.domain)
+                             max_side=args.max_side or DEFAULT_MAX_SIDE, domains=args.domain)
     rows = [(it.id, it.domain, Path(it.source).name, it.meta.get("qtype", ""), it.answer) for it in items]
     header = ("id", "domain", "source file", "question", "answer")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -124,7 +150,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _find(args: argparse.Namespace) -> ClinicalItem:
     if not args.jsonl:
-        return find_item(args.id, seed=args.seed, max_side=args.max_side)
+        return find_item(args.id, seed=args.seed, max_side=args.max_side or DEFAULT_MAX_SIDE)
     for item in load_jsonl(args.jsonl, max_side=args.max_side):
         if item.id == args.id:
             return item
