@@ -218,6 +218,41 @@ def _ct_eval_item():
     return next(i for i in clinical_set("eval", n_per_base=1) if i.domain == "ct")
 
 
+def _llama_cpp_reads(vl: LlamaVL, path: Path) -> np.ndarray:
+    """The RGB pixels llama.cpp's own file loader gives (mtmd_helper_bitmap_init_from_file: stb_image),
+    as llama-mtmd-cli and LM Studio read a user's image."""
+    m = vl._mtmd
+    bitmap = m.mtmd_helper_bitmap_init_from_file(vl.mctx, str(path).encode(), False)
+    assert bitmap, f"llama.cpp could not read {path}"
+    try:
+        nx, ny, n = m.mtmd_bitmap_get_nx(bitmap), m.mtmd_bitmap_get_ny(bitmap), m.mtmd_bitmap_get_n_bytes(bitmap)
+        return np.ctypeslib.as_array(m.mtmd_bitmap_get_data(bitmap), shape=(n,)).reshape(ny, nx, 3).copy()
+    finally:
+        m.mtmd_bitmap_free(bitmap)
+
+
+def test_user_images_are_the_pixels_llama_cpp_reads(built, tmp_path):
+    """`ask --image` decodes a user's file to the pixels llama.cpp's loader gets from it, 16-bit
+    greyscale included (Pillow's convert("RGB") clips 16 bits at 255: 99.6% white on a ramp)."""
+    from PIL import Image
+
+    from qoqopt.images import open_image
+
+    rng = np.random.default_rng(0)
+    images = {
+        "rgb.png": Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)),
+        "grey.png": Image.fromarray(rng.integers(0, 256, (60, 90), dtype=np.uint8)),
+        "palette.png": Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).quantize(16),
+        "grey16.png": Image.fromarray(rng.integers(0, 65536, (60, 90), dtype=np.uint16)),
+        "ramp16.png": Image.fromarray(np.linspace(0, 65535, 60 * 90).astype(np.uint16).reshape(60, 90)),
+    }
+    with LlamaVL(built.file("text", "F16"), built.file("mmproj"), threads=1) as vl:
+        for name, img in images.items():
+            img.save(tmp_path / name)
+            assert np.array_equal(np.asarray(open_image(tmp_path / name)), _llama_cpp_reads(vl, tmp_path / name)), name
+    clipped = np.asarray(Image.open(tmp_path / "ramp16.png").convert("RGB"))
+    assert (clipped == 255).mean() > 0.9  # what open_image is there to avoid
+
 def test_mmproj_embeddings_match_vision_tower(built, hf):
     """llama.cpp's image embeddings (mtmd_encode_chunk) vs transformers' get_image_features on the same
     pixels (sizes on the 28-px grid inside the training range, so neither side resizes).

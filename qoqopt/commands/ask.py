@@ -40,7 +40,8 @@ def register(sub) -> None:
     p.add_argument("build", help="a directory written by `qoqopt export`, or a checkpoint (directory or Hub id)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--item", help="a built-in clinical item id (see `qoqopt data list`)")
-    src.add_argument("--image", type=Path, help="an image (PNG/JPEG) or DICOM file")
+    src.add_argument("--image", type=Path, help="an image file (PNG, JPEG, TIFF, ...; 16-bit greyscale as llama.cpp reads it, "
+                     "EXIF orientation applied) or a DICOM file (.dcm, or any name with the DICM marker)")
     p.add_argument("--question", help="the question for --image (QoQ-Med's think/\\boxed{} instruction is added)")
     p.add_argument("--quant", help="GGUF builds: which text GGUF (default: the one the build's card and Modelfile "
                                    "use: Q4_K_M, else Q5_K_M, Q6_K, Q8_0, ..., F16/F32 last)")
@@ -72,9 +73,9 @@ def _pick_entries(build: str, manifest: dict, quant: str | None) -> list[dict]:
 
 def _item(args):
     from ..data import find_item
-    from ..data.dicom import dicom_to_image
     from ..data.prompts import with_suffix
     from ..errors import QoqoptError
+    from ..images import open_image
 
     if args.item:
         if args.question:
@@ -83,19 +84,7 @@ def _item(args):
         return item.image, item.question, item.answer
     if not args.question:
         raise QoqoptError("--image needs --question")
-    if args.image.is_dir():
-        raise QoqoptError(f"{args.image} is a directory; give one image or DICOM file")
-    if not args.image.is_file():
-        raise QoqoptError(f"{args.image}: no such file")
-    if args.image.suffix.lower() in (".dcm", ".dicom"):
-        image = dicom_to_image(args.image)
-    else:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            image = Image.open(args.image).convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
-            raise QoqoptError(f"{args.image}: not an image Pillow can read ({exc.__class__.__name__})") from exc
+    image = open_image(args.image)
     return image, with_suffix(args.question), None
 
 

@@ -1,0 +1,64 @@
+"""A user's image file (PNG, JPEG, TIFF, ... or DICOM) as the 8-bit RGB picture a model is given.
+
+Pillow's own ``convert("RGB")`` clips 16-bit greyscale at 255, so a 16-bit PNG or TIFF (a common
+export from PACS viewers and detectors) became almost all white. Here 16-bit values keep their
+range, reduced to 8 bits by their high byte as llama.cpp's image loader (stb_image) does, so the
+picture is the one LM Studio and llama-mtmd-cli see in the same file. The EXIF orientation is
+applied, as transformers' ``load_image`` and every viewer do (stb_image ignores it).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from qoqopt.errors import QoqoptError
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def is_dicom(path: Path) -> bool:
+    """By suffix, or by the "DICM" marker after the 128-byte preamble (DICOM PS3.10 7.1): files
+    exported from a PACS are often named by their UID, with no suffix."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM"
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The file's picture as PIL RGB; anything unreadable is a one-line QoqoptError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise QoqoptError(f"{path} is a directory; give one image or DICOM file")
+    if not path.is_file():
+        raise QoqoptError(f"{path}: no such file")
+    if is_dicom(path):
+        from qoqopt.data.dicom import dicom_to_image
+
+        return dicom_to_image(path)
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb8(img, path)
+    except Image.DecompressionBombError as exc:
+        raise QoqoptError(f"{path}: too many pixels for a safe decode ({exc}); downscale it first") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise QoqoptError(f"{path}: not an image Pillow can read, nor a DICOM file ({exc.__class__.__name__})") from None
+
+
+def _to_rgb8(img: Image.Image, path: Path) -> Image.Image:
+    if img.mode == "F":
+        raise QoqoptError(f"{path}: a floating-point image has no display range; save it as 8 or 16 bits")
+    if img.mode not in _SIXTEEN_BIT:
+        return img.convert("RGB")
+    values = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+    if values.max() < 4096:
+        print(f"warning: {path} is a 16-bit image that uses at most 12 bits: it is shown dark, as llama.cpp "
+              "and LM Studio show it; give the DICOM, or export the image scaled to 16 bits", file=sys.stderr)  # fmt: skip
+    return Image.fromarray((values >> 8).astype(np.uint8), "L").convert("RGB")

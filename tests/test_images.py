@@ -1,0 +1,88 @@
+"""A user's image file as the model gets it (qoqopt.images), against transformers' own image loader
+and pydicom; llama.cpp's loader is the reference in tests/test_gguf.py."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qoqopt.data import catalog
+from qoqopt.data.dicom import dicom_to_image
+from qoqopt.errors import QoqoptError
+from qoqopt.images import is_dicom, open_image
+
+
+def _photo_with_orientation(path, orientation: int) -> np.ndarray:
+    """A JPEG stored sideways with an EXIF Orientation tag, as phone and dermatoscope cameras write."""
+    rng = np.random.default_rng(1)
+    pixels = np.kron(rng.integers(0, 256, (6, 9, 3), dtype=np.uint8), np.ones((16, 16, 1), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, quality=95, exif=exif)
+    return pixels
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_orientation_is_applied_as_transformers_load_image_does(tmp_path, orientation):
+    from transformers.image_utils import load_image
+
+    path = tmp_path / "photo.jpg"
+    stored = _photo_with_orientation(path, orientation)
+    ours = np.asarray(open_image(path))
+    assert np.array_equal(ours, np.asarray(load_image(str(path))))
+    assert ours.shape[:2] == (stored.shape[:2] if orientation in (1, 3) else stored.shape[1::-1])
+
+
+def test_a_dicom_named_without_suffix_is_read_as_dicom(tmp_path):
+    """PACS exports are often named by UID; the DICM marker (PS3.10 7.1) says what they are."""
+    src = catalog.source_path("CT_small.dcm")
+    bare = tmp_path / "1.3.6.1.4.1.5962.1.1.1.1.1"
+    shutil.copy(src, bare)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    assert is_dicom(bare) and not is_dicom(tmp_path / "x.png")
+    assert np.array_equal(np.asarray(open_image(bare)), np.asarray(dicom_to_image(src)))
+
+
+def test_a_16_bit_image_using_12_bits_is_shown_as_llama_cpp_shows_it_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "detector.png"
+    Image.fromarray(np.linspace(0, 4095, 64 * 64).astype(np.uint16).reshape(64, 64)).save(path)
+    pixels = np.asarray(open_image(path))
+    assert pixels.max() == 4095 >> 8  # the high byte, as stb_image reduces 16 bits
+    assert "uses at most 12 bits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_bytes(b"hello, not an image"), "not an image Pillow can read, nor a DICOM file"),
+        (lambda p: p.write_bytes(_png_bytes()[:60]), "not an image Pillow can read, nor a DICOM file"),
+        (lambda p: Image.fromarray(np.ones((8, 8), np.float32)).save(p.with_suffix(".tif")) or
+         p.with_suffix(".tif").rename(p), "a floating-point image has no display range"),
+        (lambda p: p.mkdir(), "is a directory"),
+    ],
+)
+def test_unreadable_images_are_one_line(tmp_path, make, message):
+    path = tmp_path / "scan.png"
+    make(path)
+    with pytest.raises(QoqoptError, match=message) as info:
+        open_image(path)
+    assert "\n" not in str(info.value)
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_ask_refuses_a_bad_image_before_loading_the_model(tiny_dir, tmp_path, capsys):
+    from tests.conftest import refused
+
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off")
+    err = refused(["ask", tiny_dir, "--image", tmp_path / "scan.png", "--question", "Which region?"], capsys)
+    assert "scan.png: not an image Pillow can read" in err
