@@ -75,6 +75,8 @@ def test_a_gguf_path_is_never_looked_up_on_the_hub(tmp_path, capsys, monkeypatch
     (tmp_path / "gguf").mkdir()
     assert refused(["info", "gguf/m.Q5_K_M.gguf"], capsys) == "error: gguf/m.Q5_K_M.gguf: no such file"
     assert refused(["info", "gguf"], capsys).startswith("error: gguf has no config.json")
+    (tmp_path / "qoq.gguf").mkdir()  # a folder named like a file is read as a folder
+    assert refused(["info", "qoq.gguf"], capsys).startswith("error: qoq.gguf has no config.json")
 
 
 def test_a_split_part_is_named_for_what_it_is(tmp_path, capsys):

@@ -43,7 +43,9 @@ def run(args) -> int:
     from ..loader import resolve
 
     path = Path(args.model).expanduser()
-    if path.suffix.lower() == ".gguf":  # a file, never a Hub id: a mistyped name must not be looked up online
+    # a .gguf name is a file, never a Hub id (a mistyped name must not be looked up online); a folder
+    # so named is a build directory like any other
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
         summary, render = _gguf_file(path, args)
     else:
         folder, commit = resolve(args.model, args.revision, weights=False)  # a Hub id: its manifest and configs only
