@@ -129,7 +129,9 @@ def _add_headers(summary: GGUFSummary, folder: Path) -> None:
         elif f.kind == "mmproj" and summary.vision is None:
             summary.vision = _dims(meta, VISION_KEYS)
         if summary.made_from is None and meta.get("qoqopt.source"):
-            summary.made_from = {"model": meta["qoqopt.source"], "fingerprint": meta.get("qoqopt.source_fingerprint")}
+            # the manifest's own keys for what the file carries (a Hub source's commit too)
+            summary.made_from = {key: meta.get(f"qoqopt.{name}") for key, name in
+                                 (("model", "source"), ("revision", "source_revision"), ("fingerprint", "source_fingerprint"))}  # fmt: skip
 
 
 def _dims(meta: dict, keys: dict[str, str]) -> dict:
