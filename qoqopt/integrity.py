@@ -35,6 +35,21 @@ def checked_files(folder: Path, entries: list[dict]) -> list[Path]:
     return paths
 
 
+def problems(folder: Path, manifest: dict) -> list[str]:
+    """Every file the manifest lists, checked in full (present, size, sha256): one line per file
+    that fails, none for an intact build. A file with no recorded sha256 cannot be vouched for."""
+    found = []
+    for entry in manifest["files"]:
+        try:
+            if not entry.get("sha256"):
+                listed_file(folder, entry)
+                raise QoqoptError(f"{entry_path(entry)}: manifest.json records no sha256, so its bytes cannot be checked")
+            checked_files(folder, [entry])
+        except QoqoptError as exc:
+            found.append(str(exc))
+    return found
+
+
 def checked_weights(folder: Path, manifest: dict) -> list[Path]:
     """A GPTQ/AWQ build's safetensors files at their recorded size and sha256. Its JSON files are
     left as they are: a config edited on purpose (a generation setting, say) is the user's call."""

@@ -98,3 +98,43 @@ def _json(path, capsys) -> str:
     capsys.readouterr()
     assert main(["info", str(path), "--json"]) == 0
     return capsys.readouterr().out
+
+
+def test_verify_checks_every_listed_file_against_its_sha256(tmp_path, capsys, monkeypatch):
+    """`info --verify` (as `sha256sum -c` on the manifest): exit 0 when every file matches, 1 with
+    one FAILED line per file that is missing, cut off or changed; refused for what has no manifest."""
+    import hashlib
+
+    from qoqopt.cli import main
+
+    monkeypatch.setenv("QOQOPT_CACHE", str(tmp_path / "cache"))
+    build = tmp_path / "build"
+    build.mkdir()
+    paths = [_gguf(build / "m.Q8_0.gguf"), _gguf(build / "mmproj-m-f16.gguf"), build / "README.md"]
+    paths[2].write_text("card\n")
+    files = [{"path": p.name, "kind": kind, "bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p, kind in zip(paths, ("text", "mmproj", "card"))]  # fmt: skip
+    files[0]["quant"] = "Q8_0"
+    (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
+
+    def verify(*extra) -> tuple[int, str]:
+        capsys.readouterr()
+        rc = main(["info", str(build), "--verify", *extra])
+        return rc, capsys.readouterr().out
+
+    rc, out = verify()
+    assert rc == 0 and out.rstrip().endswith("verify       3 files match manifest.json (size and sha256)")
+    data = bytearray(paths[0].read_bytes())
+    data[-1] ^= 1  # one bit of tensor data: same size, so only the sha256 can tell
+    paths[0].write_bytes(data)
+    paths[2].unlink()
+    rc, out = verify()
+    failed = [ln for ln in out.splitlines() if ln.startswith("verify")]
+    assert rc == 1 and failed == [
+        "verify       FAILED m.Q8_0.gguf does not match the sha256 in manifest.json: the file is corrupt or was "
+        "changed after export; copy or download it again",
+        f"verify       FAILED {build} lists README.md, which is missing: copy or download the whole build"]
+    rc, out = verify("--json")
+    assert rc == 1 and len(json.loads(out)["verify_failed"]) == 2
+    assert refused(["info", paths[1], "--verify"], capsys).endswith("give the folder, not one file")
+    assert "has no manifest.json" in refused(["info", tmp_path, "--verify"], capsys)

@@ -12,6 +12,7 @@ examples:
   qoqopt info out/mini-gguf/mini.Q4_K_M.gguf   # one GGUF file (a split file: its first part)
   qoqopt info ddvd233/QoQ-Med-VL-7B         # a Hub id: only config, index and tokenizer are fetched
   HF_HUB_OFFLINE=1 qoqopt info ddvd233/QoQ-Med-VL-7B   # from the local HF cache only
+  qoqopt info downloads/QoQ-Med-VL-7B-GGUF --verify      # and every file's sha256 against its manifest
 
 Reads config.json, the safetensors index and shard headers; never the weights themselves.
 A directory with the metadata but no shards (config.json and model.safetensors.index.json, as a
@@ -33,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("model", help="checkpoint or build directory, Hub id (owner/name), or a .gguf file")
     p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every file of a local build against its manifest.json (present, size, "
+                   "sha256); exit status 1 if any fails")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -43,6 +47,8 @@ def run(args) -> int:
     from ..loader import resolve
 
     path = Path(args.model).expanduser()
+    if args.verify:  # before any summary, so a Hub id or a lone file is refused without being read
+        _check_verifiable(args, path)
     # a .gguf name is a file, never a Hub id (a mistyped name must not be looked up online); a folder
     # so named is a build directory like any other
     if path.suffix.lower() == ".gguf" and not path.is_dir():
@@ -52,8 +58,38 @@ def run(args) -> int:
         hub_id = args.model if commit else None
         # a checkpoint is then read at the commit just fetched, not looked up on the Hub again
         summary, render = _gguf_build(folder, hub_id) or _checkpoint(args.model, commit or args.revision)
-    print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else render(summary))
-    return 0
+    n_files, found = _verify(folder) if args.verify else (0, [])
+    if args.json:
+        out = dataclasses.asdict(summary) | ({"verify_failed": found} if args.verify else {})
+        print(json.dumps(out, indent=2))
+    else:
+        print(render(summary))
+        for line in found:
+            print(f"verify       FAILED {line}")
+        if args.verify and not found:
+            print(f"verify       {n_files} files match manifest.json (size and sha256)")
+    return 1 if found else 0
+
+
+def _check_verifiable(args, path: Path) -> None:
+    from ..errors import QoqoptError
+
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        raise QoqoptError("--verify checks a build folder against its manifest.json; give the folder, not one file")
+    if not path.is_dir():
+        raise QoqoptError(f"--verify checks a local copy; download {args.model} first (e.g. `hf download "
+                          f"{args.model} --local-dir DIR`) and give DIR")  # fmt: skip
+    if not (path / "manifest.json").exists():
+        raise QoqoptError(f"--verify checks a build written by `qoqopt export`; {args.model} has no manifest.json")
+
+
+def _verify(folder: Path) -> tuple[int, list[str]]:
+    """How many files the manifest lists, and one line for each that fails its check."""
+    from ..integrity import problems
+    from ..manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    return len(manifest["files"]), problems(folder, manifest)
 
 
 def _gguf_file(path: Path, args):
