@@ -39,9 +39,7 @@ def open_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise QoqoptError(f"{path}: no such file")
     if is_dicom(path):
-        from qoqopt.data.dicom import dicom_to_image
-
-        return dicom_to_image(path)
+        return _dicom_picture(path)
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
@@ -50,6 +48,18 @@ def open_image(path: str | Path) -> Image.Image:
         raise QoqoptError(f"{path}: too many pixels for a safe decode ({exc}); downscale it first") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise QoqoptError(f"{path}: not an image Pillow can read, nor a DICOM file ({exc.__class__.__name__})") from None
+
+
+def _dicom_picture(path: Path) -> Image.Image:
+    """An image DICOM as a viewer shows it; an ECG waveform DICOM (no pixel data) as the 12-lead
+    paper sheet QoQ-Med reads ECGs from, as the clinical sets draw it."""
+    from qoqopt.data.dicom import dicom_to_image, read_dicom
+    from qoqopt.data.ecg import render_ecg
+
+    ds = read_dicom(path)
+    if "PixelData" not in ds and "WaveformSequence" in ds:
+        return render_ecg(ds)
+    return dicom_to_image(ds)
 
 
 def _to_rgb8(img: Image.Image, path: Path) -> Image.Image:

@@ -46,6 +46,17 @@ def test_a_dicom_named_without_suffix_is_read_as_dicom(tmp_path):
     assert np.array_equal(np.asarray(open_image(bare)), np.asarray(dicom_to_image(src)))
 
 
+def test_an_ecg_waveform_dicom_is_the_sheet_a_clinical_ecg_item_shows(tmp_path):
+    """A waveform DICOM has no pixels: it is drawn as the 12-lead sheet, as a user set's ECG item is."""
+    from qoqopt.data import load_jsonl
+
+    src = catalog.source_path("waveform_ecg.dcm")
+    (tmp_path / "set.jsonl").write_text(f'{{"dicom": "{src}", "question": "Rhythm?", "answer": "x", "domain": "ecg"}}\n')
+    item = load_jsonl(tmp_path / "set.jsonl")[0].image
+    ours = open_image(src)
+    assert ours.width > ours.height and np.array_equal(np.asarray(ours.resize(item.size, Image.Resampling.LANCZOS)), np.asarray(item))
+
+
 def test_a_16_bit_image_using_12_bits_is_shown_as_llama_cpp_shows_it_with_a_warning(tmp_path, capsys):
     path = tmp_path / "detector.png"
     Image.fromarray(np.linspace(0, 4095, 64 * 64).astype(np.uint16).reshape(64, 64)).save(path)
