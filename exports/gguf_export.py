@@ -127,8 +127,12 @@ class _Context:
         # a llama.cpp imatrix file is read and checked now, before the long work, not after it
         kind = imatrix_kind(options.imatrix)
         self.given_imatrix = _check_imatrix(self, read_imatrix(Path(options.imatrix))) if kind == "file" else None
-        if kind == "jsonl" and not Path(options.imatrix).is_file():
-            raise QoqoptError(f"--imatrix {options.imatrix}: no such calibration file")
+        if kind == "jsonl":  # every line and file header too, before the intermediate is written
+            from qoqopt.data import load_jsonl
+
+            if not Path(options.imatrix).is_file():
+                raise QoqoptError(f"--imatrix {options.imatrix}: no such calibration file")
+            load_jsonl(options.imatrix)
         self.revision = self.ckpt.revision
         self.fingerprint = self.ckpt.fingerprint
         self.skipped = self.mapping.skip_summary()
@@ -366,7 +370,7 @@ def imatrix_kind(choice: str) -> str:
     llama.cpp imatrix "file"."""
     if choice in ("none", "clinical"):
         return choice
-    return "jsonl" if choice.endswith(".jsonl") else "file"
+    return "jsonl" if choice.lower().endswith(".jsonl") else "file"
 
 
 def _imatrix(ctx: _Context, options: GGUFOptions, tmp: Path, log) -> tuple[IMatrix | None, dict | None]:

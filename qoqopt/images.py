@@ -19,6 +19,7 @@ from qoqopt.errors import QoqoptError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+MAX_ASPECT = 200  # transformers' smart_resize: "absolute aspect ratio must be smaller than 200"
 
 
 def is_dicom(path: Path) -> bool:
@@ -33,33 +34,76 @@ def is_dicom(path: Path) -> bool:
 
 def open_image(path: str | Path) -> Image.Image:
     """The file's picture as PIL RGB; anything unreadable is a one-line QoqoptError naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise QoqoptError(f"{path} is a directory; give one image or DICOM file")
-    if not path.is_file():
-        raise QoqoptError(f"{path}: no such file")
+    path = _existing(path)
     if is_dicom(path):
-        return _dicom_picture(path)
+        return open_dicom(path)
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb8(img, path)
+            return _fits_processor(_to_rgb8(ImageOps.exif_transpose(img), path), path)
     except Image.DecompressionBombError as exc:
         raise QoqoptError(f"{path}: too many pixels for a safe decode ({exc}); downscale it first") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise QoqoptError(f"{path}: not an image Pillow can read, nor a DICOM file ({exc.__class__.__name__})") from None
 
 
-def _dicom_picture(path: Path) -> Image.Image:
-    """An image DICOM as a viewer shows it; an ECG waveform DICOM (no pixel data) as the 12-lead
-    paper sheet QoQ-Med reads ECGs from, as the clinical sets draw it."""
+def open_dicom(path: str | Path) -> Image.Image:
+    """An image DICOM as a viewer shows it (qoqopt.data.dicom); an ECG waveform DICOM (no pixel
+    data) as the 12-lead paper sheet QoQ-Med reads ECGs from, as the clinical sets draw it."""
     from qoqopt.data.dicom import dicom_to_image, read_dicom
     from qoqopt.data.ecg import render_ecg
 
+    path = _existing(path)
     ds = read_dicom(path)
     if "PixelData" not in ds and "WaveformSequence" in ds:
         return render_ecg(ds)
-    return dicom_to_image(ds)
+    return _fits_processor(dicom_to_image(ds), path)
+
+
+def check_image(path: str | Path, dicom: bool = False) -> None:
+    """What can be known of an image file from its header alone: it exists, it is a DICOM or an
+    image Pillow identifies, and its size is one the processor takes. For sets that are checked
+    whole before long work starts; pixels are decoded when an item is used."""
+    import pydicom
+
+    path = _existing(path)
+    if dicom or is_dicom(path):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError, AttributeError) as exc:
+            raise QoqoptError(f"{path}: not a readable DICOM file ({exc.__class__.__name__})") from None
+        if "Rows" in ds and "Columns" in ds:
+            _check_aspect(int(ds.Columns), int(ds.Rows), path)
+        elif "WaveformSequence" not in ds:
+            raise QoqoptError(f"{path}: DICOM has neither an image nor a waveform (Modality {ds.get('Modality', '?')})")
+        return
+    try:
+        with Image.open(path) as img:
+            _check_aspect(*img.size, path)
+    except Image.DecompressionBombError as exc:
+        raise QoqoptError(f"{path}: too many pixels for a safe decode ({exc}); downscale it first") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise QoqoptError(f"{path}: not an image Pillow can read, nor a DICOM file ({exc.__class__.__name__})") from None
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise QoqoptError(f"{path} is a directory; give one image or DICOM file")
+    if not path.is_file():
+        raise QoqoptError(f"{path}: no such file")
+    return path
+
+
+def _fits_processor(img: Image.Image, path: Path) -> Image.Image:
+    _check_aspect(img.width, img.height, path)
+    return img
+
+
+def _check_aspect(width: int, height: int, path: Path) -> None:
+    """Qwen2.5-VL's processor refuses a picture whose sides differ by more than MAX_ASPECT times."""
+    if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
+        raise QoqoptError(f"{path}: {width}x{height} pixels: sides more than {MAX_ASPECT} times apart, which "
+                          "Qwen2.5-VL's image processor refuses; crop it")  # fmt: skip
 
 
 def _to_rgb8(img: Image.Image, path: Path) -> Image.Image:

@@ -190,7 +190,8 @@ def train(preset: str = "tiny", seed: int = 0, max_steps: int = MAX_STEPS, batch
         opt, lambda s: min((s + 1) / 30, 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s / max_steps, 1.0))))
     )
     start, step, check_acc = time.time(), 0, 0.0
-    bar = tqdm(total=max_steps, desc="training", disable=not progress)
+    # disable=None: drawn on a terminal only, so a log taken with `2> log` has no redraws
+    bar = tqdm(total=max_steps, desc="training", disable=None if progress else True)
     while step < max_steps and check_acc < CHECK_TARGET:
         model.train()
         for idx in torch.randperm(len(pool), generator=gen).split(batch_size):
@@ -225,18 +226,22 @@ def round_to_bf16(model) -> None:
             p.copy_(p.to(torch.bfloat16).float())
 
 
+_NOT_TRAINING = ("jsonl.py",)  # data modules that only read user sets
+
+
 def _cache_key(preset: str, seed: int) -> str:
     """A digest of every source file that decides what training sees and builds.
 
     The data package (catalog, augmentation, prompts), the model builder, the tokenizer and the
     processor are hashed with this file: editing any of them retrains instead of silently reusing
     a model trained on something else. (The key used to read a DATA_VERSION that was never defined.)
+    The reader of user JSONL sets is left out: training never sees one.
     """
     from .mini import PRESETS
 
     package = Path(__file__).parent
     sources = [package / name for name in ("train.py", "mini.py", "tokenizer.py", "processor.py")]
-    sources += sorted((package / "data").glob("*.py"))
+    sources += sorted(p for p in (package / "data").glob("*.py") if p.name not in _NOT_TRAINING)
     h = hashlib.sha256()
     for path in sources:
         h.update(path.name.encode() + b"\0" + path.read_bytes())

@@ -137,6 +137,8 @@ def test_unusable_paths_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
     files = [{"path": "m.Q8_0.gguf", "kind": "text", "quant": "Q8_0", "bytes": 100},
              {"path": "mmproj-m-f16.gguf", "kind": "mmproj", "bytes": 10}]  # fmt: skip
     (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
+    bad_set = tmp_path / "scans.JSONL"  # any case of .jsonl is a set, not an imatrix file
+    bad_set.write_text('{"image": "afile", "question": "q", "answer": "a", "domain": "ct"}\n{"image": \n')
     cases = {
         ("mini", "--out", f"{afile}/sub"): f"cannot create {afile}/sub: {afile} is a file",
         ("bench", str(tiny_dir), "--variants", "bf16", "--out", str(afile)): f"output {afile} exists and is not a directory",
@@ -152,12 +154,14 @@ def test_unusable_paths_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
             "afile is not a llama.cpp imatrix file",
         ("export", str(tiny_dir), "--format", "gguf", "--imatrix", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")):
             "none.jsonl: no such calibration file",
+        ("export", str(tiny_dir), "--format", "gguf", "--imatrix", str(bad_set), "--out", str(tmp_path / "o")):
+            "scans.JSONL:1: " + str(afile) + ": not an image Pillow can read",  # the set whole, before the intermediate
     }  # fmt: skip
     for argv, message in cases.items():
         assert message in refused(list(argv), capsys)
     (build / "m.Q8_0.gguf").write_bytes(bytes(100))
     assert "lists mmproj-m-f16.gguf, which is missing" in refused(["ask", str(build), "--item", ITEM], capsys)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "build", "seen.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "build", "scans.JSONL", "seen.png"]
 
 
 def test_unwritable_output_folder_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):

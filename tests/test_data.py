@@ -182,6 +182,33 @@ def test_monochrome1_rescale_and_window():
     assert (out[..., 0] == out[..., 2]).all()
 
 
+def test_enhanced_ct_takes_rescale_window_and_orientation_from_its_functional_groups():
+    """An enhanced multi-frame CT (PS3.3 C.7.6.16) keeps rescale, window and plane orientation in
+    its Shared Functional Groups; read only at the top level, stored values passed for HU (air came
+    out grey) and the mirrored plane stayed mirrored. Expected: the standard's LINEAR window of
+    stored x slope + intercept, written out here, with the columns flipped (rows run toward -x)."""
+    path = catalog.source_path("eCT_Supplemental.dcm")
+    ds = pydicom.dcmread(path)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    rescale, voi = shared.PixelValueTransformationSequence[0], shared.FrameVOILUTSequence[0]
+    assert list(shared.PlaneOrientationSequence[0].ImageOrientationPatient) == [-1, 0, 0, 0, 1, 0]
+    hu = ds.pixel_array[1].astype(float) * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
+    expected = np.rint(_linear_window(hu, float(voi.WindowCenter), float(voi.WindowWidth)) * 255)[:, ::-1]
+    out = dicom_to_array(path)  # the middle of its 2 frames
+    np.testing.assert_array_equal(out[..., 0], expected)
+    assert out[0, 0, 0] == 0  # air is black
+
+
+def test_jpeg_ls_lossless_gives_the_uncompressed_twins_pixels():
+    """PACS store most images compressed losslessly (JPEG Lossless, JPEG-LS), which pydicom reads only
+    with a plugin (python-gdcm, a dependency): pydicom's own test pair must give identical pictures."""
+    from pydicom.data import get_testdata_file
+
+    compressed, plain = (get_testdata_file(n) for n in ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"))
+    assert pydicom.dcmread(compressed).file_meta.TransferSyntaxUID.name == "JPEG-LS Lossless Image Compression"
+    np.testing.assert_array_equal(dicom_to_array(compressed), dicom_to_array(plain))
+
+
 def test_window_override_on_hounsfield_units():
     stored = np.array([[0, 1024], [1064, 3000]], np.uint16)  # -1024 (air), 0 (water), 40, 1976 HU
     ds = _dataset(stored, "MONOCHROME2", 12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=80)
@@ -311,6 +338,11 @@ def test_jsonl_loads_images_dicoms_and_ecgs(tmp_path):
         ({**GOOD, "choices": ["Kidney", "Spleen"]}, r"set\.jsonl:2: answer 'Liver' is not among the choices"),
         ({**GOOD, "dicom": "a.png"}, r"set\.jsonl:2: give exactly one of 'image' or 'dicom'"),
         ([1, 2], r"set\.jsonl:2: expected a JSON object"),
+        ({**GOOD, "answer": 3}, r"set\.jsonl:2: 'answer' must be a string, not int"),
+        ({**GOOD, "id": ["a"]}, r"set\.jsonl:2: 'id' must be a non-empty string"),
+        ({**GOOD, "image": "."}, r"set\.jsonl:2: .* is a directory"),
+        ({**GOOD, "image": "set.jsonl"}, r"set\.jsonl:2: .*set\.jsonl: not an image Pillow can read"),  # at load
+        ({**GOOD, "id": "set:1"}, r"set\.jsonl:2: id 'set:1' is already used on line 1"),
     ],
 )
 def test_jsonl_errors_name_file_and_line(tmp_path, bad, message):
@@ -318,6 +350,36 @@ def test_jsonl_errors_name_file_and_line(tmp_path, bad, message):
     with pytest.raises(QoqoptError, match=message) as info:
         load_jsonl(path)
     assert "\n" not in str(info.value)
+
+
+def test_jsonl_reads_what_json_and_excel_write(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+2028 and U+0085 raw inside strings (str.splitlines
+    would cut the line there), Excel saves a BOM, and a label may hold a comma."""
+    rows = [{**GOOD, "question": "Which organ?\u2028Short answer\u0085please."},
+            {**GOOD, "answer": "Normal, no findings", "choices": ["Normal, no findings", "Mass"], "id": 7}]  # fmt: skip
+    path = tmp_path / "set.jsonl"
+    _write_set(tmp_path, [])
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\n")
+    items = load_jsonl(path)
+    assert [it.id for it in items] == ["set:1", "7"] and "\u2028Short" in items[0].question
+    path.write_bytes("{\"question\": \"Qu\u00e9?\"}\n".encode("latin-1"))
+    with pytest.raises(QoqoptError, match=r"set\.jsonl:1: not UTF-8 text \(byte 16\); save the set as UTF-8$"):
+        load_jsonl(path)
+
+
+def test_jsonl_images_are_the_pixels_ask_gives(tmp_path):
+    """A set's image is `ask --image`'s picture (qoqopt.images, checked against llama.cpp's loader),
+    resized: 16-bit greyscale keeps its range, and a DICOM named .png is read as DICOM."""
+    from qoqopt.data.augment import resize_to
+    from qoqopt.images import open_image
+
+    Image.fromarray(np.linspace(0, 65535, 300 * 400).astype(np.uint16).reshape(300, 400)).save(tmp_path / "g16.png")
+    (tmp_path / "ct.png").write_bytes(open(catalog.source_path("CT_small.dcm"), "rb").read())
+    items = load_jsonl(_write_set(tmp_path, [{**GOOD, "image": "g16.png"}, {**GOOD, "image": "ct.png", "domain": "ct"}]))
+    for item, name in zip(items, ("g16.png", "ct.png")):
+        ask = open_image(tmp_path / name)
+        assert np.array_equal(np.asarray(item.image), np.asarray(resize_to(ask, item.image.size))), name
+    assert np.asarray(items[0].image).std() > 50  # a ramp, not clipped to white
 
 
 def test_jsonl_bad_dicom_is_reported_with_its_line(tmp_path):
@@ -358,6 +420,7 @@ def test_cli_jsonl_takes_domain_and_refuses_built_in_choices(tmp_path, capsys):
     assert _cli("data", "list", "--jsonl", path, "--domain", "ct") == 0
     out = capsys.readouterr().out
     assert "set:2" in out and "set:1" not in out and out.strip().endswith("1 items: ct 1")
+    assert "Which organ?" in out and THINK_SUFFIX[:20] not in out  # a user item's own question
     with pytest.raises(QoqoptError, match="--domain pathology: the built-in set has ct, "):
         _cli("data", "list", "--domain", "pathology")  # a domain only a user set can have
     for flag in (("--split", "eval"), ("--n-per-base", "2")):

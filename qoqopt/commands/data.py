@@ -7,9 +7,7 @@ from pathlib import Path
 
 from qoqopt.commands.argtypes import positive_int
 from qoqopt.data.augment import DEFAULT_MAX_SIDE
-from qoqopt.data.domains import BUILTIN_DOMAINS, DOMAINS
-from qoqopt.data.items import SPLITS, ClinicalItem, clinical_set, domain_counts, find_item
-from qoqopt.data.jsonl import load_jsonl
+from qoqopt.data.domains import BUILTIN_DOMAINS, DOMAINS, SPLITS
 from qoqopt.errors import QoqoptError
 
 EPILOG = """\
@@ -97,6 +95,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from qoqopt.data.items import clinical_set, domain_counts
+    from qoqopt.data.jsonl import load_jsonl
+
     if args.jsonl:
         if args.split or args.n_per_base:
             raise QoqoptError("--split and --n-per-base pick from the built-in set; a --jsonl set is listed whole")
@@ -109,7 +110,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                               "with a --jsonl set)")  # fmt: skip
         items = clinical_set(args.split or "eval", n_per_base=args.n_per_base or 1, seed=args.seed,
                              max_side=args.max_side or DEFAULT_MAX_SIDE, domains=args.domain)
-    rows = [(it.id, it.domain, Path(it.source).name, it.meta.get("qtype", ""), it.answer) for it in items]
+    rows = [(it.id, it.domain, Path(it.source).name, _question(it), it.answer) for it in items]
     header = ("id", "domain", "source file", "question", "answer")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
@@ -118,6 +119,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     print()
     print(f"{len(items)} items: " + ", ".join(f"{d} {n}" for d, n in counts.items()))
     return 0
+
+
+def _question(item, width: int = 40) -> str:
+    """The built-in set's question type; a user item's own question, shortened to fit a table row."""
+    from qoqopt.data.prompts import THINK_SUFFIX
+
+    if item.meta.get("qtype") != "user":
+        return item.meta.get("qtype", "")
+    text = " ".join(item.question.replace(THINK_SUFFIX, "").split())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -148,7 +159,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find(args: argparse.Namespace) -> ClinicalItem:
+def _find(args: argparse.Namespace):
+    from qoqopt.data.items import find_item
+    from qoqopt.data.jsonl import load_jsonl
+
     if not args.jsonl:
         return find_item(args.id, seed=args.seed, max_side=args.max_side or DEFAULT_MAX_SIDE)
     for item in load_jsonl(args.jsonl, max_side=args.max_side):

@@ -11,14 +11,28 @@ labelled base files), ``prompts`` (QoQ-Med's question format), ``items`` (items,
 sampling), ``jsonl`` (user sets), ``reports`` (clinical sentences), ``cli`` (``qoqopt data``).
 """
 
-from qoqopt.data.augment import DEFAULT_MAX_SIDE, MAX_PIXELS, MIN_PIXELS, fit_size
-from qoqopt.data.dicom import WINDOW_PRESETS, dicom_to_array, dicom_to_image
-from qoqopt.data.domains import BUILTIN_DOMAINS, DOMAINS, Domain
-from qoqopt.data.ecg import ENCODER_LEADS, STANDARD_LEADS, EcgRecording, ecg_signal, read_ecg, render_ecg
-from qoqopt.data.items import SPLITS, ClinicalItem, balanced_sample, clinical_set, domain_counts, find_item
-from qoqopt.data.jsonl import load_jsonl
-from qoqopt.data.prompts import QUESTION_TYPES, THINK_SUFFIX
-from qoqopt.data.reports import report_texts
+from importlib import import_module
+
+# Where each public name lives. They load on first use (PEP 562), so importing the package, as the
+# CLI does to build its parser, does not import pydicom (0.3 s at every start).
+_HOMES = {
+    "augment": ("DEFAULT_MAX_SIDE", "MAX_PIXELS", "MIN_PIXELS", "fit_size"),
+    "dicom": ("WINDOW_PRESETS", "dicom_to_array", "dicom_to_image"),
+    "domains": ("BUILTIN_DOMAINS", "DOMAINS", "SPLITS", "Domain"),
+    "ecg": ("ENCODER_LEADS", "STANDARD_LEADS", "EcgRecording", "ecg_signal", "read_ecg", "render_ecg"),
+    "items": ("ClinicalItem", "balanced_sample", "clinical_set", "domain_counts", "find_item"),
+    "jsonl": ("load_jsonl",),
+    "prompts": ("QUESTION_TYPES", "THINK_SUFFIX"),
+    "reports": ("report_texts",),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _HOME_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_HOME_OF[name]}"), name)
+
 
 __all__ = [
     "BUILTIN_DOMAINS",

@@ -8,6 +8,7 @@ its LUT, YBR through pydicom's colour conversion. Everything lands in [0, 255] u
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +35,54 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 }
 
 
+# Decoders tried first, where they read the transfer syntax: the ones the built-in set was drawn
+# with. gdcm (a dependency, for JPEG Lossless, JPEG-LS and 12-bit JPEG, which nothing else here
+# reads) would otherwise take over JPEG baseline and JPEG 2000 and change their pixels slightly.
+_PREFERRED_DECODERS = ("pydicom", "pillow")
+
+# Enhanced multi-frame objects (PS3.3 C.7.6.16) keep what a single-frame file has at its top level
+# in functional groups, shared by all frames or given per frame: (group macro, its attributes).
+_FRAME_MACROS = (
+    ("PixelValueTransformationSequence", ("RescaleIntercept", "RescaleSlope", "RescaleType")),
+    ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
+    ("PlaneOrientationSequence", ("ImageOrientationPatient",)),
+)
+
+
 def read_dicom(src: str | Path | Dataset) -> Dataset:
     """A parsed dataset; a path that is not DICOM becomes a QoqoptError naming the file."""
     if isinstance(src, Dataset):
         return src
     try:
         return pydicom.dcmread(str(src))
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+    except pydicom.errors.InvalidDicomError:
+        raise QoqoptError(f"{src}: not a DICOM file (no DICM marker after the 128-byte preamble)") from None
+    except (OSError, ValueError, AttributeError) as exc:
         raise QoqoptError(f"{src}: not a readable DICOM file ({exc})") from exc
 
 
 def frame_count(ds: Dataset) -> int:
-    return int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise QoqoptError(f"{_name(ds)}: Number of Frames is {ds['NumberOfFrames'].value!r}, not a count") from None
+
+
+def frame_view(ds: Dataset, index: int) -> Dataset:
+    """``ds`` with frame ``index``'s functional groups (shared, then that frame's own) copied to its
+    top level, where rescale, windowing and orientation are read; ``ds`` itself when it has none."""
+    groups = [seq[i] for seq, i in ((ds.get("SharedFunctionalGroupsSequence"), 0),
+                                    (ds.get("PerFrameFunctionalGroupsSequence"), index)) if seq and len(seq) > i]  # fmt: skip
+    if not groups:
+        return ds
+    view = copy.copy(ds)
+    for group in groups:
+        for macro, keywords in _FRAME_MACROS:
+            for item in group.get(macro) or []:
+                for keyword in keywords:
+                    if keyword in item:
+                        setattr(view, keyword, item[keyword].value)
+    return view
 
 
 def decode_frame(ds: Dataset, frame: int | None = None) -> tuple[np.ndarray, str]:
@@ -56,17 +93,33 @@ def decode_frame(ds: Dataset, frame: int | None = None) -> tuple[np.ndarray, str
     """
     if "PixelData" not in ds:
         raise QoqoptError(f"{_name(ds)}: DICOM has no pixel data (Modality {ds.get('Modality', '?')})")
-    n = frame_count(ds)
-    index = n // 2 if frame is None else frame  # the middle frame of a clip or stack is the most typical
-    if not 0 <= index < n:
-        raise QoqoptError(f"{_name(ds)}: frame {index} out of range (it has {n})")
+    index = frame_index(ds, frame)
     file_meta = getattr(ds, "file_meta", None)
     syntax = file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian) if file_meta else ExplicitVRLittleEndian
     try:
-        arr, meta = get_decoder(syntax).as_array(ds, index=index, raw=True)
-    except (RuntimeError, NotImplementedError, ValueError) as exc:
-        raise QoqoptError(f"{_name(ds)}: cannot decode pixel data ({exc})") from exc
-    return arr, str(meta.get("photometric_interpretation", ds.PhotometricInterpretation))
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise QoqoptError(f"{_name(ds)}: cannot decode pixel data ({exc})") from None
+    if not decoder.is_available:
+        raise QoqoptError(f"{_name(ds)}: no decoder for {syntax.name} is installed (pip install python-gdcm)")
+    preferred = [name for name in _PREFERRED_DECODERS if name in decoder.available_plugins]
+    for plugin in preferred[:1] + [""]:  # "": every available plugin, in pydicom's order
+        try:
+            arr, meta = decoder.as_array(ds, index=index, raw=True, decoding_plugin=plugin)
+            return arr, str(meta.get("photometric_interpretation", ds.PhotometricInterpretation))
+        except (RuntimeError, NotImplementedError, ValueError, AttributeError, KeyError) as exc:
+            error = exc  # e.g. Pillow and 12-bit JPEG: the others get their turn
+    # one line: pydicom's message lists the plugins over several
+    raise QoqoptError(f"{_name(ds)}: cannot decode pixel data ({' '.join(str(error).split())})") from None
+
+
+def frame_index(ds: Dataset, frame: int | None) -> int:
+    """``frame``, or the middle frame of a clip or stack (the most typical one) when it is None."""
+    n = frame_count(ds)
+    index = n // 2 if frame is None else frame
+    if not 0 <= index < n:
+        raise QoqoptError(f"{_name(ds)}: frame {index} out of range (it has {n})")
+    return index
 
 
 def dicom_to_array(
@@ -78,7 +131,9 @@ def dicom_to_array(
     """One frame as uint8 RGB (rows, columns, 3). `window` (centre, width) overrides the file's VOI;
     `reorient` flips slices stored mirrored into the usual radiological display (see below)."""
     ds = read_dicom(src)
-    arr, pi = decode_frame(ds, frame)
+    index = frame_index(ds, frame)
+    arr, pi = decode_frame(ds, index)
+    ds = frame_view(ds, index)
     if pi in ("MONOCHROME1", "MONOCHROME2"):
         rgb = np.repeat(_to_uint8(grey_to_unit(arr, ds, window))[..., None], 3, axis=-1)
     elif window is not None:

@@ -1,4 +1,5 @@
-"""QoQ-Med's clinical domains: one table, so ids and display names are spelled in one place."""
+"""QoQ-Med's clinical domains (one table, so ids and display names are spelled in one place) and
+the built-in set's split names: what the CLI offers as choices, without loading the set."""
 
 from __future__ import annotations
 
@@ -32,3 +33,5 @@ DOMAINS: dict[str, Domain] = {
 }
 
 BUILTIN_DOMAINS: tuple[str, ...] = tuple(d.id for d in DOMAINS.values() if d.builtin)
+
+SPLITS = ("train", "calib", "eval")

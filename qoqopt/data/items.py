@@ -18,11 +18,10 @@ from PIL import Image
 
 from qoqopt.data import catalog
 from qoqopt.data.augment import DEFAULT_MAX_SIDE, augment, draw_params, fit_size
-from qoqopt.data.domains import BUILTIN_DOMAINS, DOMAINS
+from qoqopt.data.domains import BUILTIN_DOMAINS, DOMAINS, SPLITS
 from qoqopt.data.prompts import QUESTION_TYPES, format_question, reason_for, target_text
 from qoqopt.errors import QoqoptError
 
-SPLITS = ("train", "calib", "eval")
 # Each split draws from its own seed stream; these numbers only need to differ.
 _SPLIT_CODES = {"train": 1, "calib": 2, "eval": 3}
 

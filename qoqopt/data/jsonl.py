@@ -4,7 +4,8 @@
     {"dicom": "ecg/b.dcm", "question": "...", "answer": "Normal", "domain": "ecg"}
 
 Paths are relative to the JSONL file's folder. Every problem is reported as a one-line
-QoqoptError "FILE:LINE: what is wrong", checked up front so a long run does not die at item 900.
+QoqoptError "FILE:LINE: what is wrong". Each line, and each file's header, is checked when the set
+is loaded, so a long run does not die at item 900; pixels are decoded when an item is used.
 """
 
 from __future__ import annotations
@@ -13,16 +14,15 @@ import json
 from functools import partial
 from pathlib import Path
 
-import pydicom
 from PIL import Image
 
 from qoqopt.data.augment import fit_size, resize_to
-from qoqopt.data.dicom import dicom_to_image
 from qoqopt.data.domains import DOMAINS
 from qoqopt.data.ecg import ecg_signal, read_ecg, render_ecg
 from qoqopt.data.items import ClinicalItem
 from qoqopt.data.prompts import with_suffix
 from qoqopt.errors import QoqoptError
+from qoqopt.images import check_image, open_dicom, open_image
 
 _REQUIRED = ("question", "answer", "domain")
 _ALLOWED = {"image", "dicom", "question", "answer", "domain", "choices", "id", "meta"}
@@ -34,13 +34,31 @@ def load_jsonl(path: str | Path, max_side: int | None = None) -> list[ClinicalIt
     path = Path(path)
     if not path.is_file():
         raise QoqoptError(f"{path}: no such file")
-    items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    items, first_line = [], {}
+    for lineno, line in enumerate(_lines(path), start=1):
         if line.strip():
-            items.append(_parse_line(path, lineno, line, max_side))
+            item = _parse_line(path, lineno, line, max_side)
+            # ids key the runtimes' image caches: a repeated one would be given another item's image
+            if item.id in first_line:
+                raise QoqoptError(f"{path}:{lineno}: id {item.id!r} is already used on line {first_line[item.id]}")
+            first_line[item.id] = lineno
+            items.append(item)
     if not items:
         raise QoqoptError(f"{path}: contains no items")
     return items
+
+
+def _lines(path: Path) -> list[str]:
+    """The file's lines, split on line ends only: str.splitlines would also split inside a JSON
+    string at U+2028 or U+0085, which json.dumps(ensure_ascii=False) writes raw. A BOM (as Excel
+    and Notepad save) is dropped."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise QoqoptError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); save the set as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def _parse_line(path: Path, lineno: int, line: str, max_side: int | None) -> ClinicalItem:
@@ -55,8 +73,12 @@ def _parse_line(path: Path, lineno: int, line: str, max_side: int | None) -> Cli
     if extra:
         raise QoqoptError(f"{where}: unknown field(s) {', '.join(extra)} (put extras under \"meta\")")
     for key in _REQUIRED:
+        if key in row and not isinstance(row[key], str):
+            raise QoqoptError(f"{where}: '{key}' must be a string, not {type(row[key]).__name__}")
         if not isinstance(row.get(key), str) or not row[key].strip():
             raise QoqoptError(f"{where}: missing or empty field '{key}'")
+    if "id" in row and (not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool) or not str(row["id"]).strip()):
+        raise QoqoptError(f"{where}: 'id' must be a non-empty string")
     if row["domain"] not in DOMAINS:
         raise QoqoptError(f"{where}: unknown domain '{row['domain']}' (known: {', '.join(DOMAINS)})")
     if ("image" in row) == ("dicom" in row):
@@ -65,7 +87,7 @@ def _parse_line(path: Path, lineno: int, line: str, max_side: int | None) -> Cli
     if not isinstance(row[kind], str) or not row[kind]:
         raise QoqoptError(f"{where}: '{kind}' must be a file path")
     file = (path.parent / row[kind]).resolve()
-    if not file.is_file():
+    if not file.exists():
         raise QoqoptError(f"{where}: {kind} file not found: {file}")
     choices = _choices(row, where)
     answer = row["answer"].strip()
@@ -80,13 +102,11 @@ def _parse_line(path: Path, lineno: int, line: str, max_side: int | None) -> Cli
         rec = _guarded(where, read_ecg, file)  # read now: a bad waveform fails at load, not mid-run
         signal = ecg_signal(rec)
         make = partial(render_ecg, rec)
-    elif kind == "dicom":
-        _check_dicom_header(file, where)
-        make = partial(dicom_to_image, file)
     else:
-        make = partial(_open_image, file)
+        _guarded(where, check_image, file, kind == "dicom")  # the header now: a bad file fails at load
+        make = partial(open_dicom if kind == "dicom" else open_image, file)
     return ClinicalItem(
-        id=str(row.get("id") or f"{path.stem}:{lineno}"),
+        id=str(row["id"]).strip() if "id" in row else f"{path.stem}:{lineno}",
         domain=row["domain"],
         question=with_suffix(row["question"]),
         answer=answer,
@@ -108,21 +128,16 @@ def _choices(row: dict, where: str) -> list[str]:
 
 
 def _check_answer(answer: str, choices: list[str], where: str) -> None:
-    """Every comma-separated label of the answer must be one of the choices (when choices are given)."""
+    """The answer must be one of the choices, or each of its comma-separated labels must be (when
+    choices are given). A choice may hold a comma itself ("Normal, no findings")."""
     if not choices:
         return
     allowed = {c.lower() for c in choices}
+    if answer.lower() in allowed:
+        return
     missing = [a.strip() for a in answer.split(",") if a.strip().lower() not in allowed]
     if missing:
         raise QoqoptError(f"{where}: answer '{', '.join(missing)}' is not among the choices")
-
-
-def _check_dicom_header(file: Path, where: str) -> None:
-    """Parse the header only: big image sets load fast, and a non-DICOM file still fails here."""
-    try:
-        pydicom.dcmread(file, stop_before_pixels=True)
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
-        raise QoqoptError(f"{where}: {file}: not a readable DICOM file ({exc})") from None
 
 
 def _guarded(where: str, fn, *args):
@@ -132,14 +147,9 @@ def _guarded(where: str, fn, *args):
         raise QoqoptError(f"{where}: {exc}") from None
 
 
-def _open_image(file: Path) -> Image.Image:
-    with Image.open(file) as img:
-        return img.convert("RGB")
-
-
 def _sized(make, max_side: int | None, where: str) -> Image.Image:
     try:
         img = make()
-    except (OSError, QoqoptError) as exc:  # PIL raises OSError subclasses for unreadable images
+    except QoqoptError as exc:
         raise QoqoptError(f"{where}: cannot read image ({exc})") from None
     return resize_to(img, fit_size(img.width, img.height, max_side or max(img.size)))
