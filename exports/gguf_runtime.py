@@ -196,6 +196,7 @@ class LlamaVL:
         self.last_encode_s = time.perf_counter() - t0
         try:
             n_past, n_chunks = 0, m.mtmd_input_chunks_size(chunks)
+            self._check_fits(m, chunks, n_chunks)
             # Under M-RoPE an image advances the position by its grid side, not its token count.
             self.last_prompt_tokens = self.last_image_tokens = 0
             for i in range(n_chunks):
@@ -223,6 +224,15 @@ class LlamaVL:
             return n_past
         finally:
             m.mtmd_input_chunks_free(chunks)
+
+    def _check_fits(self, m, chunks, n_chunks: int) -> None:
+        """A prompt longer than the context fails inside llama_decode with only "failed to find a
+        memory slot"; say what did not fit instead."""
+        sizes = [m.mtmd_input_chunk_get_n_tokens(m.mtmd_input_chunks_get(chunks, i)) for i in range(n_chunks)]
+        n_ctx = self.llm.n_ctx()
+        if sum(sizes) > n_ctx:
+            raise QoqoptError(f"the prompt is {sum(sizes)} tokens (text and image) but the context holds {n_ctx}: "
+                              "shorten the question")  # fmt: skip
 
     def _decode(self, ids: list[int], n_past: int, all_logits: bool) -> np.ndarray:
         lc = self._llama_cpp

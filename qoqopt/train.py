@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ TRAIN_VIEWS = 64  # augmented views per (image, question) available to training 
 CHECK_ITEMS, CHECK_EVERY, CHECK_FROM, CHECK_TARGET = 30, 75, 700, 0.97  # early stop on "calib" views
 # 600 steps gave 85% held-out; 1000 gave 95% (CT and X-ray were still learning at 600).
 MAX_STEPS = 1000
+LOG_EVERY = 100  # steps between progress lines when no bar is drawn (a log file, CI)
 # Report sentences are taught as completions of their own opening words: a fixed prompt with 45
 # different answers would be unlearnable noise, and would keep token accuracy from ever converging.
 REPORT_PROMPT = "Complete the clinical report sentence that begins: {opening}"
@@ -190,8 +192,10 @@ def train(preset: str = "tiny", seed: int = 0, max_steps: int = MAX_STEPS, batch
         opt, lambda s: min((s + 1) / 30, 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s / max_steps, 1.0))))
     )
     start, step, check_acc = time.time(), 0, 0.0
-    # disable=None: drawn on a terminal only, so a log taken with `2> log` has no redraws
+    # disable=None: drawn on a terminal only, so a log taken with `2> log` has no redraws; there a
+    # line every LOG_EVERY steps says how far it is instead
     bar = tqdm(total=max_steps, desc="training", disable=None if progress else True)
+    log_lines = progress and bar.disable
     while step < max_steps and check_acc < CHECK_TARGET:
         model.train()
         for idx in torch.randperm(len(pool), generator=gen).split(batch_size):
@@ -207,6 +211,9 @@ def train(preset: str = "tiny", seed: int = 0, max_steps: int = MAX_STEPS, batch
             if step % CHECK_EVERY == 0 and step >= CHECK_FROM:
                 check_acc = evaluate(model, proc, check_items, max_new_tokens=48)[0]
                 model.train()
+            if log_lines and step % LOG_EVERY == 0:
+                print(f"training: step {step}/{max_steps}, loss {loss.item():.3f}, held-out check {check_acc:.2f}, "
+                      f"{time.time() - start:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
             if step >= max_steps or check_acc >= CHECK_TARGET:
                 break
     bar.close()

@@ -686,3 +686,16 @@ def test_published_card_carries_the_builds_own_run_instructions(built):
     assert "--image-min-tokens" in card["Usage"] and "QoQMedChatHandler" in card["Usage"]
     assert "RMSNorm epsilon" in card["Known issues"] and card["Left out on purpose"] == "- nothing"
     assert any("carries its run instructions" in note for note in plan.notes)
+
+
+def test_a_prompt_longer_than_the_context_is_named(built):
+    """llama.cpp itself only says "failed to find a memory slot" and llama_decode fails."""
+    from PIL import Image
+
+    from qoqopt.exports.gguf_runtime import chat_prompt
+
+    image = Image.new("RGB", (308, 308), (90, 90, 90))  # 121 image tokens
+    with LlamaVL(built.file("text", "F16"), built.file("mmproj"), n_ctx=256, threads=1) as vl:
+        assert vl.generate(chat_prompt("Which region?"), image, max_tokens=1) is not None
+        with pytest.raises(QoqoptError, match=r"^the prompt is \d+ tokens \(text and image\) but the context holds 256"):
+            vl.generate(chat_prompt("Which region? " * 60), image, max_tokens=1)
