@@ -31,20 +31,25 @@ Your own set (--jsonl here; `export --imatrix F.jsonl`, `export --calib F.jsonl`
 
   required   question, answer, domain (ct, mri, ultrasound, xray, ecg, mammography, dermoscopy,
              fundus, pathology) and exactly one of image (a file Pillow reads) or dicom
-  optional   choices (2 or more; every comma-separated label of the answer must be one),
-             id (default FILE-STEM:LINE), meta (free-form; meta.reason is the <think> sentence
-             of the reference reply, default "The image shows ANSWER.")
-  paths      relative to the JSONL file's folder
+  optional   choices (2 or more; the answer, or each of its comma-separated labels, must be
+             one), id (unique; default FILE-STEM:LINE), meta (free-form; meta.reason is the
+             <think> sentence of the reference reply, default "The image shows ANSWER.")
+  paths      relative to the JSONL file's folder; the file is UTF-8 (a BOM is fine)
+  image      PNG, JPEG, TIFF, ...: EXIF orientation applied, 16-bit greyscale reduced by its
+             high byte as llama.cpp does; a DICOM given here is read as one (DICM marker)
   dicom      shown as a viewer would: rescale, then the file's own window or VOI LUT (CT without
              one: soft tissue 40/400 HU; else a 0.5-99.5 percentile stretch), MONOCHROME1
-             inverted; with domain ecg, a 10 s waveform DICOM drawn as a 12-lead paper sheet
+             inverted; multi-frame: the middle frame, enhanced files through their functional
+             groups; uncompressed, RLE, JPEG, JPEG Lossless, JPEG-LS, JPEG 2000 (not 12-bit
+             JPEG); with domain ecg, a 10 s waveform DICOM drawn as a 12-lead paper sheet
   sizes      each image at its own size on Qwen's 28-pixel grid, clamped into QoQ-Med's
              training range (65,536-524,288 pixels); --max-side N here: longer side about N
 
 QoQ-Med's think/\\boxed{} instruction is added to each question that does not ask for \\boxed{}
 itself. Answers are scored as in the built-in set: set F1 over the comma-separated labels inside
-the reply's last \\boxed{}, case-insensitive. Every line is checked when the set is loaded
-(FILE:LINE: what is wrong), before any long work starts.
+the reply's last \\boxed{}, case-insensitive. Every line, and each file's header, is checked
+when the set is loaded (FILE:LINE: what is wrong), before any long work starts; pixels are
+decoded when an item is used.
 """
 
 
