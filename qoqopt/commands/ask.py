@@ -42,7 +42,7 @@ def register(sub) -> None:
     src.add_argument("--item", help="a built-in clinical item id (see `qoqopt data list`)")
     src.add_argument("--image", type=Path, help="an image file (PNG, JPEG, TIFF, ...; 16-bit greyscale as llama.cpp reads it, "
                      "EXIF orientation applied) or a DICOM file (.dcm, or any name with the DICM marker; "
-                     "an ECG waveform DICOM is drawn as a 12-lead sheet)")
+                     "multi-frame: the middle frame; an ECG waveform DICOM is drawn as a 12-lead sheet)")
     p.add_argument("--question", help="the question for --image (QoQ-Med's think/\\boxed{} instruction is added)")
     p.add_argument("--quant", help="GGUF builds: which text GGUF (default: the one the build's card and Modelfile "
                                    "use: Q4_K_M, else Q5_K_M, Q6_K, Q8_0, ..., F16/F32 last)")
