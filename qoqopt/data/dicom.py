@@ -36,8 +36,8 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 
 
 # Decoders tried first, where they read the transfer syntax: the ones the built-in set was drawn
-# with. gdcm (a dependency, for JPEG Lossless, JPEG-LS and 12-bit JPEG, which nothing else here
-# reads) would otherwise take over JPEG baseline and JPEG 2000 and change their pixels slightly.
+# with. gdcm (a dependency, for JPEG Lossless and JPEG-LS, which nothing else here reads) would
+# otherwise take over JPEG baseline and JPEG 2000 and change their pixels slightly.
 _PREFERRED_DECODERS = ("pydicom", "pillow")
 
 # Enhanced multi-frame objects (PS3.3 C.7.6.16) keep what a single-frame file has at its top level
@@ -49,12 +49,12 @@ _FRAME_MACROS = (
 )
 
 
-def read_dicom(src: str | Path | Dataset) -> Dataset:
+def read_dicom(src: str | Path | Dataset, stop_before_pixels: bool = False) -> Dataset:
     """A parsed dataset; a path that is not DICOM becomes a QoqoptError naming the file."""
     if isinstance(src, Dataset):
         return src
     try:
-        return pydicom.dcmread(str(src))
+        return pydicom.dcmread(str(src), stop_before_pixels=stop_before_pixels)
     except pydicom.errors.InvalidDicomError:
         raise QoqoptError(f"{src}: not a DICOM file (no DICM marker after the 128-byte preamble)") from None
     except (OSError, ValueError, AttributeError) as exc:
@@ -69,19 +69,24 @@ def frame_count(ds: Dataset) -> int:
 
 
 def frame_view(ds: Dataset, index: int) -> Dataset:
-    """``ds`` with frame ``index``'s functional groups (shared, then that frame's own) copied to its
-    top level, where rescale, windowing and orientation are read; ``ds`` itself when it has none."""
-    groups = [seq[i] for seq, i in ((ds.get("SharedFunctionalGroupsSequence"), 0),
-                                    (ds.get("PerFrameFunctionalGroupsSequence"), index)) if seq and len(seq) > i]  # fmt: skip
+    """A dataset holding ``ds``'s top level plus frame ``index``'s functional groups (shared, then
+    that frame's own, which win), where rescale, windowing and orientation are read; ``ds`` itself
+    when it has none. ``ds`` is left as it was."""
+    shared, per_frame = ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and len(per_frame) != frame_count(ds):
+        raise QoqoptError(f"{_name(ds)}: {len(per_frame)} per-frame functional groups for {frame_count(ds)} frames")
+    groups = ([shared[0]] if shared else []) + ([per_frame[index]] if per_frame else [])
     if not groups:
         return ds
-    view = copy.copy(ds)
+    view = Dataset()
+    view.update(ds)  # its own element table: elements added below replace entries there only
+    view.filename = getattr(ds, "filename", None)
     for group in groups:
         for macro, keywords in _FRAME_MACROS:
             for item in group.get(macro) or []:
                 for keyword in keywords:
                     if keyword in item:
-                        setattr(view, keyword, item[keyword].value)
+                        view.add(copy.deepcopy(item[keyword]))
     return view
 
 
@@ -101,7 +106,8 @@ def decode_frame(ds: Dataset, frame: int | None = None) -> tuple[np.ndarray, str
     except NotImplementedError as exc:
         raise QoqoptError(f"{_name(ds)}: cannot decode pixel data ({exc})") from None
     if not decoder.is_available:
-        raise QoqoptError(f"{_name(ds)}: no decoder for {syntax.name} is installed (pip install python-gdcm)")
+        needs = " ".join("; ".join(decoder.missing_dependencies).split())  # pydicom's own advice, on one line
+        raise QoqoptError(f"{_name(ds)}: no decoder for {syntax.name} is installed ({needs})")
     preferred = [name for name in _PREFERRED_DECODERS if name in decoder.available_plugins]
     for plugin in preferred[:1] + [""]:  # "": every available plugin, in pydicom's order
         try:
