@@ -182,8 +182,9 @@ class LlamaVL:
             self.embd_cache[key] = embd
         return embd
 
-    def _eval_prompt(self, prompt: str, images: list, image_keys: list | None = None) -> int:
-        """Evaluate a prompt with images into a fresh KV cache; returns n_past (next position).
+    def _eval_prompt(self, prompt: str, images: list, image_keys: list | None = None, reserve: int = 0) -> int:
+        """Evaluate a prompt with images into a fresh KV cache, leaving room for `reserve` more
+        tokens; returns n_past (next position).
 
         Text chunks are decoded as token batches; image chunks are encoded by the mmproj (or taken
         from `embd_cache` under `image_keys`) and decoded with llama.cpp's M-RoPE image positions.
@@ -196,7 +197,7 @@ class LlamaVL:
         self.last_encode_s = time.perf_counter() - t0
         try:
             n_past, n_chunks = 0, m.mtmd_input_chunks_size(chunks)
-            self._check_fits(m, chunks, n_chunks)
+            self._check_fits(m, chunks, n_chunks, reserve)
             # Under M-RoPE an image advances the position by its grid side, not its token count.
             self.last_prompt_tokens = self.last_image_tokens = 0
             for i in range(n_chunks):
@@ -225,14 +226,14 @@ class LlamaVL:
         finally:
             m.mtmd_input_chunks_free(chunks)
 
-    def _check_fits(self, m, chunks, n_chunks: int) -> None:
-        """A prompt longer than the context fails inside llama_decode with only "failed to find a
-        memory slot"; say what did not fit instead."""
+    def _check_fits(self, m, chunks, n_chunks: int, reserve: int) -> None:
+        """A prompt and reply longer than the context fail inside llama_decode with only "failed to
+        find a memory slot"; say what did not fit instead."""
         sizes = [m.mtmd_input_chunk_get_n_tokens(m.mtmd_input_chunks_get(chunks, i)) for i in range(n_chunks)]
         n_ctx = self.llm.n_ctx()
-        if sum(sizes) > n_ctx:
-            raise QoqoptError(f"the prompt is {sum(sizes)} tokens (text and image) but the context holds {n_ctx}: "
-                              "shorten the question")  # fmt: skip
+        if sum(sizes) + reserve > n_ctx:
+            raise QoqoptError(f"the prompt is {sum(sizes)} tokens (text and image) and the reply up to {reserve}, "
+                              f"but the context holds {n_ctx}: shorten the question or the reply")  # fmt: skip
 
     def _decode(self, ids: list[int], n_past: int, all_logits: bool) -> np.ndarray:
         lc = self._llama_cpp
@@ -262,7 +263,8 @@ class LlamaVL:
         Row 0 predicts continuation[0] (from the prompt's last position), row i predicts continuation[i].
         `image_key` names the image in `embd_cache`, so several builds sharing one mmproj encode it once.
         """
-        n_past = self._eval_prompt(prompt, [image] if image is not None else [], [image_key] if image is not None else None)
+        n_past = self._eval_prompt(prompt, [image] if image is not None else [], [image_key] if image is not None else None,
+                                   reserve=max(len(continuation) - 1, 0))
         last = self._last_logits()
         rest = self._decode(continuation[:-1], n_past, True) if len(continuation) > 1 else np.empty((0, self.n_vocab), np.float32)
         return np.concatenate([last[None], rest], axis=0)
@@ -275,7 +277,8 @@ class LlamaVL:
     def generate(self, prompt: str, image=None, max_tokens: int = 48, stop_ids: tuple[int, ...] = (151645, 151643),
                  image_key=None) -> str:  # fmt: skip
         """Greedy continuation of an (image) prompt, as llama.cpp produces it (`image_key`: see chat_logits)."""
-        n_past = self._eval_prompt(prompt, [image] if image is not None else [], [image_key] if image is not None else None)
+        n_past = self._eval_prompt(prompt, [image] if image is not None else [], [image_key] if image is not None else None,
+                                   reserve=max_tokens)
         logits, out = self._last_logits(), []
         for _ in range(max_tokens):
             tok = int(np.argmax(logits))
@@ -291,7 +294,7 @@ class LlamaVL:
         preprocessing and encode + prompt decode + first logits), the image's share of it, and
         `n_decode` greedy tokens (stop tokens ignored, so every run decodes the same length)."""
         t0 = time.perf_counter()
-        n_past = self._eval_prompt(prompt, [image] if image is not None else [])
+        n_past = self._eval_prompt(prompt, [image] if image is not None else [], reserve=n_decode)
         logits = self._last_logits()
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()

@@ -2,14 +2,16 @@
 
 Pillow's own ``convert("RGB")`` clips 16-bit greyscale at 255, so a 16-bit PNG or TIFF (a common
 export from PACS viewers and detectors) became almost all white. Here 16-bit values keep their
-range, reduced to 8 bits by their high byte as llama.cpp's image loader (stb_image) does, so the
-picture is the one LM Studio and llama-mtmd-cli see in the same file. The EXIF orientation is
-applied, as transformers' ``load_image`` and every viewer do (stb_image ignores it).
+range, reduced to 8 bits by their high byte, as llama.cpp's image loader (stb_image) reduces a
+16-bit PNG: the picture LM Studio and llama-mtmd-cli see in the same PNG (they cannot read TIFF).
+The EXIF orientation is applied, as transformers' ``load_image`` and every viewer do (stb_image
+ignores it).
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,52 +39,78 @@ def open_image(path: str | Path) -> Image.Image:
     path = _existing(path)
     if is_dicom(path):
         return open_dicom(path)
-    try:
-        with Image.open(path) as img:
-            return _fits_processor(_to_rgb8(ImageOps.exif_transpose(img), path), path)
-    except Image.DecompressionBombError as exc:
-        raise QoqoptError(f"{path}: too many pixels for a safe decode ({exc}); downscale it first") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise QoqoptError(f"{path}: not an image Pillow can read, nor a DICOM file ({exc.__class__.__name__})") from None
+    with _pillow(path) as img:
+        return _fits_processor(_to_rgb8(ImageOps.exif_transpose(img), path), path)
 
 
 def open_dicom(path: str | Path) -> Image.Image:
-    """An image DICOM as a viewer shows it (qoqopt.data.dicom); an ECG waveform DICOM (no pixel
-    data) as the 12-lead paper sheet QoQ-Med reads ECGs from, as the clinical sets draw it."""
+    """An image DICOM as a viewer shows it (qoqopt.data.dicom); an ECG waveform DICOM as the
+    12-lead paper sheet QoQ-Med reads ECGs from, as the clinical sets draw it."""
     from qoqopt.data.dicom import dicom_to_image, read_dicom
     from qoqopt.data.ecg import render_ecg
 
-    path = _existing(path)
-    ds = read_dicom(path)
-    if "PixelData" not in ds and "WaveformSequence" in ds:
+    ds = read_dicom(_existing(path))
+    if is_waveform(ds):
         return render_ecg(ds)
     return _fits_processor(dicom_to_image(ds), path)
 
 
+def is_waveform(ds) -> bool:
+    """A waveform DICOM (an ECG) rather than an image; true of a header read without pixels too."""
+    return "WaveformSequence" in ds and "Rows" not in ds
+
+
 def check_image(path: str | Path, dicom: bool = False) -> None:
-    """What can be known of an image file from its header alone: it exists, it is a DICOM or an
-    image Pillow identifies, and its size is one the processor takes. For sets that are checked
-    whole before long work starts; pixels are decoded when an item is used."""
-    import pydicom
+    """What can be known of an image file from its header alone: it exists, it is a DICOM whose
+    pixels a decoder here reads (or a waveform), or an image Pillow identifies in a mode with a
+    display range, and its size is one the processor takes. For sets that are checked whole
+    before long work starts; pixels are decoded when an item is used."""
+    from qoqopt.data.dicom import read_dicom
 
     path = _existing(path)
     if dicom or is_dicom(path):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError, ValueError, AttributeError) as exc:
-            raise QoqoptError(f"{path}: not a readable DICOM file ({exc.__class__.__name__})") from None
-        if "Rows" in ds and "Columns" in ds:
-            _check_aspect(int(ds.Columns), int(ds.Rows), path)
-        elif "WaveformSequence" not in ds:
+        ds = read_dicom(path, stop_before_pixels=True)
+        if is_waveform(ds):
+            return
+        if "Rows" not in ds or "Columns" not in ds:
             raise QoqoptError(f"{path}: DICOM has neither an image nor a waveform (Modality {ds.get('Modality', '?')})")
+        _check_decodable(ds, path)
+        _check_aspect(int(ds.Columns), int(ds.Rows), path)
         return
+    with _pillow(path) as img:
+        _check_mode(img, path)
+        _check_aspect(*img.size, path)
+
+
+@contextmanager
+def _pillow(path: Path):
+    """The file opened by Pillow (header read, pixels on demand), its failures as one line."""
     try:
         with Image.open(path) as img:
-            _check_aspect(*img.size, path)
+            yield img
     except Image.DecompressionBombError as exc:
         raise QoqoptError(f"{path}: too many pixels for a safe decode ({exc}); downscale it first") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise QoqoptError(f"{path}: not an image Pillow can read, nor a DICOM file ({exc.__class__.__name__})") from None
+
+
+def _check_decodable(ds, path: Path) -> None:
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGExtended12Bit
+
+    syntax = (getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID")
+    if syntax is None:
+        return  # decode_frame takes such a file as explicit VR little endian
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise QoqoptError(f"{path}: pixel data in {syntax.name}, which pydicom cannot decode") from None
+    if not decoder.is_available:
+        needs = " ".join("; ".join(decoder.missing_dependencies).split())
+        raise QoqoptError(f"{path}: no decoder for {syntax.name} is installed ({needs})")
+    if syntax == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8:
+        raise QoqoptError(f"{path}: 12-bit JPEG Extended, which neither Pillow nor gdcm decodes here; "
+                          "export the image uncompressed or lossless")  # fmt: skip
 
 
 def _existing(path: str | Path) -> Path:
@@ -106,13 +134,19 @@ def _check_aspect(width: int, height: int, path: Path) -> None:
                           "Qwen2.5-VL's image processor refuses; crop it")  # fmt: skip
 
 
-def _to_rgb8(img: Image.Image, path: Path) -> Image.Image:
+def _check_mode(img: Image.Image, path: Path) -> None:
     if img.mode == "F":
         raise QoqoptError(f"{path}: a floating-point image has no display range; save it as 8 or 16 bits")
+
+
+def _to_rgb8(img: Image.Image, path: Path) -> Image.Image:
+    _check_mode(img, path)
     if img.mode not in _SIXTEEN_BIT:
         return img.convert("RGB")
-    values = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
-    if values.max() < 4096:
+    values = np.asarray(img, dtype=np.int64)
+    if values.min() < 0 or values.max() > 65535:  # mode I holds 32-bit integers
+        raise QoqoptError(f"{path}: values {values.min()}..{values.max()} do not fit 16 bits; save it as 8 or 16 bits")
+    if 0 < values.max() < 4096:
         print(f"warning: {path} is a 16-bit image that uses at most 12 bits: it is shown dark, as llama.cpp "
               "and LM Studio show it; give the DICOM, or export the image scaled to 16 bits", file=sys.stderr)  # fmt: skip
     return Image.fromarray((values >> 8).astype(np.uint8), "L").convert("RGB")

@@ -138,3 +138,44 @@ def test_verify_checks_every_listed_file_against_its_sha256(tmp_path, capsys, mo
     assert rc == 1 and len(json.loads(out)["verify_failed"]) == 2
     assert refused(["info", paths[1], "--verify"], capsys).endswith("give the folder, not one file")
     assert "has no manifest.json" in refused(["info", tmp_path, "--verify"], capsys)
+
+
+def test_verify_reports_a_damaged_build_even_when_it_cannot_be_summarised(tmp_path, capsys, monkeypatch):
+    """A GPTQ copy that lost its config.json cannot be described, but what --verify found is still printed."""
+    from qoqopt.cli import main
+
+    monkeypatch.setenv("QOQOPT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 8)
+    files = [{"path": "model.safetensors", "bytes": 8, "sha256": "0" * 64}, {"path": "config.json", "bytes": 2, "sha256": "0" * 64}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "gptq", "files": files}))
+    capsys.readouterr()
+    assert main(["info", str(tmp_path), "--verify"]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "verify       FAILED model.safetensors does not match the sha256 in manifest.json: the file is corrupt or was "
+        "changed after export; copy or download it again",
+        f"verify       FAILED {tmp_path} lists config.json, which is missing: copy or download the whole build"]
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_a_files_source_is_what_its_qoqopt_keys_say(tmp_path, capsys):
+    """A GGUF exported from a Hub checkpoint carries the commit it was made from (qoqopt.source_revision)."""
+    from gguf import GGUFWriter
+
+    from qoqopt.cli import main
+
+    path = tmp_path / "m.gguf"
+    writer = GGUFWriter(path, "qwen2vl")
+    for key, value in (("source", "ddvd233/QoQ-Med-VL-7B"), ("source_revision", "a" * 40), ("source_fingerprint", "sha256-v2:f")):
+        writer.add_string(f"qoqopt.{key}", value)
+    writer.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    capsys.readouterr()
+    assert main(["info", str(path), "--json"]) == 0
+    made_from = json.loads(capsys.readouterr().out)["made_from"]
+    assert made_from == {"model": "ddvd233/QoQ-Med-VL-7B", "revision": "a" * 40, "fingerprint": "sha256-v2:f"}
+    assert main(["info", str(path)]) == 0
+    assert f"made from    ddvd233/QoQ-Med-VL-7B, revision {'a' * 40}\n" in capsys.readouterr().out

@@ -199,6 +199,26 @@ def test_enhanced_ct_takes_rescale_window_and_orientation_from_its_functional_gr
     assert out[0, 0, 0] == 0  # air is black
 
 
+def test_a_frames_own_group_wins_and_the_dataset_is_left_as_it_was():
+    """Per-frame functional groups override shared ones for their frame; reading never writes them
+    into the caller's dataset; a per-frame sequence that does not cover every frame is refused."""
+    import copy
+
+    ds = pydicom.dcmread(catalog.source_path("eCT_Supplemental.dcm"))
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    own = copy.deepcopy(shared.FrameVOILUTSequence)
+    own[0].WindowCenter, own[0].WindowWidth = 40, 400
+    ds.PerFrameFunctionalGroupsSequence[1].FrameVOILUTSequence = own  # frame 1's own window
+    before = ds.to_json_dict(bulk_data_threshold=1 << 40, bulk_data_element_handler=lambda e: "")
+    rescale = shared.PixelValueTransformationSequence[0]
+    hu = ds.pixel_array[1].astype(float) * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
+    np.testing.assert_array_equal(dicom_to_array(ds, frame=1)[..., 0], np.rint(_linear_window(hu, 40, 400) * 255)[:, ::-1])
+    assert ds.to_json_dict(bulk_data_threshold=1 << 40, bulk_data_element_handler=lambda e: "") == before
+    del ds.PerFrameFunctionalGroupsSequence[1]
+    with pytest.raises(QoqoptError, match="1 per-frame functional groups for 2 frames"):
+        dicom_to_array(ds)
+
+
 def test_jpeg_ls_lossless_gives_the_uncompressed_twins_pixels():
     """PACS store most images compressed losslessly (JPEG Lossless, JPEG-LS), which pydicom reads only
     with a plugin (python-gdcm, a dependency): pydicom's own test pair must give identical pictures."""
@@ -308,6 +328,7 @@ def _write_set(tmp_path, rows: list) -> str:
 
 
 GOOD = {"image": "a.png", "question": "Which organ?", "answer": "Liver", "domain": "ultrasound"}
+_NO_IMAGE = {k: v for k, v in GOOD.items() if k != "image"}
 
 
 def test_jsonl_loads_images_dicoms_and_ecgs(tmp_path):
@@ -343,6 +364,8 @@ def test_jsonl_loads_images_dicoms_and_ecgs(tmp_path):
         ({**GOOD, "image": "."}, r"set\.jsonl:2: .* is a directory"),
         ({**GOOD, "image": "set.jsonl"}, r"set\.jsonl:2: .*set\.jsonl: not an image Pillow can read"),  # at load
         ({**GOOD, "id": "set:1"}, r"set\.jsonl:2: id 'set:1' is already used on line 1"),
+        ({**GOOD, "answer": "Normal, no findings", "choices": ["Normal, no findings", "Mass"]},
+         r"set\.jsonl:2: choice 'Normal, no findings' holds a comma, which separates labels"),
     ],
 )
 def test_jsonl_errors_name_file_and_line(tmp_path, bad, message):
@@ -354,17 +377,16 @@ def test_jsonl_errors_name_file_and_line(tmp_path, bad, message):
 
 def test_jsonl_reads_what_json_and_excel_write(tmp_path):
     """json.dumps(ensure_ascii=False) leaves U+2028 and U+0085 raw inside strings (str.splitlines
-    would cut the line there), Excel saves a BOM, and a label may hold a comma."""
-    rows = [{**GOOD, "question": "Which organ?\u2028Short answer\u0085please."},
-            {**GOOD, "answer": "Normal, no findings", "choices": ["Normal, no findings", "Mass"], "id": 7}]  # fmt: skip
+    would cut the line there), Excel saves a BOM, an id may be a number."""
+    rows = [{**GOOD, "question": "Which organ?\u2028Short answer\u0085please."}, {**GOOD, "id": 7}]
     path = tmp_path / "set.jsonl"
     _write_set(tmp_path, [])
     path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\n")
     items = load_jsonl(path)
     assert [it.id for it in items] == ["set:1", "7"] and "\u2028Short" in items[0].question
-    path.write_bytes("{\"question\": \"Qu\u00e9?\"}\n".encode("latin-1"))
-    with pytest.raises(QoqoptError, match=r"set\.jsonl:1: not UTF-8 text \(byte 16\); save the set as UTF-8$"):
-        load_jsonl(path)
+    path.write_bytes(b"\xef\xbb\xbf\n\n" + "{\"question\": \"Qu\u00e9?\"}\n".encode("latin-1"))
+    with pytest.raises(QoqoptError, match=r"set\.jsonl:3: not UTF-8 text \(byte 21\); save the set as UTF-8$"):
+        load_jsonl(path)  # line and byte in the file as an editor shows it, the BOM counted
 
 
 def test_jsonl_images_are_the_pixels_ask_gives(tmp_path):
@@ -382,10 +404,34 @@ def test_jsonl_images_are_the_pixels_ask_gives(tmp_path):
     assert np.asarray(items[0].image).std() > 50  # a ramp, not clipped to white
 
 
+def test_jsonl_reads_an_ecg_by_what_the_file_holds(tmp_path):
+    """A waveform DICOM is an ECG whatever field or domain names it; an image DICOM (a scanned ECG
+    sheet) under domain ecg is an image."""
+    ecg, ct = catalog.source_path("waveform_ecg.dcm"), catalog.source_path("CT_small.dcm")
+    rows = [{**GOOD, "image": ecg, "domain": "ecg"}, {**_NO_IMAGE, "dicom": ct, "domain": "ecg"}]
+    waveform, scanned = load_jsonl(_write_set(tmp_path, rows))
+    assert waveform.ecg_signal.shape == (8, 2500) and waveform.image.width > waveform.image.height
+    assert scanned.ecg_signal is None and scanned.image.mode == "RGB"
+
+
+def test_jsonl_refuses_at_load_what_cannot_be_decoded(tmp_path):
+    """A float TIFF and a 12-bit JPEG Extended DICOM (pydicom's own sample; neither Pillow nor gdcm
+    decodes it) are refused when the set loads, not when calibration reaches them."""
+    from pydicom.data import get_testdata_file
+
+    Image.fromarray(np.ones((300, 400), np.float32)).save(tmp_path / "f.tif")
+    jpeg12 = get_testdata_file("JPEG-lossy.dcm")
+    assert pydicom.dcmread(jpeg12).BitsStored == 12
+    for row, message in (({**GOOD, "image": "f.tif"}, "a floating-point image has no display range"),
+                         ({**_NO_IMAGE, "dicom": jpeg12}, "12-bit JPEG Extended, which neither Pillow nor gdcm decodes")):  # fmt: skip
+        with pytest.raises(QoqoptError, match=message):
+            load_jsonl(_write_set(tmp_path, [row]))
+
+
 def test_jsonl_bad_dicom_is_reported_with_its_line(tmp_path):
     (tmp_path / "x.dcm").write_bytes(b"not dicom")
     path = _write_set(tmp_path, [GOOD, {"dicom": "x.dcm", "question": "q", "answer": "a", "domain": "ct"}])
-    with pytest.raises(QoqoptError, match=r"set\.jsonl:2: .*not a readable DICOM"):
+    with pytest.raises(QoqoptError, match=r"set\.jsonl:2: .*x\.dcm: not a DICOM file \(no DICM marker"):
         load_jsonl(path)
 
 

@@ -253,6 +253,7 @@ def test_user_images_are_the_pixels_llama_cpp_reads(built, tmp_path):
     clipped = np.asarray(Image.open(tmp_path / "ramp16.png").convert("RGB"))
     assert (clipped == 255).mean() > 0.9  # what open_image is there to avoid
 
+
 def test_mmproj_embeddings_match_vision_tower(built, hf):
     """llama.cpp's image embeddings (mtmd_encode_chunk) vs transformers' get_image_features on the same
     pixels (sizes on the 28-px grid inside the training range, so neither side resizes).
@@ -697,5 +698,8 @@ def test_a_prompt_longer_than_the_context_is_named(built):
     image = Image.new("RGB", (308, 308), (90, 90, 90))  # 121 image tokens
     with LlamaVL(built.file("text", "F16"), built.file("mmproj"), n_ctx=256, threads=1) as vl:
         assert vl.generate(chat_prompt("Which region?"), image, max_tokens=1) is not None
-        with pytest.raises(QoqoptError, match=r"^the prompt is \d+ tokens \(text and image\) but the context holds 256"):
+        with pytest.raises(QoqoptError, match=r"^the prompt is \d+ tokens \(text and image\) and the reply up to 1, but "
+                                              "the context holds 256"):  # fmt: skip
             vl.generate(chat_prompt("Which region? " * 60), image, max_tokens=1)
+        with pytest.raises(QoqoptError, match=r"and the reply up to 200, but the context holds 256"):
+            vl.generate(chat_prompt("Which region?"), image, max_tokens=200)  # the prompt alone fits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
 from qoqopt.commands.argtypes import positive_int
@@ -29,11 +30,11 @@ Your own set (--jsonl here; `export --imatrix F.jsonl`, `export --calib F.jsonl`
   {"dicom": "mr/b.dcm", "question": "Which plane?", "answer": "Axial", "domain": "mri", "id": "mr-b"}
   {"dicom": "ecg/c.dcm", "question": "Rhythm?", "answer": "AF", "domain": "ecg", "choices": ["AF", "Sinus"]}
 
-  required   question, answer, domain (ct, mri, ultrasound, xray, ecg, mammography, dermoscopy,
-             fundus, pathology) and exactly one of image (a file Pillow reads) or dicom
-  optional   choices (2 or more; the answer, or each of its comma-separated labels, must be
-             one), id (unique; default FILE-STEM:LINE), meta (free-form; meta.reason is the
-             <think> sentence of the reference reply, default "The image shows ANSWER.")
+  required   question, answer, domain, and exactly one of image (a file Pillow reads) or dicom
+DOMAIN_LIST
+  optional   choices (2 or more, without commas; each comma-separated label of the answer
+             must be one), id (unique; default FILE-STEM:LINE), meta (free-form; meta.reason is
+             the <think> sentence of the reference reply, default "The image shows ANSWER.")
   paths      relative to the JSONL file's folder; the file is UTF-8 (a BOM is fine)
   image      PNG, JPEG, TIFF, ...: EXIF orientation applied, 16-bit greyscale reduced by its
              high byte as llama.cpp does; a DICOM given here is read as one (DICM marker)
@@ -41,7 +42,7 @@ Your own set (--jsonl here; `export --imatrix F.jsonl`, `export --calib F.jsonl`
              one: soft tissue 40/400 HU; else a 0.5-99.5 percentile stretch), MONOCHROME1
              inverted; multi-frame: the middle frame, enhanced files through their functional
              groups; uncompressed, RLE, JPEG, JPEG Lossless, JPEG-LS, JPEG 2000 (not 12-bit
-             JPEG); with domain ecg, a 10 s waveform DICOM drawn as a 12-lead paper sheet
+             JPEG); a waveform DICOM (a 10 s ECG) is drawn as a 12-lead paper sheet
   sizes      each image at its own size on Qwen's 28-pixel grid, clamped into QoQ-Med's
              training range (65,536-524,288 pixels); --max-side N here: longer side about N
 
@@ -50,7 +51,8 @@ itself. Answers are scored as in the built-in set: set F1 over the comma-separat
 the reply's last \\boxed{}, case-insensitive. Every line, and each file's header, is checked
 when the set is loaded (FILE:LINE: what is wrong), before any long work starts; pixels are
 decoded when an item is used.
-"""
+""".replace("DOMAIN_LIST", textwrap.fill(", ".join(DOMAINS), 96, initial_indent="  domains    ",
+                                          subsequent_indent=" " * 13))  # fmt: skip
 
 
 def register(subparsers) -> argparse.ArgumentParser:

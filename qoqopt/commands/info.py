@@ -44,35 +44,43 @@ def run(args) -> int:
     import dataclasses
     import json
 
-    from ..loader import resolve
+    from ..errors import QoqoptError
 
     path = Path(args.model).expanduser()
-    if args.verify:  # before any summary, so a Hub id or a lone file is refused without being read
-        _check_verifiable(args, path)
+    # checked before the summary, which a damaged build may fail to give
+    checked = _verify(args, path) if args.verify else None
+    try:
+        summary, render = _summary(args, path)
+    except QoqoptError:
+        _print_checked(checked, failed_only=True)
+        raise
+    if args.json:
+        print(json.dumps(dataclasses.asdict(summary) | ({"verify_failed": checked[1]} if checked else {}), indent=2))
+    else:
+        print(render(summary))
+        _print_checked(checked)
+    return 1 if checked and checked[1] else 0
+
+
+def _summary(args, path: Path):
+    """(summary, its renderer) for what MODEL names."""
+    from ..loader import resolve
+
     # a .gguf name is a file, never a Hub id (a mistyped name must not be looked up online); a folder
     # so named is a build directory like any other
     if path.suffix.lower() == ".gguf" and not path.is_dir():
-        summary, render = _gguf_file(path, args)
-    else:
-        folder, commit = resolve(args.model, args.revision, weights=False)  # a Hub id: its manifest and configs only
-        hub_id = args.model if commit else None
-        # a checkpoint is then read at the commit just fetched, not looked up on the Hub again
-        summary, render = _gguf_build(folder, hub_id) or _checkpoint(args.model, commit or args.revision)
-    n_files, found = _verify(folder) if args.verify else (0, [])
-    if args.json:
-        out = dataclasses.asdict(summary) | ({"verify_failed": found} if args.verify else {})
-        print(json.dumps(out, indent=2))
-    else:
-        print(render(summary))
-        for line in found:
-            print(f"verify       FAILED {line}")
-        if args.verify and not found:
-            print(f"verify       {n_files} files match manifest.json (size and sha256)")
-    return 1 if found else 0
+        return _gguf_file(path, args)
+    folder, commit = resolve(args.model, args.revision, weights=False)  # a Hub id: its manifest and configs only
+    hub_id = args.model if commit else None
+    # a checkpoint is then read at the commit just fetched, not looked up on the Hub again
+    return _gguf_build(folder, hub_id) or _checkpoint(args.model, commit or args.revision)
 
 
-def _check_verifiable(args, path: Path) -> None:
+def _verify(args, path: Path) -> tuple[int, list[str]]:
+    """How many files a local build's manifest lists, and one line for each that fails its check."""
     from ..errors import QoqoptError
+    from ..integrity import problems
+    from ..manifest import read_manifest
 
     if path.suffix.lower() == ".gguf" and not path.is_dir():
         raise QoqoptError("--verify checks a build folder against its manifest.json; give the folder, not one file")
@@ -81,15 +89,18 @@ def _check_verifiable(args, path: Path) -> None:
                           f"{args.model} --local-dir DIR`) and give DIR")  # fmt: skip
     if not (path / "manifest.json").exists():
         raise QoqoptError(f"--verify checks a build written by `qoqopt export`; {args.model} has no manifest.json")
+    manifest = read_manifest(path)
+    return len(manifest["files"]), problems(path, manifest)
 
 
-def _verify(folder: Path) -> tuple[int, list[str]]:
-    """How many files the manifest lists, and one line for each that fails its check."""
-    from ..integrity import problems
-    from ..manifest import read_manifest
-
-    manifest = read_manifest(folder)
-    return len(manifest["files"]), problems(folder, manifest)
+def _print_checked(checked: tuple[int, list[str]] | None, failed_only: bool = False) -> None:
+    if checked is None:
+        return
+    n_files, found = checked
+    for line in found:
+        print(f"verify       FAILED {line}")
+    if not found and not failed_only:
+        print(f"verify       {n_files} files match manifest.json (size and sha256)")
 
 
 def _gguf_file(path: Path, args):

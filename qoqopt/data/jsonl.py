@@ -10,6 +10,7 @@ is loaded, so a long run does not die at item 900; pixels are decoded when an it
 
 from __future__ import annotations
 
+import codecs
 import json
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,8 @@ from qoqopt.data.ecg import ecg_signal, read_ecg, render_ecg
 from qoqopt.data.items import ClinicalItem
 from qoqopt.data.prompts import with_suffix
 from qoqopt.errors import QoqoptError
-from qoqopt.images import check_image, open_dicom, open_image
+from qoqopt.data.dicom import read_dicom
+from qoqopt.images import check_image, is_dicom, is_waveform, open_dicom, open_image
 
 _REQUIRED = ("question", "answer", "domain")
 _ALLOWED = {"image", "dicom", "question", "answer", "domain", "choices", "id", "meta"}
@@ -56,8 +58,9 @@ def _lines(path: Path) -> list[str]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise QoqoptError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); save the set as UTF-8") from None
+        at = exc.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)  # counted after the BOM
+        line = data.count(b"\n", 0, at) + 1
+        raise QoqoptError(f"{path}:{line}: not UTF-8 text (byte {at}); save the set as UTF-8") from None
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
@@ -97,14 +100,7 @@ def _parse_line(path: Path, lineno: int, line: str, max_side: int | None) -> Cli
         raise QoqoptError(f"{where}: 'meta' must be a JSON object")
     meta = {**meta, "qtype": "user", "jsonl": str(path), "line": lineno}
 
-    signal = None
-    if kind == "dicom" and row["domain"] == "ecg":
-        rec = _guarded(where, read_ecg, file)  # read now: a bad waveform fails at load, not mid-run
-        signal = ecg_signal(rec)
-        make = partial(render_ecg, rec)
-    else:
-        _guarded(where, check_image, file, kind == "dicom")  # the header now: a bad file fails at load
-        make = partial(open_dicom if kind == "dicom" else open_image, file)
+    make, signal = _picture(file, kind, where)
     return ClinicalItem(
         id=str(row["id"]).strip() if "id" in row else f"{path.stem}:{lineno}",
         domain=row["domain"],
@@ -118,23 +114,35 @@ def _parse_line(path: Path, lineno: int, line: str, max_side: int | None) -> Cli
     )
 
 
+def _picture(file: Path, kind: str, where: str):
+    """How the item's picture is made, and its ECG signal, decided by the file (not by the field
+    or the domain): a waveform DICOM is read whole now (it is small, and a bad one fails at load)
+    and drawn as the 12-lead sheet; any other file has its header checked now, its pixels later."""
+    _guarded(where, check_image, file, kind == "dicom")
+    if (kind == "dicom" or is_dicom(file)) and is_waveform(read_dicom(file, stop_before_pixels=True)):
+        rec = _guarded(where, read_ecg, file)
+        return partial(render_ecg, rec), ecg_signal(rec)
+    return partial(open_dicom if kind == "dicom" else open_image, file), None
+
+
 def _choices(row: dict, where: str) -> list[str]:
     choices = row.get("choices", [])
     if not isinstance(choices, list) or not all(isinstance(c, str) and c.strip() for c in choices):
         raise QoqoptError(f"{where}: 'choices' must be a list of non-empty strings")
     if choices and len(choices) < 2:
         raise QoqoptError(f"{where}: 'choices' needs at least two options")
+    with_comma = next((c for c in choices if "," in c), None)
+    if with_comma:  # answers are scored as comma-separated label sets, so "A, B" would be two labels
+        raise QoqoptError(f"{where}: choice {with_comma.strip()!r} holds a comma, which separates labels in answers "
+                          "and in scoring; reword it (e.g. 'Normal without findings')")  # fmt: skip
     return [c.strip() for c in choices]
 
 
 def _check_answer(answer: str, choices: list[str], where: str) -> None:
-    """The answer must be one of the choices, or each of its comma-separated labels must be (when
-    choices are given). A choice may hold a comma itself ("Normal, no findings")."""
+    """Every comma-separated label of the answer must be one of the choices (when choices are given)."""
     if not choices:
         return
     allowed = {c.lower() for c in choices}
-    if answer.lower() in allowed:
-        return
     missing = [a.strip() for a in answer.split(",") if a.strip().lower() not in allowed]
     if missing:
         raise QoqoptError(f"{where}: answer '{', '.join(missing)}' is not among the choices")
