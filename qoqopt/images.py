@@ -34,16 +34,18 @@ def is_dicom(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """The file's picture as PIL RGB; anything unreadable is a one-line QoqoptError naming the file."""
+def open_image(path: str | Path, frame: int | None = None) -> Image.Image:
+    """The file's picture as PIL RGB; anything unreadable is a one-line QoqoptError naming the file.
+    ``frame`` picks one of several (default: a DICOM's middle frame, another file's first)."""
     path = _existing(path)
     if is_dicom(path):
-        return open_dicom(path)
+        return open_dicom(path, frame)
     with _pillow(path) as img:
+        _seek(img, frame, path)
         return _fits_processor(_to_rgb8(ImageOps.exif_transpose(img), path), path)
 
 
-def open_dicom(path: str | Path) -> Image.Image:
+def open_dicom(path: str | Path, frame: int | None = None) -> Image.Image:
     """An image DICOM as a viewer shows it (qoqopt.data.dicom); an ECG waveform DICOM as the
     12-lead paper sheet QoQ-Med reads ECGs from, as the clinical sets draw it."""
     from qoqopt.data.dicom import dicom_to_image, read_dicom
@@ -51,8 +53,10 @@ def open_dicom(path: str | Path) -> Image.Image:
 
     ds = read_dicom(_existing(path))
     if is_waveform(ds):
+        if frame is not None:
+            raise QoqoptError(f"{path}: an ECG waveform has no frames to pick from")
         return render_ecg(ds)
-    return _fits_processor(dicom_to_image(ds), path)
+    return _fits_processor(dicom_to_image(ds, frame), path)
 
 
 def is_waveform(ds) -> bool:
@@ -60,12 +64,12 @@ def is_waveform(ds) -> bool:
     return "WaveformSequence" in ds and "Rows" not in ds
 
 
-def check_image(path: str | Path, dicom: bool = False) -> None:
+def check_image(path: str | Path, dicom: bool = False, frame: int | None = None) -> None:
     """What can be known of an image file from its header alone: it exists, it is a DICOM whose
     pixels a decoder here reads (or a waveform), or an image Pillow identifies in a mode with a
     display range, and its size is one the processor takes. For sets that are checked whole
     before long work starts; pixels are decoded when an item is used."""
-    from qoqopt.data.dicom import read_dicom
+    from qoqopt.data.dicom import frame_index, read_dicom
 
     path = _existing(path)
     if dicom or is_dicom(path):
@@ -76,8 +80,11 @@ def check_image(path: str | Path, dicom: bool = False) -> None:
             raise QoqoptError(f"{path}: DICOM has neither an image nor a waveform (Modality {ds.get('Modality', '?')})")
         _check_decodable(ds, path)
         _check_aspect(int(ds.Columns), int(ds.Rows), path)
+        if frame is not None:
+            frame_index(ds, frame)
         return
     with _pillow(path) as img:
+        _seek(img, frame, path)
         _check_mode(img, path)
         _check_aspect(*img.size, path)
 
@@ -92,6 +99,16 @@ def _pillow(path: Path):
         raise QoqoptError(f"{path}: too many pixels for a safe decode ({exc}); downscale it first") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise QoqoptError(f"{path}: not an image Pillow can read, nor a DICOM file ({exc.__class__.__name__})") from None
+
+
+def _seek(img: Image.Image, frame: int | None, path: Path) -> None:
+    """Frame ``frame`` of a multi-frame image (a GIF, a TIFF stack)."""
+    n = getattr(img, "n_frames", 1)
+    if frame is None:
+        return
+    if not 0 <= frame < n:
+        raise QoqoptError(f"{path}: frame {frame} out of range (it has {n})")
+    img.seek(frame)
 
 
 def _check_decodable(ds, path: Path) -> None:

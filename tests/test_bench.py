@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -583,3 +584,24 @@ def test_user_jsonl_eval_set(tiny_dir, tmp_path):
     bf16 = _by_name(result)["bf16"]
     assert bf16["status"] == "ok" and set(bf16["drift"]) == {"all", "ct", "mri"} and bf16["speed"]["peak_host_mb"] > 0
     assert "prefill_tok_s" not in bf16["speed"]
+
+
+def test_a_chat_that_fails_in_a_runtime_is_named(tmp_path):
+    """The worker's error is the one line a failed variant keeps: it names the chat it failed on."""
+    from qoqopt.bench.worker import reference_pass
+    from qoqopt.data import clinical_set
+
+    items = clinical_set("eval", n_per_base=1)[:3]
+
+    class Refusing:
+        def reference_chat(self, item):
+            if item is items[1]:
+                raise ValueError("absolute aspect ratio must be smaller than 200")
+            return np.zeros((1, 4), np.float32), {"reply_ids": [0]}
+
+        def answer(self, item, chat, n):
+            return "\\boxed{x}"
+
+    with pytest.raises(RuntimeError, match=rf"^on chat {re.escape(items[1].id)} \({re.escape(Path(items[1].source).name)}\): "
+                                          "ValueError: absolute aspect ratio"):  # fmt: skip
+        reference_pass(Refusing(), items, {"answer_tokens": 4, "ref_dir": str(tmp_path)})

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from qoqopt.data import catalog
+from qoqopt.data.augment import resize_to
 from qoqopt.data.dicom import dicom_to_image
 from qoqopt.errors import QoqoptError
 from qoqopt.images import is_dicom, open_image
@@ -97,3 +98,26 @@ def test_ask_refuses_a_bad_image_before_loading_the_model(tiny_dir, tmp_path, ca
     (tmp_path / "scan.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off")
     err = refused(["ask", tiny_dir, "--image", tmp_path / "scan.png", "--question", "Which region?"], capsys)
     assert "scan.png: not an image Pillow can read" in err
+
+
+def test_a_frame_is_picked_from_a_dicom_stack_and_a_gif(tmp_path):
+    """--frame / "frame": the slice asked for (a DICOM's middle one by default), out of range in one line."""
+    from qoqopt.data import load_jsonl
+
+    stack = catalog.source_path("emri_small.dcm")  # 10 frames
+    assert np.array_equal(np.asarray(open_image(stack, 3)), np.asarray(dicom_to_image(stack, frame=3)))
+    assert np.array_equal(np.asarray(open_image(stack)), np.asarray(dicom_to_image(stack, frame=5)))
+    assert not np.array_equal(np.asarray(open_image(stack, 3)), np.asarray(open_image(stack)))
+    with pytest.raises(QoqoptError, match=r"emri_small\.dcm: frame 10 out of range \(it has 10\)"):
+        open_image(stack, 10)
+    shades = [Image.new("RGB", (64, 48), (v, v, v)) for v in (0, 120, 240)]
+    shades[0].save(tmp_path / "clip.gif", save_all=True, append_images=shades[1:])
+    assert [np.asarray(open_image(tmp_path / "clip.gif", k))[0, 0, 0] for k in (0, 2)] == [0, 240]
+    (tmp_path / "set.jsonl").write_text(
+        f'{{"dicom": "{stack}", "frame": 3, "question": "Plane?", "answer": "Axial", "domain": "mri"}}\n')
+    item = load_jsonl(tmp_path / "set.jsonl")[0].image
+    assert np.array_equal(np.asarray(item), np.asarray(resize_to(open_image(stack, 3), item.size)))
+    (tmp_path / "set.jsonl").write_text(
+        f'{{"dicom": "{stack}", "frame": 12, "question": "Plane?", "answer": "Axial", "domain": "mri"}}\n')
+    with pytest.raises(QoqoptError, match=r"set\.jsonl:1: .*frame 12 out of range \(it has 10\)"):
+        load_jsonl(tmp_path / "set.jsonl")  # at load, from the header

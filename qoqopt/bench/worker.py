@@ -11,6 +11,7 @@ import json
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..drift import ItemDrift, aggregate_items, answer_score, position_stats, worst_domain
@@ -37,11 +38,22 @@ def _progress(items, desc: str):
     return tqdm(items, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
+@contextmanager
+def _naming(item):
+    """A failure on one chat (an image the runtime refuses, say) says which chat it was: the
+    worker's error is the single line the results keep."""
+    try:
+        yield
+    except Exception as exc:
+        raise RuntimeError(f"on chat {item.id} ({Path(item.source).name}): {type(exc).__name__}: {exc}") from exc
+
+
 def reference_pass(runner, items, job: dict) -> list[ItemDrift]:
     chats, out = [], []
     for item in _progress(items, "reference"):
-        logits, chat = runner.reference_chat(item)
-        score = answer_score(runner.answer(item, chat, job["answer_tokens"]), item.answer)
+        with _naming(item):
+            logits, chat = runner.reference_chat(item)
+            score = answer_score(runner.answer(item, chat, job["answer_tokens"]), item.answer)
         chats.append({"id": item.id, "domain": item.domain, **chat, "score": score, "ref_logits": logits})
         out.append(ItemDrift(item.domain, None, score))
     save_reference(Path(job["ref_dir"]), chats)
@@ -54,9 +66,10 @@ def variant_pass(runner, items, job: dict) -> list[ItemDrift]:
         raise RuntimeError("the stored reference was made on different chats")
     out = []
     for item, chat in zip(_progress(items, job["variant"]["name"]), chats):
-        cand = runner.reply_logits(item, chat)
+        with _naming(item):
+            cand = runner.reply_logits(item, chat)
+            score = answer_score(runner.answer(item, chat, job["answer_tokens"]), item.answer)
         stats = position_stats(ref_logits(chat), cand, chat["reply_ids"])
-        score = answer_score(runner.answer(item, chat, job["answer_tokens"]), item.answer)
         out.append(ItemDrift(item.domain, stats, score))
     return out
 

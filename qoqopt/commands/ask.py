@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .argtypes import count_or_all, positive_int
+from .argtypes import count_or_all, index, positive_int
 
 EXAMPLES = """\
 examples:
@@ -42,7 +42,10 @@ def register(sub) -> None:
     src.add_argument("--item", help="a built-in clinical item id (see `qoqopt data list`)")
     src.add_argument("--image", type=Path, help="an image file (PNG, JPEG, TIFF, ...; 16-bit greyscale as llama.cpp reads it, "
                      "EXIF orientation applied) or a DICOM file (.dcm, or any name with the DICM marker; "
-                     "multi-frame: the middle frame; an ECG waveform DICOM is drawn as a 12-lead sheet)")
+                     "an ECG waveform DICOM is drawn as a 12-lead sheet)")
+    p.add_argument("--frame", type=index,
+                   help="--image with several frames: which one, from 0 (default: a DICOM's middle frame, as the "
+                   "clinical sets take it; a GIF's or TIFF stack's first)")  # fmt: skip
     p.add_argument("--question", help="the question for --image (QoQ-Med's think/\\boxed{} instruction is added)")
     p.add_argument("--quant", help="GGUF builds: which text GGUF (default: the one the build's card and Modelfile "
                                    "use: Q4_K_M, else Q5_K_M, Q6_K, Q8_0, ..., F16/F32 last)")
@@ -79,13 +82,14 @@ def _item(args):
     from ..images import open_image
 
     if args.item:
-        if args.question:
-            raise QoqoptError("--question goes with --image; a built-in --item asks its own question")
+        if args.question or args.frame is not None:
+            flag = "--question" if args.question else "--frame"
+            raise QoqoptError(f"{flag} goes with --image; a built-in --item has its own")
         item = find_item(args.item)
         return item.image, item.question, item.answer
     if not args.question:
         raise QoqoptError("--image needs --question")
-    image = open_image(args.image)
+    image = open_image(args.image, args.frame)
     return image, with_suffix(args.question), None
 
 

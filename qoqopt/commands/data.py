@@ -33,16 +33,18 @@ Your own set (--jsonl here; `export --imatrix F.jsonl`, `export --calib F.jsonl`
   required   question, answer, domain, and exactly one of image (a file Pillow reads) or dicom
 DOMAIN_LIST
   optional   choices (2 or more, without commas; each comma-separated label of the answer
-             must be one), id (unique; default FILE-STEM:LINE), meta (free-form; meta.reason is
-             the <think> sentence of the reference reply, default "The image shows ANSWER.")
+             must be one), id (unique; default FILE-STEM:LINE), frame (which frame of a
+             multi-frame file, from 0), meta (free-form; meta.reason is the <think> sentence of
+             the reference reply, default "The image shows ANSWER.")
   paths      relative to the JSONL file's folder; the file is UTF-8 (a BOM is fine)
   image      PNG, JPEG, TIFF, ...: EXIF orientation applied, 16-bit greyscale reduced by its
              high byte as llama.cpp does; a DICOM given here is read as one (DICM marker)
   dicom      shown as a viewer would: rescale, then the file's own window or VOI LUT (CT without
              one: soft tissue 40/400 HU; else a 0.5-99.5 percentile stretch), MONOCHROME1
-             inverted; multi-frame: the middle frame, enhanced files through their functional
-             groups; uncompressed, RLE, JPEG, JPEG Lossless, JPEG-LS, JPEG 2000 (not 12-bit
-             JPEG); a waveform DICOM (a 10 s ECG) is drawn as a 12-lead paper sheet
+             inverted; multi-frame: the middle frame unless "frame" says, enhanced files
+             through their functional groups; uncompressed, RLE, JPEG, JPEG Lossless,
+             JPEG-LS, JPEG 2000 (not 12-bit JPEG); a waveform DICOM (a 10 s ECG) is drawn as
+             a 12-lead paper sheet
   sizes      each image at its own size on Qwen's 28-pixel grid, clamped into QoQ-Med's
              training range (65,536-524,288 pixels); --max-side N here: longer side about N
 

@@ -27,7 +27,7 @@ from qoqopt.data.dicom import read_dicom
 from qoqopt.images import check_image, is_dicom, is_waveform, open_dicom, open_image
 
 _REQUIRED = ("question", "answer", "domain")
-_ALLOWED = {"image", "dicom", "question", "answer", "domain", "choices", "id", "meta"}
+_ALLOWED = {"image", "dicom", "frame", "question", "answer", "domain", "choices", "id", "meta"}
 
 
 def load_jsonl(path: str | Path, max_side: int | None = None) -> list[ClinicalItem]:
@@ -66,6 +66,31 @@ def _lines(path: Path) -> list[str]:
 
 def _parse_line(path: Path, lineno: int, line: str, max_side: int | None) -> ClinicalItem:
     where = f"{path}:{lineno}"
+    row = _row(line, where)
+    kind = "image" if "image" in row else "dicom"
+    file = (path.parent / row[kind]).resolve()
+    if not file.exists():
+        raise QoqoptError(f"{where}: {kind} file not found: {file}")
+    choices = _choices(row, where)
+    answer = row["answer"].strip()
+    _check_answer(answer, choices, where)
+    meta = {**row.get("meta", {}), "qtype": "user", "jsonl": str(path), "line": lineno}
+    make, signal = _picture(file, kind, row.get("frame"), where)
+    return ClinicalItem(
+        id=str(row["id"]).strip() if "id" in row else f"{path.stem}:{lineno}",
+        domain=row["domain"],
+        question=with_suffix(row["question"]),
+        answer=answer,
+        choices=choices,
+        source=str(file),
+        ecg_signal=signal,
+        meta=meta,
+        image_fn=partial(_sized, make, max_side, where),
+    )
+
+
+def _row(line: str, where: str) -> dict:
+    """The line's JSON object, every field of the right type (files and choices are checked after)."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -89,40 +114,25 @@ def _parse_line(path: Path, lineno: int, line: str, max_side: int | None) -> Cli
     kind = "image" if "image" in row else "dicom"
     if not isinstance(row[kind], str) or not row[kind]:
         raise QoqoptError(f"{where}: '{kind}' must be a file path")
-    file = (path.parent / row[kind]).resolve()
-    if not file.exists():
-        raise QoqoptError(f"{where}: {kind} file not found: {file}")
-    choices = _choices(row, where)
-    answer = row["answer"].strip()
-    _check_answer(answer, choices, where)
-    meta = row.get("meta", {})
-    if not isinstance(meta, dict):
+    frame = row.get("frame")
+    if frame is not None and (not isinstance(frame, int) or isinstance(frame, bool) or frame < 0):
+        raise QoqoptError(f"{where}: 'frame' must be an integer >= 0 (which frame of a multi-frame file)")
+    if not isinstance(row.get("meta", {}), dict):
         raise QoqoptError(f"{where}: 'meta' must be a JSON object")
-    meta = {**meta, "qtype": "user", "jsonl": str(path), "line": lineno}
-
-    make, signal = _picture(file, kind, where)
-    return ClinicalItem(
-        id=str(row["id"]).strip() if "id" in row else f"{path.stem}:{lineno}",
-        domain=row["domain"],
-        question=with_suffix(row["question"]),
-        answer=answer,
-        choices=choices,
-        source=str(file),
-        ecg_signal=signal,
-        meta=meta,
-        image_fn=partial(_sized, make, max_side, where),
-    )
+    return row
 
 
-def _picture(file: Path, kind: str, where: str):
+def _picture(file: Path, kind: str, frame: int | None, where: str):
     """How the item's picture is made, and its ECG signal, decided by the file (not by the field
     or the domain): a waveform DICOM is read whole now (it is small, and a bad one fails at load)
     and drawn as the 12-lead sheet; any other file has its header checked now, its pixels later."""
-    _guarded(where, check_image, file, kind == "dicom")
+    _guarded(where, check_image, file, kind == "dicom", frame)
     if (kind == "dicom" or is_dicom(file)) and is_waveform(read_dicom(file, stop_before_pixels=True)):
+        if frame is not None:
+            raise QoqoptError(f"{where}: an ECG waveform has no frames to pick from")
         rec = _guarded(where, read_ecg, file)
         return partial(render_ecg, rec), ecg_signal(rec)
-    return partial(open_dicom if kind == "dicom" else open_image, file), None
+    return partial(open_dicom if kind == "dicom" else open_image, file, frame), None
 
 
 def _choices(row: dict, where: str) -> list[str]:
