@@ -145,6 +145,7 @@ def test_unusable_paths_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
         ("data", "show", ITEM, "--out", str(tmp_path / "z.xyz")): "give an image file name ending in .png",
         ("data", "show", ITEM, "--out", str(tmp_path / "seen.png")): "seen.png already exists (use --force to replace it)",
         ("ask", str(build), "--item", ITEM, "--question", "Which?"): "--question goes with --image",
+        ("ask", str(build), "--item", ITEM, "--frame", "2"): "--frame goes with --image",
         ("ask", str(build), "--item", ITEM, "--revision", "v1"): "--revision picks a Hub revision; ",
         ("info", str(tiny_dir), "--revision", "v1"): f"--revision picks a Hub revision; {tiny_dir} is a local directory",
         ("ask", str(build), "--item", ITEM): "m.Q8_0.gguf is 50 bytes but manifest.json records 100: an incomplete download",
