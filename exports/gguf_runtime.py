@@ -55,8 +55,11 @@ class LlamaVL:
         kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
         try:
             with deferred_signals():  # a Ctrl-C would land in llama.cpp's log callback and be lost
+                # a prompt is decoded as one batch; llama.cpp runs it in ubatches of at most 2048, which
+                # holds any image QoQ-Med takes (668 tokens, attended both ways, so never split) and
+                # keeps the compute buffer of a long context at the size of a 2048 one
                 self.llm = Llama(
-                    str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                    str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 2048), logits_all=True,
                     n_threads=threads, n_threads_batch=threads, verbose=False, n_gpu_layers=-1 if gpu else 0, **kv,
                 )  # fmt: skip
         except ValueError as exc:  # llama-cpp-python's only word on it: "Failed to load model from file"

@@ -11,6 +11,7 @@ ignores it).
 from __future__ import annotations
 
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,10 +49,17 @@ def open_image(path: str | Path, frame: int | None = None) -> Image.Image:
 def open_dicom(path: str | Path, frame: int | None = None) -> Image.Image:
     """An image DICOM as a viewer shows it (qoqopt.data.dicom); an ECG waveform DICOM as the
     12-lead paper sheet QoQ-Med reads ECGs from, as the clinical sets draw it."""
-    from qoqopt.data.dicom import dicom_to_image, read_dicom
+    from qoqopt.data.dicom import read_dicom
+
+    with _quiet():
+        ds = read_dicom(_existing(path))
+        return _dicom_picture(ds, path, frame)
+
+
+def _dicom_picture(ds, path: Path, frame: int | None) -> Image.Image:
+    from qoqopt.data.dicom import dicom_to_image
     from qoqopt.data.ecg import render_ecg
 
-    ds = read_dicom(_existing(path))
     if is_waveform(ds):
         if frame is not None:
             raise QoqoptError(f"{path}: an ECG waveform has no frames to pick from")
@@ -69,24 +77,33 @@ def check_image(path: str | Path, dicom: bool = False, frame: int | None = None)
     pixels a decoder here reads (or a waveform), or an image Pillow identifies in a mode with a
     display range, and its size is one the processor takes. For sets that are checked whole
     before long work starts; pixels are decoded when an item is used."""
-    from qoqopt.data.dicom import frame_index, read_dicom
+    from qoqopt.data.dicom import frame_index, frame_view, read_dicom
 
     path = _existing(path)
     if dicom or is_dicom(path):
-        ds = read_dicom(path, stop_before_pixels=True)
-        if is_waveform(ds):
-            return
-        if "Rows" not in ds or "Columns" not in ds:
-            raise QoqoptError(f"{path}: DICOM has neither an image nor a waveform (Modality {ds.get('Modality', '?')})")
-        _check_decodable(ds, path)
-        _check_aspect(int(ds.Columns), int(ds.Rows), path)
-        if frame is not None:
-            frame_index(ds, frame)
+        with _quiet():
+            ds = read_dicom(path, stop_before_pixels=True)
+            if is_waveform(ds):
+                return
+            if "Rows" not in ds or "Columns" not in ds:
+                raise QoqoptError(f"{path}: DICOM has neither an image nor a waveform (Modality {ds.get('Modality', '?')})")
+            _check_decodable(ds, path)
+            _check_aspect(int(ds.Columns), int(ds.Rows), path)
+            frame_view(ds, frame_index(ds, frame))  # the frame count and the functional groups agree
         return
     with _pillow(path) as img:
         _seek(img, frame, path)
         _check_mode(img, path)
         _check_aspect(*img.size, path)
+
+
+@contextmanager
+def _quiet():
+    """pydicom warns about each value that breaks the standard, on stderr, before qoqopt's own
+    one-line verdict on the file; the verdict is what the user needs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 @contextmanager

@@ -50,6 +50,15 @@ def problems(folder: Path, manifest: dict) -> list[str]:
     return found
 
 
+def unlisted(folder: Path, manifest: dict) -> list[str]:
+    """Files in the build folder that its manifest does not list (hidden ones, such as the
+    `.cache/` an `hf download --local-dir` leaves, aside): nothing vouches for them, and a runtime
+    pointed at the folder may still offer them, as LM Studio lists every GGUF."""
+    listed = {entry_path(e) for e in manifest["files"]} | {"manifest.json"}
+    found = (p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+    return sorted(rel for rel in found if rel not in listed and not any(part.startswith(".") for part in rel.split("/")))
+
+
 def checked_weights(folder: Path, manifest: dict) -> list[Path]:
     """A GPTQ/AWQ build's safetensors files at their recorded size and sha256. Its JSON files are
     left as they are: a config edited on purpose (a generation setting, say) is the user's call."""

@@ -126,8 +126,8 @@ def listed_file(folder: Path, entry: dict) -> Path:
         raise QoqoptError(f"{folder} lists {rel}, which is missing: copy or download the whole build")
     size = path.stat().st_size
     if "bytes" in entry and entry["bytes"] != size:
-        raise QoqoptError(f"{rel} is {size:,} bytes but manifest.json records {entry['bytes']:,}: "
-                          "an incomplete download or copy")  # fmt: skip
+        why = "an incomplete download or copy" if size < entry["bytes"] else "changed after export, or another file"
+        raise QoqoptError(f"{rel} is {size:,} bytes but manifest.json records {entry['bytes']:,}: {why}")
     return path
 
 

@@ -605,3 +605,21 @@ def test_a_chat_that_fails_in_a_runtime_is_named(tmp_path):
     with pytest.raises(RuntimeError, match=rf"^on chat {re.escape(items[1].id)} \({re.escape(Path(items[1].source).name)}\): "
                                           "ValueError: absolute aspect ratio"):  # fmt: skip
         reference_pass(Refusing(), items, {"answer_tokens": 4, "ref_dir": str(tmp_path)})
+
+
+def test_the_workers_warnings_reach_the_user_once(tmp_path, capsys, monkeypatch):
+    """A worker's stderr is captured (for its last line if it dies); its warnings, such as a 16-bit
+    eval image shown dark, are passed on, each once, without the progress bars around them."""
+    import subprocess
+
+    from qoqopt.bench import run
+
+    warning = "warning: scan.png is a 16-bit image that uses at most 12 bits: it is shown dark"
+
+    def fake_worker(argv, **kw):
+        (tmp_path / "v.result.json").write_text('{"status": "ok"}')
+        return subprocess.CompletedProcess(argv, 0, None, f"ref:  10%|#   |\r{warning}\nref: 50%|##  |\r{warning}\n")
+
+    monkeypatch.setattr(run.subprocess, "run", fake_worker)
+    assert run._run_worker({}, tmp_path, "v") == {"status": "ok"}
+    assert capsys.readouterr().err == warning + "\n"

@@ -124,6 +124,12 @@ def test_verify_checks_every_listed_file_against_its_sha256(tmp_path, capsys, mo
 
     rc, out = verify()
     assert rc == 0 and out.rstrip().endswith("verify       3 files match manifest.json (size and sha256)")
+    (build / "m.Q5_K_M.gguf").write_bytes(paths[0].read_bytes())  # a copy no manifest vouches for
+    (build / ".cache").mkdir()
+    (build / ".cache" / "x.lock").write_text("")  # what `hf download --local-dir` leaves: not a build file
+    rc, out = verify()
+    assert rc == 0 and out.rstrip().endswith("verify       not in manifest.json, so not checked: m.Q5_K_M.gguf")
+    (build / "m.Q5_K_M.gguf").unlink()
     data = bytearray(paths[0].read_bytes())
     data[-1] ^= 1  # one bit of tensor data: same size, so only the sha256 can tell
     paths[0].write_bytes(data)
@@ -145,17 +151,25 @@ def test_verify_reports_a_damaged_build_even_when_it_cannot_be_summarised(tmp_pa
     from qoqopt.cli import main
 
     monkeypatch.setenv("QOQOPT_CACHE", str(tmp_path / "cache"))
+    tmp_path = tmp_path / "build"
+    tmp_path.mkdir()
     (tmp_path / "model.safetensors").write_bytes(b"x" * 8)
     files = [{"path": "model.safetensors", "bytes": 8, "sha256": "0" * 64}, {"path": "config.json", "bytes": 2, "sha256": "0" * 64}]
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "gptq", "files": files}))
     capsys.readouterr()
-    assert main(["info", str(tmp_path), "--verify"]) == 2
+    assert main(["info", str(tmp_path), "--verify"]) == 1  # the documented status for a build that fails
     out, err = capsys.readouterr()
-    assert out.splitlines() == [
-        "verify       FAILED model.safetensors does not match the sha256 in manifest.json: the file is corrupt or was "
+    failed = [
+        "model.safetensors does not match the sha256 in manifest.json: the file is corrupt or was "
         "changed after export; copy or download it again",
-        f"verify       FAILED {tmp_path} lists config.json, which is missing: copy or download the whole build"]
+        f"{tmp_path} lists config.json, which is missing: copy or download the whole build"]
+    assert out.splitlines() == [f"verify       FAILED {line}" for line in failed]
     assert err.startswith("error: ") and err.count("\n") == 1
+    assert main(["info", str(tmp_path), "--verify", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["verify_failed"] == failed and out["error"]
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "gptq", "files": []}))
+    assert refused(["info", tmp_path, "--verify"], capsys).startswith("error: ")  # nothing found: the summary's error
 
 
 def test_a_files_source_is_what_its_qoqopt_keys_say(tmp_path, capsys):

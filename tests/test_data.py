@@ -32,6 +32,7 @@ from qoqopt.data import (
 )
 from qoqopt.data import catalog
 from qoqopt.data.ecg import PAPER_MM, heart_rate, r_peaks
+from qoqopt.data.prompts import format_question
 from qoqopt.errors import QoqoptError
 
 
@@ -342,7 +343,10 @@ def test_jsonl_loads_images_dicoms_and_ecgs(tmp_path):
     ]
     items = load_jsonl(_write_set(tmp_path, rows))
     assert [it.id for it in items] == ["set:1", "mine", "set:4"]
-    assert items[0].question == f"Which organ? {THINK_SUFFIX}"
+    # the options are offered as the built-in set offers its own (a question listing them is left as it is)
+    builtin = format_question("ultrasound", "Which organ?", ["Liver", "Kidney", "Spleen"])
+    assert items[0].question == "Which organ?" + builtin.split("Which organ?", 1)[1]
+    assert items[1].question == f"Which region? {THINK_SUFFIX}"
     assert items[0].image.size == (392, 308)  # its own size, on the 28-pixel grid
     assert items[1].image.mode == "RGB" and items[1].ecg_signal is None
     assert items[2].ecg_signal.shape == (8, 2500)
@@ -364,6 +368,7 @@ def test_jsonl_loads_images_dicoms_and_ecgs(tmp_path):
         ({**GOOD, "image": "."}, r"set\.jsonl:2: .* is a directory"),
         ({**GOOD, "image": "set.jsonl"}, r"set\.jsonl:2: .*set\.jsonl: not an image Pillow can read"),  # at load
         ({**GOOD, "id": "set:1"}, r"set\.jsonl:2: id 'set:1' is already used on line 1"),
+        ({**GOOD, "choices": ["Liver", "liver"]}, r"set\.jsonl:2: 'choices' lists an option twice"),
         ({**GOOD, "answer": "Normal, no findings", "choices": ["Normal, no findings", "Mass"]},
          r"set\.jsonl:2: choice 'Normal, no findings' holds a comma, which separates labels"),
     ],

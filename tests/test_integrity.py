@@ -52,8 +52,11 @@ def test_a_corrupt_file_of_the_right_size_is_refused(tmp_path, counted_hashes):
     entry["sha256"] = hashlib.sha256(b"a" * 64).hexdigest()
     assert integrity.checked_files(build, [entry]) == [build / "m.Q8_0.gguf"]
     (build / "cut.gguf").write_bytes(b"a" * 10)
-    with pytest.raises(QoqoptError, match="cut.gguf is 10 bytes but manifest.json records 64"):
+    with pytest.raises(QoqoptError, match="cut.gguf is 10 bytes but manifest.json records 64: an incomplete download"):
         integrity.checked_files(build, [entry, {**entry, "path": "cut.gguf"}])
+    (build / "grown.gguf").write_bytes(b"a" * 70)
+    with pytest.raises(QoqoptError, match="grown.gguf is 70 bytes but manifest.json records 64: changed after export"):
+        integrity.checked_files(build, [{**entry, "path": "grown.gguf"}])
     # hashed once: the recheck used the digest remembered, and the cut-off file was found by its size
     assert counted_hashes == ["m.Q8_0.gguf"]
 

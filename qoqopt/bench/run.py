@@ -289,6 +289,10 @@ def _run_worker(job: dict, work: Path, tag: str) -> dict:
     job_path.write_text(json.dumps(job))
     proc = subprocess.run([sys.executable, "-m", "qoqopt.bench.worker", str(job_path), str(out_path)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    # the worker's own warnings (a 16-bit image using 12 bits, an unchecked file) reach the user,
+    # each once, without its progress bars' redraws
+    for line in dict.fromkeys(ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.startswith("warning: ")):
+        print(line, file=sys.stderr)
     if out_path.exists():
         return json.loads(out_path.read_text())
     tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and "\r" not in ln]

@@ -136,7 +136,11 @@ def _ask_llama_cpp(text_path: Path, mmproj_path: Path, args, image, question: st
         raise QoqoptError("--device cuda: this llama-cpp-python was built without GPU offload")
     lo, hi = train_token_range()  # what the build's README and Modelfile tell llama.cpp users to pass
     threads = args.threads or usable_cores()
-    with LlamaVL(text_path, mmproj_path, image_min_tokens=lo, image_max_tokens=hi, gpu=gpu, threads=threads) as vl:
+    # room for the image (at most `hi` tokens), a long question and the whole reply: a fixed 2048
+    # refused --max-tokens 1500 that the original model answers (QoQ-Med's <think> runs long)
+    n_ctx = -(-(hi + 4096 + args.max_tokens) // 256) * 256
+    with LlamaVL(text_path, mmproj_path, n_ctx=n_ctx, image_min_tokens=lo, image_max_tokens=hi, gpu=gpu,
+                 threads=threads) as vl:  # fmt: skip
         reply = vl.generate(chat_prompt(question), image, max_tokens=args.max_tokens)
     return f"{text_path.name} + {mmproj_path.name} (llama.cpp{', GPU' if gpu else ''})", reply
 

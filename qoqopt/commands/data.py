@@ -32,10 +32,12 @@ Your own set (--jsonl here; `export --imatrix F.jsonl`, `export --calib F.jsonl`
 
   required   question, answer, domain, and exactly one of image (a file Pillow reads) or dicom
 DOMAIN_LIST
-  optional   choices (2 or more, without commas; each comma-separated label of the answer
-             must be one), id (unique; default FILE-STEM:LINE), frame (which frame of a
-             multi-frame file, from 0), meta (free-form; meta.reason is the <think> sentence of
-             the reference reply, default "The image shows ANSWER.")
+  optional   choices (2 or more, distinct, without commas; each comma-separated label of the
+             answer must be one; offered in the prompt as the built-in set offers its own,
+             unless the question already names them all), id (unique; default
+             FILE-STEM:LINE), frame (which frame of a multi-frame file, from 0), meta
+             (free-form; meta.reason is the <think> sentence of the reference reply, default
+             "The image shows ANSWER.")
   paths      relative to the JSONL file's folder; the file is UTF-8 (a BOM is fine)
   image      PNG, JPEG, TIFF, ...: EXIF orientation applied, 16-bit greyscale reduced by its
              high byte as llama.cpp does; a DICOM given here is read as one (DICM marker)

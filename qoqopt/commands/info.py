@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 EXAMPLES = """\
@@ -51,11 +52,19 @@ def run(args) -> int:
     checked = _verify(args, path) if args.verify else None
     try:
         summary, render = _summary(args, path)
-    except QoqoptError:
-        _print_checked(checked, failed_only=True)
-        raise
+    except QoqoptError as exc:
+        if not (checked and checked[1]):
+            raise
+        # what --verify found explains the failure: that is the answer, with its exit status
+        if args.json:
+            print(json.dumps({"verify_failed": checked[1], "verify_unlisted": checked[2], "error": str(exc)}, indent=2))
+        else:
+            _print_checked(checked)
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
-        print(json.dumps(dataclasses.asdict(summary) | ({"verify_failed": checked[1]} if checked else {}), indent=2))
+        verified = {"verify_failed": checked[1], "verify_unlisted": checked[2]} if checked else {}
+        print(json.dumps(dataclasses.asdict(summary) | verified, indent=2))
     else:
         print(render(summary))
         _print_checked(checked)
@@ -76,10 +85,11 @@ def _summary(args, path: Path):
     return _gguf_build(folder, hub_id) or _checkpoint(args.model, commit or args.revision)
 
 
-def _verify(args, path: Path) -> tuple[int, list[str]]:
-    """How many files a local build's manifest lists, and one line for each that fails its check."""
+def _verify(args, path: Path) -> tuple[int, list[str], list[str]]:
+    """How many files a local build's manifest lists, one line for each that fails its check, and
+    the files it does not list."""
     from ..errors import QoqoptError
-    from ..integrity import problems
+    from ..integrity import problems, unlisted
     from ..manifest import read_manifest
 
     if path.suffix.lower() == ".gguf" and not path.is_dir():
@@ -90,17 +100,19 @@ def _verify(args, path: Path) -> tuple[int, list[str]]:
     if not (path / "manifest.json").exists():
         raise QoqoptError(f"--verify checks a build written by `qoqopt export`; {args.model} has no manifest.json")
     manifest = read_manifest(path)
-    return len(manifest["files"]), problems(path, manifest)
+    return len(manifest["files"]), problems(path, manifest), unlisted(path, manifest)
 
 
-def _print_checked(checked: tuple[int, list[str]] | None, failed_only: bool = False) -> None:
+def _print_checked(checked: tuple[int, list[str], list[str]] | None) -> None:
     if checked is None:
         return
-    n_files, found = checked
+    n_files, found, extra = checked
     for line in found:
         print(f"verify       FAILED {line}")
-    if not found and not failed_only:
+    if not found:
         print(f"verify       {n_files} files match manifest.json (size and sha256)")
+    for rel in extra:
+        print(f"verify       not in manifest.json, so not checked: {rel}")
 
 
 def _gguf_file(path: Path, args):

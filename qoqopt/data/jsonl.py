@@ -58,6 +58,8 @@ def _lines(path: Path) -> list[str]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            raise QoqoptError(f"{path}: UTF-16 text; save the set as UTF-8") from None
         at = exc.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)  # counted after the BOM
         line = data.count(b"\n", 0, at) + 1
         raise QoqoptError(f"{path}:{line}: not UTF-8 text (byte {at}); save the set as UTF-8") from None
@@ -79,7 +81,7 @@ def _parse_line(path: Path, lineno: int, line: str, max_side: int | None) -> Cli
     return ClinicalItem(
         id=str(row["id"]).strip() if "id" in row else f"{path.stem}:{lineno}",
         domain=row["domain"],
-        question=with_suffix(row["question"]),
+        question=_prompt(row["question"], choices),
         answer=answer,
         choices=choices,
         source=str(file),
@@ -129,10 +131,21 @@ def _picture(file: Path, kind: str, frame: int | None, where: str):
     _guarded(where, check_image, file, kind == "dicom", frame)
     if (kind == "dicom" or is_dicom(file)) and is_waveform(read_dicom(file, stop_before_pixels=True)):
         if frame is not None:
-            raise QoqoptError(f"{where}: an ECG waveform has no frames to pick from")
+            raise QoqoptError(f"{where}: {file}: an ECG waveform has no frames to pick from")
         rec = _guarded(where, read_ecg, file)
         return partial(render_ecg, rec), ecg_signal(rec)
     return partial(open_dicom if kind == "dicom" else open_image, file, frame), None
+
+
+def _prompt(question: str, choices: list[str]) -> str:
+    """The user's question; given choices it does not list itself, they are offered in the words
+    the built-in set uses (prompts.format_question, after CLIMB), then QoQ-Med's instruction."""
+    question = question.strip()
+    listed = all(c.lower() in question.lower() for c in choices)
+    if choices and not listed:
+        unit = "one word" if all(" " not in c for c in choices) else "one option"
+        question = f"{question} Answer with {unit} from the following: {', '.join(choices)}."
+    return with_suffix(question)
 
 
 def _choices(row: dict, where: str) -> list[str]:
@@ -141,6 +154,8 @@ def _choices(row: dict, where: str) -> list[str]:
         raise QoqoptError(f"{where}: 'choices' must be a list of non-empty strings")
     if choices and len(choices) < 2:
         raise QoqoptError(f"{where}: 'choices' needs at least two options")
+    if len({c.strip().lower() for c in choices}) < len(choices):
+        raise QoqoptError(f"{where}: 'choices' lists an option twice")
     with_comma = next((c for c in choices if "," in c), None)
     if with_comma:  # answers are scored as comma-separated label sets, so "A, B" would be two labels
         raise QoqoptError(f"{where}: choice {with_comma.strip()!r} holds a comma, which separates labels in answers "
