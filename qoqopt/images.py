@@ -61,8 +61,7 @@ def _dicom_picture(ds, path: Path, frame: int | None) -> Image.Image:
     from qoqopt.data.ecg import render_ecg
 
     if is_waveform(ds):
-        if frame is not None:
-            raise QoqoptError(f"{path}: an ECG waveform has no frames to pick from")
+        _no_frame(frame, path)
         return render_ecg(ds)
     return _fits_processor(dicom_to_image(ds, frame), path)
 
@@ -84,6 +83,7 @@ def check_image(path: str | Path, dicom: bool = False, frame: int | None = None)
         with _quiet():
             ds = read_dicom(path, stop_before_pixels=True)
             if is_waveform(ds):
+                _no_frame(frame, path)
                 return
             if "Rows" not in ds or "Columns" not in ds:
                 raise QoqoptError(f"{path}: DICOM has neither an image nor a waveform (Modality {ds.get('Modality', '?')})")
@@ -118,11 +118,16 @@ def _pillow(path: Path):
         raise QoqoptError(f"{path}: not an image Pillow can read, nor a DICOM file ({exc.__class__.__name__})") from None
 
 
+def _no_frame(frame: int | None, path: Path) -> None:
+    if frame is not None:
+        raise QoqoptError(f"{path}: an ECG waveform has no frames to pick from")
+
+
 def _seek(img: Image.Image, frame: int | None, path: Path) -> None:
     """Frame ``frame`` of a multi-frame image (a GIF, a TIFF stack)."""
-    n = getattr(img, "n_frames", 1)
     if frame is None:
         return
+    n = getattr(img, "n_frames", 1)
     if not 0 <= frame < n:
         raise QoqoptError(f"{path}: frame {frame} out of range (it has {n})")
     img.seek(frame)

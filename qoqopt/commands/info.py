@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 EXAMPLES = """\
 examples:
@@ -53,22 +54,21 @@ def run(args) -> int:
     try:
         summary, render = _summary(args, path)
     except QoqoptError as exc:
-        if not (checked and checked[1]):
+        if not (checked and checked.failed):
             raise
         # what --verify found explains the failure: that is the answer, with its exit status
         if args.json:
-            print(json.dumps({"verify_failed": checked[1], "verify_unlisted": checked[2], "error": str(exc)}, indent=2))
+            print(json.dumps(checked.as_json() | {"error": str(exc)}, indent=2))
         else:
             _print_checked(checked)
             print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        verified = {"verify_failed": checked[1], "verify_unlisted": checked[2]} if checked else {}
-        print(json.dumps(dataclasses.asdict(summary) | verified, indent=2))
+        print(json.dumps(dataclasses.asdict(summary) | (checked.as_json() if checked else {}), indent=2))
     else:
         print(render(summary))
         _print_checked(checked)
-    return 1 if checked and checked[1] else 0
+    return 1 if checked and checked.failed else 0
 
 
 def _summary(args, path: Path):
@@ -85,9 +85,20 @@ def _summary(args, path: Path):
     return _gguf_build(folder, hub_id) or _checkpoint(args.model, commit or args.revision)
 
 
-def _verify(args, path: Path) -> tuple[int, list[str], list[str]]:
-    """How many files a local build's manifest lists, one line for each that fails its check, and
-    the files it does not list."""
+class Verified(NamedTuple):
+    """What --verify found: how many files the manifest lists, a line for each that fails its
+    check, and the files it does not list."""
+
+    n_files: int
+    failed: list[str]
+    unlisted: list[str]
+
+    def as_json(self) -> dict:
+        return {"verify_failed": self.failed, "verify_unlisted": self.unlisted}
+
+
+def _verify(args, path: Path) -> Verified:
+    """A local build's files checked against its manifest."""
     from ..errors import QoqoptError
     from ..integrity import problems, unlisted
     from ..manifest import read_manifest
@@ -100,18 +111,17 @@ def _verify(args, path: Path) -> tuple[int, list[str], list[str]]:
     if not (path / "manifest.json").exists():
         raise QoqoptError(f"--verify checks a build written by `qoqopt export`; {args.model} has no manifest.json")
     manifest = read_manifest(path)
-    return len(manifest["files"]), problems(path, manifest), unlisted(path, manifest)
+    return Verified(len(manifest["files"]), problems(path, manifest), unlisted(path, manifest))
 
 
-def _print_checked(checked: tuple[int, list[str], list[str]] | None) -> None:
+def _print_checked(checked: Verified | None) -> None:
     if checked is None:
         return
-    n_files, found, extra = checked
-    for line in found:
+    for line in checked.failed:
         print(f"verify       FAILED {line}")
-    if not found:
-        print(f"verify       {n_files} files match manifest.json (size and sha256)")
-    for rel in extra:
+    if not checked.failed:
+        print(f"verify       {checked.n_files} files match manifest.json (size and sha256)")
+    for rel in checked.unlisted:
         print(f"verify       not in manifest.json, so not checked: {rel}")
 
 

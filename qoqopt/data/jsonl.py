@@ -130,9 +130,7 @@ def _picture(file: Path, kind: str, frame: int | None, where: str):
     and drawn as the 12-lead sheet; any other file has its header checked now, its pixels later."""
     _guarded(where, check_image, file, kind == "dicom", frame)
     if (kind == "dicom" or is_dicom(file)) and is_waveform(read_dicom(file, stop_before_pixels=True)):
-        if frame is not None:
-            raise QoqoptError(f"{where}: {file}: an ECG waveform has no frames to pick from")
-        rec = _guarded(where, read_ecg, file)
+        rec = _guarded(where, read_ecg, file)  # check_image has refused a "frame" for it
         return partial(render_ecg, rec), ecg_signal(rec)
     return partial(open_dicom if kind == "dicom" else open_image, file, frame), None
 
