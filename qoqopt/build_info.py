@@ -75,13 +75,12 @@ def summarize_build(folder: Path, manifest: dict, source: str | None = None) -> 
 
 def summarize_file(path: Path) -> GGUFSummary:
     """One GGUF file (for a file in parts, its first part and the parts beside it)."""
-    meta = _header(path).kv
-    kind = {"mmproj": "mmproj", "imatrix": "imatrix"}.get(meta.get("general.type"), "text")
-    entry = GGUFFile(path.name, kind, _file_type(meta.get("general.file_type")), 0)
+    entry = GGUFFile(path.name, "?", None, 0)
+    meta = _tensor_stats(entry, path)  # an unreadable header is the one-line error here
+    entry.kind = {"mmproj": "mmproj", "imatrix": "imatrix"}.get(meta.get("general.type"), "text")
+    entry.quant = _file_type(meta.get("general.file_type"))
     summary = GGUFSummary(str(path), [entry], default_quant=None)
-    _add_headers(summary, path.parent)
-    if entry.unreadable:
-        raise QoqoptError(entry.unreadable)
+    _add_dims(summary, entry, meta)
     return summary
 
 
@@ -121,17 +120,22 @@ def _add_headers(summary: GGUFSummary, folder: Path) -> None:
         except QoqoptError as exc:  # one damaged file: the rest of the build is still described
             f.unreadable = str(exc)
             continue
-        if f.kind == "text" and summary.text is None:
-            arch = meta.get("general.architecture")
-            vocab = meta.get("tokenizer.ggml.tokens")
-            summary.text = {"architecture": arch, **_dims(meta, {k: f"{arch}.{v}" for k, v in TEXT_KEYS.items()}),
-                            "vocab": len(vocab) if isinstance(vocab, list) else vocab}  # fmt: skip
-        elif f.kind == "mmproj" and summary.vision is None:
-            summary.vision = _dims(meta, VISION_KEYS)
-        if summary.made_from is None and meta.get("qoqopt.source"):
-            # the manifest's own keys for what the file carries (a Hub source's commit too)
-            summary.made_from = {key: meta.get(f"qoqopt.{name}") for key, name in
-                                 (("model", "source"), ("revision", "source_revision"), ("fingerprint", "source_fingerprint"))}  # fmt: skip
+        _add_dims(summary, f, meta)
+
+
+def _add_dims(summary: GGUFSummary, f: GGUFFile, meta: dict) -> None:
+    """Text and vision dims, and the source, from the first file of each kind that has them."""
+    if f.kind == "text" and summary.text is None:
+        arch = meta.get("general.architecture")
+        vocab = meta.get("tokenizer.ggml.tokens")
+        summary.text = {"architecture": arch, **_dims(meta, {k: f"{arch}.{v}" for k, v in TEXT_KEYS.items()}),
+                        "vocab": len(vocab) if isinstance(vocab, list) else vocab}  # fmt: skip
+    elif f.kind == "mmproj" and summary.vision is None:
+        summary.vision = _dims(meta, VISION_KEYS)
+    if summary.made_from is None and meta.get("qoqopt.source"):
+        # the manifest's own keys for what the file carries (a Hub source's commit too)
+        summary.made_from = {key: meta.get(f"qoqopt.{name}") for key, name in
+                             (("model", "source"), ("revision", "source_revision"), ("fingerprint", "source_fingerprint"))}  # fmt: skip
 
 
 def _dims(meta: dict, keys: dict[str, str]) -> dict:
@@ -229,7 +233,7 @@ def render(s: GGUFSummary) -> str:
 
 def _file_line(f: GGUFFile, modelfile_from: str | None, hub: bool) -> str:
     name = f.path + (f" (+{f.parts - 1} parts)" if f.parts > 1 else "")
-    line = f"  {name:40s} {f.kind:9s} {f.quant or '':8s} {_size(f.bytes):>9s}"
+    line = f"  {name:40s} {f.kind:9s} {f.quant or '':8s} {decimal_size(f.bytes):>9s}"
     if not f.present:
         return line + ("  not downloaded" if hub else "  MISSING")
     if f.unreadable:
@@ -247,7 +251,10 @@ def _file_line(f: GGUFFile, modelfile_from: str | None, hub: bool) -> str:
     return line
 
 
-def _size(n: int) -> str:
+def decimal_size(n: int | None) -> str:
+    """Bytes in decimal units, as the Hub shows file sizes ("?" when unknown)."""
+    if n is None:
+        return "?"
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"

@@ -71,11 +71,12 @@ def is_waveform(ds) -> bool:
     return "WaveformSequence" in ds and "Rows" not in ds
 
 
-def check_image(path: str | Path, dicom: bool = False, frame: int | None = None) -> None:
+def check_image(path: str | Path, dicom: bool = False, frame: int | None = None):
     """What can be known of an image file from its header alone: it exists, it is a DICOM whose
     pixels a decoder here reads (or a waveform), or an image Pillow identifies in a mode with a
     display range, and its size is one the processor takes. For sets that are checked whole
-    before long work starts; pixels are decoded when an item is used."""
+    before long work starts; pixels are decoded when an item is used. Returns a DICOM's header
+    (pixels not read), so the caller need not read it again; None for other files."""
     from qoqopt.data.dicom import frame_index, frame_view, read_dicom
 
     path = _existing(path)
@@ -84,17 +85,18 @@ def check_image(path: str | Path, dicom: bool = False, frame: int | None = None)
             ds = read_dicom(path, stop_before_pixels=True)
             if is_waveform(ds):
                 _no_frame(frame, path)
-                return
+                return ds
             if "Rows" not in ds or "Columns" not in ds:
                 raise QoqoptError(f"{path}: DICOM has neither an image nor a waveform (Modality {ds.get('Modality', '?')})")
             _check_decodable(ds, path)
             _check_aspect(int(ds.Columns), int(ds.Rows), path)
             frame_view(ds, frame_index(ds, frame))  # the frame count and the functional groups agree
-        return
+        return ds
     with _pillow(path) as img:
         _seek(img, frame, path)
         _check_mode(img, path)
         _check_aspect(*img.size, path)
+    return None
 
 
 @contextmanager

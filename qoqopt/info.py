@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .loader import SAFETENSORS_DTYPE_BYTES, Checkpoint, part_of
+from .build_info import decimal_size
 from .manifest import made_from
 
 PARTS = ("text", "vision", "ecg")
@@ -104,7 +105,7 @@ def _params_from_meta(ckpt: Checkpoint, notes: list[str]) -> dict[str, int | Non
         if ckpt.index_total_size:
             rest = ckpt.index_total_size - width * (params["text"] + params["vision"])
             notes.append(
-                f"ECG encoder holds the remaining {_gb(rest)} of the index total (no shapes without the "
+                f"ECG encoder holds the remaining {decimal_size(rest)} of the index total (no shapes without the "
                 f"shards: {_count(rest // 4)} params if stored fp32, {_count(rest // 2)} if bf16)"
             )
     return out
@@ -178,10 +179,6 @@ def _build_record(folder) -> dict | None:
             "notes": list(manifest.get("notes") or [])}  # fmt: skip
 
 
-def _gb(n: int | None) -> str:
-    return "?" if n is None else f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 def _count(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
@@ -250,9 +247,9 @@ def render(s: Summary) -> str:
         lines.append(_render_quantization(s.quantization))
     if s.build:
         lines += _render_build(s.build)
-    lines.append(f"size         {_gb(s.total_bytes)} in {len(s.shards)} shard(s)")
+    lines.append(f"size         {decimal_size(s.total_bytes)} in {len(s.shards)} shard(s)")
     for name, size in s.shards:
-        lines.append(f"  {name:40s} {'MISSING' if name in s.missing else _gb(size)}")
+        lines.append(f"  {name:40s} {'MISSING' if name in s.missing else decimal_size(size)}")
     lines.append("files        " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in s.files.items()))
     if s.missing:
         lines.append(

@@ -71,13 +71,17 @@ def run(args) -> int:
     return 1 if checked and checked.failed else 0
 
 
+def _is_gguf_file(path: Path) -> bool:
+    """A .gguf name is a file, never a Hub id (a mistyped name must not be looked up online); a
+    folder so named is a build directory like any other."""
+    return path.suffix.lower() == ".gguf" and not path.is_dir()
+
+
 def _summary(args, path: Path):
     """(summary, its renderer) for what MODEL names."""
     from ..loader import resolve
 
-    # a .gguf name is a file, never a Hub id (a mistyped name must not be looked up online); a folder
-    # so named is a build directory like any other
-    if path.suffix.lower() == ".gguf" and not path.is_dir():
+    if _is_gguf_file(path):
         return _gguf_file(path, args)
     folder, commit = resolve(args.model, args.revision, weights=False)  # a Hub id: its manifest and configs only
     hub_id = args.model if commit else None
@@ -103,7 +107,7 @@ def _verify(args, path: Path) -> Verified:
     from ..integrity import problems, unlisted
     from ..manifest import read_manifest
 
-    if path.suffix.lower() == ".gguf" and not path.is_dir():
+    if _is_gguf_file(path):
         raise QoqoptError("--verify checks a build folder against its manifest.json; give the folder, not one file")
     if not path.is_dir():
         raise QoqoptError(f"--verify checks a local copy; download {args.model} first (e.g. `hf download "

@@ -23,8 +23,7 @@ from qoqopt.data.ecg import ecg_signal, read_ecg, render_ecg
 from qoqopt.data.items import ClinicalItem
 from qoqopt.data.prompts import with_suffix
 from qoqopt.errors import QoqoptError
-from qoqopt.data.dicom import read_dicom
-from qoqopt.images import check_image, is_dicom, is_waveform, open_dicom, open_image
+from qoqopt.images import check_image, is_waveform, open_dicom, open_image
 
 _REQUIRED = ("question", "answer", "domain")
 _ALLOWED = {"image", "dicom", "frame", "question", "answer", "domain", "choices", "id", "meta"}
@@ -128,8 +127,8 @@ def _picture(file: Path, kind: str, frame: int | None, where: str):
     """How the item's picture is made, and its ECG signal, decided by the file (not by the field
     or the domain): a waveform DICOM is read whole now (it is small, and a bad one fails at load)
     and drawn as the 12-lead sheet; any other file has its header checked now, its pixels later."""
-    _guarded(where, check_image, file, kind == "dicom", frame)
-    if (kind == "dicom" or is_dicom(file)) and is_waveform(read_dicom(file, stop_before_pixels=True)):
+    header = _guarded(where, check_image, file, kind == "dicom", frame)  # a DICOM's, read once
+    if header is not None and is_waveform(header):
         rec = _guarded(where, read_ecg, file)  # check_image has refused a "frame" for it
         return partial(render_ecg, rec), ecg_signal(rec)
     return partial(open_dicom if kind == "dicom" else open_image, file, frame), None
