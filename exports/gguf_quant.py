@@ -3,7 +3,8 @@
 F32, F16, BF16 and Q8_0 are written directly from the checkpoint (gguf_write). Every other type
 goes through `llama_cpp.llama_model_quantize` from one F16/BF16 intermediate GGUF, with the
 importance matrix handed over in memory (`llama_model_quantize_params.imatrix`), exactly what
-`llama-quantize --imatrix` does after loading its file.
+`llama-quantize --imatrix` does after loading its file. The call runs in a child process
+(quantize_worker), so that Ctrl-C stops it.
 
 llama.cpp decides the per-tensor mix (Q4_K_M keeps some tensors at Q6_K, ...) and falls back
 per tensor when a row is not a multiple of the type's block (256 for K-quants: Q4_K -> Q5_0,
@@ -14,14 +15,18 @@ those fallbacks in one line each.
 from __future__ import annotations
 
 import ctypes
+import json
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from qoqopt.errors import QoqoptError
-from qoqopt.interrupts import deferred_signals
 
 from .gguf_write import DIRECT_TYPES
 
@@ -128,22 +133,72 @@ class _LogCapture:
 def llama_quantize(
     src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None, threads: int = 0
 ) -> QuantReport:
-    """Quantize GGUF `src` to `dst` with llama.cpp. `imatrix`: GGUF tensor name -> per-column mean x^2."""
-    import llama_cpp
+    """Quantize GGUF `src` to `dst` with llama.cpp. `imatrix`: GGUF tensor name -> per-column mean x^2.
 
-    ftype = llama_ftypes()[quant]
+    It runs in a child process (exports/quantize_worker.py) so that Ctrl-C or SIGTERM stops it at
+    once: in this process it is one C call that Python cannot interrupt, and a 7B quantize went on
+    for minutes after a Ctrl-C."""
+    if quant not in llama_ftypes():
+        raise QoqoptError(f"unknown quant type {quant!r}")
     if quant in NEEDS_IMATRIX and not imatrix:
         raise QoqoptError(f"{quant} needs an importance matrix; drop --imatrix none")
+    for name, values in (imatrix or {}).items():
+        if not np.isfinite(values).all():
+            raise QoqoptError(f"imatrix entry {name} has non-finite values")
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as work:
+        argv = [sys.executable, "-m", "qoqopt.exports.quantize_worker", str(src), str(dst), quant, str(threads)]
+        if imatrix:
+            argv.append(_save_means(imatrix, Path(work) / "imatrix.safetensors"))
+        reply = _run_worker(argv, dst, quant)
+    return QuantReport(quant, reply["fallbacks"])
+
+
+def _save_means(imatrix: dict[str, np.ndarray], path: Path) -> str:
+    from safetensors.numpy import save_file
+
+    save_file({name: np.ascontiguousarray(v, dtype=np.float32) for name, v in imatrix.items()}, str(path))
+    return str(path)
+
+
+def _run_worker(argv: list[str], dst: Path, quant: str) -> dict:
+    """The worker's JSON reply; on any exit of ours (Ctrl-C included) it is killed and `dst` removed."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = proc.communicate()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        dst.unlink(missing_ok=True)
+        raise
+    lines = out.strip().splitlines()
+    reply = json.loads(lines[-1]) if proc.returncode in (0, 1) and lines and lines[-1].startswith("{") else None
+    if reply is None:
+        dst.unlink(missing_ok=True)
+        how = f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+        raise QoqoptError(f"llama.cpp's quantize to {quant} died ({how}){_OOM_HINT if proc.returncode == -9 else ''}")
+    if "error" in reply:
+        dst.unlink(missing_ok=True)
+        raise QoqoptError(reply["error"])
+    return reply
+
+
+_OOM_HINT = "; killed from outside, often by the kernel's out-of-memory killer"
+
+
+def quantize_here(
+    src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None, threads: int = 0
+) -> list[str]:
+    """The quantize itself, in this process (the worker's job): the fallbacks llama.cpp logged."""
+    import llama_cpp
+
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
+    params.ftype = llama_ftypes()[quant]
     params.nthread = threads
     keep = []
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for i, (name, values) in enumerate(sorted(imatrix.items())):
             arr = np.ascontiguousarray(values, dtype=np.float32)
-            if not np.isfinite(arr).all():
-                raise QoqoptError(f"imatrix entry {name} has non-finite values")
             keep.append((name.encode(), arr))
             entries[i].name = keep[-1][0]
             entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
@@ -151,7 +206,7 @@ def llama_quantize(
         entries[len(imatrix)].name = None
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         keep.append(entries)
-    with deferred_signals(), _LogCapture() as log:  # a Ctrl-C lands in the log callback: hold it
+    with _LogCapture() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         errors = [ln.strip() for ln in log.lines if "error" in ln.lower() or "failed" in ln.lower()]
@@ -159,11 +214,8 @@ def llama_quantize(
             raise QoqoptError(f"disk full while writing {dst.name}")
         why = errors[-1] if errors else f"return code {rc}"
         raise QoqoptError(f"llama.cpp could not quantize to {quant}: {why}")
-    report = QuantReport(quant)
     flat = log.text.replace("\n", " ")
-    for m in _FALLBACK.finditer(flat):
-        report.fallbacks.append(f"{m.group(1)} {m.group(2).upper()} -> {m.group(3).upper()}")
-    return report
+    return [f"{m.group(1)} {m.group(2).upper()} -> {m.group(3).upper()}" for m in _FALLBACK.finditer(flat)]
 
 
 def tensor_types(path: Path) -> dict[str, str]:

@@ -65,7 +65,8 @@ def write_imatrix(path: Path, im: IMatrix) -> None:
 def read_imatrix(path: Path) -> IMatrix:
     path = Path(path)
     if not path.is_file():
-        raise QoqoptError(f"{path}: no such imatrix file")
+        what = "a directory, not an imatrix file" if path.is_dir() else "no such imatrix file"
+        raise QoqoptError(f"{path}: {what} (--imatrix takes clinical, none, a .jsonl set, or a llama.cpp .gguf/.dat imatrix)")
     with open(path, "rb") as fh:
         magic = fh.read(4)
     return _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)

@@ -153,6 +153,8 @@ def test_unusable_paths_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
             "--name 'a/b': give a plain file-name stem",
         ("export", str(tiny_dir), "--format", "gguf", "--imatrix", str(afile), "--out", str(tmp_path / "o")):
             "afile is not a llama.cpp imatrix file",
+        ("export", str(tiny_dir), "--format", "gguf", "--imatrix", str(build), "--out", str(tmp_path / "o")):
+            "build: a directory, not an imatrix file (--imatrix takes clinical, none, a .jsonl set",
         ("export", str(tiny_dir), "--format", "gguf", "--imatrix", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")):
             "none.jsonl: no such calibration file",
         ("export", str(tiny_dir), "--format", "gguf", "--imatrix", str(bad_set), "--out", str(tmp_path / "o")):

@@ -465,7 +465,7 @@ def test_cli_list_and_show(tmp_path, capsys):
     out = capsys.readouterr().out
     assert Image.open(png).size == (308, 308)
     assert "Which body region is shown?" in out and "\\boxed{Head}" in out
-    with pytest.raises(QoqoptError, match="unknown built-in image"):
+    with pytest.raises(QoqoptError, match=r"unknown built-in image 'nope' \(`qoqopt data list` lists the ids\)"):
         _cli("data", "show", "nope.modality.eval-0", "--out", str(png))
 
 
@@ -485,6 +485,10 @@ def test_cli_jsonl_takes_domain_and_refuses_built_in_choices(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _cli("data", "show", "ct-head-693.region_ct.eval-0", "--split", "calib", "--out", str(tmp_path / "x.png"))
     assert "unrecognized arguments: --split calib" in capsys.readouterr().err
+    with pytest.raises(QoqoptError, match="no item with id 'set:3'; ids close to it: 'set:2', 'set:1'"):
+        _cli("data", "show", "set:3", "--jsonl", path, "--out", str(tmp_path / "x.png"))
+    with pytest.raises(QoqoptError, match="no item with id 'x'; its ids include 'set:1', 'set:2'$"):
+        _cli("data", "show", "x", "--jsonl", path, "--out", str(tmp_path / "x.png"))
 
 
 def test_cli_show_of_a_user_item_is_the_size_the_model_gets(tmp_path, capsys):

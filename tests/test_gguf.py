@@ -390,14 +390,21 @@ def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_p
 # ---------------------------------------------------------------------------- reliability
 
 
-def test_ctrl_c_during_a_quantize_is_not_lost(built, tmp_path):
-    """llama.cpp logs each tensor it quantizes through a Python callback, where Python runs a signal's
-    handler; ctypes swallowed the KeyboardInterrupt raised there, so a Ctrl-C during a quantize was
-    lost and the export finished (exit 0, replacing the old build under --force). It is held until
-    llama.cpp returns, then delivered to the handler it was meant for."""
+def test_ctrl_c_stops_a_quantize_at_once(built, tmp_path, monkeypatch):
+    """llama.cpp's quantize is one C call that Python cannot interrupt: a Ctrl-C used to be lost in
+    its log callback, then (held until the call returned) waited minutes on a 7B model. It runs in a
+    child process now: a Ctrl-C reaches the handler it was meant for while the quantize runs, the
+    child is killed rather than left to finish, and no partial output is left."""
     import threading
 
-    from qoqopt.exports.gguf_quant import llama_quantize
+    from qoqopt.exports import gguf_quant
+
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
 
     class Stop(Exception):
         pass
@@ -405,17 +412,34 @@ def test_ctrl_c_during_a_quantize_is_not_lost(built, tmp_path):
     def stop(signum, frame):
         raise Stop
 
+    monkeypatch.setattr(gguf_quant.subprocess, "Popen", Recorded)
     previous = signal.signal(signal.SIGINT, stop)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # the quantize takes seconds
     try:
         with pytest.raises(Stop):
             timer.start()
-            llama_quantize(built.file("text", "F16"), tmp_path / "q.gguf", "Q4_K_M", None)
+            gguf_quant.llama_quantize(built.file("text", "F16"), tmp_path / "q.gguf", "Q4_K_M", None)
     finally:
         timer.cancel()
         timer.join()
         signal.signal(signal.SIGINT, previous)
     assert signal.getsignal(signal.SIGINT) is previous
+    assert [p.returncode for p in started] == [-signal.SIGKILL]  # killed, not waited for
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_quantize_is_one_line(built, tmp_path, monkeypatch):
+    """A quantize killed from outside (the out-of-memory killer, on a 32B model) is named as such;
+    an error inside llama.cpp comes back as its own line."""
+    from qoqopt.exports import gguf_quant
+
+    argv = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    with pytest.raises(QoqoptError, match=r"quantize to Q4_K_M died \(signal SIGKILL\); killed from outside"):
+        gguf_quant._run_worker(argv, tmp_path / "q.gguf", "Q4_K_M")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(QoqoptError, match="llama.cpp could not quantize to Q4_K_M: "):
+        gguf_quant.llama_quantize(tmp_path / "bad.gguf", tmp_path / "q.gguf", "Q4_K_M", None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
 
 
 def test_a_direct_export_leaves_torch_unloaded(tiny_dir, tmp_path):

@@ -76,16 +76,16 @@ def _pick_entries(build: str, manifest: dict, quant: str | None) -> list[dict]:
 
 
 def _item(args):
-    from ..data import find_item
     from ..data.prompts import with_suffix
     from ..errors import QoqoptError
     from ..images import open_image
+    from .data import builtin_item
 
     if args.item:
         if args.question or args.frame is not None:
             flag = "--question" if args.question else "--frame"
             raise QoqoptError(f"{flag} goes with --image; a built-in --item has its own")
-        item = find_item(args.item)
+        item = builtin_item(args.item)
         return item.image, item.question, item.answer
     if not args.question:
         raise QoqoptError("--image needs --question")

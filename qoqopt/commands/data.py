@@ -170,13 +170,33 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find(args: argparse.Namespace):
+def builtin_item(item_id: str, **kwargs):
+    """A built-in item by id (for `data show` and `ask --item`); a wrong id says where the ids are."""
     from qoqopt.data.items import find_item
+
+    try:
+        return find_item(item_id, **kwargs)
+    except QoqoptError as err:
+        raise QoqoptError(f"{err} (`qoqopt data list` lists the ids)") from None
+
+
+def _find(args: argparse.Namespace):
     from qoqopt.data.jsonl import load_jsonl
 
     if not args.jsonl:
-        return find_item(args.id, seed=args.seed, max_side=args.max_side or DEFAULT_MAX_SIDE)
-    for item in load_jsonl(args.jsonl, max_side=args.max_side):
+        return builtin_item(args.id, seed=args.seed, max_side=args.max_side or DEFAULT_MAX_SIDE)
+    items = load_jsonl(args.jsonl, max_side=args.max_side)
+    for item in items:
         if item.id == args.id:
             return item
-    raise QoqoptError(f"{args.jsonl}: no item with id {args.id!r}")
+    raise QoqoptError(f"{args.jsonl}: no item with id {args.id!r}{_near(args.id, [i.id for i in items])}")
+
+
+def _near(wanted: str, ids: list[str]) -> str:
+    """The ids a mistyped one may have meant, or the first few when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(wanted, ids, n=3)
+    shown = close or ids[:3]
+    more = "" if close or len(ids) <= 3 else f", ... ({len(ids)} in all)"
+    return f"; {'ids close to it:' if close else 'its ids include'} {', '.join(map(repr, shown))}{more}"
