@@ -83,3 +83,25 @@ def test_a_file_without_a_recorded_sha256_is_said_to_be_unchecked(tmp_path, coun
     assert integrity.checked_files(tmp_path, [{"path": "m.gguf", "bytes": 8}]) == [tmp_path / "m.gguf"]
     assert capsys.readouterr().err == "warning: manifest.json records no sha256 for m.gguf: its bytes are not checked\n"
     assert counted_hashes == []
+
+
+def test_an_edited_config_of_a_gptq_build_is_named_not_refused(tmp_path, counted_hashes, capsys):
+    """A GPTQ/AWQ build's weights must match; its JSON may be edited on purpose, but an edited
+    quantization_config only showed as "quantized tensors disagree" at load: the edit is named once."""
+    config = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}
+    (tmp_path / "model.safetensors").write_bytes(b"w" * 16)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    manifest = {"format": "gptq", "files": [
+        {"path": name, "bytes": (tmp_path / name).stat().st_size,
+         "sha256": hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()}
+        for name in ("model.safetensors", "config.json")]}  # fmt: skip
+    assert integrity.checked_weights(tmp_path, manifest) == [tmp_path / "model.safetensors"]
+    assert capsys.readouterr().err == ""
+    config["quantization_config"]["group_size"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert integrity.checked_weights(tmp_path, manifest) == [tmp_path / "model.safetensors"]
+    assert capsys.readouterr().err == ("warning: config.json is not the one export wrote (its sha256 differs from "
+                                       "manifest.json); if loading fails, look at that edit first\n")  # fmt: skip
+    (tmp_path / "model.safetensors").write_bytes(b"v" * 16)
+    with pytest.raises(QoqoptError, match="model.safetensors does not match the sha256"):
+        integrity.checked_weights(tmp_path, manifest)
