@@ -146,7 +146,7 @@ def llama_quantize(
         if not np.isfinite(values).all():
             raise QoqoptError(f"imatrix entry {name} has non-finite values")
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as work:
-        argv = [sys.executable, "-m", "qoqopt.exports.quantize_worker", str(src), str(dst), quant, str(threads)]
+        argv = [sys.executable, "-P", "-m", "qoqopt.exports.quantize_worker", str(src), str(dst), quant, str(threads)]
         if imatrix:
             argv.append(_save_means(imatrix, Path(work) / "imatrix.safetensors"))
         reply = _run_worker(argv, dst, quant)

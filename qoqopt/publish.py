@@ -14,7 +14,9 @@ from pathlib import Path
 
 from .errors import QoqoptError
 from .fileio import sha256_file
-from .manifest import BUILD_FORMATS, entry_path, gguf_entries, listed_file, read_manifest, source_id
+from .manifest import (
+    BUILD_FORMATS, entry_path, gguf_entries, gguf_quants, listed_file, preferred_quant, read_manifest, source_id,
+)
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 LICENSE = "mit"  # QoQ-Med and Qwen2.5-VL are MIT / Apache; QoQ-Med's release is MIT
@@ -255,17 +257,14 @@ def _usage(fmt: str, repo_id: str, manifest: dict, carries_ecg: bool, exported_r
 
 
 def _card_model_gguf(manifest: dict) -> tuple[str | None, str]:
-    """``(quant, path)`` of the text GGUF the card runs, from the manifest's text entries: Q4_K_M where
-    the build has it (llama.cpp's own ``-hf`` default), else the smallest. Never the imatrix or the
-    mmproj, which are GGUFs of other kinds."""
-    texts = [f for f in manifest.get("files", []) if f.get("kind") == "text"]
+    """``(quant, path)`` of the text GGUF the card runs: the build's preferred quant, the one its
+    README, Modelfile, `info` and `ask` use (Q4_K_M, llama.cpp's own ``-hf`` default, where the build
+    has it). Never the imatrix or the mmproj, which are GGUFs of other kinds."""
+    quant = preferred_quant(gguf_quants(manifest))
+    texts = [f for f in manifest.get("files", []) if f.get("kind") == "text" and f.get("quant") == quant]
     if not texts:
         return None, "MODEL.gguf"
-    size: dict[str | None, int] = {}  # a file in parts counts whole
-    for f in texts:
-        size[f.get("quant")] = size.get(f.get("quant"), 0) + f.get("bytes", 0)
-    quant = "Q4_K_M" if "Q4_K_M" in size else min(size, key=size.__getitem__)
-    return quant, next(entry_path(f) for f in texts if f.get("quant") == quant and (f.get("part") or 1) == 1)
+    return quant, next(entry_path(f) for f in texts if (f.get("part") or 1) == 1)
 
 
 def _hf_repo_tag(repo_id: str, manifest: dict) -> str:

@@ -428,6 +428,18 @@ def test_ctrl_c_stops_a_quantize_at_once(built, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_quantize_ignores_modules_in_the_working_directory(built, tmp_path, monkeypatch):
+    """The quantize child is started with `python -P`: a llama_cpp.py (or an empty dl/ folder, which
+    gdcm's `import dl` took for a package) in the user's folder is not imported in its place."""
+    from qoqopt.exports import gguf_quant
+
+    (tmp_path / "llama_cpp.py").write_text("raise ImportError('the user folder was imported')\n")
+    (tmp_path / "dl").mkdir()
+    monkeypatch.chdir(tmp_path)
+    gguf_quant.llama_quantize(built.file("text", "F16"), tmp_path / "q.gguf", "Q4_K_M", None)
+    assert gguf_quant.tensor_types(tmp_path / "q.gguf")["blk.0.attn_q.weight"] in ("Q4_K", "Q5_0")
+
+
 def test_a_killed_quantize_is_one_line(built, tmp_path, monkeypatch):
     """A quantize killed from outside (the out-of-memory killer, on a 32B model) is named as such;
     an error inside llama.cpp comes back as its own line."""

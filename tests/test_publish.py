@@ -66,15 +66,15 @@ def _add_listed_files(build, names):
 
 def test_card_names_the_quant_llama_cpp_fetches(export_dir):
     """llama.cpp's ``-hf <user>/<model>[:quant]`` takes Q4_K_M, or the repo's first file, when no quant is
-    named: the card names one the build has, Q4_K_M where built, else the smallest, and runs the same
-    file locally; never the imatrix (a GGUF too, listed first, and the smallest)."""
+    named: the card names one the build has, Q4_K_M where built, and runs the same file locally;
+    never the imatrix (a GGUF too, listed first, and the smallest)."""
     (export_dir / "README.md").unlink()  # no exported run section: the card writes its own commands
     _add_listed_files(export_dir, ["QoQ-Med-mini.imatrix.gguf", "QoQ-Med-mini.F16.gguf"])
     manifest = json.loads((export_dir / "manifest.json").read_text())
     manifest["files"] = manifest["files"][-2:] + manifest["files"][:-2]  # imatrix and F16 first, as exports list
     (export_dir / "manifest.json").write_text(json.dumps(manifest))
     card = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF").card
-    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q8_0 " in card, card  # F16's file is larger here
+    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q8_0 " in card, card  # a quantized type before F16
     assert "llama-mtmd-cli -m QoQ-Med-mini.Q8_0.gguf --mmproj mmproj-QoQ-Med-mini-f16.gguf" in card
     _add_listed_files(export_dir, ["QoQ-Med-mini.Q4_K_M.gguf"])
     card = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF").card
@@ -92,18 +92,22 @@ def _add_parts(build, quant: str, sizes: list[int]) -> None:
     (build / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_card_counts_a_file_in_parts_whole_and_runs_its_first_part(export_dir):
-    """Q2_K in two parts, each smaller than the 104-byte Q8_0 but larger together: the card takes
-    Q8_0 as the smallest; Q3_K in two smaller parts is then the smallest, run from its first part,
-    and every part passes the Hub's size check and is uploaded."""
+def test_card_runs_the_builds_preferred_quant_from_its_first_part(export_dir):
+    """The card's `-hf` tag and local command name the quant `ask`, the Modelfile and `info` use (it
+    took the smallest file, so a Q8_0 + Q3_K_S build's card said Q3_K_S and its commands Q8_0); a
+    quant in parts is run from its first part, and every part is uploaded."""
+    from qoqopt.manifest import gguf_text_files
+
     (export_dir / "README.md").unlink()
-    _add_parts(export_dir, "Q2_K", [60, 60])
-    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q8_0 " in plan_upload(export_dir, "me/QoQ-Med-mini-GGUF").card
-    _add_parts(export_dir, "Q3_K", [40, 40])
+    _add_parts(export_dir, "Q3_K_S", [40, 40])  # smaller than the Q8_0, and not preferred over it
     plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF")
-    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q3_K " in plan.card
-    assert "llama-mtmd-cli -m QoQ-Med-mini.Q3_K-00001-of-00002.gguf --mmproj" in plan.card
-    assert {f"QoQ-Med-mini.Q{k}_K-0000{n}-of-00002.gguf" for k in (2, 3) for n in (1, 2)} <= {f.path for f in plan.files}
+    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q8_0 " in plan.card
+    assert gguf_text_files(json.loads((export_dir / "manifest.json").read_text())) == ["QoQ-Med-mini.Q8_0.gguf"]
+    _add_parts(export_dir, "Q4_K_M", [60, 60])
+    plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF")
+    assert "llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q4_K_M " in plan.card
+    assert "llama-mtmd-cli -m QoQ-Med-mini.Q4_K_M-00001-of-00002.gguf --mmproj" in plan.card
+    assert {f"QoQ-Med-mini.{q}-0000{n}-of-00002.gguf" for q in ("Q3_K_S", "Q4_K_M") for n in (1, 2)} <= {f.path for f in plan.files}
 
 
 def _drop_part(files):

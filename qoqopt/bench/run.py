@@ -287,7 +287,7 @@ def _common_job(opts: BenchOptions, ckpt, work: Path, threads: int) -> dict:
 def _run_worker(job: dict, work: Path, tag: str) -> dict:
     job_path, out_path = work / f"{tag}.job.json", work / f"{tag}.result.json"
     job_path.write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, "-m", "qoqopt.bench.worker", str(job_path), str(out_path)],
+    proc = subprocess.run([sys.executable, "-P", "-m", "qoqopt.bench.worker", str(job_path), str(out_path)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     # the worker's own warnings (a 16-bit image using 12 bits, an unchecked file) reach the user,
     # each once, without its progress bars' redraws

@@ -103,7 +103,7 @@ def build_commands(model: str, missing: list[Variant], builds: Path, calib_items
             out = builds / f"{v.format}-{v.option}bit"
             jobs.append(([v], out, ["--format", v.format, "--bits", v.option, "--samples", str(calib_items)]))
     rev = ["--revision", revision] if revision else []
-    return [(vs, out, [sys.executable, "-m", "qoqopt", "export", model, "--out", str(out), *args, *rev, "--force"])
+    return [(vs, out, [sys.executable, "-P", "-m", "qoqopt", "export", model, "--out", str(out), *args, *rev, "--force"])
             for vs, out, args in jobs]  # fmt: skip
 
 
