@@ -8,6 +8,7 @@ stored HF login, handed to `HfApi`, and never printed or written.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +198,7 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
     if exported is not None:  # only a README the manifest lists is read
         body += ["", "`manifest.json` also lists the export's own README.md: this card takes its place here."]
     if results_md:
-        body += ["", "## Evidence: drift and speed", "", tables_for_build(results_md, fmt)]
+        body += ["", "## Evidence: drift and speed", "", *_evidence(results_md, manifest)]
     # builds exported before the top-level key carried the encoder whenever their source had one
     carries_ecg = manifest.get("ecg_encoder", "carried" if src.get("ecg_encoder") else None) == "carried"
     sections = exported or {}
@@ -208,22 +209,80 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
     return ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n", body="\n".join(body)).content
 
 
-def tables_for_build(report_md: str, fmt: str) -> str:
-    """`qoqopt report` Markdown narrowed to this build: table rows of its format (plus the reference and
-    unquantized rows, for scale); plot links are dropped, since the PNGs are not part of the upload."""
-    from .bench.variants import HF_DTYPES
+def _evidence(results_md: str, manifest: dict) -> list[str]:
+    """The report's rows for this build, and the build's quants it has no drift for."""
+    fmt = manifest.get("format", "unknown")
+    shas = {f["sha256"] for f in manifest["files"] if f.get("sha256")}
+    tables, measured = tables_for_build(results_md, fmt, shas)
+    if not measured:
+        raise QoqoptError(f"--results: the report measured none of this build's files (its {fmt} rows are of "
+                          "other builds); bench this build and run `qoqopt report` on that")  # fmt: skip
+    built = [f"{fmt}:{q}" for q in gguf_quants(manifest)] if fmt == "gguf" else []
+    missing = [v for v in built if v not in measured]
+    return [tables] + (["", f"Not measured in these results: {', '.join(missing)}."] if missing else [])
 
-    keep_always = {"reference", *HF_DTYPES}
-    out = []
-    for line in report_md.strip().splitlines():
-        if line.startswith(("![", "# ")) or line.strip() == "## Plots":  # the report's title: the card has its own
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
-        is_row = cells and not set(line) <= set("|-: ") and cells[0] not in ("variant", "machine")
-        if is_row and not any(c.startswith(f"{fmt}:") or c in keep_always for c in cells[:2]):
-            continue
-        out.append(line)
-    return "\n".join(out).strip()
+
+def tables_for_build(report_md: str, fmt: str, shas: set[str]) -> tuple[str, set[str]]:
+    """`qoqopt report` Markdown narrowed to this build, and the variants of it that were measured.
+
+    A row of the build's format is kept only when its files (the sha256s the report records beside
+    each table) are among the build's ``shas``: a report may also hold other builds of the same
+    types, or other models. The reference and unquantized rows stay, for scale, in the sections
+    that measured this build; sections that did not are dropped whole. Plot links are dropped too,
+    since the PNGs are not part of the upload."""
+    from .bench.variants import HF_DTYPES
+    from .report import FILES_TAG
+
+    if FILES_TAG not in report_md:
+        raise QoqoptError("--results: this report.md does not record which files it measured (an older qoqopt "
+                          "wrote it); run `qoqopt report` on the bench results again")  # fmt: skip
+    out, measured = [], set()
+    for section in _sections(report_md):
+        kept, ours, rows = [], False, 0
+        files: list[list[str]] = []
+        column = 0  # of the variant: a speed table's rows start with the machine
+        for line in section:
+            if line.startswith(FILES_TAG):
+                files = json.loads(line[len(FILES_TAG):].removesuffix("-->"))
+                continue
+            if line.startswith(("![", "# ")) or line.strip() == "## Plots":  # the report's title: the card has its own
+                continue
+            cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+            if cells and cells[0] in ("variant", "machine"):
+                column = int(cells[0] == "machine")
+            name = _row_variant(line, cells, column)
+            if name is not None:
+                rows += 1
+                row_files = files.pop(0) if files else []
+                if name.startswith(f"{fmt}:") and row_files and set(row_files) <= shas:
+                    ours = True
+                    measured.add(name)
+                elif name not in {"reference", *HF_DTYPES}:
+                    continue
+            kept.append(line)
+        if ours or not rows:
+            out += kept
+    return "\n".join(out).strip(), measured
+
+
+def _sections(md: str) -> list[list[str]]:
+    """The lines of a Markdown text split where each ``## `` heading starts."""
+    sections: list[list[str]] = [[]]
+    for line in md.strip().splitlines():
+        if line.startswith("## "):
+            sections.append([])
+        sections[-1].append(line)
+    return sections
+
+
+def _row_variant(line: str, cells: list[str], column: int) -> str | None:
+    """The variant a report line is about: a table row's variant cell, or a failure bullet's
+    `name`; None for any other line (headers, rules, prose)."""
+    if line.startswith("- ") and line.count("`") >= 2:
+        return line.split("`")[1]
+    if not cells or set(line.strip()) <= set("|-: ") or cells[0] in ("variant", "machine"):
+        return None
+    return cells[column] if column < len(cells) else None
 
 
 def readme_sections(readme: str) -> dict[str, str]:

@@ -3,7 +3,9 @@
 A result file (schema `qoqopt.bench/1`, written by `qoqopt bench`) holds one run on one machine:
 the machine's hardware/software tags and, per variant, its files, drift against the reference
 (overall and per clinical domain) and speed. Drift does not depend on the machine (same files, same
-chats), so the drift table takes each variant's first successful measurement; speed is per machine.
+chats), so a drift table takes each variant's first successful measurement, but only from runs of
+the same reference, eval set and settings: runs that differ there get a drift table each, never
+one table of numbers from different chats or models. Speed is per machine.
 A build is Pareto-optimal when no other build is both smaller and drifts less (mean KLD).
 """
 
@@ -48,22 +50,54 @@ def _check_result(data, path: Path) -> None:
     run, variants = data.get("run"), data.get("variants")
     if not isinstance(run, dict) or not isinstance(run.get("machine"), dict):
         raise QoqoptError(f"{path}: a {SCHEMA} result needs a \"run\" object with its \"machine\"")
-    if not isinstance(variants, list) or not all(isinstance(v, dict) and "name" in v for v in variants):
+    if not isinstance(variants, list) or not all(isinstance(v, dict) and isinstance(v.get("name"), str) for v in variants):
         raise QoqoptError(f"{path}: a {SCHEMA} result needs a \"variants\" list of named objects")
+    _check_fields(run["machine"], {"label": str, "cpu": str}, f"{path}: run.machine")
+    if run.get("eval") is not None:
+        _check_fields(run["eval"], {"source": str, "items": int, "seed": int, "sha256": str}, f"{path}: run.eval")
     for v in variants:
+        where = f"{path}: variant {v['name']!r}"
+        _check_fields(v, {"status": str, "error": str, "runtime": str, "worst_domain": str}, where)
         if v.get("status") == "ok" and v.get("drift"):
-            _check_measured(v, path)
+            _check_measured(v, where)
 
 
-def _check_measured(v: dict, path: Path) -> None:
-    """What the drift table and plots read of a measured variant (the reference has no KLD of its own)."""
-    number = (int, float)
-    drift_all = v["drift"].get("all") if isinstance(v["drift"], dict) else None
-    ok = isinstance(v.get("size_bytes"), number) and isinstance(drift_all, dict)
-    if ok and v["name"] != "reference":
-        ok = isinstance(drift_all.get("mean_kld"), number)
-    if not ok:
-        raise QoqoptError(f"{path}: variant {v['name']!r} has drift but no size_bytes or drift.all.mean_kld")
+def _check_fields(obj, kinds: dict[str, type], where: str) -> None:
+    """Each of ``kinds`` present in ``obj`` is of its type, or null (a hand edit gave tracebacks)."""
+    if not isinstance(obj, dict):
+        raise QoqoptError(f"{where} is not an object")
+    for key, kind in kinds.items():
+        value = obj.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise QoqoptError(f"{where}.{key} is {value!r}; a {SCHEMA} result has a {kind.__name__} there")
+
+
+def _check_measured(v: dict, where: str) -> None:
+    """What the tables and plots read of a measured variant: numbers (or null, shown as –) where they
+    read numbers, a size and, but for the reference (no KLD of its own), an overall mean KLD."""
+    drift = v["drift"]
+    if not isinstance(drift, dict) or not isinstance(drift.get("all"), dict):
+        raise QoqoptError(f"{where} has drift but no drift.all")
+    for domain, numbers in drift.items():
+        _check_numbers(numbers, f"{where}: drift.{domain}")
+    _check_numbers(v.get("speed") or {}, f"{where}: speed")
+    size, kld = v.get("size_bytes"), drift["all"].get("mean_kld")
+    if not _is_number(size) or size <= 0:
+        raise QoqoptError(f"{where} has drift but size_bytes {size!r}; a measured build has a positive size")
+    if v["name"] != "reference" and not _is_number(kld):
+        raise QoqoptError(f"{where} has drift but no drift.all.mean_kld")
+
+
+def _check_numbers(obj, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise QoqoptError(f"{where} is {obj!r}, not an object")
+    for key, value in obj.items():
+        if value is not None and not _is_number(value):
+            raise QoqoptError(f"{where}.{key} is {value!r}, not a number")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def machine_label(run: dict) -> str:
@@ -71,14 +105,49 @@ def machine_label(run: dict) -> str:
     return m.get("label") or (m.get("gpu") or {}).get("name") or m.get("cpu", "unknown")
 
 
+def drift_groups(runs: list[dict]) -> list[list[dict]]:
+    """The runs whose drift can share one table, in order of first appearance: measured against the
+    same reference (its files' sha256, else the model named) in the same dtype, on the same chats
+    (eval set, count, seed, answer tokens). Speed is compared across all runs; drift only within a group."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(_drift_key(run), []).append(run)
+    return list(groups.values())
+
+
+def _drift_key(run: dict) -> tuple:
+    r, ev = run["run"], run["run"].get("eval") or {}
+    ref = next((v for v in run["variants"] if v["name"] == "reference"), {})
+    shas = sorted(str(f.get("sha256")) for f in ref.get("files") or [] if isinstance(f, dict))
+    model = tuple(shas) or (r.get("model") or {}).get("source")
+    return (model, ev.get("sha256") or ev.get("source"), ev.get("items"), ev.get("seed"), ev.get("answer_tokens"),
+            r.get("reference_dtype"))  # fmt: skip
+
+
 def drift_rows(runs: list[dict]) -> dict[str, dict]:
-    """variant name -> its first successful drift/size record across runs."""
+    """variant name -> its drift/size record, from runs of one drift group. Runs from several
+    machines measure the same files, so the first successful record stands for all; a name measured
+    on other files (another build of that type) cannot share its row."""
     out: dict[str, dict] = {}
     for run in runs:
         for v in run["variants"]:
-            if v.get("status") == "ok" and v.get("drift") and v["name"] not in out:
-                out[v["name"]] = v
+            if v.get("status") != "ok" or not v.get("drift"):
+                continue
+            if v["name"] not in out:
+                out[v["name"]] = v | {"_run": run_name(run)}
+            elif _file_shas(v) != _file_shas(out[v["name"]]):
+                raise QoqoptError(f"{v['name']} was measured on other files in {run_name(run)} than in "
+                                  f"{out[v['name']]['_run']} (another build): report those runs separately")  # fmt: skip
     return out
+
+
+def _file_shas(v: dict) -> list[str]:
+    return sorted(str(f.get("sha256")) for f in v.get("files") or [] if isinstance(f, dict))
+
+
+def run_name(run: dict) -> str:
+    started = run["run"].get("started")
+    return f"the run on {machine_label(run)}" + (f" started {started}" if started else "")
 
 
 def pareto(points: dict[str, tuple[float, float]]) -> set[str]:
@@ -98,13 +167,28 @@ def _fmt(x, spec=".4f") -> str:
 
 
 def render_markdown(runs: list[dict], plots: dict[str, str] | None = None) -> str:
-    rows = drift_rows(runs)
-    sized = {n: (v["size_bytes"], v["drift"]["all"]["mean_kld"]) for n, v in rows.items() if n != "reference"}
-    front = pareto(sized)
     machines = [machine_label(r) for r in runs]
     out = ["# qoqopt report", "", f"Runs merged: {len(runs)} ({', '.join(machines)}).", ""]
-    out += ["## Drift against the reference (same chats, same positions)", "", *_eval_lines(runs)]
-    out += ["| variant | size MB | mean KLD | p99 KLD | same top % | RMS Δp % | answer acc | worst domain | Pareto |",
+    groups = drift_groups(runs)
+    for n, members in enumerate(groups, 1):
+        out += _drift_section(members, f", set {n} of {len(groups)}" if len(groups) > 1 else "")
+    out += _speed_table(runs) + _failures(runs)
+    if plots:
+        out += ["## Plots", ""] + [f"![{title}]({path})" for title, path in plots.items()] + [""]
+    return "\n".join(out)
+
+
+def _drift_section(runs: list[dict], which: str) -> list[str]:
+    """The drift and per-domain tables of one drift group; ``which`` names the group when there are several."""
+    rows = drift_rows(runs)
+    front = pareto(_sized(rows))
+    out = [f"## Drift against the reference (same chats, same positions){which}", "", *_eval_lines(runs)]
+    if which:  # what sets this group apart from the others
+        r = runs[0]["run"]
+        out += [f"Reference: `{(r.get('model') or {}).get('source')}` ({r.get('reference_dtype')}); runs: "
+                f"{', '.join(machine_label(run) for run in runs)}.", ""]  # fmt: skip
+    out += [files_comment(v for _, v in _by_size(rows)),
+            "| variant | size MB | mean KLD | p99 KLD | same top % | RMS Δp % | answer acc | worst domain | Pareto |",
             "|---|---:|---:|---:|---:|---:|---:|---|:-:|"]  # fmt: skip
     for name, v in _by_size(rows):
         a = v["drift"]["all"]
@@ -114,10 +198,13 @@ def render_markdown(runs: list[dict], plots: dict[str, str] | None = None) -> st
             f"{v.get('worst_domain') or '–'} | {'★' if name in front else ''} |"
         )
     out += ["", "★ Pareto-optimal: no other build is both smaller and lower in mean KLD.", ""]
-    out += _domain_table(rows) + _speed_table(runs) + _failures(runs)
-    if plots:
-        out += ["## Plots", ""] + [f"![{title}]({path})" for title, path in plots.items()] + [""]
-    return "\n".join(out)
+    return out + _domain_table(rows, which)
+
+
+def _sized(rows: dict[str, dict]) -> dict[str, tuple[float, float]]:
+    """(size, mean KLD) of each build with a KLD (a NaN is no measurement: it cannot be on the front)."""
+    sized = {n: (v["size_bytes"], v["drift"]["all"]["mean_kld"]) for n, v in rows.items() if n != "reference"}
+    return {n: p for n, p in sized.items() if not math.isnan(p[1])}
 
 
 def _eval_lines(runs: list[dict]) -> list[str]:
@@ -142,11 +229,12 @@ def _by_size(rows: dict[str, dict]) -> list[tuple[str, dict]]:
     return sorted(rows.items(), key=lambda kv: (kv[0] != "reference", kv[1]["size_bytes"]))
 
 
-def _domain_table(rows: dict[str, dict]) -> list[str]:
+def _domain_table(rows: dict[str, dict], which: str = "") -> list[str]:
     domains = sorted({d for v in rows.values() for d in v["drift"] if d != "all"})
     if not domains:
         return []
-    out = ["## Mean KLD per clinical domain", "", "| variant | " + " | ".join(domains) + " |",
+    out = [f"## Mean KLD per clinical domain{which}", "", files_comment(v for _, v in _by_size(rows)),
+           "| variant | " + " | ".join(domains) + " |",
            "|---|" + "---:|" * len(domains)]  # fmt: skip
     for name, v in _by_size(rows):
         out.append(f"| {name} | " + " | ".join(_fmt(v["drift"].get(d, {}).get("mean_kld"), KLD) for d in domains) + " |")
@@ -154,19 +242,18 @@ def _domain_table(rows: dict[str, dict]) -> list[str]:
 
 
 def _speed_table(runs: list[dict]) -> list[str]:
-    out = ["## Speed per machine (medians)", "",
+    timed = [(run, v) for run in runs for v in run["variants"] if v.get("status") == "ok"
+             and ((v.get("speed") or {}).get("decode_tok_s") or (v.get("speed") or {}).get("ttft_ms"))]
+    out = ["## Speed per machine (medians)", "", files_comment(v for _, v in timed),
            "| machine | variant | runtime | prefill tok/s | decode tok/s | image encode ms | TTFT ms | peak device MB | peak host MB |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for run in runs:
-        for v in run["variants"]:
-            s = v.get("speed") or {}
-            if v.get("status") != "ok" or not (s.get("decode_tok_s") or s.get("ttft_ms")):
-                continue  # the reference (drift only) and --no-speed runs have no speed row
-            out.append(
-                f"| {machine_label(run)} | {v['name']} | {v.get('runtime', '')} | {_fmt(s.get('prefill_tok_s'), '.0f')} | "
-                f"{_fmt(s.get('decode_tok_s'), '.1f')} | {_fmt(s.get('image_encode_ms'), '.0f')} | "
-                f"{_fmt(s.get('ttft_ms'), '.0f')} | {_fmt(s.get('peak_device_mb'), '.0f')} | {_fmt(s.get('peak_host_mb'), '.0f')} |"
-            )
+    for run, v in timed:  # the reference (drift only) and --no-speed runs have no speed row
+        s = v["speed"]
+        out.append(
+            f"| {machine_label(run)} | {v['name']} | {v.get('runtime', '')} | {_fmt(s.get('prefill_tok_s'), '.0f')} | "
+            f"{_fmt(s.get('decode_tok_s'), '.1f')} | {_fmt(s.get('image_encode_ms'), '.0f')} | "
+            f"{_fmt(s.get('ttft_ms'), '.0f')} | {_fmt(s.get('peak_device_mb'), '.0f')} | {_fmt(s.get('peak_host_mb'), '.0f')} |"
+        )
     return out + [""]
 
 
@@ -174,14 +261,24 @@ def _failures(runs: list[dict]) -> list[str]:
     failed = [(machine_label(r), v) for r in runs for v in r["variants"] if v.get("status") != "ok"]
     if not failed:
         return []
-    return ["## Failed variants", ""] + [f"- {m}: `{v['name']}`: {v.get('error', '?')}" for m, v in failed] + [""]
+    return (["## Failed variants", "", files_comment(v for _, v in failed)]
+            + [f"- {m}: `{v['name']}`: {v.get('error') or 'no error recorded'}" for m, v in failed] + [""])
+
+
+FILES_TAG = "<!-- qoqopt-files "
+
+
+def files_comment(variants) -> str:
+    """The sha256s of each following row's files, in row order, hidden in the Markdown: `publish`
+    puts on a build's card only the rows measured on that build's own files."""
+    return f"{FILES_TAG}{json.dumps([_file_shas(v) for v in variants])} -->"
 
 
 # --------------------------------------------------------------------------- plots
 
 
 def write_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
-    """Three PNGs; returns title -> file name (relative to the report)."""
+    """Drift plots per drift group, one speed plot; returns title -> file name (relative to the report)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,7 +286,6 @@ def write_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
 
     from .fileio import atomic_path
 
-    rows = {n: v for n, v in drift_rows(runs).items() if n != "reference"}
     plots = {}
 
     def save(fig, name, title):
@@ -198,15 +294,20 @@ def write_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
         plt.close(fig)
         plots[title] = name
 
-    if rows:
-        save(_plot_drift_vs_size(plt, rows), "drift_vs_size.png", "Drift against file size")
-        save(_plot_domain_heatmap(plt, rows), "domain_drift.png", "Per-domain drift")
+    groups = drift_groups(runs)
+    for n, members in enumerate(groups, 1):
+        rows = {k: v for k, v in drift_rows(members).items() if k != "reference"}
+        suffix, which = (f"-{n}", f" (set {n} of {len(groups)})") if len(groups) > 1 else ("", "")
+        if _sized(rows):
+            save(_plot_drift_vs_size(plt, rows), f"drift_vs_size{suffix}.png", f"Drift against file size{which}")
+        if rows:
+            save(_plot_domain_heatmap(plt, rows), f"domain_drift{suffix}.png", f"Per-domain drift{which}")
     save(_plot_speed(plt, runs), "speed.png", "Decode speed per machine")
     return plots
 
 
 def _plot_drift_vs_size(plt, rows):
-    sized = {n: (v["size_bytes"] / 1e6, v["drift"]["all"]["mean_kld"]) for n, v in rows.items()}
+    sized = {n: (size / 1e6, kld) for n, (size, kld) in _sized(rows).items()}
     front = pareto(sized)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, (size, kld) in sized.items():
@@ -226,7 +327,8 @@ def _plot_domain_heatmap(plt, rows):
 
     names = sorted(rows, key=lambda n: rows[n]["size_bytes"])
     domains = sorted({d for v in rows.values() for d in v["drift"] if d != "all"})
-    grid = np.array([[rows[n]["drift"].get(d, {}).get("mean_kld", np.nan) for d in domains] for n in names])
+    kld = [[rows[n]["drift"].get(d, {}).get("mean_kld") for d in domains] for n in names]
+    grid = np.array([[np.nan if x is None else x for x in row] for row in kld], dtype=float)
     fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 3, 0.45 * len(names) + 1.5))
     logs = np.log10(np.maximum(grid, 1e-9))
     im = ax.imshow(logs, cmap="magma_r", aspect="auto")

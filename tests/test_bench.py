@@ -581,6 +581,8 @@ def test_user_jsonl_eval_set(tiny_dir, tmp_path):
     result, _, _ = _bench(tiny_dir, tmp_path / "out", "--variants", "bf16", "--eval", str(tmp_path / "mine.jsonl"),
                           "--no-speed", "--threads", "1")  # fmt: skip
     assert result["run"]["eval"]["domains"] == {"ct": 1, "mri": 1}
+    # the set's content, for `report` to compare drift only from the same chats wherever the file was
+    assert result["run"]["eval"]["sha256"] == hashlib.sha256((tmp_path / "mine.jsonl").read_bytes()).hexdigest()
     bf16 = _by_name(result)["bf16"]
     assert bf16["status"] == "ok" and set(bf16["drift"]) == {"all", "ct", "mri"} and bf16["speed"]["peak_host_mb"] > 0
     assert "prefill_tok_s" not in bf16["speed"]

@@ -319,20 +319,55 @@ def test_format_and_results_are_checked(export_dir, tmp_path, capsys):
     assert err.endswith("format 'onnx' is not a qoqopt build (gguf, gptq, awq)")
 
 
-def test_card_carries_only_this_builds_rows():
-    from qoqopt.publish import tables_for_build
+def _measured(name: str, sha: str, kld: float, **extra) -> dict:
+    return {"name": name, "status": "ok", "runtime": "llama.cpp", "size_bytes": 60_000_000,
+            "files": [{"path": f"b/{name}.gguf", "sha256": sha * 32}, {"path": "b/mmproj.gguf", "sha256": "ee" * 32}],
+            "drift": {"all": {"mean_kld": kld}, "ct": {"mean_kld": kld}}, "speed": {"decode_tok_s": 50.0}} | extra  # fmt: skip
 
-    report = "\n".join([
-        "# qoqopt report", "", "| variant | size MB | mean KLD |", "|---|---:|---:|",
-        "| reference | 161.3 | – |", "| gguf:Q4_K_M | 63.1 | 0.0001 |", "| gptq:4 | 159.0 | 0.00003 |", "",
-        "| machine | variant | runtime |", "|---|---|---|", "| cpu | gguf:Q8_0 | llama.cpp |", "| cpu | awq:4 | t |",
-        "## Plots", "", "![Drift against file size](drift_vs_size.png)",
-    ])  # fmt: skip
-    card = tables_for_build(report, "gguf")
-    assert "| gguf:Q4_K_M |" in card and "| cpu | gguf:Q8_0 |" in card and "| reference |" in card
-    assert "gptq:4" not in card and "awq:4" not in card and "![" not in card and "## Plots" not in card
-    assert "| variant | size MB | mean KLD |" in card and "|---|---:|---:|" in card
-    assert "# qoqopt report" not in card  # the card has its own title; the report's sits under "Evidence"
+
+def test_card_carries_only_this_builds_rows():
+    """Only rows measured on this build's own files reach its card: a report also holding another
+    build of the same types (Q4_K_M, Q5_K_M from `gg`) put their numbers on a Q6_K + Q8_0 build's
+    card, with no Q6_K row. The reference stays for scale; other formats, plots and the report's
+    title go; the build's quants with no row are named."""
+    from qoqopt.publish import tables_for_build
+    from qoqopt.report import SCHEMA, render_markdown
+
+    ref = {"name": "reference", "status": "ok", "runtime": "transformers", "size_bytes": 160_000_000,
+           "files": [{"path": "mini/model.safetensors", "sha256": "00" * 32}], "drift": {"all": {"accuracy": 0.6}}}  # fmt: skip
+    variants = [ref, _measured("gguf:Q4_K_M", "aa", 1e-4), _measured("gguf:Q8_0", "cc", 1e-6),
+                _measured("gptq:4", "dd", 3e-5), {"name": "gguf:Q5_K_M", "status": "failed", "error": "x", "files": []}]  # fmt: skip
+    run = {"schema": SCHEMA, "run": {"machine": {"label": "cpu"}}, "variants": variants}
+    report = render_markdown([run], {"Drift against file size": "drift_vs_size.png"})
+    card, measured = tables_for_build(report, "gguf", {"cc" * 32, "ee" * 32, "ff" * 32})
+    assert measured == {"gguf:Q8_0"}
+    assert "| gguf:Q8_0 |" in card and "| cpu | gguf:Q8_0 |" in card and "| reference |" in card
+    assert "Q4_K_M" not in card and "Q5_K_M" not in card and "gptq:4" not in card
+    assert "![" not in card and "## Plots" not in card and "# qoqopt report" not in card
+    assert "| variant | size MB | mean KLD |" in card and "qoqopt-files" not in card
+    _, measured = tables_for_build(report, "gguf", {"aa" * 32, "ee" * 32})
+    assert measured == {"gguf:Q4_K_M"}
+    with pytest.raises(QoqoptError, match="does not record which files it measured"):
+        tables_for_build("| variant | size MB |\n|---|---|\n| gguf:Q8_0 | 1 |", "gguf", set())
+
+
+def test_a_report_of_other_builds_is_refused_and_unmeasured_quants_named(export_dir, tmp_path, capsys):
+    from qoqopt.report import SCHEMA, render_markdown
+
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    text = next(f for f in manifest["files"] if f.get("kind") == "text")
+    ref = {"name": "reference", "status": "ok", "size_bytes": 1, "drift": {"all": {}}}
+    run = {"schema": SCHEMA, "run": {"machine": {"label": "cpu"}}, "variants": [ref, _measured("gguf:Q4_K_M", "aa", 1e-4)]}
+    (tmp_path / "report.md").write_text(render_markdown([run]))
+    argv = ["publish", export_dir, "--repo", "me/x", "--results", tmp_path / "report.md", "--dry-run"]
+    assert refused(argv, capsys) == ("error: --results: the report measured none of this build's files (its gguf rows "
+                                     "are of other builds); bench this build and run `qoqopt report` on that")  # fmt: skip
+    run["variants"].append(_measured("gguf:" + text["quant"], "aa", 1e-6) | {"files": [{"sha256": text["sha256"]}]})
+    _add_listed_files(export_dir, ["QoQ-Med-mini.Q6_K.gguf"])
+    (tmp_path / "report.md").write_text(render_markdown([run]))
+    card = plan_upload(export_dir, "me/x", results=tmp_path / "report.md").card
+    assert f"| gguf:{text['quant']} |" in card and "| gguf:Q4_K_M |" not in card
+    assert "Not measured in these results: gguf:Q6_K." in card
 
 
 def test_local_source_needs_base_model(export_dir, tmp_path):

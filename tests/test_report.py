@@ -81,9 +81,56 @@ def test_report_says_how_many_chats_the_numbers_rest_on():
     assert render_markdown([a, b]).split("## Drift against the reference")[1].splitlines()[2] == line
     b["run"]["eval"] = {**five, "items": 20, "domains": {"ct": 20}}
     lines = [ln for ln in render_markdown([a, b]).splitlines() if ln.startswith("Evaluated on")]
-    assert lines == ["Evaluated on 5 chats (cpu): ct 1, ecg 1, mri 1, ultrasound 1, xray 1; eval set `clinical`, seed 0. "
+    assert lines == ["Evaluated on 5 chats: ct 1, ecg 1, mri 1, ultrasound 1, xray 1; eval set `clinical`, seed 0. "
                      "One answer moves accuracy by 0.20.",
-                     "Evaluated on 20 chats (gpu): ct 20; eval set `clinical`, seed 0. One answer moves accuracy by 0.05."]
+                     "Evaluated on 20 chats: ct 20; eval set `clinical`, seed 0. One answer moves accuracy by 0.05."]
+
+
+def test_runs_on_other_chats_or_models_get_drift_tables_of_their_own():
+    """Drift measured on other chats (a CT-only set), or against another model, cannot share a table
+    with the built-in set's: one table showed the built-in set's Q4_K_M beside a CT set's Q5_K_M,
+    starred Q4_K_M over it, and dropped Q4_K_M's CT result. Speed still merges every run."""
+    from qoqopt.report import render_markdown
+
+    builtin, ct_set, other_model = _run("cpu", 1.0), _run("cpu", 1.0), _run("cpu", 1.0)
+    builtin["run"]["eval"] = {"source": "clinical", "items": 5, "seed": 0}
+    ct_set["run"]["eval"] = {"source": "ct.jsonl", "items": 3, "seed": 0, "sha256": "ab" * 32}
+    ct_set["variants"] = [ct_set["variants"][0], _variant("gguf:Q4_K_M", 50_000_000, 0.025, 80, {"ct": 1.0})]
+    other_model["run"]["eval"] = builtin["run"]["eval"]
+    for run, sha in ((builtin, "11"), (ct_set, "11"), (other_model, "22")):
+        run["variants"][0]["files"] = [{"path": "mini/model.safetensors", "sha256": sha * 32}]
+    md = render_markdown([builtin, ct_set, other_model])
+    sections = md.split("## Drift against the reference (same chats, same positions)")[1:]
+    assert [s.splitlines()[0] for s in sections] == [", set 1 of 3", ", set 2 of 3", ", set 3 of 3"]
+    q4 = [next(ln for ln in s.splitlines() if ln.startswith("| gguf:Q4_K_M |")) for s in sections]
+    assert [ln.split("|")[3].strip() for ln in q4] == ["2.00e-02", "2.50e-02", "2.00e-02"]
+    assert "Evaluated on 3 chats" in sections[1] and "`ct.jsonl`" in sections[1] and "gguf:Q5_K_M" not in sections[1]
+    assert len(_table(md, "## Speed per machine")) == 4 + 1 + 4  # every run's speed rows
+
+
+def test_a_variant_measured_on_other_files_is_not_merged_and_nan_is_not_on_the_front(tmp_path, capsys):
+    from qoqopt.report import render_markdown
+
+    a, b = _run("cpu", 1.0), _run("gpu", 2.0)
+    a["variants"][2]["files"] = [{"path": "gg/m.Q4_K_M.gguf", "sha256": "aa" * 32}]
+    b["variants"][2]["files"] = [{"path": "gg2/m.Q4_K_M.gguf", "sha256": "bb" * 32}]
+    for i, run in enumerate((a, b)):
+        run["run"]["started"] = f"2026-12-01T1{i}:00:00"
+        (tmp_path / f"{i}.json").write_text(json.dumps(run))
+    err = refused(["report", tmp_path / "0.json", tmp_path / "1.json", "--out", tmp_path / "o"], capsys)
+    assert err == ("error: gguf:Q4_K_M was measured on other files in the run on gpu started 2026-12-01T11:00:00 than "
+                   "in the run on cpu started 2026-12-01T10:00:00 (another build): report those runs separately")
+    a["variants"][2]["drift"]["all"]["mean_kld"] = float("nan")
+    row = next(ln for ln in render_markdown([a]).splitlines() if ln.startswith("| gguf:Q4_K_M |"))
+    assert row.split("|")[3].strip() == "–" and "★" not in row
+
+
+def _edited(edit, **run_fields) -> str:
+    """A result file with one hand edit to its gguf:Q8_0 variant (or to its run's fields)."""
+    run = _run("m", 1.0)
+    edit(run["variants"][1])
+    run["run"].update(run_fields)
+    return json.dumps(run)
 
 
 def _table(md: str, heading: str) -> list[dict[str, str]]:
@@ -102,7 +149,18 @@ def _table(md: str, heading: str) -> list[dict[str, str]]:
         (json.dumps({"schema": SCHEMA}), 'needs a "run" object with its "machine"'),
         (json.dumps({"schema": SCHEMA, "run": {"machine": {}}}), 'needs a "variants" list of named objects'),
         (json.dumps({**_run("m", 1.0), "variants": [{"name": "gguf:Q8_0", "status": "ok", "drift": {"all": {}}}]}),
-         "variant 'gguf:Q8_0' has drift but no size_bytes or drift.all.mean_kld"),
+         "variant 'gguf:Q8_0' has drift but size_bytes None; a measured build has a positive size"),
+        # hand edits that gave tracebacks, or (a negative size) a Pareto star
+        (_edited(lambda v: v["drift"]["ct"].update(mean_kld="x")), "variant 'gguf:Q8_0': drift.ct.mean_kld is 'x', not a number"),
+        (_edited(lambda v: v["drift"]["all"].update(p99_kld="x")), "drift.all.p99_kld is 'x', not a number"),
+        (_edited(lambda v: v["speed"].update(decode_tok_s="fast")), "speed.decode_tok_s is 'fast', not a number"),
+        (_edited(lambda v: v["drift"].update(ct=None)), "drift.ct is None, not an object"),
+        (_edited(lambda v: v["drift"]["all"].update(accuracy="0.6")), "drift.all.accuracy is '0.6', not a number"),
+        (_edited(lambda v: v.update(size_bytes=-5)), "has drift but size_bytes -5; a measured build has a positive size"),
+        (_edited(lambda v: v.update(worst_domain=3)), "worst_domain is 3; a qoqopt.bench/1 result has a str there"),
+        (_edited(lambda v: v.update(name=5)), 'needs a "variants" list of named objects'),
+        (_edited(lambda v: None, machine={"label": 5}), "run.machine.label is 5; a qoqopt.bench/1 result has a str there"),
+        (_edited(lambda v: None, eval={"items": "5"}), "run.eval.items is '5'; a qoqopt.bench/1 result has a int there"),
     ],
 )  # fmt: skip
 def test_bad_result_files(tmp_path, content, msg, capsys):

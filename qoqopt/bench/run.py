@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import QoqoptError
-from ..fileio import atomic_write_text, check_can_make_dir, writing
+from ..fileio import atomic_write_text, check_can_make_dir, sha256_file, writing
 from ..integrity import checked_files, checked_weights, sha256_of
 from ..loader import FINGERPRINT_PREFIX
 from ..manifest import entry_path, read_manifest
@@ -87,7 +87,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
             "machine": machine_info(opts.device, threads, opts.label), "software": software_info(),
             "model": {"source": opts.model, "revision": revision, "architecture": ckpt.architecture},
             "eval": {"source": opts.eval_source, "items": len(items), "seed": opts.seed,
-                     "domains": domain_counts(items), "answer_tokens": opts.answer_tokens},
+                     "domains": domain_counts(items), "answer_tokens": opts.answer_tokens, **_set_sha(opts.eval_source)},
             "reference_dtype": common["reference_dtype"],
             "speed_settings": vars(opts.speed) if opts.speed else None,
         },
@@ -96,6 +96,11 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     path = opts.out / _file_name(opts.model, result["run"]["machine"]["label"])
     atomic_write_text(path, json.dumps(result, indent=1))
     return path
+
+
+def _set_sha(source: str) -> dict:
+    """A user set's sha256: `report` compares drift only from the same chats, wherever the file was."""
+    return {} if source == "clinical" else {"sha256": sha256_file(Path(source))}
 
 
 def summary_line(rec: dict) -> str:
