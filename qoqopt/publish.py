@@ -361,7 +361,7 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
     # The manifest itself ships too, so downloaders can check what they got.
     files.append(PlannedFile("manifest.json", (folder / "manifest.json").stat().st_size, sha256_file(folder / "manifest.json")))
-    results_md = results.read_text() if results else None
+    results_md = _read_report(results) if results else None
     # only a README the manifest lists (verified_files has checked its sha256) speaks on the card
     listed = any(entry_path(e) == "README.md" for e in manifest["files"])
     exported = readme_sections((folder / "README.md").read_text(errors="replace")) if listed else None
@@ -377,6 +377,13 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     elif (folder / "README.md").exists():
         notes.append("README.md is not in manifest.json: left out, and not read for the card")
     return UploadPlan(folder, repo_id, private, files, card, fmt, notes)
+
+
+def _read_report(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise QoqoptError(f"--results {path}: not UTF-8 text (byte {exc.start}); give the report.md of `qoqopt report`") from None
 
 
 def _upload_failure(err: Exception, repo_id: str) -> str:

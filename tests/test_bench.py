@@ -22,10 +22,10 @@ VARIANTS = "bf16,gguf:Q4_K_M,gguf:Q8_0,gptq:4,awq:4"
 HAVE_BNB = all(importlib.util.find_spec(name) for name in ("bitsandbytes", "accelerate"))
 
 
-def _bench(model: Path, out: Path, *extra: str):
+def _bench(model: Path, out: Path, *extra: str, status: int = 0):
     res = run_cli("bench", str(model), "--items", str(ITEMS), "--repeats", "1", "--decode-tokens", "8",
                   "--calib-items", "8", "--out", str(out), *extra)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == status, res.stderr[-2000:]
     (result,) = sorted(out.glob("bench-*.json"))
     return json.loads(result.read_text()), result, res
 
@@ -46,8 +46,9 @@ def run_2t(trained_dir, run_1t, tmp_path_factory):
     shutil.copytree(gguf_dir, broken)
     q4 = next(broken.glob("*.Q4_K_M.gguf"))
     q4.write_bytes(q4.read_bytes()[: q4.stat().st_size // 3])  # truncated download
+    failing = 1 if HAVE_BNB else 2  # bnb:nf4 fails where bitsandbytes is not installed
     return _bench(trained_dir, root / "out", "--variants", "gguf:Q4_K_M,gguf:Q8_0,bnb:nf4", "--threads", "2",
-                  "--from", str(broken), "--builds", str(builds), "--label", "cpu 2 threads")  # fmt: skip
+                  "--from", str(broken), "--builds", str(builds), "--label", "cpu 2 threads", status=1) + (failing,)  # fmt: skip
 
 
 def _by_name(result):
@@ -260,8 +261,13 @@ def test_bnb_without_accelerate_is_a_one_line_error(tiny_dir, monkeypatch):
 
 
 def test_failed_variant_is_recorded_and_the_rest_run(run_2t):
-    v = _by_name(run_2t[0])
+    """The truncated Q4_K_M is named before the reference runs, the others still run, and the exit
+    status is 1 with the failures named."""
+    v, out, err = _by_name(run_2t[0]), run_2t[2].stdout, run_2t[2].stderr
     assert v["gguf:Q4_K_M"]["status"] == "failed" and v["gguf:Q4_K_M"]["error"]
+    assert out.index("note: gguf:Q4_K_M cannot run and is recorded as failed: ") < out.index("reference: ")
+    assert err.rstrip().splitlines()[-1] == (f"error: {run_2t[3]} of 3 variants failed (gguf:Q4_K_M"
+                                             f"{'' if HAVE_BNB else ', bnb:nf4'}); {run_2t[1].name} records why")
     assert v["gguf:Q8_0"]["status"] == "ok"
     if not HAVE_BNB:  # `make test` installs it (qoqopt[bnb]); a bare `pip install -e .[test]` does not
         assert v["bnb:nf4"]["status"] == "failed" and "pip install 'qoqopt[bnb]'" in v["bnb:nf4"]["error"]
@@ -625,3 +631,21 @@ def test_the_workers_warnings_reach_the_user_once(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(run.subprocess, "run", fake_worker)
     assert run._run_worker({}, tmp_path, "v") == {"status": "ok"}
     assert capsys.readouterr().err == warning + "\n"
+
+
+def test_no_runnable_variant_is_refused_before_the_reference(tiny_dir, tmp_path):
+    """A --from build cut short (or missing a file) is found from its manifest before anything runs:
+    with no variant left, bench refuses in one line instead of spending the reference pass first
+    and then exiting 0."""
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "m.Q8_0.gguf").write_bytes(bytes(50))
+    (build / "mmproj-m-f16.gguf").write_bytes(bytes(10))
+    files = [{"path": "m.Q8_0.gguf", "kind": "text", "quant": "Q8_0", "bytes": 100},
+             {"path": "mmproj-m-f16.gguf", "kind": "mmproj", "bytes": 10}]  # fmt: skip
+    (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
+    res = run_cli("bench", str(tiny_dir), "--variants", "gguf:Q8_0", "--from", str(build), "--out", str(tmp_path / "out"))
+    assert res.returncode == 2 and "reference: " not in res.stdout
+    assert error_line(res) == ("error: no variant can run, so there is nothing to compare: gguf:Q8_0: m.Q8_0.gguf is "
+                               "50 bytes but manifest.json records 100: an incomplete download or copy")
+    assert not list((tmp_path / "out").glob("bench-*.json"))

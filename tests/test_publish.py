@@ -310,8 +310,11 @@ def test_format_and_results_are_checked(export_dir, tmp_path, capsys):
     (its folder, or a bench JSON, which used to be pasted raw into the card), are one line each."""
     bench_json = tmp_path / "bench.json"
     bench_json.write_text("{}")
+    latin1 = tmp_path / "report.md"
+    latin1.write_bytes("| variant |\n| Kontrast ä |\n".encode("latin-1"))
     for results, message in ((tmp_path, "is a directory; give the report.md"),
-                             (bench_json, "give the report.md of `qoqopt report`, not its inputs")):  # fmt: skip
+                             (bench_json, "give the report.md of `qoqopt report`, not its inputs"),
+                             (latin1, "report.md: not UTF-8 text (byte 23); give the report.md")):  # fmt: skip
         assert message in refused(["publish", export_dir, "--repo", "me/x", "--results", results, "--dry-run"], capsys)
     manifest = json.loads((export_dir / "manifest.json").read_text())
     (export_dir / "manifest.json").write_text(json.dumps({**manifest, "format": "onnx"}))

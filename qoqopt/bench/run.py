@@ -61,6 +61,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     builds = opts.builds or opts.out / "builds"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     located = _locate_or_build(opts, builds, hub, ckpt.fingerprint, log)
+    _say_unrunnable(located, log)  # now, not after the reference pass (long fp32 work on a 7B)
     hashes = _Hashes()
     source_files = [model_path / f for f in ckpt.shard_files]
     with writing(opts.out):
@@ -148,6 +149,18 @@ def _locate_or_build(opts: BenchOptions, builds: Path, hub: dict, fingerprint: s
             found = None if error else locate(v, [dest])
             out[v.name] = {"files": found} if found else {"error": error or f"the export did not produce {v.name}"}
     return out
+
+
+def _say_unrunnable(located: dict[str, dict], log) -> None:
+    """Variants whose build is missing, damaged or failed to export: with none left to run nothing
+    can be compared (refused before the reference runs); else each is named up front."""
+    broken = {name: where["error"] for name, where in located.items() if "error" in where}
+    if broken and len(broken) == len(located):
+        name, error = next(iter(broken.items()))
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise QoqoptError(f"no variant can run, so there is nothing to compare: {name}: {error}{more}")
+    for name, error in broken.items():
+        log(f"note: {name} cannot run and is recorded as failed: {error}")
 
 
 def _build_folder(files: dict[str, Path]) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 from .argtypes import count_or_all, positive_int
@@ -33,7 +35,9 @@ Speed (medians after warm-up): image encode at both ends of QoQ-Med's pixel rang
 peak device memory (torch's allocator) and peak host RSS of the variant's own process.
 
 One JSON per run (schema qoqopt.bench/1) tagged with the machine, package versions, qoqopt commit
-and every variant file's sha256. A failing variant is recorded with its error; the rest go on.
+and every variant file's sha256. A failing variant is recorded with its error; the rest go on, and
+the exit status is then 1. A build that is missing, damaged or fails to export is named before the
+reference runs; when no variant can run, nothing is run.
 """
 
 
@@ -88,6 +92,11 @@ def run(args) -> int:
     )  # fmt: skip
     path = run_bench(opts)
     print(f"wrote {path}\nnext: qoqopt report {path.parent}/*.json --out {path.parent}/report")
+    failed = [v["name"] for v in json.loads(path.read_text())["variants"] if v["status"] != "ok"]
+    if failed:  # recorded in the result, and said in the exit status for scripts and CI
+        print(f"error: {len(failed)} of {len(opts.variants)} variants failed ({', '.join(failed)}); "
+              f"{path.name} records why", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
