@@ -55,6 +55,8 @@ def unlisted(folder: Path, manifest: dict) -> list[str]:
     `.cache/` an `hf download --local-dir` leaves, aside): nothing vouches for them, and a runtime
     pointed at the folder may still offer them, as LM Studio lists every GGUF."""
     listed = {entry_path(e) for e in manifest["files"]} | {"manifest.json"}
+    if manifest.get("published"):  # a Hub copy: its README.md is the model card publish wrote
+        listed.add("README.md")
     found = (p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
     return sorted(rel for rel in found if rel not in listed and not any(part.startswith(".") for part in rel.split("/")))
 

@@ -8,6 +8,7 @@ stored HF login, handed to `HfApi`, and never printed or written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class UploadPlan:
     card: str
     fmt: str
     notes: list[str] = field(default_factory=list)
+    manifest_text: str = ""  # the manifest.json uploaded (see shipped_manifest)
 
     def describe(self) -> str:
         total = sum(f.bytes for f in self.files)
@@ -196,7 +198,8 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
     body += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---:|---|"]
     body += [f"| `{f.path}` | {f.bytes:,} | `{f.sha256}` |" for f in files]
     if exported is not None:  # only a README the manifest lists is read
-        body += ["", "`manifest.json` also lists the export's own README.md: this card takes its place here."]
+        body += ["", "This card takes the place of the export's own README.md, which is not uploaded (the "
+                 "`manifest.json` here leaves it out)."]
     if results_md:
         body += ["", "## Evidence: drift and speed", "", *_evidence(results_md, manifest)]
     # builds exported before the top-level key carried the encoder whenever their source had one
@@ -359,8 +362,9 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
                           f"({', '.join(BUILD_FORMATS)})")  # fmt: skip
     check_hub_file_sizes(folder, manifest)
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
-    # The manifest itself ships too, so downloaders can check what they got.
-    files.append(PlannedFile("manifest.json", (folder / "manifest.json").stat().st_size, sha256_file(folder / "manifest.json")))
+    # The manifest ships too, so downloaders can check what they got.
+    manifest_text = shipped_manifest(manifest, repo_id)
+    files.append(PlannedFile("manifest.json", len(manifest_text.encode()), hashlib.sha256(manifest_text.encode()).hexdigest()))
     results_md = _read_report(results) if results else None
     # only a README the manifest lists (verified_files has checked its sha256) speaks on the card
     listed = any(entry_path(e) == "README.md" for e in manifest["files"])
@@ -376,7 +380,16 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
                      + ("carries its run instructions)" if own else "has qoqopt's generic usage)"))
     elif (folder / "README.md").exists():
         notes.append("README.md is not in manifest.json: left out, and not read for the card")
-    return UploadPlan(folder, repo_id, private, files, card, fmt, notes)
+    return UploadPlan(folder, repo_id, private, files, card, fmt, notes, manifest_text)
+
+
+def shipped_manifest(manifest: dict, repo_id: str) -> str:
+    """The manifest.json uploaded: the build's own, less the export's README.md, which the card
+    replaces on the Hub (listed, its size and sha256 failed `info --verify` on every download), and
+    marked as published, so that the card is not reported as a file the manifest leaves out."""
+    files = [e for e in manifest["files"] if entry_path(e) != "README.md"]
+    published = {"repo": repo_id, "readme": "the model card written by qoqopt publish"}
+    return json.dumps({**manifest, "files": files, "published": published}, indent=2) + "\n"
 
 
 def _read_report(path: Path) -> str:
@@ -407,15 +420,16 @@ def upload(plan: UploadPlan, token: str, api=None) -> str:
     from huggingface_hub.errors import HTTPError, OfflineModeIsEnabled
 
     api = api or HfApi()
-    ops = [CommitOperationAdd(f.path, str(plan.folder / f.path)) for f in plan.files]
     repo_made = False
     try:
         api.create_repo(plan.repo_id, token=token, private=plan.private, repo_type="model", exist_ok=True)
         repo_made = True
         with tempfile.TemporaryDirectory() as tmp:
-            card_path = Path(tmp) / "README.md"
-            card_path.write_text(plan.card)
-            ops.append(CommitOperationAdd("README.md", str(card_path)))
+            generated = {"manifest.json": plan.manifest_text, "README.md": plan.card}
+            for name, text in generated.items():
+                (Path(tmp) / name).write_text(text, encoding="utf-8")
+            ops = [CommitOperationAdd(f.path, str((Path(tmp) if f.path in generated else plan.folder) / f.path))
+                   for f in plan.files] + [CommitOperationAdd("README.md", str(Path(tmp) / "README.md"))]  # fmt: skip
             info = api.create_commit(
                 plan.repo_id, ops, commit_message=f"qoqopt: upload {plan.fmt} build", token=token, repo_type="model"
             )

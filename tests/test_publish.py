@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from qoqopt import integrity
 from qoqopt.errors import QoqoptError
 from qoqopt.publish import plan_upload, upload
 from tests.conftest import cache_as_hub_repo, error_line, refused, run_cli
@@ -261,9 +262,18 @@ def test_upload_sends_the_plan_through_hfapi_and_never_writes_the_token(export_d
     # the generated card, not the export's own README; every listed file as the manifest hashed it
     assert api.sent["README.md"] == plan.card.encode()
     listed = {f["path"]: f["sha256"] for f in json.loads((export_dir / "manifest.json").read_text())["files"]}
-    for path in paths[:-1]:
-        want = listed.get(path) or hashlib.sha256((export_dir / path).read_bytes()).hexdigest()  # the manifest itself
-        assert hashlib.sha256(api.sent[path]).hexdigest() == want, path
+    for path in paths[:-2]:
+        assert hashlib.sha256(api.sent[path]).hexdigest() == listed[path], path
+    # a download of the repo checks out whole (the uploaded manifest listed the export's README.md,
+    # which the card replaces: `info --verify` failed on every download)
+    download = export_dir.parent / "download"
+    download.mkdir()
+    for path, data in api.sent.items():
+        (download / path).write_bytes(data)
+    shipped = json.loads(api.sent["manifest.json"])
+    assert integrity.problems(download, shipped) == [] and integrity.unlisted(download, shipped) == []
+    assert {f["path"] for f in shipped["files"]} == set(listed) - {"README.md"}
+    assert f"| `manifest.json` | {len(api.sent['manifest.json']):,} | `{hashlib.sha256(api.sent['manifest.json']).hexdigest()}` |" in plan.card
     for f in export_dir.rglob("*"):
         assert SECRET.encode() not in f.read_bytes()
     assert SECRET not in plan.card and SECRET not in plan.describe()
@@ -460,7 +470,7 @@ def test_only_a_readme_the_manifest_lists_speaks_on_the_card(export_dir):
     plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF")
     assert "\n\n    llama-mtmd-cli --run-me-like-this" in plan.card  # its indented code block intact
     assert "`llama-mtmd-cli -hf me/QoQ-Med-mini-GGUF:Q8_0` also fetches that quant and its mmproj" in plan.card
-    assert "this card takes its place here" in plan.card
+    assert "This card takes the place of the export's own README.md, which is not uploaded" in plan.card
 
 
 @pytest.mark.parametrize("offline", ["1", "0"], ids=["HF_HUB_OFFLINE", "unreachable"])
