@@ -385,6 +385,9 @@ def _imatrix(ctx: _Context, options: GGUFOptions, tmp: Path, log) -> tuple[IMatr
         im, how = _check_imatrix(ctx, clinical_imatrix(ctx.ckpt, choice, options, log)), "calibrated"
     path = tmp / f"{ctx.name}.imatrix.gguf"
     write_imatrix(path, im)
+    # quantize with the file as written (float32 sums), so that `--imatrix` of this file, or
+    # `llama-quantize --imatrix` of it, gives these builds again byte for byte
+    im = read_imatrix(path)
     info = {"file": path.name, "source": how, "datasets": im.datasets, "entries": len(im.sums),
             "chunks": im.chunk_count, "chunk_size": im.chunk_size}  # fmt: skip
     return im, info

@@ -37,8 +37,9 @@ class IMatrix:
 
     def means(self) -> dict[str, np.ndarray]:
         """What llama.cpp's quantizer consumes: mean x^2 per column (sum / count)."""
+        # in float32, as llama.cpp's loader divides in_sum2 by counts
         return {
-            name: (s / self.counts[name]).astype(np.float32) if self.counts[name] > 0 else np.ones_like(s, np.float32)
+            name: s.astype(np.float32) / np.float32(self.counts[name]) if self.counts[name] > 0 else np.ones_like(s, np.float32)
             for name, s in self.sums.items()
         }
 
@@ -98,7 +99,7 @@ def _read_gguf(path: Path) -> IMatrix:
             if cvals.size != 1:
                 raise QoqoptError(f"{path.name}: {name} has {cvals.size} expert counts; MoE imatrix not supported")
             sums[name] = np.asarray(t.data, dtype=np.float32).ravel().astype(np.float64)
-            counts[name] = int(round(float(cvals[0])))
+            counts[name] = float(cvals[0])  # fractional when image positions were weighted
     if not sums:
         raise QoqoptError(f"{path.name} holds no imatrix entries")
     return IMatrix(sums, counts, datasets, scalar("imatrix.chunk_count"), scalar("imatrix.chunk_size"))
