@@ -543,13 +543,19 @@ def _run_it(ctx: _Context, text: str, mmproj: str | None, ollama: str | None, in
 
 `--image-min-tokens {lo} --image-max-tokens {hi}` keeps images inside QoQ-Med's training range
 ({TRAIN_PIXELS} pixels); the mmproj records that range (`clip.vision.image_min_pixels` /
-`image_max_pixels`), but this llama.cpp version does not read those keys for Qwen2.5-VL."""
+`image_max_pixels`), but this llama.cpp version does not read those keys for Qwen2.5-VL.
+As an OpenAI-compatible server (`POST /v1/chat/completions`, the image as an `image_url` part; a
+request's own temperature overrides the one given here):
+
+    llama-server -m {text} --mmproj {mmproj} {settings} \\
+        --image-min-tokens {lo} --image-max-tokens {hi} --port 8080"""
         lm_studio = (f"put {files} and `{mmproj}` in one folder under\n`~/.lmstudio/models/<publisher>/{ctx.name}/`; "
                      "LM Studio pairs the mmproj with the model and enables\nimage input.")
         modelfile = ("the chat template, QoQ-Med's generation settings and the mmproj. (Ollama versions whose own\n"
                      "engine handles Qwen2.5-VL may not accept a separate projector file; the text model still runs.)")
     else:
-        llama_cpp = f"**llama.cpp** (text chat, with the chat template the GGUF carries)\n\n    llama-cli -m {text} {settings}"
+        llama_cpp = (f"**llama.cpp** (text chat, with the chat template the GGUF carries)\n\n    llama-cli -m {text} {settings}\n"
+                     f"    llama-server -m {text} {settings} --port 8080   # OpenAI-compatible /v1/chat/completions")
         lm_studio = f"put {files} in a folder under `~/.lmstudio/models/<publisher>/{ctx.name}/`."
         modelfile = "the chat template and QoQ-Med's generation settings."
     return f"""{llama_cpp}

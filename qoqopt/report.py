@@ -197,7 +197,8 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
             f"{_fmt(a.get('same_top_pct'), '.1f')} | {_fmt(a.get('rms_dp_pct'), '.2f')} | {_fmt(a.get('accuracy'), '.2f')} | "
             f"{v.get('worst_domain') or '–'} | {'★' if name in front else ''} |"
         )
-    out += ["", "★ Pareto-optimal: no other build is both smaller and lower in mean KLD.", ""]
+    out += ["", "★ Pareto-optimal: no other build is both smaller and lower in mean KLD. Size: every file the "
+            "variant loads (a GGUF build's text file and mmproj; a GPTQ/AWQ build's safetensors and config).", ""]
     return out + _domain_table(rows, which)
 
 

@@ -122,6 +122,7 @@ def test_files_and_metadata(built, tiny_dir, vocab_llm):
     readme = (built.out / "README.md").read_text()
     assert "llama-mtmd-cli -m tiny.F16.gguf --mmproj mmproj-tiny-f16.gguf" in readme
     assert "--image-min-tokens 84 --image-max-tokens 668" in readme
+    assert "llama-server -m tiny.F16.gguf --mmproj mmproj-tiny-f16.gguf --temp 0 --repeat-penalty 1.05 \\\n" in readme
 
 
 # ---------------------------------------------------------------------------- logits
