@@ -120,8 +120,8 @@ def _drift_key(run: dict) -> tuple:
     ref = next((v for v in run["variants"] if v["name"] == "reference"), {})
     shas = sorted(str(f.get("sha256")) for f in ref.get("files") or [] if isinstance(f, dict))
     model = tuple(shas) or (r.get("model") or {}).get("source")
-    return (model, ev.get("sha256") or ev.get("source"), ev.get("items"), ev.get("seed"), ev.get("answer_tokens"),
-            r.get("reference_dtype"))  # fmt: skip
+    chats = (ev.get("sha256") or ev.get("source"), ev.get("items"), ev.get("seed"), json.dumps(ev.get("domains"), sort_keys=True))
+    return (model, *chats, ev.get("answer_tokens"), r.get("reference_dtype"))
 
 
 def drift_rows(runs: list[dict]) -> dict[str, dict]:

@@ -649,3 +649,17 @@ def test_no_runnable_variant_is_refused_before_the_reference(tiny_dir, tmp_path)
     assert error_line(res) == ("error: no variant can run, so there is nothing to compare: gguf:Q8_0: m.Q8_0.gguf is "
                                "50 bytes but manifest.json records 100: an incomplete download or copy")
     assert not list((tmp_path / "out").glob("bench-*.json"))
+
+
+def test_domain_narrows_the_eval_chats():
+    """`bench --domain ct` measures a CT-only service on CT chats only; a domain the set lacks is one line."""
+    from qoqopt.bench.eval_set import eval_items
+    from qoqopt.data import clinical_set
+    from qoqopt.errors import QoqoptError
+
+    pool = clinical_set(split="eval", n_per_base=4, seed=0)
+    chosen = eval_items("clinical", 6, render=False, domains=["ecg", "xray"])
+    assert {it.domain for it in chosen} == {"ecg", "xray"} and len(chosen) == 6
+    assert {it.id for it in chosen} <= {it.id for it in pool}
+    with pytest.raises(QoqoptError, match=r"^--domain pathology: the clinical eval set has no items of it \(it has: "):
+        eval_items("clinical", 6, render=False, domains=["pathology"])

@@ -15,16 +15,23 @@ import numpy as np
 from ..errors import QoqoptError
 
 
-def eval_items(source: str, n: int, seed: int = 0, render: bool = True):
-    """Domain-balanced held-out chats: the built-in clinical "eval" split, or a user JSONL set. Each
-    image is rendered once here (``render``): every variant reads it for encoding, generation and
-    speed probes. Without ``render`` the items are only chosen and validated."""
-    from ..data import balanced_sample, clinical_set, load_jsonl
+def eval_items(source: str, n: int, seed: int = 0, render: bool = True, domains: list[str] | None = None):
+    """Domain-balanced held-out chats: the built-in clinical "eval" split, or a user JSONL set, of
+    ``domains`` only when given. Each image is rendered once here (``render``): every variant reads
+    it for encoding, generation and speed probes. Without ``render`` the items are only chosen and
+    validated."""
+    from ..data import balanced_sample, clinical_set, domain_counts, load_jsonl
 
     if n < 1:
         raise QoqoptError("--items must be at least 1")
     # The same pool `qoqopt mini --train` reports its held-out accuracy on (never trained on).
     pool = clinical_set(split="eval", n_per_base=4, seed=seed) if source == "clinical" else load_jsonl(source)
+    if domains:
+        have = domain_counts(pool)
+        absent = [d for d in domains if d not in have]
+        if absent:
+            raise QoqoptError(f"--domain {absent[0]}: the {source} eval set has no items of it (it has: {', '.join(have)})")
+        pool = [item for item in pool if item.domain in domains]
     chosen = balanced_sample(pool, n, seed=seed)
     return [item.materialized() for item in chosen] if render else chosen
 

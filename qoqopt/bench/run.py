@@ -31,6 +31,7 @@ class BenchOptions:
     out: Path
     device: str = "cpu"
     eval_source: str = "clinical"
+    domains: list[str] | None = None  # only these domains of the eval set
     items: int = 20
     seed: int = 0
     search: list[Path | str] = field(default_factory=list)  # export directories or Hub ids to take builds from
@@ -56,7 +57,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     ckpt.require_weights()
     ckpt.hf_config()  # the reference runs in transformers: a config it refuses stops here
     _check_device(opts.device)
-    items = eval_items(opts.eval_source, opts.items, opts.seed, render=False)  # bad --eval fails here
+    items = eval_items(opts.eval_source, opts.items, opts.seed, render=False, domains=opts.domains)  # bad --eval fails here
     threads = opts.threads or usable_cores()
     builds = opts.builds or opts.out / "builds"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -296,7 +297,7 @@ def _common_job(opts: BenchOptions, ckpt, work: Path, threads: int) -> dict:
     ref_dtype = auto_dtype(ckpt) if opts.reference_dtype == "auto" else opts.reference_dtype
     return {
         "model": str(ckpt.path), "device": opts.device, "threads": threads, "reference_dtype": ref_dtype,
-        "eval": {"source": opts.eval_source, "items": opts.items, "seed": opts.seed},
+        "eval": {"source": opts.eval_source, "items": opts.items, "seed": opts.seed, "domains": opts.domains},
         "ref_dir": str(work / "reference"), "answer_tokens": opts.answer_tokens,
         "speed": vars(opts.speed) if opts.speed else None,
     }  # fmt: skip

@@ -86,7 +86,7 @@ def run_job(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     start = time.time()
-    items = eval_items(job["eval"]["source"], job["eval"]["items"], job["eval"]["seed"])
+    items = eval_items(job["eval"]["source"], job["eval"]["items"], job["eval"]["seed"], domains=job["eval"].get("domains"))
     runner = open_runner(job)
     try:
         per_item = reference_pass(runner, items, job) if job["role"] == "reference" else variant_pass(runner, items, job)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..data.domains import DOMAINS
 from .argtypes import count_or_all, positive_int
 
 EXAMPLES = """\
@@ -60,6 +61,8 @@ def register(sub) -> None:
     p.add_argument("--eval", dest="eval_source", default="clinical", metavar="clinical|FILE.jsonl",
                    help="eval chats: the built-in held-out clinical split, or your own JSONL set")  # fmt: skip
     p.add_argument("--items", type=int, default=20, help="eval chats, domain-balanced (default 20)")
+    p.add_argument("--domain", action="append", choices=list(DOMAINS), metavar="DOMAIN",
+                   help="only this domain of the eval set (repeatable), e.g. --domain ct for a CT-only service")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="eval sampling seed (default 0)")
     p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for torch and llama.cpp (default: all)")
     p.add_argument("--label", help="machine label in reports (default: GPU name, or CPU model and threads)")
@@ -85,7 +88,7 @@ def run(args) -> int:
     search = [_build_source(s) for s in args.search]
     opts = BenchOptions(
         model=args.model, variants=parse_variants(args.variants), out=args.out, device=args.device,
-        eval_source=args.eval_source, items=args.items, seed=args.seed, search=search, builds=args.builds,
+        eval_source=args.eval_source, domains=args.domain, items=args.items, seed=args.seed, search=search, builds=args.builds,
         label=args.label, threads=args.threads,
         speed=None if args.no_speed else SpeedSettings(repeats=args.repeats, decode_tokens=args.decode_tokens),
         calib_items=args.calib_items, reference_dtype=args.reference_dtype, revision=args.revision,
