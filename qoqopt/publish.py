@@ -108,9 +108,14 @@ def resolve_token() -> str:
 # --------------------------------------------------------------------------- the card
 
 
-def _tags(fmt: str) -> list[str]:
+def _tags(manifest: dict) -> list[str]:
+    """The Hub tags: the field's, the format's, and for GPTQ/AWQ the bit width the build really has."""
     base = ["qoq-med", "medical", "clinical", "radiology", "qwen2.5-vl", "multimodal", "quantized", "qoqopt"]
-    return base + {"gguf": ["gguf", "llama.cpp"], "gptq": ["gptq", "4-bit"], "awq": ["awq", "4-bit"]}.get(fmt, [fmt])
+    fmt = manifest.get("format", "unknown")
+    if fmt == "gguf":
+        return base + ["gguf", "llama.cpp"]
+    bits = (manifest.get("quantization") or {}).get("bits")
+    return base + [fmt] + ([f"{bits}-bit"] if bits else [])
 
 
 def base_model_id(manifest: dict, override: str | None = None) -> str:
@@ -166,7 +171,7 @@ def card_metadata(manifest: dict, base_model: str | None = None):
     extra = {"library_name": "transformers"} if fmt in ("gptq", "awq") else {}
     return ModelCardData(
         base_model=base, base_model_relation="quantized", license=LICENSE,
-        pipeline_tag="image-text-to-text", tags=_tags(fmt), language=["en"], **extra,
+        pipeline_tag="image-text-to-text", tags=_tags(manifest), language=["en"], **extra,
     )  # fmt: skip
 
 

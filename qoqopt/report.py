@@ -36,6 +36,8 @@ def load_results(paths: list[Path]) -> list[dict]:
             raise QoqoptError(f"{path}: no such result file") from None
         except json.JSONDecodeError as exc:
             raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
+        except UnicodeDecodeError:
+            raise QoqoptError(f"{path} is not a qoqopt bench result (not UTF-8 text)") from None
         _check_result(data, path)
         runs.append(data)
     if not runs:

@@ -113,6 +113,11 @@ def test_bad_numbers_and_usage_arerefused(capsys):
         ("export", "m", "--format", "gguf", "--split-max-size", "48GiB", "--out", "o"):
             "argument --split-max-size: expected a size such as 48G or 500M (decimal units: no Mi/Gi), got '48GiB'",
         ("data", "list", "--max-side", "0"): "argument --max-side: expected an integer >= 1, got 0",
+        # numpy's generators take no negative seed: these were tracebacks from deep in the data code
+        ("export", "m", "--format", "gptq", "--seed", "-1", "--out", "o"): "argument --seed: expected a seed >= 0, got -1",
+        ("bench", "m", "--variants", "bf16", "--seed", "-1"): "argument --seed: expected a seed >= 0, got -1",
+        ("data", "show", ITEM, "--seed", "-1", "--out", "x.png"): "argument --seed: expected a seed >= 0, got -1",
+        ("mini", "--out", "o", "--seed", "-1"): "argument --seed: expected a seed >= 0, got -1",
         ("frobnicate",): "argument COMMAND: invalid choice: 'frobnicate'",
         ("ask", "b"): "one of the arguments --item --image is required",
     }  # fmt: skip

@@ -55,6 +55,18 @@ def test_card_metadata_parses_as_a_valid_model_card(export_dir):
         assert runtime in plan.card
 
 
+@pytest.mark.parametrize("fmt, bits", [("gptq", 8), ("gptq", 4), ("awq", 4)])
+def test_card_tags_the_bit_width_the_build_has(fmt, bits):
+    """An 8-bit GPTQ card was tagged `4-bit` beside its own table's 8 (the Hub filters on the tag)."""
+    from huggingface_hub import ModelCard
+
+    from qoqopt.publish import card_metadata
+
+    data = card_metadata({"format": fmt, "quantization": {"bits": bits}, "source": {"model": "ddvd233/QoQ-Med-VL-7B"}})
+    tags = ModelCard(f"---\n{data.to_yaml()}\n---\n").data.to_dict()["tags"]
+    assert fmt in tags and f"{bits}-bit" in tags and f"{12 - bits}-bit" not in tags
+
+
 def _add_listed_files(build, names):
     manifest = json.loads((build / "manifest.json").read_text())
     for name in names:

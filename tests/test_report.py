@@ -144,6 +144,7 @@ def _table(md: str, heading: str) -> list[dict[str, str]]:
     "content,msg",
     [
         ("{", "not valid JSON"),
+        (b"\x89PNG\r\n\x1a\n", "r.json is not a qoqopt bench result (not UTF-8 text)"),  # a plot, or a weights file
         ('{"schema": "x"}', "not a qoqopt bench result"),
         ("[]", "not a qoqopt bench result (schema None"),
         (json.dumps({"schema": SCHEMA}), 'needs a "run" object with its "machine"'),
@@ -165,7 +166,7 @@ def _table(md: str, heading: str) -> list[dict[str, str]]:
 )  # fmt: skip
 def test_bad_result_files(tmp_path, content, msg, capsys):
     f = tmp_path / "r.json"
-    f.write_text(content)
+    f.write_bytes(content) if isinstance(content, bytes) else f.write_text(content)
     assert msg in refused(["report", f, "--out", tmp_path / "o"], capsys)
     assert not (tmp_path / "o").exists()
 

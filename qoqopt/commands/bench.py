@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..data.domains import DOMAINS
-from .argtypes import count_or_all, positive_int
+from .argtypes import count_or_all, positive_int, seed
 
 EXAMPLES = """\
 examples:
@@ -63,7 +63,7 @@ def register(sub) -> None:
     p.add_argument("--items", type=int, default=20, help="eval chats, domain-balanced (default 20)")
     p.add_argument("--domain", action="append", choices=list(DOMAINS), metavar="DOMAIN",
                    help="only this domain of the eval set (repeatable), e.g. --domain ct for a CT-only service")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="eval sampling seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="eval sampling seed (default 0)")
     p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for torch and llama.cpp (default: all)")
     p.add_argument("--label", help="machine label in reports (default: GPU name, or CPU model and threads)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (default 3)")

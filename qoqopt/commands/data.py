@@ -6,7 +6,7 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from qoqopt.commands.argtypes import positive_int
+from qoqopt.commands.argtypes import positive_int, seed
 from qoqopt.data.augment import DEFAULT_MAX_SIDE
 from qoqopt.data.domains import BUILTIN_DOMAINS, DOMAINS, SPLITS
 from qoqopt.errors import QoqoptError
@@ -98,7 +98,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="augmentation seed (default 0)")
     p.add_argument("--max-side", type=positive_int,
                    help=f"longer image side in pixels (default: {DEFAULT_MAX_SIDE} for the built-in set; a --jsonl "
                    "set's images keep their own size, as export and bench give them to the model)")  # fmt: skip

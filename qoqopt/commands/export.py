@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .argtypes import byte_size, count_or_all, non_negative_float
+from .argtypes import byte_size, count_or_all, non_negative_float, seed
 
 EXAMPLES = """\
 examples:
@@ -71,7 +71,7 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--samples", "--calib-items", dest="samples", type=int,
                    help="calibration chats: for the GGUF imatrix (default 64) or GPTQ/AWQ (default 128)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--threads", type=count_or_all,
                    help="quantizer threads: llama.cpp's for GGUF, torch's for GPTQ/AWQ (default: all cores). A CPU "
                         "GPTQ/AWQ build's bytes follow the count, which its manifest records")  # fmt: skip

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .argtypes import seed
+
 EXAMPLES = """\
 examples:
   qoqopt mini --out out/mini-tiny                      # random weights, seconds
@@ -34,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="size (default: tiny); 7b-shape checks a toolchain at the real 7B shapes")
-    p.add_argument("--seed", type=int, default=0, help="weight and training seed (default: 0)")
+    p.add_argument("--seed", type=seed, default=0, help="weight and training seed (default: 0)")
     p.add_argument(
         "--train", action="store_true", help="fine-tune on the clinical set (up to 1000 steps; tiny reaches 87-95%% held-out "
         "accuracy, depending on the CPU, in 11-23 min on 2 cores; small 58%% in ~45 min) and print the held-out accuracy "
