@@ -99,3 +99,35 @@ def test_other_os_errors_pass_through_atomic_dir(tmp_path):
         with atomic_dir(tmp_path / "build"):
             open(tmp_path / "missing-source.safetensors", "rb")
     assert os.listdir(tmp_path) == []
+
+
+def test_an_interrupted_child_is_told_and_cleans_up(tmp_path):
+    """bench runs `qoqopt export` as a child: a SIGTERM or Ctrl-C of bench alone (not its process
+    group) is passed on as SIGTERM and the child's own cleanup runs; subprocess.run killed it
+    outright and its hidden temporary build stayed behind."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    from qoqopt.interrupts import run_child
+
+    child = (
+        "import pathlib, signal, sys, time\n"
+        f"d = pathlib.Path({str(tmp_path)!r})\n"
+        "signal.signal(signal.SIGTERM, lambda *a: ((d / 'cleaned').write_text('x'), sys.exit(143)))\n"
+        "(d / 'ready').write_text('x')\n"
+        "time.sleep(60)\n"
+    )
+
+    def interrupt_when_ready():
+        while not (tmp_path / "ready").exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    waiter = threading.Thread(target=interrupt_when_ready)
+    waiter.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_child([sys.executable, "-c", child])
+    waiter.join()
+    assert (tmp_path / "cleaned").exists()

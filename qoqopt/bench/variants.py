@@ -109,7 +109,9 @@ def build_commands(model: str, missing: list[Variant], builds: Path, calib_items
 
 def run_build(cmd: list[str]) -> str | None:
     """Run one export; None on success, else its one-line error."""
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    from ..interrupts import run_child
+
+    res = run_child(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if res.returncode == 0:
         return None
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
