@@ -106,13 +106,15 @@ class _Context:
     """What every step needs: checkpoint, mapping, hyperparameters, vocabulary."""
 
     def __init__(self, source: str, revision: str | None, options: GGUFOptions, log):
-        from qoqopt.loader import open_checkpoint
+        from qoqopt.loader import checked_processor, open_checkpoint
 
         self.source, self.options, self.log = source, options, log
         self.ckpt = open_checkpoint(source, revision)
         self.ckpt.require_weights()
+        self.ckpt.require_unquantized()
         if any(not gguf_quant.is_direct(q) for q in options.quants) and imatrix_kind(options.imatrix) in ("clinical", "jsonl"):
             self.ckpt.hf_config()  # the imatrix runs the transformers model: check its config before the long work
+            checked_processor(self.ckpt.path, self.ckpt.source)  # and that it can make a chat
         self.text_hp = gguf_meta.text_hparams(self.ckpt.config)
         self.vision_hp = gguf_meta.vision_hparams(self.ckpt.config)
         shapes = {n: tuple(self.ckpt.tensor_info(n)["shape"]) for n in self.ckpt.names}

@@ -342,6 +342,7 @@ def export_hf_quant_report(
     prepare_output_dir(out, force, inputs)  # fail before hours of work, not after
     ckpt = open_checkpoint(source, revision=revision)
     ckpt.require_weights()
+    ckpt.require_unquantized()
     config = ckpt.hf_config()
     zero_min = 1 if (fmt == "gptq" and not sym) else 0
     spec = QuantSpec(bits, group_size, sym, zero_min)
@@ -359,27 +360,29 @@ def export_hf_quant_report(
             "kernels need sym: prefer the default --sym"
         )
 
-    items, label = calibration_items(calib, samples, seed)
-    if not items:
-        raise QoqoptError(f"calibration set {calib} gave no items")
-    processor = _processor(ckpt)
-    chats = encode_chats(processor, items)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    opts = QuantizeOptions(method=fmt, spec=spec, damp=damp, seed=seed, **GPTQ_ORDERS.get(order, {}))
-    vision_plan = _vision_plan(ckpt, spec, fmt) if quantize_vision else None
-    vision_stats = _VisionStats(vision_plan) if vision_plan else None
-    log(f"calibrating on {len(chats)} chats from {label} ({device})")
-    report.compute = {"device": str(device), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
-    captured = capture_layer0_inputs(
-        ckpt, chats, device=device, vision_hooks=vision_stats.hooks if vision_stats else None, progress=progress
-    )
-    report.calibration = {
-        "source": label, "chats": len(chats), "tokens": captured.tokens, "image_tokens": captured.image_tokens,
-        "domains": domain_counts(items), "seed": seed,
-    }  # fmt: skip
-    log(f"captured layer-0 inputs: {captured.tokens} tokens ({captured.image_tokens} image) in {captured.seconds:.1f} s")
-
+    # the temporary output is made before calibrating: an --out that cannot be written (a read-only
+    # mount) fails in one line now, not after the model is loaded and calibrated
     with atomic_dir(out, force=force, inputs=inputs) as tmp:
+        items, label = calibration_items(calib, samples, seed)
+        if not items:
+            raise QoqoptError(f"calibration set {calib} gave no items")
+        processor = _processor(ckpt)
+        chats = encode_chats(processor, items)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        opts = QuantizeOptions(method=fmt, spec=spec, damp=damp, seed=seed, **GPTQ_ORDERS.get(order, {}))
+        vision_plan = _vision_plan(ckpt, spec, fmt) if quantize_vision else None
+        vision_stats = _VisionStats(vision_plan) if vision_plan else None
+        log(f"calibrating on {len(chats)} chats from {label} ({device})")
+        report.compute = {"device": str(device), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+        captured = capture_layer0_inputs(
+            ckpt, chats, device=device, vision_hooks=vision_stats.hooks if vision_stats else None, progress=progress
+        )
+        report.calibration = {
+            "source": label, "chats": len(chats), "tokens": captured.tokens, "image_tokens": captured.image_tokens,
+            "domains": domain_counts(items), "seed": seed,
+        }  # fmt: skip
+        log(f"captured layer-0 inputs: {captured.tokens} tokens ({captured.image_tokens} image) in {captured.seconds:.1f} s")
+
         writer = ShardWriter(tmp, shard_bytes)
         for result in stream_quantize(ckpt, captured, opts, device=device, log=log, text_config=config.text_config):
             if on_layer:
@@ -475,14 +478,9 @@ def _ecg_notes(ckpt, drop_ecg: bool) -> list[str]:
 
 
 def _processor(ckpt):
-    from qoqopt.processor import load_processor
+    from qoqopt.loader import checked_processor
 
-    if not (ckpt.path / "tokenizer_config.json").exists() and not (ckpt.path / "tokenizer.json").exists():
-        raise QoqoptError(f"{ckpt.source} has no tokenizer files; calibration needs the model's processor")
-    try:
-        return load_processor(ckpt.path)
-    except (OSError, ValueError) as exc:
-        raise QoqoptError(f"cannot load the processor of {ckpt.source}: {str(exc).splitlines()[0]}") from exc
+    return checked_processor(ckpt.path, ckpt.source)
 
 
 def _copy_support_files(src: Path, dst: Path) -> list[str]:

@@ -320,6 +320,14 @@ class Checkpoint:
                 f"{', ...' if len(missing) > 3 else ''})"
             )
 
+    def require_unquantized(self) -> None:
+        """A GPTQ/AWQ/bitsandbytes build is no source to quantize: its weights are packed (an export
+        of one calibrated first, then failed on a layer "lacking" mlp.down_proj.weight)."""
+        method = (self.config.get("quantization_config") or {}).get("quant_method")
+        if method:
+            raise QoqoptError(f"{self.source} is already a {str(method).upper()} build (its config.json has a "
+                              "quantization_config): export from the original checkpoint")  # fmt: skip
+
     @cached_property
     def headers(self) -> dict[str, dict]:
         """Per shard: safetensors header entries (validated; shards must be present)."""
@@ -367,6 +375,27 @@ class Checkpoint:
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Canonical name -> shape for every text and vision tensor, from the meta model."""
         return {canonical_name(k): tuple(v.shape) for k, v in self.meta_model().state_dict().items()}
+
+
+def checked_processor(path: Path, source: str):
+    """The checkpoint's processor, refused in one line when it cannot make a QoQ-Med chat: no
+    tokenizer vocabulary (without tokenizer.json transformers builds one of the added tokens only,
+    and image tokens then fail to match image features) or no chat template. These used to be
+    transformers tracebacks after the model was loaded and calibrated."""
+    from .processor import load_processor
+
+    path = Path(path)
+    if not (path / "tokenizer.json").exists() and not ((path / "vocab.json").exists() and (path / "merges.txt").exists()):
+        raise QoqoptError(f"{source} has no tokenizer vocabulary (tokenizer.json): copy the tokenizer files from "
+                          "the original checkpoint")  # fmt: skip
+    try:
+        processor = load_processor(path)
+    except (OSError, ValueError) as exc:
+        raise QoqoptError(f"cannot load the processor of {source}: {str(exc).splitlines()[0]}") from exc
+    if not getattr(processor, "chat_template", None):
+        raise QoqoptError(f"{source} has no chat template (chat_template.json or chat_template.jinja): copy it from "
+                          "the original checkpoint")  # fmt: skip
+    return processor
 
 
 def _read_json(path: Path) -> dict:

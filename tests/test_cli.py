@@ -204,10 +204,14 @@ def test_unwritable_output_folder_is_one_line(tiny_dir, tmp_path, capsys, monkey
         ("mini", "--out", ro / "m"): ro / "m",
         ("bench", tiny_dir, "--variants", "bf16", "--items", "1", "--no-speed", "--out", ro / "res"): ro / "res",
         ("export", tiny_dir, "--format", "gguf", "--quant", "F16", "--imatrix", "none", "--out", ro / "g"): ro / "g",
+        ("export", tiny_dir, "--format", "awq", "--samples", "2", "--out", ro / "a"): ro / "a",
     }  # fmt: skip
     for argv, given in cases.items():
         assert refused(list(argv), capsys) == f"error: cannot write {given}: Read-only file system", argv
     assert list(ro.iterdir()) == []
+    # before the long work: GPTQ/AWQ loaded and calibrated the model first
+    monkeypatch.setattr("qoqopt.calibration.calibration_items", lambda *a: pytest.fail("calibrated before the output was made"))
+    refused(["export", tiny_dir, "--format", "gptq", "--samples", "2", "--out", ro / "q"], capsys)
 
 
 def test_a_closed_pipe_ends_quietly():
@@ -258,3 +262,37 @@ def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["info", "x"]) == 130
     assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_a_source_that_cannot_make_a_chat_is_refused_up_front(tiny_dir, tmp_path, capsys):
+    """A checkpoint copied without tokenizer.json or chat_template.json, or a GPTQ build given as the
+    source, is one line from export, ask and bench before any model is loaded (they were
+    transformers tracebacks after loading and calibrating)."""
+    import json
+
+    def copy_without(name: str, edit=None):
+        folder = tmp_path / f"no-{name}"
+        folder.mkdir()
+        for f in tiny_dir.iterdir():
+            if f.name != name:
+                (folder / f.name).symlink_to(f)
+        if edit:
+            (folder / "config.json").unlink()
+            (folder / "config.json").write_text(json.dumps(edit(json.loads((tiny_dir / "config.json").read_text()))))
+        return folder
+
+    no_vocab, no_template = copy_without("tokenizer.json"), copy_without("chat_template.json")
+    gptq = copy_without("none", lambda c: c | {"quantization_config": {"quant_method": "gptq", "bits": 4}})
+    out = tmp_path / "out"
+    for folder, message in ((no_vocab, "has no tokenizer vocabulary (tokenizer.json): copy the tokenizer files"),
+                            (no_template, "has no chat template (chat_template.json or chat_template.jinja): copy it")):  # fmt: skip
+        for argv in (["export", folder, "--format", "gptq", "--samples", "1", "--out", out],
+                     ["export", folder, "--format", "gguf", "--quant", "Q4_K_M", "--out", out],
+                     ["ask", folder, "--item", ITEM],
+                     ["bench", folder, "--variants", "bf16", "--items", "1", "--out", out]):  # fmt: skip
+            assert refused(argv, capsys) == f"error: {folder} {message} from the original checkpoint", argv
+    for fmt in ("awq", "gguf"):
+        err = refused(["export", gptq, "--format", fmt, "--out", out], capsys)
+        assert err == (f"error: {gptq} is already a GPTQ build (its config.json has a quantization_config): "
+                       "export from the original checkpoint")  # fmt: skip
+    assert not out.exists()

@@ -123,9 +123,9 @@ class HFRunner:
 def load_hf(model_path: Path, variant: Variant, files: dict, device: str, reference_dtype: str = "float32") -> HFRunner:
     """The variant as a transformers model on `device`. `variant` None means the reference."""
     from ..calibration import load_hf_model
-    from ..processor import load_processor
+    from ..loader import checked_processor
 
-    processor = load_processor(model_path)
+    processor = checked_processor(model_path, str(model_path))
     if variant is None or variant.format == "hf":
         dtype = reference_dtype if variant is None else HF_DTYPES[variant.option]
         return HFRunner(load_hf_model(model_path, dtype, device), processor, f"transformers {dtype}", device)
@@ -140,9 +140,9 @@ def load_folder(folder: Path, quantized: bool, device: str) -> HFRunner:
     """A qoqopt GPTQ/AWQ export directory (``quantized``, through qoqopt's W4A16 layers) or a plain
     checkpoint (fp32 compute up to ~3 B parameters, bf16 beyond), as `qoqopt ask` runs them."""
     from ..calibration import load_hf_model
-    from ..processor import load_processor
+    from ..loader import checked_processor
 
-    processor = load_processor(folder)
+    processor = checked_processor(folder, str(folder))
     if quantized:
         return _load_w4a16(folder, processor, device)
     model = load_hf_model(folder, "auto", device)

@@ -47,7 +47,7 @@ class BenchOptions:
 
 def run_bench(opts: BenchOptions, log=print) -> Path:
     from ..data import domain_counts
-    from ..loader import open_checkpoint, resolve
+    from ..loader import checked_processor, open_checkpoint, resolve
     from .eval_set import eval_items
 
     check_can_make_dir(opts.out)
@@ -56,6 +56,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     ckpt = open_checkpoint(str(model_path))  # validates: Qwen2.5-VL, weights present
     ckpt.require_weights()
     ckpt.hf_config()  # the reference runs in transformers: a config it refuses stops here
+    checked_processor(model_path, opts.model)  # and so must its tokenizer and chat template
     _check_device(opts.device)
     items = eval_items(opts.eval_source, opts.items, opts.seed, render=False, domains=opts.domains)  # bad --eval fails here
     threads = opts.threads or usable_cores()
