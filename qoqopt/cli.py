@@ -90,6 +90,8 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():  # transformers' and the Hub's bars draw to any stream: a log gets \r-joined lines
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _run(argv)

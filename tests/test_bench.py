@@ -555,6 +555,7 @@ def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_di
     (gptq_dir,) = (Path(run_1t[1]).parent / "builds").glob("gptq-*")
     res = run_cli("ask", str(trained_dir), "--item", item_id)
     assert "(transformers float32, cpu)" in res.stdout
+    assert "Loading weights" not in res.stderr and "\r" not in res.stderr  # no bar when stderr is not a terminal
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
     assert _asked(res) == _greedy_reply(model, trained_dir, item)
     res = run_cli("ask", str(gptq_dir), "--item", item_id)
@@ -637,13 +638,7 @@ def test_no_runnable_variant_is_refused_before_the_reference(tiny_dir, tmp_path)
     """A --from build cut short (or missing a file) is found from its manifest before anything runs:
     with no variant left, bench refuses in one line instead of spending the reference pass first
     and then exiting 0."""
-    build = tmp_path / "build"
-    build.mkdir()
-    (build / "m.Q8_0.gguf").write_bytes(bytes(50))
-    (build / "mmproj-m-f16.gguf").write_bytes(bytes(10))
-    files = [{"path": "m.Q8_0.gguf", "kind": "text", "quant": "Q8_0", "bytes": 100},
-             {"path": "mmproj-m-f16.gguf", "kind": "mmproj", "bytes": 10}]  # fmt: skip
-    (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
+    build = _listed_gguf_build(tmp_path / "build", text_bytes=50)
     res = run_cli("bench", str(tiny_dir), "--variants", "gguf:Q8_0", "--from", str(build), "--out", str(tmp_path / "out"))
     assert res.returncode == 2 and "reference: " not in res.stdout
     assert error_line(res) == ("error: no variant can run, so there is nothing to compare: gguf:Q8_0: m.Q8_0.gguf is "
@@ -663,3 +658,23 @@ def test_domain_narrows_the_eval_chats():
     assert {it.id for it in chosen} <= {it.id for it in pool}
     with pytest.raises(QoqoptError, match=r"^--domain pathology: the clinical eval set has no items of it \(it has: "):
         eval_items("clinical", 6, render=False, domains=["pathology"])
+
+
+def _listed_gguf_build(build: Path, text_bytes: int) -> Path:
+    """A build folder whose manifest lists a 100-byte Q8_0 text file (written `text_bytes` long) and an mmproj."""
+    build.mkdir()
+    (build / "m.Q8_0.gguf").write_bytes(bytes(text_bytes))
+    (build / "mmproj-m-f16.gguf").write_bytes(bytes(10))
+    files = [{"path": "m.Q8_0.gguf", "kind": "text", "quant": "Q8_0", "bytes": 100},
+             {"path": "mmproj-m-f16.gguf", "kind": "mmproj", "bytes": 10}]  # fmt: skip
+    (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
+    return build
+
+
+def test_a_variant_in_two_from_folders_is_refused(tiny_dir, tmp_path):
+    """Which of two --from builds of gguf:Q8_0 was measured was the order's choice, and unsaid."""
+    a, b = _listed_gguf_build(tmp_path / "a", 100), _listed_gguf_build(tmp_path / "b", 100)
+    res = run_cli("bench", str(tiny_dir), "--variants", "gguf:Q8_0", "--from", str(a), "--from", str(b),
+                  "--out", str(tmp_path / "out"))  # fmt: skip
+    assert res.returncode == 2 and "reference: " not in res.stdout
+    assert error_line(res) == f"error: gguf:Q8_0 is in more than one --from ({a}, {b}): give only the one to bench"

@@ -21,7 +21,7 @@ from ..manifest import entry_path, read_manifest
 from ..report import SCHEMA
 from .machine import machine_info, software_info, usable_cores
 from .speed import SpeedSettings
-from .variants import Variant, build_commands, locate, run_build
+from .variants import Variant, build_commands, find_in, locate, run_build
 
 
 @dataclass
@@ -78,7 +78,8 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
         records = [_record("reference", "hf", ref, source_files, hashes)]
         log(f"  {summary_line(records[0])}")
         for i, v in enumerate(opts.variants, 1):
-            log(f"[{i}/{len(opts.variants)}] {v.name}")
+            files = located[v.name].get("files")
+            log(f"[{i}/{len(opts.variants)}] {v.name}" + (f" from {_build_folder(files)}" if files else ""))
             records.append(_variant_record(v, located[v.name], common, work, source_files, hashes))
             log(f"  {summary_line(records[-1])}")
     finally:
@@ -127,9 +128,9 @@ def _locate_or_build(opts: BenchOptions, builds: Path, hub: dict, fingerprint: s
     """variant name -> {"files": {...}} or {"error": ...}; variants needing no files get {}. `hub`:
     the --from Hub repos, as _hub_manifests gives them. Builds found are checked against the model
     (``fingerprint``) from their manifests alone, before any is downloaded or any missing one built."""
-    searched = [hub[s][0] if isinstance(s, str) else s for s in opts.search]
+    searched = {(hub[s][0] if isinstance(s, str) else s): str(s) for s in opts.search}  # folder -> as given
     extra = sorted(p for p in builds.iterdir() if p.is_dir()) if builds.is_dir() else []
-    found = {v.name: locate(v, searched + extra) for v in opts.variants if v.format not in ("hf", "bnb")}
+    found = {v.name: _locate(v, searched, extra) for v in opts.variants if v.format not in ("hf", "bnb")}
     _check_sources(opts.model, fingerprint, {name: files for name, files in found.items() if files}, log)
     out: dict[str, dict] = {}
     missing = []
@@ -163,6 +164,16 @@ def _say_unrunnable(located: dict[str, dict], log) -> None:
         raise QoqoptError(f"no variant can run, so there is nothing to compare: {name}: {error}{more}")
     for name, error in broken.items():
         log(f"note: {name} cannot run and is recorded as failed: {error}")
+
+
+def _locate(v: Variant, searched: dict[Path, str], extra: list[Path]) -> dict[str, Path] | None:
+    """The variant's files from the one --from that has it (two that do are refused: which build
+    would be measured was the order's choice, unsaid), else from an earlier run's builds."""
+    hits = [(given, files) for folder, given in searched.items() if (files := find_in(folder, v))]
+    if len(hits) > 1:
+        raise QoqoptError(f"{v.name} is in more than one --from ({', '.join(given for given, _ in hits)}): "
+                          "give only the one to bench")  # fmt: skip
+    return hits[0][1] if hits else locate(v, extra)
 
 
 def _build_folder(files: dict[str, Path]) -> Path:
