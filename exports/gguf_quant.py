@@ -19,13 +19,13 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from qoqopt.children import python_module
 from qoqopt.errors import QoqoptError
 
 from .gguf_write import DIRECT_TYPES
@@ -146,7 +146,7 @@ def llama_quantize(
         if not np.isfinite(values).all():
             raise QoqoptError(f"imatrix entry {name} has non-finite values")
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as work:
-        argv = [sys.executable, "-P", "-m", "qoqopt.exports.quantize_worker", str(src), str(dst), quant, str(threads)]
+        argv = python_module("qoqopt.exports.quantize_worker", str(src), str(dst), quant, str(threads))
         if imatrix:
             argv.append(_save_means(imatrix, Path(work) / "imatrix.safetensors"))
         reply = _run_worker(argv, dst, quant)
@@ -174,8 +174,8 @@ def _run_worker(argv: list[str], dst: Path, quant: str) -> dict:
     reply = json.loads(lines[-1]) if proc.returncode in (0, 1) and lines and lines[-1].startswith("{") else None
     if reply is None:
         dst.unlink(missing_ok=True)
-        how = f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit status {proc.returncode}"
-        raise QoqoptError(f"llama.cpp's quantize to {quant} died ({how}){_OOM_HINT if proc.returncode == -9 else ''}")
+        raise QoqoptError(f"llama.cpp's quantize to {quant} died ({_how(proc.returncode)})"
+                          f"{_OOM_HINT if proc.returncode == -signal.SIGKILL else ''}")  # fmt: skip
     if "error" in reply:
         dst.unlink(missing_ok=True)
         raise QoqoptError(reply["error"])
@@ -183,6 +183,15 @@ def _run_worker(argv: list[str], dst: Path, quant: str) -> dict:
 
 
 _OOM_HINT = "; killed from outside, often by the kernel's out-of-memory killer"
+
+
+def _how(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        return f"signal {signal.Signals(-returncode).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"signal {-returncode}"
 
 
 def quantize_here(

@@ -2,47 +2,47 @@
 
 Why a process: llama_model_quantize is one C call that runs for minutes on a 7B model, and Python
 cannot interrupt it; a child process can be killed. Ctrl-C and SIGTERM get their default action
-here, so a terminal's Ctrl-C, which reaches the whole process group, ends this process at once too.
+here (unless they came in ignored, as in a shell script's background job), so a terminal's Ctrl-C,
+which reaches the whole process group, ends this process at once too.
 
-    python -m qoqopt.exports.quantize_worker SRC DST QUANT THREADS [IMATRIX.safetensors]
+    qoqopt.children.python_module("qoqopt.exports.quantize_worker", SRC, DST, QUANT, THREADS [, IMATRIX])
 
 The last line on stdout is the reply: {"fallbacks": [...]} (exit 0) or {"error": "..."} (exit 1).
+IMATRIX is a safetensors file of per-column mean x^2, by GGUF tensor name.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 from qoqopt.errors import QoqoptError
 
-from .gguf_quant import quantize_here
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
 
 def main(argv: list[str]) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _die_with_parent()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
     src, dst, quant, threads, *rest = argv
-    imatrix = _load_means(rest[0]) if rest else None
     try:
+        from .gguf_quant import quantize_here
+
+        imatrix = _load_means(rest[0]) if rest else None
         fallbacks = quantize_here(Path(src), Path(dst), quant, imatrix, int(threads))
     except QoqoptError as exc:
-        print(json.dumps({"error": str(exc)}), flush=True)
-        return 1
-    print(json.dumps({"fallbacks": fallbacks}), flush=True)
-    return 0
+        return _reply({"error": str(exc)}, 1)
+    except Exception as exc:  # a bug, or llama-cpp-python missing: in full on stderr, named in the reply
+        traceback.print_exc()
+        return _reply({"error": f"the quantize worker failed: {type(exc).__name__}: {exc}"}, 1)
+    return _reply({"fallbacks": fallbacks}, 0)
 
 
-def _die_with_parent() -> None:
-    """A parent killed outright (SIGKILL) cannot kill us: ask Linux to, so no orphan quantize runs on."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _reply(reply: dict, status: int) -> int:
+    print(json.dumps(reply), flush=True)
+    return status
 
 
 def _load_means(path: str) -> dict:

@@ -68,6 +68,8 @@ def checked_weights(folder: Path, manifest: dict) -> list[Path]:
     weights = [e for e in manifest["files"] if entry_path(e).endswith(".safetensors")]
     for entry in manifest["files"]:
         path = Path(folder) / entry_path(entry)
+        if entry_path(entry) == "README.md":  # the Hub card replaces it in repos published before their manifest said so
+            continue
         if entry not in weights and entry.get("sha256") and path.is_file() and sha256_file(path) != entry["sha256"]:
             print(f"warning: {entry_path(entry)} is not the one export wrote (its sha256 differs from manifest.json); "
                   "if loading fails, look at that edit first", file=sys.stderr)  # fmt: skip

@@ -1,5 +1,4 @@
-"""Ctrl-C and SIGTERM while work is elsewhere: in a call into llama.cpp (held until the call
-returns, then delivered), or in a child process (passed on, so that it cleans up).
+"""Ctrl-C and SIGTERM during a call into llama.cpp: held until the call returns, then delivered.
 
 Why: llama.cpp logs through a Python callback, and Python runs a signal's handler in whatever Python
 code runs next, which during a quantize or a model load is that callback. ctypes swallows an
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
 import threading
 from collections.abc import Iterator
 
@@ -32,20 +30,3 @@ def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
         for s in dict.fromkeys(pending):  # each once, to the handler it was meant for
             signal.raise_signal(s)
 
-
-def run_child(cmd: list[str], grace: float = 30.0, **popen) -> subprocess.CompletedProcess:
-    """`subprocess.run`, except when we are interrupted: a Ctrl-C or SIGTERM of ours is passed on to
-    the child as SIGTERM, and it gets ``grace`` seconds to remove its own temporary output before it
-    is killed. `subprocess.run` killed it outright, which left a `qoqopt export` child's hidden
-    temporary folder (gigabytes at 7B) behind."""
-    with subprocess.Popen(cmd, **popen) as proc:
-        try:
-            out, err = proc.communicate()
-        except BaseException:
-            proc.terminate()
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -392,6 +392,9 @@ def checked_processor(path: Path, source: str):
         processor = load_processor(path)
     except (OSError, ValueError) as exc:
         raise QoqoptError(f"cannot load the processor of {source}: {str(exc).splitlines()[0]}") from exc
+    jinja = path / "chat_template.jinja"
+    if not getattr(processor, "chat_template", None) and jinja.exists():  # the torch-free processor reads .json only
+        processor.chat_template = jinja.read_text(encoding="utf-8")
     if not getattr(processor, "chat_template", None):
         raise QoqoptError(f"{source} has no chat template (chat_template.json or chat_template.jinja): copy it from "
                           "the original checkpoint")  # fmt: skip

@@ -246,7 +246,7 @@ def tables_for_build(report_md: str, fmt: str, shas: set[str]) -> tuple[str, set
                           "wrote it); run `qoqopt report` on the bench results again")  # fmt: skip
     out, measured = [], set()
     for section in _sections(report_md):
-        kept, ours, rows = [], False, 0
+        kept, ours, rows, dropped = [], False, 0, False
         files: list[list[str]] = []
         column = 0  # of the variant: a speed table's rows start with the machine
         for line in section:
@@ -266,11 +266,16 @@ def tables_for_build(report_md: str, fmt: str, shas: set[str]) -> tuple[str, set
                     ours = True
                     measured.add(name)
                 elif name not in {"reference", *HF_DTYPES}:
+                    dropped = True
                     continue
             kept.append(line)
         if ours or not rows:
-            out += kept
+            out += [_PARETO_ALL.join(ln.split(_PARETO)) if dropped else ln for ln in kept]
     return "\n".join(out).strip(), measured
+
+
+# a star was given among every build the report measured, shown on this card or not
+_PARETO, _PARETO_ALL = "no other build is both", "no other build the report measured (some are not shown here) is both"
 
 
 def _sections(md: str) -> list[list[str]]:

@@ -291,6 +291,12 @@ def test_a_source_that_cannot_make_a_chat_is_refused_up_front(tiny_dir, tmp_path
                      ["ask", folder, "--item", ITEM],
                      ["bench", folder, "--variants", "bf16", "--items", "1", "--out", out]):  # fmt: skip
             assert refused(argv, capsys) == f"error: {folder} {message} from the original checkpoint", argv
+    # a template saved as chat_template.jinja (current transformers) is one too, with or without torchvision
+    from qoqopt.loader import checked_processor
+
+    template = json.loads((tiny_dir / "chat_template.json").read_text())["chat_template"]
+    (no_template / "chat_template.jinja").write_text(template)
+    assert checked_processor(no_template, "x").chat_template == template
     for fmt in ("awq", "gguf"):
         err = refused(["export", gptq, "--format", fmt, "--out", out], capsys)
         assert err == (f"error: {gptq} is already a GPTQ build (its config.json has a quantization_config): "

@@ -101,33 +101,52 @@ def test_other_os_errors_pass_through_atomic_dir(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_an_interrupted_child_is_told_and_cleans_up(tmp_path):
-    """bench runs `qoqopt export` as a child: a SIGTERM or Ctrl-C of bench alone (not its process
-    group) is passed on as SIGTERM and the child's own cleanup runs; subprocess.run killed it
-    outright and its hidden temporary build stayed behind."""
+def test_an_interrupted_child_is_told_once_and_cleans_up(tmp_path):
+    """bench runs `qoqopt export` as a child. A Ctrl-C or SIGTERM of bench is passed on as one
+    SIGTERM and the child's cleanup runs to its end, a second Ctrl-C during it notwithstanding.
+    subprocess.run killed the child outright, leaving its hidden temporary build; and with the child
+    in bench's process group a terminal's Ctrl-C reached it too, so the SIGTERM on top cut its
+    cleanup short. It runs in a session of its own."""
     import signal
     import sys
     import threading
     import time
 
-    from qoqopt.interrupts import run_child
+    from qoqopt.children import run_child
 
     child = (
-        "import pathlib, signal, sys, time\n"
+        "import os, pathlib, signal, sys, time\n"
         f"d = pathlib.Path({str(tmp_path)!r})\n"
-        "signal.signal(signal.SIGTERM, lambda *a: ((d / 'cleaned').write_text('x'), sys.exit(143)))\n"
-        "(d / 'ready').write_text('x')\n"
+        "def cleanup(*a):\n"
+        "    (d / 'signals').open('a').write('TERM\\n')\n"
+        "    (d / 'cleaning').write_text('x'); time.sleep(1); (d / 'cleaned').write_text('x'); sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, cleanup)\n"
+        "(d / 'ready').write_text(f'{os.getpid()} {os.getsid(0)}')\n"
         "time.sleep(60)\n"
     )
 
-    def interrupt_when_ready():
-        while not (tmp_path / "ready").exists():
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    def interrupt_on(name):
+        while not (tmp_path / name).exists():
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)
 
-    waiter = threading.Thread(target=interrupt_when_ready)
-    waiter.start()
-    with pytest.raises(KeyboardInterrupt):
-        run_child([sys.executable, "-c", child])
-    waiter.join()
-    assert (tmp_path / "cleaned").exists()
+    previous = signal.signal(signal.SIGINT, stop)
+    waiters = [threading.Thread(target=interrupt_on, args=(name,)) for name in ("ready", "cleaning")]
+    try:
+        for w in waiters:
+            w.start()
+        with pytest.raises(Stop):
+            run_child([sys.executable, "-c", child])
+    finally:
+        for w in waiters:
+            w.join()
+        signal.signal(signal.SIGINT, previous)
+    pid, sid = (tmp_path / "ready").read_text().split()
+    assert pid == sid  # a session of its own: a terminal's Ctrl-C does not reach it
+    assert (tmp_path / "cleaned").exists() and (tmp_path / "signals").read_text() == "TERM\n"

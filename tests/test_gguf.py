@@ -441,9 +441,11 @@ def test_a_quantize_ignores_modules_in_the_working_directory(built, tmp_path, mo
     assert gguf_quant.tensor_types(tmp_path / "q.gguf")["blk.0.attn_q.weight"] in ("Q4_K", "Q5_0")
 
 
-def test_a_killed_quantize_is_one_line(built, tmp_path, monkeypatch):
-    """A quantize killed from outside (the out-of-memory killer, on a 32B model) is named as such;
-    an error inside llama.cpp comes back as its own line."""
+def test_a_killed_or_failing_quantize_is_one_line(built, tmp_path, monkeypatch):
+    """A quantize killed from outside (the out-of-memory killer, on a 32B model) is named as such; an
+    error inside llama.cpp, or in the worker itself, comes back as its own line; the temporary
+    imatrix file goes with it."""
+    from qoqopt.children import python_module
     from qoqopt.exports import gguf_quant
 
     argv = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
@@ -451,8 +453,46 @@ def test_a_killed_quantize_is_one_line(built, tmp_path, monkeypatch):
         gguf_quant._run_worker(argv, tmp_path / "q.gguf", "Q4_K_M")
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(QoqoptError, match="llama.cpp could not quantize to Q4_K_M: "):
-        gguf_quant.llama_quantize(tmp_path / "bad.gguf", tmp_path / "q.gguf", "Q4_K_M", None)
+        gguf_quant.llama_quantize(tmp_path / "bad.gguf", tmp_path / "q.gguf", "Q4_K_M", {"blk.0.attn_q.weight": np.ones(4)})
+    argv = python_module("qoqopt.exports.quantize_worker", str(built.file("text", "F16")), str(tmp_path / "q.gguf"),
+                         "Q4_K_M", "0", str(tmp_path / "no-such.safetensors"))  # fmt: skip
+    with pytest.raises(QoqoptError, match=r"^the quantize worker failed: \w+Error: .*no-such.safetensors"):
+        gguf_quant._run_worker(argv, tmp_path / "q.gguf", "Q4_K_M")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
+def test_a_terminals_ctrl_c_ends_an_export_mid_quantize(tiny_dir, tmp_path):
+    """Ctrl-C at a terminal reaches the export and its quantize worker at once (one process group):
+    the export exits 130 within seconds, mid-quantize, leaving no worker running and nothing under
+    its folder, not even hidden debris."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "qoqopt", "export", str(tiny_dir), "--format", "gguf", "--quant",
+           "Q4_K_M,Q5_K_M,Q6_K,Q3_K_M", "--imatrix", "none", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        worker = _wait_for_child(proc.pid, "quantize_worker", timeout=120)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.rstrip().endswith("error: interrupted"), err[-2000:]
+    assert not Path(f"/proc/{worker}").exists() or "quantize_worker" not in Path(f"/proc/{worker}/cmdline").read_text()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _wait_for_child(ppid: int, marker: str, timeout: float) -> int:
+    """The pid of a child of `ppid` whose command line holds `marker`, once it runs (Linux /proc)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                if parent == ppid and marker in (stat.parent / "cmdline").read_text():
+                    return int(stat.parent.name)
+            except (OSError, ValueError, IndexError):
+                continue
+        time.sleep(0.05)
+    raise AssertionError(f"no {marker} child of {ppid} within {timeout} s")
 
 
 def test_a_direct_export_leaves_torch_unloaded(tiny_dir, tmp_path):

@@ -102,6 +102,13 @@ def test_an_edited_config_of_a_gptq_build_is_named_not_refused(tmp_path, counted
     assert integrity.checked_weights(tmp_path, manifest) == [tmp_path / "model.safetensors"]
     assert capsys.readouterr().err == ("warning: config.json is not the one export wrote (its sha256 differs from "
                                        "manifest.json); if loading fails, look at that edit first\n")  # fmt: skip
+    # a README.md is not named: on the Hub the card replaces it, in repos published before their manifest said so
+    (tmp_path / "README.md").write_text("export's readme")
+    manifest["files"].append({"path": "README.md", "bytes": 1, "sha256": "0" * 64})
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": {**config["quantization_config"], "group_size": 128}}))
+    manifest["files"][1]["sha256"] = hashlib.sha256((tmp_path / "config.json").read_bytes()).hexdigest()
+    assert integrity.checked_weights(tmp_path, manifest) == [tmp_path / "model.safetensors"]
+    assert capsys.readouterr().err == ""
     (tmp_path / "model.safetensors").write_bytes(b"v" * 16)
     with pytest.raises(QoqoptError, match="model.safetensors does not match the sha256"):
         integrity.checked_weights(tmp_path, manifest)

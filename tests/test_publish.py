@@ -370,6 +370,7 @@ def test_card_carries_only_this_builds_rows():
     assert "Q4_K_M" not in card and "Q5_K_M" not in card and "gptq:4" not in card
     assert "![" not in card and "## Plots" not in card and "# qoqopt report" not in card
     assert "| variant | size MB | mean KLD |" in card and "qoqopt-files" not in card
+    assert "★ Pareto-optimal: no other build the report measured (some are not shown here) is both smaller" in card
     _, measured = tables_for_build(report, "gguf", {"aa" * 32, "ee" * 32})
     assert measured == {"gguf:Q4_K_M"}
     with pytest.raises(QoqoptError, match="does not record which files it measured"):

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ..children import python_module
 from ..errors import QoqoptError
 from ..fileio import atomic_write_text, check_can_make_dir, sha256_file, writing
 from ..integrity import checked_files, checked_weights, sha256_of
@@ -59,6 +60,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     checked_processor(model_path, opts.model)  # and so must its tokenizer and chat template
     _check_device(opts.device)
     items = eval_items(opts.eval_source, opts.items, opts.seed, render=False, domains=opts.domains)  # bad --eval fails here
+    set_sha = _set_sha(opts.eval_source)  # the set as read now: an edit during the run is not recorded as measured
     threads = opts.threads or usable_cores()
     builds = opts.builds or opts.out / "builds"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -91,7 +93,7 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
             "machine": machine_info(opts.device, threads, opts.label), "software": software_info(),
             "model": {"source": opts.model, "revision": revision, "architecture": ckpt.architecture},
             "eval": {"source": opts.eval_source, "items": len(items), "seed": opts.seed,
-                     "domains": domain_counts(items), "answer_tokens": opts.answer_tokens, **_set_sha(opts.eval_source)},
+                     "domains": domain_counts(items), "answer_tokens": opts.answer_tokens, **set_sha},
             "reference_dtype": common["reference_dtype"],
             "speed_settings": vars(opts.speed) if opts.speed else None,
         },
@@ -318,7 +320,7 @@ def _common_job(opts: BenchOptions, ckpt, work: Path, threads: int) -> dict:
 def _run_worker(job: dict, work: Path, tag: str) -> dict:
     job_path, out_path = work / f"{tag}.job.json", work / f"{tag}.result.json"
     job_path.write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, "-P", "-m", "qoqopt.bench.worker", str(job_path), str(out_path)],
+    proc = subprocess.run(python_module("qoqopt.bench.worker", str(job_path), str(out_path)),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     # the worker's own warnings (a 16-bit image using 12 bits, an unchecked file) reach the user,
     # each once, without its progress bars' redraws

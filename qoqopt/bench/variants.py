@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..children import python_module
 from ..errors import QoqoptError
 
 HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -103,13 +103,13 @@ def build_commands(model: str, missing: list[Variant], builds: Path, calib_items
             out = builds / f"{v.format}-{v.option}bit"
             jobs.append(([v], out, ["--format", v.format, "--bits", v.option, "--samples", str(calib_items)]))
     rev = ["--revision", revision] if revision else []
-    return [(vs, out, [sys.executable, "-P", "-m", "qoqopt", "export", model, "--out", str(out), *args, *rev, "--force"])
+    return [(vs, out, python_module("qoqopt", "export", model, "--out", str(out), *args, *rev, "--force"))
             for vs, out, args in jobs]  # fmt: skip
 
 
 def run_build(cmd: list[str]) -> str | None:
     """Run one export; None on success, else its one-line error."""
-    from ..interrupts import run_child
+    from ..children import run_child
 
     res = run_child(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if res.returncode == 0:

@@ -1,0 +1,66 @@
+"""qoqopt's own child processes (bench workers, the exports bench makes, llama.cpp's quantize): how
+they are started and how they are stopped.
+
+Started: a module run by this Python as `python -m` runs it, but without the user's current folder
+on sys.path: `-m` puts it first, so a `llama_cpp.py`, a `tqdm.py` or an empty `dl/` folder there
+(gdcm imports `dl`) was imported in place of the real one. (`python -P` does this from 3.11 only.)
+A child also dies with its parent: a `kill -9` of bench or export left a quantize or an export
+running for hours.
+
+Stopped: a Ctrl-C or SIGTERM of ours is passed on once, and the child is given time to clean up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# `-c` puts "" (the current folder) first on sys.path: take it off, then run the module as -m would
+_BOOTSTRAP = ("import runpy, sys; del sys.path[0]; from qoqopt.children import die_with_parent; "
+              "die_with_parent({ppid}); runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")  # fmt: skip
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    """The command line that runs ``module`` as ``python -m`` does, minus the current folder."""
+    return [sys.executable, "-c", _BOOTSTRAP.format(ppid=os.getpid(), module=module), *args]
+
+
+def die_with_parent(ppid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent ``ppid`` goes; exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != ppid:  # the parent died before the request was made
+        os._exit(1)
+
+
+def run_child(cmd: list[str], grace: float = 30.0, **popen) -> subprocess.CompletedProcess:
+    """`subprocess.run`, except when we are interrupted: the child, in a session of its own (a
+    terminal's Ctrl-C reaches only us), is sent one SIGTERM and given ``grace`` seconds to remove
+    its temporary output, undisturbed by a second Ctrl-C, before it is killed. `subprocess.run`
+    killed it outright, which left a `qoqopt export` child's hidden temporary build (gigabytes at
+    7B) behind; and a second signal on top of the terminal's own cut its cleanup short."""
+    with subprocess.Popen(cmd, start_new_session=True, **popen) as proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            proc.terminate()
+            _wait_for(proc, grace)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _wait_for(proc: subprocess.Popen, grace: float) -> None:
+    deadline = time.monotonic() + grace
+    while proc.poll() is None:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        except BaseException:  # another Ctrl-C or SIGTERM: the cleanup under way is let finish
+            continue
