@@ -468,7 +468,10 @@ def test_a_terminals_ctrl_c_ends_an_export_mid_quantize(tiny_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "qoqopt", "export", str(tiny_dir), "--format", "gguf", "--quant",
            "Q4_K_M,Q5_K_M,Q6_K,Q3_K_M", "--imatrix", "none", "--out", str(out)]  # fmt: skip
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a test run in the background (`make test &`, CI) inherits SIGINT ignored,
+    # and the export and its worker rightly keep ignoring it
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         worker = _wait_for_child(proc.pid, "quantize_worker", timeout=120)
         os.killpg(proc.pid, signal.SIGINT)
