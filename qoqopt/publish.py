@@ -238,7 +238,6 @@ def tables_for_build(report_md: str, fmt: str, shas: set[str]) -> tuple[str, set
     types, or other models. The reference and unquantized rows stay, for scale, in the sections
     that measured this build; sections that did not are dropped whole. Plot links are dropped too,
     since the PNGs are not part of the upload."""
-    from .bench.variants import HF_DTYPES
     from .report import FILES_TAG
 
     if FILES_TAG not in report_md:
@@ -246,32 +245,42 @@ def tables_for_build(report_md: str, fmt: str, shas: set[str]) -> tuple[str, set
                           "wrote it); run `qoqopt report` on the bench results again")  # fmt: skip
     out, measured = [], set()
     for section in _sections(report_md):
-        kept, ours, rows, dropped = [], False, 0, False
-        files: list[list[str]] = []
-        column = 0  # of the variant: a speed table's rows start with the machine
-        for line in section:
-            if line.startswith(FILES_TAG):
-                files = json.loads(line[len(FILES_TAG):].removesuffix("-->"))
-                continue
-            if line.startswith(("![", "# ")) or line.strip() == "## Plots":  # the report's title: the card has its own
-                continue
-            cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
-            if cells and cells[0] in ("variant", "machine"):
-                column = int(cells[0] == "machine")
-            name = _row_variant(line, cells, column)
-            if name is not None:
-                rows += 1
-                row_files = files.pop(0) if files else []
-                if name.startswith(f"{fmt}:") and row_files and set(row_files) <= shas:
-                    ours = True
-                    measured.add(name)
-                elif name not in {"reference", *HF_DTYPES}:
-                    dropped = True
-                    continue
-            kept.append(line)
-        if ours or not rows:
-            out += [_PARETO_ALL.join(ln.split(_PARETO)) if dropped else ln for ln in kept]
+        kept, mine, has_rows = _narrow(section, fmt, shas)
+        measured |= mine
+        if mine or not has_rows:  # a section that measured other builds only goes whole
+            out += kept
     return "\n".join(out).strip(), measured
+
+
+def _narrow(section: list[str], fmt: str, shas: set[str]) -> tuple[list[str], set[str], bool]:
+    """A report section's lines less the rows of other builds (and the hidden file lists, the title
+    and plot links), the variants of this build it measured, and whether it has rows at all."""
+    from .bench.variants import HF_DTYPES
+    from .report import FILES_TAG
+
+    kept, mine, rows, dropped = [], set(), 0, False
+    files: list[list[str]] = []
+    column = 0  # of the variant: a speed table's rows start with the machine
+    for line in section:
+        if line.startswith(FILES_TAG):
+            files = json.loads(line[len(FILES_TAG):].removesuffix("-->"))
+            continue
+        if line.startswith(("![", "# ")) or line.strip() == "## Plots":  # the report's title: the card has its own
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if cells and cells[0] in ("variant", "machine"):
+            column = int(cells[0] == "machine")
+        name = _row_variant(line, cells, column)
+        if name is not None:
+            rows += 1
+            row_files = files.pop(0) if files else []
+            if name.startswith(f"{fmt}:") and row_files and set(row_files) <= shas:
+                mine.add(name)
+            elif name not in {"reference", *HF_DTYPES}:
+                dropped = True
+                continue
+        kept.append(line)
+    return [_PARETO_ALL.join(ln.split(_PARETO)) for ln in kept] if dropped else kept, mine, rows > 0
 
 
 # a star was given among every build the report measured, shown on this card or not

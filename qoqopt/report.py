@@ -120,8 +120,7 @@ def drift_groups(runs: list[dict]) -> list[list[dict]]:
 def _drift_key(run: dict) -> tuple:
     r, ev = run["run"], run["run"].get("eval") or {}
     ref = next((v for v in run["variants"] if v["name"] == "reference"), {})
-    shas = sorted(str(f.get("sha256")) for f in ref.get("files") or [] if isinstance(f, dict))
-    model = tuple(shas) or (r.get("model") or {}).get("source")
+    model = tuple(_file_shas(ref)) or (r.get("model") or {}).get("source")
     chats = (ev.get("sha256") or ev.get("source"), ev.get("items"), ev.get("seed"), json.dumps(ev.get("domains"), sort_keys=True))
     return (model, *chats, ev.get("answer_tokens"), r.get("reference_dtype"))
 
@@ -131,15 +130,16 @@ def drift_rows(runs: list[dict]) -> dict[str, dict]:
     machines measure the same files, so the first successful record stands for all; a name measured
     on other files (another build of that type) cannot share its row."""
     out: dict[str, dict] = {}
+    first: dict[str, dict] = {}  # variant name -> the run its record comes from
     for run in runs:
         for v in run["variants"]:
             if v.get("status") != "ok" or not v.get("drift"):
                 continue
             if v["name"] not in out:
-                out[v["name"]] = v | {"_run": run_name(run)}
+                out[v["name"]], first[v["name"]] = v, run
             elif _file_shas(v) != _file_shas(out[v["name"]]):
-                raise QoqoptError(f"{v['name']} was measured on other files in {run_name(run)} than in "
-                                  f"{out[v['name']]['_run']} (another build): report those runs separately")  # fmt: skip
+                raise QoqoptError(f"{v['name']} was measured on other files in {_run_name(run)} than in "
+                                  f"{_run_name(first[v['name']])} (another build): report those runs separately")  # fmt: skip
     return out
 
 
@@ -147,7 +147,7 @@ def _file_shas(v: dict) -> list[str]:
     return sorted(str(f.get("sha256")) for f in v.get("files") or [] if isinstance(f, dict))
 
 
-def run_name(run: dict) -> str:
+def _run_name(run: dict) -> str:
     started = run["run"].get("started")
     return f"the run on {machine_label(run)}" + (f" started {started}" if started else "")
 
