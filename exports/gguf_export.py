@@ -423,11 +423,11 @@ def imatrix_from_stats(stats, image_weight: float = 0.0) -> IMatrix:
 
 def clinical_imatrix(ckpt, choice: str, options: GGUFOptions, log) -> IMatrix:
     from qoqopt import calibration
-    from qoqopt.processor import load_processor
+    from qoqopt.loader import checked_processor
 
     items, label = calibration.calibration_items(choice, options.calib_items, options.seed)
     log(f"calibrating the imatrix on {len(items)} image chats from {label}")
-    processor = load_processor(ckpt.path)
+    processor = checked_processor(ckpt.path, ckpt.source)
     stats = calibration.stream_input_sq_sums(ckpt, processor, items, dataset=label, progress=options.progress)
     log(f"imatrix: {stats.describe()}; image positions weighted {options.imatrix_image_weight:g}")
     return imatrix_from_stats(stats, options.imatrix_image_weight)

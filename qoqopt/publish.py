@@ -254,16 +254,35 @@ def tables_for_build(report_md: str, fmt: str, shas: set[str]) -> tuple[str, set
 
 def _narrow(section: list[str], fmt: str, shas: set[str]) -> tuple[list[str], set[str], bool]:
     """A report section's lines less the rows of other builds (and the hidden file lists, the title
-    and plot links), the variants of this build it measured, and whether it has rows at all."""
-    from .bench.variants import HF_DTYPES
+    and plot links), the variants of this build it measured, and whether it has rows at all. The
+    reference and unquantized rows stay for scale: in a drift table (one reference) always, in a
+    table across runs only from the runs that measured this build."""
+    lines = _rows_with_files(section)
+    mine = {i for i, (_, entry) in enumerate(lines) if entry and _is_mine(entry, fmt, shas)}
+    mine_runs = {lines[i][1]["run"] for i in mine}
+    kept, dropped = [], False
+    for i, (line, entry) in enumerate(lines):
+        scale = entry and _is_scale(entry["variant"]) and entry.get("run") in (None, *mine_runs)
+        if entry and i not in mine and not scale:
+            dropped = True
+            continue
+        kept.append(line)
+    if dropped:
+        kept = [_PARETO_ALL.join(ln.split(_PARETO)) for ln in kept]
+    return kept, {lines[i][1]["variant"] for i in mine}, any(entry for _, entry in lines)
+
+
+def _rows_with_files(section: list[str]) -> list[tuple[str, dict | None]]:
+    """The section's lines to show, each row with what the report recorded for it (None for other
+    lines); a row whose record is missing or names another variant is a report edited by hand."""
     from .report import FILES_TAG
 
-    kept, mine, rows, dropped = [], set(), 0, False
-    files: list[list[str]] = []
-    column = 0  # of the variant: a speed table's rows start with the machine
+    out, entries, column = [], [], 0  # column of the variant: a speed table's rows start with the machine
     for line in section:
         if line.startswith(FILES_TAG):
-            files = json.loads(line[len(FILES_TAG):].removesuffix("-->"))
+            if entries:  # a row of the table before was deleted
+                raise QoqoptError(_EDITED)
+            entries = _files_entries(line[len(FILES_TAG):].removesuffix("-->"))
             continue
         if line.startswith(("![", "# ")) or line.strip() == "## Plots":  # the report's title: the card has its own
             continue
@@ -271,16 +290,41 @@ def _narrow(section: list[str], fmt: str, shas: set[str]) -> tuple[list[str], se
         if cells and cells[0] in ("variant", "machine"):
             column = int(cells[0] == "machine")
         name = _row_variant(line, cells, column)
-        if name is not None:
-            rows += 1
-            row_files = files.pop(0) if files else []
-            if name.startswith(f"{fmt}:") and row_files and set(row_files) <= shas:
-                mine.add(name)
-            elif name not in {"reference", *HF_DTYPES}:
-                dropped = True
-                continue
-        kept.append(line)
-    return [_PARETO_ALL.join(ln.split(_PARETO)) for ln in kept] if dropped else kept, mine, rows > 0
+        entry = entries.pop(0) if name is not None and entries else None
+        if name is not None and (entry is None or entry["variant"] != name):
+            raise QoqoptError(_EDITED)
+        out.append((line, entry))
+    if entries:
+        raise QoqoptError(_EDITED)
+    return out
+
+
+_EDITED = ("--results: report.md's rows do not match the files it records for them (was it edited?); "
+           "run `qoqopt report` on the bench results again")  # fmt: skip
+
+
+def _files_entries(text: str) -> list[dict]:
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError:
+        raise QoqoptError(_EDITED) from None
+    ok = isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get("variant"), str) and isinstance(e.get("run"), (int, type(None)))
+        and isinstance(e.get("files"), list) and all(isinstance(f, str) for f in e["files"]) for e in entries
+    )  # fmt: skip
+    if not ok:
+        raise QoqoptError(_EDITED)
+    return entries
+
+
+def _is_mine(entry: dict, fmt: str, shas: set[str]) -> bool:
+    return entry["variant"].startswith(f"{fmt}:") and bool(entry["files"]) and set(entry["files"]) <= shas
+
+
+def _is_scale(variant: str) -> bool:
+    from .bench.variants import HF_DTYPES
+
+    return variant in {"reference", *HF_DTYPES}
 
 
 # a star was given among every build the report measured, shown on this card or not

@@ -54,12 +54,19 @@ def _check_result(data, path: Path) -> None:
         raise QoqoptError(f"{path}: a {SCHEMA} result needs a \"run\" object with its \"machine\"")
     if not isinstance(variants, list) or not all(isinstance(v, dict) and isinstance(v.get("name"), str) for v in variants):
         raise QoqoptError(f"{path}: a {SCHEMA} result needs a \"variants\" list of named objects")
-    _check_fields(run["machine"], {"label": str, "cpu": str}, f"{path}: run.machine")
+    _check_fields(run["machine"], {"label": str, "cpu": str, "gpu": dict}, f"{path}: run.machine")
     if run.get("eval") is not None:
-        _check_fields(run["eval"], {"source": str, "items": int, "seed": int, "sha256": str}, f"{path}: run.eval")
+        ev = f"{path}: run.eval"
+        _check_fields(run["eval"], {"source": str, "items": int, "seed": int, "sha256": str, "domains": dict}, ev)
+        _check_numbers(run["eval"].get("domains") or {}, f"{ev}.domains")
+        if run["eval"].get("items") is not None and run["eval"]["items"] < 1:
+            raise QoqoptError(f"{ev}.items is {run['eval']['items']}; a run has at least one chat")
     for v in variants:
         where = f"{path}: variant {v['name']!r}"
-        _check_fields(v, {"status": str, "error": str, "runtime": str, "worst_domain": str}, where)
+        _check_fields(v, {"status": str, "error": str, "runtime": str, "worst_domain": str, "files": list}, where)
+        if not all(isinstance(f, dict) for f in v.get("files") or []):
+            raise QoqoptError(f"{where}: files is not a list of objects")
+        _check_numbers(v.get("speed") or {}, f"{where}: speed")
         if v.get("status") == "ok" and v.get("drift"):
             _check_measured(v, where)
 
@@ -82,9 +89,12 @@ def _check_measured(v: dict, where: str) -> None:
         raise QoqoptError(f"{where} has drift but no drift.all")
     for domain, numbers in drift.items():
         _check_numbers(numbers, f"{where}: drift.{domain}")
-    _check_numbers(v.get("speed") or {}, f"{where}: speed")
+        for key in ("mean_kld", "p99_kld"):  # NaN is a measurement that failed, shown as –
+            kld = numbers.get(key)
+            if kld is not None and (kld < 0 or math.isinf(kld)):
+                raise QoqoptError(f"{where}: drift.{domain}.{key} is {kld}; a KL divergence is finite and >= 0")
     size, kld = v.get("size_bytes"), drift["all"].get("mean_kld")
-    if not _is_number(size) or size <= 0:
+    if not _is_number(size) or not math.isfinite(size) or size <= 0:
         raise QoqoptError(f"{where} has drift but size_bytes {size!r}; a measured build has a positive size")
     if v["name"] != "reference" and not _is_number(kld):
         raise QoqoptError(f"{where} has drift but no drift.all.mean_kld")
@@ -121,7 +131,8 @@ def _drift_key(run: dict) -> tuple:
     r, ev = run["run"], run["run"].get("eval") or {}
     ref = next((v for v in run["variants"] if v["name"] == "reference"), {})
     model = tuple(_file_shas(ref)) or (r.get("model") or {}).get("source")
-    chats = (ev.get("sha256") or ev.get("source"), ev.get("items"), ev.get("seed"), json.dumps(ev.get("domains"), sort_keys=True))
+    chats = (ev.get("sha256") or ev.get("source"), ev.get("ids_sha256"), ev.get("items"), ev.get("seed"),
+             json.dumps(ev.get("domains"), sort_keys=True))  # fmt: skip
     return (model, *chats, ev.get("answer_tokens"), r.get("reference_dtype"))
 
 
@@ -185,11 +196,13 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
     rows = drift_rows(runs)
     front = pareto(_sized(rows))
     out = [f"## Drift against the reference (same chats, same positions){which}", "", *_eval_lines(runs)]
-    if which:  # what sets this group apart from the others
+    if which:  # what sets this group apart from the others: two models may share a folder name
         r = runs[0]["run"]
-        out += [f"Reference: `{(r.get('model') or {}).get('source')}` ({r.get('reference_dtype')}); runs: "
-                f"{', '.join(machine_label(run) for run in runs)}.", ""]  # fmt: skip
-    out += [files_comment(v for _, v in _by_size(rows)),
+        ref = next((v for v in runs[0]["variants"] if v["name"] == "reference"), {})
+        weights = ", ".join(sha[:12] for sha in _file_shas(ref)) or "not recorded"
+        out += [f"Reference: `{(r.get('model') or {}).get('source')}` ({r.get('reference_dtype')}; weights sha256 "
+                f"{weights}); runs: {', '.join(machine_label(run) for run in runs)}.", ""]  # fmt: skip
+    out += [files_comment((None, v) for _, v in _by_size(rows)),
             "| variant | size MB | mean KLD | p99 KLD | same top % | RMS Δp % | answer acc | worst domain | Pareto |",
             "|---|---:|---:|---:|---:|---:|---:|---|:-:|"]  # fmt: skip
     for name, v in _by_size(rows):
@@ -236,7 +249,7 @@ def _domain_table(rows: dict[str, dict], which: str = "") -> list[str]:
     domains = sorted({d for v in rows.values() for d in v["drift"] if d != "all"})
     if not domains:
         return []
-    out = [f"## Mean KLD per clinical domain{which}", "", files_comment(v for _, v in _by_size(rows)),
+    out = [f"## Mean KLD per clinical domain{which}", "", files_comment((None, v) for _, v in _by_size(rows)),
            "| variant | " + " | ".join(domains) + " |",
            "|---|" + "---:|" * len(domains)]  # fmt: skip
     for name, v in _by_size(rows):
@@ -245,15 +258,17 @@ def _domain_table(rows: dict[str, dict], which: str = "") -> list[str]:
 
 
 def _speed_table(runs: list[dict]) -> list[str]:
-    timed = [(run, v) for run in runs for v in run["variants"] if v.get("status") == "ok"
+    timed = [(i, v) for i, run in enumerate(runs) for v in run["variants"] if v.get("status") == "ok"
              and ((v.get("speed") or {}).get("decode_tok_s") or (v.get("speed") or {}).get("ttft_ms"))]
-    out = ["## Speed per machine (medians)", "", files_comment(v for _, v in timed),
+    if not timed:  # --no-speed runs
+        return []
+    out = ["## Speed per machine (medians)", "", files_comment(timed),
            "| machine | variant | runtime | prefill tok/s | decode tok/s | image encode ms | TTFT ms | peak device MB | peak host MB |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for run, v in timed:  # the reference (drift only) and --no-speed runs have no speed row
+    for i, v in timed:  # the reference (drift only) and --no-speed runs have no speed row
         s = v["speed"]
         out.append(
-            f"| {machine_label(run)} | {v['name']} | {v.get('runtime', '')} | {_fmt(s.get('prefill_tok_s'), '.0f')} | "
+            f"| {machine_label(runs[i])} | {v['name']} | {v.get('runtime', '')} | {_fmt(s.get('prefill_tok_s'), '.0f')} | "
             f"{_fmt(s.get('decode_tok_s'), '.1f')} | {_fmt(s.get('image_encode_ms'), '.0f')} | "
             f"{_fmt(s.get('ttft_ms'), '.0f')} | {_fmt(s.get('peak_device_mb'), '.0f')} | {_fmt(s.get('peak_host_mb'), '.0f')} |"
         )
@@ -261,20 +276,23 @@ def _speed_table(runs: list[dict]) -> list[str]:
 
 
 def _failures(runs: list[dict]) -> list[str]:
-    failed = [(machine_label(r), v) for r in runs for v in r["variants"] if v.get("status") != "ok"]
+    failed = [(i, v) for i, r in enumerate(runs) for v in r["variants"] if v.get("status") != "ok"]
     if not failed:
         return []
-    return (["## Failed variants", "", files_comment(v for _, v in failed)]
-            + [f"- {m}: `{v['name']}`: {v.get('error') or 'no error recorded'}" for m, v in failed] + [""])
+    return (["## Failed variants", "", files_comment(failed)]
+            + [f"- {machine_label(runs[i])}: `{v['name']}`: {v.get('error') or 'no error recorded'}" for i, v in failed] + [""])
 
 
 FILES_TAG = "<!-- qoqopt-files "
 
 
-def files_comment(variants) -> str:
-    """The sha256s of each following row's files, in row order, hidden in the Markdown: `publish`
-    puts on a build's card only the rows measured on that build's own files."""
-    return f"{FILES_TAG}{json.dumps([_file_shas(v) for v in variants])} -->"
+def files_comment(rows) -> str:
+    """Hidden in the Markdown, for each following row in order (``rows``: (the run's index or None,
+    variant record)): its variant, the sha256s of its files, and for tables across runs the run it
+    comes from. `publish` puts on a build's card only the rows measured on that build's own files,
+    and the reference rows of those runs."""
+    entries = [{"variant": v["name"], "files": _file_shas(v), "run": run} for run, v in rows]
+    return f"{FILES_TAG}{json.dumps(entries)} -->"
 
 
 # --------------------------------------------------------------------------- plots
@@ -305,7 +323,8 @@ def write_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
             save(_plot_drift_vs_size(plt, rows), f"drift_vs_size{suffix}.png", f"Drift against file size{which}")
         if rows:
             save(_plot_domain_heatmap(plt, rows), f"domain_drift{suffix}.png", f"Per-domain drift{which}")
-    save(_plot_speed(plt, runs), "speed.png", "Decode speed per machine")
+    if any((v.get("speed") or {}).get("decode_tok_s") for run in runs for v in run["variants"]):  # not --no-speed only
+        save(_plot_speed(plt, runs), "speed.png", "Decode speed per machine")
     return plots
 
 

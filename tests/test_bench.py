@@ -588,8 +588,9 @@ def test_user_jsonl_eval_set(tiny_dir, tmp_path):
     result, _, _ = _bench(tiny_dir, tmp_path / "out", "--variants", "bf16", "--eval", str(tmp_path / "mine.jsonl"),
                           "--no-speed", "--threads", "1")  # fmt: skip
     assert result["run"]["eval"]["domains"] == {"ct": 1, "mri": 1}
-    # the set's content, for `report` to compare drift only from the same chats wherever the file was
-    assert result["run"]["eval"]["sha256"] == hashlib.sha256((tmp_path / "mine.jsonl").read_bytes()).hexdigest()
+    # the set's content and the chats chosen, for `report` to compare drift only from the same chats
+    ev = result["run"]["eval"]
+    assert len(ev["sha256"]) == 64 and len(ev["ids_sha256"]) == 64 and ev["only_domains"] is None
     bf16 = _by_name(result)["bf16"]
     assert bf16["status"] == "ok" and set(bf16["drift"]) == {"all", "ct", "mri"} and bf16["speed"]["peak_host_mb"] > 0
     assert "prefill_tok_s" not in bf16["speed"]
@@ -678,3 +679,26 @@ def test_a_variant_in_two_from_folders_is_refused(tiny_dir, tmp_path):
                   "--out", str(tmp_path / "out"))  # fmt: skip
     assert res.returncode == 2 and "reference: " not in res.stdout
     assert error_line(res) == f"error: gguf:Q8_0 is in more than one --from ({a}, {b}): give only the one to bench"
+
+
+def test_a_sets_sha256_covers_its_images_not_its_folder(tmp_path):
+    """`report` groups drift by the eval set's sha256: the same set moved elsewhere is the same chats,
+    one image replaced is not (the JSONL text alone hashed the same)."""
+    import shutil
+
+    from PIL import Image
+
+    from qoqopt.bench.run import _set_sha
+    from qoqopt.data import load_jsonl
+
+    a = tmp_path / "a"
+    a.mkdir()
+    for name, grey in (("x.png", 40), ("y.png", 90)):
+        Image.new("L", (64, 64), grey).save(a / name)
+    rows = [{"image": n, "question": "Which organ?", "answer": "Liver", "domain": "ct"} for n in ("x.png", "y.png")]
+    (a / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copytree(a, tmp_path / "b")
+    sha = {d: _set_sha(str(tmp_path / d / "set.jsonl"), load_jsonl(tmp_path / d / "set.jsonl")) for d in "ab"}
+    assert sha["a"] == sha["b"] and len(sha["a"]["sha256"]) == 64
+    Image.new("L", (64, 64), 91).save(tmp_path / "b" / "y.png")
+    assert _set_sha(str(tmp_path / "b" / "set.jsonl"), load_jsonl(tmp_path / "b" / "set.jsonl")) != sha["a"]

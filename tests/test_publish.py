@@ -377,6 +377,38 @@ def test_card_carries_only_this_builds_rows():
         tables_for_build("| variant | size MB |\n|---|---|\n| gguf:Q8_0 | 1 |", "gguf", set())
 
 
+def test_rows_are_matched_by_name_and_scale_rows_by_run():
+    """A report edited by hand (rows reordered or deleted, the hidden record damaged) is refused: rows
+    were matched to their files by position, so a swap put another build's row on the card. In the
+    speed table, a bf16 row stays only from the runs that measured this build (another model's bf16
+    was kept)."""
+    from qoqopt.publish import tables_for_build
+    from qoqopt.report import SCHEMA, render_markdown
+
+    def run(label, ref_sha, *variants):
+        ref = {"name": "reference", "status": "ok", "size_bytes": 1, "drift": {"all": {}},
+               "files": [{"sha256": ref_sha * 32}]}  # fmt: skip
+        return {"schema": SCHEMA, "run": {"machine": {"label": label}}, "variants": [ref, *variants]}
+
+    bf16 = {"name": "bf16", "status": "ok", "size_bytes": 2, "runtime": "transformers", "speed": {"decode_tok_s": 9.0}}
+    ours = run("ours", "01", _measured("gguf:Q8_0", "cc", 1e-6), bf16 | {"speed": {"decode_tok_s": 1.0}})
+    other = run("other", "02", _measured("gguf:Q4_K_M", "aa", 1e-4), bf16)
+    report = render_markdown([ours, other])
+    card, measured = tables_for_build(report, "gguf", {"cc" * 32, "ee" * 32})
+    speed = card.split("## Speed per machine")[1].split("\n## ")[0]
+    assert measured == {"gguf:Q8_0"} and "| ours | bf16 |" in speed and "| other | bf16 |" not in speed
+    lines = report.splitlines()
+    q8, q4 = (next(i for i, ln in enumerate(lines) if ln.startswith(f"| {n} |")) for n in ("gguf:Q8_0", "gguf:Q4_K_M"))
+    swapped = lines.copy()
+    table = next(i for i, ln in enumerate(lines) if ln.startswith("| ours | gguf"))  # the speed rows of run "ours"
+    swapped[table], swapped[table + 1] = lines[table + 1], lines[table]
+    damaged = report.replace("<!-- qoqopt-files [", "<!-- qoqopt-files [{", 1)
+    for edited in ("\n".join(swapped), damaged, report.replace(lines[q8] + "\n", "", 1)):
+        with pytest.raises(QoqoptError, match=r"^--results: report.md's rows do not match the files it records"):
+            tables_for_build(edited, "gguf", {"cc" * 32, "ee" * 32})
+    assert q4 != q8
+
+
 def test_a_report_of_other_builds_is_refused_and_unmeasured_quants_named(export_dir, tmp_path, capsys):
     from qoqopt.report import SCHEMA, render_markdown
 

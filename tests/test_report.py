@@ -106,6 +106,10 @@ def test_runs_on_other_chats_or_models_get_drift_tables_of_their_own():
     assert [ln.split("|")[3].strip() for ln in q4] == ["2.00e-02", "2.50e-02", "2.00e-02"]
     assert "Evaluated on 3 chats" in sections[1] and "`ct.jsonl`" in sections[1] and "gguf:Q5_K_M" not in sections[1]
     assert len(_table(md, "## Speed per machine")) == 4 + 1 + 4  # every run's speed rows
+    # the same set, count and seed, but other chats chosen (a --domain filter): a set of its own
+    filtered = json.loads(json.dumps(builtin))
+    builtin["run"]["eval"]["ids_sha256"], filtered["run"]["eval"]["ids_sha256"] = "1" * 64, "2" * 64
+    assert render_markdown([builtin, filtered]).count("## Drift against the reference") == 2
 
 
 def test_a_variant_measured_on_other_files_is_not_merged_and_nan_is_not_on_the_front(tmp_path, capsys):
@@ -162,6 +166,14 @@ def _table(md: str, heading: str) -> list[dict[str, str]]:
         (_edited(lambda v: v.update(name=5)), 'needs a "variants" list of named objects'),
         (_edited(lambda v: None, machine={"label": 5}), "run.machine.label is 5; a qoqopt.bench/1 result has a str there"),
         (_edited(lambda v: None, eval={"items": "5"}), "run.eval.items is '5'; a qoqopt.bench/1 result has a int there"),
+        (_edited(lambda v: None, eval={"items": -3}), "run.eval.items is -3; a run has at least one chat"),
+        (_edited(lambda v: None, eval={"domains": ["ct"]}), "run.eval.domains is ['ct']; a qoqopt.bench/1 result has a dict"),
+        (_edited(lambda v: None, machine={"gpu": "H100"}), "run.machine.gpu is 'H100'; a qoqopt.bench/1 result has a dict"),
+        (_edited(lambda v: v.update(files=5)), "files is 5; a qoqopt.bench/1 result has a list there"),
+        (_edited(lambda v: v["drift"]["all"].update(mean_kld=-1e-3)), "drift.all.mean_kld is -0.001; a KL divergence is finite"),
+        (_edited(lambda v: v["drift"]["all"].update(mean_kld=float("inf"))), "drift.all.mean_kld is inf; a KL divergence"),
+        (_edited(lambda v: v.update(size_bytes=float("nan"))), "has drift but size_bytes nan; a measured build has a positive"),
+        (_edited(lambda v: v.update(drift=None, speed="fast")), "speed is 'fast', not an object"),
     ],
 )  # fmt: skip
 def test_bad_result_files(tmp_path, content, msg, capsys):

@@ -3,6 +3,7 @@ child process, and write one result JSON (schema qoqopt.bench/1) tagged with har
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -56,11 +57,12 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     model_path, revision = resolve(opts.model, opts.revision)
     ckpt = open_checkpoint(str(model_path))  # validates: Qwen2.5-VL, weights present
     ckpt.require_weights()
+    ckpt.require_unquantized()  # the reference is the original checkpoint, not a build of it
     ckpt.hf_config()  # the reference runs in transformers: a config it refuses stops here
     checked_processor(model_path, opts.model)  # and so must its tokenizer and chat template
     _check_device(opts.device)
     items = eval_items(opts.eval_source, opts.items, opts.seed, render=False, domains=opts.domains)  # bad --eval fails here
-    set_sha = _set_sha(opts.eval_source)  # the set as read now: an edit during the run is not recorded as measured
+    set_sha = _set_sha(opts.eval_source, items)  # the set as read now: an edit during the run is not recorded as measured
     threads = opts.threads or usable_cores()
     builds = opts.builds or opts.out / "builds"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -93,7 +95,8 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
             "machine": machine_info(opts.device, threads, opts.label), "software": software_info(),
             "model": {"source": opts.model, "revision": revision, "architecture": ckpt.architecture},
             "eval": {"source": opts.eval_source, "items": len(items), "seed": opts.seed,
-                     "domains": domain_counts(items), "answer_tokens": opts.answer_tokens, **set_sha},
+                     "domains": domain_counts(items), "answer_tokens": opts.answer_tokens,
+                     "only_domains": opts.domains, "ids_sha256": _ids_sha(items), **set_sha},
             "reference_dtype": common["reference_dtype"],
             "speed_settings": vars(opts.speed) if opts.speed else None,
         },
@@ -104,9 +107,20 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     return path
 
 
-def _set_sha(source: str) -> dict:
-    """A user set's sha256: `report` compares drift only from the same chats, wherever the file was."""
-    return {} if source == "clinical" else {"sha256": sha256_file(Path(source))}
+def _set_sha(source: str, items) -> dict:
+    """A user set's sha256, over the JSONL and each chosen item's image file: `report` compares drift
+    only from the same chats, wherever the files were (a replaced image is other chats)."""
+    if source == "clinical":
+        return {}
+    digest = hashlib.sha256(sha256_file(Path(source)).encode())
+    for item in items:
+        digest.update(sha256_file(Path(item.source)).encode())
+    return {"sha256": digest.hexdigest()}
+
+
+def _ids_sha(items) -> str:
+    """The chosen chats by id: a --domain filter, or another sampler, chooses others."""
+    return hashlib.sha256("\n".join(item.id for item in items).encode()).hexdigest()
 
 
 def summary_line(rec: dict) -> str:
@@ -130,7 +144,7 @@ def _locate_or_build(opts: BenchOptions, builds: Path, hub: dict, fingerprint: s
     """variant name -> {"files": {...}} or {"error": ...}; variants needing no files get {}. `hub`:
     the --from Hub repos, as _hub_manifests gives them. Builds found are checked against the model
     (``fingerprint``) from their manifests alone, before any is downloaded or any missing one built."""
-    searched = {(hub[s][0] if isinstance(s, str) else s): str(s) for s in opts.search}  # folder -> as given
+    searched = {(hub[s][0] if isinstance(s, str) else s).resolve(): str(s) for s in opts.search}  # folder -> as given
     extra = sorted(p for p in builds.iterdir() if p.is_dir()) if builds.is_dir() else []
     found = {v.name: _locate(v, searched, extra) for v in opts.variants if v.format not in ("hf", "bnb")}
     _check_sources(opts.model, fingerprint, {name: files for name, files in found.items() if files}, log)
