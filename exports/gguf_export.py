@@ -112,9 +112,10 @@ class _Context:
         self.ckpt = open_checkpoint(source, revision)
         self.ckpt.require_weights()
         self.ckpt.require_unquantized()
+        self.processor = None  # loaded, and so checked, before the long work when the imatrix needs chats
         if any(not gguf_quant.is_direct(q) for q in options.quants) and imatrix_kind(options.imatrix) in ("clinical", "jsonl"):
             self.ckpt.hf_config()  # the imatrix runs the transformers model: check its config before the long work
-            checked_processor(self.ckpt.path, self.ckpt.source)  # and that it can make a chat
+            self.processor = checked_processor(self.ckpt.path, self.ckpt.source)
         self.text_hp = gguf_meta.text_hparams(self.ckpt.config)
         self.vision_hp = gguf_meta.vision_hparams(self.ckpt.config)
         shapes = {n: tuple(self.ckpt.tensor_info(n)["shape"]) for n in self.ckpt.names}
@@ -384,7 +385,7 @@ def _imatrix(ctx: _Context, options: GGUFOptions, tmp: Path, log) -> tuple[IMatr
     if kind == "file":  # read and checked when the export started
         im, how = ctx.given_imatrix, f"read from {Path(choice).name}"
     else:
-        im, how = _check_imatrix(ctx, clinical_imatrix(ctx.ckpt, choice, options, log)), "calibrated"
+        im, how = _check_imatrix(ctx, clinical_imatrix(ctx.ckpt, ctx.processor, choice, options, log)), "calibrated"
     path = tmp / f"{ctx.name}.imatrix.gguf"
     write_imatrix(path, im)
     # quantize with the file as written (float32 sums), so that `--imatrix` of this file, or
@@ -421,13 +422,11 @@ def imatrix_from_stats(stats, image_weight: float = 0.0) -> IMatrix:
     return IMatrix(sums, counts, [dataset], stats.chats, chunk)
 
 
-def clinical_imatrix(ckpt, choice: str, options: GGUFOptions, log) -> IMatrix:
+def clinical_imatrix(ckpt, processor, choice: str, options: GGUFOptions, log) -> IMatrix:
     from qoqopt import calibration
-    from qoqopt.loader import checked_processor
 
     items, label = calibration.calibration_items(choice, options.calib_items, options.seed)
     log(f"calibrating the imatrix on {len(items)} image chats from {label}")
-    processor = checked_processor(ckpt.path, ckpt.source)
     stats = calibration.stream_input_sq_sums(ckpt, processor, items, dataset=label, progress=options.progress)
     log(f"imatrix: {stats.describe()}; image positions weighted {options.imatrix_image_weight:g}")
     return imatrix_from_stats(stats, options.imatrix_image_weight)

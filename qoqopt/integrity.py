@@ -62,15 +62,14 @@ def unlisted(folder: Path, manifest: dict) -> list[str]:
 
 
 def checked_weights(folder: Path, manifest: dict) -> list[Path]:
-    """A GPTQ/AWQ build's safetensors files at their recorded size and sha256. Its other files are
-    not refused when edited (a generation setting changed on purpose is the user's call), but named
-    once: an edited quantization_config otherwise surfaces as tensors that "disagree"."""
+    """A GPTQ/AWQ build's safetensors files at their recorded size and sha256. Its JSON files (the
+    configs the loader reads) are not refused when edited (a generation setting changed on purpose
+    is the user's call), but named once: an edited quantization_config otherwise surfaces as tensors
+    that "disagree". Other files (a README the Hub card replaced) do not matter to loading."""
     weights = [e for e in manifest["files"] if entry_path(e).endswith(".safetensors")]
     for entry in manifest["files"]:
         path = Path(folder) / entry_path(entry)
-        if entry_path(entry) == "README.md":  # the Hub card replaces it in repos published before their manifest said so
-            continue
-        if entry not in weights and entry.get("sha256") and path.is_file() and sha256_file(path) != entry["sha256"]:
+        if path.suffix == ".json" and entry.get("sha256") and path.is_file() and sha256_file(path) != entry["sha256"]:
             print(f"warning: {entry_path(entry)} is not the one export wrote (its sha256 differs from manifest.json); "
                   "if loading fails, look at that edit first", file=sys.stderr)  # fmt: skip
     return checked_files(folder, weights)

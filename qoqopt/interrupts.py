@@ -29,4 +29,3 @@ def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         for s in dict.fromkeys(pending):  # each once, to the handler it was meant for
             signal.raise_signal(s)
-

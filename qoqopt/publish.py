@@ -257,6 +257,8 @@ def _narrow(section: list[str], fmt: str, shas: set[str]) -> tuple[list[str], se
     and plot links), the variants of this build it measured, and whether it has rows at all. The
     reference and unquantized rows stay for scale: in a drift table (one reference) always, in a
     table across runs only from the runs that measured this build."""
+    from .report import PARETO_PHRASE
+
     lines = _rows_with_files(section)
     mine = {i for i, (_, entry) in enumerate(lines) if entry and _is_mine(entry, fmt, shas)}
     mine_runs = {lines[i][1]["run"] for i in mine}
@@ -267,8 +269,9 @@ def _narrow(section: list[str], fmt: str, shas: set[str]) -> tuple[list[str], se
             dropped = True
             continue
         kept.append(line)
-    if dropped:
-        kept = [_PARETO_ALL.join(ln.split(_PARETO)) for ln in kept]
+    if dropped:  # a star was given among every build the report measured, shown on this card or not
+        kept = [ln.replace(PARETO_PHRASE, "no other build the report measured (some are not shown here) is both")
+                for ln in kept]  # fmt: skip
     return kept, {lines[i][1]["variant"] for i in mine}, any(entry for _, entry in lines)
 
 
@@ -325,10 +328,6 @@ def _is_scale(variant: str) -> bool:
     from .bench.variants import HF_DTYPES
 
     return variant in {"reference", *HF_DTYPES}
-
-
-# a star was given among every build the report measured, shown on this card or not
-_PARETO, _PARETO_ALL = "no other build is both", "no other build the report measured (some are not shown here) is both"
 
 
 def _sections(md: str) -> list[list[str]]:
