@@ -7,6 +7,7 @@ this file only wires them up and turns QoqoptError into a one-line message and e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import os
@@ -80,19 +81,33 @@ USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQU
 
 
 class Terminated(BaseException):
-    """SIGTERM (timeout, a scheduler, `kill`) as an exception, so temporary outputs are removed on the
-    way out as they are for Ctrl-C; Python's default is to die where it stands. SIGKILL cannot be
-    caught: it leaves only `.*.tmp` debris, never a final name."""
+    """SIGTERM (timeout, a scheduler, `kill`) or SIGHUP (the terminal or ssh session closed) as an
+    exception, so temporary outputs are removed on the way out as they are for Ctrl-C; Python's
+    default is to die where it stands, which left an export's hidden build (with its BF16
+    intermediate, gigabytes at 7B). SIGKILL cannot be caught: it leaves only `.*.tmp` debris, never
+    a final name, and the next run into the same folder removes it (fileio)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+WHY = {signal.SIGTERM: "terminated", signal.SIGHUP: "hangup (the terminal closed)"}
+
+
+def _on_signal(signum, frame):
+    raise Terminated(signum)
+
+
+def _catch_stop_signals() -> dict:
+    """Handlers for WHY's signals; one that came in ignored (`nohup`) stays ignored."""
+    return {s: signal.signal(s, _on_signal) for s in WHY if signal.getsignal(s) is not signal.SIG_IGN}
 
 
 def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty():  # transformers' and the Hub's bars draw to any stream: a log gets \r-joined lines
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = _catch_stop_signals()
     try:
         return _run(argv)
     except QoqoptError as exc:
@@ -109,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print("error: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as exc:
+        with contextlib.suppress(OSError):  # after a hangup the terminal may be gone
+            print(f"error: {WHY[exc.signum]}", file=sys.stderr)
+        return 128 + exc.signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run(argv: list[str] | None) -> int:

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM during a call into llama.cpp: held until the call returns, then delivered.
+"""Ctrl-C, SIGTERM and SIGHUP during a call into llama.cpp: held until the call returns, then delivered.
 
 Why: llama.cpp logs through a Python callback, and Python runs a signal's handler in whatever Python
 code runs next, which during a quantize or a model load is that callback. ctypes swallows an
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
         yield
         return

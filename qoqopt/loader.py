@@ -392,13 +392,36 @@ def checked_processor(path: Path, source: str):
         processor = load_processor(path)
     except (OSError, ValueError) as exc:
         raise QoqoptError(f"cannot load the processor of {source}: {str(exc).splitlines()[0]}") from exc
-    jinja = path / "chat_template.jinja"
-    if not getattr(processor, "chat_template", None) and jinja.exists():  # the torch-free processor reads .json only
-        processor.chat_template = jinja.read_text(encoding="utf-8")
     if not getattr(processor, "chat_template", None):
-        raise QoqoptError(f"{source} has no chat template (chat_template.json or chat_template.jinja): copy it from "
-                          "the original checkpoint")  # fmt: skip
+        processor.chat_template = _fallback_template(path, processor.tokenizer)
+    if not processor.chat_template:
+        raise QoqoptError(f"{source} has no chat template (chat_template.json, chat_template.jinja or in "
+                          "tokenizer_config.json): copy it from the original checkpoint")  # fmt: skip
     return processor
+
+
+def _fallback_template(path: Path, tokenizer) -> str | None:
+    """The template the processor did not read, in the order the GGUF export embeds one: a
+    chat_template.jinja (the torch-free processor reads .json only), then the tokenizer's own, from
+    tokenizer_config.json (older checkpoints keep it only there; refusing them was wrong, as the GGUF
+    export read it)."""
+    if (path / "chat_template.jinja").exists():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the one transformers uses when none is named
+        template = template.get("default")
+    return template or None
+
+
+def has_chat_template(path: Path) -> bool:
+    """Whether the checkpoint carries a chat template in any of the places it may be kept."""
+    path = Path(path)
+    if (path / "chat_template.json").exists() or (path / "chat_template.jinja").exists():
+        return True
+    try:
+        return bool(json.loads((path / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _read_json(path: Path) -> dict:

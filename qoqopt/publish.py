@@ -289,7 +289,7 @@ def _rows_with_files(section: list[str]) -> list[tuple[str, dict | None]]:
             continue
         if line.startswith(("![", "# ")) or line.strip() == "## Plots":  # the report's title: the card has its own
             continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        cells = [c.strip() for c in _CELL_BORDER.split(line.strip().strip("|"))] if line.startswith("|") else []
         if cells and cells[0] in ("variant", "machine"):
             column = int(cells[0] == "machine")
         name = _row_variant(line, cells, column)
@@ -301,6 +301,8 @@ def _rows_with_files(section: list[str]) -> list[tuple[str, dict | None]]:
         raise QoqoptError(_EDITED)
     return out
 
+
+_CELL_BORDER = re.compile(r"(?<!\\)\|")  # an escaped \| is inside a cell (a machine label's)
 
 _EDITED = ("--results: report.md's rows do not match the files it records for them (was it edited?); "
            "run `qoqopt report` on the bench results again")  # fmt: skip

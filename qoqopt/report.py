@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from .errors import QoqoptError
@@ -22,8 +23,10 @@ KLD = ".2e"  # drift spans 1e-6 (Q8_0) to 1e-1 (2-bit): fixed-point would print 
 
 
 def load_results(paths: list[Path]) -> list[dict]:
-    """Each result file once (the same file named twice is one run), checked as a bench result."""
-    runs, seen = [], set()
+    """Each result file once (the same file named twice is one run), checked as a bench result. A
+    copy of one under another name is one run too: counted twice, it doubled a machine's speed rows
+    and put one build in a drift set twice."""
+    runs, seen, contents = [], set(), {}
     for path in map(Path, paths):
         if path.resolve() in seen:
             continue
@@ -39,6 +42,11 @@ def load_results(paths: list[Path]) -> list[dict]:
         except UnicodeDecodeError:
             raise QoqoptError(f"{path} is not a qoqopt bench result (not UTF-8 text)") from None
         _check_result(data, path)
+        key = json.dumps(data, sort_keys=True)
+        if key in contents:
+            print(f"note: {path} holds the same run as {contents[key]}: counted once", file=sys.stderr)
+            continue
+        contents[key] = path
         runs.append(data)
     if not runs:
         raise QoqoptError("no result files given")
@@ -115,6 +123,12 @@ def _is_number(x) -> bool:
 def machine_label(run: dict) -> str:
     m = run["run"]["machine"]
     return m.get("label") or (m.get("gpu") or {}).get("name") or m.get("cpu", "unknown")
+
+
+def _markdown_label(run: dict) -> str:
+    """The machine label as one table cell or code-span-free text: bench refuses `|` and a backtick
+    in --label, but a result from before that, or a CPU's own name, may hold them."""
+    return " ".join(machine_label(run).split()).replace("|", "\\|").replace("`", "'")
 
 
 def drift_groups(runs: list[dict]) -> list[list[dict]]:
@@ -263,7 +277,7 @@ def _speed_table(runs: list[dict]) -> list[str]:
     for i, v in timed:  # the reference (drift only) and --no-speed runs have no speed row
         s = v["speed"]
         out.append(
-            f"| {machine_label(runs[i])} | {v['name']} | {v.get('runtime', '')} | {_fmt(s.get('prefill_tok_s'), '.0f')} | "
+            f"| {_markdown_label(runs[i])} | {v['name']} | {v.get('runtime', '')} | {_fmt(s.get('prefill_tok_s'), '.0f')} | "
             f"{_fmt(s.get('decode_tok_s'), '.1f')} | {_fmt(s.get('image_encode_ms'), '.0f')} | "
             f"{_fmt(s.get('ttft_ms'), '.0f')} | {_fmt(s.get('peak_device_mb'), '.0f')} | {_fmt(s.get('peak_host_mb'), '.0f')} |"
         )
@@ -275,7 +289,7 @@ def _failures(runs: list[dict]) -> list[str]:
     if not failed:
         return []
     return (["## Failed variants", "", files_comment(failed)]
-            + [f"- {machine_label(runs[i])}: `{v['name']}`: {v.get('error') or 'no error recorded'}" for i, v in failed] + [""])
+            + [f"- {_markdown_label(runs[i])}: `{v['name']}`: {v.get('error') or 'no error recorded'}" for i, v in failed] + [""])
 
 
 FILES_TAG = "<!-- qoqopt-files "

@@ -298,6 +298,8 @@ def test_report_merges_the_two_runs(run_1t, run_2t, tmp_path):
          "--from me/not-cached: no such directory; as a Hub id: cannot get me/not-cached: HF_HUB_OFFLINE is set"),
         (["--variants", "bf16", "--eval", "{tmp}/bad.jsonl"], "bad.jsonl:1"),
         (["--variants", "bf16", "--items", "0"], "--items must be at least 1"),
+        # a | split the label into two columns of the report's speed table, and the rows after it
+        (["--variants", "bf16", "--label", "ward 3 | A100"], "argument --label: expected one line of text without | or `"),
     ],
 )
 def test_bad_input_one_line_error(tiny_dir, tmp_path, args, message):
@@ -306,7 +308,24 @@ def test_bad_input_one_line_error(tiny_dir, tmp_path, args, message):
     res = run_cli("bench", str(tiny_dir), "--out", str(out), *[a.format(tmp=tmp_path) for a in args])
     assert res.returncode != 0
     assert message in error_line(res)
-    assert not list(out.glob("bench-*.json"))
+    assert not out.exists()
+
+
+def test_a_stopped_bench_leaves_no_empty_output_folder(tiny_dir, tmp_path, monkeypatch):
+    """Ctrl-C during the reference pass: the --out folder the run made is gone again, as is its
+    work folder (an empty OUT/ was left); one that was there before stays."""
+    from qoqopt.bench import run
+    from qoqopt.bench.variants import parse_variants
+
+    def stopped(job, work, tag):
+        assert work.parent.is_dir() and work.is_dir()  # the run's folders exist while it works
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_run_worker", stopped)
+    for out in (tmp_path / "new", tmp_path):
+        with pytest.raises(KeyboardInterrupt):
+            run.run_bench(run.BenchOptions(model=str(tiny_dir), variants=parse_variants("bf16"), out=out, items=1))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bench_refuses_builds_of_another_checkpoint(run_1t, trained_dir, tiny_dir, tmp_path, capsys):

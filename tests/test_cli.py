@@ -270,8 +270,8 @@ def test_a_source_that_cannot_make_a_chat_is_refused_up_front(tiny_dir, tmp_path
     transformers tracebacks after loading and calibrating)."""
     import json
 
-    def copy_without(name: str, edit=None):
-        folder = tmp_path / f"no-{name}"
+    def copy_without(name: str, edit=None, folder_name=None):
+        folder = tmp_path / (folder_name or f"no-{name}")
         folder.mkdir()
         for f in tiny_dir.iterdir():
             if f.name != name:
@@ -282,10 +282,15 @@ def test_a_source_that_cannot_make_a_chat_is_refused_up_front(tiny_dir, tmp_path
         return folder
 
     no_vocab, no_template = copy_without("tokenizer.json"), copy_without("chat_template.json")
+    # the tokenizer's own template (tokenizer_config.json) is the last place one is looked for
+    tok_cfg = json.loads((tiny_dir / "tokenizer_config.json").read_text())
+    (no_template / "tokenizer_config.json").unlink()
+    (no_template / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in tok_cfg.items() if k != "chat_template"}))
     gptq = copy_without("none", lambda c: c | {"quantization_config": {"quant_method": "gptq", "bits": 4}})
     out = tmp_path / "out"
     for folder, message in ((no_vocab, "has no tokenizer vocabulary (tokenizer.json): copy the tokenizer files"),
-                            (no_template, "has no chat template (chat_template.json or chat_template.jinja): copy it")):  # fmt: skip
+                            (no_template, "has no chat template (chat_template.json, chat_template.jinja or in "
+                                          "tokenizer_config.json): copy it")):  # fmt: skip
         for argv in (["export", folder, "--format", "gptq", "--samples", "1", "--out", out],
                      ["export", folder, "--format", "gguf", "--quant", "Q4_K_M", "--out", out],
                      ["ask", folder, "--item", ITEM],
@@ -297,6 +302,14 @@ def test_a_source_that_cannot_make_a_chat_is_refused_up_front(tiny_dir, tmp_path
     template = json.loads((tiny_dir / "chat_template.json").read_text())["chat_template"]
     (no_template / "chat_template.jinja").write_text(template)
     assert checked_processor(no_template, "x").chat_template == template
+    # and a template kept only in tokenizer_config.json (older checkpoints), which GGUF export embeds too
+    only_tok_cfg = copy_without("chat_template.json", folder_name="template-in-tokenizer-config")
+    assert checked_processor(only_tok_cfg, "x").chat_template == tok_cfg["chat_template"] == template
+    from qoqopt.loader import has_chat_template
+
+    assert has_chat_template(only_tok_cfg) and has_chat_template(tiny_dir)
+    (no_template / "chat_template.jinja").unlink()
+    assert not has_chat_template(no_template)
     for fmt in ("awq", "gguf"):
         err = refused(["export", gptq, "--format", fmt, "--out", out], capsys)
         assert err == (f"error: {gptq} is already a GPTQ build (its config.json has a quantization_config): "

@@ -150,3 +150,42 @@ def test_an_interrupted_child_is_told_once_and_cleans_up(tmp_path):
     pid, sid = (tmp_path / "ready").read_text().split()
     assert pid == sid  # a session of its own: a terminal's Ctrl-C does not reach it
     assert (tmp_path / "cleaned").exists() and (tmp_path / "signals").read_text() == "TERM\n"
+
+
+def test_a_killed_runs_temporary_output_is_removed_by_the_next_run(tmp_path, capsys):
+    """SIGKILL (the OOM killer, a power cut) leaves a build's hidden temporary folder, gigabytes at 7B.
+    The next build of the same folder removes it and says so; a live process's, another machine's and
+    one of an unknown owner are left alone. Liveness is the kernel's answer for real processes."""
+    import signal
+    import subprocess
+    import sys
+
+    from qoqopt import fileio
+
+    out = tmp_path / "build"
+    writer = ("import sys, time; from pathlib import Path; from qoqopt.fileio import atomic_dir\n"
+              "with atomic_dir(Path(sys.argv[1])) as tmp:\n"
+              "    (tmp / 'model.safetensors').write_bytes(b'x' * 4096); print('ready', flush=True); time.sleep(600)")  # fmt: skip
+    killed, live = (subprocess.Popen([sys.executable, "-c", writer, str(out)], stdout=subprocess.PIPE, text=True)
+                    for _ in range(2))  # fmt: skip
+    try:
+        for proc in (killed, live):
+            assert proc.stdout.readline() == "ready\n"
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        left = {p.name for p in tmp_path.iterdir()}
+        assert len(left) == 2 and all(n.startswith(".build.p") and n.endswith(".tmp") for n in left)
+        other_host = tmp_path / f".build.p{killed.pid}-00000000.abc123.tmp"  # a dead pid here, maybe alive there
+        unknown = tmp_path / ".build.q1z2x3.tmp"  # an older qoqopt's name: no owner recorded
+        for folder in (other_host, unknown):
+            folder.mkdir()
+        with atomic_dir(out) as tmp:
+            (tmp / "config.json").write_text("{}")
+        assert capsys.readouterr().err == f"note: removed what an interrupted run left of {out} (0.00 GiB)\n"
+        live_tmp = next(n for n in left if f".p{live.pid}-" in n)
+        assert {p.name for p in tmp_path.iterdir()} == {"build", live_tmp, other_host.name, unknown.name}
+        assert fileio.remove_stale_tmp(out) == 0  # nothing more of ours to remove
+    finally:
+        for proc in (killed, live):
+            proc.kill()
+            proc.wait()

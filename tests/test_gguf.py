@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -610,15 +611,26 @@ def _export_stopped_mid_write(tiny_dir, tmp_path, signum) -> subprocess.Popen:
 
 
 def test_sigkill_mid_export_leaves_no_final_name(tiny_dir, tmp_path):
+    """SIGKILL cannot be caught: the temporary folder stays, never a final name. The next export to
+    the same --out removes it and says so (it was never cleaned, gigabytes at 7B)."""
     _export_stopped_mid_write(tiny_dir, tmp_path, signal.SIGKILL)
     assert all(p.name.startswith(".out.") and p.name.endswith(".tmp") for p in tmp_path.iterdir())
     assert any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # the kill really landed mid-export
+    again = subprocess.run([sys.executable, "-m", "qoqopt", "export", str(tiny_dir), "--format", "gguf", "--quant", "F16",
+                            "--imatrix", "none", "--mmproj-type", "none", "--out", str(tmp_path / "out")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert re.search(rf"^note: removed what an interrupted run left of {tmp_path / 'out'} \(\d+\.\d\d GiB\)$",
+                     again.stderr, re.M)  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_sigterm_mid_export_cleans_up_and_says_so(tiny_dir, tmp_path):
-    """SIGTERM (what `timeout` and schedulers send) removes the temporary folder, as Ctrl-C does."""
-    proc = _export_stopped_mid_write(tiny_dir, tmp_path, signal.SIGTERM)
-    assert proc.returncode == 128 + signal.SIGTERM and proc.stderr.read().splitlines()[-1] == "error: terminated"
+@pytest.mark.parametrize("signum, message", [(signal.SIGTERM, "terminated"), (signal.SIGHUP, "hangup (the terminal closed)")])
+def test_sigterm_mid_export_cleans_up_and_says_so(tiny_dir, tmp_path, signum, message):
+    """SIGTERM (what `timeout` and schedulers send) and SIGHUP (a closed terminal or ssh session)
+    remove the temporary folder, as Ctrl-C does; SIGHUP left it, with its BF16 intermediate."""
+    proc = _export_stopped_mid_write(tiny_dir, tmp_path, signum)
+    assert proc.returncode == 128 + signum and proc.stderr.read().splitlines()[-1] == f"error: {message}"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,6 +1,7 @@
 """`qoqopt report`: merging runs from two machines, Pareto marking, plots."""
 
 import json
+import shutil
 
 import pytest
 
@@ -192,6 +193,12 @@ def test_report_output_is_whole_new_and_never_replaces_its_inputs(tmp_path, caps
     out = tmp_path / "rep"
     assert run_cli("report", str(a), str(a), "--out", str(out)).returncode == 0
     assert (out / "report.md").read_text().count("| cpu | gguf:Q4_K_M |") == 1
+    copy = tmp_path / "results" / "a-copy.json"  # a copy under another name is the same run
+    copy.write_text(json.dumps(json.loads(a.read_text()), indent=4))
+    res = run_cli("report", str(a), str(copy), "--out", str(tmp_path / "rep2"))
+    assert res.returncode == 0 and res.stderr == f"note: {copy} holds the same run as {a}: counted once\n"
+    assert (tmp_path / "rep2" / "report.md").read_text() == (out / "report.md").read_text().replace("rep/", "rep2/")
+    shutil.rmtree(tmp_path / "rep2")
     assert "already exists and is not empty (use --force" in refused(["report", a, "--out", out], capsys)
     assert run_cli("report", str(a), "--out", str(out), "--force").returncode == 0
     err = refused(["report", a, "--out", a.parent, "--force"], capsys)
@@ -200,3 +207,38 @@ def test_report_output_is_whole_new_and_never_replaces_its_inputs(tmp_path, caps
     (tmp_path / "file").write_text("x")
     assert "exists and is not a directory" in refused(["report", a, "--out", tmp_path / "file"], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "rep", "results"]
+
+
+def test_a_machine_label_with_markdown_characters_stays_in_its_cell(tmp_path):
+    """A label holding `|` (bench refuses one now; a result from before may hold it) split into
+    columns and shifted the speed table; a backtick broke the failure list's code span. Checked with
+    markdown-it-py's table parser, and with what `publish` reads back."""
+    from markdown_it import MarkdownIt
+
+    from qoqopt.publish import _rows_with_files
+
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps(_run("ward 3 | A100 `sxm`", 1.0)))
+    assert run_cli("report", str(res), "--out", str(tmp_path / "rep")).returncode == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    speed = md.split("## Speed per machine (medians)")[1].split("\n## ")[0]
+    tokens = MarkdownIt("commonmark").enable("table").parse(speed)
+    rows, row = [], None
+    for t in tokens:
+        if t.type == "tr_open":
+            row = []
+        elif t.type == "inline" and row is not None:
+            row.append(t.content)
+        elif t.type == "tr_close":
+            rows.append(row)
+            row = None
+    assert rows[0][:2] == ["machine", "variant"] and len(rows) == 5 and all(len(r) == 9 for r in rows)
+    assert {(r[0], r[1]) for r in rows[1:]} == {("ward 3 | A100 'sxm'", v) for v in
+                                                ("gguf:Q8_0", "gguf:Q4_K_M", "gguf:Q5_K_M", "gptq:4")}  # fmt: skip
+    rendered = MarkdownIt("commonmark").enable("table").render(speed)
+    assert "<td>ward 3 | A100 'sxm'</td>" in rendered
+    # publish matches each row to its recorded variant: the label's | no longer shifts the columns
+    entries = [entry for _, entry in _rows_with_files(speed.splitlines()) if entry]
+    assert [e["variant"] for e in entries] == ["gguf:Q8_0", "gguf:Q4_K_M", "gguf:Q5_K_M", "gptq:4"]
+    failed = md.split("## Failed variants")[1]
+    assert "- ward 3 \\| A100 'sxm': `awq:4`: loader refused" in failed

@@ -3,6 +3,7 @@ child process, and write one result JSON (schema qoqopt.bench/1) tagged with har
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -48,11 +49,31 @@ class BenchOptions:
 
 
 def run_bench(opts: BenchOptions, log=print) -> Path:
+    check_can_make_dir(opts.out)
+    builds = opts.builds or opts.out / "builds"
+    with _removed_if_left_empty(opts.out, builds):
+        return _bench(opts, builds, log)
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(*folders: Path):
+    """The folders this run makes are removed again when it fails or is stopped before anything is
+    in them (an interrupted bench left an empty OUT/); builds it made are kept, for the next run."""
+    made = [f for f in folders if not f.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(made, key=lambda f: len(f.absolute().parts), reverse=True):  # inner first
+            with contextlib.suppress(OSError):  # not empty, or never made
+                folder.rmdir()
+        raise
+
+
+def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     from ..data import domain_counts
     from ..loader import checked_processor, open_checkpoint, resolve
     from .eval_set import eval_items
 
-    check_can_make_dir(opts.out)
     hub = _hub_manifests(opts.search)  # before the source checkpoint, which may be a 16 GB download
     model_path, revision = resolve(opts.model, opts.revision)
     ckpt = open_checkpoint(str(model_path))  # validates: Qwen2.5-VL, weights present
@@ -64,7 +85,6 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
     items = eval_items(opts.eval_source, opts.items, opts.seed, render=False, domains=opts.domains)  # bad --eval fails here
     set_sha = _set_sha(opts.eval_source, items)  # the set as read now: an edit during the run is not recorded as measured
     threads = opts.threads or usable_cores()
-    builds = opts.builds or opts.out / "builds"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     located = _locate_or_build(opts, builds, hub, ckpt.fingerprint, log)
     _say_unrunnable(located, log)  # now, not after the reference pass (long fp32 work on a 7B)

@@ -40,3 +40,14 @@ def byte_size(text: str) -> int:
 
 
 byte_size.__name__ = "a size such as 48G"
+
+
+def label(text: str) -> str:
+    """A machine label for report tables: one line, without the characters Markdown tables and code
+    spans are made of (a `|` split the label into columns and the rows after it)."""
+    if not text.strip() or any(c in text for c in "|`") or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"expected one line of text without | or `, got {text!r}")
+    return text.strip()
+
+
+label.__name__ = "a label"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..data.domains import DOMAINS
-from .argtypes import count_or_all, positive_int, seed
+from .argtypes import count_or_all, label, positive_int, seed
 
 EXAMPLES = """\
 examples:
@@ -65,7 +65,7 @@ def register(sub) -> None:
                    help="only this domain of the eval set (repeatable), e.g. --domain ct for a CT-only service")  # fmt: skip
     p.add_argument("--seed", type=seed, default=0, help="eval sampling seed (default 0)")
     p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for torch and llama.cpp (default: all)")
-    p.add_argument("--label", help="machine label in reports (default: GPU name, or CPU model and threads)")
+    p.add_argument("--label", type=label, help="machine label in reports (default: GPU name, or CPU model and threads)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (default 3)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (default 32)")
     p.add_argument("--no-speed", action="store_true", help="drift and accuracy only")
