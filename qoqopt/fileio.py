@@ -2,7 +2,8 @@
 
 Files are written to a hidden temporary sibling and renamed into place; a directory is built
 under a temporary name and renamed as a whole. A crash (even SIGKILL) leaves only `.*.tmp*`
-debris, never a truncated file that looks finished; the next build of the same folder removes it.
+debris, never a truncated file that looks finished; the next build of the same folder removes it
+(leftovers.py).
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ import contextlib
 import errno
 import hashlib
 import os
-import re
 import shutil
-import socket
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import QoqoptError
+from .leftovers import remove_stale, say_removed, tmp_prefix
 
 
 @contextlib.contextmanager
@@ -28,7 +27,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     final = Path(final)
     with writing(final):
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(final), suffix=".tmp", dir=final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(final), suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -81,6 +80,8 @@ def prepare_output_dir(out: Path, force: bool, inputs=()) -> None:
     for source in map(Path, inputs):
         if source.exists() and (source.resolve() == out.resolve() or out.resolve() in source.resolve().parents):
             raise QoqoptError(f"output {out} would replace {source}, which this command reads; choose another --out")
+    if out.resolve() == Path.cwd() or out.resolve() in Path.cwd().parents:  # it would be renamed from under us
+        raise QoqoptError(f"output {out} is the current folder or holds it: give a folder to create, such as --out build")
     if out.is_symlink():  # replacing the build would replace the link, not fill the folder it names
         raise QoqoptError(f"output {out} is a symbolic link; give the folder it points to ({out.resolve()})")
     check_can_make_dir(out)
@@ -118,11 +119,10 @@ def atomic_dir(final: Path, force: bool = False, inputs=()) -> Iterator[Path]:
     """Build a directory under a temporary name and swap it in as a whole on success."""
     final = Path(final)
     prepare_output_dir(final, force, inputs)
-    if freed := remove_stale_tmp(final):
-        print(f"note: removed what an interrupted run left of {final} ({freed / 2**30:.2f} GiB)", file=sys.stderr)
+    say_removed(remove_stale(final), f"beside {final}")
     with writing(final):
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), suffix=".tmp", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(final), suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
@@ -139,52 +139,6 @@ def atomic_dir(final: Path, force: bool = False, inputs=()) -> Iterator[Path]:
         raise
 
 
-def _tmp_prefix(final: Path) -> str:
-    """``.NAME.p<pid>-<host>.``: whose temporary output this is, so a later run can tell one left by a
-    killed process (SIGKILL, a power cut, the OOM killer) from one still being written."""
-    return f".{final.name}.p{os.getpid()}-{_host_tag()}."
-
-
-def _host_tag() -> str:
-    # a folder on a shared disk may hold the temporary output of a live process on another machine
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def remove_stale_tmp(final: Path) -> int:
-    """Remove the temporary outputs for ``final`` that processes of this machine, now gone, left
-    behind; return the bytes freed. A live process's, another machine's and ones of an unknown
-    owner are kept."""
-    final = Path(final)
-    mine = re.compile(rf"\.{re.escape(final.name)}\.p(\d+)-{_host_tag()}\.[A-Za-z0-9_]+\.tmp")
-    freed = 0
-    with contextlib.suppress(OSError):
-        for entry in final.parent.iterdir():
-            match = mine.fullmatch(entry.name)
-            if match and not _alive(int(match[1])):
-                freed += _bytes_under(entry)
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-    return freed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _bytes_under(path: Path) -> int:
-    if not path.is_dir():
-        return path.lstat().st_size
-    return sum(f.lstat().st_size for f in path.rglob("*") if not f.is_dir())
-
-
 def _swap_in(tmp: Path, final: Path) -> None:
     """Put the finished ``tmp`` in ``final``'s place. An old output is renamed aside first and
     deleted last: deleting it first left, when interrupted, a half-deleted build under the final
@@ -192,7 +146,7 @@ def _swap_in(tmp: Path, final: Path) -> None:
     if not final.exists():
         os.replace(tmp, final)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    old = Path(tempfile.mkdtemp(prefix=tmp_prefix(final), suffix=".old", dir=final.parent))
     os.replace(final, old)  # over the empty folder just made
     try:
         os.replace(tmp, final)

@@ -408,8 +408,8 @@ def _fallback_template(path: Path, tokenizer) -> str | None:
     if (path / "chat_template.jinja").exists():
         return (path / "chat_template.jinja").read_text(encoding="utf-8")
     template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates: the one transformers uses when none is named
-        template = template.get("default")
+    if isinstance(template, dict):  # named templates: "default", else the first, as the GGUF export takes
+        template = template.get("default") or next(iter(template.values()), None)
     return template or None
 
 

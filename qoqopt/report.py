@@ -194,7 +194,7 @@ def _fmt(x, spec=".4f") -> str:
 
 
 def render_markdown(runs: list[dict], plots: dict[str, str] | None = None) -> str:
-    machines = [machine_label(r) for r in runs]
+    machines = [_markdown_label(r) for r in runs]
     out = ["# qoqopt report", "", f"Runs merged: {len(runs)} ({', '.join(machines)}).", ""]
     groups = drift_groups(runs)
     for n, members in enumerate(groups, 1):
@@ -215,7 +215,7 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
         ref = next((v for v in runs[0]["variants"] if v["name"] == "reference"), {})
         weights = ", ".join(sha[:12] for sha in _file_shas(ref)) or "not recorded"
         out += [f"Reference: `{(r.get('model') or {}).get('source')}` ({r.get('reference_dtype')}; weights sha256 "
-                f"{weights}); runs: {', '.join(machine_label(run) for run in runs)}.", ""]  # fmt: skip
+                f"{weights}); runs: {', '.join(_markdown_label(run) for run in runs)}.", ""]  # fmt: skip
     out += [files_comment((None, v) for _, v in _by_size(rows)),
             "| variant | size MB | mean KLD | p99 KLD | same top % | RMS Δp % | answer acc | worst domain | Pareto |",
             "|---|---:|---:|---:|---:|---:|---:|---|:-:|"]  # fmt: skip
@@ -379,7 +379,7 @@ def _plot_domain_heatmap(plt, rows):
 def _plot_speed(plt, runs):
     import numpy as np
 
-    machines = [machine_label(r) for r in runs]
+    machines = [machine_label(r).replace("$", r"\$") for r in runs]  # matplotlib reads $...$ as math
     names = sorted({v["name"] for r in runs for v in r["variants"] if (v.get("speed") or {}).get("decode_tok_s")})
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4))
     width = 0.8 / max(len(runs), 1)

@@ -299,7 +299,7 @@ def test_report_merges_the_two_runs(run_1t, run_2t, tmp_path):
         (["--variants", "bf16", "--eval", "{tmp}/bad.jsonl"], "bad.jsonl:1"),
         (["--variants", "bf16", "--items", "0"], "--items must be at least 1"),
         # a | split the label into two columns of the report's speed table, and the rows after it
-        (["--variants", "bf16", "--label", "ward 3 | A100"], "argument --label: expected one line of text without | or `"),
+        (["--variants", "bf16", "--label", "ward 3 | A100"], "argument --label: expected text without | or ` or control characters, got 'ward 3 | A100' (it has '|')"),
     ],
 )
 def test_bad_input_one_line_error(tiny_dir, tmp_path, args, message):
@@ -311,21 +311,33 @@ def test_bad_input_one_line_error(tiny_dir, tmp_path, args, message):
     assert not out.exists()
 
 
-def test_a_stopped_bench_leaves_no_empty_output_folder(tiny_dir, tmp_path, monkeypatch):
-    """Ctrl-C during the reference pass: the --out folder the run made is gone again, as is its
-    work folder (an empty OUT/ was left); one that was there before stays."""
+def test_a_stopped_bench_leaves_no_empty_output_folder(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the reference pass: the --out folder the run made (and the parents it made) is
+    gone again, as is its work folder (an empty OUT/ was left); one that was there before stays. A
+    work folder a killed bench left (the reference's logits: hundreds of MB at 7B) is removed by the
+    next run into the same --out."""
+    import os
+    import subprocess
+
     from qoqopt.bench import run
     from qoqopt.bench.variants import parse_variants
+    from qoqopt.leftovers import tmp_prefix
 
     def stopped(job, work, tag):
         assert work.parent.is_dir() and work.is_dir()  # the run's folders exist while it works
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run, "_run_worker", stopped)
-    for out in (tmp_path / "new", tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid no process has now
+    ours = tmp_prefix(tmp_path / "bench").replace(f".p{os.getpid()}-", f".p{dead.pid}-")
+    (tmp_path / f"{ours}abc.tmp").mkdir()
+    (tmp_path / f"{ours}abc.tmp" / "reference.npz").write_bytes(b"z" * 2000)
+    for out in (tmp_path / "new" / "deeper" / "out", tmp_path):
         with pytest.raises(KeyboardInterrupt):
             run.run_bench(run.BenchOptions(model=str(tiny_dir), variants=parse_variants("bf16"), out=out, items=1))
     assert list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err.endswith(f"note: removed 2.0 kB that an interrupted run left in {tmp_path}\n")
 
 
 def test_bench_refuses_builds_of_another_checkpoint(run_1t, trained_dir, tiny_dir, tmp_path, capsys):

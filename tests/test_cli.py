@@ -308,6 +308,15 @@ def test_a_source_that_cannot_make_a_chat_is_refused_up_front(tiny_dir, tmp_path
     from qoqopt.loader import has_chat_template
 
     assert has_chat_template(only_tok_cfg) and has_chat_template(tiny_dir)
+    # named templates without a "default": the first, as the GGUF export embeds it
+    (only_tok_cfg / "tokenizer_config.json").unlink()
+    named = tok_cfg | {"chat_template": [{"name": "qoq", "template": template}, {"name": "other", "template": "x"}]}
+    (only_tok_cfg / "tokenizer_config.json").write_text(json.dumps(named))
+    assert checked_processor(only_tok_cfg, "x").chat_template == template
+    from qoqopt.exports.gguf_vocab import read_vocab
+
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    assert read_vocab(only_tok_cfg, cfg, cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]).chat_template == template
     (no_template / "chat_template.jinja").unlink()
     assert not has_chat_template(no_template)
     for fmt in ("awq", "gguf"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -154,13 +156,15 @@ def test_an_interrupted_child_is_told_once_and_cleans_up(tmp_path):
 
 def test_a_killed_runs_temporary_output_is_removed_by_the_next_run(tmp_path, capsys):
     """SIGKILL (the OOM killer, a power cut) leaves a build's hidden temporary folder, gigabytes at 7B.
-    The next build of the same folder removes it and says so; a live process's, another machine's and
-    one of an unknown owner are left alone. Liveness is the kernel's answer for real processes."""
+    The next build of the same folder removes it and says so; a live process's, another host's, one
+    of an unknown owner, a symlink and a name no process can have are left alone; an old build set
+    aside for a replace goes only once the new one is in place. Liveness is the kernel's answer for
+    real processes."""
     import signal
     import subprocess
     import sys
 
-    from qoqopt import fileio
+    from qoqopt.leftovers import remove_stale
 
     out = tmp_path / "build"
     writer = ("import sys, time; from pathlib import Path; from qoqopt.fileio import atomic_dir\n"
@@ -174,18 +178,63 @@ def test_a_killed_runs_temporary_output_is_removed_by_the_next_run(tmp_path, cap
         killed.send_signal(signal.SIGKILL)
         killed.wait()
         left = {p.name for p in tmp_path.iterdir()}
-        assert len(left) == 2 and all(n.startswith(".build.p") and n.endswith(".tmp") for n in left)
-        other_host = tmp_path / f".build.p{killed.pid}-00000000.abc123.tmp"  # a dead pid here, maybe alive there
-        unknown = tmp_path / ".build.q1z2x3.tmp"  # an older qoqopt's name: no owner recorded
-        for folder in (other_host, unknown):
+        assert len(left) == 2 and all(re.fullmatch(r"\.build\.p\d+-[0-9a-f]{8}\.\w+\.tmp", n) for n in left)
+        owner = next(iter(left)).split("-")[1].split(".")[0]
+        keep = [tmp_path / f".build.p{killed.pid}-00000000.abc123.tmp",  # a dead pid here, maybe alive there
+                tmp_path / ".build.q1z2x3.tmp",  # an older qoqopt's name: no owner recorded
+                tmp_path / f".build.p99999999999-{owner}.big.tmp"]  # fmt: skip
+        for folder in keep:
             folder.mkdir()
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "user.txt").write_text("mine")
+        link = tmp_path / f".build.p{killed.pid}-{owner}.lnk.tmp"
+        link.symlink_to(elsewhere)
+        old = tmp_path / f".build.p{killed.pid}-{owner}.set4side.old"  # killed while replacing: the old build
+        old.mkdir()
+        (old / "model.gguf").write_bytes(b"y" * 1000)
         with atomic_dir(out) as tmp:
+            assert old.exists()  # the only copy of the previous build while there is no new one
             (tmp / "config.json").write_text("{}")
-        assert capsys.readouterr().err == f"note: removed what an interrupted run left of {out} (0.00 GiB)\n"
+        assert capsys.readouterr().err == f"note: removed 4.1 kB that an interrupted run left beside {out}\n"
         live_tmp = next(n for n in left if f".p{live.pid}-" in n)
-        assert {p.name for p in tmp_path.iterdir()} == {"build", live_tmp, other_host.name, unknown.name}
-        assert fileio.remove_stale_tmp(out) == 0  # nothing more of ours to remove
+        assert remove_stale(out) == 1000 and not old.exists()
+        expected = {"build", "elsewhere", live_tmp, link.name, *(f.name for f in keep)}
+        assert {p.name for p in tmp_path.iterdir()} == expected and (elsewhere / "user.txt").read_text() == "mine"
+        assert remove_stale(out) == 0  # nothing more of ours to remove
     finally:
         for proc in (killed, live):
             proc.kill()
             proc.wait()
+
+
+def test_a_pid_is_only_ours_in_our_pid_namespace(tmp_path):
+    """A container sharing the host name (docker --uts=host, HPC containers) has pids of its own: a
+    live build there must not look like a dead process's here."""
+    import shutil
+    import subprocess
+    import sys
+
+    from qoqopt.leftovers import tmp_prefix
+
+    probe = [sys.executable, "-c", "from pathlib import Path; from qoqopt.leftovers import tmp_prefix; "
+             "print(tmp_prefix(Path('b')).split('-')[1])"]  # fmt: skip
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare here")
+    res = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", *probe], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot make a pid namespace here: {res.stderr.strip()[:80]}")
+    here = subprocess.run(probe, capture_output=True, text=True, check=True).stdout
+    assert res.stdout.strip() != here.strip() == tmp_prefix(tmp_path / "b").split("-")[1]
+
+
+def test_the_current_folder_is_not_an_output(tmp_path, monkeypatch):
+    """`--out .` renamed the folder the command runs in (an EBUSY traceback, and `..*.old` debris)."""
+    from qoqopt.fileio import prepare_output_dir
+
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out in (".", "..", str(tmp_path / "here")):
+        with pytest.raises(QoqoptError, match=rf"^output {re.escape(out)} is the current folder or holds it: give a "):
+            prepare_output_dir(Path(out), force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]

@@ -218,9 +218,12 @@ def test_a_machine_label_with_markdown_characters_stays_in_its_cell(tmp_path):
     from qoqopt.publish import _rows_with_files
 
     res = tmp_path / "r.json"
-    res.write_text(json.dumps(_run("ward 3 | A100 `sxm`", 1.0)))
-    assert run_cli("report", str(res), "--out", str(tmp_path / "rep")).returncode == 0
+    res.write_text(json.dumps(_run("ward 3 | A100 `sxm` $x^$", 1.0)))  # $...$ was matplotlib math: a traceback
+    done = run_cli("report", str(res), "--out", str(tmp_path / "rep"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "rep" / "speed.png").stat().st_size > 0
     md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Runs merged: 1 (ward 3 \\| A100 'sxm' $x^$)." in md and "`sxm`" not in md
     speed = md.split("## Speed per machine (medians)")[1].split("\n## ")[0]
     tokens = MarkdownIt("commonmark").enable("table").parse(speed)
     rows, row = [], None
@@ -233,12 +236,12 @@ def test_a_machine_label_with_markdown_characters_stays_in_its_cell(tmp_path):
             rows.append(row)
             row = None
     assert rows[0][:2] == ["machine", "variant"] and len(rows) == 5 and all(len(r) == 9 for r in rows)
-    assert {(r[0], r[1]) for r in rows[1:]} == {("ward 3 | A100 'sxm'", v) for v in
+    assert {(r[0], r[1]) for r in rows[1:]} == {("ward 3 | A100 'sxm' $x^$", v) for v in
                                                 ("gguf:Q8_0", "gguf:Q4_K_M", "gguf:Q5_K_M", "gptq:4")}  # fmt: skip
     rendered = MarkdownIt("commonmark").enable("table").render(speed)
-    assert "<td>ward 3 | A100 'sxm'</td>" in rendered
+    assert "<td>ward 3 | A100 'sxm' $x^$</td>" in rendered
     # publish matches each row to its recorded variant: the label's | no longer shifts the columns
     entries = [entry for _, entry in _rows_with_files(speed.splitlines()) if entry]
     assert [e["variant"] for e in entries] == ["gguf:Q8_0", "gguf:Q4_K_M", "gguf:Q5_K_M", "gptq:4"]
     failed = md.split("## Failed variants")[1]
-    assert "- ward 3 \\| A100 'sxm': `awq:4`: loader refused" in failed
+    assert "- ward 3 \\| A100 'sxm' $x^$: `awq:4`: loader refused" in failed

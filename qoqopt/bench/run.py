@@ -19,6 +19,7 @@ from ..children import python_module
 from ..errors import QoqoptError
 from ..fileio import atomic_write_text, check_can_make_dir, sha256_file, writing
 from ..integrity import checked_files, checked_weights, sha256_of
+from ..leftovers import remove_stale, say_removed, tmp_prefix
 from ..loader import FINGERPRINT_PREFIX
 from ..manifest import entry_path, read_manifest
 from ..report import SCHEMA
@@ -57,13 +58,14 @@ def run_bench(opts: BenchOptions, log=print) -> Path:
 
 @contextlib.contextmanager
 def _removed_if_left_empty(*folders: Path):
-    """The folders this run makes are removed again when it fails or is stopped before anything is
-    in them (an interrupted bench left an empty OUT/); builds it made are kept, for the next run."""
-    made = [f for f in folders if not f.exists()]
+    """The folders this run makes (with any parents it makes for them) are removed again when it
+    fails or is stopped before anything is in them (an interrupted bench left an empty OUT/);
+    builds it made are kept, for the next run."""
+    made = {f for folder in map(Path.absolute, folders) for f in (folder, *folder.parents) if not f.exists()}
     try:
         yield
     except BaseException:
-        for folder in sorted(made, key=lambda f: len(f.absolute().parts), reverse=True):  # inner first
+        for folder in sorted(made, key=lambda f: len(f.parts), reverse=True):  # inner first
             with contextlib.suppress(OSError):  # not empty, or never made
                 folder.rmdir()
         raise
@@ -90,9 +92,10 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     _say_unrunnable(located, log)  # now, not after the reference pass (long fp32 work on a 7B)
     hashes = _Hashes()
     source_files = [model_path / f for f in ckpt.shard_files]
+    say_removed(remove_stale(opts.out / "bench"), f"in {opts.out}")  # a killed run's work folder: the reference's logits
     with writing(opts.out):
         opts.out.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".bench-", dir=opts.out))
+        work = Path(tempfile.mkdtemp(prefix=tmp_prefix(opts.out / "bench"), suffix=".tmp", dir=opts.out))
     try:
         common = _common_job(opts, ckpt, work, threads)
         log(f"reference: {opts.model} in transformers ({common['reference_dtype']}), {len(items)} chats")

@@ -43,11 +43,15 @@ byte_size.__name__ = "a size such as 48G"
 
 
 def label(text: str) -> str:
-    """A machine label for report tables: one line, without the characters Markdown tables and code
-    spans are made of (a `|` split the label into columns and the rows after it)."""
-    if not text.strip() or any(c in text for c in "|`") or not text.isprintable():
-        raise argparse.ArgumentTypeError(f"expected one line of text without | or `, got {text!r}")
-    return text.strip()
+    """A machine label for report tables: its whitespace (tabs, newlines, no-break spaces) as single
+    spaces, and without the characters Markdown tables and code spans are made of (a `|` split the
+    label into columns and the rows after it) or control characters."""
+    words = " ".join(text.split())
+    bad = next((c for c in words if c in "|`" or not c.isprintable()), None)
+    if bad or not words:
+        raise argparse.ArgumentTypeError(f"expected text without | or ` or control characters, got {text!r}"
+                                         + (f" (it has {bad!r})" if bad else ""))  # fmt: skip
+    return words
 
 
 label.__name__ = "a label"
