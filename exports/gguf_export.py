@@ -270,7 +270,8 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                     notes += rep.summary()
                     for line in rep.summary():
                         log(f"note: {line}")
-                    log(f"wrote {path.name} (llama.cpp {q}{', clinical imatrix' if imatrix else ', no imatrix'}, {_size(path.stat().st_size)})")
+                    log(f"wrote {path.name} (llama.cpp {q}, {_imatrix_words(options) if imatrix else 'no imatrix'}, "
+                        f"{_size(path.stat().st_size)})")
                     texts.append((q, _split_over(ctx, path, tensors)))
                 if temporary:
                     for part, _ in inter_rep.parts or [(inter, tensors)]:
@@ -394,6 +395,12 @@ def _imatrix(ctx: _Context, options: GGUFOptions, tmp: Path, log) -> tuple[IMatr
     info = {"file": path.name, "source": how, "datasets": im.datasets, "entries": len(im.sums),
             "chunks": im.chunk_count, "chunk_size": im.chunk_size}  # fmt: skip
     return im, info
+
+
+def _imatrix_words(options: GGUFOptions) -> str:
+    """Which importance matrix a quant was made with, for the log (a user set is not "clinical")."""
+    kind, name = imatrix_kind(options.imatrix), Path(options.imatrix).name
+    return {"clinical": "clinical imatrix", "jsonl": f"imatrix calibrated on {name}"}.get(kind, f"imatrix {name}")
 
 
 def _check_imatrix(ctx: _Context, im: IMatrix) -> IMatrix:

@@ -118,12 +118,22 @@ def _tags(manifest: dict) -> list[str]:
     return base + [fmt] + ([f"{bits}-bit"] if bits else [])
 
 
+class NoBaseModel(QoqoptError):
+    """The build was exported from a local folder and no --base-model was given."""
+
+
+# what a dry run's card shows for the base model it was not told (the upload itself is refused)
+UNNAMED_BASE = "OWNER/BASE-MODEL"
+
+
 def base_model_id(manifest: dict, override: str | None = None) -> str:
     """The Hub repo the build comes from: the card's `base_model` must be a repo id, not a local path."""
     base = override or manifest.get("source", {}).get("model") or DEFAULT_BASE
+    if override and (not is_repo_id(base) or Path(base).exists()):
+        raise QoqoptError("--base-model is not a Hub repo id; pass --base-model owner/name (the repo the weights come from)")
     if not is_repo_id(base) or Path(base).exists():
-        how = "--base-model is not" if override else f"the build was exported from {base!r}, which is not"
-        raise QoqoptError(f"{how} a Hub repo id; pass --base-model owner/name (the repo the weights come from)")
+        raise NoBaseModel(f"the build was exported from {base!r}, which is not a Hub repo id; pass --base-model "
+                          "owner/name (the repo the weights come from)")  # fmt: skip
     return base
 
 
@@ -436,7 +446,7 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     card = render_card(manifest, files, repo_id, results_md, base_model, exported)
     fmt = manifest.get("format", "unknown")
     notes = [] if results_md else ["no --results given: the card has no drift/speed tables"]
-    if base_model:  # a build exported from a Hub id names its base itself
+    if base_model and base_model != UNNAMED_BASE:  # a build exported from a Hub id names its base itself
         notes += [n for n in [check_base_model(folder, manifest, base_model)] if n]
     if exported is not None:
         own = fmt != "gguf" or "Run it" in exported

@@ -168,8 +168,16 @@ def test_verify_reports_a_damaged_build_even_when_it_cannot_be_summarised(tmp_pa
     assert main(["info", str(tmp_path), "--verify", "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["verify_failed"] == failed and out["error"]
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "gptq", "files": []}))
-    assert refused(["info", tmp_path, "--verify"], capsys).startswith("error: ")  # nothing found: the summary's error
+    # a manifest.json cut short, edited into invalid JSON or listing nothing is a failed check too
+    # (status 2 before, against the documented 1)
+    for manifest, message in (('{"format": "gptq", "fi', "is not valid JSON: "),
+                              (json.dumps({"format": "gptq", "files": []}), "lists no files")):  # fmt: skip
+        (tmp_path / "manifest.json").write_text(manifest)
+        assert main(["info", str(tmp_path), "--verify"]) == 1
+        out, err = capsys.readouterr()
+        assert out.startswith(f"verify       FAILED {tmp_path / 'manifest.json'} {message}") and out.count("\n") == 1
+        assert err == ""  # the failed line is the answer, not said twice
+    assert refused(["info", tmp_path], capsys) == f"error: {tmp_path / 'manifest.json'} lists no files"  # without --verify
 
 
 def test_a_files_source_is_what_its_qoqopt_keys_say(tmp_path, capsys):

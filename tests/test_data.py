@@ -381,6 +381,24 @@ def test_jsonl_errors_name_file_and_line(tmp_path, bad, message):
     assert "\n" not in str(info.value)
 
 
+def test_every_bad_line_is_found_in_one_pass(tmp_path, capsys):
+    """A set with several bad lines: export and bench name the first and how many more in one line;
+    `data list --jsonl` (the checker) names each (it stopped at the first, one fix per run)."""
+    from qoqopt.cli import main
+
+    rows = [{**GOOD, "domain": "cat"}, GOOD, {**GOOD, "image": "b.png"}, {**GOOD, "id": "x"}, {**GOOD, "id": "x"}]
+    path = _write_set(tmp_path, rows)
+    first = "set.jsonl:1: unknown domain 'cat'"
+    with pytest.raises(QoqoptError, match=rf"^.*{re.escape(first)} .*\) \(and 2 more bad lines: `qoqopt data list "
+                                          rf"--jsonl .*set\.jsonl` names them all\)$"):  # fmt: skip
+        load_jsonl(path)
+    capsys.readouterr()
+    assert main(["data", "list", "--jsonl", path]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and first in err[0] and "set.jsonl:3: image file not found" in err[1]
+    assert err[2].endswith("set.jsonl:5: id 'x' is already used on line 4 (3 bad lines)")
+
+
 def test_jsonl_reads_what_json_and_excel_write(tmp_path):
     """json.dumps(ensure_ascii=False) leaves U+2028 and U+0085 raw inside strings (str.splitlines
     would cut the line there), Excel saves a BOM, an id may be a number."""

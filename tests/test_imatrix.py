@@ -179,6 +179,39 @@ def test_streamed_statistics_match_the_whole_transformers_model(tiny_dir):
         np.testing.assert_allclose(streamed.image_sums[name], whole.image_sums[name], rtol=1e-6, err_msg=name)
 
 
+def test_an_imatrix_calibrated_on_the_users_own_set(tiny_dir, tmp_path):
+    """`export --imatrix my_scans.jsonl`: the shipped imatrix holds the statistics of the user's chats,
+    as hooks on the whole transformers model collect them over those chats, and the log says which
+    set it was (it said "clinical imatrix" for any)."""
+    import json
+
+    from qoqopt import calibration
+    from qoqopt.data import balanced_sample, clinical_set
+    from qoqopt.exports.gguf_export import GGUFOptions, export_gguf, imatrix_from_stats
+    from qoqopt.processor import load_processor
+
+    rows = []
+    for i, item in enumerate(balanced_sample(clinical_set("calib", n_per_base=1), 2, seed=5)):
+        item.image.save(tmp_path / f"scan{i}.png")
+        rows.append({"image": f"scan{i}.png", "question": item.question, "answer": item.answer, "domain": item.domain})
+    user_set = tmp_path / "my_scans.jsonl"
+    user_set.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log: list[str] = []
+    export_gguf(str(tiny_dir), tmp_path / "out", GGUFOptions(quants=["Q4_K_M"], imatrix=str(user_set), mmproj_type="none",
+                                                             progress=False), log=log.append)  # fmt: skip
+    assert f"calibrating the imatrix on 2 image chats from {user_set}" in log
+    assert any(line.startswith("wrote ") and ".Q4_K_M.gguf (llama.cpp Q4_K_M, imatrix calibrated on my_scans.jsonl, " in line
+               for line in log), log  # fmt: skip
+    shipped = read_imatrix(next((tmp_path / "out").glob("*.imatrix.gguf")))
+    items, _ = calibration.calibration_items(str(user_set), 64, 0)
+    model = calibration.load_hf_model(tiny_dir, dtype="float32", device="cpu")
+    whole = calibration.collect_input_sq_sums(model, load_processor(tiny_dir), items, dataset=str(user_set), progress=False)
+    expected = imatrix_from_stats(whole)
+    assert shipped.chunk_count == 2 and str(user_set) in shipped.datasets[0] and shipped.sums.keys() == expected.sums.keys()
+    for name, sums in expected.sums.items():
+        np.testing.assert_allclose(shipped.sums[name], sums, rtol=1e-5, err_msg=name)
+
+
 # ---------------------------------------------------------------------------- trained model
 
 

@@ -429,12 +429,20 @@ def test_a_report_of_other_builds_is_refused_and_unmeasured_quants_named(export_
 
 
 def test_local_source_needs_base_model(export_dir, tmp_path):
+    """A build of a local folder names no Hub base model: the upload is refused up front; a dry run
+    (the --help examples, on the mini model) shows the plan and a card with a placeholder, and says
+    why the upload would stop."""
     m = json.loads((export_dir / "manifest.json").read_text())
     m["source"]["model"] = str(tmp_path / "mini")
     (tmp_path / "mini").mkdir()
     (export_dir / "manifest.json").write_text(json.dumps(m))
-    line = error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run"))
-    assert "--base-model" in line and "not a Hub repo id" in line
+    line = error_line(run_cli("publish", str(export_dir), "--repo", "me/x"))
+    assert line == (f"error: the build was exported from {str(tmp_path / 'mini')!r}, which is not a Hub repo id; pass "
+                    "--base-model owner/name (the repo the weights come from)")  # fmt: skip
+    dry = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run")
+    assert dry.returncode == 0 and "base_model: OWNER/BASE-MODEL" in dry.stdout
+    assert f"note: the upload would stop here: {line.removeprefix('error: ')} (the card above shows OWNER/BASE-MODEL)" in dry.stdout
+    assert "--base-model is not" in error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--base-model", "./mini"))
     res = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run", "--base-model", "ddvd233/QoQ-Med-VL-7B")
     assert res.returncode == 0 and "base_model: ddvd233/QoQ-Med-VL-7B" in res.stdout
 

@@ -69,8 +69,9 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (default 3)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (default 32)")
     p.add_argument("--no-speed", action="store_true", help="drift and accuracy only")
-    p.add_argument("--calib-items", type=positive_int, default=64, help="calibration chats for builds made on the fly (default 64, half of `qoqopt export`'s "
-                   "128, for speed; to bench the builds you publish, export them and pass --from)")
+    p.add_argument("--calib-items", type=positive_int, default=64, help="calibration chats for builds made on the fly (default 64: export's own for the GGUF "
+                   "imatrix, half of its 128 for GPTQ/AWQ, for speed; to bench the builds you publish, "
+                   "export them and pass --from)")
     p.add_argument("--reference-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype of the reference (default auto: float32 up to ~3 B parameters)")  # fmt: skip
     p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 from pathlib import Path
 
@@ -107,12 +108,17 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from qoqopt.data.items import clinical_set, domain_counts
-    from qoqopt.data.jsonl import load_jsonl
+    from qoqopt.data.jsonl import BadLines, load_jsonl
 
     if args.jsonl:
         if args.split or args.n_per_base:
             raise QoqoptError("--split and --n-per-base pick from the built-in set; a --jsonl set is listed whole")
-        items = load_jsonl(args.jsonl, max_side=args.max_side)
+        try:
+            items = load_jsonl(args.jsonl, max_side=args.max_side)
+        except BadLines as exc:  # checking a set: each bad line, not the first only
+            for error in exc.errors[:-1]:
+                print(f"error: {error}", file=sys.stderr)
+            raise QoqoptError(f"{exc.errors[-1]} ({len(exc.errors)} bad lines)" if len(exc.errors) > 1 else str(exc)) from None
         items = [it for it in items if not args.domain or it.domain in args.domain]
     else:
         extra = sorted(set(args.domain or []) - set(BUILTIN_DOMAINS))

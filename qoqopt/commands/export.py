@@ -16,7 +16,8 @@ examples:
 
 Writes <Name>.<QUANT>.gguf (llama.cpp arch qwen2vl), mmproj-<Name>-<type>.gguf (the checkpoint's own
 vision tower), <Name>.imatrix.gguf (when K-quants / IQ types are built with an imatrix), an Ollama
-Modelfile, README.md and manifest.json (sha256, size, type, source revision).
+Modelfile (unless every text GGUF is in parts: see --split-max-size), README.md and manifest.json
+(sha256, size, type, source revision).
 
 --imatrix: clinical (default) runs domain-balanced clinical image+text chats through the transformers
 model and collects per-channel input statistics at the text positions, which attend to the image

@@ -61,7 +61,8 @@ def run(args) -> int:
             print(json.dumps(checked.as_json() | {"error": str(exc)}, indent=2))
         else:
             _print_checked(checked)
-            print(f"error: {exc}", file=sys.stderr)
+            if str(exc) not in checked.failed:  # a damaged manifest.json is already the failed line
+                print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(dataclasses.asdict(summary) | (checked.as_json() if checked else {}), indent=2))
@@ -114,7 +115,10 @@ def _verify(args, path: Path) -> Verified:
                           f"{args.model} --local-dir DIR`) and give DIR")  # fmt: skip
     if not (path / "manifest.json").exists():
         raise QoqoptError(f"--verify checks a build written by `qoqopt export`; {args.model} has no manifest.json")
-    manifest = read_manifest(path)
+    try:
+        manifest = read_manifest(path)
+    except QoqoptError as exc:  # the record the files are checked against is itself damaged: a failed check
+        return Verified(0, [str(exc)], [])
     return Verified(len(manifest["files"]), problems(path, manifest), unlisted(path, manifest))
 
 

@@ -43,7 +43,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..errors import QoqoptError
-    from ..publish import plan_upload, resolve_token, upload
+    from ..publish import UNNAMED_BASE, NoBaseModel, plan_upload, resolve_token, upload
 
     if args.results and args.results.is_dir():
         raise QoqoptError(f"--results {args.results} is a directory; give the report.md `qoqopt report` wrote in it")
@@ -51,7 +51,14 @@ def run(args) -> int:
         raise QoqoptError(f"--results {args.results} does not exist")
     if args.results and args.results.suffix.lower() != ".md":
         raise QoqoptError(f"--results {args.results}: give the report.md of `qoqopt report`, not its inputs")
-    plan = plan_upload(args.folder, args.repo, args.private, args.results, args.base_model)
+    stops = []  # what would refuse the upload, said by a dry run after the plan it still shows
+    try:
+        plan = plan_upload(args.folder, args.repo, args.private, args.results, args.base_model)
+    except NoBaseModel as err:  # a build of a local folder: the card is shown with a placeholder
+        if not args.dry_run:
+            raise
+        stops.append(f"{err} (the card above shows {UNNAMED_BASE})")
+        plan = plan_upload(args.folder, args.repo, args.private, args.results, UNNAMED_BASE)
     if args.dry_run:
         print(plan.describe())
         print("\n--- README.md (model card) ---")
@@ -60,7 +67,9 @@ def run(args) -> int:
         try:
             resolve_token()
         except QoqoptError as err:  # said now, not after the user has set the upload going
-            print(f"note: the upload would stop here: {err}")
+            stops.append(str(err))
+        for why in stops:
+            print(f"note: the upload would stop here: {why}")
         return 0
     token = resolve_token()
     url = upload(plan, token)

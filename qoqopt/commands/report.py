@@ -11,8 +11,9 @@ examples:
   qoqopt report results/h100.json results/laptop.json --out r
 
 Writes report.md (drift table with Pareto-optimal builds marked, per-domain drift, speed per
-machine side by side, failed variants) and three PNG plots: drift against file size, decode
-speed per variant per machine, and a per-domain drift heat map. `qoqopt publish --results
+machine side by side, failed variants) and PNG plots: drift against file size and a per-domain
+drift heat map for each drift set (runs of one reference, eval set and settings; a second set's plots
+end in -2), and decode speed per variant per machine. `qoqopt publish --results
 OUT/report.md` puts the tables into the model card.
 """
 

@@ -35,18 +35,35 @@ def load_jsonl(path: str | Path, max_side: int | None = None) -> list[ClinicalIt
     path = Path(path)
     if not path.is_file():
         raise QoqoptError(f"{path}: no such file")
-    items, first_line = [], {}
+    items, first_line, bad = [], {}, []
     for lineno, line in enumerate(_lines(path), start=1):
-        if line.strip():
+        if not line.strip():
+            continue
+        try:
             item = _parse_line(path, lineno, line, max_side)
             # ids key the runtimes' image caches: a repeated one would be given another item's image
             if item.id in first_line:
                 raise QoqoptError(f"{path}:{lineno}: id {item.id!r} is already used on line {first_line[item.id]}")
-            first_line[item.id] = lineno
-            items.append(item)
+        except QoqoptError as exc:  # every bad line is found in one pass, not one per run
+            bad.append(str(exc))
+            continue
+        first_line[item.id] = lineno
+        items.append(item)
+    if bad:
+        raise BadLines(path, bad)
     if not items:
         raise QoqoptError(f"{path}: contains no items")
     return items
+
+
+class BadLines(QoqoptError):
+    """Every bad line of a set (``errors``, one message each); as one line, the first and how many more."""
+
+    def __init__(self, path: Path, errors: list[str]):
+        self.errors = errors
+        more = len(errors) - 1
+        tail = f" (and {more} more bad line{'s' * (more > 1)}: `qoqopt data list --jsonl {path}` names them all)"
+        super().__init__(errors[0] + (tail if more else ""))
 
 
 def _lines(path: Path) -> list[str]:
