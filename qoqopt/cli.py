@@ -85,7 +85,7 @@ class Terminated(BaseException):
     exception, so temporary outputs are removed on the way out as they are for Ctrl-C; Python's
     default is to die where it stands, which left an export's hidden build (with its BF16
     intermediate, gigabytes at 7B). SIGKILL cannot be caught: it leaves only `.*.tmp` debris, never
-    a final name, and the next run into the same folder removes it (fileio)."""
+    a final name, and the next run into the same folder removes it (leftovers.py)."""
 
     def __init__(self, signum: int):
         super().__init__(signum)

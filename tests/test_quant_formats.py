@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -415,6 +416,32 @@ def test_bad_calibration_file(tiny_dir, tmp_path, content, match):
     with pytest.raises(QoqoptError, match=match):
         export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", calib=str(calib), log=lambda m: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_gptq_calibrates_on_the_users_own_set(tiny_dir, tmp_path):
+    """`export --format gptq --calib my_scans.jsonl`: the user's chats are what the build is calibrated
+    on, as its manifest records: their source, count, domains, and the image tokens transformers'
+    own image processor makes of those images (two sizes)."""
+    from qoqopt.data import balanced_sample, clinical_set, load_jsonl
+    from qoqopt.exports.hf_quant import export_hf_quant
+    from qoqopt.processor import load_processor
+
+    rows = []
+    for i, item in enumerate(balanced_sample(clinical_set("calib", n_per_base=1), 2, seed=7)):
+        item.image.resize((28 * (8 + 4 * i), 28 * 9)).save(tmp_path / f"scan{i}.png")
+        rows.append({"image": f"scan{i}.png", "question": item.question, "answer": item.answer, "domain": item.domain})
+    user_set = tmp_path / "my_scans.jsonl"
+    user_set.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log: list[str] = []
+    export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", calib=str(user_set), samples=8, log=log.append)
+    calibration = json.loads((tmp_path / "o" / "manifest.json").read_text())["calibration"]
+    image_processor = load_processor(tiny_dir).image_processor
+    grids = [image_processor(images=it.image, return_tensors="pt")["image_grid_thw"] for it in load_jsonl(user_set)]
+    assert calibration["source"] == str(user_set) and calibration["chats"] == 2
+    assert calibration["domains"] == dict(Counter(r["domain"] for r in rows))
+    tokens = [int(g.prod()) // 4 for g in grids]  # patches, merged 2x2
+    assert calibration["image_tokens"] == sum(tokens) and tokens[0] != tokens[1]
+    assert any(line.startswith(f"calibrating on 2 chats from {user_set} ") for line in log)
 
 
 def test_not_qwen25vl(tmp_path):
