@@ -158,9 +158,11 @@ def present(dist):
     except md.PackageNotFoundError:
         return False
 
-def fits(wheel):  # pure Python, the stable ABI, or built for this python (python-gdcm has one per version)
+def fits(wheel):  # pure Python, built for this python (python-gdcm has one per version), or the stable ABI from its minimum
     python_tag, abi = wheel.name[:-4].split("-")[-3:-1]
-    return abi in ("none", "abi3") or f"cp{sys.version_info[0]}{sys.version_info[1]}" in python_tag.split(".")
+    here = sys.version_info[0] * 100 + sys.version_info[1]
+    versions = [int(t[2]) * 100 + int(t[3:]) for t in python_tag.split(".") if re.fullmatch(r"cp\d\d+", t)]
+    return abi == "none" or (abi == "abi3" and min(versions, default=0) <= here) or here in versions
 
 for wheel in sorted(wheels.glob("*.whl")) if wheels.is_dir() else []:
     dist = wheel.name.split("-")[0].replace("_", "-").lower()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qoqopt.errors import QoqoptError
+from qoqopt.loader import find_chat_template
 
 # gguf.TokenType values
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -55,20 +56,6 @@ def _token_content(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
-
-
-def _chat_template(path: Path, tok_cfg: dict) -> str | None:
-    if (path / "chat_template.json").exists():
-        template = _read_json(path / "chat_template.json").get("chat_template")
-        if template:
-            return template
-    if (path / "chat_template.jinja").exists():
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
-    template = tok_cfg.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template}
-        template = named.get("default") or next(iter(named.values()), None)
-    return template or None
 
 
 def _pre_tokenizer_patterns(tok: dict) -> list[str]:
@@ -135,7 +122,7 @@ def read_vocab(path: Path, config: dict, vocab_size: int) -> Vocab:
     eos = token_id("eos_token", "eos_token_id")
     if eos is None:
         raise QoqoptError("no eos token in tokenizer_config.json or config.json")
-    template = _chat_template(path, tok_cfg)
+    template = find_chat_template(path)
     if template is None:
         template = CHAT_TEMPLATE
         notes.append("the checkpoint ships no chat template; used Qwen2.5-VL's")

@@ -92,7 +92,9 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-WHY = {signal.SIGTERM: "terminated", signal.SIGHUP: "hangup (the terminal closed)"}
+WHY = {signal.SIGTERM: "terminated"}
+if hasattr(signal, "SIGHUP"):  # not on Windows
+    WHY[signal.SIGHUP] = "hangup (the terminal closed)"
 
 
 def _on_signal(signum, frame):

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import QoqoptError
-from .leftovers import remove_stale, say_removed, tmp_prefix
+from .leftovers import tidy, tmp_prefix
 
 
 @contextlib.contextmanager
@@ -119,7 +119,7 @@ def atomic_dir(final: Path, force: bool = False, inputs=()) -> Iterator[Path]:
     """Build a directory under a temporary name and swap it in as a whole on success."""
     final = Path(final)
     prepare_output_dir(final, force, inputs)
-    say_removed(remove_stale(final), f"beside {final}")
+    tidy(final, f"beside {final}")
     with writing(final):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(final), suffix=".tmp", dir=final.parent))
@@ -127,6 +127,7 @@ def atomic_dir(final: Path, force: bool = False, inputs=()) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         _swap_in(tmp, final)
+        tidy(final, f"beside {final}", say_others=False)  # a previous build a killed replace set aside
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.filename and Path(exc.filename).is_relative_to(tmp):  # name what the user asked for

@@ -7,7 +7,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .loader import SAFETENSORS_DTYPE_BYTES, Checkpoint, has_chat_template, part_of
+from .loader import SAFETENSORS_DTYPE_BYTES, Checkpoint, find_chat_template, part_of
 from .build_info import decimal_size
 from .manifest import made_from
 
@@ -134,7 +134,7 @@ def summarize(ckpt: Checkpoint) -> Summary:
         "tokenizer": (ckpt.path / "tokenizer.json").exists() or (ckpt.path / "vocab.json").exists(),
         "tokenizer_config": (ckpt.path / "tokenizer_config.json").exists(),
         "processor": (ckpt.path / "preprocessor_config.json").exists(),
-        "chat_template": has_chat_template(ckpt.path),
+        "chat_template": find_chat_template(ckpt.path) is not None,
         "generation_config": (ckpt.path / "generation_config.json").exists(),
     }
     text = dict(

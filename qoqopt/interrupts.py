@@ -15,8 +15,11 @@ import threading
 from collections.abc import Iterator
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
-def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+def deferred_signals(signums: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
         yield
         return

@@ -6,7 +6,8 @@ logits). Each such name says which process made it (``.NAME.p<pid>-<owner>.XXXX.
 run into the same place can tell a dead process's leftovers from a live one's and remove only
 those. ``<owner>`` hashes the host name and the pid namespace: a pid is only meaningful there (a
 folder on a shared disk, or a container sharing the host name, may hold a live process's output
-whose pid means nothing here).
+whose pid means nothing here). Leftovers of other owners (another machine, a restarted container,
+a qoqopt from before these names) cannot be judged: they are named, with their size, not removed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 import shutil
 import socket
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .build_info import decimal_size
@@ -39,32 +41,62 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def remove_stale(final: Path) -> int:
-    """Remove what dead processes of this host left for ``final``: its temporary outputs and an
-    old output renamed aside for a replace, the latter only once ``final`` exists again (else it is
-    the only copy of the previous build). Returns the bytes removed. Symlinks (qoqopt makes none),
-    live processes' names, other hosts' and names of no recorded owner are left alone."""
+@dataclass
+class Found:
+    removed: int = 0  # bytes
+    others: list[Path] = field(default_factory=list)  # leftovers whose owner cannot be judged here
+    set_aside: list[Path] = field(default_factory=list)  # a previous build a killed replace left
+
+
+def remove_stale(final: Path) -> Found:
+    """Remove what dead processes of this host and pid namespace left for ``final``: temporary
+    outputs, and an old output renamed aside for a replace once ``final`` exists again (before,
+    it is the only copy of the previous build). Live processes' names and symlinks (qoqopt makes
+    none) are left alone; other owners' are listed in ``others``."""
     final = Path(final)
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.p(\d{{1,10}})-{_owner()}\.[A-Za-z0-9_]+\.(tmp|old)")
-    removed = 0
+    name = re.escape(final.name)
+    ours = re.compile(rf"\.{name}\.p(\d{{1,10}})-{_owner()}\.[A-Za-z0-9_]+\.(tmp|old)")
+    # anyone's: owner-tagged, or a name of mkdtemp's 8 characters as qoqopt used before
+    anyones = re.compile(rf"\.{name}\.(p\d{{1,10}}-[0-9a-f]{{8}}\.[A-Za-z0-9_]+|[A-Za-z0-9_]{{8}})\.(tmp|old)")
+    found = Found()
     with contextlib.suppress(OSError):  # an unreadable folder: nothing of ours can be seen to remove
         for entry in final.parent.iterdir():
-            match = pattern.fullmatch(entry.name)
-            if not match or entry.is_symlink() or _alive(int(match[1])):
+            match = ours.fullmatch(entry.name)
+            if entry.is_symlink() or not (match or anyones.fullmatch(entry.name)):
                 continue
-            if match[2] == "old" and not final.exists():
+            if not match:
+                found.others.append(entry)
+            elif _alive(int(match[1])):
                 continue
-            removed += _remove(entry)
-    return removed
+            elif match[2] == "old" and not final.exists():
+                found.set_aside.append(entry)
+            else:
+                found.removed += _remove(entry)
+    return found
 
 
-def say_removed(removed: int, where: str) -> None:
-    """One note for what remove_stale removed, ``where`` saying where it was ("in OUT")."""
-    if removed:
-        print(f"note: removed {decimal_size(removed)} that an interrupted run left {where}", file=sys.stderr)
+def tidy(final: Path, where: str, say_others: bool = True) -> None:
+    """remove_stale, and a note each for what it removed, what it could not judge and a previous
+    build it kept; ``where`` says where they were ("beside OUT", "in OUT")."""
+    found = remove_stale(final)
+    if found.removed:
+        _note(f"removed {decimal_size(found.removed)} that an interrupted run left {where}")
+    for old in found.set_aside:
+        _note(f"{old} holds the previous {final.name}, set aside by a run killed while replacing it; it goes "
+              "once a new one is in place")  # fmt: skip
+    if found.others and say_others:
+        size = decimal_size(sum(_size(p) for p in found.others))
+        _note(f"{len(found.others)} hidden temporary output(s) {where} ({size}, e.g. {found.others[0].name}) are from "
+              "another machine or container, or an older qoqopt: remove them if no other run is writing there")  # fmt: skip
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
 
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would stop the process there: keep what cannot be judged
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,14 +106,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _size(entry: Path) -> int:
+    if not entry.is_dir():
+        return entry.lstat().st_size
+    return sum(f.lstat().st_size for f in entry.rglob("*") if not f.is_dir())
+
+
 def _remove(entry: Path) -> int:
     """Remove ``entry``; the bytes it held, or 0 when it could not be removed (another user's)."""
     try:
+        size = _size(entry)
         if entry.is_dir():
-            size = sum(f.lstat().st_size for f in entry.rglob("*") if not f.is_dir())
             shutil.rmtree(entry)
         else:
-            size = entry.lstat().st_size
             entry.unlink()
     except OSError:
         return 0

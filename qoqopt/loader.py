@@ -392,36 +392,41 @@ def checked_processor(path: Path, source: str):
         processor = load_processor(path)
     except (OSError, ValueError) as exc:
         raise QoqoptError(f"cannot load the processor of {source}: {str(exc).splitlines()[0]}") from exc
-    if not getattr(processor, "chat_template", None):
-        processor.chat_template = _fallback_template(path, processor.tokenizer)
+    if not getattr(processor, "chat_template", None):  # the torch-free processor reads chat_template.json only
+        processor.chat_template = find_chat_template(path)
     if not processor.chat_template:
         raise QoqoptError(f"{source} has no chat template (chat_template.json, chat_template.jinja or in "
                           "tokenizer_config.json): copy it from the original checkpoint")  # fmt: skip
     return processor
 
 
-def _fallback_template(path: Path, tokenizer) -> str | None:
-    """The template the processor did not read, in the order the GGUF export embeds one: a
-    chat_template.jinja (the torch-free processor reads .json only), then the tokenizer's own, from
-    tokenizer_config.json (older checkpoints keep it only there; refusing them was wrong, as the GGUF
-    export read it)."""
-    if (path / "chat_template.jinja").exists():
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates: "default", else the first, as the GGUF export takes
-        template = template.get("default") or next(iter(template.values()), None)
-    return template or None
-
-
-def has_chat_template(path: Path) -> bool:
-    """Whether the checkpoint carries a chat template in any of the places it may be kept."""
+def find_chat_template(path: Path) -> str | None:
+    """The checkpoint's chat template, from the first place that has one: chat_template.json,
+    chat_template.jinja, then tokenizer_config.json (older checkpoints keep it only there; as named
+    templates, "default" or else the first). The processor check, `info` and
+    the GGUF export's embedded template all read it here: three readers had disagreed."""
     path = Path(path)
-    if (path / "chat_template.json").exists() or (path / "chat_template.jinja").exists():
-        return True
+    template = _json_if_there(path / "chat_template.json").get("chat_template")
+    if not template and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    if not template:
+        template = _json_if_there(path / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def _json_if_there(path: Path) -> dict:
+    """A JSON object file's content, {} when there is no such file; invalid JSON is one line."""
+    if not path.is_file():
+        return {}
     try:
-        return bool(json.loads((path / "tokenizer_config.json").read_text()).get("chat_template"))
-    except (OSError, ValueError, AttributeError):
-        return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
+    return data if isinstance(data, dict) else {}
 
 
 def _read_json(path: Path) -> dict:

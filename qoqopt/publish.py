@@ -43,6 +43,7 @@ class UploadPlan:
     fmt: str
     notes: list[str] = field(default_factory=list)
     manifest_text: str = ""  # the manifest.json uploaded (see shipped_manifest)
+    stops: list[str] = field(default_factory=list)  # what would refuse the upload (a dry run's plan only)
 
     def describe(self) -> str:
         total = sum(f.bytes for f in self.files)
@@ -428,12 +429,21 @@ def _gguf_usage(repo_id: str, manifest: dict) -> str:
 
 
 def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path | None = None,
-                base_model: str | None = None) -> UploadPlan:  # fmt: skip
+                base_model: str | None = None, dry_run: bool = False) -> UploadPlan:  # fmt: skip
+    """What would be uploaded, every file checked. A build of a local folder without --base-model is
+    refused before any file is read; a dry run shows its card with UNNAMED_BASE and a stop."""
     check_repo_id(repo_id)
     manifest = read_manifest(folder, "a directory written by `qoqopt export` to publish")
     if manifest.get("format") not in BUILD_FORMATS:
         raise QoqoptError(f"{folder}/manifest.json: format {manifest.get('format')!r} is not a qoqopt build "
                           f"({', '.join(BUILD_FORMATS)})")  # fmt: skip
+    stops = []
+    try:
+        base_model_id(manifest, base_model)
+    except NoBaseModel as err:
+        if not dry_run:
+            raise
+        stops.append(f"{err} (the card above shows {UNNAMED_BASE})")
     check_hub_file_sizes(folder, manifest)
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
     # The manifest ships too, so downloaders can check what they got.
@@ -443,10 +453,10 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     # only a README the manifest lists (verified_files has checked its sha256) speaks on the card
     listed = any(entry_path(e) == "README.md" for e in manifest["files"])
     exported = readme_sections((folder / "README.md").read_text(errors="replace")) if listed else None
-    card = render_card(manifest, files, repo_id, results_md, base_model, exported)
+    card = render_card(manifest, files, repo_id, results_md, UNNAMED_BASE if stops else base_model, exported)
     fmt = manifest.get("format", "unknown")
     notes = [] if results_md else ["no --results given: the card has no drift/speed tables"]
-    if base_model and base_model != UNNAMED_BASE:  # a build exported from a Hub id names its base itself
+    if base_model:  # a build exported from a Hub id names its base itself
         notes += [n for n in [check_base_model(folder, manifest, base_model)] if n]
     if exported is not None:
         own = fmt != "gguf" or "Run it" in exported
@@ -454,7 +464,7 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
                      + ("carries its run instructions)" if own else "has qoqopt's generic usage)"))
     elif (folder / "README.md").exists():
         notes.append("README.md is not in manifest.json: left out, and not read for the card")
-    return UploadPlan(folder, repo_id, private, files, card, fmt, notes, manifest_text)
+    return UploadPlan(folder, repo_id, private, files, card, fmt, notes, manifest_text, stops)
 
 
 def shipped_manifest(manifest: dict, repo_id: str) -> str:

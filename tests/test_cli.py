@@ -305,9 +305,11 @@ def test_a_source_that_cannot_make_a_chat_is_refused_up_front(tiny_dir, tmp_path
     # and a template kept only in tokenizer_config.json (older checkpoints), which GGUF export embeds too
     only_tok_cfg = copy_without("chat_template.json", folder_name="template-in-tokenizer-config")
     assert checked_processor(only_tok_cfg, "x").chat_template == tok_cfg["chat_template"] == template
-    from qoqopt.loader import has_chat_template
+    from qoqopt.loader import find_chat_template
 
-    assert has_chat_template(only_tok_cfg) and has_chat_template(tiny_dir)
+    assert find_chat_template(only_tok_cfg) == find_chat_template(tiny_dir) == template
+    (only_tok_cfg / "chat_template.json").write_text('{"chat_template": ""}')  # an empty one is none
+    assert checked_processor(only_tok_cfg, "x").chat_template == find_chat_template(only_tok_cfg) == template
     # named templates without a "default": the first, as the GGUF export embeds it
     (only_tok_cfg / "tokenizer_config.json").unlink()
     named = tok_cfg | {"chat_template": [{"name": "qoq", "template": template}, {"name": "other", "template": "x"}]}
@@ -318,7 +320,7 @@ def test_a_source_that_cannot_make_a_chat_is_refused_up_front(tiny_dir, tmp_path
     cfg = json.loads((tiny_dir / "config.json").read_text())
     assert read_vocab(only_tok_cfg, cfg, cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]).chat_template == template
     (no_template / "chat_template.jinja").unlink()
-    assert not has_chat_template(no_template)
+    assert find_chat_template(no_template) is None
     for fmt in ("awq", "gguf"):
         err = refused(["export", gptq, "--format", fmt, "--out", out], capsys)
         assert err == (f"error: {gptq} is already a GPTQ build (its config.json has a quantization_config): "

@@ -390,13 +390,18 @@ def test_every_bad_line_is_found_in_one_pass(tmp_path, capsys):
     path = _write_set(tmp_path, rows)
     first = "set.jsonl:1: unknown domain 'cat'"
     with pytest.raises(QoqoptError, match=rf"^.*{re.escape(first)} .*\) \(and 2 more bad lines: `qoqopt data list "
-                                          rf"--jsonl .*set\.jsonl` names them all\)$"):  # fmt: skip
+                                          rf"--jsonl .*set\.jsonl` names them\)$"):  # fmt: skip
         load_jsonl(path)
     capsys.readouterr()
     assert main(["data", "list", "--jsonl", path]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and first in err[0] and "set.jsonl:3: image file not found" in err[1]
-    assert err[2].endswith("set.jsonl:5: id 'x' is already used on line 4 (3 bad lines)")
+    assert len(err) == 4 and first in err[0] and "set.jsonl:3: image file not found" in err[1]
+    assert err[2].endswith("set.jsonl:5: id 'x' is already used on line 4") and err[3] == f"error: {path}: 3 bad lines"
+    # the wrong file (a CSV, a log) is bad on every line: it stops at 50 and says so
+    (tmp_path / "scans.csv").write_text("id,image\n" * 200)
+    assert main(["data", "list", "--jsonl", str(tmp_path / "scans.csv")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 51 and err[-1] == f"error: {tmp_path / 'scans.csv'}: 50+ bad lines (stopped at 50: is it a JSONL set?)"
 
 
 def test_jsonl_reads_what_json_and_excel_write(tmp_path):

@@ -436,9 +436,12 @@ def test_local_source_needs_base_model(export_dir, tmp_path):
     m["source"]["model"] = str(tmp_path / "mini")
     (tmp_path / "mini").mkdir()
     (export_dir / "manifest.json").write_text(json.dumps(m))
+    listed = export_dir / m["files"][0]["path"]  # changed after export: the refusal comes before any file is hashed
+    listed.write_bytes(listed.read_bytes()[::-1])
     line = error_line(run_cli("publish", str(export_dir), "--repo", "me/x"))
     assert line == (f"error: the build was exported from {str(tmp_path / 'mini')!r}, which is not a Hub repo id; pass "
                     "--base-model owner/name (the repo the weights come from)")  # fmt: skip
+    listed.write_bytes(listed.read_bytes()[::-1])
     dry = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run")
     assert dry.returncode == 0 and "base_model: OWNER/BASE-MODEL" in dry.stdout
     assert f"note: the upload would stop here: {line.removeprefix('error: ')} (the card above shows OWNER/BASE-MODEL)" in dry.stdout

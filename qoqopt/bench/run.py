@@ -19,7 +19,7 @@ from ..children import python_module
 from ..errors import QoqoptError
 from ..fileio import atomic_write_text, check_can_make_dir, sha256_file, writing
 from ..integrity import checked_files, checked_weights, sha256_of
-from ..leftovers import remove_stale, say_removed, tmp_prefix
+from ..leftovers import tidy, tmp_prefix
 from ..loader import FINGERPRINT_PREFIX
 from ..manifest import entry_path, read_manifest
 from ..report import SCHEMA
@@ -76,6 +76,7 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     from ..loader import checked_processor, open_checkpoint, resolve
     from .eval_set import eval_items
 
+    tidy(opts.out / "bench", f"in {opts.out}")  # a killed run's work folder, the reference's logits: first, for space
     hub = _hub_manifests(opts.search)  # before the source checkpoint, which may be a 16 GB download
     model_path, revision = resolve(opts.model, opts.revision)
     ckpt = open_checkpoint(str(model_path))  # validates: Qwen2.5-VL, weights present
@@ -92,7 +93,6 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     _say_unrunnable(located, log)  # now, not after the reference pass (long fp32 work on a 7B)
     hashes = _Hashes()
     source_files = [model_path / f for f in ckpt.shard_files]
-    say_removed(remove_stale(opts.out / "bench"), f"in {opts.out}")  # a killed run's work folder: the reference's logits
     with writing(opts.out):
         opts.out.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=tmp_prefix(opts.out / "bench"), suffix=".tmp", dir=opts.out))

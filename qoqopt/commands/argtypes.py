@@ -47,10 +47,11 @@ def label(text: str) -> str:
     spaces, and without the characters Markdown tables and code spans are made of (a `|` split the
     label into columns and the rows after it) or control characters."""
     words = " ".join(text.split())
+    if not words:
+        raise argparse.ArgumentTypeError("the label is empty: give a name for the machine, or leave --label out")
     bad = next((c for c in words if c in "|`" or not c.isprintable()), None)
-    if bad or not words:
-        raise argparse.ArgumentTypeError(f"expected text without | or ` or control characters, got {text!r}"
-                                         + (f" (it has {bad!r})" if bad else ""))  # fmt: skip
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected text without | or ` or control characters, got {text!r} (it has {bad!r})")
     return words
 
 

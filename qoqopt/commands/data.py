@@ -108,7 +108,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from qoqopt.data.items import clinical_set, domain_counts
-    from qoqopt.data.jsonl import BadLines, load_jsonl
+    from qoqopt.data.jsonl import MAX_BAD_LINES, BadLines, load_jsonl
 
     if args.jsonl:
         if args.split or args.n_per_base:
@@ -116,9 +116,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         try:
             items = load_jsonl(args.jsonl, max_side=args.max_side)
         except BadLines as exc:  # checking a set: each bad line, not the first only
-            for error in exc.errors[:-1]:
+            if len(exc.errors) == 1:
+                raise
+            for error in exc.errors:
                 print(f"error: {error}", file=sys.stderr)
-            raise QoqoptError(f"{exc.errors[-1]} ({len(exc.errors)} bad lines)" if len(exc.errors) > 1 else str(exc)) from None
+            stopped = f" (stopped at {MAX_BAD_LINES}: is it a JSONL set?)" if len(exc.errors) == MAX_BAD_LINES else ""
+            raise QoqoptError(f"{exc.path}: {exc.count()}{stopped}") from None
         items = [it for it in items if not args.domain or it.domain in args.domain]
     else:
         extra = sorted(set(args.domain or []) - set(BUILTIN_DOMAINS))

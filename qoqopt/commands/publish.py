@@ -43,7 +43,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..errors import QoqoptError
-    from ..publish import UNNAMED_BASE, NoBaseModel, plan_upload, resolve_token, upload
+    from ..publish import plan_upload, resolve_token, upload
 
     if args.results and args.results.is_dir():
         raise QoqoptError(f"--results {args.results} is a directory; give the report.md `qoqopt report` wrote in it")
@@ -51,15 +51,9 @@ def run(args) -> int:
         raise QoqoptError(f"--results {args.results} does not exist")
     if args.results and args.results.suffix.lower() != ".md":
         raise QoqoptError(f"--results {args.results}: give the report.md of `qoqopt report`, not its inputs")
-    stops = []  # what would refuse the upload, said by a dry run after the plan it still shows
-    try:
-        plan = plan_upload(args.folder, args.repo, args.private, args.results, args.base_model)
-    except NoBaseModel as err:  # a build of a local folder: the card is shown with a placeholder
-        if not args.dry_run:
-            raise
-        stops.append(f"{err} (the card above shows {UNNAMED_BASE})")
-        plan = plan_upload(args.folder, args.repo, args.private, args.results, UNNAMED_BASE)
+    plan = plan_upload(args.folder, args.repo, args.private, args.results, args.base_model, dry_run=args.dry_run)
     if args.dry_run:
+        stops = list(plan.stops)  # what would refuse the upload, said after the plan a dry run still shows
         print(plan.describe())
         print("\n--- README.md (model card) ---")
         print(plan.card)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import shlex
 from functools import partial
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def load_jsonl(path: str | Path, max_side: int | None = None) -> list[ClinicalIt
                 raise QoqoptError(f"{path}:{lineno}: id {item.id!r} is already used on line {first_line[item.id]}")
         except QoqoptError as exc:  # every bad line is found in one pass, not one per run
             bad.append(str(exc))
+            if len(bad) == MAX_BAD_LINES:  # the wrong file (a CSV, a log) is bad on every line
+                break
             continue
         first_line[item.id] = lineno
         items.append(item)
@@ -56,14 +59,23 @@ def load_jsonl(path: str | Path, max_side: int | None = None) -> list[ClinicalIt
     return items
 
 
+MAX_BAD_LINES = 50
+
+
 class BadLines(QoqoptError):
-    """Every bad line of a set (``errors``, one message each); as one line, the first and how many more."""
+    """The bad lines of a set (``errors``, one message each, at most MAX_BAD_LINES); as one line, the
+    first and how many more."""
 
     def __init__(self, path: Path, errors: list[str]):
-        self.errors = errors
-        more = len(errors) - 1
-        tail = f" (and {more} more bad line{'s' * (more > 1)}: `qoqopt data list --jsonl {path}` names them all)"
-        super().__init__(errors[0] + (tail if more else ""))
+        self.path, self.errors = path, errors
+        more = self.count(len(errors) - 1, "more ")
+        tail = f" (and {more}: `qoqopt data list --jsonl {shlex.quote(str(path))}` names them)"
+        super().__init__(errors[0] + (tail if len(errors) > 1 else ""))
+
+    def count(self, n: int | None = None, more: str = "") -> str:
+        """"3 bad lines", "49+ more bad lines" (when it stopped looking)."""
+        n = len(self.errors) if n is None else n
+        return f"{n}{'+' * (len(self.errors) == MAX_BAD_LINES)} {more}bad line{'s' * (n != 1)}"
 
 
 def _lines(path: Path) -> list[str]:
