@@ -419,20 +419,15 @@ def find_chat_template(path: Path) -> str | None:
 
 
 def _json_if_there(path: Path) -> dict:
-    """A JSON object file's content, {} when there is no such file; invalid JSON is one line."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
+    """A JSON object file's content, {} when there is no such file (or it holds no object)."""
+    data = _read_json(path) if path.is_file() else {}
     return data if isinstance(data, dict) else {}
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
 
 

@@ -130,12 +130,12 @@ UNNAMED_BASE = "OWNER/BASE-MODEL"
 def base_model_id(manifest: dict, override: str | None = None) -> str:
     """The Hub repo the build comes from: the card's `base_model` must be a repo id, not a local path."""
     base = override or manifest.get("source", {}).get("model") or DEFAULT_BASE
-    if override and (not is_repo_id(base) or Path(base).exists()):
-        raise QoqoptError("--base-model is not a Hub repo id; pass --base-model owner/name (the repo the weights come from)")
-    if not is_repo_id(base) or Path(base).exists():
-        raise NoBaseModel(f"the build was exported from {base!r}, which is not a Hub repo id; pass --base-model "
-                          "owner/name (the repo the weights come from)")  # fmt: skip
-    return base
+    if is_repo_id(base) and not Path(base).exists():
+        return base
+    hint = "pass --base-model owner/name (the repo the weights come from)"
+    if override:
+        raise QoqoptError(f"--base-model is not a Hub repo id; {hint}")
+    raise NoBaseModel(f"the build was exported from {base!r}, which is not a Hub repo id; {hint}")
 
 
 def check_base_model(folder: Path, manifest: dict, base: str) -> str | None:
@@ -439,10 +439,11 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
                           f"({', '.join(BUILD_FORMATS)})")  # fmt: skip
     stops = []
     try:
-        base_model_id(manifest, base_model)
+        base = base_model_id(manifest, base_model)
     except NoBaseModel as err:
         if not dry_run:
             raise
+        base = UNNAMED_BASE
         stops.append(f"{err} (the card above shows {UNNAMED_BASE})")
     check_hub_file_sizes(folder, manifest)
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
@@ -453,7 +454,7 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     # only a README the manifest lists (verified_files has checked its sha256) speaks on the card
     listed = any(entry_path(e) == "README.md" for e in manifest["files"])
     exported = readme_sections((folder / "README.md").read_text(errors="replace")) if listed else None
-    card = render_card(manifest, files, repo_id, results_md, UNNAMED_BASE if stops else base_model, exported)
+    card = render_card(manifest, files, repo_id, results_md, base, exported)
     fmt = manifest.get("format", "unknown")
     notes = [] if results_md else ["no --results given: the card has no drift/speed tables"]
     if base_model:  # a build exported from a Hub id names its base itself

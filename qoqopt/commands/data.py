@@ -120,7 +120,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 raise
             for error in exc.errors:
                 print(f"error: {error}", file=sys.stderr)
-            stopped = f" (stopped at {MAX_BAD_LINES}: is it a JSONL set?)" if len(exc.errors) == MAX_BAD_LINES else ""
+            stopped = f" (stopped at {MAX_BAD_LINES}: is it a JSONL set?)" if exc.stopped else ""
             raise QoqoptError(f"{exc.path}: {exc.count()}{stopped}") from None
         items = [it for it in items if not args.domain or it.domain in args.domain]
     else:

@@ -72,10 +72,15 @@ class BadLines(QoqoptError):
         tail = f" (and {more}: `qoqopt data list --jsonl {shlex.quote(str(path))}` names them)"
         super().__init__(errors[0] + (tail if len(errors) > 1 else ""))
 
+    @property
+    def stopped(self) -> bool:
+        """Whether it stopped looking at MAX_BAD_LINES: there may be more."""
+        return len(self.errors) == MAX_BAD_LINES
+
     def count(self, n: int | None = None, more: str = "") -> str:
         """"3 bad lines", "49+ more bad lines" (when it stopped looking)."""
         n = len(self.errors) if n is None else n
-        return f"{n}{'+' * (len(self.errors) == MAX_BAD_LINES)} {more}bad line{'s' * (n != 1)}"
+        return f"{n}{'+' * self.stopped} {more}bad line{'s' * (n != 1)}"
 
 
 def _lines(path: Path) -> list[str]:
