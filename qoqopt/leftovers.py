@@ -25,9 +25,23 @@ from pathlib import Path
 from .build_info import decimal_size
 
 
+# A temporary name adds about 35 bytes to the final one; file systems stop at 255 (NAME_MAX), so a
+# longer final name is cut and told apart by its digest.
+_NAME_ROOM = 200
+
+
 def tmp_prefix(final: Path) -> str:
     """The prefix of a temporary name for ``final``, naming this process."""
-    return f".{Path(final).name}.p{os.getpid()}-{_owner()}."
+    return f".{_stem(final)}.p{os.getpid()}-{_owner()}."
+
+
+def _stem(final: Path) -> str:
+    """``final``'s name as its temporary names carry it: whole up to _NAME_ROOM bytes, else cut."""
+    name = Path(final).name
+    if len(name.encode()) <= _NAME_ROOM:
+        return name
+    cut = name.encode()[: _NAME_ROOM - 9].decode(errors="ignore")  # not inside a UTF-8 sequence
+    return f"{cut}~{_digest(name)}"
 
 
 def _owner() -> str:
@@ -54,7 +68,7 @@ def remove_stale(final: Path) -> Found:
     it is the only copy of the previous build). Live processes' names and symlinks (qoqopt makes
     none) are left alone; other owners' are listed in ``others``."""
     final = Path(final)
-    name = re.escape(final.name)
+    name = re.escape(_stem(final))
     ours = re.compile(rf"\.{name}\.p(\d{{1,10}})-{_owner()}\.[A-Za-z0-9_]+\.(tmp|old)")
     # anyone's: owner-tagged, or a name of mkdtemp's 8 characters as qoqopt used before
     anyones = re.compile(rf"\.{name}\.(p\d{{1,10}}-[0-9a-f]{{8}}\.[A-Za-z0-9_]+|[A-Za-z0-9_]{{8}})\.(tmp|old)")

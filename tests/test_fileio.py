@@ -213,6 +213,38 @@ def test_a_killed_runs_temporary_output_is_removed_by_the_next_run(tmp_path, cap
             proc.wait()
 
 
+def test_a_long_final_name_still_gets_a_temporary_name(tmp_path, capsys):
+    """A final name the file system allows (255 bytes) but the temporary name's tag would push over it
+    failed with "File name too long". Its temporary names are cut (not inside a UTF-8 character) and
+    a killed run's are still found and removed; a sibling sharing the cut part is not touched."""
+    import signal
+    import subprocess
+    import sys
+
+    out, sibling = tmp_path / ("QoQ-Med-" + "é" * 123), tmp_path / ("QoQ-Med-" + "é" * 123 + "x")
+    assert len(out.name.encode()) == 254
+    writer = ("import sys, time; from pathlib import Path; from qoqopt.fileio import atomic_dir\n"
+              "with atomic_dir(Path(sys.argv[1])) as tmp:\n"
+              "    (tmp / 'a.gguf').write_bytes(b'x' * 2000); print('ready', flush=True); time.sleep(600)")  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(f)], stdout=subprocess.PIPE, text=True)
+             for f in (out, sibling)]  # fmt: skip
+    try:
+        for proc in procs:
+            assert proc.stdout.readline() == "ready\n"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert len(left) == 2 and all(len(n.encode()) <= 255 and "é" in n for n in left)
+        with atomic_dir(out) as tmp:
+            (tmp / "a.gguf").write_bytes(b"y")
+        assert capsys.readouterr().err == f"note: removed 2.0 kB that an interrupted run left beside {out}\n"
+        assert (out / "a.gguf").read_bytes() == b"y" and len(list(tmp_path.iterdir())) == 2  # the sibling's kept
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_pid_is_only_ours_in_our_pid_namespace(tmp_path):
     """A container sharing the host name (docker --uts=host, HPC containers) has pids of its own: a
     live build there must not look like a dead process's here."""
