@@ -4,13 +4,18 @@ A copy or download of the right size can still be corrupt (a failing disk, an `r
 cut short, a hand edit), and llama.cpp then answers with garbage and exits 0. Hashing a 7B text
 GGUF takes seconds to a minute, so a file that matched is remembered in qoqopt's cache under its
 identity (real path, size, inode, mtime and ctime): asking again of the unchanged file costs one
-stat. Writing to a file in any way changes its ctime, so a rewritten file is hashed again.
+stat. Writing to a file changes its ctime, so a rewritten file is hashed again; but file times
+come from a coarse clock (a 1-10 ms tick before Linux 6.13, 2 s on FAT), and an edit in the tick
+of the stat would leave the identity as it was. So, as git does with its index ("racy git"), a
+digest is remembered only for a file last changed well before it was looked at.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
+import time
 from pathlib import Path
 
 from .cache import cache_root
@@ -19,6 +24,7 @@ from .fileio import atomic_write_text, sha256_file
 from .manifest import entry_path, listed_file
 
 BAR_FROM_BYTES = 256 << 20  # smaller files hash in well under a second: no bar
+RACY_NS = 2_000_000_000  # a file changed this recently is hashed again when asked again
 
 
 def checked_files(folder: Path, entries: list[dict]) -> list[Path]:
@@ -77,7 +83,9 @@ def checked_weights(folder: Path, manifest: dict) -> list[Path]:
 
 def sha256_of(path: Path) -> str:
     """The file's sha256, from the cache when this very file, unchanged, was hashed before."""
-    stamp = _stamp(Path(path))
+    looked_at = time.time_ns()
+    st = Path(path).stat()
+    stamp = _stamp(Path(path), st)
     try:
         known = stamp.read_text()
         if len(known) == 64:
@@ -85,6 +93,8 @@ def sha256_of(path: Path) -> str:
     except OSError:
         pass
     digest = _hash(Path(path))
+    if st.st_ctime_ns > looked_at - RACY_NS:  # a later edit could share its time stamps
+        return digest
     try:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stamp, digest)
@@ -93,8 +103,7 @@ def sha256_of(path: Path) -> str:
     return digest
 
 
-def _stamp(path: Path) -> Path:
-    st = path.stat()
+def _stamp(path: Path, st: os.stat_result) -> Path:
     identity = f"{path.resolve()}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
     return cache_root() / "sha256" / hashlib.sha256(identity.encode()).hexdigest()[:32]
 

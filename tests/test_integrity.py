@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 
 import pytest
 
@@ -15,8 +16,10 @@ from qoqopt.errors import QoqoptError
 
 @pytest.fixture()
 def counted_hashes(tmp_path, monkeypatch):
-    """qoqopt's cache in tmp_path, and a list that grows by the path of every file actually hashed."""
+    """qoqopt's cache in tmp_path, and a list that grows by the path of every file actually hashed.
+    A digest is remembered for a file last changed 50 ms before it is looked at (``settle``), not 2 s."""
     monkeypatch.setenv("QOQOPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(integrity, "RACY_NS", 50_000_000)
     hashed, real = [], integrity.sha256_file
 
     def counting(path, **kw):
@@ -27,25 +30,61 @@ def counted_hashes(tmp_path, monkeypatch):
     return hashed
 
 
-def test_a_hashed_file_is_not_hashed_again_until_it_changes(tmp_path, counted_hashes):
+def settle():
+    """Wait until files written so far are older than the fixture's racy window."""
+    time.sleep(0.06)
+
+
+def test_a_hashed_file_is_not_hashed_again_until_it_changes(tmp_path, counted_hashes, monkeypatch):
     f = tmp_path / "m.Q8_0.gguf"
     f.write_bytes(b"GGUF" + bytes(range(256)) * 50)
     want = hashlib.sha256(f.read_bytes()).hexdigest()
+    with monkeypatch.context() as m:  # qoqopt's own window: an edit to come could share these time stamps
+        m.setattr(integrity, "RACY_NS", 2_000_000_000)
+        assert integrity.sha256_of(f) == want and integrity.sha256_of(f) == want
+    assert counted_hashes == ["m.Q8_0.gguf"] * 2  # so the digest of a file just written is not remembered
+    settle()
     assert integrity.sha256_of(f) == want and integrity.sha256_of(f) == want
-    assert counted_hashes == ["m.Q8_0.gguf"]  # the second answer came from the cache
+    assert counted_hashes == ["m.Q8_0.gguf"] * 3  # the second answer came from the cache
     st = f.stat()
     with open(f, "r+b") as fh:  # a same-size edit in place, its mtime then put back: ctime still moves
         fh.seek(100)
         fh.write(b"\xff")
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert integrity.sha256_of(f) == hashlib.sha256(f.read_bytes()).hexdigest() != want
-    assert counted_hashes == ["m.Q8_0.gguf"] * 2
+    assert counted_hashes == ["m.Q8_0.gguf"] * 4
+
+
+def test_a_same_size_edit_in_the_tick_of_the_check_is_not_missed(tmp_path, counted_hashes, monkeypatch):
+    """File times come from a coarse clock: whole seconds on ext3 and some NFS servers, a 1-10 ms
+    tick before Linux 6.13. A same-size rewrite in the tick of the first check then keeps size,
+    inode, mtime and ctime. Seen through whole-second time stamps, with qoqopt's own window, the
+    rewrite is still hashed again (the cached digest answered before)."""
+    real_stat = os.stat
+
+    def whole_seconds(path, *args, **kwargs):  # the file system's clock, not the kernel's: times floored
+        st = real_stat(path, *args, **kwargs)
+        times = {f"st_{t}time_ns": getattr(st, f"st_{t}time_ns") // 10**9 * 10**9 for t in "amc"}
+        return os.stat_result(tuple(st), {f"st_{t}time": v / 1e9 for t, v in zip("amc", times.values())} | times)
+
+    monkeypatch.setattr(integrity, "RACY_NS", 2_000_000_000)
+    monkeypatch.setattr(os, "stat", whole_seconds)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"w" * 16)
+    stamps = os.stat(f)
+    assert integrity.sha256_of(f) == hashlib.sha256(b"w" * 16).hexdigest()
+    f.write_bytes(b"v" * 16)
+    assert (os.stat(f).st_mtime_ns, os.stat(f).st_ctime_ns) == (stamps.st_mtime_ns, stamps.st_ctime_ns) or pytest.skip(
+        "a second boundary fell between the writes")  # fmt: skip
+    assert integrity.sha256_of(f) == hashlib.sha256(b"v" * 16).hexdigest()
+    assert counted_hashes == ["model.safetensors"] * 2
 
 
 def test_a_corrupt_file_of_the_right_size_is_refused(tmp_path, counted_hashes):
     build = tmp_path / "build"
     build.mkdir()
     (build / "m.Q8_0.gguf").write_bytes(b"a" * 64)
+    settle()
     entry = {"path": "m.Q8_0.gguf", "kind": "text", "bytes": 64, "sha256": hashlib.sha256(b"b" * 64).hexdigest()}
     with pytest.raises(QoqoptError, match=r"^m.Q8_0.gguf does not match the sha256 in manifest.json: the file is corrupt"):
         integrity.checked_files(build, [entry])
