@@ -247,6 +247,7 @@ def test_user_images_are_the_pixels_llama_cpp_reads(built, tmp_path):
         "palette.png": Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).quantize(16),
         "grey16.png": Image.fromarray(rng.integers(0, 65536, (60, 90), dtype=np.uint16)),
         "ramp16.png": Image.fromarray(np.linspace(0, 65535, 60 * 90).astype(np.uint16).reshape(60, 90)),
+        "ramp12.png": Image.fromarray(np.linspace(0, 4095, 60 * 90).astype(np.uint16).reshape(60, 90)),  # a detector's
     }
     with LlamaVL(built.file("text", "F16"), built.file("mmproj"), threads=1) as vl:
         for name, img in images.items():

@@ -5,7 +5,7 @@ import pytest
 
 from qoqopt.errors import QoqoptError
 from qoqopt.exports import gguf_map, gguf_meta, gguf_write
-from qoqopt.exports.gguf_map import build_mapping, match
+from qoqopt.exports.gguf_map import build_mapping
 from qoqopt.loader import canonical_name, open_checkpoint
 
 
@@ -95,14 +95,27 @@ def test_gguf_names_are_llama_cpp_names():
             assert stem in (text if rule.part == gguf_map.TEXT else vision), target
 
 
-def test_both_key_layouts_map_the_same():
-    for runtime, legacy in [
-        ("model.visual.blocks.3.attn.qkv.weight", "visual.blocks.3.attn.qkv.weight"),
-        ("model.language_model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"),
-        ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight"),
-    ]:
-        assert canonical_name(runtime) == legacy
-        assert match(canonical_name(runtime)) == match(legacy)
+def test_both_key_layouts_map_the_same(real_7b):
+    """transformers' own renaming of legacy keys at load (its conversion mapping for
+    Qwen2_5_VLForConditionalGeneration) gives the runtime layout's names; canonical_name takes each
+    of the 7B's 868 back to its legacy name, the one the GGUF table maps."""
+    import re
+
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    ckpt, _ = real_7b
+    renamings = [(source, target) for r in get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration")
+                 for source, target in zip(r.source_patterns, r.target_patterns)]  # fmt: skip
+
+    def runtime(name):
+        for source, target in renamings:
+            name = re.sub(source, target, name)
+        return name
+
+    renamed = {runtime(n): n for n in ckpt.names}
+    assert len(renamed) == len(ckpt.names) == 868
+    assert sum(r != n for r, n in renamed.items()) == 868 - 1 - 139  # all but lm_head and the ECG encoder's
+    assert {r: canonical_name(r) for r in renamed} == renamed
 
 
 def _tiny_shapes():

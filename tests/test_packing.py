@@ -1,9 +1,10 @@
-"""GPTQ v1 / AWQ GEMM bit packing: hand-worked words, then round trips on random data."""
+"""GPTQ v1 / AWQ GEMM bit packing: hand-worked words, then random data packed and read back by the
+spec's bit-by-bit reading (benchmarks/spec_layout.py, which imports nothing from qoqopt)."""
 
 import pytest
 import torch
 
-from benchmarks.spec_layout import spec_unpack_gptq
+from benchmarks.spec_layout import spec_unpack_awq, spec_unpack_gptq
 from qoqopt.packing import (
     awq_to_gptq_v2,
     dequantize,
@@ -61,6 +62,8 @@ def test_gptq_round_trip(bits):
     assert qweight.shape == (k * bits // 32, n) and qzeros.shape == (groups, n * bits // 32)
     w2, z2 = unpack_gptq(qweight, qzeros, bits)
     assert torch.equal(w2, intweight) and torch.equal(z2, zeros)
+    ints, spec_zeros = spec_unpack_gptq(qweight, qzeros, bits)  # the words as the spec reads them, bit by bit
+    assert (ints == intweight.numpy()).all() and (spec_zeros == zeros.numpy()).all()
 
 
 def test_awq_round_trip():
@@ -71,6 +74,8 @@ def test_awq_round_trip():
     assert qweight.shape == (32, 5) and qzeros.shape == (2, 5)
     w2, z2 = unpack_awq(qweight, qzeros)
     assert torch.equal(w2, intweight) and torch.equal(z2, zeros)
+    ints, spec_zeros = spec_unpack_awq(qweight, qzeros)
+    assert (ints == intweight.numpy()).all() and (spec_zeros == zeros.numpy()).all()
 
 
 def test_awq_repacked_as_gptq_v2_reads_back_by_the_gptq_spec():

