@@ -7,8 +7,9 @@ token positions of the same chats:
 - same top token %: argmax agreement
 - RMS Δp: root mean square of p_cand(t) - p_ref(t) for the observed next token t
 
-Answer-level accuracy follows QoQ-Med's reward: the final answer is the last `\\boxed{...}`, and it
-is scored by set-F1 over comma-separated conditions against the reference answer.
+Answer-level accuracy reads QoQ-Med's answer format (its prompt asks for the final answer in
+`\\boxed{}`): the final answer is the last `\\boxed{...}`, scored by set-F1 over comma-separated
+conditions against the reference answer.
 """
 
 from __future__ import annotations

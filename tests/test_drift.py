@@ -84,7 +84,8 @@ def test_boxed_extraction():
     assert extract_boxed(r"\boxed{unclosed") is None
 
 
-def test_set_f1_as_qoq_med_reward():
+def test_set_f1_of_boxed_condition_sets():
+    """F1 = 2PR / (P + R) over the sets of comma-separated conditions, worked by hand."""
     assert set_f1("Chest", "chest") == 1.0
     assert set_f1("Chest, Abdomen", "Chest") == pytest.approx(2 * 0.5 * 1 / 1.5)
     assert set_f1("Knee", "Chest") == 0.0

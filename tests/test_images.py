@@ -1,5 +1,6 @@
 """A user's image file as the model gets it (qoqopt.images), against transformers' own image loader
-and pydicom; llama.cpp's loader is the reference in tests/test_gguf.py."""
+and stb_image's rules; llama.cpp's loader is the reference in tests/test_gguf.py. A DICOM file must
+give what the training set's DICOM reader gives (qoqopt.data.dicom, held to pydicom in test_data.py)."""
 
 from __future__ import annotations
 
