@@ -92,6 +92,38 @@ def test_drift_fields_and_worst_domain(run_1t):
     assert v["gguf:Q4_K_M"]["drift"]["all"]["mean_kld"] > 3 * v["gguf:Q8_0"]["drift"]["all"]["mean_kld"]
 
 
+def test_answer_accuracy_is_greedy_generation_scored_by_set_f1(run_1t, trained_dir):
+    """The reference's per-domain answer accuracy, redone here: transformers' greedy generate on each
+    eval chat (the bench's 64 answer tokens), the last \\boxed{...} found by a regex, its
+    comma-separated conditions scored by set F1 against the item's answer."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.bench.eval_set import eval_items
+    from qoqopt.processor import load_processor
+
+    def conditions(text):
+        return {c.strip().strip(".").lower() for c in text.split(",")} - {""}
+
+    proc = load_processor(trained_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
+    scores = {}
+    for item in eval_items("clinical", ITEMS, 0):
+        inputs = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True,
+                                          return_dict=True, return_tensors="pt")  # fmt: skip
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=run_1t[0]["run"]["eval"]["answer_tokens"], do_sample=False)
+        reply = proc.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        boxed = re.findall(r"\\boxed\{([^{}]*)\}", reply)
+        got, want = conditions(boxed[-1]) if boxed else set(), conditions(item.answer)
+        hit = len(got & want)
+        scores[item.domain] = 2 * hit / (len(got) + len(want)) if hit else 0.0
+    reference = _by_name(run_1t[0])["reference"]["drift"]
+    assert {d: reference[d]["accuracy"] for d in scores} == pytest.approx(scores)
+    assert reference["all"]["accuracy"] == pytest.approx(sum(scores.values()) / len(scores))
+    assert 0 < reference["all"]["accuracy"] < 1  # some right, some wrong: a score stuck at 0 or 1 would show
+
+
 def test_speed_fields(run_1t):
     """Every speed field is measured (values are compared in benchmarks, never in tests)."""
     for rec in _by_name(run_1t[0]).values():

@@ -121,7 +121,11 @@ def test_an_interrupted_child_is_told_once_and_cleans_up(tmp_path):
         f"d = pathlib.Path({str(tmp_path)!r})\n"
         "def cleanup(*a):\n"
         "    (d / 'signals').open('a').write('TERM\\n')\n"
-        "    (d / 'cleaning').write_text('x'); time.sleep(1); (d / 'cleaned').write_text('x'); sys.exit(143)\n"
+        "    (d / 'cleaning').write_text('x')\n"
+        "    for _ in range(6000):  # until the second Ctrl-C has reached the parent's handler\n"
+        "        if (d / 'handled-2').exists(): break\n"
+        "        time.sleep(0.01)\n"
+        "    (d / 'cleaned').write_text('x'); sys.exit(143)\n"
         "signal.signal(signal.SIGTERM, cleanup)\n"
         "(d / 'ready').write_text(f'{os.getpid()} {os.getsid(0)}')\n"
         "time.sleep(60)\n"
@@ -130,7 +134,11 @@ def test_an_interrupted_child_is_told_once_and_cleans_up(tmp_path):
     class Stop(Exception):
         pass
 
+    handled = []
+
     def stop(signum, frame):
+        handled.append(signum)
+        (tmp_path / f"handled-{len(handled)}").write_text("x")
         raise Stop
 
     def interrupt_on(name):
@@ -152,6 +160,7 @@ def test_an_interrupted_child_is_told_once_and_cleans_up(tmp_path):
     pid, sid = (tmp_path / "ready").read_text().split()
     assert pid == sid  # a session of its own: a terminal's Ctrl-C does not reach it
     assert (tmp_path / "cleaned").exists() and (tmp_path / "signals").read_text() == "TERM\n"
+    assert handled == [signal.SIGINT] * 2
 
 
 def test_a_killed_runs_temporary_output_is_removed_by_the_next_run(tmp_path, capsys):

@@ -206,9 +206,10 @@ def test_tokenization_matches_hf(vocab_llm, hf):
     ]  # fmt: skip
     print(f"\ntokenization: {len(cases) - len(mismatches)}/{len(cases)} strings identical")
     assert not mismatches
-    # detokenization round-trips too (control tokens shown when asked for)
-    ids = proc.tokenizer(cases[-15]).input_ids
-    assert vocab.detokenize(ids, special=True).decode() == cases[-15]
+    # detokenization round-trips too, every case (chats with control tokens among them, shown when asked for)
+    assert any("<|im_start|>" in c for c in cases)
+    for c in cases:
+        assert vocab.detokenize(proc.tokenizer(c).input_ids, special=True).decode() == c, c
 
 
 # ---------------------------------------------------------------------------- images
@@ -404,10 +405,17 @@ def test_ctrl_c_stops_a_quantize_at_once(built, tmp_path, monkeypatch):
 
     started = []
 
+    def interrupt_once_running():  # the worker exec'd and importing: seconds from done, on any machine
+        _wait_for_child(os.getpid(), "quantize_worker", timeout=60)
+        time.sleep(0.05)  # the caller, microseconds past Popen, now waits in communicate()
+        os.kill(os.getpid(), signal.SIGINT)
+
     class Recorded(subprocess.Popen):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             started.append(self)
+            sender.append(threading.Thread(target=interrupt_once_running))
+            sender[0].start()
 
     class Stop(Exception):
         pass
@@ -415,16 +423,15 @@ def test_ctrl_c_stops_a_quantize_at_once(built, tmp_path, monkeypatch):
     def stop(signum, frame):
         raise Stop
 
+    sender = []
     monkeypatch.setattr(gguf_quant.subprocess, "Popen", Recorded)
     previous = signal.signal(signal.SIGINT, stop)
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # the quantize takes seconds
     try:
         with pytest.raises(Stop):
-            timer.start()
             gguf_quant.llama_quantize(built.file("text", "F16"), tmp_path / "q.gguf", "Q4_K_M", None)
     finally:
-        timer.cancel()
-        timer.join()
+        for thread in sender:
+            thread.join()
         signal.signal(signal.SIGINT, previous)
     assert signal.getsignal(signal.SIGINT) is previous
     assert [p.returncode for p in started] == [-signal.SIGKILL]  # killed, not waited for
@@ -531,6 +538,9 @@ def test_rerun_is_byte_identical_and_refuses_existing(tiny_dir, tmp_path):
     digest = {f.path: f.sha256 for f in a.files}
     assert digest == {f.path: f.sha256 for f in b.files} == {f.path: f.sha256 for f in c.files}
     assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "c" / "manifest.json").read_bytes()
+    for f in c.files:  # the files on disk, not only what the writer recorded of them
+        data = (tmp_path / "c" / f.path).read_bytes()
+        assert data == (tmp_path / "a" / f.path).read_bytes() and hashlib.sha256(data).hexdigest() == f.sha256
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary debris
 
 

@@ -72,6 +72,17 @@ def _outputs_stay_in_bounds():
 # ----------------------------------------------------------------------------- patch merger
 
 
+def _with_quiet_patches(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32 rows of patches) with patch 1 all zeros, which RMSNorm takes to 0 (0 * rsqrt(eps);
+    NaN where eps is left out), and patch 2 about 1e-3, whose mean square is about eps (1e-6): where eps
+    sits (inside the root, or added to it) shows there. Elsewhere eps moves 1/RMS by 1e-5 at most."""
+    x = x.clone()
+    if len(x) > 2:
+        x[1] = 0
+        x[2] = torch.randn(x.shape[1], generator=torch.Generator().manual_seed(2)) * 1e-3
+    return x
+
+
 def _hf_merger(context_dim, out_dim, dtype, seed=0):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger
 
@@ -100,18 +111,29 @@ def _hf_merger(context_dim, out_dim, dtype, seed=0):
                               "tma-4-steps-per-slot", "tma-split-2", "rescale-4-steps-per-slot", "rescale-split-2",
                               "rescale-tma"])
 def test_merger_fc1_matches_hf(dtype, num_merged, config):
+    _fc1_matches_hf(dtype, num_merged, 64, config)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merger_fc1_masks_a_cut_off_context_and_output_tile(dtype):
+    """C = 48: the norm pass's 32-wide column block is cut off (its masked tail must read as zero); a
+    128-wide output tile over fc1's 192 columns is cut off too."""
+    _fc1_matches_hf(dtype, 7, 48, dict(BLOCK_N=128, BLOCK_K=16))
+
+
+def _fc1_matches_hf(dtype, num_merged, context_dim, config):
     from qoqopt.kernels.merger import fold_norm_weight, merger_fc1
 
-    merger = _hf_merger(context_dim=64, out_dim=48, dtype=dtype)
+    merger, width = _hf_merger(context_dim=context_dim, out_dim=48, dtype=dtype), 4 * context_dim
     # patches 1/8 to 8 times as large as each other: their 1/RMS differ, the output (normalised) does not
     scale = 2.0 ** torch.randint(-3, 4, (4 * num_merged, 1), generator=torch.Generator().manual_seed(num_merged))
-    x = (torch.randn(4 * num_merged, 64) * 2 * scale).to(DEVICE, dtype)
+    x = _with_quiet_patches(torch.randn(4 * num_merged, context_dim) * 2 * scale).to(DEVICE, dtype)
     fc1, fc2 = merger.mlp[0], merger.mlp[2]
-    out = nan_like((num_merged, 256), dtype)
+    out = nan_like((num_merged, width), dtype)
     with torch.inference_mode():
         w1_folded = fold_norm_weight(fc1.weight, merger.ln_q.weight)
         h = merger_fc1(x, merger.ln_q.variance_epsilon, w1_folded, fc1.bias, out=out, **config)
-        ref_h = merger.mlp[1](fc1(merger.ln_q(x).view(-1, 256)))
+        ref_h = merger.mlp[1](fc1(merger.ln_q(x).view(-1, width)))
         y, ref = F.linear(h, fc2.weight, fc2.bias), merger(x)
     assert_close(h, ref_h, dtype)
     assert_close(y, ref, dtype, scale=4)  # the 256-wide projection sums 256 rounding errors
@@ -127,7 +149,7 @@ def test_fused_merger_module_matches_hf(dtype):
 
     merger = _hf_merger(context_dim=32, out_dim=40, dtype=dtype, seed=1)
     fused = FusedPatchMerger.from_hf(merger, plan="fused")
-    x = torch.randn(4 * 19, 32, device=DEVICE, dtype=dtype)
+    x = _with_quiet_patches(torch.randn(4 * 19, 32)).to(DEVICE, dtype)
     with torch.inference_mode():
         ref = merger(x)
         args = (merger.ln_q.weight, merger.ln_q.variance_epsilon, merger.mlp[0].weight, merger.mlp[0].bias,
@@ -153,7 +175,7 @@ def test_patch_rmsnorm_matches_hf(dtype, patches, context_dim):
 
     merger = _hf_merger(context_dim=context_dim, out_dim=16, dtype=dtype, seed=patches)
     scale = 2.0 ** torch.randint(-3, 4, (patches, 1), generator=torch.Generator().manual_seed(patches))
-    x = (torch.randn(patches, context_dim) * scale).to(DEVICE, dtype)
+    x = _with_quiet_patches(torch.randn(patches, context_dim) * scale).to(DEVICE, dtype)
     out = nan_like((patches, context_dim), dtype)
     with torch.inference_mode():
         patch_rmsnorm(x, merger.ln_q.weight, merger.ln_q.variance_epsilon, out=out)
@@ -189,7 +211,7 @@ def test_cublas_merger_plans_match_hf(dtype, plan, merged_rows):
 
     merger = _hf_merger(context_dim=48, out_dim=40, dtype=dtype, seed=2)
     patched = FusedPatchMerger.from_hf(merger, strict=True, plan=plan)
-    x = (torch.randn(4 * merged_rows, 48) * 3).to(DEVICE, dtype)
+    x = _with_quiet_patches(torch.randn(4 * merged_rows, 48) * 3).to(DEVICE, dtype)
     with torch.inference_mode():
         assert_close(patched(x), merger(x), dtype, scale=4)
     with pytest.raises(QoqoptError, match="choose from cublas, fused, overlap"):
@@ -305,6 +327,52 @@ def test_overlap_merger_plan_replays_from_a_cuda_graph():
             torch.cuda.synchronize()
             assert_close(static_out, overlap(static_x), torch.bfloat16)
             assert_close(static_out, cublas(static_x), torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- patch embedding, vision MLP
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("patches", [1, 37])
+def test_matmul_patch_embed_matches_hf(dtype, patches):
+    """apply()'s patch embedding (the Conv3d's kernel as one GEMM over each flattened patch) against
+    transformers' Qwen2_5_VisionPatchEmbed (its Conv3d), random pixels, the 7B's patch geometry."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
+
+    from qoqopt.kernels.patch_embed import MatmulPatchEmbed
+
+    torch.manual_seed(patches)
+    embed = Qwen2_5_VisionPatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3, embed_dim=48)
+    embed = embed.eval().to(DEVICE, dtype)
+    pixels = torch.randn(patches, 3 * 2 * 14 * 14).to(DEVICE, dtype)
+    with torch.inference_mode():
+        ref = embed(pixels)
+        out = MatmulPatchEmbed.from_hf(embed)(pixels)
+    assert out.shape == ref.shape == (patches, 48)
+    assert_close(out, ref, dtype, scale=4)  # 1176-long sums, in another order than the convolution's
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 37])
+def test_fused_gate_up_mlp_matches_hf(dtype, rows):
+    """apply()'s vision MLP (gate and up in one Linear, then split) against transformers' Qwen2_5_VLMLP
+    with biases, as the vision tower has them: a swapped or misaligned gate/up half fails here."""
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
+
+    from qoqopt.kernels.vision_mlp import FusedGateUpMLP
+
+    torch.manual_seed(rows)
+    mlp = Qwen2_5_VLMLP(Qwen2_5_VLVisionConfig(hidden_size=40, intermediate_size=56, hidden_act="silu"), bias=True)
+    with torch.no_grad():
+        for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            linear.bias.normal_(0.0, 0.1)
+    mlp = mlp.eval().to(DEVICE, dtype)
+    x = torch.randn(rows, 40).to(DEVICE, dtype)
+    with torch.inference_mode():
+        ref = mlp(x)
+        out = FusedGateUpMLP.from_hf(mlp)(x)
+    assert_close(out, ref, dtype)
 
 
 # ----------------------------------------------------------------------------- vision attention

@@ -83,10 +83,19 @@ def relative_error(a, b):
 
 # "cublas" (the default): the merger's norm in one Triton pass, its GEMMs in torch; "fused": one Triton fc1
 @pytest.mark.parametrize("merger", ["fused", "cublas"])
-def test_apply_matches_unpatched_model(interpreter, merger):
+def test_apply_matches_unpatched_model(interpreter, merger, monkeypatch):
+    import sys
+
     from qoqopt.kernels import apply
     from qoqopt.kernels.merger import FusedPatchMerger
+    from qoqopt.kernels.vision_attention import FusedVisionAttention
 
+    # the kernels must run: the torch fallbacks (transformers' own sums) would match as well
+    def fallback(*args, **kwargs):
+        pytest.fail("a patched module fell back to its torch reference")
+
+    monkeypatch.setattr(sys.modules[FusedPatchMerger.__module__], "patch_merger_reference", fallback)
+    monkeypatch.setattr(sys.modules[FusedVisionAttention.__module__], "vision_attention_reference", fallback)
     model = tiny_model()
     batch = two_image_batch(model.config)
     ref = logits_of(model, batch)

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -115,15 +114,20 @@ def test_ct_chat_generates_text(loaded):
 
 
 def test_test_images_span_several_attention_windows(loaded):
-    """Window attention only matters if an image spans more than one 112-pixel window."""
+    """Window attention only matters if an image spans more than one 112-pixel window: the images the
+    tests feed the model (the clinical eval items', and the sizes tests/test_gguf.py draws) do."""
     from PIL import Image
 
+    from qoqopt.data import clinical_set
+
     _, proc = loaded
-    img = Image.fromarray(np.zeros((256, 256, 3), np.uint8))
-    grid = proc.image_processor(images=[img], return_tensors="pt")["image_grid_thw"][0]
-    merged_h, merged_w = int(grid[1]) // 2, int(grid[2]) // 2
-    per_window = 112 // 14 // 2
-    assert -(-merged_h // per_window) * -(-merged_w // per_window) >= 2
+    sizes = {item.image.size for item in clinical_set("eval", n_per_base=1)} | {(308, 308), (364, 252)}
+    per_window = 112 // 14 // 2  # merged tokens along a window's side
+    for size in sizes:
+        img = Image.new("RGB", size)
+        grid = proc.image_processor(images=[img], return_tensors="pt")["image_grid_thw"][0]
+        merged_h, merged_w = int(grid[1]) // 2, int(grid[2]) // 2
+        assert -(-merged_h // per_window) * -(-merged_w // per_window) >= 2, size
 
 
 def test_auto_processor_where_transformers_can_build_it(tiny_dir):
