@@ -27,10 +27,16 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     triton = None
     HAS_TRITON = False
 
-    class _LanguageStub:
-        """Lets kernel signatures (``BLOCK: tl.constexpr``) evaluate when triton is absent."""
+    class _Constexpr:
+        """Stands in for ``tl.constexpr``, as an annotation and as a module-level value."""
 
-        constexpr = object
+        def __init__(self, value=None):
+            self.value = value
+
+    class _LanguageStub:
+        """Lets kernel signatures (``BLOCK: tl.constexpr``) and constants evaluate when triton is absent."""
+
+        constexpr = _Constexpr
 
     tl = _LanguageStub()
 

@@ -8,6 +8,7 @@ patched model's logits against the unpatched model on a batch of two images of d
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +128,38 @@ def test_reference_fallback_without_interpreter(no_interpreter):
     assert relative_error(logits_of(model, batch), ref) < 1e-5
     with pytest.raises(QoqoptError, match="strict"):
         apply(tiny_model(), strict=True)
+
+
+def test_without_triton_installed_everything_runs_its_torch_reference(tmp_path):
+    """Triton is an optional extra: without it `qoqopt.kernels` still imports (a module-level
+    ``tl.constexpr`` value once failed), apply() falls back and says why, and a GPTQ layer computes
+    the spec's product. Run in a child where ``import triton`` fails as it does when not installed."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from benchmarks.spec_layout import spec_dequantize\n"
+        "from qoqopt.kernels import apply\n"
+        "from qoqopt.kernels.w4a16 import QuantLinear\n"
+        "from qoqopt.packing import pack_gptq, quantize_rtn\n"
+        "from tests.test_kernels_apply import logits_of, relative_error, tiny_model, two_image_batch\n"
+        "model = tiny_model().cpu()\n"
+        "batch = {k: v.cpu() for k, v in two_image_batch(model.config).items()}\n"
+        "ref = logits_of(model, batch)\n"
+        "report = apply(model)\n"
+        "print(report.backend, report.fallback_reason, relative_error(logits_of(model, batch), ref) < 1e-5)\n"
+        "ints, zeros, scales = quantize_rtn(torch.randn(64, 256) * 0.02, 4, 128)\n"
+        "layer = QuantLinear.from_gptq(*pack_gptq(ints, zeros), scales)\n"
+        "x = torch.randn(3, 256)\n"
+        "want = x @ spec_dequantize(ints.numpy(), zeros.numpy(), scales, torch.arange(256) // 128).T\n"
+        "with torch.no_grad():\n"
+        "    print(torch.allclose(layer(x).float(), want, rtol=1e-4, atol=1e-5))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines() == ["torch torch reference: triton is not installed True", "True"], res.stdout
 
 
 def test_state_dict_keys_unchanged_and_reload(no_interpreter):
