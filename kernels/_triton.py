@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -322,14 +323,29 @@ def use_triton(x: torch.Tensor, strict: bool, what: str, *params: torch.Tensor) 
     """
     from qoqopt.errors import QoqoptError
 
+    reason = triton_unusable_reason(x.device, x.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         if strict:
             raise QoqoptError(f"{what}: the Triton kernels are inference-only; run under torch.inference_mode()")
+        if reason is None:
+            _say_grad_fallback_once()
         return False
-    reason = triton_unusable_reason(x.device, x.dtype)
     if reason is not None and strict:
         raise QoqoptError(f"{what}: Triton path unavailable ({reason}) and strict=True")
     return reason is None
+
+
+_GRAD_FALLBACK_SAID = []
+
+
+def _say_grad_fallback_once() -> None:
+    """from_pretrained's parameters require grad, so a plain ``model(**batch)`` records autograd and
+    every patched module runs its torch reference: no speed-up, and nothing said. Said once."""
+    if not _GRAD_FALLBACK_SAID:
+        _GRAD_FALLBACK_SAID.append(True)
+        warnings.warn("qoqopt.kernels: autograd is recording (the parameters require grad), so the patched modules "
+                      "run their torch references; run inference under torch.inference_mode() or torch.no_grad() "
+                      "(generate() does) for the Triton kernels", stacklevel=4)  # fmt: skip
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -103,7 +103,14 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     (``merger="cublas"``: 1.44x eager at 5120 patches on the H200, against 1.15x for ``"fused"``, the
     single Triton fc1 with norm and GELU inside; ``"overlap"``, untimed, runs the cublas plan over row
     chunks side by side, each on its own CUDA stream; :mod:`.merger`). Returns what was patched, per op.
+    A model is patched once; the kernels run under ``torch.inference_mode()`` or ``torch.no_grad()``
+    (a forward recording autograd runs the torch references, and says so once).
     """
+    if not isinstance(model, nn.Module):
+        raise QoqoptError(f"apply: expects the loaded model (a torch.nn.Module such as transformers' "
+                          f"Qwen2_5_VLForConditionalGeneration), got {type(model).__name__}")  # fmt: skip
+    if getattr(model, _PATCHED, False):
+        raise QoqoptError(f"apply: this {type(model).__name__} is patched already (apply patches in place, once)")
     if w4a16_words not in W4A16_WORDS:
         raise QoqoptError(f"apply: w4a16_words={w4a16_words!r}; choose from {', '.join(W4A16_WORDS)}")
     if merger not in MERGER_PLANS:
@@ -122,6 +129,9 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     report = PatchReport(counts={p.op: 0 for p in REGISTRY}, backend="torch" if reason else "triton",
                          fallback_reason=f"torch reference: {reason}" if reason else None, merger_plan=merger)
     for path, patch in _find_targets(model):
+        if not path:
+            raise QoqoptError(f"apply: patches the modules inside a model; give it the model that holds this "
+                              f"{type(model).__name__}, not the {type(model).__name__} itself")  # fmt: skip
         # fetched by path, one at a time: a replaced module (a foreign layer that was repacked) is
         # freed as soon as it is swapped out, not kept alive by a list until every build is done
         module = model.get_submodule(path)
@@ -129,7 +139,7 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
             replacement = patch.build(module, ctx)
         except QoqoptError as err:
             if strict:
-                raise
+                raise QoqoptError(f"apply: {path}: {err}") from err
             report.skipped[path] = str(err)
             continue
         if replacement is not module:
@@ -137,7 +147,12 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
         del module, replacement
         report.counts[patch.op] += 1
     if not any(report.counts.values()):
+        if report.skipped:  # every match refused: say why (they share a reason, as a whole checkpoint's bits)
+            path, why = next(iter(report.skipped.items()))
+            more = f" (and {len(report.skipped) - 1} more)" if len(report.skipped) > 1 else ""
+            raise QoqoptError(f"apply: nothing could be patched in {type(model).__name__}: {path}: {why}{more}")
         raise QoqoptError(f"apply: nothing to patch in {type(model).__name__} (expected a Qwen2.5-VL model)")
+    setattr(model, _PATCHED, True)
     if fuse:
         report.counts |= fuse_projections(model, report.skipped)
     if w4a16_words != "gptq":
@@ -146,6 +161,9 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
         tuning.forget()  # broken table fails here, not at the first forward
         report.w4a16_tuning = [str(path) for path in tuning.tables_for(first.device)]
     return report
+
+
+_PATCHED = "_qoqopt_kernels_applied"  # set on a patched model: a second apply() would find only its own modules
 
 
 def _use_fragment_words(model: nn.Module, report: PatchReport, no_triton: str | None, explain: bool) -> int:

@@ -115,6 +115,29 @@ def test_apply_matches_unpatched_model(interpreter, merger, monkeypatch):
     assert (plans.builds, plans.table_builds) == (2, 1)
 
 
+def test_a_forward_that_records_autograd_says_the_kernels_did_not_run(interpreter, monkeypatch):
+    """from_pretrained's parameters require grad: a plain ``model(**batch)`` ran every patched module's
+    torch reference (the kernels have no backward) and said nothing. It says so, once; under
+    no_grad (as generate() runs) the kernels run and nothing is said."""
+    import warnings
+
+    from qoqopt.kernels import _triton, apply
+
+    monkeypatch.setattr(_triton, "_GRAD_FALLBACK_SAID", [])
+    model = tiny_model()
+    assert all(p.requires_grad for p in model.parameters())
+    batch = two_image_batch(model.config, grids=((1, 4, 4), (1, 2, 6)))
+    apply(model)
+    with pytest.warns(UserWarning, match="autograd is recording .* torch.inference_mode\\(\\) or torch.no_grad\\(\\)") as said:
+        model(**batch)
+        model(**batch)
+    assert len([w for w in said if "qoqopt.kernels" in str(w.message)]) == 1
+    monkeypatch.setattr(_triton, "_GRAD_FALLBACK_SAID", [])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        model(**batch)
+
+
 def test_reference_fallback_without_interpreter(no_interpreter):
     if DEVICE.type != "cpu":
         pytest.skip("the fallback is for CPU tensors without TRITON_INTERPRET")
@@ -198,6 +221,33 @@ def test_refuses_unsupported_dtype_and_non_qwen_models():
     # an unknown plan is refused up front, not left to each layer's build (which would skip it)
     with pytest.raises(QoqoptError, match="merger=.cuBLAS.; choose from cublas, fused, overlap"):
         apply(tiny_model(), merger="cuBLAS")
+    # a path, or a module that is itself a target (an AttributeError on '' before), in one line
+    with pytest.raises(QoqoptError, match="^apply: expects the loaded model .*, got str$"):
+        apply("/models/qoq-med")
+    merger = tiny_model().model.visual.merger
+    with pytest.raises(QoqoptError, match="^apply: patches the modules inside a model; give it the model that holds"):
+        apply(merger)
+    # a second apply() found only its own modules and said the model was not a Qwen2.5-VL one
+    model = tiny_model()
+    apply(model)
+    with pytest.raises(QoqoptError, match="^apply: this Qwen2_5_VLForConditionalGeneration is patched already"):
+        apply(model)
+
+
+def test_when_every_quantized_layer_is_refused_the_reason_is_said(interpreter):
+    """3-bit GPTQ layers (the kernels read 4 and 8): the reason, not "expected a Qwen2.5-VL model";
+    with strict, the layer is named."""
+    from qoqopt.kernels import apply
+    from qoqopt.packing import pack_gptq, quantize_rtn
+
+    q, z, s = quantize_rtn(torch.randn(32, 64) * 0.1, 4, 32)
+    g_idx = torch.arange(64, dtype=torch.int32) // 32
+    model = nn.Sequential(*(ForeignGPTQLinear(*pack_gptq(q, z), s, g_idx, bits=3) for _ in range(2)))
+    with pytest.raises(QoqoptError, match=r"^apply: nothing could be patched in Sequential: 0: GPTQ: unsupported "
+                                          r"bits=3 / checkpoint_format='gptq' \(and 1 more\)$"):  # fmt: skip
+        apply(model)
+    with pytest.raises(QoqoptError, match=r"^apply: 0: GPTQ: unsupported bits=3"):
+        apply(model, strict=True)
 
 
 def test_refuses_offloaded_layers():
