@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qoqopt.errors import QoqoptError
 from qoqopt.fileio import atomic_write_text
 
 # Peak HBM bandwidth (B/s) and dense bf16 tensor FLOP/s, from the vendors' data sheets.
@@ -959,14 +960,36 @@ def print_table(b: Bench, verdict: dict) -> None:
         print(f"  {v['what']:50s} {bar:7s} {v['status']} {detail}")
 
 
+EPILOG = """\
+The JSON is rewritten (atomically) after every row, so a run cut short keeps what finished; it says
+"complete": false until every op ran. Exit status 1 when an op failed (its traceback is printed and
+the others still run). On a CPU, TRITON_INTERPRET=1 runs the Triton paths interpreted (slow; a
+correctness check of the harness, not a timing).
+
+examples:
+  python benchmarks/bench_kernels.py --out out/bench_kernels.json
+  python benchmarks/bench_kernels.py --out out/attention.json --only attention --only merger
+  python benchmarks/bench_kernels.py --out out/sweep.json --sweep --force
+"""
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="JSON results path")
+    parser = argparse.ArgumentParser(description="Time qoqopt.kernels against their peers at QoQ-Med-7B dimensions on a "
+                                     "CUDA GPU (tiny sizes on a CPU, every GPU target left open); the module "
+                                     "docstring lists each row.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="JSON results path (not replaced without --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--only", choices=("merger", "attention", "w4a16", "layer", "tower"), action="append",
-                        help="run only these ops")
+                        help="run only this op (repeat for several)")
     parser.add_argument("--profile", choices=tuple(PROFILES), help="sizes (default: 7b on CUDA, tiny on CPU)")
     parser.add_argument("--sweep", action="store_true", help="also time a few tile configs per op (Triton only)")
     args = parser.parse_args(argv)
+    try:
+        _check_out(args.out, args.force)
+    except QoqoptError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     gpu = torch.cuda.is_available()
     b = Bench(torch.device("cuda" if gpu else "cpu"))
     profile = args.profile or ("7b" if gpu else "tiny")
@@ -1011,6 +1034,19 @@ def main(argv=None) -> int:
     print_table(b, verdict)
     print(f"\nwrote {args.out}")
     return 1 if errors else 0
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Before any timing: a results file that can be written, and no earlier results lost unasked."""
+    if out.is_dir():
+        raise QoqoptError(f"--out {out} is a folder; give a JSON file path, such as {out / 'bench_kernels.json'}")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise QoqoptError(f"cannot write {out}: {folder} is a file")
+    if out.exists() and not force:
+        raise QoqoptError(f"{out} exists (--force replaces it)")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,23 @@ def test_cpu_run_is_complete_and_leaves_gpu_targets_open(cpu_result):
     assert {v["status"] for v in cpu_result["targets"].values()} == {"open (no GPU run)"}
 
 
+def test_an_unusable_or_existing_out_is_refused_before_any_timing(tmp_path, capsys, monkeypatch):
+    """Earlier results are not replaced without --force (the JSON is rewritten from the first row on,
+    so a rerun that failed lost a complete file), and a folder or a path under a file is one line, not
+    four tracebacks after the first op."""
+    monkeypatch.setattr(bench_kernels, "Bench", lambda device: pytest.fail("timed before checking --out"))
+    kept = tmp_path / "r.json"
+    kept.write_text('{"precious": 1}')
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((kept, f"{kept} exists (--force replaces it)"),
+                         (tmp_path, f"--out {tmp_path} is a folder; give a JSON file path"),
+                         (tmp_path / "afile" / "x.json", f"cannot write {tmp_path / 'afile' / 'x.json'}: {tmp_path / 'afile'} is a file")):  # fmt: skip
+        assert bench_kernels.main(["--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert kept.read_text() == '{"precious": 1}'
+
+
 def test_cpu_run_times_each_op_beside_transformers(cpu_result):
     rows = cpu_result["rows"]
     peers = {(r["op"], r["impl"]) for r in rows}
