@@ -646,7 +646,11 @@ def _meta_model(path: Path):
     """An empty (meta-device) transformers Qwen2.5-VL model for an exported directory, and its
     quantization_config."""
     raw = json.loads((Path(path) / "config.json").read_text())
-    return meta_model(raw), raw["quantization_config"]
+    qc = raw.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") not in ("gptq", "awq"):
+        raise QoqoptError(f"{path} is not a GPTQ/AWQ build (its config.json has no GPTQ or AWQ quantization_config); "
+                          "an unquantized checkpoint loads with transformers' from_pretrained")  # fmt: skip
+    return meta_model(raw), qc
 
 
 def _all_tensors(path: Path) -> dict:

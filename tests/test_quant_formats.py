@@ -328,6 +328,10 @@ def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, t
     from qoqopt.kernels.w4a16 import QuantLinear
     from qoqopt.processor import load_processor
 
+    from qoqopt.errors import QoqoptError
+
+    with pytest.raises(QoqoptError, match=f"^{tiny_dir} is not a GPTQ/AWQ build"):  # a KeyError before
+        load_with_quant_linear(tiny_dir)
     items, _ = calibration_items("clinical", 1, seed=7)
     batch = encode_chat(load_processor(tiny_dir), items[0])
     for report, _ in (gptq_export, awq_export):
