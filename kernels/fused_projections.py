@@ -42,7 +42,7 @@ FUSIONS = (
     Fusion("qkv_proj", ("q_proj", "k_proj", "v_proj"), kept=("v_proj",)),
     Fusion("gate_up_proj", ("gate_proj", "up_proj")),
 )
-QUANT_NAMES = ("qweight", "qzeros", "scales", "bias")  # split along N; ``perm`` is shared
+QUANT_NAMES = ("qweight", "qzeros", "scales", "bias")  # split along N; ``g_idx`` (along K) is shared
 
 
 class SharedProjection:
@@ -130,7 +130,7 @@ def concat_layers(layers: list[QuantLinear]) -> QuantLinear:
     return QuantLinear(*(torch.cat([getattr(layer, name) for layer in layers], dim=1)
                          for name in ("qweight", "qzeros", "scales")),
                        biases, bits=first.bits, group_size=first.group_size, zero_offset=first.zero_offset,
-                       perm=first.perm, source=first.source, strict=first.strict)
+                       perm=first.perm, g_idx=first.g_idx, source=first.source, strict=first.strict)
 
 
 def fuse_projections(model: nn.Module, skipped: dict[str, str] | None = None) -> dict[str, int]:
@@ -173,7 +173,8 @@ def _fuse(parent: nn.Module, fusion: Fusion, layers: list[QuantLinear]) -> None:
 
 def _column_splits(shared: SharedProjection, name: str) -> tuple[int, ...]:
     """Column widths of each part in the fused tensor ``name`` (qzeros packs 32 / bits per word)."""
-    pack = 32 // shared.layer.bits if name == "qzeros" else 1
+    awq = shared.layer.source == "awq"  # saved as AWQ: its qweight is packed along N too
+    pack = 32 // shared.layer.bits if name == "qzeros" or (name == "qweight" and awq) else 1
     return tuple(width // pack for width in shared.widths)
 
 
@@ -183,12 +184,12 @@ class _SplitOnSave:
 
     def __call__(self, module, state_dict, prefix, local_metadata) -> None:
         fused = f"{prefix}{self.fusion.fused}."
-        for name in (*QUANT_NAMES, "perm"):
+        for name in (*QUANT_NAMES, "g_idx"):
             tensor = state_dict.pop(fused + name, None)
             if tensor is None:
                 continue
             # clones: savers treat views of one storage as tied weights
-            parts = ([tensor] * len(self.fusion.parts) if name == "perm"
+            parts = ([tensor] * len(self.fusion.parts) if name == "g_idx"
                      else tensor.split(_column_splits(self.shared, name), dim=-1))
             for part_name, part, has_bias in zip(self.fusion.parts, parts, self.shared.has_bias):
                 if name != "bias" or has_bias:
@@ -200,7 +201,7 @@ class _JoinOnLoad:
         self.fusion, self.shared = fusion, shared
 
     def __call__(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-        for name in (*QUANT_NAMES, "perm"):
+        for name in (*QUANT_NAMES, "g_idx"):
             parts = [state_dict.pop(f"{prefix}{part}.{name}", None) for part in self.fusion.parts]
             if all(p is None for p in parts):
                 continue
@@ -210,8 +211,8 @@ class _JoinOnLoad:
             elif any(p is None for p in parts):
                 errors.append(f"{prefix}: {name} is missing for some of {', '.join(self.fusion.parts)}")
                 continue
-            if name == "perm" and not all(torch.equal(p, parts[0]) for p in parts):
+            if name == "g_idx" and not all(torch.equal(p, parts[0]) for p in parts):
                 errors.append(f"{prefix}: {', '.join(self.fusion.parts)} have different act-order permutations")
                 continue
-            joined = parts[0] if name == "perm" else torch.cat(parts, dim=-1)
+            joined = parts[0] if name == "g_idx" else torch.cat(parts, dim=-1)
             state_dict[f"{prefix}{self.fusion.fused}.{name}"] = joined

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qoqopt.errors import QoqoptError
-from qoqopt.packing import FRAGMENT_K, awq_to_gptq_v2, fragments_to_gptq, gptq_to_fragments, permute_packed_rows
+from qoqopt.packing import (FRAGMENT_K, awq_to_gptq_v2, fragments_to_gptq, gptq_to_fragments, gptq_v2_to_awq,
+                            permute_packed_rows)
 
 from . import tuning
 from ._splitk import splitk_operands, splitk_total
@@ -1068,14 +1069,15 @@ class QuantLinear(nn.Module):
     """Inference ``nn.Linear`` replacement over GPTQ (v1, v2) / AWQ GEMM tensors, with no other kernel library.
 
     Buffers (``qweight``, ``qzeros``, ``scales``) hold the GPTQ layout: a GPTQ layer's as stored,
-    except that an act-order layer is K-permuted (``perm`` holds the permutation, applied to the
-    input); an AWQ layer's repacked as GPTQ v2 (``source`` says which it came from).
-    :meth:`use_fragment_words` repacks ``qweight`` in memory for the fragment-word kernels
-    (``words`` says which layout it holds); ``state_dict`` and loading keep GPTQ's words either way.
+    except that an act-order layer is K-permuted (``perm``, derived from ``g_idx``, holds the
+    permutation, applied to the input); an AWQ layer's repacked as GPTQ v2 (``source`` says which
+    it came from). :meth:`use_fragment_words` repacks ``qweight`` in memory for the fragment-word
+    kernels (``words`` says which layout it holds). ``state_dict`` and loading keep the checkpoint's
+    layout either way: GPTQ's words in input order, and ``g_idx`` where the layer had one.
     """
 
-    def __init__(self, qweight, qzeros, scales, bias, *, bits, group_size, zero_offset, perm=None, source="gptq",
-                 strict=False):
+    def __init__(self, qweight, qzeros, scales, bias, *, bits, group_size, zero_offset, perm=None, g_idx=None,
+                 source="gptq", strict=False):
         super().__init__()
         self.bits, self.group_size, self.zero_offset, self.source = bits, group_size, zero_offset, source
         self.in_features = qweight.shape[0] * 32 // bits
@@ -1085,7 +1087,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("qzeros", qzeros.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("bias", None if bias is None else bias.contiguous())
-        self.register_buffer("perm", perm)
+        if perm is not None and g_idx is None:  # a checkpoint of this layer needs its groups
+            g_idx = (torch.argsort(perm) // group_size).int()
+        self.register_buffer("g_idx", g_idx)
+        self.register_buffer("perm", perm, persistent=False)  # from g_idx, which checkpoints keep
         self.words = "gptq"  # or "fragments": what qweight holds (use_fragment_words)
         # checked at every launch (a tuple compare on the decode path), so kept, not derived per call
         self._qweight_shape = qweight_shape(self.in_features, self.out_features, bits, fragments=False)
@@ -1106,7 +1111,7 @@ class QuantLinear(nn.Module):
             qweight = permute_packed_rows(qweight, perm, bits)
         zero_offset = 1 if checkpoint_format == "gptq" else 0
         return cls(qweight, qzeros, scales, bias, bits=bits, group_size=group_size, zero_offset=zero_offset,
-                   perm=perm, strict=strict)
+                   perm=perm, g_idx=g_idx, strict=strict)
 
     @classmethod
     def from_awq(cls, qweight, qzeros, scales, bias=None, *, strict=False):
@@ -1161,14 +1166,33 @@ class QuantLinear(nn.Module):
         """``qweight`` in GPTQ's layout, whichever the layer holds."""
         return fragments_to_gptq(self.qweight) if self.words == "fragments" else self.qweight
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # checkpoints keep GPTQ's words
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # the checkpoint's layout, in K order
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.words == "fragments":
-            destination[prefix + "qweight"] = self.gptq_qweight()
+        if self.source == "awq" and self.qweight.device.type != "meta":
+            destination[prefix + "qweight"], destination[prefix + "qzeros"] = gptq_v2_to_awq(self.gptq_qweight(), self.qzeros)
+        elif self.words == "fragments" or self.perm is not None:
+            words = self.gptq_qweight()
+            if self.perm is not None and words.device.type != "meta":
+                words = permute_packed_rows(words, torch.argsort(self.perm), self.bits)
+            destination[prefix + "qweight"] = words
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        key = prefix + "qweight"
-        if self.words == "fragments" and key in state_dict:  # GPTQ's words in, fragment words held
+        key, g_key = prefix + "qweight", prefix + "g_idx"
+        if self.source == "awq" and key in state_dict and prefix + "qzeros" in state_dict:
+            state_dict = self._awq_in(state_dict, prefix, local_metadata, errors)
+            if state_dict is None:
+                return
+        perm = self.perm
+        if g_key in state_dict:  # the act-order permutation follows the g_idx loaded
+            g_idx = state_dict[g_key]
+            try:
+                perm = None if g_idx.device.type == "meta" else _act_order_perm(g_idx, self.in_features, self.group_size)
+            except QoqoptError as exc:
+                errors.append(f"{g_key}: {exc}")
+                return
+            if self.g_idx is None:  # a layer built without one takes the checkpoint's
+                self.g_idx = torch.empty_like(g_idx, device=self.qweight.device)
+        if key in state_dict and (perm is not None or self.words == "fragments"):
             gptq = state_dict[key]
             if gptq.shape != qweight_shape(self.in_features, self.out_features, self.bits, fragments=False):
                 errors.append(f"{key}: GPTQ qweight of shape {tuple(gptq.shape)} does not fit this "
@@ -1179,9 +1203,32 @@ class QuantLinear(nn.Module):
             if "meta" in (gptq.device.type, device.type):
                 words = torch.empty(self._qweight_shape, dtype=torch.int32, device="meta")
             else:
-                words = gptq_to_fragments(gptq.to(device))
+                words = gptq.to(device)
+                if perm is not None:
+                    words = permute_packed_rows(words, perm.to(device), self.bits)
+                if self.words == "fragments":
+                    words = gptq_to_fragments(words)
             state_dict = {**state_dict, key: words}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if not errors:
+            self.perm = None if perm is None else perm.to(self.qweight.device)
+            self._launchers = {}
+
+    def _awq_in(self, state_dict, prefix, local_metadata, errors):
+        """A checkpoint's AWQ tensors as this layer holds them (GPTQ v2), or None after an error."""
+        qweight, qzeros = state_dict[prefix + "qweight"], state_dict[prefix + "qzeros"]
+        if qweight.shape != (self.in_features, self.out_features // 8):
+            errors.append(f"{prefix}qweight: AWQ qweight of shape {tuple(qweight.shape)} does not fit this "
+                          f"{self.in_features}->{self.out_features} layer")
+            return None
+        device = qweight.device if local_metadata.get("assign_to_params_buffers") else self.qweight.device
+        if "meta" in (qweight.device.type, device.type):
+            gptq = torch.empty(qweight_shape(self.in_features, self.out_features, 4, fragments=False), dtype=torch.int32,
+                               device="meta")
+            zeros = torch.empty(qzeros.shape[0], self.out_features // 8, dtype=torch.int32, device="meta")
+        else:
+            gptq, zeros = awq_to_gptq_v2(qweight.to(device), qzeros.to(device))
+        return {**state_dict, prefix + "qweight": gptq, prefix + "qzeros": zeros}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)

@@ -138,6 +138,13 @@ def awq_to_gptq_v2(qweight: torch.Tensor, qzeros: torch.Tensor, rows_per_step: i
     return packed, pack_along_cols(unpack_along_cols(qzeros, 4, AWQ_ORDER), 4)
 
 
+def gptq_v2_to_awq(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`awq_to_gptq_v2`: a layer held as GPTQ v2 written back in AWQ GEMM's
+    layout, as its checkpoint had it."""
+    return (pack_along_cols(unpack_along_rows(qweight, 4), 4, AWQ_ORDER),
+            pack_along_cols(unpack_along_cols(qzeros, 4), 4, AWQ_ORDER))  # fmt: skip
+
+
 def permute_packed_rows(qweight: torch.Tensor, perm: torch.Tensor, bits: int, cols_per_step: int = 1024) -> torch.Tensor:
     """GPTQ ``qweight`` ``[K * bits / 32, N]`` with its K rows (the values, not the words) reordered by
     ``perm``: how act-order layers are made group-contiguous at load. ``cols_per_step`` output

@@ -327,6 +327,36 @@ def test_registry_replaces_foreign_quantized_linears(interpreter):
     torch.testing.assert_close(y, x @ w.to(DEVICE), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("act_order", [False, True], ids=["g_idx-trivial", "act-order"])
+def test_a_replaced_foreign_layer_keeps_the_checkpoint_it_came_from(interpreter, act_order):
+    """A foreign GPTQ linear becomes a QuantLinear that runs K permuted where g_idx is act-order. Its
+    state_dict is still the foreign layer's, tensor for tensor (g_idx kept, qweight in input order;
+    g_idx was dropped and qweight saved permuted), so a save after apply() is a GPTQ checkpoint, and
+    a model built from it loads that state back and answers as the spec's weights do."""
+    from benchmarks.spec_layout import spec_dequantize, spec_unpack_gptq
+    from qoqopt.kernels import apply
+    from tests.test_kernels_fusion import quantized
+
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(3)) if act_order else None
+    t, _ = quantized(torch.randn(48, 256) * 0.1, 64, perm)
+    foreign = nn.Sequential(ForeignGPTQLinear(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4)).to(DEVICE)
+    before = {k: v.clone() for k, v in foreign.state_dict().items()}
+    apply(foreign)
+    assert (foreign[0].perm is not None) == act_order
+    after = foreign.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    ints, zeros = spec_unpack_gptq(t["qweight"], t["qzeros"], 4)
+    w = spec_dequantize(ints, zeros, t["scales"], t["g_idx"].numpy()).to(DEVICE)
+    other = nn.Sequential(ForeignGPTQLinear(*(torch.zeros_like(t[n]) for n in ("qweight", "qzeros")), t["scales"],
+                                            torch.arange(256, dtype=torch.int32) // 64, bits=4)).to(DEVICE)
+    apply(other)  # built from another layout (no act-order), then given this checkpoint
+    other.load_state_dict(after)
+    x = torch.randn(3, 256, device=DEVICE)
+    with torch.inference_mode():
+        for model in (foreign, other):
+            torch.testing.assert_close(model(x), x @ w.T, atol=1e-4, rtol=1e-4)
+
+
 def test_apply_frees_each_replaced_layer_before_building_the_next(no_interpreter, monkeypatch):
     """Repacking foreign layers must not hold two copies of the model's quantized weights at once."""
     import gc

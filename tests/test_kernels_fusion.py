@@ -53,9 +53,10 @@ class Attention(nn.Module):
         from qoqopt.kernels import QuantLinear
 
         g = torch.Generator().manual_seed(seed)
-        self.dense = {}
+        self.dense, self.tensors = {}, {}  # the checkpoint's tensors, by state_dict key
         for name, width, perm in zip(("q_proj", "k_proj", "v_proj"), widths, perms):
             tensors, self.dense[name] = quantized(torch.randn(width, k, generator=g) * 0.1, group_size, perm, layout)
+            self.tensors |= {f"{name}.{key}": t for key, t in tensors.items()}
             bias = None if name == "k_proj" else torch.randn(width, generator=g) * 0.1
             self.dense[f"{name}.bias"] = bias
             build = QuantLinear.from_awq if layout == "awq" else QuantLinear.from_gptq
@@ -153,11 +154,16 @@ def test_groups_that_cannot_be_fused_are_left_alone_with_the_reason():
         assert reason in skipped[".qkv_proj"] and isinstance(attn.q_proj, QuantLinear)
 
 
-def test_state_dict_keeps_the_per_projection_keys_and_loads_them_back(interpreter):
+@pytest.mark.parametrize("layout", ["gptq", "awq"])
+def test_state_dict_keeps_the_per_projection_keys_and_loads_them_back(interpreter, layout):
+    """Fused or not, held as GPTQ v2 or in fragment words, the state is the checkpoint's: GPTQ act-order
+    layers with their g_idx and words in input order, AWQ ones in AWQ's layout (saved as GPTQ v2 before)."""
     from qoqopt.kernels.fused_projections import fuse_projections
 
-    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
-    attn, other = Attention(perms=(perm,) * 3), Attention(perms=(perm,) * 3, seed=1)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1)) if layout == "gptq" else None
+    attn, other = Attention(perms=(perm,) * 3, layout=layout), Attention(perms=(perm,) * 3, seed=1, layout=layout)
+    state = attn.state_dict()
+    assert set(attn.tensors) <= set(state) and all(torch.equal(state[k].cpu(), t) for k, t in attn.tensors.items())
     before = attn.state_dict()
     fuse_projections(attn)
     after = attn.state_dict()
@@ -168,10 +174,11 @@ def test_state_dict_keeps_the_per_projection_keys_and_loads_them_back(interprete
     with torch.no_grad():
         for out, ref in zip(attn(x), other.reference(x)):
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    broken = other.state_dict()
-    broken["v_proj.perm"] = torch.arange(64, device=broken["v_proj.perm"].device)
-    with pytest.raises(RuntimeError, match="different act-order permutations"):
-        attn.load_state_dict(broken)
+    if layout == "gptq":
+        broken = other.state_dict()
+        broken["v_proj.g_idx"] = torch.arange(64, device=broken["v_proj.g_idx"].device).int() // 32
+        with pytest.raises(RuntimeError, match="different act-order permutations"):
+            attn.load_state_dict(broken)
 
 
 def quantize_language_model(model: nn.Module, group_size: int = 32):

@@ -338,6 +338,11 @@ def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, t
         fake = load_fake_quantized(report.out)
         real = load_with_quant_linear(report.out)
         assert isinstance(real.model.language_model.layers[0].mlp.down_proj, QuantLinear)
+        # its state is the build's, tensor for tensor (g_idx included: QuantLinear dropped it)
+        state, build = real.state_dict(), read_dir(report.out)
+        build = {k: v for k, v in build.items() if not k.startswith("time_series_embedding.")}
+        assert sorted(state) == sorted(build)
+        assert all(torch.equal(state[k].to(v.dtype), v) for k, v in build.items())
         assert isinstance(real.model.visual.blocks[0].attn.qkv, torch.nn.Linear)
         with torch.no_grad():
             a, b = fake(**batch).logits, real(**batch).logits

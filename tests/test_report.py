@@ -70,6 +70,40 @@ def test_report_merges_two_machines_with_plots(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_plots_draw_the_runs_numbers(tmp_path, monkeypatch):
+    """What the PNGs show, read from the figures before they are closed: each build at (size in MB,
+    mean KLD), starred where no other is smaller and better (worked by hand above: Q8_0, Q4_K_M,
+    gptq:4); the heat map's cells are log10 of each domain's KLD; one bar per machine and build at
+    its decode speed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from qoqopt.report import write_plots
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    runs = [_run("cpu 2 threads", 1.0), _run("cpu 1 thread", 0.5)]
+    assert sorted(write_plots(runs, tmp_path).values()) == ["domain_drift.png", "drift_vs_size.png", "speed.png"]
+    scatter, heatmap, speed = figures
+    builds = {v["name"]: v for v in runs[0]["variants"] if v.get("status") == "ok" and v["name"] != "reference"}
+    points = {}
+    for dot in scatter.axes[0].collections:
+        (x, y), = dot.get_offsets()
+        points[(round(float(x), 6), float(y))] = tuple(dot.get_facecolor()[0]) == matplotlib.colors.to_rgba("tab:red")
+    assert points == {(v["size_bytes"] / 1e6, v["drift"]["all"]["mean_kld"]): name in ("gguf:Q8_0", "gguf:Q4_K_M", "gptq:4")
+                      for name, v in builds.items()}  # fmt: skip
+    cells = heatmap.axes[0].images[0].get_array()
+    by_size = sorted(builds, key=lambda n: builds[n]["size_bytes"])
+    want = [[np.log10(builds[n]["drift"][d]["mean_kld"]) for d in ("ct", "ecg", "xray")] for n in by_size]
+    np.testing.assert_allclose(np.asarray(cells), want, rtol=1e-12)
+    bars = {(c.get_label(), round(b.get_height(), 6)) for c in speed.axes[0].containers for b in c}
+    assert bars == {(run["run"]["machine"]["label"], v["speed"]["decode_tok_s"]) for run in runs
+                    for v in run["variants"] if v.get("speed")}  # fmt: skip
+
+
 def test_report_says_how_many_chats_the_numbers_rest_on():
     """Beside drift and accuracy, the chats they come from, per eval set (the run JSON's `eval`)."""
     from qoqopt.report import render_markdown
