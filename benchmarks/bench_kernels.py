@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qoqopt.errors import QoqoptError
-from qoqopt.fileio import atomic_write_text
+from qoqopt.fileio import atomic_write_text, file_in_the_way
 
 # Peak HBM bandwidth (B/s) and dense bf16 tensor FLOP/s, from the vendors' data sheets.
 PEAKS = (  # first match on the device name wins
@@ -1040,11 +1040,9 @@ def _check_out(out: Path, force: bool) -> None:
     """Before any timing: a results file that can be written, and no earlier results lost unasked."""
     if out.is_dir():
         raise QoqoptError(f"--out {out} is a folder; give a JSON file path, such as {out / 'bench_kernels.json'}")
-    folder = out.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise QoqoptError(f"cannot write {out}: {folder} is a file")
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise QoqoptError(f"cannot write {out}: {blocker} is a file")
     if out.exists() and not force:
         raise QoqoptError(f"{out} exists (--force replaces it)")
 

@@ -106,10 +106,12 @@ def fusion_blocker(layers: list[nn.Module]) -> str | None:
         return "not all are qoqopt QuantLinear"
     if any(layer.words != "gptq" for layer in layers):
         return "fragment words already (fuse first: a fused layer is repacked whole)"
-    same = ("in_features", "bits", "group_size", "zero_offset")
+    same = ("in_features", "bits", "group_size", "zero_offset", "source")  # source: the layout a save writes
     for name in same:
         if len({getattr(layer, name) for layer in layers}) > 1:
             return f"{name} differs"
+    if len({layer.g_idx is None for layer in layers}) > 1:  # a save would give g_idx to those without
+        return "some have a g_idx, some not"
     if len({(layer.scales.dtype, layer.scales.device) for layer in layers}) > 1:
         return "scales dtype or device differs"
     perms = [layer.perm for layer in layers]

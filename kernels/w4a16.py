@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qoqopt.errors import QoqoptError
-from qoqopt.packing import (FRAGMENT_K, awq_to_gptq_v2, fragments_to_gptq, gptq_to_fragments, gptq_v2_to_awq,
-                            permute_packed_rows)
+from qoqopt.packing import (FRAGMENT_K, awq_qweight_to_gptq_v2, awq_to_gptq_v2, awq_zeros_to_gptq_v2, fragments_to_gptq,
+                            gptq_to_fragments, gptq_v2_to_awq, permute_packed_rows)
 
 from . import tuning
 from ._splitk import splitk_operands, splitk_total
@@ -1168,7 +1168,7 @@ class QuantLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # the checkpoint's layout, in K order
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.source == "awq" and self.qweight.device.type != "meta":
+        if self.source == "awq":
             destination[prefix + "qweight"], destination[prefix + "qzeros"] = gptq_v2_to_awq(self.gptq_qweight(), self.qzeros)
         elif self.words == "fragments" or self.perm is not None:
             words = self.gptq_qweight()
@@ -1177,10 +1177,10 @@ class QuantLinear(nn.Module):
             destination[prefix + "qweight"] = words
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        key, g_key = prefix + "qweight", prefix + "g_idx"
-        if self.source == "awq" and key in state_dict and prefix + "qzeros" in state_dict:
+        key, g_key, seen = prefix + "qweight", prefix + "g_idx", len(errors)  # errors: the whole load's
+        if self.source == "awq":
             state_dict = self._awq_in(state_dict, prefix, local_metadata, errors)
-            if state_dict is None:
+            if len(errors) > seen:
                 return
         perm = self.perm
         if g_key in state_dict:  # the act-order permutation follows the g_idx loaded
@@ -1189,6 +1189,9 @@ class QuantLinear(nn.Module):
                 perm = None if g_idx.device.type == "meta" else _act_order_perm(g_idx, self.in_features, self.group_size)
             except QoqoptError as exc:
                 errors.append(f"{g_key}: {exc}")
+                return
+            if key not in state_dict and not _same_perm(perm, self.perm):  # the words held are in the old order
+                errors.append(f"{g_key}: a new act order for this layer; load its qweight with it")
                 return
             if self.g_idx is None:  # a layer built without one takes the checkpoint's
                 self.g_idx = torch.empty_like(g_idx, device=self.qweight.device)
@@ -1210,25 +1213,25 @@ class QuantLinear(nn.Module):
                     words = gptq_to_fragments(words)
             state_dict = {**state_dict, key: words}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        if not errors:
+        if len(errors) == seen:
             self.perm = None if perm is None else perm.to(self.qweight.device)
             self._launchers = {}
 
-    def _awq_in(self, state_dict, prefix, local_metadata, errors):
-        """A checkpoint's AWQ tensors as this layer holds them (GPTQ v2), or None after an error."""
-        qweight, qzeros = state_dict[prefix + "qweight"], state_dict[prefix + "qzeros"]
-        if qweight.shape != (self.in_features, self.out_features // 8):
-            errors.append(f"{prefix}qweight: AWQ qweight of shape {tuple(qweight.shape)} does not fit this "
-                          f"{self.in_features}->{self.out_features} layer")
-            return None
-        device = qweight.device if local_metadata.get("assign_to_params_buffers") else self.qweight.device
-        if "meta" in (qweight.device.type, device.type):
-            gptq = torch.empty(qweight_shape(self.in_features, self.out_features, 4, fragments=False), dtype=torch.int32,
-                               device="meta")
-            zeros = torch.empty(qzeros.shape[0], self.out_features // 8, dtype=torch.int32, device="meta")
-        else:
-            gptq, zeros = awq_to_gptq_v2(qweight.to(device), qzeros.to(device))
-        return {**state_dict, prefix + "qweight": gptq, prefix + "qzeros": zeros}
+    def _awq_in(self, state_dict, prefix, local_metadata, errors) -> dict:
+        """A checkpoint's AWQ tensors (either or both) as this layer holds them, GPTQ v2."""
+        out = dict(state_dict)
+        for name, shape, convert in (("qweight", (self.in_features, self.out_features // 8), awq_qweight_to_gptq_v2),
+                                     ("qzeros", (self.scales.shape[0], self.out_features // 8), awq_zeros_to_gptq_v2)):
+            t = state_dict.get(prefix + name)
+            if t is None:
+                continue
+            if t.shape != shape:
+                errors.append(f"{prefix}{name}: AWQ {name} of shape {tuple(t.shape)} does not fit this "
+                              f"{self.in_features}->{self.out_features} layer")
+                return state_dict
+            device = t.device if local_metadata.get("assign_to_params_buffers") else self.qweight.device
+            out[prefix + name] = convert(t.to(device))  # meta in, meta out
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -1275,6 +1278,10 @@ def _check_shapes(ok: bool, qweight, qzeros, scales) -> None:
     if not ok:
         raise QoqoptError(f"quantized tensors disagree: qweight {tuple(qweight.shape)}, "
                           f"qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)}")
+
+
+def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a.cpu(), b.cpu()))
 
 
 def _act_order_perm(g_idx: torch.Tensor | None, k: int, group_size: int) -> torch.Tensor | None:

@@ -95,11 +95,17 @@ def check_can_make_dir(out: Path) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise QoqoptError(f"output {out} exists and is not a directory")
-    parent = out.parent
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise QoqoptError(f"cannot create {out}: {blocker} is a file")
+
+
+def file_in_the_way(out: Path) -> Path | None:
+    """The nearest existing parent of ``out`` when it is not a folder (so ``out`` cannot be made), else None."""
+    parent = Path(out).parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir():
-        raise QoqoptError(f"cannot create {out}: {parent} is a file")
+    return None if parent.is_dir() else parent
 
 
 def check_image_path(out: Path) -> None:

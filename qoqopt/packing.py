@@ -123,7 +123,12 @@ def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tenso
 
 def awq_to_gptq_v2(qweight: torch.Tensor, qzeros: torch.Tensor, rows_per_step: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """AWQ GEMM tensors repacked as GPTQ ``gptq_v2`` (LSB first along K, zeros stored as is): the
-    same integers, so a kernel for one layout serves both, as vLLM's Marlin repack does.
+    same integers, so a kernel for one layout serves both, as vLLM's Marlin repack does."""
+    return awq_qweight_to_gptq_v2(qweight, rows_per_step), awq_zeros_to_gptq_v2(qzeros)
+
+
+def awq_qweight_to_gptq_v2(qweight: torch.Tensor, rows_per_step: int = 1024) -> torch.Tensor:
+    """AWQ's qweight ``[K, N / 8]`` as GPTQ's ``[K / 8, N]``.
 
     Repacked ``rows_per_step`` input rows at a time: unpacking holds a few int64 copies of each
     weight, about 2 GB at once for a whole 7B MLP projection next to the model on the GPU; 1024
@@ -135,14 +140,22 @@ def awq_to_gptq_v2(qweight: torch.Tensor, qzeros: torch.Tensor, rows_per_step: i
     for r in range(0, qweight.shape[0], rows_per_step):
         ints = unpack_along_cols(qweight[r : r + rows_per_step], 4, AWQ_ORDER)
         packed[r // 8 : (r + ints.shape[0]) // 8] = pack_along_rows(ints, 4)
-    return packed, pack_along_cols(unpack_along_cols(qzeros, 4, AWQ_ORDER), 4)
+    return packed
 
 
-def gptq_v2_to_awq(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def awq_zeros_to_gptq_v2(qzeros: torch.Tensor) -> torch.Tensor:
+    """AWQ's packed zeros in GPTQ's column order (both pack along N; AWQ interleaves)."""
+    return pack_along_cols(unpack_along_cols(qzeros, 4, AWQ_ORDER), 4)
+
+
+def gptq_v2_to_awq(qweight: torch.Tensor, qzeros: torch.Tensor, cols_per_step: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of :func:`awq_to_gptq_v2`: a layer held as GPTQ v2 written back in AWQ GEMM's
-    layout, as its checkpoint had it."""
-    return (pack_along_cols(unpack_along_rows(qweight, 4), 4, AWQ_ORDER),
-            pack_along_cols(unpack_along_cols(qzeros, 4), 4, AWQ_ORDER))  # fmt: skip
+    layout, as its checkpoint had it; ``cols_per_step`` output columns at a time, for the same reason."""
+    assert cols_per_step % 8 == 0
+    packed = torch.empty(qweight.shape[0] * 8, qweight.shape[1] // 8, dtype=torch.int32, device=qweight.device)
+    for c in range(0, qweight.shape[1], cols_per_step):
+        packed[:, c // 8 : (c + cols_per_step) // 8] = pack_along_cols(unpack_along_rows(qweight[:, c : c + cols_per_step], 4), 4, AWQ_ORDER)
+    return packed, pack_along_cols(unpack_along_cols(qzeros, 4), 4, AWQ_ORDER)
 
 
 def permute_packed_rows(qweight: torch.Tensor, perm: torch.Tensor, bits: int, cols_per_step: int = 1024) -> torch.Tensor:

@@ -148,6 +148,10 @@ def test_groups_that_cannot_be_fused_are_left_alone_with_the_reason():
     }
     cases["not all are qoqopt QuantLinear"].v_proj = nn.Linear(64, 32)
     cases["bits differs"].k_proj.bits = 8
+    # fused, they would be saved in one layout: AWQ's, or GPTQ's with a g_idx for each
+    cases["source differs"], cases["some have a g_idx, some not"] = Attention(), Attention()
+    cases["source differs"].k_proj.source = "awq"
+    cases["some have a g_idx, some not"].k_proj.g_idx = None
     for reason, attn in cases.items():
         skipped = {}
         assert fuse_projections(attn, skipped) == {"qkv_proj": 0, "gate_up_proj": 0}
@@ -174,7 +178,15 @@ def test_state_dict_keeps_the_per_projection_keys_and_loads_them_back(interprete
     with torch.no_grad():
         for out, ref in zip(attn(x), other.reference(x)):
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    meta = {k: tuple(v.shape) for k, v in copy.deepcopy(attn).to("meta").state_dict().items()}
+    assert meta == {k: tuple(v.shape) for k, v in after.items()}  # a meta model saves the same layout
+    if layout == "awq":  # the zeros alone (a partial load) are read as AWQ's too
+        attn.load_state_dict({k: v for k, v in other.state_dict().items() if k.endswith("qzeros")}, strict=False)
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in attn.state_dict().items())
     if layout == "gptq":
+        half = {k: v for k, v in Attention(perms=(None,) * 3, seed=2).state_dict().items() if k.endswith("g_idx")}
+        with pytest.raises(RuntimeError, match="a new act order for this layer; load its qweight with it"):
+            attn.load_state_dict(half, strict=False)  # g_idx without qweight: the words held would be misread
         broken = other.state_dict()
         broken["v_proj.g_idx"] = torch.arange(64, device=broken["v_proj.g_idx"].device).int() // 32
         with pytest.raises(RuntimeError, match="different act-order permutations"):

@@ -9,6 +9,7 @@ from qoqopt.packing import (
     awq_to_gptq_v2,
     dequantize,
     fragments_to_gptq,
+    gptq_v2_to_awq,
     gptq_to_fragments,
     pack_awq,
     pack_fragments,
@@ -75,6 +76,19 @@ def test_awq_round_trip():
     w2, z2 = unpack_awq(qweight, qzeros)
     assert torch.equal(w2, intweight) and torch.equal(z2, zeros)
     ints, spec_zeros = spec_unpack_awq(qweight, qzeros)
+    assert (ints == intweight.numpy()).all() and (spec_zeros == zeros.numpy()).all()
+
+
+def test_gptq_v2_written_back_as_awq_is_the_awq_checkpoint():
+    """A layer held as GPTQ v2 (AWQ repacked at load) is saved as AWQ: the words AWQ packed, read by
+    the spec's bit-by-bit reader; 8 columns a step, so every step boundary is crossed."""
+    g = torch.Generator().manual_seed(4)
+    intweight = torch.randint(0, 16, (32, 40), generator=g, dtype=torch.int32)
+    zeros = torch.randint(0, 16, (2, 40), generator=g, dtype=torch.int32)
+    qweight, qzeros = pack_awq(intweight, zeros)
+    back = gptq_v2_to_awq(*awq_to_gptq_v2(qweight, qzeros), cols_per_step=8)
+    assert torch.equal(back[0], qweight) and torch.equal(back[1], qzeros)
+    ints, spec_zeros = spec_unpack_awq(*back)
     assert (ints == intweight.numpy()).all() and (spec_zeros == zeros.numpy()).all()
 
 
