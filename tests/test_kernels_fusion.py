@@ -80,9 +80,10 @@ def launches(layer: nn.Module) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["gptq-act-order", "awq"])
 @pytest.mark.parametrize("rows", [1, 5, 20])  # GEMV, tensor-core decode, prefill (outputs made contiguous)
-def test_fused_siblings_match_the_dequantized_weights_with_one_launch(interpreter, rows, layout):
+def test_fused_siblings_match_the_dequantized_weights_with_one_launch(interpreter, rows, layout, dtype):
     from qoqopt.kernels.fused_projections import ProjectionSlice, fuse_projections
 
     if layout == "awq":
@@ -93,11 +94,13 @@ def test_fused_siblings_match_the_dequantized_weights_with_one_launch(interprete
     assert fuse_projections(attn) == {"qkv_proj": 1, "gate_up_proj": 0}
     assert isinstance(attn.k_proj, ProjectionSlice) and attn.qkv_proj.out_features == 128
     calls = launches(attn.qkv_proj)
-    x = torch.randn(rows, 64, device=DEVICE)
+    x = torch.randn(rows, 64, device=DEVICE).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: the output rounded once, 64-long sums
     with torch.no_grad():
         outs = attn(x)
-        for out, ref in zip(outs, attn.reference(x)):
-            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for out, ref in zip(outs, attn.reference(x.float())):
+            assert out.dtype == dtype
+            torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
     assert len(calls) == 1
     # At prefill v owns its memory (a KV cache holding it must not pin all of qkv); the rest are views.
     owned = [out.untyped_storage().nbytes() == out.numel() * out.element_size() for out in outs]
