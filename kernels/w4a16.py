@@ -1177,45 +1177,54 @@ class QuantLinear(nn.Module):
             destination[prefix + "qweight"] = words
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        key, g_key, seen = prefix + "qweight", prefix + "g_idx", len(errors)  # errors: the whole load's
+        seen = len(errors)  # the whole load's errors: this layer's are the ones after these
         if self.source == "awq":
             state_dict = self._awq_in(state_dict, prefix, local_metadata, errors)
-            if len(errors) > seen:
-                return
-        perm = self.perm
-        if g_key in state_dict:  # the act-order permutation follows the g_idx loaded
-            g_idx = state_dict[g_key]
-            try:
-                perm = None if g_idx.device.type == "meta" else _act_order_perm(g_idx, self.in_features, self.group_size)
-            except QoqoptError as exc:
-                errors.append(f"{g_key}: {exc}")
-                return
-            if key not in state_dict and not _same_perm(perm, self.perm):  # the words held are in the old order
-                errors.append(f"{g_key}: a new act order for this layer; load its qweight with it")
-                return
-            if self.g_idx is None:  # a layer built without one takes the checkpoint's
-                self.g_idx = torch.empty_like(g_idx, device=self.qweight.device)
-        if key in state_dict and (perm is not None or self.words == "fragments"):
-            gptq = state_dict[key]
-            if gptq.shape != qweight_shape(self.in_features, self.out_features, self.bits, fragments=False):
-                errors.append(f"{key}: GPTQ qweight of shape {tuple(gptq.shape)} does not fit this "
-                              f"{self.in_features}->{self.out_features} layer")
-                return
-            # assign=True keeps the state's tensors where they are; meta tensors have no values to repack
-            device = gptq.device if local_metadata.get("assign_to_params_buffers") else self.qweight.device
-            if "meta" in (gptq.device.type, device.type):
-                words = torch.empty(self._qweight_shape, dtype=torch.int32, device="meta")
-            else:
-                words = gptq.to(device)
-                if perm is not None:
-                    words = permute_packed_rows(words, perm.to(device), self.bits)
-                if self.words == "fragments":
-                    words = gptq_to_fragments(words)
-            state_dict = {**state_dict, key: words}
+        perm = self._perm_in(state_dict, prefix, errors) if len(errors) == seen else None
+        if len(errors) == seen:
+            state_dict = self._gptq_in(state_dict, prefix, local_metadata, perm, errors)
+        if len(errors) > seen:
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if len(errors) == seen:
             self.perm = None if perm is None else perm.to(self.qweight.device)
             self._launchers = {}
+
+    def _perm_in(self, state_dict, prefix, errors) -> torch.Tensor | None:
+        """The act-order permutation after this load: the loaded g_idx's, else the one held."""
+        g_key = prefix + "g_idx"
+        if g_key not in state_dict:
+            return self.perm
+        g_idx = state_dict[g_key]
+        try:
+            perm = None if g_idx.device.type == "meta" else _act_order_perm(g_idx, self.in_features, self.group_size)
+        except QoqoptError as exc:
+            errors.append(f"{g_key}: {exc}")
+            return None
+        if prefix + "qweight" not in state_dict and not _same_perm(perm, self.perm):  # words held in the old order
+            errors.append(f"{g_key}: a new act order for this layer; load its qweight with it")
+        elif self.g_idx is None:  # a layer built without one takes the checkpoint's
+            self.g_idx = torch.empty_like(g_idx, device=self.qweight.device)
+        return perm
+
+    def _gptq_in(self, state_dict, prefix, local_metadata, perm, errors) -> dict:
+        """A checkpoint's GPTQ qweight (input order) as this layer holds it: K-permuted, fragment words."""
+        key = prefix + "qweight"
+        if key not in state_dict or (perm is None and self.words != "fragments"):
+            return state_dict
+        gptq = state_dict[key]
+        if gptq.shape != qweight_shape(self.in_features, self.out_features, self.bits, fragments=False):
+            errors.append(f"{key}: GPTQ qweight of shape {tuple(gptq.shape)} does not fit this "
+                          f"{self.in_features}->{self.out_features} layer")
+            return state_dict
+        # assign=True keeps the state's tensors where they are; meta tensors have no values to repack
+        device = gptq.device if local_metadata.get("assign_to_params_buffers") else self.qweight.device
+        if "meta" in (gptq.device.type, device.type):
+            return {**state_dict, key: torch.empty(self._qweight_shape, dtype=torch.int32, device="meta")}
+        words = gptq.to(device)
+        if perm is not None:
+            words = permute_packed_rows(words, perm.to(device), self.bits)
+        return {**state_dict, key: gptq_to_fragments(words) if self.words == "fragments" else words}
 
     def _awq_in(self, state_dict, prefix, local_metadata, errors) -> dict:
         """A checkpoint's AWQ tensors (either or both) as this layer holds them, GPTQ v2."""
