@@ -92,7 +92,7 @@ def sha256_of(path: Path) -> str:
             return known
     except OSError:
         pass
-    digest = _hash(Path(path))
+    digest = _hash(Path(path), st.st_size)
     if st.st_ctime_ns > looked_at - RACY_NS:  # a later edit could share its time stamps
         return digest
     try:
@@ -108,10 +108,9 @@ def _stamp(path: Path, st: os.stat_result) -> Path:
     return cache_root() / "sha256" / hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
-def _hash(path: Path) -> str:
+def _hash(path: Path, size: int) -> str:
     from .progress import bar
 
-    size = path.stat().st_size
     with bar(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", leave=False,
              show=size >= BAR_FROM_BYTES) as progress:  # fmt: skip
         return sha256_file(path, progress=progress.update)
