@@ -677,19 +677,24 @@ def load_fake_quantized(path: Path, dtype=None):
 def load_with_quant_linear(path: Path | str, dtype=None):
     """The exported directory (or its Hub repo id) in a transformers model whose quantized Linears are
     qoqopt's own :class:`qoqopt.kernels.w4a16.QuantLinear`, built straight from the packed tensors
-    (the closest real consumer of the format that runs here)."""
+    (the closest real consumer of the format that runs here).
+
+    Either key layout loads: the runtime names qoqopt writes, or the legacy ones transformers'
+    ``save_pretrained`` writes. The model's config keeps the build's quantization_config, so a
+    ``save_pretrained`` of it is again a GPTQ/AWQ checkpoint (without the ECG encoder, which the
+    transformers class has no place for)."""
     import torch
 
     from qoqopt.kernels.w4a16 import replace_linears
-    from qoqopt.loader import resolve
+    from qoqopt.loader import ECG_PREFIX, canonical_name, resolve, runtime_name
 
     path = resolve(str(path))[0]
     dtype = dtype or torch.float32
     model, qc = _meta_model(path)
     tensors = _all_tensors(path)
     # packed ints stay as stored; scales, biases and every plain weight take the compute dtype
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()
-               if not k.startswith("time_series_embedding.")}  # fmt: skip
+    tensors = {runtime_name(canonical_name(k)): v.to(dtype) if v.is_floating_point() else v
+               for k, v in tensors.items() if not k.startswith(ECG_PREFIX)}  # fmt: skip
     replace_linears(model, tensors, method=qc["quant_method"], bits=qc["bits"],
                     checkpoint_format=qc.get("checkpoint_format", "gptq"))  # fmt: skip
     quantized = {k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")}
@@ -699,6 +704,9 @@ def load_with_quant_linear(path: Path | str, dtype=None):
     if missing or unexpected:
         raise QoqoptError(f"{path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     _fix_rotary(model)
+    # save_pretrained writes the config as held: without this the saved packed tensors would
+    # claim to be an unquantized model
+    model.config.quantization_config = dict(qc)
     return model.eval()
 
 

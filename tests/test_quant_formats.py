@@ -372,6 +372,30 @@ def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, t
             assert len(seen) == len(KERNEL_LINEARS)
 
 
+def test_save_pretrained_of_a_loaded_build_is_the_build(gptq_asym_export, awq_export, tmp_path):
+    """transformers' own save_pretrained of a build loaded with load_with_quant_linear writes the build
+    back: the quantization_config as transformers' AutoConfig reads it (the save used to have none,
+    so its packed tensors claimed to be an unquantized model), and the build's tensors, value for
+    value and under transformers' legacy key names, which load_with_quant_linear reads again."""
+    from transformers import AutoConfig
+
+    from qoqopt.exports.hf_quant import load_with_quant_linear
+    from qoqopt.loader import canonical_name
+
+    for report, _ in (gptq_asym_export, awq_export):  # GPTQ act order (a g_idx permutation), AWQ layout
+        build = {canonical_name(k): v for k, v in read_dir(report.out).items()}
+        qc = json.loads((report.out / "config.json").read_text())["quantization_config"]
+        saved = tmp_path / report.fmt
+        load_with_quant_linear(report.out).save_pretrained(saved)
+        assert AutoConfig.from_pretrained(saved).quantization_config == qc
+        written = read_dir(saved)
+        assert {canonical_name(k) for k in written} == set(written) == set(build)  # the legacy names
+        assert all(torch.equal(written[k].to(v.dtype), v) for k, v in build.items()), report.fmt
+        again = {canonical_name(k): v for k, v in load_with_quant_linear(saved).state_dict().items()}
+        assert sorted(again) == sorted(build)
+        assert all(torch.equal(again[k].to(v.dtype), v) for k, v in build.items()), report.fmt
+
+
 def test_deterministic(gptq_export, ecg_dir, tmp_path):
     first, _ = gptq_export
     again, _ = _export(ecg_dir, tmp_path / "again", "gptq")
