@@ -121,6 +121,65 @@ def test_ecg_plot_is_a_twelve_lead_sheet():
     assert redness[::20][1:-1].mean() > 2 * np.median(redness)
 
 
+# The standard 12-lead print: three rows of four 2.5 s panels, then a 10 s lead II rhythm strip.
+PRINT_LAYOUT = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"), ("III", "aVF", "V3", "V6"))
+
+
+def _sheet_columns(mv: np.ndarray, fs: float, x0: int, xs: range, px_per_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """The signal's (min + max) / 2 and max over each pixel column's time span, baseline removed: a
+    column's stroke runs from the lowest to the highest value drawn in it."""
+    mv = mv - np.median(mv)
+    spans = [mv[int((x - x0) / px_per_s * fs): int((x + 1 - x0) / px_per_s * fs) + 1] for x in xs]
+    return np.array([(s.min() + s.max()) / 2 for s in spans]), np.array([s.max() for s in spans])
+
+
+def test_ecg_sheet_draws_each_dicom_lead_at_print_scale():
+    """The sheet against the waveform pydicom reads from the file. Each panel of the standard print
+    traces the lead it belongs to (the trace is nearest that lead among all 12), at 25 mm/s and at
+    10 mm/mV as the sheet's own 1 mV calibration pulse shows it, and the rhythm strip's R waves reach
+    the DICOM's heights at the DICOM's times. Rows and the trace start are found on the sheet."""
+    px = 4  # pixels per mm of paper: 25 mm/s is 100 px/s
+    path = catalog.source_path("waveform_ecg.dcm")
+    ds = pydicom.dcmread(path)
+    group = ds.WaveformSequence[0]
+    fs, raw = float(group.SamplingFrequency), ds.waveform_array(0)
+    assert {c.ChannelSensitivityUnitsSequence[0].CodeValue for c in group.ChannelDefinitionSequence} == {"uV"}
+    leads = {re.sub(r"\(.*?\)|Lead", "", c.ChannelSourceSequence[0].CodeMeaning).strip(): raw[:, i] / 1000
+             for i, c in enumerate(group.ChannelDefinitionSequence)}  # fmt: skip
+    assert len(leads) == 12
+    ink = np.asarray(render_ecg(path, px_per_mm=px)).max(axis=-1) < 110
+    # each row's calibration pulse: flat at the baseline from 4 mm, 1 mV high from 6 mm
+    bases = np.flatnonzero(ink[:, int(4.3 * px): int(5.7 * px)].any(axis=1))
+    tops = np.flatnonzero(ink[:, int(7.5 * px): int(9.5 * px)].any(axis=1))
+    assert len(bases) == len(tops) == 4
+    px_per_mv = bases - tops
+    assert set(px_per_mv) == {10 * px}  # 10 mm/mV
+    px_per_mv = 10 * px
+    row0 = ink[bases[0] - 11 * px: bases[0] + 19 * px]
+    x0 = int(np.flatnonzero(row0[:, int(13.5 * px):].any(axis=0))[0]) + int(13.5 * px)  # the first trace
+    px_per_s = 25 * px
+    for r, names in enumerate(PRINT_LAYOUT):
+        for c, name in enumerate(names):
+            # inside the panel, clear of the lead-change markers; above the band sits the label
+            xs = range(x0 + int((62.5 * c + 1.5) * px), x0 + int((62.5 * (c + 1) - 1.5) * px))
+            band = ink[bases[r] - 11 * px: bases[r] + 19 * px, xs.start: xs.stop]
+            drawn = band.sum(axis=0) > 0
+            y = (band * np.arange(band.shape[0])[:, None]).sum(axis=0) / np.maximum(band.sum(axis=0), 1)
+            height_mm = (11 * px - y[drawn]) / px_per_mv * 10
+            p90 = {lead: np.percentile(np.abs(height_mm - 10 * _sheet_columns(mv, fs, x0, xs, px_per_s)[0][drawn]), 90)
+                   for lead, mv in leads.items()}  # fmt: skip
+            assert drawn.mean() > 0.98 and p90[name] < 0.35, (name, p90[name])  # mm: about one pixel
+            assert min(p90, key=p90.get) == name, (name, sorted(p90.items(), key=lambda kv: kv[1])[:3])
+    # rhythm strip: the top of the ink over each R wave (lead II > 0.8 mV) is that wave's height
+    xs = range(x0 + 10 * px, x0 + 250 * px - 2)
+    band = ink[bases[3] - 20 * px: bases[3] + 10 * px, xs.start: xs.stop]
+    _, peak_mv = _sheet_columns(leads["II"], fs, x0, xs, px_per_s)
+    r_wave = (peak_mv > 0.8) & band.any(axis=0)
+    drawn_mv = (20 * px - np.argmax(band, axis=0)[r_wave]) / px_per_mv
+    assert r_wave.sum() >= 9  # columns on the ~10 R waves of a 60 bpm recording
+    assert np.median(np.abs(drawn_mv - peak_mv[r_wave])) < 0.04 and np.abs(drawn_mv - peak_mv[r_wave]).max() < 0.25
+
+
 def test_ecg_signal_matches_the_dicom_timing_and_units():
     path = catalog.source_path("waveform_ecg.dcm")
     ds = pydicom.dcmread(path)
