@@ -228,7 +228,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
     quants = gguf_quant.parse_quants(",".join(options.quants))
     options.quants = quants
     inputs = [source] + ([options.imatrix] if imatrix_kind(options.imatrix) in ("jsonl", "file") else [])
-    prepare_output_dir(out, force, inputs)  # fail before the (possibly long) work starts
+    prepare_output_dir(out, force, inputs, marker="manifest.json")  # fail before the (possibly long) work starts
     ctx = _Context(source, revision, options, log)
     for note in ctx.vocab.notes:
         log(f"note: {note}")
@@ -240,7 +240,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
     notes: list[str] = list(ctx.vocab.notes)
     imatrix_info = None
     try:
-        with atomic_dir(out, force=force, inputs=inputs) as tmp:
+        with atomic_dir(out, force=force, inputs=inputs, marker="manifest.json") as tmp:
             reports: dict[str, gguf_write.WriteReport] = {}
             texts: list[tuple[str, list[tuple[Path, int]]]] = []  # (quant type, [(file or part, tensors)])
             # 1. direct types, written in parts where over --split-max-size

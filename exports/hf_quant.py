@@ -339,7 +339,7 @@ def export_hf_quant_report(
         raise QoqoptError(f"--samples must be at least 1, got {samples}")
     out = Path(out)
     inputs = [source] + ([calib] if calib != "clinical" else [])
-    prepare_output_dir(out, force, inputs)  # fail before hours of work, not after
+    prepare_output_dir(out, force, inputs, marker="manifest.json")  # fail before hours of work, not after
     ckpt = open_checkpoint(source, revision=revision)
     ckpt.require_weights()
     ckpt.require_unquantized()
@@ -362,7 +362,7 @@ def export_hf_quant_report(
 
     # the temporary output is made before calibrating: an --out that cannot be written (a read-only
     # mount) fails in one line now, not after the model is loaded and calibrated
-    with atomic_dir(out, force=force, inputs=inputs) as tmp:
+    with atomic_dir(out, force=force, inputs=inputs, marker="manifest.json") as tmp:
         items, label = calibration_items(calib, samples, seed)
         if not items:
             raise QoqoptError(f"calibration set {calib} gave no items")

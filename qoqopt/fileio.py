@@ -72,10 +72,12 @@ def atomic_write_bytes(final: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def prepare_output_dir(out: Path, force: bool, inputs=()) -> None:
+def prepare_output_dir(out: Path, force: bool, inputs=(), marker: str | None = None) -> None:
     """Refuse to clobber an existing non-empty output unless --force was given, and always refuse an
     output that is, or holds, one of the command's ``inputs`` (the source checkpoint, say): replacing
-    it would delete what the build is made from."""
+    it would delete what the build is made from. With a ``marker`` (the file every output of the
+    command holds: manifest.json, report.md), --force replaces only a folder holding one: `--out
+    ~/Documents --force` is a typo, and the swap would delete the whole folder."""
     out = Path(out)
     for source in map(Path, inputs):
         if source.exists() and (source.resolve() == out.resolve() or out.resolve() in source.resolve().parents):
@@ -85,8 +87,13 @@ def prepare_output_dir(out: Path, force: bool, inputs=()) -> None:
     if out.is_symlink():  # replacing the build would replace the link, not fill the folder it names
         raise QoqoptError(f"output {out} is a symbolic link; give the folder it points to ({out.resolve()})")
     check_can_make_dir(out)
-    if out.exists() and any(out.iterdir()) and not force:
+    if not (out.exists() and any(out.iterdir())):
+        return
+    if not force:
         raise QoqoptError(f"output {out} already exists and is not empty (use --force to replace it)")
+    if marker and not (out / marker).is_file():
+        raise QoqoptError(f"output {out} holds files qoqopt did not write there (no {marker}): --force replaces "
+                          "only an earlier output; choose another --out, or empty that folder yourself")  # fmt: skip
 
 
 def check_can_make_dir(out: Path) -> None:
@@ -121,10 +128,10 @@ def check_image_path(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path, force: bool = False, inputs=()) -> Iterator[Path]:
+def atomic_dir(final: Path, force: bool = False, inputs=(), marker: str | None = None) -> Iterator[Path]:
     """Build a directory under a temporary name and swap it in as a whole on success."""
     final = Path(final)
-    prepare_output_dir(final, force, inputs)
+    prepare_output_dir(final, force, inputs, marker)
     tidy(final, f"beside {final}")
     with writing(final):
         final.parent.mkdir(parents=True, exist_ok=True)

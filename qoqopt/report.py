@@ -400,7 +400,7 @@ def write_report(paths: list[Path], out_dir: Path, force: bool = False) -> Path:
     from .fileio import atomic_dir
 
     runs = load_results(paths)
-    with atomic_dir(out_dir, force=force, inputs=paths) as tmp:
+    with atomic_dir(out_dir, force=force, inputs=paths, marker="report.md") as tmp:
         plots = write_plots(runs, tmp)
         (tmp / "report.md").write_text(render_markdown(runs, plots))
     return out_dir / "report.md"

@@ -493,7 +493,10 @@ def test_existing_output_needs_force(tiny_dir, tmp_path):
     (tmp_path / "o" / "keep.txt").write_text("x")
     with pytest.raises(QoqoptError, match="--force"):
         export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", log=lambda m: None)
-    assert (tmp_path / "o" / "keep.txt").exists()
+    # --force replaces an earlier build, not a folder of someone's files (the swap deleted them all)
+    with pytest.raises(QoqoptError, match=r"holds files qoqopt did not write there \(no manifest.json\)"):
+        export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", force=True, log=lambda m: None)
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep.txt"]
 
 
 def test_sharded_output_has_an_index(tiny_dir, tmp_path):

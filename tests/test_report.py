@@ -235,6 +235,11 @@ def test_report_output_is_whole_new_and_never_replaces_its_inputs(tmp_path, caps
     shutil.rmtree(tmp_path / "rep2")
     assert "already exists and is not empty (use --force" in refused(["report", a, "--out", out], capsys)
     assert run_cli("report", str(a), "--out", str(out), "--force").returncode == 0
+    (tmp_path / "notes").mkdir()  # --force replaces a report, not a folder of someone's files
+    (tmp_path / "notes" / "keep.txt").write_text("x")
+    err = refused(["report", a, "--out", tmp_path / "notes", "--force"], capsys)
+    assert "holds files qoqopt did not write there (no report.md)" in err and (tmp_path / "notes" / "keep.txt").exists()
+    shutil.rmtree(tmp_path / "notes")
     err = refused(["report", a, "--out", a.parent, "--force"], capsys)
     assert err.endswith("which this command reads; choose another --out") and a.exists()
     assert "is a directory; give the bench-*.json files in it" in refused(["report", a.parent, "--out", tmp_path / "o"], capsys)

@@ -69,7 +69,7 @@ def register(sub) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, help="output format")
     p.add_argument("--out", required=True, type=Path, help="output directory (refused if it exists, unless --force)")
     p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--force", action="store_true", help="replace an earlier build in --out (a folder holding its manifest.json; other folders are refused)")
     p.add_argument("--samples", "--calib-items", dest="samples", type=int,
                    help="calibration chats: for the GGUF imatrix (default 64) or GPTQ/AWQ (default 128)")  # fmt: skip
     p.add_argument("--seed", type=seed, default=0, help="calibration sampling seed (default 0)")

@@ -47,7 +47,7 @@ def register(sub) -> None:
         "--layout", default="legacy", choices=["legacy", "runtime"],
         help="tensor key layout: legacy visual.*/model.layers.* (default) or runtime model.visual.*",
     )  # fmt: skip
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--force", action="store_true", help="replace an earlier checkpoint in --out (a folder holding config.json; other folders are refused)")
     p.set_defaults(func=run)
 
 
@@ -55,7 +55,7 @@ def run(args) -> int:
     from ..fileio import atomic_dir
     from ..mini import build_model, save_checkpoint
 
-    with atomic_dir(args.out, force=args.force) as tmp:
+    with atomic_dir(args.out, force=args.force, marker="config.json") as tmp:
         if args.train:
             from ..train import trained_model
 

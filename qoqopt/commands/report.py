@@ -28,7 +28,7 @@ def register(sub) -> None:
     )
     p.add_argument("results", nargs="+", type=Path, help="result JSON files written by `qoqopt bench`")
     p.add_argument("--out", type=Path, default=Path("results/report"), help="output folder (default results/report)")
-    p.add_argument("--force", action="store_true", help="replace an existing report folder")
+    p.add_argument("--force", action="store_true", help="replace an earlier report in --out (a folder holding report.md; other folders are refused)")
     p.set_defaults(func=run)
 
 
