@@ -59,7 +59,8 @@ def run_instructions(where: str, carries_ecg: bool) -> str:
     vllm = ("**vLLM** does not load this build: it carries QoQ-Med's ECG encoder, whose class and tensors "
             "vLLM does not know. `qoqopt export ... --drop-ecg` makes the build vLLM serves." if carries_ecg else
             f"**vLLM**: `vllm serve {where} --served-model-name qoq-med --limit-mm-per-prompt '{{\"image\": 1}}'`")
-    return f"""**transformers** (GPTQ/AWQ through the GPTQModel backend)
+    return f"""**transformers** (GPTQ/AWQ through the GPTQModel backend, which transformers does not install:
+`pip install optimum gptqmodel` first; without them from_pretrained stops with an ImportError)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
     model = AutoModelForImageTextToText.from_pretrained({path}, device_map="auto")

@@ -21,7 +21,10 @@ from .manifest import (
 )
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-LICENSE = "mit"  # QoQ-Med and Qwen2.5-VL are MIT / Apache; QoQ-Med's release is MIT
+QOQ_MED_LICENSE = "mit"  # QoQ-Med's release (Qwen2.5-VL's own is Apache-2.0 for 7B, Qwen's for others)
+QOQ_MED_REPO = re.compile(r"^ddvd233/QoQ-Med", re.IGNORECASE)
+LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}$")  # the Hub's licence ids: mit, apache-2.0, llama3.1, other
+UNNAMED_LICENSE = "other"  # what a dry run's card shows for a licence it was not told
 DEFAULT_BASE = "ddvd233/QoQ-Med-VL-7B"
 HUB_MAX_FILE_BYTES = 50 * 10**9  # the Hub's limit a file ("50GB max, 20GB recommended", its storage docs)
 
@@ -44,11 +47,14 @@ class UploadPlan:
     notes: list[str] = field(default_factory=list)
     manifest_text: str = ""  # the manifest.json uploaded (see shipped_manifest)
     stops: list[str] = field(default_factory=list)  # what would refuse the upload (a dry run's plan only)
+    replace: bool = False  # delete the repo's files that are not in this build, in the same commit
 
     def describe(self) -> str:
         total = sum(f.bytes for f in self.files)
+        # not private: a new repo takes its owner's default (an organisation's may be private)
+        seen = "private" if self.private else "public unless its owner makes new repos private"
         lines = [
-            f"repo      {self.repo_id} ({'private' if self.private else 'public'}, model)",
+            f"repo      {self.repo_id} ({seen}; model)",
             f"format    {self.fmt}",
             f"upload    {len(self.files) + 1} files, {total / 1e6:.1f} MB",
         ]
@@ -62,12 +68,21 @@ class UploadPlan:
 
 
 def is_repo_id(s: str) -> bool:
-    return bool(REPO_ID.match(s)) and "--" not in s and ".." not in s and not s.endswith((".", "-"))
+    """owner/name as the Hub takes it: huggingface_hub's own check (which also allows a bare name),
+    plus the owner."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(s)
+    except HFValidationError:
+        return False
+    return bool(REPO_ID.match(s)) and not s.endswith((".", "-"))
 
 
 def check_repo_id(repo_id: str) -> None:
     if not is_repo_id(repo_id):
-        raise QoqoptError(f"invalid repo name {repo_id!r}: expected user/name (letters, digits, '-', '_', '.')")
+        why = "a name may not end in .git" if repo_id.endswith(".git") else "no '--' or '..', at most 96 characters a part"
+        raise QoqoptError(f"invalid repo name {repo_id!r}: expected user/name (letters, digits, '-', '_', '.'; {why})")
 
 
 def verified_files(folder: Path, manifest: dict) -> list[PlannedFile]:
@@ -97,6 +112,26 @@ def check_hub_file_sizes(folder: Path, manifest: dict) -> None:
                               f"{HUB_MAX_FILE_BYTES // 10**9} GB{hint}")
 
 
+def card_license(base: str, override: str | None) -> str:
+    """The card's licence: --license, else QoQ-Med's own for a QoQ-Med base. A quantized build is
+    under its base model's licence, which qoqopt cannot read for any other base (the Hub's card)."""
+    if override is not None:
+        if not LICENSE_ID.match(override):
+            raise QoqoptError(f"--license {override!r} is not a Hub licence id (such as mit, apache-2.0, other)")
+        return override
+    if QOQ_MED_REPO.match(base):
+        return QOQ_MED_LICENSE
+    raise NoLicense(f"the card needs {base}'s licence, which qoqopt knows only for QoQ-Med: pass --license "
+                    "with the licence id on its Hub page (such as apache-2.0)")  # fmt: skip
+
+
+def unlisted_files(folder: Path, manifest: dict) -> list[str]:
+    """Files in the build folder that manifest.json does not list (and so are not uploaded)."""
+    listed = {entry_path(e) for e in manifest["files"]} | {"manifest.json", "README.md"}
+    found = (p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file())
+    return [name for name in found if name not in listed]
+
+
 def resolve_token() -> str:
     from huggingface_hub import get_token
 
@@ -123,6 +158,10 @@ class NoBaseModel(QoqoptError):
     """The build was exported from a local folder and no --base-model was given."""
 
 
+class NoLicense(QoqoptError):
+    """The base is not QoQ-Med and no --license was given."""
+
+
 # what a dry run's card shows for the base model it was not told (the upload itself is refused)
 UNNAMED_BASE = "OWNER/BASE-MODEL"
 
@@ -130,7 +169,7 @@ UNNAMED_BASE = "OWNER/BASE-MODEL"
 def base_model_id(manifest: dict, override: str | None = None) -> str:
     """The Hub repo the build comes from: the card's `base_model` must be a repo id, not a local path."""
     base = override or manifest.get("source", {}).get("model") or DEFAULT_BASE
-    if is_repo_id(base) and not Path(base).exists():
+    if _is_hub_id(base):
         return base
     hint = "pass --base-model owner/name (the repo the weights come from)"
     if override:
@@ -174,20 +213,21 @@ def _text_shape(folder: Path, manifest: dict) -> tuple[int, int] | None:
     return t.hidden_size, t.num_hidden_layers
 
 
-def card_metadata(manifest: dict, base_model: str | None = None):
+def card_metadata(manifest: dict, base_model: str | None = None, license: str | None = None):
     from huggingface_hub import ModelCardData
 
     fmt = manifest.get("format", "unknown")
     base = base_model_id(manifest, base_model)
     extra = {"library_name": "transformers"} if fmt in ("gptq", "awq") else {}
     return ModelCardData(
-        base_model=base, base_model_relation="quantized", license=LICENSE,
+        base_model=base, base_model_relation="quantized", license=license or card_license(base, None),
         pipeline_tag="image-text-to-text", tags=_tags(manifest), language=["en"], **extra,
     )  # fmt: skip
 
 
 def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_md: str | None = None,
-                base_model: str | None = None, exported: dict[str, str] | None = None) -> str:  # fmt: skip
+                base_model: str | None = None, exported: dict[str, str] | None = None,
+                license: str | None = None) -> str:  # fmt: skip
     """The Hub card. ``exported``: the sections of the build's own README.md (checked against its
     manifest), which the card replaces on the Hub: a GGUF build's run instructions (they name its
     files and QoQ-Med's image range), what it left out, and its known issues."""
@@ -195,7 +235,7 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
 
     fmt = manifest.get("format", "unknown")
     src = manifest.get("source", {})
-    meta = card_metadata(manifest, base_model)
+    meta = card_metadata(manifest, base_model, license)
     body = [
         f"# {repo_id.split('/')[-1]}",
         "",
@@ -236,9 +276,15 @@ def _evidence(results_md: str, manifest: dict) -> list[str]:
     if not measured:
         raise QoqoptError(f"--results: the report measured none of this build's files (its {fmt} rows are of "
                           "other builds); bench this build and run `qoqopt report` on that")  # fmt: skip
+    # a reference bench read from a local folder: its path says nothing to a reader, and names the user's folders
+    tables = _LOCAL_REFERENCE.sub(lambda m: m.group(0) if _is_hub_id(m.group(1)) else "Reference: the original model",
+                                  tables)  # fmt: skip
     built = [f"{fmt}:{q}" for q in gguf_quants(manifest)] if fmt == "gguf" else []
     missing = [v for v in built if v not in measured]
     return [tables] + (["", f"Not measured in these results: {', '.join(missing)}."] if missing else [])
+
+
+_LOCAL_REFERENCE = re.compile(r"Reference: `([^`]*)`")
 
 
 def tables_for_build(report_md: str, fmt: str, shas: set[str]) -> tuple[str, set[str]]:
@@ -429,34 +475,38 @@ def _gguf_usage(repo_id: str, manifest: dict) -> str:
 
 
 def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path | None = None,
-                base_model: str | None = None, dry_run: bool = False) -> UploadPlan:  # fmt: skip
-    """What would be uploaded, every file checked. A build of a local folder without --base-model is
-    refused before any file is read; a dry run shows its card with UNNAMED_BASE and a stop."""
+                base_model: str | None = None, dry_run: bool = False, license: str | None = None,
+                replace: bool = False) -> UploadPlan:  # fmt: skip
+    """What would be uploaded, every file checked. A build of a local folder without --base-model, or
+    of a base other than QoQ-Med without --license, is refused before any file is read; a dry run
+    shows its card with a placeholder and a stop."""
     check_repo_id(repo_id)
     manifest = read_manifest(folder, "a directory written by `qoqopt export` to publish")
     if manifest.get("format") not in BUILD_FORMATS:
         raise QoqoptError(f"{folder}/manifest.json: format {manifest.get('format')!r} is not a qoqopt build "
                           f"({', '.join(BUILD_FORMATS)})")  # fmt: skip
     stops = []
-    try:
-        base = base_model_id(manifest, base_model)
-    except NoBaseModel as err:
-        if not dry_run:
-            raise
-        base = UNNAMED_BASE
-        stops.append(f"{err} (the card above shows {UNNAMED_BASE})")
+    base = _or_stop(lambda: base_model_id(manifest, base_model), NoBaseModel, UNNAMED_BASE, dry_run, stops)
+    if base == UNNAMED_BASE and license is None:  # its stop says what to pass; the licence follows from that
+        licence = UNNAMED_LICENSE
+    else:
+        licence = _or_stop(lambda: card_license(base, license), NoLicense, UNNAMED_LICENSE, dry_run, stops)
     check_hub_file_sizes(folder, manifest)
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
     # The manifest ships too, so downloaders can check what they got.
-    manifest_text = shipped_manifest(manifest, repo_id)
+    manifest_text, withheld = shipped_manifest(manifest, repo_id, base)
     files.append(PlannedFile("manifest.json", len(manifest_text.encode()), hashlib.sha256(manifest_text.encode()).hexdigest()))
     results_md = _read_report(results) if results else None
     # only a README the manifest lists (verified_files has checked its sha256) speaks on the card
     listed = any(entry_path(e) == "README.md" for e in manifest["files"])
     exported = readme_sections((folder / "README.md").read_text(errors="replace")) if listed else None
-    card = render_card(manifest, files, repo_id, results_md, base, exported)
+    card = render_card(manifest, files, repo_id, results_md, base, exported, licence)
     fmt = manifest.get("format", "unknown")
     notes = [] if results_md else ["no --results given: the card has no drift/speed tables"]
+    notes += withheld
+    left = unlisted_files(folder, manifest)
+    if left:  # an extra quant dropped in by hand would otherwise vanish from the upload unsaid
+        notes.append(f"not in manifest.json, so not uploaded: {_some(left)}")
     if base_model:  # a build exported from a Hub id names its base itself
         notes += [n for n in [check_base_model(folder, manifest, base_model)] if n]
     if exported is not None:
@@ -465,16 +515,51 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
                      + ("carries its run instructions)" if own else "has qoqopt's generic usage)"))
     elif (folder / "README.md").exists():
         notes.append("README.md is not in manifest.json: left out, and not read for the card")
-    return UploadPlan(folder, repo_id, private, files, card, fmt, notes, manifest_text, stops)
+    return UploadPlan(folder, repo_id, private, files, card, fmt, notes, manifest_text, stops, replace)
 
 
-def shipped_manifest(manifest: dict, repo_id: str) -> str:
-    """The manifest.json uploaded: the build's own, less the export's README.md, which the card
-    replaces on the Hub (listed, its size and sha256 failed `info --verify` on every download), and
-    marked as published, so that the card is not reported as a file the manifest leaves out."""
+def _or_stop(value, missing: type[QoqoptError], placeholder: str, dry_run: bool, stops: list[str]) -> str:
+    """``value()``; when it raises ``missing``, a dry run carries on with ``placeholder`` and a stop."""
+    try:
+        return value()
+    except missing as err:
+        if not dry_run:
+            raise
+        stops.append(f"{err} (the card above shows {placeholder})")
+        return placeholder
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def shipped_manifest(manifest: dict, repo_id: str, base: str) -> tuple[str, list[str]]:
+    """The manifest.json uploaded, and notes on what it leaves out: the build's own, less the
+    export's README.md, which the card replaces on the Hub (listed, its size and sha256 failed
+    `info --verify` on every download), marked as published, so that the card is not reported as a
+    file the manifest leaves out, and naming the base model instead of the local folder the build
+    was made from (a path holds user and folder names; the fingerprint still identifies the weights)."""
     files = [e for e in manifest["files"] if entry_path(e) != "README.md"]
     published = {"repo": repo_id, "readme": "the model card written by qoqopt publish"}
-    return json.dumps({**manifest, "files": files, "published": published}, indent=2) + "\n"
+    source, notes = dict(manifest.get("source") or {}), []
+    local = source.get("model")
+    if isinstance(local, str) and not _is_hub_id(local):
+        source["model"] = base
+        notes.append(f"manifest.json names the local folder {local} the build was made from; the uploaded copy "
+                     f"names {base} instead")  # fmt: skip
+    named = [(manifest.get("calibration") or {}).get("source"), *(manifest.get("imatrix") or {}).get("datasets", [])]
+    sets = sorted({m.group(0) for text in named if isinstance(text, str) for m in [_JSONL.search(text)] if m})
+    if sets:  # recorded inside the build's files (the imatrix GGUF too): said, not rewritten
+        notes.append(f"the build names its calibration set as {_some(sets)}, and is uploaded so")
+    text = json.dumps({**manifest, "source": source, "files": files, "published": published}, indent=2) + "\n"
+    return text, notes
+
+
+_JSONL = re.compile(r"\S+\.jsonl\b", re.IGNORECASE)  # a user set's path, as the calibration label gives it
+
+
+def _is_hub_id(name: str) -> bool:
+    return is_repo_id(name) and not Path(name).exists()
 
 
 def _read_report(path: Path) -> str:
@@ -498,16 +583,20 @@ def _upload_failure(err: Exception, repo_id: str) -> str:
 
 def upload(plan: UploadPlan, token: str, api=None) -> str:
     """Create the repo if needed and send exactly the planned files plus the card, in one commit: a
-    failure leaves none of them on the Hub, and the message says whether the repo exists by then."""
+    failure leaves none of them on the Hub, and the message says whether the repo exists by then.
+    An existing repo is checked first (see :func:`stale_files`)."""
     import tempfile
 
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HTTPError, OfflineModeIsEnabled
 
     api = api or HfApi()
     repo_made = False
     try:
-        api.create_repo(plan.repo_id, token=token, private=plan.private, repo_type="model", exist_ok=True)
+        stale = _existing_repo_files(api, plan, token)
+        if stale is None:
+            # private=None, not False: a new repo then takes its owner's default (an organisation's may be private)
+            api.create_repo(plan.repo_id, token=token, private=plan.private or None, repo_type="model")
         repo_made = True
         with tempfile.TemporaryDirectory() as tmp:
             generated = {"manifest.json": plan.manifest_text, "README.md": plan.card}
@@ -515,6 +604,7 @@ def upload(plan: UploadPlan, token: str, api=None) -> str:
                 (Path(tmp) / name).write_text(text, encoding="utf-8")
             ops = [CommitOperationAdd(f.path, str((Path(tmp) if f.path in generated else plan.folder) / f.path))
                    for f in plan.files] + [CommitOperationAdd("README.md", str(Path(tmp) / "README.md"))]  # fmt: skip
+            ops += [CommitOperationDelete(name) for name in stale or []]
             info = api.create_commit(
                 plan.repo_id, ops, commit_message=f"qoqopt: upload {plan.fmt} build", token=token, repo_type="model"
             )
@@ -522,3 +612,30 @@ def upload(plan: UploadPlan, token: str, api=None) -> str:
         raise QoqoptError(f"{_upload_failure(err, plan.repo_id)}; no file was committed"
                           + (f" ({plan.repo_id} exists, without this build)" if repo_made else "")) from err  # fmt: skip
     return getattr(info, "commit_url", str(info))
+
+
+def _existing_repo_files(api, plan: UploadPlan, token: str) -> list[str] | None:
+    """None when the repo does not exist yet; else the files of it to delete (with --replace; without,
+    a repo holding files this build does not is refused), after checking --private against it."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        info = api.repo_info(plan.repo_id, token=token, repo_type="model")
+    except RepositoryNotFoundError:
+        return None
+    if plan.private and not info.private:  # create_repo(exist_ok=True) would have left it public, unsaid
+        raise QoqoptError(f"{plan.repo_id} exists and is public: --private does not change an existing repo; make it "
+                          "private in its settings on the Hub first, or publish to a new repo")  # fmt: skip
+    stale = stale_files([s.rfilename for s in info.siblings or []], plan)
+    if stale and not plan.replace:
+        raise QoqoptError(f"{plan.repo_id} already holds files this build does not: {_some(stale)}. Loaders would "
+                          "read them beside the new files (an old shard index, an old quant); pass --replace to "
+                          "delete them in the same commit (the repo's history keeps them), or publish to a new repo")  # fmt: skip
+    return stale
+
+
+def stale_files(remote: list[str], plan: UploadPlan) -> list[str]:
+    """The repo's files an upload of ``plan`` would neither write nor keep (the Hub's own
+    .gitattributes stays)."""
+    ours = {f.path for f in plan.files} | {"README.md", ".gitattributes"}
+    return sorted(name for name in remote if name not in ours)

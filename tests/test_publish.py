@@ -200,7 +200,7 @@ def test_dry_run_lists_exactly_the_files(export_dir):
     assert SECRET not in res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("repo", ["no-slash", "a/b/c", "bad name/x", "user/--x", "user/x..y"])
+@pytest.mark.parametrize("repo", ["no-slash", "a/b/c", "bad name/x", "user/--x", "user/x..y", "user/x.git", "u/" + "x" * 97])
 def test_invalid_repo_name(export_dir, repo):
     assert "invalid repo name" in error_line(run_cli("publish", str(export_dir), "--repo", repo, "--dry-run"))
 
@@ -249,17 +249,32 @@ def _content(source) -> bytes:
 
 
 class RecordingApi:
-    """Stands in for HfApi at the network boundary: records the operations it is asked to perform."""
+    """Stands in for HfApi at the network boundary: records the operations it is asked to perform.
+    ``existing``: the repo's state as huggingface_hub's own ModelInfo (None: the Hub answers 404)."""
 
-    def __init__(self):
+    def __init__(self, existing=None):
         self.calls = []
+        self.existing = existing
+
+    def repo_info(self, repo_id, **kw):
+        if self.existing is None:
+            import httpx2
+            from huggingface_hub.errors import RepositoryNotFoundError
+
+            response = httpx2.Response(404, request=httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}"))
+            raise RepositoryNotFoundError("404 Client Error. Repository Not Found", response=response)
+        return self.existing
 
     def create_repo(self, repo_id, **kw):
         self.calls.append(("create_repo", repo_id, kw))
 
     def create_commit(self, repo_id, operations, **kw):
+        from huggingface_hub import CommitOperationAdd
+
         self.calls.append(("create_commit", repo_id, [op.path_in_repo for op in operations], kw))
-        self.sent = {op.path_in_repo: _content(op.path_or_fileobj) for op in operations}  # the bytes, as the Hub gets them
+        self.sent = {op.path_in_repo: _content(op.path_or_fileobj) for op in operations
+                     if isinstance(op, CommitOperationAdd)}  # the bytes, as the Hub gets them  # fmt: skip
+        self.deleted = [op.path_in_repo for op in operations if not isinstance(op, CommitOperationAdd)]
         return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
 
 
@@ -443,7 +458,7 @@ def test_local_source_needs_base_model(export_dir, tmp_path):
                     "--base-model owner/name (the repo the weights come from)")  # fmt: skip
     listed.write_bytes(listed.read_bytes()[::-1])
     dry = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run")
-    assert dry.returncode == 0 and "base_model: OWNER/BASE-MODEL" in dry.stdout
+    assert dry.returncode == 1 and "base_model: OWNER/BASE-MODEL" in dry.stdout  # a preflight fails
     assert f"note: the upload would stop here: {line.removeprefix('error: ')} (the card above shows OWNER/BASE-MODEL)" in dry.stdout
     assert "--base-model is not" in error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--base-model", "./mini"))
     res = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run", "--base-model", "ddvd233/QoQ-Med-VL-7B")
@@ -506,9 +521,9 @@ def test_base_model_must_be_the_builds_shape(fixture_7b, tiny_dir, tmp_path, mon
         assert (f"has a language model of hidden size 3584 with 28 layers; this build's has {text['hidden_size']} "
                 f"with {text['num_hidden_layers']}: it was not quantized from ddvd233/QoQ-Med-VL-7B") in err, err  # fmt: skip
         assert "--base-model someone/llama is not a Qwen2.5-VL checkpoint" in refused([*argv, "someone/llama"], capsys)
-        plan = plan_upload(build, "me/x", base_model="me/tiny")
+        plan = plan_upload(build, "me/x", base_model="me/tiny", license="apache-2.0")
         assert "base_model: me/tiny" in plan.card and not any("not checked" in n for n in plan.notes)
-        plan = plan_upload(build, "me/x", base_model="someone/uncached")
+        plan = plan_upload(build, "me/x", base_model="someone/uncached", license="apache-2.0")
         assert any(n.startswith("--base-model someone/uncached not checked against the build") for n in plan.notes)
 
 
@@ -555,3 +570,104 @@ def test_a_refusing_hub_is_one_line(export_dir):
     assert str(err.value) == ("the Hub refused the upload to me/x (HTTP 403): 403 Forbidden: you don't have the rights "
                               "to create a model under this namespace; no file was committed (me/x exists, without "
                               "this build)")  # fmt: skip
+
+
+def _hub_state(private: bool, files: list[str]):
+    """An existing repo as huggingface_hub's ModelInfo holds the Hub's answer."""
+    from huggingface_hub.hf_api import ModelInfo
+
+    return ModelInfo(id="me/QoQ-Med-mini-GGUF", private=private, siblings=[{"rfilename": f} for f in files])
+
+
+def test_a_new_repo_takes_its_owners_default_visibility(export_dir):
+    """create_repo(private=False) made every repo public, over an organisation's private-by-default
+    setting; huggingface_hub's own meaning of private=None is that default."""
+    for private, sent in ((False, None), (True, True)):
+        api = RecordingApi()
+        upload(plan_upload(export_dir, "me/QoQ-Med-mini-GGUF", private=private), SECRET, api=api)
+        assert api.calls[0][0] == "create_repo" and api.calls[0][2]["private"] is sent
+
+
+def test_an_existing_repo_with_other_files_is_refused_unless_replaced(export_dir):
+    """Uploading into a repo adds files and removed none: an earlier build's quant or shard index
+    stayed beside the new files, where loaders read it. Refused, naming them; --replace deletes them
+    in the upload's own commit (the Hub's .gitattributes stays)."""
+    remote = [".gitattributes", "README.md", "QoQ-Med-mini.Q8_0.gguf", "QoQ-Med-mini.Q4_K_M.gguf",
+              "model.safetensors.index.json"]
+    api = RecordingApi(existing=_hub_state(False, remote))
+    with pytest.raises(QoqoptError, match=r"^me/QoQ-Med-mini-GGUF already holds files this build does not: "
+                                          r"QoQ-Med-mini.Q4_K_M.gguf, model.safetensors.index.json\. .*--replace"):
+        upload(plan_upload(export_dir, "me/QoQ-Med-mini-GGUF"), SECRET, api=api)
+    assert api.calls == []  # nothing created, nothing committed
+    upload(plan_upload(export_dir, "me/QoQ-Med-mini-GGUF", replace=True), SECRET, api=api)
+    assert [c[0] for c in api.calls] == ["create_commit"]  # the repo is there: not created again
+    assert api.deleted == ["QoQ-Med-mini.Q4_K_M.gguf", "model.safetensors.index.json"]
+    assert set(api.sent) == set(remote) - {".gitattributes", "QoQ-Med-mini.Q4_K_M.gguf", "model.safetensors.index.json"} | {
+        "mmproj-QoQ-Med-mini-f16.gguf", "manifest.json"}
+    api = RecordingApi(existing=_hub_state(True, [".gitattributes", "README.md"]))  # a rerun of the same build
+    upload(plan_upload(export_dir, "me/QoQ-Med-mini-GGUF"), SECRET, api=api)
+    assert api.deleted == []
+
+
+def test_private_is_not_promised_for_an_existing_public_repo(export_dir):
+    """create_repo(exist_ok=True) leaves an existing repo's visibility as it is: --private then
+    uploaded a clinical build into a public repo without a word."""
+    api = RecordingApi(existing=_hub_state(False, [".gitattributes"]))
+    with pytest.raises(QoqoptError, match=r"^me/x exists and is public: --private does not change an existing repo"):
+        upload(plan_upload(export_dir, "me/x", private=True), SECRET, api=api)
+    assert api.calls == []
+
+
+def test_card_licence_is_the_base_models(export_dir, capsys):
+    """QoQ-Med is MIT; a build of another base is under that base's licence, which qoqopt cannot
+    know: --license gives it (a Hub licence id), and without one the upload stops. The card's
+    metadata is read back by huggingface_hub's ModelCard."""
+    from huggingface_hub import ModelCard
+
+    assert ModelCard(plan_upload(export_dir, "me/x").card).data.license == "mit"
+    other = ["publish", export_dir, "--repo", "me/x", "--base-model", "Qwen/Qwen2.5-VL-7B-Instruct"]
+    assert "the card needs Qwen/Qwen2.5-VL-7B-Instruct's licence" in refused([*other], capsys)
+    res = run_cli(*map(str, other), "--dry-run", env={"HF_TOKEN": SECRET})
+    assert res.returncode == 1 and "license: other" in res.stdout and "pass --license" in res.stdout
+    plan = plan_upload(export_dir, "me/x", base_model="Qwen/Qwen2.5-VL-7B-Instruct", license="apache-2.0")
+    assert ModelCard(plan.card).data.license == "apache-2.0"
+    assert "is not a Hub licence id" in refused([*other, "--license", "Apache 2.0"], capsys)
+
+
+def test_files_the_manifest_does_not_list_are_named(export_dir):
+    """A quant copied into the folder by hand is not uploaded (only listed files are verified):
+    the plan says so instead of dropping it unsaid."""
+    (export_dir / "QoQ-Med-mini.F16.gguf").write_bytes(b"GGUF")
+    (export_dir / "notes.txt").write_text("x")
+    plan = plan_upload(export_dir, "me/x")
+    assert "note      not in manifest.json, so not uploaded: QoQ-Med-mini.F16.gguf, notes.txt" in plan.describe()
+    assert "QoQ-Med-mini.F16.gguf" not in [f.path for f in plan.files]
+
+
+def _run_measuring(export_dir, label: str, ref_sha: str, source: str) -> dict:
+    """A bench run of this build's text GGUF against a reference read from ``source``."""
+    from qoqopt.report import SCHEMA
+
+    text = next(f for f in json.loads((export_dir / "manifest.json").read_text())["files"] if f.get("kind") == "text")
+    ref = {"name": "reference", "status": "ok", "size_bytes": 1, "drift": {"all": {}}, "files": [{"sha256": ref_sha * 32}]}
+    ours = _measured("gguf:" + text["quant"], "aa", 1e-6) | {"files": [{"sha256": text["sha256"]}]}
+    return {"schema": SCHEMA, "run": {"machine": {"label": label}, "model": {"source": source}}, "variants": [ref, ours]}
+
+
+def test_local_paths_stay_home(export_dir, tmp_path):
+    """The uploaded manifest named the folder the build was made from (a user name, a project), and a
+    report's reference line did too on the card: both now name the base model or the original."""
+    from qoqopt.report import render_markdown
+
+    m = json.loads((export_dir / "manifest.json").read_text())
+    local = str(tmp_path / "home" / "alice" / "qoq-7b")
+    m["source"]["model"] = local
+    (export_dir / "manifest.json").write_text(json.dumps(m))
+    runs = [_run_measuring(export_dir, machine, ref, source) for machine, ref, source in
+            (("a", "01", local), ("b", "02", local + "-other"))]  # two references: the report names each  # fmt: skip
+    (tmp_path / "report.md").write_text(render_markdown(runs))
+    assert local in (tmp_path / "report.md").read_text()
+    plan = plan_upload(export_dir, "me/x", base_model="ddvd233/QoQ-Med-VL-7B", results=tmp_path / "report.md")
+    assert local not in plan.manifest_text and local not in plan.card and "Reference: the original model" in plan.card
+    assert json.loads(plan.manifest_text)["source"]["model"] == "ddvd233/QoQ-Med-VL-7B"
+    assert any(n.startswith(f"manifest.json names the local folder {local}") for n in plan.notes)

@@ -10,6 +10,7 @@ examples:
   qoqopt publish out/gguf --repo me/QoQ-Med-VL-7B-GGUF --dry-run      # show exactly what would be sent
   qoqopt publish out/gguf --repo me/QoQ-Med-VL-7B-GGUF --results results/report/report.md
   HF_TOKEN=... qoqopt publish out/gptq --repo my-lab/QoQ-Med-VL-7B-GPTQ --private
+  qoqopt publish out/gguf --repo me/Qwen2.5-VL-7B-GGUF --base-model Qwen/Qwen2.5-VL-7B-Instruct --license apache-2.0
 
 Before anything is uploaded, qoqopt checks the repo name, that DIR has a manifest.json written by
 `qoqopt export`, that no file is over the Hub's 50 GB a file (a 32B F16 GGUF is: export it with
@@ -20,6 +21,15 @@ listed file still matches its sha256, that a --base-model has the build's langua
 model card (README.md) is generated: YAML metadata (base_model, base_model_relation: quantized,
 licence, tags, pipeline_tag), the file list with sha256, the drift/speed tables from --results,
 and usage for llama.cpp, LM Studio, Ollama, vLLM and transformers.
+
+Only the files manifest.json lists are sent (the plan names any others in the folder). The uploaded
+manifest.json names the base model, not the local folder a build was made from. A repo that exists
+already is checked first: --private refuses a public one (visibility is not changed), and files
+in it that this build does not have (an earlier build's quants or shard index) refuse the upload
+unless --replace deletes them in the same commit.
+
+A dry run exits 0 when the upload would go ahead (a missing token aside: it is only noted), and 1
+with the reasons when it would stop.
 """
 
 
@@ -33,10 +43,16 @@ def register(sub) -> None:
     )
     p.add_argument("folder", type=Path, metavar="DIR", help="directory written by `qoqopt export`")
     p.add_argument("--repo", required=True, help="target repo id, user/name")
-    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo as private (without it a new repo takes its owner's default visibility)")
+    p.add_argument("--replace", action="store_true",
+                   help="delete the repo's files that this build does not have, in the upload's commit")
     p.add_argument("--results", type=Path, help="Markdown tables from `qoqopt report` to put in the card")
     p.add_argument("--base-model", metavar="OWNER/NAME",
                    help="the card's base_model when the build was exported from a local directory")  # fmt: skip
+    p.add_argument("--license", metavar="ID",
+                   help="the card's licence, the base model's Hub licence id (default: mit for a QoQ-Med base; "
+                        "required for any other)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the plan and the card; upload nothing")
     p.set_defaults(func=run)
 
@@ -51,20 +67,21 @@ def run(args) -> int:
         raise QoqoptError(f"--results {args.results} does not exist")
     if args.results and args.results.suffix.lower() != ".md":
         raise QoqoptError(f"--results {args.results}: give the report.md of `qoqopt report`, not its inputs")
-    plan = plan_upload(args.folder, args.repo, args.private, args.results, args.base_model, dry_run=args.dry_run)
+    plan = plan_upload(args.folder, args.repo, args.private, args.results, args.base_model, dry_run=args.dry_run,
+                       license=args.license, replace=args.replace)  # fmt: skip
     if args.dry_run:
         stops = list(plan.stops)  # what would refuse the upload, said after the plan a dry run still shows
         print(plan.describe())
         print("\n--- README.md (model card) ---")
         print(plan.card)
         print("dry run: nothing was uploaded")
+        for why in stops:
+            print(f"note: the upload would stop here: {why}")
         try:
             resolve_token()
         except QoqoptError as err:  # said now, not after the user has set the upload going
-            stops.append(str(err))
-        for why in stops:
-            print(f"note: the upload would stop here: {why}")
-        return 0
+            print(f"note: the upload would stop here: {err}")
+        return 1 if stops else 0  # a preflight fails on what this plan lacks, not on this machine's login
     token = resolve_token()
     url = upload(plan, token)
     print(f"uploaded {len(plan.files) + 1} files to {args.repo}: {url}")
