@@ -50,7 +50,43 @@ def load_results(paths: list[Path]) -> list[dict]:
         runs.append(data)
     if not runs:
         raise QoqoptError("no result files given")
+    _tell_apart(runs, [contents[json.dumps(r, sort_keys=True)] for r in runs])
     return runs
+
+
+def _tell_apart(runs: list[dict], paths: list[Path]) -> None:
+    """Runs sharing a machine label get ``#1``, ``#2``... (in the order given): two rows or legend
+    entries of one name could not be told apart."""
+    labels = [machine_label(r) for r in runs]
+    for label in sorted({x for x in labels if labels.count(x) > 1}):
+        same = [i for i, x in enumerate(labels) if x == label]
+        for k, i in enumerate(same, 1):
+            runs[i]["run"]["machine"] = {**runs[i]["run"]["machine"], "label": f"{label} #{k}"}
+        named = ", ".join(f"{paths[i]} as #{k}" for k, i in enumerate(same, 1))
+        print(f"note: {len(same)} runs are labelled {label!r}: shown as {named}", file=sys.stderr)
+
+
+DISAGREE = 2.0  # mean KLDs of one build, chats and reference this far apart are not runtime noise
+
+
+def say_disagreements(runs: list[dict]) -> None:
+    """A note for each build whose runs in one drift set disagree by more than DISAGREE on mean KLD:
+    its drift table shows the first run's numbers only, which would otherwise hide the other's."""
+    for members in drift_groups(runs):
+        seen: dict[str, tuple[float, dict]] = {}
+        for run in members:
+            for v in run["variants"]:
+                kld = (((v.get("drift") or {}).get("all") or {}).get("mean_kld")) if v.get("status") == "ok" else None
+                if not _is_number(kld) or not math.isfinite(kld):
+                    continue
+                if v["name"] not in seen:
+                    seen[v["name"]] = (kld, run)
+                    continue
+                first, where = seen[v["name"]]
+                lo, hi = sorted((first, kld))
+                if hi > DISAGREE * lo:
+                    print(f"note: {v['name']}'s mean KLD is {first:.3g} in {_run_name(where)} and {kld:.3g} in "
+                          f"{_run_name(run)} (same files and chats); the drift table shows the first", file=sys.stderr)
 
 
 def _check_result(data, path: Path) -> None:
@@ -400,6 +436,7 @@ def write_report(paths: list[Path], out_dir: Path, force: bool = False) -> Path:
     from .fileio import atomic_dir
 
     runs = load_results(paths)
+    say_disagreements(runs)
     with atomic_dir(out_dir, force=force, inputs=paths, marker="report.md") as tmp:
         plots = write_plots(runs, tmp)
         (tmp / "report.md").write_text(render_markdown(runs, plots))

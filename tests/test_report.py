@@ -284,3 +284,32 @@ def test_a_machine_label_with_markdown_characters_stays_in_its_cell(tmp_path):
     assert [e["variant"] for e in entries] == ["gguf:Q8_0", "gguf:Q4_K_M", "gguf:Q5_K_M", "gptq:4"]
     failed = md.split("## Failed variants")[1]
     assert "- ward 3 \\| A100 'sxm' $x^$: `awq:4`: loader refused" in failed
+
+
+def test_runs_that_disagree_or_share_a_label_are_told_apart(tmp_path, monkeypatch):
+    """Two runs of one machine label read as one machine: their speed rows and legend entries had the
+    same name. Two runs of one build on the same chats whose mean KLDs are far apart (a drift table
+    shows the first only) went unsaid, and which one showed hung on the argument order."""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_run("cpu", 1.0)))
+    other = _run("cpu", 0.01)
+    other["variants"][2]["drift"]["all"]["mean_kld"] = 0.5  # gguf:Q4_K_M: 25x the first run's 0.02
+    b.write_text(json.dumps(other))
+    res = run_cli("report", str(a), str(b), "--out", str(tmp_path / "rep"))
+    assert res.returncode == 0, res.stderr
+    assert f"note: 2 runs are labelled 'cpu': shown as {a} as #1, {b} as #2" in res.stderr
+    assert "note: gguf:Q4_K_M's mean KLD is 0.02 in the run on cpu #1 and 0.5 in the run on cpu #2" in res.stderr
+    assert res.stderr.count("mean KLD is") == 1  # the other builds agree
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| cpu #1 | gguf:Q4_K_M |" in md and "| cpu #2 | gguf:Q4_K_M |" in md and "| cpu | " not in md
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qoqopt.report import load_results, write_plots
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    write_plots(load_results([a, b]), tmp_path)
+    assert [c.get_label() for c in figures[-1].axes[0].containers] == ["cpu #1", "cpu #2"]  # the speed bars
