@@ -63,7 +63,20 @@ def _dicom_picture(ds, path: Path, frame: int | None) -> Image.Image:
     if is_waveform(ds):
         _no_frame(frame, path)
         return render_ecg(ds)
+    _check_dicom_size(ds, path)  # before a decode that could take all memory
     return _fits_processor(dicom_to_image(ds, frame), path)
+
+
+def _check_dicom_size(ds, path: Path) -> None:
+    """A DICOM frame is refused past the pixel count where Pillow refuses a PNG (a decompression
+    bomb): a 20000 x 20000 frame took 10 GB on its way to 8-bit RGB."""
+    if "Rows" not in ds or "Columns" not in ds:
+        raise QoqoptError(f"{path}: DICOM has neither an image nor a waveform (Modality {ds.get('Modality', '?')})")
+    width, height = int(ds.Columns), int(ds.Rows)
+    if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:
+        raise QoqoptError(f"{path}: {width}x{height} pixels, more than {2 * Image.MAX_IMAGE_PIXELS:,} a frame, which "
+                          "Pillow refuses in a PNG as a decompression bomb; downscale it first")  # fmt: skip
+    _check_aspect(width, height, path)
 
 
 def is_waveform(ds) -> bool:
@@ -77,7 +90,7 @@ def check_image(path: str | Path, dicom: bool = False, frame: int | None = None)
     display range, and its size is one the processor takes. For sets that are checked whole
     before long work starts; pixels are decoded when an item is used. Returns a DICOM's header
     (pixels not read), so the caller need not read it again; None for other files."""
-    from qoqopt.data.dicom import frame_index, frame_view, read_dicom
+    from qoqopt.data.dicom import display_view, frame_index, frame_view, read_dicom
 
     path = _existing(path)
     if dicom or is_dicom(path):
@@ -86,11 +99,10 @@ def check_image(path: str | Path, dicom: bool = False, frame: int | None = None)
             if is_waveform(ds):
                 _no_frame(frame, path)
                 return ds
-            if "Rows" not in ds or "Columns" not in ds:
-                raise QoqoptError(f"{path}: DICOM has neither an image nor a waveform (Modality {ds.get('Modality', '?')})")
             _check_decodable(ds, path)
-            _check_aspect(int(ds.Columns), int(ds.Rows), path)
-            frame_view(ds, frame_index(ds, frame))  # the frame count and the functional groups agree
+            _check_dicom_size(ds, path)
+            # the frame count and the functional groups agree; rescale and window are numbers
+            display_view(frame_view(ds, frame_index(ds, frame)))
         return ds
     with _pillow(path) as img:
         _seek(img, frame, path)
@@ -112,8 +124,15 @@ def _quiet():
 def _pillow(path: Path):
     """The file opened by Pillow (header read, pixels on demand), its failures as one line."""
     try:
-        with Image.open(path) as img:
-            yield img
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                yield img
+        for w in said:  # Pillow's two-line warning as one line; anything else as it was
+            if issubclass(w.category, Image.DecompressionBombWarning):
+                print(f"warning: {path}: {w.message}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except Image.DecompressionBombError as exc:
         raise QoqoptError(f"{path}: too many pixels for a safe decode ({exc}); downscale it first") from None
     except (UnidentifiedImageError, OSError) as exc:

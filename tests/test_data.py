@@ -327,6 +327,83 @@ def test_slices_stored_mirrored_are_flipped_for_display():
     np.testing.assert_array_equal(dicom_to_array(upside_down, reorient=False)[..., 0], px)
 
 
+def test_empty_window_or_rescale_reads_as_none():
+    """An empty Window Center/Width (or Rescale Slope) is as good as absent, as viewers take it: it
+    gave a flat grey picture (every pixel 128), or a TypeError. Reference: the same file with the
+    tags deleted by pydicom."""
+    stored = np.array([[0, 1024], [1064, 3000]], np.uint16)
+    for tags in ({"WindowCenter": "", "WindowWidth": ""}, {"WindowCenter": 40, "WindowWidth": ""},
+                 {"RescaleSlope": "", "RescaleIntercept": -1024}):  # fmt: skip
+        ds = _dataset(stored, "MONOCHROME2", 12, Modality="CT", **tags)
+        plain = _dataset(stored, "MONOCHROME2", 12, Modality="CT", **tags)
+        for keyword, value in tags.items():
+            if value == "":
+                del plain[keyword]
+        out = dicom_to_array(ds)
+        np.testing.assert_array_equal(out, dicom_to_array(plain))
+        assert len(np.unique(out)) > 1, tags
+
+
+@pytest.mark.parametrize("tags, broken, message", [
+    ({"WindowCenter": 40, "WindowWidth": 0}, None, r"Window Width is .*0.*; DICOM requires at least 1"),
+    ({"WindowCenter": "2048", "WindowWidth": 400}, (b"2048", b"2k48"), r"Window Center is '2k48', not a number"),
+    ({"RescaleSlope": "1.25", "RescaleIntercept": 0}, (b"1.25", b"abcd"), r"Rescale Slope is 'abcd', not a number"),
+])  # fmt: skip
+def test_broken_display_values_are_one_line_at_load(tmp_path, tags, broken, message):
+    """A window narrower than PS3.3 C.11.2.1.2 allows, or a rescale or window that is not a number,
+    was a pydicom ValueError/TypeError traceback, and only once the item was used (mid-export, after
+    the model had loaded): a JSONL set now refuses it at load, naming the line."""
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    ds = _dataset(np.array([[0, 100], [200, 300]], np.uint16), "MONOCHROME2", 12, Modality="CT",
+                  SOPClassUID=CTImageStorage, SOPInstanceUID=generate_uid(), **tags)  # fmt: skip
+    ds.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    if broken:  # as a broken writer leaves it: pydicom will not set a DS that is not a number
+        data = (tmp_path / "bad.dcm").read_bytes()
+        assert data.count(broken[0]) == 1
+        (tmp_path / "bad.dcm").write_bytes(data.replace(*broken))
+    with pytest.raises(QoqoptError, match=message):
+        dicom_to_array(pydicom.dcmread(tmp_path / "bad.dcm"))
+    path = _write_set(tmp_path, [GOOD, {**_NO_IMAGE, "dicom": "bad.dcm"}])
+    with pytest.raises(QoqoptError, match=r"set\.jsonl:2: .*bad\.dcm: " + message):
+        load_jsonl(path)
+
+
+def test_one_bit_pixels_are_black_and_white():
+    """A 1-bit DICOM (a mask) is shown as Pillow shows a 1-bit image, 0 black and 1 white: with the
+    8-bit display range it was 0 and 1 of 255, all black."""
+    from pydicom.pixels import pack_bits
+
+    mask = np.array([[0, 1, 1, 0, 1, 0, 0, 1], [1, 0, 0, 1, 1, 1, 0, 0]], np.uint8)
+    expected = np.asarray(Image.fromarray(mask.astype(bool)).convert("RGB"))  # Pillow's mode "1"
+    packed = _dataset(mask, "MONOCHROME2", 1)  # a byte a pixel, one bit of it stored
+    packed.BitsAllocated, packed.PixelData = 1, pack_bits(mask)  # as a segmentation stores it: 8 a byte
+    for ds in (_dataset(mask, "MONOCHROME2", 1), packed):
+        assert ds.BitsStored == 1 and (ds.pixel_array == mask).all()
+        np.testing.assert_array_equal(dicom_to_array(ds), expected)
+
+
+def test_palette_with_8_bit_values_in_16_bit_entries():
+    """Some writers fill a 16-bit palette with 8-bit values (PS3.3 C.7.6.3.1.5 notes it): read as
+    16-bit, every colour was near black. Such a table is read as the 8-bit one it is; a true
+    16-bit table is unchanged. Reference: pydicom's own palette lookup of the table."""
+    from pydicom.pixels import apply_color_lut
+
+    index = np.array([[0, 1], [2, 3]], np.uint8)
+    lut = {"Red": [0, 255, 128, 10], "Green": [0, 0, 255, 20], "Blue": [255, 0, 64, 30]}
+
+    def palette(scale: int) -> Dataset:
+        ds = _dataset(index, "PALETTE COLOR", 8)
+        for colour, values in lut.items():
+            setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [4, 0, 16])
+            setattr(ds, f"{colour}PaletteColorLookupTableData", (np.array(values, "<u2") * scale).tobytes())
+        return ds
+
+    np.testing.assert_array_equal(dicom_to_array(palette(1)), apply_color_lut(index, palette(1)))
+    sixteen = palette(257)  # 255 * 257 = 65535: the same colours at 16 bits
+    np.testing.assert_array_equal(dicom_to_array(sixteen), apply_color_lut(index, sixteen) // 257)
+
+
 def test_real_monochrome1_radiograph_is_inverted():
     # MONOCHROME1 shows its minimum as white: display grey must fall as the stored value rises.
     path = catalog.source_path("RG1_UNCR.dcm")

@@ -124,3 +124,31 @@ def test_a_frame_is_picked_from_a_dicom_stack_and_a_gif(tmp_path):
         f'{{"dicom": "{stack}", "frame": 12, "question": "Plane?", "answer": "Axial", "domain": "mri"}}\n')
     with pytest.raises(QoqoptError, match=r"set\.jsonl:1: .*frame 12 out of range \(it has 10\)"):
         load_jsonl(tmp_path / "set.jsonl")  # at load, from the header
+
+
+def test_too_many_pixels_is_refused_in_a_dicom_as_in_a_png(tmp_path, monkeypatch, capsys):
+    """Pillow refuses a PNG of more than twice its MAX_IMAGE_PIXELS as a decompression bomb and warns
+    above it (its two-line warning is now one); a DICOM had no limit (20000 x 20000 took 10 GB). Its
+    header is enough to refuse it, in `check_image` (sets) and before the decode in `open_image`."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    from qoqopt.images import check_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's limits, scaled down
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / "big.png")  # 1200: warned
+    Image.fromarray(np.zeros((50, 50), np.uint8)).save(tmp_path / "bomb.png")  # 2500: refused
+    assert open_image(tmp_path / "big.png").size == (40, 30)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {tmp_path / 'big.png'}: Image size (1200 pixels) exceeds limit") and err.count("\n") == 1
+    with pytest.raises(QoqoptError, match="too many pixels for a safe decode"):
+        open_image(tmp_path / "bomb.png")
+    ds = Dataset()
+    ds.set_pixel_data(np.zeros((50, 50), np.uint8), "MONOCHROME2", 8)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, generate_uid(), "CT"
+    ds.save_as(tmp_path / "bomb.dcm", enforce_file_format=True)
+    for check in (open_image, check_image):
+        with pytest.raises(QoqoptError, match=r"bomb\.dcm: 50x50 pixels, more than 2,000 a frame, which Pillow "):
+            check(tmp_path / "bomb.dcm")
+    assert pydicom.dcmread(tmp_path / "bomb.dcm").pixel_array.shape == (50, 50)  # a readable file, just too big

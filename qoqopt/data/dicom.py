@@ -187,6 +187,7 @@ def display_orientation(rgb: np.ndarray, ds: Dataset) -> np.ndarray:
 
 def grey_to_unit(arr: np.ndarray, ds: Dataset, window: tuple[float, float] | None = None) -> np.ndarray:
     """Greyscale stored values -> display values in [0, 1] (0 black, 1 white)."""
+    ds = display_view(ds)
     values = apply_modality_lut(arr, ds)
     voi_ds = _window_dataset(ds, *window) if window else _own_voi(ds)
     if voi_ds is None and ds.get("Modality") == "CT":
@@ -198,8 +199,8 @@ def grey_to_unit(arr: np.ndarray, ds: Dataset, window: tuple[float, float] | Non
             values = np.rint(values).astype(np.int64)  # a LUT is indexed by integers
         shown = apply_voi_lut(values, voi_ds).astype(np.float64)
         lo, hi = _voi_range(voi_ds)
-    elif _is_display_ready(ds):
-        shown, lo, hi = values.astype(np.float64), 0.0, 255.0
+    elif _is_display_ready(ds):  # its stored range is the display range: 1-bit masks are 0 and 255
+        shown, lo, hi = values.astype(np.float64), 0.0, 2.0 ** int(ds.BitsStored) - 1
     else:
         # No VOI in the file (e.g. enhanced MR keeps it per frame): stretch robustly, as viewers do.
         shown = values.astype(np.float64)
@@ -214,8 +215,7 @@ def colour_to_rgb8(arr: np.ndarray, ds: Dataset, pi: str) -> np.ndarray:
     """Colour stored values in photometric interpretation `pi` -> uint8 RGB."""
     if pi == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds)
-        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])  # 8 or 16 bits per LUT entry
-        return _to_uint8(rgb / (2.0**bits - 1))
+        return _to_uint8(rgb / (2.0 ** _palette_bits(ds) - 1))
     if pi in ("YBR_FULL", "YBR_FULL_422"):
         # _422 data comes out of the decoder already upsampled, so both convert the same way.
         return convert_color_space(arr.astype(np.uint8), "YBR_FULL", "RGB")
@@ -224,6 +224,55 @@ def colour_to_rgb8(arr: np.ndarray, ds: Dataset, pi: str) -> np.ndarray:
             return arr
         return _to_uint8(arr / (2.0 ** int(ds.BitsStored) - 1))
     raise QoqoptError(f"{_name(ds)}: unsupported photometric interpretation {pi}")
+
+
+def _palette_bits(ds: Dataset) -> int:
+    """Bits per palette entry. The descriptor says 8 or 16, but some older writers put 8-bit values
+    in 16-bit entries (PS3.3 C.7.6.3.1.5 notes it): read as 16-bit, every colour is near black. A
+    16-bit table whose entries all fit in 8 bits is taken as 8-bit, as DCMTK does."""
+    n, first, bits = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
+    if bits != 16:
+        return bits
+    table = apply_color_lut(np.arange(first, first + (n or 65536)), ds)  # every entry, segmented tables too
+    return 8 if table.max() <= 255 else 16
+
+
+# The greyscale display attributes: each is a number (or several), read by apply_modality_lut and
+# apply_voi_lut; an empty one is as good as absent, a non-number is refused by display_view.
+_DISPLAY_NUMBERS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+
+
+def display_view(ds: Dataset) -> Dataset:
+    """``ds`` without its empty display attributes (viewers treat an empty Window Center as none),
+    each other one checked: a value that is not a finite number, or a window narrower than PS3.3
+    C.11.2.1.2 allows, is a one-line error naming the file, not pydicom's TypeError mid-export."""
+    empty = [k for k in _DISPLAY_NUMBERS if k in ds and ds[k].is_empty]
+    for keyword in _DISPLAY_NUMBERS:
+        if keyword in ds and keyword not in empty:
+            _check_numbers(ds, keyword)
+    if not empty:
+        return ds
+    view = Dataset()
+    view.update(ds)
+    view.filename = getattr(ds, "filename", None)
+    for keyword in empty:
+        del view[keyword]
+    return view
+
+
+def _check_numbers(ds: Dataset, keyword: str) -> None:
+    raw = ds[keyword].value
+    values = list(raw) if isinstance(raw, (list, tuple, pydicom.multival.MultiValue)) else [raw]
+    label = ds[keyword].name
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise QoqoptError(f"{_name(ds)}: {label} is {raw!r}, not a number") from None
+    if not all(np.isfinite(numbers)):
+        raise QoqoptError(f"{_name(ds)}: {label} is {raw!r}, not a finite number")
+    exact = str(ds.get("VOILUTFunction", "")).upper() == "LINEAR_EXACT"
+    if keyword == "WindowWidth" and any(w <= 0 or (w < 1 and not exact) for w in numbers):
+        raise QoqoptError(f"{_name(ds)}: {label} is {raw!r}; DICOM requires at least 1 (above 0 for LINEAR_EXACT)")
 
 
 def _own_voi(ds: Dataset) -> Dataset | None:
