@@ -423,6 +423,10 @@ def test_cuda_refused_without_gpu(tiny_dir, tmp_path):
 
 def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     """`qoqopt ask` finds the text GGUF and mmproj through manifest.json, and refuses clearly otherwise."""
+    from PIL import Image
+
+    from qoqopt.exports.gguf_header import read_header
+
     (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
     res = run_cli("ask", str(gguf_dir), "--quant", "Q8_0", "--item", "ct-abd-pancreas.region_ct.eval-0")
     assert res.returncode == 0, res.stderr
@@ -432,6 +436,15 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     assert res.returncode != 0 and "has no text GGUF of type Q5_K_M (it has: Q4_K_M, Q8_0)" in res.stderr
     res = run_cli("ask", str(tmp_path), "--item", "ct-abd-pancreas.region_ct.eval-0")
     assert "has no manifest.json" in error_line(res)
+    # a question past a fixed 4864-token context was refused; the model's own context is the limit now
+    trained = read_header(next(gguf_dir.glob("*.Q8_0.gguf"))).kv["qwen2vl.context_length"]
+    image = tmp_path / "scan.png"
+    Image.new("RGB", (56, 56)).save(image)
+    for words, fits in ((3000, True), (trained, False)):  # 6000 bytes; then more tokens than the context
+        res = run_cli("ask", str(gguf_dir), "--quant", "Q8_0", "--image", str(image), "--question", "scan " * words,
+                      "--max-tokens", "2")  # fmt: skip
+        assert (res.returncode == 0) == fits, res.stderr
+    assert f"but the context holds {trained}: shorten the question or the reply" in error_line(res)
 
 
 def _llama_cpp_print_info(path: Path) -> dict[str, str]:
@@ -480,9 +493,11 @@ def test_info_of_a_gguf_build_says_what_llama_cpp_loads(run_1t, trained_dir, tmp
     (partial / texts["Q8_0"]["path"]).unlink()
     q4 = partial / texts["Q4_K_M"]["path"]
     q4.write_bytes(q4.read_bytes()[: q4.stat().st_size - 1000])  # a download cut off in the tensor data
-    out = run_cli("info", str(partial)).stdout
+    res = run_cli("info", str(partial))
+    out = res.stdout
     assert next(ln for ln in out.splitlines() if texts["Q8_0"]["path"] in ln).endswith("MISSING")
     assert f"CUT OFF: {q4.name} ends before its tensor data" in out
+    assert res.returncode == 1  # a script checking a download by the exit status got 0
 
 
 def _hub_repo(build: Path, hub: Path, repo_id: str) -> None:

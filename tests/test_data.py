@@ -508,6 +508,11 @@ def test_jsonl_loads_images_dicoms_and_ecgs(tmp_path):
         ({**GOOD, "choices": ["Liver", "liver"]}, r"set\.jsonl:2: 'choices' lists an option twice"),
         ({**GOOD, "answer": "Normal, no findings", "choices": ["Normal, no findings", "Mass"]},
          r"set\.jsonl:2: choice 'Normal, no findings' holds a comma, which separates labels"),
+        # a control token is read as control by both runtimes: the chat would not be the one written
+        ({**GOOD, "question": "Which organ?<|im_end|>"}, r"set\.jsonl:2: the question holds <\|im_end\|>, which the chat"),
+        ({**GOOD, "answer": "Liver<|endoftext|>"}, r"set\.jsonl:2: the answer holds <\|endoftext\|>"),
+        ({**GOOD, "choices": ["Liver", "<__media__>"]}, r"set\.jsonl:2: the choice holds <__media__>"),
+        ({**GOOD, "question": "   "}, r"set\.jsonl:2: missing or empty field 'question'"),
     ],
 )
 def test_jsonl_errors_name_file_and_line(tmp_path, bad, message):

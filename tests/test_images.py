@@ -103,6 +103,43 @@ def test_ask_refuses_a_bad_image_before_loading_the_model(tiny_dir, tmp_path, ca
     assert "scan.png: not an image Pillow can read" in err
 
 
+def test_ask_takes_one_image_and_a_plain_question(tiny_dir, tmp_path, capsys):
+    """A second --image replaced the first unsaid; a question holding a control token of the chat
+    format was read as control (llama.cpp: <|im_end|> ended the turn; transformers: <|image_pad|> was
+    a ValueError after the model loaded; llama.cpp's media marker asked for a second image). The
+    tokens are the tokenizer's own special added tokens, read from the mini's tokenizer.json."""
+    import json
+
+    from tests.conftest import refused
+
+    Image.fromarray(np.zeros((56, 56, 3), np.uint8)).save(tmp_path / "a.png")
+    img = tmp_path / "a.png"
+    with pytest.raises(SystemExit):
+        from qoqopt.cli import main
+
+        main(["ask", str(tiny_dir), "--image", str(img), "--image", str(img), "--question", "q"])
+    assert "--image was given twice; it takes one value" in capsys.readouterr().err
+    special = [t["content"] for t in json.loads((tiny_dir / "tokenizer.json").read_text())["added_tokens"] if t["special"]]
+    assert "<|im_end|>" in special and "<|image_pad|>" in special
+    for token in (*special, "<__media__>"):
+        err = refused(["ask", tiny_dir, "--image", img, "--question", f"Which region? {token} x"], capsys)
+        assert err == f"error: --question: the question holds {token}, which the chat format reads as a control token, not text; remove it"
+    for blank in ("", "   "):
+        assert refused(["ask", tiny_dir, "--image", img, "--question", blank], capsys) == "error: --question: the question is empty"
+
+
+def test_ask_refuses_a_prompt_past_the_models_context(tiny_dir, tmp_path):
+    """transformers generated past max_position_embeddings without a word (34,001 tokens > 32,768)."""
+    from transformers import AutoConfig
+
+    from tests.conftest import error_line, run_cli
+
+    limit = AutoConfig.from_pretrained(tiny_dir).get_text_config().max_position_embeddings
+    Image.fromarray(np.zeros((56, 56, 3), np.uint8)).save(tmp_path / "a.png")
+    err = error_line(run_cli("ask", str(tiny_dir), "--image", str(tmp_path / "a.png"), "--question", "a " * limit))
+    assert err.endswith(f"but the model's context holds {limit}: shorten the question or the reply"), err
+
+
 def test_a_frame_is_picked_from_a_dicom_stack_and_a_gif(tmp_path):
     """--frame / "frame": the slice asked for (a DICOM's middle one by default), out of range in one line."""
     from qoqopt.data import load_jsonl

@@ -45,7 +45,12 @@ class HFRunner:
 
     def reply(self, image, question: str, max_new_tokens: int) -> str:
         """Greedy reply to one image question, through the processor's chat template."""
-        return self._generate(self._inputs(image_question(image, question)), max_new_tokens)
+        inputs = self._inputs(image_question(image, question))
+        n, limit = inputs["input_ids"].shape[1], self.model.config.get_text_config().max_position_embeddings
+        if n + max_new_tokens > limit:  # generate() would run past the positions the model was trained on, unsaid
+            raise QoqoptError(f"the prompt is {n} tokens (text and image) and the reply up to {max_new_tokens}, but "
+                              f"the model's context holds {limit}: shorten the question or the reply")  # fmt: skip
+        return self._generate(inputs, max_new_tokens)
 
     def _inputs(self, messages):
         return self.processor.apply_chat_template(

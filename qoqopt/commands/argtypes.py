@@ -56,3 +56,12 @@ def label(text: str) -> str:
 
 
 label.__name__ = "a label"
+
+
+class Once(argparse.Action):
+    """An option given at most once: a second --image replaced the first without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} was given twice; it takes one value")
+        setattr(namespace, self.dest, values)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .argtypes import count_or_all, index, positive_int
+from .argtypes import Once, count_or_all, index, positive_int
 
 EXAMPLES = """\
 examples:
@@ -39,14 +39,17 @@ def register(sub) -> None:
     )
     p.add_argument("build", help="a directory written by `qoqopt export`, or a checkpoint (directory or Hub id)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--item", help="a built-in clinical item id (see `qoqopt data list`)")
-    src.add_argument("--image", type=Path, help="an image file (PNG, JPEG, TIFF, ...; 16-bit greyscale as llama.cpp reads it, "
+    src.add_argument("--item", action=Once, help="a built-in clinical item id (see `qoqopt data list`)")
+    src.add_argument("--image", type=Path, action=Once, help="an image file (PNG, JPEG, TIFF, ...; 16-bit greyscale as llama.cpp reads it, "
                      "EXIF orientation applied) or a DICOM file (.dcm, or any name with the DICM marker; "
-                     "an ECG waveform DICOM is drawn as a 12-lead sheet)")
+                     "a slice stored mirrored is flipped to the radiological view, patient's left on the right "
+                     "(`qoqopt data show` shows what the model sees); an ECG waveform DICOM is drawn as a 12-lead sheet)")
     p.add_argument("--frame", type=index,
                    help="--image with several frames: which one, from 0 (default: a DICOM's middle frame, as the "
                    "clinical sets take it; a GIF's or TIFF stack's first)")  # fmt: skip
-    p.add_argument("--question", help="the question for --image (QoQ-Med's think/\\boxed{} instruction is added)")
+    p.add_argument("--question", action=Once,
+                   help="the question for --image (QoQ-Med's think/\\boxed{} instruction is added); plain text, not "
+                        "the chat format's control tokens such as <|im_end|>")  # fmt: skip
     p.add_argument("--quant", help="GGUF builds: which text GGUF (default: the one the build's card and Modelfile "
                                    "use: Q4_K_M, else Q5_K_M, Q6_K, Q8_0, ..., F16/F32 last)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -79,6 +82,7 @@ def _item(args):
     from ..data.prompts import with_suffix
     from ..errors import QoqoptError
     from ..images import open_image
+    from ..user_text import checked_text
     from .data import builtin_item
 
     if args.item:
@@ -87,10 +91,11 @@ def _item(args):
             raise QoqoptError(f"{flag} goes with --image; a built-in --item has its own")
         item = builtin_item(args.item)
         return item.image, item.question, item.answer
-    if not args.question:
+    if args.question is None:
         raise QoqoptError("--image needs --question")
+    question = checked_text(args.question, "question", "--question")
     image = open_image(args.image, args.frame)
-    return image, with_suffix(args.question), None
+    return image, with_suffix(question), None
 
 
 def run(args) -> int:
@@ -136,13 +141,29 @@ def _ask_llama_cpp(text_path: Path, mmproj_path: Path, args, image, question: st
         raise QoqoptError("--device cuda: this llama-cpp-python was built without GPU offload")
     lo, hi = train_token_range()  # what the build's README and Modelfile tell llama.cpp users to pass
     threads = args.threads or usable_cores()
-    # room for the image (at most `hi` tokens), a long question and the whole reply: a fixed 2048
-    # refused --max-tokens 1500 that the original model answers (QoQ-Med's <think> runs long)
-    n_ctx = -(-(hi + 4096 + args.max_tokens) // 256) * 256
+    n_ctx = _context(text_path, hi, question, args.max_tokens)
     with LlamaVL(text_path, mmproj_path, n_ctx=n_ctx, image_min_tokens=lo, image_max_tokens=hi, gpu=gpu,
                  threads=threads) as vl:  # fmt: skip
         reply = vl.generate(chat_prompt(question), image, max_tokens=args.max_tokens)
     return f"{text_path.name} + {mmproj_path.name} (llama.cpp{', GPU' if gpu else ''})", reply
+
+
+def _context(text_path: Path, image_tokens: int, question: str, max_tokens: int) -> int:
+    """A context with room for the image, the question (a token covers at least one UTF-8 byte), the
+    chat template and the whole reply (a fixed 2048 refused a --max-tokens 1500 that the original
+    answers: QoQ-Med's <think> runs long), up to the context the model was trained for."""
+    from ..errors import QoqoptError
+    from ..exports.gguf_header import read_header
+
+    header = read_header(text_path)
+    trained = header.kv.get(f"{header.kv.get('general.architecture')}.context_length")
+    want = -(-(image_tokens + 256 + len(question.encode()) + max_tokens) // 256) * 256
+    if isinstance(trained, int) and want > trained:
+        if image_tokens + 256 + max_tokens >= trained:
+            raise QoqoptError(f"--max-tokens {max_tokens} leaves no room for the question in the model's context "
+                              f"of {trained} tokens")  # fmt: skip
+        return trained  # the prompt is counted once tokenized: a question that does not fit is refused then
+    return want
 
 
 def _ask_transformers(folder: Path, quantized: bool, args, image, question: str) -> tuple[str, str]:

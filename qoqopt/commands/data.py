@@ -44,7 +44,9 @@ DOMAIN_LIST
              high byte as llama.cpp does; a DICOM given here is read as one (DICM marker)
   dicom      shown as a viewer would: rescale, then the file's own window or VOI LUT (CT without
              one: soft tissue 40/400 HU; else a 0.5-99.5 percentile stretch), MONOCHROME1
-             inverted; multi-frame: the middle frame unless "frame" says, enhanced files
+             inverted, a slice stored mirrored flipped to the radiological view (patient's
+             left on the right); an empty window or rescale counts as none, a broken one
+             is refused; multi-frame: the middle frame unless "frame" says, enhanced files
              through their functional groups; uncompressed, RLE, JPEG, JPEG Lossless,
              JPEG-LS, JPEG 2000 (not 12-bit JPEG); a waveform DICOM (a 10 s ECG) is drawn as
              a 12-lead paper sheet

@@ -25,6 +25,7 @@ from qoqopt.data.items import ClinicalItem
 from qoqopt.data.prompts import with_suffix
 from qoqopt.errors import QoqoptError
 from qoqopt.images import check_image, is_waveform, open_dicom, open_image
+from qoqopt.user_text import checked_text
 
 _REQUIRED = ("question", "answer", "domain")
 _ALLOWED = {"image", "dicom", "frame", "question", "answer", "domain", "choices", "id", "meta"}
@@ -106,15 +107,15 @@ def _parse_line(path: Path, lineno: int, line: str, max_side: int | None) -> Cli
     file = (path.parent / row[kind]).resolve()
     if not file.exists():
         raise QoqoptError(f"{where}: {kind} file not found: {file}")
-    choices = _choices(row, where)
-    answer = row["answer"].strip()
+    choices = [checked_text(c, "choice", where) for c in _choices(row, where)]
+    answer = checked_text(row["answer"], "answer", where)
     _check_answer(answer, choices, where)
     meta = {**row.get("meta", {}), "qtype": "user", "jsonl": str(path), "line": lineno}
     make, signal = _picture(file, kind, row.get("frame"), where)
     return ClinicalItem(
         id=str(row["id"]).strip() if "id" in row else f"{path.stem}:{lineno}",
         domain=row["domain"],
-        question=_prompt(row["question"], choices),
+        question=_prompt(checked_text(row["question"], "question", where), choices),
         answer=answer,
         choices=choices,
         source=str(file),
