@@ -135,8 +135,10 @@ def _pillow(path: Path):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except Image.DecompressionBombError as exc:
         raise QoqoptError(f"{path}: too many pixels for a safe decode ({exc}); downscale it first") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except UnidentifiedImageError as exc:
         raise QoqoptError(f"{path}: not an image Pillow can read, nor a DICOM file ({exc.__class__.__name__})") from None
+    except OSError as exc:  # Pillow knew the format and failed in the data: say how ("image file is truncated")
+        raise QoqoptError(f"{path}: not an image Pillow can read, nor a DICOM file ({' '.join(str(exc).split())})") from None
 
 
 def _no_frame(frame: int | None, path: Path) -> None:
@@ -204,8 +206,11 @@ def _to_rgb8(img: Image.Image, path: Path) -> Image.Image:
     if img.mode not in _SIXTEEN_BIT:
         return img.convert("RGB")
     values = np.asarray(img, dtype=np.int64)
-    if values.min() < 0 or values.max() > 65535:  # mode I holds 32-bit integers
-        raise QoqoptError(f"{path}: values {values.min()}..{values.max()} do not fit 16 bits; save it as 8 or 16 bits")
+    if values.min() < 0:  # signed (a TIFF of Hounsfield units, say): no display window is known
+        raise QoqoptError(f"{path}: signed values ({values.min()}..{values.max()}) have no display range; give the "
+                          "DICOM (its window is read) or save the image as unsigned 8 or 16 bits")  # fmt: skip
+    if values.max() > 65535:  # mode I holds 32-bit integers
+        raise QoqoptError(f"{path}: values up to {values.max()} do not fit 16 bits; save it as 8 or 16 bits")
     if 0 < values.max() < 4096:
         print(f"warning: {path} is a 16-bit image that uses at most 12 bits: it is shown dark, as llama.cpp "
               "and LM Studio show it; give the DICOM, or export the image scaled to 16 bits", file=sys.stderr)  # fmt: skip

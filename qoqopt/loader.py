@@ -480,6 +480,9 @@ def checked_config(path: Path, source: str):
 def _config_json(path: Path, source: str) -> dict:
     config_path = path / "config.json"
     if not config_path.exists():
+        if any(Path(path).glob("*.gguf")):  # GGUF files without the manifest a qoqopt build has
+            raise QoqoptError(f"{source} holds GGUF files but no manifest.json (not a `qoqopt export` build); "
+                              "`qoqopt info` reads one .gguf file of it")  # fmt: skip
         raise QoqoptError(f"{source} has no config.json; is it a transformers checkpoint?")
     config = _read_json(config_path)
     validate_config(config, source)

@@ -189,3 +189,25 @@ def test_too_many_pixels_is_refused_in_a_dicom_as_in_a_png(tmp_path, monkeypatch
         with pytest.raises(QoqoptError, match=r"bomb\.dcm: 50x50 pixels, more than 2,000 a frame, which Pillow "):
             check(tmp_path / "bomb.dcm")
     assert pydicom.dcmread(tmp_path / "bomb.dcm").pixel_array.shape == (50, 50)  # a readable file, just too big
+
+
+def test_smaller_refusals_say_what_is_wrong(tmp_path, capsys):
+    """Each said something else before: a truncated PNG only "OSError"; a signed 16-bit TIFF that its
+    values "do not fit 16 bits" (they do, signed); a folder given as a JSONL set "no such file"; a
+    folder of GGUF files without a manifest "is it a transformers checkpoint?"."""
+    from qoqopt.data import load_jsonl
+    from tests.conftest import refused
+
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(_png_bytes()[:-200])  # Pillow knows the format; the data ends early
+    with pytest.raises(QoqoptError, match=r"cut\.png: not an image Pillow can read, nor a DICOM file \(image file is truncated"):
+        open_image(cut)
+    Image.fromarray(np.array([[-1000, 1000]], np.int16).astype(np.int32), "I").save(tmp_path / "hu.tif")
+    with pytest.raises(QoqoptError, match=r"hu\.tif: signed values \(-1000\.\.1000\) have no display range"):
+        open_image(tmp_path / "hu.tif")
+    with pytest.raises(QoqoptError, match=rf"^{tmp_path} is a directory; give the JSONL file of the set$"):
+        load_jsonl(tmp_path)
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "m.Q8_0.gguf").write_bytes(b"GGUF")
+    err = refused(["info", tmp_path / "gguf"], capsys)
+    assert err.endswith("holds GGUF files but no manifest.json (not a `qoqopt export` build); `qoqopt info` reads one .gguf file of it")

@@ -35,6 +35,8 @@ def load_jsonl(path: str | Path, max_side: int | None = None) -> list[ClinicalIt
     """Items of a JSONL set. Blank lines are skipped. `max_side` None keeps each image's own size
     (rounded to Qwen's 28-pixel grid and clamped into QoQ-Med's pixel range)."""
     path = Path(path)
+    if path.is_dir():
+        raise QoqoptError(f"{path} is a directory; give the JSONL file of the set")
     if not path.is_file():
         raise QoqoptError(f"{path}: no such file")
     items, first_line, bad = [], {}, []
