@@ -27,12 +27,15 @@ MAX_ASPECT = 200  # transformers' smart_resize: "absolute aspect ratio must be s
 
 def is_dicom(path: Path) -> bool:
     """By suffix, or by the "DICM" marker after the 128-byte preamble (DICOM PS3.10 7.1): files
-    exported from a PACS are often named by their UID, with no suffix."""
+    exported from a PACS are often named by their UID, with no suffix. A dataset stored without
+    the preamble (IM0001 from an older PACS) starts with a group 0008 element instead; unlike the
+    marker, those two bytes prove nothing, so such a file is read as DICOM only when it holds an
+    image or a waveform (data.dicom.read_dicom)."""
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     with open(path, "rb") as f:
         head = f.read(132)
-    return head[128:132] == b"DICM"
+    return head[128:132] == b"DICM" or head[:2] == b"\x08\x00"
 
 
 def open_image(path: str | Path, frame: int | None = None) -> Image.Image:

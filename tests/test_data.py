@@ -345,7 +345,7 @@ def test_empty_window_or_rescale_reads_as_none():
 
 
 @pytest.mark.parametrize("tags, broken, message", [
-    ({"WindowCenter": 40, "WindowWidth": 0}, None, r"Window Width is .*0.*; DICOM requires at least 1"),
+    ({"WindowCenter": 40, "WindowWidth": 0}, None, r"Window Width is .*0.*; a window must be at least 1 wide"),
     ({"WindowCenter": "2048", "WindowWidth": 400}, (b"2048", b"2k48"), r"Window Center is '2k48', not a number"),
     ({"RescaleSlope": "1.25", "RescaleIntercept": 0}, (b"1.25", b"abcd"), r"Rescale Slope is 'abcd', not a number"),
 ])  # fmt: skip
@@ -367,6 +367,40 @@ def test_broken_display_values_are_one_line_at_load(tmp_path, tags, broken, mess
     path = _write_set(tmp_path, [GOOD, {**_NO_IMAGE, "dicom": "bad.dcm"}])
     with pytest.raises(QoqoptError, match=r"set\.jsonl:2: .*bad\.dcm: " + message):
         load_jsonl(path)
+
+
+def test_only_the_window_values_pydicom_reads_are_checked(tmp_path):
+    """pydicom windows with a multi-valued element's first value, takes a VOI LUT Sequence over the
+    window, and a SIGMOID width only above 0: a second value left empty, a narrow window it does not
+    use, or under an override, displays as before. An empty window beside a VOI LUT (its data OW, read
+    by the file's encoding) still leaves the LUT applied. References: pydicom's own apply_voi_lut."""
+    from pydicom.pixels import apply_voi_lut
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    stored = np.array([[0, 1024], [1064, 3000]], np.uint16)
+    windowed = np.rint(_linear_window(stored - 1024.0, 40, 80) * 255)
+    first = _dataset(stored, "MONOCHROME2", 12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=[40, 0],
+                     WindowWidth=[80, 0])  # fmt: skip
+    np.testing.assert_array_equal(dicom_to_array(first)[..., 0], windowed)
+    narrow = _dataset(stored, "MONOCHROME2", 12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=0.5)
+    np.testing.assert_array_equal(dicom_to_array(narrow, window=(40, 80))[..., 0], windowed)  # an override
+    narrow.VOILUTFunction = "SIGMOID"
+    with np.errstate(over="ignore"):  # exp saturates far from the centre; the range is black and white
+        sigmoid = apply_voi_lut(stored.astype(float) - 1024, narrow)
+        lo, hi = apply_voi_lut(np.array([-1e30, 1e30]), narrow)
+    np.testing.assert_allclose(dicom_to_array(narrow)[..., 0], np.rint((sigmoid - lo) / (hi - lo) * 255), atol=1)
+
+    lut = _dataset(stored, "MONOCHROME2", 12, SOPClassUID=CTImageStorage, SOPInstanceUID=generate_uid(), Modality="CT")
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 8]  # stored 0..3; everything above is the last entry
+    item.add_new("LUTData", "OW", np.array([0, 60, 120, 255], "<u2").tobytes())  # as pydicom writes LUT data
+    lut.VOILUTSequence = [item]
+    lut.WindowCenter, lut.WindowWidth = "", 0.5  # an empty centre; a width the LUT's precedence leaves unused
+    lut.save_as(tmp_path / "lut.dcm", enforce_file_format=True)
+    read = pydicom.dcmread(tmp_path / "lut.dcm")
+    assert read.VOILUTSequence[0]["LUTData"].VR == "OW"
+    expected = apply_voi_lut(read.pixel_array, read)  # pydicom: the LUT, not the window
+    np.testing.assert_array_equal(dicom_to_array(read)[..., 0], expected)
 
 
 def test_one_bit_pixels_are_black_and_white():

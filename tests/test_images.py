@@ -48,6 +48,26 @@ def test_a_dicom_named_without_suffix_is_read_as_dicom(tmp_path):
     assert np.array_equal(np.asarray(open_image(bare)), np.asarray(dicom_to_image(src)))
 
 
+def test_a_dicom_without_its_preamble_is_read(tmp_path):
+    """Older PACS exports (IM0001) store the dataset alone: no 128-byte preamble, no DICM marker, no
+    file meta. pydicom reads them when forced; they were refused. The same pixels as the Part 10
+    file, as pydicom writes the dataset bare (implicit VR little endian, the default then)."""
+    import pydicom
+
+    src = catalog.source_path("CT_small.dcm")
+    ds = pydicom.dcmread(src)
+    del ds.file_meta  # what such a file lacks: with it, pydicom writes it in its transfer syntax
+    ds.preamble = None
+    bare = tmp_path / "IM0001"
+    pydicom.dcmwrite(bare, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    data = bare.read_bytes()
+    assert data[:2] == b"\x08\x00" and b"DICM" not in data[:132]
+    assert np.array_equal(np.asarray(open_image(bare)), np.asarray(dicom_to_image(src)))
+    (tmp_path / "notes.dcm").write_bytes(b"\x08\x00 a text file that happens to start so")
+    with pytest.raises(QoqoptError, match=r"notes\.dcm: not a DICOM file \(no DICM marker"):
+        open_image(tmp_path / "notes.dcm")
+
+
 def test_an_ecg_waveform_dicom_is_the_sheet_a_clinical_ecg_item_shows(tmp_path):
     """A waveform DICOM has no pixels: it is drawn as the 12-lead sheet, as a user set's ECG item is."""
     from qoqopt.data import load_jsonl

@@ -54,11 +54,26 @@ def read_dicom(src: str | Path | Dataset, stop_before_pixels: bool = False) -> D
     if isinstance(src, Dataset):
         return src
     try:
-        return pydicom.dcmread(str(src), stop_before_pixels=stop_before_pixels)
-    except pydicom.errors.InvalidDicomError:
-        raise QoqoptError(f"{src}: not a DICOM file (no DICM marker after the 128-byte preamble)") from None
+        try:
+            return pydicom.dcmread(str(src), stop_before_pixels=stop_before_pixels)
+        except pydicom.errors.InvalidDicomError:
+            ds = _without_preamble(src, stop_before_pixels)
+            if ds is None:
+                raise QoqoptError(f"{src}: not a DICOM file (no DICM marker after the 128-byte preamble)") from None
+            return ds
     except (OSError, ValueError, AttributeError) as exc:
         raise QoqoptError(f"{src}: not a readable DICOM file ({exc})") from exc
+
+
+def _without_preamble(src: str | Path, stop_before_pixels: bool) -> Dataset | None:
+    """A dataset stored without the Part 10 preamble and file meta (older PACS exports, ACR-NEMA
+    style): read when it starts with a group 0008 element and holds an image or a waveform, which
+    pydicom's forced read of any other file would not."""
+    with open(src, "rb") as f:
+        if f.read(2) != b"\x08\x00":
+            return None
+    ds = pydicom.dcmread(str(src), stop_before_pixels=stop_before_pixels, force=True)
+    return ds if "Rows" in ds or "WaveformSequence" in ds else None
 
 
 def frame_count(ds: Dataset) -> int:
@@ -187,7 +202,7 @@ def display_orientation(rgb: np.ndarray, ds: Dataset) -> np.ndarray:
 
 def grey_to_unit(arr: np.ndarray, ds: Dataset, window: tuple[float, float] | None = None) -> np.ndarray:
     """Greyscale stored values -> display values in [0, 1] (0 black, 1 white)."""
-    ds = display_view(ds)
+    ds = display_view(ds, own_window=window is None)
     values = apply_modality_lut(arr, ds)
     voi_ds = _window_dataset(ds, *window) if window else _own_voi(ds)
     if voi_ds is None and ds.get("Modality") == "CT":
@@ -197,7 +212,8 @@ def grey_to_unit(arr: np.ndarray, ds: Dataset, window: tuple[float, float] | Non
     if voi_ds is not None:
         if "VOILUTSequence" in voi_ds and np.issubdtype(values.dtype, np.floating):
             values = np.rint(values).astype(np.int64)  # a LUT is indexed by integers
-        shown = apply_voi_lut(values, voi_ds).astype(np.float64)
+        with np.errstate(over="ignore"):  # a narrow SIGMOID's exp saturates, as it should
+            shown = apply_voi_lut(values, voi_ds).astype(np.float64)
         lo, hi = _voi_range(voi_ds)
     elif _is_display_ready(ds):  # its stored range is the display range: 1-bit masks are 0 and 255
         shown, lo, hi = values.astype(np.float64), 0.0, 2.0 ** int(ds.BitsStored) - 1
@@ -237,42 +253,58 @@ def _palette_bits(ds: Dataset) -> int:
     return 8 if table.max() <= 255 else 16
 
 
-# The greyscale display attributes: each is a number (or several), read by apply_modality_lut and
-# apply_voi_lut; an empty one is as good as absent, a non-number is refused by display_view.
-_DISPLAY_NUMBERS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+# The greyscale display attributes: each is a number (or several, of which pydicom reads the first),
+# read by apply_modality_lut and apply_voi_lut; an empty one is as good as absent.
+_RESCALE = ("RescaleSlope", "RescaleIntercept")
+_WINDOW = ("WindowCenter", "WindowWidth")
 
 
-def display_view(ds: Dataset) -> Dataset:
-    """``ds`` without its empty display attributes (viewers treat an empty Window Center as none),
-    each other one checked: a value that is not a finite number, or a window narrower than PS3.3
-    C.11.2.1.2 allows, is a one-line error naming the file, not pydicom's TypeError mid-export."""
-    empty = [k for k in _DISPLAY_NUMBERS if k in ds and ds[k].is_empty]
-    for keyword in _DISPLAY_NUMBERS:
+def display_view(ds: Dataset, own_window: bool = True) -> Dataset:
+    """``ds`` less its empty display attributes (viewers treat an empty Window Center as none), each
+    other one that is used checked: a value that is not a finite number, or a window narrower than
+    pydicom's windowing takes (PS3.3 C.11.2.1.2), is a one-line error naming the file, not pydicom's
+    TypeError mid-export. The window is not used under an ``own_window=False`` override, nor where a
+    VOI LUT Sequence takes precedence."""
+    empty = [k for k in (*_RESCALE, *_WINDOW) if k in ds and _first(ds[k]) in ("", None)]
+    used = _RESCALE + (_WINDOW if own_window and "VOILUTSequence" not in ds else ())
+    for keyword in used:
         if keyword in ds and keyword not in empty:
-            _check_numbers(ds, keyword)
+            _check_number(ds, keyword)
     if not empty:
         return ds
     view = Dataset()
-    view.update(ds)
+    view.update(ds)  # its own element table: the original keeps every element
     view.filename = getattr(ds, "filename", None)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:  # pydicom reads OW LUT data by the file's encoding
+        view.file_meta = meta
+    implicit, little = ds.original_encoding
+    view.set_original_encoding(implicit, little, ds.original_character_set)
     for keyword in empty:
         del view[keyword]
     return view
 
 
-def _check_numbers(ds: Dataset, keyword: str) -> None:
-    raw = ds[keyword].value
-    values = list(raw) if isinstance(raw, (list, tuple, pydicom.multival.MultiValue)) else [raw]
-    label = ds[keyword].name
+def _first(element):
+    """The value pydicom's rescale and windowing read: a multi-valued element's first."""
+    value = element.value
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return value[0] if len(value) else None
+    return value
+
+
+def _check_number(ds: Dataset, keyword: str) -> None:
+    element = ds[keyword]
     try:
-        numbers = [float(v) for v in values]
+        number = float(_first(element))
     except (TypeError, ValueError):
-        raise QoqoptError(f"{_name(ds)}: {label} is {raw!r}, not a number") from None
-    if not all(np.isfinite(numbers)):
-        raise QoqoptError(f"{_name(ds)}: {label} is {raw!r}, not a finite number")
-    exact = str(ds.get("VOILUTFunction", "")).upper() == "LINEAR_EXACT"
-    if keyword == "WindowWidth" and any(w <= 0 or (w < 1 and not exact) for w in numbers):
-        raise QoqoptError(f"{_name(ds)}: {label} is {raw!r}; DICOM requires at least 1 (above 0 for LINEAR_EXACT)")
+        raise QoqoptError(f"{_name(ds)}: {element.name} is {element.value!r}, not a number") from None
+    if not np.isfinite(number):
+        raise QoqoptError(f"{_name(ds)}: {element.name} is {element.value!r}, not a finite number")
+    linear = str(ds.get("VOILUTFunction", "") or "LINEAR").upper() == "LINEAR"
+    if keyword == "WindowWidth" and (number < 1 if linear else number <= 0):  # pydicom's own rule
+        raise QoqoptError(f"{_name(ds)}: {element.name} is {element.value!r}; a window "
+                          + ("must be at least 1 wide" if linear else "must be wider than 0"))
 
 
 def _own_voi(ds: Dataset) -> Dataset | None:
@@ -302,8 +334,10 @@ def _voi_range(voi_ds: Dataset) -> tuple[float, float]:
     if "VOILUTSequence" in voi_ds:
         bits = int(voi_ds.VOILUTSequence[0].LUTDescriptor[2])
         return 0.0, 2.0**bits - 1
-    # Windowing saturates to its output range, so pushing -inf and +inf through gives the range.
-    lo, hi = apply_voi_lut(np.array([-1e30, 1e30]), voi_ds)
+    # Windowing saturates to its output range, so pushing -inf and +inf through gives the range
+    # (SIGMOID's exp overflows to that limit, which is the point: no warning for it).
+    with np.errstate(over="ignore"):
+        lo, hi = apply_voi_lut(np.array([-1e30, 1e30]), voi_ds)
     return float(lo), float(hi)
 
 
