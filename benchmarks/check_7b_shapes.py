@@ -58,7 +58,7 @@ def build(work: Path) -> tuple[Path, Path, dict]:
     if not (src / "model.safetensors").exists():
         print("building the 7b-shape checkpoint (random weights, ~1.5 min)")
         t0 = time.perf_counter()
-        with atomic_dir(src, force=True, marker="config.json") as tmp:
+        with atomic_dir(src, force=True) as tmp:
             save_checkpoint(build_model("7b-shape", 0), tmp)
         seconds["build_s"] = round(time.perf_counter() - t0, 1)
         gc.collect()

@@ -218,7 +218,9 @@ def _check_space(out: Path, need: int) -> None:
 
 def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision: str | None = None, force: bool = False, log=print) -> ExportResult:
     from qoqopt.fileio import atomic_dir, prepare_output_dir, write_error
+    from qoqopt.manifest import export_output
 
+    owned = export_output()
     out = Path(out)
     if options.mmproj_type not in (*MMPROJ_TYPES, "none"):
         raise QoqoptError(f"unknown --mmproj-type {options.mmproj_type!r}; choose from {', '.join(MMPROJ_TYPES)}, none")
@@ -228,7 +230,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
     quants = gguf_quant.parse_quants(",".join(options.quants))
     options.quants = quants
     inputs = [source] + ([options.imatrix] if imatrix_kind(options.imatrix) in ("jsonl", "file") else [])
-    prepare_output_dir(out, force, inputs, marker="manifest.json")  # fail before the (possibly long) work starts
+    prepare_output_dir(out, force, inputs, owned=owned)  # fail before the (possibly long) work starts
     ctx = _Context(source, revision, options, log)
     for note in ctx.vocab.notes:
         log(f"note: {note}")
@@ -240,7 +242,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
     notes: list[str] = list(ctx.vocab.notes)
     imatrix_info = None
     try:
-        with atomic_dir(out, force=force, inputs=inputs, marker="manifest.json") as tmp:
+        with atomic_dir(out, force=force, inputs=inputs, owned=owned) as tmp:
             reports: dict[str, gguf_write.WriteReport] = {}
             texts: list[tuple[str, list[tuple[Path, int]]]] = []  # (quant type, [(file or part, tensors)])
             # 1. direct types, written in parts where over --split-max-size

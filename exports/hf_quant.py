@@ -317,6 +317,7 @@ def export_hf_quant_report(
     from qoqopt.data import domain_counts
     from qoqopt.fileio import atomic_dir, prepare_output_dir
     from qoqopt.loader import open_checkpoint
+    from qoqopt.manifest import export_output
     from qoqopt.quantize.rtn import QuantSpec
     from qoqopt.quantize.runner import (
         QuantizeOptions,
@@ -337,9 +338,9 @@ def export_hf_quant_report(
     order = (order or DEFAULT_ORDER) if fmt == "gptq" else None
     if samples < 1:
         raise QoqoptError(f"--samples must be at least 1, got {samples}")
-    out = Path(out)
+    out, owned = Path(out), export_output()
     inputs = [source] + ([calib] if calib != "clinical" else [])
-    prepare_output_dir(out, force, inputs, marker="manifest.json")  # fail before hours of work, not after
+    prepare_output_dir(out, force, inputs, owned=owned)  # fail before hours of work, not after
     ckpt = open_checkpoint(source, revision=revision)
     ckpt.require_weights()
     ckpt.require_unquantized()
@@ -362,7 +363,7 @@ def export_hf_quant_report(
 
     # the temporary output is made before calibrating: an --out that cannot be written (a read-only
     # mount) fails in one line now, not after the model is loaded and calibrated
-    with atomic_dir(out, force=force, inputs=inputs, marker="manifest.json") as tmp:
+    with atomic_dir(out, force=force, inputs=inputs, owned=owned) as tmp:
         items, label = calibration_items(calib, samples, seed)
         if not items:
             raise QoqoptError(f"calibration set {calib} gave no items")

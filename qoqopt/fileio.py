@@ -14,7 +14,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QoqoptError
@@ -72,12 +73,33 @@ def atomic_write_bytes(final: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def prepare_output_dir(out: Path, force: bool, inputs=(), marker: str | None = None) -> None:
+@dataclass(frozen=True)
+class Owned:
+    """How --force knows an earlier output of its command, the only folder it replaces: `--out
+    ~/Documents --force` is a typo, and the swap would delete the whole folder."""
+
+    what: str  # said in the refusal, after "holds no": "manifest.json written by qoqopt export"
+    test: Callable[[Path], bool]
+
+
+def holding(name: str, text: str) -> Callable[[Path], bool]:
+    """A test that the folder's file ``name`` holds ``text`` near its start."""
+
+    def test(folder: Path) -> bool:
+        try:
+            with open(folder / name, encoding="utf-8", errors="replace") as f:
+                return text in f.read(1 << 16)
+        except OSError:
+            return False
+
+    return test
+
+
+def prepare_output_dir(out: Path, force: bool, inputs=(), owned: Owned | None = None) -> None:
     """Refuse to clobber an existing non-empty output unless --force was given, and always refuse an
     output that is, or holds, one of the command's ``inputs`` (the source checkpoint, say): replacing
-    it would delete what the build is made from. With a ``marker`` (the file every output of the
-    command holds: manifest.json, report.md), --force replaces only a folder holding one: `--out
-    ~/Documents --force` is a typo, and the swap would delete the whole folder."""
+    it would delete what the build is made from. With ``owned``, --force replaces only a folder
+    that test says is an earlier output of the command."""
     out = Path(out)
     for source in map(Path, inputs):
         if source.exists() and (source.resolve() == out.resolve() or out.resolve() in source.resolve().parents):
@@ -91,9 +113,9 @@ def prepare_output_dir(out: Path, force: bool, inputs=(), marker: str | None = N
         return
     if not force:
         raise QoqoptError(f"output {out} already exists and is not empty (use --force to replace it)")
-    if marker and not (out / marker).is_file():
-        raise QoqoptError(f"output {out} holds files qoqopt did not write there (no {marker}): --force replaces "
-                          "only an earlier output; choose another --out, or empty that folder yourself")  # fmt: skip
+    if owned and not owned.test(out):
+        raise QoqoptError(f"output {out} is not an earlier output of this command (it holds no {owned.what}): "
+                          "--force replaces only such a folder; choose another --out, or empty it yourself")  # fmt: skip
 
 
 def check_can_make_dir(out: Path) -> None:
@@ -128,10 +150,10 @@ def check_image_path(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path, force: bool = False, inputs=(), marker: str | None = None) -> Iterator[Path]:
+def atomic_dir(final: Path, force: bool = False, inputs=(), owned: Owned | None = None) -> Iterator[Path]:
     """Build a directory under a temporary name and swap it in as a whole on success."""
     final = Path(final)
-    prepare_output_dir(final, force, inputs, marker)
+    prepare_output_dir(final, force, inputs, owned)
     tidy(final, f"beside {final}")
     with writing(final):
         final.parent.mkdir(parents=True, exist_ok=True)

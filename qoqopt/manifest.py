@@ -15,6 +15,23 @@ from .errors import QoqoptError
 
 
 BUILD_FORMATS = ("gguf", "gptq", "awq")  # what `qoqopt export` writes
+
+
+def is_build(folder: Path) -> bool:
+    """The folder holds a manifest.json of a qoqopt build (what `export --force` may replace)."""
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") in BUILD_FORMATS and isinstance(manifest.get("files"), list)
+
+
+def export_output():
+    """What `export --force` replaces: an earlier build (fileio.Owned; imported here, as fileio's own
+    imports come back to this module)."""
+    from .fileio import Owned
+
+    return Owned("manifest.json of a qoqopt build", is_build)
 # The text GGUF a build's card, its Modelfile and `ask` use when none is named: the usual quality/size
 # trade first, then any other quantized type, the unquantized last (an F16 7B is 15 GB to load).
 PREFERRED_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_XS", "Q4_K_S", "Q5_K_S", "IQ4_NL", "Q3_K_L", "Q3_K_M")

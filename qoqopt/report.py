@@ -433,11 +433,12 @@ def _plot_speed(plt, runs):
 def write_report(paths: list[Path], out_dir: Path, force: bool = False) -> Path:
     """report.md and its plots, built in a temporary directory and swapped in whole: a failure
     leaves no half-written report, and an existing one is replaced only with ``force``."""
-    from .fileio import atomic_dir
+    from .fileio import Owned, atomic_dir, holding
 
     runs = load_results(paths)
+    owned = Owned("report.md written by qoqopt report", holding("report.md", "# qoqopt report"))
     say_disagreements(runs)
-    with atomic_dir(out_dir, force=force, inputs=paths, marker="report.md") as tmp:
+    with atomic_dir(out_dir, force=force, inputs=paths, owned=owned) as tmp:
         plots = write_plots(runs, tmp)
         (tmp / "report.md").write_text(render_markdown(runs, plots))
     return out_dir / "report.md"

@@ -165,3 +165,23 @@ def test_trained_mini_answers_held_out_views(trained_dir):
         reply = proc.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         right += answer_score(reply, item.answer) == 1.0  # set-F1 over comma-separated findings
     assert right / len(items) >= 0.75, f"{right}/{len(items)} held-out answers right"
+
+
+def test_force_replaces_an_earlier_mini_but_not_a_checkpoint_of_other_files(tmp_path, tiny_dir):
+    """--force replaced any folder holding a config.json, which every Hugging Face checkpoint has:
+    a fine-tune's folder (its own README, training arguments) was deleted whole. An earlier mini
+    (its files alone, as `qoqopt mini` writes them: the tiny fixture's) is replaced."""
+    import shutil
+
+    from tests.conftest import error_line, run_cli
+
+    earlier, finetune = tmp_path / "earlier", tmp_path / "finetune"
+    shutil.copytree(tiny_dir, earlier)
+    shutil.copytree(tiny_dir, finetune)
+    (finetune / "README.md").write_text("my fine-tune")
+    res = run_cli("mini", "--out", str(finetune), "--preset", "tiny", "--force")
+    assert error_line(res).endswith("is not an earlier output of this command (it holds no checkpoint of qoqopt "
+                                    "mini's files alone): --force replaces only such a folder; choose another "
+                                    "--out, or empty it yourself")  # fmt: skip
+    assert (finetune / "README.md").exists()
+    assert run_cli("mini", "--out", str(earlier), "--preset", "tiny", "--force").returncode == 0

@@ -494,7 +494,7 @@ def test_existing_output_needs_force(tiny_dir, tmp_path):
     with pytest.raises(QoqoptError, match="--force"):
         export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", log=lambda m: None)
     # --force replaces an earlier build, not a folder of someone's files (the swap deleted them all)
-    with pytest.raises(QoqoptError, match=r"holds files qoqopt did not write there \(no manifest.json\)"):
+    with pytest.raises(QoqoptError, match=r"is not an earlier output of this command \(it holds no manifest.json of a qoqopt build\)"):
         export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", force=True, log=lambda m: None)
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep.txt"]
 

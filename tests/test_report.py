@@ -238,7 +238,8 @@ def test_report_output_is_whole_new_and_never_replaces_its_inputs(tmp_path, caps
     (tmp_path / "notes").mkdir()  # --force replaces a report, not a folder of someone's files
     (tmp_path / "notes" / "keep.txt").write_text("x")
     err = refused(["report", a, "--out", tmp_path / "notes", "--force"], capsys)
-    assert "holds files qoqopt did not write there (no report.md)" in err and (tmp_path / "notes" / "keep.txt").exists()
+    assert "is not an earlier output of this command (it holds no report.md written by qoqopt report)" in err
+    assert (tmp_path / "notes" / "keep.txt").exists()
     shutil.rmtree(tmp_path / "notes")
     err = refused(["report", a, "--out", a.parent, "--force"], capsys)
     assert err.endswith("which this command reads; choose another --out") and a.exists()

@@ -52,10 +52,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..fileio import atomic_dir
+    from ..fileio import Owned, atomic_dir
     from ..mini import build_model, save_checkpoint
 
-    with atomic_dir(args.out, force=args.force, marker="config.json") as tmp:
+    owned = Owned("checkpoint of qoqopt mini's files alone", _is_mini)
+    with atomic_dir(args.out, force=args.force, owned=owned) as tmp:
         if args.train:
             from ..train import trained_model
 
@@ -67,3 +68,13 @@ def run(args) -> int:
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out} ({args.preset}, {n / 1e6:.1f} M parameters, {args.layout} layout)")
     return 0
+
+
+# what `qoqopt mini` writes (mini.save_checkpoint): a folder of these files alone is an earlier mini,
+# which --force may replace; a fine-tune's folder (training args, a README, shards) is not
+MINI_FILES = {"config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
+              "tokenizer.json", "tokenizer_config.json", "chat_template.json"}  # fmt: skip
+
+
+def _is_mini(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and all(p.name in MINI_FILES for p in folder.iterdir())
