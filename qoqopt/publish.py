@@ -12,19 +12,16 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from .errors import QoqoptError
 from .fileio import sha256_file
+from .hub_license import UNNAMED as UNNAMED_LICENSE, CardLicense, NoLicense, card_license
 from .manifest import (
     BUILD_FORMATS, entry_path, gguf_entries, gguf_quants, listed_file, preferred_quant, read_manifest, source_id,
 )
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-QOQ_MED_LICENSE = "mit"  # QoQ-Med's release (Qwen2.5-VL's own is Apache-2.0 for 7B, Qwen's for others)
-QOQ_MED_REPO = re.compile(r"^ddvd233/QoQ-Med", re.IGNORECASE)
-LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}$")  # the Hub's licence ids: mit, apache-2.0, llama3.1, other
-UNNAMED_LICENSE = "other"  # what a dry run's card shows for a licence it was not told
 DEFAULT_BASE = "ddvd233/QoQ-Med-VL-7B"
 HUB_MAX_FILE_BYTES = 50 * 10**9  # the Hub's limit a file ("50GB max, 20GB recommended", its storage docs)
 
@@ -81,8 +78,23 @@ def is_repo_id(s: str) -> bool:
 
 def check_repo_id(repo_id: str) -> None:
     if not is_repo_id(repo_id):
-        why = "a name may not end in .git" if repo_id.endswith(".git") else "no '--' or '..', at most 96 characters a part"
-        raise QoqoptError(f"invalid repo name {repo_id!r}: expected user/name (letters, digits, '-', '_', '.'; {why})")
+        raise QoqoptError(f"invalid repo name {repo_id!r}: {_repo_id_problem(repo_id)}")
+
+
+def _repo_id_problem(repo_id: str) -> str:
+    """What breaks the Hub's naming rules (huggingface_hub's validate_repo_id, with an owner)."""
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts):
+        return "expected owner/name"
+    if re.search(r"[^\w.-]", repo_id.replace("/", "")):
+        return "only letters, digits, '-', '_' and '.'"
+    if "--" in repo_id or ".." in repo_id:
+        return "no '--' or '..'"
+    if any(not p[0].isalnum() or p[-1] in ".-" for p in parts):
+        return "each part starts with a letter or digit and does not end in '.' or '-'"
+    if repo_id.endswith(".git"):
+        return "a name may not end in .git"
+    return "at most 96 characters a part"
 
 
 def verified_files(folder: Path, manifest: dict) -> list[PlannedFile]:
@@ -110,19 +122,6 @@ def check_hub_file_sizes(folder: Path, manifest: dict) -> None:
                     f"{quant} out of --quant (Q8_0 is about half of F16's size)") if quant else ""  # fmt: skip
             raise QoqoptError(f"{entry_path(entry)} is {size / 1e9:.1f} GB and the Hub takes files of at most "
                               f"{HUB_MAX_FILE_BYTES // 10**9} GB{hint}")
-
-
-def card_license(base: str, override: str | None) -> str:
-    """The card's licence: --license, else QoQ-Med's own for a QoQ-Med base. A quantized build is
-    under its base model's licence, which qoqopt cannot read for any other base (the Hub's card)."""
-    if override is not None:
-        if not LICENSE_ID.match(override):
-            raise QoqoptError(f"--license {override!r} is not a Hub licence id (such as mit, apache-2.0, other)")
-        return override
-    if QOQ_MED_REPO.match(base):
-        return QOQ_MED_LICENSE
-    raise NoLicense(f"the card needs {base}'s licence, which qoqopt knows only for QoQ-Med: pass --license "
-                    "with the licence id on its Hub page (such as apache-2.0)")  # fmt: skip
 
 
 def unlisted_files(folder: Path, manifest: dict) -> list[str]:
@@ -156,10 +155,6 @@ def _tags(manifest: dict) -> list[str]:
 
 class NoBaseModel(QoqoptError):
     """The build was exported from a local folder and no --base-model was given."""
-
-
-class NoLicense(QoqoptError):
-    """The base is not QoQ-Med and no --license was given."""
 
 
 # what a dry run's card shows for the base model it was not told (the upload itself is refused)
@@ -213,21 +208,21 @@ def _text_shape(folder: Path, manifest: dict) -> tuple[int, int] | None:
     return t.hidden_size, t.num_hidden_layers
 
 
-def card_metadata(manifest: dict, base_model: str | None = None, license: str | None = None):
+def card_metadata(manifest: dict, base_model: str | None = None, license: CardLicense | None = None):
     from huggingface_hub import ModelCardData
 
     fmt = manifest.get("format", "unknown")
     base = base_model_id(manifest, base_model)
     extra = {"library_name": "transformers"} if fmt in ("gptq", "awq") else {}
     return ModelCardData(
-        base_model=base, base_model_relation="quantized", license=license or card_license(base, None),
+        base_model=base, base_model_relation="quantized", **(license or card_license(base, None)).metadata(),
         pipeline_tag="image-text-to-text", tags=_tags(manifest), language=["en"], **extra,
     )  # fmt: skip
 
 
 def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_md: str | None = None,
                 base_model: str | None = None, exported: dict[str, str] | None = None,
-                license: str | None = None) -> str:  # fmt: skip
+                license: CardLicense | None = None) -> str:  # fmt: skip
     """The Hub card. ``exported``: the sections of the build's own README.md (checked against its
     manifest), which the card replaces on the Hub: a GGUF build's run instructions (they name its
     files and QoQ-Med's image range), what it left out, and its known issues."""
@@ -276,15 +271,23 @@ def _evidence(results_md: str, manifest: dict) -> list[str]:
     if not measured:
         raise QoqoptError(f"--results: the report measured none of this build's files (its {fmt} rows are of "
                           "other builds); bench this build and run `qoqopt report` on that")  # fmt: skip
-    # a reference bench read from a local folder: its path says nothing to a reader, and names the user's folders
-    tables = _LOCAL_REFERENCE.sub(lambda m: m.group(0) if _is_hub_id(m.group(1)) else "Reference: the original model",
-                                  tables)  # fmt: skip
+    tables = without_local_paths(tables)
     built = [f"{fmt}:{q}" for q in gguf_quants(manifest)] if fmt == "gguf" else []
     missing = [v for v in built if v not in measured]
     return [tables] + (["", f"Not measured in these results: {', '.join(missing)}."] if missing else [])
 
 
 _LOCAL_REFERENCE = re.compile(r"Reference: `([^`]*)`")
+_EVAL_SET = re.compile(r"eval set `([^`]*)`")
+
+
+def without_local_paths(report_md: str) -> str:
+    """The report's text less the local paths it names (they say nothing to a card's reader, and
+    name the user's folders): a reference read from a local folder is the original model; a user
+    eval set is named by its file name."""
+    md = _LOCAL_REFERENCE.sub(lambda m: m.group(0) if _is_hub_id(m.group(1)) else "Reference: the original model",
+                              report_md)  # fmt: skip
+    return _EVAL_SET.sub(lambda m: f"eval set `{PurePath(m.group(1)).name}`", md)
 
 
 def tables_for_build(report_md: str, fmt: str, shas: set[str]) -> tuple[str, set[str]]:
@@ -475,7 +478,7 @@ def _gguf_usage(repo_id: str, manifest: dict) -> str:
 
 
 def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path | None = None,
-                base_model: str | None = None, dry_run: bool = False, license: str | None = None,
+                base_model: str | None = None, dry_run: bool = False, license: CardLicense | None = None,
                 replace: bool = False) -> UploadPlan:  # fmt: skip
     """What would be uploaded, every file checked. A build of a local folder without --base-model, or
     of a base other than QoQ-Med without --license, is refused before any file is read; a dry run
@@ -488,9 +491,9 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     stops = []
     base = _or_stop(lambda: base_model_id(manifest, base_model), NoBaseModel, UNNAMED_BASE, dry_run, stops)
     if base == UNNAMED_BASE and license is None:  # its stop says what to pass; the licence follows from that
-        licence = UNNAMED_LICENSE
+        licence = CardLicense(UNNAMED_LICENSE)
     else:
-        licence = _or_stop(lambda: card_license(base, license), NoLicense, UNNAMED_LICENSE, dry_run, stops)
+        licence = _or_stop(lambda: card_license(base, license), NoLicense, CardLicense(UNNAMED_LICENSE), dry_run, stops)
     check_hub_file_sizes(folder, manifest)
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
     # The manifest ships too, so downloaders can check what they got.
@@ -518,14 +521,14 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     return UploadPlan(folder, repo_id, private, files, card, fmt, notes, manifest_text, stops, replace)
 
 
-def _or_stop(value, missing: type[QoqoptError], placeholder: str, dry_run: bool, stops: list[str]) -> str:
+def _or_stop(value, missing: type[QoqoptError], placeholder, dry_run: bool, stops: list[str]):
     """``value()``; when it raises ``missing``, a dry run carries on with ``placeholder`` and a stop."""
     try:
         return value()
     except missing as err:
         if not dry_run:
             raise
-        stops.append(f"{err} (the card above shows {placeholder})")
+        stops.append(f"{err} (the card above shows {getattr(placeholder, 'id', placeholder)})")
         return placeholder
 
 
@@ -593,8 +596,9 @@ def upload(plan: UploadPlan, token: str, api=None) -> str:
     api = api or HfApi()
     repo_made = False
     try:
-        stale = _existing_repo_files(api, plan, token)
-        if stale is None:
+        state = repo_state(api, plan, token)
+        state.refuse()
+        if not state.exists:
             # private=None, not False: a new repo then takes its owner's default (an organisation's may be private)
             api.create_repo(plan.repo_id, token=token, private=plan.private or None, repo_type="model")
         repo_made = True
@@ -604,7 +608,7 @@ def upload(plan: UploadPlan, token: str, api=None) -> str:
                 (Path(tmp) / name).write_text(text, encoding="utf-8")
             ops = [CommitOperationAdd(f.path, str((Path(tmp) if f.path in generated else plan.folder) / f.path))
                    for f in plan.files] + [CommitOperationAdd("README.md", str(Path(tmp) / "README.md"))]  # fmt: skip
-            ops += [CommitOperationDelete(name) for name in stale or []]
+            ops += [CommitOperationDelete(name) for name in state.stale]
             info = api.create_commit(
                 plan.repo_id, ops, commit_message=f"qoqopt: upload {plan.fmt} build", token=token, repo_type="model"
             )
@@ -614,24 +618,63 @@ def upload(plan: UploadPlan, token: str, api=None) -> str:
     return getattr(info, "commit_url", str(info))
 
 
-def _existing_repo_files(api, plan: UploadPlan, token: str) -> list[str] | None:
-    """None when the repo does not exist yet; else the files of it to delete (with --replace; without,
-    a repo holding files this build does not is refused), after checking --private against it."""
+@dataclass
+class RepoState:
+    """The target repo as the Hub answers for it, and what that means for the plan."""
+
+    repo_id: str
+    exists: bool
+    private: bool = False
+    stale: list[str] = field(default_factory=list)  # its files the build does not have
+    refusals: list[str] = field(default_factory=list)
+
+    def refuse(self) -> None:
+        if self.refusals:
+            raise QoqoptError(self.refusals[0])
+
+    def describe(self, replace: bool) -> list[str]:
+        if not self.exists:
+            return [f"{self.repo_id} does not exist yet: the upload creates it"]
+        lines = [f"{self.repo_id} exists ({'private' if self.private else 'public'}): the upload adds a commit to it"]
+        if self.stale and replace:
+            lines.append(f"--replace deletes from it, in the same commit: {_some(self.stale)}")
+        return lines
+
+
+def repo_state(api, plan: UploadPlan, token: str | None) -> RepoState:
+    """Whether the repo exists, and what would refuse this plan there: --private for a public repo
+    (create_repo(exist_ok=True) left it public, unsaid), and files the build does not have unless
+    --replace deletes them."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         info = api.repo_info(plan.repo_id, token=token, repo_type="model")
     except RepositoryNotFoundError:
-        return None
-    if plan.private and not info.private:  # create_repo(exist_ok=True) would have left it public, unsaid
-        raise QoqoptError(f"{plan.repo_id} exists and is public: --private does not change an existing repo; make it "
-                          "private in its settings on the Hub first, or publish to a new repo")  # fmt: skip
-    stale = stale_files([s.rfilename for s in info.siblings or []], plan)
-    if stale and not plan.replace:
-        raise QoqoptError(f"{plan.repo_id} already holds files this build does not: {_some(stale)}. Loaders would "
-                          "read them beside the new files (an old shard index, an old quant); pass --replace to "
-                          "delete them in the same commit (the repo's history keeps them), or publish to a new repo")  # fmt: skip
-    return stale
+        return RepoState(plan.repo_id, exists=False)
+    state = RepoState(plan.repo_id, True, bool(info.private), stale_files([s.rfilename for s in info.siblings or []], plan))
+    if plan.private and not state.private:
+        state.refusals.append(f"{plan.repo_id} exists and is public: --private does not change an existing repo; make "
+                              "it private in its settings on the Hub first, or publish to a new repo")  # fmt: skip
+    if state.stale and not plan.replace:
+        state.refusals.append(f"{plan.repo_id} already holds files this build does not: {_some(state.stale)}. Loaders "
+                              "would read them beside the new files (an old shard index, an old quant); pass --replace "
+                              "to delete them in the same commit (the repo's history keeps them), or publish to a new "
+                              "repo")  # fmt: skip
+    return state
+
+
+def preflight(plan: UploadPlan, token: str | None, api=None) -> tuple[list[str], list[str]]:
+    """A dry run's look at the target repo: (notes, stops). Unreachable (offline, no answer) is a
+    note: the real upload asks again."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HTTPError, OfflineModeIsEnabled
+
+    try:
+        state = repo_state(api or HfApi(), plan, token)
+    except (HTTPError, OfflineModeIsEnabled, OSError) as err:
+        reason = "HF_HUB_OFFLINE is set" if isinstance(err, OfflineModeIsEnabled) else " ".join(str(err).split())[:200]
+        return [f"the repo was not looked up on the Hub ({reason}); the upload checks it first"], []
+    return state.describe(plan.replace), state.refusals
 
 
 def stale_files(remote: list[str], plan: UploadPlan) -> list[str]:

@@ -9,6 +9,7 @@ import pytest
 
 from qoqopt import integrity
 from qoqopt.errors import QoqoptError
+from qoqopt.hub_license import CardLicense
 from qoqopt.publish import plan_upload, upload
 from tests.conftest import cache_as_hub_repo, error_line, refused, run_cli
 
@@ -521,9 +522,9 @@ def test_base_model_must_be_the_builds_shape(fixture_7b, tiny_dir, tmp_path, mon
         assert (f"has a language model of hidden size 3584 with 28 layers; this build's has {text['hidden_size']} "
                 f"with {text['num_hidden_layers']}: it was not quantized from ddvd233/QoQ-Med-VL-7B") in err, err  # fmt: skip
         assert "--base-model someone/llama is not a Qwen2.5-VL checkpoint" in refused([*argv, "someone/llama"], capsys)
-        plan = plan_upload(build, "me/x", base_model="me/tiny", license="apache-2.0")
+        plan = plan_upload(build, "me/x", base_model="me/tiny", license=CardLicense("apache-2.0"))
         assert "base_model: me/tiny" in plan.card and not any("not checked" in n for n in plan.notes)
-        plan = plan_upload(build, "me/x", base_model="someone/uncached", license="apache-2.0")
+        plan = plan_upload(build, "me/x", base_model="someone/uncached", license=CardLicense("apache-2.0"))
         assert any(n.startswith("--base-model someone/uncached not checked against the build") for n in plan.notes)
 
 
@@ -629,9 +630,17 @@ def test_card_licence_is_the_base_models(export_dir, capsys):
     assert "the card needs Qwen/Qwen2.5-VL-7B-Instruct's licence" in refused([*other], capsys)
     res = run_cli(*map(str, other), "--dry-run", env={"HF_TOKEN": SECRET})
     assert res.returncode == 1 and "license: other" in res.stdout and "pass --license" in res.stdout
-    plan = plan_upload(export_dir, "me/x", base_model="Qwen/Qwen2.5-VL-7B-Instruct", license="apache-2.0")
+    plan = plan_upload(export_dir, "me/x", base_model="Qwen/Qwen2.5-VL-7B-Instruct", license=CardLicense("apache-2.0"))
     assert ModelCard(plan.card).data.license == "apache-2.0"
-    assert "is not a Hub licence id" in refused([*other, "--license", "Apache 2.0"], capsys)
+    assert "is not one of the Hub's licence ids" in refused([*other, "--license", "apache2"], capsys)
+    # a licence the Hub has no id for (Qwen2.5-VL-3B's): `other`, with its name and link on the card
+    link = "https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct/blob/main/LICENSE"
+    res = run_cli(*map(str, other), "--dry-run", "--license", "other", "--license-name", "qwen-research",
+                  "--license-link", link, env={"HF_TOKEN": SECRET})  # fmt: skip
+    data = ModelCard(res.stdout.split("--- README.md (model card) ---\n")[1].split("dry run:")[0]).data
+    assert (data.license, data.license_name, data.license_link) == ("other", "qwen-research", link)
+    assert "needs --license-name" in refused([*other, "--license", "other"], capsys)
+    assert "go with --license other" in refused([*other, "--license", "mit", "--license-name", "x"], capsys)
 
 
 def test_files_the_manifest_does_not_list_are_named(export_dir):
@@ -665,9 +674,33 @@ def test_local_paths_stay_home(export_dir, tmp_path):
     (export_dir / "manifest.json").write_text(json.dumps(m))
     runs = [_run_measuring(export_dir, machine, ref, source) for machine, ref, source in
             (("a", "01", local), ("b", "02", local + "-other"))]  # two references: the report names each  # fmt: skip
+    for run in runs:  # a user's eval set, by the path bench was given
+        run["run"]["eval"] = {"source": str(tmp_path / "home" / "alice" / "ward3" / "set.jsonl"), "items": 5}
     (tmp_path / "report.md").write_text(render_markdown(runs))
     assert local in (tmp_path / "report.md").read_text()
     plan = plan_upload(export_dir, "me/x", base_model="ddvd233/QoQ-Med-VL-7B", results=tmp_path / "report.md")
     assert local not in plan.manifest_text and local not in plan.card and "Reference: the original model" in plan.card
+    assert "alice" not in plan.card and "eval set `set.jsonl`" in plan.card
     assert json.loads(plan.manifest_text)["source"]["model"] == "ddvd233/QoQ-Med-VL-7B"
     assert any(n.startswith(f"manifest.json names the local folder {local}") for n in plan.notes)
+
+
+def test_a_dry_run_looks_at_the_target_repo(export_dir):
+    """A dry run said the upload would go ahead where the real one then refused (stale files, a public
+    repo and --private), and never listed what --replace deletes. It asks the Hub as the upload does;
+    offline, it says the repo was not looked up."""
+    from qoqopt.publish import preflight
+
+    plan = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF")
+    assert preflight(plan, SECRET, RecordingApi()) == (["me/QoQ-Med-mini-GGUF does not exist yet: the upload creates it"], [])
+    old = _hub_state(False, [".gitattributes", "QoQ-Med-mini.Q4_K_M.gguf"])
+    notes, stops = preflight(plan, SECRET, RecordingApi(existing=old))
+    assert notes == ["me/QoQ-Med-mini-GGUF exists (public): the upload adds a commit to it"]
+    assert stops and stops[0].startswith("me/QoQ-Med-mini-GGUF already holds files this build does not: QoQ-Med-mini.Q4_K_M.gguf")
+    replace = plan_upload(export_dir, "me/QoQ-Med-mini-GGUF", replace=True, private=True)
+    notes, stops = preflight(replace, SECRET, RecordingApi(existing=old))
+    assert notes[1] == "--replace deletes from it, in the same commit: QoQ-Med-mini.Q4_K_M.gguf"
+    assert stops == ["me/QoQ-Med-mini-GGUF exists and is public: --private does not change an existing repo; make it "
+                     "private in its settings on the Hub first, or publish to a new repo"]  # fmt: skip
+    res = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run", env={"HF_TOKEN": SECRET})  # tests: offline
+    assert res.returncode == 0 and "note      the repo was not looked up on the Hub (HF_HUB_OFFLINE is set)" in res.stdout

@@ -53,12 +53,15 @@ def register(sub) -> None:
     p.add_argument("--license", metavar="ID",
                    help="the card's licence, the base model's Hub licence id (default: mit for a QoQ-Med base; "
                         "required for any other)")  # fmt: skip
+    p.add_argument("--license-name", metavar="NAME", help="with --license other: the licence's name (qwen-research)")
+    p.add_argument("--license-link", metavar="URL", help="with --license other: where its text is")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the card; upload nothing")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..errors import QoqoptError
+    from ..hub_license import checked_license
     from ..publish import plan_upload, resolve_token, upload
 
     if args.results and args.results.is_dir():
@@ -67,22 +70,37 @@ def run(args) -> int:
         raise QoqoptError(f"--results {args.results} does not exist")
     if args.results and args.results.suffix.lower() != ".md":
         raise QoqoptError(f"--results {args.results}: give the report.md of `qoqopt report`, not its inputs")
+    given = args.license or args.license_name or args.license_link
+    licence = checked_license(args.license or "", args.license_name, args.license_link) if given else None
     plan = plan_upload(args.folder, args.repo, args.private, args.results, args.base_model, dry_run=args.dry_run,
-                       license=args.license, replace=args.replace)  # fmt: skip
+                       license=licence, replace=args.replace)  # fmt: skip
     if args.dry_run:
-        stops = list(plan.stops)  # what would refuse the upload, said after the plan a dry run still shows
-        print(plan.describe())
-        print("\n--- README.md (model card) ---")
-        print(plan.card)
-        print("dry run: nothing was uploaded")
-        for why in stops:
-            print(f"note: the upload would stop here: {why}")
-        try:
-            resolve_token()
-        except QoqoptError as err:  # said now, not after the user has set the upload going
-            print(f"note: the upload would stop here: {err}")
-        return 1 if stops else 0  # a preflight fails on what this plan lacks, not on this machine's login
+        return _dry_run(plan)
     token = resolve_token()
     url = upload(plan, token)
     print(f"uploaded {len(plan.files) + 1} files to {args.repo}: {url}")
     return 0
+
+
+def _dry_run(plan) -> int:
+    """Print the plan, the card and the target repo's state; 1 when the upload would stop for what
+    the plan or the repo lacks (a missing token is only noted: a preflight runs without one)."""
+    from ..errors import QoqoptError
+    from ..publish import preflight, resolve_token
+
+    try:
+        token = resolve_token()
+        no_token = None
+    except QoqoptError as err:  # said now, not after the user has set the upload going
+        token, no_token = None, str(err)
+    notes, stops = preflight(plan, token)
+    print(plan.describe())
+    for note in notes:
+        print(f"note      {note}")
+    print("\n--- README.md (model card) ---")
+    print(plan.card)
+    print("dry run: nothing was uploaded")
+    stops = [*plan.stops, *stops]
+    for why in stops + ([no_token] if no_token else []):
+        print(f"note: the upload would stop here: {why}")
+    return 1 if stops else 0

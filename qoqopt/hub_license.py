@@ -1,0 +1,68 @@
+"""The licence a build's Hub card declares: its base model's.
+
+A quantized build is under its base model's licence. qoqopt knows QoQ-Med's (MIT); for any other
+base the user names it, as one of the Hub's licence ids (the Hub checks the card's `license` on
+push, after the large files went up), or as `other` with its name and link (Qwen2.5-VL-3B's
+qwen-research licence is one such).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import QoqoptError
+
+QOQ_MED_LICENSE = "mit"  # QoQ-Med's release
+QOQ_MED_REPO = re.compile(r"^ddvd233/QoQ-Med", re.IGNORECASE)
+# The Hub's licence ids (hub-docs, repositories-licenses.md, and the Llama 3 family added since)
+HUB_LICENSES = frozenset("""
+apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5
+cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0
+cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 cdla-permissive-1.0
+cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl
+lgpl-2.1 lgpl-3.0 isc lppl-1.3c ms-pl mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense
+zlib pddl lgpl-lr deepfloyd-if-license llama2 llama3 llama3.1 llama3.2 llama3.3 gemma unknown other
+""".split())
+UNNAMED = "other"  # what a dry run's card shows for a licence it was not told
+
+
+class NoLicense(QoqoptError):
+    """The base is not QoQ-Med and no --license was given."""
+
+
+@dataclass(frozen=True)
+class CardLicense:
+    id: str
+    name: str | None = None  # `other` only: the licence's own short name (license_name)
+    link: str | None = None  # ... and where its text is (license_link)
+
+    def metadata(self) -> dict:
+        extra = {"license_name": self.name, "license_link": self.link} if self.id == "other" else {}
+        return {"license": self.id, **{k: v for k, v in extra.items() if v}}
+
+
+def checked_license(license_id: str, name: str | None = None, link: str | None = None) -> CardLicense:
+    """--license (with --license-name/--license-link for `other`), refused in one line when the Hub
+    would refuse the card."""
+    if license_id not in HUB_LICENSES:
+        raise QoqoptError(f"--license {license_id!r} is not one of the Hub's licence ids (such as mit, apache-2.0, "
+                          "llama3.1); for any other, --license other --license-name NAME --license-link URL")  # fmt: skip
+    if (name or link) and license_id != "other":
+        raise QoqoptError(f"--license-name and --license-link go with --license other, not {license_id}")
+    if license_id == "other" and not name:
+        raise QoqoptError("--license other needs --license-name (the licence's short name, such as qwen-research)")
+    if name and not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name):
+        raise QoqoptError(f"--license-name {name!r}: lower-case letters, digits, '.' and '-' (such as qwen-research)")
+    return CardLicense(license_id, name, link)
+
+
+def card_license(base: str, given: CardLicense | None) -> CardLicense:
+    """The card's licence: the one given, else QoQ-Med's own for a QoQ-Med base."""
+    if given is not None:
+        return given
+    if QOQ_MED_REPO.match(base):
+        return CardLicense(QOQ_MED_LICENSE)
+    raise NoLicense(f"the card needs {base}'s licence, which qoqopt knows only for QoQ-Med: pass --license "
+                    "with the licence id on its Hub page (such as apache-2.0)")  # fmt: skip
