@@ -127,15 +127,15 @@ def _quiet():
 def _pillow(path: Path):
     """The file opened by Pillow (header read, pixels on demand), its failures as one line."""
     try:
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                yield img
-        for w in said:  # Pillow's two-line warning as one line; anything else as it was
-            if issubclass(w.category, Image.DecompressionBombWarning):
-                print(f"warning: {path}: {w.message}", file=sys.stderr)
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        with warnings.catch_warnings():  # Pillow's two-line warning, said in one below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            pixels, limit = img.width * img.height, Image.MAX_IMAGE_PIXELS
+            if limit and pixels > limit:
+                print(f"warning: {path}: {img.width}x{img.height} is {pixels:,} pixels, over Pillow's "
+                      f"{limit:,}-pixel decompression-bomb limit; decoding it takes much memory", file=sys.stderr)  # fmt: skip
+            yield img
     except Image.DecompressionBombError as exc:
         raise QoqoptError(f"{path}: too many pixels for a safe decode ({exc}); downscale it first") from None
     except UnidentifiedImageError as exc:

@@ -58,33 +58,42 @@ def _tell_apart(runs: list[dict], paths: list[Path]) -> None:
     """Runs sharing a machine label get ``#1``, ``#2``... (in the order given): two rows or legend
     entries of one name could not be told apart."""
     labels = [machine_label(r) for r in runs]
+    taken = set(labels)
     for label in sorted({x for x in labels if labels.count(x) > 1}):
         same = [i for i, x in enumerate(labels) if x == label]
-        for k, i in enumerate(same, 1):
+        marks = []
+        for i in same:
+            k = len(marks) + 1
+            while f"{label} #{k}" in taken:  # a run already labelled "cpu #1"
+                k += 1
+            taken.add(f"{label} #{k}")
+            marks.append(k)
             runs[i]["run"]["machine"] = {**runs[i]["run"]["machine"], "label": f"{label} #{k}"}
-        named = ", ".join(f"{paths[i]} as #{k}" for k, i in enumerate(same, 1))
+        named = ", ".join(f"{paths[i]} as #{k}" for k, i in zip(marks, same))
         print(f"note: {len(same)} runs are labelled {label!r}: shown as {named}", file=sys.stderr)
 
 
-DISAGREE = 2.0  # mean KLDs of one build, chats and reference this far apart are not runtime noise
+# Mean KLDs of one build, chats and reference this far apart (by both measures) are not runtime noise:
+# bf16 rounding on another machine moves a KLD of 1e-6 by its own size, not by 1e-4.
+DISAGREE, DISAGREE_NATS = 2.0, 1e-4
 
 
 def say_disagreements(runs: list[dict]) -> None:
     """A note for each build whose runs in one drift set disagree by more than DISAGREE on mean KLD:
     its drift table shows the first run's numbers only, which would otherwise hide the other's."""
     for members in drift_groups(runs):
-        seen: dict[str, tuple[float, dict]] = {}
+        seen: dict[str, tuple[float, dict, list[str]]] = {}
         for run in members:
             for v in run["variants"]:
                 kld = (((v.get("drift") or {}).get("all") or {}).get("mean_kld")) if v.get("status") == "ok" else None
                 if not _is_number(kld) or not math.isfinite(kld):
                     continue
                 if v["name"] not in seen:
-                    seen[v["name"]] = (kld, run)
+                    seen[v["name"]] = (kld, run, _file_shas(v))
                     continue
-                first, where = seen[v["name"]]
+                first, where, files = seen[v["name"]]
                 lo, hi = sorted((first, kld))
-                if hi > DISAGREE * lo:
+                if files == _file_shas(v) and hi > DISAGREE * lo and hi - lo > DISAGREE_NATS:  # other files: refused later
                     print(f"note: {v['name']}'s mean KLD is {first:.3g} in {_run_name(where)} and {kld:.3g} in "
                           f"{_run_name(run)} (same files and chats); the drift table shows the first", file=sys.stderr)
 

@@ -491,6 +491,7 @@ def test_info_of_a_gguf_build_says_what_llama_cpp_loads(run_1t, trained_dir, tmp
     partial = tmp_path / "partial"
     shutil.copytree(gguf_dir, partial)
     (partial / texts["Q8_0"]["path"]).unlink()
+    assert run_cli("info", str(partial)).returncode == 1  # a file missing alone (the usual broken download)
     q4 = partial / texts["Q4_K_M"]["path"]
     q4.write_bytes(q4.read_bytes()[: q4.stat().st_size - 1000])  # a download cut off in the tensor data
     res = run_cli("info", str(partial))

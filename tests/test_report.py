@@ -292,9 +292,11 @@ def test_runs_that_disagree_or_share_a_label_are_told_apart(tmp_path, monkeypatc
     same name. Two runs of one build on the same chats whose mean KLDs are far apart (a drift table
     shows the first only) went unsaid, and which one showed hung on the argument order."""
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps(_run("cpu", 1.0)))
-    other = _run("cpu", 0.01)
+    first, other = _run("cpu", 1.0), _run("cpu", 0.01)
     other["variants"][2]["drift"]["all"]["mean_kld"] = 0.5  # gguf:Q4_K_M: 25x the first run's 0.02
+    first["variants"][4]["drift"]["all"]["mean_kld"] = 1e-6  # gptq:4 at 1e-6 and 3e-6: 3x, but noise's size
+    other["variants"][4]["drift"]["all"]["mean_kld"] = 3e-6
+    a.write_text(json.dumps(first))
     b.write_text(json.dumps(other))
     res = run_cli("report", str(a), str(b), "--out", str(tmp_path / "rep"))
     assert res.returncode == 0, res.stderr
@@ -314,3 +316,7 @@ def test_runs_that_disagree_or_share_a_label_are_told_apart(tmp_path, monkeypatc
     monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
     write_plots(load_results([a, b]), tmp_path)
     assert [c.get_label() for c in figures[-1].axes[0].containers] == ["cpu #1", "cpu #2"]  # the speed bars
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(_run("cpu #1", 2.0)))  # a label the numbering would repeat
+    labels = [r["run"]["machine"]["label"] for r in load_results([a, b, c])]
+    assert labels == ["cpu #2", "cpu #3", "cpu #1"]

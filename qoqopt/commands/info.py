@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--verify", action="store_true",
                    help="also check every file of a local build against its manifest.json (present, size, "
-                   "sha256); exit status 1 if any fails (without it: 1 when a GGUF file is cut off or unreadable)")  # fmt: skip
+                   "sha256); exit status 1 if any fails (without it: 1 when a GGUF file is missing, cut off or unreadable)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -73,11 +73,14 @@ def run(args) -> int:
 
 
 def _damaged(summary) -> bool:
-    """A GGUF file the summary found cut off or unreadable: a script checking a download by the exit
-    status (without --verify's hashing) got 0 for it."""
+    """A GGUF file the summary found missing (in a local build), cut off or unreadable: a script
+    checking a download by the exit status (without --verify's hashing) got 0 for it. A Hub repo's
+    file that is not here was not downloaded, which is no damage."""
     from ..build_info import GGUFSummary
 
-    return isinstance(summary, GGUFSummary) and any(f.cut_off or f.unreadable for f in summary.files)
+    if not isinstance(summary, GGUFSummary):
+        return False
+    return any(f.cut_off or f.unreadable or (not f.present and not summary.hub) for f in summary.files)
 
 
 def _is_gguf_file(path: Path) -> bool:
