@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import warnings
 from collections import Counter
 
 import jinja2
@@ -328,20 +329,18 @@ def test_slices_stored_mirrored_are_flipped_for_display():
 
 
 def test_empty_window_or_rescale_reads_as_none():
-    """An empty Window Center/Width (or Rescale Slope) is as good as absent, as viewers take it: it
-    gave a flat grey picture (every pixel 128), or a TypeError. Reference: the same file with the
-    tags deleted by pydicom."""
+    """An empty Window Center/Width is as good as absent, as viewers take it: it gave a flat grey
+    picture (every pixel 128). A Rescale Slope left empty beside an intercept is the identity slope:
+    pydicom applies neither without both, so the CT's stored values were windowed as if HU (or it was
+    a TypeError). Expected: DICOM's HU = stored x slope + intercept, under the CT soft-tissue window
+    (40/400) that a CT without a window of its own gets, by PS3.3's LINEAR formula written out above."""
     stored = np.array([[0, 1024], [1064, 3000]], np.uint16)
-    for tags in ({"WindowCenter": "", "WindowWidth": ""}, {"WindowCenter": 40, "WindowWidth": ""},
-                 {"RescaleSlope": "", "RescaleIntercept": -1024}):  # fmt: skip
-        ds = _dataset(stored, "MONOCHROME2", 12, Modality="CT", **tags)
-        plain = _dataset(stored, "MONOCHROME2", 12, Modality="CT", **tags)
-        for keyword, value in tags.items():
-            if value == "":
-                del plain[keyword]
-        out = dicom_to_array(ds)
-        np.testing.assert_array_equal(out, dicom_to_array(plain))
-        assert len(np.unique(out)) > 1, tags
+    for tags, hu in (({"WindowCenter": "", "WindowWidth": ""}, stored * 1.0),
+                     ({"WindowCenter": 40, "WindowWidth": ""}, stored * 1.0),
+                     ({"RescaleSlope": "", "RescaleIntercept": -1024}, stored * 1.0 - 1024),
+                     ({"RescaleSlope": 2, "RescaleIntercept": ""}, stored * 2.0)):  # fmt: skip
+        out = dicom_to_array(_dataset(stored, "MONOCHROME2", 12, Modality="CT", **tags))
+        np.testing.assert_array_equal(out[..., 0], np.rint(_linear_window(hu, 40, 400) * 255), err_msg=str(tags))
 
 
 @pytest.mark.parametrize("tags, broken, message", [
@@ -388,7 +387,10 @@ def test_only_the_window_values_pydicom_reads_are_checked(tmp_path):
     with np.errstate(over="ignore"):  # exp saturates far from the centre; the range is black and white
         sigmoid = apply_voi_lut(stored.astype(float) - 1024, narrow)
         lo, hi = apply_voi_lut(np.array([-1e30, 1e30]), narrow)
-    np.testing.assert_allclose(dicom_to_array(narrow)[..., 0], np.rint((sigmoid - lo) / (hi - lo) * 255), atol=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the saturation is meant: no overflow warning
+        shown = dicom_to_array(narrow)[..., 0]
+    np.testing.assert_allclose(shown, np.rint((sigmoid - lo) / (hi - lo) * 255), atol=1)
 
     lut = _dataset(stored, "MONOCHROME2", 12, SOPClassUID=CTImageStorage, SOPInstanceUID=generate_uid(), Modality="CT")
     item = Dataset()

@@ -260,17 +260,23 @@ _WINDOW = ("WindowCenter", "WindowWidth")
 
 
 def display_view(ds: Dataset, own_window: bool = True) -> Dataset:
-    """``ds`` less its empty display attributes (viewers treat an empty Window Center as none), each
-    other one that is used checked: a value that is not a finite number, or a window narrower than
-    pydicom's windowing takes (PS3.3 C.11.2.1.2), is a one-line error naming the file, not pydicom's
-    TypeError mid-export. The window is not used under an ``own_window=False`` override, nor where a
-    VOI LUT Sequence takes precedence."""
+    """``ds`` as its display attributes are meant: an empty window is none (viewers treat it so),
+    and of rescale slope and intercept one alone stands with the other's identity (pydicom applies
+    neither without both, which showed a CT's raw values as if they were HU). Each other value used
+    is checked: not a finite number, or a window narrower than pydicom's windowing takes (PS3.3
+    C.11.2.1.2), is a one-line error naming the file, not pydicom's TypeError mid-export. The window
+    is not used under an ``own_window=False`` override, nor where a VOI LUT Sequence takes precedence."""
     empty = [k for k in (*_RESCALE, *_WINDOW) if k in ds and _first(ds[k]) in ("", None)]
     used = _RESCALE + (_WINDOW if own_window and "VOILUTSequence" not in ds else ())
     for keyword in used:
         if keyword in ds and keyword not in empty:
             _check_number(ds, keyword)
-    if not empty:
+    changes: dict[str, float | None] = {k: None for k in empty}  # None: removed
+    rescale = [k for k in _RESCALE if k in ds and k not in empty]
+    if len(rescale) == 1:
+        other = next(k for k in _RESCALE if k != rescale[0])
+        changes[other] = _IDENTITY[other]
+    if not changes:
         return ds
     view = Dataset()
     view.update(ds)  # its own element table: the original keeps every element
@@ -280,9 +286,15 @@ def display_view(ds: Dataset, own_window: bool = True) -> Dataset:
         view.file_meta = meta
     implicit, little = ds.original_encoding
     view.set_original_encoding(implicit, little, ds.original_character_set)
-    for keyword in empty:
-        del view[keyword]
+    for keyword, value in changes.items():
+        if value is None:
+            del view[keyword]
+        else:
+            setattr(view, keyword, value)
     return view
+
+
+_IDENTITY = {"RescaleSlope": 1.0, "RescaleIntercept": 0.0}
 
 
 def _first(element):
