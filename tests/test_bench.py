@@ -425,8 +425,6 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     """`qoqopt ask` finds the text GGUF and mmproj through manifest.json, and refuses clearly otherwise."""
     from PIL import Image
 
-    from qoqopt.exports.gguf_header import read_header
-
     (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
     res = run_cli("ask", str(gguf_dir), "--quant", "Q8_0", "--item", "ct-abd-pancreas.region_ct.eval-0")
     assert res.returncode == 0, res.stderr
@@ -437,14 +435,18 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     res = run_cli("ask", str(tmp_path), "--item", "ct-abd-pancreas.region_ct.eval-0")
     assert "has no manifest.json" in error_line(res)
     # a question past a fixed 4864-token context was refused; the model's own context is the limit now
-    trained = read_header(next(gguf_dir.glob("*.Q8_0.gguf"))).kv["qwen2vl.context_length"]
+    q8 = next(gguf_dir.glob("*.Q8_0.gguf"))
+    trained = int(_llama_cpp_print_info(q8)["n_ctx_train"])  # as llama.cpp's loader reads it
     image = tmp_path / "scan.png"
     Image.new("RGB", (56, 56)).save(image)
-    for words, fits in ((3000, True), (trained, False)):  # 6000 bytes; then more tokens than the context
+    for words, fits in ((6000, True), (trained, False)):  # past the old 4864; then past the model's context
         res = run_cli("ask", str(gguf_dir), "--quant", "Q8_0", "--image", str(image), "--question", "scan " * words,
                       "--max-tokens", "2")  # fmt: skip
         assert (res.returncode == 0) == fits, res.stderr
     assert f"but the context holds {trained}: shorten the question or the reply" in error_line(res)
+    res = run_cli("ask", str(gguf_dir), "--quant", "Q8_0", "--image", str(image), "--question", "scan",
+                  "--max-tokens", str(trained))  # fmt: skip
+    assert error_line(res) == f"error: --max-tokens {trained} leaves no room for the question in the model's context of {trained} tokens"
 
 
 def _llama_cpp_print_info(path: Path) -> dict[str, str]:

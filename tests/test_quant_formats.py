@@ -487,6 +487,7 @@ def test_not_qwen25vl(tmp_path):
 
 
 def test_existing_output_needs_force(tiny_dir, tmp_path):
+    from qoqopt.exports.gguf_export import GGUFOptions, export_gguf
     from qoqopt.exports.hf_quant import export_hf_quant
 
     (tmp_path / "o").mkdir()
@@ -494,9 +495,13 @@ def test_existing_output_needs_force(tiny_dir, tmp_path):
     with pytest.raises(QoqoptError, match="--force"):
         export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", log=lambda m: None)
     # --force replaces an earlier build, not a folder of someone's files (the swap deleted them all)
-    with pytest.raises(QoqoptError, match=r"is not an earlier output of this command \(it holds no manifest.json of a qoqopt build\)"):
-        export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", force=True, log=lambda m: None)
-    assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep.txt"]
+    (tmp_path / "o" / "manifest.json").write_text('{"name": "my-app", "files": []}')  # another tool's manifest
+    for export in (lambda: export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", force=True, log=lambda m: None),
+                   lambda: export_gguf(str(tiny_dir), tmp_path / "o", GGUFOptions(quants=["F16"]), force=True,
+                                       log=lambda m: None)):  # fmt: skip
+        with pytest.raises(QoqoptError, match=r"is not an earlier output of this command \(it holds no manifest.json of a qoqopt build\)"):
+            export()
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["keep.txt", "manifest.json"]
 
 
 def test_sharded_output_has_an_index(tiny_dir, tmp_path):

@@ -237,6 +237,7 @@ def test_report_output_is_whole_new_and_never_replaces_its_inputs(tmp_path, caps
     assert run_cli("report", str(a), "--out", str(out), "--force").returncode == 0
     (tmp_path / "notes").mkdir()  # --force replaces a report, not a folder of someone's files
     (tmp_path / "notes" / "keep.txt").write_text("x")
+    (tmp_path / "notes" / "report.md").write_text("# Ward 3 audit\n")  # a report.md of someone else's
     err = refused(["report", a, "--out", tmp_path / "notes", "--force"], capsys)
     assert "is not an earlier output of this command (it holds no report.md written by qoqopt report)" in err
     assert (tmp_path / "notes" / "keep.txt").exists()
@@ -296,6 +297,8 @@ def test_runs_that_disagree_or_share_a_label_are_told_apart(tmp_path, monkeypatc
     other["variants"][2]["drift"]["all"]["mean_kld"] = 0.5  # gguf:Q4_K_M: 25x the first run's 0.02
     first["variants"][4]["drift"]["all"]["mean_kld"] = 1e-6  # gptq:4 at 1e-6 and 3e-6: 3x, but noise's size
     other["variants"][4]["drift"]["all"]["mean_kld"] = 3e-6
+    first["variants"][3]["drift"]["all"]["mean_kld"] = 0.30  # gguf:Q5_K_M at 0.30 and 0.45: 0.15 apart, but 1.5x
+    other["variants"][3]["drift"]["all"]["mean_kld"] = 0.45
     a.write_text(json.dumps(first))
     b.write_text(json.dumps(other))
     res = run_cli("report", str(a), str(b), "--out", str(tmp_path / "rep"))
