@@ -439,8 +439,9 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     trained = int(_llama_cpp_print_info(q8)["n_ctx_train"])  # as llama.cpp's loader reads it
     image = tmp_path / "scan.png"
     Image.new("RGB", (56, 56)).save(image)
-    for words, fits in ((6000, True), (trained, False)):  # past the old 4864; then past the model's context
-        res = run_cli("ask", str(gguf_dir), "--quant", "Q8_0", "--image", str(image), "--question", "scan " * words,
+    # past the old 4864; then past the model's context, in words of 2 bytes (one argument holds at most 128 KiB)
+    for question, fits in (("scan " * 6000, True), ("a " * trained, False)):
+        res = run_cli("ask", str(gguf_dir), "--quant", "Q8_0", "--image", str(image), "--question", question,
                       "--max-tokens", "2")  # fmt: skip
         assert (res.returncode == 0) == fits, res.stderr
     assert f"but the context holds {trained}: shorten the question or the reply" in error_line(res)

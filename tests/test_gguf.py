@@ -788,10 +788,11 @@ def test_published_card_carries_the_builds_own_run_instructions(built):
     """The Hub card replaces the export's README: it must carry what that README told users, word for
     word (the image-token range, QoQ-Med's sampling settings, the llama-cpp-python recipe, the
     Modelfile) and its known issues, not a generic usage that drops them."""
+    from qoqopt.hub_license import CardLicense
     from qoqopt.publish import plan_upload, readme_sections
 
     # a base that no cache holds: check_base_model only notes it (the real 7B's config would refuse the tiny build)
-    plan = plan_upload(built.out, "me/tiny-gguf", base_model="someone/uncached-base")
+    plan = plan_upload(built.out, "me/tiny-gguf", base_model="someone/uncached-base", license=CardLicense("apache-2.0"))
     exported = readme_sections((built.out / "README.md").read_text())
     card = readme_sections(plan.card)
     assert exported["Run it"] in card["Usage"] and exported["Known issues"] == card["Known issues"]
