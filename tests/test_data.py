@@ -261,6 +261,25 @@ def test_enhanced_ct_takes_rescale_window_and_orientation_from_its_functional_gr
     assert out[0, 0, 0] == 0  # air is black
 
 
+def test_enhanced_ct_with_an_ow_voi_lut(tmp_path):
+    """An enhanced multi-frame file's frame view lost the file's encoding, and pydicom reads OW LUT
+    data by it: a VOI LUT Sequence there was an AttributeError traceback. Expected, by PS3.3's LUT
+    rule written out: HU from the shared groups' rescale, each clipped into the LUT's 4 entries (it
+    takes precedence over the frame's window), the mirrored plane's columns flipped."""
+    path = catalog.source_path("eCT_Supplemental.dcm")
+    ds = pydicom.dcmread(path)
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 8]
+    item.add_new("LUTData", "OW", np.array([0, 60, 120, 255], "<u2").tobytes())
+    ds.VOILUTSequence = [item]
+    ds.save_as(tmp_path / "lut.dcm")
+    read = pydicom.dcmread(tmp_path / "lut.dcm")
+    rescale = read.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    hu = read.pixel_array[1].astype(float) * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
+    expected = np.array([0, 60, 120, 255])[np.clip(np.rint(hu).astype(int), 0, 3)][:, ::-1]
+    np.testing.assert_array_equal(dicom_to_array(read)[..., 0], expected)
+
+
 def test_a_frames_own_group_wins_and_the_dataset_is_left_as_it_was():
     """Per-frame functional groups override shared ones for their frame; reading never writes them
     into the caller's dataset; a per-frame sequence that does not cover every frame is refused."""

@@ -93,9 +93,7 @@ def frame_view(ds: Dataset, index: int) -> Dataset:
     groups = ([shared[0]] if shared else []) + ([per_frame[index]] if per_frame else [])
     if not groups:
         return ds
-    view = Dataset()
-    view.update(ds)  # its own element table: elements added below replace entries there only
-    view.filename = getattr(ds, "filename", None)
+    view = _view_of(ds)  # elements added below replace entries in its own table only
     for group in groups:
         for macro, keywords in _FRAME_MACROS:
             for item in group.get(macro) or []:
@@ -278,14 +276,7 @@ def display_view(ds: Dataset, own_window: bool = True) -> Dataset:
         changes[other] = _IDENTITY[other]
     if not changes:
         return ds
-    view = Dataset()
-    view.update(ds)  # its own element table: the original keeps every element
-    view.filename = getattr(ds, "filename", None)
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None:  # pydicom reads OW LUT data by the file's encoding
-        view.file_meta = meta
-    implicit, little = ds.original_encoding
-    view.set_original_encoding(implicit, little, ds.original_character_set)
+    view = _view_of(ds)
     for keyword, value in changes.items():
         if value is None:
             del view[keyword]
@@ -295,6 +286,21 @@ def display_view(ds: Dataset, own_window: bool = True) -> Dataset:
 
 
 _IDENTITY = {"RescaleSlope": 1.0, "RescaleIntercept": 0.0}
+
+
+def _view_of(ds: Dataset) -> Dataset:
+    """A dataset with ``ds``'s elements in a table of its own (``ds`` keeps every element whatever
+    the view gains or loses), its file name, and its encoding: pydicom reads OW LUT data (a VOI or
+    modality LUT) by the file's transfer syntax, and without it raised AttributeError."""
+    view = Dataset()
+    view.update(ds)
+    view.filename = getattr(ds, "filename", None)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        view.file_meta = meta
+    implicit, little = ds.original_encoding
+    view.set_original_encoding(implicit, little, ds.original_character_set)
+    return view
 
 
 def _first(element):
