@@ -25,9 +25,6 @@ cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 agpl-3.0 g
 lgpl-2.1 lgpl-3.0 isc lppl-1.3c ms-pl mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense
 zlib pddl lgpl-lr deepfloyd-if-license llama2 llama3 llama3.1 llama3.2 llama3.3 gemma unknown other
 """.split())
-UNNAMED = "other"  # what a dry run's card shows for a licence it was not told
-
-
 class NoLicense(QoqoptError):
     """The base is not QoQ-Med and no --license was given."""
 
@@ -43,9 +40,16 @@ class CardLicense:
         return {"license": self.id, **{k: v for k, v in extra.items() if v}}
 
 
-def checked_license(license_id: str, name: str | None = None, link: str | None = None) -> CardLicense:
+UNNAMED = CardLicense("other")  # what a dry run's card shows for a licence it was not told
+
+
+def checked_license(license_id: str | None, name: str | None = None, link: str | None = None) -> CardLicense | None:
     """--license (with --license-name/--license-link for `other`), refused in one line when the Hub
-    would refuse the card."""
+    would refuse the card; None when none was given."""
+    if license_id is None:
+        if name or link:
+            raise QoqoptError("--license-name and --license-link go with --license other")
+        return None
     if license_id not in HUB_LICENSES:
         raise QoqoptError(f"--license {license_id!r} is not one of the Hub's licence ids (such as mit, apache-2.0, "
                           "llama3.1); for any other, --license other --license-name NAME --license-link URL")  # fmt: skip

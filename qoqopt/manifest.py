@@ -18,12 +18,11 @@ BUILD_FORMATS = ("gguf", "gptq", "awq")  # what `qoqopt export` writes
 
 
 def is_build(folder: Path) -> bool:
-    """The folder holds a manifest.json of a qoqopt build (what `export --force` may replace)."""
+    """The folder holds a qoqopt build, as :func:`build_kind` reads it (what `export --force` may replace)."""
     try:
-        manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return (Path(folder) / "manifest.json").exists() and build_kind(Path(folder))[0] in BUILD_FORMATS
+    except QoqoptError:  # another tool's manifest.json, or a damaged one
         return False
-    return isinstance(manifest, dict) and manifest.get("format") in BUILD_FORMATS and isinstance(manifest.get("files"), list)
 
 
 def export_output():
@@ -32,6 +31,8 @@ def export_output():
     from .fileio import Owned
 
     return Owned("manifest.json of a qoqopt build", is_build)
+
+
 # The text GGUF a build's card, its Modelfile and `ask` use when none is named: the usual quality/size
 # trade first, then any other quantized type, the unquantized last (an F16 7B is 15 GB to load).
 PREFERRED_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_XS", "Q4_K_S", "Q5_K_S", "IQ4_NL", "Q3_K_L", "Q3_K_M")

@@ -65,36 +65,25 @@ class UploadPlan:
 
 
 def is_repo_id(s: str) -> bool:
-    """owner/name as the Hub takes it: huggingface_hub's own check (which also allows a bare name),
-    plus the owner."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(s)
-    except HFValidationError:
-        return False
-    return bool(REPO_ID.match(s)) and not s.endswith((".", "-"))
+    return _repo_id_problem(s) is None
 
 
 def check_repo_id(repo_id: str) -> None:
-    if not is_repo_id(repo_id):
-        raise QoqoptError(f"invalid repo name {repo_id!r}: {_repo_id_problem(repo_id)}")
+    problem = _repo_id_problem(repo_id)
+    if problem:
+        raise QoqoptError(f"invalid repo name {repo_id!r}: {problem}")
 
 
-def _repo_id_problem(repo_id: str) -> str:
-    """What breaks the Hub's naming rules (huggingface_hub's validate_repo_id, with an owner)."""
-    parts = repo_id.split("/")
-    if len(parts) != 2 or not all(parts):
-        return "expected owner/name"
-    if re.search(r"[^\w.-]", repo_id.replace("/", "")):
-        return "only letters, digits, '-', '_' and '.'"
-    if "--" in repo_id or ".." in repo_id:
-        return "no '--' or '..'"
-    if any(not p[0].isalnum() or p[-1] in ".-" for p in parts):
-        return "each part starts with a letter or digit and does not end in '.' or '-'"
-    if repo_id.endswith(".git"):
-        return "a name may not end in .git"
-    return "at most 96 characters a part"
+def _repo_id_problem(repo_id: str) -> str | None:
+    """What breaks the Hub's naming rules, in huggingface_hub's own words (validate_repo_id, which
+    also takes a bare name), or that the owner is missing; None for a good owner/name."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        return " ".join(str(err).split())
+    return None if REPO_ID.match(repo_id) else "expected owner/name, each starting with a letter or digit"
 
 
 def verified_files(folder: Path, manifest: dict) -> list[PlannedFile]:
@@ -491,9 +480,9 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     stops = []
     base = _or_stop(lambda: base_model_id(manifest, base_model), NoBaseModel, UNNAMED_BASE, dry_run, stops)
     if base == UNNAMED_BASE and license is None:  # its stop says what to pass; the licence follows from that
-        licence = CardLicense(UNNAMED_LICENSE)
+        licence = UNNAMED_LICENSE
     else:
-        licence = _or_stop(lambda: card_license(base, license), NoLicense, CardLicense(UNNAMED_LICENSE), dry_run, stops)
+        licence = _or_stop(lambda: card_license(base, license), NoLicense, UNNAMED_LICENSE, dry_run, stops)
     check_hub_file_sizes(folder, manifest)
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
     # The manifest ships too, so downloaders can check what they got.
@@ -587,7 +576,7 @@ def _upload_failure(err: Exception, repo_id: str) -> str:
 def upload(plan: UploadPlan, token: str, api=None) -> str:
     """Create the repo if needed and send exactly the planned files plus the card, in one commit: a
     failure leaves none of them on the Hub, and the message says whether the repo exists by then.
-    An existing repo is checked first (see :func:`stale_files`)."""
+    An existing repo is checked first (see :func:`repo_state`)."""
     import tempfile
 
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi

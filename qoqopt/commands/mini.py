@@ -47,7 +47,8 @@ def register(sub) -> None:
         "--layout", default="legacy", choices=["legacy", "runtime"],
         help="tensor key layout: legacy visual.*/model.layers.* (default) or runtime model.visual.*",
     )  # fmt: skip
-    p.add_argument("--force", action="store_true", help="replace an earlier checkpoint in --out (a folder holding config.json; other folders are refused)")
+    p.add_argument("--force", action="store_true", help="replace an earlier mini in --out (a folder of the files `qoqopt mini` writes, no others; "
+                   "other folders are refused)")
     p.set_defaults(func=run)
 
 

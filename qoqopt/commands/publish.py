@@ -70,8 +70,7 @@ def run(args) -> int:
         raise QoqoptError(f"--results {args.results} does not exist")
     if args.results and args.results.suffix.lower() != ".md":
         raise QoqoptError(f"--results {args.results}: give the report.md of `qoqopt report`, not its inputs")
-    given = args.license or args.license_name or args.license_link
-    licence = checked_license(args.license or "", args.license_name, args.license_link) if given else None
+    licence = checked_license(args.license, args.license_name, args.license_link)
     plan = plan_upload(args.folder, args.repo, args.private, args.results, args.base_model, dry_run=args.dry_run,
                        license=licence, replace=args.replace)  # fmt: skip
     if args.dry_run:
