@@ -119,9 +119,20 @@ def _check_result(data, path: Path) -> None:
         _check_fields(v, {"status": str, "error": str, "runtime": str, "worst_domain": str, "files": list}, where)
         if not all(isinstance(f, dict) for f in v.get("files") or []):
             raise QoqoptError(f"{where}: files is not a list of objects")
-        _check_numbers(v.get("speed") or {}, f"{where}: speed")
+        _check_speed(v.get("speed") or {}, f"{where}: speed")
         if v.get("status") == "ok" and v.get("drift"):
             _check_measured(v, where)
+
+
+def _check_speed(speed, where: str) -> None:
+    """Numbers, and under "spread" a [min, max] pair of numbers (or null) for each rate."""
+    _check_numbers({k: x for k, x in speed.items() if k != "spread"} if isinstance(speed, dict) else speed, where)
+    spread = speed.get("spread") or {}
+    if not isinstance(spread, dict):
+        raise QoqoptError(f"{where}.spread is {spread!r}, not an object")
+    for key, pair in spread.items():
+        if pair is not None and not (isinstance(pair, list) and len(pair) == 2 and all(_is_number(x) for x in pair)):
+            raise QoqoptError(f"{where}.spread.{key} is {pair!r}, not a [min, max] pair of numbers")
 
 
 def _check_fields(obj, kinds: dict[str, type], where: str) -> None:
@@ -188,11 +199,26 @@ def drift_groups(runs: list[dict]) -> list[list[dict]]:
 
 def _drift_key(run: dict) -> tuple:
     r, ev = run["run"], run["run"].get("eval") or {}
-    ref = next((v for v in run["variants"] if v["name"] == "reference"), {})
-    model = tuple(_file_shas(ref)) or (r.get("model") or {}).get("source")
     chats = (ev.get("sha256") or ev.get("source"), ev.get("ids_sha256"), ev.get("items"), ev.get("seed"),
              json.dumps(ev.get("domains"), sort_keys=True))  # fmt: skip
-    return (model, *chats, ev.get("answer_tokens"), r.get("reference_dtype"))
+    return (_model_key(run), *chats, ev.get("answer_tokens"), r.get("reference_dtype"))
+
+
+def _model_key(run: dict):
+    """The model a run measured: its reference's files (sha256), else the model it names."""
+    ref = next((v for v in run["variants"] if v["name"] == "reference"), {})
+    return tuple(_file_shas(ref)) or (run["run"].get("model") or {}).get("source")
+
+
+def speed_groups(runs: list[dict]) -> list[list[int]]:
+    """Indexes of the runs whose speed rows can share a table, in order of first appearance: one
+    model timed over one decode length. Machines and eval sets mix there; a 7B's rows beside a
+    32B's, or 32-token decodes beside 256-token ones, would read as one comparison."""
+    groups: dict[tuple, list[int]] = {}
+    for i, run in enumerate(runs):
+        decode = (run["run"].get("speed_settings") or {}).get("decode_tokens")
+        groups.setdefault((_model_key(run), decode), []).append(i)
+    return list(groups.values())
 
 
 def drift_rows(runs: list[dict]) -> dict[str, dict]:
@@ -244,7 +270,10 @@ def render_markdown(runs: list[dict], plots: dict[str, str] | None = None) -> st
     groups = drift_groups(runs)
     for n, members in enumerate(groups, 1):
         out += _drift_section(members, f", set {n} of {len(groups)}" if len(groups) > 1 else "")
-    out += _speed_table(runs) + _failures(runs)
+    timing = speed_groups(runs)
+    for n, members in enumerate(timing, 1):
+        out += _speed_table(runs, members, f", set {n} of {len(timing)}" if len(timing) > 1 else "")
+    out += _failures(runs)
     if plots:
         out += ["## Plots", ""] + [f"![{title}]({path})" for title, path in plots.items()] + [""]
     return "\n".join(out)
@@ -311,22 +340,36 @@ def _domain_table(rows: dict[str, dict], which: str = "") -> list[str]:
     return out + [""]
 
 
-def _speed_table(runs: list[dict]) -> list[str]:
-    timed = [(i, v) for i, run in enumerate(runs) for v in run["variants"] if v.get("status") == "ok"
+def _speed_table(runs: list[dict], members: list[int], which: str = "") -> list[str]:
+    """One speed group's rows (run indexes ``members``); ``which`` names the group among several."""
+    timed = [(i, v) for i in members for v in runs[i]["variants"] if v.get("status") == "ok"
              and ((v.get("speed") or {}).get("decode_tok_s") or (v.get("speed") or {}).get("ttft_ms"))]
     if not timed:  # --no-speed runs
         return []
-    out = ["## Speed per machine (medians)", "", files_comment(timed),
-           "| machine | variant | runtime | prefill tok/s | decode tok/s | image encode ms | TTFT ms | peak device MB | peak host MB |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    out = [f"## Speed per machine (medians){which}", ""]
+    if which:
+        r = runs[members[0]]["run"]
+        out += [f"Model `{(r.get('model') or {}).get('source')}`, {(r.get('speed_settings') or {}).get('decode_tokens')} "
+                "decode tokens a request.", ""]  # fmt: skip
+    out += [files_comment(timed),
+            "| machine | variant | runtime | prompt tokens | prefill tok/s | decode tok/s (range) | image encode ms | TTFT ms "
+            "| peak device MiB | peak host MiB |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for i, v in timed:  # the reference (drift only) and --no-speed runs have no speed row
         s = v["speed"]
         out.append(
-            f"| {_markdown_label(runs[i])} | {v['name']} | {v.get('runtime', '')} | {_fmt(s.get('prefill_tok_s'), '.0f')} | "
-            f"{_fmt(s.get('decode_tok_s'), '.1f')} | {_fmt(s.get('image_encode_ms'), '.0f')} | "
+            f"| {_markdown_label(runs[i])} | {v['name']} | {v.get('runtime', '')} | {_fmt(s.get('prompt_tokens'), 'd')} | "
+            f"{_fmt(s.get('prefill_tok_s'), '.0f')} | {_decode_cell(s)} | {_fmt(s.get('image_encode_ms'), '.0f')} | "
             f"{_fmt(s.get('ttft_ms'), '.0f')} | {_fmt(s.get('peak_device_mb'), '.0f')} | {_fmt(s.get('peak_host_mb'), '.0f')} |"
         )
     return out + [""]
+
+
+def _decode_cell(speed: dict) -> str:
+    """Median decode tok/s, with the repeats' range when the run recorded one."""
+    lo_hi = (speed.get("spread") or {}).get("decode_tok_s")
+    cell = _fmt(speed.get("decode_tok_s"), ".1f")
+    return f"{cell} ({lo_hi[0]:.1f}–{lo_hi[1]:.1f})" if lo_hi and speed.get("repeats", 0) > 1 else cell
 
 
 def _failures(runs: list[dict]) -> list[str]:
@@ -354,7 +397,7 @@ def files_comment(rows) -> str:
 
 
 def write_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
-    """Drift plots per drift group, one speed plot; returns title -> file name (relative to the report)."""
+    """Drift plots per drift group, a speed plot per speed group; returns title -> file name (relative to the report)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,8 +421,12 @@ def write_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
             save(_plot_drift_vs_size(plt, rows), f"drift_vs_size{suffix}.png", f"Drift against file size{which}")
         if rows:
             save(_plot_domain_heatmap(plt, rows), f"domain_drift{suffix}.png", f"Per-domain drift{which}")
-    if any((v.get("speed") or {}).get("decode_tok_s") for run in runs for v in run["variants"]):  # not --no-speed only
-        save(_plot_speed(plt, runs), "speed.png", "Decode speed per machine")
+    timing = speed_groups(runs)
+    for n, members in enumerate(timing, 1):
+        timed = [runs[i] for i in members]
+        suffix, which = (f"-{n}", f" (set {n} of {len(timing)})") if len(timing) > 1 else ("", "")
+        if any((v.get("speed") or {}).get("decode_tok_s") for run in timed for v in run["variants"]):  # not --no-speed only
+            save(_plot_speed(plt, timed), f"speed{suffix}.png", f"Decode speed per machine{which}")
     return plots
 
 

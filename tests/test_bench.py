@@ -8,10 +8,14 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import HUB_COMMIT, TRAIN_TOKENS, cache_as_hub_repo, error_line, refused, run_cli
 
@@ -134,6 +138,46 @@ def test_speed_fields(run_1t):
             assert s[key] > 0, (rec["name"], key)
         # 728x700 -> 26x25 merged tokens; 256x256 rounds to 252 < the pixel minimum, so grows to 280: 10x10
         assert s["image_tokens_max"] == 650 and s["image_tokens_min"] == 100
+        for key in ["ttft_ms", "prefill_tok_s", "decode_tok_s"]:  # one repeat: its range is its value
+            assert s["spread"][key] == [s[key], s[key]], (rec["name"], key)
+    assert "float32" in _by_name(run_1t[0])["gptq:4"]["runtime"]  # on CPU its torch path runs in fp32, bf16 in bf16
+
+
+def test_a_workers_peak_memory_is_its_own():
+    """Linux carries ru_maxrss across exec: a worker started from a bench process holding 700 MiB
+    read 700 MiB before it loaded anything (helper-64: every GGUF row showed the parent's peak). The
+    worker reads its own address space's high-water mark; the kernel's ru_maxrss shows the trap."""
+    child = ("import resource; from qoqopt.bench.worker import peak_host_mib; "
+             "print(peak_host_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    parent = (f"import subprocess, sys; held = b'x' * (700 * 2**20); "
+              f"sys.exit(subprocess.run([sys.executable, '-c', {child!r}]).returncode)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout
+    own, inherited = map(float, out.split())
+    assert inherited > 700 and own < 200
+
+
+def test_transformers_decode_is_timed_inside_one_request(tiny_dir):
+    """TTFT and decode come from one generate() of 1 + n tokens, each step time-stamped: decode was
+    the difference of two requests, and one slow request made it 0 ms (3.2e10 tok/s, helper-64)."""
+    from qoqopt.bench.hf_runner import load_hf
+    from qoqopt.bench.speed import probe_image
+
+    runner = load_hf(tiny_dir, None, {}, "cpu")
+    calls, generate = [], runner.model.generate
+
+    def timed_generate(**kw):
+        start = time.perf_counter()
+        out = generate(**kw)
+        calls.append((time.perf_counter() - start, out.shape[1] - kw["input_ids"].shape[1]))
+        return out
+
+    runner.model.generate = timed_generate
+    image = probe_image(Image.new("RGB", (64, 64), (90, 90, 90)), "min")
+    started = time.perf_counter()
+    p = runner.profile(image, "Which organ is shown?", 4)
+    wall = time.perf_counter() - started
+    ((seconds, new_tokens),) = calls  # one request, as transformers generated it: 1 + 4 tokens
+    assert new_tokens == 5 and 0 < p["decode_s"] < seconds and p["encode_s"] < p["ttft_s"] and p["ttft_s"] + p["decode_s"] <= wall
 
 
 def _reply_logits(model, proc, item):
@@ -641,7 +685,7 @@ def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_di
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
     assert _asked(res) == _greedy_reply(model, trained_dir, item)
     res = run_cli("ask", str(gptq_dir), "--item", item_id)
-    assert "(transformers + qoqopt W4A16 (torch reference), cpu)" in res.stdout
+    assert "(transformers + qoqopt W4A16 (torch reference, float32), cpu)" in res.stdout
     assert _asked(res) == _greedy_reply(load_fake_quantized(gptq_dir), gptq_dir, item)
     assert "--quant picks a text GGUF" in refused(["ask", gptq_dir, "--quant", "Q8_0", "--item", item_id], capsys)
     if not torch.cuda.is_available():

@@ -61,7 +61,7 @@ def test_report_merges_two_machines_with_plots(tmp_path):
     assert {r["variant"]: (float(r["ct"]), float(r["ecg"]), float(r["xray"])) for r in domains if r["ct"] != "–"} == {
         "gguf:Q8_0": (1e-3, 3e-3, 5e-4), "gguf:Q4_K_M": (2e-2, 6e-2, 1e-2),
         "gguf:Q5_K_M": (3e-2, 9e-2, 1.5e-2), "gptq:4": (1e-2, 3e-2, 5e-3)}  # fmt: skip
-    speed = {(r["machine"], r["variant"]): (float(r["prefill tok/s"]), float(r["decode tok/s"]))
+    speed = {(r["machine"], r["variant"]): (float(r["prefill tok/s"]), float(r["decode tok/s (range)"]))
              for r in _table(md, "## Speed per machine")}
     assert speed[("cpu 2 threads", "gguf:Q4_K_M")] == (800, 80) and speed[("cpu 1 thread", "gguf:Q4_K_M")] == (400, 40)
     assert len(speed) == 8
@@ -124,7 +124,8 @@ def test_report_says_how_many_chats_the_numbers_rest_on():
 def test_runs_on_other_chats_or_models_get_drift_tables_of_their_own():
     """Drift measured on other chats (a CT-only set), or against another model, cannot share a table
     with the built-in set's: one table showed the built-in set's Q4_K_M beside a CT set's Q5_K_M,
-    starred Q4_K_M over it, and dropped Q4_K_M's CT result. Speed still merges every run."""
+    starred Q4_K_M over it, and dropped Q4_K_M's CT result. Speed merges the runs of one model
+    across eval sets; another model's speed is a table of its own."""
     from qoqopt.report import render_markdown
 
     builtin, ct_set, other_model = _run("cpu", 1.0), _run("cpu", 1.0), _run("cpu", 1.0)
@@ -140,11 +141,40 @@ def test_runs_on_other_chats_or_models_get_drift_tables_of_their_own():
     q4 = [next(ln for ln in s.splitlines() if ln.startswith("| gguf:Q4_K_M |")) for s in sections]
     assert [ln.split("|")[3].strip() for ln in q4] == ["2.00e-02", "2.50e-02", "2.00e-02"]
     assert "Evaluated on 3 chats" in sections[1] and "`ct.jsonl`" in sections[1] and "gguf:Q5_K_M" not in sections[1]
-    assert len(_table(md, "## Speed per machine")) == 4 + 1 + 4  # every run's speed rows
+    assert len(_table(md, "## Speed per machine (medians), set 1 of 2")) == 4 + 1  # builtin's and ct_set's rows
+    assert len(_table(md, "## Speed per machine (medians), set 2 of 2")) == 4  # other_model's
     # the same set, count and seed, but other chats chosen (a --domain filter): a set of its own
     filtered = json.loads(json.dumps(builtin))
     builtin["run"]["eval"]["ids_sha256"], filtered["run"]["eval"]["ids_sha256"] = "1" * 64, "2" * 64
     assert render_markdown([builtin, filtered]).count("## Drift against the reference") == 2
+
+
+def test_speed_tables_keep_models_and_decode_lengths_apart(tmp_path, capsys):
+    """A 32B's speed rows beside a 7B's, or 256-token decodes beside 32-token ones, read as one
+    comparison in one table and one plot (helper-64); each gets its own, naming the model and the
+    decode length, with the repeats' range beside the median decode rate and the probe's prompt."""
+    runs = [_run("cpu", 1.0), _run("cpu", 1.0), _run("cpu", 1.0)]
+    for run, (sha, model, decode) in zip(runs, [("11", "qoq-7b", 32), ("22", "qoq-32b", 32), ("11", "qoq-7b", 256)]):
+        run["variants"][0]["files"] = [{"path": "model.safetensors", "sha256": sha * 32}]
+        run["run"].update(model={"source": model}, speed_settings={"repeats": 3, "warmup": 1, "decode_tokens": decode})
+    q4 = runs[0]["variants"][2]
+    q4["speed"].update(prompt_tokens=754, repeats=3, spread={"decode_tok_s": [71.25, 83.5], "ttft_ms": None})
+    paths = [tmp_path / f"r{i}.json" for i in range(3)]
+    for path, run in zip(paths, runs):
+        path.write_text(json.dumps(run))
+    res = run_cli("report", *map(str, paths), "--out", str(tmp_path / "rep"))
+    assert res.returncode == 0, res.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    tables = [_table(md, f"## Speed per machine (medians), set {n} of 3") for n in (1, 2, 3)]
+    assert [len(t) for t in tables] == [4, 4, 4]
+    assert "Model `qoq-32b`, 32 decode tokens a request." in md and "Model `qoq-7b`, 256 decode tokens" in md
+    row = next(r for r in tables[0] if r["variant"] == "gguf:Q4_K_M")
+    assert (row["decode tok/s (range)"], row["prompt tokens"]) == ("80.0 (71.2–83.5)", "754")
+    assert sorted(p.name for p in (tmp_path / "rep").glob("speed*.png")) == ["speed-1.png", "speed-2.png", "speed-3.png"]
+    runs[0]["variants"][2]["speed"]["spread"] = {"decode_tok_s": [1, "fast"]}
+    paths[0].write_text(json.dumps(runs[0]))
+    assert "speed.spread.decode_tok_s is [1, 'fast'], not a [min, max] pair of numbers" in refused(
+        ["report", str(paths[0]), "--out", str(tmp_path / "rep2")], capsys)
 
 
 def test_a_variant_measured_on_other_files_is_not_merged_and_nan_is_not_on_the_front(tmp_path, capsys):
@@ -276,7 +306,7 @@ def test_a_machine_label_with_markdown_characters_stays_in_its_cell(tmp_path):
         elif t.type == "tr_close":
             rows.append(row)
             row = None
-    assert rows[0][:2] == ["machine", "variant"] and len(rows) == 5 and all(len(r) == 9 for r in rows)
+    assert rows[0][:2] == ["machine", "variant"] and len(rows) == 5 and all(len(r) == 10 for r in rows)
     assert {(r[0], r[1]) for r in rows[1:]} == {("ward 3 | A100 'sxm' $x^$", v) for v in
                                                 ("gguf:Q8_0", "gguf:Q4_K_M", "gguf:Q5_K_M", "gptq:4")}  # fmt: skip
     rendered = MarkdownIt("commonmark").enable("table").render(speed)

@@ -57,11 +57,13 @@ class HFRunner:
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         )
 
-    def _generate(self, inputs, new_tokens: int, exact: bool = False) -> str:
+    def _generate(self, inputs, new_tokens: int, exact: bool = False, clock=None) -> str:
         import torch
 
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         fixed = {"min_new_tokens": new_tokens} if exact else {}
+        if clock is not None:
+            fixed["logits_processor"] = [clock]
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0, **fixed)
         return self.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -74,25 +76,24 @@ class HFRunner:
             torch.cuda.synchronize()
 
     def profile(self, image, question: str, n_decode: int) -> dict:
-        """Each timed span starts from the raw image, preprocessing included, as llama.cpp's does. The
-        image's share (preprocessing + vision tower) is timed inside the first-token request itself,
-        so TTFT minus it is that request's prompt time, never a difference of two separate runs."""
+        """One request of 1 + `n_decode` greedy tokens, timed from the raw image as llama.cpp's is.
+        TTFT ends at the first step's logits (preprocessing, vision tower and prompt before them),
+        decode is the `n_decode` steps after that, time-stamped inside the same generate(): never a
+        difference of two requests, whose own noise would all land in the decode figure."""
         messages = image_question(image, question)
         self._sync()
         t0 = time.perf_counter()
         inputs = self._inputs(messages)
         preprocess = time.perf_counter() - t0
+        clock = _step_clock(self._sync)
         with self._timed(self.model.model.visual) as vision:
-            self._generate(inputs, 1, exact=True)
-        self._sync()
-        ttft = time.perf_counter() - t0
-        t2 = time.perf_counter()
-        self._generate(self._inputs(messages), 1 + n_decode, exact=True)
-        self._sync()
-        total = time.perf_counter() - t2
+            self._generate(inputs, 1 + n_decode, exact=True, clock=clock)
+        if len(clock.times) != 1 + n_decode:
+            raise RuntimeError(f"generate() took {len(clock.times)} steps for {1 + n_decode} tokens")
         n_image = int((inputs["input_ids"] == self.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
-        return {"encode_s": preprocess + vision.seconds, "ttft_s": ttft, "decode_s": max(total - ttft, 1e-9),
-                "n_prompt": int(inputs["input_ids"].shape[1]), "n_image_tokens": n_image}  # fmt: skip
+        return {"encode_s": preprocess + vision.seconds, "ttft_s": clock.times[0] - t0,
+                "decode_s": clock.times[-1] - clock.times[0], "n_prompt": int(inputs["input_ids"].shape[1]),
+                "n_image_tokens": n_image}  # fmt: skip
 
     @contextmanager
     def _timed(self, module):
@@ -115,14 +116,39 @@ class HFRunner:
                 h.remove()
 
     def peak_device_mb(self) -> float | None:
+        """MiB torch's allocator held at most since the model was loaded (its weights, plus what
+        inference adds): load-time temporaries (a fusion's, a dtype cast's) are not what running needs."""
         if self.device != "cuda":
             return None
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
 
+    def loaded(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
     def close(self) -> None:
         self.model = None
+
+
+def _step_clock(sync):
+    """A logits processor that time-stamps each generation step once its logits exist (synced on
+    CUDA): generate() calls it once per new token, after that step's forward pass."""
+    from transformers import LogitsProcessor
+
+    class StepClock(LogitsProcessor):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            sync()
+            self.times.append(time.perf_counter())
+            return scores
+
+    return StepClock()
 
 
 def load_hf(model_path: Path, variant: Variant, files: dict, device: str, reference_dtype: str = "float32") -> HFRunner:
@@ -168,7 +194,7 @@ def _load_w4a16(folder: Path, processor, device: str) -> HFRunner:
         from ..kernels import apply
 
         backend = apply(model).backend
-    return HFRunner(model, processor, f"transformers + qoqopt W4A16 ({backend})", device)
+    return HFRunner(model, processor, f"transformers + qoqopt W4A16 ({backend}, {str(dtype)[6:]})", device)
 
 
 def missing_bnb_packages() -> list[str]:
@@ -190,4 +216,4 @@ def _load_bnb(model_path: Path, kind: str, processor, device: str) -> HFRunner:
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         str(model_path), quantization_config=qc, dtype=torch.bfloat16, device_map=device
     )
-    return HFRunner(model.eval(), processor, f"transformers + bitsandbytes {kind}", device)
+    return HFRunner(model.eval(), processor, f"transformers + bitsandbytes {kind} (bfloat16)", device)

@@ -26,6 +26,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The vector extensions llama.cpp's and torch's CPU kernels choose between (x86 "flags", Arm
+# "Features" in /proc/cpuinfo): two CPUs of one model name can differ here (a VM may hide AVX-512).
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+             "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2")  # fmt: skip
+
+
+def cpu_flags() -> list[str] | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in ISA_FLAGS if f in have]
+    except OSError:
+        pass
+    return None
+
+
 def gpu_info() -> dict | None:
     try:
         import torch
@@ -64,7 +81,9 @@ def machine_info(device: str, threads: int, label: str | None = None) -> dict:
         "label": label or auto,
         "device": device,
         "cpu": cpu,
-        "cores": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "cores": usable_cores(),  # this process's share (taskset, a container); the host's below
+        "host_cores": os.cpu_count(),
         "threads": threads,
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "os": platform.platform(),

@@ -5,6 +5,8 @@ first token (encode + prompt + first logits) and `n_decode` further greedy token
 - prefill tok/s  = prompt tokens / (TTFT - image encode): the language model's prompt throughput
 - decode tok/s   = n_decode / decode seconds
 - image encode ms, TTFT ms as measured
+Each rate is the median of the repeats' own rates, with their [min, max] kept under "spread".
+Decode includes picking each greedy token (llama.cpp: an argmax in Python, ~50 µs a token on a CPU).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def probe_image(image: Image.Image, size: str) -> Image.Image:
 
 
 def measure(profile, image: Image.Image, question: str, settings: SpeedSettings) -> dict:
-    """Speed summary at both ends of the pixel range; TTFT, prefill and decode at the large end."""
+    """Speed summary at both ends of the pixel range; TTFT, prefill and decode at the large end,
+    each with the [min, max] of its repeats beside the median (shared machines are noisy)."""
     out = {"repeats": settings.repeats, "decode_tokens": settings.decode_tokens}
     for size in ("min", "max"):
         runs = [profile(probe_image(image, size), question, settings.decode_tokens)
@@ -43,9 +46,22 @@ def measure(profile, image: Image.Image, question: str, settings: SpeedSettings)
         out[f"image_tokens_{size}"] = int(med["n_image_tokens"])
         if size == "max":
             out["image_encode_ms"] = 1e3 * med["encode_s"]
-            out["ttft_ms"] = 1e3 * med["ttft_s"]
             out["prompt_tokens"] = int(med["n_prompt"])
-            text_s = statistics.median(r["ttft_s"] - r["encode_s"] for r in runs)  # per request: both from one
-            out["prefill_tok_s"] = med["n_prompt"] / text_s if text_s > 0 else None
-            out["decode_tok_s"] = settings.decode_tokens / med["decode_s"] if med["decode_s"] > 0 else None
+            out.update(_rates(runs, settings.decode_tokens))
+    return out
+
+
+def _rates(runs: list[dict], n_decode: int) -> dict:
+    """TTFT ms, prefill tok/s (prompt tokens over TTFT less the image's share, both from one
+    request) and decode tok/s: the median of the repeats, and their range under ``spread``."""
+    per_run = {
+        "ttft_ms": [1e3 * r["ttft_s"] for r in runs],
+        "prefill_tok_s": [r["n_prompt"] / (r["ttft_s"] - r["encode_s"]) if r["ttft_s"] > r["encode_s"] else None for r in runs],
+        "decode_tok_s": [n_decode / r["decode_s"] if r["decode_s"] > 0 else None for r in runs],
+    }
+    out: dict = {"spread": {}}
+    for key, values in per_run.items():
+        values = [v for v in values if v is not None]
+        out[key] = statistics.median(values) if values else None
+        out["spread"][key] = [min(values), max(values)] if values else None
     return out
