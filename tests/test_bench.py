@@ -156,6 +156,21 @@ def test_a_workers_peak_memory_is_its_own():
     assert inherited > 700 and own < 200
 
 
+def test_default_threads_are_one_per_physical_core():
+    """llama.cpp and torch default to a thread a physical core (SMT siblings share its vector units);
+    bench and ask used every logical CPU. Counted within the affinity mask: a taskset of one CPU is one."""
+    import os
+
+    import psutil
+
+    from qoqopt.bench.machine import usable_physical_cores
+
+    if len(os.sched_getaffinity(0)) == os.cpu_count():
+        assert usable_physical_cores() == psutil.cpu_count(logical=False)
+    one = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from qoqopt.bench.machine import usable_physical_cores as u; print(u())"
+    assert subprocess.run([sys.executable, "-c", one], capture_output=True, text=True, check=True).stdout.strip() == "1"
+
+
 def test_transformers_decode_is_timed_inside_one_request(tiny_dir):
     """TTFT and decode come from one generate() of 1 + n tokens, each step time-stamped: decode was
     the difference of two requests, and one slow request made it 0 ms (3.2e10 tok/s, helper-64)."""

@@ -104,7 +104,7 @@ def test_bad_numbers_and_usage_arerefused(capsys):
     """argparse's own refusals (bad numbers, unknown command, missing or clashing options) come as one
     `error:` line naming the command's --help, not argparse's usage block plus a line."""
     cases = {
-        ("ask", "b", "--item", ITEM, "--threads", "-3"): "argument --threads: expected an integer >= 0 (0: all), got -3",
+        ("ask", "b", "--item", ITEM, "--threads", "-3"): "argument --threads: expected an integer >= 0 (0: the default), got -3",
         ("ask", "b", "--item", ITEM, "--max-tokens", "abc"): "argument --max-tokens: expected an integer >= 1, got 'abc'",
         ("bench", "m", "--variants", "bf16", "--calib-items", "0"): "argument --calib-items: expected an integer >= 1, got 0",
         ("export", "m", "--format", "gguf", "--imatrix-image-weight", "-1", "--out", "o"):

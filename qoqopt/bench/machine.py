@@ -16,6 +16,21 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def usable_physical_cores() -> int:
+    """Physical cores among the CPUs this process may use: SMT siblings share one core's vector
+    units, and llama.cpp and torch both default to one thread a physical core. Linux's topology
+    files name each CPU's (package, core); elsewhere every usable CPU counts."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            return usable_cores()
+    return len(cores) or 1
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -22,7 +22,7 @@ def _number(kind, low: float, what: str):
 
 
 positive_int = _number(int, 1, "an integer >= 1")
-count_or_all = _number(int, 0, "an integer >= 0 (0: all)")  # --threads
+count_or_all = _number(int, 0, "an integer >= 0 (0: the default)")  # --threads
 index = _number(int, 0, "an integer >= 0")  # --frame
 seed = _number(int, 0, "a seed >= 0")  # numpy's generators take no negative seed
 non_negative_float = _number(float, 0.0, "a number >= 0")

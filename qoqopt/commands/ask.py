@@ -55,7 +55,7 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default): CUDA when torch sees a GPU (GGUF: when llama.cpp was built with "
                         "GPU offload), else the CPU")  # fmt: skip
-    p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for llama.cpp and torch (default: all)")
+    p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for llama.cpp and torch (default and 0: one per physical core this process may use, as llama.cpp and torch choose)")
     p.add_argument("--max-tokens", type=positive_int, default=64, help="reply length limit (default 64)")
     p.add_argument("--revision", help="Hub branch, tag or commit of BUILD (default: main)")
     p.set_defaults(func=run)
@@ -131,7 +131,7 @@ def run(args) -> int:
 
 
 def _ask_llama_cpp(text_path: Path, mmproj_path: Path, args, image, question: str) -> tuple[str, str]:
-    from ..bench.machine import usable_cores
+    from ..bench.machine import usable_physical_cores
     from ..errors import QoqoptError
     from ..exports.gguf_meta import train_token_range
     from ..exports.gguf_runtime import LlamaVL, chat_prompt, gpu_offload_available
@@ -140,7 +140,7 @@ def _ask_llama_cpp(text_path: Path, mmproj_path: Path, args, image, question: st
     if args.device == "cuda" and not gpu:
         raise QoqoptError("--device cuda: this llama-cpp-python was built without GPU offload")
     lo, hi = train_token_range()  # what the build's README and Modelfile tell llama.cpp users to pass
-    threads = args.threads or usable_cores()
+    threads = args.threads or usable_physical_cores()
     n_ctx = _context(text_path, hi, question, args.max_tokens)
     with LlamaVL(text_path, mmproj_path, n_ctx=n_ctx, image_min_tokens=lo, image_max_tokens=hi, gpu=gpu,
                  threads=threads) as vl:  # fmt: skip
@@ -170,13 +170,13 @@ def _ask_transformers(folder: Path, quantized: bool, args, image, question: str)
     import torch
 
     from ..bench.hf_runner import load_folder
-    from ..bench.machine import usable_cores
+    from ..bench.machine import usable_physical_cores
     from ..errors import QoqoptError
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise QoqoptError("--device cuda: no CUDA GPU is visible to torch here (use --device cpu)")
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(args.threads or usable_cores())
+    torch.set_num_threads(args.threads or usable_physical_cores())
     runner = load_folder(folder, quantized, device)
     try:
         return f"{args.build} ({runner.runtime}, {device})", runner.reply(image, question, args.max_tokens)
