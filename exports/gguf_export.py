@@ -12,7 +12,8 @@ Steps (each in its own module):
    every requested type from that one intermediate with llama.cpp (gguf_quant), splitting each
    output over --split-max-size once it is written;
 4. write the mmproj from the checkpoint's own vision tower;
-5. write the imatrix file, an Ollama Modelfile, README.md and manifest.json.
+5. write the imatrix file, the Ollama files (Modelfile, and the Hub's `template` and `params`:
+   exports/ollama.py), README.md and manifest.json.
 
 Everything is built in a temporary sibling folder that replaces the output only when complete,
 so an interrupted (even SIGKILLed) export never leaves a file under a final name. No timestamps or
@@ -31,7 +32,7 @@ from qoqopt.errors import QoqoptError
 from qoqopt.manifest import preferred_quant, source_id
 from qoqopt.mini import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
-from . import gguf_map, gguf_meta, gguf_quant, gguf_split, gguf_vocab, gguf_write
+from . import gguf_map, gguf_meta, gguf_quant, gguf_split, gguf_vocab, gguf_write, ollama
 from .imatrix_file import IMatrix, read_imatrix, write_imatrix
 
 TRAIN_PIXELS = f"{TRAIN_MIN_PIXELS}..{TRAIN_MAX_PIXELS}"  # QoQ-Med's training image range, as the cards say it
@@ -61,7 +62,7 @@ class GGUFOptions:
 @dataclass
 class FileRecord:
     path: str  # relative to the build directory (the manifest key; the same in GPTQ/AWQ manifests)
-    kind: str  # text | mmproj | imatrix | modelfile | readme
+    kind: str  # text | mmproj | imatrix | modelfile | ollama (the Hub's template and params) | readme
     quant: str | None = None
     tensors: int | None = None
     bytes: int = 0
@@ -295,12 +296,9 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
             records.sort(key=lambda r: (r.kind != "text", r.kind, r.path))
             runnable = {r.quant: r.path for r in records if r.kind == "text" and (r.part or 1) == 1}
             primary = preferred_quant(runnable) or quants[0]
-            whole = {r.quant: r.path for r in records if r.kind == "text" and r.part is None}  # what Ollama imports
-            ollama = preferred_quant(whole)
-            if ollama:
-                (tmp / "Modelfile").write_text(render_modelfile(ctx, whole[ollama], mmproj_name, whole))
-                records.append(_record(tmp / "Modelfile", "modelfile"))
-            (tmp / "README.md").write_text(render_readme(ctx, records, mmproj_name, primary, notes, imatrix_info, ollama))
+            modelfile = _modelfile(ctx, records, primary, mmproj_name)
+            records += [_record(path, kind) for path, kind in ollama.write_files(tmp, modelfile)]
+            (tmp / "README.md").write_text(render_readme(ctx, records, mmproj_name, primary, notes, imatrix_info))
             records.append(_record(tmp / "README.md", "readme"))
             manifest = render_manifest(ctx, records, notes, imatrix_info)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -444,39 +442,13 @@ def clinical_imatrix(ckpt, processor, choice: str, options: GGUFOptions, log) ->
 # ---------------------------------------------------------------------------- user-facing files
 
 
-def render_modelfile(ctx: _Context, text_file: str, mmproj: str | None, all_text: dict[str, str]) -> str:
-    lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
-    others = ", ".join(f for q, f in sorted(all_text.items()) if f != text_file)
-    lines = [
-        f"# Ollama Modelfile for {ctx.name}, written by qoqopt.",
-        "# Create the model with:  ollama create qoq-med -f Modelfile",
-    ]
-    if others:
-        lines.append(f"# Other builds in this folder: {others} (edit the first FROM line to use one).")
-    lines.append(f"FROM ./{text_file}")
-    if mmproj:
-        lines += [
-            "# The projector from this checkpoint's own (fine-tuned) vision tower:",
-            f"FROM ./{mmproj}",
-        ]
-    lines += [
-        'TEMPLATE """{{- if .System }}<|im_start|>system',
-        "{{ .System }}<|im_end|>",
-        "{{ else }}<|im_start|>system",
-        "You are a helpful assistant.<|im_end|>",
-        "{{ end }}{{- if .Prompt }}<|im_start|>user",
-        "{{ .Prompt }}<|im_end|>",
-        "{{ end }}<|im_start|>assistant",
-        '{{ .Response }}<|im_end|>"""',
-        "# QoQ-Med's generation settings: near-greedy, repetition penalty 1.05, stop at either EOS.",
-        "PARAMETER temperature 0",
-        "PARAMETER repeat_penalty 1.05",
-        'PARAMETER stop "<|im_end|>"',
-        'PARAMETER stop "<|endoftext|>"',
-        "PARAMETER num_ctx 4096",
-        f"# QoQ-Med was trained on images of {lo}..{hi} visual tokens ({TRAIN_PIXELS} pixels).",
-    ]
-    return "\n".join(lines) + "\n"
+def _modelfile(ctx: _Context, records: list[FileRecord], primary: str, mmproj: str | None) -> str:
+    """The Modelfile, naming the text GGUF the card and `ask` use: each of its parts, where it is in
+    parts (Ollama 0.30 and later merge them)."""
+    texts = [r for r in records if r.kind == "text"]
+    files = [r.path for r in sorted((r for r in texts if r.quant == primary), key=lambda r: r.part or 1)]
+    others = [r.path + (f" (+{r.parts - 1} parts)" if r.parts else "") for r in texts if r.quant != primary and (r.part or 1) == 1]
+    return ollama.render_modelfile(ctx.name, files, mmproj, others, gguf_meta.train_token_range(ctx.vision_hp))
 
 
 def _llama_cpp_python_usage(text: str, mmproj: str | None) -> str:
@@ -503,7 +475,9 @@ Keep it:
         # ends the template on an empty expression, so Jinja keeps the newline before it
         CHAT_FORMAT = Qwen25VLChatHandler.CHAT_FORMAT + '{{{{ "" }}}}'
 
-    llm = Llama("{text}", chat_handler=QoQMedChatHandler(clip_model_path="{mmproj}"), n_ctx=4096)
+    # last_n_tokens_size: the repetition penalty over the whole reply, not only its last 64 tokens
+    llm = Llama("{text}", chat_handler=QoQMedChatHandler(clip_model_path="{mmproj}"), n_ctx=4096,
+                last_n_tokens_size=4096)
     image = {{"type": "image_url", "image_url": {{"url": "file:///path/to/scan.png"}}}}
     question = {{"type": "text", "text": "Above is a CT image of a patient. What is the diagnosis? Answer with one word."}}
     out = llm.create_chat_completion(messages=[{{"role": "user", "content": [image, question]}}],
@@ -519,7 +493,8 @@ def _split_line(records: list[FileRecord]) -> str:
     if not split:
         return ""
     return (f"{', '.join(split)} {'is' if len(split) == 1 else 'are'} written in parts (`-00001-of-0000N.gguf`): download "
-            "every part into one\nfolder and give llama.cpp or LM Studio the first; they load the rest (Ollama cannot).\n\n")
+            "every part into one\nfolder and give llama.cpp or LM Studio the first; they load the rest. Ollama 0.30 or "
+            "later merges\nthe parts the Modelfile names, one FROM line each.\n\n")
 
 
 def _mmproj_line(mmproj: str | None) -> str:
@@ -530,54 +505,84 @@ def _mmproj_line(mmproj: str | None) -> str:
             "mmproj sees images differently). ")
 
 
-def _ollama(ollama: str | None, text: str, modelfile: str) -> str:
-    if ollama:
-        return f"`ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`. The Modelfile\ncarries {modelfile}"
-    return ("cannot import a GGUF in parts (ollama/ollama#5245), and this build has its text files in parts only,\n"
-            f"so it has no Modelfile. Merge one first (`llama-gguf-split --merge {text} merged.gguf`) and\n"
-            "write a Modelfile naming it.")
+_P = ollama.PARAMS  # QoQ-Med's generation settings, as the Modelfile and `params` give them to Ollama
+SETTINGS = f"-c {_P['num_ctx']} --temp {_P['temperature']} --repeat-penalty {_P['repeat_penalty']} --repeat-last-n {_P['repeat_last_n']}"
 
 
-def _run_it(ctx: _Context, text: str, mmproj: str | None, ollama: str | None, in_parts: bool) -> str:
-    """The card's "Run it" for llama.cpp, LM Studio and Ollama; text chat only without an mmproj.
-    `text` is what llama.cpp is given (the first part of a split file), `ollama` the Modelfile's type."""
-    settings = "--temp 0 --repeat-penalty 1.05"
-    files = f"`{text}`" + (" with its other parts" if in_parts else "")
-    if mmproj:
-        lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
-        llama_cpp = f"""**llama.cpp**
+def _penalty_window(tool: str | None) -> str:
+    """Why the card passes --repeat-last-n; `tool`: one that counts only the reply in that window."""
+    reply_only = f"; {tool} counts only the reply" if tool else ""
+    return (f"`--repeat-last-n {ollama.NUM_CTX}` applies QoQ-Med's repetition penalty over the whole conversation, as\n"
+            f"transformers does (llama.cpp's default is the last 64 tokens{reply_only}).")
+
+
+def _llama_cpp(ctx: _Context, text: str, mmproj: str | None) -> str:
+    """The card's llama.cpp commands: image chat at QoQ-Med's training image range, or text chat."""
+    if not mmproj:
+        return (f"**llama.cpp** (text chat, with the chat template the GGUF carries)\n\n    llama-cli -m {text} {SETTINGS}\n"
+                f"    llama-server -m {text} {SETTINGS} --port 8080   # OpenAI-compatible /v1/chat/completions\n\n"
+                f"{_penalty_window(None)}")
+    lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
+    return f"""**llama.cpp**
 
     llama-mtmd-cli -m {text} --mmproj {mmproj} --image scan.png \\
         -p "Above is a CT image of a patient. What is the diagnosis? Answer with one word." \\
-        {settings} --image-min-tokens {lo} --image-max-tokens {hi}
+        {SETTINGS} \\
+        --image-min-tokens {lo} --image-max-tokens {hi}
 
 `--image-min-tokens {lo} --image-max-tokens {hi}` keeps images inside QoQ-Med's training range
 ({TRAIN_PIXELS} pixels); the mmproj records that range (`clip.vision.image_min_pixels` /
 `image_max_pixels`), but this llama.cpp version does not read those keys for Qwen2.5-VL.
+llama.cpp's own hint to use `--image-min-tokens 1024` does not apply to QoQ-Med.
+{_penalty_window("llama-mtmd-cli")}
 As an OpenAI-compatible server (`POST /v1/chat/completions`, the image as an `image_url` part; a
 request's own temperature overrides the one given here):
 
-    llama-server -m {text} --mmproj {mmproj} {settings} \\
+    llama-server -m {text} --mmproj {mmproj} \\
+        {SETTINGS} \\
         --image-min-tokens {lo} --image-max-tokens {hi} --port 8080"""
-        lm_studio = (f"put {files} and `{mmproj}` in one folder under\n`~/.lmstudio/models/<publisher>/{ctx.name}/`; "
-                     "LM Studio pairs the mmproj with the model and enables\nimage input.")
-        modelfile = ("the chat template, QoQ-Med's generation settings and the mmproj. (Ollama versions whose own\n"
-                     "engine handles Qwen2.5-VL may not accept a separate projector file; the text model still runs.)")
-    else:
-        llama_cpp = (f"**llama.cpp** (text chat, with the chat template the GGUF carries)\n\n    llama-cli -m {text} {settings}\n"
-                     f"    llama-server -m {text} {settings} --port 8080   # OpenAI-compatible /v1/chat/completions")
-        lm_studio = f"put {files} in a folder under `~/.lmstudio/models/<publisher>/{ctx.name}/`."
-        modelfile = "the chat template and QoQ-Med's generation settings."
-    return f"""{llama_cpp}
 
-**LM Studio**: {lm_studio} Set temperature 0 and repeat penalty 1.05.
 
-**Ollama**: {_ollama(ollama, text, modelfile)}
+def _lm_studio(ctx: _Context, text: str, mmproj: str | None, in_parts: bool) -> str:
+    files = f"`{text}`" + (" with its other parts" if in_parts else "")
+    settings = "Set temperature 0 and repeat penalty 1.05."
+    if not mmproj:
+        return f"put {files} in a folder under `~/.lmstudio/models/<publisher>/{ctx.name}/`. {settings}"
+    return (f"put {files} and `{mmproj}` in one folder under\n`~/.lmstudio/models/<publisher>/{ctx.name}/`; "
+            "LM Studio pairs the mmproj with the model and enables\nimage input. It has no image-size setting: "
+            f"give it images inside {TRAIN_PIXELS} pixels.\n{settings}")
+
+
+def _ollama(ctx: _Context, text: str, mmproj: str | None, in_parts: bool) -> str:
+    """The card's Ollama paragraph: what the Modelfile and the Hub files carry, and Ollama's image size."""
+    carries = "the chat template, QoQ-Med's generation settings" + (" and the mmproj" if mmproj else "")
+    parts = f",\nand names every part of `{text}` (Ollama 0.30 or later merges them)" if in_parts else ""
+    run = (f"`ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`.\nThe Modelfile carries {carries}{parts}.\n"
+           "`ollama run hf.co/<user>/<repo>` reads the repo's `template` and `params` files (shipped beside\n"
+           "the Modelfile) rather than the Modelfile.")
+    if not mmproj:
+        return f"**Ollama**: {run}"
+    lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
+    return (f"**Ollama** (0.30 or later for images: earlier versions give image embeddings text positions):\n{run}\n"
+            "Ollama runs every image at 1024 or more image tokens (it passes llama-server `--image-min-tokens 1024`\n"
+            f"for this architecture), above QoQ-Med's training range of {lo}..{hi} tokens, which a Modelfile\n"
+            "cannot change; qoqopt's drift numbers were measured inside the training range. For answers at the\n"
+            "training range, use llama.cpp or llama-server with the flags above.")
+
+
+def _run_it(ctx: _Context, text: str, mmproj: str | None, in_parts: bool) -> str:
+    """The card's "Run it" for llama.cpp, LM Studio and Ollama; text chat only without an mmproj.
+    `text` is what llama.cpp is given (the first part of a split file), also the Modelfile's."""
+    return f"""{_llama_cpp(ctx, text, mmproj)}
+
+**LM Studio**: {_lm_studio(ctx, text, mmproj, in_parts)}
+
+{_ollama(ctx, text, mmproj, in_parts)}
 """
 
 
 def render_readme(ctx: _Context, records: list[FileRecord], mmproj: str | None, primary: str, notes: list[str],
-                  imatrix: dict | None, ollama: str | None) -> str:  # fmt: skip
+                  imatrix: dict | None) -> str:  # fmt: skip
     first = next(r for r in records if r.kind == "text" and r.quant == primary)  # records in path order
     text = first.path
     rows = "\n".join(f"| `{r.path}` | {r.kind} | {r.quant or ''} | {_size(r.bytes)} |" for r in records if r.kind in ("text", "mmproj", "imatrix"))
@@ -604,7 +609,7 @@ every file with its sha256.
 
 ## Run it
 
-{_split_line(records)}{_run_it(ctx, text, mmproj, ollama, bool(first.part))}{_llama_cpp_python_usage(text, mmproj)}
+{_split_line(records)}{_run_it(ctx, text, mmproj, bool(first.part))}{_llama_cpp_python_usage(text, mmproj)}
 ## Left out on purpose
 
 {skipped}

@@ -29,7 +29,7 @@ VISION_KEYS = {
 @dataclass
 class GGUFFile:
     path: str  # the first part's, for a file in parts
-    kind: str  # text | mmproj | imatrix | modelfile | readme | ? (a file no manifest describes)
+    kind: str  # text | mmproj | imatrix | modelfile | ollama | readme | ? (a file no manifest describes)
     quant: str | None
     bytes: int  # on disk, all parts
     parts: int = 1
@@ -67,7 +67,7 @@ def summarize_build(folder: Path, manifest: dict, source: str | None = None) -> 
                           hub=source is not None, left_out=_left_out(manifest), notes=list(manifest.get("notes") or []))  # fmt: skip
     _add_headers(summary, folder)
     modelfile = folder / "Modelfile"
-    if modelfile.is_file():
+    if modelfile.is_file():  # its first FROM is the text GGUF, the first part of one in parts (one FROM per part)
         summary.modelfile_from = next((ln.split(None, 1)[1].strip() for ln in modelfile.read_text().splitlines()
                                        if ln.startswith("FROM ")), None)  # fmt: skip
     return summary

@@ -597,9 +597,10 @@ def test_ask_fetches_one_quant_of_a_hub_gguf_repo(run_1t, tmp_path, monkeypatch,
 
 def test_a_build_in_parts_answers_as_the_whole_file(run_1t, trained_dir, tmp_path, monkeypatch, capsys):
     """A Q8_0 written in parts (--split-max-size) replies as the bench's whole Q8_0 of the same model
-    does (llama.cpp loads the parts as one); with no whole text file for Ollama, the build has no
-    Modelfile. From a Hub repo, ask fetches every part and names one the cache lacks; bench finds every
-    part too (it fetches what it finds), and refuses a local build that lacks one."""
+    does (llama.cpp loads the parts as one); the Modelfile names every part in order, one FROM line
+    each, as Ollama 0.30 and later merge them. From a Hub repo, ask fetches every part and names one
+    the cache lacks; bench finds every part too (it fetches what it finds), and refuses a local build
+    that lacks one."""
     from huggingface_hub import constants
 
     from qoqopt.bench.run import _fetch_from_hub
@@ -614,7 +615,9 @@ def test_a_build_in_parts_answers_as_the_whole_file(run_1t, trained_dir, tmp_pat
     parts = sorted(split.glob("mini.Q8_0-*-of-*.gguf"))
     assert len(parts) >= 2 and not (split / "mini.Q8_0.gguf").exists()
     card = (split / "README.md").read_text()
-    assert not (split / "Modelfile").exists() and "cannot import a GGUF in parts" in card
+    from_lines = [ln for ln in (split / "Modelfile").read_text().splitlines() if ln.startswith("FROM ")]
+    mmproj = next(split.glob("mmproj-*.gguf")).name
+    assert from_lines == [f"FROM ./{p.name}" for p in parts] + [f"FROM ./{mmproj}"] and "Ollama 0.30 or later merges" in card
     assert f"put `{parts[0].name}` with its other parts and" in card  # LM Studio needs every part
     item = ["--item", "ct-abd-pancreas.region_ct.eval-0"]
     assert _asked(run_cli("ask", str(split), *item)) == _asked(run_cli("ask", str(gguf_dir), "--quant", "q8_0", *item))  # any case, as export takes it

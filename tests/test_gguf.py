@@ -81,7 +81,8 @@ def test_files_and_metadata(built, tiny_dir, vocab_llm):
 
     names = sorted(p.name for p in built.out.iterdir())
     assert names == sorted(
-        ["tiny.F32.gguf", "tiny.F16.gguf", "mmproj-tiny-f16.gguf", "Modelfile", "README.md", "manifest.json"]
+        ["tiny.F32.gguf", "tiny.F16.gguf", "mmproj-tiny-f16.gguf", "Modelfile", "template", "params", "README.md",
+         "manifest.json"]
     )  # fmt: skip
     meta = vocab_llm.metadata
     assert meta["general.architecture"] == "qwen2vl" and meta["general.file_type"] == "1"
@@ -123,7 +124,8 @@ def test_files_and_metadata(built, tiny_dir, vocab_llm):
     readme = (built.out / "README.md").read_text()
     assert "llama-mtmd-cli -m tiny.F16.gguf --mmproj mmproj-tiny-f16.gguf" in readme
     assert "--image-min-tokens 84 --image-max-tokens 668" in readme
-    assert "llama-server -m tiny.F16.gguf --mmproj mmproj-tiny-f16.gguf --temp 0 --repeat-penalty 1.05 \\\n" in readme
+    assert ("llama-server -m tiny.F16.gguf --mmproj mmproj-tiny-f16.gguf \\\n"
+            "        -c 4096 --temp 0 --repeat-penalty 1.05 --repeat-last-n 4096 \\\n") in readme
 
 
 # ---------------------------------------------------------------------------- logits
@@ -357,7 +359,7 @@ def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_p
     the first part holds the metadata only. The F16 is written straight into its parts (no whole file
     on disk), byte for byte the parts gguf_split cuts from the whole file. The BF16 intermediate is
     written in parts too, and llama.cpp quantizes from them as from the whole file: Q4_K_M comes out
-    byte-identical. It fits and stays whole, and the Modelfile names it (Ollama cannot import parts)."""
+    byte-identical. It fits and stays whole, and the Modelfile names it (the build's preferred quant)."""
     out = tmp_path / "split"
     opts = GGUFOptions(quants=["F16", "Q4_K_M"], imatrix="none", mmproj_type="none", name="tiny",
                        split_max_bytes=80_000_000, progress=False)  # fmt: skip
@@ -368,7 +370,7 @@ def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_p
     assert texts[0].tensors == 0 and all(r.bytes <= 80_000_000 for r in texts)
     whole = next(f for f in built.files if f.quant == "F16")
     assert sum(r.tensors for r in texts) == whole.tensors and sorted(p.name for p in out.iterdir()) == sorted(
-        [r.path for r in texts] + ["tiny.Q4_K_M.gguf", "Modelfile", "README.md", "manifest.json"])  # fmt: skip
+        [r.path for r in texts] + ["tiny.Q4_K_M.gguf", "Modelfile", "template", "params", "README.md", "manifest.json"])  # fmt: skip
     assert any(line.startswith("wrote tiny.F16.gguf as 3 parts (tiny.F16-00001-of-00003.gguf, ...) of at most 80,000,000 bytes (")
                for line in log), log  # fmt: skip
     cut = tmp_path / "tiny.F16.gguf"

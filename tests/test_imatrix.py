@@ -383,15 +383,25 @@ def _card_chat_handler(card: str):
 
 
 def test_card_recipe_is_python_naming_the_builds_files():
-    """The card's recipe parses, builds the handler from the build's own mmproj and loads its text file."""
+    """The card's recipe parses, builds the handler from the build's own mmproj and loads its text file,
+    with arguments llama-cpp-python takes: its penalty window (`last_n_tokens_size`, 64 by default,
+    counting only the reply) spans the context."""
     import ast
+    import inspect
+
+    from llama_cpp import Llama
 
     from qoqopt.exports.gguf_export import _llama_cpp_python_usage
 
     recipe = _card_recipe("**llama-cpp-python**" + _llama_cpp_python_usage("m.Q4_K_M.gguf", "mmproj-m-f16.gguf"))
-    calls = {node.func.id: node for node in ast.walk(ast.parse(recipe))
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    calls = {node.func.id if isinstance(node.func, ast.Name) else node.func.attr: node
+             for node in ast.walk(ast.parse(recipe)) if isinstance(node, ast.Call)}  # fmt: skip
     assert ast.literal_eval(calls["Llama"].args[0]) == "m.Q4_K_M.gguf"
+    llama, chat = calls["Llama"], calls["create_chat_completion"]
+    inspect.signature(Llama).bind(*llama.args, **{k.arg: k.value for k in llama.keywords})  # a TypeError if not
+    inspect.signature(Llama.create_chat_completion).bind(None, *chat.args, **{k.arg: k.value for k in chat.keywords})  # None: self
+    keywords = {k.arg: ast.literal_eval(k.value) for k in calls["Llama"].keywords if k.arg != "chat_handler"}
+    assert keywords["last_n_tokens_size"] == keywords["n_ctx"] == 4096
     assert ast.literal_eval(calls["QoQMedChatHandler"].keywords[0].value) == "mmproj-m-f16.gguf"
     assert _llama_cpp_python_usage("m.Q4_K_M.gguf", None) == ""  # no mmproj, no image recipe
 

@@ -1,5 +1,6 @@
-"""llama.cpp runtime for GGUF bench variants: the text GGUF and its mmproj through mtmd, as LM Studio
-and Ollama users run them. Images stay inside QoQ-Med's training pixel range (in image tokens)."""
+"""llama.cpp runtime for GGUF bench variants: the text GGUF and its mmproj through mtmd, as llama.cpp
+and LM Studio users run them. Images stay inside QoQ-Med's training pixel range (in image tokens),
+which Ollama does not (it runs every image at 1024 or more image tokens)."""
 
 from __future__ import annotations
 

@@ -19,8 +19,9 @@ examples:
 What runs depends on BUILD (a directory or a Hub id; from a GGUF repo only the chosen text GGUF
 and the mmproj are downloaded, from any other its metadata and safetensors):
   GGUF export      its text GGUF and mmproj through llama.cpp's multimodal path (llama-cpp-python's
-                   mtmd): llama.cpp resizes and normalises the image, so this is what LM Studio and
-                   Ollama users get; at QoQ-Med's training image range (84-668 image tokens)
+                   mtmd): llama.cpp resizes and normalises the image, so this is what llama.cpp and
+                   LM Studio users get; at QoQ-Med's training image range (84-668 image tokens;
+                   Ollama runs every image at 1024 or more)
   GPTQ/AWQ export  transformers with qoqopt's W4A16 layers (Triton kernels on CUDA, their torch
                    reference on a CPU)
   checkpoint       transformers (fp32 compute up to ~3 B parameters, bf16 beyond)

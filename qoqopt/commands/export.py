@@ -16,8 +16,8 @@ examples:
 
 Writes <Name>.<QUANT>.gguf (llama.cpp arch qwen2vl), mmproj-<Name>-<type>.gguf (the checkpoint's own
 vision tower), <Name>.imatrix.gguf (when K-quants / IQ types are built with an imatrix), an Ollama
-Modelfile (unless every text GGUF is in parts: see --split-max-size), README.md and manifest.json
-(sha256, size, type, source revision).
+Modelfile with the `template` and `params` files `ollama run hf.co/<repo>` reads instead, README.md and
+manifest.json (sha256, size, type, source revision).
 
 --imatrix: clinical (default) runs domain-balanced clinical image+text chats through the transformers
 model and collects per-channel input statistics at the text positions, which attend to the image
@@ -29,7 +29,7 @@ quantizes without one. F32/F16/BF16/Q8_0 never use it.
 (as llama-gguf-split does), every part at most that size unless one tensor alone is larger (sizes are
 decimal, 48G = 48e9 bytes; at least 1M): the Hugging Face Hub takes files of at most
 50 GB, and a 32B F16/BF16 GGUF is about 65. llama.cpp and LM Studio are given the first part and load
-the rest; Ollama cannot import parts, so the Modelfile names a whole file where the build has one.
+the rest; the Modelfile names every part, one FROM line each, which Ollama 0.30 or later merges.
 
 QoQ-Med's ECG encoder (time_series_embedding.*) has no llama.cpp counterpart and is left out on
 purpose; the output README says so.

@@ -1,0 +1,3 @@
+module qoqopt/tests/ollama_template
+
+go 1.22
