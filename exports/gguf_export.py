@@ -558,7 +558,7 @@ def _ollama(ctx: _Context, text: str, mmproj: str | None, in_parts: bool) -> str
     carries = "the chat template, QoQ-Med's generation settings" + (" and the mmproj" if mmproj else "")
     parts = f",\nand names every part of `{text}` (Ollama 0.30 or later merges them)" if in_parts else ""
     run = (f"`ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`.\nThe Modelfile carries {carries}{parts}.\n"
-           "`ollama run hf.co/<user>/<repo>` reads the repo's `template` and `params` files (shipped beside\n"
+           f"`ollama run {ollama.HUB_RUN}` reads the repo's `template` and `params` files (shipped beside\n"
            "the Modelfile) rather than the Modelfile.")
     if not mmproj:
         return f"**Ollama**: {run}"

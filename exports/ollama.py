@@ -19,6 +19,8 @@ from pathlib import Path
 
 from qoqopt.mini import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
+# How the card names `ollama run hf.co/...` before a repo exists; `publish` puts the repo id in its place.
+HUB_RUN = "hf.co/<user>/<repo>"
 NUM_CTX = 4096
 # QoQ-Med's generation_config: repetition_penalty 1.05, temperature 1e-6 (greedy), eos <|im_end|> and
 # <|endoftext|>. transformers applies the penalty over the whole sequence; Ollama, as llama.cpp,

@@ -239,6 +239,12 @@ def drift_rows(runs: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _weights(run: dict) -> str:
+    """The reference's weights as a reader tells two models apart: each file's sha256, shortened."""
+    ref = next((v for v in run["variants"] if v["name"] == "reference"), {})
+    return ", ".join(sha[:12] for sha in _file_shas(ref)) or "not recorded"
+
+
 def _file_shas(v: dict) -> list[str]:
     return sorted(str(f.get("sha256")) for f in v.get("files") or [])  # a list of objects: _check_result
 
@@ -286,10 +292,8 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
     out = [f"## Drift against the reference (same chats, same positions){which}", "", *_eval_lines(runs[0])]
     if which:  # what sets this group apart from the others: two models may share a folder name
         r = runs[0]["run"]
-        ref = next((v for v in runs[0]["variants"] if v["name"] == "reference"), {})
-        weights = ", ".join(sha[:12] for sha in _file_shas(ref)) or "not recorded"
         out += [f"Reference: `{(r.get('model') or {}).get('source')}` ({r.get('reference_dtype')}; weights sha256 "
-                f"{weights}); runs: {', '.join(_markdown_label(run) for run in runs)}.", ""]  # fmt: skip
+                f"{_weights(runs[0])}); runs: {', '.join(_markdown_label(run) for run in runs)}.", ""]  # fmt: skip
     out += [files_comment((None, v) for _, v in _by_size(rows)),
             "| variant | size MB | mean KLD | p99 KLD | same top % | RMS Δp % | answer acc | worst domain | Pareto |",
             "|---|---:|---:|---:|---:|---:|---:|---|:-:|"]  # fmt: skip
@@ -347,10 +351,10 @@ def _speed_table(runs: list[dict], members: list[int], which: str = "") -> list[
     if not timed:  # --no-speed runs
         return []
     out = [f"## Speed per machine (medians){which}", ""]
-    if which:
+    if which:  # `publish` reads "Reference: `...`" as the drift sections' line, and hides a local path
         r = runs[members[0]]["run"]
-        out += [f"Model `{(r.get('model') or {}).get('source')}`, {(r.get('speed_settings') or {}).get('decode_tokens')} "
-                "decode tokens a request.", ""]  # fmt: skip
+        out += [f"Reference: `{(r.get('model') or {}).get('source')}` (weights sha256 {_weights(runs[members[0]])}); "
+                f"{(r.get('speed_settings') or {}).get('decode_tokens')} decode tokens a request.", ""]  # fmt: skip
     out += [files_comment(timed),
             "| machine | variant | runtime | prompt tokens | prefill tok/s | decode tok/s (range) | image encode ms | TTFT ms "
             "| peak device MiB | peak host MiB |",

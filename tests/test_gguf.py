@@ -789,7 +789,8 @@ def test_log_levels_are_the_compiled_ggml_headers():
 def test_published_card_carries_the_builds_own_run_instructions(built):
     """The Hub card replaces the export's README: it must carry what that README told users, word for
     word (the image-token range, QoQ-Med's sampling settings, the llama-cpp-python recipe, the
-    Modelfile) and its known issues, not a generic usage that drops them."""
+    Modelfile; `ollama run hf.co/...` with the repo's id) and its known issues, not a generic usage
+    that drops them."""
     from qoqopt.hub_license import CardLicense
     from qoqopt.publish import plan_upload, readme_sections
 
@@ -797,7 +798,9 @@ def test_published_card_carries_the_builds_own_run_instructions(built):
     plan = plan_upload(built.out, "me/tiny-gguf", base_model="someone/uncached-base", license=CardLicense("apache-2.0"))
     exported = readme_sections((built.out / "README.md").read_text())
     card = readme_sections(plan.card)
-    assert exported["Run it"] in card["Usage"] and exported["Known issues"] == card["Known issues"]
+    hub_run = exported["Run it"].replace("hf.co/<user>/<repo>", "hf.co/me/tiny-gguf")  # the repo is known now
+    assert hub_run != exported["Run it"] and "`ollama run hf.co/me/tiny-gguf` reads the repo's `template`" in hub_run
+    assert hub_run in card["Usage"] and exported["Known issues"] == card["Known issues"]
     assert "--image-min-tokens" in card["Usage"] and "QoQMedChatHandler" in card["Usage"]
     assert "RMSNorm epsilon" in card["Known issues"] and card["Left out on purpose"] == "- nothing"
     assert any("carries its run instructions" in note for note in plan.notes)

@@ -167,7 +167,8 @@ def test_speed_tables_keep_models_and_decode_lengths_apart(tmp_path, capsys):
     md = (tmp_path / "rep" / "report.md").read_text()
     tables = [_table(md, f"## Speed per machine (medians), set {n} of 3") for n in (1, 2, 3)]
     assert [len(t) for t in tables] == [4, 4, 4]
-    assert "Model `qoq-32b`, 32 decode tokens a request." in md and "Model `qoq-7b`, 256 decode tokens" in md
+    assert f"Reference: `qoq-32b` (weights sha256 {'2' * 12}); 32 decode tokens a request." in md
+    assert f"Reference: `qoq-7b` (weights sha256 {'1' * 12}); 256 decode tokens a request." in md
     row = next(r for r in tables[0] if r["variant"] == "gguf:Q4_K_M")
     assert (row["decode tok/s (range)"], row["prompt tokens"]) == ("80.0 (71.2–83.5)", "754")
     assert sorted(p.name for p in (tmp_path / "rep").glob("speed*.png")) == ["speed-1.png", "speed-2.png", "speed-3.png"]
