@@ -80,8 +80,8 @@ def _split_kv(no: int, count: int, n_tensors: int, alignment: int) -> list[bytes
 
 
 def _part_bytes(layout: Layout, first: bool, tensors: range) -> int:
-    """A part's file size (its split keys at their largest: with the alignment key)."""
-    meta = HEADER_BYTES + (len(layout.kv) if first else 0) + sum(map(len, _split_kv(1, 1, 0, 1)))
+    """A part's file size, to the byte (the split keys' values never change their length)."""
+    meta = HEADER_BYTES + (len(layout.kv) if first else 0) + sum(map(len, _split_kv(int(not first), 1, 0, layout.alignment)))
     meta += sum(len(layout.infos[i]) + 8 for i in tensors)
     return pad(meta, layout.alignment) + sum(pad(layout.spans[i][1], layout.alignment) for i in tensors)
 

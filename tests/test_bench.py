@@ -96,6 +96,39 @@ def test_drift_fields_and_worst_domain(run_1t):
     assert v["gguf:Q4_K_M"]["drift"]["all"]["mean_kld"] > 3 * v["gguf:Q8_0"]["drift"]["all"]["mean_kld"]
 
 
+def _set_f1(reply: str, answer: str) -> float:
+    """The last \\boxed{...} of a reply, found by a regex, its comma-separated conditions scored by set F1."""
+
+    def conditions(text):
+        return {c.strip().strip(".").lower() for c in text.split(",")} - {""}
+
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", reply)
+    got, want = conditions(boxed[-1]) if boxed else set(), conditions(answer)
+    hit = len(got & want)
+    return 2 * hit / (len(got) + len(want)) if hit else 0.0
+
+
+def _greedy_scores(model, proc, answer_tokens: int) -> dict[str, float]:
+    """Per domain (one eval chat each), the set F1 of transformers' greedy reply."""
+    import torch
+
+    from qoqopt.bench.eval_set import eval_items
+
+    scores = {}
+    for item in eval_items("clinical", ITEMS, 0):
+        inputs = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True,
+                                          return_dict=True, return_tensors="pt")  # fmt: skip
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=answer_tokens, do_sample=False)
+        scores[item.domain] = _set_f1(proc.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True), item.answer)
+    return scores
+
+
+def _assert_accuracy(drift: dict, scores: dict[str, float]) -> None:
+    assert {d: drift[d]["accuracy"] for d in scores} == pytest.approx(scores)
+    assert drift["all"]["accuracy"] == pytest.approx(sum(scores.values()) / len(scores))
+
+
 def test_answer_accuracy_is_greedy_generation_scored_by_set_f1(run_1t, trained_dir):
     """The reference's per-domain answer accuracy, redone here: transformers' greedy generate on each
     eval chat (the bench's 64 answer tokens), the last \\boxed{...} found by a regex, its
@@ -103,29 +136,12 @@ def test_answer_accuracy_is_greedy_generation_scored_by_set_f1(run_1t, trained_d
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from qoqopt.bench.eval_set import eval_items
     from qoqopt.processor import load_processor
 
-    def conditions(text):
-        return {c.strip().strip(".").lower() for c in text.split(",")} - {""}
-
-    proc = load_processor(trained_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
-    scores = {}
-    for item in eval_items("clinical", ITEMS, 0):
-        inputs = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True,
-                                          return_dict=True, return_tensors="pt")  # fmt: skip
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=run_1t[0]["run"]["eval"]["answer_tokens"], do_sample=False)
-        reply = proc.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        boxed = re.findall(r"\\boxed\{([^{}]*)\}", reply)
-        got, want = conditions(boxed[-1]) if boxed else set(), conditions(item.answer)
-        hit = len(got & want)
-        scores[item.domain] = 2 * hit / (len(got) + len(want)) if hit else 0.0
-    reference = _by_name(run_1t[0])["reference"]["drift"]
-    assert {d: reference[d]["accuracy"] for d in scores} == pytest.approx(scores)
-    assert reference["all"]["accuracy"] == pytest.approx(sum(scores.values()) / len(scores))
-    assert 0 < reference["all"]["accuracy"] < 1  # some right, some wrong: a score stuck at 0 or 1 would show
+    scores = _greedy_scores(model, load_processor(trained_dir), run_1t[0]["run"]["eval"]["answer_tokens"])
+    _assert_accuracy(_by_name(run_1t[0])["reference"]["drift"], scores)
+    assert 0 < _by_name(run_1t[0])["reference"]["drift"]["all"]["accuracy"] < 1  # some right, some wrong: a score stuck at 0 or 1 would show
 
 
 def test_speed_fields(run_1t):
@@ -140,6 +156,11 @@ def test_speed_fields(run_1t):
         assert s["image_tokens_max"] == 650 and s["image_tokens_min"] == 100
         for key in ["ttft_ms", "prefill_tok_s", "decode_tok_s"]:  # one repeat: its range is its value
             assert s["spread"][key] == [s[key], s[key]], (rec["name"], key)
+        # the rates' units, from what contains what: the prompt's time is inside TTFT, the image's
+        # encode too, and every timed span inside the worker's own wall time (an inverted rate, s/token,
+        # passed before: helper-66)
+        assert s["prompt_tokens"] / s["prefill_tok_s"] <= s["ttft_ms"] / 1e3 and s["image_encode_ms"] <= s["ttft_ms"]
+        assert s["decode_tokens"] / s["decode_tok_s"] + s["ttft_ms"] / 1e3 <= rec["seconds"], rec["name"]
     assert "float32" in _by_name(run_1t[0])["gptq:4"]["runtime"]  # on CPU its torch path runs in fp32, bf16 in bf16
 
 
@@ -255,19 +276,21 @@ def _transformers_kld(model, proc, reference):
     return torch.cat(klds).numpy(), torch.cat(same).numpy()
 
 
-def _independent_kld(reference, gguf_text, mmproj):
-    """KLD from scratch: the reference's logits vs llama.cpp reply logits, torch's kl_div."""
+def _independent_kld(reference, gguf_text, mmproj, answer_tokens: int):
+    """KLD from scratch: the reference's logits vs llama.cpp reply logits, torch's kl_div; and
+    llama.cpp's greedy reply to each chat's prompt as transformers' chat template writes it."""
     import torch
 
     from qoqopt.exports.gguf_runtime import LlamaVL
 
-    klds, same = [], []
+    klds, same, replies = [], [], []
     with LlamaVL(gguf_text, mmproj, threads=1, image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:
         for item, text, reply_ids, ref in reference:
             kld, agree = _kld(ref, torch.from_numpy(vl.chat_logits(text, item.image, reply_ids)))
             klds.append(kld)
             same.append(agree)
-    return torch.cat(klds).numpy(), torch.cat(same).numpy()
+            replies.append((item, vl.generate(text, item.image, max_tokens=answer_tokens)))
+    return torch.cat(klds).numpy(), torch.cat(same).numpy(), replies
 
 
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
@@ -276,12 +299,13 @@ def test_gguf_drift_matches_independent_computation(run_1t, independent_referenc
     paths = {Path(f["path"]).name: Path(f["path"]) for f in rec["files"]}
     text = next(p for n, p in paths.items() if n.endswith(f".{quant}.gguf"))
     mmproj = next(p for n, p in paths.items() if n.startswith("mmproj-"))
-    kld, same = _independent_kld(independent_reference, text, mmproj)
+    kld, same, replies = _independent_kld(independent_reference, text, mmproj, run_1t[0]["run"]["eval"]["answer_tokens"])
     a = rec["drift"]["all"]
     assert a["positions"] == len(kld)
     np.testing.assert_allclose(a["mean_kld"], kld.mean(), rtol=1e-5)
     np.testing.assert_allclose(a["p99_kld"], np.percentile(kld, 99), rtol=1e-5)
     assert a["same_top_pct"] == pytest.approx(100 * same.mean(), abs=1e-9)
+    _assert_accuracy(rec["drift"], {item.domain: _set_f1(reply, item.answer) for item, reply in replies})
 
 
 @pytest.mark.parametrize("variant", ["bf16", "gptq:4", "awq:4"])
@@ -312,6 +336,8 @@ def test_transformers_variants_drift_matches_independent_computation(run_1t, ind
     a = rec["drift"]["all"]
     assert a["positions"] == len(kld) and kld.mean() > 0
     np.testing.assert_allclose(a["mean_kld"], kld.mean(), rtol=1e-3)
+    # the variant's own greedy answers (the reference's score in their place passed before: helper-66)
+    _assert_accuracy(rec["drift"], _greedy_scores(model, load_processor(trained_dir), run_1t[0]["run"]["eval"]["answer_tokens"]))
 
 
 @pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes + accelerate not installed (qoqopt[bnb])")
@@ -718,6 +744,24 @@ def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_di
         fh.write(bytes([byte[0] ^ 0x40]))
     err = refused(["ask", corrupt, "--item", item_id], capsys)
     assert err.startswith(f"error: {shard.name} does not match the sha256 in manifest.json"), err
+
+
+def test_ask_through_llama_cpp_replies_as_transformers(trained_dir, tmp_path):
+    """`qoqopt ask` on a GGUF build, through llama.cpp, gives transformers' greedy reply word for word
+    (an F32 build: its logits agree to ~1e-6): the GGUF reply was compared with nothing, and a
+    transposed or grey image passed (helper-66). A square CT slice and a wide ultrasound frame."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.data import find_item
+
+    out = tmp_path / "f32"
+    res = run_cli("export", str(trained_dir), "--format", "gguf", "--quant", "F32", "--imatrix", "none", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
+    for item_id in ("ct-abd-pancreas.region_ct.eval-0", "us-lymph-doppler.modality.eval-0"):
+        reply = _asked(run_cli("ask", str(out), "--item", item_id))
+        assert reply == _greedy_reply(model, trained_dir, find_item(item_id)), item_id
 
 
 def test_user_jsonl_eval_set(tiny_dir, tmp_path):

@@ -57,6 +57,13 @@ def test_position_stats_match_torch_across_row_blocks():
     np.testing.assert_allclose(got["dp"], dp, rtol=1e-7, atol=1e-13)
     assert (got["same_top"] == (ref.argmax(-1) == cand.argmax(-1))).all()
     assert kld.min() < 1e-6 < 1e-2 < kld.max()  # the range really spans small and large drift
+    # the summary over positions: numpy's mean and (linear) 99th percentile of torch's 19 distinct
+    # values, where 98 equal values would let max or any percentile method pass (helper-66)
+    d = token_drift(ref, cand, targets)
+    assert d.mean_kld == pytest.approx(kld.mean(), rel=1e-7) and d.p99_kld == pytest.approx(np.percentile(kld, 99), rel=1e-7)
+    assert d.p99_kld < kld.max() and d.positions == 19
+    assert d.rms_dp_pct == pytest.approx(100 * np.sqrt(np.mean(dp**2)), rel=1e-7)
+    assert d.same_top_pct == pytest.approx(100 * np.mean(ref.argmax(-1) == cand.argmax(-1)))
 
 
 def test_p99_and_top1_over_positions():
@@ -94,16 +101,29 @@ def test_set_f1_of_boxed_condition_sets():
 
 
 def test_per_domain_report_pools_positions_and_names_worst():
-    ref = np.zeros((4, 2))
-    far = np.array([[3.0, 0.0]] * 4)
+    """"all" is the mean over every position of every chat (torch's kl_div over the concatenation),
+    not the mean of the domains' means: with 3 CT positions and 5 ECG ones the two differ."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(7)
+    ref_ct, ref_ecg = rng.standard_normal((3, 6)), rng.standard_normal((5, 6))
+    cand_ct, cand_ecg = ref_ct + 0.1 * rng.standard_normal((3, 6)), ref_ecg + rng.standard_normal((5, 6))
     recs = [
-        {"domain": "ct", "ref_logits": ref, "cand_logits": ref, "score": 1.0},
-        {"domain": "ecg", "ref_logits": ref, "cand_logits": far, "score": 0.0},
+        {"domain": "ct", "ref_logits": ref_ct, "cand_logits": cand_ct, "score": 1.0},
+        {"domain": "ecg", "ref_logits": ref_ecg, "cand_logits": cand_ecg, "score": 0.0},
     ]
     rep = drift_by_domain(recs)
     assert set(rep) == {"ct", "ecg", "all"}
-    assert rep["ct"].tokens.mean_kld == pytest.approx(0.0, abs=1e-12)
+
+    def kl(ref, cand):
+        lp_ref, lp_cand = F.log_softmax(torch.from_numpy(ref), -1), F.log_softmax(torch.from_numpy(cand), -1)
+        return F.kl_div(lp_cand, lp_ref, log_target=True, reduction="none").sum(-1).numpy()
+
+    per_ct, per_ecg = kl(ref_ct, cand_ct), kl(ref_ecg, cand_ecg)
+    assert rep["ct"].tokens.mean_kld == pytest.approx(per_ct.mean(), rel=1e-9)
     assert rep["all"].tokens.positions == 8
-    assert rep["all"].tokens.mean_kld == pytest.approx(rep["ecg"].tokens.mean_kld / 2)
+    pooled = np.concatenate([per_ct, per_ecg]).mean()
+    assert rep["all"].tokens.mean_kld == pytest.approx(pooled, rel=1e-9)
+    assert abs(pooled - (per_ct.mean() + per_ecg.mean()) / 2) > 0.1 * pooled  # the two readings really differ here
     assert rep["all"].accuracy == 0.5
     assert worst_domain(rep) == "ecg"

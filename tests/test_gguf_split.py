@@ -99,6 +99,24 @@ def test_the_first_part_may_hold_the_metadata_alone(tmp_path):
     assert parts[0][1] == 0 and parts[1][1] >= 1 and parts[0][0].stat().st_size <= 1_000_000
 
 
+@pytest.mark.parametrize("alignment", [None, 64])
+def test_a_part_is_as_large_as_fits_to_the_byte(tmp_path, alignment):
+    """A part's size is planned to the byte: with the limit set to a part's real size on disk, the
+    same tensors go in; one byte less, the last of them moves on (a plan that ignored the tensor
+    infos' bytes wrote parts over the limit, and no part had come near it; helper-66)."""
+    first = tmp_path / "a" / "m.gguf"
+    first.parent.mkdir()
+    _write(first, alignment)
+    (head, count), *_ = _split_and_check(first, 1_000_000, alignment)
+    limit = head.stat().st_size
+    for max_bytes, expected in ((limit, count), (limit - 1, count - 1)):
+        again = tmp_path / str(max_bytes) / "m.gguf"
+        again.parent.mkdir()
+        _write(again, alignment)
+        parts = _split_and_check(again, max_bytes, alignment)
+        assert parts[0][1] == expected and (parts[0][0].stat().st_size == limit) == (max_bytes == limit)
+
+
 def test_a_file_that_fits_stays_whole(tmp_path):
     path = tmp_path / "m.gguf"
     _write(path)

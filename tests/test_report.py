@@ -149,6 +149,42 @@ def test_runs_on_other_chats_or_models_get_drift_tables_of_their_own():
     assert render_markdown([builtin, filtered]).count("## Drift against the reference") == 2
 
 
+def test_every_drift_cell_is_its_variants_number_under_its_own_column():
+    """Each variant gets distinct numbers in every column, read back through markdown-it-py's table
+    parser: a swapped same-top / RMS Δp column, size in MiB, or 1 - accuracy all passed before (the
+    fixture's RMS Δp and accuracy were one value for every variant; helper-66)."""
+    from markdown_it import MarkdownIt
+
+    from qoqopt.report import render_markdown
+
+    run = _run("cpu", 1.0)
+    measured = {"gguf:Q8_0": (92_812_345, 7.7e-7, 3.1e-6, 99.5, 0.12, 0.85, "ecg"),
+                "gguf:Q4_K_M": (63_149_000, 2.4e-5, 9.9e-5, 97.25, 0.87, 0.8, "mri"),
+                "gguf:Q5_K_M": (70_000_000, 3.3e-5, 1.2e-4, 96.0, 1.04, 0.75, "ct"),
+                "gptq:4": (159_020_000, 7.9e-6, 2.5e-5, 98.75, 0.33, 0.9, "xray")}  # fmt: skip
+    for v in run["variants"]:
+        if v["name"] in measured:
+            size, kld, p99, top, dp, acc, worst = measured[v["name"]]
+            v.update(size_bytes=size, worst_domain=worst)
+            v["drift"]["all"].update(mean_kld=kld, p99_kld=p99, same_top_pct=top, rms_dp_pct=dp, accuracy=acc)
+    table = render_markdown([run]).split("## Drift against the reference (same chats, same positions)")[1].split("\n## ")[0]
+    rows, row = [], None
+    for t in MarkdownIt("commonmark").enable("table").parse(table):
+        if t.type == "tr_open":
+            row = []
+        elif t.type == "inline" and row is not None:
+            row.append(t.content)
+        elif t.type == "tr_close":
+            rows.append(row)
+            row = None
+    got = {r[0]: dict(zip(rows[0][1:], r[1:])) for r in rows[1:]}
+    for name, (size, kld, p99, top, dp, acc, worst) in measured.items():
+        assert got[name] == {"size MB": f"{size / 1e6:.1f}", "mean KLD": f"{kld:.2e}", "p99 KLD": f"{p99:.2e}",
+                             "same top %": f"{top:.1f}", "RMS Δp %": f"{dp:.2f}", "answer acc": f"{acc:.2f}",
+                             "worst domain": worst, "Pareto": got[name]["Pareto"]}, name  # fmt: skip
+    assert got["reference"]["answer acc"] == "0.90" and got["reference"]["mean KLD"] == "–"
+
+
 def test_speed_tables_keep_models_and_decode_lengths_apart(tmp_path, capsys):
     """A 32B's speed rows beside a 7B's, or 256-token decodes beside 32-token ones, read as one
     comparison in one table and one plot (helper-64); each gets its own, naming the model and the
