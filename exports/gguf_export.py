@@ -494,7 +494,7 @@ def _split_line(records: list[FileRecord]) -> str:
         return ""
     return (f"{', '.join(split)} {'is' if len(split) == 1 else 'are'} written in parts (`-00001-of-0000N.gguf`): download "
             "every part into one\nfolder and give llama.cpp or LM Studio the first; they load the rest. Ollama 0.30 or "
-            "later merges\nthe parts the Modelfile names, one FROM line each.\n\n")
+            "later merges\nparts given one FROM line each in the Modelfile.\n\n")
 
 
 def _mmproj_line(mmproj: str | None) -> str:
@@ -505,8 +505,8 @@ def _mmproj_line(mmproj: str | None) -> str:
             "mmproj sees images differently). ")
 
 
-_P = ollama.PARAMS  # QoQ-Med's generation settings, as the Modelfile and `params` give them to Ollama
-SETTINGS = f"-c {_P['num_ctx']} --temp {_P['temperature']} --repeat-penalty {_P['repeat_penalty']} --repeat-last-n {_P['repeat_last_n']}"
+# QoQ-Med's generation settings as llama.cpp's flags: the Modelfile and `params` give Ollama the same
+SETTINGS = "-c {num_ctx} --temp {temperature} --repeat-penalty {repeat_penalty} --repeat-last-n {repeat_last_n}".format(**ollama.PARAMS)
 
 
 def _penalty_window(tool: str | None) -> str:
@@ -558,7 +558,7 @@ def _ollama(ctx: _Context, text: str, mmproj: str | None, in_parts: bool) -> str
     carries = "the chat template, QoQ-Med's generation settings" + (" and the mmproj" if mmproj else "")
     parts = f",\nand names every part of `{text}` (Ollama 0.30 or later merges them)" if in_parts else ""
     run = (f"`ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`.\nThe Modelfile carries {carries}{parts}.\n"
-           f"`ollama run {ollama.HUB_RUN}` reads the repo's `template` and `params` files (shipped beside\n"
+           f"`ollama run {ollama.HF_CO_PLACEHOLDER}` reads the repo's `template` and `params` files (shipped beside\n"
            "the Modelfile) rather than the Modelfile.")
     if not mmproj:
         return f"**Ollama**: {run}"

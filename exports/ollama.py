@@ -20,7 +20,7 @@ from pathlib import Path
 from qoqopt.mini import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
 # How the card names `ollama run hf.co/...` before a repo exists; `publish` puts the repo id in its place.
-HUB_RUN = "hf.co/<user>/<repo>"
+HF_CO_PLACEHOLDER = "hf.co/<user>/<repo>"
 NUM_CTX = 4096
 # QoQ-Med's generation_config: repetition_penalty 1.05, temperature 1e-6 (greedy), eos <|im_end|> and
 # <|endoftext|>. transformers applies the penalty over the whole sequence; Ollama, as llama.cpp,
@@ -28,15 +28,22 @@ NUM_CTX = 4096
 PARAMS = {"temperature": 0, "repeat_penalty": 1.05, "repeat_last_n": NUM_CTX,
           "stop": ["<|im_end|>", "<|endoftext|>"], "num_ctx": NUM_CTX}  # fmt: skip
 
-# Qwen2.5-VL's default system turn comes only when the first message is not a system one.
+# Qwen2.5-VL's default system turn comes only when the first message is not a system one. A chat
+# that ends on the assistant's message is that message's continuation (a client's prefill, such as
+# "<think>"), left open as transformers' continue_final_message leaves it; otherwise the
+# assistant's turn opens.
 TEMPLATE = """\
 {{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}<|im_start|>system
 You are a helpful assistant.<|im_end|>
 {{ end }}
-{{- range .Messages }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}<|im_start|>assistant
-"""
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}<|im_start|>{{ .Role }}
+{{ .Content }}
+{{- if not (and $last (eq .Role "assistant")) }}<|im_end|>
+{{ end }}
+{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
+{{ end }}
+{{- end }}"""
 
 
 def write_files(folder: Path, modelfile: str) -> list[tuple[Path, str]]:
@@ -56,7 +63,8 @@ def render_modelfile(name: str, text_files: list[str], mmproj: str | None, other
     `others` the other text GGUFs a user may swap in, `tokens` QoQ-Med's image-token range."""
     lines = [f"# Ollama Modelfile for {name}, written by qoqopt.", "# Create the model with:  ollama create qoq-med -f Modelfile"]
     if others:
-        lines.append(f"# Other builds in this folder: {', '.join(others)} (edit the text FROM lines to use one).")
+        lines.append(f"# Other builds in this folder: {', '.join(others)} (to use one, put it in the text FROM lines,")
+        lines.append("# one FROM line for each of its parts, if it has several).")
     if len(text_files) > 1:
         lines.append(f"# One FROM line per part: Ollama 0.30 or later merges the {len(text_files)} parts "
                      "(earlier versions cannot import parts).")  # fmt: skip

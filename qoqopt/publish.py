@@ -425,9 +425,9 @@ def _usage(fmt: str, repo_id: str, manifest: dict, carries_ecg: bool, exported_r
         return run_instructions(repo_id, carries_ecg)
     if exported_run is None:
         return _gguf_usage(repo_id, manifest)
-    from .exports.ollama import HUB_RUN
+    from .exports.ollama import HF_CO_PLACEHOLDER
 
-    exported_run = exported_run.replace(HUB_RUN, f"hf.co/{repo_id}")  # the export did not know the repo
+    exported_run = exported_run.replace(HF_CO_PLACEHOLDER, f"hf.co/{repo_id}")  # the export did not know the repo
     return (f"`hf download {repo_id} --local-dir qoq-med && cd qoq-med` fetches the build (add "
             "`--include` with the files below to skip the other quants); the commands below run from there. "
             f"(`llama-mtmd-cli -hf {_hf_repo_tag(repo_id, manifest)}` also fetches that quant and its mmproj by "

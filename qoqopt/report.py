@@ -216,9 +216,16 @@ def speed_groups(runs: list[dict]) -> list[list[int]]:
     32B's, or 32-token decodes beside 256-token ones, would read as one comparison."""
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
-        decode = (run["run"].get("speed_settings") or {}).get("decode_tokens")
-        groups.setdefault((_model_key(run), decode), []).append(i)
+        if _timed(run):  # a --no-speed run has no row to place
+            decode = (run["run"].get("speed_settings") or {}).get("decode_tokens")
+            groups.setdefault((_model_key(run), decode), []).append(i)
     return list(groups.values())
+
+
+def _timed(run: dict) -> list[dict]:
+    """The run's variants with speed rows (the reference is timed for drift only)."""
+    return [v for v in run["variants"] if v.get("status") == "ok"
+            and ((v.get("speed") or {}).get("decode_tok_s") or (v.get("speed") or {}).get("ttft_ms"))]  # fmt: skip
 
 
 def drift_rows(runs: list[dict]) -> dict[str, dict]:
@@ -239,7 +246,13 @@ def drift_rows(runs: list[dict]) -> dict[str, dict]:
     return out
 
 
-def _weights(run: dict) -> str:
+def _reference_line(run: dict, dtype: str | None, tail: str) -> str:
+    """What sets a table's reference apart: `publish` reads "Reference: `...`" and hides a local path there."""
+    source = (run["run"].get("model") or {}).get("source")
+    return f"Reference: `{source}` ({f'{dtype}; ' if dtype else ''}weights sha256 {_weights_sha(run)}); {tail}."
+
+
+def _weights_sha(run: dict) -> str:
     """The reference's weights as a reader tells two models apart: each file's sha256, shortened."""
     ref = next((v for v in run["variants"] if v["name"] == "reference"), {})
     return ", ".join(sha[:12] for sha in _file_shas(ref)) or "not recorded"
@@ -291,9 +304,8 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
     front = pareto(_sized(rows))
     out = [f"## Drift against the reference (same chats, same positions){which}", "", *_eval_lines(runs[0])]
     if which:  # what sets this group apart from the others: two models may share a folder name
-        r = runs[0]["run"]
-        out += [f"Reference: `{(r.get('model') or {}).get('source')}` ({r.get('reference_dtype')}; weights sha256 "
-                f"{_weights(runs[0])}); runs: {', '.join(_markdown_label(run) for run in runs)}.", ""]  # fmt: skip
+        out += [_reference_line(runs[0], runs[0]["run"].get("reference_dtype"),
+                                f"runs: {', '.join(_markdown_label(run) for run in runs)}"), ""]  # fmt: skip
     out += [files_comment((None, v) for _, v in _by_size(rows)),
             "| variant | size MB | mean KLD | p99 KLD | same top % | RMS Δp % | answer acc | worst domain | Pareto |",
             "|---|---:|---:|---:|---:|---:|---:|---|:-:|"]  # fmt: skip
@@ -346,26 +358,28 @@ def _domain_table(rows: dict[str, dict], which: str = "") -> list[str]:
 
 def _speed_table(runs: list[dict], members: list[int], which: str = "") -> list[str]:
     """One speed group's rows (run indexes ``members``); ``which`` names the group among several."""
-    timed = [(i, v) for i in members for v in runs[i]["variants"] if v.get("status") == "ok"
-             and ((v.get("speed") or {}).get("decode_tok_s") or (v.get("speed") or {}).get("ttft_ms"))]
-    if not timed:  # --no-speed runs
-        return []
+    timed = [(i, v) for i in members for v in _timed(runs[i])]
     out = [f"## Speed per machine (medians){which}", ""]
-    if which:  # `publish` reads "Reference: `...`" as the drift sections' line, and hides a local path
+    if which:
         r = runs[members[0]]["run"]
-        out += [f"Reference: `{(r.get('model') or {}).get('source')}` (weights sha256 {_weights(runs[members[0]])}); "
-                f"{(r.get('speed_settings') or {}).get('decode_tokens')} decode tokens a request.", ""]  # fmt: skip
+        out += [_reference_line(runs[members[0]], None, f"{(r.get('speed_settings') or {}).get('decode_tokens')} "
+                                "decode tokens a request"), ""]  # fmt: skip
     out += [files_comment(timed),
             "| machine | variant | runtime | prompt tokens | prefill tok/s | decode tok/s (range) | image encode ms | TTFT ms "
             "| peak device MiB | peak host MiB |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for i, v in timed:  # the reference (drift only) and --no-speed runs have no speed row
+    for i, v in timed:
         s = v["speed"]
+        older = "" if "spread" in s else " †"
         out.append(
-            f"| {_markdown_label(runs[i])} | {v['name']} | {v.get('runtime', '')} | {_fmt(s.get('prompt_tokens'), 'd')} | "
+            f"| {_markdown_label(runs[i])}{older} | {v['name']} | {v.get('runtime', '')} | {_fmt(s.get('prompt_tokens'), '.0f')} | "
             f"{_fmt(s.get('prefill_tok_s'), '.0f')} | {_decode_cell(s)} | {_fmt(s.get('image_encode_ms'), '.0f')} | "
             f"{_fmt(s.get('ttft_ms'), '.0f')} | {_fmt(s.get('peak_device_mb'), '.0f')} | {_fmt(s.get('peak_host_mb'), '.0f')} |"
         )
+    if any("spread" not in v["speed"] for _, v in timed):
+        out += ["", "† measured by a qoqopt before 2026-12-02 (no repeat range recorded): its transformers decode "
+                "rate was the difference of two requests, and its peak host memory could be the bench process's "
+                "own; not comparable with the other rows."]  # fmt: skip
     return out + [""]
 
 
@@ -373,7 +387,7 @@ def _decode_cell(speed: dict) -> str:
     """Median decode tok/s, with the repeats' range when the run recorded one."""
     lo_hi = (speed.get("spread") or {}).get("decode_tok_s")
     cell = _fmt(speed.get("decode_tok_s"), ".1f")
-    return f"{cell} ({lo_hi[0]:.1f}–{lo_hi[1]:.1f})" if lo_hi and speed.get("repeats", 0) > 1 else cell
+    return f"{cell} ({lo_hi[0]:.1f}–{lo_hi[1]:.1f})" if lo_hi and (speed.get("repeats") or 0) > 1 else cell
 
 
 def _failures(runs: list[dict]) -> list[str]:
@@ -429,7 +443,7 @@ def write_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
     for n, members in enumerate(timing, 1):
         timed = [runs[i] for i in members]
         suffix, which = (f"-{n}", f" (set {n} of {len(timing)})") if len(timing) > 1 else ("", "")
-        if any((v.get("speed") or {}).get("decode_tok_s") for run in timed for v in run["variants"]):  # not --no-speed only
+        if any((v.get("speed") or {}).get("decode_tok_s") for run in timed for v in run["variants"]):  # TTFT alone: no bars
             save(_plot_speed(plt, timed), f"speed{suffix}.png", f"Decode speed per machine{which}")
     return plots
 

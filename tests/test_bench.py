@@ -177,9 +177,11 @@ def test_a_workers_peak_memory_is_its_own():
     assert inherited > 700 and own < 200
 
 
-def test_default_threads_are_one_per_physical_core():
+def test_default_threads_are_one_per_physical_core(tmp_path):
     """llama.cpp and torch default to a thread a physical core (SMT siblings share its vector units);
-    bench and ask used every logical CPU. Counted within the affinity mask: a taskset of one CPU is one."""
+    bench and ask used every logical CPU. Counted within the affinity mask: a taskset of one CPU is one.
+    A topology of SMT pairs (as Linux's sysfs lays it out) halves the count, which a machine without
+    SMT cannot show (helper-68)."""
     import os
 
     import psutil
@@ -188,6 +190,13 @@ def test_default_threads_are_one_per_physical_core():
 
     if len(os.sched_getaffinity(0)) == os.cpu_count():
         assert usable_physical_cores() == psutil.cpu_count(logical=False)
+    cpus = sorted(os.sched_getaffinity(0))
+    for n, cpu in enumerate(cpus):  # CPUs 2k and 2k+1 of the mask are one core's two threads
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{n // 2}\n")
+    assert usable_physical_cores(tmp_path) == (len(cpus) + 1) // 2
     one = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from qoqopt.bench.machine import usable_physical_cores as u; print(u())"
     assert subprocess.run([sys.executable, "-c", one], capture_output=True, text=True, check=True).stdout.strip() == "1"
 

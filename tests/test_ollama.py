@@ -36,7 +36,12 @@ CHATS = {
                                  ("user", "And the imaging plane?", 0)],
     "multi-turn without a system": [("user", QUESTION, 0), ("assistant", REPLY, 0), ("user", "And the plane?", 0)],
     "an image turn, then a follow-up": [("user", QUESTION, 1), ("assistant", REPLY, 0), ("user", "Is it contrast-enhanced?", 0)],
+    # a client's prefill: the reply goes on from it (transformers' continue_final_message)
+    "ends on the assistant's prefill": [("user", QUESTION, 1), ("assistant", "<think>", 0)],
+    # Ollama merges consecutive messages of one role, a blank line between: compared with that one message
+    "two user messages in a row": [("user", QUESTION, 1), ("user", "Answer briefly.", 0)],
 }  # fmt: skip
+AS_OLLAMA_SENDS = {"two user messages in a row": [("user", QUESTION + "\n\nAnswer briefly.", 1)]}
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +77,7 @@ def ollama_render(tmp_path_factory):
     assert built.returncode == 0, built.stderr
 
     def render(template: str, messages: list[dict]) -> str:
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")  # Ollama's .System
-        data = json.dumps({"template": template, "system": system, "messages": messages})
+        data = json.dumps({"template": template, "messages": messages})
         res = subprocess.run([str(binary)], input=data, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         return res.stdout
@@ -113,7 +117,9 @@ def test_ollama_renders_what_transformers_renders(build, processor, ollama_rende
     modelfile = (build.out / "Modelfile").read_text()
     assert modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0] == template  # Ollama's triple-quoted value
     chat = CHATS[name]
-    expected = processor.apply_chat_template(_hf_messages(chat), tokenize=False, add_generation_prompt=True)
+    prefill = chat[-1][0] == "assistant"
+    expected = processor.apply_chat_template(_hf_messages(AS_OLLAMA_SENDS.get(name, chat)), tokenize=False,
+                                             add_generation_prompt=not prefill, continue_final_message=prefill)  # fmt: skip
     assert ollama_render(template, _ollama_messages(chat)) == _numbered_images(expected)
 
 

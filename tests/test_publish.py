@@ -363,7 +363,7 @@ def test_format_and_results_are_checked(export_dir, tmp_path, capsys):
 def _measured(name: str, sha: str, kld: float, **extra) -> dict:
     return {"name": name, "status": "ok", "runtime": "llama.cpp", "size_bytes": 60_000_000,
             "files": [{"path": f"b/{name}.gguf", "sha256": sha * 32}, {"path": "b/mmproj.gguf", "sha256": "ee" * 32}],
-            "drift": {"all": {"mean_kld": kld}, "ct": {"mean_kld": kld}}, "speed": {"decode_tok_s": 50.0}} | extra  # fmt: skip
+            "drift": {"all": {"mean_kld": kld}, "ct": {"mean_kld": kld}}, "speed": {"decode_tok_s": 50.0, "spread": {}}} | extra  # fmt: skip
 
 
 def test_card_carries_only_this_builds_rows():
@@ -406,8 +406,8 @@ def test_rows_are_matched_by_name_and_scale_rows_by_run():
                "files": [{"sha256": ref_sha * 32}]}  # fmt: skip
         return {"schema": SCHEMA, "run": {"machine": {"label": label}}, "variants": [ref, *variants]}
 
-    bf16 = {"name": "bf16", "status": "ok", "size_bytes": 2, "runtime": "transformers", "speed": {"decode_tok_s": 9.0}}
-    ours = run("ours", "01", _measured("gguf:Q8_0", "cc", 1e-6), bf16 | {"speed": {"decode_tok_s": 1.0}})
+    bf16 = {"name": "bf16", "status": "ok", "size_bytes": 2, "runtime": "transformers", "speed": {"decode_tok_s": 9.0, "spread": {}}}
+    ours = run("ours", "01", _measured("gguf:Q8_0", "cc", 1e-6), bf16 | {"speed": {"decode_tok_s": 1.0, "spread": {}}})
     other = run("other", "02", _measured("gguf:Q4_K_M", "aa", 1e-4), bf16)
     report = render_markdown([ours, other])
     card, measured = tables_for_build(report, "gguf", {"cc" * 32, "ee" * 32})

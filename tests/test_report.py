@@ -1,6 +1,7 @@
 """`qoqopt report`: merging runs from two machines, Pareto marking, plots."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -15,7 +16,8 @@ def _variant(name, size, kld, decode, domains):
     drift.update({d: {"mean_kld": kld * f} for d, f in domains.items()})
     return {"name": name, "format": name.split(":")[0], "status": "ok", "runtime": "llama.cpp", "size_bytes": size,
             "drift": drift, "worst_domain": max(domains, key=domains.get),
-            "speed": {"decode_tok_s": decode, "prefill_tok_s": 10 * decode}}  # fmt: skip
+            "speed": {"decode_tok_s": decode, "prefill_tok_s": 10 * decode, "repeats": 1,
+                      "spread": {"decode_tok_s": [decode, decode]}}}  # fmt: skip
 
 
 def _run(label, decode_scale):
@@ -153,8 +155,6 @@ def test_every_drift_cell_is_its_variants_number_under_its_own_column():
     """Each variant gets distinct numbers in every column, read back through markdown-it-py's table
     parser: a swapped same-top / RMS Δp column, size in MiB, or 1 - accuracy all passed before (the
     fixture's RMS Δp and accuracy were one value for every variant; helper-66)."""
-    from markdown_it import MarkdownIt
-
     from qoqopt.report import render_markdown
 
     run = _run("cpu", 1.0)
@@ -168,15 +168,7 @@ def test_every_drift_cell_is_its_variants_number_under_its_own_column():
             v.update(size_bytes=size, worst_domain=worst)
             v["drift"]["all"].update(mean_kld=kld, p99_kld=p99, same_top_pct=top, rms_dp_pct=dp, accuracy=acc)
     table = render_markdown([run]).split("## Drift against the reference (same chats, same positions)")[1].split("\n## ")[0]
-    rows, row = [], None
-    for t in MarkdownIt("commonmark").enable("table").parse(table):
-        if t.type == "tr_open":
-            row = []
-        elif t.type == "inline" and row is not None:
-            row.append(t.content)
-        elif t.type == "tr_close":
-            rows.append(row)
-            row = None
+    rows = _rendered_rows(table)
     got = {r[0]: dict(zip(rows[0][1:], r[1:])) for r in rows[1:]}
     for name, (size, kld, p99, top, dp, acc, worst) in measured.items():
         assert got[name] == {"size MB": f"{size / 1e6:.1f}", "mean KLD": f"{kld:.2e}", "p99 KLD": f"{p99:.2e}",
@@ -208,6 +200,27 @@ def test_speed_tables_keep_models_and_decode_lengths_apart(tmp_path, capsys):
     row = next(r for r in tables[0] if r["variant"] == "gguf:Q4_K_M")
     assert (row["decode tok/s (range)"], row["prompt tokens"]) == ("80.0 (71.2–83.5)", "754")
     assert sorted(p.name for p in (tmp_path / "rep").glob("speed*.png")) == ["speed-1.png", "speed-2.png", "speed-3.png"]
+    # a result from before one-request timing (no range recorded) is marked, and repeats null or a
+    # float token count (a hand edit) are read, not a traceback (helper-68)
+    del runs[2]["variants"][2]["speed"]["spread"]
+    runs[1]["variants"][2]["speed"].update(repeats=None, prompt_tokens=754.0)
+    for path, run in zip(paths[1:], runs[1:]):
+        path.write_text(json.dumps(run))
+    res = run_cli("report", *map(str, paths), "--out", str(tmp_path / "rep"), "--force")
+    assert res.returncode == 0, res.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert [r["machine"] for r in _table(md, "## Speed per machine (medians), set 3 of 3")] == ["cpu #3", "cpu #3 †", "cpu #3", "cpu #3"]
+    assert "† measured by a qoqopt before 2026-12-02" in md and md.count("† measured") == 1
+    assert next(r for r in _table(md, "set 2 of 3") if r["variant"] == "gguf:Q4_K_M")["prompt tokens"] == "754"
+    # a --no-speed run places no table of its own
+    no_speed = json.loads(json.dumps(runs[0]))
+    no_speed["run"]["model"]["source"] = "qoq-other"
+    for v in no_speed["variants"]:
+        v.pop("speed", None)
+    paths[2].write_text(json.dumps(no_speed))
+    res = run_cli("report", *map(str, paths), "--out", str(tmp_path / "rep"), "--force")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert re.findall(r"## Speed per machine \(medians\)(.*)", md) == [", set 1 of 2", ", set 2 of 2"]
     runs[0]["variants"][2]["speed"]["spread"] = {"decode_tok_s": [1, "fast"]}
     paths[0].write_text(json.dumps(runs[0]))
     assert "speed.spread.decode_tok_s is [1, 'fast'], not a [min, max] pair of numbers" in refused(
@@ -237,6 +250,22 @@ def _edited(edit, **run_fields) -> str:
     edit(run["variants"][1])
     run["run"].update(run_fields)
     return json.dumps(run)
+
+
+def _rendered_rows(markdown: str) -> list[list[str]]:
+    """The table rows of ``markdown`` as markdown-it-py's commonmark table parser reads them, header first."""
+    from markdown_it import MarkdownIt
+
+    rows, row = [], None
+    for t in MarkdownIt("commonmark").enable("table").parse(markdown):
+        if t.type == "tr_open":
+            row = []
+        elif t.type == "inline" and row is not None:
+            row.append(t.content)
+        elif t.type == "tr_close":
+            rows.append(row)
+            row = None
+    return rows
 
 
 def _table(md: str, heading: str) -> list[dict[str, str]]:
@@ -333,16 +362,7 @@ def test_a_machine_label_with_markdown_characters_stays_in_its_cell(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "Runs merged: 1 (ward 3 \\| A100 'sxm' $x^$)." in md and "`sxm`" not in md
     speed = md.split("## Speed per machine (medians)")[1].split("\n## ")[0]
-    tokens = MarkdownIt("commonmark").enable("table").parse(speed)
-    rows, row = [], None
-    for t in tokens:
-        if t.type == "tr_open":
-            row = []
-        elif t.type == "inline" and row is not None:
-            row.append(t.content)
-        elif t.type == "tr_close":
-            rows.append(row)
-            row = None
+    rows = _rendered_rows(speed)
     assert rows[0][:2] == ["machine", "variant"] and len(rows) == 5 and all(len(r) == 10 for r in rows)
     assert {(r[0], r[1]) for r in rows[1:]} == {("ward 3 | A100 'sxm' $x^$", v) for v in
                                                 ("gguf:Q8_0", "gguf:Q4_K_M", "gguf:Q5_K_M", "gptq:4")}  # fmt: skip

@@ -37,7 +37,7 @@ class GGUFRunner:
     def peak_device_mb(self) -> float | None:
         return None  # llama.cpp allocates outside torch; its device memory is not observable here
 
-    def loaded(self) -> None:
+    def start_peaks(self) -> None:
         pass
 
     def close(self) -> None:

@@ -124,7 +124,7 @@ class HFRunner:
 
         return torch.cuda.max_memory_allocated() / 2**20
 
-    def loaded(self) -> None:
+    def start_peaks(self) -> None:
         if self.device == "cuda":
             import torch
 
@@ -132,6 +132,10 @@ class HFRunner:
 
     def close(self) -> None:
         self.model = None
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _step_clock(sync):
@@ -177,7 +181,7 @@ def load_folder(folder: Path, quantized: bool, device: str) -> HFRunner:
     if quantized:
         return _load_w4a16(folder, processor, device)
     model = load_hf_model(folder, "auto", device)
-    return HFRunner(model, processor, f"transformers {str(model.dtype)[6:]}", device)
+    return HFRunner(model, processor, f"transformers {_dtype_name(model.dtype)}", device)
 
 
 def _load_w4a16(folder: Path, processor, device: str) -> HFRunner:
@@ -194,7 +198,7 @@ def _load_w4a16(folder: Path, processor, device: str) -> HFRunner:
         from ..kernels import apply
 
         backend = apply(model).backend
-    return HFRunner(model, processor, f"transformers + qoqopt W4A16 ({backend}, {str(dtype)[6:]})", device)
+    return HFRunner(model, processor, f"transformers + qoqopt W4A16 ({backend}, {_dtype_name(dtype)})", device)
 
 
 def missing_bnb_packages() -> list[str]:

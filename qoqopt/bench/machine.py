@@ -16,19 +16,24 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def usable_physical_cores() -> int:
+def usable_physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
     """Physical cores among the CPUs this process may use: SMT siblings share one core's vector
     units, and llama.cpp and torch both default to one thread a physical core. Linux's topology
     files name each CPU's (package, core); elsewhere every usable CPU counts."""
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cores = set()
     for cpu in cpus:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        topology = sysfs / f"cpu{cpu}" / "topology"
         try:
             cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
         except OSError:
             return usable_cores()
     return len(cores) or 1
+
+
+def threads_or_default(threads: int) -> int:
+    """--threads as given, or (0) one per usable physical core."""
+    return threads or usable_physical_cores()
 
 
 def cpu_model() -> str:

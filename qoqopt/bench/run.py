@@ -23,7 +23,7 @@ from ..leftovers import tidy, tmp_prefix
 from ..loader import FINGERPRINT_PREFIX
 from ..manifest import entry_path, read_manifest
 from ..report import SCHEMA
-from .machine import machine_info, software_info, usable_physical_cores
+from .machine import machine_info, software_info, threads_or_default
 from .speed import SpeedSettings
 from .variants import Variant, build_commands, find_in, locate, run_build
 
@@ -87,7 +87,7 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     _check_device(opts.device)
     items = eval_items(opts.eval_source, opts.items, opts.seed, render=False, domains=opts.domains)  # bad --eval fails here
     set_sha = _set_sha(opts.eval_source, items)  # the set as read now: an edit during the run is not recorded as measured
-    threads = opts.threads or usable_physical_cores()
+    threads = threads_or_default(opts.threads)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     located = _locate_or_build(opts, builds, hub, ckpt.fingerprint, log)
     _say_unrunnable(located, log)  # now, not after the reference pass (long fp32 work on a 7B)

@@ -1,11 +1,11 @@
 """Speed of one request, measured the same way for every runtime: warm-up, repeats, medians.
 
 Each runtime gives `profile(image, question, n_decode)` -> seconds for the image encode alone, time to
-first token (encode + prompt + first logits) and `n_decode` further greedy tokens. From the medians:
+first token (encode + prompt + first logits) and `n_decode` further greedy tokens. Per repeat:
 - prefill tok/s  = prompt tokens / (TTFT - image encode): the language model's prompt throughput
 - decode tok/s   = n_decode / decode seconds
 - image encode ms, TTFT ms as measured
-Each rate is the median of the repeats' own rates, with their [min, max] kept under "spread".
+Each figure is the median over the repeats; the rates and TTFT keep their [min, max] under "spread".
 Decode includes picking each greedy token (llama.cpp: an argmax in Python, ~50 µs a token on a CPU).
 """
 

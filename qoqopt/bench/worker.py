@@ -102,7 +102,7 @@ def run_job(job: dict) -> dict:
     start = time.time()
     items = eval_items(job["eval"]["source"], job["eval"]["items"], job["eval"]["seed"], domains=job["eval"].get("domains"))
     runner = open_runner(job)
-    runner.loaded()
+    runner.start_peaks()  # what running needs, not load-time temporaries
     try:
         per_item = reference_pass(runner, items, job) if job["role"] == "reference" else variant_pass(runner, items, job)
         drift, worst = drift_json(per_item)

@@ -132,7 +132,7 @@ def run(args) -> int:
 
 
 def _ask_llama_cpp(text_path: Path, mmproj_path: Path, args, image, question: str) -> tuple[str, str]:
-    from ..bench.machine import usable_physical_cores
+    from ..bench.machine import threads_or_default
     from ..errors import QoqoptError
     from ..exports.gguf_meta import train_token_range
     from ..exports.gguf_runtime import LlamaVL, chat_prompt, gpu_offload_available
@@ -141,7 +141,7 @@ def _ask_llama_cpp(text_path: Path, mmproj_path: Path, args, image, question: st
     if args.device == "cuda" and not gpu:
         raise QoqoptError("--device cuda: this llama-cpp-python was built without GPU offload")
     lo, hi = train_token_range()  # what the build's README and Modelfile tell llama.cpp users to pass
-    threads = args.threads or usable_physical_cores()
+    threads = threads_or_default(args.threads)
     n_ctx = _context(text_path, hi, question, args.max_tokens)
     with LlamaVL(text_path, mmproj_path, n_ctx=n_ctx, image_min_tokens=lo, image_max_tokens=hi, gpu=gpu,
                  threads=threads) as vl:  # fmt: skip
@@ -171,13 +171,13 @@ def _ask_transformers(folder: Path, quantized: bool, args, image, question: str)
     import torch
 
     from ..bench.hf_runner import load_folder
-    from ..bench.machine import usable_physical_cores
+    from ..bench.machine import threads_or_default
     from ..errors import QoqoptError
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise QoqoptError("--device cuda: no CUDA GPU is visible to torch here (use --device cpu)")
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(args.threads or usable_physical_cores())
+    torch.set_num_threads(threads_or_default(args.threads))
     runner = load_folder(folder, quantized, device)
     try:
         return f"{args.build} ({runner.runtime}, {device})", runner.reply(image, question, args.max_tokens)

@@ -1,9 +1,10 @@
 // Renders an Ollama chat template with Go's own text/template, given the data Ollama's server
 // gives a template that uses .Messages (its template.Execute): one pass over the whole chat with
-// "System" (every system message, joined), "Messages" (role and content, system messages
-// included) and "Response" empty. tests/test_ollama.py compares the result with transformers.
+// "System" (every system message, joined), "Messages" (collated: consecutive messages of one role
+// merged, system messages included) and "Response" empty. tests/test_ollama.py compares the result
+// with transformers.
 //
-// stdin: {"template": "...", "system": "...", "messages": [{"role": "...", "content": "..."}]}
+// stdin: {"template": "...", "messages": [{"role": "...", "content": "..."}]}
 // stdout: the prompt. A template without .Messages is refused: Ollama runs such a template once
 // per turn, with other data, so this rendering would not be Ollama's.
 package main
@@ -24,7 +25,6 @@ type message struct {
 
 type request struct {
 	Template string     `json:"template"`
-	System   string     `json:"system"`
 	Messages []*message `json:"messages"`
 }
 
@@ -41,10 +41,30 @@ func main() {
 	if !usesMessages(tmpl.Root) {
 		fail(fmt.Errorf("the template does not use .Messages: Ollama renders it once per turn, not as here"))
 	}
-	data := map[string]any{"System": req.System, "Messages": req.Messages, "Response": ""}
+	system, messages := collate(req.Messages)
+	data := map[string]any{"System": system, "Messages": messages, "Response": ""}
 	if err := tmpl.Execute(os.Stdout, data); err != nil {
 		fail(err)
 	}
+}
+
+// collate: what Ollama's template.Execute makes of a chat before rendering it: every system
+// message's content joined into System, and consecutive messages of one role (tool messages
+// apart) merged into one, their contents joined by a blank line.
+func collate(msgs []*message) (string, []*message) {
+	var system []string
+	var out []*message
+	for _, m := range msgs {
+		if m.Role == "system" {
+			system = append(system, m.Content)
+		}
+		if n := len(out); n > 0 && out[n-1].Role == m.Role && m.Role != "tool" {
+			out[n-1].Content += "\n\n" + m.Content
+		} else {
+			out = append(out, m)
+		}
+	}
+	return strings.Join(system, "\n\n"), out
 }
 
 // usesMessages: whether any field or variable in the tree is .Messages (Ollama's test, by name).
