@@ -532,8 +532,10 @@ def _llama_cpp(ctx: _Context, text: str, mmproj: str | None) -> str:
 
 `--image-min-tokens {lo} --image-max-tokens {hi}` keeps images inside QoQ-Med's training range
 ({TRAIN_PIXELS} pixels); the mmproj records that range (`clip.vision.image_min_pixels` /
-`image_max_pixels`), but this llama.cpp version does not read those keys for Qwen2.5-VL.
-llama.cpp's own hint to use `--image-min-tokens 1024` does not apply to QoQ-Med.
+`image_max_pixels`), but llama.cpp does not read those keys for Qwen2.5-VL (checked in the
+llama.cpp of llama-cpp-python 0.3.36). The two flags came in November 2025 (ggml-org/llama.cpp#16921):
+an older llama.cpp refuses them. llama.cpp's own hint to use `--image-min-tokens 1024` does not
+apply to QoQ-Med.
 {_penalty_window("llama-mtmd-cli")}
 As an OpenAI-compatible server (`POST /v1/chat/completions`, the image as an `image_url` part; a
 request's own temperature overrides the one given here):
