@@ -13,7 +13,7 @@ Steps (each in its own module):
    output over --split-max-size once it is written;
 4. write the mmproj from the checkpoint's own vision tower;
 5. write the imatrix file, the Ollama files (Modelfile, and the Hub's `template` and `params`:
-   exports/ollama.py), README.md and manifest.json.
+   exports/ollama.py), README.md (exports/gguf_card.py) and manifest.json.
 
 Everything is built in a temporary sibling folder that replaces the output only when complete,
 so an interrupted (even SIGKILLed) export never leaves a file under a final name. No timestamps or
@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qoqopt.errors import QoqoptError
-from qoqopt.manifest import preferred_quant, source_id
-from qoqopt.mini import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
+from qoqopt.manifest import preferred_quant
 
 from . import gguf_map, gguf_meta, gguf_quant, gguf_split, gguf_vocab, gguf_write, ollama
+from .gguf_card import render_readme, size_text
 from .imatrix_file import IMatrix, read_imatrix, write_imatrix
 
-TRAIN_PIXELS = f"{TRAIN_MIN_PIXELS}..{TRAIN_MAX_PIXELS}"  # QoQ-Med's training image range, as the cards say it
 MMPROJ_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 # rough bits per weight, for the free-space check only
 _BPW = {"Q2_K": 3.0, "Q3_K": 3.9, "Q4": 4.9, "IQ4": 4.5, "Q5": 5.7, "Q6_K": 6.6, "Q8_0": 8.5, "IQ1": 2.0, "IQ2": 2.7, "IQ3": 3.5}
@@ -251,7 +250,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                 path = tmp / text_file_name(ctx.name, q)
                 reports[q] = rep = write_text(ctx, path, q)
                 notes += rep.notes
-                log(f"wrote {path.name}{_in_parts(ctx, rep.parts)} ({rep.tensors} tensors, {_size(rep.bytes)})")
+                log(f"wrote {path.name}{_in_parts(ctx, rep.parts)} ({rep.tensors} tensors, {size_text(rep.bytes)})")
                 texts.append((q, rep.parts or [(rep.path, rep.tensors)]))
             # 2. llama.cpp types from one intermediate
             llama_quants = [q for q in quants if not gguf_quant.is_direct(q)]
@@ -274,7 +273,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                     for line in rep.summary():
                         log(f"note: {line}")
                     log(f"wrote {path.name} (llama.cpp {q}, {_imatrix_words(options) if imatrix else 'no imatrix'}, "
-                        f"{_size(path.stat().st_size)})")
+                        f"{size_text(path.stat().st_size)})")
                     texts.append((q, _split_over(ctx, path, tensors)))
                 if temporary:
                     for part, _ in inter_rep.parts or [(inter, tensors)]:
@@ -291,7 +290,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                     log(f"note: {note}")
                 records.append(_record(path, "mmproj", ftype, rep.tensors))
                 mmproj_name = path.name
-                log(f"wrote {path.name} ({rep.tensors} tensors, {_size(rep.bytes)})")
+                log(f"wrote {path.name} ({rep.tensors} tensors, {size_text(rep.bytes)})")
             # 4. user-facing files
             records.sort(key=lambda r: (r.kind != "text", r.kind, r.path))
             runnable = {r.quant: r.path for r in records if r.kind == "text" and (r.part or 1) == 1}
@@ -356,14 +355,6 @@ def _text_records(quant: str, parts: list[tuple[Path, int]]) -> list[FileRecord]
     if len(parts) == 1:
         return [_record(parts[0][0], "text", quant, parts[0][1])]
     return [_record(p, "text", quant, n, (no, len(parts))) for no, (p, n) in enumerate(parts, 1)]
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
 
 
 # ---------------------------------------------------------------------------- imatrix
@@ -439,7 +430,7 @@ def clinical_imatrix(ckpt, processor, choice: str, options: GGUFOptions, log) ->
     return imatrix_from_stats(stats, options.imatrix_image_weight)
 
 
-# ---------------------------------------------------------------------------- user-facing files
+# ---------------------------------------------------------------------------- the Modelfile and the manifest
 
 
 def _modelfile(ctx: _Context, records: list[FileRecord], primary: str, mmproj: str | None) -> str:
@@ -449,184 +440,6 @@ def _modelfile(ctx: _Context, records: list[FileRecord], primary: str, mmproj: s
     files = [r.path for r in sorted((r for r in texts if r.quant == primary), key=lambda r: r.part or 1)]
     others = [r.path + (f" (+{r.parts - 1} parts)" if r.parts else "") for r in texts if r.quant != primary and (r.part or 1) == 1]
     return ollama.render_modelfile(ctx.name, files, mmproj, others, gguf_meta.train_token_range(ctx.vision_hp))
-
-
-def _llama_cpp_python_usage(text: str, mmproj: str | None) -> str:
-    """The card's llama-cpp-python recipe, with the chat handler's lost newline kept.
-
-    llama-cpp-python's Qwen25VLChatHandler (0.3.36) renders its template with Jinja's
-    ``keep_trailing_newline=False``, which drops the template's last character, the newline after
-    ``<|im_start|>assistant`` that Qwen2.5-VL was trained on: the reply starts mid-thought. Ending
-    the template on an empty expression keeps that newline whether or not a later release keeps
-    trailing newlines. test_imatrix.py runs this recipe's handler against transformers.
-    """
-    if not mmproj:
-        return ""
-    return f"""
-**llama-cpp-python** (images through its `Qwen25VLChatHandler`; seen in 0.3.36): the handler renders
-its chat template with Jinja's `keep_trailing_newline=False`, which drops the template's last
-newline, the one after `<|im_start|>assistant`, and the model then starts its reply mid-thought.
-Keep it:
-
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Qwen25VLChatHandler
-
-    class QoQMedChatHandler(Qwen25VLChatHandler):
-        # ends the template on an empty expression, so Jinja keeps the newline before it
-        CHAT_FORMAT = Qwen25VLChatHandler.CHAT_FORMAT + '{{{{ "" }}}}'
-
-    # last_n_tokens_size: the repetition penalty over the whole reply, not only its last 64 tokens
-    llm = Llama("{text}", chat_handler=QoQMedChatHandler(clip_model_path="{mmproj}"), n_ctx=4096,
-                last_n_tokens_size=4096)
-    image = {{"type": "image_url", "image_url": {{"url": "file:///path/to/scan.png"}}}}
-    question = {{"type": "text", "text": "Above is a CT image of a patient. What is the diagnosis? Answer with one word."}}
-    out = llm.create_chat_completion(messages=[{{"role": "user", "content": [image, question]}}],
-                                     temperature=0, repeat_penalty=1.05)
-    print(out["choices"][0]["message"]["content"])
-
-The handler has no image-size option: give it images inside {TRAIN_PIXELS} pixels.
-"""
-
-
-def _split_line(records: list[FileRecord]) -> str:
-    split = sorted({r.quant for r in records if r.part})
-    if not split:
-        return ""
-    return (f"{', '.join(split)} {'is' if len(split) == 1 else 'are'} written in parts (`-00001-of-0000N.gguf`): download "
-            "every part into one\nfolder and give llama.cpp or LM Studio the first; they load the rest. Ollama 0.30 or "
-            "later merges\nparts given one FROM line each in the Modelfile.\n\n")
-
-
-def _mmproj_line(mmproj: str | None) -> str:
-    if not mmproj:
-        return ("This build is text only (exported with `--mmproj-type none`): no runtime can give it an image. "
-                "Export again without that option for image input. ")
-    return ("The mmproj comes from this checkpoint's own vision tower (QoQ-Med fine-tuned it; a base Qwen2.5-VL\n"
-            "mmproj sees images differently). ")
-
-
-# QoQ-Med's generation settings as llama.cpp's flags: the Modelfile and `params` give Ollama the same
-SETTINGS = "-c {num_ctx} --temp {temperature} --repeat-penalty {repeat_penalty} --repeat-last-n {repeat_last_n}".format(**ollama.PARAMS)
-
-
-def _penalty_window(tool: str | None) -> str:
-    """Why the card passes --repeat-last-n; `tool`: one that counts only the reply in that window."""
-    reply_only = f"; {tool} counts only the reply" if tool else ""
-    return (f"`--repeat-last-n {ollama.NUM_CTX}` applies QoQ-Med's repetition penalty over the whole conversation, as\n"
-            f"transformers does (llama.cpp's default is the last 64 tokens{reply_only}).")
-
-
-def _llama_cpp(ctx: _Context, text: str, mmproj: str | None) -> str:
-    """The card's llama.cpp commands: image chat at QoQ-Med's training image range, or text chat."""
-    if not mmproj:
-        return (f"**llama.cpp** (text chat, with the chat template the GGUF carries)\n\n    llama-cli -m {text} {SETTINGS}\n"
-                f"    llama-server -m {text} {SETTINGS} --port 8080   # OpenAI-compatible /v1/chat/completions\n\n"
-                f"{_penalty_window(None)}")
-    lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
-    return f"""**llama.cpp**
-
-    llama-mtmd-cli -m {text} --mmproj {mmproj} --image scan.png \\
-        -p "Above is a CT image of a patient. What is the diagnosis? Answer with one word." \\
-        {SETTINGS} \\
-        --image-min-tokens {lo} --image-max-tokens {hi}
-
-`--image-min-tokens {lo} --image-max-tokens {hi}` keeps images inside QoQ-Med's training range
-({TRAIN_PIXELS} pixels); the mmproj records that range (`clip.vision.image_min_pixels` /
-`image_max_pixels`), but llama.cpp does not read those keys for Qwen2.5-VL (checked in the
-llama.cpp of llama-cpp-python 0.3.36). The two flags came in November 2025 (ggml-org/llama.cpp#16921):
-an older llama.cpp refuses them. llama.cpp's own hint to use `--image-min-tokens 1024` does not
-apply to QoQ-Med.
-{_penalty_window("llama-mtmd-cli")}
-As an OpenAI-compatible server (`POST /v1/chat/completions`, the image as an `image_url` part; a
-request's own temperature overrides the one given here):
-
-    llama-server -m {text} --mmproj {mmproj} \\
-        {SETTINGS} \\
-        --image-min-tokens {lo} --image-max-tokens {hi} --port 8080"""
-
-
-def _lm_studio(ctx: _Context, text: str, mmproj: str | None, in_parts: bool) -> str:
-    files = f"`{text}`" + (" with its other parts" if in_parts else "")
-    settings = "Set temperature 0 and repeat penalty 1.05."
-    if not mmproj:
-        return f"put {files} in a folder under `~/.lmstudio/models/<publisher>/{ctx.name}/`. {settings}"
-    return (f"put {files} and `{mmproj}` in one folder under\n`~/.lmstudio/models/<publisher>/{ctx.name}/`; "
-            "LM Studio pairs the mmproj with the model and enables\nimage input. It has no image-size setting: "
-            f"give it images inside {TRAIN_PIXELS} pixels.\n{settings}")
-
-
-def _ollama(ctx: _Context, text: str, mmproj: str | None, in_parts: bool) -> str:
-    """The card's Ollama paragraph: what the Modelfile and the Hub files carry, and Ollama's image size."""
-    carries = "the chat template, QoQ-Med's generation settings" + (" and the mmproj" if mmproj else "")
-    parts = f",\nand names every part of `{text}` (Ollama 0.30 or later merges them)" if in_parts else ""
-    run = (f"`ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`.\nThe Modelfile carries {carries}{parts}.\n"
-           f"`ollama run {ollama.HF_CO_PLACEHOLDER}` reads the repo's `template` and `params` files (shipped beside\n"
-           "the Modelfile) rather than the Modelfile.")
-    if not mmproj:
-        return f"**Ollama**: {run}"
-    lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
-    return (f"**Ollama** (0.30 or later for images: earlier versions give image embeddings text positions):\n{run}\n"
-            "Ollama runs every image at 1024 or more image tokens (it passes llama-server `--image-min-tokens 1024`\n"
-            f"for this architecture), above QoQ-Med's training range of {lo}..{hi} tokens, which a Modelfile\n"
-            "cannot change; qoqopt's drift numbers were measured inside the training range. For answers at the\n"
-            "training range, use llama.cpp or llama-server with the flags above.")
-
-
-def _run_it(ctx: _Context, text: str, mmproj: str | None, in_parts: bool) -> str:
-    """The card's "Run it" for llama.cpp, LM Studio and Ollama; text chat only without an mmproj.
-    `text` is what llama.cpp is given (the first part of a split file), also the Modelfile's."""
-    return f"""{_llama_cpp(ctx, text, mmproj)}
-
-**LM Studio**: {_lm_studio(ctx, text, mmproj, in_parts)}
-
-{_ollama(ctx, text, mmproj, in_parts)}
-"""
-
-
-def render_readme(ctx: _Context, records: list[FileRecord], mmproj: str | None, primary: str, notes: list[str],
-                  imatrix: dict | None) -> str:  # fmt: skip
-    first = next(r for r in records if r.kind == "text" and r.quant == primary)  # records in path order
-    text = first.path
-    rows = "\n".join(f"| `{r.path}` | {r.kind} | {r.quant or ''} | {_size(r.bytes)} |" for r in records if r.kind in ("text", "mmproj", "imatrix"))
-    left_out = ctx.skipped + ([] if mmproj else ["the mmproj (`--mmproj-type none`): this build reads text only"])
-    skipped = "\n".join(f"- {s}" for s in left_out) or "- nothing"
-    note_lines = "\n".join(f"- {n}" for n in notes) or "- none"
-    im = (
-        f"The K-quant / IQ files were quantized with an importance matrix ({imatrix['source']}; "
-        f"{'; '.join(imatrix['datasets'])}), saved as `{imatrix['file']}` "
-        f"(llama.cpp's GGUF imatrix format: `llama-quantize --imatrix {imatrix['file']} ...` reuses it)."
-        if imatrix
-        else "No importance matrix was used."
-    )
-    return f"""# {ctx.name}: GGUF build
-
-Built by qoqopt from `{ctx.source}` ({source_id(ctx.revision, ctx.fingerprint)}). `manifest.json` lists
-every file with its sha256.
-
-| file | kind | type | size |
-|---|---|---|---|
-{rows}
-
-{_mmproj_line(mmproj)}{im}
-
-## Run it
-
-{_split_line(records)}{_run_it(ctx, text, mmproj, bool(first.part))}{_llama_cpp_python_usage(text, mmproj)}
-## Left out on purpose
-
-{skipped}
-
-## Notes from this build
-
-{note_lines}
-
-## Known issues
-
-- llama.cpp's `qwen2vl` architecture ignores the RMSNorm epsilon (it runs with eps 0): an F32 build's
-  logits differ from transformers by ~1e-3 relative on qoqopt's mini model with the default F16 KV
-  cache (~1e-6 with an F32 cache and eps 0 on both sides).
-- llama.cpp does not NFC-normalise input and the HF tokenizer does: tokenization agrees on NFC text.
-"""
 
 
 def render_manifest(ctx: _Context, records: list[FileRecord], notes: list[str], imatrix: dict | None) -> dict:

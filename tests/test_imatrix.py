@@ -391,7 +391,7 @@ def test_card_recipe_is_python_naming_the_builds_files():
 
     from llama_cpp import Llama
 
-    from qoqopt.exports.gguf_export import _llama_cpp_python_usage
+    from qoqopt.exports.gguf_card import _llama_cpp_python_usage
 
     recipe = _card_recipe("**llama-cpp-python**" + _llama_cpp_python_usage("m.Q4_K_M.gguf", "mmproj-m-f16.gguf"))
     calls = {node.func.id if isinstance(node.func, ast.Name) else node.func.attr: node
