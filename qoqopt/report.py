@@ -206,8 +206,7 @@ def _drift_key(run: dict) -> tuple:
 
 def _model_key(run: dict):
     """The model a run measured: its reference's files (sha256), else the model it names."""
-    ref = next((v for v in run["variants"] if v["name"] == "reference"), {})
-    return tuple(_file_shas(ref)) or (run["run"].get("model") or {}).get("source")
+    return tuple(_file_shas(_reference(run))) or (run["run"].get("model") or {}).get("source")
 
 
 def speed_groups(runs: list[dict]) -> list[list[int]]:
@@ -254,8 +253,11 @@ def _reference_line(run: dict, dtype: str | None, tail: str) -> str:
 
 def _weights_sha(run: dict) -> str:
     """The reference's weights as a reader tells two models apart: each file's sha256, shortened."""
-    ref = next((v for v in run["variants"] if v["name"] == "reference"), {})
-    return ", ".join(sha[:12] for sha in _file_shas(ref)) or "not recorded"
+    return ", ".join(sha[:12] for sha in _file_shas(_reference(run))) or "not recorded"
+
+
+def _reference(run: dict) -> dict:
+    return next((v for v in run["variants"] if v["name"] == "reference"), {})
 
 
 def _file_shas(v: dict) -> list[str]:

@@ -134,10 +134,6 @@ class HFRunner:
         self.model = None
 
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _step_clock(sync):
     """A logits processor that time-stamps each generation step once its logits exist (synced on
     CUDA): generate() calls it once per new token, after that step's forward pass."""
@@ -180,14 +176,17 @@ def load_folder(folder: Path, quantized: bool, device: str) -> HFRunner:
     processor = checked_processor(folder, str(folder))
     if quantized:
         return _load_w4a16(folder, processor, device)
+    from ..kernels.tuning import dtype_name
+
     model = load_hf_model(folder, "auto", device)
-    return HFRunner(model, processor, f"transformers {_dtype_name(model.dtype)}", device)
+    return HFRunner(model, processor, f"transformers {dtype_name(model.dtype)}", device)
 
 
 def _load_w4a16(folder: Path, processor, device: str) -> HFRunner:
     import torch
 
     from ..exports.hf_quant import load_with_quant_linear
+    from ..kernels.tuning import dtype_name
 
     # On CUDA the Triton kernel runs in bf16, the dtype QoQ-Med was trained in (fp16 risks overflow in
     # the vision tower); on CPU the torch reference path runs in fp32.
@@ -198,7 +197,7 @@ def _load_w4a16(folder: Path, processor, device: str) -> HFRunner:
         from ..kernels import apply
 
         backend = apply(model).backend
-    return HFRunner(model, processor, f"transformers + qoqopt W4A16 ({backend}, {_dtype_name(dtype)})", device)
+    return HFRunner(model, processor, f"transformers + qoqopt W4A16 ({backend}, {dtype_name(dtype)})", device)
 
 
 def missing_bnb_packages() -> list[str]:

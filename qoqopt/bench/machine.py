@@ -11,18 +11,22 @@ from pathlib import Path
 PACKAGES = ("torch", "triton", "transformers", "llama_cpp_python", "gguf", "bitsandbytes", "numpy")
 
 
+def _usable_cpus():
+    """The CPU numbers this process may run on (its affinity mask: a container's or taskset's share)."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+
+
 def usable_cores() -> int:
-    """CPUs this process may run on (its affinity mask: a container's or taskset's share, not the host's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """CPUs this process may run on, not the host's."""
+    return len(_usable_cpus())
 
 
 def usable_physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
     """Physical cores among the CPUs this process may use: SMT siblings share one core's vector
     units, and llama.cpp and torch both default to one thread a physical core. Linux's topology
     files name each CPU's (package, core); elsewhere every usable CPU counts."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cores = set()
-    for cpu in cpus:
+    for cpu in _usable_cpus():
         topology = sysfs / f"cpu{cpu}" / "topology"
         try:
             cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
@@ -36,14 +40,19 @@ def threads_or_default(threads: int) -> int:
     return threads or usable_physical_cores()
 
 
-def cpu_model() -> str:
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of /proc/cpuinfo's first line naming one of ``keys`` (Linux only)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(keys):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 # The vector extensions llama.cpp's and torch's CPU kernels choose between (x86 "flags", Arm
@@ -53,14 +62,8 @@ ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "a
 
 
 def cpu_flags() -> list[str] | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in ISA_FLAGS if f in have]
-    except OSError:
-        pass
-    return None
+    have = _cpuinfo("flags", "Features")
+    return None if have is None else [f for f in ISA_FLAGS if f in set(have.split())]
 
 
 def gpu_info() -> dict | None:
