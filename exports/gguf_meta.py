@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qoqopt.errors import QoqoptError
+from qoqopt.local_names import LOCAL_SOURCE
 from qoqopt.mini import CLIP_MEAN, CLIP_STD, TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
 TEXT_ARCH = "qwen2vl"
@@ -156,7 +157,9 @@ def add_common(writer, *, name: str, file_type: int, source: str, revision: str 
     writer.add_name(name)
     writer.add_file_type(file_type)
     writer.add_quantization_version(2)  # GGML_QNT_VERSION
-    writer.add_string(f"{QOQOPT_KEY}.source", source)
+    # A local folder's path names the user's folders, and the file is uploaded as it is; the
+    # fingerprint still identifies the weights. Only a Hub snapshot has a revision.
+    writer.add_string(f"{QOQOPT_KEY}.source", source if revision else LOCAL_SOURCE)
     if revision:
         writer.add_string(f"{QOQOPT_KEY}.source_revision", revision)
     writer.add_string(f"{QOQOPT_KEY}.source_fingerprint", fingerprint)

@@ -418,12 +418,13 @@ def export_hf_quant_report(
             static_groups=opts.static_groups,
             damp=damp, vision_modules=sorted(v["module"] for v in vision_done.values()), vision_skipped=skipped_vision,
         )  # fmt: skip
-        config_json = dict(ckpt.config)
+        config_json = {k: v for k, v in ckpt.config.items() if k != "_name_or_path"}  # see _drop_local_name
         if drops_ecg:
             _declare_plain_model(config_json)
         config_json["quantization_config"] = quant_config
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=False) + "\n")
         copied = _copy_support_files(ckpt.path, tmp)
+        _drop_local_name(tmp / "tokenizer_config.json", "name_or_path")
         if drops_ecg:
             _declare_plain_tokenizer(tmp / "tokenizer_config.json")
         report.notes += _ecg_notes(ckpt, drop_ecg)
@@ -454,6 +455,17 @@ def _declare_plain_model(config_json: dict) -> None:
     config_json["architectures"] = [PLAIN_ARCHITECTURE]
     for key in ("auto_map", "time_series_token_id"):
         config_json.pop(key, None)
+
+
+def _drop_local_name(path: Path, key: str) -> None:
+    """Remove the folder a fine-tune was loaded from, which transformers 4 saved into its configs
+    (``_name_or_path``, ``name_or_path``): it names the user's folders, is uploaded with the build,
+    and nothing reads it back."""
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and data.pop(key, None) is not None:
+        path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _declare_plain_tokenizer(path: Path) -> None:

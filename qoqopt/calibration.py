@@ -236,13 +236,14 @@ def stream_input_sq_sums(ckpt, processor, items, *, dataset: str = "", with_answ
 def calibration_items(source: str = "clinical", n: int = 64, seed: int = 0):
     """Domain-balanced calibration chats: the built-in clinical "calib" split, or a user JSONL set."""
     from .data import balanced_sample, clinical_set, load_jsonl
+    from .data.jsonl import set_label
 
     if source == "clinical":
         pool = clinical_set(split="calib", n_per_base=max(1, -(-n // 40)), seed=seed)
         label = f"qoqopt clinical calib split (seed {seed})"
     else:
         pool = load_jsonl(source)
-        label = str(source)
+        label = set_label(source)
     return balanced_sample(pool, n, seed=seed), label
 
 

@@ -12,11 +12,12 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 
 from .errors import QoqoptError
 from .fileio import sha256_file
 from .hub_license import UNNAMED as UNNAMED_LICENSE, CardLicense, NoLicense, card_license
+from .local_names import paths_in, recorded_local_names
 from .manifest import (
     BUILD_FORMATS, entry_path, gguf_entries, gguf_quants, listed_file, preferred_quant, read_manifest, source_id,
 )
@@ -140,6 +141,21 @@ def _tags(manifest: dict) -> list[str]:
         return base + ["gguf", "llama.cpp"]
     bits = (manifest.get("quantization") or {}).get("bits")
     return base + [fmt] + ([f"{bits}-bit"] if bits else [])
+
+
+class LocalNames(QoqoptError):
+    """The build's files name the user's folders or data files, and --allow-local-names was not given."""
+
+
+def local_names_kept(folder: Path, manifest: dict, allow: bool) -> list[str]:
+    """The local names the upload would carry: refused unless ``allow`` (they are in files uploaded
+    byte for byte, so the upload cannot leave them out)."""
+    found = recorded_local_names(folder, manifest)
+    if found and not allow:
+        raise LocalNames(f"the build's files name local folders or files ({_some(found, 3)}), which would be "
+                         "uploaded; export it again with this qoqopt, which records neither, or pass "
+                         "--allow-local-names to upload them as they are")  # fmt: skip
+    return found
 
 
 class NoBaseModel(QoqoptError):
@@ -273,10 +289,10 @@ _EVAL_SET = re.compile(r"eval set `([^`]*)`")
 def without_local_paths(report_md: str) -> str:
     """The report's text less the local paths it names (they say nothing to a card's reader, and
     name the user's folders): a reference read from a local folder is the original model; a user
-    eval set is named by its file name."""
+    eval set that results made before sets were named by sha256 name by its path is "a user JSONL set"."""
     md = _LOCAL_REFERENCE.sub(lambda m: m.group(0) if _is_hub_id(m.group(1)) else "Reference: the original model",
                               report_md)  # fmt: skip
-    return _EVAL_SET.sub(lambda m: f"eval set `{PurePath(m.group(1)).name}`", md)
+    return _EVAL_SET.sub(lambda m: "eval set `a user JSONL set`" if paths_in(m.group(1)) else m.group(0), md)
 
 
 def tables_for_build(report_md: str, fmt: str, shas: set[str]) -> tuple[str, set[str]]:
@@ -471,10 +487,11 @@ def _gguf_usage(repo_id: str, manifest: dict) -> str:
 
 def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path | None = None,
                 base_model: str | None = None, dry_run: bool = False, license: CardLicense | None = None,
-                replace: bool = False) -> UploadPlan:  # fmt: skip
-    """What would be uploaded, every file checked. A build of a local folder without --base-model, or
-    of a base other than QoQ-Med without --license, is refused before any file is read; a dry run
-    shows its card with a placeholder and a stop."""
+                replace: bool = False, allow_local_names: bool = False) -> UploadPlan:  # fmt: skip
+    """What would be uploaded, every file checked. A build of a local folder without --base-model, of
+    a base other than QoQ-Med without --license, or whose files name local folders or data files
+    (without ``allow_local_names``) is refused before any file is hashed; a dry run shows its card
+    with a placeholder and a stop."""
     check_repo_id(repo_id)
     manifest = read_manifest(folder, "a directory written by `qoqopt export` to publish")
     if manifest.get("format") not in BUILD_FORMATS:
@@ -487,6 +504,7 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     else:
         licence = _or_stop(lambda: card_license(base, license), NoLicense, UNNAMED_LICENSE, dry_run, stops)
     check_hub_file_sizes(folder, manifest)
+    named = _or_stop(lambda: local_names_kept(folder, manifest, allow_local_names), LocalNames, None, dry_run, stops)
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
     # The manifest ships too, so downloaders can check what they got.
     manifest_text, withheld = shipped_manifest(manifest, repo_id, base)
@@ -499,6 +517,8 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     fmt = manifest.get("format", "unknown")
     notes = [] if results_md else ["no --results given: the card has no drift/speed tables"]
     notes += withheld
+    if named:
+        notes.append(f"uploaded as they are (--allow-local-names): {_some(named)}")
     left = unlisted_files(folder, manifest)
     if left:  # an extra quant dropped in by hand would otherwise vanish from the upload unsaid
         notes.append(f"not in manifest.json, so not uploaded: {_some(left)}")
@@ -514,13 +534,15 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
 
 
 def _or_stop(value, missing: type[QoqoptError], placeholder, dry_run: bool, stops: list[str]):
-    """``value()``; when it raises ``missing``, a dry run carries on with ``placeholder`` and a stop."""
+    """``value()``; when it raises ``missing``, a dry run carries on with ``placeholder`` (None: one
+    the card does not show) and a stop."""
     try:
         return value()
     except missing as err:
         if not dry_run:
             raise
-        stops.append(f"{err} (the card above shows {getattr(placeholder, 'id', placeholder)})")
+        shown = "" if placeholder is None else f" (the card above shows {getattr(placeholder, 'id', placeholder)})"
+        stops.append(f"{err}{shown}")
         return placeholder
 
 
@@ -542,15 +564,8 @@ def shipped_manifest(manifest: dict, repo_id: str, base: str) -> tuple[str, list
         source["model"] = base
         notes.append(f"manifest.json names the local folder {local} the build was made from; the uploaded copy "
                      f"names {base} instead")  # fmt: skip
-    named = [(manifest.get("calibration") or {}).get("source"), *(manifest.get("imatrix") or {}).get("datasets", [])]
-    sets = sorted({m.group(0) for text in named if isinstance(text, str) for m in [_JSONL.search(text)] if m})
-    if sets:  # recorded inside the build's files (the imatrix GGUF too): said, not rewritten
-        notes.append(f"the build names its calibration set as {_some(sets)}, and is uploaded so")
     text = json.dumps({**manifest, "source": source, "files": files, "published": published}, indent=2) + "\n"
     return text, notes
-
-
-_JSONL = re.compile(r"\S+\.jsonl\b", re.IGNORECASE)  # a user set's path, as the calibration label gives it
 
 
 def _is_hub_id(name: str) -> bool:

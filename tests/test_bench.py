@@ -781,10 +781,15 @@ def test_user_jsonl_eval_set(tiny_dir, tmp_path):
         {"dicom": get_testdata_file("CT_small.dcm"), "question": "Which body region is shown?", "answer": "Spine", "domain": "ct"},
         {"dicom": get_testdata_file("MR_small.dcm"), "question": "Which modality is this?", "answer": "MRI", "domain": "mri"},
     ]  # fmt: skip
-    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    result, _, _ = _bench(tiny_dir, tmp_path / "out", "--variants", "bf16", "--eval", str(tmp_path / "mine.jsonl"),
+    user_set = tmp_path / "DOE_JOHN_MRN12345" / "DOE_JOHN_MRN12345.jsonl"  # hospitals name files after patients
+    user_set.parent.mkdir()
+    user_set.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result, _, _ = _bench(tiny_dir, tmp_path / "out", "--variants", "bf16", "--eval", str(user_set),
                           "--no-speed", "--threads", "1")  # fmt: skip
     assert result["run"]["eval"]["domains"] == {"ct": 1, "mri": 1}
+    # results travel between sites and onto cards: the set goes by its sha256, not its path or name
+    assert result["run"]["eval"]["source"] == f"a user JSONL set (sha256 {hashlib.sha256(user_set.read_bytes()).hexdigest()[:12]})"
+    assert "MRN12345" not in json.dumps(result)
     # the set's content and the chats chosen, for `report` to compare drift only from the same chats
     ev = result["run"]["eval"]
     assert len(ev["sha256"]) == 64 and len(ev["ids_sha256"]) == 64 and ev["only_domains"] is None

@@ -180,36 +180,53 @@ def test_streamed_statistics_match_the_whole_transformers_model(tiny_dir):
 
 
 def test_an_imatrix_calibrated_on_the_users_own_set(tiny_dir, tmp_path):
-    """`export --imatrix my_scans.jsonl`: the shipped imatrix holds the statistics of the user's chats,
-    as hooks on the whole transformers model collect them over those chats, and the log says which
-    set it was (it said "clinical imatrix" for any)."""
+    """`export --imatrix DOE_JOHN_MRN12345.jsonl`: the shipped imatrix holds the statistics of the
+    user's chats, as hooks on the whole transformers model collect them over those chats, and the
+    log says which set it was (it said "clinical imatrix" for any). The files a publish uploads byte
+    for byte name the set by its sha256 and the source as a local checkpoint, as gguf-py reads
+    them: no path, no file name (hospitals name folders after patients)."""
+    import hashlib
     import json
+
+    from gguf import GGUFReader
 
     from qoqopt import calibration
     from qoqopt.data import balanced_sample, clinical_set, load_jsonl
     from qoqopt.exports.gguf_export import GGUFOptions, export_gguf, imatrix_from_stats
     from qoqopt.processor import load_processor
 
+    folder = tmp_path / "DOE_JOHN_MRN12345"
+    folder.mkdir()
     rows = []
     for i, item in enumerate(balanced_sample(clinical_set("calib", n_per_base=1), 2, seed=5)):
-        item.image.save(tmp_path / f"scan{i}.png")
+        item.image.save(folder / f"scan{i}.png")
         rows.append({"image": f"scan{i}.png", "question": item.question, "answer": item.answer, "domain": item.domain})
-    user_set = tmp_path / "my_scans.jsonl"
+    user_set = folder / "DOE_JOHN_MRN12345.jsonl"
     user_set.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    label = f"a user JSONL set (sha256 {hashlib.sha256(user_set.read_bytes()).hexdigest()[:12]})"
     log: list[str] = []
     export_gguf(str(tiny_dir), tmp_path / "out", GGUFOptions(quants=["Q4_K_M"], imatrix=str(user_set), mmproj_type="none",
                                                              progress=False), log=log.append)  # fmt: skip
-    assert f"calibrating the imatrix on 2 image chats from {user_set}" in log
-    assert any(line.startswith("wrote ") and ".Q4_K_M.gguf (llama.cpp Q4_K_M, imatrix calibrated on my_scans.jsonl, " in line
-               for line in log), log  # fmt: skip
+    assert f"calibrating the imatrix on 2 image chats from {label}" in log
+    assert any(line.startswith("wrote ") and ".Q4_K_M.gguf (llama.cpp Q4_K_M, imatrix calibrated on DOE_JOHN_MRN12345.jsonl, "
+               in line for line in log), log  # fmt: skip
     shipped = read_imatrix(next((tmp_path / "out").glob("*.imatrix.gguf")))
     items = load_jsonl(user_set)  # all of it, as the export must have taken it (sums do not depend on order)
     model = calibration.load_hf_model(tiny_dir, dtype="float32", device="cpu")
-    whole = calibration.collect_input_sq_sums(model, load_processor(tiny_dir), items, dataset=str(user_set), progress=False)
+    whole = calibration.collect_input_sq_sums(model, load_processor(tiny_dir), items, dataset=label, progress=False)
     expected = imatrix_from_stats(whole)
-    assert shipped.chunk_count == 2 and str(user_set) in shipped.datasets[0] and shipped.sums.keys() == expected.sums.keys()
+    assert shipped.chunk_count == 2 and shipped.datasets[0].startswith(label + ": 2 chats")
+    assert shipped.sums.keys() == expected.sums.keys()
     for name, sums in expected.sums.items():
         np.testing.assert_allclose(shipped.sums[name], sums, rtol=1e-5, err_msg=name)
+    sources = {}
+    for gguf_file in (tmp_path / "out").glob("*.gguf"):
+        assert b"MRN12345" not in gguf_file.read_bytes() and str(tiny_dir).encode() not in gguf_file.read_bytes()
+        field = GGUFReader(str(gguf_file)).fields.get("qoqopt.source")
+        sources[gguf_file.name.split(".")[-2]] = field and field.contents()
+    assert sources["Q4_K_M"] == "a local checkpoint" and sources["imatrix"] is None
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "MRN12345" not in json.dumps(manifest) and manifest["imatrix"]["datasets"] == shipped.datasets
 
 
 # ---------------------------------------------------------------------------- trained model

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -680,7 +681,7 @@ def test_local_paths_stay_home(export_dir, tmp_path):
     assert local in (tmp_path / "report.md").read_text()
     plan = plan_upload(export_dir, "me/x", base_model="ddvd233/QoQ-Med-VL-7B", results=tmp_path / "report.md")
     assert local not in plan.manifest_text and local not in plan.card and "Reference: the original model" in plan.card
-    assert "alice" not in plan.card and "eval set `set.jsonl`" in plan.card
+    assert "alice" not in plan.card and "ward3" not in plan.card and "eval set `a user JSONL set`" in plan.card
     assert json.loads(plan.manifest_text)["source"]["model"] == "ddvd233/QoQ-Med-VL-7B"
     assert any(n.startswith(f"manifest.json names the local folder {local}") for n in plan.notes)
 
@@ -704,3 +705,66 @@ def test_a_dry_run_looks_at_the_target_repo(export_dir):
                      "private in its settings on the Hub first, or publish to a new repo"]  # fmt: skip
     res = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run", env={"HF_TOKEN": SECRET})  # tests: offline
     assert res.returncode == 0 and "note      the repo was not looked up on the Hub (HF_HUB_OFFLINE is set)" in res.stdout
+
+
+def _write_gguf(path: Path, **strings) -> dict:
+    """A GGUF written by gguf-py holding ``strings`` (keys with dots given as __), and its manifest entry."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "qwen2vl")
+    for key, value in strings.items():
+        (w.add_array if isinstance(value, list) else w.add_string)(key.replace("__", "."), value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = path.read_bytes()
+    return {"path": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} | _kind(path.name)
+
+
+def _local_names_build(d: Path, source: str, datasets: list[str], calibration: str, trained_in: str) -> None:
+    d.mkdir()
+    files = [_write_gguf(d / "m.Q4_K_M.gguf", qoqopt__source=source),
+             _write_gguf(d / "m.imatrix.gguf", imatrix__datasets=datasets)]  # fmt: skip
+    (d / "config.json").write_text(json.dumps({"_name_or_path": trained_in}))
+    data = (d / "config.json").read_bytes()
+    files.append({"path": "config.json", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    manifest = {"format": "gguf", "source": {"model": "ddvd233/QoQ-Med-VL-7B"}, "files": files,
+                "imatrix": {"file": "m.imatrix.gguf", "source": "calibrated", "datasets": datasets},
+                "calibration": {"source": calibration}}  # fmt: skip
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_local_names_in_the_builds_files_refuse_the_upload(tmp_path, capsys):
+    """Files are uploaded byte for byte, so names of the user's folders and data files inside them (an
+    older export's GGUF source and calibration set, the `-f` file llama-imatrix records, a config's
+    `_name_or_path` from a fine-tune's output folder) refuse the upload unless --allow-local-names.
+    Written by gguf-py and read back as the upload would send them. What this qoqopt records (a Hub
+    id, a local checkpoint, a set by its sha256, the clinical split's counts) is not a local name."""
+    build = tmp_path / "old"
+    from qoqopt.local_names import recorded_local_names
+
+    _local_names_build(build, "/home/alice/DOE_JOHN_MRN12345", ["/data/ward3/calib-2025.txt", "C:\\scans\\x.jsonl"],
+                       "/home/alice/DOE_JOHN_MRN12345.jsonl", "/home/drsmith/ft_SMITH/checkpoint-500")  # fmt: skip
+    named = ["manifest.json calibration.source: /home/alice/DOE_JOHN_MRN12345.jsonl",
+             "manifest.json imatrix.datasets: /data/ward3/calib-2025.txt", "manifest.json imatrix.datasets: C:\\scans\\x.jsonl",
+             "m.Q4_K_M.gguf qoqopt.source: /home/alice/DOE_JOHN_MRN12345", "m.imatrix.gguf imatrix.datasets: /data/ward3/calib-2025.txt",
+             "m.imatrix.gguf imatrix.datasets: C:\\scans\\x.jsonl", "config.json _name_or_path: /home/drsmith/ft_SMITH/checkpoint-500"]  # fmt: skip
+    assert recorded_local_names(build, json.loads((build / "manifest.json").read_text())) == named
+    with pytest.raises(QoqoptError, match="--allow-local-names") as err:
+        plan_upload(build, "me/x")
+    assert f"({', '.join(named[:3])} and 4 more)" in str(err.value)
+    assert refused(["publish", build, "--repo", "me/x"], capsys) == f"error: {err.value}"
+    plan = plan_upload(build, "me/x", dry_run=True)
+    assert [s for s in plan.stops if "--allow-local-names" in s] == [str(err.value)]
+    kept = plan_upload(build, "me/x", allow_local_names=True)
+    assert f"uploaded as they are (--allow-local-names): {', '.join(named[:5])} and 2 more" in kept.notes and not kept.stops
+    assert "/data/ward3/calib-2025.txt" in (build / "m.imatrix.gguf").read_bytes().decode("latin-1")  # sent as it is
+
+    now = tmp_path / "new"
+    clinical = "qoqopt clinical calib split (seed 0): 64 chats, 15130 tokens (7261 image tokens); domains: ct 15, mri 16"
+    for source in ("a local checkpoint", "ddvd233/QoQ-Med-VL-7B"):
+        shutil.rmtree(now, ignore_errors=True)
+        _local_names_build(now, source, [clinical, "a user JSONL set (sha256 0123456789ab): 2 chats"],
+                           "a user JSONL set (sha256 0123456789ab)", "Qwen/Qwen2.5-VL-7B-Instruct")  # fmt: skip
+        assert not [n for n in plan_upload(now, "me/x").notes if "local" in n and "names" in n]

@@ -453,29 +453,48 @@ def test_bad_calibration_file(tiny_dir, tmp_path, content, match):
 
 
 def test_gptq_calibrates_on_the_users_own_set(tiny_dir, tmp_path):
-    """`export --format gptq --calib my_scans.jsonl`: the user's chats are what the build is calibrated
-    on, as its manifest records: their source, count, domains, and the image tokens transformers'
-    own image processor makes of those images (two sizes)."""
+    """`export --format gptq --calib DOE_JOHN_MRN12345.jsonl`: the user's chats are what the build is
+    calibrated on, as its manifest records: their source, count, domains, and the image tokens
+    transformers' own image processor makes of those images (two sizes). Nothing the build holds
+    names the set or the fine-tune's own output folder, which transformers 4 saved into its configs
+    (hospitals name folders after patients; publish uploads these files as they are)."""
+    import transformers
+
     from qoqopt.data import balanced_sample, clinical_set, load_jsonl
     from qoqopt.exports.hf_quant import export_hf_quant
     from qoqopt.processor import load_processor
 
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    trained_in = "/home/drsmith/ft_DOE_JOHN_MRN12345/checkpoint-500"
+    for name, key in (("config.json", "_name_or_path"), ("tokenizer_config.json", "name_or_path")):
+        config = json.loads((model / name).read_text())
+        (model / name).write_text(json.dumps({**config, key: trained_in}))
+    folder = tmp_path / "DOE_JOHN_MRN12345"
+    folder.mkdir()
     rows = []
     for i, item in enumerate(balanced_sample(clinical_set("calib", n_per_base=1), 2, seed=7)):
-        item.image.resize((28 * (8 + 4 * i), 28 * 9)).save(tmp_path / f"scan{i}.png")
+        item.image.resize((28 * (8 + 4 * i), 28 * 9)).save(folder / f"scan{i}.png")
         rows.append({"image": f"scan{i}.png", "question": item.question, "answer": item.answer, "domain": item.domain})
-    user_set = tmp_path / "my_scans.jsonl"
+    user_set = folder / "DOE_JOHN_MRN12345.jsonl"
     user_set.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    label = f"a user JSONL set (sha256 {hashlib.sha256(user_set.read_bytes()).hexdigest()[:12]})"
     log: list[str] = []
-    export_hf_quant(str(tiny_dir), tmp_path / "o", "gptq", calib=str(user_set), samples=8, log=log.append)
-    calibration = json.loads((tmp_path / "o" / "manifest.json").read_text())["calibration"]
+    export_hf_quant(str(model), tmp_path / "o", "gptq", calib=str(user_set), samples=8, log=log.append)
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    calibration = manifest["calibration"]
     image_processor = load_processor(tiny_dir).image_processor
     grids = [image_processor(images=it.image, return_tensors="pt")["image_grid_thw"] for it in load_jsonl(user_set)]
-    assert calibration["source"] == str(user_set) and calibration["chats"] == 2
+    assert calibration["source"] == label and calibration["chats"] == 2
     assert calibration["domains"] == dict(Counter(r["domain"] for r in rows))
     tokens = [int(g.prod()) // 4 for g in grids]  # patches, merged 2x2
     assert calibration["image_tokens"] == sum(tokens) and tokens[0] != tokens[1]
-    assert any(line.startswith(f"calibrating on 2 chats from {user_set} ") for line in log)
+    assert any(line.startswith(f"calibrating on 2 chats from {label} ") for line in log)
+    for entry in manifest["files"]:  # the files publish uploads; its own manifest.json copy names the base model
+        assert b"MRN12345" not in (tmp_path / "o" / entry["path"]).read_bytes(), entry["path"]
+    assert "MRN12345" not in json.dumps({k: v for k, v in manifest.items() if k != "source"})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "o")  # still loads, without the folder's name
+    assert tokenizer.name_or_path == str(tmp_path / "o")
 
 
 def test_not_qwen25vl(tmp_path):

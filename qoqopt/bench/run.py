@@ -117,7 +117,7 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
             "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine_info(opts.device, threads, opts.label), "software": software_info(),
             "model": {"source": opts.model, "revision": revision, "architecture": ckpt.architecture},
-            "eval": {"source": opts.eval_source, "items": len(items), "seed": opts.seed,
+            "eval": {"source": _set_name(opts.eval_source), "items": len(items), "seed": opts.seed,
                      "domains": domain_counts(items), "answer_tokens": opts.answer_tokens,
                      "only_domains": opts.domains, "ids_sha256": _ids_sha(items), **set_sha},
             "reference_dtype": common["reference_dtype"],
@@ -139,6 +139,14 @@ def _set_sha(source: str, items) -> dict:
     for item in items:
         digest.update(sha256_file(Path(item.source)).encode())
     return {"sha256": digest.hexdigest()}
+
+
+def _set_name(source: str) -> str:
+    """The eval set as results name it: results travel between sites and onto cards, so a user set
+    goes by its sha256, not its path."""
+    from qoqopt.data.jsonl import set_label
+
+    return source if source == "clinical" else set_label(source)
 
 
 def _ids_sha(items) -> str:

@@ -23,7 +23,11 @@ licence, tags, pipeline_tag), the file list with sha256, the drift/speed tables 
 and usage for llama.cpp, LM Studio, Ollama, vLLM and transformers.
 
 Only the files manifest.json lists are sent (the plan names any others in the folder). The uploaded
-manifest.json names the base model, not the local folder a build was made from. A repo that exists
+manifest.json names the base model, not the local folder a build was made from. Files are sent
+byte for byte, so a build whose files name local folders or data files (a calibration set's path
+an older qoqopt recorded, a config's _name_or_path from a fine-tune's output folder, the dataset file
+llama-imatrix recorded) is refused unless --allow-local-names; builds exported now record
+a user set by its sha256 and a local source as "a local checkpoint". A repo that exists
 already is checked first: --private refuses a public one (visibility is not changed), and files
 in it that this build does not have (an earlier build's quants or shard index) refuse the upload
 unless --replace deletes them in the same commit.
@@ -55,6 +59,9 @@ def register(sub) -> None:
                         "required for any other)")  # fmt: skip
     p.add_argument("--license-name", metavar="NAME", help="with --license other: the licence's name (qwen-research)")
     p.add_argument("--license-link", metavar="URL", help="with --license other: where its text is")
+    p.add_argument("--allow-local-names", action="store_true",
+                   help="upload a build whose files name local folders or data files (an older export's "
+                        "calibration set path, a fine-tune's output folder); refused without it")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the plan and the card; upload nothing")
     p.set_defaults(func=run)
 
@@ -72,7 +79,7 @@ def run(args) -> int:
         raise QoqoptError(f"--results {args.results}: give the report.md of `qoqopt report`, not its inputs")
     licence = checked_license(args.license, args.license_name, args.license_link)
     plan = plan_upload(args.folder, args.repo, args.private, args.results, args.base_model, dry_run=args.dry_run,
-                       license=licence, replace=args.replace)  # fmt: skip
+                       license=licence, replace=args.replace, allow_local_names=args.allow_local_names)  # fmt: skip
     if args.dry_run:
         return _dry_run(plan)
     token = resolve_token()

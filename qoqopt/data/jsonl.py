@@ -31,6 +31,15 @@ _REQUIRED = ("question", "answer", "domain")
 _ALLOWED = {"image", "dicom", "frame", "question", "answer", "domain", "choices", "id", "meta"}
 
 
+def set_label(path: str | Path) -> str:
+    """How builds, bench results and cards name a user set: by its sha256, never its path or file name
+    (hospitals name folders and files after patients, accession numbers and studies, and these
+    records are uploaded and shared)."""
+    from qoqopt.integrity import sha256_of
+
+    return f"a user JSONL set (sha256 {sha256_of(Path(path))[:12]})"
+
+
 def load_jsonl(path: str | Path, max_side: int | None = None) -> list[ClinicalItem]:
     """Items of a JSONL set. Blank lines are skipped. `max_side` None keeps each image's own size
     (rounded to Qwen's 28-pixel grid and clamped into QoQ-Med's pixel range)."""
