@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import QoqoptError
@@ -34,6 +35,7 @@ _RUNTIME_TO_CANONICAL = [
 ]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on its JSON header
 METADATA_PATTERNS = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
 SAFETENSORS_DTYPE_BYTES = {
@@ -123,6 +125,7 @@ def resolve(source: str, revision: str | None = None, weights: bool = True,
         return path, None
     if not HUB_ID.match(source):
         raise QoqoptError(f"{source}: no such directory, and not a Hub id of the form owner/name")
+    check_not_a_local_path(source)
     if only is not None:
         return _snapshot(source, revision, files=only)
     path, commit = _snapshot(source, revision, patterns=METADATA_PATTERNS)
@@ -131,12 +134,38 @@ def resolve(source: str, revision: str | None = None, weights: bool = True,
     return _snapshot(source, commit or revision, files=_shard_files(path))
 
 
+def check_not_a_local_path(source: str) -> None:
+    """A missing path whose first folder exists here is a local path with a typo (``out/gguf`` for
+    ``out/ggufs``), not a Hub id: reading the Hub repo of that name would run whatever model its
+    owner put there in its place, unsaid."""
+    first = Path(source).parts[0]
+    if Path(first).is_dir():
+        raise QoqoptError(f"{source}: no such directory (./{first}/ exists, so this is read as a local path, not as "
+                          f"the Hub repo {source}; to read that repo, run from a folder without ./{first}/)")  # fmt: skip
+
+
 def _shard_files(path: Path) -> list[str]:
     """The safetensors files a checkpoint's index names; without an index, its one model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        return sorted(set(_read_json(index).get("weight_map", {}).values()))
+        return sorted(set(_index_weight_map(index).values()))
     return ["model.safetensors"]
+
+
+def _index_weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor -> shard map, every shard a safetensors file inside the checkpoint: the
+    index comes with the model, and a name like ``/home/x/private.safetensors`` or ``../../x``
+    would make qoqopt read (and export, and publish) a file from elsewhere on this machine."""
+    data = _read_json(index)
+    weight_map = data.get("weight_map", {}) if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise QoqoptError(f"{index}: weight_map must map tensor names to shard files")
+    for shard in weight_map.values():
+        rel = PurePosixPath(shard) if isinstance(shard, str) and shard else None
+        if rel is None or rel.is_absolute() or ".." in rel.parts or "\\" in shard or rel.suffix != ".safetensors":
+            raise QoqoptError(f"{index} names the shard {shard!r}: every shard must be a .safetensors file inside "
+                              "the checkpoint's folder")  # fmt: skip
+    return weight_map
 
 
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None = None,
@@ -207,17 +236,54 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8:
             raise QoqoptError(f"{path.name} is truncated inside its header ({size} bytes on disk)")
+        if header_len > MAX_HEADER_BYTES:  # parsed into Python objects, a long one takes ~25x its size
+            raise QoqoptError(f"{path.name}: a safetensors header of {header_len:,} bytes, over the format's "
+                              f"{MAX_HEADER_BYTES:,}")  # fmt: skip
         try:
             header = json.loads(fh.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise QoqoptError(f"{path.name} is not a safetensors file (bad header: {exc})") from exc
+    if not isinstance(header, dict):
+        raise QoqoptError(f"{path.name} is not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    end = _check_layout(path.name, header)
     if 8 + header_len + end > size:
         raise QoqoptError(
             f"{path.name} is truncated: header promises {8 + header_len + end} bytes, file has {size}"
         )
     return header
+
+
+def _check_layout(name: str, header: dict) -> int:
+    """Where the tensors' data ends, each entry checked as the safetensors format requires (shape,
+    dtype size, and byte ranges that tile the data with no hole or overlap): the offsets come with
+    the file, and a reversed range reads to the end of the file once per tensor."""
+    end = 0
+    for start, stop, tensor in sorted(_ranges(name, header)):
+        if start != end:
+            raise QoqoptError(f"{name}: tensor {tensor} starts at byte {start} of the data, not at {end} (safetensors "
+                              "data has no holes or overlaps)")  # fmt: skip
+        end = stop
+    return end
+
+
+def _ranges(name: str, header: dict) -> list[tuple[int, int, str]]:
+    ranges = []
+    for tensor, info in header.items():
+        offsets, shape = (info.get("data_offsets"), info.get("shape")) if isinstance(info, dict) else (None, None)
+        if not (_ints(offsets) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] and _ints(shape)
+                and min(shape, default=0) >= 0):  # fmt: skip
+            raise QoqoptError(f"{name}: tensor {tensor!r} has no valid shape and data_offsets (not a safetensors file?)")
+        width = SAFETENSORS_DTYPE_BYTES.get(info.get("dtype"))
+        if width is not None and offsets[1] - offsets[0] != width * math.prod(shape):
+            raise QoqoptError(f"{name}: tensor {tensor} of shape {shape} in {info['dtype']} takes "
+                              f"{width * math.prod(shape)} bytes, its data_offsets span {offsets[1] - offsets[0]}")  # fmt: skip
+        ranges.append((offsets[0], offsets[1], tensor))
+    return ranges
+
+
+def _ints(values) -> bool:
+    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 # --------------------------------------------------------------------------- the checkpoint
@@ -447,8 +513,9 @@ def validate_config(config: dict, where: str) -> None:
 def _weight_map(path: Path) -> tuple[dict[str, str], int | None]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        data = _read_json(index)
-        return dict(data.get("weight_map", {})), data.get("metadata", {}).get("total_size")
+        weight_map = _index_weight_map(index)
+        metadata = _read_json(index).get("metadata")  # the index is a JSON object: _index_weight_map checked
+        return weight_map, metadata.get("total_size") if isinstance(metadata, dict) else None
     single = path / "model.safetensors"
     if single.exists():
         return {name: single.name for name in read_safetensors_header(single)}, None

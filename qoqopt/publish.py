@@ -18,6 +18,7 @@ from .errors import QoqoptError
 from .fileio import sha256_file
 from .hub_license import UNNAMED as UNNAMED_LICENSE, CardLicense, NoLicense, card_license
 from .local_names import paths_in, recorded_local_names
+from .report import inline_text
 from .manifest import (
     BUILD_FORMATS, entry_path, gguf_entries, gguf_quants, listed_file, preferred_quant, read_manifest, source_id,
 )
@@ -246,7 +247,7 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
     ]
     if src.get("ecg_encoder"):
         body.append("- the source carries QoQ-Med's ECG encoder (`time_series_embedding.*`); see notes below")
-    body += [f"- {n}" for n in manifest.get("notes", [])]
+    body += [f"- {inline_text(n)}" for n in manifest.get("notes", [])]  # a build from elsewhere may say anything
     if fmt in ("gptq", "awq") and "quantization" in manifest:
         from .exports.hf_readme import summary_table
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -112,16 +113,32 @@ def _check_result(data, path: Path) -> None:
         ev = f"{path}: run.eval"
         _check_fields(run["eval"], {"source": str, "items": int, "seed": int, "sha256": str, "domains": dict}, ev)
         _check_numbers(run["eval"].get("domains") or {}, f"{ev}.domains")
+        _check_domain_names(run["eval"].get("domains") or {}, f"{ev}.domains")
         if run["eval"].get("items") is not None and run["eval"]["items"] < 1:
             raise QoqoptError(f"{ev}.items is {run['eval']['items']}; a run has at least one chat")
     for v in variants:
         where = f"{path}: variant {v['name']!r}"
+        if not VARIANT_NAME.match(v["name"]):
+            raise QoqoptError(f"{where} is not a bench variant name (letters, digits and . _ : + -)")
         _check_fields(v, {"status": str, "error": str, "runtime": str, "worst_domain": str, "files": list}, where)
+        _check_domain_names([v.get("worst_domain") or "all", *(v.get("drift") or {})], where)
         if not all(isinstance(f, dict) for f in v.get("files") or []):
             raise QoqoptError(f"{where}: files is not a list of objects")
         _check_speed(v.get("speed") or {}, f"{where}: speed")
         if v.get("status") == "ok" and v.get("drift"):
             _check_measured(v, where)
+
+
+# names that become table cells, headers and plot labels as they are: a bench variant (gguf:Q4_K_M,
+# gptq:4, bnb:nf4) and a clinical domain
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][\w.:+-]*$")
+DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def _check_domain_names(names, where: str) -> None:
+    bad = [n for n in names if not (isinstance(n, str) and DOMAIN_NAME.match(n))]
+    if bad:
+        raise QoqoptError(f"{where}: {bad[0]!r} is not a clinical domain name (lower-case letters, digits, _ and -)")
 
 
 def _check_speed(speed, where: str) -> None:
@@ -184,7 +201,22 @@ def machine_label(run: dict) -> str:
 def _markdown_label(run: dict) -> str:
     """The machine label as one table cell or code-span-free text: bench refuses `|` and a backtick
     in --label, but a result from before that, or a CPU's own name, may hold them."""
-    return " ".join(machine_label(run).split()).replace("|", "\\|").replace("`", "'")
+    return inline_text(machine_label(run))
+
+
+_MARKDOWN_ACTIVE = re.compile(r"([\\|<>\[\]])")
+
+
+def inline_text(text: str) -> str:
+    """A result's free text (a machine label, a runtime, an error) as one line of plain Markdown
+    text: result files travel between sites and their text lands on published cards, so no newline
+    (a heading, a section), HTML tag, link or image, table cell break or code span can come of it."""
+    return _MARKDOWN_ACTIVE.sub(r"\\\1", code_text(text))
+
+
+def code_text(text: str) -> str:
+    """Free text for inside a code span (where backslashes stay literal): one line, no backtick."""
+    return " ".join(str(text).split()).replace("`", "'")
 
 
 def drift_groups(runs: list[dict]) -> list[list[dict]]:
@@ -248,7 +280,7 @@ def drift_rows(runs: list[dict]) -> dict[str, dict]:
 def _reference_line(run: dict, dtype: str | None, tail: str) -> str:
     """What sets a table's reference apart: `publish` reads "Reference: `...`" and hides a local path there."""
     source = (run["run"].get("model") or {}).get("source")
-    return f"Reference: `{source}` ({f'{dtype}; ' if dtype else ''}weights sha256 {_weights_sha(run)}); {tail}."
+    return f"Reference: `{code_text(source)}` ({f'{dtype}; ' if dtype else ''}weights sha256 {_weights_sha(run)}); {tail}."
 
 
 def _weights_sha(run: dict) -> str:
@@ -337,7 +369,7 @@ def _eval_lines(run: dict) -> list[str]:
     if not ev.get("items"):
         return []
     domains = ", ".join(f"{d} {n}" for d, n in sorted((ev.get("domains") or {}).items()))
-    return [f"Evaluated on {ev['items']} chats: {domains}; eval set `{ev.get('source')}`, seed {ev.get('seed')}. "
+    return [f"Evaluated on {ev['items']} chats: {domains}; eval set `{code_text(ev.get('source'))}`, seed {ev.get('seed')}. "
             f"One answer moves accuracy by {1 / ev['items']:.2f}.", ""]  # fmt: skip
 
 
@@ -374,7 +406,7 @@ def _speed_table(runs: list[dict], members: list[int], which: str = "") -> list[
         s = v["speed"]
         older = "" if "spread" in s else " †"
         out.append(
-            f"| {_markdown_label(runs[i])}{older} | {v['name']} | {v.get('runtime', '')} | {_fmt(s.get('prompt_tokens'), '.0f')} | "
+            f"| {_markdown_label(runs[i])}{older} | {v['name']} | {inline_text(v.get('runtime', ''))} | {_fmt(s.get('prompt_tokens'), '.0f')} | "
             f"{_fmt(s.get('prefill_tok_s'), '.0f')} | {_decode_cell(s)} | {_fmt(s.get('image_encode_ms'), '.0f')} | "
             f"{_fmt(s.get('ttft_ms'), '.0f')} | {_fmt(s.get('peak_device_mb'), '.0f')} | {_fmt(s.get('peak_host_mb'), '.0f')} |"
         )
@@ -397,7 +429,7 @@ def _failures(runs: list[dict]) -> list[str]:
     if not failed:
         return []
     return (["## Failed variants", "", files_comment(failed)]
-            + [f"- {_markdown_label(runs[i])}: `{v['name']}`: {v.get('error') or 'no error recorded'}" for i, v in failed] + [""])
+            + [f"- {_markdown_label(runs[i])}: `{v['name']}`: {inline_text(v.get('error') or 'no error recorded')}" for i, v in failed] + [""])
 
 
 FILES_TAG = "<!-- qoqopt-files "

@@ -1,6 +1,7 @@
 """The loader against the real QoQ-Med-VL-7B metadata and both key layouts of the mini model."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -344,3 +345,88 @@ def test_fingerprint_follows_the_weights_not_the_files(tiny_dir, tmp_path):
         return {**tensors, big: w}
 
     assert copy(tmp_path / "tuned", nudge) != original
+
+
+@pytest.mark.parametrize("shard", ["/home/x/private/model.safetensors", "../private/model.safetensors",
+                                   "..\\private\\model.safetensors", "model.bin", ["model.safetensors"]])  # fmt: skip
+def test_an_index_cannot_name_a_shard_outside_the_checkpoint(tiny_dir, tmp_path, monkeypatch, shard, capsys):
+    """The index comes with the model: a Hub repo whose weight_map named a file elsewhere on this
+    machine had its weights read, exported and published as the repo's (a security review did it
+    with an absolute path and with ../). Each is refused in one line, from a folder and from a
+    Hub cache, before any shard is opened."""
+    from huggingface_hub import constants
+
+    private = tmp_path / "private"
+    private.mkdir()
+    shutil.copy(tiny_dir / "model.safetensors", private)
+    names = open_checkpoint(str(tiny_dir)).names
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for f in tiny_dir.glob("*.json"):
+        shutil.copy(f, repo)
+    (repo / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cache_as_hub_repo(tmp_path / "hub", "evil/qoq", list(repo.iterdir()))
+    for source in (str(repo), "evil/qoq"):
+        err = refused(["info", source], capsys)
+        assert "every shard must be a .safetensors file inside the checkpoint's folder" in err, err
+
+
+def test_a_missing_local_path_is_not_read_as_a_hub_repo(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`qoqopt info out/mini-gguf` with out/ here but no mini-gguf in it read the Hub repo of that
+    name (here cached offline), so a mistyped path ran whoever owns the Hub user `out`'s model. A
+    missing path whose first folder exists is refused; the same id from elsewhere reads the Hub."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cache_as_hub_repo(tmp_path / "hub", "out/mini", list(tiny_dir.iterdir()))
+    (tmp_path / "work" / "out").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    err = refused(["info", "out/mini"], capsys)
+    assert err == ("error: out/mini: no such directory (./out/ exists, so this is read as a local path, not as the Hub "
+                   "repo out/mini; to read that repo, run from a folder without ./out/)"), err  # fmt: skip
+    assert refused(["bench", "out/x", "--variants", "bf16", "--from", "out/mini"], capsys).endswith("without ./out/)")
+    monkeypatch.chdir(tmp_path)
+    assert open_checkpoint("out/mini").revision is not None
+
+
+def _safetensors_file(path, header: dict, data: bytes) -> None:
+    """A file laid out as the safetensors format specifies: u64 header length, JSON header, data."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda h: h["b"].update(data_offsets=[16, 0]), "tensor 'b' has no valid shape and data_offsets"),
+    (lambda h: h["b"].update(data_offsets=[24, 40]), "tensor b starts at byte 24 of the data, not at 16"),
+    (lambda h: h["b"].update(shape=[2, 3]), "tensor b of shape [2, 3] in F32 takes 24 bytes, its data_offsets span 16"),
+    (lambda h: h["a"].update(shape=["2", 2]), "tensor 'a' has no valid shape and data_offsets"),
+    (lambda h: h.update(c=[0, 1]), "tensor 'c' has no valid shape and data_offsets"),
+])  # fmt: skip
+def test_a_safetensors_header_is_checked_as_the_format_specifies(tmp_path, edit, message):
+    """Offsets come with the file: a reversed range read to the end of the file once per tensor (a
+    security review's 13 GB from a 160 MB checkpoint), a hole or overlap reads other tensors' bytes.
+    The file safetensors itself writes is read; each edit of its header is one line, as are a header
+    that is not an object and one over the format's 100 MB limit (a sparse file: nothing is read)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qoqopt.loader import read_safetensors_header
+
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.zeros(2, 2), "b": torch.ones(4)}, str(good))
+    header = read_safetensors_header(good)
+    assert {k: v["data_offsets"] for k, v in header.items()} == {"a": [0, 16], "b": [16, 32]}
+    edit(header)
+    bad = tmp_path / "bad.safetensors"
+    _safetensors_file(bad, header, bytes(48))
+    with pytest.raises(QoqoptError, match=re.escape(message)):
+        read_safetensors_header(bad)
+    _safetensors_file(bad, [1, 2], bytes(8))
+    with pytest.raises(QoqoptError, match="its header is not a JSON object"):
+        read_safetensors_header(bad)
+    with open(bad, "wb") as fh:
+        fh.write((100_000_001).to_bytes(8, "little"))
+        fh.truncate(100_000_100)
+    with pytest.raises(QoqoptError, match="a safetensors header of 100,000,001 bytes, over the format's 100,000,000"):
+        read_safetensors_header(bad)

@@ -768,3 +768,19 @@ def test_local_names_in_the_builds_files_refuse_the_upload(tmp_path, capsys):
         _local_names_build(now, source, [clinical, "a user JSONL set (sha256 0123456789ab): 2 chats"],
                            "a user JSONL set (sha256 0123456789ab)", "Qwen/Qwen2.5-VL-7B-Instruct")  # fmt: skip
         assert not [n for n in plan_upload(now, "me/x").notes if "local" in n and "names" in n]
+
+
+def test_a_builds_notes_stay_plain_text_on_the_card(export_dir):
+    """A build's manifest notes go on the card; one made elsewhere may hold a new section, HTML or a
+    link. As markdown-it-py renders the card, they stay one plain-text bullet each."""
+    from markdown_it import MarkdownIt
+
+    m = json.loads((export_dir / "manifest.json").read_text())
+    m["notes"] = ["vision left unquantized\n\n## Download\n[the fixed build](https://evil.example) <img src=https://evil.example/t>"]
+    (export_dir / "manifest.json").write_text(json.dumps(m))
+    card = plan_upload(export_dir, "me/x").card
+    tokens = MarkdownIt("commonmark").parse(card)
+    rendered = tokens + [c for t in tokens for c in t.children or []]
+    assert "Download" not in [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert not [t for t in rendered if "evil" in str(t.attrs) or (t.type.startswith("html") and "evil" in t.content)]
+    assert "- vision left unquantized ## Download \\[the fixed build\\](https://evil.example) \\<img" in card

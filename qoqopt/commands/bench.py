@@ -107,11 +107,12 @@ def run(args) -> int:
 def _build_source(source: str) -> Path | str:
     """A --from directory (it must hold a manifest), or a Hub id, kept as given for the bench to fetch."""
     from ..errors import QoqoptError
-    from ..loader import HUB_ID
+    from ..loader import HUB_ID, check_not_a_local_path
 
     path = Path(source).expanduser()
     if path.exists() or not HUB_ID.match(source):
         if not (path / "manifest.json").is_file():
             raise QoqoptError(f"--from {source}: not an export directory (no manifest.json) nor a Hub id")
         return path
+    check_not_a_local_path(source)
     return source
