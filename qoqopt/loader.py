@@ -572,4 +572,37 @@ def open_checkpoint(source: str, revision: str | None = None, weights: bool = Tr
     unknown = [n for n in ckpt.names if not n.startswith(("visual.", "model.", "lm_head.", ECG_PREFIX))]
     if unknown:
         raise QoqoptError(f"{source}: {len(unknown)} tensor(s) outside any known part, e.g. {unknown[0]}")
+    _check_layer_counts(ckpt)
     return ckpt
+
+
+_LAYER_INDEX = {"num_hidden_layers": re.compile(r"^model\.layers\.(\d+)\."), "depth": re.compile(r"^visual\.blocks\.(\d+)\.")}
+
+
+def _check_layer_counts(ckpt: Checkpoint) -> None:
+    """config.json's layer counts against the layers whose tensors are stored: transformers builds
+    every layer the config names and initialises those the weights lack at random, with one warning
+    table, so a config naming more layers answers through random ones (or, naming 200,000, builds
+    them for minutes)."""
+    text = ckpt.config.get("text_config") or {}
+    counts = {"num_hidden_layers": text.get("num_hidden_layers", ckpt.config.get("num_hidden_layers")),
+              "depth": (ckpt.config.get("vision_config") or {}).get("depth")}  # fmt: skip
+    for key, count in counts.items():
+        if not (isinstance(count, int) and count > 0):
+            continue  # transformers' own config checks say what is wrong with it
+        stored = {int(m[1]) for n in ckpt.names for m in [_LAYER_INDEX[key].match(n)] if m}
+        if len(stored) != count or max(stored) != count - 1:
+            raise QoqoptError(f"{ckpt.source}: config.json's {key} is {count}, but the weights hold layers "
+                              f"{_index_ranges(sorted(stored))}")  # fmt: skip
+
+
+def _index_ranges(indexes: list[int]) -> str:
+    """0-27 or 0-1, 5: how a reader sees which layers are there."""
+    if not indexes:
+        return "none"
+    runs, start = [], indexes[0]
+    for prev, cur in zip(indexes, indexes[1:] + [None]):
+        if cur != prev + 1:
+            runs.append(f"{start}-{prev}" if prev > start else str(start))
+            start = cur
+    return ", ".join(runs)

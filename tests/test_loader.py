@@ -430,3 +430,30 @@ def test_a_safetensors_header_is_checked_as_the_format_specifies(tmp_path, edit,
         fh.truncate(100_000_100)
     with pytest.raises(QoqoptError, match="a safetensors header of 100,000,001 bytes, over the format's 100,000,000"):
         read_safetensors_header(bad)
+
+
+def test_a_config_naming_more_layers_than_the_weights_hold_is_refused(tiny_dir, tmp_path, capsys):
+    """transformers builds every layer config.json names and fills those the weights lack at random
+    (its loading info lists them as missing; nothing stops the load), so `ask` answered through a
+    random layer, and a config naming 200,000 built them for minutes. The counts are checked against
+    the stored layers first, text and vision."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    layers, depth = config["text_config"]["num_hidden_layers"], config["vision_config"]["depth"]
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    for edit, message in (
+        (lambda c: c["text_config"].update(num_hidden_layers=layers + 1, layer_types=None),
+         f"config.json's num_hidden_layers is {layers + 1}, but the weights hold layers 0-{layers - 1}"),
+        (lambda c: c["text_config"].update(num_hidden_layers=200_000),
+         f"config.json's num_hidden_layers is 200000, but the weights hold layers 0-{layers - 1}"),
+        (lambda c: c["vision_config"].update(depth=depth + 2), f"config.json's depth is {depth + 2}, but the weights hold layers 0-{depth - 1}"),
+    ):  # fmt: skip
+        edited = json.loads(json.dumps(config))
+        edit(edited)
+        (bad / "config.json").write_text(json.dumps(edited))
+        assert refused(["info", bad], capsys) == f"error: {bad}: {message}"
+        if edited["text_config"]["num_hidden_layers"] == layers + 1:
+            _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(bad), output_loading_info=True)
+            assert any(f"layers.{layers}." in k for k in info["missing_keys"])  # what transformers would have run
