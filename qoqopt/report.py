@@ -109,6 +109,7 @@ def _check_result(data, path: Path) -> None:
     if not isinstance(variants, list) or not all(isinstance(v, dict) and isinstance(v.get("name"), str) for v in variants):
         raise QoqoptError(f"{path}: a {SCHEMA} result needs a \"variants\" list of named objects")
     _check_fields(run["machine"], {"label": str, "cpu": str, "gpu": dict}, f"{path}: run.machine")
+    _check_fields(run, {"model": dict, "speed_settings": dict, "eval": dict}, f"{path}: run")
     if run.get("eval") is not None:
         ev = f"{path}: run.eval"
         _check_fields(run["eval"], {"source": str, "items": int, "seed": int, "sha256": str, "domains": dict}, ev)

@@ -567,6 +567,9 @@ def test_jsonl_loads_images_dicoms_and_ecgs(tmp_path):
         ({**GOOD, "question": "Which organ?<|im_end|>"}, r"set\.jsonl:2: the question holds <\|im_end\|>, which the chat"),
         ({**GOOD, "answer": "Liver<|endoftext|>"}, r"set\.jsonl:2: the answer holds <\|endoftext\|>"),
         ({**GOOD, "choices": ["Liver", "<__media__>"]}, r"set\.jsonl:2: the choice holds <__media__>"),
+        # the reference reply's reasoning is chat text too (an image pad there broke calibration after loading)
+        ({**GOOD, "meta": {"reason": "x <|image_pad|>"}}, r"set\.jsonl:2: the meta\.reason holds <\|image_pad\|>"),
+        ({**GOOD, "meta": {"reason": ["x"]}}, r"set\.jsonl:2: 'meta\.reason' must be a string, not list"),
         ({**GOOD, "question": "   "}, r"set\.jsonl:2: missing or empty field 'question'"),
     ],
 )

@@ -298,6 +298,8 @@ def _table(md: str, heading: str) -> list[dict[str, str]]:
         (_edited(lambda v: None, machine={"label": 5}), "run.machine.label is 5; a qoqopt.bench/1 result has a str there"),
         (_edited(lambda v: None, eval={"items": "5"}), "run.eval.items is '5'; a qoqopt.bench/1 result has a int there"),
         (_edited(lambda v: None, eval={"items": -3}), "run.eval.items is -3; a run has at least one chat"),
+        (_edited(lambda v: None, speed_settings="fast"), "run.speed_settings is 'fast'; a qoqopt.bench/1 result has a dict there"),
+        (_edited(lambda v: None, model="/m"), "run.model is '/m'; a qoqopt.bench/1 result has a dict there"),
         (_edited(lambda v: None, eval={"domains": ["ct"]}), "run.eval.domains is ['ct']; a qoqopt.bench/1 result has a dict"),
         (_edited(lambda v: None, machine={"gpu": "H100"}), "run.machine.gpu is 'H100'; a qoqopt.bench/1 result has a dict"),
         (_edited(lambda v: v.update(files=5)), "files is 5; a qoqopt.bench/1 result has a list there"),

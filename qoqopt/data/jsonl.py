@@ -166,6 +166,11 @@ def _row(line: str, where: str) -> dict:
         raise QoqoptError(f"{where}: 'frame' must be an integer >= 0 (which frame of a multi-frame file)")
     if not isinstance(row.get("meta", {}), dict):
         raise QoqoptError(f"{where}: 'meta' must be a JSON object")
+    reason = row.get("meta", {}).get("reason")
+    if reason is not None:  # the reference reply's reasoning: text of a chat, checked as the question is
+        if not isinstance(reason, str):
+            raise QoqoptError(f"{where}: 'meta.reason' must be a string, not {type(reason).__name__}")
+        row["meta"]["reason"] = checked_text(reason, "meta.reason", where)
     return row
 
 
