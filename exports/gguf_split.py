@@ -31,6 +31,7 @@ from qoqopt.fileio import write_error
 from .gguf_header import DEFAULT_ALIGNMENT, HEADER_BYTES, INT32, UINT16, UINT32, pad, read_header, tensor_bytes
 
 SPLIT_NAME = "{stem}-{no:05d}-of-{count:05d}.gguf"
+MAX_PARTS = 0xFFFF  # split.no and split.count are 16-bit in llama.cpp
 MIN_SPLIT_BYTES = 10**6  # below this a size is a typo (48 for 48G), not a plan: every tensor its own file
 COPY_BYTES = 16 << 20
 
@@ -139,7 +140,7 @@ def split_gguf(path: Path, max_bytes: int, progress: Callable[[int], None] | Non
 
 
 def _count(path: Path, parts: list[range]) -> int:
-    if len(parts) > 0xFFFF:  # split.no and split.count are 16-bit
+    if len(parts) > MAX_PARTS:
         raise QoqoptError(f"{path.name} would need {len(parts)} parts; give a larger --split-max-size")
     return len(parts)
 

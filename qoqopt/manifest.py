@@ -105,6 +105,18 @@ def _check_counts(entry: dict, manifest_path: Path) -> None:
         value = entry.get(key)
         if key in entry and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise QoqoptError(f"{manifest_path} gives {entry_path(entry)} \"{key}\": {value!r}, not a count")
+    _check_part_count(entry, manifest_path)
+
+
+def _check_part_count(entry: dict, manifest_path: Path) -> None:
+    """A part number and count as llama.cpp can hold them (split.count is 16-bit), checked before
+    `_check_parts` builds the list 1..N from them: "parts": 10**9 was a billion-item list."""
+    from .exports.gguf_split import MAX_PARTS
+
+    for key in ("part", "parts"):
+        if key in entry and not 1 <= entry[key] <= MAX_PARTS:
+            raise QoqoptError(f"{manifest_path} gives {entry_path(entry)} \"{key}\": {entry[key]}, not 1..{MAX_PARTS} "
+                              "(llama.cpp's split.count is 16-bit)")  # fmt: skip
 
 
 def _check_parts(files: list[dict], manifest_path: Path) -> None:

@@ -201,3 +201,15 @@ def test_a_files_source_is_what_its_qoqopt_keys_say(tmp_path, capsys):
     assert made_from == {"model": "ddvd233/QoQ-Med-VL-7B", "revision": "a" * 40, "fingerprint": "sha256-v2:f"}
     assert main(["info", str(path)]) == 0
     assert f"made from    ddvd233/QoQ-Med-VL-7B, revision {'a' * 40}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("part,parts", [(1, 65536), (0, 2), (1, 0)])
+def test_a_part_count_llama_cpp_cannot_hold_is_refused_before_it_is_counted(tmp_path, capsys, part, parts):
+    """A manifest's "parts" past split.count's 16 bits (a 2 KB manifest with 10**9 made `info`, `ask`
+    and `publish` build a billion-item list), or a part numbered from 0: one line, nothing enumerated."""
+    name = f"m.Q8_0-{part:05d}-of-{parts:05d}.gguf"
+    files = [{"path": name, "kind": "text", "quant": "Q8_0", "bytes": 0, "part": part, "parts": parts}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
+    bad = "parts" if not 1 <= parts <= 65535 else "part"
+    assert refused(["info", tmp_path], capsys) == (f"error: {tmp_path / 'manifest.json'} gives {name} \"{bad}\": "
+                                                   f"{files[0][bad]}, not 1..65535 (llama.cpp's split.count is 16-bit)")  # fmt: skip
