@@ -150,7 +150,8 @@ def _tensor_stats(f: GGUFFile, first: Path) -> dict:
     from .exports.gguf_header import elements, type_name
 
     header = _header(first)
-    paths = [first, *_other_parts(first, header.kv.get("split.count") or 1, header.kv.get("split.no") or 0)]
+    count, no = _split_keys(first, header.kv)
+    paths = [first, *_other_parts(first, count, no)]
     headers = [header] + [_header(p) for p in paths[1:]]
     tensors = [t for h in headers for t in h.tensors]
     sizes = [_sizes(h) for h in headers]  # None where a type is newer than this gguf-py
@@ -178,6 +179,23 @@ def _sizes(header) -> list[int] | None:
         return None
 
 
+def _split_keys(path: Path, kv: dict) -> tuple[int, int]:
+    """(split.count, split.no) as llama.cpp holds them (16-bit), checked before any part name is
+    built from them: a 119-byte file saying 10**10 parts took 90 s to a MemoryError."""
+    from .exports.gguf_split import MAX_PARTS
+
+    count, no = kv.get("split.count", 1), kv.get("split.no", 0)
+    if not _is_int(count) or not 1 <= count <= MAX_PARTS:
+        raise QoqoptError(f"{path.name}: split.count is {count!r}, not a part count of 1..{MAX_PARTS}")
+    if not _is_int(no) or not 0 <= no < count:
+        raise QoqoptError(f"{path.name}: split.no is {no!r}, not a part number of 0..{count - 1} (split.count {count})")
+    return count, no
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # a GGUF bool reads as a Python bool
+
+
 def _other_parts(first: Path, count: int, no: int) -> list[Path]:
     """Parts 2..count of a split file, named from its first part as llama.cpp finds them."""
     from .exports.gguf_split import SPLIT_NAME, part_names
@@ -193,7 +211,8 @@ def _other_parts(first: Path, count: int, no: int) -> list[Path]:
     parts = part_names(first.with_name(first.name[:cut] + ".gguf"), count)[1:]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
-        raise QoqoptError(f"{first.name} is part 1 of {count}; {', '.join(missing)} missing beside it")
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""  # 65534 names is no line to read
+        raise QoqoptError(f"{first.name} is part 1 of {count}; {', '.join(missing[:3])}{more} missing beside it")
     return parts
 
 

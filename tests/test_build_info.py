@@ -213,3 +213,31 @@ def test_a_part_count_llama_cpp_cannot_hold_is_refused_before_it_is_counted(tmp_
     bad = "parts" if not 1 <= parts <= 65535 else "part"
     assert refused(["info", tmp_path], capsys) == (f"error: {tmp_path / 'manifest.json'} gives {name} \"{bad}\": "
                                                    f"{files[0][bad]}, not 1..65535 (llama.cpp's split.count is 16-bit)")  # fmt: skip
+
+
+@pytest.mark.parametrize("name,keys,why", [
+    ("x-00001-of-65536.gguf", {"split.count": 65536}, "split.count is 65536, not a part count of 1..65535"),
+    ("x-00001-of-00002.gguf", {"split.count": "2"}, "split.count is '2', not a part count of 1..65535"),
+    ("x-00001-of-00002.gguf", {"split.count": 2, "split.no": 2}, "split.no is 2, not a part number of 0..1 (split.count 2)"),
+])  # fmt: skip
+def test_split_keys_llama_cpp_cannot_hold_are_refused_before_any_part_is_named(tmp_path, capsys, name, keys, why):
+    """split.count past its 16 bits (a 119-byte file saying 10**10 parts ran 90 s to a MemoryError,
+    naming every part), of another type (a string was a traceback), or a split.no past the count."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(tmp_path / name, "llama")
+    for key, value in keys.items():
+        (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
+    writer.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert refused(["info", tmp_path / name], capsys) == f"error: {name}: {why}"
+
+
+def test_missing_parts_are_counted_past_the_first_three(tmp_path, capsys):
+    _gguf(tmp_path / "x-00001-of-65535.gguf", keys={"split.count": 65535})
+    assert refused(["info", tmp_path / "x-00001-of-65535.gguf"], capsys) == (
+        "error: x-00001-of-65535.gguf is part 1 of 65535; x-00002-of-65535.gguf, x-00003-of-65535.gguf, "
+        "x-00004-of-65535.gguf and 65531 more missing beside it")
