@@ -23,6 +23,7 @@ import numpy as np
 from qoqopt.errors import QoqoptError
 
 IN_SUM2, COUNTS = ".in_sum2", ".counts"
+_LEAST_ENTRY = 16  # bytes of the smallest legacy entry: int32 name length (0), ncall, n_values (1), a float32
 
 
 @dataclass
@@ -118,15 +119,28 @@ def _read_legacy(path: Path) -> IMatrix:
         pos += size
         return out
 
+    def count(what: str, item_bytes: int, least: int) -> int:
+        """A count read from the file, checked against what is left of it: a negative one moved the
+        reader backwards, so that a 4 MB file saying 10**6 entries looped for minutes."""
+        at = pos
+        (n,) = take("<i")
+        if n < least or n * item_bytes > len(data) - pos:
+            why = f"below {least}" if n < least else f"past the end of the file ({len(data)} bytes)"
+            raise QoqoptError(f"{path.name}: {what} {n} at byte {at} is {why}: not a llama.cpp imatrix file, "
+                              "or a damaged one")  # fmt: skip
+        return n
+
     (n_entries,) = take("<i")
-    if n_entries < 1 or n_entries > 1_000_000:
-        raise QoqoptError(f"{path.name} is not a llama.cpp imatrix file")
+    if n_entries < 1 or n_entries > 1_000_000 or n_entries * _LEAST_ENTRY > len(data) - pos:
+        raise QoqoptError(f"{path.name} is not a llama.cpp imatrix file (it says {n_entries} entries in "
+                          f"{len(data)} bytes)")  # fmt: skip
     sums, counts = {}, {}
     for _ in range(n_entries):
-        (length,) = take("<i")
-        name = data[pos : pos + length].decode("utf-8", "replace")
-        pos += length
-        ncall, nval = take("<ii")
+        n = count("name length", 1, 0)
+        name = data[pos : pos + n].decode("utf-8", "replace")
+        pos += n
+        (ncall,) = take("<i")
+        nval = count("value count", 4, 1)  # llama.cpp's loader refuses an entry of no values too
         values = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float64)
         pos += 4 * nval
         # legacy values are mean * ncall; keep "sum / count" semantics with count = ncall

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from qoqopt.errors import QoqoptError
 from qoqopt.exports.imatrix_file import IMatrix, read_imatrix, write_imatrix
 from tests.conftest import TRAIN_TOKENS
 
@@ -94,6 +95,36 @@ def test_legacy_dat_is_read(tmp_path):
     im = read_imatrix(tmp_path / "old.dat")
     assert im.datasets == ["wiki."] and im.chunk_count == 7
     np.testing.assert_allclose(im.means()["blk.3.ffn_down.weight"], values / 10)
+
+
+def _legacy(n_entries: int, *entry: int, pad: int = 0) -> bytes:
+    """A legacy .dat: the entry count, then int32 fields (name length, ncall, n_values) as given."""
+    return struct.pack(f"<{1 + len(entry)}i", n_entries, *entry) + bytes(pad)
+
+
+@pytest.mark.parametrize("data,why", [
+    # a negative n_values moved the reader back to the entry's start: 10**6 entries in 4 MB looped for minutes
+    (_legacy(3, 0, 1, -3, pad=64), "value count -3 at byte 12 is below 1"),
+    (_legacy(3, -8, pad=64), "name length -8 at byte 4 is below 0"),  # read the name from before itself
+    (_legacy(1, 0, 1, 100, pad=16), "value count 100 at byte 12 is past the end of the file (32 bytes)"),  # a traceback
+    (_legacy(1, 0, 1, 0, pad=16), "value count 0 at byte 12 is below 1"),  # llama.cpp's loader refuses it too
+], ids=["negative-values", "negative-name", "values-past-end", "no-values"])  # fmt: skip
+def test_a_legacy_count_the_file_cannot_hold_is_one_line(tmp_path, data, why):
+    (tmp_path / "evil.dat").write_bytes(data)
+    with pytest.raises(QoqoptError) as exc:
+        read_imatrix(tmp_path / "evil.dat")
+    assert str(exc.value) == f"evil.dat: {why}: not a llama.cpp imatrix file, or a damaged one"
+
+
+def test_legacy_entries_the_file_cannot_hold_are_refused_before_reading(tmp_path, tiny_dir, capsys):
+    """10**6 entries in a 64-byte file (an entry is at least 16 bytes): refused by `export` up front."""
+    from tests.conftest import refused
+
+    (tmp_path / "evil.imatrix.dat").write_bytes(_legacy(10**6, 0, 1, 1, pad=48))
+    argv = ["export", tiny_dir, "--format", "gguf", "--quant", "Q4_K_M", "--imatrix", tmp_path / "evil.imatrix.dat",
+            "--out", tmp_path / "out"]  # fmt: skip
+    assert refused(argv, capsys) == "error: evil.imatrix.dat is not a llama.cpp imatrix file (it says 1000000 entries in 64 bytes)"
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- collection
