@@ -20,6 +20,9 @@ DEFAULT_ALIGNMENT = 32
 UINT16, UINT32, INT32, STRING, ARRAY = 2, 4, 5, 8, 9
 SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 LONG_ARRAY = 64  # arrays longer than this (the vocabulary, its merges and scores) are read as their length
+# Arrays in arrays: gguf-py writes them (a list of lists), in practice at most 2 deep; a limit
+# well past that stops a hostile file's 10**5 levels before Python's recursion limit does
+MAX_NESTING = 8
 _U64 = struct.Struct("<Q")
 
 
@@ -127,23 +130,26 @@ class _Buffer:
     def string(self) -> str:
         return self.read(self.unpack("<Q")).decode("utf-8", "replace")
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
+        """A value of GGUF type `vtype`; `depth`: the arrays it lies in."""
         if vtype == STRING:
             return self.string()
         if vtype in SCALAR:
             return self.unpack(SCALAR[vtype])
         if vtype != ARRAY:
             raise QoqoptError(f"unknown GGUF value type {vtype}")
+        if depth == MAX_NESTING:
+            raise QoqoptError(f"{self.name}: GGUF arrays nested more than {MAX_NESTING} deep at byte {self.pos}: a damaged file")
         itype, count = self.unpack("<I"), self.unpack("<Q")
         if count <= LONG_ARRAY:
-            return [self.value(itype) for _ in range(count)]
+            return [self.value(itype, depth + 1) for _ in range(count)]
         if itype in SCALAR:
             self.read(struct.calcsize(SCALAR[itype]) * count)
         elif itype == STRING:
             self._skip_strings(count)
         else:
             for _ in range(count):
-                self.value(itype)
+                self.value(itype, depth + 1)
         return count
 
     def _skip_strings(self, count: int) -> None:

@@ -241,3 +241,30 @@ def test_missing_parts_are_counted_past_the_first_three(tmp_path, capsys):
     assert refused(["info", tmp_path / "x-00001-of-65535.gguf"], capsys) == (
         "error: x-00001-of-65535.gguf is part 1 of 65535; x-00002-of-65535.gguf, x-00003-of-65535.gguf, "
         "x-00004-of-65535.gguf and 65531 more missing beside it")
+
+
+def _nested_gguf(path, depth: int):
+    """A GGUF v3 of no tensors and one key, "x", holding `depth` arrays, each in the one before, the
+    last holding the uint32 7, written per the GGUF spec: a key is a uint64 length and its bytes, a
+    value's type a uint32 (9 array, 4 uint32), an array its items' type then a uint64 count."""
+    import struct
+
+    key = struct.pack("<Q", 1) + b"x" + struct.pack("<I", 9)
+    levels = struct.pack("<IQ", 9, 1) * (depth - 1) + struct.pack("<IQI", 4, 1, 7)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + key + levels)
+    return path
+
+
+def test_arrays_nested_past_the_limit_are_one_line(tmp_path, capsys):
+    """10**5 arrays each in the one before ran the header reader into Python's recursion limit (a
+    RecursionError traceback); as deep as the limit they are still read."""
+    from qoqopt.exports.gguf_header import MAX_NESTING, read_header
+
+    value = read_header(_nested_gguf(tmp_path / "deep.gguf", MAX_NESTING)).kv["x"]
+    for _ in range(MAX_NESTING):
+        assert isinstance(value, list) and len(value) == 1
+        value = value[0]
+    assert value == 7
+    path = _nested_gguf(tmp_path / "deeper.gguf", 10**5)
+    at = 24 + 13 + 12 * MAX_NESTING  # the header, the key and its type, then MAX_NESTING array heads
+    assert refused(["info", path], capsys) == f"error: deeper.gguf: GGUF arrays nested more than {MAX_NESTING} deep at byte {at}: a damaged file"
