@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import QoqoptError
+from .errors import QoqoptError, printable
 from .manifest import entry_path, gguf_entries, gguf_quants, made_from, preferred_quant
 
 TEXT_KEYS = {  # summary field: the key under the text GGUF's `general.architecture`
@@ -247,7 +247,7 @@ def render(s: GGUFSummary) -> str:
     if s.default_quant:
         lines.append(f"default      {s.default_quant}: the text GGUF `qoqopt ask` and the build card use when none is named")
     lines += [f"left out     {x}" for x in s.left_out] + [f"note         {n}" for n in s.notes]
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # every value here is read from the file or its manifest
 
 
 def _file_line(f: GGUFFile, modelfile_from: str | None, hub: bool) -> str:

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from .errors import QoqoptError
+from .errors import QoqoptError, printable
 
 # Modules providing `register(subparsers)`, in the order `--help` lists them.
 COMMAND_MODULES = [
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = _catch_stop_signals()
     try:
         return _run(argv)
-    except QoqoptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except QoqoptError as exc:  # a message may quote a file's own text: one line, whatever it holds
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `qoqopt data list | head`: the reader has gone, so has anything left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes

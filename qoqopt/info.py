@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .loader import SAFETENSORS_DTYPE_BYTES, Checkpoint, find_chat_template, part_of
 from .build_info import decimal_size
+from .errors import printable
 from .manifest import made_from
 
 PARTS = ("text", "vision", "ecg")
@@ -256,4 +257,4 @@ def render(s: Summary) -> str:
             f"({', '.join(s.missing)}); metadata only, shapes from the meta-device model"
         )
     lines += [f"note         {n}" for n in s.notes]
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # config.json's and manifest.json's values, as they are in the file

@@ -268,3 +268,36 @@ def test_arrays_nested_past_the_limit_are_one_line(tmp_path, capsys):
     path = _nested_gguf(tmp_path / "deeper.gguf", 10**5)
     at = 24 + 13 + 12 * MAX_NESTING  # the header, the key and its type, then MAX_NESTING array heads
     assert refused(["info", path], capsys) == f"error: deeper.gguf: GGUF arrays nested more than {MAX_NESTING} deep at byte {at}: a damaged file"
+
+
+def test_a_files_control_characters_are_shown_not_acted_on(tmp_path, capsys, monkeypatch):
+    """GGUF strings, a manifest's notes and file names reach the terminal as visible escapes: an
+    architecture "\\x1b[2J" cleared the screen, a newline in a name started a line of its own, and
+    an error quoting one was no longer one line."""
+    from qoqopt.cli import main
+
+    hostile = "ll\x1b[2J\x1b[31mama\x9b\x7f\n"
+    shown = "ll\\x1b[2J\\x1b[31mama\\x9b\\x7f\\n"
+    build = tmp_path / "build"
+    build.mkdir()
+    path = _gguf(build / "m.Q8_0.gguf", arch=hostile)
+    out = _info(path, capsys)
+    assert f"text         {shown}: " in out and not any(c in out for c in "\x1b\x9b\x7f")
+    _gguf(build / "mmproj\x1b[2J.gguf")
+    files = [{"path": path.name, "kind": "text", "quant": "Q8_0"}, {"path": "mmproj\x1b[2J.gguf", "kind": "mmproj"}]
+    (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files, "notes": [f"a {hostile}note"]}))
+    out = _info(build, capsys)
+    assert f"note         a {shown}note\n" in out and "  mmproj\\x1b[2J.gguf " in out and "\x1b" not in out
+    files[1]["bytes"] = -1  # refused, quoting the file's name
+    (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
+    assert refused(["info", build], capsys) == f"error: {build / 'manifest.json'} gives mmproj\\x1b[2J.gguf \"bytes\": -1, not a count"
+    files[1]["path"] = "mm\nproj.gguf"
+    (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
+    assert refused(["info", build], capsys) == f"error: {build / 'manifest.json'} gives mm\\nproj.gguf \"bytes\": -1, not a count"
+    monkeypatch.setenv("QOQOPT_CACHE", str(tmp_path / "cache"))
+    files[1] = {"path": "gone\x1b[2J.gguf", "kind": "mmproj"}  # --verify's failed line names it
+    (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": files}))
+    capsys.readouterr()
+    assert main(["info", str(build), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"verify       FAILED {build} lists gone\\x1b[2J.gguf, which is missing" in out and "\x1b" not in out

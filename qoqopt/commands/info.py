@@ -46,7 +46,7 @@ def run(args) -> int:
     import dataclasses
     import json
 
-    from ..errors import QoqoptError
+    from ..errors import QoqoptError, printable
 
     path = Path(args.model).expanduser()
     # checked before the summary, which a damaged build may fail to give
@@ -62,7 +62,7 @@ def run(args) -> int:
         else:
             _print_checked(checked)
             if str(exc) not in checked.failed:  # a damaged manifest.json is already the failed line
-                print(f"error: {exc}", file=sys.stderr)
+                print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(dataclasses.asdict(summary) | (checked.as_json() if checked else {}), indent=2))
@@ -134,14 +134,16 @@ def _verify(args, path: Path) -> Verified:
 
 
 def _print_checked(checked: Verified | None) -> None:
+    from ..errors import printable
+
     if checked is None:
         return
-    for line in checked.failed:
-        print(f"verify       FAILED {line}")
+    for line in checked.failed:  # they name files as manifest.json lists them, and those on disk
+        print(f"verify       FAILED {printable(line)}")
     if not checked.failed:
         print(f"verify       {checked.n_files} files match manifest.json (size and sha256)")
     for rel in checked.unlisted:
-        print(f"verify       not in manifest.json, so not checked: {rel}")
+        print(f"verify       not in manifest.json, so not checked: {printable(rel)}")
 
 
 def _gguf_file(path: Path, args):
