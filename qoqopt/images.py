@@ -23,6 +23,7 @@ from qoqopt.errors import QoqoptError
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 MAX_ASPECT = 200  # transformers' smart_resize: "absolute aspect ratio must be smaller than 200"
+ECG_HZ = (50, 10_000)  # the sampling rates an ECG is recorded at, with room (250-1000 Hz is usual)
 
 
 def is_dicom(path: Path) -> bool:
@@ -64,7 +65,7 @@ def _dicom_picture(ds, path: Path, frame: int | None) -> Image.Image:
     from qoqopt.data.ecg import render_ecg
 
     if is_waveform(ds):
-        _no_frame(frame, path)
+        _check_waveform(ds, frame, path)
         return render_ecg(ds)
     _check_dicom_size(ds, path)  # before a decode that could take all memory
     return _fits_processor(dicom_to_image(ds, frame), path)
@@ -100,7 +101,7 @@ def check_image(path: str | Path, dicom: bool = False, frame: int | None = None)
         with _quiet():
             ds = read_dicom(path, stop_before_pixels=True)
             if is_waveform(ds):
-                _no_frame(frame, path)
+                _check_waveform(ds, frame, path)
                 return ds
             _check_decodable(ds, path)
             _check_dicom_size(ds, path)
@@ -144,9 +145,24 @@ def _pillow(path: Path):
         raise QoqoptError(f"{path}: not an image Pillow can read, nor a DICOM file ({' '.join(str(exc).split())})") from None
 
 
-def _no_frame(frame: int | None, path: Path) -> None:
+def _check_waveform(ds, frame: int | None, path: Path) -> None:
     if frame is not None:
         raise QoqoptError(f"{path}: an ECG waveform has no frames to pick from")
+    for group in ds.WaveformSequence:
+        _check_sampling(group, path)
+
+
+def _check_sampling(group, path: Path) -> None:
+    """A multiplex group's SamplingFrequency must be an ECG's: the ECG encoder's input is 10 s of
+    samples at that rate (3e6 Hz took 2.7 GB, 2e8 Hz asked for 119 GiB, 0 Hz was a ValueError)."""
+    text = group.get("SamplingFrequency")
+    try:
+        hz = float(text)
+    except (TypeError, ValueError):  # absent, or not a number
+        hz = float("nan")
+    if not ECG_HZ[0] <= hz <= ECG_HZ[1]:  # a NaN fails it too
+        raise QoqoptError(f"{path}: ECG SamplingFrequency {text} Hz, outside the {ECG_HZ[0]}..{ECG_HZ[1]} Hz an "
+                          "ECG is recorded at")  # fmt: skip
 
 
 def _seek(img: Image.Image, frame: int | None, path: Path) -> None:

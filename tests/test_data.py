@@ -646,6 +646,27 @@ def test_jsonl_reads_an_ecg_by_what_the_file_holds(tmp_path):
     assert scanned.ecg_signal is None and scanned.image.mode == "RGB"
 
 
+@pytest.mark.parametrize("hz", ["0", "1e-3", "2e4", "nan"])
+def test_an_ecg_sampling_rate_no_ecg_has_is_refused_in_one_line(tmp_path, capsys, hz):
+    """The ECG encoder's input is 10 s of samples at the file's SamplingFrequency: 3e6 Hz took
+    2.7 GB, 2e8 asked for 119 GiB, 0 or 1e-3 Hz was a ValueError traceback. `data list` and `ask
+    --image` refuse it in one line (rates that cost memory are not tried here)."""
+    from qoqopt.images import open_image
+    from tests.conftest import refused
+
+    ds = pydicom.dcmread(catalog.source_path("waveform_ecg.dcm"))
+    with warnings.catch_warnings():  # pydicom warns that "nan" is no decimal string: that is the point
+        warnings.simplefilter("ignore")
+        ds.WaveformSequence[0].SamplingFrequency = hz
+    ds.save_as(tmp_path / "ecg.dcm")
+    path = _write_set(tmp_path, [{**_NO_IMAGE, "dicom": "ecg.dcm", "domain": "ecg"}])
+    why = f"{tmp_path / 'ecg.dcm'}: ECG SamplingFrequency {hz} Hz, outside the 50..10000 Hz an ECG is recorded at"
+    assert refused(["data", "list", "--jsonl", path], capsys) == f"error: {path}:1: {why}"
+    with pytest.raises(QoqoptError) as exc:
+        open_image(tmp_path / "ecg.dcm")
+    assert str(exc.value) == why
+
+
 def test_jsonl_refuses_at_load_what_cannot_be_decoded(tmp_path):
     """A float TIFF and a 12-bit JPEG Extended DICOM (pydicom's own sample; neither Pillow nor gdcm
     decodes it) are refused when the set loads, not when calibration reaches them."""
