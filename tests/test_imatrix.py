@@ -260,6 +260,31 @@ def test_an_imatrix_calibrated_on_the_users_own_set(tiny_dir, tmp_path):
     assert "MRN12345" not in json.dumps(manifest) and manifest["imatrix"]["datasets"] == shipped.datasets
 
 
+def test_a_given_imatrix_file_quantizes_as_its_calibration_did_and_keeps_no_file_names(tiny_dir, tmp_path):
+    """`export --imatrix my.imatrix.gguf`: the quants are byte for byte those the export that
+    calibrated it wrote (the sums are what is used), and the file names its datasets recorded (the
+    `-f` file llama-imatrix records as typed) are not carried into the build that is uploaded."""
+    import hashlib
+    import json
+
+    from qoqopt.exports.gguf_export import GGUFOptions, export_gguf
+    from qoqopt.local_names import recorded_local_names
+
+    opts = dict(quants=["Q4_K_M"], mmproj_type="none", progress=False, calib_items=2)
+    export_gguf(str(tiny_dir), tmp_path / "first", GGUFOptions(imatrix="clinical", **opts), log=lambda s: None)
+    made = read_imatrix(next((tmp_path / "first").glob("*.imatrix.gguf")))
+    given = tmp_path / "ward3.imatrix.gguf"
+    write_imatrix(given, IMatrix(made.sums, made.counts, ["/data/ward3/DOE_JOHN_MRN12345/calib.txt"], made.chunk_count, 512))
+    export_gguf(str(tiny_dir), tmp_path / "again", GGUFOptions(imatrix=str(given), **opts), log=lambda s: None)
+    quant = next((tmp_path / "first").glob("*.Q4_K_M.gguf")).name
+    assert (tmp_path / "again" / quant).read_bytes() == (tmp_path / "first" / quant).read_bytes()
+    carried = read_imatrix(next((tmp_path / "again").glob("*.imatrix.gguf")))
+    assert carried.datasets == ["a local file"] and carried.chunk_size == 512
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert manifest["imatrix"]["source"] == f"read from an imatrix file (sha256 {hashlib.sha256(given.read_bytes()).hexdigest()[:12]})"
+    assert recorded_local_names(tmp_path / "again", manifest) == [] and "MRN12345" not in json.dumps(manifest)
+
+
 # ---------------------------------------------------------------------------- trained model
 
 
