@@ -592,14 +592,12 @@ def _check_layer_counts(ckpt: Checkpoint) -> None:
             continue  # transformers' own config checks say what is wrong with it
         stored = {int(m[1]) for n in ckpt.names for m in [_LAYER_INDEX[key].match(n)] if m}
         if len(stored) != count or max(stored) != count - 1:
-            raise QoqoptError(f"{ckpt.source}: config.json's {key} is {count}, but the weights hold layers "
-                              f"{_index_ranges(sorted(stored))}")  # fmt: skip
+            held = f"layers {_index_ranges(sorted(stored))}" if stored else "none of those layers"
+            raise QoqoptError(f"{ckpt.source}: config.json's {key} is {count}, but the weights hold {held}")
 
 
 def _index_ranges(indexes: list[int]) -> str:
     """0-27 or 0-1, 5: how a reader sees which layers are there."""
-    if not indexes:
-        return "none"
     runs, start = [], indexes[0]
     for prev, cur in zip(indexes, indexes[1:] + [None]):
         if cur != prev + 1:

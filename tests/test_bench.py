@@ -583,8 +583,9 @@ def test_info_of_a_gguf_build_says_what_llama_cpp_loads(run_1t, trained_dir, tmp
     assert from_line == f"FROM ./{texts[summary['default_quant']]['path']}"
     one = json.loads(run_cli("info", str(gguf_dir / texts["Q8_0"]["path"]), "--json").stdout)
     assert one["files"] == [texts["Q8_0"]] and one["text"] == t  # a file alone: the same, from its header
-    source = ("model", "revision", "fingerprint")
+    source = ("revision", "fingerprint")
     assert {k: one["made_from"][k] for k in source} == {k: summary["made_from"][k] for k in source}
+    assert one["made_from"]["model"] == "a local checkpoint"  # the file is uploaded as it is: no local path
     partial = tmp_path / "partial"
     shutil.copytree(gguf_dir, partial)
     (partial / texts["Q8_0"]["path"]).unlink()
