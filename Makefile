@@ -3,6 +3,8 @@
 #   make test   set up .venv, then run the test suite (pytest)
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# the interpreter the venv is made from: a fresh Mac's python3 is Xcode's 3.9 (make PYTHON=python3.12)
+PYTHON ?= python3
 OUT ?= out
 
 .PHONY: setup demo test bench bench-peers gpu-wheels clean
@@ -11,7 +13,8 @@ OUT ?= out
 # with no torch present would pull a multi-GB CUDA build. llama-cpp-python compiles from
 # source once (~3.5 min on 2 cores) and pip caches the wheel afterwards.
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "qoqopt needs Python >= 3.10; $(PYTHON) is " + sys.version.split()[0] + ": make PYTHON=python3.12 ...")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[all]'

@@ -107,6 +107,9 @@ def _catch_stop_signals() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.name == "nt":  # os.pread, POSIX signals, prctl, directory renames over a folder: Linux and macOS only
+        print("error: qoqopt runs on Linux and macOS; on Windows, run it under WSL2", file=sys.stderr)
+        return 2
     if not sys.stderr.isatty():  # transformers' and the Hub's bars draw to any stream: a log gets \r-joined lines
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     previous = _catch_stop_signals()

@@ -201,6 +201,31 @@ def test_default_threads_are_one_per_physical_core(tmp_path):
     assert subprocess.run([sys.executable, "-c", one], capture_output=True, text=True, check=True).stdout.strip() == "1"
 
 
+def test_a_mac_is_named_by_its_chip_and_threaded_on_its_performance_cores(tmp_path, monkeypatch):
+    """macOS has no /proc or /sys: every Apple Silicon Mac was labelled "arm" (an M1's result and an
+    M3's were told apart only as #1 and #2), and bench used every core, efficiency cores too, where
+    llama.cpp's default takes the performance cores. Simulated here (no Mac): the sysctl names are
+    macOS's own, answered as an M3 Pro answers them (6 performance, 6 efficiency cores)."""
+    from qoqopt.bench import machine
+
+    answers = {"machdep.cpu.brand_string": "Apple M3 Pro", "hw.perflevel0.physicalcpu": "6", "hw.physicalcpu": "12"}
+    asked = []
+
+    def sysctl(argv, **kw):
+        asked.append(argv)
+        value = answers.get(argv[-1])
+        return subprocess.CompletedProcess(argv, 0 if value else 1, f"{value or ''}\n", "")
+
+    monkeypatch.setattr(machine.sys, "platform", "darwin")
+    monkeypatch.setattr(machine.subprocess, "run", sysctl)
+    monkeypatch.setattr(machine, "_cpuinfo", lambda *keys: None)  # no /proc/cpuinfo
+    assert machine.cpu_model() == "Apple M3 Pro"
+    assert machine.usable_physical_cores(tmp_path / "no-sysfs") == 6
+    del answers["hw.perflevel0.physicalcpu"]  # an Intel Mac has one performance level
+    assert machine.usable_physical_cores(tmp_path / "no-sysfs") == 12
+    assert all(argv[:2] == ["sysctl", "-n"] for argv in asked)
+
+
 def test_transformers_decode_is_timed_inside_one_request(tiny_dir):
     """TTFT and decode come from one generate() of 1 + n tokens, each step time-stamped: decode was
     the difference of two requests, and one slow request made it 0 ms (3.2e10 tok/s, helper-64)."""

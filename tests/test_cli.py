@@ -326,3 +326,15 @@ def test_a_source_that_cannot_make_a_chat_is_refused_up_front(tiny_dir, tmp_path
         assert err == (f"error: {gptq} is already a GPTQ build (its config.json has a quantization_config): "
                        "export from the original checkpoint")  # fmt: skip
     assert not out.exists()
+
+
+def test_windows_is_refused_in_one_line(monkeypatch, capsys):
+    """Native Windows lacks os.pread, POSIX signals and renaming a folder over another, which exports,
+    bench and --force need (helper-74): one line pointing to WSL2, not a traceback midway."""
+    import os
+
+    from qoqopt.cli import main
+
+    monkeypatch.setattr(os, "name", "nt")
+    assert main(["info", "anything"]) == 2
+    assert capsys.readouterr().err == "error: qoqopt runs on Linux and macOS; on Windows, run it under WSL2\n"

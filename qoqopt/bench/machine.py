@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -31,8 +32,26 @@ def usable_physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
         try:
             cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
         except OSError:
-            return usable_cores()
+            return _macos_performance_cores() or usable_cores()
     return len(cores) or 1
+
+
+def _macos_performance_cores() -> int | None:
+    """Apple Silicon's performance cores (Intel Macs: physical cores), which llama.cpp's default
+    thread count also takes: threads on the efficiency cores slow a matmul down to their pace."""
+    count = _sysctl("hw.perflevel0.physicalcpu") or _sysctl("hw.physicalcpu")
+    return int(count) if count and count.isdigit() else None
+
+
+def _sysctl(name: str) -> str | None:
+    """A macOS sysctl value (macOS has no /proc or /sys); None elsewhere or when it has none."""
+    if sys.platform != "darwin":
+        return None
+    try:
+        done = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def threads_or_default(threads: int) -> int:
@@ -52,7 +71,8 @@ def _cpuinfo(*keys: str) -> str | None:
 
 
 def cpu_model() -> str:
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
+    """The CPU's model name ("Apple M3 Pro", not macOS's "arm", which every Apple Silicon Mac says)."""
+    return _cpuinfo("model name") or _sysctl("machdep.cpu.brand_string") or platform.processor() or platform.machine()
 
 
 # The vector extensions llama.cpp's and torch's CPU kernels choose between (x86 "flags", Arm
