@@ -13,7 +13,7 @@ OUT ?= out
 # with no torch present would pull a multi-GB CUDA build. llama-cpp-python compiles from
 # source once (~3.5 min on 2 cores) and pip caches the wheel afterwards.
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "qoqopt needs Python >= 3.10; $(PYTHON) is " + sys.version.split()[0] + ": make PYTHON=python3.12 ...")'
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "qoqopt needs Python >= 3.10; $(PYTHON) is " + sys.version.split()[0] + ": make PYTHON=python3.12 ...")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from qoqopt.errors import QoqoptError
 from qoqopt.integrity import sha256_of
-from qoqopt.local_names import scrub
+from qoqopt.local_names import own_dataset
 from qoqopt.manifest import preferred_quant
 
 from . import gguf_map, gguf_meta, gguf_quant, gguf_split, gguf_vocab, gguf_write, ollama
@@ -377,8 +377,8 @@ def _imatrix(ctx: _Context, options: GGUFOptions, tmp: Path, log) -> tuple[IMatr
         log("note: quantizing without an importance matrix (--imatrix none)")
         return None, None
     if kind == "file":  # read and checked when the export started
-        # its datasets as llama-imatrix or an older qoqopt recorded them, less the files they name
-        im = replace(ctx.given_imatrix, datasets=[scrub(d) for d in ctx.given_imatrix.datasets])
+        # llama-imatrix names its -f file as typed, an older qoqopt its set's path: not carried on
+        im = replace(ctx.given_imatrix, datasets=[own_dataset(d) for d in ctx.given_imatrix.datasets])
         how = f"read from an imatrix file (sha256 {sha256_of(Path(choice))[:12]})"
     else:
         im, how = _check_imatrix(ctx, clinical_imatrix(ctx.ckpt, ctx.processor, choice, options, log)), "calibrated"

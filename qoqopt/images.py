@@ -146,19 +146,22 @@ def _pillow(path: Path):
 
 
 def _check_waveform(ds, frame: int | None, path: Path) -> None:
+    from qoqopt.data.ecg import _rhythm_group as rhythm_group  # the group render_ecg reads
+
     if frame is not None:
         raise QoqoptError(f"{path}: an ECG waveform has no frames to pick from")
-    for group in ds.WaveformSequence:
-        _check_sampling(group, path)
+    _check_sampling(rhythm_group(ds)[1], path)  # the group the ECG is read from; others (median beats) are not
 
 
 def _check_sampling(group, path: Path) -> None:
     """A multiplex group's SamplingFrequency must be an ECG's: the ECG encoder's input is 10 s of
     samples at that rate (3e6 Hz took 2.7 GB, 2e8 Hz asked for 119 GiB, 0 Hz was a ValueError)."""
     text = group.get("SamplingFrequency")
+    if text is None:
+        raise QoqoptError(f"{path}: the ECG has no SamplingFrequency")
     try:
         hz = float(text)
-    except (TypeError, ValueError):  # absent, or not a number
+    except (TypeError, ValueError):
         hz = float("nan")
     if not ECG_HZ[0] <= hz <= ECG_HZ[1]:  # a NaN fails it too
         raise QoqoptError(f"{path}: ECG SamplingFrequency {text} Hz, outside the {ECG_HZ[0]}..{ECG_HZ[1]} Hz an "

@@ -148,14 +148,14 @@ def _shard_files(path: Path) -> list[str]:
     """The safetensors files a checkpoint's index names; without an index, its one model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        return sorted(set(_index_weight_map(index).values()))
+        return sorted(set(_index(index)[0].values()))
     return ["model.safetensors"]
 
 
-def _index_weight_map(index: Path) -> dict[str, str]:
-    """The index's tensor -> shard map, every shard a safetensors file inside the checkpoint: the
-    index comes with the model, and a name like ``/home/x/private.safetensors`` or ``../../x``
-    would make qoqopt read (and export, and publish) a file from elsewhere on this machine."""
+def _index(index: Path) -> tuple[dict[str, str], int | None]:
+    """The index's tensor -> shard map and total size, every shard a safetensors file inside the
+    checkpoint: the index comes with the model, and a name like ``/home/x/private.safetensors`` or
+    ``../../x`` would make qoqopt read (and export, and publish) a file from elsewhere on this machine."""
     data = _read_json(index)
     weight_map = data.get("weight_map", {}) if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
@@ -165,7 +165,8 @@ def _index_weight_map(index: Path) -> dict[str, str]:
         if rel is None or rel.is_absolute() or ".." in rel.parts or "\\" in shard or rel.suffix != ".safetensors":
             raise QoqoptError(f"{index} names the shard {shard!r}: every shard must be a .safetensors file inside "
                               "the checkpoint's folder")  # fmt: skip
-    return weight_map
+    metadata = data.get("metadata")
+    return weight_map, metadata.get("total_size") if isinstance(metadata, dict) else None
 
 
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None = None,
@@ -513,9 +514,7 @@ def validate_config(config: dict, where: str) -> None:
 def _weight_map(path: Path) -> tuple[dict[str, str], int | None]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _index_weight_map(index)
-        metadata = _read_json(index).get("metadata")  # the index is a JSON object: _index_weight_map checked
-        return weight_map, metadata.get("total_size") if isinstance(metadata, dict) else None
+        return _index(index)
     single = path / "model.safetensors"
     if single.exists():
         return {name: single.name for name in read_safetensors_header(single)}, None

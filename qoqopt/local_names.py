@@ -1,10 +1,11 @@
-"""Names of the user's own folders and files inside a build: found before `publish` uploads them.
+"""Names a build records that qoqopt did not write: found before `publish` uploads them.
 
 Hospitals name folders and files after patients, accession numbers and studies, and a build's files
-are uploaded byte for byte. This qoqopt records a user set by its sha256 (`data.jsonl.set_label`)
-and a local source as `LOCAL_SOURCE`; builds made before it, imatrix files from llama-imatrix (which
-records its `-f` file as typed) and configs that transformers 4 saved from a fine-tune's output
-folder can still carry such names.
+are uploaded byte for byte. This qoqopt records a user set by its sha256 (`data.jsonl.set_label`),
+a local source as `LOCAL_SOURCE`, and drops the datasets a given imatrix file names. Builds made
+before it, and configs that transformers 4 saved from a fine-tune's output folder, can still carry
+such names. What a field may hold is said by what qoqopt writes there (an allowlist): a path can be
+relative, hold spaces or commas, or end in any suffix, so no pattern finds every one.
 """
 
 from __future__ import annotations
@@ -13,64 +14,78 @@ import json
 import re
 from pathlib import Path
 
+from qoqopt.errors import QoqoptError
 from qoqopt.manifest import entry_path
 
-# a path written out (POSIX or home, a Windows drive or share), or a data file named on its own
-_PATH = re.compile(r"(?<![\w.])(?:~?/|[A-Za-z]:[\\/]|\\\\)[^\s`'\"();,]+|[^\s`'\"();,/\\]+\.(?:jsonl|txt|csv|parquet)\b",
-                   re.IGNORECASE)  # fmt: skip
-# keys whose whole value is where the model came from: anything but a Hub id or the placeholder names a folder
+LOCAL_SOURCE = "a local checkpoint"  # a GGUF's qoqopt.source when it was made from a local folder
+GIVEN_DATASET = "a dataset the given imatrix file named (left out)"  # what replaces such a name
+# a calibration label qoqopt writes (calibration.calibration_items), then in the imatrix its counts
+_OWN_LABEL = r"(qoqopt clinical calib split \(seed \d+\)|a user JSONL set \(sha256 [0-9a-f]{12}\))"
+_OWN = {
+    "calibration.source": re.compile(_OWN_LABEL + "$"),
+    "imatrix.datasets": re.compile(_OWN_LABEL + r"(: [\w ,().:;-]*)?$|" + re.escape(GIVEN_DATASET) + "$"),
+    "imatrix.source": re.compile(r"calibrated$|read from an imatrix file \(sha256 [0-9a-f]{12}\)$"),
+}
+# keys whose whole value is where the model came from: anything but a Hub id names a folder
 _SOURCE_KEYS = {"config.json": "_name_or_path", "tokenizer_config.json": "name_or_path"}
-_GGUF_SOURCE, _GGUF_DATASETS = "qoqopt.source", "imatrix.datasets"
-LOCAL_SOURCE = "a local checkpoint"
 
 
-def paths_in(text: str) -> list[str]:
-    return _PATH.findall(text)
+def own_eval_set(text: str) -> bool:
+    """An eval set's name as bench records it: the built-in set, or a user set by its sha256."""
+    return text == "clinical" or bool(_OWN["calibration.source"].match(text) and text.startswith("a user"))
 
 
-def scrub(text: str) -> str:
-    """``text`` with each path or data file name it holds replaced by "a local file"."""
-    return _PATH.sub("a local file", text)
+def own_dataset(text: str) -> str:
+    """An imatrix dataset as a build records it: qoqopt's own label kept, anything else (the file
+    llama-imatrix names as typed, an older qoqopt's path) replaced by GIVEN_DATASET."""
+    return text if _OWN["imatrix.datasets"].match(text) else GIVEN_DATASET
+
+
+def is_hub_id(name: str) -> bool:
+    """A Hub repo id, not a local folder of that shape (``out/mini`` here is the folder)."""
+    from qoqopt.publish import is_repo_id
+
+    return is_repo_id(name) and not Path(name).exists()
 
 
 def recorded_local_names(folder: Path, manifest: dict) -> list[str]:
-    """Each "file key: name" of the build's listed files that names a local folder or file. Files
+    """Each "file key: value" of the build's listed files that qoqopt does not write there. Files
     that are missing are left to the upload's own check."""
-    found = [f"manifest.json {key}: {name}" for key, text in _manifest_texts(manifest) for name in paths_in(text)]
+    found = [f"manifest.json {key}: {text}" for key, text in _manifest_texts(manifest) if not _OWN[key].match(str(text))]
     for entry in manifest.get("files", []):
         rel = entry_path(entry)
         path = Path(folder) / rel
         if not path.is_file():
             continue
         if rel.endswith(".gguf"):
-            found += [f"{rel} {key}: {name}" for key, name in _gguf_names(path)]
+            found += [f"{rel} {key}: {value}" for key, value in _gguf_names(path)]
         elif Path(rel).name in _SOURCE_KEYS:
             key = _SOURCE_KEYS[Path(rel).name]
-            found += [f"{rel} {key}: {name}" for name in _json_source(path, key)]
+            found += [f"{rel} {key}: {value}" for value in _json_source(path, key)]
     return found
 
 
 def _manifest_texts(manifest: dict) -> list[tuple[str, str]]:
     """The manifest's own records of the calibration data (its `source.model` is replaced on upload)."""
-    texts = [("calibration.source", (manifest.get("calibration") or {}).get("source"))]
     imatrix = manifest.get("imatrix") or {}
-    texts += [("imatrix.source", imatrix.get("source"))] + [("imatrix.datasets", d) for d in imatrix.get("datasets") or []]
-    return [(key, text) for key, text in texts if isinstance(text, str)]
+    texts = [("calibration.source", (manifest.get("calibration") or {}).get("source")),
+             ("imatrix.source", imatrix.get("source"))]  # fmt: skip
+    texts += [("imatrix.datasets", d) for d in imatrix.get("datasets") or []]
+    return [(key, text) for key, text in texts if text is not None]
 
 
 def _gguf_names(path: Path) -> list[tuple[str, str]]:
-    from qoqopt.errors import QoqoptError
     from qoqopt.exports.gguf_header import read_header
 
     try:
         kv = read_header(path).kv
     except QoqoptError:
         return []  # not a GGUF header: it has no keys to name anything in
-    names = [(_GGUF_SOURCE, s) for s in [kv.get(_GGUF_SOURCE)] if isinstance(s, str) and _names_a_folder(s)]
-    datasets = kv.get(_GGUF_DATASETS)
-    if isinstance(datasets, list):
-        names += [(_GGUF_DATASETS, name) for d in datasets if isinstance(d, str) for name in paths_in(d)]
-    return names
+    source, datasets = kv.get("qoqopt.source"), kv.get("imatrix.datasets")
+    names = [("qoqopt.source", source)] if source is not None and source != LOCAL_SOURCE and not is_hub_id(str(source)) else []
+    if isinstance(datasets, int):  # a list too long for the header reader to keep: unread, so not vouched for
+        return names + [("imatrix.datasets", f"{datasets} names, not read")]
+    return names + [("imatrix.datasets", d) for d in datasets or [] if not _OWN["imatrix.datasets"].match(str(d))]
 
 
 def _json_source(path: Path, key: str) -> list[str]:
@@ -78,10 +93,4 @@ def _json_source(path: Path, key: str) -> list[str]:
         value = json.loads(path.read_text(encoding="utf-8")).get(key)
     except (ValueError, AttributeError):
         return []  # not a JSON object: the loaders' checks say so
-    return [value] if isinstance(value, str) and value and _names_a_folder(value) else []
-
-
-def _names_a_folder(source: str) -> bool:
-    from qoqopt.publish import is_repo_id
-
-    return source != LOCAL_SOURCE and (not is_repo_id(source) or Path(source).exists())
+    return [value] if isinstance(value, str) and value and not is_hub_id(value) else []

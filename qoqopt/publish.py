@@ -12,12 +12,12 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from .errors import QoqoptError
 from .fileio import sha256_file
 from .hub_license import UNNAMED as UNNAMED_LICENSE, CardLicense, NoLicense, card_license
-from .local_names import paths_in, recorded_local_names
+from .local_names import is_hub_id, own_eval_set, recorded_local_names
 from .report import inline_text
 from .manifest import (
     BUILD_FORMATS, entry_path, gguf_entries, gguf_quants, listed_file, preferred_quant, read_manifest, source_id,
@@ -145,7 +145,8 @@ def _tags(manifest: dict) -> list[str]:
 
 
 class LocalNames(QoqoptError):
-    """The build's files name the user's folders or data files, and --allow-local-names was not given."""
+    """The build's files hold names qoqopt does not write (they can name the user's folders or data
+    files), and --allow-local-names was not given."""
 
 
 def local_names_kept(folder: Path, manifest: dict, allow: bool) -> list[str]:
@@ -153,9 +154,9 @@ def local_names_kept(folder: Path, manifest: dict, allow: bool) -> list[str]:
     byte for byte, so the upload cannot leave them out)."""
     found = recorded_local_names(folder, manifest)
     if found and not allow:
-        raise LocalNames(f"the build's files name local folders or files ({_some(found, 3)}), which would be "
-                         "uploaded; export it again with this qoqopt, which records neither, or pass "
-                         "--allow-local-names to upload them as they are")  # fmt: skip
+        raise LocalNames(f"the build's files hold names qoqopt does not write there, which can name local folders "
+                         f"or files ({_some(found, 3)}) and would be uploaded; export it again with this qoqopt, "
+                         "or pass --allow-local-names to upload them as they are")  # fmt: skip
     return found
 
 
@@ -170,7 +171,7 @@ UNNAMED_BASE = "OWNER/BASE-MODEL"
 def base_model_id(manifest: dict, override: str | None = None) -> str:
     """The Hub repo the build comes from: the card's `base_model` must be a repo id, not a local path."""
     base = override or manifest.get("source", {}).get("model") or DEFAULT_BASE
-    if _is_hub_id(base):
+    if is_hub_id(base):
         return base
     hint = "pass --base-model owner/name (the repo the weights come from)"
     if override:
@@ -289,11 +290,12 @@ _EVAL_SET = re.compile(r"eval set `([^`]*)`")
 
 def without_local_paths(report_md: str) -> str:
     """The report's text less the local paths it names (they say nothing to a card's reader, and
-    name the user's folders): a reference read from a local folder is the original model; a user
-    eval set that results made before sets were named by sha256 name by its path is "a user JSONL set"."""
-    md = _LOCAL_REFERENCE.sub(lambda m: m.group(0) if _is_hub_id(m.group(1)) else "Reference: the original model",
+    name the user's folders): a reference read from a local folder is the original model; an eval
+    set not named as bench names one now (the built-in set, or a user set by its sha256: older
+    results named it by its path) is "a user JSONL set"."""
+    md = _LOCAL_REFERENCE.sub(lambda m: m.group(0) if is_hub_id(m.group(1)) else "Reference: the original model",
                               report_md)  # fmt: skip
-    return _EVAL_SET.sub(lambda m: "eval set `a user JSONL set`" if paths_in(m.group(1)) else m.group(0), md)
+    return _EVAL_SET.sub(lambda m: m.group(0) if own_eval_set(m.group(1)) else "eval set `a user JSONL set`", md)
 
 
 def tables_for_build(report_md: str, fmt: str, shas: set[str]) -> tuple[str, set[str]]:
@@ -561,16 +563,15 @@ def shipped_manifest(manifest: dict, repo_id: str, base: str) -> tuple[str, list
     published = {"repo": repo_id, "readme": "the model card written by qoqopt publish"}
     source, notes = dict(manifest.get("source") or {}), []
     local = source.get("model")
-    if isinstance(local, str) and not _is_hub_id(local):
+    if isinstance(local, str) and not is_hub_id(local):
         source["model"] = base
         notes.append(f"manifest.json names the local folder {local} the build was made from; the uploaded copy "
                      f"names {base} instead")  # fmt: skip
+        if manifest.get("name") and manifest["name"] == PurePath(local.rstrip("/\\")).name:  # export's default name
+            notes.append(f"the build's file names and GGUF general.name are {manifest['name']!r}, the name of that "
+                         "folder; `qoqopt export --name` chooses another")  # fmt: skip
     text = json.dumps({**manifest, "source": source, "files": files, "published": published}, indent=2) + "\n"
     return text, notes
-
-
-def _is_hub_id(name: str) -> bool:
-    return is_repo_id(name) and not Path(name).exists()
 
 
 def _read_report(path: Path) -> str:

@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import QoqoptError
+from .errors import QoqoptError, printable
 
 SCHEMA = "qoqopt.bench/1"
 KLD = ".2e"  # drift spans 1e-6 (Q8_0) to 1e-1 (2-bit): fixed-point would print zeros
@@ -109,7 +109,10 @@ def _check_result(data, path: Path) -> None:
     if not isinstance(variants, list) or not all(isinstance(v, dict) and isinstance(v.get("name"), str) for v in variants):
         raise QoqoptError(f"{path}: a {SCHEMA} result needs a \"variants\" list of named objects")
     _check_fields(run["machine"], {"label": str, "cpu": str, "gpu": dict}, f"{path}: run.machine")
-    _check_fields(run, {"model": dict, "speed_settings": dict, "eval": dict}, f"{path}: run")
+    _check_fields(run, {"model": dict, "speed_settings": dict, "eval": dict, "reference_dtype": str}, f"{path}: run")
+    _check_fields(run.get("speed_settings") or {}, {"decode_tokens": int}, f"{path}: run.speed_settings")
+    if run.get("reference_dtype") is not None and not WORD.match(run["reference_dtype"]):
+        raise QoqoptError(f"{path}: run.reference_dtype {run['reference_dtype']!r} is not a dtype name")
     if run.get("eval") is not None:
         ev = f"{path}: run.eval"
         _check_fields(run["eval"], {"source": str, "items": int, "seed": int, "sha256": str, "domains": dict}, ev)
@@ -125,6 +128,9 @@ def _check_result(data, path: Path) -> None:
         _check_domain_names([v.get("worst_domain") or "all", *(v.get("drift") or {})], where)
         if not all(isinstance(f, dict) for f in v.get("files") or []):
             raise QoqoptError(f"{where}: files is not a list of objects")
+        bad = [f.get("sha256") for f in v.get("files") or [] if f.get("sha256") is not None and not SHA256.match(str(f["sha256"]))]
+        if bad:
+            raise QoqoptError(f"{where}: files[].sha256 {bad[0]!r} is not a sha256 (64 hex digits)")
         _check_speed(v.get("speed") or {}, f"{where}: speed")
         if v.get("status") == "ok" and v.get("drift"):
             _check_measured(v, where)
@@ -134,6 +140,8 @@ def _check_result(data, path: Path) -> None:
 # gptq:4, bnb:nf4) and a clinical domain
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][\w.:+-]*$")
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+WORD = re.compile(r"^[A-Za-z0-9_]+$")  # a dtype's name (float32, bfloat16)
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _check_domain_names(names, where: str) -> None:
@@ -211,8 +219,14 @@ _MARKDOWN_ACTIVE = re.compile(r"([\\|<>\[\]])")
 def inline_text(text: str) -> str:
     """A result's free text (a machine label, a runtime, an error) as one line of plain Markdown
     text: result files travel between sites and their text lands on published cards, so no newline
-    (a heading, a section), HTML tag, link or image, table cell break or code span can come of it."""
-    return _MARKDOWN_ACTIVE.sub(r"\\\1", code_text(text))
+    (a heading, a section), HTML tag, link or image, table cell break or code span can come of it,
+    nor, where it starts a line or a list item, a heading, rule, fence, quote or list; control
+    characters are shown, not sent to a terminal."""
+    text = _MARKDOWN_ACTIVE.sub(r"\\\1", printable(code_text(text)))
+    return _BLOCK_START.sub(r"\1\\\2", text)
+
+
+_BLOCK_START = re.compile(r"^(\d*)([#=*+~>.)-])")  # what opens a block at a line's start ("1." a list)
 
 
 def code_text(text: str) -> str:
@@ -443,7 +457,8 @@ def files_comment(rows) -> str:
     comes from. `publish` puts on a build's card only the rows measured on that build's own files,
     and the reference rows of those runs."""
     entries = [{"variant": v["name"], "files": _file_shas(v), "run": run} for run, v in rows]
-    return f"{FILES_TAG}{json.dumps(entries)} -->"
+    body = json.dumps(entries).replace("--", "-\\u002d")  # JSON's own escape: no "--" can end the comment early
+    return f"{FILES_TAG}{body} -->"
 
 
 # --------------------------------------------------------------------------- plots

@@ -580,6 +580,18 @@ def test_jsonl_errors_name_file_and_line(tmp_path, bad, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_sets_own_reason_is_the_reference_replys_and_an_empty_one_is_none(tmp_path):
+    """meta.reason is the <think> sentence of the reference reply (checked as chat text since the
+    security review); an empty one gives the default sentence, as it did before that check."""
+    from qoqopt.data import load_jsonl
+
+    rows = [{**GOOD, "meta": {"reason": "The liver fills the right upper quadrant."}}, {**GOOD, "id": "b", "meta": {"reason": "  "}}]
+    given, empty = load_jsonl(_write_set(tmp_path, rows))
+    plain = load_jsonl(_write_set(tmp_path, [GOOD]))[0]
+    assert "The liver fills the right upper quadrant." in given.target_text()
+    assert empty.target_text() == plain.target_text() and "\\boxed{Liver}" in plain.target_text()
+
+
 def test_every_bad_line_is_found_in_one_pass(tmp_path, capsys):
     """A set with several bad lines: export and bench name the first and how many more in one line;
     `data list --jsonl` (the checker) names each (it stopped at the first, one fix per run)."""

@@ -268,7 +268,7 @@ def test_a_given_imatrix_file_quantizes_as_its_calibration_did_and_keeps_no_file
     import json
 
     from qoqopt.exports.gguf_export import GGUFOptions, export_gguf
-    from qoqopt.local_names import recorded_local_names
+    from qoqopt.local_names import GIVEN_DATASET, recorded_local_names
 
     opts = dict(quants=["Q4_K_M"], mmproj_type="none", progress=False, calib_items=2)
     export_gguf(str(tiny_dir), tmp_path / "first", GGUFOptions(imatrix="clinical", **opts), log=lambda s: None)
@@ -279,7 +279,7 @@ def test_a_given_imatrix_file_quantizes_as_its_calibration_did_and_keeps_no_file
     quant = next((tmp_path / "first").glob("*.Q4_K_M.gguf")).name
     assert (tmp_path / "again" / quant).read_bytes() == (tmp_path / "first" / quant).read_bytes()
     carried = read_imatrix(next((tmp_path / "again").glob("*.imatrix.gguf")))
-    assert carried.datasets == ["a local file"] and carried.chunk_size == 512
+    assert carried.datasets == [GIVEN_DATASET] and carried.chunk_size == 512
     manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
     assert manifest["imatrix"]["source"] == f"read from an imatrix file (sha256 {hashlib.sha256(given.read_bytes()).hexdigest()[:12]})"
     assert recorded_local_names(tmp_path / "again", manifest) == [] and "MRN12345" not in json.dumps(manifest)

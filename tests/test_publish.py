@@ -684,6 +684,10 @@ def test_local_paths_stay_home(export_dir, tmp_path):
     assert "alice" not in plan.card and "ward3" not in plan.card and "eval set `a user JSONL set`" in plan.card
     assert json.loads(plan.manifest_text)["source"]["model"] == "ddvd233/QoQ-Med-VL-7B"
     assert any(n.startswith(f"manifest.json names the local folder {local}") for n in plan.notes)
+    m["name"] = "qoq-7b"  # export's default: the folder's own name, in every file name and general.name
+    (export_dir / "manifest.json").write_text(json.dumps(m))
+    notes = plan_upload(export_dir, "me/x", base_model="ddvd233/QoQ-Med-VL-7B").notes
+    assert "the build's file names and GGUF general.name are 'qoq-7b', the name of that folder; `qoqopt export --name` chooses another" in notes
 
 
 def test_a_dry_run_looks_at_the_target_repo(export_dir):
@@ -722,7 +726,7 @@ def _write_gguf(path: Path, **strings) -> dict:
     return {"path": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} | _kind(path.name)
 
 
-def _local_names_build(d: Path, source: str, datasets: list[str], calibration: str, trained_in: str) -> None:
+def _local_names_build(d: Path, source: str, datasets: list[str], calibration: str, how: str, trained_in: str) -> None:
     d.mkdir()
     files = [_write_gguf(d / "m.Q4_K_M.gguf", qoqopt__source=source),
              _write_gguf(d / "m.imatrix.gguf", imatrix__datasets=datasets)]  # fmt: skip
@@ -730,44 +734,49 @@ def _local_names_build(d: Path, source: str, datasets: list[str], calibration: s
     data = (d / "config.json").read_bytes()
     files.append({"path": "config.json", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {"format": "gguf", "source": {"model": "ddvd233/QoQ-Med-VL-7B"}, "files": files,
-                "imatrix": {"file": "m.imatrix.gguf", "source": "calibrated", "datasets": datasets},
+                "imatrix": {"file": "m.imatrix.gguf", "source": how, "datasets": datasets},
                 "calibration": {"source": calibration}}  # fmt: skip
     (d / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_local_names_in_the_builds_files_refuse_the_upload(tmp_path, capsys):
-    """Files are uploaded byte for byte, so names of the user's folders and data files inside them (an
-    older export's GGUF source and calibration set, the `-f` file llama-imatrix records, a config's
-    `_name_or_path` from a fine-tune's output folder) refuse the upload unless --allow-local-names.
-    Written by gguf-py and read back as the upload would send them. What this qoqopt records (a Hub
-    id, a local checkpoint, a set by its sha256, the clinical split's counts) is not a local name."""
-    build = tmp_path / "old"
-    from qoqopt.local_names import recorded_local_names
+    """Files are uploaded byte for byte, so names qoqopt does not write (an older export's GGUF
+    source, calibration set and imatrix file name, the `-f` file llama-imatrix records as typed,
+    relative or with spaces and commas, a config's `_name_or_path` from a fine-tune's output folder)
+    refuse the upload unless --allow-local-names. Written by gguf-py and read back as the upload
+    would send them. What this qoqopt writes (a Hub id, a local checkpoint, a set by its sha256, the
+    clinical split's counts, a given file's datasets left out) is not refused."""
+    from qoqopt.local_names import GIVEN_DATASET, recorded_local_names
 
-    _local_names_build(build, "/home/alice/DOE_JOHN_MRN12345", ["/data/ward3/calib-2025.txt", "C:\\scans\\x.jsonl"],
-                       "/home/alice/DOE_JOHN_MRN12345.jsonl", "/home/drsmith/ft_SMITH/checkpoint-500")  # fmt: skip
+    build = tmp_path / "old"
+    datasets = ["wiki.train.raw", "/Users/dr/Patient Data/Smith, John (MRN 4455)/calib.txt"]
+    _local_names_build(build, "/home/alice/DOE_JOHN_MRN12345", datasets, "/home/alice/DOE_JOHN_MRN12345.jsonl",
+                       "read from DOE_JOHN.imatrix.gguf", "/home/drsmith/ft_SMITH/checkpoint-500")  # fmt: skip
     named = ["manifest.json calibration.source: /home/alice/DOE_JOHN_MRN12345.jsonl",
-             "manifest.json imatrix.datasets: /data/ward3/calib-2025.txt", "manifest.json imatrix.datasets: C:\\scans\\x.jsonl",
-             "m.Q4_K_M.gguf qoqopt.source: /home/alice/DOE_JOHN_MRN12345", "m.imatrix.gguf imatrix.datasets: /data/ward3/calib-2025.txt",
-             "m.imatrix.gguf imatrix.datasets: C:\\scans\\x.jsonl", "config.json _name_or_path: /home/drsmith/ft_SMITH/checkpoint-500"]  # fmt: skip
+             "manifest.json imatrix.source: read from DOE_JOHN.imatrix.gguf",
+             *(f"manifest.json imatrix.datasets: {d}" for d in datasets),
+             "m.Q4_K_M.gguf qoqopt.source: /home/alice/DOE_JOHN_MRN12345",
+             *(f"m.imatrix.gguf imatrix.datasets: {d}" for d in datasets),
+             "config.json _name_or_path: /home/drsmith/ft_SMITH/checkpoint-500"]  # fmt: skip
     assert recorded_local_names(build, json.loads((build / "manifest.json").read_text())) == named
     with pytest.raises(QoqoptError, match="--allow-local-names") as err:
         plan_upload(build, "me/x")
-    assert f"({', '.join(named[:3])} and 4 more)" in str(err.value)
+    assert f"({', '.join(named[:3])} and 5 more)" in str(err.value)
     assert refused(["publish", build, "--repo", "me/x"], capsys) == f"error: {err.value}"
     plan = plan_upload(build, "me/x", dry_run=True)
     assert [s for s in plan.stops if "--allow-local-names" in s] == [str(err.value)]
     kept = plan_upload(build, "me/x", allow_local_names=True)
-    assert f"uploaded as they are (--allow-local-names): {', '.join(named[:5])} and 2 more" in kept.notes and not kept.stops
-    assert "/data/ward3/calib-2025.txt" in (build / "m.imatrix.gguf").read_bytes().decode("latin-1")  # sent as it is
+    assert f"uploaded as they are (--allow-local-names): {', '.join(named[:5])} and 3 more" in kept.notes and not kept.stops
+    assert "Smith, John (MRN 4455)" in (build / "m.imatrix.gguf").read_bytes().decode("latin-1")  # sent as it is
 
     now = tmp_path / "new"
     clinical = "qoqopt clinical calib split (seed 0): 64 chats, 15130 tokens (7261 image tokens); domains: ct 15, mri 16"
-    for source in ("a local checkpoint", "ddvd233/QoQ-Med-VL-7B"):
+    own = [clinical, "a user JSONL set (sha256 0123456789ab): 2 chats; image positions weighted 0.5", GIVEN_DATASET]
+    for source, how in (("a local checkpoint", "calibrated"), ("ddvd233/QoQ-Med-VL-7B", "read from an imatrix file (sha256 0123456789ab)")):
         shutil.rmtree(now, ignore_errors=True)
-        _local_names_build(now, source, [clinical, "a user JSONL set (sha256 0123456789ab): 2 chats"],
-                           "a user JSONL set (sha256 0123456789ab)", "Qwen/Qwen2.5-VL-7B-Instruct")  # fmt: skip
-        assert not [n for n in plan_upload(now, "me/x").notes if "local" in n and "names" in n]
+        _local_names_build(now, source, own, "a user JSONL set (sha256 0123456789ab)", how, "Qwen/Qwen2.5-VL-7B-Instruct")
+        assert recorded_local_names(now, json.loads((now / "manifest.json").read_text())) == []
+        assert not plan_upload(now, "me/x").stops
 
 
 def test_a_builds_notes_stay_plain_text_on_the_card(export_dir):
@@ -776,11 +785,19 @@ def test_a_builds_notes_stay_plain_text_on_the_card(export_dir):
     from markdown_it import MarkdownIt
 
     m = json.loads((export_dir / "manifest.json").read_text())
-    m["notes"] = ["vision left unquantized\n\n## Download\n[the fixed build](https://evil.example) <img src=https://evil.example/t>"]
+    m["notes"] = ["vision left unquantized\n\n## Download\n[the fixed build](https://evil.example) <img src=https://evil.example/t>",
+                  "# Heading", "---", "~~~", "1. first", "> quoted", "clear \x1b[2J screen"]  # each opens a block at a list item's start
     (export_dir / "manifest.json").write_text(json.dumps(m))
     card = plan_upload(export_dir, "me/x").card
     tokens = MarkdownIt("commonmark").parse(card)
     rendered = tokens + [c for t in tokens for c in t.children or []]
     assert "Download" not in [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
     assert not [t for t in rendered if "evil" in str(t.attrs) or (t.type.startswith("html") and "evil" in t.content)]
+    inline = [i for i, t in enumerate(tokens) if t.type == "inline"]
+    shown = ["".join(c.content for c in tokens[i].children) for i in inline]  # each as rendered text
+    first = shown.index("vision left unquantized ## Download [the fixed build](https://evil.example) <img src=https://evil.example/t>")
+    assert shown[first + 1:first + 7] == ["# Heading", "---", "~~~", "1. first", "> quoted", "clear \\x1b[2J screen"]
+    for i in inline[first:first + 7]:  # one plain item each: nothing opened a heading, rule, fence, quote or list
+        assert [tokens[i - 2].type, tokens[i - 1].type] == ["list_item_open", "paragraph_open"], tokens[i].content
+    assert "\x1b" not in card
     assert "- vision left unquantized ## Download \\[the fixed build\\](https://evil.example) \\<img" in card

@@ -445,6 +445,14 @@ def test_result_text_cannot_write_markdown_or_html_into_a_card(tmp_path, capsys)
         bad["variants"][1][field] = value
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         assert "is not a" in refused(["report", tmp_path / "bad.json", "--out", tmp_path / "rep2"], capsys)
+    hostile = "--><img src=x onerror=alert(1)><!--"
+    for edit, message in ((lambda r: r["run"].update(reference_dtype=f"<b>{hostile}</b>"), "is not a dtype name"),
+                          (lambda r: r["run"].update(speed_settings={"decode_tokens": hostile}), "decode_tokens"),
+                          (lambda r: r["variants"][1].update(files=[{"sha256": hostile}]), "is not a sha256")):  # fmt: skip
+        bad = _run("lab", 1.0)
+        edit(bad)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        assert message in refused(["report", tmp_path / "bad.json", "--out", tmp_path / "rep2"], capsys)
     bad = _run("lab", 1.0)
     bad["variants"][1]["drift"]["<b>ct</b>"] = bad["variants"][1]["drift"]["ct"]
     (tmp_path / "bad.json").write_text(json.dumps(bad))

@@ -25,7 +25,8 @@ def usable_cores() -> int:
 def usable_physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
     """Physical cores among the CPUs this process may use: SMT siblings share one core's vector
     units, and llama.cpp and torch both default to one thread a physical core. Linux's topology
-    files name each CPU's (package, core); elsewhere every usable CPU counts."""
+    files name each CPU's (package, core); macOS's sysctl its performance cores; elsewhere every
+    usable CPU counts."""
     cores = set()
     for cpu in _usable_cpus():
         topology = sysfs / f"cpu{cpu}" / "topology"

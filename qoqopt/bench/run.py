@@ -87,6 +87,7 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     _check_device(opts.device)
     items = eval_items(opts.eval_source, opts.items, opts.seed, render=False, domains=opts.domains)  # bad --eval fails here
     set_sha = _set_sha(opts.eval_source, items)  # the set as read now: an edit during the run is not recorded as measured
+    set_name = _set_name(opts.eval_source)
     threads = threads_or_default(opts.threads)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     located = _locate_or_build(opts, builds, hub, ckpt.fingerprint, log)
@@ -117,7 +118,7 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
             "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine_info(opts.device, threads, opts.label), "software": software_info(),
             "model": {"source": opts.model, "revision": revision, "architecture": ckpt.architecture},
-            "eval": {"source": _set_name(opts.eval_source), "items": len(items), "seed": opts.seed,
+            "eval": {"source": set_name, "items": len(items), "seed": opts.seed,
                      "domains": domain_counts(items), "answer_tokens": opts.answer_tokens,
                      "only_domains": opts.domains, "ids_sha256": _ids_sha(items), **set_sha},
             "reference_dtype": common["reference_dtype"],

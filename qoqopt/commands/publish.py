@@ -24,10 +24,10 @@ and usage for llama.cpp, LM Studio, Ollama, vLLM and transformers.
 
 Only the files manifest.json lists are sent (the plan names any others in the folder). The uploaded
 manifest.json names the base model, not the local folder a build was made from. Files are sent
-byte for byte, so a build whose files name local folders or data files (a calibration set's path
-an older qoqopt recorded, a config's _name_or_path from a fine-tune's output folder, the dataset file
-llama-imatrix recorded) is refused unless --allow-local-names; builds exported now record
-a user set by its sha256 and a local source as "a local checkpoint". A repo that exists
+byte for byte, so a build whose files hold names qoqopt does not write there (a calibration set's
+path or an imatrix file's name an older qoqopt recorded, a config's _name_or_path from a
+fine-tune's output folder) is refused unless --allow-local-names; builds exported now record a user
+set by its sha256 and a local source as "a local checkpoint". A repo that exists
 already is checked first: --private refuses a public one (visibility is not changed), and files
 in it that this build does not have (an earlier build's quants or shard index) refuse the upload
 unless --replace deletes them in the same commit.

@@ -170,7 +170,10 @@ def _row(line: str, where: str) -> dict:
     if reason is not None:  # the reference reply's reasoning: text of a chat, checked as the question is
         if not isinstance(reason, str):
             raise QoqoptError(f"{where}: 'meta.reason' must be a string, not {type(reason).__name__}")
-        row["meta"]["reason"] = checked_text(reason, "meta.reason", where)
+        if reason.strip():
+            row["meta"]["reason"] = checked_text(reason, "meta.reason", where)
+        else:  # no reason given: the default sentence stands in
+            del row["meta"]["reason"]
     return row
 
 
