@@ -177,8 +177,10 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None = N
 
     if files is not None:
         patterns = [glob.escape(f) for f in files]  # names, matched literally even with [ ] * ?
+    # patterns match at any depth: a repo's runs/, onnx/ or dataset folders of JSON are not its metadata
+    nested = ["*/*"] if files is None else None
     try:
-        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=nested))
     except LocalEntryNotFoundError as exc:
         raise QoqoptError(_not_cached(repo_id, revision, files, exc)) from exc
     except HFValidationError as exc:

@@ -255,7 +255,10 @@ def test_a_hub_checkpoint_is_fetched_without_pickles_or_extras(tiny_dir, tmp_pat
     from huggingface_hub import constants
 
     files = list(tiny_dir.iterdir())
-    listed = [f.name for f in files] + ["pytorch_model.bin", "t.gguf", "int4/model.safetensors"]
+    # runs/ and onnx/ hold JSON at depth: metadata patterns match at any depth, so offline these
+    # uncached files were asked for (and online, a folder of logs would be downloaded)
+    listed = [f.name for f in files] + ["pytorch_model.bin", "t.gguf", "int4/model.safetensors", "runs/events.json",
+                                        "onnx/config.json"]  # fmt: skip
     sha = cache_as_hub_repo(tmp_path / "hub", "me/tiny", files, listed)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     ckpt = open_checkpoint("me/tiny")
