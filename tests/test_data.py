@@ -679,6 +679,18 @@ def test_an_ecg_sampling_rate_no_ecg_has_is_refused_in_one_line(tmp_path, capsys
     assert str(exc.value) == why
 
 
+@pytest.mark.parametrize("hz", ["50", "10000"])
+def test_the_ends_of_the_ecg_range_are_ecg_rates(tmp_path, hz):
+    """50 and 10000 Hz are inside the range (a Holter's low rate, a high-resolution ECG's): pydicom's
+    sample at either rate passes the header check a set's files get when it loads."""
+    from qoqopt.images import check_image
+
+    ds = pydicom.dcmread(catalog.source_path("waveform_ecg.dcm"))
+    ds.WaveformSequence[0].SamplingFrequency = hz
+    ds.save_as(tmp_path / "ecg.dcm")
+    assert check_image(tmp_path / "ecg.dcm").WaveformSequence[0].SamplingFrequency == float(hz)
+
+
 def test_jsonl_refuses_at_load_what_cannot_be_decoded(tmp_path):
     """A float TIFF and a 12-bit JPEG Extended DICOM (pydicom's own sample; neither Pillow nor gdcm
     decodes it) are refused when the set loads, not when calibration reaches them."""

@@ -393,6 +393,10 @@ def test_a_missing_local_path_is_not_read_as_a_hub_repo(tiny_dir, tmp_path, monk
     assert open_checkpoint("out/mini").revision is not None
 
 
+def _ints_pair(offsets) -> bool:
+    return isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(x, int) for x in offsets)
+
+
 def _safetensors_file(path, header: dict, data: bytes) -> None:
     """A file laid out as the safetensors format specifies: u64 header length, JSON header, data."""
     raw = json.dumps(header).encode()
@@ -405,6 +409,8 @@ def _safetensors_file(path, header: dict, data: bytes) -> None:
     (lambda h: h["b"].update(shape=[2, 3]), "tensor b of shape [2, 3] in F32 takes 24 bytes, its data_offsets span 16"),
     (lambda h: h["a"].update(shape=["2", 2]), "tensor 'a' has no valid shape and data_offsets"),
     (lambda h: h.update(c=[0, 1]), "tensor 'c' has no valid shape and data_offsets"),
+    (lambda h: h["b"].update(data_offsets=[8, 24]), "tensor b starts at byte 8 of the data, not at 16"),  # overlap
+    (lambda h: h["b"].update(data_offsets=[16, 48]), "tensor b of shape [4] in F32 takes 16 bytes, its data_offsets span 32"),
 ])  # fmt: skip
 def test_a_safetensors_header_is_checked_as_the_format_specifies(tmp_path, edit, message):
     """Offsets come with the file: a reversed range read to the end of the file once per tensor (a
@@ -412,6 +418,7 @@ def test_a_safetensors_header_is_checked_as_the_format_specifies(tmp_path, edit,
     The file safetensors itself writes is read; each edit of its header is one line, as are a header
     that is not an object and one over the format's 100 MB limit (a sparse file: nothing is read)."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from qoqopt.loader import read_safetensors_header
@@ -422,9 +429,13 @@ def test_a_safetensors_header_is_checked_as_the_format_specifies(tmp_path, edit,
     assert {k: v["data_offsets"] for k, v in header.items()} == {"a": [0, 16], "b": [16, 32]}
     edit(header)
     bad = tmp_path / "bad.safetensors"
-    _safetensors_file(bad, header, bytes(48))
+    ends = [v["data_offsets"][1] for v in header.values() if isinstance(v, dict) and _ints_pair(v.get("data_offsets"))]
+    _safetensors_file(bad, header, bytes(max(ends + [0])))  # data exactly as long as the offsets say
     with pytest.raises(QoqoptError, match=re.escape(message)):
         read_safetensors_header(bad)
+    with pytest.raises(Exception):  # the format's own reader refuses the file too
+        with safe_open(str(bad), "pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
     _safetensors_file(bad, [1, 2], bytes(8))
     with pytest.raises(QoqoptError, match="its header is not a JSON object"):
         read_safetensors_header(bad)
@@ -460,3 +471,13 @@ def test_a_config_naming_more_layers_than_the_weights_hold_is_refused(tiny_dir, 
         if edited["text_config"]["num_hidden_layers"] == layers + 1:
             _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(bad), output_loading_info=True)
             assert any(f"layers.{layers}." in k for k in info["missing_keys"])  # what transformers would have run
+    # the count right, a layer missing: layer 0's tensors stored as layer `layers` (a gap at 0)
+    from safetensors.torch import load_file, save_file
+
+    (bad / "config.json").write_text(json.dumps(config))
+    state = load_file(str(tiny_dir / "model.safetensors"))
+    save_file({k.replace("model.layers.0.", f"model.layers.{layers}."): v for k, v in state.items()}, str(bad / "model.safetensors"))
+    assert refused(["info", bad], capsys) == (f"error: {bad}: config.json's num_hidden_layers is {layers}, but the weights hold "
+                                              f"layers 1-{layers}")  # fmt: skip
+    _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(bad), output_loading_info=True)
+    assert any("layers.0." in k for k in info["missing_keys"])

