@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QoqoptError, printable
-from .manifest import entry_path, gguf_entries, gguf_quants, made_from, preferred_quant
+from .manifest import entry_path, gguf_entries, gguf_quants, is_int, made_from, preferred_quant
 
 TEXT_KEYS = {  # summary field: the key under the text GGUF's `general.architecture`
     "layers": "block_count", "hidden": "embedding_length", "intermediate": "feed_forward_length",
@@ -185,15 +185,11 @@ def _split_keys(path: Path, kv: dict) -> tuple[int, int]:
     from .exports.gguf_split import MAX_PARTS
 
     count, no = kv.get("split.count", 1), kv.get("split.no", 0)
-    if not _is_int(count) or not 1 <= count <= MAX_PARTS:
+    if not is_int(count) or not 1 <= count <= MAX_PARTS:
         raise QoqoptError(f"{path.name}: split.count is {count!r}, not a part count of 1..{MAX_PARTS}")
-    if not _is_int(no) or not 0 <= no < count:
+    if not is_int(no) or not 0 <= no < count:
         raise QoqoptError(f"{path.name}: split.no is {no!r}, not a part number of 0..{count - 1} (split.count {count})")
     return count, no
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # a GGUF bool reads as a Python bool
 
 
 def _other_parts(first: Path, count: int, no: int) -> list[Path]:

@@ -19,10 +19,11 @@ import re
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .errors import QoqoptError
+from .manifest import is_inside, is_int
 
 QWEN25VL_ARCHS = {"Qwen2_5_VLForConditionalGeneration"}
 QOQMED_ECG_ARCHS = {"TimeSeriesQwen2_5_VLForConditionalGeneration"}
@@ -161,8 +162,7 @@ def _index(index: Path) -> tuple[dict[str, str], int | None]:
     if not isinstance(weight_map, dict):
         raise QoqoptError(f"{index}: weight_map must map tensor names to shard files")
     for shard in weight_map.values():
-        rel = PurePosixPath(shard) if isinstance(shard, str) and shard else None
-        if rel is None or rel.is_absolute() or ".." in rel.parts or "\\" in shard or rel.suffix != ".safetensors":
+        if not (is_inside(shard) and shard.endswith(".safetensors")):
             raise QoqoptError(f"{index} names the shard {shard!r}: every shard must be a .safetensors file inside "
                               "the checkpoint's folder")  # fmt: skip
     metadata = data.get("metadata")
@@ -286,7 +286,7 @@ def _ranges(name: str, header: dict) -> list[tuple[int, int, str]]:
 
 
 def _ints(values) -> bool:
-    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    return isinstance(values, list) and all(map(is_int, values))
 
 
 # --------------------------------------------------------------------------- the checkpoint

@@ -100,10 +100,15 @@ def build_kind(folder: Path) -> tuple[str, dict | None]:
                       "`qoqopt export`, or a checkpoint")  # fmt: skip
 
 
+def is_int(value) -> bool:
+    """A JSON or GGUF integer: Python reads their booleans as bools, which are ints too."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_counts(entry: dict, manifest_path: Path) -> None:
     for key in ("bytes", "part", "parts"):
         value = entry.get(key)
-        if key in entry and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        if key in entry and (not is_int(value) or value < 0):
             raise QoqoptError(f"{manifest_path} gives {entry_path(entry)} \"{key}\": {value!r}, not a count")
     _check_part_count(entry, manifest_path)
 
@@ -162,10 +167,16 @@ def listed_file(folder: Path, entry: dict) -> Path:
     return path
 
 
+def is_inside(rel) -> bool:
+    """A relative POSIX path that stays inside its folder (no root, no "..", no backslash): what a
+    manifest or a checkpoint's index may name, since both come with the files they describe."""
+    path = PurePosixPath(rel) if isinstance(rel, str) and rel else None
+    return path is not None and not path.is_absolute() and ".." not in path.parts and "\\" not in rel
+
+
 def _check_inside(rel: str, manifest_path: Path) -> None:
     """A listed file must lie inside the build: `publish` uploads what the manifest names."""
-    path = PurePosixPath(rel) if isinstance(rel, str) and rel else None
-    if path is None or path.is_absolute() or ".." in path.parts or "\\" in rel:
+    if not is_inside(rel):
         raise QoqoptError(f"{manifest_path} lists {rel!r}: every file must be a relative path inside the build")
 
 

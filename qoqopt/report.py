@@ -208,8 +208,8 @@ def machine_label(run: dict) -> str:
 
 
 def _markdown_label(run: dict) -> str:
-    """The machine label as one table cell or code-span-free text: bench refuses `|` and a backtick
-    in --label, but a result from before that, or a CPU's own name, may hold them."""
+    """The machine label as one line of plain Markdown (a table cell): bench refuses `|` and a backtick
+    in --label, but a result from before that, a CPU's own name or a hand edit may hold anything."""
     return inline_text(machine_label(run))
 
 

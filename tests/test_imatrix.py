@@ -224,6 +224,7 @@ def test_an_imatrix_calibrated_on_the_users_own_set(tiny_dir, tmp_path):
     from qoqopt import calibration
     from qoqopt.data import balanced_sample, clinical_set, load_jsonl
     from qoqopt.exports.gguf_export import GGUFOptions, export_gguf, imatrix_from_stats
+    from qoqopt.local_names import recorded_local_names
     from qoqopt.processor import load_processor
 
     folder = tmp_path / "DOE_JOHN_MRN12345"
@@ -258,6 +259,7 @@ def test_an_imatrix_calibrated_on_the_users_own_set(tiny_dir, tmp_path):
     assert sources["Q4_K_M"] == "a local checkpoint" and sources["imatrix"] is None
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert "MRN12345" not in json.dumps(manifest) and manifest["imatrix"]["datasets"] == shipped.datasets
+    assert recorded_local_names(tmp_path / "out", manifest) == []  # what the export writes, publish lets through
 
 
 def test_a_given_imatrix_file_quantizes_as_its_calibration_did_and_keeps_no_file_names(tiny_dir, tmp_path):

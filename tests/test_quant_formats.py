@@ -462,6 +462,7 @@ def test_gptq_calibrates_on_the_users_own_set(tiny_dir, tmp_path):
 
     from qoqopt.data import balanced_sample, clinical_set, load_jsonl
     from qoqopt.exports.hf_quant import export_hf_quant
+    from qoqopt.local_names import recorded_local_names
     from qoqopt.processor import load_processor
 
     model = tmp_path / "model"
@@ -493,6 +494,7 @@ def test_gptq_calibrates_on_the_users_own_set(tiny_dir, tmp_path):
     for entry in manifest["files"]:  # the files publish uploads; its own manifest.json copy names the base model
         assert b"MRN12345" not in (tmp_path / "o" / entry["path"]).read_bytes(), entry["path"]
     assert "MRN12345" not in json.dumps({k: v for k, v in manifest.items() if k != "source"})
+    assert recorded_local_names(tmp_path / "o", manifest) == []  # what the export writes, publish lets through
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "o")  # still loads, without the folder's name
     assert tokenizer.name_or_path == str(tmp_path / "o")
 
