@@ -1,10 +1,14 @@
-"""Ctrl-C, SIGTERM and SIGHUP during a call into llama.cpp: held until the call returns, then delivered.
+"""Signals around calls: held during a call Python cannot interrupt safely, or raised to end one
+that may never return.
 
-Why: llama.cpp logs through a Python callback, and Python runs a signal's handler in whatever Python
-code runs next, which during a quantize or a model load is that callback. ctypes swallows an
-exception raised there ("Exception ignored on calling ctypes callback function"), so a Ctrl-C
-was lost and the command went on to finish with exit status 0 (and, with --force, to replace the
-old build).
+`deferred_signals`: Ctrl-C, SIGTERM and SIGHUP during a call into llama.cpp are held until the call
+returns, then delivered. Why: llama.cpp logs through a Python callback, and Python runs a signal's
+handler in whatever Python code runs next, which during a quantize or a model load is that callback.
+ctypes swallows an exception raised there ("Exception ignored on calling ctypes callback function"),
+so a Ctrl-C was lost and the command went on to finish with exit status 0 (and, with --force, to
+replace the old build).
+
+`time_limit`: a timer's SIGALRM ends Python code that runs too long.
 """
 
 from __future__ import annotations
@@ -32,3 +36,28 @@ def deferred_signals(signums: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         for s in dict.fromkeys(pending):  # each once, to the handler it was meant for
             signal.raise_signal(s)
+
+
+class TimeLimit(Exception):
+    """Raised inside a `time_limit` block when its time is up."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeLimit inside the block after `seconds`, for Python code that cannot be trusted to
+    end (a checkpoint's Jinja template). Off the main thread, or without SIGALRM, no limit is set:
+    a timer's signal is delivered to the main thread only."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeLimit(f"over {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)

@@ -449,8 +449,9 @@ class Checkpoint:
 def checked_processor(path: Path, source: str):
     """The checkpoint's processor, refused in one line when it cannot make a QoQ-Med chat: no
     tokenizer vocabulary (without tokenizer.json transformers builds one of the added tokens only,
-    and image tokens then fail to match image features) or no chat template. These used to be
-    transformers tracebacks after the model was loaded and calibrated."""
+    and image tokens then fail to match image features), no chat template, or one that cannot render
+    an image chat. These used to be transformers tracebacks after the model was loaded and calibrated."""
+    from .chat_template import check_chat_template
     from .processor import load_processor
 
     path = Path(path)
@@ -466,6 +467,7 @@ def checked_processor(path: Path, source: str):
     if not processor.chat_template:
         raise QoqoptError(f"{source} has no chat template (chat_template.json, chat_template.jinja or in "
                           "tokenizer_config.json): copy it from the original checkpoint")  # fmt: skip
+    check_chat_template(processor, source)
     return processor
 
 

@@ -328,6 +328,55 @@ def test_a_source_that_cannot_make_a_chat_is_refused_up_front(tiny_dir, tmp_path
     assert not out.exists()
 
 
+BAD_TEMPLATES = {  # template -> the refusal's end; jinja2 and transformers name the first two errors
+    "{{ raise_exception('no images here') }}": "cannot render a chat of one image and a question: TemplateError: no images here",
+    "{% for m in messages %}{{ m.role ": "cannot render a chat of one image and a question: TemplateSyntaxError: "
+                                        "unexpected end of template, expected 'end of print statement'.",
+    "{% for m in messages %}{{ m.content[1].text }}{% endfor %}": "writes <|image_pad|> 0 times for a chat of one "
+        "image and a question (Qwen2.5-VL's template writes it once): copy the chat template from the original checkpoint",
+    "<|vision_start|><|image_pad|><|vision_end|>{{ messages[0].role }}": "leaves the question out of a chat of one "
+        "image and a question: copy the chat template from the original checkpoint",
+    "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}": "did not render a chat of "
+        "one image and a question within 0.5 s (a loop that does not end?)",
+}  # fmt: skip
+
+
+def test_a_chat_template_that_cannot_render_the_chat_is_refused_up_front(tiny_dir, tmp_path, capsys, monkeypatch):
+    """The checkpoint's chat template is its own code: one that fails, drops the image or the question,
+    or loops on (nested range(100000): ask hung) is one line from export, ask and bench before any model
+    loads. The timer is the main thread's SIGALRM, left as it was found."""
+    import json
+    import signal
+
+    from qoqopt import chat_template
+
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.5)
+    alarm_handler = signal.getsignal(signal.SIGALRM)
+    out = tmp_path / "out"
+    for n, (template, message) in enumerate(BAD_TEMPLATES.items()):
+        folder = tmp_path / f"template-{n}"
+        folder.mkdir()
+        for f in tiny_dir.iterdir():
+            if f.name != "chat_template.json":
+                (folder / f.name).symlink_to(f)
+        (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+        for argv in (["export", folder, "--format", "gguf", "--quant", "Q4_K_M", "--out", out],
+                     ["ask", folder, "--item", ITEM],
+                     ["bench", folder, "--variants", "bf16", "--items", "1", "--out", out]):  # fmt: skip
+            assert refused(argv, capsys) == f"error: {folder}'s chat template {message}", (template, argv)
+            assert signal.getsignal(signal.SIGALRM) is alarm_handler and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert not out.exists()
+    # the mini's own template (Qwen2.5-VL's) renders the probe as transformers renders any chat of ours
+    from qoqopt.loader import checked_processor
+
+    processor = checked_processor(tiny_dir, "x")
+    probe = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": chat_template.PROBE_QUESTION}]}],
+        add_generation_prompt=True, tokenize=False)  # fmt: skip
+    assert probe.endswith(f"<|vision_start|><|image_pad|><|vision_end|>{chat_template.PROBE_QUESTION}<|im_end|>\n"
+                          "<|im_start|>assistant\n")  # fmt: skip
+
+
 def test_windows_is_refused_in_one_line(monkeypatch, capsys):
     """Native Windows lacks os.pread, POSIX signals and renaming a folder over another, which exports,
     bench and --force need (helper-74): one line pointing to WSL2, not a traceback midway."""
