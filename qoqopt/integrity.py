@@ -98,8 +98,8 @@ def sha256_of(path: Path) -> str:
     try:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stamp, digest)
-    except OSError:  # a read-only cache costs hashing again next time, nothing more
-        pass
+    except (OSError, QoqoptError):  # a full or read-only cache costs hashing again next time, nothing more
+        pass  # (atomic_write_text reports its own failures as QoqoptError, which once failed the check)
     return digest
 
 

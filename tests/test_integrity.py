@@ -151,3 +151,23 @@ def test_an_edited_config_of_a_gptq_build_is_named_not_refused(tmp_path, counted
     (tmp_path / "model.safetensors").write_bytes(b"v" * 16)
     with pytest.raises(QoqoptError, match="model.safetensors does not match the sha256"):
         integrity.checked_weights(tmp_path, manifest)
+
+
+@pytest.mark.parametrize("errno_", [28, 30], ids=["disk-full", "read-only"])
+def test_a_cache_that_cannot_be_written_costs_only_hashing_again(tmp_path, counted_hashes, monkeypatch, errno_):
+    """The digest is only remembered: a full or read-only cache (a home disk filled by the Hub's
+    downloads) must not fail the check of an intact file, as it did through atomic_write_text's
+    QoqoptError (`info --verify` said FAILED, `ask` and `bench` refused the build)."""
+    f = tmp_path / "m.Q8_0.gguf"
+    f.write_bytes(b"GGUF" + bytes(range(256)) * 50)
+    settle()
+    (tmp_path / "cache" / "sha256").mkdir(parents=True)
+
+    def full(*args, **kwargs):
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr("qoqopt.fileio.tempfile.mkstemp", full)
+    want = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert integrity.sha256_of(f) == want
+    entry = {"path": f.name, "bytes": f.stat().st_size, "sha256": want}
+    assert integrity.problems(tmp_path, {"files": [entry]}) == []
