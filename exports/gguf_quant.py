@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -194,6 +195,22 @@ def _how(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
+# llama.cpp writes through a std::ofstream with exceptions on, whose message ("basic_ios::clear:
+# iostream error") names no cause: with this little left where it wrote, the cause was a full disk
+_FULL = 64 << 20
+
+
+def _write_failed(lines: list[str]) -> bool:
+    return any("iostream error" in ln for ln in lines)
+
+
+def _free(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62
+
+
 def quantize_here(
     src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None, threads: int = 0
 ) -> list[str]:
@@ -219,8 +236,8 @@ def quantize_here(
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         errors = [ln.strip() for ln in log.lines if "error" in ln.lower() or "failed" in ln.lower()]
-        if any("No space left" in ln for ln in log.lines):
-            raise QoqoptError(f"disk full while writing {dst.name}")
+        if any("No space left" in ln for ln in log.lines) or (_write_failed(log.lines) and _free(dst.parent) < _FULL):
+            raise QoqoptError(f"disk full while writing {dst.name} ({_free(dst.parent) / 2**30:.1f} GiB free)")
         why = errors[-1] if errors else f"return code {rc}"
         raise QoqoptError(f"llama.cpp could not quantize to {quant}: {why}")
     flat = log.text.replace("\n", " ")

@@ -200,7 +200,9 @@ class StreamedTensor:
     def tofile(self, fp) -> None:
         written = 0
         for chunk in self.chunks():
-            chunk.tofile(fp)
+            # fp.write, not ndarray.tofile: numpy reports a short fwrite (a full disk, a file size
+            # limit) as "N requested and M written" with no errno, so it was not said as disk full
+            fp.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
             written += chunk.nbytes
         if written != self.nbytes:
             raise AssertionError(f"{self.plan.entry.target}: wrote {written} bytes, planned {self.nbytes}")

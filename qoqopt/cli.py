@@ -77,7 +77,7 @@ def _version() -> str:
 
 # OSErrors a user fixes (permissions, a read-only or full disk): one line, as for QoqoptError. The
 # write paths turn these into messages of their own; this catches any that a new path lets through.
-USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class Terminated(BaseException):

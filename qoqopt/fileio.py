@@ -38,7 +38,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
         os.replace(tmp_path, final)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        if exc.errno in DISK_FULL:
+        if exc.errno in (*DISK_FULL, errno.EFBIG):
             raise write_error(exc, final) from exc
         raise QoqoptError(f"cannot write {final}: {exc.strerror or exc}") from exc
     except BaseException:
@@ -167,7 +167,7 @@ def atomic_dir(final: Path, force: bool = False, inputs=(), owned: Owned | None 
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.filename and Path(exc.filename).is_relative_to(tmp):  # name what the user asked for
             exc.filename = str(final / Path(exc.filename).relative_to(tmp))
-        if exc.errno in DISK_FULL:  # only writes fill a disk: any other OSError may be a source read
+        if exc.errno in (*DISK_FULL, errno.EFBIG):  # only writes fill a disk: any other OSError may be a source read
             raise write_error(exc, final) from exc
         raise
     except BaseException:
@@ -202,14 +202,29 @@ def write_error(exc: OSError, path: Path) -> QoqoptError:
     if exc.errno in DISK_FULL:
         free = _free_bytes(path.parent)
         return QoqoptError(f"disk full while writing {path.name} ({free / 2**30:.1f} GiB free)")
+    if exc.errno == errno.EFBIG:  # a FAT32 drive, or `ulimit -f`: more room does not help
+        return QoqoptError(f"cannot write {path.name}: larger than one file may be at {_shown(path.parent)} (a FAT32 "
+                           "drive holds at most 4 GiB a file; or a `ulimit -f` limit): write to another drive")  # fmt: skip
     return QoqoptError(f"cannot write {path}: {exc.strerror or exc}")
 
 
-def _free_bytes(folder: Path) -> int:
+def _existing(folder: Path) -> Path:
     while not folder.exists() and folder != folder.parent:  # a temporary name's final one, not made yet
         folder = folder.parent
+    return folder
+
+
+def _shown(folder: Path) -> Path:
+    """``folder`` as a user knows it: not inside a hidden temporary build (``.NAME.p123-....tmp``)."""
+    folder = _existing(folder)
+    while folder.name.startswith(".") and folder.name.endswith(".tmp") and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _free_bytes(folder: Path) -> int:
     try:
-        return shutil.disk_usage(folder).free
+        return shutil.disk_usage(_existing(folder)).free
     except OSError:
         return 0
 

@@ -286,3 +286,44 @@ def test_the_current_folder_is_not_an_output(tmp_path, monkeypatch):
         with pytest.raises(QoqoptError, match=rf"^output {re.escape(out)} is the current folder or holds it: give a "):
             prepare_output_dir(Path(out), force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+def test_a_file_over_the_file_systems_limit_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    """EFBIG (a FAT32 drive's 4 GiB, `ulimit -f`) from a write inside a build: one line that says
+    more room would not help, naming the folder the user knows, not the hidden temporary build; it
+    was a traceback from a GPTQ/AWQ export."""
+    from qoqopt import cli
+
+    out = tmp_path / "build"
+    with pytest.raises(QoqoptError, match=r"^cannot write build: larger than one file may be at .*FAT32") as caught:
+        with atomic_dir(out) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    assert ".tmp" not in str(caught.value) and not out.exists() and _debris(tmp_path) == []
+    from qoqopt.fileio import write_error
+
+    inside = tmp_path / ".build.p1-00000000.abcd.tmp"
+    inside.mkdir()
+    said = str(write_error(OSError(errno.EFBIG, "File too large"), inside / "m.BF16.gguf"))
+    assert said.startswith("cannot write m.BF16.gguf: larger than one file may be at ") and ".tmp" not in said
+    assert errno.EFBIG in cli.USER_FIXABLE
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_gguf_tensor_written_to_a_full_disk_says_disk_full():
+    """A GGUF's tensors are written with the file's own write: numpy's ndarray.tofile reported a
+    full disk as "2097152 requested and 178608 written", with no errno, so the export said that,
+    about its hidden temporary file, instead of "disk full"."""
+    import numpy as np
+
+    from qoqopt.exports.gguf_write import StreamedTensor
+    from qoqopt.fileio import write_error
+
+    tensor = StreamedTensor.__new__(StreamedTensor)
+    tensor.nbytes = 4 << 20
+    tensor.chunks = lambda: iter([np.ones(1 << 20, dtype=np.float32)])
+    with pytest.raises(OSError) as caught:
+        with open("/dev/full", "wb") as fp:
+            tensor.tofile(fp)
+    assert caught.value.errno == errno.ENOSPC
+    assert str(write_error(caught.value, Path("/tmp/x.gguf"))).startswith("disk full while writing x.gguf")
