@@ -161,7 +161,7 @@ def atomic_dir(final: Path, force: bool = False, inputs=(), owned: Owned | None 
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        _swap_in(tmp, final)
+        _swap_in(tmp, final, force)
         tidy(final, f"beside {final}", say_others=False)  # a previous build a killed replace set aside
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -175,10 +175,23 @@ def atomic_dir(final: Path, force: bool = False, inputs=(), owned: Owned | None 
         raise
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
+def _swap_in(tmp: Path, final: Path, force: bool = False) -> None:
     """Put the finished ``tmp`` in ``final``'s place. An old output is renamed aside first and
     deleted last: deleting it first left, when interrupted, a half-deleted build under the final
-    name. Interrupted between the renames, the old output is put back."""
+    name. Interrupted between the renames, the old output is put back.
+
+    Without ``force`` the rename itself is the check that ``final`` is still absent or empty: a
+    second run into the same --out, started before the first finished, replaced the first's build
+    when it was checked only at the start (both said "done", the first's build was gone)."""
+    if not force:
+        try:
+            os.rename(tmp, final)  # over nothing or an empty folder; a folder with files refuses it
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise QoqoptError(f"output {final} was filled by another run while this one worked; it is left as "
+                              "that run wrote it (use --force to replace it)") from exc  # fmt: skip
+        return
     if not final.exists():
         os.replace(tmp, final)
         return

@@ -327,3 +327,25 @@ def test_a_gguf_tensor_written_to_a_full_disk_says_disk_full():
             tensor.tofile(fp)
     assert caught.value.errno == errno.ENOSPC
     assert str(write_error(caught.value, Path("/tmp/x.gguf"))).startswith("disk full while writing x.gguf")
+
+
+def test_a_build_another_run_finished_meanwhile_is_not_replaced_without_force(tmp_path):
+    """Two runs into one new --out (two terminals, a script's loop): the second to finish found the
+    folder absent at its start, and its swap replaced the first's build without --force, both
+    saying "done". Now it stops in one line and the first's build stays whole; an empty folder
+    is still filled, and --force still replaces."""
+    out = tmp_path / "build"
+    with pytest.raises(QoqoptError, match=r"^output .*build was filled by another run while this one worked.*--force"):
+        with atomic_dir(out) as tmp:
+            (tmp / "mine.Q8_0.gguf").write_text("second")
+            with atomic_dir(out) as other:  # the other run, finishing first
+                (other / "theirs.Q4_K_M.gguf").write_text("first")
+    assert os.listdir(out) == ["theirs.Q4_K_M.gguf"] and _debris(tmp_path) == []
+    empty = tmp_path / "empty"
+    with atomic_dir(empty) as tmp:
+        empty.mkdir()  # made meanwhile, still empty: filled as before
+        (tmp / "a.gguf").write_text("a")
+    assert os.listdir(empty) == ["a.gguf"] and _debris(tmp_path) == []
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "mine.Q8_0.gguf").write_text("second")
+    assert os.listdir(out) == ["mine.Q8_0.gguf"] and _debris(tmp_path) == []
