@@ -28,6 +28,7 @@ import numpy as np
 
 from qoqopt.children import python_module
 from qoqopt.errors import QoqoptError
+from qoqopt.fileio import atomic_path
 
 from .gguf_write import DIRECT_TYPES
 
@@ -157,7 +158,8 @@ def llama_quantize(
 def _save_means(imatrix: dict[str, np.ndarray], path: Path) -> str:
     from safetensors.numpy import save_file
 
-    save_file({name: np.ascontiguousarray(v, dtype=np.float32) for name, v in imatrix.items()}, str(path))
+    with atomic_path(path) as tmp:  # a full disk is one line, not safetensors' own traceback
+        save_file({name: np.ascontiguousarray(v, dtype=np.float32) for name, v in imatrix.items()}, str(tmp))
     return str(path)
 
 

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -41,9 +42,19 @@ def atomic_path(final: Path) -> Iterator[Path]:
         if exc.errno in (*DISK_FULL, errno.EFBIG):
             raise write_error(exc, final) from exc
         raise QoqoptError(f"cannot write {final}: {exc.strerror or exc}") from exc
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        os_error = library_os_error(exc)
+        if os_error is not None:
+            raise write_error(os_error, final) from exc
         raise
+
+
+def library_os_error(exc: BaseException) -> OSError | None:
+    """The OSError a library reported as an exception of its own: safetensors' writer raises
+    SafetensorError("... No space left on device (os error 28)"), which was a traceback."""
+    found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    return OSError(int(found[1]), os.strerror(int(found[1]))) if found else None
 
 
 @contextlib.contextmanager
@@ -108,6 +119,9 @@ def prepare_output_dir(out: Path, force: bool, inputs=(), owned: Owned | None = 
         raise QoqoptError(f"output {out} is the current folder or holds it: give a folder to create, such as --out build")
     if out.is_symlink():  # replacing the build would replace the link, not fill the folder it names
         raise QoqoptError(f"output {out} is a symbolic link; give the folder it points to ({out.resolve()})")
+    if os.path.ismount(out):
+        raise QoqoptError(f"output {out} is a mount point, and a build is made beside its output and renamed "
+                          f"into place, which a mount point cannot take: give a folder inside it ({out / 'build'})")  # fmt: skip
     check_can_make_dir(out)
     if not (out.exists() and any(out.iterdir())):
         return
@@ -122,6 +136,8 @@ def check_can_make_dir(out: Path) -> None:
     """``out`` is, or can become, a directory: neither it nor its nearest existing parent is a file.
     Checked before any work, so such an --out fails in one line rather than after the work."""
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise QoqoptError(f"output {out} is a symbolic link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
         raise QoqoptError(f"output {out} exists and is not a directory")
     blocker = file_in_the_way(out)
@@ -164,11 +180,14 @@ def atomic_dir(final: Path, force: bool = False, inputs=(), owned: Owned | None 
         _swap_in(tmp, final, force)
         tidy(final, f"beside {final}", say_others=False)  # a previous build a killed replace set aside
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         if exc.filename and Path(exc.filename).is_relative_to(tmp):  # name what the user asked for
             exc.filename = str(final / Path(exc.filename).relative_to(tmp))
-        if exc.errno in (*DISK_FULL, errno.EFBIG):  # only writes fill a disk: any other OSError may be a source read
-            raise write_error(exc, final) from exc
+        # only writes fill a disk: any other OSError may be a source read. Said before the temporary
+        # build is deleted, so the free space is the failed write's, not what deleting it gave back
+        said = write_error(exc, final) if exc.errno in (*DISK_FULL, errno.EFBIG) else None
+        shutil.rmtree(tmp, ignore_errors=True)
+        if said is not None:
+            raise said from exc
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

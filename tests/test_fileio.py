@@ -5,12 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from qoqopt.errors import QoqoptError
-from qoqopt.fileio import atomic_dir, atomic_path
+from qoqopt.fileio import atomic_dir, atomic_path, prepare_output_dir
 
 
 def _debris(folder):
@@ -278,7 +279,6 @@ def test_a_pid_is_only_ours_in_our_pid_namespace(tmp_path):
 
 def test_the_current_folder_is_not_an_output(tmp_path, monkeypatch):
     """`--out .` renamed the folder the command runs in (an EBUSY traceback, and `..*.old` debris)."""
-    from qoqopt.fileio import prepare_output_dir
 
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
@@ -349,3 +349,51 @@ def test_a_build_another_run_finished_meanwhile_is_not_replaced_without_force(tm
     with atomic_dir(out, force=True) as tmp:
         (tmp / "mine.Q8_0.gguf").write_text("second")
     assert os.listdir(out) == ["mine.Q8_0.gguf"] and _debris(tmp_path) == []
+
+
+LIMITED_WRITES = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(2) instead of the signal's kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+import numpy as np
+from qoqopt.errors import QoqoptError
+from qoqopt.exports.gguf_quant import _save_means
+try:
+    _save_means({"blk.0.ffn_up.weight": np.ones(1 << 19, np.float32)}, __import__("pathlib").Path(sys.argv[2]))
+except QoqoptError as exc:
+    print(exc)
+from qoqopt.cli import main
+sys.exit(main(["mini", "--out", sys.argv[1], "--preset", "tiny"]))
+"""
+
+
+def test_safetensors_own_write_errors_are_one_line_and_leave_nothing(tmp_path):
+    """safetensors' writer reports an OSError as its own SafetensorError ("... (os error 27)"), which
+    a full disk or a file-size limit made a traceback from `qoqopt mini` (and from the trained
+    mini's cache, and the imatrix handed to llama.cpp's quantize). Under a real 1 MiB `ulimit -f`,
+    safetensors' own error is one line about the file, and no file or temporary is left."""
+    import subprocess
+
+    out, means = tmp_path / "mini", tmp_path / "imatrix.safetensors"
+    run = subprocess.run([sys.executable, "-c", LIMITED_WRITES, str(out), str(means)], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    larger = f"larger than one file may be at {tmp_path} (a FAT32 drive holds at most 4 GiB a file; or a `ulimit -f` limit)"
+    assert run.stdout == f"cannot write imatrix.safetensors: {larger}: write to another drive\n"
+    assert run.returncode == 2 and run.stderr == f"error: cannot write model.safetensors: {larger}: write to another drive\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_that_is_a_mount_point_or_a_dangling_link_is_refused_before_work(tmp_path, tiny_dir, capsys):
+    """A Docker volume given as --out (`-v /host/out:/out --out /out`) ran the whole export, then
+    failed to rename the build onto the mount point ("Device or resource busy"); a --out that is
+    a link to nothing was bench's "File exists". Both are one line before any work."""
+    from tests.conftest import refused
+
+    if os.path.ismount("/proc"):  # the OS's own mount table says so
+        with pytest.raises(QoqoptError, match=r"^output /proc is a mount point, .*give a folder inside it \(/proc/build\)$"):
+            prepare_output_dir(Path("/proc"), force=True)
+    dangling = tmp_path / "results"
+    dangling.symlink_to(tmp_path / "gone")
+    said = f"error: output {dangling} is a symbolic link to {tmp_path / 'gone'}, which does not exist"
+    assert refused(["bench", tiny_dir, "--variants", "bf16", "--items", "1", "--out", dangling], capsys) == said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]

@@ -365,7 +365,7 @@ def _common_job(opts: BenchOptions, ckpt, work: Path, threads: int) -> dict:
 
 def _run_worker(job: dict, work: Path, tag: str) -> dict:
     job_path, out_path = work / f"{tag}.job.json", work / f"{tag}.result.json"
-    job_path.write_text(json.dumps(job))
+    atomic_write_text(job_path, json.dumps(job))  # a full disk names the file
     proc = subprocess.run(python_module("qoqopt.bench.worker", str(job_path), str(out_path)),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     # the worker's own warnings (a 16-bit image using 12 bits, an unchecked file) reach the user,
