@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -211,15 +210,8 @@ def estimate_bytes(ctx: _Context, options: GGUFOptions) -> int:
     return total + (split if split and max(quantized) > split else 0)
 
 
-def _check_space(out: Path, need: int) -> None:
-    folder = out.parent if out.parent.exists() else Path(".")
-    free = shutil.disk_usage(folder).free
-    if need > free:
-        raise QoqoptError(f"not enough disk space at {folder}: the export needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
-
-
 def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision: str | None = None, force: bool = False, log=print) -> ExportResult:
-    from qoqopt.fileio import atomic_dir, prepare_output_dir, write_error
+    from qoqopt.fileio import atomic_dir, check_free_space, prepare_output_dir, write_error
     from qoqopt.manifest import export_output
 
     owned = export_output()
@@ -238,7 +230,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
         log(f"note: {note}")
     for line in ctx.skipped:
         log(f"skipped deliberately: {line}")
-    _check_space(out, estimate_bytes(ctx, options))
+    check_free_space(out, estimate_bytes(ctx, options))
 
     records: list[FileRecord] = []
     notes: list[str] = list(ctx.vocab.notes)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import struct
 import sys
@@ -245,6 +246,27 @@ def copy_source_tensor(writer: ShardWriter, ckpt, canonical: str, out_name: str)
     writer.add_raw(out_name, shard, 8 + header_len + begin, end - begin, info["dtype"], info["shape"])
 
 
+_TEXT_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+
+
+def estimate_bytes(ckpt, bits: int, group_size: int, quantize_vision: bool) -> int:
+    """The build's size, roughly, for the free-space check only: the decoder layers' Linears (with
+    --quantize-vision the vision blocks' too) at ``bits`` a weight plus a 16-bit scale and a zero a
+    group, every other tensor copied as stored."""
+    total = 0
+    for name in ckpt.names:
+        info = ckpt.tensor_info(name)
+        quantized = _TEXT_LINEAR.fullmatch(name) or (quantize_vision and name.startswith("visual.blocks.")
+                                                     and name.endswith(".weight") and len(info["shape"]) == 2)  # fmt: skip
+        if quantized:
+            n, k = info["shape"]
+            groups = n * (k // group_size if group_size > 0 else 1)
+            total += n * k * bits // 8 + groups * (16 + bits) // 8
+        else:
+            total += info["data_offsets"][1] - info["data_offsets"][0]
+    return total
+
+
 def _pack(fmt: str, qw) -> dict:
     from . import awq, gptq
 
@@ -315,7 +337,7 @@ def export_hf_quant_report(
 
     from qoqopt.calibration import calibration_items
     from qoqopt.data import domain_counts
-    from qoqopt.fileio import atomic_dir, prepare_output_dir
+    from qoqopt.fileio import atomic_dir, check_free_space, prepare_output_dir
     from qoqopt.loader import open_checkpoint
     from qoqopt.manifest import export_output
     from qoqopt.quantize.rtn import QuantSpec
@@ -344,6 +366,7 @@ def export_hf_quant_report(
     ckpt = open_checkpoint(source, revision=revision)
     ckpt.require_weights()
     ckpt.require_unquantized()
+    check_free_space(out, estimate_bytes(ckpt, bits, group_size, quantize_vision))
     config = ckpt.hf_config()
     zero_min = 1 if (fmt == "gptq" and not sym) else 0
     spec = QuantSpec(bits, group_size, sym, zero_min)

@@ -240,6 +240,19 @@ def write_error(exc: OSError, path: Path) -> QoqoptError:
     return QoqoptError(f"cannot write {path}: {exc.strerror or exc}")
 
 
+def check_free_space(out: Path, need: int) -> None:
+    """Refuse before a long export whose output (``need`` bytes, estimated) cannot fit where it is
+    written: the build is made beside ``out``."""
+    folder = _existing(Path(out).parent)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # no answer is not a full disk: the writes will say if it is
+        return
+    if need > free:
+        raise QoqoptError(f"not enough disk space at {folder}: the export needs ~{need / 2**30:.1f} GiB, "
+                          f"{free / 2**30:.1f} GiB free")  # fmt: skip
+
+
 def _existing(folder: Path) -> Path:
     while not folder.exists() and folder != folder.parent:  # a temporary name's final one, not made yet
         folder = folder.parent

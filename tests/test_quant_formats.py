@@ -314,6 +314,38 @@ def test_drop_ecg_gives_the_plain_models_build(awq_export, ecg_dir, tmp_path):
     assert type(config).__name__ == "Qwen2_5_VLConfig" and hasattr(transformers, config.architectures[0])
 
 
+def _safetensors_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def test_the_free_space_check_estimates_the_build_it_guards(tiny_dir, awq_export, gptq8_export, tmp_path, capsys,
+                                                             monkeypatch):  # fmt: skip
+    """GPTQ/AWQ exports check free space before loading the model (a full disk was found only after
+    every layer was quantized): the bytes its estimate saves on the source are within 3% of what the
+    export then saved, at 4 bits g128 and 8 bits g64, and a disk with less room is one line with
+    nothing left."""
+    import collections
+
+    from qoqopt import fileio
+    from qoqopt.exports.hf_quant import estimate_bytes
+    from qoqopt.loader import open_checkpoint
+    from tests.conftest import refused
+
+    ckpt = open_checkpoint(str(tiny_dir))
+    source = _safetensors_bytes(tiny_dir)  # the tiny model is mostly embeddings: judge what packing saves
+    for (report, _), bits, group in ((awq_export, 4, 128), (gptq8_export, 8, 64)):
+        saved, estimated = source - _safetensors_bytes(report.out), source - estimate_bytes(ckpt, bits, group, False)
+        assert 0.97 < estimated / saved < 1.03, (bits, estimated, saved)
+    need = estimate_bytes(ckpt, 4, 128, False)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, need - (1 << 20)))
+    out = tmp_path / "out"
+    assert refused(["export", tiny_dir, "--format", "gptq", "--out", out], capsys) == (
+        f"error: not enough disk space at {tmp_path}: the export needs ~{need / 2**30:.1f} GiB, "
+        f"{(need - (1 << 20)) / 2**30:.1f} GiB free")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
 # One linear of each shape in a decoder layer: q/o, k/v, gate/up and down differ in N and K.
 KERNEL_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj")
 
@@ -579,6 +611,12 @@ def test_awq_quantize_vision(tiny_dir, tmp_path):
     assert_vllm_builds_plain_only_the_plain_linears(report.out)
     t = read_dir(report.out)
     assert "model.visual.merger.mlp.0.weight" in t and "model.visual.blocks.0.attn.qkv.weight" not in t
+    from qoqopt.exports.hf_quant import estimate_bytes
+    from qoqopt.loader import open_checkpoint
+
+    source = _safetensors_bytes(tiny_dir)  # the free-space check's estimate of what packing saves, vision too
+    estimated = source - estimate_bytes(open_checkpoint(str(tiny_dir)), 4, 128, quantize_vision=True)
+    assert 0.97 < estimated / (source - _safetensors_bytes(report.out)) < 1.03
     src = load_file(str(tiny_dir / "model.safetensors"))
     assert torch.equal(t["model.visual.blocks.0.attn.qkv.bias"], src["visual.blocks.0.attn.qkv.bias"])
     state, packed = spec_state(report.out, t)
