@@ -119,9 +119,13 @@ def prepare_output_dir(out: Path, force: bool, inputs=(), owned: Owned | None = 
         raise QoqoptError(f"output {out} is the current folder or holds it: give a folder to create, such as --out build")
     if out.is_symlink():  # replacing the build would replace the link, not fill the folder it names
         raise QoqoptError(f"output {out} is a symbolic link; give the folder it points to ({out.resolve()})")
+    # a build is made beside its output, then renamed into place
     if os.path.ismount(out):
         raise QoqoptError(f"output {out} is a mount point, and a build is made beside its output and renamed "
                           f"into place, which a mount point cannot take: give a folder inside it ({out / 'build'})")  # fmt: skip
+    if out.is_dir() and not os.access(out.resolve().parent, os.W_OK | os.X_OK):  # a folder an admin made for you
+        raise QoqoptError(f"output {out} is writable but the folder it is in is not, and a build is made beside "
+                          f"its output and renamed into place: give a folder inside it ({out / 'build'})")  # fmt: skip
     check_can_make_dir(out)
     if not (out.exists() and any(out.iterdir())):
         return

@@ -397,3 +397,25 @@ def test_an_output_that_is_a_mount_point_or_a_dangling_link_is_refused_before_wo
     said = f"error: output {dangling} is a symbolic link to {tmp_path / 'gone'}, which does not exist"
     assert refused(["bench", tiny_dir, "--variants", "bf16", "--items", "1", "--out", dangling], capsys) == said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_an_output_in_a_folder_that_cannot_be_written_is_refused_before_work(tmp_path, monkeypatch):
+    """A cluster's pre-made --out (/scratch/proj/out, writable, in a folder that is not) failed as
+    "cannot write OUT: Permission denied", about a folder the user can write. As root every folder
+    is writable, so there the answer of os.access is the stand-in's."""
+    parent = tmp_path / "proj"
+    (parent / "out").mkdir(parents=True)
+    parent.chmod(0o555)
+    try:
+        if os.access(parent, os.W_OK):  # root
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and Path(p) != parent.resolve())
+        with pytest.raises(QoqoptError, match=rf"^output {re.escape(str(parent / 'out'))} is writable but the folder it is "
+                                              rf"in is not, .*give a folder inside it \({re.escape(str(parent / 'out' / 'build'))}\)$"):  # fmt: skip
+            with atomic_dir(parent / "out"):
+                pass
+        with atomic_dir(parent / "out" / "build") as tmp:  # what it says to do
+            (tmp / "a.gguf").write_text("a")
+        assert os.listdir(parent / "out") == ["build"]
+    finally:
+        parent.chmod(0o755)
