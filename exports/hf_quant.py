@@ -251,14 +251,16 @@ _TEXT_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(ga
 
 def estimate_bytes(ckpt, bits: int, group_size: int, quantize_vision: bool) -> int:
     """The build's size, roughly, for the free-space check only: the decoder layers' Linears (with
-    --quantize-vision the vision blocks' too) at ``bits`` a weight plus a 16-bit scale and a zero a
-    group, every other tensor copied as stored."""
+    --quantize-vision the vision blocks' the export packs) at ``bits`` a weight plus a 16-bit scale
+    and a zero a group, every other tensor copied as stored."""
+    from qoqopt.quantize.rtn import QuantSpec
+
+    # the export's own plan: the 7B's vision MLPs (3420 wide) do not pack and stay as stored (~0.6 GiB)
+    vision = _vision_plan(ckpt, QuantSpec(bits, group_size), "awq").linears if quantize_vision else {}
     total = 0
     for name in ckpt.names:
         info = ckpt.tensor_info(name)
-        quantized = _TEXT_LINEAR.fullmatch(name) or (quantize_vision and name.startswith("visual.blocks.")
-                                                     and name.endswith(".weight") and len(info["shape"]) == 2)  # fmt: skip
-        if quantized:
+        if _TEXT_LINEAR.fullmatch(name) or (name.endswith(".weight") and name.removesuffix(".weight") in vision):
             n, k = info["shape"]
             groups = n * (k // group_size if group_size > 0 else 1)
             total += n * k * bits // 8 + groups * (16 + bits) // 8

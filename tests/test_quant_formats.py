@@ -346,6 +346,38 @@ def test_the_free_space_check_estimates_the_build_it_guards(tiny_dir, awq_export
     assert list(tmp_path.iterdir()) == []
 
 
+class _ShapesOnly:
+    """The real 7B's tensors as transformers' meta model shapes them, stored BF16 (the index has no shapes)."""
+
+    def __init__(self, config: dict):
+        from qoqopt.loader import canonical_name, meta_model
+
+        self.shapes = {canonical_name(k): list(v.shape) for k, v in meta_model(config).state_dict().items()}
+        self.names = {n: n for n in self.shapes}
+
+    def tensor_info(self, name: str) -> dict:
+        return {"shape": self.shapes[name], "dtype": "BF16", "data_offsets": [0, 2 * int(np.prod(self.shapes[name]))]}
+
+
+def test_the_free_space_estimate_keeps_the_7bs_unpackable_vision_linears_as_stored(fixture_7b):
+    """--quantize-vision packs only the vision Linears AWQ's GEMM layout takes (in-features a whole
+    number of groups, out-features a whole number of int32 words of eight 4-bit values); the 7B's
+    MLPs (1280 <-> 3420) stay BF16. The estimate counted them at 4 bits: ~0.6 GiB under."""
+    import torch
+
+    from qoqopt.exports.hf_quant import estimate_bytes
+    from qoqopt.loader import meta_model
+
+    config = json.loads((fixture_7b / "config.json").read_text())
+    ckpt = _ShapesOnly(config)
+    packed = [m for name, m in meta_model(config).named_modules() if ".visual.blocks." in name
+              and isinstance(m, torch.nn.Linear) and m.in_features % 128 == 0 and m.out_features % 8 == 0]  # fmt: skip
+    saved = sum(2 * m.in_features * m.out_features - (m.in_features * m.out_features // 2
+                + m.out_features * (m.in_features // 128) * 20 // 8) for m in packed)  # fmt: skip
+    assert len(packed) == 64  # qkv and attn.proj of 32 blocks
+    assert estimate_bytes(ckpt, 4, 128, False) - estimate_bytes(ckpt, 4, 128, True) == saved
+
+
 # One linear of each shape in a decoder layer: q/o, k/v, gate/up and down differ in N and K.
 KERNEL_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj")
 
