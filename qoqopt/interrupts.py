@@ -46,8 +46,10 @@ class TimeLimit(Exception):
 def time_limit(seconds: float) -> Iterator[None]:
     """Raise TimeLimit inside the block after `seconds`, for Python code that cannot be trusted to
     end (a checkpoint's Jinja template). Off the main thread, or without SIGALRM, no limit is set:
-    a timer's signal is delivered to the main thread only."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+    a timer's signal is delivered to the main thread only. Nor under a caller's own timer (a
+    notebook's or a test runner's alarm): there is one ITIMER_REAL, and setting ours cancelled it."""
+    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):  # fmt: skip
         yield
         return
 
@@ -59,5 +61,7 @@ def time_limit(seconds: float) -> Iterator[None]:
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+        try:  # a TimeLimit due just as the block ended may be raised here: the handler is put back still
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
