@@ -123,7 +123,9 @@ def prepare_output_dir(out: Path, force: bool, inputs=(), owned: Owned | None = 
     if os.path.ismount(out):
         raise QoqoptError(f"output {out} is a mount point, and a build is made beside its output and renamed "
                           f"into place, which a mount point cannot take: give a folder inside it ({out / 'build'})")  # fmt: skip
-    if out.is_dir() and not os.access(out.resolve().parent, os.W_OK | os.X_OK):  # a folder an admin made for you
+    # a folder an admin made for you; one the user cannot write either (/usr/share/doc, a read-only
+    # mount) is no such folder, and a folder inside it could not be made: the write says why
+    if out.is_dir() and os.access(out, os.W_OK | os.X_OK) and not os.access(out.resolve().parent, os.W_OK | os.X_OK):
         raise QoqoptError(f"output {out} is writable but the folder it is in is not, and a build is made beside "
                           f"its output and renamed into place: give a folder inside it ({out / 'build'})")  # fmt: skip
     check_can_make_dir(out)

@@ -419,3 +419,25 @@ def test_an_output_in_a_folder_that_cannot_be_written_is_refused_before_work(tmp
         assert os.listdir(parent / "out") == ["build"]
     finally:
         parent.chmod(0o755)
+
+
+def test_an_output_that_cannot_be_written_itself_is_not_called_writable(tmp_path, monkeypatch):
+    """An --out the user cannot write, in a folder they cannot write either (`--out /usr/share/doc`
+    as a user, a read-only mount), was refused as "writable but the folder it is in is not ... give
+    a folder inside it", a folder that cannot be made either. It is left to the write, which names
+    the real cause. As root every folder is writable, so there the answer of os.access is the
+    stand-in's."""
+    parent = tmp_path / "proj"
+    (parent / "out").mkdir(parents=True)
+    (parent / "out").chmod(0o555)
+    parent.chmod(0o555)
+    try:
+        if os.access(parent, os.W_OK):  # root
+            real = os.access
+            denied = {parent.resolve(), (parent / "out").resolve()}
+            monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and Path(p).resolve() not in denied)
+        assert not os.access(parent / "out", os.W_OK)
+        prepare_output_dir(parent / "out", force=False)  # no claim that it is writable
+    finally:
+        parent.chmod(0o755)
+        (parent / "out").chmod(0o755)
