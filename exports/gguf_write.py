@@ -202,7 +202,7 @@ class StreamedTensor:
         for chunk in self.chunks():
             # fp.write, not ndarray.tofile: numpy reports a short fwrite (a full disk, a file size
             # limit) as "N requested and M written" with no errno, so it was not said as disk full
-            fp.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+            fp.write(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))  # bytes of any dtype and shape
             written += chunk.nbytes
         if written != self.nbytes:
             raise AssertionError(f"{self.plan.entry.target}: wrote {written} bytes, planned {self.nbytes}")

@@ -249,16 +249,18 @@ def copy_source_tensor(writer: ShardWriter, ckpt, canonical: str, out_name: str)
 _TEXT_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
 
 
-def estimate_bytes(ckpt, bits: int, group_size: int, quantize_vision: bool) -> int:
+def estimate_bytes(ckpt, bits: int, group_size: int, quantize_vision: bool, drop_ecg: bool = False) -> int:
     """The build's size, roughly, for the free-space check only: the decoder layers' Linears (with
     --quantize-vision the vision blocks' the export packs) at ``bits`` a weight plus a 16-bit scale
-    and a zero a group, every other tensor copied as stored."""
+    and a zero a group, every other tensor copied as stored (the ECG encoder's unless dropped)."""
     from qoqopt.quantize.rtn import QuantSpec
 
     # the export's own plan: the 7B's vision MLPs (3420 wide) do not pack and stay as stored (~0.6 GiB)
     vision = _vision_plan(ckpt, QuantSpec(bits, group_size), "awq").linears if quantize_vision else {}
     total = 0
     for name in ckpt.names:
+        if drop_ecg and name.startswith(ECG_PREFIX):
+            continue
         info = ckpt.tensor_info(name)
         if _TEXT_LINEAR.fullmatch(name) or (name.endswith(".weight") and name.removesuffix(".weight") in vision):
             n, k = info["shape"]
@@ -368,7 +370,7 @@ def export_hf_quant_report(
     ckpt = open_checkpoint(source, revision=revision)
     ckpt.require_weights()
     ckpt.require_unquantized()
-    check_free_space(out, estimate_bytes(ckpt, bits, group_size, quantize_vision))
+    check_free_space(out, estimate_bytes(ckpt, bits, group_size, quantize_vision, drop_ecg))
     config = ckpt.hf_config()
     zero_min = 1 if (fmt == "gptq" and not sym) else 0
     spec = QuantSpec(bits, group_size, sym, zero_min)

@@ -212,7 +212,7 @@ def _swap_in(tmp: Path, final: Path, force: bool = False) -> None:
         try:
             os.rename(tmp, final)  # over nothing or an empty folder; a folder with files refuses it
         except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):  # a folder or a file
                 raise
             raise QoqoptError(f"output {final} was filled by another run while this one worked; it is left as "
                               "that run wrote it (use --force to replace it)") from exc  # fmt: skip

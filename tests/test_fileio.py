@@ -327,6 +327,15 @@ def test_a_gguf_tensor_written_to_a_full_disk_says_disk_full():
             tensor.tofile(fp)
     assert caught.value.errno == errno.ENOSPC
     assert str(write_error(caught.value, Path("/tmp/x.gguf"))).startswith("disk full while writing x.gguf")
+    # the bytes are numpy's own, for an empty 2-D chunk, a strided one and a 16-bit one
+    import io
+
+    chunks = [np.zeros((0, 4), np.float16), np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2],
+              np.arange(6, dtype=np.uint16).reshape(2, 3)]  # fmt: skip
+    tensor.chunks, tensor.nbytes = lambda: iter(chunks), sum(c.nbytes for c in chunks)
+    written = io.BytesIO()
+    tensor.tofile(written)
+    assert written.getvalue() == b"".join(c.tobytes() for c in chunks)
 
 
 def test_a_build_another_run_finished_meanwhile_is_not_replaced_without_force(tmp_path):
@@ -349,6 +358,12 @@ def test_a_build_another_run_finished_meanwhile_is_not_replaced_without_force(tm
     with atomic_dir(out, force=True) as tmp:
         (tmp / "mine.Q8_0.gguf").write_text("second")
     assert os.listdir(out) == ["mine.Q8_0.gguf"] and _debris(tmp_path) == []
+    a_file = tmp_path / "file"  # a file made there meanwhile: the same line (ENOTDIR was a traceback)
+    with pytest.raises(QoqoptError, match=r"^output .*file was filled by another run while this one worked"):
+        with atomic_dir(a_file) as tmp:
+            (tmp / "a.gguf").write_text("a")
+            a_file.write_text("theirs")
+    assert a_file.read_text() == "theirs" and _debris(tmp_path) == []
 
 
 LIMITED_WRITES = """
@@ -389,9 +404,11 @@ def test_an_output_that_is_a_mount_point_or_a_dangling_link_is_refused_before_wo
     a link to nothing was bench's "File exists". Both are one line before any work."""
     from tests.conftest import refused
 
-    if os.path.ismount("/proc"):  # the OS's own mount table says so
-        with pytest.raises(QoqoptError, match=r"^output /proc is a mount point, .*give a folder inside it \(/proc/build\)$"):
-            prepare_output_dir(Path("/proc"), force=True)
+    mounts = [m for m in ("/proc", "/dev") if os.path.ismount(m)]  # the OS's own mount table says so
+    assert mounts or sys.platform not in ("linux", "darwin")  # /dev is a mount point on Linux and macOS
+    for mount in mounts:
+        with pytest.raises(QoqoptError, match=rf"^output {mount} is a mount point, .*give a folder inside it \({mount}/build\)$"):
+            prepare_output_dir(Path(mount), force=True)
     dangling = tmp_path / "results"
     dangling.symlink_to(tmp_path / "gone")
     said = f"error: output {dangling} is a symbolic link to {tmp_path / 'gone'}, which does not exist"

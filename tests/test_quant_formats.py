@@ -293,6 +293,12 @@ def test_drop_ecg_gives_the_plain_models_build(awq_export, ecg_dir, tmp_path):
     carried, _ = _export(ecg_dir, tmp_path / "carried", "awq")
     dropped, _ = _export(ecg_dir, tmp_path / "dropped", "awq", drop_ecg=True)
     plain = awq_export[0].out
+    from qoqopt.exports.hf_quant import estimate_bytes  # the free-space check counts the encoder only if carried
+    from qoqopt.loader import open_checkpoint
+
+    ecg = open_checkpoint(str(ecg_dir))
+    assert (estimate_bytes(ecg, 4, 128, False) - estimate_bytes(ecg, 4, 128, False, drop_ecg=True)
+            == _safetensors_bytes(carried.out) - _safetensors_bytes(dropped.out) - _header_growth(carried.out, dropped.out))  # fmt: skip
     for f in ("model.safetensors", "config.json"):
         assert (dropped.out / f).read_bytes() == (plain / f).read_bytes(), f
     tokenizer_config = json.loads((dropped.out / "tokenizer_config.json").read_text())
@@ -316,6 +322,20 @@ def test_drop_ecg_gives_the_plain_models_build(awq_export, ecg_dir, tmp_path):
 
 def _safetensors_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _header_growth(a: Path, b: Path) -> int:
+    """How much longer a's safetensors headers are than b's (8-byte length + JSON, per the format)."""
+    import struct
+
+    def headers(folder):
+        total = 0
+        for f in folder.glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                total += 8 + struct.unpack("<Q", fh.read(8))[0]
+        return total
+
+    return headers(a) - headers(b)
 
 
 def test_the_free_space_check_estimates_the_build_it_guards(tiny_dir, awq_export, gptq8_export, tmp_path, capsys,
