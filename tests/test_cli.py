@@ -328,6 +328,7 @@ def test_a_source_that_cannot_make_a_chat_is_refused_up_front(tiny_dir, tmp_path
     assert not out.exists()
 
 
+TWO_IMAGES = "<|vision_start|><|image_pad|><|vision_end|>" * 2 + "{{ messages[0].content[1].text }}"
 BAD_TEMPLATES = {  # template -> the refusal's end; jinja2 and transformers name the first two errors
     "{{ raise_exception('no images here') }}": "cannot render a chat of one image and a question: TemplateError: no images here",
     "{% for m in messages %}{{ m.role ": "cannot render a chat of one image and a question: TemplateSyntaxError: "
@@ -338,6 +339,12 @@ BAD_TEMPLATES = {  # template -> the refusal's end; jinja2 and transformers name
         "image and a question: copy the chat template from the original checkpoint",
     "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}": "did not render a chat of "
         "one image and a question within 0.5 s (a loop that does not end?)",
+    TWO_IMAGES: "writes <|image_pad|> 2 times for a chat of one image and a question (Qwen2.5-VL's template writes "
+        "it once): copy the chat template from the original checkpoint",
+    "{{ raise_exception('no images here\\nsecond line') }}": "cannot render a chat of one image and a question: "
+        "TemplateError: no images here",
+    "{{ messages[0].role }}{% if add_generation_prompt %}{{ raise_exception('no prompt') }}{% endif %}": "cannot "
+        "render a chat of one image and a question: TemplateError: no prompt",
 }  # fmt: skip
 
 
@@ -375,6 +382,12 @@ def test_a_chat_template_that_cannot_render_the_chat_is_refused_up_front(tiny_di
         add_generation_prompt=True, tokenize=False)  # fmt: skip
     assert probe.endswith(f"<|vision_start|><|image_pad|><|vision_end|>{chat_template.PROBE_QUESTION}<|im_end|>\n"
                           "<|im_start|>assistant\n")  # fmt: skip
+    # transformers' own processor refuses the text a template with two placeholders makes for one image
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="Found total 2 <|image_pad|> tokens and 1 images"):
+        processor(text=[TWO_IMAGES.replace("{{ messages[0].content[1].text }}", chat_template.PROBE_QUESTION)],
+                  images=[Image.new("RGB", (28, 28))])  # fmt: skip
 
 
 def test_windows_is_refused_in_one_line(monkeypatch, capsys):

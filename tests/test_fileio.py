@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -91,9 +92,30 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path):
             raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
     assert os.listdir(tmp_path) == []
     # an OSError that names its file (another filesystem, a download cache) is reported as that file
-    with pytest.raises(QoqoptError, match=r"^disk full while writing blob-17 \(\d+\.\d GiB free\)$"):
+    with pytest.raises(QoqoptError, match=r"^disk full while writing blob-17 \(\d+\.\d GiB free\)$") as caught:
         with atomic_dir(out):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "hub-cache" / "blob-17"))
+    # the free space said is the OS's at the nearest folder that exists (hub-cache does not)
+    said = float(re.search(r"\((\d+\.\d) GiB free\)", str(caught.value))[1])
+    assert abs(said - shutil.disk_usage(tmp_path).free / 2**30) <= 0.1
+
+
+def test_disk_full_says_the_space_left_when_the_write_failed(tmp_path, monkeypatch):
+    """The free space is read before the temporary build is deleted: after, it is what deleting the
+    build gave back (a disk that was full said "3.0 GiB free"). Here a stand-in disk is full while
+    the build's hidden folder exists, as a real one would be."""
+    import collections
+
+    from qoqopt import fileio
+
+    usage = collections.namedtuple("usage", "total used free")
+    building = lambda: any(p.name.startswith(".build.") and p.name.endswith(".tmp") for p in tmp_path.iterdir())  # noqa: E731
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda p: usage(4 << 30, 4 << 30, 0 if building() else 3 << 30))
+    with pytest.raises(QoqoptError, match=r"^disk full while writing build \(0\.0 GiB free\)$"):
+        with atomic_dir(tmp_path / "build") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert os.listdir(tmp_path) == []
 
 
 def test_other_os_errors_pass_through_atomic_dir(tmp_path):
@@ -364,6 +386,19 @@ def test_a_build_another_run_finished_meanwhile_is_not_replaced_without_force(tm
             (tmp / "a.gguf").write_text("a")
             a_file.write_text("theirs")
     assert a_file.read_text() == "theirs" and _debris(tmp_path) == []
+    # any other refusal of the rename is not said to be another run's build: EBUSY, which rename(2)
+    # gives for a mount point (one made there meanwhile; no test can mount), passes through as itself
+    busy = tmp_path / "busy"
+
+    def rename(src, dst):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src), None, str(dst))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("qoqopt.fileio.os.rename", rename)
+        with pytest.raises(OSError) as caught:
+            with atomic_dir(busy) as tmp:
+                (tmp / "a.gguf").write_text("a")
+    assert caught.value.errno == errno.EBUSY and not busy.exists() and _debris(tmp_path) == []
 
 
 LIMITED_WRITES = """
@@ -377,6 +412,11 @@ try:
     _save_means({"blk.0.ffn_up.weight": np.ones(1 << 19, np.float32)}, __import__("pathlib").Path(sys.argv[2]))
 except QoqoptError as exc:
     print(exc)
+from qoqopt.fileio import atomic_write_bytes
+try:
+    atomic_write_bytes(__import__("pathlib").Path(sys.argv[2]).with_name("report.bin"), bytes(2 << 20))
+except QoqoptError as exc:
+    print(exc)
 from qoqopt.cli import main
 sys.exit(main(["mini", "--out", sys.argv[1], "--preset", "tiny"]))
 """
@@ -386,14 +426,16 @@ def test_safetensors_own_write_errors_are_one_line_and_leave_nothing(tmp_path):
     """safetensors' writer reports an OSError as its own SafetensorError ("... (os error 27)"), which
     a full disk or a file-size limit made a traceback from `qoqopt mini` (and from the trained
     mini's cache, and the imatrix handed to llama.cpp's quantize). Under a real 1 MiB `ulimit -f`,
-    safetensors' own error is one line about the file, and no file or temporary is left."""
+    safetensors' own error is one line about the file, as is a plain write's EFBIG (the OS's own),
+    and no file or temporary is left."""
     import subprocess
 
     out, means = tmp_path / "mini", tmp_path / "imatrix.safetensors"
     run = subprocess.run([sys.executable, "-c", LIMITED_WRITES, str(out), str(means)], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     larger = f"larger than one file may be at {tmp_path} (a FAT32 drive holds at most 4 GiB a file; or a `ulimit -f` limit)"
-    assert run.stdout == f"cannot write imatrix.safetensors: {larger}: write to another drive\n"
+    assert run.stdout == (f"cannot write imatrix.safetensors: {larger}: write to another drive\n"
+                          f"cannot write report.bin: {larger}: write to another drive\n")  # fmt: skip
     assert run.returncode == 2 and run.stderr == f"error: cannot write model.safetensors: {larger}: write to another drive\n"
     assert list(tmp_path.iterdir()) == []
 

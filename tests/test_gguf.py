@@ -602,6 +602,50 @@ def test_disk_full_is_one_line_and_leaves_nothing(tiny_dir, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_too_little_disk_space_is_refused_before_work(built, tiny_dir, tmp_path, monkeypatch, capsys):
+    """The export checks free space before it writes: on a disk with less room than the F16 GGUF
+    the export wrote (its size as the OS states it), one line and nothing left."""
+    import collections
+
+    from qoqopt import fileio
+
+    room = (built.out / "tiny.F16.gguf").stat().st_size // 2
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda p: collections.namedtuple("usage", "total used free")(1 << 40, 0, room))
+    err = refused(["export", tiny_dir, "--format", "gguf", "--quant", "F16", "--imatrix", "none", "--out", tmp_path / "out"], capsys)
+    assert err.startswith(f"error: not enough disk space at {tmp_path}: the export needs ~") and err.endswith(
+        f"GiB, {room / 2**30:.1f} GiB free")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+QUANTIZE_UNDER_A_LIMIT = """
+import collections, resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(2), as a full disk gives ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+from qoqopt.errors import QoqoptError
+from qoqopt.exports import gguf_quant
+for free in (None, 1 << 20):  # the disk as it is; one with 1 MiB left
+    if free is not None:
+        gguf_quant.shutil.disk_usage = lambda p: collections.namedtuple("usage", "total used free")(1 << 40, 0, free)
+    try:
+        gguf_quant.quantize_here(Path(sys.argv[1]), Path(sys.argv[2]), "Q8_0", None)
+    except QoqoptError as exc:
+        print(exc)
+"""
+
+
+def test_a_quantize_whose_write_fails_on_a_nearly_full_disk_says_disk_full(built, tmp_path):
+    """llama.cpp writes through a std::ofstream whose failure ("basic_ios::clear: iostream error")
+    names no cause. A real failed write (a 1 MiB `ulimit -f`) is llama.cpp's own line where the disk
+    has room, and "disk full" where under 64 MiB is left, as on a disk that filled."""
+    if shutil.disk_usage(tmp_path).free < 1 << 30:
+        pytest.skip("needs a disk with room, to tell the two apart")
+    run = subprocess.run([sys.executable, "-c", QUANTIZE_UNDER_A_LIMIT, str(built.out / "tiny.F16.gguf"), str(tmp_path / "q.gguf")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.stdout.splitlines() == ["llama.cpp could not quantize to Q8_0: llama_model_quantize: failed to quantize: "
+                                       "basic_ios::clear: iostream error", "disk full while writing q.gguf (0.0 GiB free)"]
+
+
 def _as_from_a_terminal() -> None:
     """A command started from a terminal has SIGHUP and SIGINT at their defaults; a test run under
     `nohup` or in a script's background job passes them on ignored, and qoqopt rightly keeps them so."""

@@ -287,16 +287,23 @@ def test_awq_config(awq_export, tiny_dir):
     assert not torch.equal(norm, load_file(str(tiny_dir / "model.safetensors"))["model.layers.0.input_layernorm.weight"])
 
 
-def test_drop_ecg_gives_the_plain_models_build(awq_export, ecg_dir, tmp_path):
+def test_drop_ecg_gives_the_plain_models_build(awq_export, ecg_dir, tmp_path, monkeypatch):
     """--drop-ecg on QoQ-Med's ECG variant writes, byte for byte, the build of the same model without
     the encoder (awq_export is made from tiny_dir, which ecg_dir extends): what vLLM can load."""
-    carried, _ = _export(ecg_dir, tmp_path / "carried", "awq")
-    dropped, _ = _export(ecg_dir, tmp_path / "dropped", "awq", drop_ecg=True)
-    plain = awq_export[0].out
+    import collections
+
+    from qoqopt import fileio
     from qoqopt.exports.hf_quant import estimate_bytes  # the free-space check counts the encoder only if carried
     from qoqopt.loader import open_checkpoint
 
     ecg = open_checkpoint(str(ecg_dir))
+    carried, _ = _export(ecg_dir, tmp_path / "carried", "awq")
+    # a disk with room for the build without the encoder, not with it: --drop-ecg's export fits
+    room = (estimate_bytes(ecg, 4, 128, False) + estimate_bytes(ecg, 4, 128, False, drop_ecg=True)) // 2
+    with monkeypatch.context() as m:
+        m.setattr(fileio.shutil, "disk_usage", lambda p: collections.namedtuple("usage", "total used free")(1 << 40, 0, room))
+        dropped, _ = _export(ecg_dir, tmp_path / "dropped", "awq", drop_ecg=True)
+    plain = awq_export[0].out
     assert (estimate_bytes(ecg, 4, 128, False) - estimate_bytes(ecg, 4, 128, False, drop_ecg=True)
             == _safetensors_bytes(carried.out) - _safetensors_bytes(dropped.out) - _header_growth(carried.out, dropped.out))  # fmt: skip
     for f in ("model.safetensors", "config.json"):
@@ -353,9 +360,11 @@ def test_the_free_space_check_estimates_the_build_it_guards(tiny_dir, awq_export
 
     ckpt = open_checkpoint(str(tiny_dir))
     source = _safetensors_bytes(tiny_dir)  # the tiny model is mostly embeddings: judge what packing saves
-    for (report, _), bits, group in ((awq_export, 4, 128), (gptq8_export, 8, 64)):
+    per_channel = _export(tiny_dir, tmp_path / "per-channel", "gptq", group_size=-1, samples=1)  # one scale a row
+    for (report, _), bits, group in ((awq_export, 4, 128), (gptq8_export, 8, 64), (per_channel, 4, -1)):
         saved, estimated = source - _safetensors_bytes(report.out), source - estimate_bytes(ckpt, bits, group, False)
-        assert 0.97 < estimated / saved < 1.03, (bits, estimated, saved)
+        assert 0.97 < estimated / saved < 1.03, (bits, group, estimated, saved)
+    shutil.rmtree(tmp_path / "per-channel")
     need = estimate_bytes(ckpt, 4, 128, False)
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(fileio.shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, need - (1 << 20)))
