@@ -38,10 +38,10 @@ def test_a_time_limit_ends_a_block_when_its_time_is_up():
     handler = signal.getsignal(signal.SIGALRM)
     start = time.monotonic()
     with pytest.raises(TimeLimit):
-        with time_limit(0.2):
+        with time_limit(0.3):
             while time.monotonic() - start < 30:
                 pass
-    assert 0.2 <= time.monotonic() - start < 1.0
+    assert 0.3 <= time.monotonic() - start < 2.0  # loose: a loaded machine delivers late, not never
     assert signal.getsignal(signal.SIGALRM) is handler and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
