@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import json
+import errno
+import os
 import re
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -28,7 +29,7 @@ import numpy as np
 
 from qoqopt.children import python_module
 from qoqopt.errors import QoqoptError
-from qoqopt.fileio import atomic_path
+from qoqopt.fileio import atomic_path, free_bytes, write_error
 
 from .gguf_write import DIRECT_TYPES
 
@@ -202,15 +203,11 @@ def _how(returncode: int) -> str:
 _FULL = 64 << 20
 
 
-def _write_failed(lines: list[str]) -> bool:
-    return any("iostream error" in ln for ln in lines)
-
-
-def _free(folder: Path) -> int:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return 1 << 62
+def _disk_full(lines: list[str], folder: Path) -> bool:
+    if any("No space left" in ln for ln in lines):
+        return True
+    free = free_bytes(folder)
+    return any("iostream error" in ln for ln in lines) and free is not None and free < _FULL
 
 
 def quantize_here(
@@ -238,8 +235,8 @@ def quantize_here(
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         errors = [ln.strip() for ln in log.lines if "error" in ln.lower() or "failed" in ln.lower()]
-        if any("No space left" in ln for ln in log.lines) or (_write_failed(log.lines) and _free(dst.parent) < _FULL):
-            raise QoqoptError(f"disk full while writing {dst.name} ({_free(dst.parent) / 2**30:.1f} GiB free)")
+        if _disk_full(log.lines, dst.parent):
+            raise write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), dst)
         why = errors[-1] if errors else f"return code {rc}"
         raise QoqoptError(f"llama.cpp could not quantize to {quant}: {why}")
     flat = log.text.replace("\n", " ")

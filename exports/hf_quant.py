@@ -246,7 +246,7 @@ def copy_source_tensor(writer: ShardWriter, ckpt, canonical: str, out_name: str)
     writer.add_raw(out_name, shard, 8 + header_len + begin, end - begin, info["dtype"], info["shape"])
 
 
-_TEXT_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+_LAYER_WEIGHT = re.compile(r"model\.layers\.\d+\.(.+)\.weight")
 
 
 def estimate_bytes(ckpt, bits: int, group_size: int, quantize_vision: bool, drop_ecg: bool = False) -> int:
@@ -254,6 +254,7 @@ def estimate_bytes(ckpt, bits: int, group_size: int, quantize_vision: bool, drop
     --quantize-vision the vision blocks' the export packs) at ``bits`` a weight plus a 16-bit scale
     and a zero a group, every other tensor copied as stored (the ECG encoder's unless dropped)."""
     from qoqopt.quantize.rtn import QuantSpec
+    from qoqopt.quantize.runner import LAYER_LINEARS
 
     # the export's own plan: the 7B's vision MLPs (3420 wide) do not pack and stay as stored (~0.6 GiB)
     vision = _vision_plan(ckpt, QuantSpec(bits, group_size), "awq").linears if quantize_vision else {}
@@ -262,7 +263,8 @@ def estimate_bytes(ckpt, bits: int, group_size: int, quantize_vision: bool, drop
         if drop_ecg and name.startswith(ECG_PREFIX):
             continue
         info = ckpt.tensor_info(name)
-        if _TEXT_LINEAR.fullmatch(name) or (name.endswith(".weight") and name.removesuffix(".weight") in vision):
+        layer = _LAYER_WEIGHT.fullmatch(name)
+        if (layer and layer[1] in LAYER_LINEARS) or (name.endswith(".weight") and name.removesuffix(".weight") in vision):
             n, k = info["shape"]
             groups = n * (k // group_size if group_size > 0 else 1)
             total += n * k * bits // 8 + groups * (16 + bits) // 8

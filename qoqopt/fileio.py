@@ -39,9 +39,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
         os.replace(tmp_path, final)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        if exc.errno in (*DISK_FULL, errno.EFBIG):
-            raise write_error(exc, final) from exc
-        raise QoqoptError(f"cannot write {final}: {exc.strerror or exc}") from exc
+        raise write_error(exc, final) from exc
     except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
         os_error = library_os_error(exc)
@@ -190,7 +188,7 @@ def atomic_dir(final: Path, force: bool = False, inputs=(), owned: Owned | None 
             exc.filename = str(final / Path(exc.filename).relative_to(tmp))
         # only writes fill a disk: any other OSError may be a source read. Said before the temporary
         # build is deleted, so the free space is the failed write's, not what deleting it gave back
-        said = write_error(exc, final) if exc.errno in (*DISK_FULL, errno.EFBIG) else None
+        said = write_error(exc, final) if exc.errno in OUT_OF_ROOM else None
         shutil.rmtree(tmp, ignore_errors=True)
         if said is not None:
             raise said from exc
@@ -231,6 +229,7 @@ def _swap_in(tmp: Path, final: Path, force: bool = False) -> None:
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+OUT_OF_ROOM = (*DISK_FULL, errno.EFBIG)  # EFBIG: a FAT32 drive's 4 GiB, or `ulimit -f`
 
 
 def write_error(exc: OSError, path: Path) -> QoqoptError:
@@ -238,7 +237,7 @@ def write_error(exc: OSError, path: Path) -> QoqoptError:
     sit on another filesystem, a cache say); disk full says how much is left there."""
     path = Path(exc.filename) if exc.filename else Path(path)
     if exc.errno in DISK_FULL:
-        free = _free_bytes(path.parent)
+        free = free_bytes(path.parent) or 0
         return QoqoptError(f"disk full while writing {path.name} ({free / 2**30:.1f} GiB free)")
     if exc.errno == errno.EFBIG:  # a FAT32 drive, or `ulimit -f`: more room does not help
         return QoqoptError(f"cannot write {path.name}: larger than one file may be at {_shown(path.parent)} (a FAT32 "
@@ -250,11 +249,8 @@ def check_free_space(out: Path, need: int) -> None:
     """Refuse before a long export whose output (``need`` bytes, estimated) cannot fit where it is
     written: the build is made beside ``out``."""
     folder = _existing(Path(out).parent)
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:  # no answer is not a full disk: the writes will say if it is
-        return
-    if need > free:
+    free = free_bytes(folder)
+    if free is not None and need > free:  # no answer is not a full disk: the writes will say if it is
         raise QoqoptError(f"not enough disk space at {folder}: the export needs ~{need / 2**30:.1f} GiB, "
                           f"{free / 2**30:.1f} GiB free")  # fmt: skip
 
@@ -273,11 +269,13 @@ def _shown(folder: Path) -> Path:
     return folder
 
 
-def _free_bytes(folder: Path) -> int:
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the disk that holds ``folder`` (or would: its nearest existing parent); None
+    when the disk cannot be asked."""
     try:
-        return shutil.disk_usage(_existing(folder)).free
+        return shutil.disk_usage(_existing(Path(folder))).free
     except OSError:
-        return 0
+        return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22, progress=None) -> str:

@@ -623,10 +623,11 @@ from pathlib import Path
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(2), as a full disk gives ENOSPC
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 from qoqopt.errors import QoqoptError
+from qoqopt import fileio
 from qoqopt.exports import gguf_quant
 for free in (None, 1 << 20):  # the disk as it is; one with 1 MiB left
     if free is not None:
-        gguf_quant.shutil.disk_usage = lambda p: collections.namedtuple("usage", "total used free")(1 << 40, 0, free)
+        fileio.shutil.disk_usage = lambda p: collections.namedtuple("usage", "total used free")(1 << 40, 0, free)
     try:
         gguf_quant.quantize_here(Path(sys.argv[1]), Path(sys.argv[2]), "Q8_0", None)
     except QoqoptError as exc:
