@@ -22,6 +22,8 @@ import numpy as np
 from qoqopt.errors import QoqoptError
 from qoqopt.interrupts import deferred_signals
 
+from .llama_memory import BufferLog
+
 MARKER = "<__media__>"
 
 
@@ -53,6 +55,10 @@ class LlamaVL:
 
         self._llama_cpp = llama_cpp
         kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
+        # a GPU build adds every GPU to the model's devices whatever n_gpu_layers says, and then runs
+        # batches of 32+ tokens there (op_offload): "no GPU" must empty the device list itself
+        where = {} if gpu else {"split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE, "main_gpu": -1}
+        _listen_to_llama_cpp()  # from here on llama.cpp's log is read: its errors, and the buffers it allocates
         try:
             with deferred_signals():  # a Ctrl-C would land in llama.cpp's log callback and be lost
                 # a prompt is decoded as one batch; llama.cpp runs it in ubatches of at most 2048, which
@@ -60,13 +66,13 @@ class LlamaVL:
                 # keeps the compute buffer of a long context at the size of a 2048 one
                 self.llm = Llama(
                     str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 2048), logits_all=True,
-                    n_threads=threads, n_threads_batch=threads, verbose=False, n_gpu_layers=-1 if gpu else 0, **kv,
+                    n_threads=threads, n_threads_batch=threads, verbose=False, n_gpu_layers=-1 if gpu else 0, **where, **kv,
                 )  # fmt: skip
         except ValueError as exc:  # llama-cpp-python's only word on it: "Failed to load model from file"
             if "Failed to load model" not in str(exc):
                 raise
-            raise QoqoptError(f"llama.cpp could not load {model_path}: a part missing, a GGUF from a newer llama.cpp, "
-                              "or not enough memory") from exc  # fmt: skip
+            raise _ERRORS.error(f"llama.cpp could not load {model_path}: a part missing, a GGUF from a newer "
+                                "llama.cpp, or not enough memory") from exc  # fmt: skip
         self.n_vocab = self.llm.n_vocab()
         self.embd_cache = embd_cache  # (image key) -> image embeddings; valid for one mmproj only
         self.last_prompt_tokens = 0  # tokens (text + image) of the last prompt evaluated
@@ -85,8 +91,6 @@ class LlamaVL:
             params.media_marker = MARKER.encode()
             params.image_min_tokens = image_min_tokens
             params.image_max_tokens = image_max_tokens
-            global _LOG_CALLBACK
-            _LOG_CALLBACK = _LOG_CALLBACK or _log_callback()  # kept alive: llama.cpp holds a raw pointer
             mtmd_cpp.mtmd_helper_log_set(_LOG_CALLBACK, None)  # also sets mtmd_log_set
             _ERRORS.clear()  # errors logged before this load are not its own
             with deferred_signals():
@@ -354,14 +358,31 @@ class _ErrorLog:
 _ERRORS = _ErrorLog()
 
 
+BUFFERS = BufferLog()  # what the llama.cpp of the last LlamaVL allocated (one is open at a time)
+
+
 def _log_callback():
     import llama_cpp
 
     @llama_cpp.llama_log_callback
-    def to_error_log(level, text, user_data):
-        _ERRORS.write(level, text.decode("utf-8", "replace"))
+    def read_log(level, text, user_data):
+        said = text.decode("utf-8", "replace")
+        _ERRORS.write(level, said)
+        BUFFERS.write(said)
 
-    return to_error_log
+    return read_log
 
 
 _LOG_CALLBACK = None
+
+
+def _listen_to_llama_cpp() -> None:
+    """Route llama.cpp's log (llama-cpp-python's own logger drops it when not verbose) to _ERRORS and
+    BUFFERS, each emptied: what was logged before this load is not its own."""
+    import llama_cpp
+
+    global _LOG_CALLBACK
+    _LOG_CALLBACK = _LOG_CALLBACK or _log_callback()  # kept alive: llama.cpp holds a raw pointer
+    llama_cpp.llama_log_set(_LOG_CALLBACK, None)
+    _ERRORS.clear()
+    BUFFERS.clear()

@@ -389,8 +389,10 @@ def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_p
     with LlamaVL(built.file("text", "F16")) as a, LlamaVL(out / texts[0].path) as b:
         assert np.array_equal(a.logits(ids), b.logits(ids))
     (out / texts[1].path).unlink()
-    with pytest.raises(QoqoptError, match=f"llama.cpp could not load {out / texts[0].path}: a part missing"):
+    with pytest.raises(QoqoptError, match=f"llama.cpp could not load {out / texts[0].path}: a part missing") as failed:
         LlamaVL(out / texts[0].path)
+    assert "(llama.cpp: " in str(failed.value)  # its own reason, on the same line
+    assert f"failed to load GGUF split from {out / texts[1].path}" in str(failed.value) and "\n" not in str(failed.value)
 
 
 # ---------------------------------------------------------------------------- reliability
@@ -815,6 +817,97 @@ def test_llama_cpp_reasons_reach_the_error_and_its_chatter_does_not(built, tmp_p
         assert str(failed.value).startswith(f"llama.cpp could not load the mmproj {mmproj} (llama.cpp: ")
         assert reason in str(failed.value) and "\n" not in str(failed.value)
     assert capfd.readouterr().err == ""
+
+
+def test_llama_cpp_memory_is_its_own_buffers(built):
+    """bench's GGUF memory is what llama.cpp logs of its buffers, and that is what it allocated: the
+    weights are the files' tensor bytes (gguf-py's reader), the KV cache n_ctx x layers x (K + V) in
+    F16 from the GGUF's own metadata; compute buffers are reserved. On the CPU none is device memory."""
+    import llama_cpp
+    from gguf import GGUFReader
+
+    from qoqopt.exports.gguf_runtime import BUFFERS
+
+    text, mmproj = built.file("text", "F16"), built.file("mmproj")
+    with LlamaVL(text, mmproj, n_ctx=512, threads=1, image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:
+        vl.image_embeddings(_ct_eval_item().image.convert("RGB"))  # reserves clip's compute buffer
+        sizes = dict(BUFFERS.mib)
+
+    def tensor_mib(path):
+        return sum(int(t.n_bytes) for t in GGUFReader(path).tensors) / 2**20
+
+    def meta(reader, key):
+        return int(reader.fields[key].contents())
+
+    reader = GGUFReader(text)
+    n_layer, n_kv = meta(reader, "qwen2vl.block_count"), meta(reader, "qwen2vl.attention.head_count_kv")
+    head_dim = meta(reader, "qwen2vl.embedding_length") // meta(reader, "qwen2vl.attention.head_count")
+    by_kind = {kind: sum(mib for (fn, _, k), mib in sizes.items() if k == kind and fn != "clip") for kind in ("model", "KV")}
+    assert tensor_mib(text) <= by_kind["model"] <= tensor_mib(text) + 1  # + alignment padding
+    assert by_kind["KV"] == pytest.approx(512 * n_layer * 2 * n_kv * head_dim * 2 / 2**20, abs=0.01)
+    assert sizes[("clip", "CPU", "model")] == pytest.approx(tensor_mib(mmproj), abs=0.01)
+    assert {fn for (fn, _, kind) in sizes if kind == "compute"} == {"sched_reserve", "reserve_compute_meta"}  # text, clip
+    assert BUFFERS.total_mib(device=False) == pytest.approx(sum(sizes.values()))
+    assert BUFFERS.total_mib(device=True) is None
+    # no GPU asked for: the device list is emptied (llama.cpp's src/llama.cpp), or a GPU build would
+    # still run batches of 32+ tokens on a GPU (op_offload)
+    assert (vl.llm.model_params.split_mode, vl.llm.model_params.main_gpu) == (llama_cpp.LLAMA_SPLIT_MODE_NONE, -1)
+
+
+def test_bench_reserves_clips_buffer_for_its_largest_image_first(built):
+    """clip sizes its compute buffer for the first image it encodes and regrows it for a larger one
+    without a log line (measured: 2.2 MiB logged after a 100-token image, where a first image of 668
+    tokens logs 46.9). The bench runner encodes the largest image its token range allows first, so no
+    image in range makes a fresh llama.cpp log more, at either extreme of shape."""
+    from PIL import Image
+
+    from qoqopt.bench.gguf_runner import GGUFRunner
+    from qoqopt.exports.gguf_runtime import BUFFERS
+
+    def clip_compute() -> float:
+        return BUFFERS.mib[("reserve_compute_meta", "CPU", "compute")]
+
+    text, mmproj = built.file("text", "F16"), built.file("mmproj")
+    runner = GGUFRunner(text, mmproj, "cpu", threads=1, n_ctx=512)
+    try:
+        reserved = clip_compute()
+    finally:
+        runner.close()
+    fresh = {}
+    for size in [(252, 252), (728, 700), (812, 644), (4676, 112), (18704, 28), (3000, 3000)]:
+        with LlamaVL(text, mmproj, n_ctx=512, threads=1, image_min_tokens=TRAIN_TOKENS[0], image_max_tokens=TRAIN_TOKENS[1]) as vl:
+            vl.image_embeddings(Image.new("RGB", size))
+            fresh[size] = clip_compute()
+    assert max(fresh.values()) == pytest.approx(reserved) and fresh[(252, 252)] < reserved / 4, (reserved, fresh)
+
+
+def test_buffer_lines_on_a_gpu_are_read_from_llama_cpps_own_formats():
+    """The log lines a GPU run writes, made from the format strings compiled into this llama.cpp
+    (read from its libraries): device buffers carry the device's name (CUDA0), pinned host memory
+    ends in _Host. Every buffer format llama.cpp has must be read, or a new one would go uncounted."""
+    import re
+
+    import llama_cpp
+
+    from qoqopt.exports.llama_memory import BufferLog
+
+    libs = [p.read_bytes() for p in (Path(llama_cpp.__file__).parent / "lib").glob("lib*.so*")]
+    formats = {f.decode() for lib in libs for f in re.findall(rb"%s: +%\d*s +[A-Za-z ]*buffer size = %8\.2f MiB\n", lib)}
+    backend = {f.decode() for lib in libs for f in re.findall(rb"%s: CLIP using %s backend\n", lib)}
+    weights = {f.decode() for lib in libs for f in re.findall(rb"%s: model size: +%\.2f MiB\n", lib)}
+    assert len(formats) >= 4 and len(backend) == 1 and len(weights) == 1, (formats, backend, weights)
+    log = BufferLog()
+    for i, fmt in enumerate(sorted(formats)):
+        log.write(fmt % ("fn%d" % i, "CUDA0", 100.0))
+        log.write(fmt % ("fn%d" % i, "CUDA_Host", 1.0))
+        log.write(fmt % ("fn%d" % i, "CPU_Mapped", 2.0))
+        log.write(fmt % ("fn%d" % i, "CUDA0", 50.0))  # a buffer reserved again, smaller: the peak stays
+    log.write(backend.pop() % ("clip_ctx", "CUDA0"))
+    log.write(weights.pop() % ("load_hparams", 1276.44))
+    assert log.total_mib(device=True) == pytest.approx(100.0 * len(formats) + 1276.44)
+    assert log.total_mib(device=False) == pytest.approx(3.0 * len(formats))
+    log.clear()
+    assert log.total_mib(device=True) is None and log.total_mib(device=False) is None
 
 
 def test_log_levels_are_the_compiled_ggml_headers():

@@ -4,14 +4,26 @@ which Ollama does not (it runs every image at 1024 or more image tokens)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..errors import QoqoptError
 from ..exports.gguf_meta import train_token_range
-from ..exports.gguf_runtime import LlamaVL, chat_prompt, gpu_offload_available
+from ..exports.gguf_runtime import BUFFERS, LlamaVL, chat_prompt, gpu_offload_available
 from ..exports.gguf_verify import reply_logits
+
+
+PATCH_PX = 28  # one image token: a 2x2 merge of 14-px patches
+
+
+def largest_grid(max_tokens: int, max_aspect: int = 200) -> tuple[int, int]:
+    """(columns, rows) of image tokens with the most tokens up to ``max_tokens``, the squarest of those,
+    within Qwen2.5-VL's largest aspect ratio (200). llama.cpp keeps such an image as it is."""
+    grids = [(max_tokens // rows, rows) for rows in range(1, math.isqrt(max_tokens) + 1)]
+    return max(((cols, rows) for cols, rows in grids if cols <= max_aspect * rows), key=lambda g: (g[0] * g[1], g[1]))
 
 
 class GGUFRunner:
@@ -24,6 +36,10 @@ class GGUFRunner:
         # embd_cache: drift and the greedy answer read the same image; the mmproj encodes it once.
         self.vl = LlamaVL(text, mmproj, n_ctx=n_ctx, threads=threads, gpu=gpu, image_min_tokens=lo, image_max_tokens=hi,
                           embd_cache={})  # fmt: skip
+        # clip sizes its compute buffer for the first image it encodes and regrows it, unlogged, for a
+        # larger one (the 7B's at 668 image tokens is ~20x that at 100): encoding the largest image
+        # first makes the size llama.cpp logs the peak that peak_device_mb reads
+        self.vl.image_embeddings(Image.new("RGB", tuple(PATCH_PX * n for n in largest_grid(hi))))
 
     def reply_logits(self, item, chat: dict) -> np.ndarray:
         return reply_logits(self.vl, chat, item)
@@ -35,7 +51,10 @@ class GGUFRunner:
         return self.vl.profile(chat_prompt(question), image, n_decode)
 
     def peak_device_mb(self) -> float | None:
-        return None  # llama.cpp allocates outside torch; its device memory is not observable here
+        """MiB of device buffers llama.cpp allocated, as it logs them (weights, KV cache, outputs and
+        compute, of the text model and the mmproj); None when every layer runs on the CPU. Like torch's
+        allocator peak for transformers, it leaves out the CUDA context."""
+        return BUFFERS.total_mib(device=True)
 
     def start_peaks(self) -> None:
         pass
