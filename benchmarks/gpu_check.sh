@@ -35,8 +35,8 @@ for limit in TEST_LIMIT_S BENCH_LIMIT_S TUNE_LIMIT_S TOTAL_LIMIT_S ${E2E_LIMIT_S
     case "${!limit}" in ''|*[!0-9]*) echo "gpu_check: $limit=${!limit}: whole seconds, please" >&2; exit 2 ;; esac
 done
 # Each step runs under its own limit, cut to what is left of TOTAL_LIMIT_S (less 15 s for the summary):
-# the script ends inside the total whatever the steps take
-cap() { local left=$(( TOTAL_LIMIT_S - ($(date +%s) - T0) - 15 )); echo $(( $1 < left ? $1 : left )); }
+# the script ends inside the total whatever the steps take; never 0 (to timeout, no limit) or below
+cap() { local left=$(( TOTAL_LIMIT_S - ($(date +%s) - T0) - 15 )); local n=$(( $1 < left ? $1 : left )); echo $(( n > 1 ? n : 1 )); }
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$REPO"
@@ -112,10 +112,11 @@ else
         # GPU_CHECK_TUNE_ARGS="" is the full grid (raise TUNE_LIMIT_S)
         read -ra TUNE_ARGS <<< "${GPU_CHECK_TUNE_ARGS---quick --shapes gate,k,o,down,gate_up,qkv}"
     fi
-    # no new shape after limit - 50 s: the last one's compiles and timings fit in what is left (a 7B
-    # shape: about 16 compiles, shared by M = 1 and 16, and 2 x 21 timings of ~0.4 s)
+    # no new shape after limit - 50 s (half the limit under 100 s): the last one's compiles and
+    # timings fit in what is left (a 7B shape: about 16 compiles, shared by M = 1 and 16, and
+    # 2 x 21 timings of ~0.4 s)
     timeout "$TUNE_LIMIT_S" "$PY" benchmarks/tune_w4a16.py "${TUNE_ARGS[@]}" --force \
-        --limit-s $(( TUNE_LIMIT_S - 50 )) --out "$OUT/tuned/" 2>&1 | tee "$OUT/tune.log"
+        --limit-s $(( TUNE_LIMIT_S > 100 ? TUNE_LIMIT_S - 50 : TUNE_LIMIT_S / 2 )) --out "$OUT/tuned/" 2>&1 | tee "$OUT/tune.log"
     TUNE_RC=${PIPESTATUS[0]}
 fi
 BENCH_LIMIT_S=$(cap "$BENCH_LIMIT_S")

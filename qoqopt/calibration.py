@@ -257,6 +257,10 @@ def load_hf_model(path, dtype: str = "auto", device: str | None = None):
 
         dtype = auto_dtype(open_checkpoint(str(path)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "float32":
+        # fp32 means fp32: torch leaves cuDNN convolutions (the patch embedding's Conv3d) on TF32 by
+        # default, ~1e-3 off, which an fp32 reference would pass on as every build's drift
+        torch.backends.cudnn.allow_tf32 = False
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=getattr(torch, dtype))
     return model.to(device).eval()
 

@@ -540,6 +540,48 @@ def test_cuda_refused_without_gpu(tiny_dir, tmp_path):
     assert "no CUDA GPU" in error_line(res)
 
 
+def test_an_fp32_model_turns_off_cudnns_tf32(tiny_dir, monkeypatch):
+    """torch's default leaves cuDNN convolutions on TF32 (torch.backends.cudnn.allow_tf32 is True): on
+    a GPU the fp32 reference's patch embedding (a Conv3d) would be ~1e-3 off, read as drift. A bf16
+    model leaves the switch as it was."""
+    import torch
+
+    from qoqopt.calibration import load_hf_model
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    load_hf_model(tiny_dir, "bfloat16", "cpu")
+    assert torch.backends.cudnn.allow_tf32
+    load_hf_model(tiny_dir, "float32", "cpu")
+    assert not torch.backends.cudnn.allow_tf32
+
+
+def test_gguf_on_a_cpu_llama_cpp_under_cuda_is_said_up_front(monkeypatch):
+    """--device cuda with the CPU-only llama-cpp-python PyPI's sdist builds (llama.cpp's own answer,
+    llama_supports_gpu_offload): the GGUF variants are named, with the rebuild for this version.
+    Nothing is said under --device cpu, without GGUF variants, or with a GPU build."""
+    import llama_cpp
+
+    from qoqopt.bench import run
+    from qoqopt.bench.variants import parse_variants
+    from qoqopt.exports import gguf_runtime
+
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python offloads to a GPU")
+
+    def said(variants: str, device: str) -> list[str]:
+        lines: list[str] = []
+        run._say_gguf_on_cpu(run.BenchOptions("m", parse_variants(variants), Path("o"), device=device), lines.append)
+        return lines
+
+    (note,) = said("bf16,gguf:Q4_K_M,gguf:Q8_0", "cuda")
+    assert note.startswith("note: gguf:Q4_K_M, gguf:Q8_0 will run on the CPU: this llama-cpp-python was built without GPU")
+    assert note.endswith(f'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir --no-deps '
+                         f"llama-cpp-python=={llama_cpp.__version__}")  # fmt: skip
+    assert said("bf16,gguf:Q4_K_M", "cpu") == said("bf16,gptq:4", "cuda") == []
+    monkeypatch.setattr(gguf_runtime, "gpu_offload_available", lambda: True)
+    assert said("gguf:Q4_K_M", "cuda") == []
+
+
 def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     """`qoqopt ask` finds the text GGUF and mmproj through manifest.json, and refuses clearly otherwise."""
     from PIL import Image

@@ -85,6 +85,7 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     ckpt.hf_config()  # the reference runs in transformers: a config it refuses stops here
     checked_processor(model_path, opts.model)  # and so must its tokenizer and chat template
     _check_device(opts.device)
+    _say_gguf_on_cpu(opts, log)
     items = eval_items(opts.eval_source, opts.items, opts.seed, render=False, domains=opts.domains)  # bad --eval fails here
     set_sha = _set_sha(opts.eval_source, items)  # the set as read now: an edit during the run is not recorded as measured
     set_name = _set_name(opts.eval_source)
@@ -388,6 +389,25 @@ def _check_device(device: str) -> None:
 
         if not torch.cuda.is_available():
             raise QoqoptError("--device cuda: no CUDA GPU is visible to torch here (use --device cpu)")
+
+
+def _say_gguf_on_cpu(opts: BenchOptions, log) -> None:
+    """Under --device cuda, a llama-cpp-python built for the CPU (what PyPI's sdist builds) runs the
+    GGUF variants on the CPU: said before the long reference pass, with how to build it for the GPU,
+    since their speed is then not comparable with the GPU rows."""
+    ggufs = [v.name for v in opts.variants if v.format == "gguf"]
+    if opts.device != "cuda" or not ggufs:
+        return
+    try:
+        import llama_cpp
+
+        from ..exports.gguf_runtime import gpu_offload_available
+    except Exception:  # not installed, or a GPU build whose CUDA libraries do not load (a RuntimeError)
+        return  # the variants fail with their own error
+    if not gpu_offload_available():
+        log(f"note: {', '.join(ggufs)} will run on the CPU: this llama-cpp-python was built without GPU offload; "
+            f'to run GGUF on the GPU, rebuild it: CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall '
+            f"--no-cache-dir --no-deps llama-cpp-python=={llama_cpp.__version__}")  # fmt: skip
 
 
 def _file_name(model: str, label: str) -> str:
