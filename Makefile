@@ -53,13 +53,13 @@ LLMC_VENV ?= .peers/llmcompressor
 PEER_ARGS ?=
 
 $(GPTQMODEL_VENV)/.installed:
-	test -x $(GPTQMODEL_VENV)/bin/python || python3 -m venv $(GPTQMODEL_VENV)
+	test -x $(GPTQMODEL_VENV)/bin/python || $(PYTHON) -m venv $(GPTQMODEL_VENV)
 	$(GPTQMODEL_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	BUILD_CUDA_EXT=0 $(GPTQMODEL_VENV)/bin/pip install -q gptqmodel==7.7.0 optimum==2.3.0 'transformers>=5.23,<6' safetensors numpy pillow
 	touch $@
 
 $(LLMC_VENV)/.installed:
-	test -x $(LLMC_VENV)/bin/python || python3 -m venv $(LLMC_VENV)
+	test -x $(LLMC_VENV)/bin/python || $(PYTHON) -m venv $(LLMC_VENV)
 	$(LLMC_VENV)/bin/pip install -q torch==2.13.0
 	$(LLMC_VENV)/bin/pip install -q llmcompressor==0.14.0.1
 	touch $@

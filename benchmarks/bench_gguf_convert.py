@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from measure import run_measured  # run by path: benchmarks/ is on sys.path
+from qoqopt.bench.machine import cpu_model, ru_maxrss_mib
 from qoqopt.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,18 +84,10 @@ def converter(ckpt: Path, out: Path, ref: Path) -> dict:
 
 
 def hardware() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import gguf
     import llama_cpp
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "gguf": getattr(gguf, "__version__", "?"),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(), "gguf": getattr(gguf, "__version__", "?"),
             "llama_cpp_python": llama_cpp.__version__, "platform": platform.platform()}  # fmt: skip
 
 
@@ -134,7 +127,7 @@ def main(argv=None) -> int:
         }  # fmt: skip
 
     med = lambda runs, k: statistics.median(r[k] for r in runs)  # noqa: E731
-    launcher_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    launcher_rss = ru_maxrss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     result = {
         "benchmark": "gguf_convert",
         "launcher_peak_rss_mib": launcher_rss,  # a floor under every child's measured peak RSS

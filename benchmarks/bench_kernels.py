@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qoqopt.bench.machine import cpu_model
 from qoqopt.errors import QoqoptError
 from qoqopt.fileio import atomic_write_text, file_in_the_way
 
@@ -159,7 +160,7 @@ class Bench:
         # check only: interpreter timings mean nothing). Otherwise the torch references are timed.
         self.triton = device.type == "cuda" or interpreter_enabled()
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
         peak = next(((bw, fl) for key, bw, fl in PEAKS if key in name), None) if device.type == "cuda" else None
         self.name, self.peak = name, peak
         # triton's do_bench flushes L2 before each timed call; its CUDA-graph replay does not, so a

@@ -102,9 +102,10 @@ def quantize_with_llmcompressor(work: Path, method: str, seed: int) -> None:
     from torch.utils.data import DataLoader
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    if not torch.accelerator.is_available():
+    if not torch.cuda.is_available():
         # llm-compressor 0.14's AWQ pins its cached activations unconditionally, which raises without an
-        # accelerator; pinning only speeds host-to-device copies, so skipping it changes no number
+        # accelerator; pinning only speeds host-to-device copies, so skipping it changes no number (a
+        # Mac's MPS counts as an accelerator to torch, but the peers run on the CPU there)
         from llmcompressor.pipelines.cache import IntermediatesCache
 
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None

@@ -7,12 +7,13 @@ import subprocess
 import sys
 import time
 
+from qoqopt.bench.machine import ru_maxrss_mib
 
 # Linux carries a process's peak RSS across exec (the kernel keeps the larger of the old and new
 # address spaces' high-water marks), and a child starts as a copy of its parent: a command started
 # straight from a benchmark that has grown to 1 GB reports at least 1 GB (measured: `python -c pass`
 # 11 MiB from a small parent, 1035 MiB from one holding 1 GiB). So a fresh interpreter, small when it
-# forks, starts the command, reaps it with wait4 and passes on its peak RSS (KiB) through a pipe.
+# forks, starts the command, reaps it with wait4 and passes on its ru_maxrss through a pipe.
 LAUNCHER = """import os, signal, sys
 report = int(sys.argv[1])
 os.set_inheritable(report, False)  # the command itself must not hold the pipe open
@@ -45,9 +46,9 @@ def run_measured(cmd: list[str], env: dict | None = None, show_failure: bool = F
     rc = proc.wait()
     wall = time.perf_counter() - start
     with os.fdopen(read_fd, "rb") as f:
-        peak_kib = f.read()
+        ru_maxrss = f.read()
     lines = out.decode(errors="replace").strip().splitlines()
     if rc and show_failure:
         print("\n".join(lines[-20:]), file=sys.stderr)
-    peak = int(peak_kib) / 1024 if peak_kib and rc != 127 else None  # None: the command never ran
+    peak = ru_maxrss_mib(int(ru_maxrss)) if ru_maxrss and rc != 127 else None  # None: the command never ran
     return {"wall_s": wall, "peak_rss_mib": peak, "rc": rc, "tail": lines[-1] if lines else ""}

@@ -198,8 +198,9 @@ def _how(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-# llama.cpp writes through a std::ofstream with exceptions on, whose message ("basic_ios::clear:
-# iostream error") names no cause: with this little left where it wrote, the cause was a full disk
+# llama.cpp writes through a std::ofstream with exceptions on, whose message names no cause
+# (libstdc++: "basic_ios::clear: iostream error"; macOS's libc++: "ios_base::clear: unspecified
+# iostream_category error"): with this little left where it wrote, the cause was a full disk
 _FULL = 64 << 20
 
 
@@ -207,7 +208,7 @@ def _disk_full(lines: list[str], folder: Path) -> bool:
     if any("No space left" in ln for ln in lines):
         return True
     free = free_bytes(folder)
-    return any("iostream error" in ln for ln in lines) and free is not None and free < _FULL
+    return any("iostream" in ln for ln in lines) and free is not None and free < _FULL
 
 
 def quantize_here(

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -31,11 +32,29 @@ def python_module(module: str, *args: str) -> list[str]:
 
 
 def die_with_parent(ppid: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent ``ppid`` goes; exit now if it already has."""
+    """End this process when its parent ``ppid`` goes: Linux SIGKILLs it on request; elsewhere (macOS
+    has no such request) a thread watches. Exit now if the parent has gone already."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        watch_parent(ppid)
     if os.getppid() != ppid:  # the parent died before the request was made
         os._exit(1)
+
+
+def watch_parent(ppid: int, every: float = 1.0) -> threading.Thread:
+    """A daemon thread that kills this process, as Linux's request would, once it is given to another
+    parent (``ppid`` gone). It runs while the main thread is in llama.cpp or torch: their C calls
+    release the GIL."""
+
+    def watch() -> None:
+        while os.getppid() == ppid:
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="qoqopt-watch-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_child(cmd: list[str], grace: float = 30.0, **popen) -> subprocess.CompletedProcess:

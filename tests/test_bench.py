@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -177,13 +178,12 @@ def test_a_workers_peak_memory_is_its_own():
     assert inherited > 700 and own < 200
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no affinity masks (macOS)")
 def test_default_threads_are_one_per_physical_core(tmp_path):
     """llama.cpp and torch default to a thread a physical core (SMT siblings share its vector units);
     bench and ask used every logical CPU. Counted within the affinity mask: a taskset of one CPU is one.
     A topology of SMT pairs (as Linux's sysfs lays it out) halves the count, which a machine without
     SMT cannot show (helper-68)."""
-    import os
-
     import psutil
 
     from qoqopt.bench.machine import usable_physical_cores

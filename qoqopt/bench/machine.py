@@ -162,3 +162,8 @@ def _git_commit() -> str | None:
     if head.returncode != 0:
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def ru_maxrss_mib(ru_maxrss: int) -> float:
+    """getrusage's ru_maxrss in MiB: macOS counts it in bytes, Linux in KiB."""
+    return ru_maxrss / 2**20 if sys.platform == "darwin" else ru_maxrss / 1024

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..drift import ItemDrift, aggregate_items, answer_score, position_stats, worst_domain
 from .eval_set import eval_items, load_reference, ref_logits, save_reference
+from .machine import ru_maxrss_mib
 from .speed import SpeedSettings, measure
 from .variants import Variant
 
@@ -84,15 +85,14 @@ def drift_json(per_item: list[ItemDrift]) -> tuple[dict, str | None]:
 def peak_host_mib() -> float:
     """This process's own peak RSS. Linux carries ru_maxrss across exec (a child started from a
     1.5 GiB bench reads 1.5 GiB before it allocates anything: measured), while /proc's VmHWM
-    belongs to the address space exec made. macOS gives ru_maxrss in bytes, Linux in KiB."""
+    belongs to the address space exec made."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    return ru_maxrss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def run_job(job: dict) -> dict:

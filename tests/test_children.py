@@ -1,0 +1,67 @@
+"""qoqopt's children die with their parent (qoqopt/children.py): a `kill -9` of bench or export left
+a quantize or an export running for hours. The OS says whether the child is gone (psutil)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+# A parent that starts one child and sleeps; its first line of output is the child's pid.
+PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+LINUX = "import os, time; from qoqopt.children import die_with_parent; die_with_parent(os.getppid()); time.sleep(120)"
+# macOS's way, the watching thread, run here while the main thread sleeps in C as llama.cpp's calls do
+WATCHED = ("import ctypes, os; from qoqopt.children import watch_parent; watch_parent(os.getppid(), every=0.1); "
+           "ctypes.CDLL(None).sleep(120)")  # fmt: skip
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:  # dead, not yet reaped by its new parent
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _orphan_lives_on(child_code: str) -> bool:
+    """Start PARENT with a child running ``child_code``, SIGKILL the parent: does the child outlive it?"""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, child_code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    time.sleep(1.0)  # the child has imported qoqopt and made its request (or started its thread)
+    try:
+        assert psutil.Process(child).status() != psutil.STATUS_ZOMBIE, "the child ended by itself"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        return not _gone(child, within=5.0)
+    finally:
+        parent.stdout.close()
+        if psutil.pid_exists(child):
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_dies_with_its_parent_on_linux():
+    assert not _orphan_lives_on(LINUX)
+
+
+def test_a_watched_child_dies_with_its_parent_as_on_macos():
+    assert not _orphan_lives_on(WATCHED)
+
+
+def test_an_unwatched_child_outlives_its_parent():
+    """The check above can fail: without a request or a watch, the OS leaves the child running."""
+    assert _orphan_lives_on("import time; time.sleep(120)")
