@@ -104,6 +104,15 @@ def holding(name: str, text: str) -> Callable[[Path], bool]:
     return test
 
 
+def _is_or_holds(folder: Path, path: Path) -> bool:
+    """Whether ``folder`` is ``path`` or a folder above it, by the file system's identity: resolve()
+    keeps apart spellings of one folder that a case-insensitive disk (macOS's APFS) or a bind mount
+    gives it."""
+    if not folder.exists():
+        return False
+    return any(os.path.samefile(folder, above) for above in (path, *path.resolve().parents) if above.exists())
+
+
 def prepare_output_dir(out: Path, force: bool, inputs=(), owned: Owned | None = None) -> None:
     """Refuse to clobber an existing non-empty output unless --force was given, and always refuse an
     output that is, or holds, one of the command's ``inputs`` (the source checkpoint, say): replacing
@@ -111,9 +120,9 @@ def prepare_output_dir(out: Path, force: bool, inputs=(), owned: Owned | None = 
     that test says is an earlier output of the command."""
     out = Path(out)
     for source in map(Path, inputs):
-        if source.exists() and (source.resolve() == out.resolve() or out.resolve() in source.resolve().parents):
+        if source.exists() and _is_or_holds(out, source):
             raise QoqoptError(f"output {out} would replace {source}, which this command reads; choose another --out")
-    if out.resolve() == Path.cwd() or out.resolve() in Path.cwd().parents:  # it would be renamed from under us
+    if _is_or_holds(out, Path.cwd()):  # it would be renamed from under us
         raise QoqoptError(f"output {out} is the current folder or holds it: give a folder to create, such as --out build")
     if out.is_symlink():  # replacing the build would replace the link, not fill the folder it names
         raise QoqoptError(f"output {out} is a symbolic link; give the folder it points to ({out.resolve()})")

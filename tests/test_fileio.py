@@ -310,6 +310,31 @@ def test_the_current_folder_is_not_an_output(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
 
 
+def test_another_spelling_of_an_input_or_the_current_folder_is_refused(tmp_path, monkeypatch):
+    """resolve() keeps apart spellings of one folder that the file system does not: `--out out/Mini`
+    over the source `out/mini` on macOS's case-insensitive APFS. A bind mount gives a folder a second
+    spelling here (on Linux, as root); the OS's device and inode numbers say it is the same folder."""
+    import subprocess
+
+    data, alias = tmp_path / "data", tmp_path / "alias"
+    (data / "model").mkdir(parents=True)
+    alias.mkdir()
+    if subprocess.run(["mount", "--bind", str(data), str(alias)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (Linux, as root)")
+    try:
+        assert alias.resolve() != data.resolve() and os.path.samefile(alias, data)
+        for out in (alias / "model", alias):  # the source itself, and a folder that holds it
+            with pytest.raises(QoqoptError, match=rf"^output {re.escape(str(out))} would replace {re.escape(str(data / 'model'))}, "):
+                prepare_output_dir(out, force=True, inputs=[data / "model"])
+        monkeypatch.chdir(data / "model")
+        with pytest.raises(QoqoptError, match=rf"^output {re.escape(str(alias / 'model'))} is the current folder or holds it"):
+            prepare_output_dir(alias / "model", force=True)
+        prepare_output_dir(alias / "new", force=False, inputs=[data / "model"])  # a new folder beside it is fine
+    finally:
+        subprocess.run(["umount", str(alias)], check=True)
+    assert sorted(p.name for p in data.iterdir()) == ["model"]
+
+
 def test_a_file_over_the_file_systems_limit_is_one_line_and_leaves_nothing(tmp_path, capsys):
     """EFBIG (a FAT32 drive's 4 GiB, `ulimit -f`) from a write inside a build: one line that says
     more room would not help, naming the folder the user knows, not the hidden temporary build; it
