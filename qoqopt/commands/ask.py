@@ -54,8 +54,9 @@ def register(sub) -> None:
     p.add_argument("--quant", help="GGUF builds: which text GGUF (default: the one the build's card and Modelfile "
                                    "use: Q4_K_M, else Q5_K_M, Q6_K, Q8_0, ..., F16/F32 last)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto (default): CUDA when torch sees a GPU (GGUF: when llama.cpp was built with "
-                        "GPU offload), else the CPU")  # fmt: skip
+                   help="auto (default): CUDA when torch sees a GPU (GGUF: the GPU llama.cpp was built "
+                        "for, CUDA or a Mac's Metal, which PyPI's source builds there by default), else the "
+                        "CPU; cuda for a GGUF: that GPU, or an error")  # fmt: skip
     p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for llama.cpp and torch (default and 0: one per physical core this process may use, as llama.cpp and torch choose)")
     p.add_argument("--max-tokens", type=positive_int, default=64, help="reply length limit (default 64)")
     p.add_argument("--revision", help="Hub branch, tag or commit of BUILD (default: main)")
