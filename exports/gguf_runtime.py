@@ -318,6 +318,7 @@ def gpu_offload_available() -> bool:
     """Whether this llama-cpp-python build can run layers on a GPU (CUDA/Metal/Vulkan builds)."""
     import llama_cpp
 
+    _listen_to_llama_cpp()  # asking starts the GPU backends, whose start-up lines are not the user's
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
