@@ -58,7 +58,9 @@ class LlamaVL:
         # a GPU build adds every GPU to the model's devices whatever n_gpu_layers says, and then runs
         # batches of 32+ tokens there (op_offload): "no GPU" must empty the device list itself
         where = {} if gpu else {"split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE, "main_gpu": -1}
-        _listen_to_llama_cpp()  # from here on llama.cpp's log is read: its errors, and the buffers it allocates
+        _route_log()  # from here on llama.cpp's log is read: its errors, and the buffers it allocates
+        _ERRORS.clear()  # what was logged before this load is not its own
+        BUFFERS.clear()
         try:
             with deferred_signals():  # a Ctrl-C would land in llama.cpp's log callback and be lost
                 # a prompt is decoded as one batch; llama.cpp runs it in ubatches of at most 2048, which
@@ -318,7 +320,7 @@ def gpu_offload_available() -> bool:
     """Whether this llama-cpp-python build can run layers on a GPU (CUDA/Metal/Vulkan builds)."""
     import llama_cpp
 
-    _listen_to_llama_cpp()  # asking starts the GPU backends, whose start-up lines are not the user's
+    _route_log()  # asking starts the GPU backends, whose start-up lines are not the user's
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
@@ -377,13 +379,11 @@ def _log_callback():
 _LOG_CALLBACK = None
 
 
-def _listen_to_llama_cpp() -> None:
-    """Route llama.cpp's log (llama-cpp-python's own logger drops it when not verbose) to _ERRORS and
-    BUFFERS, each emptied: what was logged before this load is not its own."""
+def _route_log() -> None:
+    """Route llama.cpp's log to _ERRORS and BUFFERS (llama-cpp-python's own logger drops it when not
+    verbose, or prints it)."""
     import llama_cpp
 
     global _LOG_CALLBACK
     _LOG_CALLBACK = _LOG_CALLBACK or _log_callback()  # kept alive: llama.cpp holds a raw pointer
     llama_cpp.llama_log_set(_LOG_CALLBACK, None)
-    _ERRORS.clear()
-    BUFFERS.clear()

@@ -42,7 +42,7 @@ def die_with_parent(ppid: int) -> None:
         os._exit(1)
 
 
-def watch_parent(ppid: int, every: float = 1.0) -> threading.Thread:
+def watch_parent(ppid: int, every: float = 1.0) -> None:
     """A daemon thread that kills this process, as Linux's request would, once it is given to another
     parent (``ppid`` gone). It runs while the main thread is in llama.cpp or torch: their C calls
     release the GIL."""
@@ -52,9 +52,7 @@ def watch_parent(ppid: int, every: float = 1.0) -> threading.Thread:
             time.sleep(every)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    thread = threading.Thread(target=watch, name="qoqopt-watch-parent", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=watch, name="qoqopt-watch-parent", daemon=True).start()
 
 
 def run_child(cmd: list[str], grace: float = 30.0, **popen) -> subprocess.CompletedProcess:

@@ -105,12 +105,10 @@ def holding(name: str, text: str) -> Callable[[Path], bool]:
 
 
 def _is_or_holds(folder: Path, path: Path) -> bool:
-    """Whether ``folder`` is ``path`` or a folder above it, by the file system's identity: resolve()
-    keeps apart spellings of one folder that a case-insensitive disk (macOS's APFS) or a bind mount
-    gives it."""
-    if not folder.exists():
-        return False
-    return any(os.path.samefile(folder, above) for above in (path, *path.resolve().parents) if above.exists())
+    """Whether ``folder`` is ``path`` (which exists) or a folder above it, by the file system's
+    identity: resolve() keeps apart spellings of one folder that a case-insensitive disk (macOS's
+    APFS) or a bind mount gives it."""
+    return folder.exists() and any(os.path.samefile(folder, above) for above in (path, *path.resolve().parents))
 
 
 def prepare_output_dir(out: Path, force: bool, inputs=(), owned: Owned | None = None) -> None:

@@ -10,13 +10,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..data.augment import FACTOR  # px a side of one image token
 from ..errors import QoqoptError
 from ..exports.gguf_meta import train_token_range
 from ..exports.gguf_runtime import BUFFERS, LlamaVL, chat_prompt, gpu_offload_available
 from ..exports.gguf_verify import reply_logits
-
-
-PATCH_PX = 28  # one image token: a 2x2 merge of 14-px patches
 
 
 def largest_grid(max_tokens: int, max_aspect: int = 200) -> tuple[int, int]:
@@ -39,7 +37,7 @@ class GGUFRunner:
         # clip sizes its compute buffer for the first image it encodes and regrows it, unlogged, for a
         # larger one (the 7B's at 668 image tokens is ~20x that at 100): encoding the largest image
         # first makes the size llama.cpp logs the peak that peak_device_mb reads
-        self.vl.image_embeddings(Image.new("RGB", tuple(PATCH_PX * n for n in largest_grid(hi))))
+        self.vl.image_embeddings(Image.new("RGB", tuple(FACTOR * n for n in largest_grid(hi))))
 
     def reply_logits(self, item, chat: dict) -> np.ndarray:
         return reply_logits(self.vl, chat, item)
