@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 OUT ?= out
 
-.PHONY: setup demo test bench bench-peers gpu-wheels clean
+.PHONY: setup demo test mini-cache bench bench-peers gpu-wheels clean
 
 # torch is installed first and pinned: 2.13.0 is the CPU wheel; letting pip resolve a range
 # with no torch present would pull a multi-GB CUDA build. llama-cpp-python compiles from
@@ -71,8 +71,16 @@ bench-peers: setup $(GPTQMODEL_VENV)/.installed $(LLMC_VENV)/.installed
 	done
 	$(PY) benchmarks/check_ecosystem_loaders.py --python $(GPTQMODEL_VENV)/bin/python
 
-test: setup
-	$(PY) -m pytest -q -ra
+# Test files run on parallel workers (pytest-xdist), each file whole on one worker so that its module
+# fixtures (bench's builds, say) are made once: 30 -> 20 min on the slow 2-core EPYC. The mini model
+# trains first, alone: a worker training it beside another's tests would fight it for the cores.
+TEST_WORKERS ?= auto
+test: mini-cache
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --maxprocesses=4 --dist loadfile
+
+# The trained mini model in ~/.cache/qoqopt (QOQOPT_CACHE): trained on the first run, loaded afterwards.
+mini-cache: setup
+	$(PY) -c 'from qoqopt.train import trained_model; trained_model("tiny", 0)'
 
 # Wheels of the pure-Python dependencies a GPU image without qoqopt's requirements lacks, for the
 # end-to-end step of benchmarks/gpu_check.sh (carried with the run; the GPU machine has no network).

@@ -156,14 +156,15 @@ def test_trained_mini_answers_held_out_views(trained_dir):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
     proc = load_processor(trained_dir)
     items = balanced_sample(clinical_set(split="eval", n_per_base=4, seed=0), n=60, seed=1)
-    right = 0
-    for item in items:
-        inputs = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True,
-                                          return_dict=True, return_tensors="pt")  # fmt: skip
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=48, do_sample=False)
-        reply = proc.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        right += answer_score(reply, item.answer) == 1.0  # set-F1 over comma-separated findings
+    # One left-padded batch: the 60 replies were the chat-by-chat ones, word for word (checked on the
+    # EPYC's model, 47/60 either way), in 10 s instead of 45.
+    proc.tokenizer.padding_side = "left"
+    inputs = proc.apply_chat_template([item.messages() for item in items], add_generation_prompt=True, tokenize=True,
+                                      return_dict=True, return_tensors="pt", processor_kwargs={"padding": True})  # fmt: skip
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=48, do_sample=False)
+    replies = proc.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    right = sum(answer_score(reply, item.answer) == 1.0 for reply, item in zip(replies, items, strict=True))  # set-F1
     assert right / len(items) >= 0.75, f"{right}/{len(items)} held-out answers right"
 
 

@@ -77,6 +77,10 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     from .eval_set import eval_items
 
     tidy(opts.out / "bench", f"in {opts.out}")  # a killed run's work folder, the reference's logits: first, for space
+    # What needs neither the checkpoint nor transformers (whose import alone takes 8 s on 2 cores) first
+    _check_device(opts.device)
+    items = eval_items(opts.eval_source, opts.items, opts.seed, render=False, domains=opts.domains)  # bad --eval fails here
+    set_sha = _set_sha(opts.eval_source, items)  # the set as read now: an edit during the run is not recorded as measured
     hub = _hub_manifests(opts.search)  # before the source checkpoint, which may be a 16 GB download
     model_path, revision = resolve(opts.model, opts.revision)
     ckpt = open_checkpoint(str(model_path))  # validates: Qwen2.5-VL, weights present
@@ -84,10 +88,7 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     ckpt.require_unquantized()  # the reference is the original checkpoint, not a build of it
     ckpt.hf_config()  # the reference runs in transformers: a config it refuses stops here
     checked_processor(model_path, opts.model)  # and so must its tokenizer and chat template
-    _check_device(opts.device)
     _say_gguf_on_cpu(opts, log)
-    items = eval_items(opts.eval_source, opts.items, opts.seed, render=False, domains=opts.domains)  # bad --eval fails here
-    set_sha = _set_sha(opts.eval_source, items)  # the set as read now: an edit during the run is not recorded as measured
     set_name = _set_name(opts.eval_source)
     threads = threads_or_default(opts.threads)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
