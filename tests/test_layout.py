@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Stands in for an installed kernel-hub release that transformers accepts: its distribution metadata,
@@ -56,6 +58,16 @@ def test_an_installed_kernel_hub_keeps_its_name_in_a_checkout(tmp_path):
     assert res.stdout.split() == [str(site / "kernels" / "__init__.py"), "True"]
 
 
+def _hub_installed() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return bool(version("kernels"))
+    except PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(_hub_installed(), reason="Hugging Face's kernels is installed here: the name is handed to it")
 def test_without_the_hub_the_name_is_an_empty_module_transformers_reads_as_absent():
     """Nothing installed: transformers' probe reads "no kernel hub", and the name holds none of
     qoqopt's kernels (their Triton import cost every transformers import from the root 0.4 s)."""
