@@ -17,8 +17,19 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[all]'
+	$(if $(NO_AMX),@echo "llama.cpp is built without AMX: $(CXX)'s amxtileintrin.h gives ldtilecfg a pointer-sized operand")
+	$(NO_AMX) $(PY) -m pip install -q $(if $(NO_AMX),--no-cache-dir) -e '.[all]'
 	touch $@
+
+# llama.cpp compiles for this CPU (-march=native). On a CPU with AMX (Xeon Sapphire Rapids and
+# later), its matmuls load a 64-byte tile config with _tile_loadconfig. GCC headers that declare
+# that intrinsic's operand as one pointer (GCC 12.2, Debian 12's) let the optimiser drop the
+# config's stores, and the first matmul dies of a general protection fault (seen: every
+# llama_decode). With such a header llama.cpp is built without AMX (its AVX-512 kernels run), and
+# not from pip's wheel cache, which may hold a build with AMX.
+AMX_HEADER := $(shell $(CXX) -print-file-name=include/amxtileintrin.h 2>/dev/null)
+AMX_OFF := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+NO_AMX := $(if $(shell grep -s 'const void [*][*].__config' '$(AMX_HEADER)'),CFLAGS='$(CFLAGS) $(AMX_OFF)' CXXFLAGS='$(CXXFLAGS) $(AMX_OFF)')
 
 setup: $(VENV)/.installed
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -49,20 +50,29 @@ class LlamaVL:
         image_max_tokens: int = 0,
         embd_cache: dict | None = None,
         gpu: bool = False,
+        extra_buffers: bool | None = None,
     ):
+        """``extra_buffers``: load weights into llama.cpp's extra buffer types (repacked for the CPU's
+        kernels, AMX's among them), as llama.cpp does by default; None: unless its AMX kernels
+        crash here (`llama_amx`)."""
         import llama_cpp
         from llama_cpp import Llama
+
+        from .llama_amx import extra_buffers_run
 
         self._llama_cpp = llama_cpp
         kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
         # a GPU build adds every GPU to the model's devices whatever n_gpu_layers says, and then runs
         # batches of 32+ tokens there (op_offload): "no GPU" must empty the device list itself
         where = {} if gpu else {"split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE, "main_gpu": -1}
+        if extra_buffers is None:
+            extra_buffers = gpu or extra_buffers_run(model_path)  # a CPU verdict: offloaded layers run on the GPU
         _route_log()  # from here on llama.cpp's log is read: its errors, and the buffers it allocates
         _ERRORS.clear()  # what was logged before this load is not its own
         BUFFERS.clear()
         try:
-            with deferred_signals():  # a Ctrl-C would land in llama.cpp's log callback and be lost
+            with deferred_signals(), _model_params(llama_cpp, **({} if extra_buffers else {"use_extra_bufts": False})):
+                # deferred_signals: a Ctrl-C would land in llama.cpp's log callback and be lost
                 # a prompt is decoded as one batch; llama.cpp runs it in ubatches of at most 2048, which
                 # holds any image QoQ-Med takes (668 tokens, attended both ways, so never split) and
                 # keeps the compute buffer of a long context at the size of a 2048 one
@@ -359,6 +369,28 @@ class _ErrorLog:
 
 
 _ERRORS = _ErrorLog()
+
+
+@contextmanager
+def _model_params(llama_cpp, **fields):
+    """llama-cpp-python's Llama takes no argument for some of llama.cpp's model parameters
+    (use_extra_bufts): the Llama made inside gets the defaults with ``fields`` set."""
+    if not fields:
+        yield
+        return
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        for name, value in fields.items():
+            setattr(p, name, value)
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default
 
 
 BUFFERS = BufferLog()  # what the llama.cpp of the last LlamaVL allocated (one is open at a time)

@@ -82,18 +82,25 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     items = eval_items(opts.eval_source, opts.items, opts.seed, render=False, domains=opts.domains)  # bad --eval fails here
     set_sha = _set_sha(opts.eval_source, items)  # the set as read now: an edit during the run is not recorded as measured
     hub = _hub_manifests(opts.search)  # before the source checkpoint, which may be a 16 GB download
+    found = _find_builds(opts, builds, hub)  # manifests alone: a variant in two --from is refused here
     model_path, revision = resolve(opts.model, opts.revision)
     ckpt = open_checkpoint(str(model_path))  # validates: Qwen2.5-VL, weights present
     ckpt.require_weights()
     ckpt.require_unquantized()  # the reference is the original checkpoint, not a build of it
+    located = _checked_builds(opts, found, hub, ckpt.fingerprint, log)
+    missing = [v for v in opts.variants if v.name not in located]
+    if not missing:  # nothing to build: a broken build is refused before transformers loads
+        _say_unrunnable(located, log)
     ckpt.hf_config()  # the reference runs in transformers: a config it refuses stops here
     checked_processor(model_path, opts.model)  # and so must its tokenizer and chat template
     _say_gguf_on_cpu(opts, log)
     set_name = _set_name(opts.eval_source)
     threads = threads_or_default(opts.threads)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    located = _locate_or_build(opts, builds, hub, ckpt.fingerprint, log)
-    _say_unrunnable(located, log)  # now, not after the reference pass (long fp32 work on a 7B)
+    if missing:
+        located |= _build_missing(opts, missing, builds, log)
+        located = {v.name: located[v.name] for v in opts.variants}  # in the order the user gave them
+        _say_unrunnable(located, log)  # now, not after the reference pass (long fp32 work on a 7B)
     hashes = _Hashes()
     source_files = [model_path / f for f in ckpt.shard_files]
     with writing(opts.out):
@@ -174,16 +181,20 @@ def summary_line(rec: dict) -> str:
 # --------------------------------------------------------------------------- variants
 
 
-def _locate_or_build(opts: BenchOptions, builds: Path, hub: dict, fingerprint: str, log) -> dict[str, dict]:
-    """variant name -> {"files": {...}} or {"error": ...}; variants needing no files get {}. `hub`:
-    the --from Hub repos, as _hub_manifests gives them. Builds found are checked against the model
-    (``fingerprint``) from their manifests alone, before any is downloaded or any missing one built."""
+def _find_builds(opts: BenchOptions, builds: Path, hub: dict) -> dict[str, dict[str, Path] | None]:
+    """variant name -> its files in a --from folder or an earlier run's OUT/builds, or None; from
+    manifests alone (a Hub build's files are not downloaded yet). `hub`: as _hub_manifests gives it."""
     searched = {(hub[s][0] if isinstance(s, str) else s).resolve(): str(s) for s in opts.search}  # folder -> as given
     extra = sorted(p for p in builds.iterdir() if p.is_dir()) if builds.is_dir() else []
-    found = {v.name: _locate(v, searched, extra) for v in opts.variants if v.format not in ("hf", "bnb")}
+    return {v.name: _locate(v, searched, extra) for v in opts.variants if v.format not in ("hf", "bnb")}
+
+
+def _checked_builds(opts: BenchOptions, found: dict, hub: dict, fingerprint: str, log) -> dict[str, dict]:
+    """variant name -> {"files": {...}} or {"error": ...} for each variant that needs no build made;
+    variants needing no files get {}. Builds found are checked against the model (``fingerprint``)
+    from their manifests alone, before any is downloaded, then checked file by file."""
     _check_sources(opts.model, fingerprint, {name: files for name, files in found.items() if files}, log)
     out: dict[str, dict] = {}
-    missing = []
     for v in opts.variants:
         if v.format in ("hf", "bnb"):
             out[v.name] = {"files": {}}
@@ -192,15 +203,19 @@ def _locate_or_build(opts: BenchOptions, builds: Path, hub: dict, fingerprint: s
                 out[v.name] = {"files": _fetch_from_hub(found[v.name], hub, log)}
             except QoqoptError as err:
                 out[v.name] = {"error": str(err)}
-        else:
-            missing.append(v)
-    # Builds are made from the model as the user named it (a Hub id stays a Hub id in their manifests).
+    return out
+
+
+def _build_missing(opts: BenchOptions, missing: list[Variant], builds: Path, log) -> dict[str, dict]:
+    """Export the variants no folder had; variant name -> {"files": {...}} or {"error": ...}. Builds
+    are made from the model as the user named it (a Hub id stays a Hub id in their manifests)."""
+    out: dict[str, dict] = {}
     for variants, dest, cmd in build_commands(opts.model, missing, builds, opts.calib_items, opts.revision):
         log(f"building {', '.join(v.name for v in variants)} -> {dest} (qoqopt export)")
         error = run_build(cmd)
         for v in variants:
-            found = None if error else locate(v, [dest])
-            out[v.name] = {"files": found} if found else {"error": error or f"the export did not produce {v.name}"}
+            made = None if error else locate(v, [dest])
+            out[v.name] = {"files": made} if made else {"error": error or f"the export did not produce {v.name}"}
     return out
 
 

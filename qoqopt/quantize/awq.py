@@ -83,6 +83,7 @@ def search_scale(
     n_grid: int = 20,
     expand: callable = None,
     w_mean: torch.Tensor | None = None,
+    error_of: callable = None,
 ) -> ScaleSearch:
     """Grid-search ``alpha`` for the consumers ``weights`` (each ``[N_i, K]``) of inputs ``x`` ``[T, K]``.
 
@@ -90,12 +91,14 @@ def search_scale(
     GQA-tied v_proj -> o_proj scale); identity otherwise. The grid is searched twice,
     the second time dividing by the weights' per-channel magnitude ``** (1 - alpha)`` (``w_mean``,
     default :func:`weight_mean` of ``weights``); ``s = 1`` is
-    always a candidate, so the search never does worse than plain rounding on ``x``.
+    always a candidate, so the search never does worse than plain rounding by its measure:
+    ``error_of(wq)``, given the weights as quantized under a scale (concatenated, scale undone),
+    which defaults to their outputs' squared error on ``x``.
     """
     expand = expand or (lambda s: s)
     w_cat = torch.cat([w.float() for w in weights], dim=0)
     check_shape(w_cat, spec)
-    error_of = output_mse(x.float(), w_cat)
+    error_of = error_of or output_mse(x.float(), w_cat)
 
     def loss_of(s):
         return error_of(group_fake_quantize(w_cat * s, spec) / s)
