@@ -17,18 +17,17 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from qoqopt.cache import cache_dir
+from qoqopt.cache import cache_root
 from qoqopt.children import python_module, run_child
+from qoqopt.errors import QoqoptError
 from qoqopt.fileio import atomic_write_text
+from qoqopt.integrity import sha256_of
 
 # llama.cpp's AMX path multiplies a single row with AVX-512 VNNI, without tiles: probe with more
 PROBE_TOKENS = 4
 CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGILL, signal.SIGBUS)
-REBUILD = ('CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="$CFLAGS" pip install --force-reinstall '
-           "--no-cache-dir --no-deps llama-cpp-python==0.3.36")  # fmt: skip
 _SAID: list[bool] = []  # the warning is given once a process
 
 
@@ -38,39 +37,61 @@ def amx_in_build() -> bool:
     return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
+def rebuild_command() -> str:
+    """The installed llama-cpp-python, compiled again without AMX."""
+    import llama_cpp
+
+    return ('CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="$CFLAGS" pip install --force-reinstall '
+            f"--no-cache-dir --no-deps llama-cpp-python=={llama_cpp.__version__}")  # fmt: skip
+
+
 def extra_buffers_run(model_path) -> bool:
     """False where this llama.cpp's AMX kernels crash (said once, with the rebuild); True where they
     run, where the build has none, or where the probe cannot tell (the real load then says why)."""
     if not amx_in_build():
         return True
     verdict = _verdict_file()
-    if not verdict.is_file():
+    runs = _cached_verdict(verdict)
+    if runs is None:
         crashes = _probe_verdict(model_path)
         if crashes is None:
             return True
-        atomic_write_text(verdict, json.dumps({"amx": "crashes" if crashes else "runs", "checked": time.time()}))
-    try:
-        runs = json.loads(verdict.read_text())["amx"] == "runs"
-    except (OSError, ValueError, KeyError, TypeError):  # a damaged cache entry: ask again next time
-        verdict.unlink(missing_ok=True)
-        return True
+        runs = not crashes
+        try:
+            verdict.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(verdict, json.dumps({"amx": "runs" if runs else "crashes"}))
+        except (OSError, QoqoptError):  # a full or read-only cache costs a probe next time, nothing more
+            pass
     if not runs and not _SAID:
         _SAID.append(True)
         print("warning: llama.cpp's AMX kernels crash on this CPU: this llama-cpp-python was compiled by a GCC "
               "whose _tile_loadconfig drops the tile config (GCC 12.2's amxtileintrin.h); running without AMX "
-              f"and repacked weights, which is slower. Rebuild it without AMX: {REBUILD}", file=sys.stderr)  # fmt: skip
+              f"and repacked weights, which is slower. Rebuild it without AMX: {rebuild_command()}", file=sys.stderr)  # fmt: skip
     return runs
 
 
+def _cached_verdict(verdict: Path) -> bool | None:
+    """Whether AMX runs, as an earlier probe of this build found; None when none did. A damaged
+    entry is removed and read as "runs" this once (llama.cpp's default load), asked again next time."""
+    try:
+        return {"runs": True, "crashes": False}[json.loads(verdict.read_text())["amx"]]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        verdict.unlink(missing_ok=True)
+        return True
+
+
 def _verdict_file() -> Path:
-    """One verdict per llama.cpp build: its CPU library's path, size and modification time."""
+    """One verdict per llama.cpp build: the sha256 of its CPU library (hashed once, then taken
+    from the integrity cache while the file is unchanged)."""
     import hashlib
 
     import llama_cpp
 
-    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("*ggml-cpu*"))
-    identity = "\n".join(f"{p.resolve()} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in libs)
-    return cache_dir("llama_amx") / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.json"
+    libs = sorted({p.resolve() for p in (Path(llama_cpp.__file__).parent / "lib").glob("*ggml-cpu*")})
+    build = hashlib.sha256("".join(sha256_of(p) for p in libs).encode()).hexdigest()[:32]
+    return cache_root() / "llama_amx" / f"{build}.json"
 
 
 def _probe_verdict(model_path) -> bool | None:

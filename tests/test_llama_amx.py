@@ -93,7 +93,7 @@ def test_a_cached_crash_verdict_loads_without_extra_buffers_and_says_so_once(mon
     assert llama_amx.extra_buffers_run("other.gguf") is False  # from the cache: one probe per build
     assert calls == [True, False]
     (said,) = capsys.readouterr().err.splitlines()
-    assert said.startswith("warning: llama.cpp's AMX kernels crash on this CPU") and llama_amx.REBUILD in said
+    assert said.startswith("warning: llama.cpp's AMX kernels crash on this CPU") and llama_amx.rebuild_command() in said
     (verdict,) = (tmp_path / "llama_amx").iterdir()
     verdict.write_text("{")  # damaged: read as no verdict, removed, asked again next time
     assert llama_amx.extra_buffers_run("m.gguf") is True and not verdict.exists()

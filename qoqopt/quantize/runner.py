@@ -346,11 +346,12 @@ class _AttentionCalls:
     implementation scores this scale on the attention module's output as well."""
 
     def __init__(self, tokens: int):
-        self.tokens, self.calls = tokens, []
+        self.tokens, self.kept, self.calls = tokens, 0, []
 
     def add(self, module, args, kwargs) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if not self.calls or sum(a[1]["hidden_states"].shape[1] for a in self.calls) + hidden.shape[1] <= self.tokens:
+        if not self.calls or self.kept + hidden.shape[1] <= self.tokens:  # the first chat, however long
+            self.kept += hidden.shape[1]
             self.calls.append((args[1:], {**kwargs, "hidden_states": hidden.detach().clone()}))
 
     def output_error(self, attn, linears: list[torch.nn.Linear]):
