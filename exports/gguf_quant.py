@@ -19,7 +19,6 @@ import json
 import errno
 import os
 import re
-import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qoqopt.children import python_module
+from qoqopt.children import how_it_ended, python_module
 from qoqopt.errors import QoqoptError
 from qoqopt.fileio import atomic_path, free_bytes, write_error
 
@@ -178,24 +177,11 @@ def _run_worker(argv: list[str], dst: Path, quant: str) -> dict:
     reply = json.loads(lines[-1]) if proc.returncode in (0, 1) and lines and lines[-1].startswith("{") else None
     if reply is None:
         dst.unlink(missing_ok=True)
-        raise QoqoptError(f"llama.cpp's quantize to {quant} died ({_how(proc.returncode)})"
-                          f"{_OOM_HINT if proc.returncode == -signal.SIGKILL else ''}")  # fmt: skip
+        raise QoqoptError(f"llama.cpp's quantize to {quant} died ({how_it_ended(proc.returncode)})")
     if "error" in reply:
         dst.unlink(missing_ok=True)
         raise QoqoptError(reply["error"])
     return reply
-
-
-_OOM_HINT = "; killed from outside, often by the kernel's out-of-memory killer"
-
-
-def _how(returncode: int) -> str:
-    if returncode >= 0:
-        return f"exit status {returncode}"
-    try:
-        return f"signal {signal.Signals(-returncode).name}"
-    except ValueError:  # a real-time signal has no name
-        return f"signal {-returncode}"
 
 
 # llama.cpp writes through a std::ofstream with exceptions on, whose message names no cause

@@ -31,6 +31,19 @@ def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-c", _BOOTSTRAP.format(ppid=os.getpid(), module=module), *args]
 
 
+def how_it_ended(returncode: int) -> str:
+    """A child's end in words: its exit status, or the signal that killed it by name."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:  # a real-time signal has no name
+        return f"signal {-returncode}"
+    # nothing of ours sends SIGKILL: on Linux it is most often the kernel's out-of-memory killer
+    oom = "; killed from outside, often by the kernel's out-of-memory killer" if name == "SIGKILL" else ""
+    return f"signal {name}{oom}"
+
+
 def die_with_parent(ppid: int) -> None:
     """End this process when its parent ``ppid`` goes: Linux SIGKILLs it on request; elsewhere (macOS
     has no such request) a thread watches. Exit now if the parent has gone already."""

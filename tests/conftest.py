@@ -22,6 +22,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["QOQOPT_KERNEL_TUNING"] = "off"
 
 
+def _split_cores_between_workers() -> None:
+    """pytest-xdist runs a test file per core at once. Each worker, and each export, ask or bench it
+    starts, took a torch thread per core as well, and OpenMP threads that wait for a core spin:
+    oversubscribed, a GPTQ export ran 7x slower than alone. Each worker's processes get its share,
+    through the variable torch and qoqopt's --threads default both read; a test that sets a thread
+    count still gets what it sets."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers)
+                                            if hasattr(os, "sched_getaffinity") else 1)  # fmt: skip
+        assert "torch" not in sys.modules, "torch was imported before the thread count was set"
+
+
+_split_cores_between_workers()
+
+
 @pytest.fixture(scope="session")
 def fixture_7b() -> Path:
     if not (FIXTURES / "config.json").exists():

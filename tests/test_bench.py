@@ -226,6 +226,18 @@ def test_a_mac_is_named_by_its_chip_and_threaded_on_its_performance_cores(tmp_pa
     assert all(argv[:2] == ["sysctl", "-n"] for argv in asked)
 
 
+
+@pytest.mark.parametrize("omp", ["1", "2", "5,2", "99", None])
+def test_the_default_thread_count_is_torchs_own(omp):
+    """With no --threads, ask and bench take as many threads as torch does by itself: one per physical
+    core, or fewer where OMP_NUM_THREADS asks for fewer (a scheduler's or a shared machine's share)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | ({"OMP_NUM_THREADS": omp} if omp else {})
+    code = ("import torch; from qoqopt.bench.machine import threads_or_default as t, usable_physical_cores as c; "
+            "print(t(0), torch.get_num_threads(), c(), t(7))")  # fmt: skip
+    ours, torchs, cores, given = map(int, subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                                         text=True, check=True).stdout.split())  # fmt: skip
+    assert given == 7 and ours == torchs == min(int(omp.split(",")[0]) if omp else cores, cores)
+
 def test_transformers_decode_is_timed_inside_one_request(tiny_dir):
     """TTFT and decode come from one generate() of 1 + n tokens, each step time-stamped: decode was
     the difference of two requests, and one slow request made it 0 ms (3.2e10 tok/s, helper-64)."""
@@ -915,6 +927,21 @@ def test_the_workers_warnings_reach_the_user_once(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(run.subprocess, "run", fake_worker)
     assert run._run_worker({}, tmp_path, "v") == {"status": "ok"}
     assert capsys.readouterr().err == warning + "\n"
+
+
+OOM = r"signal SIGKILL; killed from outside, often by the kernel's out-of-memory killer\)"
+
+
+@pytest.mark.parametrize("sig, said", [("SIGSEGV", r"signal SIGSEGV\)"), ("SIGKILL", OOM)])
+def test_a_worker_killed_by_a_signal_names_it(tmp_path, monkeypatch, sig, said):
+    """A worker that dies (a crash in a runtime, the out-of-memory killer on a 7B) fails its variant
+    with the signal's name and the last line it wrote, not a bare number."""
+    from qoqopt.bench import run
+
+    crash = f"import os, signal, sys; print('loading the model', file=sys.stderr); os.kill(os.getpid(), signal.{sig})"
+    monkeypatch.setattr(run, "python_module", lambda *args: [sys.executable, "-c", crash])
+    got = run._run_worker({}, tmp_path, "v")
+    assert got["status"] == "failed" and re.fullmatch(rf"worker died \({said}: loading the model", got["error"]), got
 
 
 def test_no_runnable_variant_is_refused_before_the_reference(tiny_dir, tmp_path):

@@ -464,7 +464,7 @@ def test_a_killed_or_failing_quantize_is_one_line(built, tmp_path, monkeypatch):
     from qoqopt.exports import gguf_quant
 
     argv = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
-    with pytest.raises(QoqoptError, match=r"quantize to Q4_K_M died \(signal SIGKILL\); killed from outside"):
+    with pytest.raises(QoqoptError, match=r"quantize to Q4_K_M died \(signal SIGKILL; killed from outside"):
         gguf_quant._run_worker(argv, tmp_path / "q.gguf", "Q4_K_M")
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(QoqoptError, match="llama.cpp could not quantize to Q4_K_M: "):

@@ -56,8 +56,17 @@ def _sysctl(name: str) -> str | None:
 
 
 def threads_or_default(threads: int) -> int:
-    """--threads as given, or (0) one per usable physical core."""
-    return threads or usable_physical_cores()
+    """--threads as given, or (0) one per usable physical core; as torch does, OMP_NUM_THREADS lowers
+    that where it is set (a scheduler's or a shared machine's share) but does not raise it."""
+    cores = usable_physical_cores()
+    return threads or min(omp_threads() or cores, cores)
+
+
+def omp_threads() -> int | None:
+    """OMP_NUM_THREADS's thread count (its first level: "8,2" asks for 8, then 2 in nested
+    regions); None where it is unset or not a positive number, as OpenMP then ignores it."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(first) if first.isascii() and first.isdigit() and int(first) > 0 else None
 
 
 def _cpuinfo(*keys: str) -> str | None:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..children import python_module
+from ..children import how_it_ended, python_module
 from ..errors import QoqoptError
 from ..fileio import atomic_write_text, check_can_make_dir, sha256_file, writing
 from ..integrity import checked_files, checked_weights, sha256_of
@@ -392,8 +392,7 @@ def _run_worker(job: dict, work: Path, tag: str) -> dict:
     if out_path.exists():
         return json.loads(out_path.read_text())
     tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and "\r" not in ln]
-    why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-    return {"status": "failed", "error": f"worker died ({why}){': ' + tail[-1] if tail else ''}"}
+    return {"status": "failed", "error": f"worker died ({how_it_ended(proc.returncode)}){': ' + tail[-1] if tail else ''}"}
 
 
 # --------------------------------------------------------------------------- helpers

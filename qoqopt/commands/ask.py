@@ -57,7 +57,7 @@ def register(sub) -> None:
                    help="auto (default): CUDA when torch sees a GPU (GGUF: the GPU llama.cpp was built "
                         "for, CUDA or a Mac's Metal, which PyPI's source builds there by default), else the "
                         "CPU; cuda for a GGUF: that GPU, or an error")  # fmt: skip
-    p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for llama.cpp and torch (default and 0: one per physical core this process may use, as llama.cpp and torch choose)")
+    p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for llama.cpp and torch (default and 0: one per physical core this process may use, as llama.cpp and torch choose; fewer where OMP_NUM_THREADS asks for fewer, as torch takes it)")
     p.add_argument("--max-tokens", type=positive_int, default=64, help="reply length limit (default 64)")
     p.add_argument("--revision", help="Hub branch, tag or commit of BUILD (default: main)")
     p.set_defaults(func=run)

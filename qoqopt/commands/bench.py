@@ -64,7 +64,7 @@ def register(sub) -> None:
     p.add_argument("--domain", action="append", choices=list(DOMAINS), metavar="DOMAIN",
                    help="only this domain of the eval set (repeatable), e.g. --domain ct for a CT-only service")  # fmt: skip
     p.add_argument("--seed", type=seed, default=0, help="eval sampling seed (default 0)")
-    p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for torch and llama.cpp (default and 0: one per physical core this process may use, as llama.cpp and torch choose)")
+    p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for torch and llama.cpp (default and 0: one per physical core this process may use, as llama.cpp and torch choose; fewer where OMP_NUM_THREADS asks for fewer, as torch takes it)")
     p.add_argument("--label", type=label, help="machine label in reports (default: GPU name, or CPU model and threads)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (default 3)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (default 32)")
