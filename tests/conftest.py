@@ -28,10 +28,11 @@ def _split_cores_between_workers() -> None:
     oversubscribed, a GPTQ export ran 7x slower than alone. Each worker's processes get its share,
     through the variable torch and qoqopt's --threads default both read; a test that sets a thread
     count still gets what it sets."""
+    from qoqopt.bench.machine import usable_physical_cores
+
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers)
-                                            if hasattr(os, "sched_getaffinity") else 1)  # fmt: skip
+        os.environ["OMP_NUM_THREADS"] = str(max(1, usable_physical_cores() // workers))
         assert "torch" not in sys.modules, "torch was imported before the thread count was set"
 
 

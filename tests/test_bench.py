@@ -226,7 +226,6 @@ def test_a_mac_is_named_by_its_chip_and_threaded_on_its_performance_cores(tmp_pa
     assert all(argv[:2] == ["sysctl", "-n"] for argv in asked)
 
 
-
 @pytest.mark.parametrize("omp", ["1", "2", "5,2", "99", None])
 def test_the_default_thread_count_is_torchs_own(omp):
     """With no --threads, ask and bench take as many threads as torch does by itself: one per physical
@@ -237,6 +236,7 @@ def test_the_default_thread_count_is_torchs_own(omp):
     ours, torchs, cores, given = map(int, subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                                          text=True, check=True).stdout.split())  # fmt: skip
     assert given == 7 and ours == torchs == min(int(omp.split(",")[0]) if omp else cores, cores)
+
 
 def test_transformers_decode_is_timed_inside_one_request(tiny_dir):
     """TTFT and decode come from one generate() of 1 + n tokens, each step time-stamped: decode was

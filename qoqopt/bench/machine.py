@@ -58,8 +58,10 @@ def _sysctl(name: str) -> str | None:
 def threads_or_default(threads: int) -> int:
     """--threads as given, or (0) one per usable physical core; as torch does, OMP_NUM_THREADS lowers
     that where it is set (a scheduler's or a shared machine's share) but does not raise it."""
+    if threads:
+        return threads
     cores = usable_physical_cores()
-    return threads or min(omp_threads() or cores, cores)
+    return min(omp_threads() or cores, cores)
 
 
 def omp_threads() -> int | None:
