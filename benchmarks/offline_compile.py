@@ -63,16 +63,17 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, options: dict, arc
 
 
 class RecordingDriver:
-    """Triton's active driver with no GPU behind it: kernels compile for sm_90 as usual, Triton checks
-    each against the device's shared memory (``max_shared_mem``: an H100/H200's by default), and
-    "launching" one records the argument list its launcher receives (stream 0). Triton keeps the
-    kernels it has checked and loaded per device index: a GPU of other limits needs its own ``device``."""
+    """Triton's active driver with no GPU behind it: kernels compile for ``sm_{arch}`` (sm_90 by
+    default), Triton checks each against the device's shared memory (``max_shared_mem``: an
+    H100/H200's by default), and "launching" one records the argument list its launcher receives
+    (stream 0). Triton keeps the kernels it has checked and loaded per device index: a GPU of other
+    limits or another arch needs its own ``device``."""
 
-    def __init__(self, max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0):
+    def __init__(self, max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0, arch: int = 90):
         from triton.backends.compiler import GPUTarget
 
         self.device = device
-        self.target = GPUTarget("cuda", 90, 32)
+        self.target = GPUTarget("cuda", arch, 32)
         self.launches: list[tuple] = []
         self.launch_devices: list[int] = []  # the current device at each launch
         self.utils = _StubUtils(max_shared_mem)
@@ -112,7 +113,7 @@ class _StubUtils:
 
 
 @contextlib.contextmanager
-def recording_driver(max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0):
+def recording_driver(max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0, arch: int = 90):
     """:class:`RecordingDriver` as Triton's active driver for the duration."""
     from unittest import mock
 
@@ -121,7 +122,7 @@ def recording_driver(max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0):
     from qoqopt.kernels import _triton
 
     saved = driver._active
-    stub = RecordingDriver(max_shared_mem, device)
+    stub = RecordingDriver(max_shared_mem, device, arch)
     driver.set_active(stub)
     try:
         with mock.patch.object(_triton, "_exchange_device", stub.exchange_device), \
@@ -276,7 +277,7 @@ OFFLINE_DEVICE = "offline sm_90 stand-in"
 
 
 @contextlib.contextmanager
-def offline_w4a16(sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0):
+def offline_w4a16(sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0, arch: int = 90):
     """W4A16 launches planned for a CUDA GPU with ``sms`` SMs, made with CPU stand-in tensors under
     :func:`recording_driver`: Triton's own dispatch specialises and compiles them exactly as at run
     time (no hand-written signature or hints), and nothing runs."""
@@ -292,7 +293,7 @@ def offline_w4a16(sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, devic
         with mock.patch.object(w4a16, "num_sms", lambda device: sms), \
                 mock.patch.object(_splitk, "splitk_workspace", lambda device, numel, tiles: workspace), \
                 mock.patch.object(tuning, "device_name", lambda device: OFFLINE_DEVICE), \
-                recording_driver(max_shared_mem, device) as driver:  # fmt: skip
+                recording_driver(max_shared_mem, device, arch) as driver:  # fmt: skip
             yield driver
     finally:
         w4a16._shared_launch.cache_clear()
@@ -312,13 +313,13 @@ def w4a16_operands(m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, 
 
 def w4a16_compile(m: int, k: int, n: int, *, zero_offset: int = 1, dtype: torch.dtype = torch.bfloat16,
                   group_size: int = 128, sms: int = 132, max_shared_mem: int = HOPPER_SHARED_MEM, device: int = 0,
-                  **config):
+                  arch: int = 90, **config):
     """Compile what ``w4a16_matmul`` would launch for ``[m, k] @ [k, n]`` on a GPU with ``sms`` SMs,
     through the launch itself (:func:`offline_w4a16`); ``config`` overrides the plan's choices
     (kernel, tiles) as ``w4a16_matmul``'s does. Returns ``(compiled, plan)``: the kernel launched."""
     from qoqopt.kernels import w4a16
 
-    with offline_w4a16(sms, max_shared_mem, device):
+    with offline_w4a16(sms, max_shared_mem, device, arch):
         plan = w4a16.launch_plan(m, n, k, bits=4, group_size=group_size, zero_offset=zero_offset, has_bias=True,
                                  dtype=dtype, device=CUDA, **config)
         launch = w4a16.prepare_w4a16(m, k, n, dtype, CUDA, has_bias=True, group_size=group_size,

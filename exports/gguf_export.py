@@ -34,7 +34,7 @@ from qoqopt.manifest import preferred_quant
 
 from . import gguf_map, gguf_meta, gguf_quant, gguf_split, gguf_vocab, gguf_write, ollama
 from .gguf_card import render_readme, size_text
-from .imatrix_file import IMatrix, read_imatrix, write_imatrix
+from .imatrix_file import IMatrix, checked, read_imatrix, write_imatrix
 
 MMPROJ_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 # rough bits per weight, for the free-space check only
@@ -413,7 +413,7 @@ def imatrix_from_stats(stats, image_weight: float = 0.0) -> IMatrix:
         sums[target], counts[target] = s, combined_counts[canon]
     dataset = f"{stats.dataset}: {stats.describe()}; image positions weighted {image_weight:g}"
     chunk = max(1, round(stats.total_tokens / max(stats.chats, 1)))
-    return IMatrix(sums, counts, [dataset], stats.chats, chunk)
+    return checked(IMatrix(sums, counts, [dataset], stats.chats, chunk), "calibration (the model's activations)")
 
 
 def clinical_imatrix(ckpt, processor, choice: str, options: GGUFOptions, log) -> IMatrix:

@@ -90,6 +90,20 @@ def tensor_bytes(t: TensorInfo) -> int:
     return elements(t) // block * size
 
 
+def data_end(header: Header, sizes: list[int]) -> int:
+    """Where a file's last tensor ends (``sizes``: each tensor's bytes): a file shorter than that was cut off."""
+    return max((header.data_start + t.offset + n for t, n in zip(header.tensors, sizes)), default=0)
+
+
+def check_complete(path: Path) -> Header:
+    """The header of a GGUF file that holds all of its tensor data: one cut off inside its metadata or
+    its tensors (an incomplete copy or download) is a one-line QoqoptError, not a reader's traceback."""
+    header = read_header(path)
+    if Path(path).stat().st_size < data_end(header, [tensor_bytes(t) for t in header.tensors]):
+        raise QoqoptError(f"{Path(path).name} ends before its tensor data: a cut-off file (an incomplete copy or download)")
+    return header
+
+
 def elements(t: TensorInfo) -> int:
     n = 1
     for d in t.dims:

@@ -13,11 +13,11 @@ We still write the key, so the file states the truth and a fixed llama.cpp will 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from qoqopt.errors import QoqoptError
+from qoqopt.loader import read_json_object
 from qoqopt.local_names import LOCAL_SOURCE
 from qoqopt.mini import CLIP_MEAN, CLIP_STD, TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
@@ -143,7 +143,7 @@ def image_norm(path: Path) -> ImageNorm:
     """image_mean/std from the checkpoint's preprocessor_config.json (CLIP's when it has none)."""
     pre = path / "preprocessor_config.json"
     if pre.exists():
-        cfg = json.loads(pre.read_text())
+        cfg = read_json_object(pre)  # a list here would have meant CLIP's values, said only as a note
         if "image_mean" in cfg and "image_std" in cfg:
             return ImageNorm(tuple(map(float, cfg["image_mean"])), tuple(map(float, cfg["image_std"])))
     return ImageNorm(tuple(CLIP_MEAN), tuple(CLIP_STD), "no image_mean/std in preprocessor_config.json; used CLIP's")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qoqopt.errors import QoqoptError
-from qoqopt.loader import find_chat_template
+from qoqopt.loader import find_chat_template, read_json_object
 
 # gguf.TokenType values
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -45,13 +45,6 @@ class Vocab:
     notes: list[str] = field(default_factory=list)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise QoqoptError(f"cannot read {path.name}: {exc}") from exc
-
-
 def _token_content(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
@@ -69,9 +62,9 @@ def read_vocab(path: Path, config: dict, vocab_size: int) -> Vocab:
     from qoqopt.tokenizer import CHAT_TEMPLATE, QWEN2_PATTERN
 
     notes: list[str] = []
-    tok_cfg = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
+    tok_cfg = read_json_object(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
     if (path / "tokenizer.json").exists():
-        tok = _read_json(path / "tokenizer.json")
+        tok = read_json_object(path / "tokenizer.json")
     else:
         from qoqopt.tokenizer import tokenizer_config, tokenizer_json
 

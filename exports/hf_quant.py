@@ -737,7 +737,7 @@ def load_with_quant_linear(path: Path | str, dtype=None):
     # packed ints stay as stored; scales, biases and every plain weight take the compute dtype
     tensors = {runtime_name(canonical_name(k)): v.to(dtype) if v.is_floating_point() else v
                for k, v in tensors.items() if not k.startswith(ECG_PREFIX)}  # fmt: skip
-    replace_linears(model, tensors, method=qc["quant_method"], bits=qc["bits"],
+    replace_linears(model, tensors, method=qc["quant_method"], bits=qc["bits"], group_size=qc.get("group_size"),
                     checkpoint_format=qc.get("checkpoint_format", "gptq"))  # fmt: skip
     quantized = {k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")}
     plain = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in quantized}

@@ -45,6 +45,17 @@ class IMatrix:
         }
 
 
+def checked(im: IMatrix, source: str) -> IMatrix:
+    """``im``, whose sums and counts are finite and not negative: a NaN count reads as no tokens, and
+    the quantizer then weighs that weight's columns all alike, under a build that says it used the
+    imatrix."""
+    for name, sums in im.sums.items():
+        count = im.counts[name]
+        if not (np.isfinite(count) and count >= 0 and np.isfinite(sums).all() and (sums >= 0).all()):
+            raise QoqoptError(f"{source}: imatrix entry {name} holds non-finite or negative values (count {count})")
+    return im
+
+
 def write_imatrix(path: Path, im: IMatrix) -> None:
     from gguf import GGUFWriter
 
@@ -77,7 +88,13 @@ def read_imatrix(path: Path) -> IMatrix:
 def _read_gguf(path: Path) -> IMatrix:
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    from .gguf_header import check_complete
+
+    check_complete(path)  # gguf-py's reader fails on a cut-off file with a numpy reshape error
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, KeyError) as err:
+        raise QoqoptError(f"{path.name} is not a readable GGUF imatrix ({' '.join(str(err).split())})") from None
     fields = reader.fields
     datasets = []
     if "imatrix.datasets" in fields:
@@ -103,7 +120,8 @@ def _read_gguf(path: Path) -> IMatrix:
             counts[name] = float(cvals[0])  # fractional when image positions were weighted
     if not sums:
         raise QoqoptError(f"{path.name} holds no imatrix entries")
-    return IMatrix(sums, counts, datasets, scalar("imatrix.chunk_count"), scalar("imatrix.chunk_size"))
+    return checked(IMatrix(sums, counts, datasets, scalar("imatrix.chunk_count"), scalar("imatrix.chunk_size")),
+                   path.name)
 
 
 def _read_legacy(path: Path) -> IMatrix:
@@ -152,4 +170,4 @@ def _read_legacy(path: Path) -> IMatrix:
             (length,) = take("<i")
             if length > 0:
                 datasets.append(data[pos : pos + length].decode("utf-8", "replace"))
-    return IMatrix(sums, counts, datasets, chunk_count, 0)
+    return checked(IMatrix(sums, counts, datasets, chunk_count, 0), path.name)

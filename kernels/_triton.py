@@ -11,6 +11,7 @@ silent production path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 
@@ -303,7 +304,21 @@ def triton_unusable_reason(device: torch.device, dtype: torch.dtype) -> str | No
             return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
         if dtype == torch.bfloat16:
             return "the Triton CPU interpreter has no bf16 (a bf16 tl.dot returns garbage)"
+    elif device.type == "cuda" and dtype == torch.bfloat16:
+        return _bf16_unusable_reason(device.index if device.index is not None else torch.cuda.current_device())
     return None
+
+
+BF16_MIN_CAPABILITY = (8, 0)  # ptxas refuses the decode kernel's bf16x2 FMAs below sm_80 (Ampere)
+
+
+@functools.lru_cache(maxsize=None)  # asked at every launch; a GPU's capability does not change
+def _bf16_unusable_reason(index: int) -> str | None:
+    capability = torch.cuda.get_device_capability(index)
+    if capability >= BF16_MIN_CAPABILITY:
+        return None
+    return (f"bf16 needs compute capability {'.'.join(map(str, BF16_MIN_CAPABILITY))} or newer (Ampere); "
+            f"{torch.cuda.get_device_name(index)} is {'.'.join(map(str, capability))}: load the model in float16")
 
 
 def check_supported(device: torch.device, dtype: torch.dtype, what: str) -> None:

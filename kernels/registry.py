@@ -38,6 +38,9 @@ class Patch:
     op: str
     matches: Callable[[nn.Module], bool]
     build: Callable[[nn.Module, PatchContext], nn.Module]
+    # the replacement runs the original's submodules as they are (attention calls its qkv and proj),
+    # so those are still patched themselves: a quantized qkv becomes a W4A16 layer inside it
+    keeps_children: bool = False
 
 
 def by_class(*names: str) -> Callable[[nn.Module], bool]:
@@ -49,11 +52,18 @@ def is_packed_linear(module: nn.Module) -> bool:
     return all(hasattr(module, name) for name in ("qweight", "qzeros", "scales"))
 
 
+def is_plain_vision_mlp(module: nn.Module) -> bool:
+    """A vision MLP whose gate and up are Linears (their weights are concatenated); with quantized
+    ones (an AWQ build's --quantize-vision) each becomes a W4A16 layer, and gate/up fuse as packed."""
+    return by_class("Qwen2_5_VLMLP")(module) and all(
+        isinstance(getattr(module, name, None), nn.Linear) for name in ("gate_proj", "up_proj"))
+
+
 REGISTRY: tuple[Patch, ...] = (
     Patch("patch_embed", by_class("Qwen2_5_VisionPatchEmbed"), lambda m, ctx: MatmulPatchEmbed.from_hf(m)),
-    Patch("vision_mlp", by_class("Qwen2_5_VLMLP"), lambda m, ctx: FusedGateUpMLP.from_hf(m)),
+    Patch("vision_mlp", is_plain_vision_mlp, lambda m, ctx: FusedGateUpMLP.from_hf(m)),
     Patch("vision_attention", by_class("Qwen2_5_VLVisionAttention"),
-          lambda m, ctx: FusedVisionAttention.from_hf(m, ctx.plans, ctx.strict)),
+          lambda m, ctx: FusedVisionAttention.from_hf(m, ctx.plans, ctx.strict), keeps_children=True),
     Patch("merger", by_class("Qwen2_5_VLPatchMerger"), lambda m, ctx: FusedPatchMerger.from_hf(m, ctx.strict, ctx.merger_plan)),
     Patch("w4a16", is_packed_linear, lambda m, ctx: QuantLinear.from_module(m, ctx.strict)),
 )
@@ -153,6 +163,8 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
             raise QoqoptError(f"apply: nothing could be patched in {type(model).__name__}: {path}: {why}{more}")
         raise QoqoptError(f"apply: nothing to patch in {type(model).__name__} (expected a Qwen2.5-VL model)")
     setattr(model, _PATCHED, True)
+    if report.counts["vision_attention"]:
+        _plans_per_forward(model, ctx.plans)
     if fuse:
         report.counts |= fuse_projections(model, report.skipped)
     if w4a16_words != "gptq":
@@ -184,11 +196,21 @@ def _use_fragment_words(model: nn.Module, report: PatchReport, no_triton: str | 
     return count
 
 
+def _plans_per_forward(model: nn.Module, plans: VarlenPlanCache) -> None:
+    """The attention layers' shared plans are made once per forward of the vision tower and dropped
+    at the next: a caller may pass the tower its ``cu_seqlens`` precomputed, refilling one buffer in
+    place between forwards, which an inference tensor's missing version counter would not show."""
+    for module in model.modules():
+        if type(module).__name__ == "Qwen2_5_VisionTransformerPretrainedModel":
+            module.register_forward_pre_hook(plans.clear)
+
+
 def _find_targets(model: nn.Module) -> list[tuple[str, Patch]]:
-    """(path, patch) for every match, outermost first; a matched module's children are not visited."""
+    """(path, patch) for every match, outermost first; a matched module's children are not visited
+    unless its patch keeps them (they are then patched after it, found again by path)."""
     found = []
     for path, module in model.named_modules():
-        if any(path.startswith(prefix + ".") for prefix, _ in found):
+        if any(path.startswith(prefix + ".") and not patch.keeps_children for prefix, patch in found):
             continue
         patch = next((p for p in REGISTRY if p.matches(module)), None)
         if patch is not None:

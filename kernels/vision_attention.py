@@ -212,8 +212,9 @@ class VarlenPlanCache:
     Keyed by the identity of the source tensors, checked through weak references and version
     counters, so a freed tensor can never hit a stale entry, nor one modified in place outside
     inference mode. Inference tensors have no version counter: a caller that refills the same
-    ``cu_seqlens`` or rotary buffer in place under ``torch.inference_mode`` (transformers makes new
-    ones every forward) must use a fresh cache.
+    ``cu_seqlens`` or rotary buffer in place under ``torch.inference_mode`` must :meth:`clear` the
+    cache in between. ``apply()`` does so at every forward of the vision tower (transformers takes
+    ``cu_seqlens`` precomputed from its caller, which may reuse one buffer).
     """
 
     def __init__(self, capacity: int = 8):
@@ -221,6 +222,10 @@ class VarlenPlanCache:
         self._entries: OrderedDict = OrderedDict()
         self.builds = 0  # how many plans were built: tests assert one per distinct cu_seqlens
         self.table_builds = 0
+
+    def clear(self, *_hook_args) -> None:
+        """Forget every entry (callable as a forward pre-hook: the plans then live one forward)."""
+        self._entries.clear()
 
     def plan(self, cu_seqlens: torch.Tensor, total_tokens: int, block_m: int) -> torch.Tensor:
         plan, built = self._cached((cu_seqlens,), ("plan", total_tokens, block_m),
@@ -345,7 +350,10 @@ class FusedVisionAttention(nn.Module):
 
     @classmethod
     def from_hf(cls, attn: nn.Module, plans: VarlenPlanCache, strict: bool = False) -> "FusedVisionAttention":
-        check_supported(attn.proj.weight.device, attn.proj.weight.dtype, "vision attention")
+        # a quantized proj (an AWQ build's --quantize-vision) has no weight: its scales hold the dtype
+        params = getattr(attn.proj, "weight", None)
+        params = attn.proj.scales if params is None else params
+        check_supported(params.device, params.dtype, "vision attention")
         return cls(attn.qkv, attn.proj, attn.num_heads, plans, strict)
 
     def forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None, **kwargs):

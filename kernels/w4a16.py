@@ -1097,15 +1097,15 @@ class QuantLinear(nn.Module):
         self._launchers: dict = {}  # (M, dtype, device, has bias) -> planned launch; decode sizes only
 
     @classmethod
-    def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, *, bits=4, checkpoint_format="gptq", strict=False):
-        """From GPTQ tensors; ``checkpoint_format`` "gptq" (v1, zero - 1 stored) or "gptq_v2"."""
+    def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, *, bits=4, checkpoint_format="gptq",
+                  group_size=None, strict=False):
+        """From GPTQ tensors; ``checkpoint_format`` "gptq" (v1, zero - 1 stored) or "gptq_v2";
+        ``group_size`` as the checkpoint states it (-1: one group), where known."""
         if bits not in (4, 8) or checkpoint_format not in ("gptq", "gptq_v2"):
             raise QoqoptError(f"GPTQ: unsupported bits={bits} / checkpoint_format={checkpoint_format!r}")
         k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
         _check_shapes(qzeros.shape == (scales.shape[0], n * bits // 32) and scales.shape[1] == n, qweight, qzeros, scales)
-        if k % scales.shape[0]:
-            raise QoqoptError(f"GPTQ: K={k} is not a whole number of {scales.shape[0]} groups")
-        group_size = k // scales.shape[0]
+        group_size = _group_size("GPTQ", k, scales.shape[0], group_size)
         perm = _act_order_perm(g_idx, k, group_size)
         if perm is not None:  # make groups contiguous: permute K once, here
             qweight = permute_packed_rows(qweight, perm, bits)
@@ -1114,17 +1114,17 @@ class QuantLinear(nn.Module):
                    perm=perm, g_idx=g_idx, strict=strict)
 
     @classmethod
-    def from_awq(cls, qweight, qzeros, scales, bias=None, *, strict=False):
-        """From AWQ GEMM tensors (4-bit, zeros without offset), repacked as GPTQ v2."""
+    def from_awq(cls, qweight, qzeros, scales, bias=None, *, group_size=None, strict=False):
+        """From AWQ GEMM tensors (4-bit, zeros without offset), repacked as GPTQ v2; ``group_size``
+        as the checkpoint states it, where known."""
         k, n = qweight.shape[0], qweight.shape[1] * 8
         _check_shapes(qzeros.shape == (scales.shape[0], n // 8) and scales.shape[1] == n, qweight, qzeros, scales)
-        if k % scales.shape[0]:
-            raise QoqoptError(f"AWQ: K={k} is not a whole number of {scales.shape[0]} groups")
+        group_size = _group_size("AWQ", k, scales.shape[0], group_size)
         if k % 8:
             raise QoqoptError(f"AWQ: K={k} must be a multiple of 8 to run as packed along K")
         qweight, qzeros = awq_to_gptq_v2(qweight, qzeros)
-        return cls(qweight, qzeros, scales, bias, bits=4, group_size=k // scales.shape[0], zero_offset=0,
-                   source="awq", strict=strict)
+        return cls(qweight, qzeros, scales, bias, bits=4, group_size=group_size, zero_offset=0, source="awq",
+                   strict=strict)
 
     @classmethod
     def from_module(cls, mod: nn.Module, strict: bool = False) -> "QuantLinear":
@@ -1136,14 +1136,15 @@ class QuantLinear(nn.Module):
             mod.strict = strict
             return mod
         bias = getattr(mod, "bias", None)
+        group_size = getattr(mod, "group_size", None)  # GPTQModel's, AutoGPTQ's and AutoAWQ's layers say it
         if hasattr(mod, "g_idx") and hasattr(mod, "bits"):
             fmt = getattr(mod, "qzero_format", None)
             fmt = fmt() if callable(fmt) else fmt
             checkpoint_format = "gptq_v2" if fmt == 2 else "gptq"
-            return cls.from_gptq(mod.qweight, mod.qzeros, mod.scales, mod.g_idx, bias,
-                                 bits=mod.bits, checkpoint_format=checkpoint_format, strict=strict)
+            return cls.from_gptq(mod.qweight, mod.qzeros, mod.scales, mod.g_idx, bias, bits=mod.bits,
+                                 checkpoint_format=checkpoint_format, group_size=group_size, strict=strict)
         if hasattr(mod, "w_bit") and mod.w_bit == 4:
-            return cls.from_awq(mod.qweight, mod.qzeros, mod.scales, bias, strict=strict)
+            return cls.from_awq(mod.qweight, mod.qzeros, mod.scales, bias, group_size=group_size, strict=strict)
         raise QoqoptError(f"{type(mod).__name__}: not a recognised GPTQ (g_idx, bits) or AWQ (w_bit=4) linear")
 
     def _kwargs(self) -> dict:
@@ -1293,6 +1294,20 @@ def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and torch.equal(a.cpu(), b.cpu()))
 
 
+def _group_size(fmt: str, k: int, groups: int, stated: int | None) -> int:
+    """Rows per group: as stated (-1: all of K), else K over the scales' rows. Only whole groups run:
+    with 200 rows in 2 groups the groups could be 128 + 72 as well as 100 + 100, and no tensor says."""
+    if stated is None:
+        if k % groups:
+            raise QoqoptError(f"{fmt}: K={k} is not a whole number of {groups} groups")
+        return k // groups
+    group_size = k if stated == -1 else stated
+    if group_size <= 0 or k % group_size or k // group_size != groups:
+        raise QoqoptError(f"{fmt}: K={k} in groups of {stated} rows does not give the {groups} groups its scales "
+                          "hold (only whole groups are supported)")  # fmt: skip
+    return group_size
+
+
 def _act_order_perm(g_idx: torch.Tensor | None, k: int, group_size: int) -> torch.Tensor | None:
     """None for trivial g_idx; else the K permutation that sorts rows by group."""
     if g_idx is None:
@@ -1307,12 +1322,13 @@ def _act_order_perm(g_idx: torch.Tensor | None, k: int, group_size: int) -> torc
 
 
 def replace_linears(model: nn.Module, tensors, *, method: str, bits: int = 4, checkpoint_format: str = "gptq",
-                    strict: bool = False) -> int:
+                    group_size: int | None = None, strict: bool = False) -> int:
     """Swap every ``nn.Linear`` whose ``{path}.qweight`` is in ``tensors`` for a :class:`QuantLinear`.
 
     ``tensors`` maps module paths *of this model* to checkpoint tensors (``{path}.qweight``,
     ``.qzeros``, ``.scales``, and ``.g_idx``/``.bias`` when present): normalising a checkpoint's key
-    layout is the loader's job. Returns how many layers were replaced; a shape mismatch is an error.
+    layout is the loader's job. ``group_size``: the checkpoint's quantization_config's, where known.
+    Returns how many layers were replaced; a shape mismatch is an error.
     """
     if method not in ("gptq", "awq"):
         raise QoqoptError(f"unknown quantization method {method!r} (gptq or awq)")
@@ -1324,9 +1340,9 @@ def replace_linears(model: nn.Module, tensors, *, method: str, bits: int = 4, ch
         bias = tensors.get(f"{path}.bias")
         if method == "gptq":
             layer = QuantLinear.from_gptq(*parts, tensors.get(f"{path}.g_idx"), bias, bits=bits,
-                                          checkpoint_format=checkpoint_format, strict=strict)
+                                          checkpoint_format=checkpoint_format, group_size=group_size, strict=strict)
         else:
-            layer = QuantLinear.from_awq(*parts, bias, strict=strict)
+            layer = QuantLinear.from_awq(*parts, bias, group_size=group_size, strict=strict)
         if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
             raise QoqoptError(f"{path}: checkpoint is {layer.in_features}->{layer.out_features}, "
                               f"model expects {module.in_features}->{module.out_features}")

@@ -147,7 +147,7 @@ def _tensor_stats(f: GGUFFile, first: Path) -> dict:
     metadata (arrays longer than a few dozen items as their length)."""
     from collections import Counter
 
-    from .exports.gguf_header import elements, type_name
+    from .exports.gguf_header import data_end, elements, type_name
 
     header = _header(first)
     count, no = _split_keys(first, header.kv)
@@ -155,18 +155,13 @@ def _tensor_stats(f: GGUFFile, first: Path) -> dict:
     headers = [header] + [_header(p) for p in paths[1:]]
     tensors = [t for h in headers for t in h.tensors]
     sizes = [_sizes(h) for h in headers]  # None where a type is newer than this gguf-py
-    f.cut_off = [p.name for p, h, n in zip(paths, headers, sizes) if n is not None and p.stat().st_size < _data_end(h, n)]
+    f.cut_off = [p.name for p, h, n in zip(paths, headers, sizes) if n is not None and p.stat().st_size < data_end(h, n)]
     f.parts, f.bytes, f.tensors = len(paths), sum(p.stat().st_size for p in paths), len(tensors)
     f.types = dict(Counter(type_name(t.qtype) for t in tensors).most_common())
     f.params = sum(elements(t) for t in tensors)
     known = None not in sizes and f.params
     f.bpw = sum(map(sum, sizes)) * 8 / f.params if known else None
     return header.kv
-
-
-def _data_end(header, sizes: list[int]) -> int:
-    """Where a file's last tensor ends: a file shorter than that was cut off."""
-    return max((header.data_start + t.offset + n for t, n in zip(header.tensors, sizes)), default=0)
 
 
 def _sizes(header) -> list[int] | None:

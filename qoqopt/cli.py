@@ -138,7 +138,25 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, handler)
 
 
+TEXT_OPTIONS = ("--question", "--label")  # free text, whose own check names an empty one
+
+
+def _refuse_empty_values(argv: list) -> None:
+    """An empty value is an unset shell variable (`--image "$SCAN"`), never a choice: as a path it
+    read as the current folder ("--image '': . is a directory"), as an id it was no id at all."""
+    for i, arg in enumerate(argv):
+        if arg == "":
+            option, where = (argv[i - 1], f" after {argv[i - 1]}") if i else (None, "")
+        elif isinstance(arg, str) and arg.startswith("--") and arg.endswith("="):
+            option, where = arg[:-1], f" in {arg}"
+        else:
+            continue
+        if option not in TEXT_OPTIONS:
+            raise QoqoptError(f"an empty value{where} (an unset shell variable?)")
+
+
 def _run(argv: list[str] | None) -> int:
+    _refuse_empty_values(sys.argv[1:] if argv is None else argv)
     parser = build_parser()  # imports every command module: a Ctrl-C here is caught in main too
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -446,6 +446,10 @@ class Checkpoint:
         return {canonical_name(k): tuple(v.shape) for k, v in self.meta_model().state_dict().items()}
 
 
+PROCESSOR_JSON = ("tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                  "processor_config.json", "chat_template.json")
+
+
 def checked_processor(path: Path, source: str):
     """The checkpoint's processor, refused in one line when it cannot make a QoQ-Med chat: no
     tokenizer vocabulary (without tokenizer.json transformers builds one of the added tokens only,
@@ -458,6 +462,9 @@ def checked_processor(path: Path, source: str):
     if not (path / "tokenizer.json").exists() and not ((path / "vocab.json").exists() and (path / "merges.txt").exists()):
         raise QoqoptError(f"{source} has no tokenizer vocabulary (tokenizer.json): copy the tokenizer files from "
                           "the original checkpoint")  # fmt: skip
+    for name in PROCESSOR_JSON:  # transformers reads each with .get: a list in one was an AttributeError
+        if (path / name).is_file():
+            read_json_object(path / name)
     try:
         processor = load_processor(path)
     except (OSError, ValueError) as exc:
@@ -495,16 +502,26 @@ def _json_if_there(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON file that must hold an object (its keys are read with .get)."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise QoqoptError(f"{path} is not a JSON object (it holds a {type(data).__name__})")
+    return data
+
+
 def validate_config(config: dict, where: str) -> None:
     if not isinstance(config, dict):
         raise QoqoptError(f"{where}: config.json is not a JSON object")
+    if not isinstance(config.get("quantization_config", {}), dict):  # its keys are read wherever a build is
+        raise QoqoptError(f"{where}: config.json's quantization_config is not a JSON object")
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
     known = QWEN25VL_ARCHS | QOQMED_ECG_ARCHS

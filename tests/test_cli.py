@@ -108,7 +108,13 @@ def test_bad_numbers_and_usage_arerefused(capsys):
         ("ask", "b", "--item", ITEM, "--max-tokens", "abc"): "argument --max-tokens: expected an integer >= 1, got 'abc'",
         ("bench", "m", "--variants", "bf16", "--calib-items", "0"): "argument --calib-items: expected an integer >= 1, got 0",
         ("export", "m", "--format", "gguf", "--imatrix-image-weight", "-1", "--out", "o"):
-            "argument --imatrix-image-weight: expected a number >= 0, got -1",
+            "argument --imatrix-image-weight: expected a finite number >= 0, got -1",
+        # nan passed `< 0` and weighted every image position nan: the imatrix was all NaN, so llama.cpp's
+        # quantize fell back to plain weights under a card that said "clinical imatrix"
+        ("export", "m", "--format", "gguf", "--imatrix-image-weight", "nan", "--out", "o"):
+            "argument --imatrix-image-weight: expected a finite number >= 0, got nan",
+        ("export", "m", "--format", "gguf", "--imatrix-image-weight", "inf", "--out", "o"):
+            "argument --imatrix-image-weight: expected a finite number >= 0, got inf",
         ("export", "m", "--format", "gguf", "--threads", "-2", "--out", "o"): "argument --threads: expected an integer >= 0",
         ("export", "m", "--format", "gguf", "--split-max-size", "48GiB", "--out", "o"):
             "argument --split-max-size: expected a size such as 48G or 500M (decimal units: no Mi/Gi), got '48GiB'",
@@ -124,6 +130,14 @@ def test_bad_numbers_and_usage_arerefused(capsys):
     for argv, message in cases.items():
         err = refused(list(argv), capsys)
         assert message in err and err.endswith("--help`)"), err
+
+
+def test_an_empty_value_is_refused_before_anything_reads_it(capsys):
+    """An empty value is an unset shell variable: `ask --item ''` said "--image needs --question",
+    `ask --image ''` "`.` is a directory", `info ''` began its message with the empty name."""
+    for argv, where in ((["ask", "b", "--item", ""], "after --item"), (["ask", "b", "--image=", "--question", "q"], "in --image="),
+                        (["info", ""], "after info"), (["", "x"], "")):  # fmt: skip
+        assert refused(argv, capsys) == f"error: an empty value{' ' * bool(where)}{where} (an unset shell variable?)"
 
 
 def test_unusable_paths_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
@@ -346,6 +360,24 @@ BAD_TEMPLATES = {  # template -> the refusal's end; jinja2 and transformers name
     "{{ messages[0].role }}{% if add_generation_prompt %}{{ raise_exception('no prompt') }}{% endif %}": "cannot "
         "render a chat of one image and a question: TemplateError: no prompt",
 }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "preprocessor_config.json"])
+def test_a_processor_file_that_is_no_json_object_is_one_line(tiny_dir, tmp_path, capsys, name):
+    """transformers and the GGUF vocabulary read these files' keys with .get: a list in one was an
+    AttributeError traceback from export, ask and bench."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.name != name:
+            (folder / f.name).symlink_to(f)
+    (folder / name).write_text("[1]")
+    out = tmp_path / "out"
+    for argv in (["export", folder, "--format", "gguf", "--quant", "Q8_0", "--out", out],
+                 ["export", folder, "--format", "gptq", "--samples", "1", "--out", out],
+                 ["ask", folder, "--item", ITEM], ["bench", folder, "--variants", "bf16", "--out", out]):  # fmt: skip
+        assert refused(argv, capsys) == f"error: {folder / name} is not a JSON object (it holds a list)", argv
+    assert not out.exists()
 
 
 def test_a_chat_template_that_cannot_render_the_chat_is_refused_up_front(tiny_dir, tmp_path, capsys, monkeypatch):

@@ -10,12 +10,11 @@ here), AWQ with zero-point RTN (AWQ's format). Two measures:
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
+from qoqopt.bench.machine import threads_or_default
 from qoqopt.exports.hf_quant import DEFAULT_ORDER, GPTQ_ORDERS
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -82,9 +81,11 @@ def test_model_output_kld_beats_rtn(runs, trained_dir):
     from qoqopt.drift import position_stats, summarize_positions
     from qoqopt.processor import load_processor
 
-    # every core here (one_thread restores its setting after the test): 105 forwards whose cost is
-    # the 152k-wide lm_head GEMM, which threads well, unlike the small-tensor loops of `runs`
-    torch.set_num_threads(os.cpu_count() or 1)
+    # this worker's share of the cores (all of them without xdist; one_thread restores its setting
+    # after the test): 105 forwards whose cost is the 152k-wide lm_head GEMM, which threads well,
+    # unlike the small-tensor loops of `runs`. More threads than the share spin against the other
+    # worker's (OpenMP threads wait for a core by spinning)
+    torch.set_num_threads(threads_or_default(0))
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
     layers = model.model.language_model.layers
     reference = {k: v.clone() for k, v in layers.state_dict().items()}

@@ -86,6 +86,41 @@ def test_imatrix_file_is_what_llama_cpp_reads(tmp_path):
         lib.gguf_free(ctx)
 
 
+def _small_imatrix(**change) -> IMatrix:
+    rng = np.random.default_rng(0)
+    sums = {"blk.0.attn_q.weight": rng.random(256) * 100, "output.weight": rng.random(256)}
+    counts = {"blk.0.attn_q.weight": 1234.0, "output.weight": 1234.0}
+    for key, value in change.items():  # sums=1 or counts=1: the second entry's sum at 1 / its count
+        (sums["output.weight"].__setitem__(1, value) if key == "sums" else counts.__setitem__("output.weight", value))
+    return IMatrix(sums, counts, ["calib"], 1, 1)
+
+
+@pytest.mark.parametrize("inside", ["metadata", "tensor data"])
+def test_a_cut_off_gguf_imatrix_is_one_line(tmp_path, inside):
+    """gguf-py's reader failed on a cut-off file with a numpy reshape error (a traceback from
+    `export --imatrix`); the header says how long the file must be."""
+    from gguf import GGUFReader
+
+    path = tmp_path / "m.imatrix.gguf"
+    write_imatrix(path, _small_imatrix())
+    # the whole file's end of tensor data as gguf-py reads it (alignment padding may follow)
+    end = max(t.data_offset + t.n_bytes for t in GGUFReader(str(path)).tensors)
+    path.write_bytes(path.read_bytes()[: 40 if inside == "metadata" else end - 2])
+    with pytest.raises(QoqoptError, match=r"^m\.imatrix\.gguf ends (inside its GGUF metadata|before its tensor data): a cut-off file"):
+        read_imatrix(path)
+
+
+@pytest.mark.parametrize("change", [dict(sums=float("nan")), dict(sums=float("inf")), dict(sums=-1.0),
+                                    dict(counts=float("nan")), dict(counts=-5.0)], ids=str)
+def test_an_imatrix_with_values_no_calibration_gives_is_refused(tmp_path, change):
+    """Sums of squares and token counts are finite and not negative. A NaN count read as no tokens, so
+    that weight was quantized with its columns weighed alike, under a card that named the imatrix."""
+    path = tmp_path / "m.imatrix.gguf"
+    write_imatrix(path, _small_imatrix(**change))
+    with pytest.raises(QoqoptError, match=r"^m\.imatrix\.gguf: imatrix entry output\.weight holds non-finite or negative"):
+        read_imatrix(path)
+
+
 def test_legacy_dat_is_read(tmp_path):
     values = np.arange(1, 5, dtype="<f4")
     name = b"blk.3.ffn_down.weight"

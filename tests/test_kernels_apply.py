@@ -117,6 +117,30 @@ def test_apply_matches_unpatched_model(interpreter, merger, monkeypatch):
     assert (plans.builds, plans.table_builds) == (2, 1)
 
 
+def test_a_cu_seqlens_buffer_refilled_in_place_is_read_afresh(interpreter):
+    """transformers' vision tower takes ``cu_seqlens`` precomputed from its caller (vision_utils), who
+    may refill one buffer between forwards. Under inference_mode that buffer has no version counter,
+    so the attention plans live one forward of the tower: a second batch of as many patches, cut into
+    images differently, gives what transformers' tower gives (a stale plan was 1.2 off in places)."""
+    from qoqopt.kernels import apply
+
+    pytest.importorskip("transformers.vision_utils", reason="this transformers computes cu_seqlens itself")
+    model, reference = tiny_model(), tiny_model()
+    apply(model)
+    vision = model.config.vision_config
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        cu_seqlens = torch.zeros(3, dtype=torch.int32, device=DEVICE)  # an inference tensor
+        for grid in ([[1, 8, 8], [1, 8, 8]], [[1, 4, 8], [1, 12, 8]]):  # 128 patches both times
+            grid = torch.tensor(grid, device=DEVICE)
+            cu_seqlens[1:] = grid.prod(1).cumsum(0)
+            pixels = torch.randn(int(cu_seqlens[-1]), patch_dim, generator=g).to(DEVICE)
+            out = model.model.visual(pixels, grid_thw=grid, cu_seqlens=cu_seqlens).pooler_output
+            ref = reference.model.visual(pixels, grid_thw=grid, cu_seqlens=cu_seqlens.clone()).pooler_output
+            assert relative_error(out, ref) < 1e-4, (grid.tolist(), relative_error(out, ref))
+
+
 def test_a_forward_that_records_autograd_says_the_kernels_did_not_run(interpreter, monkeypatch):
     """from_pretrained's parameters require grad: a plain ``model(**batch)`` ran every patched module's
     torch reference (the kernels have no backward) and said nothing. It says so, once; under
@@ -359,6 +383,44 @@ def test_a_replaced_foreign_layer_keeps_the_checkpoint_it_came_from(interpreter,
             torch.testing.assert_close(model(x), x @ w.T, atol=1e-4, rtol=1e-4)
 
 
+def test_a_quantized_vision_tower_is_patched_around_its_w4a16_layers(interpreter):
+    """An AWQ build's --quantize-vision packs the vision blocks' Linears (here another library's GPTQ
+    layers): the fused attention runs around a packed qkv and proj, each replaced by a W4A16 layer; the
+    MLP keeps transformers' module, its packed gate/up fused as one. The logits match the unpatched
+    model holding the same weights dequantized as the GPTQ spec states (benchmarks/spec_layout.py)."""
+    from benchmarks.spec_layout import spec_dequantize, spec_unpack_gptq
+    from qoqopt.kernels import QuantLinear, apply
+    from qoqopt.kernels.vision_attention import FusedVisionAttention
+    from tests.test_kernels_fusion import quantized
+
+    model, reference = tiny_model(), tiny_model()
+    # block 0's attention and block 1's MLP (the interpreter takes seconds per W4A16 launch)
+    names = ((0, "attn", "qkv"), (0, "attn", "proj"), (1, "mlp", "gate_proj"), (1, "mlp", "up_proj"),
+             (1, "mlp", "down_proj"))
+    for index, parent, name in names:
+        owner = getattr(model.model.visual.blocks[index], parent)
+        linear = getattr(owner, name)
+        t, _ = quantized(linear.weight.detach().cpu(), 64)
+        foreign = ForeignGPTQLinear(t["qweight"], t["qzeros"], t["scales"].float(), t["g_idx"], bits=4)
+        foreign.bias = linear.bias
+        setattr(owner, name, foreign.to(DEVICE))
+        ints, zeros = spec_unpack_gptq(t["qweight"], t["qzeros"], 4)
+        with torch.no_grad():
+            getattr(getattr(reference.model.visual.blocks[index], parent), name).weight.copy_(
+                spec_dequantize(ints, zeros, t["scales"].float(), t["g_idx"].numpy()))
+    batch = two_image_batch(model.config, grids=((1, 4, 8), (1, 4, 4)))
+    ref = logits_of(reference, batch)
+    report = apply(model)
+    depth = model.config.vision_config.depth
+    assert report.counts == {"patch_embed": 1, "vision_mlp": depth - 1, "vision_attention": depth, "merger": 1,
+                             "w4a16": len(names), "qkv_proj": 0, "gate_up_proj": 1, "w4a16 fragment words": 0}, report
+    assert not report.skipped and report.backend == "triton", report
+    attn = model.model.visual.blocks[0].attn
+    assert isinstance(attn, FusedVisionAttention) and isinstance(attn.qkv, QuantLinear), attn
+    error = relative_error(logits_of(model, batch), ref)
+    assert error < 1e-4, error
+
+
 def test_apply_frees_each_replaced_layer_before_building_the_next(no_interpreter, monkeypatch):
     """Repacking foreign layers must not hold two copies of the model's quantized weights at once."""
     import gc
@@ -384,6 +446,38 @@ def test_apply_frees_each_replaced_layer_before_building_the_next(no_interpreter
     monkeypatch.setattr(QuantLinear, "from_module", staticmethod(spy))
     assert apply(model).counts["w4a16"] == 3
     assert alive_at_build == [0, 0, 0]
+
+
+class ForeignAWQLinear(nn.Module):
+    """Shaped like AutoAWQ's WQLinear_GEMM: packed buffers, w_bit and the group size it was made with."""
+
+    def __init__(self, qweight, qzeros, scales, group_size):
+        super().__init__()
+        self.w_bit, self.group_size, self.bias = 4, group_size, None
+        for name, t in dict(qweight=qweight, qzeros=qzeros, scales=scales).items():
+            self.register_buffer(name, t)
+
+
+def test_a_group_size_the_scales_do_not_fit_is_refused():
+    """Two groups of scales over K = 200 rows are 100 + 100, or 128 + 72 (groups of 128: ceil(200 / 128)
+    = 2), and the tensors alone cannot tell. A layer that states its group size (a foreign layer's
+    attribute, a checkpoint's quantization_config) is read by it: 128 is refused in one line, not
+    run as groups of 100; -1 is one group of all K."""
+    from qoqopt.kernels import QuantLinear
+    from qoqopt.packing import pack_awq, pack_gptq
+
+    g = torch.Generator().manual_seed(0)
+    intweight, zeros = torch.randint(0, 16, (200, 16), generator=g), torch.randint(1, 16, (2, 16), generator=g)
+    scales = torch.rand(2, 16, generator=g).half()
+    gptq, awq = pack_gptq(intweight, zeros), pack_awq(intweight, zeros)
+    assert QuantLinear.from_gptq(*gptq, scales).group_size == 100  # unstated: whole groups
+    assert QuantLinear.from_gptq(*gptq, scales, group_size=100).group_size == 100
+    assert QuantLinear.from_module(ForeignAWQLinear(*awq, scales, 100)).group_size == 100
+    assert QuantLinear.from_gptq(*pack_gptq(intweight, zeros[:1]), scales[:1], group_size=-1).group_size == 200
+    with pytest.raises(QoqoptError, match="GPTQ: K=200 in groups of 128 rows does not give the 2 groups"):
+        QuantLinear.from_gptq(*gptq, scales, group_size=128)
+    with pytest.raises(QoqoptError, match="AWQ: K=200 in groups of 128 rows does not give the 2 groups"):
+        QuantLinear.from_module(ForeignAWQLinear(*awq, scales, 128))
 
 
 def test_replace_linears_from_checkpoint_tensors(no_interpreter):

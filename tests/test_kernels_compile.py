@@ -10,6 +10,8 @@ the GPU image's Triton from a CPU one, installed beside the venv's (see benchmar
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -119,6 +121,35 @@ def test_w4a16_compiles_without_spills(zero_offset):
         print(f"w4a16 M={m} {plan.kernel} split={plan.split}: {_resource_usage(compiled)}")
         usage = resource_usage(compiled)
         assert usage is None or usage["stack_bytes"] == 0, (m, k, n, usage)
+
+
+def test_bf16_kernels_are_refused_where_ptxas_refuses_them(monkeypatch):
+    """The decode kernel that apply() repacks wide layers for (fragment words) multiplies in bf16x2
+    FMAs, which ptxas compiles for sm_80 (Ampere) and up only. triton_unusable_reason refuses bf16 on
+    exactly those GPUs that ptxas refuses it for (a T4 is sm_75): the patched model then runs the torch
+    references, and apply(strict=True) refuses, instead of a ptxas error at the first decode step.
+    fp16 is not refused: it compiles for sm_75 (asserted here too)."""
+    from benchmarks.offline_compile import w4a16_compile
+    from qoqopt.kernels import _triton
+
+    cuda = torch.device("cuda", 0)
+    for arch in (75, 80, 90):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, arch=arch: divmod(arch, 10))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index, arch=arch: f"an sm_{arch} GPU")
+        # a cache of this arch's answers, gone with the test
+        monkeypatch.setattr(_triton, "_bf16_unusable_reason", functools.cache(_triton._bf16_unusable_reason.__wrapped__))
+        reason = _triton.triton_unusable_reason(cuda, torch.bfloat16)
+        try:  # a device index per arch: Triton keeps one target per device
+            _offline(w4a16_compile, 1, 3584, 18944, dtype=torch.bfloat16, arch=arch, device=arch, KERNEL="frag")
+            refused = None
+        except triton.runtime.errors.PTXASError as err:
+            refused = str(err)
+        print(f"sm_{arch}: ptxas {'refuses' if refused else 'compiles'} bf16; qoqopt: {reason}")
+        assert (reason is None) == (refused is None), (arch, reason, refused)
+        assert refused is None or "bf16" in refused, refused
+        assert reason is None or f"an sm_{arch} GPU is {arch // 10}.{arch % 10}" in reason, reason
+        assert _triton.triton_unusable_reason(cuda, torch.float16) is None
+    _offline(w4a16_compile, 1, 3584, 18944, dtype=torch.float16, arch=75, device=75, KERNEL="frag")
 
 
 def test_w4a16_joined_decode_tiles_store_wide():

@@ -129,6 +129,8 @@ def _text(config: dict, **fields) -> dict:
     "edit, message",
     [
         (lambda c: [1, 2], "config.json is not a JSON object"),
+        # read with .get wherever a build is (info, ask, bench): an AttributeError traceback
+        (lambda c: {**c, "quantization_config": "gptq"}, "config.json's quantization_config is not a JSON object"),
         (lambda c: _text(c, num_attention_heads=0), "config.json: text num_attention_heads must be a positive integer, got 0"),
         (lambda c: {**c, "vision_config": {**c["vision_config"], "depth": -2}},
          "config.json: vision depth must be a positive integer, got -2"),

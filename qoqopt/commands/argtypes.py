@@ -4,6 +4,7 @@ before any model is loaded (a negative --threads or --max-side used to run on si
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 
@@ -13,7 +14,7 @@ def _number(kind, low: float, what: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < low:
+        if not (value >= low and math.isfinite(value)):  # float("nan") compares False with anything
             raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
         return value
 
@@ -25,7 +26,7 @@ positive_int = _number(int, 1, "an integer >= 1")
 count_or_all = _number(int, 0, "an integer >= 0 (0: the default)")  # --threads
 index = _number(int, 0, "an integer >= 0")  # --frame
 seed = _number(int, 0, "a seed >= 0")  # numpy's generators take no negative seed
-non_negative_float = _number(float, 0.0, "a number >= 0")
+non_negative_float = _number(float, 0.0, "a finite number >= 0")
 
 # decimal, as llama.cpp's converter and gguf-split read sizes, and as the Hub states its 50 GB limit
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}

@@ -38,7 +38,7 @@ def register(sub) -> None:
                    help="size (default: tiny); 7b-shape checks a toolchain at the real 7B shapes")
     p.add_argument("--seed", type=seed, default=0, help="weight and training seed (default: 0)")
     p.add_argument(
-        "--train", action="store_true", help="fine-tune on the clinical set (up to 1000 steps; tiny reaches 87-95%% held-out "
+        "--train", action="store_true", help="fine-tune on the clinical set (up to 1000 steps; tiny reaches 85-95%% held-out "
         "accuracy, depending on the CPU, in 11-23 min on 2 cores; small 58%% in ~45 min) and print the held-out accuracy "
         "(60 eval-split views, up to 4 per image and domain-balanced: `qoqopt data list --split eval` lists one view "
         "per image)"
