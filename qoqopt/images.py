@@ -47,7 +47,9 @@ def open_image(path: str | Path, frame: int | None = None) -> Image.Image:
         return open_dicom(path, frame)
     with _pillow(path) as img:
         _seek(img, frame, path)
-        return _fits_processor(_to_rgb8(ImageOps.exif_transpose(img), path), path)
+        # the TIFF tags are read here: exif_transpose returns an image without them
+        white_is_zero = getattr(img, "tag_v2", {}).get(262) == 0
+        return _fits_processor(_to_rgb8(ImageOps.exif_transpose(img), path, white_is_zero), path)
 
 
 def open_dicom(path: str | Path, frame: int | None = None) -> Image.Image:
@@ -55,9 +57,21 @@ def open_dicom(path: str | Path, frame: int | None = None) -> Image.Image:
     12-lead paper sheet QoQ-Med reads ECGs from, as the clinical sets draw it."""
     from qoqopt.data.dicom import read_dicom
 
-    with _quiet():
+    with _quiet(), _dicom_values(path):
         ds = read_dicom(_existing(path))
         return _dicom_picture(ds, path, frame)
+
+
+@contextmanager
+def _dicom_values(path):
+    """pydicom's failures on attribute values it cannot use (a Modality LUT of 12-bit entries, two
+    rescale slopes, an orientation that is no number, an ECG channel without its units) as one line
+    naming the file, not a traceback mid-export; the checks before this name the common ones."""
+    try:
+        yield
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise QoqoptError(f"{path}: a DICOM attribute qoqopt cannot use ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())})") from None
 
 
 def _dicom_picture(ds, path: Path, frame: int | None) -> Image.Image:
@@ -98,7 +112,7 @@ def check_image(path: str | Path, dicom: bool = False, frame: int | None = None)
 
     path = _existing(path)
     if dicom or is_dicom(path):
-        with _quiet():
+        with _quiet(), _dicom_values(path):
             ds = read_dicom(path, stop_before_pixels=True)
             if is_waveform(ds):
                 _check_waveform(ds, frame, path)
@@ -223,7 +237,7 @@ def _check_mode(img: Image.Image, path: Path) -> None:
         raise QoqoptError(f"{path}: a floating-point image has no display range; save it as 8 or 16 bits")
 
 
-def _to_rgb8(img: Image.Image, path: Path) -> Image.Image:
+def _to_rgb8(img: Image.Image, path: Path, white_is_zero: bool = False) -> Image.Image:
     _check_mode(img, path)
     if img.mode not in _SIXTEEN_BIT:
         return img.convert("RGB")
@@ -236,4 +250,6 @@ def _to_rgb8(img: Image.Image, path: Path) -> Image.Image:
     if 0 < values.max() < 4096:
         print(f"warning: {path} is a 16-bit image that uses at most 12 bits: it is shown dark, as llama.cpp "
               "and LM Studio show it; give the DICOM, or export the image scaled to 16 bits", file=sys.stderr)  # fmt: skip
+    if white_is_zero:  # a TIFF stored WhiteIsZero (photometric 0): Pillow inverts only 8-bit ones
+        values = 65535 - values
     return Image.fromarray((values >> 8).astype(np.uint8), "L").convert("RGB")

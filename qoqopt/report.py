@@ -2,10 +2,11 @@
 
 A result file (schema `qoqopt.bench/1`, written by `qoqopt bench`) holds one run on one machine:
 the machine's hardware/software tags and, per variant, its files, drift against the reference
-(overall and per clinical domain) and speed. Drift does not depend on the machine (same files, same
-chats), so a drift table takes each variant's first successful measurement, but only from runs of
-the same reference, eval set and settings: runs that differ there get a drift table each, never
-one table of numbers from different chats or models. Speed is per machine.
+(overall and per clinical domain) and speed. Drift does not depend on the machine, given the same
+files, chats and runtime, so a drift table takes each variant's first successful measurement per
+runtime (a GPTQ build in fp32 torch on a CPU and in bf16 Triton on a GPU are two rows), but only
+from runs of the same reference, eval set and settings: runs that differ there get a drift table
+each, never one table of numbers from different chats or models. Speed is per machine.
 A build is Pareto-optimal when no other build is both smaller and drifts less (mean KLD).
 """
 
@@ -15,6 +16,7 @@ import json
 import math
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .errors import QoqoptError, printable
@@ -80,19 +82,20 @@ DISAGREE, DISAGREE_NATS = 2.0, 1e-4
 
 
 def say_disagreements(runs: list[dict]) -> None:
-    """A note for each build whose runs in one drift set disagree by more than DISAGREE on mean KLD:
-    its drift table shows the first run's numbers only, which would otherwise hide the other's."""
+    """A note for each build whose runs in one drift set and runtime disagree by more than DISAGREE on
+    mean KLD: its drift table shows the first run's numbers only, which would otherwise hide the other's."""
     for members in drift_groups(runs):
-        seen: dict[str, tuple[float, dict, list[str]]] = {}
+        seen: dict[tuple[str, str], tuple[float, dict, list[str]]] = {}
         for run in members:
             for v in run["variants"]:
                 kld = (((v.get("drift") or {}).get("all") or {}).get("mean_kld")) if v.get("status") == "ok" else None
                 if not _is_number(kld) or not math.isfinite(kld):
                     continue
-                if v["name"] not in seen:
-                    seen[v["name"]] = (kld, run, _file_shas(v))
+                key = (v["name"], str(v.get("runtime")))  # another runtime has a row of its own
+                if key not in seen:
+                    seen[key] = (kld, run, _file_shas(v))
                     continue
-                first, where, files = seen[v["name"]]
+                first, where, files = seen[key]
                 lo, hi = sorted((first, kld))
                 if files == _file_shas(v) and hi > DISAGREE * lo and hi - lo > DISAGREE_NATS:  # other files: refused later
                     print(f"note: {v['name']}'s mean KLD is {first:.3g} in {_run_name(where)} and {kld:.3g} in "
@@ -275,21 +278,28 @@ def _timed(run: dict) -> list[dict]:
 
 
 def drift_rows(runs: list[dict]) -> dict[str, dict]:
-    """variant name -> its drift/size record, from runs of one drift group. Runs from several
-    machines measure the same files, so the first successful record stands for all; a name measured
-    on other files (another build of that type) cannot share its row."""
-    out: dict[str, dict] = {}
-    first: dict[str, dict] = {}  # variant name -> the run its record comes from
+    """Row label -> drift/size record, from runs of one drift group. Runs from several machines
+    measure the same files, so the first successful record in a runtime stands for that runtime's
+    runs. Another runtime computes otherwise (a GPTQ build runs fp32 torch on a CPU, bf16 Triton on a
+    GPU; a GGUF runs offloaded or not): its numbers get their own row, labelled with the runtime. A
+    name measured on other files (another build of that type) cannot share its rows."""
+    out: dict[tuple[str, str], dict] = {}
+    first: dict[str, tuple[dict, dict]] = {}  # variant name -> its first record and that record's run
     for run in runs:
         for v in run["variants"]:
             if v.get("status") != "ok" or not v.get("drift"):
                 continue
-            if v["name"] not in out:
-                out[v["name"]], first[v["name"]] = v, run
-            elif _file_shas(v) != _file_shas(out[v["name"]]):
+            seen, where = first.setdefault(v["name"], (v, run))
+            if _file_shas(v) != _file_shas(seen):
                 raise QoqoptError(f"{v['name']} was measured on other files in {_run_name(run)} than in "
-                                  f"{_run_name(first[v['name']])} (another build): report those runs separately")  # fmt: skip
-    return out
+                                  f"{_run_name(where)} (another build): report those runs separately")  # fmt: skip
+            out.setdefault((v["name"], str(v.get("runtime"))), v)
+    runtimes = Counter(name for name, _ in out)
+    rows = {}
+    for (name, runtime), v in out.items():  # the label is the record's name downstream (tables, plots, publish)
+        label = name if runtimes[name] == 1 else f"{name} ({runtime})"
+        rows[label] = v if label == name else {**v, "name": label}
+    return rows
 
 
 def _reference_line(run: dict, dtype: str | None, tail: str) -> str:
@@ -332,6 +342,15 @@ def _fmt(x, spec=".4f") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _short_of_100(pct) -> str:
+    """A percentage to one decimal, or as many more (up to 4) as show it is not 100: one changed top
+    token in 2,400 positions is 99.96%, which one decimal printed as a perfect 100.0."""
+    decimals = 1
+    while _is_number(pct) and pct < 100 and round(pct, decimals) >= 100 and decimals < 4:
+        decimals += 1
+    return _fmt(pct, f".{decimals}f")
+
+
 def render_markdown(runs: list[dict], plots: dict[str, str] | None = None) -> str:
     machines = [_markdown_label(r) for r in runs]
     out = ["# qoqopt report", "", f"Runs merged: {len(runs)} ({', '.join(machines)}).", ""]
@@ -362,11 +381,12 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
         a = v["drift"]["all"]
         out.append(
             f"| {name} | {v['size_bytes'] / 1e6:.1f} | {_fmt(a.get('mean_kld'), KLD)} | {_fmt(a.get('p99_kld'), KLD)} | "
-            f"{_fmt(a.get('same_top_pct'), '.1f')} | {_fmt(a.get('rms_dp_pct'), '.2f')} | {_fmt(a.get('accuracy'), '.2f')} | "
+            f"{_short_of_100(a.get('same_top_pct'))} | {_fmt(a.get('rms_dp_pct'), '.3g')} | {_fmt(a.get('accuracy'), '.2f')} | "
             f"{v.get('worst_domain') or '–'} | {'★' if name in front else ''} |"
         )
-    out += ["", f"★ Pareto-optimal: {PARETO_PHRASE} smaller and lower in mean KLD. Size: every file the "
-            "variant loads (a GGUF build's text file and mmproj; a GPTQ/AWQ build's safetensors and config).", ""]
+    out += ["", f"★ Pareto-optimal: {PARETO_PHRASE} smaller and lower in mean KLD. Size: every file a build "
+            "loads (a GGUF build's text file and mmproj; a GPTQ/AWQ build's safetensors and config); for the "
+            "reference, a dtype or a bitsandbytes variant, its weights as loaded in that dtype or quantization.", ""]
     return out + _domain_table(rows, which)
 
 
@@ -486,7 +506,7 @@ def write_plots(runs: list[dict], out_dir: Path) -> dict[str, str]:
         rows = {k: v for k, v in drift_rows(members).items() if k != "reference"}
         suffix, which = (f"-{n}", f" (set {n} of {len(groups)})") if len(groups) > 1 else ("", "")
         if _sized(rows):
-            save(_plot_drift_vs_size(plt, rows), f"drift_vs_size{suffix}.png", f"Drift against file size{which}")
+            save(_plot_drift_vs_size(plt, rows), f"drift_vs_size{suffix}.png", f"Drift against size{which}")
         if rows:
             save(_plot_domain_heatmap(plt, rows), f"domain_drift{suffix}.png", f"Per-domain drift{which}")
     timing = speed_groups(runs)
@@ -508,7 +528,7 @@ def _plot_drift_vs_size(plt, rows):
         ax.annotate(name, (size, max(kld, 1e-9)), textcoords="offset points", xytext=(5, 4), fontsize=8)
     line = sorted(sized[n] for n in front)
     ax.plot([p[0] for p in line], [max(p[1], 1e-9) for p in line], "--", color="tab:red", lw=1, label="Pareto front")
-    ax.set(xlabel="file size (MB)", ylabel="mean KLD vs reference (log)", yscale="log", title="Drift vs size")
+    ax.set(xlabel="size (MB): files, or weights as loaded", ylabel="mean KLD vs reference (log)", yscale="log", title="Drift vs size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig

@@ -74,7 +74,17 @@ def test_bench_writes_every_variant_with_tags(run_1t, trained_dir):
     for rec in v.values():  # the exact files, by sha256
         for f in rec["files"]:
             assert hashlib.sha256(Path(f["path"]).read_bytes()).hexdigest() == f["sha256"]
-        assert rec["size_bytes"] == sum(f["size_bytes"] for f in rec["files"])
+        if rec["format"] != "hf":
+            assert rec["size_bytes"] == sum(f["size_bytes"] for f in rec["files"]) and rec["size_basis"] == "files"
+    # the reference (fp32) and a dtype variant are cast at load: their size is the weights as transformers
+    # holds them in that dtype, not the checkpoint's files (bf16 here, so fp32 would read half its size)
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    for name, dtype in (("reference", torch.float32), ("bf16", torch.bfloat16)):
+        loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=dtype)
+        assert (v[name]["size_bytes"], v[name]["size_basis"]) == (loaded.get_memory_footprint(), "loaded weights"), name
+    assert v["reference"]["size_bytes"] > 1.9 * sum(f["size_bytes"] for f in v["reference"]["files"])
     for name in ["gguf:Q4_K_M", "gptq:4", "awq:4"]:  # provenance from each build's manifest
         assert v[name]["built_from"]["model"] == str(trained_dir)
     names = {Path(f["path"]).name for f in v["gguf:Q4_K_M"]["files"]}

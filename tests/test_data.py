@@ -33,6 +33,7 @@ from qoqopt.data import (
     report_texts,
 )
 from qoqopt.data import catalog
+from qoqopt.data.dicom import WINDOW_PRESETS
 from qoqopt.data.ecg import PAPER_MM, heart_rate, r_peaks
 from qoqopt.data.prompts import format_question
 from qoqopt.errors import QoqoptError
@@ -360,6 +361,90 @@ def test_empty_window_or_rescale_reads_as_none():
                      ({"RescaleSlope": 2, "RescaleIntercept": ""}, stored * 2.0)):  # fmt: skip
         out = dicom_to_array(_dataset(stored, "MONOCHROME2", 12, Modality="CT", **tags))
         np.testing.assert_array_equal(out[..., 0], np.rint(_linear_window(hu, 40, 400) * 255), err_msg=str(tags))
+
+
+def test_a_negative_rescale_slope_is_shown_the_right_way_up():
+    """A negative Rescale Slope is legal: pydicom's window output then runs from high to low, and the
+    picture was all black. The display is the window (PS3.3 C.11.2.1.2.1, written out in
+    _linear_window) of the rescaled values, with or without a window in the file (a CT without one
+    gets the soft-tissue preset)."""
+    stored = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    ramp = _dataset(stored, "MONOCHROME2", 12, RescaleSlope=-1, RescaleIntercept=4095, WindowCenter=2048, WindowWidth=4096)
+    expected = np.rint(_linear_window(4095.0 - stored, 2048, 4096) * 255)
+    np.testing.assert_array_equal(dicom_to_array(ramp)[..., 0], expected)
+    ct = _dataset(stored, "MONOCHROME2", 12, Modality="CT", RescaleSlope=-1, RescaleIntercept=1000)
+    center, width = WINDOW_PRESETS["Soft tissue"]
+    np.testing.assert_array_equal(dicom_to_array(ct)[..., 0], np.rint(_linear_window(1000.0 - stored, center, width) * 255))
+
+
+def test_a_voi_lut_pydicom_passes_over_and_an_empty_function_mean_the_window():
+    """An empty VOI LUT Sequence, or an item without its descriptor or data, was an IndexError or
+    AttributeError mid-export: pydicom applies the window instead, and so does qoqopt. An empty VOI
+    LUT Function was pydicom's ValueError: it is LINEAR. One DICOM does not define is one line."""
+    stored = np.array([[0, 1000], [2000, 4095]], np.uint16)
+    expected = np.rint(_linear_window(stored.astype(float), 2048, 1024) * 255)
+    no_data = Dataset()
+    no_data.LUTDescriptor = [4, 0, 8]
+    for tags in ({"VOILUTSequence": []}, {"VOILUTSequence": [Dataset()]}, {"VOILUTSequence": [no_data]},
+                 {"VOILUTFunction": ""}):  # fmt: skip
+        ds = _dataset(stored, "MONOCHROME2", 12, WindowCenter=2048, WindowWidth=1024, **tags)
+        np.testing.assert_array_equal(dicom_to_array(ds)[..., 0], expected, err_msg=str(tags))
+    gamma = _dataset(stored, "MONOCHROME2", 12, WindowCenter=2048, WindowWidth=1024, VOILUTFunction="GAMMA")
+    with pytest.raises(QoqoptError, match="VOI LUT Function is 'GAMMA', none of the LINEAR, LINEAR_EXACT, SIGMOID"):
+        dicom_to_array(gamma)
+
+
+def test_8_bit_data_through_a_modality_lut_is_not_taken_as_grey_levels():
+    """8-bit unsigned data without rescale is shown as stored (ultrasound), but a Modality LUT maps
+    it elsewhere: its output up to 4080 was clipped at 255, nearly every pixel white. It shows as a
+    file holding the LUT's output values does (pydicom's apply_modality_lut gives those)."""
+    from pydicom.pixels import apply_modality_lut
+
+    stored = (np.arange(16 * 16).reshape(16, 16) % 256).astype(np.uint8)
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 16]
+    item.ModalityLUTType = "US"
+    item.LUTData = (np.arange(256) * 16).tolist()
+    lut = _dataset(stored, "MONOCHROME2", 8, Modality="US", ModalityLUTSequence=[item])
+    values = apply_modality_lut(stored, lut).astype(np.uint16)
+    assert values.max() == 4080
+    plain = dicom_to_array(_dataset(values, "MONOCHROME2", 12, Modality="US"))
+    np.testing.assert_array_equal(dicom_to_array(lut), plain)
+
+
+def test_pixel_padding_is_left_out_of_the_stretch():
+    """Without a window, the display stretches the 0.5..99.5 percentiles of the values. Pixel Padding
+    (PS3.3 C.7.5.1.1.2: outside the scanned field) filling 30% of a signed MR frame at -32768 set the
+    low end, and the tissue showed at grey 249..255: its grey levels are now those of the tissue
+    alone, as a frame of the tissue pixels only shows them."""
+    g = np.random.default_rng(0)
+    tissue = g.integers(0, 1200, (7, 10)).astype(np.int16)
+    padded = np.vstack([np.full((3, 10), -32768, np.int16), tissue])
+    alone = dicom_to_array(_dataset(tissue, "MONOCHROME2", 16, Modality="MR"))[..., 0]
+    shown = dicom_to_array(_dataset(padded, "MONOCHROME2", 16, Modality="MR", PixelPaddingValue=-32768))[..., 0]
+    np.testing.assert_array_equal(shown[3:], alone)
+    assert alone.min() == 0 and alone.max() == 255
+
+
+@pytest.mark.parametrize("tags, raw", [
+    ({"RescaleSlope": [1, 2], "RescaleIntercept": 0, "Modality": "MR"}, None),  # two slopes: a broadcast error
+    ({"ImageOrientationPatient": [1, 0, 0, 0, 1, 0]}, (b"1.0\\0.0\\0.0\\0.0\\1.0\\0.0", b"1.0\\0.0\\0.0\\0.0\\1.0\\x.0")),
+], ids=["two-rescale-slopes", "orientation-not-numbers"])  # fmt: skip
+def test_a_dicom_value_pydicom_cannot_use_is_one_line(tmp_path, tags, raw):
+    """Values no check before the decode names were pydicom or numpy tracebacks mid-export."""
+    from pydicom.uid import MRImageStorage, generate_uid
+
+    from qoqopt.images import open_image
+
+    ds = _dataset(np.array([[0, 100], [200, 300]], np.uint16), "MONOCHROME2", 12, SOPClassUID=MRImageStorage,
+                  SOPInstanceUID=generate_uid(), **tags)  # fmt: skip
+    ds.save_as(tmp_path / "odd.dcm", enforce_file_format=True)
+    if raw:
+        data = (tmp_path / "odd.dcm").read_bytes()
+        assert data.count(raw[0]) == 1
+        (tmp_path / "odd.dcm").write_bytes(data.replace(*raw))
+    with pytest.raises(QoqoptError, match=r"odd\.dcm: a DICOM attribute qoqopt cannot use \((ValueError|TypeError)"):
+        open_image(tmp_path / "odd.dcm")
 
 
 @pytest.mark.parametrize("tags, broken, message", [

@@ -79,6 +79,29 @@ def test_an_ecg_waveform_dicom_is_the_sheet_a_clinical_ecg_item_shows(tmp_path):
     assert ours.width > ours.height and np.array_equal(np.asarray(ours.resize(item.size, Image.Resampling.LANCZOS)), np.asarray(item))
 
 
+def _white_is_zero(path):
+    """Set the TIFF's PhotometricInterpretation tag (262) to 0, WhiteIsZero, in place."""
+    data = bytearray(path.read_bytes())
+    entry = data.find(bytes([0x06, 0x01, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00]))  # tag 262, SHORT, count 1
+    assert entry > 0 and data[entry + 8] == 1, "a BlackIsZero TIFF, as Pillow writes greyscale"
+    data[entry + 8 : entry + 10] = (0).to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+
+
+def test_a_16_bit_white_is_zero_tiff_is_shown_as_its_8_bit_twin(tmp_path):
+    """A WhiteIsZero TIFF (photometric 0) shows stored 0 as white. Pillow inverts the 8-bit one
+    itself, not the 16-bit one, which was shown inverted: both now show one picture."""
+    ramp = np.arange(64 * 64).reshape(64, 64) % 256
+    Image.fromarray(ramp.astype(np.uint8)).save(tmp_path / "w8.tif")
+    Image.fromarray((ramp * 257).astype(np.uint16)).save(tmp_path / "w16.tif")  # the same grey levels, high byte
+    for name in ("w8.tif", "w16.tif"):
+        _white_is_zero(tmp_path / name)
+    assert Image.open(tmp_path / "w16.tif").mode.startswith("I;16")
+    eight, sixteen = (np.asarray(open_image(tmp_path / n)) for n in ("w8.tif", "w16.tif"))
+    assert eight[0, 0, 0] == 255  # stored 0 is white (Pillow's own reading)
+    np.testing.assert_array_equal(sixteen, eight)
+
+
 def test_a_16_bit_image_using_12_bits_is_shown_as_llama_cpp_shows_it_with_a_warning(tmp_path, capsys):
     path = tmp_path / "detector.png"
     Image.fromarray(np.linspace(0, 4095, 64 * 64).astype(np.uint16).reshape(64, 64)).save(path)

@@ -177,6 +177,52 @@ def test_every_drift_cell_is_its_variants_number_under_its_own_column():
     assert got["reference"]["answer acc"] == "0.90" and got["reference"]["mean KLD"] == "–"
 
 
+def test_small_drift_is_not_rounded_into_none():
+    """One changed top token in 2,500 positions is 99.96%, which one decimal printed as a perfect
+    100.0; an RMS Δp under 0.005% printed 0.00 (the H200's tiny-model runs). Read back through
+    markdown-it-py's table parser, as the test above."""
+    from qoqopt.report import render_markdown
+
+    run = _run("cpu", 1.0)
+    shown = {"gguf:Q8_0": (99.96, 0.0042, "99.96", "0.0042"), "gguf:Q4_K_M": (99.999, 0.5, "99.999", "0.5"),
+             "gguf:Q5_K_M": (100.0, 0.0, "100.0", "0"), "gptq:4": (97.25, 1.2345, "97.2", "1.23")}  # fmt: skip
+    for v in run["variants"]:
+        if v["name"] in shown:
+            v["drift"]["all"].update(same_top_pct=shown[v["name"]][0], rms_dp_pct=shown[v["name"]][1])
+    table = render_markdown([run]).split("## Drift against the reference (same chats, same positions)")[1].split("\n## ")[0]
+    rows = _rendered_rows(table)
+    got = {r[0]: dict(zip(rows[0][1:], r[1:])) for r in rows[1:]}
+    for name, (_, _, top, dp) in shown.items():
+        assert (got[name]["same top %"], got[name]["RMS Δp %"]) == (top, dp), name
+
+
+def test_a_build_run_in_two_runtimes_gets_a_row_for_each(tmp_path):
+    """A GPTQ build runs fp32 torch on a CPU and bf16 Triton on a GPU: two measurements of one build's
+    files. The drift table showed the first file's numbers for both (the order of the files on the
+    command line chose which a card published), and the 5x disagreement went unsaid as noise. Each
+    runtime gets a row of its own, named with it, in the drift, domain and plot data alike."""
+    from qoqopt.report import drift_rows, load_results
+
+    cpu, gpu = _run("cpu", 1.0), _run("h200", 4.0)
+    triton = "transformers + qoqopt W4A16 (triton, bfloat16)"
+    gptq = json.loads(json.dumps(gpu["variants"][4]))
+    gptq.update(runtime=triton)
+    gptq["drift"]["all"]["mean_kld"], gptq["drift"]["ct"]["mean_kld"] = 0.05, 0.06
+    gpu["variants"][4] = gptq
+    paths = [tmp_path / "cpu.json", tmp_path / "gpu.json"]
+    for path, run in zip(paths, (cpu, gpu)):
+        path.write_text(json.dumps(run))
+    res = run_cli("report", *map(str, paths), "--out", str(tmp_path / "rep"))
+    assert res.returncode == 0 and "mean KLD is" not in res.stderr, res.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    rows = {r["variant"]: r for r in _table(md, "## Drift against the reference")}
+    domains = {r["variant"]: r for r in _table(md, "## Mean KLD per clinical domain")}
+    for label, kld, ct in (("gptq:4 (llama.cpp)", "1.00e-02", "1.00e-02"), (f"gptq:4 ({triton})", "5.00e-02", "6.00e-02")):
+        assert (rows[label]["mean KLD"], domains[label]["ct"]) == (kld, ct), label
+    assert "gptq:4" not in rows and {"gguf:Q8_0", "gguf:Q4_K_M", "reference"} <= set(rows)  # one runtime each
+    assert sorted(drift_rows(load_results(paths))) == sorted(rows)
+
+
 def test_speed_tables_keep_models_and_decode_lengths_apart(tmp_path, capsys):
     """A 32B's speed rows beside a 7B's, or 256-token decodes beside 32-token ones, read as one
     comparison in one table and one plot (helper-64); each gets its own, naming the model and the

@@ -345,7 +345,10 @@ def _record(name: str, fmt: str, res: dict, paths: list[Path], hashes: "_Hashes"
     files = [{"path": str(p), "sha256": hashes(p), "size_bytes": p.stat().st_size} for p in paths]
     size = sum(f["size_bytes"] for f in files)
     basis = "files"
-    if fmt == "bnb" and res.get("loaded_bytes"):  # quantized at load time: what it occupies is the size
+    # Quantized (bnb) or cast (a dtype variant, the reference) at load time: what it occupies is its
+    # size. The checkpoint's files would list an fp32 variant of a bf16 checkpoint at half its size,
+    # on the Pareto front ahead of bf16.
+    if fmt in ("bnb", "hf") and res.get("loaded_bytes"):
         size, basis = res["loaded_bytes"], "loaded weights"
     return {"name": name, "format": fmt, "status": "ok", "runtime": res["runtime"], "files": files,
             "size_bytes": size, "size_basis": basis, "drift": res["drift"], "worst_domain": res["worst_domain"],

@@ -216,13 +216,39 @@ def grey_to_unit(arr: np.ndarray, ds: Dataset, window: tuple[float, float] | Non
     elif _is_display_ready(ds):  # its stored range is the display range: 1-bit masks are 0 and 255
         shown, lo, hi = values.astype(np.float64), 0.0, 2.0 ** int(ds.BitsStored) - 1
     else:
-        # No VOI in the file (e.g. enhanced MR keeps it per frame): stretch robustly, as viewers do.
+        # No VOI in the file (e.g. enhanced MR keeps it per frame): stretch robustly, as viewers do,
+        # over the scanned pixels (a padding value filling a third of the frame set the low end)
         shown = values.astype(np.float64)
-        lo, hi = (float(v) for v in np.percentile(shown, [0.5, 99.5]))
-    unit = np.clip((shown - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+        padding = _padding(arr, ds)
+        scanned = shown if padding is None or padding.all() else shown[~padding]
+        lo, hi = (float(v) for v in np.percentile(scanned, [0.5, 99.5]))
+    # lo and hi are what the lowest and highest values show as: a negative rescale slope makes
+    # pydicom's window output run downwards (hi < lo), and the picture is still the right way up
+    span = hi - lo if abs(hi - lo) > 1e-12 else 1e-12
+    unit = np.clip((shown - lo) / span, 0.0, 1.0)
     if ds.PhotometricInterpretation == "MONOCHROME1" or ds.get("PresentationLUTShape") == "INVERSE":
         unit = 1.0 - unit  # MONOCHROME1: the minimum value is displayed white
     return unit
+
+
+def _padding(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Where the stored values are Pixel Padding (PS3.3 C.7.5.1.1.2: a value, or a range up to Pixel
+    Padding Range Limit, that marks pixels outside the scanned field); None without one."""
+    value, limit = _first_int(ds, "PixelPaddingValue"), _first_int(ds, "PixelPaddingRangeLimit")
+    if value is None:
+        return None
+    lo, hi = sorted((value, value if limit is None else limit))
+    mask = (arr >= lo) & (arr <= hi)
+    return mask if mask.any() else None
+
+
+def _first_int(ds: Dataset, keyword: str) -> int | None:
+    """An integer attribute's (first) value; None when absent, empty or not a number."""
+    try:
+        value = _first(ds[keyword]) if keyword in ds else None
+        return None if value in ("", None) else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def colour_to_rgb8(arr: np.ndarray, ds: Dataset, pi: str) -> np.ndarray:
@@ -264,8 +290,15 @@ def display_view(ds: Dataset, own_window: bool = True) -> Dataset:
     is checked: not a finite number, or a window narrower than pydicom's windowing takes (PS3.3
     C.11.2.1.2), is a one-line error naming the file, not pydicom's TypeError mid-export. The window
     is not used under an ``own_window=False`` override, nor where a VOI LUT Sequence takes precedence."""
-    empty = [k for k in (*_RESCALE, *_WINDOW) if k in ds and _first(ds[k]) in ("", None)]
-    used = _RESCALE + (_WINDOW if own_window and "VOILUTSequence" not in ds else ())
+    empty = [k for k in (*_RESCALE, *_WINDOW, "VOILUTFunction") if k in ds and _first(ds[k]) in ("", None)]
+    if "VOILUTSequence" in ds and not _usable_lut(ds.VOILUTSequence):
+        empty.append("VOILUTSequence")  # pydicom passes over it to the window, as viewers do
+    function = str(ds.get("VOILUTFunction") or "LINEAR").upper()
+    if function not in VOI_FUNCTIONS:
+        raise QoqoptError(f"{_name(ds)}: VOI LUT Function is {function!r}, none of the {', '.join(VOI_FUNCTIONS)} "
+                          "DICOM defines")  # fmt: skip
+    lut = "VOILUTSequence" in ds and "VOILUTSequence" not in empty
+    used = _RESCALE + (_WINDOW if own_window and not lut else ())
     for keyword in used:
         if keyword in ds and keyword not in empty:
             _check_number(ds, keyword)
@@ -286,6 +319,12 @@ def display_view(ds: Dataset, own_window: bool = True) -> Dataset:
 
 
 _IDENTITY = {"RescaleSlope": 1.0, "RescaleIntercept": 0.0}
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # PS3.3 C.11.2.1.3
+
+
+def _usable_lut(sequence) -> bool:
+    """A VOI LUT Sequence whose first item (the one pydicom applies) has its descriptor and data."""
+    return len(sequence) > 0 and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]
 
 
 def _view_of(ds: Dataset) -> Dataset:
@@ -360,9 +399,11 @@ def _voi_range(voi_ds: Dataset) -> tuple[float, float]:
 
 
 def _is_display_ready(ds: Dataset) -> bool:
-    """8-bit unsigned data without rescale is already display grey levels (e.g. ultrasound)."""
+    """8-bit unsigned data without rescale is already display grey levels (e.g. ultrasound); a Modality
+    LUT maps them elsewhere (up to 16 bits: clipped at 255, nearly every pixel was white)."""
     no_rescale = float(ds.get("RescaleSlope", 1) or 1) == 1 and float(ds.get("RescaleIntercept", 0) or 0) == 0
-    return int(ds.BitsStored) <= 8 and int(ds.PixelRepresentation) == 0 and no_rescale
+    no_lut = "ModalityLUTSequence" not in ds
+    return int(ds.BitsStored) <= 8 and int(ds.PixelRepresentation) == 0 and no_rescale and no_lut
 
 
 def _to_uint8(unit: np.ndarray) -> np.ndarray:
