@@ -297,9 +297,15 @@ def drift_rows(runs: list[dict]) -> dict[str, dict]:
     runtimes = Counter(name for name, _ in out)
     rows = {}
     for (name, runtime), v in out.items():  # the label is the record's name downstream (tables, plots, publish)
-        label = name if runtimes[name] == 1 else f"{name} ({runtime})"
+        label = name if runtimes[name] == 1 else f"{name} ({_runtime_tag(runtime)})"
         rows[label] = v if label == name else {**v, "name": label}
     return rows
+
+
+def _runtime_tag(runtime: str) -> str:
+    """A runtime (a result file's free text) as part of a row label, which tables, plots and publish
+    take as it is: only characters that no Markdown, HTML or plot label reads as markup."""
+    return " ".join(re.sub(r"[^\w .,:+()-]", " ", runtime).split())[:80]
 
 
 def _reference_line(run: dict, dtype: str | None, tail: str) -> str:

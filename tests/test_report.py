@@ -221,6 +221,14 @@ def test_a_build_run_in_two_runtimes_gets_a_row_for_each(tmp_path):
         assert (rows[label]["mean KLD"], domains[label]["ct"]) == (kld, ct), label
     assert "gptq:4" not in rows and {"gguf:Q8_0", "gguf:Q4_K_M", "reference"} <= set(rows)  # one runtime each
     assert sorted(drift_rows(load_results(paths))) == sorted(rows)
+    # the runtime is a result file's free text: in a row label it keeps no markup
+    gptq["runtime"] = triton + INJECTED
+    paths[1].write_text(json.dumps(gpu))
+    res = run_cli("report", *map(str, paths), "--out", str(tmp_path / "rep2"))
+    assert res.returncode == 0, res.stderr
+    labels = [r["variant"] for r in _table((tmp_path / "rep2" / "report.md").read_text(), "## Drift against the reference")]
+    tagged = next(label for label in labels if label.startswith(f"gptq:4 ({triton} "))
+    assert not set(tagged) & set("<>[]`|$#\\\n"), tagged
 
 
 def test_speed_tables_keep_models_and_decode_lengths_apart(tmp_path, capsys):
