@@ -99,8 +99,8 @@ def check_complete(path: Path) -> Header:
     """The header of a GGUF file that holds all of its tensor data: one cut off inside its metadata or
     its tensors (an incomplete copy or download) is a one-line QoqoptError, not a reader's traceback."""
     header = read_header(path)
-    if Path(path).stat().st_size < data_end(header, [tensor_bytes(t) for t in header.tensors]):
-        raise QoqoptError(f"{Path(path).name} ends before its tensor data: a cut-off file (an incomplete copy or download)")
+    if path.stat().st_size < data_end(header, [tensor_bytes(t) for t in header.tensors]):
+        raise QoqoptError(f"{path.name} ends before its tensor data: a cut-off file (an incomplete copy or download)")
     return header
 
 

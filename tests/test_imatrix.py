@@ -86,13 +86,14 @@ def test_imatrix_file_is_what_llama_cpp_reads(tmp_path):
         lib.gguf_free(ctx)
 
 
-def _small_imatrix(**change) -> IMatrix:
+def _small_imatrix(sums: float | None = None, counts: float = 1234.0) -> IMatrix:
+    """Two entries; ``sums`` replaces one sum of output.weight, ``counts`` is its token count."""
     rng = np.random.default_rng(0)
-    sums = {"blk.0.attn_q.weight": rng.random(256) * 100, "output.weight": rng.random(256)}
-    counts = {"blk.0.attn_q.weight": 1234.0, "output.weight": 1234.0}
-    for key, value in change.items():  # sums=1 or counts=1: the second entry's sum at 1 / its count
-        (sums["output.weight"].__setitem__(1, value) if key == "sums" else counts.__setitem__("output.weight", value))
-    return IMatrix(sums, counts, ["calib"], 1, 1)
+    output = rng.random(256)
+    if sums is not None:
+        output[1] = sums
+    return IMatrix({"blk.0.attn_q.weight": rng.random(256) * 100, "output.weight": output},
+                   {"blk.0.attn_q.weight": 1234.0, "output.weight": counts}, ["calib"], 1, 1)
 
 
 @pytest.mark.parametrize("inside", ["metadata", "tensor data"])

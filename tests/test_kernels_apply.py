@@ -458,11 +458,12 @@ class ForeignAWQLinear(nn.Module):
             self.register_buffer(name, t)
 
 
-def test_a_group_size_the_scales_do_not_fit_is_refused():
+def test_a_group_size_the_scales_do_not_fit_is_refused(no_interpreter):
     """Two groups of scales over K = 200 rows are 100 + 100, or 128 + 72 (groups of 128: ceil(200 / 128)
     = 2), and the tensors alone cannot tell. A layer that states its group size (a foreign layer's
     attribute, a checkpoint's quantization_config) is read by it: 128 is refused in one line, not
     run as groups of 100; -1 is one group of all K."""
+    from benchmarks.spec_layout import spec_dequantize, spec_unpack_gptq
     from qoqopt.kernels import QuantLinear
     from qoqopt.packing import pack_awq, pack_gptq
 
@@ -471,7 +472,12 @@ def test_a_group_size_the_scales_do_not_fit_is_refused():
     scales = torch.rand(2, 16, generator=g).half()
     gptq, awq = pack_gptq(intweight, zeros), pack_awq(intweight, zeros)
     assert QuantLinear.from_gptq(*gptq, scales).group_size == 100  # unstated: whole groups
-    assert QuantLinear.from_gptq(*gptq, scales, group_size=100).group_size == 100
+    stated = QuantLinear.from_gptq(*gptq, scales, group_size=100)
+    ints, stored_zeros = spec_unpack_gptq(*gptq, 4)  # the GPTQ v1 spec's reading (benchmarks/spec_layout.py)
+    weight = spec_dequantize(ints, stored_zeros, scales.float(), (torch.arange(200) // 100).numpy())
+    x = torch.randn(3, 200, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(stated(x).float(), x @ weight.T, atol=1e-3, rtol=1e-3)
     assert QuantLinear.from_module(ForeignAWQLinear(*awq, scales, 100)).group_size == 100
     assert QuantLinear.from_gptq(*pack_gptq(intweight, zeros[:1]), scales[:1], group_size=-1).group_size == 200
     with pytest.raises(QoqoptError, match="GPTQ: K=200 in groups of 128 rows does not give the 2 groups"):
