@@ -24,9 +24,30 @@ from .leftovers import tidy, tmp_prefix
 
 
 @contextlib.contextmanager
+def removed_if_left_empty(*folders: Path) -> Iterator[None]:
+    """The folders made inside this block (``folders`` and any parents made for them) are removed
+    again when it fails or is stopped before anything is in them: an interrupted bench left an
+    empty OUT/, a failed `export --out a/b` an empty a/."""
+    made = {f for folder in map(Path.absolute, folders) for f in (folder, *folder.parents) if not f.exists()}
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(made, key=lambda f: len(f.parts), reverse=True):  # inner first
+            with contextlib.suppress(OSError):  # not empty, or never made
+                folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to `final`; rename it over `final` only on success."""
     final = Path(final)
+    with removed_if_left_empty(final.parent), _atomic_path(final) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_path(final: Path) -> Iterator[Path]:
     with writing(final):
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(final), suffix=".tmp", dir=final.parent)
@@ -182,6 +203,12 @@ def atomic_dir(final: Path, force: bool = False, inputs=(), owned: Owned | None 
     final = Path(final)
     prepare_output_dir(final, force, inputs, owned)
     tidy(final, f"beside {final}")
+    with removed_if_left_empty(final.parent), _built_dir(final, force) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _built_dir(final: Path, force: bool) -> Iterator[Path]:
     with writing(final):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(final), suffix=".tmp", dir=final.parent))

@@ -423,11 +423,24 @@ def _domain_table(rows: dict[str, dict], which: str = "") -> list[str]:
     domains = sorted({d for v in rows.values() for d in v["drift"] if d != "all"})
     if not domains:
         return []
-    out = [f"## Mean KLD per clinical domain{which}", "", files_comment((None, v) for _, v in _by_size(rows)),
-           "| variant | " + " | ".join(domains) + " |",
+    out = _per_domain(rows, domains, f"## Mean KLD per clinical domain{which}", domains, "mean_kld", KLD)
+    if any(_is_number(v["drift"].get(d, {}).get("accuracy")) for v in rows.values() for d in domains):
+        # a build can keep its KLD low overall and still lose the answers of one modality; each
+        # domain has few chats, so the header says how many one answer is out of
+        counts = {d: max((v["drift"].get(d, {}).get("items") or 0 for v in rows.values()), default=0) for d in domains}
+        header = [f"{d} ({counts[d]})" if counts[d] else d for d in domains]
+        out += _per_domain(rows, domains, f"## Answer accuracy per clinical domain{which}", header, "accuracy", ".2f")
+        out += ["Accuracy: set-F1 of the greedy answer's `\\boxed{}` conditions against the item's; in brackets, "
+                "each domain's chats.", ""]
+    return out
+
+
+def _per_domain(rows: dict[str, dict], domains: list[str], title: str, header: list[str], key: str, spec: str) -> list[str]:
+    out = [title, "", files_comment((None, v) for _, v in _by_size(rows)),
+           "| variant | " + " | ".join(header) + " |",
            "|---|" + "---:|" * len(domains)]  # fmt: skip
     for name, v in _by_size(rows):
-        out.append(f"| {name} | " + " | ".join(_fmt(v["drift"].get(d, {}).get("mean_kld"), KLD) for d in domains) + " |")
+        out.append(f"| {name} | " + " | ".join(_fmt(v["drift"].get(d, {}).get(key), spec) for d in domains) + " |")
     return out + [""]
 
 

@@ -921,6 +921,34 @@ def test_a_chat_that_fails_in_a_runtime_is_named(tmp_path):
         reference_pass(Refusing(), items, {"answer_tokens": 4, "ref_dir": str(tmp_path)})
 
 
+def test_non_finite_logits_fail_the_variant_naming_the_chat(tmp_path):
+    """A build whose logits hold NaN or inf (fp16 overflow, a poisoned scale) failed no check: its
+    KLD was NaN, which the report shows as "–" (not measured) rather than as broken."""
+    from qoqopt.bench.worker import reference_pass, variant_pass
+    from qoqopt.data import clinical_set
+
+    items = clinical_set("eval", n_per_base=1)[:2]
+    logits = np.zeros((2, 4), np.float32)
+
+    class Runner:
+        def reference_chat(self, item):
+            return logits.copy(), {"reply_ids": [0, 1]}
+
+        def reply_logits(self, item, chat):
+            return np.where(np.arange(4) == 2, np.nan if item is items[1] else 0.0, logits).astype(np.float32)
+
+        def answer(self, item, chat, n):
+            return "\\boxed{x}"
+
+    job = {"answer_tokens": 4, "ref_dir": str(tmp_path), "variant": {"name": "gptq:4"}}
+    reference_pass(Runner(), items, job)
+    with pytest.raises(RuntimeError, match=rf"^on chat {re.escape(items[1].id)} .*: 2 of 8 logits are NaN or infinite"):
+        variant_pass(Runner(), items, job)
+    logits[1, 3] = np.inf  # a reference with one is refused too
+    with pytest.raises(RuntimeError, match=rf"^on chat {re.escape(items[0].id)} .*: 1 of 8 logits are NaN or infinite"):
+        reference_pass(Runner(), items, job)
+
+
 def test_the_workers_warnings_reach_the_user_once(tmp_path, capsys, monkeypatch):
     """A worker's stderr is captured (for its last line if it dies); its warnings, such as a 16-bit
     eval image shown dark, are passed on, each once, without the progress bars around them."""

@@ -32,6 +32,24 @@ def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
     assert sorted(os.listdir(out)) == ["config.json"] and _debris(tmp_path) == []
 
 
+def test_a_failed_output_leaves_no_folders_it_made(tmp_path):
+    """`export --out a/b/build` that fails (a bad source, Ctrl-C) left an empty a/b/: the folders
+    made for an output go again with it. A folder that was there before stays, and so does one
+    that something else has filled meanwhile."""
+    for make in (lambda p: atomic_dir(p / "build"), lambda p: atomic_path(p / "report.json")):
+        with pytest.raises(KeyboardInterrupt):
+            with make(tmp_path / "a" / "b"):
+                assert (tmp_path / "a" / "b").is_dir()
+                raise KeyboardInterrupt
+        assert os.listdir(tmp_path) == []
+        with pytest.raises(RuntimeError):
+            with make(tmp_path / "a" / "b"):
+                (tmp_path / "a" / "other.txt").write_text("someone else's")
+                raise RuntimeError("failed")
+        assert os.listdir(tmp_path / "a") == ["other.txt"]
+        shutil.rmtree(tmp_path / "a")
+
+
 def test_atomic_dir_keeps_existing_output_without_force(tmp_path):
     out = tmp_path / "build"
     out.mkdir()

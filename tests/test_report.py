@@ -177,6 +177,29 @@ def test_every_drift_cell_is_its_variants_number_under_its_own_column():
     assert got["reference"]["answer acc"] == "0.90" and got["reference"]["mean KLD"] == "–"
 
 
+def test_accuracy_per_domain_is_shown_with_each_domains_chats():
+    """Per-domain accuracy was in every result but in no table: a build that keeps its overall KLD
+    low can still lose one modality's answers. Read back through markdown-it-py's table parser."""
+    from qoqopt.report import render_markdown
+
+    run = _run("cpu", 1.0)
+    acc = {"reference": (1.0, 0.75, 0.5), "gguf:Q8_0": (1.0, 0.5, 0.5), "gguf:Q4_K_M": (0.85, 0.25, 0.0),
+           "gguf:Q5_K_M": (0.9, 0.6, 0.4), "gptq:4": (0.95, 0.7, 0.45)}  # fmt: skip
+    for v in run["variants"]:
+        for domain, (chats, value) in zip(("ct", "ecg", "xray"), zip((8, 4, 2), acc.get(v["name"], ()))):
+            v["drift"].setdefault(domain, {}).update(accuracy=value, items=chats)
+    md = render_markdown([run])
+    table = md.split("## Answer accuracy per clinical domain")[1].split("\n## ")[0]
+    rows = _rendered_rows(table)
+    assert rows[0] == ["variant", "ct (8)", "ecg (4)", "xray (2)"]
+    assert {r[0]: tuple(map(float, r[1:])) for r in rows[1:]} == acc
+    # runs without per-domain answers (a drift-only bench) get no such table
+    for v in run["variants"]:
+        for domain in ("ct", "ecg", "xray"):
+            (v.get("drift") or {}).get(domain, {}).pop("accuracy", None)
+    assert "Answer accuracy per clinical domain" not in render_markdown([run])
+
+
 def test_small_drift_is_not_rounded_into_none():
     """One changed top token in 2,500 positions is 99.96%, which one decimal printed as a perfect
     100.0; an RMS Δp under 0.005% printed 0.00 (the H200's tiny-model runs). Read back through

@@ -3,7 +3,6 @@ child process, and write one result JSON (schema qoqopt.bench/1) tagged with har
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
@@ -17,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from ..children import how_it_ended, python_module
 from ..errors import QoqoptError
-from ..fileio import atomic_write_text, check_can_make_dir, sha256_file, writing
+from ..fileio import atomic_write_text, check_can_make_dir, removed_if_left_empty, sha256_file, writing
 from ..integrity import checked_files, checked_weights, sha256_of
 from ..leftovers import tidy, tmp_prefix
 from ..loader import FINGERPRINT_PREFIX
@@ -52,23 +51,8 @@ class BenchOptions:
 def run_bench(opts: BenchOptions, log=print) -> Path:
     check_can_make_dir(opts.out)
     builds = opts.builds or opts.out / "builds"
-    with _removed_if_left_empty(opts.out, builds):
+    with removed_if_left_empty(opts.out, builds):  # builds it made are kept, for the next run
         return _bench(opts, builds, log)
-
-
-@contextlib.contextmanager
-def _removed_if_left_empty(*folders: Path):
-    """The folders this run makes (with any parents it makes for them) are removed again when it
-    fails or is stopped before anything is in them (an interrupted bench left an empty OUT/);
-    builds it made are kept, for the next run."""
-    made = {f for folder in map(Path.absolute, folders) for f in (folder, *folder.parents) if not f.exists()}
-    try:
-        yield
-    except BaseException:
-        for folder in sorted(made, key=lambda f: len(f.parts), reverse=True):  # inner first
-            with contextlib.suppress(OSError):  # not empty, or never made
-                folder.rmdir()
-        raise
 
 
 def _bench(opts: BenchOptions, builds: Path, log) -> Path:

@@ -54,6 +54,7 @@ def reference_pass(runner, items, job: dict) -> list[ItemDrift]:
     for item in _progress(items, "reference"):
         with _naming(item):
             logits, chat = runner.reference_chat(item)
+            _check_finite(logits)
             score = answer_score(runner.answer(item, chat, job["answer_tokens"]), item.answer)
         chats.append({"id": item.id, "domain": item.domain, **chat, "score": score, "ref_logits": logits})
         out.append(ItemDrift(item.domain, None, score))
@@ -68,11 +69,22 @@ def variant_pass(runner, items, job: dict) -> list[ItemDrift]:
     out = []
     for item, chat in zip(_progress(items, job["variant"]["name"]), chats):
         with _naming(item):
-            cand = runner.reply_logits(item, chat)
+            cand = _check_finite(runner.reply_logits(item, chat))
             score = answer_score(runner.answer(item, chat, job["answer_tokens"]), item.answer)
         stats = position_stats(ref_logits(chat), cand, chat["reply_ids"])
         out.append(ItemDrift(item.domain, stats, score))
     return out
+
+
+def _check_finite(logits):
+    """NaN or inf logits are a build broken in this runtime (an fp16 overflow, a poisoned scale),
+    not a drift: their KLD was NaN, which the report showed as "–", i.e. as not measured."""
+    import numpy as np
+
+    bad = int(np.count_nonzero(~np.isfinite(logits)))
+    if bad:
+        raise RuntimeError(f"{bad} of {np.size(logits)} logits are NaN or infinite: the build is broken in this runtime")
+    return logits
 
 
 def drift_json(per_item: list[ItemDrift]) -> tuple[dict, str | None]:
