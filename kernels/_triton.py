@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import warnings
 
 import torch
@@ -304,9 +305,29 @@ def triton_unusable_reason(device: torch.device, dtype: torch.dtype) -> str | No
             return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
         if dtype == torch.bfloat16:
             return "the Triton CPU interpreter has no bf16 (a bf16 tl.dot returns garbage)"
-    elif device.type == "cuda" and dtype == torch.bfloat16:
-        return _bf16_unusable_reason(device.index if device.index is not None else torch.cuda.current_device())
+    elif device.type == "cuda":
+        if not _has_build_impl():
+            reason = _no_c_compiler_reason(os.environ.get("CC"))
+            if reason is not None:
+                return reason
+        if dtype == torch.bfloat16:
+            return _bf16_unusable_reason(device.index if device.index is not None else torch.cuda.current_device())
     return None
+
+
+def _has_build_impl() -> bool:
+    """A build function given to Triton (``triton.knobs.build.impl``) stands in for the C compiler."""
+    return getattr(getattr(getattr(triton, "knobs", None), "build", None), "impl", None) is not None
+
+
+@functools.lru_cache(maxsize=4)  # asked at every launch; keyed on $CC, PATH is read once
+def _no_c_compiler_reason(cc: str | None) -> str | None:
+    """Triton builds its CUDA driver glue and each kernel's launcher with the host's C compiler, the
+    way it finds one: $CC, else gcc, else clang. A CUDA runtime image without one (nvidia/cuda
+    *-runtime has none) got Triton's "Failed to find C compiler" traceback at the first forward."""
+    if cc or shutil.which("gcc") or shutil.which("clang"):
+        return None
+    return "Triton needs a C compiler for its CUDA launchers and finds none (no $CC, gcc or clang): install gcc, or set CC"
 
 
 BF16_MIN_CAPABILITY = (8, 0)  # ptxas refuses the decode kernel's bf16x2 FMAs below sm_80 (Ampere)

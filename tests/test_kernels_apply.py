@@ -7,7 +7,9 @@ patched model's logits against the unpatched model on a batch of two images of d
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,37 @@ def test_reference_fallback_without_interpreter(no_interpreter):
     assert relative_error(logits_of(model, batch), ref) < 1e-5
     with pytest.raises(QoqoptError, match="strict"):
         apply(tiny_model(), strict=True)
+
+
+def test_a_cuda_box_without_a_c_compiler_runs_the_references(monkeypatch, tmp_path):
+    """Triton builds its CUDA launchers with the host's C compiler ($CC, else gcc, else clang); a CUDA
+    runtime image has none, and the first patched forward died in Triton's "Failed to find C
+    compiler". qoqopt's rule is checked against Triton's own search in each case: it refuses exactly
+    when Triton's finds nothing, and names the fix."""
+    triton_build = pytest.importorskip("triton.runtime.build")
+    from qoqopt.kernels import _triton
+
+    def tritons_answer() -> bool:
+        triton_build._find_compiler.cache_clear()
+        try:
+            triton_build._find_compiler("c")
+            return True
+        except RuntimeError as err:
+            assert "Failed to find C compiler" in str(err)
+            return False
+
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setattr(_triton, "_no_c_compiler_reason", functools.cache(_triton._no_c_compiler_reason.__wrapped__))
+    cuda = torch.device("cuda", 0)
+    for path, cc in ((str(tmp_path / "bin"), None), (str(tmp_path / "bin"), "cc-of-my-choice"), (os.environ["PATH"], None)):
+        monkeypatch.setenv("PATH", path)
+        monkeypatch.delenv("CC", raising=False) if cc is None else monkeypatch.setenv("CC", cc)
+        _triton._no_c_compiler_reason.cache_clear()
+        reason = _triton.triton_unusable_reason(cuda, torch.float16)
+        assert (reason is None) == tritons_answer(), (path, cc, reason)
+        assert reason is None or "install gcc, or set CC" in reason
+    triton_build._find_compiler.cache_clear()
+    assert shutil.which("gcc") or shutil.which("clang"), "this machine itself has a C compiler (llama.cpp is built)"
 
 
 def test_without_triton_installed_everything_runs_its_torch_reference(tmp_path):
