@@ -692,7 +692,14 @@ def _meta_model(path: Path):
     if not isinstance(qc, dict) or qc.get("quant_method") not in ("gptq", "awq"):
         raise QoqoptError(f"{path} is not a GPTQ/AWQ build (its config.json has no GPTQ or AWQ quantization_config); "
                           "an unquantized checkpoint loads with transformers' from_pretrained")  # fmt: skip
-    return meta_model(raw), qc
+    model = meta_model(raw)
+    if (Path(path) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        # as from_pretrained reads it: without it generate() stopped at <|im_end|> only, and ran on
+        # past the <|endoftext|> the build's own generation_config also stops at
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model, qc
 
 
 def _all_tensors(path: Path) -> dict:

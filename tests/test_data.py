@@ -656,6 +656,8 @@ def test_jsonl_loads_images_dicoms_and_ecgs(tmp_path):
         ({**GOOD, "meta": {"reason": "x <|image_pad|>"}}, r"set\.jsonl:2: the meta\.reason holds <\|image_pad\|>"),
         ({**GOOD, "meta": {"reason": ["x"]}}, r"set\.jsonl:2: 'meta\.reason' must be a string, not list"),
         ({**GOOD, "question": "   "}, r"set\.jsonl:2: missing or empty field 'question'"),
+        # half a UTF-16 pair is no character: the tokenizers failed on it mid-export, `data list` in a traceback
+        ({**GOOD, "question": "Which organ? \ud83d"}, r"set\.jsonl:2: the question holds U\+D83D, half of a UTF-16 pair"),
     ],
 )
 def test_jsonl_errors_name_file_and_line(tmp_path, bad, message):

@@ -216,6 +216,27 @@ def test_tokenization_matches_hf(vocab_llm, hf):
         assert vocab.detokenize(proc.tokenizer(c).input_ids, special=True).decode() == c, c
 
 
+def test_a_users_decomposed_text_reaches_llama_cpp_as_transformers_reads_it(vocab_llm, hf, tmp_path):
+    """transformers' Qwen2 tokenizer composes text (NFC) and llama.cpp's does not: a question with
+    "é" typed as e + U+0301 (macOS, text from PDFs) was 7 tokens in one and 9 in the other. What
+    qoqopt passes on from a user (a JSONL set, ``ask --question``) tokenizes in llama.cpp as the
+    user's own text does in transformers."""
+    from PIL import Image
+
+    from qoqopt.data import load_jsonl
+    from qoqopt.user_text import checked_text
+
+    _, proc = hf
+    raw = unicodedata.normalize("NFD", "Is this Ménière disease or a Schwannoma? Düsseldorf protocol, façade.")
+    assert vocab_llm.tokenize(raw.encode(), add_bos=False, special=False) != proc.tokenizer(raw, add_special_tokens=False).input_ids
+    said = checked_text(raw, "question", "--question")
+    assert vocab_llm.tokenize(said.encode(), add_bos=False, special=False) == proc.tokenizer(raw, add_special_tokens=False).input_ids
+    Image.new("RGB", (300, 300)).save(tmp_path / "a.png")
+    (tmp_path / "set.jsonl").write_text(json.dumps({"image": "a.png", "question": raw, "answer": "Ménière", "domain": "mri"}))
+    (item,) = load_jsonl(str(tmp_path / "set.jsonl"))
+    assert said in item.question and unicodedata.is_normalized("NFC", item.answer)
+
+
 # ---------------------------------------------------------------------------- images
 
 

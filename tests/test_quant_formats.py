@@ -466,6 +466,22 @@ def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, t
             assert len(seen) == len(KERNEL_LINEARS)
 
 
+def test_a_loaded_build_stops_where_its_generation_config_says(gptq_export, awq_export, tiny_dir):
+    """A build loaded by qoqopt's loaders stops generating on the tokens transformers' from_pretrained
+    reads from the checkpoint's generation_config.json (<|im_end|> and <|endoftext|>): the meta-device
+    model it is built on had only the config's <|im_end|>, and ran on past an <|endoftext|>."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.exports.hf_quant import load_fake_quantized, load_with_quant_linear
+
+    original = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_dir)).generation_config
+    assert len(original.eos_token_id) == 2
+    for report, _ in (gptq_export, awq_export):
+        for load in (load_with_quant_linear, load_fake_quantized):
+            said = load(report.out).generation_config
+            assert (said.eos_token_id, said.pad_token_id) == (original.eos_token_id, original.pad_token_id), report.fmt
+
+
 def test_save_pretrained_of_a_loaded_build_is_the_build(gptq_asym_export, awq_export, tmp_path):
     """transformers' own save_pretrained of a build loaded with load_with_quant_linear writes the build
     back: the quantization_config as transformers' AutoConfig reads it (the save used to have none,
