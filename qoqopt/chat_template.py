@@ -35,14 +35,41 @@ def _render(processor, source: str) -> str:
 
     chat = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (28, 28))},
                                          {"type": "text", "text": PROBE_QUESTION}]}]  # fmt: skip
+    return _rendered(lambda: processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False), source)
+
+
+def _rendered(render, source: str, what: str = PROBE_CHAT) -> str:
+    """``render()``'s text, with the template's failures and endless loops each one line about ``source``."""
     try:
         with time_limit(RENDER_SECONDS):
-            text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            text = render()
     except TimeLimit:
-        raise QoqoptError(f"{source}'s chat template did not render {PROBE_CHAT} within {RENDER_SECONDS:g} s "
+        raise QoqoptError(f"{source}'s chat template did not render {what} within {RENDER_SECONDS:g} s "
                           "(a loop that does not end?)") from None  # fmt: skip
     except Exception as exc:  # the template is the checkpoint's code: any error of it is the checkpoint's
         reason = (str(exc).strip().splitlines() or [""])[0]
-        raise QoqoptError(f"{source}'s chat template cannot render {PROBE_CHAT}: "
+        raise QoqoptError(f"{source}'s chat template cannot render {what}: "
                           f"{type(exc).__name__}{': ' + reason if reason else ''}") from None  # fmt: skip
     return text  # apply_chat_template(tokenize=False) returns text, whatever the template writes
+
+
+def gguf_prompt(template: str | None, question: str, source: str) -> str:
+    """llama.cpp's prompt for one image and ``question``: the build's own chat template (a GGUF
+    carries its checkpoint's), rendered as transformers renders it, with the image span handed to
+    mtmd as its media marker. A fixed Qwen2.5-VL prompt put "You are a helpful assistant." before
+    the question whatever system turn the checkpoint's template writes, so `ask` on a GGUF asked
+    other than `bench` and the transformers builds did. Without a template: Qwen2.5-VL's."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from .exports.gguf_runtime import MARKER, chat_prompt
+    from .exports.gguf_verify import IMAGE_SPAN
+
+    if not template:
+        return chat_prompt(question)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = _rendered(lambda: render_jinja_template([chat], chat_template=template, add_generation_prompt=True)[0][0],
+                     source, "the question")  # fmt: skip
+    if text.count(IMAGE_SPAN) != 1 or question not in text:
+        raise QoqoptError(f"{source}'s chat template does not write the image span once and then the question, "
+                          f"as Qwen2.5-VL's does: {COPY_IT} and export again")  # fmt: skip
+    return text.replace(IMAGE_SPAN, MARKER)

@@ -633,6 +633,45 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     assert error_line(res) == f"error: --max-tokens {trained} leaves no room for the question in the model's context of {trained} tokens"
 
 
+def test_ask_on_a_gguf_asks_with_the_builds_own_chat_template(run_1t, trained_dir, monkeypatch, capsys):
+    """`ask` on a GGUF sends llama.cpp the chat its template (the checkpoint's, carried in the GGUF)
+    writes, as transformers renders it: a fixed prompt put "You are a helpful assistant." first
+    whatever system turn the checkpoint's template writes, unlike `bench` and the transformers
+    builds. A template that loses the image or the question is one line."""
+    from qoqopt.chat_template import gguf_prompt
+    from qoqopt.cli import main
+    from qoqopt.commands.data import builtin_item
+    from qoqopt.errors import QoqoptError
+    from qoqopt.exports import gguf_runtime
+    from qoqopt.exports.gguf_verify import IMAGE_SPAN
+    from qoqopt.processor import load_processor
+
+    proc = load_processor(trained_dir)
+    item = builtin_item("ct-abd-pancreas.region_ct.eval-0")
+    sent = []
+
+    class Recording(gguf_runtime.LlamaVL):
+        def generate(self, prompt, image, max_tokens=32, **kw):
+            sent.append(prompt)
+            return "\\boxed{Abdomen}"
+
+    monkeypatch.setattr(gguf_runtime, "LlamaVL", Recording)
+    (gguf_dir,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
+    assert main(["ask", str(gguf_dir), "--quant", "Q8_0", "--item", item.id]) == 0
+    transformers_chat = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=False)
+    assert sent == [transformers_chat.replace(IMAGE_SPAN, gguf_runtime.MARKER)]
+    # a checkpoint's own system turn reaches llama.cpp as it reaches transformers
+    template = proc.chat_template.replace("You are a helpful assistant.", "You are QoQ-Med. Reply in French.")
+    assert template != proc.chat_template
+    own = proc.apply_chat_template(item.messages(), chat_template=template, add_generation_prompt=True, tokenize=False)
+    assert gguf_prompt(template, item.question, "x.gguf") == own.replace(IMAGE_SPAN, gguf_runtime.MARKER)
+    assert "You are QoQ-Med. Reply in French." in own
+    for broken in (template.replace("<|vision_start|><|image_pad|><|vision_end|>", ""), "{{ raise_exception('no') }}"):
+        with pytest.raises(QoqoptError, match="^x.gguf's chat template ") as err:
+            gguf_prompt(broken, item.question, "x.gguf")
+        assert "\n" not in str(err.value)
+
+
 def _llama_cpp_print_info(path: Path) -> dict[str, str]:
     """What llama.cpp's loader prints about a text GGUF (`print_info: n_layer = 2`, ...), by name."""
     import re

@@ -134,9 +134,11 @@ def run(args) -> int:
 
 def _ask_llama_cpp(text_path: Path, mmproj_path: Path, args, image, question: str) -> tuple[str, str]:
     from ..bench.machine import threads_or_default
+    from ..chat_template import gguf_prompt
     from ..errors import QoqoptError
+    from ..exports.gguf_header import read_header
     from ..exports.gguf_meta import train_token_range
-    from ..exports.gguf_runtime import LlamaVL, chat_prompt, gpu_offload_available
+    from ..exports.gguf_runtime import LlamaVL, gpu_offload_available
 
     gpu = args.device != "cpu" and gpu_offload_available()
     if args.device == "cuda" and not gpu:
@@ -144,9 +146,10 @@ def _ask_llama_cpp(text_path: Path, mmproj_path: Path, args, image, question: st
     lo, hi = train_token_range()  # what the build's README and Modelfile tell llama.cpp users to pass
     threads = threads_or_default(args.threads)
     n_ctx = _context(text_path, hi, question, args.max_tokens)
+    prompt = gguf_prompt(read_header(text_path).kv.get("tokenizer.chat_template"), question, text_path.name)
     with LlamaVL(text_path, mmproj_path, n_ctx=n_ctx, image_min_tokens=lo, image_max_tokens=hi, gpu=gpu,
                  threads=threads) as vl:  # fmt: skip
-        reply = vl.generate(chat_prompt(question), image, max_tokens=args.max_tokens)
+        reply = vl.generate(prompt, image, max_tokens=args.max_tokens)
     return f"{text_path.name} + {mmproj_path.name} (llama.cpp{', GPU' if gpu else ''})", reply
 
 
