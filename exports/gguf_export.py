@@ -119,6 +119,8 @@ class _Context:
             self.processor = checked_processor(self.ckpt.path, self.ckpt.source)
         self.text_hp = gguf_meta.text_hparams(self.ckpt.config)
         self.vision_hp = gguf_meta.vision_hparams(self.ckpt.config)
+        # read now: a value llama.cpp cannot use failed after every text file was written
+        self.image_norm = gguf_meta.image_norm(self.ckpt.path) if options.mmproj_type != "none" else None
         shapes = {n: tuple(self.ckpt.tensor_info(n)["shape"]) for n in self.ckpt.names}
         self.mapping = gguf_map.build_mapping(shapes, self.text_hp.n_layers, self.vision_hp.depth if self.vision_hp else None)
         embed_rows = shapes["model.embed_tokens.weight"][0]
@@ -177,7 +179,7 @@ def write_mmproj(ctx: _Context, path: Path, ftype: str) -> gguf_write.WriteRepor
     if not ctx.mapping.vision:
         raise QoqoptError(f"{ctx.source} has no vision tower tensors; cannot write an mmproj (use --mmproj-type none)")
     plans = gguf_write.plan_tensors(ctx.mapping.vision, ftype, mmproj=True)
-    norm = gguf_meta.image_norm(ctx.ckpt.path)
+    norm = ctx.image_norm
     if norm.note:
         ctx.log(f"note: {norm.note}")
 
@@ -223,6 +225,9 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
     _check_split_size(options.split_max_bytes)
     quants = gguf_quant.parse_quants(",".join(options.quants))
     options.quants = quants
+    needy = [q for q in quants if q in gguf_quant.NEEDS_IMATRIX]
+    if needy and imatrix_kind(options.imatrix) == "none":  # as llama-quantize refuses, before any file is written
+        raise QoqoptError(f"{needy[0]} needs an importance matrix; drop --imatrix none")
     inputs = [source] + ([options.imatrix] if imatrix_kind(options.imatrix) in ("jsonl", "file") else [])
     prepare_output_dir(out, force, inputs, owned=owned)  # fail before the (possibly long) work starts
     ctx = _Context(source, revision, options, log)

@@ -13,6 +13,7 @@ We still write the key, so the file states the truth and a fixed llama.cpp will 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,8 +146,24 @@ def image_norm(path: Path) -> ImageNorm:
     if pre.exists():
         cfg = read_json_object(pre)  # a list here would have meant CLIP's values, said only as a note
         if "image_mean" in cfg and "image_std" in cfg:
-            return ImageNorm(tuple(map(float, cfg["image_mean"])), tuple(map(float, cfg["image_std"])))
+            return ImageNorm(_per_channel(cfg, "image_mean", pre), _per_channel(cfg, "image_std", pre))
     return ImageNorm(tuple(CLIP_MEAN), tuple(CLIP_STD), "no image_mean/std in preprocessor_config.json; used CLIP's")
+
+
+def _per_channel(cfg: dict, key: str, pre: Path) -> tuple[float, float, float]:
+    """One value per RGB channel, as llama.cpp's clip loader reads three (it refuses an mmproj with
+    fewer); one number stands for all three, as transformers' image processors take it."""
+    value = cfg[key]
+    values = [value] * 3 if _is_number(value) else value
+    ok = isinstance(values, list) and len(values) == 3 and all(_is_number(x) and math.isfinite(x) for x in values)
+    if not ok or (key == "image_std" and min(values) <= 0):
+        raise QoqoptError(f"{pre}: {key} is {value!r}; give three finite numbers, one per RGB channel"
+                          + (", each above 0" if key == "image_std" else ""))  # fmt: skip
+    return tuple(float(x) for x in values)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 # ---------------------------------------------------------------------------- writing KV

@@ -603,6 +603,39 @@ def test_one_line_errors(tiny_dir, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
+def test_what_would_fail_late_is_refused_before_any_file_is_written(tiny_dir, tmp_path, monkeypatch):
+    """An image_mean/std llama.cpp's clip loader cannot use (it reads three numbers a channel) was a
+    traceback after every text file was written, or an mmproj that llama.cpp refused to load, said
+    "done"; an IQ2 type with --imatrix none was refused after the direct types were written (GBs at
+    7B), where llama-quantize refuses before it loads anything. One number for all three channels is
+    taken, as transformers' image processors take it."""
+    from gguf import GGUFReader
+
+    from qoqopt.exports import gguf_export
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a file was written before the refusal")
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    pre = json.loads((src / "preprocessor_config.json").read_text())
+    options = dict(quants=["Q8_0", "F16"], imatrix="none", name="t")
+    with monkeypatch.context() as m:
+        m.setattr(gguf_export, "write_text", no_work)
+        with pytest.raises(QoqoptError, match="^IQ2_XXS needs an importance matrix; drop --imatrix none$"):
+            export_gguf(str(src), tmp_path / "o", GGUFOptions(**{**options, "quants": ["Q8_0", "IQ2_XXS"]}), log=print)
+        for mean, std in (([0.5, 0.5], [0.5, 0.5]), ([0.5] * 3, "abc"), ([0.5] * 3, [0.5, 0.0, 0.5]), ([0.5, None, 0.5], 0.5)):
+            (src / "preprocessor_config.json").write_text(json.dumps({**pre, "image_mean": mean, "image_std": std}))
+            with pytest.raises(QoqoptError, match=r"preprocessor_config.json: image_(mean|std) is .*; give three finite numbers"):
+                export_gguf(str(src), tmp_path / "o", GGUFOptions(**options), log=print)
+    assert not (tmp_path / "o").exists()
+    (src / "preprocessor_config.json").write_text(json.dumps({**pre, "image_mean": 0.5, "image_std": 0.25}))
+    result = export_gguf(str(src), tmp_path / "o", GGUFOptions(**{**options, "quants": ["F16"]}), log=lambda s: None)
+    fields = GGUFReader(result.file("mmproj")).fields
+    for key, want in (("clip.vision.image_mean", [0.5] * 3), ("clip.vision.image_std", [0.25] * 3)):
+        assert [float(fields[key].parts[i][0]) for i in fields[key].data] == want
+
+
 def test_force_never_replaces_what_the_export_reads(tiny_dir, tmp_path, capsys):
     """--out naming the source checkpoint, or a folder holding it, is refused even with --force (which
     would delete the source when the finished build is swapped in), for both export families."""
