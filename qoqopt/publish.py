@@ -16,7 +16,7 @@ from pathlib import Path, PurePath
 
 from .errors import QoqoptError
 from .fileio import sha256_file
-from .hub_license import UNNAMED as UNNAMED_LICENSE, CardLicense, NoLicense, card_license
+from .hub_license import QOQ_MED_REPO, UNNAMED as UNNAMED_LICENSE, CardLicense, NoLicense, card_license
 from .local_names import is_hub_id, own_eval_set, recorded_local_names
 from .report import inline_text
 from .manifest import (
@@ -24,7 +24,6 @@ from .manifest import (
 )
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-DEFAULT_BASE = "ddvd233/QoQ-Med-VL-7B"
 HUB_MAX_FILE_BYTES = 50 * 10**9  # the Hub's limit a file ("50GB max, 20GB recommended", its storage docs)
 
 
@@ -134,14 +133,27 @@ def resolve_token() -> str:
 # --------------------------------------------------------------------------- the card
 
 
-def _tags(manifest: dict) -> list[str]:
-    """The Hub tags: the field's, the format's, and for GPTQ/AWQ the bit width the build really has."""
-    base = ["qoq-med", "medical", "clinical", "radiology", "qwen2.5-vl", "multimodal", "quantized", "qoqopt"]
+def _tags(manifest: dict, base_model: str) -> list[str]:
+    """The Hub tags: the field's (QoQ-Med's only on its builds), the format's, and for GPTQ/AWQ the
+    bit width the build really has; "multimodal" only where the build reads images."""
+    clinical = ["qoq-med", "medical", "clinical", "radiology"] if is_qoq_med(base_model) else []
+    base = clinical + ["qwen2.5-vl"] + (["multimodal"] if reads_images(manifest) else []) + ["quantized", "qoqopt"]
     fmt = manifest.get("format", "unknown")
     if fmt == "gguf":
         return base + ["gguf", "llama.cpp"]
     bits = (manifest.get("quantization") or {}).get("bits")
     return base + [fmt] + ([f"{bits}-bit"] if bits else [])
+
+
+def is_qoq_med(base_model: str) -> bool:
+    """A QoQ-Med model (the 7B, the 32B) rather than another Qwen2.5-VL the build was made from."""
+    return bool(QOQ_MED_REPO.match(base_model))
+
+
+def reads_images(manifest: dict) -> bool:
+    """A GGUF build reads images only with an mmproj (`--mmproj-type none` leaves it out); GPTQ/AWQ
+    builds keep their vision tower."""
+    return manifest.get("format") != "gguf" or bool(gguf_entries(manifest, "mmproj"))
 
 
 class LocalNames(QoqoptError):
@@ -169,14 +181,34 @@ UNNAMED_BASE = "OWNER/BASE-MODEL"
 
 
 def base_model_id(manifest: dict, override: str | None = None) -> str:
-    """The Hub repo the build comes from: the card's `base_model` must be a repo id, not a local path."""
-    base = override or manifest.get("source", {}).get("model") or DEFAULT_BASE
-    if is_hub_id(base):
-        return base
-    hint = "pass --base-model owner/name (the repo the weights come from)"
+    """The Hub repo the build comes from: the card's `base_model` must be a repo id, not a local path.
+    A build made from a Hub repo names it; one made from a local folder (or whose manifest names no
+    source) needs --base-model, which must not contradict a recorded Hub source."""
+    hub, hint = hub_source(manifest), "pass --base-model owner/name (the repo the weights come from)"
     if override:
-        raise QoqoptError(f"--base-model is not a Hub repo id; {hint}")
-    raise NoBaseModel(f"the build was exported from {base!r}, which is not a Hub repo id; {hint}")
+        if not is_repo_id(override):
+            raise QoqoptError(f"--base-model is not a Hub repo id; {hint}")
+        if hub is not None and hub != override:
+            raise QoqoptError(f"--base-model {override}: the build was exported from {hub} at revision "
+                              f"{manifest['source']['revision'][:12]}, which its card names; leave --base-model out")  # fmt: skip
+        return override
+    if hub is not None:
+        return hub
+    model = (manifest.get("source") or {}).get("model")
+    if not isinstance(model, str) or not model:  # QoQ-Med-VL-7B was assumed: a 32B or a mini build claimed it
+        raise NoBaseModel(f"the build's manifest.json names no source model; {hint}")
+    raise NoBaseModel(f"the build was exported from {model!r}, a local folder, not a Hub repo; {hint}")
+
+
+def hub_source(manifest: dict) -> str | None:
+    """The Hub repo the build was exported from, or None for a local folder. Judged by the commit the
+    export recorded (a Hub snapshot always has one, a folder none), not by whether a folder of that
+    name exists where publish runs: `export rev/mini` from /tmp named a local folder `rev/mini`,
+    which from anywhere else passed for a Hub id and became the card's base_model."""
+    source = manifest.get("source") or {}
+    model, revision = source.get("model"), source.get("revision")
+    commit = isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision)
+    return model if commit and isinstance(model, str) and is_repo_id(model) else None
 
 
 def check_base_model(folder: Path, manifest: dict, base: str) -> str | None:
@@ -223,7 +255,8 @@ def card_metadata(manifest: dict, base_model: str | None = None, license: CardLi
     extra = {"library_name": "transformers"} if fmt in ("gptq", "awq") else {}
     return ModelCardData(
         base_model=base, base_model_relation="quantized", **(license or card_license(base, None)).metadata(),
-        pipeline_tag="image-text-to-text", tags=_tags(manifest), language=["en"], **extra,
+        pipeline_tag="image-text-to-text" if reads_images(manifest) else "text-generation",
+        tags=_tags(manifest, base), language=["en"], **extra,
     )  # fmt: skip
 
 
@@ -241,8 +274,10 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
     body = [
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"{fmt.upper()} build of [{meta.base_model}](https://huggingface.co/{meta.base_model}), a clinical "
-        "vision-language model (Qwen2.5-VL fine-tune), made and verified by qoqopt.",
+        f"{fmt.upper()} build of [{meta.base_model}](https://huggingface.co/{meta.base_model}), "
+        + ("a clinical vision-language model (Qwen2.5-VL fine-tune)" if is_qoq_med(meta.base_model)
+           else "a Qwen2.5-VL vision-language model")
+        + ", made and verified by qoqopt.",
         "",
         f"- source: {source_id(src.get('revision'), src.get('fingerprint'))}; architecture `{src.get('architecture', '?')}`",
     ]
@@ -446,11 +481,16 @@ def _usage(fmt: str, repo_id: str, manifest: dict, carries_ecg: bool, exported_r
         return _gguf_usage(repo_id, manifest)
     from .exports.ollama import HF_CO_PLACEHOLDER
 
-    exported_run = exported_run.replace(HF_CO_PLACEHOLDER, f"hf.co/{repo_id}")  # the export did not know the repo
+    # the export did not know the repo; the quant is named, as for llama.cpp: untagged, Ollama takes
+    # Q4_K_M or else a quant of its choosing, not necessarily the one the card and Modelfile describe
+    exported_run = exported_run.replace(HF_CO_PLACEHOLDER, f"hf.co/{_hf_repo_tag(repo_id, manifest)}")
+    fetch = (f"(`llama-mtmd-cli -hf {_hf_repo_tag(repo_id, manifest)}` also fetches that quant and its mmproj by "
+             "itself; give it the same flags.)" if reads_images(manifest) else
+             f"(`llama-cli -hf {_hf_repo_tag(repo_id, manifest)}` also fetches that quant by itself; this build "
+             "has no mmproj, so it reads text only.)")  # fmt: skip
     return (f"`hf download {repo_id} --local-dir qoq-med && cd qoq-med` fetches the build (add "
             "`--include` with the files below to skip the other quants); the commands below run from there. "
-            f"(`llama-mtmd-cli -hf {_hf_repo_tag(repo_id, manifest)}` also fetches that quant and its mmproj by "
-            f"itself; give it the same flags.)\n\n{exported_run}")
+            f"{fetch}\n\n{exported_run}")
 
 
 def _card_model_gguf(manifest: dict) -> tuple[str | None, str]:
@@ -474,11 +514,15 @@ def _hf_repo_tag(repo_id: str, manifest: dict) -> str:
 def _gguf_usage(repo_id: str, manifest: dict) -> str:
     """For GGUF builds whose README has no run section (not written by a current qoqopt export)."""
     text = _card_model_gguf(manifest)[1]
-    mmproj = next(iter(gguf_entries(manifest, "mmproj")), "mmproj.gguf")
-    return "\n".join([
-        "**llama.cpp**", "```bash",
+    mmproj = next(iter(gguf_entries(manifest, "mmproj")), None)
+    llama_cpp = [
         f"llama-mtmd-cli -hf {_hf_repo_tag(repo_id, manifest)} --image scan.png -p 'Above is a CT image of a patient. ...'",
         f"# or with local files: llama-mtmd-cli -m {text} --mmproj {mmproj} --image scan.png -p '...'",
+    ] if mmproj else [  # no mmproj: text only, and llama-mtmd-cli stops without one
+        f"llama-cli -hf {_hf_repo_tag(repo_id, manifest)} -p '...'", f"# or with the local file: llama-cli -m {text} -p '...'",
+    ]  # fmt: skip
+    return "\n".join([
+        "**llama.cpp**", "```bash", *llama_cpp,
         "```", "", "**LM Studio**: search for the repo name, download the quant and the mmproj together.", "",
         "**Ollama**", "```bash", f"hf download {repo_id} --local-dir qoq-med && cd qoq-med",
         "ollama create qoq-med -f Modelfile && ollama run qoq-med", "```",
@@ -563,8 +607,9 @@ def shipped_manifest(manifest: dict, repo_id: str, base: str) -> tuple[str, list
     published = {"repo": repo_id, "readme": "the model card written by qoqopt publish"}
     source, notes = dict(manifest.get("source") or {}), []
     local = source.get("model")
-    if isinstance(local, str) and not is_hub_id(local):
+    if hub_source(manifest) is None:
         source["model"] = base
+    if isinstance(local, str) and local and hub_source(manifest) is None:
         notes.append(f"manifest.json names the local folder {local} the build was made from; the uploaded copy "
                      f"names {base} instead")  # fmt: skip
         if manifest.get("name") and manifest["name"] == PurePath(local.rstrip("/\\")).name:  # export's default name
@@ -621,10 +666,20 @@ def upload(plan: UploadPlan, token: str, api=None) -> str:
             info = api.create_commit(
                 plan.repo_id, ops, commit_message=f"qoqopt: upload {plan.fmt} build", token=token, repo_type="model"
             )
+    except QoqoptError:
+        raise
     except (HTTPError, OfflineModeIsEnabled) as err:  # HTTPError covers the Hub's own refusals too
-        raise QoqoptError(f"{_upload_failure(err, plan.repo_id)}; no file was committed"
-                          + (f" ({plan.repo_id} exists, without this build)" if repo_made else "")) from err  # fmt: skip
+        raise QoqoptError(_not_committed(_upload_failure(err, plan.repo_id), plan.repo_id, repo_made)) from err
+    except Exception as err:  # a dropped connection, a Xet/LFS transfer error, a file gone mid-upload
+        reason = (str(err).strip().splitlines() or [""])[0]
+        said = f"upload to {plan.repo_id} failed: {type(err).__name__}{': ' + reason if reason else ''}"
+        raise QoqoptError(_not_committed(said, plan.repo_id, repo_made)) from err
     return getattr(info, "commit_url", str(info))
+
+
+def _not_committed(said: str, repo_id: str, repo_made: bool) -> str:
+    """A failed upload's one line: the commit is all or nothing, but the repo may have been made."""
+    return f"{said}; no file was committed" + (f" ({repo_id} exists, without this build)" if repo_made else "")
 
 
 @dataclass

@@ -998,8 +998,11 @@ def test_published_card_carries_the_builds_own_run_instructions(built):
     plan = plan_upload(built.out, "me/tiny-gguf", base_model="someone/uncached-base", license=CardLicense("apache-2.0"))
     exported = readme_sections((built.out / "README.md").read_text())
     card = readme_sections(plan.card)
-    hub_run = exported["Run it"].replace("hf.co/<user>/<repo>", "hf.co/me/tiny-gguf")  # the repo is known now
-    assert hub_run != exported["Run it"] and "`ollama run hf.co/me/tiny-gguf` reads the repo's `template`" in hub_run
+    # the repo is known now, and the quant is named: untagged, Ollama picks one itself, not
+    # necessarily the one the Modelfile (FROM) and the card describe
+    quant = re.search(r"^FROM \./\S+\.([A-Z0-9_]+)\.gguf$", (built.out / "Modelfile").read_text(), re.M)[1]
+    hub_run = exported["Run it"].replace("hf.co/<user>/<repo>", f"hf.co/me/tiny-gguf:{quant}")
+    assert hub_run != exported["Run it"] and f"`ollama run hf.co/me/tiny-gguf:{quant}` reads the repo's `template`" in hub_run
     assert hub_run in card["Usage"] and exported["Known issues"] == card["Known issues"]
     assert "--image-min-tokens" in card["Usage"] and "QoQMedChatHandler" in card["Usage"]
     assert "RMSNorm epsilon" in card["Known issues"] and card["Left out on purpose"] == "- nothing"

@@ -15,6 +15,7 @@ from qoqopt.publish import plan_upload, upload
 from tests.conftest import cache_as_hub_repo, error_line, refused, run_cli
 
 SECRET = "hf_SeCrEtTokenValue1234567890abcdef"
+COMMIT = "abc123" * 6 + "abcd"  # a build of a Hub repo records the commit it was made from; a local folder none
 
 
 def _kind(name: str) -> dict:
@@ -36,7 +37,7 @@ def export_dir(tmp_path):
         (d / name).write_bytes(data)
     (d / "README.md").write_text("usage notes")
     entries = [{"path": n, "bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} | _kind(n) for n, b in files.items()]
-    manifest = {"format": "gguf", "source": {"model": "ddvd233/QoQ-Med-VL-7B", "revision": "abc123"}, "files": entries}
+    manifest = {"format": "gguf", "source": {"model": "ddvd233/QoQ-Med-VL-7B", "revision": COMMIT}, "files": entries}
     (d / "manifest.json").write_text(json.dumps(manifest))
     return d
 
@@ -64,7 +65,8 @@ def test_card_tags_the_bit_width_the_build_has(fmt, bits):
 
     from qoqopt.publish import card_metadata
 
-    data = card_metadata({"format": fmt, "quantization": {"bits": bits}, "source": {"model": "ddvd233/QoQ-Med-VL-7B"}})
+    data = card_metadata({"format": fmt, "quantization": {"bits": bits},
+                          "source": {"model": "ddvd233/QoQ-Med-VL-7B", "revision": COMMIT}})  # fmt: skip
     tags = ModelCard(f"---\n{data.to_yaml()}\n---\n").data.to_dict()["tags"]
     assert fmt in tags and f"{bits}-bit" in tags and f"{12 - bits}-bit" not in tags
 
@@ -308,6 +310,20 @@ def test_upload_sends_the_plan_through_hfapi_and_never_writes_the_token(export_d
     assert SECRET not in plan.card and SECRET not in plan.describe()
 
 
+def test_an_upload_that_fails_outside_http_is_one_line(export_dir):
+    """Only the Hub's HTTP errors were one line: a listed file gone between the plan and the commit
+    (huggingface_hub's own ValueError), or a Xet transfer's error, was a traceback after the repo had
+    been made, without the line saying it exists now."""
+    plan = plan_upload(export_dir, "me/x")
+    (export_dir / "mmproj-QoQ-Med-mini-f16.gguf").unlink()
+    api = RecordingApi()
+    with pytest.raises(QoqoptError) as err:
+        upload(plan, SECRET, api=api)
+    assert str(err.value).startswith("upload to me/x failed: ") and "mmproj-QoQ-Med-mini-f16.gguf" in str(err.value)
+    assert str(err.value).endswith("; no file was committed (me/x exists, without this build)") and "\n" not in str(err.value)
+    assert [call[0] for call in api.calls] == ["create_repo"]
+
+
 def test_plan_refuses_missing_listed_file(export_dir):
     (export_dir / "mmproj-QoQ-Med-mini-f16.gguf").unlink()
     with pytest.raises(QoqoptError, match="missing"):
@@ -455,9 +471,11 @@ def test_local_source_needs_base_model(export_dir, tmp_path):
     (export_dir / "manifest.json").write_text(json.dumps(m))
     listed = export_dir / m["files"][0]["path"]  # changed after export: the refusal comes before any file is hashed
     listed.write_bytes(listed.read_bytes()[::-1])
+    m["source"]["revision"] = None  # as export records a local folder
+    (export_dir / "manifest.json").write_text(json.dumps(m))
     line = error_line(run_cli("publish", str(export_dir), "--repo", "me/x"))
-    assert line == (f"error: the build was exported from {str(tmp_path / 'mini')!r}, which is not a Hub repo id; pass "
-                    "--base-model owner/name (the repo the weights come from)")  # fmt: skip
+    assert line == (f"error: the build was exported from {str(tmp_path / 'mini')!r}, a local folder, not a Hub repo; "
+                    "pass --base-model owner/name (the repo the weights come from)")  # fmt: skip
     listed.write_bytes(listed.read_bytes()[::-1])
     dry = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run")
     assert dry.returncode == 1 and "base_model: OWNER/BASE-MODEL" in dry.stdout  # a preflight fails
@@ -465,6 +483,52 @@ def test_local_source_needs_base_model(export_dir, tmp_path):
     assert "--base-model is not" in error_line(run_cli("publish", str(export_dir), "--repo", "me/x", "--base-model", "./mini"))
     res = run_cli("publish", str(export_dir), "--repo", "me/x", "--dry-run", "--base-model", "ddvd233/QoQ-Med-VL-7B")
     assert res.returncode == 0 and "base_model: ddvd233/QoQ-Med-VL-7B" in res.stdout
+
+
+def test_a_local_source_is_told_by_its_missing_commit_not_by_where_publish_runs(export_dir, tmp_path, monkeypatch, capsys):
+    """`export rev/mini` run from /tmp recorded the folder as typed; published from anywhere else,
+    `rev/mini` passed for a Hub id (no such folder there) and became the card's base_model, and the
+    uploaded manifest kept it. A folder in the current directory named like the Hub repo made the
+    Hub id itself look local. A manifest naming no source got QoQ-Med-VL-7B (MIT) as its base, and a
+    --base-model other than the recorded Hub source was taken without a word."""
+    from huggingface_hub import ModelCard
+
+    m = json.loads((export_dir / "manifest.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    for source, said in (({"model": "rev/mini", "revision": None}, "exported from 'rev/mini', a local folder"),
+                         ({"revision": None}, "manifest.json names no source model")):
+        (export_dir / "manifest.json").write_text(json.dumps({**m, "source": source}))
+        assert said in refused(["publish", export_dir, "--repo", "me/x"], capsys)
+        shipped = json.loads(plan_upload(export_dir, "me/x", base_model="ddvd233/QoQ-Med-VL-7B").manifest_text)
+        assert shipped["source"]["model"] == "ddvd233/QoQ-Med-VL-7B"
+    (tmp_path / "ddvd233" / "QoQ-Med-VL-7B").mkdir(parents=True)  # a folder named like the repo, here
+    (export_dir / "manifest.json").write_text(json.dumps(m))
+    assert ModelCard(plan_upload(export_dir, "me/x").card).data.base_model == "ddvd233/QoQ-Med-VL-7B"
+    assert refused(["publish", export_dir, "--repo", "me/x", "--base-model", "Qwen/Qwen2.5-VL-7B-Instruct"], capsys) == (
+        f"error: --base-model Qwen/Qwen2.5-VL-7B-Instruct: the build was exported from ddvd233/QoQ-Med-VL-7B at "
+        f"revision {COMMIT[:12]}, which its card names; leave --base-model out")  # fmt: skip
+
+
+def test_a_text_only_gguf_and_another_base_are_carded_as_what_they_are(export_dir):
+    """A GGUF built with `--mmproj-type none` reads text only: its card said image-text-to-text, tagged
+    it multimodal and sent users to llama-mtmd-cli, which stops without an mmproj. A build of another
+    Qwen2.5-VL (the --help's own example) was tagged and described as a clinical QoQ-Med."""
+    from huggingface_hub import ModelCard
+
+    from qoqopt.publish import card_metadata
+
+    m = json.loads((export_dir / "manifest.json").read_text())
+    text_only = {**m, "files": [e for e in m["files"] if e["kind"] != "mmproj"]}
+    data = ModelCard(f"---\n{card_metadata(text_only).to_yaml()}\n---\n").data
+    assert data.pipeline_tag == "text-generation" and "multimodal" not in data.tags and "medical" in data.tags
+    data = ModelCard(f"---\n{card_metadata(m).to_yaml()}\n---\n").data
+    assert data.pipeline_tag == "image-text-to-text" and "multimodal" in data.tags
+    qwen = {**m, "source": {"model": "Qwen/Qwen2.5-VL-7B-Instruct", "revision": COMMIT}}
+    data = ModelCard(f"---\n{card_metadata(qwen, license=CardLicense('apache-2.0')).to_yaml()}\n---\n").data
+    assert not {"qoq-med", "medical", "clinical", "radiology"} & set(data.tags) and "qwen2.5-vl" in data.tags
+    (export_dir / "manifest.json").write_text(json.dumps(text_only))
+    card = plan_upload(export_dir, "me/x").card
+    assert "llama-mtmd-cli" not in card and "llama-cli -hf me/x:Q8_0" in card
 
 
 def test_legacy_gguf_manifest_key_is_read(export_dir):
@@ -627,6 +691,9 @@ def test_card_licence_is_the_base_models(export_dir, capsys):
     from huggingface_hub import ModelCard
 
     assert ModelCard(plan_upload(export_dir, "me/x").card).data.license == "mit"
+    m = json.loads((export_dir / "manifest.json").read_text())
+    m["source"] = {"model": "/home/me/qwen-vl", "revision": None}  # a local folder: --base-model names its base
+    (export_dir / "manifest.json").write_text(json.dumps(m))
     other = ["publish", export_dir, "--repo", "me/x", "--base-model", "Qwen/Qwen2.5-VL-7B-Instruct"]
     assert "the card needs Qwen/Qwen2.5-VL-7B-Instruct's licence" in refused([*other], capsys)
     res = run_cli(*map(str, other), "--dry-run", env={"HF_TOKEN": SECRET})
@@ -734,7 +801,7 @@ def _local_names_build(d: Path, source: str, datasets: list[str], calibration: s
         (d / name).write_text(json.dumps({key: trained_in}))
         data = (d / name).read_bytes()
         files.append({"path": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    manifest = {"format": "gguf", "source": {"model": "ddvd233/QoQ-Med-VL-7B"}, "files": files,
+    manifest = {"format": "gguf", "source": {"model": "ddvd233/QoQ-Med-VL-7B", "revision": COMMIT}, "files": files,
                 "imatrix": {"file": "m.imatrix.gguf", "source": how, "datasets": datasets},
                 "calibration": {"source": calibration}}  # fmt: skip
     (d / "manifest.json").write_text(json.dumps(manifest))
