@@ -235,12 +235,14 @@ def _check_aspect(width: int, height: int, path: Path) -> None:
 def _check_mode(img: Image.Image, path: Path) -> None:
     if img.mode == "F":
         raise QoqoptError(f"{path}: a floating-point image has no display range; save it as 8 or 16 bits")
+    if img.mode == "LAB":  # Pillow's LAB to RGB copies the bands across (a mid grey came out bright blue)
+        raise QoqoptError(f"{path}: a CIELAB image, which Pillow cannot convert to RGB; save it as RGB")
 
 
 def _to_rgb8(img: Image.Image, path: Path, white_is_zero: bool = False) -> Image.Image:
     _check_mode(img, path)
     if img.mode not in _SIXTEEN_BIT:
-        return img.convert("RGB")
+        return _on_white(img)
     values = np.asarray(img, dtype=np.int64)
     if values.min() < 0:  # signed (a TIFF of Hounsfield units, say): no display window is known
         raise QoqoptError(f"{path}: signed values ({values.min()}..{values.max()}) have no display range; give the "
@@ -253,3 +255,13 @@ def _to_rgb8(img: Image.Image, path: Path, white_is_zero: bool = False) -> Image
     if white_is_zero:  # a TIFF stored WhiteIsZero (photometric 0): Pillow inverts only 8-bit ones
         values = 65535 - values
     return Image.fromarray((values >> 8).astype(np.uint8), "L").convert("RGB")
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """RGB, with any transparency laid over white, as transformers' processor (convert_to_rgb) and
+    QoQ-Med's training data loader do: a plain convert drops the alpha, and a scan annotated on a
+    transparent PNG came out black."""
+    if "A" not in img.getbands() and img.info.get("transparency") is None:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")

@@ -112,6 +112,31 @@ def test_a_16_bit_image_using_12_bits_is_shown_as_llama_cpp_shows_it_with_a_warn
     assert "uses at most 12 bits" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "RGB"])
+def test_transparency_is_laid_over_white_as_transformers_processor_does(tmp_path, mode):
+    """A scan annotated on a transparent PNG came out black (the alpha dropped): transformers' image
+    processor (convert_to_rgb) and QoQ-Med's training loader lay it over white, and so does qoqopt
+    before either runtime sees it. Alpha bands, a palette's transparent index and an RGB PNG's tRNS
+    colour alike."""
+    from transformers.image_transforms import convert_to_rgb
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    alpha = np.where(rng.random((40, 60)) < 0.5, 0, rng.integers(1, 256, (40, 60))).astype(np.uint8)
+    path = tmp_path / "scan.png"
+    if mode in ("RGBA", "LA"):
+        Image.fromarray(np.dstack([rgb, alpha])).convert(mode).save(path)
+    elif mode == "P":
+        Image.fromarray(rgb).quantize(16).save(path, transparency=3)
+    else:  # an odd colour, which the even-valued rest never matches, is the see-through one
+        keyed = rgb // 2 * 2
+        keyed[:8, :8] = (11, 13, 17)
+        Image.fromarray(keyed).save(path, transparency=(11, 13, 17))
+    theirs = convert_to_rgb(Image.open(path), return_numpy=True)
+    assert np.array_equal(np.asarray(open_image(path)), theirs)
+    assert (theirs == 255).all(axis=-1).sum() > 10  # something was see-through, and shows white
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -120,6 +145,8 @@ def test_a_16_bit_image_using_12_bits_is_shown_as_llama_cpp_shows_it_with_a_warn
         (lambda p: Image.fromarray(np.ones((8, 8), np.float32)).save(p.with_suffix(".tif")) or
          p.with_suffix(".tif").rename(p), "a floating-point image has no display range"),
         (lambda p: p.mkdir(), "is a directory"),
+        (lambda p: Image.new("LAB", (8, 8), (50, 0, 0)).save(p.with_suffix(".tif")) or p.with_suffix(".tif").rename(p),
+         "a CIELAB image, which Pillow cannot convert to RGB"),
     ],
 )
 def test_unreadable_images_are_one_line(tmp_path, make, message):
