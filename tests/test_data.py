@@ -630,6 +630,20 @@ def test_jsonl_loads_images_dicoms_and_ecgs(tmp_path):
     assert items[2].image.size[0] > items[2].image.size[1]
 
 
+def test_choices_a_question_names_only_inside_other_words_are_offered(tmp_path):
+    """Whether the question already lists its choices was a substring test: "Normal" is inside
+    "abnormal" and "CT" inside "structure", so those options were never offered. Listed as words,
+    in any case, they are left as the user wrote them."""
+    rows = [{**GOOD, "question": "Is this chest X-ray abnormal?", "answer": "Normal", "choices": ["Normal", "Abnormal"]},
+            {**GOOD, "id": "b", "question": "Which structure: MRI or ultrasound?", "answer": "CT",
+             "choices": ["CT", "MRI", "Ultrasound"]},
+            {**GOOD, "id": "c", "question": "Normal or abnormal?", "answer": "Normal", "choices": ["Normal", "Abnormal"]}]  # fmt: skip
+    offered, structure, listed = load_jsonl(_write_set(tmp_path, rows))
+    assert offered.question.startswith("Is this chest X-ray abnormal? Answer with one word from the following: Normal, Abnormal.")
+    assert structure.question.startswith("Which structure: MRI or ultrasound? Answer with one word from the following: CT,")
+    assert listed.question == f"Normal or abnormal? {THINK_SUFFIX}"
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import shlex
 from functools import partial
 from pathlib import Path
@@ -192,7 +193,8 @@ def _prompt(question: str, choices: list[str]) -> str:
     """The user's question; given choices it does not list itself, they are offered in the words
     the built-in set uses (prompts.format_question, after CLIMB), then QoQ-Med's instruction."""
     question = question.strip()
-    listed = all(c.lower() in question.lower() for c in choices)
+    # as whole words: "Normal" is inside "abnormal", and "CT" inside "structure"
+    listed = all(re.search(rf"(?<!\w){re.escape(c)}(?!\w)", question, re.IGNORECASE) for c in choices)
     if choices and not listed:
         unit = "one word" if all(" " not in c for c in choices) else "one option"
         question = f"{question} Answer with {unit} from the following: {', '.join(choices)}."
