@@ -15,6 +15,7 @@ conditions against the reference answer.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
@@ -116,8 +117,19 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+# QoQ-Med's reward (its examples/reward_function/medical.py) splits labels on ", ", " and ", " & ",
+# "," and "&", so the model writes "Atrial fibrillation and LBBB"; here on every one of them at once
+_SEPARATORS = re.compile(r",|&|\s+and\s+", re.IGNORECASE)
+_WRAPPED = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")  # \boxed{\text{Head}}
+_EDGES = " .:;!?\"'`()[]"  # (Head), "Head", Head.
+
+
 def _conditions(answer: str) -> set[str]:
-    return {c.strip().strip(".").lower() for c in answer.split(",") if c.strip().strip(".")}
+    """The labels of one answer, compared case-insensitively, with LaTeX text wrappers, quotes,
+    brackets and runs of spaces (a non-breaking one included: NFKC) taken away."""
+    text = _WRAPPED.sub(r"\1", unicodedata.normalize("NFKC", answer))
+    labels = (" ".join(part.split()).strip(_EDGES).lower() for part in _SEPARATORS.split(text))
+    return {label for label in labels if label}
 
 
 def set_f1(predicted: str | None, reference: str) -> float:

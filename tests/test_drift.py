@@ -91,6 +91,25 @@ def test_boxed_extraction():
     assert extract_boxed(r"\boxed{unclosed") is None
 
 
+@pytest.mark.parametrize("boxed, reference, score", [
+    # QoQ-Med's own reward splits labels on ", ", " and ", " & ", "," and "&" (medical.py parse_conditions)
+    (r"\boxed{Head and Chest}", "Head, Chest", 1.0),
+    (r"\boxed{Atrial fibrillation & LBBB}", "LBBB, Atrial fibrillation", 1.0),
+    (r"\boxed{Chest AND Abdomen}", "Chest", pytest.approx(2 / 3)),
+    # the ways a right answer was scored 0: LaTeX text, brackets and quotes, spacing
+    (r"\boxed{\text{Head}}", "Head", 1.0),
+    (r"\boxed{(Head)}", "Head", 1.0),
+    (r'\boxed{"Head"}', "Head", 1.0),
+    (r"\boxed{Atrial  fibrillation}", "Atrial fibrillation", 1.0),
+    ("\\boxed{Sinus\u00a0rhythm}", "Sinus rhythm", 1.0),
+    # and what stays wrong
+    (r"\boxed{Handedness}", "Hand", 0.0),
+    (r"\boxed{}", "Head", 0.0),
+])
+def test_answers_are_read_as_qoq_med_writes_them(boxed, reference, score):
+    assert answer_score(f"<think>..</think>{boxed}", reference) == score
+
+
 def test_set_f1_of_boxed_condition_sets():
     """F1 = 2PR / (P + R) over the sets of comma-separated conditions, worked by hand."""
     assert set_f1("Chest", "chest") == 1.0
