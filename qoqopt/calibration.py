@@ -239,12 +239,22 @@ def calibration_items(source: str = "clinical", n: int = 64, seed: int = 0):
     from .data.jsonl import set_label
 
     if source == "clinical":
-        pool = clinical_set(split="calib", n_per_base=max(1, -(-n // 40)), seed=seed)
+        pool = clinical_set(split="calib", n_per_base=_views_per_image(n, seed), seed=seed)
         label = f"qoqopt clinical calib split (seed {seed})"
     else:
         pool = load_jsonl(source)
         label = set_label(source)
     return balanced_sample(pool, n, seed=seed), label
+
+
+def _views_per_image(n: int, seed: int) -> int:
+    """Views of each calib image enough for every domain's share of ``n`` chats: the ECG domain has
+    the fewest images (3), and one view per 40 chats gave 64 chats with 6 ECGs where 13 are its share."""
+    from .data import clinical_set, domain_counts
+
+    per_view = domain_counts(clinical_set(split="calib", n_per_base=1, seed=seed))
+    share = -(-n // len(per_view))
+    return max(1, -(-n // 40), *(-(-share // count) for count in per_view.values()))
 
 
 def load_hf_model(path, dtype: str = "auto", device: str | None = None):

@@ -630,6 +630,19 @@ def test_jsonl_loads_images_dicoms_and_ecgs(tmp_path):
     assert items[2].image.size[0] > items[2].image.size[1]
 
 
+@pytest.mark.parametrize("n", [8, 64, 128, 300])
+def test_the_clinical_calibration_chats_are_domain_balanced(n):
+    """As export --help says: the ECG domain has the fewest calib images, and one view of each per 40
+    chats gave export's default 64 chats only 6 ECGs (13 are its share) and 128 only 12."""
+    from qoqopt.calibration import calibration_items
+    from qoqopt.data import domain_counts
+
+    items, _ = calibration_items("clinical", n)
+    counts = domain_counts(items)
+    assert len(items) == n and set(counts) == set(BUILTIN_DOMAINS) and max(counts.values()) - min(counts.values()) <= 1, counts
+    assert len({it.id for it in items}) == n
+
+
 def test_choices_a_question_names_only_inside_other_words_are_offered(tmp_path):
     """Whether the question already lists its choices was a substring test: "Normal" is inside
     "abnormal" and "CT" inside "structure", so those options were never offered. Listed as words,
