@@ -890,6 +890,20 @@ def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_di
         fh.write(bytes([byte[0] ^ 0x40]))
     err = refused(["ask", corrupt, "--item", item_id], capsys)
     assert err.startswith(f"error: {shard.name} does not match the sha256 in manifest.json"), err
+    # without qoqopt's manifest (another tool's GPTQ build, a Hub repo) it still runs in qoqopt's W4A16
+    # layers: transformers' loader wanted optimum and died in a traceback
+    foreign = tmp_path / "foreign"
+    shutil.copytree(gptq_dir, foreign)
+    (foreign / "manifest.json").unlink()
+    res = run_cli("ask", str(foreign), "--item", item_id)
+    assert "(transformers + qoqopt W4A16 (torch reference, float32), cpu)" in res.stdout, res.stderr
+    assert _asked(res) == _greedy_reply(load_fake_quantized(gptq_dir), gptq_dir, item)
+    config = json.loads((foreign / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8"}
+    (foreign / "config.json").write_text(json.dumps(config))
+    assert refused(["ask", foreign, "--item", item_id], capsys) == (
+        f"error: {foreign} is a FP8 build (its config.json has a quantization_config): qoqopt runs GPTQ and AWQ "
+        "builds and unquantized checkpoints")  # fmt: skip
 
 
 def test_ask_through_llama_cpp_replies_as_transformers(trained_dir, tmp_path):

@@ -171,11 +171,19 @@ def load_folder(folder: Path, quantized: bool, device: str) -> HFRunner:
     """A qoqopt GPTQ/AWQ export directory (``quantized``, through qoqopt's W4A16 layers) or a plain
     checkpoint (fp32 compute up to ~3 B parameters, bf16 beyond), as `qoqopt ask` runs them."""
     from ..calibration import load_hf_model
-    from ..loader import checked_processor
+    from ..loader import checked_processor, read_json_object, validate_config
 
     processor = checked_processor(folder, str(folder))
-    if quantized:
+    # a GPTQ/AWQ folder without qoqopt's manifest (another tool's build, a Hub repo) is one too:
+    # transformers' own loader wanted optimum and gptqmodel, and failed in a traceback without them
+    config = read_json_object(Path(folder) / "config.json")
+    validate_config(config, str(folder))
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if quantized or method in ("gptq", "awq"):
         return _load_w4a16(folder, processor, device)
+    if method:
+        raise QoqoptError(f"{folder} is a {str(method).upper()} build (its config.json has a quantization_config): "
+                          "qoqopt runs GPTQ and AWQ builds and unquantized checkpoints")  # fmt: skip
     from ..kernels.tuning import dtype_name
 
     model = load_hf_model(folder, "auto", device)
