@@ -237,6 +237,31 @@ def test_a_users_decomposed_text_reaches_llama_cpp_as_transformers_reads_it(voca
     assert said in item.question and unicodedata.is_normalized("NFC", item.answer)
 
 
+def test_a_users_image_is_as_many_tokens_in_transformers_as_in_llama_cpp(built, tiny_dir, tmp_path):
+    """`ask` gives llama.cpp QoQ-Med's training range of image tokens; transformers took the
+    checkpoint's preprocessor_config.json range, which for a checkpoint carrying Qwen's defaults
+    (3136..12845056 pixels) made a 1024x1024 scan 1369 image tokens there and 625 in llama.cpp: the
+    two runtimes saw the image at different resolutions. Now both see the training range."""
+    from PIL import Image
+
+    from qoqopt.bench.hf_runner import HFRunner, image_question
+    from qoqopt.exports.gguf_meta import train_token_range
+    from qoqopt.processor import load_processor
+
+    src = tmp_path / "qwen-range"
+    shutil.copytree(tiny_dir, src)
+    pre = json.loads((src / "preprocessor_config.json").read_text())
+    pre |= {"min_pixels": 3136, "max_pixels": 12845056, "size": {"shortest_edge": 3136, "longest_edge": 12845056}}
+    (src / "preprocessor_config.json").write_text(json.dumps(pre))
+    runner = HFRunner(None, load_processor(src), "transformers", "cpu")
+    lo, hi = train_token_range()
+    with LlamaVL(built.file("text", "F16"), built.file("mmproj"), image_min_tokens=lo, image_max_tokens=hi) as vl:
+        for size in ((1024, 1024), (300, 200), (2000, 600)):
+            image = Image.new("RGB", size, (90, 90, 90))
+            ours = int(runner._inputs(image_question(image, "Which organ?"))["image_grid_thw"].prod()) // 4
+            assert ours == vl.image_embeddings(image).shape[0], size
+
+
 # ---------------------------------------------------------------------------- images
 
 

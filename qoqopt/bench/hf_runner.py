@@ -53,9 +53,14 @@ class HFRunner:
         return self._generate(inputs, max_new_tokens)
 
     def _inputs(self, messages):
-        return self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
+        from ..mini import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
+
+        # QoQ-Med's training image range, as llama.cpp is given it (mtmd's image tokens): a checkpoint's
+        # preprocessor_config.json may say Qwen's 3136..12845056, and a 1024x1024 scan was then 1369
+        # image tokens here and 625 in llama.cpp. The clinical sets' images lie inside the range already.
+        size = {"shortest_edge": TRAIN_MIN_PIXELS, "longest_edge": TRAIN_MAX_PIXELS}
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                  return_tensors="pt", processor_kwargs={"size": size})  # fmt: skip
 
     def _generate(self, inputs, new_tokens: int, exact: bool = False, clock=None) -> str:
         import torch
