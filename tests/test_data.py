@@ -101,6 +101,27 @@ def test_sizes_are_what_the_qwen_processor_keeps():
         assert pil.smart_resize(h, w, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) == (h, w)
 
 
+def test_a_thin_picture_the_processor_takes_stays_one_it_takes_once_resized():
+    """A picture with sides up to 200 times apart passes the aspect check, but its size on the
+    28-pixel grid could be over 200 apart, which the processor refuses (a 7443x39 scan became
+    7448x28, a 9530x57 one 9352x28: a traceback mid-export). Every such size, at a user set's own
+    size and at --max-side 320 and 8192, is one transformers' smart_resize takes and keeps."""
+    pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    from qoqopt.data import fit_size
+
+    rng = np.random.default_rng(0)
+    sizes = [(long, short) for short in range(1, 121) for long in {200 * short, *rng.integers(short, 200 * short + 1, 12)}]
+    for long, short in sizes + [(7443, 39), (5615, 29), (9530, 57), (20000, 119)]:
+        for width, height in ((int(long), short), (short, int(long))):
+            for max_side in (max(width, height), 320, 8192):
+                w, h = fit_size(width, height, max_side)
+                kept = pil.smart_resize(h, w, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+                assert kept == (h, w), (width, height, max_side)
+                assert w == h or (w > h) == (width > height), (width, height)
+    # and the aspect is kept where the grid allows it: not squeezed to 200 (9530x57 is 167 long)
+    assert [fit_size(*wh, max(wh)) for wh in ((7443, 39), (9530, 57))] == [(5348, 28), (9352, 56)]
+
+
 def test_report_texts():
     texts = report_texts()
     assert 30 <= len(texts) <= 60
