@@ -288,13 +288,14 @@ def render_card(manifest: dict, files: list[PlannedFile], repo_id: str, results_
         from .exports.hf_readme import summary_table
 
         body += ["", summary_table(manifest)]
-    body += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---:|---|"]
-    body += [f"| `{f.path}` | {f.bytes:,} | `{f.sha256}` |" for f in files]
+    body += ["", "## Files", "", *_file_table(files, manifest)]
     if exported is not None:  # only a README the manifest lists is read
         body += ["", "This card takes the place of the export's own README.md, which is not uploaded (the "
                  "`manifest.json` here leaves it out)."]
     if results_md:
-        body += ["", "## Evidence: drift and speed", "", *_evidence(results_md, manifest)]
+        evidence = _evidence(results_md, manifest)
+        timed = any("### Speed per machine" in part for part in evidence)  # `bench --no-speed` has none
+        body += ["", f"## Evidence: drift{' and speed' if timed else ''}", "", *evidence]
     # builds exported before the top-level key carried the encoder whenever their source had one
     carries_ecg = manifest.get("ecg_encoder", "carried" if src.get("ecg_encoder") else None) == "carried"
     sections = exported or {}
@@ -313,7 +314,8 @@ def _evidence(results_md: str, manifest: dict) -> list[str]:
     if not measured:
         raise QoqoptError(f"--results: the report measured none of this build's files (its {fmt} rows are of "
                           "other builds); bench this build and run `qoqopt report` on that")  # fmt: skip
-    tables = without_local_paths(tables)
+    # the report's sections sit under the card's Evidence heading, one level down
+    tables = re.sub(r"^## ", "### ", without_local_paths(tables), flags=re.M)
     built = [f"{fmt}:{q}" for q in gguf_quants(manifest)] if fmt == "gguf" else []
     missing = [v for v in built if v not in measured]
     return [tables] + (["", f"Not measured in these results: {', '.join(missing)}."] if missing else [])
@@ -468,6 +470,28 @@ def readme_sections(readme: str) -> dict[str, str]:
         elif current is not None:
             sections[current].append(line)
     return {heading: "\n".join(lines).strip("\n") for heading, lines in sections.items()}
+
+
+def _file_table(files: list[PlannedFile], manifest: dict) -> list[str]:
+    """The uploaded files; for a GGUF build also what each is (text model and its quant type, the
+    mmproj, the importance matrix) and how the K-quants were calibrated, as the export's README
+    (which the card replaces) said: a bare `mini.imatrix.gguf` told a reader nothing."""
+    if manifest.get("format") != "gguf":
+        return ["| file | bytes | sha256 |", "|---|---:|---|", *(f"| `{f.path}` | {f.bytes:,} | `{f.sha256}` |" for f in files)]
+    listed = {entry_path(e): e for e in manifest.get("files", [])}
+    rows = ["| file | kind | type | bytes | sha256 |", "|---|---|---|---:|---|"]
+    for f in files:
+        entry = listed.get(f.path, {})
+        kind, quant = inline_text(str(entry.get("kind", "manifest" if f.path == "manifest.json" else "–"))), entry.get("quant")
+        rows.append(f"| `{f.path}` | {kind} | {inline_text(str(quant)) if quant else '–'} | {f.bytes:,} | `{f.sha256}` |")
+    imatrix = manifest.get("imatrix")
+    if isinstance(imatrix, dict) and imatrix.get("file"):
+        datasets = "; ".join(inline_text(str(d)) for d in imatrix.get("datasets") or [])
+        rows += ["", f"The K-quant and IQ files were quantized with an importance matrix ({inline_text(str(imatrix.get('source')))}"
+                 + (f"; {datasets}" if datasets else "") + f"), shipped as `{inline_text(str(imatrix['file']))}`."]  # fmt: skip
+    elif gguf_quants(manifest):
+        rows += ["", "No importance matrix was used."]
+    return rows
 
 
 def _usage(fmt: str, repo_id: str, manifest: dict, carries_ecg: bool, exported_run: str | None) -> str:

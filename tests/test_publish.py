@@ -304,7 +304,8 @@ def test_upload_sends_the_plan_through_hfapi_and_never_writes_the_token(export_d
     shipped = json.loads(api.sent["manifest.json"])
     assert integrity.problems(download, shipped) == [] and integrity.unlisted(download, shipped) == []
     assert {f["path"] for f in shipped["files"]} == set(listed) - {"README.md"}
-    assert f"| `manifest.json` | {len(api.sent['manifest.json']):,} | `{hashlib.sha256(api.sent['manifest.json']).hexdigest()}` |" in plan.card
+    assert (f"| `manifest.json` | manifest | – | {len(api.sent['manifest.json']):,} | "
+            f"`{hashlib.sha256(api.sent['manifest.json']).hexdigest()}` |") in plan.card  # fmt: skip
     for f in export_dir.rglob("*"):
         assert SECRET.encode() not in f.read_bytes()
     assert SECRET not in plan.card and SECRET not in plan.describe()
@@ -322,6 +323,25 @@ def test_an_upload_that_fails_outside_http_is_one_line(export_dir):
     assert str(err.value).startswith("upload to me/x failed: ") and "mmproj-QoQ-Med-mini-f16.gguf" in str(err.value)
     assert str(err.value).endswith("; no file was committed (me/x exists, without this build)") and "\n" not in str(err.value)
     assert [call[0] for call in api.calls] == ["create_repo"]
+
+
+def test_a_gguf_card_says_what_each_file_is_and_how_the_k_quants_were_calibrated(export_dir):
+    """The card replaces the export's README, whose file table (kind, quant type) and imatrix line
+    the card dropped: its Files table listed `*.imatrix.gguf` with nothing to say what it was, and
+    nothing said the K-quants were calibrated on clinical chats."""
+    m = json.loads((export_dir / "manifest.json").read_text())
+    data = b"GGUF imatrix"
+    (export_dir / "m.imatrix.gguf").write_bytes(data)
+    m["files"].append({"path": "m.imatrix.gguf", "kind": "imatrix", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    m["imatrix"] = {"file": "m.imatrix.gguf", "source": "calibrated", "datasets": ["qoqopt clinical calib split (seed 0): 64 chats"]}
+    (export_dir / "manifest.json").write_text(json.dumps(m))
+    card = plan_upload(export_dir, "me/x").card
+    rows = {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[2:4]]
+            for line in card.split("## Files")[1].split("\n## ")[0].splitlines() if line.startswith("| `")}  # fmt: skip
+    assert rows == {"QoQ-Med-mini.Q8_0.gguf": ["text", "Q8_0"], "mmproj-QoQ-Med-mini-f16.gguf": ["mmproj", "–"],
+                    "m.imatrix.gguf": ["imatrix", "–"], "manifest.json": ["manifest", "–"]}  # fmt: skip
+    assert ("quantized with an importance matrix (calibrated; qoqopt clinical calib split (seed 0): 64 chats), "
+            "shipped as `m.imatrix.gguf`.") in card  # fmt: skip
 
 
 def test_plan_refuses_missing_listed_file(export_dir):
@@ -459,6 +479,14 @@ def test_a_report_of_other_builds_is_refused_and_unmeasured_quants_named(export_
     card = plan_upload(export_dir, "me/x", results=tmp_path / "report.md").card
     assert f"| gguf:{text['quant']} |" in card and "| gguf:Q4_K_M |" not in card
     assert "Not measured in these results: gguf:Q6_K." in card
+    # the report's sections sit one level under the card's own heading, which names what they hold
+    evidence = card.split("\n## Evidence: drift and speed\n", 1)[1].split("\n## ", 1)[0]
+    assert "\n### Drift against the reference" in evidence and "\n### Speed per machine" in evidence
+    for v in run["variants"]:
+        v.pop("speed", None)  # as `bench --no-speed` writes them
+    (tmp_path / "report.md").write_text(render_markdown([run]))
+    card = plan_upload(export_dir, "me/x", results=tmp_path / "report.md").card
+    assert "\n## Evidence: drift\n" in card and "### Speed" not in card
 
 
 def test_local_source_needs_base_model(export_dir, tmp_path):
