@@ -267,7 +267,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
                     records.append(_record(tmp / imatrix_info["file"], "imatrix"))
                 for q in llama_quants:
                     path = tmp / text_file_name(ctx.name, q)
-                    rep = gguf_quant.llama_quantize(inter, path, q, means, options.threads)
+                    rep = gguf_quant.llama_quantize(inter, path, q, means, options.threads, imatrix_info)
                     notes += rep.summary()
                     for line in rep.summary():
                         log(f"note: {line}")

@@ -133,9 +133,12 @@ class _LogCapture:
 
 
 def llama_quantize(
-    src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None, threads: int = 0
+    src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None, threads: int = 0,
+    provenance: dict | None = None,
 ) -> QuantReport:
-    """Quantize GGUF `src` to `dst` with llama.cpp. `imatrix`: GGUF tensor name -> per-column mean x^2.
+    """Quantize GGUF `src` to `dst` with llama.cpp. `imatrix`: GGUF tensor name -> per-column mean x^2;
+    `provenance`: the imatrix's file name, datasets, entries and chunks, which the output records as
+    llama-quantize records them (:func:`imatrix_kv`).
 
     It runs in a child process (exports/quantize_worker.py) so that Ctrl-C or SIGTERM stops it at
     once: in this process it is one C call that Python cannot interrupt, and a 7B quantize went on
@@ -150,7 +153,7 @@ def llama_quantize(
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as work:
         argv = python_module("qoqopt.exports.quantize_worker", str(src), str(dst), quant, str(threads))
         if imatrix:
-            argv.append(_save_means(imatrix, Path(work) / "imatrix.safetensors"))
+            argv += [_save_means(imatrix, Path(work) / "imatrix.safetensors"), json.dumps(provenance or {})]
         reply = _run_worker(argv, dst, quant)
     return QuantReport(quant, reply["fallbacks"])
 
@@ -198,7 +201,8 @@ def _disk_full(lines: list[str], folder: Path) -> bool:
 
 
 def quantize_here(
-    src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None, threads: int = 0
+    src: Path, dst: Path, quant: str, imatrix: dict[str, np.ndarray] | None, threads: int = 0,
+    provenance: dict | None = None,
 ) -> list[str]:
     """The quantize itself, in this process (the worker's job): the fallbacks llama.cpp logged."""
     import llama_cpp
@@ -207,6 +211,10 @@ def quantize_here(
     params.ftype = llama_ftypes()[quant]
     params.nthread = threads
     keep = []
+    if imatrix and provenance:
+        overrides = _kv_overrides(llama_cpp, imatrix_kv(provenance))
+        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+        keep.append(overrides)
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for i, (name, values) in enumerate(sorted(imatrix.items())):
@@ -228,6 +236,35 @@ def quantize_here(
         raise QoqoptError(f"llama.cpp could not quantize to {quant}: {why}")
     flat = log.text.replace("\n", " ")
     return [f"{m.group(1)} {m.group(2).upper()} -> {m.group(3).upper()}" for m in _FALLBACK.finditer(flat)]
+
+
+def imatrix_kv(provenance: dict) -> dict[str, str | int]:
+    """The keys llama-quantize writes into a build made with an importance matrix (its
+    quantize.cpp): without them a K-quant made with the clinical imatrix could not be told, from
+    its own metadata, from one made with none. Strings are cut at 127 bytes, as llama.cpp's are."""
+    kv: dict[str, str | int] = {"quantize.imatrix.file": _c_string(provenance["file"])}
+    if provenance.get("datasets"):
+        kv["quantize.imatrix.dataset"] = _c_string(provenance["datasets"][0])
+    kv["quantize.imatrix.entries_count"] = int(provenance["entries"])
+    if provenance.get("chunks"):
+        kv["quantize.imatrix.chunks_count"] = int(provenance["chunks"])
+    return kv
+
+
+def _c_string(text: str) -> str:
+    return text.encode()[:127].decode(errors="ignore")  # not half a UTF-8 character
+
+
+def _kv_overrides(llama_cpp, kv: dict[str, str | int]):
+    """``kv`` as llama.cpp's override array, ended by an entry with an empty key."""
+    overrides = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
+    for entry, (key, value) in zip(overrides, kv.items()):
+        entry.key = key.encode()
+        if isinstance(value, str):
+            entry.tag, entry.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()
+        else:
+            entry.tag, entry.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
+    return overrides
 
 
 def tensor_types(path: Path) -> dict[str, str]:

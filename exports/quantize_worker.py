@@ -5,10 +5,11 @@ cannot interrupt it; a child process can be killed. Ctrl-C and SIGTERM get their
 here (unless they came in ignored, as in a shell script's background job), so a terminal's Ctrl-C,
 which reaches the whole process group, ends this process at once too.
 
-    qoqopt.children.python_module("qoqopt.exports.quantize_worker", SRC, DST, QUANT, THREADS [, IMATRIX])
+    qoqopt.children.python_module("qoqopt.exports.quantize_worker", SRC, DST, QUANT, THREADS [, IMATRIX, PROVENANCE])
 
 The last line on stdout is the reply: {"fallbacks": [...]} (exit 0) or {"error": "..."} (exit 1).
-IMATRIX is a safetensors file of per-column mean x^2, by GGUF tensor name.
+IMATRIX is a safetensors file of per-column mean x^2, by GGUF tensor name; PROVENANCE the JSON of
+the imatrix's file name, datasets, entries and chunks (gguf_quant.imatrix_kv).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def main(argv: list[str]) -> int:
         from .gguf_quant import quantize_here
 
         imatrix = _load_means(rest[0]) if rest else None
-        fallbacks = quantize_here(Path(src), Path(dst), quant, imatrix, int(threads))
+        provenance = json.loads(rest[1]) if len(rest) > 1 else None
+        fallbacks = quantize_here(Path(src), Path(dst), quant, imatrix, int(threads), provenance)
     except QoqoptError as exc:
         return _reply({"error": str(exc)}, 1)
     except Exception as exc:  # a bug, or llama-cpp-python missing: in full on stderr, named in the reply

@@ -315,12 +315,32 @@ def test_a_given_imatrix_file_quantizes_as_its_calibration_did_and_keeps_no_file
     write_imatrix(given, IMatrix(made.sums, made.counts, ["/data/ward3/DOE_JOHN_MRN12345/calib.txt"], made.chunk_count, 512))
     export_gguf(str(tiny_dir), tmp_path / "again", GGUFOptions(imatrix=str(given), **opts), log=lambda s: None)
     quant = next((tmp_path / "first").glob("*.Q4_K_M.gguf")).name
-    assert (tmp_path / "again" / quant).read_bytes() == (tmp_path / "first" / quant).read_bytes()
+    assert _tensor_bytes(tmp_path / "again" / quant) == _tensor_bytes(tmp_path / "first" / quant)
     carried = read_imatrix(next((tmp_path / "again").glob("*.imatrix.gguf")))
     assert carried.datasets == [GIVEN_DATASET] and carried.chunk_size == 512
     manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
     assert manifest["imatrix"]["source"] == f"read from an imatrix file (sha256 {hashlib.sha256(given.read_bytes()).hexdigest()[:12]})"
     assert recorded_local_names(tmp_path / "again", manifest) == [] and "MRN12345" not in json.dumps(manifest)
+    # each build records its imatrix as llama-quantize does (tools/quantize/quantize.cpp), read back
+    # by llama.cpp's own loader: the given file's datasets are not carried there either
+    from llama_cpp import Llama
+
+    for build, dataset in (("first", read_imatrix(next((tmp_path / "first").glob("*.imatrix.gguf"))).datasets[0]),
+                           ("again", GIVEN_DATASET)):  # fmt: skip
+        meta = Llama(str(tmp_path / build / quant), vocab_only=True, verbose=False).metadata
+        recorded = json.loads((tmp_path / build / "manifest.json").read_text())["imatrix"]
+        assert meta["quantize.imatrix.file"] == recorded["file"] and recorded["file"].endswith(".imatrix.gguf")
+        assert meta["quantize.imatrix.dataset"] == dataset.encode()[:127].decode(errors="ignore")
+        assert (int(meta["quantize.imatrix.entries_count"]), int(meta["quantize.imatrix.chunks_count"])) == (
+            recorded["entries"], recorded["chunks"]) and recorded["chunks"] > 0  # fmt: skip
+    assert "MRN12345" not in (tmp_path / "again" / quant).read_bytes().decode("latin-1")
+
+
+def _tensor_bytes(path) -> dict[str, bytes]:
+    """Each tensor's stored bytes, by name (the metadata aside)."""
+    from gguf import GGUFReader
+
+    return {t.name: bytes(t.data.tobytes()) for t in GGUFReader(str(path)).tensors}
 
 
 # ---------------------------------------------------------------------------- trained model
@@ -368,7 +388,8 @@ def test_the_shipped_imatrix_gives_the_build_again(trained, tmp_path):
 
     res = trained["res"]
     again = tmp_path / "again.Q4_K_M.gguf"
-    llama_quantize(res.file("text", "BF16"), again, "Q4_K_M", read_imatrix(res.out / "mini.imatrix.gguf").means())
+    llama_quantize(res.file("text", "BF16"), again, "Q4_K_M", read_imatrix(res.out / "mini.imatrix.gguf").means(),
+                   provenance=res.imatrix)  # what llama-quantize records of the file it is given, too
     assert again.read_bytes() == res.file("text", "Q4_K_M").read_bytes()
 
 
