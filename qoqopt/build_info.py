@@ -64,7 +64,8 @@ def summarize_build(folder: Path, manifest: dict, source: str | None = None) -> 
     files = [_listed(folder, manifest, entry) for entry in manifest["files"] if (entry.get("part") or 1) == 1]
     summary = GGUFSummary(source or str(folder), files, manifest.get("source"), manifest.get("qoqopt_version"),
                           imatrix=manifest.get("imatrix"), default_quant=preferred_quant(gguf_quants(manifest)),
-                          hub=source is not None, left_out=_left_out(manifest), notes=list(manifest.get("notes") or []))  # fmt: skip
+                          hub=source is not None or bool(manifest.get("published")),  # a download: maybe one quant
+                          left_out=_left_out(manifest), notes=list(manifest.get("notes") or []))  # fmt: skip
     _add_headers(summary, folder)
     modelfile = folder / "Modelfile"
     if modelfile.is_file():  # its first FROM is the text GGUF, the first part of one in parts (one FROM per part)

@@ -41,11 +41,26 @@ def checked_files(folder: Path, entries: list[dict]) -> list[Path]:
     return paths
 
 
+def not_downloaded(folder: Path, manifest: dict) -> list[str]:
+    """The listed files a download of a published build left out on purpose: the card tells users
+    to fetch one quant (`hf download --include`), and `info` called such a copy damaged. A file in
+    parts counts as left out only with every part absent; a missing part of one present is damage.
+    Nothing is, in a build as `export` wrote it."""
+    if not manifest.get("published"):
+        return []
+    here = {entry_path(e) for e in manifest["files"] if (Path(folder) / entry_path(e)).exists()}
+    groups: dict[tuple, list[str]] = {}
+    for e in manifest["files"]:  # the parts of one file share its kind and quant
+        groups.setdefault((e.get("kind"), e.get("quant")) if e.get("parts") else (entry_path(e),), []).append(entry_path(e))
+    return [rel for paths in groups.values() if not set(paths) & here for rel in paths]
+
+
 def problems(folder: Path, manifest: dict) -> list[str]:
     """Every file the manifest lists, checked in full (present, size, sha256): one line per file
-    that fails, none for an intact build. A file with no recorded sha256 cannot be vouched for."""
-    found = []
-    for entry in manifest["files"]:
+    that fails, none for an intact build. A file with no recorded sha256 cannot be vouched for. A
+    published build's files left out of its download (:func:`not_downloaded`) are not checked."""
+    found, absent = [], set(not_downloaded(folder, manifest))
+    for entry in (e for e in manifest["files"] if entry_path(e) not in absent):
         try:
             if not entry.get("sha256"):
                 listed_file(folder, entry)

@@ -159,7 +159,7 @@ def listed_file(folder: Path, entry: dict) -> Path:
     rel = entry_path(entry)
     path = Path(folder) / rel
     if not path.is_file():
-        raise QoqoptError(f"{folder} lists {rel}, which is missing: copy or download the whole build")
+        raise QoqoptError(f"{Path(folder) / 'manifest.json'} lists {rel}, which is missing: copy or download the whole build")
     size = path.stat().st_size
     if "bytes" in entry and entry["bytes"] != size:
         why = "an incomplete download or copy" if size < entry["bytes"] else "changed after export, or another file"

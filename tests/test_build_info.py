@@ -139,11 +139,53 @@ def test_verify_checks_every_listed_file_against_its_sha256(tmp_path, capsys, mo
     assert rc == 1 and failed == [
         "verify       FAILED m.Q8_0.gguf does not match the sha256 in manifest.json: the file is corrupt or was "
         "changed after export; copy or download it again",
-        f"verify       FAILED {build} lists README.md, which is missing: copy or download the whole build"]
+        f"verify       FAILED {build / 'manifest.json'} lists README.md, which is missing: copy or download the whole build"]
     rc, out = verify("--json")
     assert rc == 1 and len(json.loads(out)["verify_failed"]) == 2
     assert refused(["info", paths[1], "--verify"], capsys).endswith("give the folder, not one file")
     assert "has no manifest.json" in refused(["info", tmp_path, "--verify"], capsys)
+
+
+def test_a_download_of_one_quant_of_a_published_build_is_not_damage(tmp_path, capsys, monkeypatch):
+    """The Hub card says to fetch one quant (`hf download --include`); `info` of that copy called
+    the other quants MISSING and exited 1, and --verify failed them. A published build's files that
+    were not downloaded are said so and not checked; one part of a file in parts missing, or any
+    file missing from a build as export wrote it, is still damage."""
+    import hashlib
+
+    from qoqopt.cli import main
+
+    monkeypatch.setenv("QOQOPT_CACHE", str(tmp_path / "cache"))
+    build = tmp_path / "pub"
+    build.mkdir()
+    names = ["m.Q4_K_M.gguf", "m.Q8_0-00001-of-00002.gguf", "m.Q8_0-00002-of-00002.gguf", "mmproj-m-f16.gguf"]
+    files = []
+    for i, name in enumerate(names):
+        path = _gguf(build / name, "clip" if name.startswith("mmproj") else "llama")
+        entry = {"path": name, "kind": "mmproj" if name.startswith("mmproj") else "text", "bytes": path.stat().st_size,
+                 "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}  # fmt: skip
+        if entry["kind"] == "text":
+            entry["quant"] = name.split(".")[1].split("-")[0]
+        if "-of-" in name:
+            entry |= {"part": i, "parts": 2}
+        files.append(entry)
+    manifest = {"format": "gguf", "files": files, "published": {"repo": "me/x"}}
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    for name in names[1:3]:
+        (build / name).unlink()  # `hf download me/x --include "*Q4_K_M*" "mmproj*" manifest.json`
+    assert main(["info", str(build), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verify       2 files match manifest.json (size and sha256)" in out
+    assert "verify       not downloaded, so not checked: m.Q8_0-00001-of-00002.gguf, m.Q8_0-00002-of-00002.gguf" in out
+    assert "MISSING" not in out and "not downloaded" in out.split("verify")[0]
+    _gguf(build / names[1], "llama")  # one part of two: an incomplete download
+    assert main(["info", str(build), "--verify"]) == 1
+    assert f"lists {names[2]}, which is missing" in capsys.readouterr().out
+    (build / names[1]).unlink()
+    del manifest["published"]  # as export wrote it: every file belongs
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["info", str(build), "--verify"]) == 1
+    assert f"FAILED {build / 'manifest.json'} lists {names[1]}, which is missing" in capsys.readouterr().out
 
 
 def test_verify_reports_a_damaged_build_even_when_it_cannot_be_summarised(tmp_path, capsys, monkeypatch):
@@ -162,7 +204,7 @@ def test_verify_reports_a_damaged_build_even_when_it_cannot_be_summarised(tmp_pa
     failed = [
         "model.safetensors does not match the sha256 in manifest.json: the file is corrupt or was "
         "changed after export; copy or download it again",
-        f"{tmp_path} lists config.json, which is missing: copy or download the whole build"]
+        f"{tmp_path / 'manifest.json'} lists config.json, which is missing: copy or download the whole build"]
     assert out.splitlines() == [f"verify       FAILED {line}" for line in failed]
     assert err.startswith("error: ") and err.count("\n") == 1
     assert main(["info", str(tmp_path), "--verify", "--json"]) == 1
@@ -300,4 +342,4 @@ def test_a_files_control_characters_are_shown_not_acted_on(tmp_path, capsys, mon
     capsys.readouterr()
     assert main(["info", str(build), "--verify"]) == 1
     out = capsys.readouterr().out
-    assert f"verify       FAILED {build} lists gone\\x1b[2J.gguf, which is missing" in out and "\x1b" not in out
+    assert f"verify       FAILED {build / 'manifest.json'} lists gone\\x1b[2J.gguf, which is missing" in out and "\x1b" not in out

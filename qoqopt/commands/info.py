@@ -108,15 +108,16 @@ class Verified(NamedTuple):
     n_files: int
     failed: list[str]
     unlisted: list[str]
+    absent: list[str] = []  # a published build's files its download left out (integrity.not_downloaded)
 
     def as_json(self) -> dict:
-        return {"verify_failed": self.failed, "verify_unlisted": self.unlisted}
+        return {"verify_failed": self.failed, "verify_unlisted": self.unlisted, "verify_not_downloaded": self.absent}
 
 
 def _verify(args, path: Path) -> Verified:
     """A local build's files checked against its manifest."""
     from ..errors import QoqoptError
-    from ..integrity import problems, unlisted
+    from ..integrity import not_downloaded, problems, unlisted
     from ..manifest import read_manifest
 
     if _is_gguf_file(path):
@@ -130,7 +131,8 @@ def _verify(args, path: Path) -> Verified:
         manifest = read_manifest(path)
     except QoqoptError as exc:  # the record the files are checked against is itself damaged: a failed check
         return Verified(0, [str(exc)], [])
-    return Verified(len(manifest["files"]), problems(path, manifest), unlisted(path, manifest))
+    absent = not_downloaded(path, manifest)
+    return Verified(len(manifest["files"]) - len(absent), problems(path, manifest), unlisted(path, manifest), absent)
 
 
 def _print_checked(checked: Verified | None) -> None:
@@ -142,6 +144,8 @@ def _print_checked(checked: Verified | None) -> None:
         print(f"verify       FAILED {printable(line)}")
     if not checked.failed:
         print(f"verify       {checked.n_files} files match manifest.json (size and sha256)")
+    if checked.absent:
+        print(f"verify       not downloaded, so not checked: {printable(', '.join(checked.absent))}")
     for rel in checked.unlisted:
         print(f"verify       not in manifest.json, so not checked: {printable(rel)}")
 
