@@ -74,11 +74,20 @@ def summarize_build(folder: Path, manifest: dict, source: str | None = None) -> 
     return summary
 
 
+def _kind(meta: dict) -> str:
+    """text, mmproj or imatrix, by general.type; an mmproj of older llama.cpp scripts has none, but
+    its architecture is clip, which llama.cpp refuses as a main model."""
+    kind = meta.get("general.type")
+    if isinstance(kind, str) and kind in ("mmproj", "imatrix"):
+        return kind
+    return "mmproj" if meta.get("general.architecture") == "clip" else "text"
+
+
 def summarize_file(path: Path) -> GGUFSummary:
     """One GGUF file (for a file in parts, its first part and the parts beside it)."""
     entry = GGUFFile(path.name, "?", None, 0)
     meta = _tensor_stats(entry, path)  # an unreadable header is the one-line error here
-    entry.kind = {"mmproj": "mmproj", "imatrix": "imatrix"}.get(meta.get("general.type"), "text")
+    entry.kind = _kind(meta)
     entry.quant = _file_type(meta.get("general.file_type"))
     summary = GGUFSummary(str(path), [entry], default_quant=None)
     _add_dims(summary, entry, meta)
@@ -155,6 +164,7 @@ def _tensor_stats(f: GGUFFile, first: Path) -> dict:
     paths = [first, *_other_parts(first, count, no)]
     headers = [header] + [_header(p) for p in paths[1:]]
     tensors = [t for h in headers for t in h.tensors]
+    _check_parts(paths, headers, count, len(tensors))
     sizes = [_sizes(h) for h in headers]  # None where a type is newer than this gguf-py
     f.cut_off = [p.name for p, h, n in zip(paths, headers, sizes) if n is not None and p.stat().st_size < data_end(h, n)]
     f.parts, f.bytes, f.tensors = len(paths), sum(p.stat().st_size for p in paths), len(tensors)
@@ -163,6 +173,23 @@ def _tensor_stats(f: GGUFFile, first: Path) -> dict:
     known = None not in sizes and f.params
     f.bpw = sum(map(sum, sizes)) * 8 / f.params if known else None
     return header.kv
+
+
+def _check_parts(paths: list[Path], headers: list, count: int, n_tensors: int) -> None:
+    """Each part says it is the part its name makes it, and all hold the tensors the first part
+    counts, as llama.cpp's loader checks ("invalid split file idx", "corrupted model"): parts
+    swapped, or from two exports, passed here and failed to load."""
+    if count == 1:
+        return
+    for i, (path, header) in enumerate(zip(paths, headers)):
+        said = (header.kv.get("split.no"), header.kv.get("split.count"))
+        if said != (i, count):
+            raise QoqoptError(f"{path.name} holds part {said[0]!r} of {said[1]!r} (counting from 0), where part {i} of "
+                              f"{count} belongs: parts swapped or from another file, which llama.cpp refuses")  # fmt: skip
+    expected = headers[0].kv.get("split.tensors.count")
+    if is_int(expected) and expected != n_tensors:
+        raise QoqoptError(f"{paths[0].name}: its {count} parts hold {n_tensors} tensors, but split.tensors.count says "
+                          f"{expected}, which llama.cpp refuses as a corrupted model")  # fmt: skip
 
 
 def _sizes(header) -> list[int] | None:

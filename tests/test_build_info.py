@@ -79,6 +79,29 @@ def test_a_gguf_path_is_never_looked_up_on_the_hub(tmp_path, capsys, monkeypatch
     assert refused(["info", "qoq.gguf"], capsys).startswith("error: qoq.gguf has no config.json")
 
 
+def test_an_mmproj_is_known_by_its_clip_architecture_and_an_odd_type_is_no_traceback(tmp_path, capsys):
+    """Older llama.cpp scripts wrote an mmproj without general.type: it showed as a text model of
+    "? layers". A general.type stored as an array was a TypeError traceback."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(tmp_path / "mmproj-legacy.gguf", "clip")
+    writer.add_string("clip.projector_type", "qwen2.5vl_merger")
+    writer.add_tensor("v.blk.0.attn_q.weight", np.ones((8, 32), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert json.loads(_json(tmp_path / "mmproj-legacy.gguf", capsys))["files"][0]["kind"] == "mmproj"
+    writer = GGUFWriter(tmp_path / "odd.gguf", "llama")
+    writer.add_array("general.type", ["mmproj"])
+    writer.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert json.loads(_json(tmp_path / "odd.gguf", capsys))["files"][0]["kind"] == "text"
+
+
 def test_a_split_part_is_named_for_what_it_is(tmp_path, capsys):
     """A later part is told to give the first; a first part renamed cannot lead llama.cpp to the others."""
     from qoqopt.exports.gguf_split import split_gguf
@@ -90,6 +113,34 @@ def test_a_split_part_is_named_for_what_it_is(tmp_path, capsys):
     assert "but not named -00001-of-00002.gguf" in refused(["info", renamed], capsys)
     summary = json.loads(_json(renamed.rename(first), capsys))  # named back: both parts, one file
     assert summary["files"][0]["parts"] == 2 and summary["files"][0]["tensors"] == 2
+
+
+def test_parts_swapped_or_from_another_file_are_refused_as_llama_cpp_refuses_them(tmp_path, capsys):
+    """Parts written by gguf-py's own splitter (llama.cpp's names and split keys): swapped, they
+    passed as healthy, where llama.cpp's loader says "invalid split file idx"; a part of another
+    file with another tensor count, where it says "corrupted model"."""
+    from gguf import GGUFWriter
+
+    def split(folder, tensors: int):
+        folder.mkdir()
+        writer = GGUFWriter(folder / "m.gguf", "llama", split_max_tensors=1)
+        for i in range(tensors):
+            writer.add_tensor(f"blk.{i}.ffn_up.weight", np.full((8, 32), i, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return sorted(folder.glob("m-*-of-*.gguf"))
+
+    parts = split(tmp_path / "a", 3)
+    assert [p.name for p in parts] == [f"m-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert json.loads(_json(parts[0], capsys))["files"][0]["tensors"] == 3  # whole, it is one file
+    parts[1].rename(tmp_path / "x")
+    parts[2].rename(parts[1])
+    (tmp_path / "x").rename(parts[2])
+    assert refused(["info", parts[0]], capsys) == (
+        f"error: {parts[1].name} holds part 2 of 3 (counting from 0), where part 1 of 3 belongs: parts swapped or "
+        "from another file, which llama.cpp refuses")  # fmt: skip
 
 
 def _json(path, capsys) -> str:
