@@ -320,9 +320,12 @@ class Checkpoint:
 
     @property
     def has_ecg_encoder(self) -> bool:
-        return self.architecture in QOQMED_ECG_ARCHS or any(
-            canonical_name(n).startswith(ECG_PREFIX) for n in self.weight_map
-        )
+        """By its tensors: a vision+text release may keep the ECG class in config.json without the
+        encoder, whose builds and cards then said they carried it. The class decides only where
+        no tensor names are known."""
+        if self.weight_map:
+            return any(canonical_name(n).startswith(ECG_PREFIX) for n in self.weight_map)
+        return self.architecture in QOQMED_ECG_ARCHS
 
     @property
     def layout(self) -> str:

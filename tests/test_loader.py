@@ -33,6 +33,23 @@ def test_real_7b_index_is_understood(fixture_7b):
         ckpt.tensor("lm_head.weight")
 
 
+def test_the_ecg_encoder_is_known_by_its_tensors_not_by_the_class_name(fixture_7b, tmp_path):
+    """A vision+text release may keep QoQ-Med's ECG class in config.json without the encoder's
+    tensors (DESIGN: the Hub release may ship only vision+text): `info` said "with ECG encoder ... 0
+    tensors", and builds recorded it as carried. The 7B's own index, its 139 ECG names taken out."""
+    import shutil
+
+    shutil.copytree(fixture_7b, tmp_path / "vl")
+    index = json.loads((tmp_path / "vl" / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("time_series_embedding.")}
+    (tmp_path / "vl" / "model.safetensors.index.json").write_text(json.dumps(index))
+    ckpt = open_checkpoint(str(tmp_path / "vl"), weights=False)
+    assert ckpt.architecture == "TimeSeriesQwen2_5_VLForConditionalGeneration" and not ckpt.has_ecg_encoder
+    assert open_checkpoint(str(fixture_7b), weights=False).has_ecg_encoder
+    res = run_cli("info", str(tmp_path / "vl"), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["ecg"] is False, res.stderr
+
+
 def test_info_on_real_metadata_prints_true_summary(fixture_7b):
     res = run_cli("info", str(fixture_7b))
     assert res.returncode == 0, res.stderr
