@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from qoqopt.data.augment import MAX_ASPECT
 from qoqopt.errors import QoqoptError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+MAX_ASPECT = 200  # transformers' smart_resize: "absolute aspect ratio must be smaller than 200"
 ECG_HZ = (50, 10_000)  # the sampling rates an ECG is recorded at, with room (250-1000 Hz is usual)
 
 

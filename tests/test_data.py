@@ -101,25 +101,32 @@ def test_sizes_are_what_the_qwen_processor_keeps():
         assert pil.smart_resize(h, w, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) == (h, w)
 
 
-def test_a_thin_picture_the_processor_takes_stays_one_it_takes_once_resized():
+def test_a_thin_picture_the_processor_takes_stays_one_it_takes_once_resized(tmp_path):
     """A picture with sides up to 200 times apart passes the aspect check, but its size on the
     28-pixel grid could be over 200 apart, which the processor refuses (a 7443x39 scan became
-    7448x28, a 9530x57 one 9352x28: a traceback mid-export). Every such size, at a user set's own
-    size and at --max-side 320 and 8192, is one transformers' smart_resize takes and keeps."""
+    7448x28, a 9530x57 one 9352x28: a traceback mid-export). Every such size a user set's picture
+    is given, at its own size and at --max-side 320 and 8192, is one transformers' smart_resize
+    takes and keeps; and a set of such pictures loads at those sizes."""
     pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
     from qoqopt.data import fit_size
+    from qoqopt.data.jsonl import _within_aspect
 
     rng = np.random.default_rng(0)
     sizes = [(long, short) for short in range(1, 121) for long in {200 * short, *rng.integers(short, 200 * short + 1, 12)}]
     for long, short in sizes + [(7443, 39), (5615, 29), (9530, 57), (20000, 119)]:
         for width, height in ((int(long), short), (short, int(long))):
             for max_side in (max(width, height), 320, 8192):
-                w, h = fit_size(width, height, max_side)
+                w, h = _within_aspect(fit_size(width, height, max_side), (width, height))
                 kept = pil.smart_resize(h, w, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
                 assert kept == (h, w), (width, height, max_side)
                 assert w == h or (w > h) == (width > height), (width, height)
-    # and the aspect is kept where the grid allows it: not squeezed to 200 (9530x57 is 167 long)
-    assert [fit_size(*wh, max(wh)) for wh in ((7443, 39), (9530, 57))] == [(5348, 28), (9352, 56)]
+    rows = []
+    for i, size in enumerate(((7443, 39), (57, 9530))):
+        Image.new("RGB", size, (90, 90, 90)).save(tmp_path / f"thin{i}.png")
+        rows.append({"image": f"thin{i}.png", "question": "Which organ?", "answer": "Liver", "domain": "ultrasound", "id": f"t{i}"})
+    (tmp_path / "thin.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    # the aspect is kept where the grid allows it: not squeezed to 200 (9530x57 is 167 long)
+    assert [it.image.size for it in load_jsonl(str(tmp_path / "thin.jsonl"))] == [(5348, 28), (56, 9352)]
 
 
 def test_report_texts():

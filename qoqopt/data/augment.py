@@ -17,12 +17,10 @@ MIN_PIXELS = 65536
 MAX_PIXELS = 524288
 FACTOR = 28
 DEFAULT_MAX_SIDE = 320  # small enough for CPU tests, inside the training range
-MAX_ASPECT = 200  # transformers' smart_resize: "absolute aspect ratio must be smaller than 200"
 
 
 def fit_size(width: int, height: int, max_side: int = DEFAULT_MAX_SIDE) -> tuple[int, int]:
-    """(w, h) with the longer side near `max_side`, multiples of 28, pixels in [MIN, MAX]_PIXELS,
-    sides at most MAX_ASPECT times apart (for a picture whose own sides are)."""
+    """(w, h) with the longer side near `max_side`, multiples of 28, pixels in [MIN, MAX]_PIXELS."""
     scale = max_side / max(width, height)
     w, h = _round28(width * scale), _round28(height * scale)
     if w * h < MIN_PIXELS:  # thin images: grow until the training minimum is met
@@ -31,23 +29,7 @@ def fit_size(width: int, height: int, max_side: int = DEFAULT_MAX_SIDE) -> tuple
     if w * h > MAX_PIXELS:
         shrink = math.sqrt(MAX_PIXELS / (width * height))
         w, h = _floor28(width * shrink), _floor28(height * shrink)
-    if max(w, h) > MAX_ASPECT * min(w, h):
-        long, short = _thin_size(max(width, height) / min(width, height))
-        w, h = (long, short) if width >= height else (short, long)
     return w, h
-
-
-def _thin_size(aspect: float) -> tuple[int, int]:
-    """(long, short) for a picture ``aspect`` times longer than wide whose rounding to 28 pixels
-    left its sides more than MAX_ASPECT apart, which the processor refuses: a 7443x39 scan became
-    7448x28, a 9530x57 one 9352x28 (aspect 334). Of a 28 or a 56 pixel short side, the one whose
-    long side (within the pixel range and MAX_ASPECT) keeps the aspect best."""
-    sizes = []
-    for short in (FACTOR, 2 * FACTOR):
-        long = min(_round28(short * aspect), MAX_ASPECT * short, _floor28(MAX_PIXELS / short))
-        if long * short >= MIN_PIXELS:  # an aspect kept as well (to 1%) by both: the sharper one
-            sizes.append((round(abs(math.log(long / short / aspect)), 2), -short, long, short))
-    return min(sizes)[2:]
 
 
 def _round28(x: float) -> int:

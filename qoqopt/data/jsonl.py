@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 import shlex
 from functools import partial
@@ -19,13 +20,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from qoqopt.data.augment import fit_size, resize_to
+from qoqopt.data.augment import FACTOR, MAX_PIXELS, MIN_PIXELS, fit_size, resize_to
 from qoqopt.data.domains import DOMAINS
 from qoqopt.data.ecg import ecg_signal, read_ecg, render_ecg
 from qoqopt.data.items import ClinicalItem
 from qoqopt.data.prompts import with_suffix
 from qoqopt.errors import QoqoptError
-from qoqopt.images import check_image, is_waveform, open_dicom, open_image
+from qoqopt.images import MAX_ASPECT, check_image, is_waveform, open_dicom, open_image
 from qoqopt.user_text import checked_text
 
 _REQUIRED = ("question", "answer", "domain")
@@ -238,4 +239,22 @@ def _sized(make, max_side: int | None, where: str) -> Image.Image:
         img = make()
     except QoqoptError as exc:
         raise QoqoptError(f"{where}: cannot read image ({exc})") from None
-    return resize_to(img, fit_size(img.width, img.height, max_side or max(img.size)))
+    return resize_to(img, _within_aspect(fit_size(img.width, img.height, max_side or max(img.size)), img.size))
+
+
+def _within_aspect(size: tuple[int, int], original: tuple[int, int]) -> tuple[int, int]:
+    """``size`` on the 28-pixel grid, or for a thin picture whose rounding left its sides more than
+    MAX_ASPECT apart (the processor refuses those: a 7443x39 scan became 7448x28, a 9530x57 one
+    9352x28, aspect 334, a traceback mid-export) the size with a 28 or 56 pixel short side that
+    keeps the picture's own aspect best, within the pixel range. (Here, not in augment.fit_size,
+    whose every byte is in the trained mini model's cache key: the built-in images are not thin.)"""
+    if max(size) <= MAX_ASPECT * min(size):
+        return size
+    aspect = max(original) / min(original)
+    sizes = []
+    for short in (FACTOR, 2 * FACTOR):
+        long = min(max(FACTOR, round(short * aspect / FACTOR) * FACTOR), MAX_ASPECT * short, MAX_PIXELS // short // FACTOR * FACTOR)
+        if long * short >= MIN_PIXELS:  # an aspect kept as well (to 1%) by both: the sharper one
+            sizes.append((round(abs(math.log(long / short / aspect)), 2), -short, long, short))
+    long, short = min(sizes)[2:]
+    return (long, short) if original[0] >= original[1] else (short, long)
