@@ -82,7 +82,7 @@ def read_manifest(folder: Path, what: str = "a directory written by `qoqopt expo
 def build_kind(folder: Path) -> tuple[str, dict | None]:
     """("gguf" | "gptq" | "awq", its manifest) for a qoqopt export directory, ("checkpoint", None)
     for a directory with a config.json and no manifest."""
-    if (folder / "manifest.json").exists():
+    if (folder / "manifest.json").exists() and not (_foreign(folder / "manifest.json") and (folder / "config.json").exists()):
         manifest = read_manifest(folder)
         has_gguf = bool(gguf_entries(manifest, "text"))
         kind = manifest.get("format") or ("gguf" if has_gguf else None)
@@ -98,6 +98,17 @@ def build_kind(folder: Path) -> tuple[str, dict | None]:
         return "checkpoint", None
     raise QoqoptError(f"{folder} has no manifest.json nor config.json; give a directory written by "
                       "`qoqopt export`, or a checkpoint")  # fmt: skip
+
+
+def _foreign(path: Path) -> bool:
+    """Another tool's manifest.json (an object with none of the keys a qoqopt build's has), beside a
+    checkpoint's config.json: that checkpoint was refused as a build that "lists no files". A
+    damaged one of ours still is."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and not {"format", "files", "qoqopt_version"} & set(data)
 
 
 def is_int(value) -> bool:

@@ -50,6 +50,25 @@ def test_the_ecg_encoder_is_known_by_its_tensors_not_by_the_class_name(fixture_7
     assert res.returncode == 0 and json.loads(res.stdout)["ecg"] is False, res.stderr
 
 
+def test_another_tools_manifest_beside_a_checkpoint_leaves_it_a_checkpoint(tiny_dir, tmp_path):
+    """A checkpoint folder holding some other tool's manifest.json (an OCI image manifest, say) was
+    refused as a qoqopt build that "lists no files". It is read as the checkpoint it is; a damaged
+    manifest of ours is still refused."""
+    import shutil
+
+    from qoqopt.manifest import build_kind
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, ckpt)
+    plain = run_cli("info", str(ckpt), "--json")
+    (ckpt / "manifest.json").write_text(json.dumps({"schemaVersion": 2, "layers": []}))
+    assert build_kind(ckpt)[0] == "checkpoint"
+    res = run_cli("info", str(ckpt), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout) == json.loads(plain.stdout), res.stderr
+    (ckpt / "manifest.json").write_text(json.dumps({"format": "gptq", "files": []}))
+    _one_line_error(run_cli("info", str(ckpt)), "lists no files")
+
+
 def test_info_on_real_metadata_prints_true_summary(fixture_7b):
     res = run_cli("info", str(fixture_7b))
     assert res.returncode == 0, res.stderr
