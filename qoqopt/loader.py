@@ -445,8 +445,10 @@ class Checkpoint:
         return meta_model(self.config)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Canonical name -> shape for every text and vision tensor, from the meta model."""
-        return {canonical_name(k): tuple(v.shape) for k, v in self.meta_model().state_dict().items()}
+        """Canonical name -> shape for every text and vision parameter, from the meta model; a tied
+        lm_head (tie_word_embeddings: Qwen2.5-VL-3B) once, as the embedding it is (state_dict listed
+        it again, and a 3B counted 4.07 B)."""
+        return {canonical_name(k): tuple(v.shape) for k, v in self.meta_model().named_parameters()}
 
 
 PROCESSOR_JSON = ("tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",

@@ -69,6 +69,30 @@ def test_another_tools_manifest_beside_a_checkpoint_leaves_it_a_checkpoint(tiny_
     _one_line_error(run_cli("info", str(ckpt)), "lists no files")
 
 
+def test_a_tied_lm_head_is_counted_once_as_transformers_counts_it(fixture_7b, tmp_path):
+    """Qwen2.5-VL-3B ties its lm_head to the embedding: the metadata-only count (every Hub id's
+    `info`) listed it twice, 4.07 B for a 3B. The 7B's metadata, tied, checked against transformers'
+    own parameter count of the same config on the meta device."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    shutil.copytree(fixture_7b, tmp_path / "3b")
+    config = json.loads((tmp_path / "3b" / "config.json").read_text())
+    config["tie_word_embeddings"] = True  # the 7B's shapes otherwise: its index names the layers
+    (tmp_path / "3b" / "config.json").write_text(json.dumps(config))
+    index = json.loads((tmp_path / "3b" / "model.safetensors.index.json").read_text())
+    index["weight_map"].pop("lm_head.weight")
+    (tmp_path / "3b" / "model.safetensors.index.json").write_text(json.dumps(index))
+    res = run_cli("info", str(tmp_path / "3b"), "--json")
+    assert res.returncode == 0, res.stderr
+    params = json.loads(res.stdout)["params"]
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(AutoConfig.from_pretrained(str(tmp_path / "3b")))
+    assert params["text"] + params["vision"] == sum(p.numel() for p in model.parameters())
+
+
 def test_info_on_real_metadata_prints_true_summary(fixture_7b):
     res = run_cli("info", str(fixture_7b))
     assert res.returncode == 0, res.stderr
