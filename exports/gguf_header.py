@@ -52,6 +52,9 @@ def read_header(path: Path) -> Header:
         if len(head) < HEADER_BYTES or head[:4] != b"GGUF":
             raise QoqoptError(f"{path.name} is not a GGUF file")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
+        if version and version & 0xFFFF == 0:  # llama.cpp's test for the other byte order
+            raise QoqoptError(f"{path.name} is a big-endian GGUF (version {int.from_bytes(head[4:8], 'big')}); llama.cpp "
+                              "and qoqopt read little-endian ones")  # fmt: skip
         if version not in (2, 3):  # version 1 counted in 32 bits: this layout would misread it
             raise QoqoptError(f"{path.name} is GGUF version {version}; qoqopt reads versions 2 and 3")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:

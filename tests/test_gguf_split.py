@@ -151,6 +151,16 @@ def test_refuses_what_it_cannot_split_safely(tmp_path):
     (tmp_path / "v1.gguf").write_bytes(b"GGUF" + struct.pack("<III", 1, 0, 0) + bytes(16))
     with pytest.raises(QoqoptError, match="v1.gguf is GGUF version 1; qoqopt reads versions 2 and 3"):
         read_layout(tmp_path / "v1.gguf")
+    from gguf import GGUFEndian, GGUFWriter  # gguf-py's own big-endian file: said as such, not "version 50331648"
+
+    writer = GGUFWriter(tmp_path / "be.gguf", "llama", endianess=GGUFEndian.BIG)
+    writer.add_tensor("t", np.ones(32, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(QoqoptError, match=r"^be.gguf is a big-endian GGUF \(version 3\); llama.cpp and qoqopt read"):
+        read_layout(tmp_path / "be.gguf")
     info = struct.pack("<Q", 1) + b"t" + struct.pack("<IQIQ", 1, 32, 999, 0)  # 1-D, 32 values, GGML type 999
     (tmp_path / "new.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + info + bytes(64))
     with pytest.raises(QoqoptError, match="is of GGML type 999, which this gguf-py does not know; cannot split it"):
