@@ -341,7 +341,7 @@ def export_hf_quant_report(
     called with each :class:`~qoqopt.quantize.runner.LayerResult` before it is written."""
     import torch
 
-    from qoqopt.calibration import calibration_items
+    from qoqopt.calibration import calibration_items, fewer_than_asked
     from qoqopt.data import domain_counts
     from qoqopt.fileio import atomic_dir, check_free_space, prepare_output_dir
     from qoqopt.loader import open_checkpoint
@@ -396,6 +396,8 @@ def export_hf_quant_report(
         items, label = calibration_items(calib, samples, seed)
         if not items:
             raise QoqoptError(f"calibration set {calib} gave no items")
+        for note in filter(None, [fewer_than_asked(items, samples, label)]):
+            log(note)
         processor = _processor(ckpt)
         chats = encode_chats(processor, items)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

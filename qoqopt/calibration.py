@@ -247,6 +247,14 @@ def calibration_items(source: str = "clinical", n: int = 64, seed: int = 0):
     return balanced_sample(pool, n, seed=seed), label
 
 
+def fewer_than_asked(items: list, n: int, label: str) -> str | None:
+    """A note when a calibration set holds fewer chats than --samples asks for: a 3-chat set given
+    --samples 256 calibrated on 3, and only the count in the log said so."""
+    if len(items) >= n:
+        return None
+    return f"note: {label} holds {len(items)} chats; calibrating on all of them, not the {n} --samples asks for"
+
+
 def _views_per_image(n: int, seed: int) -> int:
     """Views of each calib image enough for every domain's share of ``n`` chats: the ECG domain has
     the fewest images (3), and one view per 40 chats gave 64 chats with 6 ECGs where 13 are its share."""

@@ -276,6 +276,7 @@ def test_an_imatrix_calibrated_on_the_users_own_set(tiny_dir, tmp_path):
     export_gguf(str(tiny_dir), tmp_path / "out", GGUFOptions(quants=["Q4_K_M"], imatrix=str(user_set), mmproj_type="none",
                                                              progress=False), log=log.append)  # fmt: skip
     assert f"calibrating the imatrix on 2 image chats from {label}" in log
+    assert f"note: {label} holds 2 chats; calibrating on all of them, not the 64 --samples asks for" in log
     assert any(line.startswith("wrote ") and ".Q4_K_M.gguf (llama.cpp Q4_K_M, imatrix calibrated on DOE_JOHN_MRN12345.jsonl, "
                in line for line in log), log  # fmt: skip
     shipped = read_imatrix(next((tmp_path / "out").glob("*.imatrix.gguf")))

@@ -67,7 +67,7 @@ def register(sub) -> None:
     )
     p.add_argument("model", help="local checkpoint directory or Hub id (owner/name)")
     p.add_argument("--format", required=True, choices=FORMATS, help="output format")
-    p.add_argument("--out", required=True, type=Path, help="output directory (refused if it exists, unless --force)")
+    p.add_argument("--out", required=True, type=Path, help="output directory (refused if it exists and is not empty, unless --force)")
     p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
     p.add_argument("--force", action="store_true", help="replace an earlier build in --out (a folder holding its manifest.json; other folders are refused)")
     p.add_argument("--samples", "--calib-items", dest="samples", type=int,

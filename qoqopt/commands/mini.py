@@ -18,7 +18,7 @@ examples:
 
 The checkpoint loads with Qwen2_5_VLForConditionalGeneration.from_pretrained and carries the real
 Qwen2 tokenizer (vocab 152064), the Qwen2.5-VL chat template, QoQ-Med's training pixel range and
-generation settings. --train results are cached under $QOQOPT_CACHE (default ~/.cache/qoqopt).
+generation settings. --train results are cached under $QOQOPT_CACHE (default $XDG_CACHE_HOME/qoqopt, else ~/.cache/qoqopt).
 """
 
 
@@ -41,7 +41,7 @@ def register(sub) -> None:
         "--train", action="store_true", help="fine-tune on the clinical set (up to 1000 steps; tiny reaches 85-95%% held-out "
         "accuracy, depending on the CPU, in 11-23 min on 2 cores; small 58%% in ~45 min) and print the held-out accuracy "
         "(60 eval-split views, up to 4 per image and domain-balanced: `qoqopt data list --split eval` lists one view "
-        "per image)"
+        "per image and question)"
     )
     p.add_argument(
         "--layout", default="legacy", choices=["legacy", "runtime"],
