@@ -182,10 +182,11 @@ def _check_parts(paths: list[Path], headers: list, count: int, n_tensors: int) -
     if count == 1:
         return
     for i, (path, header) in enumerate(zip(paths, headers)):
-        said = (header.kv.get("split.no"), header.kv.get("split.count"))
-        if said != (i, count):
-            raise QoqoptError(f"{path.name} holds part {said[0]!r} of {said[1]!r} (counting from 0), where part {i} of "
-                              f"{count} belongs: parts swapped or from another file, which llama.cpp refuses")  # fmt: skip
+        no, of = header.kv.get("split.no"), header.kv.get("split.count")
+        if (no, of) != (i, count):  # split.no counts from 0; the names, and what is said, from 1
+            said = f"part {no + 1} of {of}" if is_int(no) else f"split.no {no!r}"
+            raise QoqoptError(f"{path.name} is named part {i + 1} of {count} but its header says {said}: parts swapped "
+                              "or from another file, which llama.cpp refuses")  # fmt: skip
     expected = headers[0].kv.get("split.tensors.count")
     if is_int(expected) and expected != n_tensors:
         raise QoqoptError(f"{paths[0].name}: its {count} parts hold {n_tensors} tensors, but split.tensors.count says "

@@ -48,11 +48,11 @@ def not_downloaded(folder: Path, manifest: dict) -> list[str]:
     Nothing is, in a build as `export` wrote it."""
     if not manifest.get("published"):
         return []
-    here = {entry_path(e) for e in manifest["files"] if (Path(folder) / entry_path(e)).exists()}
-    groups: dict[tuple, list[str]] = {}
-    for e in manifest["files"]:  # the parts of one file share its kind and quant
-        groups.setdefault((e.get("kind"), e.get("quant")) if e.get("parts") else (entry_path(e),), []).append(entry_path(e))
-    return [rel for paths in groups.values() if not set(paths) & here for rel in paths]
+    files: dict[tuple, list[str]] = {}  # a file's parts, by what they share: their kind and quant type
+    for entry in manifest["files"]:
+        key = (entry.get("kind"), entry.get("quant")) if entry.get("parts") else (entry_path(entry),)
+        files.setdefault(key, []).append(entry_path(entry))
+    return [rel for parts in files.values() if not any((Path(folder) / p).exists() for p in parts) for rel in parts]
 
 
 def problems(folder: Path, manifest: dict) -> list[str]:

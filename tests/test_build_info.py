@@ -23,11 +23,16 @@ def _gguf(path, arch: str | None = "llama", keys: dict | None = None):
         writer.add_uint32(key, value)
     writer.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
     writer.add_tensor("blk.0.ffn_up.weight", np.ones((8, 32), dtype=np.float16))
+    _finish(writer)
+    return path
+
+
+def _finish(writer) -> None:
+    """Write what a gguf-py writer holds (header, metadata, tensors) and close it."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
 
 
 def _info(path, capsys) -> str:
@@ -87,18 +92,12 @@ def test_an_mmproj_is_known_by_its_clip_architecture_and_an_odd_type_is_no_trace
     writer = GGUFWriter(tmp_path / "mmproj-legacy.gguf", "clip")
     writer.add_string("clip.projector_type", "qwen2.5vl_merger")
     writer.add_tensor("v.blk.0.attn_q.weight", np.ones((8, 32), dtype=np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     assert json.loads(_json(tmp_path / "mmproj-legacy.gguf", capsys))["files"][0]["kind"] == "mmproj"
     writer = GGUFWriter(tmp_path / "odd.gguf", "llama")
     writer.add_array("general.type", ["mmproj"])
     writer.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     assert json.loads(_json(tmp_path / "odd.gguf", capsys))["files"][0]["kind"] == "text"
 
 
@@ -126,10 +125,7 @@ def test_parts_swapped_or_from_another_file_are_refused_as_llama_cpp_refuses_the
         writer = GGUFWriter(folder / "m.gguf", "llama", split_max_tensors=1)
         for i in range(tensors):
             writer.add_tensor(f"blk.{i}.ffn_up.weight", np.full((8, 32), i, dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        _finish(writer)
         return sorted(folder.glob("m-*-of-*.gguf"))
 
     parts = split(tmp_path / "a", 3)
@@ -139,8 +135,8 @@ def test_parts_swapped_or_from_another_file_are_refused_as_llama_cpp_refuses_the
     parts[2].rename(parts[1])
     (tmp_path / "x").rename(parts[2])
     assert refused(["info", parts[0]], capsys) == (
-        f"error: {parts[1].name} holds part 2 of 3 (counting from 0), where part 1 of 3 belongs: parts swapped or "
-        "from another file, which llama.cpp refuses")  # fmt: skip
+        f"error: {parts[1].name} is named part 2 of 3 but its header says part 3 of 3: parts swapped or from another "
+        "file, which llama.cpp refuses")  # fmt: skip
 
 
 def _json(path, capsys) -> str:
@@ -284,10 +280,7 @@ def test_a_files_source_is_what_its_qoqopt_keys_say(tmp_path, capsys):
     for key, value in (("source", "ddvd233/QoQ-Med-VL-7B"), ("source_revision", "a" * 40), ("source_fingerprint", "sha256-v2:f")):
         writer.add_string(f"qoqopt.{key}", value)
     writer.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     capsys.readouterr()
     assert main(["info", str(path), "--json"]) == 0
     made_from = json.loads(capsys.readouterr().out)["made_from"]
@@ -322,10 +315,7 @@ def test_split_keys_llama_cpp_cannot_hold_are_refused_before_any_part_is_named(t
     for key, value in keys.items():
         (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
     writer.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     assert refused(["info", tmp_path / name], capsys) == f"error: {name}: {why}"
 
 

@@ -253,7 +253,8 @@ def _within_aspect(size: tuple[int, int], original: tuple[int, int]) -> tuple[in
     aspect = max(original) / min(original)
     sizes = []
     for short in (FACTOR, 2 * FACTOR):
-        long = min(max(FACTOR, round(short * aspect / FACTOR) * FACTOR), MAX_ASPECT * short, MAX_PIXELS // short // FACTOR * FACTOR)
+        widest = MAX_PIXELS // short // FACTOR * FACTOR  # the longest side the pixel range leaves it
+        long = min(max(FACTOR, round(short * aspect / FACTOR) * FACTOR), MAX_ASPECT * short, widest)
         if long * short >= MIN_PIXELS:  # an aspect kept as well (to 1%) by both: the sharper one
             sizes.append((round(abs(math.log(long / short / aspect)), 2), -short, long, short))
     long, short = min(sizes)[2:]
