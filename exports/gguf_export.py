@@ -424,9 +424,7 @@ def imatrix_from_stats(stats, image_weight: float = 0.0) -> IMatrix:
 def clinical_imatrix(ckpt, processor, choice: str, options: GGUFOptions, log) -> IMatrix:
     from qoqopt import calibration
 
-    items, label = calibration.calibration_items(choice, options.calib_items, options.seed)
-    for note in filter(None, [calibration.fewer_than_asked(items, options.calib_items, label)]):
-        log(note)
+    items, label = calibration.calibration_items(choice, options.calib_items, options.seed, log)
     log(f"calibrating the imatrix on {len(items)} image chats from {label}")
     stats = calibration.stream_input_sq_sums(ckpt, processor, items, dataset=label, progress=options.progress)
     log(f"imatrix: {stats.describe()}; image positions weighted {options.imatrix_image_weight:g}")

@@ -341,7 +341,7 @@ def export_hf_quant_report(
     called with each :class:`~qoqopt.quantize.runner.LayerResult` before it is written."""
     import torch
 
-    from qoqopt.calibration import calibration_items, fewer_than_asked
+    from qoqopt.calibration import calibration_items
     from qoqopt.data import domain_counts
     from qoqopt.fileio import atomic_dir, check_free_space, prepare_output_dir
     from qoqopt.loader import open_checkpoint
@@ -393,11 +393,9 @@ def export_hf_quant_report(
     # the temporary output is made before calibrating: an --out that cannot be written (a read-only
     # mount) fails in one line now, not after the model is loaded and calibrated
     with atomic_dir(out, force=force, inputs=inputs, owned=owned) as tmp:
-        items, label = calibration_items(calib, samples, seed)
+        items, label = calibration_items(calib, samples, seed, log)
         if not items:
             raise QoqoptError(f"calibration set {calib} gave no items")
-        for note in filter(None, [fewer_than_asked(items, samples, label)]):
-            log(note)
         processor = _processor(ckpt)
         chats = encode_chats(processor, items)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

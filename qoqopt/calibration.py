@@ -233,8 +233,10 @@ def stream_input_sq_sums(ckpt, processor, items, *, dataset: str = "", with_answ
     return acc.fill(stats)
 
 
-def calibration_items(source: str = "clinical", n: int = 64, seed: int = 0):
-    """Domain-balanced calibration chats: the built-in clinical "calib" split, or a user JSONL set."""
+def calibration_items(source: str = "clinical", n: int = 64, seed: int = 0, log=None):
+    """Domain-balanced calibration chats: the built-in clinical "calib" split, or a user JSONL set.
+    ``log`` is told when the set holds fewer than ``n``: a 3-chat set given --samples 256 calibrated
+    on 3, and only the count in the log said so."""
     from .data import balanced_sample, clinical_set, load_jsonl
     from .data.jsonl import set_label
 
@@ -244,15 +246,10 @@ def calibration_items(source: str = "clinical", n: int = 64, seed: int = 0):
     else:
         pool = load_jsonl(source)
         label = set_label(source)
-    return balanced_sample(pool, n, seed=seed), label
-
-
-def fewer_than_asked(items: list, n: int, label: str) -> str | None:
-    """A note when a calibration set holds fewer chats than --samples asks for: a 3-chat set given
-    --samples 256 calibrated on 3, and only the count in the log said so."""
-    if len(items) >= n:
-        return None
-    return f"note: {label} holds {len(items)} chats; calibrating on all of them, not the {n} --samples asks for"
+    items = balanced_sample(pool, n, seed=seed)
+    if log and len(items) < n:
+        log(f"note: {label} holds {len(items)} chats; calibrating on all of them, not the {n} --samples asks for")
+    return items, label
 
 
 def _views_per_image(n: int, seed: int) -> int:

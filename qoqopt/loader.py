@@ -169,6 +169,11 @@ def _index(index: Path) -> tuple[dict[str, str], int | None]:
     return weight_map, metadata.get("total_size") if isinstance(metadata, dict) else None
 
 
+def is_commit(revision) -> bool:
+    """A Hub commit id (40 hex digits), as a snapshot's folder and a build's manifest record it."""
+    return isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision) is not None
+
+
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None = None,
               files: list[str] | None = None) -> tuple[Path, str | None]:  # fmt: skip
     """huggingface_hub's snapshot of `repo_id` holding the files matching `patterns`, or exactly `files`."""
@@ -188,7 +193,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None = N
     except HfHubHTTPError as exc:
         raise QoqoptError(f"cannot get {repo_id} from the Hub: {str(exc).splitlines()[0]}") from exc
     # The cache lays snapshots out as .../snapshots/<commit sha>/, which is the revision we report.
-    commit = local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else None
+    commit = local.name if is_commit(local.name) else None
     return local, commit
 
 

@@ -205,10 +205,11 @@ def hub_source(manifest: dict) -> str | None:
     export recorded (a Hub snapshot always has one, a folder none), not by whether a folder of that
     name exists where publish runs: `export rev/mini` from /tmp named a local folder `rev/mini`,
     which from anywhere else passed for a Hub id and became the card's base_model."""
+    from .loader import is_commit
+
     source = manifest.get("source") or {}
-    model, revision = source.get("model"), source.get("revision")
-    commit = isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision)
-    return model if commit and isinstance(model, str) and is_repo_id(model) else None
+    model = source.get("model")
+    return model if is_commit(source.get("revision")) and isinstance(model, str) and is_repo_id(model) else None
 
 
 def check_base_model(folder: Path, manifest: dict, base: str) -> str | None:

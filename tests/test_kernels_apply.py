@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -209,7 +208,6 @@ def test_a_cuda_box_without_a_c_compiler_runs_the_references(monkeypatch, tmp_pa
         assert (reason is None) == tritons_answer(), (path, cc, reason)
         assert reason is None or "install gcc, or set CC" in reason
     triton_build._find_compiler.cache_clear()
-    assert shutil.which("gcc") or shutil.which("clang"), "this machine itself has a C compiler (llama.cpp is built)"
 
 
 def test_without_triton_installed_everything_runs_its_torch_reference(tmp_path):

@@ -145,23 +145,22 @@ def _ask_llama_cpp(text_path: Path, mmproj_path: Path, args, image, question: st
         raise QoqoptError("--device cuda: this llama-cpp-python was built without GPU offload")
     lo, hi = train_token_range()  # what the build's README and Modelfile tell llama.cpp users to pass
     threads = threads_or_default(args.threads)
-    n_ctx = _context(text_path, hi, question, args.max_tokens)
-    prompt = gguf_prompt(read_header(text_path).kv.get("tokenizer.chat_template"), question, text_path.name)
+    kv = read_header(text_path).kv  # the context the model was trained for, and its chat template
+    n_ctx = _context(kv, hi, question, args.max_tokens)
+    prompt = gguf_prompt(kv.get("tokenizer.chat_template"), question, text_path.name)
     with LlamaVL(text_path, mmproj_path, n_ctx=n_ctx, image_min_tokens=lo, image_max_tokens=hi, gpu=gpu,
                  threads=threads) as vl:  # fmt: skip
         reply = vl.generate(prompt, image, max_tokens=args.max_tokens)
     return f"{text_path.name} + {mmproj_path.name} (llama.cpp{', GPU' if gpu else ''})", reply
 
 
-def _context(text_path: Path, image_tokens: int, question: str, max_tokens: int) -> int:
+def _context(kv: dict, image_tokens: int, question: str, max_tokens: int) -> int:
     """A context with room for the image, the question (a token covers at least one UTF-8 byte), the
     chat template and the whole reply (a fixed 2048 refused a --max-tokens 1500 that the original
     answers: QoQ-Med's <think> runs long), up to the context the model was trained for."""
     from ..errors import QoqoptError
-    from ..exports.gguf_header import read_header
 
-    header = read_header(text_path)
-    trained = header.kv.get(f"{header.kv.get('general.architecture')}.context_length")
+    trained = kv.get(f"{kv.get('general.architecture')}.context_length")
     want = -(-(image_tokens + 256 + len(question.encode()) + max_tokens) // 256) * 256
     if isinstance(trained, int) and want > trained:
         if image_tokens + 256 + max_tokens >= trained:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from qoqopt.data.augment import FACTOR, MAX_PIXELS, MIN_PIXELS, fit_size, resize_to
+from qoqopt.data.augment import FACTOR, MAX_PIXELS, MIN_PIXELS, _floor28, _round28, fit_size, resize_to
 from qoqopt.data.domains import DOMAINS
 from qoqopt.data.ecg import ecg_signal, read_ecg, render_ecg
 from qoqopt.data.items import ClinicalItem
@@ -253,8 +253,7 @@ def _within_aspect(size: tuple[int, int], original: tuple[int, int]) -> tuple[in
     aspect = max(original) / min(original)
     sizes = []
     for short in (FACTOR, 2 * FACTOR):
-        widest = MAX_PIXELS // short // FACTOR * FACTOR  # the longest side the pixel range leaves it
-        long = min(max(FACTOR, round(short * aspect / FACTOR) * FACTOR), MAX_ASPECT * short, widest)
+        long = min(_round28(short * aspect), MAX_ASPECT * short, _floor28(MAX_PIXELS / short))
         if long * short >= MIN_PIXELS:  # an aspect kept as well (to 1%) by both: the sharper one
             sizes.append((round(abs(math.log(long / short / aspect)), 2), -short, long, short))
     long, short = min(sizes)[2:]
