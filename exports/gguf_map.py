@@ -154,6 +154,16 @@ def _prefix(names: list[str]) -> str:
     return f"{first}.*" if all(n.startswith(first + ".") for n in names) else ", ".join(names[:3])
 
 
+def by_block(lines: list[str]) -> list[str]:
+    """Lines that differ only in a block number, once each with a count:
+    'blk.0.ffn_down.weight ...', 'blk.1.ffn_down.weight ...' -> 'blk.*.ffn_down.weight ... (x2)'."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        key = re.sub(r"blk\.\d+\.", "blk.*.", line)
+        counts[key] = counts.get(key, 0) + 1
+    return [f"{k} (x{n})" if n > 1 else k for k, n in counts.items()]
+
+
 def match(name: str) -> tuple[Rule, int | None]:
     """The rule a canonical tensor name falls under, and its block index. Unmapped -> QoqoptError."""
     for regex, rule in _COMPILED:

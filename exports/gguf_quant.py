@@ -9,7 +9,7 @@ importance matrix handed over in memory (`llama_model_quantize_params.imatrix`),
 llama.cpp decides the per-tensor mix (Q4_K_M keeps some tensors at Q6_K, ...) and falls back
 per tensor when a row is not a multiple of the type's block (256 for K-quants: Q4_K -> Q5_0,
 Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL). We capture its log during the call and report
-those fallbacks in one line each.
+those fallbacks in one line, a tensor's fallback in every block once.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from qoqopt.children import how_it_ended, python_module
 from qoqopt.errors import QoqoptError
 from qoqopt.fileio import atomic_path, free_bytes, write_error
 
+from .gguf_map import by_block
 from .gguf_write import DIRECT_TYPES
 
 # types that need an importance matrix (llama.cpp refuses them without one)
@@ -86,18 +87,9 @@ class QuantReport:
         if self.fallbacks:
             lines.append(
                 f"{self.quant}: {len(self.fallbacks)} tensor(s) have rows not divisible by the type's block "
-                f"(256 for K-quants); llama.cpp fell back per tensor: {'; '.join(_group(self.fallbacks))}"
+                f"(256 for K-quants); llama.cpp fell back per tensor: {'; '.join(by_block(self.fallbacks))}"
             )
         return lines
-
-
-def _group(fallbacks: list[str]) -> list[str]:
-    """'blk.0.ffn_down.weight Q4_K -> Q5_0', 'blk.1.ffn_down.weight Q4_K -> Q5_0' -> 'blk.*.ffn_down.weight Q4_K -> Q5_0 (x2)'."""
-    counts: dict[str, int] = {}
-    for f in fallbacks:
-        key = re.sub(r"blk\.\d+\.", "blk.*.", f)
-        counts[key] = counts.get(key, 0) + 1
-    return [f"{k} (x{n})" if n > 1 else k for k, n in counts.items()]
 
 
 _FALLBACK = re.compile(r"warning:\s+(\S+)\s+- ncols\s+\d+ not divisible by\s+\d+ \(required for type\s+(\S+)\).*?falling back to\s+(\S+)")

@@ -27,7 +27,7 @@ from qoqopt.fileio import write_error
 
 from . import gguf_split
 from .gguf_header import type_name
-from .gguf_map import QKV_ROWS, TEMPORAL, WHOLE, Entry
+from .gguf_map import QKV_ROWS, TEMPORAL, WHOLE, Entry, by_block
 
 CHUNK_BYTES = 8 << 20  # f32 bytes per converted chunk (peak ~3x this: raw, f32, output)
 
@@ -224,8 +224,8 @@ class WriteReport:
         for p in plans:
             name = type_name(p.qtype)
             self.types[name] = self.types.get(name, 0) + 1
-            if p.note:
-                self.notes.append(p.note)
+        # at 7B a Q8_0 mmproj falls back in all 32 blocks' ffn_down (3420 columns): one note, not 32
+        self.notes += by_block([p.note for p in plans if p.note])
 
 
 def write_gguf(path: Path, arch: str, add_kv: Callable, plans: list[Planned], reader: ShardReader, progress=None,

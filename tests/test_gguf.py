@@ -818,6 +818,31 @@ def test_kquant_fallback_is_reported(tmp_path):
     assert entries["Q4_K_M"]["tensors"] == entries["BF16"]["tensors"] == len(types)
 
 
+def test_direct_type_fallback_is_one_note_per_tensor_kind(tmp_path):
+    """A Q8_0 mmproj whose vision MLP rows are not a multiple of 32 (the 7B's 3420 columns) writes
+    those tensors F16 in every block: gguf-py reads F16 there, and the log says so once, not per block."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.exports.gguf_quant import tensor_types
+    from qoqopt.mini import build_config, save_checkpoint
+
+    cfg = build_config("tiny")
+    cfg.vision_config.intermediate_size = 344  # 344 % 32 == 24
+    torch.manual_seed(0)
+    ckpt = tmp_path / "odd"
+    ckpt.mkdir()
+    save_checkpoint(Qwen2_5_VLForConditionalGeneration(cfg).eval(), ckpt)
+    log: list[str] = []
+    res = export_gguf(str(ckpt), tmp_path / "out", GGUFOptions(quants=["BF16"], imatrix="none", mmproj_type="q8_0"), log=log.append)
+    types = tensor_types(res.file("mmproj"))
+    depth = cfg.vision_config.depth
+    assert [types[f"v.blk.{i}.ffn_down.weight"] for i in range(depth)] == ["F16"] * depth
+    assert types["v.blk.0.ffn_up.weight"] == "Q8_0"
+    fallback_lines = [line for line in log if "not divisible" in line]
+    assert fallback_lines == [f"note: v.blk.*.ffn_down.weight: rows of 344 not divisible by 32 for Q8_0; wrote F16 (x{depth})"]
+
+
 def _copy_without_weights(src: Path, dst: Path) -> Path:
     """A checkpoint folder with src's config/tokenizer files, for a test to write edited weights into."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
