@@ -78,8 +78,13 @@ def unlisted(folder: Path, manifest: dict) -> list[str]:
     listed = {entry_path(e) for e in manifest["files"]} | {"manifest.json"}
     if manifest.get("published"):  # a Hub copy: its README.md is the model card publish wrote
         listed.add("README.md")
-    found = (p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+    # a link to nothing is named too: a copy whose link target went away looks like a build file
+    found = (p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file() or _dangling(p))
     return sorted(rel for rel in found if rel not in listed and not any(part.startswith(".") for part in rel.split("/")))
+
+
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def checked_weights(folder: Path, manifest: dict) -> list[Path]:

@@ -176,6 +176,11 @@ def test_verify_checks_every_listed_file_against_its_sha256(tmp_path, capsys, mo
     (build / ".cache" / "x.lock").write_text("")  # what `hf download --local-dir` leaves: not a build file
     rc, out = verify()
     assert rc == 0 and out.rstrip().endswith("verify       not in manifest.json, so not checked: m.Q5_K_M.gguf")
+    (build / "m.Q4_K_M.gguf").symlink_to(tmp_path / "gone.gguf")  # a link whose target went away
+    rc, out = verify()
+    assert rc == 0 and out.rstrip().endswith("verify       not in manifest.json, so not checked: m.Q5_K_M.gguf")
+    assert "verify       not in manifest.json, so not checked: m.Q4_K_M.gguf" in out
+    (build / "m.Q4_K_M.gguf").unlink()
     (build / "m.Q5_K_M.gguf").unlink()
     data = bytearray(paths[0].read_bytes())
     data[-1] ^= 1  # one bit of tensor data: same size, so only the sha256 can tell
