@@ -25,6 +25,7 @@ Choices worth knowing:
 """
 
 import math
+import threading
 import weakref
 from collections import OrderedDict
 
@@ -215,17 +216,22 @@ class VarlenPlanCache:
     ``cu_seqlens`` or rotary buffer in place under ``torch.inference_mode`` must :meth:`clear` the
     cache in between. ``apply()`` does so at every forward of the vision tower (transformers takes
     ``cu_seqlens`` precomputed from its caller, which may reuse one buffer).
+
+    One model may serve several threads (a web server's workers): one thread's forward clears the
+    cache while another looks an entry up, so every access holds the lock.
     """
 
     def __init__(self, capacity: int = 8):
         self.capacity = capacity
         self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
         self.builds = 0  # how many plans were built: tests assert one per distinct cu_seqlens
         self.table_builds = 0
 
     def clear(self, *_hook_args) -> None:
         """Forget every entry (callable as a forward pre-hook: the plans then live one forward)."""
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
     def plan(self, cu_seqlens: torch.Tensor, total_tokens: int, block_m: int) -> torch.Tensor:
         plan, built = self._cached((cu_seqlens,), ("plan", total_tokens, block_m),
@@ -242,6 +248,10 @@ class VarlenPlanCache:
         return table
 
     def _cached(self, sources: tuple, params: tuple, build):
+        with self._lock:
+            return self._cached_locked(sources, params, build)
+
+    def _cached_locked(self, sources: tuple, params: tuple, build):
         key = (*map(id, sources), *params)
         # versions are None under inference mode: transformers never edits these tensors in place
         versions = tuple(tensor_version(t) for t in sources)

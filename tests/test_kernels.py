@@ -536,6 +536,48 @@ def test_rope_table_is_the_first_half_within_fp16_rounding():
     assert plans.table_builds == 3  # one per dtype, then cache hits
 
 
+def test_plan_cache_serves_threads_that_clear_it():
+    """Two threads running one patched model: each forward clears the shared plan cache, which the
+    other may be reading. Every plan must be build_plan's, and no lookup may fail (it raised
+    KeyError when a clear fell between finding an entry and moving it to the end)."""
+    import sys
+    import threading
+
+    from qoqopt.kernels.vision_attention import VarlenPlanCache, build_plan
+
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+    want = build_plan(cu, 9, 16)
+    plans, errors, done = VarlenPlanCache(capacity=1), [], threading.Event()
+
+    def forward():
+        try:
+            for _ in range(20000):
+                assert torch.equal(plans.plan(cu, 9, 16), want)
+        except Exception as exc:  # noqa: BLE001 - reported below, with its type
+            errors.append(repr(exc))
+
+    def clearing():
+        while not done.is_set():
+            plans.clear()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, so the race shows in a short run
+    try:
+        for _ in range(3):
+            workers = [threading.Thread(target=forward) for _ in range(2)]
+            clearer = threading.Thread(target=clearing)
+            for t in (clearer, *workers):
+                t.start()
+            for t in workers:
+                t.join()
+            done.set()
+            clearer.join()
+            done.clear()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+
+
 def test_plan_covers_every_row_once():
     from qoqopt.kernels.vision_attention import build_plan
 
