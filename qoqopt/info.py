@@ -16,7 +16,11 @@ PARTS = ("text", "vision", "ecg")
 # a packed Linear's tensors: the one holding its integer levels (counted as K x N parameters), and
 # the quantization metadata beside it (scales, zero points, g_idx, shape: not parameters)
 PACKED_LEVELS = (".qweight", ".weight_packed")  # GPTQ / AWQ, compressed-tensors pack-quantized
-PACKED_META = (".qzeros", ".scales", ".g_idx", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
+PACKED_META = (".qzeros", ".scales", ".g_idx", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx",
+               # bitsandbytes: 4-bit block absmax (nested with double quant), code books, the packed quant state;
+               # LLM.int8's per-row scales
+               ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
+               ".quant_state.bitsandbytes__fp4", ".SCB", ".weight_format")  # fmt: skip
 
 
 @dataclass
@@ -46,20 +50,27 @@ def _tensor_counts(ckpt: Checkpoint) -> dict[str, int]:
 
 def params_from_headers(ckpt: Checkpoint, bits: int | None = None) -> tuple[dict[str, int], str]:
     """Parameters per part and the dtype most of the unpacked ones have. Packed Linears (``bits``)
-    count as the K x N weights they hold, not as the int32 words they are stored in."""
+    count as the K x N weights they hold, not as the words they are stored in (int32 for GPTQ/AWQ;
+    uint8 or bfloat16 for bitsandbytes 4-bit, whose packed weight keeps the name ``weight``)."""
     params: Counter = Counter()
     dtypes: Counter = Counter()
+    names = set(ckpt.names)
     for name in ckpt.names:
         if name.endswith(PACKED_META):
             continue
         info = ckpt.tensor_info(name)
         n = math.prod(info["shape"])
-        if bits and name.endswith(PACKED_LEVELS):
-            params[part_of(name)] += n * 32 // bits
+        if bits and (name.endswith(PACKED_LEVELS) or _bnb_packed(name, names)):
+            params[part_of(name)] += n * 8 * SAFETENSORS_DTYPE_BYTES[info["dtype"]] // bits
             continue
         params[part_of(name)] += n
         dtypes[info["dtype"]] += n
     return {p: params.get(p, 0) for p in PARTS}, dtypes.most_common(1)[0][0]
+
+
+def _bnb_packed(name: str, names: set[str]) -> bool:
+    """A bitsandbytes Linear's weight: 4-bit beside its absmax, LLM.int8 beside its row scales (SCB)."""
+    return f"{name}.absmax" in names or (name.endswith(".weight") and f"{name.removesuffix('weight')}SCB" in names)
 
 
 def quantization(config: dict, names: list[str]) -> dict | None:
@@ -68,6 +79,8 @@ def quantization(config: dict, names: list[str]) -> dict | None:
     if not qc:
         return None
     method = qc.get("quant_method", "?")
+    if method == "bitsandbytes":
+        return _bitsandbytes(qc, names)
     if method == "compressed-tensors":
         weights = next(iter(qc.get("config_groups", {}).values()), {}).get("weights", {})
         bits, group, sym, plain = weights.get("num_bits"), weights.get("group_size"), weights.get("symmetric"), qc.get("ignore", [])
@@ -82,6 +95,17 @@ def quantization(config: dict, names: list[str]) -> dict | None:
     quantizer = (qc.get("meta") or {}).get("quantizer") or qc.get("quantizer")
     return {"method": method, "bits": bits, "group_size": group, "sym": sym, "order": order,
             "packed_linears": packed, "left_plain": list(plain), "quantizer": quantizer}  # fmt: skip
+
+
+def _bitsandbytes(qc: dict, names: list[str]) -> dict:
+    """A bitsandbytes config (transformers' BitsAndBytesConfig): 4-bit NF4/FP4 in blocks of 64 (the
+    block size transformers quantizes with; the config does not record it), or LLM.int8 per row."""
+    four = bool(qc.get("load_in_4bit"))
+    kind = qc.get("bnb_4bit_quant_type", "fp4") if four else "LLM.int8"
+    packed = sum(n.endswith(".weight.absmax" if four else ".SCB") for n in names)
+    return {"method": f"bitsandbytes ({kind})", "bits": 4 if four else 8 if qc.get("load_in_8bit") else None,
+            "group_size": 64 if four else -1, "sym": True, "order": None, "packed_linears": packed,
+            "left_plain": list(qc.get("llm_int8_skip_modules") or []), "quantizer": None}  # fmt: skip
 
 
 def _gptq_order(qc: dict) -> str | None:

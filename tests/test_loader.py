@@ -93,6 +93,59 @@ def test_a_tied_lm_head_is_counted_once_as_transformers_counts_it(fixture_7b, tm
     assert params["text"] + params["vision"] == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("kind", ["nf4", "fp4-bf16-storage", "int8"])
+def test_info_counts_a_bitsandbytes_builds_parameters_as_transformers_does(kind, tiny_dir, tmp_path):
+    """A bitsandbytes build as transformers saves one (BitsAndBytesConfig): 4-bit weights packed two
+    per byte (four per bfloat16 with bnb_4bit_quant_storage), each beside its absmax, code book and
+    packed quant state; LLM.int8 weights beside their row scales (SCB). `info` counted the packed
+    bytes as parameters, the metadata too, and said "None-bit"."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    four = kind != "int8"
+    build = tmp_path / "bnb"
+    shutil.copytree(tiny_dir, build, ignore=shutil.ignore_patterns("*.safetensors"))
+    state = load_file(str(tiny_dir / "model.safetensors"))
+    linears = [k for k in state if re.fullmatch(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight", k)]
+    assert len(linears) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    for k in linears:
+        n = state[k].numel()
+        if kind == "int8":
+            state[k], state[k.removesuffix("weight") + "SCB"] = torch.zeros(state[k].shape, dtype=torch.int8), torch.ones(state[k].shape[0])
+            continue
+        storage = torch.bfloat16 if kind == "fp4-bf16-storage" else torch.uint8
+        per_word = 2 * storage.itemsize  # 4-bit levels per stored element
+        state[k] = torch.zeros((n // per_word, 1), dtype=storage)
+        state[f"{k}.absmax"] = torch.zeros(n // 64, dtype=torch.uint8)  # double quant: absmax quantized itself
+        state[f"{k}.nested_absmax"] = torch.ones(-(-n // 64 // 256))
+        state[f"{k}.nested_quant_map"] = torch.zeros(256)
+        state[f"{k}.quant_map"] = torch.zeros(16)
+        quant_state = json.dumps({"quant_type": kind[:3], "blocksize": 64, "dtype": "bfloat16", "shape": [*state[k].shape]})
+        state[f"{k}.quant_state.bitsandbytes__{kind[:3]}"] = torch.tensor(list(quant_state.encode()), dtype=torch.uint8)
+    save_file(state, str(build / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((build / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": four, "load_in_8bit": not four, "bnb_4bit_quant_type": kind[:3],
+        "bnb_4bit_use_double_quant": True, "llm_int8_skip_modules": ["lm_head", "visual"],
+        "bnb_4bit_quant_storage": "bfloat16" if kind == "fp4-bf16-storage" else "uint8",
+    }  # fmt: skip
+    (build / "config.json").write_text(json.dumps(config))
+
+    res = run_cli("info", str(build), "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(AutoConfig.from_pretrained(str(tiny_dir)))
+    assert summary["params"]["text"] + summary["params"]["vision"] == sum(p.numel() for p in model.parameters())
+    q = summary["quantization"]
+    assert q["bits"] == (4 if four else 8) and q["packed_linears"] == len(linears) and q["left_plain"] == ["lm_head", "visual"]
+    assert summary["dtype"] == "BF16"  # the tensors left plain, not the packed words
+    text = run_cli("info", str(build)).stdout
+    want = f"bitsandbytes ({kind[:3]}) 4-bit, group 64" if four else "bitsandbytes (LLM.int8) 8-bit, per channel"
+    assert f"quantized    {want}, symmetric: {len(linears)} Linears packed" in text
+
+
 def test_info_on_real_metadata_prints_true_summary(fixture_7b):
     res = run_cli("info", str(fixture_7b))
     assert res.returncode == 0, res.stderr
