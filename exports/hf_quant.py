@@ -623,6 +623,12 @@ class _VisionStats:
         return handles
 
 
+def spread_rows(rows, n: int):
+    """At most ``n`` of ``rows``, evenly strided over all of them, as AutoAWQ samples its clipping
+    tokens: the first ``n`` are the first ~8 chats' images (64 rows each) of a 64-chat calibration."""
+    return rows[:: -(-len(rows) // n)][:n]
+
+
 def _write_vision(ckpt, writer: ShardWriter, stats: _VisionStats, opts, fmt: str, log) -> dict[str, dict]:
     """Quantize the planned vision Linears (AWQ format only) and write them packed. Not layer-streamed
     (the tower is small) and clipping search only: no scale folding in the vision blocks."""
@@ -637,7 +643,7 @@ def _write_vision(ckpt, writer: ShardWriter, stats: _VisionStats, opts, fmt: str
         if opts.method == "awq":
             if canon not in stats.samples:
                 raise QoqoptError(f"no calibration inputs reached {canon}")
-            x = torch.cat(stats.samples[canon])[: opts.awq_clip_tokens]
+            x = spread_rows(torch.cat(stats.samples[canon]), opts.awq_clip_tokens)
             qw = awq_quantize(weight, opts.spec, search_clip(weight, x, opts.spec, n_grid=opts.awq_grid))
         else:
             qw = rtn_quantize(weight, opts.spec)

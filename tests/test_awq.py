@@ -218,3 +218,15 @@ def test_an_untied_o_scale_breaks_the_runners_fold(monkeypatch):
     monkeypatch.setattr(runner, "expand_kv_scale", tiled)
     ref, out, _ = _runner_folds(monkeypatch)
     assert not torch.allclose(out, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+def test_vision_clip_sample_spans_every_chat():
+    """The vision clipping search's sample (--quantize-vision AWQ): evenly strided over every captured
+    row as AutoAWQ strides its clipping tokens, not the first 512 (the first 8 of 64 chats' images)."""
+    from qoqopt.exports.hf_quant import spread_rows
+
+    chats = [torch.full((64, 3), float(c)) for c in range(64)]  # 64 rows captured per chat, tagged by chat
+    x = spread_rows(torch.cat(chats), 512)
+    assert x.shape == (512, 3) and set(x[:, 0].tolist()) == set(range(64))
+    assert torch.equal(spread_rows(torch.arange(100), 512), torch.arange(100))  # fewer rows: all of them
+    assert torch.equal(spread_rows(torch.arange(10), 4), torch.tensor([0, 3, 6, 9]))
