@@ -14,8 +14,11 @@ from qoqopt.mini import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 from . import gguf_meta, ollama
 
 TRAIN_PIXELS = f"{TRAIN_MIN_PIXELS}..{TRAIN_MAX_PIXELS}"  # QoQ-Med's training image range, as the cards say it
-# QoQ-Med's generation settings, which the Modelfile and `params` give Ollama: every recipe here reads them
-SAMPLING = ollama.PARAMS
+# QoQ-Med's generation settings, which the Modelfile and `params` give Ollama: every recipe here reads
+# them. Its llama.cpp recipes keep each image inside the training range (at most 668 tokens at 7B),
+# so a 4096 context holds an image, a question and a long answer; Ollama's images are larger.
+NUM_CTX = 4096
+SAMPLING = {**ollama.PARAMS, "num_ctx": NUM_CTX, "repeat_last_n": NUM_CTX}
 SETTINGS = "-c {num_ctx} --temp {temperature} --repeat-penalty {repeat_penalty} --repeat-last-n {repeat_last_n}".format(**SAMPLING)
 
 
@@ -85,7 +88,7 @@ def _mmproj_line(mmproj: str | None) -> str:
 def _penalty_window(tool: str | None) -> str:
     """Why the card passes --repeat-last-n; `tool`: one that counts only the reply in that window."""
     reply_only = f"; {tool} counts only the reply" if tool else ""
-    return (f"`--repeat-last-n {ollama.NUM_CTX}` applies QoQ-Med's repetition penalty over the whole conversation, as\n"
+    return (f"`--repeat-last-n {NUM_CTX}` applies QoQ-Med's repetition penalty over the whole conversation, as\n"
             f"transformers does (llama.cpp's default is the last 64 tokens{reply_only}).")
 
 
@@ -140,9 +143,11 @@ def _ollama(ctx, text: str, mmproj: str | None, in_parts: bool) -> str:
     lo, hi = gguf_meta.train_token_range(ctx.vision_hp)
     return (f"**Ollama** (0.30 or later for images: earlier versions give image embeddings text positions):\n{run}\n"
             "Ollama runs every image at 1024 or more image tokens (it passes llama-server `--image-min-tokens 1024`\n"
-            f"for this architecture), above QoQ-Med's training range of {lo}..{hi} tokens, which a Modelfile\n"
+            f"for this architecture, up to 4096), above QoQ-Med's training range of {lo}..{hi} tokens, which a Modelfile\n"
             "cannot change; qoqopt's drift numbers were measured inside the training range. For answers at the\n"
-            "training range, use llama.cpp or llama-server with the flags above.")
+            f"training range, use llama.cpp or llama-server with the flags above. The Modelfile's context is\n"
+            f"{ollama.NUM_CTX} tokens, room for two full-size images and a long answer (Ollama never shortens a\n"
+            "prompt with images: one that does not fit fails).")
 
 
 def _run_it(ctx, text: str, mmproj: str | None, in_parts: bool) -> str:

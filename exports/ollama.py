@@ -21,10 +21,16 @@ from qoqopt.mini import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
 # How the card names `ollama run hf.co/...` before a repo exists; `publish` puts the repo id in its place.
 HF_CO_PLACEHOLDER = "hf.co/<user>/<repo>"
-NUM_CTX = 4096
+# Ollama runs each Qwen2.5-VL image at 1024..4096 tokens (it passes llama-server --image-min-tokens
+# 1024; clip caps the architecture at 4096) and never trims a prompt with images: at 4096 a 2048x2500
+# X-ray alone left ~100 tokens for QoQ-Med's reasoning, and two images failed. 16384 holds two such
+# images and a long answer (KV cache at 7B, f16: ~0.9 GB). llama.cpp's recipes (the card's, `ask`'s)
+# keep images in the training range, at most 668 tokens: the card's -c stays 4096 (gguf_card).
+NUM_CTX = 16384
 # QoQ-Med's generation_config: repetition_penalty 1.05, temperature 1e-6 (greedy), eos <|im_end|> and
 # <|endoftext|>. transformers applies the penalty over the whole sequence; Ollama, as llama.cpp,
-# over the last 64 tokens unless repeat_last_n says otherwise (llama-server refuses -1).
+# over the last 64 tokens unless repeat_last_n says otherwise: here the whole context, as a number
+# (a user who raises num_ctx raises this too).
 PARAMS = {"temperature": 0, "repeat_penalty": 1.05, "repeat_last_n": NUM_CTX,
           "stop": ["<|im_end|>", "<|endoftext|>"], "num_ctx": NUM_CTX}  # fmt: skip
 

@@ -142,6 +142,21 @@ def test_params_are_the_modelfiles_settings_and_qoq_meds(build, processor, fixtu
     assert params["repeat_last_n"] == params["num_ctx"]
 
 
+def test_the_ollama_context_holds_two_images_at_ollamas_size_and_an_answer(build):
+    """Ollama runs a Qwen2.5-VL image at 1024..4096 tokens (llama-server --image-min-tokens 1024, clip's
+    cap of 4096) and does not shorten a prompt with images. Two 2048x2500 chest X-rays at that size, as
+    transformers' smart_resize counts them, and a 2048-token answer fit `num_ctx` (4096 did not hold one
+    X-ray and an answer); the llama.cpp recipes, with images in the training range, keep -c 4096."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    h, w = smart_resize(2500, 2048, factor=28, min_pixels=1024 * 28 * 28, max_pixels=4096 * 28 * 28)
+    image_tokens = (h // 28) * (w // 28)
+    assert 3800 < image_tokens <= 4096
+    params = json.loads((build.out / "params").read_text())
+    assert 2 * image_tokens + 2048 <= params["num_ctx"] == params["repeat_last_n"]
+    assert "-c 4096 --temp 0" in (build.out / "README.md").read_text()
+
+
 def test_the_ollama_files_are_listed_and_verified(build):
     """`template` and `params` are in the manifest (so `publish` uploads them) and `info --verify` checks them."""
     manifest = json.loads((build.out / "manifest.json").read_text())
