@@ -15,15 +15,17 @@ from .errors import QoqoptError
 
 QOQ_MED_LICENSE = "mit"  # QoQ-Med's release
 QOQ_MED_REPO = re.compile(r"^ddvd233/QoQ-Med", re.IGNORECASE)
-# The Hub's licence ids (hub-docs, repositories-licenses.md, and the Llama 3 family added since)
+# The Hub's licence ids: huggingface/hub-docs, docs/hub/repositories-licenses.md (83 ids, 2026-08)
 HUB_LICENSES = frozenset("""
 apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
 afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5
 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0
 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 cdla-permissive-1.0
-cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl
-lgpl-2.1 lgpl-3.0 isc lppl-1.3c ms-pl mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense
-zlib pddl lgpl-lr deepfloyd-if-license llama2 llama3 llama3.1 llama3.2 llama3.3 gemma unknown other
+cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0
+lgpl lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr mpl-2.0 odc-by odbl
+openmdw-1.0 openmdw-1.1 openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr
+deepfloyd-if-license fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 grok2-community
+gemma unknown other
 """.split())
 class NoLicense(QoqoptError):
     """The base is not QoQ-Med and no --license was given."""
@@ -55,8 +57,10 @@ def checked_license(license_id: str | None, name: str | None = None, link: str |
                           "llama3.1); for any other, --license other --license-name NAME --license-link URL")  # fmt: skip
     if (name or link) and license_id != "other":
         raise QoqoptError(f"--license-name and --license-link go with --license other, not {license_id}")
-    if license_id == "other" and not name:
-        raise QoqoptError("--license other needs --license-name (the licence's short name, such as qwen-research)")
+    if license_id == "other" and not (name and link):
+        # the Hub shows `other` as the name linked to its text; without a link the card points nowhere
+        raise QoqoptError("--license other needs --license-name (the licence's short name, such as qwen-research) "
+                          "and --license-link (the URL of its text, such as the base model's LICENSE file)")
     if name and not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name):
         raise QoqoptError(f"--license-name {name!r}: lower-case letters, digits, '.' and '-' (such as qwen-research)")
     return CardLicense(license_id, name, link)

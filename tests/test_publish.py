@@ -10,7 +10,7 @@ import pytest
 
 from qoqopt import integrity
 from qoqopt.errors import QoqoptError
-from qoqopt.hub_license import CardLicense
+from qoqopt.hub_license import CardLicense, checked_license
 from qoqopt.publish import plan_upload, upload
 from tests.conftest import cache_as_hub_repo, error_line, refused, run_cli
 
@@ -736,6 +736,10 @@ def test_card_licence_is_the_base_models(export_dir, capsys):
     data = ModelCard(res.stdout.split("--- README.md (model card) ---\n")[1].split("dry run:")[0]).data
     assert (data.license, data.license_name, data.license_link) == ("other", "qwen-research", link)
     assert "needs --license-name" in refused([*other, "--license", "other"], capsys)
+    assert "and --license-link" in refused([*other, "--license", "other", "--license-name", "qwen-research"], capsys)
+    # ids the Hub added after its first list (hub-docs repositories-licenses.md): refused before
+    for hub_id in ("llama4", "eupl-1.2", "apple-ascl", "openmdw-1.1"):
+        assert checked_license(hub_id) == CardLicense(hub_id)
     assert "go with --license other" in refused([*other, "--license", "mit", "--license-name", "x"], capsys)
 
 
