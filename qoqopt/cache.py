@@ -14,7 +14,10 @@ def cache_root() -> Path:
     env = os.environ.get("QOQOPT_CACHE")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qoqopt"
+    # XDG: an empty or relative XDG_CACHE_HOME is invalid and ignored (relative, it put a 320 MB
+    # trained model under whatever folder qoqopt ran from, the package source included)
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "qoqopt"
 
 
 def cache_dir(*parts: str) -> Path:

@@ -120,16 +120,23 @@ def test_bad_numbers_and_usage_arerefused(capsys):
             "argument --split-max-size: expected a size such as 48G or 500M (decimal units: no Mi/Gi), got '48GiB'",
         ("data", "list", "--max-side", "0"): "argument --max-side: expected an integer >= 1, got 0",
         # numpy's generators take no negative seed: these were tracebacks from deep in the data code
-        ("export", "m", "--format", "gptq", "--seed", "-1", "--out", "o"): "argument --seed: expected a seed >= 0, got -1",
-        ("bench", "m", "--variants", "bf16", "--seed", "-1"): "argument --seed: expected a seed >= 0, got -1",
-        ("data", "show", ITEM, "--seed", "-1", "--out", "x.png"): "argument --seed: expected a seed >= 0, got -1",
-        ("mini", "--out", "o", "--seed", "-1"): "argument --seed: expected a seed >= 0, got -1",
+        ("export", "m", "--format", "gptq", "--seed", "-1", "--out", "o"): "argument --seed: expected a seed from 0 to 2**64 - 1, got -1",
+        ("bench", "m", "--variants", "bf16", "--seed", "-1"): "argument --seed: expected a seed from 0 to 2**64 - 1, got -1",
+        ("data", "show", ITEM, "--seed", "-1", "--out", "x.png"): "argument --seed: expected a seed from 0 to 2**64 - 1, got -1",
+        ("mini", "--out", "o", "--seed", "-1"): "argument --seed: expected a seed from 0 to 2**64 - 1, got -1",
+        # torch.manual_seed takes none of 2**64 or more (checked below): a traceback from deep in training
+        ("mini", "--out", "o", "--seed", str(2**64)): f"argument --seed: expected a seed from 0 to 2**64 - 1, got {2**64}",
         ("frobnicate",): "argument COMMAND: invalid choice: 'frobnicate'",
         ("ask", "b"): "one of the arguments --item --image is required",
     }  # fmt: skip
     for argv, message in cases.items():
         err = refused(list(argv), capsys)
         assert message in err and err.endswith("--help`)"), err
+    import torch
+
+    torch.manual_seed(2**64 - 1)
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.manual_seed(2**64)
 
 
 def test_an_empty_value_is_refused_before_anything_reads_it(capsys):

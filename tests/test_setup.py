@@ -71,3 +71,21 @@ def test_this_machines_compiler_is_judged_by_its_own_header(tmp_path):
     assert POINTER_OPERAND in text or "__builtin_ia32_ldtilecfg" in text, f"{header}: an unknown form"
     install = _install_line(tmp_path, cxx)
     assert (AMX_OFF in install) == (POINTER_OPERAND in text), (header, install)
+
+
+@pytest.mark.parametrize("xdg", [None, "", "relative/cache"])
+def test_the_cache_follows_xdg_and_ignores_an_invalid_xdg_cache_home(xdg, tmp_path, monkeypatch):
+    """XDG Base Directory spec: an unset or empty XDG_CACHE_HOME means ~/.cache, and a relative one is
+    invalid and ignored. Empty, the cache was the relative folder `qoqopt`: run from the repository,
+    the package source itself."""
+    from qoqopt.cache import cache_root
+
+    monkeypatch.delenv("QOQOPT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if xdg is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert cache_root() == tmp_path / ".cache" / "qoqopt"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "qoqopt"

@@ -8,13 +8,13 @@ import math
 import re
 
 
-def _number(kind, low: float, what: str):
+def _number(kind, low: float, what: str, high: float = math.inf):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (value >= low and math.isfinite(value)):  # float("nan") compares False with anything
+        if not (low <= value <= high and math.isfinite(value)):  # float("nan") compares False with anything
             raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
         return value
 
@@ -25,7 +25,8 @@ def _number(kind, low: float, what: str):
 positive_int = _number(int, 1, "an integer >= 1")
 count_or_all = _number(int, 0, "an integer >= 0 (0: the default)")  # --threads
 index = _number(int, 0, "an integer >= 0")  # --frame
-seed = _number(int, 0, "a seed >= 0")  # numpy's generators take no negative seed
+# numpy's generators take no negative seed, torch.manual_seed none of 2**64 or more
+seed = _number(int, 0, "a seed from 0 to 2**64 - 1", high=2**64 - 1)
 non_negative_float = _number(float, 0.0, "a finite number >= 0")
 
 # decimal, as llama.cpp's converter and gguf-split read sizes, and as the Hub states its 50 GB limit
