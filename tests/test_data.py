@@ -800,6 +800,27 @@ def test_jsonl_reads_an_ecg_by_what_the_file_holds(tmp_path):
     assert scanned.ecg_signal is None and scanned.image.mode == "RGB"
 
 
+def test_a_jsonl_set_of_ecgs_keeps_their_signals_not_their_recordings(tmp_path):
+    """Each ECG is decoded at load (a bad one fails there) but only its 80 KB encoder signal is kept;
+    the recording (~1 MB: a 1000-ECG set held 1.1 GB) is read again when the sheet is drawn, the
+    same sheet as drawn from the file itself."""
+    import tracemalloc
+
+    from qoqopt.data.ecg import render_ecg
+    from qoqopt.data.jsonl import _sized
+
+    ecg = catalog.source_path("waveform_ecg.dcm")
+    path = _write_set(tmp_path, [{**GOOD, "image": ecg, "domain": "ecg", "id": f"e{i}"} for i in range(20)])
+    tracemalloc.start()
+    try:
+        items = load_jsonl(path)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held / len(items) < 200_000  # measured ~100 KB per ECG (1.06 MB holding each recording)
+    assert np.array_equal(np.asarray(items[3].image), np.asarray(_sized(lambda: render_ecg(ecg), None, "")))
+
+
 @pytest.mark.parametrize("hz", ["0", "1e-3", "2e4", "nan"])
 def test_an_ecg_sampling_rate_no_ecg_has_is_refused_in_one_line(tmp_path, capsys, hz):
     """The ECG encoder's input is 10 s of samples at the file's SamplingFrequency: 3e6 Hz took

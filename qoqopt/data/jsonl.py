@@ -181,12 +181,14 @@ def _row(line: str, where: str) -> dict:
 
 def _picture(file: Path, kind: str, frame: int | None, where: str):
     """How the item's picture is made, and its ECG signal, decided by the file (not by the field
-    or the domain): a waveform DICOM is read whole now (it is small, and a bad one fails at load)
-    and drawn as the 12-lead sheet; any other file has its header checked now, its pixels later."""
+    or the domain): a waveform DICOM is decoded now (a bad one fails at load), its encoder signal
+    kept, and read again when its 12-lead sheet is drawn; any other file has its header checked
+    now, its pixels later."""
     header = _guarded(where, check_image, file, kind == "dicom", frame)  # a DICOM's, read once
     if header is not None and is_waveform(header):
         rec = _guarded(where, read_ecg, file)  # check_image has refused a "frame" for it
-        return partial(render_ecg, rec), ecg_signal(rec)
+        # not the recording itself (~1 MB each: a 1000-ECG set held 1.1 GB), only the 80 KB signal
+        return partial(render_ecg, file), ecg_signal(rec)
     return partial(open_dicom if kind == "dicom" else open_image, file, frame), None
 
 
