@@ -250,7 +250,9 @@ def test_the_default_thread_count_is_torchs_own(omp):
 
 def test_transformers_decode_is_timed_inside_one_request(tiny_dir):
     """TTFT and decode come from one generate() of 1 + n tokens, each step time-stamped: decode was
-    the difference of two requests, and one slow request made it 0 ms (3.2e10 tok/s, helper-64)."""
+    the difference of two requests, and one slow request made it 0 ms (3.2e10 tok/s, helper-64).
+    Prefill is the language model's first pass and its logits alone: TTFT less the encode held
+    generate()'s host work too (16-19 ms a request on the H200, against a sub-ms pass)."""
     from qoqopt.bench.hf_runner import load_hf
     from qoqopt.bench.speed import probe_image
 
@@ -264,12 +266,26 @@ def test_transformers_decode_is_timed_inside_one_request(tiny_dir):
         return out
 
     runner.model.generate = timed_generate
+    passes: dict[str, list[float]] = {"lm": [], "head": []}  # each forward of the language model and lm_head
+    for key, module in (("lm", runner.model.model.language_model), ("head", runner.model.lm_head)):
+        def forward(*a, _forward=module.forward, _key=key, **kw):
+            start = time.perf_counter()
+            out = _forward(*a, **kw)
+            passes[_key].append(time.perf_counter() - start)
+            return out
+
+        module.forward = forward
     image = probe_image(Image.new("RGB", (64, 64), (90, 90, 90)), "min")
     started = time.perf_counter()
     p = runner.profile(image, "Which organ is shown?", 4)
     wall = time.perf_counter() - started
     ((seconds, new_tokens),) = calls  # one request, as transformers generated it: 1 + 4 tokens
     assert new_tokens == 5 and 0 < p["decode_s"] < seconds and p["encode_s"] < p["ttft_s"] and p["ttft_s"] + p["decode_s"] <= wall
+    # prefill is the first pass of each (TTFT less the encode also held generate()'s own host work),
+    # and none of the decode steps' passes
+    assert len(passes["lm"]) == len(passes["head"]) == 5
+    first = passes["lm"][0] + passes["head"][0]
+    assert first <= p["prefill_s"] < min(first + passes["lm"][1], p["ttft_s"] - p["encode_s"])
 
 
 def _reply_logits(model, proc, item):

@@ -2,7 +2,8 @@
 
 Each runtime gives `profile(image, question, n_decode)` -> seconds for the image encode alone, time to
 first token (encode + prompt + first logits) and `n_decode` further greedy tokens. Per repeat:
-- prefill tok/s  = prompt tokens / (TTFT - image encode): the language model's prompt throughput
+- prefill tok/s  = prompt tokens / the language model's prompt pass (transformers: its first forward
+  and logits, timed by hooks; llama.cpp: TTFT less the image encode, its prompt decode)
 - decode tok/s   = n_decode / decode seconds
 - image encode ms, TTFT ms as measured
 Each figure is the median over the repeats; the rates and TTFT keep their [min, max] under "spread".
@@ -52,11 +53,11 @@ def measure(profile, image: Image.Image, question: str, settings: SpeedSettings)
 
 
 def _rates(runs: list[dict], n_decode: int) -> dict:
-    """TTFT ms, prefill tok/s (prompt tokens over TTFT less the image's share, both from one
-    request) and decode tok/s: the median of the repeats, and their range under ``spread``."""
+    """TTFT ms, prefill tok/s (prompt tokens over the prompt pass of the same request) and decode
+    tok/s: the median of the repeats, and their range under ``spread``."""
     per_run = {
         "ttft_ms": [1e3 * r["ttft_s"] for r in runs],
-        "prefill_tok_s": [r["n_prompt"] / (r["ttft_s"] - r["encode_s"]) if r["ttft_s"] > r["encode_s"] else None for r in runs],
+        "prefill_tok_s": [r["n_prompt"] / r["prefill_s"] if r["prefill_s"] > 0 else None for r in runs],
         "decode_tok_s": [n_decode / r["decode_s"] if r["decode_s"] > 0 else None for r in runs],
     }
     out: dict = {"spread": {}}
