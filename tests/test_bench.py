@@ -236,6 +236,64 @@ def test_a_mac_is_named_by_its_chip_and_threaded_on_its_performance_cores(tmp_pa
     assert all(argv[:2] == ["sysctl", "-n"] for argv in asked)
 
 
+@pytest.mark.parametrize(("files", "quota"), [
+    ({"cpu.max": "200000 100000\n"}, 2),  # cgroup v2, `docker run --cpus 2`
+    ({"cpu.max": "150000 100000\n"}, 2),  # --cpus 1.5: a second thread still gets time
+    ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
+    ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),  # v1
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),  # v1, no limit
+    ({}, None),
+])  # fmt: skip
+def test_a_containers_cpu_quota_caps_the_default_threads(files, quota, tmp_path, monkeypatch):
+    """Docker's --cpus and Kubernetes CPU limits set a CFS quota, in the files and formats the kernel's
+    cgroup documentation gives, not an affinity mask: a pod limited to 2 CPUs on a 64-core host got 32
+    threads, tagged 64 cores."""
+    from qoqopt.bench import machine
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert machine.cpu_quota(tmp_path) == quota
+    monkeypatch.setattr(machine, "cpu_quota", lambda: quota)
+    monkeypatch.setattr(machine, "_usable_cpus", lambda: range(64))
+    assert machine.usable_cores() == (quota or 64)
+    assert machine.usable_physical_cores(tmp_path / "no-sysfs", tmp_path / "no-hybrid") == (quota or 64)
+
+
+def test_a_hybrid_intel_cpu_counts_its_performance_cores(tmp_path, monkeypatch):
+    """An i9-13900K: 8 performance cores with two threads each (CPUs 0-15) and 16 efficiency cores
+    (16-31), as Linux's sysfs lays them out. llama.cpp's default leaves the efficiency cores out;
+    bench took 24 threads."""
+    from qoqopt.bench import machine
+
+    for cpu in range(32):
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{cpu // 2 if cpu < 16 else cpu}\n")
+    (tmp_path / "cpu_core_cpus").write_text("0-15\n")
+    monkeypatch.setattr(machine, "_usable_cpus", lambda: range(32))
+    monkeypatch.setattr(machine, "cpu_quota", lambda: None)
+    assert machine.usable_physical_cores(tmp_path, tmp_path / "no-hybrid") == 24
+    assert machine.usable_physical_cores(tmp_path, tmp_path / "cpu_core_cpus") == 8
+    assert machine.cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
+
+
+def test_an_arm_server_is_named_by_its_core(monkeypatch):
+    """Arm Linux's /proc/cpuinfo has no model name: Graviton3, Graviton4, Ampere Altra and Grace were
+    all "aarch64". The part numbers are Linux's (arch/arm64/include/asm/cputype.h)."""
+    from qoqopt.bench import machine
+
+    cpuinfo = {"CPU implementer": "0x41", "CPU part": "0xd4f"}  # Grace, Graviton4
+    monkeypatch.setattr(machine, "_cpuinfo", lambda *keys: next((cpuinfo[k] for k in keys if k in cpuinfo), None))
+    monkeypatch.setattr(machine, "_sysctl", lambda name: None)
+    assert machine.cpu_model() == "Arm Neoverse-V2"
+    cpuinfo["CPU part"] = "0xd0c"
+    assert machine.cpu_model() == "Arm Neoverse-N1"  # Ampere Altra, Graviton2
+    cpuinfo.update({"CPU implementer": "0xc0", "CPU part": "0xac3"})
+    assert machine.cpu_model() == "Arm CPU (implementer 0xc0, part 0xac3)"
+
+
 @pytest.mark.parametrize("omp", ["1", "2", "5,2", "99", None])
 def test_the_default_thread_count_is_torchs_own(omp):
     """With no --threads, ask and bench take as many threads as torch does by itself: one per physical

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
@@ -17,24 +18,60 @@ def _usable_cpus():
     return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
 
 
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The CPUs' worth of time this container's CPU quota grants, rounded up; None without one.
+    `docker run --cpus 2` and Kubernetes CPU limits set a quota (cgroup v2 `cpu.max`, v1
+    `cpu.cfs_quota_us` over `cpu.cfs_period_us`), not an affinity mask: 32 threads on a 2-CPU
+    quota spend most of each period throttled."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        quota = period = None
+        for v1 in (cgroup / "cpu", cgroup / "cpu,cpuacct"):
+            try:
+                quota, period = ((v1 / f"cpu.cfs_{k}_us").read_text().strip() for k in ("quota", "period"))
+                break
+            except OSError:
+                continue
+    if not quota or not period or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return None  # "max" (v2) or -1 (v1): no quota
+    return max(1, -(-int(quota) // int(period)))
+
+
 def usable_cores() -> int:
-    """CPUs this process may run on, not the host's."""
-    return len(_usable_cpus())
+    """CPUs this process may run on, not the host's: its affinity mask, capped by a CPU quota."""
+    return min(len(_usable_cpus()), cpu_quota() or math.inf)
 
 
-def usable_physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
-    """Physical cores among the CPUs this process may use: SMT siblings share one core's vector
-    units, and llama.cpp and torch both default to one thread a physical core. Linux's topology
-    files name each CPU's (package, core); macOS's sysctl its performance cores; elsewhere every
-    usable CPU counts."""
+def usable_physical_cores(sysfs: Path = Path("/sys/devices/system/cpu"), p_cores: Path = Path("/sys/devices/cpu_core/cpus")) -> int:
+    """Physical cores among the CPUs this process may use, capped by a CPU quota: SMT siblings
+    share one core's vector units, and llama.cpp and torch both default to one thread a physical
+    core. Linux's topology files name each CPU's (package, core); on a hybrid Intel CPU only the
+    performance cores count (`p_cores` lists them), as llama.cpp leaves efficiency cores out of its
+    default; macOS's sysctl names its performance cores; elsewhere every usable CPU counts."""
+    cpus = _usable_cpus()
+    try:
+        cpus = [c for c in cpus if c in cpu_list(p_cores.read_text())] or cpus
+    except OSError:  # not a hybrid CPU
+        pass
     cores = set()
-    for cpu in _usable_cpus():
+    for cpu in cpus:
         topology = sysfs / f"cpu{cpu}" / "topology"
         try:
             cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
         except OSError:
             return _macos_performance_cores() or usable_cores()
-    return len(cores) or 1
+    return min(len(cores) or 1, cpu_quota() or math.inf)
+
+
+def cpu_list(text: str) -> set[int]:
+    """Linux's CPU list format ("0-15,20,22-23") as CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
 
 
 def _macos_performance_cores() -> int | None:
@@ -83,8 +120,35 @@ def _cpuinfo(*keys: str) -> str | None:
 
 
 def cpu_model() -> str:
-    """The CPU's model name ("Apple M3 Pro", not macOS's "arm", which every Apple Silicon Mac says)."""
-    return _cpuinfo("model name") or _sysctl("machdep.cpu.brand_string") or platform.processor() or platform.machine()
+    """The CPU's model name ("Apple M3 Pro", not macOS's "arm", which every Apple Silicon Mac says;
+    "Arm Neoverse-V2", not "aarch64", which Graviton, Ampere and Grace alike say)."""
+    return (_cpuinfo("model name") or _sysctl("machdep.cpu.brand_string") or _arm_core()
+            or platform.processor() or platform.machine())  # fmt: skip
+
+
+# Arm's core part numbers (Linux, arch/arm64/include/asm/cputype.h): Arm Linux's /proc/cpuinfo has no
+# model name, only the implementer and part
+_ARM_PARTS = {0xD03: "Cortex-A53", 0xD08: "Cortex-A72", 0xD0B: "Cortex-A76", 0xD0C: "Neoverse-N1", 0xD40: "Neoverse-V1",
+              0xD41: "Cortex-A78", 0xD49: "Neoverse-N2", 0xD4F: "Neoverse-V2", 0xD84: "Neoverse-V3", 0xD8E: "Neoverse-N3"}  # fmt: skip
+
+
+def _arm_core() -> str | None:
+    implementer, part = _cpuinfo("CPU implementer"), _cpuinfo("CPU part")
+    if not implementer or not part:
+        return None
+    try:
+        if int(implementer, 16) == 0x41 and int(part, 16) in _ARM_PARTS:
+            return f"Arm {_ARM_PARTS[int(part, 16)]}"
+    except ValueError:
+        pass
+    return f"Arm CPU (implementer {implementer}, part {part})"
+
+
+def cpu_id() -> str | None:
+    """An x86 CPU's family, model and stepping: a cloud VM's model name can be as bare as
+    "Intel(R) Xeon(R) Processor", the same for Sapphire Rapids (model 143) and its elders."""
+    family, model, stepping = (_cpuinfo(k) for k in ("cpu family", "model\t", "stepping"))
+    return f"family {family} model {model} stepping {stepping}" if family and model else None
 
 
 # The vector extensions llama.cpp's and torch's CPU kernels choose between (x86 "flags", Arm
@@ -137,7 +201,9 @@ def machine_info(device: str, threads: int, label: str | None = None) -> dict:
         "device": device,
         "cpu": cpu,
         "cpu_flags": cpu_flags(),
-        "cores": usable_cores(),  # this process's share (taskset, a container); the host's below
+        "cpu_id": cpu_id(),
+        "cores": usable_cores(),  # this process's share (taskset, a container's quota); the host's below
+        "cpu_quota": cpu_quota(),
         "host_cores": os.cpu_count(),
         "threads": threads,
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
