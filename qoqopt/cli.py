@@ -98,12 +98,29 @@ if hasattr(signal, "SIGHUP"):  # not on Windows
 
 
 def _on_signal(signum, frame):
+    """The first stop signal ends the command. Later ones are let go: a second Ctrl-C, or the SIGTERM
+    a job stop (systemd, Slurm, Kubernetes) sends every process after its own, landed in the removal
+    of the temporary build and left gigabytes of it behind."""
+    for s in (signal.SIGINT, *WHY):
+        with contextlib.suppress(ValueError, OSError):  # not this process's handler to change
+            if signal.getsignal(s) in (_on_signal, signal.default_int_handler):
+                signal.signal(s, _let_go)  # a Python handler: not inherited by a child exec'd now
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Terminated(signum)
 
 
+def _let_go(signum, frame):
+    """A stop signal after the first: the command is already ending (and cleaning up)."""
+
+
 def _catch_stop_signals() -> dict:
-    """Handlers for WHY's signals; one that came in ignored (`nohup`) stays ignored."""
-    return {s: signal.signal(s, _on_signal) for s in WHY if signal.getsignal(s) is not signal.SIG_IGN}
+    """Handlers for Ctrl-C and WHY's signals; one that came in ignored (`nohup`) stays ignored, and a
+    Ctrl-C handler of the caller's own (a notebook's) stays its own."""
+    caught = {s: _on_signal for s in WHY if signal.getsignal(s) is not signal.SIG_IGN}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        caught[signal.SIGINT] = _on_signal
+    return {s: signal.signal(s, handler) for s, handler in caught.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QoqoptError
+from .interrupts import deferred_signals
 from .leftovers import tidy, tmp_prefix
 
 
@@ -240,26 +241,33 @@ def _swap_in(tmp: Path, final: Path, force: bool = False) -> None:
     Without ``force`` the rename itself is the check that ``final`` is still absent or empty: a
     second run into the same --out, started before the first finished, replaced the first's build
     when it was checked only at the start (both said "done", the first's build was gone)."""
-    if not force:
-        try:
-            os.rename(tmp, final)  # over nothing or an empty folder; a folder with files refuses it
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):  # a folder or a file
-                raise
-            raise QoqoptError(f"output {final} was filled by another run while this one worked; it is left as "
-                              "that run wrote it (use --force to replace it)") from exc  # fmt: skip
-        return
-    if not final.exists():
-        os.replace(tmp, final)
+    if not force or not final.exists():
+        _rename_into_place(tmp, final, force)
         return
     old = Path(tempfile.mkdtemp(prefix=tmp_prefix(final), suffix=".old", dir=final.parent))
-    os.replace(final, old)  # over the empty folder just made
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
+    # a stop signal between the renames left no build at all (the new one deleted as unfinished,
+    # the old one set aside): both renames happen, or neither
+    with deferred_signals():
+        os.replace(final, old)  # over the empty folder just made
+        try:
+            _rename_into_place(tmp, final, force)
+        except BaseException:
+            with contextlib.suppress(OSError):  # another run's build may hold the name now
+                os.replace(old, final)
+            raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _rename_into_place(tmp: Path, final: Path, force: bool) -> None:
+    """Rename over nothing or an empty folder; a folder with files refuses it, and is left alone."""
+    try:
+        os.rename(tmp, final)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):  # a folder or a file
+            raise
+        again = " again" if force else " (use --force to replace it)"
+        raise QoqoptError(f"output {final} was filled by another run while this one worked; it is left as "
+                          f"that run wrote it{again}") from exc  # fmt: skip
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -75,3 +75,65 @@ def _in_thread(fn):
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+_SECOND_SIGNAL = """
+import os, shutil, signal, sys
+from pathlib import Path
+from qoqopt import cli, fileio
+
+out, real_rmtree = Path(sys.argv[1]), shutil.rmtree
+
+def rmtree(path, *args, **kwargs):  # the job stop's second SIGTERM (or a second Ctrl-C), mid-cleanup
+    os.kill(os.getpid(), int(sys.argv[2]))
+    return real_rmtree(path, *args, **kwargs)
+
+cli._catch_stop_signals()
+try:
+    with fileio.atomic_dir(out / "build") as tmp:
+        (tmp / "model.gguf").write_bytes(bytes(1 << 20))
+        shutil.rmtree = rmtree
+        os.kill(os.getpid(), int(sys.argv[2]))
+except (cli.Terminated, KeyboardInterrupt) as exc:
+    print(type(exc).__name__, sorted(p.name for p in out.iterdir()))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_stop_signal_does_not_cut_the_cleanup_short(signum, tmp_path):
+    """systemd, Slurm and Kubernetes stop a job by signalling every process, and the parent then stops
+    its child again; an impatient user presses Ctrl-C twice. The second signal landed in the removal
+    of the temporary build, which stayed behind (40,000 files in helper-95's run)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _SECOND_SIGNAL, str(tmp_path), str(int(signum))],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    name = "Terminated" if signum == signal.SIGTERM else "KeyboardInterrupt"
+    assert done.stdout.strip() == f"{name} []", done.stdout + done.stderr
+
+
+def test_a_stop_signal_between_the_renames_of_a_replace_keeps_a_build(tmp_path, monkeypatch):
+    """--force replaces a build by renaming the old one aside, then the new one in. A Ctrl-C between
+    the two renames left no build at all (the new one was deleted as unfinished); both renames now
+    happen before it is delivered, so the new build is in place."""
+    import os
+
+    from qoqopt import fileio
+
+    final = tmp_path / "build"
+    final.mkdir()
+    (final / "old.gguf").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:  # the old build just set aside
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.atomic_dir(final, force=True) as tmp:
+            (tmp / "new.gguf").write_text("new")
+    assert [p.name for p in final.iterdir()] == ["new.gguf"]
