@@ -134,12 +134,14 @@ class LlamaVL:
 
     def reset(self) -> None:
         self.llm.reset()
-        self._llama_cpp.llama_memory_clear(self._llama_cpp.llama_get_memory(self.llm.ctx), True)
+        with deferred_signals():
+            self._llama_cpp.llama_memory_clear(self._llama_cpp.llama_get_memory(self.llm.ctx), True)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Next-token logits at every position of `ids` (a fresh sequence)."""
         self.reset()
-        self.llm.eval(ids)
+        with deferred_signals():
+            self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
     # ---- images
@@ -160,7 +162,8 @@ class LlamaVL:
         arr = (m.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
         chunks = m.mtmd_input_chunks_init()
         text = m.mtmd_input_text(prompt.encode("utf-8"), len(prompt.encode("utf-8")), False, True)
-        rc = m.mtmd_tokenize(self.mctx, chunks, ctypes.byref(text), arr, len(bitmaps))
+        with deferred_signals():  # each call that logs through read_log: see interrupts.py
+            rc = m.mtmd_tokenize(self.mctx, chunks, ctypes.byref(text), arr, len(bitmaps))
         for b in bitmaps:
             m.mtmd_bitmap_free(b)
         if rc != 0:
@@ -193,7 +196,9 @@ class LlamaVL:
         if key is not None and self.embd_cache is not None and key in self.embd_cache:
             return self.embd_cache[key]
         n = m.mtmd_input_chunk_get_n_tokens(chunk)
-        if m.mtmd_encode_chunk(self.mctx, chunk) != 0:
+        with deferred_signals():
+            rc = m.mtmd_encode_chunk(self.mctx, chunk)
+        if rc != 0:
             raise _ERRORS.error("mtmd_encode_chunk failed")
         n_embd = self._llama_cpp.llama_model_n_embd(self.llm.model)
         embd = np.ctypeslib.as_array(m.mtmd_get_output_embd(self.mctx), shape=(n * n_embd,)).copy()
@@ -234,10 +239,11 @@ class LlamaVL:
                 embd = self._encode(chunk, keys.pop(0))
                 self.last_encode_s += time.perf_counter() - t0
                 new_n_past = self._llama_cpp.llama_pos(0)
-                rc = m.mtmd_helper_decode_image_chunk(
-                    self.mctx, self.llm.ctx, chunk, embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                    n_past, 0, self.llm.n_batch, ctypes.byref(new_n_past), m.mtmd_helper_post_decode_callback(), None,
-                )  # fmt: skip
+                with deferred_signals():
+                    rc = m.mtmd_helper_decode_image_chunk(
+                        self.mctx, self.llm.ctx, chunk, embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                        n_past, 0, self.llm.n_batch, ctypes.byref(new_n_past), m.mtmd_helper_post_decode_callback(), None,
+                    )  # fmt: skip
                 if rc != 0:
                     raise _ERRORS.error(f"llama.cpp could not decode the image ({rc})")
                 n_past = int(new_n_past.value)
@@ -265,7 +271,9 @@ class LlamaVL:
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = all_logits or i == len(ids) - 1
-            if lc.llama_decode(self.llm.ctx, batch) != 0:
+            with deferred_signals():
+                rc = lc.llama_decode(self.llm.ctx, batch)
+            if rc != 0:
                 raise _ERRORS.error("llama_decode failed")
             rows = range(len(ids)) if all_logits else [len(ids) - 1]
             out = np.empty((len(rows), self.n_vocab), dtype=np.float32)

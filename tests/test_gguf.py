@@ -446,6 +446,42 @@ def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_p
 # ---------------------------------------------------------------------------- reliability
 
 
+@pytest.mark.parametrize("where", ["tokenize", "decode"])
+def test_a_ctrl_c_during_an_image_chat_is_not_lost(where, built, monkeypatch):
+    """Each llama.cpp call of an image chat logs through qoqopt's Python callback, where Python ran the
+    Ctrl-C's handler and ctypes swallowed its KeyboardInterrupt: `ask` went on and exited 0 (29 of 40
+    Ctrl-Cs lost in helper-95's run). The Ctrl-C here arrives while llama.cpp logs, inside mtmd's
+    tokenize or inside a llama_decode, and ends the chat once that call returns."""
+    from qoqopt.exports import gguf_runtime
+
+    item = _ct_eval_item()
+    with LlamaVL(built.file("text", "F16"), built.file("mmproj"), image_min_tokens=TRAIN_TOKENS[0],
+                 image_max_tokens=TRAIN_TOKENS[1]) as vl:  # fmt: skip
+        prompt = f"<|im_start|>user\n{gguf_runtime.MARKER}{item.question}<|im_end|>\n<|im_start|>assistant\n"
+        real_write, sent = gguf_runtime._ERRORS.write, []
+
+        def write(level, text):  # llama.cpp logging, from inside the C call
+            if not sent and (where == "tokenize" or stage):
+                sent.append(text)
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_write(level, text)
+
+        stage = []
+        if where == "decode":  # a llama_decode of the reply that logs (as a full KV cache does)
+            real_decode = vl._llama_cpp.llama_decode
+
+            def decode(ctx, batch):
+                stage.append(1)
+                gguf_runtime._LOG_CALLBACK(3, b"decode: warning\n", None)
+                return real_decode(ctx, batch)
+
+            monkeypatch.setattr(vl._llama_cpp, "llama_decode", decode)
+        monkeypatch.setattr(gguf_runtime._ERRORS, "write", write)
+        with pytest.raises(KeyboardInterrupt):
+            vl.generate(prompt, item.image, max_tokens=4)
+        assert sent
+
+
 def test_ctrl_c_stops_a_quantize_at_once(built, tmp_path, monkeypatch):
     """llama.cpp's quantize is one C call that Python cannot interrupt: a Ctrl-C used to be lost in
     its log callback, then (held until the call returned) waited minutes on a 7B model. It runs in a
