@@ -2,8 +2,8 @@
 
 Files are written to a hidden temporary sibling and renamed into place; a directory is built
 under a temporary name and renamed as a whole. A crash (even SIGKILL) leaves only `.*.tmp*`
-debris, never a truncated file that looks finished; the next build of the same folder removes it
-(leftovers.py).
+debris, never a truncated file that looks finished; the next write of the same file or folder
+removes it (leftovers.py).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
 def _atomic_path(final: Path) -> Iterator[Path]:
     with writing(final):
         final.parent.mkdir(parents=True, exist_ok=True)
+        tidy(final, f"beside {final}")  # a killed write's temporary file, as atomic_dir removes a build's
         fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(final), suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -261,7 +262,7 @@ def _swap_in(tmp: Path, final: Path, force: bool = False) -> None:
 def _rename_into_place(tmp: Path, final: Path, force: bool) -> None:
     """Rename over nothing or an empty folder; a folder with files refuses it, and is left alone."""
     try:
-        os.rename(tmp, final)
+        os.replace(tmp, final)  # rename(2), as os.rename: over a folder only if it is empty
     except OSError as exc:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):  # a folder or a file
             raise

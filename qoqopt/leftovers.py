@@ -45,10 +45,22 @@ def _stem(final: Path) -> str:
 
 
 def _owner() -> str:
+    """Whose pids a temporary name's are: this machine's (its host name and machine id: VMs cloned
+    from one image share the name, and the first pid namespace's number is the same on every Linux
+    host) in this pid namespace (a container's pids are its own)."""
+    machine = socket.gethostname() + _machine_id()
     with contextlib.suppress(OSError):
         namespace = os.readlink("/proc/self/ns/pid")  # Linux: "pid:[4026531836]"
-        return _digest(socket.gethostname() + namespace)
-    return _digest(socket.gethostname())
+        return _digest(machine + namespace)
+    return _digest(machine)
+
+
+def _machine_id() -> str:
+    """systemd's machine id (D-Bus's older copy), stable across reboots; empty where neither exists."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with contextlib.suppress(OSError):
+            return Path(path).read_text().strip()
+    return ""
 
 
 def _digest(text: str) -> str:

@@ -295,6 +295,49 @@ def test_a_long_final_name_still_gets_a_temporary_name(tmp_path, capsys):
             proc.wait()
 
 
+def test_a_killed_file_writes_temporary_is_removed_by_the_next_write(tmp_path, capsys):
+    """A single file (`data show --out`, bench's result JSON, the caches) written by a run killed
+    mid-write left its temporary name for good: only build folders were tidied."""
+    import signal
+    import subprocess
+    import sys
+
+    from qoqopt.fileio import atomic_write_text
+
+    final = tmp_path / "scan.png"
+    writer = ("import sys, time; from pathlib import Path; from qoqopt.fileio import atomic_path\n"
+              "with atomic_path(Path(sys.argv[1])) as tmp:\n"
+              "    tmp.write_bytes(b'x' * 3000); print('ready', flush=True); time.sleep(600)")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(final)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(list(tmp_path.iterdir())) == 1
+    atomic_write_text(final, "done")
+    assert capsys.readouterr().err == f"note: removed 3.0 kB that an interrupted run left beside {final}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["scan.png"]
+
+
+def test_another_machine_with_our_host_name_keeps_its_temporaries(tmp_path, monkeypatch):
+    """VMs cloned from one image share a host name, and every Linux host's first pid namespace has the
+    same number: on a shared (NFS) folder one machine took the other's live build for a dead pid's and
+    removed it. The machine id (systemd's) tells them apart."""
+    from qoqopt import leftovers
+
+    out = tmp_path / "build"
+    monkeypatch.setattr(leftovers, "_machine_id", lambda: "0" * 32)  # the clone
+    theirs = tmp_path / f"{leftovers.tmp_prefix(out)}abc.tmp".replace(f".p{os.getpid()}-", ".p999999999-")
+    theirs.mkdir()
+    monkeypatch.undo()
+    assert leftovers.remove_stale(out).others == [theirs] and theirs.exists()
+    mine = tmp_path / f"{leftovers.tmp_prefix(out)}def.tmp".replace(f".p{os.getpid()}-", ".p999999999-")
+    mine.mkdir()
+    leftovers.remove_stale(out)  # a dead pid of this machine's: removed; the clone's kept
+    assert not mine.exists() and theirs.exists()
+
+
 def test_a_pid_is_only_ours_in_our_pid_namespace(tmp_path):
     """A container sharing the host name (docker --uts=host, HPC containers) has pids of its own: a
     live build there must not look like a dead process's here."""
@@ -437,7 +480,7 @@ def test_a_build_another_run_finished_meanwhile_is_not_replaced_without_force(tm
         raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src), None, str(dst))
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr("qoqopt.fileio.os.rename", rename)
+        m.setattr("qoqopt.fileio.os.replace", rename)
         with pytest.raises(OSError) as caught:
             with atomic_dir(busy) as tmp:
                 (tmp / "a.gguf").write_text("a")
