@@ -576,15 +576,24 @@ def _plot_domain_heatmap(plt, rows):
 
 
 def _plot_speed(plt, runs):
+    """One bar per machine and build at its decode speed; none where a machine has no number (a
+    failed or unrun build was drawn as a real 0). A build run in two runtimes (llama.cpp on the CPU
+    in one run, on the GPU in another) is two groups, named as the tables name them."""
     import numpy as np
 
     machines = [machine_label(r).replace("$", r"\$") for r in runs]  # matplotlib reads $...$ as math
-    names = sorted({v["name"] for r in runs for v in r["variants"] if (v.get("speed") or {}).get("decode_tok_s")})
+
+    def key(v) -> tuple[str, str]:
+        return v["name"], str(v.get("runtime"))
+
+    keys = sorted({key(v) for r in runs for v in r["variants"] if (v.get("speed") or {}).get("decode_tok_s")})
+    runtimes = Counter(name for name, _ in keys)
+    names = [name if runtimes[name] == 1 else f"{name} ({_runtime_tag(runtime)})" for name, runtime in keys]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4))
     width = 0.8 / max(len(runs), 1)
     for i, (run, label) in enumerate(zip(runs, machines)):
-        speeds = {v["name"]: (v.get("speed") or {}).get("decode_tok_s") for v in run["variants"]}
-        vals = [speeds.get(n) or 0 for n in names]
+        speeds = {key(v): (v.get("speed") or {}).get("decode_tok_s") for v in run["variants"]}
+        vals = [speeds.get(k) or np.nan for k in keys]  # NaN: no bar
         ax.bar(np.arange(len(names)) + i * width, vals, width, label=label)
     ax.set_xticks(np.arange(len(names)) + width * (len(runs) - 1) / 2, names, rotation=20, ha="right")
     ax.set(ylabel="decode tokens/s", title="Decode speed per variant and machine")

@@ -105,6 +105,19 @@ def test_plots_draw_the_runs_numbers(tmp_path, monkeypatch):
     assert bars == {(run["run"]["machine"]["label"], v["speed"]["decode_tok_s"]) for run in runs
                     for v in run["variants"] if v.get("speed")}  # fmt: skip
 
+    # a build one machine did not measure has no bar there (it was a bar at 0 tok/s); one run in
+    # another runtime elsewhere (llama.cpp on a GPU) is a group of its own, named as the tables do
+    figures.clear()
+    runs[1]["variants"] = [v for v in runs[1]["variants"] if v["name"] != "gguf:Q5_K_M"]
+    runs[1]["variants"][1]["runtime"] = "llama.cpp CUDA"  # gguf:Q8_0
+    write_plots(runs, tmp_path)
+    speed = figures[-1]
+    ticks = [t.get_text() for t in speed.axes[0].get_xticklabels()]
+    assert "gguf:Q8_0 (llama.cpp)" in ticks and "gguf:Q8_0 (llama.cpp CUDA)" in ticks and "gguf:Q5_K_M" in ticks
+    heights = {c.get_label(): dict(zip(ticks, (b.get_height() for b in c))) for c in speed.axes[0].containers}
+    assert np.isnan(heights["cpu 1 thread"]["gguf:Q5_K_M"]) and heights["cpu 2 threads"]["gguf:Q5_K_M"] == 70
+    assert np.isnan(heights["cpu 2 threads"]["gguf:Q8_0 (llama.cpp CUDA)"]) and heights["cpu 1 thread"]["gguf:Q8_0 (llama.cpp CUDA)"] == 25
+
 
 def test_report_says_how_many_chats_the_numbers_rest_on():
     """Beside drift and accuracy, the chats they come from, per eval set (the run JSON's `eval`)."""
