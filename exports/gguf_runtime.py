@@ -50,11 +50,13 @@ class LlamaVL:
         image_max_tokens: int = 0,
         embd_cache: dict | None = None,
         gpu: bool = False,
+        one_gpu: bool = False,
         extra_buffers: bool | None = None,
     ):
         """``extra_buffers``: load weights into llama.cpp's extra buffer types (repacked for the CPU's
         kernels, AMX's among them), as llama.cpp does by default; None: unless its AMX kernels
-        crash here (`llama_amx`)."""
+        crash here (`llama_amx`). ``one_gpu``: with ``gpu``, the first visible GPU only (torch's
+        cuda:0), where llama.cpp by default splits the layers over every GPU it sees."""
         import llama_cpp
         from llama_cpp import Llama
 
@@ -64,7 +66,7 @@ class LlamaVL:
         kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
         # a GPU build adds every GPU to the model's devices whatever n_gpu_layers says, and then runs
         # batches of 32+ tokens there (op_offload): "no GPU" must empty the device list itself
-        where = {} if gpu else {"split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE, "main_gpu": -1}
+        where = {"split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE, "main_gpu": 0 if gpu else -1} if one_gpu or not gpu else {}
         if extra_buffers is None:
             extra_buffers = gpu or extra_buffers_run(model_path)  # a CPU verdict: offloaded layers run on the GPU
         _route_log()  # from here on llama.cpp's log is read: its errors, and the buffers it allocates

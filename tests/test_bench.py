@@ -678,6 +678,36 @@ def test_gguf_on_a_cpu_llama_cpp_under_cuda_is_said_up_front(monkeypatch):
     assert said("gguf:Q4_K_M", "cuda") == []
 
 
+def test_a_gguf_bench_on_a_gpu_node_runs_on_one_gpu_as_transformers_does(monkeypatch, tmp_path):
+    """transformers' variants run on cuda:0; llama.cpp's default (split_mode LAYER) spreads a model over
+    every visible GPU, so on an 8-GPU node the GGUF rows timed a pipeline against one GPU. The bench
+    asks llama-cpp-python for one GPU (split_mode NONE, main_gpu 0: its own names); `ask` keeps
+    llama.cpp's default, where a model too big for one GPU still loads."""
+    import llama_cpp
+
+    from qoqopt.bench import gguf_runner
+    from qoqopt.exports import gguf_runtime
+
+    asked = []
+
+    class Loaded(Exception):
+        pass
+
+    def llama(path, **kwargs):
+        asked.append(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(gguf_runner, "gpu_offload_available", lambda: True)
+    monkeypatch.setattr(llama_cpp, "Llama", llama)
+    with pytest.raises(Loaded):
+        gguf_runner.GGUFRunner(tmp_path / "m.gguf", tmp_path / "mmproj.gguf", "cuda", 2)
+    with pytest.raises(Loaded):
+        gguf_runtime.LlamaVL(tmp_path / "m.gguf", gpu=True)
+    bench, ask = asked
+    assert (bench["n_gpu_layers"], bench["split_mode"], bench["main_gpu"]) == (-1, llama_cpp.LLAMA_SPLIT_MODE_NONE, 0)
+    assert ask["n_gpu_layers"] == -1 and "split_mode" not in ask and "main_gpu" not in ask
+
+
 def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     """`qoqopt ask` finds the text GGUF and mmproj through manifest.json, and refuses clearly otherwise."""
     from PIL import Image

@@ -32,8 +32,10 @@ class GGUFRunner:
         self.runtime = "llama.cpp" + (" (GPU offload)" if gpu else " (CPU)")
         lo, hi = train_token_range()  # llama.cpp ignores the mmproj's pixel keys for Qwen2.5-VL
         # embd_cache: drift and the greedy answer read the same image; the mmproj encodes it once.
-        self.vl = LlamaVL(text, mmproj, n_ctx=n_ctx, threads=threads, gpu=gpu, image_min_tokens=lo, image_max_tokens=hi,
-                          embd_cache={})  # fmt: skip
+        # one_gpu: as transformers runs on cuda:0; llama.cpp's default split over every GPU timed a
+        # pipeline across the node against one GPU, and summed every GPU's buffers as its peak
+        self.vl = LlamaVL(text, mmproj, n_ctx=n_ctx, threads=threads, gpu=gpu, one_gpu=True, image_min_tokens=lo,
+                          image_max_tokens=hi, embd_cache={})  # fmt: skip
         # clip sizes its compute buffer for the first image it encodes and regrows it, unlogged, for a
         # larger one (the 7B's at 668 image tokens is ~20x that at 100): encoding the largest image
         # first makes the size llama.cpp logs the peak that peak_device_mb reads
