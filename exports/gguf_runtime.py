@@ -233,7 +233,7 @@ class LlamaVL:
                 if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
                     count = ctypes.c_size_t()
                     ptr = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
-                    self._decode([ptr[j] for j in range(count.value)], n_past, False)
+                    self._run_batch([ptr[j] for j in range(count.value)], n_past, False)
                     n_past += count.value
                     continue
                 self.last_image_tokens += n_tokens
@@ -263,6 +263,15 @@ class LlamaVL:
                               f"but the context holds {n_ctx}: shorten the question or the reply")  # fmt: skip
 
     def _decode(self, ids: list[int], n_past: int, all_logits: bool) -> np.ndarray:
+        """Decode ``ids`` at ``n_past``; a copy of the logits of every position, or of the last."""
+        self._run_batch(ids, n_past, all_logits)
+        rows = range(len(ids)) if all_logits else [len(ids) - 1]
+        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+        for j, i in enumerate(rows):
+            out[j] = self._logits_view(i)
+        return out
+
+    def _run_batch(self, ids: list[int], n_past: int, all_logits: bool) -> None:
         lc = self._llama_cpp
         batch = lc.llama_batch_init(len(ids), 0, 1)
         try:
@@ -277,14 +286,18 @@ class LlamaVL:
                 rc = lc.llama_decode(self.llm.ctx, batch)
             if rc != 0:
                 raise _ERRORS.error("llama_decode failed")
-            rows = range(len(ids)) if all_logits else [len(ids) - 1]
-            out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
-            for j, i in enumerate(rows):
-                ptr = lc.llama_get_logits_ith(self.llm.ctx, i)
-                out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-            return out
         finally:
             lc.llama_batch_free(batch)
+
+    def _logits_view(self, i: int) -> np.ndarray:
+        """Output ``i``'s logits (-1: the last) as llama.cpp holds them: valid until its next decode."""
+        ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def _greedy(self) -> int:
+        """The last output's greedy token, read in place: a copy of the 152k-float row cost more than
+        the argmax (163 µs against 50 a token, helper-94), time that bench's decode rate counted."""
+        return int(np.argmax(self._logits_view(-1)))
 
     def chat_logits(self, prompt: str, image, continuation: list[int], image_key=None) -> np.ndarray:
         """Logits predicting each token of `continuation` (teacher-forced) after an image prompt.
@@ -299,23 +312,20 @@ class LlamaVL:
         return np.concatenate([last[None], rest], axis=0)
 
     def _last_logits(self) -> np.ndarray:
-        lc = self._llama_cpp
-        ptr = lc.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return self._logits_view(-1).copy()
 
     def generate(self, prompt: str, image=None, max_tokens: int = 48, stop_ids: tuple[int, ...] = (151645, 151643),
                  image_key=None) -> str:  # fmt: skip
         """Greedy continuation of an (image) prompt, as llama.cpp produces it (`image_key`: see chat_logits)."""
         n_past = self._eval_prompt(prompt, [image] if image is not None else [], [image_key] if image is not None else None,
                                    reserve=max_tokens)
-        logits, out = self._last_logits(), []
+        tok, out = self._greedy(), []
         for _ in range(max_tokens):
-            tok = int(np.argmax(logits))
             if tok in stop_ids:
                 break
             out.append(tok)
-            logits = self._decode([tok], n_past, False)[0]
-            n_past += 1
+            self._run_batch([tok], n_past, False)
+            tok, n_past = self._greedy(), n_past + 1
         return self.detokenize(out)
 
     def profile(self, prompt: str, image, n_decode: int) -> dict:
@@ -324,13 +334,13 @@ class LlamaVL:
         `n_decode` greedy tokens (stop tokens ignored, so every run decodes the same length)."""
         t0 = time.perf_counter()
         n_past = self._eval_prompt(prompt, [image] if image is not None else [], reserve=n_decode)
-        logits = self._last_logits()
+        tok = self._greedy()
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
         n_prompt = self.last_prompt_tokens
         for _ in range(n_decode):
-            logits = self._decode([int(np.argmax(logits))], n_past, False)[0]
-            n_past += 1
+            self._run_batch([tok], n_past, False)
+            tok, n_past = self._greedy(), n_past + 1
         decode = time.perf_counter() - t1
         # prefill: the prompt's decode (text and image embeddings) and its logits, as llama.cpp counts
         # its own prompt eval (t_p_eval agreed within 1%)

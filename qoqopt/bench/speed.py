@@ -7,7 +7,8 @@ first token (encode + prompt + first logits) and `n_decode` further greedy token
 - decode tok/s   = n_decode / decode seconds
 - image encode ms, TTFT ms as measured
 Each figure is the median over the repeats; the rates and TTFT keep their [min, max] under "spread".
-Decode includes picking each greedy token (llama.cpp: an argmax in Python, ~50 µs a token on a CPU).
+Decode includes picking each greedy token (llama.cpp: an argmax in Python over its logits in place,
+~50 µs a token on a CPU).
 """
 
 from __future__ import annotations
