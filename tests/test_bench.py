@@ -279,6 +279,26 @@ def test_a_hybrid_intel_cpu_counts_its_performance_cores(tmp_path, monkeypatch):
     assert machine.cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
 
 
+def test_a_gpu_nodes_tag_names_every_gpu(monkeypatch):
+    """The tag named GPU 0 and a count: a node of an H100 SXM and an H100 PCIe (one name, 132 and 114
+    SMs) read as two of the first. Asked of torch's own device properties (two faked here)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qoqopt.bench import machine
+
+    gpus = [SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 2**30, major=9, minor=0, multi_processor_count=132),
+            SimpleNamespace(name="NVIDIA H100 PCIe", total_memory=80 * 2**30, major=9, minor=0, multi_processor_count=114)]  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: gpus[i])
+    monkeypatch.setattr(machine, "_nvidia_driver", lambda: "580.65")
+    info = machine.gpu_info()
+    assert info["names"] == ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe"] and info["count"] == 2
+    assert (info["name"], info["sms"], info["memory_gib"]) == ("NVIDIA H100 80GB HBM3", 132, 80.0)
+
+
 def test_an_arm_server_is_named_by_its_core(monkeypatch):
     """Arm Linux's /proc/cpuinfo has no model name: Graviton3, Graviton4, Ampere Altra and Grace were
     all "aarch64". The part numbers are Linux's (arch/arm64/include/asm/cputype.h)."""

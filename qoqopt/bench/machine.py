@@ -168,14 +168,17 @@ def gpu_info() -> dict | None:
 
         if not torch.cuda.is_available():
             return None
-        props = torch.cuda.get_device_properties(0)
+        props = torch.cuda.get_device_properties(0)  # cuda:0, where bench runs every variant
+        count = torch.cuda.device_count()
         return {
             "name": props.name,
-            "memory_gb": round(props.total_memory / 2**30, 1),
+            "memory_gib": round(props.total_memory / 2**30, 1),
             "capability": f"{props.major}.{props.minor}",
-            "count": torch.cuda.device_count(),
+            "sms": props.multi_processor_count,  # an H100 PCIe has 114, an SXM 132: one name, two speeds
+            "count": count,
+            "names": [torch.cuda.get_device_properties(i).name for i in range(count)],
             "driver": _nvidia_driver(),
-            "cuda": torch.version.cuda,
+            "cuda": torch.version.cuda,  # the CUDA torch was built with
         }
     except Exception:  # a broken CUDA install must not stop a CPU bench
         return None
@@ -206,7 +209,7 @@ def machine_info(device: str, threads: int, label: str | None = None) -> dict:
         "cpu_quota": cpu_quota(),
         "host_cores": os.cpu_count(),
         "threads": threads,
-        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
         "gpu": gpu,
