@@ -135,9 +135,13 @@ def _ollama(ctx, text: str, mmproj: str | None, in_parts: bool) -> str:
     """The card's Ollama paragraph: what the Modelfile and the Hub files carry, and Ollama's image size."""
     carries = "the chat template, QoQ-Med's generation settings" + (" and the mmproj" if mmproj else "")
     parts = f",\nand names every part of `{text}` (Ollama 0.30 or later merges them)" if in_parts else ""
-    run = (f"`ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`.\nThe Modelfile carries {carries}{parts}.\n"
+    # the Hub's Ollama endpoint answers a sharded tag with "Ollama does not support this yet"
+    # (ollama/ollama#14270): a build whose quant is in parts has only the Modelfile route
+    hub = ("This quant is in parts, which `ollama run hf.co/...` cannot fetch (the Hub refuses a sharded GGUF\n"
+           "for Ollama): use the Modelfile." if in_parts else
            f"`ollama run {ollama.HF_CO_PLACEHOLDER}` reads the repo's `template` and `params` files (shipped beside\n"
-           "the Modelfile) rather than the Modelfile.")
+           "the Modelfile) rather than the Modelfile.")  # fmt: skip
+    run = f"`ollama create qoq-med -f Modelfile`, then `ollama run qoq-med`.\nThe Modelfile carries {carries}{parts}.\n{hub}"
     if not mmproj:
         return f"**Ollama**: {run}"
     lo, hi = gguf_meta.train_token_range(ctx.vision_hp)

@@ -178,4 +178,7 @@ def test_a_build_in_parts_has_a_modelfile_naming_each_part(tiny_dir, tmp_path):
     modelfile = (res.out / "Modelfile").read_text()
     assert [ln.removeprefix("FROM ./") for ln in modelfile.splitlines() if ln.startswith("FROM ")] == parts
     assert "Ollama 0.30 or later merges the 3 parts" in modelfile
-    assert "names every part of `tiny.F16-00001-of-00003.gguf` (Ollama 0.30 or later merges them)" in (res.out / "README.md").read_text()
+    readme = (res.out / "README.md").read_text()
+    assert "names every part of `tiny.F16-00001-of-00003.gguf` (Ollama 0.30 or later merges them)" in readme
+    # the Hub's Ollama endpoint refuses a sharded tag (ollama/ollama#14270): the card does not offer it
+    assert "ollama run hf.co/<user>" not in readme and "which `ollama run hf.co/...` cannot fetch" in readme
