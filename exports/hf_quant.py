@@ -526,11 +526,13 @@ def _processor(ckpt):
 
 
 def _copy_support_files(src: Path, dst: Path) -> list[str]:
+    """The tokenizer, processor and generation files, and the licence text, copied from the source."""
+    from qoqopt.hub_license import license_files
+
     copied = []
-    for name in SUPPORT_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
+    for path in [src / name for name in SUPPORT_FILES if (src / name).is_file()] + license_files(src):
+        shutil.copyfile(path, dst / path.name)
+        copied.append(path.name)
     return copied
 
 

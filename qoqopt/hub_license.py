@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import QoqoptError
 
@@ -27,6 +28,17 @@ openmdw-1.0 openmdw-1.1 openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zli
 deepfloyd-if-license fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 grok2-community
 gemma unknown other
 """.split())
+# The licence text a checkpoint ships beside its weights. Apache-2.0 (section 4a) and MIT both ask that
+# it go with every copy, a quantized build included; the Hub's `license: other` points to it.
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "LICENCE.txt", "LICENCE.md", "NOTICE", "NOTICE.txt",
+                 "NOTICE.md")  # fmt: skip
+
+
+def license_files(folder: Path) -> list[Path]:
+    """The checkpoint folder's licence and notice files, as named in LICENSE_FILES."""
+    return [Path(folder) / name for name in LICENSE_FILES if (Path(folder) / name).is_file()]
+
+
 class NoLicense(QoqoptError):
     """The base is not QoQ-Med and no --license was given."""
 

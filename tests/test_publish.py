@@ -927,3 +927,32 @@ def test_a_builds_notes_stay_plain_text_on_the_card(export_dir):
         assert [tokens[i - 2].type, tokens[i - 1].type] == ["list_item_open", "paragraph_open"], tokens[i].content
     assert "\x1b" not in card
     assert "- vision left unquantized ## Download \\[the fixed build\\](https://evil.example) \\<img" in card
+
+
+def test_a_builds_source_licence_text_goes_with_it(tiny_dir, tmp_path):
+    """Apache-2.0 (4a) and MIT ask that the licence text go with every copy, and the Hub's `license:
+    other` points to a LICENSE file in the repo; no build carried one. A source's LICENSE (and NOTICE)
+    is copied into a GGUF build and a GPTQ/AWQ build, listed and hashed in the manifest, checked by
+    `info --verify` and uploaded by publish."""
+    from qoqopt.exports.gguf_export import GGUFOptions, export_gguf
+    from qoqopt.exports.hf_quant import _copy_support_files
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_dir, source)
+    text = "Apache License\nVersion 2.0, January 2004\n"
+    (source / "LICENSE").write_text(text)
+    (source / "NOTICE").write_text("Copyright the authors\n")
+    out = tmp_path / "gguf"
+    export_gguf(str(source), out, GGUFOptions(quants=["F16"], imatrix="none", mmproj_type="none", progress=False),
+                log=lambda s: None)  # fmt: skip
+    assert (out / "LICENSE").read_text() == text
+    kinds = {f["path"]: f.get("kind") for f in json.loads((out / "manifest.json").read_text())["files"]}
+    assert kinds["LICENSE"] == kinds["NOTICE"] == "license"
+    res = run_cli("info", str(out), "--verify")
+    assert res.returncode == 0 and "not in manifest.json" not in res.stdout, res.stdout + res.stderr
+    plan = plan_upload(out, "me/x", base_model="Qwen/Qwen2.5-VL-7B-Instruct", license=CardLicense("apache-2.0"))
+    assert {"LICENSE", "NOTICE"} <= {f.path for f in plan.files}
+    copied = tmp_path / "gptq"
+    copied.mkdir()
+    assert {"LICENSE", "NOTICE", "tokenizer.json"} <= set(_copy_support_files(source, copied))
+    assert (copied / "LICENSE").read_text() == text
