@@ -59,7 +59,9 @@ def _atomic_path(final: Path) -> Iterator[Path]:
         yield tmp_path
         # mkstemp creates 0600; published files get the usual umask-derived mode instead.
         os.chmod(tmp_path, 0o666 & ~_umask())
+        synced(tmp_path)
         os.replace(tmp_path, final)
+        synced(final.parent)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
         raise write_error(exc, final) from exc
@@ -69,6 +71,24 @@ def _atomic_path(final: Path) -> Iterator[Path]:
         if os_error is not None:
             raise write_error(os_error, final) from exc
         raise
+
+
+def synced(path: Path) -> None:
+    """Flush a finished file's data (or a folder's entries) to the disk. A rename is recorded before
+    the data it names is written (ext4's delayed allocation): after a power cut the final name held
+    an empty file, which the caches then took as complete (a 0-byte tokenizer.json). Synced before
+    the rename, and the folder after it, the final name holds the whole file or the old one."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a link to nothing, a file that is not ours to read: nothing to flush
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # EIO is the disk failing the write: said, as any failed write is
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # no fsync here (some FUSE, SMB)
+            raise
+    finally:
+        os.close(fd)
 
 
 def library_os_error(exc: BaseException) -> OSError | None:
@@ -217,7 +237,10 @@ def _built_dir(final: Path, force: bool) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        for path in (*tmp.rglob("*"), tmp):
+            synced(path)
         _swap_in(tmp, final, force)
+        synced(final.parent)
         tidy(final, f"beside {final}", say_others=False)  # a previous build a killed replace set aside
     except OSError as exc:
         if exc.filename and Path(exc.filename).is_relative_to(tmp):  # name what the user asked for

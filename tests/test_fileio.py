@@ -586,3 +586,29 @@ def test_an_output_that_cannot_be_written_itself_is_not_called_writable(tmp_path
     finally:
         parent.chmod(0o755)
         (parent / "out").chmod(0o755)
+
+
+def test_a_finished_output_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
+    """POSIX renames are recorded before the data they name is written (ext4's delayed allocation): a
+    power cut left the final name holding an empty file, which the caches took as complete. Each file
+    is fsynced before the rename that names it, and the folder holding the name after it."""
+    from qoqopt import fileio
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(fileio.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                        real_fsync(fd))[1])  # fmt: skip
+    monkeypatch.setattr(fileio.os, "replace", lambda a, b: (events.append(("rename", str(b))), real_replace(a, b))[1])
+    fileio.atomic_write_text(tmp_path / "stamp.json", "{}")
+    first, rename, parent = events
+    assert first[0] == "fsync" and re.fullmatch(r".*/\.stamp\.json\.p\d+-\w+\.\w+\.tmp", first[1])
+    assert rename == ("rename", str(tmp_path / "stamp.json")) and parent == ("fsync", str(tmp_path))
+    events.clear()
+    with fileio.atomic_dir(tmp_path / "build") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "model.gguf").write_bytes(b"x")
+        (tmp / "manifest.json").write_text("{}")
+    *synced, rename, parent = events
+    assert {name.rsplit("/", 1)[-1] for _, name in synced[:-1]} == {"sub", "model.gguf", "manifest.json"}
+    assert synced[-1][1] == str(tmp) and all(kind == "fsync" for kind, _ in synced)
+    assert rename == ("rename", str(tmp_path / "build")) and parent == ("fsync", str(tmp_path))
