@@ -8,6 +8,7 @@ lm_head. Text dims are multiples of 256 so GGUF K-quants (256-wide super-blocks)
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,9 +161,10 @@ def save_checkpoint(model, out: Path, layout: str = "legacy") -> None:
     state = {canonical_name(k): v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     if layout == "runtime":
         state = to_runtime_layout(state)
-    model.config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-    model.config.dtype = "bfloat16"
-    model.config.save_pretrained(out)
+    config = copy.deepcopy(model.config)  # the caller's model stays as it was (its weights are not bf16)
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    config.dtype = "bfloat16"
+    config.save_pretrained(out)
     with atomic_path(out / "model.safetensors") as tmp:  # safetensors itself writes mode 0600
         save_file(state, str(tmp), metadata={"format": "pt"})
     write_support_files(out)

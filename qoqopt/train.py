@@ -152,14 +152,18 @@ def evaluate(model, proc, items, max_new_tokens: int = 64) -> tuple[float, float
 # --------------------------------------------------------------------------- training
 
 
-def _support_dir() -> Path:
-    """A directory with the mini tokenizer/processor files, for building the processor once."""
-    from .mini import write_support_files
+def _processor():
+    """The mini processor, from support files written afresh: a shared folder written once kept
+    serving the old template or pixel range after tokenizer.py or mini.py changed (the cache key
+    changed, so training ran again, on the old files), and one cut off mid-write broke every run."""
+    import tempfile
 
-    d = cache_dir("support")
-    if not (d / "tokenizer.json").exists():
-        write_support_files(d)
-    return d
+    from .mini import write_support_files
+    from .processor import load_processor
+
+    with tempfile.TemporaryDirectory(prefix="qoqopt-support-") as d:
+        write_support_files(Path(d))
+        return load_processor(d)
 
 
 def train(preset: str = "tiny", seed: int = 0, max_steps: int = MAX_STEPS, batch_size: int = 4, progress=True):
@@ -168,9 +172,8 @@ def train(preset: str = "tiny", seed: int = 0, max_steps: int = MAX_STEPS, batch
 
     from .data import balanced_sample, clinical_set, report_texts
     from .mini import build_model
-    from .processor import load_processor
 
-    proc = load_processor(_support_dir())
+    proc = _processor()
     model = build_model(preset, seed)
     # Fresh augmented views all along (encoded lazily, each seen about once): with a fixed handful
     # of views per image the model memorises them and held-out views stay near 75%.
@@ -239,15 +242,16 @@ _NOT_TRAINING = ("jsonl.py",)  # data modules that only read user sets
 def _cache_key(preset: str, seed: int) -> str:
     """A digest of every source file that decides what training sees and builds.
 
-    The data package (catalog, augmentation, prompts), the model builder, the tokenizer and the
-    processor are hashed with this file: editing any of them retrains instead of silently reusing
+    The data package (catalog, augmentation, prompts), the model builder, the tokenizer, the
+    processor and the answer scorer are hashed with this file: editing any of them retrains instead of silently reusing
     a model trained on something else. (The key used to read a DATA_VERSION that was never defined.)
     The reader of user JSONL sets is left out: training never sees one.
     """
     from .mini import PRESETS
 
     package = Path(__file__).parent
-    sources = [package / name for name in ("train.py", "mini.py", "tokenizer.py", "processor.py")]
+    # drift.py: its answer_score decides early stopping and the reported accuracy
+    sources = [package / name for name in ("train.py", "mini.py", "tokenizer.py", "processor.py", "drift.py")]
     sources += sorted(p for p in (package / "data").glob("*.py") if p.name not in _NOT_TRAINING)
     h = hashlib.sha256()
     for path in sources:
@@ -258,6 +262,7 @@ def _cache_key(preset: str, seed: int) -> str:
 
 def trained_model(preset: str = "tiny", seed: int = 0):
     """The trained mini model and its report, from the cache when available."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     from .fileio import atomic_path, atomic_write_text
@@ -269,25 +274,34 @@ def trained_model(preset: str = "tiny", seed: int = 0):
     weights, meta = d / "model.safetensors", d / "report.json"
     # One trainer per cache entry: a concurrent caller (another test process, a benchmark) waits
     # for the first to finish and then loads its result instead of training a second copy.
-    with _exclusive(d / ".lock"):
+    with _exclusive(d / ".lock", f"waiting for another process training the {preset} mini model ({d})"):
         if weights.exists() and meta.exists():
-            model = build_model(preset, seed)
-            model.load_state_dict(load_file(str(weights)), strict=True)
-            report = TrainReport(**{**json.loads(meta.read_text()), "cached": True})
-            return model.eval(), report
+            try:
+                model = build_model(preset, seed)
+                model.load_state_dict(load_file(str(weights)), strict=True)
+                report = TrainReport(**{**json.loads(meta.read_text()), "cached": True})
+                return model.eval(), report
+            except Exception as exc:  # noqa: BLE001 - any unreadable entry (disk damage, another transformers' names) is a miss
+                print(f"note: the cached mini model in {d} cannot be loaded ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); training it again", file=sys.stderr)  # fmt: skip
         model, report = train(preset, seed)
-        with atomic_path(weights) as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        with atomic_path(weights) as tmp:  # bf16: what round_to_bf16 left, so exact at half the size
+            save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, str(tmp))
         atomic_write_text(meta, json.dumps(asdict(report), indent=2))
     return model, report
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path):
+def _exclusive(lock_path: Path, waiting: str):
+    """The lock on `lock_path`, saying `waiting` once if another process holds it (training: ~20 min)."""
     import fcntl
 
     with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"note: {waiting}", file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -187,3 +187,79 @@ def test_force_replaces_an_earlier_mini_but_not_a_checkpoint_of_other_files(tmp_
                                     "--out, or empty it yourself")  # fmt: skip
     assert (finetune / "README.md").exists()
     assert run_cli("mini", "--out", str(earlier), "--preset", "tiny", "--force").returncode == 0
+
+
+def test_training_reads_the_support_files_of_this_code(tmp_path, monkeypatch):
+    """Training's processor comes from support files written for this run: a shared folder, written
+    once, kept the old pixel range (or template) after mini.py changed, which changes the cache key,
+    so the retrain that followed learned on the old inputs. The processor is transformers' own,
+    read from what mini.preprocessor_config now says."""
+    from qoqopt import mini, train
+
+    monkeypatch.setenv("QOQOPT_CACHE", str(tmp_path / "cache"))
+    first = train._processor().image_processor.size
+    assert (first["shortest_edge"], first["longest_edge"]) == (TRAIN_MIN_PIXELS, TRAIN_MAX_PIXELS)
+    edited = {**mini.preprocessor_config(), "min_pixels": 3136, "max_pixels": 12845056}
+    edited["size"] = {"shortest_edge": 3136, "longest_edge": 12845056}
+    monkeypatch.setattr(mini, "preprocessor_config", lambda: edited)
+    second = train._processor().image_processor.size
+    assert (second["shortest_edge"], second["longest_edge"]) == (3136, 12845056)
+
+
+def test_an_unreadable_cached_mini_model_is_trained_again(tmp_path, monkeypatch, capsys):
+    """A damaged cache entry (a cut-off safetensors file here) was a safetensors traceback from every
+    later run until someone found and deleted the folder. It is a cache miss, said in a note; the new
+    entry stores bf16 (what training rounded to), which loads back exactly."""
+    from safetensors import safe_open
+
+    from qoqopt import train
+
+    monkeypatch.setenv("QOQOPT_CACHE", str(tmp_path / "cache"))
+    entry = tmp_path / "cache" / "mini" / train._cache_key("tiny", 0)
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")  # header cut off
+    (entry / "report.json").write_text("{}")
+    fresh = build_model("tiny", 5)
+    train.round_to_bf16(fresh)
+    report = train.TrainReport("tiny", 0, 1, 0.1, 1, 1, 1.0, 1.0, 0.0, {})
+    monkeypatch.setattr(train, "train", lambda preset, seed: (fresh, report))
+    model, got = train.trained_model("tiny", 0)
+    assert got is report and "cannot be loaded (SafetensorError" in capsys.readouterr().err
+    with safe_open(str(entry / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    cached, again = train.trained_model("tiny", 0)
+    assert again.cached and all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_a_second_trainer_says_it_waits(tmp_path, capsys):
+    """A second process asking for the model while another trains it waited up to 20 minutes in
+    silence; it now says what it waits for, once."""
+    import fcntl
+    import threading
+
+    from qoqopt.train import _exclusive
+
+    lock = tmp_path / ".lock"
+    held = open(lock, "w")
+    fcntl.flock(held, fcntl.LOCK_EX)  # another open file description: as another process holds it
+    threading.Timer(0.3, held.close).start()
+    with _exclusive(lock, "waiting for the other trainer"):
+        pass
+    assert capsys.readouterr().err == "note: waiting for the other trainer\n"
+    with _exclusive(lock, "waiting for the other trainer"):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_saving_a_checkpoint_leaves_the_callers_model_as_it_was(tmp_path):
+    """save_checkpoint wrote dtype bfloat16 into the caller's (fp32) model's config: transformers
+    then treats the in-memory fp32 model as bf16 (its `dtype` on a later save_pretrained, say)."""
+    from transformers import AutoConfig
+
+    from qoqopt.mini import save_checkpoint
+
+    model = build_model("tiny", 0)
+    before = model.config.to_dict()
+    save_checkpoint(model, tmp_path)
+    assert model.config.to_dict() == before
+    assert str(AutoConfig.from_pretrained(tmp_path).dtype).removeprefix("torch.") == "bfloat16"
