@@ -320,12 +320,13 @@ class LlamaVL:
         n_past = self._eval_prompt(prompt, [image] if image is not None else [], [image_key] if image is not None else None,
                                    reserve=max_tokens)
         tok, out = self._greedy(), []
-        for _ in range(max_tokens):
-            if tok in stop_ids:
-                break
-            out.append(tok)
-            self._run_batch([tok], n_past, False)
-            tok, n_past = self._greedy(), n_past + 1
+        with deferred_signals() as stop:  # held once for the loop, and checked between tokens
+            for _ in range(max_tokens):
+                if tok in stop_ids or stop:
+                    break
+                out.append(tok)
+                self._run_batch([tok], n_past, False)
+                tok, n_past = self._greedy(), n_past + 1
         return self.detokenize(out)
 
     def profile(self, prompt: str, image, n_decode: int) -> dict:
@@ -338,9 +339,12 @@ class LlamaVL:
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
         n_prompt = self.last_prompt_tokens
-        for _ in range(n_decode):
-            self._run_batch([tok], n_past, False)
-            tok, n_past = self._greedy(), n_past + 1
+        with deferred_signals() as stop:  # held once: per token, the handler swaps cost more than the argmax
+            for _ in range(n_decode):
+                if stop:
+                    break
+                self._run_batch([tok], n_past, False)
+                tok, n_past = self._greedy(), n_past + 1
         decode = time.perf_counter() - t1
         # prefill: the prompt's decode (text and image embeddings) and its logits, as llama.cpp counts
         # its own prompt eval (t_p_eval agreed within 1%)

@@ -98,20 +98,26 @@ if hasattr(signal, "SIGHUP"):  # not on Windows
 
 
 def _on_signal(signum, frame):
-    """The first stop signal ends the command. Later ones are let go: a second Ctrl-C, or the SIGTERM
+    """The first stop signal ends the command. The second is let go: a second Ctrl-C, or the SIGTERM
     a job stop (systemd, Slurm, Kubernetes) sends every process after its own, landed in the removal
-    of the temporary build and left gigabytes of it behind."""
-    for s in (signal.SIGINT, *WHY):
-        with contextlib.suppress(ValueError, OSError):  # not this process's handler to change
-            if signal.getsignal(s) in (_on_signal, signal.default_int_handler):
-                signal.signal(s, _let_go)  # a Python handler: not inherited by a child exec'd now
+    of the temporary build and left gigabytes of it behind. A third ends the process at once (a
+    cleanup that hangs, a download's threads being waited for), leaving what the next run removes."""
+    _handle_next_with(_let_go)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise Terminated(signum)
 
 
 def _let_go(signum, frame):
-    """A stop signal after the first: the command is already ending (and cleaning up)."""
+    """The second stop signal: the command is already ending (and cleaning up)."""
+    _handle_next_with(signal.SIG_DFL)
+
+
+def _handle_next_with(handler) -> None:
+    for s in (signal.SIGINT, *WHY):
+        with contextlib.suppress(ValueError, OSError):  # not this process's handler to change
+            if signal.getsignal(s) in (_on_signal, _let_go, signal.default_int_handler):
+                signal.signal(s, handler)  # a Python handler: not inherited by a child exec'd now
 
 
 def _catch_stop_signals() -> dict:

@@ -19,6 +19,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows, which qoqopt refuses at start
+    fcntl = None
+
 from .errors import QoqoptError
 from .interrupts import deferred_signals
 from .leftovers import tidy, tmp_prefix
@@ -51,7 +56,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
 def _atomic_path(final: Path) -> Iterator[Path]:
     with writing(final):
         final.parent.mkdir(parents=True, exist_ok=True)
-        tidy(final, f"beside {final}")  # a killed write's temporary file, as atomic_dir removes a build's
+        with contextlib.suppress(OSError):  # best effort: another owner's file may come and go meanwhile
+            tidy(final, f"beside {final}")  # a killed write's temporary file, as atomic_dir removes a build's
         fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(final), suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -73,6 +79,9 @@ def _atomic_path(final: Path) -> Iterator[Path]:
         raise
 
 
+_FULLFSYNC = getattr(fcntl, "F_FULLFSYNC", None) if fcntl else None
+
+
 def synced(path: Path) -> None:
     """Flush a finished file's data (or a folder's entries) to the disk. A rename is recorded before
     the data it names is written (ext4's delayed allocation): after a power cut the final name held
@@ -83,7 +92,10 @@ def synced(path: Path) -> None:
     except OSError:  # a link to nothing, a file that is not ours to read: nothing to flush
         return
     try:
-        os.fsync(fd)
+        if _FULLFSYNC is None:
+            os.fsync(fd)
+        else:  # macOS's fsync leaves the data in the drive's cache; F_FULLFSYNC flushes that too
+            fcntl.fcntl(fd, _FULLFSYNC)
     except OSError as exc:  # EIO is the disk failing the write: said, as any failed write is
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # no fsync here (some FUSE, SMB)
             raise
@@ -260,7 +272,8 @@ def _built_dir(final: Path, force: bool) -> Iterator[Path]:
 def _swap_in(tmp: Path, final: Path, force: bool = False) -> None:
     """Put the finished ``tmp`` in ``final``'s place. An old output is renamed aside first and
     deleted last: deleting it first left, when interrupted, a half-deleted build under the final
-    name. Interrupted between the renames, the old output is put back.
+    name. A stop signal is held through both renames; should the second fail, the old output is
+    put back.
 
     Without ``force`` the rename itself is the check that ``final`` is still absent or empty: a
     second run into the same --out, started before the first finished, replaced the first's build
@@ -269,17 +282,22 @@ def _swap_in(tmp: Path, final: Path, force: bool = False) -> None:
         _rename_into_place(tmp, final, force)
         return
     old = Path(tempfile.mkdtemp(prefix=tmp_prefix(final), suffix=".old", dir=final.parent))
-    # a stop signal between the renames left no build at all (the new one deleted as unfinished,
-    # the old one set aside): both renames happen, or neither
-    with deferred_signals():
-        os.replace(final, old)  # over the empty folder just made
-        try:
-            _rename_into_place(tmp, final, force)
-        except BaseException:
-            with contextlib.suppress(OSError):  # another run's build may hold the name now
-                os.replace(old, final)
-            raise
-    shutil.rmtree(old, ignore_errors=True)
+    swapped = False
+    try:
+        # a stop signal between the renames left no build at all (the new one deleted as unfinished,
+        # the old one set aside): both renames happen, or neither, before it is delivered
+        with deferred_signals():
+            os.replace(final, old)  # over the empty folder just made
+            try:
+                _rename_into_place(tmp, final, force)
+            except BaseException:
+                with contextlib.suppress(OSError):  # another run's build may hold the name now
+                    os.replace(old, final)
+                raise
+            swapped = True
+    finally:  # a signal held through the renames is raised as the block ends: the old build goes first
+        if swapped:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _rename_into_place(tmp: Path, final: Path, force: bool) -> None:
@@ -289,9 +307,9 @@ def _rename_into_place(tmp: Path, final: Path, force: bool) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):  # a folder or a file
             raise
-        again = " again" if force else " (use --force to replace it)"
+        again = "run again to replace it" if force else "use --force to replace it"
         raise QoqoptError(f"output {final} was filled by another run while this one worked; it is left as "
-                          f"that run wrote it{again}") from exc  # fmt: skip
+                          f"that run wrote it ({again})") from exc  # fmt: skip
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -69,17 +69,22 @@ def checked_license(license_id: str | None, name: str | None = None, link: str |
                           "llama3.1); for any other, --license other --license-name NAME --license-link URL")  # fmt: skip
     if (name or link) and license_id != "other":
         raise QoqoptError(f"--license-name and --license-link go with --license other, not {license_id}")
-    if license_id == "other" and not (name and link):
-        # the Hub shows `other` as the name linked to its text; without a link the card points nowhere
-        raise QoqoptError("--license other needs --license-name (the licence's short name, such as qwen-research) "
-                          "and --license-link (the URL of its text, such as the base model's LICENSE file)")
+    if license_id == "other" and not name:
+        raise QoqoptError("--license other needs --license-name (the licence's short name, such as qwen-research)")
     if name and not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name):
         raise QoqoptError(f"--license-name {name!r}: lower-case letters, digits, '.' and '-' (such as qwen-research)")
     return CardLicense(license_id, name, link)
 
 
-def card_license(base: str, given: CardLicense | None) -> CardLicense:
-    """The card's licence: the one given, else QoQ-Med's own for a QoQ-Med base."""
+def card_license(base: str, given: CardLicense | None, shipped: list[str] = ()) -> CardLicense:
+    """The card's licence: the one given, else QoQ-Med's own for a QoQ-Med base. ``other`` links
+    to its text: --license-link, else the licence file the build ships (``shipped``; the Hub reads
+    `license_link: LICENSE` as the repo's own file); with neither, the card would point nowhere."""
+    if given is not None and given.id == "other" and not given.link:
+        if not shipped:
+            raise NoLicense("--license other needs --license-link (the URL of its text) when the build ships no "
+                            "LICENSE file from its source")  # fmt: skip
+        return CardLicense("other", given.name, shipped[0])
     if given is not None:
         return given
     if QOQ_MED_REPO.match(base):

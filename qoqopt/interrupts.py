@@ -22,16 +22,28 @@ from collections.abc import Iterator
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+_HELD: list[list[int]] = []  # the pending signals of the outermost deferred_signals block running
+
+
 @contextlib.contextmanager
-def deferred_signals(signums: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+def deferred_signals(signums: tuple[int, ...] = STOP_SIGNALS) -> Iterator[list[int]]:
+    """Hold ``signums`` for the block; yields the list of those held so far, which a loop of calls
+    can check between them (``if pending: break``) to stop early. A block inside another holds
+    nothing itself: the outer one already does, and setting handlers around every token of a
+    decode loop cost more than the token's own Python work."""
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
-        yield
+        yield []
+        return
+    if _HELD:
+        yield _HELD[-1]
         return
     pending: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signums}
+    _HELD.append(pending)
     try:
-        yield
+        yield pending
     finally:
+        _HELD.pop()
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         for s in dict.fromkeys(pending):  # each once, to the handler it was meant for

@@ -4,9 +4,9 @@ SIGKILL, the OOM killer or a power cut gives a process no chance to remove its h
 build (gigabytes at 7B, with the BF16 intermediate) or bench's work folder (the reference's
 logits). Each such name says which process made it (``.NAME.p<pid>-<owner>.XXXX.tmp``), so the next
 run into the same place can tell a dead process's leftovers from a live one's and remove only
-those. ``<owner>`` hashes the host name and the pid namespace: a pid is only meaningful there (a
-folder on a shared disk, or a container sharing the host name, may hold a live process's output
-whose pid means nothing here). Leftovers of other owners (another machine, a restarted container,
+those. ``<owner>`` hashes the host name, the machine id and the pid namespace: a pid is only
+meaningful there (a folder on a shared disk, or a container sharing the host name, may hold a live
+process's output whose pid means nothing here). Leftovers of other owners (another machine, a restarted container,
 a qoqopt from before these names) cannot be judged: they are named, with their size, not removed.
 """
 
@@ -44,11 +44,12 @@ def _stem(final: Path) -> str:
     return f"{cut}~{_digest(name)}"
 
 
-def _owner() -> str:
+def _owner(machine_id: bool = True) -> str:
     """Whose pids a temporary name's are: this machine's (its host name and machine id: VMs cloned
     from one image share the name, and the first pid namespace's number is the same on every Linux
-    host) in this pid namespace (a container's pids are its own)."""
-    machine = socket.gethostname() + _machine_id()
+    host) in this pid namespace (a container's pids are its own). ``machine_id=False``: the owner
+    as qoqopt named it before the machine id was in it, so that its leftovers here still go."""
+    machine = socket.gethostname() + (_machine_id() if machine_id else "")
     with contextlib.suppress(OSError):
         namespace = os.readlink("/proc/self/ns/pid")  # Linux: "pid:[4026531836]"
         return _digest(machine + namespace)
@@ -81,7 +82,8 @@ def remove_stale(final: Path) -> Found:
     none) are left alone; other owners' are listed in ``others``."""
     final = Path(final)
     name = re.escape(_stem(final))
-    ours = re.compile(rf"\.{name}\.p(\d{{1,10}})-{_owner()}\.[A-Za-z0-9_]+\.(tmp|old)")
+    owners = "|".join(dict.fromkeys((_owner(), _owner(machine_id=False))))
+    ours = re.compile(rf"\.{name}\.p(\d{{1,10}})-(?:{owners})\.[A-Za-z0-9_]+\.(tmp|old)")
     # anyone's: owner-tagged, or a name of mkdtemp's 8 characters as qoqopt used before
     anyones = re.compile(rf"\.{name}\.(p\d{{1,10}}-[0-9a-f]{{8}}\.[A-Za-z0-9_]+|[A-Za-z0-9_]{{8}})\.(tmp|old)")
     found = Found()
@@ -133,9 +135,13 @@ def _alive(pid: int) -> bool:
 
 
 def _size(entry: Path) -> int:
-    if not entry.is_dir():
-        return entry.lstat().st_size
-    return sum(f.lstat().st_size for f in entry.rglob("*") if not f.is_dir())
+    """Bytes under ``entry``; what went meanwhile (another owner's rename into place) counts 0."""
+    try:
+        if not entry.is_dir():
+            return entry.lstat().st_size
+        return sum(f.lstat().st_size for f in entry.rglob("*") if not f.is_dir())
+    except OSError:
+        return 0
 
 
 def _remove(entry: Path) -> int:

@@ -2,7 +2,7 @@
 
 Each entry of "files" names its file under "path" (relative to the directory) with its size and
 sha256; GGUF entries also carry "kind" (text | mmproj | imatrix | modelfile | ollama: the Hub's `template`
-and `params` | readme) and "quant", and
+and `params` | readme | license: the source's licence text) and "quant", and
 the parts of a text file written in parts (`--split-max-size`) "part" (from 1) and "parts".
 GGUF manifests written before qoqopt 0.1.1 used "file" for the name; both are read.
 """

@@ -238,7 +238,11 @@ def test_a_mac_is_named_by_its_chip_and_threaded_on_its_performance_cores(tmp_pa
 
 @pytest.mark.parametrize(("files", "quota"), [
     ({"cpu.max": "200000 100000\n"}, 2),  # cgroup v2, `docker run --cpus 2`
-    ({"cpu.max": "150000 100000\n"}, 2),  # --cpus 1.5: a second thread still gets time
+    ({"cpu.max": "150000 100000\n"}, 1),  # --cpus 1.5: a second lock-step thread would wait on throttling
+    ({"cpu.max": "50000 100000\n"}, 1),  # half a CPU: still one thread
+    # a host cgroup namespace: the process's own cgroup, and the tightest quota on the way to the root
+    ({"own": "0::/kubepods/pod1/ctr\n", "kubepods/pod1/ctr/cpu.max": "max 100000\n",
+      "kubepods/pod1/cpu.max": "300000 100000\n", "cpu.max": "max 100000\n"}, 3),
     ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
     ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),  # v1
     ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),  # v1, no limit
@@ -253,7 +257,7 @@ def test_a_containers_cpu_quota_caps_the_default_threads(files, quota, tmp_path,
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert machine.cpu_quota(tmp_path) == quota
+    assert machine.cpu_quota(tmp_path, tmp_path / "own") == quota
     monkeypatch.setattr(machine, "cpu_quota", lambda: quota)
     monkeypatch.setattr(machine, "_usable_cpus", lambda: range(64))
     assert machine.usable_cores() == (quota or 64)
@@ -317,13 +321,14 @@ def test_an_arm_server_is_named_by_its_core(monkeypatch):
 @pytest.mark.parametrize("omp", ["1", "2", "5,2", "99", None])
 def test_the_default_thread_count_is_torchs_own(omp):
     """With no --threads, ask and bench take as many threads as torch does by itself: one per physical
-    core, or fewer where OMP_NUM_THREADS asks for fewer (a scheduler's or a shared machine's share)."""
+    core, or fewer where OMP_NUM_THREADS asks for fewer (a scheduler's or a shared machine's share);
+    fewer again than torch where a CPU quota or a hybrid CPU's efficiency cores cap the cores."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | ({"OMP_NUM_THREADS": omp} if omp else {})
     code = ("import torch; from qoqopt.bench.machine import threads_or_default as t, usable_physical_cores as c; "
             "print(t(0), torch.get_num_threads(), c(), t(7))")  # fmt: skip
     ours, torchs, cores, given = map(int, subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                                          text=True, check=True).stdout.split())  # fmt: skip
-    assert given == 7 and ours == torchs == min(int(omp.split(",")[0]) if omp else cores, cores)
+    assert given == 7 and ours == min(torchs, cores) == min(int(omp.split(",")[0]) if omp else cores, cores)
 
 
 def test_transformers_decode_is_timed_inside_one_request(tiny_dir):

@@ -99,6 +99,20 @@ except (cli.Terminated, KeyboardInterrupt) as exc:
 """
 
 
+def test_a_third_stop_signal_ends_the_process_at_once():
+    """The second stop signal is let go so the cleanup finishes; a third (a cleanup that hangs, a
+    download's threads being waited for) ends the process as the signal's default action does."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\nfrom qoqopt import cli\ncli._catch_stop_signals()\n"
+            "try:\n    os.kill(os.getpid(), signal.SIGTERM)\nexcept cli.Terminated:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n    print('second let go', flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(5)\n    print('not ended')")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "second let go\n" and done.returncode == -signal.SIGTERM
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_second_stop_signal_does_not_cut_the_cleanup_short(signum, tmp_path):
     """systemd, Slurm and Kubernetes stop a job by signalling every process, and the parent then stops
@@ -116,7 +130,7 @@ def test_a_second_stop_signal_does_not_cut_the_cleanup_short(signum, tmp_path):
 def test_a_stop_signal_between_the_renames_of_a_replace_keeps_a_build(tmp_path, monkeypatch):
     """--force replaces a build by renaming the old one aside, then the new one in. A Ctrl-C between
     the two renames left no build at all (the new one was deleted as unfinished); both renames now
-    happen before it is delivered, so the new build is in place."""
+    happen before it is delivered, so the new build is in place, and the old one is removed."""
     import os
 
     from qoqopt import fileio
@@ -137,3 +151,25 @@ def test_a_stop_signal_between_the_renames_of_a_replace_keeps_a_build(tmp_path, 
         with fileio.atomic_dir(final, force=True) as tmp:
             (tmp / "new.gguf").write_text("new")
     assert [p.name for p in final.iterdir()] == ["new.gguf"]
+    assert [p.name for p in tmp_path.iterdir()] == ["build"]  # and the old build set aside is gone
+
+
+def test_nested_holds_set_no_handlers_and_a_loop_sees_what_is_held(monkeypatch):
+    """A decode loop holds stop signals once and checks between tokens; the per-call holds inside it
+    set no handlers of their own (each token's three handler swaps cost more than its Python work)."""
+    from qoqopt.interrupts import deferred_signals
+
+    swaps = []
+    real = signal.signal
+    monkeypatch.setattr(signal, "signal", lambda s, h: (swaps.append(s), real(s, h))[1])
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_signals() as pending:
+            outer = len(swaps)
+            for step in range(5):
+                with deferred_signals() as inner:
+                    assert inner is pending
+                    if step == 2:
+                        signal.raise_signal(signal.SIGINT)  # held: the loop goes on to see it
+                if pending:
+                    break
+            assert step == 2 and len(swaps) == outer

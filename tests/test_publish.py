@@ -736,7 +736,8 @@ def test_card_licence_is_the_base_models(export_dir, capsys):
     data = ModelCard(res.stdout.split("--- README.md (model card) ---\n")[1].split("dry run:")[0]).data
     assert (data.license, data.license_name, data.license_link) == ("other", "qwen-research", link)
     assert "needs --license-name" in refused([*other, "--license", "other"], capsys)
-    assert "and --license-link" in refused([*other, "--license", "other", "--license-name", "qwen-research"], capsys)
+    # `other` links to its text: without --license-link the card pointed nowhere, unless the build ships it
+    assert "needs --license-link" in refused([*other, "--license", "other", "--license-name", "qwen-research"], capsys)
     # ids the Hub added after its first list (hub-docs repositories-licenses.md): refused before
     for hub_id in ("llama4", "eupl-1.2", "apple-ascl", "openmdw-1.1"):
         assert checked_license(hub_id) == CardLicense(hub_id)
@@ -952,6 +953,12 @@ def test_a_builds_source_licence_text_goes_with_it(tiny_dir, tmp_path):
     assert res.returncode == 0 and "not in manifest.json" not in res.stdout, res.stdout + res.stderr
     plan = plan_upload(out, "me/x", base_model="Qwen/Qwen2.5-VL-7B-Instruct", license=CardLicense("apache-2.0"))
     assert {"LICENSE", "NOTICE"} <= {f.path for f in plan.files}
+    # `license: other` with no --license-link links to the LICENSE the build ships, as hub-docs writes it
+    from huggingface_hub import ModelCard
+
+    plan = plan_upload(out, "me/x", base_model="Qwen/Qwen2.5-VL-3B-Instruct", license=CardLicense("other", "qwen-research"))
+    data = ModelCard(plan.card).data
+    assert (data.license, data.license_name, data.license_link) == ("other", "qwen-research", "LICENSE")
     copied = tmp_path / "gptq"
     copied.mkdir()
     assert {"LICENSE", "NOTICE", "tokenizer.json"} <= set(_copy_support_files(source, copied))

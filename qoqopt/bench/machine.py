@@ -18,24 +18,41 @@ def _usable_cpus():
     return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
 
 
-def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The CPUs' worth of time this container's CPU quota grants, rounded up; None without one.
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Whole CPUs this process's CPU quota grants (rounded down, at least 1); None without one.
     `docker run --cpus 2` and Kubernetes CPU limits set a quota (cgroup v2 `cpu.max`, v1
-    `cpu.cfs_quota_us` over `cpu.cfs_period_us`), not an affinity mask: 32 threads on a 2-CPU
-    quota spend most of each period throttled."""
+    `cpu.cfs_quota_us` over `cpu.cfs_period_us`), not an affinity mask: 32 threads on a 2-CPU quota
+    spend most of each period throttled, and llama.cpp's threads, which wait for each other, worse
+    on a fraction of a CPU. v2 is read from the process's own cgroup up to the root (a host cgroup
+    namespace shows the whole tree), the tightest quota counting."""
+    quotas = [_quota(_read(folder / "cpu.max"), None) for folder in _v2_folders(cgroup, own)]
+    quotas += [_quota(_read(v1 / "cpu.cfs_quota_us"), _read(v1 / "cpu.cfs_period_us"))
+               for v1 in (cgroup / "cpu", cgroup / "cpu,cpuacct")]  # fmt: skip
+    quotas = [q for q in quotas if q]
+    return max(1, int(min(quotas))) if quotas else None
+
+
+def _v2_folders(cgroup: Path, own: Path) -> list[Path]:
+    """The cgroup v2 folders from the process's own (``0::/path`` in /proc/self/cgroup) up to the root."""
+    path = next((line[3:].strip() for line in (_read(own) or "").splitlines() if line.startswith("0::")), "/")
+    folder = cgroup / path.strip("/")
+    return [folder, *[p for p in folder.parents if p.is_relative_to(cgroup)]]
+
+
+def _quota(text: str | None, period: str | None) -> float | None:
+    """CPUs from cgroup v2's "QUOTA PERIOD" (``period`` None) or v1's two files; None for no limit
+    ("max", -1) or no file."""
+    fields = (text or "").split() + ([period.strip()] if period else [])
+    if len(fields) < 2 or not fields[0].isdigit() or not fields[1].isdigit() or int(fields[1]) == 0:
+        return None
+    return int(fields[0]) / int(fields[1])
+
+
+def _read(path: Path) -> str | None:
     try:
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        quota = period = None
-        for v1 in (cgroup / "cpu", cgroup / "cpu,cpuacct"):
-            try:
-                quota, period = ((v1 / f"cpu.cfs_{k}_us").read_text().strip() for k in ("quota", "period"))
-                break
-            except OSError:
-                continue
-    if not quota or not period or not quota.isdigit() or not period.isdigit() or int(period) == 0:
-        return None  # "max" (v2) or -1 (v1): no quota
-    return max(1, -(-int(quota) // int(period)))
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def usable_cores() -> int:
@@ -93,8 +110,10 @@ def _sysctl(name: str) -> str | None:
 
 
 def threads_or_default(threads: int) -> int:
-    """--threads as given, or (0) one per usable physical core; as torch does, OMP_NUM_THREADS lowers
-    that where it is set (a scheduler's or a shared machine's share) but does not raise it."""
+    """--threads as given, or (0) one per usable physical core (torch's default, capped by a CPU
+    quota and, on a hybrid CPU, by its performance cores, as torch is not); as torch does,
+    OMP_NUM_THREADS lowers that where it is set (a scheduler's or a shared machine's share) but does
+    not raise it."""
     if threads:
         return threads
     cores = usable_physical_cores()

@@ -58,7 +58,7 @@ def register(sub) -> None:
                    help="the card's licence, the base model's Hub licence id (default: mit for a QoQ-Med base; "
                         "required for any other)")  # fmt: skip
     p.add_argument("--license-name", metavar="NAME", help="with --license other: the licence's name (qwen-research)")
-    p.add_argument("--license-link", metavar="URL", help="with --license other (required there): the URL of its text")
+    p.add_argument("--license-link", metavar="URL", help="with --license other: the URL of its text (default: the LICENSE file the build carries)")
     p.add_argument("--allow-local-names", action="store_true",
                    help="upload a build whose files name local folders or data files (an older export's "
                         "calibration set path, a fine-tune's output folder); refused without it")  # fmt: skip
