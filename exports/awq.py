@@ -26,8 +26,11 @@ def pack(qw) -> dict:
     return {"qweight": qweight, "qzeros": qzeros, "scales": qw.scales.half().contiguous()}
 
 
-def quantization_config(*, bits, group_size, sym, desc_act, static_groups, damp, vision_modules=(), vision_skipped=()) -> dict:
-    skip = ["lm_head"] + ([] if vision_modules else ["model.visual"]) + sorted(vision_skipped)
+def quantization_config(*, bits, group_size, sym, desc_act, static_groups, damp, vision_modules=(), vision_skipped=(),
+                        plain=()) -> dict:  # fmt: skip
+    """``plain``: other modules carried unquantized (QoQ-Med's ECG encoder): transformers swaps every
+    Linear the list does not name for an AWQ layer, which the encoder's plain weights do not fill."""
+    skip = ["lm_head"] + ([] if vision_modules else ["model.visual"]) + sorted(vision_skipped) + list(plain)
     if vision_modules:  # the merger is never quantized
         skip.append("model.visual.merger")
     return {

@@ -32,13 +32,16 @@ def pack(qw) -> dict:
     return {"qweight": qweight, "qzeros": qzeros, "scales": qw.scales.half().contiguous(), "g_idx": qw.g_idx.to(qw.intweight.dtype)}
 
 
-def quantization_config(*, bits, group_size, sym, desc_act, static_groups, damp, vision_modules=(), vision_skipped=()) -> dict:
+def quantization_config(*, bits, group_size, sym, desc_act, static_groups, damp, vision_modules=(), vision_skipped=(),
+                        plain=()) -> dict:  # fmt: skip
+    """``plain``: other modules carried unquantized (QoQ-Med's ECG encoder), ruled out for loaders
+    that read ``dynamic`` as they are for AWQ's."""
     from qoqopt import __version__
 
     # Measured (transformers 5.24, optimum 2.3.0, GPTQModel 7.7.0): a list of blocks raises in optimum,
     # and GPTQModel leaves quantized vision Linears uninitialised, so GPTQ never quantizes the tower.
     assert not vision_modules, "GPTQ exports keep the vision tower unquantized"
-    skip = ["lm_head", "model.visual"]
+    skip = ["lm_head", "model.visual", *plain]
     return {
         "quant_method": "gptq",
         "bits": bits,

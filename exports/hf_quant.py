@@ -446,6 +446,7 @@ def export_hf_quant_report(
             bits=bits, group_size=group_size, sym=sym, desc_act=opts.act_order and not opts.static_groups,
             static_groups=opts.static_groups,
             damp=damp, vision_modules=sorted(v["module"] for v in vision_done.values()), vision_skipped=skipped_vision,
+            plain=[ECG_PREFIX.rstrip(".")] if ckpt.has_ecg_encoder and not drops_ecg else [],
         )  # fmt: skip
         config_json = {k: v for k, v in ckpt.config.items() if k != "_name_or_path"}  # see _drop_local_name
         if drops_ecg:

@@ -30,7 +30,7 @@ output error.
 
 From this folder:
 
-{run_instructions(".", manifest.get("ecg_encoder") == "carried")}
+{run_instructions(".", manifest)}
 
 ## Notes from this build
 
@@ -53,20 +53,18 @@ def summary_table(manifest: dict) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
-def run_instructions(where: str, carries_ecg: bool) -> str:
+def run_instructions(where: str, manifest: dict) -> str:
     """How to run the build at ``where`` (a folder, or a Hub repo id) in each runtime that loads it."""
     path = json.dumps(where)  # a JSON string is a valid Python string literal
-    vllm = ("**vLLM** does not load this build: it carries QoQ-Med's ECG encoder, whose class and tensors "
-            "vLLM does not know. `qoqopt export ... --drop-ecg` makes the build vLLM serves." if carries_ecg else
-            f"**vLLM**: `vllm serve {where} --served-model-name qoq-med --limit-mm-per-prompt '{{\"image\": 1}}'`")
     return f"""**transformers** (GPTQ/AWQ through the GPTQModel backend, which transformers does not install:
-`pip install optimum gptqmodel` first; without them from_pretrained stops with an ImportError)
+`pip install optimum gptqmodel accelerate torchvision` first; without them from_pretrained, or the
+processor's video part, stops with an ImportError){_awq_dtype(manifest)}
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
     model = AutoModelForImageTextToText.from_pretrained({path}, device_map="auto")
     processor = AutoProcessor.from_pretrained({path})
 
-{vllm}
+{_vllm(where, manifest)}
 
 **qoqopt's own W4A16 kernels** (Triton, no other kernel library; the torch reference on a CPU)
 
@@ -77,3 +75,25 @@ def run_instructions(where: str, carries_ecg: bool) -> str:
     print(apply(model))  # also the vision tower's kernels; q/k/v and gate/up fused
 
 **Check an answer**: `qoqopt ask {where} --item {ASK_ITEM}` (or `--image scan.png --question "..."`)."""
+
+
+def _awq_dtype(manifest: dict) -> str:
+    # transformers' AWQ quantizer casts a bfloat16 request to float16 on CUDA (quantizer_awq.update_dtype)
+    if manifest["format"] != "awq":
+        return ""
+    return (".\nOn a GPU, transformers runs an AWQ build in float16 whatever dtype is asked, the vision tower "
+            "included,\nwhere fp16 can overflow; vLLM or qoqopt's kernels below keep bfloat16")
+
+
+def _vllm(where: str, manifest: dict) -> str:
+    """vLLM's line: the command, or why it does not load this build."""
+    if manifest.get("ecg_encoder") == "carried":
+        return ("**vLLM** does not load this build: it carries QoQ-Med's ECG encoder, whose class and tensors "
+                "vLLM does not know. `qoqopt export ... --drop-ecg` makes the build vLLM serves.")
+    serve = f"`vllm serve {where} --served-model-name qoq-med --limit-mm-per-prompt '{{\"image\": 1}}'"
+    if manifest["format"] == "gptq" and not manifest["quantization"]["sym"]:
+        # vLLM's Marlin GPTQ kernels take symmetric weights only; its plain `gptq` method takes float16
+        # only, and refuses the bfloat16 this build's config names
+        return (f"**vLLM**: {serve} --dtype float16` (asymmetric GPTQ runs in vLLM's plain `gptq` kernels, "
+                "float16 only; export without `--asym` for its Marlin kernels)")
+    return f"**vLLM**: {serve}`"

@@ -501,7 +501,7 @@ def _usage(fmt: str, repo_id: str, manifest: dict, carries_ecg: bool, exported_r
     if fmt in ("gptq", "awq"):
         from .exports.hf_readme import run_instructions
 
-        return run_instructions(repo_id, carries_ecg)
+        return run_instructions(repo_id, {**manifest, "ecg_encoder": "carried" if carries_ecg else None})
     if exported_run is None:
         return _gguf_usage(repo_id, manifest)
     from .exports.ollama import HF_CO_PLACEHOLDER

@@ -219,6 +219,10 @@ def test_gptq_config_names_and_carried_tensors(gptq_export, ecg_dir):
     }  # fmt: skip
     assert qc["block_name_to_quantize"] == "model.language_model.layers"
     assert cfg["architectures"] == ["TimeSeriesQwen2_5_VLForConditionalGeneration"]
+    # the carried ECG encoder is ruled out for loaders that read `dynamic` (GPTQModel, vLLM), as AWQ's list does
+    from benchmarks.vllm_exclusions import vllm_skips
+
+    assert vllm_skips(qc, "time_series_embedding.encoder.W_P") and not vllm_skips(qc, "model.language_model.layers.0.mlp.up_proj")
     t = read_dir(out)
     src = load_file(str(ecg_dir / "model.safetensors"))
     assert not [n for n in t if n.startswith(("visual.", "model.layers.", "model.embed_tokens", "model.norm"))]
@@ -316,6 +320,14 @@ def test_drop_ecg_gives_the_plain_models_build(awq_export, ecg_dir, tmp_path, mo
     assert {k: m["ecg_encoder"] for k, m in manifests.items()} == {"carried": "carried", "dropped": "dropped"}
     assert any("--drop-ecg" in n and "vLLM cannot load" in n for n in manifests["carried"]["notes"])
     assert json.loads((plain / "manifest.json").read_text())["ecg_encoder"] is None
+    # the carried encoder's Linears stay plain for the class that runs them: transformers swapped every
+    # Linear its AWQ list does not name (its own should_convert_module), the text layers' still convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = json.loads((carried.out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    ecg_linears = {n.rsplit(".", 1)[0] for n, t in ECG_TENSORS.items() if n.endswith(".weight") and t.dim() == 2}
+    assert ecg_linears and not any(should_convert_module(m, skip) for m in ecg_linears)
+    assert should_convert_module("model.language_model.layers.0.mlp.up_proj", skip)
     # transformers, as vLLM does with trust_remote_code, follows auto_map to QoQ-Med's own .py files,
     # which no build ships: the carried build cannot be configured that way, the dropped one can
     import transformers
@@ -790,6 +802,18 @@ def test_info_counts_a_quantized_builds_parameters_as_transformers_does(which, r
     worst = max(report.layers, key=lambda r: r["rel_error"])  # how the build was made, from its manifest
     assert f"worst {worst['rel_error']:.4f} (layer {worst['layer'] + 1} of {len(report.layers)}" in text
     assert summary["build"]["calibration"]["chats"] == report.calibration["chats"]
+
+
+def test_readme_runs_each_build_as_its_loaders_take_it(gptq_asym_export, awq_export):
+    """Asymmetric GPTQ is not for vLLM's Marlin kernels (their GPTQ types are symmetric: uint4b8,
+    uint8b128) and its plain `gptq` method takes float16 only, refusing the bfloat16 the config names:
+    the README's `vllm serve` failed at start. transformers casts an AWQ build to float16 on a GPU
+    (quantizer_awq.update_dtype), vision tower included: the README says so."""
+    asym = (gptq_asym_export[0].out / "README.md").read_text()
+    assert "vllm serve . --served-model-name qoq-med --limit-mm-per-prompt '{\"image\": 1}' --dtype float16`" in asym
+    awq = (awq_export[0].out / "README.md").read_text()
+    assert "transformers runs an AWQ build in float16 whatever dtype is asked" in awq and "--dtype float16" not in awq
+    assert "pip install optimum gptqmodel accelerate torchvision" in asym
 
 
 @pytest.mark.parametrize("build", ["gptq_export", "awq_export"])
