@@ -79,7 +79,7 @@ processor's video part, stops with an ImportError){_awq_dtype(manifest)}
 
 def _awq_dtype(manifest: dict) -> str:
     # transformers' AWQ quantizer casts a bfloat16 request to float16 on CUDA (quantizer_awq.update_dtype)
-    if manifest["format"] != "awq":
+    if manifest.get("format") != "awq":
         return ""
     return (".\nOn a GPU, transformers runs an AWQ build in float16 whatever dtype is asked, the vision tower "
             "included,\nwhere fp16 can overflow; vLLM or qoqopt's kernels below keep bfloat16")
@@ -91,7 +91,7 @@ def _vllm(where: str, manifest: dict) -> str:
         return ("**vLLM** does not load this build: it carries QoQ-Med's ECG encoder, whose class and tensors "
                 "vLLM does not know. `qoqopt export ... --drop-ecg` makes the build vLLM serves.")
     serve = f"`vllm serve {where} --served-model-name qoq-med --limit-mm-per-prompt '{{\"image\": 1}}'"
-    if manifest["format"] == "gptq" and not manifest["quantization"]["sym"]:
+    if manifest.get("format") == "gptq" and (manifest.get("quantization") or {}).get("sym") is False:
         # vLLM's Marlin GPTQ kernels take symmetric weights only; its plain `gptq` method takes float16
         # only, and refuses the bfloat16 this build's config names
         return (f"**vLLM**: {serve} --dtype float16` (asymmetric GPTQ runs in vLLM's plain `gptq` kernels, "

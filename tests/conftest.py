@@ -126,6 +126,21 @@ def one_thread():
         yield
 
 
+@pytest.fixture()
+def ctrl_c():
+    """Ctrl-C as a terminal's Python gets it (KeyboardInterrupt): pytest-xdist's workers ignore SIGINT,
+    and so would a child they start. ``CTRL_C_FIRST`` does the same as the first line of a child's code."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+CTRL_C_FIRST = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 

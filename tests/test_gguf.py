@@ -447,7 +447,7 @@ def test_split_build_loads_in_llama_cpp_as_the_whole_file(built, tiny_dir, tmp_p
 
 
 @pytest.mark.parametrize("where", ["tokenize", "decode"])
-def test_a_ctrl_c_during_an_image_chat_is_not_lost(where, built, monkeypatch):
+def test_a_ctrl_c_during_an_image_chat_is_not_lost(where, built, monkeypatch, ctrl_c):
     """Each llama.cpp call of an image chat logs through qoqopt's Python callback, where Python ran the
     Ctrl-C's handler and ctypes swallowed its KeyboardInterrupt: `ask` went on and exited 0 (29 of 40
     Ctrl-Cs lost in helper-95's run). The Ctrl-C here arrives while llama.cpp logs, inside mtmd's

@@ -121,13 +121,15 @@ def test_a_second_stop_signal_does_not_cut_the_cleanup_short(signum, tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", _SECOND_SIGNAL, str(tmp_path), str(int(signum))],
+    from tests.conftest import CTRL_C_FIRST
+
+    done = subprocess.run([sys.executable, "-c", CTRL_C_FIRST + _SECOND_SIGNAL, str(tmp_path), str(int(signum))],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     name = "Terminated" if signum == signal.SIGTERM else "KeyboardInterrupt"
     assert done.stdout.strip() == f"{name} []", done.stdout + done.stderr
 
 
-def test_a_stop_signal_between_the_renames_of_a_replace_keeps_a_build(tmp_path, monkeypatch):
+def test_a_stop_signal_between_the_renames_of_a_replace_keeps_a_build(tmp_path, monkeypatch, ctrl_c):
     """--force replaces a build by renaming the old one aside, then the new one in. A Ctrl-C between
     the two renames left no build at all (the new one was deleted as unfinished); both renames now
     happen before it is delivered, so the new build is in place, and the old one is removed."""
@@ -154,7 +156,7 @@ def test_a_stop_signal_between_the_renames_of_a_replace_keeps_a_build(tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["build"]  # and the old build set aside is gone
 
 
-def test_nested_holds_set_no_handlers_and_a_loop_sees_what_is_held(monkeypatch):
+def test_nested_holds_set_no_handlers_and_a_loop_sees_what_is_held(monkeypatch, ctrl_c):
     """A decode loop holds stop signals once and checks between tokens; the per-call holds inside it
     set no handlers of their own (each token's three handler swaps cost more than its Python work)."""
     from qoqopt.interrupts import deferred_signals
