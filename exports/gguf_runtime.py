@@ -66,7 +66,12 @@ class LlamaVL:
         kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
         # a GPU build adds every GPU to the model's devices whatever n_gpu_layers says, and then runs
         # batches of 32+ tokens there (op_offload): "no GPU" must empty the device list itself
-        where = {"split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE, "main_gpu": 0 if gpu else -1} if one_gpu or not gpu else {}
+        if not gpu:
+            where = {"split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE, "main_gpu": -1}
+        elif one_gpu:
+            where = {"split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE, "main_gpu": 0}
+        else:  # llama.cpp's default: layers split over every GPU
+            where = {}
         if extra_buffers is None:
             extra_buffers = gpu or extra_buffers_run(model_path)  # a CPU verdict: offloaded layers run on the GPU
         _route_log()  # from here on llama.cpp's log is read: its errors, and the buffers it allocates

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from qoqopt.errors import QoqoptError
+from qoqopt.hub_license import license_files
 from qoqopt.loader import ECG_PREFIX, SAFETENSORS_DTYPE_BYTES, meta_model, runtime_name
 
 FORMATS = ("gptq", "awq")
@@ -528,8 +529,6 @@ def _processor(ckpt):
 
 def _copy_support_files(src: Path, dst: Path) -> list[str]:
     """The tokenizer, processor and generation files, and the licence text, copied from the source."""
-    from qoqopt.hub_license import license_files
-
     copied = []
     for path in [src / name for name in SUPPORT_FILES if (src / name).is_file()] + license_files(src):
         shutil.copyfile(path, dst / path.name)

@@ -30,8 +30,8 @@ gemma unknown other
 """.split())
 # The licence text a checkpoint ships beside its weights. Apache-2.0 (section 4a) and MIT both ask that
 # it go with every copy, a quantized build included; the Hub's `license: other` points to it.
-LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "LICENCE.txt", "LICENCE.md", "NOTICE", "NOTICE.txt",
-                 "NOTICE.md")  # fmt: skip
+LICENSE_TEXTS = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "LICENCE.txt", "LICENCE.md")
+LICENSE_FILES = (*LICENSE_TEXTS, "NOTICE", "NOTICE.txt", "NOTICE.md")  # with the notices Apache-2.0 asks for
 
 
 def license_files(folder: Path) -> list[Path]:
@@ -76,10 +76,11 @@ def checked_license(license_id: str | None, name: str | None = None, link: str |
     return CardLicense(license_id, name, link)
 
 
-def card_license(base: str, given: CardLicense | None, shipped: list[str] = ()) -> CardLicense:
+def card_license(base: str, given: CardLicense | None, files: list[str] = ()) -> CardLicense:
     """The card's licence: the one given, else QoQ-Med's own for a QoQ-Med base. ``other`` links
-    to its text: --license-link, else the licence file the build ships (``shipped``; the Hub reads
+    to its text: --license-link, else the licence file among the build's ``files`` (the Hub reads
     `license_link: LICENSE` as the repo's own file); with neither, the card would point nowhere."""
+    shipped = [f for f in files if f in LICENSE_TEXTS]
     if given is not None and given.id == "other" and not given.link:
         if not shipped:
             raise NoLicense("--license other needs --license-link (the URL of its text) when the build ships no "

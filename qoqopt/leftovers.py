@@ -13,6 +13,7 @@ a qoqopt from before these names) cannot be judged: they are named, with their s
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -56,6 +57,7 @@ def _owner(machine_id: bool = True) -> str:
     return _digest(machine)
 
 
+@functools.cache  # read once: every atomic write names its temporary file and tidies beside it
 def _machine_id() -> str:
     """systemd's machine id (D-Bus's older copy), stable across reboots; empty where neither exists."""
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):

@@ -16,7 +16,7 @@ from pathlib import Path, PurePath
 
 from .errors import QoqoptError
 from .fileio import sha256_file
-from .hub_license import LICENSE_FILES, QOQ_MED_REPO, UNNAMED as UNNAMED_LICENSE, CardLicense, NoLicense, card_license
+from .hub_license import QOQ_MED_REPO, UNNAMED as UNNAMED_LICENSE, CardLicense, NoLicense, card_license
 from .local_names import is_hub_id, own_eval_set, recorded_local_names
 from .report import inline_text
 from .manifest import (
@@ -574,8 +574,8 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
     if base == UNNAMED_BASE and license is None:  # its stop says what to pass; the licence follows from that
         licence = UNNAMED_LICENSE
     else:
-        shipped = [entry_path(e) for e in manifest["files"] if entry_path(e) in LICENSE_FILES and entry_path(e).startswith("LICEN")]
-        licence = _or_stop(lambda: card_license(base, license, shipped), NoLicense, UNNAMED_LICENSE, dry_run, stops)
+        listed = [entry_path(e) for e in manifest["files"]]
+        licence = _or_stop(lambda: card_license(base, license, listed), NoLicense, UNNAMED_LICENSE, dry_run, stops)
     check_hub_file_sizes(folder, manifest)
     named = _or_stop(lambda: local_names_kept(folder, manifest, allow_local_names), LocalNames, None, dry_run, stops)
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]

@@ -67,10 +67,8 @@ def usable_physical_cores(sysfs: Path = Path("/sys/devices/system/cpu"), p_cores
     performance cores count (`p_cores` lists them), as llama.cpp leaves efficiency cores out of its
     default; macOS's sysctl names its performance cores; elsewhere every usable CPU counts."""
     cpus = _usable_cpus()
-    try:
-        cpus = [c for c in cpus if c in cpu_list(p_cores.read_text())] or cpus
-    except OSError:  # not a hybrid CPU
-        pass
+    performance = cpu_list(_read(p_cores) or "")  # empty: not a hybrid CPU
+    cpus = [c for c in cpus if c in performance] or cpus
     cores = set()
     for cpu in cpus:
         topology = sysfs / f"cpu{cpu}" / "topology"
