@@ -13,6 +13,11 @@ import json
 from qoqopt.manifest import source_id
 
 ASK_ITEM = "ct-abd-pancreas.region_ct.eval-0"  # a built-in clinical item (`qoqopt data list`)
+# The build's tensors carry the module names transformers 4.52 introduced (model.language_model.*,
+# model.visual.*); older transformers, and vLLM before its 0.9.1 name map (vllm-project/vllm#19054),
+# leave them unloaded. config.json keeps the source's transformers_version, which says nothing of this.
+MIN_TRANSFORMERS = "4.52"
+MIN_VLLM = "0.9.1"
 
 
 def render_readme(manifest: dict) -> str:
@@ -56,9 +61,9 @@ def summary_table(manifest: dict) -> str:
 def run_instructions(where: str, manifest: dict) -> str:
     """How to run the build at ``where`` (a folder, or a Hub repo id) in each runtime that loads it."""
     path = json.dumps(where)  # a JSON string is a valid Python string literal
-    return f"""**transformers** (GPTQ/AWQ through the GPTQModel backend, which transformers does not install:
-`pip install optimum gptqmodel accelerate torchvision` first; without them from_pretrained, or the
-processor's video part, stops with an ImportError){_awq_dtype(manifest)}
+    return f"""**transformers** ≥ {MIN_TRANSFORMERS} (GPTQ/AWQ through the GPTQModel backend, which transformers does not
+install: `pip install "transformers>={MIN_TRANSFORMERS}" optimum gptqmodel accelerate torchvision` first; without
+them from_pretrained, or the processor's video part, stops with an ImportError){_awq_dtype(manifest)}
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
     model = AutoModelForImageTextToText.from_pretrained({path}, device_map="auto")
@@ -94,6 +99,6 @@ def _vllm(where: str, manifest: dict) -> str:
     if manifest.get("format") == "gptq" and (manifest.get("quantization") or {}).get("sym") is False:
         # vLLM's Marlin GPTQ kernels take symmetric weights only; its plain `gptq` method takes float16
         # only, and refuses the bfloat16 this build's config names
-        return (f"**vLLM**: {serve} --dtype float16` (asymmetric GPTQ runs in vLLM's plain `gptq` kernels, "
-                "float16 only; export without `--asym` for its Marlin kernels)")
-    return f"**vLLM**: {serve}`"
+        return (f"**vLLM** ≥ {MIN_VLLM}: {serve} --dtype float16` (asymmetric GPTQ runs in vLLM's plain "
+                "`gptq` kernels, float16 only; export without `--asym` for its Marlin kernels)")
+    return f"**vLLM** ≥ {MIN_VLLM}: {serve}`"

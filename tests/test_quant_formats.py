@@ -813,7 +813,30 @@ def test_readme_runs_each_build_as_its_loaders_take_it(gptq_asym_export, awq_exp
     assert "vllm serve . --served-model-name qoq-med --limit-mm-per-prompt '{\"image\": 1}' --dtype float16`" in asym
     awq = (awq_export[0].out / "README.md").read_text()
     assert "transformers runs an AWQ build in float16 whatever dtype is asked" in awq and "--dtype float16" not in awq
-    assert "pip install optimum gptqmodel accelerate torchvision" in asym
+    assert 'pip install "transformers>=4.52" optimum gptqmodel accelerate torchvision' in asym
+    assert "**vLLM** ≥ 0.9.1: `vllm serve ." in asym
+
+
+def test_readme_floor_is_for_the_names_the_build_carries(gptq_asym_export):
+    """The README asks for transformers >= 4.52 and vLLM >= 0.9.1 because the build's tensors carry the
+    module names transformers 4.52 introduced (vLLM maps them from 0.9.1, vllm-project/vllm#19054);
+    config.json keeps the source's transformers_version. Every tensor is named as the installed
+    transformers names the model's own modules."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    out = gptq_asym_export[0].out
+    config = AutoConfig.from_pretrained(out)
+    config.quantization_config = None
+    with torch.device("meta"):
+        modules = {n for n, _ in Qwen2_5_VLForConditionalGeneration(config).named_modules()}
+    names = set()
+    for f in out.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            names |= set(st.keys())
+    owners = {n.rsplit(".", 1)[0] for n in names}
+    assert owners and owners <= modules, sorted(owners - modules)[:5]
+    assert any(n.startswith("model.language_model.") for n in names)
 
 
 @pytest.mark.parametrize("build", ["gptq_export", "awq_export"])
