@@ -44,16 +44,25 @@ def removed_if_left_empty(*folders: Path) -> Iterator[None]:
         raise
 
 
+class OutputExists(QoqoptError):
+    """``final`` appeared while a write that must not replace it was under way."""
+
+    def __init__(self, final: Path):
+        super().__init__(f"{final} already exists (use --force to replace it)")
+
+
 @contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `final`; rename it over `final` only on success."""
+def atomic_path(final: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to `final`; rename it over `final` only on success. With
+    ``replace=False`` a `final` that exists by then is kept and :class:`OutputExists` raised: a check
+    at the start misses a second run that wrote the same name meanwhile."""
     final = Path(final)
-    with removed_if_left_empty(final.parent), _atomic_path(final) as tmp:
+    with removed_if_left_empty(final.parent), _atomic_path(final, replace) as tmp:
         yield tmp
 
 
 @contextlib.contextmanager
-def _atomic_path(final: Path) -> Iterator[Path]:
+def _atomic_path(final: Path, replace: bool) -> Iterator[Path]:
     with writing(final):
         final.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):  # best effort: another owner's file may come and go meanwhile
@@ -66,8 +75,11 @@ def _atomic_path(final: Path) -> Iterator[Path]:
         # mkstemp creates 0600; published files get the usual umask-derived mode instead.
         os.chmod(tmp_path, 0o666 & ~_umask())
         synced(tmp_path)
-        os.replace(tmp_path, final)
+        _name(tmp_path, final, replace)
         synced(final.parent)
+    except OutputExists:
+        tmp_path.unlink(missing_ok=True)
+        raise
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
         raise write_error(exc, final) from exc
@@ -77,6 +89,24 @@ def _atomic_path(final: Path) -> Iterator[Path]:
         if os_error is not None:
             raise write_error(os_error, final) from exc
         raise
+
+
+def _name(tmp: Path, final: Path, replace: bool) -> None:
+    if replace:
+        os.replace(tmp, final)
+        return
+    try:  # link(2) fails on an existing name, in one step, where rename(2) replaces it
+        os.link(tmp, final)
+    except FileExistsError:
+        raise OutputExists(final) from None
+    except OSError as exc:  # a file system without hard links (FAT, some FUSE): checked, then renamed
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        if final.exists() or final.is_symlink():
+            raise OutputExists(final) from None
+        os.replace(tmp, final)
+        return
+    tmp.unlink()
 
 
 _FULLFSYNC = getattr(fcntl, "F_FULLFSYNC", None) if fcntl else None
@@ -127,8 +157,8 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(final: Path, text: str) -> None:
-    with atomic_path(final) as tmp:
+def atomic_write_text(final: Path, text: str, replace: bool = True) -> None:
+    with atomic_path(final, replace) as tmp:
         tmp.write_text(text)
 
 

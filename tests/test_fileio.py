@@ -492,6 +492,37 @@ def test_a_build_another_run_finished_meanwhile_is_not_replaced_without_force(tm
     assert caught.value.errno == errno.EBUSY and not busy.exists() and _debris(tmp_path) == []
 
 
+def test_a_file_another_run_wrote_meanwhile_is_not_replaced_without_force(tmp_path, monkeypatch):
+    """`data show --out` and bench's result checked the name once, at the start: a second run that
+    wrote the same name meanwhile (bench names its result by the second it finished) was replaced.
+    link(2) refuses an existing name in the same step that names the file; a file system without
+    hard links is checked just before the rename."""
+    from qoqopt.bench.run import _write_result
+    from qoqopt.fileio import OutputExists, atomic_write_text
+
+    final = tmp_path / "ct.png"
+    with pytest.raises(OutputExists, match=r"ct.png already exists \(use --force to replace it\)$"):
+        with atomic_path(final, replace=False) as tmp:
+            tmp.write_text("mine")
+            final.write_text("theirs")  # the other run, finishing first
+    assert final.read_text() == "theirs" and _debris(tmp_path) == []
+    atomic_write_text(final, "mine")  # replace=True (the default, and --force) replaces as before
+    assert final.read_text() == "mine" and _debris(tmp_path) == []
+    first = _write_result(tmp_path, "bench-tiny-cpu-20261203-143000.json", "first")
+    second = _write_result(tmp_path, "bench-tiny-cpu-20261203-143000.json", "second")
+    assert (first.name, second.name) == ("bench-tiny-cpu-20261203-143000.json", "bench-tiny-cpu-20261203-143000-2.json")
+    assert (first.read_text(), second.read_text()) == ("first", "second")
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), str(src), None, str(dst))
+
+    monkeypatch.setattr("qoqopt.fileio.os.link", no_links)  # vfat, some FUSE: EPERM
+    with pytest.raises(OutputExists):
+        atomic_write_text(final, "again", replace=False)
+    atomic_write_text(tmp_path / "new.json", "new", replace=False)
+    assert final.read_text() == "mine" and (tmp_path / "new.json").read_text() == "new" and _debris(tmp_path) == []
+
+
 LIMITED_WRITES = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(2) instead of the signal's kill

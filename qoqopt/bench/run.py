@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from ..children import how_it_ended, python_module
 from ..errors import QoqoptError
-from ..fileio import atomic_write_text, check_can_make_dir, removed_if_left_empty, sha256_file, writing
+from ..fileio import OutputExists, atomic_write_text, check_can_make_dir, removed_if_left_empty, sha256_file, writing
 from ..integrity import checked_files, checked_weights, sha256_of
 from ..leftovers import tidy, tmp_prefix
 from ..loader import FINGERPRINT_PREFIX
@@ -119,9 +119,20 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
         },
         "variants": records,
     }  # fmt: skip
-    path = opts.out / _file_name(opts.model, result["run"]["machine"]["label"])
-    atomic_write_text(path, json.dumps(result, indent=1))
-    return path
+    name = _file_name(opts.model, result["run"]["machine"]["label"])
+    return _write_result(opts.out, name, json.dumps(result, indent=1))
+
+
+def _write_result(out: Path, name: str, text: str) -> Path:
+    """Under ``name``, or ``name-2``... where a run that finished in the same second took it."""
+    for n in range(1, 1000):
+        path = out / (name if n == 1 else f"{Path(name).stem}-{n}.json")
+        try:
+            atomic_write_text(path, text, replace=False)
+            return path
+        except OutputExists:
+            continue
+    raise QoqoptError(f"{out} holds {name} and 998 more of its numbered names; choose another --out")
 
 
 def _set_sha(source: str, items) -> dict:

@@ -163,7 +163,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise QoqoptError(f"{args.out} already exists (use --force to replace it)")
     image = item.image
-    with atomic_path(args.out) as tmp:
+    with atomic_path(args.out, replace=args.force) as tmp:  # another run may write it meanwhile
         image.save(tmp, format=Image.registered_extensions()[args.out.suffix.lower()])
     print(f"id:      {item.id}")
     print(f"domain:  {item.domain}")
