@@ -393,7 +393,19 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
     out += ["", f"★ Pareto-optimal: {PARETO_PHRASE} smaller and lower in mean KLD. Size: every file a build "
             "loads (a GGUF build's text file and mmproj; a GPTQ/AWQ build's safetensors and config); for the "
             "reference, a dtype or a bitsandbytes variant, its weights as loaded in that dtype or quantization.", ""]
-    return out + _domain_table(rows, which)
+    return out + _unboxed_lines(rows, runs[0]) + _domain_table(rows, which)
+
+
+def _unboxed_lines(rows: dict[str, dict], run: dict) -> list[str]:
+    """Answers with no closed `\\boxed{}` score 0: a reply cut off at the run's answer_tokens is not a
+    wrong answer, and a column full of them measures the limit, not the build."""
+    missing = {name: len(v["unboxed"]) for name, v in _by_size(rows) if v.get("unboxed")}
+    if not missing:
+        return []
+    limit = (run["run"].get("eval") or {}).get("answer_tokens")
+    said = ", ".join(f"{name} {n}" for name, n in missing.items())
+    return [f"Answers with no `\\boxed{{}}` (each scored 0): {said}, of {run['run']['eval']['items']} chats each. "
+            f"Cut off at {limit} tokens, or never given: if cut off, run again with a larger `--answer-tokens`.", ""]
 
 
 def _sized(rows: dict[str, dict]) -> dict[str, tuple[float, float]]:

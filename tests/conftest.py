@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qoq-med-vl-7b"
-if not FIXTURES.exists():  # CI clones the repo with shared/ beside it; allow an override
-    FIXTURES = Path(os.environ.get("QOQOPT_FIXTURES", FIXTURES))
+# The real QoQ-Med-VL-7B's metadata (config, all 868 tensor names, prompt format; no weights), a copy
+# of the MIT-licensed files its README names, so a fresh clone tests against it; QOQOPT_FIXTURES
+# points the tests at another copy.
+FIXTURES = Path(os.environ.get("QOQOPT_FIXTURES") or Path(__file__).resolve().parent / "fixtures" / "qoq-med-vl-7b")
 
 # No test may reach the network: the Hub is unreachable here and must stay unused in CI.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -119,20 +119,25 @@ def _set_f1(reply: str, answer: str) -> float:
     return 2 * hit / (len(got) + len(want)) if hit else 0.0
 
 
-def _greedy_scores(model, proc, answer_tokens: int) -> dict[str, float]:
-    """Per domain (one eval chat each), the set F1 of transformers' greedy reply."""
+def _greedy_replies(model, proc, answer_tokens: int) -> dict:
+    """Eval item -> transformers' greedy reply, one chat per domain."""
     import torch
 
     from qoqopt.bench.eval_set import eval_items
 
-    scores = {}
+    replies = {}
     for item in eval_items("clinical", ITEMS, 0):
         inputs = proc.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True,
                                           return_dict=True, return_tensors="pt")  # fmt: skip
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=answer_tokens, do_sample=False)
-        scores[item.domain] = _set_f1(proc.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True), item.answer)
-    return scores
+        replies[item] = proc.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return replies
+
+
+def _greedy_scores(model, proc, answer_tokens: int) -> dict[str, float]:
+    """Per domain (one eval chat each), the set F1 of transformers' greedy reply."""
+    return {item.domain: _set_f1(reply, item.answer) for item, reply in _greedy_replies(model, proc, answer_tokens).items()}
 
 
 def _assert_accuracy(drift: dict, scores: dict[str, float]) -> None:
@@ -142,7 +147,7 @@ def _assert_accuracy(drift: dict, scores: dict[str, float]) -> None:
 
 def test_answer_accuracy_is_greedy_generation_scored_by_set_f1(run_1t, trained_dir):
     """The reference's per-domain answer accuracy, redone here: transformers' greedy generate on each
-    eval chat (the bench's 64 answer tokens), the last \\boxed{...} found by a regex, its
+    eval chat (the bench's answer tokens), the last \\boxed{...} found by a regex, its
     comma-separated conditions scored by set F1 against the item's answer."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -153,6 +158,30 @@ def test_answer_accuracy_is_greedy_generation_scored_by_set_f1(run_1t, trained_d
     scores = _greedy_scores(model, load_processor(trained_dir), run_1t[0]["run"]["eval"]["answer_tokens"])
     _assert_accuracy(_by_name(run_1t[0])["reference"]["drift"], scores)
     assert 0 < _by_name(run_1t[0])["reference"]["drift"]["all"]["accuracy"] < 1  # some right, some wrong: a score stuck at 0 or 1 would show
+    assert _by_name(run_1t[0])["reference"]["unboxed"] == []  # the mini boxes every answer, well inside the limit
+
+
+def test_an_answer_cut_off_before_its_boxed_is_counted_and_said(trained_dir, tmp_path):
+    """bench answered in 64 tokens, where QoQ-Med thinks at length before its \\boxed{}: every reply
+    cut off scored 0, and nothing said so. The limit is --answer-tokens (default 1024), and each
+    variant names its answers with no \\boxed{}: here every one of transformers' own 4-token greedy
+    replies, which the report then counts."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.processor import load_processor
+
+    result, path, _ = _bench(trained_dir, tmp_path / "o", "--variants", "bf16", "--no-speed", "--answer-tokens", "4")
+    assert result["run"]["eval"]["answer_tokens"] == 4
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
+    replies = _greedy_replies(model, load_processor(trained_dir), 4)
+    cut = [item.id for item, reply in replies.items() if not re.search(r"\\boxed\{[^{}]*\}", reply)]
+    assert cut == [item.id for item in replies]  # 4 tokens never reach the mini's \boxed{}
+    assert _by_name(result)["reference"]["unboxed"] == cut and _by_name(result)["reference"]["drift"]["all"]["accuracy"] == 0
+    res = run_cli("report", str(path), "--out", str(tmp_path / "rep"))
+    assert res.returncode == 0, res.stderr
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert f"Answers with no `\\boxed{{}}` (each scored 0): reference {ITEMS}" in text and "Cut off at 4 tokens" in text
 
 
 def test_speed_fields(run_1t):
@@ -1100,7 +1129,7 @@ def test_a_chat_that_fails_in_a_runtime_is_named(tmp_path):
 
     with pytest.raises(RuntimeError, match=rf"^on chat {re.escape(items[1].id)} \({re.escape(Path(items[1].source).name)}\): "
                                           "ValueError: absolute aspect ratio"):  # fmt: skip
-        reference_pass(Refusing(), items, {"answer_tokens": 4, "ref_dir": str(tmp_path)})
+        reference_pass(Refusing(), items, {"answer_tokens": 4, "ref_dir": str(tmp_path)}, [])
 
 
 def test_non_finite_logits_fail_the_variant_naming_the_chat(tmp_path):
@@ -1123,12 +1152,12 @@ def test_non_finite_logits_fail_the_variant_naming_the_chat(tmp_path):
             return "\\boxed{x}"
 
     job = {"answer_tokens": 4, "ref_dir": str(tmp_path), "variant": {"name": "gptq:4"}}
-    reference_pass(Runner(), items, job)
+    reference_pass(Runner(), items, job, [])
     with pytest.raises(RuntimeError, match=rf"^on chat {re.escape(items[1].id)} .*: 2 of 8 logits are NaN or infinite"):
-        variant_pass(Runner(), items, job)
+        variant_pass(Runner(), items, job, [])
     logits[1, 3] = np.inf  # a reference with one is refused too
     with pytest.raises(RuntimeError, match=rf"^on chat {re.escape(items[0].id)} .*: 1 of 8 logits are NaN or infinite"):
-        reference_pass(Runner(), items, job)
+        reference_pass(Runner(), items, job, [])
 
 
 def test_the_workers_warnings_reach_the_user_once(tmp_path, capsys, monkeypatch):

@@ -43,7 +43,7 @@ class BenchOptions:
     threads: int = 0
     speed: SpeedSettings | None = field(default_factory=SpeedSettings)
     calib_items: int = 64
-    answer_tokens: int = 64
+    answer_tokens: int = 1024  # QoQ-Med's replies think at length before \boxed{}
     reference_dtype: str = "auto"
     revision: str | None = None
 
@@ -347,7 +347,7 @@ def _record(name: str, fmt: str, res: dict, paths: list[Path], hashes: "_Hashes"
         size, basis = res["loaded_bytes"], "loaded weights"
     return {"name": name, "format": fmt, "status": "ok", "runtime": res["runtime"], "files": files,
             "size_bytes": size, "size_basis": basis, "drift": res["drift"], "worst_domain": res["worst_domain"],
-            "speed": res["speed"], "seconds": res["seconds"]}  # fmt: skip
+            "speed": res["speed"], "unboxed": res.get("unboxed", []), "seconds": res["seconds"]}  # fmt: skip
 
 
 class _Hashes:

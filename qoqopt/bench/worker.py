@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..drift import ItemDrift, aggregate_items, answer_score, position_stats, worst_domain
+from ..drift import ItemDrift, aggregate_items, answer_score, extract_boxed, position_stats, worst_domain
 from .eval_set import eval_items, load_reference, ref_logits, save_reference
 from .machine import ru_maxrss_mib
 from .speed import SpeedSettings, measure
@@ -49,20 +49,29 @@ def _naming(item):
         raise RuntimeError(f"on chat {item.id} ({Path(item.source).name}): {type(exc).__name__}: {exc}") from exc
 
 
-def reference_pass(runner, items, job: dict) -> list[ItemDrift]:
+def _answer_score(runner, item, chat: dict, job: dict, unboxed: list) -> float:
+    """The greedy answer's set-F1; an answer with no closed \\boxed{} (cut off at answer_tokens, or
+    never given) is named in ``unboxed``: its 0 says nothing of the build's medicine."""
+    text = runner.answer(item, chat, job["answer_tokens"])
+    if extract_boxed(text) is None:
+        unboxed.append(item.id)
+    return answer_score(text, item.answer)
+
+
+def reference_pass(runner, items, job: dict, unboxed: list) -> list[ItemDrift]:
     chats, out = [], []
     for item in _progress(items, "reference"):
         with _naming(item):
             logits, chat = runner.reference_chat(item)
             _check_finite(logits)
-            score = answer_score(runner.answer(item, chat, job["answer_tokens"]), item.answer)
+            score = _answer_score(runner, item, chat, job, unboxed)
         chats.append({"id": item.id, "domain": item.domain, **chat, "score": score, "ref_logits": logits})
         out.append(ItemDrift(item.domain, None, score))
     save_reference(Path(job["ref_dir"]), chats)
     return out
 
 
-def variant_pass(runner, items, job: dict) -> list[ItemDrift]:
+def variant_pass(runner, items, job: dict, unboxed: list) -> list[ItemDrift]:
     chats = load_reference(Path(job["ref_dir"]))
     if [c["id"] for c in chats] != [it.id for it in items]:
         raise RuntimeError("the stored reference was made on different chats")
@@ -70,7 +79,7 @@ def variant_pass(runner, items, job: dict) -> list[ItemDrift]:
     for item, chat in zip(_progress(items, job["variant"]["name"]), chats):
         with _naming(item):
             cand = _check_finite(runner.reply_logits(item, chat))
-            score = answer_score(runner.answer(item, chat, job["answer_tokens"]), item.answer)
+            score = _answer_score(runner, item, chat, job, unboxed)
         stats = position_stats(ref_logits(chat), cand, chat["reply_ids"])
         out.append(ItemDrift(item.domain, stats, score))
     return out
@@ -116,15 +125,16 @@ def run_job(job: dict) -> dict:
     runner = open_runner(job)
     runner.start_peaks()  # what running needs, not load-time temporaries
     try:
-        per_item = reference_pass(runner, items, job) if job["role"] == "reference" else variant_pass(runner, items, job)
-        drift, worst = drift_json(per_item)
+        unboxed: list[str] = []
+        run_pass = reference_pass if job["role"] == "reference" else variant_pass
+        drift, worst = drift_json(run_pass(runner, items, job, unboxed))
         speed = {}
         if job.get("speed"):
             speed = measure(runner.profile, items[0].image, items[0].question, SpeedSettings(**job["speed"]))
         speed["peak_device_mb"] = runner.peak_device_mb()
         footprint = getattr(getattr(runner, "model", None), "get_memory_footprint", None)
         result = {"status": "ok", "runtime": runner.runtime, "drift": drift, "worst_domain": worst, "speed": speed,
-                  "loaded_bytes": int(footprint()) if footprint else None}  # fmt: skip
+                  "unboxed": unboxed, "loaded_bytes": int(footprint()) if footprint else None}  # fmt: skip
     finally:
         runner.close()
     # MiB, under the key's historical name: the whole worker's peak, model load and eval included.

@@ -28,8 +28,8 @@ run's OUT/builds) when its manifest lists it, otherwise built with `qoqopt expor
 Drift: each eval chat (image + question, then the reference reply, teacher-forced) runs through the
 reference (the source checkpoint in transformers; fp32 compute up to ~3 B parameters, bf16 above) and
 through each variant; at the reply positions: mean / p99 KLD, same top-1 %, RMS delta-p. Each variant
-also answers every chat greedily: \\boxed{} set-F1 accuracy. Overall and per clinical domain, worst
-domain named.
+also answers every chat greedily (up to --answer-tokens): \\boxed{} set-F1 accuracy. Overall and per
+clinical domain, worst domain named.
 
 Speed (medians after warm-up): image encode at both ends of QoQ-Med's pixel range (256x256 and
 728x700), time to first token, prefill tok/s (prompt tokens / (TTFT - image encode)), decode tok/s,
@@ -69,6 +69,10 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (default 3)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (default 32)")
     p.add_argument("--no-speed", action="store_true", help="drift and accuracy only")
+    p.add_argument("--answer-tokens", type=positive_int, default=1024,
+                   help="the most tokens each greedy answer may take (default 1024: QoQ-Med thinks, with a bbox "
+                        "JSON, before its \\boxed{} answer; a reply cut off before it scores 0, and the report "
+                        "counts such answers per variant)")  # fmt: skip
     p.add_argument("--calib-items", type=positive_int, default=64, help="calibration chats for builds made on the fly (default 64: export's own for the GGUF "
                    "imatrix, half of its 128 for GPTQ/AWQ, for speed; to bench the builds you publish, "
                    "export them and pass --from)")
@@ -92,7 +96,8 @@ def run(args) -> int:
         eval_source=args.eval_source, domains=args.domain, items=args.items, seed=args.seed, search=search, builds=args.builds,
         label=args.label, threads=args.threads,
         speed=None if args.no_speed else SpeedSettings(repeats=args.repeats, decode_tokens=args.decode_tokens),
-        calib_items=args.calib_items, reference_dtype=args.reference_dtype, revision=args.revision,
+        calib_items=args.calib_items, answer_tokens=args.answer_tokens, reference_dtype=args.reference_dtype,
+        revision=args.revision,
     )  # fmt: skip
     path = run_bench(opts)
     print(f"wrote {path}\nnext: qoqopt report {path.parent}/*.json --out {path.parent}/report")
