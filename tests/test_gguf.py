@@ -354,6 +354,35 @@ def test_image_chat_logits_match(built, hf):
     assert err < 5e-3
 
 
+def test_a_bf16_references_logits_are_projected_in_fp32(trained_dir):
+    """bench's reference runs bf16 above ~3 B parameters, and its lm_head rounded every logit to bf16
+    (about 0.06 at a logit of 20): a KLD floor near Q8_0's own drift, which llama.cpp's fp32 logits
+    do not have. The reference's logits are now the lm_head's input (as transformers hands it over)
+    times its weight in fp32; transformers' own bf16 logits are those, rounded."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qoqopt.exports.gguf_verify import HEAD_ROWS, reference
+    from qoqopt.processor import load_processor
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.bfloat16).eval()
+    proc, item = load_processor(trained_dir), _ct_eval_item()
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), out.clone())))
+    try:  # this hook runs before the one reference() adds: it sees transformers' own bf16 logits
+        ref = reference(model, proc, item)["ref_logits"]
+    finally:
+        handle.remove()
+    assert model.lm_head.weight.shape[0] > HEAD_ROWS  # more than one chunk of the vocabulary
+    ((x, plain),) = seen
+    with torch.no_grad():
+        want = (x[0, :-1].float() @ model.lm_head.weight.float().T).numpy()
+    np.testing.assert_allclose(ref, want, rtol=1e-5, atol=1e-5)
+    assert np.any(ref != torch.from_numpy(ref).bfloat16().float().numpy())  # not bf16 values
+    rounded = plain[0, :-1].float().numpy()
+    assert plain.dtype == torch.bfloat16 and 0 < np.abs(rounded - ref).max() <= 2**-7 * np.abs(ref).max()
+
+
 def test_ct_chat_through_qwen25vl_handler(built, tmp_path):
     """The path LM Studio-like apps take: Llama + Qwen25VLChatHandler + a real CT slice (pydicom's CT_small)."""
     import base64

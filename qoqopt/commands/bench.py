@@ -26,8 +26,8 @@ which `make setup` includes). A build is taken from a --from directory or Hub re
 run's OUT/builds) when its manifest lists it, otherwise built with `qoqopt export` into OUT/builds.
 
 Drift: each eval chat (image + question, then the reference reply, teacher-forced) runs through the
-reference (the source checkpoint in transformers; fp32 compute up to ~3 B parameters, bf16 above) and
-through each variant; at the reply positions: mean / p99 KLD, same top-1 %, RMS delta-p. Each variant
+reference (the source checkpoint in transformers; fp32 compute up to ~3 B parameters, bf16 above, its
+logits projected in fp32 as llama.cpp's are) and through each variant; at the reply positions: mean / p99 KLD, same top-1 %, RMS delta-p. Each variant
 also answers every chat greedily (up to --answer-tokens): \\boxed{} set-F1 accuracy. Overall and per
 clinical domain, worst domain named.
 
