@@ -12,8 +12,8 @@ from pathlib import Path
 
 def cache_root() -> Path:
     env = os.environ.get("QOQOPT_CACHE")
-    if env:
-        return Path(env)
+    if env:  # a quoted "~/..." reaches us unexpanded; relative, it would follow the working folder
+        return Path(env).expanduser().absolute()
     # XDG: an empty or relative XDG_CACHE_HOME is invalid and ignored (relative, it put a 320 MB
     # trained model under whatever folder qoqopt ran from, the package source included)
     xdg = os.environ.get("XDG_CACHE_HOME", "")

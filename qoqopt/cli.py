@@ -41,7 +41,7 @@ examples:
   qoqopt ask out/gptq --item ct-abd-pancreas.region_ct.eval-0               # ... in transformers
   qoqopt bench out/mini --variants bf16,gguf:Q4_K_M,gptq:4 --from out/gguf --from out/gptq --out results/
   qoqopt report results/*.json --out report/                                # Markdown + plots, merged
-  qoqopt publish out/gguf --repo me/QoQ-Med-GGUF --base-model ddvd233/QoQ-Med-VL-7B --dry-run   # what would be uploaded
+  qoqopt publish out/gguf --repo me/QoQ-Med-mini-GGUF --dry-run          # what would be uploaded, and the card
 
 Each subcommand has its own --help with examples. Errors print one line and exit with status 2.
 """

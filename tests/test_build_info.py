@@ -196,6 +196,11 @@ def test_verify_checks_every_listed_file_against_its_sha256(tmp_path, capsys, mo
     assert rc == 1 and len(json.loads(out)["verify_failed"]) == 2
     assert refused(["info", paths[1], "--verify"], capsys).endswith("give the folder, not one file")
     assert "has no manifest.json" in refused(["info", tmp_path, "--verify"], capsys)
+    # a missing local path was taken for a Hub id: "download /x/y first (`hf download /x/y ...`)"
+    gone = tmp_path / "gone"
+    assert refused(["info", gone, "--verify"], capsys) == f"error: --verify: {gone}: no such build folder"
+    assert refused(["info", build / "manifest.json", "--verify"], capsys).endswith("manifest.json is not a folder")
+    assert "download me/build first" in refused(["info", "me/build", "--verify"], capsys)
 
 
 def test_a_download_of_one_quant_of_a_published_build_is_not_damage(tmp_path, capsys, monkeypatch):

@@ -89,3 +89,16 @@ def test_the_cache_follows_xdg_and_ignores_an_invalid_xdg_cache_home(xdg, tmp_pa
     assert cache_root() == tmp_path / ".cache" / "qoqopt"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "qoqopt"
+
+
+def test_qoqopt_cache_is_expanded_and_made_absolute(tmp_path, monkeypatch):
+    """QOQOPT_CACHE="~/big/qoqopt" (quoted, so no shell expands it) was a folder named `~` under the
+    working folder, and a relative one moved with each command's working folder."""
+    from qoqopt.cache import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("QOQOPT_CACHE", "~/big/qoqopt")
+    assert cache_root() == tmp_path / "big" / "qoqopt"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QOQOPT_CACHE", "rel")
+    assert cache_root() == tmp_path / "rel"

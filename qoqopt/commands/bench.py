@@ -32,8 +32,10 @@ also answers every chat greedily (up to --answer-tokens): \\boxed{} set-F1 accur
 clinical domain, worst domain named.
 
 Speed (medians after warm-up): image encode at both ends of QoQ-Med's pixel range (256x256 and
-728x700), time to first token, prefill tok/s (prompt tokens / (TTFT - image encode)), decode tok/s,
-peak device memory (torch's allocator) and peak host RSS of the variant's own process.
+728x700), time to first token, prefill tok/s (the language model's prompt pass: in transformers its
+first forward and logits, timed by hooks; in llama.cpp the prompt decode after the image encode),
+decode tok/s, peak device memory (transformers: torch's allocator; llama.cpp: the buffers it logs)
+and peak host RSS of the variant's own process.
 
 One JSON per run (schema qoqopt.bench/1) tagged with the machine, package versions, qoqopt commit
 and every variant file's sha256. A failing variant is recorded with its error; the rest go on, and
@@ -57,7 +59,8 @@ def register(sub) -> None:
                    help="an export directory, or a Hub repo published by `qoqopt publish`, to take builds "
                         "from (repeatable; from a Hub GGUF repo only the benched quant types are fetched)")  # fmt: skip
     p.add_argument("--builds", type=Path, help="where missing builds are made and reused (default: OUT/builds)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where transformers variants run (default cpu)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where variants run (default cpu); with cuda, GGUF variants run on one GPU "
+                        "(cuda:0, as transformers does) when llama-cpp-python was built with CUDA")
     p.add_argument("--eval", dest="eval_source", default="clinical", metavar="clinical|FILE.jsonl",
                    help="eval chats: the built-in held-out clinical split, or your own JSONL set")  # fmt: skip
     p.add_argument("--items", type=int, default=20, help="eval chats, domain-balanced (default 20)")

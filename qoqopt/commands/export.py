@@ -74,8 +74,10 @@ def register(sub) -> None:
                    help="calibration chats: for the GGUF imatrix (default 64) or GPTQ/AWQ (default 128)")  # fmt: skip
     p.add_argument("--seed", type=seed, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--threads", type=count_or_all,
-                   help="quantizer threads: llama.cpp's for GGUF, torch's for GPTQ/AWQ (default: all cores). A CPU "
-                        "GPTQ/AWQ build's bytes follow the count, which its manifest records")  # fmt: skip
+                   help="quantizer threads: llama.cpp's for GGUF, torch's for GPTQ/AWQ (default: each library's own, "
+                        "llama.cpp one per hardware thread, torch one per physical core or OMP_NUM_THREADS; "
+                        "neither reads a container's CPU quota, which bench's default does). A CPU GPTQ/AWQ "
+                        "build's bytes follow the count, which its manifest records")  # fmt: skip
     g = p.add_argument_group("gguf")
     g.add_argument("--quant", help="comma-separated types, e.g. Q4_K_M,Q5_K_M,Q6_K,Q8_0,IQ4_XS,F16,BF16 (default Q4_K_M)")
     g.add_argument("--imatrix", metavar="clinical|none|FILE", help="importance matrix source (default: clinical)")

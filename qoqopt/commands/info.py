@@ -118,11 +118,17 @@ def _verify(args, path: Path) -> Verified:
     """A local build's files checked against its manifest."""
     from ..errors import QoqoptError
     from ..integrity import not_downloaded, problems, unlisted
+    from ..loader import HUB_ID, check_not_a_local_path
     from ..manifest import read_manifest
 
     if _is_gguf_file(path):
         raise QoqoptError("--verify checks a build folder against its manifest.json; give the folder, not one file")
     if not path.is_dir():
+        if path.exists():
+            raise QoqoptError(f"--verify checks a build folder; {args.model} is not a folder")
+        if not HUB_ID.match(args.model):  # a path no Hub id is spelled as
+            raise QoqoptError(f"--verify: {args.model}: no such build folder")
+        check_not_a_local_path(args.model)
         raise QoqoptError(f"--verify checks a local copy; download {args.model} first (e.g. `hf download "
                           f"{args.model} --local-dir DIR`) and give DIR")  # fmt: skip
     if not (path / "manifest.json").exists():
