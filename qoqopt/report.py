@@ -154,8 +154,11 @@ def _check_domain_names(names, where: str) -> None:
 
 
 def _check_speed(speed, where: str) -> None:
-    """Numbers, and under "spread" a [min, max] pair of numbers (or null) for each rate."""
-    _check_numbers({k: x for k, x in speed.items() if k != "spread"} if isinstance(speed, dict) else speed, where)
+    """Numbers, under "spread" a [min, max] pair of numbers (or null) for each rate, and "prefill" a string."""
+    if isinstance(speed, dict) and not isinstance(speed.get("prefill", ""), str):
+        raise QoqoptError(f"{where}.prefill is {speed['prefill']!r}, not a string")
+    numbers = {k: x for k, x in speed.items() if k not in ("spread", "prefill")} if isinstance(speed, dict) else speed
+    _check_numbers(numbers, where)
     spread = speed.get("spread") or {}
     if not isinstance(spread, dict):
         raise QoqoptError(f"{where}.spread is {spread!r}, not an object")
@@ -471,6 +474,7 @@ def _speed_table(runs: list[dict], members: list[int], which: str = "") -> list[
     for i, v in timed:
         s = v["speed"]
         older = "" if "spread" in s else " †"
+        older += " ‡" if _older_prefill(v) and not older else ""
         out.append(
             f"| {_markdown_label(runs[i])}{older} | {v['name']} | {inline_text(v.get('runtime', ''))} | {_fmt(s.get('prompt_tokens'), '.0f')} | "
             f"{_fmt(s.get('prefill_tok_s'), '.0f')} | {_decode_cell(s)} | {_fmt(s.get('image_encode_ms'), '.0f')} | "
@@ -480,7 +484,17 @@ def _speed_table(runs: list[dict], members: list[int], which: str = "") -> list[
         out += ["", "† measured by a qoqopt before 2026-12-02 (no repeat range recorded): its transformers decode "
                 "rate was the difference of two requests, and its peak host memory could be the bench process's "
                 "own; not comparable with the other rows."]  # fmt: skip
+    if any(_older_prefill(v) for _, v in timed):
+        out += ["", "‡ measured by a qoqopt before 2026-12-03: its transformers prefill tok/s was TTFT less the "
+                "image encode, generate()'s own host work included (16-19 ms a request on an H200); now the "
+                "language model's first forward. Its other columns compare."]  # fmt: skip
     return out + [""]
+
+
+def _older_prefill(variant: dict) -> bool:
+    """A transformers row whose prefill rate held generate()'s host work (llama.cpp's is unchanged)."""
+    s = variant["speed"]
+    return "spread" in s and "prefill" not in s and not variant.get("runtime", "").startswith("llama.cpp")
 
 
 def _decode_cell(speed: dict) -> str:

@@ -196,6 +196,7 @@ def test_speed_fields(run_1t):
         assert s["image_tokens_max"] == 650 and s["image_tokens_min"] == 100
         for key in ["ttft_ms", "prefill_tok_s", "decode_tok_s"]:  # one repeat: its range is its value
             assert s["spread"][key] == [s[key], s[key]], (rec["name"], key)
+        assert s["prefill"] == "prompt pass"  # the report marks transformers rows without it as older
         # the rates' units, from what contains what: the prompt's time is inside TTFT, the image's
         # encode too, and every timed span inside the worker's own wall time (an inverted rate, s/token,
         # passed before: helper-66)

@@ -267,6 +267,27 @@ def test_a_build_run_in_two_runtimes_gets_a_row_for_each(tmp_path):
     assert not set(tagged) & set("<>[]`|$#\\\n"), tagged
 
 
+def test_a_transformers_prefill_measured_the_old_way_is_marked(tmp_path):
+    """Before 2026-12-03 transformers' prefill tok/s was TTFT less the encode, generate()'s host work
+    included; such rows merged unmarked with the first-forward timing now written. llama.cpp's rows,
+    whose prefill did not change, and rows bench writes now (`prefill` recorded) are not marked."""
+    from qoqopt.bench.speed import PREFILL_BASIS
+
+    run = _run("cpu", 1.0)
+    gptq = run["variants"][4]
+    gptq["runtime"] = "transformers float32 (qoqopt W4A16, torch)"
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(run))
+    assert run_cli("report", str(path), "--out", str(tmp_path / "a")).returncode == 0
+    md = (tmp_path / "a" / "report.md").read_text()
+    rows = {r["variant"]: r["machine"] for r in _table(md, "## Speed per machine")}
+    assert rows["gptq:4"] == "cpu ‡" and rows["gguf:Q4_K_M"] == "cpu" and "‡ measured by a qoqopt before 2026-12-03" in md
+    gptq["speed"]["prefill"] = PREFILL_BASIS
+    path.write_text(json.dumps(run))
+    assert run_cli("report", str(path), "--out", str(tmp_path / "b")).returncode == 0
+    assert "‡" not in (tmp_path / "b" / "report.md").read_text()
+
+
 def test_speed_tables_keep_models_and_decode_lengths_apart(tmp_path, capsys):
     """A 32B's speed rows beside a 7B's, or 256-token decodes beside 32-token ones, read as one
     comparison in one table and one plot (helper-64); each gets its own, naming the model and the

@@ -25,6 +25,9 @@ PROBE_SIZES = {"min": (256, 256), "max": (728, 700)}
 assert all(MIN_PIXELS <= w * h <= MAX_PIXELS for w, h in PROBE_SIZES.values())
 
 
+PREFILL_BASIS = "prompt pass"
+
+
 @dataclass
 class SpeedSettings:
     repeats: int = 3
@@ -39,7 +42,9 @@ def probe_image(image: Image.Image, size: str) -> Image.Image:
 def measure(profile, image: Image.Image, question: str, settings: SpeedSettings) -> dict:
     """Speed summary at both ends of the pixel range; TTFT, prefill and decode at the large end,
     each with the [min, max] of its repeats beside the median (shared machines are noisy)."""
-    out = {"repeats": settings.repeats, "decode_tokens": settings.decode_tokens}
+    # "prompt pass": transformers' prefill is its first forward, timed by hooks (before 2026-12-03 it
+    # was TTFT less the encode, generate()'s own host work included); the report marks older rows
+    out = {"repeats": settings.repeats, "decode_tokens": settings.decode_tokens, "prefill": PREFILL_BASIS}
     for size in ("min", "max"):
         runs = [profile(probe_image(image, size), question, settings.decode_tokens)
                 for _ in range(settings.warmup + settings.repeats)][settings.warmup:]  # fmt: skip
