@@ -33,8 +33,10 @@ from qoqopt.fileio import atomic_path, free_bytes, write_error
 from .gguf_map import by_block
 from .gguf_write import DIRECT_TYPES
 
-# types that need an importance matrix (llama.cpp refuses them without one)
-NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"}
+# types that need an importance matrix: llama.cpp's library refuses a tensor of IQ1_S/M, IQ2_XXS/XS/S
+# or IQ3_XXS without one, so IQ2_M (IQ2_S tensors) and IQ3_XS/XXS too, which llama-quantize's own
+# up-front list leaves to fail mid-file (measured: each offered type tried without an imatrix)
+NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"}
 # MoE-only, ternary-model-only and placeholder members of the enum are not offered
 _NOT_OFFERED = {"GUESSED", "MOSTLY_MXFP4_MOE", "MOSTLY_NVFP4", "MOSTLY_TQ1_0", "MOSTLY_TQ2_0", "MOSTLY_Q1_0"}
 

@@ -383,6 +383,21 @@ def test_a_bf16_references_logits_are_projected_in_fp32(trained_dir):
     assert plain.dtype == torch.bfloat16 and 0 < np.abs(rounded - ref).max() <= 2**-7 * np.abs(ref).max()
 
 
+def test_each_type_refused_without_an_imatrix_is_one_llama_cpp_refuses(built, tmp_path):
+    """export refuses these with --imatrix none before any file is written. IQ2_M and IQ3_XS/XXS were
+    missing: llama-quantize's up-front list omits them, and llama.cpp's library then failed mid-export
+    ("this quantization requires an imatrix!") after the other files were written."""
+    from qoqopt.children import python_module
+    from qoqopt.exports import gguf_quant
+
+    assert {"IQ2_M", "IQ3_XS", "IQ3_XXS"} <= gguf_quant.NEEDS_IMATRIX
+    for quant in sorted(gguf_quant.NEEDS_IMATRIX):  # llama.cpp itself, past our own up-front check
+        dst = tmp_path / f"{quant}.gguf"
+        argv = python_module("qoqopt.exports.quantize_worker", str(built.file("text", "F32")), str(dst), quant, "1")
+        with pytest.raises(QoqoptError, match="requires an imatrix"):
+            gguf_quant._run_worker(argv, dst, quant)
+
+
 def test_ct_chat_through_qwen25vl_handler(built, tmp_path):
     """The path LM Studio-like apps take: Llama + Qwen25VLChatHandler + a real CT slice (pydicom's CT_small)."""
     import base64
