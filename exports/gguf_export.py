@@ -421,7 +421,9 @@ def imatrix_from_stats(stats, image_weight: float = 0.0) -> IMatrix:
         target = rule.targets[0].format(bid=bid)
         sums[target], counts[target] = s, combined_counts[canon]
     dataset = f"{stats.dataset}: {stats.describe()}; image positions weighted {image_weight:g}"
-    chunk = max(1, round(stats.total_tokens / max(stats.chats, 1)))
+    # the tokens each chat added to a layer's counts (the image's only as weighted), as llama-imatrix's
+    # chunk_count x chunk_size is the tokens it counted
+    chunk = max(1, round(max(counts.values(), default=0) / max(stats.chats, 1)))
     return checked(IMatrix(sums, counts, [dataset], stats.chats, chunk), "calibration (the model's activations)")
 
 

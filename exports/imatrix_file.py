@@ -14,6 +14,9 @@ metadata keys) and read either.
 
 from __future__ import annotations
 
+import math
+import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +41,20 @@ class IMatrix:
 
     def means(self) -> dict[str, np.ndarray]:
         """What llama.cpp's quantizer consumes: mean x^2 per column (sum / count)."""
-        # in float32, as llama.cpp's loader divides in_sum2 by counts
-        return {
-            name: s.astype(np.float32) / np.float32(self.counts[name]) if self.counts[name] > 0 else np.ones_like(s, np.float32)
-            for name, s in self.sums.items()
-        }
+        # in float32, as llama.cpp's loader divides in_sum2 by counts, each rounded to a whole token
+        # count first (common/imatrix-loader.cpp: std::lround); 0 gives ones, the unweighted default
+        out = {}
+        for name, s in self.sums.items():
+            count = whole_count(self.counts[name])
+            out[name] = s.astype(np.float32) / np.float32(count) if count > 0 else np.ones_like(s, np.float32)
+        return out
+
+
+def whole_count(count: float) -> float:
+    """A token count as llama.cpp keeps it: rounded half away from zero (std::lround). Image positions
+    weighted by --imatrix-image-weight make it fractional; an older llama-quantize divided by the
+    float itself, so the file holds the whole count, which every version reads alike."""
+    return float(math.floor(count + 0.5)) if math.isfinite(count) else count  # a NaN stays, for checked()
 
 
 def checked(im: IMatrix, source: str) -> IMatrix:
@@ -68,7 +80,7 @@ def write_imatrix(path: Path, im: IMatrix) -> None:
     for name in sorted(im.sums):
         sums = np.asarray(im.sums[name], dtype=np.float32).reshape(1, -1)  # numpy [n_mat, n_in]
         writer.add_tensor(name + IN_SUM2, sums)
-        writer.add_tensor(name + COUNTS, np.array([[float(im.counts[name])]], dtype=np.float32))
+        writer.add_tensor(name + COUNTS, np.array([[whole_count(im.counts[name])]], dtype=np.float32))
     writer.write_header_to_file(path=Path(path))
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -85,8 +97,11 @@ def read_imatrix(path: Path) -> IMatrix:
     return _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
 
 
+METADATA = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
+
+
 def _read_gguf(path: Path) -> IMatrix:
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType, GGUFReader
 
     from .gguf_header import check_complete
 
@@ -96,6 +111,10 @@ def _read_gguf(path: Path) -> IMatrix:
     except (ValueError, KeyError) as err:
         raise QoqoptError(f"{path.name} is not a readable GGUF imatrix ({' '.join(str(err).split())})") from None
     fields = reader.fields
+    missing = [key for key in METADATA if key not in fields]
+    if missing:  # llama-quantize refuses such a file ("missing imatrix metadata"): so would the build's users
+        raise QoqoptError(f"{path.name}: a GGUF imatrix without {', '.join(missing)}, which llama-quantize refuses "
+                          "too; make it with llama-imatrix")  # fmt: skip
     datasets = []
     if "imatrix.datasets" in fields:
         f = fields["imatrix.datasets"]
@@ -113,6 +132,9 @@ def _read_gguf(path: Path) -> IMatrix:
             c = tensors.get(name + COUNTS)
             if c is None:
                 raise QoqoptError(f"{path.name}: {name} has sums but no counts")
+            if {t.tensor_type, c.tensor_type} != {GGMLQuantizationType.F32}:  # llama.cpp's loader takes F32 only
+                raise QoqoptError(f"{path.name}: {name}'s sums and counts are {t.tensor_type.name}/{c.tensor_type.name}, "
+                                  "not F32 as llama.cpp requires")  # fmt: skip
             cvals = np.asarray(c.data, dtype=np.float32).ravel()
             if cvals.size != 1:
                 raise QoqoptError(f"{path.name}: {name} has {cvals.size} expert counts; MoE imatrix not supported")
@@ -125,7 +147,16 @@ def _read_gguf(path: Path) -> IMatrix:
 
 
 def _read_legacy(path: Path) -> IMatrix:
-    data = path.read_bytes()
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            raise QoqoptError(f"{path.name} is not a llama.cpp imatrix file (it is empty)")
+        # mapped, not read: a model shard given by mistake cost its whole size in memory before the
+        # first count refused it
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _parse_legacy(path, data)
+
+
+def _parse_legacy(path: Path, data) -> IMatrix:
     pos = 0
 
     def take(fmt: str):

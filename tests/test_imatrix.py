@@ -122,6 +122,79 @@ def test_an_imatrix_with_values_no_calibration_gives_is_refused(tmp_path, change
         read_imatrix(path)
 
 
+def test_a_fractional_token_count_is_written_and_used_whole(tmp_path):
+    """--imatrix-image-weight makes counts fractional (617 text + 0.3 x 558 image). llama.cpp's loader
+    rounds each count (std::lround) before dividing, an older llama-quantize divided by the float:
+    `llama-quantize --imatrix` of the shipped file did not give the shipped build (15 of 18432 Q4_K
+    bytes differed), and a count under 0.5 gave the sums where llama.cpp gives ones. The file holds
+    the whole count, read here by gguf-py, and the export divides by it."""
+    from gguf import GGUFReader
+
+    im = _small_imatrix(counts=1000.5)
+    im.counts["blk.0.attn_q.weight"] = 0.3
+    path = tmp_path / "m.imatrix.gguf"
+    write_imatrix(path, im)
+    stored = {t.name: float(np.asarray(t.data).ravel()[0]) for t in GGUFReader(str(path)).tensors if t.name.endswith(".counts")}
+    assert stored == {"blk.0.attn_q.weight.counts": 0.0, "output.weight.counts": 1001.0}
+    for means in (im.means(), read_imatrix(path).means()):
+        np.testing.assert_array_equal(means["blk.0.attn_q.weight"], np.ones(256, np.float32))
+        np.testing.assert_array_equal(means["output.weight"], im.sums["output.weight"].astype(np.float32) / np.float32(1001))
+
+
+def _gguf_imatrix(path: Path, keys: tuple[str, ...], dtype=np.float32) -> None:
+    """An imatrix written with gguf-py alone: ``keys`` of the three metadata keys, ``dtype`` sums."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path=None, arch="imatrix")
+    writer.add_type("imatrix")
+    values = {"imatrix.datasets": ["calib"], "imatrix.chunk_count": 1, "imatrix.chunk_size": 1}
+    for key in keys:
+        (writer.add_array if key == "imatrix.datasets" else writer.add_uint32)(key, values[key])
+    writer.add_tensor("output.weight.in_sum2", np.ones((1, 256), dtype))
+    writer.add_tensor("output.weight.counts", np.ones((1, 1), np.float32))
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_an_imatrix_llama_quantize_refuses_is_refused(tmp_path):
+    """llama-quantize refuses a GGUF imatrix without all three metadata keys ("missing imatrix
+    metadata") and sums or counts that are not F32; qoqopt read both, quantized with them and then
+    shipped the file as `<Name>.imatrix.gguf` with the keys filled in, as if llama.cpp took it."""
+    path = tmp_path / "m.imatrix.gguf"
+    _gguf_imatrix(path, ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"))
+    assert read_imatrix(path).counts == {"output.weight": 1.0}
+    _gguf_imatrix(path, ("imatrix.datasets", "imatrix.chunk_count"))
+    with pytest.raises(QoqoptError, match=r"^m\.imatrix\.gguf: a GGUF imatrix without imatrix\.chunk_size, which llama-quantize"):
+        read_imatrix(path)
+    _gguf_imatrix(path, ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"), np.float16)
+    with pytest.raises(QoqoptError, match=r"^m\.imatrix\.gguf: output\.weight's sums and counts are F16/F32, not F32"):
+        read_imatrix(path)
+
+
+def test_a_model_shard_given_as_an_imatrix_is_refused_without_reading_it_whole(tmp_path):
+    """--imatrix model-00001-of-00004.safetensors (a slip of the tab key) read the whole shard into
+    memory, GBs at 7B, before its first count refused it; the legacy reader maps the file instead."""
+    import json
+    import tracemalloc
+
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "BF16", "shape": [152064, 3584],
+                                                       "data_offsets": [0, 1089994752]}}).encode()  # fmt: skip
+    shard = tmp_path / "model-00001-of-00004.safetensors"
+    with open(shard, "wb") as fh:  # safetensors' layout: u64 header length, the JSON header, data
+        fh.write(struct.pack("<Q", len(header)) + header)
+        fh.truncate(256 << 20)  # sparse: no disk, but read_bytes() would allocate all of it
+    tracemalloc.start()
+    try:
+        with pytest.raises(QoqoptError, match=r"^model-00001-of-00004\.safetensors: .*not a llama\.cpp imatrix file"):
+            read_imatrix(shard)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+
+
 def test_legacy_dat_is_read(tmp_path):
     values = np.arange(1, 5, dtype="<f4")
     name = b"blk.3.ffn_down.weight"
@@ -392,6 +465,10 @@ def test_the_shipped_imatrix_gives_the_build_again(trained, tmp_path):
     llama_quantize(res.file("text", "BF16"), again, "Q4_K_M", read_imatrix(res.out / "mini.imatrix.gguf").means(),
                    provenance=res.imatrix)  # what llama-quantize records of the file it is given, too
     assert again.read_bytes() == res.file("text", "Q4_K_M").read_bytes()
+    # llama-imatrix's chunk_count x chunk_size is the tokens it counted: here a layer's (text, the
+    # image's at weight 0), not every token of the chats (617 counted, 5 x 235 said)
+    im = read_imatrix(res.out / "mini.imatrix.gguf")
+    assert abs(im.chunk_count * im.chunk_size - max(im.counts.values())) <= im.chunk_count / 2
 
 
 @pytest.mark.slow
