@@ -772,6 +772,10 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     assert res.returncode == 0, res.stderr
     assert ".Q8_0.gguf + mmproj-" in res.stdout and "(reference: Abdomen)" in res.stdout
     assert res.stderr == ""  # none of llama.cpp's loader chatter, nor its Qwen-VL 1024-token warning
+    res = run_cli("ask", str(gguf_dir), "--quant", "Q8_0", "--item", "ct-abd-pancreas.region_ct.eval-0", "--max-tokens", "3")
+    assert res.returncode == 0 and "answer    None" in res.stdout  # cut off before the \\boxed{} the full reply has
+    assert res.stderr.startswith("note: the reply holds no \\boxed{} answer: if it was cut off, ask again with a larger "
+                                 "--max-tokens (this one: 3;")
     res = run_cli("ask", str(gguf_dir), "--quant", "Q5_K_M", "--item", "ct-abd-pancreas.region_ct.eval-0")
     assert res.returncode != 0 and "has no text GGUF of type Q5_K_M (it has: Q4_K_M, Q8_0)" in res.stderr
     res = run_cli("ask", str(tmp_path), "--item", "ct-abd-pancreas.region_ct.eval-0")

@@ -4,6 +4,7 @@ build in llama.cpp, a GPTQ/AWQ build or the original checkpoint in transformers.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .argtypes import Once, count_or_all, index, positive_int
@@ -58,7 +59,8 @@ def register(sub) -> None:
                         "for, CUDA or a Mac's Metal, which PyPI's source builds there by default), else the "
                         "CPU; cuda for a GGUF: that GPU, or an error")  # fmt: skip
     p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for llama.cpp and torch (default and 0: one per physical core this process may use, as llama.cpp and torch choose; fewer where OMP_NUM_THREADS asks for fewer, as torch takes it)")
-    p.add_argument("--max-tokens", type=positive_int, default=64, help="reply length limit (default 64)")
+    p.add_argument("--max-tokens", type=positive_int, default=64, help="reply length limit (default 64: the mini model's answers; QoQ-Med's own think at length "
+                        "before their \\boxed{} answer: give it 1024)")
     p.add_argument("--revision", help="Hub branch, tag or commit of BUILD (default: main)")
     p.set_defaults(func=run)
 
@@ -125,10 +127,13 @@ def run(args) -> int:
     print(f"model     {model}")
     print(f"question  {question}")
     print(f"reply     {reply.strip()}")
-    if reference is not None:
-        from ..drift import extract_boxed
+    from ..drift import extract_boxed
 
+    if reference is not None:
         print(f"answer    {extract_boxed(reply)!s}   (reference: {reference})")
+    if extract_boxed(reply) is None:  # QoQ-Med ends with one; a reply cut at the limit has none yet
+        print(f"note: the reply holds no \\boxed{{}} answer: if it was cut off, ask again with a larger "
+              f"--max-tokens (this one: {args.max_tokens}; QoQ-Med's reasoning can take ~1000)", file=sys.stderr)
     return 0
 
 
