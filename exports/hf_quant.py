@@ -749,11 +749,13 @@ def load_with_quant_linear(path: Path | str, dtype=None):
     dtype = dtype or torch.float32
     model, qc = _meta_model(path)
     tensors = _all_tensors(path)
-    # packed ints stay as stored; scales, biases and every plain weight take the compute dtype
-    tensors = {runtime_name(canonical_name(k)): v.to(dtype) if v.is_floating_point() else v
+    # packed ints and scales stay as stored (the kernels and the torch reference take a scale of any
+    # float dtype to fp32: fp16 ones rounded to bf16 moved weights by up to 0.4%); biases and every
+    # plain weight take the compute dtype
+    tensors = {runtime_name(canonical_name(k)): v.to(dtype) if _takes_dtype(k, v) else v
                for k, v in tensors.items() if not k.startswith(ECG_PREFIX)}  # fmt: skip
     replace_linears(model, tensors, method=qc["quant_method"], bits=qc["bits"], group_size=qc.get("group_size"),
-                    checkpoint_format=qc.get("checkpoint_format", "gptq"))  # fmt: skip
+                    checkpoint_format=_gptq_format(path, qc) if qc["quant_method"] == "gptq" else "gptq")  # fmt: skip
     quantized = {k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")}
     plain = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in quantized}
     missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
@@ -765,6 +767,21 @@ def load_with_quant_linear(path: Path | str, dtype=None):
     # claim to be an unquantized model
     model.config.quantization_config = dict(qc)
     return model.eval()
+
+
+def _takes_dtype(name: str, tensor) -> bool:
+    return tensor.is_floating_point() and not name.endswith(".scales")
+
+
+def _gptq_format(path, qc: dict) -> str:
+    """A GPTQ config's zero layout: "format" (transformers 5's key), else the legacy "checkpoint_format"
+    (transformers 5 writes both, the same). Both, differing, are refused: transformers would read the
+    legacy one, and "format" is the one its GPTQConfig documents."""
+    named = {key: str(qc[key]).lower() for key in ("format", "checkpoint_format") if qc.get(key) is not None}
+    if len(set(named.values())) > 1:
+        raise QoqoptError(f"{path}: quantization_config names two GPTQ formats, format {named['format']!r} and "
+                          f"checkpoint_format {named['checkpoint_format']!r}; make them agree")
+    return next(iter(named.values()), "gptq")
 
 
 def _fix_rotary(model) -> None:

@@ -4,7 +4,8 @@ A decoder layer's q/k/v projections read the same hidden state, and so do gate/u
 is its own launch, and a launch's host cost (QuantLinear's Python plus Triton's dispatch) is of the
 order of the GPU time to stream a 4-bit 7B projection. Fused, a layer's 7 linears are 4 launches
 and the activation is read once. The packed tensors concatenate along N exactly: qweight and scales
-by column, qzeros by whole words (every width is a multiple of 32 / bits: qzeros packs along N).
+by column, qzeros by whole words (qzeros packs along N: a width that is not a multiple of 32 / bits
+ends in a partial word, and such layers are not fused).
 
 The parent's forward is not replaced (transformers' attention code changes between versions).
 Each projection becomes a :class:`ProjectionSlice` over one :class:`SharedProjection`: the first
@@ -114,6 +115,8 @@ def fusion_blocker(layers: list[nn.Module]) -> str | None:
         return "some have a g_idx, some not"
     if len({(layer.scales.dtype, layer.scales.device) for layer in layers}) > 1:
         return "scales dtype or device differs"
+    if any(layer.out_features % (32 // layer.bits) for layer in layers):  # qzeros join by whole words
+        return f"a width is not a multiple of {32 // layers[0].bits} (its qzeros end in a partial word)"
     perms = [layer.perm for layer in layers]
     if any(p is None for p in perms) != all(p is None for p in perms) or (
         perms[0] is not None and not all(torch.equal(p, perms[0]) for p in perms)
@@ -127,7 +130,9 @@ def concat_layers(layers: list[QuantLinear]) -> QuantLinear:
     first = layers[0]
     biases = None
     if any(layer.bias is not None for layer in layers):
-        biases = torch.cat([layer.bias if layer.bias is not None else first.scales.new_zeros(layer.out_features)
+        # zeros of the biases' dtype (scales may be kept in the checkpoint's fp16 under a bf16 model)
+        given = next(layer.bias for layer in layers if layer.bias is not None)
+        biases = torch.cat([layer.bias if layer.bias is not None else given.new_zeros(layer.out_features)
                             for layer in layers])
     return QuantLinear(*(torch.cat([getattr(layer, name) for layer in layers], dim=1)
                          for name in ("qweight", "qzeros", "scales")),

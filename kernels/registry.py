@@ -23,7 +23,7 @@ from .merger import DEFAULT_PLAN as DEFAULT_MERGER_PLAN, MERGER_PLANS, FusedPatc
 from .patch_embed import MatmulPatchEmbed
 from .vision_attention import FusedVisionAttention, VarlenPlanCache
 from .vision_mlp import FusedGateUpMLP
-from .w4a16 import QuantLinear
+from .w4a16 import QuantLinear, check_foreign
 
 
 @dataclass
@@ -31,6 +31,7 @@ class PatchContext:
     strict: bool
     merger_plan: str = DEFAULT_MERGER_PLAN
     plans: VarlenPlanCache = field(default_factory=VarlenPlanCache)  # shared by all attention layers
+    dtype: torch.dtype = torch.float32  # the model's: what a foreign layer is checked with
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,25 @@ def is_plain_vision_mlp(module: nn.Module) -> bool:
         isinstance(getattr(module, name, None), nn.Linear) for name in ("gate_proj", "up_proj"))
 
 
+def w4a16_layer(module: nn.Module, ctx: PatchContext) -> QuantLinear:
+    """The QuantLinear for a packed linear: refused where the kernels cannot run it (a QuantLinear
+    left as it is runs its torch reference) and, built from a foreign layer, where it does not
+    compute what that layer computes (:func:`~.w4a16.check_foreign`)."""
+    layer = QuantLinear.from_module(module, ctx.strict)
+    if layer.kernel_blocker is not None:
+        raise QoqoptError(f"{layer.kernel_blocker}; left as it was")
+    if layer is not module:
+        check_foreign(module, layer, ctx.dtype)
+    return layer
+
+
 REGISTRY: tuple[Patch, ...] = (
     Patch("patch_embed", by_class("Qwen2_5_VisionPatchEmbed"), lambda m, ctx: MatmulPatchEmbed.from_hf(m)),
     Patch("vision_mlp", is_plain_vision_mlp, lambda m, ctx: FusedGateUpMLP.from_hf(m)),
     Patch("vision_attention", by_class("Qwen2_5_VLVisionAttention"),
           lambda m, ctx: FusedVisionAttention.from_hf(m, ctx.plans, ctx.strict), keeps_children=True),
     Patch("merger", by_class("Qwen2_5_VLPatchMerger"), lambda m, ctx: FusedPatchMerger.from_hf(m, ctx.strict, ctx.merger_plan)),
-    Patch("w4a16", is_packed_linear, lambda m, ctx: QuantLinear.from_module(m, ctx.strict)),
+    Patch("w4a16", is_packed_linear, w4a16_layer),
 )
 
 
@@ -113,6 +126,10 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     (``merger="cublas"``: 1.44x eager at 5120 patches on the H200, against 1.15x for ``"fused"``, the
     single Triton fc1 with norm and GELU inside; ``"overlap"``, untimed, runs the cublas plan over row
     chunks side by side, each on its own CUDA stream; :mod:`.merger`). Returns what was patched, per op.
+    A packed linear of another library (GPTQModel's, AutoAWQ's) is replaced only where the replacement
+    answers a few random rows as that layer's own forward does (a kernel's repack at load reorders its
+    words); a layer the kernels cannot run (group_size not a multiple of 16) is left as it is. Either
+    is named in ``report.skipped`` (QoqoptError when ``strict``).
     A model is patched once; the kernels run under ``torch.inference_mode()`` or ``torch.no_grad()``
     (a forward recording autograd runs the torch references, and says so once).
     """
@@ -135,7 +152,7 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     if reason is not None and strict:
         raise QoqoptError(f"apply(strict=True): Triton kernels unavailable: {reason}")
 
-    ctx = PatchContext(strict=strict, merger_plan=merger)
+    ctx = PatchContext(strict=strict, merger_plan=merger, dtype=first.dtype)
     report = PatchReport(counts={p.op: 0 for p in REGISTRY}, backend="torch" if reason else "triton",
                          fallback_reason=f"torch reference: {reason}" if reason else None, merger_plan=merger)
     for path, patch in _find_targets(model):

@@ -734,6 +734,15 @@ def _config(m: int, n: int, k: int, group_size: int, device: torch.device, sms: 
     return cfg
 
 
+def kernel_blocker(group_size: int) -> str | None:
+    """Why the W4A16 kernels cannot run a layer of this group size, or None: each K tile lies in one
+    group (it reads one row of scales and zeros), and the smallest tile is 16 rows (a ``tl.dot``'s
+    least K)."""
+    if group_size % 16:
+        return f"group_size {group_size} is not a multiple of 16, the W4A16 kernels' smallest K tile"
+    return None
+
+
 def _in_one_group(block_k: int, group_size: int) -> int:
     """The largest K tile of at most ``block_k`` rows (halving) that lies in one group: each tile reads
     one row of scales and zeros."""
@@ -1049,7 +1058,9 @@ def dequantize_weight(qweight, qzeros, scales, *, bits=4, group_size, zero_offse
     zeros = (zeros + zero_offset).unsqueeze(1)  # [G, 1, N]
     scales = scales.float().unsqueeze(1)
     out = torch.empty(qweight.shape[0] * per_word, n, dtype=dtype, device=qweight.device)
-    groups = max(1, _DEQUANT_STEP // (group_size * n))
+    # a step starts on a whole word: ``word_groups`` groups of rows fill whole words
+    word_groups = per_word // math.gcd(group_size, per_word)
+    groups = max(1, _DEQUANT_STEP // (group_size * n * word_groups)) * word_groups
     for g in range(0, scales.shape[0], groups):
         words = qweight[g * group_size // per_word : (g + groups) * group_size // per_word]
         q = (words.unsqueeze(1) >> shifts).bitwise_and_(mask).view(-1, group_size, n)
@@ -1073,7 +1084,8 @@ class QuantLinear(nn.Module):
     permutation, applied to the input); an AWQ layer's repacked as GPTQ v2 (``source`` says which
     it came from). :meth:`use_fragment_words` repacks ``qweight`` in memory for the fragment-word
     kernels (``words`` says which layout it holds). ``state_dict`` and loading keep the checkpoint's
-    layout either way: GPTQ's words in input order, and ``g_idx`` where the layer had one.
+    layout either way: GPTQ's words in input order, and ``g_idx`` where the layer had one. A group size
+    the kernels cannot run (``kernel_blocker``) runs the torch reference on every call.
     """
 
     def __init__(self, qweight, qzeros, scales, bias, *, bits, group_size, zero_offset, perm=None, g_idx=None,
@@ -1083,6 +1095,7 @@ class QuantLinear(nn.Module):
         self.in_features = qweight.shape[0] * 32 // bits
         self.out_features = scales.shape[1]
         self.strict = strict
+        self.kernel_blocker = kernel_blocker(group_size)  # set: every call runs the torch reference
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("qzeros", qzeros.contiguous())
         self.register_buffer("scales", scales.contiguous())
@@ -1104,7 +1117,8 @@ class QuantLinear(nn.Module):
         if bits not in (4, 8) or checkpoint_format not in ("gptq", "gptq_v2"):
             raise QoqoptError(f"GPTQ: unsupported bits={bits} / checkpoint_format={checkpoint_format!r}")
         k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
-        _check_shapes(qzeros.shape == (scales.shape[0], n * bits // 32) and scales.shape[1] == n, qweight, qzeros, scales)
+        # qzeros packs along N: a last, partial word where N is not a multiple of 32 / bits
+        _check_words("GPTQ", qweight, qzeros, scales, (scales.shape[0], cdiv(n * bits, 32)), n)
         group_size = _group_size("GPTQ", k, scales.shape[0], group_size)
         perm = _act_order_perm(g_idx, k, group_size)
         if perm is not None:  # make groups contiguous: permute K once, here
@@ -1118,7 +1132,7 @@ class QuantLinear(nn.Module):
         """From AWQ GEMM tensors (4-bit, zeros without offset), repacked as GPTQ v2; ``group_size``
         as the checkpoint states it, where known."""
         k, n = qweight.shape[0], qweight.shape[1] * 8
-        _check_shapes(qzeros.shape == (scales.shape[0], n // 8) and scales.shape[1] == n, qweight, qzeros, scales)
+        _check_words("AWQ", qweight, qzeros, scales, (scales.shape[0], n // 8), n)
         group_size = _group_size("AWQ", k, scales.shape[0], group_size)
         if k % 8:
             raise QoqoptError(f"AWQ: K={k} must be a multiple of 8 to run as packed along K")
@@ -1128,24 +1142,36 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_module(cls, mod: nn.Module, strict: bool = False) -> "QuantLinear":
-        """From a foreign GPTQ/AWQ linear: ``g_idx`` + ``bits`` means GPTQ, ``w_bit`` means AWQ.
+        """From a foreign GPTQ/AWQ linear (:func:`foreign_method` tells which). Shapes that are not
+        the format's plain words are refused with their likely cause: a kernel's repack at load.
 
         GPTQModel keeps v1 checkpoints in v2 form in memory and says so through ``qzero_format()``.
         """
         if isinstance(mod, cls):
             mod.strict = strict
             return mod
+        try:
+            return cls._from_foreign(mod, strict)
+        except NotPlainWords as err:
+            raise QoqoptError(f"{type(mod).__name__}: {err}; {REPACKED_AT_LOAD}") from err
+
+    @classmethod
+    def _from_foreign(cls, mod: nn.Module, strict: bool) -> "QuantLinear":
         bias = getattr(mod, "bias", None)
         group_size = getattr(mod, "group_size", None)  # GPTQModel's, AutoGPTQ's and AutoAWQ's layers say it
-        if hasattr(mod, "g_idx") and hasattr(mod, "bits"):
+        method, bits = foreign_method(mod)
+        if method == "gptq":
             fmt = getattr(mod, "qzero_format", None)
             fmt = fmt() if callable(fmt) else fmt
             checkpoint_format = "gptq_v2" if fmt == 2 else "gptq"
-            return cls.from_gptq(mod.qweight, mod.qzeros, mod.scales, mod.g_idx, bias, bits=mod.bits,
+            return cls.from_gptq(mod.qweight, mod.qzeros, mod.scales, mod.g_idx, bias, bits=bits,
                                  checkpoint_format=checkpoint_format, group_size=group_size, strict=strict)
-        if hasattr(mod, "w_bit") and mod.w_bit == 4:
+        if method == "awq" and bits == 4:
             return cls.from_awq(mod.qweight, mod.qzeros, mod.scales, bias, group_size=group_size, strict=strict)
-        raise QoqoptError(f"{type(mod).__name__}: not a recognised GPTQ (g_idx, bits) or AWQ (w_bit=4) linear")
+        if method == "awq":
+            raise QoqoptError(f"{type(mod).__name__}: AWQ with bits={bits}; the W4A16 kernels read 4-bit AWQ")
+        raise QoqoptError(f"{type(mod).__name__}: not a recognised GPTQ (g_idx, bits) or AWQ (w_bit, or bits "
+                          "without g_idx) linear")
 
     def _kwargs(self) -> dict:
         return dict(bits=self.bits, group_size=self.group_size, zero_offset=self.zero_offset)
@@ -1244,12 +1270,10 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.perm is not None:
-            x2 = x2.index_select(1, self.perm)
-        if not use_triton(x2, self.strict, "QuantLinear"):
+        x2 = self._rows(x)
+        if not self._runs_triton(x2):
             check_supported(x.device, x.dtype, "QuantLinear")
-            y = w4a16_reference(x2, self.gptq_qweight(), self.qzeros, self.scales, self.bias, **self._kwargs())
+            y = self._reference(x2)
         elif x2.shape[0] == 0:
             y = x2.new_empty(0, self.out_features)
         else:
@@ -1260,6 +1284,25 @@ class QuantLinear(nn.Module):
                                   f"got qweight {tuple(b['qweight'].shape)}")
             y = self._launcher(x2)(x2.contiguous(), b["qweight"], b["qzeros"], b["scales"], b["bias"])
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _runs_triton(self, x2: torch.Tensor) -> bool:
+        if self.kernel_blocker is None:
+            return use_triton(x2, self.strict, "QuantLinear")
+        if self.strict:
+            raise QoqoptError(f"QuantLinear: {self.kernel_blocker} (strict=True: no torch reference instead)")
+        return False
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` through the torch reference, whatever the backend (``x`` ``[..., K]``)."""
+        return self._reference(self._rows(x)).reshape(*x.shape[:-1], self.out_features)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``[M, K]`` rows in the order the words hold K (act order: permuted)."""
+        x2 = x.reshape(-1, self.in_features)
+        return x2 if self.perm is None else x2.index_select(1, self.perm)
+
+    def _reference(self, x2: torch.Tensor) -> torch.Tensor:
+        return w4a16_reference(x2, self.gptq_qweight(), self.qzeros, self.scales, self.bias, **self._kwargs())
 
     def _launcher(self, x2: torch.Tensor):
         """The planned launch for x2's M, dtype and device (shared by every layer of this shape); decode
@@ -1284,10 +1327,74 @@ class QuantLinear(nn.Module):
                 f"bits={self.bits}, group_size={self.group_size}, act_order={self.perm is not None}, words={self.words}")
 
 
-def _check_shapes(ok: bool, qweight, qzeros, scales) -> None:
-    if not ok:
-        raise QoqoptError(f"quantized tensors disagree: qweight {tuple(qweight.shape)}, "
-                          f"qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)}")
+def foreign_method(mod: nn.Module) -> tuple[str | None, int | None]:
+    """("gptq" or "awq", bits) of a foreign packed linear, by what it carries: GPTQ layers (AutoGPTQ's,
+    GPTQModel's) have ``g_idx`` and ``bits``; AutoAWQ's have ``w_bit``; GPTQModel's AWQ layers (what
+    transformers 5 builds for an AWQ checkpoint) have ``bits`` and no ``g_idx``. (None, None) otherwise."""
+    if hasattr(mod, "g_idx") and hasattr(mod, "bits"):
+        return "gptq", mod.bits
+    if hasattr(mod, "w_bit"):
+        return "awq", mod.w_bit
+    if hasattr(mod, "bits"):
+        return "awq", mod.bits
+    return None, None
+
+
+# Why a foreign layer's words are not the checkpoint's, and what to do instead
+REPACKED_AT_LOAD = ("its words are likely a kernel's repack at load (GPTQModel's ExllamaV2, Marlin or Machete "
+                    "layers reorder them); load the build with qoqopt.exports.hf_quant.load_with_quant_linear instead")
+
+# Largest relative (Frobenius) error accepted between a foreign layer's own forward and the same
+# input through the replacement's torch reference. Read right, the two differ only by rounding: the
+# reference rounds each weight to x's dtype (bf16: 2**-9 relative) and the foreign kernels their
+# output, some their partial sums in fp16 (ExllamaV2's atomics): 1.3e-3 at most in the tests, 3e-3
+# for bf16 against exact at K = 3584. Read wrong, they differ by the weights themselves: ExllamaV2's
+# nibble shuffle gave 0.77 (0.95 with its act-order rows), a zero point off by one about 0.1 at 4 bits.
+FOREIGN_CHECK_RTOL = 2e-2
+
+
+def check_foreign(foreign: nn.Module, layer: "QuantLinear", dtype: torch.dtype, rows: int = 4) -> None:
+    """Refuse ``layer`` (QoqoptError) unless it computes what ``foreign``, the module it replaces,
+    computes on a few random rows of ``dtype``. A module with no forward of its own (nothing can
+    call it) has nothing to disagree with and is taken as it is."""
+    if type(foreign).forward is nn.Module.forward:
+        return
+    name = type(foreign).__name__
+    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(layer.qweight.device, dtype)
+    with torch.no_grad():
+        try:
+            want = foreign(x)
+        except Exception as exc:  # a kernel it needs (a GPU's), or anything else: it cannot be compared
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise QoqoptError(f"{name}: could not be checked against its own forward, which raised "
+                              f"{type(exc).__name__}: {first}") from exc
+        got = layer.reference_forward(x)
+    error = _relative_error(got, want)
+    if not error <= FOREIGN_CHECK_RTOL:  # NaN fails too
+        fmt = "AWQ GEMM" if layer.source == "awq" else "GPTQ"
+        raise QoqoptError(f"{name}: its own forward and the {fmt} reading of its tensors differ (relative error "
+                          f"{error:.3g} > {FOREIGN_CHECK_RTOL}): {REPACKED_AT_LOAD}")
+
+
+def _relative_error(got: torch.Tensor, want) -> float:
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        return math.inf
+    want = want.float()
+    return ((got.float() - want).norm() / want.norm().clamp_min(torch.finfo(torch.float32).tiny)).item()
+
+
+class NotPlainWords(QoqoptError):
+    """Packed tensors whose shapes are not the checkpoint layout's (a kernel's repacked words, say)."""
+
+
+def _check_words(fmt: str, qweight, qzeros, scales, qzeros_shape: tuple[int, int], n: int) -> None:
+    """Refuse tensors not shaped as ``fmt``'s plain words, given the qzeros and the N that ``qweight``
+    implies (``scales`` ``[groups, N]``)."""
+    if tuple(qzeros.shape) != qzeros_shape or scales.dim() != 2 or scales.shape[1] != n:
+        raise NotPlainWords(f"{fmt}: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales "
+                            f"{tuple(scales.shape)} are not {fmt}'s plain packed words (that qweight "
+                            f"needs qzeros {qzeros_shape} and scales ({qzeros_shape[0]}, {n}))")
 
 
 def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -390,7 +390,8 @@ def test_load_with_quant_linear_reads_the_format_as_transformers_does(tmp_path, 
 
     fmt = GPTQConfig.from_dict(dict(quant_method="gptq", bits=4, group_size=64, **keys)).format
     build, weight, bias = gptq_build(tmp_path / "build", tiny_dir, keys, v2=fmt == "gptq_v2")
-    layer = load_with_quant_linear(build, dtype=torch.bfloat16).get_submodule(LAYER.replace("model.", "model.language_model.", 1))
+    model = load_with_quant_linear(build, dtype=torch.bfloat16)
+    layer = model.get_submodule(LAYER.replace("model.", "model.language_model.", 1))  # the runtime name
     assert isinstance(layer, QuantLinear) and layer.zero_offset == (0 if fmt == "gptq_v2" else 1)
     assert layer.scales.dtype == torch.float16 and layer.bias.dtype == torch.bfloat16
     x = torch.randn(3, 256)
