@@ -19,10 +19,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from .bench.intervals import DRAWS
 from .errors import QoqoptError, printable
 
 SCHEMA = "qoqopt.bench/1"
 KLD = ".2e"  # drift spans 1e-6 (Q8_0) to 1e-1 (2-bit): fixed-point would print zeros
+CI = "mean_kld_ci95"  # drift.all's [low, high] of the mean KLD (bench/intervals.py)
 
 
 def load_results(paths: list[Path]) -> list[dict]:
@@ -163,8 +165,13 @@ def _check_speed(speed, where: str) -> None:
     if not isinstance(spread, dict):
         raise QoqoptError(f"{where}.spread is {spread!r}, not an object")
     for key, pair in spread.items():
-        if pair is not None and not (isinstance(pair, list) and len(pair) == 2 and all(_is_number(x) for x in pair)):
-            raise QoqoptError(f"{where}.spread.{key} is {pair!r}, not a [min, max] pair of numbers")
+        _check_pair(pair, f"{where}.spread.{key}")
+
+
+def _check_pair(pair, where: str) -> None:
+    """A [low, high] pair of numbers, or null."""
+    if pair is not None and not (isinstance(pair, list) and len(pair) == 2 and all(_is_number(x) for x in pair)):
+        raise QoqoptError(f"{where} is {pair!r}, not a [min, max] pair of numbers")
 
 
 def _check_fields(obj, kinds: dict[str, type], where: str) -> None:
@@ -184,6 +191,9 @@ def _check_measured(v: dict, where: str) -> None:
     if not isinstance(drift, dict) or not isinstance(drift.get("all"), dict):
         raise QoqoptError(f"{where} has drift but no drift.all")
     for domain, numbers in drift.items():
+        if isinstance(numbers, dict) and CI in numbers:
+            _check_pair(numbers[CI], f"{where}: drift.{domain}.{CI}")
+            numbers = {k: x for k, x in numbers.items() if k != CI}
         _check_numbers(numbers, f"{where}: drift.{domain}")
         for key in ("mean_kld", "p99_kld"):  # NaN is a measurement that failed, shown as –
             kld = numbers.get(key)
@@ -384,19 +394,26 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
         out += [_reference_line(runs[0], runs[0]["run"].get("reference_dtype"),
                                 f"runs: {', '.join(_markdown_label(run) for run in runs)}"), ""]  # fmt: skip
     out += [files_comment((None, v) for _, v in _by_size(rows)),
-            "| variant | size MB | mean KLD | p99 KLD | same top % | RMS Δp % | answer acc | worst domain | Pareto |",
-            "|---|---:|---:|---:|---:|---:|---:|---|:-:|"]  # fmt: skip
+            "| variant | size MB | mean KLD | 95% CI | p99 KLD | same top % | RMS Δp % | answer acc | worst domain | Pareto |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|:-:|"]  # fmt: skip
     for name, v in _by_size(rows):
         a = v["drift"]["all"]
         out.append(
-            f"| {name} | {v['size_bytes'] / 1e6:.1f} | {_fmt(a.get('mean_kld'), KLD)} | {_fmt(a.get('p99_kld'), KLD)} | "
+            f"| {name} | {v['size_bytes'] / 1e6:.1f} | {_fmt(a.get('mean_kld'), KLD)} | {_interval(a.get(CI))} | "
+            f"{_fmt(a.get('p99_kld'), KLD)} | "
             f"{_short_of_100(a.get('same_top_pct'))} | {_fmt(a.get('rms_dp_pct'), '.3g')} | {_fmt(a.get('accuracy'), '.2f')} | "
             f"{v.get('worst_domain') or '–'} | {'★' if name in front else ''} |"
         )
-    out += ["", f"★ Pareto-optimal: {PARETO_PHRASE} smaller and lower in mean KLD. Size: every file a build "
+    out += ["", f"95% CI: the mean KLD's range over {DRAWS} redraws of the chats (bootstrap; a chat's positions "
+            "are drawn together, as they share its image and reply): two builds whose ranges overlap are not told "
+            "apart by this eval.", "", f"★ Pareto-optimal: {PARETO_PHRASE} smaller and lower in mean KLD. Size: every file a build "
             "loads (a GGUF build's text file and mmproj; a GPTQ/AWQ build's safetensors and config); for the "
             "reference, a dtype or a bitsandbytes variant, its weights as loaded in that dtype or quantization.", ""]
     return out + _unboxed_lines(rows, runs[0]) + _domain_table(rows, which)
+
+
+def _interval(pair) -> str:
+    return f"{pair[0]:{KLD}}–{pair[1]:{KLD}}" if pair else "–"
 
 
 def _unboxed_lines(rows: dict[str, dict], run: dict) -> list[str]:

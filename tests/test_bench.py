@@ -103,6 +103,10 @@ def test_drift_fields_and_worst_domain(run_1t):
         assert 0 <= a["accuracy"] <= 1 and 0 <= a["same_top_pct"] <= 100
         worst = max((drift[d]["mean_kld"], d) for d in drift if d != "all")[1]
         assert v[name]["worst_domain"] == worst
+        # one chat per domain: any redraw of the chats pools to a mean between the chats' own
+        chats = [drift[d]["mean_kld"] for d in drift if d != "all"]
+        low, high = a["mean_kld_ci95"]
+        assert min(chats) <= low < high <= max(chats)
     # Q4_K_M must stray further than Q8_0, which is near the bf16 rounding floor
     assert v["gguf:Q4_K_M"]["drift"]["all"]["mean_kld"] > 3 * v["gguf:Q8_0"]["drift"]["all"]["mean_kld"]
 

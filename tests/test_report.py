@@ -179,12 +179,14 @@ def test_every_drift_cell_is_its_variants_number_under_its_own_column():
         if v["name"] in measured:
             size, kld, p99, top, dp, acc, worst = measured[v["name"]]
             v.update(size_bytes=size, worst_domain=worst)
-            v["drift"]["all"].update(mean_kld=kld, p99_kld=p99, same_top_pct=top, rms_dp_pct=dp, accuracy=acc)
+            v["drift"]["all"].update(mean_kld=kld, p99_kld=p99, same_top_pct=top, rms_dp_pct=dp, accuracy=acc,
+                                     mean_kld_ci95=[0.8 * kld, 1.25 * kld])  # fmt: skip
     table = render_markdown([run]).split("## Drift against the reference (same chats, same positions)")[1].split("\n## ")[0]
     rows = _rendered_rows(table)
     got = {r[0]: dict(zip(rows[0][1:], r[1:])) for r in rows[1:]}
     for name, (size, kld, p99, top, dp, acc, worst) in measured.items():
-        assert got[name] == {"size MB": f"{size / 1e6:.1f}", "mean KLD": f"{kld:.2e}", "p99 KLD": f"{p99:.2e}",
+        assert got[name] == {"size MB": f"{size / 1e6:.1f}", "mean KLD": f"{kld:.2e}",
+                             "95% CI": f"{0.8 * kld:.2e}–{1.25 * kld:.2e}", "p99 KLD": f"{p99:.2e}",
                              "same top %": f"{top:.1f}", "RMS Δp %": f"{dp:.2f}", "answer acc": f"{acc:.2f}",
                              "worst domain": worst, "Pareto": got[name]["Pareto"]}, name  # fmt: skip
     assert got["reference"]["answer acc"] == "0.90" and got["reference"]["mean KLD"] == "–"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..drift import ItemDrift, aggregate_items, answer_score, extract_boxed, position_stats, worst_domain
 from .eval_set import eval_items, load_reference, ref_logits, save_reference
+from .intervals import mean_kld_interval
 from .machine import ru_maxrss_mib
 from .speed import SpeedSettings, measure
 from .variants import Variant
@@ -100,6 +101,9 @@ def drift_json(per_item: list[ItemDrift]) -> tuple[dict, str | None]:
     report = aggregate_items(per_item)
     drift = {key: {**(d.tokens.as_dict() if d.tokens else {}), "accuracy": d.accuracy, "items": d.items}
              for key, d in report.items()}  # fmt: skip
+    if "all" in drift and any(it.stats is not None for it in per_item):
+        chats = [it.stats["kld"] for it in per_item if it.stats is not None]
+        drift["all"]["mean_kld_ci95"] = mean_kld_interval(chats)
     return drift, worst_domain(report)
 
 
