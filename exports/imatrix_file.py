@@ -54,7 +54,10 @@ def whole_count(count: float) -> float:
     """A token count as llama.cpp keeps it: rounded half away from zero (std::lround). Image positions
     weighted by --imatrix-image-weight make it fractional; an older llama-quantize divided by the
     float itself, so the file holds the whole count, which every version reads alike."""
-    return float(math.floor(count + 0.5)) if math.isfinite(count) else count  # a NaN stays, for checked()
+    if not math.isfinite(count):
+        return count  # a NaN stays, for checked() to refuse
+    whole = math.floor(count)
+    return float(whole + (count - whole >= 0.5))  # not floor(count + 0.5): 0.49999999999999994 + 0.5 is 1.0
 
 
 def checked(im: IMatrix, source: str) -> IMatrix:
@@ -115,14 +118,12 @@ def _read_gguf(path: Path) -> IMatrix:
     if missing:  # llama-quantize refuses such a file ("missing imatrix metadata"): so would the build's users
         raise QoqoptError(f"{path.name}: a GGUF imatrix without {', '.join(missing)}, which llama-quantize refuses "
                           "too; make it with llama-imatrix")  # fmt: skip
-    datasets = []
-    if "imatrix.datasets" in fields:
-        f = fields["imatrix.datasets"]
-        datasets = [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+    f = fields["imatrix.datasets"]
+    datasets = [bytes(f.parts[i]).decode("utf-8") for i in f.data]
 
     def scalar(key: str) -> int:
-        f = fields.get(key)
-        return int(f.parts[f.data[0]][0]) if f else 0
+        f = fields[key]
+        return int(f.parts[f.data[0]][0])
 
     sums, counts = {}, {}
     tensors = {t.name: t for t in reader.tensors}

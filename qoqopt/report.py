@@ -114,13 +114,15 @@ def _check_result(data, path: Path) -> None:
     if not isinstance(variants, list) or not all(isinstance(v, dict) and isinstance(v.get("name"), str) for v in variants):
         raise QoqoptError(f"{path}: a {SCHEMA} result needs a \"variants\" list of named objects")
     _check_fields(run["machine"], {"label": str, "cpu": str, "gpu": dict}, f"{path}: run.machine")
-    _check_fields(run, {"model": dict, "speed_settings": dict, "eval": dict, "reference_dtype": str}, f"{path}: run")
+    _check_fields(run, {"model": dict, "speed_settings": dict, "eval": dict, "reference_dtype": str, "logits": str},
+                  f"{path}: run")  # fmt: skip
     _check_fields(run.get("speed_settings") or {}, {"decode_tokens": int}, f"{path}: run.speed_settings")
     if run.get("reference_dtype") is not None and not WORD.match(run["reference_dtype"]):
         raise QoqoptError(f"{path}: run.reference_dtype {run['reference_dtype']!r} is not a dtype name")
     if run.get("eval") is not None:
         ev = f"{path}: run.eval"
-        _check_fields(run["eval"], {"source": str, "items": int, "seed": int, "sha256": str, "domains": dict}, ev)
+        _check_fields(run["eval"], {"source": str, "items": int, "seed": int, "sha256": str, "domains": dict,
+                                    "answer_tokens": int}, ev)  # fmt: skip
         _check_numbers(run["eval"].get("domains") or {}, f"{ev}.domains")
         _check_domain_names(run["eval"].get("domains") or {}, f"{ev}.domains")
         if run["eval"].get("items") is not None and run["eval"]["items"] < 1:
@@ -129,7 +131,8 @@ def _check_result(data, path: Path) -> None:
         where = f"{path}: variant {v['name']!r}"
         if not VARIANT_NAME.match(v["name"]):
             raise QoqoptError(f"{where} is not a bench variant name (letters, digits and . _ : + -)")
-        _check_fields(v, {"status": str, "error": str, "runtime": str, "worst_domain": str, "files": list}, where)
+        _check_fields(v, {"status": str, "error": str, "runtime": str, "worst_domain": str, "files": list,
+                          "unboxed": int}, where)  # fmt: skip
         _check_domain_names([v.get("worst_domain") or "all", *(v.get("drift") or {})], where)
         if not all(isinstance(f, dict) for f in v.get("files") or []):
             raise QoqoptError(f"{where}: files is not a list of objects")
@@ -264,7 +267,7 @@ def _drift_key(run: dict) -> tuple:
     r, ev = run["run"], run["run"].get("eval") or {}
     chats = (ev.get("sha256") or ev.get("source"), ev.get("ids_sha256"), ev.get("items"), ev.get("seed"),
              json.dumps(ev.get("domains"), sort_keys=True))  # fmt: skip
-    return (_model_key(run), *chats, ev.get("answer_tokens"), r.get("reference_dtype"))
+    return (_model_key(run), *chats, ev.get("answer_tokens"), r.get("reference_dtype"), r.get("logits"))
 
 
 def _model_key(run: dict):
@@ -393,6 +396,10 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
     if which:  # what sets this group apart from the others: two models may share a folder name
         out += [_reference_line(runs[0], runs[0]["run"].get("reference_dtype"),
                                 f"runs: {', '.join(_markdown_label(run) for run in runs)}"), ""]  # fmt: skip
+    if runs[0]["run"].get("logits") is None:
+        out += ["Measured by a qoqopt before 2026-12-03: transformers' logits (the reference's, when it runs in "
+                "bf16, and a bf16 or bitsandbytes variant's) were rounded to bf16 before the KLD, a floor near "
+                "1e-4 that newer runs do not have; compared only with runs like it.", ""]
     out += [files_comment((None, v) for _, v in _by_size(rows)),
             "| variant | size MB | mean KLD | 95% CI | p99 KLD | same top % | RMS Δp % | answer acc | worst domain | Pareto |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---|:-:|"]  # fmt: skip
@@ -401,31 +408,38 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
         out.append(
             f"| {name} | {v['size_bytes'] / 1e6:.1f} | {_fmt(a.get('mean_kld'), KLD)} | {_interval(a.get(CI))} | "
             f"{_fmt(a.get('p99_kld'), KLD)} | "
-            f"{_short_of_100(a.get('same_top_pct'))} | {_fmt(a.get('rms_dp_pct'), '.3g')} | {_fmt(a.get('accuracy'), '.2f')} | "
+            f"{_short_of_100(a.get('same_top_pct'))} | {_fmt(a.get('rms_dp_pct'), '.3g')} | {_accuracy(a, v)} | "
             f"{v.get('worst_domain') or '–'} | {'★' if name in front else ''} |"
         )
-    out += ["", f"95% CI: the mean KLD's range over {DRAWS} redraws of the chats (bootstrap; a chat's positions "
-            "are drawn together, as they share its image and reply): two builds whose ranges overlap are not told "
-            "apart by this eval.", "", f"★ Pareto-optimal: {PARETO_PHRASE} smaller and lower in mean KLD. Size: every file a build "
+    out += ["", f"95% CI: the range the mean KLD took over {DRAWS} redraws of these chats (a percentile bootstrap, "
+            "a chat's positions drawn together, as they share its image and reply; with 20 chats it holds the mean "
+            "a little less often than 95%): how much the number rests on which chats were drawn. Every build is "
+            "measured on the same chats, so their difference is surer than two overlapping ranges suggest.", "",
+            f"★ Pareto-optimal: {PARETO_PHRASE} smaller and lower in mean KLD. Size: every file a build "
             "loads (a GGUF build's text file and mmproj; a GPTQ/AWQ build's safetensors and config); for the "
             "reference, a dtype or a bitsandbytes variant, its weights as loaded in that dtype or quantization.", ""]
     return out + _unboxed_lines(rows, runs[0]) + _domain_table(rows, which)
 
 
 def _interval(pair) -> str:
-    return f"{pair[0]:{KLD}}–{pair[1]:{KLD}}" if pair else "–"
+    return f"{_fmt(pair[0], KLD)}–{_fmt(pair[1], KLD)}" if pair else "–"
+
+
+def _accuracy(drift_all: dict, variant: dict) -> str:
+    """The accuracy cell, with its answers that had no `\\boxed{}` (each scored 0) beside it: in the
+    row, so a card that keeps one build's rows says nothing of the others'."""
+    cut = variant.get("unboxed")
+    return _fmt(drift_all.get("accuracy"), ".2f") + (f" ({cut} unboxed)" if cut else "")
 
 
 def _unboxed_lines(rows: dict[str, dict], run: dict) -> list[str]:
-    """Answers with no closed `\\boxed{}` score 0: a reply cut off at the run's answer_tokens is not a
-    wrong answer, and a column full of them measures the limit, not the build."""
-    missing = {name: len(v["unboxed"]) for name, v in _by_size(rows) if v.get("unboxed")}
-    if not missing:
+    """A reply cut off at the run's answer_tokens is not a wrong answer, and a column of them
+    measures the limit, not the build."""
+    if not any(v.get("unboxed") for v in rows.values()):
         return []
     limit = (run["run"].get("eval") or {}).get("answer_tokens")
-    said = ", ".join(f"{name} {n}" for name, n in missing.items())
-    return [f"Answers with no `\\boxed{{}}` (each scored 0): {said}, of {run['run']['eval']['items']} chats each. "
-            f"Cut off at {limit} tokens, or never given: if cut off, run again with a larger `--answer-tokens`.", ""]
+    return [f"(n unboxed): n answers with no `\\boxed{{}}`, each scored 0: cut off at the run's {limit} answer "
+            "tokens, or never given; if cut off, run again with a larger `--answer-tokens`.", ""]
 
 
 def _sized(rows: dict[str, dict]) -> dict[str, tuple[float, float]]:
@@ -511,7 +525,7 @@ def _speed_table(runs: list[dict], members: list[int], which: str = "") -> list[
 def _older_prefill(variant: dict) -> bool:
     """A transformers row whose prefill rate held generate()'s host work (llama.cpp's is unchanged)."""
     s = variant["speed"]
-    return "spread" in s and "prefill" not in s and not variant.get("runtime", "").startswith("llama.cpp")
+    return "spread" in s and "prefill" not in s and not str(variant.get("runtime") or "").startswith("llama.cpp")
 
 
 def _decode_cell(speed: dict) -> str:

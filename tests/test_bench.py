@@ -162,7 +162,7 @@ def test_answer_accuracy_is_greedy_generation_scored_by_set_f1(run_1t, trained_d
     scores = _greedy_scores(model, load_processor(trained_dir), run_1t[0]["run"]["eval"]["answer_tokens"])
     _assert_accuracy(_by_name(run_1t[0])["reference"]["drift"], scores)
     assert 0 < _by_name(run_1t[0])["reference"]["drift"]["all"]["accuracy"] < 1  # some right, some wrong: a score stuck at 0 or 1 would show
-    assert _by_name(run_1t[0])["reference"]["unboxed"] == []  # the mini boxes every answer, well inside the limit
+    assert _by_name(run_1t[0])["reference"]["unboxed"] == 0  # the mini boxes every answer, well inside the limit
 
 
 def test_an_answer_cut_off_before_its_boxed_is_counted_and_said(trained_dir, tmp_path):
@@ -181,11 +181,13 @@ def test_an_answer_cut_off_before_its_boxed_is_counted_and_said(trained_dir, tmp
     replies = _greedy_replies(model, load_processor(trained_dir), 4)
     cut = [item.id for item, reply in replies.items() if not re.search(r"\\boxed\{[^{}]*\}", reply)]
     assert cut == [item.id for item in replies]  # 4 tokens never reach the mini's \boxed{}
-    assert _by_name(result)["reference"]["unboxed"] == cut and _by_name(result)["reference"]["drift"]["all"]["accuracy"] == 0
+    assert _by_name(result)["reference"]["unboxed"] == len(cut) and _by_name(result)["reference"]["drift"]["all"]["accuracy"] == 0
     res = run_cli("report", str(path), "--out", str(tmp_path / "rep"))
     assert res.returncode == 0, res.stderr
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert f"Answers with no `\\boxed{{}}` (each scored 0): reference {ITEMS}" in text and "Cut off at 4 tokens" in text
+    drift_table = text.split("## Drift against the reference")[1].split("\n## ")[0]
+    rows = {line.split("|")[1].strip(): line for line in drift_table.splitlines() if line.startswith(("| reference", "| bf16"))}
+    assert f"| 0.00 ({ITEMS} unboxed) |" in rows["reference"] and "cut off at the run's 4 answer tokens" in text
 
 
 def test_speed_fields(run_1t):
@@ -415,10 +417,16 @@ def _reply_logits(model, proc, item):
     n = prompt["input_ids"].shape[1]
     ids = torch.cat([prompt["input_ids"], reply], 1)
     mm = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(reply)], 1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
-                       pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"]).logits[0, n - 1 : -1]  # fmt: skip
-    return reply[0].tolist(), logits.float()
+    hidden = []  # what the lm_head gets: projected here in fp32, as llama.cpp's logits are
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: hidden.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                  pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"])  # fmt: skip
+            logits = hidden[0][0, n - 1 : -1].float() @ model.lm_head.weight.float().T
+    finally:
+        handle.remove()
+    return reply[0].tolist(), logits
 
 
 @pytest.fixture(scope="module")

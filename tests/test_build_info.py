@@ -201,6 +201,10 @@ def test_verify_checks_every_listed_file_against_its_sha256(tmp_path, capsys, mo
     assert refused(["info", gone, "--verify"], capsys) == f"error: --verify: {gone}: no such build folder"
     assert refused(["info", build / "manifest.json", "--verify"], capsys).endswith("manifest.json is not a folder")
     assert "download me/build first" in refused(["info", "me/build", "--verify"], capsys)
+    typo = tmp_path.name + "/buidl"  # its first folder exists here: a local path, not a Hub id to download
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(tmp_path.parent)
+        assert refused(["info", typo, "--verify"], capsys) == f"error: --verify: {typo}: no such build folder"
 
 
 def test_a_download_of_one_quant_of_a_published_build_is_not_damage(tmp_path, capsys, monkeypatch):

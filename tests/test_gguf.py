@@ -1061,9 +1061,12 @@ def test_bench_reserves_clips_buffer_for_its_largest_image_first(built):
         return BUFFERS.mib[("reserve_compute_meta", "CPU", "compute")]
 
     text, mmproj = built.file("text", "F16"), built.file("mmproj")
-    runner = GGUFRunner(text, mmproj, "cpu", threads=1, n_ctx=512)
+    runner = GGUFRunner(text, mmproj, "cpu", threads=1, answer_tokens=3000)
     try:
         reserved = clip_compute()
+        # room for the largest image and bench's longest answer (a fixed 4096 refused every chat of
+        # --answer-tokens 3500), as llama.cpp reports its context
+        assert runner.vl.llm.n_ctx() >= TRAIN_TOKENS[1] + 3000 + 256
     finally:
         runner.close()
     fresh = {}

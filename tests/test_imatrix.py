@@ -136,6 +136,9 @@ def test_a_fractional_token_count_is_written_and_used_whole(tmp_path):
     write_imatrix(path, im)
     stored = {t.name: float(np.asarray(t.data).ravel()[0]) for t in GGUFReader(str(path)).tensors if t.name.endswith(".counts")}
     assert stored == {"blk.0.attn_q.weight.counts": 0.0, "output.weight.counts": 1001.0}
+    from qoqopt.exports.imatrix_file import whole_count
+
+    assert [whole_count(c) for c in (0.49999999999999994, 0.5, 2.5, 7.0)] == [0, 1, 3, 7]  # std::lround's
     for means in (im.means(), read_imatrix(path).means()):
         np.testing.assert_array_equal(means["blk.0.attn_q.weight"], np.ones(256, np.float32))
         np.testing.assert_array_equal(means["output.weight"], im.sums["output.weight"].astype(np.float32) / np.float32(1001))

@@ -290,6 +290,19 @@ def test_a_transformers_prefill_measured_the_old_way_is_marked(tmp_path):
     assert "‡" not in (tmp_path / "b" / "report.md").read_text()
 
 
+def test_drift_from_bf16_rounded_logits_is_not_merged_with_fp32_logits():
+    """A bf16 reference's logits were rounded to bf16 before the KLD until 2026-12-03 (a floor near
+    1e-4): such a run's drift is a table of its own, said to be older, not rows beside newer ones."""
+    from qoqopt.bench.run import LOGITS
+    from qoqopt.report import render_markdown
+
+    old, new = _run("cpu", 1.0), _run("cpu", 1.0)
+    new["run"]["logits"] = LOGITS
+    md = render_markdown([old, new])
+    assert md.count("## Drift against the reference") == 2 and md.count("Measured by a qoqopt before 2026-12-03") == 1
+    assert "Measured by a qoqopt before 2026-12-03" not in render_markdown([new])
+
+
 def test_speed_tables_keep_models_and_decode_lengths_apart(tmp_path, capsys):
     """A 32B's speed rows beside a 7B's, or 256-token decodes beside 32-token ones, read as one
     comparison in one table and one plot (helper-64); each gets its own, naming the model and the

@@ -24,13 +24,23 @@ def largest_grid(max_tokens: int, max_aspect: int = 200) -> tuple[int, int]:
     return max(((cols, rows) for cols, rows in grids if cols <= max_aspect * rows), key=lambda g: (g[0] * g[1], g[1]))
 
 
+PROMPT_ROOM = 1024  # template, question and a teacher-forced reply besides the image: an eval chat's is ~300
+
+
+def context_for(image_tokens: int, answer_tokens: int) -> int:
+    """llama.cpp's context for the eval's chats: the largest image, the text around it and the
+    longest answer bench asks for (a fixed 4096 failed every chat once --answer-tokens passed ~2400)."""
+    return max(4096, -(-(image_tokens + PROMPT_ROOM + answer_tokens) // 256) * 256)
+
+
 class GGUFRunner:
-    def __init__(self, text: Path, mmproj: Path | None, device: str, threads: int, n_ctx: int = 4096):
+    def __init__(self, text: Path, mmproj: Path | None, device: str, threads: int, answer_tokens: int = 0):
         if mmproj is None:
             raise QoqoptError(f"{text.name} has no mmproj beside it: image chats cannot run")
         gpu = device == "cuda" and gpu_offload_available()
         self.runtime = "llama.cpp" + (" (GPU offload)" if gpu else " (CPU)")
         lo, hi = train_token_range()  # llama.cpp ignores the mmproj's pixel keys for Qwen2.5-VL
+        n_ctx = context_for(hi, answer_tokens)
         # embd_cache: drift and the greedy answer read the same image; the mmproj encodes it once.
         # one_gpu: as transformers runs on cuda:0; llama.cpp's default split over every GPU timed a
         # pipeline across the node against one GPU, and summed every GPU's buffers as its peak

@@ -48,6 +48,11 @@ class BenchOptions:
     revision: str | None = None
 
 
+# transformers' logits are projected in fp32 (exports/gguf_verify.fp32_logits); a run without this
+# field rounded a bf16 model's to bf16, and its drift is not compared with newer runs'
+LOGITS = "fp32"
+
+
 def run_bench(opts: BenchOptions, log=print) -> Path:
     check_can_make_dir(opts.out)
     builds = opts.builds or opts.out / "builds"
@@ -115,6 +120,7 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
                      "domains": domain_counts(items), "answer_tokens": opts.answer_tokens,
                      "only_domains": opts.domains, "ids_sha256": _ids_sha(items), **set_sha},
             "reference_dtype": common["reference_dtype"],
+            "logits": LOGITS,
             "speed_settings": vars(opts.speed) if opts.speed else None,
         },
         "variants": records,
@@ -347,7 +353,7 @@ def _record(name: str, fmt: str, res: dict, paths: list[Path], hashes: "_Hashes"
         size, basis = res["loaded_bytes"], "loaded weights"
     return {"name": name, "format": fmt, "status": "ok", "runtime": res["runtime"], "files": files,
             "size_bytes": size, "size_basis": basis, "drift": res["drift"], "worst_domain": res["worst_domain"],
-            "speed": res["speed"], "unboxed": res.get("unboxed", []), "seconds": res["seconds"]}  # fmt: skip
+            "speed": res["speed"], "unboxed": res.get("unboxed", 0), "seconds": res["seconds"]}  # fmt: skip
 
 
 class _Hashes:

@@ -28,7 +28,7 @@ def open_runner(job: dict):
     if variant is not None and variant.format == "gguf":
         from .gguf_runner import GGUFRunner
 
-        return GGUFRunner(files["text"], files.get("mmproj"), job["device"], job["threads"])
+        return GGUFRunner(files["text"], files.get("mmproj"), job["device"], job["threads"], job["answer_tokens"])
     from .hf_runner import load_hf
 
     return load_hf(Path(job["model"]), variant, files, job["device"], job.get("reference_dtype", "float32"))
@@ -52,10 +52,11 @@ def _naming(item):
 
 def _answer_score(runner, item, chat: dict, job: dict, unboxed: list) -> float:
     """The greedy answer's set-F1; an answer with no closed \\boxed{} (cut off at answer_tokens, or
-    never given) is named in ``unboxed``: its 0 says nothing of the build's medicine."""
+    never given) adds an entry to ``unboxed``: its 0 says nothing of the build's medicine. Counted,
+    not named: a user set's chat ids may carry a patient's record number."""
     text = runner.answer(item, chat, job["answer_tokens"])
     if extract_boxed(text) is None:
-        unboxed.append(item.id)
+        unboxed.append(1)
     return answer_score(text, item.answer)
 
 
@@ -129,7 +130,7 @@ def run_job(job: dict) -> dict:
     runner = open_runner(job)
     runner.start_peaks()  # what running needs, not load-time temporaries
     try:
-        unboxed: list[str] = []
+        unboxed: list[int] = []
         run_pass = reference_pass if job["role"] == "reference" else variant_pass
         drift, worst = drift_json(run_pass(runner, items, job, unboxed))
         speed = {}
@@ -138,7 +139,7 @@ def run_job(job: dict) -> dict:
         speed["peak_device_mb"] = runner.peak_device_mb()
         footprint = getattr(getattr(runner, "model", None), "get_memory_footprint", None)
         result = {"status": "ok", "runtime": runner.runtime, "drift": drift, "worst_domain": worst, "speed": speed,
-                  "unboxed": unboxed, "loaded_bytes": int(footprint()) if footprint else None}  # fmt: skip
+                  "unboxed": len(unboxed), "loaded_bytes": int(footprint()) if footprint else None}  # fmt: skip
     finally:
         runner.close()
     # MiB, under the key's historical name: the whole worker's peak, model load and eval included.

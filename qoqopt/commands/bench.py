@@ -27,9 +27,10 @@ run's OUT/builds) when its manifest lists it, otherwise built with `qoqopt expor
 
 Drift: each eval chat (image + question, then the reference reply, teacher-forced) runs through the
 reference (the source checkpoint in transformers; fp32 compute up to ~3 B parameters, bf16 above, its
-logits projected in fp32 as llama.cpp's are) and through each variant; at the reply positions: mean / p99 KLD, same top-1 %, RMS delta-p. Each variant
-also answers every chat greedily (up to --answer-tokens): \\boxed{} set-F1 accuracy. Overall and per
-clinical domain, worst domain named.
+logits projected in fp32 as llama.cpp's are) and through each variant; at the reply positions: mean
+KLD (with a 95% bootstrap interval over the chats), p99 KLD, same top-1 %, RMS delta-p. Each variant
+also answers every chat greedily (up to --answer-tokens): \\boxed{} set-F1 accuracy, and the answers
+with no \\boxed{} counted. Overall and per clinical domain, worst domain named.
 
 Speed (medians after warm-up): image encode at both ends of QoQ-Med's pixel range (256x256 and
 728x700), time to first token, prefill tok/s (the language model's prompt pass: in transformers its
@@ -60,7 +61,8 @@ def register(sub) -> None:
                         "from (repeatable; from a Hub GGUF repo only the benched quant types are fetched)")  # fmt: skip
     p.add_argument("--builds", type=Path, help="where missing builds are made and reused (default: OUT/builds)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where variants run (default cpu); with cuda, GGUF variants run on one GPU "
-                        "(cuda:0, as transformers does) when llama-cpp-python was built with CUDA")
+                        "(cuda:0, as transformers does) when llama-cpp-python was built with CUDA, else on "
+                        "the CPU, which bench says")
     p.add_argument("--eval", dest="eval_source", default="clinical", metavar="clinical|FILE.jsonl",
                    help="eval chats: the built-in held-out clinical split, or your own JSONL set")  # fmt: skip
     p.add_argument("--items", type=int, default=20, help="eval chats, domain-balanced (default 20)")
