@@ -75,7 +75,7 @@ def _atomic_path(final: Path, replace: bool) -> Iterator[Path]:
         # mkstemp creates 0600; published files get the usual umask-derived mode instead.
         os.chmod(tmp_path, 0o666 & ~_umask())
         synced(tmp_path)
-        _name(tmp_path, final, replace)
+        _give_final_name(tmp_path, final, replace)
         synced(final.parent)
     except OutputExists:
         tmp_path.unlink(missing_ok=True)
@@ -91,7 +91,7 @@ def _atomic_path(final: Path, replace: bool) -> Iterator[Path]:
         raise
 
 
-def _name(tmp: Path, final: Path, replace: bool) -> None:
+def _give_final_name(tmp: Path, final: Path, replace: bool) -> None:
     if replace:
         os.replace(tmp, final)
         return

@@ -40,6 +40,21 @@ def _split_cores_between_workers() -> None:
 _split_cores_between_workers()
 
 
+@pytest.fixture
+def interpreter(monkeypatch):
+    """The Triton interpreter for this test, where the kernel tests run on the CPU (tests/kernel_device.py)."""
+    pytest.importorskip("triton")
+    from tests.kernel_device import DEVICE
+
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
 @pytest.fixture(scope="session")
 def fixture_7b() -> Path:
     if not (FIXTURES / "config.json").exists():

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -1146,7 +1147,7 @@ def test_a_chat_that_fails_in_a_runtime_is_named(tmp_path):
 
     with pytest.raises(RuntimeError, match=rf"^on chat {re.escape(items[1].id)} \({re.escape(Path(items[1].source).name)}\): "
                                           "ValueError: absolute aspect ratio"):  # fmt: skip
-        reference_pass(Refusing(), items, {"answer_tokens": 4, "ref_dir": str(tmp_path)}, [])
+        reference_pass(Refusing(), items, {"answer_tokens": 4, "ref_dir": str(tmp_path)}, Counter())
 
 
 def test_non_finite_logits_fail_the_variant_naming_the_chat(tmp_path):
@@ -1169,12 +1170,12 @@ def test_non_finite_logits_fail_the_variant_naming_the_chat(tmp_path):
             return "\\boxed{x}"
 
     job = {"answer_tokens": 4, "ref_dir": str(tmp_path), "variant": {"name": "gptq:4"}}
-    reference_pass(Runner(), items, job, [])
+    reference_pass(Runner(), items, job, Counter())
     with pytest.raises(RuntimeError, match=rf"^on chat {re.escape(items[1].id)} .*: 2 of 8 logits are NaN or infinite"):
-        variant_pass(Runner(), items, job, [])
+        variant_pass(Runner(), items, job, Counter())
     logits[1, 3] = np.inf  # a reference with one is refused too
     with pytest.raises(RuntimeError, match=rf"^on chat {re.escape(items[0].id)} .*: 1 of 8 logits are NaN or infinite"):
-        reference_pass(Runner(), items, job, [])
+        reference_pass(Runner(), items, job, Counter())
 
 
 def test_the_workers_warnings_reach_the_user_once(tmp_path, capsys, monkeypatch):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import warnings
 
 import pytest
@@ -23,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from qoqopt.packing import dequantize, pack_awq, pack_gptq, quantize_rtn
+from tests.kernel_device import DEVICE
 
-DEVICE = torch.device(os.environ.get("QOQOPT_KERNEL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 

@@ -16,21 +16,9 @@ import torch
 from torch import nn
 
 from qoqopt.errors import QoqoptError
+from tests.kernel_device import DEVICE
 
-DEVICE = torch.device(os.environ.get("QOQOPT_KERNEL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 IMAGE_PAD, VISION_START, VISION_END, PAD = 151655, 151652, 151653, 151643
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    pytest.importorskip("triton")
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture
-def no_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,6 @@ torch reference there).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
@@ -26,22 +25,10 @@ from torch import nn
 
 from benchmarks.spec_layout import spec_dequantize, spec_unpack_awq, spec_unpack_gptq
 from qoqopt.errors import QoqoptError
+from tests.kernel_device import DEVICE
 from qoqopt.packing import AWQ_ORDER, pack_along_cols, pack_along_rows
 
-DEVICE = torch.device(os.environ.get("QOQOPT_KERNEL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 FP32 = dict(atol=2e-5, rtol=1e-4)  # tests/test_kernels.py's fp32 tolerance
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    pytest.importorskip("triton")
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture
-def no_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 def gptq_tensors(k, n, group_size, bits=4, seed=0, act_order=False, v2=False):

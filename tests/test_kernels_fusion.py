@@ -12,12 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_kernels_apply import (  # noqa: F401 (interpreter, no_interpreter, exact_fp32_reference: fixtures)
-    DEVICE,
+from tests.kernel_device import DEVICE
+from tests.test_kernels_apply import (  # noqa: F401 (exact_fp32_reference: an autouse fixture)
     exact_fp32_reference,
-    interpreter,
     logits_of,
-    no_interpreter,
     relative_error,
     tiny_model,
     two_image_batch,

@@ -11,6 +11,7 @@ import json
 import resource
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,30 +51,29 @@ def _naming(item):
         raise RuntimeError(f"on chat {item.id} ({Path(item.source).name}): {type(exc).__name__}: {exc}") from exc
 
 
-def _answer_score(runner, item, chat: dict, job: dict, unboxed: list) -> float:
+def _answer_score(runner, item, chat: dict, job: dict, tally: Counter) -> float:
     """The greedy answer's set-F1; an answer with no closed \\boxed{} (cut off at answer_tokens, or
-    never given) adds an entry to ``unboxed``: its 0 says nothing of the build's medicine. Counted,
+    never given) counts in ``tally["unboxed"]``: its 0 says nothing of the build's medicine. Counted,
     not named: a user set's chat ids may carry a patient's record number."""
     text = runner.answer(item, chat, job["answer_tokens"])
-    if extract_boxed(text) is None:
-        unboxed.append(1)
+    tally["unboxed"] += extract_boxed(text) is None
     return answer_score(text, item.answer)
 
 
-def reference_pass(runner, items, job: dict, unboxed: list) -> list[ItemDrift]:
+def reference_pass(runner, items, job: dict, tally: Counter) -> list[ItemDrift]:
     chats, out = [], []
     for item in _progress(items, "reference"):
         with _naming(item):
             logits, chat = runner.reference_chat(item)
             _check_finite(logits)
-            score = _answer_score(runner, item, chat, job, unboxed)
+            score = _answer_score(runner, item, chat, job, tally)
         chats.append({"id": item.id, "domain": item.domain, **chat, "score": score, "ref_logits": logits})
         out.append(ItemDrift(item.domain, None, score))
     save_reference(Path(job["ref_dir"]), chats)
     return out
 
 
-def variant_pass(runner, items, job: dict, unboxed: list) -> list[ItemDrift]:
+def variant_pass(runner, items, job: dict, tally: Counter) -> list[ItemDrift]:
     chats = load_reference(Path(job["ref_dir"]))
     if [c["id"] for c in chats] != [it.id for it in items]:
         raise RuntimeError("the stored reference was made on different chats")
@@ -81,7 +81,7 @@ def variant_pass(runner, items, job: dict, unboxed: list) -> list[ItemDrift]:
     for item, chat in zip(_progress(items, job["variant"]["name"]), chats):
         with _naming(item):
             cand = _check_finite(runner.reply_logits(item, chat))
-            score = _answer_score(runner, item, chat, job, unboxed)
+            score = _answer_score(runner, item, chat, job, tally)
         stats = position_stats(ref_logits(chat), cand, chat["reply_ids"])
         out.append(ItemDrift(item.domain, stats, score))
     return out
@@ -130,16 +130,16 @@ def run_job(job: dict) -> dict:
     runner = open_runner(job)
     runner.start_peaks()  # what running needs, not load-time temporaries
     try:
-        unboxed: list[int] = []
+        tally: Counter = Counter()
         run_pass = reference_pass if job["role"] == "reference" else variant_pass
-        drift, worst = drift_json(run_pass(runner, items, job, unboxed))
+        drift, worst = drift_json(run_pass(runner, items, job, tally))
         speed = {}
         if job.get("speed"):
             speed = measure(runner.profile, items[0].image, items[0].question, SpeedSettings(**job["speed"]))
         speed["peak_device_mb"] = runner.peak_device_mb()
         footprint = getattr(getattr(runner, "model", None), "get_memory_footprint", None)
         result = {"status": "ok", "runtime": runner.runtime, "drift": drift, "worst_domain": worst, "speed": speed,
-                  "unboxed": len(unboxed), "loaded_bytes": int(footprint()) if footprint else None}  # fmt: skip
+                  "unboxed": tally["unboxed"], "loaded_bytes": int(footprint()) if footprint else None}  # fmt: skip
     finally:
         runner.close()
     # MiB, under the key's historical name: the whole worker's peak, model load and eval included.
