@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qoqopt.errors import QoqoptError
-from qoqopt.hub_license import license_files
+from qoqopt.hub_license import copy_license_files
 from qoqopt.integrity import sha256_of
 from qoqopt.local_names import own_dataset
 from qoqopt.manifest import preferred_quant
@@ -299,7 +298,7 @@ def export_gguf(source: str, out: str | Path, options: GGUFOptions, *, revision:
             modelfile = _modelfile(ctx, records, primary, mmproj_name)
             records += [_record(path, kind) for path, kind in ollama.write_files(tmp, modelfile)]
             # the source's licence text goes with the build (Apache-2.0 4a, MIT), as GPTQ/AWQ builds carry it
-            records += [_record(Path(shutil.copyfile(path, tmp / path.name)), "license") for path in license_files(ctx.ckpt.path)]
+            records += [_record(path, "license") for path in copy_license_files(ctx.ckpt.path, tmp)]
             (tmp / "README.md").write_text(render_readme(ctx, records, mmproj_name, primary, notes, imatrix_info))
             records.append(_record(tmp / "README.md", "readme"))
             manifest = render_manifest(ctx, records, notes, imatrix_info)

@@ -267,15 +267,6 @@ class LlamaVL:
             raise QoqoptError(f"the prompt is {sum(sizes)} tokens (text and image) and the reply up to {reserve}, "
                               f"but the context holds {n_ctx}: shorten the question or the reply")  # fmt: skip
 
-    def _decode(self, ids: list[int], n_past: int, all_logits: bool) -> np.ndarray:
-        """Decode ``ids`` at ``n_past``; a copy of the logits of every position, or of the last."""
-        self._run_batch(ids, n_past, all_logits)
-        rows = range(len(ids)) if all_logits else [len(ids) - 1]
-        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
-        for j, i in enumerate(rows):
-            out[j] = self._logits_view(i)
-        return out
-
     def _run_batch(self, ids: list[int], n_past: int, all_logits: bool) -> None:
         lc = self._llama_cpp
         batch = lc.llama_batch_init(len(ids), 0, 1)
@@ -312,12 +303,13 @@ class LlamaVL:
         """
         n_past = self._eval_prompt(prompt, [image] if image is not None else [], [image_key] if image is not None else None,
                                    reserve=max(len(continuation) - 1, 0))
-        last = self._last_logits()
-        rest = self._decode(continuation[:-1], n_past, True) if len(continuation) > 1 else np.empty((0, self.n_vocab), np.float32)
-        return np.concatenate([last[None], rest], axis=0)
-
-    def _last_logits(self) -> np.ndarray:
-        return self._logits_view(-1).copy()
+        out = np.empty((max(len(continuation), 1), self.n_vocab), dtype=np.float32)  # each row copied once
+        out[0] = self._logits_view(-1)
+        if len(continuation) > 1:
+            self._run_batch(continuation[:-1], n_past, True)
+            for i in range(len(continuation) - 1):
+                out[i + 1] = self._logits_view(i)
+        return out
 
     def generate(self, prompt: str, image=None, max_tokens: int = 48, stop_ids: tuple[int, ...] = (151645, 151643),
                  image_key=None) -> str:  # fmt: skip

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from qoqopt.errors import QoqoptError
-from qoqopt.hub_license import license_files
+from qoqopt.hub_license import copy_license_files
 from qoqopt.loader import ECG_PREFIX, SAFETENSORS_DTYPE_BYTES, meta_model, runtime_name
 
 FORMATS = ("gptq", "awq")
@@ -530,10 +530,10 @@ def _processor(ckpt):
 def _copy_support_files(src: Path, dst: Path) -> list[str]:
     """The tokenizer, processor and generation files, and the licence text, copied from the source."""
     copied = []
-    for path in [src / name for name in SUPPORT_FILES if (src / name).is_file()] + license_files(src):
+    for path in [src / name for name in SUPPORT_FILES if (src / name).is_file()]:
         shutil.copyfile(path, dst / path.name)
         copied.append(path.name)
-    return copied
+    return copied + [path.name for path in copy_license_files(src, dst)]
 
 
 def _manifest(ckpt, report: ExportReport, opts, quant_config) -> dict:

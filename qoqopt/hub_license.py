@@ -9,6 +9,7 @@ qwen-research licence is one such).
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,11 @@ LICENSE_FILES = (*LICENSE_TEXTS, "NOTICE", "NOTICE.txt", "NOTICE.md")  # with th
 def license_files(folder: Path) -> list[Path]:
     """The checkpoint folder's licence and notice files, as named in LICENSE_FILES."""
     return [Path(folder) / name for name in LICENSE_FILES if (Path(folder) / name).is_file()]
+
+
+def copy_license_files(src: Path, dst: Path) -> list[Path]:
+    """The source's licence and notice files copied into a build (Apache-2.0 4a, MIT ask for them)."""
+    return [Path(shutil.copyfile(path, Path(dst) / path.name)) for path in license_files(src)]
 
 
 class NoLicense(QoqoptError):

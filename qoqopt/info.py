@@ -102,7 +102,8 @@ def _bitsandbytes(qc: dict, names: list[str]) -> dict:
     block size transformers quantizes with; the config does not record it), or LLM.int8 per row."""
     four = bool(qc.get("load_in_4bit"))
     kind = qc.get("bnb_4bit_quant_type", "fp4") if four else "LLM.int8"
-    packed = sum(_bnb_packed(n, set(names)) for n in names)
+    present = set(names)  # once: a 7B build has thousands of names
+    packed = sum(_bnb_packed(n, present) for n in names)
     return {"method": f"bitsandbytes ({kind})", "bits": 4 if four else 8 if qc.get("load_in_8bit") else None,
             "group_size": 64 if four else -1, "sym": True, "order": None, "packed_linears": packed,
             "left_plain": list(qc.get("llm_int8_skip_modules") or []), "quantizer": None}  # fmt: skip

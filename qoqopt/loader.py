@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QoqoptError
+from .hub_license import LICENSE_FILES
 from .manifest import is_inside, is_int
 
 QWEN25VL_ARCHS = {"Qwen2_5_VLForConditionalGeneration"}
@@ -37,8 +38,8 @@ _RUNTIME_TO_CANONICAL = [
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on its JSON header
-# ... with the licence text (LICENSE has no suffix), which a build carries on
-METADATA_PATTERNS = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "LICENSE*", "LICENCE*", "NOTICE*"]
+# ... with the licence text (LICENSE has no suffix), which a build carries on: the names it copies
+METADATA_PATTERNS = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", *LICENSE_FILES]
 
 SAFETENSORS_DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -136,12 +137,17 @@ def resolve(source: str, revision: str | None = None, weights: bool = True,
     return _snapshot(source, commit or revision, files=_shard_files(path))
 
 
-def check_not_a_local_path(source: str) -> None:
+def mistyped_local_path(source: str) -> bool:
     """A missing path whose first folder exists here is a local path with a typo (``out/gguf`` for
-    ``out/ggufs``), not a Hub id: reading the Hub repo of that name would run whatever model its
-    owner put there in its place, unsaid."""
+    ``out/ggufs``), not a Hub id."""
+    return Path(Path(source).parts[0]).is_dir()
+
+
+def check_not_a_local_path(source: str) -> None:
+    """Refuse a :func:`mistyped_local_path`: reading the Hub repo of that name would run whatever
+    model its owner put there in its place, unsaid."""
     first = Path(source).parts[0]
-    if Path(first).is_dir():
+    if mistyped_local_path(source):
         raise QoqoptError(f"{source}: no such directory (./{first}/ exists, so this is read as a local path, not as "
                           f"the Hub repo {source}; to read that repo, run from a folder without ./{first}/)")  # fmt: skip
 

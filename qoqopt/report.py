@@ -504,8 +504,7 @@ def _speed_table(runs: list[dict], members: list[int], which: str = "") -> list[
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for i, v in timed:
         s = v["speed"]
-        older = "" if "spread" in s else " †"
-        older += " ‡" if _older_prefill(v) and not older else ""
+        older = " †" if "spread" not in s else " ‡" if _older_prefill(v) else ""
         out.append(
             f"| {_markdown_label(runs[i])}{older} | {v['name']} | {inline_text(v.get('runtime', ''))} | {_fmt(s.get('prompt_tokens'), '.0f')} | "
             f"{_fmt(s.get('prefill_tok_s'), '.0f')} | {_decode_cell(s)} | {_fmt(s.get('image_encode_ms'), '.0f')} | "

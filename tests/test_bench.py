@@ -366,6 +366,10 @@ def test_the_default_thread_count_is_torchs_own(omp):
     ours, torchs, cores, given = map(int, subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                                          text=True, check=True).stdout.split())  # fmt: skip
     assert given == 7 and ours == min(torchs, cores) == min(int(omp.split(",")[0]) if omp else cores, cores)
+    from qoqopt.bench.machine import cpu_quota
+
+    if omp is None and cpu_quota() is None and not Path("/sys/devices/cpu_core/cpus").exists():
+        assert cores == torchs  # no cap to apply: the physical cores are torch's own count of them
 
 
 def test_transformers_decode_is_timed_inside_one_request(tiny_dir):

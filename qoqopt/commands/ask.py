@@ -129,9 +129,10 @@ def run(args) -> int:
     print(f"reply     {reply.strip()}")
     from ..drift import extract_boxed
 
+    answer = extract_boxed(reply)
     if reference is not None:
-        print(f"answer    {extract_boxed(reply)!s}   (reference: {reference})")
-    if extract_boxed(reply) is None:  # QoQ-Med ends with one; a reply cut at the limit has none yet
+        print(f"answer    {answer!s}   (reference: {reference})")
+    if answer is None:  # QoQ-Med ends with one; a reply cut at the limit has none yet
         print(f"note: the reply holds no \\boxed{{}} answer: if it was cut off, ask again with a larger "
               f"--max-tokens (this one: {args.max_tokens}; QoQ-Med's reasoning can take ~1000)", file=sys.stderr)
     return 0

@@ -118,7 +118,7 @@ def _verify(args, path: Path) -> Verified:
     """A local build's files checked against its manifest."""
     from ..errors import QoqoptError
     from ..integrity import not_downloaded, problems, unlisted
-    from ..loader import HUB_ID
+    from ..loader import HUB_ID, mistyped_local_path
     from ..manifest import read_manifest
 
     if _is_gguf_file(path):
@@ -126,7 +126,7 @@ def _verify(args, path: Path) -> Verified:
     if not path.is_dir():
         if path.exists():
             raise QoqoptError(f"--verify checks a build folder; {args.model} is not a folder")
-        if not HUB_ID.match(args.model) or Path(Path(args.model).parts[0]).is_dir():  # a local path, mistyped
+        if not HUB_ID.match(args.model) or mistyped_local_path(args.model):
             raise QoqoptError(f"--verify: {args.model}: no such build folder")
         raise QoqoptError(f"--verify checks a local copy; download {args.model} first (e.g. `hf download "
                           f"{args.model} --local-dir DIR`) and give DIR")  # fmt: skip
