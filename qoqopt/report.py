@@ -19,12 +19,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .bench.intervals import DRAWS
+from .bench.intervals import DRAWS, kld_ratio_interval
 from .errors import QoqoptError, printable
 
 SCHEMA = "qoqopt.bench/1"
 KLD = ".2e"  # drift spans 1e-6 (Q8_0) to 1e-1 (2-bit): fixed-point would print zeros
 CI = "mean_kld_ci95"  # drift.all's [low, high] of the mean KLD (bench/intervals.py)
+CHATS = "chat_kld"  # drift.all's [KLD sum, positions] per chat, in eval order (bench/intervals.chat_totals)
 
 
 def load_results(paths: list[Path]) -> list[dict]:
@@ -196,7 +197,10 @@ def _check_measured(v: dict, where: str) -> None:
     for domain, numbers in drift.items():
         if isinstance(numbers, dict) and CI in numbers:
             _check_pair(numbers[CI], f"{where}: drift.{domain}.{CI}")
-            numbers = {k: x for k, x in numbers.items() if k != CI}
+        if isinstance(numbers, dict) and CHATS in numbers:
+            _check_chat_totals(numbers[CHATS], f"{where}: drift.{domain}.{CHATS}")
+        if isinstance(numbers, dict):
+            numbers = {k: x for k, x in numbers.items() if k not in (CI, CHATS)}
         _check_numbers(numbers, f"{where}: drift.{domain}")
         for key in ("mean_kld", "p99_kld"):  # NaN is a measurement that failed, shown as –
             kld = numbers.get(key)
@@ -207,6 +211,15 @@ def _check_measured(v: dict, where: str) -> None:
         raise QoqoptError(f"{where} has drift but size_bytes {size!r}; a measured build has a positive size")
     if v["name"] != "reference" and not _is_number(kld):
         raise QoqoptError(f"{where} has drift but no drift.all.mean_kld")
+
+
+def _check_chat_totals(totals, where: str) -> None:
+    """A list of [KLD sum, positions] per chat (or null): a finite sum >= 0 and a whole count."""
+    fine = isinstance(totals, list) and all(
+        isinstance(t, list) and len(t) == 2 and _is_number(t[0]) and math.isfinite(t[0]) and t[0] >= 0
+        and isinstance(t[1], int) and not isinstance(t[1], bool) and t[1] >= 0 for t in totals)  # fmt: skip
+    if totals is not None and not fine:
+        raise QoqoptError(f"{where} is not a list of [KLD sum, positions] pairs, one per chat")
 
 
 def _check_numbers(obj, where: str) -> None:
@@ -414,11 +427,35 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
     out += ["", f"95% CI: the range the mean KLD took over {DRAWS} redraws of these chats (a percentile bootstrap, "
             "a chat's positions drawn together, as they share its image and reply; with 20 chats it holds the mean "
             "a little less often than 95%): how much the number rests on which chats were drawn. Every build is "
-            "measured on the same chats, so their difference is surer than two overlapping ranges suggest.", "",
+            "measured on the same chats, so their difference is surer than two overlapping ranges suggest "
+            "(the paired table).", "",
             f"★ Pareto-optimal: {PARETO_PHRASE} smaller and lower in mean KLD. Size: every file a build "
             "loads (a GGUF build's text file and mmproj; a GPTQ/AWQ build's safetensors and config); for the "
             "reference, a dtype or a bitsandbytes variant, its weights as loaded in that dtype or quantization.", ""]
-    return out + _unboxed_lines(rows, runs[0]) + _domain_table(rows, which)
+    return out + _unboxed_lines(rows, runs[0]) + _domain_table(rows, which) + _paired_table(rows, which)
+
+
+def _paired_table(rows: dict[str, dict], which: str = "") -> list[str]:
+    """Each build against the next smaller one, on the same redraws of the same chats: whether the
+    extra bytes buy a drift these chats can tell apart. Builds measured before bench kept its
+    chats' totals have no row."""
+    builds = [(n, v) for n, v in _by_size(rows) if n != "reference" and v["drift"]["all"].get(CHATS)]
+    pairs = [(small, big, kld_ratio_interval(small[1]["drift"]["all"][CHATS], big[1]["drift"]["all"][CHATS]))
+             for small, big in zip(builds, builds[1:])]  # fmt: skip
+    pairs = [(small, big, ci) for small, big, ci in pairs if ci is not None]
+    if not pairs:
+        return []
+    out = [f"## Each build against the next smaller one (paired){which}", "",
+           "Mean KLD divided by the next smaller build's, over the same redraws of the same chats (95% CI: "
+           "2.5th to 97.5th percentile of the ratio). A chat that is hard for one build is hard for the other, "
+           "so the ratio's range is narrower than the two means' ranges.", "",
+           files_comment((None, big[1]) for _, big, _ in pairs),
+           "| variant | against | mean KLD ratio | 95% CI | told apart |", "|---|---|---:|---:|---|"]
+    for (small, _), (name, v), (low, high) in pairs:
+        ratio = v["drift"]["all"]["mean_kld"] / rows[small]["drift"]["all"]["mean_kld"]
+        verdict = "yes, lower" if high < 1 else "yes, higher" if low > 1 else "no, not by these chats"
+        out.append(f"| {name} | {small} | {ratio:.3g} | {low:.3g}–{high:.3g} | {verdict} |")
+    return out + [""]
 
 
 def _interval(pair) -> str:

@@ -108,6 +108,11 @@ def test_drift_fields_and_worst_domain(run_1t):
         chats = [drift[d]["mean_kld"] for d in drift if d != "all"]
         low, high = a["mean_kld_ci95"]
         assert min(chats) <= low < high <= max(chats)
+        # the chats' totals kept for the report's paired table pool to the run's own mean, chat by chat
+        totals = a["chat_kld"]
+        assert len(totals) == a["items"] and sum(n for _, n in totals) == a["positions"]
+        assert sum(s for s, _ in totals) / a["positions"] == pytest.approx(a["mean_kld"], rel=1e-9)
+        assert sorted(s / n for s, n in totals) == pytest.approx(sorted(chats), rel=1e-9)
     # Q4_K_M must stray further than Q8_0, which is near the bf16 rounding floor
     assert v["gguf:Q4_K_M"]["drift"]["all"]["mean_kld"] > 3 * v["gguf:Q8_0"]["drift"]["all"]["mean_kld"]
 

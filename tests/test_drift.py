@@ -173,3 +173,34 @@ def test_the_mean_klds_interval_covers_the_true_mean_as_a_95_percent_interval_sh
     apart = levels.mean() + 2 * (levels - levels.mean())
     (low, high), (low2, high2) = (mean_kld_interval([np.full(25, x) for x in v]) for v in (levels, apart))
     assert high2 - low2 == pytest.approx(2 * (high - low))
+
+
+def test_the_paired_ratio_interval_covers_the_true_ratio_and_tells_apart_what_overlapping_ranges_cannot():
+    """Two builds measured on the same chats: a chat that is hard for one is hard for the other. Over
+    300 simulated evals of 20 chats, where build B's positions drift 0.8x build A's around each chat's
+    own level, the paired interval of B's pooled mean over A's holds the true 0.8 about 95% of the
+    time (0.85..0.99), and tells the builds apart (wholly under 1) in most evals where their own
+    95% intervals overlap: the per-build ranges could not."""
+    from qoqopt.bench.intervals import chat_totals, kld_ratio_interval, mean_kld_interval
+
+    rng, ratio = np.random.default_rng(2), 0.8
+    hits = told = overlap = 0
+    for _ in range(300):
+        levels, sizes = rng.gamma(2.0, 1e-5, size=20), rng.integers(10, 41, size=20)
+        a = [rng.exponential(level, size=n) for level, n in zip(levels, sizes)]
+        b = [rng.exponential(ratio * level, size=n) for level, n in zip(levels, sizes)]
+        seed = int(rng.integers(1 << 30))
+        low, high = kld_ratio_interval(chat_totals(a), chat_totals(b), draws=500, seed=seed)
+        hits += low <= ratio <= high
+        (la, ha), (lb, hb) = mean_kld_interval(a, 500, seed), mean_kld_interval(b, 500, seed)
+        both_overlap = lb <= ha and la <= hb
+        overlap += both_overlap
+        told += both_overlap and high < 1
+    assert 0.85 <= hits / 300 <= 0.99, hits
+    assert overlap >= 250 and told >= 0.7 * overlap, (overlap, told)
+    chats = [rng.exponential(1e-5, size=n) for n in (12, 30, 7)]
+    assert kld_ratio_interval(chat_totals(chats), chat_totals([2 * c for c in chats])) == pytest.approx([2, 2])
+    # not the same chats (positions differ), one chat, or a base with no drift: no ratio to give
+    assert kld_ratio_interval(chat_totals(chats), chat_totals([c[:-1] for c in chats])) is None
+    assert kld_ratio_interval(chat_totals(chats[:1]), chat_totals(chats[:1])) is None
+    assert kld_ratio_interval(chat_totals([0 * c for c in chats]), chat_totals(chats)) is None

@@ -964,3 +964,31 @@ def test_a_builds_source_licence_text_goes_with_it(tiny_dir, tmp_path):
     copied.mkdir()
     assert {"LICENSE", "NOTICE", "tokenizer.json"} <= set(_copy_support_files(source, copied))
     assert (copied / "LICENSE").read_text() == text
+
+
+def test_a_card_keeps_the_paired_rows_of_its_own_builds():
+    """The report's paired table (each build against the next smaller one) goes through the same
+    narrowing as the drift table: a card keeps the rows whose build is its own and names what each
+    was compared with; a card with no such row drops the section."""
+    from qoqopt.publish import tables_for_build
+    from qoqopt.report import SCHEMA, render_markdown
+
+    def chats(scale):
+        return {"chat_kld": [[scale * s, n] for s, n in ((3e-3, 30), (1e-2, 12), (4e-4, 40))]}
+
+    q4, gptq, q8 = (_measured("gguf:Q4_K_M", "aa", 1e-4), _measured("gptq:4", "dd", 5e-5),
+                    _measured("gguf:Q8_0", "cc", 1e-6))  # fmt: skip
+    for v, size, scale in ((q4, 50e6, 1.0), (gptq, 60e6, 0.5), (q8, 90e6, 0.01)):
+        v["size_bytes"] = size
+        v["drift"]["all"] |= chats(scale)
+        v["drift"]["all"]["mean_kld"] = sum(s for s, _ in chats(scale)["chat_kld"]) / 82
+    run = {"schema": SCHEMA, "run": {"machine": {"label": "cpu"}}, "variants": [q4, gptq, q8]}
+    report = render_markdown([run])
+    paired = "## Each build against the next smaller one (paired)"
+    gguf_card, _ = tables_for_build(report, "gguf", {"aa" * 32, "cc" * 32, "ee" * 32})
+    gguf_rows = [ln for ln in gguf_card.split(paired)[-1].split("\n## ")[0].splitlines() if ln.startswith("| gguf")]
+    assert paired in gguf_card and gguf_rows == ["| gguf:Q8_0 | gptq:4 | 0.02 | 0.02–0.02 | yes, lower |"]
+    gptq_card, _ = tables_for_build(report, "gptq", {"dd" * 32, "ee" * 32})
+    assert "| gptq:4 | gguf:Q4_K_M | 0.5 | 0.5–0.5 | yes, lower |" in gptq_card and "| gguf:Q8_0 | gptq:4 |" not in gptq_card
+    q4_card, _ = tables_for_build(report, "gguf", {"aa" * 32, "ee" * 32})
+    assert "(paired)" not in q4_card

@@ -596,3 +596,47 @@ def test_result_text_cannot_write_markdown_or_html_into_a_card(tmp_path, capsys)
     bad["variants"][1]["drift"]["<b>ct</b>"] = bad["variants"][1]["drift"]["ct"]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     assert "'<b>ct</b>' is not a clinical domain name" in refused(["report", tmp_path / "bad.json", "--out", tmp_path / "rep2"], capsys)
+
+
+def _with_chats(v: dict, totals: list[list[float]]) -> None:
+    """Give a variant its chats' [KLD sum, positions], and the pooled mean they make, as bench writes them."""
+    v["drift"]["all"].update(chat_kld=totals, mean_kld=sum(s for s, _ in totals) / sum(n for _, n in totals))
+
+
+def test_each_build_is_compared_with_the_next_smaller_one_on_the_same_chats(tmp_path):
+    """The per-build 95% ranges overlap for builds these chats do tell apart (they share chats). The
+    paired table divides each build's mean KLD by the next smaller build's over the same redraws:
+    a build at half its neighbour's drift on every chat is told apart however the chats vary; one
+    that is better on some chats and worse on others is not. Read back through markdown-it-py."""
+    from qoqopt.report import render_markdown
+
+    run = _run("cpu", 1.0)
+    v = {x["name"]: x for x in run["variants"]}
+    levels = [1e-3, 8e-3, 2e-4, 5e-3, 3e-2, 7e-4]  # chats far apart: each build's own range is wide
+    base = [[level * n, n] for level, n in zip(levels, (30, 12, 40, 25, 9, 33))]
+    _with_chats(v["gguf:Q4_K_M"], base)  # 50 MB
+    _with_chats(v["gptq:4"], [[s / 2, n] for s, n in base])  # 55 MB: half on every chat
+    spread = (0.5, 0.7, 0.5, 0.8, 0.3, 0.5)  # over gptq:4's: 1.0 to 1.6 on its big chats, 0.6 on the biggest
+    _with_chats(v["gguf:Q5_K_M"], [[s * f, n] for (s, n), f in zip(base, spread)])  # 60 MB
+    _with_chats(v["gguf:Q8_0"], [[3 * s * f, n] for (s, n), f in zip(base, spread)])  # 90 MB: 3x Q5_K_M's everywhere
+    md = render_markdown([run])
+    rows = _rendered_rows(md.split("## Each build against the next smaller one (paired)")[1].split("\n## ")[0])
+    assert rows[0] == ["variant", "against", "mean KLD ratio", "95% CI", "told apart"]
+    got = {r[0]: r[1:] for r in rows[1:]}
+    assert got == {"gptq:4": ["gguf:Q4_K_M", "0.5", "0.5–0.5", "yes, lower"],
+                   "gguf:Q5_K_M": got["gguf:Q5_K_M"], "gguf:Q8_0": ["gguf:Q5_K_M", "3", "3–3", "yes, higher"]}
+    q5 = got["gguf:Q5_K_M"]
+    low, high = map(float, q5[2].split("–"))
+    assert q5[0] == "gptq:4" and low < 1 < high and q5[3] == "no, not by these chats"
+    ratio = v["gguf:Q5_K_M"]["drift"]["all"]["mean_kld"] / v["gptq:4"]["drift"]["all"]["mean_kld"]
+    assert float(q5[1]) == pytest.approx(ratio, rel=1e-2) and low <= ratio <= high
+    # a result whose totals are not [sum, positions] pairs is refused in one line
+    v["gguf:Q8_0"]["drift"]["all"]["chat_kld"] = [[1e-3, 2.5]]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(run))
+    res = run_cli("report", str(path), "--out", str(tmp_path / "rep"))
+    assert res.returncode != 0 and "drift.all.chat_kld is not a list of [KLD sum, positions] pairs" in res.stderr
+    # results from before bench kept the totals: no paired table
+    for x in run["variants"]:
+        (x.get("drift") or {}).get("all", {}).pop("chat_kld", None)
+    assert "(paired)" not in render_markdown([run])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..drift import ItemDrift, aggregate_items, answer_score, extract_boxed, position_stats, worst_domain
 from .eval_set import eval_items, load_reference, ref_logits, save_reference
-from .intervals import mean_kld_interval
+from .intervals import chat_totals, mean_kld_interval
 from .machine import ru_maxrss_mib
 from .speed import SpeedSettings, measure
 from .variants import Variant
@@ -105,6 +105,7 @@ def drift_json(per_item: list[ItemDrift]) -> tuple[dict, str | None]:
     if "all" in drift and any(it.stats is not None for it in per_item):
         chats = [it.stats["kld"] for it in per_item if it.stats is not None]
         drift["all"]["mean_kld_ci95"] = mean_kld_interval(chats)
+        drift["all"]["chat_kld"] = chat_totals(chats)  # for the report's paired comparison of builds
     return drift, worst_domain(report)
 
 

@@ -10,8 +10,9 @@ examples:
   qoqopt report results/*.json --out results/report           # merge every machine's run
   qoqopt report results/h100.json results/laptop.json --out r
 
-Writes report.md (drift table with Pareto-optimal builds marked, per-domain drift, speed per
-machine side by side, failed variants) and PNG plots: drift against file size and a per-domain
+Writes report.md (drift table with Pareto-optimal builds marked, per-domain drift, each build's
+mean KLD against the next smaller build's on the same chats, with a paired 95% interval that says
+whether these chats tell the two apart, speed per machine side by side, failed variants) and PNG plots: drift against file size and a per-domain
 drift heat map for each drift set (runs of one reference, eval set and settings; a second set's plots
 end in -2), and decode speed per variant per machine. `qoqopt publish --results
 OUT/report.md` puts the tables into the model card.
