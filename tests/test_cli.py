@@ -70,7 +70,8 @@ def test_export_fills_only_its_own_family(monkeypatch):
     assert gguf["passed"] == {"revision", "force"}  # every other choice travels inside GGUFOptions
     gptq = _export_call(monkeypatch, "--format", "gptq", "--bits", "8")
     assert (gptq["bits"], gptq["group_size"], gptq["calib"]) == (8, 128, "clinical")
-    assert gptq["passed"] == {"order", "force", "seed", "revision", "bits"}  # given options only, none of GGUF's
+    # given options only, none of GGUF's; threads always (the command caps the default by a CPU quota)
+    assert gptq["passed"] == {"order", "force", "seed", "revision", "bits", "threads"}
     # --threads serves both families: llama.cpp's quantizer, torch's calibration
     assert _export_call(monkeypatch, "--format", "gguf", "--threads", "3")["threads"] == 3
     assert _export_call(monkeypatch, "--format", "awq", "--threads", "3")["threads"] == 3
@@ -439,3 +440,20 @@ def test_windows_is_refused_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(os, "name", "nt")
     assert main(["info", "anything"]) == 2
     assert capsys.readouterr().err == "error: qoqopt runs on Linux and macOS; on Windows, run it under WSL2\n"
+
+
+def test_export_threads_default_to_what_a_containers_cpu_quota_runs(monkeypatch):
+    """Neither llama.cpp's quantizer (one thread per hardware thread) nor torch (one per physical
+    core) reads a container's CPU quota: on a 64-CPU host with `--cpus 2` every export ran 32-64
+    threads throttled to 2 CPUs' time. The default is capped by the quota, for both families;
+    --threads is still taken as given."""
+    from qoqopt.bench import machine
+
+    monkeypatch.setattr(machine, "_usable_cpus", lambda: range(64))
+    monkeypatch.setattr(machine, "cpu_quota", lambda: 2)
+    for fmt in ("gguf", "gptq", "awq"):
+        assert _export_call(monkeypatch, "--format", fmt)["threads"] == 2, fmt
+        assert _export_call(monkeypatch, "--format", fmt, "--threads", "0")["threads"] == 2, fmt
+        assert _export_call(monkeypatch, "--format", fmt, "--threads", "5")["threads"] == 5, fmt
+    monkeypatch.setattr(machine, "cpu_quota", lambda: None)  # no quota: llama.cpp's own count, every usable CPU
+    assert _export_call(monkeypatch, "--format", "gguf")["threads"] == 64

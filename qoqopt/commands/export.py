@@ -74,10 +74,10 @@ def register(sub) -> None:
                    help="calibration chats: for the GGUF imatrix (default 64) or GPTQ/AWQ (default 128)")  # fmt: skip
     p.add_argument("--seed", type=seed, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--threads", type=count_or_all,
-                   help="quantizer threads: llama.cpp's for GGUF, torch's for GPTQ/AWQ (default: each library's own, "
-                        "llama.cpp one per hardware thread, torch one per physical core or OMP_NUM_THREADS; "
-                        "neither reads a container's CPU quota, which bench's default does). A CPU GPTQ/AWQ "
-                        "build's bytes follow the count, which its manifest records")  # fmt: skip
+                   help="quantizer threads: llama.cpp's for GGUF, torch's for GPTQ/AWQ (default and 0: for llama.cpp "
+                        "one per CPU this process may use, for torch one per physical core or OMP_NUM_THREADS, as "
+                        "torch chooses; either capped by a container's CPU quota, which neither library reads). "
+                        "A CPU GPTQ/AWQ build's bytes follow the count, which its manifest records")  # fmt: skip
     g = p.add_argument_group("gguf")
     g.add_argument("--quant", help="comma-separated types, e.g. Q4_K_M,Q5_K_M,Q6_K,Q8_0,IQ4_XS,F16,BF16 (default Q4_K_M)")
     g.add_argument("--imatrix", metavar="clinical|none|FILE", help="importance matrix source (default: clinical)")
@@ -153,8 +153,19 @@ def _given(args, dests) -> dict:
     return {d: getattr(args, d) for d in dests if getattr(args, d) is not None}
 
 
+def default_threads(fmt: str) -> int:
+    """llama.cpp's quantizer takes every hardware thread of the host, torch one per physical core,
+    and neither reads a CPU quota or (llama.cpp) the affinity mask: `docker --cpus 2` on a 64-thread
+    host ran 64 threads throttled to 2 CPUs' time. Here: the CPUs this process may use, capped by
+    its quota, for llama.cpp; torch's own count under the same cap for GPTQ/AWQ."""
+    from ..bench.machine import threads_or_default, usable_cores
+
+    return usable_cores() if fmt == "gguf" else threads_or_default(0)
+
+
 def run(args) -> int:
     refuse_foreign_options(args)
+    args.threads = args.threads or default_threads(args.format)
     if args.format in ("gptq", "awq"):
         from ..exports.hf_quant import export_hf_quant
 
