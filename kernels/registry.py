@@ -129,13 +129,17 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     A packed linear of another library (GPTQModel's, AutoAWQ's) is replaced only where the replacement
     answers a few random rows as that layer's own forward does (a kernel's repack at load reorders its
     words); a layer the kernels cannot run (group_size not a multiple of 16) is left as it is. Either
-    is named in ``report.skipped`` (QoqoptError when ``strict``).
+    is named in ``report.skipped`` (QoqoptError when ``strict``; the modules swapped before it stay,
+    each computing as the one it replaced, and a second apply refuses the model: load it again).
     A model is patched once; the kernels run under ``torch.inference_mode()`` or ``torch.no_grad()``
     (a forward recording autograd runs the torch references, and says so once).
     """
     if not isinstance(model, nn.Module):
         raise QoqoptError(f"apply: expects the loaded model (a torch.nn.Module such as transformers' "
                           f"Qwen2_5_VLForConditionalGeneration), got {type(model).__name__}")  # fmt: skip
+    if getattr(model, _PATCHED, False) == _PARTLY:
+        raise QoqoptError(f"apply: this {type(model).__name__} was partly patched by an apply that stopped "
+                          "(strict=True); load it again to apply")  # fmt: skip
     if getattr(model, _PATCHED, False):
         raise QoqoptError(f"apply: this {type(model).__name__} is patched already (apply patches in place, once)")
     if w4a16_words not in W4A16_WORDS:
@@ -155,24 +159,13 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     ctx = PatchContext(strict=strict, merger_plan=merger, dtype=first.dtype)
     report = PatchReport(counts={p.op: 0 for p in REGISTRY}, backend="torch" if reason else "triton",
                          fallback_reason=f"torch reference: {reason}" if reason else None, merger_plan=merger)
-    for path, patch in _find_targets(model):
-        if not path:
-            raise QoqoptError(f"apply: patches the modules inside a model; give it the model that holds this "
-                              f"{type(model).__name__}, not the {type(model).__name__} itself")  # fmt: skip
-        # fetched by path, one at a time: a replaced module (a foreign layer that was repacked) is
-        # freed as soon as it is swapped out, not kept alive by a list until every build is done
-        module = model.get_submodule(path)
-        try:
-            replacement = patch.build(module, ctx)
-        except QoqoptError as err:
-            if strict:
-                raise QoqoptError(f"apply: {path}: {err}") from err
-            report.skipped[path] = str(err)
-            continue
-        if replacement is not module:
-            _set_submodule(model, path, replacement)
-        del module, replacement
-        report.counts[patch.op] += 1
+    targets = _find_targets(model)
+    if any(not path for path, _ in targets):
+        raise QoqoptError(f"apply: patches the modules inside a model; give it the model that holds this "
+                          f"{type(model).__name__}, not the {type(model).__name__} itself")  # fmt: skip
+    if any(patch.op == "vision_attention" for _, patch in targets):
+        _plans_per_forward(model, ctx.plans)  # before any swap: a stopped apply's attention layers need it too
+    _swap(model, targets, ctx, report)
     if not any(report.counts.values()):
         if report.skipped:  # every match refused: say why (they share a reason, as a whole checkpoint's bits)
             path, why = next(iter(report.skipped.items()))
@@ -180,8 +173,6 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
             raise QoqoptError(f"apply: nothing could be patched in {type(model).__name__}: {path}: {why}{more}")
         raise QoqoptError(f"apply: nothing to patch in {type(model).__name__} (expected a Qwen2.5-VL model)")
     setattr(model, _PATCHED, True)
-    if report.counts["vision_attention"]:
-        _plans_per_forward(model, ctx.plans)
     if fuse:
         report.counts |= fuse_projections(model, report.skipped)
     if w4a16_words != "gptq":
@@ -192,7 +183,44 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     return report
 
 
+def _swap(model: nn.Module, targets: list[tuple[str, Patch]], ctx: PatchContext, report: PatchReport) -> None:
+    """Build each target's replacement and swap it in, counting it in ``report`` (or naming it in
+    ``report.skipped`` where it is refused, unless ``ctx.strict``)."""
+    swapped = 0
+    try:
+        for path, patch in targets:
+            # fetched by path, one at a time: a replaced module (a foreign layer that was repacked) is
+            # freed as soon as it is swapped out, not kept alive by a list until every build is done
+            module = model.get_submodule(path)
+            try:
+                replacement = patch.build(module, ctx)
+            except QoqoptError as err:
+                if ctx.strict:
+                    raise QoqoptError(f"apply: {path}: {err}{_left_behind(swapped)}") from err
+                report.skipped[path] = str(err)
+                continue
+            if replacement is not module:
+                _set_submodule(model, path, replacement)
+                swapped += 1
+            del module, replacement
+            report.counts[patch.op] += 1
+    except BaseException:
+        if swapped:  # a strict refusal, or an error (out of memory) part-way
+            setattr(model, _PATCHED, _PARTLY)
+        raise
+
+
+def _left_behind(swapped: int) -> str:
+    """What a strict apply that stops leaves: the modules swapped before it stay (each computes as
+    the one it replaced; putting them back would mean holding every original, a foreign layer's
+    words twice, until the end), and the model is marked so that a second apply refuses it."""
+    return (f" ({swapped} module(s) before it were replaced already, each computing as the one it replaced; "
+            "load the model again to apply)") if swapped else ""
+
+
 _PATCHED = "_qoqopt_kernels_applied"  # set on a patched model: a second apply() would find only its own modules
+_PARTLY = "partly"  # its value where a strict apply stopped after swapping modules
+
 
 
 def _use_fragment_words(model: nn.Module, report: PatchReport, no_triton: str | None, explain: bool) -> int:

@@ -106,16 +106,28 @@ def test_apply_matches_unpatched_model(interpreter, merger, monkeypatch):
     assert (plans.builds, plans.table_builds) == (2, 1)
 
 
-def test_a_cu_seqlens_buffer_refilled_in_place_is_read_afresh(interpreter):
+@pytest.mark.parametrize("stopped", [False, True], ids=["applied", "strict-apply-stopped-at-the-merger"])
+def test_a_cu_seqlens_buffer_refilled_in_place_is_read_afresh(interpreter, stopped, monkeypatch):
     """transformers' vision tower takes ``cu_seqlens`` precomputed from its caller (vision_utils), who
     may refill one buffer between forwards. Under inference_mode that buffer has no version counter,
     so the attention plans live one forward of the tower: a second batch of as many patches, cut into
-    images differently, gives what transformers' tower gives (a stale plan was 1.2 off in places)."""
-    from qoqopt.kernels import apply
+    images differently, gives what transformers' tower gives (a stale plan was 1.2 off in places).
+    Also where a strict apply stopped after the attention layers were swapped (their per-forward
+    reset was only set up at the end, so a stopped apply left them reading stale plans)."""
+    from qoqopt.kernels import apply, registry
 
     pytest.importorskip("transformers.vision_utils", reason="this transformers computes cu_seqlens itself")
     model, reference = tiny_model(), tiny_model()
-    apply(model)
+    if stopped:
+        def refuse(*args):
+            raise QoqoptError("refused for this test")
+
+        monkeypatch.setattr(registry.FusedPatchMerger, "from_hf", refuse)
+        with pytest.raises(QoqoptError, match=r"merger: refused for this test \(\d+ module\(s\) before it were replaced"):
+            apply(model, strict=True)
+        assert type(model.model.visual.blocks[0].attn).__name__ == "FusedVisionAttention"
+    else:
+        apply(model)
     vision = model.config.vision_config
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     g = torch.Generator().manual_seed(1)

@@ -157,8 +157,20 @@ def test_a_foreign_layer_whose_words_were_reordered_at_load_is_refused(interpret
     x = torch.randn(3, 128, device=DEVICE)
     with torch.inference_mode():
         torch.testing.assert_close(model[0](x), x @ right.spec_weight.T.to(DEVICE), **FP32)
-    with pytest.raises(QoqoptError, match=r"^apply: 1: ExllamaV2QuantLinear: its own forward and the GPTQ"):
-        apply(nn.Sequential(torch_gptq(act_order=act_order), exllama_v2(act_order)), strict=True)
+    # strict stops at the reordered layer, after the first was swapped: the swap stays (it computes as
+    # the layer it replaced), the error says so, and a second apply refuses the part-patched model
+    model = nn.Sequential(torch_gptq(act_order=act_order), exllama_v2(act_order))
+    with pytest.raises(QoqoptError, match=r"^apply: 1: ExllamaV2QuantLinear: its own forward and the GPTQ.*\(1 "
+                       r"module\(s\) before it were replaced already.*load the model again to apply\)$"):
+        apply(model, strict=True)
+    assert isinstance(model[0], QuantLinear) and model[1] is not None and not isinstance(model[1], QuantLinear)
+    with pytest.raises(QoqoptError, match="^apply: this Sequential was partly patched by an apply that stopped"):
+        apply(model)
+    nothing_swapped = nn.Sequential(exllama_v2(act_order), torch_gptq(act_order=act_order))
+    with pytest.raises(QoqoptError, match=r"^apply: 0: ExllamaV2QuantLinear: its own forward") as stopped:
+        apply(nothing_swapped, strict=True)  # stopped before any swap: nothing left behind, nothing to say
+    assert "replaced already" not in str(stopped.value)
+    assert apply(nothing_swapped).counts["w4a16"] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
