@@ -1125,7 +1125,8 @@ def test_user_jsonl_eval_set(tiny_dir, tmp_path):
     user_set.parent.mkdir()
     user_set.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     result, _, _ = _bench(tiny_dir, tmp_path / "out", "--variants", "bf16", "--eval", str(user_set),
-                          "--no-speed", "--threads", "1")  # fmt: skip
+                          "--no-speed", "--threads", "1", "--answer-tokens", "16")  # fmt: skip
+    # (the random-weight model never ends its answer: 16 tokens, not 1024, of each reply are enough here)
     assert result["run"]["eval"]["domains"] == {"ct": 1, "mri": 1}
     # results travel between sites and onto cards: the set goes by its sha256, not its path or name
     assert result["run"]["eval"]["source"] == f"a user JSONL set (sha256 {hashlib.sha256(user_set.read_bytes()).hexdigest()[:12]})"
