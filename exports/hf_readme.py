@@ -79,7 +79,7 @@ them from_pretrained, or the processor's video part, stops with an ImportError){
     model = load_with_quant_linear({path}, dtype=torch.bfloat16).to("cuda")
     print(apply(model))  # also the vision tower's kernels; q/k/v and gate/up fused
 
-**Check an answer**: `qoqopt ask {where} --item {ASK_ITEM} --max-tokens 1024` (or `--image scan.png --question
+**Check an answer**: `qoqopt ask {where} --item {ASK_ITEM}` (or `--image scan.png --question
 "..."`; QoQ-Med reasons at length before its `\\boxed{{}}` answer)."""
 
 

@@ -59,8 +59,9 @@ def register(sub) -> None:
                         "for, CUDA or a Mac's Metal, which PyPI's source builds there by default), else the "
                         "CPU; cuda for a GGUF: that GPU, or an error")  # fmt: skip
     p.add_argument("--threads", type=count_or_all, default=0, help="CPU threads for llama.cpp and torch (default and 0: one per physical core this process may use, as llama.cpp and torch choose; fewer where OMP_NUM_THREADS asks for fewer, as torch takes it)")
-    p.add_argument("--max-tokens", type=positive_int, default=64, help="reply length limit (default 64: the mini model's answers; QoQ-Med's own think at length "
-                        "before their \\boxed{} answer: give it 1024)")
+    p.add_argument("--max-tokens", type=positive_int, default=1024, help="reply length limit (default 1024: QoQ-Med "
+                        "thinks at length before its \\boxed{} answer, ~125 tokens for a short one and up to ~1000; "
+                        "the reply stops sooner where the model ends it)")
     p.add_argument("--revision", help="Hub branch, tag or commit of BUILD (default: main)")
     p.set_defaults(func=run)
 
