@@ -41,16 +41,14 @@ def own_dataset(text: str) -> str:
     return text if _OWN["imatrix.datasets"].match(text) else GIVEN_DATASET
 
 
-def is_hub_id(name: str) -> bool:
-    """A Hub repo id, not a local folder of that shape (``out/mini`` here is the folder)."""
-    from qoqopt.publish import is_repo_id
-
-    return is_repo_id(name) and not Path(name).exists()
-
-
 def recorded_local_names(folder: Path, manifest: dict) -> list[str]:
     """Each "file key: value" of the build's listed files that qoqopt does not write there. Files
-    that are missing are left to the upload's own check."""
+    that are missing are left to the upload's own check. A source is a Hub id only where it is the
+    one the export recorded with its commit (`publish.hub_source`): ``runs/DOE_JOHN`` has a Hub
+    id's shape, and whether a folder of that name exists depends on where publish runs."""
+    from qoqopt.publish import hub_source
+
+    hub = hub_source(manifest)
     found = [f"manifest.json {key}: {text}" for key, text in _manifest_texts(manifest) if not _OWN[key].match(str(text))]
     for entry in manifest.get("files", []):
         rel = entry_path(entry)
@@ -58,10 +56,10 @@ def recorded_local_names(folder: Path, manifest: dict) -> list[str]:
         if not path.is_file():
             continue
         if rel.endswith(".gguf"):
-            found += [f"{rel} {key}: {value}" for key, value in _gguf_names(path)]
+            found += [f"{rel} {key}: {value}" for key, value in _gguf_names(path, hub, manifest)]
         elif Path(rel).name in _SOURCE_KEYS:
             key = _SOURCE_KEYS[Path(rel).name]
-            found += [f"{rel} {key}: {value}" for value in _json_source(path, key)]
+            found += [f"{rel} {key}: {value}" for value in _json_source(path, key, hub)]
     return found
 
 
@@ -74,23 +72,29 @@ def _manifest_texts(manifest: dict) -> list[tuple[str, str]]:
     return [(key, text) for key, text in texts if text is not None]
 
 
-def _gguf_names(path: Path) -> list[tuple[str, str]]:
+def _gguf_names(path: Path, hub: str | None, manifest: dict) -> list[tuple[str, str]]:
+    """The GGUF's keys that name where it came from: its source, and the imatrix it was quantized
+    with (llama-quantize's keys, in every text GGUF: an older qoqopt wrote the imatrix's path there)."""
     from qoqopt.exports.gguf_header import read_header
 
     try:
         kv = read_header(path).kv
     except QoqoptError:
         return []  # not a GGUF header: it has no keys to name anything in
-    source, datasets = kv.get("qoqopt.source"), kv.get("imatrix.datasets")
-    names = [("qoqopt.source", source)] if source is not None and source != LOCAL_SOURCE and not is_hub_id(str(source)) else []
+    own_file = (manifest.get("imatrix") or {}).get("file")
+    checks = {"qoqopt.source": lambda v: v in (LOCAL_SOURCE, hub),
+              "quantize.imatrix.file": lambda v: v == own_file,
+              "quantize.imatrix.dataset": lambda v: bool(_OWN["imatrix.datasets"].match(v))}  # fmt: skip
+    names = [(key, kv[key]) for key, fine in checks.items() if kv.get(key) is not None and not fine(str(kv[key]))]
+    datasets = kv.get("imatrix.datasets")
     if isinstance(datasets, int):  # a list too long for the header reader to keep: unread, so not vouched for
         return names + [("imatrix.datasets", f"{datasets} names, not read")]
     return names + [("imatrix.datasets", d) for d in datasets or [] if not _OWN["imatrix.datasets"].match(str(d))]
 
 
-def _json_source(path: Path, key: str) -> list[str]:
+def _json_source(path: Path, key: str, hub: str | None) -> list[str]:
     try:
         value = json.loads(path.read_text(encoding="utf-8")).get(key)
     except (ValueError, AttributeError):
         return []  # not a JSON object: the loaders' checks say so
-    return [value] if isinstance(value, str) and value and not is_hub_id(value) else []
+    return [value] if isinstance(value, str) and value and value != hub else []

@@ -17,7 +17,7 @@ from pathlib import Path, PurePath
 from .errors import QoqoptError
 from .fileio import sha256_file
 from .hub_license import QOQ_MED_REPO, UNNAMED as UNNAMED_LICENSE, CardLicense, NoLicense, card_license
-from .local_names import is_hub_id, own_eval_set, recorded_local_names
+from .local_names import own_eval_set, recorded_local_names
 from .report import inline_text
 from .manifest import (
     BUILD_FORMATS, entry_path, gguf_entries, gguf_quants, listed_file, preferred_quant, read_manifest, source_id,
@@ -316,7 +316,7 @@ def _evidence(results_md: str, manifest: dict) -> list[str]:
         raise QoqoptError(f"--results: the report measured none of this build's files (its {fmt} rows are of "
                           "other builds); bench this build and run `qoqopt report` on that")  # fmt: skip
     # the report's sections sit under the card's Evidence heading, one level down
-    tables = re.sub(r"^## ", "### ", without_local_paths(tables), flags=re.M)
+    tables = re.sub(r"^## ", "### ", without_local_paths(tables, hub_source(manifest)), flags=re.M)
     built = [f"{fmt}:{q}" for q in gguf_quants(manifest)] if fmt == "gguf" else []
     missing = [v for v in built if v not in measured]
     return [tables] + (["", f"Not measured in these results: {', '.join(missing)}."] if missing else [])
@@ -326,12 +326,13 @@ _LOCAL_REFERENCE = re.compile(r"Reference: `([^`]*)`")
 _EVAL_SET = re.compile(r"eval set `([^`]*)`")
 
 
-def without_local_paths(report_md: str) -> str:
+def without_local_paths(report_md: str, hub: str | None) -> str:
     """The report's text less the local paths it names (they say nothing to a card's reader, and
-    name the user's folders): a reference read from a local folder is the original model; an eval
+    name the user's folders): a reference other than the Hub repo the build was exported from
+    (``hub``; a relative folder can have a repo id's shape) is the original model; an eval
     set not named as bench names one now (the built-in set, or a user set by its sha256: older
     results named it by its path) is "a user JSONL set"."""
-    md = _LOCAL_REFERENCE.sub(lambda m: m.group(0) if is_hub_id(m.group(1)) else "Reference: the original model",
+    md = _LOCAL_REFERENCE.sub(lambda m: m.group(0) if m.group(1) == hub else "Reference: the original model",
                               report_md)  # fmt: skip
     return _EVAL_SET.sub(lambda m: m.group(0) if own_eval_set(m.group(1)) else "eval set `a user JSONL set`", md)
 

@@ -789,6 +789,14 @@ def test_local_paths_stay_home(export_dir, tmp_path):
     (export_dir / "manifest.json").write_text(json.dumps(m))
     notes = plan_upload(export_dir, "me/x", base_model="ddvd233/QoQ-Med-VL-7B").notes
     assert "the build's file names and GGUF general.name are 'qoq-7b', the name of that folder; `qoqopt export --name` chooses another" in notes
+    # a relative folder has a repo id's shape, whether or not it exists where publish runs: a reference
+    # stays named only where it is the Hub repo the build was exported from
+    from qoqopt.publish import without_local_paths
+
+    md = "Reference: `runs/DOE_JOHN` (bfloat16).\nReference: `ddvd233/QoQ-Med-VL-7B` (bfloat16)."
+    assert without_local_paths(md, "ddvd233/QoQ-Med-VL-7B") == (
+        "Reference: the original model (bfloat16).\nReference: `ddvd233/QoQ-Med-VL-7B` (bfloat16).")
+    assert without_local_paths(md, None).count("Reference: the original model") == 2
 
 
 def test_a_dry_run_looks_at_the_target_repo(export_dir):
@@ -875,7 +883,7 @@ def test_local_names_in_the_builds_files_refuse_the_upload(tmp_path, capsys):
     now = tmp_path / "new"
     clinical = "qoqopt clinical calib split (seed 0): 64 chats, 15130 tokens (7261 image tokens); domains: ct 15, mri 16"
     own = [clinical, "a user JSONL set (sha256 0123456789ab): 2 chats; image positions weighted 0.5", GIVEN_DATASET]
-    for source, how, trained in (("a local checkpoint", "calibrated", "Qwen/Qwen2.5-VL-7B-Instruct"),
+    for source, how, trained in (("a local checkpoint", "calibrated", "ddvd233/QoQ-Med-VL-7B"),
                                  ("ddvd233/QoQ-Med-VL-7B", "read from an imatrix file (sha256 0123456789ab)", "")):  # fmt: skip
         shutil.rmtree(now, ignore_errors=True)  # "" is what transformers saves for a config made in memory
         _local_names_build(now, source, own, "a user JSONL set (sha256 0123456789ab)", how, trained)
@@ -889,20 +897,28 @@ def test_local_names_in_the_builds_files_refuse_the_upload(tmp_path, capsys):
     found = recorded_local_names(now, json.loads((now / "manifest.json").read_text()))
     assert found == [f"manifest.json calibration.source: {tails[0]}", *(f"manifest.json imatrix.datasets: {t}" for t in tails),
                      *(f"m.imatrix.gguf imatrix.datasets: {t}" for t in tails)]  # fmt: skip
-    # a source shaped like a Hub id that is a folder here names that folder; a list too long to read is not vouched for
+    # a source shaped like a Hub id is one only where it is the repo the export recorded with its commit:
+    # `runs/DOE_JOHN` names a folder whether or not one of that name is where publish runs (it passed
+    # wherever none was), and so does any other repo id there; a list too long to read is not vouched for
     (tmp_path / "owner" / "name").mkdir(parents=True)
     long = [f"set {i}" for i in range(65)]
-    shutil.rmtree(now)
-    _local_names_build(now, "owner/name", long, "a user JSONL set (sha256 0123456789ab)", "calibrated", "")
-    manifest = json.loads((now / "manifest.json").read_text())
-    manifest["imatrix"]["datasets"] = []
     cwd = os.getcwd()
-    try:
-        os.chdir(tmp_path)
-        assert recorded_local_names(now, manifest) == ["m.Q4_K_M.gguf qoqopt.source: owner/name",
-                                                       "m.imatrix.gguf imatrix.datasets: 65 names, not read"]  # fmt: skip
-    finally:
-        os.chdir(cwd)
+    for source, trained, where in (("owner/name", "", tmp_path), ("runs/DOE_JOHN", "runs/DOE_JOHN", now.parent),
+                                   ("a local checkpoint", "Qwen/Qwen2.5-VL-7B-Instruct", now.parent)):  # fmt: skip
+        shutil.rmtree(now)
+        _local_names_build(now, source, long, "a user JSONL set (sha256 0123456789ab)", "calibrated", trained)
+        manifest = json.loads((now / "manifest.json").read_text())
+        manifest["imatrix"]["datasets"] = []
+        os.chdir(where)
+        try:
+            found = recorded_local_names(now, manifest)
+        finally:
+            os.chdir(cwd)
+        named = [f"m.Q4_K_M.gguf qoqopt.source: {source}"] if source != "a local checkpoint" else []
+        named += ["m.imatrix.gguf imatrix.datasets: 65 names, not read"]
+        named += [f"{f} {key}: {trained}" for f, key in (("config.json", "_name_or_path"),
+                                                         ("tokenizer_config.json", "name_or_path")) if trained]  # fmt: skip
+        assert found == named, source
 
 
 def test_a_builds_notes_stay_plain_text_on_the_card(export_dir):
@@ -992,3 +1008,22 @@ def test_a_card_keeps_the_paired_rows_of_its_own_builds():
     assert "| gptq:4 | gguf:Q4_K_M | 0.5 | 0.5–0.5 | yes, lower |" in gptq_card and "| gguf:Q8_0 | gptq:4 |" not in gptq_card
     q4_card, _ = tables_for_build(report, "gguf", {"aa" * 32, "ee" * 32})
     assert "(paired)" not in q4_card
+
+
+def test_llama_quantizes_imatrix_keys_are_checked_for_local_names(tmp_path):
+    """llama-quantize's keys name the imatrix in every text GGUF made with one: an older qoqopt wrote
+    the calibration set's path and the imatrix file as given there. Written by gguf-py: only the
+    build's own imatrix file and qoqopt's own dataset words pass."""
+    from qoqopt.local_names import recorded_local_names
+
+    own = "a user JSONL set (sha256 0123456789ab): 2 chats"
+    for file, dataset, named in (("m.imatrix.gguf", own, []),
+                                 ("/home/dr/DOE.imatrix", "/home/dr/cases/Jane_Doe_MRN0012345.jsonl",
+                                  ["m.Q4_K_M.gguf quantize.imatrix.file: /home/dr/DOE.imatrix",
+                                   "m.Q4_K_M.gguf quantize.imatrix.dataset: /home/dr/cases/Jane_Doe_MRN0012345.jsonl"])):  # fmt: skip
+        build = tmp_path / str(len(named))
+        build.mkdir()
+        entry = _write_gguf(build / "m.Q4_K_M.gguf", qoqopt__source="a local checkpoint",
+                            quantize__imatrix__file=file, quantize__imatrix__dataset=dataset)  # fmt: skip
+        manifest = {"format": "gguf", "files": [entry], "imatrix": {"file": "m.imatrix.gguf", "datasets": [own]}}
+        assert recorded_local_names(build, manifest) == named
