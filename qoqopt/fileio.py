@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -42,6 +43,17 @@ def removed_if_left_empty(*folders: Path) -> Iterator[None]:
             with contextlib.suppress(OSError):  # not empty, or never made
                 folder.rmdir()
         raise
+
+
+def read_json(path: Path):
+    """A JSON file's value, or a one-line error: bytes that are not UTF-8 (JSON's encoding, whatever
+    the locale's), not JSON, nested past what Python's parser takes, or a folder of that name."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise QoqoptError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    except IsADirectoryError:
+        raise QoqoptError(f"{path} is a folder, not a JSON file") from None
 
 
 class OutputExists(QoqoptError):

@@ -24,6 +24,7 @@ from typing import Any
 
 from .errors import QoqoptError
 from .hub_license import LICENSE_FILES
+from .fileio import read_json
 from .manifest import is_inside, is_int
 
 QWEN25VL_ARCHS = {"Qwen2_5_VLForConditionalGeneration"}
@@ -164,7 +165,7 @@ def _index(index: Path) -> tuple[dict[str, str], int | None]:
     """The index's tensor -> shard map and total size, every shard a safetensors file inside the
     checkpoint: the index comes with the model, and a name like ``/home/x/private.safetensors`` or
     ``../../x`` would make qoqopt read (and export, and publish) a file from elsewhere on this machine."""
-    data = _read_json(index)
+    data = read_json(index)
     weight_map = data.get("weight_map", {}) if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise QoqoptError(f"{index}: weight_map must map tensor names to shard files")
@@ -515,20 +516,13 @@ def find_chat_template(path: Path) -> str | None:
 
 def _json_if_there(path: Path) -> dict:
     """A JSON object file's content, {} when there is no such file (or it holds no object)."""
-    data = _read_json(path) if path.is_file() else {}
+    data = read_json(path) if path.is_file() else {}
     return data if isinstance(data, dict) else {}
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def read_json_object(path: Path) -> dict:
     """A checkpoint's JSON file that must hold an object (its keys are read with .get)."""
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise QoqoptError(f"{path} is not a JSON object (it holds a {type(data).__name__})")
     return data
@@ -588,7 +582,7 @@ def _config_json(path: Path, source: str) -> dict:
             raise QoqoptError(f"{source} holds GGUF files but no manifest.json (not a `qoqopt export` build); "
                               "`qoqopt info` reads one .gguf file of it")  # fmt: skip
         raise QoqoptError(f"{source} has no config.json; is it a transformers checkpoint?")
-    config = _read_json(config_path)
+    config = read_json(config_path)
     validate_config(config, source)
     return config
 

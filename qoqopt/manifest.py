@@ -9,7 +9,6 @@ GGUF manifests written before qoqopt 0.1.1 used "file" for the name; both are re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 
 from .errors import QoqoptError
@@ -62,10 +61,9 @@ def read_manifest(folder: Path, what: str = "a directory written by `qoqopt expo
     path = folder / "manifest.json"
     if not path.exists():
         raise QoqoptError(f"{folder} has no manifest.json; give {what}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QoqoptError(f"{path} is not valid JSON: {exc}") from exc
+    from .fileio import read_json  # fileio's own imports come back to this module
+
+    manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise QoqoptError(f"{path} is not a qoqopt manifest (a JSON object with a \"files\" list)")
     if not manifest.get("files"):
@@ -104,9 +102,11 @@ def _foreign(path: Path) -> bool:
     """Another tool's manifest.json (an object with none of the keys a qoqopt build's has), beside a
     checkpoint's config.json: that checkpoint was refused as a build that "lists no files". A
     damaged one of ours still is."""
+    from .fileio import read_json
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json(path)
+    except (OSError, QoqoptError):
         return False
     return isinstance(data, dict) and not {"format", "files", "qoqopt_version"} & set(data)
 

@@ -273,14 +273,20 @@ def test_verify_reports_a_damaged_build_even_when_it_cannot_be_summarised(tmp_pa
     assert out["verify_failed"] == failed and out["error"]
     # a manifest.json cut short, edited into invalid JSON or listing nothing is a failed check too
     # (status 2 before, against the documented 1)
+    # bytes that are not UTF-8 and nesting past Python's parser were tracebacks, --verify's included
     for manifest, message in (('{"format": "gptq", "fi', "is not valid JSON: "),
+                              (b'{"format": "gptq\xff"}', "is not valid JSON: 'utf-8' codec can't decode byte 0xff"),
+                              ("[" * 100_000, "is not valid JSON: maximum recursion depth exceeded"),
                               (json.dumps({"format": "gptq", "files": []}), "lists no files")):  # fmt: skip
-        (tmp_path / "manifest.json").write_text(manifest)
+        getattr(tmp_path / "manifest.json", "write_bytes" if isinstance(manifest, bytes) else "write_text")(manifest)
         assert main(["info", str(tmp_path), "--verify"]) == 1
         out, err = capsys.readouterr()
         assert out.startswith(f"verify       FAILED {tmp_path / 'manifest.json'} {message}") and out.count("\n") == 1
         assert err == ""  # the failed line is the answer, not said twice
     assert refused(["info", tmp_path], capsys) == f"error: {tmp_path / 'manifest.json'} lists no files"  # without --verify
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "manifest.json").mkdir()
+    assert refused(["info", tmp_path], capsys) == f"error: {tmp_path / 'manifest.json'} is a folder, not a JSON file"
 
 
 def test_a_files_source_is_what_its_qoqopt_keys_say(tmp_path, capsys):
