@@ -69,8 +69,8 @@ def summarize_build(folder: Path, manifest: dict, source: str | None = None) -> 
     _add_headers(summary, folder)
     modelfile = folder / "Modelfile"
     if modelfile.is_file():  # its first FROM is the text GGUF, the first part of one in parts (one FROM per part)
-        summary.modelfile_from = next((ln.split(None, 1)[1].strip() for ln in modelfile.read_text().splitlines()
-                                       if ln.startswith("FROM ")), None)  # fmt: skip
+        summary.modelfile_from = next((ln[5:].strip() for ln in modelfile.read_text(encoding="utf-8", errors="replace")
+                                       .splitlines() if ln.startswith("FROM ") and ln[5:].strip()), None)  # fmt: skip
     return summary
 
 

@@ -800,6 +800,19 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
                                  "--max-tokens (this one: 3;")
     res = run_cli("ask", str(gguf_dir), "--quant", "Q5_K_M", "--item", "ct-abd-pancreas.region_ct.eval-0")
     assert res.returncode != 0 and "has no text GGUF of type Q5_K_M (it has: Q4_K_M, Q8_0)" in res.stderr
+    # a published build downloaded one quant at a time, as its card says (Q8_0 here): ask takes the one
+    # that is here, not the build's default Q4_K_M, which it refused as a damaged copy of the whole build
+    one = tmp_path / "one-quant"
+    one.mkdir()
+    manifest = json.loads((gguf_dir / "manifest.json").read_text()) | {"published": True}
+    for entry in manifest["files"]:
+        if entry.get("quant") != "Q4_K_M" and entry["path"] != "manifest.json":
+            (one / entry["path"]).symlink_to(gguf_dir / entry["path"])
+    (one / "manifest.json").write_text(json.dumps(manifest))
+    item = ["--item", "ct-abd-pancreas.region_ct.eval-0"]
+    res = run_cli("ask", str(one), *item)
+    assert ".Q8_0.gguf + mmproj-" in res.stdout and _asked(res) == _asked(run_cli("ask", str(gguf_dir), "--quant", "Q8_0", *item))
+    assert "lists" in error_line(run_cli("ask", str(one), "--quant", "Q4_K_M", *item))  # asked for by name: still refused
     res = run_cli("ask", str(tmp_path), "--item", "ct-abd-pancreas.region_ct.eval-0")
     assert "has no manifest.json" in error_line(res)
     # a question past a fixed 4864-token context was refused; the model's own context is the limit now

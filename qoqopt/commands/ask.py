@@ -83,6 +83,17 @@ def _pick_entries(build: str, manifest: dict, quant: str | None) -> list[dict]:
     return [entries[t] for t in texts] + [entries[mmproj[0]]]
 
 
+def _downloaded_quant(folder, manifest: dict) -> str | None:
+    """The build's preferred text GGUF among those in a local folder: a published build's card has
+    users download one quant (`hf download --include`), and the build's own default, absent, was
+    refused as a damaged copy. None where every quant is there (or none is)."""
+    from ..integrity import not_downloaded
+    from ..manifest import gguf_entries, gguf_quants, preferred_quant
+
+    absent = set(not_downloaded(folder, manifest))
+    return preferred_quant(q for q in gguf_quants(manifest) if not set(gguf_entries(manifest, "text", q)) <= absent)
+
+
 def _item(args):
     from ..data.prompts import with_suffix
     from ..errors import QoqoptError
@@ -116,7 +127,8 @@ def run(args) -> int:
     image, question, reference = _item(args)
     if kind == "gguf":
         # a GGUF repo holds every quant type (tens of GB at 7B): fetch the one text file (all its parts) and the mmproj
-        entries = _pick_entries(args.build, manifest, args.quant)
+        quant = args.quant or (_downloaded_quant(folder, manifest) if commit is None else None)
+        entries = _pick_entries(args.build, manifest, quant)
         folder, _ = resolve(args.build, commit, only=[entry_path(e) for e in entries])
         files = checked_files(folder, entries)  # every part present, at its recorded size and sha256
         model, reply = _ask_llama_cpp(files[0], files[-1], args, image, question)
