@@ -27,15 +27,16 @@ BAR_FROM_BYTES = 256 << 20  # smaller files hash in well under a second: no bar
 RACY_NS = 2_000_000_000  # a file changed this recently is hashed again when asked again
 
 
-def checked_files(folder: Path, entries: list[dict]) -> list[Path]:
-    """The files of manifest ``entries``, each present at its recorded size and sha256."""
+def checked_files(folder: Path, entries: list[dict], fresh: bool = False) -> list[Path]:
+    """The files of manifest ``entries``, each present at its recorded size and sha256 (with
+    ``fresh``, read again even where the cache vouches for the unchanged file)."""
     paths = [listed_file(folder, e) for e in entries]  # a missing or cut-off file is found without hashing
     for path, entry in zip(paths, entries):
         want = entry.get("sha256")
         if not want:  # publish refuses such a build; a runtime can still be given it, said once
             print(f"warning: manifest.json records no sha256 for {entry_path(entry)}: its bytes are not checked",
                   file=sys.stderr)  # fmt: skip
-        elif sha256_of(path) != want:
+        elif sha256_of(path, fresh) != want:
             raise QoqoptError(f"{entry_path(entry)} does not match the sha256 in manifest.json: the file is corrupt "
                               "or was changed after export; copy or download it again")  # fmt: skip
     return paths
@@ -56,16 +57,17 @@ def not_downloaded(folder: Path, manifest: dict) -> list[str]:
 
 
 def problems(folder: Path, manifest: dict) -> list[str]:
-    """Every file the manifest lists, checked in full (present, size, sha256): one line per file
-    that fails, none for an intact build. A file with no recorded sha256 cannot be vouched for. A
-    published build's files left out of its download (:func:`not_downloaded`) are not checked."""
+    """Every file the manifest lists, checked in full (present, size, sha256, each file read again
+    whatever the cache remembers): one line per file that fails, none for an intact build. A file
+    with no recorded sha256 cannot be vouched for. A published build's files left out of its
+    download (:func:`not_downloaded`) are not checked."""
     found, absent = [], set(not_downloaded(folder, manifest))
     for entry in (e for e in manifest["files"] if entry_path(e) not in absent):
         try:
             if not entry.get("sha256"):
                 listed_file(folder, entry)
                 raise QoqoptError(f"{entry_path(entry)}: manifest.json records no sha256, so its bytes cannot be checked")
-            checked_files(folder, [entry])
+            checked_files(folder, [entry], fresh=True)
         except QoqoptError as exc:
             found.append(str(exc))
     return found
@@ -101,13 +103,14 @@ def checked_weights(folder: Path, manifest: dict) -> list[Path]:
     return checked_files(folder, weights)
 
 
-def sha256_of(path: Path) -> str:
-    """The file's sha256, from the cache when this very file, unchanged, was hashed before."""
+def sha256_of(path: Path, fresh: bool = False) -> str:
+    """The file's sha256, from the cache when this very file, unchanged, was hashed before (unless
+    ``fresh``: bits that rot on a disk change no time stamp, and `info --verify` is asked to find them)."""
     looked_at = time.time_ns()
     st = Path(path).stat()
     stamp = _stamp(Path(path), st)
     try:
-        known = stamp.read_text()
+        known = "" if fresh else stamp.read_text()
         if len(known) == 64:
             return known
     except OSError:

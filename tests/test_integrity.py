@@ -171,3 +171,29 @@ def test_a_cache_that_cannot_be_written_costs_only_hashing_again(tmp_path, count
     assert integrity.sha256_of(f) == want
     entry = {"path": f.name, "bytes": f.stat().st_size, "sha256": want}
     assert integrity.problems(tmp_path, {"files": [entry]}) == []
+
+
+def test_verify_reads_every_file_again_whatever_the_cache_remembers(tmp_path, counted_hashes, capsys):
+    """Bits that rot on a disk change no time stamp, so the cache's identity of an unchanged file
+    still vouches for it: a second `info --verify` said "match" without reading a byte. --verify
+    reads every file each time (the quick checks before a runtime keep the cache). Rot is staged by
+    a stamp that remembers another digest for the file, as the cache would after the bytes changed."""
+    from qoqopt.cli import main
+
+    build = tmp_path / "build"
+    build.mkdir()
+    data = b"GGUF" + bytes(range(256)) * 10
+    (build / "m.Q8_0.gguf").write_bytes(data)
+    entry = {"path": "m.Q8_0.gguf", "kind": "text", "quant": "Q8_0", "bytes": len(data),
+             "sha256": hashlib.sha256(b"what export wrote").hexdigest()}  # fmt: skip
+    (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": [entry]}))
+    settle()
+    f = build / "m.Q8_0.gguf"
+    stamp = integrity._stamp(f, f.stat())
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(entry["sha256"])  # the cache remembers the file as export wrote it
+    assert integrity.checked_files(build, [entry]) == [f] and counted_hashes == []  # the quick check trusts it
+    for _ in range(2):
+        assert main(["info", str(build), "--verify"]) == 1
+        assert "verify       FAILED m.Q8_0.gguf does not match the sha256" in capsys.readouterr().out
+    assert counted_hashes == ["m.Q8_0.gguf"] * 2

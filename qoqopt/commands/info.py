@@ -38,7 +38,8 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--verify", action="store_true",
                    help="also check every file of a local build against its manifest.json (present, size, "
-                   "sha256); exit status 1 if any fails (without it: 1 when a GGUF file is missing, cut off or unreadable)")  # fmt: skip
+                   "sha256, each file read again: ask and bench remember a file that matched until it changes, "
+                   "which rot on a disk does not show); exit status 1 if any fails (without it: 1 when a GGUF file is missing, cut off or unreadable)")  # fmt: skip
     p.set_defaults(func=run)
 
 
