@@ -21,8 +21,10 @@ import threading
 import time
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# `-c` puts "" (the current folder) first on sys.path: take it off, then run the module as -m would
-_BOOTSTRAP = ("import runpy, sys; del sys.path[0]; from qoqopt.children import die_with_parent; "
+# `-c` puts "" (the current folder) first on sys.path: take it off (PYTHONSAFEPATH / -P put nothing
+# there, and the first entry is then one of PYTHONPATH), then run the module as -m would
+_BOOTSTRAP = ("import runpy, sys; sys.path[:1] == [''] and sys.path.pop(0); "
+              "from qoqopt.children import die_with_parent; "
               "die_with_parent({ppid}); runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")  # fmt: skip
 
 

@@ -12,6 +12,8 @@ import time
 import psutil
 import pytest
 
+from qoqopt.children import python_module
+
 # A parent that starts one child and sleeps; its first line of output is the child's pid.
 PARENT = """
 import subprocess, sys, time
@@ -65,3 +67,23 @@ def test_a_watched_child_dies_with_its_parent_as_on_macos():
 def test_an_unwatched_child_outlives_its_parent():
     """The check above can fail: without a request or a watch, the OS leaves the child running."""
     assert _orphan_lives_on("import time; time.sleep(120)")
+
+
+@pytest.mark.parametrize("safe_path", ["", "1"], ids=["plain", "PYTHONSAFEPATH"])
+def test_a_child_imports_from_pythonpath_but_not_from_the_current_folder(tmp_path, safe_path):
+    """A child runs its module without the current folder on sys.path (a `json.py` there was
+    imported in place of the real one). The first entry was deleted blindly: under PYTHONSAFEPATH,
+    where Python puts no current folder there, that was PYTHONPATH's first folder (a qoqopt run
+    from a checkout through PYTHONPATH could not import itself in its workers)."""
+    here, lib = tmp_path / "here", tmp_path / "lib"
+    here.mkdir(), lib.mkdir()
+    (here / "shadowed.py").write_text("raise SystemExit('the current folder was on sys.path')\n")
+    (lib / "wanted.py").write_text("import sys\nprint('wanted ran')\n")
+    (lib / "probe.py").write_text("import importlib.util, wanted\nprint(importlib.util.find_spec('shadowed'))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lib), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "PYTHONSAFEPATH": safe_path}  # fmt: skip
+    if not safe_path:
+        env.pop("PYTHONSAFEPATH")
+    done = subprocess.run(python_module("probe"), cwd=here, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["wanted ran", "None"]
