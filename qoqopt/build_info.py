@@ -116,7 +116,7 @@ def _listed(folder: Path, manifest: dict, entry: dict) -> GGUFFile:
     """A file as the manifest lists it (a file in parts: its first part, with the others' sizes)."""
     same = [f for f in manifest["files"] if f.get("parts") and f.get("kind") == entry.get("kind")
             and f.get("quant") == entry.get("quant")] if entry.get("parts") else [entry]  # fmt: skip
-    return GGUFFile(entry_path(entry), entry.get("kind", "?"), entry.get("quant"), sum(f.get("bytes", 0) for f in same),
+    return GGUFFile(entry_path(entry), entry.get("kind") or "?", entry.get("quant"), sum(f.get("bytes", 0) for f in same),
                     len(same), all((folder / entry_path(f)).is_file() for f in same))  # fmt: skip
 
 

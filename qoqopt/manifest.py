@@ -70,11 +70,32 @@ def read_manifest(folder: Path, what: str = "a directory written by `qoqopt expo
         raise QoqoptError(f"{path} lists no files")
     if not isinstance(manifest["files"], list) or not all(isinstance(f, dict) for f in manifest["files"]):
         raise QoqoptError(f"{path}: \"files\" must be a list of objects")
+    _check_kinds(manifest, path)
     for entry in manifest["files"]:
         _check_inside(entry_path(entry), path)
         _check_counts(entry, path)
+        _check_kinds(entry, path, f"{entry_path(entry)} ")
     _check_parts(manifest["files"], path)
     return manifest
+
+
+# what the commands read of a manifest, by type (null or absent is read as "not recorded")
+_TOP_KINDS = {"format": str, "name": str, "source": dict, "imatrix": dict, "calibration": dict, "quantization": dict,
+              "notes": list, "skipped": list}  # fmt: skip
+_ENTRY_KINDS = {"kind": str, "quant": str, "sha256": str}
+
+
+def _check_kinds(obj: dict, manifest_path: Path, what: str = "") -> None:
+    """A hand-edited value of another JSON type was a traceback where it is read ("kind": null in
+    info, "calibration": "x" in publish): one line naming it instead."""
+    kinds = _ENTRY_KINDS if what else _TOP_KINDS
+    for key, kind in kinds.items():
+        value = obj.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise QoqoptError(f"{manifest_path} gives {what}\"{key}\": {str(value)[:60]!r}, not a JSON "
+                              f"{ {str: 'string', dict: 'object', list: 'list'}[kind] }")  # fmt: skip
+        if kind is list and value is not None and not all(isinstance(x, str) for x in value):
+            raise QoqoptError(f"{manifest_path} gives {what}\"{key}\": a list that is not all strings")
 
 
 def build_kind(folder: Path) -> tuple[str, dict | None]:

@@ -404,3 +404,39 @@ def test_a_files_control_characters_are_shown_not_acted_on(tmp_path, capsys, mon
     assert main(["info", str(build), "--verify"]) == 1
     out = capsys.readouterr().out
     assert f"verify       FAILED {build / 'manifest.json'} lists gone\\x1b[2J.gguf, which is missing" in out and "\x1b" not in out
+
+
+def test_a_manifest_value_of_another_json_type_is_one_line(tmp_path, capsys):
+    """A hand-edited manifest value of another JSON type was a traceback where it is read ("kind": 3
+    in info's file table, "calibration": "x" in publish's name check), and so was a Modelfile's bare
+    FROM line. Another type is refused in one line naming it; null reads as not recorded."""
+    build = tmp_path / "b"
+    build.mkdir()
+    _gguf(build / "m.Q8_0.gguf")
+    size = (build / "m.Q8_0.gguf").stat().st_size
+
+    def manifest(entry=None, **top):
+        text = {"path": "m.Q8_0.gguf", "kind": "text", "quant": "Q8_0", "bytes": size} | (entry or {})
+        (build / "manifest.json").write_text(json.dumps({"format": "gguf", "files": [text]} | top))
+
+    manifest()
+    (build / "Modelfile").write_text("FROM \nFROM ./m.Q8_0.gguf\n")
+    assert main_ok(["info", str(build)], capsys)
+    where = build / "manifest.json"
+    manifest({"kind": None})  # not recorded: not a text GGUF
+    assert refused(["info", build], capsys) == f"error: {where} says format 'gguf', but the build lists no text GGUF"
+    for entry, top, said in (({"kind": 3}, {}, 'gives m.Q8_0.gguf "kind": \'3\', not a JSON string'),
+                             ({"quant": ["Q8_0"]}, {}, 'gives m.Q8_0.gguf "quant": "[\'Q8_0\']", not a JSON string'),
+                             ({}, {"calibration": "x"}, 'gives "calibration": \'x\', not a JSON object'),
+                             ({}, {"source": "me/x"}, 'gives "source": \'me/x\', not a JSON object'),
+                             ({}, {"notes": ["ok", 1]}, 'gives "notes": a list that is not all strings')):  # fmt: skip
+        manifest(entry, **top)
+        assert refused(["info", build], capsys) == f"error: {where} {said}"
+
+
+def main_ok(argv, capsys) -> bool:
+    from qoqopt.cli import main
+
+    ok = main(argv) == 0
+    out = capsys.readouterr().out
+    return ok and "  m.Q8_0.gguf" in out and "Traceback" not in out
