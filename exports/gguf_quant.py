@@ -236,16 +236,16 @@ def imatrix_kv(provenance: dict) -> dict[str, str | int]:
     """The keys llama-quantize writes into a build made with an importance matrix (its
     quantize.cpp): without them a K-quant made with the clinical imatrix could not be told, from
     its own metadata, from one made with none. Strings are cut at 127 bytes, as llama.cpp's are."""
-    kv: dict[str, str | int] = {"quantize.imatrix.file": _c_string(provenance["file"])}
+    kv: dict[str, str | int] = {"quantize.imatrix.file": c_string(provenance["file"])}
     if provenance.get("datasets"):
-        kv["quantize.imatrix.dataset"] = _c_string(provenance["datasets"][0])
+        kv["quantize.imatrix.dataset"] = c_string(provenance["datasets"][0])
     kv["quantize.imatrix.entries_count"] = int(provenance["entries"])
     if provenance.get("chunks"):
         kv["quantize.imatrix.chunks_count"] = int(provenance["chunks"])
     return kv
 
 
-def _c_string(text: str) -> str:
+def c_string(text: str) -> str:
     return text.encode()[:127].decode(errors="ignore")  # not half a UTF-8 character
 
 

@@ -129,8 +129,9 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     A packed linear of another library (GPTQModel's, AutoAWQ's) is replaced only where the replacement
     answers a few random rows as that layer's own forward does (a kernel's repack at load reorders its
     words); a layer the kernels cannot run (group_size not a multiple of 16) is left as it is. Either
-    is named in ``report.skipped`` (QoqoptError when ``strict``; the modules swapped before it stay,
-    each computing as the one it replaced, and a second apply refuses the model: load it again).
+    is named in ``report.skipped`` (QoqoptError when ``strict``). An apply that stops part-way (that
+    error, or out of memory) leaves the modules it swapped, each computing as the one it replaced, and
+    a second apply refuses the model: load it again.
     A model is patched once; the kernels run under ``torch.inference_mode()`` or ``torch.no_grad()``
     (a forward recording autograd runs the torch references, and says so once).
     """
@@ -139,7 +140,7 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
                           f"Qwen2_5_VLForConditionalGeneration), got {type(model).__name__}")  # fmt: skip
     if getattr(model, _PATCHED, False) == _PARTLY:
         raise QoqoptError(f"apply: this {type(model).__name__} was partly patched by an apply that stopped "
-                          "(strict=True); load it again to apply")  # fmt: skip
+                          "part-way; load it again to apply")  # fmt: skip
     if getattr(model, _PATCHED, False):
         raise QoqoptError(f"apply: this {type(model).__name__} is patched already (apply patches in place, once)")
     if w4a16_words not in W4A16_WORDS:
@@ -163,10 +164,16 @@ def apply(model: nn.Module, strict: bool = False, fuse: bool = True, w4a16_words
     if any(not path for path, _ in targets):
         raise QoqoptError(f"apply: patches the modules inside a model; give it the model that holds this "
                           f"{type(model).__name__}, not the {type(model).__name__} itself")  # fmt: skip
-    if any(patch.op == "vision_attention" for _, patch in targets):
-        _plans_per_forward(model, ctx.plans)  # before any swap: a stopped apply's attention layers need it too
-    _swap(model, targets, ctx, report)
+    # before any swap: a stopped apply's attention layers need it too
+    hooks = _plans_per_forward(model, ctx.plans) if any(p.op == "vision_attention" for _, p in targets) else []
+    try:
+        _swap(model, targets, ctx, report)
+    except BaseException:
+        if not getattr(model, _PATCHED, False):  # nothing swapped: the model is as it was given
+            _remove(hooks)
+        raise
     if not any(report.counts.values()):
+        _remove(hooks)
         if report.skipped:  # every match refused: say why (they share a reason, as a whole checkpoint's bits)
             path, why = next(iter(report.skipped.items()))
             more = f" (and {len(report.skipped) - 1} more)" if len(report.skipped) > 1 else ""
@@ -205,7 +212,7 @@ def _swap(model: nn.Module, targets: list[tuple[str, Patch]], ctx: PatchContext,
             del module, replacement
             report.counts[patch.op] += 1
     except BaseException:
-        if swapped:  # a strict refusal, or an error (out of memory) part-way
+        if swapped:  # a strict refusal, or an error part-way (out of memory, Ctrl-C)
             setattr(model, _PATCHED, _PARTLY)
         raise
 
@@ -241,13 +248,17 @@ def _use_fragment_words(model: nn.Module, report: PatchReport, no_triton: str | 
     return count
 
 
-def _plans_per_forward(model: nn.Module, plans: VarlenPlanCache) -> None:
+def _remove(hooks: list) -> None:
+    for hook in hooks:
+        hook.remove()
+
+
+def _plans_per_forward(model: nn.Module, plans: VarlenPlanCache) -> list:
     """The attention layers' shared plans are made once per forward of the vision tower and dropped
     at the next: a caller may pass the tower its ``cu_seqlens`` precomputed, refilling one buffer in
     place between forwards, which an inference tensor's missing version counter would not show."""
-    for module in model.modules():
-        if type(module).__name__ == "Qwen2_5_VisionTransformerPretrainedModel":
-            module.register_forward_pre_hook(plans.clear)
+    return [module.register_forward_pre_hook(plans.clear) for module in model.modules()
+            if type(module).__name__ == "Qwen2_5_VisionTransformerPretrainedModel"]  # fmt: skip
 
 
 def _find_targets(model: nn.Module) -> list[tuple[str, Patch]]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import QoqoptError
+
 
 def cache_root() -> Path:
     env = os.environ.get("QOQOPT_CACHE")
@@ -22,5 +24,9 @@ def cache_root() -> Path:
 
 def cache_dir(*parts: str) -> Path:
     path = cache_root().joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only home (HPC nodes, containers), or a file where a folder goes
+        raise QoqoptError(f"cannot make qoqopt's cache folder {path} ({exc.strerror or exc}): set QOQOPT_CACHE "
+                          "to a folder you can write") from None
     return path

@@ -50,7 +50,7 @@ def read_json(path: Path):
     the locale's), not JSON, nested past what Python's parser takes, or a folder of that name."""
     try:
         return json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON, an integer past 4300 digits
         raise QoqoptError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
     except IsADirectoryError:
         raise QoqoptError(f"{path} is a folder, not a JSON file") from None

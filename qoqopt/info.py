@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from .loader import SAFETENSORS_DTYPE_BYTES, Checkpoint, find_chat_template, part_of
 from .build_info import decimal_size
-from .errors import printable
+from .errors import QoqoptError, printable
 from .manifest import made_from
 
 PARTS = ("text", "vision", "ecg")
@@ -189,11 +189,11 @@ def summarize(ckpt: Checkpoint) -> Summary:
 
 def _build_record(folder) -> dict | None:
     """What a qoqopt GPTQ/AWQ build's manifest says of how it was made (None for any other folder)."""
-    import json
+    from .fileio import read_json
 
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = read_json(folder / "manifest.json")
+    except (OSError, QoqoptError):
         return None
     if not isinstance(manifest, dict) or manifest.get("format") not in ("gptq", "awq"):
         return None

@@ -10,7 +10,6 @@ relative, hold spaces or commas, or end in any suffix, so no pattern finds every
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -26,7 +25,8 @@ _OWN = {
     "imatrix.datasets": re.compile(_OWN_LABEL + r"(: [\w ,().:;-]*)?$|" + re.escape(GIVEN_DATASET) + "$"),
     "imatrix.source": re.compile(r"calibrated$|read from an imatrix file \(sha256 [0-9a-f]{12}\)$"),
 }
-# keys whose whole value is where the model came from: anything but a Hub id names a folder
+# keys whose whole value is where the model came from: anything but the Hub repo the build names may
+# be a folder (a relative one has a repo id's shape)
 _SOURCE_KEYS = {"config.json": "_name_or_path", "tokenizer_config.json": "name_or_path"}
 
 
@@ -41,14 +41,15 @@ def own_dataset(text: str) -> str:
     return text if _OWN["imatrix.datasets"].match(text) else GIVEN_DATASET
 
 
-def recorded_local_names(folder: Path, manifest: dict) -> list[str]:
+def recorded_local_names(folder: Path, manifest: dict, base: str | None = None) -> list[str]:
     """Each "file key: value" of the build's listed files that qoqopt does not write there. Files
     that are missing are left to the upload's own check. A source is a Hub id only where it is the
-    one the export recorded with its commit (`publish.hub_source`): ``runs/DOE_JOHN`` has a Hub
-    id's shape, and whether a folder of that name exists depends on where publish runs."""
+    repo the build names: the one the export recorded with its commit (`publish.hub_source`), or
+    ``base`` (publish's --base-model). ``runs/DOE_JOHN`` has a Hub id's shape, and whether a folder
+    of that name exists depends on where publish runs."""
     from qoqopt.publish import hub_source
 
-    hub = hub_source(manifest)
+    hub = {hub_source(manifest), base} - {None}
     found = [f"manifest.json {key}: {text}" for key, text in _manifest_texts(manifest) if not _OWN[key].match(str(text))]
     for entry in manifest.get("files", []):
         rel = entry_path(entry)
@@ -72,7 +73,7 @@ def _manifest_texts(manifest: dict) -> list[tuple[str, str]]:
     return [(key, text) for key, text in texts if text is not None]
 
 
-def _gguf_names(path: Path, hub: str | None, manifest: dict) -> list[tuple[str, str]]:
+def _gguf_names(path: Path, hub: set[str], manifest: dict) -> list[tuple[str, str]]:
     """The GGUF's keys that name where it came from: its source, and the imatrix it was quantized
     with (llama-quantize's keys, in every text GGUF: an older qoqopt wrote the imatrix's path there)."""
     from qoqopt.exports.gguf_header import read_header
@@ -81,8 +82,10 @@ def _gguf_names(path: Path, hub: str | None, manifest: dict) -> list[tuple[str, 
         kv = read_header(path).kv
     except QoqoptError:
         return []  # not a GGUF header: it has no keys to name anything in
-    own_file = (manifest.get("imatrix") or {}).get("file")
-    checks = {"qoqopt.source": lambda v: v in (LOCAL_SOURCE, hub),
+    from qoqopt.exports.gguf_quant import c_string
+
+    own_file = c_string(str((manifest.get("imatrix") or {}).get("file")))  # as llama.cpp's key holds it
+    checks = {"qoqopt.source": lambda v: v == LOCAL_SOURCE or v in hub,
               "quantize.imatrix.file": lambda v: v == own_file,
               "quantize.imatrix.dataset": lambda v: bool(_OWN["imatrix.datasets"].match(v))}  # fmt: skip
     names = [(key, kv[key]) for key, fine in checks.items() if kv.get(key) is not None and not fine(str(kv[key]))]
@@ -92,9 +95,11 @@ def _gguf_names(path: Path, hub: str | None, manifest: dict) -> list[tuple[str, 
     return names + [("imatrix.datasets", d) for d in datasets or [] if not _OWN["imatrix.datasets"].match(str(d))]
 
 
-def _json_source(path: Path, key: str, hub: str | None) -> list[str]:
+def _json_source(path: Path, key: str, hub: set[str]) -> list[str]:
+    from qoqopt.fileio import read_json
+
     try:
-        value = json.loads(path.read_text(encoding="utf-8")).get(key)
-    except (ValueError, AttributeError):
+        value = read_json(path).get(key)
+    except (QoqoptError, AttributeError):
         return []  # not a JSON object: the loaders' checks say so
-    return [value] if isinstance(value, str) and value and value != hub else []
+    return [value] if isinstance(value, str) and value and value not in hub else []

@@ -9,6 +9,7 @@ GGUF manifests written before qoqopt 0.1.1 used "file" for the name; both are re
 
 from __future__ import annotations
 
+import json
 from pathlib import Path, PurePosixPath
 
 from .errors import QoqoptError
@@ -92,7 +93,7 @@ def _check_kinds(obj: dict, manifest_path: Path, what: str = "") -> None:
     for key, kind in kinds.items():
         value = obj.get(key)
         if value is not None and not isinstance(value, kind):
-            raise QoqoptError(f"{manifest_path} gives {what}\"{key}\": {str(value)[:60]!r}, not a JSON "
+            raise QoqoptError(f"{manifest_path} gives {what}\"{key}\": {json.dumps(value)[:60]}, not a JSON "
                               f"{ {str: 'string', dict: 'object', list: 'list'}[kind] }")  # fmt: skip
         if kind is list and value is not None and not all(isinstance(x, str) for x in value):
             raise QoqoptError(f"{manifest_path} gives {what}\"{key}\": a list that is not all strings")

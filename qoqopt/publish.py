@@ -161,10 +161,10 @@ class LocalNames(QoqoptError):
     files), and --allow-local-names was not given."""
 
 
-def local_names_kept(folder: Path, manifest: dict, allow: bool) -> list[str]:
+def local_names_kept(folder: Path, manifest: dict, allow: bool, base: str | None = None) -> list[str]:
     """The local names the upload would carry: refused unless ``allow`` (they are in files uploaded
-    byte for byte, so the upload cannot leave them out)."""
-    found = recorded_local_names(folder, manifest)
+    byte for byte, so the upload cannot leave them out). ``base``: the repo the card names."""
+    found = recorded_local_names(folder, manifest, base)
     if found and not allow:
         raise LocalNames(f"the build's files hold names qoqopt does not write there, which can name local folders "
                          f"or files ({_some(found, 3)}) and would be uploaded; export it again with this qoqopt, "
@@ -578,7 +578,8 @@ def plan_upload(folder: Path, repo_id: str, private: bool = False, results: Path
         listed = [entry_path(e) for e in manifest["files"]]
         licence = _or_stop(lambda: card_license(base, license, listed), NoLicense, UNNAMED_LICENSE, dry_run, stops)
     check_hub_file_sizes(folder, manifest)
-    named = _or_stop(lambda: local_names_kept(folder, manifest, allow_local_names), LocalNames, None, dry_run, stops)
+    named = _or_stop(lambda: local_names_kept(folder, manifest, allow_local_names, None if base == UNNAMED_BASE else base),
+                     LocalNames, None, dry_run, stops)  # fmt: skip
     files = [f for f in verified_files(folder, manifest) if f.path != "README.md"]
     # The manifest ships too, so downloaders can check what they got.
     manifest_text, withheld = shipped_manifest(manifest, repo_id, base)

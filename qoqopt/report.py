@@ -404,7 +404,7 @@ def render_markdown(runs: list[dict], plots: dict[str, str] | None = None) -> st
 def _drift_section(runs: list[dict], which: str) -> list[str]:
     """The drift and per-domain tables of one drift group; ``which`` names the group when there are several."""
     rows = drift_rows(runs)
-    front = pareto(_sized(rows))
+    front, paired = pareto(_sized(rows)), _paired_table(rows, which)
     out = [f"## Drift against the reference (same chats, same positions){which}", "", *_eval_lines(runs[0])]
     if which:  # what sets this group apart from the others: two models may share a folder name
         out += [_reference_line(runs[0], runs[0]["run"].get("reference_dtype"),
@@ -427,18 +427,18 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
     out += ["", f"95% CI: the range the mean KLD took over {DRAWS} redraws of these chats (a percentile bootstrap, "
             "a chat's positions drawn together, as they share its image and reply; with 20 chats it holds the mean "
             "a little less often than 95%): how much the number rests on which chats were drawn. Every build is "
-            "measured on the same chats, so their difference is surer than two overlapping ranges suggest "
-            "(the paired table).", "",
+            "measured on the same chats, so their difference can be surer than two overlapping ranges "
+            f"suggest{' (the paired table)' if paired else ''}.", "",
             f"★ Pareto-optimal: {PARETO_PHRASE} smaller and lower in mean KLD. Size: every file a build "
             "loads (a GGUF build's text file and mmproj; a GPTQ/AWQ build's safetensors and config); for the "
             "reference, a dtype or a bitsandbytes variant, its weights as loaded in that dtype or quantization.", ""]
-    return out + _unboxed_lines(rows, runs[0]) + _domain_table(rows, which) + _paired_table(rows, which)
+    return out + _unboxed_lines(rows, runs[0]) + _domain_table(rows, which) + paired
 
 
 def _paired_table(rows: dict[str, dict], which: str = "") -> list[str]:
     """Each build against the next smaller one, on the same redraws of the same chats: whether the
     extra bytes buy a drift these chats can tell apart. Builds measured before bench kept its
-    chats' totals have no row."""
+    chats' totals are left out (a build is then compared with the next smaller one that has them)."""
     builds = [(n, v) for n, v in _by_size(rows) if n != "reference" and v["drift"]["all"].get(CHATS)]
     pairs = [(small, big, kld_ratio_interval(small[1]["drift"]["all"][CHATS], big[1]["drift"]["all"][CHATS]))
              for small, big in zip(builds, builds[1:])]  # fmt: skip
@@ -446,15 +446,18 @@ def _paired_table(rows: dict[str, dict], which: str = "") -> list[str]:
     if not pairs:
         return []
     out = [f"## Each build against the next smaller one (paired){which}", "",
-           "Mean KLD divided by the next smaller build's, over the same redraws of the same chats (95% CI: "
-           "2.5th to 97.5th percentile of the ratio). A chat that is hard for one build is hard for the other, "
-           "so the ratio's range is narrower than the two means' ranges.", "",
+           "Mean KLD divided by the next smaller build's (of those whose result keeps each chat's totals), over "
+           "the same redraws of the same chats (95% CI: 2.5th to 97.5th percentile of the ratio). Where builds "
+           "find the same chats hard, the ratio varies less than either mean, and builds whose own ranges "
+           "overlap can still be told apart. With 20 chats the range holds the true ratio a little less often "
+           "than 95%, and among several pairs one may read \"yes\" by chance. On a model card the build "
+           "compared with may be another format's, not shown there.", "",
            files_comment((None, big[1]) for _, big, _ in pairs),
            "| variant | against | mean KLD ratio | 95% CI | told apart |", "|---|---|---:|---:|---|"]
     for (small, _), (name, v), (low, high) in pairs:
         ratio = v["drift"]["all"]["mean_kld"] / rows[small]["drift"]["all"]["mean_kld"]
         verdict = "yes, lower" if high < 1 else "yes, higher" if low > 1 else "no, not by these chats"
-        out.append(f"| {name} | {small} | {ratio:.3g} | {low:.3g}–{high:.3g} | {verdict} |")
+        out.append(f"| {name} | {small} | {ratio:.4g} | {low:.4g}–{high:.4g} | {verdict} |")
     return out + [""]
 
 

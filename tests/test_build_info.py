@@ -425,10 +425,10 @@ def test_a_manifest_value_of_another_json_type_is_one_line(tmp_path, capsys):
     where = build / "manifest.json"
     manifest({"kind": None})  # not recorded: not a text GGUF
     assert refused(["info", build], capsys) == f"error: {where} says format 'gguf', but the build lists no text GGUF"
-    for entry, top, said in (({"kind": 3}, {}, 'gives m.Q8_0.gguf "kind": \'3\', not a JSON string'),
-                             ({"quant": ["Q8_0"]}, {}, 'gives m.Q8_0.gguf "quant": "[\'Q8_0\']", not a JSON string'),
-                             ({}, {"calibration": "x"}, 'gives "calibration": \'x\', not a JSON object'),
-                             ({}, {"source": "me/x"}, 'gives "source": \'me/x\', not a JSON object'),
+    for entry, top, said in (({"kind": 3}, {}, 'gives m.Q8_0.gguf "kind": 3, not a JSON string'),
+                             ({"quant": ["Q8_0"]}, {}, 'gives m.Q8_0.gguf "quant": ["Q8_0"], not a JSON string'),
+                             ({}, {"calibration": "x"}, 'gives "calibration": "x", not a JSON object'),
+                             ({}, {"source": "me/x"}, 'gives "source": "me/x", not a JSON object'),
                              ({}, {"notes": ["ok", 1]}, 'gives "notes": a list that is not all strings')):  # fmt: skip
         manifest(entry, **top)
         assert refused(["info", build], capsys) == f"error: {where} {said}"

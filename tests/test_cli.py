@@ -449,11 +449,15 @@ def test_export_threads_default_to_what_a_containers_cpu_quota_runs(monkeypatch)
     --threads is still taken as given."""
     from qoqopt.bench import machine
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the test run sets it per worker
     monkeypatch.setattr(machine, "_usable_cpus", lambda: range(64))
     monkeypatch.setattr(machine, "cpu_quota", lambda: 2)
     for fmt in ("gguf", "gptq", "awq"):
         assert _export_call(monkeypatch, "--format", fmt)["threads"] == 2, fmt
         assert _export_call(monkeypatch, "--format", fmt, "--threads", "0")["threads"] == 2, fmt
         assert _export_call(monkeypatch, "--format", fmt, "--threads", "5")["threads"] == 5, fmt
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torch takes it, llama.cpp does not
+    assert [_export_call(monkeypatch, "--format", f)["threads"] for f in ("gguf", "awq")] == [2, 1]
+    monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(machine, "cpu_quota", lambda: None)  # no quota: llama.cpp's own count, every usable CPU
     assert _export_call(monkeypatch, "--format", "gguf")["threads"] == 64

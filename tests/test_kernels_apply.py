@@ -142,6 +142,28 @@ def test_a_cu_seqlens_buffer_refilled_in_place_is_read_afresh(interpreter, stopp
             assert relative_error(out, ref) < 1e-4, (grid.tolist(), relative_error(out, ref))
 
 
+def test_an_apply_that_stops_before_any_swap_leaves_the_model_as_it_was(interpreter, monkeypatch):
+    """The attention plans' per-forward reset is hooked on before the swaps (a stopped apply's
+    attention layers need it); an apply that stops before swapping anything takes it off again, so a
+    retry does not stack a hook per attempt, and the model is not marked as patched."""
+    from qoqopt.kernels import apply, registry
+
+    model = tiny_model()
+    visual = model.model.visual
+    before = len(visual._forward_pre_hooks)
+
+    def refuse(*args):
+        raise QoqoptError("refused for this test")
+
+    with monkeypatch.context() as m:
+        m.setattr(registry.MatmulPatchEmbed, "from_hf", refuse)
+        with pytest.raises(QoqoptError, match=r"patch_embed: refused for this test$"):
+            apply(model, strict=True)
+    assert len(visual._forward_pre_hooks) == before and not getattr(model, registry._PATCHED, False)
+    assert apply(model).counts["vision_attention"] == len(visual.blocks)
+    assert len(visual._forward_pre_hooks) == before + 1
+
+
 def test_a_forward_that_records_autograd_says_the_kernels_did_not_run(interpreter, monkeypatch):
     """from_pretrained's parameters require grad: a plain ``model(**batch)`` ran every patched module's
     torch reference (the kernels have no backward) and said nothing. It says so, once; under

@@ -919,6 +919,16 @@ def test_local_names_in_the_builds_files_refuse_the_upload(tmp_path, capsys):
         named += [f"{f} {key}: {trained}" for f, key in (("config.json", "_name_or_path"),
                                                          ("tokenizer_config.json", "name_or_path")) if trained]  # fmt: skip
         assert found == named, source
+    # another repo id in a Hub build's config (an older export kept its fine-tune's base there) is refused
+    # too; the repo publish is told is the base (--base-model, for a build made from a local folder) is not
+    shutil.rmtree(now)
+    _local_names_build(now, "a local checkpoint", [], "a user JSONL set (sha256 0123456789ab)", "calibrated",
+                       "Qwen/Qwen2.5-VL-7B-Instruct")  # fmt: skip
+    manifest = json.loads((now / "manifest.json").read_text())
+    assert recorded_local_names(now, manifest) == ["config.json _name_or_path: Qwen/Qwen2.5-VL-7B-Instruct",
+                                                   "tokenizer_config.json name_or_path: Qwen/Qwen2.5-VL-7B-Instruct"]
+    manifest["source"] = {"model": "a local checkpoint"}
+    assert recorded_local_names(now, manifest, base="Qwen/Qwen2.5-VL-7B-Instruct") == []
 
 
 def test_a_builds_notes_stay_plain_text_on_the_card(export_dir):

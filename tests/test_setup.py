@@ -102,3 +102,16 @@ def test_qoqopt_cache_is_expanded_and_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QOQOPT_CACHE", "rel")
     assert cache_root() == tmp_path / "rel"
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_line_naming_qoqopt_cache(tmp_path, monkeypatch, capsys):
+    """`qoqopt mini` builds its tokenizer through the cache: under a QOQOPT_CACHE that names a file
+    it died in a NotADirectoryError traceback; a read-only home was an errno line with no way out."""
+    from tests.conftest import refused
+
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("QOQOPT_CACHE", str(tmp_path / "a-file" / "qoqopt"))
+    err = refused(["mini", "--out", tmp_path / "m", "--preset", "tiny"], capsys)
+    assert err == (f"error: cannot make qoqopt's cache folder {tmp_path / 'a-file' / 'qoqopt' / 'tokenizer'} (Not a "
+                   "directory): set QOQOPT_CACHE to a folder you can write")
+    assert not (tmp_path / "m").exists()

@@ -5,9 +5,9 @@ apart from the rest. A chat's positions share its image and its reply, so they a
 the unit drawn. Each draw takes as many chats as the eval has, with replacement, and pools their
 positions as the run does; the interval is the 2.5th to 97.5th percentile of the draws' means.
 
-Two builds measured on the same chats are compared on the same draws (a paired bootstrap): a chat
-that is hard for one is hard for the other, so their ratio varies far less than either mean, and
-two builds whose intervals overlap can still be told apart.
+Two builds measured on the same chats are compared on the same draws (a paired bootstrap): where
+the chats that are hard for one are hard for the other, their ratio varies less than either mean,
+and two builds whose intervals overlap can still be told apart.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def _pick_entries(build: str, manifest: dict, quant: str | None) -> list[dict]:
 def _downloaded_quant(folder, manifest: dict) -> str | None:
     """The build's preferred text GGUF among those in a local folder: a published build's card has
     users download one quant (`hf download --include`), and the build's own default, absent, was
-    refused as a damaged copy. None where every quant is there (or none is)."""
+    refused as a damaged copy. The build's default where every quant is there; None where none is."""
     from ..integrity import not_downloaded
     from ..manifest import gguf_entries, gguf_quants, preferred_quant
 

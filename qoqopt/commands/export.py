@@ -75,9 +75,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=seed, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--threads", type=count_or_all,
                    help="quantizer threads: llama.cpp's for GGUF, torch's for GPTQ/AWQ (default and 0: for llama.cpp "
-                        "one per CPU this process may use, for torch one per physical core or OMP_NUM_THREADS, as "
-                        "torch chooses; either capped by a container's CPU quota, which neither library reads). "
-                        "A CPU GPTQ/AWQ build's bytes follow the count, which its manifest records")  # fmt: skip
+                        "one per CPU this process may use, for torch one per physical core it may use, performance "
+                        "cores only on a hybrid CPU, fewer where OMP_NUM_THREADS asks for fewer; both capped by a "
+                        "container's CPU quota, which neither library reads). A CPU GPTQ/AWQ build's bytes follow "
+                        "the count, which its manifest records")  # fmt: skip
     g = p.add_argument_group("gguf")
     g.add_argument("--quant", help="comma-separated types, e.g. Q4_K_M,Q5_K_M,Q6_K,Q8_0,IQ4_XS,F16,BF16 (default Q4_K_M)")
     g.add_argument("--imatrix", metavar="clinical|none|FILE", help="importance matrix source (default: clinical)")

@@ -26,7 +26,8 @@ Only the files manifest.json lists are sent (the plan names any others in the fo
 manifest.json names the base model, not the local folder a build was made from. Files are sent
 byte for byte, so a build whose files hold names qoqopt does not write there (a calibration set's
 path or an imatrix file's name an older qoqopt recorded, a config's _name_or_path from a
-fine-tune's output folder) is refused unless --allow-local-names; builds exported now record a user
+fine-tune's output folder: anything there but the repo the build names, as a relative folder has
+a repo id's shape) is refused unless --allow-local-names; builds exported now record a user
 set by its sha256 and a local source as "a local checkpoint". A repo that exists
 already is checked first: --private refuses a public one (visibility is not changed), and files
 in it that this build does not have (an earlier build's quants or shard index) refuse the upload
