@@ -226,8 +226,7 @@ def _left_behind(swapped: int) -> str:
 
 
 _PATCHED = "_qoqopt_kernels_applied"  # set on a patched model: a second apply() would find only its own modules
-_PARTLY = "partly"  # its value where a strict apply stopped after swapping modules
-
+_PARTLY = "partly"  # its value where an apply stopped after swapping modules
 
 
 def _use_fragment_words(model: nn.Module, report: PatchReport, no_triton: str | None, explain: bool) -> int:

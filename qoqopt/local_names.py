@@ -84,7 +84,8 @@ def _gguf_names(path: Path, hub: set[str], manifest: dict) -> list[tuple[str, st
         return []  # not a GGUF header: it has no keys to name anything in
     from qoqopt.exports.gguf_quant import c_string
 
-    own_file = c_string(str((manifest.get("imatrix") or {}).get("file")))  # as llama.cpp's key holds it
+    own_file = (manifest.get("imatrix") or {}).get("file")
+    own_file = c_string(own_file) if isinstance(own_file, str) else None  # as llama.cpp's key holds it
     checks = {"qoqopt.source": lambda v: v == LOCAL_SOURCE or v in hub,
               "quantize.imatrix.file": lambda v: v == own_file,
               "quantize.imatrix.dataset": lambda v: bool(_OWN["imatrix.datasets"].match(v))}  # fmt: skip

@@ -54,8 +54,9 @@ def made_from(source: dict) -> str:
     return f"{source.get('model')}, {source_id(source.get('revision'), source.get('fingerprint')).replace('`', '')}"
 
 
-def read_manifest(folder: Path, what: str = "a directory written by `qoqopt export`") -> dict:
-    """The parsed manifest, or a one-line error that says what was expected."""
+def read_manifest(folder: Path, what: str = "a directory written by `qoqopt export`", data=None) -> dict:
+    """The parsed manifest, or a one-line error that says what was expected. ``data``: the file's
+    JSON, where the caller has read it already."""
     folder = Path(folder)
     if not folder.is_dir():
         raise QoqoptError(f"{folder} is not a directory")
@@ -64,7 +65,7 @@ def read_manifest(folder: Path, what: str = "a directory written by `qoqopt expo
         raise QoqoptError(f"{folder} has no manifest.json; give {what}")
     from .fileio import read_json  # fileio's own imports come back to this module
 
-    manifest = read_json(path)
+    manifest = read_json(path) if data is None else data
     if not isinstance(manifest, dict):
         raise QoqoptError(f"{path} is not a qoqopt manifest (a JSON object with a \"files\" list)")
     if not manifest.get("files"):
@@ -102,8 +103,9 @@ def _check_kinds(obj: dict, manifest_path: Path, what: str = "") -> None:
 def build_kind(folder: Path) -> tuple[str, dict | None]:
     """("gguf" | "gptq" | "awq", its manifest) for a qoqopt export directory, ("checkpoint", None)
     for a directory with a config.json and no manifest."""
-    if (folder / "manifest.json").exists() and not (_foreign(folder / "manifest.json") and (folder / "config.json").exists()):
-        manifest = read_manifest(folder)
+    data = _json_or_none(folder / "manifest.json")  # read once, for both questions below
+    if (folder / "manifest.json").exists() and not (_foreign(data) and (folder / "config.json").exists()):
+        manifest = read_manifest(folder, data=data)  # unreadable (None): read again, to say why
         has_gguf = bool(gguf_entries(manifest, "text"))
         kind = manifest.get("format") or ("gguf" if has_gguf else None)
         if kind not in BUILD_FORMATS:
@@ -120,16 +122,20 @@ def build_kind(folder: Path) -> tuple[str, dict | None]:
                       "`qoqopt export`, or a checkpoint")  # fmt: skip
 
 
-def _foreign(path: Path) -> bool:
-    """Another tool's manifest.json (an object with none of the keys a qoqopt build's has), beside a
-    checkpoint's config.json: that checkpoint was refused as a build that "lists no files". A
-    damaged one of ours still is."""
+def _json_or_none(path: Path):
+    """The file's JSON, or None where there is none to read (no file, not JSON)."""
     from .fileio import read_json
 
     try:
-        data = read_json(path)
+        return read_json(path)
     except (OSError, QoqoptError):
-        return False
+        return None
+
+
+def _foreign(data) -> bool:
+    """Another tool's manifest.json (an object with none of the keys a qoqopt build's has), beside a
+    checkpoint's config.json: that checkpoint was refused as a build that "lists no files". A
+    damaged one of ours still is."""
     return isinstance(data, dict) and not {"format", "files", "qoqopt_version"} & set(data)
 
 

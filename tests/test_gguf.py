@@ -369,14 +369,17 @@ def test_a_bf16_references_logits_are_projected_in_fp32(trained_dir):
     proc, item = load_processor(trained_dir), _ct_eval_item()
     seen = []
     handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), out.clone())))
-    try:  # this hook runs before the one reference() adds: it sees transformers' own bf16 logits
+    try:
         ref = reference(model, proc, item)["ref_logits"]
     finally:
         handle.remove()
     assert model.lm_head.weight.shape[0] > HEAD_ROWS  # more than one chunk of the vocabulary
-    ((x, plain),) = seen
+    ((x, projected),) = seen
+    assert projected.dtype == torch.float32  # the head ran in fp32 only: no bf16 product computed and dropped
+    assert "forward" not in vars(model.lm_head)  # and is transformers' own again
     with torch.no_grad():
         want = (x[0, :-1].float() @ model.lm_head.weight.float().T).numpy()
+        plain = model.lm_head(x)  # transformers' own bf16 logits
     np.testing.assert_allclose(ref, want, rtol=1e-5, atol=1e-5)
     assert np.any(ref != torch.from_numpy(ref).bfloat16().float().numpy())  # not bf16 values
     rounded = plain[0, :-1].float().numpy()
