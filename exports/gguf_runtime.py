@@ -349,6 +349,20 @@ class LlamaVL:
                 "n_prompt": n_prompt, "n_image_tokens": self.last_image_tokens}  # fmt: skip
 
 
+def trained_context(kv: dict) -> int | None:
+    """The context a GGUF's model was trained for (``<arch>.context_length``); None where it is not said."""
+    n = kv.get(f"{kv.get('general.architecture')}.context_length")
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def context_size(trained: int | None, needed: int, least: int = 0) -> int:
+    """llama.cpp's n_ctx for chats of up to ``needed`` tokens: whole 256-token steps, at least
+    ``least``, and never past ``trained`` (:func:`trained_context`): llama.cpp would place positions
+    past those the model learned without a word. Whether a chat fits is the caller's to say."""
+    want = max(least, -(-needed // 256) * 256)
+    return min(want, trained) if trained else want
+
+
 def gpu_offload_available() -> bool:
     """Whether this llama-cpp-python build can run layers on a GPU (CUDA/Metal/Vulkan builds)."""
     import llama_cpp

@@ -239,6 +239,15 @@ def test_a_download_of_one_quant_of_a_published_build_is_not_damage(tmp_path, ca
     assert "verify       2 files match manifest.json (size and sha256)" in out
     assert "verify       not downloaded, so not checked: m.Q8_0-00001-of-00002.gguf, m.Q8_0-00002-of-00002.gguf" in out
     assert "MISSING" not in out and "not downloaded" in out.split("verify")[0]
+    assert "default      Q4_K_M: the text GGUF" in out
+    (build / names[0]).rename(tmp_path / names[0])  # swap the download: Q8_0's parts, not Q4_K_M
+    for name in names[1:3]:
+        _gguf(build / name, "llama")
+    assert main(["info", str(build)]) == 0  # `ask` runs the quant that is here, and info names that one
+    assert "default      Q8_0: the text GGUF" in capsys.readouterr().out
+    (tmp_path / names[0]).rename(build / names[0])
+    for name in names[2:0:-1]:
+        (build / name).unlink()
     _gguf(build / names[1], "llama")  # one part of two: an incomplete download
     assert main(["info", str(build), "--verify"]) == 1
     assert f"lists {names[2]}, which is missing" in capsys.readouterr().out
@@ -440,3 +449,17 @@ def main_ok(argv, capsys) -> bool:
     ok = main(argv) == 0
     out = capsys.readouterr().out
     return ok and "  m.Q8_0.gguf" in out and "Traceback" not in out
+
+
+def test_llama_cpp_contexts_stop_at_the_trained_context(tmp_path):
+    """bench's and ask's llama.cpp context grows with the reply asked for, in 256-token steps, up to the
+    `<arch>.context_length` the GGUF says (gguf-py writes it); a GGUF that says none is not capped."""
+    from qoqopt.bench.gguf_runner import PROMPT_ROOM, context_for
+    from qoqopt.exports.gguf_header import read_header
+
+    said = read_header(_gguf(tmp_path / "a.gguf", "qwen2vl", {"qwen2vl.context_length": 8192})).kv
+    unsaid = read_header(_gguf(tmp_path / "b.gguf", "qwen2vl")).kv
+    assert context_for(said, 668, 100) == 4096  # bench's floor
+    assert context_for(said, 668, 5000) == -(-(668 + PROMPT_ROOM + 5000) // 256) * 256 == 6912
+    assert context_for(said, 668, 9000) == 8192
+    assert context_for(unsaid, 668, 9000) == -(-(668 + PROMPT_ROOM + 9000) // 256) * 256

@@ -13,7 +13,8 @@ from PIL import Image
 from ..data.augment import FACTOR  # px a side of one image token
 from ..errors import QoqoptError
 from ..exports.gguf_meta import train_token_range
-from ..exports.gguf_runtime import BUFFERS, LlamaVL, chat_prompt, gpu_offload_available
+from ..exports.gguf_header import read_header
+from ..exports.gguf_runtime import BUFFERS, LlamaVL, chat_prompt, context_size, gpu_offload_available, trained_context
 from ..exports.gguf_verify import reply_logits
 
 
@@ -27,10 +28,11 @@ def largest_grid(max_tokens: int, max_aspect: int = 200) -> tuple[int, int]:
 PROMPT_ROOM = 1024  # template, question and a teacher-forced reply besides the image: an eval chat's is ~300
 
 
-def context_for(image_tokens: int, answer_tokens: int) -> int:
+def context_for(kv: dict, image_tokens: int, answer_tokens: int) -> int:
     """llama.cpp's context for the eval's chats: the largest image, the text around it and the
-    longest answer bench asks for (a fixed 4096 failed every chat once --answer-tokens passed ~2400)."""
-    return max(4096, -(-(image_tokens + PROMPT_ROOM + answer_tokens) // 256) * 256)
+    longest answer bench asks for (a fixed 4096 failed every chat once --answer-tokens passed ~2400),
+    up to the context the model was trained for (bench refuses an --answer-tokens past it first)."""
+    return context_size(trained_context(kv), image_tokens + PROMPT_ROOM + answer_tokens, least=4096)
 
 
 class GGUFRunner:
@@ -40,7 +42,7 @@ class GGUFRunner:
         gpu = device == "cuda" and gpu_offload_available()
         self.runtime = "llama.cpp" + (" (GPU offload)" if gpu else " (CPU)")
         lo, hi = train_token_range()  # llama.cpp ignores the mmproj's pixel keys for Qwen2.5-VL
-        n_ctx = context_for(hi, answer_tokens)
+        n_ctx = context_for(read_header(text).kv, hi, answer_tokens)
         # embd_cache: drift and the greedy answer read the same image; the mmproj encodes it once.
         # one_gpu: as transformers runs on cuda:0; llama.cpp's default split over every GPU timed a
         # pipeline across the node against one GPU, and summed every GPU's buffers as its peak

@@ -80,7 +80,7 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     missing = [v for v in opts.variants if v.name not in located]
     if not missing:  # nothing to build: a broken build is refused before transformers loads
         _say_unrunnable(located, log)
-    ckpt.hf_config()  # the reference runs in transformers: a config it refuses stops here
+    _check_answer_room(opts.answer_tokens, ckpt.hf_config())  # a config transformers refuses stops here too
     checked_processor(model_path, opts.model)  # and so must its tokenizer and chat template
     _say_gguf_on_cpu(opts, log)
     set_name = _set_name(opts.eval_source)
@@ -408,6 +408,20 @@ def _check_device(device: str) -> None:
 
         if not torch.cuda.is_available():
             raise QoqoptError("--device cuda: no CUDA GPU is visible to torch here (use --device cpu)")
+
+
+def _check_answer_room(answer_tokens: int, config) -> None:
+    """An --answer-tokens that the largest eval image and its prompt leave no room for: refused
+    before the reference pass, not found by the first long chat (transformers and llama.cpp would
+    both go on past the positions the model learned)."""
+    from ..exports.gguf_meta import train_token_range
+    from .gguf_runner import PROMPT_ROOM
+
+    limit, image = config.get_text_config().max_position_embeddings, train_token_range()[1]
+    if image + PROMPT_ROOM + answer_tokens > limit:
+        raise QoqoptError(f"--answer-tokens {answer_tokens}: with the largest image ({image} tokens) and its prompt "
+                          f"(up to {PROMPT_ROOM}) a chat would pass the model's context of {limit} tokens; "
+                          f"at most {limit - image - PROMPT_ROOM}")  # fmt: skip
 
 
 def _say_gguf_on_cpu(opts: BenchOptions, log) -> None:

@@ -83,17 +83,6 @@ def _pick_entries(build: str, manifest: dict, quant: str | None) -> list[dict]:
     return [entries[t] for t in texts] + [entries[mmproj[0]]]
 
 
-def _downloaded_quant(folder, manifest: dict) -> str | None:
-    """The build's preferred text GGUF among those in a local folder: a published build's card has
-    users download one quant (`hf download --include`), and the build's own default, absent, was
-    refused as a damaged copy. The build's default where every quant is there; None where none is."""
-    from ..integrity import not_downloaded
-    from ..manifest import gguf_entries, gguf_quants, preferred_quant
-
-    absent = set(not_downloaded(folder, manifest))
-    return preferred_quant(q for q in gguf_quants(manifest) if not set(gguf_entries(manifest, "text", q)) <= absent)
-
-
 def _item(args):
     from ..data.prompts import with_suffix
     from ..errors import QoqoptError
@@ -116,7 +105,7 @@ def _item(args):
 
 def run(args) -> int:
     from ..errors import QoqoptError
-    from ..integrity import checked_files, checked_weights
+    from ..integrity import checked_files, checked_weights, downloaded_quant
     from ..loader import resolve
     from ..manifest import build_kind, entry_path
 
@@ -127,7 +116,7 @@ def run(args) -> int:
     image, question, reference = _item(args)
     if kind == "gguf":
         # a GGUF repo holds every quant type (tens of GB at 7B): fetch the one text file (all its parts) and the mmproj
-        quant = args.quant or (_downloaded_quant(folder, manifest) if commit is None else None)
+        quant = args.quant or (downloaded_quant(folder, manifest) if commit is None else None)
         entries = _pick_entries(args.build, manifest, quant)
         folder, _ = resolve(args.build, commit, only=[entry_path(e) for e in entries])
         files = checked_files(folder, entries)  # every part present, at its recorded size and sha256
@@ -173,20 +162,22 @@ def _ask_llama_cpp(text_path: Path, mmproj_path: Path, args, image, question: st
     return f"{text_path.name} + {mmproj_path.name} (llama.cpp{', GPU' if gpu else ''})", reply
 
 
+TEMPLATE_ROOM = 256  # the chat template's tokens around the image and the question
+
+
 def _context(kv: dict, image_tokens: int, question: str, max_tokens: int) -> int:
     """A context with room for the image, the question (a token covers at least one UTF-8 byte), the
     chat template and the whole reply (a fixed 2048 refused a --max-tokens 1500 that the original
-    answers: QoQ-Med's <think> runs long), up to the context the model was trained for."""
+    answers: QoQ-Med's <think> runs long), up to the context the model was trained for. The prompt is
+    counted once tokenized: a question that does not fit is refused then."""
     from ..errors import QoqoptError
+    from ..exports.gguf_runtime import context_size, trained_context
 
-    trained = kv.get(f"{kv.get('general.architecture')}.context_length")
-    want = -(-(image_tokens + 256 + len(question.encode()) + max_tokens) // 256) * 256
-    if isinstance(trained, int) and want > trained:
-        if image_tokens + 256 + max_tokens >= trained:
-            raise QoqoptError(f"--max-tokens {max_tokens} leaves no room for the question in the model's context "
-                              f"of {trained} tokens")  # fmt: skip
-        return trained  # the prompt is counted once tokenized: a question that does not fit is refused then
-    return want
+    trained, fixed = trained_context(kv), image_tokens + TEMPLATE_ROOM + max_tokens
+    if trained and fixed >= trained:
+        raise QoqoptError(f"--max-tokens {max_tokens} leaves no room for the question in the model's context "
+                          f"of {trained} tokens")  # fmt: skip
+    return context_size(trained, fixed + len(question.encode()))
 
 
 def _ask_transformers(folder: Path, quantized: bool, args, image, question: str) -> tuple[str, str]:
