@@ -63,7 +63,7 @@ def summarize_build(folder: Path, manifest: dict, source: str | None = None) -> 
     the Hub id ``folder`` is a snapshot of."""
     files = [_listed(folder, manifest, entry) for entry in manifest["files"] if (entry.get("part") or 1) == 1]
     summary = GGUFSummary(source or str(folder), files, manifest.get("source"), manifest.get("qoqopt_version"),
-                          imatrix=manifest.get("imatrix"), default_quant=preferred_quant(gguf_quants(manifest)),
+                          imatrix=manifest.get("imatrix"), default_quant=_default_quant(folder, manifest, source),
                           hub=source is not None or bool(manifest.get("published")),  # a download: maybe one quant
                           left_out=_left_out(manifest), notes=list(manifest.get("notes") or []))  # fmt: skip
     _add_headers(summary, folder)
@@ -72,6 +72,14 @@ def summarize_build(folder: Path, manifest: dict, source: str | None = None) -> 
         summary.modelfile_from = next((ln[5:].strip() for ln in modelfile.read_text(encoding="utf-8", errors="replace")
                                        .splitlines() if ln.startswith("FROM ") and ln[5:].strip()), None)  # fmt: skip
     return summary
+
+
+def _default_quant(folder: Path, manifest: dict, source: str | None) -> str | None:
+    """The quant `ask` runs when none is named: of a Hub repo, the build's default (ask fetches it);
+    of a local copy, the preferred one that is here (a download of one quant has no other)."""
+    from .integrity import downloaded_quant  # integrity -> fileio -> leftovers -> build_info: not at import
+
+    return preferred_quant(gguf_quants(manifest)) if source else downloaded_quant(folder, manifest)
 
 
 def _kind(meta: dict) -> str:

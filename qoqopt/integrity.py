@@ -21,7 +21,7 @@ from pathlib import Path
 from .cache import cache_root
 from .errors import QoqoptError
 from .fileio import atomic_write_text, sha256_file
-from .manifest import entry_path, listed_file
+from .manifest import entry_path, gguf_entries, gguf_quants, listed_file, preferred_quant
 
 BAR_FROM_BYTES = 256 << 20  # smaller files hash in well under a second: no bar
 RACY_NS = 2_000_000_000  # a file changed this recently is hashed again when asked again
@@ -54,6 +54,14 @@ def not_downloaded(folder: Path, manifest: dict) -> list[str]:
         key = (entry.get("kind"), entry.get("quant")) if entry.get("parts") else (entry_path(entry),)
         files.setdefault(key, []).append(entry_path(entry))
     return [rel for parts in files.values() if not any((Path(folder) / p).exists() for p in parts) for rel in parts]
+
+
+def downloaded_quant(folder: Path, manifest: dict) -> str | None:
+    """The build's preferred text GGUF among those in ``folder``: a download of one quant (as a
+    published build's card says) has the build's default absent, and `ask` refused that as a damaged
+    copy. The build's default where every quant is here; None where none is."""
+    absent = set(not_downloaded(folder, manifest))
+    return preferred_quant(q for q in gguf_quants(manifest) if not set(gguf_entries(manifest, "text", q)) <= absent)
 
 
 def problems(folder: Path, manifest: dict) -> list[str]:
