@@ -8,6 +8,7 @@ A child also dies with its parent: a `kill -9` of bench or export left a quantiz
 running for hours.
 
 Stopped: a Ctrl-C or SIGTERM of ours is passed on once, and the child is given time to clean up.
+Paused: a Ctrl-Z of ours is passed on, and so is the shell's `fg` or `bg`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # `-c` puts "" (the current folder) first on sys.path: take it off (PYTHONSAFEPATH / -P put nothing
@@ -71,19 +73,61 @@ def watch_parent(ppid: int, every: float = 1.0) -> None:
 
 
 def run_child(cmd: list[str], grace: float = 30.0, **popen) -> subprocess.CompletedProcess:
-    """`subprocess.run`, except when we are interrupted: the child, in a session of its own (a
+    """`subprocess.run`, except when we are interrupted: the child, in a process group of its own (a
     terminal's Ctrl-C reaches only us), is sent one SIGTERM and given ``grace`` seconds to remove
     its temporary output, undisturbed by a second Ctrl-C, before it is killed. `subprocess.run`
     killed it outright, which left a `qoqopt export` child's hidden temporary build (gigabytes at
-    7B) behind; and a second signal on top of the terminal's own cut its cleanup short."""
-    with subprocess.Popen(cmd, start_new_session=True, **popen) as proc:
+    7B) behind; and a second signal on top of the terminal's own cut its cleanup short. The child
+    reads no terminal (in a background group, a read would stop it for good)."""
+    popen.setdefault("stdin", subprocess.DEVNULL)
+    with subprocess.Popen(cmd, **_own_group(), **popen) as proc:
         try:
-            out, err = proc.communicate()
+            with _paused_together(proc.pid):
+                out, err = proc.communicate()
         except BaseException:
             proc.terminate()
             _wait_for(proc, grace)
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _own_group() -> dict:
+    """Popen's arguments for a child in a process group of its own, in our session. A session of its
+    own (what this was) made the group an orphan's, and the kernel drops a Ctrl-Z passed to one."""
+    if sys.platform == "win32":
+        return {}
+    return {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
+@contextmanager
+def _paused_together(group: int):
+    """While the child runs: a Ctrl-Z stops the terminal's foreground group, ours, and the child's
+    group ran on (an export at full speed while the shell said "Stopped"). The stop is passed on to
+    the child's group before we stop, and the shell's SIGCONT (`fg`, `bg`) after we continue.
+    Python sets handlers from its main thread only: elsewhere nothing changes."""
+    if not hasattr(signal, "SIGTSTP") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def pause(signum, frame) -> None:
+        _signal_group(group, signal.SIGTSTP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # we stop here, until the shell continues us
+        signal.signal(signal.SIGTSTP, pause)
+        _signal_group(group, signal.SIGCONT)
+
+    previous = signal.signal(signal.SIGTSTP, pause)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTSTP, previous)
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:  # the child has ended and been waited for
+        pass
 
 
 def _wait_for(proc: subprocess.Popen, grace: float) -> None:

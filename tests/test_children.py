@@ -87,3 +87,46 @@ def test_a_child_imports_from_pythonpath_but_not_from_the_current_folder(tmp_pat
     done = subprocess.run(python_module("probe"), cwd=here, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["wanted ran", "None"]
+
+
+# A parent that runs a child through run_child; the child starts a grandchild (as a bench's export
+# child starts its quantize worker) and prints both pids.
+PAUSED = """
+import sys
+from qoqopt.children import run_child
+child = ("import os, subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+         "print(os.getpid(), g.pid, flush=True); time.sleep(60)")
+run_child([sys.executable, "-c", child])
+"""
+
+
+def _all_reach(pids: list[int], states: set[str], within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if all(psutil.Process(p).status() in states for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="job control is POSIX's")
+def test_ctrl_z_pauses_the_child_and_its_children_and_fg_continues_them():
+    """Ctrl-Z stops the terminal's foreground process group (the parent's here); the child, in a group
+    of its own so that Ctrl-C reaches only the parent, ran on at full speed while the shell said
+    "Stopped", and so did its own children. The kernel (psutil reads its process states) now shows
+    all three stopped, and all three running again after the shell's SIGCONT to the parent's group."""
+    parent = subprocess.Popen([sys.executable, "-c", PAUSED], stdout=subprocess.PIPE, text=True, process_group=0)
+    pids = [parent.pid]
+    try:
+        pids += map(int, parent.stdout.readline().split())
+        time.sleep(0.3)
+        os.killpg(parent.pid, signal.SIGTSTP)  # what the terminal does on Ctrl-Z
+        assert _all_reach(pids, {psutil.STATUS_STOPPED}), [psutil.Process(p).status() for p in pids]
+        os.killpg(parent.pid, signal.SIGCONT)  # the shell's fg
+        assert _all_reach(pids, {psutil.STATUS_SLEEPING, psutil.STATUS_RUNNING}), [psutil.Process(p).status() for p in pids]
+    finally:
+        for pid in pids[::-1]:
+            if psutil.pid_exists(pid):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait()
+        parent.stdout.close()
