@@ -19,7 +19,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .bench.intervals import DRAWS, kld_ratio_interval
+from .bench.intervals import DRAWS, neighbour_ratio_intervals
 from .errors import QoqoptError, printable
 
 SCHEMA = "qoqopt.bench/1"
@@ -440,20 +440,20 @@ def _paired_table(rows: dict[str, dict], which: str = "") -> list[str]:
     extra bytes buy a drift these chats can tell apart. Builds measured before bench kept its
     chats' totals are left out (a build is then compared with the next smaller one that has them)."""
     builds = [(n, v) for n, v in _by_size(rows) if n != "reference" and v["drift"]["all"].get(CHATS)]
-    pairs = [(small, big, kld_ratio_interval(small[1]["drift"]["all"][CHATS], big[1]["drift"]["all"][CHATS]))
-             for small, big in zip(builds, builds[1:])]  # fmt: skip
-    pairs = [(small, big, ci) for small, big, ci in pairs if ci is not None]
+    intervals = neighbour_ratio_intervals([v["drift"]["all"][CHATS] for _, v in builds])
+    pairs = [(small, big, ci) for small, big, ci in zip(builds, builds[1:], intervals) if ci is not None]
     if not pairs:
         return []
     out = [f"## Each build against the next smaller one (paired){which}", "",
            "Mean KLD divided by the next smaller build's (of those whose result keeps each chat's totals), over "
-           "the same redraws of the same chats (95% CI: 2.5th to 97.5th percentile of the ratio). Where builds "
-           "find the same chats hard, the ratio varies less than either mean, and builds whose own ranges "
-           "overlap can still be told apart. With 20 chats the range holds the true ratio a little less often "
-           "than 95%, and among several pairs one may read \"yes\" by chance. On a model card the build "
-           "compared with may be another format's, not shown there.", "",
+           "the same redraws of the same chats. Where builds find the same chats hard, the ratio varies less than "
+           "either mean, and builds whose own ranges overlap can still be told apart. The ranges are joint: "
+           f"all {len(pairs)} hold their true ratios together 95% of the time (each is the central "
+           f"{100 - 5 / len(pairs):.4g}% of its {DRAWS} ratios), so a \"yes\" is not one pair's luck among "
+           "several. With 20 chats they hold a little less often than that. On a model card the build compared "
+           "with may be another format's, not shown there.", "",
            files_comment((None, big[1]) for _, big, _ in pairs),
-           "| variant | against | mean KLD ratio | 95% CI | told apart |", "|---|---|---:|---:|---|"]
+           "| variant | against | mean KLD ratio | joint 95% CI | told apart |", "|---|---|---:|---:|---|"]
     for (small, _), (name, v), (low, high) in pairs:
         ratio = v["drift"]["all"]["mean_kld"] / rows[small]["drift"]["all"]["mean_kld"]
         verdict = "yes, lower" if high < 1 else "yes, higher" if low > 1 else "no, not by these chats"

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from qoqopt.report import SCHEMA, pareto
-from tests.conftest import refused, run_cli
+from tests.conftest import error_line, refused, run_cli
 
 
 def _variant(name, size, kld, decode, domains):
@@ -621,7 +621,8 @@ def test_each_build_is_compared_with_the_next_smaller_one_on_the_same_chats(tmp_
     _with_chats(v["gguf:Q8_0"], [[3 * s * f, n] for (s, n), f in zip(base, spread)])  # 90 MB: 3x Q5_K_M's everywhere
     md = render_markdown([run])
     rows = _rendered_rows(md.split("## Each build against the next smaller one (paired)")[1].split("\n## ")[0])
-    assert rows[0] == ["variant", "against", "mean KLD ratio", "95% CI", "told apart"]
+    assert rows[0] == ["variant", "against", "mean KLD ratio", "joint 95% CI", "told apart"]
+    assert "all 3 hold their true ratios together 95% of the time (each is the central 98.33% of" in md
     got = {r[0]: r[1:] for r in rows[1:]}
     assert got == {"gptq:4": ["gguf:Q4_K_M", "0.5", "0.5–0.5", "yes, lower"],
                    "gguf:Q5_K_M": got["gguf:Q5_K_M"], "gguf:Q8_0": ["gguf:Q5_K_M", "3", "3–3", "yes, higher"]}
@@ -634,8 +635,8 @@ def test_each_build_is_compared_with_the_next_smaller_one_on_the_same_chats(tmp_
     v["gguf:Q8_0"]["drift"]["all"]["chat_kld"] = [[1e-3, 2.5]]
     path = tmp_path / "r.json"
     path.write_text(json.dumps(run))
-    res = run_cli("report", str(path), "--out", str(tmp_path / "rep"))
-    assert res.returncode != 0 and "drift.all.chat_kld is not a list of [KLD sum, positions] pairs" in res.stderr
+    assert error_line(run_cli("report", str(path), "--out", str(tmp_path / "rep"))) == (
+        f"error: {path}: variant 'gguf:Q8_0': drift.all.chat_kld is not a list of [KLD sum, positions] pairs, one per chat")
     # results from before bench kept the totals: no paired table, and the drift note points at none
     for x in run["variants"]:
         (x.get("drift") or {}).get("all", {}).pop("chat_kld", None)

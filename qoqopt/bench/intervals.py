@@ -7,7 +7,9 @@ positions as the run does; the interval is the 2.5th to 97.5th percentile of the
 
 Two builds measured on the same chats are compared on the same draws (a paired bootstrap): where
 the chats that are hard for one are hard for the other, their ratio varies less than either mean,
-and two builds whose intervals overlap can still be told apart.
+and two builds whose intervals overlap can still be told apart. The ratio's interval is studentized
+(bootstrap-t, on the log of the ratio): at 20 chats of simulated equal builds, the percentile
+interval missed the true ratio 9.4% of the time where it says 5, and the studentized one 5.6%.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 DRAWS = 2000
 SEED = 0  # the same chats give the same interval, run after run
+FLAT = 1e-12  # a spread of chats' shares (each ~1) this small is rounding: the chats agree
 
 
 def chat_totals(per_chat_kld: list[np.ndarray]) -> list[list[float]]:
@@ -34,24 +37,57 @@ def mean_kld_interval(per_chat_kld: list[np.ndarray], draws: int = DRAWS, seed: 
     return _percentiles(_pooled(totals, picks))
 
 
-def kld_ratio_interval(base: list[list[float]], other: list[list[float]], draws: int = DRAWS,
-                       seed: int = SEED) -> list[float] | None:
-    """[low, high] of ``other``'s pooled mean KLD divided by ``base``'s, both pooled over the same
-    ``draws`` resamplings of their chats (:func:`chat_totals` of each, same chats in the same order).
-    None where they cannot be paired (other chats, or fewer than two with positions) or where a draw
-    leaves ``base`` with no drift to divide by."""
+def kld_ratio_interval(base: list[list[float]], other: list[list[float]], draws: int = DRAWS, seed: int = SEED,
+                       level: float = 0.95) -> list[float] | None:  # fmt: skip
+    """[low, high]: a ``level`` interval of ``other``'s pooled mean KLD divided by ``base``'s (each a
+    :func:`chat_totals` of the same chats, in the same order), studentized over ``draws`` resamplings
+    of the chats. None where they cannot be paired (other chats, or fewer than two with positions)
+    or where a draw leaves ``base`` with no drift to divide by."""
     a, b = (np.asarray(t, dtype=np.float64).reshape(-1, 2) for t in (base, other))
     if a.shape != b.shape or not np.array_equal(a[:, 1], b[:, 1]):
         return None  # not the same positions: not the same chats
     kept = a[:, 1] > 0
-    a, b = a[kept], b[kept]
+    a, b = a[kept, 0], b[kept, 0]  # over the same positions, the ratio of pooled means is that of the sums
     if len(a) < 2:
         return None
     picks = _redraws(len(a), draws, seed)
-    under = _pooled(a, picks)
-    if not np.all(under > 0):
+    if not np.all(a[picks].sum(axis=1) > 0):
         return None
-    return _percentiles(_pooled(b, picks) / under)
+    if not b.any():
+        return [0.0, 0.0]  # no drift at all: the ratio is 0 on every draw
+    if not np.all(b[picks].sum(axis=1) > 0):
+        return None  # a draw of only drift-free chats: no log ratio to stand on
+    log_ratio, se = _log_ratio(a, b)
+    drawn, drawn_se = _log_ratio(a[picks], b[picks])
+    if se <= FLAT:
+        return [float(np.exp(log_ratio))] * 2  # every chat at the same ratio: no spread to draw
+    off = drawn - log_ratio
+    t = np.divide(off, drawn_se, out=np.copysign(np.inf, off), where=drawn_se > FLAT)
+    t[(drawn_se <= FLAT) & (np.abs(off) <= FLAT)] = 0.0
+    # a draw of one chat repeated has no spread (t infinite): order statistics, not interpolation between them
+    low_t, high_t = np.percentile(t, [50 * (1 - level), 50 * (1 + level)], method="inverted_cdf")
+    return [float(np.exp(log_ratio - high_t * se)), float(np.exp(log_ratio - low_t * se))]
+
+
+def _log_ratio(a: np.ndarray, b: np.ndarray) -> tuple:
+    """log(mean b / mean a) along the last axis, and its delta-method standard error: each chat's
+    share of b less its share of a, spread over the chats."""
+    mean_a, mean_b = a.mean(axis=-1, keepdims=True), b.mean(axis=-1, keepdims=True)
+    shares = b / mean_b - a / mean_a
+    se = shares.std(axis=-1, ddof=1) / np.sqrt(a.shape[-1])
+    return np.log(mean_b / mean_a)[..., 0], se
+
+
+def neighbour_ratio_intervals(totals: list, draws: int = DRAWS, seed: int = SEED,
+                              level: float = 0.95) -> list[list[float] | None]:  # fmt: skip
+    """Each build's :func:`kld_ratio_interval` over the one before it in ``totals`` (each build's
+    :func:`chat_totals`), made wider so that all of them hold their true ratios together ``level`` of
+    the time (Bonferroni over the k pairs that pair: each is the central 1 - (1 - level) / k). With
+    one 95% range a pair, one of three pairs of equal builds read "told apart" in 17% of simulated
+    evals of 20 chats; with the joint ranges, in 7% (tests/test_drift.py)."""
+    pairs = list(zip(totals, totals[1:]))
+    k = sum(kld_ratio_interval(a, b, draws, seed) is not None for a, b in pairs)
+    return [kld_ratio_interval(a, b, draws, seed, 1 - (1 - level) / max(k, 1)) for a, b in pairs]
 
 
 def _redraws(chats: int, draws: int, seed: int) -> np.ndarray:
