@@ -524,27 +524,38 @@ def test_transformers_variants_drift_matches_independent_computation(run_1t, ind
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from benchmarks.spec_layout import spec_state
-    from qoqopt.loader import canonical_name, runtime_name
     from qoqopt.processor import load_processor
 
     rec = _by_name(run_1t[0])[variant]
-    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=dtype).eval()
-    if variant != "bf16":
-        build = Path(next(f["path"] for f in rec["files"] if f["path"].endswith("config.json"))).parent
-        stored, packed = spec_state(build)
-        params = model.state_dict()
-        with torch.no_grad():
-            for key, t in stored.items():
-                params[runtime_name(canonical_name(key))].copy_(t)
-        assert len(packed) == 14  # every decoder linear of the 2-layer model
+    if variant == "bf16":
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.bfloat16).eval()
+    else:
+        model = _spec_model(trained_dir, Path(next(f["path"] for f in rec["files"] if f["path"].endswith("config.json"))).parent)
     kld, _ = _transformers_kld(model, load_processor(trained_dir), independent_reference)
     a = rec["drift"]["all"]
     assert a["positions"] == len(kld) and kld.mean() > 0
     np.testing.assert_allclose(a["mean_kld"], kld.mean(), rtol=1e-3)
     # the variant's own greedy answers (the reference's score in their place passed before: helper-66)
     _assert_accuracy(rec["drift"], _greedy_scores(model, load_processor(trained_dir), run_1t[0]["run"]["eval"]["answer_tokens"]))
+
+
+def _spec_model(trained_dir: Path, build: Path):
+    """transformers' fp32 model of the checkpoint holding a GPTQ/AWQ build's weights as the format
+    spec dequantizes them (benchmarks/spec_layout.py imports nothing from qoqopt)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from benchmarks.spec_layout import spec_state
+    from qoqopt.loader import canonical_name, runtime_name
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(trained_dir), dtype=torch.float32).eval()
+    stored, packed = spec_state(build)
+    params = model.state_dict()
+    with torch.no_grad():
+        for key, t in stored.items():
+            params[runtime_name(canonical_name(key))].copy_(t)
+    assert len(packed) == 14  # every decoder linear of the 2-layer model
+    return model
 
 
 @pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes + accelerate not installed (qoqopt[bnb])")
@@ -700,7 +711,7 @@ def test_bench_refuses_builds_of_another_checkpoint(run_1t, trained_dir, tiny_di
 
 def test_missing_model(tmp_path):
     res = run_cli("bench", str(tmp_path / "nothing"), "--variants", "bf16", "--out", str(tmp_path / "o"))
-    assert error_line(res)
+    assert error_line(res) == f"error: {tmp_path / 'nothing'}: no such directory, and not a Hub id of the form owner/name"
     assert not (tmp_path / "o").exists()
 
 
@@ -799,7 +810,7 @@ def test_ask_uses_the_build_from_its_manifest(run_1t, tmp_path):
     assert res.stderr.startswith("note: the reply holds no \\boxed{} answer: if it was cut off, ask again with a larger "
                                  "--max-tokens (this one: 3;")
     res = run_cli("ask", str(gguf_dir), "--quant", "Q5_K_M", "--item", "ct-abd-pancreas.region_ct.eval-0")
-    assert res.returncode != 0 and "has no text GGUF of type Q5_K_M (it has: Q4_K_M, Q8_0)" in res.stderr
+    assert error_line(res).endswith("has no text GGUF of type Q5_K_M (it has: Q4_K_M, Q8_0)"), res.stderr
     # a published build downloaded one quant at a time, as its card says (Q8_0 here): ask takes the one
     # that is here, not the build's default Q4_K_M, which it refused as a damaged copy of the whole build
     one = tmp_path / "one-quant"
@@ -1062,7 +1073,6 @@ def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_di
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from qoqopt.data import find_item
-    from qoqopt.exports.hf_quant import load_fake_quantized
 
     item_id = "ct-abd-pancreas.region_ct.eval-0"
     item = find_item(item_id)
@@ -1074,7 +1084,8 @@ def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_di
     assert _asked(res) == _greedy_reply(model, trained_dir, item)
     res = run_cli("ask", str(gptq_dir), "--item", item_id)
     assert "(transformers + qoqopt W4A16 (torch reference, float32), cpu)" in res.stdout
-    assert _asked(res) == _greedy_reply(load_fake_quantized(gptq_dir), gptq_dir, item)
+    spec = _spec_model(trained_dir, gptq_dir)  # the build as the GPTQ format dequantizes it, not as qoqopt does
+    assert _asked(res) == _greedy_reply(spec, gptq_dir, item)
     assert "--quant picks a text GGUF" in refused(["ask", gptq_dir, "--quant", "Q8_0", "--item", item_id], capsys)
     if not torch.cuda.is_available():
         assert "no CUDA GPU is visible" in refused(["ask", trained_dir, "--device", "cuda", "--item", item_id], capsys)
@@ -1095,7 +1106,7 @@ def test_ask_runs_checkpoints_and_gptq_builds_in_transformers(run_1t, trained_di
     (foreign / "manifest.json").unlink()
     res = run_cli("ask", str(foreign), "--item", item_id)
     assert "(transformers + qoqopt W4A16 (torch reference, float32), cpu)" in res.stdout, res.stderr
-    assert _asked(res) == _greedy_reply(load_fake_quantized(gptq_dir), gptq_dir, item)
+    assert _asked(res) == _greedy_reply(spec, gptq_dir, item)
     config = json.loads((foreign / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8"}
     (foreign / "config.json").write_text(json.dumps(config))
@@ -1301,3 +1312,21 @@ def test_a_sets_sha256_covers_its_images_not_its_folder(tmp_path):
     assert sha["a"] == sha["b"] and len(sha["a"]["sha256"]) == 64
     Image.new("L", (64, 64), 91).save(tmp_path / "b" / "y.png")
     assert _set_sha(str(tmp_path / "b" / "set.jsonl"), load_jsonl(tmp_path / "b" / "set.jsonl")) != sha["a"]
+
+
+def test_an_answer_past_the_models_context_is_refused_before_the_reference(tiny_dir, tmp_path):
+    """transformers generated past the positions the model learned without a word, and llama.cpp's
+    context was sized past them: an --answer-tokens that the largest eval image (TRAIN_TOKENS) and
+    its prompt leave no room for is refused before the reference pass; the most it names fits."""
+    from transformers import AutoConfig
+
+    from qoqopt.bench.gguf_runner import PROMPT_ROOM
+    from qoqopt.bench.run import _check_answer_room
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    most = config.get_text_config().max_position_embeddings - TRAIN_TOKENS[1] - PROMPT_ROOM
+    res = run_cli("bench", str(tiny_dir), "--variants", "bf16", "--answer-tokens", str(most + 1), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "reference: " not in res.stdout
+    assert error_line(res).startswith(f"error: --answer-tokens {most + 1}: with the largest image ({TRAIN_TOKENS[1]} ")
+    assert error_line(res).endswith(f"tokens; at most {most}") and not (tmp_path / "o").exists()
+    _check_answer_room(most, config)  # no error

@@ -37,6 +37,7 @@ from qoqopt.data.dicom import WINDOW_PRESETS
 from qoqopt.data.ecg import PAPER_MM, heart_rate, r_peaks
 from qoqopt.data.prompts import format_question
 from qoqopt.errors import QoqoptError
+from tests.conftest import refused
 
 
 @pytest.fixture(scope="module")
@@ -827,7 +828,6 @@ def test_an_ecg_sampling_rate_no_ecg_has_is_refused_in_one_line(tmp_path, capsys
     2.7 GB, 2e8 asked for 119 GiB, 0 or 1e-3 Hz was a ValueError traceback. `data list` and `ask
     --image` refuse it in one line (rates that cost memory are not tried here)."""
     from qoqopt.images import open_image
-    from tests.conftest import refused
 
     ds = pydicom.dcmread(catalog.source_path("waveform_ecg.dcm"))
     with warnings.catch_warnings():  # pydicom warns that "nan" is no decimal string: that is the point
@@ -912,9 +912,8 @@ def test_cli_jsonl_takes_domain_and_refuses_built_in_choices(tmp_path, capsys):
     for flag in (("--split", "eval"), ("--n-per-base", "2")):
         with pytest.raises(QoqoptError, match="pick from the built-in set; a --jsonl set is listed whole"):
             _cli("data", "list", "--jsonl", path, *flag)
-    with pytest.raises(SystemExit):
-        _cli("data", "show", "ct-head-693.region_ct.eval-0", "--split", "calib", "--out", str(tmp_path / "x.png"))
-    assert "unrecognized arguments: --split calib" in capsys.readouterr().err
+    err = refused(["data", "show", "ct-head-693.region_ct.eval-0", "--split", "calib", "--out", tmp_path / "x.png"], capsys)
+    assert err == "error: unrecognized arguments: --split calib (see `qoqopt --help`)", err
     with pytest.raises(QoqoptError, match="no item with id 'set:3'; ids close to it: 'set:2', 'set:1'"):
         _cli("data", "show", "set:3", "--jsonl", path, "--out", str(tmp_path / "x.png"))
     with pytest.raises(QoqoptError, match="no item with id 'x'; its ids include 'set:1', 'set:2'$"):

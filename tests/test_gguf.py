@@ -386,19 +386,24 @@ def test_a_bf16_references_logits_are_projected_in_fp32(trained_dir):
     assert plain.dtype == torch.bfloat16 and 0 < np.abs(rounded - ref).max() <= 2**-7 * np.abs(ref).max()
 
 
-def test_each_type_refused_without_an_imatrix_is_one_llama_cpp_refuses(built, tmp_path):
-    """export refuses these with --imatrix none before any file is written. IQ2_M and IQ3_XS/XXS were
-    missing: llama-quantize's up-front list omits them, and llama.cpp's library then failed mid-export
-    ("this quantization requires an imatrix!") after the other files were written."""
-    from qoqopt.children import python_module
+def test_the_types_refused_without_an_imatrix_are_the_ones_llama_cpp_refuses(built, tmp_path):
+    """export refuses NEEDS_IMATRIX with --imatrix none before any file is written. IQ2_M and
+    IQ3_XS/XXS were missing: llama-quantize's up-front list omits them, and llama.cpp's library then
+    failed mid-export ("this quantization requires an imatrix!") after the other files were written.
+    Every type export offers goes through llama.cpp itself here, past our own check: the ones it
+    refuses are the list, no more (an export failed part-way) and no fewer (refused for nothing)."""
     from qoqopt.exports import gguf_quant
 
-    assert {"IQ2_M", "IQ3_XS", "IQ3_XXS"} <= gguf_quant.NEEDS_IMATRIX
-    for quant in sorted(gguf_quant.NEEDS_IMATRIX):  # llama.cpp itself, past our own up-front check
+    refused = set()
+    for quant in sorted(gguf_quant.llama_ftypes()):
         dst = tmp_path / f"{quant}.gguf"
-        argv = python_module("qoqopt.exports.quantize_worker", str(built.file("text", "F32")), str(dst), quant, "1")
-        with pytest.raises(QoqoptError, match="requires an imatrix"):
-            gguf_quant._run_worker(argv, dst, quant)
+        try:  # in this process (the worker's job): a worker's start-up, 30 times, was most of a 108 s test
+            gguf_quant.quantize_here(built.file("text", "F32"), dst, quant, None, threads=2)
+        except QoqoptError as exc:
+            assert "requires an imatrix" in str(exc), (quant, str(exc))
+            refused.add(quant)
+        dst.unlink(missing_ok=True)
+    assert refused == gguf_quant.NEEDS_IMATRIX
 
 
 def test_ct_chat_through_qwen25vl_handler(built, tmp_path):

@@ -14,6 +14,7 @@ from qoqopt.data import catalog
 from qoqopt.data.augment import resize_to
 from qoqopt.data.dicom import dicom_to_image
 from qoqopt.errors import QoqoptError
+from tests.conftest import refused
 from qoqopt.images import is_dicom, open_image
 
 
@@ -166,7 +167,6 @@ def _png_bytes() -> bytes:
 
 
 def test_ask_refuses_a_bad_image_before_loading_the_model(tiny_dir, tmp_path, capsys):
-    from tests.conftest import refused
 
     (tmp_path / "scan.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off")
     err = refused(["ask", tiny_dir, "--image", tmp_path / "scan.png", "--question", "Which region?"], capsys)
@@ -179,7 +179,6 @@ def test_ask_takes_one_image_and_a_plain_question(tiny_dir, tmp_path, capsys):
     a ValueError after the model loaded; llama.cpp's media marker asked for a second image). The
     tokens: those the published Qwen2.5-VL-7B-Instruct tokenizer_config.json marks "special": true
     (ids 151643-151656), and llama.cpp's mtmd media marker."""
-    from tests.conftest import refused
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -187,14 +186,11 @@ def test_ask_takes_one_image_and_a_plain_question(tiny_dir, tmp_path, capsys):
 
     Image.fromarray(np.zeros((56, 56, 3), np.uint8)).save(tmp_path / "a.png")
     img = tmp_path / "a.png"
-    from qoqopt.cli import main
 
     for flag, twice in (("--image", ["--image", str(img), "--image", str(img), "--question", "q"]),
                         ("--question", ["--image", str(img), "--question", "q", "--question", "r"]),
                         ("--item", ["--item", "a", "--item", "b"])):  # fmt: skip
-        with pytest.raises(SystemExit):
-            main(["ask", str(tiny_dir), *twice])
-        assert f"{flag} was given twice; it takes one value" in capsys.readouterr().err
+        assert refused(["ask", tiny_dir, *twice], capsys) == f"error: {flag} was given twice; it takes one value (see `qoqopt ask --help`)"
     for token in (*special, "<__media__>"):
         err = refused(["ask", tiny_dir, "--image", img, "--question", f"Which region? {token} x"], capsys)
         assert err == f"error: --question: the question holds {token}, which the chat format reads as a control token, not text; remove it"
@@ -280,7 +276,6 @@ def test_smaller_refusals_say_what_is_wrong(tmp_path, capsys):
     values "do not fit 16 bits" (they do, signed); a folder given as a JSONL set "no such file"; a
     folder of GGUF files without a manifest "is it a transformers checkpoint?"."""
     from qoqopt.data import load_jsonl
-    from tests.conftest import refused
 
     cut = tmp_path / "cut.png"
     cut.write_bytes(_png_bytes()[:-200])  # Pillow knows the format; the data ends early

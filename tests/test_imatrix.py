@@ -459,13 +459,25 @@ def trained(trained_dir, tmp_path_factory):
 def test_the_shipped_imatrix_gives_the_build_again(trained, tmp_path):
     """A build's own `<Name>.imatrix.gguf`, read back and handed to llama.cpp's quantizer, gives its
     Q4_K_M byte for byte (`--imatrix that-file` gave 13 of 16 tensors different: the export had
-    quantized with float64 sums and the file holds float32, and counts were rounded on reading)."""
+    quantized with float64 sums and the file holds float32, and counts were rounded on reading). The
+    file is read with gguf-py and its means made as llama-quantize's loader makes them
+    (common/imatrix-loader.cpp, tools/quantize: float32 in_sum2 over std::lround of counts), not by
+    qoqopt's own reader."""
+    from gguf import GGUFReader
+
     from qoqopt.exports.gguf_quant import llama_quantize
     from qoqopt.exports.imatrix_file import read_imatrix
 
     res = trained["res"]
+    tensors = {t.name: np.asarray(t.data) for t in GGUFReader(res.out / "mini.imatrix.gguf").tensors}
+    means = {}
+    for name in (n.removesuffix(".in_sum2") for n in tensors if n.endswith(".in_sum2")):
+        sums, counts = tensors[f"{name}.in_sum2"], tensors[f"{name}.counts"].reshape(-1)
+        assert sums.dtype == counts.dtype == np.float32 and counts.size == 1  # one expert: a dense model
+        whole = np.float32(np.floor(counts[0] + 0.5))  # std::lround, for a count >= 0
+        means[name] = sums.reshape(-1) / whole if whole > 0 else np.ones(sums.size, np.float32)
     again = tmp_path / "again.Q4_K_M.gguf"
-    llama_quantize(res.file("text", "BF16"), again, "Q4_K_M", read_imatrix(res.out / "mini.imatrix.gguf").means(),
+    llama_quantize(res.file("text", "BF16"), again, "Q4_K_M", means,
                    provenance=res.imatrix)  # what llama-quantize records of the file it is given, too
     assert again.read_bytes() == res.file("text", "Q4_K_M").read_bytes()
     # llama-imatrix's chunk_count x chunk_size is the tokens it counted: here a layer's (text, the

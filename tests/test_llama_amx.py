@@ -47,6 +47,8 @@ def test_without_extra_buffers_llama_cpp_gives_its_default_logits(q4_0):
     assert not plain_buffers & {"CPU_REPACK", "AMX"}, plain_buffers
     if b"REPACK = 1" in llama_cpp.llama_print_system_info() and b"AVX2 = 1" in llama_cpp.llama_print_system_info():
         assert default_buffers & {"CPU_REPACK", "AMX"}, default_buffers  # else the switch changed nothing here
+    elif not default_buffers & {"CPU_REPACK", "AMX"}:  # both loads were the same plain load: nothing to compare
+        pytest.skip("this llama.cpp repacks no weights here, so its default load is the plain one")
     scale = np.abs(default).max()
     assert np.abs(plain - default).max() <= 1e-3 * scale
     assert (plain.argmax(-1) == default.argmax(-1)).all()

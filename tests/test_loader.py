@@ -161,8 +161,15 @@ def test_info_on_real_metadata_prints_true_summary(fixture_7b):
         "MISSING: 4 of 4 shard(s)",
     ]:
         assert expected in out, f"{expected!r} not in:\n{out}"
-    # 7.62 B text parameters: 2 x 152064 x 3584 embeddings + 28 decoder layers
-    assert "text 7.62 B" in out and "vision 676.6 M" in out
+    # as transformers' model of this config counts them (7.62 B text: 2 x 152064 x 3584 embeddings + 28 layers)
+    import torch
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(AutoConfig.from_pretrained(str(fixture_7b)))
+    counts = {part: sum(p.numel() for n, p in model.named_parameters() if (".visual." in n) == (part == "vision"))
+              for part in ("text", "vision")}  # fmt: skip
+    assert f"text {counts['text'] / 1e9:.2f} B" in out and f"vision {counts['vision'] / 1e6:.1f} M" in out, counts
     assert "no vision_config" not in out
 
 

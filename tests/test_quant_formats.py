@@ -440,6 +440,7 @@ def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, t
         load_with_quant_linear(tiny_dir)
     items, _ = calibration_items("clinical", 1, seed=7)
     batch = encode_chat(load_processor(tiny_dir), items[0])
+    triton = importlib.util.find_spec("triton") is not None
     for report, _ in (gptq_export, awq_export):
         fake = load_fake_quantized(report.out)
         real = load_with_quant_linear(report.out)
@@ -457,7 +458,7 @@ def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, t
         fake_linears = dict(fake.named_modules())
         for name, w in spec_weights(report.out).items():
             torch.testing.assert_close(fake_linears[name].weight, w, rtol=0, atol=0)
-        if importlib.util.find_spec("triton") is not None:
+        if triton:
             ids = torch.tensor([[9707, 11, 1879, 0, 151645, 198, 151644, 77091]])
             layer = real.model.language_model.layers[0]
             seen = {}
@@ -476,6 +477,8 @@ def test_quant_linear_consumer_matches_fake_quantized(gptq_export, awq_export, t
                 assert linear._launchers  # ... the kernel path keeps the one it made
                 torch.testing.assert_close(kernel, torch_out, rtol=1e-4, atol=1e-5 * torch_out.abs().max().item())
             assert len(seen) == len(KERNEL_LINEARS)
+    if not triton:  # said as a skip, not passed: the kernel half did not run
+        pytest.skip("the torch path matched; Triton is not installed, so its W4A16 kernel was not run")
 
 
 def test_a_loaded_build_stops_where_its_generation_config_says(gptq_export, awq_export, tiny_dir):

@@ -43,15 +43,17 @@ def _compiler(tmp_path: Path, header_body: str | None) -> Path:
     return cxx
 
 
-pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
 
+@needs_make
 def test_a_gcc_12_2_amx_header_builds_llama_cpp_without_amx(tmp_path):
     install = _install_line(tmp_path, _compiler(tmp_path, GCC_12_2))
     assert " CXXFLAGS='" in install and install.startswith("CFLAGS='") and install.count(f"{AMX_OFF}'") == 2
     assert "--no-cache-dir" in install  # a wheel cached from an earlier build may hold AMX
 
 
+@needs_make
 @pytest.mark.parametrize("header_body", [BUILTIN, None], ids=["builtin", "no-header"])
 def test_other_compilers_build_llama_cpp_as_pip_does(tmp_path, header_body):
     install = _install_line(tmp_path, _compiler(tmp_path, header_body))
@@ -59,6 +61,7 @@ def test_other_compilers_build_llama_cpp_as_pip_does(tmp_path, header_body):
     assert install.split() == [str(tmp_path / "venv/bin/python"), "-m", "pip", "install", "-q", "-e", "'.[all]'"]
 
 
+@needs_make
 def test_this_machines_compiler_is_judged_by_its_own_header(tmp_path):
     """With the real compiler: its amxtileintrin.h in GCC 12.2's form <=> AMX left out (skipped
     where the compiler has no such header, as clang and Apple's have none)."""
