@@ -273,7 +273,7 @@ def render(s: GGUFSummary) -> str:
     lines.append("files        (params and BPW as llama.cpp reports them on load: tensor data only)")
     lines += [_file_line(f, s.modelfile_from, s.hub) for f in s.files]
     if s.default_quant:
-        lines.append(f"default      {s.default_quant}: the text GGUF `qoqopt ask` and the build card use when none is named")
+        lines.append(f"default      {s.default_quant}: the text GGUF `qoqopt ask` runs here when none is named")
     lines += [f"left out     {x}" for x in s.left_out] + [f"note         {n}" for n in s.notes]
     return "\n".join(map(printable, lines))  # every value here is read from the file or its manifest
 

@@ -86,6 +86,7 @@ def run_child(cmd: list[str], grace: float = 30.0, **popen) -> subprocess.Comple
                 out, err = proc.communicate()
         except BaseException:
             proc.terminate()
+            _signal_group(proc.pid, signal.SIGCONT)  # a child paused with us cannot clean up until continued
             _wait_for(proc, grace)
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -96,6 +97,8 @@ def _own_group() -> dict:
     own (what this was) made the group an orphan's, and the kernel drops a Ctrl-Z passed to one."""
     if sys.platform == "win32":
         return {}
+    # Python 3.10 has no process_group: preexec_fn (no vfork, and unsafe only where a thread holds a
+    # lock the child needs between fork and exec; setpgrp is one system call)
     return {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
@@ -108,15 +111,21 @@ def _paused_together(group: int):
     if not hasattr(signal, "SIGTSTP") or threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = signal.getsignal(signal.SIGTSTP)
+    if previous is signal.SIG_IGN or previous is None:  # ignored on purpose, or a handler not set from Python: kept
+        yield
+        return
 
     def pause(signum, frame) -> None:
         _signal_group(group, signal.SIGTSTP)
         signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTSTP)  # we stop here, until the shell continues us
-        signal.signal(signal.SIGTSTP, pause)
-        _signal_group(group, signal.SIGCONT)
+        try:
+            os.kill(os.getpid(), signal.SIGTSTP)  # we stop here, until the shell continues us
+        finally:  # a SIGTERM waiting while we were stopped (`kill %1`) raises here: continue the child first
+            signal.signal(signal.SIGTSTP, pause)
+            _signal_group(group, signal.SIGCONT)
 
-    previous = signal.signal(signal.SIGTSTP, pause)
+    signal.signal(signal.SIGTSTP, pause)
     try:
         yield
     finally:

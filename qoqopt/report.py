@@ -447,11 +447,10 @@ def _paired_table(rows: dict[str, dict], which: str = "") -> list[str]:
     out = [f"## Each build against the next smaller one (paired){which}", "",
            "Mean KLD divided by the next smaller build's (of those whose result keeps each chat's totals), over "
            "the same redraws of the same chats. Where builds find the same chats hard, the ratio varies less than "
-           "either mean, and builds whose own ranges overlap can still be told apart. The ranges are joint: "
-           f"all {len(pairs)} hold their true ratios together 95% of the time (each is the central "
-           f"{100 - 5 / len(pairs):.4g}% of its {DRAWS} ratios), so a \"yes\" is not one pair's luck among "
-           "several. With 20 chats they hold a little less often than that. On a model card the build compared "
-           "with may be another format's, not shown there.", "",
+           "either mean, and builds whose own ranges overlap can still be told apart. Each range is studentized "
+           f"(bootstrap-t on the log ratio, {DRAWS} redraws)" + _joint_note(len(pairs)) + " With 20 chats they hold "
+           "a little less often than they say. On a model card the build compared with may be another format's, "
+           "not shown there.", "",
            files_comment((None, big[1]) for _, big, _ in pairs),
            "| variant | against | mean KLD ratio | joint 95% CI | told apart |", "|---|---|---:|---:|---|"]
     for (small, _), (name, v), (low, high) in pairs:
@@ -459,6 +458,13 @@ def _paired_table(rows: dict[str, dict], which: str = "") -> list[str]:
         verdict = "yes, lower" if high < 1 else "yes, higher" if low > 1 else "no, not by these chats"
         out.append(f"| {name} | {small} | {ratio:.4g} | {low:.4g}–{high:.4g} | {verdict} |")
     return out + [""]
+
+
+def _joint_note(pairs: int) -> str:
+    if pairs == 1:
+        return " and holds the true ratio 95% of the time."
+    return (f"; the {pairs} are joint: they hold their true ratios all together 95% of the time (each a "
+            f"{100 - 5 / pairs:.4g}% range), so a \"yes\" is not one pair's luck among several.")
 
 
 def _interval(pair) -> str:

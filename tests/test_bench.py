@@ -785,6 +785,12 @@ def test_a_gguf_bench_on_a_gpu_node_runs_on_one_gpu_as_transformers_does(monkeyp
         asked.append(kwargs)
         raise Loaded
 
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(tmp_path / "m.gguf", "qwen2vl")  # a header to size the context from (bench reads it first)
+    writer.add_context_length(8192)
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        write()
     monkeypatch.setattr(gguf_runner, "gpu_offload_available", lambda: True)
     monkeypatch.setattr(llama_cpp, "Llama", llama)
     with pytest.raises(Loaded):

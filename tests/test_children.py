@@ -92,8 +92,9 @@ def test_a_child_imports_from_pythonpath_but_not_from_the_current_folder(tmp_pat
 # A parent that runs a child through run_child; the child starts a grandchild (as a bench's export
 # child starts its quantize worker) and prints both pids.
 PAUSED = """
-import sys
+import signal, sys
 from qoqopt.children import run_child
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # as qoqopt's commands stop: an exception, then cleanup
 child = ("import os, subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
          "print(os.getpid(), g.pid, flush=True); time.sleep(60)")
 run_child([sys.executable, "-c", child])
@@ -115,7 +116,9 @@ def test_ctrl_z_pauses_the_child_and_its_children_and_fg_continues_them():
     of its own so that Ctrl-C reaches only the parent, ran on at full speed while the shell said
     "Stopped", and so did its own children. The kernel (psutil reads its process states) now shows
     all three stopped, and all three running again after the shell's SIGCONT to the parent's group."""
-    parent = subprocess.Popen([sys.executable, "-c", PAUSED], stdout=subprocess.PIPE, text=True, process_group=0)
+    from qoqopt.children import _own_group
+
+    parent = subprocess.Popen([sys.executable, "-c", PAUSED], stdout=subprocess.PIPE, text=True, **_own_group())
     pids = [parent.pid]
     try:
         pids += map(int, parent.stdout.readline().split())
@@ -124,6 +127,13 @@ def test_ctrl_z_pauses_the_child_and_its_children_and_fg_continues_them():
         assert _all_reach(pids, {psutil.STATUS_STOPPED}), [psutil.Process(p).status() for p in pids]
         os.killpg(parent.pid, signal.SIGCONT)  # the shell's fg
         assert _all_reach(pids, {psutil.STATUS_SLEEPING, psutil.STATUS_RUNNING}), [psutil.Process(p).status() for p in pids]
+        # `kill %1` of the stopped job (bash: SIGTERM, then SIGCONT): the child is continued to take its
+        # SIGTERM at once; left stopped, it waited out run_child's 30 s grace and was SIGKILLed
+        os.killpg(parent.pid, signal.SIGTSTP)
+        assert _all_reach(pids, {psutil.STATUS_STOPPED})
+        os.killpg(parent.pid, signal.SIGTERM)
+        os.killpg(parent.pid, signal.SIGCONT)
+        assert _gone(pids[1], within=5.0) and _gone(pids[0], within=5.0)
     finally:
         for pid in pids[::-1]:
             if psutil.pid_exists(pid):

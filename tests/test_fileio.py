@@ -149,7 +149,8 @@ def test_an_interrupted_child_is_told_once_and_cleans_up(tmp_path):
     SIGTERM and the child's cleanup runs to its end, a second Ctrl-C during it notwithstanding.
     subprocess.run killed the child outright, leaving its hidden temporary build; and with the child
     in bench's process group a terminal's Ctrl-C reached it too, so the SIGTERM on top cut its
-    cleanup short. It runs in a session of its own."""
+    cleanup short. It runs in a process group of its own, in bench's session (so that a Ctrl-Z
+    passed on to it is not dropped)."""
     import signal
     import sys
     import threading
@@ -168,7 +169,7 @@ def test_an_interrupted_child_is_told_once_and_cleans_up(tmp_path):
         "        time.sleep(0.01)\n"
         "    (d / 'cleaned').write_text('x'); sys.exit(143)\n"
         "signal.signal(signal.SIGTERM, cleanup)\n"
-        "(d / 'ready').write_text(f'{os.getpid()} {os.getsid(0)}')\n"
+        "(d / 'ready').write_text(f'{os.getpid()} {os.getpgid(0)} {os.getsid(0)}')\n"
         "time.sleep(60)\n"
     )
 
@@ -198,8 +199,8 @@ def test_an_interrupted_child_is_told_once_and_cleans_up(tmp_path):
         for w in waiters:
             w.join()
         signal.signal(signal.SIGINT, previous)
-    pid, sid = (tmp_path / "ready").read_text().split()
-    assert pid == sid  # a session of its own: a terminal's Ctrl-C does not reach it
+    pid, group, sid = map(int, (tmp_path / "ready").read_text().split())
+    assert pid == group and sid == os.getsid(0)  # a group of its own: a terminal's Ctrl-C does not reach it
     assert (tmp_path / "cleaned").exists() and (tmp_path / "signals").read_text() == "TERM\n"
     assert handled == [signal.SIGINT] * 2
 

@@ -544,15 +544,29 @@ def test_clinical_imatrix_helps_q4_k_m(trained):
     all_tok = vs_bf16["Q4_K_M, imatrix image w=1"]["all"].tokens.mean_kld
     print(f"Q4_K_M mean KLD vs BF16: {with_im:.4e} with the clinical imatrix, {without:.4e} without "
           f"({without / with_im:.2f}x), {all_tok:.4e} counting image tokens alike")  # fmt: skip
+    from qoqopt.bench.intervals import chat_totals, kld_ratio_interval
+    from qoqopt.drift import position_stats
+
+    def per_chat(label):
+        return chat_totals([position_stats(b["cand_logits"], r["cand_logits"], b["target_ids"])["kld"]
+                            for r, b in zip(records[label], base)])  # fmt: skip
+    default, weighted = (kld_ratio_interval(per_chat(b), per_chat(a)) for a, b in
+                         (("Q4_K_M + clinical imatrix", "Q4_K_M, no imatrix"),
+                          ("Q4_K_M, imatrix image w=1", "Q4_K_M + clinical imatrix")))  # fmt: skip
+    print(f"paired over the {len(items)} chats, 95% CI of the mean KLD ratio: with / without the imatrix "
+          f"{default[0]:.3f}-{default[1]:.3f}, image weight 1 / the default {weighted[0]:.3f}-{weighted[1]:.3f}")
     assert vs_hf["Q8_0"]["all"].tokens.same_top_pct >= 99.0 and vs_bf16["Q8_0"]["all"].tokens.same_top_pct >= 99.0
     # the BF16 build bounds what llama.cpp itself adds (measured 4.6e-8 mean KLD vs transformers)
     assert vs_hf["BF16"]["all"].tokens.mean_kld < 1e-6 and vs_hf["BF16"]["all"].tokens.same_top_pct == 100.0
     q8 = vs_bf16["Q8_0"]["all"].tokens.mean_kld
     assert q8 < with_im and q8 < without  # 8-bit drifts far less than any 4-bit build
-    # the clinical imatrix lowers Q4_K_M drift (measured 2.45e-5 vs 2.70e-5), and counting the image
-    # tokens' own activations alike does worse than leaving them out (3.25e-5): README "Known issues"
-    assert with_im < without, f"clinical imatrix did not lower Q4_K_M mean KLD: {with_im:.3e} vs {without:.3e}"
-    assert with_im < all_tok, f"image-weighted imatrix beat the default: {all_tok:.3e} vs {with_im:.3e}"
+    # Which Q4_K_M drifts least these 10 chats cannot tell: the order of the means flipped with the
+    # environment (2.45e-5 with the imatrix, 2.70e-5 without, 3.25e-5 at image weight 1 in earlier sessions;
+    # 2.92e-5, 2.70e-5, 2.95e-5 on 2026-12-03, same model), and the paired intervals span 1 either way
+    # (0.69-2.36 with / without). What they do say: the default imatrix is not shown worse than none,
+    # nor image weight 1 better than the default (README "Known issues").
+    assert default[0] <= 1, f"the clinical imatrix made Q4_K_M drift more, told apart by the chats: {default}"
+    assert weighted[1] >= 1, f"counting image tokens alike beat the default, told apart by the chats: {weighted}"
 
 
 @pytest.mark.slow

@@ -622,7 +622,7 @@ def test_each_build_is_compared_with_the_next_smaller_one_on_the_same_chats(tmp_
     md = render_markdown([run])
     rows = _rendered_rows(md.split("## Each build against the next smaller one (paired)")[1].split("\n## ")[0])
     assert rows[0] == ["variant", "against", "mean KLD ratio", "joint 95% CI", "told apart"]
-    assert "all 3 hold their true ratios together 95% of the time (each is the central 98.33% of" in md
+    assert "the 3 are joint: they hold their true ratios all together 95% of the time (each a 98.33% range)" in md
     got = {r[0]: r[1:] for r in rows[1:]}
     assert got == {"gptq:4": ["gguf:Q4_K_M", "0.5", "0.5–0.5", "yes, lower"],
                    "gguf:Q5_K_M": got["gguf:Q5_K_M"], "gguf:Q8_0": ["gguf:Q5_K_M", "3", "3–3", "yes, higher"]}

@@ -19,6 +19,9 @@ import numpy as np
 DRAWS = 2000
 SEED = 0  # the same chats give the same interval, run after run
 FLAT = 1e-12  # a spread of chats' shares (each ~1) this small is rounding: the chats agree
+# Below this many chats a draw often repeats one chat (no spread: t infinite; 11% of draws at 3
+# chats) and bootstrap-t ranges run to infinity: the ratios' own percentiles are given instead
+STUDENTIZED_FROM = 8
 
 
 def chat_totals(per_chat_kld: list[np.ndarray]) -> list[list[float]]:
@@ -51,12 +54,11 @@ def kld_ratio_interval(base: list[list[float]], other: list[list[float]], draws:
     if len(a) < 2:
         return None
     picks = _redraws(len(a), draws, seed)
-    if not np.all(a[picks].sum(axis=1) > 0):
+    under = a[picks].sum(axis=1)
+    if not np.all(under > 0):
         return None
-    if not b.any():
-        return [0.0, 0.0]  # no drift at all: the ratio is 0 on every draw
-    if not np.all(b[picks].sum(axis=1) > 0):
-        return None  # a draw of only drift-free chats: no log ratio to stand on
+    if len(a) < STUDENTIZED_FROM or not np.all(b[picks].sum(axis=1) > 0):  # few chats, or drift-free draws (no log)
+        return _central(b[picks].sum(axis=1) / under, level)
     log_ratio, se = _log_ratio(a, b)
     drawn, drawn_se = _log_ratio(a[picks], b[picks])
     if se <= FLAT:
@@ -64,8 +66,7 @@ def kld_ratio_interval(base: list[list[float]], other: list[list[float]], draws:
     off = drawn - log_ratio
     t = np.divide(off, drawn_se, out=np.copysign(np.inf, off), where=drawn_se > FLAT)
     t[(drawn_se <= FLAT) & (np.abs(off) <= FLAT)] = 0.0
-    # a draw of one chat repeated has no spread (t infinite): order statistics, not interpolation between them
-    low_t, high_t = np.percentile(t, [50 * (1 - level), 50 * (1 + level)], method="inverted_cdf")
+    low_t, high_t = _central(t, level)
     return [float(np.exp(log_ratio - high_t * se)), float(np.exp(log_ratio - low_t * se))]
 
 
@@ -98,6 +99,13 @@ def _redraws(chats: int, draws: int, seed: int) -> np.ndarray:
 def _pooled(totals: np.ndarray, picks: np.ndarray) -> np.ndarray:
     """Each draw's mean KLD over the positions of the chats it drew."""
     return totals[picks, 0].sum(axis=1) / totals[picks, 1].sum(axis=1)
+
+
+def _central(values: np.ndarray, level: float) -> list[float]:
+    """The central ``level`` of ``values``, as order statistics: an infinite t (a draw of one chat
+    repeated) is not interpolated with a finite one into NaN."""
+    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)], method="inverted_cdf")
+    return [float(low), float(high)]
 
 
 def _percentiles(values: np.ndarray) -> list[float]:

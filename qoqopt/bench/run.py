@@ -419,9 +419,10 @@ def _check_answer_room(answer_tokens: int, config) -> None:
 
     limit, image = config.get_text_config().max_position_embeddings, train_token_range()[1]
     if image + PROMPT_ROOM + answer_tokens > limit:
+        most = limit - image - PROMPT_ROOM
         raise QoqoptError(f"--answer-tokens {answer_tokens}: with the largest image ({image} tokens) and its prompt "
                           f"(up to {PROMPT_ROOM}) a chat would pass the model's context of {limit} tokens; "
-                          f"at most {limit - image - PROMPT_ROOM}")  # fmt: skip
+                          + (f"at most {most}" if most > 0 else "no answer fits"))  # fmt: skip
 
 
 def _say_gguf_on_cpu(opts: BenchOptions, log) -> None:
