@@ -86,7 +86,8 @@ def run_child(cmd: list[str], grace: float = 30.0, **popen) -> subprocess.Comple
                 out, err = proc.communicate()
         except BaseException:
             proc.terminate()
-            _signal_group(proc.pid, signal.SIGCONT)  # a child paused with us cannot clean up until continued
+            if hasattr(signal, "SIGCONT"):  # a child paused with us cannot clean up until continued
+                _signal_group(proc.pid, signal.SIGCONT)
             _wait_for(proc, grace)
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -54,11 +54,11 @@ def kld_ratio_interval(base: list[list[float]], other: list[list[float]], draws:
     if len(a) < 2:
         return None
     picks = _redraws(len(a), draws, seed)
-    under = a[picks].sum(axis=1)
+    under, over = a[picks].sum(axis=1), b[picks].sum(axis=1)
     if not np.all(under > 0):
         return None
-    if len(a) < STUDENTIZED_FROM or not np.all(b[picks].sum(axis=1) > 0):  # few chats, or drift-free draws (no log)
-        return _central(b[picks].sum(axis=1) / under, level)
+    if len(a) < STUDENTIZED_FROM or not np.all(over > 0):  # few chats, or drift-free draws (no log)
+        return _central(over / under, level)
     log_ratio, se = _log_ratio(a, b)
     drawn, drawn_se = _log_ratio(a[picks], b[picks])
     if se <= FLAT:
