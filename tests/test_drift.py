@@ -201,6 +201,8 @@ def test_the_paired_ratio_interval_covers_the_true_ratio_and_tells_apart_what_ov
     assert overlap >= 250 and told >= 0.7 * overlap, (overlap, told)
     chats = [rng.exponential(1e-5, size=n) for n in (12, 30, 7)]
     assert kld_ratio_interval(chat_totals(chats), chat_totals([2 * c for c in chats])) == pytest.approx([2, 2])
+    many = [rng.exponential(1e-5, size=n) for n in range(5, 17)]  # bootstrap-t's chat count: no spread to draw
+    assert kld_ratio_interval(chat_totals(many), chat_totals([2 * c for c in many])) == pytest.approx([2, 2])
     # not the same chats (positions differ), one chat, or a base with no drift: no ratio to give
     assert kld_ratio_interval(chat_totals(chats), chat_totals([c[:-1] for c in chats])) is None
     assert kld_ratio_interval(chat_totals(chats[:1]), chat_totals(chats[:1])) is None

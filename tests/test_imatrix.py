@@ -495,7 +495,7 @@ def test_clinical_imatrix_helps_q4_k_m(trained):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from qoqopt.data import balanced_sample, clinical_set
-    from qoqopt.drift import drift_by_domain
+    from qoqopt.drift import ItemDrift, aggregate_items, drift_by_domain
     from qoqopt.exports.gguf_runtime import LlamaVL
     from qoqopt.exports.gguf_verify import drift_records, reference
     from qoqopt.processor import load_processor
@@ -527,10 +527,12 @@ def test_clinical_imatrix_helps_q4_k_m(trained):
             records[label] = drift_records(vl, refs, items)
     vs_hf = {label: drift_by_domain(recs) for label, recs in records.items()}
     base = records["BF16"]
-    vs_bf16 = {
-        label: drift_by_domain([{**r, "ref_logits": b["cand_logits"]} for r, b in zip(recs, base)])
+    # each chat reduced once against the BF16 build: pooled per domain, and its KLDs kept for the paired ratios
+    chats_vs_bf16 = {
+        label: [ItemDrift.from_record({**r, "ref_logits": b["cand_logits"]}) for r, b in zip(recs, base)]
         for label, recs in records.items() if label != "BF16"
     }  # fmt: skip
+    vs_bf16 = {label: aggregate_items(chats) for label, chats in chats_vs_bf16.items()}
     print(f"\n{trained['report'].describe()}")
     print(f"clinical eval: {len(items)} image chats, {sum(len(r['reply_ids']) for r in refs)} reply positions")
     print("build                        vs   mean KLD    p99 KLD    same top-1  worst domain (mean KLD)")
@@ -545,12 +547,9 @@ def test_clinical_imatrix_helps_q4_k_m(trained):
     print(f"Q4_K_M mean KLD vs BF16: {with_im:.4e} with the clinical imatrix, {without:.4e} without "
           f"({without / with_im:.2f}x), {all_tok:.4e} counting image tokens alike")  # fmt: skip
     from qoqopt.bench.intervals import chat_totals, kld_ratio_interval
-    from qoqopt.drift import position_stats
 
-    def per_chat(label):
-        return chat_totals([position_stats(b["cand_logits"], r["cand_logits"], b["target_ids"])["kld"]
-                            for r, b in zip(records[label], base)])  # fmt: skip
-    default, weighted = (kld_ratio_interval(per_chat(b), per_chat(a)) for a, b in
+    per_chat = {label: chat_totals([c.stats["kld"] for c in chats]) for label, chats in chats_vs_bf16.items()}
+    default, weighted = (kld_ratio_interval(per_chat[b], per_chat[a]) for a, b in
                          (("Q4_K_M + clinical imatrix", "Q4_K_M, no imatrix"),
                           ("Q4_K_M, imatrix image w=1", "Q4_K_M + clinical imatrix")))  # fmt: skip
     print(f"paired over the {len(items)} chats, 95% CI of the mean KLD ratio: with / without the imatrix "

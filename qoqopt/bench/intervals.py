@@ -37,7 +37,7 @@ def mean_kld_interval(per_chat_kld: list[np.ndarray], draws: int = DRAWS, seed: 
     if len(totals) < 2:
         return None
     picks = _redraws(len(totals), draws, seed)
-    return _percentiles(_pooled(totals, picks))
+    return _central(_pooled(totals, picks))
 
 
 def kld_ratio_interval(base: list[list[float]], other: list[list[float]], draws: int = DRAWS, seed: int = SEED,
@@ -46,6 +46,12 @@ def kld_ratio_interval(base: list[list[float]], other: list[list[float]], draws:
     :func:`chat_totals` of the same chats, in the same order), studentized over ``draws`` resamplings
     of the chats. None where they cannot be paired (other chats, or fewer than two with positions)
     or where a draw leaves ``base`` with no drift to divide by."""
+    interval = _paired(base, other, draws, seed)
+    return None if interval is None else interval(level)
+
+
+def _paired(base: list[list[float]], other: list[list[float]], draws: int, seed: int):
+    """:func:`kld_ratio_interval` drawn once, as a function of the level; None where it gives None."""
     a, b = (np.asarray(t, dtype=np.float64).reshape(-1, 2) for t in (base, other))
     if a.shape != b.shape or not np.array_equal(a[:, 1], b[:, 1]):
         return None  # not the same positions: not the same chats
@@ -58,16 +64,20 @@ def kld_ratio_interval(base: list[list[float]], other: list[list[float]], draws:
     if not np.all(under > 0):
         return None
     if len(a) < STUDENTIZED_FROM or not np.all(over > 0):  # few chats, or drift-free draws (no log)
-        return _central(over / under, level)
+        return lambda level: _central(over / under, level)
     log_ratio, se = _log_ratio(a, b)
-    drawn, drawn_se = _log_ratio(a[picks], b[picks])
     if se <= FLAT:
-        return [float(np.exp(log_ratio))] * 2  # every chat at the same ratio: no spread to draw
+        return lambda level: [float(np.exp(log_ratio))] * 2  # every chat at the same ratio: no spread to draw
+    drawn, drawn_se = _log_ratio(a[picks], b[picks])
     off = drawn - log_ratio
     t = np.divide(off, drawn_se, out=np.copysign(np.inf, off), where=drawn_se > FLAT)
     t[(drawn_se <= FLAT) & (np.abs(off) <= FLAT)] = 0.0
-    low_t, high_t = _central(t, level)
-    return [float(np.exp(log_ratio - high_t * se)), float(np.exp(log_ratio - low_t * se))]
+
+    def interval(level: float) -> list[float]:
+        low_t, high_t = _central(t, level)
+        return [float(np.exp(log_ratio - high_t * se)), float(np.exp(log_ratio - low_t * se))]
+
+    return interval
 
 
 def _log_ratio(a: np.ndarray, b: np.ndarray) -> tuple:
@@ -86,9 +96,9 @@ def neighbour_ratio_intervals(totals: list, draws: int = DRAWS, seed: int = SEED
     the time (Bonferroni over the k pairs that pair: each is the central 1 - (1 - level) / k). With
     one 95% range a pair, one of three pairs of equal builds read "told apart" in 17% of simulated
     evals of 20 chats; with the joint ranges, in 7% (tests/test_drift.py)."""
-    pairs = list(zip(totals, totals[1:]))
-    k = sum(kld_ratio_interval(a, b, draws, seed) is not None for a, b in pairs)
-    return [kld_ratio_interval(a, b, draws, seed, 1 - (1 - level) / max(k, 1)) for a, b in pairs]
+    paired = [_paired(a, b, draws, seed) for a, b in zip(totals, totals[1:])]
+    each = 1 - (1 - level) / max(sum(p is not None for p in paired), 1)
+    return [None if p is None else p(each) for p in paired]
 
 
 def _redraws(chats: int, draws: int, seed: int) -> np.ndarray:
@@ -101,13 +111,8 @@ def _pooled(totals: np.ndarray, picks: np.ndarray) -> np.ndarray:
     return totals[picks, 0].sum(axis=1) / totals[picks, 1].sum(axis=1)
 
 
-def _central(values: np.ndarray, level: float) -> list[float]:
+def _central(values: np.ndarray, level: float = 0.95) -> list[float]:
     """The central ``level`` of ``values``, as order statistics: an infinite t (a draw of one chat
     repeated) is not interpolated with a finite one into NaN."""
     low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)], method="inverted_cdf")
-    return [float(low), float(high)]
-
-
-def _percentiles(values: np.ndarray) -> list[float]:
-    low, high = np.percentile(values, [2.5, 97.5])
     return [float(low), float(high)]
