@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QoqoptError, printable
-from .manifest import entry_path, gguf_entries, gguf_quants, is_int, made_from, preferred_quant
+from .manifest import entry_path, file_key, gguf_entries, gguf_quants, is_int, made_from, preferred_quant
 
 TEXT_KEYS = {  # summary field: the key under the text GGUF's `general.architecture`
     "layers": "block_count", "hidden": "embedding_length", "intermediate": "feed_forward_length",
@@ -122,8 +122,7 @@ def _file_type(value) -> str | None:
 
 def _listed(folder: Path, manifest: dict, entry: dict) -> GGUFFile:
     """A file as the manifest lists it (a file in parts: its first part, with the others' sizes)."""
-    same = [f for f in manifest["files"] if f.get("parts") and f.get("kind") == entry.get("kind")
-            and f.get("quant") == entry.get("quant")] if entry.get("parts") else [entry]  # fmt: skip
+    same = [f for f in manifest["files"] if file_key(f) == file_key(entry)]
     return GGUFFile(entry_path(entry), entry.get("kind") or "?", entry.get("quant"), sum(f.get("bytes", 0) for f in same),
                     len(same), all((folder / entry_path(f)).is_file() for f in same))  # fmt: skip
 

@@ -54,6 +54,21 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse refuses leftover arguments from the top parser, so its error named `qoqopt --help`,
+        which does not list a subcommand's options; the subcommand the arguments chose names its own."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._chosen(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _chosen(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The deepest subcommand parser that ``parsed`` went through (`qoqopt data show`)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None):
+                return action.choices[getattr(parsed, action.dest)]._chosen(parsed)
+        return self
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(

@@ -21,7 +21,7 @@ from pathlib import Path
 from .cache import cache_root
 from .errors import QoqoptError
 from .fileio import atomic_write_text, sha256_file
-from .manifest import entry_path, gguf_entries, gguf_quants, listed_file, preferred_quant
+from .manifest import entry_path, file_key, gguf_entries, gguf_quants, listed_file, preferred_quant
 
 BAR_FROM_BYTES = 256 << 20  # smaller files hash in well under a second: no bar
 RACY_NS = 2_000_000_000  # a file changed this recently is hashed again when asked again
@@ -49,10 +49,9 @@ def not_downloaded(folder: Path, manifest: dict) -> list[str]:
     Nothing is, in a build as `export` wrote it."""
     if not manifest.get("published"):
         return []
-    files: dict[tuple, list[str]] = {}  # a file's parts, by what they share: their kind and quant type
+    files: dict[tuple, list[str]] = {}  # each file's parts (a whole file: itself)
     for entry in manifest["files"]:
-        key = (entry.get("kind"), entry.get("quant")) if entry.get("parts") else (entry_path(entry),)
-        files.setdefault(key, []).append(entry_path(entry))
+        files.setdefault(file_key(entry), []).append(entry_path(entry))
     return [rel for parts in files.values() if not any((Path(folder) / p).exists() for p in parts) for rel in parts]
 
 

@@ -169,14 +169,14 @@ def _check_parts(files: list[dict], manifest_path: Path) -> None:
     groups: dict[tuple, list[dict]] = {}
     for f in files:
         if "part" in f or "parts" in f:
-            groups.setdefault((f.get("kind"), f.get("quant")), []).append(f)
-    for (kind, quant), group in groups.items():
+            groups.setdefault(file_key(f), []).append(f)
+    for group in groups.values():
         count = group[0].get("parts") or 0
         numbered = sorted((f["part"], entry_path(f)) for f in group if "part" in f and f.get("parts") == count)
         stems = {_split_stem(rel, no, count) for no, rel in numbered}
         if len(numbered) != len(group) or [no for no, _ in numbered] != list(range(1, count + 1)) or len(stems) != 1 \
                 or None in stems:  # fmt: skip
-            raise QoqoptError(f"{manifest_path} lists the {quant or kind} parts inconsistently (not parts 1..N of "
+            raise QoqoptError(f"{manifest_path} lists the {group[0].get('quant') or group[0].get('kind')} parts inconsistently (not parts 1..N of "
                               "one file, each named -0000i-of-0000N.gguf): copy or download the build again")  # fmt: skip
 
 
@@ -190,6 +190,12 @@ def _split_stem(rel: str, no: int, count: int) -> str | None:
 
 def entry_path(entry: dict) -> str:
     return entry.get("path") or entry.get("file") or ""
+
+
+def file_key(entry: dict) -> tuple:
+    """What one file of a build is known by: a file in parts, by what its parts share (their kind
+    and quant type); a whole file, by its path."""
+    return (entry.get("kind"), entry.get("quant")) if entry.get("parts") else (entry_path(entry),)
 
 
 def listed_file(folder: Path, entry: dict) -> Path:

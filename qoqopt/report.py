@@ -424,9 +424,9 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
             f"{_short_of_100(a.get('same_top_pct'))} | {_fmt(a.get('rms_dp_pct'), '.3g')} | {_accuracy(a, v)} | "
             f"{v.get('worst_domain') or '–'} | {'★' if name in front else ''} |"
         )
-    out += ["", f"95% CI: the range the mean KLD took over {DRAWS} redraws of these chats (a percentile bootstrap, "
-            "a chat's positions drawn together, as they share its image and reply; with 20 chats it holds the mean "
-            "a little less often than 95%): how much the number rests on which chats were drawn. Every build is "
+    out += ["", f"95% CI: the range the mean KLD took over {DRAWS} redraws of these chats (bootstrap-t on its log, "
+            "a chat's positions drawn together, as they share its image and reply; with 20 chats it held the true "
+            "mean in 93% of simulated evals): how much the number rests on which chats were drawn. Every build is "
             "measured on the same chats, so their difference can be surer than two overlapping ranges "
             f"suggest{' (the paired table)' if paired else ''}.", "",
             f"★ Pareto-optimal: {PARETO_PHRASE} smaller and lower in mean KLD. Size: every file a build "

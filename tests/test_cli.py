@@ -142,6 +142,29 @@ def test_bad_numbers_and_usage_arerefused(capsys):
         torch.manual_seed(2**64)
 
 
+def test_a_leftover_argument_names_the_help_that_lists_the_commands_options(capsys):
+    """An option the command does not take was refused under `qoqopt --help`, which lists commands,
+    not options. The error names the deepest command the line chose; that parser's own help lists
+    its options (and not the stray one), as argparse prints it."""
+    from qoqopt.cli import build_parser
+
+    cases = {
+        ("info", "m", "--quant", "Q4_K_M"): "qoqopt info",
+        ("data", "show", ITEM, "--split", "calib", "--out", "x.png"): "qoqopt data show",
+        ("data", "list", "extra"): "qoqopt data list",
+        ("--bogus",): "qoqopt",
+    }  # fmt: skip
+    parser = build_parser()
+    for argv, prog in cases.items():
+        stray = " ".join(a for a in argv if a in ("--quant", "Q4_K_M", "--split", "calib", "extra", "--bogus"))
+        assert refused(list(argv), capsys) == f"error: unrecognized arguments: {stray} (see `{prog} --help`)"
+        with pytest.raises(SystemExit) as shown:
+            parser.parse_args([*prog.split()[1:], "--help"])
+        assert shown.value.code == 0
+        usage = capsys.readouterr().out
+        assert usage.startswith(f"usage: {prog} ") and argv[-1] not in usage.split("\n")[0]
+
+
 def test_an_empty_value_is_refused_before_anything_reads_it(capsys):
     """An empty value is an unset shell variable: `ask --item ''` said "--image needs --question",
     `ask --image ''` "`.` is a directory", `info ''` began its message with the empty name."""

@@ -913,7 +913,7 @@ def test_cli_jsonl_takes_domain_and_refuses_built_in_choices(tmp_path, capsys):
         with pytest.raises(QoqoptError, match="pick from the built-in set; a --jsonl set is listed whole"):
             _cli("data", "list", "--jsonl", path, *flag)
     err = refused(["data", "show", "ct-head-693.region_ct.eval-0", "--split", "calib", "--out", tmp_path / "x.png"], capsys)
-    assert err == "error: unrecognized arguments: --split calib (see `qoqopt --help`)", err
+    assert err == "error: unrecognized arguments: --split calib (see `qoqopt data show --help`)", err
     with pytest.raises(QoqoptError, match="no item with id 'set:3'; ids close to it: 'set:2', 'set:1'"):
         _cli("data", "show", "set:3", "--jsonl", path, "--out", str(tmp_path / "x.png"))
     with pytest.raises(QoqoptError, match="no item with id 'x'; its ids include 'set:1', 'set:2'$"):

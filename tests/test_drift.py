@@ -152,8 +152,8 @@ def test_the_mean_klds_interval_covers_the_true_mean_as_a_95_percent_interval_sh
     """bench's mean KLD came as a point alone: 4.818e-6 against 4.84e-6 decided a Pareto star. The
     interval redraws chats (positions within a chat share its image and reply), so over many evals of
     chats drawn from one known distribution it holds the distribution's true pooled mean in about 95%
-    of them (a percentile bootstrap of 20 chats runs a little under: 0.85..0.99 is asked), and widens
-    when the chats disagree more."""
+    of them (20 chats are few: 0.91..0.985 is asked; the draws' own percentiles, the interval before
+    it was studentized, held it in 266 of these 300, 0.89), and widens when the chats disagree more."""
     from qoqopt.bench.intervals import mean_kld_interval
 
     rng = np.random.default_rng(1)
@@ -165,14 +165,14 @@ def test_the_mean_klds_interval_covers_the_true_mean_as_a_95_percent_interval_sh
         low, high = mean_kld_interval(chats, draws=500, seed=int(rng.integers(1 << 30)))
         hits += low <= true_mean <= high
         widths.append(high - low)
-    assert 0.85 <= hits / 300 <= 0.99, hits
+    assert 0.91 <= hits / 300 <= 0.985, hits
     one = [np.full(25, 3e-5)] * 20  # chats that agree: nothing to draw differently
     assert mean_kld_interval(one) == pytest.approx([3e-5, 3e-5])
     assert mean_kld_interval([np.full(25, 3e-5)]) is None and mean_kld_interval([np.ones(3), np.ones(0)]) is None
     levels = rng.uniform(1e-5, 2e-5, size=20)  # chats twice as far from their mean: an interval twice as wide
     apart = levels.mean() + 2 * (levels - levels.mean())
     (low, high), (low2, high2) = (mean_kld_interval([np.full(25, x) for x in v]) for v in (levels, apart))
-    assert high2 - low2 == pytest.approx(2 * (high - low))
+    assert high2 - low2 == pytest.approx(2 * (high - low), rel=0.03)  # about: studentized on the log scale
 
 
 def test_the_paired_ratio_interval_covers_the_true_ratio_and_tells_apart_what_overlapping_ranges_cannot():

@@ -3,7 +3,10 @@
 llama-perplexity prints mean KLD ± its standard error over positions, as if every token were drawn
 apart from the rest. A chat's positions share its image and its reply, so they are not: the chat is
 the unit drawn. Each draw takes as many chats as the eval has, with replacement, and pools their
-positions as the run does; the interval is the 2.5th to 97.5th percentile of the draws' means.
+positions as the run does. The pooled mean is a ratio (KLD summed over positions counted), and its
+interval is studentized (bootstrap-t on its log, with the delta-method standard error): over 300
+simulated evals of 20 chats the draws' own percentiles held the true mean in 266 (89% where 95% is
+said), the studentized one in 279 (93%; tests/test_drift.py).
 
 Two builds measured on the same chats are compared on the same draws (a paired bootstrap): where
 the chats that are hard for one are hard for the other, their ratio varies less than either mean,
@@ -31,13 +34,13 @@ def chat_totals(per_chat_kld: list[np.ndarray]) -> list[list[float]]:
 
 
 def mean_kld_interval(per_chat_kld: list[np.ndarray], draws: int = DRAWS, seed: int = SEED) -> list[float] | None:
-    """[low, high] of the pooled mean KLD over ``draws`` resamplings of the chats (each chat's
-    per-position KLDs); None with fewer than two chats holding positions, where nothing varies."""
+    """[low, high]: a 95% interval of the pooled mean KLD over ``draws`` resamplings of the chats (each
+    chat's per-position KLDs), studentized as the ratio's is (the pooled mean is one too: KLD summed
+    over positions counted); None with fewer than two chats holding positions, where nothing varies."""
     totals = np.array([t for t in chat_totals(per_chat_kld) if t[1]], dtype=np.float64).reshape(-1, 2)
     if len(totals) < 2:
         return None
-    picks = _redraws(len(totals), draws, seed)
-    return _central(_pooled(totals, picks))
+    return _ratio_of_sums(totals[:, 1], totals[:, 0], _redraws(len(totals), draws, seed))(0.95)
 
 
 def kld_ratio_interval(base: list[list[float]], other: list[list[float]], draws: int = DRAWS, seed: int = SEED,
@@ -60,9 +63,14 @@ def _paired(base: list[list[float]], other: list[list[float]], draws: int, seed:
     if len(a) < 2:
         return None
     picks = _redraws(len(a), draws, seed)
+    return _ratio_of_sums(a, b, picks) if np.all(a[picks].sum(axis=1) > 0) else None
+
+
+def _ratio_of_sums(a: np.ndarray, b: np.ndarray, picks: np.ndarray):
+    """A function of the level giving the central interval of sum(b) / sum(a) over the chats, from
+    the redraws ``picks`` (rows of chat indexes; every draw's sum of a above 0): bootstrap-t on the
+    log, or the draws' own percentiles where that cannot be taken."""
     under, over = a[picks].sum(axis=1), b[picks].sum(axis=1)
-    if not np.all(under > 0):
-        return None
     if len(a) < STUDENTIZED_FROM or not np.all(over > 0):  # few chats, or drift-free draws (no log)
         return lambda level: _central(over / under, level)
     log_ratio, se = _log_ratio(a, b)
@@ -104,11 +112,6 @@ def neighbour_ratio_intervals(totals: list, draws: int = DRAWS, seed: int = SEED
 def _redraws(chats: int, draws: int, seed: int) -> np.ndarray:
     """``draws`` rows of ``chats`` chat indexes drawn with replacement."""
     return np.random.default_rng(seed).integers(0, chats, size=(draws, chats))
-
-
-def _pooled(totals: np.ndarray, picks: np.ndarray) -> np.ndarray:
-    """Each draw's mean KLD over the positions of the chats it drew."""
-    return totals[picks, 0].sum(axis=1) / totals[picks, 1].sum(axis=1)
 
 
 def _central(values: np.ndarray, level: float = 0.95) -> list[float]:
