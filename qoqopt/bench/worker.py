@@ -15,7 +15,7 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..drift import ItemDrift, aggregate_items, answer_score, extract_boxed, position_stats, worst_domain
+from ..drift import ItemDrift, aggregate_items, extract_boxed, position_stats, set_f1, worst_domain
 from .eval_set import eval_items, load_reference, ref_logits, save_reference
 from .intervals import chat_totals, mean_kld_interval
 from .machine import ru_maxrss_mib
@@ -55,9 +55,9 @@ def _answer_score(runner, item, chat: dict, job: dict, tally: Counter) -> float:
     """The greedy answer's set-F1; an answer with no closed \\boxed{} (cut off at answer_tokens, or
     never given) counts in ``tally["unboxed"]``: its 0 says nothing of the build's medicine. Counted,
     not named: a user set's chat ids may carry a patient's record number."""
-    text = runner.answer(item, chat, job["answer_tokens"])
-    tally["unboxed"] += extract_boxed(text) is None
-    return answer_score(text, item.answer)
+    boxed = extract_boxed(runner.answer(item, chat, job["answer_tokens"]))
+    tally["unboxed"] += boxed is None
+    return set_f1(boxed, item.answer)
 
 
 def reference_pass(runner, items, job: dict, tally: Counter) -> list[ItemDrift]:
