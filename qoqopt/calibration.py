@@ -8,10 +8,11 @@ kept apart. Text positions here are image-conditioned (they attend to the image)
 imatrix never sees; image positions are the vision tower's tokens themselves. Exporters decide how to
 weigh the two (`InputStats.combined`). lm_head never counts image positions: their logits are unused.
 
-Measured on the trained mini model (README, test_imatrix.py): counting image positions like text
-positions makes Q4_K_M answers drift ~20% more than no imatrix at all, because image tokens carry
-activations far larger in a few channels while their own outputs hardly reach the answer; so
-exporters default to weight 0 for image positions.
+Exporters weigh image positions 0 by default. Counted like text positions, they once made Q4_K_M on
+the trained mini model drift ~20% more than no imatrix at all: image tokens carry activations far
+larger in a few channels, while their own outputs hardly reach the answer. Later runs could not
+order the weights, or the imatrix against none, on that model (README, Known issues): the default
+rests on that reasoning, not on a measured gain.
 
 Each chat is the prompt as at inference (image + QoQ-Med question, through the processor, with
 `mm_token_type_ids` so image tokens get their 3-D M-RoPE positions) followed by the reference reply
