@@ -111,6 +111,16 @@ def part_of(name: str) -> str:
 # --------------------------------------------------------------------------- sources
 
 
+def _a_file(path: Path, source: str) -> str:
+    """What to give instead of a file: a user hands `ask` the .gguf they mean to run, or `info` the
+    config.json, where every command takes the folder (a build picks its GGUF by quant type)."""
+    holder = path.parent
+    if not ((holder / "manifest.json").exists() or (holder / "config.json").exists()):
+        return f"{source} is a file; give a checkpoint's directory or a build folder written by `qoqopt export`"
+    pick = " (a build's GGUF is picked by its quant type: `ask --quant`, `bench --variants gguf:TYPE`)"
+    return f"{source} is a file; give the folder that holds it, {holder}{pick if path.suffix.lower() == '.gguf' else ''}"
+
+
 def resolve(source: str, revision: str | None = None, weights: bool = True,
             only: list[str] | None = None) -> tuple[Path, str | None]:  # fmt: skip
     """A local directory for `source` (a path or Hub id) and the Hub commit it came from.
@@ -123,7 +133,7 @@ def resolve(source: str, revision: str | None = None, weights: bool = True,
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise QoqoptError(f"{source} is a file; give the checkpoint's directory")
+            raise QoqoptError(_a_file(path, source))
         if revision:
             raise QoqoptError(f"--revision picks a Hub revision; {source} is a local directory")
         return path, None

@@ -73,8 +73,12 @@ def read_manifest(folder: Path, what: str = "a directory written by `qoqopt expo
     if not isinstance(manifest["files"], list) or not all(isinstance(f, dict) for f in manifest["files"]):
         raise QoqoptError(f"{path}: \"files\" must be a list of objects")
     _check_kinds(manifest, path)
+    listed = set()
     for entry in manifest["files"]:
         _check_inside(entry_path(entry), path)
+        if entry_path(entry) in listed:  # counted twice in sizes and parts, uploaded twice by publish
+            raise QoqoptError(f"{path} lists {entry_path(entry)} twice: copy or download the build again")
+        listed.add(entry_path(entry))
         _check_counts(entry, path)
         _check_kinds(entry, path, f"{entry_path(entry)} ")
     _check_parts(manifest["files"], path)

@@ -19,7 +19,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .bench.intervals import DRAWS, neighbour_ratio_intervals
+from .bench.intervals import DRAWS, STUDENTIZED_FROM, neighbour_ratio_intervals
 from .errors import QoqoptError, printable
 
 SCHEMA = "qoqopt.bench/1"
@@ -425,8 +425,8 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
             f"{v.get('worst_domain') or '–'} | {'★' if name in front else ''} |"
         )
     out += ["", f"95% CI: the range the mean KLD took over {DRAWS} redraws of these chats (bootstrap-t on its log, "
-            "a chat's positions drawn together, as they share its image and reply; with 20 chats it held the true "
-            "mean in 93% of simulated evals): how much the number rests on which chats were drawn. Every build is "
+            "a chat's positions drawn together, as they share its image and reply; in simulated evals of 20 chats "
+            "it held the true mean 93% of the time): how much the number rests on which chats were drawn. Every build is "
             "measured on the same chats, so their difference can be surer than two overlapping ranges "
             f"suggest{' (the paired table)' if paired else ''}.", "",
             f"★ Pareto-optimal: {PARETO_PHRASE} smaller and lower in mean KLD. Size: every file a build "
@@ -448,8 +448,9 @@ def _paired_table(rows: dict[str, dict], which: str = "") -> list[str]:
            "Mean KLD divided by the next smaller build's (of those whose result keeps each chat's totals), over "
            "the same redraws of the same chats. Where builds find the same chats hard, the ratio varies less than "
            "either mean, and builds whose own ranges overlap can still be told apart. Each range is studentized "
-           f"(bootstrap-t on the log ratio, {DRAWS} redraws)" + _joint_note(len(pairs)) + " With 20 chats they hold "
-           "a little less often than they say. On a model card the build compared with may be another format's, "
+           f"(bootstrap-t on the log ratio, {DRAWS} redraws; under {STUDENTIZED_FROM} chats, the redraws' own "
+           "percentiles)" + _joint_note(len(pairs)) + " In simulated evals of 20 chats such ranges held their "
+           "ratios a little less often than they say (a 95% range 93% of the time). On a model card the build compared with may be another format's, "
            "not shown there.", "",
            files_comment((None, big[1]) for _, big, _ in pairs),
            "| variant | against | mean KLD ratio | joint 95% CI | told apart |", "|---|---|---:|---:|---|"]
@@ -462,7 +463,7 @@ def _paired_table(rows: dict[str, dict], which: str = "") -> list[str]:
 
 def _joint_note(pairs: int) -> str:
     if pairs == 1:
-        return " and holds the true ratio 95% of the time."
+        return ", meant to hold the true ratio 95% of the time."
     return (f"; the {pairs} are joint: they hold their true ratios all together 95% of the time (each a "
             f"{100 - 5 / pairs:.4g}% range), so a \"yes\" is not one pair's luck among several.")
 
@@ -503,7 +504,21 @@ def _eval_lines(run: dict) -> list[str]:
         return []
     domains = ", ".join(f"{d} {n}" for d, n in sorted((ev.get("domains") or {}).items()))
     return [f"Evaluated on {ev['items']} chats: {domains}; eval set `{code_text(ev.get('source'))}`, seed {ev.get('seed')}. "
-            f"One answer moves accuracy by {1 / ev['items']:.2f}.", ""]  # fmt: skip
+            f"One answer moves accuracy by {1 / ev['items']:.2f}.{_builtin_note(ev.get('source'))}", ""]  # fmt: skip
+
+
+def _builtin_note(source) -> str:
+    """The built-in set's chats are views of a few scans, which its calibration split shares: a
+    reader must not take them for held-out patients."""
+    if source != "clinical":
+        return ""
+    from .bench.eval_set import builtin_scans
+
+    scans = builtin_scans()
+    return (f" The built-in set's chats are seeded views (crops, windows, flips) of {sum(scans.values())} source "
+            f"scans ({', '.join(f'{d} {n}' for d, n in sorted(scans.items()))}), the same ones its calibration split "
+            "draws on: held-out views, not held-out patients. For evidence about a service, bench its own "
+            "scans (`--eval`).")
 
 
 def _by_size(rows: dict[str, dict]) -> list[tuple[str, dict]]:

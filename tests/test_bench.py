@@ -622,6 +622,32 @@ def test_report_merges_the_two_runs(run_1t, run_2t, tmp_path):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_next_step_bench_prints_runs_as_printed_and_again_after_a_second_run(run_1t, tmp_path):
+    """bench ends with the `qoqopt report` command for its results. Followed as printed (the shell
+    expanding the glob) it writes the report; after a second run into the same folder, the command
+    printed then (with --force) does too, where the first one's is refused by report."""
+    import glob
+    import shlex
+
+    from qoqopt.commands.bench import next_step
+
+    (line,) = [ln for ln in run_1t[2].stdout.splitlines() if ln.startswith("next: ")]
+    assert line == f"next: {next_step(run_1t[1])}" and " --force" not in line
+    copy = tmp_path / run_1t[1].name
+    shutil.copy(run_1t[1], copy)
+
+    def follow(command: str):
+        argv = [a for word in shlex.split(command) for a in (sorted(glob.glob(word)) if "*" in word else [word])]
+        assert argv[0] == "qoqopt"
+        return run_cli(*argv[1:])
+
+    first = next_step(copy)
+    assert follow(first).returncode == 0 and (tmp_path / "report" / "report.md").is_file()
+    again = next_step(copy)
+    assert again == first + " --force"
+    assert follow(first).returncode == 2 and follow(again).returncode == 0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -165,6 +165,27 @@ def test_a_leftover_argument_names_the_help_that_lists_the_commands_options(caps
         assert usage.startswith(f"usage: {prog} ") and argv[-1] not in usage.split("\n")[0]
 
 
+def test_a_file_given_for_a_folder_names_the_folder_to_give(tiny_dir, tmp_path, capsys):
+    """`ask out/x.Q4_K_M.gguf` or `info ckpt/config.json` said "give the checkpoint's directory" of a
+    GGUF build, which has none. The error names the folder that holds the file, and that folder is
+    what the same command then takes."""
+    from qoqopt.cli import main
+
+    err = refused(["info", tiny_dir / "config.json"], capsys)
+    assert err == f"error: {tiny_dir / 'config.json'} is a file; give the folder that holds it, {tiny_dir}"
+    assert main(["info", str(tiny_dir)]) == 0
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "manifest.json").write_text("{}")
+    (build / "x.Q4_K_M.gguf").write_bytes(b"GGUF")
+    err = refused(["ask", build / "x.Q4_K_M.gguf", "--item", ITEM], capsys)
+    assert err.startswith(f"error: {build / 'x.Q4_K_M.gguf'} is a file; give the folder that holds it, {build} (")
+    assert "ask --quant" in err
+    (tmp_path / "loose.gguf").write_bytes(b"GGUF")
+    err = refused(["ask", tmp_path / "loose.gguf", "--item", ITEM], capsys)
+    assert err == f"error: {tmp_path / 'loose.gguf'} is a file; give a checkpoint's directory or a build folder written by `qoqopt export`"
+
+
 def test_an_empty_value_is_refused_before_anything_reads_it(capsys):
     """An empty value is an unset shell variable: `ask --item ''` said "--image needs --question",
     `ask --image ''` "`.` is a directory", `info ''` began its message with the empty name."""

@@ -137,11 +137,13 @@ def _swap_parts(files):
 
 
 @pytest.mark.parametrize("edit", [_drop_part, _swap_parts, lambda files: [f.update(parts=4) for f in files if "parts" in f],
-                                  lambda files: files[0].update(bytes="abc"), lambda files: files[0].update(bytes=-1)])
+                                  lambda files: files[0].update(bytes="abc"), lambda files: files[0].update(bytes=-1),
+                                  lambda files: files.append(dict(files[0]))])
 def test_a_hand_edited_manifest_is_refused_in_one_line(export_dir, edit, capsys):
     """A file in parts must be listed as parts 1..N named as llama.cpp finds them from the first,
-    and sizes must be counts: otherwise publish would upload a repo llama.cpp cannot load (a part
-    left out), ask would hand llama.cpp a later part first, or a size would end in a traceback."""
+    sizes must be counts, and a file listed once: otherwise publish would upload a repo llama.cpp
+    cannot load (a part left out), ask would hand llama.cpp a later part first, a size would end
+    in a traceback, or info would count a file twice."""
     _add_parts(export_dir, "Q3_K", [40, 40, 40])
     manifest = json.loads((export_dir / "manifest.json").read_text())
     edit(manifest["files"])
@@ -149,7 +151,7 @@ def test_a_hand_edited_manifest_is_refused_in_one_line(export_dir, edit, capsys)
     for argv in (["publish", export_dir, "--repo", "me/x", "--dry-run"],
                  ["ask", export_dir, "--quant", "Q3_K", "--item", "ct-abd-pancreas.region_ct.eval-0"]):  # fmt: skip
         err = refused(argv, capsys)
-        assert "manifest.json" in err and ("parts inconsistently" in err or "not a count" in err), err
+        assert "manifest.json" in err and any(w in err for w in ("parts inconsistently", "not a count", " twice: ")), err
 
 
 def test_a_build_edited_to_another_format_is_refused(export_dir, tmp_path, capsys):

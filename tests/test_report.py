@@ -3,6 +3,8 @@
 import json
 import re
 import shutil
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -123,17 +125,25 @@ def test_report_says_how_many_chats_the_numbers_rest_on():
     """Beside drift and accuracy, the chats they come from, per eval set (the run JSON's `eval`)."""
     from qoqopt.report import render_markdown
 
+    from qoqopt.data import clinical_set
+
     five = {"source": "clinical", "items": 5, "seed": 0, "domains": {"ct": 1, "ecg": 1, "mri": 1, "ultrasound": 1, "xray": 1}}
     a, b = _run("cpu", 1.0), _run("gpu", 2.0)
     a["run"]["eval"] = b["run"]["eval"] = five
+    # the built-in set's scans, counted from its items' own source files: eval and calib views of the same ones
+    scans = {split: {(it.domain, Path(it.source).name) for it in clinical_set(split, n_per_base=1)} for split in ("eval", "calib")}
+    assert scans["eval"] == scans["calib"]
+    by_domain = Counter(domain for domain, _ in scans["eval"])
+    note = (f" The built-in set's chats are seeded views (crops, windows, flips) of {len(scans['eval'])} source scans "
+            f"({', '.join(f'{d} {n}' for d, n in sorted(by_domain.items()))}), the same ones its calibration split draws "
+            "on: held-out views, not held-out patients. For evidence about a service, bench its own scans (`--eval`).")  # fmt: skip
     line = ("Evaluated on 5 chats: ct 1, ecg 1, mri 1, ultrasound 1, xray 1; eval set `clinical`, seed 0. "
             "One answer moves accuracy by 0.20.")  # fmt: skip
-    assert render_markdown([a, b]).split("## Drift against the reference")[1].splitlines()[2] == line
-    b["run"]["eval"] = {**five, "items": 20, "domains": {"ct": 20}}
+    assert render_markdown([a, b]).split("## Drift against the reference")[1].splitlines()[2] == line + note
+    b["run"]["eval"] = {**five, "items": 20, "domains": {"ct": 20}, "source": "mine-0123abcd"}
     lines = [ln for ln in render_markdown([a, b]).splitlines() if ln.startswith("Evaluated on")]
-    assert lines == ["Evaluated on 5 chats: ct 1, ecg 1, mri 1, ultrasound 1, xray 1; eval set `clinical`, seed 0. "
-                     "One answer moves accuracy by 0.20.",
-                     "Evaluated on 20 chats: ct 20; eval set `clinical`, seed 0. One answer moves accuracy by 0.05."]
+    assert lines == [line + note,
+                     "Evaluated on 20 chats: ct 20; eval set `mine-0123abcd`, seed 0. One answer moves accuracy by 0.05."]
 
 
 def test_runs_on_other_chats_or_models_get_drift_tables_of_their_own():

@@ -15,6 +15,17 @@ import numpy as np
 from ..errors import QoqoptError
 
 
+def builtin_scans() -> dict[str, int]:
+    """Distinct source files of the built-in set, by domain: its splits are seeded views of these same
+    scans, so its eval chats are held-out views, not held-out patients."""
+    from ..data.catalog import SOURCES
+
+    files: dict[str, set] = {}
+    for source in SOURCES:
+        files.setdefault(source.domain, set()).add(source.file)
+    return {domain: len(names) for domain, names in files.items()}
+
+
 def eval_items(source: str, n: int, seed: int = 0, render: bool = True, domains: list[str] | None = None):
     """Domain-balanced held-out chats: the built-in clinical "eval" split, or a user JSONL set, of
     ``domains`` only when given. Each image is rendered once here (``render``): every variant reads

@@ -64,7 +64,8 @@ def register(sub) -> None:
                         "(cuda:0, as transformers does) when llama-cpp-python was built with CUDA, else on "
                         "the CPU, which bench says")
     p.add_argument("--eval", dest="eval_source", default="clinical", metavar="clinical|FILE.jsonl",
-                   help="eval chats: the built-in held-out clinical split, or your own JSONL set")  # fmt: skip
+                   help="eval chats: the built-in clinical eval split (seeded views of the same few scans its calib split "
+                   "draws on: held-out views, not patients; `qoqopt data list`), or your own JSONL set")  # fmt: skip
     p.add_argument("--items", type=int, default=20, help="eval chats, domain-balanced (default 20)")
     p.add_argument("--domain", action="append", choices=list(DOMAINS), metavar="DOMAIN",
                    help="only this domain of the eval set (repeatable), e.g. --domain ct for a CT-only service")  # fmt: skip
@@ -105,13 +106,20 @@ def run(args) -> int:
         revision=args.revision,
     )  # fmt: skip
     path = run_bench(opts)
-    print(f"wrote {path}\nnext: qoqopt report {path.parent}/*.json --out {path.parent}/report")
+    print(f"wrote {path}\nnext: {next_step(path)}")
     failed = [v["name"] for v in json.loads(path.read_text())["variants"] if v["status"] != "ok"]
     if failed:  # recorded in the result, and said in the exit status for scripts and CI
         print(f"error: {len(failed)} of {len(opts.variants)} variants failed ({', '.join(failed)}); "
               f"{path.name} records why", file=sys.stderr)  # fmt: skip
         return 1
     return 0
+
+
+def next_step(result: Path) -> str:
+    """The `qoqopt report` command for the folder ``result`` was written to: with --force where an
+    earlier run's report is there, which report refuses to replace without it."""
+    report = result.parent / "report"
+    return f"qoqopt report {result.parent}/*.json --out {report}{' --force' if report.exists() else ''}"
 
 
 def _build_source(source: str) -> Path | str:
