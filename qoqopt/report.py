@@ -481,10 +481,12 @@ def _accuracy(drift_all: dict, variant: dict) -> str:
 
 def _unboxed_lines(rows: dict[str, dict], run: dict) -> list[str]:
     """A reply cut off at the run's answer_tokens is not a wrong answer, and a column of them
-    measures the limit, not the build."""
+    measures the limit, not the build. A run that asked for no answers says why its column is empty."""
+    limit = (run["run"].get("eval") or {}).get("answer_tokens")
+    if limit == 0:
+        return ["Accuracy –: this run asked for no answers (`--answer-tokens 0`): drift only.", ""]
     if not any(v.get("unboxed") for v in rows.values()):
         return []
-    limit = (run["run"].get("eval") or {}).get("answer_tokens")
     return [f"(n unboxed): n answers with no `\\boxed{{}}`, each scored 0: cut off at the run's {limit} answer "
             "tokens, or never given; if cut off, run again with a larger `--answer-tokens`.", ""]
 

@@ -622,6 +622,25 @@ def test_report_merges_the_two_runs(run_1t, run_2t, tmp_path):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_answer_tokens_0_measures_the_same_drift_without_answers(run_1t, trained_dir, tmp_path):
+    """`--answer-tokens 0` is drift only (llama-perplexity's --kl-divergence pass): no greedy answers,
+    so no accuracy and nothing unboxed, and the KLDs of the same chats those of the run that answered
+    (teacher-forced logits do not depend on the answers); the report says why accuracy is empty."""
+    builds = Path(run_1t[1]).parent / "builds"
+    result, path, _ = _bench(trained_dir, tmp_path / "o", "--variants", "gguf:Q8_0", "--threads", "1", "--no-speed",
+                             "--answer-tokens", "0", "--builds", str(builds))  # fmt: skip
+    assert result["run"]["eval"]["answer_tokens"] == 0
+    (before,), (now,) = ([v for v in r["variants"] if v["name"] == "gguf:Q8_0"] for r in (run_1t[0], result))
+    assert now["files"] == before["files"] and now["unboxed"] == 0
+    for domain, drift in now["drift"].items():
+        assert drift["accuracy"] is None and before["drift"][domain]["accuracy"] is not None
+        assert drift["mean_kld"] == pytest.approx(before["drift"][domain]["mean_kld"], rel=1e-6)
+    assert all(d["accuracy"] is None for d in result["variants"][0]["drift"].values())  # the reference's too
+    res = run_cli("report", str(path), "--out", str(tmp_path / "rep"))
+    assert res.returncode == 0, res.stderr
+    assert "Accuracy –: this run asked for no answers (`--answer-tokens 0`): drift only." in (tmp_path / "rep" / "report.md").read_text()
+
+
 def test_the_next_step_bench_prints_runs_as_printed_and_again_after_a_second_run(run_1t, tmp_path):
     """bench ends with the `qoqopt report` command for its results. Followed as printed (the shell
     expanding the glob) it writes the report; after a second run into the same folder, the command

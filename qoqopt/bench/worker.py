@@ -51,10 +51,12 @@ def _naming(item):
         raise RuntimeError(f"on chat {item.id} ({Path(item.source).name}): {type(exc).__name__}: {exc}") from exc
 
 
-def _answer_score(runner, item, chat: dict, job: dict, tally: Counter) -> float:
+def _answer_score(runner, item, chat: dict, job: dict, tally: Counter) -> float | None:
     """The greedy answer's set-F1; an answer with no closed \\boxed{} (cut off at answer_tokens, or
     never given) counts in ``tally["unboxed"]``: its 0 says nothing of the build's medicine. Counted,
     not named: a user set's chat ids may carry a patient's record number."""
+    if not job["answer_tokens"]:  # drift only: no answer asked for, none scored
+        return None
     boxed = extract_boxed(runner.answer(item, chat, job["answer_tokens"]))
     tally["unboxed"] += boxed is None
     return set_f1(boxed, item.answer)
@@ -102,6 +104,9 @@ def drift_json(per_item: list[ItemDrift]) -> tuple[dict, str | None]:
     report = aggregate_items(per_item)
     drift = {key: {**(d.tokens.as_dict() if d.tokens else {}), "accuracy": d.accuracy, "items": d.items}
              for key, d in report.items()}  # fmt: skip
+    chats = Counter(it.domain for it in per_item) + Counter(all=len(per_item))
+    for key in sorted(chats, key=lambda k: (k == "all", k)):  # the reference of a drift-only run: chats, nothing scored
+        drift.setdefault(key, {"accuracy": None, "items": chats[key]})
     if "all" in drift and any(it.stats is not None for it in per_item):
         chats = [it.stats["kld"] for it in per_item if it.stats is not None]
         drift["all"]["mean_kld_ci95"] = mean_kld_interval(chats)

@@ -25,6 +25,7 @@ def _number(kind, low: float, what: str, high: float = math.inf):
 positive_int = _number(int, 1, "an integer >= 1")
 count_or_all = _number(int, 0, "an integer >= 0 (0: the default)")  # --threads
 index = _number(int, 0, "an integer >= 0")  # --frame
+answer_limit = _number(int, 0, "an integer >= 0 (0: no answers, drift only)")  # --answer-tokens
 # numpy's generators take no negative seed, torch.manual_seed none of 2**64 or more
 seed = _number(int, 0, "a seed from 0 to 2**64 - 1", high=2**64 - 1)
 non_negative_float = _number(float, 0.0, "a finite number >= 0")

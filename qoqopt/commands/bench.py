@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..data.domains import DOMAINS
-from .argtypes import count_or_all, label, positive_int, seed
+from .argtypes import answer_limit, count_or_all, label, positive_int, seed
 
 EXAMPLES = """\
 examples:
@@ -75,10 +75,11 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (default 3)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (default 32)")
     p.add_argument("--no-speed", action="store_true", help="drift and accuracy only")
-    p.add_argument("--answer-tokens", type=positive_int, default=1024,
+    p.add_argument("--answer-tokens", type=answer_limit, default=1024,
                    help="the most tokens each greedy answer may take (default 1024: QoQ-Med thinks, with a bbox "
                         "JSON, before its \\boxed{} answer; a reply cut off before it scores 0, and the report "
-                        "counts such answers per variant)")  # fmt: skip
+                        "counts such answers per variant); 0: no answers, drift only, as llama-perplexity's "
+                        "--kl-divergence (at 7B the answers are most of a run's time)")  # fmt: skip
     p.add_argument("--calib-items", type=positive_int, default=64, help="calibration chats for builds made on the fly (default 64: export's own for the GGUF "
                    "imatrix, half of its 128 for GPTQ/AWQ, for speed; to bench the builds you publish, "
                    "export them and pass --from)")
