@@ -754,6 +754,41 @@ def test_bench_refuses_builds_of_another_checkpoint(run_1t, trained_dir, tiny_di
                                f"cannot check that gptq:4 was built from {tiny_dir}")  # fmt: skip
 
 
+def test_an_earlier_runs_build_is_reused_only_if_this_run_would_make_it(run_1t, trained_dir, tiny_dir, tmp_path):
+    """OUT/builds is bench's own cache, matched on format and type: a build of the model benched
+    before into the same --out stopped the next model's run ("was built from ..."), and one made
+    with other --calib-items was measured as this run's. Each cached build is now checked against its
+    manifest (the export's record of its source and calibration) and built again where it differs."""
+    from qoqopt.bench.run import BenchOptions, _cached_builds
+    from qoqopt.bench.variants import parse_variants
+    from qoqopt.loader import open_checkpoint
+
+    cache = Path(run_1t[1]).parent / "builds"
+    manifests = {p.name: json.loads((p / "manifest.json").read_text()) for p in cache.iterdir()}
+    (gguf,) = [name for name in manifests if name.startswith("gguf-")]
+    assert manifests[gguf]["imatrix"]["chunks"] == manifests["gptq-4bit"]["calibration"]["chats"] == 8  # _bench's
+    trained = open_checkpoint(str(trained_dir)).fingerprint
+    variants = parse_variants("gguf:Q4_K_M,gguf:Q8_0,gptq:4,bf16")
+    wanted = {v.name: None for v in variants if v.name != "bf16"}
+
+    def cached(fingerprint: str, calib_items: int, found=wanted) -> tuple[dict, list[str]]:
+        notes: list[str] = []
+        opts = BenchOptions(model="m", variants=variants, out=tmp_path, calib_items=calib_items)
+        return _cached_builds(opts, cache, found, fingerprint, notes.append), notes
+
+    hits, notes = cached(trained, 8)
+    assert notes == [] and {n: h.get("dir") or h["text"].parent for n, h in hits.items()} == {
+        "gguf:Q4_K_M": cache / gguf, "gguf:Q8_0": cache / gguf, "gptq:4": cache / "gptq-4bit"}
+    hits, notes = cached(trained, 16)  # Q8_0 takes no imatrix: its build is what --calib-items 16 makes too
+    assert hits.keys() == {"gguf:Q8_0"} and sorted(notes) == [
+        f"note: {cache / gguf} was calibrated on 8 chats, not --calib-items 16: gguf:Q4_K_M is built again",
+        f"note: {cache / 'gptq-4bit'} was calibrated on 8 chats, not --calib-items 16: gptq:4 is built again"]
+    hits, notes = cached(open_checkpoint(str(tiny_dir)).fingerprint, 8)
+    assert hits == {} and len(notes) == 3
+    assert all(f" was made from {trained_dir}, not this one: " in n for n in notes), notes
+    assert cached(trained, 16, found={**wanted, "gptq:4": {"dir": tmp_path}})[0].keys() == {"gguf:Q8_0"}  # --from wins
+
+
 def test_missing_model(tmp_path):
     res = run_cli("bench", str(tmp_path / "nothing"), "--variants", "bf16", "--out", str(tmp_path / "o"))
     assert error_line(res) == f"error: {tmp_path / 'nothing'}: no such directory, and not a Hub id of the form owner/name"

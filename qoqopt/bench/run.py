@@ -20,7 +20,7 @@ from ..fileio import OutputExists, atomic_write_text, check_can_make_dir, remove
 from ..integrity import checked_files, checked_weights, sha256_of
 from ..leftovers import tidy, tmp_prefix
 from ..loader import FINGERPRINT_PREFIX
-from ..manifest import entry_path, read_manifest
+from ..manifest import entry_path, is_int, read_manifest
 from ..report import SCHEMA
 from .machine import machine_info, software_info, threads_or_default
 from .speed import SpeedSettings
@@ -71,11 +71,12 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     items = eval_items(opts.eval_source, opts.items, opts.seed, render=False, domains=opts.domains)  # bad --eval fails here
     set_sha = _set_sha(opts.eval_source, items)  # the set as read now: an edit during the run is not recorded as measured
     hub = _hub_manifests(opts.search)  # before the source checkpoint, which may be a 16 GB download
-    found = _find_builds(opts, builds, hub)  # manifests alone: a variant in two --from is refused here
+    found = _find_builds(opts, hub)  # manifests alone: a variant in two --from is refused here
     model_path, revision = resolve(opts.model, opts.revision)
     ckpt = open_checkpoint(str(model_path))  # validates: Qwen2.5-VL, weights present
     ckpt.require_weights()
     ckpt.require_unquantized()  # the reference is the original checkpoint, not a build of it
+    found |= _cached_builds(opts, builds, found, ckpt.fingerprint, log)
     located = _checked_builds(opts, found, hub, ckpt.fingerprint, log)
     missing = [v for v in opts.variants if v.name not in located]
     if not missing:  # nothing to build: a broken build is refused before transformers loads
@@ -182,12 +183,52 @@ def summary_line(rec: dict) -> str:
 # --------------------------------------------------------------------------- variants
 
 
-def _find_builds(opts: BenchOptions, builds: Path, hub: dict) -> dict[str, dict[str, Path] | None]:
-    """variant name -> its files in a --from folder or an earlier run's OUT/builds, or None; from
-    manifests alone (a Hub build's files are not downloaded yet). `hub`: as _hub_manifests gives it."""
+def _find_builds(opts: BenchOptions, hub: dict) -> dict[str, dict[str, Path] | None]:
+    """variant name -> its files in a --from folder, or None; from manifests alone (a Hub build's
+    files are not downloaded yet). `hub`: as _hub_manifests gives it."""
     searched = {(hub[s][0] if isinstance(s, str) else s).resolve(): str(s) for s in opts.search}  # folder -> as given
-    extra = sorted(p for p in builds.iterdir() if p.is_dir()) if builds.is_dir() else []
-    return {v.name: _locate(v, searched, extra) for v in opts.variants if v.format not in ("hf", "bnb")}
+    return {v.name: _locate(v, searched) for v in opts.variants if v.format not in ("hf", "bnb")}
+
+
+def _cached_builds(opts: BenchOptions, builds: Path, found: dict, fingerprint: str, log) -> dict[str, dict[str, Path]]:
+    """variant name -> its files in an earlier run's build (OUT/builds, bench's own cache) for each
+    variant no --from has, if that build is what this run would make: from this checkpoint, with
+    --calib-items chats. Matched on the format and type alone, a build of the model benched before
+    into the same --out stopped the run, and one calibrated on other chats was measured as this one."""
+    folders = sorted(p for p in builds.iterdir() if p.is_dir()) if builds.is_dir() else []
+    out: dict[str, dict[str, Path]] = {}
+    for v in (v for v in opts.variants if v.name in found and found[v.name] is None):
+        stale = []
+        for folder in folders:
+            files = find_in(folder, v)
+            why = files and _unfit(folder, v, fingerprint, opts.calib_items)
+            if files and not why:
+                out[v.name] = files
+                break
+            if files:
+                stale.append(f"{folder} {why}")
+        else:
+            for line in stale:
+                log(f"note: {line}: {v.name} is built again")
+    return out
+
+
+def _unfit(folder: Path, v: Variant, fingerprint: str, calib_items: int) -> str | None:
+    """Why a cached build of ``v`` is not the one this run would make, or None."""
+    from ..exports.gguf_quant import is_direct
+
+    m = read_manifest(folder)
+    source = m.get("source") or {}
+    if source.get("fingerprint") != fingerprint:
+        return f"was made from {source.get('model') or 'an unrecorded checkpoint'}, not this one"
+    if m.get("format") == "gguf":  # the imatrix, calibrated on --samples chats, of the types that take one
+        imatrix = m.get("imatrix") or {}
+        chats = imatrix.get("chunks") if imatrix.get("source") == "calibrated" and not is_direct(v.option) else None
+    else:
+        chats = (m.get("calibration") or {}).get("chats")
+    if is_int(chats) and chats != calib_items:
+        return f"was calibrated on {chats} chats, not --calib-items {calib_items}"
+    return None
 
 
 def _checked_builds(opts: BenchOptions, found: dict, hub: dict, fingerprint: str, log) -> dict[str, dict]:
@@ -232,14 +273,14 @@ def _say_unrunnable(located: dict[str, dict], log) -> None:
         log(f"note: {name} cannot run and is recorded as failed: {error}")
 
 
-def _locate(v: Variant, searched: dict[Path, str], extra: list[Path]) -> dict[str, Path] | None:
+def _locate(v: Variant, searched: dict[Path, str]) -> dict[str, Path] | None:
     """The variant's files from the one --from that has it (two that do are refused: which build
-    would be measured was the order's choice, unsaid), else from an earlier run's builds."""
+    would be measured was the order's choice, unsaid)."""
     hits = [(given, files) for folder, given in searched.items() if (files := find_in(folder, v))]
     if len(hits) > 1:
         raise QoqoptError(f"{v.name} is in more than one --from ({', '.join(given for given, _ in hits)}): "
                           "give only the one to bench")  # fmt: skip
-    return hits[0][1] if hits else locate(v, extra)
+    return hits[0][1] if hits else None
 
 
 def _build_folder(files: dict[str, Path]) -> Path:

@@ -59,7 +59,8 @@ def register(sub) -> None:
     p.add_argument("--from", dest="search", action="append", default=[], metavar="DIR|OWNER/NAME",
                    help="an export directory, or a Hub repo published by `qoqopt publish`, to take builds "
                         "from (repeatable; from a Hub GGUF repo only the benched quant types are fetched)")  # fmt: skip
-    p.add_argument("--builds", type=Path, help="where missing builds are made and reused (default: OUT/builds)")
+    p.add_argument("--builds", type=Path, help="where missing builds are made, and reused by a later run where made from the same "
+                   "checkpoint with the same --calib-items, else made again (default: OUT/builds)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where variants run (default cpu); with cuda, GGUF variants run on one GPU "
                         "(cuda:0, as transformers does) when llama-cpp-python was built with CUDA, else on "
                         "the CPU, which bench says")
