@@ -8,6 +8,7 @@ makes them.
 
 from __future__ import annotations
 
+from qoqopt.data.prompts import THINK_SUFFIX
 from qoqopt.manifest import source_id
 from qoqopt.mini import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
@@ -66,6 +67,14 @@ Keep it:
 
 The handler has no image-size option: give it images inside {TRAIN_PIXELS} pixels.
 """
+
+
+def _instruction_line() -> str:
+    """The answer instruction QoQ-Med was trained with after each question: without it the model need
+    not think in <think> nor answer in \\boxed{}, and this build's drift and accuracy were measured with it."""
+    return ("QoQ-Med was trained with an answer instruction after each question (reasoning in `<think>`, the\n"
+            "answer in `\\boxed{}`). `qoqopt ask` and `qoqopt bench` append its think / `\\boxed{}` part, and so should\n"
+            f"you; the examples below leave it out for length:\n\n    {THINK_SUFFIX}\n\n")
 
 
 def _split_line(records: list) -> str:
@@ -193,7 +202,7 @@ every file with its sha256.
 
 ## Run it
 
-{_split_line(records)}{_run_it(ctx, text, mmproj, bool(first.part))}{_llama_cpp_python_usage(text, mmproj)}
+{_instruction_line()}{_split_line(records)}{_run_it(ctx, text, mmproj, bool(first.part))}{_llama_cpp_python_usage(text, mmproj)}
 ## Left out on purpose
 
 {skipped}

@@ -130,6 +130,21 @@ def test_files_and_metadata(built, tiny_dir, vocab_llm):
             "        -c 4096 --temp 0 --repeat-penalty 1.05 --repeat-last-n 4096 \\\n") in readme
 
 
+def test_the_card_gives_qoq_meds_answer_instruction(built, fixture_7b):
+    """The card's commands leave the question short; the instruction QoQ-Med was trained with after
+    each question (its medical_format.jinja, less the bounding-box sentence qoqopt drops) is given
+    beside them, as `ask` and `bench` send it: without it the model need not answer in \\boxed{}."""
+    import jinja2
+
+    readme = (built.out / "README.md").read_text()
+    run_it = readme.split("## Run it\n", 1)[1]
+    instruction = run_it.split("the examples below leave it out for length:\n\n    ", 1)[1].split("\n", 1)[0]
+    rendered = jinja2.Template((fixture_7b / "medical_format.jinja").read_text()).render(content="")
+    trained, dropped = re.subn(r"\nBefore analyzing medical images.*?wrapped in ```json \.\.\. ``` tags\. ", " ", rendered)
+    assert dropped == 1 and instruction == trained.strip()
+    assert run_it.index(instruction) < run_it.index("llama-mtmd-cli")  # before the first command
+
+
 # ---------------------------------------------------------------------------- logits
 
 
