@@ -96,7 +96,7 @@ def summarize_file(path: Path) -> GGUFSummary:
     entry = GGUFFile(path.name, "?", None, 0)
     meta = _tensor_stats(entry, path)  # an unreadable header is the one-line error here
     entry.kind = _kind(meta)
-    entry.quant = _file_type(meta.get("general.file_type"))
+    entry.quant = file_type_name(meta.get("general.file_type"))
     summary = GGUFSummary(str(path), [entry], default_quant=None)
     _add_dims(summary, entry, meta)
     return summary
@@ -110,7 +110,7 @@ def _left_out(manifest: dict) -> list[str]:
     return left
 
 
-def _file_type(value) -> str | None:
+def file_type_name(value) -> str | None:
     """general.file_type as the quant name `export --quant` takes (15: Q4_K_M)."""
     from gguf import LlamaFileType
 

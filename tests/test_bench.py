@@ -789,6 +789,45 @@ def test_an_earlier_runs_build_is_reused_only_if_this_run_would_make_it(run_1t, 
     assert cached(trained, 16, found={**wanted, "gptq:4": {"dir": tmp_path}})[0].keys() == {"gguf:Q8_0"}  # --from wins
 
 
+def test_a_gguf_another_tool_made_is_benched_beside_qoqopts_by_its_file(run_1t, trained_dir, tmp_path, capsys):
+    """`gguf:FILE.gguf` benches a GGUF with no qoqopt manifest (llama.cpp's converter's, a download),
+    its mmproj the one beside it. The same bytes as qoqopt's Q8_0, under another tool's folder and
+    names, give the same drift chat for chat; the run says its origin cannot be checked. A file
+    without one mmproj beside it, or of another model's dims, is refused in one line before the
+    reference pass."""
+    from gguf import GGUFWriter
+
+    (build,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
+    other = tmp_path / "llama.cpp"
+    other.mkdir()
+    text = other / "mini-Q8_0.gguf"
+    shutil.copy(next(build.glob("*.Q8_0.gguf")), text)
+    shutil.copy(next(build.glob("mmproj-*.gguf")), other / "mmproj-mini-f16.gguf")
+    result, _, res = _bench(trained_dir, tmp_path / "o", "--variants", f"gguf:Q8_0,gguf:{text}", "--threads", "1",
+                            "--no-speed", "--answer-tokens", "0", "--from", str(build))  # fmt: skip
+    ours, theirs = _by_name(result)["gguf:Q8_0"], _by_name(result)["gguf:mini-Q8_0.gguf"]
+    assert theirs["status"] == "ok" and theirs["built_from"] == {} and [f["path"] for f in theirs["files"]] == [
+        str(text), str(other / "mmproj-mini-f16.gguf")]
+    assert theirs["drift"]["all"]["chat_kld"] == ours["drift"]["all"]["chat_kld"]
+    assert (f"note: gguf:mini-Q8_0.gguf is not a qoqopt build (no manifest): its dims are {trained_dir}'s, but which "
+            "checkpoint it was made from cannot be checked") in res.stdout
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(text, alone / "m.gguf")
+    argv = ["bench", trained_dir, "--variants", f"gguf:{alone / 'm.gguf'}", "--out", tmp_path / "o2"]
+    assert refused(argv, capsys) == (f"error: gguf:{alone / 'm.gguf'}: no mmproj*.gguf file beside it; name the one to use: "
+                                     f"gguf:{alone / 'm.gguf'}+MMPROJ.gguf")  # fmt: skip
+    deeper = GGUFWriter(tmp_path / "deeper.gguf", "qwen2vl")
+    deeper.add_block_count(3)
+    deeper.write_header_to_file()
+    deeper.write_kv_data_to_file()
+    deeper.close()
+    argv[3] = f"gguf:{tmp_path / 'deeper.gguf'}+{other / 'mmproj-mini-f16.gguf'}"
+    assert refused(argv, capsys) == ("error: gguf:deeper.gguf: deeper.gguf has qwen2vl.block_count 3, the source "
+                                     "checkpoint 2: not a build of this model")  # fmt: skip
+    assert not (tmp_path / "o2").exists()
+
+
 def test_missing_model(tmp_path):
     res = run_cli("bench", str(tmp_path / "nothing"), "--variants", "bf16", "--out", str(tmp_path / "o"))
     assert error_line(res) == f"error: {tmp_path / 'nothing'}: no such directory, and not a Hub id of the form owner/name"

@@ -24,6 +24,7 @@ from ..manifest import entry_path, is_int, read_manifest
 from ..report import SCHEMA
 from .machine import machine_info, software_info, threads_or_default
 from .speed import SpeedSettings
+from .given_gguf import check_shapes, given_files
 from .variants import Variant, build_commands, find_in, locate, run_build
 
 
@@ -77,7 +78,7 @@ def _bench(opts: BenchOptions, builds: Path, log) -> Path:
     ckpt.require_weights()
     ckpt.require_unquantized()  # the reference is the original checkpoint, not a build of it
     found |= _cached_builds(opts, builds, found, ckpt.fingerprint, log)
-    located = _checked_builds(opts, found, hub, ckpt.fingerprint, log)
+    located = _checked_builds(opts, found, hub, ckpt, log)
     missing = [v for v in opts.variants if v.name not in located]
     if not missing:  # nothing to build: a broken build is refused before transformers loads
         _say_unrunnable(located, log)
@@ -187,7 +188,8 @@ def _find_builds(opts: BenchOptions, hub: dict) -> dict[str, dict[str, Path] | N
     """variant name -> its files in a --from folder, or None; from manifests alone (a Hub build's
     files are not downloaded yet). `hub`: as _hub_manifests gives it."""
     searched = {(hub[s][0] if isinstance(s, str) else s).resolve(): str(s) for s in opts.search}  # folder -> as given
-    return {v.name: _locate(v, searched) for v in opts.variants if v.format not in ("hf", "bnb")}
+    return {v.name: given_files(v.given) if v.given else _locate(v, searched)
+            for v in opts.variants if v.format not in ("hf", "bnb")}  # fmt: skip
 
 
 def _cached_builds(opts: BenchOptions, builds: Path, found: dict, fingerprint: str, log) -> dict[str, dict[str, Path]]:
@@ -231,15 +233,22 @@ def _unfit(folder: Path, v: Variant, fingerprint: str, calib_items: int) -> str 
     return None
 
 
-def _checked_builds(opts: BenchOptions, found: dict, hub: dict, fingerprint: str, log) -> dict[str, dict]:
+def _checked_builds(opts: BenchOptions, found: dict, hub: dict, ckpt, log) -> dict[str, dict]:
     """variant name -> {"files": {...}} or {"error": ...} for each variant that needs no build made;
-    variants needing no files get {}. Builds found are checked against the model (``fingerprint``)
-    from their manifests alone, before any is downloaded, then checked file by file."""
-    _check_sources(opts.model, fingerprint, {name: files for name, files in found.items() if files}, log)
+    variants needing no files get {}. Builds found are checked against the model (``ckpt``) from
+    their manifests alone, before any is downloaded, then checked file by file; a GGUF given by its
+    file, which has no manifest, by its dims."""
+    given = {v.name for v in opts.variants if v.given}
+    _check_sources(opts.model, ckpt.fingerprint, {n: files for n, files in found.items() if files and n not in given}, log)
     out: dict[str, dict] = {}
     for v in opts.variants:
         if v.format in ("hf", "bnb"):
             out[v.name] = {"files": {}}
+        elif v.given:
+            check_shapes(v.name, found[v.name], ckpt.hf_config())
+            log(f"note: {v.name} is not a qoqopt build (no manifest): its dims are {opts.model}'s, but which "
+                "checkpoint it was made from cannot be checked (a base model's build has the same dims)")
+            out[v.name] = {"files": found[v.name]}
         elif found[v.name] is not None:
             try:
                 out[v.name] = {"files": _fetch_from_hub(found[v.name], hub, log)}

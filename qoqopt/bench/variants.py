@@ -8,11 +8,13 @@ from pathlib import Path
 
 from ..children import python_module
 from ..errors import QoqoptError
+from .given_gguf import given_files, is_given, quant_of
 
 HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 BNB_TYPES = ("nf4", "fp4", "int8")
 QUANT_BITS = {"gptq": ("4", "8"), "awq": ("4",)}
-SPEC_HELP = "bf16|fp16|fp32, gguf:<TYPE> (e.g. gguf:Q4_K_M), gptq:4|8, awq:4, bnb:nf4|fp4|int8"
+SPEC_HELP = ("bf16|fp16|fp32, gguf:<TYPE> (e.g. gguf:Q4_K_M), gguf:<FILE>.gguf (another tool's, mmproj beside it), "
+             "gptq:4|8, awq:4, bnb:nf4|fp4|int8")
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class Variant:
     name: str  # as the user wrote it, e.g. "gguf:Q4_K_M"; the row label everywhere
     format: str  # hf | gguf | gptq | awq | bnb
     option: str  # the dtype, quant type, bit width or bitsandbytes type
+    given: str = ""  # a GGUF named by its file(s), TEXT.gguf[+MMPROJ.gguf]: given_gguf.py
 
 
 def parse_variants(text: str) -> list[Variant]:
@@ -41,6 +44,9 @@ def _parse_one(raw: str) -> Variant:
     if raw in HF_DTYPES:
         return Variant(raw, "hf", raw)
     fmt, _, opt = raw.partition(":")
+    if fmt == "gguf" and is_given(opt):
+        text = given_files(opt)["text"]
+        return Variant(f"gguf:{text.name}", "gguf", quant_of(text), given=opt)
     if fmt == "gguf" and opt:
         from ..exports.gguf_quant import parse_quants
 

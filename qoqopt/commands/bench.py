@@ -17,10 +17,13 @@ examples:
   qoqopt bench ddvd233/QoQ-Med-VL-7B --variants bf16,gguf:Q4_K_M,awq:4,bnb:nf4 --device cuda --items 60 --out results/
   qoqopt bench ddvd233/QoQ-Med-VL-7B --variants bf16,gguf:Q4_K_M --from me/QoQ-Med-VL-7B-GGUF --device cuda
   qoqopt bench out/mini --variants gguf:Q4_K_M --eval my_scans.jsonl --threads 1 --label "laptop, 1 thread"
+  qoqopt bench out/mini --variants gguf:Q4_K_M,gguf:llama.cpp/mini-Q4_K_M.gguf --from out/gguf   # vs llama.cpp's own
   qoqopt report results/*.json --out report/
 
 Variants: bf16 | fp16 | fp32 (transformers), gguf:<TYPE> (llama.cpp, text GGUF + mmproj through mtmd),
-gptq:4|8 and awq:4 (transformers with qoqopt's W4A16 QuantLinear: Triton on CUDA, torch on CPU),
+gguf:<FILE>.gguf (a GGUF another tool made, such as llama.cpp's convert_hf_to_gguf.py and
+llama-quantize: the one mmproj*.gguf beside it, or gguf:TEXT.gguf+MMPROJ.gguf; its dims are checked
+against the model's, its origin cannot be), gptq:4|8 and awq:4 (transformers with qoqopt's W4A16 QuantLinear: Triton on CUDA, torch on CPU),
 bnb:nf4|fp4|int8 (transformers + bitsandbytes, quantized at load; needs pip install 'qoqopt[bnb]',
 which `make setup` includes). A build is taken from a --from directory or Hub repo (or an earlier
 run's OUT/builds) when its manifest lists it, otherwise built with `qoqopt export` into OUT/builds.
