@@ -794,23 +794,26 @@ def test_a_gguf_another_tool_made_is_benched_beside_qoqopts_by_its_file(run_1t, 
     its mmproj the one beside it. The same bytes as qoqopt's Q8_0, under another tool's folder and
     names, give the same drift chat for chat; the run says its origin cannot be checked. A file
     without one mmproj beside it, or of another model's dims, is refused in one line before the
-    reference pass."""
+    reference pass. A file a qoqopt build's manifest lists is checked as that build is."""
     from gguf import GGUFWriter
 
     (build,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
+    ours_by_file = next(build.glob("*.Q8_0.gguf"))
     other = tmp_path / "llama.cpp"
     other.mkdir()
     text = other / "mini-Q8_0.gguf"
-    shutil.copy(next(build.glob("*.Q8_0.gguf")), text)
+    shutil.copy(ours_by_file, text)
     shutil.copy(next(build.glob("mmproj-*.gguf")), other / "mmproj-mini-f16.gguf")
-    result, _, res = _bench(trained_dir, tmp_path / "o", "--variants", f"gguf:Q8_0,gguf:{text}", "--threads", "1",
-                            "--no-speed", "--answer-tokens", "0", "--from", str(build))  # fmt: skip
-    ours, theirs = _by_name(result)["gguf:Q8_0"], _by_name(result)["gguf:mini-Q8_0.gguf"]
+    result, _, res = _bench(trained_dir, tmp_path / "o", "--variants", f"gguf:Q8_0,gguf:{text},gguf:{ours_by_file}",
+                            "--threads", "1", "--no-speed", "--answer-tokens", "0", "--from", str(build))  # fmt: skip
+    ours, theirs, by_file = (_by_name(result)[n] for n in ("gguf:Q8_0", "gguf:mini-Q8_0.gguf", f"gguf:{ours_by_file.name}"))
     assert theirs["status"] == "ok" and theirs["built_from"] == {} and [f["path"] for f in theirs["files"]] == [
         str(text), str(other / "mmproj-mini-f16.gguf")]
-    assert theirs["drift"]["all"]["chat_kld"] == ours["drift"]["all"]["chat_kld"]
-    assert (f"note: gguf:mini-Q8_0.gguf is not a qoqopt build (no manifest): its dims are {trained_dir}'s, but which "
-            "checkpoint it was made from cannot be checked") in res.stdout
+    assert theirs["drift"]["all"]["chat_kld"] == by_file["drift"]["all"]["chat_kld"] == ours["drift"]["all"]["chat_kld"]
+    assert by_file["built_from"] == ours["built_from"] and by_file["built_from"]["fingerprint"].startswith("sha256-v2:")
+    notes = [ln for ln in res.stdout.splitlines() if " is not a qoqopt build" in ln]
+    assert notes == [f"note: gguf:mini-Q8_0.gguf is not a qoqopt build (no manifest): its dims are {trained_dir}'s, but "
+                     "which checkpoint it was made from cannot be checked (a base model's build has the same dims)"]
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(text, alone / "m.gguf")

@@ -237,14 +237,14 @@ def _checked_builds(opts: BenchOptions, found: dict, hub: dict, ckpt, log) -> di
     """variant name -> {"files": {...}} or {"error": ...} for each variant that needs no build made;
     variants needing no files get {}. Builds found are checked against the model (``ckpt``) from
     their manifests alone, before any is downloaded, then checked file by file; a GGUF given by its
-    file, which has no manifest, by its dims."""
-    given = {v.name for v in opts.variants if v.given}
-    _check_sources(opts.model, ckpt.fingerprint, {n: files for n, files in found.items() if files and n not in given}, log)
+    file that no manifest lists, by its dims."""
+    foreign = {v.name for v in opts.variants if v.given and not _in_a_build(found[v.name])}
+    _check_sources(opts.model, ckpt.fingerprint, {n: files for n, files in found.items() if files and n not in foreign}, log)
     out: dict[str, dict] = {}
     for v in opts.variants:
         if v.format in ("hf", "bnb"):
             out[v.name] = {"files": {}}
-        elif v.given:
+        elif v.name in foreign:
             check_shapes(v.name, found[v.name], ckpt.hf_config())
             log(f"note: {v.name} is not a qoqopt build (no manifest): its dims are {opts.model}'s, but which "
                 "checkpoint it was made from cannot be checked (a base model's build has the same dims)")
@@ -255,6 +255,17 @@ def _checked_builds(opts: BenchOptions, found: dict, hub: dict, ckpt, log) -> di
             except QoqoptError as err:
                 out[v.name] = {"error": str(err)}
     return out
+
+
+def _in_a_build(files: dict[str, Path]) -> bool:
+    """A GGUF given by its file that the manifest of a qoqopt build beside it lists, with its mmproj:
+    checked as that build is (its source, its files' sha256), not as another tool's."""
+    folder = files["text"].parent
+    try:
+        listed = {entry_path(e) for e in read_manifest(folder)["files"]}
+    except QoqoptError:
+        return False
+    return all(p.parent == folder and p.name in listed for p in files.values())
 
 
 def _build_missing(opts: BenchOptions, missing: list[Variant], builds: Path, log) -> dict[str, dict]:
