@@ -50,10 +50,11 @@ class GGUFOptions:
     name: str | None = None
     calib_items: int = 64
     # how much image positions' own activations count in the clinical imatrix, relative to text positions
-    # (which are image-conditioned either way); 1 = every token alike. 0 measured best: see calibration.py
+    # (which are image-conditioned either way); 1 = every token alike. 0 by default: see calibration.py
     imatrix_image_weight: float = 0.0
     seed: int = 0
     threads: int = 0
+    device: str | None = None  # where the imatrix calibration runs; None: CUDA where torch sees a GPU
     progress: bool = True
     # 0: every text file whole; else larger ones are written in parts of at most this many bytes
     # (the Hub takes files of at most 50 GB; a 32B F16 is ~65)
@@ -431,7 +432,8 @@ def clinical_imatrix(ckpt, processor, choice: str, options: GGUFOptions, log) ->
 
     items, label = calibration.calibration_items(choice, options.calib_items, options.seed, log)
     log(f"calibrating the imatrix on {len(items)} image chats from {label}")
-    stats = calibration.stream_input_sq_sums(ckpt, processor, items, dataset=label, progress=options.progress)
+    stats = calibration.stream_input_sq_sums(ckpt, processor, items, dataset=label, device=options.device,
+                                             progress=options.progress)  # fmt: skip
     log(f"imatrix: {stats.describe()}; image positions weighted {options.imatrix_image_weight:g}")
     return imatrix_from_stats(stats, options.imatrix_image_weight)
 

@@ -26,7 +26,7 @@ from benchmarks.spec_layout import (
 )
 from qoqopt.errors import QoqoptError
 from qoqopt.quantize.rtn import QuantizedWeight
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -368,7 +368,6 @@ def test_the_free_space_check_estimates_the_build_it_guards(tiny_dir, awq_export
     from qoqopt import fileio
     from qoqopt.exports.hf_quant import estimate_bytes
     from qoqopt.loader import open_checkpoint
-    from tests.conftest import refused
 
     ckpt = open_checkpoint(str(tiny_dir))
     source = _safetensors_bytes(tiny_dir)  # the tiny model is mostly embeddings: judge what packing saves
@@ -519,6 +518,35 @@ def test_save_pretrained_of_a_loaded_build_is_the_build(gptq_asym_export, awq_ex
         again = {canonical_name(k): v for k, v in load_with_quant_linear(saved).state_dict().items()}
         assert sorted(again) == sorted(build)
         assert all(torch.equal(again[k].to(v.dtype), v) for k, v in build.items()), report.fmt
+
+
+def test_the_command_line_sets_the_dampening_and_the_device(gptq_export, ecg_dir, tmp_path, monkeypatch, capsys):
+    """`--damp` is GPTQModel's damp_percent: recorded in the manifest and the quantization_config
+    loaders read, and it changes the weights. `--device cpu` keeps calibration on the CPU where torch
+    sees a GPU (auto takes CUDA; here torch is told there is one, so a CUDA placement would fail).
+    A --damp for AWQ or GGUF, or out of range, and a --device cuda with no GPU, are one line."""
+    import torch
+
+    from qoqopt.cli import main
+
+    base = ["export", str(ecg_dir), "--format", "gptq", "--samples", "2", "--threads", "1"]
+    if not torch.cuda.is_available():
+        assert refused([*base, "--device", "cuda", "--out", tmp_path / "c"], capsys) == (
+            "error: --device cuda: no CUDA GPU is visible to torch here (use --device cpu, or auto)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main([*base, "--damp", "0.1", "--device", "cpu", "--out", str(tmp_path / "d")]) == 0
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["quantization"]["damp"] == 0.1 and manifest["compute"]["device"] == "cpu"
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["quantization_config"]["damp_percent"] == 0.1
+    name = "model.language_model.layers.0.mlp.down_proj.qweight"
+    assert not torch.equal(read_dir(tmp_path / "d")[name], read_dir(gptq_export[0].out)[name])  # damp 0.01 there
+    gguf = ["export", str(ecg_dir), "--format", "gguf", "--quant", "Q4_K_M", "--samples", "2", "--threads", "1"]
+    assert main([*gguf, "--device", "cpu", "--out", str(tmp_path / "g")]) == 0  # the clinical imatrix's calibration
+    assert json.loads((tmp_path / "g" / "manifest.json").read_text())["imatrix"]["chunks"] == 2
+    for extra, message in ((["--format", "awq", "--damp", "0.1"], "--damp is a GPTQ option: AWQ searches scales"),
+                           (["--format", "gguf", "--damp", "0.1"], "--damp is a GPTQ/AWQ option, not for --format gguf"),
+                           (["--format", "gptq", "--damp", "0"], "argument --damp: expected a number from 1e-6 to 1, got 0")):
+        assert message in refused(["export", str(ecg_dir), *extra, "--out", tmp_path / "x"], capsys)
 
 
 def test_deterministic(gptq_export, ecg_dir, tmp_path):

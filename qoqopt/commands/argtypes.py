@@ -29,6 +29,7 @@ answer_limit = _number(int, 0, "an integer >= 0 (0: no answers, drift only)")  #
 # numpy's generators take no negative seed, torch.manual_seed none of 2**64 or more
 seed = _number(int, 0, "a seed from 0 to 2**64 - 1", high=2**64 - 1)
 non_negative_float = _number(float, 0.0, "a finite number >= 0")
+damp_fraction = _number(float, 1e-6, "a number from 1e-6 to 1", high=1.0)  # --damp: 0 would never grow on retry
 
 # decimal, as llama.cpp's converter and gguf-split read sizes, and as the Hub states its 50 GB limit
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}

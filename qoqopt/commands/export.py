@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .argtypes import byte_size, count_or_all, non_negative_float, seed
+from .argtypes import byte_size, count_or_all, damp_fraction, non_negative_float, seed
 
 EXAMPLES = """\
 examples:
@@ -73,6 +73,9 @@ def register(sub) -> None:
     p.add_argument("--samples", "--calib-items", dest="samples", type=int,
                    help="calibration chats: for the GGUF imatrix (default 64) or GPTQ/AWQ (default 128)")  # fmt: skip
     p.add_argument("--seed", type=seed, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where calibration runs (the clinical imatrix; GPTQ/AWQ): auto takes CUDA where torch sees a GPU "
+                        "(default); cpu for a GPTQ/AWQ build whose bytes --threads fixes")  # fmt: skip
     p.add_argument("--threads", type=count_or_all,
                    help="quantizer threads: llama.cpp's for GGUF, torch's for GPTQ/AWQ (default and 0: for llama.cpp "
                         "one per CPU this process may use, for torch one per physical core it may use, performance "
@@ -109,6 +112,9 @@ def register(sub) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false",
                      help="zero-points (AWQ default; asymmetric GPTQ v1 keeps zero-points >= 1)")  # fmt: skip
     q.add_argument("--calib", metavar="clinical|FILE.jsonl", help="calibration chats (default clinical)")
+    q.add_argument("--damp", type=damp_fraction, metavar="F",
+                   help="GPTQ: dampening added to each Hessian's diagonal, a fraction of its mean (GPTQModel's "
+                        "damp_percent; default 0.01; tenfold where a Cholesky fails, which the build says)")  # fmt: skip
     q.add_argument("--quantize-vision", action="store_true", default=None, help="AWQ: also quantize the vision blocks (opt-in)")
     q.add_argument("--drop-ecg", action="store_true", default=None,
                    help="leave out QoQ-Med's ECG encoder and declare the plain Qwen2.5-VL class, so vLLM can serve the "
@@ -134,6 +140,7 @@ HF_ONLY = {
     "calib": ("--calib", "GGUF calibrates with --imatrix clinical|FILE"),
     "quantize_vision": ("--quantize-vision", "GGUF's vision tower is the mmproj: see --mmproj-type"),
     "drop_ecg": ("--drop-ecg", "GGUF builds always leave the ECG encoder out"),
+    "damp": ("--damp", "llama.cpp's quantizer uses no Hessian"),
 }
 
 
@@ -144,10 +151,27 @@ def refuse_foreign_options(args) -> None:
     gguf = args.format == "gguf"
     if args.order and gguf:
         raise QoqoptError("the column order (--order) is a GPTQ option; GGUF has none")
+    if args.damp is not None and args.format == "awq":
+        raise QoqoptError("--damp is a GPTQ option: AWQ searches scales and dampens no Hessian")
     family, foreign = ("GPTQ/AWQ", HF_ONLY) if gguf else ("GGUF", GGUF_ONLY)
     for dest, (flag, hint) in foreign.items():
         if getattr(args, dest) is not None:
             raise QoqoptError(f"{flag} is a {family} option, not for --format {args.format}; {hint}")
+
+
+def _device(choice: str) -> str | None:
+    """The calibration device (None: the exporters' own choice, CUDA where torch sees a GPU); torch
+    is imported only to check an explicit cuda (a GGUF export of F16/BF16/Q8_0 never loads it)."""
+    if choice == "auto":
+        return None
+    if choice == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            from ..errors import QoqoptError
+
+            raise QoqoptError("--device cuda: no CUDA GPU is visible to torch here (use --device cpu, or auto)")
+    return choice
 
 
 def _given(args, dests) -> dict:
@@ -168,15 +192,16 @@ def default_threads(fmt: str) -> int:
 def run(args) -> int:
     refuse_foreign_options(args)
     args.threads = args.threads or default_threads(args.format)
+    device = {"device": d} if (d := _device(args.device)) else {}  # given only, as every option here
     if args.format in ("gptq", "awq"):
         from ..exports.hf_quant import export_hf_quant
 
         export_hf_quant(args.model, args.out, args.format, order=args.order, force=args.force, seed=args.seed,
-                        revision=args.revision, **_given(args, [*HF_ONLY, "samples", "threads"]))  # fmt: skip
+                        revision=args.revision, **device, **_given(args, [*HF_ONLY, "samples", "threads"]))  # fmt: skip
         return 0
     from ..exports.gguf_export import GGUFOptions, export_gguf
 
-    options = _given(args, [*GGUF_ONLY, "threads"])
+    options = _given(args, [*GGUF_ONLY, "threads"]) | device
     if "quant" in options:
         options["quants"] = [q for q in options.pop("quant").split(",") if q.strip()]
     if args.samples is not None:
