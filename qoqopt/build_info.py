@@ -96,7 +96,7 @@ def summarize_file(path: Path) -> GGUFSummary:
     entry = GGUFFile(path.name, "?", None, 0)
     meta = _tensor_stats(entry, path)  # an unreadable header is the one-line error here
     entry.kind = _kind(meta)
-    entry.quant = file_type_name(meta.get("general.file_type"))
+    entry.quant = _file_type(meta.get("general.file_type"))
     summary = GGUFSummary(str(path), [entry], default_quant=None)
     _add_dims(summary, entry, meta)
     return summary
@@ -110,7 +110,7 @@ def _left_out(manifest: dict) -> list[str]:
     return left
 
 
-def file_type_name(value) -> str | None:
+def _file_type(value) -> str | None:
     """general.file_type as the quant name `export --quant` takes (15: Q4_K_M)."""
     from gguf import LlamaFileType
 
@@ -167,11 +167,10 @@ def _tensor_stats(f: GGUFFile, first: Path) -> dict:
     from .exports.gguf_header import data_end, elements, type_name
 
     header = _header(first)
-    count, no = _split_keys(first, header.kv)
-    paths = [first, *_other_parts(first, count, no)]
+    paths = [first, *later_parts(first, header.kv)]
     headers = [header] + [_header(p) for p in paths[1:]]
     tensors = [t for h in headers for t in h.tensors]
-    _check_parts(paths, headers, count, len(tensors))
+    _check_parts(paths, headers, len(paths), len(tensors))
     sizes = [_sizes(h) for h in headers]  # None where a type is newer than this gguf-py
     f.cut_off = [p.name for p, h, n in zip(paths, headers, sizes) if n is not None and p.stat().st_size < data_end(h, n)]
     f.parts, f.bytes, f.tensors = len(paths), sum(p.stat().st_size for p in paths), len(tensors)
@@ -221,6 +220,12 @@ def _split_keys(path: Path, kv: dict) -> tuple[int, int]:
     if not is_int(no) or not 0 <= no < count:
         raise QoqoptError(f"{path.name}: split.no is {no!r}, not a part number of 0..{count - 1} (split.count {count})")
     return count, no
+
+
+def later_parts(first: Path, kv: dict) -> list[Path]:
+    """Parts 2..N of the GGUF whose first part is ``first`` (header ``kv``): none for a whole file; a
+    later part given as the first, a misnamed first part or a missing part is refused in one line."""
+    return _other_parts(first, *_split_keys(first, kv))
 
 
 def _other_parts(first: Path, count: int, no: int) -> list[Path]:

@@ -117,7 +117,7 @@ def _a_file(path: Path, source: str) -> str:
     holder = path.parent
     if not ((holder / "manifest.json").exists() or (holder / "config.json").exists()):
         return f"{source} is a file; give a checkpoint's directory or a build folder written by `qoqopt export`"
-    pick = " (a build's GGUF is picked by its quant type: `ask --quant`, `bench --variants gguf:TYPE`)"
+    pick = " (a build's GGUF is picked by its quant type, `ask --quant`; bench takes a file as `--variants gguf:FILE.gguf`)"
     return f"{source} is a file; give the folder that holds it, {holder}{pick if path.suffix.lower() == '.gguf' else ''}"
 
 

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from .bench.intervals import DRAWS, STUDENTIZED_FROM, neighbour_ratio_intervals
+from .bench.variants import VARIANT_NAME
 from .errors import QoqoptError, printable
 
 SCHEMA = "qoqopt.bench/1"
@@ -145,9 +146,8 @@ def _check_result(data, path: Path) -> None:
             _check_measured(v, where)
 
 
-# names that become table cells, headers and plot labels as they are: a bench variant (gguf:Q4_K_M,
-# gptq:4, bnb:nf4) and a clinical domain
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9][\w.:+-]*$")
+# names that become table cells, headers and plot labels as they are: a bench variant (VARIANT_NAME:
+# gguf:Q4_K_M, gptq:4, bnb:nf4) and a clinical domain
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 WORD = re.compile(r"^[A-Za-z0-9_]+$")  # a dtype's name (float32, bfloat16)
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -424,8 +424,8 @@ def _drift_section(runs: list[dict], which: str) -> list[str]:
             f"{_short_of_100(a.get('same_top_pct'))} | {_fmt(a.get('rms_dp_pct'), '.3g')} | {_accuracy(a, v)} | "
             f"{v.get('worst_domain') or '–'} | {'★' if name in front else ''} |"
         )
-    out += ["", f"95% CI: the range the mean KLD took over {DRAWS} redraws of these chats (bootstrap-t on its log, "
-            "a chat's positions drawn together, as they share its image and reply; in simulated evals of 20 chats "
+    out += ["", f"95% CI: the range the mean KLD took over {DRAWS} redraws of these chats (bootstrap-t on its log; "
+            f"under {STUDENTIZED_FROM} chats the redraws' own percentiles; a chat's positions drawn together, as they share its image and reply; in simulated evals of 20 chats "
             "it held the true mean 93% of the time): how much the number rests on which chats were drawn. Every build is "
             "measured on the same chats, so their difference can be surer than two overlapping ranges "
             f"suggest{' (the paired table)' if paired else ''}.", "",
@@ -450,7 +450,7 @@ def _paired_table(rows: dict[str, dict], which: str = "") -> list[str]:
            "either mean, and builds whose own ranges overlap can still be told apart. Each range is studentized "
            f"(bootstrap-t on the log ratio, {DRAWS} redraws; under {STUDENTIZED_FROM} chats, the redraws' own "
            "percentiles)" + _joint_note(len(pairs)) + " In simulated evals of 20 chats such ranges held their "
-           "ratios a little less often than they say (a 95% range 93% of the time). On a model card the build compared with may be another format's, "
+           "ratios a little less often than they say (a 95% range 93-95% of the time). On a model card the build compared with may be another format's, "
            "not shown there.", "",
            files_comment((None, big[1]) for _, big, _ in pairs),
            "| variant | against | mean KLD ratio | joint 95% CI | told apart |", "|---|---|---:|---:|---|"]
@@ -481,12 +481,10 @@ def _accuracy(drift_all: dict, variant: dict) -> str:
 
 def _unboxed_lines(rows: dict[str, dict], run: dict) -> list[str]:
     """A reply cut off at the run's answer_tokens is not a wrong answer, and a column of them
-    measures the limit, not the build. A run that asked for no answers says why its column is empty."""
-    limit = (run["run"].get("eval") or {}).get("answer_tokens")
-    if limit == 0:
-        return ["Accuracy –: this run asked for no answers (`--answer-tokens 0`): drift only.", ""]
+    measures the limit, not the build."""
     if not any(v.get("unboxed") for v in rows.values()):
         return []
+    limit = (run["run"].get("eval") or {}).get("answer_tokens")
     return [f"(n unboxed): n answers with no `\\boxed{{}}`, each scored 0: cut off at the run's {limit} answer "
             "tokens, or never given; if cut off, run again with a larger `--answer-tokens`.", ""]
 
@@ -505,8 +503,10 @@ def _eval_lines(run: dict) -> list[str]:
     if not ev.get("items"):
         return []
     domains = ", ".join(f"{d} {n}" for d, n in sorted((ev.get("domains") or {}).items()))
+    answers = ("No answers were asked for (`--answer-tokens 0`): drift only." if ev.get("answer_tokens") == 0
+               else f"One answer moves accuracy by {1 / ev['items']:.2f}.")  # fmt: skip
     return [f"Evaluated on {ev['items']} chats: {domains}; eval set `{code_text(ev.get('source'))}`, seed {ev.get('seed')}. "
-            f"One answer moves accuracy by {1 / ev['items']:.2f}.{_builtin_note(ev.get('source'))}", ""]  # fmt: skip
+            f"{answers}{_builtin_note(ev.get('source'))}", ""]  # fmt: skip
 
 
 def _builtin_note(source) -> str:

@@ -638,7 +638,9 @@ def test_answer_tokens_0_measures_the_same_drift_without_answers(run_1t, trained
     assert all(d["accuracy"] is None for d in result["variants"][0]["drift"].values())  # the reference's too
     res = run_cli("report", str(path), "--out", str(tmp_path / "rep"))
     assert res.returncode == 0, res.stderr
-    assert "Accuracy –: this run asked for no answers (`--answer-tokens 0`): drift only." in (tmp_path / "rep" / "report.md").read_text()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "; eval set `clinical`, seed 0. No answers were asked for (`--answer-tokens 0`): drift only." in md
+    assert "One answer moves accuracy" not in md
 
 
 def test_the_next_step_bench_prints_runs_as_printed_and_again_after_a_second_run(run_1t, tmp_path):
@@ -787,6 +789,14 @@ def test_an_earlier_runs_build_is_reused_only_if_this_run_would_make_it(run_1t, 
     assert hits == {} and len(notes) == 3
     assert all(f" was made from {trained_dir}, not this one: " in n for n in notes), notes
     assert cached(trained, 16, found={**wanted, "gptq:4": {"dir": tmp_path}})[0].keys() == {"gguf:Q8_0"}  # --from wins
+    plain = dict(manifests[gguf], imatrix=None)  # as `export --imatrix none` writes it: not what bench makes
+    (cache / gguf / "manifest.json").write_text(json.dumps(plain))
+    try:
+        hits, notes = cached(trained, 8)
+    finally:
+        (cache / gguf / "manifest.json").write_text(json.dumps(manifests[gguf]))
+    assert hits.keys() == {"gguf:Q8_0", "gptq:4"} and notes == [
+        f"note: {cache / gguf} was not calibrated on the built-in clinical set, as bench's own builds are: gguf:Q4_K_M is built again"]
 
 
 def test_a_gguf_another_tool_made_is_benched_beside_qoqopts_by_its_file(run_1t, trained_dir, tmp_path, capsys):
@@ -804,6 +814,7 @@ def test_a_gguf_another_tool_made_is_benched_beside_qoqopts_by_its_file(run_1t, 
     text = other / "mini-Q8_0.gguf"
     shutil.copy(ours_by_file, text)
     shutil.copy(next(build.glob("mmproj-*.gguf")), other / "mmproj-mini-f16.gguf")
+    (other / "manifest.json").write_text("{}")  # another tool's, or a damaged one: no manifest lists the file
     result, _, res = _bench(trained_dir, tmp_path / "o", "--variants", f"gguf:Q8_0,gguf:{text},gguf:{ours_by_file}",
                             "--threads", "1", "--no-speed", "--answer-tokens", "0", "--from", str(build))  # fmt: skip
     ours, theirs, by_file = (_by_name(result)[n] for n in ("gguf:Q8_0", "gguf:mini-Q8_0.gguf", f"gguf:{ours_by_file.name}"))
@@ -812,8 +823,8 @@ def test_a_gguf_another_tool_made_is_benched_beside_qoqopts_by_its_file(run_1t, 
     assert theirs["drift"]["all"]["chat_kld"] == by_file["drift"]["all"]["chat_kld"] == ours["drift"]["all"]["chat_kld"]
     assert by_file["built_from"] == ours["built_from"] and by_file["built_from"]["fingerprint"].startswith("sha256-v2:")
     notes = [ln for ln in res.stdout.splitlines() if " is not a qoqopt build" in ln]
-    assert notes == [f"note: gguf:mini-Q8_0.gguf is not a qoqopt build (no manifest): its dims are {trained_dir}'s, but "
-                     "which checkpoint it was made from cannot be checked (a base model's build has the same dims)"]
+    assert notes == [f"note: gguf:mini-Q8_0.gguf is not a qoqopt build (no manifest lists it): its dims are {trained_dir}'s, "
+                     "but which checkpoint it was made from cannot be checked (a base model's build has the same dims)"]
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(text, alone / "m.gguf")
@@ -828,7 +839,33 @@ def test_a_gguf_another_tool_made_is_benched_beside_qoqopts_by_its_file(run_1t, 
     argv[3] = f"gguf:{tmp_path / 'deeper.gguf'}+{other / 'mmproj-mini-f16.gguf'}"
     assert refused(argv, capsys) == ("error: gguf:deeper.gguf: deeper.gguf has qwen2vl.block_count 3, the source "
                                      "checkpoint 2: not a build of this model")  # fmt: skip
+    argv[3] = f"gguf:{tmp_path / 'a file.gguf'}+{other / 'mmproj-mini-f16.gguf'}"
+    shutil.copy(text, tmp_path / "a file.gguf")
+    assert "rename the file to letters, digits and . _ - + only: gguf:a file.gguf names the variant" in refused(argv, capsys)
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_given_gguf_in_parts_is_all_its_parts(run_1t, tmp_path):
+    """A split text GGUF given by its first part is measured, sized and hashed as all its parts, as
+    llama.cpp loads them (found from the first part's name and split.count); a later part given as
+    the first is refused. A "+" in a folder's name is part of the path, not the mmproj's separator."""
+    from qoqopt.bench.given_gguf import given_files
+    from qoqopt.errors import QoqoptError
+    from qoqopt.exports.gguf_split import split_gguf
+
+    (build,) = (Path(run_1t[1]).parent / "builds").glob("gguf-*")
+    folder = tmp_path / "c++"
+    folder.mkdir()
+    shutil.copy(next(build.glob("*.Q8_0.gguf")), folder / "m.gguf")
+    shutil.copy(next(build.glob("mmproj-*.gguf")), folder / "mmproj-m.gguf")
+    parts = [p for p, _ in split_gguf(folder / "m.gguf", (folder / "m.gguf").stat().st_size // 2)]
+    assert len(parts) >= 2
+    files = given_files(str(parts[0]))
+    assert list(files.values()) == [*parts, folder / "mmproj-m.gguf"]
+    assert list(files)[:2] == ["text", "text part 2"]
+    assert given_files(f"{parts[0]}+{folder / 'mmproj-m.gguf'}") == files
+    with pytest.raises(QoqoptError, match=f"{parts[1].name} is part 2 of {len(parts)} of a split GGUF; give its first part"):
+        given_files(str(parts[1]))
 
 
 def test_missing_model(tmp_path):

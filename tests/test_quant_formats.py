@@ -543,8 +543,8 @@ def test_the_command_line_sets_the_dampening_and_the_device(gptq_export, ecg_dir
     gguf = ["export", str(ecg_dir), "--format", "gguf", "--quant", "Q4_K_M", "--samples", "2", "--threads", "1"]
     assert main([*gguf, "--device", "cpu", "--out", str(tmp_path / "g")]) == 0  # the clinical imatrix's calibration
     assert json.loads((tmp_path / "g" / "manifest.json").read_text())["imatrix"]["chunks"] == 2
-    for extra, message in ((["--format", "awq", "--damp", "0.1"], "--damp is a GPTQ option: AWQ searches scales"),
-                           (["--format", "gguf", "--damp", "0.1"], "--damp is a GPTQ/AWQ option, not for --format gguf"),
+    for extra, message in ((["--format", "awq", "--damp", "0.1"], "--damp is a GPTQ option, not for --format awq: AWQ searches scales"),
+                           (["--format", "gguf", "--damp", "0.1"], "--damp is a GPTQ option, not for --format gguf: llama.cpp's"),
                            (["--format", "gptq", "--damp", "0"], "argument --damp: expected a number from 1e-6 to 1, got 0")):
         assert message in refused(["export", str(ecg_dir), *extra, "--out", tmp_path / "x"], capsys)
 

@@ -21,21 +21,20 @@ def is_given(option: str) -> bool:
 
 
 def given_files(option: str) -> dict[str, Path]:
-    """{"text": ..., "mmproj": ...} for `TEXT.gguf[+MMPROJ.gguf]`, each an existing GGUF file."""
-    text_spec, _, mmproj_spec = option.partition("+")
-    text = _gguf_file(text_spec)
-    mmproj = _gguf_file(mmproj_spec) if mmproj_spec else _mmproj_beside(text)
-    if mmproj == text:
-        raise QoqoptError(f"gguf:{option}: the text GGUF and the mmproj are one file")
-    return {"text": text, "mmproj": mmproj}
-
-
-def quant_of(text: Path) -> str:
-    """The file's quant type as `export --quant` names it, from general.file_type ("?" if unrecorded)."""
-    from ..build_info import file_type_name
+    """{"text": ..., "text part 2": ..., "mmproj": ...} for `TEXT.gguf[+MMPROJ.gguf]`, as
+    variants.find_in gives a build's: a split text file's every part (its size and sha256 are all of
+    them), each an existing GGUF file."""
+    from ..build_info import later_parts
     from ..exports.gguf_header import read_header
 
-    return file_type_name(read_header(text).kv.get("general.file_type")) or "?"
+    cut = option.lower().find(".gguf+")  # at the first file's end: a folder may hold a "+" (c++/)
+    text_spec, mmproj_spec = (option[: cut + 5], option[cut + 6 :]) if cut >= 0 else (option, "")
+    text = _gguf_file(text_spec)
+    mmproj = _gguf_file(mmproj_spec) if mmproj_spec else _mmproj_beside(text)
+    if mmproj.samefile(text):
+        raise QoqoptError(f"gguf:{option}: the text GGUF and the mmproj are one file")
+    parts = later_parts(text, read_header(text).kv)
+    return {"text": text, **{f"text part {no}": p for no, p in enumerate(parts, 2)}, "mmproj": mmproj}
 
 
 def check_shapes(name: str, files: dict[str, Path], config) -> None:

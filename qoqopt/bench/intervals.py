@@ -62,15 +62,16 @@ def _paired(base: list[list[float]], other: list[list[float]], draws: int, seed:
     a, b = a[kept, 0], b[kept, 0]  # over the same positions, the ratio of pooled means is that of the sums
     if len(a) < 2:
         return None
-    picks = _redraws(len(a), draws, seed)
-    return _ratio_of_sums(a, b, picks) if np.all(a[picks].sum(axis=1) > 0) else None
+    return _ratio_of_sums(a, b, _redraws(len(a), draws, seed))
 
 
 def _ratio_of_sums(a: np.ndarray, b: np.ndarray, picks: np.ndarray):
     """A function of the level giving the central interval of sum(b) / sum(a) over the chats, from
-    the redraws ``picks`` (rows of chat indexes; every draw's sum of a above 0): bootstrap-t on the
-    log, or the draws' own percentiles where that cannot be taken."""
+    the redraws ``picks`` (rows of chat indexes): bootstrap-t on the log, or the draws' own
+    percentiles where that cannot be taken; None where a draw leaves nothing of a to divide by."""
     under, over = a[picks].sum(axis=1), b[picks].sum(axis=1)
+    if not np.all(under > 0):
+        return None
     if len(a) < STUDENTIZED_FROM or not np.all(over > 0):  # few chats, or drift-free draws (no log)
         return lambda level: _central(over / under, level)
     log_ratio, se = _log_ratio(a, b)

@@ -20,7 +20,7 @@ from ..fileio import OutputExists, atomic_write_text, check_can_make_dir, remove
 from ..integrity import checked_files, checked_weights, sha256_of
 from ..leftovers import tidy, tmp_prefix
 from ..loader import FINGERPRINT_PREFIX
-from ..manifest import entry_path, is_int, read_manifest
+from ..manifest import entry_path, read_manifest
 from ..report import SCHEMA
 from .machine import machine_info, software_info, threads_or_default
 from .speed import SpeedSettings
@@ -194,8 +194,8 @@ def _find_builds(opts: BenchOptions, hub: dict) -> dict[str, dict[str, Path] | N
 
 def _cached_builds(opts: BenchOptions, builds: Path, found: dict, fingerprint: str, log) -> dict[str, dict[str, Path]]:
     """variant name -> its files in an earlier run's build (OUT/builds, bench's own cache) for each
-    variant no --from has, if that build is what this run would make: from this checkpoint, with
-    --calib-items chats. Matched on the format and type alone, a build of the model benched before
+    variant no --from has, if that build is what this run would make: from this checkpoint, calibrated
+    on --calib-items chats of the built-in clinical set. Matched on the format and type alone, a build of the model benched before
     into the same --out stopped the run, and one calibrated on other chats was measured as this one."""
     folders = sorted(p for p in builds.iterdir() if p.is_dir()) if builds.is_dir() else []
     out: dict[str, dict[str, Path]] = {}
@@ -215,20 +215,31 @@ def _cached_builds(opts: BenchOptions, builds: Path, found: dict, fingerprint: s
     return out
 
 
+CLINICAL = "qoqopt clinical calib split"  # how a build's manifest names the built-in calibration set
+
+
 def _unfit(folder: Path, v: Variant, fingerprint: str, calib_items: int) -> str | None:
     """Why a cached build of ``v`` is not the one this run would make, or None."""
     from ..exports.gguf_quant import is_direct
 
     m = read_manifest(folder)
     source = m.get("source") or {}
-    if source.get("fingerprint") != fingerprint:
+    if not source.get("fingerprint"):
+        return "records no content fingerprint of its source"
+    if source["fingerprint"] != fingerprint:
         return f"was made from {source.get('model') or 'an unrecorded checkpoint'}, not this one"
-    if m.get("format") == "gguf":  # the imatrix, calibrated on --samples chats, of the types that take one
+    if m.get("format") == "gguf" and is_direct(v.option):
+        return None  # F16/BF16/Q8_0 take no imatrix: no calibration to match
+    if m.get("format") == "gguf":  # bench exports with the clinical imatrix on --calib-items chats
         imatrix = m.get("imatrix") or {}
-        chats = imatrix.get("chunks") if imatrix.get("source") == "calibrated" and not is_direct(v.option) else None
+        calibrated = imatrix.get("source") == "calibrated" and (imatrix.get("datasets") or [""])[0].startswith(CLINICAL)
+        chats = imatrix.get("chunks")
     else:
-        chats = (m.get("calibration") or {}).get("chats")
-    if is_int(chats) and chats != calib_items:
+        calibration = m.get("calibration") or {}
+        calibrated, chats = str(calibration.get("source", "")).startswith(CLINICAL), calibration.get("chats")
+    if not calibrated:
+        return "was not calibrated on the built-in clinical set, as bench's own builds are"
+    if chats != calib_items:
         return f"was calibrated on {chats} chats, not --calib-items {calib_items}"
     return None
 
@@ -246,9 +257,9 @@ def _checked_builds(opts: BenchOptions, found: dict, hub: dict, ckpt, log) -> di
             out[v.name] = {"files": {}}
         elif v.name in foreign:
             check_shapes(v.name, found[v.name], ckpt.hf_config())
-            log(f"note: {v.name} is not a qoqopt build (no manifest): its dims are {opts.model}'s, but which "
-                "checkpoint it was made from cannot be checked (a base model's build has the same dims)")
-            out[v.name] = {"files": found[v.name]}
+            log(f"note: {v.name} is not a qoqopt build (no manifest lists it): its dims are {opts.model}'s, but "
+                "which checkpoint it was made from cannot be checked (a base model's build has the same dims)")
+            out[v.name] = {"files": found[v.name], "foreign": True}
         elif found[v.name] is not None:
             try:
                 out[v.name] = {"files": _fetch_from_hub(found[v.name], hub, log)}
@@ -392,7 +403,8 @@ def _variant_record(v: Variant, where: dict, common: dict, work: Path, source_fi
     rec = _record(v.name, v.format, res, paths, hashes)
     if where["files"]:  # provenance: what the build's manifest says it was made from
         folder = _build_folder(where["files"])
-        rec["built_from"] = (read_manifest(folder).get("source") or {}) if (folder / "manifest.json").exists() else {}
+        rec["built_from"] = {} if where.get("foreign") or not (folder / "manifest.json").exists() else \
+            read_manifest(folder).get("source") or {}  # fmt: skip
     return rec
 
 
@@ -447,6 +459,7 @@ def _common_job(opts: BenchOptions, ckpt, work: Path, threads: int) -> dict:
 
 def _run_worker(job: dict, work: Path, tag: str) -> dict:
     job_path, out_path = work / f"{tag}.job.json", work / f"{tag}.result.json"
+    out_path.unlink(missing_ok=True)  # names that differ only in punctuation share a tag: never read another's result
     atomic_write_text(job_path, json.dumps(job))  # a full disk names the file
     proc = subprocess.run(python_module("qoqopt.bench.worker", str(job_path), str(out_path)),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip

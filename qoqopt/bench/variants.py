@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..children import python_module
 from ..errors import QoqoptError
-from .given_gguf import given_files, is_given, quant_of
+from .given_gguf import given_files, is_given
 
 HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 BNB_TYPES = ("nf4", "fp4", "int8")
 QUANT_BITS = {"gptq": ("4", "8"), "awq": ("4",)}
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][\w.:+-]*$")  # what a result's variant name may be (report checks it)
 SPEC_HELP = ("bf16|fp16|fp32, gguf:<TYPE> (e.g. gguf:Q4_K_M), gguf:<FILE>.gguf (another tool's, mmproj beside it), "
              "gptq:4|8, awq:4, bnb:nf4|fp4|int8")
 
@@ -21,7 +23,7 @@ SPEC_HELP = ("bf16|fp16|fp32, gguf:<TYPE> (e.g. gguf:Q4_K_M), gguf:<FILE>.gguf (
 class Variant:
     name: str  # as the user wrote it, e.g. "gguf:Q4_K_M"; the row label everywhere
     format: str  # hf | gguf | gptq | awq | bnb
-    option: str  # the dtype, quant type, bit width or bitsandbytes type
+    option: str  # the dtype, quant type, bit width or bitsandbytes type ("" for a given GGUF)
     given: str = ""  # a GGUF named by its file(s), TEXT.gguf[+MMPROJ.gguf]: given_gguf.py
 
 
@@ -45,8 +47,11 @@ def _parse_one(raw: str) -> Variant:
         return Variant(raw, "hf", raw)
     fmt, _, opt = raw.partition(":")
     if fmt == "gguf" and is_given(opt):
-        text = given_files(opt)["text"]
-        return Variant(f"gguf:{text.name}", "gguf", quant_of(text), given=opt)
+        name = f"gguf:{given_files(opt)['text'].name}"  # the files checked now, before any long work
+        if not VARIANT_NAME.match(name):
+            raise QoqoptError(f"{raw}: rename the file to letters, digits and . _ - + only: {name} names the variant "
+                              "in results and reports")  # fmt: skip
+        return Variant(name, "gguf", "", given=opt)
     if fmt == "gguf" and opt:
         from ..exports.gguf_quant import parse_quants
 

@@ -104,9 +104,9 @@ def drift_json(per_item: list[ItemDrift]) -> tuple[dict, str | None]:
     report = aggregate_items(per_item)
     drift = {key: {**(d.tokens.as_dict() if d.tokens else {}), "accuracy": d.accuracy, "items": d.items}
              for key, d in report.items()}  # fmt: skip
-    chats = Counter(it.domain for it in per_item) + Counter(all=len(per_item))
-    for key in sorted(chats, key=lambda k: (k == "all", k)):  # the reference of a drift-only run: chats, nothing scored
-        drift.setdefault(key, {"accuracy": None, "items": chats[key]})
+    counts = Counter(it.domain for it in per_item) + Counter(all=len(per_item))
+    for key in sorted(counts, key=lambda k: (k == "all", k)):  # the reference of a drift-only run: chats, nothing scored
+        drift.setdefault(key, {"accuracy": None, "items": counts[key]})
     if "all" in drift and any(it.stats is not None for it in per_item):
         chats = [it.stats["kld"] for it in per_item if it.stats is not None]
         drift["all"]["mean_kld_ci95"] = mean_kld_interval(chats)

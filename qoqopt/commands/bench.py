@@ -23,7 +23,7 @@ examples:
 Variants: bf16 | fp16 | fp32 (transformers), gguf:<TYPE> (llama.cpp, text GGUF + mmproj through mtmd),
 gguf:<FILE>.gguf (a GGUF another tool made, such as llama.cpp's convert_hf_to_gguf.py and
 llama-quantize: the one mmproj*.gguf beside it, or gguf:TEXT.gguf+MMPROJ.gguf; its dims are checked
-against the model's, its origin cannot be), gptq:4|8 and awq:4 (transformers with qoqopt's W4A16 QuantLinear: Triton on CUDA, torch on CPU),
+against the model's, its origin only where a qoqopt manifest beside it lists it), gptq:4|8 and awq:4 (transformers with qoqopt's W4A16 QuantLinear: Triton on CUDA, torch on CPU),
 bnb:nf4|fp4|int8 (transformers + bitsandbytes, quantized at load; needs pip install 'qoqopt[bnb]',
 which `make setup` includes). A build is taken from a --from directory or Hub repo (or an earlier
 run's OUT/builds) when its manifest lists it, otherwise built with `qoqopt export` into OUT/builds.

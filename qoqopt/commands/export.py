@@ -140,7 +140,6 @@ HF_ONLY = {
     "calib": ("--calib", "GGUF calibrates with --imatrix clinical|FILE"),
     "quantize_vision": ("--quantize-vision", "GGUF's vision tower is the mmproj: see --mmproj-type"),
     "drop_ecg": ("--drop-ecg", "GGUF builds always leave the ECG encoder out"),
-    "damp": ("--damp", "llama.cpp's quantizer uses no Hessian"),
 }
 
 
@@ -151,8 +150,9 @@ def refuse_foreign_options(args) -> None:
     gguf = args.format == "gguf"
     if args.order and gguf:
         raise QoqoptError("the column order (--order) is a GPTQ option; GGUF has none")
-    if args.damp is not None and args.format == "awq":
-        raise QoqoptError("--damp is a GPTQ option: AWQ searches scales and dampens no Hessian")
+    if args.damp is not None and args.format != "gptq":  # GPTQ's alone: the other family's flags are below
+        why = "AWQ searches scales" if args.format == "awq" else "llama.cpp's quantizer"
+        raise QoqoptError(f"--damp is a GPTQ option, not for --format {args.format}: {why} dampens no Hessian")
     family, foreign = ("GPTQ/AWQ", HF_ONLY) if gguf else ("GGUF", GGUF_ONLY)
     for dest, (flag, hint) in foreign.items():
         if getattr(args, dest) is not None:
@@ -197,7 +197,7 @@ def run(args) -> int:
         from ..exports.hf_quant import export_hf_quant
 
         export_hf_quant(args.model, args.out, args.format, order=args.order, force=args.force, seed=args.seed,
-                        revision=args.revision, **device, **_given(args, [*HF_ONLY, "samples", "threads"]))  # fmt: skip
+                        revision=args.revision, **device, **_given(args, [*HF_ONLY, "damp", "samples", "threads"]))  # fmt: skip
         return 0
     from ..exports.gguf_export import GGUFOptions, export_gguf
 
